@@ -1,0 +1,150 @@
+"""One engine per process, a session scope per unit of work, migrations.
+
+Engines are created once per process (``get_engine``) and disposed after a fork
+(``dispose_after_fork``), as SQLAlchemy requires for pooled connections.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+logger = logging.getLogger(__name__)
+
+_MIGRATIONS = Path(__file__).with_name("migrations")
+_lock = threading.Lock()
+_engines: dict[str, tuple[Engine, sessionmaker[Session]]] = {}
+
+
+class DatabaseNotReady(RuntimeError):
+    """The database is unreachable or its schema is not at the expected revision."""
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets the listener write while workers read; busy_timeout makes writers wait
+    # for each other instead of failing; foreign keys are off by default in SQLite.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def create_db_engine(url: str) -> Engine:
+    """Create an engine for ``url`` with the settings this service relies on."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database
+        if database and database != ":memory:":
+            path = Path(database)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                # Create it private: the database holds study UIDs and results.
+                fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+                os.close(fd)
+        engine = create_engine(url, connect_args={"timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=5,
+        max_overflow=5,
+        connect_args={"connect_timeout": 5} if parsed.get_backend_name() == "postgresql" else {},
+    )
+
+
+def get_engine(url: str) -> Engine:
+    """The process-wide engine for ``url``."""
+    return _get(url)[0]
+
+
+def get_sessionmaker(url: str) -> sessionmaker[Session]:
+    return _get(url)[1]
+
+
+def _get(url: str) -> tuple[Engine, sessionmaker[Session]]:
+    with _lock:
+        if url not in _engines:
+            engine = create_db_engine(url)
+            _engines[url] = (engine, sessionmaker(engine, expire_on_commit=False))
+        return _engines[url]
+
+
+def dispose_after_fork() -> None:
+    """Drop pooled connections inherited from a parent process (call in the child)."""
+    with _lock:
+        for engine, _ in _engines.values():
+            engine.dispose(close=False)
+
+
+@contextmanager
+def session_scope(url: str) -> Iterator[Session]:
+    """A session that commits on success and rolls back on any exception."""
+    session = get_sessionmaker(url)()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def _alembic_config(url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(_MIGRATIONS))
+    # '%' must be escaped for ConfigParser interpolation.
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def upgrade(url: str, revision: str = "head") -> str:
+    """Migrate the database at ``url`` to ``revision``; returns the new revision."""
+    config = _alembic_config(url)
+    engine = get_engine(url)
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+    return current_revision(url) or ""
+
+
+def current_revision(url: str) -> str | None:
+    with get_engine(url).connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def head_revision() -> str:
+    script = ScriptDirectory.from_config(_alembic_config("sqlite://"))
+    head = script.get_current_head()
+    assert head is not None
+    return head
+
+
+def check_schema(url: str) -> None:
+    """Raise `DatabaseNotReady` with a sentence an administrator can act on."""
+    try:
+        current = current_revision(url)
+    except Exception as exc:  # any driver error: unreachable, auth, missing file
+        raise DatabaseNotReady(f"cannot reach the database: {type(exc).__name__}") from exc
+    head = head_revision()
+    if current != head:
+        raise DatabaseNotReady(
+            f"database schema is at {current or 'nothing'}, this version needs {head}: "
+            "run 'boneage-worker db upgrade'"
+        )

@@ -1,0 +1,118 @@
+"""The read-only queries behind `boneage-worker status`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from db.schema import Delivery, DeliveryState, Heartbeat, Instance, InstanceState, Result
+
+
+@dataclass(frozen=True)
+class ProcessBeat:
+    name: str
+    role: str
+    seen_at: datetime
+    started_at: datetime
+    detail: dict[str, Any]
+
+
+def instance_counts(session: Session) -> dict[str, int]:
+    rows = session.execute(select(Instance.state, func.count()).group_by(Instance.state))
+    counts = {state.value: 0 for state in InstanceState}
+    counts.update({state.value: n for state, n in rows})
+    return counts
+
+
+def delivery_counts(session: Session) -> dict[str, int]:
+    rows = session.execute(select(Delivery.state, func.count()).group_by(Delivery.state))
+    counts = {state.value: 0 for state in DeliveryState}
+    counts.update({state.value: n for state, n in rows})
+    return counts
+
+
+def heartbeats(session: Session) -> list[ProcessBeat]:
+    return [
+        ProcessBeat(h.name, h.role, h.seen_at, h.started_at, dict(h.detail or {}))
+        for h in session.scalars(select(Heartbeat).order_by(Heartbeat.role, Heartbeat.name))
+    ]
+
+
+def recent_problems(session: Session, limit: int = 5) -> list[dict[str, Any]]:
+    """Latest instances not assessed or in error, and failed deliveries, newest first."""
+    problems: list[dict[str, Any]] = []
+    for inst in session.scalars(
+        select(Instance)
+        .where(Instance.state.in_([InstanceState.NOT_ASSESSED, InstanceState.ERROR]))
+        .order_by(Instance.finished_at.desc().nulls_last(), Instance.id.desc())
+        .limit(limit)
+    ):
+        problems.append(
+            {
+                "what": f"instance {inst.id}",
+                "state": inst.state.value,
+                "reason": inst.reason,
+                "at": inst.finished_at or inst.received_at,
+            }
+        )
+    for d in session.scalars(
+        select(Delivery)
+        .where(Delivery.state == DeliveryState.FAILED)
+        .order_by(Delivery.id.desc())
+        .limit(limit)
+    ):
+        problems.append(
+            {
+                "what": f"delivery {d.id} ({d.kind.value} to {d.destination})",
+                "state": "failed",
+                "reason": d.last_error,
+                "at": d.created_at,
+            }
+        )
+    problems.sort(key=lambda p: p["at"], reverse=True)
+    return problems[:limit]
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def last_hour(session: Session, now: datetime) -> dict[str, Any]:
+    """Throughput and latency (received → last delivery, received → result) over an hour."""
+    since = now - timedelta(hours=1)
+    finished = list(
+        session.execute(
+            select(Instance.received_at, Instance.finished_at, Instance.state).where(
+                Instance.finished_at >= since
+            )
+        )
+    )
+    processing = [
+        (f - r).total_seconds() for r, f, s in finished if s is InstanceState.ASSESSED and f and r
+    ]
+    delivered = list(
+        session.execute(
+            select(Instance.received_at, func.max(Delivery.delivered_at))
+            .join(Result, Result.instance_id == Instance.id)
+            .join(Delivery, Delivery.result_id == Result.id)
+            .where(Delivery.delivered_at >= since)
+            .group_by(Instance.id, Instance.received_at)
+        )
+    )
+    end_to_end = [(d - r).total_seconds() for r, d in delivered if d and r]
+    return {
+        "assessed": sum(1 for *_, s in finished if s is InstanceState.ASSESSED),
+        "not_assessed": sum(1 for *_, s in finished if s is InstanceState.NOT_ASSESSED),
+        "processing_p50_s": _percentile(processing, 0.5),
+        "processing_p95_s": _percentile(processing, 0.95),
+        "delivered_p50_s": _percentile(end_to_end, 0.5),
+        "delivered_p95_s": _percentile(end_to_end, 0.95),
+    }

@@ -1,0 +1,194 @@
+"""Typed SQLAlchemy 2.0 schema: what was received, what was found, what was sent.
+
+Exactly-once is enforced here, by unique constraints, not by locks: one instance
+row per SOP Instance UID, one result per (instance, model), one delivery per
+(result, object kind, destination). A redelivered task that loses the race meets
+an ``IntegrityError`` and stops.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC on every backend (SQLite stores naive values)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime(), dict[str, Any]: JSON}
+
+
+class InstanceState(enum.StrEnum):
+    RECEIVED = "received"  # durable on disk and in the db; not yet handed to the broker
+    QUEUED = "queued"  # an assess message was published
+    PROCESSING = "processing"  # a worker picked it up
+    ASSESSED = "assessed"  # a result exists
+    NOT_ASSESSED = "not_assessed"  # accepted from the PACS but outside what we can assess
+    ERROR = "error"  # processing failed in a way a retry will not fix; reason says why
+
+
+class DeliveryState(enum.StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"  # attempts exhausted; `retry-deliveries` sends again
+
+
+class ObjectKind(enum.StrEnum):
+    SR = "sr"
+    SC = "sc"
+
+
+def _enum(cls: type[enum.Enum]) -> Enum:
+    return Enum(cls, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])
+
+
+class Instance(Base):
+    """One received DICOM instance (no patient identifiers are kept here)."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    calling_ae_title: Mapped[str] = mapped_column(String(16))
+    spool_path: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    times_received: Mapped[int] = mapped_column(Integer, default=1)
+    state: Mapped[InstanceState] = mapped_column(_enum(InstanceState), index=True)
+    reason: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    queued_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+    results: Mapped[list[Result]] = relationship(back_populates="instance")
+
+
+class Model(Base):
+    """A model that produced results; id is the SHA-256 of its checkpoint."""
+
+    __tablename__ = "models"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    version: Mapped[str] = mapped_column(String(64))
+    architecture: Mapped[str] = mapped_column(String(32))
+    input_size: Mapped[int] = mapped_column(Integer)
+    trained: Mapped[bool] = mapped_column(Boolean)
+    metadata_json: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    first_used_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Result(Base):
+    """A bone-age estimate for one instance by one model."""
+
+    __tablename__ = "results"
+    __table_args__ = (
+        UniqueConstraint("instance_id", "model_id", name="uq_results_instance_model"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id", ondelete="CASCADE"))
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id"))
+    bone_age_months: Mapped[float] = mapped_column(Float)
+    chronological_age_months: Mapped[float | None] = mapped_column(Float)
+    sds: Mapped[float | None] = mapped_column(Float)
+    intervals: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    male: Mapped[bool] = mapped_column(Boolean)
+    laterality: Mapped[str | None] = mapped_column(String(1))
+    inference_seconds: Mapped[float] = mapped_column(Float)
+    device: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    instance: Mapped[Instance] = relationship(back_populates="results")
+    deliveries: Mapped[list[Delivery]] = relationship(back_populates="result")
+
+
+class Delivery(Base):
+    """One DICOM object to send to one destination, with its retry state."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        UniqueConstraint("result_id", "kind", "destination", name="uq_deliveries_result_kind_dest"),
+        Index("ix_deliveries_state_next", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id", ondelete="CASCADE"))
+    kind: Mapped[ObjectKind] = mapped_column(_enum(ObjectKind))
+    destination: Mapped[str] = mapped_column(String(128))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)
+    state: Mapped[DeliveryState] = mapped_column(_enum(DeliveryState))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None]
+
+    result: Mapped[Result] = relationship(back_populates="deliveries")
+
+
+class Heartbeat(Base):
+    """Liveness of the listener and workers, written periodically by each process."""
+
+    __tablename__ = "heartbeats"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,163 @@
+"""The input gate: is this instance a hand radiograph we can assess?
+
+Every refusal is a human-readable reason that ends up in the database and in
+``boneage-worker status``; a refused image never yields a number. The reasons
+name DICOM attributes and values that are not patient identifiers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass
+
+from pydicom import Dataset
+from pydicom import uid as pyuid
+
+#: SOP classes that carry a projection radiograph (or a capture of one).
+RADIOGRAPH_SOP_CLASSES: dict[str, str] = {
+    pyuid.ComputedRadiographyImageStorage: "CR",
+    pyuid.DigitalXRayImageStorageForPresentation: "DX for presentation",
+    pyuid.DigitalXRayImageStorageForProcessing: "DX for processing",
+    pyuid.SecondaryCaptureImageStorage: "Secondary Capture",
+    pyuid.MultiFrameGrayscaleByteSecondaryCaptureImageStorage: "Multi-frame Grayscale Byte SC",
+    pyuid.MultiFrameGrayscaleWordSecondaryCaptureImageStorage: "Multi-frame Grayscale Word SC",
+    pyuid.MultiFrameTrueColorSecondaryCaptureImageStorage: "Multi-frame True Color SC",
+}
+
+_HAND_BODY_PARTS = {"HAND", "HANDS", "WRIST", "CARPUS", "FINGER", "HANDWRIST", "HAND_WRIST"}
+_HAND_WORDS = re.compile(
+    r"\b(HAND|HANDS|WRIST|CARPUS|BONE ?AGE|SKELETAL AGE|KNOCHENALTER|MAIN|POIGNET)\b"
+)
+_DESCRIPTIONS = (
+    "StudyDescription",
+    "SeriesDescription",
+    "ProtocolName",
+    "RequestedProcedureDescription",
+)
+
+
+@dataclass(frozen=True)
+class PatientFacts:
+    """What the model and the report need to know about the patient."""
+
+    male: bool | None
+    birth_date: dt.date | None
+    reference_date: dt.date | None  # the date the image was taken
+    patient_age_months: float | None  # from PatientAge, the last resort
+    laterality: str | None  # "L", "R" or None
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    accepted: bool
+    reason: str | None
+    facts: PatientFacts
+
+
+def parse_da(value: object) -> dt.date | None:
+    """A DICOM DA value as a date, or None when absent or malformed."""
+    text = str(value or "").strip()
+    try:
+        return dt.datetime.strptime(text[:8], "%Y%m%d").date() if len(text) >= 8 else None
+    except ValueError:
+        return None
+
+
+def parse_as(value: object) -> float | None:
+    """A DICOM AS value ("010Y", "006M", "012W", "030D") in months."""
+    match = re.fullmatch(r"(\d{3})([DWMY])", str(value or "").strip().upper())
+    if not match:
+        return None
+    number, unit = int(match.group(1)), match.group(2)
+    return {
+        "D": number / 30.4375,
+        "W": number * 7 / 30.4375,
+        "M": float(number),
+        "Y": number * 12.0,
+    }[unit]
+
+
+def patient_facts(ds: Dataset) -> PatientFacts:
+    sex = str(ds.get("PatientSex", "") or "").strip().upper()
+    reference = (
+        parse_da(ds.get("StudyDate"))
+        or parse_da(ds.get("AcquisitionDate"))
+        or parse_da(ds.get("ContentDate"))
+    )
+    laterality = str(ds.get("ImageLaterality") or ds.get("Laterality") or "").strip().upper()
+    return PatientFacts(
+        male={"M": True, "F": False}.get(sex),
+        birth_date=parse_da(ds.get("PatientBirthDate")),
+        reference_date=reference,
+        patient_age_months=parse_as(ds.get("PatientAge")),
+        laterality=laterality if laterality in {"L", "R"} else None,
+    )
+
+
+def _approx_age_years(facts: PatientFacts) -> float | None:
+    if facts.birth_date and facts.reference_date:
+        return (facts.reference_date - facts.birth_date).days / 365.25
+    if facts.patient_age_months is not None:
+        return facts.patient_age_months / 12
+    return None
+
+
+def check(
+    ds: Dataset,
+    *,
+    min_size: int = 128,
+    max_age_years: float = 19.0,
+    require_sex: bool = True,
+) -> GateDecision:
+    """Decide from the header (pixels are not read) whether to assess ``ds``.
+
+    Parameters
+    ----------
+    ds
+        The dataset; ``stop_before_pixels`` is fine, but PixelData presence is
+        checked, so read with ``specific_tags`` excluded or pass the full header.
+    min_size
+        Smallest accepted rows/columns.
+    max_age_years
+        Older patients are outside what a bone-age model is for.
+    require_sex
+        The model takes sex as an input; without it there is no estimate.
+    """
+    facts = patient_facts(ds)
+
+    def no(reason: str) -> GateDecision:
+        return GateDecision(False, reason, facts)
+
+    sop = str(ds.get("SOPClassUID", ""))
+    if sop not in RADIOGRAPH_SOP_CLASSES:
+        name = pyuid.UID(sop).name if sop else "missing"
+        return no(f"SOP class {name} is not a projection radiograph (CR, DX or Secondary Capture)")
+    if not ds.get("StudyInstanceUID"):
+        return no("StudyInstanceUID is missing: results could not be placed in the study")
+    if "PixelData" not in ds and "FloatPixelData" not in ds:
+        return no("the instance has no pixel data")
+
+    body_part = re.sub(r"[\s-]+", "_", str(ds.get("BodyPartExamined", "") or "").strip().upper())
+    if body_part:
+        if body_part not in _HAND_BODY_PARTS:
+            return no(f"body part examined is {body_part}, not a hand")
+    else:
+        text = " ".join(str(ds.get(k, "") or "") for k in _DESCRIPTIONS).upper()
+        if not _HAND_WORDS.search(text):
+            return no("body part is not stated (no BodyPartExamined, no hand in the descriptions)")
+
+    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if min(rows, columns) < min_size:
+        return no(f"image is {columns}x{rows} pixels, smaller than {min_size}x{min_size}")
+
+    if facts.male is None and require_sex:
+        shown = str(ds.get("PatientSex", "") or "").strip() or "empty"
+        return no(f"patient sex is {shown}; the model needs M or F")
+
+    age = _approx_age_years(facts)
+    if age is not None and not 0 <= age <= max_age_years:
+        return no(
+            f"patient age {age:.1f} years is outside the model's range 0-{max_age_years:g} years"
+        )
+    return GateDecision(True, None, facts)

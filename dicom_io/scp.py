@@ -1,0 +1,333 @@
+"""The Storage SCP: receives images from the PACS and makes them durable.
+
+For each C-STORE the order is fixed, because the PACS forgets an image once we
+answer Success:
+
+1. the dataset, streamed by pynetdicom to a temporary file *inside the spool*,
+   is fsynced and renamed to its final name (then the directory is fsynced);
+2. ``record`` commits a row for it (supplied by the caller: no SQL here);
+3. only then is 0x0000 returned; any failure in 1 or 2 returns 0xA700 so the
+   PACS keeps the image and retries;
+4. ``notify`` hands the row id on (supplied by the caller: no Celery here). It
+   must not block; if it fails, the row stays ``received`` and the reconciler
+   finds it.
+
+Non-image SOP classes are refused at association (no presentation context is
+accepted for them), and unknown calling AE titles are rejected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import ssl
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom import uid as pyuid
+from pynetdicom import AE, _config, evt, sop_class
+from pynetdicom.transport import ThreadedAssociationServer
+
+logger = logging.getLogger(__name__)
+
+# Status codes of the Storage Service Class (PS3.4 Annex B.2.3).
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC210
+
+#: Transfer syntaxes we accept: uncompressed, deflated, and every compressed
+#: syntax pydicom can decode with the pylibjpeg plugins we install.
+TRANSFER_SYNTAXES: tuple[str, ...] = (
+    pyuid.ExplicitVRLittleEndian,
+    pyuid.ImplicitVRLittleEndian,
+    pyuid.DeflatedExplicitVRLittleEndian,
+    pyuid.ExplicitVRBigEndian,
+    pyuid.JPEGBaseline8Bit,
+    pyuid.JPEGExtended12Bit,
+    pyuid.JPEGLossless,
+    pyuid.JPEGLosslessSV1,
+    pyuid.JPEGLSLossless,
+    pyuid.JPEGLSNearLossless,
+    pyuid.JPEG2000Lossless,
+    pyuid.JPEG2000,
+    pyuid.HTJ2KLossless,
+    pyuid.HTJ2KLosslessRPCL,
+    pyuid.HTJ2K,
+    pyuid.RLELossless,
+)
+
+
+def image_storage_sop_classes() -> list[str]:
+    """Every image storage SOP class pynetdicom knows (CR, DX, SC, CT, ...).
+
+    We accept all images, not only hand radiographs: an image we cannot assess
+    is accepted and recorded with a reason, so the PACS does not retry it forever.
+    """
+    return [
+        str(uid)
+        for name, uid in sop_class._STORAGE_CLASSES.items()
+        if "Image" in name or "SecondaryCapture" in name
+    ]
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """What the listener learned about one stored instance (no patient data)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    modality: str | None
+    transfer_syntax_uid: str
+    calling_ae_title: str
+    path: Path
+    size_bytes: int
+
+
+RecordFn = Callable[[ReceivedInstance], int]
+NotifyFn = Callable[[int], None]
+
+
+def spool_path(spool_dir: Path, sop_instance_uid: str) -> Path:
+    """Final spool location of an instance: a hash, never the raw UID, names the file."""
+    digest = hashlib.sha256(sop_instance_uid.encode("ascii", "replace")).hexdigest()
+    return spool_dir / digest[:2] / f"{digest[2:34]}.dcm"
+
+
+def uid_tag(uid: str) -> str:
+    """A short stable token for logs, so UIDs never appear in them."""
+    return hashlib.sha256(uid.encode("ascii", "replace")).hexdigest()[:12]
+
+
+def fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_HEADER_TAGS = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+)
+
+
+class StorageSCP:
+    """A pynetdicom Storage SCP that spools durably before it answers Success.
+
+    Parameters
+    ----------
+    ae_title
+        Our AE title; associations addressed to another title are rejected.
+    spool_dir
+        Where instances are kept until processed. Incoming data is streamed to
+        ``spool_dir/.incoming`` (same file system, so the final rename is atomic).
+    record
+        Commits a row for a received instance and returns its id; raising means
+        "not recorded" and the PACS is told to retry (0xA700).
+    notify
+        Called with the row id after it is committed; must not block.
+    allowed_callers
+        ``(ae_title, host or None)`` pairs allowed to associate; empty allows anyone.
+    host, port
+        Where to listen; port 0 picks a free port (see `port`).
+    ssl_context
+        Serve DICOM over TLS when given.
+    """
+
+    def __init__(
+        self,
+        *,
+        ae_title: str,
+        spool_dir: Path,
+        record: RecordFn,
+        notify: NotifyFn,
+        allowed_callers: Sequence[tuple[str, str | None]] = (),
+        host: str = "0.0.0.0",
+        port: int = 11112,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.ae_title = ae_title
+        self.spool_dir = Path(spool_dir)
+        self.incoming_dir = self.spool_dir / ".incoming"
+        self._record = record
+        self._notify = notify
+        self._allowed = [(ae.strip(), host) for ae, host in allowed_callers]
+        self._address = (host, port)
+        self._ssl_context = ssl_context
+        self._server: ThreadedAssociationServer | None = None
+        self._saved_tempdir: str | None = None
+        self.counters = {"stored": 0, "refused": 0, "failed": 0}
+        self._counter_lock = threading.Lock()
+
+    # -- life cycle -------------------------------------------------------
+
+    def _make_ae(self) -> AE:
+        ae = AE(ae_title=self.ae_title)
+        ae.maximum_pdu_size = 0  # unlimited: far fewer PDUs for 10 MB radiographs
+        ae.require_called_aet = True
+        ae.maximum_associations = 64
+        ae.network_timeout = 60
+        ae.acse_timeout = 30
+        ae.dimse_timeout = 120
+        for uid in image_storage_sop_classes():
+            ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))
+        ae.add_supported_context(sop_class.Verification)
+        return ae
+
+    def start(self) -> None:
+        """Start listening in background threads; returns once the port is bound."""
+        for d in (self.spool_dir, self.incoming_dir):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # pynetdicom streams each dataset to a NamedTemporaryFile in the default temp
+        # dir; pointing that at the spool makes the final step a rename, not a copy.
+        # This is process-wide, which is why the listener runs in its own process.
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        self._saved_tempdir = tempfile.tempdir
+        tempfile.tempdir = str(self.incoming_dir)
+        self._remove_stale_incoming()
+        handlers = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_REQUESTED, self._on_requested),
+        ]
+        self._server = self._make_ae().start_server(
+            self._address,
+            block=False,
+            evt_handlers=handlers,  # type: ignore[arg-type]
+            ssl_context=self._ssl_context,
+        )
+        logger.info(
+            "listening as %s on %s:%d%s",
+            self.ae_title,
+            self._address[0],
+            self.port,
+            " (TLS)" if self._ssl_context else "",
+        )
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        tempfile.tempdir = self._saved_tempdir
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            return self._address[1]
+        return int(self._server.server_address[1])
+
+    def _remove_stale_incoming(self) -> None:
+        # Partial transfers from a previous crash were never acknowledged: the PACS
+        # still holds them and will resend.
+        for stale in self.incoming_dir.glob("*.dcm"):
+            stale.unlink(missing_ok=True)
+
+    # -- association ------------------------------------------------------
+
+    def _on_requested(self, event: evt.Event) -> None:
+        requestor = event.assoc.requestor
+        calling = requestor.primitive.calling_ae_title.strip()
+        if not self._allowed:
+            return
+        peer_host = requestor.address
+        for ae, host in self._allowed:
+            if ae == calling and (host is None or host == peer_host):
+                return
+        logger.warning("rejected association from calling AE %r at %s", calling, peer_host)
+        self._count("refused")
+        # Rejected-permanent, service-user, calling AE title not recognised.
+        event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+
+    # -- C-STORE ----------------------------------------------------------
+
+    def _count(self, key: str) -> None:
+        with self._counter_lock:
+            self.counters[key] += 1
+
+    def _on_store(self, event: evt.Event) -> int:
+        """Handle one C-STORE. Never raises: every failure is a status and a log line."""
+        temp = Path(event.dataset_path)
+        calling = event.assoc.requestor.ae_title.strip()
+        request: Any = event.request
+        command_uid = str(request.AffectedSOPInstanceUID)
+        try:
+            header = dcmread(temp, stop_before_pixels=True, specific_tags=list(_HEADER_TAGS))
+            sop_uid = str(header.get("SOPInstanceUID") or command_uid)
+            if sop_uid != command_uid:
+                raise ValueError("SOP Instance UID in the dataset differs from the request")
+            transfer_syntax = str(header.file_meta.TransferSyntaxUID)
+            size = temp.stat().st_size
+        except Exception as exc:  # pydicom raises many types for malformed data
+            self._count("failed")
+            logger.warning(
+                "C-STORE %s from %s: cannot read the dataset (%s): 0xC210",
+                uid_tag(command_uid),
+                calling,
+                type(exc).__name__,
+            )
+            return CANNOT_UNDERSTAND
+
+        final = spool_path(self.spool_dir, sop_uid)
+        try:
+            _fsync_file(temp)
+            final.parent.mkdir(exist_ok=True, mode=0o700)
+            os.chmod(temp, 0o600)
+            os.replace(temp, final)
+            fsync_directory(final.parent)
+        except OSError as exc:
+            self._count("failed")
+            logger.error(
+                "C-STORE %s: cannot make the file durable (%s): 0xA700",
+                uid_tag(sop_uid),
+                exc.strerror or type(exc).__name__,
+            )
+            return OUT_OF_RESOURCES
+
+        received = ReceivedInstance(
+            sop_instance_uid=sop_uid,
+            sop_class_uid=str(header.get("SOPClassUID") or request.AffectedSOPClassUID),
+            study_instance_uid=str(header.get("StudyInstanceUID") or ""),
+            series_instance_uid=str(header.get("SeriesInstanceUID") or ""),
+            modality=str(header.get("Modality")) if header.get("Modality") else None,
+            transfer_syntax_uid=transfer_syntax,
+            calling_ae_title=calling,
+            path=final,
+            size_bytes=size,
+        )
+        try:
+            instance_id = self._record(received)
+        except Exception as exc:  # database trouble of any kind: the PACS must retry
+            self._count("failed")
+            logger.error(
+                "C-STORE %s: cannot record the instance (%s): 0xA700",
+                uid_tag(sop_uid),
+                type(exc).__name__,
+            )
+            return OUT_OF_RESOURCES
+
+        self._count("stored")
+        logger.info("stored instance %d from %s (%d bytes)", instance_id, calling, size)
+        try:
+            self._notify(instance_id)
+        except Exception:  # the row is durable; the reconciler re-enqueues it
+            logger.exception("instance %d recorded but not handed on; reconciler will", instance_id)
+        return SUCCESS

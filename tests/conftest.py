@@ -1,0 +1,147 @@
+"""Shared fixtures: real PostgreSQL, real Redis, dcmtk peers, free ports."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import free_port, wait_for_port
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "BONEAGE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("BONEAGE_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+def _require_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(
+            f"{name} is not installed: run scripts/setup.sh (it installs dcmtk, dicom3tools)"
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    import psycopg
+
+    try:
+        with psycopg.connect(POSTGRES_ADMIN_URL, connect_timeout=5) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is not reachable at {POSTGRES_ADMIN_URL}: {exc}")
+    return POSTGRES_ADMIN_URL
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+    import psycopg
+
+    name = f"boneage_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = postgres_server.rsplit("/", 1)[0]
+    yield f"{base.replace('postgresql://', 'postgresql+psycopg://')}/{name}"
+    from db import engine as db_engine
+
+    for url, (eng, _) in list(db_engine._engines.items()):
+        if url.endswith(f"/{name}"):
+            eng.dispose()
+            del db_engine._engines[url]
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def redis_broker() -> Iterator[tuple[str, str]]:
+    """(broker URL, key prefix) on the real Redis; the prefix isolates this test."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=5)
+    try:
+        client.ping()
+    except redis.ConnectionError as exc:
+        pytest.fail(f"Redis is not reachable at {REDIS_URL}: {exc}")
+    prefix = f"boneage-test-{uuid.uuid4().hex[:10]}:"
+    yield REDIS_URL, prefix
+    for key in client.scan_iter(match=f"{prefix}*"):
+        client.delete(key)
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def dcmtk() -> dict[str, str]:
+    return {name: _require_tool(name) for name in ("storescu", "storescp", "dsrdump", "dcmj2pnm")}
+
+
+@pytest.fixture(scope="session")
+def dciodvfy() -> str:
+    return _require_tool("dciodvfy")
+
+
+class StoreSCP:
+    """dcmtk's storescp on a free port, writing what it receives to a folder."""
+
+    def __init__(self, folder: Path, ae_title: str = "PACS") -> None:
+        self.folder = folder
+        self.ae_title = ae_title
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def destination(self) -> str:
+        return f"{self.ae_title}@127.0.0.1:{self.port}"
+
+    def start(self) -> StoreSCP:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [
+                "storescp",
+                "--aetitle",
+                self.ae_title,
+                "--output-directory",
+                str(self.folder),
+                "--accept-all",
+                "--sort-on-study-uid",
+                "st",
+                str(self.port),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        wait_for_port(self.port, timeout=20, process=self.process)
+        return self
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+    def received(self) -> list[Path]:
+        return sorted(p for p in self.folder.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def storescp(tmp_path: Path, dcmtk: dict[str, str]) -> Iterator[StoreSCP]:
+    peer = StoreSCP(tmp_path / "pacs").start()
+    yield peer
+    peer.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small model (resnet18, 128 px, random weights) saved as a real checkpoint."""
+    from models.checkpoint import save_checkpoint, untrained_model
+
+    loaded = untrained_model(arch="resnet18", input_size=128, seed=1)
+    path = tmp_path_factory.mktemp("model") / "tiny-resnet18.safetensors"
+    save_checkpoint(path, loaded.model, loaded.meta)
+    return path

@@ -1,0 +1,77 @@
+"""The schema and its guarantees, on SQLite and on a real PostgreSQL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+
+from db.engine import DatabaseNotReady, check_schema, current_revision, head_revision, session_scope, upgrade
+from db.schema import Instance, InstanceState, Model, Result
+from dicom_io.scp import ReceivedInstance
+from worker.listener import record_instance
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'boneage.db'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+def received(uid: str = "1.2.3.4", tmp_path: Path = Path("/nonexistent")) -> ReceivedInstance:
+    return ReceivedInstance(
+        sop_instance_uid=uid, sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+        study_instance_uid="1.2.3", series_instance_uid="1.2.3.1", modality="DX",
+        transfer_syntax_uid="1.2.840.10008.1.2.1", calling_ae_title="PACS",
+        path=tmp_path / "x.dcm", size_bytes=10,
+    )
+
+
+def test_upgrade_then_schema_check(database_url: str) -> None:
+    with pytest.raises(DatabaseNotReady, match="boneage-worker db upgrade"):
+        check_schema(database_url)
+    assert upgrade(database_url) == head_revision()
+    check_schema(database_url)
+    assert upgrade(database_url) == head_revision()  # idempotent
+    assert current_revision(database_url) == head_revision()
+
+
+def test_same_sop_instance_uid_keeps_one_row(database_url: str) -> None:
+    upgrade(database_url)
+    first = record_instance(database_url, received())
+    second = record_instance(database_url, received())
+    assert first == second
+    with session_scope(database_url) as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == 1
+        row = session.get_one(Instance, first)
+        assert row.times_received == 2
+        assert row.state is InstanceState.RECEIVED
+        assert row.received_at.tzinfo is not None
+
+
+def test_one_result_per_instance_and_model(database_url: str) -> None:
+    upgrade(database_url)
+    instance_id = record_instance(database_url, received())
+    with session_scope(database_url) as session:
+        session.add(Model(id="a" * 64, name="m", version="1", architecture="resnet18", input_size=128, trained=False))
+
+    def add_result() -> None:
+        with session_scope(database_url) as session:
+            session.add(
+                Result(instance_id=instance_id, model_id="a" * 64, bone_age_months=120.0, male=True,
+                       inference_seconds=0.1, device="cpu")
+            )
+
+    add_result()
+    with pytest.raises(IntegrityError):
+        add_result()
+
+
+def test_unreachable_database_is_named() -> None:
+    with pytest.raises(DatabaseNotReady, match="cannot reach the database"):
+        check_schema("postgresql+psycopg://nobody@127.0.0.1:1/none")

@@ -1,0 +1,62 @@
+"""Helpers for tests: free ports and waiting on conditions with a deadline."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+_pause = threading.Event()
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(
+    condition: Callable[[], T],
+    *,
+    timeout: float,
+    what: str,
+    interval: float = 0.1,
+    process: subprocess.Popen[bytes] | None = None,
+) -> T:
+    """Poll ``condition`` until it returns something truthy, or fail after ``timeout``.
+
+    If ``process`` is given and exits first, fail at once with its stderr.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if process is not None and process.poll() is not None:
+            err = process.stderr.read().decode(errors="replace") if process.stderr else ""
+            raise AssertionError(
+                f"process exited with {process.returncode} while waiting for {what}:\n{err[-4000:]}"
+            )
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        _pause.wait(interval)
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def wait_for_port(
+    port: int, *, timeout: float, process: subprocess.Popen[bytes] | None = None
+) -> None:
+    wait_for(lambda: port_open(port), timeout=timeout, what=f"port {port}", process=process)

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pytest
+from pydicom import Dataset
+
+from dicom_io import gate
+from dicom_io.synthetic import make_radiograph_dataset
+
+STUDY = dt.date(2026, 3, 15)
+
+
+def hand(**kwargs: object) -> Dataset:
+    defaults: dict[str, object] = {"sex": "F", "birth_date": dt.date(2016, 1, 10), "study_date": STUDY}
+    defaults.update(kwargs)
+    return make_radiograph_dataset(np.full((256, 200), 0.5, dtype=np.float32), **defaults)  # type: ignore[arg-type]
+
+
+def test_hand_dx_is_accepted_with_facts() -> None:
+    decision = gate.check(hand())
+    assert decision.accepted, decision.reason
+    assert decision.facts.male is False
+    assert decision.facts.birth_date == dt.date(2016, 1, 10)
+    assert decision.facts.reference_date == STUDY
+    assert decision.facts.laterality == "L"
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"modality": "CT"}, "CT Image Storage is not a projection radiograph"),
+        ({"body_part": "CHEST"}, "body part examined is CHEST, not a hand"),
+        ({"sex": "O"}, "patient sex is O; the model needs M or F"),
+        ({"sex": None}, "patient sex is empty"),
+        ({"birth_date": dt.date(1990, 1, 1)}, "outside the model's range"),
+    ],
+)
+def test_refusals_are_human_readable(change: dict[str, object], reason: str) -> None:
+    decision = gate.check(hand(**change))
+    assert not decision.accepted
+    assert decision.reason is not None and reason in decision.reason
+
+
+def test_missing_body_part_needs_a_hand_description() -> None:
+    ds = hand()
+    del ds.BodyPartExamined
+    ds.StudyDescription = "XR CHEST PA"
+    assert gate.check(ds).reason == "body part is not stated (no BodyPartExamined, no hand in the descriptions)"
+    ds.StudyDescription = "XR Bone age, left hand"
+    assert gate.check(ds).accepted
+
+
+def test_tiny_image_is_refused() -> None:
+    ds = make_radiograph_dataset(np.zeros((1, 1), np.float32), sex="M", birth_date=None, study_date=STUDY)
+    assert gate.check(ds).reason == "image is 1x1 pixels, smaller than 128x128"
+
+
+def test_no_pixel_data_is_refused() -> None:
+    ds = hand()
+    del ds.PixelData
+    assert gate.check(ds).reason == "the instance has no pixel data"
+
+
+@pytest.mark.parametrize(
+    ("value", "months"),
+    [("010Y", 120.0), ("006M", 6.0), ("004W", 28 / 30.4375), ("bad", None), (None, None)],
+)
+def test_patient_age_string(value: str | None, months: float | None) -> None:
+    assert gate.parse_as(value) == pytest.approx(months) if months is not None else gate.parse_as(value) is None
+
+
+def test_patient_age_is_the_last_resort() -> None:
+    ds = hand(birth_date=None)
+    ds.PatientAge = "011Y"
+    facts = gate.patient_facts(ds)
+    assert facts.birth_date is None and facts.patient_age_months == 132.0

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from worker.settings import AllowedCaller, Destination, load_settings
+
+ENV_NAMES = (
+    "BONEAGE_AE_TITLE", "BONEAGE_PORT", "BONEAGE_ALLOWED_AETS", "BONEAGE_DESTINATIONS",
+    "BONEAGE_DATABASE_URL", "BONEAGE_BROKER_URL", "BONEAGE_DATA_DIR", "BONEAGE_MODEL",
+    "BONEAGE_DEVICE", "BONEAGE_CONFIG",
+)
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ENV_NAMES:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_defaults_are_embedded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings()
+    assert settings.ae_title == "BONEAGE"
+    assert settings.port == 11112
+    assert settings.data_dir == tmp_path / "var" / "boneage"
+    assert settings.effective_database_url == f"sqlite:///{tmp_path}/var/boneage/boneage.db"
+    assert settings.effective_broker_url == f"sqla+sqlite:///{tmp_path}/var/boneage/broker.db"
+    assert settings.embedded_broker
+    assert settings.model is None
+
+
+def test_documented_environment_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {
+        "BONEAGE_AE_TITLE": "BONEAGE2",
+        "BONEAGE_PORT": "4104",
+        "BONEAGE_ALLOWED_AETS": "PACS, MODALITY1@10.0.0.5",
+        "BONEAGE_DESTINATIONS": "PACS@10.0.0.2:104,ARCHIVE@[::1]:11113",
+        "BONEAGE_DATABASE_URL": "postgresql+psycopg://u@db/boneage",
+        "BONEAGE_BROKER_URL": "redis://127.0.0.1:6379/0",
+        "BONEAGE_DATA_DIR": str(tmp_path / "data"),
+        "BONEAGE_MODEL": str(tmp_path / "m.safetensors"),
+        "BONEAGE_DEVICE": "cuda:1",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = load_settings()
+    assert settings.ae_title == "BONEAGE2"
+    assert settings.port == 4104
+    assert settings.allowed_aets == [AllowedCaller("PACS"), AllowedCaller("MODALITY1", "10.0.0.5")]
+    assert settings.destinations == [Destination("PACS", "10.0.0.2", 104), Destination("ARCHIVE", "::1", 11113)]
+    assert settings.effective_database_url == "postgresql+psycopg://u@db/boneage"
+    assert not settings.embedded_broker
+    assert settings.data_dir == tmp_path / "data"
+    assert settings.spool_dir == tmp_path / "data" / "spool"
+    assert settings.model == tmp_path / "m.safetensors"
+    assert settings.device == "cuda:1"
+
+
+def test_precedence_cli_over_env_over_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "boneage.toml"
+    config.write_text('[boneage]\nae_title = "FROMFILE"\nport = 2000\ndestinations = ["A@h:1"]\n')
+    monkeypatch.setenv("BONEAGE_PORT", "3000")
+    settings = load_settings(config)
+    assert (settings.ae_title, settings.port) == ("FROMFILE", 3000)
+    assert settings.destinations == [Destination("A", "h", 1)]
+    assert load_settings(config, port=4000).port == 4000
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("BONEAGE_DESTINATIONS", "PACS@host", "AE@host:port"),
+        ("BONEAGE_DESTINATIONS", "PACS@host:0", "outside 1-65535"),
+        ("BONEAGE_AE_TITLE", "A_TITLE_THAT_IS_TOO_LONG", "not a valid AE title"),
+        ("BONEAGE_DEVICE", "gpu", "auto, cpu, cuda"),
+        ("BONEAGE_PORT", "70000", "less than or equal"),
+    ],
+)
+def test_bad_values_are_named(monkeypatch: pytest.MonkeyPatch, name: str, value: str, message: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=message):
+        load_settings()
+
+
+def test_missing_settings_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="does not exist"):
+        load_settings(tmp_path / "nope.toml")

@@ -1,0 +1,76 @@
+"""Liveness rows: each process says every few seconds that it is alive and what it runs on."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import delete
+
+from db.engine import session_scope
+from db.schema import Heartbeat
+from db.schema import utcnow as now
+
+logger = logging.getLogger(__name__)
+
+INTERVAL_SECONDS = 10.0
+
+
+def process_name(role: str) -> str:
+    return f"{role}@{socket.gethostname()}:{os.getpid()}"
+
+
+class HeartbeatThread:
+    """Writes this process's `Heartbeat` row until stopped, then removes it."""
+
+    def __init__(
+        self,
+        database_url: str,
+        role: str,
+        detail: Callable[[], dict[str, Any]] = dict,
+        interval: float = INTERVAL_SECONDS,
+    ) -> None:
+        self.name = process_name(role)
+        self._url = database_url
+        self._role = role
+        self._detail = detail
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{role}", daemon=True)
+        self._started = now()
+
+    def start(self) -> None:
+        self.beat()
+        self._thread.start()
+
+    def beat(self) -> None:
+        try:
+            with session_scope(self._url) as session:
+                session.merge(
+                    Heartbeat(
+                        name=self.name,
+                        role=self._role,
+                        detail=self._detail(),
+                        started_at=self._started,
+                        seen_at=now(),
+                    )
+                )
+        except Exception as exc:  # the db may be down; status will show us as stale
+            logger.warning("heartbeat not written (%s)", type(exc).__name__)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.beat()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        try:
+            with session_scope(self._url) as session:
+                session.execute(delete(Heartbeat).where(Heartbeat.name == self.name))
+        except Exception as exc:
+            logger.warning("heartbeat row not removed (%s)", type(exc).__name__)

@@ -1,0 +1,158 @@
+"""The listener process: the SCP, wired to the database and the broker.
+
+It also runs the reconciler periodically: the listener is the one process a
+site always has running, and it has both the database and the broker at hand.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+
+from db.engine import session_scope
+from db.schema import Instance, InstanceState
+from db.schema import utcnow as now
+from dicom_io.scp import ReceivedInstance, StorageSCP
+from worker.celery_app import app as celery_app
+from worker.celery_app import queue_depths
+from worker.heartbeat import HeartbeatThread
+from worker.messaging import Enqueuer, enqueue_assess, enqueue_delivery
+from worker.reconciler import reconcile
+from worker.runtime import Runtime
+from worker.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+_REPROCESSABLE = (InstanceState.RECEIVED, InstanceState.QUEUED)
+
+
+def record_instance(database_url: str, received: ReceivedInstance) -> int:
+    """Commit the row for a received instance; the same SOP Instance UID keeps one row.
+
+    Raises on any database trouble: the caller then answers 0xA700.
+    """
+    with session_scope(database_url) as session:
+        existing = session.scalar(
+            select(Instance).where(Instance.sop_instance_uid == received.sop_instance_uid)
+        )
+        if existing is None:
+            instance = Instance(
+                sop_instance_uid=received.sop_instance_uid,
+                sop_class_uid=received.sop_class_uid,
+                study_instance_uid=received.study_instance_uid,
+                series_instance_uid=received.series_instance_uid,
+                modality=received.modality,
+                transfer_syntax_uid=received.transfer_syntax_uid,
+                calling_ae_title=received.calling_ae_title,
+                spool_path=str(received.path),
+                size_bytes=received.size_bytes,
+                state=InstanceState.RECEIVED,
+                received_at=now(),
+                times_received=1,
+                attempts=0,
+            )
+            session.add(instance)
+            try:
+                session.flush()
+            except IntegrityError:
+                # The same instance on two associations at once: the other row stands.
+                session.rollback()
+                return record_instance(database_url, received)
+            return instance.id
+        session.execute(
+            update(Instance)
+            .where(Instance.id == existing.id)
+            .values(times_received=Instance.times_received + 1, size_bytes=received.size_bytes)
+        )
+        return existing.id
+
+
+class Listener:
+    """The SCP plus enqueuer, reconciler and heartbeat, as one unit with start/stop."""
+
+    def __init__(self, settings: Settings, *, ssl_context: Any = None) -> None:
+        self.settings = settings
+        self.runtime = Runtime(settings)
+        url = settings.effective_database_url
+        self.enqueuer = Enqueuer(url)
+        self.scp = StorageSCP(
+            ae_title=settings.ae_title,
+            spool_dir=settings.spool_dir,
+            record=lambda received: record_instance(url, received),
+            notify=self._notify,
+            allowed_callers=[(a.ae_title, a.host) for a in settings.allowed_aets],
+            host=settings.host,
+            port=settings.port,
+            ssl_context=ssl_context,
+        )
+        self.heartbeat = HeartbeatThread(url, "listener", self._detail)
+        self._stop = threading.Event()
+        self._reconciler = threading.Thread(
+            target=self._reconcile_loop, name="reconciler", daemon=True
+        )
+
+    def _notify(self, instance_id: int) -> None:
+        self.enqueuer.submit(instance_id)
+
+    def _detail(self) -> dict[str, Any]:
+        return {
+            "ae_title": self.settings.ae_title,
+            "port": self.scp.port,
+            "counters": dict(self.scp.counters),
+            "enqueue_backlog": self.enqueuer.backlog,
+        }
+
+    def start(self) -> None:
+        if not self.settings.allowed_aets:
+            logger.warning("BONEAGE_ALLOWED_AETS is empty: any calling AE title may send images")
+        self.enqueuer.start()
+        self.scp.start()
+        self.heartbeat.start()
+        self._reconciler.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.scp.stop()
+        self.enqueuer.stop()
+        self.heartbeat.stop()
+
+    def reconcile_once(self, *, startup: bool = False) -> None:
+        try:
+            empty = queue_depths(celery_app).get("inference", 0) == 0
+        except Exception:
+            empty = False
+        try:
+            reconcile(
+                self.runtime,
+                enqueue_assess,
+                enqueue_delivery,
+                inference_queue_empty=empty,
+                startup=startup,
+            )
+        except Exception as exc:
+            logger.warning("reconciliation failed (%s); next round retries", type(exc).__name__)
+
+    def _reconcile_loop(self) -> None:
+        while not self._stop.wait(self.settings.reconcile_interval_seconds):
+            self.reconcile_once()
+
+    def serve_forever(self) -> None:
+        """Run until SIGTERM or SIGINT."""
+        done = threading.Event()
+
+        def _signal(signum: int, _frame: Any) -> None:
+            logger.info("listener stopping (signal %d)", signum)
+            done.set()
+
+        signal.signal(signal.SIGTERM, _signal)
+        signal.signal(signal.SIGINT, _signal)
+        self.start()
+        try:
+            done.wait()
+        finally:
+            self.stop()

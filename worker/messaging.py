@@ -1,0 +1,86 @@
+"""Publishing task messages, and the listener's background enqueuer.
+
+The listener answers the PACS as soon as an instance is durable; publishing to
+the broker happens afterwards, on a thread of its own, so a slow or absent
+broker never holds up a C-STORE. What cannot be published stays `received` in
+the database, where the reconciler finds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+
+from sqlalchemy import update
+
+from db.engine import session_scope
+from db.schema import Instance, InstanceState
+from db.schema import utcnow as now
+from worker.celery_app import ASSESS_TASK, DELIVER_TASK, DELIVERY_QUEUE, INFERENCE_QUEUE, app
+
+logger = logging.getLogger(__name__)
+
+
+def enqueue_assess(instance_id: int) -> None:
+    app.send_task(ASSESS_TASK, args=[instance_id], queue=INFERENCE_QUEUE)
+
+
+def enqueue_delivery(delivery_id: int, *, countdown: float | None = None) -> None:
+    app.send_task(DELIVER_TASK, args=[delivery_id], queue=DELIVERY_QUEUE, countdown=countdown)
+
+
+def mark_queued(database_url: str, instance_id: int) -> None:
+    with session_scope(database_url) as session:
+        session.execute(
+            update(Instance)
+            .where(Instance.id == instance_id, Instance.state == InstanceState.RECEIVED)
+            .values(state=InstanceState.QUEUED, queued_at=now())
+        )
+
+
+class Enqueuer:
+    """A thread that publishes `assess` messages for ids handed to `submit`."""
+
+    def __init__(self, database_url: str) -> None:
+        self._database_url = database_url
+        self._queue: queue.Queue[int | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="enqueuer", daemon=True)
+        self._broker_ok = True
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, instance_id: int) -> None:
+        self._queue.put_nowait(instance_id)
+
+    def stop(self, timeout: float = 10) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    @property
+    def backlog(self) -> int:
+        return self._queue.qsize()
+
+    def _run(self) -> None:
+        while True:
+            instance_id = self._queue.get()
+            if instance_id is None:
+                return
+            try:
+                enqueue_assess(instance_id)
+            except Exception as exc:  # broker down: the row stays `received`
+                if self._broker_ok:
+                    logger.error(
+                        "broker unavailable (%s): instances stay received until it is back",
+                        type(exc).__name__,
+                    )
+                self._broker_ok = False
+                continue
+            if not self._broker_ok:
+                logger.info("broker reachable again")
+            self._broker_ok = True
+            try:
+                mark_queued(self._database_url, instance_id)
+            except Exception:
+                logger.exception("instance %d published but not marked queued", instance_id)

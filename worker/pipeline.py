@@ -1,0 +1,292 @@
+"""The assess pipeline, wired in one visible place.
+
+    spool file ─▶ gate ─▶ pixels ─▶ model (bone age + Grad-CAM) ─▶ SR + SC
+              ─▶ outbox files ─▶ Result + Delivery rows (one commit) ─▶ deliveries enqueued
+
+Exactly-once comes from the schema: one Result per (instance, model) and one
+Delivery per (result, kind, destination). The output UIDs are derived from the
+source instance and the model, so a redelivered task that gets this far writes
+the very same objects, and its commit fails on the unique constraint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dicom_io.sc import build_heatmap_sc, render_overlay
+from pydicom import Dataset, dcmread
+from pydicom.uid import generate_uid
+from sqlalchemy.exc import IntegrityError
+
+from db.engine import session_scope
+from db.schema import (
+    Delivery,
+    DeliveryState,
+    Instance,
+    InstanceState,
+    Model,
+    ObjectKind,
+    Result,
+)
+from db.schema import utcnow as now
+from dicom_io import gate
+from dicom_io.content import BoneAgeFinding
+from dicom_io.pixels import PixelDataError, decode_for_display
+from dicom_io.scp import fsync_directory, uid_tag
+from dicom_io.sr import build_bone_age_sr
+from worker.runtime import SOFTWARE_NAME, Runtime
+
+if TYPE_CHECKING:
+    from models.predictor import BoneAgePredictor
+
+logger = logging.getLogger(__name__)
+
+#: Series numbers of our output series, high so they sort after the source series.
+SR_SERIES_NUMBER = 9901
+SC_SERIES_NUMBER = 9902
+
+#: How many times an instance may start processing before it is marked `error`.
+MAX_ATTEMPTS = 3
+
+_TERMINAL = (InstanceState.ASSESSED, InstanceState.NOT_ASSESSED, InstanceState.ERROR)
+
+
+@dataclass(frozen=True)
+class AssessOutcome:
+    state: str  # "assessed", "not_assessed", "error", "skipped", "duplicate"
+    delivery_ids: tuple[int, ...] = ()
+    reason: str | None = None
+
+
+def derived_uid(*parts: str) -> str:
+    """A UID that is the same every time for the same inputs (2.25 + SHA-512 based)."""
+    return str(generate_uid(entropy_srcs=list(parts)))
+
+
+def write_atomically(ds: Dataset, path: Path) -> None:
+    """Write ``ds`` as a Part 10 file: temporary name, fsync, rename, fsync dir."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    temp = path.with_suffix(f".{os.getpid()}.tmp")
+    with temp.open("wb") as fh:
+        ds.save_as(fh, enforce_file_format=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.chmod(temp, 0o600)
+    os.replace(temp, path)
+    fsync_directory(path.parent)
+
+
+def chronological_age_months(facts: gate.PatientFacts) -> float | None:
+    """Age at the image from birth date and study date; PatientAge as a last resort."""
+    from models.reference import age_in_months
+
+    if facts.birth_date and facts.reference_date and facts.reference_date >= facts.birth_date:
+        return age_in_months(facts.birth_date, facts.reference_date)
+    return facts.patient_age_months
+
+
+def _claim(rt: Runtime, instance_id: int) -> tuple[Path, str] | AssessOutcome:
+    with session_scope(rt.database_url) as session:
+        instance = session.get(Instance, instance_id)
+        if instance is None:
+            logger.warning("assess: instance %d does not exist", instance_id)
+            return AssessOutcome("skipped", reason="no such instance")
+        if instance.state in _TERMINAL:
+            logger.info("assess: instance %d already %s", instance_id, instance.state.value)
+            return AssessOutcome("skipped", reason=f"already {instance.state.value}")
+        if instance.attempts >= MAX_ATTEMPTS:
+            instance.state = InstanceState.ERROR
+            instance.reason = f"processing did not complete in {MAX_ATTEMPTS} attempts"
+            instance.finished_at = now()
+            logger.error("assess: instance %d gave up after %d attempts", instance_id, MAX_ATTEMPTS)
+            return AssessOutcome("error", reason=instance.reason)
+        instance.state = InstanceState.PROCESSING
+        instance.started_at = now()
+        instance.attempts += 1
+        return Path(instance.spool_path), instance.sop_instance_uid
+
+
+def _finish(rt: Runtime, instance_id: int, state: InstanceState, reason: str | None) -> None:
+    with session_scope(rt.database_url) as session:
+        instance = session.get(Instance, instance_id)
+        if instance is not None and instance.state not in _TERMINAL:
+            instance.state = state
+            instance.reason = reason
+            instance.finished_at = now()
+
+
+def assess_instance(rt: Runtime, instance_id: int) -> AssessOutcome:
+    """Assess one received instance and queue its outputs for delivery.
+
+    Returns what happened; raises only for trouble a retry may cure (database,
+    file system), after which the task is retried.
+    """
+    claimed = _claim(rt, instance_id)
+    if isinstance(claimed, AssessOutcome):
+        return claimed
+    spool, sop_instance_uid = claimed
+    settings = rt.settings
+
+    try:
+        ds = dcmread(spool)
+    except FileNotFoundError:
+        _finish(rt, instance_id, InstanceState.ERROR, "the spooled file is missing")
+        return AssessOutcome("error", reason="spool file missing")
+    except Exception as exc:  # pydicom raises many types on malformed files
+        reason = f"the file cannot be parsed as DICOM ({type(exc).__name__})"
+        _finish(rt, instance_id, InstanceState.NOT_ASSESSED, reason)
+        return AssessOutcome("not_assessed", reason=reason)
+
+    decision = gate.check(ds, max_age_years=19.0)
+    if not decision.accepted:
+        _finish(rt, instance_id, InstanceState.NOT_ASSESSED, decision.reason)
+        logger.info("instance %d not assessed: %s", instance_id, decision.reason)
+        return AssessOutcome("not_assessed", reason=decision.reason)
+    facts = decision.facts
+    assert facts.male is not None  # the gate requires sex
+
+    try:
+        image = decode_for_display(ds)
+    except PixelDataError as exc:
+        reason = f"pixel data cannot be decoded: {exc}"
+        _finish(rt, instance_id, InstanceState.NOT_ASSESSED, reason)
+        logger.info("instance %d not assessed: pixel data cannot be decoded", instance_id)
+        return AssessOutcome("not_assessed", reason=reason)
+
+    predictor = rt.predictor
+    started = time.perf_counter()
+    prediction = predictor.predict(image, male=facts.male)
+    elapsed = time.perf_counter() - started
+
+    from models.reference import bone_age_sds
+
+    chronological = chronological_age_months(facts)
+    sds = (
+        bone_age_sds(prediction.bone_age_months, chronological, male=facts.male)
+        if chronological is not None
+        else None
+    )
+    meta = predictor.meta
+    finding = BoneAgeFinding(
+        bone_age_months=prediction.bone_age_months,
+        chronological_age_months=chronological,
+        sds=sds,
+        intervals=dict(prediction.intervals),
+        model_id=predictor.model_id,
+        model_name=f"BoneAgeNet {meta.arch}",
+        model_version=model_version(predictor),
+        model_trained=bool(meta.trained),
+        laterality=facts.laterality,
+    )
+
+    # Output identities depend only on (source instance, model): see module docstring.
+    model_id = predictor.model_id
+    sr_uid = derived_uid(sop_instance_uid, model_id, "sr")
+    sc_uid = derived_uid(sop_instance_uid, model_id, "sc")
+    sr = build_bone_age_sr(
+        ds,
+        finding,
+        series_instance_uid=derived_uid(sop_instance_uid, model_id, "sr-series"),
+        sop_instance_uid=sr_uid,
+        series_number=SR_SERIES_NUMBER,
+        device_observer_uid=rt.device_observer_uid,
+    )
+    rgb = render_overlay(image, prediction.cam, finding)
+    sc = build_heatmap_sc(
+        ds,
+        rgb,
+        finding,
+        series_instance_uid=derived_uid(sop_instance_uid, model_id, "sc-series"),
+        sop_instance_uid=sc_uid,
+        series_number=SC_SERIES_NUMBER,
+    )
+    outputs = {
+        ObjectKind.SR: (sr_uid, settings.outbox_dir / f"{uid_tag(sr_uid)}-sr.dcm"),
+        ObjectKind.SC: (sc_uid, settings.outbox_dir / f"{uid_tag(sc_uid)}-sc.dcm"),
+    }
+    write_atomically(sr, outputs[ObjectKind.SR][1])
+    write_atomically(sc, outputs[ObjectKind.SC][1])
+
+    _ensure_model(rt, predictor)
+    try:
+        with session_scope(rt.database_url) as session:
+            result = Result(
+                instance_id=instance_id,
+                model_id=model_id,
+                bone_age_months=prediction.bone_age_months,
+                chronological_age_months=chronological,
+                sds=sds,
+                intervals={str(k): list(v) for k, v in prediction.intervals.items()},
+                male=facts.male,
+                laterality=facts.laterality,
+                inference_seconds=elapsed,
+                device=predictor.device[:64],
+            )
+            session.add(result)
+            session.flush()
+            deliveries = [
+                Delivery(
+                    result_id=result.id,
+                    kind=kind,
+                    destination=str(destination),
+                    sop_instance_uid=uid,
+                    path=str(path),
+                    state=DeliveryState.PENDING,
+                    next_attempt_at=now(),
+                )
+                for destination in settings.destinations
+                for kind, (uid, path) in outputs.items()
+            ]
+            session.add_all(deliveries)
+            instance = session.get_one(Instance, instance_id)
+            instance.state = InstanceState.ASSESSED
+            instance.reason = None if finding.model_trained else "assessed by an UNTRAINED model"
+            instance.finished_at = now()
+            session.flush()
+            delivery_ids = tuple(d.id for d in deliveries)
+    except IntegrityError:
+        # Another attempt committed the same result first; its deliveries stand.
+        logger.info("instance %d: result already recorded by another attempt", instance_id)
+        return AssessOutcome("duplicate")
+
+    logger.info(
+        "instance %d assessed in %.2fs on %s (%d deliveries)",
+        instance_id,
+        elapsed,
+        predictor.device,
+        len(delivery_ids),
+    )
+    return AssessOutcome("assessed", delivery_ids=delivery_ids)
+
+
+def model_version(predictor: BoneAgePredictor) -> str:
+    """The version reported in outputs: the checkpoint's own, else its id prefix."""
+    return str(predictor.meta.extra.get("version") or f"sha256:{predictor.model_id[:12]}")
+
+
+def _ensure_model(rt: Runtime, predictor: BoneAgePredictor) -> None:
+    """Record the model once; a concurrent insert by another worker is fine."""
+    meta = predictor.meta
+    try:
+        with session_scope(rt.database_url) as session:
+            if session.get(Model, predictor.model_id) is not None:
+                return
+            session.add(
+                Model(
+                    id=predictor.model_id,
+                    name=f"{SOFTWARE_NAME} BoneAgeNet {meta.arch}",
+                    version=model_version(predictor),
+                    architecture=meta.arch,
+                    input_size=int(meta.input_size),
+                    trained=bool(meta.trained),
+                    metadata_json=json.loads(meta.to_json()),
+                )
+            )
+    except IntegrityError:
+        pass

@@ -1,0 +1,114 @@
+"""The reconciler: finds work whose broker message was lost, and queues it again.
+
+Messages are lost when the broker restarts without persistence, when a worker
+is killed while holding one (embedded broker), or when the broker was down as an
+instance arrived. The database is the source of truth; the broker is only a
+doorbell. Re-queueing is safe because tasks are idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import or_, select, update
+
+from db.engine import session_scope
+from db.schema import Delivery, DeliveryState, Instance, InstanceState
+from db.schema import utcnow as now
+from worker.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+#: An instance `processing` for longer than this is assumed orphaned by a dead worker.
+PROCESSING_LEASE = timedelta(minutes=30)
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    instances: list[int]
+    deliveries: list[int]
+
+
+def reconcile(
+    rt: Runtime,
+    enqueue_assess: Callable[[int], None],
+    enqueue_delivery: Callable[[int], None],
+    *,
+    inference_queue_empty: bool,
+    startup: bool = False,
+) -> ReconcileReport:
+    """Re-queue instances and deliveries that have no message in flight.
+
+    Parameters
+    ----------
+    inference_queue_empty
+        Whether the broker's inference queue is empty: `queued` instances are only
+        re-queued then, since otherwise their message may simply be waiting.
+    startup
+        At start-up of the whole node nothing can be in flight: everything unfinished
+        is re-queued at once.
+    """
+    settings = rt.settings
+    current = now()
+    stale = current - timedelta(seconds=settings.requeue_after_seconds)
+    with session_scope(rt.database_url) as session:
+        conditions = [
+            (Instance.state == InstanceState.RECEIVED) & (Instance.received_at < stale),
+            (Instance.state == InstanceState.PROCESSING)
+            & (Instance.started_at < current - PROCESSING_LEASE),
+        ]
+        if inference_queue_empty or startup:
+            conditions.append(
+                (Instance.state == InstanceState.QUEUED)
+                & (Instance.queued_at < (current if startup else stale))
+            )
+        if startup:
+            conditions[0] = Instance.state == InstanceState.RECEIVED
+        instance_ids = list(
+            session.scalars(select(Instance.id).where(or_(*conditions)).order_by(Instance.id))
+        )
+        delivery_ids = list(
+            session.scalars(
+                select(Delivery.id)
+                .where(
+                    Delivery.state == DeliveryState.PENDING,
+                    or_(
+                        Delivery.next_attempt_at.is_(None),
+                        Delivery.next_attempt_at < current - timedelta(seconds=30),
+                    ),
+                )
+                .order_by(Delivery.id)
+            )
+        )
+    queued: list[int] = []
+    for instance_id in instance_ids:
+        try:
+            enqueue_assess(instance_id)
+        except Exception as exc:  # broker down: try again next round
+            logger.warning("reconciler: broker unavailable (%s); will retry", type(exc).__name__)
+            break
+        queued.append(instance_id)
+    if queued:
+        with session_scope(rt.database_url) as session:
+            session.execute(
+                update(Instance)
+                .where(
+                    Instance.id.in_(queued),
+                    Instance.state.in_([InstanceState.RECEIVED, InstanceState.QUEUED]),
+                )
+                .values(state=InstanceState.QUEUED, queued_at=now())
+            )
+    sent: list[int] = []
+    for delivery_id in delivery_ids:
+        try:
+            enqueue_delivery(delivery_id)
+        except Exception as exc:
+            logger.warning("reconciler: broker unavailable (%s); will retry", type(exc).__name__)
+            break
+        sent.append(delivery_id)
+    if queued or sent:
+        logger.info("reconciler re-queued %d instances and %d deliveries", len(queued), len(sent))
+    return ReconcileReport(queued, sent)

@@ -1,0 +1,232 @@
+"""One settings object for every process of boneage-worker.
+
+Precedence, highest first: command-line options, ``BONEAGE_*`` environment
+variables, a TOML settings file (``--config`` or ``BONEAGE_CONFIG``), defaults.
+The environment names are a contract with administrators: they are documented
+in the README and tested.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+logger = logging.getLogger(__name__)
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE VR: no backslash, no control
+_DEFAULT_DATA_DIR = Path("./var/boneage")
+
+
+def _check_ae_title(value: str, what: str) -> str:
+    value = value.strip()
+    if not value or not _AE_TITLE.match(value):
+        raise ValueError(f"{what} {value!r} is not a valid AE title (1-16 printable characters)")
+    return value
+
+
+@dataclass(frozen=True)
+class AllowedCaller:
+    """A calling AE title that may send to us, optionally pinned to a host."""
+
+    ae_title: str
+    host: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> AllowedCaller:
+        ae, sep, host = text.strip().partition("@")
+        return cls(
+            _check_ae_title(ae, "allowed calling AE title"), host.strip() or None if sep else None
+        )
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}" if self.host else self.ae_title
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A DICOM node that receives our SR and SC objects (``AE@host:port``)."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Destination:
+        match = re.fullmatch(r"\s*([^@]+)@(\[[^\]]+\]|[^:]+):(\d+)\s*", text)
+        if not match:
+            raise ValueError(f"destination {text!r} is not of the form AE@host:port")
+        ae, host, port = match.groups()
+        port_number = int(port)
+        if not 0 < port_number < 65536:
+            raise ValueError(f"destination {text!r} has port {port_number} outside 1-65535")
+        return cls(_check_ae_title(ae, "destination AE title"), host.strip("[]"), port_number)
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+def _split(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part for part in (p.strip() for p in value.split(",")) if part]
+    return value
+
+
+class _TomlFileSource(PydanticBaseSettingsSource):
+    """Reads the ``[boneage]`` table (or the top level) of a TOML file."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path | None) -> None:
+        super().__init__(settings_cls)
+        self._data: dict[str, Any] = {}
+        if path is not None:
+            try:
+                with path.open("rb") as fh:
+                    raw = tomllib.load(fh)
+            except FileNotFoundError as exc:
+                raise ValueError(f"settings file {path} does not exist") from exc
+            except tomllib.TOMLDecodeError as exc:
+                raise ValueError(f"settings file {path} is not valid TOML: {exc}") from exc
+            table = raw.get("boneage", raw)
+            self._data = {str(k).lower(): v for k, v in table.items()}
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {k: v for k, v in self._data.items() if k in self.settings_cls.model_fields}
+
+
+class Settings(BaseSettings):
+    """Everything an administrator can set. Environment names: ``BONEAGE_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="BONEAGE_", extra="forbid", frozen=True)
+
+    # Network identity
+    ae_title: str = "BONEAGE"
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=1, le=65535)
+    allowed_aets: Annotated[list[AllowedCaller], NoDecode] = Field(default_factory=list)
+    destinations: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
+
+    # Storage and services
+    data_dir: Path = _DEFAULT_DATA_DIR
+    database_url: str | None = None
+    broker_url: str | None = None
+    broker_prefix: str = ""
+
+    # Model
+    model: Path | None = None
+    device: str = "auto"
+    arch: str = "resnet50"
+    input_size: int = Field(512, ge=32, le=2048)
+
+    # Behaviour
+    send_not_assessed: bool = False
+    delivery_max_attempts: int = Field(8, ge=1)
+    delivery_backoff_seconds: float = Field(30.0, gt=0)
+    delivery_backoff_max_seconds: float = Field(3600.0, gt=0)
+    reconcile_interval_seconds: float = Field(60.0, gt=0)
+    requeue_after_seconds: float = Field(300.0, gt=0)
+    log_level: str = "INFO"
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return _check_ae_title(value, "BONEAGE_AE_TITLE")
+
+    @field_validator("allowed_aets", mode="before")
+    @classmethod
+    def _allowed(cls, value: Any) -> Any:
+        return [AllowedCaller.parse(v) if isinstance(v, str) else v for v in _split(value) or []]
+
+    @field_validator("destinations", mode="before")
+    @classmethod
+    def _destinations(cls, value: Any) -> Any:
+        return [Destination.parse(v) if isinstance(v, str) else v for v in _split(value) or []]
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
+            raise ValueError(f"BONEAGE_DEVICE {value!r} must be auto, cpu, cuda, cuda:N or mps")
+        return value
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, value: str) -> str:
+        if value not in {"resnet18", "resnet34", "resnet50"}:
+            raise ValueError(f"BONEAGE_ARCH {value!r} must be resnet18, resnet34 or resnet50")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        value = value.upper()
+        if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError(f"BONEAGE_LOG_LEVEL {value!r} must be DEBUG, INFO, WARNING or ERROR")
+        return value
+
+    @model_validator(mode="after")
+    def _absolute_data_dir(self) -> Settings:
+        object.__setattr__(self, "data_dir", self.data_dir.expanduser().resolve())
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        config = os.environ.get("BONEAGE_CONFIG")
+        return (
+            init_settings,
+            env_settings,
+            _TomlFileSource(settings_cls, Path(config) if config else None),
+        )
+
+    # Derived locations: one place decides where things live in the data dir.
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.data_dir / "outbox"
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'boneage.db'}"
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{self.data_dir / 'broker.db'}"
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.effective_broker_url.startswith("sqla+")
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings once for this process.
+
+    Parameters
+    ----------
+    config_file
+        A TOML file (``[boneage]`` table); ``BONEAGE_CONFIG`` names one too.
+    **overrides
+        Values from the command line; ``None`` means "not given".
+    """
+    if config_file is not None:
+        os.environ["BONEAGE_CONFIG"] = str(config_file)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return Settings(**given)

@@ -1,0 +1,155 @@
+"""`boneage-worker status`: one screen that tells an administrator whether the node is healthy."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+
+from db import queries
+from db.engine import DatabaseNotReady, check_schema, session_scope
+from db.schema import utcnow as now
+from worker.celery_app import app as celery_app
+from worker.celery_app import queue_depths
+from worker.heartbeat import INTERVAL_SECONDS
+from worker.settings import Settings
+
+#: A process whose heartbeat is older than this is considered down.
+STALE_AFTER = timedelta(seconds=3 * INTERVAL_SECONDS)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat(timespec="seconds") if value else None
+
+
+def collect(settings: Settings) -> dict[str, Any]:
+    """Everything `status` shows, as plain data (`--json` prints exactly this)."""
+    current = now()
+    report: dict[str, Any] = {
+        "time": _iso(current),
+        "ae_title": settings.ae_title,
+        "port": settings.port,
+        "data_dir": str(settings.data_dir),
+        "destinations": [str(d) for d in settings.destinations],
+        "problems": [],
+    }
+    problems: list[str] = report["problems"]
+    url = settings.effective_database_url
+    try:
+        check_schema(url)
+        report["database"] = "ok"
+    except DatabaseNotReady as exc:
+        report["database"] = str(exc)
+        problems.append(f"database: {exc}")
+        return report
+
+    try:
+        report["queues"] = queue_depths(celery_app)
+        report["broker"] = "ok"
+    except Exception as exc:
+        report["queues"] = {}
+        report["broker"] = f"unreachable ({type(exc).__name__})"
+        problems.append("broker is unreachable: new instances wait as 'received'")
+
+    with session_scope(url) as session:
+        beats = queries.heartbeats(session)
+        report["instances"] = queries.instance_counts(session)
+        report["deliveries"] = queries.delivery_counts(session)
+        report["last_hour"] = queries.last_hour(session, current)
+        report["recent_problems"] = [
+            {**p, "at": _iso(p["at"])} for p in queries.recent_problems(session)
+        ]
+
+    processes = []
+    for beat in beats:
+        alive = current - beat.seen_at <= STALE_AFTER
+        processes.append(
+            {
+                "name": beat.name,
+                "role": beat.role,
+                "alive": alive,
+                "seen": _iso(beat.seen_at),
+                "since": _iso(beat.started_at),
+                **beat.detail,
+            }
+        )
+    report["processes"] = processes
+    live = [p for p in processes if p["alive"]]
+    if not any(p["role"] == "listener" for p in live):
+        problems.append("no listener is running")
+    for queue in ("inference", "delivery"):
+        if not any(p["role"] == "worker" and queue in p.get("queues", []) for p in live):
+            problems.append(f"no worker consumes the {queue} queue")
+    if report["deliveries"].get("failed"):
+        problems.append(
+            f"{report['deliveries']['failed']} deliveries failed: "
+            "fix the destination, then run 'boneage-worker retry-deliveries'"
+        )
+    if not settings.destinations:
+        problems.append("no destinations configured (BONEAGE_DESTINATIONS): results are not sent")
+    report["healthy"] = not problems
+    return report
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} s"
+
+
+def render(report: dict[str, Any], console: Console) -> None:
+    healthy = report.get("healthy", False)
+    title = f"boneage-worker {report['ae_title']} on port {report['port']}"
+    summary = Table.grid(padding=(0, 2))
+    summary.add_row("health", "[green]healthy[/]" if healthy else "[red]UNHEALTHY[/]")
+    summary.add_row("database", str(report.get("database")))
+    summary.add_row("broker", str(report.get("broker", "-")))
+    summary.add_row("destinations", ", ".join(report["destinations"]) or "[yellow]none[/]")
+    queues = report.get("queues") or {}
+    summary.add_row("queues", ", ".join(f"{k} {v}" for k, v in queues.items()) or "-")
+    parts: list[Any] = [summary]
+
+    processes = Table(title="processes", expand=True)
+    for col in ("role", "name", "alive", "device / queues", "last seen"):
+        processes.add_column(col)
+    for p in report.get("processes", []):
+        what = p.get("device") or ", ".join(p.get("queues", [])) or f"port {p.get('port', '')}"
+        if p.get("role") == "worker" and p.get("trained") is False:
+            what += " [yellow](UNTRAINED model)[/]"
+        processes.add_row(
+            p["role"], p["name"], "[green]yes[/]" if p["alive"] else "[red]no[/]", what, p["seen"]
+        )
+    parts.append(processes)
+
+    if "instances" in report:
+        counts = Table(title="instances and deliveries", expand=True)
+        counts.add_column("instances")
+        counts.add_column("n", justify="right")
+        counts.add_column("deliveries")
+        counts.add_column("n", justify="right")
+        inst = list(report["instances"].items())
+        deliv = list(report["deliveries"].items())
+        for i in range(max(len(inst), len(deliv))):
+            a = inst[i] if i < len(inst) else ("", "")
+            b = deliv[i] if i < len(deliv) else ("", "")
+            counts.add_row(a[0], str(a[1]), b[0], str(b[1]))
+        parts.append(counts)
+        hour = report["last_hour"]
+        parts.append(
+            f"last hour: {hour['assessed']} assessed, {hour['not_assessed']} not assessed; "
+            f"processing p50 {_seconds(hour['processing_p50_s'])} "
+            f"p95 {_seconds(hour['processing_p95_s'])}; "
+            f"received→delivered p50 {_seconds(hour['delivered_p50_s'])} "
+            f"p95 {_seconds(hour['delivered_p95_s'])}"
+        )
+    if report.get("recent_problems"):
+        recent = Table(title="recent problems", expand=True)
+        for col in ("when", "what", "state", "reason"):
+            recent.add_column(col)
+        for p in report["recent_problems"]:
+            recent.add_row(p["at"] or "", p["what"], p["state"], p["reason"] or "")
+        parts.append(recent)
+    for problem in report["problems"]:
+        parts.append(f"[red]•[/] {problem}")
+    console.print(Panel(Group(*parts), title=title, border_style="green" if healthy else "red"))

@@ -1,0 +1,123 @@
+"""Thin Celery tasks: ids in, plain functions do the work.
+
+`acks_late` + `reject_on_worker_lost` mean a task whose worker dies is delivered
+again; the functions it calls are idempotent, so that is safe.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Task
+from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
+from sqlalchemy.exc import OperationalError
+
+from db.engine import dispose_after_fork
+from worker.celery_app import ASSESS_TASK, DELIVER_TASK, RECONCILE_TASK, app, queue_depths
+from worker.delivery import deliver_one
+from worker.heartbeat import HeartbeatThread
+from worker.messaging import enqueue_assess, enqueue_delivery
+from worker.pipeline import assess_instance
+from worker.reconciler import reconcile
+from worker.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+_state: dict[str, Any] = {"queues": ("inference", "delivery")}
+
+
+def set_worker_queues(queues: tuple[str, ...]) -> None:
+    """Called by `boneage-worker work` before the worker starts (inherited by children)."""
+    _state["queues"] = queues
+
+
+def runtime() -> Runtime:
+    if "runtime" not in _state:
+        _state["runtime"] = Runtime(app.conf["boneage_settings"])
+    rt: Runtime = _state["runtime"]
+    return rt
+
+
+@worker_process_init.connect
+def _init_process(**_: Any) -> None:
+    # Fires in prefork children and in the solo pool: the place to load the model,
+    # never the parent (a CUDA context does not survive fork).
+    dispose_after_fork()
+    rt = runtime()
+    detail: dict[str, Any] = {"queues": list(_state["queues"])}
+    if "inference" in _state["queues"]:
+        predictor = rt.predictor
+        detail.update(
+            device=predictor.device, model_id=predictor.model_id, trained=predictor.meta.trained
+        )
+    heartbeat = HeartbeatThread(rt.database_url, "worker", lambda: detail)
+    heartbeat.start()
+    _state["heartbeat"] = heartbeat
+
+
+@worker_process_shutdown.connect
+def _stop_process(**_: Any) -> None:
+    heartbeat = _state.pop("heartbeat", None)
+    if heartbeat is not None:
+        heartbeat.stop()
+
+
+@worker_ready.connect
+def _on_ready(**_: Any) -> None:
+    # A worker that starts may be the first thing up after an outage: pick up the
+    # work whose messages were lost while nothing was consuming.
+    try:
+        run_reconcile()
+    except Exception as exc:
+        logger.warning("start-up reconciliation skipped (%s)", type(exc).__name__)
+
+
+@app.task(
+    name=ASSESS_TASK,
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=(OperationalError, OSError),
+    retry_backoff=5,
+    retry_backoff_max=300,
+    max_retries=20,
+)
+def assess(self: Task, instance_id: int) -> str:
+    outcome = assess_instance(runtime(), instance_id)
+    for delivery_id in outcome.delivery_ids:
+        enqueue_delivery(delivery_id)
+    return outcome.state
+
+
+@app.task(
+    name=DELIVER_TASK,
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=(OperationalError,),
+    retry_backoff=5,
+    max_retries=20,
+)
+def deliver(self: Task, delivery_id: int) -> str:
+    outcome = deliver_one(runtime(), delivery_id)
+    if outcome.retry_in is not None:
+        # The due time is in the db too: if this message is lost, the reconciler re-sends.
+        enqueue_delivery(delivery_id, countdown=outcome.retry_in)
+    return outcome.state
+
+
+@app.task(name=RECONCILE_TASK, acks_late=True)
+def reconcile_task() -> dict[str, int]:
+    report = run_reconcile()
+    return {"instances": len(report.instances), "deliveries": len(report.deliveries)}
+
+
+def run_reconcile(*, startup: bool = False):  # type: ignore[no-untyped-def]
+    try:
+        empty = queue_depths(app).get("inference", 0) == 0
+    except Exception:
+        empty = False
+    return reconcile(
+        runtime(), enqueue_assess, enqueue_delivery, inference_queue_empty=empty, startup=startup
+    )

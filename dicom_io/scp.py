@@ -185,6 +185,9 @@ class StorageSCP:
         ae = AE(ae_title=self.ae_title)
         ae.maximum_pdu_size = 0  # unlimited: far fewer PDUs for 10 MB radiographs
         ae.require_called_aet = True
+        # pynetdicom rejects unknown calling AE titles itself; host pins are checked
+        # in `_on_requested`.
+        ae.require_calling_aet = sorted({ae_title for ae_title, _ in self._allowed})
         ae.maximum_associations = 64
         ae.network_timeout = 60
         ae.acse_timeout = 30
@@ -208,6 +211,7 @@ class StorageSCP:
         handlers = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_REJECTED, self._on_rejected),
         ]
         self._server = self._make_ae().start_server(
             self._address,
@@ -246,16 +250,24 @@ class StorageSCP:
     def _on_requested(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor
         calling = requestor.primitive.calling_ae_title.strip()
-        if not self._allowed:
-            return
+        pins = {host for ae, host in self._allowed if ae == calling}
         peer_host = requestor.address
-        for ae, host in self._allowed:
-            if ae == calling and (host is None or host == peer_host):
-                return
-        logger.warning("rejected association from calling AE %r at %s", calling, peer_host)
+        if not pins or None in pins or peer_host in pins:
+            return  # unknown titles are rejected by pynetdicom's own check
+        logger.warning("calling AE %r is not allowed from %s", calling, peer_host)
         self._count("refused")
         # Rejected-permanent, service-user, calling AE title not recognised.
         event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        primitive = event.assoc.requestor.primitive
+        logger.warning(
+            "rejected association from calling AE %r to called AE %r at %s",
+            primitive.calling_ae_title.strip(),
+            primitive.called_ae_title.strip(),
+            event.assoc.requestor.address,
+        )
+        self._count("refused")
 
     # -- C-STORE ----------------------------------------------------------
 

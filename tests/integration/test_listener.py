@@ -1,0 +1,235 @@
+"""The listener against dcmtk's storescu and a pynetdicom client, over loopback."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import stat
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import (
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+)
+from pynetdicom import AE
+from sqlalchemy import select
+
+from db.engine import session_scope, upgrade
+from db.schema import Instance, InstanceState
+from dicom_io.scp import OUT_OF_RESOURCES, ReceivedInstance, StorageSCP, spool_path
+from dicom_io.synthetic import make_radiograph_dataset
+from tests.support import free_port
+from worker.listener import record_instance
+
+pytestmark = pytest.mark.integration
+
+
+def write_hand(path: Path, **kwargs: object) -> Path:
+    rng = np.random.default_rng(0)
+    pixels = (rng.random((300, 240)) * 4000).astype(np.uint16)
+    ds = make_radiograph_dataset(
+        pixels,
+        sex="M",
+        birth_date=dt.date(2015, 5, 1),
+        study_date=dt.date(2026, 5, 1),
+        **kwargs,  # type: ignore[arg-type]
+    )
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+class Harness:
+    def __init__(
+        self,
+        tmp_path: Path,
+        record: Callable[[ReceivedInstance], int] | None = None,
+        allowed: list[tuple[str, str | None]] | None = None,
+    ) -> None:
+        self.url = f"sqlite:///{tmp_path / 'boneage.db'}"
+        upgrade(self.url)
+        self.notified: list[int] = []
+        self.spool = tmp_path / "spool"
+        self.scp = StorageSCP(
+            ae_title="BONEAGE",
+            spool_dir=self.spool,
+            record=record or (lambda r: record_instance(self.url, r)),
+            notify=self.notified.append,
+            allowed_callers=allowed or [],
+            host="127.0.0.1",
+            port=free_port(),
+        )
+
+    def storescu(
+        self, *files: Path, calling: str = "PACS", extra: tuple[str, ...] = ()
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                "storescu",
+                "-aet",
+                calling,
+                "-aec",
+                "BONEAGE",
+                *extra,
+                "127.0.0.1",
+                str(self.scp.port),
+                *map(str, files),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def rows(self) -> list[Instance]:
+        with session_scope(self.url) as session:
+            return list(session.scalars(select(Instance)))
+
+
+@pytest.fixture
+def harness_factory(tmp_path: Path, dcmtk: dict[str, str]) -> Iterator[Callable[..., Harness]]:
+    made: list[Harness] = []
+
+    def make(**kwargs: object) -> Harness:
+        h = Harness(tmp_path, **kwargs)  # type: ignore[arg-type]
+        h.scp.start()
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.scp.stop()
+
+
+def test_storescu_instance_is_spooled_recorded_and_notified(
+    harness_factory: Callable[..., Harness], tmp_path: Path
+) -> None:
+    h = harness_factory()
+    source = write_hand(tmp_path / "hand.dcm")
+    result = h.storescu(source)
+    assert result.returncode == 0, result.stderr
+    [row] = h.rows()
+    original = dcmread(source)
+    assert row.sop_instance_uid == original.SOPInstanceUID
+    assert row.study_instance_uid == original.StudyInstanceUID
+    assert row.state is InstanceState.RECEIVED
+    assert row.calling_ae_title == "PACS"
+    assert h.notified == [row.id]
+    spooled = Path(row.spool_path)
+    assert spooled == spool_path(h.spool, original.SOPInstanceUID)
+    assert original.SOPInstanceUID not in str(spooled)  # file names never carry UIDs
+    stored = dcmread(spooled)
+    assert np.array_equal(stored.pixel_array, original.pixel_array)
+    assert stat.S_IMODE(os.stat(spooled).st_mode) == 0o600
+    assert not list((h.spool / ".incoming").iterdir())
+
+
+def test_same_instance_twice_keeps_one_row(
+    harness_factory: Callable[..., Harness], tmp_path: Path
+) -> None:
+    h = harness_factory()
+    source = write_hand(tmp_path / "hand.dcm")
+    assert h.storescu(source).returncode == 0
+    assert h.storescu(source).returncode == 0
+    [row] = h.rows()
+    assert row.times_received == 2
+
+
+@pytest.mark.parametrize(
+    ("tool", "syntax", "propose"),
+    [
+        ("dcmcjpls", JPEGLSLossless, "-xt"),
+        ("dcmcjpeg", JPEGLosslessSV1, "-xs"),
+        ("dcmcrle", RLELossless, "-xr"),
+    ],
+)
+def test_compressed_syntaxes_are_accepted(
+    harness_factory: Callable[..., Harness], tmp_path: Path, tool: str, syntax: str, propose: str
+) -> None:
+    h = harness_factory()
+    source = write_hand(tmp_path / "hand.dcm")
+    compressed = tmp_path / "compressed.dcm"
+    subprocess.run([tool, str(source), str(compressed)], check=True, capture_output=True)
+    assert dcmread(compressed).file_meta.TransferSyntaxUID == syntax
+    # The compressed syntax is proposed first; our SCP must take it, not a conversion.
+    result = h.storescu(compressed, extra=(propose, "-R"))
+    assert result.returncode == 0, result.stderr
+    [row] = h.rows()
+    assert row.transfer_syntax_uid == syntax
+    assert np.array_equal(dcmread(row.spool_path).pixel_array, dcmread(source).pixel_array)
+
+
+def test_unknown_calling_ae_is_rejected(
+    harness_factory: Callable[..., Harness], tmp_path: Path
+) -> None:
+    h = harness_factory(allowed=[("PACS", None)])
+    source = write_hand(tmp_path / "hand.dcm")
+    refused = h.storescu(source, calling="INTRUDER")
+    assert refused.returncode != 0
+    assert "Association Rejected" in refused.stdout + refused.stderr
+    assert h.rows() == []
+    assert h.storescu(source, calling="PACS").returncode == 0
+    assert len(h.rows()) == 1
+
+
+def test_calling_ae_pinned_to_another_host_is_rejected(
+    harness_factory: Callable[..., Harness], tmp_path: Path
+) -> None:
+    h = harness_factory(allowed=[("PACS", "10.99.99.99")])
+    refused = h.storescu(write_hand(tmp_path / "hand.dcm"))
+    assert refused.returncode != 0
+    assert h.rows() == []
+
+
+def test_non_image_sop_class_is_refused_at_association(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    h = harness_factory()
+    sr_file = Path(get_testdata_file("test-SR.dcm"))  # type: ignore[arg-type]
+    refused = h.storescu(sr_file, extra=("-R",))
+    assert refused.returncode != 0
+    assert "presentation context" in (refused.stdout + refused.stderr).lower()
+    assert h.rows() == []
+
+
+def _pynetdicom_store(port: int, path: Path) -> int:
+    ae = AE(ae_title="PACS")
+    ds = dcmread(path)
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="BONEAGE")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(ds)
+        return int(status.Status)
+    finally:
+        assoc.release()
+
+
+def test_database_failure_answers_out_of_resources(
+    harness_factory: Callable[..., Harness], tmp_path: Path
+) -> None:
+    def broken(_: ReceivedInstance) -> int:
+        raise ConnectionError("database down")
+
+    h = harness_factory(record=broken)
+    status = _pynetdicom_store(h.scp.port, write_hand(tmp_path / "hand.dcm"))
+    assert status == OUT_OF_RESOURCES
+    assert h.notified == []
+
+
+def test_disk_failure_answers_out_of_resources(
+    harness_factory: Callable[..., Harness], tmp_path: Path
+) -> None:
+    h = harness_factory()
+    source = write_hand(tmp_path / "hand.dcm")
+    # The final spool shard is a file, so the rename into it fails like a full/broken disk.
+    target = spool_path(h.spool, dcmread(source).SOPInstanceUID)
+    target.parent.parent.mkdir(parents=True, exist_ok=True)
+    target.parent.write_bytes(b"not a directory")
+    assert _pynetdicom_store(h.scp.port, source) == OUT_OF_RESOURCES
+    assert h.rows() == []

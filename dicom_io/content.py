@@ -1,0 +1,284 @@
+"""Plain values that the SR and SC builders turn into DICOM objects.
+
+The builders take a :class:`BoneAgeFinding` (numbers and strings only) so that
+``dicom_io`` never sees model or database objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "AI_RESULT_NOTICE",
+    "DEFAULT_SDS_REFERENCE",
+    "UNTRAINED_WARNING",
+    "BoneAgeFinding",
+    "check_positive_int",
+    "check_uid",
+    "format_age",
+    "format_sds",
+]
+
+#: Reference population named next to every SDS value.
+DEFAULT_SDS_REFERENCE = "Greulich-Pyle atlas (Brush Foundation) standard deviations"
+#: Said on every output made by a model that was never trained.
+UNTRAINED_WARNING = "UNTRAINED MODEL - NOT FOR CLINICAL USE"
+#: Said on every output: the result is machine-made and unreviewed.
+AI_RESULT_NOTICE = "AI result - requires review"
+
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+# PS3.5 §9.1: dot-separated numeric components without leading zeros, at most 64 chars
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_LATERALITIES = ("L", "R")
+
+
+def _check_finite(name: str, value: object, *, optional: bool) -> None:
+    if value is None:
+        if optional:
+            return
+        raise TypeError(f'Argument "{name}" must be a number, not None.')
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f'Argument "{name}" must be a number, not {type(value).__name__}.')
+    if not math.isfinite(value):
+        raise ValueError(f'Argument "{name}" must be finite, got {value!r}.')
+
+
+@dataclass(frozen=True, kw_only=True)
+class BoneAgeFinding:
+    """One bone-age assessment of one radiograph, as plain values (keyword-only).
+
+    Parameters
+    ----------
+    bone_age_months : float
+        Estimated bone age in months (non-negative).
+    chronological_age_months : float or None
+        Chronological age at the study in months, or None when unknown.
+    sds : float or None
+        Bone-age standard deviation score,
+        (bone age - chronological age) / SD(chronological age, sex).
+    intervals : Mapping[float, tuple[float, float]]
+        Prediction intervals: coverage level in (0, 1) (for example 0.9) to
+        ``(low, high)`` bone age in months. May be empty.
+    model_id : str
+        SHA-256 of the checkpoint file, 64 hex digits (stored lower-case).
+    model_name : str
+        Human-readable model (algorithm) name.
+    model_version : str
+        Model version.
+    model_trained : bool
+        False for a model that was never trained; every output then says
+        :data:`UNTRAINED_WARNING`.
+    laterality : str or None
+        ``"L"``, ``"R"`` or None (unknown) for the hand imaged.
+    sds_reference : str
+        Reference population of the SDS, named next to it.
+
+    Raises
+    ------
+    TypeError
+        When a field has the wrong type.
+    ValueError
+        When a field has an impossible value.
+    """
+
+    bone_age_months: float
+    chronological_age_months: float | None
+    sds: float | None
+    model_id: str
+    model_name: str
+    model_version: str
+    model_trained: bool
+    intervals: Mapping[float, tuple[float, float]] = field(default_factory=dict)
+    laterality: str | None = None
+    sds_reference: str = DEFAULT_SDS_REFERENCE
+
+    def __post_init__(self) -> None:
+        _check_finite("bone_age_months", self.bone_age_months, optional=False)
+        if self.bone_age_months < 0:
+            raise ValueError(
+                f'Argument "bone_age_months" must not be negative, got {self.bone_age_months}.'
+            )
+        _check_finite("chronological_age_months", self.chronological_age_months, optional=True)
+        if self.chronological_age_months is not None and self.chronological_age_months < 0:
+            raise ValueError(
+                'Argument "chronological_age_months" must not be negative, '
+                f"got {self.chronological_age_months}."
+            )
+        _check_finite("sds", self.sds, optional=True)
+        if not isinstance(self.intervals, Mapping):
+            raise TypeError('Argument "intervals" must be a mapping of level to (low, high).')
+        frozen: dict[float, tuple[float, float]] = {}
+        for level, bounds in sorted(self.intervals.items()):
+            _check_finite("intervals level", level, optional=False)
+            if not 0.0 < float(level) < 1.0:
+                raise ValueError(
+                    f'Argument "intervals" has level {level}; levels must lie in (0, 1).'
+                )
+            if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
+                raise TypeError(
+                    f'Argument "intervals" at level {level} must be a (low, high) pair.'
+                )
+            low, high = bounds
+            _check_finite("intervals low bound", low, optional=False)
+            _check_finite("intervals high bound", high, optional=False)
+            if low > high:
+                raise ValueError(
+                    f'Argument "intervals" at level {level} has low {low} above high {high}.'
+                )
+            frozen[float(level)] = (float(low), float(high))
+        object.__setattr__(self, "intervals", MappingProxyType(frozen))
+        if isinstance(self.model_id, str):
+            object.__setattr__(self, "model_id", self.model_id.lower())
+        if not isinstance(self.model_id, str) or not _SHA256_RE.match(self.model_id):
+            raise ValueError('Argument "model_id" must be a SHA-256 hex digest (64 hex digits).')
+        for name in ("model_name", "model_version", "sds_reference"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f'Argument "{name}" must be a non-empty string.')
+        if not isinstance(self.model_trained, bool):
+            raise TypeError('Argument "model_trained" must be a bool.')
+        if self.laterality is not None and self.laterality not in _LATERALITIES:
+            raise ValueError(
+                f'Argument "laterality" must be "L", "R" or None, got {self.laterality!r}.'
+            )
+
+    @property
+    def bone_age_minus_chronological_age_months(self) -> float | None:
+        """float or None: bone age minus chronological age, None when age unknown."""
+        if self.chronological_age_months is None:
+            return None
+        return self.bone_age_months - self.chronological_age_months
+
+    def summary_lines(self) -> list[str]:
+        """Human-readable lines of the result, as burned into the SC and the SR comment.
+
+        Returns
+        -------
+        list of str
+            Result lines, most important first; untrained and review notices included.
+        """
+        lines = [f"Bone age: {format_age(self.bone_age_months)}"]
+        if self.chronological_age_months is not None:
+            lines.append(f"Chronological age: {format_age(self.chronological_age_months)}")
+        if self.sds is not None:
+            lines.append(f"SDS: {format_sds(self.sds)} (Greulich-Pyle)")
+        if self.intervals:
+            level = 0.9 if 0.9 in self.intervals else max(self.intervals)
+            low, high = self.intervals[level]
+            lines.append(
+                f"{round(level * 100):d}% interval: {format_age(low)} - {format_age(high)}"
+            )
+        lines.append(f"Model: {self.model_name} {self.model_version} ({self.model_id[:12]})")
+        lines.append(AI_RESULT_NOTICE)
+        if not self.model_trained:
+            lines.append(UNTRAINED_WARNING)
+        return lines
+
+
+def format_age(months: float) -> str:
+    """Format an age in months as years and months, e.g. ``"10 y 4 mo"``.
+
+    Parameters
+    ----------
+    months : float
+        Age in months; rounded to the nearest whole month.
+
+    Returns
+    -------
+    str
+        ``"<years> y <months> mo"``; a leading minus sign for negative values.
+
+    Raises
+    ------
+    TypeError
+        When ``months`` is not a number.
+    ValueError
+        When ``months`` is not finite.
+    """
+    _check_finite("months", months, optional=False)
+    total = round(abs(float(months)))
+    years, rest = divmod(total, 12)
+    sign = "-" if months < 0 and total else ""
+    return f"{sign}{years} y {rest} mo"
+
+
+def format_sds(sds: float) -> str:
+    """Format a standard deviation score with sign and two decimals, e.g. ``"+1.25"``.
+
+    Parameters
+    ----------
+    sds : float
+        Standard deviation score.
+
+    Returns
+    -------
+    str
+        The signed value.
+    """
+    _check_finite("sds", sds, optional=False)
+    return f"{sds:+.2f}"
+
+
+def check_uid(name: str, value: object) -> str:
+    """Return ``value`` when it is a valid UID string, else raise naming ``name``.
+
+    Parameters
+    ----------
+    name : str
+        Argument name used in the error message.
+    value : object
+        The value to check.
+
+    Returns
+    -------
+    str
+        ``value`` unchanged.
+
+    Raises
+    ------
+    TypeError
+        When ``value`` is not a string.
+    ValueError
+        When ``value`` is not a valid UID (PS3.5 §9.1).
+    """
+    if not isinstance(value, str):
+        raise TypeError(f'Argument "{name}" must be a UID string, not {type(value).__name__}.')
+    if len(value) > 64 or not _UID_RE.match(value):
+        raise ValueError(f'Argument "{name}" is not a valid UID: {value!r}.')
+    return value
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """Return ``value`` when it is a positive int, else raise naming ``name``.
+
+    Parameters
+    ----------
+    name : str
+        Argument name used in the error message.
+    value : object
+        The value to check.
+
+    Returns
+    -------
+    int
+        ``value`` unchanged.
+
+    Raises
+    ------
+    TypeError
+        When ``value`` is not an int (bool is refused).
+    ValueError
+        When ``value`` is below 1.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f'Argument "{name}" must be an int, not {type(value).__name__}.')
+    if value < 1:
+        raise ValueError(f'Argument "{name}" must be positive, got {value}.')
+    return value

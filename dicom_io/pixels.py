@@ -1,0 +1,310 @@
+"""Decode a received image to a display-ready float array, bone bright.
+
+Tolerant when reading: whatever PACSes send (MONOCHROME1/2, 8-16 bits, signed or
+not, rescale, VOI LUT or window, pixel padding, compressed transfer syntaxes that
+pydicom's plugins decode, RGB/YBR colour) becomes a float32 (H, W) array in [0, 1]
+where bone is bright. Only missing or undecodable pixel data raises
+:class:`PixelDataError`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from pydicom import Dataset
+from pydicom.multival import MultiValue
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PixelDataError", "decode_for_display", "decode_frame"]
+
+# Robust min/max when the file carries no VOI: percentiles of the unpadded pixels.
+_ROBUST_LOW_PERCENTILE = 0.5
+_ROBUST_HIGH_PERCENTILE = 99.5
+# Percentiles are taken on at most about this many pixels (strided sample).
+_PERCENTILE_SAMPLE = 1 << 20
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+class PixelDataError(ValueError):
+    """The dataset has no pixel data, or it cannot be decoded."""
+
+
+def _first(value: Any) -> Any:
+    """First value of a possibly multi-valued element."""
+    if isinstance(value, (MultiValue, list, tuple)):
+        return value[0] if len(value) else None
+    return value
+
+
+def _float_or_none(value: Any) -> float | None:
+    try:
+        result = float(_first(value))
+    except (TypeError, ValueError, IndexError):
+        return None
+    return result if np.isfinite(result) else None
+
+
+# Enhanced (multi-frame) images keep these in functional groups (PS3.3 C.7.6.16).
+_FUNCTIONAL_GROUP_OF = {
+    "RescaleSlope": "PixelValueTransformationSequence",
+    "RescaleIntercept": "PixelValueTransformationSequence",
+    "WindowCenter": "FrameVOILUTSequence",
+    "WindowWidth": "FrameVOILUTSequence",
+    "VOILUTFunction": "FrameVOILUTSequence",
+}
+
+
+def _attr(ds: Dataset, keyword: str) -> Any:
+    """Top-level value of ``keyword``, else the first frame's functional group value."""
+    value = ds.get(keyword)
+    if value is not None or keyword not in _FUNCTIONAL_GROUP_OF:
+        return value
+    macro = _FUNCTIONAL_GROUP_OF[keyword]
+    for groups in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
+        try:
+            item = ds[groups].value[0][macro].value[0]
+        except (KeyError, IndexError, TypeError, AttributeError):
+            continue
+        if item.get(keyword) is not None:
+            return item.get(keyword)
+    return None
+
+
+def decode_frame(ds: Dataset, index: int = 0) -> np.ndarray:
+    """Decode one frame of stored pixel values (no LUTs applied).
+
+    Colour images come back as RGB (H, W, 3), YBR converted to RGB.
+
+    Parameters
+    ----------
+    ds : pydicom.Dataset
+        Image dataset with file meta (for its transfer syntax) or ``is_little_endian``
+        / ``is_implicit_VR`` set.
+    index : int
+        Frame index, 0 for the first frame.
+
+    Returns
+    -------
+    numpy.ndarray
+        (H, W) or (H, W, samples) array of stored values.
+
+    Raises
+    ------
+    PixelDataError
+        When there is no pixel data or it cannot be decoded.
+    """
+    if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
+        raise PixelDataError("The dataset has no Pixel Data element (7FE0,0010).")
+    for keyword in ("Rows", "Columns"):
+        if not int(ds.get(keyword) or 0):
+            raise PixelDataError(f"The dataset has no usable {keyword}; cannot decode pixels.")
+    frames = int(_float_or_none(ds.get("NumberOfFrames")) or 1)
+    try:
+        if frames > 1:
+            from pydicom.pixels import pixel_array
+
+            array = pixel_array(ds, index=index)
+        else:
+            array = ds.pixel_array
+    except Exception as exc:  # every decoder failure means the same to the caller
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(syntax, "name", None) or str(syntax or "unknown transfer syntax")
+        raise PixelDataError(f"Pixel data cannot be decoded ({name}): {exc}") from exc
+    array = np.asarray(array)
+    if frames > 1 and array.ndim >= 3 and array.shape[0] == frames and frames != 1:
+        # a decoder that ignored ``index`` and returned every frame
+        array = array[index]
+    if array.size == 0:
+        raise PixelDataError("The pixel data decoded to an empty array.")
+    return array
+
+
+def _luminance(rgb: np.ndarray, ds: Dataset) -> np.ndarray:
+    """ITU-R BT.601 luminance of RGB, scaled to [0, 1] by the stored range."""
+    bits = int(ds.get("BitsStored") or 8)
+    scale = float((1 << bits) - 1) if not np.issubdtype(rgb.dtype, np.floating) else 1.0
+    rgb = rgb[..., :3].astype(np.float32)
+    luma = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+    return np.clip(luma / scale, 0.0, 1.0)
+
+
+def _palette_luminance(rgb: np.ndarray) -> np.ndarray:
+    """BT.601 luminance of palette output, scaled by its own 8- or 16-bit range."""
+    scale = 255.0 if rgb.max() <= 255 else 65535.0
+    rgb = rgb[..., :3].astype(np.float32)
+    luma = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+    return np.clip(luma / scale, 0.0, 1.0)
+
+
+def _padding_mask(stored: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """True where a stored value is pixel padding (General Equipment / Image Pixel)."""
+    pad = ds.get("PixelPaddingValue")
+    if pad is None:
+        return None
+    if isinstance(pad, bytes):  # US or SS left undecoded (implicit VR in a sequence)
+        dtype = "<i2" if int(ds.get("PixelRepresentation", 0)) else "<u2"
+        pad = int(np.frombuffer(pad[:2], dtype=dtype)[0])
+    try:
+        pad_value = int(_first(pad))
+    except (TypeError, ValueError):
+        return None
+    limit = ds.get("PixelPaddingRangeLimit")
+    if limit is not None and not isinstance(limit, bytes):
+        try:
+            limit_value = int(_first(limit))
+        except (TypeError, ValueError):
+            limit_value = pad_value
+        low, high = sorted((pad_value, limit_value))
+        mask = (stored >= low) & (stored <= high)
+    else:
+        mask = stored == pad_value
+    return mask if mask.any() else None
+
+
+def _modality_lut(stored: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Modality LUT module: LUT sequence, else rescale slope/intercept."""
+    values = stored.astype(np.float32)
+    lut_seq = ds.get("ModalityLUTSequence")
+    if lut_seq and "LUTDescriptor" in lut_seq[0] and "LUTData" in lut_seq[0]:
+        table = _lut_table(lut_seq[0])
+        if table is not None:
+            return _apply_table(stored, table, lut_seq[0].LUTDescriptor)
+    slope = _float_or_none(_attr(ds, "RescaleSlope"))
+    intercept = _float_or_none(_attr(ds, "RescaleIntercept"))
+    if slope is not None and slope != 0 and slope != 1:
+        values *= np.float32(slope)
+    if intercept:
+        values += np.float32(intercept)
+    return values
+
+
+def _lut_table(item: Dataset) -> np.ndarray | None:
+    """LUT Data of a LUT item as a numpy array (tolerant of OW/US encodings)."""
+    data = item.get("LUTData")
+    if data is None:
+        return None
+    if isinstance(data, bytes):
+        bits = int(_first(item.LUTDescriptor[2])) if len(item.LUTDescriptor) > 2 else 16
+        dtype = "<u1" if bits <= 8 and len(data) == _lut_entries(item.LUTDescriptor) else "<u2"
+        table = np.frombuffer(data, dtype=dtype)
+    else:
+        table = np.asarray(data if isinstance(data, (list, MultiValue)) else [data])
+    return table.astype(np.float32) if table.size else None
+
+
+def _lut_entries(descriptor: Sequence[Any]) -> int:
+    entries = int(descriptor[0])
+    return 65536 if entries == 0 else entries
+
+
+def _apply_table(values: np.ndarray, table: np.ndarray, descriptor: Sequence[Any]) -> np.ndarray:
+    """Look ``values`` up in ``table`` whose first entry maps ``descriptor[1]``."""
+    first = int(descriptor[1])
+    if first >= 1 << 15 and np.min(values) < 0:  # first value mapped written as unsigned
+        first -= 1 << 16
+    index = np.clip(np.rint(values).astype(np.int64) - first, 0, table.size - 1)
+    return table[index]
+
+
+def _voi(values: np.ndarray, ds: Dataset, sample: np.ndarray) -> np.ndarray:
+    """VOI LUT module: VOI LUT sequence, else window, else robust min/max; to [0, 1]."""
+    voi_seq = ds.get("VOILUTSequence")
+    if voi_seq and "LUTDescriptor" in voi_seq[0]:
+        table = _lut_table(voi_seq[0])
+        if table is not None and table.max() > table.min():
+            out = _apply_table(values, table, voi_seq[0].LUTDescriptor)
+            return (out - table.min()) / (table.max() - table.min())
+    center = _float_or_none(_attr(ds, "WindowCenter"))
+    width = _float_or_none(_attr(ds, "WindowWidth"))
+    if center is not None and width is not None and width > 0:
+        function = str(_first(_attr(ds, "VOILUTFunction")) or "LINEAR").upper()
+        return _window(values, center, width, function)
+    if sample.size:
+        low, high = np.percentile(sample, [_ROBUST_LOW_PERCENTILE, _ROBUST_HIGH_PERCENTILE])
+    else:
+        low, high = float(values.min()), float(values.max())
+    if not high > low:
+        low, high = float(values.min()), float(values.max())
+    if not high > low:
+        return np.zeros_like(values, dtype=np.float32)
+    return np.clip((values - np.float32(low)) / np.float32(high - low), 0.0, 1.0)
+
+
+def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """Window per PS3.3 C.11.2.1.2 (LINEAR, LINEAR_EXACT, SIGMOID), output in [0, 1]."""
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (values - np.float32(center)) / np.float32(width)))
+    if function == "LINEAR_EXACT":
+        low = center - width / 2.0
+        return np.clip((values - np.float32(low)) / np.float32(width), 0.0, 1.0)
+    if width < 1:  # LINEAR requires width >= 1; treat as a threshold
+        return (values >= center).astype(np.float32)
+    low = center - 0.5 - (width - 1.0) / 2.0
+    return np.clip((values - np.float32(low)) / np.float32(width - 1.0), 0.0, 1.0)
+
+
+def _sample(values: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """Strided sample of the unpadded values, for percentiles."""
+    step = max(1, int(np.sqrt(values.size / _PERCENTILE_SAMPLE)))
+    sub = values[::step, ::step]
+    if mask is not None:
+        sub = sub[~mask[::step, ::step]]
+    return sub.ravel()
+
+
+def decode_for_display(ds: Dataset) -> np.ndarray:
+    """Decode the first frame for display: float32 (H, W) in [0, 1], bone bright.
+
+    Applies, in order: pixel padding mask (excluded from statistics, written as 0),
+    Modality LUT (LUT sequence or rescale slope/intercept), VOI LUT (LUT sequence, or
+    the first window centre/width, or a robust 0.5-99.5 percentile range), and the
+    MONOCHROME1 inversion. Colour images become BT.601 luminance.
+
+    Parameters
+    ----------
+    ds : pydicom.Dataset
+        A single- or multi-frame image dataset.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 (H, W) array in [0, 1].
+
+    Raises
+    ------
+    PixelDataError
+        When pixel data is missing or cannot be decoded.
+    """
+    array = decode_frame(ds, 0)
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    if array.ndim == 3 and (samples > 1 or array.shape[-1] in (3, 4)):
+        return _luminance(array, ds).astype(np.float32, copy=False)
+    if array.ndim != 2:
+        raise PixelDataError(f"Decoded pixel data has unexpected shape {array.shape}.")
+
+    photometric = str(ds.get("PhotometricInterpretation") or "MONOCHROME2").upper()
+    if photometric == "PALETTE COLOR":
+        try:
+            from pydicom.pixels import apply_color_lut
+
+            rgb = apply_color_lut(array, ds)
+        except Exception as exc:  # a broken palette is undecodable pixel data
+            raise PixelDataError(f"Palette colour lookup failed: {exc}") from exc
+        return _palette_luminance(rgb).astype(np.float32, copy=False)
+    if np.issubdtype(array.dtype, np.floating):
+        values = array.astype(np.float32)
+        mask = None
+    else:
+        mask = _padding_mask(array, ds)
+        values = _modality_lut(array, ds)
+    sample = _sample(values, mask)
+    out = _voi(values, ds, sample).astype(np.float32, copy=False)
+    if photometric == "MONOCHROME1":
+        out = 1.0 - out
+    if mask is not None:
+        out[mask] = 0.0
+    return np.clip(out, 0.0, 1.0, out=out)

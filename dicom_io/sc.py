@@ -1,0 +1,374 @@
+"""Grad-CAM Secondary Capture: the radiograph, its heat map and the result burned in.
+
+:func:`render_overlay` makes the RGB picture (numpy + Pillow only);
+:func:`build_heatmap_sc` wraps it in a Secondary Capture Image (highdicom
+``SCImage.from_ref_dataset``) in the radiograph's study, new series.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from functools import lru_cache
+
+import numpy as np
+from highdicom.sc import SCImage
+from PIL import Image, ImageDraw, ImageFont
+from pydicom import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from dicom_io.content import (
+    AI_RESULT_NOTICE,
+    UNTRAINED_WARNING,
+    BoneAgeFinding,
+    check_positive_int,
+    check_uid,
+)
+from dicom_io.sr import MANUFACTURER, series_description, software_version
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CAM_THRESHOLD",
+    "MAX_LONG_SIDE",
+    "build_heatmap_sc",
+    "render_overlay",
+    "turbo_lut",
+]
+
+#: Images whose long side exceeds this are downscaled before rendering.
+MAX_LONG_SIDE = 2048
+#: Heat map values below this are not drawn (the radiograph shows through).
+CAM_THRESHOLD = 0.2
+#: Opacity of the heat map where the map is 1.
+MAX_ALPHA = 0.55
+_FONT_FRACTION = 0.03  # font size as a share of the image width
+_MIN_FONT_PX = 14
+_WHITE = (255, 255, 255)
+_YELLOW = (255, 220, 0)
+_RED = (255, 60, 60)
+_DERIVATION = (
+    "Bone age estimated by an AI model; heat map is Grad-CAM of the model output; "
+    "result text burned in"
+)
+
+# Turbo colormap, polynomial approximation (Mikhailov 2019, Google AI blog; Apache-2.0).
+_TURBO_R = (0.13572138, 4.61539260, -42.66032258, 132.13108234, -152.94239396, 59.28637943)
+_TURBO_G = (0.09140261, 2.19418839, 4.84296658, -14.18503333, 4.27729857, 2.82956604)
+_TURBO_B = (0.10667330, 12.64194608, -60.58204836, 110.36276771, -89.90310912, 27.34824973)
+
+
+@lru_cache(maxsize=1)
+def turbo_lut() -> np.ndarray:
+    """The 256-entry Turbo colormap (perceptually ordered, blue to red).
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8 array (256, 3); read-only.
+    """
+    x = np.linspace(0.0, 1.0, 256)
+    channels = [np.polynomial.polynomial.polyval(x, c) for c in (_TURBO_R, _TURBO_G, _TURBO_B)]
+    lut = np.clip(np.stack(channels, axis=-1) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    lut.setflags(write=False)
+    return lut
+
+
+def _check_unit_image(name: str, array: object) -> np.ndarray:
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f'Argument "{name}" must be a numpy array, not {type(array).__name__}.')
+    if array.ndim != 2 or min(array.shape) < 1:
+        raise ValueError(f'Argument "{name}" must be a non-empty (H, W) array, got {array.shape}.')
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise TypeError(f'Argument "{name}" must be a float array in [0, 1], not {array.dtype}.')
+    values = array.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f'Argument "{name}" contains NaN or infinite values.')
+    if values.min() < -1e-3 or values.max() > 1.0 + 1e-3:
+        raise ValueError(f'Argument "{name}" must lie in [0, 1].')
+    return np.clip(values, 0.0, 1.0)
+
+
+def _resize(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize a float (H, W) array to (width, height) ``size`` with Pillow."""
+    if (values.shape[1], values.shape[0]) == size:
+        return values
+    image = Image.fromarray(values.astype(np.float32), mode="F")
+    resample = Image.Resampling.BOX if size[0] < values.shape[1] else Image.Resampling.BILINEAR
+    return np.asarray(image.resize(size, resample=resample), dtype=np.float32)
+
+
+@lru_cache(maxsize=32)
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """A scalable TrueType font of ``size`` pixels: Pillow's bundled one, else DejaVu."""
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType
+    except (TypeError, ImportError, OSError):
+        pass
+    for path in (
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+        "DejaVuSans.ttf",
+    ):
+        try:
+            return ImageFont.truetype(path, size=size)
+        except OSError:
+            continue
+    logger.warning("no TrueType font available; burned-in text uses the small bitmap font")
+    return ImageFont.load_default()
+
+
+def _text_lines(finding: BoneAgeFinding) -> list[tuple[str, tuple[int, int, int]]]:
+    """Lines to burn in, with their colours."""
+    lines: list[tuple[str, tuple[int, int, int]]] = []
+    for text in finding.summary_lines():
+        if text == UNTRAINED_WARNING:
+            lines.append((text, _RED))
+        elif text == AI_RESULT_NOTICE:
+            lines.append((text, _YELLOW))
+        else:
+            lines.append((text, _WHITE))
+    return lines
+
+
+def _fit_font(
+    lines: Sequence[str], width: int, size: int
+) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """Largest font not above ``size`` whose widest line fits in ``width`` pixels."""
+    draw = ImageDraw.Draw(Image.new("L", (1, 1)))
+    while size > 1:
+        font = _font(size)
+        widest = max(draw.textlength(line, font=font) for line in lines)
+        if widest <= width:
+            return font
+        size = min(size - 1, int(size * width / widest))
+    return _font(1)
+
+
+def render_overlay(image: np.ndarray, cam: np.ndarray, finding: BoneAgeFinding) -> np.ndarray:
+    """Render the radiograph with the heat map and a panel of burned-in result text.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        Display-ready radiograph, float (H, W) in [0, 1], bone bright (as from
+        :func:`dicom_io.pixels.decode_for_display`).
+    cam : numpy.ndarray
+        Heat map, float in [0, 1]; any (h, w) shape, resized to the image.
+    finding : BoneAgeFinding
+        The result whose text is burned in.
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8 RGB (H', W', 3): a text panel above the (possibly downscaled, long side at
+        most :data:`MAX_LONG_SIDE`) radiograph.
+
+    Raises
+    ------
+    TypeError
+        When an argument has the wrong type.
+    ValueError
+        When an array has the wrong shape or values outside [0, 1].
+    """
+    picture = _check_unit_image("image", image)
+    heat = _check_unit_image("cam", cam)
+    if not isinstance(finding, BoneAgeFinding):
+        raise TypeError(
+            f'Argument "finding" must be a BoneAgeFinding, not {type(finding).__name__}.'
+        )
+    height, width = picture.shape
+    scale = min(1.0, MAX_LONG_SIDE / max(height, width))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    picture = _resize(picture, size)
+    heat = _resize(heat, size)
+
+    # radiograph in grey, heat map alpha-blended only where it is significant
+    grey = np.rint(picture * np.float32(255.0)).astype(np.uint8)
+    body = np.repeat(grey[..., None], 3, axis=2)
+    alpha = np.clip((heat - CAM_THRESHOLD) / (1.0 - CAM_THRESHOLD), 0.0, 1.0) * MAX_ALPHA
+    hot = alpha > 0.0
+    share = float(hot.mean())
+    if share > 0.5:  # mostly hot: blend whole arrays rather than gather/scatter
+        weight = alpha[..., None]
+        colour = turbo_lut()[np.rint(heat * 255.0).astype(np.uint8)].astype(np.float32)
+        mixed = body.astype(np.float32) * (1.0 - weight) + colour * weight
+        body = np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
+    elif share > 0.0:
+        weight = alpha[hot][:, None]
+        colour = turbo_lut()[np.rint(heat[hot] * 255.0).astype(np.uint8)].astype(np.float32)
+        mixed = grey[hot][:, None].astype(np.float32) * (1.0 - weight) + colour * weight
+        body[hot] = np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
+
+    # text panel above the image, so no anatomy is hidden under the text
+    lines = _text_lines(finding)
+    margin = max(4, round(size[0] * 0.02))
+    font = _fit_font(
+        [text for text, _ in lines],
+        size[0] - 2 * margin,
+        max(_MIN_FONT_PX, round(size[0] * _FONT_FRACTION)),
+    )
+    ascent, descent = font.getmetrics() if hasattr(font, "getmetrics") else (11, 3)
+    line_height = round((ascent + descent) * 1.2)
+    panel_height = 2 * margin + line_height * len(lines)
+    panel = Image.new("RGB", (size[0], panel_height), (0, 0, 0))
+    draw = ImageDraw.Draw(panel)
+    for row, (text, fill) in enumerate(lines):
+        draw.text((margin, margin + row * line_height), text, font=font, fill=fill)
+    rgb = np.concatenate([np.asarray(panel, dtype=np.uint8), body], axis=0)
+    return np.ascontiguousarray(rgb)
+
+
+def _patient_orientation(source: Dataset) -> tuple[str, str] | None:
+    """Source's Patient Orientation when it is two single biped directions."""
+    value = source.get("PatientOrientation")
+    if value is None or isinstance(value, str) or len(value) != 2:
+        return None
+    row, column = (str(v).strip().upper() for v in value)
+    allowed = {"A", "P", "L", "R", "H", "F"}
+    if row in allowed and column in allowed:
+        return row, column
+    return None
+
+
+def build_heatmap_sc(
+    source: Dataset,
+    rgb: np.ndarray,
+    finding: BoneAgeFinding,
+    *,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int,
+    instance_number: int = 1,
+) -> Dataset:
+    """Wrap a rendered overlay in a Secondary Capture Image in the source's study.
+
+    Parameters
+    ----------
+    source : pydicom.Dataset
+        The assessed radiograph (patient, study and referenced image).
+    rgb : numpy.ndarray
+        uint8 RGB (H, W, 3), as from :func:`render_overlay`.
+    finding : BoneAgeFinding
+        The result (laterality, model, untrained flag).
+    series_instance_uid, sop_instance_uid : str
+        UIDs of the new series and of the image.
+    series_number : int
+        Series Number of the new series (positive).
+    instance_number : int
+        Instance Number (positive).
+
+    Returns
+    -------
+    pydicom.Dataset
+        A :class:`highdicom.sc.SCImage`, Explicit VR Little Endian, with file meta.
+
+    Raises
+    ------
+    TypeError
+        When an argument has the wrong type.
+    ValueError
+        When ``rgb`` has the wrong shape, a UID is invalid or ``source`` lacks UIDs.
+    """
+    if not isinstance(source, Dataset):
+        raise TypeError(
+            f'Argument "source" must be a pydicom Dataset, not {type(source).__name__}.'
+        )
+    if not isinstance(finding, BoneAgeFinding):
+        raise TypeError(
+            f'Argument "finding" must be a BoneAgeFinding, not {type(finding).__name__}.'
+        )
+    if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8:
+        raise TypeError('Argument "rgb" must be a uint8 numpy array.')
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or min(rgb.shape[:2]) < 1:
+        raise ValueError(f'Argument "rgb" must have shape (H, W, 3), got {rgb.shape}.')
+    for keyword in ("StudyInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+        if not source.get(keyword):
+            raise ValueError(f'Argument "source" has no {keyword}; the SC cannot reference it.')
+    check_uid("series_instance_uid", series_instance_uid)
+    check_uid("sop_instance_uid", sop_instance_uid)
+    check_positive_int("series_number", series_number)
+    check_positive_int("instance_number", instance_number)
+
+    laterality = finding.laterality
+    if laterality is None:
+        side = str(source.get("ImageLaterality") or source.get("Laterality") or "").upper()
+        laterality = side if side in ("L", "R") else None
+    orientation = _patient_orientation(source)
+    reference = _reference_view(source)
+    sc = SCImage.from_ref_dataset(
+        ref_dataset=reference,
+        pixel_array=np.ascontiguousarray(rgb),
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        laterality=laterality,
+        # placeholder when the source has none; cleared below (Type 2C may be empty)
+        patient_orientation=orientation or ("L", "F"),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        series_description=series_description("heat map", trained=finding.model_trained),
+        manufacturer_model_name=finding.model_name[:64],
+        software_versions=software_version(),
+    )
+    # General Image: the overlay keeps the source's row/column directions
+    if orientation is None:
+        del sc.PatientOrientation
+        sc.add_new("PatientOrientation", "CS", None)
+    # General Series: Laterality is Type 2C; empty when the side is unknown
+    if laterality is None:
+        sc.Laterality = ""
+    if source.get("BodyPartExamined"):
+        sc.BodyPartExamined = source.BodyPartExamined
+    # SC Equipment: rendered by software on a workstation, not digitized
+    sc.ConversionType = "WSD"
+    # General Image: derivation and the source image
+    sc.BurnedInAnnotation = "YES"
+    sc.RecognizableVisualFeatures = "NO"
+    sc.LossyImageCompression = "00"
+    description = _DERIVATION
+    if not finding.model_trained:
+        description = f"{UNTRAINED_WARNING}. {description}"
+    sc.DerivationDescription = description[:1024]
+    derived_from = Dataset()
+    derived_from.ReferencedSOPClassUID = source.SOPClassUID
+    derived_from.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    purpose = Dataset()
+    # DCM 121322 "Source image for image processing operation" (PS3.16 CID 7202)
+    purpose.CodeValue = "121322"
+    purpose.CodingSchemeDesignator = "DCM"
+    purpose.CodeMeaning = "Source image for image processing operation"
+    derived_from.PurposeOfReferenceCodeSequence = [purpose]
+    sc.SourceImageSequence = [derived_from]
+    # General Image: Image Comments carry the plain-language warnings
+    comments = AI_RESULT_NOTICE
+    if not finding.model_trained:
+        comments = f"{UNTRAINED_WARNING}. {comments}"
+    sc.ImageComments = comments
+    logger.debug("built heat-map SC %dx%d", sc.Rows, sc.Columns)
+    return sc
+
+
+def _reference_view(source: Dataset) -> Dataset:
+    """Copy of the patient/study attributes ``from_ref_dataset`` reads, Type 2 filled."""
+    reference = Dataset()
+    for element in source:
+        if element.tag.group in (0x0008, 0x0010, 0x0018, 0x0020) and element.VR != "SQ":
+            reference.add(element)
+    for keyword in (
+        "PatientID",
+        "PatientName",
+        "PatientBirthDate",
+        "PatientSex",
+        "AccessionNumber",
+        "StudyID",
+        "StudyDate",
+        "StudyTime",
+        "ReferringPhysicianName",
+    ):
+        if keyword not in reference:
+            setattr(reference, keyword, "")
+    return reference

@@ -1,0 +1,498 @@
+"""Bone-age Structured Report: Comprehensive SR holding a TID 1500 Measurement Report.
+
+The SR goes into the radiograph's study as a new series. It carries the bone age
+(LOINC 85151-9), the chronological age, their difference, the SDS with its reference
+population, the prediction interval bounds, the finding site (hand, with laterality),
+the source image, the algorithm (TID 4019: name, version, model SHA-256) and the
+device observer. Verification Flag is UNVERIFIED: a person has to review it.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import metadata
+from typing import Any
+
+from highdicom.sr import (
+    AlgorithmIdentification,
+    CodedConcept,
+    ComprehensiveSR,
+    DeviceObserverIdentifyingAttributes,
+    FindingSite,
+    Measurement,
+    MeasurementProperties,
+    MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
+    MeasurementStatisticalProperties,
+    NumContentItem,
+    ObservationContext,
+    ObserverContext,
+    QualitativeEvaluation,
+    RelationshipTypeValues,
+    SourceImageForMeasurementGroup,
+    TextContentItem,
+    TrackingIdentifier,
+)
+from pydicom import Dataset
+from pydicom.sr.codedict import codes as pydicom_codes
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from dicom_io import codes
+from dicom_io.content import (
+    AI_RESULT_NOTICE,
+    UNTRAINED_WARNING,
+    BoneAgeFinding,
+    check_positive_int,
+    check_uid,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MANUFACTURER",
+    "SDS_REFERENCE_AUTHORITY",
+    "build_bone_age_sr",
+    "build_not_assessed_sr",
+    "series_description",
+    "software_version",
+]
+
+#: Manufacturer written into General Equipment of everything this node makes.
+MANUFACTURER = "boneage-worker"
+#: The publication behind the Greulich-Pyle standard deviations.
+SDS_REFERENCE_AUTHORITY = (
+    "Greulich WW, Pyle SI. Radiographic Atlas of Skeletal Development of the Hand "
+    "and Wrist. 2nd ed. Stanford University Press; 1959"
+)
+_VALUE_DECIMALS = 2
+# Long String (LO) limit for Series Description and the like.
+_LO_MAX = 64
+
+
+def software_version() -> str:
+    """Installed version of this package, for Software Versions (General Equipment).
+
+    Returns
+    -------
+    str
+        The version, or ``"unknown"`` when the package metadata is missing.
+    """
+    try:
+        return metadata.version("boneage-worker")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def series_description(kind: str, *, trained: bool) -> str:
+    """Series Description that says plainly this is an AI result.
+
+    Parameters
+    ----------
+    kind : str
+        Short object kind, for example ``"SR"`` or ``"heat map"``.
+    trained : bool
+        False adds :data:`~dicom_io.content.UNTRAINED_WARNING`.
+
+    Returns
+    -------
+    str
+        At most 64 characters (LO).
+    """
+    text = f"AI bone age {kind}"
+    text = f"{text} - {UNTRAINED_WARNING}" if not trained else f"{text} - not verified"
+    return text[:_LO_MAX]
+
+
+def _evidence(source: Dataset) -> Dataset:
+    """The attributes of ``source`` that the SR copies or references.
+
+    Tolerant of missing Type 2 attributes (written empty); the four UIDs are required
+    because the SR must reference the image and join its study.
+    """
+    if not isinstance(source, Dataset):
+        raise TypeError(
+            f'Argument "source" must be a pydicom Dataset, not {type(source).__name__}.'
+        )
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+        if not source.get(keyword):
+            raise ValueError(f'Argument "source" has no {keyword}; the SR cannot reference it.')
+    evidence = Dataset()
+    for keyword in (
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "SOPInstanceUID",
+        "SOPClassUID",
+        "PatientID",
+        "PatientName",
+        "PatientBirthDate",
+        "PatientSex",
+        "AccessionNumber",
+        "StudyID",
+        "StudyDate",
+        "StudyTime",
+        "ReferringPhysicianName",
+        "SpecificCharacterSet",
+        "Modality",
+        "NumberOfFrames",
+    ):
+        value = source.get(keyword)
+        if value is not None:
+            setattr(evidence, keyword, value)
+        elif keyword not in ("SpecificCharacterSet", "Modality", "NumberOfFrames"):
+            setattr(evidence, keyword, "")
+    return evidence
+
+
+def _observation_context(device_observer_uid: str, model_name: str) -> ObservationContext:
+    """TID 1001 with a device observer (TID 1004): this node and its model."""
+    return ObservationContext(
+        observer_device_context=ObserverContext(
+            observer_type=CodedConcept.from_code(codes.DEVICE),
+            observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+                uid=device_observer_uid,
+                name=MANUFACTURER,
+                manufacturer_name=MANUFACTURER,
+                model_name=model_name[:_LO_MAX],
+            ),
+        )
+    )
+
+
+def _laterality(finding_laterality: str | None, source: Dataset) -> str | None:
+    """Finding's laterality, else the image's own (Image Laterality, then Laterality)."""
+    if finding_laterality is not None:
+        return finding_laterality
+    for keyword in ("ImageLaterality", "Laterality"):
+        value = str(source.get(keyword) or "").strip().upper()
+        if value in ("L", "R"):
+            return value
+    return None
+
+
+def _tracking(sop_instance_uid: str, label: str) -> TrackingIdentifier:
+    """TID 4108 with a UID derived from the SR's own UID, so a rebuild is identical."""
+    return TrackingIdentifier(
+        uid=generate_uid(entropy_srcs=[sop_instance_uid, "tracking", label]),
+        identifier=label,
+    )
+
+
+def _algorithm(finding: BoneAgeFinding) -> AlgorithmIdentification:
+    """TID 4019 Algorithm Identification, the model SHA-256 as a parameter."""
+    return AlgorithmIdentification(
+        name=finding.model_name[:_LO_MAX],
+        version=finding.model_version[:_LO_MAX],
+        parameters=[
+            f"model SHA-256: {finding.model_id}",
+            f"model trained: {'yes' if finding.model_trained else 'NO'}",
+        ],
+        manufacturer=MANUFACTURER,
+    )
+
+
+def _round(value: float) -> float:
+    return round(float(value), _VALUE_DECIMALS)
+
+
+def _sds_measurement(finding: BoneAgeFinding, sds: float) -> Measurement:
+    """SDS as a TID 300 measurement with TID 311 naming its reference population."""
+    values: list[NumContentItem] = []
+    difference = finding.bone_age_minus_chronological_age_months
+    if difference is not None and abs(sds) >= 0.01:
+        # SD of the population at this age and sex, implied by the SDS definition
+        values.append(
+            NumContentItem(
+                name=pydicom_codes.DCM.StandardDeviationOfPopulation,
+                value=_round(abs(difference / sds)),
+                unit=codes.UCUM_MONTH,
+                relationship_type=RelationshipTypeValues.HAS_PROPERTIES,
+            )
+        )
+    return Measurement(
+        name=codes.SDS,
+        value=_round(sds),
+        unit=codes.UCUM_SDS,
+        properties=MeasurementProperties(
+            measurement_statistical_properties=MeasurementStatisticalProperties(
+                values=values,
+                description=finding.sds_reference,
+                authority=SDS_REFERENCE_AUTHORITY,
+            )
+        ),
+    )
+
+
+def _measurements(finding: BoneAgeFinding) -> list[Measurement]:
+    """TID 300 measurements: bone age, chronological age, difference, SDS, intervals."""
+    month = codes.UCUM_MONTH
+    items = [Measurement(name=codes.BONE_AGE, value=_round(finding.bone_age_months), unit=month)]
+    if finding.chronological_age_months is not None:
+        items.append(
+            Measurement(
+                name=codes.CHRONOLOGICAL_AGE,
+                value=_round(finding.chronological_age_months),
+                unit=month,
+            )
+        )
+    difference = finding.bone_age_minus_chronological_age_months
+    if difference is not None:
+        items.append(
+            Measurement(
+                name=codes.BONE_AGE_MINUS_CHRONOLOGICAL_AGE, value=_round(difference), unit=month
+            )
+        )
+    if finding.sds is not None:
+        items.append(_sds_measurement(finding, finding.sds))
+    for level, (low, high) in sorted(finding.intervals.items()):
+        for bound, value in (("lower", low), ("upper", high)):
+            items.append(
+                Measurement(
+                    name=codes.prediction_interval_bound(level, bound),
+                    value=_round(value),
+                    unit=month,
+                )
+            )
+    return items
+
+
+def _source_image(evidence: Dataset) -> SourceImageForMeasurementGroup:
+    """IMAGE item referencing the source; built from UIDs so pixel-less images work too."""
+    return SourceImageForMeasurementGroup(
+        referenced_sop_class_uid=evidence.SOPClassUID,
+        referenced_sop_instance_uid=evidence.SOPInstanceUID,
+    )
+
+
+def _comment(text: str) -> TextContentItem:
+    return TextContentItem(
+        name=codes.COMMENT, value=text, relationship_type=RelationshipTypeValues.CONTAINS
+    )
+
+
+def _document(
+    evidence: Dataset,
+    group: MeasurementsAndQualitativeEvaluations,
+    *,
+    trained: bool,
+    kind: str,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int,
+    instance_number: int,
+    device_observer_uid: str,
+    model_name: str,
+    institution_name: str | None,
+) -> ComprehensiveSR:
+    """Wrap one TID 1501 group in TID 1500 and the Comprehensive SR IOD."""
+    report = MeasurementReport(
+        observation_context=_observation_context(device_observer_uid, model_name),
+        procedure_reported=codes.IMAGING_PROCEDURE,
+        imaging_measurements=[group],
+    )
+    if institution_name is not None and not isinstance(institution_name, str):
+        raise TypeError('Argument "institution_name" must be a string or None.')
+    extra: dict[str, Any] = {}
+    if institution_name:
+        extra["institution_name"] = institution_name[:_LO_MAX]
+    sr = ComprehensiveSR(
+        evidence=[evidence],
+        content=report[0],
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        # SR Document General: machine-made, unreviewed
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        # General Series / General Equipment / SOP Common
+        series_description=series_description(kind, trained=trained),
+        manufacturer_model_name=model_name[:_LO_MAX],
+        software_versions=software_version(),
+        coding_schemes=codes.coding_scheme_identification(),
+        **extra,
+    )
+    return sr
+
+
+def build_bone_age_sr(
+    source: Dataset,
+    finding: BoneAgeFinding,
+    *,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int,
+    instance_number: int = 1,
+    device_observer_uid: str,
+    institution_name: str | None = None,
+) -> Dataset:
+    """Build the bone-age Comprehensive SR (TID 1500) for one radiograph.
+
+    Parameters
+    ----------
+    source : pydicom.Dataset
+        The assessed radiograph; the SR joins its study and references it.
+    finding : BoneAgeFinding
+        The result to report.
+    series_instance_uid, sop_instance_uid : str
+        UIDs of the new series and of the SR.
+    series_number : int
+        Series Number of the new series (positive).
+    instance_number : int
+        Instance Number (positive).
+    device_observer_uid : str
+        Device Observer UID (TID 1004): identifies this node.
+    institution_name : str or None
+        Institution Name (General Equipment), when known.
+
+    Returns
+    -------
+    pydicom.Dataset
+        A :class:`highdicom.sr.ComprehensiveSR` with file meta, Explicit VR Little Endian.
+
+    Raises
+    ------
+    TypeError
+        When an argument has the wrong type.
+    ValueError
+        When a UID is invalid, a number is out of range, or ``source`` lacks the UIDs
+        the SR must reference.
+    """
+    if not isinstance(finding, BoneAgeFinding):
+        raise TypeError(
+            f'Argument "finding" must be a BoneAgeFinding, not {type(finding).__name__}.'
+        )
+    evidence = _evidence(source)
+    check_uid("series_instance_uid", series_instance_uid)
+    check_uid("sop_instance_uid", sop_instance_uid)
+    check_uid("device_observer_uid", device_observer_uid)
+    check_positive_int("series_number", series_number)
+    check_positive_int("instance_number", instance_number)
+
+    laterality = codes.laterality_code(_laterality(finding.laterality, source))
+    # TID 1501 Measurement and Qualitative Evaluation Group
+    group = MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(sop_instance_uid, "Bone age assessment"),
+        algorithm_id=_algorithm(finding),
+        finding_sites=[FindingSite(anatomic_location=codes.HAND, laterality=laterality)],
+        measurements=_measurements(finding),
+        source_images=[_source_image(evidence)],
+    )
+    comments = [AI_RESULT_NOTICE]
+    if not finding.model_trained:
+        comments.insert(0, UNTRAINED_WARNING)
+    for text in comments:
+        group[0].ContentSequence.append(_comment(text))
+
+    sr = _document(
+        evidence,
+        group,
+        trained=finding.model_trained,
+        kind="SR",
+        series_instance_uid=series_instance_uid,
+        sop_instance_uid=sop_instance_uid,
+        series_number=series_number,
+        instance_number=instance_number,
+        device_observer_uid=device_observer_uid,
+        model_name=finding.model_name,
+        institution_name=institution_name,
+    )
+    logger.debug(
+        "built bone-age SR with %d measurements (trained=%s)",
+        len(group[0].ContentSequence),
+        finding.model_trained,
+    )
+    return sr
+
+
+def build_not_assessed_sr(
+    source: Dataset,
+    reason: str,
+    *,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int,
+    instance_number: int = 1,
+    device_observer_uid: str,
+    model_name: str = MANUFACTURER,
+    model_version: str | None = None,
+    institution_name: str | None = None,
+) -> Dataset:
+    """Build an SR saying the image was not assessed, and why; it carries no number.
+
+    Parameters
+    ----------
+    source : pydicom.Dataset
+        The image that was not assessed.
+    reason : str
+        Human-readable reason, for example ``"Body Part Examined is CHEST, not HAND"``.
+    series_instance_uid, sop_instance_uid : str
+        UIDs of the new series and of the SR.
+    series_number : int
+        Series Number of the new series (positive).
+    instance_number : int
+        Instance Number (positive).
+    device_observer_uid : str
+        Device Observer UID (TID 1004): identifies this node.
+    model_name : str
+        Algorithm name for TID 4019.
+    model_version : str or None
+        Algorithm version; the package version when None.
+    institution_name : str or None
+        Institution Name (General Equipment), when known.
+
+    Returns
+    -------
+    pydicom.Dataset
+        A :class:`highdicom.sr.ComprehensiveSR` whose bone age is coded "Not Evaluated".
+
+    Raises
+    ------
+    TypeError
+        When an argument has the wrong type.
+    ValueError
+        When ``reason`` is empty, a UID is invalid or ``source`` lacks its UIDs.
+    """
+    if not isinstance(reason, str):
+        raise TypeError(f'Argument "reason" must be a string, not {type(reason).__name__}.')
+    if not reason.strip():
+        raise ValueError('Argument "reason" must not be empty.')
+    if not isinstance(model_name, str) or not model_name.strip():
+        raise ValueError('Argument "model_name" must be a non-empty string.')
+    evidence = _evidence(source)
+    check_uid("series_instance_uid", series_instance_uid)
+    check_uid("sop_instance_uid", sop_instance_uid)
+    check_uid("device_observer_uid", device_observer_uid)
+    check_positive_int("series_number", series_number)
+    check_positive_int("instance_number", instance_number)
+
+    # TID 1501 with a qualitative evaluation in place of the measurement
+    group = MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(sop_instance_uid, "Bone age assessment"),
+        algorithm_id=AlgorithmIdentification(
+            name=model_name[:_LO_MAX],
+            version=(model_version or software_version())[:_LO_MAX],
+            manufacturer=MANUFACTURER,
+        ),
+        qualitative_evaluations=[
+            QualitativeEvaluation(name=codes.BONE_AGE, value=codes.NOT_EVALUATED)
+        ],
+        source_images=[_source_image(evidence)],
+    )
+    group[0].ContentSequence.append(_comment(f"Not assessed: {reason.strip()}"))
+    sr = _document(
+        evidence,
+        group,
+        trained=True,
+        kind="SR - not assessed",
+        series_instance_uid=series_instance_uid,
+        sop_instance_uid=sop_instance_uid,
+        series_number=series_number,
+        instance_number=instance_number,
+        device_observer_uid=device_observer_uid,
+        model_name=model_name,
+        institution_name=institution_name,
+    )
+    return sr

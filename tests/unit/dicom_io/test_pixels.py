@@ -1,0 +1,403 @@
+"""decode_for_display across what PACSes send: photometrics, depths, LUTs, syntaxes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import Dataset, dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
+
+from dicom_io.pixels import PixelDataError, decode_for_display
+from dicom_io.synthetic import make_radiograph_dataset
+from tests.dicomtools import run_tool
+
+from .conftest import BIRTH_DATE, STUDY_DATE, hand_like
+
+
+def _stored(bits: int = 12, shape: tuple[int, int] = (96, 64)) -> np.ndarray:
+    return np.rint(hand_like(*shape) * ((1 << bits) - 1)).astype(
+        np.uint16 if bits > 8 else np.uint8
+    )
+
+
+def _dataset(stored: np.ndarray, bits: int = 12, **kwargs: object) -> Dataset:
+    ds = make_radiograph_dataset(
+        stored, bits_stored=bits, birth_date=BIRTH_DATE, study_date=STUDY_DATE, **kwargs
+    )
+    return ds
+
+
+def _no_voi(ds: Dataset) -> Dataset:
+    for keyword in ("WindowCenter", "WindowWidth"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    return ds
+
+
+def _linear_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    low = center - 0.5 - (width - 1) / 2
+    return np.clip((values - low) / (width - 1), 0, 1)
+
+
+def _save(ds: Dataset, path: Path) -> Path:
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+# --- photometric, bit depth, LUTs ------------------------------------------------
+
+
+def test_output_contract() -> None:
+    out = decode_for_display(_dataset(_stored()))
+    assert out.dtype == np.float32
+    assert out.shape == (96, 64)
+    assert out.min() >= 0.0 and out.max() <= 1.0
+
+
+def test_window_is_applied() -> None:
+    stored = _stored()
+    ds = _dataset(stored)
+    ds.WindowCenter, ds.WindowWidth = 2000, 1001
+    expected = _linear_window(stored.astype(float), 2000, 1001)
+    np.testing.assert_allclose(decode_for_display(ds), expected, atol=1e-5)
+
+
+def test_first_of_several_windows_is_used() -> None:
+    stored = _stored()
+    ds = _dataset(stored)
+    ds.WindowCenter, ds.WindowWidth = [1500, 3000], [2001, 100]
+    expected = _linear_window(stored.astype(float), 1500, 2001)
+    np.testing.assert_allclose(decode_for_display(ds), expected, atol=1e-5)
+
+
+def test_sigmoid_window() -> None:
+    stored = _stored()
+    ds = _dataset(stored)
+    ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = 2000, 1000, "SIGMOID"
+    expected = 1 / (1 + np.exp(-4 * (stored - 2000.0) / 1000))
+    np.testing.assert_allclose(decode_for_display(ds), expected, atol=1e-5)
+
+
+def test_robust_range_without_voi() -> None:
+    stored = _stored()
+    stored[0, 0] = 4095  # one hot pixel must not compress the range
+    out = decode_for_display(_no_voi(_dataset(stored)))
+    assert out.min() == 0.0 and out.max() == 1.0
+    order = np.argsort(stored.ravel(), kind="stable")
+    assert np.all(np.diff(out.ravel()[order]) >= 0)  # monotonic in the stored value
+    # the 0.5-99.5 percentile range saturates a few pixels at each end, not just one
+    assert (out == 1.0).sum() > 1 and (out == 0.0).sum() > 1
+    assert np.median(out) > 0.05
+
+
+def test_monochrome1_is_inverted() -> None:
+    stored = _stored()
+    mono2 = decode_for_display(_dataset(stored))
+    mono1 = decode_for_display(_dataset(stored, photometric="MONOCHROME1"))
+    np.testing.assert_allclose(mono1, 1.0 - mono2, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [8, 10, 12, 14, 16])
+def test_bit_depths(bits: int) -> None:
+    stored = _stored(bits)
+    out = decode_for_display(_no_voi(_dataset(stored, bits)))
+    reference = decode_for_display(_no_voi(_dataset(_stored(12), 12)))
+    assert np.corrcoef(out.ravel(), reference.ravel())[0, 1] > 0.99
+
+
+def test_signed_pixels_with_rescale() -> None:
+    """CT-like: signed stored values, rescale intercept, window in output units."""
+    hu = np.rint(hand_like() * 2000 - 1000).astype(np.int16)
+    ds = _dataset(np.zeros((96, 64), np.uint16), 16, modality="CT")
+    ds.PixelRepresentation = 1
+    ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+    ds.PixelData = (hu + 1024).astype(np.int16).tobytes()
+    ds.WindowCenter, ds.WindowWidth = 0, 2001
+    expected = _linear_window(hu.astype(float), 0, 2001)
+    np.testing.assert_allclose(decode_for_display(ds), expected, atol=1e-5)
+
+
+def test_rescale_slope() -> None:
+    stored = _stored()
+    ds = _dataset(stored)
+    ds.RescaleSlope, ds.RescaleIntercept = 2, 100
+    ds.WindowCenter, ds.WindowWidth = 4100, 4001
+    expected = _linear_window(stored * 2.0 + 100, 4100, 4001)
+    np.testing.assert_allclose(decode_for_display(ds), expected, atol=1e-5)
+
+
+def test_voi_lut_sequence() -> None:
+    stored = _stored()
+    ds = _no_voi(_dataset(stored))
+    table = np.clip(np.arange(4096) // 16, 0, 255).astype(np.uint16)  # 4096 entries, 8 bits
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 8]
+    item.LUTData = table.tolist()
+    ds.VOILUTSequence = [item]
+    expected = table[stored] / 255.0
+    np.testing.assert_allclose(decode_for_display(ds), expected, atol=1e-5)
+
+
+def test_modality_lut_sequence() -> None:
+    stored = _stored()
+    ds = _dataset(stored)
+    del ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 16]
+    item.ModalityLUTType = "US"
+    item.LUTData = (4095 - np.arange(4096)).astype(np.uint16).tolist()  # an inverting LUT
+    ds.ModalityLUTSequence = [item]
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    expected = _linear_window(4095.0 - stored, 2048, 4096)
+    np.testing.assert_allclose(decode_for_display(ds), expected, atol=1e-5)
+
+
+def test_pixel_padding_is_excluded() -> None:
+    stored = _stored()
+    stored[:, :8] = 4095  # a padded frame around the image
+    ds = _no_voi(_dataset(stored))
+    ds.PixelPaddingValue = 4095
+    out = decode_for_display(ds)
+    assert np.all(out[:, :8] == 0.0)
+    unpadded = _no_voi(_dataset(stored[:, 8:].copy()))
+    np.testing.assert_allclose(out[:, 8:], decode_for_display(unpadded), atol=1e-6)
+
+
+def test_pixel_padding_range_monochrome1() -> None:
+    stored = _stored()
+    stored[:4] = 0
+    stored[4:8] = 3
+    ds = _no_voi(_dataset(stored, photometric="MONOCHROME1"))
+    ds.PixelPaddingValue = 0
+    ds.PixelPaddingRangeLimit = 3
+    out = decode_for_display(ds)
+    assert np.all(out[:8] == 0.0)  # padding is background (dark), also after inversion
+    assert out[8:].max() == 1.0
+
+
+def test_multiframe_first_frame() -> None:
+    frames = np.stack([_stored(), 4095 - _stored()])
+    ds = _no_voi(_dataset(_stored()))
+    ds.NumberOfFrames = 2
+    ds.PixelData = frames.tobytes()
+    expected = decode_for_display(_no_voi(_dataset(_stored())))
+    np.testing.assert_allclose(decode_for_display(ds), expected, atol=1e-6)
+
+
+def _rgb_dataset(rgb: np.ndarray) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "OT"
+    ds.ConversionType = "WSD"
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "X^Y", "1", "", ""
+    ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20240101", "", "", ""
+    ds.ReferringPhysicianName = ""
+    ds.SamplesPerPixel = 3
+    ds.PhotometricInterpretation = "RGB"
+    ds.PlanarConfiguration = 0
+    ds.Rows, ds.Columns = rgb.shape[:2]
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.PixelData = rgb.tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return ds
+
+
+def _rgb() -> np.ndarray:
+    grey = np.rint(hand_like() * 255).astype(np.uint8)
+    return np.stack([grey, grey, grey], axis=-1)
+
+
+def test_rgb_secondary_capture_becomes_luminance() -> None:
+    rgb = _rgb()
+    rgb[0, 0] = (255, 0, 0)
+    out = decode_for_display(_rgb_dataset(rgb))
+    np.testing.assert_allclose(out[1:, 1:], rgb[1:, 1:, 0] / 255.0, atol=1e-5)
+    assert out[0, 0] == pytest.approx(0.299, abs=1e-3)
+
+
+# --- errors -------------------------------------------------------------------------
+
+
+def test_missing_pixel_data() -> None:
+    ds = _dataset(_stored())
+    del ds.PixelData
+    with pytest.raises(PixelDataError, match="no Pixel Data"):
+        decode_for_display(ds)
+
+
+def test_pixel_data_error_is_value_error() -> None:
+    assert issubclass(PixelDataError, ValueError)
+
+
+def test_truncated_pixel_data() -> None:
+    ds = _dataset(_stored())
+    ds.PixelData = ds.PixelData[:100]
+    with pytest.raises(PixelDataError, match="cannot be decoded"):
+        decode_for_display(ds)
+
+
+def test_corrupt_compressed_data() -> None:
+    ds = _dataset(_stored())
+    ds.PixelData = encapsulate([b"\xff\xd8 not a jpeg stream \xff\xd9"])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEGLSLossless
+    with pytest.raises(PixelDataError, match="JPEG-LS"):
+        decode_for_display(ds)
+
+
+# --- transfer syntaxes ------------------------------------------------------------
+
+
+def _uncompressed(bits: int = 12, photometric: str = "MONOCHROME2") -> Dataset:
+    return _dataset(_stored(bits), bits, photometric=photometric)
+
+
+@pytest.mark.parametrize(
+    ("syntax", "kwargs"),
+    [
+        (RLELossless, {}),
+        (JPEGLSLossless, {}),
+        (JPEG2000Lossless, {}),
+    ],
+    ids=["rle", "jpeg-ls", "jpeg2000-lossless"],
+)
+@pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
+def test_lossless_pydicom_encoders(
+    tmp_path: Path, syntax: str, kwargs: dict[str, object], photometric: str
+) -> None:
+    ds = _uncompressed(photometric=photometric)
+    expected = decode_for_display(ds)
+    ds.compress(syntax, **kwargs)
+    back = dcmread(_save(ds, tmp_path / "c.dcm"))
+    assert back.file_meta.TransferSyntaxUID == syntax
+    np.testing.assert_array_equal(decode_for_display(back), expected)
+
+
+def test_jpeg_ls_near_lossless(tmp_path: Path) -> None:
+    ds = _uncompressed()
+    expected = decode_for_display(ds)
+    ds.compress(JPEGLSNearLossless, jls_error=2)
+    back = dcmread(_save(ds, tmp_path / "c.dcm"))
+    assert np.abs(decode_for_display(back) - expected).max() < 0.01
+
+
+@pytest.mark.parametrize(
+    ("tool", "options", "bits", "tolerance"),
+    [
+        ("dcmcjpeg", ("+e1",), 12, 0.0),  # JPEG Lossless SV1 (1.2.840.10008.1.2.4.70)
+        ("dcmcjpeg", ("+el",), 16, 0.0),  # JPEG Lossless (1.2.840.10008.1.2.4.57)
+        ("dcmcjpeg", ("+eb",), 8, 0.03),  # JPEG Baseline 8-bit (1.2.840.10008.1.2.4.50)
+        ("dcmcjpeg", ("+ee",), 12, 0.03),  # JPEG Extended 12-bit (1.2.840.10008.1.2.4.51)
+        ("dcmcjpls", (), 12, 0.0),  # JPEG-LS Lossless
+        ("dcmcjpls", ("+en",), 16, 0.01),  # JPEG-LS near-lossless
+        ("dcmcrle", (), 16, 0.0),  # RLE Lossless
+        ("dcmconv", ("+tb",), 12, 0.0),  # Explicit VR Big Endian (retired)
+        ("dcmconv", ("+ti",), 12, 0.0),  # Implicit VR Little Endian
+        ("dcmconv", ("+ti",), 8, 0.0),
+    ],
+    ids=[
+        "jpeg-lossless-sv1",
+        "jpeg-lossless-16",
+        "jpeg-baseline",
+        "jpeg-extended-12",
+        "jpeg-ls",
+        "jpeg-ls-near",
+        "rle-16",
+        "big-endian",
+        "implicit-vr",
+        "implicit-vr-8",
+    ],
+)
+@pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
+def test_dcmtk_transfer_syntaxes(
+    tmp_path: Path,
+    tool: str,
+    options: tuple[str, ...],
+    bits: int,
+    tolerance: float,
+    photometric: str,
+) -> None:
+    ds = _uncompressed(bits, photometric)
+    expected = decode_for_display(ds)
+    source = _save(ds, tmp_path / "in.dcm")
+    target = tmp_path / "out.dcm"
+    run_tool(tool, *options, source, target)
+    back = dcmread(target)
+    assert back.file_meta.TransferSyntaxUID != ds.file_meta.TransferSyntaxUID
+    out = decode_for_display(back)
+    if tolerance == 0.0:
+        np.testing.assert_array_equal(out, expected)
+    else:
+        assert np.abs(out - expected).mean() < tolerance
+
+
+def test_jpeg_baseline_colour_ybr(tmp_path: Path) -> None:
+    """An RGB SC sent as JPEG Baseline arrives as YBR_FULL_422 and still decodes."""
+    rgb = _rgb()
+    expected = decode_for_display(_rgb_dataset(rgb))
+    source = _save(_rgb_dataset(rgb), tmp_path / "in.dcm")
+    target = tmp_path / "out.dcm"
+    run_tool("dcmcjpeg", "+eb", source, target)
+    back = dcmread(target)
+    assert back.PhotometricInterpretation.startswith("YBR")
+    assert np.abs(decode_for_display(back) - expected).mean() < 0.03
+
+
+def test_img2dcm_secondary_capture(tmp_path: Path) -> None:
+    """A JPEG wrapped by img2dcm (JPEG Baseline, no re-encoding) decodes."""
+    from PIL import Image
+
+    grey = np.rint(hand_like(120, 80) * 255).astype(np.uint8)
+    jpeg = tmp_path / "hand.jpg"
+    Image.fromarray(grey).save(jpeg, quality=95)
+    target = tmp_path / "out.dcm"
+    run_tool("img2dcm", "--no-checks", jpeg, target)
+    out = decode_for_display(dcmread(target))
+    assert out.shape == (120, 80)
+    assert np.corrcoef(out.ravel(), grey.ravel())[0, 1] > 0.99
+
+
+def test_enhanced_functional_group_window() -> None:
+    stored = _stored()
+    ds = _no_voi(_dataset(stored))
+    del ds.RescaleSlope, ds.RescaleIntercept
+    voi = Dataset()
+    voi.WindowCenter, voi.WindowWidth = 1500, 1001
+    rescale = Dataset()
+    rescale.RescaleSlope, rescale.RescaleIntercept, rescale.RescaleType = 1, 500, "US"
+    shared = Dataset()
+    shared.FrameVOILUTSequence = [voi]
+    shared.PixelValueTransformationSequence = [rescale]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    expected = _linear_window(stored + 500.0, 1500, 1001)
+    np.testing.assert_allclose(decode_for_display(ds), expected, atol=1e-5)
+
+
+def test_palette_colour() -> None:
+    indices = _stored(8)
+    ds = _no_voi(_dataset(indices, 8))
+    ds.PhotometricInterpretation = "PALETTE COLOR"
+    ramp = np.arange(256, dtype=np.uint16) * 257  # grey palette, 16-bit entries
+    for colour in ("Red", "Green", "Blue"):
+        setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [256, 0, 16])
+        setattr(ds, f"{colour}PaletteColorLookupTableData", ramp.tobytes())
+    np.testing.assert_allclose(decode_for_display(ds), indices / 255.0, atol=1e-5)

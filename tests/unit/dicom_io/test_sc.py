@@ -1,0 +1,167 @@
+"""Heat-map Secondary Capture: rendering, round trip, dciodvfy and dcmj2pnm."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom import Dataset, dcmread
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from dicom_io.content import UNTRAINED_WARNING, BoneAgeFinding
+from dicom_io.pixels import decode_for_display
+from dicom_io.sc import MAX_LONG_SIDE, build_heatmap_sc, render_overlay, turbo_lut
+from tests.dicomtools import dciodvfy_errors, dcmj2pnm
+
+from .conftest import hand_like
+
+
+def _cam(height: int, width: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:height, 0:width]
+    return np.exp(
+        -(((yy - 0.7 * height) / (0.15 * height)) ** 2 + ((xx - 0.5 * width) / (0.2 * width)) ** 2)
+    )
+
+
+def _uids() -> dict[str, str]:
+    return {"series_instance_uid": generate_uid(), "sop_instance_uid": generate_uid()}
+
+
+def test_turbo_lut_runs_blue_to_red() -> None:
+    lut = turbo_lut()
+    assert lut.shape == (256, 3)
+    assert lut.dtype == np.uint8
+    assert lut[51, 2] > 2 * lut[51, 0]  # blue at the low end (where the map is drawn)
+    assert lut[-1, 0] > lut[-1, 2]  # dark red end
+    assert not lut.flags.writeable
+
+
+def test_overlay_shape_and_blending(finding: BoneAgeFinding) -> None:
+    image = hand_like(400, 300)
+    cam = np.zeros((400, 300))
+    cam[300:, :] = 1.0
+    rgb = render_overlay(image, cam, finding)
+    assert rgb.dtype == np.uint8
+    assert rgb.ndim == 3 and rgb.shape[2] == 3
+    assert rgb.shape[1] == 300
+    panel = rgb.shape[0] - 400
+    assert panel > 0
+    body = rgb[panel:].astype(int)
+    # no heat: pure grey, the radiograph unchanged
+    grey = body[:300]
+    assert np.all(grey[..., 0] == grey[..., 1]) and np.all(grey[..., 1] == grey[..., 2])
+    expected = np.rint(image[:300] * 255)
+    assert np.abs(grey[..., 0] - expected).max() <= 1
+    # full heat: coloured (red end of turbo dominates)
+    hot = body[300:]
+    assert (hot[..., 0] - hot[..., 2]).mean() > 40
+    # the panel holds text: some bright pixels on black
+    assert rgb[:panel].max() > 200 and np.median(rgb[:panel]) == 0
+
+
+def test_overlay_text_colours(finding: BoneAgeFinding, untrained_finding: BoneAgeFinding) -> None:
+    image = hand_like(300, 300)
+    cam = np.zeros_like(image)
+    trained = render_overlay(image, cam, finding)
+    untrained = render_overlay(image, cam, untrained_finding)
+    red = (untrained[..., 0] > 200) & (untrained[..., 1] < 120) & (untrained[..., 2] < 120)
+    assert red.sum() > 50  # the red untrained warning
+    red_trained = (trained[..., 0] > 200) & (trained[..., 1] < 120) & (trained[..., 2] < 120)
+    assert red_trained.sum() == 0
+
+
+def test_overlay_downscales_large_images(finding: BoneAgeFinding) -> None:
+    image = hand_like(3000, 2400)
+    rgb = render_overlay(image, _cam(30, 24), finding)  # a small cam is resized
+    assert rgb.shape[1] == round(2400 * MAX_LONG_SIDE / 3000)
+    assert rgb.shape[0] - MAX_LONG_SIDE > 0
+
+
+def test_font_scales_with_image(finding: BoneAgeFinding) -> None:
+    small = render_overlay(hand_like(200, 150), np.zeros((200, 150)), finding)
+    large = render_overlay(hand_like(2000, 1500), np.zeros((2000, 1500)), finding)
+    assert (large.shape[0] - 2000) > 4 * (small.shape[0] - 200)
+
+
+@pytest.mark.parametrize(
+    ("image", "cam", "error", "match"),
+    [
+        (np.zeros((10, 10, 3)), np.zeros((10, 10)), ValueError, "image"),
+        (np.full((10, 10), 2.0), np.zeros((10, 10)), ValueError, "image"),
+        (np.zeros((10, 10)), np.full((10, 10), np.nan), ValueError, "cam"),
+        ([[0.0]], np.zeros((10, 10)), TypeError, "image"),
+    ],
+)
+def test_overlay_rejects(
+    finding: BoneAgeFinding, image: object, cam: object, error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        render_overlay(image, cam, finding)  # type: ignore[arg-type]
+
+
+def test_sc_round_trip(source: Dataset, finding: BoneAgeFinding) -> None:
+    rgb = render_overlay(decode_for_display(source), _cam(96, 64), finding)
+    uids = _uids()
+    sc = build_heatmap_sc(source, rgb, finding, series_number=902, **uids)
+    buffer = io.BytesIO()
+    sc.save_as(buffer, enforce_file_format=True)
+    back = dcmread(io.BytesIO(buffer.getvalue()))
+
+    assert back.SOPClassUID == SecondaryCaptureImageStorage
+    assert back.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert back.StudyInstanceUID == source.StudyInstanceUID
+    assert back.SeriesInstanceUID == uids["series_instance_uid"]
+    assert back.SOPInstanceUID == uids["sop_instance_uid"]
+    assert back.PatientID == source.PatientID
+    assert back.PhotometricInterpretation == "RGB"
+    assert back.BurnedInAnnotation == "YES"
+    assert back.Laterality == "L"
+    assert "AI" in back.SeriesDescription
+    assert back.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert back.DerivationDescription
+    np.testing.assert_array_equal(back.pixel_array, rgb)
+
+
+def test_sc_untrained_says_so(source: Dataset, untrained_finding: BoneAgeFinding) -> None:
+    rgb = render_overlay(decode_for_display(source), _cam(96, 64), untrained_finding)
+    sc = build_heatmap_sc(source, rgb, untrained_finding, series_number=902, **_uids())
+    assert UNTRAINED_WARNING in sc.SeriesDescription
+    assert UNTRAINED_WARNING in sc.DerivationDescription
+    assert sc.Laterality == "L"  # from the source's Image Laterality
+
+
+def test_sc_passes_dciodvfy_and_renders(
+    tmp_path: Path, source: Dataset, finding: BoneAgeFinding
+) -> None:
+    rgb = render_overlay(decode_for_display(source), _cam(96, 64), finding)
+    path = tmp_path / "sc.dcm"
+    build_heatmap_sc(source, rgb, finding, series_number=902, **_uids()).save_as(
+        path, enforce_file_format=True
+    )
+    assert dciodvfy_errors(path) == []
+    png = dcmj2pnm(path, tmp_path / "sc.png")
+    rendered = np.asarray(Image.open(png).convert("RGB"))
+    np.testing.assert_array_equal(rendered, rgb)
+
+
+def test_sc_without_laterality_or_orientation_passes_dciodvfy(
+    tmp_path: Path, source: Dataset, untrained_finding: BoneAgeFinding
+) -> None:
+    del source.ImageLaterality
+    del source.PatientOrientation
+    rgb = render_overlay(decode_for_display(source), _cam(96, 64), untrained_finding)
+    path = tmp_path / "sc.dcm"
+    build_heatmap_sc(source, rgb, untrained_finding, series_number=902, **_uids()).save_as(
+        path, enforce_file_format=True
+    )
+    assert dciodvfy_errors(path) == []
+
+
+def test_sc_rejects_bad_rgb(source: Dataset, finding: BoneAgeFinding) -> None:
+    with pytest.raises(TypeError, match="rgb"):
+        build_heatmap_sc(source, np.zeros((4, 4, 3)), finding, series_number=1, **_uids())
+    with pytest.raises(ValueError, match="rgb"):
+        build_heatmap_sc(source, np.zeros((4, 4), np.uint8), finding, series_number=1, **_uids())

@@ -1,0 +1,236 @@
+"""Bone-age Comprehensive SR: content, round trip, dciodvfy and dsrdump."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import Dataset, dcmread
+from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian, generate_uid
+
+from dicom_io import codes
+from dicom_io.content import AI_RESULT_NOTICE, UNTRAINED_WARNING, BoneAgeFinding
+from dicom_io.sr import build_bone_age_sr, build_not_assessed_sr
+from tests.dicomtools import dciodvfy_errors, dsrdump
+
+from .conftest import MODEL_ID
+
+
+def _uids() -> dict[str, str]:
+    return {
+        "series_instance_uid": generate_uid(),
+        "sop_instance_uid": generate_uid(),
+        "device_observer_uid": generate_uid(),
+    }
+
+
+def _round_trip(ds: Dataset) -> Dataset:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return dcmread(io.BytesIO(buffer.getvalue()))
+
+
+def _items(ds: Dataset) -> Iterator[Dataset]:
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from _items(item)
+
+
+def _nums(ds: Dataset) -> dict[tuple[str, str], tuple[float, str]]:
+    """(code value, scheme) -> (value, unit code) of every NUM item."""
+    found = {}
+    for item in _items(ds):
+        if item.ValueType == "NUM":
+            name = item.ConceptNameCodeSequence[0]
+            measured = item.MeasuredValueSequence[0]
+            found[(name.CodeValue, name.CodingSchemeDesignator)] = (
+                float(measured.NumericValue),
+                measured.MeasurementUnitsCodeSequence[0].CodeValue,
+            )
+    return found
+
+
+def _texts(ds: Dataset, meaning: str) -> list[str]:
+    return [
+        item.TextValue
+        for item in _items(ds)
+        if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeMeaning == meaning
+    ]
+
+
+def _key(code: object) -> tuple[str, str]:
+    return (code.value, code.scheme_designator)  # type: ignore[attr-defined]
+
+
+def test_sr_round_trip_holds_every_measurement(source: Dataset, finding: BoneAgeFinding) -> None:
+    uids = _uids()
+    sr = _round_trip(build_bone_age_sr(source, finding, series_number=901, **uids))
+
+    assert sr.SOPClassUID == ComprehensiveSRStorage
+    assert sr.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert sr.StudyInstanceUID == source.StudyInstanceUID
+    assert sr.SeriesInstanceUID == uids["series_instance_uid"] != source.SeriesInstanceUID
+    assert sr.SOPInstanceUID == uids["sop_instance_uid"]
+    assert sr.PatientID == source.PatientID
+    assert sr.SeriesNumber == 901
+    assert sr.InstanceNumber == 1
+    assert sr.VerificationFlag == "UNVERIFIED"
+    assert sr.CompletionFlag == "COMPLETE"
+    assert "AI" in sr.SeriesDescription
+    assert UNTRAINED_WARNING not in sr.SeriesDescription
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+
+    nums = _nums(sr)
+    assert nums[_key(codes.BONE_AGE)] == (pytest.approx(124.3), "mo")
+    assert nums[_key(codes.CHRONOLOGICAL_AGE)] == (pytest.approx(123.0), "mo")
+    assert nums[_key(codes.BONE_AGE_MINUS_CHRONOLOGICAL_AGE)] == (pytest.approx(1.3), "mo")
+    assert nums[_key(codes.SDS)] == (pytest.approx(0.14), "{SDS}")
+    for level, (low, high) in finding.intervals.items():
+        assert nums[_key(codes.prediction_interval_bound(level, "lower"))][0] == pytest.approx(low)
+        assert nums[_key(codes.prediction_interval_bound(level, "upper"))][0] == pytest.approx(high)
+    assert _texts(sr, "Population Description") == [finding.sds_reference]
+    assert _texts(sr, "Algorithm Name") == [finding.model_name]
+    assert _texts(sr, "Algorithm Version") == [finding.model_version]
+    assert f"model SHA-256: {MODEL_ID}" in _texts(sr, "Algorithm Parameters")
+    assert AI_RESULT_NOTICE in _texts(sr, "Comment")
+
+    uidrefs = {
+        item.ConceptNameCodeSequence[0].CodeMeaning: item.UID
+        for item in _items(sr)
+        if item.ValueType == "UIDREF"
+    }
+    assert uidrefs["Device Observer UID"] == uids["device_observer_uid"]
+    (image,) = [item for item in _items(sr) if item.ValueType == "IMAGE"]
+    assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    sites = [item for item in _items(sr) if item.ValueType == "CODE"]
+    site_codes = {item.ConceptCodeSequence[0].CodeValue for item in sites}
+    assert {codes.HAND.value, codes.LEFT.value} <= site_codes
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
+    assert evidence.StudyInstanceUID == source.StudyInstanceUID
+
+
+def test_untrained_sr_says_so(source: Dataset, untrained_finding: BoneAgeFinding) -> None:
+    sr = _round_trip(build_bone_age_sr(source, untrained_finding, series_number=5, **_uids()))
+    assert UNTRAINED_WARNING in sr.SeriesDescription
+    assert UNTRAINED_WARNING in _texts(sr, "Comment")
+    nums = _nums(sr)
+    assert _key(codes.CHRONOLOGICAL_AGE) not in nums
+    assert _key(codes.SDS) not in nums
+    assert _key(codes.BONE_AGE) in nums
+
+
+def test_laterality_falls_back_to_source(
+    source: Dataset, untrained_finding: BoneAgeFinding
+) -> None:
+    source.ImageLaterality = "R"
+    sr = build_bone_age_sr(source, untrained_finding, series_number=5, **_uids())
+    laterality = [
+        item.ConceptCodeSequence[0].CodeValue
+        for item in _items(sr)
+        if item.ConceptNameCodeSequence[0].CodeMeaning == "Laterality"
+    ]
+    assert laterality == [codes.RIGHT.value]
+
+
+def test_rebuild_is_identical(source: Dataset, finding: BoneAgeFinding) -> None:
+    uids = _uids()
+    first = build_bone_age_sr(source, finding, series_number=9, **uids)
+    second = build_bone_age_sr(source, finding, series_number=9, **uids)
+    assert first.ContentSequence == second.ContentSequence
+
+
+def test_sr_passes_dciodvfy_and_dsrdump_shows_values(
+    tmp_path: Path, source: Dataset, finding: BoneAgeFinding
+) -> None:
+    path = tmp_path / "sr.dcm"
+    sr = build_bone_age_sr(
+        source, finding, series_number=901, institution_name="Phantom Hospital", **_uids()
+    )
+    sr.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+    dump = dsrdump(path)
+    assert '"Bone age")="124.3" (mo,UCUM' in dump
+    assert '"Z-Score of measurement")="0.14"' in dump
+    assert "Greulich-Pyle atlas (Brush Foundation)" in dump
+    assert "UNVERIFIED" in dump
+
+
+def test_untrained_sr_passes_dciodvfy(
+    tmp_path: Path, source: Dataset, untrained_finding: BoneAgeFinding
+) -> None:
+    path = tmp_path / "sr.dcm"
+    build_bone_age_sr(source, untrained_finding, series_number=2, **_uids()).save_as(
+        path, enforce_file_format=True
+    )
+    assert dciodvfy_errors(path) == []
+    assert UNTRAINED_WARNING in dsrdump(path)
+
+
+def test_not_assessed_sr(tmp_path: Path, source: Dataset) -> None:
+    path = tmp_path / "na.dcm"
+    sr = build_not_assessed_sr(
+        source, "Body Part Examined is CHEST, not HAND", series_number=3, **_uids()
+    )
+    sr.save_as(path, enforce_file_format=True)
+    back = dcmread(path)
+    assert _nums(back) == {}
+    assert _texts(back, "Comment") == ["Not assessed: Body Part Examined is CHEST, not HAND"]
+    assert "not assessed" in back.SeriesDescription
+    assert dciodvfy_errors(path) == []
+    dump = dsrdump(path)
+    assert '"Bone age")=(373121007,SCT,"Not Evaluated")' in dump
+
+
+def test_not_assessed_sr_without_pixels(source: Dataset) -> None:
+    del source.PixelData
+    sr = build_not_assessed_sr(source, "no pixel data", series_number=3, **_uids())
+    assert sr.StudyInstanceUID == source.StudyInstanceUID
+
+
+def test_source_without_type2_attributes_is_tolerated(
+    source: Dataset, finding: BoneAgeFinding
+) -> None:
+    for keyword in ("PatientName", "PatientBirthDate", "AccessionNumber", "StudyID"):
+        delattr(source, keyword)
+    sr = _round_trip(build_bone_age_sr(source, finding, series_number=1, **_uids()))
+    assert sr.PatientName == ""
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        ({"series_instance_uid": "not a uid"}, ValueError, "series_instance_uid"),
+        ({"sop_instance_uid": 12}, TypeError, "sop_instance_uid"),
+        ({"device_observer_uid": "1..2"}, ValueError, "device_observer_uid"),
+        ({"series_number": 0}, ValueError, "series_number"),
+        ({"instance_number": 1.0}, TypeError, "instance_number"),
+    ],
+)
+def test_sr_rejects_bad_arguments(
+    source: Dataset,
+    finding: BoneAgeFinding,
+    change: dict[str, object],
+    error: type[Exception],
+    match: str,
+) -> None:
+    arguments: dict[str, object] = {"series_number": 1, **_uids(), **change}
+    with pytest.raises(error, match=match):
+        build_bone_age_sr(source, finding, **arguments)  # type: ignore[arg-type]
+
+
+def test_sr_rejects_source_without_uid(source: Dataset, finding: BoneAgeFinding) -> None:
+    del source.StudyInstanceUID
+    with pytest.raises(ValueError, match="StudyInstanceUID"):
+        build_bone_age_sr(source, finding, series_number=1, **_uids())
+
+
+def test_sr_rejects_wrong_finding_type(source: Dataset) -> None:
+    with pytest.raises(TypeError, match="finding"):
+        build_bone_age_sr(source, {"bone_age_months": 3}, series_number=1, **_uids())  # type: ignore[arg-type]
+
+
+def test_not_assessed_rejects_empty_reason(source: Dataset) -> None:
+    with pytest.raises(ValueError, match="reason"):
+        build_not_assessed_sr(source, "  ", series_number=1, **_uids())

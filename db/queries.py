@@ -35,6 +35,18 @@ def delivery_counts(session: Session) -> dict[str, int]:
     return counts
 
 
+def retrying_deliveries(session: Session) -> tuple[int, str | None]:
+    """Pending deliveries that failed at least once, and the latest error among them."""
+    rows = list(
+        session.execute(
+            select(Delivery.last_error)
+            .where(Delivery.state == DeliveryState.PENDING, Delivery.attempts > 0)
+            .order_by(Delivery.id.desc())
+        )
+    )
+    return len(rows), (rows[0][0] if rows else None)
+
+
 def heartbeats(session: Session) -> list[ProcessBeat]:
     return [
         ProcessBeat(h.name, h.role, h.seen_at, h.started_at, dict(h.detail or {}))

@@ -10,8 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
 
-from tests.support import free_port, wait_for_port
+from tests.support import free_port, wait_for, wait_for_port
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "BONEAGE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -127,6 +129,22 @@ class StoreSCP:
 
     def received(self) -> list[Path]:
         return sorted(p for p in self.folder.rglob("*") if p.is_file())
+
+    def wait_for_objects(self, count: int, timeout: float) -> list[Path]:
+        """Wait until ``count`` complete objects arrived (storescp writes in place)."""
+
+        def complete() -> list[Path] | None:
+            files = self.received()
+            if len(files) < count:
+                return None
+            try:
+                for path in files:
+                    dcmread(path)
+            except (InvalidDicomError, EOFError, OSError, ValueError):
+                return None
+            return files
+
+        return wait_for(complete, timeout=timeout, what=f"{count} objects at {self.ae_title}")
 
 
 @pytest.fixture

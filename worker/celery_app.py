@@ -27,8 +27,8 @@ app = Celery("boneage_worker", include=["worker.tasks"])
 def broker_transport_options(settings: Settings) -> dict[str, Any]:
     if settings.embedded_broker:
         # kombu's SQLAlchemy transport hands these to create_engine: wait on a busy
-        # SQLite file instead of failing; poll often enough for interactive latency.
-        return {"connect_args": {"timeout": 30}, "polling_interval": 0.25}
+        # SQLite file instead of failing.
+        return {"connect_args": {"timeout": 30}}
     options: dict[str, Any] = {
         # Unacknowledged messages come back after this; it must exceed the longest task.
         "visibility_timeout": 4 * 3600,

@@ -29,6 +29,8 @@ def setup_logging(level: str) -> None:
     # pynetdicom logs every PDU and dataset summary at DEBUG/INFO, including patient
     # attributes: keep it at WARNING whatever our own level is.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # highdicom logs the UIDs of the datasets it copies from at INFO.
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
     logging.getLogger("celery").setLevel(max(logging.INFO, logging.getLevelName(level)))
 
 
@@ -371,9 +373,9 @@ def demo_image(output: Path, age_months: float, sex: str, modality: str, seed: i
     import datetime as dt
 
     import numpy as np
-    from models.phantoms import make_phantom
 
     from dicom_io.synthetic import make_radiograph_dataset
+    from models.phantoms import make_phantom
 
     phantom = make_phantom(age_months, male=sex == "M", size=1024, rng=np.random.default_rng(seed))
     study = dt.date.today()

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dicom_io.sc import build_heatmap_sc, render_overlay
 from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy.exc import IntegrityError
@@ -38,6 +37,7 @@ from db.schema import utcnow as now
 from dicom_io import gate
 from dicom_io.content import BoneAgeFinding
 from dicom_io.pixels import PixelDataError, decode_for_display
+from dicom_io.sc import build_heatmap_sc, render_overlay
 from dicom_io.scp import fsync_directory, uid_tag
 from dicom_io.sr import build_bone_age_sr
 from worker.runtime import SOFTWARE_NAME, Runtime

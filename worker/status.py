@@ -19,6 +19,8 @@ from worker.settings import Settings
 
 #: A process whose heartbeat is older than this is considered down.
 STALE_AFTER = timedelta(seconds=3 * INTERVAL_SECONDS)
+#: Dead processes are listed for this long, then no longer shown.
+FORGET_AFTER = timedelta(hours=1)
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -59,12 +61,16 @@ def collect(settings: Settings) -> dict[str, Any]:
         report["instances"] = queries.instance_counts(session)
         report["deliveries"] = queries.delivery_counts(session)
         report["last_hour"] = queries.last_hour(session, current)
+        retrying, last_error = queries.retrying_deliveries(session)
+        report["deliveries_retrying"] = retrying
         report["recent_problems"] = [
             {**p, "at": _iso(p["at"])} for p in queries.recent_problems(session)
         ]
 
     processes = []
     for beat in beats:
+        if current - beat.seen_at > FORGET_AFTER:
+            continue  # a process that died long ago without a clean stop
         alive = current - beat.seen_at <= STALE_AFTER
         processes.append(
             {
@@ -83,6 +89,8 @@ def collect(settings: Settings) -> dict[str, Any]:
     for queue in ("inference", "delivery"):
         if not any(p["role"] == "worker" and queue in p.get("queues", []) for p in live):
             problems.append(f"no worker consumes the {queue} queue")
+    if retrying:
+        problems.append(f"{retrying} deliveries are being retried; latest error: {last_error}")
     if report["deliveries"].get("failed"):
         problems.append(
             f"{report['deliveries']['failed']} deliveries failed: "
@@ -114,7 +122,10 @@ def render(report: dict[str, Any], console: Console) -> None:
     for col in ("role", "name", "alive", "device / queues", "last seen"):
         processes.add_column(col)
     for p in report.get("processes", []):
-        what = p.get("device") or ", ".join(p.get("queues", [])) or f"port {p.get('port', '')}"
+        if p["role"] == "listener":
+            what = f"AE {p.get('ae_title', '')} port {p.get('port', '')}"
+        else:
+            what = " · ".join(filter(None, [", ".join(p.get("queues", [])), p.get("device")]))
         if p.get("role") == "worker" and p.get("trained") is False:
             what += " [yellow](UNTRAINED model)[/]"
         processes.add_row(

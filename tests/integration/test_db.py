@@ -8,7 +8,14 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from db.engine import DatabaseNotReady, check_schema, current_revision, head_revision, session_scope, upgrade
+from db.engine import (
+    DatabaseNotReady,
+    check_schema,
+    current_revision,
+    head_revision,
+    session_scope,
+    upgrade,
+)
 from db.schema import Instance, InstanceState, Model, Result
 from dicom_io.scp import ReceivedInstance
 from worker.listener import record_instance
@@ -25,10 +32,15 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 def received(uid: str = "1.2.3.4", tmp_path: Path = Path("/nonexistent")) -> ReceivedInstance:
     return ReceivedInstance(
-        sop_instance_uid=uid, sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
-        study_instance_uid="1.2.3", series_instance_uid="1.2.3.1", modality="DX",
-        transfer_syntax_uid="1.2.840.10008.1.2.1", calling_ae_title="PACS",
-        path=tmp_path / "x.dcm", size_bytes=10,
+        sop_instance_uid=uid,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+        study_instance_uid="1.2.3",
+        series_instance_uid="1.2.3.1",
+        modality="DX",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        calling_ae_title="PACS",
+        path=tmp_path / "x.dcm",
+        size_bytes=10,
     )
 
 
@@ -58,13 +70,28 @@ def test_one_result_per_instance_and_model(database_url: str) -> None:
     upgrade(database_url)
     instance_id = record_instance(database_url, received())
     with session_scope(database_url) as session:
-        session.add(Model(id="a" * 64, name="m", version="1", architecture="resnet18", input_size=128, trained=False))
+        session.add(
+            Model(
+                id="a" * 64,
+                name="m",
+                version="1",
+                architecture="resnet18",
+                input_size=128,
+                trained=False,
+            )
+        )
 
     def add_result() -> None:
         with session_scope(database_url) as session:
             session.add(
-                Result(instance_id=instance_id, model_id="a" * 64, bone_age_months=120.0, male=True,
-                       inference_seconds=0.1, device="cpu")
+                Result(
+                    instance_id=instance_id,
+                    model_id="a" * 64,
+                    bone_age_months=120.0,
+                    male=True,
+                    inference_seconds=0.1,
+                    device="cpu",
+                )
             )
 
     add_result()

@@ -13,7 +13,11 @@ STUDY = dt.date(2026, 3, 15)
 
 
 def hand(**kwargs: object) -> Dataset:
-    defaults: dict[str, object] = {"sex": "F", "birth_date": dt.date(2016, 1, 10), "study_date": STUDY}
+    defaults: dict[str, object] = {
+        "sex": "F",
+        "birth_date": dt.date(2016, 1, 10),
+        "study_date": STUDY,
+    }
     defaults.update(kwargs)
     return make_radiograph_dataset(np.full((256, 200), 0.5, dtype=np.float32), **defaults)  # type: ignore[arg-type]
 
@@ -47,13 +51,18 @@ def test_missing_body_part_needs_a_hand_description() -> None:
     ds = hand()
     del ds.BodyPartExamined
     ds.StudyDescription = "XR CHEST PA"
-    assert gate.check(ds).reason == "body part is not stated (no BodyPartExamined, no hand in the descriptions)"
+    assert (
+        gate.check(ds).reason
+        == "body part is not stated (no BodyPartExamined, no hand in the descriptions)"
+    )
     ds.StudyDescription = "XR Bone age, left hand"
     assert gate.check(ds).accepted
 
 
 def test_tiny_image_is_refused() -> None:
-    ds = make_radiograph_dataset(np.zeros((1, 1), np.float32), sex="M", birth_date=None, study_date=STUDY)
+    ds = make_radiograph_dataset(
+        np.zeros((1, 1), np.float32), sex="M", birth_date=None, study_date=STUDY
+    )
     assert gate.check(ds).reason == "image is 1x1 pixels, smaller than 128x128"
 
 
@@ -68,7 +77,11 @@ def test_no_pixel_data_is_refused() -> None:
     [("010Y", 120.0), ("006M", 6.0), ("004W", 28 / 30.4375), ("bad", None), (None, None)],
 )
 def test_patient_age_string(value: str | None, months: float | None) -> None:
-    assert gate.parse_as(value) == pytest.approx(months) if months is not None else gate.parse_as(value) is None
+    assert (
+        gate.parse_as(value) == pytest.approx(months)
+        if months is not None
+        else gate.parse_as(value) is None
+    )
 
 
 def test_patient_age_is_the_last_resort() -> None:

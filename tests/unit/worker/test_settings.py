@@ -8,9 +8,16 @@ from pydantic import ValidationError
 from worker.settings import AllowedCaller, Destination, load_settings
 
 ENV_NAMES = (
-    "BONEAGE_AE_TITLE", "BONEAGE_PORT", "BONEAGE_ALLOWED_AETS", "BONEAGE_DESTINATIONS",
-    "BONEAGE_DATABASE_URL", "BONEAGE_BROKER_URL", "BONEAGE_DATA_DIR", "BONEAGE_MODEL",
-    "BONEAGE_DEVICE", "BONEAGE_CONFIG",
+    "BONEAGE_AE_TITLE",
+    "BONEAGE_PORT",
+    "BONEAGE_ALLOWED_AETS",
+    "BONEAGE_DESTINATIONS",
+    "BONEAGE_DATABASE_URL",
+    "BONEAGE_BROKER_URL",
+    "BONEAGE_DATA_DIR",
+    "BONEAGE_MODEL",
+    "BONEAGE_DEVICE",
+    "BONEAGE_CONFIG",
 )
 
 
@@ -50,7 +57,10 @@ def test_documented_environment_names(tmp_path: Path, monkeypatch: pytest.Monkey
     assert settings.ae_title == "BONEAGE2"
     assert settings.port == 4104
     assert settings.allowed_aets == [AllowedCaller("PACS"), AllowedCaller("MODALITY1", "10.0.0.5")]
-    assert settings.destinations == [Destination("PACS", "10.0.0.2", 104), Destination("ARCHIVE", "::1", 11113)]
+    assert settings.destinations == [
+        Destination("PACS", "10.0.0.2", 104),
+        Destination("ARCHIVE", "::1", 11113),
+    ]
     assert settings.effective_database_url == "postgresql+psycopg://u@db/boneage"
     assert not settings.embedded_broker
     assert settings.data_dir == tmp_path / "data"
@@ -79,7 +89,9 @@ def test_precedence_cli_over_env_over_file(tmp_path: Path, monkeypatch: pytest.M
         ("BONEAGE_PORT", "70000", "less than or equal"),
     ],
 )
-def test_bad_values_are_named(monkeypatch: pytest.MonkeyPatch, name: str, value: str, message: str) -> None:
+def test_bad_values_are_named(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, message: str
+) -> None:
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError, match=message):
         load_settings()

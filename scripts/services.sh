@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Make sure the PostgreSQL and Redis the integration tests use are running on
+# 127.0.0.1 (they usually are on the development machines; CI starts them here).
+set -euo pipefail
+
+if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
+  echo "==> starting PostgreSQL"
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start
+fi
+if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
+  echo "==> starting Redis"
+  mkdir -p /var/lib/redis /var/log/redis
+  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+    --dir /var/lib/redis --logfile /var/log/redis/ci.log
+fi
+for _ in $(seq 1 100); do
+  pg_isready -q -h 127.0.0.1 -p 5432 && redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && exit 0
+  sleep 0.2
+done
+echo "PostgreSQL or Redis did not come up on 127.0.0.1" >&2
+exit 1

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Set up boneage-worker on this machine: Debian packages (dcmtk, dicom3tools,
+# orthanc) and a Python virtual environment in .venv with the project installed.
+# Idempotent: a second run only checks.   Usage: scripts/setup.sh [--test]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras=""
+[[ "${1:-}" == "--test" ]] && extras="[test]"
+
+apt_packages=(dcmtk dicom3tools orthanc)
+missing=()
+for pkg in "${apt_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  echo "==> installing Debian packages: ${missing[*]}"
+  sudo_cmd=""
+  [[ $(id -u) -ne 0 ]] && sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+python=${PYTHON:-python3}
+if [[ ! -x .venv/bin/python ]]; then
+  echo "==> creating .venv with $($python --version)"
+  "$python" -m venv .venv
+fi
+stamp=".venv/.installed${extras}"
+if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
+  echo "==> installing boneage-worker${extras} into .venv (PyTorch is large: a few minutes the first time)"
+  .venv/bin/pip install --quiet --disable-pip-version-check --upgrade pip >/dev/null
+  .venv/bin/pip install --quiet --disable-pip-version-check -e ".${extras}"
+  touch "$stamp"
+fi
+echo "==> ready: $(.venv/bin/boneage-worker --version)"

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up everything and run the whole test suite (unit + integration against
+# real PostgreSQL, Redis, dcmtk, dicom3tools, Orthanc). Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh --test
+scripts/services.sh
+exec .venv/bin/python -m pytest "$@"

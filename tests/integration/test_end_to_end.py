@@ -1,0 +1,225 @@
+"""The whole path with real processes: storescu → listener → worker → storescp.
+
+Once on the embedded defaults (`boneage-worker serve`: SQLite, SQLite broker) and
+once as production runs it (Redis + PostgreSQL, listener and workers as separate
+processes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from sqlalchemy import select
+
+from db.engine import session_scope
+from db.schema import Delivery, DeliveryState, Instance, InstanceState, Result
+from tests.conftest import StoreSCP
+from tests.dicomtools import dciodvfy_errors, dsrdump
+from tests.support import free_port, wait_for, wait_for_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+PATIENT_VALUES = ("PHANTOM^HAND", "PHANTOM001")  # what demo-image writes as name and ID
+
+
+def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+class Node:
+    """boneage-worker processes started with a given environment; logs kept per process."""
+
+    def __init__(self, tmp_path: Path, env: dict[str, str]) -> None:
+        self.env = env
+        self.logs = tmp_path / "logs"
+        self.logs.mkdir(exist_ok=True)
+        self.processes: list[tuple[subprocess.Popen[bytes], Path]] = []
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        log = self.logs / f"{name}.log"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker", *args],
+            env=self.env,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        self.processes.append((proc, log))
+        return proc
+
+    def stop(self) -> list[int | None]:
+        for proc, _ in self.processes:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        codes = []
+        for proc, _ in self.processes:
+            try:
+                codes.append(proc.wait(60))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes.append(None)
+        return codes
+
+    def log_text(self) -> str:
+        return "\n".join(log.read_text(errors="replace") for _, log in self.processes)
+
+
+def make_inputs(tmp_path: Path, env: dict[str, str]) -> tuple[Path, Path]:
+    hand, ct = tmp_path / "hand.dcm", tmp_path / "ct.dcm"
+    assert (
+        cli("demo-image", str(hand), "--age-months", "110", "--sex", "F", env=env).returncode == 0
+    )
+    assert cli("demo-image", str(ct), "--modality", "CT", "--seed", "2", env=env).returncode == 0
+    return hand, ct
+
+
+def storescu(port: int, *files: Path) -> None:
+    result = subprocess.run(
+        ["storescu", "-aet", "PACS", "-aec", "BONEAGE", "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def check_round_trip(
+    node: Node, database_url: str, storescp: StoreSCP, hand: Path, port: int
+) -> None:
+    # The SR and the SC for the hand come back; the CT yields nothing.
+    received = storescp.wait_for_objects(2, timeout=240)
+    source = dcmread(hand)
+    objects = {dcmread(p).SOPClassUID.name: p for p in received}
+    assert set(objects) == {"Comprehensive SR Storage", "Secondary Capture Image Storage"}
+    for path in received:
+        ds = dcmread(path)
+        assert ds.StudyInstanceUID == source.StudyInstanceUID
+        assert ds.PatientID == source.PatientID
+        assert dciodvfy_errors(path) == []
+    text = dsrdump(objects["Comprehensive SR Storage"])
+    assert re.search(r'NUM:\(,,"Bone age"\)="[0-9.]+" \(mo,UCUM', text)
+    assert "UNTRAINED MODEL - NOT FOR CLINICAL USE" in text
+
+    with session_scope(database_url) as session:
+        rows = {r.modality: r for r in session.scalars(select(Instance))}
+        assert rows["DX"].state is InstanceState.ASSESSED
+        assert rows["CT"].state is InstanceState.NOT_ASSESSED
+        assert (
+            rows["CT"].reason
+            and "CT Image Storage is not a projection radiograph" in rows["CT"].reason
+        )
+        assert len(list(session.scalars(select(Result)))) == 1
+    wait_for(lambda: _all_delivered(database_url), timeout=60, what="deliveries marked delivered")
+
+    status = wait_for(lambda: _healthy_status(node.env), timeout=60, what="a healthy status")
+    assert status["instances"]["assessed"] == 1 and status["instances"]["not_assessed"] == 1
+    assert status["deliveries"]["delivered"] == 2
+    roles = sorted(p["role"] for p in status["processes"] if p["alive"])
+    assert roles.count("listener") == 1 and roles.count("worker") == 2
+    assert any("CT Image Storage" in (p["reason"] or "") for p in status["recent_problems"])
+
+
+def _all_delivered(database_url: str) -> bool:
+    with session_scope(database_url) as session:
+        states = [d.state for d in session.scalars(select(Delivery))]
+    return len(states) == 2 and all(s is DeliveryState.DELIVERED for s in states)
+
+
+def _healthy_status(env: dict[str, str]) -> dict | None:  # type: ignore[type-arg]
+    result = cli("status", "--json", env=env)
+    report = json.loads(result.stdout)
+    return report if result.returncode == 0 and report["healthy"] else None
+
+
+def base_env(
+    tmp_path: Path, storescp: StoreSCP, tiny_checkpoint: Path, port: int
+) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BONEAGE_")}
+    env.update(
+        BONEAGE_DATA_DIR=str(tmp_path / "data"),
+        BONEAGE_PORT=str(port),
+        BONEAGE_DESTINATIONS=storescp.destination,
+        BONEAGE_ALLOWED_AETS="PACS",
+        BONEAGE_MODEL=str(tiny_checkpoint),
+        BONEAGE_LOG_LEVEL="DEBUG",  # the most talkative level, for the log check below
+    )
+    return env
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path) -> Iterator[list[Node]]:
+    nodes: list[Node] = []
+    yield nodes
+    for node in nodes:
+        node.stop()
+
+
+def test_embedded_defaults_serve(
+    tmp_path: Path, storescp: StoreSCP, tiny_checkpoint: Path, node_factory: list[Node]
+) -> None:
+    port = free_port()
+    env = base_env(tmp_path, storescp, tiny_checkpoint, port)
+    node = Node(tmp_path, env)
+    node_factory.append(node)
+    serve = node.start("serve", "serve")
+    wait_for_port(port, timeout=120, process=serve)
+    hand, ct = make_inputs(tmp_path, env)
+    storescu(port, hand, ct)
+    database_url = f"sqlite:///{tmp_path / 'data' / 'boneage.db'}"
+    check_round_trip(node, database_url, storescp, hand, port)
+
+    assert node.stop() == [0]
+    logs = node.log_text()
+    assert "instance 2 assessed" in logs or "assessed in" in logs
+    for value in PATIENT_VALUES:
+        assert value not in logs, f"patient value {value!r} in the logs"
+    assert dcmread(hand).StudyInstanceUID not in logs
+
+
+def test_redis_and_postgresql_separate_processes(
+    tmp_path: Path,
+    storescp: StoreSCP,
+    tiny_checkpoint: Path,
+    postgres_url: str,
+    redis_broker: tuple[str, str],
+    node_factory: list[Node],
+) -> None:
+    port = free_port()
+    env = base_env(tmp_path, storescp, tiny_checkpoint, port)
+    env.update(
+        BONEAGE_DATABASE_URL=postgres_url,
+        BONEAGE_BROKER_URL=redis_broker[0],
+        BONEAGE_BROKER_PREFIX=redis_broker[1],
+    )
+    # Without a migrated schema the listener refuses to start, and says why.
+    refused = cli("listen", env=env)
+    assert refused.returncode != 0 and "boneage-worker db upgrade" in refused.stderr
+    assert cli("db", "upgrade", env=env).returncode == 0
+
+    node = Node(tmp_path, env)
+    node_factory.append(node)
+    listener = node.start("listener", "listen")
+    node.start("inference", "work", "-Q", "inference")
+    node.start("delivery", "work", "-Q", "delivery")
+    wait_for_port(port, timeout=120, process=listener)
+    hand, ct = make_inputs(tmp_path, env)
+    storescu(port, hand, ct)
+    check_round_trip(node, postgres_url, storescp, hand, port)
+    assert all(code == 0 for code in node.stop())
+    logs = node.log_text()
+    for value in PATIENT_VALUES:
+        assert value not in logs

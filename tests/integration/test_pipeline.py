@@ -1,0 +1,184 @@
+"""The assess and deliver functions, called directly, against real files, db and storescp."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from sqlalchemy import select, update
+
+from db.engine import session_scope, upgrade
+from db.schema import Delivery, DeliveryState, Instance, InstanceState, Result
+from dicom_io.scp import ReceivedInstance, spool_path
+from dicom_io.synthetic import make_radiograph_dataset
+from models.phantoms import make_phantom
+from tests.conftest import StoreSCP
+from tests.dicomtools import dciodvfy_errors, dsrdump
+from tests.support import free_port
+from worker.delivery import deliver_one, reset_failed
+from worker.listener import record_instance
+from worker.pipeline import assess_instance
+from worker.runtime import Runtime
+from worker.settings import load_settings
+
+pytestmark = pytest.mark.integration
+
+
+def spool_instance(
+    rt: Runtime, tmp_path: Path, *, modality: str = "DX", sex: str = "F", name: str = "a"
+) -> int:
+    phantom = make_phantom(100.0, male=sex == "M", size=256, rng=np.random.default_rng(3))
+    ds = make_radiograph_dataset(
+        np.round(phantom.image * 4095).astype(np.uint16),
+        modality=modality,
+        sex=sex,
+        birth_date=dt.date(2017, 1, 1),
+        study_date=dt.date(2025, 5, 1),
+    )
+    path = spool_path(rt.settings.spool_dir, ds.SOPInstanceUID)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return record_instance(
+        rt.database_url,
+        ReceivedInstance(
+            ds.SOPInstanceUID,
+            ds.SOPClassUID,
+            ds.StudyInstanceUID,
+            ds.SeriesInstanceUID,
+            modality,
+            str(ds.file_meta.TransferSyntaxUID),
+            "PACS",
+            path,
+            path.stat().st_size,
+        ),
+    )
+
+
+@pytest.fixture
+def runtime(tmp_path: Path, tiny_checkpoint: Path, storescp: StoreSCP) -> Runtime:
+    settings = load_settings(
+        data_dir=tmp_path / "data",
+        model=tiny_checkpoint,
+        destinations=storescp.destination,
+        delivery_max_attempts=2,
+        delivery_backoff_seconds=1,
+    )
+    upgrade(settings.effective_database_url)
+    return Runtime(settings)
+
+
+def test_assess_then_deliver_sr_and_sc(
+    runtime: Runtime, tmp_path: Path, storescp: StoreSCP
+) -> None:
+    instance_id = spool_instance(runtime, tmp_path)
+    outcome = assess_instance(runtime, instance_id)
+    assert outcome.state == "assessed"
+    assert len(outcome.delivery_ids) == 2
+
+    with session_scope(runtime.database_url) as session:
+        instance = session.get_one(Instance, instance_id)
+        assert instance.state is InstanceState.ASSESSED
+        [result] = session.scalars(select(Result))
+        assert result.model_id == runtime.predictor.model_id
+        assert 0 <= result.bone_age_months <= 240
+        assert result.chronological_age_months == pytest.approx(100.0, abs=0.01)
+        assert result.sds is not None
+        deliveries = list(session.scalars(select(Delivery)))
+    for d in deliveries:
+        assert dciodvfy_errors(Path(d.path)) == []
+        assert deliver_one(runtime, d.id).state == "delivered"
+
+    received = storescp.wait_for_objects(2, timeout=30)
+    by_modality = {dcmread(p).Modality: p for p in received}
+    source = dcmread(spool_path(runtime.settings.spool_dir, instance.sop_instance_uid))
+    for path in received:
+        assert dcmread(path).StudyInstanceUID == source.StudyInstanceUID
+        assert dcmread(path).SeriesInstanceUID != source.SeriesInstanceUID
+    text = dsrdump(by_modality["SR"])
+    assert "Bone age" in text
+    shown = re.search(r'NUM:\(,,"Bone age"\)="([0-9.]+)" \(mo,UCUM', text)
+    assert shown is not None and float(shown.group(1)) == pytest.approx(
+        result.bone_age_months, abs=0.01
+    )
+    assert "UNTRAINED" in text  # the tiny checkpoint is random weights and says so
+    assert (
+        dcmread(by_modality["OT"] if "OT" in by_modality else received[1]).BurnedInAnnotation
+        == "YES"
+    )
+
+
+def test_assess_is_idempotent(runtime: Runtime, tmp_path: Path) -> None:
+    instance_id = spool_instance(runtime, tmp_path)
+    first = assess_instance(runtime, instance_id)
+    assert first.state == "assessed"
+    assert assess_instance(runtime, instance_id).state == "skipped"
+    # A worker that died after committing but before acking: the message comes again
+    # while the row still says `processing` — the unique constraint keeps one result.
+    with session_scope(runtime.database_url) as session:
+        session.execute(update(Instance).values(state=InstanceState.PROCESSING))
+    assert assess_instance(runtime, instance_id).state == "duplicate"
+    with session_scope(runtime.database_url) as session:
+        assert len(list(session.scalars(select(Result)))) == 1
+        assert len(list(session.scalars(select(Delivery)))) == 2
+
+
+def test_ct_is_accepted_but_not_assessed(runtime: Runtime, tmp_path: Path) -> None:
+    instance_id = spool_instance(runtime, tmp_path, modality="CT")
+    outcome = assess_instance(runtime, instance_id)
+    assert outcome.state == "not_assessed"
+    with session_scope(runtime.database_url) as session:
+        instance = session.get_one(Instance, instance_id)
+        assert instance.state is InstanceState.NOT_ASSESSED
+        assert instance.reason == (
+            "SOP class CT Image Storage is not a projection radiograph "
+            "(CR, DX or Secondary Capture)"
+        )
+        assert list(session.scalars(select(Result))) == []
+
+
+def test_unreachable_destination_retries_then_fails_then_retry_deliveries(
+    tmp_path: Path, tiny_checkpoint: Path, storescp: StoreSCP
+) -> None:
+    closed = free_port()
+    settings = load_settings(
+        data_dir=tmp_path / "data",
+        model=tiny_checkpoint,
+        destinations=f"PACS@127.0.0.1:{closed}",
+        delivery_max_attempts=2,
+        delivery_backoff_seconds=0.01,
+    )
+    upgrade(settings.effective_database_url)
+    rt = Runtime(settings)
+    delivery_id = assess_instance(rt, spool_instance(rt, tmp_path)).delivery_ids[0]
+    first = deliver_one(rt, delivery_id)
+    assert first.state == "retry" and first.retry_in == pytest.approx(0.01)
+    second = deliver_one(rt, delivery_id, force=True)
+    assert second.state == "failed"
+    with session_scope(rt.database_url) as session:
+        row = session.get_one(Delivery, delivery_id)
+        assert row.state is DeliveryState.FAILED and row.attempts == 2
+        assert "association" in (row.last_error or "")
+        # The PACS is back (at another address, as after a fix of the settings).
+        row.destination = storescp.destination
+    assert reset_failed(rt) == [delivery_id]
+    assert deliver_one(rt, delivery_id).state == "delivered"
+    assert len(storescp.received()) == 1
+
+
+def test_missing_spool_file_is_an_error_not_a_crash(runtime: Runtime, tmp_path: Path) -> None:
+    instance_id = spool_instance(runtime, tmp_path)
+    with session_scope(runtime.database_url) as session:
+        Path(session.get_one(Instance, instance_id).spool_path).unlink()
+    assert assess_instance(runtime, instance_id).state == "error"
+
+
+def test_outbox_has_no_uid_in_file_names(runtime: Runtime, tmp_path: Path) -> None:
+    assess_instance(runtime, spool_instance(runtime, tmp_path))
+    names = [p.name for p in runtime.settings.outbox_dir.iterdir()]
+    assert len(names) == 2 and all(not n.startswith("1.") and "2.25" not in n for n in names)
+    shutil.rmtree(runtime.settings.outbox_dir)

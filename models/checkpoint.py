@@ -1,0 +1,388 @@
+"""Checkpoint format: one ``.safetensors`` file, metadata as JSON under the key ``boneage``.
+
+safetensors holds tensors and a str -> str metadata map and nothing executable, so a
+checkpoint from elsewhere cannot run code when loaded (no pickle, no ``torch.load``).
+The model id is the SHA-256 of the file's bytes; it is recorded with every result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import Tensor
+
+from models.net import ARCHITECTURES, BoneAgeNet, build_model
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+"""Version of the metadata layout written by :func:`save_checkpoint`."""
+
+METADATA_KEY = "boneage"
+"""safetensors metadata key holding the JSON of :class:`CheckpointMeta`."""
+
+DEFAULT_TARGET_MEAN = 127.0
+"""Default bone-age mean (months) for the z-scored target, close to the RSNA training set."""
+
+DEFAULT_TARGET_SD = 41.0
+"""Default bone-age SD (months) for the z-scored target, close to the RSNA training set."""
+
+INTERVAL_LEVELS: tuple[float, ...] = (0.8, 0.9, 0.95)
+"""Coverage levels of the split-conformal prediction intervals."""
+
+
+def software_version() -> str:
+    """Return the installed boneage-worker version (``"unknown"`` when not installed)."""
+    try:
+        return importlib_metadata.version("boneage-worker")
+    except importlib_metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass
+class CheckpointMeta:
+    """What a checkpoint says about its model.
+
+    Attributes
+    ----------
+    arch : str
+        Trunk architecture (``resnet18``/``resnet34``/``resnet50``).
+    input_size : int
+        Side of the square network input, pixels.
+    target_mean, target_sd : float
+        Mean and SD (months) used to z-score the bone-age target.
+    trained : bool
+        False for a randomly initialised model; outputs must say so.
+    data : str
+        Description of the training data.
+    metrics : dict
+        Validation metrics (e.g. ``{"mae": 6.1}``).
+    quantiles : dict
+        Split-conformal absolute-residual quantiles in months, keyed by level as a string
+        (``{"0.8": q, "0.9": q, "0.95": q}``); empty when unknown.
+    head_hidden : int
+        Width of the head's hidden layer.
+    software_version : str
+        boneage-worker version that wrote the checkpoint.
+    created : str
+        ISO 8601 UTC creation time ("" for the deterministic untrained model).
+    format_version : int
+        Metadata layout version.
+    extra : dict
+        Free-form additional information (training settings, seed, ...).
+    """
+
+    arch: str = "resnet50"
+    input_size: int = 512
+    target_mean: float = DEFAULT_TARGET_MEAN
+    target_sd: float = DEFAULT_TARGET_SD
+    trained: bool = False
+    data: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    quantiles: dict[str, float] = field(default_factory=dict)
+    head_hidden: int = 256
+    software_version: str = field(default_factory=software_version)
+    created: str = field(
+        default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    )
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.arch!r}; expected one of {ARCHITECTURES}")
+        if self.input_size < 32:
+            raise ValueError(f"input_size must be at least 32, got {self.input_size}")
+        if not self.target_sd > 0:
+            raise ValueError(f"target_sd must be positive, got {self.target_sd}")
+        for level, q in self.quantiles.items():
+            if not 0.0 < float(level) < 1.0 or q < 0:
+                raise ValueError(f"bad conformal quantile {level!r}: {q!r}")
+
+    def intervals_available(self) -> bool:
+        """Return whether the checkpoint carries conformal quantiles."""
+        return bool(self.quantiles)
+
+    def to_json(self) -> str:
+        """Serialise to the JSON string stored in the safetensors metadata."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> CheckpointMeta:
+        """Parse the JSON written by :meth:`to_json`.
+
+        Raises
+        ------
+        ValueError
+            If the text is not JSON of a supported format version or a field is wrong.
+        """
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"checkpoint metadata is not valid JSON: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ValueError("checkpoint metadata is not a JSON object")
+        version = raw.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"unsupported checkpoint format version {version!r} (this code reads "
+                f"{FORMAT_VERSION})"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            logger.warning("ignoring unknown checkpoint metadata fields %s", unknown)
+        try:
+            return cls(**{k: v for k, v in raw.items() if k in known})
+        except TypeError as exc:
+            raise ValueError(f"checkpoint metadata is incomplete or malformed: {exc}") from exc
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference with its metadata and id.
+
+    Attributes
+    ----------
+    model : BoneAgeNet
+        The network (eval mode).
+    meta : CheckpointMeta
+        Its metadata.
+    model_id : str
+        SHA-256 hex digest of the checkpoint bytes.
+    """
+
+    model: BoneAgeNet
+    meta: CheckpointMeta
+    model_id: str
+
+
+def _state_tensors(model: BoneAgeNet) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def checkpoint_bytes(model: BoneAgeNet, meta: CheckpointMeta) -> bytes:
+    """Serialise a model and its metadata to safetensors bytes.
+
+    Parameters
+    ----------
+    model : BoneAgeNet
+        The model to store.
+    meta : CheckpointMeta
+        Its metadata; ``meta.arch`` must match the model.
+
+    Returns
+    -------
+    bytes
+        The file content; its SHA-256 is the model id.
+    """
+    if meta.arch != model.arch:
+        raise ValueError(f"metadata says {meta.arch!r} but the model is {model.arch!r}")
+    return safetensors.torch.save(_state_tensors(model), metadata={METADATA_KEY: meta.to_json()})
+
+
+def save_checkpoint(path: str | os.PathLike[str], model: BoneAgeNet, meta: CheckpointMeta) -> str:
+    """Write a checkpoint atomically (temporary file, fsync, rename).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Destination ``.safetensors`` file; its folder must exist.
+    model : BoneAgeNet
+        The model to store.
+    meta : CheckpointMeta
+        Its metadata.
+
+    Returns
+    -------
+    str
+        The model id: SHA-256 hex digest of the bytes written.
+    """
+    target = Path(path)
+    data = checkpoint_bytes(model, meta)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
+    model_id = hashlib.sha256(data).hexdigest()
+    logger.info("saved checkpoint %s (%s, model id %s)", target, meta.arch, model_id[:12])
+    return model_id
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not possible on every platform; the rename is still atomic
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def _read_header_metadata(data: bytes, name: str) -> dict[str, str]:
+    """Read the ``__metadata__`` map of a safetensors header without loading tensors."""
+    if len(data) < 8:
+        raise ValueError(f"{name} is not a safetensors file (too short)")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > len(data) - 8 or header_len > 100_000_000:
+        raise ValueError(f"{name} is not a safetensors file (bad header length)")
+    try:
+        header = json.loads(data[8 : 8 + header_len])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{name} is not a safetensors file (header is not JSON)") from exc
+    if not isinstance(header, dict):
+        raise ValueError(f"{name} is not a safetensors file (header is not an object)")
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise ValueError(f"{name} has malformed safetensors metadata")
+    return meta
+
+
+def model_from_bytes(data: bytes, *, name: str = "checkpoint", device: str = "cpu") -> LoadedModel:
+    """Build a :class:`LoadedModel` from checkpoint bytes.
+
+    Parameters
+    ----------
+    data : bytes
+        Content of a ``.safetensors`` checkpoint.
+    name : str
+        How to name the source in error messages.
+    device : str
+        Torch device to put the model on.
+
+    Returns
+    -------
+    LoadedModel
+        The model in eval mode, its metadata and id.
+
+    Raises
+    ------
+    ValueError
+        If the bytes are not a boneage checkpoint or do not fit the architecture.
+    """
+    raw_meta = _read_header_metadata(data, name)
+    if METADATA_KEY not in raw_meta:
+        raise ValueError(
+            f"{name} is a safetensors file but not a boneage checkpoint "
+            f"(no {METADATA_KEY!r} metadata)"
+        )
+    meta = CheckpointMeta.from_json(raw_meta[METADATA_KEY])
+    try:
+        tensors = safetensors.torch.load(data)
+    except Exception as exc:  # safetensors raises its own error type for corrupt files
+        raise ValueError(f"{name} has unreadable tensors: {exc}") from exc
+    model = build_model(arch=meta.arch, hidden=meta.head_hidden)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{name} does not match architecture {meta.arch!r}: "
+            f"{len(missing)} missing keys {missing[:5]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:5]}"
+        )
+    wrong = [k for k, v in expected.items() if tuple(v.shape) != tuple(tensors[k].shape)]
+    if wrong:
+        raise ValueError(
+            f"{name} does not match architecture {meta.arch!r}: wrong shapes for {wrong[:5]}"
+        )
+    model.load_state_dict(tensors, strict=True)
+    model.to(device).eval()
+    return LoadedModel(model=model, meta=meta, model_id=hashlib.sha256(data).hexdigest())
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, device: str = "cpu") -> LoadedModel:
+    """Load a checkpoint written by :func:`save_checkpoint`.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The ``.safetensors`` file.
+    device : str
+        Torch device to put the model on.
+
+    Returns
+    -------
+    LoadedModel
+        The model in eval mode, its metadata, and the SHA-256 of the file as model id.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file does not exist.
+    ValueError
+        If the file is not a boneage checkpoint, has an unknown architecture or format
+        version, or lacks tensors the architecture needs.
+    """
+    source = Path(path)
+    data = source.read_bytes()
+    loaded = model_from_bytes(data, name=str(source), device=device)
+    logger.info(
+        "loaded checkpoint %s (%s, trained=%s, model id %s)",
+        source,
+        loaded.meta.arch,
+        loaded.meta.trained,
+        loaded.model_id[:12],
+    )
+    return loaded
+
+
+def untrained_model(*, arch: str = "resnet50", input_size: int = 512, seed: int = 0) -> LoadedModel:
+    """Return a deterministic randomly initialised model (no checkpoint configured).
+
+    Parameters
+    ----------
+    arch : str
+        Trunk architecture.
+    input_size : int
+        Network input side, pixels.
+    seed : int
+        Seed of the initialisation; the global RNG state is left untouched.
+
+    Returns
+    -------
+    LoadedModel
+        ``meta.trained`` is False and there are no conformal quantiles; the model id is the
+        SHA-256 of the safetensors serialisation, identical in every process.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(arch=arch)
+    meta = CheckpointMeta(
+        arch=arch,
+        input_size=input_size,
+        trained=False,
+        data=f"none: random initialisation (seed {seed})",
+        created="",
+        extra={"seed": seed},
+    )
+    data = checkpoint_bytes(model, meta)
+    model.eval()
+    model_id = hashlib.sha256(data).hexdigest()
+    logger.warning(
+        "using an UNTRAINED %s model (id %s): outputs are meaningless", arch, model_id[:12]
+    )
+    return LoadedModel(model=model, meta=meta, model_id=model_id)

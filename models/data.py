@@ -1,0 +1,303 @@
+"""Labelled images for training and evaluation: RSNA layout, phantoms, or any loader.
+
+An image source is an array, a PNG/JPEG path, or a zero-argument callable returning an
+array (how ``worker`` hands in DICOM files it decoded with ``dicom_io``: this package never
+reads DICOM itself).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from models.phantoms import make_phantom
+from models.preprocess import prepare
+
+logger = logging.getLogger(__name__)
+
+ImageSource = np.ndarray | Path | Callable[[], np.ndarray]
+"""An image, a path to a PNG/JPEG file, or a callable that loads the image."""
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    """One training or evaluation example.
+
+    Attributes
+    ----------
+    image : numpy.ndarray or pathlib.Path or callable
+        2-D grey image (bone bright), a path to an 8/16-bit grey PNG/JPEG, or a loader.
+    age_months : float
+        Reference bone age, months.
+    male : bool
+        Patient sex.
+    key : str
+        Identifier for reports (file id, phantom number); never a patient name.
+    """
+
+    image: ImageSource
+    age_months: float
+    male: bool
+    key: str = ""
+
+
+def load_image(source: ImageSource) -> np.ndarray:
+    """Return the image of a source as float32 in [0, 1] (integer images are scaled).
+
+    Parameters
+    ----------
+    source : numpy.ndarray or pathlib.Path or callable
+        See :data:`ImageSource`.
+
+    Returns
+    -------
+    numpy.ndarray
+        2-D float32 image.
+    """
+    if isinstance(source, np.ndarray):
+        arr = source
+    elif isinstance(source, Path):
+        with Image.open(source) as opened:
+            grey = (
+                opened if opened.mode in ("L", "I;16", "I;16B", "I", "F") else opened.convert("L")
+            )
+            arr = np.asarray(grey)
+    else:
+        arr = np.asarray(source())
+    if arr.ndim == 3 and arr.shape[2] in (3, 4):
+        arr = arr[..., :3].mean(axis=2)
+    if np.issubdtype(arr.dtype, np.integer):
+        top = float(np.iinfo(arr.dtype).max) if arr.max() > 255 else 255.0
+        return (arr.astype(np.float32) / top).astype(np.float32)
+    return arr.astype(np.float32, copy=False)
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "m", "male", "yes"):
+        return True
+    if value in ("false", "0", "f", "female", "no"):
+        return False
+    raise ValueError(f"cannot read sex from {text!r}")
+
+
+def read_rsna(
+    csv_path: str | Path, image_dir: str | Path, *, limit: int | None = None
+) -> list[LabelledImage]:
+    """Read the RSNA Pediatric Bone Age layout.
+
+    Parameters
+    ----------
+    csv_path : str or pathlib.Path
+        CSV with columns ``id``, ``boneage`` (months) and ``male`` (True/False or 1/0);
+        column names are matched case-insensitively.
+    image_dir : str or pathlib.Path
+        Folder holding ``<id>.png``.
+    limit : int, optional
+        Keep only the first ``limit`` rows.
+
+    Returns
+    -------
+    list of LabelledImage
+        One per row whose image exists (missing images are logged and skipped).
+
+    Raises
+    ------
+    ValueError
+        If a column is missing or a value cannot be read.
+    """
+    folder = Path(image_dir)
+    items: list[LabelledImage] = []
+    missing = 0
+    with open(csv_path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        fields = {name.strip().lower(): name for name in reader.fieldnames or []}
+        for needed in ("id", "boneage", "male"):
+            if needed not in fields:
+                raise ValueError(f"{csv_path}: no {needed!r} column (have {reader.fieldnames})")
+        for line, row in enumerate(reader, start=2):
+            if limit is not None and len(items) >= limit:
+                break
+            key = row[fields["id"]].strip()
+            try:
+                age = float(row[fields["boneage"]])
+                male = _parse_bool(row[fields["male"]])
+            except ValueError as exc:
+                raise ValueError(f"{csv_path}:{line}: {exc}") from exc
+            path = folder / f"{key}.png"
+            if not path.is_file():
+                missing += 1
+                continue
+            items.append(LabelledImage(image=path, age_months=age, male=male, key=key))
+    if missing:
+        logger.warning("%d images listed in %s are missing from %s", missing, csv_path, folder)
+    logger.info("read %d labelled images from %s", len(items), csv_path)
+    return items
+
+
+def phantom_items(
+    n: int, *, size: int = 128, seed: int = 0, max_age_months: float = 228.0
+) -> list[LabelledImage]:
+    """Draw ``n`` labelled phantoms (ages uniform, sex random).
+
+    Parameters
+    ----------
+    n : int
+        Number of images.
+    size : int
+        Image side, pixels.
+    seed : int
+        Seed of the generator.
+    max_age_months : float
+        Upper end of the age range.
+
+    Returns
+    -------
+    list of LabelledImage
+        Images held in memory.
+    """
+    rng = np.random.default_rng(seed)
+    items = []
+    for i in range(n):
+        age = float(rng.uniform(0.0, max_age_months))
+        male = bool(rng.random() < 0.5)
+        image = make_phantom(age, male=male, size=size, rng=rng).image
+        items.append(LabelledImage(image=image, age_months=age, male=male, key=f"phantom-{i}"))
+    return items
+
+
+def stratified_split(
+    ages: Sequence[float], males: Sequence[bool], val_fraction: float, *, seed: int = 0
+) -> tuple[list[int], list[int]]:
+    """Split indices into train and validation, stratified by sex and age.
+
+    Within each sex the examples are sorted by age and cut into consecutive groups of about
+    ``1 / val_fraction``; one random member of each group goes to validation.
+
+    Parameters
+    ----------
+    ages : sequence of float
+        Bone ages.
+    males : sequence of bool
+        Sexes.
+    val_fraction : float
+        Share of examples for validation, in (0, 0.5].
+    seed : int
+        Seed of the random choice within groups.
+
+    Returns
+    -------
+    train, val : list of int
+        Sorted indices.
+    """
+    if not 0.0 < val_fraction <= 0.5:
+        raise ValueError(f"val_fraction must be in (0, 0.5], got {val_fraction}")
+    if len(ages) != len(males):
+        raise ValueError("ages and males differ in length")
+    rng = np.random.default_rng(seed)
+    group = max(2, round(1.0 / val_fraction))
+    val: list[int] = []
+    ages_arr = np.asarray(ages, dtype=np.float64)
+    males_arr = np.asarray(males, dtype=bool)
+    for sex in (False, True):
+        idx = np.flatnonzero(males_arr == sex)
+        idx = idx[np.argsort(ages_arr[idx], kind="stable")]
+        for start in range(0, len(idx), group):
+            chunk = idx[start : start + group]
+            # A short last group gets a member in proportion to its size.
+            if len(chunk) == group or rng.random() < len(chunk) / group:
+                val.append(int(rng.choice(chunk)))
+    val_set = set(val)
+    train = [i for i in range(len(ages)) if i not in val_set]
+    return train, sorted(val)
+
+
+class PreparedDataset(Dataset[tuple[Tensor, Tensor, Tensor]]):
+    """Preprocessed examples: ``(image (1, S, S), age in months, male 0/1)``.
+
+    Parameters
+    ----------
+    items : sequence of LabelledImage
+        Examples.
+    size : int
+        Network input side.
+    clahe : bool
+        Apply CLAHE in preprocessing.
+    cache : bool
+        Preprocess everything once up front and keep it in memory (float16) — right for
+        phantoms and small local sets; leave off for RSNA-sized data (prepared on the fly,
+        in DataLoader workers).
+    progress : bool
+        Show a progress bar while caching.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[LabelledImage],
+        size: int,
+        *,
+        clahe: bool = False,
+        cache: bool = False,
+        progress: bool = False,
+    ) -> None:
+        self.items = list(items)
+        self.size = size
+        self.clahe = clahe
+        self._cache: Tensor | None = None
+        if cache:
+            tensors = [
+                self._prepare(item)
+                for item in tqdm(self.items, desc="preprocess", disable=not progress, leave=False)
+            ]
+            self._cache = (
+                torch.stack(tensors).to(torch.float16)
+                if tensors
+                else torch.empty(0, 1, size, size, dtype=torch.float16)
+            )
+
+    def _prepare(self, item: LabelledImage) -> Tensor:
+        return prepare(load_image(item.image), self.size, clahe=self.clahe).tensor
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
+        item = self.items[index]
+        x = self._cache[index].float() if self._cache is not None else self._prepare(item)
+        age = torch.tensor(item.age_months, dtype=torch.float32)
+        male = torch.tensor(1.0 if item.male else 0.0)
+        return x, age, male
+
+
+def conformal_quantile(residuals: np.ndarray, level: float) -> float:
+    """Split-conformal quantile of absolute residuals.
+
+    Parameters
+    ----------
+    residuals : numpy.ndarray
+        Absolute residuals on a calibration set (n values).
+    level : float
+        Target coverage, e.g. 0.9.
+
+    Returns
+    -------
+    float
+        The ``ceil((n + 1) * level)``-th smallest residual (the largest when that rank
+        exceeds n), which gives coverage ≥ level for an exchangeable new example.
+    """
+    r = np.sort(np.abs(np.asarray(residuals, dtype=np.float64)))
+    if r.size == 0:
+        raise ValueError("no residuals to calibrate on")
+    rank = math.ceil((r.size + 1) * level)
+    return float(r[min(rank, r.size) - 1])

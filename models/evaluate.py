@@ -1,0 +1,425 @@
+"""Evaluate a checkpoint on labelled images: metrics, interval coverage, plots, reports.
+
+:func:`evaluate` is what ``boneage-worker evaluate`` calls. It writes into ``output_dir``:
+``metrics.json``, ``report.md``, ``predictions.csv`` and three PNG plots (predicted vs.
+true, Bland–Altman, residual by age).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from models.checkpoint import CheckpointMeta, LoadedModel, load_checkpoint
+from models.data import LabelledImage, PreparedDataset
+from models.net import BoneAgeNet
+from models.predictor import MAX_BONE_AGE_MONTHS, MIN_BONE_AGE_MONTHS, resolve_device
+
+logger = logging.getLogger(__name__)
+
+AGE_BANDS_MONTHS: tuple[tuple[float, float], ...] = (
+    (0.0, 24.0),
+    (24.0, 72.0),
+    (72.0, 120.0),
+    (120.0, 168.0),
+    (168.0, 216.0),
+    (216.0, math.inf),
+)
+"""Reference-age bands of the per-band metrics: 0–2, 2–6, 6–10, 10–14, 14–18, 18+ years."""
+
+
+@dataclass
+class EvaluationReport:
+    """What :func:`evaluate` found and wrote.
+
+    Attributes
+    ----------
+    metrics : dict
+        ``overall``, ``by_sex`` (``male``/``female``), ``by_age_band`` (``"0-24"`` …):
+        each a dict of :func:`regression_metrics`; ``coverage``: level -> observed share
+        inside the conformal interval (empty without quantiles); ``model``: id, arch,
+        trained flag.
+    files : dict
+        Name -> path of every file written.
+    """
+
+    metrics: dict[str, Any]
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def regression_metrics(predicted: np.ndarray, true: np.ndarray) -> dict[str, float]:
+    """MAE, RMSE, R², bias and share within ±6/±12 months.
+
+    Parameters
+    ----------
+    predicted, true : numpy.ndarray
+        Bone ages in months, same length.
+
+    Returns
+    -------
+    dict
+        ``n``, ``mae``, ``rmse``, ``r2`` (NaN with fewer than 2 values or no variance),
+        ``bias`` (mean of predicted - true), ``within_6``, ``within_12`` (shares in [0, 1]).
+    """
+    p = np.asarray(predicted, dtype=np.float64)
+    t = np.asarray(true, dtype=np.float64)
+    if p.shape != t.shape:
+        raise ValueError(f"predicted {p.shape} and true {t.shape} differ in shape")
+    n = int(p.size)
+    if n == 0:
+        return {"n": 0}
+    err = p - t
+    ss_tot = float(np.sum((t - t.mean()) ** 2))
+    r2 = 1.0 - float(np.sum(err**2)) / ss_tot if n > 1 and ss_tot > 0 else math.nan
+    return {
+        "n": n,
+        "mae": float(np.mean(np.abs(err))),
+        "rmse": float(np.sqrt(np.mean(err**2))),
+        "r2": r2,
+        "bias": float(np.mean(err)),
+        "within_6": float(np.mean(np.abs(err) <= 6.0)),
+        "within_12": float(np.mean(np.abs(err) <= 12.0)),
+    }
+
+
+def interval_coverage(
+    predicted: np.ndarray, true: np.ndarray, quantiles: dict[str, float]
+) -> dict[str, float]:
+    """Observed coverage of the conformal intervals (clipped to [0, 240] as reported).
+
+    Parameters
+    ----------
+    predicted, true : numpy.ndarray
+        Bone ages in months.
+    quantiles : dict
+        Level (as a string) -> absolute-residual quantile in months.
+
+    Returns
+    -------
+    dict
+        Level (string) -> share of ``true`` inside ``[predicted - q, predicted + q]``.
+    """
+    p = np.asarray(predicted, dtype=np.float64)
+    t = np.asarray(true, dtype=np.float64)
+    out: dict[str, float] = {}
+    for level, q in sorted(quantiles.items(), key=lambda kv: float(kv[0])):
+        low = np.maximum(p - q, MIN_BONE_AGE_MONTHS)
+        high = np.minimum(p + q, MAX_BONE_AGE_MONTHS)
+        out[level] = float(np.mean((t >= low) & (t <= high))) if p.size else math.nan
+    return out
+
+
+def predict_ages(
+    model: BoneAgeNet,
+    dataset: PreparedDataset,
+    *,
+    target_mean: float,
+    target_sd: float,
+    device: torch.device,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    progress: bool = False,
+    desc: str = "predict",
+) -> np.ndarray:
+    """Predict bone ages (months, clipped to [0, 240]) for a dataset.
+
+    Parameters
+    ----------
+    model : BoneAgeNet
+        The model (put in eval mode here).
+    dataset : PreparedDataset
+        Examples.
+    target_mean, target_sd : float
+        De-z-scoring constants.
+    device : torch.device
+        Where to run.
+    batch_size, num_workers : int
+        DataLoader settings.
+    progress : bool
+        Show a progress bar.
+    desc : str
+        Progress bar label.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 predictions, one per example in order.
+    """
+    model.eval()
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    cuda = device.type == "cuda"
+    out: list[np.ndarray] = []
+    with torch.inference_mode():
+        for x, _age, male in tqdm(loader, desc=desc, disable=not progress, leave=False):
+            x = x.to(device, non_blocking=True)
+            if cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
+                z = model(x, male.to(device))
+            out.append((z.float() * target_sd + target_mean).cpu().numpy())
+    pred = np.concatenate(out) if out else np.zeros(0)
+    return np.clip(pred.astype(np.float64), MIN_BONE_AGE_MONTHS, MAX_BONE_AGE_MONTHS)
+
+
+def summarise(
+    predicted: np.ndarray,
+    true: np.ndarray,
+    male: np.ndarray,
+    quantiles: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """Overall, by-sex and by-age-band metrics and interval coverage.
+
+    Parameters
+    ----------
+    predicted, true : numpy.ndarray
+        Bone ages, months.
+    male : numpy.ndarray
+        bool per example.
+    quantiles : dict, optional
+        Conformal quantiles of the checkpoint.
+
+    Returns
+    -------
+    dict
+        ``overall``, ``by_sex``, ``by_age_band``, ``coverage``.
+    """
+    p = np.asarray(predicted, dtype=np.float64)
+    t = np.asarray(true, dtype=np.float64)
+    m = np.asarray(male, dtype=bool)
+    bands: dict[str, dict[str, float]] = {}
+    for low, high in AGE_BANDS_MONTHS:
+        sel = (t >= low) & (t < high)
+        if sel.any():
+            name = f"{low:g}-{high:g}" if math.isfinite(high) else f"{low:g}+"
+            bands[name] = regression_metrics(p[sel], t[sel])
+    return {
+        "overall": regression_metrics(p, t),
+        "by_sex": {
+            "male": regression_metrics(p[m], t[m]),
+            "female": regression_metrics(p[~m], t[~m]),
+        },
+        "by_age_band": bands,
+        "coverage": interval_coverage(p, t, quantiles or {}),
+    }
+
+
+def _plot(
+    predicted: np.ndarray, true: np.ndarray, male: np.ndarray, folder: Path
+) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files: dict[str, Path] = {}
+    colours = np.where(male, "tab:blue", "tab:red")
+    diff = predicted - true
+    mean = (predicted + true) / 2
+
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+    ax.scatter(true, predicted, s=6, c=colours, alpha=0.6)
+    top = float(max(np.max(true, initial=0), np.max(predicted, initial=0), 1.0))
+    ax.plot([0, top], [0, top], "k--", lw=1)
+    ax.set_xlabel("reference bone age (months)")
+    ax.set_ylabel("predicted bone age (months)")
+    ax.set_title("Predicted vs. reference (blue: male, red: female)")
+    files["pred_vs_true"] = folder / "pred_vs_true.png"
+    fig.tight_layout()
+    fig.savefig(files["pred_vs_true"])
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.scatter(mean, diff, s=6, c=colours, alpha=0.6)
+    bias = float(np.mean(diff)) if diff.size else 0.0
+    sd = float(np.std(diff, ddof=1)) if diff.size > 1 else 0.0
+    for y, style in ((bias, "-"), (bias + 1.96 * sd, "--"), (bias - 1.96 * sd, "--")):
+        ax.axhline(y, color="k", ls=style, lw=1)
+    ax.set_xlabel("mean of predicted and reference (months)")
+    ax.set_ylabel("predicted - reference (months)")
+    ax.set_title(f"Bland–Altman: bias {bias:.1f}, limits ±{1.96 * sd:.1f} months")
+    files["bland_altman"] = folder / "bland_altman.png"
+    fig.tight_layout()
+    fig.savefig(files["bland_altman"])
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.scatter(true, diff, s=6, c=colours, alpha=0.6)
+    ax.axhline(0.0, color="k", lw=1)
+    for half in (6.0, 12.0):
+        ax.axhline(half, color="grey", ls=":", lw=1)
+        ax.axhline(-half, color="grey", ls=":", lw=1)
+    ax.set_xlabel("reference bone age (months)")
+    ax.set_ylabel("residual (months)")
+    ax.set_title("Residual by age (dotted: ±6, ±12 months)")
+    files["residual_by_age"] = folder / "residual_by_age.png"
+    fig.tight_layout()
+    fig.savefig(files["residual_by_age"])
+    plt.close(fig)
+    return files
+
+
+def _fmt(value: float) -> str:
+    return (
+        "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
+    )
+
+
+def _markdown(metrics: dict[str, Any], meta: CheckpointMeta) -> str:
+    header = (
+        "| group | n | MAE | RMSE | R² | bias | ±6 mo | ±12 mo |\n|---|---|---|---|---|---|---|---|"
+    )
+
+    def row(name: str, m: dict[str, float]) -> str:
+        if not m.get("n"):
+            return f"| {name} | 0 | – | – | – | – | – | – |"
+        return (
+            f"| {name} | {int(m['n'])} | {_fmt(m['mae'])} | {_fmt(m['rmse'])} | {_fmt(m['r2'])} "
+            f"| {_fmt(m['bias'])} | {m['within_6']:.1%} | {m['within_12']:.1%} |"
+        )
+
+    model = metrics["model"]
+    lines = [
+        "# Bone-age evaluation",
+        "",
+        f"- model id: `{model['id']}`",
+        f"- architecture: {meta.arch}, input {meta.input_size} px",
+        f"- trained: {'yes' if meta.trained else 'NO (random weights)'}",
+        f"- training data: {meta.data or '–'}",
+        "",
+        "Errors in months.",
+        "",
+        header,
+        row("all", metrics["overall"]),
+    ]
+    lines += [row(name, m) for name, m in metrics["by_sex"].items()]
+    lines += [row(f"{name} mo", m) for name, m in metrics["by_age_band"].items()]
+    lines += ["", "## Prediction intervals (split-conformal)", ""]
+    if metrics["coverage"]:
+        lines += ["| nominal | half-width (mo) | observed |", "|---|---|---|"]
+        for level, observed in metrics["coverage"].items():
+            lines.append(f"| {float(level):.0%} | {meta.quantiles[level]:.1f} | {observed:.1%} |")
+    else:
+        lines.append("The checkpoint holds no conformal quantiles.")
+    lines += [
+        "",
+        "![predicted vs. reference](pred_vs_true.png)",
+        "![Bland–Altman](bland_altman.png)",
+        "![residual by age](residual_by_age.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def evaluate(
+    checkpoint: str | Path | LoadedModel,
+    items: Sequence[LabelledImage],
+    output_dir: str | Path,
+    *,
+    device: str = "auto",
+    batch_size: int = 16,
+    num_workers: int = 0,
+    cache: bool = False,
+    progress: bool = True,
+    plots: bool = True,
+) -> EvaluationReport:
+    """Evaluate a checkpoint and write the report.
+
+    Parameters
+    ----------
+    checkpoint : str or pathlib.Path or LoadedModel
+        A ``.safetensors`` checkpoint or an already loaded model.
+    items : sequence of LabelledImage
+        Labelled images (e.g. :func:`models.data.read_rsna`). Their ``key`` goes into
+        ``predictions.csv``: pass non-identifying keys.
+    output_dir : str or pathlib.Path
+        Folder for ``metrics.json``, ``report.md``, ``predictions.csv`` and the plots
+        (created if needed).
+    device : str
+        ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+    batch_size, num_workers : int
+        DataLoader settings (workers preprocess images in parallel).
+    cache : bool
+        Preprocess all images up front (small in-memory sets).
+    progress : bool
+        Show progress bars.
+    plots : bool
+        Write the PNG plots (needs matplotlib).
+
+    Returns
+    -------
+    EvaluationReport
+        Metrics and the files written.
+    """
+    if not items:
+        raise ValueError("no labelled images to evaluate")
+    loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_checkpoint(checkpoint)
+    meta = loaded.meta
+    dev = resolve_device(device)
+    model = loaded.model.to(dev)
+    if dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    dataset = PreparedDataset(items, meta.input_size, cache=cache, progress=progress)
+    predicted = predict_ages(
+        model,
+        dataset,
+        target_mean=meta.target_mean,
+        target_sd=meta.target_sd,
+        device=dev,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        progress=progress,
+        desc="evaluate",
+    )
+    true = np.array([it.age_months for it in items], dtype=np.float64)
+    male = np.array([it.male for it in items], dtype=bool)
+    metrics = summarise(predicted, true, male, meta.quantiles)
+    metrics["model"] = {"id": loaded.model_id, "arch": meta.arch, "trained": meta.trained}
+
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    files["metrics"] = folder / "metrics.json"
+    _write_text(files["metrics"], json.dumps(metrics, indent=2, sort_keys=True))
+    files["predictions"] = folder / "predictions.csv"
+    with open(files["predictions"], "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["key", "male", "reference_months", "predicted_months"])
+        for it, p in zip(items, predicted, strict=True):
+            writer.writerow([it.key, int(it.male), f"{it.age_months:.2f}", f"{p:.2f}"])
+    if plots:
+        files.update(_plot(predicted, true, male, folder))
+    files["report"] = folder / "report.md"
+    _write_text(files["report"], _markdown(metrics, meta))
+    overall = metrics["overall"]
+    logger.info(
+        "evaluated %d images: MAE %.2f, RMSE %.2f months, R² %.3f",
+        overall["n"],
+        overall["mae"],
+        overall["rmse"],
+        overall["r2"],
+    )
+    return EvaluationReport(metrics=metrics, files=files)

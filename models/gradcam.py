@@ -1,0 +1,155 @@
+"""Grad-CAM for :class:`~models.net.BoneAgeNet` from a single trunk forward pass.
+
+The trunk's last block feeds only global average pooling ``p_k = mean_ij A_k(i, j)``, so
+
+    dy/dA_k(i, j) = (dy/dp_k) / (H * W)      for every position (i, j).
+
+Grad-CAM's channel weight ``alpha_k = mean_ij dy/dA_k(i, j)`` is therefore
+``(dy/dp_k) / (H * W)``: the gradient is taken through the small head only, with the pooled
+features as a leaf, and the trunk runs once under :func:`torch.inference_mode`.
+:func:`full_autograd_gradcam` is the textbook version (hooks, back-propagation through the
+whole graph) kept as the reference for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from models.net import BoneAgeNet
+
+logger = logging.getLogger(__name__)
+
+
+def _as_sex(male: Tensor | float | bool, n: int, device: torch.device) -> Tensor:
+    sex = torch.as_tensor(male, dtype=torch.float32, device=device).reshape(-1)
+    if sex.numel() == 1 and n > 1:
+        sex = sex.expand(n)
+    return sex
+
+
+def _cam_from(a: Tensor, alpha: Tensor) -> Tensor:
+    """ReLU of the alpha-weighted sum of maps, scaled to [0, 1] per image (zero stays zero)."""
+    cam = torch.relu(torch.einsum("nc,nchw->nhw", alpha, a))
+    peak = cam.amax(dim=(1, 2), keepdim=True)
+    return torch.where(peak > 0, cam / peak.clamp_min(torch.finfo(cam.dtype).tiny), cam)
+
+
+def predict_with_cam(
+    model: BoneAgeNet, x: Tensor, male: Tensor | float | bool
+) -> tuple[Tensor, Tensor]:
+    """Predict z-scored bone age and Grad-CAM maps from one trunk forward pass.
+
+    Parameters
+    ----------
+    model : BoneAgeNet
+        The model; put it in eval mode first (dropout in the head would otherwise make the
+        gradient random).
+    x : Tensor
+        Images, shape ``(N, 1, H, W)``, on the model's device.
+    male : Tensor or float or bool
+        1.0 for male, 0.0 for female: shape ``(N,)``, ``(N, 1)`` or a scalar for all.
+
+    Returns
+    -------
+    prediction : Tensor
+        z-scored bone age, shape ``(N,)``, float32, no grad.
+    cam : Tensor
+        Grad-CAM maps on the ``layer4`` grid, shape ``(N, h, w)``, float32 in [0, 1]
+        (an all-zero map stays zero).
+    """
+    with torch.inference_mode():
+        a_inf = model.features(x)
+    # Leave inference mode (even if the caller is in it) for the head-only gradient;
+    # the clone turns the inference tensor into an ordinary one autograd may use.
+    # Autocast (if the caller enabled it for the trunk) is switched off: the head and the
+    # CAM weights are computed in float32.
+    with (
+        torch.inference_mode(False),
+        torch.enable_grad(),
+        torch.autocast(a_inf.device.type, enabled=False),
+    ):
+        a = a_inf.float().clone()
+        pooled = a.mean(dim=(2, 3)).requires_grad_(True)
+        sex = _as_sex(male, a.shape[0], a.device)
+        y = model.head(pooled, sex)
+        (grad_p,) = torch.autograd.grad(y.sum(), pooled)
+        # Each image's output depends on its own pooled vector only, so the gradient of the
+        # sum is the per-image gradient.
+        alpha = grad_p / float(a.shape[2] * a.shape[3])
+        cam = _cam_from(a, alpha.detach())
+    return y.detach(), cam.detach()
+
+
+def full_autograd_gradcam(
+    model: BoneAgeNet, x: Tensor, male: Tensor | float | bool
+) -> tuple[Tensor, Tensor]:
+    """Reference Grad-CAM: hook ``layer4`` and back-propagate through the whole graph.
+
+    Parameters
+    ----------
+    model : BoneAgeNet
+        The model, in eval mode.
+    x : Tensor
+        Images, shape ``(N, 1, H, W)``.
+    male : Tensor or float or bool
+        1.0 for male, 0.0 for female.
+
+    Returns
+    -------
+    prediction : Tensor
+        z-scored bone age, shape ``(N,)``.
+    cam : Tensor
+        Grad-CAM maps, shape ``(N, h, w)``, in [0, 1].
+    """
+    stored: dict[str, Tensor] = {}
+
+    def keep(_module: torch.nn.Module, _inputs: object, output: Tensor) -> None:
+        output.retain_grad()
+        stored["a"] = output
+
+    handle = model.layer4.register_forward_hook(keep)
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            x = x.detach().clone().requires_grad_(True)
+            y = model(x, _as_sex(male, x.shape[0], x.device))
+            model.zero_grad(set_to_none=True)
+            y.sum().backward()
+    finally:
+        handle.remove()
+    a = stored["a"]
+    assert a.grad is not None
+    alpha = a.grad.float().mean(dim=(2, 3))
+    model.zero_grad(set_to_none=True)
+    return y.detach(), _cam_from(a.detach().float(), alpha)
+
+
+def upsample_cam(cam: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Resize a Grad-CAM map bilinearly.
+
+    Parameters
+    ----------
+    cam : numpy.ndarray
+        Map of shape ``(h, w)``.
+    shape : sequence of int
+        Target ``(H, W)``.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 map of shape ``(H, W)``, clipped to the input's value range.
+    """
+    if cam.ndim != 2:
+        raise ValueError(f"cam must be 2-D, got shape {cam.shape}")
+    height, width = int(shape[0]), int(shape[1])
+    if height <= 0 or width <= 0:
+        raise ValueError(f"target shape must be positive, got {tuple(shape)}")
+    t = torch.from_numpy(np.ascontiguousarray(cam, dtype=np.float32))[None, None]
+    up = F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False)
+    out = up[0, 0].numpy()
+    return np.clip(out, float(cam.min()), float(cam.max())).astype(np.float32, copy=False)

@@ -1,0 +1,240 @@
+"""Bone age, Grad-CAM and prediction intervals for one radiograph."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from models.checkpoint import CheckpointMeta, LoadedModel
+from models.gradcam import predict_with_cam
+from models.preprocess import Prepared, cam_to_image, prepare
+
+logger = logging.getLogger(__name__)
+
+MIN_BONE_AGE_MONTHS = 0.0
+"""Lower bound of reported bone ages."""
+
+MAX_BONE_AGE_MONTHS = 240.0
+"""Upper bound of reported bone ages (20 years)."""
+
+
+@dataclass
+class Prediction:
+    """Result of :meth:`BoneAgePredictor.predict`.
+
+    Attributes
+    ----------
+    bone_age_months : float
+        Estimated bone age, clipped to [0, 240] months.
+    cam : numpy.ndarray
+        Grad-CAM heat map over the full input image, float32 ``(H, W)`` in [0, 1].
+    intervals : dict
+        Coverage level (0.8, 0.9, 0.95) -> ``(low, high)`` months, from the checkpoint's
+        split-conformal quantiles; empty when the checkpoint has none.
+    """
+
+    bone_age_months: float
+    cam: np.ndarray
+    intervals: dict[float, tuple[float, float]] = field(default_factory=dict)
+
+
+def resolve_device(device: str) -> torch.device:
+    """Turn ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` into a torch device.
+
+    Parameters
+    ----------
+    device : str
+        ``"auto"`` picks CUDA when available, else the CPU.
+
+    Returns
+    -------
+    torch.device
+        The device.
+
+    Raises
+    ------
+    ValueError
+        If CUDA is asked for but not available, or the string is not a device.
+    """
+    if device == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"not a torch device: {device!r}") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for but CUDA is not available")
+        index = 0 if dev.index is None else dev.index
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} does not exist")
+        dev = torch.device("cuda", index)
+    return dev
+
+
+def describe_device(device: torch.device) -> str:
+    """Return e.g. ``"cpu"`` or ``"cuda:0 (NVIDIA H100)"``."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def intervals_for(bone_age_months: float, meta: CheckpointMeta) -> dict[float, tuple[float, float]]:
+    """Split-conformal intervals around a prediction.
+
+    Parameters
+    ----------
+    bone_age_months : float
+        Point prediction, months.
+    meta : CheckpointMeta
+        Checkpoint metadata holding the absolute-residual quantiles.
+
+    Returns
+    -------
+    dict
+        Level -> ``(low, high)`` months, clipped to [0, 240]; empty without quantiles.
+    """
+    out: dict[float, tuple[float, float]] = {}
+    for level, q in sorted(meta.quantiles.items(), key=lambda kv: float(kv[0])):
+        low = max(MIN_BONE_AGE_MONTHS, bone_age_months - float(q))
+        high = min(MAX_BONE_AGE_MONTHS, bone_age_months + float(q))
+        out[float(level)] = (low, high)
+    return out
+
+
+class BoneAgePredictor:
+    """Run a loaded model on radiographs.
+
+    Parameters
+    ----------
+    loaded : LoadedModel
+        Model, metadata and id (from :func:`~models.checkpoint.load_checkpoint` or
+        :func:`~models.checkpoint.untrained_model`).
+    device : str
+        ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+
+    Notes
+    -----
+    On CUDA the trunk runs channels-last under float16 autocast; the head and the Grad-CAM
+    weights are computed in float32.
+    """
+
+    def __init__(self, loaded: LoadedModel, *, device: str = "auto") -> None:
+        self._loaded = loaded
+        self._device = resolve_device(device)
+        self._model = loaded.model.to(self._device).eval()
+        if self._device.type == "cuda":
+            self._model = self._model.to(memory_format=torch.channels_last)
+        logger.info(
+            "predictor ready: %s, model id %s, trained=%s, device %s",
+            loaded.meta.arch,
+            loaded.model_id[:12],
+            loaded.meta.trained,
+            self.device,
+        )
+
+    @property
+    def model_id(self) -> str:
+        """SHA-256 of the checkpoint (the id written into every result)."""
+        return self._loaded.model_id
+
+    @property
+    def meta(self) -> CheckpointMeta:
+        """Checkpoint metadata."""
+        return self._loaded.meta
+
+    @property
+    def device(self) -> str:
+        """The device in words, e.g. ``"cpu"`` or ``"cuda:0 (NVIDIA H100)"``."""
+        return describe_device(self._device)
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square network input."""
+        return self._loaded.meta.input_size
+
+    def prepare(self, image: np.ndarray) -> Prepared:
+        """Preprocess one image at this model's input size (CPU work, can run ahead).
+
+        Parameters
+        ----------
+        image : numpy.ndarray
+            2-D grey image, bone bright.
+
+        Returns
+        -------
+        Prepared
+            Input tensor and crop box.
+        """
+        return prepare(image, self.input_size)
+
+    def predict(self, image: np.ndarray, *, male: bool) -> Prediction:
+        """Estimate bone age with a Grad-CAM map and prediction intervals.
+
+        Parameters
+        ----------
+        image : numpy.ndarray
+            2-D grey image ``(H, W)``, bone bright, float32 in [0, 1].
+        male : bool
+            Patient sex: True for male, False for female.
+
+        Returns
+        -------
+        Prediction
+            Bone age (months), heat map over the full image, intervals.
+        """
+        return self.predict_batch([image], [male])[0]
+
+    def predict_batch(
+        self,
+        images: Sequence[np.ndarray],
+        males: Sequence[bool],
+        *,
+        prepared: Sequence[Prepared] | None = None,
+    ) -> list[Prediction]:
+        """Estimate bone age for several images in one forward pass.
+
+        Parameters
+        ----------
+        images : sequence of numpy.ndarray
+            2-D grey images, bone bright.
+        males : sequence of bool
+            Sex of each patient.
+        prepared : sequence of Prepared, optional
+            Output of :meth:`prepare` for each image, when already computed.
+
+        Returns
+        -------
+        list of Prediction
+            One per image, in order.
+        """
+        if len(images) != len(males):
+            raise ValueError(f"got {len(images)} images but {len(males)} sex values")
+        if not images:
+            return []
+        preps = list(prepared) if prepared is not None else [self.prepare(im) for im in images]
+        if len(preps) != len(images):
+            raise ValueError("prepared must hold one entry per image")
+        x = torch.stack([p.tensor for p in preps]).to(self._device, non_blocking=True)
+        sex = torch.tensor([1.0 if m else 0.0 for m in males], device=self._device)
+        if self._device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.float16):
+                z, cams = predict_with_cam(self._model, x, sex)
+        else:
+            z, cams = predict_with_cam(self._model, x, sex)
+        meta = self._loaded.meta
+        months = (z.float() * meta.target_sd + meta.target_mean).cpu().numpy()
+        cams_np = cams.float().cpu().numpy()
+        out: list[Prediction] = []
+        for image, prep, value, cam in zip(images, preps, months, cams_np, strict=True):
+            age = float(np.clip(value, MIN_BONE_AGE_MONTHS, MAX_BONE_AGE_MONTHS))
+            full = cam_to_image(cam, prep.crop_box, (image.shape[0], image.shape[1]))
+            out.append(
+                Prediction(bone_age_months=age, cam=full, intervals=intervals_for(age, meta))
+            )
+        return out

@@ -1,0 +1,560 @@
+"""Train a :class:`~models.net.BoneAgeNet` and write a checkpoint with conformal intervals.
+
+:func:`train` is what ``boneage-worker train`` calls. The data are a list of
+:class:`~models.data.LabelledImage` (:func:`~models.data.read_rsna`,
+:func:`~models.data.phantom_items`, or images the caller decoded). Split: stratified by
+sex and age (:func:`~models.data.stratified_split`). Optimiser AdamW; schedule cosine with
+warm-up (per step) or reduce-on-plateau (per epoch, on validation MAE); early stopping on
+validation MAE; the best epoch's weights are kept. On CUDA: mixed precision and
+channels-last. The checkpoint carries validation metrics and split-conformal quantiles of
+the absolute validation residuals at 80/90/95 %.
+
+Resuming: with ``state_dir`` set, the training state is written after every epoch as
+``train_state.safetensors`` (weights, best weights, optimiser tensors, RNG state) plus
+``train_state.json`` (counters, history, schedule, configuration, and the SHA-256 of the
+tensors file) — no pickle. ``resume=True`` continues from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from models.checkpoint import INTERVAL_LEVELS, CheckpointMeta, save_checkpoint
+from models.data import LabelledImage, PreparedDataset, conformal_quantile, stratified_split
+from models.evaluate import predict_ages, regression_metrics
+from models.net import BoneAgeNet, build_model
+from models.predictor import resolve_device
+
+logger = logging.getLogger(__name__)
+
+STATE_TENSORS = "train_state.safetensors"
+STATE_JSON = "train_state.json"
+_STATE_VERSION = 1
+
+
+@dataclass
+class TrainConfig:
+    """Training settings (all stored in the checkpoint's ``extra["train_config"]``).
+
+    Attributes
+    ----------
+    arch : str
+        ``resnet18``/``resnet34``/``resnet50``.
+    input_size : int
+        Network input side, pixels.
+    pretrained : {"imagenet", None}
+        Start the trunk from torchvision's ImageNet weights.
+    epochs : int
+        Maximum number of epochs.
+    batch_size : int
+        Images per step.
+    lr, weight_decay : float
+        AdamW settings.
+    loss : {"l1", "mse", "huber"}
+        Loss on the z-scored target.
+    huber_delta : float
+        Huber threshold in z units (0.25 ≈ 10 months with an SD of 41).
+    schedule : {"cosine", "plateau"}
+        Learning-rate schedule.
+    warmup_steps : int
+        Linear warm-up steps of the cosine schedule.
+    patience : int
+        Early stopping: epochs without a better validation MAE before stopping.
+    val_fraction : float
+        Share of the data held out for validation and conformal calibration.
+    augment : bool
+        Random flip, rotation, scale, shift, brightness and contrast.
+    amp : bool
+        Mixed precision on CUDA (ignored on CPU).
+    clahe : bool
+        CLAHE in preprocessing.
+    cache : bool or None
+        Preprocess everything once in memory; ``None``: only when all images are arrays.
+    num_workers : int
+        DataLoader worker processes (preprocessing in parallel).
+    seed : int
+        Seed of the split, the initialisation, the shuffling and the augmentation.
+    device : str
+        ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+    head_hidden, dropout : int, float
+        Head settings.
+    data_description : str
+        Text for the checkpoint's ``data`` field.
+    version : str
+        Model version written into outputs (``meta.extra["version"]``); empty: none.
+    """
+
+    arch: str = "resnet50"
+    input_size: int = 512
+    pretrained: Literal["imagenet"] | None = None
+    epochs: int = 30
+    batch_size: int = 16
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    loss: Literal["l1", "mse", "huber"] = "l1"
+    huber_delta: float = 0.25
+    schedule: Literal["cosine", "plateau"] = "cosine"
+    warmup_steps: int = 100
+    patience: int = 6
+    val_fraction: float = 0.15
+    augment: bool = True
+    amp: bool = True
+    clahe: bool = False
+    cache: bool | None = None
+    num_workers: int = 0
+    seed: int = 0
+    device: str = "auto"
+    head_hidden: int = 256
+    dropout: float = 0.2
+    data_description: str = ""
+    version: str = ""
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("l1", "mse", "huber"):
+            raise ValueError(f"loss must be l1, mse or huber, got {self.loss!r}")
+        if self.schedule not in ("cosine", "plateau"):
+            raise ValueError(f"schedule must be cosine or plateau, got {self.schedule!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
+            raise ValueError("epochs, batch_size and patience must be at least 1")
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train`.
+
+    Attributes
+    ----------
+    checkpoint : pathlib.Path
+        The checkpoint written.
+    model_id : str
+        Its SHA-256.
+    meta : CheckpointMeta
+        Its metadata (metrics, quantiles, ...).
+    history : list of dict
+        Per epoch: ``epoch``, ``train_loss``, ``train_mae``, ``val_mae``, ``lr``.
+    best_epoch : int
+        Epoch (1-based) whose weights were kept.
+    """
+
+    checkpoint: Path
+    model_id: str
+    meta: CheckpointMeta
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0
+
+
+def make_loss(config: TrainConfig) -> nn.Module:
+    """Return the loss module of a configuration."""
+    if config.loss == "mse":
+        return nn.MSELoss()
+    if config.loss == "huber":
+        return nn.HuberLoss(delta=config.huber_delta)
+    return nn.L1Loss()
+
+
+def augment_batch(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Random flip, rotation (±15°), scale (0.9–1.1), shift (±5 %), contrast and brightness.
+
+    Parameters
+    ----------
+    x : Tensor
+        Standardised images ``(N, 1, S, S)``.
+    generator : torch.Generator
+        Source of randomness, on ``x``'s device.
+
+    Returns
+    -------
+    Tensor
+        Augmented images, same shape.
+    """
+    n = x.shape[0]
+    dev = x.device
+
+    def uniform(low: float, high: float) -> Tensor:
+        return torch.rand(n, device=dev, generator=generator) * (high - low) + low
+
+    angle = uniform(-15.0, 15.0) * (math.pi / 180.0)
+    scale = uniform(0.9, 1.1)
+    flip = torch.where(torch.rand(n, device=dev, generator=generator) < 0.5, -1.0, 1.0)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.zeros(n, 2, 3, device=dev)
+    theta[:, 0, 0] = cos * flip
+    theta[:, 0, 1] = -sin
+    theta[:, 1, 0] = sin * flip
+    theta[:, 1, 1] = cos
+    theta[:, 0, 2] = uniform(-0.05, 0.05)
+    theta[:, 1, 2] = uniform(-0.05, 0.05)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    out = F.grid_sample(
+        x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
+    contrast = uniform(0.8, 1.2).view(n, 1, 1, 1)
+    brightness = uniform(-0.2, 0.2).view(n, 1, 1, 1)
+    return (out * contrast + brightness).to(x.dtype)
+
+
+def _cosine_factor(step: int, total: int, warmup: int) -> float:
+    warm = min(1.0, (step + 1) / max(1, warmup))
+    progress = min(1.0, step / max(1, total))
+    return warm * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+
+
+@dataclass
+class _Progress:
+    epoch_done: int = 0
+    step: int = 0
+    best_mae: float = math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _save_state(
+    folder: Path,
+    *,
+    model: BoneAgeNet,
+    best: dict[str, Tensor],
+    optimizer: torch.optim.Optimizer,
+    plateau: torch.optim.lr_scheduler.ReduceLROnPlateau | None,
+    scaler: torch.amp.GradScaler,
+    progress: _Progress,
+    config: TrainConfig,
+    target: tuple[float, float],
+) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, Tensor] = {f"model.{k}": v for k, v in _cpu_state(model).items()}
+    tensors.update({f"best.{k}": v for k, v in best.items()})
+    opt_state = optimizer.state_dict()
+    for index, values in opt_state["state"].items():
+        for name, value in values.items():
+            t = value if isinstance(value, Tensor) else torch.tensor(value)
+            tensors[f"optim.{index}.{name}"] = t.detach().cpu().contiguous()
+    tensors["rng.torch"] = torch.get_rng_state()
+    data = safetensors.torch.save(tensors)
+    _atomic_write(folder / STATE_TENSORS, data)
+    state = {
+        "version": _STATE_VERSION,
+        "tensors_sha256": hashlib.sha256(data).hexdigest(),
+        "progress": dataclasses.asdict(progress),
+        "param_groups": opt_state["param_groups"],
+        "plateau": plateau.state_dict() if plateau is not None else None,
+        "scaler": scaler.state_dict(),
+        "config": dataclasses.asdict(config),
+        "target": list(target),
+    }
+    _atomic_write(folder / STATE_JSON, json.dumps(state, indent=1).encode())
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _load_state(folder: Path, config: TrainConfig) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    state_path, tensor_path = folder / STATE_JSON, folder / STATE_TENSORS
+    if not state_path.is_file() or not tensor_path.is_file():
+        raise FileNotFoundError(f"no training state to resume in {folder}")
+    state = json.loads(state_path.read_text(encoding="utf-8"))
+    if state.get("version") != _STATE_VERSION:
+        raise ValueError(f"{state_path}: unsupported training-state version {state.get('version')}")
+    data = tensor_path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != state["tensors_sha256"]:
+        raise ValueError(f"{tensor_path} does not match {state_path} (interrupted write?)")
+    saved = state["config"]
+    for key in ("arch", "input_size", "seed", "val_fraction", "head_hidden", "schedule"):
+        if saved.get(key) != getattr(config, key):
+            raise ValueError(
+                f"cannot resume: {key} was {saved.get(key)!r}, now {getattr(config, key)!r}"
+            )
+    return state, safetensors.torch.load(data)
+
+
+def _restore_optimizer(
+    optimizer: torch.optim.Optimizer, param_groups: list[dict[str, Any]], tensors: dict[str, Tensor]
+) -> None:
+    per_param: dict[int, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            per_param.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": per_param, "param_groups": param_groups})
+
+
+def train(
+    items: Sequence[LabelledImage],
+    output: str | Path,
+    *,
+    config: TrainConfig | None = None,
+    state_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a model and write its checkpoint.
+
+    Parameters
+    ----------
+    items : sequence of LabelledImage
+        All labelled images; a validation split is held out (``config.val_fraction``).
+    output : str or pathlib.Path
+        Checkpoint file to write (``.safetensors``).
+    config : TrainConfig, optional
+        Settings; defaults to ``TrainConfig()``.
+    state_dir : str or pathlib.Path, optional
+        Folder for the per-epoch training state (needed to resume).
+    resume : bool
+        Continue from the state in ``state_dir``.
+    progress : bool
+        Show progress bars (loss and MAE per step, validation MAE per epoch).
+
+    Returns
+    -------
+    TrainResult
+        Checkpoint path, model id, metadata and history.
+
+    Notes
+    -----
+    The validation split serves early stopping and conformal calibration alike: with many
+    validation images the selection of one epoch out of a few dozen barely moves the
+    residual quantiles, but the stated coverage is then approximate.
+    """
+    cfg = config or TrainConfig()
+    if len(items) < 10:
+        raise ValueError(f"need at least 10 labelled images, got {len(items)}")
+    device = resolve_device(cfg.device)
+    cuda = device.type == "cuda"
+    amp = cfg.amp and cuda
+    amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+
+    ages = [it.age_months for it in items]
+    train_idx, val_idx = stratified_split(
+        ages, [it.male for it in items], cfg.val_fraction, seed=cfg.seed
+    )
+    train_items = [items[i] for i in train_idx]
+    val_items = [items[i] for i in val_idx]
+    train_ages = np.array([it.age_months for it in train_items], dtype=np.float64)
+    target = (float(train_ages.mean()), float(max(train_ages.std(), 1.0)))
+    logger.info(
+        "training %s at %d px on %d images, validating on %d (%s)",
+        cfg.arch,
+        cfg.input_size,
+        len(train_items),
+        len(val_items),
+        device,
+    )
+
+    cache = (
+        cfg.cache
+        if cfg.cache is not None
+        else all(isinstance(it.image, np.ndarray) for it in items)
+    )
+    train_set = PreparedDataset(
+        train_items, cfg.input_size, clahe=cfg.clahe, cache=cache, progress=progress
+    )
+    val_set = PreparedDataset(
+        val_items, cfg.input_size, clahe=cfg.clahe, cache=cache, progress=progress
+    )
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = build_model(
+            arch=cfg.arch, pretrained=cfg.pretrained, hidden=cfg.head_hidden, dropout=cfg.dropout
+        )
+    model.to(device)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, len(train_set) // cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    plateau = (
+        torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=2)
+        if cfg.schedule == "plateau"
+        else None
+    )
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
+    loss_fn = make_loss(cfg)
+    state = _Progress()
+    best = _cpu_state(model)
+
+    folder = Path(state_dir) if state_dir is not None else None
+    if resume:
+        if folder is None:
+            raise ValueError("resume=True needs state_dir")
+        saved, tensors = _load_state(folder, cfg)
+        target = (float(saved["target"][0]), float(saved["target"][1]))
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+        _restore_optimizer(optimizer, saved["param_groups"], tensors)
+        if plateau is not None and saved["plateau"] is not None:
+            plateau.load_state_dict(saved["plateau"])
+        scaler.load_state_dict(saved["scaler"])
+        torch.set_rng_state(tensors["rng.torch"])
+        state = _Progress(**saved["progress"])
+        logger.info("resuming after epoch %d (best MAE %.2f)", state.epoch_done, state.best_mae)
+
+    mean, sd = target
+    for epoch in range(state.epoch_done, cfg.epochs):
+        if state.bad_epochs >= cfg.patience:
+            break
+        model.train()
+        order = torch.randperm(
+            len(train_set), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        )
+        loader = DataLoader(
+            train_set,
+            batch_size=cfg.batch_size,
+            sampler=order.tolist(),
+            drop_last=len(train_set) > cfg.batch_size,
+            num_workers=cfg.num_workers,
+            pin_memory=cuda,
+        )
+        aug_gen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch)
+        loss_sum = abs_sum = 0.0
+        seen = 0
+        bar = tqdm(
+            loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False
+        )
+        for x, age, male in bar:
+            x = x.to(device, non_blocking=True)
+            if cfg.augment:
+                x = augment_batch(x, aug_gen)
+            if cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            z = ((age - mean) / sd).to(device)
+            if plateau is None:
+                factor = _cosine_factor(state.step, total_steps, cfg.warmup_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg.lr * factor
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                pred = model(x, male.to(device))
+            loss = loss_fn(pred.float(), z)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            state.step += 1
+            n = x.shape[0]
+            seen += n
+            loss_sum += float(loss.detach()) * n
+            abs_sum += float((pred.detach().float() - z).abs().sum()) * sd
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", mae=f"{abs_sum / seen:.1f}")
+        val_pred = predict_ages(
+            model,
+            val_set,
+            target_mean=mean,
+            target_sd=sd,
+            device=device,
+            batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers,
+        )
+        val_mae = float(np.mean(np.abs(val_pred - np.array([it.age_months for it in val_items]))))
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / max(seen, 1),
+            "train_mae": abs_sum / max(seen, 1),
+            "val_mae": val_mae,
+            "lr": float(optimizer.param_groups[0]["lr"]),
+        }
+        state.history.append(record)
+        if val_mae < state.best_mae:
+            state.best_mae, state.best_epoch, state.bad_epochs = val_mae, epoch + 1, 0
+            best = _cpu_state(model)
+        else:
+            state.bad_epochs += 1
+        if plateau is not None:
+            plateau.step(val_mae)
+        state.epoch_done = epoch + 1
+        logger.info(
+            "epoch %d: train loss %.4f, train MAE %.2f, val MAE %.2f months%s",
+            epoch + 1,
+            record["train_loss"],
+            record["train_mae"],
+            val_mae,
+            " (best)" if state.best_epoch == epoch + 1 else "",
+        )
+        if progress:
+            tqdm.write(
+                f"epoch {epoch + 1}: train MAE {record['train_mae']:.2f}, "
+                f"val MAE {val_mae:.2f} months"
+            )
+        if folder is not None:
+            _save_state(
+                folder,
+                model=model,
+                best=best,
+                optimizer=optimizer,
+                plateau=plateau,
+                scaler=scaler,
+                progress=state,
+                config=cfg,
+                target=target,
+            )
+        if state.bad_epochs >= cfg.patience:
+            logger.info("early stop: no better validation MAE for %d epochs", cfg.patience)
+
+    model.load_state_dict(best)
+    val_true = np.array([it.age_months for it in val_items], dtype=np.float64)
+    val_pred = predict_ages(
+        model, val_set, target_mean=mean, target_sd=sd, device=device, batch_size=cfg.batch_size
+    )
+    metrics = regression_metrics(val_pred, val_true)
+    residuals = np.abs(val_pred - val_true)
+    quantiles = {f"{lv:g}": conformal_quantile(residuals, lv) for lv in INTERVAL_LEVELS}
+    meta = CheckpointMeta(
+        arch=cfg.arch,
+        input_size=cfg.input_size,
+        target_mean=mean,
+        target_sd=sd,
+        trained=True,
+        data=cfg.data_description or f"{len(items)} labelled images",
+        metrics={k: float(v) for k, v in metrics.items()},
+        quantiles=quantiles,
+        head_hidden=cfg.head_hidden,
+        extra={
+            "train_config": dataclasses.asdict(cfg),
+            "n_train": len(train_items),
+            "n_val": len(val_items),
+            "best_epoch": state.best_epoch,
+            "epochs_run": state.epoch_done,
+            "history": state.history,
+            **({"version": cfg.version} if cfg.version else {}),
+        },
+    )
+    model.to("cpu").to(memory_format=torch.contiguous_format)
+    model_id = save_checkpoint(output, model, meta)
+    logger.info(
+        "validation MAE %.2f months; conformal 90%% half-width %.1f months",
+        metrics.get("mae", math.nan),
+        quantiles.get("0.9", math.nan),
+    )
+    return TrainResult(
+        checkpoint=Path(output),
+        model_id=model_id,
+        meta=meta,
+        history=state.history,
+        best_epoch=state.best_epoch,
+    )

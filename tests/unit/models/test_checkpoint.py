@@ -1,0 +1,166 @@
+"""Checkpoint format: round trip, model id, atomic write, clear errors, untrained model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from models.checkpoint import (
+    METADATA_KEY,
+    CheckpointMeta,
+    load_checkpoint,
+    save_checkpoint,
+    untrained_model,
+)
+from models.net import BoneAgeNet
+
+
+def _meta(**overrides: object) -> CheckpointMeta:
+    fields: dict[str, object] = {
+        "arch": "resnet18",
+        "input_size": 64,
+        "target_mean": 120.0,
+        "target_sd": 40.0,
+        "trained": True,
+        "data": "phantoms, 300 images",
+        "metrics": {"mae": 9.5},
+        "quantiles": {"0.8": 12.0, "0.9": 16.0, "0.95": 20.0},
+    }
+    fields.update(overrides)
+    return CheckpointMeta(**fields)  # type: ignore[arg-type]
+
+
+def test_round_trip_keeps_weights_and_meta(tmp_path: Path, tiny_model: BoneAgeNet) -> None:
+    path = tmp_path / "m.safetensors"
+    meta = _meta()
+    model_id = save_checkpoint(path, tiny_model, meta)
+
+    loaded = load_checkpoint(path)
+
+    assert loaded.model_id == model_id == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert loaded.meta == meta
+    assert not loaded.model.training
+    x, sex = torch.randn(2, 1, 64, 64), torch.tensor([1.0, 0.0])
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.model(x, sex), tiny_model(x, sex))
+
+
+def test_metadata_is_json_under_boneage_key(tmp_path: Path, tiny_model: BoneAgeNet) -> None:
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, tiny_model, _meta())
+    with safetensors.safe_open(str(path), framework="pt") as handle:
+        raw = json.loads(handle.metadata()[METADATA_KEY])
+    assert raw["arch"] == "resnet18"
+    assert raw["quantiles"] == {"0.8": 12.0, "0.9": 16.0, "0.95": 20.0}
+    assert raw["format_version"] == 1
+    for key in ("software_version", "created", "target_mean", "target_sd", "input_size"):
+        assert key in raw
+
+
+def test_save_leaves_no_temporary_file(tmp_path: Path, tiny_model: BoneAgeNet) -> None:
+    save_checkpoint(tmp_path / "m.safetensors", tiny_model, _meta())
+    save_checkpoint(tmp_path / "m.safetensors", tiny_model, _meta(data="again"))
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def test_save_rejects_meta_of_other_arch(tmp_path: Path, tiny_model: BoneAgeNet) -> None:
+    with pytest.raises(ValueError, match="resnet34"):
+        save_checkpoint(tmp_path / "m.safetensors", tiny_model, _meta(arch="resnet34"))
+
+
+def test_load_rejects_a_non_safetensors_file(tmp_path: Path) -> None:
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(b"PK\x03\x04 this is a zip, maybe a pickle")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        load_checkpoint(path)
+
+
+def test_load_rejects_safetensors_without_boneage_metadata(
+    tmp_path: Path, tiny_model: BoneAgeNet
+) -> None:
+    path = tmp_path / "x.safetensors"
+    safetensors.torch.save_file(
+        {k: v.contiguous() for k, v in tiny_model.state_dict().items()}, str(path)
+    )
+    with pytest.raises(ValueError, match="not a boneage checkpoint"):
+        load_checkpoint(path)
+
+
+def test_load_rejects_weights_of_another_arch(tmp_path: Path, tiny_model: BoneAgeNet) -> None:
+    path = tmp_path / "x.safetensors"
+    tensors = {k: v.contiguous() for k, v in tiny_model.state_dict().items()}
+    safetensors.torch.save_file(
+        tensors, str(path), metadata={METADATA_KEY: _meta(arch="resnet50").to_json()}
+    )
+    with pytest.raises(ValueError, match="does not match architecture 'resnet50'"):
+        load_checkpoint(path)
+
+
+def test_load_rejects_missing_keys(tmp_path: Path, tiny_model: BoneAgeNet) -> None:
+    path = tmp_path / "x.safetensors"
+    tensors = {
+        k: v.contiguous()
+        for k, v in tiny_model.state_dict().items()
+        if not k.startswith("regressor.")
+    }
+    safetensors.torch.save_file(tensors, str(path), metadata={METADATA_KEY: _meta().to_json()})
+    with pytest.raises(ValueError, match="missing keys"):
+        load_checkpoint(path)
+
+
+def test_load_rejects_unknown_format_version(tmp_path: Path, tiny_model: BoneAgeNet) -> None:
+    path = tmp_path / "x.safetensors"
+    raw = json.loads(_meta().to_json())
+    raw["format_version"] = 99
+    tensors = {k: v.contiguous() for k, v in tiny_model.state_dict().items()}
+    safetensors.torch.save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(raw)})
+    with pytest.raises(ValueError, match="format version 99"):
+        load_checkpoint(path)
+
+
+def test_meta_rejects_bad_values() -> None:
+    with pytest.raises(ValueError, match="target_sd"):
+        _meta(target_sd=0.0)
+
+
+def test_untrained_model_is_marked_and_has_no_quantiles() -> None:
+    loaded = untrained_model(arch="resnet18", input_size=64)
+    assert loaded.meta.trained is False
+    assert loaded.meta.quantiles == {}
+    assert loaded.meta.input_size == 64
+    assert not loaded.model.training
+    assert len(loaded.model_id) == 64
+
+
+def test_untrained_model_leaves_global_rng_alone() -> None:
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    untrained_model(arch="resnet18")
+    torch.testing.assert_close(torch.rand(3), expected)
+
+
+def test_untrained_model_id_is_the_same_in_another_process() -> None:
+    here = untrained_model(arch="resnet18", seed=3).model_id
+    code = (
+        "from models.checkpoint import untrained_model;"
+        "print(untrained_model(arch='resnet18', seed=3).model_id)"
+    )
+    there = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    assert there == here
+    assert untrained_model(arch="resnet18", seed=4).model_id != here
+
+
+def test_untrained_model_id_matches_its_saved_bytes(tmp_path: Path) -> None:
+    loaded = untrained_model(arch="resnet18", seed=0)
+    model_id = save_checkpoint(tmp_path / "u.safetensors", loaded.model, loaded.meta)
+    assert model_id == loaded.model_id

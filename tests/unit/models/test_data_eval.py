@@ -1,0 +1,185 @@
+"""Data reading, split, conformal quantile, metrics, augmentation, resumable training."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.checkpoint import load_checkpoint, untrained_model
+from models.data import (
+    LabelledImage,
+    conformal_quantile,
+    load_image,
+    phantom_items,
+    read_rsna,
+    stratified_split,
+)
+from models.evaluate import evaluate, interval_coverage, regression_metrics, summarise
+from models.train import TrainConfig, augment_batch, train
+
+
+def _write_rsna(folder: Path, rows: list[tuple[str, float, str]]) -> Path:
+    images = folder / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for key, _age, _male in rows:
+        Image.fromarray((rng.random((40, 30)) * 255).astype(np.uint8)).save(images / f"{key}.png")
+    csv_path = folder / "labels.csv"
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "boneage", "male"])
+        writer.writerows(rows)
+    return csv_path
+
+
+def test_read_rsna(tmp_path: Path) -> None:
+    csv_path = _write_rsna(tmp_path, [("1377", 180.0, "False"), ("1378", 12.0, "True")])
+    (tmp_path / "images" / "1378.png").unlink()
+    with open(csv_path, "a") as handle:
+        handle.write("1379,60,1\n")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "images" / "1379.png")
+
+    items = read_rsna(csv_path, tmp_path / "images")
+
+    assert [(i.key, i.age_months, i.male) for i in items] == [
+        ("1377", 180.0, False),
+        ("1379", 60.0, True),
+    ]
+    image = load_image(items[0].image)
+    assert image.shape == (40, 30)
+    assert image.dtype == np.float32
+    assert 0.0 <= image.min() <= image.max() <= 1.0
+
+
+def test_read_rsna_names_a_missing_column(tmp_path: Path) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text("id,age,male\n1,3,True\n")
+    with pytest.raises(ValueError, match="'boneage'"):
+        read_rsna(path, tmp_path)
+
+
+def test_load_image_from_callable_and_16_bit() -> None:
+    raw = np.array([[0, 65535], [1000, 4000]], dtype=np.uint16)
+    image = load_image(lambda: raw)
+    assert image.max() == pytest.approx(1.0)
+
+
+def test_stratified_split_is_disjoint_and_balanced() -> None:
+    rng = np.random.default_rng(0)
+    ages = rng.uniform(0, 228, size=400).tolist()
+    males = (rng.random(400) < 0.5).tolist()
+    train_idx, val_idx = stratified_split(ages, males, 0.2, seed=1)
+    assert set(train_idx).isdisjoint(val_idx)
+    assert sorted(train_idx + val_idx) == list(range(400))
+    assert 70 <= len(val_idx) <= 90
+    val_ages = np.array(ages)[val_idx]
+    assert abs(np.median(val_ages) - np.median(ages)) < 20
+    assert stratified_split(ages, males, 0.2, seed=1) == (train_idx, val_idx)
+
+
+def test_conformal_quantile_rank() -> None:
+    residuals = np.arange(1.0, 20.0)  # 19 values: rank ceil(20 * 0.9) = 18
+    assert conformal_quantile(residuals, 0.9) == 18.0
+    assert conformal_quantile(residuals, 0.99) == 19.0  # rank past n: the largest
+
+
+def test_regression_metrics_by_hand() -> None:
+    metrics = regression_metrics(np.array([10.0, 20.0, 40.0]), np.array([12.0, 20.0, 30.0]))
+    assert metrics["mae"] == pytest.approx(4.0)
+    assert metrics["rmse"] == pytest.approx(np.sqrt(104 / 3))
+    assert metrics["bias"] == pytest.approx(8 / 3)
+    assert metrics["within_6"] == pytest.approx(2 / 3)
+    assert metrics["within_12"] == pytest.approx(1.0)
+    # ss_tot = (12-20.67)^2 + (20-20.67)^2 + (30-20.67)^2 = 162.67; ss_res = 104.
+    assert metrics["r2"] == pytest.approx(1 - 104 / 162.6667, rel=1e-4)
+
+
+def test_interval_coverage_uses_clipped_intervals() -> None:
+    coverage = interval_coverage(np.array([5.0, 100.0]), np.array([0.0, 130.0]), {"0.9": 10.0})
+    assert coverage == {"0.9": 0.5}
+
+
+def test_summarise_groups() -> None:
+    pred = np.array([10.0, 50.0, 130.0, 200.0])
+    true = np.array([12.0, 40.0, 120.0, 230.0])
+    summary = summarise(pred, true, np.array([True, False, True, False]))
+    assert summary["by_sex"]["male"]["n"] == 2
+    assert set(summary["by_age_band"]) == {"0-24", "24-72", "120-168", "216+"}
+    assert summary["coverage"] == {}
+
+
+def test_augment_batch_is_reproducible() -> None:
+    x = torch.randn(4, 1, 32, 32)
+    a = augment_batch(x, torch.Generator().manual_seed(3))
+    b = augment_batch(x, torch.Generator().manual_seed(3))
+    assert a.shape == x.shape
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, x)
+
+
+def test_evaluate_writes_json_markdown_and_plots(tmp_path: Path) -> None:
+    loaded = untrained_model(arch="resnet18", input_size=64)
+    items = phantom_items(12, size=80, seed=3)
+    report = evaluate(loaded, items, tmp_path / "eval", device="cpu", progress=False)
+    for name in ("metrics", "report", "predictions", "pred_vs_true", "bland_altman"):
+        assert report.files[name].is_file(), name
+    assert report.files["residual_by_age"].read_bytes()[:4] == b"\x89PNG"
+    metrics = json.loads(report.files["metrics"].read_text())
+    assert metrics["overall"]["n"] == 12
+    assert metrics["model"]["trained"] is False
+    assert "NO (random weights)" in report.files["report"].read_text()
+
+
+def test_train_rejects_unknown_loss() -> None:
+    with pytest.raises(ValueError, match="loss"):
+        TrainConfig(loss="l3")  # type: ignore[arg-type]
+
+
+def test_training_resumes_from_its_state(tmp_path: Path) -> None:
+    items = phantom_items(40, size=72, seed=0)
+    config = TrainConfig(
+        arch="resnet18", input_size=64, epochs=1, batch_size=16, device="cpu", loss="huber"
+    )
+    state = tmp_path / "state"
+    first = train(items, tmp_path / "a.safetensors", config=config, state_dir=state, progress=False)
+    assert len(first.history) == 1
+    assert (state / "train_state.json").is_file()
+
+    config.epochs = 2
+    second = train(
+        items,
+        tmp_path / "b.safetensors",
+        config=config,
+        state_dir=state,
+        resume=True,
+        progress=False,
+    )
+    assert [h["epoch"] for h in second.history] == [1, 2]
+    assert second.history[0] == first.history[0]
+    loaded = load_checkpoint(tmp_path / "b.safetensors")
+    assert loaded.meta.trained is True
+    assert set(loaded.meta.quantiles) == {"0.8", "0.9", "0.95"}
+    assert loaded.meta.extra["epochs_run"] == 2
+
+
+def test_resume_refuses_a_different_architecture(tmp_path: Path) -> None:
+    items = phantom_items(20, size=72, seed=0)
+    config = TrainConfig(arch="resnet18", input_size=64, epochs=1, batch_size=16, device="cpu")
+    state = tmp_path / "state"
+    train(items, tmp_path / "a.safetensors", config=config, state_dir=state, progress=False)
+    config.arch = "resnet34"
+    with pytest.raises(ValueError, match="arch"):
+        train(items, tmp_path / "b.safetensors", config=config, state_dir=state, resume=True)
+
+
+def test_items_with_arrays_and_paths_mix(tmp_path: Path) -> None:
+    path = tmp_path / "x.png"
+    Image.fromarray(np.full((20, 20), 128, np.uint8)).save(path)
+    item = LabelledImage(image=path, age_months=10.0, male=True)
+    assert load_image(item.image).mean() == pytest.approx(128 / 255)

@@ -1,0 +1,66 @@
+"""BoneAgeNet: shapes, sex input, trunk/head split, builder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.net import BoneAgeNet, build_model
+
+
+@pytest.mark.parametrize(("height", "width"), [(64, 64), (96, 128), (77, 50)])
+def test_any_input_size_gives_one_output_per_image(
+    tiny_model: BoneAgeNet, height: int, width: int
+) -> None:
+    y = tiny_model(torch.randn(3, 1, height, width), torch.tensor([1.0, 0.0, 1.0]))
+    assert y.shape == (3,)
+
+
+def test_sex_accepts_n_and_n_by_1(tiny_model: BoneAgeNet) -> None:
+    x = torch.randn(2, 1, 64, 64)
+    flat = tiny_model(x, torch.tensor([1.0, 0.0]))
+    column = tiny_model(x, torch.tensor([[1.0], [0.0]]))
+    torch.testing.assert_close(flat, column)
+
+
+def test_sex_changes_the_output(tiny_model: BoneAgeNet) -> None:
+    x = torch.randn(1, 1, 64, 64)
+    assert not torch.allclose(tiny_model(x, torch.ones(1)), tiny_model(x, torch.zeros(1)))
+
+
+def test_forward_is_head_of_pooled_features(tiny_model: BoneAgeNet) -> None:
+    x = torch.randn(2, 1, 96, 96)
+    male = torch.tensor([0.0, 1.0])
+    a = tiny_model.features(x)
+    assert a.shape == (2, tiny_model.num_features, 3, 3)
+    torch.testing.assert_close(tiny_model.head(a.mean(dim=(2, 3)), male), tiny_model(x, male))
+
+
+def test_rejects_rgb_input(tiny_model: BoneAgeNet) -> None:
+    with pytest.raises(ValueError, match="N, 1, H, W"):
+        tiny_model(torch.randn(1, 3, 64, 64), torch.ones(1))
+
+
+def test_rejects_sex_count_mismatch(tiny_model: BoneAgeNet) -> None:
+    x = torch.randn(2, 1, 64, 64)
+    with pytest.raises(ValueError, match="sex values"):
+        tiny_model(x, torch.ones(3))
+
+
+@pytest.mark.parametrize(("arch", "features"), [("resnet18", 512), ("resnet50", 2048)])
+def test_build_model_arch(arch: str, features: int) -> None:
+    model = build_model(arch=arch)
+    assert isinstance(model, BoneAgeNet)
+    assert model.arch == arch
+    assert model.num_features == features
+    assert model.conv1.in_channels == 1
+
+
+def test_build_model_rejects_unknown_arch() -> None:
+    with pytest.raises(ValueError, match="unknown architecture"):
+        build_model(arch="vgg16")
+
+
+def test_build_model_rejects_unknown_pretrained() -> None:
+    with pytest.raises(ValueError, match="pretrained"):
+        build_model(arch="resnet18", pretrained="coco")  # type: ignore[arg-type]

@@ -1,0 +1,100 @@
+"""BoneAgePredictor: full-image CAM, de-z-scoring, clipping, intervals, device."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from models.checkpoint import LoadedModel, untrained_model
+from models.gradcam import predict_with_cam
+from models.phantoms import make_phantom
+from models.predictor import BoneAgePredictor, intervals_for, resolve_device
+from models.preprocess import prepare
+
+
+@pytest.fixture
+def loaded() -> LoadedModel:
+    return untrained_model(arch="resnet18", input_size=64)
+
+
+@pytest.fixture
+def image() -> np.ndarray:
+    return make_phantom(100.0, male=True, size=150, rng=np.random.default_rng(0)).image[:, 10:]
+
+
+def test_predict_returns_full_size_cam(loaded: LoadedModel, image: np.ndarray) -> None:
+    predictor = BoneAgePredictor(loaded, device="cpu")
+    result = predictor.predict(image, male=True)
+    assert result.cam.shape == image.shape
+    assert result.cam.dtype == np.float32
+    assert 0.0 <= float(result.cam.min()) <= float(result.cam.max()) <= 1.0
+    assert 0.0 <= result.bone_age_months <= 240.0
+    assert result.intervals == {}
+
+
+def test_predict_de_z_scores_with_meta(loaded: LoadedModel, image: np.ndarray) -> None:
+    predictor = BoneAgePredictor(loaded, device="cpu")
+    x = prepare(image, 64).tensor[None]
+    z, _ = predict_with_cam(loaded.model, x, torch.ones(1))
+    expected = float(z[0]) * loaded.meta.target_sd + loaded.meta.target_mean
+    assert predictor.predict(image, male=True).bone_age_months == pytest.approx(
+        float(np.clip(expected, 0, 240)), abs=1e-3
+    )
+
+
+def test_bone_age_is_clipped(loaded: LoadedModel, image: np.ndarray) -> None:
+    high = dataclasses.replace(loaded.meta, target_mean=10_000.0)
+    predictor = BoneAgePredictor(dataclasses.replace(loaded, meta=high), device="cpu")
+    assert predictor.predict(image, male=False).bone_age_months == 240.0
+
+
+def test_intervals_from_quantiles(loaded: LoadedModel, image: np.ndarray) -> None:
+    meta = dataclasses.replace(loaded.meta, quantiles={"0.8": 10.0, "0.9": 14.0, "0.95": 18.0})
+    predictor = BoneAgePredictor(dataclasses.replace(loaded, meta=meta), device="cpu")
+    result = predictor.predict(image, male=True)
+    assert sorted(result.intervals) == [0.8, 0.9, 0.95]
+    low, high = result.intervals[0.9]
+    age = result.bone_age_months
+    assert low == pytest.approx(max(0.0, age - 14.0))
+    assert high == pytest.approx(min(240.0, age + 14.0))
+
+
+def test_intervals_are_clipped_to_the_age_range(loaded: LoadedModel) -> None:
+    meta = dataclasses.replace(loaded.meta, quantiles={"0.95": 30.0})
+    assert intervals_for(10.0, meta) == {0.95: (0.0, 40.0)}
+    assert intervals_for(230.0, meta) == {0.95: (200.0, 240.0)}
+
+
+def test_batch_equals_single(loaded: LoadedModel, image: np.ndarray) -> None:
+    predictor = BoneAgePredictor(loaded, device="cpu")
+    other = make_phantom(30.0, male=False, size=120, rng=np.random.default_rng(1)).image
+    batch = predictor.predict_batch([image, other], [True, False])
+    single = predictor.predict(other, male=False)
+    assert batch[1].bone_age_months == pytest.approx(single.bone_age_months, abs=1e-3)
+    np.testing.assert_allclose(batch[1].cam, single.cam, atol=1e-4)
+
+
+def test_properties(loaded: LoadedModel) -> None:
+    predictor = BoneAgePredictor(loaded, device="cpu")
+    assert predictor.model_id == loaded.model_id
+    assert predictor.meta is loaded.meta
+    assert predictor.device == "cpu"
+
+
+def test_auto_device() -> None:
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present")
+def test_cuda_without_gpu_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        resolve_device("cuda")
+
+
+def test_bad_device_string() -> None:
+    with pytest.raises(ValueError, match="not a torch device"):
+        resolve_device("gpu0")

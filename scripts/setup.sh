@@ -29,8 +29,14 @@ fi
 stamp=".venv/.installed${extras}"
 if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
   echo "==> installing boneage-worker${extras} into .venv (PyTorch is large: a few minutes the first time)"
-  .venv/bin/pip install --quiet --disable-pip-version-check --upgrade pip >/dev/null
-  .venv/bin/pip install --quiet --disable-pip-version-check -e ".${extras}"
+  log=$(mktemp)
+  if ! { .venv/bin/pip install --disable-pip-version-check --upgrade pip &&
+         .venv/bin/pip install --disable-pip-version-check -e ".${extras}"; } >"$log" 2>&1; then
+    tail -n 40 "$log" >&2
+    echo "pip install failed; full log: $log" >&2
+    exit 1
+  fi
+  rm -f "$log"
   touch "$stamp"
 fi
 echo "==> ready: $(.venv/bin/boneage-worker --version)"

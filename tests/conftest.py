@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -13,7 +12,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
-from tests.support import free_port, wait_for, wait_for_port
+from tests.support import dcmtk_tool, free_port, wait_for, wait_for_port
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "BONEAGE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -22,12 +21,10 @@ REDIS_URL = os.environ.get("BONEAGE_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
 
 def _require_tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(
-            f"{name} is not installed: run scripts/setup.sh (it installs dcmtk, dicom3tools)"
-        )
-    return path
+    try:
+        return dcmtk_tool(name)
+    except AssertionError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="session")
@@ -106,7 +103,7 @@ class StoreSCP:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [
-                "storescp",
+                dcmtk_tool("storescp"),
                 "--aetitle",
                 self.ae_title,
                 "--output-directory",

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -12,6 +15,20 @@ from typing import TypeVar
 T = TypeVar("T")
 
 _pause = threading.Event()
+
+
+def dcmtk_tool(name: str) -> str:
+    """Absolute path of a dcmtk tool, never pynetdicom's same-named script in the venv."""
+    venv_bin = os.path.dirname(sys.executable)
+    search = os.pathsep.join(
+        p
+        for p in os.environ.get("PATH", "").split(os.pathsep)
+        if p and os.path.realpath(p) != os.path.realpath(venv_bin)
+    )
+    found = shutil.which(name, path=search or None) or shutil.which(name, path="/usr/bin")
+    if found is None:
+        raise AssertionError(f"dcmtk's {name} is not installed: run scripts/setup.sh")
+    return found
 
 
 def free_port() -> int:

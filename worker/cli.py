@@ -389,5 +389,297 @@ def demo_image(output: Path, age_months: float, sex: str, modality: str, seed: i
     console.print(f"wrote {output} ({modality}, {sex}, {age_months:.0f} months)")
 
 
+# -- machine learning -------------------------------------------------------------
+
+
+def _data_options(func: Any) -> Any:
+    options = [
+        click.option(
+            "--rsna-csv",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            help="RSNA labels CSV (id, boneage, male).",
+        ),
+        click.option(
+            "--rsna-images",
+            type=click.Path(exists=True, file_okay=False, path_type=Path),
+            help="Folder with <id>.png.",
+        ),
+        click.option(
+            "--dicom-dir",
+            type=click.Path(exists=True, file_okay=False, path_type=Path),
+            help="Folder of DICOM radiographs.",
+        ),
+        click.option(
+            "--labels",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            help="CSV for --dicom-dir: file, boneage[, male].",
+        ),
+        click.option(
+            "--phantoms", type=int, help="Use N synthetic phantoms (for trying things out)."
+        ),
+        click.option("--phantom-size", type=int, default=128, show_default=True),
+        click.option("--limit", type=int, help="Use only the first N images."),
+        click.option("--seed", type=int, default=0, show_default=True),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _items(**kwargs: Any) -> tuple[list[Any], str]:
+    from worker.datasets import load_items
+
+    try:
+        return load_items(**kwargs)
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
+@_data_options
+@click.option(
+    "--output",
+    "-o",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Checkpoint to write (.safetensors).",
+)
+@click.option(
+    "--arch",
+    type=click.Choice(["resnet18", "resnet34", "resnet50"]),
+    default="resnet50",
+    show_default=True,
+)
+@click.option("--input-size", type=int, default=512, show_default=True)
+@click.option(
+    "--pretrained",
+    type=click.Choice(["imagenet"]),
+    default=None,
+    help="Start the trunk from torchvision's ImageNet weights (downloaded by torchvision).",
+)
+@click.option("--epochs", type=int, default=30, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--lr", type=float, default=3e-4, show_default=True)
+@click.option("--loss", type=click.Choice(["l1", "mse", "huber"]), default="l1", show_default=True)
+@click.option(
+    "--schedule", type=click.Choice(["cosine", "plateau"]), default="cosine", show_default=True
+)
+@click.option(
+    "--patience", type=int, default=6, show_default=True, help="Early-stopping patience (epochs)."
+)
+@click.option("--val-fraction", type=float, default=0.15, show_default=True)
+@click.option("--augment/--no-augment", default=True, show_default=True)
+@click.option("--amp/--no-amp", default=True, show_default=True, help="Mixed precision on CUDA.")
+@click.option("--clahe", is_flag=True, help="CLAHE contrast equalisation in preprocessing.")
+@click.option(
+    "--workers",
+    "num_workers",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Data-loading processes.",
+)
+@click.option("--device", default="auto", show_default=True)
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where per-epoch training state goes (needed for --resume).",
+)
+@click.option("--resume", is_flag=True, help="Continue from --state-dir.")
+@click.option(
+    "--version", "model_version", default="", help="Version string stored in the checkpoint."
+)
+def train(
+    output: Path,
+    arch: str,
+    input_size: int,
+    pretrained: str | None,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    loss: str,
+    schedule: str,
+    patience: int,
+    val_fraction: float,
+    augment: bool,
+    amp: bool,
+    clahe: bool,
+    num_workers: int,
+    device: str,
+    state_dir: Path | None,
+    resume: bool,
+    model_version: str,
+    **data: Any,
+) -> None:
+    """Train a bone-age model and write a checkpoint with conformal intervals."""
+    from models.train import TrainConfig
+    from models.train import train as run_training
+
+    setup_logging("INFO")
+    if resume and state_dir is None:
+        raise click.BadParameter("--resume needs --state-dir", param_hint="--resume")
+    items, description = _items(**data)
+    config = TrainConfig(
+        arch=arch,
+        input_size=input_size,
+        pretrained=pretrained,  # type: ignore[arg-type]
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        loss=loss,
+        schedule=schedule,  # type: ignore[arg-type]
+        patience=patience,
+        val_fraction=val_fraction,
+        augment=augment,
+        amp=amp,
+        clahe=clahe,
+        num_workers=num_workers,
+        seed=data["seed"],
+        device=device,
+        data_description=description,
+        version=model_version,
+    )
+    console.print(f"training {arch} at {input_size} px on {description}")
+    result = run_training(items, output, config=config, state_dir=state_dir, resume=resume)
+    metrics = ", ".join(f"{k} {v:.3g}" for k, v in result.meta.metrics.items())
+    console.print(
+        f"wrote {result.checkpoint} (model id {result.model_id[:12]}); validation: {metrics}"
+    )
+
+
+@main.command()
+@_data_options
+@click.option(
+    "--model",
+    "checkpoint",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+)
+@click.option("--output-dir", "-o", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--device", default="auto", show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--plots/--no-plots", default=True, show_default=True)
+def evaluate(
+    checkpoint: Path, output_dir: Path, device: str, batch_size: int, plots: bool, **data: Any
+) -> None:
+    """Evaluate a checkpoint: metrics overall, by sex and age band; plots; JSON + Markdown."""
+    from models.evaluate import evaluate as run_evaluation
+
+    setup_logging("INFO")
+    items, description = _items(**data)
+    console.print(f"evaluating {checkpoint.name} on {description}")
+    report = run_evaluation(
+        checkpoint, items, output_dir, device=device, batch_size=batch_size, plots=plots
+    )
+    overall = report.metrics.get("overall", report.metrics)
+    shown = {k: overall[k] for k in ("mae", "rmse", "r2") if k in overall}
+    console.print("  ".join(f"{k.upper()} {v:.3g}" for k, v in shown.items()))
+    for path in report.files.values():
+        console.print(f"  wrote {path}")
+
+
+@main.command()
+@click.argument(
+    "files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option(
+    "--model",
+    "checkpoint",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Checkpoint (default BONEAGE_MODEL; none = untrained model).",
+)
+@click.option(
+    "--sex", type=click.Choice(["M", "F"]), help="For PNG/JPEG inputs (DICOM has PatientSex)."
+)
+@click.option(
+    "--heatmap-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Also write the heat-map image as PNG here.",
+)
+@click.pass_context
+def predict(
+    ctx: click.Context,
+    files: tuple[Path, ...],
+    checkpoint: Path | None,
+    sex: str | None,
+    heatmap_dir: Path | None,
+) -> None:
+    """Estimate bone age for local files (DICOM or PNG), without the service."""
+    from pydicom import dcmread
+    from rich.table import Table
+
+    from dicom_io import gate
+    from dicom_io.content import BoneAgeFinding, format_age
+    from dicom_io.pixels import decode_for_display
+    from dicom_io.sc import render_overlay
+    from models.data import load_image
+    from models.reference import bone_age_sds
+    from worker.pipeline import chronological_age_months, model_version
+    from worker.runtime import Runtime
+
+    settings = _settings(ctx, model=checkpoint)
+    predictor = Runtime(settings).predictor
+    table = Table(
+        title=f"bone age ({'trained' if predictor.meta.trained else 'UNTRAINED'} model "
+        f"{predictor.model_id[:12]})"
+    )
+    for col in ("file", "sex", "bone age", "chronological", "SDS", "90% interval", "note"):
+        table.add_column(col)
+    for path in files:
+        chronological: float | None = None
+        laterality = None
+        try:
+            if path.suffix.lower() in {".png", ".jpg", ".jpeg", ".tif", ".tiff"}:
+                if sex is None:
+                    raise ValueError("--sex is needed for image files")
+                image, male = load_image(path), sex == "M"
+            else:
+                ds = dcmread(path)
+                decision = gate.check(ds, require_sex=sex is None)
+                if not decision.accepted:
+                    raise ValueError(decision.reason or "not assessable")
+                male = decision.facts.male if decision.facts.male is not None else sex == "M"
+                chronological = chronological_age_months(decision.facts)
+                laterality = decision.facts.laterality
+                image = decode_for_display(ds)
+        except Exception as exc:  # one bad file must not stop the others
+            table.add_row(path.name, "", "", "", "", "", f"[red]{exc}[/]")
+            continue
+        prediction = predictor.predict(image, male=male)
+        sds = (
+            bone_age_sds(prediction.bone_age_months, chronological, male=male)
+            if chronological
+            else None
+        )
+        interval = prediction.intervals.get(0.9)
+        table.add_row(
+            path.name,
+            "M" if male else "F",
+            format_age(prediction.bone_age_months),
+            format_age(chronological) if chronological is not None else "-",
+            f"{sds:+.2f}" if sds is not None else "-",
+            f"{format_age(interval[0])} – {format_age(interval[1])}" if interval else "-",
+            "" if predictor.meta.trained else "[yellow]untrained model[/]",
+        )
+        if heatmap_dir is not None:
+            from PIL import Image
+
+            finding = BoneAgeFinding(
+                bone_age_months=prediction.bone_age_months,
+                chronological_age_months=chronological,
+                sds=sds,
+                intervals=prediction.intervals,
+                model_id=predictor.model_id,
+                model_name=f"BoneAgeNet {predictor.meta.arch}",
+                model_version=model_version(predictor),
+                model_trained=predictor.meta.trained,
+                laterality=laterality,
+            )
+            heatmap_dir.mkdir(parents=True, exist_ok=True)
+            out = heatmap_dir / f"{path.stem}-heatmap.png"
+            Image.fromarray(render_overlay(image, prediction.cam, finding)).save(out)
+    console.print(table)
+
+
 if __name__ == "__main__":
     main()

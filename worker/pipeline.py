@@ -266,8 +266,8 @@ def assess_instance(rt: Runtime, instance_id: int) -> AssessOutcome:
 
 
 def model_version(predictor: BoneAgePredictor) -> str:
-    """The version reported in outputs: the checkpoint's own, else its id prefix."""
-    return str(predictor.meta.extra.get("version") or f"sha256:{predictor.model_id[:12]}")
+    """The version reported in outputs (the SHA-256 model id is reported beside it)."""
+    return str(predictor.meta.extra.get("version") or "unversioned")
 
 
 def _ensure_model(rt: Runtime, predictor: BoneAgePredictor) -> None:

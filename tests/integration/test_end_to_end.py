@@ -24,7 +24,7 @@ from db.engine import session_scope
 from db.schema import Delivery, DeliveryState, Instance, InstanceState, Result
 from tests.conftest import StoreSCP
 from tests.dicomtools import dciodvfy_errors, dsrdump
-from tests.support import free_port, wait_for, wait_for_port
+from tests.support import dcmtk_tool, free_port, wait_for, wait_for_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -89,7 +89,16 @@ def make_inputs(tmp_path: Path, env: dict[str, str]) -> tuple[Path, Path]:
 
 def storescu(port: int, *files: Path) -> None:
     result = subprocess.run(
-        ["storescu", "-aet", "PACS", "-aec", "BONEAGE", "127.0.0.1", str(port), *map(str, files)],
+        [
+            dcmtk_tool("storescu"),
+            "-aet",
+            "PACS",
+            "-aec",
+            "BONEAGE",
+            "127.0.0.1",
+            str(port),
+            *map(str, files),
+        ],
         capture_output=True,
         text=True,
         timeout=120,

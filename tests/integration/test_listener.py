@@ -25,7 +25,7 @@ from db.engine import session_scope, upgrade
 from db.schema import Instance, InstanceState
 from dicom_io.scp import OUT_OF_RESOURCES, ReceivedInstance, StorageSCP, spool_path
 from dicom_io.synthetic import make_radiograph_dataset
-from tests.support import free_port
+from tests.support import dcmtk_tool, free_port
 from worker.listener import record_instance
 
 pytestmark = pytest.mark.integration
@@ -71,7 +71,7 @@ class Harness:
     ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [
-                "storescu",
+                dcmtk_tool("storescu"),
                 "-aet",
                 calling,
                 "-aec",
@@ -154,7 +154,9 @@ def test_compressed_syntaxes_are_accepted(
     h = harness_factory()
     source = write_hand(tmp_path / "hand.dcm")
     compressed = tmp_path / "compressed.dcm"
-    subprocess.run([tool, str(source), str(compressed)], check=True, capture_output=True)
+    subprocess.run(
+        [dcmtk_tool(tool), str(source), str(compressed)], check=True, capture_output=True
+    )
     assert dcmread(compressed).file_meta.TransferSyntaxUID == syntax
     # The compressed syntax is proposed first; our SCP must take it, not a conversion.
     result = h.storescu(compressed, extra=(propose, "-R"))

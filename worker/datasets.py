@@ -1,0 +1,103 @@
+"""Labelled data sets for `train` and `evaluate`: the RSNA layout, DICOM folders, phantoms.
+
+`models/` never reads DICOM; a DICOM folder is turned here into lazily decoded
+images (`dicom_io.pixels`) that `models` trains and evaluates on.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from pydicom import dcmread
+
+from dicom_io.pixels import decode_for_display
+from models.data import LabelledImage, phantom_items, read_rsna
+
+
+def _loader(path: Path) -> Callable[[], np.ndarray]:
+    return lambda: decode_for_display(dcmread(path))
+
+
+def read_dicom_folder(
+    folder: Path, labels_csv: Path, *, limit: int | None = None
+) -> list[LabelledImage]:
+    """A folder of DICOM radiographs with a CSV of labels.
+
+    The CSV has a ``file`` column (path relative to ``folder``) and ``boneage``
+    (months); ``male`` (true/false, 1/0, M/F) is optional, otherwise PatientSex is
+    read from the file. Report keys are hashes of the file names, never patient data.
+    """
+    items: list[LabelledImage] = []
+    with labels_csv.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        fields = {name.lower(): name for name in reader.fieldnames or []}
+        for column in ("file", "boneage"):
+            if column not in fields:
+                raise ValueError(
+                    f"{labels_csv} has no '{column}' column (needs file, boneage[, male])"
+                )
+        for line, row in enumerate(reader, start=2):
+            path = folder / row[fields["file"]]
+            if not path.is_file():
+                raise ValueError(f"{labels_csv}:{line}: {path} does not exist")
+            try:
+                age = float(row[fields["boneage"]])
+            except ValueError as exc:
+                raise ValueError(f"{labels_csv}:{line}: boneage is not a number") from exc
+            if "male" in fields and row[fields["male"]].strip():
+                male = row[fields["male"]].strip().lower() in {"1", "true", "t", "yes", "m", "male"}
+            else:
+                sex = str(
+                    dcmread(path, stop_before_pixels=True, specific_tags=["PatientSex"]).get(
+                        "PatientSex", ""
+                    )
+                )
+                if sex.upper() not in {"M", "F"}:
+                    raise ValueError(
+                        f"{labels_csv}:{line}: no male column and PatientSex is {sex or 'empty'}"
+                    )
+                male = sex.upper() == "M"
+            key = hashlib.sha256(str(row[fields["file"]]).encode()).hexdigest()[:16]
+            items.append(LabelledImage(image=_loader(path), age_months=age, male=male, key=key))
+            if limit is not None and len(items) >= limit:
+                break
+    if not items:
+        raise ValueError(f"{labels_csv} lists no images")
+    return items
+
+
+def load_items(
+    *,
+    rsna_csv: Path | None,
+    rsna_images: Path | None,
+    dicom_dir: Path | None,
+    labels: Path | None,
+    phantoms: int | None,
+    phantom_size: int = 128,
+    limit: int | None = None,
+    seed: int = 0,
+) -> tuple[list[LabelledImage], str]:
+    """The items from exactly one source, and a description for the checkpoint."""
+    chosen = [rsna_csv is not None, dicom_dir is not None, phantoms is not None]
+    if sum(chosen) != 1:
+        raise ValueError(
+            "give exactly one data source: --rsna-csv/--rsna-images, "
+            "--dicom-dir/--labels or --phantoms"
+        )
+    if rsna_csv is not None:
+        if rsna_images is None:
+            raise ValueError("--rsna-csv needs --rsna-images (the folder of <id>.png)")
+        items = read_rsna(rsna_csv, rsna_images, limit=limit)
+        return items, f"RSNA layout: {rsna_csv.name}, {len(items)} images"
+    if dicom_dir is not None:
+        if labels is None:
+            raise ValueError("--dicom-dir needs --labels (CSV with file, boneage[, male])")
+        items = read_dicom_folder(dicom_dir, labels, limit=limit)
+        return items, f"DICOM folder with labels {labels.name}, {len(items)} images"
+    assert phantoms is not None
+    items = phantom_items(phantoms, size=phantom_size, seed=seed)
+    return items, f"synthetic phantoms: {phantoms} images of {phantom_size} px (seed {seed})"

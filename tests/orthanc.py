@@ -127,6 +127,7 @@ class OrthancServer:
         except AssertionError as exc:
             self.stop()
             raise AssertionError(f"{exc}\n{self.log_tail()}") from None
+        assert system is not None
         assert system["DicomAet"] == self.ae_title and system["DicomPort"] == self.dicom_port
         return self
 

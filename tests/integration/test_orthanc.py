@@ -57,12 +57,14 @@ class Stack:
             + (self.node.log_text()[-6000:])
         )
 
-    def wait(self, condition: Callable[[], T], *, what: str, timeout: float = 60) -> T:
+    def wait(self, condition: Callable[[], T | None], *, what: str, timeout: float = 60) -> T:
         """`wait_for`, with both logs in the message when it times out."""
         try:
-            return wait_for(condition, timeout=timeout, what=what, interval=0.25)
+            value = wait_for(condition, timeout=timeout, what=what, interval=0.25)
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{self.diagnostics()}") from None
+        assert value is not None  # wait_for returns only a truthy value
+        return value
 
 
 @pytest.fixture(scope="module")

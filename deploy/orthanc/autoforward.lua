@@ -1,0 +1,169 @@
+-- boneage-worker: auto-forward pediatric hand radiographs from Orthanc.
+--
+-- Loaded by Orthanc through "LuaScripts" in orthanc.json (Orthanc >= 1.9, tested
+-- with the Debian package 1.10.1). For every stored instance it decides once:
+--
+--   forward  CR or DX (by Modality or SOP class), hand or wrist by BodyPartExamined,
+--            or, when BodyPartExamined is empty, by the study/series/protocol/
+--            requested-procedure description ("HAND", "WRIST", "BONE AGE", ...);
+--   skip     everything else, and always whatever boneage-worker made or sent
+--            (received from its AE title, Manufacturer "boneage-worker", SR or
+--            Secondary Capture SOP classes): results must never go back to it.
+--
+-- Forwarding is an asynchronous Orthanc job (POST /modalities/BONEAGE/store with
+-- "Asynchronous": true), so a slow or absent boneage-worker never blocks the Lua
+-- thread. A failed job stays in /jobs (keep "SaveJobs": true); resend it with
+-- POST /jobs/<id>/resubmit. Failures are logged and marked on the instances.
+--
+-- The decision is written to the instance metadata "BoneAgeRouting" when that
+-- name is declared under "UserMetadata" in orthanc.json, so an administrator
+-- can ask Orthanc why an image was or was not sent:
+--   GET /instances/<id>/metadata/BoneAgeRouting
+--
+-- Log lines carry Orthanc resource ids (hashes) and attribute values that are
+-- not patient identifiers; never names, ids or UIDs.
+
+-- Symbolic name of boneage-worker in "DicomModalities" (not necessarily its AE title).
+local TARGET = 'BONEAGE'
+-- Manufacturer (General Equipment) of every object boneage-worker makes.
+local OUR_MANUFACTURER = 'boneage-worker'
+-- User-defined metadata that records the routing decision (optional).
+local ROUTING_METADATA = 'BoneAgeRouting'
+
+local RADIOGRAPH_MODALITIES = { CR = true, DX = true }
+local RADIOGRAPH_SOP_CLASSES = {
+  ['1.2.840.10008.5.1.4.1.1.1'] = true,    -- Computed Radiography Image Storage
+  ['1.2.840.10008.5.1.4.1.1.1.1'] = true,  -- Digital X-Ray Image Storage - For Presentation
+  ['1.2.840.10008.5.1.4.1.1.1.1.1'] = true -- Digital X-Ray Image Storage - For Processing
+}
+-- Body Part Examined values (PS3.16 Annex L, and spellings seen in the field).
+local HAND_BODY_PARTS = {
+  HAND = true, HANDS = true, WRIST = true, CARPUS = true, FINGER = true,
+  HANDWRIST = true, HAND_WRIST = true
+}
+-- Words searched, whole, in the descriptions when Body Part Examined is empty.
+local HAND_WORDS = {
+  'HAND', 'HANDS', 'WRIST', 'CARPUS', 'BONE AGE', 'BONEAGE', 'SKELETAL AGE',
+  'KNOCHENALTER', 'MAIN', 'POIGNET'
+}
+local DESCRIPTIONS = {
+  'StudyDescription', 'SeriesDescription', 'ProtocolName', 'RequestedProcedureDescription'
+}
+
+local targetAet = nil
+
+-- AE title of the TARGET modality, read once from Orthanc's own configuration.
+local function TargetAet()
+  if targetAet == nil then
+    local ok, answer = pcall(RestApiGet, '/modalities/' .. TARGET .. '/configuration')
+    if ok and answer ~= nil and answer ~= '' then
+      targetAet = ParseJson(answer)['AET']
+    else
+      print('boneage autoforward: modality ' .. TARGET .. ' is not declared in DicomModalities')
+      targetAet = TARGET
+    end
+  end
+  return targetAet
+end
+
+local function Trim(value)
+  return (string.gsub(value or '', '^%s*(.-)%s*$', '%1'))
+end
+
+local function Upper(value)
+  return string.upper(Trim(value))
+end
+
+-- Whole-word search: every non-alphanumeric run becomes one space.
+local function MentionsHand(tags)
+  local text = {}
+  for _, keyword in ipairs(DESCRIPTIONS) do
+    table.insert(text, Upper(tags[keyword]))
+  end
+  local words = ' ' .. string.gsub(table.concat(text, ' '), '[^%w]+', ' ') .. ' '
+  for _, word in ipairs(HAND_WORDS) do
+    if string.find(words, ' ' .. word .. ' ', 1, true) then
+      return true
+    end
+  end
+  return false
+end
+
+-- Returns (forward, reason); reason never holds patient data.
+function BoneAgeRoutingDecision(tags, origin)
+  local requestOrigin = origin['RequestOrigin'] or ''
+  if requestOrigin == 'Lua' then
+    return false, 'made by a Lua script'
+  end
+  if requestOrigin == 'DicomProtocol' and Upper(origin['RemoteAet']) == Upper(TargetAet()) then
+    return false, 'received from ' .. TARGET
+  end
+  if Trim(tags['Manufacturer']) == OUR_MANUFACTURER then
+    return false, 'made by boneage-worker'
+  end
+  local sopClass = Trim(tags['SOPClassUID'])
+  -- Structured reports (1.2.840.10008.5.1.4.1.1.88.*) and Secondary Captures
+  -- (1.2.840.10008.5.1.4.1.1.7*) are what boneage-worker sends back.
+  if string.find(sopClass, '1.2.840.10008.5.1.4.1.1.88.', 1, true) == 1
+    or sopClass == '1.2.840.10008.5.1.4.1.1.7'
+    or string.find(sopClass, '1.2.840.10008.5.1.4.1.1.7.', 1, true) == 1 then
+    return false, 'SR or Secondary Capture'
+  end
+  local modality = Upper(tags['Modality'])
+  if not RADIOGRAPH_MODALITIES[modality] and not RADIOGRAPH_SOP_CLASSES[sopClass] then
+    return false, 'modality ' .. (modality ~= '' and modality or 'empty') .. ', not CR or DX'
+  end
+  local bodyPart = string.gsub(Upper(tags['BodyPartExamined']), '[%s%-]+', '_')
+  if bodyPart ~= '' then
+    if HAND_BODY_PARTS[bodyPart] then
+      return true, 'body part ' .. bodyPart
+    end
+    return false, 'body part ' .. bodyPart .. ', not a hand'
+  end
+  if MentionsHand(tags) then
+    return true, 'description mentions the hand or bone age'
+  end
+  return false, 'no body part and no hand in the descriptions'
+end
+
+local function Mark(instanceId, text)
+  -- Fails quietly when ROUTING_METADATA is not declared under "UserMetadata".
+  pcall(RestApiPut, '/instances/' .. instanceId .. '/metadata/' .. ROUTING_METADATA, text)
+end
+
+function OnStoredInstance(instanceId, tags, metadata, origin)
+  local forward, reason = BoneAgeRoutingDecision(tags, origin)
+  if not forward then
+    Mark(instanceId, 'skipped: ' .. reason)
+    return
+  end
+  local request = { Resources = { instanceId }, Asynchronous = true, Permissive = false }
+  local ok, answer = pcall(RestApiPost, '/modalities/' .. TARGET .. '/store',
+                           DumpJson(request, true))
+  if ok and answer ~= nil and answer ~= '' then
+    local job = ParseJson(answer)['ID'] or '?'
+    Mark(instanceId, 'forwarded: ' .. reason .. ' (job ' .. job .. ')')
+    print('boneage autoforward: instance ' .. instanceId .. ' queued to ' .. TARGET ..
+          ' (' .. reason .. ', job ' .. job .. ')')
+  else
+    Mark(instanceId, 'forward failed: could not create the job')
+    print('boneage autoforward: ERROR cannot queue instance ' .. instanceId .. ' to ' .. TARGET)
+  end
+end
+
+function OnJobFailure(jobId)
+  local ok, answer = pcall(RestApiGet, '/jobs/' .. jobId)
+  if not ok or answer == nil or answer == '' then
+    return
+  end
+  local job = ParseJson(answer)
+  local content = job['Content'] or {}
+  if job['Type'] ~= 'DicomModalityStore' or Upper(content['RemoteAet']) ~= Upper(TargetAet()) then
+    return
+  end
+  print('boneage autoforward: ERROR job ' .. jobId .. ' to ' .. TARGET .. ' failed (' ..
+        tostring(job['ErrorDescription']) .. '); resend with POST /jobs/' .. jobId .. '/resubmit')
+  for _, instanceId in ipairs(content['ParentResources'] or {}) do
+    Mark(instanceId, 'forward failed: job ' .. jobId)
+  end
+end

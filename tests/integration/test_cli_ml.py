@@ -1,0 +1,142 @@
+"""`boneage-worker train`, `evaluate` and `predict` from the command line, on DICOM phantoms."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from dicom_io.synthetic import make_radiograph_dataset
+from models.checkpoint import load_checkpoint
+from models.phantoms import make_phantom
+from worker.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def dicom_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("dicom")
+    rng = np.random.default_rng(11)
+    rows = []
+    for i in range(36):
+        age = float(rng.uniform(24, 216))
+        sex = "M" if i % 2 else "F"
+        phantom = make_phantom(age, male=sex == "M", size=96, rng=rng)
+        ds = make_radiograph_dataset(
+            np.round(phantom.image * 4095).astype(np.uint16),
+            sex=sex,
+            birth_date=dt.date(2010, 1, 1),
+            study_date=dt.date(2020, 1, 1),
+        )
+        name = f"case{i:02d}.dcm"
+        ds.save_as(folder / name, enforce_file_format=True)
+        rows.append({"file": name, "boneage": f"{age:.1f}"})
+    labels = folder / "labels.csv"
+    with labels.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["file", "boneage"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder, labels
+
+
+def run(*args: str) -> str:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_train_resume_evaluate_predict_on_a_dicom_folder(
+    dicom_folder: tuple[Path, Path], tmp_path: Path
+) -> None:
+    folder, labels = dicom_folder
+    checkpoint, state = tmp_path / "model.safetensors", tmp_path / "state"
+    common = [
+        "--dicom-dir",
+        str(folder),
+        "--labels",
+        str(labels),
+        "--arch",
+        "resnet18",
+        "--input-size",
+        "64",
+        "--batch-size",
+        "8",
+        "--state-dir",
+        str(state),
+    ]
+    run("train", *common, "--epochs", "1", "--version", "test-1", "-o", str(checkpoint))
+    first = load_checkpoint(checkpoint)
+    assert first.meta.trained and first.meta.extra["version"] == "test-1"
+    assert "DICOM folder" in first.meta.data and "36 images" in first.meta.data
+    assert set(first.meta.quantiles) == {"0.8", "0.9", "0.95"}
+
+    output = run(
+        "train", *common, "--epochs", "2", "--resume", "--version", "test-1", "-o", str(checkpoint)
+    )
+    assert "wrote" in output
+    assert load_checkpoint(checkpoint).model_id != first.model_id  # trained on from epoch 1
+
+    report_dir = tmp_path / "report"
+    run(
+        "evaluate",
+        "--model",
+        str(checkpoint),
+        "--dicom-dir",
+        str(folder),
+        "--labels",
+        str(labels),
+        "-o",
+        str(report_dir),
+    )
+    metrics = json.loads((report_dir / "metrics.json").read_text())
+    assert {"mae", "rmse", "r2"} <= set(metrics["overall"])
+    for plot in ("pred_vs_true.png", "bland_altman.png", "residual_by_age.png"):
+        assert (report_dir / plot).stat().st_size > 0
+    assert "MAE" in (report_dir / "report.md").read_text()
+
+    predicted = run(
+        "predict",
+        "--model",
+        str(checkpoint),
+        str(folder / "case00.dcm"),
+        "--heatmap-dir",
+        str(tmp_path / "maps"),
+    )
+    assert "case00.dcm" in predicted and " y " in predicted
+    assert (tmp_path / "maps" / "case00-heatmap.png").stat().st_size > 0
+
+
+def test_train_needs_exactly_one_data_source(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["train", "-o", str(tmp_path / "m.safetensors")])
+    assert result.exit_code == 1
+    assert "give exactly one data source" in result.output
+
+
+def test_labels_without_boneage_column_are_named(
+    dicom_folder: tuple[Path, Path], tmp_path: Path
+) -> None:
+    folder, _ = dicom_folder
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,age\ncase00.dcm,100\n")
+    result = CliRunner().invoke(
+        main,
+        [
+            "evaluate",
+            "--model",
+            str(bad),
+            "--dicom-dir",
+            str(folder),
+            "--labels",
+            str(bad),
+            "-o",
+            str(tmp_path),
+        ],
+    )
+    assert result.exit_code == 1
+    assert "has no 'boneage' column" in result.output

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db.schema import Delivery, DeliveryState, Heartbeat, Instance, InstanceState, Result
+from db.schema import Delivery, DeliveryState, Heartbeat, Instance, InstanceState
 
 
 @dataclass(frozen=True)
@@ -113,8 +113,7 @@ def last_hour(session: Session, now: datetime) -> dict[str, Any]:
     delivered = list(
         session.execute(
             select(Instance.received_at, func.max(Delivery.delivered_at))
-            .join(Result, Result.instance_id == Instance.id)
-            .join(Delivery, Delivery.result_id == Result.id)
+            .join(Delivery, Delivery.instance_id == Instance.id)
             .where(Delivery.delivered_at >= since)
             .group_by(Instance.id, Instance.received_at)
         )

@@ -2,7 +2,7 @@
 
 Exactly-once is enforced here, by unique constraints, not by locks: one instance
 row per SOP Instance UID, one result per (instance, model), one delivery per
-(result, object kind, destination). A redelivered task that loses the race meets
+(output SOP Instance UID, destination). A redelivered task that loses the race meets
 an ``IntegrityError`` and stops.
 """
 
@@ -158,16 +158,22 @@ class Result(Base):
 
 
 class Delivery(Base):
-    """One DICOM object to send to one destination, with its retry state."""
+    """One DICOM object to send to one destination, with its retry state.
+
+    ``result_id`` is empty for the SR that reports an image as not assessed.
+    """
 
     __tablename__ = "deliveries"
     __table_args__ = (
-        UniqueConstraint("result_id", "kind", "destination", name="uq_deliveries_result_kind_dest"),
+        UniqueConstraint("sop_instance_uid", "destination", name="uq_deliveries_object_dest"),
         Index("ix_deliveries_state_next", "state", "next_attempt_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    result_id: Mapped[int] = mapped_column(ForeignKey("results.id", ondelete="CASCADE"))
+    instance_id: Mapped[int] = mapped_column(
+        ForeignKey("instances.id", ondelete="CASCADE"), index=True
+    )
+    result_id: Mapped[int | None] = mapped_column(ForeignKey("results.id", ondelete="CASCADE"))
     kind: Mapped[ObjectKind] = mapped_column(_enum(ObjectKind))
     destination: Mapped[str] = mapped_column(String(128))
     sop_instance_uid: Mapped[str] = mapped_column(String(64))
@@ -179,7 +185,7 @@ class Delivery(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     delivered_at: Mapped[datetime | None]
 
-    result: Mapped[Result] = relationship(back_populates="deliveries")
+    result: Mapped[Result | None] = relationship(back_populates="deliveries")
 
 
 class Heartbeat(Base):

@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "AI_RESULT_NOTICE",
     "DEFAULT_SDS_REFERENCE",
+    "MANUFACTURER",
     "UNTRAINED_WARNING",
     "BoneAgeFinding",
     "check_positive_int",
@@ -29,6 +30,8 @@ __all__ = [
 #: Reference population named next to every SDS value.
 DEFAULT_SDS_REFERENCE = "Greulich-Pyle atlas (Brush Foundation) standard deviations"
 #: Said on every output made by a model that was never trained.
+#: Manufacturer written into every object we create; the gate refuses such objects.
+MANUFACTURER = "boneage-worker"
 UNTRAINED_WARNING = "UNTRAINED MODEL - NOT FOR CLINICAL USE"
 #: Said on every output: the result is machine-made and unreviewed.
 AI_RESULT_NOTICE = "AI result - requires review"
@@ -77,6 +80,9 @@ class BoneAgeFinding:
         :data:`UNTRAINED_WARNING`.
     laterality : str or None
         ``"L"``, ``"R"`` or None (unknown) for the hand imaged.
+    notes : tuple of str
+        Caveats the reader must see (for example an assumed patient sex); shown in
+        the SR as comments and burned into the SC.
     sds_reference : str
         Reference population of the SDS, named next to it.
 
@@ -97,6 +103,7 @@ class BoneAgeFinding:
     model_trained: bool
     intervals: Mapping[float, tuple[float, float]] = field(default_factory=dict)
     laterality: str | None = None
+    notes: tuple[str, ...] = ()
     sds_reference: str = DEFAULT_SDS_REFERENCE
 
     def __post_init__(self) -> None:
@@ -175,6 +182,7 @@ class BoneAgeFinding:
             lines.append(
                 f"{round(level * 100):d}% interval: {format_age(low)} - {format_age(high)}"
             )
+        lines.extend(self.notes)
         lines.append(f"Model: {self.model_name} {self.model_version} ({self.model_id[:12]})")
         lines.append(AI_RESULT_NOTICE)
         if not self.model_trained:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pydicom import Dataset
 from pydicom import uid as pyuid
 
+from dicom_io.content import MANUFACTURER
+
 #: SOP classes that carry a projection radiograph (or a capture of one).
 RADIOGRAPH_SOP_CLASSES: dict[str, str] = {
     pyuid.ComputedRadiographyImageStorage: "CR",
@@ -133,6 +135,10 @@ def check(
     if sop not in RADIOGRAPH_SOP_CLASSES:
         name = pyuid.UID(sop).name if sop else "missing"
         return no(f"SOP class {name} is not a projection radiograph (CR, DX or Secondary Capture)")
+    if str(ds.get("Manufacturer", "") or "").strip() == MANUFACTURER:
+        # Our own SC is a hand image with sex and body part: assessing it again would
+        # loop forever with a PACS that forwards everything it stores.
+        return no("made by boneage-worker (one of our own results)")
     if not ds.get("StudyInstanceUID"):
         return no("StudyInstanceUID is missing: results could not be placed in the study")
     if "PixelData" not in ds and "FloatPixelData" not in ds:

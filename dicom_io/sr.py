@@ -40,6 +40,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from dicom_io import codes
 from dicom_io.content import (
     AI_RESULT_NOTICE,
+    MANUFACTURER,
     UNTRAINED_WARNING,
     BoneAgeFinding,
     check_positive_int,
@@ -58,7 +59,6 @@ __all__ = [
 ]
 
 #: Manufacturer written into General Equipment of everything this node makes.
-MANUFACTURER = "boneage-worker"
 #: The publication behind the Greulich-Pyle standard deviations.
 SDS_REFERENCE_AUTHORITY = (
     "Greulich WW, Pyle SI. Radiographic Atlas of Skeletal Development of the Hand "
@@ -380,7 +380,7 @@ def build_bone_age_sr(
         measurements=_measurements(finding),
         source_images=[_source_image(evidence)],
     )
-    comments = [AI_RESULT_NOTICE]
+    comments = [*finding.notes, AI_RESULT_NOTICE]
     if not finding.model_trained:
         comments.insert(0, UNTRAINED_WARNING)
     for text in comments:

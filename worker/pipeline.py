@@ -35,11 +35,11 @@ from db.schema import (
 )
 from db.schema import utcnow as now
 from dicom_io import gate
-from dicom_io.content import BoneAgeFinding
+from dicom_io.content import MANUFACTURER, BoneAgeFinding
 from dicom_io.pixels import PixelDataError, decode_for_display
 from dicom_io.sc import build_heatmap_sc, render_overlay
 from dicom_io.scp import fsync_directory, uid_tag
-from dicom_io.sr import build_bone_age_sr
+from dicom_io.sr import build_bone_age_sr, build_not_assessed_sr
 from worker.runtime import SOFTWARE_NAME, Runtime
 
 if TYPE_CHECKING:
@@ -143,46 +143,50 @@ def assess_instance(rt: Runtime, instance_id: int) -> AssessOutcome:
         _finish(rt, instance_id, InstanceState.NOT_ASSESSED, reason)
         return AssessOutcome("not_assessed", reason=reason)
 
-    decision = gate.check(ds, max_age_years=19.0)
+    decision = gate.check(ds, require_sex=settings.missing_sex == "reject")
     if not decision.accepted:
-        _finish(rt, instance_id, InstanceState.NOT_ASSESSED, decision.reason)
-        logger.info("instance %d not assessed: %s", instance_id, decision.reason)
-        return AssessOutcome("not_assessed", reason=decision.reason)
+        return _not_assessed(rt, instance_id, ds, sop_instance_uid, decision.reason or "")
     facts = decision.facts
-    assert facts.male is not None  # the gate requires sex
+    notes: list[str] = []
+    male = facts.male
+    if male is None:
+        male = settings.missing_sex == "male"
+        notes.append(
+            f"Patient sex not recorded: assessed as {'male' if male else 'female'} "
+            "(site setting BONEAGE_MISSING_SEX)"
+        )
 
     try:
         image = decode_for_display(ds)
     except PixelDataError as exc:
-        reason = f"pixel data cannot be decoded: {exc}"
-        _finish(rt, instance_id, InstanceState.NOT_ASSESSED, reason)
-        logger.info("instance %d not assessed: pixel data cannot be decoded", instance_id)
-        return AssessOutcome("not_assessed", reason=reason)
+        return _not_assessed(
+            rt, instance_id, ds, sop_instance_uid, f"pixel data cannot be decoded: {exc}"
+        )
 
     predictor = rt.predictor
     started = time.perf_counter()
-    prediction = predictor.predict(image, male=facts.male)
+    prediction = predictor.predict(image, male=male)
     elapsed = time.perf_counter() - started
 
     from models.reference import bone_age_sds
 
     chronological = chronological_age_months(facts)
     sds = (
-        bone_age_sds(prediction.bone_age_months, chronological, male=facts.male)
+        bone_age_sds(prediction.bone_age_months, chronological, male=male)
         if chronological is not None
         else None
     )
-    meta = predictor.meta
     finding = BoneAgeFinding(
         bone_age_months=prediction.bone_age_months,
         chronological_age_months=chronological,
         sds=sds,
         intervals=dict(prediction.intervals),
         model_id=predictor.model_id,
-        model_name=f"BoneAgeNet {meta.arch}",
+        model_name=f"BoneAgeNet {predictor.meta.arch}",
         model_version=model_version(predictor),
-        model_trained=bool(meta.trained),
+        model_trained=bool(predictor.meta.trained),
         laterality=facts.laterality,
+        notes=tuple(notes),
     )
 
     # Output identities depend only on (source instance, model): see module docstring.
@@ -206,33 +210,91 @@ def assess_instance(rt: Runtime, instance_id: int) -> AssessOutcome:
         sop_instance_uid=sc_uid,
         series_number=SC_SERIES_NUMBER,
     )
-    outputs = {
-        ObjectKind.SR: (sr_uid, settings.outbox_dir / f"{uid_tag(sr_uid)}-sr.dcm"),
-        ObjectKind.SC: (sc_uid, settings.outbox_dir / f"{uid_tag(sc_uid)}-sc.dcm"),
-    }
-    write_atomically(sr, outputs[ObjectKind.SR][1])
-    write_atomically(sc, outputs[ObjectKind.SC][1])
+    outputs = [
+        (ObjectKind.SR, sr_uid, _write_output(rt, sr, sr_uid, "sr")),
+        (ObjectKind.SC, sc_uid, _write_output(rt, sc, sc_uid, "sc")),
+    ]
 
     _ensure_model(rt, predictor)
+    result = Result(
+        instance_id=instance_id,
+        model_id=model_id,
+        bone_age_months=prediction.bone_age_months,
+        chronological_age_months=chronological,
+        sds=sds,
+        intervals={str(k): list(v) for k, v in prediction.intervals.items()},
+        male=male,
+        laterality=facts.laterality,
+        inference_seconds=elapsed,
+        device=predictor.device[:64],
+    )
+    caveats = [*notes] + ([] if finding.model_trained else ["assessed by an UNTRAINED model"])
+    outcome = _commit(
+        rt, instance_id, InstanceState.ASSESSED, "; ".join(caveats) or None, result, outputs
+    )
+    if outcome.state == "assessed":
+        logger.info(
+            "instance %d assessed in %.2fs on %s (%d deliveries)",
+            instance_id,
+            elapsed,
+            predictor.device,
+            len(outcome.delivery_ids),
+        )
+    return outcome
+
+
+def _write_output(rt: Runtime, ds: Dataset, uid: str, kind: str) -> Path:
+    path = rt.settings.outbox_dir / f"{uid_tag(uid)}-{kind}.dcm"
+    write_atomically(ds, path)
+    return path
+
+
+def _not_assessed(
+    rt: Runtime, instance_id: int, ds: Dataset, sop_instance_uid: str, reason: str
+) -> AssessOutcome:
+    """Record why an image was not assessed; send an SR saying so when configured."""
+    logger.info("instance %d not assessed: %s", instance_id, reason)
+    settings = rt.settings
+    ours = str(ds.get("Manufacturer", "") or "").strip() == MANUFACTURER
+    if (
+        not (settings.send_not_assessed and settings.destinations)
+        or ours
+        or not ds.get("StudyInstanceUID")
+    ):
+        _finish(rt, instance_id, InstanceState.NOT_ASSESSED, reason)
+        return AssessOutcome("not_assessed", reason=reason)
+    sr_uid = derived_uid(sop_instance_uid, "not-assessed-sr")
+    sr = build_not_assessed_sr(
+        ds,
+        reason,
+        series_instance_uid=derived_uid(sop_instance_uid, "not-assessed-series"),
+        sop_instance_uid=sr_uid,
+        series_number=SR_SERIES_NUMBER,
+        device_observer_uid=rt.device_observer_uid,
+    )
+    outputs = [(ObjectKind.SR, sr_uid, _write_output(rt, sr, sr_uid, "not-assessed-sr"))]
+    outcome = _commit(rt, instance_id, InstanceState.NOT_ASSESSED, reason, None, outputs)
+    return AssessOutcome("not_assessed", delivery_ids=outcome.delivery_ids, reason=reason)
+
+
+def _commit(
+    rt: Runtime,
+    instance_id: int,
+    state: InstanceState,
+    reason: str | None,
+    result: Result | None,
+    outputs: list[tuple[ObjectKind, str, Path]],
+) -> AssessOutcome:
+    """Result, deliveries and the instance's final state in one transaction."""
     try:
         with session_scope(rt.database_url) as session:
-            result = Result(
-                instance_id=instance_id,
-                model_id=model_id,
-                bone_age_months=prediction.bone_age_months,
-                chronological_age_months=chronological,
-                sds=sds,
-                intervals={str(k): list(v) for k, v in prediction.intervals.items()},
-                male=facts.male,
-                laterality=facts.laterality,
-                inference_seconds=elapsed,
-                device=predictor.device[:64],
-            )
-            session.add(result)
-            session.flush()
+            if result is not None:
+                session.add(result)
+                session.flush()
             deliveries = [
                 Delivery(
-                    result_id=result.id,
+                    instance_id=instance_id,
+                    result_id=result.id if result is not None else None,
                     kind=kind,
                     destination=str(destination),
                     sop_instance_uid=uid,
@@ -240,29 +302,21 @@ def assess_instance(rt: Runtime, instance_id: int) -> AssessOutcome:
                     state=DeliveryState.PENDING,
                     next_attempt_at=now(),
                 )
-                for destination in settings.destinations
-                for kind, (uid, path) in outputs.items()
+                for destination in rt.settings.destinations
+                for kind, uid, path in outputs
             ]
             session.add_all(deliveries)
             instance = session.get_one(Instance, instance_id)
-            instance.state = InstanceState.ASSESSED
-            instance.reason = None if finding.model_trained else "assessed by an UNTRAINED model"
+            instance.state = state
+            instance.reason = reason
             instance.finished_at = now()
             session.flush()
             delivery_ids = tuple(d.id for d in deliveries)
     except IntegrityError:
-        # Another attempt committed the same result first; its deliveries stand.
-        logger.info("instance %d: result already recorded by another attempt", instance_id)
+        # Another attempt committed the same outputs first; its deliveries stand.
+        logger.info("instance %d: outputs already recorded by another attempt", instance_id)
         return AssessOutcome("duplicate")
-
-    logger.info(
-        "instance %d assessed in %.2fs on %s (%d deliveries)",
-        instance_id,
-        elapsed,
-        predictor.device,
-        len(delivery_ids),
-    )
-    return AssessOutcome("assessed", delivery_ids=delivery_ids)
+    return AssessOutcome(state.value, delivery_ids=delivery_ids, reason=reason)
 
 
 def model_version(predictor: BoneAgePredictor) -> str:

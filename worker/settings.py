@@ -14,7 +14,7 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
@@ -129,6 +129,7 @@ class Settings(BaseSettings):
 
     # Behaviour
     send_not_assessed: bool = False
+    missing_sex: Literal["reject", "female", "male"] = "reject"
     delivery_max_attempts: int = Field(8, ge=1)
     delivery_backoff_seconds: float = Field(30.0, gt=0)
     delivery_backoff_max_seconds: float = Field(3600.0, gt=0)

@@ -102,3 +102,16 @@ def test_one_result_per_instance_and_model(database_url: str) -> None:
 def test_unreachable_database_is_named() -> None:
     with pytest.raises(DatabaseNotReady, match="cannot reach the database"):
         check_schema("postgresql+psycopg://nobody@127.0.0.1:1/none")
+
+
+def test_migrations_match_the_schema(database_url: str) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from db.engine import get_engine
+    from db.schema import Base
+
+    upgrade(database_url)
+    with get_engine(database_url).connect() as connection:
+        differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+    assert differences == []

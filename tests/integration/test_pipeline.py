@@ -182,3 +182,78 @@ def test_outbox_has_no_uid_in_file_names(runtime: Runtime, tmp_path: Path) -> No
     names = [p.name for p in runtime.settings.outbox_dir.iterdir()]
     assert len(names) == 2 and all(not n.startswith("1.") and "2.25" not in n for n in names)
     shutil.rmtree(runtime.settings.outbox_dir)
+
+
+def test_not_assessed_sr_is_sent_when_configured(
+    tmp_path: Path, tiny_checkpoint: Path, storescp: StoreSCP
+) -> None:
+    settings = load_settings(
+        data_dir=tmp_path / "data",
+        model=tiny_checkpoint,
+        destinations=storescp.destination,
+        send_not_assessed=True,
+    )
+    upgrade(settings.effective_database_url)
+    rt = Runtime(settings)
+    outcome = assess_instance(rt, spool_instance(rt, tmp_path, modality="CT"))
+    assert outcome.state == "not_assessed" and len(outcome.delivery_ids) == 1
+    assert deliver_one(rt, outcome.delivery_ids[0]).state == "delivered"
+    [received] = storescp.wait_for_objects(1, timeout=30)
+    assert dciodvfy_errors(received) == []
+    text = dsrdump(received)
+    assert "Not assessed: SOP class CT Image Storage is not a projection radiograph" in text
+    assert 'NUM:(,,"Bone age")' not in text  # a refused image never yields a number
+    assert 'CODE:(,,"Bone age")=(373121007,SCT,"Not Evaluated")' in text
+    with session_scope(rt.database_url) as session:
+        assert list(session.scalars(select(Result))) == []
+
+
+def test_missing_sex_follows_the_site_setting(
+    tmp_path: Path, tiny_checkpoint: Path, storescp: StoreSCP
+) -> None:
+    refuse = load_settings(
+        data_dir=tmp_path / "a", model=tiny_checkpoint, destinations=storescp.destination
+    )
+    upgrade(refuse.effective_database_url)
+    rt = Runtime(refuse)
+    outcome = assess_instance(rt, spool_instance(rt, tmp_path, sex="O"))
+    assert (
+        outcome.state == "not_assessed"
+        and outcome.reason == "patient sex is O; the model needs M or F"
+    )
+
+    assume = load_settings(
+        data_dir=tmp_path / "b",
+        model=tiny_checkpoint,
+        destinations=storescp.destination,
+        missing_sex="female",
+    )
+    upgrade(assume.effective_database_url)
+    rt = Runtime(assume)
+    instance_id = spool_instance(rt, tmp_path, sex="O")
+    outcome = assess_instance(rt, instance_id)
+    assert outcome.state == "assessed"
+    with session_scope(rt.database_url) as session:
+        assert session.get_one(Instance, instance_id).reason.startswith(
+            "Patient sex not recorded: assessed as female"
+        )
+        [result] = session.scalars(select(Result))
+        assert result.male is False
+        sr_path = next(
+            Path(d.path) for d in session.scalars(select(Delivery)) if d.kind.value == "sr"
+        )
+    assert "Patient sex not recorded: assessed as female" in dsrdump(sr_path)
+
+
+def test_our_own_outputs_are_never_assessed_again(runtime: Runtime, tmp_path: Path) -> None:
+    outcome = assess_instance(runtime, spool_instance(runtime, tmp_path))
+    with session_scope(runtime.database_url) as session:
+        sc_path = next(
+            Path(d.path) for d in session.scalars(select(Delivery)) if d.kind.value == "sc"
+        )
+    sc = dcmread(sc_path)
+    assert sc.BodyPartExamined == "HAND" and sc.PatientSex in {"M", "F"}  # it would pass otherwise
+    from dicom_io import gate
+
+    assert gate.check(sc).reason == "made by boneage-worker (one of our own results)"
+    assert outcome.state == "assessed"

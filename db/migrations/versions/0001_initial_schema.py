@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-23 10:16:07.286311
+Create Date: 2026-11-23 10:41:47.777619
 """
 
 from __future__ import annotations
@@ -110,7 +110,8 @@ def upgrade() -> None:
     op.create_table(
         "deliveries",
         sa.Column("id", sa.Integer(), nullable=False),
-        sa.Column("result_id", sa.Integer(), nullable=False),
+        sa.Column("instance_id", sa.Integer(), nullable=False),
+        sa.Column("result_id", sa.Integer(), nullable=True),
         sa.Column(
             "kind",
             sa.Enum("sr", "sc", name="objectkind", native_enum=False, length=16),
@@ -132,17 +133,24 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("delivered_at", sa.DateTime(timezone=True), nullable=True),
         sa.ForeignKeyConstraint(
+            ["instance_id"],
+            ["instances.id"],
+            name=op.f("fk_deliveries_instance_id_instances"),
+            ondelete="CASCADE",
+        ),
+        sa.ForeignKeyConstraint(
             ["result_id"],
             ["results.id"],
             name=op.f("fk_deliveries_result_id_results"),
             ondelete="CASCADE",
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_deliveries")),
-        sa.UniqueConstraint(
-            "result_id", "kind", "destination", name="uq_deliveries_result_kind_dest"
-        ),
+        sa.UniqueConstraint("sop_instance_uid", "destination", name="uq_deliveries_object_dest"),
     )
     with op.batch_alter_table("deliveries", schema=None) as batch_op:
+        batch_op.create_index(
+            batch_op.f("ix_deliveries_instance_id"), ["instance_id"], unique=False
+        )
         batch_op.create_index(
             "ix_deliveries_state_next", ["state", "next_attempt_at"], unique=False
         )
@@ -151,6 +159,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     with op.batch_alter_table("deliveries", schema=None) as batch_op:
         batch_op.drop_index("ix_deliveries_state_next")
+        batch_op.drop_index(batch_op.f("ix_deliveries_instance_id"))
 
     op.drop_table("deliveries")
     op.drop_table("results")

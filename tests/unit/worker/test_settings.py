@@ -67,6 +67,7 @@ def test_documented_environment_names(tmp_path: Path, monkeypatch: pytest.Monkey
     assert settings.spool_dir == tmp_path / "data" / "spool"
     assert settings.model == tmp_path / "m.safetensors"
     assert settings.device == "cuda:1"
+    assert settings.missing_sex == "reject"
 
 
 def test_precedence_cli_over_env_over_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

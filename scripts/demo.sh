@@ -57,7 +57,7 @@ sc=$(grep -L -a "1.2.840.10008.5.1.4.1.1.88.33" "$demo"/pacs/* | head -n1)
 echo
 echo "==> the Structured Report that came back (dsrdump):"
 dsrdump "$sr" | sed -n '/Measurement Group/,$p'
-dcmj2pnm --write-png "$sc" "$demo/heatmap.png"
+dcmj2pnm --write-png --nointerlace "$sc" "$demo/heatmap.png"
 echo
 echo "==> the heat-map Secondary Capture, rendered by dcmj2pnm: $demo/heatmap.png"
 echo

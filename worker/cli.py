@@ -31,6 +31,7 @@ def setup_logging(level: str) -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     # highdicom logs the UIDs of the datasets it copies from at INFO.
     logging.getLogger("highdicom").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("celery").setLevel(max(logging.INFO, logging.getLevelName(level)))
 
 

@@ -36,6 +36,9 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 logger = logging.getLogger(__name__)
 
+#: Verification SOP Class (C-ECHO), PS3.4 Annex A.
+VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
+
 # Status codes of the Storage Service Class (PS3.4 Annex B.2.3).
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
@@ -194,7 +197,7 @@ class StorageSCP:
         ae.dimse_timeout = 120
         for uid in image_storage_sop_classes():
             ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))
-        ae.add_supported_context(sop_class.Verification)
+        ae.add_supported_context(VERIFICATION_SOP_CLASS)
         return ae
 
     def start(self) -> None:
@@ -249,6 +252,7 @@ class StorageSCP:
 
     def _on_requested(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor
+        assert requestor.primitive is not None  # EVT_REQUESTED: the A-ASSOCIATE-RQ is in
         calling = requestor.primitive.calling_ae_title.strip()
         pins = {host for ae, host in self._allowed if ae == calling}
         peer_host = requestor.address
@@ -261,6 +265,7 @@ class StorageSCP:
 
     def _on_rejected(self, event: evt.Event) -> None:
         primitive = event.assoc.requestor.primitive
+        assert primitive is not None
         logger.warning(
             "rejected association from calling AE %r to called AE %r at %s",
             primitive.calling_ae_title.strip(),

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
-from pynetdicom import AE, sop_class
+from pynetdicom import AE
+
+from dicom_io.scp import VERIFICATION_SOP_CLASS
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +36,7 @@ def echo(
 ) -> bool:
     """C-ECHO a node; True when it answered Success."""
     ae = AE(ae_title=calling_ae_title)
-    ae.add_requested_context(sop_class.Verification)
+    ae.add_requested_context(VERIFICATION_SOP_CLASS)
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout
     assoc = ae.associate(host, port, ae_title=ae_title)
     if not assoc.is_established:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import click
 from pydantic import ValidationError
@@ -363,6 +363,29 @@ def send(
         ctx.exit(1)
 
 
+@main.command()
+@click.argument("destination")
+@click.option("--calling-ae", default=None, help="Our AE title (default BONEAGE_AE_TITLE).")
+@click.pass_context
+def echo(ctx: click.Context, destination: str, calling_ae: str | None) -> None:
+    """C-ECHO a DICOM node given as AE@host:port (checks a destination or our listener)."""
+    from dicom_io.scu import echo as c_echo
+    from worker.settings import Destination
+
+    settings = _settings(ctx)
+    try:
+        dest = Destination.parse(destination)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="DESTINATION") from exc
+    if c_echo(
+        dest.ae_title, dest.host, dest.port, calling_ae_title=calling_ae or settings.ae_title
+    ):
+        console.print(f"{dest}: C-ECHO succeeded")
+    else:
+        console.print(f"[red]{dest}: no C-ECHO answer[/]")
+        ctx.exit(1)
+
+
 @main.command("demo-image")
 @click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--age-months", type=float, default=120.0, show_default=True)
@@ -523,12 +546,12 @@ def train(
     config = TrainConfig(
         arch=arch,
         input_size=input_size,
-        pretrained=pretrained,  # type: ignore[arg-type]
+        pretrained=cast(Literal["imagenet"] | None, pretrained),
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
-        loss=loss,
-        schedule=schedule,  # type: ignore[arg-type]
+        loss=cast(Literal["l1", "mse", "huber"], loss),
+        schedule=cast(Literal["cosine", "plateau"], schedule),
         patience=patience,
         val_fraction=val_fraction,
         augment=augment,
@@ -625,7 +648,7 @@ def predict(
         f"{predictor.model_id[:12]})"
     )
     for col in ("file", "sex", "bone age", "chronological", "SDS", "90% interval", "note"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for path in files:
         chronological: float | None = None
         laterality = None

@@ -21,7 +21,12 @@ from dicom_io.scp import ReceivedInstance, StorageSCP
 from worker.celery_app import app as celery_app
 from worker.celery_app import queue_depths
 from worker.heartbeat import HeartbeatThread
-from worker.messaging import Enqueuer, enqueue_assess, enqueue_delivery
+from worker.messaging import (
+    Enqueuer,
+    enqueue_assess,
+    enqueue_delivery,
+    prune_embedded_broker,
+)
 from worker.reconciler import reconcile
 from worker.runtime import Runtime
 from worker.settings import Settings
@@ -140,6 +145,10 @@ class Listener:
     def _reconcile_loop(self) -> None:
         while not self._stop.wait(self.settings.reconcile_interval_seconds):
             self.reconcile_once()
+            try:
+                prune_embedded_broker(self.settings.effective_broker_url)
+            except Exception as exc:
+                logger.warning("embedded broker not pruned (%s)", type(exc).__name__)
 
     def serve_forever(self) -> None:
         """Run until SIGTERM or SIGINT."""

@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from datetime import datetime, timedelta
 
-from sqlalchemy import update
+from sqlalchemy import create_engine, inspect, text, update
 
 from db.engine import session_scope
 from db.schema import Instance, InstanceState
@@ -84,3 +85,28 @@ class Enqueuer:
                 mark_queued(self._database_url, instance_id)
             except Exception:
                 logger.exception("instance %d published but not marked queued", instance_id)
+
+
+def prune_embedded_broker(broker_url: str, older_than: timedelta = timedelta(hours=1)) -> int:
+    """Delete consumed messages from the embedded (SQLite) broker; returns how many.
+
+    kombu's SQLAlchemy transport marks a consumed message invisible but never deletes
+    it, so a long-running embedded install would grow its broker file without end.
+    A message consumed an hour ago is done or lost; the reconciler covers the lost.
+    """
+    if not broker_url.startswith("sqla+"):
+        return 0
+    engine = create_engine(broker_url.removeprefix("sqla+"), connect_args={"timeout": 30})
+    try:
+        with engine.begin() as connection:
+            if not inspect(connection).has_table("kombu_message"):
+                return 0
+            # kombu stores local naive times (datetime.now).
+            cutoff = datetime.now() - older_than
+            result = connection.execute(
+                text("DELETE FROM kombu_message WHERE visible = 0 AND timestamp < :cutoff"),
+                {"cutoff": cutoff},
+            )
+            return int(result.rowcount or 0)
+    finally:
+        engine.dispose()

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import ColumnElement, or_, select, update
 
 from db.engine import session_scope
 from db.schema import Delivery, DeliveryState, Instance, InstanceState
@@ -55,8 +55,10 @@ def reconcile(
     current = now()
     stale = current - timedelta(seconds=settings.requeue_after_seconds)
     with session_scope(rt.database_url) as session:
-        conditions = [
-            (Instance.state == InstanceState.RECEIVED) & (Instance.received_at < stale),
+        received = Instance.state == InstanceState.RECEIVED
+        conditions: list[ColumnElement[bool]] = [
+            # At start-up nothing can be in flight: every `received` row is re-queued.
+            received if startup else received & (Instance.received_at < stale),
             (Instance.state == InstanceState.PROCESSING)
             & (Instance.started_at < current - PROCESSING_LEASE),
         ]
@@ -65,8 +67,6 @@ def reconcile(
                 (Instance.state == InstanceState.QUEUED)
                 & (Instance.queued_at < (current if startup else stale))
             )
-        if startup:
-            conditions[0] = Instance.state == InstanceState.RECEIVED
         instance_ids = list(
             session.scalars(select(Instance.id).where(or_(*conditions)).order_by(Instance.id))
         )

@@ -26,15 +26,6 @@ logger = logging.getLogger(__name__)
 SOFTWARE_NAME = "boneage-worker"
 
 
-def software_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("boneage-worker")
-    except PackageNotFoundError:
-        return "0+unknown"
-
-
 @dataclass
 class Runtime:
     settings: Settings

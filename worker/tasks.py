@@ -19,7 +19,7 @@ from worker.delivery import deliver_one
 from worker.heartbeat import HeartbeatThread
 from worker.messaging import enqueue_assess, enqueue_delivery
 from worker.pipeline import assess_instance
-from worker.reconciler import reconcile
+from worker.reconciler import ReconcileReport, reconcile
 from worker.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def reconcile_task() -> dict[str, int]:
     return {"instances": len(report.instances), "deliveries": len(report.deliveries)}
 
 
-def run_reconcile(*, startup: bool = False):  # type: ignore[no-untyped-def]
+def run_reconcile(*, startup: bool = False) -> ReconcileReport:
     try:
         empty = queue_depths(app).get("inference", 0) == 0
     except Exception:

@@ -27,7 +27,7 @@ def dicom_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     for i in range(36):
         age = float(rng.uniform(24, 216))
         sex = "M" if i % 2 else "F"
-        phantom = make_phantom(age, male=sex == "M", size=96, rng=rng)
+        phantom = make_phantom(age, male=sex == "M", size=128, rng=rng)
         ds = make_radiograph_dataset(
             np.round(phantom.image * 4095).astype(np.uint16),
             sex=sex,

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from db.schema import Delivery, DeliveryState, Instance, InstanceState, Result
 from tests.conftest import StoreSCP
 from tests.dicomtools import dciodvfy_errors, dsrdump
 from tests.support import dcmtk_tool, free_port, wait_for, wait_for_port
+from worker.messaging import prune_embedded_broker
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -192,6 +194,10 @@ def test_embedded_defaults_serve(
     check_round_trip(node, database_url, storescp, hand, port)
 
     assert node.stop() == [0]
+    # Consumed messages are pruned from the embedded broker (else it grows for ever).
+    broker = f"sqla+sqlite:///{tmp_path / 'data' / 'broker.db'}"
+    assert prune_embedded_broker(broker, older_than=timedelta(0)) >= 4  # 2 assess, 2 deliver
+    assert prune_embedded_broker(broker, older_than=timedelta(0)) == 0
     logs = node.log_text()
     assert "instance 2 assessed" in logs or "assessed in" in logs
     for value in PATIENT_VALUES:

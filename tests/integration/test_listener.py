@@ -235,3 +235,19 @@ def test_disk_failure_answers_out_of_resources(
     target.parent.write_bytes(b"not a directory")
     assert _pynetdicom_store(h.scp.port, source) == OUT_OF_RESOURCES
     assert h.rows() == []
+
+
+def test_echo_command_reaches_the_listener(harness_factory: Callable[..., Harness]) -> None:
+    from click.testing import CliRunner
+
+    from worker.cli import main
+
+    h = harness_factory(allowed=[("PACS", None)])
+    ok = CliRunner().invoke(
+        main, ["echo", f"BONEAGE@127.0.0.1:{h.scp.port}", "--calling-ae", "PACS"]
+    )
+    assert ok.exit_code == 0 and "C-ECHO succeeded" in ok.output
+    refused = CliRunner().invoke(
+        main, ["echo", f"BONEAGE@127.0.0.1:{h.scp.port}", "--calling-ae", "NOBODY"]
+    )
+    assert refused.exit_code == 1 and "no C-ECHO answer" in refused.output

@@ -18,7 +18,7 @@ from dicom_io.scp import ReceivedInstance, spool_path
 from dicom_io.synthetic import make_radiograph_dataset
 from models.phantoms import make_phantom
 from tests.conftest import StoreSCP
-from tests.dicomtools import dciodvfy_errors, dsrdump
+from tests.dicomtools import dciodvfy_errors, dsr2html, dsrdump
 from tests.support import free_port
 from worker.delivery import deliver_one, reset_failed
 from worker.listener import record_instance
@@ -106,6 +106,8 @@ def test_assess_then_deliver_sr_and_sc(
         result.bone_age_months, abs=0.01
     )
     assert "UNTRAINED" in text  # the tiny checkpoint is random weights and says so
+    html = dsr2html(by_modality["SR"])
+    assert "Bone age" in html and "UNTRAINED MODEL - NOT FOR CLINICAL USE" in html
     assert (
         dcmread(by_modality["OT"] if "OT" in by_modality else received[1]).BurnedInAnnotation
         == "YES"

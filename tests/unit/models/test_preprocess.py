@@ -11,7 +11,10 @@ from PIL import Image
 from models.phantoms import make_phantom
 from models.preprocess import cam_to_image, hand_box, normalise_intensity, otsu_threshold, prepare
 
-REAL_HANDS = sorted(Path("/work/shared/data/real-hands").glob("*.png"))
+# shared/ lies beside the repository on the development machines and in CI.
+REAL_HANDS = sorted(
+    (Path(__file__).resolve().parents[4] / "shared" / "data" / "real-hands").glob("*.png")
+)
 
 
 def _load(path: Path) -> np.ndarray:

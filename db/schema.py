@@ -109,6 +109,7 @@ class Instance(Base):
     state: Mapped[InstanceState] = mapped_column(_enum(InstanceState), index=True)
     reason: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    claimed_by: Mapped[str | None] = mapped_column(String(128))  # heartbeat name of the worker
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     queued_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]

@@ -40,6 +40,7 @@ from dicom_io.pixels import PixelDataError, decode_for_display
 from dicom_io.sc import build_heatmap_sc, render_overlay
 from dicom_io.scp import fsync_directory, uid_tag
 from dicom_io.sr import build_bone_age_sr, build_not_assessed_sr
+from worker.heartbeat import process_name
 from worker.runtime import SOFTWARE_NAME, Runtime
 
 if TYPE_CHECKING:
@@ -107,6 +108,7 @@ def _claim(rt: Runtime, instance_id: int) -> tuple[Path, str] | AssessOutcome:
             logger.error("assess: instance %d gave up after %d attempts", instance_id, MAX_ATTEMPTS)
             return AssessOutcome("error", reason=instance.reason)
         instance.state = InstanceState.PROCESSING
+        instance.claimed_by = process_name("worker")
         instance.started_at = now()
         instance.attempts += 1
         return Path(instance.spool_path), instance.sop_instance_uid

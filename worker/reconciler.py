@@ -16,14 +16,16 @@ from datetime import timedelta
 from sqlalchemy import ColumnElement, or_, select, update
 
 from db.engine import session_scope
-from db.schema import Delivery, DeliveryState, Instance, InstanceState
+from db.schema import Delivery, DeliveryState, Heartbeat, Instance, InstanceState
 from db.schema import utcnow as now
 from worker.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
-#: An instance `processing` for longer than this is assumed orphaned by a dead worker.
+#: An instance `processing` for longer than this is assumed orphaned, whatever its worker.
 PROCESSING_LEASE = timedelta(minutes=30)
+#: A worker whose heartbeat is older than this is dead (heartbeats come every 10 s).
+WORKER_DEAD_AFTER = timedelta(seconds=30)
 
 
 @dataclass(frozen=True)
@@ -55,12 +57,21 @@ def reconcile(
     current = now()
     stale = current - timedelta(seconds=settings.requeue_after_seconds)
     with session_scope(rt.database_url) as session:
+        live_workers = select(Heartbeat.name).where(
+            Heartbeat.seen_at >= current - WORKER_DEAD_AFTER
+        )
         received = Instance.state == InstanceState.RECEIVED
         conditions: list[ColumnElement[bool]] = [
             # At start-up nothing can be in flight: every `received` row is re-queued.
             received if startup else received & (Instance.received_at < stale),
+            # Its worker died (SIGKILL, power): with Redis the message would only come
+            # back after the visibility timeout, hours later.
             (Instance.state == InstanceState.PROCESSING)
-            & (Instance.started_at < current - PROCESSING_LEASE),
+            & (
+                (Instance.started_at < current - PROCESSING_LEASE)
+                | Instance.claimed_by.is_(None)
+                | Instance.claimed_by.not_in(live_workers)
+            ),
         ]
         if inference_queue_empty or startup:
             conditions.append(
@@ -97,9 +108,11 @@ def reconcile(
                 update(Instance)
                 .where(
                     Instance.id.in_(queued),
-                    Instance.state.in_([InstanceState.RECEIVED, InstanceState.QUEUED]),
+                    Instance.state.in_(
+                        [InstanceState.RECEIVED, InstanceState.QUEUED, InstanceState.PROCESSING]
+                    ),
                 )
-                .values(state=InstanceState.QUEUED, queued_at=now())
+                .values(state=InstanceState.QUEUED, queued_at=now(), claimed_by=None)
             )
     sent: list[int] = []
     for delivery_id in delivery_ids:

@@ -1,0 +1,178 @@
+"""Nothing lost: a worker killed mid-inference, and the broker down while studies arrive.
+
+Real processes, real Redis (a private redis-server for the outage), dcmtk peers.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from sqlalchemy import select
+
+from db.engine import session_scope
+from db.schema import Delivery, DeliveryState, Instance, InstanceState, Result
+from tests.conftest import StoreSCP
+from tests.integration.test_end_to_end import Node, base_env, cli, storescu
+from tests.support import free_port, port_open, wait_for, wait_for_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def make_hands(tmp_path: Path, env: dict[str, str], count: int) -> list[Path]:
+    files = []
+    for i in range(count):
+        path = tmp_path / f"hand{i}.dcm"
+        result = cli(
+            "demo-image", str(path), "--seed", str(i), "--age-months", str(60 + 10 * i), env=env
+        )
+        assert result.returncode == 0, result.stderr
+        files.append(path)
+    return files
+
+
+def states(database_url: str) -> dict[int, InstanceState]:
+    with session_scope(database_url) as session:
+        return {row.id: row.state for row in session.scalars(select(Instance))}
+
+
+def everything_delivered(database_url: str, instances: int) -> bool:
+    with session_scope(database_url) as session:
+        results = list(session.scalars(select(Result)))
+        deliveries = list(session.scalars(select(Delivery)))
+    return (
+        len(results) == instances
+        and len(deliveries) == 2 * instances
+        and all(d.state is DeliveryState.DELIVERED for d in deliveries)
+    )
+
+
+def received_sop_uids(storescp: StoreSCP) -> list[str]:
+    return [str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in storescp.received()]
+
+
+@pytest.fixture
+def nodes() -> Iterator[list[Node]]:
+    made: list[Node] = []
+    yield made
+    for node in made:
+        node.stop()
+
+
+def test_worker_killed_mid_inference_processes_each_instance_once(
+    tmp_path: Path, storescp: StoreSCP, redis_broker: tuple[str, str], nodes: list[Node]
+) -> None:
+    port = free_port()
+    # The real ResNet-50 at 512 px (no checkpoint): slow enough to be caught mid-inference.
+    env = base_env(tmp_path, storescp, Path("unused"), port)
+    del env["BONEAGE_MODEL"]
+    env.update(
+        BONEAGE_BROKER_URL=redis_broker[0],
+        BONEAGE_BROKER_PREFIX=redis_broker[1],
+        BONEAGE_RECONCILE_INTERVAL_SECONDS="1",
+        BONEAGE_LOG_LEVEL="INFO",
+    )
+    database_url = f"sqlite:///{tmp_path / 'data' / 'boneage.db'}"
+    assert cli("db", "upgrade", env=env).returncode == 0
+    node = Node(tmp_path, env)
+    nodes.append(node)
+    listener = node.start("listener", "listen")
+    node.start("delivery", "work", "-Q", "delivery")
+    worker = node.start("inference-1", "work", "-Q", "inference")
+    wait_for_port(port, timeout=120, process=listener)
+    files = make_hands(tmp_path, env, 4)
+    storescu(port, *files)
+
+    def processing() -> list[int]:
+        return [i for i, s in states(database_url).items() if s is InstanceState.PROCESSING]
+
+    wait_for(
+        processing, timeout=180, interval=0.02, what="an instance being processed", process=worker
+    )
+    worker.send_signal(signal.SIGKILL)
+    worker.wait(30)
+    [killed] = processing()  # still `processing`: the worker died in the middle of it
+
+    node.start("inference-2", "work", "-Q", "inference")
+    wait_for(
+        lambda: everything_delivered(database_url, 4), timeout=300, what="all results delivered"
+    )
+    with session_scope(database_url) as session:
+        results = list(session.scalars(select(Result)))
+        assert sorted(r.instance_id for r in results) == sorted(states(database_url))  # one each
+        assert session.get_one(Instance, killed).attempts == 2
+    uids = received_sop_uids(storescp)
+    assert len(set(uids)) == 8  # one SR and one SC for each of the 4 images
+
+
+def test_broker_outage_keeps_acknowledging_then_catches_up(
+    tmp_path: Path, storescp: StoreSCP, tiny_checkpoint: Path, nodes: list[Node]
+) -> None:
+    redis_server = shutil.which("redis-server")
+    assert redis_server is not None, "redis-server is not installed"
+    redis_port = free_port()
+
+    def start_redis() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [
+                redis_server,
+                "--port",
+                str(redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(tmp_path),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        wait_for_port(redis_port, timeout=30, process=proc)
+        return proc
+
+    redis_proc = start_redis()
+    port = free_port()
+    env = base_env(tmp_path, storescp, tiny_checkpoint, port)
+    env.update(
+        BONEAGE_BROKER_URL=f"redis://127.0.0.1:{redis_port}/0",
+        BONEAGE_RECONCILE_INTERVAL_SECONDS="1",
+        BONEAGE_REQUEUE_AFTER_SECONDS="1",
+        BONEAGE_LOG_LEVEL="INFO",
+    )
+    database_url = f"sqlite:///{tmp_path / 'data' / 'boneage.db'}"
+    assert cli("db", "upgrade", env=env).returncode == 0
+    node = Node(tmp_path, env)
+    nodes.append(node)
+    listener = node.start("listener", "listen")
+    node.start("inference", "work", "-Q", "inference")
+    node.start("delivery", "work", "-Q", "delivery")
+    wait_for_port(port, timeout=120, process=listener)
+    try:
+        files = make_hands(tmp_path, env, 3)
+        storescu(port, files[0])
+        wait_for(lambda: everything_delivered(database_url, 1), timeout=120, what="the first study")
+
+        redis_proc.terminate()
+        redis_proc.wait(10)
+        wait_for(lambda: not port_open(redis_port), timeout=10, what="Redis down")
+        storescu(port, *files[1:])  # acknowledged with Redis down: files and rows are durable
+        assert sorted(states(database_url).values()).count(InstanceState.RECEIVED) == 2
+        assert listener.poll() is None
+
+        redis_proc = start_redis()
+        wait_for(
+            lambda: everything_delivered(database_url, 3), timeout=240, what="the backlog processed"
+        )
+        assert len(set(received_sop_uids(storescp))) == 6
+    finally:
+        if redis_proc.poll() is None:
+            redis_proc.terminate()
+            redis_proc.wait(10)

@@ -384,6 +384,9 @@ def train(
         model = build_model(
             arch=cfg.arch, pretrained=cfg.pretrained, hidden=cfg.head_hidden, dropout=cfg.dropout
         )
+    # Dropout draws from the global generator: seed it too, or two runs of the same
+    # configuration train different models (a resumed run restores its saved state).
+    torch.manual_seed(cfg.seed + 1)
     model.to(device)
     if cuda:
         model = model.to(memory_format=torch.channels_last)

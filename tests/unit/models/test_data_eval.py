@@ -183,3 +183,20 @@ def test_items_with_arrays_and_paths_mix(tmp_path: Path) -> None:
     Image.fromarray(np.full((20, 20), 128, np.uint8)).save(path)
     item = LabelledImage(image=path, age_months=10.0, male=True)
     assert load_image(item.image).mean() == pytest.approx(128 / 255)
+
+
+def test_training_is_reproducible(tmp_path: Path) -> None:
+    # Same configuration and data → the same model, whatever ran before (dropout seeded).
+    items = phantom_items(24, size=64, seed=3)
+    config = TrainConfig(arch="resnet18", input_size=32, epochs=1, batch_size=8, device="cpu")
+    first = train(items, tmp_path / "a.safetensors", config=config, progress=False)
+    torch.rand(7)  # disturb the global generator
+    second = train(items, tmp_path / "b.safetensors", config=config, progress=False)
+    assert first.model_id != "" and load_checkpoint(first.checkpoint).model_id == first.model_id
+    assert _weights(first.checkpoint) == _weights(second.checkpoint)
+
+
+def _weights(path: Path) -> bytes:
+    from safetensors.torch import load_file
+
+    return b"".join(t.numpy().tobytes() for _, t in sorted(load_file(path).items()))

@@ -64,3 +64,28 @@ def test_build_model_rejects_unknown_arch() -> None:
 def test_build_model_rejects_unknown_pretrained() -> None:
     with pytest.raises(ValueError, match="pretrained"):
         build_model(arch="resnet18", pretrained="coco")  # type: ignore[arg-type]
+
+
+def test_imagenet_weights_are_summed_over_rgb(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only the download is replaced: torchvision's own resnet18, randomly initialised,
+    # stands in for the ImageNet one, so the copy and the conv1 sum are checked for real.
+    import torchvision
+
+    reference = torchvision.models.resnet18(weights=None).eval()
+    real_get_model = torchvision.models.get_model
+
+    def offline_get_model(name: str, **kwargs: object) -> torch.nn.Module:
+        if kwargs.get("weights") is None:  # building our own trunk
+            return real_get_model(name, **kwargs)
+        assert name == "resnet18"
+        return reference
+
+    monkeypatch.setattr(torchvision.models, "get_model", offline_get_model)
+    model = build_model(arch="resnet18", pretrained="imagenet").eval()
+    monkeypatch.setattr(torchvision.models, "get_model", real_get_model)
+
+    grey = torch.rand(2, 1, 64, 64)
+    rgb_trunk = torch.nn.Sequential(*list(reference.children())[:-2])
+    with torch.no_grad():
+        expected = rgb_trunk(grey.expand(-1, 3, -1, -1))
+        assert torch.allclose(model.features(grey), expected, atol=1e-5)

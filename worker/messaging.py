@@ -31,11 +31,12 @@ def enqueue_delivery(delivery_id: int, *, countdown: float | None = None) -> Non
     app.send_task(DELIVER_TASK, args=[delivery_id], queue=DELIVERY_QUEUE, countdown=countdown)
 
 
-def mark_queued(database_url: str, instance_id: int) -> None:
+def mark_queued(database_url: str, instance_ids: list[int]) -> None:
+    """`received` → `queued` for instances whose message was published (one commit)."""
     with session_scope(database_url) as session:
         session.execute(
             update(Instance)
-            .where(Instance.id == instance_id, Instance.state == InstanceState.RECEIVED)
+            .where(Instance.id.in_(instance_ids), Instance.state == InstanceState.RECEIVED)
             .values(state=InstanceState.QUEUED, queued_at=now())
         )
 
@@ -65,26 +66,35 @@ class Enqueuer:
 
     def _run(self) -> None:
         while True:
-            instance_id = self._queue.get()
-            if instance_id is None:
+            batch = [self._queue.get()]
+            # Whatever else is waiting goes in the same round: one commit marks them all.
+            while len(batch) < 100 and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            stop = None in batch
+            published = [i for i in batch if i is not None and self._publish(i)]
+            if published:
+                try:
+                    mark_queued(self._database_url, published)
+                except Exception:
+                    logger.exception("%d instances published but not marked queued", len(published))
+            if stop:
                 return
-            try:
-                enqueue_assess(instance_id)
-            except Exception as exc:  # broker down: the row stays `received`
-                if self._broker_ok:
-                    logger.error(
-                        "broker unavailable (%s): instances stay received until it is back",
-                        type(exc).__name__,
-                    )
-                self._broker_ok = False
-                continue
-            if not self._broker_ok:
-                logger.info("broker reachable again")
-            self._broker_ok = True
-            try:
-                mark_queued(self._database_url, instance_id)
-            except Exception:
-                logger.exception("instance %d published but not marked queued", instance_id)
+
+    def _publish(self, instance_id: int) -> bool:
+        try:
+            enqueue_assess(instance_id)
+        except Exception as exc:  # broker down: the row stays `received`
+            if self._broker_ok:
+                logger.error(
+                    "broker unavailable (%s): instances stay received until it is back",
+                    type(exc).__name__,
+                )
+            self._broker_ok = False
+            return False
+        if not self._broker_ok:
+            logger.info("broker reachable again")
+        self._broker_ok = True
+        return True
 
 
 def prune_embedded_broker(broker_url: str, older_than: timedelta = timedelta(hours=1)) -> int:

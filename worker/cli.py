@@ -66,6 +66,12 @@ def _settings_env(settings: Settings) -> dict[str, str]:
     }
     if settings.model is not None:
         values["MODEL"] = str(settings.model)
+    for name in ("tls_certificate", "tls_private_key", "tls_ca_certificates"):
+        path = getattr(settings, name)
+        if path is not None:
+            values[name.upper()] = str(path)
+    values["TLS_REQUIRE_CLIENT_CERTIFICATE"] = str(settings.tls_require_client_certificate).lower()
+    values["DESTINATIONS_TLS"] = str(settings.destinations_tls).lower()
     env.update({f"BONEAGE_{k}": v for k, v in values.items()})
     return env
 
@@ -122,6 +128,12 @@ def db_upgrade(ctx: click.Context) -> None:
     console.print(f"database schema at revision {revision}")
 
 
+def _private_files(settings: Settings) -> None:
+    """Everything a service process creates (spool, outbox, SQLite files) is owner-only."""
+    os.umask(0o077)
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
 def _require_schema(settings: Settings) -> None:
     from db.engine import DatabaseNotReady, check_schema
 
@@ -140,13 +152,21 @@ def _require_schema(settings: Settings) -> None:
 @click.pass_context
 def listen(ctx: click.Context, ae_title: str | None, port: int | None) -> None:
     """Run the DICOM listener (Storage SCP)."""
+    import ssl
+
     from worker.celery_app import configure
     from worker.listener import Listener
+    from worker.tls import server_context
 
     settings = _settings(ctx, ae_title=ae_title, port=port)
+    _private_files(settings)
     _require_schema(settings)
+    try:
+        ssl_context = server_context(settings)
+    except (OSError, ssl.SSLError) as exc:
+        raise click.ClickException(f"TLS settings unusable: {exc}") from exc
     configure(settings)
-    Listener(settings).serve_forever()
+    Listener(settings, ssl_context=ssl_context).serve_forever()
 
 
 @main.command()
@@ -173,6 +193,7 @@ def work(ctx: click.Context, queues: str, pool: str, concurrency: int, device: s
     from worker.celery_app import configure
 
     settings = _settings(ctx, device=device)
+    _private_files(settings)
     _require_schema(settings)
     names = tuple(q.strip() for q in queues.split(",") if q.strip())
     unknown = set(names) - {"inference", "delivery"}
@@ -216,7 +237,7 @@ def serve(ctx: click.Context, ae_title: str | None, port: int | None) -> None:
     from db.engine import upgrade
 
     settings = _settings(ctx, ae_title=ae_title, port=port)
-    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _private_files(settings)
     upgrade(settings.effective_database_url)
     env = _settings_env(settings)
     base = [sys.executable, "-m", "worker"]

@@ -9,6 +9,7 @@ is dropped silently: a failed delivery stays visible in `status` until
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -21,6 +22,7 @@ from db.schema import utcnow as now
 from dicom_io.scu import SendError, send_files
 from worker.runtime import Runtime
 from worker.settings import Destination
+from worker.tls import client_context
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,12 @@ def deliver_one(rt: Runtime, delivery_id: int, *, force: bool = False) -> Delive
         destination = Destination.parse(destination_text)
     except ValueError as exc:
         return _record_failure(rt, delivery_id, str(exc), permanent=True)
+    try:
+        # Built per attempt: a renewed certificate is used without a restart.
+        tls = client_context(settings)
+    except (OSError, ssl.SSLError) as exc:
+        # A configuration fault the administrator can fix: retried, never permanent.
+        return _record_failure(rt, delivery_id, f"TLS settings unusable: {exc}")
 
     try:
         [outcome] = send_files(
@@ -69,6 +77,7 @@ def deliver_one(rt: Runtime, delivery_id: int, *, force: bool = False) -> Delive
             host=destination.host,
             port=destination.port,
             calling_ae_title=settings.ae_title,
+            ssl_context=tls,
         )
     except FileNotFoundError:
         return _record_failure(rt, delivery_id, "the outbox file is missing", permanent=True)

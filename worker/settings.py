@@ -137,6 +137,14 @@ class Settings(BaseSettings):
     requeue_after_seconds: float = Field(300.0, gt=0)
     log_level: str = "INFO"
 
+    # DICOM over TLS (PS3.15 Annex B): our certificate serves the listener and is
+    # presented to destinations; the CA file verifies the peers.
+    tls_certificate: Path | None = None
+    tls_private_key: Path | None = None
+    tls_ca_certificates: Path | None = None
+    tls_require_client_certificate: bool = False
+    destinations_tls: bool = False
+
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, value: str) -> str:
@@ -177,6 +185,21 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _absolute_data_dir(self) -> Settings:
         object.__setattr__(self, "data_dir", self.data_dir.expanduser().resolve())
+        return self
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> Settings:
+        if (self.tls_certificate is None) != (self.tls_private_key is None):
+            raise ValueError(
+                "BONEAGE_TLS_CERTIFICATE and BONEAGE_TLS_PRIVATE_KEY go together: set both or none"
+            )
+        if self.tls_require_client_certificate and (
+            self.tls_certificate is None or self.tls_ca_certificates is None
+        ):
+            raise ValueError(
+                "BONEAGE_TLS_REQUIRE_CLIENT_CERTIFICATE needs BONEAGE_TLS_CERTIFICATE, "
+                "BONEAGE_TLS_PRIVATE_KEY and BONEAGE_TLS_CA_CERTIFICATES"
+            )
         return self
 
     @classmethod

@@ -18,6 +18,11 @@ ENV_NAMES = (
     "BONEAGE_MODEL",
     "BONEAGE_DEVICE",
     "BONEAGE_CONFIG",
+    "BONEAGE_TLS_CERTIFICATE",
+    "BONEAGE_TLS_PRIVATE_KEY",
+    "BONEAGE_TLS_CA_CERTIFICATES",
+    "BONEAGE_TLS_REQUIRE_CLIENT_CERTIFICATE",
+    "BONEAGE_MISSING_SEX",
 )
 
 
@@ -101,3 +106,19 @@ def test_bad_values_are_named(
 def test_missing_settings_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="does not exist"):
         load_settings(tmp_path / "nope.toml")
+
+
+def test_tls_files_go_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BONEAGE_TLS_CERTIFICATE", str(tmp_path / "cert.pem"))
+    with pytest.raises(ValidationError, match="set both or none"):
+        load_settings()
+    monkeypatch.setenv("BONEAGE_TLS_PRIVATE_KEY", str(tmp_path / "key.pem"))
+    monkeypatch.setenv("BONEAGE_TLS_REQUIRE_CLIENT_CERTIFICATE", "true")
+    with pytest.raises(ValidationError, match=r"needs .*BONEAGE_TLS_CA_CERTIFICATES"):
+        load_settings()
+    monkeypatch.setenv("BONEAGE_TLS_CA_CERTIFICATES", str(tmp_path / "ca.pem"))
+    settings = load_settings()
+    assert (
+        settings.tls_require_client_certificate
+        and settings.tls_ca_certificates == tmp_path / "ca.pem"
+    )

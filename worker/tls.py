@@ -1,0 +1,77 @@
+"""TLS contexts for DICOM over TLS (PS3.15 Annex B), built from the settings in one place.
+
+The listener serves TLS when ``BONEAGE_TLS_CERTIFICATE`` and ``BONEAGE_TLS_PRIVATE_KEY``
+are set; deliveries use TLS when ``BONEAGE_DESTINATIONS_TLS`` is true. Both verify
+peers against ``BONEAGE_TLS_CA_CERTIFICATES`` (the system store when unset, for
+destinations) and accept nothing older than TLS 1.2 (BCP 195).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+from typing import Any
+
+from worker.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+#: How long a client may take to complete the TLS handshake with the listener.
+HANDSHAKE_TIMEOUT_SECONDS = 10.0
+
+
+class _ServerContext(ssl.SSLContext):
+    """An SSLContext whose server-side handshake cannot hang for ever.
+
+    pynetdicom wraps each accepted socket in its accept loop, so the handshake of
+    one client holds up every other: an idle TCP connection to the TLS port would
+    stop the listener. A timeout on the handshake bounds that.
+    """
+
+    def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        previous = sock.gettimeout()
+        sock.settimeout(HANDSHAKE_TIMEOUT_SECONDS)
+        wrapped = super().wrap_socket(sock, *args, **kwargs)
+        wrapped.settimeout(previous)
+        return wrapped
+
+
+def server_context(settings: Settings) -> ssl.SSLContext | None:
+    """The listener's context, or None when the listener serves plain TCP.
+
+    Raises
+    ------
+    OSError, ssl.SSLError
+        When a certificate, key or CA file cannot be read or does not match.
+    """
+    if settings.tls_certificate is None or settings.tls_private_key is None:
+        return None
+    context = _ServerContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(settings.tls_certificate, settings.tls_private_key)
+    if settings.tls_ca_certificates is not None:
+        context.load_verify_locations(cafile=settings.tls_ca_certificates)
+        # With a CA but no requirement, a certificate a client offers is still checked.
+        context.verify_mode = (
+            ssl.CERT_REQUIRED if settings.tls_require_client_certificate else ssl.CERT_OPTIONAL
+        )
+    return context
+
+
+def client_context(settings: Settings) -> ssl.SSLContext | None:
+    """The context for deliveries, or None when destinations are plain TCP.
+
+    The destination's certificate must chain to the CA file and name the host of
+    the destination; our own certificate is presented when one is configured.
+    """
+    if not settings.destinations_tls:
+        return None
+    context = ssl.create_default_context(
+        ssl.Purpose.SERVER_AUTH,
+        cafile=str(settings.tls_ca_certificates) if settings.tls_ca_certificates else None,
+    )
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if settings.tls_certificate is not None and settings.tls_private_key is not None:
+        context.load_cert_chain(settings.tls_certificate, settings.tls_private_key)
+    return context

@@ -115,9 +115,12 @@ def decode_frame(ds: Dataset, index: int = 0) -> np.ndarray:
         name = getattr(syntax, "name", None) or str(syntax or "unknown transfer syntax")
         raise PixelDataError(f"Pixel data cannot be decoded ({name}): {exc}") from exc
     array = np.asarray(array)
-    if frames > 1 and array.ndim >= 3 and array.shape[0] == frames and frames != 1:
-        # a decoder that ignored ``index`` and returned every frame
-        array = array[index]
+    frame_ndim = 2 if int(ds.get("SamplesPerPixel") or 1) == 1 else 3
+    if array.ndim == frame_ndim + 1:
+        # Several frames where one was asked for: a decoder that ignored ``index``, or
+        # pixel data longer than Number of Frames says (pydicom returns the excess
+        # frames). Without this a (frames, H, W) stack of 3 would pass for RGB.
+        array = array[index if array.shape[0] > index else 0]
     if array.size == 0:
         raise PixelDataError("The pixel data decoded to an empty array.")
     return array
@@ -179,6 +182,11 @@ def _modality_lut(stored: np.ndarray, ds: Dataset) -> np.ndarray:
         values *= np.float32(slope)
     if intercept:
         values += np.float32(intercept)
+    if not np.isfinite(values).all():
+        # An absurd slope/intercept (1e30, say) overflows float32: no image is left.
+        raise PixelDataError(
+            f"Rescale Slope {slope} / Intercept {intercept} put pixel values out of range."
+        )
     return values
 
 
@@ -222,7 +230,13 @@ def _voi(values: np.ndarray, ds: Dataset, sample: np.ndarray) -> np.ndarray:
     width = _float_or_none(_attr(ds, "WindowWidth"))
     if center is not None and width is not None and width > 0:
         function = str(_first(_attr(ds, "VOILUTFunction")) or "LINEAR").upper()
-        return _window(values, center, width, function)
+        with np.errstate(all="ignore"):
+            windowed = _window(values, center, width, function)
+        if not np.isnan(windowed).any():
+            return windowed
+        # A window too narrow or too wide for float32 (width 1e-67, centre 1e300)
+        # divides 0 by 0 or inf by inf; it says nothing usable, so it is ignored.
+        logger.info("window centre %g width %g is unusable; using the pixel range", center, width)
     if sample.size:
         low, high = np.percentile(sample, [_ROBUST_LOW_PERCENTILE, _ROBUST_HIGH_PERCENTILE])
     else:
@@ -297,7 +311,12 @@ def decode_for_display(ds: Dataset) -> np.ndarray:
         return _palette_luminance(rgb).astype(np.float32, copy=False)
     if np.issubdtype(array.dtype, np.floating):
         values = array.astype(np.float32)
-        mask = None
+        # NaN or infinite float pixels (or finite ones beyond float32) are treated like
+        # padding: left out of the statistics, written as 0.
+        invalid = ~np.isfinite(values)
+        mask = invalid if invalid.any() else None
+        if mask is not None:
+            values[mask] = 0.0
     else:
         mask = _padding_mask(array, ds)
         values = _modality_lut(array, ds)
@@ -307,4 +326,6 @@ def decode_for_display(ds: Dataset) -> np.ndarray:
         out = 1.0 - out
     if mask is not None:
         out[mask] = 0.0
+    if np.isnan(out).any():  # the contract is [0, 1]; NaN must never reach the model
+        raise PixelDataError("The pixel data decoded to values that are not numbers.")
     return np.clip(out, 0.0, 1.0, out=out)

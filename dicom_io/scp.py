@@ -44,6 +44,9 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC210
 
+#: Largest PDU we accept, in bytes; see `StorageSCP._make_ae`.
+MAXIMUM_PDU_SIZE = 1 << 20
+
 #: Transfer syntaxes we accept: uncompressed, deflated, and every compressed
 #: syntax pydicom can decode with the pylibjpeg plugins we install.
 TRANSFER_SYNTAXES: tuple[str, ...] = (
@@ -155,6 +158,10 @@ class StorageSCP:
         Where to listen; port 0 picks a free port (see `port`).
     ssl_context
         Serve DICOM over TLS when given.
+    network_timeout, acse_timeout, dimse_timeout
+        Seconds pynetdicom waits on a silent peer: on the socket, for association
+        negotiation, and for a DIMSE message. A stalled client loses only its own
+        connection; tests make these short.
     """
 
     def __init__(
@@ -168,6 +175,9 @@ class StorageSCP:
         host: str = "0.0.0.0",
         port: int = 11112,
         ssl_context: ssl.SSLContext | None = None,
+        network_timeout: float = 60,
+        acse_timeout: float = 30,
+        dimse_timeout: float = 120,
     ) -> None:
         self.ae_title = ae_title
         self.spool_dir = Path(spool_dir)
@@ -177,6 +187,7 @@ class StorageSCP:
         self._allowed = [(ae.strip(), host) for ae, host in allowed_callers]
         self._address = (host, port)
         self._ssl_context = ssl_context
+        self._timeouts = (network_timeout, acse_timeout, dimse_timeout)
         self._server: ThreadedAssociationServer | None = None
         self._saved_tempdir: str | None = None
         self.counters = {"stored": 0, "refused": 0, "failed": 0}
@@ -186,15 +197,17 @@ class StorageSCP:
 
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.ae_title)
-        ae.maximum_pdu_size = 0  # unlimited: far fewer PDUs for 10 MB radiographs
+        # Not unlimited (0): pynetdicom holds each received PDU in memory, several
+        # copies deep, and a peer told "unlimited" sends a whole image as one PDU
+        # (a 128 MB image grew the listener by 490 MB; by 4 MB with this cap).
+        # 1 MiB still means few PDUs for a 10 MB radiograph.
+        ae.maximum_pdu_size = MAXIMUM_PDU_SIZE
         ae.require_called_aet = True
         # pynetdicom rejects unknown calling AE titles itself; host pins are checked
         # in `_on_requested`.
         ae.require_calling_aet = sorted({ae_title for ae_title, _ in self._allowed})
         ae.maximum_associations = 64
-        ae.network_timeout = 60
-        ae.acse_timeout = 30
-        ae.dimse_timeout = 120
+        ae.network_timeout, ae.acse_timeout, ae.dimse_timeout = self._timeouts
         for uid in image_storage_sop_classes():
             ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))
         ae.add_supported_context(VERIFICATION_SOP_CLASS)
@@ -212,6 +225,7 @@ class StorageSCP:
         tempfile.tempdir = str(self.incoming_dir)
         self._remove_stale_incoming()
         handlers = [
+            (evt.EVT_CONN_OPEN, self._on_connection),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_REJECTED, self._on_rejected),
@@ -249,6 +263,16 @@ class StorageSCP:
             stale.unlink(missing_ok=True)
 
     # -- association ------------------------------------------------------
+
+    def _on_connection(self, event: evt.Event) -> None:
+        # Python gives accepted sockets no timeout, so pynetdicom's read of a PDU body
+        # blocks forever when a peer sends a PDU header and then stalls (its ARTIM and
+        # idle timers cannot fire while the reactor sits in recv). Bounding every read
+        # by the network timeout makes such a peer lose its connection and thread
+        # instead of holding one of `maximum_associations` for good.
+        transport = event.assoc.dul.socket
+        if transport is not None and transport.socket is not None:
+            transport.socket.settimeout(self._timeouts[0])
 
     def _on_requested(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor
@@ -288,6 +312,12 @@ class StorageSCP:
         command_uid = str(request.AffectedSOPInstanceUID)
         try:
             header = dcmread(temp, stop_before_pixels=True, specific_tags=list(_HEADER_TAGS))
+            if "SOPClassUID" not in header and "SOPInstanceUID" not in header:
+                # Bytes that are no DICOM data set (a text file, a truncated stream, an
+                # empty data set) still "parse" into an empty header: neither Type 1 SOP
+                # Common UID means we did not understand it, so the PACS must not
+                # believe it delivered an image.
+                raise ValueError("the data set has neither SOP Class UID nor SOP Instance UID")
             sop_uid = str(header.get("SOPInstanceUID") or command_uid)
             if sop_uid != command_uid:
                 raise ValueError("SOP Instance UID in the dataset differs from the request")

@@ -321,6 +321,16 @@ class StorageSCP:
             sop_uid = str(header.get("SOPInstanceUID") or command_uid)
             if sop_uid != command_uid:
                 raise ValueError("SOP Instance UID in the dataset differs from the request")
+            for keyword in (
+                "SOPClassUID",
+                "SOPInstanceUID",
+                "StudyInstanceUID",
+                "SeriesInstanceUID",
+            ):
+                # UI is at most 64 characters (PS3.5 6.2); a longer one cannot be
+                # recorded, and answering 0xA700 would make the PACS retry for ever.
+                if len(str(header.get(keyword) or "")) > 64:
+                    raise ValueError(f"{keyword} is longer than 64 characters")
             transfer_syntax = str(header.file_meta.TransferSyntaxUID)
             size = temp.stat().st_size
         except Exception as exc:  # pydicom raises many types for malformed data
@@ -354,7 +364,7 @@ class StorageSCP:
             sop_class_uid=str(header.get("SOPClassUID") or request.AffectedSOPClassUID),
             study_instance_uid=str(header.get("StudyInstanceUID") or ""),
             series_instance_uid=str(header.get("SeriesInstanceUID") or ""),
-            modality=str(header.get("Modality")) if header.get("Modality") else None,
+            modality=str(header.get("Modality"))[:16] if header.get("Modality") else None,
             transfer_syntax_uid=transfer_syntax,
             calling_ae_title=calling,
             path=final,

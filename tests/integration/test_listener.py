@@ -251,3 +251,16 @@ def test_echo_command_reaches_the_listener(harness_factory: Callable[..., Harnes
         main, ["echo", f"BONEAGE@127.0.0.1:{h.scp.port}", "--calling-ae", "NOBODY"]
     )
     assert refused.exit_code == 1 and "no C-ECHO answer" in refused.output
+
+
+def test_overlong_uid_is_not_understood_rather_than_retried_for_ever(
+    harness_factory: Callable[..., Harness], tmp_path: Path
+) -> None:
+    h = harness_factory()
+    source = write_hand(tmp_path / "hand.dcm")
+    ds = dcmread(source)
+    with pytest.warns(UserWarning, match="exceeds the maximum length of 64"):
+        ds.StudyInstanceUID = "1.2." + "3" * 66  # 70 characters: no database column takes it
+    ds.save_as(source, enforce_file_format=True)
+    assert _pynetdicom_store(h.scp.port, source) == 0xC210
+    assert h.rows() == []

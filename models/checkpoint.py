@@ -20,8 +20,9 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from models.net import ARCHITECTURES, BoneAgeNet, build_model
@@ -191,7 +192,7 @@ def checkpoint_bytes(model: BoneAgeNet, meta: CheckpointMeta) -> bytes:
     """
     if meta.arch != model.arch:
         raise ValueError(f"metadata says {meta.arch!r} but the model is {model.arch!r}")
-    return safetensors.torch.save(_state_tensors(model), metadata={METADATA_KEY: meta.to_json()})
+    return save_safetensors(_state_tensors(model), metadata={METADATA_KEY: meta.to_json()})
 
 
 def save_checkpoint(path: str | os.PathLike[str], model: BoneAgeNet, meta: CheckpointMeta) -> str:
@@ -291,7 +292,7 @@ def model_from_bytes(data: bytes, *, name: str = "checkpoint", device: str = "cp
         )
     meta = CheckpointMeta.from_json(raw_meta[METADATA_KEY])
     try:
-        tensors = safetensors.torch.load(data)
+        tensors = load_safetensors(data)
     except Exception as exc:  # safetensors raises its own error type for corrupt files
         raise ValueError(f"{name} has unreadable tensors: {exc}") from exc
     model = build_model(arch=meta.arch, hidden=meta.head_hidden)

@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import safetensors.torch
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -251,7 +252,7 @@ def _save_state(
             t = value if isinstance(value, Tensor) else torch.tensor(value)
             tensors[f"optim.{index}.{name}"] = t.detach().cpu().contiguous()
     tensors["rng.torch"] = torch.get_rng_state()
-    data = safetensors.torch.save(tensors)
+    data = save_safetensors(tensors)
     _atomic_write(folder / STATE_TENSORS, data)
     state = {
         "version": _STATE_VERSION,
@@ -291,7 +292,7 @@ def _load_state(folder: Path, config: TrainConfig) -> tuple[dict[str, Any], dict
             raise ValueError(
                 f"cannot resume: {key} was {saved.get(key)!r}, now {getattr(config, key)!r}"
             )
-    return state, safetensors.torch.load(data)
+    return state, load_safetensors(data)
 
 
 def _restore_optimizer(

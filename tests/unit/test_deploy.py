@@ -160,7 +160,7 @@ def test_compose_services(compose: dict[str, Any]) -> None:
         depends = services[name]["depends_on"]
         assert depends["migrate"]["condition"] == "service_completed_successfully", name
 
-    assert "11112:11112" in services["listener"]["ports"]
+    assert "11112:11112" in services["listener"]["ports"]  # the published port, not a test port
     for name in BONEAGE_SERVICES:
         _check_cli(_interpolate(services[name]["command"]))
     assert _check_cli(services["listener"]["command"]).command.name == "listen"
@@ -203,7 +203,7 @@ def test_compose_environment_is_real_settings(compose: dict[str, Any]) -> None:
         assert settings.database_url and settings.database_url.startswith("postgresql+psycopg://")
         assert settings.broker_url and settings.broker_url.startswith("redis://redis:")
         assert not settings.embedded_broker
-        assert [str(d) for d in settings.destinations] == ["ORTHANC@orthanc:4242"]
+        assert [str(d) for d in settings.destinations] == ["ORTHANC@orthanc:4242"]  # compose value
         assert [str(a) for a in settings.allowed_aets] == ["ORTHANC"]
         assert settings.model is None  # unset: never an empty BONEAGE_MODEL
     gpu = _settings_from_env(_interpolate(compose["services"]["worker-gpu"]["environment"]))

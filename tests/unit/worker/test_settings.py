@@ -36,7 +36,7 @@ def test_defaults_are_embedded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.chdir(tmp_path)
     settings = load_settings()
     assert settings.ae_title == "BONEAGE"
-    assert settings.port == 11112
+    assert settings.port == 11112  # the documented default, not a port the test opens
     assert settings.data_dir == tmp_path / "var" / "boneage"
     assert settings.effective_database_url == f"sqlite:///{tmp_path}/var/boneage/boneage.db"
     assert settings.effective_broker_url == f"sqla+sqlite:///{tmp_path}/var/boneage/broker.db"

@@ -9,6 +9,7 @@ where bone is bright. Only missing or undecodable pixel data raises
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -16,10 +17,11 @@ from typing import Any
 import numpy as np
 from pydicom import Dataset
 from pydicom.multival import MultiValue
+from pydicom.uid import JPEG2000, JPEG2000Lossless
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PixelDataError", "decode_for_display", "decode_frame"]
+__all__ = ["PixelDataError", "decode_for_display", "decode_frame", "jpeg2000_reduction"]
 
 # Robust min/max when the file carries no VOI: percentiles of the unpadded pixels.
 _ROBUST_LOW_PERCENTILE = 0.5
@@ -27,6 +29,10 @@ _ROBUST_HIGH_PERCENTILE = 99.5
 # Percentiles are taken on at most about this many pixels (strided sample).
 _PERCENTILE_SAMPLE = 1 << 20
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# JPEG 2000 codestream markers (ITU-T T.800 A.5.1, A.6.1): image size, coding style.
+_J2K_SIZ = b"\xff\x51"
+_J2K_COD = b"\xff\x52"
+_J2K_SYNTAXES = (JPEG2000Lossless, JPEG2000)
 
 
 class PixelDataError(ValueError):
@@ -74,10 +80,109 @@ def _attr(ds: Dataset, keyword: str) -> Any:
     return None
 
 
-def decode_frame(ds: Dataset, index: int = 0) -> np.ndarray:
+def _j2k_codestream(ds: Dataset) -> bytes | None:
+    """The codestream of a single-frame, unsigned, grey JPEG 2000 image, else None."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax not in _J2K_SYNTAXES or "PixelData" not in ds:
+        return None
+    if int(_float_or_none(ds.get("NumberOfFrames")) or 1) != 1:
+        return None
+    if int(ds.get("SamplesPerPixel") or 1) != 1 or int(ds.get("PixelRepresentation") or 0):
+        return None
+    try:
+        from pydicom.encaps import generate_frames
+
+        return bytes(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    except Exception:  # malformed encapsulation: the ordinary decoder will say why
+        return None
+
+
+def _j2k_header(codestream: bytes) -> tuple[int, int] | None:
+    """``(precision, decomposition levels)`` from the SIZ and COD marker segments."""
+    siz, cod = codestream.find(_J2K_SIZ, 0, 4096), codestream.find(_J2K_COD, 0, 4096)
+    if siz < 0 or cod < 0 or len(codestream) < max(siz + 41, cod + 10):
+        return None
+    ssiz = codestream[siz + 40]  # first component's Ssiz: bit 7 signed, bits 0-6 depth - 1
+    if ssiz & 0x80:
+        return None
+    return (ssiz & 0x7F) + 1, codestream[cod + 9]
+
+
+def jpeg2000_reduction(ds: Dataset, *, min_short_side: int, min_long_side: int = 0) -> int:
+    """How many halvings a reduced-resolution JPEG 2000 decode can afford.
+
+    JPEG 2000 decodes the image at 1/2, 1/4 ... of its size for a fraction of the full
+    cost (the higher wavelet levels are never reconstructed). This returns the largest
+    ``r`` whose image, ``ceil(Rows / 2**r)`` by ``ceil(Columns / 2**r)``, still has a
+    short side of at least ``min_short_side`` and a long side of at least
+    ``min_long_side``, within the codestream's decomposition levels.
+
+    Parameters
+    ----------
+    ds : pydicom.Dataset
+        Image dataset.
+    min_short_side, min_long_side : int
+        Pixels the consumer needs along the short and the long side.
+
+    Returns
+    -------
+    int
+        0 for a full-resolution decode; always 0 unless the image is single-frame,
+        unsigned, grey JPEG 2000 that Pillow can decode.
+    """
+    codestream = _j2k_codestream(ds)
+    header = _j2k_header(codestream) if codestream is not None else None
+    if header is None or not _pillow_decodes_j2k():
+        return 0
+    precision, levels = header
+    if precision > 16:
+        return 0
+    rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    short, long = sorted((rows, columns))
+    level = 0
+    while level < levels:
+        factor = 1 << (level + 1)
+        if -(-short // factor) < min_short_side or -(-long // factor) < min_long_side:
+            break
+        level += 1
+    return level
+
+
+def _pillow_decodes_j2k() -> bool:
+    from PIL import features
+
+    return bool(features.check("jpg_2000"))
+
+
+def _decode_j2k_reduced(codestream: bytes, reduce: int) -> np.ndarray:
+    """Stored values of a grey JPEG 2000 codestream at ``2**-reduce`` of its size.
+
+    pylibjpeg-openjpeg (pydicom's decoder) has no resolution reduction; Pillow's
+    OpenJPEG binding has (``Image.reduce``). Pillow scales samples to 16 bits, so they
+    are shifted back to the codestream's precision.
+    """
+    from PIL import Image
+
+    header = _j2k_header(codestream)
+    if header is None:
+        raise ValueError("no JPEG 2000 SIZ/COD marker segments")
+    precision, _levels = header
+    with Image.open(io.BytesIO(codestream), formats=["JPEG2000"]) as image:
+        # Jpeg2KImageFile takes the level as an attribute that shadows Image.reduce()
+        image.reduce = reduce  # type: ignore[method-assign,assignment]
+        image.load()
+        array = np.asarray(image)
+    if precision <= 8:
+        return array.astype(np.uint8, copy=False)
+    return np.right_shift(array.astype(np.uint16, copy=False), 16 - precision)
+
+
+def decode_frame(ds: Dataset, index: int = 0, *, reduce: int = 0) -> np.ndarray:
     """Decode one frame of stored pixel values (no LUTs applied).
 
-    Colour images come back as RGB (H, W, 3), YBR converted to RGB.
+    Colour images come back as RGB (H, W, 3), YBR converted to RGB. With ``reduce`` > 0
+    a single-frame grey JPEG 2000 image is decoded at ``2**-reduce`` of its size
+    (see :func:`jpeg2000_reduction`); other images ignore ``reduce``.
 
     Parameters
     ----------
@@ -86,6 +191,8 @@ def decode_frame(ds: Dataset, index: int = 0) -> np.ndarray:
         / ``is_implicit_VR`` set.
     index : int
         Frame index, 0 for the first frame.
+    reduce : int
+        JPEG 2000 resolution levels to skip (each halves both sides).
 
     Returns
     -------
@@ -103,6 +210,12 @@ def decode_frame(ds: Dataset, index: int = 0) -> np.ndarray:
         if not int(ds.get(keyword) or 0):
             raise PixelDataError(f"The dataset has no usable {keyword}; cannot decode pixels.")
     frames = int(_float_or_none(ds.get("NumberOfFrames")) or 1)
+    codestream = _j2k_codestream(ds) if reduce > 0 and index == 0 else None
+    if codestream is not None and _pillow_decodes_j2k():
+        try:
+            return _decode_j2k_reduced(codestream, reduce)
+        except Exception as exc:  # fall back to the full decode, which reports errors
+            logger.info("reduced JPEG 2000 decode failed (%s); decoding in full", exc)
     try:
         if frames > 1:
             from pydicom.pixels import pixel_array
@@ -270,7 +383,7 @@ def _sample(values: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     return sub.ravel()
 
 
-def decode_for_display(ds: Dataset) -> np.ndarray:
+def decode_for_display(ds: Dataset, *, reduce: int = 0) -> np.ndarray:
     """Decode the first frame for display: float32 (H, W) in [0, 1], bone bright.
 
     Applies, in order: pixel padding mask (excluded from statistics, written as 0),
@@ -282,18 +395,21 @@ def decode_for_display(ds: Dataset) -> np.ndarray:
     ----------
     ds : pydicom.Dataset
         A single- or multi-frame image dataset.
+    reduce : int
+        Decode a single-frame grey JPEG 2000 image at ``2**-reduce`` of its size (from
+        :func:`jpeg2000_reduction`); ignored for other images.
 
     Returns
     -------
     numpy.ndarray
-        float32 (H, W) array in [0, 1].
+        float32 (H, W) array in [0, 1]; smaller than Rows x Columns when reduced.
 
     Raises
     ------
     PixelDataError
         When pixel data is missing or cannot be decoded.
     """
-    array = decode_frame(ds, 0)
+    array = decode_frame(ds, 0, reduce=reduce)
     samples = int(ds.get("SamplesPerPixel") or 1)
     if array.ndim == 3 and (samples > 1 or array.shape[-1] in (3, 4)):
         return _luminance(array, ds).astype(np.float32, copy=False)

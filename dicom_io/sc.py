@@ -32,6 +32,7 @@ __all__ = [
     "CAM_THRESHOLD",
     "MAX_LONG_SIDE",
     "build_heatmap_sc",
+    "overlay_shape",
     "render_overlay",
     "turbo_lut",
 ]
@@ -74,6 +75,24 @@ def turbo_lut() -> np.ndarray:
     return lut
 
 
+@lru_cache(maxsize=1)
+def _blend_table() -> np.ndarray:
+    """uint8 RGB for every (heat level, grey level), flattened to (65536, 3).
+
+    Heat below :data:`CAM_THRESHOLD` leaves the grey level unchanged; above it the
+    Turbo colour is blended in with opacity rising linearly to :data:`MAX_ALPHA`.
+    """
+    heat = np.arange(256, dtype=np.float32) / np.float32(255.0)
+    alpha = np.clip((heat - CAM_THRESHOLD) / (1.0 - CAM_THRESHOLD), 0.0, 1.0) * MAX_ALPHA
+    weight = alpha[:, None, None].astype(np.float32)
+    grey = np.arange(256, dtype=np.float32)[None, :, None]
+    colour = turbo_lut().astype(np.float32)[:, None, :]
+    mixed = grey * (1.0 - weight) + colour * weight
+    table = np.clip(mixed + 0.5, 0, 255).astype(np.uint8).reshape(65536, 3)
+    table.setflags(write=False)
+    return table
+
+
 def _check_unit_image(name: str, array: object) -> np.ndarray:
     if not isinstance(array, np.ndarray):
         raise TypeError(f'Argument "{name}" must be a numpy array, not {type(array).__name__}.')
@@ -82,11 +101,15 @@ def _check_unit_image(name: str, array: object) -> np.ndarray:
     if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
         raise TypeError(f'Argument "{name}" must be a float array in [0, 1], not {array.dtype}.')
     values = array.astype(np.float32, copy=False)
-    if not np.all(np.isfinite(values)):
+    # min and max propagate NaN and show infinities: two passes instead of four.
+    low, high = float(values.min()), float(values.max())
+    if not (np.isfinite(low) and np.isfinite(high)):
         raise ValueError(f'Argument "{name}" contains NaN or infinite values.')
-    if values.min() < -1e-3 or values.max() > 1.0 + 1e-3:
+    if low < -1e-3 or high > 1.0 + 1e-3:
         raise ValueError(f'Argument "{name}" must lie in [0, 1].')
-    return np.clip(values, 0.0, 1.0)
+    if low < 0.0 or high > 1.0:
+        return np.clip(values, 0.0, 1.0)
+    return values
 
 
 def _resize(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -144,6 +167,25 @@ def _fit_font(
     return _font(1)
 
 
+def overlay_shape(image_shape: tuple[int, ...]) -> tuple[int, int]:
+    """``(rows, columns)`` of the radiograph part of :func:`render_overlay`'s picture.
+
+    Parameters
+    ----------
+    image_shape : tuple of int
+        ``(H, W)`` of the image.
+
+    Returns
+    -------
+    tuple of int
+        The image's shape, scaled down so its long side is at most :data:`MAX_LONG_SIDE`.
+        A heat map of this shape is drawn as it is, without resizing.
+    """
+    height, width = int(image_shape[0]), int(image_shape[1])
+    scale = min(1.0, MAX_LONG_SIDE / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 def render_overlay(image: np.ndarray, cam: np.ndarray, finding: BoneAgeFinding) -> np.ndarray:
     """Render the radiograph with the heat map and a panel of burned-in result text.
 
@@ -176,28 +218,18 @@ def render_overlay(image: np.ndarray, cam: np.ndarray, finding: BoneAgeFinding) 
         raise TypeError(
             f'Argument "finding" must be a BoneAgeFinding, not {type(finding).__name__}.'
         )
-    height, width = picture.shape
-    scale = min(1.0, MAX_LONG_SIDE / max(height, width))
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    rows, columns = overlay_shape(picture.shape)
+    size = (columns, rows)
     picture = _resize(picture, size)
     heat = _resize(heat, size)
 
-    # radiograph in grey, heat map alpha-blended only where it is significant
+    # radiograph in grey, heat map alpha-blended only where it is significant: one
+    # lookup of (heat level, grey level) in a precomputed 256 x 256 RGB table
     grey = np.rint(picture * np.float32(255.0)).astype(np.uint8)
-    body = np.repeat(grey[..., None], 3, axis=2)
-    alpha = np.clip((heat - CAM_THRESHOLD) / (1.0 - CAM_THRESHOLD), 0.0, 1.0) * MAX_ALPHA
-    hot = alpha > 0.0
-    share = float(hot.mean())
-    if share > 0.5:  # mostly hot: blend whole arrays rather than gather/scatter
-        weight = alpha[..., None]
-        colour = turbo_lut()[np.rint(heat * 255.0).astype(np.uint8)].astype(np.float32)
-        mixed = body.astype(np.float32) * (1.0 - weight) + colour * weight
-        body = np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
-    elif share > 0.0:
-        weight = alpha[hot][:, None]
-        colour = turbo_lut()[np.rint(heat[hot] * 255.0).astype(np.uint8)].astype(np.float32)
-        mixed = grey[hot][:, None].astype(np.float32) * (1.0 - weight) + colour * weight
-        body[hot] = np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
+    level = np.rint(heat * np.float32(255.0)).astype(np.uint16)
+    index = np.left_shift(level, 8, out=level)
+    index |= grey
+    body = np.take(_blend_table(), index, axis=0)
 
     # text panel above the image, so no anatomy is hidden under the text
     lines = _text_lines(finding)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
 
 from models.checkpoint import CheckpointMeta, LoadedModel
 from models.gradcam import predict_with_cam
-from models.preprocess import Prepared, cam_to_image, prepare
+from models.preprocess import CropBox, Prepared, cam_to_image, prepare
 
 logger = logging.getLogger(__name__)
 
@@ -30,16 +31,54 @@ class Prediction:
     ----------
     bone_age_months : float
         Estimated bone age, clipped to [0, 240] months.
-    cam : numpy.ndarray
-        Grad-CAM heat map over the full input image, float32 ``(H, W)`` in [0, 1].
+    crop_cam : numpy.ndarray
+        Grad-CAM map over the square crop the network saw, float32 ``(h, w)`` in [0, 1].
+    crop_box : tuple of int
+        ``(top, left, bottom, right)`` of that crop in image pixels.
+    image_shape : tuple of int
+        ``(H, W)`` of the image that was assessed.
     intervals : dict
         Coverage level (0.8, 0.9, 0.95) -> ``(low, high)`` months, from the checkpoint's
         split-conformal quantiles; empty when the checkpoint has none.
     """
 
     bone_age_months: float
-    cam: np.ndarray
+    crop_cam: np.ndarray
+    crop_box: CropBox
+    image_shape: tuple[int, int]
     intervals: dict[float, tuple[float, float]] = field(default_factory=dict)
+
+    @cached_property
+    def cam(self) -> np.ndarray:
+        """Grad-CAM heat map over the full image, float32 ``(H, W)`` in [0, 1].
+
+        Computed on first use: upsampling to a multi-megapixel image costs more than the
+        heat-map picture needs (see :meth:`cam_at`).
+        """
+        return cam_to_image(self.crop_cam, self.crop_box, self.image_shape)
+
+    def cam_at(self, shape: tuple[int, int]) -> np.ndarray:
+        """The heat map on an ``(h, w)`` grid covering the whole image (a resized image).
+
+        Parameters
+        ----------
+        shape : tuple of int
+            ``(h, w)`` of the resized image.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 ``(h, w)`` map in [0, 1], zero outside the crop.
+        """
+        height, width = self.image_shape
+        if (int(shape[0]), int(shape[1])) == (height, width):
+            return self.cam
+        sy, sx = shape[0] / height, shape[1] / width
+        top, left, bottom, right = self.crop_box
+        box = (round(top * sy), round(left * sx), round(bottom * sy), round(right * sx))
+        if box[2] <= box[0] or box[3] <= box[1]:
+            box = (box[0], box[1], max(box[2], box[0] + 1), max(box[3], box[1] + 1))
+        return cam_to_image(self.crop_cam, box, (int(shape[0]), int(shape[1])))
 
 
 def resolve_device(device: str) -> torch.device:
@@ -233,8 +272,13 @@ class BoneAgePredictor:
         out: list[Prediction] = []
         for image, prep, value, cam in zip(images, preps, months, cams_np, strict=True):
             age = float(np.clip(value, MIN_BONE_AGE_MONTHS, MAX_BONE_AGE_MONTHS))
-            full = cam_to_image(cam, prep.crop_box, (image.shape[0], image.shape[1]))
             out.append(
-                Prediction(bone_age_months=age, cam=full, intervals=intervals_for(age, meta))
+                Prediction(
+                    bone_age_months=age,
+                    crop_cam=cam,
+                    crop_box=prep.crop_box,
+                    image_shape=(int(image.shape[0]), int(image.shape[1])),
+                    intervals=intervals_for(age, meta),
+                )
             )
         return out

@@ -70,7 +70,11 @@ def normalise_intensity(
     lo, hi = np.percentile(img[::step, ::step], [low_pct, high_pct])
     if not hi > lo:
         return np.zeros_like(img)
-    return np.clip((img - lo) / (hi - lo), 0.0, 1.0).astype(np.float32, copy=False)
+    # float32 throughout, in one buffer: float64 scalars would promote a multi-megapixel
+    # image to float64 (numpy 2 promotion rules) and triple the memory traffic.
+    out = np.subtract(img, np.float32(lo), dtype=np.float32)
+    out /= np.float32(hi - lo)
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -271,7 +275,9 @@ def prepare(image: np.ndarray, size: int, *, clahe: bool = False) -> Prepared:
     if size < 32:
         raise ValueError(f"size must be at least 32, got {size}")
     arr = arr.astype(np.float32, copy=False)
-    if not np.isfinite(arr).all():
+    # A sum is finite only if every term is; a non-finite sum (NaN, inf, or float32
+    # overflow of huge finite values) is settled element by element.
+    if not np.isfinite(arr.sum()) and not np.isfinite(arr).all():
         raise ValueError("image holds NaN or infinite values")
     norm = normalise_intensity(arr)
     box = hand_box(norm)

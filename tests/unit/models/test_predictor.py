@@ -98,3 +98,18 @@ def test_cuda_without_gpu_is_a_clear_error() -> None:
 def test_bad_device_string() -> None:
     with pytest.raises(ValueError, match="not a torch device"):
         resolve_device("gpu0")
+
+
+def test_cam_at_a_smaller_shape_matches_the_downscaled_full_cam(
+    loaded: LoadedModel, image: np.ndarray
+) -> None:
+    predictor = BoneAgePredictor(loaded, device="cpu")
+    result = predictor.predict(image, male=True)
+    full = torch.from_numpy(result.cam)[None, None]
+    shape = (image.shape[0] // 2, image.shape[1] // 2)
+    expected = torch.nn.functional.interpolate(full, size=shape, mode="area")[0, 0].numpy()
+    small = result.cam_at(shape)
+    assert small.shape == shape and small.dtype == np.float32
+    # same map, up to where the crop edges fall on the coarser grid
+    assert np.abs(small - expected).mean() < 0.02
+    assert result.cam_at(image.shape) is result.cam

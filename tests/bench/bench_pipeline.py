@@ -1,0 +1,214 @@
+"""Whole per-image pipeline against the bare forward pass, measured in one run.
+
+Each repeat runs, on the same model (ResNet-50 BoneAgeNet, random weights, CPU):
+
+- the bare forward pass at the model's input size (inference mode, one image), and
+- the worker's per-image path with the very functions ``worker.pipeline.assess_instance``
+  calls: read the file + gate, decode, preprocess, forward + Grad-CAM (+ map back to the
+  image), SR, overlay, SC, and writing both outputs (temporary file, fsync, rename).
+
+The input is a synthetic hand phantom as a ~2000 x 2500 12-bit DX, uncompressed
+(Explicit VR Little Endian) by default, or JPEG 2000 lossless with ``--j2k`` (then a
+~1.5-megapixel CR unless ``--rows``/``--columns`` say otherwise). Timings are medians of
+interleaved repeats, so drift affects the pipeline and the forward pass alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydicom import Dataset, dcmread
+from pydicom.uid import JPEG2000Lossless
+
+from dicom_io import gate
+from dicom_io.content import BoneAgeFinding
+from dicom_io.pixels import decode_for_display, jpeg2000_reduction
+from dicom_io.sc import build_heatmap_sc, overlay_shape, render_overlay
+from dicom_io.sr import build_bone_age_sr
+from dicom_io.synthetic import make_radiograph_dataset
+from models.checkpoint import untrained_model
+from models.phantoms import make_phantom
+from models.predictor import BoneAgePredictor
+from worker.pipeline import (
+    SC_MIN_LONG_SIDE,
+    SC_SERIES_NUMBER,
+    SR_SERIES_NUMBER,
+    derived_uid,
+    write_atomically,
+)
+
+STAGES = (
+    "read + gate",
+    "decode",
+    "preprocess",
+    "forward + Grad-CAM",
+    "SR",
+    "overlay",
+    "SC",
+    "write SR + SC",
+)
+
+
+def make_input(
+    path: Path, *, rows: int, columns: int, modality: str, j2k: bool, seed: int = 0
+) -> Dataset:
+    """Write a phantom radiograph of ``rows`` x ``columns`` to ``path``; return it."""
+    side = max(rows, columns)
+    phantom = make_phantom(120.0, male=True, size=side, rng=np.random.default_rng(seed))
+    top, left = (side - rows) // 2, (side - columns) // 2
+    pixels = np.ascontiguousarray(phantom.image[top : top + rows, left : left + columns])
+    ds = make_radiograph_dataset(
+        pixels,
+        modality=modality,
+        sex="M",
+        birth_date=datetime.date(2014, 3, 1),
+        study_date=datetime.date(2024, 5, 2),
+        bits_stored=12,
+    )
+    if j2k:
+        ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
+    ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--j2k", action="store_true", help="JPEG 2000 lossless input")
+    parser.add_argument("--rows", type=int, default=None)
+    parser.add_argument("--columns", type=int, default=None)
+    parser.add_argument("--size", type=int, default=512, help="network input side")
+    parser.add_argument("--repeats", type=int, default=9)
+    args = parser.parse_args()
+    rows = args.rows or (1400 if args.j2k else 2500)
+    columns = args.columns or (1100 if args.j2k else 2000)
+    modality = "CR" if args.j2k else "DX"
+
+    torch.manual_seed(0)
+    predictor = BoneAgePredictor(
+        untrained_model(arch="resnet50", input_size=args.size), device="cpu"
+    )
+    model = predictor._model  # the bare forward pass runs the very same module
+    x = torch.randn(1, 1, args.size, args.size)
+    male = torch.ones(1)
+
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
+        source = work / "in.dcm"
+        make_input(source, rows=rows, columns=columns, modality=modality, j2k=args.j2k)
+        size_mb = source.stat().st_size / 1e6
+
+        def forward() -> None:
+            with torch.inference_mode():
+                model(x, male)
+
+        def pipeline() -> dict[str, float]:
+            marks: list[float] = [time.perf_counter()]
+
+            def mark() -> None:
+                marks.append(time.perf_counter())
+
+            ds = dcmread(source)
+            decision = gate.check(ds)
+            assert decision.accepted, decision.reason
+            mark()
+            reduce = jpeg2000_reduction(
+                ds, min_short_side=predictor.input_size, min_long_side=SC_MIN_LONG_SIDE
+            )
+            image = decode_for_display(ds, reduce=reduce)
+            mark()
+            prepared = predictor.prepare(image)
+            mark()
+            prediction = predictor.predict_batch([image], [True], prepared=[prepared])[0]
+            mark()
+            finding = BoneAgeFinding(
+                bone_age_months=prediction.bone_age_months,
+                chronological_age_months=122.0,
+                sds=None,
+                intervals=dict(prediction.intervals),
+                model_id=predictor.model_id,
+                model_name="BoneAgeNet resnet50",
+                model_version="bench",
+                model_trained=False,
+                laterality="L",
+            )
+            uid = str(ds.SOPInstanceUID)
+            sr = build_bone_age_sr(
+                ds,
+                finding,
+                series_instance_uid=derived_uid(uid, "sr-series"),
+                sop_instance_uid=derived_uid(uid, "sr"),
+                series_number=SR_SERIES_NUMBER,
+                device_observer_uid=derived_uid("bench-device"),
+            )
+            mark()
+            rgb = render_overlay(image, prediction.cam_at(overlay_shape(image.shape)), finding)
+            mark()
+            sc = build_heatmap_sc(
+                ds,
+                rgb,
+                finding,
+                series_instance_uid=derived_uid(uid, "sc-series"),
+                sop_instance_uid=derived_uid(uid, "sc"),
+                series_number=SC_SERIES_NUMBER,
+            )
+            mark()
+            write_atomically(sr, work / "out-sr.dcm")
+            write_atomically(sc, work / "out-sc.dcm")
+            mark()
+            info.update(image=image.shape, sc=rgb.shape, age=prediction.bone_age_months)
+            return {name: b - a for name, a, b in zip(STAGES, marks[:-1], marks[1:], strict=True)}
+
+        info: dict[str, Any] = {}
+        _time(forward)
+        pipeline()  # warm-up: allocator, kernels, imports
+        forwards: list[float] = []
+        stages: dict[str, list[float]] = {name: [] for name in STAGES}
+        totals: list[float] = []
+        for _ in range(args.repeats):
+            forwards.append(_time(forward))
+            split = pipeline()
+            for name, seconds in split.items():
+                stages[name].append(seconds)
+            totals.append(sum(split.values()))
+
+    base = statistics.median(forwards)
+    syntax = "JPEG 2000 lossless" if args.j2k else "Explicit VR Little Endian"
+    print(
+        f"resnet50, {args.size}x{args.size}, batch 1, cpu, {torch.get_num_threads()} threads, "
+        f"median of {args.repeats}"
+    )
+    print(
+        f"input: {modality} {rows}x{columns} 12-bit, {syntax}, {size_mb:.1f} MB; "
+        f"decoded {info['image'][0]}x{info['image'][1]}, SC {info['sc'][0]}x{info['sc'][1]}; "
+        f"bone age {info['age']:.2f} months"
+    )
+    print(f"{'stage':<26}{'median s':>10}{'× forward':>11}")
+    print(f"{'bare forward (reference)':<26}{base:>10.3f}{1.0:>11.2f}")
+    for name, values in stages.items():
+        median = statistics.median(values)
+        print(f"  {name:<24}{median:>10.3f}{median / base:>11.2f}")
+    total = statistics.median(totals)
+    print(f"{'whole pipeline':<26}{total:>10.3f}{total / base:>11.2f}")
+    verdict = "met" if total / base <= 1.2 else "missed"
+    print(f"pipeline / forward: {total / base:.2f}× (target ≤ 1.2×: {verdict})")
+
+
+def _time(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""A stream of JPEG 2000 studies through decode + inference, with and without overlap.
+
+Each study is a file (a different hand phantom, JPEG 2000 lossless CR). Per study:
+
+- decode: read the file, decode for display (reduced resolution where the worker would
+  use it, :func:`dicom_io.pixels.jpeg2000_reduction`) and preprocess (CPU);
+- inference: forward + Grad-CAM on the prepared tensor (ResNet-50, random weights).
+
+Cases, each over the whole stream, repeated and interleaved (medians): decode alone,
+inference alone (on prepared inputs), one after the other, and overlapped with
+:func:`worker.prefetch.prefetch` decoding ahead on a thread while the model runs. The
+target: overlapped throughput ≥ 0.8× the rate of the slower of decode and inference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydicom import dcmread
+
+from dicom_io.pixels import decode_for_display, jpeg2000_reduction
+from models.checkpoint import untrained_model
+from models.predictor import BoneAgePredictor
+from models.preprocess import Prepared
+from tests.bench.bench_pipeline import make_input
+from worker.pipeline import SC_MIN_LONG_SIDE
+from worker.prefetch import prefetch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--count", type=int, default=8, help="studies in the stream")
+    parser.add_argument("--rows", type=int, default=1400)
+    parser.add_argument("--columns", type=int, default=1100)
+    parser.add_argument("--size", type=int, default=512, help="network input side")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--depth", type=int, default=2, help="decodes run ahead")
+    args = parser.parse_args()
+
+    predictor = BoneAgePredictor(
+        untrained_model(arch="resnet50", input_size=args.size), device="cpu"
+    )
+
+    def decode(path: Path) -> tuple[np.ndarray, Prepared]:
+        ds = dcmread(path)
+        reduce = jpeg2000_reduction(
+            ds, min_short_side=predictor.input_size, min_long_side=SC_MIN_LONG_SIDE
+        )
+        image = decode_for_display(ds, reduce=reduce)
+        return image, predictor.prepare(image)
+
+    def infer(decoded: tuple[np.ndarray, Prepared]) -> float:
+        image, prepared = decoded
+        return predictor.predict_batch([image], [True], prepared=[prepared])[0].bone_age_months
+
+    with tempfile.TemporaryDirectory() as folder:
+        paths = [Path(folder) / f"{n:03d}.dcm" for n in range(args.count)]
+        for n, path in enumerate(paths):
+            make_input(path, rows=args.rows, columns=args.columns, modality="CR", j2k=True, seed=n)
+        decoded = [decode(path) for path in paths]  # warm-up, and inputs for "inference"
+        shape = decoded[0][0].shape
+        infer(decoded[0])
+
+        def decode_only() -> None:
+            for path in paths:
+                decode(path)
+
+        def infer_only() -> None:
+            for item in decoded:
+                infer(item)
+
+        def sequential() -> None:
+            for path in paths:
+                infer(decode(path))
+
+        def overlapped() -> None:
+            for item in prefetch(paths, decode, depth=args.depth):
+                infer(item)
+
+        cases = {
+            "decode": decode_only,
+            "inference": infer_only,
+            "sequential": sequential,
+            "overlapped": overlapped,
+        }
+        times: dict[str, list[float]] = {name: [] for name in cases}
+        for _ in range(args.repeats):
+            for name, fn in cases.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+
+    rates = {name: args.count / statistics.median(values) for name, values in times.items()}
+    slower = min(rates["decode"], rates["inference"])
+    print(
+        f"{args.count} studies, CR {args.rows}x{args.columns} 12-bit JPEG 2000 lossless, "
+        f"decoded {shape[0]}x{shape[1]}; resnet50 {args.size}x{args.size}, cpu, "
+        f"{torch.get_num_threads()} threads; prefetch depth {args.depth}, 1 decode thread; "
+        f"median of {args.repeats}"
+    )
+    print(f"{'case':<14}{'median s':>10}{'studies/s':>11}{'× slower stage':>16}")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"{name:<14}{median:>10.2f}{rates[name]:>11.2f}{rates[name] / slower:>16.2f}")
+    ratio = rates["overlapped"] / slower
+    verdict = "met" if ratio >= 0.8 else "missed"
+    print(f"overlapped / slower stage: {ratio:.2f}× (target ≥ 0.8×: {verdict})")
+
+
+if __name__ == "__main__":
+    main()

@@ -56,7 +56,11 @@ def create_db_engine(url: str) -> Engine:
                 # Create it private: the database holds study UIDs and results.
                 fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
                 os.close(fd)
-        engine = create_engine(url, connect_args={"timeout": 30})
+        # SQLite serialises writers itself; a pool large enough for every listener
+        # thread (up to 64 associations) means nobody also queues for a connection.
+        engine = create_engine(
+            url, connect_args={"timeout": 30}, pool_size=16, max_overflow=64, pool_timeout=20
+        )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return create_engine(

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from db.schema import Delivery, DeliveryState, Heartbeat, Instance, InstanceState
@@ -127,3 +127,78 @@ def last_hour(session: Session, now: datetime) -> dict[str, Any]:
         "delivered_p50_s": _percentile(end_to_end, 0.5),
         "delivered_p95_s": _percentile(end_to_end, 0.95),
     }
+
+
+# -- metrics (Prometheus scrape): aggregated, bounded by a one-hour window ----------
+
+#: Not-assessed reasons as short categories, by how the reason begins (the reasons
+#: are written by `dicom_io.gate` and `worker.pipeline`). A category is a metric
+#: label: it never carries free text, so no value of the image reaches the metrics.
+REASON_CATEGORIES: tuple[tuple[str, str], ...] = (
+    ("SOP class", "sop_class"),
+    ("made by boneage-worker", "own_result"),
+    ("StudyInstanceUID", "study_uid"),
+    ("the instance has no pixel data", "pixels"),
+    ("pixel data", "pixels"),
+    ("body part", "body_part"),
+    ("image is", "size"),
+    ("patient sex", "sex"),
+    ("patient age", "age"),
+    ("the file cannot be parsed", "parse"),
+)
+OTHER_REASON = "other"
+
+
+def reason_category(reason: str | None) -> str:
+    """The category of a not-assessed reason (`REASON_CATEGORIES`), else ``other``."""
+    for prefix, category in REASON_CATEGORIES:
+        if reason and reason.startswith(prefix):
+            return category
+    return OTHER_REASON
+
+
+def not_assessed_by_reason(session: Session) -> dict[str, int]:
+    """Instances not assessed, counted by reason category in SQL (one row per category)."""
+    category = case(
+        *(
+            (Instance.reason.startswith(prefix, autoescape=True), cat)
+            for prefix, cat in REASON_CATEGORIES
+        ),
+        else_=OTHER_REASON,
+    ).label("category")
+    rows = session.execute(
+        select(category, func.count())
+        .where(Instance.state == InstanceState.NOT_ASSESSED)
+        .group_by(category)
+    )
+    counts = {cat: 0 for _, cat in REASON_CATEGORIES} | {OTHER_REASON: 0}
+    for cat, n in rows:
+        counts[str(cat)] += n
+    return counts
+
+
+@dataclass(frozen=True)
+class Latencies:
+    """Seconds from reception, for the instances that finished within the window."""
+
+    to_assessed: list[float]  # received → result committed
+    to_delivered: list[float]  # received → last of its objects delivered
+
+
+def latencies_since(session: Session, since: datetime) -> Latencies:
+    """Latencies of the instances assessed, or delivered, at or after ``since``."""
+    assessed = session.execute(
+        select(Instance.received_at, Instance.finished_at).where(
+            Instance.state == InstanceState.ASSESSED, Instance.finished_at >= since
+        )
+    )
+    delivered = session.execute(
+        select(Instance.received_at, func.max(Delivery.delivered_at))
+        .join(Delivery, Delivery.instance_id == Instance.id)
+        .where(Delivery.delivered_at >= since)
+        .group_by(Instance.id, Instance.received_at)
+    )
+    return Latencies(
+        to_assessed=[max(0.0, (f - r).total_seconds()) for r, f in assessed if r and f],
+        to_delivered=[max(0.0, (d - r).total_seconds()) for r, d in delivered if r and d],
+    )

@@ -27,7 +27,7 @@ RADIOGRAPH_SOP_CLASSES: dict[str, str] = {
     pyuid.MultiFrameTrueColorSecondaryCaptureImageStorage: "Multi-frame True Color SC",
 }
 
-_HAND_BODY_PARTS = {"HAND", "HANDS", "WRIST", "CARPUS", "FINGER", "HANDWRIST", "HAND_WRIST"}
+HAND_BODY_PARTS = {"HAND", "HANDS", "WRIST", "CARPUS", "FINGER", "HANDWRIST", "HAND_WRIST"}
 _HAND_WORDS = re.compile(
     r"\b(HAND|HANDS|WRIST|CARPUS|BONE ?AGE|SKELETAL AGE|KNOCHENALTER|MAIN|POIGNET)\b"
 )
@@ -146,7 +146,7 @@ def check(
 
     body_part = re.sub(r"[\s-]+", "_", str(ds.get("BodyPartExamined", "") or "").strip().upper())
     if body_part:
-        if body_part not in _HAND_BODY_PARTS:
+        if body_part not in HAND_BODY_PARTS:
             return no(f"body part examined is {body_part}, not a hand")
     else:
         text = " ".join(str(ds.get(k, "") or "") for k in _DESCRIPTIONS).upper()

@@ -24,6 +24,7 @@ import os
 import ssl
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 #: Verification SOP Class (C-ECHO), PS3.4 Annex A.
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
+
+#: A C-STORE slower than this is logged: peers time out at 30-120 s.
+SLOW_STORE_SECONDS = 10.0
 
 # Status codes of the Storage Service Class (PS3.4 Annex B.2.3).
 SUCCESS = 0x0000
@@ -306,6 +310,7 @@ class StorageSCP:
 
     def _on_store(self, event: evt.Event) -> int:
         """Handle one C-STORE. Never raises: every failure is a status and a log line."""
+        started = time.monotonic()
         temp = Path(event.dataset_path)
         calling = event.assoc.requestor.ae_title.strip()
         request: Any = event.request
@@ -383,6 +388,12 @@ class StorageSCP:
 
         self._count("stored")
         logger.info("stored instance %d from %s (%d bytes)", instance_id, calling, size)
+        elapsed = time.monotonic() - started
+        if elapsed > SLOW_STORE_SECONDS:
+            # Past the peer's DIMSE timeout the PACS gives up and retries: worth knowing.
+            logger.warning(
+                "storing instance %d took %.1fs (disk or database slow)", instance_id, elapsed
+            )
         try:
             self._notify(instance_id)
         except Exception:  # the row is durable; the reconciler re-enqueues it

@@ -21,18 +21,12 @@ from worker.settings import Settings, load_settings
 logger = logging.getLogger("boneage")
 console = Console()
 
-_PHI_SAFE_FORMAT = "%(asctime)s %(levelname)-7s %(name)s[%(process)d]: %(message)s"
 
+def setup_logging(level: str, fmt: str = "text") -> None:
+    """Text or JSON lines on stderr; see `worker.logs` (patient-safe library levels)."""
+    from worker.logs import setup_logging as configure_logging
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level, format=_PHI_SAFE_FORMAT, stream=sys.stderr, force=True)
-    # pynetdicom logs every PDU and dataset summary at DEBUG/INFO, including patient
-    # attributes: keep it at WARNING whatever our own level is.
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    # highdicom logs the UIDs of the datasets it copies from at INFO.
-    logging.getLogger("highdicom").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    logging.getLogger("celery").setLevel(max(logging.INFO, logging.getLevelName(level)))
+    configure_logging(level, fmt)
 
 
 def _settings(ctx: click.Context, **overrides: Any) -> Settings:
@@ -42,7 +36,7 @@ def _settings(ctx: click.Context, **overrides: Any) -> Settings:
         settings = load_settings(obj.get("config"), **merged)
     except (ValidationError, ValueError) as exc:
         raise click.ClickException(f"invalid settings: {exc}") from exc
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     return settings
 
 
@@ -63,7 +57,12 @@ def _settings_env(settings: Settings) -> dict[str, str]:
         "ARCH": settings.arch,
         "INPUT_SIZE": str(settings.input_size),
         "LOG_LEVEL": settings.log_level,
+        "LOG_FORMAT": settings.log_format,
     }
+    for name in ("metrics_port", "worker_metrics_port"):
+        port = getattr(settings, name)
+        if port:
+            values[name.upper()] = str(port)
     if settings.model is not None:
         values["MODEL"] = str(settings.model)
     for name in ("tls_certificate", "tls_private_key", "tls_ca_certificates"):
@@ -347,6 +346,102 @@ def reconcile(ctx: click.Context) -> None:
     console.print(
         f"re-queued {len(report.instances)} instances, {len(report.deliveries)} deliveries"
     )
+
+
+@main.command()
+@click.option("--from", "source", required=True, help="The PACS to query, AE@host:port.")
+@click.option("--since", required=True, type=click.DateTime(["%Y-%m-%d"]), help="First study date.")
+@click.option("--until", type=click.DateTime(["%Y-%m-%d"]), help="Last study date (inclusive).")
+@click.option("--modality", default="CR,DX", show_default=True, help="Comma-separated.")
+@click.option("--dry-run", is_flag=True, help="List what would be moved; move nothing.")
+@click.pass_context
+def backfill(
+    ctx: click.Context,
+    source: str,
+    since: Any,
+    until: Any,
+    modality: str,
+    dry_run: bool,
+) -> None:
+    """Have a PACS send the hand radiographs it already holds (C-FIND, then C-MOVE to us).
+
+    The PACS must know our AE title (BONEAGE_AE_TITLE) as a move destination with the
+    listener's host and port, and allow us C-FIND and C-MOVE.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.table import Table
+
+    from dicom_io.qr import QueryError
+    from dicom_io.scp import uid_tag
+    from worker.backfill import plan_backfill, run_backfill
+    from worker.settings import Destination
+
+    settings = _settings(ctx)
+    try:
+        peer = Destination.parse(source)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--from") from exc
+    modalities = [m.strip().upper() for m in modality.split(",") if m.strip()]
+    if not modalities:
+        raise click.BadParameter("name at least one modality", param_hint="--modality")
+    first, last = since.date(), until.date() if until else None
+    if last is not None and last < first:
+        raise click.BadParameter("--until is before --since", param_hint="--until")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    try:
+        with Progress(*columns, console=console, transient=True) as progress:
+            task = progress.add_task(f"querying {peer}", total=None)
+            plan = plan_backfill(
+                peer,
+                calling_ae_title=settings.ae_title,
+                since=first,
+                until=last,
+                modalities=modalities,
+                on_study=lambda _tag: progress.advance(task),
+            )
+    except QueryError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+    if dry_run:
+        table = Table(title=f"series that would be moved from {peer} to {settings.ae_title}")
+        for column in ("study date", "study", "series", "modality", "body part", "instances"):
+            table.add_column(column)
+        dates = {s.study_instance_uid: s.study_date for s in plan.studies}
+        for series in plan.series:
+            table.add_row(
+                dates.get(series.study_instance_uid) or "-",
+                uid_tag(series.study_instance_uid),
+                uid_tag(series.series_instance_uid),
+                series.modality,
+                series.body_part_examined or "-",
+                str(series.number_of_instances) if series.number_of_instances is not None else "?",
+            )
+        console.print(table)
+        console.print(
+            f"dry run: {len(plan.studies)} studies found, {len(plan.series)} series would be "
+            f"moved, {len(plan.failures)} failures"
+        )
+        for failure in plan.failures:
+            console.print(f"  [red]{failure}[/]")
+        ctx.exit(1 if plan.failures else 0)
+
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(f"moving series to {settings.ae_title}", total=len(plan.series))
+        report = run_backfill(
+            peer,
+            plan,
+            calling_ae_title=settings.ae_title,
+            move_destination=settings.ae_title,
+            on_series=lambda _tag: progress.advance(task),
+        )
+    console.print(
+        f"studies found: {report.studies_found}, series matched: {report.series_matched}, "
+        f"series moved: {report.series_moved} ({report.instances_moved} instances), "
+        f"failures: {len(report.failures)}"
+    )
+    for failure in report.failures:
+        console.print(f"  [red]{failure}[/]")
+    ctx.exit(1 if report.failures else 0)
 
 
 @main.command()

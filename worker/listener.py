@@ -27,6 +27,7 @@ from worker.messaging import (
     enqueue_delivery,
     prune_embedded_broker,
 )
+from worker.metrics import MetricsServer, NodeCollector, node_registry
 from worker.reconciler import reconcile
 from worker.runtime import Runtime
 from worker.settings import Settings
@@ -100,6 +101,14 @@ class Listener:
         self._reconciler = threading.Thread(
             target=self._reconcile_loop, name="reconciler", daemon=True
         )
+        self.metrics: MetricsServer | None = None
+        if settings.metrics_port:
+            collector = NodeCollector(
+                url, lambda: queue_depths(celery_app), lambda: dict(self.scp.counters)
+            )
+            self.metrics = MetricsServer(
+                node_registry(collector), settings.host, settings.metrics_port
+            )
 
     def _notify(self, instance_id: int) -> None:
         self.enqueuer.submit(instance_id)
@@ -115,6 +124,9 @@ class Listener:
     def start(self) -> None:
         if not self.settings.allowed_aets:
             logger.warning("BONEAGE_ALLOWED_AETS is empty: any calling AE title may send images")
+        if self.metrics is not None:
+            # First: a port already taken stops the listener before it accepts images.
+            self.metrics.start()
         self.enqueuer.start()
         self.scp.start()
         self.heartbeat.start()
@@ -125,6 +137,8 @@ class Listener:
         self.scp.stop()
         self.enqueuer.stop()
         self.heartbeat.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
 
     def reconcile_once(self, *, startup: bool = False) -> None:
         try:

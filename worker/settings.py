@@ -136,6 +136,12 @@ class Settings(BaseSettings):
     reconcile_interval_seconds: float = Field(60.0, gt=0)
     requeue_after_seconds: float = Field(300.0, gt=0)
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    # Prometheus /metrics: the listener on metrics_port, a worker on worker_metrics_port
+    # (+1 for a worker that consumes only the delivery queue). None or 0 = not served.
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    worker_metrics_port: int | None = Field(None, ge=0, le=65534)
 
     # DICOM over TLS (PS3.15 Annex B): our certificate serves the listener and is
     # presented to destinations; the CA file verifies the peers.
@@ -181,6 +187,11 @@ class Settings(BaseSettings):
         if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ValueError(f"BONEAGE_LOG_LEVEL {value!r} must be DEBUG, INFO, WARNING or ERROR")
         return value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _log_format(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _absolute_data_dir(self) -> Settings:

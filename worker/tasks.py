@@ -7,6 +7,7 @@ again; the functions it calls are idempotent, so that is safe.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from celery import Task
@@ -14,6 +15,7 @@ from celery.signals import worker_process_init, worker_process_shutdown, worker_
 from sqlalchemy.exc import OperationalError
 
 from db.engine import dispose_after_fork
+from worker import metrics
 from worker.celery_app import ASSESS_TASK, DELIVER_TASK, RECONCILE_TASK, app, queue_depths
 from worker.delivery import deliver_one
 from worker.heartbeat import HeartbeatThread
@@ -64,7 +66,8 @@ def _stop_process(**_: Any) -> None:
 
 
 @worker_ready.connect
-def _on_ready(**_: Any) -> None:
+def _on_ready(sender: Any = None, **_: Any) -> None:
+    _serve_metrics(sender)
     # A worker that starts may be the first thing up after an outage: pick up the
     # work whose messages were lost while nothing was consuming.
     try:
@@ -84,7 +87,15 @@ def _on_ready(**_: Any) -> None:
     max_retries=20,
 )
 def assess(self: Task, instance_id: int) -> str:
-    outcome = assess_instance(runtime(), instance_id)
+    started = time.perf_counter()
+    try:
+        outcome = assess_instance(runtime(), instance_id)
+    except Exception:
+        metrics.TASKS.labels(ASSESS_TASK, "exception").inc()
+        raise
+    metrics.TASKS.labels(ASSESS_TASK, outcome.state).inc()
+    if outcome.state == "assessed":
+        metrics.ASSESS_SECONDS.observe(time.perf_counter() - started)
     for delivery_id in outcome.delivery_ids:
         enqueue_delivery(delivery_id)
     return outcome.state
@@ -100,7 +111,13 @@ def assess(self: Task, instance_id: int) -> str:
     max_retries=20,
 )
 def deliver(self: Task, delivery_id: int) -> str:
-    outcome = deliver_one(runtime(), delivery_id)
+    try:
+        outcome = deliver_one(runtime(), delivery_id)
+    except Exception:
+        metrics.TASKS.labels(DELIVER_TASK, "exception").inc()
+        raise
+    metrics.TASKS.labels(DELIVER_TASK, outcome.state).inc()
+    metrics.DELIVERY_ATTEMPTS.labels(outcome.state).inc()
     if outcome.retry_in is not None:
         # The due time is in the db too: if this message is lost, the reconciler re-sends.
         enqueue_delivery(delivery_id, countdown=outcome.retry_in)
@@ -110,6 +127,7 @@ def deliver(self: Task, delivery_id: int) -> str:
 @app.task(name=RECONCILE_TASK, acks_late=True)
 def reconcile_task() -> dict[str, int]:
     report = run_reconcile()
+    metrics.TASKS.labels(RECONCILE_TASK, "done").inc()
     return {"instances": len(report.instances), "deliveries": len(report.deliveries)}
 
 
@@ -121,3 +139,24 @@ def run_reconcile(*, startup: bool = False) -> ReconcileReport:
     return reconcile(
         runtime(), enqueue_assess, enqueue_delivery, inference_queue_empty=empty, startup=startup
     )
+
+
+def _serve_metrics(consumer: Any) -> None:
+    """Start this worker's ``/metrics`` (BONEAGE_WORKER_METRICS_PORT), solo pool only."""
+    settings = app.conf.get("boneage_settings")
+    port = metrics.worker_metrics_port(
+        settings.worker_metrics_port if settings is not None else None, _state["queues"]
+    )
+    if port is None or "metrics" in _state:
+        return
+    pool = type(getattr(consumer, "pool", None)).__module__
+    if not pool.endswith(".solo"):
+        # Tasks run in child processes whose counters this process cannot see.
+        logger.warning("worker metrics need --pool solo; %s serves none", pool)
+        return
+    try:
+        _state["metrics"] = metrics.MetricsServer(
+            metrics.WORKER_REGISTRY, settings.host, port
+        ).start()
+    except OSError as exc:
+        logger.warning("worker metrics not served: port %d unusable (%s)", port, exc.strerror)

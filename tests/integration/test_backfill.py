@@ -1,0 +1,191 @@
+"""`boneage-worker backfill` against a real Orthanc: C-FIND, then C-MOVE to our listener.
+
+Orthanc runs the shipped configuration on free ports, with two changes a site makes
+for a backfill: BONEAGE may query and retrieve (AllowFind, AllowMove), and the Lua
+auto-forwarding is off, so that only the backfill sends images to the node. It holds
+two hand studies on different dates and a chest study; `serve` (tiny model) sends its
+results back to Orthanc.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage
+from sqlalchemy import select
+
+from db.engine import session_scope
+from db.schema import Delivery, DeliveryState, Instance, InstanceState
+from dicom_io.qr import SeriesMatch
+from dicom_io.synthetic import make_radiograph_dataset
+from models.phantoms import make_phantom
+from tests.integration.test_end_to_end import Node, cli
+from tests.orthanc import OrthancServer, require_orthanc
+from tests.support import free_port, wait_for, wait_for_port
+from worker.backfill import is_candidate
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+BONEAGE_AE = "BONEAGE"
+ORTHANC_AE = "ORTHANC"
+IN_RANGE = dt.date(2026, 1, 10)
+OUT_OF_RANGE = dt.date(2026, 3, 15)
+
+
+class QueryableOrthanc(OrthancServer):
+    """Orthanc that lets BONEAGE query and retrieve, and forwards nothing by itself."""
+
+    def config(self) -> dict[str, Any]:
+        config = super().config()
+        config["LuaScripts"] = []
+        config["DicomModalities"]["BONEAGE"].update(AllowFind=True, AllowMove=True)
+        return config
+
+
+@dataclass
+class Stack:
+    orthanc: OrthancServer
+    node: Node
+    database_url: str
+    studies: dict[str, str]  # "hand", "late hand", "chest" -> StudyInstanceUID
+    orthanc_ids: dict[str, str]  # the same -> Orthanc's study id
+
+
+def write_study(path: Path, *, study_date: dt.date, body_part: str, seed: int) -> str:
+    """A phantom DX (not a patient) of a 110-month-old girl; returns its StudyInstanceUID."""
+    phantom = make_phantom(110.0, male=False, size=256, rng=np.random.default_rng(seed))
+    ds = make_radiograph_dataset(
+        np.round(phantom.image * 4095).astype(np.uint16),
+        modality="DX",
+        sex="F",
+        birth_date=study_date - dt.timedelta(days=round(110 * 30.4375)),
+        study_date=study_date,
+        body_part=body_part,
+    )
+    ds.save_as(path, enforce_file_format=True)
+    return str(ds.StudyInstanceUID)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Iterator[Stack]:
+    require_orthanc()
+    folder = tmp_path_factory.mktemp("backfill-stack")
+    port = free_port()
+    orthanc = QueryableOrthanc(
+        folder / "orthanc", boneage=(BONEAGE_AE, "127.0.0.1", port), ae_title=ORTHANC_AE
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BONEAGE_")}
+    env.update(
+        BONEAGE_DATA_DIR=str(folder / "data"),
+        BONEAGE_AE_TITLE=BONEAGE_AE,
+        BONEAGE_PORT=str(port),
+        BONEAGE_DESTINATIONS=orthanc.destination,
+        BONEAGE_ALLOWED_AETS=f"{ORTHANC_AE}@127.0.0.1",
+        BONEAGE_MODEL=str(tiny_checkpoint),
+    )
+    node = Node(folder, env)
+    try:
+        orthanc.start()
+        studies, ids = {}, {}
+        for seed, (name, date, body_part) in enumerate(
+            [
+                ("hand", IN_RANGE, "HAND"),
+                ("late hand", OUT_OF_RANGE, "HAND"),
+                ("chest", IN_RANGE + dt.timedelta(days=2), "CHEST"),
+            ]
+        ):
+            path = folder / f"{name.replace(' ', '-')}.dcm"
+            studies[name] = write_study(path, study_date=date, body_part=body_part, seed=seed)
+            ids[name] = orthanc.upload(path)["ParentStudy"]
+        serve = node.start("serve", "serve")
+        try:
+            wait_for_port(port, timeout=120, process=serve)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{node.log_text()[-6000:]}") from None
+        yield Stack(orthanc, node, f"sqlite:///{folder / 'data' / 'boneage.db'}", studies, ids)
+    finally:
+        node.stop()
+        orthanc.stop()
+
+
+def backfill(stack: Stack, *args: str) -> tuple[int, str]:
+    result = cli(
+        "backfill",
+        "--from",
+        stack.orthanc.destination,
+        "--since",
+        "2026-01-01",
+        "--until",
+        "2026-01-31",
+        *args,
+        env=stack.node.env,
+    )
+    return result.returncode, " ".join((result.stdout + result.stderr).split())
+
+
+def instances(database_url: str) -> list[Instance]:
+    with session_scope(database_url) as session:
+        rows = list(session.scalars(select(Instance)))
+        session.expunge_all()
+        return rows
+
+
+def test_dry_run_lists_without_moving(stack: Stack) -> None:
+    before = len(instances(stack.database_url))
+    code, output = backfill(stack, "--dry-run")
+    assert code == 0, output
+    assert "2 studies found, 1 series would be moved, 0 failures" in output
+    assert "20260110" in output and "HAND" in output
+    assert "CHEST" not in output and "20260315" not in output
+    # C-MOVE is synchronous and the listener commits before it answers: nothing came.
+    assert len(instances(stack.database_url)) == before
+
+
+def test_backfill_moves_only_the_matching_study(stack: Stack) -> None:
+    code, output = backfill(stack)
+    assert code == 0, f"{output}\n{stack.node.log_text()[-4000:]}"
+    assert re.search(
+        r"studies found: 2, series matched: 1, series moved: 1 \(1 instances\)", output
+    )
+    assert "failures: 0" in output
+
+    [row] = instances(stack.database_url)
+    assert row.study_instance_uid == stack.studies["hand"]
+    assert row.calling_ae_title == ORTHANC_AE
+
+    def delivered() -> bool:
+        with session_scope(stack.database_url) as session:
+            states = [d.state for d in session.scalars(select(Delivery))]
+        return len(states) == 2 and all(s is DeliveryState.DELIVERED for s in states)
+
+    try:
+        wait_for(delivered, timeout=240, what="the SR and SC delivered to Orthanc", interval=0.25)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{stack.node.log_text()[-6000:]}") from None
+    [row] = instances(stack.database_url)
+    assert row.state is InstanceState.ASSESSED
+
+    in_study = {
+        stack.orthanc.tags(item["ID"])["SOPClassUID"]
+        for item in stack.orthanc.study_instances(stack.orthanc_ids["hand"])
+    }
+    assert {ComprehensiveSRStorage, SecondaryCaptureImageStorage} <= in_study
+    for other in ("late hand", "chest"):
+        assert len(stack.orthanc.study_instances(stack.orthanc_ids[other])) == 1
+
+
+@pytest.mark.parametrize(
+    ("modality", "body_part", "expected"),
+    [("DX", "HAND", True), ("CR", "", True), ("DX", "CHEST", False), ("CT", "HAND", False)],
+)
+def test_series_selection(modality: str, body_part: str, expected: bool) -> None:
+    series = SeriesMatch("1.2.3", "1.2.3.4", modality, body_part, 1)
+    assert is_candidate(series, ["CR", "DX"]) is expected

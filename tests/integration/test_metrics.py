@@ -1,0 +1,150 @@
+"""Prometheus metrics of a running node: the listener's /metrics and the workers' own.
+
+`boneage-worker serve` with BONEAGE_METRICS_PORT and BONEAGE_WORKER_METRICS_PORT on
+free ports; a hand and a CT go in by dcmtk storescu; once the results are delivered,
+the three /metrics endpoints are scraped over HTTP and parsed as Prometheus does.
+"""
+
+from __future__ import annotations
+
+import socket
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import StoreSCP
+from tests.integration.test_end_to_end import (
+    Node,
+    _all_delivered,
+    base_env,
+    make_inputs,
+    storescu,
+)
+from tests.support import free_port, wait_for, wait_for_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def free_port_pair() -> int:
+    """A port ``p`` such that ``p`` and ``p + 1`` are both free (workers use both)."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no two consecutive free ports")
+
+
+def scrape(port: int) -> Samples | None:
+    """Every sample of ``/metrics`` keyed by (name, sorted labels); None if not served yet."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+    except (urllib.error.URLError, OSError):
+        return None
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+def test_metrics_of_a_running_node(
+    tmp_path: Path, storescp: StoreSCP, tiny_checkpoint: Path
+) -> None:
+    port, metrics_port, worker_port = free_port(), free_port(), free_port_pair()
+    env = base_env(tmp_path, storescp, tiny_checkpoint, port)
+    env.update(
+        BONEAGE_METRICS_PORT=str(metrics_port),
+        BONEAGE_WORKER_METRICS_PORT=str(worker_port),
+        BONEAGE_HOST="127.0.0.1",
+    )
+    node = Node(tmp_path, env)
+    try:
+        serve = node.start("serve", "serve")
+        wait_for_port(port, timeout=120, process=serve)
+        # Before any image: served, and every state is there at zero.
+        empty = wait_for(lambda: scrape(metrics_port), timeout=30, what="listener /metrics")
+        assert value(empty, "boneage_up") == 1
+        assert value(empty, "boneage_instances", state="assessed") == 0
+
+        hand, ct = make_inputs(tmp_path, env)
+        storescu(port, hand, ct)
+        storescp.wait_for_objects(2, timeout=240)
+        database_url = f"sqlite:///{tmp_path / 'data' / 'boneage.db'}"
+        wait_for(lambda: _all_delivered(database_url), timeout=60, what="deliveries delivered")
+
+        node_metrics = scrape(metrics_port)
+        assert node_metrics is not None
+        assert value(node_metrics, "boneage_up") == 1
+        assert value(node_metrics, "boneage_database_up") == 1
+        assert value(node_metrics, "boneage_broker_up") == 1
+        assert value(node_metrics, "boneage_instances", state="assessed") == 1
+        assert value(node_metrics, "boneage_instances", state="not_assessed") == 1
+        assert value(node_metrics, "boneage_instances_not_assessed", reason="sop_class") == 1
+        assert value(node_metrics, "boneage_instances_not_assessed", reason="other") == 0
+        assert value(node_metrics, "boneage_deliveries", state="delivered") == 2
+        assert value(node_metrics, "boneage_deliveries", state="failed") == 0
+        for queue in ("inference", "delivery"):
+            assert value(node_metrics, "boneage_queue_depth", queue=queue) >= 0
+        assert value(node_metrics, "boneage_listener_objects_total", outcome="stored") == 2
+        assert value(node_metrics, "boneage_listener_objects_total", outcome="refused") == 0
+        assert value(node_metrics, "boneage_received_to_assessed_seconds_count") >= 1
+        assert value(
+            node_metrics, "boneage_received_to_assessed_seconds_bucket", le="+Inf"
+        ) == value(node_metrics, "boneage_received_to_assessed_seconds_count")
+        assert value(node_metrics, "boneage_received_to_delivered_seconds_count") >= 1
+        # Labels are categories, never text from an image.
+        reasons = {
+            dict(labels)["reason"] for name, labels in node_metrics if "reason" in dict(labels)
+        }
+        assert reasons <= {
+            "sop_class",
+            "own_result",
+            "study_uid",
+            "pixels",
+            "body_part",
+            "size",
+            "sex",
+            "age",
+            "parse",
+            "other",
+        }
+
+        inference = wait_for(
+            lambda: scrape(worker_port), timeout=30, what="inference worker /metrics"
+        )
+        assessed = value(
+            inference, "boneage_worker_tasks_total", task="boneage.assess", outcome="assessed"
+        )
+        not_assessed = value(
+            inference, "boneage_worker_tasks_total", task="boneage.assess", outcome="not_assessed"
+        )
+        assert assessed + not_assessed >= 2
+        assert value(inference, "boneage_assess_seconds_count") >= 1
+
+        delivery = wait_for(
+            lambda: scrape(worker_port + 1), timeout=30, what="delivery worker /metrics"
+        )
+        assert value(delivery, "boneage_delivery_attempts_total", outcome="delivered") == 2
+        assert (
+            value(
+                delivery, "boneage_worker_tasks_total", task="boneage.deliver", outcome="delivered"
+            )
+            == 2
+        )
+    finally:
+        codes = node.stop()
+    assert codes == [0], node.log_text()[-4000:]

@@ -1,0 +1,119 @@
+"""JSON log lines: the formatter, and a real `listen` process with BONEAGE_LOG_FORMAT=json."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import free_port, wait_for_port
+from worker.logs import JsonFormatter, setup_logging
+
+KEYS = {"time", "level", "logger", "role", "pid", "message"}
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    levels = {n: logging.getLogger(n).level for n in ("pynetdicom", "highdicom", "alembic")}
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, value in levels.items():
+        logging.getLogger(name).setLevel(value)
+    logging.captureWarnings(False)
+
+
+def test_formatter_writes_one_json_object_with_extras() -> None:
+    record = logging.LogRecord(
+        "worker.tasks", logging.WARNING, __file__, 1, "took %d s", (3,), None
+    )
+    record.instance_id = 42
+    line = JsonFormatter(role="worker").format(record)
+    entry = json.loads(line)
+    assert entry.keys() >= KEYS
+    assert entry["level"] == "WARNING" and entry["logger"] == "worker.tasks"
+    assert entry["role"] == "worker" and entry["message"] == "took 3 s"
+    assert entry["instance_id"] == 42
+    assert "\n" not in line
+
+
+def test_formatter_keeps_tracebacks_on_one_line() -> None:
+    try:
+        raise ValueError("broken")
+    except ValueError:
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    assert "ValueError: broken" in json.loads(line)["exception"]
+
+
+def test_setup_logging_json_holds_libraries_at_warning(
+    restore_logging: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    setup_logging("DEBUG", "json", role="listener")
+    logging.getLogger("worker.test").debug("hello", extra={"db_id": 7})
+    logging.getLogger("pynetdicom.events").info("dataset with patient name")
+    [line] = stream.getvalue().splitlines()
+    entry = json.loads(line)
+    assert entry["message"] == "hello" and entry["db_id"] == 7 and entry["role"] == "listener"
+    assert logging.getLogger("pynetdicom").level == logging.WARNING
+
+
+def test_setup_logging_rejects_unknown_format(restore_logging: None) -> None:
+    with pytest.raises(ValueError, match="log format"):
+        setup_logging("INFO", "xml")
+
+
+@pytest.mark.integration
+def test_listen_logs_json_lines(tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BONEAGE_")}
+    env.update(
+        BONEAGE_DATA_DIR=str(tmp_path / "data"),
+        BONEAGE_PORT=str(port),
+        BONEAGE_HOST="127.0.0.1",
+        BONEAGE_LOG_LEVEL="DEBUG",
+        BONEAGE_LOG_FORMAT="json",
+    )
+    command = [sys.executable, "-m", "worker"]
+    upgrade = subprocess.run(
+        [*command, "db", "upgrade"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert upgrade.returncode == 0, upgrade.stderr
+    listen = subprocess.Popen(
+        [*command, "listen"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        wait_for_port(port, timeout=60, process=listen)
+        echo = subprocess.run(
+            [*command, "echo", f"BONEAGE@127.0.0.1:{port}"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert echo.returncode == 0, echo.stderr
+    finally:
+        listen.send_signal(signal.SIGTERM)
+        _, err = listen.communicate(timeout=60)
+    assert listen.returncode == 0, err.decode(errors="replace")[-4000:]
+    lines = err.decode().splitlines()
+    assert lines, "the listener logged nothing"
+    entries = [json.loads(line) for line in lines]
+    for entry in entries:
+        assert entry.keys() >= KEYS, entry
+        assert entry["role"] == "listener"
+    assert any(e["message"].startswith("listener stopping") for e in entries)
+    assert all(not e["logger"].startswith("pynetdicom") or e["level"] != "INFO" for e in entries)

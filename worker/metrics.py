@@ -1,0 +1,236 @@
+"""Prometheus metrics: the node's state for the listener's ``/metrics``, counters for workers.
+
+The listener (``BONEAGE_METRICS_PORT``) serves :class:`NodeCollector`: everything is
+read from the database and the broker when Prometheus scrapes, with aggregated
+queries and a one-hour window for latencies, so a scrape costs a few small queries
+whatever the size of the database.
+
+A worker (``BONEAGE_WORKER_METRICS_PORT``; a worker that consumes only the delivery
+queue uses that port + 1, so that ``serve``'s two workers do not collide) serves the
+counters of the tasks it ran. Those live in the worker's own memory, so they are
+served only with ``--pool solo`` (the default, and what GPU workers use); a prefork
+worker logs a warning and serves none.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import timedelta
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client.exposition import start_http_server
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from db import queries
+from db.engine import session_scope
+from db.schema import utcnow as now
+
+logger = logging.getLogger(__name__)
+
+#: Latency buckets (seconds) for received → assessed and received → delivered.
+LATENCY_BUCKETS: tuple[float, ...] = (1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+#: Wall time of assessing one image on CPU or GPU.
+ASSESS_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
+LATENCY_WINDOW = timedelta(hours=1)
+
+
+def histogram_buckets(values: Sequence[float], bounds: Sequence[float]) -> list[tuple[str, float]]:
+    """Cumulative ``(le, count)`` pairs of ``values``, ending with ``+Inf``."""
+    ordered = sorted(values)
+    buckets: list[tuple[str, float]] = []
+    index = 0
+    for bound in bounds:
+        while index < len(ordered) and ordered[index] <= bound:
+            index += 1
+        buckets.append((str(float(bound)), float(index)))
+    buckets.append(("+Inf", float(len(ordered))))
+    return buckets
+
+
+class NodeCollector(Collector):
+    """The node's state, computed at scrape time from the database and the broker.
+
+    Parameters
+    ----------
+    database_url
+        The node's database.
+    queue_depths
+        Returns messages waiting per queue; raising means the broker is down.
+    listener_counters
+        The listener's own counters (stored, refused, failed associations' objects).
+    """
+
+    def __init__(
+        self,
+        database_url: str,
+        queue_depths: Callable[[], Mapping[str, int]],
+        listener_counters: Callable[[], Mapping[str, int]] | None = None,
+    ) -> None:
+        self.database_url = database_url
+        self.queue_depths = queue_depths
+        self.listener_counters = listener_counters
+
+    def describe(self) -> Iterable[Metric]:
+        # No scrape at registration: families are produced only when collected.
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        up = GaugeMetricFamily("boneage_up", "1 when this boneage-worker process answers.")
+        up.add_metric([], 1)
+        yield up
+        yield from self._listener()
+        yield from self._broker()
+        yield from self._database()
+
+    def _listener(self) -> Iterable[Metric]:
+        if self.listener_counters is None:
+            return
+        received = CounterMetricFamily(
+            "boneage_listener_objects",
+            "Objects offered to the listener by C-STORE since it started, by outcome.",
+            labels=["outcome"],
+        )
+        for outcome, count in sorted(self.listener_counters().items()):
+            received.add_metric([outcome], count)
+        yield received
+
+    def _broker(self) -> Iterable[Metric]:
+        broker_up = GaugeMetricFamily("boneage_broker_up", "1 when the broker answered.")
+        depth = GaugeMetricFamily(
+            "boneage_queue_depth", "Messages waiting in a broker queue.", labels=["queue"]
+        )
+        try:
+            depths = self.queue_depths()
+        except Exception as exc:  # any broker trouble is what this gauge reports
+            logger.warning("metrics: broker unreachable (%s)", type(exc).__name__)
+            broker_up.add_metric([], 0)
+        else:
+            broker_up.add_metric([], 1)
+            for queue, count in sorted(depths.items()):
+                depth.add_metric([queue], count)
+        yield broker_up
+        yield depth
+
+    def _database(self) -> Iterable[Metric]:
+        database_up = GaugeMetricFamily("boneage_database_up", "1 when the database answered.")
+        try:
+            with session_scope(self.database_url) as session:
+                instances = queries.instance_counts(session)
+                reasons = queries.not_assessed_by_reason(session)
+                deliveries = queries.delivery_counts(session)
+                latencies = queries.latencies_since(session, now() - LATENCY_WINDOW)
+        except Exception as exc:  # the scrape must answer, saying the database is down
+            logger.warning("metrics: database unreachable (%s)", type(exc).__name__)
+            database_up.add_metric([], 0)
+            yield database_up
+            return
+        database_up.add_metric([], 1)
+        yield database_up
+
+        by_state = GaugeMetricFamily(
+            "boneage_instances", "Received instances by state.", labels=["state"]
+        )
+        for state, count in instances.items():
+            by_state.add_metric([state], count)
+        yield by_state
+        by_reason = GaugeMetricFamily(
+            "boneage_instances_not_assessed",
+            "Instances not assessed, by reason category.",
+            labels=["reason"],
+        )
+        for reason, count in reasons.items():
+            by_reason.add_metric([reason], count)
+        yield by_reason
+        sent = GaugeMetricFamily(
+            "boneage_deliveries", "SR and SC deliveries by state.", labels=["state"]
+        )
+        for state, count in deliveries.items():
+            sent.add_metric([state], count)
+        yield sent
+        for name, what, values in (
+            ("boneage_received_to_assessed_seconds", "a result", latencies.to_assessed),
+            ("boneage_received_to_delivered_seconds", "the last delivery", latencies.to_delivered),
+        ):
+            histogram = HistogramMetricFamily(
+                name, f"Seconds from reception to {what}, for instances of the last hour."
+            )
+            histogram.add_metric(
+                [], histogram_buckets(values, LATENCY_BUCKETS), sum_value=sum(values)
+            )
+            yield histogram
+
+
+class MetricsServer:
+    """A ``/metrics`` HTTP server on a daemon thread, serving one registry."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        self.registry = registry
+        self.host = host
+        self.port = port
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> MetricsServer:
+        self._server, self._thread = start_http_server(
+            self.port, addr=self.host, registry=self.registry
+        )
+        logger.info("metrics served on %s:%d/metrics", self.host, self.port)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+
+
+def node_registry(collector: NodeCollector) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ProcessCollector(registry=None))
+    registry.register(collector)
+    return registry
+
+
+# -- worker metrics (filled by worker/tasks.py) ---------------------------------------
+
+WORKER_REGISTRY = CollectorRegistry()
+ProcessCollector(registry=WORKER_REGISTRY)
+
+TASKS = Counter(
+    "boneage_worker_tasks",
+    "Tasks run by this worker, by task name and outcome.",
+    ["task", "outcome"],
+    registry=WORKER_REGISTRY,
+)
+ASSESS_SECONDS = Histogram(
+    "boneage_assess_seconds",
+    "Wall time of assessing one image that was assessed (read, gate, decode, model, "
+    "Grad-CAM, SR and SC).",
+    buckets=ASSESS_BUCKETS,
+    registry=WORKER_REGISTRY,
+)
+DELIVERY_ATTEMPTS = Counter(
+    "boneage_delivery_attempts",
+    "Delivery attempts by this worker, by outcome (delivered, retry, failed, skipped).",
+    ["outcome"],
+    registry=WORKER_REGISTRY,
+)
+
+
+def worker_metrics_port(base: int | None, queues: Sequence[str]) -> int | None:
+    """The port of a worker's ``/metrics``: ``base``, or ``base + 1`` for delivery only."""
+    if not base:
+        return None
+    return base if "inference" in queues else base + 1

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -99,4 +100,10 @@ def setup_logging(level: str, fmt: LogFormat | str = "text", *, role: str | None
     # highdicom logs the UIDs of the datasets it copies from at INFO.
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # pydicom and highdicom warn about the contents of data sets and quote the values
+    # (highdicom's person-name warning prints the patient's name): such text must never
+    # reach a log, so their warnings are dropped and pydicom's logger kept to errors.
+    for package in ("pydicom", "highdicom"):
+        warnings.filterwarnings("ignore", module=rf"{package}(\..*)?$")
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
     logging.getLogger("celery").setLevel(max(logging.INFO, logging.getLevelName(level)))

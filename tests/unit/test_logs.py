@@ -117,3 +117,33 @@ def test_listen_logs_json_lines(tmp_path: Path) -> None:
         assert entry["role"] == "listener"
     assert any(e["message"].startswith("listener stopping") for e in entries)
     assert all(not e["logger"].startswith("pynetdicom") or e["level"] != "INFO" for e in entries)
+
+
+_WARNING_SCRIPT = """
+import warnings
+from pydicom import Dataset
+from worker.logs import setup_logging
+
+setup_logging("DEBUG", "{fmt}")
+# What highdicom says when it copies a single-component patient name.
+warnings.warn_explicit(
+    'The string "SECRETNAME" is unlikely to represent the intended person name',
+    UserWarning, "highdicom/base.py", 199, module="highdicom.base",
+)
+ds = Dataset()
+ds.StudyInstanceUID = "1.2." + "9" * 70  # pydicom warns and logs the over-long value
+"""
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_dataset_warnings_never_reach_the_log(fmt: str) -> None:
+    # A process of its own: pytest would otherwise catch the warnings itself.
+    result = subprocess.run(
+        [sys.executable, "-c", _WARNING_SCRIPT.format(fmt=fmt)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert "SECRETNAME" not in result.stderr
+    assert "9999999999" not in result.stderr

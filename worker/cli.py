@@ -333,6 +333,63 @@ def retry_deliveries(ctx: click.Context, delivery_ids: tuple[int, ...]) -> None:
 
 
 @main.command()
+@click.option("--study", "study_uids", multiple=True, help="Study Instance UID (repeatable).")
+@click.option(
+    "--instance",
+    "instance_ids",
+    multiple=True,
+    type=int,
+    help="Instance id as `status` shows it (repeatable).",
+)
+@click.option(
+    "--model",
+    "checkpoint",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Checkpoint to assess with (default BONEAGE_MODEL); workers must run it too.",
+)
+@click.option(
+    "--send/--no-send",
+    default=False,
+    show_default=True,
+    help="Send the new SR and SC to the destinations.",
+)
+@click.pass_context
+def reprocess(
+    ctx: click.Context,
+    study_uids: tuple[str, ...],
+    instance_ids: tuple[int, ...],
+    checkpoint: Path | None,
+    send: bool,
+) -> None:
+    """Assess chosen studies again, with the configured (new) model.
+
+    Instances this model already assessed are skipped; new results are only sent
+    with --send.
+    """
+    from worker.celery_app import configure
+    from worker.messaging import enqueue_assess
+    from worker.reprocess import prepare_reprocess, select_instances
+    from worker.runtime import Runtime
+
+    settings = _settings(ctx, model=checkpoint)
+    _require_schema(settings)
+    configure(settings)
+    rt = Runtime(settings)
+    try:
+        chosen = select_instances(rt, study_uids=study_uids, instance_ids=instance_ids)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    todo = prepare_reprocess(rt, chosen)
+    for instance_id in todo:
+        enqueue_assess(instance_id, send=send)
+    fate = "results will be sent" if send else "results kept, not sent"
+    console.print(
+        f"{len(chosen)} instances chosen; {len(todo)} queued for model "
+        f"{rt.predictor.model_id[:12]} ({fate}); {len(chosen) - len(todo)} already assessed by it"
+    )
+
+
+@main.command()
 @click.pass_context
 def reconcile(ctx: click.Context) -> None:
     """Queue again the work whose broker messages were lost."""

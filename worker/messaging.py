@@ -23,8 +23,9 @@ from worker.celery_app import ASSESS_TASK, DELIVER_TASK, DELIVERY_QUEUE, INFEREN
 logger = logging.getLogger(__name__)
 
 
-def enqueue_assess(instance_id: int) -> None:
-    app.send_task(ASSESS_TASK, args=[instance_id], queue=INFERENCE_QUEUE)
+def enqueue_assess(instance_id: int, *, send: bool = True) -> None:
+    kwargs = {} if send else {"send": False}
+    app.send_task(ASSESS_TASK, args=[instance_id], kwargs=kwargs, queue=INFERENCE_QUEUE)
 
 
 def enqueue_delivery(delivery_id: int, *, countdown: float | None = None) -> None:

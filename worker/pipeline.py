@@ -127,11 +127,13 @@ def _finish(rt: Runtime, instance_id: int, state: InstanceState, reason: str | N
             instance.finished_at = now()
 
 
-def assess_instance(rt: Runtime, instance_id: int) -> AssessOutcome:
+def assess_instance(rt: Runtime, instance_id: int, *, send: bool = True) -> AssessOutcome:
     """Assess one received instance and queue its outputs for delivery.
 
     Returns what happened; raises only for trouble a retry may cure (database,
-    file system), after which the task is retried.
+    file system), after which the task is retried. With ``send=False`` (a
+    `reprocess` that was not asked to send) the result is recorded and the SR and
+    SC written to the outbox, but no delivery is made.
     """
     claimed = _claim(rt, instance_id)
     if isinstance(claimed, AssessOutcome):
@@ -151,7 +153,9 @@ def assess_instance(rt: Runtime, instance_id: int) -> AssessOutcome:
 
     decision = gate.check(ds, require_sex=settings.missing_sex == "reject")
     if not decision.accepted:
-        return _not_assessed(rt, instance_id, ds, sop_instance_uid, decision.reason or "")
+        return _not_assessed(
+            rt, instance_id, ds, sop_instance_uid, decision.reason or "", send=send
+        )
     facts = decision.facts
     notes: list[str] = []
     male = facts.male
@@ -172,7 +176,12 @@ def assess_instance(rt: Runtime, instance_id: int) -> AssessOutcome:
         image = decode_for_display(ds, reduce=reduce)
     except PixelDataError as exc:
         return _not_assessed(
-            rt, instance_id, ds, sop_instance_uid, f"pixel data cannot be decoded: {exc}"
+            rt,
+            instance_id,
+            ds,
+            sop_instance_uid,
+            f"pixel data cannot be decoded: {exc}",
+            send=send,
         )
 
     started = time.perf_counter()
@@ -242,7 +251,13 @@ def assess_instance(rt: Runtime, instance_id: int) -> AssessOutcome:
     )
     caveats = [*notes] + ([] if finding.model_trained else ["assessed by an UNTRAINED model"])
     outcome = _commit(
-        rt, instance_id, InstanceState.ASSESSED, "; ".join(caveats) or None, result, outputs
+        rt,
+        instance_id,
+        InstanceState.ASSESSED,
+        "; ".join(caveats) or None,
+        result,
+        outputs,
+        send=send,
     )
     if outcome.state == "assessed":
         logger.info(
@@ -262,14 +277,20 @@ def _write_output(rt: Runtime, ds: Dataset, uid: str, kind: str) -> Path:
 
 
 def _not_assessed(
-    rt: Runtime, instance_id: int, ds: Dataset, sop_instance_uid: str, reason: str
+    rt: Runtime,
+    instance_id: int,
+    ds: Dataset,
+    sop_instance_uid: str,
+    reason: str,
+    *,
+    send: bool = True,
 ) -> AssessOutcome:
     """Record why an image was not assessed; send an SR saying so when configured."""
     logger.info("instance %d not assessed: %s", instance_id, reason)
     settings = rt.settings
     ours = str(ds.get("Manufacturer", "") or "").strip() == MANUFACTURER
     if (
-        not (settings.send_not_assessed and settings.destinations)
+        not (send and settings.send_not_assessed and settings.destinations)
         or ours
         or not ds.get("StudyInstanceUID")
     ):
@@ -296,6 +317,8 @@ def _commit(
     reason: str | None,
     result: Result | None,
     outputs: list[tuple[ObjectKind, str, Path]],
+    *,
+    send: bool = True,
 ) -> AssessOutcome:
     """Result, deliveries and the instance's final state in one transaction."""
     try:
@@ -314,7 +337,7 @@ def _commit(
                     state=DeliveryState.PENDING,
                     next_attempt_at=now(),
                 )
-                for destination in rt.settings.destinations
+                for destination in (rt.settings.destinations if send else [])
                 for kind, uid, path in outputs
             ]
             session.add_all(deliveries)

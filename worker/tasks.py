@@ -86,10 +86,10 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
     retry_backoff_max=300,
     max_retries=20,
 )
-def assess(self: Task, instance_id: int) -> str:
+def assess(self: Task, instance_id: int, send: bool = True) -> str:
     started = time.perf_counter()
     try:
-        outcome = assess_instance(runtime(), instance_id)
+        outcome = assess_instance(runtime(), instance_id, send=send)
     except Exception:
         metrics.TASKS.labels(ASSESS_TASK, "exception").inc()
         raise

@@ -259,3 +259,38 @@ def test_our_own_outputs_are_never_assessed_again(runtime: Runtime, tmp_path: Pa
 
     assert gate.check(sc).reason == "made by boneage-worker (one of our own results)"
     assert outcome.state == "assessed"
+
+
+def test_reprocess_with_a_new_model_sends_only_when_asked(
+    runtime: Runtime, tmp_path: Path, storescp: StoreSCP
+) -> None:
+    from models.checkpoint import save_checkpoint, untrained_model
+    from worker.reprocess import prepare_reprocess, select_instances
+
+    instance_id = spool_instance(runtime, tmp_path)
+    assert assess_instance(runtime, instance_id).state == "assessed"
+    # The same model again: nothing to do, nothing duplicated.
+    assert prepare_reprocess(runtime, [instance_id]) == []
+
+    def runtime_with(seed: int) -> Runtime:
+        loaded = untrained_model(arch="resnet18", input_size=128, seed=seed)
+        path = tmp_path / f"model-{seed}.safetensors"
+        save_checkpoint(path, loaded.model, loaded.meta)
+        return Runtime(runtime.settings.model_copy(update={"model": path}))
+
+    quiet = runtime_with(2)
+    with session_scope(runtime.database_url) as session:
+        study = session.get_one(Instance, instance_id).study_instance_uid
+    assert select_instances(quiet, study_uids=[study]) == [instance_id]
+    assert prepare_reprocess(quiet, [instance_id]) == [instance_id]
+    assert assess_instance(quiet, instance_id, send=False).delivery_ids == ()
+    assert prepare_reprocess(quiet, [instance_id]) == []  # already assessed by this model
+
+    loud = runtime_with(3)
+    assert prepare_reprocess(loud, [instance_id]) == [instance_id]
+    sent = assess_instance(loud, instance_id, send=True)
+    assert len(sent.delivery_ids) == 2
+    with session_scope(runtime.database_url) as session:
+        assert len(list(session.scalars(select(Result)))) == 3  # one per model
+        assert len(list(session.scalars(select(Delivery)))) == 4  # first model's 2 + last one's 2
+        assert session.get_one(Instance, instance_id).state is InstanceState.ASSESSED

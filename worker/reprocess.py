@@ -1,0 +1,72 @@
+"""Re-assessing chosen instances, typically with a new model.
+
+A result is unique per (instance, model), so re-running the model that already
+assessed an instance changes nothing; a new model adds a second result beside the
+first. Its SR and SC are new objects (their UIDs derive from the model id): they are
+sent only when asked, so a model change does not silently flood the PACS.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from sqlalchemy import or_, select, update
+
+from db.engine import session_scope
+from db.schema import Instance, InstanceState, Result
+from db.schema import utcnow as now
+from worker.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+
+def select_instances(
+    rt: Runtime, *, study_uids: Sequence[str] = (), instance_ids: Sequence[int] = ()
+) -> list[int]:
+    """Ids of the instances in the given studies, plus the given instance ids."""
+    if not study_uids and not instance_ids:
+        raise ValueError("choose studies (--study) or instances (--instance) to reprocess")
+    with session_scope(rt.database_url) as session:
+        query = select(Instance.id).where(
+            or_(Instance.study_instance_uid.in_(study_uids), Instance.id.in_(instance_ids))
+        )
+        return list(session.scalars(query.order_by(Instance.id)))
+
+
+def prepare_reprocess(rt: Runtime, instance_ids: Sequence[int]) -> list[int]:
+    """Put back in the queue state the instances the current model has not assessed.
+
+    Returns the ids to enqueue; instances that already have a result from this
+    model are left alone.
+    """
+    model_id = rt.predictor.model_id
+    with session_scope(rt.database_url) as session:
+        done = set(
+            session.scalars(
+                select(Result.instance_id).where(
+                    Result.model_id == model_id, Result.instance_id.in_(instance_ids)
+                )
+            )
+        )
+        todo = [i for i in instance_ids if i not in done]
+        if todo:
+            session.execute(
+                update(Instance)
+                .where(Instance.id.in_(todo))
+                .values(
+                    state=InstanceState.QUEUED,
+                    attempts=0,
+                    reason=None,
+                    claimed_by=None,
+                    queued_at=now(),
+                    finished_at=None,
+                )
+            )
+    logger.info(
+        "reprocess with model %s: %d to assess, %d already assessed by it",
+        model_id[:12],
+        len(todo),
+        len(done),
+    )
+    return todo

@@ -1,4 +1,4 @@
-"""A burst: 20 associations at once, 50 instances each, into `boneage-worker serve`.
+"""A burst: 20 associations at once (20 dcmtk storescu), 50 instances each, into `serve`.
 
 Embedded defaults (SQLite database, SQLite broker), the tiny model, no destination:
 what is measured is the listener under concurrency and the path to a terminal state.
@@ -9,23 +9,22 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 from pydicom.uid import generate_uid
-from pynetdicom import AE
 from sqlalchemy import func, select
 
 from db.engine import session_scope
 from db.schema import Instance, InstanceState
 from dicom_io.synthetic import make_radiograph_dataset
 from tests.integration.test_end_to_end import Node
-from tests.support import free_port, wait_for, wait_for_port
+from tests.support import dcmtk_tool, free_port, wait_for, wait_for_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -79,8 +78,8 @@ class RssSampler:
         self._thread.join(5)
 
 
-def send_burst(port: int, seed: int) -> list[int]:
-    """One association of PER_ASSOCIATION small DX instances (one study); their statuses."""
+def write_burst(folder: Path, seed: int) -> list[Path]:
+    """PER_ASSOCIATION small DX instances of one study, as files for one storescu."""
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 4096, size=(256, 256), dtype=np.uint16)
     ds = make_radiograph_dataset(
@@ -89,21 +88,15 @@ def send_burst(port: int, seed: int) -> list[int]:
         birth_date=dt.date(2015, 1, 1),
         study_date=dt.date(2025, 1, 1),
     )
-    ae = AE(ae_title="PACS")
-    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 120
-    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    assoc = ae.associate("127.0.0.1", port, ae_title="BONEAGE")
-    assert assoc.is_established, f"association {seed} not established"
-    statuses = []
-    try:
-        for _ in range(PER_ASSOCIATION):
-            uid = generate_uid()
-            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
-            status = assoc.send_c_store(ds)
-            statuses.append(int(status.Status) if status else -1)
-    finally:
-        assoc.release()
-    return statuses
+    folder.mkdir(parents=True)
+    files = []
+    for n in range(PER_ASSOCIATION):
+        uid = generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+        path = folder / f"{n:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    return files
 
 
 @pytest.fixture
@@ -143,16 +136,36 @@ def test_burst_of_1000_instances_nothing_lost(node: Node, tmp_path: Path) -> Non
     assert pid is not None
     baseline = rss_kb(pid)
 
+    bursts = [write_burst(tmp_path / f"burst{i:02d}", i) for i in range(ASSOCIATIONS)]
+    # Twenty real peers, each its own process (dcmtk storescu, verbose so that every
+    # response is printed): nothing of the sender shares the test process's threads.
     started = time.monotonic()
-    with RssSampler(pid) as sampler, ThreadPoolExecutor(ASSOCIATIONS) as pool:
-        statuses = [
-            s
-            for batch in pool.map(lambda i: send_burst(port, i), range(ASSOCIATIONS))
-            for s in batch
+    with RssSampler(pid) as sampler:
+        senders = [
+            subprocess.Popen(
+                [
+                    dcmtk_tool("storescu"),
+                    "-v",
+                    "-aet",
+                    "PACS",
+                    "-aec",
+                    "BONEAGE",
+                    "127.0.0.1",
+                    str(port),
+                    *map(str, files),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for files in bursts
         ]
+        outputs = [sender.communicate(timeout=600)[0] for sender in senders]
     acknowledged = time.monotonic() - started
     total = ASSOCIATIONS * PER_ASSOCIATION
-    assert statuses.count(0x0000) == total, {hex(s) for s in statuses}
+    for sender, output in zip(senders, outputs, strict=True):
+        assert sender.returncode == 0, output[-2000:]
+        assert output.count("Received Store Response (Success)") == PER_ASSOCIATION, output[-2000:]
     with session_scope(database_url) as session:
         assert session.scalar(select(func.count()).select_from(Instance)) == total
 

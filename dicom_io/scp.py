@@ -352,7 +352,6 @@ class StorageSCP:
         try:
             _fsync_file(temp)
             final.parent.mkdir(exist_ok=True, mode=0o700)
-            os.chmod(temp, 0o600)
             os.replace(temp, final)
             fsync_directory(final.parent)
         except OSError as exc:

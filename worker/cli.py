@@ -40,41 +40,6 @@ def _settings(ctx: click.Context, **overrides: Any) -> Settings:
     return settings
 
 
-def _settings_env(settings: Settings) -> dict[str, str]:
-    """The settings as BONEAGE_* variables, for child processes."""
-    env = dict(os.environ)
-    values = {
-        "AE_TITLE": settings.ae_title,
-        "HOST": settings.host,
-        "PORT": str(settings.port),
-        "ALLOWED_AETS": ",".join(str(a) for a in settings.allowed_aets),
-        "DESTINATIONS": ",".join(str(d) for d in settings.destinations),
-        "DATA_DIR": str(settings.data_dir),
-        "DATABASE_URL": settings.effective_database_url,
-        "BROKER_URL": settings.effective_broker_url,
-        "BROKER_PREFIX": settings.broker_prefix,
-        "DEVICE": settings.device,
-        "ARCH": settings.arch,
-        "INPUT_SIZE": str(settings.input_size),
-        "LOG_LEVEL": settings.log_level,
-        "LOG_FORMAT": settings.log_format,
-    }
-    for name in ("metrics_port", "worker_metrics_port"):
-        port = getattr(settings, name)
-        if port:
-            values[name.upper()] = str(port)
-    if settings.model is not None:
-        values["MODEL"] = str(settings.model)
-    for name in ("tls_certificate", "tls_private_key", "tls_ca_certificates"):
-        path = getattr(settings, name)
-        if path is not None:
-            values[name.upper()] = str(path)
-    values["TLS_REQUIRE_CLIENT_CERTIFICATE"] = str(settings.tls_require_client_certificate).lower()
-    values["DESTINATIONS_TLS"] = str(settings.destinations_tls).lower()
-    env.update({f"BONEAGE_{k}": v for k, v in values.items()})
-    return env
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--config", type=click.Path(dir_okay=False, path_type=Path), help="TOML settings file."
@@ -238,7 +203,7 @@ def serve(ctx: click.Context, ae_title: str | None, port: int | None) -> None:
     settings = _settings(ctx, ae_title=ae_title, port=port)
     _private_files(settings)
     upgrade(settings.effective_database_url)
-    env = _settings_env(settings)
+    env = {**os.environ, **settings.as_environment()}
     base = [sys.executable, "-m", "worker"]
     commands = {
         "listener": [*base, "listen"],

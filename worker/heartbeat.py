@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import delete
@@ -18,6 +19,8 @@ from db.schema import utcnow as now
 logger = logging.getLogger(__name__)
 
 INTERVAL_SECONDS = 10.0
+#: A process whose heartbeat is older than this is down (three missed beats).
+STALE_AFTER = timedelta(seconds=3 * INTERVAL_SECONDS)
 
 
 def process_name(role: str) -> str:

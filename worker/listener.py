@@ -23,12 +23,10 @@ from worker.celery_app import queue_depths
 from worker.heartbeat import HeartbeatThread
 from worker.messaging import (
     Enqueuer,
-    enqueue_assess,
-    enqueue_delivery,
     prune_embedded_broker,
 )
 from worker.metrics import MetricsServer, NodeCollector, node_registry
-from worker.reconciler import reconcile
+from worker.reconciler import reconcile_via_broker
 from worker.runtime import Runtime
 from worker.settings import Settings
 
@@ -142,17 +140,7 @@ class Listener:
 
     def reconcile_once(self, *, startup: bool = False) -> None:
         try:
-            empty = queue_depths(celery_app).get("inference", 0) == 0
-        except Exception:
-            empty = False
-        try:
-            reconcile(
-                self.runtime,
-                enqueue_assess,
-                enqueue_delivery,
-                inference_queue_empty=empty,
-                startup=startup,
-            )
+            reconcile_via_broker(self.runtime, startup=startup)
         except Exception as exc:
             logger.warning("reconciliation failed (%s); next round retries", type(exc).__name__)
 

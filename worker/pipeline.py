@@ -361,21 +361,24 @@ def model_version(predictor: BoneAgePredictor) -> str:
 
 def _ensure_model(rt: Runtime, predictor: BoneAgePredictor) -> None:
     """Record the model once; a concurrent insert by another worker is fine."""
+    if rt.model_recorded == predictor.model_id:
+        return  # once per process, not a query per image
     meta = predictor.meta
     try:
         with session_scope(rt.database_url) as session:
-            if session.get(Model, predictor.model_id) is not None:
-                return
-            session.add(
-                Model(
-                    id=predictor.model_id,
-                    name=f"{SOFTWARE_NAME} BoneAgeNet {meta.arch}",
-                    version=model_version(predictor),
-                    architecture=meta.arch,
-                    input_size=int(meta.input_size),
-                    trained=bool(meta.trained),
-                    metadata_json=json.loads(meta.to_json()),
+            known = session.get(Model, predictor.model_id) is not None
+            if not known:
+                session.add(
+                    Model(
+                        id=predictor.model_id,
+                        name=f"{SOFTWARE_NAME} BoneAgeNet {meta.arch}",
+                        version=model_version(predictor),
+                        architecture=meta.arch,
+                        input_size=int(meta.input_size),
+                        trained=bool(meta.trained),
+                        metadata_json=json.loads(meta.to_json()),
+                    )
                 )
-            )
     except IntegrityError:
         pass
+    rt.model_recorded = predictor.model_id

@@ -18,14 +18,13 @@ from sqlalchemy import ColumnElement, or_, select, update
 from db.engine import session_scope
 from db.schema import Delivery, DeliveryState, Heartbeat, Instance, InstanceState
 from db.schema import utcnow as now
+from worker.heartbeat import STALE_AFTER
 from worker.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
 #: An instance `processing` for longer than this is assumed orphaned, whatever its worker.
 PROCESSING_LEASE = timedelta(minutes=30)
-#: A worker whose heartbeat is older than this is dead (heartbeats come every 10 s).
-WORKER_DEAD_AFTER = timedelta(seconds=30)
 
 
 @dataclass(frozen=True)
@@ -57,9 +56,7 @@ def reconcile(
     current = now()
     stale = current - timedelta(seconds=settings.requeue_after_seconds)
     with session_scope(rt.database_url) as session:
-        live_workers = select(Heartbeat.name).where(
-            Heartbeat.seen_at >= current - WORKER_DEAD_AFTER
-        )
+        live_workers = select(Heartbeat.name).where(Heartbeat.seen_at >= current - STALE_AFTER)
         received = Instance.state == InstanceState.RECEIVED
         conditions: list[ColumnElement[bool]] = [
             # At start-up nothing can be in flight: every `received` row is re-queued.
@@ -125,3 +122,17 @@ def reconcile(
     if queued or sent:
         logger.info("reconciler re-queued %d instances and %d deliveries", len(queued), len(sent))
     return ReconcileReport(queued, sent)
+
+
+def reconcile_via_broker(rt: Runtime, *, startup: bool = False) -> ReconcileReport:
+    """`reconcile` with this process's broker: the one entry point every caller uses."""
+    from worker.celery_app import app, queue_depths
+    from worker.messaging import enqueue_assess, enqueue_delivery
+
+    try:
+        empty = queue_depths(app).get("inference", 0) == 0
+    except Exception:  # broker unreachable: treat queued work as possibly in flight
+        empty = False
+    return reconcile(
+        rt, enqueue_assess, enqueue_delivery, inference_queue_empty=empty, startup=startup
+    )

@@ -29,6 +29,8 @@ SOFTWARE_NAME = "boneage-worker"
 @dataclass
 class Runtime:
     settings: Settings
+    #: Id of the model whose `models` row this process knows exists.
+    model_recorded: str | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property

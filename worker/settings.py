@@ -229,6 +229,26 @@ class Settings(BaseSettings):
             _TomlFileSource(settings_cls, Path(config) if config else None),
         )
 
+    def as_environment(self) -> dict[str, str]:
+        """Every setting as the ``BONEAGE_*`` variable that gives it back (for children).
+
+        Derived from the fields, so a new setting can never be forgotten on the way
+        from `serve` to the processes it starts.
+        """
+        env: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool):
+                text = str(value).lower()
+            elif isinstance(value, list):
+                text = ",".join(str(item) for item in value)
+            else:
+                text = str(value)
+            env[f"BONEAGE_{name.upper()}"] = text
+        return env
+
     # Derived locations: one place decides where things live in the data dir.
     @property
     def spool_dir(self) -> Path:

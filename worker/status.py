@@ -14,11 +14,9 @@ from db.engine import DatabaseNotReady, check_schema, session_scope
 from db.schema import utcnow as now
 from worker.celery_app import app as celery_app
 from worker.celery_app import queue_depths
-from worker.heartbeat import INTERVAL_SECONDS
+from worker.heartbeat import STALE_AFTER
 from worker.settings import Settings
 
-#: A process whose heartbeat is older than this is considered down.
-STALE_AFTER = timedelta(seconds=3 * INTERVAL_SECONDS)
 #: Dead processes are listed for this long, then no longer shown.
 FORGET_AFTER = timedelta(hours=1)
 

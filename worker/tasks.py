@@ -16,12 +16,12 @@ from sqlalchemy.exc import OperationalError
 
 from db.engine import dispose_after_fork
 from worker import metrics
-from worker.celery_app import ASSESS_TASK, DELIVER_TASK, RECONCILE_TASK, app, queue_depths
+from worker.celery_app import ASSESS_TASK, DELIVER_TASK, RECONCILE_TASK, app
 from worker.delivery import deliver_one
 from worker.heartbeat import HeartbeatThread
-from worker.messaging import enqueue_assess, enqueue_delivery
+from worker.messaging import enqueue_delivery
 from worker.pipeline import assess_instance
-from worker.reconciler import ReconcileReport, reconcile
+from worker.reconciler import ReconcileReport, reconcile_via_broker
 from worker.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -132,13 +132,7 @@ def reconcile_task() -> dict[str, int]:
 
 
 def run_reconcile(*, startup: bool = False) -> ReconcileReport:
-    try:
-        empty = queue_depths(app).get("inference", 0) == 0
-    except Exception:
-        empty = False
-    return reconcile(
-        runtime(), enqueue_assess, enqueue_delivery, inference_queue_empty=empty, startup=startup
-    )
+    return reconcile_via_broker(runtime(), startup=startup)
 
 
 def _serve_metrics(consumer: Any) -> None:

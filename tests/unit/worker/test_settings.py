@@ -122,3 +122,21 @@ def test_tls_files_go_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         settings.tls_require_client_certificate
         and settings.tls_ca_certificates == tmp_path / "ca.pem"
     )
+
+
+def test_environment_for_children_gives_back_every_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What `serve` hands its children: each field, from CLI, file or environment.
+    settings = load_settings(
+        data_dir=tmp_path,
+        port=4000,
+        allowed_aets="PACS@10.0.0.2,RIS",
+        destinations="PACS@10.0.0.2:104",
+        missing_sex="female",
+        send_not_assessed=True,
+        metrics_port=9100,
+    )
+    for key, value in settings.as_environment().items():
+        monkeypatch.setenv(key, value)
+    assert load_settings() == settings

@@ -152,4 +152,5 @@ def upsample_cam(cam: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     t = torch.from_numpy(np.ascontiguousarray(cam, dtype=np.float32))[None, None]
     up = F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False)
     out = up[0, 0].numpy()
-    return np.clip(out, float(cam.min()), float(cam.max())).astype(np.float32, copy=False)
+    # bilinear weights are convex, so only rounding can leave the input's range
+    return np.clip(out, float(cam.min()), float(cam.max()), out=out)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from torch import Tensor
 
 from models.gradcam import upsample_cam
@@ -47,6 +48,48 @@ class Prepared:
     crop_box: CropBox
 
 
+def intensity_window(
+    image: np.ndarray, low_pct: float = 1.0, high_pct: float = 99.0
+) -> tuple[float, float]:
+    """The ``low_pct``/``high_pct`` percentiles of an image.
+
+    Percentiles of a regular subsample (about 250k pixels) are as good as those of the
+    whole image and much cheaper.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        2-D image, bone bright.
+    low_pct, high_pct : float
+        Percentiles to return.
+
+    Returns
+    -------
+    tuple of float
+        ``(low, high)``.
+    """
+    img = np.asarray(image)
+    step = max(1, int(np.sqrt(img.size / 250_000)))
+    lo, hi = np.percentile(img[::step, ::step], [low_pct, high_pct])
+    return float(lo), float(hi)
+
+
+def _apply_window(image: np.ndarray | Tensor, lo: float, hi: float) -> np.ndarray | Tensor:
+    """Map ``lo``/``hi`` to 0/1 and clip, in float32 (all zeros when ``hi <= lo``)."""
+    if isinstance(image, Tensor):
+        if not hi > lo:
+            return torch.zeros_like(image, dtype=torch.float32)
+        return ((image.float() - lo) / (hi - lo)).clamp_(0.0, 1.0)
+    img = np.asarray(image, dtype=np.float32)
+    if not hi > lo:
+        return np.zeros_like(img)
+    # float32 throughout, in one buffer: float64 scalars would promote a multi-megapixel
+    # image to float64 (numpy 2 promotion rules) and triple the memory traffic.
+    out = np.subtract(img, np.float32(lo), dtype=np.float32)
+    out /= np.float32(hi - lo)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
 def normalise_intensity(
     image: np.ndarray, low_pct: float = 1.0, high_pct: float = 99.0
 ) -> np.ndarray:
@@ -64,17 +107,10 @@ def normalise_intensity(
     numpy.ndarray
         float32 image in [0, 1] (all zeros for a constant image).
     """
-    img = np.asarray(image, dtype=np.float32)
-    # Percentiles of a regular subsample (about 250k pixels) are as good and much cheaper.
-    step = max(1, int(np.sqrt(img.size / 250_000)))
-    lo, hi = np.percentile(img[::step, ::step], [low_pct, high_pct])
-    if not hi > lo:
-        return np.zeros_like(img)
-    # float32 throughout, in one buffer: float64 scalars would promote a multi-megapixel
-    # image to float64 (numpy 2 promotion rules) and triple the memory traffic.
-    out = np.subtract(img, np.float32(lo), dtype=np.float32)
-    out /= np.float32(hi - lo)
-    return np.clip(out, 0.0, 1.0, out=out)
+    lo, hi = intensity_window(image, low_pct, high_pct)
+    out = _apply_window(image, lo, hi)
+    assert isinstance(out, np.ndarray)
+    return out
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -105,38 +141,25 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float(edges[int(np.argmax(between)) + 1])
 
 
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
 def _largest_component(mask: Tensor) -> Tensor:
-    """Largest 8-connected component of a 2-D bool mask (label propagation by max-pooling)."""
-    h, w = mask.shape
-    if not bool(mask.any()):
+    """Largest 8-connected component of a 2-D bool mask."""
+    labels, count = ndimage.label(mask.numpy(), structure=_EIGHT_CONNECTED)
+    if count == 0:
         return mask
-    ids = torch.arange(1, h * w + 1, dtype=torch.float32).reshape(1, 1, h, w)
-    fg = mask.reshape(1, 1, h, w).float()
-    labels = ids * fg
-    # Each step spreads the largest id one pixel within the foreground; a component is
-    # done once no label changes. Pointer-free and vectorised, fast on thumbnails.
-    for _ in range(h * w):
-        spread = F.max_pool2d(labels, 3, stride=1, padding=1) * fg
-        if torch.equal(spread, labels):
-            break
-        labels = spread
-    flat = labels.flatten().long()
-    counts = torch.bincount(flat[flat > 0])
-    best = int(torch.argmax(counts))
-    return (labels[0, 0] == best) & mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0  # background
+    return torch.from_numpy(labels == int(np.argmax(sizes)))
 
 
 def _grow(seed: Tensor, allowed: Tensor) -> Tensor:
     """Pixels of ``allowed`` 8-connected to ``seed`` (plus the seed itself)."""
-    region = (seed | (seed & allowed))[None, None].float()
-    allowed_f = (allowed | seed)[None, None].float()
-    h, w = seed.shape
-    for _ in range(h * w):
-        grown = F.max_pool2d(region, 3, stride=1, padding=1) * allowed_f
-        if torch.equal(grown, region):
-            break
-        region = grown
-    return region[0, 0] > 0.5
+    seed_np = seed.numpy()
+    labels, _ = ndimage.label(seed_np | allowed.numpy(), structure=_EIGHT_CONNECTED)
+    touched = np.unique(labels[seed_np])
+    return torch.from_numpy(np.isin(labels, touched[touched > 0]))
 
 
 def _binary_open(mask: Tensor, radius: int = 1) -> Tensor:
@@ -144,6 +167,20 @@ def _binary_open(mask: Tensor, radius: int = 1) -> Tensor:
     m = mask[None, None].float()
     eroded = -F.max_pool2d(-m, k, stride=1, padding=radius)
     return F.max_pool2d(eroded, k, stride=1, padding=radius)[0, 0] > 0.5
+
+
+def _thumbnail(image: np.ndarray) -> Tensor:
+    """Antialiased thumbnail, long side :data:`_THUMB_SIDE`, as a ``(1, 1, h, w)`` tensor."""
+    height, width = image.shape
+    scale = _THUMB_SIDE / max(height, width)
+    th, tw = max(8, round(height * scale)), max(8, round(width * scale))
+    return F.interpolate(
+        torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None],
+        size=(th, tw),
+        mode="bilinear",
+        antialias=True,
+        align_corners=False,
+    )
 
 
 def hand_box(image: np.ndarray) -> CropBox:
@@ -161,16 +198,13 @@ def hand_box(image: np.ndarray) -> CropBox:
         image when the square fits, else it is centred on the hand and extends past the
         border.
     """
-    height, width = image.shape
-    scale = _THUMB_SIDE / max(height, width)
-    th, tw = max(8, round(height * scale)), max(8, round(width * scale))
-    thumb = F.interpolate(
-        torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None],
-        size=(th, tw),
-        mode="bilinear",
-        antialias=True,
-        align_corners=False,
-    )
+    return _box_from_thumbnail(_thumbnail(image), image.shape)
+
+
+def _box_from_thumbnail(thumb: Tensor, shape: tuple[int, ...]) -> CropBox:
+    """:func:`hand_box` from a ``(1, 1, h, w)`` thumbnail in [0, 1] of an image of ``shape``."""
+    height, width = int(shape[0]), int(shape[1])
+    th, tw = int(thumb.shape[-2]), int(thumb.shape[-1])
     # A light blur keeps finger gaps and noise from splitting the hand into pieces.
     thumb = F.avg_pool2d(thumb, 3, stride=1, padding=1, count_include_pad=False)[0, 0]
     values = thumb.numpy()
@@ -211,8 +245,10 @@ def _place(start: float, side: int, extent: int) -> int:
 
 def _crop(image: np.ndarray, box: CropBox, fill: float) -> np.ndarray:
     top, left, bottom, right = box
-    out = np.full((bottom - top, right - left), fill, dtype=np.float32)
     height, width = image.shape
+    if top >= 0 and left >= 0 and bottom <= height and right <= width:
+        return image[top:bottom, left:right]  # a view: nothing to pad
+    out = np.full((bottom - top, right - left), fill, dtype=np.float32)
     sy0, sx0 = max(top, 0), max(left, 0)
     sy1, sx1 = min(bottom, height), min(right, width)
     if sy1 > sy0 and sx1 > sx0:
@@ -279,14 +315,19 @@ def prepare(image: np.ndarray, size: int, *, clahe: bool = False) -> Prepared:
     # overflow of huge finite values) is settled element by element.
     if not np.isfinite(arr.sum()) and not np.isfinite(arr).all():
         raise ValueError("image holds NaN or infinite values")
-    norm = normalise_intensity(arr)
-    box = hand_box(norm)
-    crop = _crop(norm, box, fill=0.0)
+    # Only the window (two percentiles of a subsample), a thumbnail and the crop resized
+    # to the network input are computed; the multi-megapixel image itself is never
+    # rewritten. The intensity window is applied after the resize, so the network sees
+    # the antialiased crop windowed to [0, 1] (for training and inference alike).
+    lo, hi = intensity_window(arr)
+    box = _box_from_thumbnail(_apply_window(_thumbnail(arr), lo, hi), arr.shape)
+    crop = _crop(arr, box, fill=lo)
     if clahe:
-        crop = apply_clahe(crop)
+        crop = apply_clahe(_apply_window(crop, lo, hi))
+        lo, hi = 0.0, 1.0
     t = torch.from_numpy(crop)[None, None]
     t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    t = t[0]
+    t = _apply_window(t[0], lo, hi)
     std = t.std()
     t = (t - t.mean()) / std.clamp_min(1e-3)
     return Prepared(tensor=t.contiguous(), crop_box=box)
@@ -319,4 +360,4 @@ def cam_to_image(cam: np.ndarray, crop_box: CropBox, image_shape: tuple[int, int
     sy1, sx1 = min(bottom, height), min(right, width)
     if sy1 > sy0 and sx1 > sx0:
         out[sy0:sy1, sx0:sx1] = up[sy0 - top : sy1 - top, sx0 - left : sx1 - left]
-    return np.clip(out, 0.0, 1.0)
+    return np.clip(out, 0.0, 1.0, out=out)

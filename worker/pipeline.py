@@ -15,10 +15,12 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy.exc import IntegrityError
@@ -44,7 +46,7 @@ from worker.heartbeat import process_name
 from worker.runtime import SOFTWARE_NAME, Runtime
 
 if TYPE_CHECKING:
-    from models.predictor import BoneAgePredictor
+    from models.predictor import BoneAgePredictor, Prediction
 
 logger = logging.getLogger(__name__)
 
@@ -209,37 +211,20 @@ def assess_instance(rt: Runtime, instance_id: int, *, send: bool = True) -> Asse
         notes=tuple(notes),
     )
 
-    # Output identities depend only on (source instance, model): see module docstring.
-    model_id = predictor.model_id
-    sr_uid = derived_uid(sop_instance_uid, model_id, "sr")
-    sc_uid = derived_uid(sop_instance_uid, model_id, "sc")
-    sr = build_bone_age_sr(
+    outputs = write_outputs(
         ds,
+        image,
+        prediction,
         finding,
-        series_instance_uid=derived_uid(sop_instance_uid, model_id, "sr-series"),
-        sop_instance_uid=sr_uid,
-        series_number=SR_SERIES_NUMBER,
+        source_uid=sop_instance_uid,
+        outbox_dir=settings.outbox_dir,
         device_observer_uid=rt.device_observer_uid,
     )
-    # the heat map straight at the picture's size: never upsampled to the full image
-    rgb = render_overlay(image, prediction.cam_at(overlay_shape(image.shape)), finding)
-    sc = build_heatmap_sc(
-        ds,
-        rgb,
-        finding,
-        series_instance_uid=derived_uid(sop_instance_uid, model_id, "sc-series"),
-        sop_instance_uid=sc_uid,
-        series_number=SC_SERIES_NUMBER,
-    )
-    outputs = [
-        (ObjectKind.SR, sr_uid, _write_output(rt, sr, sr_uid, "sr")),
-        (ObjectKind.SC, sc_uid, _write_output(rt, sc, sc_uid, "sc")),
-    ]
 
     _ensure_model(rt, predictor)
     result = Result(
         instance_id=instance_id,
-        model_id=model_id,
+        model_id=predictor.model_id,
         bone_age_months=prediction.bone_age_months,
         chronological_age_months=chronological,
         sds=sds,
@@ -270,8 +255,63 @@ def assess_instance(rt: Runtime, instance_id: int, *, send: bool = True) -> Asse
     return outcome
 
 
-def _write_output(rt: Runtime, ds: Dataset, uid: str, kind: str) -> Path:
-    path = rt.settings.outbox_dir / f"{uid_tag(uid)}-{kind}.dcm"
+#: One thread beside the inference path builds and writes the SR while the heat-map
+#: picture is drawn: the SR is pure Python (highdicom), the picture mostly numpy and
+#: Pillow, which release the GIL, so the two overlap on a multi-core machine.
+_SR_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sr-writer")
+
+
+def write_outputs(
+    source: Dataset,
+    image: np.ndarray,
+    prediction: Prediction,
+    finding: BoneAgeFinding,
+    *,
+    source_uid: str,
+    outbox_dir: Path,
+    device_observer_uid: str,
+) -> list[tuple[ObjectKind, str, Path]]:
+    """Build the SR and the heat-map SC of one assessment and make both durable.
+
+    Output identities depend only on (source instance, model): see the module
+    docstring. Returns ``(kind, SOP Instance UID, outbox path)`` for each object.
+    """
+    model_id = finding.model_id
+    sr_uid = derived_uid(source_uid, model_id, "sr")
+    sc_uid = derived_uid(source_uid, model_id, "sc")
+
+    def sr_job() -> Path:
+        sr = build_bone_age_sr(
+            source,
+            finding,
+            series_instance_uid=derived_uid(source_uid, model_id, "sr-series"),
+            sop_instance_uid=sr_uid,
+            series_number=SR_SERIES_NUMBER,
+            device_observer_uid=device_observer_uid,
+        )
+        return _write_output(outbox_dir, sr, sr_uid, "sr")
+
+    sr_done = _SR_THREAD.submit(sr_job)
+    try:
+        # the heat map straight at the picture's size: never upsampled to the full image
+        rgb = render_overlay(image, prediction.cam_at(overlay_shape(image.shape)), finding)
+        sc = build_heatmap_sc(
+            source,
+            rgb,
+            finding,
+            series_instance_uid=derived_uid(source_uid, model_id, "sc-series"),
+            sop_instance_uid=sc_uid,
+            series_number=SC_SERIES_NUMBER,
+        )
+        sc_path = _write_output(outbox_dir, sc, sc_uid, "sc")
+    finally:
+        # never leave the SR half-done behind us, even when the SC failed
+        wait([sr_done])
+    return [(ObjectKind.SR, sr_uid, sr_done.result()), (ObjectKind.SC, sc_uid, sc_path)]
+
+
+def _write_output(outbox_dir: Path, ds: Dataset, uid: str, kind: str) -> Path:
+    path = outbox_dir / f"{uid_tag(uid)}-{kind}.dcm"
     write_atomically(ds, path)
     return path
 
@@ -305,7 +345,9 @@ def _not_assessed(
         series_number=SR_SERIES_NUMBER,
         device_observer_uid=rt.device_observer_uid,
     )
-    outputs = [(ObjectKind.SR, sr_uid, _write_output(rt, sr, sr_uid, "not-assessed-sr"))]
+    outputs = [
+        (ObjectKind.SR, sr_uid, _write_output(settings.outbox_dir, sr, sr_uid, "not-assessed-sr"))
+    ]
     outcome = _commit(rt, instance_id, InstanceState.NOT_ASSESSED, reason, None, outputs)
     return AssessOutcome("not_assessed", delivery_ids=outcome.delivery_ids, reason=reason)
 

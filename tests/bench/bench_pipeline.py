@@ -4,8 +4,12 @@ Each repeat runs, on the same model (ResNet-50 BoneAgeNet, random weights, CPU):
 
 - the bare forward pass at the model's input size (inference mode, one image), and
 - the worker's per-image path with the very functions ``worker.pipeline.assess_instance``
-  calls: read the file + gate, decode, preprocess, forward + Grad-CAM (+ map back to the
-  image), SR, overlay, SC, and writing both outputs (temporary file, fsync, rename).
+  calls: read the file + gate, decode, preprocess, forward + Grad-CAM, then
+  ``write_outputs`` (the SR built and written on a side thread while the heat-map
+  picture is drawn and its SC built and written; temporary file, fsync, rename).
+
+The parts of the output stage are also timed one after another, outside the total,
+to show where its time goes.
 
 The input is a synthetic hand phantom as a ~2000 x 2500 12-bit DX, uncompressed
 (Explicit VR Little Endian) by default, or JPEG 2000 lossless with ``--j2k`` (then a
@@ -44,6 +48,7 @@ from worker.pipeline import (
     SR_SERIES_NUMBER,
     derived_uid,
     write_atomically,
+    write_outputs,
 )
 
 STAGES = (
@@ -51,11 +56,9 @@ STAGES = (
     "decode",
     "preprocess",
     "forward + Grad-CAM",
-    "SR",
-    "overlay",
-    "SC",
-    "write SR + SC",
+    "SR ‖ SC, both written",
 )
+PARTS = ("SR", "overlay", "SC", "write SR", "write SC")
 
 
 def make_input(
@@ -142,7 +145,27 @@ def main() -> None:
                 model_trained=False,
                 laterality="L",
             )
+            outputs = write_outputs(
+                ds,
+                image,
+                prediction,
+                finding,
+                source_uid=str(ds.SOPInstanceUID),
+                outbox_dir=work / "outbox",
+                device_observer_uid=derived_uid("bench-device"),
+            )
+            mark()
+            sc = dcmread(outputs[1][2], stop_before_pixels=True)
+            info.update(image=image.shape, sc=(sc.Rows, sc.Columns))
+            info.update(age=prediction.bone_age_months)
+            info["last"] = (ds, image, prediction, finding)
+            return {name: b - a for name, a, b in zip(STAGES, marks[:-1], marks[1:], strict=True)}
+
+        def output_parts() -> dict[str, float]:
+            """The output stage's parts one after another (not part of the total)."""
+            ds, image, prediction, finding = info["last"]
             uid = str(ds.SOPInstanceUID)
+            marks = [time.perf_counter()]
             sr = build_bone_age_sr(
                 ds,
                 finding,
@@ -151,9 +174,9 @@ def main() -> None:
                 series_number=SR_SERIES_NUMBER,
                 device_observer_uid=derived_uid("bench-device"),
             )
-            mark()
+            marks.append(time.perf_counter())
             rgb = render_overlay(image, prediction.cam_at(overlay_shape(image.shape)), finding)
-            mark()
+            marks.append(time.perf_counter())
             sc = build_heatmap_sc(
                 ds,
                 rgb,
@@ -162,18 +185,20 @@ def main() -> None:
                 sop_instance_uid=derived_uid(uid, "sc"),
                 series_number=SC_SERIES_NUMBER,
             )
-            mark()
-            write_atomically(sr, work / "out-sr.dcm")
-            write_atomically(sc, work / "out-sc.dcm")
-            mark()
-            info.update(image=image.shape, sc=rgb.shape, age=prediction.bone_age_months)
-            return {name: b - a for name, a, b in zip(STAGES, marks[:-1], marks[1:], strict=True)}
+            marks.append(time.perf_counter())
+            write_atomically(sr, work / "parts" / "sr.dcm")
+            marks.append(time.perf_counter())
+            write_atomically(sc, work / "parts" / "sc.dcm")
+            marks.append(time.perf_counter())
+            return {name: b - a for name, a, b in zip(PARTS, marks[:-1], marks[1:], strict=True)}
 
         info: dict[str, Any] = {}
         _time(forward)
-        pipeline()  # warm-up: allocator, kernels, imports
+        pipeline()  # warm-up: allocator, kernels, imports, the SR thread
+        output_parts()
         forwards: list[float] = []
         stages: dict[str, list[float]] = {name: [] for name in STAGES}
+        parts: dict[str, list[float]] = {name: [] for name in PARTS}
         totals: list[float] = []
         for _ in range(args.repeats):
             forwards.append(_time(forward))
@@ -181,6 +206,8 @@ def main() -> None:
             for name, seconds in split.items():
                 stages[name].append(seconds)
             totals.append(sum(split.values()))
+            for name, seconds in output_parts().items():
+                parts[name].append(seconds)
 
     base = statistics.median(forwards)
     syntax = "JPEG 2000 lossless" if args.j2k else "Explicit VR Little Endian"
@@ -200,6 +227,10 @@ def main() -> None:
         print(f"  {name:<24}{median:>10.3f}{median / base:>11.2f}")
     total = statistics.median(totals)
     print(f"{'whole pipeline':<26}{total:>10.3f}{total / base:>11.2f}")
+    print("output stage, its parts one after another (not in the total):")
+    for name, values in parts.items():
+        median = statistics.median(values)
+        print(f"  {name:<24}{median:>10.3f}{median / base:>11.2f}")
     verdict = "met" if total / base <= 1.2 else "missed"
     print(f"pipeline / forward: {total / base:.2f}× (target ≤ 1.2×: {verdict})")
 

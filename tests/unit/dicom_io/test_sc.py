@@ -13,7 +13,14 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 
 from dicom_io.content import UNTRAINED_WARNING, BoneAgeFinding
 from dicom_io.pixels import decode_for_display
-from dicom_io.sc import MAX_LONG_SIDE, build_heatmap_sc, render_overlay, turbo_lut
+from dicom_io.sc import (
+    MAX_LONG_SIDE,
+    build_heatmap_sc,
+    overlay_factor,
+    overlay_shape,
+    render_overlay,
+    turbo_lut,
+)
 from tests.dicomtools import dciodvfy_errors, dcmj2pnm
 
 from .conftest import hand_like
@@ -73,11 +80,20 @@ def test_overlay_text_colours(finding: BoneAgeFinding, untrained_finding: BoneAg
     assert red_trained.sum() == 0
 
 
-def test_overlay_downscales_large_images(finding: BoneAgeFinding) -> None:
+def test_overlay_downscales_large_images_by_a_whole_factor(finding: BoneAgeFinding) -> None:
     image = hand_like(3000, 2400)
     rgb = render_overlay(image, _cam(30, 24), finding)  # a small cam is resized
-    assert rgb.shape[1] == round(2400 * MAX_LONG_SIDE / 3000)
-    assert rgb.shape[0] - MAX_LONG_SIDE > 0
+    assert overlay_factor(image.shape) == 2
+    assert rgb.shape[1] == 1200  # 2400 / 2: pixels stay square
+    panel = rgb.shape[0] - 1500
+    assert panel > 0
+    # each picture pixel is the mean of a 2 x 2 block (no heat drawn below threshold)
+    cold = render_overlay(image, np.zeros((30, 24)), finding)[panel:, :, 0].astype(float)
+    block = image[:2, :2].mean() * 255
+    assert abs(cold[0, 0] - block) <= 1.0
+    assert max(overlay_shape(image.shape)) <= MAX_LONG_SIDE
+    assert overlay_shape((2048, 100)) == (2048, 100)  # at the limit: untouched
+    assert overlay_shape((4097, 3000)) == (1366, 1000)
 
 
 def test_font_scales_with_image(finding: BoneAgeFinding) -> None:

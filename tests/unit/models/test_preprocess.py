@@ -6,10 +6,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from models.phantoms import make_phantom
-from models.preprocess import cam_to_image, hand_box, normalise_intensity, otsu_threshold, prepare
+from models.preprocess import (
+    _grow,
+    _largest_component,
+    cam_to_image,
+    hand_box,
+    normalise_intensity,
+    otsu_threshold,
+    prepare,
+)
 
 # shared/ lies beside the repository on the development machines and in CI.
 REAL_HANDS = sorted(
@@ -138,3 +147,36 @@ def test_cam_follows_the_crop_on_the_full_image(rng: np.random.Generator) -> Non
     expected = (top + (bottom - top) * 4.5 / 8, left + (right - left) * 4.5 / 8)
     assert abs(peak[0] - expected[0]) <= (bottom - top) / 8
     assert abs(peak[1] - expected[1]) <= (right - left) / 8
+
+
+def test_components_are_eight_connected() -> None:
+    mask = torch.zeros(6, 6, dtype=torch.bool)
+    mask[0, 0] = mask[1, 1] = mask[2, 2] = True  # a diagonal: one 8-connected piece
+    mask[5, 0:4] = True  # four pixels apart from it
+    largest = _largest_component(mask)
+    assert largest.sum() == 4 and bool(largest[5, 3])
+    mask[3, 3] = mask[3, 4] = True  # now the diagonal piece has five
+    largest = _largest_component(mask)
+    assert largest.sum() == 5 and bool(largest[0, 0]) and not largest[5].any()
+
+    allowed = torch.zeros(6, 6, dtype=torch.bool)
+    allowed[0, 1:6] = True  # touches the seed
+    allowed[4:6, 0] = True  # does not
+    seed = torch.zeros(6, 6, dtype=torch.bool)
+    seed[1, 0] = True
+    grown = _grow(seed, allowed)
+    assert grown[0, 1:].all() and grown[1, 0] and not grown[0, 0]
+    assert not grown[4:6, 0].any()
+
+
+def test_preparing_a_large_image_matches_preparing_it_windowed_first() -> None:
+    # The window is applied after the resize (the multi-megapixel image is never
+    # rewritten); the network input stays that of the windowed image to within the
+    # clipping of the brightest and darkest 1 %.
+    phantom = make_phantom(120.0, male=False, size=1024, rng=np.random.default_rng(3))
+    raw = phantom.image.astype(np.float32) * 3000 + 500
+    direct = prepare(raw, 256)
+    windowed = prepare(normalise_intensity(raw), 256)
+    assert direct.crop_box == windowed.crop_box
+    difference = (direct.tensor - windowed.tensor).abs()
+    assert float(difference.mean()) < 0.01 and float(difference.max()) < 0.2

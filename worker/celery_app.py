@@ -7,12 +7,18 @@ device); ``delivery`` carries ``boneage.deliver`` and ``boneage.reconcile``
 
 from __future__ import annotations
 
+import logging
+import sqlite3
+from contextlib import closing
+from pathlib import Path
 from typing import Any
 
 from celery import Celery
 from kombu import Queue
 
 from worker.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 INFERENCE_QUEUE = "inference"
 DELIVERY_QUEUE = "delivery"
@@ -39,8 +45,33 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
+def use_write_ahead_log(broker_url: str) -> None:
+    """Switch the embedded broker's SQLite file to write-ahead logging.
+
+    kombu opens it in SQLite's default rollback-journal mode, where every published
+    message costs two or more fsyncs and readers block the writer; in WAL mode a commit
+    is one fsync of the log, still durable (kombu keeps ``synchronous=FULL``), and the
+    workers' polling no longer holds up the listener. The mode is stored in the file,
+    so this is done once; the file is created when missing.
+    """
+    path = Path(broker_url.removeprefix("sqla+sqlite:///"))
+    if not broker_url.startswith("sqla+sqlite:///") or str(path) in ("", ":memory:"):
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with closing(sqlite3.connect(path, timeout=30)) as connection:
+            mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    except sqlite3.Error as exc:
+        logger.warning("embedded broker left in its journal mode (%s)", exc)
+        return
+    if str(mode).lower() != "wal":
+        logger.warning("embedded broker could not switch to WAL (mode %s)", mode)
+
+
 def configure(settings: Settings) -> Celery:
     """Point the process-wide app at the configured broker (call once per process)."""
+    if settings.embedded_broker:
+        use_write_ahead_log(settings.effective_broker_url)
     app.conf.update(
         broker_url=settings.effective_broker_url,
         broker_transport_options=broker_transport_options(settings),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from datetime import datetime, timedelta
 
 from sqlalchemy import create_engine, inspect, text, update
@@ -42,6 +43,12 @@ def mark_queued(database_url: str, instance_ids: list[int]) -> None:
         )
 
 
+#: How long the enqueuer gathers ids before publishing them (adds at most this latency).
+LINGER_SECONDS = 0.1
+#: Most ids published and marked `queued` in one round.
+MAX_BATCH = 100
+
+
 class Enqueuer:
     """A thread that publishes `assess` messages for ids handed to `submit`."""
 
@@ -68,9 +75,19 @@ class Enqueuer:
     def _run(self) -> None:
         while True:
             batch = [self._queue.get()]
-            # Whatever else is waiting goes in the same round: one commit marks them all.
-            while len(batch) < 100 and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+            # What arrives within LINGER_SECONDS goes in the same round: one commit marks
+            # them all, and a burst of C-STOREs is not slowed by a commit per instance.
+            deadline = time.monotonic() + LINGER_SECONDS
+            while len(batch) < MAX_BATCH and batch[-1] is not None:
+                remaining = deadline - time.monotonic()
+                try:
+                    batch.append(
+                        self._queue.get(timeout=remaining)
+                        if remaining > 0
+                        else self._queue.get_nowait()
+                    )
+                except queue.Empty:
+                    break
             stop = None in batch
             published = [i for i in batch if i is not None and self._publish(i)]
             if published:

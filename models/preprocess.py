@@ -74,12 +74,15 @@ def intensity_window(
     return float(lo), float(hi)
 
 
-def _apply_window(image: np.ndarray | Tensor, lo: float, hi: float) -> np.ndarray | Tensor:
+def _window_tensor(image: Tensor, lo: float, hi: float) -> Tensor:
     """Map ``lo``/``hi`` to 0/1 and clip, in float32 (all zeros when ``hi <= lo``)."""
-    if isinstance(image, Tensor):
-        if not hi > lo:
-            return torch.zeros_like(image, dtype=torch.float32)
-        return ((image.float() - lo) / (hi - lo)).clamp_(0.0, 1.0)
+    if not hi > lo:
+        return torch.zeros_like(image, dtype=torch.float32)
+    return ((image.float() - lo) / (hi - lo)).clamp_(0.0, 1.0)
+
+
+def _window_array(image: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Map ``lo``/``hi`` to 0/1 and clip, in float32 (all zeros when ``hi <= lo``)."""
     img = np.asarray(image, dtype=np.float32)
     if not hi > lo:
         return np.zeros_like(img)
@@ -108,9 +111,7 @@ def normalise_intensity(
         float32 image in [0, 1] (all zeros for a constant image).
     """
     lo, hi = intensity_window(image, low_pct, high_pct)
-    out = _apply_window(image, lo, hi)
-    assert isinstance(out, np.ndarray)
-    return out
+    return _window_array(image, lo, hi)
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -320,14 +321,14 @@ def prepare(image: np.ndarray, size: int, *, clahe: bool = False) -> Prepared:
     # rewritten. The intensity window is applied after the resize, so the network sees
     # the antialiased crop windowed to [0, 1] (for training and inference alike).
     lo, hi = intensity_window(arr)
-    box = _box_from_thumbnail(_apply_window(_thumbnail(arr), lo, hi), arr.shape)
+    box = _box_from_thumbnail(_window_tensor(_thumbnail(arr), lo, hi), arr.shape)
     crop = _crop(arr, box, fill=lo)
     if clahe:
-        crop = apply_clahe(_apply_window(crop, lo, hi))
+        crop = apply_clahe(_window_array(crop, lo, hi))
         lo, hi = 0.0, 1.0
     t = torch.from_numpy(crop)[None, None]
     t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    t = _apply_window(t[0], lo, hi)
+    t = _window_tensor(t[0], lo, hi)
     std = t.std()
     t = (t - t.mean()) / std.clamp_min(1e-3)
     return Prepared(tensor=t.contiguous(), crop_box=box)

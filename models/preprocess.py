@@ -53,8 +53,9 @@ def intensity_window(
 ) -> tuple[float, float]:
     """The ``low_pct``/``high_pct`` percentiles of an image.
 
-    Percentiles of a regular subsample (about 250k pixels) are as good as those of the
-    whole image and much cheaper.
+    Percentiles of a regular subsample (about 65k pixels: the 1st and 99th percentiles
+    then sit on some 650 samples each) are as good as those of the whole image and
+    much cheaper.
 
     Parameters
     ----------
@@ -69,7 +70,7 @@ def intensity_window(
         ``(low, high)``.
     """
     img = np.asarray(image)
-    step = max(1, int(np.sqrt(img.size / 250_000)))
+    step = max(1, int(np.sqrt(img.size / 65_536)))
     lo, hi = np.percentile(img[::step, ::step], [low_pct, high_pct])
     return float(lo), float(hi)
 
@@ -175,8 +176,11 @@ def _thumbnail(image: np.ndarray) -> Tensor:
     height, width = image.shape
     scale = _THUMB_SIDE / max(height, width)
     th, tw = max(8, round(height * scale)), max(8, round(width * scale))
+    # Every k-th pixel of a large image still leaves the filter 4 samples per thumbnail
+    # pixel and each way: as good for finding the hand, a fraction of the memory traffic.
+    step = max(1, min(height // (4 * th), width // (4 * tw)))
     return F.interpolate(
-        torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None],
+        torch.from_numpy(np.ascontiguousarray(image[::step, ::step], dtype=np.float32))[None, None],
         size=(th, tw),
         mode="bilinear",
         antialias=True,

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -76,8 +75,12 @@ def derived_uid(*parts: str) -> str:
     return str(generate_uid(entropy_srcs=list(parts)))
 
 
-def write_atomically(ds: Dataset, path: Path) -> None:
-    """Write ``ds`` as a Part 10 file: temporary name, fsync, rename, fsync dir."""
+def write_atomically(ds: Dataset, path: Path, *, sync_directory: bool = True) -> None:
+    """Write ``ds`` as a Part 10 file: temporary name, fsync, rename, fsync dir.
+
+    With ``sync_directory=False`` the rename is durable only once the caller fsyncs
+    the directory (after writing several files into it).
+    """
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     temp = path.with_suffix(f".{os.getpid()}.tmp")
     with temp.open("wb") as fh:
@@ -86,7 +89,8 @@ def write_atomically(ds: Dataset, path: Path) -> None:
         os.fsync(fh.fileno())
     os.chmod(temp, 0o600)
     os.replace(temp, path)
-    fsync_directory(path.parent)
+    if sync_directory:
+        fsync_directory(path.parent)
 
 
 def chronological_age_months(facts: gate.PatientFacts) -> float | None:
@@ -255,12 +259,6 @@ def assess_instance(rt: Runtime, instance_id: int, *, send: bool = True) -> Asse
     return outcome
 
 
-#: One thread beside the inference path builds and writes the SR while the heat-map
-#: picture is drawn: the SR is pure Python (highdicom), the picture mostly numpy and
-#: Pillow, which release the GIL, so the two overlap on a multi-core machine.
-_SR_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sr-writer")
-
-
 def write_outputs(
     source: Dataset,
     image: np.ndarray,
@@ -280,39 +278,34 @@ def write_outputs(
     sr_uid = derived_uid(source_uid, model_id, "sr")
     sc_uid = derived_uid(source_uid, model_id, "sc")
 
-    def sr_job() -> Path:
-        sr = build_bone_age_sr(
-            source,
-            finding,
-            series_instance_uid=derived_uid(source_uid, model_id, "sr-series"),
-            sop_instance_uid=sr_uid,
-            series_number=SR_SERIES_NUMBER,
-            device_observer_uid=device_observer_uid,
-        )
-        return _write_output(outbox_dir, sr, sr_uid, "sr")
-
-    sr_done = _SR_THREAD.submit(sr_job)
-    try:
-        # the heat map straight at the picture's size: never upsampled to the full image
-        rgb = render_overlay(image, prediction.cam_at(overlay_shape(image.shape)), finding)
-        sc = build_heatmap_sc(
-            source,
-            rgb,
-            finding,
-            series_instance_uid=derived_uid(source_uid, model_id, "sc-series"),
-            sop_instance_uid=sc_uid,
-            series_number=SC_SERIES_NUMBER,
-        )
-        sc_path = _write_output(outbox_dir, sc, sc_uid, "sc")
-    finally:
-        # never leave the SR half-done behind us, even when the SC failed
-        wait([sr_done])
-    return [(ObjectKind.SR, sr_uid, sr_done.result()), (ObjectKind.SC, sc_uid, sc_path)]
+    sr = build_bone_age_sr(
+        source,
+        finding,
+        series_instance_uid=derived_uid(source_uid, model_id, "sr-series"),
+        sop_instance_uid=sr_uid,
+        series_number=SR_SERIES_NUMBER,
+        device_observer_uid=device_observer_uid,
+    )
+    # the heat map straight at the picture's size: never upsampled to the full image
+    rgb = render_overlay(image, prediction.cam_at(overlay_shape(image.shape)), finding)
+    sc = build_heatmap_sc(
+        source,
+        rgb,
+        finding,
+        series_instance_uid=derived_uid(source_uid, model_id, "sc-series"),
+        sop_instance_uid=sc_uid,
+        series_number=SC_SERIES_NUMBER,
+    )
+    sr_path = _write_output(outbox_dir, sr, sr_uid, "sr", sync_directory=False)
+    sc_path = _write_output(outbox_dir, sc, sc_uid, "sc")  # one directory fsync for both
+    return [(ObjectKind.SR, sr_uid, sr_path), (ObjectKind.SC, sc_uid, sc_path)]
 
 
-def _write_output(outbox_dir: Path, ds: Dataset, uid: str, kind: str) -> Path:
+def _write_output(
+    outbox_dir: Path, ds: Dataset, uid: str, kind: str, *, sync_directory: bool = True
+) -> Path:
     path = outbox_dir / f"{uid_tag(uid)}-{kind}.dcm"
-    write_atomically(ds, path)
+    write_atomically(ds, path, sync_directory=sync_directory)
     return path
 
 

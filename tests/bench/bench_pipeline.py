@@ -5,11 +5,11 @@ Each repeat runs, on the same model (ResNet-50 BoneAgeNet, random weights, CPU):
 - the bare forward pass at the model's input size (inference mode, one image), and
 - the worker's per-image path with the very functions ``worker.pipeline.assess_instance``
   calls: read the file + gate, decode, preprocess, forward + Grad-CAM, then
-  ``write_outputs`` (the SR built and written on a side thread while the heat-map
-  picture is drawn and its SC built and written; temporary file, fsync, rename).
+  ``write_outputs`` (SR, heat-map picture, SC, both written: temporary file, fsync,
+  rename, one directory fsync).
 
-The parts of the output stage are also timed one after another, outside the total,
-to show where its time goes.
+The parts of the output stage are also timed on their own, outside the total, to show
+where its time goes.
 
 The input is a synthetic hand phantom as a ~2000 x 2500 12-bit DX, uncompressed
 (Explicit VR Little Endian) by default, or JPEG 2000 lossless with ``--j2k`` (then a
@@ -56,7 +56,7 @@ STAGES = (
     "decode",
     "preprocess",
     "forward + Grad-CAM",
-    "SR ‖ SC, both written",
+    "SR + SC, both written",
 )
 PARTS = ("SR", "overlay", "SC", "write SR", "write SC")
 
@@ -162,7 +162,7 @@ def main() -> None:
             return {name: b - a for name, a, b in zip(STAGES, marks[:-1], marks[1:], strict=True)}
 
         def output_parts() -> dict[str, float]:
-            """The output stage's parts one after another (not part of the total)."""
+            """The output stage's parts, each timed (not part of the total)."""
             ds, image, prediction, finding = info["last"]
             uid = str(ds.SOPInstanceUID)
             marks = [time.perf_counter()]
@@ -227,7 +227,7 @@ def main() -> None:
         print(f"  {name:<24}{median:>10.3f}{median / base:>11.2f}")
     total = statistics.median(totals)
     print(f"{'whole pipeline':<26}{total:>10.3f}{total / base:>11.2f}")
-    print("output stage, its parts one after another (not in the total):")
+    print("output stage, its parts (not in the total):")
     for name, values in parts.items():
         median = statistics.median(values)
         print(f"  {name:<24}{median:>10.3f}{median / base:>11.2f}")

@@ -1,0 +1,46 @@
+"""The listener's PDU reader: few large reads, same contract as pynetdicom's."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+from dicom_io.scp import _StreamingSocket
+
+
+def _reader(sock: socket.socket) -> _StreamingSocket:
+    reader = _StreamingSocket.__new__(_StreamingSocket)  # no association needed to read
+    reader.socket = sock
+    return reader
+
+
+def test_reads_exactly_the_bytes_asked_for_across_many_sends() -> None:
+    ours, peer = socket.socketpair()
+    payload = os.urandom(3 * 1024 * 1024 + 17)
+    sender = threading.Thread(
+        target=lambda: [
+            peer.sendall(payload[i : i + 65_000]) for i in range(0, len(payload), 65_000)
+        ]
+    )
+    sender.start()
+    try:
+        reader = _reader(ours)
+        head = reader.recv(6)
+        rest = reader.recv(len(payload) - 6)
+    finally:
+        sender.join()
+        ours.close()
+        peer.close()
+    assert isinstance(rest, bytearray)
+    assert bytes(head + rest) == payload
+
+
+def test_returns_what_arrived_when_the_peer_closes() -> None:
+    ours, peer = socket.socketpair()
+    peer.sendall(b"partial")
+    peer.close()
+    try:
+        assert _reader(ours).recv(1000) == bytearray(b"partial")
+    finally:
+        ours.close()

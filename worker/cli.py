@@ -144,14 +144,22 @@ def listen(ctx: click.Context, ae_title: str | None, port: int | None) -> None:
 @click.option(
     "--pool",
     type=click.Choice(["solo", "prefork"]),
-    default="solo",
-    show_default=True,
-    help="solo: one process (one per GPU); prefork: --concurrency processes.",
+    default=None,
+    help="solo: one process (one per GPU); prefork: --concurrency processes. "
+    "Default: prefork for an inference worker with several processes, else solo.",
 )
-@click.option("-c", "--concurrency", type=int, default=1, show_default=True)
+@click.option(
+    "-c",
+    "--concurrency",
+    type=int,
+    default=None,
+    help="Processes. Default: BONEAGE_INFERENCE_PROCESSES for an inference worker, else 1.",
+)
 @click.option("--device", help="BONEAGE_DEVICE")
 @click.pass_context
-def work(ctx: click.Context, queues: str, pool: str, concurrency: int, device: str | None) -> None:
+def work(
+    ctx: click.Context, queues: str, pool: str | None, concurrency: int | None, device: str | None
+) -> None:
     """Run a Celery worker for the given queues."""
     from worker import tasks
     from worker.celery_app import configure
@@ -165,8 +173,19 @@ def work(ctx: click.Context, queues: str, pool: str, concurrency: int, device: s
         raise click.BadParameter(
             f"unknown queue(s): {', '.join(sorted(unknown))}", param_hint="--queues"
         )
+    if concurrency is None:
+        concurrency = settings.effective_inference_processes if "inference" in names else 1
+    if pool is None:
+        pool = "prefork" if concurrency > 1 else "solo"
     app = configure(settings)
-    tasks.set_worker_queues(names)
+    tasks.set_worker_queues(names, processes=concurrency)
+    if "inference" in names:
+        logger.info(
+            "inference: %d process(es), %s torch thread(s) each, device %s",
+            concurrency,
+            settings.torch_threads or "auto",
+            settings.device,
+        )
     argv = [
         "worker",
         "-Q",

@@ -126,6 +126,10 @@ class Settings(BaseSettings):
     device: str = "auto"
     arch: str = "resnet50"
     input_size: int = Field(512, ge=32, le=2048)
+    # Inference worker processes (0 = auto: one per GPU machine, on a CPU up to 4 each
+    # with its share of the cores) and torch threads in each (0 = cores / processes).
+    inference_processes: int = Field(0, ge=0, le=64)
+    torch_threads: int = Field(0, ge=0, le=256)
 
     # Behaviour
     send_not_assessed: bool = False
@@ -249,6 +253,31 @@ class Settings(BaseSettings):
             env[f"BONEAGE_{name.upper()}"] = text
         return env
 
+    @property
+    def runs_on_cpu(self) -> bool:
+        """Whether inference runs on the CPU, decided without touching CUDA.
+
+        The parent of prefork children must not initialise CUDA, so ``auto`` asks
+        whether an NVIDIA device node exists rather than asking torch.
+        """
+        if self.device == "cpu":
+            return True
+        if self.device == "auto":
+            return not Path("/dev/nvidiactl").exists()
+        return False
+
+    @property
+    def effective_inference_processes(self) -> int:
+        """Inference worker processes: the setting, or one on a GPU machine and, on a
+        CPU, as many as there are cores up to 4 (several single-threaded forward passes
+        side by side do more per second than one spread over every core, and one image's
+        decoding and DICOM work overlaps another's forward pass)."""
+        if self.inference_processes:
+            return self.inference_processes
+        if not self.runs_on_cpu:
+            return 1
+        return max(1, min(usable_cpus(), 4))
+
     # Derived locations: one place decides where things live in the data dir.
     @property
     def spool_dir(self) -> Path:
@@ -269,6 +298,14 @@ class Settings(BaseSettings):
     @property
     def embedded_broker(self) -> bool:
         return self.effective_broker_url.startswith("sqla+")
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

@@ -10,6 +10,7 @@ import logging
 import time
 from typing import Any
 
+import torch
 from celery import Task
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
 from sqlalchemy.exc import OperationalError
@@ -23,15 +24,24 @@ from worker.messaging import enqueue_delivery
 from worker.pipeline import assess_instance
 from worker.reconciler import ReconcileReport, reconcile_via_broker
 from worker.runtime import Runtime
+from worker.settings import Settings, usable_cpus
 
 logger = logging.getLogger(__name__)
 
 _state: dict[str, Any] = {"queues": ("inference", "delivery")}
 
 
-def set_worker_queues(queues: tuple[str, ...]) -> None:
+def set_worker_queues(queues: tuple[str, ...], *, processes: int = 1) -> None:
     """Called by `boneage-worker work` before the worker starts (inherited by children)."""
     _state["queues"] = queues
+    _state["processes"] = processes
+
+
+def _torch_threads(settings: Settings) -> int:
+    """Torch threads for this process: the setting, or the cores shared among processes."""
+    if settings.torch_threads:
+        return settings.torch_threads
+    return max(1, usable_cpus() // int(_state.get("processes", 1)))
 
 
 def runtime() -> Runtime:
@@ -49,9 +59,15 @@ def _init_process(**_: Any) -> None:
     rt = runtime()
     detail: dict[str, Any] = {"queues": list(_state["queues"])}
     if "inference" in _state["queues"]:
+        if rt.settings.runs_on_cpu:
+            # Several processes each with all the cores' threads would oversubscribe.
+            torch.set_num_threads(_torch_threads(rt.settings))
         predictor = rt.predictor
         detail.update(
-            device=predictor.device, model_id=predictor.model_id, trained=predictor.meta.trained
+            device=predictor.device,
+            model_id=predictor.model_id,
+            trained=predictor.meta.trained,
+            torch_threads=torch.get_num_threads(),
         )
     heartbeat = HeartbeatThread(rt.database_url, "worker", lambda: detail)
     heartbeat.start()

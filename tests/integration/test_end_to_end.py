@@ -27,6 +27,7 @@ from tests.conftest import StoreSCP
 from tests.dicomtools import dciodvfy_errors, dsrdump
 from tests.support import dcmtk_tool, free_port, wait_for, wait_for_port
 from worker.messaging import prune_embedded_broker
+from worker.settings import usable_cpus
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -139,8 +140,16 @@ def check_round_trip(
     status = wait_for(lambda: _healthy_status(node.env), timeout=60, what="a healthy status")
     assert status["instances"]["assessed"] == 1 and status["instances"]["not_assessed"] == 1
     assert status["deliveries"]["delivered"] == 2
-    roles = sorted(p["role"] for p in status["processes"] if p["alive"])
-    assert roles.count("listener") == 1 and roles.count("worker") == 2
+    alive = [p for p in status["processes"] if p["alive"]]
+    assert [p["role"] for p in alive].count("listener") == 1
+    # the delivery worker, and on a CPU one inference process per core (at most 4), each
+    # with its share of the cores as torch threads
+    inference = [p for p in alive if "inference" in p.get("queues", [])]
+    delivery = [p for p in alive if p.get("queues") == ["delivery"]]
+    assert len(delivery) == 1
+    assert len(inference) == min(usable_cpus(), 4)
+    threads = max(1, usable_cpus() // len(inference))
+    assert all(p["torch_threads"] == threads for p in inference)
     assert any("CT Image Storage" in (p["reason"] or "") for p in status["recent_problems"])
 
 

@@ -69,6 +69,8 @@ def test_metrics_of_a_running_node(
     env.update(
         BONEAGE_METRICS_PORT=str(metrics_port),
         BONEAGE_WORKER_METRICS_PORT=str(worker_port),
+        # worker metrics need the solo pool: one inference process
+        BONEAGE_INFERENCE_PROCESSES="1",
         BONEAGE_HOST="127.0.0.1",
     )
     node = Node(tmp_path, env)

@@ -5,6 +5,7 @@ Real processes, real Redis (a private redis-server for the outage), dcmtk peers.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -76,6 +77,8 @@ def test_worker_killed_mid_inference_processes_each_instance_once(
         BONEAGE_BROKER_PREFIX=redis_broker[1],
         BONEAGE_RECONCILE_INTERVAL_SECONDS="1",
         BONEAGE_LOG_LEVEL="INFO",
+        # one process (solo pool): the whole worker dies, not one prefork child
+        BONEAGE_INFERENCE_PROCESSES="1",
     )
     database_url = f"sqlite:///{tmp_path / 'data' / 'boneage.db'}"
     assert cli("db", "upgrade", env=env).returncode == 0
@@ -108,6 +111,57 @@ def test_worker_killed_mid_inference_processes_each_instance_once(
         assert session.get_one(Instance, killed).attempts == 2
     uids = received_sop_uids(storescp)
     assert len(set(uids)) == 8  # one SR and one SC for each of the 4 images
+
+
+def test_prefork_child_killed_mid_inference_its_image_is_assessed_once(
+    tmp_path: Path, storescp: StoreSCP, redis_broker: tuple[str, str], nodes: list[Node]
+) -> None:
+    # The CPU default: one inference worker with two prefork children. One child dies
+    # in the middle of an image; Celery replaces it, the message comes back
+    # (reject_on_worker_lost) and the image is assessed once, by another process.
+    port = free_port()
+    env = base_env(tmp_path, storescp, Path("unused"), port)
+    del env["BONEAGE_MODEL"]
+    env.update(
+        BONEAGE_BROKER_URL=redis_broker[0],
+        BONEAGE_BROKER_PREFIX=redis_broker[1],
+        BONEAGE_LOG_LEVEL="INFO",
+        BONEAGE_DEVICE="cpu",
+        BONEAGE_INFERENCE_PROCESSES="2",
+    )
+    database_url = f"sqlite:///{tmp_path / 'data' / 'boneage.db'}"
+    assert cli("db", "upgrade", env=env).returncode == 0
+    node = Node(tmp_path, env)
+    nodes.append(node)
+    listener = node.start("listener", "listen")
+    node.start("delivery", "work", "-Q", "delivery")
+    worker = node.start("inference", "work", "-Q", "inference")
+    wait_for_port(port, timeout=120, process=listener)
+    files = make_hands(tmp_path, env, 4)
+    storescu(port, *files)
+
+    def claimed() -> list[tuple[int, str]]:
+        with session_scope(database_url) as session:
+            rows = session.scalars(
+                select(Instance).where(Instance.state == InstanceState.PROCESSING)
+            )
+            return [(i.id, i.claimed_by) for i in rows if i.claimed_by]
+
+    [(killed, owner), *_] = wait_for(
+        claimed, timeout=180, interval=0.02, what="an instance being processed", process=worker
+    )
+    child = int(owner.rsplit(":", 1)[1])
+    assert child != worker.pid  # a prefork child, not the worker's main process
+    os.kill(child, signal.SIGKILL)
+    wait_for(
+        lambda: everything_delivered(database_url, 4), timeout=300, what="all results delivered"
+    )
+    assert worker.poll() is None  # the worker lives on with a new child
+    with session_scope(database_url) as session:
+        results = list(session.scalars(select(Result)))
+        assert sorted(r.instance_id for r in results) == sorted(states(database_url))
+        assert session.get_one(Instance, killed).attempts == 2
+    assert len(set(received_sop_uids(storescp))) == 8
 
 
 def test_broker_outage_keeps_acknowledging_then_catches_up(

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from worker.settings import AllowedCaller, Destination, load_settings
+from worker.settings import AllowedCaller, Destination, Settings, load_settings
 
 ENV_NAMES = (
     "BONEAGE_AE_TITLE",
@@ -140,3 +140,23 @@ def test_environment_for_children_gives_back_every_setting(
     for key, value in settings.as_environment().items():
         monkeypatch.setenv(key, value)
     assert load_settings() == settings
+
+
+def test_inference_processes_follow_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("worker.settings.usable_cpus", lambda: 8)
+    assert Settings(device="cpu").effective_inference_processes == 4  # capped at 4
+    assert Settings(device="cuda:1").effective_inference_processes == 1  # one per GPU
+    assert Settings(device="cpu", inference_processes=6).effective_inference_processes == 6
+    monkeypatch.setattr("worker.settings.usable_cpus", lambda: 2)
+    assert Settings(device="cpu").effective_inference_processes == 2
+    assert Settings(device="cpu").runs_on_cpu and not Settings(device="cuda").runs_on_cpu
+
+
+def test_inference_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BONEAGE_INFERENCE_PROCESSES", "3")
+    monkeypatch.setenv("BONEAGE_TORCH_THREADS", "2")
+    settings = Settings()
+    assert (settings.inference_processes, settings.torch_threads) == (3, 2)
+    monkeypatch.setenv("BONEAGE_INFERENCE_PROCESSES", "-1")
+    with pytest.raises(ValidationError, match="inference_processes"):
+        Settings()

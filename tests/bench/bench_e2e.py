@@ -1,0 +1,566 @@
+"""End to end: a burst of studies from C-STORE in to the SR delivered, against the bare forward.
+
+Two stacks, each measured in the same run on the same inputs:
+
+- ``embedded``: ``boneage-worker serve`` on the defaults (SQLite database and SQLite
+  broker in BONEAGE_DATA_DIR), which starts a listener, ``work -Q inference`` and
+  ``work -Q delivery`` (solo pool, one task at a time each);
+- ``redis-postgres``: a fresh PostgreSQL database and a private Redis key prefix, with
+  the same three processes started separately (``listen``, ``work -Q inference``,
+  ``work -Q delivery``), as production runs it.
+
+Each study is one hand-phantom DX of 2500 x 2000 12-bit pixels, uncompressed (Explicit
+VR Little Endian, about 10 MB), with its own Study and SOP Instance UIDs, sex and dates
+the gate accepts. The destination (the PACS stand-in) is dcmtk's ``storescp``. The
+model is the one the workers load without BONEAGE_MODEL: an untrained ResNet-50
+BoneAgeNet at 512 px, on the CPU (BONEAGE_DEVICE=cpu, so the comparison with the bare
+forward pass below holds on any machine).
+
+Per stack: one warm-up study is sent first and its SR awaited (model loaded, kernels
+warm; not counted). Then the burst is sent the way a PACS auto-forward rule with a few
+parallel forward jobs sends it: ``--senders`` dcmtk ``storescu`` processes at once, each
+one association carrying its share of the studies. The bench then polls the database
+until every instance of the burst has its SR delivery in state ``delivered``, and reads
+``received_at`` (set when the instance is on disk and committed, i.e. after its C-STORE
+data arrived) and the SR's ``delivered_at`` (set when the destination answered the
+C-STORE) of each.
+
+Figures: wall time from the first C-STORE sent to the last SR delivered; throughput =
+studies / wall; latency = SR delivered_at - instance received_at (p50, p95, max); the
+median time the worker spent in the model (``Result.inference_seconds``: forward plus
+Grad-CAM). The reference is the bare forward pass of the same model (batch 1, inference
+mode, this process's default torch thread count, which the workers also keep), timed as
+the median of ``--repeats`` in this process just before each stack starts, while nothing
+else runs. Target: throughput >= 0.8 x the bare forward rate.
+
+    .venv/bin/python -m tests.bench.bench_e2e [--studies 50] [--stack embedded|redis-postgres|both]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydicom import dcmread
+from sqlalchemy import select
+
+from db.engine import get_engine, session_scope
+from db.schema import Delivery, DeliveryState, Instance, InstanceState, ObjectKind, Result
+from dicom_io.synthetic import make_radiograph_dataset
+from models.checkpoint import untrained_model
+from models.phantoms import make_phantom
+from models.predictor import BoneAgePredictor
+from tests.conftest import POSTGRES_ADMIN_URL, REDIS_URL, StoreSCP
+from tests.support import dcmtk_tool, free_port, wait_for, wait_for_port
+
+STACKS = ("embedded", "redis-postgres")
+ROWS, COLUMNS = 2500, 2000
+ARCH, INPUT_SIZE = "resnet50", 512
+CALLING_AE, CALLED_AE = "PACS", "BONEAGE"
+STOP_TIMEOUT = 60.0
+
+
+# -- inputs --------------------------------------------------------------------------
+
+
+def make_inputs(folder: Path, count: int, phantoms: int) -> tuple[Path, list[Path]]:
+    """Write the warm-up study and ``count`` burst studies; return their paths.
+
+    A phantom of this size takes seconds to draw, so only ``phantoms`` are drawn (ages
+    and seeds differ) and each study gets one of them at its own gain, sex and dates.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    side = max(ROWS, COLUMNS)
+    top, left = (side - ROWS) // 2, (side - COLUMNS) // 2
+    bases = []
+    for k in range(max(1, min(phantoms, count + 1))):
+        age = 96.0 + 24.0 * k  # 8, 10, 12 ... years
+        phantom = make_phantom(age, male=k % 2 == 0, size=side, rng=np.random.default_rng(k))
+        bases.append((age, phantom.image[top : top + ROWS, left : left + COLUMNS]))
+    study_date = dt.date(2025, 3, 14)
+    paths = []
+    for i in range(count + 1):  # index 0 is the warm-up
+        age, image = bases[i % len(bases)]
+        gain = 0.9 + 0.1 * ((i * 37) % 11) / 10
+        age_days = round((age + (i % 7) - 3) * 30.4375)
+        ds = make_radiograph_dataset(
+            np.clip(image * gain, 0.0, 1.0).astype(np.float32),
+            modality="DX",
+            sex="M" if i % 2 == 0 else "F",
+            birth_date=study_date - dt.timedelta(days=age_days),
+            study_date=study_date,
+            patient_id=f"BENCH{i:04d}",
+            bits_stored=12,
+        )
+        path = folder / f"study{i:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths[0], paths[1:]
+
+
+def sop_uid(path: Path) -> str:
+    return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+# -- the bare forward pass -----------------------------------------------------------
+
+
+class Forward:
+    """The same model the workers load, run bare: batch 1, inference mode, CPU."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        predictor = BoneAgePredictor(
+            untrained_model(arch=ARCH, input_size=INPUT_SIZE), device="cpu"
+        )
+        self.model = predictor._model  # the very module the predictor runs
+        self.x = torch.randn(1, 1, INPUT_SIZE, INPUT_SIZE)
+        self.male = torch.ones(1)
+
+    def median_seconds(self, repeats: int) -> float:
+        times = []
+        with torch.inference_mode():
+            self.model(self.x, self.male)  # warm-up
+            for _ in range(repeats):
+                start = time.perf_counter()
+                self.model(self.x, self.male)
+                times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+
+# -- processes -------------------------------------------------------------------------
+
+
+class Processes:
+    """Service processes with one log file each; stopped with SIGTERM, then killed."""
+
+    def __init__(self, logs: Path, env: dict[str, str]) -> None:
+        self.logs = logs
+        self.env = env
+        self.started: list[tuple[str, subprocess.Popen[bytes], Path]] = []
+        logs.mkdir(parents=True, exist_ok=True)
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        log = self.logs / f"{name}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "worker", *args],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own group: `serve`'s children can be killed too
+            )
+        self.started.append((name, proc, log))
+        return proc
+
+    def check_alive(self) -> None:
+        for name, proc, log in self.started:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{tail(log)}")
+
+    def stop(self) -> None:
+        for _, proc, _ in self.started:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for name, proc, _ in self.started:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                # Not reaped yet, so its group is still ours: kill it with what it started.
+                print(f"  {name} did not stop in {STOP_TIMEOUT:.0f}s: killed", flush=True)
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+    def tails(self) -> str:
+        return "\n".join(f"--- {name} ---\n{tail(log)}" for name, _, log in self.started)
+
+
+def tail(log: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def storescu(port: int, files: list[Path]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            dcmtk_tool("storescu"),
+            "-aet",
+            CALLING_AE,
+            "-aec",
+            CALLED_AE,
+            "127.0.0.1",
+            str(port),
+            *map(str, files),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def finish_senders(senders: list[subprocess.Popen[bytes]], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    errors = []
+    try:
+        for proc in senders:
+            _, err = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
+            if proc.returncode != 0:
+                errors.append(err.decode(errors="replace")[-2000:])
+    finally:
+        for proc in senders:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    if errors:
+        raise RuntimeError("storescu failed:\n" + "\n".join(errors))
+
+
+@contextmanager
+def destination(folder: Path) -> Iterator[StoreSCP]:
+    peer = StoreSCP(folder)
+    try:
+        yield peer.start()
+    finally:
+        if peer.process is not None and peer.process.poll() is None:
+            peer.process.terminate()
+            try:
+                peer.process.wait(10)
+            except subprocess.TimeoutExpired:
+                peer.process.kill()
+                peer.process.wait(10)
+
+
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    """A fresh PostgreSQL database, dropped afterwards; yields its SQLAlchemy URL."""
+    import psycopg
+
+    name = f"bench_e2e_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+    url = f"{base}/{name}"
+    try:
+        yield url
+    finally:
+        get_engine(url).dispose()
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def redis_prefix() -> Iterator[str]:
+    """A private key prefix on the Redis broker; its keys are deleted afterwards."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=5)
+    client.ping()
+    prefix = f"bench-e2e-{uuid.uuid4().hex[:10]}:"
+    try:
+        yield prefix
+    finally:
+        for key in client.scan_iter(match=f"{prefix}*"):
+            client.delete(key)
+        client.close()
+
+
+# -- waiting on the database -------------------------------------------------------------
+
+
+def sr_delivered(database_url: str, uids: list[str]) -> int:
+    with session_scope(database_url) as session:
+        return len(
+            session.scalars(
+                select(Delivery.id)
+                .join(Instance, Delivery.instance_id == Instance.id)
+                .where(
+                    Instance.sop_instance_uid.in_(uids),
+                    Delivery.kind == ObjectKind.SR,
+                    Delivery.state == DeliveryState.DELIVERED,
+                )
+            ).all()
+        )
+
+
+def progress(database_url: str, uids: list[str]) -> tuple[Counter[str], Counter[str]]:
+    """Instances of ``uids`` by state, and their deliveries by kind and state."""
+    with session_scope(database_url) as session:
+        instances = Counter(
+            str(s)
+            for s in session.scalars(
+                select(Instance.state).where(Instance.sop_instance_uid.in_(uids))
+            )
+        )
+        deliveries = Counter(
+            f"{kind} {state}"
+            for kind, state in session.execute(
+                select(Delivery.kind, Delivery.state)
+                .join(Instance, Delivery.instance_id == Instance.id)
+                .where(Instance.sop_instance_uid.in_(uids))
+            )
+        )
+    return instances, deliveries
+
+
+def describe(counts: Counter[str]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
+
+
+def wait_delivered(
+    database_url: str, uids: list[str], processes: Processes, *, timeout: float, what: str
+) -> None:
+    """Poll until every instance of ``uids`` has its SR delivered; fail fast on a dead end."""
+    last_report = time.monotonic()
+
+    def done() -> bool:
+        nonlocal last_report
+        processes.check_alive()
+        if sr_delivered(database_url, uids) == len(uids):
+            return True
+        now = time.monotonic()
+        if now - last_report > (5 if len(uids) == 1 else 30):
+            instances, deliveries = progress(database_url, uids)
+            dead = {str(InstanceState.ERROR), str(InstanceState.NOT_ASSESSED)}
+            if dead & set(instances) or any(str(DeliveryState.FAILED) in d for d in deliveries):
+                raise RuntimeError(
+                    f"{what}: a study cannot finish (instances: {describe(instances)}; "
+                    f"deliveries: {describe(deliveries)})"
+                )
+            if len(uids) > 1:
+                print(
+                    f"  … instances: {describe(instances)}; deliveries: {describe(deliveries)}",
+                    flush=True,
+                )
+            last_report = now
+        return False
+
+    try:
+        wait_for(done, timeout=timeout, what=what, interval=0.25)
+    except AssertionError as exc:
+        instances, deliveries = progress(database_url, uids)
+        raise RuntimeError(
+            f"{exc}; of {len(uids)}: instances {describe(instances)}; "
+            f"deliveries {describe(deliveries)}"
+        ) from None
+
+
+# -- one stack ------------------------------------------------------------------------------
+
+
+@dataclass
+class Figures:
+    stack: str
+    forward_s: float
+    sent_s: float
+    wall_s: float
+    latencies: list[float]
+    inference_s: float
+
+    @property
+    def throughput(self) -> float:
+        return len(self.latencies) / self.wall_s
+
+    @property
+    def ratio(self) -> float:
+        return self.throughput * self.forward_s
+
+
+def measure(
+    database_url: str, uids: list[str], first_sent: dt.datetime
+) -> tuple[float, list[float], float]:
+    with session_scope(database_url) as session:
+        rows = session.execute(
+            select(Instance.received_at, Delivery.delivered_at)
+            .join(Delivery, Delivery.instance_id == Instance.id)
+            .where(Instance.sop_instance_uid.in_(uids), Delivery.kind == ObjectKind.SR)
+        ).all()
+        inference = list(
+            session.scalars(
+                select(Result.inference_seconds)
+                .join(Instance, Result.instance_id == Instance.id)
+                .where(Instance.sop_instance_uid.in_(uids))
+            )
+        )
+    pairs = [(received, delivered) for received, delivered in rows if delivered is not None]
+    if len(pairs) != len(uids):
+        raise RuntimeError(f"{len(pairs)} SRs delivered for {len(uids)} studies")
+    latencies = [(delivered - received).total_seconds() for received, delivered in pairs]
+    wall = (max(delivered for _, delivered in pairs) - first_sent).total_seconds()
+    return wall, latencies, statistics.median(inference) if inference else float("nan")
+
+
+def run_stack(
+    stack: str,
+    work: Path,
+    warmup: Path,
+    files: list[Path],
+    uids: list[str],
+    forward: Forward,
+    args: argparse.Namespace,
+) -> Figures:
+    forward_s = forward.median_seconds(args.repeats)  # nothing of the stack runs yet
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    print(
+        f"[{stack}] bare forward {forward_s:.3f} s (load average {load}); starting the stack",
+        flush=True,
+    )
+    folder = work / stack
+    with ExitStack() as cleanup:
+        pacs = cleanup.enter_context(destination(folder / "pacs"))
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BONEAGE_")}
+        env.update(
+            BONEAGE_DATA_DIR=str(folder / "data"),
+            BONEAGE_PORT=str(port),
+            BONEAGE_AE_TITLE=CALLED_AE,
+            BONEAGE_ALLOWED_AETS=CALLING_AE,
+            BONEAGE_DESTINATIONS=pacs.destination,
+            BONEAGE_DEVICE="cpu",
+        )
+        if stack == "embedded":
+            database_url = f"sqlite:///{folder / 'data' / 'boneage.db'}"
+        else:
+            database_url = cleanup.enter_context(postgres_database())
+            env.update(
+                BONEAGE_DATABASE_URL=database_url,
+                BONEAGE_BROKER_URL=REDIS_URL,
+                BONEAGE_BROKER_PREFIX=cleanup.enter_context(redis_prefix()),
+            )
+        upgraded = subprocess.run(
+            [sys.executable, "-m", "worker", "db", "upgrade"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if upgraded.returncode != 0:
+            raise RuntimeError(f"db upgrade failed:\n{upgraded.stderr[-4000:]}")
+
+        processes = Processes(folder / "logs", env)
+        cleanup.callback(processes.stop)
+        try:
+            if stack == "embedded":
+                first = processes.start("serve", "serve")
+            else:
+                first = processes.start("listener", "listen")
+                processes.start("inference", "work", "-Q", "inference")
+                processes.start("delivery", "work", "-Q", "delivery")
+            wait_for_port(port, timeout=120, process=first)
+
+            # Warm-up: model loaded, kernels warm, every process past its start.
+            finish_senders([storescu(port, [warmup])], timeout=120)
+            wait_delivered(
+                database_url, [sop_uid(warmup)], processes, timeout=600, what="the warm-up SR"
+            )
+            print(f"[{stack}] warm-up SR delivered; sending {len(files)} studies", flush=True)
+
+            senders = min(args.senders, len(files))
+            shares = [files[i::senders] for i in range(senders)]
+            first_sent = dt.datetime.now(dt.UTC)
+            started = time.perf_counter()
+            burst = [storescu(port, share) for share in shares]
+            finish_senders(burst, timeout=60 + 10 * len(files))
+            sent_s = time.perf_counter() - started
+            timeout = args.timeout or 300 + 30 * len(files)
+            wait_delivered(
+                database_url, uids, processes, timeout=timeout, what=f"{len(uids)} SRs delivered"
+            )
+            wall, latencies, inference = measure(database_url, uids, first_sent)
+        except Exception:
+            print(f"[{stack}] failed; the processes' last log lines:\n{processes.tails()}")
+            raise
+    return Figures(stack, forward_s, sent_s, wall, latencies, inference)
+
+
+# -- main --------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--studies", type=int, default=50)
+    parser.add_argument("--stack", choices=[*STACKS, "both"], default="both")
+    parser.add_argument(
+        "--senders", type=int, default=5, help="parallel storescu associations in the burst"
+    )
+    parser.add_argument("--repeats", type=int, default=9, help="bare forward passes timed")
+    parser.add_argument(
+        "--phantoms", type=int, default=4, help="distinct phantoms drawn (each takes seconds)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=None, help="seconds for the burst (default 300 + 30/study)"
+    )
+    parser.add_argument("--workdir", type=Path, default=None, help="where temp files go")
+    args = parser.parse_args()
+    if args.studies < 1:
+        parser.error("--studies must be at least 1")
+    stacks = STACKS if args.stack == "both" else (args.stack,)
+
+    work = Path(tempfile.mkdtemp(prefix="bench-e2e-", dir=args.workdir))
+    results: list[Figures] = []
+    try:
+        print(f"writing {args.studies} + 1 studies ({ROWS}x{COLUMNS} DX) …", flush=True)
+        warmup, files = make_inputs(work / "inputs", args.studies, args.phantoms)
+        size_mb = sum(f.stat().st_size for f in files) / len(files) / 1e6
+        uids = [sop_uid(f) for f in files]
+        forward = Forward()
+        for stack in stacks:
+            results.append(run_stack(stack, work, warmup, files, uids, forward, args))
+    except RuntimeError as exc:  # a stack failed or timed out: say how far it got, no trace
+        sys.exit(f"bench_e2e: {exc}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print()
+    print(
+        f"machine: {os.cpu_count()} cores, {platform.machine()}, torch {torch.__version__}, "
+        f"device cpu, {torch.get_num_threads()} torch threads; model {ARCH} {INPUT_SIZE}px "
+        "(untrained)"
+    )
+    print(
+        f"{args.studies} studies of {size_mb:.1f} MB ({ROWS}x{COLUMNS} DX 12-bit, uncompressed), "
+        f"burst over {min(args.senders, args.studies)} parallel associations; "
+        f"bare forward: batch 1, median of {args.repeats}"
+    )
+    print(
+        f"{'stack':<16}{'sent s':>8}{'wall s':>9}{'studies/s':>11}{'fwd img/s':>11}"
+        f"{'× fwd':>7}{'p50 s':>8}{'p95 s':>8}{'max s':>8}{'model s':>9}"
+    )
+    for r in results:
+        p50, p95 = np.percentile(r.latencies, [50, 95])
+        print(
+            f"{r.stack:<16}{r.sent_s:>8.1f}{r.wall_s:>9.1f}{r.throughput:>11.3f}"
+            f"{1 / r.forward_s:>11.3f}{r.ratio:>7.2f}{p50:>8.1f}{p95:>8.1f}"
+            f"{max(r.latencies):>8.1f}{r.inference_s:>9.2f}"
+        )
+    print(
+        "wall: first C-STORE sent to last SR delivered; latency: instance received_at to its "
+        "SR delivered_at; model s: median Result.inference_seconds (forward + Grad-CAM)"
+    )
+    for r in results:
+        verdict = "met" if r.ratio >= 0.8 else "missed"
+        print(f"{r.stack}: throughput / bare forward = {r.ratio:.2f}× (target ≥ 0.8×: {verdict})")
+
+
+if __name__ == "__main__":
+    main()

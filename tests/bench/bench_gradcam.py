@@ -6,9 +6,16 @@ Compares, on the same input and model (ResNet-50 BoneAgeNet, random weights):
 - our head-only Grad-CAM (`models.gradcam.predict_with_cam`): one trunk forward and a
   gradient through the head only,
 - full-autograd Grad-CAM (`models.gradcam.full_autograd_gradcam`): hooks and a backward
-  pass through the whole trunk.
+  pass through the whole trunk,
+- the `grad-cam` package from PyPI (`pytorch_grad_cam.GradCAM`) on the same layer
+  (``layer4``), as an outside reference. It is optional, installed with the ``bench`` extra
+  (``pip install -e '.[bench]'``); without it that row is skipped. Only its CAM call is
+  timed (building the ``GradCAM`` object, i.e. registering its hooks, and releasing it are
+  not), and that call also min-max scales the map and resizes it to the input size with
+  OpenCV, which our cases do not. Its map is checked once, untimed, against ours (Pearson
+  correlation at input resolution).
 
-Timings are medians of interleaved repeats, so drift affects all three alike.
+Timings are medians of interleaved repeats, so drift affects all cases alike.
 """
 
 from __future__ import annotations
@@ -16,11 +23,89 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
+from importlib.metadata import version
 
+import numpy as np
 import torch
+from torch import Tensor, nn
 
-from models.gradcam import full_autograd_gradcam, predict_with_cam
-from models.net import build_model
+from models.gradcam import full_autograd_gradcam, predict_with_cam, upsample_cam
+from models.net import BoneAgeNet, build_model
+
+LIBRARY_CASE = "pytorch-grad-cam GradCAM"
+
+
+class _SingleInput(nn.Module):
+    """BoneAgeNet as a one-input model (what pytorch-grad-cam calls): sex held, output (N, 1)."""
+
+    def __init__(self, model: BoneAgeNet, male: Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.male = male
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x, self.male).unsqueeze(1)
+
+
+class _LibraryGradCAM:
+    """pytorch-grad-cam's GradCAM on ``layer4``; hooks live only from setup to teardown.
+
+    A fresh ``GradCAM`` per call keeps its hooks (and the graph it retains) off the model
+    while the other cases run; the timing loop calls :meth:`setup` and :meth:`teardown`
+    outside the timed region.
+    """
+
+    def __init__(self, model: BoneAgeNet, x: Tensor, male: Tensor) -> None:
+        from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam.utils.model_targets import RawScoresOutputTarget
+
+        self._cls = GradCAM
+        self.model = model
+        self.wrapped = _SingleInput(model, male)
+        self.x = x
+        # one target per image: the raw regression output
+        self.targets = [RawScoresOutputTarget() for _ in range(x.shape[0])]
+        self.cam = None
+
+    def setup(self) -> None:
+        self.cam = self._cls(model=self.wrapped, target_layers=[self.model.layer4])
+
+    def __call__(self) -> np.ndarray:
+        assert self.cam is not None
+        return self.cam(input_tensor=self.x, targets=self.targets)
+
+    def teardown(self) -> None:
+        assert self.cam is not None
+        self.cam.activations_and_grads.release()
+        self.cam = None  # drops the retained graph
+        self.model.zero_grad(set_to_none=True)
+
+    def once(self) -> np.ndarray:
+        self.setup()
+        try:
+            return self()
+        finally:
+            self.teardown()
+
+
+def _library_case(model: BoneAgeNet, x: Tensor, male: Tensor) -> _LibraryGradCAM | None:
+    try:
+        return _LibraryGradCAM(model, x, male)
+    except ImportError as exc:
+        print(
+            f"{LIBRARY_CASE}: skipped, grad-cam is not installed ({exc}); "
+            "install it with: pip install -e '.[bench]'"
+        )
+        return None
+
+
+def _agreement(library: _LibraryGradCAM, model: BoneAgeNet, x: Tensor, male: Tensor) -> float:
+    """Pearson correlation of the library's map and ours upsampled, image 0 (untimed)."""
+    lib_map = library.once()[0]
+    _, cam = predict_with_cam(model, x, male)
+    ours = upsample_cam(cam[0].cpu().numpy(), lib_map.shape)
+    return float(np.corrcoef(lib_map.ravel(), ours.ravel())[0, 1])
 
 
 def main() -> None:
@@ -50,19 +135,39 @@ def main() -> None:
     def full() -> None:
         full_autograd_gradcam(model, x, male)
 
-    cases = {"forward": forward, "head-only Grad-CAM": head_only, "full-autograd Grad-CAM": full}
-    for fn in cases.values():  # warm-up: allocator, kernels
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(args.repeats):
-        for name, fn in cases.items():
+    cases: dict[str, Callable[[], object]] = {
+        "forward": forward,
+        "head-only Grad-CAM": head_only,
+        "full-autograd Grad-CAM": full,
+    }
+    library = _library_case(model, x, male)
+    if library is not None:
+        cases[LIBRARY_CASE] = library
+
+    def run(fn: Callable[[], object]) -> float:
+        """Time one call; a case's setup/teardown, if any, run outside the clock."""
+        setup = getattr(fn, "setup", None)
+        teardown = getattr(fn, "teardown", None)
+        if setup is not None:
+            setup()
+        try:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
             fn()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
+            return time.perf_counter() - start
+        finally:
+            if teardown is not None:
+                teardown()
+
+    for fn in cases.values():  # warm-up: allocator, kernels
+        run(fn)
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(args.repeats):
+        for name, fn in cases.items():
+            times[name].append(run(fn))
 
     base = statistics.median(times["forward"])
     print(
@@ -79,6 +184,17 @@ def main() -> None:
         f"head-only overhead over forward: {100 * (head / base - 1):+.1f}%; "
         f"full autograd / head-only: {full_t / head:.2f}×"
     )
+    if library is not None:
+        lib_t = statistics.median(times[LIBRARY_CASE])
+        print(
+            f"{LIBRARY_CASE} (grad-cam {version('grad-cam')}) / head-only: {lib_t / head:.2f}×; "
+            f"its time includes min-max scaling and an OpenCV resize to {args.size}x{args.size}"
+        )
+        corr = _agreement(library, model, x, male)
+        print(
+            f"map agreement, grad-cam vs ours (upsampled bilinearly to "
+            f"{args.size}x{args.size}), image 0: Pearson r = {corr:.6f}"
+        )
 
 
 if __name__ == "__main__":

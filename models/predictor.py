@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -195,6 +196,22 @@ class BoneAgePredictor:
     def input_size(self) -> int:
         """Side of the square network input."""
         return self._loaded.meta.input_size
+
+    def warm_up(self) -> float:
+        """Run one throw-away prediction so the first real image is not the slow one.
+
+        A fresh process pays for kernel selection and lazy imports on its first forward
+        pass (seconds on a CPU); a worker calls this once after loading the model.
+
+        Returns
+        -------
+        float
+            Seconds the warm-up took.
+        """
+        started = time.perf_counter()
+        image = np.random.default_rng(0).random((self.input_size, self.input_size))
+        self.predict(image.astype(np.float32), male=True)
+        return time.perf_counter() - started
 
     def prepare(self, image: np.ndarray) -> Prepared:
         """Preprocess one image at this model's input size (CPU work, can run ahead).

@@ -63,6 +63,7 @@ def _init_process(**_: Any) -> None:
             # Several processes each with all the cores' threads would oversubscribe.
             torch.set_num_threads(_torch_threads(rt.settings))
         predictor = rt.predictor
+        logger.info("model warmed up in %.1fs", predictor.warm_up())
         detail.update(
             device=predictor.device,
             model_id=predictor.model_id,

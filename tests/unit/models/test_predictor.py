@@ -113,3 +113,11 @@ def test_cam_at_a_smaller_shape_matches_the_downscaled_full_cam(
     # same map, up to where the crop edges fall on the coarser grid
     assert np.abs(small - expected).mean() < 0.02
     assert result.cam_at(image.shape) is result.cam
+
+
+def test_warm_up_leaves_predictions_unchanged(loaded: LoadedModel, image: np.ndarray) -> None:
+    predictor = BoneAgePredictor(loaded, device="cpu")
+    before = predictor.predict(image, male=False).bone_age_months
+    assert predictor.warm_up() > 0
+    assert predictor.predict(image, male=False).bone_age_months == before
+    assert all(p.grad is None for p in loaded.model.parameters())  # nothing accumulated

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -65,9 +66,22 @@ def nodes() -> Iterator[list[Node]]:
         node.stop()
 
 
-def test_worker_killed_mid_inference_processes_each_instance_once(
-    tmp_path: Path, storescp: StoreSCP, redis_broker: tuple[str, str], nodes: list[Node]
-) -> None:
+@dataclass
+class Running:
+    """A listener, a delivery worker and an inference worker busy with 4 hand images."""
+
+    node: Node
+    worker: subprocess.Popen[bytes]
+    database_url: str
+
+
+def start_with_four_hands(
+    tmp_path: Path,
+    storescp: StoreSCP,
+    redis_broker: tuple[str, str],
+    nodes: list[Node],
+    **settings: str,
+) -> Running:
     port = free_port()
     # The real ResNet-50 at 512 px (no checkpoint): slow enough to be caught mid-inference.
     env = base_env(tmp_path, storescp, Path("unused"), port)
@@ -75,10 +89,8 @@ def test_worker_killed_mid_inference_processes_each_instance_once(
     env.update(
         BONEAGE_BROKER_URL=redis_broker[0],
         BONEAGE_BROKER_PREFIX=redis_broker[1],
-        BONEAGE_RECONCILE_INTERVAL_SECONDS="1",
         BONEAGE_LOG_LEVEL="INFO",
-        # one process (solo pool): the whole worker dies, not one prefork child
-        BONEAGE_INFERENCE_PROCESSES="1",
+        **settings,
     )
     database_url = f"sqlite:///{tmp_path / 'data' / 'boneage.db'}"
     assert cli("db", "upgrade", env=env).returncode == 0
@@ -88,29 +100,54 @@ def test_worker_killed_mid_inference_processes_each_instance_once(
     node.start("delivery", "work", "-Q", "delivery")
     worker = node.start("inference-1", "work", "-Q", "inference")
     wait_for_port(port, timeout=120, process=listener)
-    files = make_hands(tmp_path, env, 4)
-    storescu(port, *files)
+    storescu(port, *make_hands(tmp_path, env, 4))
+    return Running(node, worker, database_url)
 
-    def processing() -> list[int]:
-        return [i for i, s in states(database_url).items() if s is InstanceState.PROCESSING]
 
+def assert_each_assessed_once(running: Running, storescp: StoreSCP, killed: int) -> None:
     wait_for(
-        processing, timeout=180, interval=0.02, what="an instance being processed", process=worker
+        lambda: everything_delivered(running.database_url, 4),
+        timeout=300,
+        what="all results delivered",
     )
-    worker.send_signal(signal.SIGKILL)
-    worker.wait(30)
-    [killed] = processing()  # still `processing`: the worker died in the middle of it
-
-    node.start("inference-2", "work", "-Q", "inference")
-    wait_for(
-        lambda: everything_delivered(database_url, 4), timeout=300, what="all results delivered"
-    )
-    with session_scope(database_url) as session:
+    with session_scope(running.database_url) as session:
         results = list(session.scalars(select(Result)))
-        assert sorted(r.instance_id for r in results) == sorted(states(database_url))  # one each
+        # one result each
+        assert sorted(r.instance_id for r in results) == sorted(states(running.database_url))
         assert session.get_one(Instance, killed).attempts == 2
     uids = received_sop_uids(storescp)
     assert len(set(uids)) == 8  # one SR and one SC for each of the 4 images
+
+
+def test_worker_killed_mid_inference_processes_each_instance_once(
+    tmp_path: Path, storescp: StoreSCP, redis_broker: tuple[str, str], nodes: list[Node]
+) -> None:
+    running = start_with_four_hands(
+        tmp_path,
+        storescp,
+        redis_broker,
+        nodes,
+        BONEAGE_RECONCILE_INTERVAL_SECONDS="1",
+        # one process (solo pool): the whole worker dies, not one prefork child
+        BONEAGE_INFERENCE_PROCESSES="1",
+    )
+
+    def processing() -> list[int]:
+        return [i for i, s in states(running.database_url).items() if s is InstanceState.PROCESSING]
+
+    wait_for(
+        processing,
+        timeout=180,
+        interval=0.02,
+        what="an instance being processed",
+        process=running.worker,
+    )
+    running.worker.send_signal(signal.SIGKILL)
+    running.worker.wait(30)
+    [killed] = processing()  # still `processing`: the worker died in the middle of it
+
+    running.node.start("inference-2", "work", "-Q", "inference")
+    assert_each_assessed_once(running, storescp, killed)
 
 
 def test_prefork_child_killed_mid_inference_its_image_is_assessed_once(
@@ -119,49 +156,34 @@ def test_prefork_child_killed_mid_inference_its_image_is_assessed_once(
     # The CPU default: one inference worker with two prefork children. One child dies
     # in the middle of an image; Celery replaces it, the message comes back
     # (reject_on_worker_lost) and the image is assessed once, by another process.
-    port = free_port()
-    env = base_env(tmp_path, storescp, Path("unused"), port)
-    del env["BONEAGE_MODEL"]
-    env.update(
-        BONEAGE_BROKER_URL=redis_broker[0],
-        BONEAGE_BROKER_PREFIX=redis_broker[1],
-        BONEAGE_LOG_LEVEL="INFO",
+    running = start_with_four_hands(
+        tmp_path,
+        storescp,
+        redis_broker,
+        nodes,
         BONEAGE_DEVICE="cpu",
         BONEAGE_INFERENCE_PROCESSES="2",
     )
-    database_url = f"sqlite:///{tmp_path / 'data' / 'boneage.db'}"
-    assert cli("db", "upgrade", env=env).returncode == 0
-    node = Node(tmp_path, env)
-    nodes.append(node)
-    listener = node.start("listener", "listen")
-    node.start("delivery", "work", "-Q", "delivery")
-    worker = node.start("inference", "work", "-Q", "inference")
-    wait_for_port(port, timeout=120, process=listener)
-    files = make_hands(tmp_path, env, 4)
-    storescu(port, *files)
 
     def claimed() -> list[tuple[int, str]]:
-        with session_scope(database_url) as session:
+        with session_scope(running.database_url) as session:
             rows = session.scalars(
                 select(Instance).where(Instance.state == InstanceState.PROCESSING)
             )
             return [(i.id, i.claimed_by) for i in rows if i.claimed_by]
 
     [(killed, owner), *_] = wait_for(
-        claimed, timeout=180, interval=0.02, what="an instance being processed", process=worker
+        claimed,
+        timeout=180,
+        interval=0.02,
+        what="an instance being processed",
+        process=running.worker,
     )
     child = int(owner.rsplit(":", 1)[1])
-    assert child != worker.pid  # a prefork child, not the worker's main process
+    assert child != running.worker.pid  # a prefork child, not the worker's main process
     os.kill(child, signal.SIGKILL)
-    wait_for(
-        lambda: everything_delivered(database_url, 4), timeout=300, what="all results delivered"
-    )
-    assert worker.poll() is None  # the worker lives on with a new child
-    with session_scope(database_url) as session:
-        results = list(session.scalars(select(Result)))
-        assert sorted(r.instance_id for r in results) == sorted(states(database_url))
-        assert session.get_one(Instance, killed).attempts == 2
-    assert len(set(received_sop_uids(storescp))) == 8
+    assert_each_assessed_once(running, storescp, killed)
+    assert running.worker.poll() is None  # the worker lives on with a new child
 
 
 def test_broker_outage_keeps_acknowledging_then_catches_up(

@@ -273,9 +273,8 @@ def _resize_levels(levels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if (width, height) == size:
         return levels
     image = Image.fromarray(levels, mode="L")
-    factor = overlay_factor(levels.shape)
-    if (-(-width // factor), -(-height // factor)) == size:
-        return np.asarray(image.reduce(factor), dtype=np.uint8)
+    if overlay_shape(levels.shape) == (size[1], size[0]):
+        return np.asarray(image.reduce(overlay_factor(levels.shape)), dtype=np.uint8)
     resample = Image.Resampling.BOX if size[0] < width else Image.Resampling.BILINEAR
     return np.asarray(image.resize(size, resample=resample), dtype=np.uint8)
 

@@ -11,9 +11,11 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import closing
 from datetime import timedelta
 from pathlib import Path
 
@@ -205,6 +207,9 @@ def test_embedded_defaults_serve(
     assert node.stop() == [0]
     # Consumed messages are pruned from the embedded broker (else it grows for ever).
     broker = f"sqla+sqlite:///{tmp_path / 'data' / 'broker.db'}"
+    # the embedded broker runs in WAL mode (one fsync per published message)
+    with closing(sqlite3.connect(tmp_path / "data" / "broker.db")) as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert prune_embedded_broker(broker, older_than=timedelta(0)) >= 4  # 2 assess, 2 deliver
     assert prune_embedded_broker(broker, older_than=timedelta(0)) == 0
     logs = node.log_text()

@@ -23,7 +23,13 @@ from sqlalchemy import select
 
 from db.engine import session_scope, upgrade
 from db.schema import Instance, InstanceState
-from dicom_io.scp import OUT_OF_RESOURCES, ReceivedInstance, StorageSCP, spool_path
+from dicom_io.scp import (
+    OUT_OF_RESOURCES,
+    ReceivedInstance,
+    StorageSCP,
+    _StreamingSocket,
+    spool_path,
+)
 from dicom_io.synthetic import make_radiograph_dataset
 from tests.support import dcmtk_tool, free_port
 from worker.listener import record_instance
@@ -107,12 +113,22 @@ def harness_factory(tmp_path: Path, dcmtk: dict[str, str]) -> Iterator[Callable[
 
 
 def test_storescu_instance_is_spooled_recorded_and_notified(
-    harness_factory: Callable[..., Harness], tmp_path: Path
+    harness_factory: Callable[..., Harness], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The listener's associations read through our streaming socket (few large reads).
+    reads: list[int] = []
+    streaming_recv = _StreamingSocket.recv
+
+    def counted(self: _StreamingSocket, nr_bytes: int) -> bytearray:
+        reads.append(nr_bytes)
+        return streaming_recv(self, nr_bytes)
+
+    monkeypatch.setattr(_StreamingSocket, "recv", counted)
     h = harness_factory()
     source = write_hand(tmp_path / "hand.dcm")
     result = h.storescu(source)
     assert result.returncode == 0, result.stderr
+    assert sum(reads) > source.stat().st_size  # the whole data set came through it
     [row] = h.rows()
     original = dcmread(source)
     assert row.sop_instance_uid == original.SOPInstanceUID

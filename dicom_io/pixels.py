@@ -21,7 +21,13 @@ from pydicom.uid import JPEG2000, JPEG2000Lossless
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PixelDataError", "decode_for_display", "decode_frame", "jpeg2000_reduction"]
+__all__ = [
+    "PixelDataError",
+    "decode_for_display",
+    "decode_frame",
+    "decode_reduction",
+    "jpeg2000_reduction",
+]
 
 # Robust min/max when the file carries no VOI: percentiles of the unpadded pixels.
 _ROBUST_LOW_PERCENTILE = 0.5
@@ -33,6 +39,8 @@ _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _J2K_SIZ = b"\xff\x51"
 _J2K_COD = b"\xff\x52"
 _J2K_SYNTAXES = (JPEG2000Lossless, JPEG2000)
+# Uncompressed images are reduced by averaging blocks of stored values, at most 16 x 16.
+_MAX_NATIVE_REDUCTION = 4
 
 
 class PixelDataError(ValueError):
@@ -137,15 +145,105 @@ def jpeg2000_reduction(ds: Dataset, *, min_short_side: int, min_long_side: int =
     precision, levels = header
     if precision > 16:
         return 0
+    return _affordable_halvings(
+        ds, levels, min_short_side, min_long_side, lambda side, factor: -(-side // factor)
+    )
+
+
+def decode_reduction(ds: Dataset, *, min_short_side: int, min_long_side: int = 0) -> int:
+    """How many halvings :func:`decode_for_display` can apply while decoding ``ds``.
+
+    A radiograph often has several times the pixels its consumers need (the network
+    input, the heat-map picture). Decoding it smaller saves most of the per-pixel work
+    that follows:
+
+    - JPEG 2000 skips the finest wavelet levels (:func:`jpeg2000_reduction`);
+    - uncompressed (native) single-frame grey integer images average blocks of
+      ``2**r`` x ``2**r`` stored values before any LUT is applied, which is what the
+      JPEG 2000 reduction does too (its low-pass band); the partial blocks at the
+      bottom and right edges, fewer than ``2**r`` pixels, are left out.
+
+    Parameters
+    ----------
+    ds : pydicom.Dataset
+        Image dataset with file meta (for its transfer syntax).
+    min_short_side, min_long_side : int
+        Pixels the consumer needs along the short and the long side.
+
+    Returns
+    -------
+    int
+        The number of halvings ``r`` (0: decode in full) for ``decode_for_display``'s
+        ``reduce``.
+    """
+    if _j2k_codestream(ds) is not None:
+        return jpeg2000_reduction(
+            ds, min_short_side=min_short_side, min_long_side=min_long_side
+        )
+    if not _native_grey(ds):
+        return 0
+    return _affordable_halvings(
+        ds, _MAX_NATIVE_REDUCTION, min_short_side, min_long_side, lambda side, f: side // f
+    )
+
+
+def _affordable_halvings(
+    ds: Dataset,
+    limit: int,
+    min_short_side: int,
+    min_long_side: int,
+    reduced: Any,
+) -> int:
+    """Largest ``r <= limit`` whose ``reduced(side, 2**r)`` sides still suffice."""
     rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
     short, long = sorted((rows, columns))
     level = 0
-    while level < levels:
+    while level < limit:
         factor = 1 << (level + 1)
-        if -(-short // factor) < min_short_side or -(-long // factor) < min_long_side:
+        if reduced(short, factor) < min_short_side or reduced(long, factor) < min_long_side:
             break
         level += 1
     return level
+
+
+def _native_grey(ds: Dataset) -> bool:
+    """Whether ``ds`` is one uncompressed frame of grey integer samples."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None or syntax.is_compressed or "PixelData" not in ds:
+        return False
+    if int(_float_or_none(ds.get("NumberOfFrames")) or 1) != 1:
+        return False
+    photometric = str(ds.get("PhotometricInterpretation") or "").upper()
+    return int(ds.get("SamplesPerPixel") or 1) == 1 and photometric in (
+        "MONOCHROME1",
+        "MONOCHROME2",
+    )
+
+
+def _block_mean(stored: np.ndarray, factor: int) -> np.ndarray:
+    """Mean of each ``factor`` x ``factor`` block of integer ``stored``, float32.
+
+    Rows are summed first (whole contiguous rows), then columns of the smaller result;
+    partial blocks at the bottom and right edges are left out.
+    """
+    rows, columns = stored.shape[0] // factor * factor, stored.shape[1] // factor * factor
+    wide = np.dtype(np.int64 if stored.dtype.itemsize > 2 else np.int32)
+    summed: np.ndarray = stored[0:rows:factor].astype(wide)
+    for offset in range(1, factor):
+        np.add(summed, stored[offset:rows:factor], out=summed)
+    blocks: np.ndarray = summed[:, 0:columns:factor].copy()
+    for offset in range(1, factor):
+        np.add(blocks, summed[:, offset:columns:factor], out=blocks)
+    out = blocks.astype(np.float32)
+    out *= np.float32(1.0 / (factor * factor))
+    return out
+
+
+def _block_any(mask: np.ndarray, factor: int) -> np.ndarray:
+    """True for each ``factor`` x ``factor`` block of ``mask`` holding any True."""
+    rows, columns = mask.shape[0] // factor * factor, mask.shape[1] // factor * factor
+    folded = mask[:rows, :columns].reshape(rows // factor, factor, columns // factor, factor)
+    return np.asarray(folded.any(axis=(1, 3)))
 
 
 def _pillow_decodes_j2k() -> bool:
@@ -182,7 +280,8 @@ def decode_frame(ds: Dataset, index: int = 0, *, reduce: int = 0) -> np.ndarray:
 
     Colour images come back as RGB (H, W, 3), YBR converted to RGB. With ``reduce`` > 0
     a single-frame grey JPEG 2000 image is decoded at ``2**-reduce`` of its size
-    (see :func:`jpeg2000_reduction`); other images ignore ``reduce``.
+    (see :func:`jpeg2000_reduction`); other images ignore ``reduce`` here (an
+    uncompressed one is reduced by :func:`decode_for_display`, after padding is found).
 
     Parameters
     ----------
@@ -237,6 +336,10 @@ def decode_frame(ds: Dataset, index: int = 0, *, reduce: int = 0) -> np.ndarray:
     if array.size == 0:
         raise PixelDataError("The pixel data decoded to an empty array.")
     return array
+
+
+def _stored_shape(ds: Dataset) -> tuple[int, int]:
+    return int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
 
 
 def _luminance(rgb: np.ndarray, ds: Dataset) -> np.ndarray:
@@ -396,8 +499,9 @@ def decode_for_display(ds: Dataset, *, reduce: int = 0) -> np.ndarray:
     ds : pydicom.Dataset
         A single- or multi-frame image dataset.
     reduce : int
-        Decode a single-frame grey JPEG 2000 image at ``2**-reduce`` of its size (from
-        :func:`jpeg2000_reduction`); ignored for other images.
+        Decode at ``2**-reduce`` of the image's size, from :func:`decode_reduction`:
+        a single-frame grey JPEG 2000 image skips wavelet levels, an uncompressed one
+        averages blocks of stored values; ignored for other images.
 
     Returns
     -------
@@ -435,6 +539,11 @@ def decode_for_display(ds: Dataset, *, reduce: int = 0) -> np.ndarray:
             values[mask] = 0.0
     else:
         mask = _padding_mask(array, ds)
+        if reduce > 0 and array.shape == _stored_shape(ds) and _native_grey(ds):
+            # Averaged like JPEG 2000's low-pass band; a block touching padding is padding
+            factor = 1 << reduce
+            mask = _block_any(mask, factor) if mask is not None else None
+            array = _block_mean(array, factor)
         values = _modality_lut(array, ds)
     sample = _sample(values, mask)
     out = _voi(values, ds, sample).astype(np.float32, copy=False)

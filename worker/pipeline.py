@@ -37,7 +37,7 @@ from db.schema import (
 from db.schema import utcnow as now
 from dicom_io import gate
 from dicom_io.content import MANUFACTURER, BoneAgeFinding
-from dicom_io.pixels import PixelDataError, decode_for_display, jpeg2000_reduction
+from dicom_io.pixels import PixelDataError, decode_for_display, decode_reduction
 from dicom_io.sc import build_heatmap_sc, overlay_shape, render_overlay
 from dicom_io.scp import fsync_directory, uid_tag
 from dicom_io.sr import build_bone_age_sr, build_not_assessed_sr
@@ -173,9 +173,10 @@ def assess_instance(rt: Runtime, instance_id: int, *, send: bool = True) -> Asse
         )
 
     predictor = rt.predictor
-    # JPEG 2000 can be decoded at 1/2, 1/4 ... of its size for a fraction of the cost;
-    # do so while the network input and the heat-map picture still get enough pixels.
-    reduce = jpeg2000_reduction(
+    # Decode at 1/2, 1/4 ... of the image's size (JPEG 2000: skip wavelet levels;
+    # uncompressed: average blocks) while the network input and the heat-map picture
+    # still get enough pixels: most of the per-pixel work after decoding is saved.
+    reduce = decode_reduction(
         ds, min_short_side=predictor.input_size, min_long_side=SC_MIN_LONG_SIDE
     )
     try:

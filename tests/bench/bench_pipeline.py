@@ -35,7 +35,7 @@ from pydicom.uid import JPEG2000Lossless
 
 from dicom_io import gate
 from dicom_io.content import BoneAgeFinding
-from dicom_io.pixels import decode_for_display, jpeg2000_reduction
+from dicom_io.pixels import decode_for_display, decode_reduction
 from dicom_io.sc import build_heatmap_sc, overlay_shape, render_overlay
 from dicom_io.sr import build_bone_age_sr
 from dicom_io.synthetic import make_radiograph_dataset
@@ -125,7 +125,7 @@ def main() -> None:
             decision = gate.check(ds)
             assert decision.accepted, decision.reason
             mark()
-            reduce = jpeg2000_reduction(
+            reduce = decode_reduction(
                 ds, min_short_side=predictor.input_size, min_long_side=SC_MIN_LONG_SIDE
             )
             image = decode_for_display(ds, reduce=reduce)

@@ -3,7 +3,7 @@
 Each study is a file (a different hand phantom, JPEG 2000 lossless CR). Per study:
 
 - decode: read the file, decode for display (reduced resolution where the worker would
-  use it, :func:`dicom_io.pixels.jpeg2000_reduction`) and preprocess (CPU);
+  use it, :func:`dicom_io.pixels.decode_reduction`) and preprocess (CPU);
 - inference: forward + Grad-CAM on the prepared tensor (ResNet-50, random weights).
 
 Cases, each over the whole stream, repeated and interleaved (medians): decode alone,
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from pydicom import dcmread
 
-from dicom_io.pixels import decode_for_display, jpeg2000_reduction
+from dicom_io.pixels import decode_for_display, decode_reduction
 from models.checkpoint import untrained_model
 from models.predictor import BoneAgePredictor
 from models.preprocess import Prepared
@@ -48,7 +48,7 @@ def _process_share(
 
     def assess(path: Path) -> float:
         ds = dcmread(path)
-        reduce = jpeg2000_reduction(
+        reduce = decode_reduction(
             ds, min_short_side=predictor.input_size, min_long_side=SC_MIN_LONG_SIDE
         )
         image = decode_for_display(ds, reduce=reduce)
@@ -79,7 +79,7 @@ def main() -> None:
 
     def decode(path: Path) -> tuple[np.ndarray, Prepared]:
         ds = dcmread(path)
-        reduce = jpeg2000_reduction(
+        reduce = decode_reduction(
             ds, min_short_side=predictor.input_size, min_long_side=SC_MIN_LONG_SIDE
         )
         image = decode_for_display(ds, reduce=reduce)

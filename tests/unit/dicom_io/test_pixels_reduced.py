@@ -9,7 +9,12 @@ import pytest
 from pydicom import Dataset, dcmread
 from pydicom.uid import JPEG2000Lossless
 
-from dicom_io.pixels import decode_for_display, decode_frame, jpeg2000_reduction
+from dicom_io.pixels import (
+    decode_for_display,
+    decode_frame,
+    decode_reduction,
+    jpeg2000_reduction,
+)
 from dicom_io.synthetic import make_radiograph_dataset
 
 from .conftest import BIRTH_DATE, STUDY_DATE, hand_like
@@ -79,9 +84,93 @@ def test_reduction_keeps_the_sides_the_consumer_needs(tmp_path: Path) -> None:
     assert jpeg2000_reduction(ds, min_short_side=1) <= 5  # never past the codestream's levels
 
 
-def test_uncompressed_images_are_never_reduced(tmp_path: Path) -> None:
+def _native(**kwargs: object) -> Dataset:
+    kwargs.setdefault("bits_stored", 12)
     ds = make_radiograph_dataset(
-        hand_like(ROWS, COLUMNS), birth_date=BIRTH_DATE, study_date=STUDY_DATE, bits_stored=12
+        hand_like(ROWS, COLUMNS), birth_date=BIRTH_DATE, study_date=STUDY_DATE, **kwargs
     )
-    assert jpeg2000_reduction(ds, min_short_side=32) == 0
-    assert decode_for_display(ds, reduce=2).shape == (ROWS, COLUMNS)
+    assert not ds.file_meta.TransferSyntaxUID.is_compressed
+    return ds
+
+
+def test_uncompressed_reduction_keeps_the_sides_the_consumer_needs() -> None:
+    ds = _native()
+    assert jpeg2000_reduction(ds, min_short_side=32) == 0  # not JPEG 2000
+    assert decode_reduction(ds, min_short_side=220) == 1  # 440 // 2 = 220
+    assert decode_reduction(ds, min_short_side=221) == 0
+    assert decode_reduction(ds, min_short_side=100, min_long_side=300) == 1  # 600 // 2
+    assert decode_reduction(ds, min_short_side=1) == 4  # at most 16 x 16 blocks
+
+
+def test_jpeg2000_reduction_is_decode_reduction_for_jpeg2000(tmp_path: Path) -> None:
+    ds = _j2k(tmp_path)
+    for short in (1, 100, 220, 221):
+        assert decode_reduction(ds, min_short_side=short) == jpeg2000_reduction(
+            ds, min_short_side=short
+        )
+
+
+@pytest.mark.parametrize("reduce", [1, 2, 3])
+def test_uncompressed_reduced_decode_is_the_box_average(reduce: int) -> None:
+    """Stored values averaged in blocks, then the same (linear) window: a box filter."""
+    ds = _native()
+    factor = 1 << reduce
+    full = decode_for_display(ds)
+    reduced = decode_for_display(ds, reduce=reduce)
+    assert reduced.shape == (ROWS // factor, COLUMNS // factor)  # partial blocks left out
+    assert reduced.dtype == np.float32
+    # the percentile window comes from the averaged (less noisy) values, so it differs
+    # a little from the full decode's; shapes and levels agree closely
+    expected = _box_downscale(full.astype(np.float64), factor)
+    assert np.abs(reduced - expected).mean() < 0.02
+    assert np.corrcoef(reduced.ravel(), expected.ravel())[0, 1] > 0.995
+
+
+def test_uncompressed_reduced_decode_with_a_window_matches_exactly() -> None:
+    ds = _native()
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096  # wide enough that nothing clips
+    full = decode_for_display(ds).astype(np.float64)
+    np.testing.assert_allclose(decode_for_display(ds, reduce=1), _box_downscale(full, 2), atol=1e-5)
+
+
+def test_uncompressed_reduced_decode_keeps_padding_out() -> None:
+    """A block touching padding is padding: 0, and left out of the percentile window."""
+    ds = _native()
+    stored = ds.pixel_array.copy()
+    stored[:, :101] = 0  # a padded band 101 columns wide: block 50 of 2 is half padding
+    ds.PixelData = stored.tobytes()
+    ds.PixelPaddingValue = 0
+    reduced = decode_for_display(ds, reduce=1)
+    assert np.all(reduced[:, :51] == 0.0)
+    assert float(reduced[:, 51:].min()) >= 0.0
+    # the window spans the unpadded anatomy, as in the full decode
+    full = decode_for_display(ds)
+    assert (
+        abs(float(np.percentile(reduced[:, 51:], 50)) - float(np.percentile(full[:, 102:], 50)))
+        < 0.02
+    )
+
+
+def test_uncompressed_monochrome1_reduced_is_inverted_like_the_full_decode() -> None:
+    ds = _native(photometric="MONOCHROME1")
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    full = decode_for_display(ds).astype(np.float64)
+    np.testing.assert_allclose(decode_for_display(ds, reduce=1), _box_downscale(full, 2), atol=1e-5)
+
+
+def test_other_images_are_not_reduced() -> None:
+    one = _native()
+    one.NumberOfFrames = 1  # still one frame: reduced
+    assert decode_reduction(one, min_short_side=32) > 0
+    multi = _native()
+    multi.NumberOfFrames = 2
+    assert decode_reduction(multi, min_short_side=32) == 0
+    rgb = make_radiograph_dataset(
+        hand_like(ROWS, COLUMNS), birth_date=BIRTH_DATE, study_date=STUDY_DATE, bits_stored=8
+    )
+    rgb.PhotometricInterpretation = "RGB"
+    rgb.SamplesPerPixel = 3
+    assert decode_reduction(rgb, min_short_side=32) == 0
+    ds = _native()
+    del ds.file_meta.TransferSyntaxUID  # unknown encoding: decoded as it is
+    assert decode_reduction(ds, min_short_side=32) == 0

@@ -7,10 +7,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from highdicom.sr import ComprehensiveSR
 from pydicom import Dataset, dcmread
+from pydicom.tag import Tag
 from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian, generate_uid
 
 from dicom_io import codes
+from dicom_io import sr as sr_module
 from dicom_io.content import AI_RESULT_NOTICE, UNTRAINED_WARNING, BoneAgeFinding
 from dicom_io.sr import build_bone_age_sr, build_not_assessed_sr
 from tests.dicomtools import dciodvfy_errors, dsrdump
@@ -234,3 +237,70 @@ def test_sr_rejects_wrong_finding_type(source: Dataset) -> None:
 def test_not_assessed_rejects_empty_reason(source: Dataset) -> None:
     with pytest.raises(ValueError, match="reason"):
         build_not_assessed_sr(source, "  ", series_number=1, **_uids())
+
+
+def _highdicom_document(
+    evidence: Dataset,
+    content: Dataset,
+    *,
+    series_instance_uid: str,
+    series_number: int,
+    sop_instance_uid: str,
+    instance_number: int,
+    institution_name: str | None = None,
+    **kwargs: object,
+) -> Dataset:
+    """The same document made by highdicom's generic ComprehensiveSR constructor."""
+    return ComprehensiveSR(
+        evidence=[evidence],
+        content=content,
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        institution_name=institution_name,
+        **kwargs,
+    )
+
+
+def _comparable(ds: Dataset) -> tuple[dict[str, object], dict[str, object]]:
+    """Every attribute and the file meta, less the moment of creation."""
+    data = ds.to_json_dict()
+    for keyword in ("InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime"):
+        data.pop(f"{Tag(keyword):08X}")
+    for equipment in data[f"{Tag('ContributingEquipmentSequence'):08X}"]["Value"]:
+        equipment.pop(f"{Tag('ContributionDateTime'):08X}")
+    return data, ds.file_meta.to_json_dict()
+
+
+@pytest.mark.parametrize("kind", ["trained", "untrained", "not assessed"])
+def test_sr_document_equals_highdicoms_comprehensive_sr(
+    monkeypatch: pytest.MonkeyPatch,
+    source: Dataset,
+    finding: BoneAgeFinding,
+    untrained_finding: BoneAgeFinding,
+    kind: str,
+) -> None:
+    """The lean document class writes exactly what highdicom's constructor writes."""
+    uids = _uids()
+
+    def build() -> Dataset:
+        if kind == "not assessed":
+            return build_not_assessed_sr(source, "no hand", series_number=3, **uids)
+        chosen = finding if kind == "trained" else untrained_finding
+        return build_bone_age_sr(
+            source, chosen, series_number=901, institution_name="Phantom Hospital", **uids
+        )
+
+    ours = build()
+    with monkeypatch.context() as patch:
+        patch.setattr(sr_module, "MeasurementReportSR", _highdicom_document)
+        reference = build()
+    assert isinstance(ours, sr_module.MeasurementReportSR)
+    assert isinstance(reference, ComprehensiveSR)
+    assert _comparable(ours) == _comparable(reference)
+    assert _round_trip(ours).ContentSequence == _round_trip(reference).ContentSequence

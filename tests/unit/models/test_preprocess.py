@@ -180,3 +180,29 @@ def test_preparing_a_large_image_matches_preparing_it_windowed_first() -> None:
     assert direct.crop_box == windowed.crop_box
     difference = (direct.tensor - windowed.tensor).abs()
     assert float(difference.mean()) < 0.01 and float(difference.max()) < 0.2
+
+
+def test_network_input_from_a_reduced_decode_matches_the_full_decode() -> None:
+    """The worker decodes a large uncompressed radiograph at half size (block average);
+    the network sees what it would have seen from the full decode."""
+    import datetime
+
+    from dicom_io.pixels import decode_for_display, decode_reduction
+    from dicom_io.synthetic import make_radiograph_dataset
+
+    phantom = make_phantom(150.0, male=True, size=1400, rng=np.random.default_rng(5))
+    ds = make_radiograph_dataset(
+        phantom.image[:1400, 100:1300],
+        birth_date=datetime.date(2012, 1, 1),
+        study_date=datetime.date(2024, 1, 1),
+        bits_stored=12,
+    )
+    reduce = decode_reduction(ds, min_short_side=512, min_long_side=700)
+    assert reduce == 1
+    full = prepare(decode_for_display(ds), 512)
+    half = prepare(decode_for_display(ds, reduce=reduce), 512)
+    scaled = tuple(side * 2 for side in half.crop_box)
+    assert max(abs(a - b) for a, b in zip(scaled, full.crop_box, strict=True)) <= 4
+    difference = (full.tensor - half.tensor).abs()  # standardised units
+    assert float(difference.mean()) < 0.05
+    assert np.corrcoef(full.tensor.ravel(), half.tensor.ravel())[0, 1] > 0.99

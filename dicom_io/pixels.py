@@ -177,9 +177,7 @@ def decode_reduction(ds: Dataset, *, min_short_side: int, min_long_side: int = 0
         ``reduce``.
     """
     if _j2k_codestream(ds) is not None:
-        return jpeg2000_reduction(
-            ds, min_short_side=min_short_side, min_long_side=min_long_side
-        )
+        return jpeg2000_reduction(ds, min_short_side=min_short_side, min_long_side=min_long_side)
     if not _native_grey(ds):
         return 0
     return _affordable_halvings(

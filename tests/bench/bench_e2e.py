@@ -67,6 +67,7 @@ from dicom_io.synthetic import make_radiograph_dataset
 from models.checkpoint import untrained_model
 from models.phantoms import make_phantom
 from models.predictor import BoneAgePredictor
+from tests.bench import heap_as_in_workers
 from tests.conftest import POSTGRES_ADMIN_URL, REDIS_URL, StoreSCP
 from tests.support import dcmtk_tool, free_port, wait_for, wait_for_port
 
@@ -512,6 +513,7 @@ def main() -> None:
     )
     parser.add_argument("--workdir", type=Path, default=None, help="where temp files go")
     args = parser.parse_args()
+    heap = heap_as_in_workers()
     if args.studies < 1:
         parser.error("--studies must be at least 1")
     stacks = STACKS if args.stack == "both" else (args.stack,)
@@ -540,7 +542,7 @@ def main() -> None:
     print(
         f"{args.studies} studies of {size_mb:.1f} MB ({ROWS}x{COLUMNS} DX 12-bit, uncompressed), "
         f"burst over {min(args.senders, args.studies)} parallel associations; "
-        f"bare forward: batch 1, median of {args.repeats}"
+        f"bare forward: batch 1, median of {args.repeats}; {heap}"
     )
     print(
         f"{'stack':<16}{'sent s':>8}{'wall s':>9}{'studies/s':>11}{'fwd img/s':>11}"

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from models.gradcam import full_autograd_gradcam, predict_with_cam, upsample_cam
 from models.net import BoneAgeNet, build_model
+from tests.bench import heap_as_in_workers
 
 LIBRARY_CASE = "pytorch-grad-cam GradCAM"
 
@@ -118,6 +119,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    heap = heap_as_in_workers()
 
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -172,7 +174,7 @@ def main() -> None:
     base = statistics.median(times["forward"])
     print(
         f"{args.arch}, {args.size}x{args.size}, batch {args.batch}, {device}, "
-        f"{torch.get_num_threads()} threads, median of {args.repeats}"
+        f"{torch.get_num_threads()} threads, median of {args.repeats}; {heap}"
     )
     print(f"{'case':<26}{'median s':>10}{'× forward':>11}")
     for name, values in times.items():

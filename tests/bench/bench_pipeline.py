@@ -42,6 +42,7 @@ from dicom_io.synthetic import make_radiograph_dataset
 from models.checkpoint import untrained_model
 from models.phantoms import make_phantom
 from models.predictor import BoneAgePredictor
+from tests.bench import heap_as_in_workers
 from worker.pipeline import (
     SC_MIN_LONG_SIDE,
     SC_SERIES_NUMBER,
@@ -93,6 +94,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512, help="network input side")
     parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
+    heap = heap_as_in_workers()
     rows = args.rows or (1400 if args.j2k else 2500)
     columns = args.columns or (1100 if args.j2k else 2000)
     modality = "CR" if args.j2k else "DX"
@@ -213,7 +215,7 @@ def main() -> None:
     syntax = "JPEG 2000 lossless" if args.j2k else "Explicit VR Little Endian"
     print(
         f"resnet50, {args.size}x{args.size}, batch 1, cpu, {torch.get_num_threads()} threads, "
-        f"median of {args.repeats}"
+        f"median of {args.repeats}; {heap}"
     )
     print(
         f"input: {modality} {rows}x{columns} 12-bit, {syntax}, {size_mb:.1f} MB; "

@@ -33,6 +33,7 @@ from dicom_io.pixels import decode_for_display, decode_reduction
 from models.checkpoint import untrained_model
 from models.predictor import BoneAgePredictor
 from models.preprocess import Prepared
+from tests.bench import heap_as_in_workers
 from tests.bench.bench_pipeline import make_input
 from worker.pipeline import SC_MIN_LONG_SIDE
 from worker.prefetch import prefetch
@@ -43,6 +44,7 @@ def _process_share(
     paths: list[Path], size: int, ready: multiprocessing.synchronize.Barrier
 ) -> None:
     """One worker process: one torch thread, decode + assess its share of the stream."""
+    heap_as_in_workers()
     torch.set_num_threads(1)
     predictor = BoneAgePredictor(untrained_model(arch="resnet50", input_size=size), device="cpu")
 
@@ -72,6 +74,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--depth", type=int, default=2, help="decodes run ahead")
     args = parser.parse_args()
+    heap = heap_as_in_workers()
 
     predictor = BoneAgePredictor(
         untrained_model(arch="resnet50", input_size=args.size), device="cpu"
@@ -156,7 +159,7 @@ def main() -> None:
         f"decoded {shape[0]}x{shape[1]}; resnet50 {args.size}x{args.size}, cpu, "
         f"{torch.get_num_threads()} threads; prefetch depth {args.depth}, 1 decode thread; "
         f"{processes} processes of 1 thread; "
-        f"median of {args.repeats}"
+        f"median of {args.repeats}; {heap}"
     )
     print(f"{'case':<14}{'median s':>10}{'studies/s':>11}{'× slower stage':>16}")
     for name, values in times.items():

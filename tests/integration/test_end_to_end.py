@@ -152,6 +152,7 @@ def check_round_trip(
     assert len(inference) == min(usable_cpus(), 4)
     threads = max(1, usable_cpus() // len(inference))
     assert all(p["torch_threads"] == threads for p in inference)
+    assert all(p["heap_keeps_large_blocks"] for p in inference)  # glibc here
     assert any("CT Image Storage" in (p["reason"] or "") for p in status["recent_problems"])
 
 

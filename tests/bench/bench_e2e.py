@@ -120,6 +120,10 @@ def sop_uid(path: Path) -> str:
     return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
 
+#: Settings taken from this process's environment, to compare inference layouts.
+PASSED_THROUGH = ("BONEAGE_INFERENCE_PROCESSES", "BONEAGE_TORCH_THREADS")
+
+
 # -- the bare forward pass -----------------------------------------------------------
 
 
@@ -428,7 +432,9 @@ def run_stack(
     with ExitStack() as cleanup:
         pacs = cleanup.enter_context(destination(folder / "pacs"))
         port = free_port()
+        # the node's own defaults, except the inference layout when the caller sets it
         env = {k: v for k, v in os.environ.items() if not k.startswith("BONEAGE_")}
+        env.update({k: os.environ[k] for k in PASSED_THROUGH if k in os.environ})
         env.update(
             BONEAGE_DATA_DIR=str(folder / "data"),
             BONEAGE_PORT=str(port),

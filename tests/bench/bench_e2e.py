@@ -42,6 +42,7 @@ import argparse
 import datetime as dt
 import os
 import platform
+import resource
 import shutil
 import signal
 import statistics
@@ -196,6 +197,69 @@ class Processes:
 
     def tails(self) -> str:
         return "\n".join(f"--- {name} ---\n{tail(log)}" for name, _, log in self.started)
+
+
+# -- where the CPU goes ------------------------------------------------------------------
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_stat(pid: int) -> tuple[int, float] | None:
+    """``(parent pid, CPU seconds)`` of a live process, from /proc/<pid>/stat."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # after the command: state ppid ... utime (14th field of the line) stime (15th)
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU seconds of ``root`` and its live descendants (prefork children, serve's)."""
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))) is not None:
+            stats[int(entry.name)] = stat
+    total, frontier = 0.0, [root]
+    while frontier:
+        pid = frontier.pop()
+        if pid in stats:
+            total += stats[pid][1]
+            frontier.extend(child for child, (parent, _) in stats.items() if parent == pid)
+    return total
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores spent not idle since boot (/proc/stat)."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    return (sum(ticks[:8]) - idle) / _TICKS
+
+
+@dataclass
+class CpuMeter:
+    """CPU seconds per role between :meth:`start` and :meth:`stop`."""
+
+    roles: dict[str, int]  # role -> root pid
+    begun: dict[str, float] | None = None
+    spent: dict[str, float] | None = None
+
+    def _read(self) -> dict[str, float]:
+        readings = {role: tree_cpu_seconds(pid) for role, pid in self.roles.items()}
+        readings["senders (storescu)"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime
+        readings["senders (storescu)"] += resource.getrusage(resource.RUSAGE_CHILDREN).ru_stime
+        readings["machine"] = machine_busy_seconds()
+        return readings
+
+    def start(self) -> None:
+        self.begun = self._read()
+
+    def stop(self) -> None:
+        assert self.begun is not None
+        end = self._read()
+        self.spent = {role: end[role] - self.begun[role] for role in end}
+        tracked = sum(v for role, v in self.spent.items() if role != "machine")
+        self.spent["other (database, broker, this bench)"] = self.spent["machine"] - tracked
 
 
 def tail(log: Path, lines: int = 15) -> str:
@@ -379,6 +443,7 @@ class Figures:
     wall_s: float
     latencies: list[float]
     inference_s: float
+    cpu: dict[str, float]
 
     @property
     def throughput(self) -> float:
@@ -479,6 +544,11 @@ def run_stack(
                 database_url, [sop_uid(warmup)], processes, timeout=600, what="the warm-up SR"
             )
             print(f"[{stack}] warm-up SR delivered; sending {len(files)} studies", flush=True)
+            roles = {name: proc.pid for name, proc, _ in processes.started}
+            if pacs.process is not None:
+                roles["destination (storescp)"] = pacs.process.pid
+            meter = CpuMeter(roles)
+            meter.start()
 
             senders = min(args.senders, len(files))
             shares = [files[i::senders] for i in range(senders)]
@@ -491,11 +561,13 @@ def run_stack(
             wait_delivered(
                 database_url, uids, processes, timeout=timeout, what=f"{len(uids)} SRs delivered"
             )
+            meter.stop()
             wall, latencies, inference = measure(database_url, uids, first_sent)
         except Exception:
             print(f"[{stack}] failed; the processes' last log lines:\n{processes.tails()}")
             raise
-    return Figures(stack, forward_s, sent_s, wall, latencies, inference)
+    assert meter.spent is not None
+    return Figures(stack, forward_s, sent_s, wall, latencies, inference, meter.spent)
 
 
 # -- main --------------------------------------------------------------------------------------
@@ -565,6 +637,16 @@ def main() -> None:
         "wall: first C-STORE sent to last SR delivered; latency: instance received_at to its "
         "SR delivered_at; model s: median Result.inference_seconds (forward + Grad-CAM)"
     )
+    print("CPU seconds per study, first C-STORE sent to last SR delivered:")
+    for r in results:
+        studies = len(r.latencies)
+        parts = ", ".join(
+            f"{role} {seconds / studies:.3f}"
+            for role, seconds in r.cpu.items()
+            if role != "machine"
+        )
+        busy = r.cpu["machine"] / (r.wall_s * (os.cpu_count() or 1))
+        print(f"  {r.stack}: {parts}; machine busy {100 * busy:.0f}%")
     for r in results:
         verdict = "met" if r.ratio >= 0.8 else "missed"
         print(f"{r.stack}: throughput / bare forward = {r.ratio:.2f}× (target ≥ 0.8×: {verdict})")

@@ -93,7 +93,16 @@ def main() -> None:
     parser.add_argument("--columns", type=int, default=None)
     parser.add_argument("--size", type=int, default=512, help="network input side")
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (default: torch's, all cores; the CPU worker runs one process "
+        "per core with 1 thread each)",
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     heap = heap_as_in_workers()
     rows = args.rows or (1400 if args.j2k else 2500)
     columns = args.columns or (1100 if args.j2k else 2000)

@@ -3,8 +3,9 @@
 Two stacks, each measured in the same run on the same inputs:
 
 - ``embedded``: ``boneage-worker serve`` on the defaults (SQLite database and SQLite
-  broker in BONEAGE_DATA_DIR), which starts a listener, ``work -Q inference`` and
-  ``work -Q delivery`` (solo pool, one task at a time each);
+  broker in BONEAGE_DATA_DIR), which starts a listener, ``work -Q inference`` (on a CPU
+  one process per core, at most 4, each with its share of the cores as torch threads)
+  and ``work -Q delivery``;
 - ``redis-postgres``: a fresh PostgreSQL database and a private Redis key prefix, with
   the same three processes started separately (``listen``, ``work -Q inference``,
   ``work -Q delivery``), as production runs it.
@@ -29,9 +30,12 @@ Figures: wall time from the first C-STORE sent to the last SR delivered; through
 studies / wall; latency = SR delivered_at - instance received_at (p50, p95, max); the
 median time the worker spent in the model (``Result.inference_seconds``: forward plus
 Grad-CAM). The reference is the bare forward pass of the same model (batch 1, inference
-mode, this process's default torch thread count, which the workers also keep), timed as
-the median of ``--repeats`` in this process just before each stack starts, while nothing
-else runs. Target: throughput >= 0.8 x the bare forward rate.
+mode, this process's default torch thread count: all cores), timed as the median of
+``--repeats`` in this process just before each stack starts, while nothing else runs, with
+the heap setting inference workers use. Also printed: the CPU seconds per study of each
+process tree and the machine's busy share over the burst, which show whether the run was
+CPU-bound and where the time went. BONEAGE_INFERENCE_PROCESSES and BONEAGE_TORCH_THREADS
+pass through to the stacks, to compare inference layouts. Target: throughput >= 0.8 x the bare forward rate.
 
     .venv/bin/python -m tests.bench.bench_e2e [--studies 50] [--stack embedded|redis-postgres|both]
 """

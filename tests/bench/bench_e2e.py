@@ -35,7 +35,8 @@ mode, this process's default torch thread count: all cores), timed as the median
 the heap setting inference workers use. Also printed: the CPU seconds per study of each
 process tree and the machine's busy share over the burst, which show whether the run was
 CPU-bound and where the time went. BONEAGE_INFERENCE_PROCESSES and BONEAGE_TORCH_THREADS
-pass through to the stacks, to compare inference layouts. Target: throughput >= 0.8 x the bare forward rate.
+pass through to the stacks, to compare inference layouts.
+Target: throughput >= 0.8 x the bare forward rate.
 
     .venv/bin/python -m tests.bench.bench_e2e [--studies 50] [--stack embedded|redis-postgres|both]
 """

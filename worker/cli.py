@@ -161,9 +161,6 @@ def work(
     ctx: click.Context, queues: str, pool: str | None, concurrency: int | None, device: str | None
 ) -> None:
     """Run a Celery worker for the given queues."""
-    from worker import tasks
-    from worker.celery_app import configure
-
     settings = _settings(ctx, device=device)
     _private_files(settings)
     _require_schema(settings)
@@ -177,6 +174,16 @@ def work(
         concurrency = settings.effective_inference_processes if "inference" in names else 1
     if pool is None:
         pool = "prefork" if concurrency > 1 else "solo"
+    if pool == "prefork" and settings.worker_metrics_port:
+        # before prometheus_client is imported (by worker.tasks): the children's counters
+        # go to files there, which this process sums when scraped
+        from worker.metrics_files import use_multiprocess_directory, worker_metrics_port
+
+        served = worker_metrics_port(settings.worker_metrics_port, names)
+        use_multiprocess_directory(settings.data_dir / "metrics" / f"{'-'.join(names)}-{served}")
+    from worker import tasks
+    from worker.celery_app import configure
+
     app = configure(settings)
     tasks.set_worker_queues(names, processes=concurrency)
     if "inference" in names:

@@ -7,14 +7,18 @@ whatever the size of the database.
 
 A worker (``BONEAGE_WORKER_METRICS_PORT``; a worker that consumes only the delivery
 queue uses that port + 1, so that ``serve``'s two workers do not collide) serves the
-counters of the tasks it ran. Those live in the worker's own memory, so they are
-served only with ``--pool solo`` (the default, and what GPU workers use); a prefork
-worker logs a warning and serves none.
+counters of the tasks it ran. With ``--pool solo`` they live in the worker's memory.
+A prefork worker (the CPU inference worker's default) runs its tasks in child
+processes, so it uses prometheus_client's multiprocess mode: ``work`` points
+prometheus_client at a directory of the worker's own before importing it
+(:mod:`worker.metrics_files`), every child writes its counters to memory-mapped files
+there, and the main process serves their sum (:func:`multiprocess_registry`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
@@ -33,6 +37,7 @@ from prometheus_client.registry import Collector
 from db import queries
 from db.engine import session_scope
 from db.schema import utcnow as now
+from worker.metrics_files import MULTIPROCESS_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -229,8 +234,13 @@ DELIVERY_ATTEMPTS = Counter(
 )
 
 
-def worker_metrics_port(base: int | None, queues: Sequence[str]) -> int | None:
-    """The port of a worker's ``/metrics``: ``base``, or ``base + 1`` for delivery only."""
-    if not base:
+def multiprocess_registry() -> CollectorRegistry | None:
+    """The sum of every process's worker metrics in multiprocess mode; else None."""
+    directory = os.environ.get(MULTIPROCESS_ENV)
+    if not directory:
         return None
-    return base if "inference" in queues else base + 1
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)
+    return registry

@@ -22,6 +22,7 @@ from worker.delivery import deliver_one
 from worker.heap import keep_large_blocks
 from worker.heartbeat import HeartbeatThread
 from worker.messaging import enqueue_delivery
+from worker.metrics_files import worker_metrics_port
 from worker.pipeline import assess_instance
 from worker.reconciler import ReconcileReport, reconcile_via_broker
 from worker.runtime import Runtime
@@ -157,21 +158,27 @@ def run_reconcile(*, startup: bool = False) -> ReconcileReport:
 
 
 def _serve_metrics(consumer: Any) -> None:
-    """Start this worker's ``/metrics`` (BONEAGE_WORKER_METRICS_PORT), solo pool only."""
+    """Start this worker's ``/metrics`` (BONEAGE_WORKER_METRICS_PORT).
+
+    A solo worker serves its own counters; a prefork worker the sum of its children's,
+    from prometheus_client's multiprocess directory (set up by ``work``).
+    """
     settings = app.conf.get("boneage_settings")
-    port = metrics.worker_metrics_port(
+    port = worker_metrics_port(
         settings.worker_metrics_port if settings is not None else None, _state["queues"]
     )
     if port is None or "metrics" in _state:
         return
+    registry = metrics.WORKER_REGISTRY
     pool = type(getattr(consumer, "pool", None)).__module__
     if not pool.endswith(".solo"):
-        # Tasks run in child processes whose counters this process cannot see.
-        logger.warning("worker metrics need --pool solo; %s serves none", pool)
-        return
+        # Tasks run in child processes; their counters reach us only through files.
+        shared = metrics.multiprocess_registry()
+        if shared is None:
+            logger.warning("worker metrics of a %s pool need a multiprocess directory", pool)
+            return
+        registry = shared
     try:
-        _state["metrics"] = metrics.MetricsServer(
-            metrics.WORKER_REGISTRY, settings.host, port
-        ).start()
+        _state["metrics"] = metrics.MetricsServer(registry, settings.host, port).start()
     except OSError as exc:
         logger.warning("worker metrics not served: port %d unusable (%s)", port, exc.strerror)

@@ -114,6 +114,8 @@ class Instance(Base):
     queued_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    # retention (BONEAGE_RETENTION_DAYS) removed the spool file and the outputs' files
+    files_removed_at: Mapped[datetime | None]
 
     results: Mapped[list[Result]] = relationship(back_populates="instance")
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -359,7 +360,7 @@ def reprocess(
     """
     from worker.celery_app import configure
     from worker.messaging import enqueue_assess
-    from worker.reprocess import prepare_reprocess, select_instances
+    from worker.reprocess import files_removed, prepare_reprocess, select_instances
     from worker.runtime import Runtime
 
     settings = _settings(ctx, model=checkpoint)
@@ -373,11 +374,19 @@ def reprocess(
     todo = prepare_reprocess(rt, chosen)
     for instance_id in todo:
         enqueue_assess(instance_id, send=send)
+    gone = files_removed(rt, chosen)
     fate = "results will be sent" if send else "results kept, not sent"
     console.print(
         f"{len(chosen)} instances chosen; {len(todo)} queued for model "
-        f"{rt.predictor.model_id[:12]} ({fate}); {len(chosen) - len(todo)} already assessed by it"
+        f"{rt.predictor.model_id[:12]} ({fate}); "
+        f"{len(chosen) - len(todo) - len(gone)} already assessed by it"
     )
+    if gone:
+        console.print(
+            f"[yellow]{len(gone)} instance(s) not queued: retention removed their received "
+            "images (BONEAGE_RETENTION_DAYS); send them again from the PACS, or backfill "
+            f"them. Instance ids: {', '.join(map(str, gone))}[/]"
+        )
 
 
 @main.command()
@@ -393,6 +402,40 @@ def reconcile(ctx: click.Context) -> None:
     report = tasks.run_reconcile()
     console.print(
         f"re-queued {len(report.instances)} instances, {len(report.deliveries)} deliveries"
+    )
+
+
+@main.command()
+@click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
+@click.option(
+    "--days",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Keep files this many days instead of BONEAGE_RETENTION_DAYS.",
+)
+@click.pass_context
+def retention(ctx: click.Context, dry_run: bool, days: float | None) -> None:
+    """Remove received images and SR/SC files that retention lets go, now.
+
+    Files of an instance go BONEAGE_RETENTION_DAYS after it finished, once every
+    delivery of it succeeded; its database rows and results stay. The listener does
+    this every hour; this command is for a first clean-up or a dry run.
+    """
+    from worker.retention import remove_expired_files
+
+    settings = _settings(ctx)
+    _require_schema(settings)
+    keep = days if days is not None else settings.retention_days
+    if not keep:
+        raise click.UsageError(
+            "BONEAGE_RETENTION_DAYS is 0 (files kept for ever); pass --days to remove some"
+        )
+    report = remove_expired_files(
+        settings.effective_database_url, older_than=timedelta(days=keep), dry_run=dry_run
+    )
+    verb = "would remove" if dry_run else "removed"
+    console.print(
+        f"{verb} the files of {report.instances} instance(s) finished more than {keep:g} "
+        f"day(s) ago and fully delivered: {report.files} file(s), {report.bytes / 1e6:.1f} MB"
     )
 
 

@@ -1,7 +1,8 @@
 """The listener process: the SCP, wired to the database and the broker.
 
-It also runs the reconciler periodically: the listener is the one process a
-site always has running, and it has both the database and the broker at hand.
+It also runs the reconciler periodically, and retention (``BONEAGE_RETENTION_DAYS``,
+:mod:`worker.retention`) every hour: the listener is the one process a site always has
+running, and it has both the database and the broker at hand.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select, update
@@ -27,12 +30,16 @@ from worker.messaging import (
 )
 from worker.metrics import MetricsServer, NodeCollector, node_registry
 from worker.reconciler import reconcile_via_broker
+from worker.retention import RetentionReport, remove_expired_files
 from worker.runtime import Runtime
 from worker.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 _REPROCESSABLE = (InstanceState.RECEIVED, InstanceState.QUEUED)
+#: Retention runs a few minutes after the listener starts, then every hour.
+RETENTION_FIRST_SECONDS = 300.0
+RETENTION_INTERVAL_SECONDS = 3600.0
 
 
 def record_instance(database_url: str, received: ReceivedInstance) -> int:
@@ -71,7 +78,11 @@ def record_instance(database_url: str, received: ReceivedInstance) -> int:
         session.execute(
             update(Instance)
             .where(Instance.id == existing.id)
-            .values(times_received=Instance.times_received + 1, size_bytes=received.size_bytes)
+            .values(
+                times_received=Instance.times_received + 1,
+                size_bytes=received.size_bytes,
+                files_removed_at=None,  # a new copy is on disk: retention starts over
+            )
         )
         return existing.id
 
@@ -145,12 +156,29 @@ class Listener:
             logger.warning("reconciliation failed (%s); next round retries", type(exc).__name__)
 
     def _reconcile_loop(self) -> None:
+        retention_due = time.monotonic() + RETENTION_FIRST_SECONDS
         while not self._stop.wait(self.settings.reconcile_interval_seconds):
             self.reconcile_once()
             try:
                 prune_embedded_broker(self.settings.effective_broker_url)
             except Exception as exc:
                 logger.warning("embedded broker not pruned (%s)", type(exc).__name__)
+            if time.monotonic() >= retention_due:
+                retention_due = time.monotonic() + RETENTION_INTERVAL_SECONDS
+                self.apply_retention()
+
+    def apply_retention(self) -> RetentionReport | None:
+        """Remove the files BONEAGE_RETENTION_DAYS lets go (None when it is 0 or fails)."""
+        days = self.settings.retention_days
+        if not days:
+            return None
+        try:
+            return remove_expired_files(
+                self.settings.effective_database_url, older_than=timedelta(days=days)
+            )
+        except Exception as exc:
+            logger.warning("retention not applied (%s); next round retries", type(exc).__name__)
+            return None
 
     def serve_forever(self) -> None:
         """Run until SIGTERM or SIGINT."""

@@ -37,10 +37,12 @@ def select_instances(
 def prepare_reprocess(rt: Runtime, instance_ids: Sequence[int]) -> list[int]:
     """Put back in the queue state the instances the current model has not assessed.
 
-    Returns the ids to enqueue; instances that already have a result from this
-    model are left alone.
+    Returns the ids to enqueue. Instances that already have a result from this model
+    are left alone, and so are those whose received file retention removed
+    (:func:`files_removed`): there is nothing left to assess.
     """
     model_id = rt.predictor.model_id
+    stamp = now()
     with session_scope(rt.database_url) as session:
         done = set(
             session.scalars(
@@ -51,18 +53,31 @@ def prepare_reprocess(rt: Runtime, instance_ids: Sequence[int]) -> list[int]:
         )
         todo = [i for i in instance_ids if i not in done]
         if todo:
+            # Conditional on the file still being there: retention marks an instance
+            # before it removes anything, so the two never both win.
             session.execute(
                 update(Instance)
-                .where(Instance.id.in_(todo))
+                .where(Instance.id.in_(todo), Instance.files_removed_at.is_(None))
                 .values(
                     state=InstanceState.QUEUED,
                     attempts=0,
                     reason=None,
                     claimed_by=None,
-                    queued_at=now(),
+                    queued_at=stamp,
                     finished_at=None,
                 )
+                .execution_options(synchronize_session=False)
             )
+            queued = set(
+                session.scalars(
+                    select(Instance.id).where(
+                        Instance.id.in_(todo),
+                        Instance.files_removed_at.is_(None),
+                        Instance.queued_at == stamp,
+                    )
+                )
+            )
+            todo = [i for i in todo if i in queued]
     logger.info(
         "reprocess with model %s: %d to assess, %d already assessed by it",
         model_id[:12],
@@ -70,3 +85,25 @@ def prepare_reprocess(rt: Runtime, instance_ids: Sequence[int]) -> list[int]:
         len(done),
     )
     return todo
+
+
+def files_removed(rt: Runtime, instance_ids: Sequence[int]) -> list[int]:
+    """Ids among ``instance_ids`` the current model has not assessed and never can:
+    retention removed their received images."""
+    assessed = (
+        select(Result.id)
+        .where(Result.instance_id == Instance.id, Result.model_id == rt.predictor.model_id)
+        .exists()
+    )
+    with session_scope(rt.database_url) as session:
+        return list(
+            session.scalars(
+                select(Instance.id)
+                .where(
+                    Instance.id.in_(instance_ids),
+                    Instance.files_removed_at.is_not(None),
+                    ~assessed,
+                )
+                .order_by(Instance.id)
+            )
+        )

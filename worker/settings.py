@@ -139,6 +139,9 @@ class Settings(BaseSettings):
     delivery_backoff_max_seconds: float = Field(3600.0, gt=0)
     reconcile_interval_seconds: float = Field(60.0, gt=0)
     requeue_after_seconds: float = Field(300.0, gt=0)
+    # Days a finished instance's received file and its SR/SC files are kept once every
+    # delivery of it succeeded (its rows and results stay); 0 = kept for ever.
+    retention_days: float = Field(30.0, ge=0)
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
 

@@ -1,0 +1,284 @@
+"""Retention: the files of finished, fully delivered instances go; rows and results stay.
+
+Real assessments on the tiny checkpoint, real deliveries to dcmtk's storescp, the
+node's database on SQLite and on PostgreSQL; "finished 40 days ago" is written into
+the rows.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import select, update
+
+from db.engine import session_scope, upgrade
+from db.schema import Delivery, DeliveryState, Instance, InstanceState, Result
+from db.schema import utcnow as now
+from dicom_io.scp import ReceivedInstance
+from tests.conftest import StoreSCP
+from tests.integration.test_pipeline import spool_instance
+from worker.cli import main as cli
+from worker.delivery import deliver_one
+from worker.listener import record_instance
+from worker.pipeline import assess_instance
+from worker.reprocess import files_removed, prepare_reprocess
+from worker.retention import remove_expired_files
+from worker.runtime import Runtime
+from worker.settings import load_settings
+
+pytestmark = pytest.mark.integration
+
+KEEP = dt.timedelta(days=30)
+
+
+def _runtime(
+    tmp_path: Path, checkpoint: Path, storescp: StoreSCP, database_url: str | None
+) -> Runtime:
+    settings = load_settings(
+        data_dir=tmp_path / "data",
+        model=checkpoint,
+        destinations=storescp.destination,
+        database_url=database_url,
+    )
+    upgrade(settings.effective_database_url)
+    return Runtime(settings)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def runtime(
+    request: pytest.FixtureRequest, tmp_path: Path, tiny_checkpoint: Path, storescp: StoreSCP
+) -> Runtime:
+    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
+    return _runtime(tmp_path, tiny_checkpoint, storescp, url)
+
+
+def _assessed_and_delivered(rt: Runtime, tmp_path: Path, name: str) -> tuple[int, list[Path]]:
+    """An assessed instance whose SR and SC were delivered; its spool and output files."""
+    instance_id = spool_instance(rt, tmp_path, name=name)
+    outcome = assess_instance(rt, instance_id)
+    assert outcome.state == "assessed"
+    for delivery_id in outcome.delivery_ids:
+        assert deliver_one(rt, delivery_id).state == "delivered"
+    return instance_id, _files(rt, instance_id)
+
+
+def _files(rt: Runtime, instance_id: int) -> list[Path]:
+    with session_scope(rt.database_url) as session:
+        instance = session.get_one(Instance, instance_id)
+        outputs = session.scalars(select(Delivery.path).where(Delivery.instance_id == instance_id))
+        return [Path(instance.spool_path), *map(Path, outputs)]
+
+
+def _finished_days_ago(rt: Runtime, instance_id: int, days: float) -> None:
+    with session_scope(rt.database_url) as session:
+        session.execute(
+            update(Instance)
+            .where(Instance.id == instance_id)
+            .values(finished_at=now() - dt.timedelta(days=days))
+        )
+
+
+def _removed_at(rt: Runtime, instance_id: int) -> dt.datetime | None:
+    with session_scope(rt.database_url) as session:
+        return session.get_one(Instance, instance_id).files_removed_at
+
+
+def test_files_of_old_fully_delivered_instances_go_rows_and_results_stay(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    old, old_files = _assessed_and_delivered(runtime, tmp_path, "old")
+    recent, recent_files = _assessed_and_delivered(runtime, tmp_path, "recent")
+    _finished_days_ago(runtime, old, 40)
+    _finished_days_ago(runtime, recent, 10)
+    assert len(old_files) == 3 and all(p.exists() for p in old_files)  # spool, SR, SC
+    size = sum(p.stat().st_size for p in old_files)
+
+    dry = remove_expired_files(runtime.database_url, older_than=KEEP, dry_run=True)
+    assert (dry.instances, dry.files, dry.bytes, dry.dry_run) == (1, 3, size, True)
+    assert all(p.exists() for p in old_files) and _removed_at(runtime, old) is None
+
+    done = remove_expired_files(runtime.database_url, older_than=KEEP)
+    assert (done.instances, done.files, done.bytes) == (1, 3, size)
+    assert not any(p.exists() for p in old_files)
+    assert all(p.exists() for p in recent_files)
+    assert _removed_at(runtime, old) is not None and _removed_at(runtime, recent) is None
+    with session_scope(runtime.database_url) as session:
+        assert session.get_one(Instance, old).state is InstanceState.ASSESSED
+        assert session.scalar(select(Result.id).where(Result.instance_id == old)) is not None
+
+    again = remove_expired_files(runtime.database_url, older_than=KEEP)
+    assert (again.instances, again.files) == (0, 0)  # nothing twice
+
+
+def test_undelivered_or_unfinished_instances_keep_their_files(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    unsent = spool_instance(runtime, tmp_path, name="unsent")
+    assert assess_instance(runtime, unsent).state == "assessed"  # deliveries pending
+    failed, _ = _assessed_and_delivered(runtime, tmp_path, "failed")
+    with session_scope(runtime.database_url) as session:
+        session.execute(
+            update(Delivery)
+            .where(Delivery.instance_id == failed)
+            .values(state=DeliveryState.FAILED)
+        )
+    queued = spool_instance(runtime, tmp_path, name="queued")  # received, never assessed
+    for instance_id in (unsent, failed, queued):
+        _finished_days_ago(runtime, instance_id, 400)
+    kept = [p for i in (unsent, failed, queued) for p in _files(runtime, i)]
+
+    report = remove_expired_files(runtime.database_url, older_than=KEEP)
+    assert (report.instances, report.files) == (0, 0)
+    assert all(p.exists() for p in kept)
+
+
+def test_not_assessed_instance_without_deliveries_is_removed(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    ct = spool_instance(runtime, tmp_path, modality="CT", name="ct")
+    assert assess_instance(runtime, ct).state == "not_assessed"
+    _finished_days_ago(runtime, ct, 31)
+    [spool] = _files(runtime, ct)
+    assert remove_expired_files(runtime.database_url, older_than=KEEP).instances == 1
+    assert not spool.exists()
+
+
+def test_reprocess_leaves_removed_instances_alone(
+    runtime: Runtime, tmp_path: Path, tiny_checkpoint: Path, storescp: StoreSCP
+) -> None:
+    instance_id, _ = _assessed_and_delivered(runtime, tmp_path, "gone")
+    _finished_days_ago(runtime, instance_id, 40)
+    remove_expired_files(runtime.database_url, older_than=KEEP)
+    # a new model: it would assess the instance again, but there is nothing to read
+    other = load_settings(
+        data_dir=runtime.settings.data_dir,
+        database_url=runtime.settings.database_url,
+        destinations=storescp.destination,
+        arch="resnet18",
+    )
+    fresh = Runtime(other)
+    assert fresh.predictor.model_id != runtime.predictor.model_id
+    assert prepare_reprocess(fresh, [instance_id]) == []
+    assert files_removed(fresh, [instance_id]) == [instance_id]
+    assert files_removed(runtime, [instance_id]) == []  # this model assessed it already
+    with session_scope(runtime.database_url) as session:
+        assert session.get_one(Instance, instance_id).state is InstanceState.ASSESSED
+
+
+def test_receiving_again_restarts_retention_and_keeps_the_new_copy(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    instance_id, files = _assessed_and_delivered(runtime, tmp_path, "again")
+    _finished_days_ago(runtime, instance_id, 40)
+    spool = files[0]
+    content = spool.read_bytes()
+    remove_expired_files(runtime.database_url, older_than=KEEP)
+    assert not spool.exists()
+
+    # The PACS sends it again: a new copy, and the mark is cleared.
+    spool.write_bytes(content)
+    with session_scope(runtime.database_url) as session:
+        row = session.get_one(Instance, instance_id)
+        received = ReceivedInstance(
+            row.sop_instance_uid,
+            row.sop_class_uid,
+            row.study_instance_uid,
+            row.series_instance_uid,
+            row.modality,
+            row.transfer_syntax_uid,
+            "PACS",
+            spool,
+            len(content),
+        )
+    assert record_instance(runtime.database_url, received) == instance_id
+    assert _removed_at(runtime, instance_id) is None
+    # A run in the same hour as the mark (its sweep) leaves the newer file alone too.
+    with session_scope(runtime.database_url) as session:
+        session.execute(
+            update(Instance)
+            .where(Instance.id == instance_id)
+            .values(files_removed_at=now() - dt.timedelta(hours=1))
+        )
+    os.utime(spool)  # written now, after the mark
+    remove_expired_files(runtime.database_url, older_than=KEEP)
+    assert spool.exists()
+
+
+def test_files_left_by_a_crash_after_the_mark_are_swept(runtime: Runtime, tmp_path: Path) -> None:
+    instance_id, files = _assessed_and_delivered(runtime, tmp_path, "crash")
+    for path in files:  # written well before the mark below
+        os.utime(path, (0, (now() - dt.timedelta(days=40)).timestamp()))
+    # marked an hour ago, but the process died before unlinking anything
+    with session_scope(runtime.database_url) as session:
+        session.execute(
+            update(Instance)
+            .where(Instance.id == instance_id)
+            .values(
+                finished_at=now() - dt.timedelta(days=40),
+                files_removed_at=now() - dt.timedelta(hours=1),
+            )
+        )
+    report = remove_expired_files(runtime.database_url, older_than=KEEP)
+    assert (report.instances, report.files) == (0, 3)
+    assert not any(p.exists() for p in files)
+
+
+def test_retention_command(
+    tmp_path: Path, tiny_checkpoint: Path, storescp: StoreSCP, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rt = _runtime(tmp_path, tiny_checkpoint, storescp, None)
+    instance_id, files = _assessed_and_delivered(rt, tmp_path, "cli")
+    _finished_days_ago(rt, instance_id, 8)
+    monkeypatch.setenv("BONEAGE_DATA_DIR", str(rt.settings.data_dir))
+    monkeypatch.setenv("BONEAGE_RETENTION_DAYS", "0")
+    runner = CliRunner()
+
+    refused = runner.invoke(cli, ["retention"])
+    assert refused.exit_code == 2 and "kept for ever" in refused.output
+
+    dry = runner.invoke(cli, ["retention", "--days", "7", "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert "would remove the files of 1 instance(s)" in dry.output and "3 file(s)" in dry.output
+    assert all(p.exists() for p in files)
+
+    monkeypatch.setenv("BONEAGE_RETENTION_DAYS", "7")
+    done = runner.invoke(cli, ["retention"])
+    assert done.exit_code == 0, done.output
+    assert "removed the files of 1 instance(s)" in done.output
+    assert not any(p.exists() for p in files)
+
+
+def test_retention_days_is_a_documented_setting(tmp_path: Path) -> None:
+    shown = subprocess.run(
+        [sys.executable, "-m", "worker", "retention", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "BONEAGE_DATA_DIR": str(tmp_path)},
+    )
+    assert "BONEAGE_RETENTION_DAYS" in shown.stdout
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert "`BONEAGE_RETENTION_DAYS`" in readme
+    assert load_settings(data_dir=tmp_path).retention_days == 30
+
+
+def test_the_listener_applies_the_setting(
+    tmp_path: Path, tiny_checkpoint: Path, storescp: StoreSCP
+) -> None:
+    from worker.listener import Listener
+
+    rt = _runtime(tmp_path, tiny_checkpoint, storescp, None)
+    instance_id, files = _assessed_and_delivered(rt, tmp_path, "listener")
+    _finished_days_ago(rt, instance_id, 31)
+    forever = Listener(rt.settings.model_copy(update={"retention_days": 0}))
+    assert forever.apply_retention() is None
+    assert all(p.exists() for p in files)
+    report = Listener(rt.settings).apply_retention()  # what its loop runs every hour
+    assert report is not None and (report.instances, report.files) == (1, 3)
+    assert not any(p.exists() for p in files)

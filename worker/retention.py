@@ -1,0 +1,222 @@
+"""Retention: remove received images and their SR/SC files once nothing needs them.
+
+The node keeps a copy of every radiograph it receives (the spool) and of every object
+it makes (the outbox). Kept for ever they fill the disk, and they are patient images
+that the PACS already holds. An instance's rows and results stay in the database for
+good (status, metrics, audit); its files are removed ``BONEAGE_RETENTION_DAYS`` after
+it finished, and only once every delivery of it succeeded: a pending or failed
+delivery keeps everything, so it can still be sent, retried or looked into.
+
+Removal is recorded before any file goes (``Instance.files_removed_at``, set by a
+conditional update that a concurrent ``reprocess`` cannot interleave with), and then
+the files are unlinked. A crash in between leaves files that the next run removes (it
+sweeps the instances marked in the last day). A file written after the mark (the same
+instance received again) is never removed: the listener clears the mark when it
+records a new copy.
+
+``reprocess`` leaves instances whose files were removed alone and says so: send them
+again from the PACS, or ``backfill`` them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import ColumnElement, and_, select, update
+from sqlalchemy.orm import Session
+
+from db.engine import session_scope
+from db.schema import Delivery, DeliveryState, Instance, InstanceState
+from db.schema import utcnow as now
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RetentionReport", "remove_expired_files"]
+
+_FINISHED = (InstanceState.ASSESSED, InstanceState.NOT_ASSESSED, InstanceState.ERROR)
+#: Instances marked this recently are swept again, for files a crash left behind.
+_SWEEP_WINDOW = timedelta(days=1)
+_BATCH = 200
+
+
+@dataclass(frozen=True)
+class RetentionReport:
+    """What one run removed (or, in a dry run, would remove)."""
+
+    instances: int = 0
+    files: int = 0
+    bytes: int = 0
+    dry_run: bool = False
+
+    def __add__(self, other: RetentionReport) -> RetentionReport:
+        return RetentionReport(
+            self.instances + other.instances,
+            self.files + other.files,
+            self.bytes + other.bytes,
+            self.dry_run,
+        )
+
+
+def _expired(cutoff: datetime) -> list[ColumnElement[bool]]:
+    """Conditions of an instance whose files may go: finished long enough, all sent."""
+    unsent = (
+        select(Delivery.id)
+        .where(Delivery.instance_id == Instance.id, Delivery.state != DeliveryState.DELIVERED)
+        .exists()
+    )
+    return [
+        Instance.state.in_(_FINISHED),
+        Instance.files_removed_at.is_(None),
+        Instance.finished_at < cutoff,
+        ~unsent,
+    ]
+
+
+def _files_of(session: Session, ids: list[int]) -> dict[int, list[Path]]:
+    """Spool file and output files of each instance in ``ids``."""
+    files: dict[int, list[Path]] = {i: [] for i in ids}
+    spooled = session.execute(select(Instance.id, Instance.spool_path).where(Instance.id.in_(ids)))
+    for instance_id, spool in spooled:
+        files[instance_id].append(Path(spool))
+    outputs = session.execute(
+        select(Delivery.instance_id, Delivery.path).where(Delivery.instance_id.in_(ids))
+    )
+    for instance_id, path in outputs:
+        if Path(path) not in files[instance_id]:  # SR and SC go to each destination
+            files[instance_id].append(Path(path))
+    return files
+
+
+def _remove(paths: Iterable[Path], marked_at: datetime | None) -> tuple[int, int]:
+    """Unlink ``paths`` not written after ``marked_at``; (files, bytes) removed."""
+    count = size = 0
+    for path in paths:
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            logger.warning("retention: cannot inspect a file (%s)", exc.strerror)
+            continue
+        if marked_at is not None and stat.st_mtime > marked_at.timestamp():
+            continue  # received again after the mark: a new copy, not ours to remove
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            logger.warning("retention: cannot remove a file (%s)", exc.strerror)
+            continue
+        count, size = count + 1, size + stat.st_size
+    return count, size
+
+
+def _sizes(paths: Iterable[Path]) -> tuple[int, int]:
+    count = size = 0
+    for path in paths:
+        try:
+            size += path.stat().st_size
+            count += 1
+        except OSError:
+            continue
+    return count, size
+
+
+def remove_expired_files(
+    database_url: str, *, older_than: timedelta, dry_run: bool = False
+) -> RetentionReport:
+    """Remove the files of instances finished more than ``older_than`` ago, all sent.
+
+    Parameters
+    ----------
+    database_url : str
+        The node's database.
+    older_than : datetime.timedelta
+        How long after an instance finished its files are kept
+        (``BONEAGE_RETENTION_DAYS``).
+    dry_run : bool
+        Report what would be removed; change nothing.
+
+    Returns
+    -------
+    RetentionReport
+        Instances, files and bytes removed (or that would be).
+    """
+    if older_than <= timedelta(0):
+        raise ValueError(f"older_than must be positive, got {older_than}")
+    started = now()
+    cutoff = started - older_than
+    report = RetentionReport(dry_run=dry_run)
+    last_id = 0
+    while True:
+        with session_scope(database_url) as session:
+            ids = list(
+                session.scalars(
+                    select(Instance.id)
+                    .where(Instance.id > last_id, *_expired(cutoff))
+                    .order_by(Instance.id)
+                    .limit(_BATCH)
+                )
+            )
+            if not ids:
+                break
+            last_id = ids[-1]
+            if not dry_run:
+                # Conditional: an instance reprocessed since the select is no longer
+                # finished, and keeps its files.
+                session.execute(
+                    update(Instance)
+                    .where(Instance.id.in_(ids), *_expired(cutoff))
+                    .values(files_removed_at=started)
+                    .execution_options(synchronize_session=False)
+                )
+                ids = list(
+                    session.scalars(
+                        select(Instance.id).where(
+                            Instance.id.in_(ids), Instance.files_removed_at == started
+                        )
+                    )
+                )
+            files = _files_of(session, ids)
+        if dry_run:
+            count, size = _sizes(path for paths in files.values() for path in paths)
+        else:
+            count, size = _remove((p for paths in files.values() for p in paths), started)
+        report = report + RetentionReport(len(ids), count, size, dry_run)
+    if not dry_run:
+        report = report + _sweep(database_url, started)
+    if report.instances or report.files:
+        logger.info(
+            "retention%s: %d instance(s), %d file(s), %.1f MB %s",
+            " (dry run)" if dry_run else "",
+            report.instances,
+            report.files,
+            report.bytes / 1e6,
+            "would be removed" if dry_run else "removed",
+        )
+    return report
+
+
+def _sweep(database_url: str, started: datetime) -> RetentionReport:
+    """Files of recently marked instances that a crash left behind (marked before now)."""
+    with session_scope(database_url) as session:
+        rows = session.execute(
+            select(Instance.id, Instance.files_removed_at).where(
+                and_(
+                    Instance.files_removed_at.is_not(None),
+                    Instance.files_removed_at >= started - _SWEEP_WINDOW,
+                    Instance.files_removed_at < started,
+                )
+            )
+        ).all()
+        marks = {instance_id: marked for instance_id, marked in rows}
+        files = _files_of(session, list(marks))
+    count = size = 0
+    for instance_id, paths in files.items():
+        removed, removed_bytes = _remove(paths, marks[instance_id])
+        count, size = count + removed, size + removed_bytes
+    return RetentionReport(0, count, size)

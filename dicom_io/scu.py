@@ -32,13 +32,20 @@ class SendOutcome:
 
 
 def echo(
-    ae_title: str, host: str, port: int, *, calling_ae_title: str, timeout: float = 10
+    ae_title: str,
+    host: str,
+    port: int,
+    *,
+    calling_ae_title: str,
+    timeout: float = 10,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> bool:
-    """C-ECHO a node; True when it answered Success."""
+    """C-ECHO a node (over TLS with ``ssl_context``); True when it answered Success."""
     ae = AE(ae_title=calling_ae_title)
     ae.add_requested_context(VERIFICATION_SOP_CLASS)
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout
-    assoc = ae.associate(host, port, ae_title=ae_title)
+    tls = (ssl_context, host) if ssl_context is not None else None
+    assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls)
     if not assoc.is_established:
         return False
     try:

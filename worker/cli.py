@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -117,8 +118,6 @@ def _require_schema(settings: Settings) -> None:
 @click.pass_context
 def listen(ctx: click.Context, ae_title: str | None, port: int | None) -> None:
     """Run the DICOM listener (Storage SCP)."""
-    import ssl
-
     from worker.celery_app import configure
     from worker.listener import Listener
     from worker.tls import server_context
@@ -535,15 +534,38 @@ def backfill(
     ctx.exit(1 if report.failures else 0)
 
 
+_TLS_OPTION = click.option(
+    "--tls/--no-tls",
+    default=None,
+    help="DICOM over TLS, with BONEAGE_TLS_* certificates "
+    "(default: as BONEAGE_DESTINATIONS_TLS says).",
+)
+
+
+def _client_tls(settings: Settings, tls: bool | None) -> ssl.SSLContext | None:
+    """The TLS context ``send`` and ``echo`` use, or None for plain TCP."""
+    from worker.tls import client_context
+
+    try:
+        return client_context(settings, enabled=tls)
+    except (OSError, ssl.SSLError) as exc:
+        raise click.ClickException(f"TLS settings unusable: {exc}") from exc
+
+
 @main.command()
 @click.argument(
     "files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
 )
 @click.option("--to", "destination", required=True, help="AE@host:port")
 @click.option("--calling-ae", default=None, help="Our AE title (default BONEAGE_AE_TITLE).")
+@_TLS_OPTION
 @click.pass_context
 def send(
-    ctx: click.Context, files: tuple[Path, ...], destination: str, calling_ae: str | None
+    ctx: click.Context,
+    files: tuple[Path, ...],
+    destination: str,
+    calling_ae: str | None,
+    tls: bool | None,
 ) -> None:
     """C-STORE DICOM files to a node."""
     from dicom_io.scu import SendError, send_files
@@ -561,6 +583,7 @@ def send(
             host=dest.host,
             port=dest.port,
             calling_ae_title=calling_ae or settings.ae_title,
+            ssl_context=_client_tls(settings, tls),
         )
     except SendError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -573,8 +596,9 @@ def send(
 @main.command()
 @click.argument("destination")
 @click.option("--calling-ae", default=None, help="Our AE title (default BONEAGE_AE_TITLE).")
+@_TLS_OPTION
 @click.pass_context
-def echo(ctx: click.Context, destination: str, calling_ae: str | None) -> None:
+def echo(ctx: click.Context, destination: str, calling_ae: str | None, tls: bool | None) -> None:
     """C-ECHO a DICOM node given as AE@host:port (checks a destination or our listener)."""
     from dicom_io.scu import echo as c_echo
     from worker.settings import Destination
@@ -585,7 +609,11 @@ def echo(ctx: click.Context, destination: str, calling_ae: str | None) -> None:
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="DESTINATION") from exc
     if c_echo(
-        dest.ae_title, dest.host, dest.port, calling_ae_title=calling_ae or settings.ae_title
+        dest.ae_title,
+        dest.host,
+        dest.port,
+        calling_ae_title=calling_ae or settings.ae_title,
+        ssl_context=_client_tls(settings, tls),
     ):
         console.print(f"{dest}: C-ECHO succeeded")
     else:

@@ -59,13 +59,14 @@ def server_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
-def client_context(settings: Settings) -> ssl.SSLContext | None:
+def client_context(settings: Settings, *, enabled: bool | None = None) -> ssl.SSLContext | None:
     """The context for deliveries, or None when destinations are plain TCP.
 
     The destination's certificate must chain to the CA file and name the host of
     the destination; our own certificate is presented when one is configured.
+    ``enabled`` overrides ``BONEAGE_DESTINATIONS_TLS`` (``send --tls``, ``echo --tls``).
     """
-    if not settings.destinations_tls:
+    if not (settings.destinations_tls if enabled is None else enabled):
         return None
     context = ssl.create_default_context(
         ssl.Purpose.SERVER_AUTH,

@@ -17,7 +17,7 @@ import pytest
 
 from dicom_io.scu import SendError, send_files
 from tests.conftest import StoreSCP
-from tests.integration.test_end_to_end import Node, base_env
+from tests.integration.test_end_to_end import Node, base_env, cli
 from tests.integration.test_reliability import everything_delivered, make_hands
 from tests.support import dcmtk_tool, free_port, wait_for, wait_for_port
 
@@ -195,6 +195,19 @@ def test_tls_listener_and_tls_deliveries(
             timeout=60,
         )
         assert dcmtk.returncode == 0, dcmtk.stderr
+
+        # The administrator's tools speak TLS too (the node's own certificate as client).
+        target = f"BONEAGE@127.0.0.1:{port}"
+        echoed = cli("echo", target, "--calling-ae", "PACS", env=env)
+        assert echoed.returncode == 0, echoed.stdout + echoed.stderr
+        assert "C-ECHO succeeded" in echoed.stdout
+        plain = cli("echo", target, "--calling-ae", "PACS", "--no-tls", env=env)
+        assert plain.returncode == 1 and "no C-ECHO answer" in plain.stdout
+        sent = cli("send", str(second), "--to", target, "--calling-ae", "PACS", "--tls", env=env)
+        assert sent.returncode == 0 and "0x0000" in sent.stdout, sent.stderr
+        broken = {**env, "BONEAGE_TLS_CA_CERTIFICATES": str(tmp_path / "missing-ca.pem")}
+        unusable = cli("echo", target, "--tls", env=broken)
+        assert unusable.returncode == 1 and "TLS settings unusable" in unusable.stderr
 
         # Both studies' SR and SC reach the TLS-only storescp, which demands our certificate.
         pacs.wait_for_objects(4, timeout=240)

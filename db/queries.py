@@ -47,6 +47,16 @@ def retrying_deliveries(session: Session) -> tuple[int, str | None]:
     return len(rows), (rows[0][0] if rows else None)
 
 
+def spooled(session: Session) -> tuple[int, int]:
+    """Received images still on disk (retention has not removed them): count, bytes."""
+    count, size = session.execute(
+        select(func.count(), func.coalesce(func.sum(Instance.size_bytes), 0)).where(
+            Instance.files_removed_at.is_(None)
+        )
+    ).one()
+    return int(count), int(size)
+
+
 def heartbeats(session: Session) -> list[ProcessBeat]:
     return [
         ProcessBeat(h.name, h.role, h.seen_at, h.started_at, dict(h.detail or {}))

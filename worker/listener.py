@@ -113,7 +113,10 @@ class Listener:
         self.metrics: MetricsServer | None = None
         if settings.metrics_port:
             collector = NodeCollector(
-                url, lambda: queue_depths(celery_app), lambda: dict(self.scp.counters)
+                url,
+                lambda: queue_depths(celery_app),
+                lambda: dict(self.scp.counters),
+                data_dir=settings.data_dir,
             )
             self.metrics = MetricsServer(
                 node_registry(collector), settings.host, settings.metrics_port

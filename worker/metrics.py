@@ -22,6 +22,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
+from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
@@ -38,6 +39,7 @@ from db import queries
 from db.engine import session_scope
 from db.schema import utcnow as now
 from worker.metrics_files import MULTIPROCESS_ENV
+from worker.storage import disk_space
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +74,8 @@ class NodeCollector(Collector):
         Returns messages waiting per queue; raising means the broker is down.
     listener_counters
         The listener's own counters (stored, refused, failed associations' objects).
+    data_dir
+        The data directory (spool, outbox), whose disk space is reported.
     """
 
     def __init__(
@@ -79,10 +83,12 @@ class NodeCollector(Collector):
         database_url: str,
         queue_depths: Callable[[], Mapping[str, int]],
         listener_counters: Callable[[], Mapping[str, int]] | None = None,
+        data_dir: Path | None = None,
     ) -> None:
         self.database_url = database_url
         self.queue_depths = queue_depths
         self.listener_counters = listener_counters
+        self.data_dir = data_dir
 
     def describe(self) -> Iterable[Metric]:
         # No scrape at registration: families are produced only when collected.
@@ -93,8 +99,21 @@ class NodeCollector(Collector):
         up.add_metric([], 1)
         yield up
         yield from self._listener()
+        yield from self._storage()
         yield from self._broker()
         yield from self._database()
+
+    def _storage(self) -> Iterable[Metric]:
+        space = disk_space(self.data_dir) if self.data_dir is not None else None
+        if space is None:
+            return
+        for name, what, amount in (
+            ("boneage_storage_free_bytes", "Free", space.free_bytes),
+            ("boneage_storage_total_bytes", "Size of", space.total_bytes),
+        ):
+            gauge = GaugeMetricFamily(name, f"{what} the disk holding the data directory.")
+            gauge.add_metric([], amount)
+            yield gauge
 
     def _listener(self) -> Iterable[Metric]:
         if self.listener_counters is None:
@@ -133,6 +152,7 @@ class NodeCollector(Collector):
                 reasons = queries.not_assessed_by_reason(session)
                 deliveries = queries.delivery_counts(session)
                 latencies = queries.latencies_since(session, now() - LATENCY_WINDOW)
+                spool_images, spool_bytes = queries.spooled(session)
         except Exception as exc:  # the scrape must answer, saying the database is down
             logger.warning("metrics: database unreachable (%s)", type(exc).__name__)
             database_up.add_metric([], 0)
@@ -161,6 +181,15 @@ class NodeCollector(Collector):
         for state, count in deliveries.items():
             sent.add_metric([state], count)
         yield sent
+        for name, what, amount in (
+            ("boneage_spool_images", "Received images on disk", spool_images),
+            ("boneage_spool_bytes", "Bytes of the received images on disk", spool_bytes),
+        ):
+            gauge = GaugeMetricFamily(
+                name, f"{what} (retention, BONEAGE_RETENTION_DAYS, has not removed them)."
+            )
+            gauge.add_metric([], amount)
+            yield gauge
         for name, what, values in (
             ("boneage_received_to_assessed_seconds", "a result", latencies.to_assessed),
             ("boneage_received_to_delivered_seconds", "the last delivery", latencies.to_delivered),

@@ -16,6 +16,7 @@ from worker.celery_app import app as celery_app
 from worker.celery_app import queue_depths
 from worker.heartbeat import STALE_AFTER
 from worker.settings import Settings
+from worker.storage import disk_space
 
 #: Dead processes are listed for this long, then no longer shown.
 FORGET_AFTER = timedelta(hours=1)
@@ -64,6 +65,15 @@ def collect(settings: Settings) -> dict[str, Any]:
         report["recent_problems"] = [
             {**p, "at": _iso(p["at"])} for p in queries.recent_problems(session)
         ]
+        spool_instances, spool_bytes = queries.spooled(session)
+    space = disk_space(settings.data_dir)
+    report["storage"] = {
+        "free_bytes": space.free_bytes if space else None,
+        "total_bytes": space.total_bytes if space else None,
+        "spool_instances": spool_instances,
+        "spool_bytes": spool_bytes,
+        "retention_days": settings.retention_days,
+    }
 
     processes = []
     for beat in beats:
@@ -96,6 +106,12 @@ def collect(settings: Settings) -> dict[str, Any]:
         )
     if not settings.destinations:
         problems.append("no destinations configured (BONEAGE_DESTINATIONS): results are not sent")
+    if space is not None and space.low:
+        problems.append(
+            f"the data directory's disk has {space.free_bytes / 2**30:.1f} GiB free of "
+            f"{space.total_bytes / 2**30:.1f}: when it is full the listener refuses images "
+            "(0xA700); add space or lower BONEAGE_RETENTION_DAYS"
+        )
     report["healthy"] = not problems
     return report
 
@@ -151,6 +167,19 @@ def render(report: dict[str, Any], console: Console) -> None:
             f"p95 {_seconds(hour['processing_p95_s'])}; "
             f"received→delivered p50 {_seconds(hour['delivered_p50_s'])} "
             f"p95 {_seconds(hour['delivered_p95_s'])}"
+        )
+    storage = report.get("storage")
+    if storage:
+        free, total = storage["free_bytes"], storage["total_bytes"]
+        disk = f"{free / 2**30:.1f} GiB free of {total / 2**30:.1f}" if total else "unknown"
+        kept = (
+            f"kept {storage['retention_days']:g} days after delivery"
+            if storage["retention_days"]
+            else "kept for ever"
+        )
+        parts.append(
+            f"storage: {disk}; {storage['spool_instances']} received images on disk "
+            f"({storage['spool_bytes'] / 1e9:.2f} GB), {kept}"
         )
     if report.get("recent_problems"):
         recent = Table(title="recent problems", expand=True)

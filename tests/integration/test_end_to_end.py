@@ -92,6 +92,17 @@ def make_inputs(tmp_path: Path, env: dict[str, str]) -> tuple[Path, Path]:
     return hand, ct
 
 
+def spooled_bytes(data_dir: Path) -> int:
+    """Bytes of the received files in the spool (temporary files of unfinished C-STOREs
+    left out)."""
+    spool = data_dir / "spool"
+    return sum(
+        p.stat().st_size
+        for p in spool.rglob("*.dcm")
+        if ".incoming" not in p.relative_to(spool).parts
+    )
+
+
 def storescu(port: int, *files: Path) -> None:
     result = subprocess.run(
         [
@@ -154,6 +165,12 @@ def check_round_trip(
     assert all(p["torch_threads"] == threads for p in inference)
     assert all(p["heap_keeps_large_blocks"] for p in inference)  # glibc here
     assert any("CT Image Storage" in (p["reason"] or "") for p in status["recent_problems"])
+    storage = status["storage"]
+    assert storage["spool_instances"] == 2 and storage["retention_days"] == 30
+    assert storage["spool_bytes"] == spooled_bytes(Path(node.env["BONEAGE_DATA_DIR"]))
+    assert 0 < storage["free_bytes"] <= storage["total_bytes"]
+    shown = cli("status", env=node.env)
+    assert "received images on disk" in shown.stdout, shown.stdout
 
 
 def _all_delivered(database_url: str) -> bool:

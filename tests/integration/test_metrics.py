@@ -22,6 +22,7 @@ from tests.integration.test_end_to_end import (
     _all_delivered,
     base_env,
     make_inputs,
+    spooled_bytes,
     storescu,
 )
 from tests.support import free_port, wait_for, wait_for_port
@@ -110,6 +111,10 @@ def test_metrics_of_a_running_node(
             node_metrics, "boneage_received_to_assessed_seconds_bucket", le="+Inf"
         ) == value(node_metrics, "boneage_received_to_assessed_seconds_count")
         assert value(node_metrics, "boneage_received_to_delivered_seconds_count") >= 1
+        assert value(node_metrics, "boneage_spool_images") == 2
+        assert value(node_metrics, "boneage_spool_bytes") == spooled_bytes(tmp_path / "data")
+        free = value(node_metrics, "boneage_storage_free_bytes")
+        assert 0 < free <= value(node_metrics, "boneage_storage_total_bytes")
         # Labels are categories, never text from an image.
         reasons = {
             dict(labels)["reason"] for name, labels in node_metrics if "reason" in dict(labels)

@@ -1,0 +1,43 @@
+"""Space left where the node keeps received images and its outputs."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["LOW_FREE_BYTES", "LOW_FREE_FRACTION", "DiskSpace", "disk_space"]
+
+#: Below either, `status` calls the node unhealthy: a full disk makes the listener
+#: answer 0xA700 (Out of Resources) to every C-STORE, so the PACS queues and retries.
+LOW_FREE_BYTES = 2 << 30
+LOW_FREE_FRACTION = 0.05
+
+
+@dataclass(frozen=True)
+class DiskSpace:
+    """The file system holding a directory."""
+
+    total_bytes: int
+    free_bytes: int
+
+    @property
+    def low(self) -> bool:
+        """Less than :data:`LOW_FREE_BYTES` or :data:`LOW_FREE_FRACTION` left."""
+        return self.free_bytes < LOW_FREE_BYTES or (
+            self.total_bytes > 0 and self.free_bytes < LOW_FREE_FRACTION * self.total_bytes
+        )
+
+
+def disk_space(directory: Path) -> DiskSpace | None:
+    """Space of the file system holding ``directory`` (or its nearest existing parent).
+
+    Returns None when not even a parent can be inspected.
+    """
+    for candidate in (directory, *directory.parents):
+        try:
+            usage = shutil.disk_usage(candidate)
+        except OSError:
+            continue
+        return DiskSpace(total_bytes=usage.total, free_bytes=usage.free)
+    return None

@@ -186,6 +186,65 @@ def test_prefork_child_killed_mid_inference_its_image_is_assessed_once(
     assert running.worker.poll() is None  # the worker lives on with a new child
 
 
+def test_prefork_main_process_killed_nothing_lost_or_done_twice(
+    tmp_path: Path, storescp: StoreSCP, redis_broker: tuple[str, str], nodes: list[Node]
+) -> None:
+    # SIGKILL of the inference worker's main process (an OOM kill, say) while a child is
+    # in the middle of an image: the orphaned children finish what they hold or die
+    # with it; the messages the main process had reserved are gone with it (Redis would
+    # return them only after its visibility timeout, hours later), so the reconciler
+    # queues those images again once they have waited BONEAGE_REQUEUE_AFTER_SECONDS
+    # (here 5 s instead of 300) with the queue empty. Every image is assessed and
+    # delivered once, and no orphan stays behind.
+    running = start_with_four_hands(
+        tmp_path,
+        storescp,
+        redis_broker,
+        nodes,
+        BONEAGE_DEVICE="cpu",
+        BONEAGE_INFERENCE_PROCESSES="2",
+        BONEAGE_RECONCILE_INTERVAL_SECONDS="1",
+        BONEAGE_REQUEUE_AFTER_SECONDS="5",
+    )
+
+    def claimed() -> list[int]:
+        with session_scope(running.database_url) as session:
+            rows = session.scalars(
+                select(Instance).where(Instance.state == InstanceState.PROCESSING)
+            )
+            return [int(i.claimed_by.rsplit(":", 1)[1]) for i in rows if i.claimed_by]
+
+    children = wait_for(
+        claimed, timeout=180, interval=0.02, what="an image being processed", process=running.worker
+    )
+    assert running.worker.pid not in children  # the work happens in prefork children
+    running.worker.send_signal(signal.SIGKILL)
+    running.worker.wait(30)
+    running.node.start("inference-2", "work", "-Q", "inference")
+
+    wait_for(
+        lambda: everything_delivered(running.database_url, 4),
+        timeout=300,
+        what="all results delivered",
+    )
+    with session_scope(running.database_url) as session:
+        results = list(session.scalars(select(Result)))
+        assert sorted(r.instance_id for r in results) == sorted(states(running.database_url))
+    assert len(set(received_sop_uids(storescp))) == 8  # one SR and one SC per image
+
+    def orphans_left() -> bool:
+        for pid in children:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                continue
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                return True
+        return False
+
+    wait_for(lambda: not orphans_left(), timeout=60, what="the orphaned children to exit")
+
+
 def test_broker_outage_keeps_acknowledging_then_catches_up(
     tmp_path: Path, storescp: StoreSCP, tiny_checkpoint: Path, nodes: list[Node]
 ) -> None:

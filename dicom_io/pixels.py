@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -190,7 +190,7 @@ def _affordable_halvings(
     limit: int,
     min_short_side: int,
     min_long_side: int,
-    reduced: Any,
+    reduced: Callable[[int, int], int],
 ) -> int:
     """Largest ``r <= limit`` whose ``reduced(side, 2**r)`` sides still suffice."""
     rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import ssl
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -89,11 +90,13 @@ def _associate(
     calling_ae_title: str,
     context: str,
     timeout: float,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> Association:
     ae = AE(ae_title=calling_ae_title)
     ae.add_requested_context(context)
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout
-    assoc = ae.associate(host, port, ae_title=ae_title)
+    tls = (ssl_context, host) if ssl_context is not None else None
+    assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls)
     if not assoc.is_established:
         reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
         raise QueryError(f"association with {ae_title}@{host}:{port} failed: {reason}")
@@ -108,6 +111,7 @@ def _find(
     port: int,
     calling_ae_title: str,
     timeout: float,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> Iterator[Dataset]:
     assoc = _associate(
         ae_title,
@@ -116,6 +120,7 @@ def _find(
         calling_ae_title=calling_ae_title,
         context=StudyRootQueryRetrieveInformationModelFind,
         timeout=timeout,
+        ssl_context=ssl_context,
     )
     try:
         for status, answer in assoc.send_c_find(
@@ -148,6 +153,7 @@ def find_studies(
     until: dt.date | None = None,
     modalities: Sequence[str] = ("CR", "DX"),
     timeout: float = 60,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> list[StudyMatch]:
     """Studies with one of ``modalities`` and a StudyDate in ``[since, until]``.
 
@@ -181,6 +187,7 @@ def find_studies(
             port=port,
             calling_ae_title=calling_ae_title,
             timeout=timeout,
+            ssl_context=ssl_context,
         ):
             uid = _text(answer, "StudyInstanceUID")
             raw = answer.get("ModalitiesInStudy", "") or ""
@@ -200,6 +207,7 @@ def find_series(
     port: int,
     calling_ae_title: str,
     timeout: float = 60,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> list[SeriesMatch]:
     """Every series of a study, with Modality, BodyPartExamined and instance count.
 
@@ -222,6 +230,7 @@ def find_series(
         port=port,
         calling_ae_title=calling_ae_title,
         timeout=timeout,
+        ssl_context=ssl_context,
     ):
         uid = _text(answer, "SeriesInstanceUID")
         if not uid:
@@ -249,6 +258,7 @@ def move_series(
     calling_ae_title: str,
     move_destination: str,
     timeout: float = 600,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> MoveOutcome:
     """Ask the peer to C-STORE one series to ``move_destination`` (an AE title it knows).
 
@@ -267,6 +277,7 @@ def move_series(
         calling_ae_title=calling_ae_title,
         context=StudyRootQueryRetrieveInformationModelMove,
         timeout=timeout,
+        ssl_context=ssl_context,
     )
     # Study Root, SERIES level: the unique keys down to the series
     query = Dataset()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import re
+import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -65,6 +66,7 @@ def plan_backfill(
     until: dt.date | None = None,
     modalities: Sequence[str] = ("CR", "DX"),
     on_study: StepFn | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> BackfillPlan:
     """Find the studies in the range and the series of each that a backfill would move.
 
@@ -81,6 +83,7 @@ def plan_backfill(
         since=since,
         until=until,
         modalities=modalities,
+        ssl_context=ssl_context,
     )
     logger.info("backfill: %d studies from %s match", len(studies), peer)
     chosen: list[qr.SeriesMatch] = []
@@ -94,6 +97,7 @@ def plan_backfill(
                 host=peer.host,
                 port=peer.port,
                 calling_ae_title=calling_ae_title,
+                ssl_context=ssl_context,
             )
         except qr.QueryError as exc:
             logger.warning("backfill: series of study %s not listed: %s", tag, exc)
@@ -112,6 +116,7 @@ def run_backfill(
     calling_ae_title: str,
     move_destination: str,
     on_series: StepFn | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> BackfillReport:
     """C-MOVE every series of ``plan`` to ``move_destination``; one failure stops no other."""
     report = BackfillReport(
@@ -130,6 +135,7 @@ def run_backfill(
                 port=peer.port,
                 calling_ae_title=calling_ae_title,
                 move_destination=move_destination,
+                ssl_context=ssl_context,
             )
         except qr.QueryError as exc:
             logger.warning("backfill: series %s not moved: %s", tag, exc)

@@ -112,6 +112,24 @@ def _require_schema(settings: Settings) -> None:
 # -- service processes --------------------------------------------------------
 
 
+_TLS_OPTION = click.option(
+    "--tls/--no-tls",
+    default=None,
+    help="DICOM over TLS, with BONEAGE_TLS_* certificates "
+    "(default: as BONEAGE_DESTINATIONS_TLS says).",
+)
+
+
+def _client_tls(settings: Settings, tls: bool | None) -> ssl.SSLContext | None:
+    """The TLS context ``send`` and ``echo`` use, or None for plain TCP."""
+    from worker.tls import client_context
+
+    try:
+        return client_context(settings, enabled=tls)
+    except (OSError, ssl.SSLError) as exc:
+        raise click.ClickException(f"TLS settings unusable: {exc}") from exc
+
+
 @main.command()
 @click.option("--ae-title", help="BONEAGE_AE_TITLE")
 @click.option("--port", type=int, help="BONEAGE_PORT")
@@ -444,6 +462,7 @@ def retention(ctx: click.Context, dry_run: bool, days: float | None) -> None:
 @click.option("--until", type=click.DateTime(["%Y-%m-%d"]), help="Last study date (inclusive).")
 @click.option("--modality", default="CR,DX", show_default=True, help="Comma-separated.")
 @click.option("--dry-run", is_flag=True, help="List what would be moved; move nothing.")
+@_TLS_OPTION
 @click.pass_context
 def backfill(
     ctx: click.Context,
@@ -452,6 +471,7 @@ def backfill(
     until: Any,
     modality: str,
     dry_run: bool,
+    tls: bool | None,
 ) -> None:
     """Have a PACS send the hand radiographs it already holds (C-FIND, then C-MOVE to us).
 
@@ -477,6 +497,7 @@ def backfill(
     first, last = since.date(), until.date() if until else None
     if last is not None and last < first:
         raise click.BadParameter("--until is before --since", param_hint="--until")
+    ssl_context = _client_tls(settings, tls)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     try:
         with Progress(*columns, console=console, transient=True) as progress:
@@ -488,6 +509,7 @@ def backfill(
                 until=last,
                 modalities=modalities,
                 on_study=lambda _tag: progress.advance(task),
+                ssl_context=ssl_context,
             )
     except QueryError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -523,6 +545,7 @@ def backfill(
             calling_ae_title=settings.ae_title,
             move_destination=settings.ae_title,
             on_series=lambda _tag: progress.advance(task),
+            ssl_context=ssl_context,
         )
     console.print(
         f"studies found: {report.studies_found}, series matched: {report.series_matched}, "
@@ -532,24 +555,6 @@ def backfill(
     for failure in report.failures:
         console.print(f"  [red]{failure}[/]")
     ctx.exit(1 if report.failures else 0)
-
-
-_TLS_OPTION = click.option(
-    "--tls/--no-tls",
-    default=None,
-    help="DICOM over TLS, with BONEAGE_TLS_* certificates "
-    "(default: as BONEAGE_DESTINATIONS_TLS says).",
-)
-
-
-def _client_tls(settings: Settings, tls: bool | None) -> ssl.SSLContext | None:
-    """The TLS context ``send`` and ``echo`` use, or None for plain TCP."""
-    from worker.tls import client_context
-
-    try:
-        return client_context(settings, enabled=tls)
-    except (OSError, ssl.SSLError) as exc:
-        raise click.ClickException(f"TLS settings unusable: {exc}") from exc
 
 
 @main.command()

@@ -28,6 +28,7 @@ from dicom_io.qr import SeriesMatch
 from dicom_io.synthetic import make_radiograph_dataset
 from models.phantoms import make_phantom
 from tests.integration.test_end_to_end import Node, cli
+from tests.integration.test_security import Certificates
 from tests.orthanc import OrthancServer, require_orthanc
 from tests.support import free_port, wait_for, wait_for_port
 from worker.backfill import is_candidate
@@ -180,6 +181,95 @@ def test_backfill_moves_only_the_matching_study(stack: Stack) -> None:
     assert {ComprehensiveSRStorage, SecondaryCaptureImageStorage} <= in_study
     for other in ("late hand", "chest"):
         assert len(stack.orthanc.study_instances(stack.orthanc_ids[other])) == 1
+
+
+class TLSQueryableOrthanc(QueryableOrthanc):
+    """The same, serving and calling DICOM over TLS only, with certificates of a test CA."""
+
+    def __init__(self, folder: Path, certificates: Certificates, **kwargs: Any) -> None:
+        super().__init__(folder, **kwargs)
+        self.certificates = certificates
+
+    def config(self) -> dict[str, Any]:
+        config = super().config()
+        certificate, key = self.certificates.node  # names 127.0.0.1, as the node checks
+        config.update(
+            DicomTlsEnabled=True,
+            DicomTlsCertificate=str(certificate),
+            DicomTlsPrivateKey=str(key),
+            DicomTlsTrustedCertificates=str(self.certificates.ca),
+            DicomTlsRemoteCertificateRequired=True,
+        )
+        # its C-STOREs of a C-MOVE to BONEAGE go over TLS too
+        config["DicomModalities"]["BONEAGE"]["UseDicomTls"] = True
+        return config
+
+
+def test_backfill_over_tls(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """A PACS that speaks only TLS: query, move to our TLS listener, results back over TLS."""
+    require_orthanc()
+    certificates = Certificates(tmp_path / "pki")
+    port = free_port()
+    orthanc = TLSQueryableOrthanc(
+        tmp_path / "orthanc",
+        certificates,
+        boneage=(BONEAGE_AE, "127.0.0.1", port),
+        ae_title=ORTHANC_AE,
+    )
+    certificate, key = certificates.node
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BONEAGE_")}
+    env.update(
+        BONEAGE_DATA_DIR=str(tmp_path / "data"),
+        BONEAGE_AE_TITLE=BONEAGE_AE,
+        BONEAGE_PORT=str(port),
+        BONEAGE_DESTINATIONS=orthanc.destination,
+        BONEAGE_ALLOWED_AETS=f"{ORTHANC_AE}@127.0.0.1",
+        BONEAGE_MODEL=str(tiny_checkpoint),
+        BONEAGE_TLS_CERTIFICATE=str(certificate),
+        BONEAGE_TLS_PRIVATE_KEY=str(key),
+        BONEAGE_TLS_CA_CERTIFICATES=str(certificates.ca),
+        BONEAGE_TLS_REQUIRE_CLIENT_CERTIFICATE="true",
+        BONEAGE_DESTINATIONS_TLS="true",
+    )
+    node = Node(tmp_path, env)
+    database_url = f"sqlite:///{tmp_path / 'data' / 'boneage.db'}"
+    try:
+        orthanc.start()
+        hand = tmp_path / "hand.dcm"
+        study = write_study(hand, study_date=IN_RANGE, body_part="HAND", seed=7)
+        orthanc_study = orthanc.upload(hand)["ParentStudy"]
+        serve = node.start("serve", "serve")
+        wait_for_port(port, timeout=120, process=serve)
+        arguments = ("--from", orthanc.destination, "--since", "2026-01-01")
+
+        plain = cli("backfill", *arguments, "--no-tls", env=env)
+        assert plain.returncode != 0  # the PACS refuses plain TCP
+        assert "association with ORTHANC" in plain.stdout + plain.stderr
+
+        moved = cli("backfill", *arguments, env=env)  # TLS, as BONEAGE_DESTINATIONS_TLS says
+        output = " ".join((moved.stdout + moved.stderr).split())
+        assert moved.returncode == 0, f"{output}\n{orthanc.log_tail()}"
+        assert "series moved: 1 (1 instances)" in output
+
+        def delivered() -> bool:
+            with session_scope(database_url) as session:
+                states = [d.state for d in session.scalars(select(Delivery))]
+            return len(states) == 2 and all(s is DeliveryState.DELIVERED for s in states)
+
+        try:
+            wait_for(delivered, timeout=240, what="the SR and SC delivered over TLS")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{node.log_text()[-6000:]}") from None
+        [row] = instances(database_url)
+        assert row.study_instance_uid == study and row.state is InstanceState.ASSESSED
+        in_study = {
+            orthanc.tags(item["ID"])["SOPClassUID"]
+            for item in orthanc.study_instances(orthanc_study)
+        }
+        assert {ComprehensiveSRStorage, SecondaryCaptureImageStorage} <= in_study
+    finally:
+        node.stop()
+        orthanc.stop()
 
 
 @pytest.mark.parametrize(

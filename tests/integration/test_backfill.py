@@ -75,6 +75,20 @@ def write_study(path: Path, *, study_date: dt.date, body_part: str, seed: int) -
     return str(ds.StudyInstanceUID)
 
 
+def node_env(folder: Path, port: int, orthanc: OrthancServer, checkpoint: Path) -> dict[str, str]:
+    """The node's environment: listening on ``port``, accepting and answering Orthanc."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BONEAGE_")}
+    env.update(
+        BONEAGE_DATA_DIR=str(folder / "data"),
+        BONEAGE_AE_TITLE=BONEAGE_AE,
+        BONEAGE_PORT=str(port),
+        BONEAGE_DESTINATIONS=orthanc.destination,
+        BONEAGE_ALLOWED_AETS=f"{ORTHANC_AE}@127.0.0.1",
+        BONEAGE_MODEL=str(checkpoint),
+    )
+    return env
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Iterator[Stack]:
     require_orthanc()
@@ -83,15 +97,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> It
     orthanc = QueryableOrthanc(
         folder / "orthanc", boneage=(BONEAGE_AE, "127.0.0.1", port), ae_title=ORTHANC_AE
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BONEAGE_")}
-    env.update(
-        BONEAGE_DATA_DIR=str(folder / "data"),
-        BONEAGE_AE_TITLE=BONEAGE_AE,
-        BONEAGE_PORT=str(port),
-        BONEAGE_DESTINATIONS=orthanc.destination,
-        BONEAGE_ALLOWED_AETS=f"{ORTHANC_AE}@127.0.0.1",
-        BONEAGE_MODEL=str(tiny_checkpoint),
-    )
+    env = node_env(folder, port, orthanc, tiny_checkpoint)
     node = Node(folder, env)
     try:
         orthanc.start()
@@ -217,14 +223,8 @@ def test_backfill_over_tls(tmp_path: Path, tiny_checkpoint: Path) -> None:
         ae_title=ORTHANC_AE,
     )
     certificate, key = certificates.node
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BONEAGE_")}
+    env = node_env(tmp_path, port, orthanc, tiny_checkpoint)
     env.update(
-        BONEAGE_DATA_DIR=str(tmp_path / "data"),
-        BONEAGE_AE_TITLE=BONEAGE_AE,
-        BONEAGE_PORT=str(port),
-        BONEAGE_DESTINATIONS=orthanc.destination,
-        BONEAGE_ALLOWED_AETS=f"{ORTHANC_AE}@127.0.0.1",
-        BONEAGE_MODEL=str(tiny_checkpoint),
         BONEAGE_TLS_CERTIFICATE=str(certificate),
         BONEAGE_TLS_PRIVATE_KEY=str(key),
         BONEAGE_TLS_CA_CERTIFICATES=str(certificates.ca),

@@ -104,6 +104,29 @@ def start_with_four_hands(
     return Running(node, worker, database_url)
 
 
+def being_processed(running: Running) -> list[tuple[int, int]]:
+    """(instance id, pid of the process holding it) for every image being processed.
+
+    Waits (up to 3 minutes) until there is one: the test may kill that process.
+    """
+
+    def claimed() -> list[tuple[int, int]]:
+        with session_scope(running.database_url) as session:
+            rows = session.scalars(
+                select(Instance).where(Instance.state == InstanceState.PROCESSING)
+            )
+            # claimed_by is the heartbeat name, "<role>@<host>:<pid>"
+            return [(i.id, int(i.claimed_by.rsplit(":", 1)[1])) for i in rows if i.claimed_by]
+
+    return wait_for(
+        claimed,
+        timeout=180,
+        interval=0.02,
+        what="an instance being processed",
+        process=running.worker,
+    )
+
+
 def assert_each_assessed_once(running: Running, storescp: StoreSCP, killed: int) -> None:
     wait_for(
         lambda: everything_delivered(running.database_url, 4),
@@ -165,21 +188,7 @@ def test_prefork_child_killed_mid_inference_its_image_is_assessed_once(
         BONEAGE_INFERENCE_PROCESSES="2",
     )
 
-    def claimed() -> list[tuple[int, str]]:
-        with session_scope(running.database_url) as session:
-            rows = session.scalars(
-                select(Instance).where(Instance.state == InstanceState.PROCESSING)
-            )
-            return [(i.id, i.claimed_by) for i in rows if i.claimed_by]
-
-    [(killed, owner), *_] = wait_for(
-        claimed,
-        timeout=180,
-        interval=0.02,
-        what="an instance being processed",
-        process=running.worker,
-    )
-    child = int(owner.rsplit(":", 1)[1])
+    [(killed, child), *_] = being_processed(running)
     assert child != running.worker.pid  # a prefork child, not the worker's main process
     os.kill(child, signal.SIGKILL)
     assert_each_assessed_once(running, storescp, killed)
@@ -207,16 +216,7 @@ def test_prefork_main_process_killed_nothing_lost_or_done_twice(
         BONEAGE_REQUEUE_AFTER_SECONDS="5",
     )
 
-    def claimed() -> list[int]:
-        with session_scope(running.database_url) as session:
-            rows = session.scalars(
-                select(Instance).where(Instance.state == InstanceState.PROCESSING)
-            )
-            return [int(i.claimed_by.rsplit(":", 1)[1]) for i in rows if i.claimed_by]
-
-    children = wait_for(
-        claimed, timeout=180, interval=0.02, what="an image being processed", process=running.worker
-    )
+    children = [pid for _, pid in being_processed(running)]
     assert running.worker.pid not in children  # the work happens in prefork children
     running.worker.send_signal(signal.SIGKILL)
     running.worker.wait(30)

@@ -14,8 +14,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from pydicom import Dataset
-from pynetdicom import AE
 from pynetdicom.association import Association
+
+from dicom_io.scu import open_association
 
 __all__ = [
     "MoveOutcome",
@@ -92,15 +93,16 @@ def _associate(
     timeout: float,
     ssl_context: ssl.SSLContext | None = None,
 ) -> Association:
-    ae = AE(ae_title=calling_ae_title)
-    ae.add_requested_context(context)
-    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout
-    tls = (ssl_context, host) if ssl_context is not None else None
-    assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls)
-    if not assoc.is_established:
-        reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
-        raise QueryError(f"association with {ae_title}@{host}:{port} failed: {reason}")
-    return assoc
+    return open_association(
+        ae_title,
+        host,
+        port,
+        calling_ae_title=calling_ae_title,
+        contexts=[(context, None)],
+        timeout=timeout,
+        ssl_context=ssl_context,
+        error=QueryError,
+    )
 
 
 def _find(

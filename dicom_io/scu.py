@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pynetdicom import AE
+from pynetdicom.association import Association
 
 from dicom_io.scp import VERIFICATION_SOP_CLASS
 
@@ -31,6 +32,41 @@ class SendOutcome:
         return self.status == 0x0000 or (self.status & 0xF000) == 0xB000
 
 
+def open_association(
+    ae_title: str,
+    host: str,
+    port: int,
+    *,
+    calling_ae_title: str,
+    contexts: Sequence[tuple[str, Sequence[str] | None]],
+    timeout: float,
+    ssl_context: ssl.SSLContext | None = None,
+    error: type[Exception] = SendError,
+) -> Association:
+    """An established association as ``calling_ae_title``, over TLS with ``ssl_context``.
+
+    Parameters
+    ----------
+    contexts
+        ``(abstract syntax, transfer syntaxes or None for pynetdicom's defaults)`` to
+        propose.
+    timeout
+        ACSE, network and DIMSE timeout in seconds.
+    error
+        The exception raised, with the reason, when no association is made.
+    """
+    ae = AE(ae_title=calling_ae_title)
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout
+    for abstract, syntaxes in contexts:
+        ae.add_requested_context(abstract, list(syntaxes) if syntaxes is not None else None)
+    tls = (ssl_context, host) if ssl_context is not None else None
+    assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls)
+    if not assoc.is_established:
+        reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
+        raise error(f"association with {ae_title}@{host}:{port} failed: {reason}")
+    return assoc
+
+
 def echo(
     ae_title: str,
     host: str,
@@ -41,12 +77,17 @@ def echo(
     ssl_context: ssl.SSLContext | None = None,
 ) -> bool:
     """C-ECHO a node (over TLS with ``ssl_context``); True when it answered Success."""
-    ae = AE(ae_title=calling_ae_title)
-    ae.add_requested_context(VERIFICATION_SOP_CLASS)
-    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout
-    tls = (ssl_context, host) if ssl_context is not None else None
-    assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls)
-    if not assoc.is_established:
+    try:
+        assoc = open_association(
+            ae_title,
+            host,
+            port,
+            calling_ae_title=calling_ae_title,
+            contexts=[(VERIFICATION_SOP_CLASS, None)],
+            timeout=timeout,
+            ssl_context=ssl_context,
+        )
+    except SendError:
         return False
     try:
         status = assoc.send_c_echo()
@@ -87,17 +128,16 @@ def send_files(
         When no association could be made, or it broke before every file was sent.
     """
     datasets = [dcmread(p) for p in paths]
-    ae = AE(ae_title=calling_ae_title)
-    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout
-    for syntax_pair in sorted(
-        {(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets}
-    ):
-        ae.add_requested_context(syntax_pair[0], [syntax_pair[1]])
-    tls = (ssl_context, host) if ssl_context is not None else None
-    assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls)
-    if not assoc.is_established:
-        reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
-        raise SendError(f"association with {ae_title}@{host}:{port} failed: {reason}")
+    pairs = sorted({(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets})
+    assoc = open_association(
+        ae_title,
+        host,
+        port,
+        calling_ae_title=calling_ae_title,
+        contexts=[(sop_class, [syntax]) for sop_class, syntax in pairs],
+        timeout=timeout,
+        ssl_context=ssl_context,
+    )
     outcomes: list[SendOutcome] = []
     try:
         for path, ds in zip(paths, datasets, strict=True):

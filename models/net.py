@@ -8,12 +8,14 @@ Grad-CAM from the head alone.
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Literal
 
 import torch
 import torchvision
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +126,56 @@ class BoneAgeNet(nn.Module):
             z-scored bone age, shape ``(N,)``.
         """
         return self.head(self.features(x).mean(dim=(2, 3)), male)
+
+
+def _conv_bn_pairs(model: BoneAgeNet) -> list[tuple[nn.Module, str, str]]:
+    """``(owner, conv attribute, batch-norm attribute)`` for every BN that follows a conv."""
+    pairs: list[tuple[nn.Module, str, str]] = [(model, "conv1", "bn1")]
+    for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+        for block in layer:
+            for i in (1, 2, 3):  # BasicBlock has two conv/bn pairs, Bottleneck three
+                if hasattr(block, f"conv{i}"):
+                    pairs.append((block, f"conv{i}", f"bn{i}"))
+            if block.downsample is not None:
+                pairs.append((block.downsample, "0", "1"))
+    return pairs
+
+
+def fold_batch_norm(model: BoneAgeNet) -> BoneAgeNet:
+    """An inference copy of ``model`` with every batch norm folded into its convolution.
+
+    In eval mode a batch norm is a fixed per-channel affine map, so it can be absorbed
+    into the weights and a bias of the convolution before it: the trunk then makes one
+    pass over each activation instead of two (with channels-last memory, about 1.1-1.2x
+    faster on a CPU). Outputs and ``layer4`` maps (hence Grad-CAM) are the same up to
+    float rounding.
+
+    Parameters
+    ----------
+    model : BoneAgeNet
+        The model, in eval mode (the fold uses the running statistics). It is not changed.
+
+    Returns
+    -------
+    BoneAgeNet
+        A new module in eval mode, with ``nn.Identity`` where the batch norms were. It is
+        for inference only: training it would no longer normalise.
+
+    Raises
+    ------
+    ValueError
+        If ``model`` is in training mode.
+    """
+    if model.training:
+        raise ValueError("fold_batch_norm needs a model in eval mode (model.eval())")
+    folded = copy.deepcopy(model)
+    for owner, conv_name, bn_name in _conv_bn_pairs(folded):
+        conv, bn = getattr(owner, conv_name), getattr(owner, bn_name)
+        if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
+            raise TypeError(f"expected Conv2d + BatchNorm2d, got {type(conv)} + {type(bn)}")
+        setattr(owner, conv_name, fuse_conv_bn_eval(conv, bn))
+        setattr(owner, bn_name, nn.Identity())
+    return folded.eval()
 
 
 def _load_imagenet_trunk(model: BoneAgeNet) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -13,6 +14,7 @@ import torch
 
 from models.checkpoint import CheckpointMeta, LoadedModel
 from models.gradcam import predict_with_cam
+from models.net import fold_batch_norm
 from models.preprocess import CropBox, Prepared, cam_to_image, prepare
 
 logger = logging.getLogger(__name__)
@@ -159,16 +161,19 @@ class BoneAgePredictor:
 
     Notes
     -----
-    On CUDA the trunk runs channels-last under float16 autocast; the head and the Grad-CAM
-    weights are computed in float32.
+    The predictor runs an inference copy of the model: batch norms folded into the
+    convolutions (:func:`~models.net.fold_batch_norm`) and channels-last memory, on every
+    device; results equal the checkpoint's model up to float rounding. On CUDA the trunk
+    also runs under float16 autocast; the head and the Grad-CAM weights are computed in
+    float32. ``loaded.model`` itself is left as it was.
     """
 
     def __init__(self, loaded: LoadedModel, *, device: str = "auto") -> None:
-        self._loaded = loaded
         self._device = resolve_device(device)
-        self._model = loaded.model.to(self._device).eval()
-        if self._device.type == "cuda":
-            self._model = self._model.to(memory_format=torch.channels_last)
+        model = fold_batch_norm(loaded.model).to(self._device)
+        self._model = model.to(memory_format=torch.channels_last)
+        # Keep the metadata and id, not the caller's module: one copy of the weights.
+        self._loaded = dataclasses.replace(loaded, model=self._model)
         logger.info(
             "predictor ready: %s, model id %s, trained=%s, device %s",
             loaded.meta.arch,
@@ -277,8 +282,8 @@ class BoneAgePredictor:
             raise ValueError("prepared must hold one entry per image")
         x = torch.stack([p.tensor for p in preps]).to(self._device, non_blocking=True)
         sex = torch.tensor([1.0 if m else 0.0 for m in males], device=self._device)
+        x = x.contiguous(memory_format=torch.channels_last)
         if self._device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.float16):
                 z, cams = predict_with_cam(self._model, x, sex)
         else:

@@ -72,7 +72,6 @@ from db.schema import Delivery, DeliveryState, Instance, InstanceState, ObjectKi
 from dicom_io.synthetic import make_radiograph_dataset
 from models.checkpoint import untrained_model
 from models.phantoms import make_phantom
-from models.predictor import BoneAgePredictor
 from tests.bench import heap_as_in_workers
 from tests.conftest import POSTGRES_ADMIN_URL, REDIS_URL, StoreSCP
 from tests.support import dcmtk_tool, free_port, wait_for, wait_for_port
@@ -134,14 +133,13 @@ PASSED_THROUGH = ("BONEAGE_INFERENCE_PROCESSES", "BONEAGE_TORCH_THREADS")
 
 
 class Forward:
-    """The same model the workers load, run bare: batch 1, inference mode, CPU."""
+    """The model the workers load, run bare: batch 1, inference mode, CPU."""
 
     def __init__(self) -> None:
         torch.manual_seed(0)
-        predictor = BoneAgePredictor(
-            untrained_model(arch=ARCH, input_size=INPUT_SIZE), device="cpu"
-        )
-        self.model = predictor._model  # the very module the predictor runs
+        # The model as built (batch norms, NCHW memory): the bare forward pass. The
+        # workers run a folded, channels-last copy of it (BoneAgePredictor).
+        self.model = untrained_model(arch=ARCH, input_size=INPUT_SIZE).model
         self.x = torch.randn(1, 1, INPUT_SIZE, INPUT_SIZE)
         self.male = torch.ones(1)
 

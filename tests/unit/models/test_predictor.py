@@ -121,3 +121,23 @@ def test_warm_up_leaves_predictions_unchanged(loaded: LoadedModel, image: np.nda
     assert predictor.warm_up() > 0
     assert predictor.predict(image, male=False).bone_age_months == before
     assert all(p.grad is None for p in loaded.model.parameters())  # nothing accumulated
+
+
+def test_predictor_runs_a_folded_copy_that_agrees_with_the_checkpoint_model(
+    loaded: LoadedModel, image: np.ndarray
+) -> None:
+    # batch norms with real statistics, so folding them changes every weight
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for module in loaded.model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0.0, 0.2, generator=generator)
+                module.running_var.uniform_(0.3, 1.3, generator=generator)
+    predictor = BoneAgePredictor(loaded, device="cpu")
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in loaded.model.modules())
+    result = predictor.predict(image, male=True)
+    prepared = prepare(image, loaded.meta.input_size)
+    z, cam = predict_with_cam(loaded.model, prepared.tensor[None], torch.ones(1))
+    expected = float(z[0]) * loaded.meta.target_sd + loaded.meta.target_mean
+    assert result.bone_age_months == pytest.approx(float(np.clip(expected, 0, 240)), abs=1e-3)
+    np.testing.assert_allclose(result.crop_cam, cam[0].numpy(), atol=1e-4)

@@ -161,17 +161,21 @@ def listen(ctx: click.Context, ae_title: str | None, port: int | None) -> None:
 )
 @click.option(
     "--pool",
-    type=click.Choice(["solo", "prefork"]),
+    type=click.Choice(["solo", "prefork", "threads"]),
     default=None,
-    help="solo: one process (one per GPU); prefork: --concurrency processes. "
-    "Default: prefork for an inference worker with several processes, else solo.",
+    help="solo: one process, one task at a time; prefork: --concurrency processes; "
+    "threads: one process, --concurrency task threads sharing batched forward passes. "
+    "Default for an inference worker: threads when BONEAGE_INFERENCE_BATCH is above 1 "
+    "(a GPU), prefork with several processes (a CPU), else solo.",
 )
 @click.option(
     "-c",
     "--concurrency",
     type=int,
     default=None,
-    help="Processes. Default: BONEAGE_INFERENCE_PROCESSES for an inference worker, else 1.",
+    help="Processes (prefork) or task threads (threads). Default for an inference worker: "
+    "twice BONEAGE_INFERENCE_BATCH threads when batching (one batch on the device while "
+    "the next is decoded), else BONEAGE_INFERENCE_PROCESSES; 1 for a delivery worker.",
 )
 @click.option("--device", help="BONEAGE_DEVICE")
 @click.pass_context
@@ -188,10 +192,23 @@ def work(
         raise click.BadParameter(
             f"unknown queue(s): {', '.join(sorted(unknown))}", param_hint="--queues"
         )
+    batch = settings.effective_inference_batch if "inference" in names else 1
+    if batch > 1 and pool in ("solo", "prefork"):
+        if settings.inference_batch > 1:
+            raise click.UsageError(
+                f"BONEAGE_INFERENCE_BATCH is {batch}: a batching inference worker runs "
+                "--pool threads (its task threads share the forward passes)"
+            )
+        # A pool chosen by hand that runs one task at a time per process: no batching.
+        batch = 1
+        settings = settings.model_copy(update={"inference_batch": 1})
     if concurrency is None:
-        concurrency = settings.effective_inference_processes if "inference" in names else 1
+        if batch > 1:
+            concurrency = 2 * batch  # one batch on the device while the next is decoded
+        else:
+            concurrency = settings.effective_inference_processes if "inference" in names else 1
     if pool is None:
-        pool = "prefork" if concurrency > 1 else "solo"
+        pool = "threads" if batch > 1 else "prefork" if concurrency > 1 else "solo"
     if pool == "prefork" and settings.worker_metrics_port:
         # before prometheus_client is imported (by worker.tasks): the children's counters
         # go to files there, which this process sums when scraped
@@ -203,8 +220,16 @@ def work(
     from worker.celery_app import configure
 
     app = configure(settings)
-    tasks.set_worker_queues(names, processes=concurrency)
-    if "inference" in names:
+    processes = 1 if pool == "threads" else concurrency
+    tasks.set_worker_queues(names, processes=processes, pool=pool)
+    if "inference" in names and pool == "threads":
+        logger.info(
+            "inference: 1 process, %d task threads, batches of up to %d, device %s",
+            concurrency,
+            batch,
+            settings.device,
+        )
+    elif "inference" in names:
         logger.info(
             "inference: %d process(es), %s torch thread(s) each, device %s",
             concurrency,

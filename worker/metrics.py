@@ -7,7 +7,8 @@ whatever the size of the database.
 
 A worker (``BONEAGE_WORKER_METRICS_PORT``; a worker that consumes only the delivery
 queue uses that port + 1, so that ``serve``'s two workers do not collide) serves the
-counters of the tasks it ran. With ``--pool solo`` they live in the worker's memory.
+counters of the tasks it ran. With ``--pool solo`` or ``--pool threads`` (a batching
+inference worker) they live in the worker's memory.
 A prefork worker (the CPU inference worker's default) runs its tasks in child
 processes, so it uses prometheus_client's multiprocess mode: ``work`` points
 prometheus_client at a directory of the worker's own before importing it
@@ -48,6 +49,8 @@ LATENCY_BUCKETS: tuple[float, ...] = (1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 
 #: Wall time of assessing one image on CPU or GPU.
 ASSESS_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
 LATENCY_WINDOW = timedelta(hours=1)
+#: Images per batched forward pass.
+BATCH_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 def histogram_buckets(values: Sequence[float], bounds: Sequence[float]) -> list[tuple[str, float]]:
@@ -255,12 +258,30 @@ ASSESS_SECONDS = Histogram(
     buckets=ASSESS_BUCKETS,
     registry=WORKER_REGISTRY,
 )
+INFERENCE_BATCH = Histogram(
+    "boneage_inference_batch_images",
+    "Images per forward pass of a batching inference worker (BONEAGE_INFERENCE_BATCH).",
+    buckets=BATCH_BUCKETS,
+    registry=WORKER_REGISTRY,
+)
+INFERENCE_BATCH_SECONDS = Histogram(
+    "boneage_inference_batch_seconds",
+    "Wall time of one batched forward pass with Grad-CAM.",
+    buckets=ASSESS_BUCKETS,
+    registry=WORKER_REGISTRY,
+)
 DELIVERY_ATTEMPTS = Counter(
     "boneage_delivery_attempts",
     "Delivery attempts by this worker, by outcome (delivered, retry, failed, skipped).",
     ["outcome"],
     registry=WORKER_REGISTRY,
 )
+
+
+def observe_inference_batch(images: int, seconds: float) -> None:
+    """Record one batched forward pass (the batching predictor's observer)."""
+    INFERENCE_BATCH.observe(images)
+    INFERENCE_BATCH_SECONDS.observe(seconds)
 
 
 def multiprocess_registry() -> CollectorRegistry | None:

@@ -192,7 +192,7 @@ def assess_instance(rt: Runtime, instance_id: int, *, send: bool = True) -> Asse
         )
 
     started = time.perf_counter()
-    prediction = predictor.predict(image, male=male)
+    prediction = rt.predict(image, male=male)  # alone, or in a batch with other tasks'
     elapsed = time.perf_counter() - started
 
     from models.reference import bone_age_sds

@@ -18,7 +18,10 @@ from pydicom.uid import generate_uid
 from worker.settings import Settings
 
 if TYPE_CHECKING:
-    from models.predictor import BoneAgePredictor
+    import numpy as np
+
+    from models.batching import BatchingPredictor
+    from models.predictor import BoneAgePredictor, Prediction
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +34,9 @@ class Runtime:
     settings: Settings
     #: Id of the model whose `models` row this process knows exists.
     model_recorded: str | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    _predictor: BoneAgePredictor | None = field(default=None, repr=False)
+    _batcher: BatchingPredictor | None = field(default=None, repr=False)
 
     @property
     def database_url(self) -> str:
@@ -44,10 +49,53 @@ class Runtime:
             generate_uid(entropy_srcs=[SOFTWARE_NAME, self.settings.ae_title, socket.gethostname()])
         )
 
-    @cached_property
+    @property
     def predictor(self) -> BoneAgePredictor:
+        """The model, loaded on first use (once, whichever thread asks first)."""
+        if self._predictor is None:
+            with self._lock:
+                if self._predictor is None:
+                    self._predictor = self._load_predictor()
+        return self._predictor
+
+    @property
+    def batcher(self) -> BatchingPredictor | None:
+        """Shares forward passes among this process's task threads; None at batch 1."""
+        batch = self.settings.effective_inference_batch
+        if batch <= 1:
+            return None
+        if self._batcher is None:
+            from models.batching import BatchingPredictor
+            from worker import metrics
+
+            with self._lock:
+                if self._batcher is None:
+                    self._batcher = BatchingPredictor(
+                        self.predictor,
+                        max_batch=batch,
+                        max_wait_s=self.settings.inference_batch_wait_ms / 1000,
+                        on_batch=metrics.observe_inference_batch,
+                    )
+                    logger.info(
+                        "inference in batches of up to %d images (the first waits up to %g ms)",
+                        batch,
+                        self.settings.inference_batch_wait_ms,
+                    )
+        return self._batcher
+
+    def close(self) -> None:
+        """Stop the batcher's model thread, after the images already handed to it."""
         with self._lock:
-            return self._load_predictor()
+            batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            batcher.close()
+
+    def predict(self, image: np.ndarray, *, male: bool) -> Prediction:
+        """Assess one image: alone, or in a batch shared with other task threads."""
+        batcher = self.batcher
+        if batcher is None:
+            return self.predictor.predict(image, male=male)
+        return batcher.predict(image, male=male)
 
     def _load_predictor(self) -> BoneAgePredictor:
         from models.checkpoint import load_checkpoint, untrained_model

@@ -24,6 +24,9 @@ logger = logging.getLogger(__name__)
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE VR: no backslash, no control
 _DEFAULT_DATA_DIR = Path("./var/boneage")
 
+#: Images per forward pass of a GPU inference worker unless BONEAGE_INFERENCE_BATCH says.
+GPU_INFERENCE_BATCH = 16
+
 
 def _check_ae_title(value: str, what: str) -> str:
     value = value.strip()
@@ -130,6 +133,10 @@ class Settings(BaseSettings):
     # with its share of the cores) and torch threads in each (0 = cores / processes).
     inference_processes: int = Field(0, ge=0, le=64)
     torch_threads: int = Field(0, ge=0, le=256)
+    # Images per forward pass (0 = auto: 16 on a GPU, 1 on a CPU, where batching gains
+    # nothing) and how long the first image of a batch waits for others.
+    inference_batch: int = Field(0, ge=0, le=256)
+    inference_batch_wait_ms: float = Field(10.0, ge=0, le=1000)
 
     # Behaviour
     send_not_assessed: bool = False
@@ -206,6 +213,16 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _one_inference_layout(self) -> Settings:
+        if self.inference_processes > 1 and self.inference_batch > 1:
+            raise ValueError(
+                "BONEAGE_INFERENCE_PROCESSES and BONEAGE_INFERENCE_BATCH above 1 exclude each "
+                "other: a batching worker is one process whose threads share the model's "
+                "batches; for more, start more `boneage-worker work -Q inference` processes"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _tls_pairs(self) -> Settings:
         if (self.tls_certificate is None) != (self.tls_private_key is None):
             raise ValueError(
@@ -277,9 +294,21 @@ class Settings(BaseSettings):
         decoding and DICOM work overlaps another's forward pass)."""
         if self.inference_processes:
             return self.inference_processes
-        if not self.runs_on_cpu:
+        if not self.runs_on_cpu or self.effective_inference_batch > 1:
             return 1
         return max(1, min(usable_cpus(), 4))
+
+    @property
+    def effective_inference_batch(self) -> int:
+        """Images per forward pass: the setting, or 16 on a GPU and 1 on a CPU.
+
+        A GPU assesses a batch of 16 in little more time than one image; on this
+        project's CPUs batching gained nothing (docs/performance.md), and one image per
+        forward pass keeps each image's latency lowest.
+        """
+        if self.inference_batch:
+            return self.inference_batch
+        return 1 if self.runs_on_cpu else GPU_INFERENCE_BATCH
 
     # Derived locations: one place decides where things live in the data dir.
     @property

@@ -139,7 +139,17 @@ def render(report: dict[str, Any], console: Console) -> None:
         if p["role"] == "listener":
             what = f"AE {p.get('ae_title', '')} port {p.get('port', '')}"
         else:
-            what = " · ".join(filter(None, [", ".join(p.get("queues", [])), p.get("device")]))
+            batch = int(p.get("inference_batch") or 1)
+            what = " · ".join(
+                filter(
+                    None,
+                    [
+                        ", ".join(p.get("queues", [])),
+                        p.get("device"),
+                        f"batches of up to {batch}" if batch > 1 else None,
+                    ],
+                )
+            )
         if p.get("role") == "worker" and p.get("trained") is False:
             what += " [yellow](UNTRAINED model)[/]"
         processes.add_row(

@@ -12,7 +12,13 @@ from typing import Any
 
 import torch
 from celery import Task
-from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
+from celery.signals import (
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
 from sqlalchemy.exc import OperationalError
 
 from db.engine import dispose_after_fork
@@ -33,10 +39,11 @@ logger = logging.getLogger(__name__)
 _state: dict[str, Any] = {"queues": ("inference", "delivery")}
 
 
-def set_worker_queues(queues: tuple[str, ...], *, processes: int = 1) -> None:
+def set_worker_queues(queues: tuple[str, ...], *, processes: int = 1, pool: str = "solo") -> None:
     """Called by `boneage-worker work` before the worker starts (inherited by children)."""
     _state["queues"] = queues
     _state["processes"] = processes
+    _state["pool"] = pool
 
 
 def _torch_threads(settings: Settings) -> int:
@@ -51,6 +58,20 @@ def runtime() -> Runtime:
         _state["runtime"] = Runtime(app.conf["boneage_settings"])
     rt: Runtime = _state["runtime"]
     return rt
+
+
+@worker_init.connect
+def _init_threads_pool(**_: Any) -> None:
+    # The threads pool (a batching inference worker) runs its tasks in this very
+    # process and sends no worker_process_init: set the process up here.
+    if _state.get("pool") == "threads":
+        _init_process()
+
+
+@worker_shutdown.connect
+def _stop_threads_pool(**_: Any) -> None:
+    if _state.get("pool") == "threads":
+        _stop_process()
 
 
 @worker_process_init.connect
@@ -69,11 +90,13 @@ def _init_process(**_: Any) -> None:
             torch.set_num_threads(_torch_threads(rt.settings))
         predictor = rt.predictor
         logger.info("model warmed up in %.1fs", predictor.warm_up())
+        batcher = rt.batcher  # started now, before the first task thread needs it
         detail.update(
             device=predictor.device,
             model_id=predictor.model_id,
             trained=predictor.meta.trained,
             torch_threads=torch.get_num_threads(),
+            inference_batch=batcher.max_batch if batcher is not None else 1,
         )
     heartbeat = HeartbeatThread(rt.database_url, "worker", lambda: detail)
     heartbeat.start()
@@ -85,6 +108,9 @@ def _stop_process(**_: Any) -> None:
     heartbeat = _state.pop("heartbeat", None)
     if heartbeat is not None:
         heartbeat.stop()
+    rt = _state.get("runtime")
+    if rt is not None:
+        rt.close()
 
 
 @worker_ready.connect
@@ -171,7 +197,7 @@ def _serve_metrics(consumer: Any) -> None:
         return
     registry = metrics.WORKER_REGISTRY
     pool = type(getattr(consumer, "pool", None)).__module__
-    if not pool.endswith(".solo"):
+    if not pool.endswith((".solo", ".thread")):
         # Tasks run in child processes; their counters reach us only through files.
         shared = metrics.multiprocess_registry()
         if shared is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dicom_io.content import BoneAgeFinding
+from models.predictor import Prediction
 from worker.heap import keep_large_blocks
 
 
@@ -15,3 +17,18 @@ def heap_as_in_workers() -> str:
     if keep_large_blocks():
         return "heap: large blocks kept for reuse, as in inference workers"
     return "heap: the C library's default (not glibc), as in inference workers"
+
+
+def bench_finding(prediction: Prediction, model_id: str) -> BoneAgeFinding:
+    """The finding the worker would report for a benchmark's phantom (a 10-year-old)."""
+    return BoneAgeFinding(
+        bone_age_months=prediction.bone_age_months,
+        chronological_age_months=122.0,
+        sds=None,
+        intervals=dict(prediction.intervals),
+        model_id=model_id,
+        model_name="BoneAgeNet resnet50",
+        model_version="bench",
+        model_trained=False,
+        laterality="L",
+    )

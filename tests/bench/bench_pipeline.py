@@ -37,7 +37,6 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import JPEG2000Lossless
 
 from dicom_io import gate
-from dicom_io.content import BoneAgeFinding
 from dicom_io.pixels import decode_for_display, decode_reduction
 from dicom_io.sc import build_heatmap_sc, overlay_shape, render_overlay
 from dicom_io.sr import build_bone_age_sr
@@ -45,7 +44,7 @@ from dicom_io.synthetic import make_radiograph_dataset
 from models.checkpoint import untrained_model
 from models.phantoms import make_phantom
 from models.predictor import BoneAgePredictor
-from tests.bench import heap_as_in_workers
+from tests.bench import bench_finding, heap_as_in_workers
 from worker.pipeline import (
     SC_MIN_LONG_SIDE,
     SC_SERIES_NUMBER,
@@ -154,17 +153,7 @@ def main() -> None:
             mark()
             prediction = predictor.predict_batch([image], [True], prepared=[prepared])[0]
             mark()
-            finding = BoneAgeFinding(
-                bone_age_months=prediction.bone_age_months,
-                chronological_age_months=122.0,
-                sds=None,
-                intervals=dict(prediction.intervals),
-                model_id=predictor.model_id,
-                model_name="BoneAgeNet resnet50",
-                model_version="bench",
-                model_trained=False,
-                laterality="L",
-            )
+            finding = bench_finding(prediction, predictor.model_id)
             outputs = write_outputs(
                 ds,
                 image,

@@ -167,7 +167,7 @@ def test_compose_services(compose: dict[str, Any]) -> None:
     cpu = _check_cli(_interpolate(services["worker-cpu"]["command"]))
     assert set(cpu.params["queues"].split(",")) == {INFERENCE_QUEUE, DELIVERY_QUEUE}
     gpu = _check_cli(services["worker-gpu"]["command"])
-    assert gpu.params["queues"] == INFERENCE_QUEUE and gpu.params["pool"] == "solo"
+    assert gpu.params["queues"] == INFERENCE_QUEUE and gpu.params["pool"] == "threads"
 
 
 def test_compose_gpu_worker_is_a_profile_with_an_nvidia_device(compose: dict[str, Any]) -> None:
@@ -470,7 +470,7 @@ def test_kubernetes_gpu_worker_one_process_per_gpu(
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     context = _check_cli(container["args"])
     assert context.params["queues"] == INFERENCE_QUEUE
-    assert context.params["pool"] == "solo"
+    assert context.params["pool"] == "threads"
     (delivery,) = _pod_specs(k8s)["boneage-worker-delivery"]["containers"]
     assert _check_cli(delivery["args"]).params["queues"] == DELIVERY_QUEUE
     assert "nvidia.com/gpu" not in delivery.get("resources", {}).get("limits", {})
@@ -610,7 +610,7 @@ def test_systemd_service(name: str) -> None:
     if name == "boneage-listener.service":
         assert service["ExecStartPre"] == [f"{BINARY} db upgrade"]
     if name == "boneage-worker-inference@.service":
-        assert context.params["pool"] == "solo"
+        assert context.params["pool"] == "threads"
         assert context.params["device"] == "cuda:0"
         assert service["Environment"] == ["BONEAGE_DEVICE=cuda:%i"]
         assert "PrivateDevices" not in service  # the GPU is a device

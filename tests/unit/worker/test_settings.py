@@ -152,6 +152,27 @@ def test_inference_processes_follow_the_device(monkeypatch: pytest.MonkeyPatch) 
     assert Settings(device="cpu").runs_on_cpu and not Settings(device="cuda").runs_on_cpu
 
 
+def test_inference_batch_follows_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("worker.settings.usable_cpus", lambda: 8)
+    assert Settings(device="cpu").effective_inference_batch == 1
+    gpu = Settings(device="cuda:0")
+    assert (gpu.effective_inference_batch, gpu.effective_inference_processes) == (16, 1)
+    batching_cpu = Settings(device="cpu", inference_batch=4)
+    assert batching_cpu.effective_inference_batch == 4
+    assert batching_cpu.effective_inference_processes == 1  # one process; its threads batch
+    assert Settings().inference_batch_wait_ms == 10.0
+
+
+def test_inference_batch_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BONEAGE_INFERENCE_BATCH", "8")
+    monkeypatch.setenv("BONEAGE_INFERENCE_BATCH_WAIT_MS", "25")
+    settings = Settings()
+    assert (settings.inference_batch, settings.inference_batch_wait_ms) == (8, 25.0)
+    monkeypatch.setenv("BONEAGE_INFERENCE_PROCESSES", "2")
+    with pytest.raises(ValidationError, match="exclude each other"):
+        Settings()
+
+
 def test_inference_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BONEAGE_INFERENCE_PROCESSES", "3")
     monkeypatch.setenv("BONEAGE_TORCH_THREADS", "2")

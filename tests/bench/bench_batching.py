@@ -1,0 +1,196 @@
+"""Batched inference on a GPU (or the CPU) against the bare model's batched throughput.
+
+Measured in one run, at the model's input size (ResNet-50 BoneAgeNet, random weights):
+
+- **bare, batched**: the model as built (batch norms, NCHW, float32), ``--batch`` images
+  per forward pass, inference mode: the reference;
+- **bare, autocast**: the same under float16 autocast on CUDA (bfloat16 on a CPU), to
+  show what mixed precision alone gives;
+- **ours, batched**: :meth:`BoneAgePredictor.predict_batch` on prepared tensors: batch
+  norms folded, channels-last, float16 autocast on CUDA, plus Grad-CAM and its maps
+  copied back to the host;
+- **service path**: ``--threads`` threads, each doing what an inference worker's task
+  thread does for its own study (read the file, gate, decode at reduced resolution,
+  preprocess, hand the image to the shared :class:`BatchingPredictor`, then build and
+  write the SR and the heat-map SC), over ``--count`` 2500 x 2000 DX files; decoding and
+  DICOM work overlap the device's batches.
+
+Images per second of each, and each against the bare batched rate. Then the largest
+difference in bone age between ours and the bare float32 model on the same inputs
+(what autocast and folding cost in accuracy).
+
+Every figure is printed with the device, batch size and thread count. On a CPU the
+figures are a check that the path runs, not a target: batching gains nothing there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydicom import Dataset, dcmread
+
+from dicom_io import gate
+from dicom_io.pixels import decode_for_display, decode_reduction
+from models.batching import BatchingPredictor
+from models.checkpoint import untrained_model
+from models.predictor import BoneAgePredictor, describe_device, resolve_device
+from tests.bench import bench_finding, heap_as_in_workers
+from tests.bench.bench_pipeline import make_input
+from worker.pipeline import SC_MIN_LONG_SIDE, derived_uid, write_outputs
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    def run(fn: Callable[[], object]) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--size", type=int, default=512, help="network input side")
+    parser.add_argument("--batch", type=int, default=16, help="images per forward pass")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--count", type=int, default=64, help="studies in the service path")
+    parser.add_argument("--threads", type=int, default=0, help="task threads (0: 2 x batch)")
+    parser.add_argument("--wait-ms", type=float, default=10.0, help="batch gathering wait")
+    args = parser.parse_args()
+    heap = heap_as_in_workers()
+    device = resolve_device(args.device)
+    threads = args.threads or 2 * args.batch
+    run = _timer(device)
+
+    loaded = untrained_model(arch="resnet50", input_size=args.size)
+    predictor = BoneAgePredictor(loaded, device=str(device))
+    bare = loaded.model.to(device)  # the model as built: batch norms, NCHW, float32
+    x = torch.randn(args.batch, 1, args.size, args.size, device=device)
+    male = torch.ones(args.batch, device=device)
+    half = torch.float16 if device.type == "cuda" else torch.bfloat16
+
+    def bare_forward() -> None:
+        with torch.inference_mode():
+            bare(x, male)
+
+    def bare_autocast() -> None:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=half):
+            bare(x, male)
+
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
+        paths = [work / f"in-{n:03d}.dcm" for n in range(args.count)]
+        for n, path in enumerate(paths):
+            make_input(path, rows=2500, columns=2000, modality="DX", j2k=False, seed=n % 8)
+
+        def decoded(path: Path) -> tuple[Dataset, np.ndarray]:
+            ds = dcmread(path)
+            reduce = decode_reduction(
+                ds, min_short_side=predictor.input_size, min_long_side=SC_MIN_LONG_SIDE
+            )
+            return ds, decode_for_display(ds, reduce=reduce)
+
+        images = [decoded(p)[1] for p in paths[: args.batch]]
+        prepared = [predictor.prepare(image) for image in images]
+
+        def ours_batched() -> None:
+            predictor.predict_batch(images, [True] * len(images), prepared=prepared)
+
+        sizes: list[int] = []
+        lock = threading.Lock()
+
+        def observe(n: int, _seconds: float) -> None:
+            with lock:
+                sizes.append(n)
+
+        batcher = BatchingPredictor(
+            predictor, max_batch=args.batch, max_wait_s=args.wait_ms / 1000, on_batch=observe
+        )
+
+        def assess(path: Path) -> None:
+            ds, image = decoded(path)
+            decision = gate.check(ds)
+            assert decision.accepted, decision.reason
+            prediction = batcher.predict(image, male=True)
+            write_outputs(
+                ds,
+                image,
+                prediction,
+                bench_finding(prediction, predictor.model_id),
+                source_uid=str(ds.SOPInstanceUID),
+                outbox_dir=work / "outbox",
+                device_observer_uid=derived_uid("bench-device"),
+            )
+
+        def service_path() -> None:
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                list(pool.map(assess, paths))
+
+        cases: dict[str, tuple[Callable[[], object], int]] = {
+            "bare, batched": (bare_forward, args.batch),
+            f"bare, {str(half).split('.')[-1]} autocast": (bare_autocast, args.batch),
+            "ours, batched": (ours_batched, args.batch),
+            "service path": (service_path, args.count),
+        }
+        for fn, _ in cases.values():  # warm-up: kernels, allocator, cuDNN choices
+            run(fn)
+        sizes.clear()
+        times: dict[str, list[float]] = {name: [] for name in cases}
+        for _ in range(args.repeats):
+            for name, (fn, _) in cases.items():
+                times[name].append(run(fn))
+        batcher.close()
+
+        with torch.inference_mode():
+            x_real = torch.stack([p.tensor for p in prepared]).to(device)
+            z_bare = bare(x_real, male[: len(prepared)]).float()
+        meta = loaded.meta
+        ours = predictor.predict_batch(images, [True] * len(images), prepared=prepared)
+        bare_months = (z_bare * meta.target_sd + meta.target_mean).clamp(0, 240).cpu()
+        worst = max(
+            abs(p.bone_age_months - float(b)) for p, b in zip(ours, bare_months, strict=True)
+        )
+
+    rates = {name: n / statistics.median(times[name]) for name, (_, n) in cases.items()}
+    base = rates["bare, batched"]
+    print(
+        f"resnet50, {args.size}x{args.size}, {describe_device(device)}, batch {args.batch}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
+        f"median of {args.repeats}; {heap}"
+    )
+    print(
+        f"service path: {args.count} DX 2500x2000 studies, {threads} task threads, "
+        f"batches gathered up to {args.wait_ms:g} ms; "
+        f"batch sizes seen: median {statistics.median(sizes) if sizes else 0:g}, "
+        f"max {max(sizes) if sizes else 0}"
+    )
+    print(f"{'case':<24}{'median s':>10}{'images/s':>11}{'× bare':>9}")
+    for name in cases:
+        print(
+            f"{name:<24}{statistics.median(times[name]):>10.3f}{rates[name]:>11.1f}"
+            f"{rates[name] / base:>9.2f}"
+        )
+    print(
+        f"ours vs the bare float32 model, same {len(ours)} images: largest bone-age "
+        f"difference {worst:.3f} months"
+    )
+
+
+if __name__ == "__main__":
+    main()

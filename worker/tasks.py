@@ -22,6 +22,7 @@ from celery.signals import (
 from sqlalchemy.exc import OperationalError
 
 from db.engine import dispose_after_fork
+from dicom_io.pixels import set_jpeg2000_threads
 from worker import metrics
 from worker.celery_app import ASSESS_TASK, DELIVER_TASK, RECONCILE_TASK, app
 from worker.delivery import deliver_one
@@ -39,11 +40,14 @@ logger = logging.getLogger(__name__)
 _state: dict[str, Any] = {"queues": ("inference", "delivery")}
 
 
-def set_worker_queues(queues: tuple[str, ...], *, processes: int = 1, pool: str = "solo") -> None:
+def set_worker_queues(
+    queues: tuple[str, ...], *, processes: int = 1, pool: str = "solo", threads: int = 1
+) -> None:
     """Called by `boneage-worker work` before the worker starts (inherited by children)."""
     _state["queues"] = queues
     _state["processes"] = processes
     _state["pool"] = pool
+    _state["threads"] = threads
 
 
 def _torch_threads(settings: Settings) -> int:
@@ -51,6 +55,19 @@ def _torch_threads(settings: Settings) -> int:
     if settings.torch_threads:
         return settings.torch_threads
     return max(1, usable_cpus() // int(_state.get("processes", 1)))
+
+
+def _jpeg2000_threads() -> int:
+    """Threads for each JPEG 2000 decode: the cores shared among the worker's tasks.
+
+    A solo worker decodes one study at a time on every core; two prefork processes on two
+    cores one thread each (measured: two threads each, oversubscribed, were slower);
+    a batching worker's many task threads one thread each.
+    """
+    tasks_at_once = int(_state.get("processes", 1))
+    if _state.get("pool") == "threads":
+        tasks_at_once = int(_state.get("threads", 1))
+    return max(1, usable_cpus() // tasks_at_once)
 
 
 def runtime() -> Runtime:
@@ -88,6 +105,10 @@ def _init_process(**_: Any) -> None:
         if rt.settings.runs_on_cpu:
             # Several processes each with all the cores' threads would oversubscribe.
             torch.set_num_threads(_torch_threads(rt.settings))
+        # JPEG 2000 decodes share the cores among the studies this worker's processes and
+        # task threads may decode at once: never more decode threads than cores.
+        decode_threads = _jpeg2000_threads()
+        set_jpeg2000_threads(decode_threads)
         predictor = rt.predictor
         logger.info("model warmed up in %.1fs", predictor.warm_up())
         batcher = rt.batcher  # started now, before the first task thread needs it
@@ -97,6 +118,7 @@ def _init_process(**_: Any) -> None:
             trained=predictor.meta.trained,
             torch_threads=torch.get_num_threads(),
             inference_batch=batcher.max_batch if batcher is not None else 1,
+            jpeg2000_threads=decode_threads,
         )
     heartbeat = HeartbeatThread(rt.database_url, "worker", lambda: detail)
     heartbeat.start()

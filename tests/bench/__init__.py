@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dicom_io.content import BoneAgeFinding
+from dicom_io.pixels import set_jpeg2000_threads
 from models.predictor import Prediction
 from worker.heap import keep_large_blocks
+from worker.settings import usable_cpus
 
 
 def heap_as_in_workers() -> str:
@@ -32,3 +34,14 @@ def bench_finding(prediction: Prediction, model_id: str) -> BoneAgeFinding:
         model_trained=False,
         laterality="L",
     )
+
+
+def decode_threads_as_in_workers(tasks_at_once: int = 1) -> str:
+    """Give JPEG 2000 decodes the threads an inference worker's would have; say how many.
+
+    A worker shares the cores among the studies it works on at once
+    (``worker.tasks``): every core for a process that assesses one study at a time.
+    """
+    threads = max(1, usable_cpus() // tasks_at_once)
+    set_jpeg2000_threads(threads)
+    return f"JPEG 2000 decoded on {threads} thread(s), as in inference workers"

@@ -43,7 +43,7 @@ from dicom_io.pixels import decode_for_display, decode_reduction
 from models.batching import BatchingPredictor
 from models.checkpoint import untrained_model
 from models.predictor import BoneAgePredictor, describe_device, resolve_device
-from tests.bench import bench_finding, heap_as_in_workers
+from tests.bench import bench_finding, decode_threads_as_in_workers, heap_as_in_workers
 from tests.bench.bench_pipeline import make_input
 from worker.pipeline import SC_MIN_LONG_SIDE, derived_uid, write_outputs
 
@@ -67,15 +67,24 @@ def main() -> None:
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--size", type=int, default=512, help="network input side")
-    parser.add_argument("--batch", type=int, default=16, help="images per forward pass")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--count", type=int, default=64, help="studies in the service path")
+    parser.add_argument(
+        "--batch", type=int, default=0, help="images per forward pass (0: 16 on CUDA, 4 on a CPU)"
+    )
+    parser.add_argument("--repeats", type=int, default=0, help="0: 5 on CUDA, 2 on a CPU")
+    parser.add_argument(
+        "--count", type=int, default=0, help="studies in the service path (0: 4 x batch)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="task threads (0: 2 x batch)")
     parser.add_argument("--wait-ms", type=float, default=10.0, help="batch gathering wait")
     args = parser.parse_args()
     heap = heap_as_in_workers()
     device = resolve_device(args.device)
+    gpu = device.type == "cuda"
+    args.batch = args.batch or (16 if gpu else 4)
+    args.repeats = args.repeats or (5 if gpu else 2)
+    args.count = args.count or 4 * args.batch
     threads = args.threads or 2 * args.batch
+    heap = f"{heap}; {decode_threads_as_in_workers(threads)}"
     run = _timer(device)
 
     loaded = untrained_model(arch="resnet50", input_size=args.size)

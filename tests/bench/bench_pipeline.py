@@ -44,7 +44,7 @@ from dicom_io.synthetic import make_radiograph_dataset
 from models.checkpoint import untrained_model
 from models.phantoms import make_phantom
 from models.predictor import BoneAgePredictor
-from tests.bench import bench_finding, heap_as_in_workers
+from tests.bench import bench_finding, decode_threads_as_in_workers, heap_as_in_workers
 from worker.pipeline import (
     SC_MIN_LONG_SIDE,
     SC_SERIES_NUMBER,
@@ -105,7 +105,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    heap = heap_as_in_workers()
+    heap = f"{heap_as_in_workers()}; {decode_threads_as_in_workers()}"
     rows = args.rows or (1400 if args.j2k else 2500)
     columns = args.columns or (1100 if args.j2k else 2000)
     modality = "CR" if args.j2k else "DX"

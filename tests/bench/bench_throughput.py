@@ -33,7 +33,7 @@ from dicom_io.pixels import decode_for_display, decode_reduction
 from models.checkpoint import untrained_model
 from models.predictor import BoneAgePredictor
 from models.preprocess import Prepared
-from tests.bench import heap_as_in_workers
+from tests.bench import decode_threads_as_in_workers, heap_as_in_workers
 from tests.bench.bench_pipeline import make_input
 from worker.pipeline import SC_MIN_LONG_SIDE
 from worker.prefetch import prefetch
@@ -45,6 +45,7 @@ def _process_share(
 ) -> None:
     """One worker process: one torch thread, decode + assess its share of the stream."""
     heap_as_in_workers()
+    decode_threads_as_in_workers(max(2, usable_cpus()))  # as each CPU worker process
     torch.set_num_threads(1)
     predictor = BoneAgePredictor(untrained_model(arch="resnet50", input_size=size), device="cpu")
 
@@ -74,7 +75,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--depth", type=int, default=2, help="decodes run ahead")
     args = parser.parse_args()
-    heap = heap_as_in_workers()
+    heap = f"{heap_as_in_workers()}; {decode_threads_as_in_workers()}"
 
     predictor = BoneAgePredictor(
         untrained_model(arch="resnet50", input_size=args.size), device="cpu"
@@ -157,7 +158,7 @@ def main() -> None:
     print(
         f"{args.count} studies, CR {args.rows}x{args.columns} 12-bit JPEG 2000 lossless, "
         f"decoded {shape[0]}x{shape[1]}; resnet50 {args.size}x{args.size}, cpu, "
-        f"{torch.get_num_threads()} threads; prefetch depth {args.depth}, 1 decode thread; "
+        f"{torch.get_num_threads()} threads; prefetch depth {args.depth} on 1 thread; "
         f"{processes} processes of 1 thread; "
         f"median of {args.repeats}; {heap}"
     )

@@ -33,6 +33,7 @@ from tests.integration.test_reliability import (
 )
 from tests.support import free_port, wait_for, wait_for_port
 from worker.pipeline import SC_MIN_LONG_SIDE
+from worker.settings import usable_cpus
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -114,6 +115,8 @@ def test_batching_worker_assesses_each_image_once_in_shared_forward_passes(
     assert "1 process, 8 task threads, batches of up to 4" in node.log_text()
     inference = [p for p in status["processes"] if p.get("queues") == ["inference"]]
     assert [(p["alive"], p["inference_batch"]) for p in inference] == [(True, BATCH)]
+    # eight task threads share the cores for JPEG 2000 decoding
+    assert inference[0]["jpeg2000_threads"] == max(1, usable_cpus() // (2 * BATCH))
     assert f"batches of up to {BATCH}" in shown
 
     # One result per image, equal to the image assessed alone; each object delivered once.

@@ -164,6 +164,8 @@ def check_round_trip(
     threads = max(1, usable_cpus() // len(inference))
     assert all(p["torch_threads"] == threads for p in inference)
     assert all(p["heap_keeps_large_blocks"] for p in inference)  # glibc here
+    # the cores shared among the processes' JPEG 2000 decodes
+    assert all(p["jpeg2000_threads"] == max(1, usable_cpus() // len(inference)) for p in inference)
     assert any("CT Image Storage" in (p["reason"] or "") for p in status["recent_problems"])
     storage = status["storage"]
     assert storage["spool_instances"] == 2 and storage["retention_days"] == 30

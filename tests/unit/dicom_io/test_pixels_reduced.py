@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from dicom_io.pixels import (
     decode_frame,
     decode_reduction,
     jpeg2000_reduction,
+    set_jpeg2000_threads,
 )
 from dicom_io.synthetic import make_radiograph_dataset
 
@@ -174,3 +176,34 @@ def test_other_images_are_not_reduced() -> None:
     ds = _native()
     del ds.file_meta.TransferSyntaxUID  # unknown encoding: decoded as it is
     assert decode_reduction(ds, min_short_side=32) == 0
+
+
+@pytest.mark.parametrize("bits", [8, 12, 16])
+def test_full_decode_through_pillow_is_pydicoms_on_any_thread_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bits: int
+) -> None:
+    ds = make_radiograph_dataset(
+        hand_like(ROWS, COLUMNS),
+        modality="CR",
+        birth_date=BIRTH_DATE,
+        study_date=STUDY_DATE,
+        bits_stored=bits,
+    )
+    ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
+    path = tmp_path / "j2k.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    ds = dcmread(path)
+    expected = ds.pixel_array  # pydicom's own decoder (pylibjpeg-openjpeg)
+    assert int(expected.max()) >= 1 << (bits - 2)  # the high bits are in use
+    monkeypatch.setenv("OPJ_NUM_THREADS", "1")  # and restored after the test
+    np.testing.assert_array_equal(decode_frame(ds), expected)
+    one_thread_reduced = decode_frame(ds, reduce=1)
+    set_jpeg2000_threads(2)
+    assert os.environ["OPJ_NUM_THREADS"] == "2"
+    np.testing.assert_array_equal(decode_frame(ds), expected)
+    np.testing.assert_array_equal(decode_frame(ds, reduce=1), one_thread_reduced)
+
+
+def test_jpeg2000_threads_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        set_jpeg2000_threads(0)

@@ -245,6 +245,45 @@ def test_prefork_main_process_killed_nothing_lost_or_done_twice(
     wait_for(lambda: not orphans_left(), timeout=60, what="the orphaned children to exit")
 
 
+def test_batching_worker_killed_mid_batch_each_image_assessed_once(
+    tmp_path: Path, storescp: StoreSCP, redis_broker: tuple[str, str], nodes: list[Node]
+) -> None:
+    # A GPU worker's layout, on the CPU: one process whose task threads share batched
+    # forward passes. SIGKILL while its threads hold images: those it had claimed are
+    # taken over once its heartbeat stops, those it had only reserved come back through
+    # the reconciler; each is assessed and delivered once by the next worker.
+    running = start_with_four_hands(
+        tmp_path,
+        storescp,
+        redis_broker,
+        nodes,
+        BONEAGE_DEVICE="cpu",
+        BONEAGE_INFERENCE_BATCH="4",
+        BONEAGE_INFERENCE_BATCH_WAIT_MS="1000",
+        BONEAGE_RECONCILE_INTERVAL_SECONDS="1",
+        BONEAGE_REQUEUE_AFTER_SECONDS="5",
+    )
+
+    held = being_processed(running)
+    assert {pid for _, pid in held} == {running.worker.pid}  # threads of one process
+    running.worker.send_signal(signal.SIGKILL)
+    running.worker.wait(30)
+    running.node.start("inference-2", "work", "-Q", "inference")
+
+    wait_for(
+        lambda: everything_delivered(running.database_url, 4),
+        timeout=300,
+        what="all results delivered",
+    )
+    with session_scope(running.database_url) as session:
+        results = list(session.scalars(select(Result)))
+        assert sorted(r.instance_id for r in results) == sorted(states(running.database_url))
+        for instance_id, _pid in held:
+            assert session.get_one(Instance, instance_id).attempts == 2
+    uids = received_sop_uids(storescp)
+    assert len(uids) == len(set(uids)) == 8  # one SR and one SC per image, each once
+
+
 def test_broker_outage_keeps_acknowledging_then_catches_up(
     tmp_path: Path, storescp: StoreSCP, tiny_checkpoint: Path, nodes: list[Node]
 ) -> None:

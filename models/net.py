@@ -146,9 +146,9 @@ def fold_batch_norm(model: BoneAgeNet) -> BoneAgeNet:
 
     In eval mode a batch norm is a fixed per-channel affine map, so it can be absorbed
     into the weights and a bias of the convolution before it: the trunk then makes one
-    pass over each activation instead of two (with channels-last memory, about 1.1-1.2x
-    faster on a CPU). Outputs and ``layer4`` maps (hence Grad-CAM) are the same up to
-    float rounding.
+    pass over each activation instead of two (with channels-last memory, 1.2-1.3x faster
+    on the development CPU; docs/performance.md). Outputs and ``layer4`` maps (hence
+    Grad-CAM) are the same up to float rounding.
 
     Parameters
     ----------

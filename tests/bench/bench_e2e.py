@@ -126,7 +126,12 @@ def sop_uid(path: Path) -> str:
 
 
 #: Settings taken from this process's environment, to compare inference layouts.
-PASSED_THROUGH = ("BONEAGE_INFERENCE_PROCESSES", "BONEAGE_TORCH_THREADS")
+PASSED_THROUGH = (
+    "BONEAGE_INFERENCE_PROCESSES",
+    "BONEAGE_TORCH_THREADS",
+    "BONEAGE_INFERENCE_BATCH",
+    "BONEAGE_INFERENCE_BATCH_WAIT_MS",
+)
 
 
 # -- the bare forward pass -----------------------------------------------------------

@@ -57,12 +57,14 @@ def _torch_threads(settings: Settings) -> int:
     return max(1, usable_cpus() // int(_state.get("processes", 1)))
 
 
-def _jpeg2000_threads() -> int:
-    """Threads for each JPEG 2000 decode: the cores shared among the worker's tasks.
+def _cores_per_task() -> int:
+    """The cores shared among the studies this worker works on at once.
 
-    A solo worker decodes one study at a time on every core; two prefork processes on two
-    cores one thread each (measured: two threads each, oversubscribed, were slower);
-    a batching worker's many task threads one thread each.
+    JPEG 2000 decodes get this many threads: a solo worker decodes one study at a time
+    on every core; two prefork processes on two cores one thread each (measured: two
+    threads each, oversubscribed, were slower); a batching worker's many task threads
+    one thread each. So do torch's CPU threads on a GPU worker, where they only serve
+    the task threads' preprocessing.
     """
     tasks_at_once = int(_state.get("processes", 1))
     if _state.get("pool") == "threads":
@@ -105,9 +107,13 @@ def _init_process(**_: Any) -> None:
         if rt.settings.runs_on_cpu:
             # Several processes each with all the cores' threads would oversubscribe.
             torch.set_num_threads(_torch_threads(rt.settings))
+        else:
+            # The model runs on the GPU; each task thread's preprocessing would otherwise
+            # start a team of threads on every core.
+            torch.set_num_threads(rt.settings.torch_threads or _cores_per_task())
         # JPEG 2000 decodes share the cores among the studies this worker's processes and
         # task threads may decode at once: never more decode threads than cores.
-        decode_threads = _jpeg2000_threads()
+        decode_threads = _cores_per_task()
         set_jpeg2000_threads(decode_threads)
         predictor = rt.predictor
         logger.info("model warmed up in %.1fs", predictor.warm_up())

@@ -135,44 +135,24 @@ class BatchingPredictor:
         batch = [first]
         deadline = time.monotonic() + self.max_wait_s
         while len(batch) < self.max_batch:
-            remaining = deadline - time.monotonic()
             try:
-                item = self._requests.get(timeout=remaining) if remaining > 0 else None
+                # past the deadline a zero timeout still takes what is already waiting
+                item = self._requests.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                item = None
-            if item is None:
-                # Deadline passed, or close() asked to stop: take what has arrived.
-                stop = self._closed.is_set()
-                while len(batch) < self.max_batch:
-                    try:
-                        late = self._requests.get_nowait()
-                    except queue.Empty:
-                        break
-                    if late is None:
-                        stop = True
-                    else:
-                        batch.append(late)
-                return batch, stop
+                break
+            if item is None:  # close(): nothing comes after it
+                return batch, True
             batch.append(item)
         return batch, False
 
     def _run(self) -> None:
-        while True:
+        stop = False
+        while not stop:
             first = self._requests.get()
             if first is None:
-                break
+                return
             batch, stop = self._gather(first)
             self._predict(batch)
-            if stop:
-                break
-        # Anything handed in after close() began is still answered.
-        while True:
-            try:
-                late = self._requests.get_nowait()
-            except queue.Empty:
-                return
-            if late is not None:
-                self._predict([late])
 
     def _predict(self, batch: list[_Request]) -> None:
         started = time.perf_counter()

@@ -220,10 +220,7 @@ def work(
     from worker.celery_app import configure
 
     app = configure(settings)
-    processes = 1 if pool == "threads" else concurrency
-    tasks.set_worker_queues(
-        names, processes=processes, pool=pool, threads=concurrency if pool == "threads" else 1
-    )
+    tasks.set_worker_queues(names, pool=pool, concurrency=concurrency)
     if "inference" in names and pool == "threads":
         logger.info(
             "inference: 1 process, %d task threads, batches of up to %d, device %s",

@@ -40,21 +40,25 @@ logger = logging.getLogger(__name__)
 _state: dict[str, Any] = {"queues": ("inference", "delivery")}
 
 
-def set_worker_queues(
-    queues: tuple[str, ...], *, processes: int = 1, pool: str = "solo", threads: int = 1
-) -> None:
-    """Called by `boneage-worker work` before the worker starts (inherited by children)."""
+def set_worker_queues(queues: tuple[str, ...], *, pool: str = "solo", concurrency: int = 1) -> None:
+    """Called by `boneage-worker work` before the worker starts (inherited by children).
+
+    ``concurrency`` is the worker's processes (prefork) or task threads (threads).
+    """
     _state["queues"] = queues
-    _state["processes"] = processes
     _state["pool"] = pool
-    _state["threads"] = threads
+    _state["concurrency"] = concurrency
+
+
+def _processes() -> int:
+    return 1 if _state.get("pool") == "threads" else int(_state.get("concurrency", 1))
 
 
 def _torch_threads(settings: Settings) -> int:
     """Torch threads for this process: the setting, or the cores shared among processes."""
     if settings.torch_threads:
         return settings.torch_threads
-    return max(1, usable_cpus() // int(_state.get("processes", 1)))
+    return max(1, usable_cpus() // _processes())
 
 
 def _cores_per_task() -> int:
@@ -66,10 +70,7 @@ def _cores_per_task() -> int:
     one thread each. So do torch's CPU threads on a GPU worker, where they only serve
     the task threads' preprocessing.
     """
-    tasks_at_once = int(_state.get("processes", 1))
-    if _state.get("pool") == "threads":
-        tasks_at_once = int(_state.get("threads", 1))
-    return max(1, usable_cpus() // tasks_at_once)
+    return max(1, usable_cpus() // int(_state.get("concurrency", 1)))
 
 
 def runtime() -> Runtime:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dicom_io.content import BoneAgeFinding
 from dicom_io.pixels import set_jpeg2000_threads
-from models.predictor import Prediction
 from worker.heap import keep_large_blocks
 from worker.settings import usable_cpus
+
+if TYPE_CHECKING:
+    from models.predictor import Prediction
 
 
 def heap_as_in_workers() -> str:

@@ -30,7 +30,7 @@ from worker.heap import keep_large_blocks
 from worker.heartbeat import HeartbeatThread
 from worker.messaging import enqueue_delivery
 from worker.metrics_files import worker_metrics_port
-from worker.pipeline import assess_instance
+from worker.pipeline import assess_instance, warm_up
 from worker.reconciler import ReconcileReport, reconcile_via_broker
 from worker.runtime import Runtime
 from worker.settings import Settings, usable_cpus
@@ -117,7 +117,8 @@ def _init_process(**_: Any) -> None:
         decode_threads = _cores_per_task()
         set_jpeg2000_threads(decode_threads)
         predictor = rt.predictor
-        logger.info("model warmed up in %.1fs", predictor.warm_up())
+        # the model's first forward pass and highdicom's first SR and SC are slow
+        logger.info("model and DICOM output builders warmed up in %.1fs", warm_up(rt))
         batcher = rt.batcher  # started now, before the first task thread needs it
         detail.update(
             device=predictor.device,

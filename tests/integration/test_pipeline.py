@@ -22,7 +22,7 @@ from tests.dicomtools import dciodvfy_errors, dsr2html, dsrdump
 from tests.support import free_port
 from worker.delivery import deliver_one, reset_failed
 from worker.listener import record_instance
-from worker.pipeline import assess_instance
+from worker.pipeline import assess_instance, warm_up
 from worker.runtime import Runtime
 from worker.settings import load_settings
 
@@ -112,6 +112,25 @@ def test_assess_then_deliver_sr_and_sc(
         dcmread(by_modality["OT"] if "OT" in by_modality else received[1]).BurnedInAnnotation
         == "YES"
     )
+
+
+def test_warm_up_loads_what_the_first_study_needs_and_leaves_no_trace(
+    runtime: Runtime, tmp_path: Path, storescp: StoreSCP
+) -> None:
+    # highdicom parses its tables of the standard (22 MB of JSON) on the first SR or SC
+    # a process builds; the warm-up is there so that a real study never pays for it.
+    from highdicom import _standard_utils
+
+    _standard_utils.get_module_attribute_map.cache_clear()
+    assert warm_up(runtime) > 0
+    assert _standard_utils.get_module_attribute_map.cache_info().currsize == 1
+
+    outbox = runtime.settings.outbox_dir
+    assert not outbox.exists() or not any(outbox.iterdir())
+    with session_scope(runtime.database_url) as session:
+        for table in (Instance, Result, Delivery):
+            assert list(session.scalars(select(table))) == []
+    assert storescp.received() == []
 
 
 def test_assess_is_idempotent(runtime: Runtime, tmp_path: Path) -> None:

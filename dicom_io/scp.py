@@ -36,6 +36,8 @@ from pynetdicom import AE, _config, evt, sop_class
 from pynetdicom.association import Association
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from dicom_io.tcp import LOW_LATENCY_HANDLERS
+
 logger = logging.getLogger(__name__)
 
 #: Verification SOP Class (C-ECHO), PS3.4 Annex A.
@@ -273,6 +275,7 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_REJECTED, self._on_rejected),
+            *LOW_LATENCY_HANDLERS,  # answers and the PACS's next request never wait
         ]
         ae = self._make_ae()
         server = ae.make_server(

@@ -13,6 +13,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 
 from dicom_io.scp import VERIFICATION_SOP_CLASS
+from dicom_io.tcp import LOW_LATENCY_HANDLERS
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,9 @@ def open_association(
     for abstract, syntaxes in contexts:
         ae.add_requested_context(abstract, list(syntaxes) if syntaxes is not None else None)
     tls = (ssl_context, host) if ssl_context is not None else None
-    assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls)
+    assoc = ae.associate(
+        host, port, ae_title=ae_title, tls_args=tls, evt_handlers=list(LOW_LATENCY_HANDLERS)
+    )
     if not assoc.is_established:
         reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
         raise error(f"association with {ae_title}@{host}:{port} failed: {reason}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import socket
 import stat
 import subprocess
 from collections.abc import Callable, Iterator
@@ -25,6 +26,7 @@ from db.engine import session_scope, upgrade
 from db.schema import Instance, InstanceState
 from dicom_io.scp import (
     OUT_OF_RESOURCES,
+    VERIFICATION_SOP_CLASS,
     ReceivedInstance,
     StorageSCP,
     _StreamingSocket,
@@ -280,3 +282,21 @@ def test_overlong_uid_is_not_understood_rather_than_retried_for_ever(
     ds.save_as(source, enforce_file_format=True)
     assert _pynetdicom_store(h.scp.port, source) == 0xC210
     assert h.rows() == []
+
+
+def test_listener_sockets_send_at_once(harness_factory: Callable[..., Harness]) -> None:
+    # Nagle's algorithm would hold back the tail of our answers until the PACS's delayed
+    # acknowledgement (see dicom_io.tcp); the accepted socket has it off.
+    h = harness_factory()
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(VERIFICATION_SOP_CLASS)
+    assoc = ae.associate("127.0.0.1", h.scp.port, ae_title="BONEAGE")
+    assert assoc.is_established
+    try:
+        assert h.scp._server is not None
+        [ours] = h.scp._server.active_associations
+        sock = ours.dul.socket.socket
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        assoc.release()

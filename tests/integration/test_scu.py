@@ -1,0 +1,61 @@
+"""Our Storage SCU against dcmtk's storescp."""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+
+from dicom_io.scp import VERIFICATION_SOP_CLASS
+from dicom_io.scu import open_association, send_files
+from dicom_io.synthetic import make_radiograph_dataset
+from tests.conftest import StoreSCP
+
+pytestmark = pytest.mark.integration
+
+
+def test_our_associations_send_at_once(storescp: StoreSCP) -> None:
+    # storescp writes each answer in two pieces and leaves Nagle's algorithm on; our side
+    # sends at once and acknowledges at once (dicom_io.tcp), or every C-STORE waits 40 ms.
+    assoc = open_association(
+        storescp.ae_title,
+        "127.0.0.1",
+        storescp.port,
+        calling_ae_title="BONEAGE",
+        contexts=[(VERIFICATION_SOP_CLASS, None)],
+        timeout=10,
+    )
+    try:
+        sock = assoc.dul.socket.socket
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        assoc.release()
+
+
+def test_several_files_are_sent_and_answered_in_order(storescp: StoreSCP, tmp_path: Path) -> None:
+    paths = []
+    for index in range(3):
+        ds = make_radiograph_dataset(
+            np.full((64, 64), 0.25 * (index + 1), dtype=np.float32),
+            birth_date=None,
+            study_date=dt.date(2026, 1, 1),
+        )
+        path = tmp_path / f"{index}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    outcomes = send_files(
+        paths,
+        ae_title=storescp.ae_title,
+        host="127.0.0.1",
+        port=storescp.port,
+        calling_ae_title="BONEAGE",
+    )
+    assert [o.path for o in outcomes] == paths
+    assert all(o.ok and o.status == 0x0000 for o in outcomes)
+    received = {dcmread(p).SOPInstanceUID for p in storescp.wait_for_objects(3, timeout=30)}
+    assert received == {dcmread(p).SOPInstanceUID for p in paths}

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pynetdicom import AE
 from pynetdicom.association import Association
 
@@ -19,7 +19,24 @@ logger = logging.getLogger(__name__)
 
 
 class SendError(RuntimeError):
-    """The destination could not be reached or refused the object."""
+    """The destination could not be reached, or the association broke.
+
+    ``answered`` holds the C-STORE statuses the destination gave before the break, in
+    the order the objects were sent; the objects after those were not stored.
+    """
+
+    def __init__(self, message: str, *, answered: Sequence[int] = ()) -> None:
+        super().__init__(message)
+        self.answered = tuple(answered)
+
+
+def stored(status: int) -> bool:
+    """Whether a C-STORE status means the peer stored the object.
+
+    Success, or a warning (0xB000, 0xB006, 0xB007: stored, with coercion or elements
+    discarded).
+    """
+    return status == 0x0000 or (status & 0xF000) == 0xB000
 
 
 @dataclass(frozen=True)
@@ -29,8 +46,7 @@ class SendOutcome:
 
     @property
     def ok(self) -> bool:
-        # Warnings (0xB000, 0xB006, 0xB007) mean the peer stored the object.
-        return self.status == 0x0000 or (self.status & 0xF000) == 0xB000
+        return stored(self.status)
 
 
 def open_association(
@@ -130,7 +146,40 @@ def send_files(
     SendError
         When no association could be made, or it broke before every file was sent.
     """
-    datasets = [dcmread(p) for p in paths]
+    statuses = send_datasets(
+        [dcmread(p) for p in paths],
+        ae_title=ae_title,
+        host=host,
+        port=port,
+        calling_ae_title=calling_ae_title,
+        timeout=timeout,
+        ssl_context=ssl_context,
+    )
+    return [SendOutcome(Path(p), status) for p, status in zip(paths, statuses, strict=True)]
+
+
+def send_datasets(
+    datasets: Sequence[Dataset],
+    *,
+    ae_title: str,
+    host: str,
+    port: int,
+    calling_ae_title: str,
+    timeout: float = 30,
+    ssl_context: ssl.SSLContext | None = None,
+) -> list[int]:
+    """C-STORE datasets over one association; returns the status of each, in order.
+
+    Each dataset is offered in its own SOP class and transfer syntax (its file meta).
+
+    Raises
+    ------
+    SendError
+        When no association could be made, or it broke before every dataset was
+        answered, or the destination did not accept a dataset's SOP class (the
+        datasets after it are then not sent). ``answered`` holds the statuses given
+        before that.
+    """
     pairs = sorted({(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets})
     assoc = open_association(
         ae_title,
@@ -141,14 +190,21 @@ def send_files(
         timeout=timeout,
         ssl_context=ssl_context,
     )
-    outcomes: list[SendOutcome] = []
+    statuses: list[int] = []
     try:
-        for path, ds in zip(paths, datasets, strict=True):
-            status = assoc.send_c_store(ds)
+        for ds in datasets:
+            try:
+                status = assoc.send_c_store(ds)
+            except (ValueError, RuntimeError) as exc:  # its SOP class was not accepted
+                raise SendError(
+                    f"{ae_title}@{host}:{port} cannot take the object: {exc}", answered=statuses
+                ) from exc
             if not status or "Status" not in status:
-                raise SendError(f"{ae_title}@{host}:{port} did not answer a C-STORE")
-            outcomes.append(SendOutcome(Path(path), int(status.Status)))
+                raise SendError(
+                    f"{ae_title}@{host}:{port} did not answer a C-STORE", answered=statuses
+                )
+            statuses.append(int(status.Status))
     finally:
         if assoc.is_established:
             assoc.release()
-    return outcomes
+    return statuses

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -89,9 +89,10 @@ def dciodvfy() -> str:
 class StoreSCP:
     """dcmtk's storescp on a free port, writing what it receives to a folder."""
 
-    def __init__(self, folder: Path, ae_title: str = "PACS") -> None:
+    def __init__(self, folder: Path, ae_title: str = "PACS", options: Sequence[str] = ()) -> None:
         self.folder = folder
         self.ae_title = ae_title
+        self.options = tuple(options)  # more storescp options, e.g. --config-file
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -99,23 +100,36 @@ class StoreSCP:
     def destination(self) -> str:
         return f"{self.ae_title}@127.0.0.1:{self.port}"
 
+    @property
+    def log(self) -> Path:
+        """storescp's verbose log (one "Association Acknowledged" line per association)."""
+        return self.folder.with_name(f"{self.folder.name}-storescp.log")
+
+    def associations(self) -> int:
+        """Associations storescp accepted so far, over all its starts (not bare connects)."""
+        if not self.log.exists():
+            return 0
+        return self.log.read_text(errors="replace").count("Association Acknowledged")
+
     def start(self) -> StoreSCP:
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            [
-                dcmtk_tool("storescp"),
-                "--aetitle",
-                self.ae_title,
-                "--output-directory",
-                str(self.folder),
-                "--accept-all",
-                "--sort-on-study-uid",
-                "st",
-                str(self.port),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    dcmtk_tool("storescp"),
+                    "--verbose",
+                    "--aetitle",
+                    self.ae_title,
+                    "--output-directory",
+                    str(self.folder),
+                    *(self.options or ("--accept-all",)),
+                    "--sort-on-study-uid",
+                    "st",
+                    str(self.port),
+                ],
+                stdout=log,
+                stderr=log,
+            )
         wait_for_port(self.port, timeout=20, process=self.process)
         return self
 

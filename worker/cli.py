@@ -360,8 +360,7 @@ def retry_deliveries(ctx: click.Context, delivery_ids: tuple[int, ...]) -> None:
     _require_schema(settings)
     configure(settings)
     ids = reset_failed(Runtime(settings), list(delivery_ids) or None)
-    for delivery_id in ids:
-        enqueue_delivery(delivery_id)
+    enqueue_delivery(ids)  # in id order: an assessment's SR and SC mostly share a message
     console.print(f"{len(ids)} failed deliveries queued again")
 
 

@@ -4,27 +4,43 @@ A delivery is `pending` until the destination answers Success (or a warning,
 which means it stored the object), `failed` once its attempts are spent. Nothing
 is dropped silently: a failed delivery stays visible in `status` until
 `boneage-worker retry-deliveries` sends it again.
+
+The deliveries of one message (an assessment's SR and SC) that go to the same
+destination travel over one association. Each one still has its own outcome: the
+destination may store the SR and refuse the SC, or the link may break between them.
+
+Sending starts with a claim: one conditional UPDATE moves the rows' next attempt
+out by the time a send may take (`claim_seconds`). A duplicate message for the same
+rows (the reconciler and a retry both queued one, or two delivery workers hold
+copies) then finds them not due, so an object is not sent twice at once; and if the
+worker dies while sending, the reconciler picks the rows up once the claim runs out.
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import update
+from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import or_, select, update
 
 from db.engine import session_scope
 from db.schema import Delivery, DeliveryState
 from db.schema import utcnow as now
-from dicom_io.scu import SendError, send_files
+from dicom_io.scu import SendError, send_datasets, stored
 from worker.runtime import Runtime
 from worker.settings import Destination
 from worker.tls import client_context
 
 logger = logging.getLogger(__name__)
+
+#: Seconds our SCU waits on a silent destination (association, network, each answer).
+SEND_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -34,74 +50,177 @@ class DeliveryOutcome:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class _Claimed:
+    id: int
+    destination: str
+    path: Path
+
+
 def backoff_seconds(attempts: int, base: float, cap: float) -> float:
     """Exponential back-off: base, 2·base, 4·base … capped."""
     return float(min(cap, base * 2 ** max(0, attempts - 1)))
 
 
+def claim_seconds(count: int) -> float:
+    """How long a claim on ``count`` deliveries lasts: the longest a send of them may take."""
+    return SEND_TIMEOUT * (count + 2)  # association, each answer, release
+
+
 def deliver_one(rt: Runtime, delivery_id: int, *, force: bool = False) -> DeliveryOutcome:
-    """Try to send one delivery now.
+    """Try to send one delivery now (see `send_deliveries`)."""
+    return send_deliveries(rt, [delivery_id], force=force)[delivery_id]
+
+
+def send_deliveries(
+    rt: Runtime, delivery_ids: Sequence[int], *, force: bool = False
+) -> dict[int, DeliveryOutcome]:
+    """Try to send deliveries now, those to one destination over one association.
 
     Parameters
     ----------
+    delivery_ids
+        Deliveries to send, in the order they go out (an SR before its SC).
     force
-        Send even when the next attempt is not yet due (used by `retry-deliveries`).
+        Send even when the next attempt is not yet due (used by tests and by
+        operators; it also overrides another worker's claim).
+
+    Returns
+    -------
+    dict
+        The outcome of each delivery id given.
     """
-    settings = rt.settings
+    ids = list(dict.fromkeys(delivery_ids))
+    claimed, outcomes = _claim(rt, ids, force=force)
+    by_destination: dict[str, list[_Claimed]] = {}
+    for row in claimed:
+        by_destination.setdefault(row.destination, []).append(row)
+    for destination_text, rows in by_destination.items():
+        outcomes.update(_send_to(rt, destination_text, rows))
+    return {delivery_id: outcomes[delivery_id] for delivery_id in ids}
+
+
+def _claim(
+    rt: Runtime, ids: list[int], *, force: bool
+) -> tuple[list[_Claimed], dict[int, DeliveryOutcome]]:
+    if not ids:
+        return [], {}
+    current = now()
+    conditions = [Delivery.id.in_(ids), Delivery.state == DeliveryState.PENDING]
+    if not force:
+        # a second of slack: a retry's message may arrive a little before its due time
+        conditions.append(
+            or_(
+                Delivery.next_attempt_at.is_(None),
+                Delivery.next_attempt_at <= current + timedelta(seconds=1),
+            )
+        )
     with session_scope(rt.database_url) as session:
-        delivery = session.get(Delivery, delivery_id)
-        if delivery is None:
-            return DeliveryOutcome("skipped", error="no such delivery")
-        if delivery.state is not DeliveryState.PENDING:
-            return DeliveryOutcome("skipped", error=f"already {delivery.state.value}")
-        due = delivery.next_attempt_at
-        if not force and due is not None and due > now() + timedelta(seconds=1):
-            # A duplicate message (reconciler and retry both queued it): the other one sends.
-            return DeliveryOutcome("skipped", error="not due yet")
-        destination_text, path = delivery.destination, Path(delivery.path)
+        rows = session.execute(
+            update(Delivery)
+            .where(*conditions)
+            .values(next_attempt_at=current + timedelta(seconds=claim_seconds(len(ids))))
+            .returning(Delivery.id, Delivery.destination, Delivery.path)
+            .execution_options(synchronize_session=False)
+        ).all()
+        claimed = {row.id: _Claimed(row.id, row.destination, Path(row.path)) for row in rows}
+        others = [i for i in ids if i not in claimed]
+        states = {
+            row.id: row.state
+            for row in session.execute(
+                select(Delivery.id, Delivery.state).where(Delivery.id.in_(others))
+            )
+        }
+    skipped: dict[int, DeliveryOutcome] = {}
+    for delivery_id in others:
+        state = states.get(delivery_id)
+        if state is None:
+            reason = "no such delivery"
+        elif state is not DeliveryState.PENDING:
+            reason = f"already {state.value}"
+        else:
+            # being sent under another message's claim, or its retry is not due
+            reason = "not due yet"
+        skipped[delivery_id] = DeliveryOutcome("skipped", error=reason)
+    return [claimed[i] for i in ids if i in claimed], skipped
+
+
+def _send_to(
+    rt: Runtime, destination_text: str, rows: list[_Claimed]
+) -> dict[int, DeliveryOutcome]:
+    settings = rt.settings
     try:
         destination = Destination.parse(destination_text)
     except ValueError as exc:
-        return _record_failure(rt, delivery_id, str(exc), permanent=True)
+        return {row.id: _record_failure(rt, row.id, str(exc), permanent=True) for row in rows}
     try:
         # Built per attempt: a renewed certificate is used without a restart.
         tls = client_context(settings)
     except (OSError, ssl.SSLError) as exc:
         # A configuration fault the administrator can fix: retried, never permanent.
-        return _record_failure(rt, delivery_id, f"TLS settings unusable: {exc}")
+        error = f"TLS settings unusable: {exc}"
+        return {row.id: _record_failure(rt, row.id, error) for row in rows}
 
+    outcomes: dict[int, DeliveryOutcome] = {}
+    sendable: list[tuple[_Claimed, Dataset]] = []
+    for row in rows:
+        try:
+            sendable.append((row, dcmread(row.path)))
+        except FileNotFoundError:
+            error = "the outbox file is missing"
+            outcomes[row.id] = _record_failure(rt, row.id, error, permanent=True)
+        except InvalidDicomError as exc:
+            error = f"the outbox file cannot be read: {exc}"
+            outcomes[row.id] = _record_failure(rt, row.id, error, permanent=True)
+        except OSError as exc:
+            outcomes[row.id] = _record_failure(rt, row.id, f"the outbox file: {exc}")
+    if not sendable:
+        return outcomes
+
+    answered: Sequence[int]
+    broken: str | None = None
     try:
-        [outcome] = send_files(
-            [path],
+        answered = send_datasets(
+            [ds for _, ds in sendable],
             ae_title=destination.ae_title,
             host=destination.host,
             port=destination.port,
             calling_ae_title=settings.ae_title,
+            timeout=SEND_TIMEOUT,
             ssl_context=tls,
         )
-    except FileNotFoundError:
-        return _record_failure(rt, delivery_id, "the outbox file is missing", permanent=True)
     except (SendError, OSError, RuntimeError) as exc:
-        return _record_failure(rt, delivery_id, str(exc))
-    if not outcome.ok:
-        return _record_failure(
-            rt, delivery_id, f"{destination} answered status 0x{outcome.status:04X}"
-        )
+        answered = exc.answered if isinstance(exc, SendError) else ()
+        broken = str(exc)
 
-    with session_scope(rt.database_url) as session:
-        session.execute(
-            update(Delivery)
-            .where(Delivery.id == delivery_id)
-            .values(
-                state=DeliveryState.DELIVERED,
-                delivered_at=now(),
-                attempts=Delivery.attempts + 1,
-                last_error=None,
-                next_attempt_at=None,
+    delivered: list[int] = []
+    for index, (row, _) in enumerate(sendable):
+        if index >= len(answered):
+            outcomes[row.id] = _record_failure(rt, row.id, broken or "not sent")
+        elif stored(answered[index]):
+            delivered.append(row.id)
+        else:
+            error = f"{destination} answered status 0x{answered[index]:04X}"
+            outcomes[row.id] = _record_failure(rt, row.id, error)
+    if delivered:
+        with session_scope(rt.database_url) as session:
+            session.execute(
+                update(Delivery)
+                .where(Delivery.id.in_(delivered))
+                .values(
+                    state=DeliveryState.DELIVERED,
+                    delivered_at=now(),
+                    attempts=Delivery.attempts + 1,
+                    last_error=None,
+                    next_attempt_at=None,
+                )
+                .execution_options(synchronize_session=False)
             )
+        logger.info(
+            "deliveries %s sent to %s", ", ".join(map(str, delivered)), destination.ae_title
         )
-    logger.info("delivery %d sent to %s", delivery_id, destination.ae_title)
-    return DeliveryOutcome("delivered")
+        outcomes.update({delivery_id: DeliveryOutcome("delivered") for delivery_id in delivered})
+    return outcomes
 
 
 def _record_failure(
@@ -124,7 +243,7 @@ def _record_failure(
             settings.delivery_backoff_seconds,
             settings.delivery_backoff_max_seconds,
         )
-        delivery.next_attempt_at = now() + timedelta(seconds=wait)
+        delivery.next_attempt_at = now() + timedelta(seconds=wait)  # ends the claim
         attempts = delivery.attempts
     logger.warning(
         "delivery %d attempt %d failed (%s); next in %.0fs", delivery_id, attempts, error, wait
@@ -134,13 +253,11 @@ def _record_failure(
 
 def reset_failed(rt: Runtime, delivery_ids: list[int] | None = None) -> list[int]:
     """Put failed deliveries back to pending, due now; returns their ids."""
-    from sqlalchemy import select
-
     with session_scope(rt.database_url) as session:
         query = select(Delivery).where(Delivery.state == DeliveryState.FAILED)
         if delivery_ids:
             query = query.where(Delivery.id.in_(delivery_ids))
-        rows = list(session.scalars(query))
+        rows = list(session.scalars(query.order_by(Delivery.id)))
         for row in rows:
             row.state = DeliveryState.PENDING
             row.attempts = 0

@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from sqlalchemy import create_engine, inspect, text, update
@@ -29,8 +30,17 @@ def enqueue_assess(instance_id: int, *, send: bool = True) -> None:
     app.send_task(ASSESS_TASK, args=[instance_id], kwargs=kwargs, queue=INFERENCE_QUEUE)
 
 
-def enqueue_delivery(delivery_id: int, *, countdown: float | None = None) -> None:
-    app.send_task(DELIVER_TASK, args=[delivery_id], queue=DELIVERY_QUEUE, countdown=countdown)
+#: Most deliveries one `deliver` message carries (an SR and an SC each for a few images):
+#: a message's deliveries to one destination share an association.
+DELIVERIES_PER_MESSAGE = 8
+
+
+def enqueue_delivery(delivery_ids: Sequence[int], *, countdown: float | None = None) -> None:
+    """Publish `deliver` messages for ``delivery_ids``, in order, a few per message."""
+    ids = list(delivery_ids)
+    for start in range(0, len(ids), DELIVERIES_PER_MESSAGE):
+        chunk = ids[start : start + DELIVERIES_PER_MESSAGE]
+        app.send_task(DELIVER_TASK, args=[chunk], queue=DELIVERY_QUEUE, countdown=countdown)
 
 
 def mark_queued(database_url: str, instance_ids: list[int]) -> None:

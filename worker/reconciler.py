@@ -9,7 +9,7 @@ doorbell. Re-queueing is safe because tasks are idempotent.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -36,7 +36,7 @@ class ReconcileReport:
 def reconcile(
     rt: Runtime,
     enqueue_assess: Callable[[int], None],
-    enqueue_delivery: Callable[[int], None],
+    enqueue_delivery: Callable[[Sequence[int]], None],
     *,
     inference_queue_empty: bool,
     startup: bool = False,
@@ -78,9 +78,9 @@ def reconcile(
         instance_ids = list(
             session.scalars(select(Instance.id).where(or_(*conditions)).order_by(Instance.id))
         )
-        delivery_ids = list(
-            session.scalars(
-                select(Delivery.id)
+        pending = list(
+            session.execute(
+                select(Delivery.id, Delivery.instance_id)
                 .where(
                     Delivery.state == DeliveryState.PENDING,
                     or_(
@@ -88,9 +88,13 @@ def reconcile(
                         Delivery.next_attempt_at < current - timedelta(seconds=30),
                     ),
                 )
-                .order_by(Delivery.id)
+                .order_by(Delivery.instance_id, Delivery.id)
             )
         )
+    # one message per instance: its SR and SC share an association again
+    delivery_groups: dict[int, list[int]] = {}
+    for delivery_id, instance_id in pending:
+        delivery_groups.setdefault(instance_id, []).append(delivery_id)
     queued: list[int] = []
     for instance_id in instance_ids:
         try:
@@ -112,13 +116,13 @@ def reconcile(
                 .values(state=InstanceState.QUEUED, queued_at=now(), claimed_by=None)
             )
     sent: list[int] = []
-    for delivery_id in delivery_ids:
+    for group in delivery_groups.values():
         try:
-            enqueue_delivery(delivery_id)
+            enqueue_delivery(group)
         except Exception as exc:
             logger.warning("reconciler: broker unavailable (%s); will retry", type(exc).__name__)
             break
-        sent.append(delivery_id)
+        sent.extend(group)
     if queued or sent:
         logger.info("reconciler re-queued %d instances and %d deliveries", len(queued), len(sent))
     return ReconcileReport(queued, sent)

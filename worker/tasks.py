@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from db.engine import dispose_after_fork
 from dicom_io.pixels import set_jpeg2000_threads
 from worker import metrics
 from worker.celery_app import ASSESS_TASK, DELIVER_TASK, RECONCILE_TASK, app
-from worker.delivery import deliver_one
+from worker.delivery import send_deliveries
 from worker.heap import keep_large_blocks
 from worker.heartbeat import HeartbeatThread
 from worker.messaging import enqueue_delivery
@@ -174,8 +175,8 @@ def assess(self: Task, instance_id: int, send: bool = True) -> str:
     metrics.TASKS.labels(ASSESS_TASK, outcome.state).inc()
     if outcome.state == "assessed":
         metrics.ASSESS_SECONDS.observe(time.perf_counter() - started)
-    for delivery_id in outcome.delivery_ids:
-        enqueue_delivery(delivery_id)
+    if outcome.delivery_ids:
+        enqueue_delivery(outcome.delivery_ids)  # SR and SC: one association per destination
     return outcome.state
 
 
@@ -188,18 +189,33 @@ def assess(self: Task, instance_id: int, send: bool = True) -> str:
     retry_backoff=5,
     max_retries=20,
 )
-def deliver(self: Task, delivery_id: int) -> str:
+def deliver(self: Task, delivery_ids: list[int] | int) -> str:
+    # A message of an earlier version carries one id.
+    ids = [delivery_ids] if isinstance(delivery_ids, int) else list(delivery_ids)
     try:
-        outcome = deliver_one(runtime(), delivery_id)
+        outcomes = send_deliveries(runtime(), ids)
     except Exception:
         metrics.TASKS.labels(DELIVER_TASK, "exception").inc()
         raise
-    metrics.TASKS.labels(DELIVER_TASK, outcome.state).inc()
-    metrics.DELIVERY_ATTEMPTS.labels(outcome.state).inc()
-    if outcome.retry_in is not None:
+    retries: dict[float, list[int]] = {}
+    for delivery_id, outcome in outcomes.items():
+        metrics.DELIVERY_ATTEMPTS.labels(outcome.state).inc()
+        if outcome.retry_in is not None:
+            retries.setdefault(outcome.retry_in, []).append(delivery_id)
+    for wait, retry_ids in retries.items():
         # The due time is in the db too: if this message is lost, the reconciler re-sends.
-        enqueue_delivery(delivery_id, countdown=outcome.retry_in)
-    return outcome.state
+        enqueue_delivery(retry_ids, countdown=wait)
+    state = _worst(outcome.state for outcome in outcomes.values())
+    metrics.TASKS.labels(DELIVER_TASK, state).inc()
+    return state
+
+
+#: A deliver task's outcome is its least successful delivery's.
+_SEVERITY = ("skipped", "delivered", "retry", "failed")
+
+
+def _worst(states: Iterable[str]) -> str:
+    return max(states, key=_SEVERITY.index, default="skipped")
 
 
 @app.task(name=RECONCILE_TASK, acks_late=True)

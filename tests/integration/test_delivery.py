@@ -1,0 +1,175 @@
+"""Deliveries of an assessment against dcmtk's storescp: one association, own outcomes.
+
+SQLite and PostgreSQL both: the claim that keeps two workers from sending the same
+object at once is a conditional UPDATE … RETURNING on either.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from sqlalchemy import select
+
+from db.engine import session_scope, upgrade
+from db.schema import Delivery, DeliveryState, ObjectKind, utcnow
+from tests.conftest import StoreSCP
+from tests.integration.test_pipeline import spool_instance
+from tests.support import wait_for
+from worker.delivery import claim_seconds, send_deliveries
+from worker.pipeline import assess_instance
+from worker.reconciler import reconcile
+from worker.runtime import Runtime
+from worker.settings import load_settings
+
+pytestmark = pytest.mark.integration
+
+#: storescp negotiation profile that takes Comprehensive SR and nothing else.
+SR_ONLY = """\
+[[TransferSyntaxes]]
+[Uncompressed]
+TransferSyntax1 = 1.2.840.10008.1.2.1
+TransferSyntax2 = 1.2.840.10008.1.2
+
+[[PresentationContexts]]
+[SROnly]
+PresentationContext1 = 1.2.840.10008.5.1.4.1.1.88.33\\Uncompressed
+
+[[Profiles]]
+[SROnly]
+PresentationContexts = SROnly
+"""
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'boneage.db'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+def make_runtime(
+    tmp_path: Path, tiny_checkpoint: Path, database_url: str, pacs: StoreSCP
+) -> Runtime:
+    settings = load_settings(
+        data_dir=tmp_path / "data",
+        database_url=database_url,
+        model=tiny_checkpoint,
+        destinations=pacs.destination,
+        delivery_max_attempts=3,
+        delivery_backoff_seconds=1,
+    )
+    upgrade(settings.effective_database_url)
+    return Runtime(settings)
+
+
+def rows(rt: Runtime) -> dict[ObjectKind, Delivery]:
+    with session_scope(rt.database_url) as session:
+        return {d.kind: d for d in session.scalars(select(Delivery))}
+
+
+def test_sr_and_sc_go_over_one_association(
+    tmp_path: Path, tiny_checkpoint: Path, database_url: str, storescp: StoreSCP
+) -> None:
+    rt = make_runtime(tmp_path, tiny_checkpoint, database_url, storescp)
+    outcome = assess_instance(rt, spool_instance(rt, tmp_path))
+    assert len(outcome.delivery_ids) == 2
+
+    sent = send_deliveries(rt, outcome.delivery_ids)
+
+    assert [o.state for o in sent.values()] == ["delivered", "delivered"]
+    received = storescp.wait_for_objects(2, timeout=30)
+    assert sorted(dcmread(p).Modality for p in received) == ["OT", "SR"]
+    assert storescp.associations() == 1
+    assert all(d.state is DeliveryState.DELIVERED and d.attempts == 1 for d in rows(rt).values())
+
+
+def test_destination_that_takes_the_sr_and_not_the_sc(
+    tmp_path: Path, tiny_checkpoint: Path, database_url: str, dcmtk: dict[str, str]
+) -> None:
+    profile = tmp_path / "sr-only.cfg"
+    profile.write_text(SR_ONLY)
+    pacs = StoreSCP(tmp_path / "pacs", options=("--config-file", str(profile), "SROnly")).start()
+    try:
+        rt = make_runtime(tmp_path, tiny_checkpoint, database_url, pacs)
+        outcome = assess_instance(rt, spool_instance(rt, tmp_path))
+
+        sent = send_deliveries(rt, outcome.delivery_ids)
+
+        assert [o.state for o in sent.values()] == ["delivered", "retry"]
+        by_kind = rows(rt)
+        assert by_kind[ObjectKind.SR].state is DeliveryState.DELIVERED
+        sc = by_kind[ObjectKind.SC]
+        assert sc.state is DeliveryState.PENDING and sc.attempts == 1
+        assert "Secondary Capture Image Storage" in (sc.last_error or "")
+        [stored] = pacs.wait_for_objects(1, timeout=30)
+        assert dcmread(stored).Modality == "SR"
+
+        # The retry sends the SC alone; the SR is not sent twice.
+        again = send_deliveries(rt, outcome.delivery_ids, force=True)
+        assert [o.state for o in again.values()] == ["skipped", "retry"]
+        assert again[by_kind[ObjectKind.SR].id].error == "already delivered"
+        assert len(pacs.received()) == 1
+    finally:
+        pacs.stop()
+
+
+def test_two_workers_with_the_same_message_send_each_object_once(
+    tmp_path: Path, tiny_checkpoint: Path, database_url: str, storescp: StoreSCP
+) -> None:
+    rt = make_runtime(tmp_path, tiny_checkpoint, database_url, storescp)
+    ids = assess_instance(rt, spool_instance(rt, tmp_path)).delivery_ids
+    start = threading.Barrier(2)
+    results: list[dict[int, object]] = []
+
+    def worker() -> None:
+        start.wait()
+        results.append({k: v.state for k, v in send_deliveries(rt, ids).items()})
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+
+    assert len(results) == 2
+    for delivery_id in ids:
+        assert sorted(str(r[delivery_id]) for r in results) == ["delivered", "skipped"]
+    storescp.wait_for_objects(2, timeout=30)
+    assert storescp.associations() == 1
+    assert len(storescp.received()) == 2
+
+
+def test_reconciler_leaves_a_claim_alone_until_it_runs_out(
+    tmp_path: Path, tiny_checkpoint: Path, database_url: str, storescp: StoreSCP
+) -> None:
+    # A worker died while sending: its claim moved the rows' next attempt out, so the
+    # reconciler leaves them until the claim is over, then queues both in one message.
+    rt = make_runtime(tmp_path, tiny_checkpoint, database_url, storescp)
+    ids = assess_instance(rt, spool_instance(rt, tmp_path)).delivery_ids
+    queued: list[list[int]] = []
+
+    def enqueue(group: Sequence[int]) -> None:
+        queued.append(list(group))
+
+    with session_scope(rt.database_url) as session:
+        for d in session.scalars(select(Delivery)):
+            d.next_attempt_at = utcnow() + timedelta(seconds=claim_seconds(2))
+    report = reconcile(rt, lambda _: None, enqueue, inference_queue_empty=True)
+    assert report.deliveries == [] and queued == []
+
+    with session_scope(rt.database_url) as session:
+        for d in session.scalars(select(Delivery)):
+            d.next_attempt_at = utcnow() - timedelta(seconds=31)  # the claim ran out
+    report = reconcile(rt, lambda _: None, enqueue, inference_queue_empty=True)
+    assert sorted(report.deliveries) == sorted(ids)
+    assert queued == [sorted(ids)]
+    assert [o.state for o in send_deliveries(rt, queued[0]).values()] == [
+        "delivered",
+        "delivered",
+    ]
+    wait_for(lambda: len(storescp.received()) == 2, timeout=30, what="both objects")

@@ -22,6 +22,7 @@ import torch
 BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "gradcam": ("bench_gradcam", [], ["--repeats", "3"]),
     "ingest": ("bench_ingest", [], ["--count", "30", "--rounds", "2"]),
+    "delivery": ("bench_delivery", [], ["--count", "5"]),
     "pipeline": ("bench_pipeline", [], ["--repeats", "3"]),
     "pipeline-j2k": ("bench_pipeline", ["--j2k"], ["--j2k", "--repeats", "3"]),
     "throughput": ("bench_throughput", [], ["--count", "6", "--repeats", "1"]),

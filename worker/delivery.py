@@ -125,10 +125,13 @@ def _claim(
         ).all()
         claimed = {row.id: _Claimed(row.id, row.destination, Path(row.path)) for row in rows}
         others = [i for i in ids if i not in claimed]
+        # only a skipped delivery needs a second look (why it was not claimed)
         states = {
             row.id: row.state
-            for row in session.execute(
-                select(Delivery.id, Delivery.state).where(Delivery.id.in_(others))
+            for row in (
+                session.execute(select(Delivery.id, Delivery.state).where(Delivery.id.in_(others)))
+                if others
+                else ()
             )
         }
     skipped: dict[int, DeliveryOutcome] = {}

@@ -12,12 +12,34 @@ import pytest
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
-from tests.support import dcmtk_tool, free_port, wait_for, wait_for_port
+from tests.support import (
+    dcmtk_tool,
+    free_port,
+    keep_process_log,
+    process_logs_since,
+    wait_for,
+    wait_for_port,
+)
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "BONEAGE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 REDIS_URL = os.environ.get("BONEAGE_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test's report ends with the logs its processes wrote meanwhile.
+
+    CI keeps only the report: without them a timeout in a multi-process test says
+    what was awaited, never why it did not come.
+    """
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.failed and call.when in ("setup", "call"):
+        for path, tail in process_logs_since(call.start):
+            name = "/".join(path.parts[-3:])
+            report.sections.append((f"end of {name}", tail))
 
 
 def _require_tool(name: str) -> str:
@@ -113,6 +135,7 @@ class StoreSCP:
 
     def start(self) -> StoreSCP:
         self.folder.mkdir(parents=True, exist_ok=True)
+        keep_process_log(self.log)
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [

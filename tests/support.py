@@ -1,4 +1,4 @@
-"""Helpers for tests: free ports and waiting on conditions with a deadline."""
+"""Helpers for tests: free ports, waiting on conditions with a deadline, process logs."""
 
 from __future__ import annotations
 
@@ -10,11 +10,38 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
 
 _pause = threading.Event()
+
+#: Logs of the processes tests started (our nodes, storescp), for failure reports.
+_process_logs: list[Path] = []
+
+#: How much of each log a failure report shows (its end).
+LOG_TAIL_CHARS = 12_000
+
+
+def keep_process_log(path: Path) -> None:
+    """Show the end of ``path`` in the report of a test that fails while it is written."""
+    if path not in _process_logs:
+        _process_logs.append(path)
+
+
+def process_logs_since(started: float) -> list[tuple[Path, str]]:
+    """(log, its end) for each kept log written to at or after ``started`` (epoch s)."""
+    tails = []
+    for path in _process_logs:
+        try:
+            if path.stat().st_mtime < started:
+                continue
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        tails.append((path, text[-LOG_TAIL_CHARS:]))
+    return tails
 
 
 def dcmtk_tool(name: str) -> str:

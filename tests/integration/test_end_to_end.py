@@ -27,7 +27,7 @@ from db.engine import session_scope
 from db.schema import Delivery, DeliveryState, Instance, InstanceState, Result
 from tests.conftest import StoreSCP
 from tests.dicomtools import dciodvfy_errors, dsrdump
-from tests.support import dcmtk_tool, free_port, wait_for, wait_for_port
+from tests.support import dcmtk_tool, free_port, keep_process_log, wait_for, wait_for_port
 from worker.messaging import prune_embedded_broker
 from worker.settings import usable_cpus
 
@@ -57,6 +57,7 @@ class Node:
 
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         log = self.logs / f"{name}.log"
+        keep_process_log(log)
         proc = subprocess.Popen(
             [sys.executable, "-m", "worker", *args],
             env=self.env,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import time
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -123,3 +124,32 @@ def queue_depths(celery: Celery) -> dict[str, int]:
             )
             depths[name] = int(declared.message_count)
     return depths
+
+
+def prepare_embedded_broker(celery: Celery, *, attempts: int = 5) -> None:
+    """Create the embedded broker's tables and queues before the processes using it start.
+
+    kombu's SQLAlchemy transport creates them on first use. Processes started together
+    (``serve`` starts three) then race: the loser's insert of a queue row fails with an
+    IntegrityError, the publish or poll that made it fails, and that channel's session
+    stays unusable. Done here first, nobody inserts later. A race with another node
+    started on the same files at the same moment is met by trying again.
+    """
+    settings = celery.conf.get("boneage_settings")
+    if settings is None or not settings.embedded_broker:
+        return
+    from sqlalchemy.exc import SQLAlchemyError
+
+    for attempt in range(1, attempts + 1):
+        try:
+            with celery.connection_for_write() as connection:
+                channel = connection.default_channel
+                for name in (INFERENCE_QUEUE, DELIVERY_QUEUE):
+                    channel.queue_declare(queue=name, durable=True, auto_delete=False)
+            return
+        except SQLAlchemyError as exc:
+            if attempt == attempts:
+                # Not fatal: the enqueuer and Celery try again on their own.
+                logger.warning("embedded broker queues not created (%s)", type(exc).__name__)
+                return
+            time.sleep(0.1 * attempt)

@@ -263,14 +263,16 @@ def work(
 def serve(ctx: click.Context, ae_title: str | None, port: int | None) -> None:
     """Run listener, inference worker and delivery worker together (one machine).
 
-    Migrates the database first. Children that die are restarted; SIGTERM or
-    Ctrl-C stops them all.
+    Migrates the database (and creates the embedded broker's queues) first. Children
+    that die are restarted; SIGTERM or Ctrl-C stops them all.
     """
     from db.engine import upgrade
+    from worker.celery_app import configure, prepare_embedded_broker
 
     settings = _settings(ctx, ae_title=ae_title, port=port)
     _private_files(settings)
     upgrade(settings.effective_database_url)
+    prepare_embedded_broker(configure(settings))
     env = {**os.environ, **settings.as_environment()}
     base = [sys.executable, "-m", "worker"]
     commands = {

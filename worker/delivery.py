@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import logging
 import ssl
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from sqlalchemy import or_, select, update
 
 from db.engine import session_scope
@@ -96,7 +97,17 @@ def send_deliveries(
     for row in claimed:
         by_destination.setdefault(row.destination, []).append(row)
     for destination_text, rows in by_destination.items():
-        outcomes.update(_send_to(rt, destination_text, rows))
+        try:
+            _send_to(rt, destination_text, rows, outcomes)
+        except Exception as exc:
+            # A fault of ours (or of a library) must still cost the claimed rows an
+            # attempt: raised, it would leave them pending under the claim, sent again
+            # by the reconciler and failing again for ever, never counted nor `failed`.
+            error = f"internal error while sending: {type(exc).__name__}: {exc}"
+            logger.exception("deliveries to %s: %s", destination_text, error)
+            for row in rows:
+                if row.id not in outcomes:
+                    outcomes[row.id] = _record_failure(rt, row.id, error)
     return {delivery_id: outcomes[delivery_id] for delivery_id in ids}
 
 
@@ -149,36 +160,46 @@ def _claim(
 
 
 def _send_to(
-    rt: Runtime, destination_text: str, rows: list[_Claimed]
-) -> dict[int, DeliveryOutcome]:
+    rt: Runtime,
+    destination_text: str,
+    rows: list[_Claimed],
+    outcomes: dict[int, DeliveryOutcome],
+) -> None:
+    """Send ``rows`` to one destination; each row's outcome goes into ``outcomes``
+    as soon as it is recorded."""
     settings = rt.settings
     try:
         destination = Destination.parse(destination_text)
     except ValueError as exc:
-        return {row.id: _record_failure(rt, row.id, str(exc), permanent=True) for row in rows}
+        for row in rows:
+            outcomes[row.id] = _record_failure(rt, row.id, str(exc), permanent=True)
+        return
     try:
         # Built per attempt: a renewed certificate is used without a restart.
         tls = client_context(settings)
     except (OSError, ssl.SSLError) as exc:
         # A configuration fault the administrator can fix: retried, never permanent.
         error = f"TLS settings unusable: {exc}"
-        return {row.id: _record_failure(rt, row.id, error) for row in rows}
+        for row in rows:
+            outcomes[row.id] = _record_failure(rt, row.id, error)
+        return
 
-    outcomes: dict[int, DeliveryOutcome] = {}
     sendable: list[tuple[_Claimed, Dataset]] = []
     for row in rows:
         try:
-            sendable.append((row, dcmread(row.path)))
+            ds = _read_outbox(row.path)
         except FileNotFoundError:
             error = "the outbox file is missing"
             outcomes[row.id] = _record_failure(rt, row.id, error, permanent=True)
-        except InvalidDicomError as exc:
-            error = f"the outbox file cannot be read: {exc}"
+        except _DamagedObject as exc:
+            error = f"the outbox file is damaged: {exc}"
             outcomes[row.id] = _record_failure(rt, row.id, error, permanent=True)
         except OSError as exc:
             outcomes[row.id] = _record_failure(rt, row.id, f"the outbox file: {exc}")
+        else:
+            sendable.append((row, ds))
     if not sendable:
-        return outcomes
+        return
 
     answered: Sequence[int]
     broken: str | None = None
@@ -223,7 +244,52 @@ def _send_to(
             "deliveries %s sent to %s", ", ".join(map(str, delivered)), destination.ae_title
         )
         outcomes.update({delivery_id: DeliveryOutcome("delivered") for delivery_id in delivered})
-    return outcomes
+
+
+class _DamagedObject(ValueError):
+    """An outbox file that is no complete object to send."""
+
+
+#: What pydicom raises, reading a file, on contents it cannot make sense of.
+_UNREADABLE = (
+    InvalidDicomError,
+    BytesLengthException,
+    AttributeError,
+    ValueError,
+    EOFError,
+    KeyError,
+    IndexError,
+    struct.error,
+)
+
+
+def _read_outbox(path: Path) -> Dataset:
+    """Read one of our objects back, in full, before it is offered to a destination.
+
+    pydicom reads lazily: a file damaged after we wrote it (a full disk, a restored
+    backup) would otherwise fail midway through the association, or not be noticed.
+
+    Raises
+    ------
+    OSError
+        The file cannot be opened (`FileNotFoundError`: it is gone).
+    _DamagedObject
+        It is no DICOM file, or lacks what a C-STORE needs, or does not parse.
+    """
+    try:
+        ds = dcmread(path)
+        for keyword in ("SOPClassUID", "SOPInstanceUID"):
+            if keyword not in ds:
+                raise _DamagedObject(f"it has no {keyword}")
+        if "TransferSyntaxUID" not in ds.file_meta:
+            raise _DamagedObject("its file meta has no TransferSyntaxUID")
+        for _ in ds.iterall():  # parses every element now
+            pass
+    except _DamagedObject:
+        raise
+    except _UNREADABLE as exc:
+        raise _DamagedObject(f"{type(exc).__name__}: {exc}") from None
+    return ds
 
 
 def _record_failure(

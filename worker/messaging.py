@@ -3,7 +3,9 @@
 The listener answers the PACS as soon as an instance is durable; publishing to
 the broker happens afterwards, on a thread of its own, so a slow or absent
 broker never holds up a C-STORE. What cannot be published stays `received` in
-the database, where the reconciler finds it.
+the database; the enqueuer tries it again after a pause (doubling, up to
+`RETRY_MAX_SECONDS`), so that a broker back after an outage gets the backlog in
+seconds, and the reconciler finds whatever a restart of the listener lost.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import threading
 import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import create_engine, inspect, text, update
 
@@ -25,9 +28,12 @@ from worker.celery_app import ASSESS_TASK, DELIVER_TASK, DELIVERY_QUEUE, INFEREN
 logger = logging.getLogger(__name__)
 
 
-def enqueue_assess(instance_id: int, *, send: bool = True) -> None:
+def enqueue_assess(instance_id: int, *, send: bool = True, producer: Any = None) -> None:
+    """Publish an `assess` message (with ``producer``: on its connection, not the pool's)."""
     kwargs = {} if send else {"send": False}
-    app.send_task(ASSESS_TASK, args=[instance_id], kwargs=kwargs, queue=INFERENCE_QUEUE)
+    app.send_task(
+        ASSESS_TASK, args=[instance_id], kwargs=kwargs, queue=INFERENCE_QUEUE, producer=producer
+    )
 
 
 #: Most deliveries one `deliver` message carries (an SR and an SC each for a few images):
@@ -57,16 +63,34 @@ def mark_queued(database_url: str, instance_ids: list[int]) -> None:
 LINGER_SECONDS = 0.1
 #: Most ids published and marked `queued` in one round.
 MAX_BATCH = 100
+#: Pause before the enqueuer tries again what it could not publish; it doubles with each
+#: failed round up to the cap, and starts again at the first once a publish succeeds.
+RETRY_FIRST_SECONDS = 0.5
+RETRY_MAX_SECONDS = 30.0
+#: Most unpublished ids the enqueuer keeps to retry itself; beyond, a long outage's
+#: instances are left to the reconciler (their rows stay `received`).
+MAX_UNPUBLISHED = 10_000
 
 
 class Enqueuer:
-    """A thread that publishes `assess` messages for ids handed to `submit`."""
+    """A thread that publishes `assess` messages for ids handed to `submit`.
+
+    It publishes on a broker connection of its own: a connection that failed (a
+    broker restart, or the embedded broker's SQLite session left in an error) is
+    dropped and a new one made for the next try, while other threads' publishing
+    through the app's pool is not touched.
+    """
 
     def __init__(self, database_url: str) -> None:
         self._database_url = database_url
         self._queue: queue.Queue[int | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="enqueuer", daemon=True)
         self._broker_ok = True
+        self._connection: Any = None
+        self._producer: Any = None
+        self._unpublished: list[int] = []  # in the order they came, tried again first
+        self._failed_rounds = 0
+        self._retry_at = 0.0
 
     def start(self) -> None:
         self._thread.start()
@@ -80,41 +104,85 @@ class Enqueuer:
 
     @property
     def backlog(self) -> int:
-        return self._queue.qsize()
+        """Ids waiting to be published: handed over, or to be tried again."""
+        return self._queue.qsize() + len(self._unpublished)
 
     def _run(self) -> None:
-        while True:
-            batch = [self._queue.get()]
-            # What arrives within LINGER_SECONDS goes in the same round: one commit marks
-            # them all, and a burst of C-STOREs is not slowed by a commit per instance.
-            deadline = time.monotonic() + LINGER_SECONDS
-            while len(batch) < MAX_BATCH and batch[-1] is not None:
-                remaining = deadline - time.monotonic()
-                try:
-                    batch.append(
-                        self._queue.get(timeout=remaining)
-                        if remaining > 0
-                        else self._queue.get_nowait()
-                    )
-                except queue.Empty:
-                    break
-            stop = None in batch
-            published = [i for i in batch if i is not None and self._publish(i)]
-            if published:
-                try:
-                    mark_queued(self._database_url, published)
-                except Exception:
-                    logger.exception("%d instances published but not marked queued", len(published))
-            if stop:
-                return
+        try:
+            while True:
+                batch = self._gather()
+                stop = None in batch
+                ids = [i for i in batch if i is not None]
+                if self._unpublished and time.monotonic() >= self._retry_at:
+                    ids, self._unpublished = self._unpublished + ids, []
+                if ids:
+                    self._publish_round(ids)
+                if stop:
+                    return
+        finally:
+            self._drop_connection()
+
+    def _gather(self) -> list[int | None]:
+        """The next round's ids: wait for one (or until a retry is due), then linger."""
+        try:
+            if self._unpublished:
+                first = self._queue.get(timeout=max(0.0, self._retry_at - time.monotonic()))
+            else:
+                first = self._queue.get()
+        except queue.Empty:
+            return []
+        batch = [first]
+        # What arrives within LINGER_SECONDS goes in the same round: one commit marks
+        # them all, and a burst of C-STOREs is not slowed by a commit per instance.
+        deadline = time.monotonic() + LINGER_SECONDS
+        while len(batch) < MAX_BATCH and batch[-1] is not None:
+            remaining = deadline - time.monotonic()
+            try:
+                batch.append(
+                    self._queue.get(timeout=remaining)
+                    if remaining > 0
+                    else self._queue.get_nowait()
+                )
+            except queue.Empty:
+                break
+        return batch
+
+    def _publish_round(self, ids: list[int]) -> None:
+        published: list[int] = []
+        for position, instance_id in enumerate(ids):
+            if not self._publish(instance_id):
+                # The broker is away: the rest waits for the next try too, instead of
+                # each costing its own connection timeout now.
+                self._keep_for_retry(ids[position:])
+                break
+            published.append(instance_id)
+        else:
+            self._failed_rounds = 0
+        if published:
+            try:
+                mark_queued(self._database_url, published)
+            except Exception:
+                logger.exception("%d instances published but not marked queued", len(published))
+
+    def _keep_for_retry(self, ids: list[int]) -> None:
+        self._unpublished.extend(ids)
+        if len(self._unpublished) > MAX_UNPUBLISHED:
+            del self._unpublished[: len(self._unpublished) - MAX_UNPUBLISHED]  # to the reconciler
+        self._failed_rounds += 1
+        wait = min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2 ** (self._failed_rounds - 1))
+        self._retry_at = time.monotonic() + wait
 
     def _publish(self, instance_id: int) -> bool:
         try:
-            enqueue_assess(instance_id)
+            if self._producer is None:
+                self._connection = app.connection_for_write()
+                self._producer = app.amqp.Producer(self._connection)
+            enqueue_assess(instance_id, producer=self._producer)
         except Exception as exc:  # broker down: the row stays `received`
+            self._drop_connection()
             if self._broker_ok:
                 logger.error(
-                    "broker unavailable (%s): instances stay received until it is back",
+                    "broker unavailable (%s): instances stay received and are tried again",
                     type(exc).__name__,
                 )
             self._broker_ok = False
@@ -123,6 +191,14 @@ class Enqueuer:
             logger.info("broker reachable again")
         self._broker_ok = True
         return True
+
+    def _drop_connection(self) -> None:
+        connection, self._connection, self._producer = self._connection, None, None
+        if connection is not None:
+            try:
+                connection.release()
+            except Exception as exc:  # it failed already; nothing more to lose
+                logger.debug("broker connection not closed cleanly (%s)", type(exc).__name__)
 
 
 def prune_embedded_broker(broker_url: str, older_than: timedelta = timedelta(hours=1)) -> int:

@@ -20,6 +20,7 @@ from db.schema import Delivery, DeliveryState, ObjectKind, utcnow
 from tests.conftest import StoreSCP
 from tests.integration.test_pipeline import spool_instance
 from tests.support import wait_for
+from worker import delivery
 from worker.delivery import claim_seconds, send_deliveries
 from worker.pipeline import assess_instance
 from worker.reconciler import reconcile
@@ -173,3 +174,59 @@ def test_reconciler_leaves_a_claim_alone_until_it_runs_out(
         "delivered",
     ]
     wait_for(lambda: len(storescp.received()) == 2, timeout=30, what="both objects")
+
+
+def test_damaged_outbox_file_fails_alone_and_at_once(
+    tmp_path: Path, tiny_checkpoint: Path, database_url: str, storescp: StoreSCP
+) -> None:
+    # The SR's file was overwritten after we wrote it (restored from a bad backup):
+    # DICOM, but without the SOP Class UID a C-STORE needs. Retrying cannot help.
+    rt = make_runtime(tmp_path, tiny_checkpoint, database_url, storescp)
+    outcome = assess_instance(rt, spool_instance(rt, tmp_path))
+    sr = rows(rt)[ObjectKind.SR]
+    damaged = dcmread(sr.path)
+    del damaged.SOPClassUID
+    damaged.save_as(sr.path)
+
+    sent = send_deliveries(rt, outcome.delivery_ids)
+
+    assert sent[sr.id].state == "failed"
+    assert sent[sr.id].error == "the outbox file is damaged: it has no SOPClassUID"
+    by_kind = rows(rt)
+    assert by_kind[ObjectKind.SR].state is DeliveryState.FAILED
+    assert by_kind[ObjectKind.SR].attempts == 1
+    assert by_kind[ObjectKind.SC].state is DeliveryState.DELIVERED
+    [stored] = storescp.wait_for_objects(1, timeout=30)
+    assert dcmread(stored).Modality == "OT"
+
+
+def test_an_unexpected_error_while_sending_costs_an_attempt(
+    tmp_path: Path,
+    tiny_checkpoint: Path,
+    database_url: str,
+    storescp: StoreSCP,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A fault of ours or of a library (injected here: nothing real raises it on demand)
+    # must not escape with the rows still claimed: they would be sent again by the
+    # reconciler and fail again for ever, never counted, never `failed`.
+    rt = make_runtime(tmp_path, tiny_checkpoint, database_url, storescp)
+    ids = assess_instance(rt, spool_instance(rt, tmp_path)).delivery_ids
+
+    def broken(*args: object, **kwargs: object) -> list[int]:
+        raise TypeError("an internal fault")
+
+    monkeypatch.setattr(delivery, "send_datasets", broken)
+    sent = send_deliveries(rt, ids)
+
+    assert [o.state for o in sent.values()] == ["retry", "retry"]
+    assert all(
+        o.error == "internal error while sending: TypeError: an internal fault"
+        for o in sent.values()
+    )
+    assert all(d.attempts == 1 and d.state is DeliveryState.PENDING for d in rows(rt).values())
+
+    monkeypatch.undo()
+    again = send_deliveries(rt, ids, force=True)
+    assert [o.state for o in again.values()] == ["delivered", "delivered"]
+    storescp.wait_for_objects(2, timeout=30)

@@ -302,10 +302,8 @@ def test_broker_outage_keeps_acknowledging_then_catches_up(
     env = base_env(tmp_path, storescp, tiny_checkpoint, port)
     env.update(
         BONEAGE_BROKER_URL=f"redis://127.0.0.1:{redis_port}/0",
-        BONEAGE_RECONCILE_INTERVAL_SECONDS="1",
-        BONEAGE_REQUEUE_AFTER_SECONDS="1",
         BONEAGE_LOG_LEVEL="INFO",
-    )
+    )  # the reconciler at its defaults: it would re-queue `received` rows after 5 minutes
     database_url = f"sqlite:///{tmp_path / 'data' / 'boneage.db'}"
     assert cli("db", "upgrade", env=env).returncode == 0
     node = Node(tmp_path, env)
@@ -325,12 +323,20 @@ def test_broker_outage_keeps_acknowledging_then_catches_up(
         storescu(port, *files[1:])  # acknowledged with Redis down: files and rows are durable
         assert sorted(states(database_url).values()).count(InstanceState.RECEIVED) == 2
         assert listener.poll() is None
+        wait_for(
+            lambda: "instances stay received and are tried again" in node.log_text(),
+            timeout=60,
+            what="the enqueuer giving up its first try",
+        )
 
         redis_proc = start_redis()
+        # The enqueuer tries again by itself (every 30 s at most): within a minute, not
+        # the reconciler's five.
         wait_for(
-            lambda: everything_delivered(database_url, 3), timeout=240, what="the backlog processed"
+            lambda: everything_delivered(database_url, 3), timeout=120, what="the backlog processed"
         )
         assert len(set(received_sop_uids(storescp))) == 6
+        assert "broker reachable again" in node.log_text()
     finally:
         if redis_proc.poll() is None:
             redis_proc.terminate()

@@ -1,12 +1,26 @@
-"""The embedded broker's SQLite file runs in write-ahead-log mode."""
+"""The embedded broker's SQLite file: write-ahead-log mode, queues made before use."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
+import sys
 from contextlib import closing
 from pathlib import Path
 
 from worker.celery_app import use_write_ahead_log
+
+#: One process of a node starting up: configure the app, prepare the embedded broker.
+PREPARE = """
+import sys
+from worker.celery_app import configure, prepare_embedded_broker
+from worker.settings import load_settings
+settings = load_settings(data_dir=sys.argv[1])
+print("ready", flush=True)
+sys.stdin.read()  # all go on together
+prepare_embedded_broker(configure(settings))
+"""
 
 
 def _journal_mode(path: Path) -> str:
@@ -26,3 +40,32 @@ def test_other_brokers_are_left_alone(tmp_path: Path) -> None:
     use_write_ahead_log("redis://127.0.0.1:6379/0")
     use_write_ahead_log("sqla+sqlite:///:memory:")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_processes_starting_together_create_each_queue_once(tmp_path: Path) -> None:
+    # kombu creates tables and queue rows on first use; processes that start at once
+    # used to race there (an IntegrityError lost an instance's message for minutes).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BONEAGE_")}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", PREPARE, str(tmp_path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        for _ in range(4)
+    ]
+    for proc in procs:  # every interpreter has imported everything and waits
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+    for proc in procs:  # released together
+        assert proc.stdin is not None
+        proc.stdin.close()
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0
+        assert proc.stderr is not None
+        err = proc.stderr.read().decode()
+        assert "not created" not in err and "Error" not in err, err
+    with closing(sqlite3.connect(tmp_path / "broker.db")) as connection:
+        names = sorted(row[0] for row in connection.execute("SELECT name FROM kombu_queue"))
+    assert names == ["delivery", "inference"]

@@ -246,7 +246,7 @@ def _send_to(
         outcomes.update({delivery_id: DeliveryOutcome("delivered") for delivery_id in delivered})
 
 
-class _DamagedObject(ValueError):
+class _DamagedObject(Exception):
     """An outbox file that is no complete object to send."""
 
 
@@ -285,8 +285,6 @@ def _read_outbox(path: Path) -> Dataset:
             raise _DamagedObject("its file meta has no TransferSyntaxUID")
         for _ in ds.iterall():  # parses every element now
             pass
-    except _DamagedObject:
-        raise
     except _UNREADABLE as exc:
         raise _DamagedObject(f"{type(exc).__name__}: {exc}") from None
     return ds

@@ -181,6 +181,9 @@ class Delivery(Base):
     destination: Mapped[str] = mapped_column(String(128))
     sop_instance_uid: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text)
+    # hex SHA-256 of the file at `path` as written; checked before each send (empty on
+    # rows from before revision 0003: those files are read back in full instead)
+    sha256: Mapped[str | None] = mapped_column(String(64))
     state: Mapped[DeliveryState] = mapped_column(_enum(DeliveryState))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)

@@ -598,7 +598,7 @@ def send(
     tls: bool | None,
 ) -> None:
     """C-STORE DICOM files to a node."""
-    from dicom_io.scu import SendError, send_files
+    from dicom_io.scu import NotSendable, SendError, send_files
     from worker.settings import Destination
 
     settings = _settings(ctx)
@@ -615,8 +615,10 @@ def send(
             calling_ae_title=calling_ae or settings.ae_title,
             ssl_context=_client_tls(settings, tls),
         )
-    except SendError as exc:
+    except (SendError, NotSendable) as exc:
         raise click.ClickException(str(exc)) from exc
+    except OSError as exc:
+        raise click.ClickException(f"cannot read {exc.filename}: {exc.strerror}") from exc
     for outcome in outcomes:
         console.print(f"{outcome.path}: status 0x{outcome.status:04X}")
     if not all(o.ok for o in outcomes):

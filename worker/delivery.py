@@ -14,10 +14,16 @@ out by the time a send may take (`claim_seconds`). A duplicate message for the s
 rows (the reconciler and a retry both queued one, or two delivery workers hold
 copies) then finds them not due, so an object is not sent twice at once; and if the
 worker dies while sending, the reconciler picks the rows up once the claim runs out.
+
+An object goes out as its file is stored, byte for byte (nothing decoded and encoded
+again), once the file's SHA-256 matches the one recorded when it was written: a file
+damaged or cut short since then fails at once, with the reason, instead of reaching
+the PACS.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import ssl
 import struct
@@ -33,7 +39,7 @@ from sqlalchemy import or_, select, update
 from db.engine import session_scope
 from db.schema import Delivery, DeliveryState
 from db.schema import utcnow as now
-from dicom_io.scu import SendError, send_datasets, stored
+from dicom_io.scu import NotSendable, SendError, send_datasets, stored, stored_syntax
 from worker.runtime import Runtime
 from worker.settings import Destination
 from worker.tls import client_context
@@ -56,6 +62,7 @@ class _Claimed:
     id: int
     destination: str
     path: Path
+    sha256: str | None  # None on rows written before checksums were recorded
 
 
 def backoff_seconds(attempts: int, base: float, cap: float) -> float:
@@ -131,10 +138,12 @@ def _claim(
             update(Delivery)
             .where(*conditions)
             .values(next_attempt_at=current + timedelta(seconds=claim_seconds(len(ids))))
-            .returning(Delivery.id, Delivery.destination, Delivery.path)
+            .returning(Delivery.id, Delivery.destination, Delivery.path, Delivery.sha256)
             .execution_options(synchronize_session=False)
         ).all()
-        claimed = {row.id: _Claimed(row.id, row.destination, Path(row.path)) for row in rows}
+        claimed = {
+            row.id: _Claimed(row.id, row.destination, Path(row.path), row.sha256) for row in rows
+        }
         others = [i for i in ids if i not in claimed]
         # only a skipped delivery needs a second look (why it was not claimed)
         states = {
@@ -184,10 +193,10 @@ def _send_to(
             outcomes[row.id] = _record_failure(rt, row.id, error)
         return
 
-    sendable: list[tuple[_Claimed, Dataset]] = []
+    sendable: list[tuple[_Claimed, Dataset | Path]] = []
     for row in rows:
         try:
-            ds = _read_outbox(row.path)
+            ds = check_outbox(row.path, row.sha256)
         except FileNotFoundError:
             error = "the outbox file is missing"
             outcomes[row.id] = _record_failure(rt, row.id, error, permanent=True)
@@ -250,6 +259,37 @@ class _DamagedObject(Exception):
     """An outbox file that is no complete object to send."""
 
 
+def check_outbox(path: Path, sha256: str | None) -> Dataset | Path:
+    """What to send for one outbox file, once it is known to be what was written.
+
+    With the SHA-256 recorded at writing, the file itself (sent as stored); without
+    one (a row from before checksums were recorded), the dataset read back in full.
+
+    Raises
+    ------
+    OSError
+        The file cannot be read (`FileNotFoundError`: it is gone).
+    _DamagedObject
+        Its bytes are not those written, or it lacks what a C-STORE needs.
+    """
+    if sha256 is None:
+        return _read_outbox(path)
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    if digest.hexdigest() != sha256:
+        raise _DamagedObject(
+            "its contents changed since it was written "
+            f"(SHA-256 {digest.hexdigest()[:16]}…, written as {sha256[:16]}…)"
+        )
+    try:
+        stored_syntax(path)
+    except NotSendable as exc:  # written so by us: a fault of ours, but retrying cannot help
+        raise _DamagedObject(str(exc)) from None
+    return path
+
+
 #: What pydicom raises, reading a file, on contents it cannot make sense of.
 _UNREADABLE = (
     InvalidDicomError,
@@ -266,8 +306,10 @@ _UNREADABLE = (
 def _read_outbox(path: Path) -> Dataset:
     """Read one of our objects back, in full, before it is offered to a destination.
 
-    pydicom reads lazily: a file damaged after we wrote it (a full disk, a restored
-    backup) would otherwise fail midway through the association, or not be noticed.
+    For rows without a recorded SHA-256. pydicom reads lazily: a file damaged after we
+    wrote it (a full disk, a restored backup) would otherwise fail midway through the
+    association, or not be noticed; a file cut short after its last complete element
+    still reads as whole, which only the checksum catches.
 
     Raises
     ------

@@ -11,6 +11,8 @@ the very same objects, and its commit fails on the unique constraint.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import os
@@ -75,22 +77,42 @@ def derived_uid(*parts: str) -> str:
     return str(generate_uid(entropy_srcs=list(parts)))
 
 
-def write_atomically(ds: Dataset, path: Path, *, sync_directory: bool = True) -> None:
+@dataclass(frozen=True)
+class Output:
+    """One object of an assessment, durable in the outbox."""
+
+    kind: ObjectKind
+    sop_instance_uid: str
+    path: Path
+    sha256: str  # hex digest of the file's bytes, checked before each send
+
+
+def write_atomically(ds: Dataset, path: Path, *, sync_directory: bool = True) -> str:
     """Write ``ds`` as a Part 10 file: temporary name, fsync, rename, fsync dir.
 
     With ``sync_directory=False`` the rename is durable only once the caller fsyncs
     the directory (after writing several files into it).
+
+    Returns
+    -------
+    str
+        The hex SHA-256 of the bytes written: a delivery checks it before it sends the
+        file as it is stored.
     """
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    encoded = io.BytesIO()
+    ds.save_as(encoded, enforce_file_format=True)
+    data = encoded.getbuffer()
     temp = path.with_suffix(f".{os.getpid()}.tmp")
     with temp.open("wb") as fh:
-        ds.save_as(fh, enforce_file_format=True)
+        fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
     os.chmod(temp, 0o600)
     os.replace(temp, path)
     if sync_directory:
         fsync_directory(path.parent)
+    return hashlib.sha256(data).hexdigest()
 
 
 def chronological_age_months(facts: gate.PatientFacts) -> float | None:
@@ -250,11 +272,11 @@ def write_outputs(
     source_uid: str,
     outbox_dir: Path,
     device_observer_uid: str,
-) -> list[tuple[ObjectKind, str, Path]]:
+) -> list[Output]:
     """Build the SR and the heat-map SC of one assessment and make both durable.
 
     Output identities depend only on (source instance, model): see the module
-    docstring. Returns ``(kind, SOP Instance UID, outbox path)`` for each object.
+    docstring.
     """
     sr, sc = build_outputs(
         source,
@@ -264,10 +286,10 @@ def write_outputs(
         source_uid=source_uid,
         device_observer_uid=device_observer_uid,
     )
-    sr_uid, sc_uid = sr.SOPInstanceUID, sc.SOPInstanceUID
-    sr_path = _write_output(outbox_dir, sr, sr_uid, "sr", sync_directory=False)
-    sc_path = _write_output(outbox_dir, sc, sc_uid, "sc")  # one directory fsync for both
-    return [(ObjectKind.SR, sr_uid, sr_path), (ObjectKind.SC, sc_uid, sc_path)]
+    return [
+        _write_output(outbox_dir, ObjectKind.SR, sr, "sr", sync_directory=False),
+        _write_output(outbox_dir, ObjectKind.SC, sc, "sc"),  # one directory fsync for both
+    ]
 
 
 def build_outputs(
@@ -378,11 +400,12 @@ def warm_up(rt: Runtime) -> float:
 
 
 def _write_output(
-    outbox_dir: Path, ds: Dataset, uid: str, kind: str, *, sync_directory: bool = True
-) -> Path:
-    path = outbox_dir / f"{uid_tag(uid)}-{kind}.dcm"
-    write_atomically(ds, path, sync_directory=sync_directory)
-    return path
+    outbox_dir: Path, kind: ObjectKind, ds: Dataset, suffix: str, *, sync_directory: bool = True
+) -> Output:
+    uid = str(ds.SOPInstanceUID)
+    path = outbox_dir / f"{uid_tag(uid)}-{suffix}.dcm"
+    digest = write_atomically(ds, path, sync_directory=sync_directory)
+    return Output(kind, uid, path, digest)
 
 
 def _not_assessed(
@@ -414,9 +437,7 @@ def _not_assessed(
         series_number=SR_SERIES_NUMBER,
         device_observer_uid=rt.device_observer_uid,
     )
-    outputs = [
-        (ObjectKind.SR, sr_uid, _write_output(settings.outbox_dir, sr, sr_uid, "not-assessed-sr"))
-    ]
+    outputs = [_write_output(settings.outbox_dir, ObjectKind.SR, sr, "not-assessed-sr")]
     outcome = _commit(rt, instance_id, InstanceState.NOT_ASSESSED, reason, None, outputs)
     return AssessOutcome("not_assessed", delivery_ids=outcome.delivery_ids, reason=reason)
 
@@ -427,7 +448,7 @@ def _commit(
     state: InstanceState,
     reason: str | None,
     result: Result | None,
-    outputs: list[tuple[ObjectKind, str, Path]],
+    outputs: list[Output],
     *,
     send: bool = True,
 ) -> AssessOutcome:
@@ -441,15 +462,16 @@ def _commit(
                 Delivery(
                     instance_id=instance_id,
                     result_id=result.id if result is not None else None,
-                    kind=kind,
+                    kind=output.kind,
                     destination=str(destination),
-                    sop_instance_uid=uid,
-                    path=str(path),
+                    sop_instance_uid=output.sop_instance_uid,
+                    path=str(output.path),
+                    sha256=output.sha256,
                     state=DeliveryState.PENDING,
                     next_attempt_at=now(),
                 )
                 for destination in (rt.settings.destinations if send else [])
-                for kind, uid, path in outputs
+                for output in outputs
             ]
             session.add_all(deliveries)
             instance = session.get_one(Instance, instance_id)

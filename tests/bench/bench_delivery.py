@@ -9,7 +9,12 @@ dcmtk's ``storescp`` on loopback, which writes each object to disk. Cases:
   association per object, pynetdicom's sockets as they come (Nagle's algorithm on);
 - ``ours, per object``: ``dicom_io.scu.send_files`` (TCP_NODELAY, TCP_QUICKACK) with one
   association per object;
-- ``ours, per assessment``: the delivery worker now: SR and SC over one association;
+- ``read back, encoded again, per assessment``: the delivery worker before this
+  session: each file parsed in full (``worker.delivery.check_outbox`` without a
+  checksum) and the datasets encoded again by pynetdicom, over one association;
+- ``ours, per assessment``: the delivery worker now: each file's SHA-256 checked against
+  the one recorded at writing (``check_outbox``) and the files sent as stored, SR and SC
+  over one association;
 - ``dcmtk storescu, per assessment``: the peer tool sending the same two files over one
   association (a new process each time: its start-up is in the figure).
 
@@ -31,10 +36,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pynetdicom import AE
 
 from dicom_io.pixels import decode_for_display
+from dicom_io.scu import send_datasets, stored
 from dicom_io.synthetic import make_radiograph_dataset
 from models.checkpoint import untrained_model
 from models.phantoms import make_phantom
@@ -42,9 +48,14 @@ from models.predictor import BoneAgePredictor
 from tests.bench import bench_finding
 from tests.conftest import StoreSCP
 from tests.support import dcmtk_tool
+from worker.delivery import check_outbox
 from worker.pipeline import build_outputs, write_atomically
 
 CALLING_AE = "BONEAGE"
+
+
+#: SHA-256 of each outbox file as written, as the Delivery rows record it.
+DIGESTS: dict[Path, str] = {}
 
 
 def make_pairs(folder: Path, count: int) -> list[tuple[Path, Path]]:
@@ -69,8 +80,8 @@ def make_pairs(folder: Path, count: int) -> list[tuple[Path, Path]]:
             device_observer_uid="2.25.1",
         )
         paths = (folder / f"{index}-sr.dcm", folder / f"{index}-sc.dcm")
-        write_atomically(sr, paths[0], sync_directory=False)
-        write_atomically(sc, paths[1])
+        DIGESTS[paths[0]] = write_atomically(sr, paths[0], sync_directory=False)
+        DIGESTS[paths[1]] = write_atomically(sc, paths[1])
         pairs.append(paths)
     return pairs
 
@@ -87,17 +98,23 @@ def pynetdicom_defaults(peer: StoreSCP, files: list[Path]) -> None:
         assert status.Status == 0x0000
 
 
-def ours(peer: StoreSCP, files: list[Path]) -> None:
-    from dicom_io.scu import send_files
-
-    outcomes = send_files(
-        files,
+def _send(peer: StoreSCP, objects: list[Dataset | Path]) -> None:
+    statuses = send_datasets(
+        objects,
         ae_title=peer.ae_title,
         host="127.0.0.1",
         port=peer.port,
         calling_ae_title=CALLING_AE,
     )
-    assert all(o.ok for o in outcomes)
+    assert all(stored(status) for status in statuses)
+
+
+def ours(peer: StoreSCP, files: list[Path]) -> None:
+    _send(peer, [check_outbox(path, DIGESTS[path]) for path in files])
+
+
+def read_back(peer: StoreSCP, files: list[Path]) -> None:
+    _send(peer, [check_outbox(path, None) for path in files])
 
 
 def ours_per_object(peer: StoreSCP, files: list[Path]) -> None:
@@ -126,6 +143,7 @@ def storescu(peer: StoreSCP, files: list[Path]) -> None:
 CASES: list[tuple[str, Callable[[StoreSCP, list[Path]], None], bool]] = [
     ("pynetdicom defaults, per object", pynetdicom_defaults, True),
     ("ours, per object", ours_per_object, True),
+    ("read back, encoded again, per assessment", read_back, True),
     ("ours, per assessment", ours, True),
     ("dcmtk storescu, per assessment", storescu, False),
 ]
@@ -166,10 +184,10 @@ def main() -> None:
         "on loopback; median per assessment"
     )
     reference = {n: w for n, w, _ in figures}["ours, per assessment"]
-    print(f"{'case':34} {'wall ms':>8} {'cpu ms':>7} {'× ours':>7}")
+    print(f"{'case':42} {'wall ms':>8} {'cpu ms':>7} {'× ours':>7}")
     for name, wall, cpu in figures:
         shown = f"{1000 * cpu:7.1f}" if cpu is not None else f"{'-':>7}"
-        print(f"{name:34} {1000 * wall:8.1f} {shown} {wall / reference:7.2f}")
+        print(f"{name:42} {1000 * wall:8.1f} {shown} {wall / reference:7.2f}")
 
 
 if __name__ == "__main__":

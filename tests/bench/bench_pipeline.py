@@ -164,7 +164,7 @@ def main() -> None:
                 device_observer_uid=derived_uid("bench-device"),
             )
             mark()
-            sc = dcmread(outputs[1][2], stop_before_pixels=True)
+            sc = dcmread(outputs[1].path, stop_before_pixels=True)
             info.update(image=image.shape, sc=(sc.Rows, sc.Columns))
             info.update(age=prediction.bone_age_months)
             info["last"] = (ds, image, prediction, finding)

@@ -6,6 +6,7 @@ object at once is a conditional UPDATE … RETURNING on either.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Sequence
 from datetime import timedelta
@@ -176,13 +177,66 @@ def test_reconciler_leaves_a_claim_alone_until_it_runs_out(
     wait_for(lambda: len(storescp.received()) == 2, timeout=30, what="both objects")
 
 
+def test_objects_go_out_as_written_and_their_checksums_are_recorded(
+    tmp_path: Path, tiny_checkpoint: Path, database_url: str, storescp: StoreSCP
+) -> None:
+    rt = make_runtime(tmp_path, tiny_checkpoint, database_url, storescp)
+    outcome = assess_instance(rt, spool_instance(rt, tmp_path))
+    by_kind = rows(rt)
+    for row in by_kind.values():
+        assert row.sha256 == hashlib.sha256(Path(row.path).read_bytes()).hexdigest()
+
+    send_deliveries(rt, outcome.delivery_ids)
+
+    received = {
+        ds.SOPInstanceUID: ds for ds in map(dcmread, storescp.wait_for_objects(2, timeout=30))
+    }
+    for row in by_kind.values():
+        ours = dcmread(row.path)
+        theirs = received[row.sop_instance_uid]
+        # element for element what the outbox holds (storescp writes its own file meta)
+        assert [e.tag for e in theirs] == [e.tag for e in ours]
+        assert all(theirs[e.tag].value == e.value for e in ours if e.VR not in ("SQ",))
+        assert theirs.get("PixelData") == ours.get("PixelData")
+
+
 def test_damaged_outbox_file_fails_alone_and_at_once(
     tmp_path: Path, tiny_checkpoint: Path, database_url: str, storescp: StoreSCP
 ) -> None:
-    # The SR's file was overwritten after we wrote it (restored from a bad backup):
-    # DICOM, but without the SOP Class UID a C-STORE needs. Retrying cannot help.
+    # The SC's file was cut short after we wrote it (a full disk, a restored backup).
+    # pydicom reads such a file as whole when the cut falls after an element; the
+    # checksum recorded at writing does not match, and retrying cannot help.
     rt = make_runtime(tmp_path, tiny_checkpoint, database_url, storescp)
     outcome = assess_instance(rt, spool_instance(rt, tmp_path))
+    sc = rows(rt)[ObjectKind.SC]
+    whole = Path(sc.path).read_bytes()
+    Path(sc.path).write_bytes(whole[: len(whole) - 4096])
+    assert dcmread(sc.path).SOPClassUID  # still reads as a DICOM object
+
+    sent = send_deliveries(rt, outcome.delivery_ids)
+
+    assert sent[sc.id].state == "failed"
+    error = sent[sc.id].error or ""
+    assert error.startswith("the outbox file is damaged: its contents changed since it was")
+    assert sc.sha256 is not None and f"written as {sc.sha256[:16]}" in error
+    by_kind = rows(rt)
+    assert by_kind[ObjectKind.SC].state is DeliveryState.FAILED
+    assert by_kind[ObjectKind.SC].attempts == 1
+    assert by_kind[ObjectKind.SR].state is DeliveryState.DELIVERED
+    [stored] = storescp.wait_for_objects(1, timeout=30)
+    assert dcmread(stored).Modality == "SR"
+
+
+def test_rows_without_a_checksum_are_read_back_in_full(
+    tmp_path: Path, tiny_checkpoint: Path, database_url: str, storescp: StoreSCP
+) -> None:
+    # Deliveries written before revision 0003 have no SHA-256: their files are parsed
+    # in full before sending, so a file without what a C-STORE needs still fails alone.
+    rt = make_runtime(tmp_path, tiny_checkpoint, database_url, storescp)
+    outcome = assess_instance(rt, spool_instance(rt, tmp_path))
+    with session_scope(rt.database_url) as session:
+        for d in session.scalars(select(Delivery)):
+            d.sha256 = None
     sr = rows(rt)[ObjectKind.SR]
     damaged = dcmread(sr.path)
     del damaged.SOPClassUID
@@ -194,7 +248,6 @@ def test_damaged_outbox_file_fails_alone_and_at_once(
     assert sent[sr.id].error == "the outbox file is damaged: it has no SOPClassUID"
     by_kind = rows(rt)
     assert by_kind[ObjectKind.SR].state is DeliveryState.FAILED
-    assert by_kind[ObjectKind.SR].attempts == 1
     assert by_kind[ObjectKind.SC].state is DeliveryState.DELIVERED
     [stored] = storescp.wait_for_objects(1, timeout=30)
     assert dcmread(stored).Modality == "OT"

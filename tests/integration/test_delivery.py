@@ -185,6 +185,8 @@ def test_objects_go_out_as_written_and_their_checksums_are_recorded(
     by_kind = rows(rt)
     for row in by_kind.values():
         assert row.sha256 == hashlib.sha256(Path(row.path).read_bytes()).hexdigest()
+        # what goes to the association is the file itself, not a dataset to encode again
+        assert delivery.check_outbox(Path(row.path), row.sha256) == Path(row.path)
 
     send_deliveries(rt, outcome.delivery_ids)
 

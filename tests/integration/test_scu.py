@@ -61,9 +61,12 @@ def test_several_files_are_sent_and_answered_in_order(storescp: StoreSCP, tmp_pa
     assert received == {dcmread(p).SOPInstanceUID for p in paths}
 
 
-def test_files_go_out_byte_for_byte_in_their_own_transfer_syntax(
+def test_files_go_out_in_their_own_transfer_syntax_with_their_contents(
     storescp: StoreSCP, tmp_path: Path
 ) -> None:
+    # (Whether the bytes are sent as stored or decoded and encoded again cannot be told
+    # from what storescp keeps: pydicom re-encodes a clean file to the same bytes. That
+    # a delivery hands the file itself to pynetdicom is checked in test_delivery.py.)
     ds = make_radiograph_dataset(
         np.full((64, 64), 0.5, dtype=np.float32), birth_date=None, study_date=dt.date(2026, 1, 1)
     )

@@ -22,6 +22,7 @@ import argparse
 import multiprocessing
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -41,9 +42,17 @@ from worker.settings import usable_cpus
 
 
 def _process_share(
-    paths: list[Path], size: int, ready: multiprocessing.synchronize.Barrier
+    paths: list[Path],
+    size: int,
+    ready: multiprocessing.synchronize.Barrier,
+    done: multiprocessing.synchronize.Barrier,
 ) -> None:
-    """One worker process: one torch thread, decode + assess its share of the stream."""
+    """One worker process: one torch thread, decode + assess its share of the stream.
+
+    Waits on ``ready`` before its first timed study and on ``done`` after its last, so
+    the clock covers the stream only: a worker process lives for many studies, and the
+    second or so a torch process takes to exit is no part of its throughput.
+    """
     heap_as_in_workers()
     decode_threads_as_in_workers(max(2, usable_cpus()))  # as each CPU worker process
     torch.set_num_threads(1)
@@ -62,6 +71,7 @@ def _process_share(
     ready.wait()
     for path in paths:
         assess(path)
+    done.wait()
 
 
 def main() -> None:
@@ -120,20 +130,30 @@ def main() -> None:
         processes = max(2, usable_cpus())
 
         def in_processes() -> float:
-            """Seconds from every process ready to the last one done."""
+            """Seconds from every process ready to the last one's last study done."""
             context = multiprocessing.get_context("spawn")  # no fork of a torch process
             ready = context.Barrier(processes + 1)
+            done = context.Barrier(processes + 1)
             workers = [
-                context.Process(target=_process_share, args=(paths[i::processes], args.size, ready))
+                context.Process(
+                    target=_process_share, args=(paths[i::processes], args.size, ready, done)
+                )
                 for i in range(processes)
             ]
             for worker in workers:
                 worker.start()
-            ready.wait(timeout=300)
-            start = time.perf_counter()
-            for worker in workers:
-                worker.join()
-            elapsed = time.perf_counter() - start
+            try:
+                ready.wait(timeout=300)
+                start = time.perf_counter()
+                done.wait(timeout=600)
+                elapsed = time.perf_counter() - start
+            except threading.BrokenBarrierError as exc:  # a worker died, or hung
+                for worker in workers:
+                    worker.kill()
+                raise RuntimeError("a worker process failed") from exc
+            finally:
+                for worker in workers:
+                    worker.join()
             if any(worker.exitcode for worker in workers):
                 raise RuntimeError("a worker process failed")
             return elapsed

@@ -55,10 +55,6 @@ logger = logging.getLogger(__name__)
 SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
 
-#: Long side, in pixels, the heat-map SC keeps at least when JPEG 2000 images are decoded
-#: at reduced resolution (the SC is rendered from the image the model saw).
-SC_MIN_LONG_SIDE = 1000
-
 #: How many times an instance may start processing before it is marked `error`.
 MAX_ATTEMPTS = 3
 
@@ -197,9 +193,10 @@ def assess_instance(rt: Runtime, instance_id: int, *, send: bool = True) -> Asse
     predictor = rt.predictor
     # Decode at 1/2, 1/4 ... of the image's size (JPEG 2000: skip wavelet levels;
     # uncompressed: average blocks) while the network input and the heat-map picture
-    # still get enough pixels: most of the per-pixel work after decoding is saved.
+    # still get enough pixels (the SC is rendered from the image the model saw): most
+    # of the per-pixel work after decoding is saved.
     reduce = decode_reduction(
-        ds, min_short_side=predictor.input_size, min_long_side=SC_MIN_LONG_SIDE
+        ds, min_short_side=predictor.input_size, min_long_side=settings.sc_min_long_side
     )
     try:
         image = decode_for_display(ds, reduce=reduce)

@@ -27,6 +27,10 @@ _DEFAULT_DATA_DIR = Path("./var/boneage")
 #: Images per forward pass of a GPU inference worker unless BONEAGE_INFERENCE_BATCH says.
 GPU_INFERENCE_BATCH = 16
 
+#: Long side, in pixels, the heat-map SC keeps at least unless BONEAGE_SC_MIN_LONG_SIDE
+#: says: large images are decoded at reduced resolution only down to it.
+SC_MIN_LONG_SIDE = 1000
+
 
 def _check_ae_title(value: str, what: str) -> str:
     value = value.strip()
@@ -137,6 +141,13 @@ class Settings(BaseSettings):
     # nothing) and how long the first image of a batch waits for others.
     inference_batch: int = Field(0, ge=0, le=256)
     inference_batch_wait_ms: float = Field(10.0, ge=0, le=1000)
+    # Smallest long side, in pixels, of the heat-map SC's radiograph when a large image is
+    # decoded at reduced resolution (JPEG 2000 wavelet levels, averaged blocks); the
+    # network input keeps at least input_size pixels whatever this says, and smaller
+    # images are never enlarged. Lower: large JPEG 2000 images decode several times
+    # faster on a CPU, at the price of a softer heat-map picture. At most the picture's
+    # cap (dicom_io.sc.MAX_LONG_SIDE).
+    sc_min_long_side: int = Field(SC_MIN_LONG_SIDE, ge=256, le=2048)
 
     # Behaviour
     send_not_assessed: bool = False

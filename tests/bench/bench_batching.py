@@ -45,7 +45,8 @@ from models.checkpoint import untrained_model
 from models.predictor import BoneAgePredictor, describe_device, resolve_device
 from tests.bench import bench_finding, decode_threads_as_in_workers, heap_as_in_workers
 from tests.bench.bench_pipeline import make_input
-from worker.pipeline import SC_MIN_LONG_SIDE, derived_uid, write_outputs
+from worker.pipeline import derived_uid, write_outputs
+from worker.settings import SC_MIN_LONG_SIDE
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:

@@ -46,13 +46,13 @@ from models.phantoms import make_phantom
 from models.predictor import BoneAgePredictor
 from tests.bench import bench_finding, decode_threads_as_in_workers, heap_as_in_workers
 from worker.pipeline import (
-    SC_MIN_LONG_SIDE,
     SC_SERIES_NUMBER,
     SR_SERIES_NUMBER,
     derived_uid,
     write_atomically,
     write_outputs,
 )
+from worker.settings import SC_MIN_LONG_SIDE
 
 STAGES = (
     "read + gate",

@@ -14,6 +14,8 @@ the way the CPU worker now runs by default: one process per core
 its share of the stream, so one process's decoding overlaps another's forward pass.
 Decode and inference alone use every core (torch's default threads). The target:
 overlapped throughput ≥ 0.8× the rate of the slower of decode and inference.
+``--sc-min-long-side`` decodes as a worker with that ``BONEAGE_SC_MIN_LONG_SIDE`` would
+(700: this CR at half size).
 """
 
 from __future__ import annotations
@@ -36,14 +38,14 @@ from models.predictor import BoneAgePredictor
 from models.preprocess import Prepared
 from tests.bench import decode_threads_as_in_workers, heap_as_in_workers
 from tests.bench.bench_pipeline import make_input
-from worker.pipeline import SC_MIN_LONG_SIDE
 from worker.prefetch import prefetch
-from worker.settings import usable_cpus
+from worker.settings import SC_MIN_LONG_SIDE, usable_cpus
 
 
 def _process_share(
     paths: list[Path],
     size: int,
+    sc_min_long_side: int,
     ready: multiprocessing.synchronize.Barrier,
     done: multiprocessing.synchronize.Barrier,
 ) -> None:
@@ -61,7 +63,7 @@ def _process_share(
     def assess(path: Path) -> float:
         ds = dcmread(path)
         reduce = decode_reduction(
-            ds, min_short_side=predictor.input_size, min_long_side=SC_MIN_LONG_SIDE
+            ds, min_short_side=predictor.input_size, min_long_side=sc_min_long_side
         )
         image = decode_for_display(ds, reduce=reduce)
         prepared = predictor.prepare(image)
@@ -84,6 +86,12 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512, help="network input side")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--depth", type=int, default=2, help="decodes run ahead")
+    parser.add_argument(
+        "--sc-min-long-side",
+        type=int,
+        default=SC_MIN_LONG_SIDE,
+        help="the heat-map picture's floor, as BONEAGE_SC_MIN_LONG_SIDE (default %(default)s)",
+    )
     args = parser.parse_args()
     heap = f"{heap_as_in_workers()}; {decode_threads_as_in_workers()}"
 
@@ -94,7 +102,7 @@ def main() -> None:
     def decode(path: Path) -> tuple[np.ndarray, Prepared]:
         ds = dcmread(path)
         reduce = decode_reduction(
-            ds, min_short_side=predictor.input_size, min_long_side=SC_MIN_LONG_SIDE
+            ds, min_short_side=predictor.input_size, min_long_side=args.sc_min_long_side
         )
         image = decode_for_display(ds, reduce=reduce)
         return image, predictor.prepare(image)
@@ -136,7 +144,8 @@ def main() -> None:
             done = context.Barrier(processes + 1)
             workers = [
                 context.Process(
-                    target=_process_share, args=(paths[i::processes], args.size, ready, done)
+                    target=_process_share,
+                    args=(paths[i::processes], args.size, args.sc_min_long_side, ready, done),
                 )
                 for i in range(processes)
             ]
@@ -177,7 +186,8 @@ def main() -> None:
     slower = min(rates["decode"], rates["inference"])
     print(
         f"{args.count} studies, CR {args.rows}x{args.columns} 12-bit JPEG 2000 lossless, "
-        f"decoded {shape[0]}x{shape[1]}; resnet50 {args.size}x{args.size}, cpu, "
+        f"decoded {shape[0]}x{shape[1]} (heat-map picture's floor {args.sc_min_long_side} px); "
+        f"resnet50 {args.size}x{args.size}, cpu, "
         f"{torch.get_num_threads()} threads; prefetch depth {args.depth} on 1 thread; "
         f"{processes} processes of 1 thread; "
         f"median of {args.repeats}; {heap}"

@@ -32,8 +32,7 @@ from tests.integration.test_reliability import (
     received_sop_uids,
 )
 from tests.support import free_port, wait_for, wait_for_port
-from worker.pipeline import SC_MIN_LONG_SIDE
-from worker.settings import usable_cpus
+from worker.settings import SC_MIN_LONG_SIDE, usable_cpus
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

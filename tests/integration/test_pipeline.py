@@ -13,7 +13,7 @@ from pydicom import dcmread
 from sqlalchemy import select, update
 
 from db.engine import session_scope, upgrade
-from db.schema import Delivery, DeliveryState, Instance, InstanceState, Result
+from db.schema import Delivery, DeliveryState, Instance, InstanceState, ObjectKind, Result
 from dicom_io.scp import ReceivedInstance, spool_path
 from dicom_io.synthetic import make_radiograph_dataset
 from models.phantoms import make_phantom
@@ -30,9 +30,15 @@ pytestmark = pytest.mark.integration
 
 
 def spool_instance(
-    rt: Runtime, tmp_path: Path, *, modality: str = "DX", sex: str = "F", name: str = "a"
+    rt: Runtime,
+    tmp_path: Path,
+    *,
+    modality: str = "DX",
+    sex: str = "F",
+    name: str = "a",
+    size: int = 256,
 ) -> int:
-    phantom = make_phantom(100.0, male=sex == "M", size=256, rng=np.random.default_rng(3))
+    phantom = make_phantom(100.0, male=sex == "M", size=size, rng=np.random.default_rng(3))
     ds = make_radiograph_dataset(
         np.round(phantom.image * 4095).astype(np.uint16),
         modality=modality,
@@ -112,6 +118,27 @@ def test_assess_then_deliver_sr_and_sc(
         dcmread(by_modality["OT"] if "OT" in by_modality else received[1]).BurnedInAnnotation
         == "YES"
     )
+
+
+@pytest.mark.parametrize(("floor", "columns"), [(None, 1200), (600, 600)])
+def test_heat_map_picture_keeps_the_site_floor_on_large_images(
+    runtime: Runtime, floor: int | None, columns: int
+) -> None:
+    # A 1200-px radiograph: at the default floor (1000 px) the heat-map picture keeps
+    # every column; at BONEAGE_SC_MIN_LONG_SIDE=600 the image is decoded at half size
+    # (the 128-px network still gets enough pixels), and the picture is half as wide.
+    rt = runtime
+    if floor is not None:
+        rt = Runtime(runtime.settings.model_copy(update={"sc_min_long_side": floor}))
+    assert rt.settings.sc_min_long_side == (floor or 1000)
+    instance_id = spool_instance(rt, rt.settings.data_dir, size=1200)
+    assert assess_instance(rt, instance_id).state == "assessed"
+    with session_scope(rt.database_url) as session:
+        [sc] = session.scalars(select(Delivery).where(Delivery.kind == ObjectKind.SC))
+    picture = dcmread(sc.path)
+    assert picture.Columns == columns
+    assert picture.Rows > columns  # the radiograph, with the text panel above it
+    assert dciodvfy_errors(Path(sc.path)) == []
 
 
 def test_warm_up_loads_what_the_first_study_needs_and_leaves_no_trace(

@@ -181,3 +181,13 @@ def test_inference_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("BONEAGE_INFERENCE_PROCESSES", "-1")
     with pytest.raises(ValidationError, match="inference_processes"):
         Settings()
+
+
+def test_heat_map_floor_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().sc_min_long_side == 1000
+    monkeypatch.setenv("BONEAGE_SC_MIN_LONG_SIDE", "700")
+    assert Settings().sc_min_long_side == 700
+    for bad in ("100", "4096", "wide"):  # under the smallest sensible picture, over the cap
+        monkeypatch.setenv("BONEAGE_SC_MIN_LONG_SIDE", bad)
+        with pytest.raises(ValidationError, match="sc_min_long_side"):
+            Settings()

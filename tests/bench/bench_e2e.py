@@ -125,12 +125,14 @@ def sop_uid(path: Path) -> str:
     return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
 
-#: Settings taken from this process's environment, to compare inference layouts.
+#: Settings taken from this process's environment, to compare inference layouts and the
+#: heat-map picture's floor.
 PASSED_THROUGH = (
     "BONEAGE_INFERENCE_PROCESSES",
     "BONEAGE_TORCH_THREADS",
     "BONEAGE_INFERENCE_BATCH",
     "BONEAGE_INFERENCE_BATCH_WAIT_MS",
+    "BONEAGE_SC_MIN_LONG_SIDE",
 )
 
 
@@ -630,6 +632,8 @@ def main() -> None:
         f"burst over {min(args.senders, args.studies)} parallel associations; "
         f"bare forward: batch 1, median of {args.repeats}; {heap}"
     )
+    passed = [f"{k}={os.environ[k]}" for k in PASSED_THROUGH if k in os.environ]
+    print(f"settings passed through: {', '.join(passed) or 'none (the defaults)'}")
     print(
         f"{'stack':<16}{'sent s':>8}{'wall s':>9}{'studies/s':>11}{'fwd img/s':>11}"
         f"{'× fwd':>7}{'p50 s':>8}{'p95 s':>8}{'max s':>8}{'model s':>9}"

@@ -128,6 +128,7 @@ def _init_process(**_: Any) -> None:
             torch_threads=torch.get_num_threads(),
             inference_batch=batcher.max_batch if batcher is not None else 1,
             jpeg2000_threads=decode_threads,
+            sc_min_long_side=rt.settings.sc_min_long_side,  # the heat-map picture's floor
         )
     heartbeat = HeartbeatThread(rt.database_url, "worker", lambda: detail)
     heartbeat.start()

@@ -25,7 +25,12 @@ from tqdm.auto import tqdm
 from models.checkpoint import CheckpointMeta, LoadedModel, load_checkpoint
 from models.data import LabelledImage, PreparedDataset
 from models.net import BoneAgeNet
-from models.predictor import MAX_BONE_AGE_MONTHS, MIN_BONE_AGE_MONTHS, resolve_device
+from models.predictor import (
+    MAX_BONE_AGE_MONTHS,
+    MIN_BONE_AGE_MONTHS,
+    resolve_device,
+    resolve_precision,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +133,7 @@ def predict_ages(
     target_mean: float,
     target_sd: float,
     device: torch.device,
+    precision: str = "auto",
     batch_size: int = 16,
     num_workers: int = 0,
     progress: bool = False,
@@ -145,6 +151,10 @@ def predict_ages(
         De-z-scoring constants.
     device : torch.device
         Where to run.
+    precision : str
+        What the trunk runs in, as in the worker
+        (:func:`~models.predictor.resolve_precision`): by default float16 autocast on
+        CUDA, float32 elsewhere.
     batch_size, num_workers : int
         DataLoader settings.
     progress : bool
@@ -165,14 +175,15 @@ def predict_ages(
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
     )
-    cuda = device.type == "cuda"
+    dtype = resolve_precision(precision, device)
+    lower = dtype != torch.float32
     out: list[np.ndarray] = []
     with torch.inference_mode():
         for x, _age, male in tqdm(loader, desc=desc, disable=not progress, leave=False):
             x = x.to(device, non_blocking=True)
-            if cuda:
+            if device.type == "cuda" or lower:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
+            with torch.autocast(device.type, dtype=dtype, enabled=lower):
                 z = model(x, male.to(device))
             out.append((z.float() * target_sd + target_mean).cpu().numpy())
     pred = np.concatenate(out) if out else np.zeros(0)
@@ -302,6 +313,7 @@ def _markdown(metrics: dict[str, Any], meta: CheckpointMeta) -> str:
         f"- model id: `{model['id']}`",
         f"- architecture: {meta.arch}, input {meta.input_size} px",
         f"- trained: {'yes' if meta.trained else 'NO (random weights)'}",
+        f"- precision of the trunk: {metrics['precision']}",
         f"- training data: {meta.data or '–'}",
         "",
         "Errors in months.",
@@ -340,6 +352,7 @@ def evaluate(
     output_dir: str | Path,
     *,
     device: str = "auto",
+    precision: str = "auto",
     batch_size: int = 16,
     num_workers: int = 0,
     cache: bool = False,
@@ -360,6 +373,9 @@ def evaluate(
         (created if needed).
     device : str
         ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+    precision : str
+        What the trunk runs in (``BONEAGE_PRECISION``'s values): evaluate at the
+        precision the worker will run, e.g. ``"bfloat16"`` before a CPU site turns it on.
     batch_size, num_workers : int
         DataLoader settings (workers preprocess images in parallel).
     cache : bool
@@ -379,8 +395,9 @@ def evaluate(
     loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_checkpoint(checkpoint)
     meta = loaded.meta
     dev = resolve_device(device)
+    dtype = resolve_precision(precision, dev)  # an unusable one fails before any work
     model = loaded.model.to(dev)
-    if dev.type == "cuda":
+    if dev.type == "cuda" or dtype != torch.float32:
         model = model.to(memory_format=torch.channels_last)
     dataset = PreparedDataset(items, meta.input_size, cache=cache, progress=progress)
     predicted = predict_ages(
@@ -389,6 +406,7 @@ def evaluate(
         target_mean=meta.target_mean,
         target_sd=meta.target_sd,
         device=dev,
+        precision=precision,
         batch_size=batch_size,
         num_workers=num_workers,
         progress=progress,
@@ -398,6 +416,7 @@ def evaluate(
     male = np.array([it.male for it in items], dtype=bool)
     metrics = summarise(predicted, true, male, meta.quantiles)
     metrics["model"] = {"id": loaded.model_id, "arch": meta.arch, "trained": meta.trained}
+    metrics["precision"] = str(dtype).removeprefix("torch.")
 
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)

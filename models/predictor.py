@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -118,6 +119,74 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+#: Arithmetic the network's trunk may run in (``BONEAGE_PRECISION``); the head, the
+#: Grad-CAM weights and the reported numbers are always float32.
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+
+
+def cpu_computes_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 instructions (AVX-512 BF16, AMX or Arm BF16).
+
+    Without them oneDNN emulates bfloat16, slower than float32.
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    flags: set[str] = set()
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype the trunk runs in on ``device`` for a ``BONEAGE_PRECISION`` value.
+
+    Parameters
+    ----------
+    precision : str
+        One of :data:`PRECISIONS`. ``"auto"``: float16 autocast on CUDA, float32 on
+        every other device. ``"bfloat16"`` on a CPU is an opt-in: about twice as fast
+        where the CPU has bfloat16 instructions (:func:`cpu_computes_bfloat16`; slower
+        without them), with 8 bits of mantissa in the trunk, so a site validates it
+        first (``boneage-worker evaluate --precision bfloat16``).
+    device : torch.device
+        Where the model runs.
+
+    Returns
+    -------
+    torch.dtype
+        ``torch.float32`` (no autocast), ``torch.bfloat16`` or ``torch.float16``.
+
+    Raises
+    ------
+    ValueError
+        If the value is unknown or the device cannot run it: float16 only on CUDA,
+        bfloat16 on a CPU or a GPU that supports it, float32 everywhere.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} must be one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if precision == "float32":
+        return torch.float32
+    if device.type == "cuda":
+        if precision == "bfloat16" and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"{describe_device(device)} has no bfloat16: use float16 or float32")
+        return getattr(torch, precision)
+    if device.type == "cpu" and precision == "bfloat16":
+        if not cpu_computes_bfloat16():
+            logger.warning(
+                "bfloat16 asked for, but this CPU has no bfloat16 instructions: it is "
+                "emulated, slower than float32"
+            )
+        return torch.bfloat16
+    usable = "bfloat16 or float32" if device.type == "cpu" else "float32"
+    raise ValueError(f"{precision} does not run on {device.type}: use {usable}")
+
+
 def describe_device(device: torch.device) -> str:
     """Return e.g. ``"cpu"`` or ``"cuda:0 (NVIDIA H100)"``."""
     if device.type == "cuda":
@@ -158,28 +227,35 @@ class BoneAgePredictor:
         :func:`~models.checkpoint.untrained_model`).
     device : str
         ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    precision : str
+        What the trunk runs in (:func:`resolve_precision`): by default float16 autocast
+        on CUDA, float32 elsewhere.
 
     Notes
     -----
     The predictor runs an inference copy of the model: batch norms folded into the
     convolutions (:func:`~models.net.fold_batch_norm`) and channels-last memory, on every
-    device; results equal the checkpoint's model up to float rounding. On CUDA the trunk
-    also runs under float16 autocast; the head and the Grad-CAM weights are computed in
-    float32. ``loaded.model`` itself is left as it was.
+    device; results equal the checkpoint's model up to float rounding. Under autocast
+    (float16 or bfloat16) only the trunk runs in the lower precision; the head and the
+    Grad-CAM weights are computed in float32. ``loaded.model`` itself is left as it was.
     """
 
-    def __init__(self, loaded: LoadedModel, *, device: str = "auto") -> None:
+    def __init__(
+        self, loaded: LoadedModel, *, device: str = "auto", precision: str = "auto"
+    ) -> None:
         self._device = resolve_device(device)
+        self._dtype = resolve_precision(precision, self._device)
         model = fold_batch_norm(loaded.model).to(self._device)
         self._model = model.to(memory_format=torch.channels_last)
         # Keep the metadata and id, not the caller's module: one copy of the weights.
         self._loaded = dataclasses.replace(loaded, model=self._model)
         logger.info(
-            "predictor ready: %s, model id %s, trained=%s, device %s",
+            "predictor ready: %s, model id %s, trained=%s, device %s, %s",
             loaded.meta.arch,
             loaded.model_id[:12],
             loaded.meta.trained,
             self.device,
+            self.precision,
         )
 
     @property
@@ -196,6 +272,18 @@ class BoneAgePredictor:
     def device(self) -> str:
         """The device in words, e.g. ``"cpu"`` or ``"cuda:0 (NVIDIA H100)"``."""
         return describe_device(self._device)
+
+    @property
+    def precision(self) -> str:
+        """What the trunk runs in: ``"float32"``, ``"bfloat16"`` or ``"float16"``."""
+        return str(self._dtype).removeprefix("torch.")
+
+    @property
+    def runs_on(self) -> str:
+        """Device and, under autocast, precision: ``"cpu, bfloat16"`` (recorded per result)."""
+        if self._dtype == torch.float32:
+            return self.device
+        return f"{self.device}, {self.precision}"
 
     @property
     def input_size(self) -> int:
@@ -283,10 +371,8 @@ class BoneAgePredictor:
         x = torch.stack([p.tensor for p in preps]).to(self._device, non_blocking=True)
         sex = torch.tensor([1.0 if m else 0.0 for m in males], device=self._device)
         x = x.contiguous(memory_format=torch.channels_last)
-        if self._device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.float16):
-                z, cams = predict_with_cam(self._model, x, sex)
-        else:
+        lower = self._dtype != torch.float32
+        with torch.autocast(self._device.type, dtype=self._dtype, enabled=lower):
             z, cams = predict_with_cam(self._model, x, sex)
         meta = self._loaded.meta
         months = (z.float() * meta.target_sd + meta.target_mean).cpu().numpy()

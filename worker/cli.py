@@ -848,19 +848,43 @@ def train(
 )
 @click.option("--output-dir", "-o", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--device", default="auto", show_default=True)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="auto",
+    show_default=True,
+    help="What the trunk runs in, as BONEAGE_PRECISION (auto: float16 on CUDA, else float32).",
+)
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--plots/--no-plots", default=True, show_default=True)
 def evaluate(
-    checkpoint: Path, output_dir: Path, device: str, batch_size: int, plots: bool, **data: Any
+    checkpoint: Path,
+    output_dir: Path,
+    device: str,
+    precision: str,
+    batch_size: int,
+    plots: bool,
+    **data: Any,
 ) -> None:
     """Evaluate a checkpoint: metrics overall, by sex and age band; plots; JSON + Markdown."""
     from models.evaluate import evaluate as run_evaluation
+    from models.predictor import resolve_device, resolve_precision
 
     setup_logging("INFO")
+    try:  # before reading any data: a device or precision this machine cannot run
+        resolve_precision(precision, resolve_device(device))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
     items, description = _items(**data)
     console.print(f"evaluating {checkpoint.name} on {description}")
     report = run_evaluation(
-        checkpoint, items, output_dir, device=device, batch_size=batch_size, plots=plots
+        checkpoint,
+        items,
+        output_dir,
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+        plots=plots,
     )
     overall = report.metrics.get("overall", report.metrics)
     shown = {k: overall[k] for k in ("mae", "rmse", "r2") if k in overall}

@@ -237,7 +237,7 @@ def assess_instance(rt: Runtime, instance_id: int, *, send: bool = True) -> Asse
         male=male,
         laterality=facts.laterality,
         inference_seconds=elapsed,
-        device=predictor.device[:64],
+        device=predictor.runs_on[:64],
     )
     caveats = [*notes] + ([] if finding.model_trained else ["assessed by an UNTRAINED model"])
     outcome = _commit(
@@ -254,7 +254,7 @@ def assess_instance(rt: Runtime, instance_id: int, *, send: bool = True) -> Asse
             "instance %d assessed in %.2fs on %s (%d deliveries)",
             instance_id,
             elapsed,
-            predictor.device,
+            predictor.runs_on,
             len(outcome.delivery_ids),
         )
     return outcome

@@ -111,6 +111,6 @@ class Runtime:
                 "BONEAGE_MODEL is not set: using an UNTRAINED %s; every output says so",
                 settings.arch,
             )
-        predictor = BoneAgePredictor(loaded, device=settings.device)
-        logger.info("model ready on %s", predictor.device)
+        predictor = BoneAgePredictor(loaded, device=settings.device, precision=settings.precision)
+        logger.info("model ready on %s", predictor.runs_on)
         return predictor

@@ -123,6 +123,7 @@ def _init_process(**_: Any) -> None:
         batcher = rt.batcher  # started now, before the first task thread needs it
         detail.update(
             device=predictor.device,
+            precision=predictor.precision,
             model_id=predictor.model_id,
             trained=predictor.meta.trained,
             torch_threads=torch.get_num_threads(),

@@ -168,6 +168,7 @@ def check_round_trip(
     # the cores shared among the processes' JPEG 2000 decodes
     assert all(p["jpeg2000_threads"] == max(1, usable_cpus() // len(inference)) for p in inference)
     assert all(p["sc_min_long_side"] == 1000 for p in inference)  # the default floor
+    assert all(p["precision"] == "float32" for p in inference)  # a CPU's default
     assert any("CT Image Storage" in (p["reason"] or "") for p in status["recent_problems"])
     storage = status["storage"]
     assert storage["spool_instances"] == 2 and storage["retention_days"] == 30

@@ -141,6 +141,18 @@ def test_heat_map_picture_keeps_the_site_floor_on_large_images(
     assert dciodvfy_errors(Path(sc.path)) == []
 
 
+def test_bfloat16_on_the_cpu_is_recorded_with_each_result(runtime: Runtime, tmp_path: Path) -> None:
+    rt = Runtime(runtime.settings.model_copy(update={"precision": "bfloat16"}))
+    instance_id = spool_instance(rt, tmp_path)
+    assert assess_instance(rt, instance_id).state == "assessed"
+    with session_scope(rt.database_url) as session:
+        [result] = session.scalars(select(Result))
+        paths = [d.path for d in session.scalars(select(Delivery))]
+    assert result.device == "cpu, bfloat16"
+    assert 0 <= result.bone_age_months <= 240
+    assert len(paths) == 2 and all(dciodvfy_errors(Path(path)) == [] for path in paths)
+
+
 def test_warm_up_loads_what_the_first_study_needs_and_leaves_no_trace(
     runtime: Runtime, tmp_path: Path, storescp: StoreSCP
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,13 @@ import torch
 from models.checkpoint import LoadedModel, untrained_model
 from models.gradcam import predict_with_cam
 from models.phantoms import make_phantom
-from models.predictor import BoneAgePredictor, intervals_for, resolve_device
+from models.predictor import (
+    BoneAgePredictor,
+    cpu_computes_bfloat16,
+    intervals_for,
+    resolve_device,
+    resolve_precision,
+)
 from models.preprocess import prepare
 
 
@@ -82,6 +89,47 @@ def test_properties(loaded: LoadedModel) -> None:
     assert predictor.model_id == loaded.model_id
     assert predictor.meta is loaded.meta
     assert predictor.device == "cpu"
+    assert (predictor.precision, predictor.runs_on) == ("float32", "cpu")
+
+
+def test_precision_on_the_cpu(caplog: pytest.LogCaptureFixture) -> None:
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) is torch.float32
+    assert resolve_precision("float32", cpu) is torch.float32
+    with caplog.at_level("WARNING", logger="models.predictor"):
+        assert resolve_precision("bfloat16", cpu) is torch.bfloat16
+    # opt-in either way; a CPU without bfloat16 instructions is told it is emulated
+    emulated = [r for r in caplog.records if "emulated" in r.getMessage()]
+    assert len(emulated) == (0 if cpu_computes_bfloat16() else 1)
+    with pytest.raises(ValueError, match="float16 does not run on cpu: use bfloat16 or float32"):
+        resolve_precision("float16", cpu)
+    with pytest.raises(ValueError, match="must be one of auto, float32, bfloat16, float16"):
+        resolve_precision("half", cpu)
+
+
+def test_cpu_bfloat16_instructions_are_read_from_the_cpu_flags() -> None:
+    flags = " ".join(
+        line for line in Path("/proc/cpuinfo").read_text().splitlines() if "flags" in line
+    ).split()
+    native = any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+    assert cpu_computes_bfloat16() is native
+
+
+def test_bfloat16_predictor_runs_the_trunk_in_bfloat16_and_reports_float32(
+    loaded: LoadedModel, image: np.ndarray
+) -> None:
+    predictor = BoneAgePredictor(loaded, device="cpu", precision="bfloat16")
+    assert (predictor.precision, predictor.runs_on) == ("bfloat16", "cpu, bfloat16")
+    seen: list[torch.dtype] = []
+    hook = predictor._model.layer4.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    try:
+        result = predictor.predict(image, male=True)
+    finally:
+        hook.remove()
+    assert seen == [torch.bfloat16]
+    assert isinstance(result.bone_age_months, float)
+    assert result.crop_cam.dtype == np.float32 and result.crop_cam.min() >= 0.0
+    assert result.crop_cam.max() <= 1.0
 
 
 def test_auto_device() -> None:

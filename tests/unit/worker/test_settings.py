@@ -191,3 +191,16 @@ def test_heat_map_floor_from_the_environment(monkeypatch: pytest.MonkeyPatch) ->
         monkeypatch.setenv("BONEAGE_SC_MIN_LONG_SIDE", bad)
         with pytest.raises(ValidationError, match="sc_min_long_side"):
             Settings()
+
+
+def test_precision_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().precision == "auto"  # float16 on CUDA, float32 on a CPU
+    monkeypatch.setenv("BONEAGE_PRECISION", "bfloat16")
+    assert Settings().precision == "bfloat16"
+    monkeypatch.setenv("BONEAGE_PRECISION", "half")
+    with pytest.raises(ValidationError, match="precision"):
+        Settings()
+    monkeypatch.setenv("BONEAGE_PRECISION", "float16")
+    monkeypatch.setenv("BONEAGE_DEVICE", "cpu")
+    with pytest.raises(ValidationError, match="float16 runs on CUDA only"):
+        Settings()

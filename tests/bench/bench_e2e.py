@@ -133,6 +133,7 @@ PASSED_THROUGH = (
     "BONEAGE_INFERENCE_BATCH",
     "BONEAGE_INFERENCE_BATCH_WAIT_MS",
     "BONEAGE_SC_MIN_LONG_SIDE",
+    "BONEAGE_PRECISION",
 )
 
 
@@ -140,7 +141,11 @@ PASSED_THROUGH = (
 
 
 class Forward:
-    """The model the workers load, run bare: batch 1, inference mode, CPU."""
+    """The model the workers load, run bare: batch 1, inference mode, CPU.
+
+    In the workers' precision: under bfloat16 autocast when BONEAGE_PRECISION=bfloat16
+    is passed through, so the ratio compares like with like.
+    """
 
     def __init__(self) -> None:
         torch.manual_seed(0)
@@ -149,10 +154,14 @@ class Forward:
         self.model = untrained_model(arch=ARCH, input_size=INPUT_SIZE).model
         self.x = torch.randn(1, 1, INPUT_SIZE, INPUT_SIZE)
         self.male = torch.ones(1)
+        self.bfloat16 = os.environ.get("BONEAGE_PRECISION") == "bfloat16"
 
     def median_seconds(self, repeats: int) -> float:
         times = []
-        with torch.inference_mode():
+        with (
+            torch.inference_mode(),
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bfloat16),
+        ):
             self.model(self.x, self.male)  # warm-up
             for _ in range(repeats):
                 start = time.perf_counter()

@@ -4,11 +4,12 @@ Measured in one run, at the model's input size (ResNet-50 BoneAgeNet, random wei
 
 - **bare, batched**: the model as built (batch norms, NCHW, float32), ``--batch`` images
   per forward pass, inference mode: the reference;
-- **bare, autocast**: the same under float16 autocast on CUDA (bfloat16 on a CPU), to
-  show what mixed precision alone gives;
+- **bare, autocast**: the same under float16 autocast on CUDA (bfloat16 on a CPU, or
+  what ``--precision`` names), to show what mixed precision alone gives;
 - **ours, batched**: :meth:`BoneAgePredictor.predict_batch` on prepared tensors: batch
-  norms folded, channels-last, float16 autocast on CUDA, plus Grad-CAM and its maps
-  copied back to the host;
+  norms folded, channels-last, in ``--precision`` (as ``BONEAGE_PRECISION``: by default
+  float16 autocast on CUDA, float32 on a CPU), plus Grad-CAM and its maps copied back to
+  the host;
 - **service path**: ``--threads`` threads, each doing what an inference worker's task
   thread does for its own study (read the file, gate, decode at reduced resolution,
   preprocess, hand the image to the shared :class:`BatchingPredictor`, then build and
@@ -42,7 +43,7 @@ from dicom_io import gate
 from dicom_io.pixels import decode_for_display, decode_reduction
 from models.batching import BatchingPredictor
 from models.checkpoint import untrained_model
-from models.predictor import BoneAgePredictor, describe_device, resolve_device
+from models.predictor import BoneAgePredictor, describe_device, resolve_device, resolve_precision
 from tests.bench import bench_finding, decode_threads_as_in_workers, heap_as_in_workers
 from tests.bench.bench_pipeline import make_input
 from worker.pipeline import derived_uid, write_outputs
@@ -77,6 +78,13 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=0, help="task threads (0: 2 x batch)")
     parser.add_argument("--wait-ms", type=float, default=10.0, help="batch gathering wait")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="ours and the service path, as BONEAGE_PRECISION (auto: float16 on CUDA, "
+        "float32 on a CPU); the bare autocast row uses it too where it is not float32",
+    )
     args = parser.parse_args()
     heap = heap_as_in_workers()
     device = resolve_device(args.device)
@@ -89,11 +97,13 @@ def main() -> None:
     run = _timer(device)
 
     loaded = untrained_model(arch="resnet50", input_size=args.size)
-    predictor = BoneAgePredictor(loaded, device=str(device))
+    predictor = BoneAgePredictor(loaded, device=str(device), precision=args.precision)
     bare = loaded.model.to(device)  # the model as built: batch norms, NCHW, float32
     x = torch.randn(args.batch, 1, args.size, args.size, device=device)
     male = torch.ones(args.batch, device=device)
-    half = torch.float16 if device.type == "cuda" else torch.bfloat16
+    half = resolve_precision(args.precision, device)
+    if half == torch.float32:  # the bare autocast row shows what the device's usual one gives
+        half = torch.float16 if device.type == "cuda" else torch.bfloat16
 
     def bare_forward() -> None:
         with torch.inference_mode():
@@ -181,6 +191,7 @@ def main() -> None:
     base = rates["bare, batched"]
     print(
         f"resnet50, {args.size}x{args.size}, {describe_device(device)}, batch {args.batch}, "
+        f"ours in {predictor.precision}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
         f"median of {args.repeats}; {heap}"
     )

@@ -146,6 +146,8 @@ def render(report: dict[str, Any], console: Console) -> None:
                     [
                         ", ".join(p.get("queues", [])),
                         p.get("device"),
+                        # float32 goes without saying; an autocast precision does not
+                        p.get("precision") if p.get("precision") != "float32" else None,
                         f"batches of up to {batch}" if batch > 1 else None,
                     ],
                 )

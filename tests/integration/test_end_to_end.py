@@ -124,7 +124,14 @@ def storescu(port: int, *files: Path) -> None:
 
 
 def check_round_trip(
-    node: Node, database_url: str, storescp: StoreSCP, hand: Path, port: int
+    node: Node,
+    database_url: str,
+    storescp: StoreSCP,
+    hand: Path,
+    port: int,
+    *,
+    precision: str = "float32",
+    sc_min_long_side: int = 1000,
 ) -> None:
     # The SR and the SC for the hand come back; the CT yields nothing.
     received = storescp.wait_for_objects(2, timeout=240)
@@ -167,15 +174,20 @@ def check_round_trip(
     assert all(p["heap_keeps_large_blocks"] for p in inference)  # glibc here
     # the cores shared among the processes' JPEG 2000 decodes
     assert all(p["jpeg2000_threads"] == max(1, usable_cpus() // len(inference)) for p in inference)
-    assert all(p["sc_min_long_side"] == 1000 for p in inference)  # the default floor
-    assert all(p["precision"] == "float32" for p in inference)  # a CPU's default
+    assert all(p["sc_min_long_side"] == sc_min_long_side for p in inference)
+    assert all(p["precision"] == precision for p in inference)
     assert any("CT Image Storage" in (p["reason"] or "") for p in status["recent_problems"])
     storage = status["storage"]
     assert storage["spool_instances"] == 2 and storage["retention_days"] == 30
     assert storage["spool_bytes"] == spooled_bytes(Path(node.env["BONEAGE_DATA_DIR"]))
     assert 0 < storage["free_bytes"] <= storage["total_bytes"]
-    shown = cli("status", env=node.env)
+    shown = cli("status", env={**node.env, "COLUMNS": "200"})  # no folded cells
     assert "received images on disk" in shown.stdout, shown.stdout
+    # bfloat16 is an opt-in: the administrator sees it, and each result records it
+    assert (f"cpu · {precision}" in shown.stdout) is (precision != "float32"), shown.stdout
+    with session_scope(database_url) as session:
+        devices = {r.device for r in session.scalars(select(Result))}
+    assert devices == {"cpu" if precision == "float32" else f"cpu, {precision}"}
 
 
 def _all_delivered(database_url: str) -> bool:
@@ -257,6 +269,9 @@ def test_redis_and_postgresql_separate_processes(
         BONEAGE_DATABASE_URL=postgres_url,
         BONEAGE_BROKER_URL=redis_broker[0],
         BONEAGE_BROKER_PREFIX=redis_broker[1],
+        # the opt-ins a CPU site may take (the embedded test keeps the defaults)
+        BONEAGE_PRECISION="bfloat16",
+        BONEAGE_SC_MIN_LONG_SIDE="700",
     )
     # Without a migrated schema the listener refuses to start, and says why.
     refused = cli("listen", env=env)
@@ -271,7 +286,9 @@ def test_redis_and_postgresql_separate_processes(
     wait_for_port(port, timeout=120, process=listener)
     hand, ct = make_inputs(tmp_path, env)
     storescu(port, hand, ct)
-    check_round_trip(node, postgres_url, storescp, hand, port)
+    check_round_trip(
+        node, postgres_url, storescp, hand, port, precision="bfloat16", sc_min_long_side=700
+    )
     assert all(code == 0 for code in node.stop())
     logs = node.log_text()
     for value in PATIENT_VALUES:

@@ -40,6 +40,7 @@ _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 # PS3.5 §9.1: dot-separated numeric components without leading zeros, at most 64 chars
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _LATERALITIES = ("L", "R")
+_PRECISIONS = ("float32", "bfloat16", "float16")
 
 
 def _check_finite(name: str, value: object, *, optional: bool) -> None:
@@ -85,6 +86,9 @@ class BoneAgeFinding:
         the SR as comments and burned into the SC.
     sds_reference : str
         Reference population of the SDS, named next to it.
+    precision : str
+        What the network's trunk computed in (``"float32"``, ``"bfloat16"``,
+        ``"float16"``); written into the SR's algorithm parameters.
 
     Raises
     ------
@@ -105,6 +109,7 @@ class BoneAgeFinding:
     laterality: str | None = None
     notes: tuple[str, ...] = ()
     sds_reference: str = DEFAULT_SDS_REFERENCE
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         _check_finite("bone_age_months", self.bone_age_months, optional=False)
@@ -145,6 +150,11 @@ class BoneAgeFinding:
             object.__setattr__(self, "model_id", self.model_id.lower())
         if not isinstance(self.model_id, str) or not _SHA256_RE.match(self.model_id):
             raise ValueError('Argument "model_id" must be a SHA-256 hex digest (64 hex digits).')
+        if self.precision not in _PRECISIONS:
+            raise ValueError(
+                f'Argument "precision" must be one of {", ".join(_PRECISIONS)}, '
+                f"got {self.precision!r}."
+            )
         for name in ("model_name", "model_version", "sds_reference"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():

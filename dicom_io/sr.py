@@ -181,13 +181,14 @@ def _tracking(sop_instance_uid: str, label: str) -> TrackingIdentifier:
 
 
 def _algorithm(finding: BoneAgeFinding) -> AlgorithmIdentification:
-    """TID 4019 Algorithm Identification, the model SHA-256 as a parameter."""
+    """TID 4019 Algorithm Identification: model SHA-256, trained or not, and precision."""
     return AlgorithmIdentification(
         name=finding.model_name[:_LO_MAX],
         version=finding.model_version[:_LO_MAX],
         parameters=[
             f"model SHA-256: {finding.model_id}",
             f"model trained: {'yes' if finding.model_trained else 'NO'}",
+            f"precision: {finding.precision}",
         ],
         manufacturer=MANUFACTURER,
     )

@@ -352,6 +352,7 @@ def assessment_finding(
         model_trained=bool(predictor.meta.trained),
         laterality=facts.laterality,
         notes=tuple(notes),
+        precision=predictor.precision,
     )
 
 

@@ -230,9 +230,10 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _precision_fits_the_device(self) -> Settings:
         if self.precision == "float16" and self.device in ("cpu", "mps"):
+            usable = "bfloat16 or float32" if self.device == "cpu" else "float32"
             raise ValueError(
                 f"BONEAGE_PRECISION float16 runs on CUDA only, not BONEAGE_DEVICE "
-                f"{self.device}: use bfloat16 or float32"
+                f"{self.device}: use {usable}"
             )
         return self
 

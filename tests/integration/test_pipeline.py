@@ -151,6 +151,8 @@ def test_bfloat16_on_the_cpu_is_recorded_with_each_result(runtime: Runtime, tmp_
     assert result.device == "cpu, bfloat16"
     assert 0 <= result.bone_age_months <= 240
     assert len(paths) == 2 and all(dciodvfy_errors(Path(path)) == [] for path in paths)
+    [sr] = [path for path in paths if dcmread(path).Modality == "SR"]
+    assert "precision: bfloat16" in dsrdump(Path(sr))  # the report itself says so
 
 
 def test_warm_up_loads_what_the_first_study_needs_and_leaves_no_trace(

@@ -97,6 +97,7 @@ def test_model_id_upper_case_is_normalised() -> None:
         ({"model_name": " "}, ValueError, "model_name"),
         ({"model_trained": 1}, TypeError, "model_trained"),
         ({"laterality": "B"}, ValueError, "laterality"),
+        ({"precision": "half"}, ValueError, "precision"),
     ],
 )
 def test_finding_rejects(changes: dict[str, object], error: type[Exception], match: str) -> None:

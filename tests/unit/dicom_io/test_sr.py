@@ -97,6 +97,7 @@ def test_sr_round_trip_holds_every_measurement(source: Dataset, finding: BoneAge
     assert _texts(sr, "Algorithm Name") == [finding.model_name]
     assert _texts(sr, "Algorithm Version") == [finding.model_version]
     assert f"model SHA-256: {MODEL_ID}" in _texts(sr, "Algorithm Parameters")
+    assert "precision: float32" in _texts(sr, "Algorithm Parameters")
     assert AI_RESULT_NOTICE in _texts(sr, "Comment")
 
     uidrefs = {

@@ -99,6 +99,31 @@ def test_train_resume_evaluate_predict_on_a_dicom_folder(
     for plot in ("pred_vs_true.png", "bland_altman.png", "residual_by_age.png"):
         assert (report_dir / plot).stat().st_size > 0
     assert "MAE" in (report_dir / "report.md").read_text()
+    assert metrics["precision"] == "float32"  # a CPU's default
+
+    # What a site runs before BONEAGE_PRECISION=bfloat16: the same report in bfloat16.
+    lower_dir = tmp_path / "report-bf16"
+    run(
+        "evaluate",
+        "--model",
+        str(checkpoint),
+        "--dicom-dir",
+        str(folder),
+        "--labels",
+        str(labels),
+        "--precision",
+        "bfloat16",
+        "--no-plots",
+        "-o",
+        str(lower_dir),
+    )
+    assert json.loads((lower_dir / "metrics.json").read_text())["precision"] == "bfloat16"
+
+    def ages(report: Path) -> np.ndarray:
+        with (report / "predictions.csv").open() as fh:
+            return np.array([float(row["predicted_months"]) for row in csv.DictReader(fh)])
+
+    assert np.abs(ages(lower_dir) - ages(report_dir)).max() < 4.0
 
     predicted = run(
         "predict",
@@ -110,6 +135,33 @@ def test_train_resume_evaluate_predict_on_a_dicom_folder(
     )
     assert "case00.dcm" in predicted and " y " in predicted
     assert (tmp_path / "maps" / "case00-heatmap.png").stat().st_size > 0
+
+
+def test_evaluate_refuses_a_precision_the_device_cannot_run(
+    dicom_folder: tuple[Path, Path], tmp_path: Path
+) -> None:
+    folder, labels = dicom_folder
+    result = CliRunner().invoke(
+        main,
+        [
+            "evaluate",
+            "--model",
+            str(labels),  # never read: the precision is checked first
+            "--dicom-dir",
+            str(folder),
+            "--labels",
+            str(labels),
+            "--device",
+            "cpu",
+            "--precision",
+            "float16",
+            "-o",
+            str(tmp_path / "report"),
+        ],
+    )
+    assert result.exit_code == 2, result.output
+    assert "float16 does not run on cpu: use bfloat16 or float32" in result.output
+    assert not (tmp_path / "report").exists()
 
 
 def test_train_needs_exactly_one_data_source(tmp_path: Path) -> None:

@@ -30,15 +30,17 @@ Figures: wall time from the first C-STORE sent to the last SR delivered; through
 studies / wall; latency = SR delivered_at - instance received_at (p50, p95, max); the
 median time the worker spent in the model (``Result.inference_seconds``: forward plus
 Grad-CAM). The reference is the bare forward pass of the same model (batch 1, inference
-mode, this process's default torch thread count: all cores), timed as the median of
-``--repeats`` in this process just before each stack starts, while nothing else runs, with
-the heap setting inference workers use. Also printed: the CPU seconds per study of each
-process tree and the machine's busy share over the burst, which show whether the run was
-CPU-bound and where the time went. BONEAGE_INFERENCE_PROCESSES, BONEAGE_TORCH_THREADS
-and the other settings in ``PASSED_THROUGH`` pass through to the stacks, to compare
-layouts. ``--rounds N`` runs the stacks N times in turn (each round with its own
-reference) and judges each stack by its median ratio: on a shared VM one burst's ratio
-moves by ±0.05 from one run to the next.
+mode, this process's default torch thread count: all cores), timed ``--repeats`` times
+in this process just before each stack starts and as many times again just after it
+stopped, while nothing else runs, with the heap setting inference workers use: the
+median of both, so that the VM's drift during the burst weighs on the reference too.
+Also printed: the CPU seconds per study of each process tree and the machine's busy
+share over the burst, which show whether the run was CPU-bound and where the time went.
+BONEAGE_INFERENCE_PROCESSES, BONEAGE_TORCH_THREADS and the other settings in
+``PASSED_THROUGH`` pass through to the stacks, to compare layouts. ``--rounds N`` runs
+the stacks N times in turn (each round with its own reference) and judges each stack by
+its median ratio: on a shared VM one burst's ratio moves by ±0.05 and more from one run
+to the next.
 Target: throughput >= 0.8 x the bare forward rate.
 
     .venv/bin/python -m tests.bench.bench_e2e [--studies 50] [--rounds 1]
@@ -160,7 +162,7 @@ class Forward:
         self.male = torch.ones(1)
         self.bfloat16 = os.environ.get("BONEAGE_PRECISION") == "bfloat16"
 
-    def median_seconds(self, repeats: int) -> float:
+    def seconds(self, repeats: int) -> list[float]:
         times = []
         with (
             torch.inference_mode(),
@@ -171,7 +173,7 @@ class Forward:
                 start = time.perf_counter()
                 self.model(self.x, self.male)
                 times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return times
 
 
 # -- processes -------------------------------------------------------------------------
@@ -510,10 +512,11 @@ def run_stack(
     forward: Forward,
     args: argparse.Namespace,
 ) -> Figures:
-    forward_s = forward.median_seconds(args.repeats)  # nothing of the stack runs yet
+    before = forward.seconds(args.repeats)  # nothing of the stack runs yet
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     print(
-        f"[{stack}] bare forward {forward_s:.3f} s (load average {load}); starting the stack",
+        f"[{stack}] bare forward {statistics.median(before):.3f} s (load average {load}); "
+        "starting the stack",
         flush=True,
     )
     folder = Path(tempfile.mkdtemp(prefix=f"{stack}-", dir=work))  # one per round
@@ -591,6 +594,13 @@ def run_stack(
             print(f"[{stack}] failed; the processes' last log lines:\n{processes.tails()}")
             raise
     assert meter.spent is not None
+    after = forward.seconds(args.repeats)  # the stack has stopped
+    forward_s = statistics.median(before + after)
+    print(
+        f"[{stack}] bare forward {statistics.median(after):.3f} s after the burst; "
+        f"reference {forward_s:.3f} s",
+        flush=True,
+    )
     return Figures(stack, forward_s, sent_s, wall, latencies, inference, meter.spent)
 
 
@@ -650,7 +660,8 @@ def main() -> None:
     print(
         f"{args.studies} studies of {size_mb:.1f} MB ({ROWS}x{COLUMNS} DX 12-bit, uncompressed), "
         f"burst over {min(args.senders, args.studies)} parallel associations; "
-        f"bare forward: batch 1, median of {args.repeats}; {heap}"
+        f"bare forward: batch 1, median of {args.repeats} before and {args.repeats} after each "
+        f"stack; {heap}"
     )
     passed = [f"{k}={os.environ[k]}" for k in PASSED_THROUGH if k in os.environ]
     print(f"settings passed through: {', '.join(passed) or 'none (the defaults)'}")

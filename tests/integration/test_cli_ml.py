@@ -82,18 +82,12 @@ def test_train_resume_evaluate_predict_on_a_dicom_folder(
     assert "wrote" in output
     assert load_checkpoint(checkpoint).model_id != first.model_id  # trained on from epoch 1
 
+    def evaluate(report: Path, *options: str) -> None:
+        data = ["--dicom-dir", str(folder), "--labels", str(labels)]
+        run("evaluate", "--model", str(checkpoint), *data, *options, "-o", str(report))
+
     report_dir = tmp_path / "report"
-    run(
-        "evaluate",
-        "--model",
-        str(checkpoint),
-        "--dicom-dir",
-        str(folder),
-        "--labels",
-        str(labels),
-        "-o",
-        str(report_dir),
-    )
+    evaluate(report_dir)
     metrics = json.loads((report_dir / "metrics.json").read_text())
     assert {"mae", "rmse", "r2"} <= set(metrics["overall"])
     for plot in ("pred_vs_true.png", "bland_altman.png", "residual_by_age.png"):
@@ -103,20 +97,7 @@ def test_train_resume_evaluate_predict_on_a_dicom_folder(
 
     # What a site runs before BONEAGE_PRECISION=bfloat16: the same report in bfloat16.
     lower_dir = tmp_path / "report-bf16"
-    run(
-        "evaluate",
-        "--model",
-        str(checkpoint),
-        "--dicom-dir",
-        str(folder),
-        "--labels",
-        str(labels),
-        "--precision",
-        "bfloat16",
-        "--no-plots",
-        "-o",
-        str(lower_dir),
-    )
+    evaluate(lower_dir, "--precision", "bfloat16", "--no-plots")
     assert json.loads((lower_dir / "metrics.json").read_text())["precision"] == "bfloat16"
 
     def ages(report: Path) -> np.ndarray:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from models.checkpoint import CheckpointMeta, LoadedModel, load_checkpoint
 from models.data import LabelledImage, PreparedDataset
-from models.net import BoneAgeNet
+from models.net import BoneAgeNet, fold_batch_norm
 from models.predictor import (
     MAX_BONE_AGE_MONTHS,
     MIN_BONE_AGE_MONTHS,
@@ -180,9 +180,7 @@ def predict_ages(
     out: list[np.ndarray] = []
     with torch.inference_mode():
         for x, _age, male in tqdm(loader, desc=desc, disable=not progress, leave=False):
-            x = x.to(device, non_blocking=True)
-            if device.type == "cuda" or lower:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=dtype, enabled=lower):
                 z = model(x, male.to(device))
             out.append((z.float() * target_sd + target_mean).cpu().numpy())
@@ -396,9 +394,9 @@ def evaluate(
     meta = loaded.meta
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)  # an unusable one fails before any work
-    model = loaded.model.to(dev)
-    if dev.type == "cuda" or dtype != torch.float32:
-        model = model.to(memory_format=torch.channels_last)
+    # The copy the worker runs (BoneAgePredictor): batch norms folded, channels-last, so
+    # that an evaluation in a lower precision shows what the service would report.
+    model = fold_batch_norm(loaded.model.eval()).to(dev).to(memory_format=torch.channels_last)
     dataset = PreparedDataset(items, meta.input_size, cache=cache, progress=progress)
     predicted = predict_ages(
         model,

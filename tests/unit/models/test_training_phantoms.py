@@ -178,7 +178,7 @@ def test_bfloat16_changes_bone_ages_by_a_month_or_two(
     # head and the reported numbers stay float32. What a site sees when it validates it
     # with `evaluate --precision bfloat16`: nearly the same metrics, each image within a
     # month or two of float32 (measured when written, AMD EPYC with AVX-512 BF16: mean
-    # 0.41, max 1.8 months; MAE 22.7 against 22.9). A real model at 512 px on real
+    # 0.20, max 0.75 months; MAE 22.68 against 22.74). A real model at 512 px on real
     # radiographs needs its own such comparison before a site turns it on.
     _, loaded = trained
     test_items = phantom_items(150, size=120, seed=12345)
@@ -206,14 +206,21 @@ def test_bfloat16_changes_bone_ages_by_a_month_or_two(
     print(f"MAE float32 {overall['mae']:.2f}, bfloat16 {lower_overall['mae']:.2f} months")
     assert abs(lower_overall["mae"] - overall["mae"]) < 0.5
 
-    # The service's predictor: the same agreement, and the heat map barely moves.
+    # The service's predictor reports what the evaluation showed (evaluate runs the same
+    # folded, channels-last copy; one image at a time against batches of 16 rounds a
+    # little differently in bfloat16: 0.29 months at most when written), and its heat
+    # map barely moves.
     single = BoneAgePredictor(loaded, device="cpu")
     half = BoneAgePredictor(loaded, device="cpu", precision="bfloat16")
     assert (single.runs_on, half.runs_on) == ("cpu", "cpu, bfloat16")
-    rng = np.random.default_rng(7)
-    for _ in range(10):
-        phantom = make_phantom(float(rng.uniform(40, 228)), male=True, size=120, rng=rng)
-        a = single.predict(phantom.image, male=True)
-        b = half.predict(phantom.image, male=True)
+    evaluated = predicted(lower)
+    gaps = []
+    for index, item in enumerate(test_items[:10]):
+        assert isinstance(item.image, np.ndarray)
+        a = single.predict(item.image, male=item.male)
+        b = half.predict(item.image, male=item.male)
+        gaps.append(abs(b.bone_age_months - evaluated[index]))
         assert abs(a.bone_age_months - b.bone_age_months) < 4.0
         assert np.abs(a.crop_cam - b.crop_cam).max() < 0.1
+    print(f"service vs evaluate in bfloat16: max {max(gaps):.3f} months")
+    assert max(gaps) < 1.0, gaps

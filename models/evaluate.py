@@ -359,6 +359,10 @@ def evaluate(
 ) -> EvaluationReport:
     """Evaluate a checkpoint and write the report.
 
+    The model runs as the worker runs it (:class:`~models.predictor.BoneAgePredictor`'s
+    inference copy: batch norms folded, channels-last, in ``precision``), so the report
+    is about the numbers the service would send.
+
     Parameters
     ----------
     checkpoint : str or pathlib.Path or LoadedModel

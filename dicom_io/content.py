@@ -40,7 +40,8 @@ _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 # PS3.5 §9.1: dot-separated numeric components without leading zeros, at most 64 chars
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _LATERALITIES = ("L", "R")
-_PRECISIONS = ("float32", "bfloat16", "float16")
+#: What a finding may say the network's trunk computed in (BONEAGE_PRECISION, less "auto").
+TRUNK_PRECISIONS = ("float32", "bfloat16", "float16")
 
 
 def _check_finite(name: str, value: object, *, optional: bool) -> None:
@@ -150,9 +151,9 @@ class BoneAgeFinding:
             object.__setattr__(self, "model_id", self.model_id.lower())
         if not isinstance(self.model_id, str) or not _SHA256_RE.match(self.model_id):
             raise ValueError('Argument "model_id" must be a SHA-256 hex digest (64 hex digits).')
-        if self.precision not in _PRECISIONS:
+        if self.precision not in TRUNK_PRECISIONS:
             raise ValueError(
-                f'Argument "precision" must be one of {", ".join(_PRECISIONS)}, '
+                f'Argument "precision" must be one of {", ".join(TRUNK_PRECISIONS)}, '
                 f"got {self.precision!r}."
             )
         for name in ("model_name", "model_version", "sds_reference"):

@@ -28,6 +28,7 @@ from models.net import BoneAgeNet, fold_batch_norm
 from models.predictor import (
     MAX_BONE_AGE_MONTHS,
     MIN_BONE_AGE_MONTHS,
+    precision_name,
     resolve_device,
     resolve_precision,
 )
@@ -418,7 +419,7 @@ def evaluate(
     male = np.array([it.male for it in items], dtype=bool)
     metrics = summarise(predicted, true, male, meta.quantiles)
     metrics["model"] = {"id": loaded.model_id, "arch": meta.arch, "trained": meta.trained}
-    metrics["precision"] = str(dtype).removeprefix("torch.")
+    metrics["precision"] = precision_name(dtype)
 
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +124,12 @@ def resolve_device(device: str) -> torch.device:
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 
 
+def precision_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``: how results, reports and the SR name it."""
+    return str(dtype).removeprefix("torch.")
+
+
+@lru_cache(maxsize=1)
 def cpu_computes_bfloat16() -> bool:
     """Whether this CPU has bfloat16 instructions (AVX-512 BF16, AMX or Arm BF16).
 
@@ -178,13 +184,19 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
         return getattr(torch, precision)
     if device.type == "cpu" and precision == "bfloat16":
         if not cpu_computes_bfloat16():
-            logger.warning(
-                "bfloat16 asked for, but this CPU has no bfloat16 instructions: it is "
-                "emulated, slower than float32"
-            )
+            _warn_bfloat16_emulated()
         return torch.bfloat16
     usable = "bfloat16 or float32" if device.type == "cpu" else "float32"
     raise ValueError(f"{precision} does not run on {device.type}: use {usable}")
+
+
+@lru_cache(maxsize=1)
+def _warn_bfloat16_emulated() -> None:
+    """Say once per process (not per evaluation step or predictor) that bf16 is emulated."""
+    logger.warning(
+        "bfloat16 asked for, but this CPU has no bfloat16 instructions: it is emulated, "
+        "slower than float32"
+    )
 
 
 def describe_device(device: torch.device) -> str:
@@ -276,7 +288,7 @@ class BoneAgePredictor:
     @property
     def precision(self) -> str:
         """What the trunk runs in: ``"float32"``, ``"bfloat16"`` or ``"float16"``."""
-        return str(self._dtype).removeprefix("torch.")
+        return precision_name(self._dtype)
 
     @property
     def runs_on(self) -> str:

@@ -12,13 +12,13 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, cast, get_args
 
 import click
 from pydantic import ValidationError
 from rich.console import Console
 
-from worker.settings import Settings, load_settings, usable_cpus
+from worker.settings import Precision, Settings, load_settings, usable_cpus
 
 logger = logging.getLogger("boneage")
 console = Console()
@@ -850,7 +850,7 @@ def train(
 @click.option("--device", default="auto", show_default=True)
 @click.option(
     "--precision",
-    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    type=click.Choice(get_args(Precision)),
     default="auto",
     show_default=True,
     help="What the trunk runs in, as BONEAGE_PRECISION (auto: float16 on CUDA, else float32).",

@@ -27,6 +27,9 @@ _DEFAULT_DATA_DIR = Path("./var/boneage")
 #: Images per forward pass of a GPU inference worker unless BONEAGE_INFERENCE_BATCH says.
 GPU_INFERENCE_BATCH = 16
 
+#: BONEAGE_PRECISION's values (models.predictor.PRECISIONS, which a test keeps equal).
+Precision = Literal["auto", "float32", "bfloat16", "float16"]
+
 #: Long side, in pixels, the heat-map SC keeps at least unless BONEAGE_SC_MIN_LONG_SIDE
 #: says: large images are decoded at reduced resolution only down to it.
 SC_MIN_LONG_SIDE = 1000
@@ -136,7 +139,7 @@ class Settings(BaseSettings):
     # What the network's trunk runs in: auto = float16 autocast on CUDA, float32 on a
     # CPU; bfloat16 on a CPU with bfloat16 instructions is about twice as fast, opt-in
     # after a validation (`evaluate --precision bfloat16`).
-    precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    precision: Precision = "auto"
     # Inference worker processes (0 = auto: one per GPU machine, on a CPU up to 4 each
     # with its share of the cores) and torch threads in each (0 = cores / processes).
     inference_processes: int = Field(0, ge=0, le=64)

@@ -43,7 +43,13 @@ from dicom_io import gate
 from dicom_io.pixels import decode_for_display, decode_reduction
 from models.batching import BatchingPredictor
 from models.checkpoint import untrained_model
-from models.predictor import BoneAgePredictor, describe_device, resolve_device, resolve_precision
+from models.predictor import (
+    PRECISIONS,
+    BoneAgePredictor,
+    describe_device,
+    resolve_device,
+    resolve_precision,
+)
 from tests.bench import bench_finding, decode_threads_as_in_workers, heap_as_in_workers
 from tests.bench.bench_pipeline import make_input
 from worker.pipeline import derived_uid, write_outputs
@@ -81,7 +87,7 @@ def main() -> None:
     parser.add_argument(
         "--precision",
         default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
+        choices=PRECISIONS,
         help="ours and the service path, as BONEAGE_PRECISION (auto: float16 on CUDA, "
         "float32 on a CPU); the bare autocast row uses it too where it is not float32",
     )

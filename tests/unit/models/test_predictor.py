@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pytest
 import torch
 
+from dicom_io.content import TRUNK_PRECISIONS
 from models.checkpoint import LoadedModel, untrained_model
 from models.gradcam import predict_with_cam
 from models.phantoms import make_phantom
 from models.predictor import (
+    PRECISIONS,
     BoneAgePredictor,
+    _warn_bfloat16_emulated,
     cpu_computes_bfloat16,
     intervals_for,
+    precision_name,
     resolve_device,
     resolve_precision,
 )
 from models.preprocess import prepare
+from worker.settings import Precision
 
 
 @pytest.fixture
@@ -94,6 +100,7 @@ def test_properties(loaded: LoadedModel) -> None:
 
 def test_precision_on_the_cpu(caplog: pytest.LogCaptureFixture) -> None:
     cpu = torch.device("cpu")
+    _warn_bfloat16_emulated.cache_clear()  # said once per process: maybe already said
     assert resolve_precision("auto", cpu) is torch.float32
     assert resolve_precision("float32", cpu) is torch.float32
     with caplog.at_level("WARNING", logger="models.predictor"):
@@ -105,6 +112,17 @@ def test_precision_on_the_cpu(caplog: pytest.LogCaptureFixture) -> None:
         resolve_precision("float16", cpu)
     with pytest.raises(ValueError, match="must be one of auto, float32, bfloat16, float16"):
         resolve_precision("half", cpu)
+
+
+def test_one_list_of_precisions_everywhere() -> None:
+    # the setting, the CLI, the predictor and what an SR may say take the same values
+    assert get_args(Precision) == PRECISIONS
+    assert ("auto", *TRUNK_PRECISIONS) == PRECISIONS
+    assert [precision_name(resolve_precision(p, torch.device("cpu"))) for p in PRECISIONS[:3]] == [
+        "float32",
+        "float32",
+        "bfloat16",
+    ]
 
 
 def test_cpu_bfloat16_instructions_are_read_from_the_cpu_flags() -> None:

@@ -78,20 +78,21 @@ class Running:
 def start_with_four_hands(
     tmp_path: Path,
     storescp: StoreSCP,
-    redis_broker: tuple[str, str],
+    redis_broker: tuple[str, str] | None,
     nodes: list[Node],
     **settings: str,
 ) -> Running:
+    """Start the node's three processes and send it four hands.
+
+    ``redis_broker`` None: the embedded broker (a SQLite file in the data folder).
+    """
     port = free_port()
     # The real ResNet-50 at 512 px (no checkpoint): slow enough to be caught mid-inference.
     env = base_env(tmp_path, storescp, Path("unused"), port)
     del env["BONEAGE_MODEL"]
-    env.update(
-        BONEAGE_BROKER_URL=redis_broker[0],
-        BONEAGE_BROKER_PREFIX=redis_broker[1],
-        BONEAGE_LOG_LEVEL="INFO",
-        **settings,
-    )
+    if redis_broker is not None:
+        env.update(BONEAGE_BROKER_URL=redis_broker[0], BONEAGE_BROKER_PREFIX=redis_broker[1])
+    env.update(BONEAGE_LOG_LEVEL="INFO", **settings)
     database_url = f"sqlite:///{tmp_path / 'data' / 'boneage.db'}"
     assert cli("db", "upgrade", env=env).returncode == 0
     node = Node(tmp_path, env)
@@ -199,20 +200,26 @@ def test_prefork_child_killed_mid_inference_its_image_is_assessed_once(
     assert running.worker.poll() is None  # the worker lives on with a new child
 
 
+@pytest.mark.parametrize("broker", ["redis", "embedded"])
 def test_prefork_main_process_killed_nothing_lost_or_done_twice(
-    tmp_path: Path, storescp: StoreSCP, redis_broker: tuple[str, str], nodes: list[Node]
+    tmp_path: Path,
+    storescp: StoreSCP,
+    broker: str,
+    request: pytest.FixtureRequest,
+    nodes: list[Node],
 ) -> None:
     # SIGKILL of the inference worker's main process (an OOM kill, say) while a child is
     # in the middle of an image: the orphaned children finish what they hold or die
     # with it; the messages the main process had reserved are gone with it (Redis would
-    # return them only after its visibility timeout, hours later), so the reconciler
-    # queues those images again once they have waited BONEAGE_REQUEUE_AFTER_SECONDS
-    # (here 5 s instead of 300) with the queue empty. Every image is assessed and
-    # delivered once, and no orphan stays behind.
+    # return them only after its visibility timeout, hours later; the embedded broker
+    # marks a message taken when it hands it out, and its workers hold one message per
+    # child more, here all four), so the reconciler queues those images again once they
+    # have waited BONEAGE_REQUEUE_AFTER_SECONDS (here 5 s instead of 300) with the queue
+    # empty. Every image is assessed and delivered once, and no orphan stays behind.
     running = start_with_four_hands(
         tmp_path,
         storescp,
-        redis_broker,
+        request.getfixturevalue("redis_broker") if broker == "redis" else None,
         nodes,
         BONEAGE_DEVICE="cpu",
         BONEAGE_INFERENCE_PROCESSES="2",

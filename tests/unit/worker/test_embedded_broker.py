@@ -69,3 +69,32 @@ def test_processes_starting_together_create_each_queue_once(tmp_path: Path) -> N
     with closing(sqlite3.connect(tmp_path / "broker.db")) as connection:
         names = sorted(row[0] for row in connection.execute("SELECT name FROM kombu_queue"))
     assert names == ["delivery", "inference"]
+
+
+#: Configure the app for the broker given on the command line and print its prefetch.
+PREFETCH = """
+import sys
+from worker.celery_app import configure
+from worker.settings import load_settings
+settings = load_settings(data_dir=sys.argv[1], broker_url=sys.argv[2] or None)
+print(configure(settings).conf.worker_prefetch_multiplier)
+"""
+
+
+def test_workers_of_the_polled_broker_hold_one_message_more(tmp_path: Path) -> None:
+    # A polling consumer learns of a free slot only at its next poll: with one message
+    # per process, a prefork child waited up to a poll interval after every image.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BONEAGE_")}
+
+    def prefetch(broker_url: str) -> int:
+        done = subprocess.run(
+            [sys.executable, "-c", PREFETCH, str(tmp_path), broker_url],
+            capture_output=True,
+            env=env,
+            check=True,
+            timeout=120,
+        )
+        return int(done.stdout.decode().split()[-1])
+
+    assert prefetch("") == 2  # the embedded SQLite broker
+    assert prefetch("redis://127.0.0.1:6379/0") == 1  # pushed: hold only what runs

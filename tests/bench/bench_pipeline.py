@@ -245,8 +245,11 @@ def main() -> None:
     for name, values in parts.items():
         median = statistics.median(values)
         print(f"  {name:<24}{median:>10.3f}{median / base:>11.2f}")
-    verdict = "met" if total / base <= 1.2 else "missed"
-    print(f"pipeline / bare forward: {total / base:.2f}× (target ≤ 1.2×: {verdict})")
+    if args.j2k:  # issue 6 sets the 1.2× target for uncompressed input only
+        verdict = "no target for compressed input; see bench_throughput"
+    else:
+        verdict = f"target ≤ 1.2×: {'met' if total / base <= 1.2 else 'missed'}"
+    print(f"pipeline / bare forward: {total / base:.2f}× ({verdict})")
     print(
         f"pipeline / the predictor's own forward pass: {total / ours:.2f}× "
         f"(everything around the network: {total - ours:.3f} s)"

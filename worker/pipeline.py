@@ -5,19 +5,29 @@
 
 Exactly-once comes from the schema: one Result per (instance, model) and one
 Delivery per (result, kind, destination). The output UIDs are derived from the
-source instance and the model, so a redelivered task that gets this far writes
-the very same objects, and its commit fails on the unique constraint.
+source instance and the model, so a redelivered task that gets this far makes
+the same objects again, and its commit fails on the unique constraint.
+
+Two attempts at one instance may run at once (the same study sent twice, a
+message delivered again while the first attempt still runs). Their SR and SC
+carry the same UIDs and file names but not the same bytes (creation times), so
+an attempt's files are staged under names of their own and moved into place
+only inside its commit, after the rows went in: the database's unique keys hold
+every other attempt at that point until this one has committed, and then refuse
+it, and a refused attempt removes what it staged. The files in the outbox are
+therefore always those whose SHA-256 the committed deliveries recorded.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import logging
 import os
+import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -61,7 +71,7 @@ MAX_ATTEMPTS = 3
 _TERMINAL = (InstanceState.ASSESSED, InstanceState.NOT_ASSESSED, InstanceState.ERROR)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class AssessOutcome:
     state: str  # "assessed", "not_assessed", "error", "skipped", "duplicate"
     delivery_ids: tuple[int, ...] = ()
@@ -73,14 +83,19 @@ def derived_uid(*parts: str) -> str:
     return str(generate_uid(entropy_srcs=list(parts)))
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Output:
-    """One object of an assessment, durable in the outbox."""
+    """One object of an assessment in the outbox, or staged to go there.
+
+    ``staged`` is the durable file of this attempt, under a name of its own, until
+    :func:`publish` moves it to ``path`` (None once it is there).
+    """
 
     kind: ObjectKind
     sop_instance_uid: str
     path: Path
     sha256: str  # hex digest of the file's bytes, checked before each send
+    staged: Path | None = None
 
 
 def write_atomically(ds: Dataset, path: Path, *, sync_directory: bool = True) -> str:
@@ -95,20 +110,77 @@ def write_atomically(ds: Dataset, path: Path, *, sync_directory: bool = True) ->
         The hex SHA-256 of the bytes written: a delivery checks it before it sends the
         file as it is stored.
     """
+    temp, digest = _stage(ds, path)
+    os.replace(temp, path)
+    if sync_directory:
+        fsync_directory(path.parent)
+    return digest
+
+
+def _stage(ds: Dataset, path: Path) -> tuple[Path, str]:
+    """Write ``ds`` durably beside ``path``, under a name no other attempt uses.
+
+    Returns the staged file and the hex SHA-256 of its bytes.
+    """
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     encoded = io.BytesIO()
     ds.save_as(encoded, enforce_file_format=True)
     data = encoded.getbuffer()
-    temp = path.with_suffix(f".{os.getpid()}.tmp")
-    with temp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.chmod(temp, 0o600)
-    os.replace(temp, path)
-    if sync_directory:
-        fsync_directory(path.parent)
-    return hashlib.sha256(data).hexdigest()
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temp = Path(name)  # owner-only (0600), as every file the node keeps
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return temp, hashlib.sha256(data).hexdigest()
+
+
+def publish(outputs: list[Output]) -> list[Output]:
+    """Move staged outputs to their outbox names, then fsync the directories once."""
+    published = []
+    for output in outputs:
+        if output.staged is not None:
+            os.replace(output.staged, output.path)
+        published.append(dataclasses.replace(output, staged=None))
+    for directory in {output.path.parent for output in outputs}:
+        fsync_directory(directory)
+    return published
+
+
+#: A staged output older than this belongs to an attempt that died before its commit
+#: (an attempt stages and publishes within seconds).
+STAGED_MAX_AGE_SECONDS = 3600.0
+
+
+def sweep_staged(outbox_dir: Path, *, older_than: float = STAGED_MAX_AGE_SECONDS) -> int:
+    """Remove the outputs that attempts which died before their commit left staged.
+
+    Returns how many files went. Younger files are left: another worker's attempt may be
+    between staging and publishing them.
+    """
+    removed = 0
+    cutoff = time.time() - older_than
+    for staged in outbox_dir.glob("*.tmp"):  # ours are dot-files; glob sees them
+        try:
+            if staged.stat().st_mtime < cutoff:
+                staged.unlink()
+                removed += 1
+        except FileNotFoundError:
+            continue
+    if removed:
+        logger.info("outbox: removed %d file(s) staged by attempts that did not finish", removed)
+    return removed
+
+
+def discard(outputs: list[Output]) -> None:
+    """Remove the files an attempt staged and did not publish."""
+    for output in outputs:
+        if output.staged is not None:
+            output.staged.unlink(missing_ok=True)
 
 
 def chronological_age_months(facts: gate.PatientFacts) -> float | None:
@@ -216,7 +288,7 @@ def assess_instance(rt: Runtime, instance_id: int, *, send: bool = True) -> Asse
 
     finding = assessment_finding(predictor, prediction, facts, male=male, notes=notes)
     chronological, sds = finding.chronological_age_months, finding.sds
-    outputs = write_outputs(
+    outputs = stage_outputs(  # moved into the outbox by the commit, if it wins
         ds,
         image,
         prediction,
@@ -273,8 +345,33 @@ def write_outputs(
     """Build the SR and the heat-map SC of one assessment and make both durable.
 
     Output identities depend only on (source instance, model): see the module
-    docstring.
+    docstring. The pipeline itself stages them (:func:`stage_outputs`) and publishes
+    them in its commit.
     """
+    return publish(
+        stage_outputs(
+            source,
+            image,
+            prediction,
+            finding,
+            source_uid=source_uid,
+            outbox_dir=outbox_dir,
+            device_observer_uid=device_observer_uid,
+        )
+    )
+
+
+def stage_outputs(
+    source: Dataset,
+    image: np.ndarray,
+    prediction: Prediction,
+    finding: BoneAgeFinding,
+    *,
+    source_uid: str,
+    outbox_dir: Path,
+    device_observer_uid: str,
+) -> list[Output]:
+    """Build the SR and the heat-map SC and stage both, durable, for :func:`publish`."""
     sr, sc = build_outputs(
         source,
         image,
@@ -283,10 +380,13 @@ def write_outputs(
         source_uid=source_uid,
         device_observer_uid=device_observer_uid,
     )
-    return [
-        _write_output(outbox_dir, ObjectKind.SR, sr, "sr", sync_directory=False),
-        _write_output(outbox_dir, ObjectKind.SC, sc, "sc"),  # one directory fsync for both
-    ]
+    staged = [_stage_output(outbox_dir, ObjectKind.SR, sr, "sr")]
+    try:
+        staged.append(_stage_output(outbox_dir, ObjectKind.SC, sc, "sc"))
+    except BaseException:
+        discard(staged)
+        raise
+    return staged
 
 
 def build_outputs(
@@ -397,13 +497,11 @@ def warm_up(rt: Runtime) -> float:
     return time.perf_counter() - started
 
 
-def _write_output(
-    outbox_dir: Path, kind: ObjectKind, ds: Dataset, suffix: str, *, sync_directory: bool = True
-) -> Output:
+def _stage_output(outbox_dir: Path, kind: ObjectKind, ds: Dataset, suffix: str) -> Output:
     uid = str(ds.SOPInstanceUID)
     path = outbox_dir / f"{uid_tag(uid)}-{suffix}.dcm"
-    digest = write_atomically(ds, path, sync_directory=sync_directory)
-    return Output(kind, uid, path, digest)
+    staged, digest = _stage(ds, path)
+    return Output(kind, uid, path, digest, staged=staged)
 
 
 def _not_assessed(
@@ -435,7 +533,7 @@ def _not_assessed(
         series_number=SR_SERIES_NUMBER,
         device_observer_uid=rt.device_observer_uid,
     )
-    outputs = [_write_output(settings.outbox_dir, ObjectKind.SR, sr, "not-assessed-sr")]
+    outputs = [_stage_output(settings.outbox_dir, ObjectKind.SR, sr, "not-assessed-sr")]
     outcome = _commit(rt, instance_id, InstanceState.NOT_ASSESSED, reason, None, outputs)
     return AssessOutcome("not_assessed", delivery_ids=outcome.delivery_ids, reason=reason)
 
@@ -450,7 +548,11 @@ def _commit(
     *,
     send: bool = True,
 ) -> AssessOutcome:
-    """Result, deliveries and the instance's final state in one transaction."""
+    """Result, deliveries and the instance's final state in one transaction.
+
+    The staged ``outputs`` are moved into the outbox inside it, once its rows are in
+    (see the module docstring); an attempt that another one beat removes them.
+    """
     try:
         with session_scope(rt.database_url) as session:
             if result is not None:
@@ -476,12 +578,21 @@ def _commit(
             instance.state = state
             instance.reason = reason
             instance.finished_at = now()
+            # Any other attempt at this instance now waits on these rows' unique keys
+            # (PostgreSQL) or on the write lock (SQLite) until this transaction ends;
+            # one that committed first has made the flush fail.
             session.flush()
             delivery_ids = tuple(d.id for d in deliveries)
+            outputs = publish(outputs)
     except IntegrityError:
-        # Another attempt committed the same outputs first; its deliveries stand.
+        # Another attempt committed the same outputs first: its files and deliveries
+        # stand, and this attempt's staged files go.
+        discard(outputs)
         logger.info("instance %d: outputs already recorded by another attempt", instance_id)
         return AssessOutcome("duplicate")
+    except BaseException:
+        discard(outputs)
+        raise
     return AssessOutcome(state.value, delivery_ids=delivery_ids, reason=reason)
 
 

@@ -31,7 +31,7 @@ from worker.heap import keep_large_blocks
 from worker.heartbeat import HeartbeatThread
 from worker.messaging import enqueue_delivery
 from worker.metrics_files import worker_metrics_port
-from worker.pipeline import assess_instance, warm_up
+from worker.pipeline import assess_instance, sweep_staged, warm_up
 from worker.reconciler import ReconcileReport, reconcile_via_broker
 from worker.runtime import Runtime
 from worker.settings import Settings, usable_cpus
@@ -149,6 +149,11 @@ def _stop_process(**_: Any) -> None:
 @worker_ready.connect
 def _on_ready(sender: Any = None, **_: Any) -> None:
     _serve_metrics(sender)
+    if "inference" in _state["queues"]:
+        try:
+            sweep_staged(runtime().settings.outbox_dir)
+        except OSError as exc:
+            logger.warning("outbox sweep skipped (%s)", exc.strerror)
     # A worker that starts may be the first thing up after an outage: pick up the
     # work whose messages were lost while nothing was consuming.
     try:

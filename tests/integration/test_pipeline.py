@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import os
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,7 +23,8 @@ from models.phantoms import make_phantom
 from tests.conftest import StoreSCP
 from tests.dicomtools import dciodvfy_errors, dsr2html, dsrdump
 from tests.support import free_port
-from worker.delivery import deliver_one, reset_failed
+from worker import pipeline
+from worker.delivery import deliver_one, reset_failed, send_deliveries
 from worker.listener import record_instance
 from worker.pipeline import assess_instance, warm_up
 from worker.runtime import Runtime
@@ -187,6 +191,46 @@ def test_assess_is_idempotent(runtime: Runtime, tmp_path: Path) -> None:
     with session_scope(runtime.database_url) as session:
         assert len(list(session.scalars(select(Result)))) == 1
         assert len(list(session.scalars(select(Delivery)))) == 2
+    # The refused attempt made the same objects (UIDs, names) with other bytes: it must
+    # have left the committed files alone, or their deliveries would fail as damaged.
+    assert_outbox_is_what_was_recorded(runtime)
+
+
+def assert_outbox_is_what_was_recorded(runtime: Runtime) -> None:
+    """Every delivery's file has the SHA-256 it recorded; nothing else is left behind."""
+    with session_scope(runtime.database_url) as session:
+        recorded = {Path(d.path): d.sha256 for d in session.scalars(select(Delivery))}
+    assert recorded
+    for path, sha256 in recorded.items():
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == sha256, path.name
+    assert sorted(runtime.settings.outbox_dir.iterdir()) == sorted(recorded)
+
+
+def test_attempt_beaten_while_it_ran_leaves_the_winners_files(
+    runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same instance assessed twice at once (the same study sent twice, a message
+    # delivered again while the first attempt runs): the second attempt here is
+    # overtaken just before it writes its SR and SC by an attempt that runs to its
+    # commit. Its objects have the same UIDs and file names, other bytes.
+    instance_id = spool_instance(runtime, tmp_path)
+    real_stage = pipeline.stage_outputs
+    overtaken: list[pipeline.AssessOutcome] = []
+
+    def overtake_once(*args: Any, **kwargs: Any) -> list[pipeline.Output]:
+        if not overtaken:
+            monkeypatch.setattr(pipeline, "stage_outputs", real_stage)  # the other runs as is
+            overtaken.append(assess_instance(runtime, instance_id))
+        return real_stage(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "stage_outputs", overtake_once)
+    assert assess_instance(runtime, instance_id).state == "duplicate"
+    assert [o.state for o in overtaken] == ["assessed"]
+    assert_outbox_is_what_was_recorded(runtime)  # the winner's, and no staged file left
+    send_deliveries(runtime, list(overtaken[0].delivery_ids))
+    with session_scope(runtime.database_url) as session:
+        states = [d.state for d in session.scalars(select(Delivery))]
+    assert states == [DeliveryState.DELIVERED] * 2
 
 
 def test_ct_is_accepted_but_not_assessed(runtime: Runtime, tmp_path: Path) -> None:
@@ -354,3 +398,19 @@ def test_reprocess_with_a_new_model_sends_only_when_asked(
         assert len(list(session.scalars(select(Result)))) == 3  # one per model
         assert len(list(session.scalars(select(Delivery)))) == 4  # first model's 2 + last one's 2
         assert session.get_one(Instance, instance_id).state is InstanceState.ASSESSED
+
+
+def test_outputs_staged_by_attempts_that_died_are_swept(tmp_path: Path) -> None:
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    two_hours_ago = dt.datetime.now().timestamp() - 2 * 3600
+    died = outbox / ".a1b2-sr.dcm.x8f3k2.tmp"  # staged, its attempt gone
+    died_before = outbox / "a1b2-sc.4242.tmp"  # the naming of earlier versions
+    running = outbox / ".c3d4-sc.dcm.q9w8e7.tmp"  # another worker is about to publish it
+    published = outbox / "a1b2-sr.dcm"
+    for path in (died, died_before, running, published):
+        path.write_bytes(b"DICM")
+    for path in (died, died_before, published):
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    assert pipeline.sweep_staged(outbox) == 2
+    assert sorted(p.name for p in outbox.iterdir()) == sorted([running.name, published.name])

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
+from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
 from db.engine import session_scope
@@ -194,6 +195,26 @@ def chronological_age_months(facts: gate.PatientFacts) -> float | None:
 
 def _claim(rt: Runtime, instance_id: int) -> tuple[Path, str] | AssessOutcome:
     with session_scope(rt.database_url) as session:
+        # One conditional statement, not a read and a write: an attempt whose claim
+        # waited on another attempt's commit (PostgreSQL waits on the row, then reads it
+        # again) must find the instance finished, not put it back to `processing`.
+        claimed = session.execute(
+            update(Instance)
+            .where(
+                Instance.id == instance_id,
+                Instance.state.not_in(_TERMINAL),
+                Instance.attempts < MAX_ATTEMPTS,
+            )
+            .values(
+                state=InstanceState.PROCESSING,
+                claimed_by=process_name("worker"),
+                started_at=now(),
+                attempts=Instance.attempts + 1,
+            )
+            .returning(Instance.spool_path, Instance.sop_instance_uid)
+        ).one_or_none()
+        if claimed is not None:
+            return Path(claimed.spool_path), claimed.sop_instance_uid
         instance = session.get(Instance, instance_id)
         if instance is None:
             logger.warning("assess: instance %d does not exist", instance_id)
@@ -201,17 +222,11 @@ def _claim(rt: Runtime, instance_id: int) -> tuple[Path, str] | AssessOutcome:
         if instance.state in _TERMINAL:
             logger.info("assess: instance %d already %s", instance_id, instance.state.value)
             return AssessOutcome("skipped", reason=f"already {instance.state.value}")
-        if instance.attempts >= MAX_ATTEMPTS:
-            instance.state = InstanceState.ERROR
-            instance.reason = f"processing did not complete in {MAX_ATTEMPTS} attempts"
-            instance.finished_at = now()
-            logger.error("assess: instance %d gave up after %d attempts", instance_id, MAX_ATTEMPTS)
-            return AssessOutcome("error", reason=instance.reason)
-        instance.state = InstanceState.PROCESSING
-        instance.claimed_by = process_name("worker")
-        instance.started_at = now()
-        instance.attempts += 1
-        return Path(instance.spool_path), instance.sop_instance_uid
+        instance.state = InstanceState.ERROR
+        instance.reason = f"processing did not complete in {MAX_ATTEMPTS} attempts"
+        instance.finished_at = now()
+        logger.error("assess: instance %d gave up after %d attempts", instance_id, MAX_ATTEMPTS)
+        return AssessOutcome("error", reason=instance.reason)
 
 
 def _finish(rt: Runtime, instance_id: int, state: InstanceState, reason: str | None) -> None:

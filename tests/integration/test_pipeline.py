@@ -7,10 +7,12 @@ import hashlib
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psycopg
 import pytest
 from pydicom import dcmread
 from sqlalchemy import select, update
@@ -20,9 +22,9 @@ from db.schema import Delivery, DeliveryState, Instance, InstanceState, ObjectKi
 from dicom_io.scp import ReceivedInstance, spool_path
 from dicom_io.synthetic import make_radiograph_dataset
 from models.phantoms import make_phantom
-from tests.conftest import StoreSCP
+from tests.conftest import POSTGRES_ADMIN_URL, StoreSCP
 from tests.dicomtools import dciodvfy_errors, dsr2html, dsrdump
-from tests.support import free_port
+from tests.support import free_port, wait_for
 from worker import pipeline
 from worker.delivery import deliver_one, reset_failed, send_deliveries
 from worker.listener import record_instance
@@ -414,3 +416,70 @@ def test_outputs_staged_by_attempts_that_died_are_swept(tmp_path: Path) -> None:
         os.utime(path, (two_hours_ago, two_hours_ago))
     assert pipeline.sweep_staged(outbox) == 2
     assert sorted(p.name for p in outbox.iterdir()) == sorted([running.name, published.name])
+
+
+def test_attempt_that_waited_on_anothers_commit_finds_it_finished(
+    tmp_path: Path,
+    tiny_checkpoint: Path,
+    storescp: StoreSCP,
+    postgres_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # PostgreSQL, two attempts truly at once: attempt A holds its commit open (rows in,
+    # files being published) when attempt B claims the instance. B's claim waits on A's
+    # row lock; once A commits, B must find the instance assessed and leave it so. (A
+    # claim that read the row first and wrote it after would set it back to
+    # `processing`, run the model again and leave an assessed image looking unfinished.)
+    settings = load_settings(
+        data_dir=tmp_path / "data",
+        model=tiny_checkpoint,
+        destinations=storescp.destination,
+        database_url=postgres_url,
+    )
+    upgrade(settings.effective_database_url)
+    rt = Runtime(settings)
+    instance_id = spool_instance(rt, tmp_path)
+    real_publish = pipeline.publish
+    holding, release = threading.Event(), threading.Event()
+    publishers: list[str] = []
+
+    def held_publish(outputs: list[pipeline.Output]) -> list[pipeline.Output]:
+        publishers.append(threading.current_thread().name)
+        if threading.current_thread().name == "attempt-a":
+            holding.set()
+            assert release.wait(120)
+        return real_publish(outputs)
+
+    monkeypatch.setattr(pipeline, "publish", held_publish)
+    outcomes: dict[str, str] = {}
+
+    def attempt() -> None:
+        outcomes[threading.current_thread().name] = assess_instance(rt, instance_id).state
+
+    a = threading.Thread(target=attempt, name="attempt-a")
+    a.start()
+    assert holding.wait(120), "attempt A never reached its commit"
+    b = threading.Thread(target=attempt, name="attempt-b")
+    b.start()
+    database = postgres_url.rsplit("/", 1)[1]
+
+    def b_waits_on_a_lock() -> bool:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+            waiting = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE datname = %s AND wait_event_type = 'Lock'",
+                (database,),
+            ).fetchone()
+        return bool(waiting and waiting[0] >= 1)
+
+    wait_for(b_waits_on_a_lock, timeout=60, what="attempt B waiting on attempt A's row")
+    release.set()
+    a.join(120)
+    b.join(120)
+    assert outcomes == {"attempt-a": "assessed", "attempt-b": "skipped"}
+    assert publishers == ["attempt-a"]
+    with session_scope(rt.database_url) as session:
+        instance = session.get_one(Instance, instance_id)
+        assert (instance.state, instance.attempts) == (InstanceState.ASSESSED, 1)
+        assert len(list(session.scalars(select(Result)))) == 1
+    assert_outbox_is_what_was_recorded(rt)

@@ -347,35 +347,6 @@ def assess_instance(rt: Runtime, instance_id: int, *, send: bool = True) -> Asse
     return outcome
 
 
-def write_outputs(
-    source: Dataset,
-    image: np.ndarray,
-    prediction: Prediction,
-    finding: BoneAgeFinding,
-    *,
-    source_uid: str,
-    outbox_dir: Path,
-    device_observer_uid: str,
-) -> list[Output]:
-    """Build the SR and the heat-map SC of one assessment and make both durable.
-
-    Output identities depend only on (source instance, model): see the module
-    docstring. The pipeline itself stages them (:func:`stage_outputs`) and publishes
-    them in its commit.
-    """
-    return publish(
-        stage_outputs(
-            source,
-            image,
-            prediction,
-            finding,
-            source_uid=source_uid,
-            outbox_dir=outbox_dir,
-            device_observer_uid=device_observer_uid,
-        )
-    )
-
-
 def stage_outputs(
     source: Dataset,
     image: np.ndarray,
@@ -386,7 +357,12 @@ def stage_outputs(
     outbox_dir: Path,
     device_observer_uid: str,
 ) -> list[Output]:
-    """Build the SR and the heat-map SC and stage both, durable, for :func:`publish`."""
+    """Build the SR and the heat-map SC of one assessment and stage both, durable.
+
+    Output identities depend only on (source instance, model): see the module
+    docstring. :func:`publish` moves them into the outbox (the pipeline does so inside
+    its commit).
+    """
     sr, sc = build_outputs(
         source,
         image,

@@ -52,7 +52,7 @@ from models.predictor import (
 )
 from tests.bench import bench_finding, decode_threads_as_in_workers, heap_as_in_workers
 from tests.bench.bench_pipeline import make_input
-from worker.pipeline import derived_uid, write_outputs
+from worker.pipeline import derived_uid, publish, stage_outputs
 from worker.settings import SC_MIN_LONG_SIDE
 
 
@@ -154,14 +154,16 @@ def main() -> None:
             decision = gate.check(ds)
             assert decision.accepted, decision.reason
             prediction = batcher.predict(image, male=True)
-            write_outputs(
-                ds,
-                image,
-                prediction,
-                bench_finding(prediction, predictor.model_id),
-                source_uid=str(ds.SOPInstanceUID),
-                outbox_dir=work / "outbox",
-                device_observer_uid=derived_uid("bench-device"),
+            publish(
+                stage_outputs(
+                    ds,
+                    image,
+                    prediction,
+                    bench_finding(prediction, predictor.model_id),
+                    source_uid=str(ds.SOPInstanceUID),
+                    outbox_dir=work / "outbox",
+                    device_observer_uid=derived_uid("bench-device"),
+                )
             )
 
         def service_path() -> None:

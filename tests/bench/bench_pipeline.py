@@ -8,8 +8,8 @@ Each repeat runs, on the same model (ResNet-50 BoneAgeNet, random weights, CPU):
   convolutions, channels-last), shown beside it; and
 - the worker's per-image path with the very functions ``worker.pipeline.assess_instance``
   calls: read the file + gate, decode, preprocess, forward + Grad-CAM, then
-  ``write_outputs`` (SR, heat-map picture, SC, both written: temporary file, fsync,
-  rename, one directory fsync).
+  ``stage_outputs`` and ``publish`` (SR, heat-map picture, SC, both written: temporary
+  file, fsync, rename, one directory fsync).
 
 The parts of the output stage are also timed on their own, outside the total, to show
 where its time goes.
@@ -49,8 +49,9 @@ from worker.pipeline import (
     SC_SERIES_NUMBER,
     SR_SERIES_NUMBER,
     derived_uid,
+    publish,
+    stage_outputs,
     write_atomically,
-    write_outputs,
 )
 from worker.settings import SC_MIN_LONG_SIDE
 
@@ -154,14 +155,16 @@ def main() -> None:
             prediction = predictor.predict_batch([image], [True], prepared=[prepared])[0]
             mark()
             finding = bench_finding(prediction, predictor.model_id)
-            outputs = write_outputs(
-                ds,
-                image,
-                prediction,
-                finding,
-                source_uid=str(ds.SOPInstanceUID),
-                outbox_dir=work / "outbox",
-                device_observer_uid=derived_uid("bench-device"),
+            outputs = publish(
+                stage_outputs(
+                    ds,
+                    image,
+                    prediction,
+                    finding,
+                    source_uid=str(ds.SOPInstanceUID),
+                    outbox_dir=work / "outbox",
+                    device_observer_uid=derived_uid("bench-device"),
+                )
             )
             mark()
             sc = dcmread(outputs[1].path, stop_before_pixels=True)

@@ -71,17 +71,22 @@ def spool_instance(
     )
 
 
+def make_runtime(tmp_path: Path, tiny_checkpoint: Path, **settings: Any) -> Runtime:
+    """A node's runtime on the tiny model, its database migrated; ``settings`` override."""
+    loaded = load_settings(data_dir=tmp_path / "data", model=tiny_checkpoint, **settings)
+    upgrade(loaded.effective_database_url)
+    return Runtime(loaded)
+
+
 @pytest.fixture
 def runtime(tmp_path: Path, tiny_checkpoint: Path, storescp: StoreSCP) -> Runtime:
-    settings = load_settings(
-        data_dir=tmp_path / "data",
-        model=tiny_checkpoint,
+    return make_runtime(
+        tmp_path,
+        tiny_checkpoint,
         destinations=storescp.destination,
         delivery_max_attempts=2,
         delivery_backoff_seconds=1,
     )
-    upgrade(settings.effective_database_url)
-    return Runtime(settings)
 
 
 def test_assess_then_deliver_sr_and_sc(
@@ -253,15 +258,13 @@ def test_unreachable_destination_retries_then_fails_then_retry_deliveries(
     tmp_path: Path, tiny_checkpoint: Path, storescp: StoreSCP
 ) -> None:
     closed = free_port()
-    settings = load_settings(
-        data_dir=tmp_path / "data",
-        model=tiny_checkpoint,
+    rt = make_runtime(
+        tmp_path,
+        tiny_checkpoint,
         destinations=f"PACS@127.0.0.1:{closed}",
         delivery_max_attempts=2,
         delivery_backoff_seconds=0.01,
     )
-    upgrade(settings.effective_database_url)
-    rt = Runtime(settings)
     delivery_id = assess_instance(rt, spool_instance(rt, tmp_path)).delivery_ids[0]
     first = deliver_one(rt, delivery_id)
     assert first.state == "retry" and first.retry_in == pytest.approx(0.01)
@@ -295,14 +298,9 @@ def test_outbox_has_no_uid_in_file_names(runtime: Runtime, tmp_path: Path) -> No
 def test_not_assessed_sr_is_sent_when_configured(
     tmp_path: Path, tiny_checkpoint: Path, storescp: StoreSCP
 ) -> None:
-    settings = load_settings(
-        data_dir=tmp_path / "data",
-        model=tiny_checkpoint,
-        destinations=storescp.destination,
-        send_not_assessed=True,
+    rt = make_runtime(
+        tmp_path, tiny_checkpoint, destinations=storescp.destination, send_not_assessed=True
     )
-    upgrade(settings.effective_database_url)
-    rt = Runtime(settings)
     outcome = assess_instance(rt, spool_instance(rt, tmp_path, modality="CT"))
     assert outcome.state == "not_assessed" and len(outcome.delivery_ids) == 1
     assert deliver_one(rt, outcome.delivery_ids[0]).state == "delivered"
@@ -430,14 +428,9 @@ def test_attempt_that_waited_on_anothers_commit_finds_it_finished(
     # row lock; once A commits, B must find the instance assessed and leave it so. (A
     # claim that read the row first and wrote it after would set it back to
     # `processing`, run the model again and leave an assessed image looking unfinished.)
-    settings = load_settings(
-        data_dir=tmp_path / "data",
-        model=tiny_checkpoint,
-        destinations=storescp.destination,
-        database_url=postgres_url,
+    rt = make_runtime(
+        tmp_path, tiny_checkpoint, destinations=storescp.destination, database_url=postgres_url
     )
-    upgrade(settings.effective_database_url)
-    rt = Runtime(settings)
     instance_id = spool_instance(rt, tmp_path)
     real_publish = pipeline.publish
     holding, release = threading.Event(), threading.Event()

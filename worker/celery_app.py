@@ -16,25 +16,26 @@ from typing import Any
 
 from celery import Celery
 from kombu import Queue
-from kombu.transport import sqlalchemy as sqla_transport
+from kombu.transport import TRANSPORT_ALIASES
 
+from worker.embedded_broker import sqlite_path
 from worker.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-#: How often a worker looks for new messages in the embedded (SQLite) broker.
-EMBEDDED_POLL_SECONDS = 0.1
-
 #: Messages a worker process holds per task it can run. On Redis or RabbitMQ the next
 #: message is pushed within a millisecond of an acknowledgement, so a worker holds only
 #: what it runs (prefetch 1). The embedded broker is polled: after an acknowledgement the
-#: consumer learns of the free slot at its next poll, up to `EMBEDDED_POLL_SECONDS`
+#: consumer learns of the free slot at its next poll, up to `embedded_broker.POLL_SECONDS`
 #: later, and a prefork child stood idle that long after every image (the machine 90 %
 #: busy through a burst instead of 97 %). There each process holds one message more.
 #: Nothing is less safe for it: acknowledgement stays late, and the messages a killed
 #: worker held are re-queued by the reconciler, as the one it was running always was.
 PREFETCH_MULTIPLIER = 1
 EMBEDDED_PREFETCH_MULTIPLIER = 2
+
+#: The transport behind the embedded broker's "sqla+sqlite:///" URL.
+EMBEDDED_TRANSPORT = "worker.embedded_broker:Transport"
 
 INFERENCE_QUEUE = "inference"
 DELIVERY_QUEUE = "delivery"
@@ -70,9 +71,10 @@ def use_write_ahead_log(broker_url: str) -> None:
     workers' polling no longer holds up the listener. The mode is stored in the file,
     so this is done once; the file is created when missing.
     """
-    path = Path(broker_url.removeprefix("sqla+sqlite:///"))
-    if not broker_url.startswith("sqla+sqlite:///") or str(path) in ("", ":memory:"):
+    name = sqlite_path(broker_url)
+    if name is None:
         return
+    path = Path(name)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with closing(sqlite3.connect(path, timeout=30)) as connection:
@@ -88,11 +90,10 @@ def configure(settings: Settings) -> Celery:
     """Point the process-wide app at the configured broker (call once per process)."""
     if settings.embedded_broker:
         use_write_ahead_log(settings.effective_broker_url)
-        # kombu's SQLAlchemy transport hands every transport option to create_engine,
-        # so its poll interval can only be set on the class. It sleeps this long after
-        # an empty poll; at the default 1 s a prefork worker left its children idle up
-        # to a second between images. A poll is one indexed SELECT on a local file.
-        sqla_transport.Transport.polling_interval = EMBEDDED_POLL_SECONDS
+        # "sqla+" URLs get our subclass of kombu's transport in this process: a poll
+        # every 0.1 s, and no query of a queue when nothing was committed since it was
+        # found empty (worker.embedded_broker).
+        TRANSPORT_ALIASES["sqla"] = EMBEDDED_TRANSPORT
     app.conf.update(
         broker_url=settings.effective_broker_url,
         broker_transport_options=broker_transport_options(settings),

@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import subprocess
 import sys
-from contextlib import closing
+import time
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
+from typing import Any
 
-from worker.celery_app import use_write_ahead_log
+from sqlalchemy import event
+
+from tests.support import wait_for
+from worker import embedded_broker
+from worker.celery_app import (
+    ASSESS_TASK,
+    DELIVERY_QUEUE,
+    INFERENCE_QUEUE,
+    configure,
+    prepare_embedded_broker,
+    use_write_ahead_log,
+)
+from worker.embedded_broker import FULL_POLL_SECONDS, Channel, sqlite_path
+from worker.settings import load_settings
 
 #: One process of a node starting up: configure the app, prepare the embedded broker.
 PREPARE = """
@@ -98,3 +115,89 @@ def test_workers_of_the_polled_broker_hold_one_message_more(tmp_path: Path) -> N
 
     assert prefetch("") == 2  # the embedded SQLite broker
     assert prefetch("redis://127.0.0.1:6379/0") == 1  # pushed: hold only what runs
+
+
+# -- polling: an empty queue is queried again only once something was committed ----------
+
+#: Another process publishes one assessment message to the node's embedded broker.
+PUBLISH = """
+import sys
+from worker.celery_app import ASSESS_TASK, configure
+from worker.settings import load_settings
+configure(load_settings(data_dir=sys.argv[1])).send_task(ASSESS_TASK, args=[int(sys.argv[2])])
+"""
+
+
+@contextmanager
+def consumer_channel(data_dir: Path) -> Iterator[tuple[Channel, list[str]]]:
+    """A channel of the node's configured connection, and the SQL it runs on the messages."""
+    app = configure(load_settings(data_dir=data_dir))
+    prepare_embedded_broker(app)
+    statements: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "kombu_message" in statement:
+            statements.append(statement)
+
+    with app.connection_for_write() as connection:
+        assert isinstance(connection.transport, embedded_broker.Transport)
+        channel = connection.channel()
+        engine = channel.session.get_bind()
+        event.listen(engine, "before_cursor_execute", record)
+        try:
+            yield channel, statements
+        finally:
+            event.remove(engine, "before_cursor_execute", record)
+            channel.close()
+
+
+def publish_from_another_process(data_dir: Path, instance_id: int) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BONEAGE_")}
+    subprocess.run(
+        [sys.executable, "-c", PUBLISH, str(data_dir), str(instance_id)],
+        env=env,
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
+
+
+def test_an_empty_queue_is_queried_again_once_another_process_commits(tmp_path: Path) -> None:
+    with consumer_channel(tmp_path) as (channel, statements):
+        assert channel.basic_get(INFERENCE_QUEUE) is None  # found empty: queried
+        queried = len(statements)
+        assert queried > 0
+        for _ in range(5):  # nothing committed since: no query, the same answer
+            assert channel.basic_get(INFERENCE_QUEUE) is None
+        assert len(statements) == queried
+
+        publish_from_another_process(tmp_path, 41)
+        message = channel.basic_get(INFERENCE_QUEUE)  # the first poll after the commit
+        assert message is not None and len(statements) > queried
+        assert message.headers["task"] == ASSESS_TASK
+        assert json.loads(message.body)[0] == [41]
+        message.ack()  # a commit too: the next poll looks again, and finds nothing
+        queried = len(statements)
+        assert channel.basic_get(INFERENCE_QUEUE) is None and len(statements) > queried
+
+
+def test_a_queue_of_the_polled_broker_is_queried_again_after_a_bound(tmp_path: Path) -> None:
+    # Should SQLite's counter ever miss a commit, a message waits at most this long.
+    with consumer_channel(tmp_path) as (channel, statements):
+        assert channel.basic_get(DELIVERY_QUEUE) is None
+        queried, start = len(statements), time.monotonic()
+
+        def queried_again() -> bool:
+            assert channel.basic_get(DELIVERY_QUEUE) is None
+            return len(statements) > queried
+
+        wait_for(queried_again, timeout=10 * FULL_POLL_SECONDS, what="a query of the queue")
+        assert time.monotonic() - start >= FULL_POLL_SECONDS
+
+
+def test_only_sqlite_files_are_watched() -> None:
+    assert sqlite_path("sqla+sqlite:////var/lib/boneage/broker.db") == "/var/lib/boneage/broker.db"
+    assert sqlite_path("sqlite:///relative/broker.db") == "relative/broker.db"
+    assert sqlite_path("sqla+sqlite:///:memory:") is None
+    assert sqlite_path("sqla+postgresql://boneage@db/broker") is None  # polled as kombu does
+    assert sqlite_path("redis://127.0.0.1:6379/0") is None

@@ -27,6 +27,8 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "pipeline-j2k": ("bench_pipeline", ["--j2k"], ["--j2k", "--repeats", "3"]),
     "throughput": ("bench_throughput", [], ["--count", "6", "--repeats", "1"]),
     "e2e": ("bench_e2e", [], ["--studies", "10"]),
+    # no target: what the node costs while it waits
+    "idle": ("bench_idle", [], ["--seconds", "20"]),
     # the GPU item (on a CPU only a check that the batching path runs)
     "batching": ("bench_batching", [], ["--count", "8", "--repeats", "1"]),
 }

@@ -242,7 +242,7 @@ class Processes:
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def _proc_stat(pid: int) -> tuple[int, float] | None:
+def proc_stat(pid: int) -> tuple[int, float] | None:
     """``(parent pid, CPU seconds)`` of a live process, from /proc/<pid>/stat."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -252,19 +252,24 @@ def _proc_stat(pid: int) -> tuple[int, float] | None:
     return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICKS
 
 
-def tree_cpu_seconds(root: int) -> float:
-    """CPU seconds of ``root`` and its live descendants (prefork children, serve's)."""
+def tree_cpu_by_process(root: int) -> dict[int, float]:
+    """CPU seconds of ``root`` and of each live descendant (prefork children, serve's)."""
     stats = {}
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))) is not None:
+        if entry.name.isdigit() and (stat := proc_stat(int(entry.name))) is not None:
             stats[int(entry.name)] = stat
-    total, frontier = 0.0, [root]
+    spent, frontier = {}, [root]
     while frontier:
         pid = frontier.pop()
         if pid in stats:
-            total += stats[pid][1]
+            spent[pid] = stats[pid][1]
             frontier.extend(child for child, (parent, _) in stats.items() if parent == pid)
-    return total
+    return spent
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU seconds of ``root`` and its live descendants."""
+    return sum(tree_cpu_by_process(root).values())
 
 
 def machine_busy_seconds() -> float:
@@ -474,6 +479,90 @@ def wait_delivered(
 
 
 @dataclass
+class Stack:
+    """The node running on one stack, its PACS stand-in, and its database."""
+
+    name: str
+    port: int
+    database_url: str
+    processes: Processes
+    pacs: StoreSCP
+
+    def roles(self) -> dict[str, int]:
+        """Role -> root pid of each process tree whose CPU is counted."""
+        roles = {name: proc.pid for name, proc, _ in self.processes.started}
+        if self.pacs.process is not None:
+            roles["destination (storescp)"] = self.pacs.process.pid
+        return roles
+
+
+@contextmanager
+def running_stack(stack: str, folder: Path) -> Iterator[Stack]:
+    """Start the node on ``stack`` with its files in ``folder`` (removed afterwards).
+
+    ``embedded``: ``serve`` on the defaults; ``redis-postgres``: a listener and the two
+    workers on a fresh PostgreSQL database and a private Redis prefix. The destination is
+    a dcmtk ``storescp``. Yields once the listener accepts associations.
+    """
+    with ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, folder, ignore_errors=True)  # last, once all stopped
+        pacs = cleanup.enter_context(destination(folder / "pacs"))
+        port = free_port()
+        # the node's own defaults, except the inference layout when the caller sets it
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BONEAGE_")}
+        env.update({k: os.environ[k] for k in PASSED_THROUGH if k in os.environ})
+        env.update(
+            BONEAGE_DATA_DIR=str(folder / "data"),
+            BONEAGE_PORT=str(port),
+            BONEAGE_AE_TITLE=CALLED_AE,
+            BONEAGE_ALLOWED_AETS=CALLING_AE,
+            BONEAGE_DESTINATIONS=pacs.destination,
+            BONEAGE_DEVICE="cpu",
+        )
+        if stack == "embedded":
+            database_url = f"sqlite:///{folder / 'data' / 'boneage.db'}"
+        else:
+            database_url = cleanup.enter_context(postgres_database())
+            env.update(
+                BONEAGE_DATABASE_URL=database_url,
+                BONEAGE_BROKER_URL=REDIS_URL,
+                BONEAGE_BROKER_PREFIX=cleanup.enter_context(redis_prefix()),
+            )
+        upgraded = subprocess.run(
+            [sys.executable, "-m", "worker", "db", "upgrade"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if upgraded.returncode != 0:
+            raise RuntimeError(f"db upgrade failed:\n{upgraded.stderr[-4000:]}")
+
+        processes = Processes(folder / "logs", env)
+        cleanup.callback(processes.stop)
+        try:
+            if stack == "embedded":
+                first = processes.start("serve", "serve")
+            else:
+                first = processes.start("listener", "listen")
+                processes.start("inference", "work", "-Q", "inference")
+                processes.start("delivery", "work", "-Q", "delivery")
+            wait_for_port(port, timeout=120, process=first)
+        except Exception:
+            print(f"[{stack}] failed to start; the processes' last log lines:\n{processes.tails()}")
+            raise
+        yield Stack(stack, port, database_url, processes, pacs)
+
+
+def warm_up(node: Stack, study: Path) -> None:
+    """Send one study and wait for its SR: model loaded, every process past its start."""
+    finish_senders([storescu(node.port, [study])], timeout=120)
+    wait_delivered(
+        node.database_url, [sop_uid(study)], node.processes, timeout=600, what="the warm-up SR"
+    )
+
+
+@dataclass
 class Figures:
     stack: str
     forward_s: float
@@ -534,78 +623,32 @@ def run_stack(
         flush=True,
     )
     folder = Path(tempfile.mkdtemp(prefix=f"{stack}-", dir=work))  # one per round
-    with ExitStack() as cleanup:
-        cleanup.callback(shutil.rmtree, folder, ignore_errors=True)  # last, once all stopped
-        pacs = cleanup.enter_context(destination(folder / "pacs"))
-        port = free_port()
-        # the node's own defaults, except the inference layout when the caller sets it
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BONEAGE_")}
-        env.update({k: os.environ[k] for k in PASSED_THROUGH if k in os.environ})
-        env.update(
-            BONEAGE_DATA_DIR=str(folder / "data"),
-            BONEAGE_PORT=str(port),
-            BONEAGE_AE_TITLE=CALLED_AE,
-            BONEAGE_ALLOWED_AETS=CALLING_AE,
-            BONEAGE_DESTINATIONS=pacs.destination,
-            BONEAGE_DEVICE="cpu",
-        )
-        if stack == "embedded":
-            database_url = f"sqlite:///{folder / 'data' / 'boneage.db'}"
-        else:
-            database_url = cleanup.enter_context(postgres_database())
-            env.update(
-                BONEAGE_DATABASE_URL=database_url,
-                BONEAGE_BROKER_URL=REDIS_URL,
-                BONEAGE_BROKER_PREFIX=cleanup.enter_context(redis_prefix()),
-            )
-        upgraded = subprocess.run(
-            [sys.executable, "-m", "worker", "db", "upgrade"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if upgraded.returncode != 0:
-            raise RuntimeError(f"db upgrade failed:\n{upgraded.stderr[-4000:]}")
-
-        processes = Processes(folder / "logs", env)
-        cleanup.callback(processes.stop)
+    with running_stack(stack, folder) as node:
         try:
-            if stack == "embedded":
-                first = processes.start("serve", "serve")
-            else:
-                first = processes.start("listener", "listen")
-                processes.start("inference", "work", "-Q", "inference")
-                processes.start("delivery", "work", "-Q", "delivery")
-            wait_for_port(port, timeout=120, process=first)
-
-            # Warm-up: model loaded, kernels warm, every process past its start.
-            finish_senders([storescu(port, [warmup])], timeout=120)
-            wait_delivered(
-                database_url, [sop_uid(warmup)], processes, timeout=600, what="the warm-up SR"
-            )
+            warm_up(node, warmup)
             print(f"[{stack}] warm-up SR delivered; sending {len(files)} studies", flush=True)
-            roles = {name: proc.pid for name, proc, _ in processes.started}
-            if pacs.process is not None:
-                roles["destination (storescp)"] = pacs.process.pid
-            meter = CpuMeter(roles)
+            meter = CpuMeter(node.roles())
             meter.start()
 
             senders = min(args.senders, len(files))
             shares = [files[i::senders] for i in range(senders)]
             first_sent = dt.datetime.now(dt.UTC)
             started = time.perf_counter()
-            burst = [storescu(port, share) for share in shares]
+            burst = [storescu(node.port, share) for share in shares]
             finish_senders(burst, timeout=60 + 10 * len(files))
             sent_s = time.perf_counter() - started
             timeout = args.timeout or 300 + 30 * len(files)
             wait_delivered(
-                database_url, uids, processes, timeout=timeout, what=f"{len(uids)} SRs delivered"
+                node.database_url,
+                uids,
+                node.processes,
+                timeout=timeout,
+                what=f"{len(uids)} SRs delivered",
             )
             meter.stop()
-            wall, latencies, inference = measure(database_url, uids, first_sent)
+            wall, latencies, inference = measure(node.database_url, uids, first_sent)
         except Exception:
-            print(f"[{stack}] failed; the processes' last log lines:\n{processes.tails()}")
+            print(f"[{stack}] failed; the processes' last log lines:\n{node.processes.tails()}")
             raise
     assert meter.spent is not None
     after = forward.seconds(args.repeats)  # the stack has stopped

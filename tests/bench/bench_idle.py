@@ -1,0 +1,151 @@
+"""What the node costs while it waits: CPU of each process with no images coming in.
+
+A node spends most of its day idle. Each stack (``serve`` on the embedded defaults, or
+listener + workers on Redis + PostgreSQL, set up as in ``bench_e2e``) is started, one
+study is sent through it (the model is loaded and every process is past its start),
+and then nothing: the CPU of each of the node's processes is read from ``/proc`` over
+``--seconds``. A second study is sent afterwards, to show that a node coming out of a
+quiet spell answers as fast as one in use (its C-STORE-to-SR time is printed).
+
+    .venv/bin/python -m tests.bench.bench_idle [--seconds 60] [--stack embedded|redis-postgres|both]
+
+No target of issue 6; the figure is quoted in the README and docs/performance.md
+("The embedded broker at idle").
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tests.bench.bench_e2e import (
+    STACKS,
+    Stack,
+    finish_senders,
+    machine_busy_seconds,
+    make_inputs,
+    measure,
+    proc_stat,
+    running_stack,
+    sop_uid,
+    storescu,
+    tree_cpu_by_process,
+    wait_delivered,
+)
+
+#: After the warm-up study's SR: time for the last of its work (acknowledgements, the
+#: delivery's commit, log writes) to end before the idle minute is counted.
+SETTLE_SECONDS = 5.0
+
+
+def process_label(pid: int) -> str:
+    """What a node process runs: ``serve``, ``listen``, ``work -Q inference`` ..."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return str(pid)
+    argv = [a for a in argv if a]
+    return " ".join(argv[argv.index("worker") + 1 :]) if "worker" in argv else Path(argv[0]).name
+
+
+def idle_cpu(roots: list[int], seconds: float) -> tuple[dict[str, float], float]:
+    """Share of one core each node process used over ``seconds``, and the machine's.
+
+    Processes are named by what they run; a prefork worker's children are summed as
+    "(children)".
+    """
+    begun = {pid: cpu for root in roots for pid, cpu in tree_cpu_by_process(root).items()}
+    machine = machine_busy_seconds()
+    start = time.monotonic()
+    time.sleep(seconds)  # the measurement is of this wait
+    elapsed = time.monotonic() - start
+    shares: dict[str, float] = {}
+    for root in roots:
+        ended = tree_cpu_by_process(root)
+        labels = {pid: process_label(pid) for pid in ended}
+        for pid, cpu in ended.items():
+            parent = _parent(pid)
+            label = labels[pid]
+            if parent in labels and labels[parent] == label:
+                label += " (children)"
+            shares[label] = shares.get(label, 0.0) + (cpu - begun.get(pid, 0.0)) / elapsed
+    return shares, (machine_busy_seconds() - machine) / elapsed
+
+
+def _parent(pid: int) -> int | None:
+    stat = proc_stat(pid)
+    return None if stat is None else stat[0]
+
+
+def send_and_wait(node: Stack, study: Path, what: str) -> float:
+    """Send one study; seconds from its C-STORE to its SR delivered (database clocks)."""
+    first_sent = dt.datetime.now(dt.UTC)
+    finish_senders([storescu(node.port, [study])], timeout=120)
+    wait_delivered(node.database_url, [sop_uid(study)], node.processes, timeout=600, what=what)
+    wall, _, _ = measure(node.database_url, [sop_uid(study)], first_sent)
+    return wall
+
+
+def run_stack(stack: str, work: Path, warm_up_study: Path, next_study: Path, seconds: float) -> str:
+    folder = Path(tempfile.mkdtemp(prefix=f"{stack}-", dir=work))
+    with running_stack(stack, folder) as node:
+        try:
+            send_and_wait(node, warm_up_study, "the warm-up SR")
+            print(f"[{stack}] warm-up SR delivered; idle for {seconds:.0f} s", flush=True)
+            time.sleep(SETTLE_SECONDS)
+            roots = [proc.pid for _, proc, _ in node.processes.started]
+            shares, machine = idle_cpu(roots, seconds)
+            after = send_and_wait(node, next_study, "the SR of the study after the idle spell")
+        except Exception:
+            print(f"[{stack}] failed; the processes' last log lines:\n{node.processes.tails()}")
+            raise
+    parts = ", ".join(f"{role} {100 * share:.2f}" for role, share in shares.items())
+    return (
+        f"{stack:<16}{100 * sum(shares.values()):>7.2f}{100 * machine:>15.1f}{after:>12.2f}"
+        f"   {parts}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=60.0, help="idle time measured")
+    parser.add_argument("--stack", choices=[*STACKS, "both"], default="both")
+    parser.add_argument("--workdir", type=Path, default=None, help="where temp files go")
+    args = parser.parse_args()
+    if args.seconds <= 0:
+        parser.error("--seconds must be positive")
+    stacks = STACKS if args.stack == "both" else (args.stack,)
+    work = Path(tempfile.mkdtemp(prefix="bench-idle-", dir=args.workdir))
+    lines = []
+    try:
+        warm_up_study, files = make_inputs(work / "inputs", 1, 2)
+        for stack in stacks:
+            lines.append(run_stack(stack, work, warm_up_study, files[0], args.seconds))
+    except RuntimeError as exc:
+        sys.exit(f"bench_idle: {exc}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print()
+    print(
+        f"machine: {os.cpu_count()} cores; each stack idle {args.seconds:.0f} s after one study "
+        f"(and {SETTLE_SECONDS:.0f} s to settle); share of one core, process trees from /proc"
+    )
+    print(f"{'stack':<16}{'node %':>7}{'machine %':>15}{'next SR s':>12}   % of a core by process")
+    for line in lines:
+        print(line)
+    print(
+        "node %: the node's processes together; machine %: every process (/proc/stat); "
+        "next SR s: a study sent after the idle spell, C-STORE to SR delivered"
+    )
+
+
+if __name__ == "__main__":
+    main()

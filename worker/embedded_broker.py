@@ -83,7 +83,10 @@ class Channel(sqla_transport.Channel):
                         isolation_level=None,
                         check_same_thread=False,
                     )
-                return int(self._version_connection.execute("PRAGMA data_version").fetchone()[0])
+                # fetchall: the statement runs to its end, so no read snapshot stays open
+                # (one held would hide later commits and hold back WAL checkpoints)
+                [(version,)] = self._version_connection.execute("PRAGMA data_version").fetchall()
+                return int(version)
             except sqlite3.Error as exc:
                 # Unknown is safe: the queue is queried as kombu would.
                 logger.debug("embedded broker: data_version unavailable (%s)", exc)

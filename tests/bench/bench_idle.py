@@ -4,8 +4,9 @@ A node spends most of its day idle. Each stack (``serve`` on the embedded defaul
 listener + workers on Redis + PostgreSQL, set up as in ``bench_e2e``) is started, one
 study is sent through it (the model is loaded and every process is past its start),
 and then nothing: the CPU of each of the node's processes is read from ``/proc`` over
-``--seconds``. A second study is sent afterwards, to show that a node coming out of a
-quiet spell answers as fast as one in use (its C-STORE-to-SR time is printed).
+``--seconds``, once a second (the busiest second is printed too). A second study is
+sent afterwards, to show that a node coming out of a quiet spell answers as fast as one
+in use (its C-STORE-to-SR time is printed).
 
     .venv/bin/python -m tests.bench.bench_idle [--seconds 60] [--stack embedded|redis-postgres|both]
 
@@ -21,9 +22,11 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+from db.schema import DeliveryState
 from tests.bench.bench_e2e import (
     STACKS,
     Stack,
@@ -32,16 +35,17 @@ from tests.bench.bench_e2e import (
     make_inputs,
     measure,
     proc_stat,
+    progress,
     running_stack,
     sop_uid,
     storescu,
     tree_cpu_by_process,
     wait_delivered,
 )
+from tests.support import wait_for
 
-#: After the warm-up study's SR: time for the last of its work (acknowledgements, the
-#: delivery's commit, log writes) to end before the idle minute is counted.
-SETTLE_SECONDS = 5.0
+#: The idle spell is read this often, to show its busiest second as well as its mean.
+SAMPLE_SECONDS = 1.0
 
 
 def process_label(pid: int) -> str:
@@ -54,28 +58,41 @@ def process_label(pid: int) -> str:
     return " ".join(argv[argv.index("worker") + 1 :]) if "worker" in argv else Path(argv[0]).name
 
 
-def idle_cpu(roots: list[int], seconds: float) -> tuple[dict[str, float], float]:
-    """Share of one core each node process used over ``seconds``, and the machine's.
+def _shares_by_label(roots: list[int]) -> dict[str, float]:
+    """CPU seconds of each node process so far, named by what it runs.
 
-    Processes are named by what they run; a prefork worker's children are summed as
-    "(children)".
+    A prefork worker's children are summed as "(children)". Processes that exit between
+    two readings drop out: a node at rest starts and ends none.
     """
-    begun = {pid: cpu for root in roots for pid, cpu in tree_cpu_by_process(root).items()}
-    machine = machine_busy_seconds()
-    start = time.monotonic()
-    time.sleep(seconds)  # the measurement is of this wait
-    elapsed = time.monotonic() - start
-    shares: dict[str, float] = {}
+    spent: dict[str, float] = {}
     for root in roots:
-        ended = tree_cpu_by_process(root)
-        labels = {pid: process_label(pid) for pid in ended}
-        for pid, cpu in ended.items():
-            parent = _parent(pid)
+        cpu = tree_cpu_by_process(root)
+        labels = {pid: process_label(pid) for pid in cpu}
+        for pid, seconds in cpu.items():
             label = labels[pid]
-            if parent in labels and labels[parent] == label:
+            if labels.get(_parent(pid) or -1) == label:
                 label += " (children)"
-            shares[label] = shares.get(label, 0.0) + (cpu - begun.get(pid, 0.0)) / elapsed
-    return shares, (machine_busy_seconds() - machine) / elapsed
+            spent[label] = spent.get(label, 0.0) + seconds
+    return spent
+
+
+def idle_cpu(roots: list[int], seconds: float) -> tuple[dict[str, float], float, float]:
+    """Share of one core each node process used over ``seconds``; the node's busiest
+    second; the machine's share."""
+    ticker = threading.Event()  # never set: its wait is the sampling period
+    begun = previous = _shares_by_label(roots)
+    machine = machine_busy_seconds()
+    start = last = time.monotonic()
+    busiest = 0.0
+    while last - start < seconds:
+        ticker.wait(min(SAMPLE_SECONDS, seconds - (last - start)))
+        now, reading = time.monotonic(), _shares_by_label(roots)
+        spent = sum(reading.values()) - sum(previous.values())
+        busiest = max(busiest, spent / (now - last))
+        previous, last = reading, now
+    elapsed = last - start
+    shares = {label: (cpu - begun.get(label, 0.0)) / elapsed for label, cpu in previous.items()}
+    return shares, busiest, (machine_busy_seconds() - machine) / elapsed
 
 
 def _parent(pid: int) -> int | None:
@@ -97,19 +114,30 @@ def run_stack(stack: str, work: Path, warm_up_study: Path, next_study: Path, sec
     with running_stack(stack, folder) as node:
         try:
             send_and_wait(node, warm_up_study, "the warm-up SR")
-            print(f"[{stack}] warm-up SR delivered; idle for {seconds:.0f} s", flush=True)
-            time.sleep(SETTLE_SECONDS)
+            wait_for(
+                lambda: all_delivered(node, warm_up_study),
+                timeout=120,
+                what="the warm-up study's SR and SC delivered",
+            )
+            print(f"[{stack}] warm-up study delivered; idle for {seconds:.0f} s", flush=True)
             roots = [proc.pid for _, proc, _ in node.processes.started]
-            shares, machine = idle_cpu(roots, seconds)
+            shares, busiest, machine = idle_cpu(roots, seconds)
             after = send_and_wait(node, next_study, "the SR of the study after the idle spell")
         except Exception:
             print(f"[{stack}] failed; the processes' last log lines:\n{node.processes.tails()}")
             raise
     parts = ", ".join(f"{role} {100 * share:.2f}" for role, share in shares.items())
     return (
-        f"{stack:<16}{100 * sum(shares.values()):>7.2f}{100 * machine:>15.1f}{after:>12.2f}"
-        f"   {parts}"
+        f"{stack:<16}{100 * sum(shares.values()):>7.2f}{100 * busiest:>15.1f}"
+        f"{100 * machine:>11.1f}{after:>12.2f}   {parts}"
     )
+
+
+def all_delivered(node: Stack, study: Path) -> bool:
+    """Every object made from ``study`` has been delivered (the SR and the SC)."""
+    _, deliveries = progress(node.database_url, [sop_uid(study)])
+    delivered = f" {DeliveryState.DELIVERED}"
+    return sum(deliveries.values()) >= 2 and all(k.endswith(delivered) for k in deliveries)
 
 
 def main() -> None:
@@ -135,15 +163,19 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     print()
     print(
-        f"machine: {os.cpu_count()} cores; each stack idle {args.seconds:.0f} s after one study "
-        f"(and {SETTLE_SECONDS:.0f} s to settle); share of one core, process trees from /proc"
+        f"machine: {os.cpu_count()} cores; each stack idle {args.seconds:.0f} s once one study's "
+        "SR and SC are delivered; share of one core, from /proc"
     )
-    print(f"{'stack':<16}{'node %':>7}{'machine %':>15}{'next SR s':>12}   % of a core by process")
+    print(
+        f"{'stack':<16}{'node %':>7}{'busiest 1 s %':>15}{'machine %':>11}{'next SR s':>12}"
+        "   % of a core by process"
+    )
     for line in lines:
         print(line)
     print(
-        "node %: the node's processes together; machine %: every process (/proc/stat); "
-        "next SR s: a study sent after the idle spell, C-STORE to SR delivered"
+        "node %: the node's processes together; busiest 1 s: theirs in the busiest second; "
+        "machine %: every process (/proc/stat); next SR s: a study sent after the idle "
+        "spell, C-STORE to SR delivered"
     )
 
 

@@ -252,24 +252,24 @@ def proc_stat(pid: int) -> tuple[int, float] | None:
     return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICKS
 
 
-def tree_cpu_by_process(root: int) -> dict[int, float]:
-    """CPU seconds of ``root`` and of each live descendant (prefork children, serve's)."""
+def tree_cpu_by_process(root: int) -> dict[int, tuple[int, float]]:
+    """``pid -> (parent pid, CPU seconds)`` of ``root`` and its live descendants."""
     stats = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and (stat := proc_stat(int(entry.name))) is not None:
             stats[int(entry.name)] = stat
-    spent, frontier = {}, [root]
+    tree, frontier = {}, [root]
     while frontier:
         pid = frontier.pop()
         if pid in stats:
-            spent[pid] = stats[pid][1]
+            tree[pid] = stats[pid]
             frontier.extend(child for child, (parent, _) in stats.items() if parent == pid)
-    return spent
+    return tree
 
 
 def tree_cpu_seconds(root: int) -> float:
-    """CPU seconds of ``root`` and its live descendants."""
-    return sum(tree_cpu_by_process(root).values())
+    """CPU seconds of ``root`` and its live descendants (prefork children, serve's)."""
+    return sum(cpu for _, cpu in tree_cpu_by_process(root).values())
 
 
 def machine_busy_seconds() -> float:
@@ -554,12 +554,14 @@ def running_stack(stack: str, folder: Path) -> Iterator[Stack]:
         yield Stack(stack, port, database_url, processes, pacs)
 
 
-def warm_up(node: Stack, study: Path) -> None:
-    """Send one study and wait for its SR: model loaded, every process past its start."""
+def send_and_wait(node: Stack, study: Path, what: str) -> float:
+    """Send one study; seconds from its first C-STORE to its SR delivered."""
+    first_sent = dt.datetime.now(dt.UTC)
     finish_senders([storescu(node.port, [study])], timeout=120)
-    wait_delivered(
-        node.database_url, [sop_uid(study)], node.processes, timeout=600, what="the warm-up SR"
-    )
+    uids = [sop_uid(study)]
+    wait_delivered(node.database_url, uids, node.processes, timeout=600, what=what)
+    wall, _, _ = measure(node.database_url, uids, first_sent)
+    return wall
 
 
 @dataclass
@@ -625,7 +627,8 @@ def run_stack(
     folder = Path(tempfile.mkdtemp(prefix=f"{stack}-", dir=work))  # one per round
     with running_stack(stack, folder) as node:
         try:
-            warm_up(node, warmup)
+            # model loaded, kernels warm, every process past its start
+            send_and_wait(node, warmup, "the warm-up SR")
             print(f"[{stack}] warm-up SR delivered; sending {len(files)} studies", flush=True)
             meter = CpuMeter(node.roles())
             meter.start()

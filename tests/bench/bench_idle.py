@@ -17,7 +17,6 @@ No target of issue 6; the figure is quoted in the README and docs/performance.md
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
 import shutil
 import sys
@@ -30,17 +29,13 @@ from db.schema import DeliveryState
 from tests.bench.bench_e2e import (
     STACKS,
     Stack,
-    finish_senders,
     machine_busy_seconds,
     make_inputs,
-    measure,
-    proc_stat,
     progress,
     running_stack,
+    send_and_wait,
     sop_uid,
-    storescu,
     tree_cpu_by_process,
-    wait_delivered,
 )
 from tests.support import wait_for
 
@@ -66,11 +61,11 @@ def _shares_by_label(roots: list[int]) -> dict[str, float]:
     """
     spent: dict[str, float] = {}
     for root in roots:
-        cpu = tree_cpu_by_process(root)
-        labels = {pid: process_label(pid) for pid in cpu}
-        for pid, seconds in cpu.items():
+        tree = tree_cpu_by_process(root)
+        labels = {pid: process_label(pid) for pid in tree}
+        for pid, (parent, seconds) in tree.items():
             label = labels[pid]
-            if labels.get(_parent(pid) or -1) == label:
+            if labels.get(parent) == label:
                 label += " (children)"
             spent[label] = spent.get(label, 0.0) + seconds
     return spent
@@ -93,20 +88,6 @@ def idle_cpu(roots: list[int], seconds: float) -> tuple[dict[str, float], float,
     elapsed = last - start
     shares = {label: (cpu - begun.get(label, 0.0)) / elapsed for label, cpu in previous.items()}
     return shares, busiest, (machine_busy_seconds() - machine) / elapsed
-
-
-def _parent(pid: int) -> int | None:
-    stat = proc_stat(pid)
-    return None if stat is None else stat[0]
-
-
-def send_and_wait(node: Stack, study: Path, what: str) -> float:
-    """Send one study; seconds from its C-STORE to its SR delivered (database clocks)."""
-    first_sent = dt.datetime.now(dt.UTC)
-    finish_senders([storescu(node.port, [study])], timeout=120)
-    wait_delivered(node.database_url, [sop_uid(study)], node.processes, timeout=600, what=what)
-    wall, _, _ = measure(node.database_url, [sop_uid(study)], first_sent)
-    return wall
 
 
 def run_stack(stack: str, work: Path, warm_up_study: Path, next_study: Path, seconds: float) -> str:

@@ -24,10 +24,11 @@ from tqdm.auto import tqdm
 
 from models.checkpoint import CheckpointMeta, LoadedModel, load_checkpoint
 from models.data import LabelledImage, PreparedDataset
-from models.net import BoneAgeNet, fold_batch_norm
+from models.net import BoneAgeNet
 from models.predictor import (
     MAX_BONE_AGE_MONTHS,
     MIN_BONE_AGE_MONTHS,
+    inference_copy,
     precision_name,
     resolve_device,
     resolve_precision,
@@ -399,9 +400,11 @@ def evaluate(
     meta = loaded.meta
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)  # an unusable one fails before any work
-    # The copy the worker runs (BoneAgePredictor): batch norms folded, channels-last, so
-    # that an evaluation in a lower precision shows what the service would report.
-    model = fold_batch_norm(loaded.model.eval()).to(dev).to(memory_format=torch.channels_last)
+    # The copy the worker runs (BoneAgePredictor), so that an evaluation shows what the
+    # service would report, in a lower precision too.
+    model = inference_copy(
+        loaded.model.eval(), dev, dtype, input_size=meta.input_size, batch=batch_size
+    )
     dataset = PreparedDataset(items, meta.input_size, cache=cache, progress=progress)
     predicted = predict_ages(
         model,

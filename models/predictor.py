@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from models.checkpoint import CheckpointMeta, LoadedModel
+from models.fused import cpu_inference_copy, is_fused
 from models.gradcam import predict_with_cam
-from models.net import fold_batch_norm
+from models.net import BoneAgeNet, fold_batch_norm
 from models.preprocess import CropBox, Prepared, cam_to_image, prepare
 
 logger = logging.getLogger(__name__)
@@ -206,6 +207,48 @@ def describe_device(device: torch.device) -> str:
     return str(device)
 
 
+def inference_copy(
+    model: BoneAgeNet,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    input_size: int,
+    batch: int = 1,
+) -> BoneAgeNet:
+    """The copy of ``model`` that inference runs (the worker, ``predict``, ``evaluate``).
+
+    Batch norms folded into the convolutions (:func:`~models.net.fold_batch_norm`) and
+    channels-last memory on every device; on a CPU in float32, the trunk also runs as
+    oneDNN fused convolutions with weights laid out ahead of time
+    (:func:`~models.fused.cpu_inference_copy`), when they agree with the folded model on
+    a test image. Results equal ``model``'s up to float rounding; ``model`` is not changed.
+
+    Parameters
+    ----------
+    model : BoneAgeNet
+        The model as loaded, in eval mode.
+    device : torch.device
+        Where it will run.
+    dtype : torch.dtype
+        What the trunk computes in (:func:`resolve_precision`).
+    input_size : int
+        Side of the square network input.
+    batch : int
+        The usual batch size (the fused trunk's weight layouts are chosen for it).
+
+    Returns
+    -------
+    BoneAgeNet
+        The inference copy, in eval mode, on ``device``.
+    """
+    folded = fold_batch_norm(model).to(device).to(memory_format=torch.channels_last)
+    if device.type == "cpu" and dtype == torch.float32:
+        fused = cpu_inference_copy(folded, input_size=input_size, batch=batch)
+        if fused is not None:
+            return fused
+    return folded
+
+
 def intervals_for(bone_age_months: float, meta: CheckpointMeta) -> dict[float, tuple[float, float]]:
     """Split-conformal intervals around a prediction.
 
@@ -245,9 +288,10 @@ class BoneAgePredictor:
 
     Notes
     -----
-    The predictor runs an inference copy of the model: batch norms folded into the
-    convolutions (:func:`~models.net.fold_batch_norm`) and channels-last memory, on every
-    device; results equal the checkpoint's model up to float rounding. Under autocast
+    The predictor runs an inference copy of the model (:func:`inference_copy`): batch
+    norms folded into the convolutions and channels-last memory on every device, and on
+    a CPU in float32 the trunk as fused oneDNN convolutions; results equal the
+    checkpoint's model up to float rounding. Under autocast
     (float16 or bfloat16) only the trunk runs in the lower precision; the head and the
     Grad-CAM weights are computed in float32. ``loaded.model`` itself is left as it was.
     """
@@ -257,17 +301,19 @@ class BoneAgePredictor:
     ) -> None:
         self._device = resolve_device(device)
         self._dtype = resolve_precision(precision, self._device)
-        model = fold_batch_norm(loaded.model).to(self._device)
-        self._model = model.to(memory_format=torch.channels_last)
+        self._model = inference_copy(
+            loaded.model, self._device, self._dtype, input_size=loaded.meta.input_size
+        )
         # Keep the metadata and id, not the caller's module: one copy of the weights.
         self._loaded = dataclasses.replace(loaded, model=self._model)
         logger.info(
-            "predictor ready: %s, model id %s, trained=%s, device %s, %s",
+            "predictor ready: %s, model id %s, trained=%s, device %s, %s%s",
             loaded.meta.arch,
             loaded.model_id[:12],
             loaded.meta.trained,
             self.device,
             self.precision,
+            ", fused oneDNN convolutions" if self.fused_convolutions else "",
         )
 
     @property
@@ -289,6 +335,11 @@ class BoneAgePredictor:
     def precision(self) -> str:
         """What the trunk runs in: ``"float32"``, ``"bfloat16"`` or ``"float16"``."""
         return precision_name(self._dtype)
+
+    @property
+    def fused_convolutions(self) -> bool:
+        """Whether the trunk runs as fused oneDNN convolutions (:mod:`models.fused`)."""
+        return is_fused(self._model)
 
     @property
     def runs_on(self) -> str:

@@ -124,6 +124,8 @@ def _init_process(**_: Any) -> None:
         detail.update(
             device=predictor.device,
             precision=predictor.precision,
+            # on a CPU in float32: the trunk as oneDNN fused convolutions (models.fused)
+            fused_convolutions=predictor.fused_convolutions,
             model_id=predictor.model_id,
             trained=predictor.meta.trained,
             torch_threads=torch.get_num_threads(),

@@ -5,7 +5,9 @@ Each repeat runs, on the same model (ResNet-50 BoneAgeNet, random weights, CPU):
 - the bare forward pass at the model's input size (inference mode, one image) of the
   model as built (batch norms, NCHW memory): the reference;
 - the same forward pass of the predictor's inference copy (batch norms folded into the
-  convolutions, channels-last), shown beside it; and
+  convolutions, channels-last, and on a CPU in float32 the trunk as oneDNN fused
+  convolutions), shown beside it, with the folded copy run eagerly (without the fused
+  convolutions) for comparison; and
 - the worker's per-image path with the very functions ``worker.pipeline.assess_instance``
   calls: read the file + gate, decode, preprocess, forward + Grad-CAM, then
   ``stage_outputs`` and ``publish`` (SR, heat-map picture, SC, both written: temporary
@@ -42,6 +44,7 @@ from dicom_io.sc import build_heatmap_sc, overlay_shape, render_overlay
 from dicom_io.sr import build_bone_age_sr
 from dicom_io.synthetic import make_radiograph_dataset
 from models.checkpoint import untrained_model
+from models.net import fold_batch_norm
 from models.phantoms import make_phantom
 from models.predictor import BoneAgePredictor
 from tests.bench import bench_finding, decode_threads_as_in_workers, heap_as_in_workers
@@ -115,8 +118,10 @@ def main() -> None:
     loaded = untrained_model(arch="resnet50", input_size=args.size)
     predictor = BoneAgePredictor(loaded, device="cpu")
     # The reference is the model as built (batch norms, NCHW memory); the predictor runs
-    # an inference copy (batch norms folded, channels-last), timed bare beside it.
+    # an inference copy (batch norms folded, channels-last, fused convolutions), timed
+    # bare beside it, and so is the folded copy without the fused convolutions.
     model, served = loaded.model, predictor._model
+    folded = fold_batch_norm(model).to(memory_format=torch.channels_last)
     x = torch.randn(1, 1, args.size, args.size)
     x_served = x.contiguous(memory_format=torch.channels_last)
     male = torch.ones(1)
@@ -134,6 +139,10 @@ def main() -> None:
         def served_forward() -> None:
             with torch.inference_mode():
                 served(x_served, male)
+
+        def folded_forward() -> None:
+            with torch.inference_mode():
+                folded(x_served, male)
 
         def pipeline() -> dict[str, float]:
             marks: list[float] = [time.perf_counter()]
@@ -207,16 +216,19 @@ def main() -> None:
         info: dict[str, Any] = {}
         _time(forward)
         _time(served_forward)
+        _time(folded_forward)
         pipeline()  # warm-up: allocator, kernels, imports, the SR thread
         output_parts()
         forwards: list[float] = []
         served_forwards: list[float] = []
+        folded_forwards: list[float] = []
         stages: dict[str, list[float]] = {name: [] for name in STAGES}
         parts: dict[str, list[float]] = {name: [] for name in PARTS}
         totals: list[float] = []
         for _ in range(args.repeats):
             forwards.append(_time(forward))
             served_forwards.append(_time(served_forward))
+            folded_forwards.append(_time(folded_forward))
             split = pipeline()
             for name, seconds in split.items():
                 stages[name].append(seconds)
@@ -237,8 +249,11 @@ def main() -> None:
     )
     print(f"{'stage':<26}{'median s':>10}{'× forward':>11}")
     print(f"{'bare forward (reference)':<26}{base:>10.3f}{1.0:>11.2f}")
+    eager = statistics.median(folded_forwards)
+    print(f"{'folded, channels-last fwd':<26}{eager:>10.3f}{eager / base:>11.2f}")
     ours = statistics.median(served_forwards)
-    print(f"{'folded, channels-last fwd':<26}{ours:>10.3f}{ours / base:>11.2f}")
+    if predictor.fused_convolutions:
+        print(f"{'  the same, fused (ours)':<26}{ours:>10.3f}{ours / base:>11.2f}")
     for name, values in stages.items():
         median = statistics.median(values)
         print(f"  {name:<24}{median:>10.3f}{median / base:>11.2f}")

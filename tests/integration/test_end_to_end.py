@@ -25,6 +25,7 @@ from sqlalchemy import select
 
 from db.engine import session_scope
 from db.schema import Delivery, DeliveryState, Instance, InstanceState, Result
+from models.fused import fusion_available
 from tests.conftest import StoreSCP
 from tests.dicomtools import dciodvfy_errors, dsrdump
 from tests.support import dcmtk_tool, free_port, keep_process_log, wait_for, wait_for_port
@@ -176,6 +177,8 @@ def check_round_trip(
     assert all(p["jpeg2000_threads"] == max(1, usable_cpus() // len(inference)) for p in inference)
     assert all(p["sc_min_long_side"] == sc_min_long_side for p in inference)
     assert all(p["precision"] == precision for p in inference)
+    fused = precision == "float32" and fusion_available() is None
+    assert all(p["fused_convolutions"] is fused for p in inference)
     assert any("CT Image Storage" in (p["reason"] or "") for p in status["recent_problems"])
     storage = status["storage"]
     assert storage["spool_instances"] == 2 and storage["retention_days"] == 30

@@ -12,6 +12,7 @@ import torch
 
 from dicom_io.content import TRUNK_PRECISIONS
 from models.checkpoint import LoadedModel, untrained_model
+from models.fused import fusion_available
 from models.gradcam import predict_with_cam
 from models.phantoms import make_phantom
 from models.predictor import (
@@ -133,11 +134,27 @@ def test_cpu_bfloat16_instructions_are_read_from_the_cpu_flags() -> None:
     assert cpu_computes_bfloat16() is native
 
 
+def test_cpu_float32_predictor_runs_fused_convolutions_and_gives_the_model_s_result(
+    loaded: LoadedModel, image: np.ndarray
+) -> None:
+    predictor = BoneAgePredictor(loaded, device="cpu", precision="float32")
+    assert predictor.fused_convolutions is (fusion_available() is None)
+    x = prepare(image, 64).tensor[None]
+    z, cam = predict_with_cam(loaded.model, x, torch.zeros(1))
+    result = predictor.predict(image, male=False)
+    expected = float(z[0]) * loaded.meta.target_sd + loaded.meta.target_mean
+    assert result.bone_age_months == pytest.approx(float(np.clip(expected, 0, 240)), abs=1e-3)
+    np.testing.assert_allclose(result.crop_cam, cam[0].numpy(), rtol=0, atol=1e-4)
+    assert loaded.model.conv1.weight.dtype == torch.float32  # the caller's module untouched
+    assert isinstance(loaded.model.bn1, torch.nn.BatchNorm2d)
+
+
 def test_bfloat16_predictor_runs_the_trunk_in_bfloat16_and_reports_float32(
     loaded: LoadedModel, image: np.ndarray
 ) -> None:
     predictor = BoneAgePredictor(loaded, device="cpu", precision="bfloat16")
     assert (predictor.precision, predictor.runs_on) == ("bfloat16", "cpu, bfloat16")
+    assert not predictor.fused_convolutions  # fused convolutions are float32 only
     seen: list[torch.dtype] = []
     hook = predictor._model.layer4.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
     try:

@@ -1,0 +1,316 @@
+"""The folded trunk as oneDNN fused convolutions: CPU inference in float32.
+
+PyTorch's eager convolution on a CPU hands each call to oneDNN with the weight in
+PyTorch's layout, which oneDNN reorders into its own blocked layout on every call; the
+ReLU after it, and in a residual block the addition of the shortcut, are then separate
+passes over the activation. oneDNN can do all of it in one primitive (post-ops), with the
+weight reordered once ahead of time. That is what ``torch.compile``'s freezing pass emits
+for a ResNet on a CPU (``torch.ops.mkldnn._convolution_pointwise``); this module builds
+the same thing directly from a batch-norm-folded :class:`~models.net.BoneAgeNet`, with no
+compiler and no compile time at start.
+
+:func:`cpu_inference_copy` is the entry point: it builds the fused copy, runs it against
+the folded module on one input and returns it only when the two agree to float rounding,
+so a PyTorch or CPU whose oneDNN kernels are missing or behave differently falls back to
+the eager module (logged) instead of reporting different numbers.
+
+The fused copy is for inference only (no autograd through the trunk, weights not
+trainable) and for the CPU only; the head and everything after the trunk are the folded
+model's own modules.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from models.net import BoneAgeNet
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "FUSED_TOLERANCE",
+    "FusedConv",
+    "FusedResidual",
+    "cpu_inference_copy",
+    "fuse_trunk",
+    "fused_discrepancy",
+    "fusion_available",
+    "is_fused",
+]
+
+FUSED_TOLERANCE = 1e-4
+"""Largest accepted difference between the fused and the folded trunk's ``layer4`` maps,
+as a share of the largest map value (float rounding gives about 3e-6)."""
+
+_POINTWISE_OPS = (
+    "_convolution_pointwise",
+    "_convolution_pointwise_",
+    "_reorder_convolution_weight",
+)
+
+
+def fusion_available() -> str | None:
+    """Why this PyTorch cannot run fused oneDNN convolutions, or None when it can."""
+    if not torch.backends.mkldnn.is_available():
+        return "PyTorch was built without oneDNN (mkldnn)"
+    missing = [name for name in _POINTWISE_OPS if not hasattr(torch.ops.mkldnn, name)]
+    if missing:
+        return f"this PyTorch lacks torch.ops.mkldnn.{missing[0]}"
+    return None
+
+
+def _conv_output_shape(conv: nn.Conv2d, shape: torch.Size) -> torch.Size:
+    """Shape of ``conv``'s output for an input of ``shape`` (worked out, not computed)."""
+    x = torch.empty(shape, device="meta")
+    weight = conv.weight.detach().to("meta")
+    return F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups).shape
+
+
+class FusedConv(nn.Module):
+    """A convolution with its bias and, optionally, a ReLU, as one oneDNN primitive.
+
+    Parameters
+    ----------
+    conv : torch.nn.Conv2d
+        The convolution (batch norm already folded into it, so it has a bias).
+    input_shape : torch.Size
+        ``(N, C, H, W)`` it will mostly see: the weight is reordered for it once. Other
+        shapes still work (oneDNN reorders as needed) at some cost.
+    relu : bool
+        Apply a ReLU to the output in the same pass.
+    """
+
+    def __init__(self, conv: nn.Conv2d, input_shape: torch.Size, *, relu: bool) -> None:
+        super().__init__()
+        if not isinstance(conv, nn.Conv2d) or conv.padding_mode != "zeros":
+            raise TypeError(f"expected a zero-padded nn.Conv2d, got {conv!r}")
+        if isinstance(conv.padding, str):
+            raise TypeError(f"expected numeric padding, got {conv.padding!r}")
+        self.padding = list(conv.padding)
+        self.stride = list(conv.stride)
+        self.dilation = list(conv.dilation)
+        self.groups = int(conv.groups)
+        self.attr = "relu" if relu else "none"
+        self.output_shape = _conv_output_shape(conv, input_shape)
+        weight = conv.weight.detach().float().contiguous()
+        bias = conv.bias.detach().float() if conv.bias is not None else None
+        packed = torch.ops.mkldnn._reorder_convolution_weight(
+            weight, self.padding, self.stride, self.dilation, self.groups, list(input_shape)
+        )
+        # Buffers, not parameters: nothing to train, and kept out of any state dict.
+        self.register_buffer("weight", packed, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``relu(conv(x) + bias)`` (or without the ReLU), channels-last out."""
+        return torch.ops.mkldnn._convolution_pointwise(
+            x,
+            self.weight,
+            self.bias,
+            self.padding,
+            self.stride,
+            self.dilation,
+            self.groups,
+            self.attr,
+            [],
+            "",
+        )
+
+    def add_relu_into(self, shortcut: Tensor, x: Tensor) -> Tensor:
+        """``relu(conv(x) + bias + shortcut)``, written into ``shortcut`` and returned."""
+        return torch.ops.mkldnn._convolution_pointwise_.binary(
+            shortcut,
+            x,
+            self.weight,
+            self.bias,
+            self.padding,
+            self.stride,
+            self.dilation,
+            self.groups,
+            "add",
+            1.0,
+            "relu",
+            [],
+            "",
+        )
+
+
+class FusedResidual(nn.Module):
+    """A folded torchvision ``BasicBlock`` or ``Bottleneck`` as fused convolutions.
+
+    Every convolution but the last runs with its ReLU; the last adds the shortcut and
+    applies the block's ReLU in the same primitive, writing into the shortcut's memory
+    (the block's input when there is no downsampling convolution: the block overwrites
+    its input, which inside the trunk nobody reads again).
+
+    Parameters
+    ----------
+    block : BasicBlock or Bottleneck
+        The block, batch norms folded (``nn.Identity`` in their place).
+    input_shape : torch.Size
+        Shape of the block's input, for the weight layouts.
+    """
+
+    def __init__(self, block: BasicBlock | Bottleneck, input_shape: torch.Size) -> None:
+        super().__init__()
+        names = ("conv1", "conv2", "conv3") if isinstance(block, Bottleneck) else ("conv1", "conv2")
+        for i in range(1, len(names) + 1):
+            if not isinstance(getattr(block, f"bn{i}"), nn.Identity):
+                raise TypeError("FusedResidual needs a block whose batch norms are folded")
+        convs: list[FusedConv] = []
+        shape = input_shape
+        for position, name in enumerate(names):
+            last = position == len(names) - 1
+            conv = FusedConv(getattr(block, name), shape, relu=not last)
+            convs.append(conv)
+            shape = conv.output_shape
+        self.convs = nn.ModuleList(convs)
+        self.downsample: FusedConv | None = None
+        if block.downsample is not None:
+            parts = list(block.downsample)
+            if len(parts) != 2 or not isinstance(parts[1], nn.Identity):
+                raise TypeError("FusedResidual needs a downsample of a folded conv + batch norm")
+            self.downsample = FusedConv(parts[0], input_shape, relu=False)
+        self.output_shape = shape
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The block's output; ``x`` is overwritten when there is no downsampling."""
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError("the fused trunk is for inference only (no autograd through it)")
+        shortcut = self.downsample(x) if self.downsample is not None else x
+        y = x
+        for conv in self.convs[:-1]:
+            y = conv(y)
+        last: FusedConv = self.convs[-1]  # type: ignore[assignment]
+        return last.add_relu_into(shortcut, y)
+
+
+def fuse_trunk(folded: BoneAgeNet, *, input_size: int, batch: int = 1) -> BoneAgeNet:
+    """A copy of a folded model whose trunk runs as oneDNN fused convolutions.
+
+    Parameters
+    ----------
+    folded : BoneAgeNet
+        Output of :func:`~models.net.fold_batch_norm`, on the CPU, float32. Not changed.
+    input_size : int
+        Side of the square network input.
+    batch : int
+        Batch size the weights are laid out for (others work, at some cost).
+
+    Returns
+    -------
+    BoneAgeNet
+        A new module in eval mode: the stem and every residual block replaced by fused
+        ones, the head shared in value (a copy). Inference only, CPU only.
+
+    Raises
+    ------
+    RuntimeError
+        When this PyTorch cannot run fused convolutions (:func:`fusion_available`).
+    TypeError
+        When the model is not a folded torchvision-style ResNet trunk.
+    """
+    reason = fusion_available()
+    if reason is not None:
+        raise RuntimeError(reason)
+    if folded.training:
+        raise ValueError("fuse_trunk needs a model in eval mode")
+    if not isinstance(folded.bn1, nn.Identity):
+        raise TypeError("fuse_trunk needs a model whose batch norms are folded (fold_batch_norm)")
+    if folded.conv1.weight.device.type != "cpu" or folded.conv1.weight.dtype != torch.float32:
+        raise TypeError("fuse_trunk builds a float32 CPU trunk")
+    fused = copy.deepcopy(folded)
+    shape = torch.Size((batch, int(fused.conv1.in_channels), input_size, input_size))
+    stem = FusedConv(fused.conv1, shape, relu=True)
+    fused.conv1 = stem  # type: ignore[assignment]
+    fused.relu = nn.Identity()  # done inside the stem's convolution
+    shape = fused.maxpool(torch.empty(stem.output_shape, device="meta")).shape
+    for layer_name in ("layer1", "layer2", "layer3", "layer4"):
+        layer = getattr(fused, layer_name)
+        blocks: list[nn.Module] = []
+        for block in layer:
+            if not isinstance(block, BasicBlock | Bottleneck):
+                raise TypeError(f"{layer_name} holds a {type(block).__name__}, not a ResNet block")
+            residual = FusedResidual(block, shape)
+            blocks.append(residual)
+            shape = residual.output_shape
+        setattr(fused, layer_name, nn.Sequential(*blocks))
+    return fused.eval()
+
+
+def is_fused(model: nn.Module) -> bool:
+    """Whether ``model`` is a :func:`fuse_trunk` copy."""
+    return isinstance(getattr(model, "conv1", None), FusedConv)
+
+
+def fused_discrepancy(fused: BoneAgeNet, folded: BoneAgeNet, *, input_size: int) -> float:
+    """Largest difference of the two trunks' ``layer4`` maps on one fixed random image.
+
+    Returns
+    -------
+    float
+        ``max |fused - folded| / max |folded|`` (0 when they agree exactly).
+    """
+    generator = torch.Generator().manual_seed(20261203)
+    x = torch.rand((1, int(folded.conv1.in_channels), input_size, input_size), generator=generator)
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        expected = folded.features(x)
+        got = fused.features(x)
+    scale = float(expected.abs().max())
+    difference = float((got - expected).abs().max())
+    return difference / scale if scale > 0 else difference
+
+
+def cpu_inference_copy(
+    folded: BoneAgeNet,
+    *,
+    input_size: int,
+    batch: int = 1,
+    check: Callable[[BoneAgeNet, BoneAgeNet], float] | None = None,
+) -> BoneAgeNet | None:
+    """The fused copy of ``folded`` when it can run here and gives its results, else None.
+
+    Parameters
+    ----------
+    folded : BoneAgeNet
+        The batch-norm-folded model, CPU, float32.
+    input_size : int
+        Side of the square network input.
+    batch : int
+        Batch size the weights are laid out for.
+    check : callable, optional
+        ``(fused, folded) -> discrepancy``; :func:`fused_discrepancy` at ``input_size``
+        unless given.
+
+    Returns
+    -------
+    BoneAgeNet or None
+        The fused copy, or None (the reason logged) when this PyTorch cannot build it or
+        its ``layer4`` maps differ from the folded model's by more than
+        :data:`FUSED_TOLERANCE`.
+    """
+    try:
+        fused = fuse_trunk(folded, input_size=input_size, batch=batch)
+        measure = check or (lambda a, b: fused_discrepancy(a, b, input_size=input_size))
+        discrepancy = measure(fused, folded)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        logger.warning("fused CPU convolutions unavailable (%s); running the folded model", exc)
+        return None
+    if not discrepancy <= FUSED_TOLERANCE:  # also catches NaN
+        logger.warning(
+            "fused CPU convolutions differ from the folded model by %.2e of the map range "
+            "(accepted: %.0e); running the folded model",
+            discrepancy,
+            FUSED_TOLERANCE,
+        )
+        return None
+    logger.debug("fused CPU convolutions agree with the folded model to %.1e", discrepancy)
+    return fused

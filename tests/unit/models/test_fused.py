@@ -1,0 +1,145 @@
+"""The trunk as oneDNN fused convolutions: same results as the folded model, or not used."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from models.fused import (
+    FUSED_TOLERANCE,
+    FusedConv,
+    cpu_inference_copy,
+    fuse_trunk,
+    fused_discrepancy,
+    fusion_available,
+    is_fused,
+)
+from models.gradcam import predict_with_cam
+from models.net import BoneAgeNet, build_model, fold_batch_norm
+
+pytestmark = pytest.mark.skipif(
+    fusion_available() is not None, reason=f"no fused oneDNN convolutions: {fusion_available()}"
+)
+
+
+def _trained_folded(arch: str) -> BoneAgeNet:
+    """A folded model whose batch norms had real statistics (so the fold is not trivial)."""
+    model = build_model(arch=arch)
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                n = module.num_features
+                module.running_mean.copy_(0.2 * torch.randn(n, generator=generator))
+                module.running_var.copy_(0.3 + torch.rand(n, generator=generator))
+                module.weight.copy_(0.5 + torch.rand(n, generator=generator))
+                module.bias.copy_(0.1 * torch.randn(n, generator=generator))
+    return fold_batch_norm(model.eval()).to(memory_format=torch.channels_last)
+
+
+def _images(n: int, rows: int, columns: int) -> torch.Tensor:
+    x = torch.rand((n, 1, rows, columns), generator=torch.Generator().manual_seed(n + rows))
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_fused_trunk_gives_the_folded_models_maps_prediction_and_heat_map(arch: str) -> None:
+    folded = _trained_folded(arch)
+    fused = fuse_trunk(folded, input_size=96)
+    assert is_fused(fused) and not is_fused(folded)
+    # every convolution of the trunk is a fused one: none left to run eagerly
+    assert not any(isinstance(m, torch.nn.Conv2d) for m in fused.modules())
+    x, male = _images(2, 96, 96), torch.tensor([1.0, 0.0])
+    with torch.inference_mode():
+        a, a_fused = folded.features(x), fused.features(x)
+    assert a_fused.shape == a.shape
+    scale = float(a.abs().max())
+    torch.testing.assert_close(a_fused, a, rtol=0, atol=1e-5 * scale)
+    z, cam = predict_with_cam(folded, x, male)
+    z_fused, cam_fused = predict_with_cam(fused, x, male)
+    torch.testing.assert_close(z_fused, z, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cam_fused, cam, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(("n", "rows", "columns"), [(3, 96, 96), (1, 64, 80), (2, 130, 97)])
+def test_shapes_other_than_the_one_laid_out_for_give_the_same_maps(
+    n: int, rows: int, columns: int
+) -> None:
+    folded = _trained_folded("resnet18")
+    fused = fuse_trunk(folded, input_size=96)  # weights laid out for (1, 1, 96, 96)
+    x = _images(n, rows, columns)
+    with torch.inference_mode():
+        a, a_fused = folded.features(x), fused.features(x)
+    torch.testing.assert_close(a_fused, a, rtol=0, atol=1e-5 * float(a.abs().max()))
+
+
+def test_the_caller_s_input_and_model_are_left_as_they_were() -> None:
+    # Residual blocks write their output into the shortcut's memory; resnet18's first
+    # block has no downsampling, so its shortcut is its input: the stem's output, never
+    # the caller's tensor.
+    folded = _trained_folded("resnet18")
+    before = {k: v.clone() for k, v in folded.state_dict().items()}
+    fused = fuse_trunk(folded, input_size=64)
+    x = _images(1, 64, 64)
+    kept = x.clone()
+    with torch.inference_mode():
+        fused.features(x)
+    torch.testing.assert_close(x, kept, rtol=0, atol=0)
+    for key, value in folded.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+    assert isinstance(folded.conv1, torch.nn.Conv2d)
+    # the laid-out weights are not part of any checkpoint
+    assert not any("layer1.0.convs" in key for key in fused.state_dict())
+
+
+def test_fused_trunk_refuses_autograd() -> None:
+    fused = fuse_trunk(_trained_folded("resnet18"), input_size=64)
+    x = _images(1, 64, 64).requires_grad_(True)
+    with pytest.raises(RuntimeError, match="inference only"):
+        fused.layer1(fused.maxpool(fused.conv1(x)))
+
+
+def test_fuse_trunk_needs_a_folded_float32_model() -> None:
+    with pytest.raises(TypeError, match="folded"):
+        fuse_trunk(build_model(arch="resnet18").eval(), input_size=64)
+    with pytest.raises(TypeError, match="float32"):
+        fuse_trunk(_trained_folded("resnet18").double(), input_size=64)
+
+
+def test_discrepancy_sees_one_wrong_weight() -> None:
+    folded = _trained_folded("resnet18")
+    fused = fuse_trunk(folded, input_size=64)
+    assert fused_discrepancy(fused, folded, input_size=64) <= FUSED_TOLERANCE
+    conv = fused.layer3[1].convs[0]
+    assert isinstance(conv, FusedConv)
+    with torch.no_grad():
+        conv.weight.mul_(1.01)  # scaling is the same in any weight layout
+    assert fused_discrepancy(fused, folded, input_size=64) > FUSED_TOLERANCE
+
+
+def test_inference_copy_is_the_fused_trunk_when_it_agrees() -> None:
+    folded = _trained_folded("resnet18")
+    copy = cpu_inference_copy(folded, input_size=64)
+    assert copy is not None and is_fused(copy)
+
+
+@pytest.mark.parametrize("discrepancy", [1e-3, float("nan")])
+def test_inference_copy_falls_back_when_the_trunks_disagree(
+    discrepancy: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    folded = _trained_folded("resnet18")
+    with caplog.at_level(logging.WARNING, logger="models.fused"):
+        copy = cpu_inference_copy(folded, input_size=64, check=lambda _a, _b: discrepancy)
+    assert copy is None
+    assert "running the folded model" in caplog.text
+
+
+def test_inference_copy_falls_back_for_a_model_it_cannot_fuse(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    unfolded = build_model(arch="resnet18").eval()
+    with caplog.at_level(logging.WARNING, logger="models.fused"):
+        assert cpu_inference_copy(unfolded, input_size=64) is None
+    assert "unavailable" in caplog.text

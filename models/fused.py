@@ -60,9 +60,16 @@ def fusion_available() -> str | None:
     """Why this PyTorch cannot run fused oneDNN convolutions, or None when it can."""
     if not torch.backends.mkldnn.is_available():
         return "PyTorch was built without oneDNN (mkldnn)"
+    if not torch.backends.mkldnn.enabled:
+        return "oneDNN is switched off (torch.backends.mkldnn.enabled)"
     missing = [name for name in _POINTWISE_OPS if not hasattr(torch.ops.mkldnn, name)]
     if missing:
         return f"this PyTorch lacks torch.ops.mkldnn.{missing[0]}"
+    acl = getattr(torch.ops.mkldnn, "_is_mkldnn_acl_supported", None)
+    if acl is not None and acl():
+        # Arm's Compute Library backs oneDNN there and has no fused post-ops (PyTorch's
+        # own compiler leaves these fusions off on it too)
+        return "oneDNN runs on Arm Compute Library, which lacks fused convolutions"
     return None
 
 

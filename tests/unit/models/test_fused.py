@@ -143,3 +143,12 @@ def test_inference_copy_falls_back_for_a_model_it_cannot_fuse(
     with caplog.at_level(logging.WARNING, logger="models.fused"):
         assert cpu_inference_copy(unfolded, input_size=64) is None
     assert "unavailable" in caplog.text
+
+
+def test_no_fusion_where_onednn_is_switched_off(caplog: pytest.LogCaptureFixture) -> None:
+    folded = _trained_folded("resnet18")
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert "switched off" in (fusion_available() or "")
+        with caplog.at_level(logging.WARNING, logger="models.fused"):
+            assert cpu_inference_copy(folded, input_size=64) is None
+    assert "switched off" in caplog.text

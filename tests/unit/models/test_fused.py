@@ -145,6 +145,7 @@ def test_inference_copy_falls_back_for_a_model_it_cannot_fuse(
     assert "unavailable" in caplog.text
 
 
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch's flags()
 def test_no_fusion_where_onednn_is_switched_off(caplog: pytest.LogCaptureFixture) -> None:
     folded = _trained_folded("resnet18")
     with torch.backends.mkldnn.flags(enabled=False):

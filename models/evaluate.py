@@ -402,9 +402,7 @@ def evaluate(
     dtype = resolve_precision(precision, dev)  # an unusable one fails before any work
     # The copy the worker runs (BoneAgePredictor), so that an evaluation shows what the
     # service would report, in a lower precision too.
-    model = inference_copy(
-        loaded.model.eval(), dev, dtype, input_size=meta.input_size, batch=batch_size
-    )
+    model = inference_copy(loaded.model.eval(), dev, dtype, input_size=meta.input_size)
     dataset = PreparedDataset(items, meta.input_size, cache=cache, progress=progress)
     predicted = predict_ages(
         model,

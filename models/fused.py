@@ -15,8 +15,7 @@ so a PyTorch or CPU whose oneDNN kernels are missing or behave differently falls
 the eager module (logged) instead of reporting different numbers.
 
 The fused copy is for inference only (no autograd through the trunk, weights not
-trainable) and for the CPU only; the head and everything after the trunk are the folded
-model's own modules.
+trainable) and for the CPU only; its head is a copy of the folded model's.
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "FUSED_TOLERANCE",
+    "FusedBoneAgeNet",
     "FusedConv",
     "FusedResidual",
     "cpu_inference_copy",
@@ -107,7 +107,7 @@ class FusedConv(nn.Module):
         self.attr = "relu" if relu else "none"
         self.output_shape = _conv_output_shape(conv, input_shape)
         weight = conv.weight.detach().float().contiguous()
-        bias = conv.bias.detach().float() if conv.bias is not None else None
+        bias = conv.bias.detach().float().clone() if conv.bias is not None else None
         packed = torch.ops.mkldnn._reorder_convolution_weight(
             weight, self.padding, self.stride, self.dilation, self.groups, list(input_shape)
         )
@@ -189,8 +189,6 @@ class FusedResidual(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """The block's output; ``x`` is overwritten when there is no downsampling."""
-        if torch.is_grad_enabled() and x.requires_grad:
-            raise RuntimeError("the fused trunk is for inference only (no autograd through it)")
         shortcut = self.downsample(x) if self.downsample is not None else x
         y = x
         for conv in self.convs[:-1]:
@@ -199,62 +197,90 @@ class FusedResidual(nn.Module):
         return last.add_relu_into(shortcut, y)
 
 
-def fuse_trunk(folded: BoneAgeNet, *, input_size: int, batch: int = 1) -> BoneAgeNet:
-    """A copy of a folded model whose trunk runs as oneDNN fused convolutions.
+class FusedBoneAgeNet(BoneAgeNet):
+    """A folded :class:`~models.net.BoneAgeNet` whose trunk runs as fused convolutions.
+
+    The trunk's weights are laid out once for one image at ``input_size``; a batch runs
+    image by image (on a CPU a batch is no faster per image, and a weight laid out for
+    another batch size is reordered on every call, 1.4x slower with two threads), so an
+    image's result is the same alone and in any batch. The head is a copy of the folded
+    model's. For inference on a CPU in float32 only.
 
     Parameters
     ----------
     folded : BoneAgeNet
-        Output of :func:`~models.net.fold_batch_norm`, on the CPU, float32. Not changed.
+        Output of :func:`~models.net.fold_batch_norm`, on the CPU, float32, eval mode.
+        It is not changed.
     input_size : int
         Side of the square network input.
-    batch : int
-        Batch size the weights are laid out for (others work, at some cost).
-
-    Returns
-    -------
-    BoneAgeNet
-        A new module in eval mode: the stem and every residual block replaced by fused
-        ones, the head shared in value (a copy). Inference only, CPU only.
 
     Raises
     ------
     RuntimeError
         When this PyTorch cannot run fused convolutions (:func:`fusion_available`).
     TypeError
-        When the model is not a folded torchvision-style ResNet trunk.
+        When ``folded`` is not a folded float32 CPU ResNet of torchvision's blocks.
+    ValueError
+        When ``folded`` is in training mode.
     """
-    reason = fusion_available()
-    if reason is not None:
-        raise RuntimeError(reason)
-    if folded.training:
-        raise ValueError("fuse_trunk needs a model in eval mode")
-    if not isinstance(folded.bn1, nn.Identity):
-        raise TypeError("fuse_trunk needs a model whose batch norms are folded (fold_batch_norm)")
-    if folded.conv1.weight.device.type != "cpu" or folded.conv1.weight.dtype != torch.float32:
-        raise TypeError("fuse_trunk builds a float32 CPU trunk")
-    fused = copy.deepcopy(folded)
-    shape = torch.Size((batch, int(fused.conv1.in_channels), input_size, input_size))
-    stem = FusedConv(fused.conv1, shape, relu=True)
-    fused.conv1 = stem  # type: ignore[assignment]
-    fused.relu = nn.Identity()  # done inside the stem's convolution
-    shape = fused.maxpool(torch.empty(stem.output_shape, device="meta")).shape
-    for layer_name in ("layer1", "layer2", "layer3", "layer4"):
-        layer = getattr(fused, layer_name)
-        blocks: list[nn.Module] = []
-        for block in layer:
-            if not isinstance(block, BasicBlock | Bottleneck):
-                raise TypeError(f"{layer_name} holds a {type(block).__name__}, not a ResNet block")
-            residual = FusedResidual(block, shape)
-            blocks.append(residual)
-            shape = residual.output_shape
-        setattr(fused, layer_name, nn.Sequential(*blocks))
-    return fused.eval()
+
+    def __init__(self, folded: BoneAgeNet, *, input_size: int) -> None:
+        reason = fusion_available()
+        if reason is not None:
+            raise RuntimeError(reason)
+        if folded.training:
+            raise ValueError("a fused trunk needs a model in eval mode")
+        if not isinstance(folded.bn1, nn.Identity):
+            raise TypeError("a fused trunk needs a model whose batch norms are folded")
+        weight = folded.conv1.weight
+        if weight.device.type != "cpu" or weight.dtype != torch.float32:
+            raise TypeError("a fused trunk is built from a float32 CPU model")
+        nn.Module.__init__(self)  # not BoneAgeNet's: it would build a trunk to throw away
+        self.arch = folded.arch
+        self.num_features = folded.num_features
+        self.input_size = int(input_size)
+        shape = torch.Size((1, int(folded.conv1.in_channels), self.input_size, self.input_size))
+        self.stem = FusedConv(folded.conv1, shape, relu=True)
+        self.maxpool = copy.deepcopy(folded.maxpool)
+        shape = self.maxpool(torch.empty(self.stem.output_shape, device="meta")).shape
+        blocks: list[FusedResidual] = []
+        for layer_name in ("layer1", "layer2", "layer3", "layer4"):
+            for block in getattr(folded, layer_name):
+                if not isinstance(block, BasicBlock | Bottleneck):
+                    raise TypeError(f"{layer_name} holds a {type(block).__name__}, not a block")
+                blocks.append(FusedResidual(block, shape))
+                shape = blocks[-1].output_shape
+        self.blocks = nn.Sequential(*blocks)
+        self.sex_embed = copy.deepcopy(folded.sex_embed)
+        self.regressor = copy.deepcopy(folded.regressor)
+        self.eval()
+
+    def features(self, x: Tensor) -> Tensor:
+        """Return the ``layer4`` feature maps (see :meth:`BoneAgeNet.features`)."""
+        if x.ndim != 4 or x.shape[1] != 1:
+            raise ValueError(f"expected images of shape (N, 1, H, W), got {tuple(x.shape)}")
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError("the fused trunk is for inference only (no autograd through it)")
+        maps = [self._trunk(x[i : i + 1]) for i in range(x.shape[0])]
+        return maps[0] if len(maps) == 1 else torch.cat(maps)
+
+    def _trunk(self, image: Tensor) -> Tensor:
+        image = image.contiguous(memory_format=torch.channels_last)
+        return self.blocks(self.maxpool(self.stem(image)))
+
+
+def fuse_trunk(folded: BoneAgeNet, *, input_size: int) -> FusedBoneAgeNet:
+    """A copy of a folded model whose trunk runs as oneDNN fused convolutions.
+
+    See :class:`FusedBoneAgeNet`, which this builds; :func:`cpu_inference_copy` also
+    checks the copy against ``folded`` before it is used.
+    """
+    return FusedBoneAgeNet(folded, input_size=input_size)
 
 
 def is_fused(model: nn.Module) -> bool:
-    """Whether ``model`` is a :func:`fuse_trunk` copy."""
-    return isinstance(getattr(model, "conv1", None), FusedConv)
+    """Whether ``model`` is a :class:`FusedBoneAgeNet`."""
+    return isinstance(model, FusedBoneAgeNet)
 
 
 def fused_discrepancy(fused: BoneAgeNet, folded: BoneAgeNet, *, input_size: int) -> float:
@@ -280,7 +306,6 @@ def cpu_inference_copy(
     folded: BoneAgeNet,
     *,
     input_size: int,
-    batch: int = 1,
     check: Callable[[BoneAgeNet, BoneAgeNet], float] | None = None,
 ) -> BoneAgeNet | None:
     """The fused copy of ``folded`` when it can run here and gives its results, else None.
@@ -291,8 +316,6 @@ def cpu_inference_copy(
         The batch-norm-folded model, CPU, float32.
     input_size : int
         Side of the square network input.
-    batch : int
-        Batch size the weights are laid out for.
     check : callable, optional
         ``(fused, folded) -> discrepancy``; :func:`fused_discrepancy` at ``input_size``
         unless given.
@@ -305,7 +328,7 @@ def cpu_inference_copy(
         :data:`FUSED_TOLERANCE`.
     """
     try:
-        fused = fuse_trunk(folded, input_size=input_size, batch=batch)
+        fused = fuse_trunk(folded, input_size=input_size)
         measure = check or (lambda a, b: fused_discrepancy(a, b, input_size=input_size))
         discrepancy = measure(fused, folded)
     except (RuntimeError, TypeError, ValueError) as exc:

@@ -213,7 +213,6 @@ def inference_copy(
     dtype: torch.dtype,
     *,
     input_size: int,
-    batch: int = 1,
 ) -> BoneAgeNet:
     """The copy of ``model`` that inference runs (the worker, ``predict``, ``evaluate``).
 
@@ -233,8 +232,6 @@ def inference_copy(
         What the trunk computes in (:func:`resolve_precision`).
     input_size : int
         Side of the square network input.
-    batch : int
-        The usual batch size (the fused trunk's weight layouts are chosen for it).
 
     Returns
     -------
@@ -243,7 +240,7 @@ def inference_copy(
     """
     folded = fold_batch_norm(model).to(device).to(memory_format=torch.channels_last)
     if device.type == "cpu" and dtype == torch.float32:
-        fused = cpu_inference_copy(folded, input_size=input_size, batch=batch)
+        fused = cpu_inference_copy(folded, input_size=input_size)
         if fused is not None:
             return fused
     return folded

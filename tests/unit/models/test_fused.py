@@ -51,6 +51,8 @@ def test_fused_trunk_gives_the_folded_models_maps_prediction_and_heat_map(arch: 
     assert is_fused(fused) and not is_fused(folded)
     # every convolution of the trunk is a fused one: none left to run eagerly
     assert not any(isinstance(m, torch.nn.Conv2d) for m in fused.modules())
+    convolutions = sum(isinstance(m, torch.nn.Conv2d) for m in folded.modules())
+    assert sum(isinstance(m, FusedConv) for m in fused.modules()) == convolutions
     x, male = _images(2, 96, 96), torch.tensor([1.0, 0.0])
     with torch.inference_mode():
         a, a_fused = folded.features(x), fused.features(x)
@@ -75,6 +77,15 @@ def test_shapes_other_than_the_one_laid_out_for_give_the_same_maps(
     torch.testing.assert_close(a_fused, a, rtol=0, atol=1e-5 * float(a.abs().max()))
 
 
+def test_an_image_gives_the_same_maps_alone_and_in_a_batch() -> None:
+    fused = fuse_trunk(_trained_folded("resnet18"), input_size=64)
+    x = _images(3, 64, 64)
+    with torch.inference_mode():
+        batch = fused.features(x)
+        alone = [fused.features(x[i : i + 1].clone()) for i in range(3)]
+    torch.testing.assert_close(batch, torch.cat(alone), rtol=0, atol=0)
+
+
 def test_the_caller_s_input_and_model_are_left_as_they_were() -> None:
     # Residual blocks write their output into the shortcut's memory; resnet18's first
     # block has no downsampling, so its shortcut is its input: the stem's output, never
@@ -90,15 +101,16 @@ def test_the_caller_s_input_and_model_are_left_as_they_were() -> None:
     for key, value in folded.state_dict().items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)
     assert isinstance(folded.conv1, torch.nn.Conv2d)
-    # the laid-out weights are not part of any checkpoint
-    assert not any("layer1.0.convs" in key for key in fused.state_dict())
+    # the laid-out weights are not part of any checkpoint; the head's are
+    assert not any(key.startswith(("stem", "blocks")) for key in fused.state_dict())
+    assert any(key.startswith("regressor") for key in fused.state_dict())
 
 
 def test_fused_trunk_refuses_autograd() -> None:
     fused = fuse_trunk(_trained_folded("resnet18"), input_size=64)
     x = _images(1, 64, 64).requires_grad_(True)
     with pytest.raises(RuntimeError, match="inference only"):
-        fused.layer1(fused.maxpool(fused.conv1(x)))
+        fused.features(x)
 
 
 def test_fuse_trunk_needs_a_folded_float32_model() -> None:
@@ -112,7 +124,7 @@ def test_discrepancy_sees_one_wrong_weight() -> None:
     folded = _trained_folded("resnet18")
     fused = fuse_trunk(folded, input_size=64)
     assert fused_discrepancy(fused, folded, input_size=64) <= FUSED_TOLERANCE
-    conv = fused.layer3[1].convs[0]
+    conv = fused.blocks[5].convs[0]  # resnet18: layer3's second block
     assert isinstance(conv, FusedConv)
     with torch.no_grad():
         conv.weight.mul_(1.01)  # scaling is the same in any weight layout

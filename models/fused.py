@@ -100,16 +100,19 @@ class FusedConv(nn.Module):
             raise TypeError(f"expected a zero-padded nn.Conv2d, got {conv!r}")
         if isinstance(conv.padding, str):
             raise TypeError(f"expected numeric padding, got {conv.padding!r}")
-        self.padding = list(conv.padding)
-        self.stride = list(conv.stride)
-        self.dilation = list(conv.dilation)
-        self.groups = int(conv.groups)
+        # what oneDNN needs besides the tensors: padding, stride, dilation, groups
+        self.geometry = (
+            list(conv.padding),
+            list(conv.stride),
+            list(conv.dilation),
+            int(conv.groups),
+        )
         self.attr = "relu" if relu else "none"
         self.output_shape = _conv_output_shape(conv, input_shape)
         weight = conv.weight.detach().float().contiguous()
         bias = conv.bias.detach().float().clone() if conv.bias is not None else None
         packed = torch.ops.mkldnn._reorder_convolution_weight(
-            weight, self.padding, self.stride, self.dilation, self.groups, list(input_shape)
+            weight, *self.geometry, list(input_shape)
         )
         # Buffers, not parameters: nothing to train, and kept out of any state dict.
         self.register_buffer("weight", packed, persistent=False)
@@ -118,34 +121,13 @@ class FusedConv(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``relu(conv(x) + bias)`` (or without the ReLU), channels-last out."""
         return torch.ops.mkldnn._convolution_pointwise(
-            x,
-            self.weight,
-            self.bias,
-            self.padding,
-            self.stride,
-            self.dilation,
-            self.groups,
-            self.attr,
-            [],
-            "",
+            x, self.weight, self.bias, *self.geometry, self.attr, [], ""
         )
 
     def add_relu_into(self, shortcut: Tensor, x: Tensor) -> Tensor:
         """``relu(conv(x) + bias + shortcut)``, written into ``shortcut`` and returned."""
         return torch.ops.mkldnn._convolution_pointwise_.binary(
-            shortcut,
-            x,
-            self.weight,
-            self.bias,
-            self.padding,
-            self.stride,
-            self.dilation,
-            self.groups,
-            "add",
-            1.0,
-            "relu",
-            [],
-            "",
+            shortcut, x, self.weight, self.bias, *self.geometry, "add", 1.0, "relu", [], ""
         )
 
 

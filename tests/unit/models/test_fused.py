@@ -16,8 +16,8 @@ from models.fused import (
     fusion_available,
     is_fused,
 )
-from models.gradcam import predict_with_cam
 from models.net import BoneAgeNet, build_model, fold_batch_norm
+from tests.unit.models.helpers import assert_same_results, with_trained_batch_norms
 
 pytestmark = pytest.mark.skipif(
     fusion_available() is not None, reason=f"no fused oneDNN convolutions: {fusion_available()}"
@@ -26,17 +26,8 @@ pytestmark = pytest.mark.skipif(
 
 def _trained_folded(arch: str) -> BoneAgeNet:
     """A folded model whose batch norms had real statistics (so the fold is not trivial)."""
-    model = build_model(arch=arch)
-    generator = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                n = module.num_features
-                module.running_mean.copy_(0.2 * torch.randn(n, generator=generator))
-                module.running_var.copy_(0.3 + torch.rand(n, generator=generator))
-                module.weight.copy_(0.5 + torch.rand(n, generator=generator))
-                module.bias.copy_(0.1 * torch.randn(n, generator=generator))
-    return fold_batch_norm(model.eval()).to(memory_format=torch.channels_last)
+    model = with_trained_batch_norms(build_model(arch=arch), seed=11)
+    return fold_batch_norm(model).to(memory_format=torch.channels_last)
 
 
 def _images(n: int, rows: int, columns: int) -> torch.Tensor:
@@ -53,16 +44,7 @@ def test_fused_trunk_gives_the_folded_models_maps_prediction_and_heat_map(arch: 
     assert not any(isinstance(m, torch.nn.Conv2d) for m in fused.modules())
     convolutions = sum(isinstance(m, torch.nn.Conv2d) for m in folded.modules())
     assert sum(isinstance(m, FusedConv) for m in fused.modules()) == convolutions
-    x, male = _images(2, 96, 96), torch.tensor([1.0, 0.0])
-    with torch.inference_mode():
-        a, a_fused = folded.features(x), fused.features(x)
-    assert a_fused.shape == a.shape
-    scale = float(a.abs().max())
-    torch.testing.assert_close(a_fused, a, rtol=0, atol=1e-5 * scale)
-    z, cam = predict_with_cam(folded, x, male)
-    z_fused, cam_fused = predict_with_cam(fused, x, male)
-    torch.testing.assert_close(z_fused, z, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(cam_fused, cam, rtol=0, atol=1e-4)
+    assert_same_results(folded, fused, _images(2, 96, 96))
 
 
 @pytest.mark.parametrize(("n", "rows", "columns"), [(3, 96, 96), (1, 64, 80), (2, 130, 97)])

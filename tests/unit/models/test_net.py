@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from models.net import BoneAgeNet, build_model, fold_batch_norm
+from tests.unit.models.helpers import assert_same_results, with_trained_batch_norms
 
 
 @pytest.mark.parametrize(("height", "width"), [(64, 64), (96, 128), (77, 50)])
@@ -91,40 +92,16 @@ def test_imagenet_weights_are_summed_over_rgb(monkeypatch: pytest.MonkeyPatch) -
         assert torch.allclose(model.features(grey), expected, atol=1e-5)
 
 
-def _with_trained_batch_norms(model: BoneAgeNet) -> BoneAgeNet:
-    """Give every batch norm statistics and an affine map far from the identity."""
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                n = module.num_features
-                module.running_mean.copy_(0.2 * torch.randn(n, generator=generator))
-                module.running_var.copy_(0.3 + torch.rand(n, generator=generator))
-                module.weight.copy_(0.5 + torch.rand(n, generator=generator))
-                module.bias.copy_(0.1 * torch.randn(n, generator=generator))
-    return model.eval()
-
-
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_folded_model_gives_the_same_maps_and_prediction(arch: str) -> None:
-    from models.gradcam import predict_with_cam
-
-    model = _with_trained_batch_norms(build_model(arch=arch))
+    model = with_trained_batch_norms(build_model(arch=arch))
     folded = fold_batch_norm(model)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
-    x, male = torch.randn(2, 1, 96, 96), torch.tensor([1.0, 0.0])
-    with torch.inference_mode():
-        a, a_folded = model.features(x), folded.features(x)
-    scale = float(a.abs().max())
-    torch.testing.assert_close(a_folded, a, rtol=0, atol=1e-5 * scale)
-    z, cam = predict_with_cam(model, x, male)
-    z_folded, cam_folded = predict_with_cam(folded, x, male)
-    torch.testing.assert_close(z_folded, z, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(cam_folded, cam, rtol=0, atol=1e-4)
+    assert_same_results(model, folded, torch.randn(2, 1, 96, 96))
 
 
 def test_fold_leaves_the_model_as_it_was() -> None:
-    model = _with_trained_batch_norms(build_model(arch="resnet18"))
+    model = with_trained_batch_norms(build_model(arch="resnet18"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fold_batch_norm(model)
     after = model.state_dict()

@@ -6,16 +6,17 @@ ReLU after it, and in a residual block the addition of the shortcut, are then se
 passes over the activation. oneDNN can do all of it in one primitive (post-ops), with the
 weight reordered once ahead of time. That is what ``torch.compile``'s freezing pass emits
 for a ResNet on a CPU (``torch.ops.mkldnn._convolution_pointwise``); this module builds
-the same thing directly from a batch-norm-folded :class:`~models.net.BoneAgeNet`, with no
+the same thing directly from a :class:`~models.net.BoneAgeNet` (each batch norm folded
+into its convolution on the way, as :func:`~models.net.fold_batch_norm` does), with no
 compiler and no compile time at start.
 
 :func:`cpu_inference_copy` is the entry point: it builds the fused copy, runs it against
-the folded module on one input and returns it only when the two agree to float rounding,
-so a PyTorch or CPU whose oneDNN kernels are missing or behave differently falls back to
-the eager module (logged) instead of reporting different numbers.
+the model it was built from on one input and returns it only when the two agree to float
+rounding, so a PyTorch or CPU whose oneDNN kernels are missing or behave differently
+falls back to the eager module (logged) instead of reporting different numbers.
 
 The fused copy is for inference only (no autograd through the trunk, weights not
-trainable) and for the CPU only; its head is a copy of the folded model's.
+trainable) and for the CPU only; its head is a copy of the model's.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from models.net import BoneAgeNet
@@ -46,8 +48,8 @@ __all__ = [
 ]
 
 FUSED_TOLERANCE = 1e-4
-"""Largest accepted difference between the fused and the folded trunk's ``layer4`` maps,
-as a share of the largest map value (float rounding gives about 3e-6)."""
+"""Largest accepted difference between the fused trunk's ``layer4`` maps and the model's,
+as a share of the largest map value (float rounding gives a few 1e-6)."""
 
 _POINTWISE_OPS = (
     "_convolution_pointwise",
@@ -73,6 +75,17 @@ def fusion_available() -> str | None:
     return None
 
 
+def _folded(conv: nn.Module, bn: nn.Module) -> nn.Conv2d:
+    """``conv`` with ``bn`` folded into it (a new module), or ``conv`` if ``bn`` already was."""
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"expected an nn.Conv2d, got {type(conv).__name__}")
+    if isinstance(bn, nn.Identity):
+        return conv
+    if isinstance(bn, nn.BatchNorm2d):
+        return fuse_conv_bn_eval(conv, bn)
+    raise TypeError(f"expected a BatchNorm2d (or its folded Identity), got {type(bn).__name__}")
+
+
 def _conv_output_shape(conv: nn.Conv2d, shape: torch.Size) -> torch.Size:
     """Shape of ``conv``'s output for an input of ``shape`` (worked out, not computed)."""
     x = torch.empty(shape, device="meta")
@@ -86,7 +99,7 @@ class FusedConv(nn.Module):
     Parameters
     ----------
     conv : torch.nn.Conv2d
-        The convolution (batch norm already folded into it, so it has a bias).
+        The convolution, any batch norm after it already folded in.
     input_shape : torch.Size
         ``(N, C, H, W)`` it will mostly see: the weight is reordered for it once. Other
         shapes still work (oneDNN reorders as needed) at some cost.
@@ -132,7 +145,7 @@ class FusedConv(nn.Module):
 
 
 class FusedResidual(nn.Module):
-    """A folded torchvision ``BasicBlock`` or ``Bottleneck`` as fused convolutions.
+    """A torchvision ``BasicBlock`` or ``Bottleneck`` as fused convolutions.
 
     Every convolution but the last runs with its ReLU; the last adds the shortcut and
     applies the block's ReLU in the same primitive, writing into the shortcut's memory
@@ -142,31 +155,28 @@ class FusedResidual(nn.Module):
     Parameters
     ----------
     block : BasicBlock or Bottleneck
-        The block, batch norms folded (``nn.Identity`` in their place).
+        The block, in eval mode; its batch norms are folded into the convolutions here
+        (or already were: ``nn.Identity`` in their place). It is not changed.
     input_shape : torch.Size
         Shape of the block's input, for the weight layouts.
     """
 
     def __init__(self, block: BasicBlock | Bottleneck, input_shape: torch.Size) -> None:
         super().__init__()
-        names = ("conv1", "conv2", "conv3") if isinstance(block, Bottleneck) else ("conv1", "conv2")
-        for i in range(1, len(names) + 1):
-            if not isinstance(getattr(block, f"bn{i}"), nn.Identity):
-                raise TypeError("FusedResidual needs a block whose batch norms are folded")
+        count = 3 if isinstance(block, Bottleneck) else 2
         convs: list[FusedConv] = []
         shape = input_shape
-        for position, name in enumerate(names):
-            last = position == len(names) - 1
-            conv = FusedConv(getattr(block, name), shape, relu=not last)
-            convs.append(conv)
-            shape = conv.output_shape
+        for i in range(1, count + 1):
+            conv = _folded(getattr(block, f"conv{i}"), getattr(block, f"bn{i}"))
+            convs.append(FusedConv(conv, shape, relu=i < count))
+            shape = convs[-1].output_shape
         self.convs = nn.ModuleList(convs)
         self.downsample: FusedConv | None = None
         if block.downsample is not None:
             parts = list(block.downsample)
-            if len(parts) != 2 or not isinstance(parts[1], nn.Identity):
-                raise TypeError("FusedResidual needs a downsample of a folded conv + batch norm")
-            self.downsample = FusedConv(parts[0], input_shape, relu=False)
+            if len(parts) != 2:
+                raise TypeError("FusedResidual needs a downsample of a conv and a batch norm")
+            self.downsample = FusedConv(_folded(*parts), input_shape, relu=False)
         self.output_shape = shape
 
     def forward(self, x: Tensor) -> Tensor:
@@ -180,19 +190,20 @@ class FusedResidual(nn.Module):
 
 
 class FusedBoneAgeNet(BoneAgeNet):
-    """A folded :class:`~models.net.BoneAgeNet` whose trunk runs as fused convolutions.
+    """A :class:`~models.net.BoneAgeNet` whose trunk runs as fused convolutions.
 
     The trunk's weights are laid out once for one image at ``input_size``; a batch runs
     image by image (on a CPU a batch is no faster per image, and a weight laid out for
     another batch size is reordered on every call, 1.4x slower with two threads), so an
-    image's result is the same alone and in any batch. The head is a copy of the folded
-    model's. For inference on a CPU in float32 only.
+    image's result is the same alone and in any batch. The head is a copy of the model's.
+    For inference on a CPU in float32 only.
 
     Parameters
     ----------
-    folded : BoneAgeNet
-        Output of :func:`~models.net.fold_batch_norm`, on the CPU, float32, eval mode.
-        It is not changed.
+    model : BoneAgeNet
+        The model as loaded, or :func:`~models.net.fold_batch_norm`'s copy of it; on the
+        CPU, float32, eval mode. Its batch norms are folded into the laid-out weights
+        (the folded copy is never built whole). It is not changed.
     input_size : int
         Side of the square network input.
 
@@ -201,40 +212,38 @@ class FusedBoneAgeNet(BoneAgeNet):
     RuntimeError
         When this PyTorch cannot run fused convolutions (:func:`fusion_available`).
     TypeError
-        When ``folded`` is not a folded float32 CPU ResNet of torchvision's blocks.
+        When ``model`` is not a float32 CPU ResNet of torchvision's blocks.
     ValueError
-        When ``folded`` is in training mode.
+        When ``model`` is in training mode.
     """
 
-    def __init__(self, folded: BoneAgeNet, *, input_size: int) -> None:
+    def __init__(self, model: BoneAgeNet, *, input_size: int) -> None:
         reason = fusion_available()
         if reason is not None:
             raise RuntimeError(reason)
-        if folded.training:
+        if model.training:
             raise ValueError("a fused trunk needs a model in eval mode")
-        if not isinstance(folded.bn1, nn.Identity):
-            raise TypeError("a fused trunk needs a model whose batch norms are folded")
-        weight = folded.conv1.weight
+        weight = model.conv1.weight
         if weight.device.type != "cpu" or weight.dtype != torch.float32:
             raise TypeError("a fused trunk is built from a float32 CPU model")
         nn.Module.__init__(self)  # not BoneAgeNet's: it would build a trunk to throw away
-        self.arch = folded.arch
-        self.num_features = folded.num_features
+        self.arch = model.arch
+        self.num_features = model.num_features
         self.input_size = int(input_size)
-        shape = torch.Size((1, int(folded.conv1.in_channels), self.input_size, self.input_size))
-        self.stem = FusedConv(folded.conv1, shape, relu=True)
-        self.maxpool = copy.deepcopy(folded.maxpool)
+        shape = torch.Size((1, int(model.conv1.in_channels), self.input_size, self.input_size))
+        self.stem = FusedConv(_folded(model.conv1, model.bn1), shape, relu=True)
+        self.maxpool = copy.deepcopy(model.maxpool)
         shape = self.maxpool(torch.empty(self.stem.output_shape, device="meta")).shape
         blocks: list[FusedResidual] = []
         for layer_name in ("layer1", "layer2", "layer3", "layer4"):
-            for block in getattr(folded, layer_name):
+            for block in getattr(model, layer_name):
                 if not isinstance(block, BasicBlock | Bottleneck):
                     raise TypeError(f"{layer_name} holds a {type(block).__name__}, not a block")
                 blocks.append(FusedResidual(block, shape))
                 shape = blocks[-1].output_shape
         self.blocks = nn.Sequential(*blocks)
-        self.sex_embed = copy.deepcopy(folded.sex_embed)
-        self.regressor = copy.deepcopy(folded.regressor)
+        self.sex_embed = copy.deepcopy(model.sex_embed)
+        self.regressor = copy.deepcopy(model.regressor)
         self.eval()
 
     def features(self, x: Tensor) -> Tensor:
@@ -251,13 +260,13 @@ class FusedBoneAgeNet(BoneAgeNet):
         return self.blocks(self.maxpool(self.stem(image)))
 
 
-def fuse_trunk(folded: BoneAgeNet, *, input_size: int) -> FusedBoneAgeNet:
-    """A copy of a folded model whose trunk runs as oneDNN fused convolutions.
+def fuse_trunk(model: BoneAgeNet, *, input_size: int) -> FusedBoneAgeNet:
+    """A copy of ``model`` whose trunk runs as oneDNN fused convolutions.
 
     See :class:`FusedBoneAgeNet`, which this builds; :func:`cpu_inference_copy` also
-    checks the copy against ``folded`` before it is used.
+    checks the copy against ``model`` before it is used.
     """
-    return FusedBoneAgeNet(folded, input_size=input_size)
+    return FusedBoneAgeNet(model, input_size=input_size)
 
 
 def is_fused(model: nn.Module) -> bool:
@@ -265,19 +274,19 @@ def is_fused(model: nn.Module) -> bool:
     return isinstance(model, FusedBoneAgeNet)
 
 
-def fused_discrepancy(fused: BoneAgeNet, folded: BoneAgeNet, *, input_size: int) -> float:
+def fused_discrepancy(fused: BoneAgeNet, model: BoneAgeNet, *, input_size: int) -> float:
     """Largest difference of the two trunks' ``layer4`` maps on one fixed random image.
 
     Returns
     -------
     float
-        ``max |fused - folded| / max |folded|`` (0 when they agree exactly).
+        ``max |fused - model| / max |model|`` (0 when they agree exactly).
     """
     generator = torch.Generator().manual_seed(20261203)
-    x = torch.rand((1, int(folded.conv1.in_channels), input_size, input_size), generator=generator)
+    x = torch.rand((1, int(model.conv1.in_channels), input_size, input_size), generator=generator)
     x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        expected = folded.features(x)
+        expected = model.features(x)
         got = fused.features(x)
     scale = float(expected.abs().max())
     difference = float((got - expected).abs().max())
@@ -285,44 +294,43 @@ def fused_discrepancy(fused: BoneAgeNet, folded: BoneAgeNet, *, input_size: int)
 
 
 def cpu_inference_copy(
-    folded: BoneAgeNet,
+    model: BoneAgeNet,
     *,
     input_size: int,
     check: Callable[[BoneAgeNet, BoneAgeNet], float] | None = None,
 ) -> BoneAgeNet | None:
-    """The fused copy of ``folded`` when it can run here and gives its results, else None.
+    """The fused copy of ``model`` when it can run here and gives its results, else None.
 
     Parameters
     ----------
-    folded : BoneAgeNet
-        The batch-norm-folded model, CPU, float32.
+    model : BoneAgeNet
+        The model as loaded (or folded), CPU, float32, eval mode. It is not changed.
     input_size : int
         Side of the square network input.
     check : callable, optional
-        ``(fused, folded) -> discrepancy``; :func:`fused_discrepancy` at ``input_size``
+        ``(fused, model) -> discrepancy``; :func:`fused_discrepancy` at ``input_size``
         unless given.
 
     Returns
     -------
     BoneAgeNet or None
         The fused copy, or None (the reason logged) when this PyTorch cannot build it or
-        its ``layer4`` maps differ from the folded model's by more than
-        :data:`FUSED_TOLERANCE`.
+        its ``layer4`` maps differ from ``model``'s by more than :data:`FUSED_TOLERANCE`.
     """
     try:
-        fused = fuse_trunk(folded, input_size=input_size)
+        fused = fuse_trunk(model, input_size=input_size)
         measure = check or (lambda a, b: fused_discrepancy(a, b, input_size=input_size))
-        discrepancy = measure(fused, folded)
+        discrepancy = measure(fused, model)
     except (RuntimeError, TypeError, ValueError) as exc:
-        logger.warning("fused CPU convolutions unavailable (%s); running the folded model", exc)
+        logger.warning("fused CPU convolutions unavailable (%s); running the eager model", exc)
         return None
     if not discrepancy <= FUSED_TOLERANCE:  # also catches NaN
         logger.warning(
-            "fused CPU convolutions differ from the folded model by %.2e of the map range "
-            "(accepted: %.0e); running the folded model",
+            "fused CPU convolutions differ from the model by %.2e of the map range "
+            "(accepted: %.0e); running the eager model",
             discrepancy,
             FUSED_TOLERANCE,
         )
         return None
-    logger.debug("fused CPU convolutions agree with the folded model to %.1e", discrepancy)
+    logger.debug("fused CPU convolutions agree with the model to %.1e", discrepancy)
     return fused

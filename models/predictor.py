@@ -219,8 +219,8 @@ def inference_copy(
     Batch norms folded into the convolutions (:func:`~models.net.fold_batch_norm`) and
     channels-last memory on every device; on a CPU in float32, the trunk also runs as
     oneDNN fused convolutions with weights laid out ahead of time
-    (:func:`~models.fused.cpu_inference_copy`), when they agree with the folded model on
-    a test image. Results equal ``model``'s up to float rounding; ``model`` is not changed.
+    (:func:`~models.fused.cpu_inference_copy`), when they agree with ``model`` on a test
+    image. Results equal ``model``'s up to float rounding; ``model`` is not changed.
 
     Parameters
     ----------
@@ -238,12 +238,13 @@ def inference_copy(
     BoneAgeNet
         The inference copy, in eval mode, on ``device``.
     """
-    folded = fold_batch_norm(model).to(device).to(memory_format=torch.channels_last)
     if device.type == "cpu" and dtype == torch.float32:
-        fused = cpu_inference_copy(folded, input_size=input_size)
+        # built from the model itself, each batch norm folded on the way, and checked
+        # against it: the folded copy is only built where the fused one is not used
+        fused = cpu_inference_copy(model, input_size=input_size)
         if fused is not None:
             return fused
-    return folded
+    return fold_batch_norm(model).to(device).to(memory_format=torch.channels_last)
 
 
 def intervals_for(bone_age_months: float, meta: CheckpointMeta) -> dict[float, tuple[float, float]]:

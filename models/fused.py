@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -297,7 +296,6 @@ def cpu_inference_copy(
     model: BoneAgeNet,
     *,
     input_size: int,
-    check: Callable[[BoneAgeNet, BoneAgeNet], float] | None = None,
 ) -> BoneAgeNet | None:
     """The fused copy of ``model`` when it can run here and gives its results, else None.
 
@@ -307,9 +305,6 @@ def cpu_inference_copy(
         The model as loaded (or folded), CPU, float32, eval mode. It is not changed.
     input_size : int
         Side of the square network input.
-    check : callable, optional
-        ``(fused, model) -> discrepancy``; :func:`fused_discrepancy` at ``input_size``
-        unless given.
 
     Returns
     -------
@@ -319,8 +314,7 @@ def cpu_inference_copy(
     """
     try:
         fused = fuse_trunk(model, input_size=input_size)
-        measure = check or (lambda a, b: fused_discrepancy(a, b, input_size=input_size))
-        discrepancy = measure(fused, model)
+        discrepancy = fused_discrepancy(fused, model, input_size=input_size)
     except (RuntimeError, TypeError, ValueError) as exc:
         logger.warning("fused CPU convolutions unavailable (%s); running the eager model", exc)
         return None

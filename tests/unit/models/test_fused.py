@@ -7,8 +7,10 @@ import logging
 import pytest
 import torch
 
+import models.fused
 from models.fused import (
     FUSED_TOLERANCE,
+    FusedBoneAgeNet,
     FusedConv,
     cpu_inference_copy,
     fuse_trunk,
@@ -118,13 +120,24 @@ def test_inference_copy_is_the_fused_trunk_when_it_agrees() -> None:
     assert copy is not None and is_fused(copy)
 
 
-@pytest.mark.parametrize("discrepancy", [1e-3, float("nan")])
+@pytest.mark.parametrize("factor", [1.01, float("nan")])
 def test_inference_copy_falls_back_when_the_trunks_disagree(
-    discrepancy: float, caplog: pytest.LogCaptureFixture
+    factor: float, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # A fused copy that computes wrong, as a faulty oneDNN kernel would: one weight off by
+    # 1 %, or NaN. The check at start, run for real, must refuse it.
+    build = fuse_trunk
+
+    def miscomputing(model: BoneAgeNet, *, input_size: int) -> FusedBoneAgeNet:
+        fused = build(model, input_size=input_size)
+        with torch.no_grad():
+            fused.blocks[5].convs[0].weight.mul_(factor)
+        return fused
+
+    monkeypatch.setattr(models.fused, "fuse_trunk", miscomputing)
     model = _trained("resnet18")
     with caplog.at_level(logging.WARNING, logger="models.fused"):
-        copy = cpu_inference_copy(model, input_size=64, check=lambda _a, _b: discrepancy)
+        copy = cpu_inference_copy(model, input_size=64)
     assert copy is None
     assert "running the eager model" in caplog.text
 

@@ -28,6 +28,8 @@ from queue import Empty
 from typing import Any
 
 from kombu.transport import sqlalchemy as sqla_transport
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +47,14 @@ FULL_POLL_SECONDS = 2.0
 
 
 def sqlite_path(url: str) -> str | None:
-    """The file a SQLAlchemy SQLite URL names, or ``None`` (another database, memory)."""
-    for prefix in ("sqla+sqlite:///", "sqlite:///"):
-        if url.startswith(prefix):
-            path = url.removeprefix(prefix).split("?", 1)[0]
-            return None if path in ("", ":memory:") else path
-    return None
+    """The file a (kombu ``sqla+``) SQLAlchemy SQLite URL names, or ``None`` otherwise."""
+    try:
+        parsed = make_url(url.removeprefix("sqla+"))
+    except ArgumentError:
+        return None  # not a SQLAlchemy URL (redis://, amqp:// parse; nonsense does not)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return parsed.database
 
 
 class Channel(sqla_transport.Channel):

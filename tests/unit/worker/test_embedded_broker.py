@@ -201,3 +201,5 @@ def test_only_sqlite_files_are_watched() -> None:
     assert sqlite_path("sqla+sqlite:///:memory:") is None
     assert sqlite_path("sqla+postgresql://boneage@db/broker") is None  # polled as kombu does
     assert sqlite_path("redis://127.0.0.1:6379/0") is None
+    # the file SQLAlchemy (hence kombu) opens: escapes decoded, query left out
+    assert sqlite_path("sqla+sqlite:////tmp/a%20b/broker.db?timeout=5") == "/tmp/a b/broker.db"

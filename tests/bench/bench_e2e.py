@@ -36,8 +36,9 @@ stopped, while nothing else runs, with the heap setting inference workers use: t
 median of both, so that the VM's drift during the burst weighs on the reference too.
 With BONEAGE_PRECISION=bfloat16 passed through, the bare model is timed in float32 and
 under bfloat16 autocast, and the faster of the two is the reference ("fwd in").
-Also printed: the CPU seconds per study of each process tree and the machine's busy
-share over the burst, which show whether the run was CPU-bound and where the time went.
+Also printed: the CPU seconds per study of each process tree (``serve``'s listener,
+inference and delivery workers each apart) and the machine's busy share over the burst,
+which show whether the run was CPU-bound and where the time went.
 BONEAGE_INFERENCE_PROCESSES, BONEAGE_TORCH_THREADS and the other settings in
 ``PASSED_THROUGH`` pass through to the stacks, to compare layouts. ``--rounds N`` runs
 the stacks N times in turn (each round with its own reference) and judges each stack by
@@ -65,7 +66,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,8 +253,12 @@ def proc_stat(pid: int) -> tuple[int, float] | None:
     return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICKS
 
 
-def tree_cpu_by_process(root: int) -> dict[int, tuple[int, float]]:
-    """``pid -> (parent pid, CPU seconds)`` of ``root`` and its live descendants."""
+def tree_cpu_by_process(root: int, stop_at: Collection[int] = ()) -> dict[int, tuple[int, float]]:
+    """``pid -> (parent pid, CPU seconds)`` of ``root`` and its live descendants.
+
+    The subtrees of the processes in ``stop_at`` are left out (counted in a role of
+    their own).
+    """
     stats = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and (stat := proc_stat(int(entry.name))) is not None:
@@ -261,15 +266,30 @@ def tree_cpu_by_process(root: int) -> dict[int, tuple[int, float]]:
     tree, frontier = {}, [root]
     while frontier:
         pid = frontier.pop()
-        if pid in stats:
+        if pid in stats and (pid == root or pid not in stop_at):
             tree[pid] = stats[pid]
             frontier.extend(child for child, (parent, _) in stats.items() if parent == pid)
     return tree
 
 
-def tree_cpu_seconds(root: int) -> float:
+def tree_cpu_seconds(root: int, stop_at: Collection[int] = ()) -> float:
     """CPU seconds of ``root`` and its live descendants (prefork children, serve's)."""
-    return sum(cpu for _, cpu in tree_cpu_by_process(root).values())
+    return sum(cpu for _, cpu in tree_cpu_by_process(root, stop_at).values())
+
+
+def serve_children(serve: int) -> dict[str, int]:
+    """Role -> pid of the processes ``serve`` supervises, named by their command."""
+    children = {}
+    for pid, (parent, _) in tree_cpu_by_process(serve).items():
+        if parent != serve:
+            continue
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue
+        role = " ".join(argv[argv.index("worker") + 1 :]).strip() if "worker" in argv else ""
+        children[f"serve: {role or pid}"] = pid
+    return children
 
 
 def machine_busy_seconds() -> float:
@@ -288,7 +308,8 @@ class CpuMeter:
     spent: dict[str, float] | None = None
 
     def _read(self) -> dict[str, float]:
-        readings = {role: tree_cpu_seconds(pid) for role, pid in self.roles.items()}
+        roots = set(self.roles.values())
+        readings = {role: tree_cpu_seconds(pid, roots) for role, pid in self.roles.items()}
         readings["senders (storescu)"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime
         readings["senders (storescu)"] += resource.getrusage(resource.RUSAGE_CHILDREN).ru_stime
         readings["machine"] = machine_busy_seconds()
@@ -490,7 +511,13 @@ class Stack:
 
     def roles(self) -> dict[str, int]:
         """Role -> root pid of each process tree whose CPU is counted."""
-        roles = {name: proc.pid for name, proc, _ in self.processes.started}
+        roles = {}
+        for name, proc, _ in self.processes.started:
+            if name == "serve":  # its listener, inference and delivery workers apart
+                roles["serve (supervisor)"] = proc.pid
+                roles |= serve_children(proc.pid)
+            else:
+                roles[name] = proc.pid
         if self.pacs.process is not None:
             roles["destination (storescp)"] = self.pacs.process.pid
         return roles

@@ -86,6 +86,11 @@ def use_write_ahead_log(broker_url: str) -> None:
         logger.warning("embedded broker could not switch to WAL (mode %s)", mode)
 
 
+#: How often, and after which pauses, a publish (or the enqueuer's connection) is tried
+#: before it fails: a broker outage must not stall the listener's enqueuer for minutes.
+PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5}
+
+
 def configure(settings: Settings) -> Celery:
     """Point the process-wide app at the configured broker (call once per process)."""
     if settings.embedded_broker:
@@ -114,8 +119,7 @@ def configure(settings: Settings) -> Celery:
         result_backend=None,
         task_serializer="json",
         accept_content=["json"],
-        # A broker outage must not stall the listener's enqueuer for minutes.
-        task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+        task_publish_retry_policy=PUBLISH_RETRY_POLICY,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         # Loading a ResNet-50 can exceed the 4 s default in a prefork child.

@@ -23,7 +23,14 @@ from sqlalchemy import create_engine, inspect, text, update
 from db.engine import session_scope
 from db.schema import Instance, InstanceState
 from db.schema import utcnow as now
-from worker.celery_app import ASSESS_TASK, DELIVER_TASK, DELIVERY_QUEUE, INFERENCE_QUEUE, app
+from worker.celery_app import (
+    ASSESS_TASK,
+    DELIVER_TASK,
+    DELIVERY_QUEUE,
+    INFERENCE_QUEUE,
+    PUBLISH_RETRY_POLICY,
+    app,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,14 +77,18 @@ RETRY_MAX_SECONDS = 30.0
 #: Most unpublished ids the enqueuer keeps to retry itself; beyond, a long outage's
 #: instances are left to the reconciler (their rows stay `received`).
 MAX_UNPUBLISHED = 10_000
+#: How long `Enqueuer.start` waits for the broker connection to be opened. Opening it
+#: (for the embedded broker: SQLAlchemy's engine and kombu's table classes) took
+#: 0.1–0.2 s of the CPU, which the first instances after a start used to share.
+CONNECT_WAIT_SECONDS = 5.0
 
 
 class Enqueuer:
     """A thread that publishes `assess` messages for ids handed to `submit`.
 
-    It publishes on a broker connection of its own: a connection that failed (a
-    broker restart, or the embedded broker's SQLite session left in an error) is
-    dropped and a new one made for the next try, while other threads' publishing
+    It publishes on a broker connection of its own, opened at start: a connection that
+    failed (a broker restart, or the embedded broker's SQLite session left in an error)
+    is dropped and a new one made for the next try, while other threads' publishing
     through the app's pool is not touched.
     """
 
@@ -85,6 +96,7 @@ class Enqueuer:
         self._database_url = database_url
         self._queue: queue.Queue[int | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="enqueuer", daemon=True)
+        self._started = threading.Event()  # the first connection was tried
         self._broker_ok = True
         self._connection: Any = None
         self._producer: Any = None
@@ -93,7 +105,9 @@ class Enqueuer:
         self._retry_at = 0.0
 
     def start(self) -> None:
+        """Start the thread; returns once it has tried to connect (or after a bound)."""
         self._thread.start()
+        self._started.wait(CONNECT_WAIT_SECONDS)
 
     def submit(self, instance_id: int) -> None:
         self._queue.put_nowait(instance_id)
@@ -109,6 +123,8 @@ class Enqueuer:
 
     def _run(self) -> None:
         try:
+            self._connect()  # a broker that is away is tried again with the first ids
+            self._started.set()
             while True:
                 batch = self._gather()
                 stop = None in batch
@@ -120,6 +136,7 @@ class Enqueuer:
                 if stop:
                     return
         finally:
+            self._started.set()
             self._drop_connection()
 
     def _gather(self) -> list[int | None]:
@@ -172,25 +189,43 @@ class Enqueuer:
         wait = min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2 ** (self._failed_rounds - 1))
         self._retry_at = time.monotonic() + wait
 
-    def _publish(self, instance_id: int) -> bool:
+    def _connect(self) -> bool:
+        """Open the connection and its channel, if not open yet; False if the broker is away."""
+        if self._producer is not None:
+            return True
         try:
-            if self._producer is None:
-                self._connection = app.connection_for_write()
-                self._producer = app.amqp.Producer(self._connection)
+            self._connection = app.connection_for_write()
+            self._connection.ensure_connection(**PUBLISH_RETRY_POLICY, timeout=CONNECT_WAIT_SECONDS)
+            self._producer = app.amqp.Producer(self._connection)
+            # Declared now rather than by the first publish (for the embedded broker this
+            # opens its file and looks the queue's row up); the connection remembers it.
+            self._producer.maybe_declare(app.amqp.queues[INFERENCE_QUEUE])
+        except Exception as exc:  # broker down: rows stay `received`
+            self._broker_away(exc)
+            return False
+        return True
+
+    def _publish(self, instance_id: int) -> bool:
+        if not self._connect():
+            return False
+        try:
             enqueue_assess(instance_id, producer=self._producer)
         except Exception as exc:  # broker down: the row stays `received`
-            self._drop_connection()
-            if self._broker_ok:
-                logger.error(
-                    "broker unavailable (%s): instances stay received and are tried again",
-                    type(exc).__name__,
-                )
-            self._broker_ok = False
+            self._broker_away(exc)
             return False
         if not self._broker_ok:
             logger.info("broker reachable again")
         self._broker_ok = True
         return True
+
+    def _broker_away(self, exc: Exception) -> None:
+        self._drop_connection()
+        if self._broker_ok:
+            logger.error(
+                "broker unavailable (%s): instances stay received and are tried again",
+                type(exc).__name__,
+            )
+        self._broker_ok = False
 
     def _drop_connection(self) -> None:
         connection, self._connection, self._producer = self._connection, None, None

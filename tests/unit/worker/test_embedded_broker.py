@@ -11,9 +11,12 @@ import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
+import pytest
 from sqlalchemy import event
+from sqlalchemy.exc import OperationalError
 
 from tests.support import wait_for
 from worker import embedded_broker
@@ -203,3 +206,55 @@ def test_only_sqlite_files_are_watched() -> None:
     assert sqlite_path("redis://127.0.0.1:6379/0") is None
     # the file SQLAlchemy (hence kombu) opens: escapes decoded, query left out
     assert sqlite_path("sqla+sqlite:////tmp/a%20b/broker.db?timeout=5") == "/tmp/a b/broker.db"
+
+
+# -- publishing: one INSERT, the row kombu's ORM writes ------------------------------------
+
+
+def _message_rows(data_dir: Path) -> list[tuple[Any, ...]]:
+    with closing(sqlite3.connect(data_dir / "broker.db")) as connection:
+        return connection.execute(
+            "SELECT id, queue_id, visible, timestamp, version, payload FROM kombu_message "
+            "ORDER BY id"
+        ).fetchall()
+
+
+def test_a_published_message_is_the_row_kombu_writes(tmp_path: Path) -> None:
+    with consumer_channel(tmp_path) as (channel, _):
+        payload = {"body": "e30=", "headers": {"task": ASSESS_TASK}, "properties": {}}
+        super(Channel, channel)._put(INFERENCE_QUEUE, payload)  # kombu's own, through the ORM
+        channel._put(INFERENCE_QUEUE, payload)  # ours (looks the queue up the first time)
+        statements: list[str] = []
+
+        def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            statements.append(statement)
+
+        engine = channel.session.get_bind()
+        event.listen(engine, "before_cursor_execute", record)
+        channel._put(INFERENCE_QUEUE, payload)
+        event.remove(engine, "before_cursor_execute", record)
+        assert [s.split()[0] for s in statements] == ["INSERT"]  # no lookup of the queue
+        kombus, *ours = _message_rows(tmp_path)
+        for row in ours:
+            assert row[1:] == kombus[1:]  # queue, visible, no timestamp, version 1, payload
+
+        # consumed in the order written, as kombu consumes its own
+        for position in range(3):
+            assert channel._get(INFERENCE_QUEUE) == payload
+            visible = [row[2] for row in _message_rows(tmp_path)]
+            assert visible == [0] * (position + 1) + [1] * (2 - position)
+        with pytest.raises(Empty):
+            channel._get(INFERENCE_QUEUE)
+
+
+def test_a_failed_publish_leaves_the_channel_usable(tmp_path: Path) -> None:
+    with consumer_channel(tmp_path) as (channel, _):
+        payload = {"body": "e30=", "headers": {}, "properties": {}}
+        channel._put(DELIVERY_QUEUE, payload)
+        with closing(sqlite3.connect(tmp_path / "broker.db")) as other:
+            other.execute("ALTER TABLE kombu_message RENAME TO kombu_message_away")
+            with pytest.raises(OperationalError):
+                channel._put(DELIVERY_QUEUE, payload)  # raises: the publish is tried again
+            other.execute("ALTER TABLE kombu_message_away RENAME TO kombu_message")
+        channel._put(DELIVERY_QUEUE, payload)
+        assert len(_message_rows(tmp_path)) == 2

@@ -1,0 +1,121 @@
+"""The listener's enqueuer: its broker connection is opened at start, not by the first image."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import event, select
+from sqlalchemy.engine import Engine
+
+from db.engine import session_scope, upgrade
+from db.schema import Instance, InstanceState
+from dicom_io.scp import ReceivedInstance
+from tests.support import free_port, wait_for
+from worker.celery_app import INFERENCE_QUEUE, configure, prepare_embedded_broker
+from worker.listener import record_instance
+from worker.messaging import CONNECT_WAIT_SECONDS, Enqueuer
+from worker.settings import Settings, load_settings
+
+
+def _node(data_dir: Path, **overrides: Any) -> Settings:
+    settings = load_settings(data_dir=data_dir, **overrides)
+    upgrade(settings.effective_database_url)
+    prepare_embedded_broker(configure(settings))
+    return settings
+
+
+def _received(database_url: str, number: int) -> int:
+    uid = f"1.2.826.0.1.3680043.10.999.{number}"
+    return record_instance(
+        database_url,
+        ReceivedInstance(
+            sop_instance_uid=uid,
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+            study_instance_uid=f"{uid}.1",
+            series_instance_uid=f"{uid}.2",
+            modality="DX",
+            transfer_syntax_uid="1.2.840.10008.1.2.1",
+            calling_ae_title="PACS",
+            path=Path("/nonexistent.dcm"),
+            size_bytes=1,
+        ),
+    )
+
+
+def _state(database_url: str, instance_id: int) -> InstanceState:
+    with session_scope(database_url) as session:
+        state = session.scalar(select(Instance.state).where(Instance.id == instance_id))
+    assert state is not None
+    return state
+
+
+@contextmanager
+def broker_statements(broker_file: Path) -> Iterator[list[str]]:
+    """The SQL every engine of this process runs on ``broker_file``, from now on."""
+    statements: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if str(conn.engine.url.database) == str(broker_file):
+            statements.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", record)
+    try:
+        yield statements
+    finally:
+        event.remove(Engine, "before_cursor_execute", record)
+
+
+def test_the_first_instance_finds_the_broker_open(tmp_path: Path) -> None:
+    settings = _node(tmp_path)
+    url = settings.effective_database_url
+    enqueuer = Enqueuer(url)
+    with broker_statements(tmp_path / "broker.db") as statements:
+        enqueuer.start()
+        try:
+            opened = list(statements)
+            assert any("kombu_queue" in s for s in opened)  # opened, its queue looked up
+            first = _received(url, 1)
+            enqueuer.submit(first)
+            wait_for(
+                lambda: _state(url, first) == InstanceState.QUEUED,
+                timeout=30,
+                what="the instance queued",
+            )
+        finally:
+            enqueuer.stop()
+        published = statements[len(opened) :]
+    # The first image's message cost one INSERT and nothing more: no engine, no tables,
+    # no queue lookup left for it to pay.
+    assert [s.split()[0] for s in published] == ["INSERT"]
+
+    app = configure(settings)
+    with app.connection_for_write() as connection:
+        message = connection.default_channel.basic_get(INFERENCE_QUEUE)
+    assert message is not None and json.loads(message.body)[0] == [first]
+
+
+def test_a_broker_away_at_start_holds_up_neither_start_nor_the_rows(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = _node(tmp_path, broker_url=f"redis://127.0.0.1:{free_port()}/0")
+    url = settings.effective_database_url
+    enqueuer = Enqueuer(url)
+    began = time.monotonic()
+    with caplog.at_level(logging.ERROR, logger="worker.messaging"):
+        enqueuer.start()
+        assert time.monotonic() - began < CONNECT_WAIT_SECONDS + 1
+        try:
+            assert "broker unavailable" in caplog.text
+            first = _received(url, 1)
+            enqueuer.submit(first)
+            wait_for(lambda: enqueuer.backlog == 1, timeout=30, what="the id kept to retry")
+            assert _state(url, first) == InstanceState.RECEIVED  # the reconciler's, or a retry's
+        finally:
+            enqueuer.stop()

@@ -4,7 +4,8 @@ All three receive the same N hand-radiograph-sized instances (about 9 MB each,
 2 300 × 2 000 16-bit DX) from dcmtk's storescu over loopback, one association each,
 in one run. Ours does the full job: stream to the spool, fsync, rename, commit the
 row (SQLite, the embedded default), hand to the enqueuer (embedded broker); no
-worker runs, so the figure is ingest alone. Also reports the listener's peak RSS.
+worker runs, so the figure is ingest alone. Also reports each receiver's CPU per
+instance and peak RSS.
 Between receivers, their files are removed and the page cache is written back
 (``os.sync``), so no receiver pays for its predecessor's unwritten data.
 
@@ -72,7 +73,13 @@ def send(port: int, ae: str, files: list[Path]) -> float:
     return time.perf_counter() - start
 
 
-def run_peer(name: str, work: Path, files: list[Path]) -> tuple[float, float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process, all its threads (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_peer(name: str, work: Path, files: list[Path]) -> tuple[float, float, float]:
     port = free_port()
     out = work / name
     shutil.rmtree(out, ignore_errors=True)
@@ -98,7 +105,9 @@ def run_peer(name: str, work: Path, files: list[Path]) -> tuple[float, float]:
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: port_open(port), timeout=60, what=f"{name} listening")
+        cpu_before = cpu_seconds(proc.pid)
         seconds = send(port, ae, files)
+        cpu = cpu_seconds(proc.pid) - cpu_before
         rss = peak_rss_mb(proc.pid)
     finally:
         proc.terminate()
@@ -107,7 +116,7 @@ def run_peer(name: str, work: Path, files: list[Path]) -> tuple[float, float]:
         # ~1 GB it leaves dirty would otherwise be written back during the next run.
         shutil.rmtree(out, ignore_errors=True)
         os.sync()
-    return seconds, rss
+    return seconds, cpu, rss
 
 
 def main() -> None:
@@ -128,26 +137,31 @@ def main() -> None:
         size_mb = sum(f.stat().st_size for f in files) / 1e6
         peers = ["storescp", "bare pynetdicom", "boneage-worker listen"]
         times: dict[str, list[float]] = {p: [] for p in peers}
+        cpus: dict[str, list[float]] = {p: [] for p in peers}
         rss: dict[str, float] = {}
         for _ in range(args.rounds):  # interleaved, so drift hits all alike
             for peer in peers:
-                seconds, peak = run_peer(peer, work, files)
+                seconds, cpu, peak = run_peer(peer, work, files)
                 times[peer].append(seconds)
+                cpus[peer].append(cpu)
                 rss[peer] = max(rss.get(peer, 0.0), peak)
         print(
             f"{args.count} instances, {size_mb:.0f} MB, median of {args.rounds} rounds, "
             "one association each"
         )
         print(
-            f"{'receiver':<24}{'s':>8}{'MB/s':>9}{'inst/s':>9}{'× storescp':>12}{'peak RSS MB':>13}"
+            f"{'receiver':<24}{'s':>8}{'MB/s':>9}{'inst/s':>9}{'× storescp':>12}"
+            f"{'CPU ms/inst':>13}{'peak RSS MB':>13}"
         )
         base = statistics.median(times["storescp"])
         for peer in peers:
             t = statistics.median(times[peer])
+            cpu_ms = 1000 * statistics.median(cpus[peer]) / args.count
             print(
                 f"{peer:<24}{t:>8.2f}{size_mb / t:>9.0f}{args.count / t:>9.1f}"
-                f"{base / t:>12.2f}{rss[peer]:>13.0f}"
+                f"{base / t:>12.2f}{cpu_ms:>13.1f}{rss[peer]:>13.0f}"
             )
+        print("CPU ms/inst: the receiver's user + system CPU (all threads) while the files came")
         ours, bare = statistics.median(times[peers[2]]), statistics.median(times[peers[1]])
         rounds = " ".join(
             f"{b / o:.2f}" for b, o in zip(times[peers[1]], times[peers[2]], strict=True)

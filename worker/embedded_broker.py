@@ -19,7 +19,7 @@ as kombu does.
 
 Publishing to a SQLite file is one ``INSERT`` and a commit, without the ORM: kombu's own
 publish looks the queue's row up again each time and flushes the message through the
-ORM's unit of work, 1.1–1.7 ms of the listener's Python per instance against 0.3 ms
+ORM's unit of work, 1.1–1.7 ms of the listener's Python per instance against 0.3–0.5 ms
 (section "Ingest" of docs/performance.md). The row written is the one kombu writes.
 """
 
@@ -94,10 +94,15 @@ class Channel(sqla_transport.Channel):
             return
         # The row kombu's ORM writes: visible, no timestamp (it is set when consumed),
         # version 1 (the mapper's version counter starts there).
-        row = {"queue_id": self._queue_id(queue), "payload": dumps(message), "visible": True}
+        row = {
+            "queue_id": self._queue_id(queue),
+            "payload": dumps(message),
+            "visible": True,
+            "version": 1,
+        }
         session = self.session
         try:
-            session.execute(insert(self.message_cls.__table__), {**row, "version": 1})
+            session.execute(insert(self.message_cls.__table__), row)
             session.commit()
         except SQLAlchemyError:
             # As kombu does: the publish fails (and is tried again), the session is

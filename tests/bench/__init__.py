@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dicom_io.content import BoneAgeFinding
@@ -49,3 +51,20 @@ def decode_threads_as_in_workers(tasks_at_once: int = 1) -> str:
     threads = max(1, usable_cpus() // tasks_at_once)
     set_jpeg2000_threads(threads)
     return f"JPEG 2000 decoded on {threads} thread(s), as in inference workers"
+
+
+#: Clock ticks a second, the unit of /proc's CPU times.
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def proc_stat(pid: int) -> tuple[int, float] | None:
+    """``(parent pid, CPU seconds)`` of a live process, all its threads, from /proc/<pid>/stat.
+
+    ``None`` once the process is gone.
+    """
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # after the command: state ppid ... utime (14th field of the line) stime (15th)
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / TICKS

@@ -81,7 +81,7 @@ from db.schema import Delivery, DeliveryState, Instance, InstanceState, ObjectKi
 from dicom_io.synthetic import make_radiograph_dataset
 from models.checkpoint import untrained_model
 from models.phantoms import make_phantom
-from tests.bench import heap_as_in_workers
+from tests.bench import TICKS, heap_as_in_workers, proc_stat
 from tests.conftest import POSTGRES_ADMIN_URL, REDIS_URL, StoreSCP
 from tests.support import dcmtk_tool, free_port, wait_for, wait_for_port
 
@@ -240,18 +240,6 @@ class Processes:
 
 # -- where the CPU goes ------------------------------------------------------------------
 
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def proc_stat(pid: int) -> tuple[int, float] | None:
-    """``(parent pid, CPU seconds)`` of a live process, from /proc/<pid>/stat."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    # after the command: state ppid ... utime (14th field of the line) stime (15th)
-    return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICKS
-
 
 def tree_cpu_by_process(root: int, stop_at: Collection[int] = ()) -> dict[int, tuple[int, float]]:
     """``pid -> (parent pid, CPU seconds)`` of ``root`` and its live descendants.
@@ -296,7 +284,7 @@ def machine_busy_seconds() -> float:
     """CPU seconds all cores spent not idle since boot (/proc/stat)."""
     ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = ticks[3] + ticks[4]  # idle, iowait
-    return (sum(ticks[:8]) - idle) / _TICKS
+    return (sum(ticks[:8]) - idle) / TICKS
 
 
 @dataclass

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from dicom_io.synthetic import make_radiograph_dataset
+from tests.bench import proc_stat
 from tests.support import dcmtk_tool, free_port, port_open, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,9 +75,11 @@ def send(port: int, ae: str, files: list[Path]) -> float:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a live process, all its threads (/proc/<pid>/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds of a live process, all its threads."""
+    stat = proc_stat(pid)
+    if stat is None:
+        raise RuntimeError(f"process {pid} exited while receiving")
+    return stat[1]
 
 
 def run_peer(name: str, work: Path, files: list[Path]) -> tuple[float, float, float]:

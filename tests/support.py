@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from dicom_io.scp import ReceivedInstance
+
 T = TypeVar("T")
 
 _pause = threading.Event()
@@ -104,3 +106,18 @@ def wait_for_port(
     port: int, *, timeout: float, process: subprocess.Popen[bytes] | None = None
 ) -> None:
     wait_for(lambda: port_open(port), timeout=timeout, what=f"port {port}", process=process)
+
+
+def received(uid: str = "1.2.3.4", tmp_path: Path = Path("/nonexistent")) -> ReceivedInstance:
+    """What the listener learns of a stored DX instance, for recording a row directly."""
+    return ReceivedInstance(
+        sop_instance_uid=uid,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+        study_instance_uid="1.2.3",
+        series_instance_uid="1.2.3.1",
+        modality="DX",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        calling_ae_title="PACS",
+        path=tmp_path / "x.dcm",
+        size_bytes=10,
+    )

@@ -17,7 +17,7 @@ from db.engine import (
     upgrade,
 )
 from db.schema import Instance, InstanceState, Model, Result
-from dicom_io.scp import ReceivedInstance
+from tests.support import received
 from worker.listener import record_instance
 
 pytestmark = pytest.mark.integration
@@ -28,20 +28,6 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'boneage.db'}"
     return str(request.getfixturevalue("postgres_url"))
-
-
-def received(uid: str = "1.2.3.4", tmp_path: Path = Path("/nonexistent")) -> ReceivedInstance:
-    return ReceivedInstance(
-        sop_instance_uid=uid,
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
-        study_instance_uid="1.2.3",
-        series_instance_uid="1.2.3.1",
-        modality="DX",
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
-        calling_ae_title="PACS",
-        path=tmp_path / "x.dcm",
-        size_bytes=10,
-    )
 
 
 def test_upgrade_then_schema_check(database_url: str) -> None:

@@ -16,8 +16,7 @@ from sqlalchemy.engine import Engine
 
 from db.engine import session_scope, upgrade
 from db.schema import Instance, InstanceState
-from dicom_io.scp import ReceivedInstance
-from tests.support import free_port, wait_for
+from tests.support import free_port, received, wait_for
 from worker.celery_app import INFERENCE_QUEUE, configure, prepare_embedded_broker
 from worker.listener import record_instance
 from worker.messaging import CONNECT_WAIT_SECONDS, Enqueuer
@@ -29,24 +28,6 @@ def _node(data_dir: Path, **overrides: Any) -> Settings:
     upgrade(settings.effective_database_url)
     prepare_embedded_broker(configure(settings))
     return settings
-
-
-def _received(database_url: str, number: int) -> int:
-    uid = f"1.2.826.0.1.3680043.10.999.{number}"
-    return record_instance(
-        database_url,
-        ReceivedInstance(
-            sop_instance_uid=uid,
-            sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
-            study_instance_uid=f"{uid}.1",
-            series_instance_uid=f"{uid}.2",
-            modality="DX",
-            transfer_syntax_uid="1.2.840.10008.1.2.1",
-            calling_ae_title="PACS",
-            path=Path("/nonexistent.dcm"),
-            size_bytes=1,
-        ),
-    )
 
 
 def _state(database_url: str, instance_id: int) -> InstanceState:
@@ -77,11 +58,14 @@ def test_the_first_instance_finds_the_broker_open(tmp_path: Path) -> None:
     url = settings.effective_database_url
     enqueuer = Enqueuer(url)
     with broker_statements(tmp_path / "broker.db") as statements:
+        began = time.monotonic()
         enqueuer.start()
+        # once connected, not at the bound (a local SQLite file opens in a fraction of it)
+        assert time.monotonic() - began < CONNECT_WAIT_SECONDS
         try:
             opened = list(statements)
             assert any("kombu_queue" in s for s in opened)  # opened, its queue looked up
-            first = _received(url, 1)
+            first = record_instance(url, received())
             enqueuer.submit(first)
             wait_for(
                 lambda: _state(url, first) == InstanceState.QUEUED,
@@ -113,7 +97,7 @@ def test_a_broker_away_at_start_holds_up_neither_start_nor_the_rows(
         assert time.monotonic() - began < CONNECT_WAIT_SECONDS + 1
         try:
             assert "broker unavailable" in caplog.text
-            first = _received(url, 1)
+            first = record_instance(url, received())
             enqueuer.submit(first)
             wait_for(lambda: enqueuer.backlog == 1, timeout=30, what="the id kept to retry")
             assert _state(url, first) == InstanceState.RECEIVED  # the reconciler's, or a retry's

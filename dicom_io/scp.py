@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 import ssl
+import struct
 import tempfile
 import threading
 import time
@@ -34,6 +35,8 @@ from pydicom import dcmread
 from pydicom import uid as pyuid
 from pynetdicom import AE, _config, evt, sop_class
 from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from dicom_io.tcp import LOW_LATENCY_HANDLERS
@@ -136,41 +139,115 @@ def _fsync_file(path: Path) -> None:
 
 
 class _StreamingSocket(AssociationSocket):
-    """pynetdicom's association socket, reading a PDU with few large reads.
+    """pynetdicom's association socket, reading with few large ``recv_into`` calls.
 
     pynetdicom reads a PDU in 4 KiB ``recv`` calls, each a fresh ``bytes`` object
     appended to a growing buffer: some 2,500 calls and GIL hand-offs for a 10 MB
     radiograph, which the listener's other threads (enqueuer, heartbeat) then slow
-    further. Here the PDU is read straight into one buffer of its final size with
-    ``recv_into``, as much as the kernel holds per call. Same contract: ``nr_bytes``
-    bytes, or what arrived before the peer closed the connection.
+    further. Here the bytes go straight into the caller's buffer, as much as the
+    kernel holds per call.
     """
 
+    def read_into(self, view: memoryview) -> int:
+        """Fill `view`; return how many bytes came (fewer if the peer closed)."""
+        nr_read, nr_bytes = 0, len(view)
+        while nr_read < nr_bytes:
+            count = self.socket.recv_into(view[nr_read:], nr_bytes - nr_read)  # type: ignore[union-attr]
+            if not count:  # connection closed: the caller gets what came
+                break
+            nr_read += count
+        return nr_read
+
     def recv(self, nr_bytes: int) -> bytearray:
+        """pynetdicom's contract: `nr_bytes` bytes, or what came before the peer closed."""
         buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
-        nr_read = 0
-        try:
-            while nr_read < nr_bytes:
-                count = self.socket.recv_into(view[nr_read:], nr_bytes - nr_read)  # type: ignore[union-attr]
-                if not count:  # connection closed: hand back what came
-                    break
-                nr_read += count
-        finally:
-            view.release()
+        with memoryview(buffer) as view:
+            nr_read = self.read_into(view)
         if nr_read < nr_bytes:
             del buffer[nr_read:]
         return buffer
 
 
+#: PDU types of PS3.8 Table 9-1; anything else is an invalid PDU (event 19).
+_PDU_TYPES = range(0x01, 0x08)
+_P_DATA_TF = 0x04
+
+
+class _StreamingDUL(DULServiceProvider):
+    """pynetdicom's DUL provider, holding each received PDU once.
+
+    pynetdicom copies every P-DATA-TF PDU five times before its data reach the
+    file: appended to the PDU header's buffer, made ``bytes``, sliced past the
+    header, sliced per PDV item, sliced past the message control header. For a
+    10 MB radiograph that is 50 MB of copying, a fifth of the listener's CPU. Here
+    the PDU is read into one buffer of its final size and a P-DATA-TF is decoded
+    into views of it, so the dataset's fragments are written to the spool file
+    from the bytes the socket filled. Every other PDU is decoded by pynetdicom as
+    it comes. The events put on the state machine's queue are pynetdicom's
+    (PS3.8 9.2): 17 when the connection closes mid-PDU, 19 for an invalid PDU.
+    """
+
+    socket: _StreamingSocket
+
+    def _read_pdu_data(self) -> None:
+        header = bytearray(6)
+        try:
+            with memoryview(header) as view:
+                complete = self.socket.read_into(view) == 6
+        except (OSError, TimeoutError):
+            logger.warning("association connection failed while a PDU header was read")
+            self.event_queue.put("Evt17")
+            return
+        if not complete:  # the peer closed the connection
+            self.event_queue.put("Evt17")
+            return
+        pdu_type, _, pdu_length = struct.unpack(">BBL", header)
+        if pdu_type not in _PDU_TYPES:
+            logger.warning("unknown PDU type 0x%02X received", pdu_type)
+            self.event_queue.put("Evt19")
+            return
+        pdu_bytes = bytearray(6 + pdu_length)
+        pdu_bytes[:6] = header
+        try:
+            with memoryview(pdu_bytes) as view:
+                complete = self.socket.read_into(view[6:]) == pdu_length
+        except (OSError, TimeoutError):
+            complete = False
+        if not complete:
+            logger.warning("association connection closed before a whole PDU was received")
+            self.event_queue.put("Evt17")
+            return
+        try:
+            pdu, event = self._decode_pdu(pdu_bytes)
+        except Exception:  # a malformed PDU: pynetdicom's own decoders raise anything
+            logger.exception("a received PDU could not be decoded")
+            self.event_queue.put("Evt19")
+            return
+        self.event_queue.put(event)
+        self._recv_pdu.put(pdu)
+
+    def _decode_pdu(self, bytestream: bytearray) -> tuple[Any, str]:
+        if bytestream[0] != _P_DATA_TF:
+            return super()._decode_pdu(bytestream)
+        if self.assoc.get_handlers(evt.EVT_DATA_RECV):  # only a handler needs a copy
+            evt.trigger(self.assoc, evt.EVT_DATA_RECV, {"data": bytes(bytestream)})
+        pdu = P_DATA_TF()
+        # Views, not copies: the PDV items, their fragments and what the DIMSE layer
+        # writes to the spool file all refer to `bytestream`, which nothing resizes.
+        pdu.decode(memoryview(bytestream))  # type: ignore[arg-type]  # sliced only
+        evt.trigger(self.assoc, evt.EVT_PDU_RECV, {"pdu": pdu})
+        return pdu, "Evt10"
+
+
 class _StreamingRequestHandler(RequestHandler):
-    """Accepts associations whose socket is a :class:`_StreamingSocket`."""
+    """Accepts associations that read through :class:`_StreamingDUL`."""
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
-        # Only the read method differs, so the instance pynetdicom made is re-classed
-        # rather than its construction copied here.
+        # Only reading differs, so the objects pynetdicom made are re-classed rather
+        # than their construction copied here (neither thread has started yet).
         assoc.dul.socket.__class__ = _StreamingSocket
+        assoc.dul.__class__ = _StreamingDUL
         return assoc
 
 
@@ -243,10 +320,10 @@ class StorageSCP:
 
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.ae_title)
-        # Not unlimited (0): pynetdicom holds each received PDU in memory, several
-        # copies deep, and a peer told "unlimited" sends a whole image as one PDU
-        # (a 128 MB image grew the listener by 490 MB; by 4 MB with this cap).
-        # 1 MiB still means few PDUs for a 10 MB radiograph.
+        # Not unlimited (0): a received PDU is held in memory whole, and a peer told
+        # "unlimited" sends a whole image as one PDU (a 128 MB image grew the
+        # listener by 490 MB when pynetdicom still copied each PDU several times; by
+        # 4 MB with this cap). 1 MiB still means few PDUs for a 10 MB radiograph.
         ae.maximum_pdu_size = MAXIMUM_PDU_SIZE
         ae.require_called_aet = True
         # pynetdicom rejects unknown calling AE titles itself; host pins are checked

@@ -9,6 +9,7 @@ import stat
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,7 +20,8 @@ from pydicom.uid import (
     JPEGLSLossless,
     RLELossless,
 )
-from pynetdicom import AE
+from pynetdicom import AE, evt
+from pynetdicom.dimse import DIMSEServiceProvider
 from sqlalchemy import select
 
 from db.engine import session_scope, upgrade
@@ -119,13 +121,13 @@ def test_storescu_instance_is_spooled_recorded_and_notified(
 ) -> None:
     # The listener's associations read through our streaming socket (few large reads).
     reads: list[int] = []
-    streaming_recv = _StreamingSocket.recv
+    read_into = _StreamingSocket.read_into
 
-    def counted(self: _StreamingSocket, nr_bytes: int) -> bytearray:
-        reads.append(nr_bytes)
-        return streaming_recv(self, nr_bytes)
+    def counted(self: _StreamingSocket, view: memoryview) -> int:
+        reads.append(read_into(self, view))
+        return reads[-1]
 
-    monkeypatch.setattr(_StreamingSocket, "recv", counted)
+    monkeypatch.setattr(_StreamingSocket, "read_into", counted)
     h = harness_factory()
     source = write_hand(tmp_path / "hand.dcm")
     result = h.storescu(source)
@@ -145,6 +147,56 @@ def test_storescu_instance_is_spooled_recorded_and_notified(
     assert np.array_equal(stored.pixel_array, original.pixel_array)
     assert stat.S_IMODE(os.stat(spooled).st_mode) == 0o600
     assert not list((h.spool / ".incoming").iterdir())
+
+
+def write_large_hand(path: Path, rows: int = 1200, columns: int = 1000) -> Path:
+    """A hand of a few MB: many PDUs, several writeback steps."""
+    pixels = (np.random.default_rng(1).random((rows, columns)) * 4000).astype(np.uint16)
+    ds = make_radiograph_dataset(
+        pixels, sex="F", birth_date=dt.date(2015, 5, 1), study_date=dt.date(2026, 5, 1)
+    )
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_data_set_fragments_reach_the_file_as_views_of_the_pdu_read(
+    harness_factory: Callable[..., Harness], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Between the socket and the spool file no copy is made: every PDV the DIMSE layer
+    # gets is a view of the one buffer its PDU was read into.
+    buffers: list[list[object]] = []
+    receive = DIMSEServiceProvider.receive_primitive
+
+    def seen(self: DIMSEServiceProvider, primitive: Any) -> None:
+        values = [data for _, data in primitive.presentation_data_value_list]
+        assert all(isinstance(data, memoryview) for data in values)
+        buffers.append([data.obj for data in values])
+        receive(self, primitive)
+
+    monkeypatch.setattr(DIMSEServiceProvider, "receive_primitive", seen)
+    h = harness_factory()
+    source = write_large_hand(tmp_path / "hand.dcm")
+    assert h.storescu(source).returncode == 0
+    assert len(buffers) > source.stat().st_size // (128 * 1024)  # storescu's PDUs
+    assert all(len({id(b) for b in pdu}) == 1 for pdu in buffers)  # one buffer a PDU
+    assert all(isinstance(pdu[0], bytearray) for pdu in buffers)
+    [row] = h.rows()
+    assert np.array_equal(dcmread(row.spool_path).pixel_array, dcmread(source).pixel_array)
+
+
+def test_a_handler_of_raw_pdus_still_gets_each_pdu_whole_as_bytes(
+    harness_factory: Callable[..., Harness], tmp_path: Path
+) -> None:
+    h = harness_factory()
+    pdus: list[bytes] = []
+    assert h.scp._server is not None
+    h.scp._server.bind(evt.EVT_DATA_RECV, lambda event: pdus.append(event.data))
+    source = write_large_hand(tmp_path / "hand.dcm", rows=400, columns=300)
+    assert h.storescu(source).returncode == 0
+    assert all(type(pdu) is bytes for pdu in pdus)
+    p_data = [pdu for pdu in pdus if pdu[0] == 0x04]
+    assert all(int.from_bytes(pdu[2:6], "big") == len(pdu) - 6 for pdu in p_data)
+    assert sum(map(len, p_data)) > 400 * 300 * 2  # the pixels came through it
 
 
 def test_same_instance_twice_keeps_one_row(

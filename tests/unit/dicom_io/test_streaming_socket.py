@@ -44,3 +44,17 @@ def test_returns_what_arrived_when_the_peer_closes() -> None:
         assert _reader(ours).recv(1000) == bytearray(b"partial")
     finally:
         ours.close()
+
+
+def test_read_into_fills_the_view_or_says_how_much_came() -> None:
+    ours, peer = socket.socketpair()
+    peer.sendall(b"0123456789")
+    peer.close()
+    buffer = bytearray(16)
+    try:
+        with memoryview(buffer) as view:
+            assert _reader(ours).read_into(view[2:6]) == 4
+            assert _reader(ours).read_into(view[6:]) == 6  # then the peer closed
+    finally:
+        ours.close()
+    assert bytes(buffer) == b"\0\0" + b"0123456789" + b"\0" * 4

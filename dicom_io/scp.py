@@ -18,11 +18,13 @@ accepted for them), and unknown calling AE titles are rejected.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
 import ssl
 import struct
+import sys
 import tempfile
 import threading
 import time
@@ -35,6 +37,7 @@ from pydicom import dcmread
 from pydicom import uid as pyuid
 from pynetdicom import AE, _config, evt, sop_class
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
@@ -136,6 +139,69 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _load_sync_file_range() -> Callable[[int, int], None] | None:
+    """Linux's ``sync_file_range(fd, offset, 0, SYNC_FILE_RANGE_WRITE)``, or None.
+
+    It starts writing a file's dirty pages from `offset` to its end and returns
+    without waiting for them. Python has no binding for it; ctypes releases the GIL
+    for the call.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    function.restype = ctypes.c_int
+    start_writing = 2  # SYNC_FILE_RANGE_WRITE
+
+    def write_back(fd: int, offset: int) -> None:
+        if function(fd, offset, 0, start_writing) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, os.strerror(error))
+
+    return write_back
+
+
+_start_writeback = _load_sync_file_range()
+
+#: Bytes of a dataset received between two writebacks started (see `_WritingBackDIMSE`).
+WRITEBACK_BYTES = 1 << 20
+
+
+class _WritingBackDIMSE(DIMSEServiceProvider):
+    """pynetdicom's DIMSE provider, having the kernel write a dataset while it comes.
+
+    The listener answers a C-STORE only once the file is on disk, and the PACS waits
+    for that answer before it sends the next image. Left to the final fsync, a 10 MB
+    radiograph's pages were all written then: 19 ms of a 52 ms C-STORE on the
+    development VM, with the network idle. Here each megabyte received is handed to
+    the disk at once (``sync_file_range``, which does not wait), so the fsync finds
+    little left to write. It runs after each P-DATA on the DUL's thread, the one
+    that writes the file. Nothing changes where the call is missing (not
+    Linux) or fails; the fsync still decides durability.
+    """
+
+    _writeback_from = 0
+
+    def receive_primitive(self, primitive: Any) -> None:
+        super().receive_primitive(primitive)
+        message = self.message
+        wrapper = None if message is None else message._data_set_file
+        if wrapper is None or _start_writeback is None:
+            self._writeback_from = 0  # the next data set starts its own file
+            return
+        try:
+            position = wrapper.file.tell()
+            if position - self._writeback_from >= WRITEBACK_BYTES:
+                _start_writeback(wrapper.file.fileno(), self._writeback_from)
+                self._writeback_from = position
+        except (OSError, ValueError) as exc:  # only an optimisation: the fsync decides
+            logger.debug("writeback not started (%s)", exc)
 
 
 class _StreamingSocket(AssociationSocket):
@@ -240,7 +306,8 @@ class _StreamingDUL(DULServiceProvider):
 
 
 class _StreamingRequestHandler(RequestHandler):
-    """Accepts associations that read through :class:`_StreamingDUL`."""
+    """Accepts associations that read through :class:`_StreamingDUL` and
+    :class:`_WritingBackDIMSE`."""
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
@@ -248,6 +315,7 @@ class _StreamingRequestHandler(RequestHandler):
         # than their construction copied here (neither thread has started yet).
         assoc.dul.socket.__class__ = _StreamingSocket
         assoc.dul.__class__ = _StreamingDUL
+        assoc.dimse.__class__ = _WritingBackDIMSE
         return assoc
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import errno
+import itertools
 import os
 import socket
 import stat
@@ -21,17 +23,20 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, evt
-from pynetdicom.dimse import DIMSEServiceProvider
 from sqlalchemy import select
 
 from db.engine import session_scope, upgrade
 from db.schema import Instance, InstanceState
 from dicom_io.scp import (
+    MAXIMUM_PDU_SIZE,
     OUT_OF_RESOURCES,
     VERIFICATION_SOP_CLASS,
+    WRITEBACK_BYTES,
     ReceivedInstance,
     StorageSCP,
+    _start_writeback,
     _StreamingSocket,
+    _WritingBackDIMSE,
     spool_path,
 )
 from dicom_io.synthetic import make_radiograph_dataset
@@ -165,15 +170,15 @@ def test_data_set_fragments_reach_the_file_as_views_of_the_pdu_read(
     # Between the socket and the spool file no copy is made: every PDV the DIMSE layer
     # gets is a view of the one buffer its PDU was read into.
     buffers: list[list[object]] = []
-    receive = DIMSEServiceProvider.receive_primitive
+    receive = _WritingBackDIMSE.receive_primitive
 
-    def seen(self: DIMSEServiceProvider, primitive: Any) -> None:
+    def seen(self: _WritingBackDIMSE, primitive: Any) -> None:
         values = [data for _, data in primitive.presentation_data_value_list]
         assert all(isinstance(data, memoryview) for data in values)
         buffers.append([data.obj for data in values])
         receive(self, primitive)
 
-    monkeypatch.setattr(DIMSEServiceProvider, "receive_primitive", seen)
+    monkeypatch.setattr(_WritingBackDIMSE, "receive_primitive", seen)
     h = harness_factory()
     source = write_large_hand(tmp_path / "hand.dcm")
     assert h.storescu(source).returncode == 0
@@ -197,6 +202,56 @@ def test_a_handler_of_raw_pdus_still_gets_each_pdu_whole_as_bytes(
     p_data = [pdu for pdu in pdus if pdu[0] == 0x04]
     assert all(int.from_bytes(pdu[2:6], "big") == len(pdu) - 6 for pdu in p_data)
     assert sum(map(len, p_data)) > 400 * 300 * 2  # the pixels came through it
+
+
+@pytest.mark.skipif(_start_writeback is None, reason="sync_file_range is Linux's")
+def test_the_disk_is_given_each_megabyte_as_it_comes(
+    harness_factory: Callable[..., Harness], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[int, int, int]] = []  # file, range started from, file size then
+    start = _start_writeback
+    assert start is not None
+
+    def recorded(fd: int, offset: int) -> None:
+        status = os.fstat(fd)
+        calls.append((status.st_ino, offset, status.st_size))
+        start(fd, offset)
+
+    monkeypatch.setattr("dicom_io.scp._start_writeback", recorded)
+    h = harness_factory()
+    first = write_large_hand(tmp_path / "first.dcm", rows=1500, columns=1200)
+    second = write_large_hand(tmp_path / "second.dcm", rows=1000, columns=1100)
+    assert h.storescu(first, second).returncode == 0  # one association, two data sets
+    rows = h.rows()
+    assert [os.stat(row.spool_path).st_ino for row in rows] == list(
+        dict.fromkeys(inode for inode, _, _ in calls)
+    )
+    for row in rows:
+        ranges = [
+            (offset, size)
+            for inode, offset, size in calls
+            if inode == os.stat(row.spool_path).st_ino
+        ]
+        assert ranges[0][0] == 0  # each file from its start, in ranges that follow on
+        assert all(b[0] == a[1] for a, b in itertools.pairwise(ranges))
+        assert all(size - offset >= WRITEBACK_BYTES for offset, size in ranges)
+        # what is left to the fsync: less than a range and the last PDU
+        assert row.size_bytes - ranges[-1][1] < WRITEBACK_BYTES + MAXIMUM_PDU_SIZE
+
+
+def test_a_failing_writeback_changes_nothing_but_speed(
+    harness_factory: Callable[..., Harness], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing(fd: int, offset: int) -> None:
+        raise OSError(errno.EIO, "writeback refused")
+
+    monkeypatch.setattr("dicom_io.scp._start_writeback", failing)
+    h = harness_factory()
+    source = write_large_hand(tmp_path / "hand.dcm")
+    result = h.storescu(source)
+    assert result.returncode == 0, result.stderr
+    [row] = h.rows()
+    assert np.array_equal(dcmread(row.spool_path).pixel_array, dcmread(source).pixel_array)
 
 
 def test_same_instance_twice_keeps_one_row(

@@ -1,12 +1,18 @@
-"""The listener's PDU reader: few large reads, same contract as pynetdicom's."""
+"""The listener's PDU reader (few large reads, same contract as pynetdicom's) and the
+writeback it starts while a data set comes."""
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
+import sys
 import threading
+from pathlib import Path
 
-from dicom_io.scp import _StreamingSocket
+import pytest
+
+from dicom_io.scp import _load_sync_file_range, _StreamingSocket
 
 
 def _reader(sock: socket.socket) -> _StreamingSocket:
@@ -58,3 +64,20 @@ def test_read_into_fills_the_view_or_says_how_much_came() -> None:
     finally:
         ours.close()
     assert bytes(buffer) == b"\0\0" + b"0123456789" + b"\0" * 4
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
+def test_writeback_is_started_on_linux_and_a_bad_file_is_an_oserror(tmp_path: Path) -> None:
+    start = _load_sync_file_range()
+    assert start is not None
+    path = tmp_path / "data"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        os.write(fd, os.urandom(3 << 20))
+        start(fd, 0)  # returns without waiting for the disk
+        start(fd, 1 << 20)
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError) as raised:
+        start(fd, 0)  # closed
+    assert raised.value.errno == errno.EBADF

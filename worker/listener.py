@@ -7,6 +7,7 @@ running, and it has both the database and the broker at hand.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -194,6 +195,12 @@ class Listener:
         signal.signal(signal.SIGTERM, _signal)
         signal.signal(signal.SIGINT, _signal)
         self.start()
+        # What start-up made and kept (SQLAlchemy, kombu, pydicom's dictionaries: some
+        # 130,000 objects) lives as long as the process. Frozen, the collector's full
+        # passes skip it: each walked it all, 0.1 s of CPU about every 40 instances of
+        # a burst. Collected first, so that no start-up garbage is frozen with it.
+        gc.collect()
+        gc.freeze()
         try:
             done.wait()
         finally:

@@ -105,6 +105,12 @@ class Harness:
         with session_scope(self.url) as session:
             return list(session.scalars(select(Instance)))
 
+    def only_row_holds(self, source: Path) -> Instance:
+        """The one row recorded; its spool file has `source`'s pixels."""
+        [row] = self.rows()
+        assert np.array_equal(dcmread(row.spool_path).pixel_array, dcmread(source).pixel_array)
+        return row
+
 
 @pytest.fixture
 def harness_factory(tmp_path: Path, dcmtk: dict[str, str]) -> Iterator[Callable[..., Harness]]:
@@ -185,8 +191,7 @@ def test_data_set_fragments_reach_the_file_as_views_of_the_pdu_read(
     assert len(buffers) > source.stat().st_size // (128 * 1024)  # storescu's PDUs
     assert all(len({id(b) for b in pdu}) == 1 for pdu in buffers)  # one buffer a PDU
     assert all(isinstance(pdu[0], bytearray) for pdu in buffers)
-    [row] = h.rows()
-    assert np.array_equal(dcmread(row.spool_path).pixel_array, dcmread(source).pixel_array)
+    h.only_row_holds(source)
 
 
 def test_a_handler_of_raw_pdus_still_gets_each_pdu_whole_as_bytes(
@@ -250,8 +255,7 @@ def test_a_failing_writeback_changes_nothing_but_speed(
     source = write_large_hand(tmp_path / "hand.dcm")
     result = h.storescu(source)
     assert result.returncode == 0, result.stderr
-    [row] = h.rows()
-    assert np.array_equal(dcmread(row.spool_path).pixel_array, dcmread(source).pixel_array)
+    h.only_row_holds(source)
 
 
 def test_same_instance_twice_keeps_one_row(

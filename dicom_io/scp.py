@@ -211,7 +211,8 @@ class _StreamingSocket(AssociationSocket):
     appended to a growing buffer: some 2,500 calls and GIL hand-offs for a 10 MB
     radiograph, which the listener's other threads (enqueuer, heartbeat) then slow
     further. Here the bytes go straight into the caller's buffer, as much as the
-    kernel holds per call.
+    kernel holds per call. :class:`_StreamingDUL`, pynetdicom's only reader of the
+    socket, reads through `read_into`; pynetdicom's ``recv`` is left unused.
     """
 
     def read_into(self, view: memoryview) -> int:
@@ -223,15 +224,6 @@ class _StreamingSocket(AssociationSocket):
                 break
             nr_read += count
         return nr_read
-
-    def recv(self, nr_bytes: int) -> bytearray:
-        """pynetdicom's contract: `nr_bytes` bytes, or what came before the peer closed."""
-        buffer = bytearray(nr_bytes)
-        with memoryview(buffer) as view:
-            nr_read = self.read_into(view)
-        if nr_read < nr_bytes:
-            del buffer[nr_read:]
-        return buffer
 
 
 #: PDU types of PS3.8 Table 9-1; anything else is an invalid PDU (event 19).

@@ -1,5 +1,5 @@
-"""The listener's PDU reader (few large reads, same contract as pynetdicom's) and the
-writeback it starts while a data set comes."""
+"""The listener's PDU reader (few large reads) and the writeback it starts while a data
+set comes."""
 
 from __future__ import annotations
 
@@ -24,16 +24,20 @@ def _reader(sock: socket.socket) -> _StreamingSocket:
 def test_reads_exactly_the_bytes_asked_for_across_many_sends() -> None:
     ours, peer = socket.socketpair()
     payload = os.urandom(3 * 1024 * 1024 + 17)
-    sender = threading.Thread(
-        target=lambda: [
-            peer.sendall(payload[i : i + 65_000]) for i in range(0, len(payload), 65_000)
-        ]
-    )
+
+    def send_in_pieces() -> None:
+        for i in range(0, len(payload), 65_000):
+            peer.sendall(payload[i : i + 65_000])
+
+    sender = threading.Thread(target=send_in_pieces)
     sender.start()
+    head, rest = bytearray(6), bytearray(len(payload) - 6)  # as the DUL reads a PDU
     try:
         reader = _reader(ours)
-        head = reader.recv(6)
-        rest = reader.recv(len(payload) - 6)
+        with memoryview(head) as view:
+            assert reader.read_into(view) == 6
+        with memoryview(rest) as view:
+            assert reader.read_into(view) == len(rest)
     finally:
         sender.join()
         ours.close()
@@ -46,10 +50,13 @@ def test_returns_what_arrived_when_the_peer_closes() -> None:
     ours, peer = socket.socketpair()
     peer.sendall(b"partial")
     peer.close()
+    buffer = bytearray(1000)
     try:
-        assert _reader(ours).recv(1000) == bytearray(b"partial")
+        with memoryview(buffer) as view:
+            count = _reader(ours).read_into(view)
     finally:
         ours.close()
+    assert buffer[:count] == bytearray(b"partial")
 
 
 def test_read_into_fills_the_view_or_says_how_much_came() -> None:

@@ -15,7 +15,15 @@ Measured in one run, at the model's input size (ResNet-50 BoneAgeNet, random wei
   thread does for its own study (read the file, gate, decode at reduced resolution,
   preprocess, hand the image to the shared :class:`BatchingPredictor`, then build and
   write the SR and the heat-map SC), over ``--count`` 2500 x 2000 DX files; decoding and
-  DICOM work overlap the device's batches.
+  DICOM work overlap the device's batches;
+- **CPU side alone**: the same threads and studies, each study's prediction computed
+  before the clock starts (no model, no batching): the most studies a second that one
+  worker process's CPU work allows, a bound for the service path as the bare SCP is for
+  the listener. The threads share one interpreter and most of that work (pydicom and
+  highdicom objects) holds the GIL, so the bound grows little with the cores; where the
+  device is faster than it, several inference processes per device pay.
+
+Each row also shows the process's CPU seconds over its wall time (cores busy).
 
 Images per second of each, and each against the bare batched rate. Then the largest
 difference in bone age between ours and the bare float32 model on the same inputs
@@ -28,6 +36,7 @@ figures are a check that the path runs, not a target: batching gains nothing the
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import threading
@@ -47,6 +56,7 @@ from models.checkpoint import untrained_model
 from models.predictor import (
     PRECISIONS,
     BoneAgePredictor,
+    Prediction,
     cpu_computes_bfloat16,
     describe_device,
     resolve_device,
@@ -151,11 +161,15 @@ def main() -> None:
             predictor, max_batch=args.batch, max_wait_s=args.wait_ms / 1000, on_batch=observe
         )
 
-        def assess(path: Path) -> None:
+        def assess(path: Path, known: dict[Path, Prediction] | None = None) -> None:
             ds, image = decoded(path)
             decision = gate.check(ds)
             assert decision.accepted, decision.reason
-            prediction = batcher.predict(image, male=True)
+            if known is None:
+                prediction = batcher.predict(image, male=True)
+            else:  # the CPU side alone: this study's prediction, computed beforehand
+                predictor.prepare(image)
+                prediction = known[path]
             publish(
                 stage_outputs(
                     ds,
@@ -172,12 +186,19 @@ def main() -> None:
             with ThreadPoolExecutor(max_workers=threads) as pool:
                 list(pool.map(assess, paths))
 
+        known = {path: predictor.predict(decoded(path)[1], male=True) for path in paths}
+
+        def cpu_side_alone() -> None:
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                list(pool.map(lambda path: assess(path, known), paths))
+
         autocast = f"bare, {str(half).split('.')[-1]} autocast"
         cases: dict[str, tuple[Callable[[], object], int]] = {
             "bare, batched": (bare_forward, args.batch),
             autocast: (bare_autocast, args.batch),
             "ours, batched": (ours_batched, args.batch),
             "service path": (service_path, args.count),
+            "CPU side alone": (cpu_side_alone, args.count),
         }
         emulated = half == torch.bfloat16 and device.type == "cpu" and not cpu_computes_bfloat16()
         if emulated:
@@ -188,9 +209,12 @@ def main() -> None:
             run(fn)
         sizes.clear()
         times: dict[str, list[float]] = {name: [] for name in cases}
+        busy: dict[str, list[float]] = {name: [] for name in cases}
         for _ in range(args.repeats):
             for name, (fn, _) in cases.items():
+                cpu = time.process_time()  # every thread of this process
                 times[name].append(run(fn))
+                busy[name].append((time.process_time() - cpu) / times[name][-1])
         batcher.close()
 
         with torch.inference_mode():
@@ -217,14 +241,19 @@ def main() -> None:
         f"batch sizes seen: median {statistics.median(sizes) if sizes else 0:g}, "
         f"max {max(sizes) if sizes else 0}"
     )
-    print(f"{'case':<24}{'median s':>10}{'images/s':>11}{'× bare':>9}")
+    print(f"{'case':<24}{'median s':>10}{'images/s':>11}{'× bare':>9}{'cores busy':>12}")
     for name in cases:
         print(
             f"{name:<24}{statistics.median(times[name]):>10.3f}{rates[name]:>11.1f}"
-            f"{rates[name] / base:>9.2f}"
+            f"{rates[name] / base:>9.2f}{statistics.median(busy[name]):>12.2f}"
         )
     if emulated:
         print(f"{autocast:<24}  not run: this CPU has no bfloat16 instructions")
+    print(
+        f"service path / CPU side alone: {rates['service path'] / rates['CPU side alone']:.2f}; "
+        f"cores busy: this process's CPU seconds (all its threads) over the case's wall "
+        f"time, {os.cpu_count()} cores here"
+    )
     print(
         f"ours vs the bare float32 model, same {len(ours)} images: largest bone-age "
         f"difference {worst:.3f} months"

@@ -36,7 +36,6 @@ figures are a check that the path runs, not a target: batching gains nothing the
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import threading
@@ -65,7 +64,7 @@ from models.predictor import (
 from tests.bench import bench_finding, decode_threads_as_in_workers, heap_as_in_workers
 from tests.bench.bench_pipeline import make_input
 from worker.pipeline import derived_uid, publish, stage_outputs
-from worker.settings import SC_MIN_LONG_SIDE
+from worker.settings import SC_MIN_LONG_SIDE, usable_cpus
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
@@ -252,7 +251,7 @@ def main() -> None:
     print(
         f"service path / CPU side alone: {rates['service path'] / rates['CPU side alone']:.2f}; "
         f"cores busy: this process's CPU seconds (all its threads) over the case's wall "
-        f"time, {os.cpu_count()} cores here"
+        f"time, {usable_cpus()} CPUs usable here"
     )
     print(
         f"ours vs the bare float32 model, same {len(ours)} images: largest bone-age "

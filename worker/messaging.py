@@ -11,6 +11,7 @@ seconds, and the reconciler finds whatever a restart of the listener lost.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -66,7 +67,9 @@ def mark_queued(database_url: str, instance_ids: list[int]) -> None:
         )
 
 
-#: How long the enqueuer gathers ids before publishing them (adds at most this latency).
+#: How long the enqueuer gathers ids before publishing them while they keep coming (a
+#: burst): the round's ids are then marked `queued` in one commit. An id that comes
+#: alone (none published for this long) is published at once, without the wait.
 LINGER_SECONDS = 0.1
 #: Most ids published and marked `queued` in one round.
 MAX_BATCH = 100
@@ -92,8 +95,10 @@ class Enqueuer:
     through the app's pool is not touched.
     """
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, database_url: str, *, linger: float = LINGER_SECONDS) -> None:
         self._database_url = database_url
+        self._linger = linger
+        self._last_round = -math.inf  # time.monotonic() at the end of the last round
         self._queue: queue.Queue[int | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="enqueuer", daemon=True)
         self._started = threading.Event()  # the first connection was tried
@@ -133,6 +138,7 @@ class Enqueuer:
                     ids, self._unpublished = self._unpublished + ids, []
                 if ids:
                     self._publish_round(ids)
+                    self._last_round = time.monotonic()
                 if stop:
                     return
         finally:
@@ -140,7 +146,8 @@ class Enqueuer:
             self._drop_connection()
 
     def _gather(self) -> list[int | None]:
-        """The next round's ids: wait for one (or until a retry is due), then linger."""
+        """The next round's ids: wait for one (or until a retry is due), then, in a burst,
+        linger."""
         try:
             if self._unpublished:
                 first = self._queue.get(timeout=max(0.0, self._retry_at - time.monotonic()))
@@ -149,9 +156,12 @@ class Enqueuer:
         except queue.Empty:
             return []
         batch = [first]
-        # What arrives within LINGER_SECONDS goes in the same round: one commit marks
-        # them all, and a burst of C-STOREs is not slowed by a commit per instance.
-        deadline = time.monotonic() + LINGER_SECONDS
+        # In a burst (the last round ended less than the linger ago), what arrives within
+        # the linger goes in the same round: one commit marks them all, and the C-STOREs
+        # are not slowed by a commit per instance. An id that comes alone, as most do,
+        # takes what is already waiting and goes at once: its study is not held up.
+        now = time.monotonic()
+        deadline = now + self._linger if now - self._last_round < self._linger else now
         while len(batch) < MAX_BATCH and batch[-1] is not None:
             remaining = deadline - time.monotonic()
             try:

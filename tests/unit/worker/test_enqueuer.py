@@ -1,12 +1,15 @@
-"""The listener's enqueuer: its broker connection is opened at start, not by the first image."""
+"""The listener's enqueuer: its broker connection is opened at start, not by the first image;
+an instance that comes alone is published at once, a burst's in rounds."""
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,11 @@ def _state(database_url: str, instance_id: int) -> InstanceState:
         state = session.scalar(select(Instance.state).where(Instance.id == instance_id))
     assert state is not None
     return state
+
+
+def _queued_at(database_url: str, instance_id: int) -> datetime | None:
+    with session_scope(database_url) as session:
+        return session.scalar(select(Instance.queued_at).where(Instance.id == instance_id))
 
 
 @contextmanager
@@ -103,3 +111,54 @@ def test_a_broker_away_at_start_holds_up_neither_start_nor_the_rows(
             assert _state(url, first) == InstanceState.RECEIVED  # the reconciler's, or a retry's
         finally:
             enqueuer.stop()
+
+
+#: A linger far longer than publishing takes here, so that a round that waited for it
+#: cannot pass for one that did not.
+LONG_LINGER = 20.0
+
+
+def test_an_instance_that_comes_alone_is_published_without_the_linger(tmp_path: Path) -> None:
+    url = _node(tmp_path).effective_database_url
+    enqueuer = Enqueuer(url, linger=LONG_LINGER)
+    enqueuer.start()
+    try:
+        first = record_instance(url, received("1.2.3.4.1"))
+        enqueuer.submit(first)
+        # Its study waits on this; an enqueuer that lingered would take LONG_LINGER.
+        wait_for(
+            lambda: _state(url, first) == InstanceState.QUEUED,
+            timeout=LONG_LINGER / 2,
+            what="the lone instance queued",
+        )
+    finally:
+        enqueuer.stop()
+
+
+def test_a_burst_is_gathered_into_one_round(tmp_path: Path) -> None:
+    url = _node(tmp_path).effective_database_url
+    linger = 3.0
+    enqueuer = Enqueuer(url, linger=linger)
+    enqueuer.start()
+    try:
+        first = record_instance(url, received("1.2.3.4.1"))
+        enqueuer.submit(first)
+        wait_for(lambda: _queued_at(url, first), timeout=linger / 2, what="the first queued")
+        # The next ones come while the first round is recent, each a while after the one
+        # before (the arrivals this test is about, not a wait for a result): the enqueuer
+        # lingers for the later ones instead of publishing the second alone.
+        burst = [record_instance(url, received(f"1.2.3.4.{n}")) for n in range(2, 6)]
+        spacing = threading.Event()  # never set
+        for instance_id in burst:
+            enqueuer.submit(instance_id)
+            spacing.wait(linger / 10)
+        wait_for(
+            lambda: all(_queued_at(url, i) for i in burst),
+            timeout=30,
+            what="the burst queued",
+        )
+    finally:
+        enqueuer.stop()
+    stamps = {_queued_at(url, i) for i in burst}
+    assert len(stamps) == 1  # marked by one statement
+    assert stamps != {_queued_at(url, first)}

@@ -8,24 +8,43 @@ and then nothing: the CPU of each of the node's processes is read from ``/proc``
 sent afterwards, to show that a node coming out of a quiet spell answers as fast as one
 in use (its C-STORE-to-SR time is printed).
 
-    .venv/bin/python -m tests.bench.bench_idle [--seconds 60] [--stack embedded|redis-postgres|both]
+Then ``--lone`` more studies go through one at a time, each once the one before is
+delivered, as a PACS forwards most of its studies: where such a study's time goes, from
+the database's timestamps (median of them):
 
-No target of issue 6; the figure is quoted in the README and docs/performance.md
-("The embedded broker at idle").
+    received → started    the listener's enqueuer publishing its message, the broker, and
+                          an inference worker taking it up
+    started → finished    the inference task; "model" is its forward pass and Grad-CAM
+    finished → SR         the delivery worker taking up the SR and sending it
+
+(Queued At is not a stage: a worker may claim the instance before the enqueuer's commit
+marks it queued, which then leaves it unset.)
+
+    .venv/bin/python -m tests.bench.bench_idle [--seconds 60] [--lone 5]
+        [--stack embedded|redis-postgres|both]
+
+No target of issue 6; the figures are quoted in the README and docs/performance.md
+("The embedded broker at idle", "A study that comes alone").
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import functools
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from db.schema import DeliveryState
+from sqlalchemy import select
+
+from db.engine import session_scope
+from db.schema import Delivery, DeliveryState, Instance, ObjectKind, Result
 from tests.bench.bench_e2e import (
     STACKS,
     Stack,
@@ -41,6 +60,15 @@ from tests.support import wait_for
 
 #: The idle spell is read this often, to show its busiest second as well as its mean.
 SAMPLE_SECONDS = 1.0
+
+#: The stages of a lone study's time, in :func:`timeline`'s order.
+STAGES = (
+    "received → started",
+    "started → finished",
+    "  model",
+    "finished → SR",
+    "received → SR",
+)
 
 
 def process_label(pid: int) -> str:
@@ -90,7 +118,60 @@ def idle_cpu(roots: list[int], seconds: float) -> tuple[dict[str, float], float,
     return shares, busiest, (machine_busy_seconds() - machine) / elapsed
 
 
-def run_stack(stack: str, work: Path, warm_up_study: Path, next_study: Path, seconds: float) -> str:
+def timeline(database_url: str, study: Path) -> tuple[float, ...]:
+    """Seconds of each of :data:`STAGES` for a delivered ``study``, from the database."""
+    with session_scope(database_url) as session:
+        row = session.execute(
+            select(
+                Instance.received_at,
+                Instance.started_at,
+                Instance.finished_at,
+                Result.inference_seconds,
+                Delivery.delivered_at,
+            )
+            .join(Result, Result.instance_id == Instance.id)
+            .join(Delivery, Delivery.instance_id == Instance.id)
+            .where(Instance.sop_instance_uid == sop_uid(study), Delivery.kind == ObjectKind.SR)
+        ).one()
+    received, started, finished, model, delivered = row
+
+    def between(earlier: dt.datetime | None, later: dt.datetime | None) -> float:
+        if earlier is None or later is None:
+            raise RuntimeError(f"{study.name}: a stage has no timestamp ({row})")
+        return (later - earlier).total_seconds()
+
+    return (
+        between(received, started),
+        between(started, finished),
+        model,
+        between(finished, delivered),
+        between(received, delivered),
+    )
+
+
+def lone_studies(node: Stack, studies: list[Path]) -> list[tuple[float, ...]]:
+    """Send ``studies`` one at a time, each once the one before is delivered; their
+    :func:`timeline`."""
+    times = []
+    for study in studies:
+        send_and_wait(node, study, "a lone study's SR")
+        wait_for(
+            functools.partial(all_delivered, node, study),
+            timeout=120,
+            what="a lone study's SR and SC delivered",
+        )
+        times.append(timeline(node.database_url, study))
+    return times
+
+
+def run_stack(
+    stack: str,
+    work: Path,
+    warm_up_study: Path,
+    next_study: Path,
+    seconds: float,
+    lone: list[Path],
+) -> tuple[str, list[tuple[float, ...]]]:
     folder = Path(tempfile.mkdtemp(prefix=f"{stack}-", dir=work))
     with running_stack(stack, folder) as node:
         try:
@@ -104,6 +185,12 @@ def run_stack(stack: str, work: Path, warm_up_study: Path, next_study: Path, sec
             roots = [proc.pid for _, proc, _ in node.processes.started]
             shares, busiest, machine = idle_cpu(roots, seconds)
             after = send_and_wait(node, next_study, "the SR of the study after the idle spell")
+            wait_for(
+                lambda: all_delivered(node, next_study),
+                timeout=120,
+                what="the next study's SR and SC delivered",
+            )
+            times = lone_studies(node, lone)
         except Exception:
             print(f"[{stack}] failed; the processes' last log lines:\n{node.processes.tails()}")
             raise
@@ -111,7 +198,7 @@ def run_stack(stack: str, work: Path, warm_up_study: Path, next_study: Path, sec
     return (
         f"{stack:<16}{100 * sum(shares.values()):>7.2f}{100 * busiest:>15.1f}"
         f"{100 * machine:>11.1f}{after:>12.2f}   {parts}"
-    )
+    ), times
 
 
 def all_delivered(node: Stack, study: Path) -> bool:
@@ -126,18 +213,27 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seconds", type=float, default=60.0, help="idle time measured")
+    parser.add_argument(
+        "--lone", type=int, default=5, help="studies then sent one at a time (0: none)"
+    )
     parser.add_argument("--stack", choices=[*STACKS, "both"], default="both")
     parser.add_argument("--workdir", type=Path, default=None, help="where temp files go")
     args = parser.parse_args()
     if args.seconds <= 0:
         parser.error("--seconds must be positive")
+    if args.lone < 0:
+        parser.error("--lone must not be negative")
     stacks = STACKS if args.stack == "both" else (args.stack,)
     work = Path(tempfile.mkdtemp(prefix="bench-idle-", dir=args.workdir))
     lines = []
+    timelines: dict[str, list[tuple[float, ...]]] = {}
     try:
-        warm_up_study, files = make_inputs(work / "inputs", 1, 2)
+        warm_up_study, files = make_inputs(work / "inputs", 1 + args.lone, 2)
         for stack in stacks:
-            lines.append(run_stack(stack, work, warm_up_study, files[0], args.seconds))
+            line, timelines[stack] = run_stack(
+                stack, work, warm_up_study, files[0], args.seconds, files[1:]
+            )
+            lines.append(line)
     except RuntimeError as exc:
         sys.exit(f"bench_idle: {exc}")
     finally:
@@ -158,6 +254,20 @@ def main() -> None:
         "machine %: every process (/proc/stat); next SR s: a study sent after the idle "
         "spell, C-STORE to SR delivered"
     )
+    if args.lone:
+        print()
+        print(
+            f"{args.lone} studies sent one at a time, each once the one before was delivered; "
+            "median seconds of each stage, from the database's timestamps"
+        )
+        print(f"{'stage':<22}" + "".join(f"{stack:>16}" for stack in timelines))
+        for n, stage in enumerate(STAGES):
+            medians = (statistics.median(t[n] for t in times) for times in timelines.values())
+            print(f"{stage:<22}" + "".join(f"{m:>16.3f}" for m in medians))
+        print(
+            "model: the forward pass and Grad-CAM (Result.inference_seconds), within "
+            "started → finished"
+        )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
+    ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLSLossless,
     JPEGLSNearLossless,
@@ -31,7 +33,14 @@ def _stored(bits: int = 12, shape: tuple[int, int] = (96, 64)) -> np.ndarray:
     )
 
 
-def _dataset(stored: np.ndarray, bits: int = 12, **kwargs: object) -> Dataset:
+class _RadiographOptions(TypedDict, total=False):
+    """The keyword arguments of make_radiograph_dataset that these tests vary."""
+
+    photometric: str
+    modality: str
+
+
+def _dataset(stored: np.ndarray, bits: int = 12, **kwargs: Unpack[_RadiographOptions]) -> Dataset:
     ds = make_radiograph_dataset(
         stored, bits_stored=bits, birth_date=BIRTH_DATE, study_date=STUDY_DATE, **kwargs
     )
@@ -215,7 +224,7 @@ def _rgb_dataset(rgb: np.ndarray) -> Dataset:
     ds.PixelRepresentation = 0
     ds.PixelData = rgb.tobytes()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     return ds
@@ -271,6 +280,15 @@ def _uncompressed(bits: int = 12, photometric: str = "MONOCHROME2") -> Dataset:
     return _dataset(_stored(bits), bits, photometric=photometric)
 
 
+class _CompressOptions(TypedDict, total=False):
+    """Keyword options of pydicom's Dataset.compress."""
+
+    encoding_plugin: str
+    jls_error: int
+    j2k_cr: list[float]
+    j2k_psnr: list[float]
+
+
 @pytest.mark.parametrize(
     ("syntax", "kwargs"),
     [
@@ -282,7 +300,7 @@ def _uncompressed(bits: int = 12, photometric: str = "MONOCHROME2") -> Dataset:
 )
 @pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
 def test_lossless_pydicom_encoders(
-    tmp_path: Path, syntax: str, kwargs: dict[str, object], photometric: str
+    tmp_path: Path, syntax: str, kwargs: _CompressOptions, photometric: str
 ) -> None:
     ds = _uncompressed(photometric=photometric)
     expected = decode_for_display(ds)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 import numpy as np
 import pytest
@@ -86,7 +87,14 @@ def test_reduction_keeps_the_sides_the_consumer_needs(tmp_path: Path) -> None:
     assert jpeg2000_reduction(ds, min_short_side=1) <= 5  # never past the codestream's levels
 
 
-def _native(**kwargs: object) -> Dataset:
+class _NativeOptions(TypedDict, total=False):
+    """The keyword arguments of make_radiograph_dataset that _native passes on."""
+
+    bits_stored: int
+    photometric: str
+
+
+def _native(**kwargs: Unpack[_NativeOptions]) -> Dataset:
     kwargs.setdefault("bits_stored", 12)
     ds = make_radiograph_dataset(
         hand_like(ROWS, COLUMNS), birth_date=BIRTH_DATE, study_date=STUDY_DATE, **kwargs

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import pytest
@@ -33,7 +34,14 @@ def _cam(height: int, width: int) -> np.ndarray:
     )
 
 
-def _uids() -> dict[str, str]:
+class _Uids(TypedDict):
+    """The UIDs build_heatmap_sc takes as keyword arguments."""
+
+    series_instance_uid: str
+    sop_instance_uid: str
+
+
+def _uids() -> _Uids:
     return {"series_instance_uid": generate_uid(), "sop_instance_uid": generate_uid()}
 
 

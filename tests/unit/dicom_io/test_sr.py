@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, TypedDict
 
 import pytest
 from highdicom.sr import ComprehensiveSR
@@ -21,7 +22,15 @@ from tests.dicomtools import dciodvfy_errors, dsrdump
 from .conftest import MODEL_ID
 
 
-def _uids() -> dict[str, str]:
+class _Uids(TypedDict):
+    """The UIDs both builders take as keyword arguments."""
+
+    series_instance_uid: str
+    sop_instance_uid: str
+    device_observer_uid: str
+
+
+def _uids() -> _Uids:
     return {
         "series_instance_uid": generate_uid(),
         "sop_instance_uid": generate_uid(),
@@ -249,7 +258,7 @@ def _highdicom_document(
     sop_instance_uid: str,
     instance_number: int,
     institution_name: str | None = None,
-    **kwargs: object,
+    **kwargs: Any,
 ) -> Dataset:
     """The same document made by highdicom's generic ComprehensiveSR constructor."""
     return ComprehensiveSR(

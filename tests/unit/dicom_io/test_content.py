@@ -60,7 +60,7 @@ def test_finding_is_frozen_and_keyword_only(finding: BoneAgeFinding) -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         finding.bone_age_months = 1.0  # type: ignore[misc]
     with pytest.raises(TypeError):
-        BoneAgeFinding(100.0, 96.0, 0.5, MODEL_ID, "net", "1", True)  # type: ignore[misc]
+        BoneAgeFinding(100.0, 96.0, 0.5, MODEL_ID, "net", "1", True)  # type: ignore[call-arg]
 
 
 def test_intervals_are_copied_read_only() -> None:

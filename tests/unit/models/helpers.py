@@ -18,6 +18,7 @@ def with_trained_batch_norms(model: BoneAgeNet, *, seed: int = 7) -> BoneAgeNet:
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
                 n = module.num_features
+                assert module.running_mean is not None and module.running_var is not None
                 module.running_mean.copy_(0.2 * torch.randn(n, generator=generator))
                 module.running_var.copy_(0.3 + torch.rand(n, generator=generator))
                 module.weight.copy_(0.5 + torch.rand(n, generator=generator))

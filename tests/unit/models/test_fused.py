@@ -12,6 +12,7 @@ from models.fused import (
     FUSED_TOLERANCE,
     FusedBoneAgeNet,
     FusedConv,
+    FusedResidual,
     cpu_inference_copy,
     fuse_trunk,
     fused_discrepancy,
@@ -29,6 +30,17 @@ pytestmark = pytest.mark.skipif(
 def _trained(arch: str) -> BoneAgeNet:
     """A model whose batch norms have real statistics (so folding them is not trivial)."""
     return with_trained_batch_norms(build_model(arch=arch), seed=11)
+
+
+def _conv_weight(fused: FusedBoneAgeNet, block: int, conv: int) -> torch.Tensor:
+    """The laid-out weight of one fused convolution of the trunk."""
+    residual = fused.blocks[block]
+    assert isinstance(residual, FusedResidual)
+    fused_conv = residual.convs[conv]
+    assert isinstance(fused_conv, FusedConv)
+    weight = fused_conv.weight
+    assert isinstance(weight, torch.Tensor)
+    return weight
 
 
 def _images(n: int, rows: int, columns: int) -> torch.Tensor:
@@ -108,10 +120,9 @@ def test_discrepancy_sees_one_wrong_weight() -> None:
     model = _trained("resnet18")
     fused = fuse_trunk(model, input_size=64)
     assert fused_discrepancy(fused, model, input_size=64) <= FUSED_TOLERANCE
-    conv = fused.blocks[5].convs[0]  # resnet18: layer3's second block
-    assert isinstance(conv, FusedConv)
+    weight = _conv_weight(fused, 5, 0)  # resnet18: layer3's second block
     with torch.no_grad():
-        conv.weight.mul_(1.01)  # scaling is the same in any weight layout
+        weight.mul_(1.01)  # scaling is the same in any weight layout
     assert fused_discrepancy(fused, model, input_size=64) > FUSED_TOLERANCE
 
 
@@ -131,7 +142,7 @@ def test_inference_copy_falls_back_when_the_trunks_disagree(
     def miscomputing(model: BoneAgeNet, *, input_size: int) -> FusedBoneAgeNet:
         fused = build(model, input_size=input_size)
         with torch.no_grad():
-            fused.blocks[5].convs[0].weight.mul_(factor)
+            _conv_weight(fused, 5, 0).mul_(factor)
         return fused
 
     monkeypatch.setattr(models.fused, "fuse_trunk", miscomputing)

@@ -214,6 +214,7 @@ def test_predictor_runs_a_folded_copy_that_agrees_with_the_checkpoint_model(
     with torch.no_grad():
         for module in loaded.model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
+                assert module.running_mean is not None and module.running_var is not None
                 module.running_mean.normal_(0.0, 0.2, generator=generator)
                 module.running_var.uniform_(0.3, 1.3, generator=generator)
     predictor = BoneAgePredictor(loaded, device="cpu")

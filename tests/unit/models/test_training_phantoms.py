@@ -119,7 +119,8 @@ def test_the_model_reads_age_where_the_phantom_shows_it(
     # was written on: 4.0 times more, on average over 60 phantoms.
     _, loaded = trained
     model = loaded.model.eval()
-    informative, control = [], []
+    informative: list[float] = []
+    control: list[float] = []
     with torch.no_grad():
         for x, male, mask in _phantoms_with_masks(60, seed=2024):
             sex = torch.tensor([float(male)])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import TypedDict
 
 import pytest
 
@@ -30,11 +31,19 @@ print(json.dumps({"kept": kept, "faults": after - before}))
 """
 
 
-def _probe(mode: str) -> dict[str, object]:
+class _Probe(TypedDict):
+    """What _PROBE prints."""
+
+    kept: bool
+    faults: int
+
+
+def _probe(mode: str) -> _Probe:
     done = subprocess.run(
         [sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, check=True
     )
-    return dict(json.loads(done.stdout))
+    probe: _Probe = json.loads(done.stdout)
+    return probe
 
 
 def test_kept_blocks_are_not_faulted_in_again() -> None:

@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import pytest
@@ -37,6 +38,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
+    UID,
     CTImageStorage,
     DigitalXRayImageStorageForPresentation,
     ExplicitVRBigEndian,
@@ -77,8 +79,18 @@ REPO = Path(__file__).resolve().parents[2]
 _TERMINAL = {InstanceState.ASSESSED, InstanceState.NOT_ASSESSED, InstanceState.ERROR}
 #: Longest a single store may take before we call it a hang.
 STORE_DEADLINE_S = 20.0
+
+
+class _Timeouts(TypedDict):
+    """StorageSCP's timeout keyword arguments."""
+
+    network_timeout: float
+    acse_timeout: float
+    dimse_timeout: float
+
+
 #: The listener's timeouts in these tests: a stalled peer is dropped quickly.
-SHORT_TIMEOUTS = {"network_timeout": 2.0, "acse_timeout": 2.0, "dimse_timeout": 10.0}
+SHORT_TIMEOUTS: _Timeouts = {"network_timeout": 2.0, "acse_timeout": 2.0, "dimse_timeout": 10.0}
 
 
 # -- fixtures ---------------------------------------------------------------
@@ -137,9 +149,9 @@ def write_wire_file(
 ) -> Path:
     """A Part 10 file whose data set is ``payload`` byte for byte, whatever it holds."""
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_instance
-    meta.TransferSyntaxUID = transfer_syntax
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance)
+    meta.TransferSyntaxUID = UID(transfer_syntax)
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     encoded = DicomBytesIO()
     write_file_meta_info(encoded, meta, enforce_standard=True)
@@ -527,6 +539,7 @@ HUGE = 8000  # 8000 x 8000 x 16 bit: 128 MB of pixel data
 _RECEIVE_SCRIPT = """
 import json, sys, threading
 from pathlib import Path
+from typing import TypedDict
 from dicom_io.scp import StorageSCP
 
 def rss_kib(field="VmRSS:"):
@@ -549,6 +562,7 @@ scp.stop()
 _ASSESS_SCRIPT = """
 import json, sys
 from pathlib import Path
+from typing import TypedDict
 from pydicom import dcmread
 from db.engine import upgrade
 from dicom_io.scp import ReceivedInstance
@@ -600,10 +614,10 @@ def write_huge_hand(path: Path, size: int) -> Path:
     return path
 
 
-def _python(script: str, *args: str, **kwargs: object) -> subprocess.Popen[str]:
+def _python(script: str, *args: str, stdout: int | None = None) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen(  # type: ignore[call-overload,no-any-return]
-        [sys.executable, "-c", script, *args], env=env, text=True, cwd=REPO, **kwargs
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *args], env=env, text=True, cwd=REPO, stdout=stdout
     )
 
 

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import closing
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import dcmread
@@ -72,7 +73,7 @@ class Node:
         for proc, _ in self.processes:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        codes = []
+        codes: list[int | None] = []
         for proc, _ in self.processes:
             try:
                 codes.append(proc.wait(60))
@@ -199,7 +200,7 @@ def _all_delivered(database_url: str) -> bool:
     return len(states) == 2 and all(s is DeliveryState.DELIVERED for s in states)
 
 
-def _healthy_status(env: dict[str, str]) -> dict | None:  # type: ignore[type-arg]
+def _healthy_status(env: dict[str, str]) -> dict[str, Any] | None:
     result = cli("status", "--json", env=env)
     report = json.loads(result.stdout)
     return report if result.returncode == 0 and report["healthy"] else None

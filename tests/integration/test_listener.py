@@ -406,7 +406,9 @@ def test_listener_sockets_send_at_once(harness_factory: Callable[..., Harness]) 
     try:
         assert h.scp._server is not None
         [ours] = h.scp._server.active_associations
+        assert ours.dul.socket is not None
         sock = ours.dul.socket.socket
+        assert sock is not None
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
         assert assoc.send_c_echo().Status == 0x0000
     finally:

@@ -340,9 +340,9 @@ def test_missing_sex_follows_the_site_setting(
     outcome = assess_instance(rt, instance_id)
     assert outcome.state == "assessed"
     with session_scope(rt.database_url) as session:
-        assert session.get_one(Instance, instance_id).reason.startswith(
-            "Patient sex not recorded: assessed as female"
-        )
+        reason = session.get_one(Instance, instance_id).reason
+        assert reason is not None
+        assert reason.startswith("Patient sex not recorded: assessed as female")
         [result] = session.scalars(select(Result))
         assert result.male is False
         sr_path = next(

@@ -30,7 +30,9 @@ def test_our_associations_send_at_once(storescp: StoreSCP) -> None:
         timeout=10,
     )
     try:
+        assert assoc.dul.socket is not None
         sock = assoc.dul.socket.socket
+        assert sock is not None
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
         assert assoc.send_c_echo().Status == 0x0000
     finally:

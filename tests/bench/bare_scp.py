@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from pynetdicom import AE, _config, evt
+from pynetdicom.dimse_primitives import C_STORE
 
 from dicom_io.scp import TRANSFER_SYNTAXES, image_storage_sop_classes
 
@@ -23,6 +24,7 @@ def main() -> None:
     tempfile.tempdir = str(incoming)  # same file system: the final step is a rename
 
     def on_store(event: evt.Event) -> int:
+        assert isinstance(event.request, C_STORE)
         temp = Path(event.dataset_path)
         fd = os.open(temp, os.O_RDONLY)
         os.fsync(fd)

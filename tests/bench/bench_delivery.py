@@ -165,11 +165,11 @@ def main() -> None:
                 send(peer, list(pairs[0]))  # warm: imports, connections, page cache
                 walls, cpus = [], []
                 for pair in pairs:
-                    cpu = time.process_time()
+                    cpu_started = time.process_time()
                     started = time.perf_counter()
                     send(peer, list(pair))
                     walls.append(time.perf_counter() - started)
-                    cpus.append(time.process_time() - cpu)
+                    cpus.append(time.process_time() - cpu_started)
                 figures.append(
                     (
                         name,

@@ -134,9 +134,8 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir=args.workdir))
     try:
-        files = (
-            make_inputs(work / "inputs", args.count) if (work / "inputs").mkdir() is None else []
-        )
+        (work / "inputs").mkdir()
+        files = make_inputs(work / "inputs", args.count)
         size_mb = sum(f.stat().st_size for f in files) / 1e6
         peers = ["storescp", "bare pynetdicom", "boneage-worker listen"]
         times: dict[str, list[float]] = {p: [] for p in peers}

@@ -539,7 +539,6 @@ HUGE = 8000  # 8000 x 8000 x 16 bit: 128 MB of pixel data
 _RECEIVE_SCRIPT = """
 import json, sys, threading
 from pathlib import Path
-from typing import TypedDict
 from dicom_io.scp import StorageSCP
 
 def rss_kib(field="VmRSS:"):
@@ -562,7 +561,6 @@ scp.stop()
 _ASSESS_SCRIPT = """
 import json, sys
 from pathlib import Path
-from typing import TypedDict
 from pydicom import dcmread
 from db.engine import upgrade
 from dicom_io.scp import ReceivedInstance

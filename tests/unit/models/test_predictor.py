@@ -26,6 +26,7 @@ from models.predictor import (
     resolve_precision,
 )
 from models.preprocess import prepare
+from tests.unit.models.helpers import with_trained_batch_norms
 from worker.settings import Precision
 
 
@@ -210,13 +211,7 @@ def test_predictor_runs_a_folded_copy_that_agrees_with_the_checkpoint_model(
     loaded: LoadedModel, image: np.ndarray
 ) -> None:
     # batch norms with real statistics, so folding them changes every weight
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for module in loaded.model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                assert module.running_mean is not None and module.running_var is not None
-                module.running_mean.normal_(0.0, 0.2, generator=generator)
-                module.running_var.uniform_(0.3, 1.3, generator=generator)
+    with_trained_batch_norms(loaded.model, seed=3)
     predictor = BoneAgePredictor(loaded, device="cpu")
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in loaded.model.modules())
     result = predictor.predict(image, male=True)

@@ -57,13 +57,24 @@ def enqueue_delivery(delivery_ids: Sequence[int], *, countdown: float | None = N
         app.send_task(DELIVER_TASK, args=[chunk], queue=DELIVERY_QUEUE, countdown=countdown)
 
 
-def mark_queued(database_url: str, instance_ids: list[int]) -> None:
-    """`received` → `queued` for instances whose message was published (one commit)."""
+def mark_queued(database_url: str, instance_ids: list[int], published_at: datetime) -> None:
+    """Record that the messages of ``instance_ids`` were published at ``published_at``.
+
+    `received` rows become `queued`. A worker may have claimed an instance before this
+    commit (its message is on the broker from the moment it is published): its state
+    is left as the worker set it, but its Queued At is still recorded, so that every
+    assessed instance's timeline reads received → queued → started → finished.
+    """
     with session_scope(database_url) as session:
         session.execute(
             update(Instance)
             .where(Instance.id.in_(instance_ids), Instance.state == InstanceState.RECEIVED)
-            .values(state=InstanceState.QUEUED, queued_at=now())
+            .values(state=InstanceState.QUEUED, queued_at=published_at)
+        )
+        session.execute(
+            update(Instance)
+            .where(Instance.id.in_(instance_ids), Instance.queued_at.is_(None))
+            .values(queued_at=published_at)
         )
 
 
@@ -175,6 +186,7 @@ class Enqueuer:
         return batch
 
     def _publish_round(self, ids: list[int]) -> None:
+        published_at = now()  # before the first message, which a worker may take at once
         published: list[int] = []
         for position, instance_id in enumerate(ids):
             if not self._publish(instance_id):
@@ -187,7 +199,7 @@ class Enqueuer:
             self._failed_rounds = 0
         if published:
             try:
-                mark_queued(self._database_url, published)
+                mark_queued(self._database_url, published, published_at)
             except Exception:
                 logger.exception("%d instances published but not marked queued", len(published))
 

@@ -12,13 +12,11 @@ Then ``--lone`` more studies go through one at a time, each once the one before 
 delivered, as a PACS forwards most of its studies: where such a study's time goes, from
 the database's timestamps (median of them):
 
-    received → started    the listener's enqueuer publishing its message, the broker, and
-                          an inference worker taking it up
+    received → queued     the listener's enqueuer taking the id up and publishing its
+                          message (Queued At is the time of publishing)
+    queued → started      the broker, and an inference worker taking the message up
     started → finished    the inference task; "model" is its forward pass and Grad-CAM
     finished → SR         the delivery worker taking up the SR and sending it
-
-(Queued At is not a stage: a worker may claim the instance before the enqueuer's commit
-marks it queued, which then leaves it unset.)
 
     .venv/bin/python -m tests.bench.bench_idle [--seconds 60] [--lone 5]
         [--stack embedded|redis-postgres|both]
@@ -63,7 +61,8 @@ SAMPLE_SECONDS = 1.0
 
 #: The stages of a lone study's time, in :func:`timeline`'s order.
 STAGES = (
-    "received → started",
+    "received → queued",
+    "queued → started",
     "started → finished",
     "  model",
     "finished → SR",
@@ -124,6 +123,7 @@ def timeline(database_url: str, study: Path) -> tuple[float, ...]:
         row = session.execute(
             select(
                 Instance.received_at,
+                Instance.queued_at,
                 Instance.started_at,
                 Instance.finished_at,
                 Result.inference_seconds,
@@ -133,7 +133,7 @@ def timeline(database_url: str, study: Path) -> tuple[float, ...]:
             .join(Delivery, Delivery.instance_id == Instance.id)
             .where(Instance.sop_instance_uid == sop_uid(study), Delivery.kind == ObjectKind.SR)
         ).one()
-    received, started, finished, model, delivered = row
+    received, queued, started, finished, model, delivered = row
 
     def between(earlier: dt.datetime | None, later: dt.datetime | None) -> float:
         if earlier is None or later is None:
@@ -141,7 +141,8 @@ def timeline(database_url: str, study: Path) -> tuple[float, ...]:
         return (later - earlier).total_seconds()
 
     return (
-        between(received, started),
+        between(received, queued),
+        between(queued, started),
         between(started, finished),
         model,
         between(finished, delivered),

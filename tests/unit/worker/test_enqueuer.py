@@ -14,15 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event, select
+from sqlalchemy import event, select, update
 from sqlalchemy.engine import Engine
 
 from db.engine import session_scope, upgrade
 from db.schema import Instance, InstanceState
+from db.schema import utcnow as now
 from tests.support import free_port, received, wait_for
 from worker.celery_app import INFERENCE_QUEUE, configure, prepare_embedded_broker
 from worker.listener import record_instance
-from worker.messaging import CONNECT_WAIT_SECONDS, Enqueuer
+from worker.messaging import CONNECT_WAIT_SECONDS, Enqueuer, mark_queued
 from worker.settings import Settings, load_settings
 
 
@@ -162,3 +163,32 @@ def test_a_burst_is_gathered_into_one_round(tmp_path: Path) -> None:
     stamps = {_queued_at(url, i) for i in burst}
     assert len(stamps) == 1  # marked by one statement
     assert stamps != {_queued_at(url, first)}
+
+
+def test_queued_at_is_recorded_even_when_a_worker_claimed_the_instance_first(
+    tmp_path: Path,
+) -> None:
+    # The message is on the broker from the moment it is published, so an idle worker
+    # may claim the instance before the round's commit: its Queued At is still the time
+    # of publishing, and its state stays what the worker made it.
+    settings = _node(tmp_path)
+    url = settings.effective_database_url
+    waiting, claimed, earlier = (record_instance(url, received(f"1.2.3.{i}")) for i in (1, 2, 3))
+    first_round = now()
+    mark_queued(url, [earlier], first_round)
+    published_at = now()
+    with session_scope(url) as session:  # what an inference worker's claim does
+        session.execute(
+            update(Instance)
+            .where(Instance.id == claimed)
+            .values(state=InstanceState.PROCESSING, started_at=now())
+        )
+    mark_queued(url, [waiting, claimed, earlier], published_at)
+
+    assert _state(url, waiting) is InstanceState.QUEUED
+    assert _queued_at(url, waiting) == published_at
+    assert _state(url, claimed) is InstanceState.PROCESSING
+    assert _queued_at(url, claimed) == published_at
+    # published again (the same instance received twice): it has waited since the first
+    assert _state(url, earlier) is InstanceState.QUEUED
+    assert _queued_at(url, earlier) == first_round

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -207,6 +208,17 @@ def describe_device(device: torch.device) -> str:
     return str(device)
 
 
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run the block with ``threads`` torch threads, then restore the count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def inference_copy(
     model: BoneAgeNet,
     device: torch.device,
@@ -283,6 +295,10 @@ class BoneAgePredictor:
     precision : str
         What the trunk runs in (:func:`resolve_precision`): by default float16 autocast
         on CUDA, float32 elsewhere.
+    cpu_threads : collection of int
+        Torch thread counts it will also run at on a CPU, besides the count it is built
+        at. In float32 the fused convolutions get a copy packed for each (see
+        :attr:`thread_counts`); elsewhere nothing depends on the count.
 
     Notes
     -----
@@ -295,13 +311,30 @@ class BoneAgePredictor:
     """
 
     def __init__(
-        self, loaded: LoadedModel, *, device: str = "auto", precision: str = "auto"
+        self,
+        loaded: LoadedModel,
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        cpu_threads: Collection[int] = (),
     ) -> None:
         self._device = resolve_device(device)
         self._dtype = resolve_precision(precision, self._device)
         self._model = inference_copy(
             loaded.model, self._device, self._dtype, input_size=loaded.meta.input_size
         )
+        # Fused convolutions' weights are laid out for the torch thread count they were
+        # packed at; at another count oneDNN reorders them on every pass (measured: 1.6×
+        # the time on one thread, 1.7× on two). Each other count asked for gets its own
+        # copy, packed at it (the weights once more: about 100 MB for a ResNet-50).
+        self._by_threads: dict[int, BoneAgeNet] = {}
+        if is_fused(self._model):
+            self._by_threads[torch.get_num_threads()] = self._model
+            for threads in sorted(set(cpu_threads) - set(self._by_threads)):
+                with torch_threads(threads):
+                    packed = cpu_inference_copy(loaded.model, input_size=loaded.meta.input_size)
+                if packed is not None:
+                    self._by_threads[threads] = packed
         # Keep the metadata and id, not the caller's module: one copy of the weights.
         self._loaded = dataclasses.replace(loaded, model=self._model)
         logger.info(
@@ -338,6 +371,18 @@ class BoneAgePredictor:
     def fused_convolutions(self) -> bool:
         """Whether the trunk runs as fused oneDNN convolutions (:mod:`models.fused`)."""
         return is_fused(self._model)
+
+    @property
+    def thread_counts(self) -> tuple[int, ...]:
+        """The torch thread counts this predictor's fused convolutions are packed for
+        (``cpu_threads`` and the count when it was built); empty when not fused."""
+        return tuple(sorted(self._by_threads))
+
+    def inference_model(self, threads: int | None = None) -> BoneAgeNet:
+        """The copy of the model that runs at ``threads`` torch threads (by default, the
+        current count): the one packed for it, else the one built first."""
+        count = torch.get_num_threads() if threads is None else threads
+        return self._by_threads.get(count, self._model)
 
     @property
     def runs_on(self) -> str:
@@ -434,7 +479,7 @@ class BoneAgePredictor:
         x = x.contiguous(memory_format=torch.channels_last)
         lower = self._dtype != torch.float32
         with torch.autocast(self._device.type, dtype=self._dtype, enabled=lower):
-            z, cams = predict_with_cam(self._model, x, sex)
+            z, cams = predict_with_cam(self.inference_model(), x, sex)
         meta = self._loaded.meta
         months = (z.float() * meta.target_sd + meta.target_mean).cpu().numpy()
         cams_np = cams.float().cpu().numpy()

@@ -220,7 +220,7 @@ def work(
     from worker.celery_app import configure
 
     app = configure(settings)
-    tasks.set_worker_queues(names, pool=pool, concurrency=concurrency)
+    tasks.set_worker_queues(names, pool=pool, concurrency=concurrency, settings=settings)
     if "inference" in names and pool == "threads":
         logger.info(
             "inference: 1 process, %d task threads, batches of up to %d, device %s",
@@ -229,10 +229,12 @@ def work(
             settings.device,
         )
     elif "inference" in names:
+        share = tasks.core_share()
         logger.info(
-            "inference: %d process(es), %s torch thread(s) each, device %s",
+            "inference: %d process(es), %s torch thread(s) each%s, device %s",
             concurrency,
             settings.torch_threads or "auto",
+            f" (a study that comes alone: all {share.cores} cores)" if share else "",
             settings.device,
         )
     argv = [

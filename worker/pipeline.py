@@ -286,7 +286,8 @@ def assess_instance(rt: Runtime, instance_id: int, *, send: bool = True) -> Asse
         ds, min_short_side=predictor.input_size, min_long_side=settings.sc_min_long_side
     )
     try:
-        image = decode_for_display(ds, reduce=reduce)
+        with rt.stage():
+            image = decode_for_display(ds, reduce=reduce)
     except PixelDataError as exc:
         return _not_assessed(
             rt,
@@ -463,7 +464,10 @@ def warm_up(rt: Runtime) -> float:
     """
     import datetime
 
+    import torch
+
     from dicom_io.synthetic import make_radiograph_dataset
+    from models.predictor import torch_threads
 
     started = time.perf_counter()
     predictor = rt.predictor
@@ -476,6 +480,9 @@ def warm_up(rt: Runtime) -> float:
     decision = gate.check(source, require_sex=False)
     image = decode_for_display(source)
     prediction = predictor.predict(image, male=True)
+    for threads in set(predictor.thread_counts) - {torch.get_num_threads()}:
+        with torch_threads(threads):  # a study that comes alone: every core
+            predictor.predict(image, male=True)
     finding = assessment_finding(predictor, prediction, decision.facts, male=True)
     build_outputs(
         source,

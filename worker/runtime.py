@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 
     from models.batching import BatchingPredictor
     from models.predictor import BoneAgePredictor, Prediction
+    from worker.cores import CoreShare
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,8 @@ class Runtime:
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     _predictor: BoneAgePredictor | None = field(default=None, repr=False)
     _batcher: BatchingPredictor | None = field(default=None, repr=False)
+    #: The cores this process shares with its siblings (prefork on a CPU), if it does.
+    cores: CoreShare | None = None
 
     @property
     def database_url(self) -> str:
@@ -93,9 +97,15 @@ class Runtime:
     def predict(self, image: np.ndarray, *, male: bool) -> Prediction:
         """Assess one image: alone, or in a batch shared with other task threads."""
         batcher = self.batcher
-        if batcher is None:
+        if batcher is not None:
+            return batcher.predict(image, male=male)
+        with self.stage():
             return self.predictor.predict(image, male=male)
-        return batcher.predict(image, male=male)
+
+    def stage(self) -> AbstractContextManager[object]:
+        """Around work that runs on several cores (the forward pass, a JPEG 2000 decode):
+        every core when this process's siblings are idle (:class:`~worker.cores.CoreShare`)."""
+        return self.cores.stage() if self.cores is not None else nullcontext()
 
     def _load_predictor(self) -> BoneAgePredictor:
         from models.checkpoint import load_checkpoint, untrained_model
@@ -111,6 +121,12 @@ class Runtime:
                 "BONEAGE_MODEL is not set: using an UNTRAINED %s; every output says so",
                 settings.arch,
             )
-        predictor = BoneAgePredictor(loaded, device=settings.device, precision=settings.precision)
+        predictor = BoneAgePredictor(
+            loaded,
+            device=settings.device,
+            precision=settings.precision,
+            # a study that comes alone runs on every core: packed for that count too
+            cpu_threads=(self.cores.cores,) if self.cores is not None else (),
+        )
         logger.info("model ready on %s", predictor.runs_on)
         return predictor

@@ -6,6 +6,7 @@ again; the functions it calls are idempotent, so that is safe.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterable
@@ -26,6 +27,7 @@ from db.engine import dispose_after_fork
 from dicom_io.pixels import set_jpeg2000_threads
 from worker import metrics
 from worker.celery_app import ASSESS_TASK, DELIVER_TASK, RECONCILE_TASK, app
+from worker.cores import CoreShare
 from worker.delivery import send_deliveries
 from worker.heap import keep_large_blocks
 from worker.heartbeat import HeartbeatThread
@@ -41,14 +43,40 @@ logger = logging.getLogger(__name__)
 _state: dict[str, Any] = {"queues": ("inference", "delivery")}
 
 
-def set_worker_queues(queues: tuple[str, ...], *, pool: str = "solo", concurrency: int = 1) -> None:
+def set_worker_queues(
+    queues: tuple[str, ...],
+    *,
+    pool: str = "solo",
+    concurrency: int = 1,
+    settings: Settings | None = None,
+) -> None:
     """Called by `boneage-worker work` before the worker starts (inherited by children).
 
-    ``concurrency`` is the worker's processes (prefork) or task threads (threads).
+    ``concurrency`` is the worker's processes (prefork) or task threads (threads). An
+    inference worker's processes on a CPU, each with a share of the cores, get a
+    :class:`~worker.cores.CoreShare` (unless ``settings`` fix the torch threads): a study
+    that comes alone is then assessed on every core.
     """
     _state["queues"] = queues
     _state["pool"] = pool
     _state["concurrency"] = concurrency
+    _state.pop("cores", None)
+    if (
+        settings is not None
+        and "inference" in queues
+        and pool == "prefork"
+        and settings.runs_on_cpu
+        and not settings.torch_threads
+    ):
+        share = _torch_threads(settings)
+        if share < usable_cpus():
+            _state["cores"] = CoreShare(cores=usable_cpus(), share=share)
+
+
+def core_share() -> CoreShare | None:
+    """The cores this worker's processes share, if they do (see set_worker_queues)."""
+    share: CoreShare | None = _state.get("cores")
+    return share
 
 
 def _processes() -> int:
@@ -117,6 +145,11 @@ def _init_process(**_: Any) -> None:
         # task threads may decode at once: never more decode threads than cores.
         decode_threads = _cores_per_task()
         set_jpeg2000_threads(decode_threads)
+        cores = core_share()
+        if cores is not None:
+            # a study that comes alone is decoded and assessed on every core
+            rt.cores = cores
+            detail["lone_study_threads"] = cores.cores
         predictor = rt.predictor
         # the model's first forward pass and highdicom's first SR and SC are slow
         logger.info("model and DICOM output builders warmed up in %.1fs", warm_up(rt))
@@ -176,8 +209,10 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
 )
 def assess(self: Task, instance_id: int, send: bool = True) -> str:
     started = time.perf_counter()
+    rt = runtime()
     try:
-        outcome = assess_instance(runtime(), instance_id, send=send)
+        with rt.cores.task() if rt.cores is not None else contextlib.nullcontext():
+            outcome = assess_instance(rt, instance_id, send=send)
     except Exception:
         metrics.TASKS.labels(ASSESS_TASK, "exception").inc()
         raise

@@ -179,6 +179,9 @@ def check_round_trip(
     assert len(inference) == min(usable_cpus(), 4)
     threads = max(1, usable_cpus() // len(inference))
     assert all(p["torch_threads"] == threads for p in inference)
+    # a study that comes alone is assessed on every core (worker.cores)
+    lone = usable_cpus() if threads < usable_cpus() else None
+    assert all(p.get("lone_study_threads") == lone for p in inference)
     assert all(p["heap_keeps_large_blocks"] for p in inference)  # glibc here
     # the cores shared among the processes' JPEG 2000 decodes
     assert all(p["jpeg2000_threads"] == max(1, usable_cpus() // len(inference)) for p in inference)

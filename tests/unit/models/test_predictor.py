@@ -12,7 +12,7 @@ import torch
 
 from dicom_io.content import TRUNK_PRECISIONS
 from models.checkpoint import LoadedModel, untrained_model
-from models.fused import fusion_available
+from models.fused import fusion_available, is_fused
 from models.gradcam import predict_with_cam
 from models.phantoms import make_phantom
 from models.predictor import (
@@ -24,6 +24,7 @@ from models.predictor import (
     precision_name,
     resolve_device,
     resolve_precision,
+    torch_threads,
 )
 from models.preprocess import prepare
 from tests.unit.models.helpers import with_trained_batch_norms
@@ -148,6 +149,32 @@ def test_cpu_float32_predictor_runs_fused_convolutions_and_gives_the_model_s_res
     np.testing.assert_allclose(result.crop_cam, cam[0].numpy(), rtol=0, atol=1e-4)
     assert loaded.model.conv1.weight.dtype == torch.float32  # the caller's module untouched
     assert isinstance(loaded.model.bn1, torch.nn.BatchNorm2d)
+
+
+def test_a_predictor_packed_for_other_thread_counts_runs_each_count_on_its_own_copy(
+    loaded: LoadedModel, image: np.ndarray
+) -> None:
+    with_trained_batch_norms(loaded.model, seed=3)
+    with torch_threads(1):
+        predictor = BoneAgePredictor(loaded, device="cpu", precision="float32", cpu_threads=[2])
+        alone = predictor.predict(image, male=True)
+    if fusion_available() is not None:
+        assert predictor.thread_counts == ()  # nothing is packed: nothing to choose
+        return
+    assert predictor.thread_counts == (1, 2)
+    one, two = predictor.inference_model(1), predictor.inference_model(2)
+    assert one is not two and is_fused(one) and is_fused(two)
+    assert predictor.inference_model(3) is one  # a count not packed for: the first copy
+    ran: list[torch.nn.Module] = []
+    stems = [copy.get_submodule("stem") for copy in (one, two)]
+    for stem in stems:  # the first convolution of each copy says when it runs
+        stem.register_forward_hook(lambda module, *_: ran.append(module))
+    with torch_threads(2):
+        shared = predictor.predict(image, male=True)
+    assert ran == [stems[1]]
+    # the same result, up to float rounding, whichever copy gave it
+    assert shared.bone_age_months == pytest.approx(alone.bone_age_months, abs=1e-3)
+    np.testing.assert_allclose(shared.crop_cam, alone.crop_cam, atol=1e-4)
 
 
 def test_bfloat16_predictor_runs_the_trunk_in_bfloat16_and_reports_float32(

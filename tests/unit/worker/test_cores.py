@@ -1,0 +1,122 @@
+"""CoreShare: a study that comes alone runs on every core; siblings never crowd it, and a
+sibling that dies blocks nothing. The siblings are real forked processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+from collections.abc import Iterator
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.support import wait_for
+from worker.cores import CoreShare
+
+FORK = multiprocessing.get_context("fork")
+
+
+@pytest.fixture
+def share() -> Iterator[CoreShare]:
+    """Two cores, one each for two processes, as on this project's machines."""
+    threads, decoders = torch.get_num_threads(), os.environ.get("OPJ_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OPJ_NUM_THREADS"] = "1"
+    yield CoreShare(cores=2, share=1)
+    torch.set_num_threads(threads)
+    if decoders is None:
+        os.environ.pop("OPJ_NUM_THREADS", None)
+    else:
+        os.environ["OPJ_NUM_THREADS"] = decoders
+
+
+def _sibling(share: CoreShare, pipe: Connection, *, stage: bool) -> None:
+    """Take a task (and a stage, if asked), say so, then hold it until told to go."""
+    with share.task():
+        if stage:
+            with share.stage() as threads:
+                pipe.send(("in", threads))
+                pipe.recv()
+        else:
+            pipe.send(("in", None))
+            pipe.recv()
+    pipe.send(("out", None))
+
+
+def _start_sibling(share: CoreShare, *, stage: bool) -> tuple[BaseProcess, Connection]:
+    ours, theirs = FORK.Pipe()
+    process = FORK.Process(target=_sibling, args=(share, theirs), kwargs={"stage": stage})
+    process.start()
+    return process, ours
+
+
+def _waits_on_a_lock(pid: int) -> bool:
+    """Whether ``pid`` is blocked waiting for a file lock: the kernel's /proc/locks lists
+    a waiter as ``N: -> FLOCK ADVISORY READ <pid> ...``."""
+    return any(
+        fields[1:2] == ["->"] and fields[5:6] == [str(pid)]
+        for fields in map(str.split, Path("/proc/locks").read_text().splitlines())
+    )
+
+
+def test_a_process_alone_runs_its_stage_on_every_core(share: CoreShare) -> None:
+    with share.task():
+        with share.stage() as threads:
+            assert threads == 2
+            assert torch.get_num_threads() == 2
+            assert os.environ["OPJ_NUM_THREADS"] == "2"  # JPEG 2000 decodes too
+        # back to its share outside the stage
+        assert torch.get_num_threads() == 1
+        assert os.environ["OPJ_NUM_THREADS"] == "1"
+
+
+def test_a_busy_sibling_keeps_each_process_to_its_share(share: CoreShare) -> None:
+    sibling, pipe = _start_sibling(share, stage=False)
+    try:
+        assert pipe.recv() == ("in", None)
+        with share.task(), share.stage() as threads:
+            assert threads == 1
+            assert torch.get_num_threads() == 1
+    finally:
+        pipe.send("go")
+        sibling.join(30)
+    assert sibling.exitcode == 0
+    # the sibling's task is over: alone again
+    with share.task(), share.stage() as threads:
+        assert threads == 2
+
+
+def test_a_sibling_waits_for_a_stage_on_every_core_to_end(share: CoreShare) -> None:
+    with share.task():
+        with share.stage() as threads:
+            assert threads == 2
+            sibling, pipe = _start_sibling(share, stage=True)
+            # It does not start its task (or threads of its own) beside this stage ...
+            wait_for(lambda: _waits_on_a_lock(sibling.pid or 0), timeout=30, what="a waiter")
+            assert not pipe.poll()
+        # ... but as soon as the stage ends; this process is busy, so on its share.
+        assert pipe.recv() == ("in", 1)
+        pipe.send("go")
+        assert pipe.recv() == ("out", None)
+    sibling.join(30)
+    assert sibling.exitcode == 0
+
+
+@pytest.mark.parametrize("stage", [False, True], ids=["in a task", "in a stage"])
+def test_a_sibling_killed_holds_nothing_up(share: CoreShare, stage: bool) -> None:
+    sibling, pipe = _start_sibling(share, stage=stage)
+    assert pipe.recv() == ("in", 2 if stage else None)
+    os.kill(sibling.pid or 0, signal.SIGKILL)
+    sibling.join(30)
+    # its marks are left behind, but its process is gone: this one is alone
+    with share.task(), share.stage() as threads:
+        assert threads == 2
+
+
+def test_a_share_must_fit_the_cores() -> None:
+    with pytest.raises(ValueError, match="share"):
+        CoreShare(cores=2, share=3)

@@ -38,8 +38,6 @@ import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-
 from dicom_io.pixels import set_jpeg2000_threads
 
 logger = logging.getLogger(__name__)
@@ -171,6 +169,8 @@ class CoreShare:
 
 
 def _set_threads(threads: int) -> None:
+    import torch  # only inference processes get here; a worker's parent need not import it
+
     torch.set_num_threads(threads)
     set_jpeg2000_threads(threads)
 

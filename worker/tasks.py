@@ -12,7 +12,6 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-import torch
 from celery import Task
 from celery.signals import (
     worker_init,
@@ -61,6 +60,10 @@ def set_worker_queues(
     _state["pool"] = pool
     _state["concurrency"] = concurrency
     _state.pop("cores", None)
+    if "inference" in queues:
+        # Once, before the fork: the children inherit it instead of each importing it.
+        # Only an inference worker: a delivery worker never needs torch (600 MB here).
+        import torch  # noqa: F401
     if (
         settings is not None
         and "inference" in queues
@@ -131,6 +134,9 @@ def _init_process(**_: Any) -> None:
     rt = runtime()
     detail: dict[str, Any] = {"queues": list(_state["queues"])}
     if "inference" in _state["queues"]:
+        # Imported here: a delivery worker never needs torch (about 600 MB of memory).
+        import torch
+
         # every image reuses the same large buffers: keep them instead of page-faulting
         # them in again (a quarter of a CPU forward pass); see worker.heap
         detail["heap_keeps_large_blocks"] = keep_large_blocks()

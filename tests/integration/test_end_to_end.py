@@ -176,6 +176,8 @@ def check_round_trip(
     inference = [p for p in alive if "inference" in p.get("queues", [])]
     delivery = [p for p in alive if p.get("queues") == ["delivery"]]
     assert len(delivery) == 1
+    # the delivery worker never loads torch (about 600 MB of memory)
+    assert not _loads_torch(delivery[0]) and all(_loads_torch(p) for p in inference)
     assert len(inference) == min(usable_cpus(), 4)
     threads = max(1, usable_cpus() // len(inference))
     assert all(p["torch_threads"] == threads for p in inference)
@@ -201,6 +203,13 @@ def check_round_trip(
     with session_scope(database_url) as session:
         devices = {r.device for r in session.scalars(select(Result))}
     assert devices == {"cpu" if precision == "float32" else f"cpu, {precision}"}
+
+
+def _loads_torch(process: dict[str, Any]) -> bool:
+    """Whether a node process of `status --json` has torch loaded (a heartbeat's name
+    ends in its process id)."""
+    pid = int(process["name"].rsplit(":", 1)[1])
+    return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
 
 
 def _all_delivered(database_url: str) -> bool:

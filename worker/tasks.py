@@ -73,7 +73,14 @@ def set_worker_queues(
     ):
         share = _torch_threads(settings)
         if share < usable_cpus():
-            _state["cores"] = CoreShare(cores=usable_cpus(), share=share)
+            try:
+                _state["cores"] = CoreShare(cores=usable_cpus(), share=share)
+            except OSError as exc:  # its lock files: no writable temporary directory
+                logger.warning(
+                    "a study that comes alone runs on its process's share of the cores (%s: %s)",
+                    type(exc).__name__,
+                    exc.strerror,
+                )
 
 
 def core_share() -> CoreShare | None:

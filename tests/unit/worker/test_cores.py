@@ -3,9 +3,12 @@ sibling that dies blocks nothing. The siblings are real forked processes."""
 
 from __future__ import annotations
 
+import errno
+import logging
 import multiprocessing
 import os
 import signal
+import tempfile
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -16,6 +19,7 @@ import torch
 
 from tests.support import wait_for
 from worker.cores import CoreShare
+from worker.settings import Settings
 
 FORK = multiprocessing.get_context("fork")
 
@@ -120,3 +124,32 @@ def test_a_sibling_killed_holds_nothing_up(share: CoreShare, stage: bool) -> Non
 def test_a_share_must_fit_the_cores() -> None:
     with pytest.raises(ValueError, match="share"):
         CoreShare(cores=2, share=3)
+
+
+def test_a_worker_shares_its_cores_where_it_can(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from worker import tasks
+
+    monkeypatch.setattr(tasks, "_state", {})
+    monkeypatch.setattr(tasks, "usable_cpus", lambda: 4)
+    settings = Settings(device="cpu")
+    tasks.set_worker_queues(("inference",), pool="prefork", concurrency=2, settings=settings)
+    share = tasks.core_share()
+    assert share is not None and (share.cores, share.share) == (4, 2)
+    # threads fixed by the administrator, or a delivery worker: no share
+    fixed = Settings(device="cpu", torch_threads=2)
+    tasks.set_worker_queues(("inference",), pool="prefork", concurrency=2, settings=fixed)
+    assert tasks.core_share() is None
+    tasks.set_worker_queues(("delivery",), pool="prefork", concurrency=2, settings=settings)
+    assert tasks.core_share() is None
+
+    # no writable temporary directory for its lock files: the worker still starts
+    def refuse(*args: object, **kwargs: object) -> str:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    with caplog.at_level(logging.WARNING, logger="worker.tasks"):
+        tasks.set_worker_queues(("inference",), pool="prefork", concurrency=2, settings=settings)
+    assert tasks.core_share() is None
+    assert "runs on its process's share of the cores" in caplog.text

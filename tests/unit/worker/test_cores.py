@@ -14,12 +14,15 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from models.fused import fusion_available
 from tests.support import wait_for
 from worker.cores import CoreShare
-from worker.settings import Settings
+from worker.runtime import Runtime
+from worker.settings import Settings, load_settings
 
 FORK = multiprocessing.get_context("fork")
 
@@ -119,6 +122,36 @@ def test_a_sibling_killed_holds_nothing_up(share: CoreShare, stage: bool) -> Non
     # its marks are left behind, but its process is gone: this one is alone
     with share.task(), share.stage() as threads:
         assert threads == 2
+
+
+def test_a_worker_s_runtime_assesses_a_lone_image_on_every_core(
+    share: CoreShare, tmp_path: Path
+) -> None:
+    # The runtime an inference process uses, with the share its parent made: the model
+    # is packed for both thread counts where fused convolutions run, and every module of
+    # the forward pass runs on every core while no sibling has a task, else on one.
+    rt = Runtime(load_settings(data_dir=tmp_path, arch="resnet18", input_size=64, device="cpu"))
+    rt.cores = share
+    predictor = rt.predictor
+    assert predictor.thread_counts == ((1, 2) if fusion_available() is None else ())
+    threads_seen: list[int] = []
+    for count in (1, 2):
+        for module in predictor.inference_model(count).modules():
+            module.register_forward_hook(lambda *_: threads_seen.append(torch.get_num_threads()))
+    image = np.random.default_rng(0).random((100, 80), dtype=np.float32)
+    with share.task():
+        rt.predict(image, male=True)
+    assert threads_seen and set(threads_seen) == {2}
+    threads_seen.clear()
+    sibling, pipe = _start_sibling(share, stage=False)
+    try:
+        assert pipe.recv() == ("in", None)
+        with share.task():
+            rt.predict(image, male=True)
+    finally:
+        pipe.send("go")
+        sibling.join(30)
+    assert threads_seen and set(threads_seen) == {1}
 
 
 def test_a_share_must_fit_the_cores() -> None:

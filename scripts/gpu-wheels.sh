@@ -34,4 +34,12 @@ for tag in manylinux_2_39 manylinux_2_35 manylinux_2_34 manylinux_2_31 manylinux
 done
 .venv/bin/pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp "${platforms[@]}" --platform any -d .whl "${pins[@]}"
+# bench_gradcam's outside reference, pytorch-grad-cam, comes as a source archive only: pure
+# Python, so a wheel built here installs there (OpenCV, matplotlib and scikit-learn, which
+# it needs, are in the GPU image).
+for name in grad-cam ttach; do
+  version=$(.venv/bin/pip show "$name" 2>/dev/null | awk '/^Version:/ {print $2}' || true)
+  [[ -n "$version" ]] || { echo "$name is not installed in .venv: pip install -e '.[bench]'" >&2; exit 1; }
+  .venv/bin/pip wheel -q --no-deps -w .whl "$name==$version"
+done
 echo "==> $(ls .whl | wc -l) wheels, $(du -sh .whl | cut -f1) in .whl/"

@@ -21,7 +21,15 @@ Measured in one run, at the model's input size (ResNet-50 BoneAgeNet, random wei
   worker process's CPU work allows, a bound for the service path as the bare SCP is for
   the listener. The threads share one interpreter and most of that work (pydicom and
   highdicom objects) holds the GIL, so the bound grows little with the cores; where the
-  device is faster than it, several inference processes per device pay.
+  device is faster than it, several inference processes per device pay;
+- **service path, N processes** (``--processes``, e.g. ``2,4,8``): N spawned processes
+  on the same device, each what one batching inference worker is (its own predictor,
+  batcher, ``--threads`` task threads, torch and JPEG 2000 threads as a worker sets
+  them), each assessing the ``--count`` studies, started together; studies a second of
+  all of them. This is what several ``work -Q inference`` workers per GPU would give.
+
+``--j2k`` makes the studies JPEG 2000 lossless, so that decoding (at a reduced
+resolution level) is part of what overlaps the device.
 
 Each row also shows the process's CPU seconds over its wall time (cores busy).
 
@@ -36,17 +44,22 @@ figures are a check that the path runs, not a target: batching gains nothing the
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import multiprocessing.queues
+import multiprocessing.synchronize
 import statistics
 import tempfile
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from pydicom import Dataset, dcmread
+from pydicom.uid import generate_uid
 
 from dicom_io import gate
 from dicom_io.pixels import decode_for_display, decode_reduction
@@ -65,6 +78,183 @@ from tests.bench import bench_finding, decode_threads_as_in_workers, heap_as_in_
 from tests.bench.bench_pipeline import make_input
 from worker.pipeline import derived_uid, publish, stage_outputs
 from worker.settings import SC_MIN_LONG_SIDE, usable_cpus
+
+#: A child of ``--processes`` that has not reached the next step by then has failed.
+STEP_TIMEOUT_S = 600.0
+
+
+def _make_inputs(folder: Path, count: int, *, j2k: bool) -> list[Path]:
+    """``count`` 2500 x 2000 DX studies: eight phantoms, then copies under new UIDs.
+
+    Drawing a phantom this size takes about ten seconds on one core, so the eight are
+    drawn in parallel; the copies only change their UIDs.
+    """
+    paths = [folder / f"in-{n:03d}.dcm" for n in range(count)]
+    phantoms = paths[:8]
+    context = multiprocessing.get_context("spawn")  # the caller may hold a CUDA context
+    with ProcessPoolExecutor(min(len(phantoms), usable_cpus()), mp_context=context) as pool:
+        list(pool.map(partial(_make_phantom_input, j2k=j2k), phantoms, range(len(phantoms))))
+    for n, path in enumerate(paths[8:], start=8):
+        ds = dcmread(paths[n % 8])
+        ds.StudyInstanceUID = generate_uid()
+        ds.SeriesInstanceUID = generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(path, enforce_file_format=True)
+    return paths
+
+
+def _make_phantom_input(path: Path, seed: int, *, j2k: bool) -> None:
+    make_input(path, rows=2500, columns=2000, modality="DX", j2k=j2k, seed=seed)
+
+
+class _Studies:
+    """What a batching inference worker's task thread does for one study.
+
+    Read the file, gate it, decode at the reduced resolution the model and the heat-map
+    picture need, preprocess, get the prediction (from the shared batcher, or one computed
+    beforehand), then build, write and publish the SR and the heat-map SC.
+    """
+
+    def __init__(
+        self, predictor: BoneAgePredictor, batcher: BatchingPredictor | None, outbox: Path
+    ) -> None:
+        self.predictor = predictor
+        self.batcher = batcher
+        self.outbox = outbox
+
+    def decoded(self, path: Path) -> tuple[Dataset, np.ndarray]:
+        ds = dcmread(path)
+        reduce = decode_reduction(
+            ds, min_short_side=self.predictor.input_size, min_long_side=SC_MIN_LONG_SIDE
+        )
+        return ds, decode_for_display(ds, reduce=reduce)
+
+    def assess(self, path: Path, known: dict[Path, Prediction] | None = None) -> None:
+        ds, image = self.decoded(path)
+        decision = gate.check(ds)
+        assert decision.accepted, decision.reason
+        if known is None:
+            assert self.batcher is not None
+            prediction = self.batcher.predict(image, male=True)
+        else:  # the CPU side alone: this study's prediction, computed beforehand
+            self.predictor.prepare(image)
+            prediction = known[path]
+        publish(
+            stage_outputs(
+                ds,
+                image,
+                prediction,
+                bench_finding(prediction, self.predictor.model_id),
+                source_uid=str(ds.SOPInstanceUID),
+                outbox_dir=self.outbox,
+                device_observer_uid=derived_uid("bench-device"),
+            )
+        )
+
+    def run(self, paths: list[Path], threads: int) -> None:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            list(pool.map(self.assess, paths))
+
+
+def _set_threads_as_in_a_worker(device: torch.device, threads: int) -> str:
+    """Torch and JPEG 2000 threads as a batching inference worker with ``threads`` task
+    threads sets them (worker.tasks): on a GPU, the cores shared among the task threads."""
+    if device.type == "cuda":
+        torch.set_num_threads(max(1, usable_cpus() // threads))
+    return decode_threads_as_in_workers(threads)
+
+
+def _service_process(
+    rank: int,
+    args: argparse.Namespace,
+    paths: list[Path],
+    outbox: Path,
+    barrier: multiprocessing.synchronize.Barrier,
+    results: multiprocessing.queues.Queue[tuple[int, float, list[int]]],
+) -> None:
+    """One of ``--processes``: a batching inference worker's work on every study, repeated.
+
+    Waits at ``barrier`` before each round and after it, so that the parent times the
+    rounds of all processes together; reports each round's CPU seconds and batch sizes.
+    """
+    heap_as_in_workers()
+    device = resolve_device(args.device)
+    _set_threads_as_in_a_worker(device, args.threads)
+    predictor = BoneAgePredictor(
+        untrained_model(arch="resnet50", input_size=args.size),
+        device=str(device),
+        precision=args.precision,
+    )
+    sizes: list[int] = []
+    batcher = BatchingPredictor(
+        predictor,
+        max_batch=args.batch,
+        max_wait_s=args.wait_ms / 1000,
+        on_batch=lambda n, _seconds: sizes.append(n),  # one model thread appends
+    )
+    studies = _Studies(predictor, batcher, outbox)
+    try:
+        studies.run(paths, args.threads)  # warm-up: kernels, allocator, highdicom
+        for _ in range(args.repeats):
+            sizes.clear()
+            barrier.wait(STEP_TIMEOUT_S)
+            cpu = time.process_time()
+            studies.run(paths, args.threads)
+            results.put((rank, time.process_time() - cpu, list(sizes)))
+            barrier.wait(STEP_TIMEOUT_S)
+    except BaseException:
+        barrier.abort()  # the parent and the other processes stop waiting
+        raise
+    finally:
+        batcher.close()
+
+
+def _several_processes(
+    n: int, args: argparse.Namespace, paths: list[Path], work: Path
+) -> tuple[list[float], list[float], list[int]]:
+    """Run ``n`` service processes together ``--repeats`` times.
+
+    Returns each round's wall seconds, each round's cores busy (the processes' CPU
+    seconds over the wall time) and every batch size seen.
+    """
+    context = multiprocessing.get_context("spawn")  # CUDA does not survive a fork
+    barrier = context.Barrier(n + 1)
+    results: multiprocessing.queues.Queue[tuple[int, float, list[int]]] = context.Queue()
+    children = [
+        context.Process(
+            target=_service_process,
+            args=(rank, args, paths, work / f"outbox-{n}-{rank}", barrier, results),
+            daemon=True,
+        )
+        for rank in range(n)
+    ]
+    for child in children:
+        child.start()
+    walls: list[float] = []
+    busy: list[float] = []
+    sizes: list[int] = []
+    try:
+        for _ in range(args.repeats):
+            barrier.wait(STEP_TIMEOUT_S)  # every process is ready: go
+            start = time.perf_counter()
+            barrier.wait(STEP_TIMEOUT_S)  # every process is done
+            walls.append(time.perf_counter() - start)
+            rounds = [results.get(timeout=STEP_TIMEOUT_S) for _ in children]
+            busy.append(sum(cpu for _, cpu, _ in rounds) / walls[-1])
+            sizes += [size for _, _, seen in rounds for size in seen]
+    except threading.BrokenBarrierError as exc:
+        for child in children:
+            child.join(30)
+        codes = [child.exitcode for child in children]
+        raise SystemExit(
+            f"a service process failed (exit codes {codes}); its traceback is above"
+        ) from exc
+    finally:
+        for child in children:
+            child.join(STEP_TIMEOUT_S)
+            if child.is_alive():
+                child.terminate()
+    return walls, busy, sizes
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
@@ -102,6 +292,13 @@ def main() -> None:
         help="ours and the service path, as BONEAGE_PRECISION (auto: float16 on CUDA, "
         "float32 on a CPU); the bare autocast row uses it too where it is not float32",
     )
+    parser.add_argument(
+        "--processes",
+        default="",
+        help="also run the service path in this many processes at once, each its own "
+        "worker on the device: a comma-separated list, e.g. 2,4,8",
+    )
+    parser.add_argument("--j2k", action="store_true", help="JPEG 2000 lossless studies")
     args = parser.parse_args()
     heap = heap_as_in_workers()
     device = resolve_device(args.device)
@@ -109,8 +306,10 @@ def main() -> None:
     args.batch = args.batch or (16 if gpu else 4)
     args.repeats = args.repeats or (5 if gpu else 2)
     args.count = args.count or 4 * args.batch
-    threads = args.threads or 2 * args.batch
-    heap = f"{heap}; {decode_threads_as_in_workers(threads)}"
+    args.threads = args.threads or 2 * args.batch
+    processes = sorted({int(n) for n in args.processes.split(",") if n.strip()})
+    if any(n < 1 for n in processes):
+        parser.error("--processes takes counts of 1 or more")
     run = _timer(device)
 
     loaded = untrained_model(arch="resnet50", input_size=args.size)
@@ -132,18 +331,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
-        paths = [work / f"in-{n:03d}.dcm" for n in range(args.count)]
-        for n, path in enumerate(paths):
-            make_input(path, rows=2500, columns=2000, modality="DX", j2k=False, seed=n % 8)
-
-        def decoded(path: Path) -> tuple[Dataset, np.ndarray]:
-            ds = dcmread(path)
-            reduce = decode_reduction(
-                ds, min_short_side=predictor.input_size, min_long_side=SC_MIN_LONG_SIDE
-            )
-            return ds, decode_for_display(ds, reduce=reduce)
-
-        images = [decoded(p)[1] for p in paths[: args.batch]]
+        paths = _make_inputs(work, args.count, j2k=args.j2k)
+        # the bare rows ran at every core; the service path's threads as in a worker
+        threads_note = _set_threads_as_in_a_worker(device, args.threads)
+        studies = _Studies(predictor, None, work / "outbox")
+        images = [studies.decoded(p)[1] for p in paths[: args.batch]]
         prepared = [predictor.prepare(image) for image in images]
 
         def ours_batched() -> None:
@@ -156,40 +348,18 @@ def main() -> None:
             with lock:
                 sizes.append(n)
 
-        batcher = BatchingPredictor(
+        studies.batcher = BatchingPredictor(
             predictor, max_batch=args.batch, max_wait_s=args.wait_ms / 1000, on_batch=observe
         )
 
-        def assess(path: Path, known: dict[Path, Prediction] | None = None) -> None:
-            ds, image = decoded(path)
-            decision = gate.check(ds)
-            assert decision.accepted, decision.reason
-            if known is None:
-                prediction = batcher.predict(image, male=True)
-            else:  # the CPU side alone: this study's prediction, computed beforehand
-                predictor.prepare(image)
-                prediction = known[path]
-            publish(
-                stage_outputs(
-                    ds,
-                    image,
-                    prediction,
-                    bench_finding(prediction, predictor.model_id),
-                    source_uid=str(ds.SOPInstanceUID),
-                    outbox_dir=work / "outbox",
-                    device_observer_uid=derived_uid("bench-device"),
-                )
-            )
-
         def service_path() -> None:
-            with ThreadPoolExecutor(max_workers=threads) as pool:
-                list(pool.map(assess, paths))
+            studies.run(paths, args.threads)
 
-        known = {path: predictor.predict(decoded(path)[1], male=True) for path in paths}
+        known = {path: predictor.predict(studies.decoded(path)[1], male=True) for path in paths}
 
         def cpu_side_alone() -> None:
-            with ThreadPoolExecutor(max_workers=threads) as pool:
-                list(pool.map(lambda path: assess(path, known), paths))
+            with ThreadPoolExecutor(max_workers=args.threads) as pool:
+                list(pool.map(lambda path: studies.assess(path, known), paths))
 
         autocast = f"bare, {str(half).split('.')[-1]} autocast"
         cases: dict[str, tuple[Callable[[], object], int]] = {
@@ -214,7 +384,7 @@ def main() -> None:
                 cpu = time.process_time()  # every thread of this process
                 times[name].append(run(fn))
                 busy[name].append((time.process_time() - cpu) / times[name][-1])
-        batcher.close()
+        studies.batcher.close()
 
         with torch.inference_mode():
             x_real = torch.stack([p.tensor for p in prepared]).to(device)
@@ -226,37 +396,51 @@ def main() -> None:
             abs(p.bone_age_months - float(b)) for p, b in zip(ours, bare_months, strict=True)
         )
 
-    rates = {name: n / statistics.median(times[name]) for name, (_, n) in cases.items()}
-    base = rates["bare, batched"]
-    print(
-        f"resnet50, {args.size}x{args.size}, {describe_device(device)}, batch {args.batch}, "
-        f"ours in {predictor.precision}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
-        f"median of {args.repeats}; {heap}"
-    )
-    print(
-        f"service path: {args.count} DX 2500x2000 studies, {threads} task threads, "
-        f"batches gathered up to {args.wait_ms:g} ms; "
-        f"batch sizes seen: median {statistics.median(sizes) if sizes else 0:g}, "
-        f"max {max(sizes) if sizes else 0}"
-    )
-    print(f"{'case':<24}{'median s':>10}{'images/s':>11}{'× bare':>9}{'cores busy':>12}")
-    for name in cases:
+        rates = {name: n / statistics.median(times[name]) for name, (_, n) in cases.items()}
+        base = rates["bare, batched"]
+
+        # printed before the processes run: a run stopped during them keeps this
         print(
-            f"{name:<24}{statistics.median(times[name]):>10.3f}{rates[name]:>11.1f}"
-            f"{rates[name] / base:>9.2f}{statistics.median(busy[name]):>12.2f}"
+            f"resnet50, {args.size}x{args.size}, {describe_device(device)}, "
+            f"batch {args.batch}, ours in {predictor.precision}, torch {torch.__version__}, "
+            f"median of {args.repeats}; {heap}"
         )
-    if emulated:
-        print(f"{autocast:<24}  not run: this CPU has no bfloat16 instructions")
-    print(
-        f"service path / CPU side alone: {rates['service path'] / rates['CPU side alone']:.2f}; "
-        f"cores busy: this process's CPU seconds (all its threads) over the case's wall "
-        f"time, {usable_cpus()} CPUs usable here"
-    )
-    print(
-        f"ours vs the bare float32 model, same {len(ours)} images: largest bone-age "
-        f"difference {worst:.3f} months"
-    )
+        print(
+            f"service path: {args.count} DX 2500x2000 "
+            f"{'JPEG 2000 lossless' if args.j2k else 'uncompressed'} studies, "
+            f"{args.threads} task threads, {torch.get_num_threads()} torch CPU thread(s), "
+            f"{threads_note}; batches gathered up to {args.wait_ms:g} ms; "
+            f"batch sizes seen: median {statistics.median(sizes) if sizes else 0:g}, "
+            f"max {max(sizes) if sizes else 0}"
+        )
+        print(f"{'case':<28}{'median s':>10}{'images/s':>11}{'× bare':>9}{'cores busy':>12}")
+        for name in cases:
+            print(
+                f"{name:<28}{statistics.median(times[name]):>10.3f}{rates[name]:>11.1f}"
+                f"{rates[name] / base:>9.2f}{statistics.median(busy[name]):>12.2f}"
+            )
+        if emulated:
+            print(f"{autocast:<28}  not run: this CPU has no bfloat16 instructions")
+        print(
+            f"service path / CPU side alone: "
+            f"{rates['service path'] / rates['CPU side alone']:.2f}; cores busy: the CPU "
+            f"seconds of the process(es), all threads, over the case's wall time, "
+            f"{usable_cpus()} CPUs usable here"
+        )
+        print(
+            f"ours vs the bare float32 model, same {len(ours)} images: largest bone-age "
+            f"difference {worst:.3f} months"
+        )
+        for n in processes:
+            walls, cores, seen = _several_processes(n, args, paths, work)
+            rate = n * args.count / statistics.median(walls)
+            name = f"service path, {n} process{'es' if n > 1 else ''}"
+            print(
+                f"{name:<28}{statistics.median(walls):>10.3f}{rate:>11.1f}"
+                f"{rate / base:>9.2f}{statistics.median(cores):>12.2f}"
+                f"   batch sizes: median {statistics.median(seen) if seen else 0:g}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -48,17 +48,20 @@ def set_worker_queues(
     pool: str = "solo",
     concurrency: int = 1,
     settings: Settings | None = None,
+    processes: int = 1,
 ) -> None:
     """Called by `boneage-worker work` before the worker starts (inherited by children).
 
     ``concurrency`` is the worker's processes (prefork) or task threads (threads). An
     inference worker's processes on a CPU, each with a share of the cores, get a
     :class:`~worker.cores.CoreShare` (unless ``settings`` fix the torch threads): a study
-    that comes alone is then assessed on every core.
+    that comes alone is then assessed on every core. ``processes`` is how many batching
+    workers (threads pools) share this host's cores, this one included.
     """
     _state["queues"] = queues
     _state["pool"] = pool
     _state["concurrency"] = concurrency
+    _state["processes"] = processes
     _state.pop("cores", None)
     if "inference" in queues:
         # Once, before the fork: the children inherit it instead of each importing it.
@@ -103,13 +106,29 @@ def _torch_threads(settings: Settings) -> int:
 def _cores_per_task() -> int:
     """The cores shared among the studies this worker works on at once.
 
-    JPEG 2000 decodes get this many threads: a solo worker decodes one study at a time
-    on every core; two prefork processes on two cores one thread each (measured: two
-    threads each, oversubscribed, were slower); a batching worker's many task threads
-    one thread each. So do torch's CPU threads on a GPU worker, where they only serve
-    the task threads' preprocessing.
+    JPEG 2000 decodes get this many threads outside a batching worker
+    (:func:`_jpeg2000_threads`): a solo worker decodes one study at a time on every
+    core; two prefork processes on two cores one thread each (measured: two threads
+    each, oversubscribed, were slower). Torch's CPU threads on a GPU worker get it too,
+    one each for a batching worker's many task threads, where they only serve the
+    preprocessing.
     """
     return max(1, usable_cpus() // int(_state.get("concurrency", 1)))
+
+
+def _jpeg2000_threads() -> int:
+    """Threads for each JPEG 2000 decode in this process.
+
+    The studies a worker decodes at once share the cores (:func:`_cores_per_task`),
+    except in a batching worker: Pillow's JPEG 2000 decoder holds the interpreter lock
+    for the whole decode, so its task threads decode one study at a time and the only
+    way to use more cores is more threads in that decode (measured: two task threads
+    decoding side by side kept 1.01 cores busy on one thread each, 1.87 on two).
+    Batching workers that share the host (``processes``) share its cores.
+    """
+    if _state.get("pool") == "threads":
+        return max(1, usable_cpus() // int(_state.get("processes", 1)))
+    return _cores_per_task()
 
 
 def runtime() -> Runtime:
@@ -154,9 +173,9 @@ def _init_process(**_: Any) -> None:
             # The model runs on the GPU; each task thread's preprocessing would otherwise
             # start a team of threads on every core.
             torch.set_num_threads(rt.settings.torch_threads or _cores_per_task())
-        # JPEG 2000 decodes share the cores among the studies this worker's processes and
-        # task threads may decode at once: never more decode threads than cores.
-        decode_threads = _cores_per_task()
+        # JPEG 2000 decodes share the cores among the studies this worker's processes
+        # may decode at once: never more decode threads than cores.
+        decode_threads = _jpeg2000_threads()
         set_jpeg2000_threads(decode_threads)
         cores = core_share()
         if cores is not None:
@@ -177,6 +196,8 @@ def _init_process(**_: Any) -> None:
             torch_threads=torch.get_num_threads(),
             inference_batch=batcher.max_batch if batcher is not None else 1,
             jpeg2000_threads=decode_threads,
+            # batching workers sharing the device, this one included (work --member K/N)
+            batching_processes=int(_state.get("processes", 1)) if batcher is not None else 0,
             sc_min_long_side=rt.settings.sc_min_long_side,  # the heat-map picture's floor
         )
     heartbeat = HeartbeatThread(rt.database_url, "worker", lambda: detail)

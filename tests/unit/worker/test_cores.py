@@ -186,3 +186,32 @@ def test_a_worker_shares_its_cores_where_it_can(
         tasks.set_worker_queues(("inference",), pool="prefork", concurrency=2, settings=settings)
     assert tasks.core_share() is None
     assert "runs on its process's share of the cores" in caplog.text
+
+
+def test_jpeg2000_decodes_get_the_cores_their_process_can_use(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from worker import tasks
+
+    monkeypatch.setattr(tasks, "_state", {})
+    monkeypatch.setattr(tasks, "usable_cpus", lambda: 16)
+    settings = Settings(device="cpu")
+    # prefork processes or a solo worker: the cores shared among the studies at once
+    tasks.set_worker_queues(("inference",), pool="prefork", concurrency=4, settings=settings)
+    assert tasks._jpeg2000_threads() == 4
+    tasks.set_worker_queues(("inference",), pool="solo", concurrency=1, settings=settings)
+    assert tasks._jpeg2000_threads() == 16
+    # a batching worker's task threads decode one study at a time (Pillow holds the
+    # interpreter lock): each decode gets the process's cores, shared with the other
+    # batching processes on the host
+    tasks.set_worker_queues(("inference",), pool="threads", concurrency=32, settings=settings)
+    assert tasks._jpeg2000_threads() == 16
+    tasks.set_worker_queues(
+        ("inference",), pool="threads", concurrency=32, settings=settings, processes=4
+    )
+    assert tasks._jpeg2000_threads() == 4
+    assert tasks._cores_per_task() == 1  # torch's threads: one for each task thread
+    tasks.set_worker_queues(
+        ("inference",), pool="threads", concurrency=32, settings=settings, processes=32
+    )
+    assert tasks._jpeg2000_threads() == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -178,12 +179,32 @@ def listen(ctx: click.Context, ae_title: str | None, port: int | None) -> None:
     "the next is decoded), else BONEAGE_INFERENCE_PROCESSES; 1 for a delivery worker.",
 )
 @click.option("--device", help="BONEAGE_DEVICE")
+@click.option(
+    "--member",
+    hidden=True,
+    help="K/N: this worker is batching process K of the N a supervising `work` started.",
+)
+@click.option("--supervisor", type=int, hidden=True, help="That supervisor's process id.")
 @click.pass_context
 def work(
-    ctx: click.Context, queues: str, pool: str | None, concurrency: int | None, device: str | None
+    ctx: click.Context,
+    queues: str,
+    pool: str | None,
+    concurrency: int | None,
+    device: str | None,
+    member: str | None,
+    supervisor: int | None,
 ) -> None:
-    """Run a Celery worker for the given queues."""
+    """Run a Celery worker for the given queues.
+
+    A batching inference worker (a GPU) with BONEAGE_INFERENCE_PROCESSES above 1 runs
+    that many batching processes on the device, each its own Celery worker, restarted
+    if it exits; this process supervises them and serves their summed /metrics.
+    """
+    if supervisor is not None:
+        _stop_with(supervisor)
     settings = _settings(ctx, device=device)
+    processes = _member_of(member)
     _private_files(settings)
     _require_schema(settings)
     names = tuple(q.strip() for q in queues.split(",") if q.strip())
@@ -209,6 +230,14 @@ def work(
             concurrency = settings.effective_inference_processes if "inference" in names else 1
     if pool is None:
         pool = "threads" if batch > 1 else "prefork" if concurrency > 1 else "solo"
+    if member is None and batch > 1 and pool == "threads":
+        processes = settings.effective_inference_processes
+        if processes > 1:
+            _supervise_batching(settings, names, concurrency, processes)
+            return
+    if member is not None and settings.worker_metrics_port:
+        # the supervisor serves the members' summed metrics (from their files)
+        settings = settings.model_copy(update={"worker_metrics_port": None})
     if pool == "prefork" and settings.worker_metrics_port:
         # before prometheus_client is imported (by worker.tasks): the children's counters
         # go to files there, which this process sums when scraped
@@ -220,10 +249,13 @@ def work(
     from worker.celery_app import configure
 
     app = configure(settings)
-    tasks.set_worker_queues(names, pool=pool, concurrency=concurrency, settings=settings)
+    tasks.set_worker_queues(
+        names, pool=pool, concurrency=concurrency, settings=settings, processes=processes
+    )
     if "inference" in names and pool == "threads":
         logger.info(
-            "inference: 1 process, %d task threads, batches of up to %d, device %s",
+            "inference: %s, %d task threads, batches of up to %d, device %s",
+            f"process {member}" if member else "1 process",
             concurrency,
             batch,
             settings.device,
@@ -256,6 +288,95 @@ def work(
         "--without-heartbeat",
     ]
     app.worker_main(argv)
+
+
+#: prctl(2) option: the signal this process gets when its parent dies.
+PR_SET_PDEATHSIG = 1
+
+
+def _stop_with(supervisor: int) -> None:
+    """Have this process stopped (SIGTERM: Celery's warm shutdown) when ``supervisor``,
+    its parent, dies, however it dies; exit at once if it is already gone.
+
+    Without this, batching processes whose supervisor was SIGKILLed would work on beside
+    the ones its restart starts.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    except (OSError, AttributeError) as exc:  # not Linux
+        logger.warning("this worker will outlive its supervisor if it dies (%s)", exc)
+    if os.getppid() != supervisor:  # it died before the line above
+        raise SystemExit(f"the supervising worker (process {supervisor}) is gone")
+
+
+def _member_of(member: str | None) -> int:
+    """N of ``--member K/N``: the batching processes that share this host; 1 without it."""
+    if member is None:
+        return 1
+    try:
+        k, n = (int(part) for part in member.split("/"))
+    except ValueError:
+        k = n = 0
+    if not 1 <= k <= n:
+        raise click.BadParameter(f"{member!r} is not K/N with 1 <= K <= N", param_hint="--member")
+    return n
+
+
+def _supervise_batching(
+    settings: Settings, names: tuple[str, ...], concurrency: int, processes: int
+) -> None:
+    """Run ``processes`` batching workers on the device, restarted when they exit.
+
+    Each is a ``work --member K/N`` child with ``concurrency`` task threads; together
+    they share the host's cores (their JPEG 2000 decode threads). With
+    BONEAGE_WORKER_METRICS_PORT their counters go to files in a multiprocess directory,
+    and this process serves the sum, as a prefork worker's parent does.
+    """
+    from worker.metrics_files import (
+        MULTIPROCESS_ENV,
+        use_multiprocess_directory,
+        worker_metrics_port,
+    )
+
+    env = {**os.environ, **settings.as_environment()}
+    port = worker_metrics_port(settings.worker_metrics_port, names)
+    server = None
+    if port is not None:
+        directory = settings.data_dir / "metrics" / f"{'-'.join(names)}-{port}"
+        if use_multiprocess_directory(directory):  # before prometheus_client is imported
+            from worker import metrics
+
+            env[MULTIPROCESS_ENV] = str(directory)
+            registry = metrics.multiprocess_registry()
+            assert registry is not None
+            try:
+                server = metrics.MetricsServer(registry, settings.host, port).start()
+            except OSError as exc:
+                logger.warning(
+                    "worker metrics not served: port %d unusable (%s)", port, exc.strerror
+                )
+    command = [sys.executable, "-m", "worker", "work", "-Q", ",".join(names)]
+    command += ["--pool", "threads", "--concurrency", str(concurrency)]
+    command += ["--supervisor", str(os.getpid())]
+    logger.info(
+        "inference: %d batching processes on device %s, %d task threads each",
+        processes,
+        settings.device,
+        concurrency,
+    )
+    try:
+        _supervise(
+            {
+                f"batching process {k}/{processes}": [*command, "--member", f"{k}/{processes}"]
+                for k in range(1, processes + 1)
+            },
+            env,
+        )
+    finally:
+        if server is not None:
+            server.stop()
 
 
 @main.command()

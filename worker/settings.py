@@ -27,6 +27,14 @@ _DEFAULT_DATA_DIR = Path("./var/boneage")
 #: Images per forward pass of a GPU inference worker unless BONEAGE_INFERENCE_BATCH says.
 GPU_INFERENCE_BATCH = 16
 
+#: Batching processes that share a GPU unless BONEAGE_INFERENCE_PROCESSES says, and the
+#: host's cores each needs: a process's task threads do their reading, decoding and DICOM
+#: work mostly under one interpreter lock (docs/performance.md, "GPU": on an H200 with
+#: 16 cores, 1, 2, 4 and 8 processes assessed 17.5, 32.3, 56.6 and 81.1 studies a
+#: second, each process keeping 1.5 to 2.3 cores busy; each holds its own CUDA context).
+GPU_INFERENCE_PROCESSES = 4
+CORES_PER_GPU_PROCESS = 4
+
 #: BONEAGE_PRECISION's values (models.predictor.PRECISIONS, which a test keeps equal).
 Precision = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -140,8 +148,9 @@ class Settings(BaseSettings):
     # CPU; bfloat16 on a CPU with bfloat16 instructions is about twice as fast, opt-in
     # after a validation (`evaluate --precision bfloat16`).
     precision: Precision = "auto"
-    # Inference worker processes (0 = auto: one per GPU machine, on a CPU up to 4 each
-    # with its share of the cores) and torch threads in each (0 = cores / processes).
+    # Inference worker processes (0 = auto: on a CPU up to 4, each with its share of the
+    # cores; on a GPU, batching processes sharing the device, one per 4 cores up to 4)
+    # and torch threads in each (0 = cores / processes).
     inference_processes: int = Field(0, ge=0, le=64)
     torch_threads: int = Field(0, ge=0, le=256)
     # Images per forward pass (0 = auto: 16 on a GPU, 1 on a CPU, where batching gains
@@ -241,16 +250,6 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _one_inference_layout(self) -> Settings:
-        if self.inference_processes > 1 and self.inference_batch > 1:
-            raise ValueError(
-                "BONEAGE_INFERENCE_PROCESSES and BONEAGE_INFERENCE_BATCH above 1 exclude each "
-                "other: a batching worker is one process whose threads share the model's "
-                "batches; for more, start more `boneage-worker work -Q inference` processes"
-            )
-        return self
-
-    @model_validator(mode="after")
     def _tls_pairs(self) -> Settings:
         if (self.tls_certificate is None) != (self.tls_private_key is None):
             raise ValueError(
@@ -316,13 +315,21 @@ class Settings(BaseSettings):
 
     @property
     def effective_inference_processes(self) -> int:
-        """Inference worker processes: the setting, or one on a GPU machine and, on a
-        CPU, as many as there are cores up to 4 (several single-threaded forward passes
-        side by side do more per second than one spread over every core, and one image's
-        decoding and DICOM work overlaps another's forward pass)."""
+        """Inference worker processes: the setting, or by default
+
+        - on a CPU, as many as there are cores up to 4 (several single-threaded forward
+          passes side by side do more per second than one spread over every core, and
+          one image's decoding and DICOM work overlaps another's forward pass);
+        - on a GPU, batching processes that share the device, one per
+          :data:`CORES_PER_GPU_PROCESS` cores up to :data:`GPU_INFERENCE_PROCESSES`: the
+          device outruns what one process's task threads can feed it;
+        - on a CPU told to batch (``BONEAGE_INFERENCE_BATCH`` above 1), one.
+        """
         if self.inference_processes:
             return self.inference_processes
-        if not self.runs_on_cpu or self.effective_inference_batch > 1:
+        if not self.runs_on_cpu:
+            return max(1, min(usable_cpus() // CORES_PER_GPU_PROCESS, GPU_INFERENCE_PROCESSES))
+        if self.effective_inference_batch > 1:
             return 1
         return max(1, min(usable_cpus(), 4))
 

@@ -145,10 +145,14 @@ def test_environment_for_children_gives_back_every_setting(
 def test_inference_processes_follow_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("worker.settings.usable_cpus", lambda: 8)
     assert Settings(device="cpu").effective_inference_processes == 4  # capped at 4
-    assert Settings(device="cuda:1").effective_inference_processes == 1  # one per GPU
+    assert Settings(device="cuda:1").effective_inference_processes == 2  # one per 4 cores
     assert Settings(device="cpu", inference_processes=6).effective_inference_processes == 6
     monkeypatch.setattr("worker.settings.usable_cpus", lambda: 2)
     assert Settings(device="cpu").effective_inference_processes == 2
+    assert Settings(device="cuda").effective_inference_processes == 1  # at least one
+    monkeypatch.setattr("worker.settings.usable_cpus", lambda: 64)
+    assert Settings(device="cuda").effective_inference_processes == 4  # capped at 4
+    assert Settings(device="cuda", inference_processes=8).effective_inference_processes == 8
     assert Settings(device="cpu").runs_on_cpu and not Settings(device="cuda").runs_on_cpu
 
 
@@ -156,10 +160,13 @@ def test_inference_batch_follows_the_device(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr("worker.settings.usable_cpus", lambda: 8)
     assert Settings(device="cpu").effective_inference_batch == 1
     gpu = Settings(device="cuda:0")
-    assert (gpu.effective_inference_batch, gpu.effective_inference_processes) == (16, 1)
+    # two batching processes share the GPU, each batching up to 16 images
+    assert (gpu.effective_inference_batch, gpu.effective_inference_processes) == (16, 2)
     batching_cpu = Settings(device="cpu", inference_batch=4)
     assert batching_cpu.effective_inference_batch == 4
     assert batching_cpu.effective_inference_processes == 1  # one process; its threads batch
+    two = Settings(device="cpu", inference_batch=4, inference_processes=2)
+    assert (two.effective_inference_batch, two.effective_inference_processes) == (4, 2)
     assert Settings().inference_batch_wait_ms == 10.0
 
 
@@ -168,9 +175,8 @@ def test_inference_batch_from_the_environment(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("BONEAGE_INFERENCE_BATCH_WAIT_MS", "25")
     settings = Settings()
     assert (settings.inference_batch, settings.inference_batch_wait_ms) == (8, 25.0)
-    monkeypatch.setenv("BONEAGE_INFERENCE_PROCESSES", "2")
-    with pytest.raises(ValidationError, match="exclude each other"):
-        Settings()
+    monkeypatch.setenv("BONEAGE_INFERENCE_PROCESSES", "2")  # two batching processes
+    assert Settings().effective_inference_processes == 2
 
 
 def test_inference_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

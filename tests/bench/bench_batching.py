@@ -156,16 +156,19 @@ class _Studies:
             list(pool.map(self.assess, paths))
 
 
-def _set_threads_as_in_a_worker(device: torch.device, threads: int) -> str:
-    """Torch and JPEG 2000 threads as a batching inference worker with ``threads`` task
-    threads sets them (worker.tasks): on a GPU, the cores shared among the task threads."""
+def _set_threads_as_in_a_worker(device: torch.device, threads: int, processes: int = 1) -> str:
+    """Torch and JPEG 2000 threads as one of ``processes`` batching inference workers with
+    ``threads`` task threads sets them (worker.tasks): on a GPU, torch's CPU threads are
+    the cores shared among the task threads; each JPEG 2000 decode, which Pillow runs
+    under the interpreter lock (one at a time in a process), gets the process's cores."""
     if device.type == "cuda":
         torch.set_num_threads(max(1, usable_cpus() // threads))
-    return decode_threads_as_in_workers(threads)
+    return decode_threads_as_in_workers(processes)
 
 
 def _service_process(
     rank: int,
+    processes: int,
     args: argparse.Namespace,
     paths: list[Path],
     outbox: Path,
@@ -179,7 +182,7 @@ def _service_process(
     """
     heap_as_in_workers()
     device = resolve_device(args.device)
-    _set_threads_as_in_a_worker(device, args.threads)
+    _set_threads_as_in_a_worker(device, args.threads, processes)
     predictor = BoneAgePredictor(
         untrained_model(arch="resnet50", input_size=args.size),
         device=str(device),
@@ -223,7 +226,7 @@ def _several_processes(
     children = [
         context.Process(
             target=_service_process,
-            args=(rank, args, paths, work / f"outbox-{n}-{rank}", barrier, results),
+            args=(rank, n, args, paths, work / f"outbox-{n}-{rank}", barrier, results),
             daemon=True,
         )
         for rank in range(n)

@@ -387,7 +387,8 @@ def serve(ctx: click.Context, ae_title: str | None, port: int | None) -> None:
     """Run listener, inference worker and delivery worker together (one machine).
 
     Migrates the database (and creates the embedded broker's queues) first. Children
-    that die are restarted; SIGTERM or Ctrl-C stops them all.
+    that die are restarted; SIGTERM or Ctrl-C stops them all. One that exits five times
+    within a minute stops them all, and `serve` exits with status 1.
     """
     from db.engine import upgrade
     from worker.celery_app import configure, prepare_embedded_broker
@@ -413,7 +414,12 @@ def serve(ctx: click.Context, ae_title: str | None, port: int | None) -> None:
 
 
 def _supervise(commands: dict[str, list[str]], env: dict[str, str]) -> None:
-    stopping = False
+    """Run ``commands`` as children, restart one that exits, stop all on SIGTERM/SIGINT.
+
+    A child that exits five times within a minute stops them all, and this process then
+    exits with status 1, so that a service manager restarts it or reports the failure.
+    """
+    stopping = gave_up = False
 
     def _stop(signum: int, _frame: Any) -> None:
         nonlocal stopping
@@ -433,7 +439,7 @@ def _supervise(commands: dict[str, list[str]], env: dict[str, str]) -> None:
                 recent = [t for t in restarts[name] if time.monotonic() - t < 60]
                 if len(recent) >= 5:
                     logger.error("%s keeps exiting (code %s); stopping the service", name, code)
-                    stopping = True
+                    stopping = gave_up = True
                     break
                 logger.warning("%s exited with code %s; restarting", name, code)
                 restarts[name] = [*recent, time.monotonic()]
@@ -448,6 +454,8 @@ def _supervise(commands: dict[str, list[str]], env: dict[str, str]) -> None:
                 child.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 child.kill()
+    if gave_up:
+        raise SystemExit(1)
 
 
 # -- administration -------------------------------------------------------------

@@ -226,6 +226,8 @@ def work(
     if concurrency is None:
         if batch > 1:
             concurrency = 2 * batch  # one batch on the device while the next is decoded
+        elif pool == "solo":
+            concurrency = 1  # one study at a time: its decodes get every core
         else:
             concurrency = settings.effective_inference_processes if "inference" in names else 1
     if pool is None:

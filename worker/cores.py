@@ -42,7 +42,7 @@ from dicom_io.pixels import set_jpeg2000_threads
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CoreShare"]
+__all__ = ["CoreShare", "cores_per_task", "jpeg2000_threads"]
 
 #: Processes one share can track at once: a worker's processes (at most 64, see
 #: BONEAGE_INFERENCE_PROCESSES) and those that replace them.
@@ -59,6 +59,32 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # someone else's process has taken the id: not our sibling
         return False
     return True
+
+
+def cores_per_task(cpus: int, concurrency: int) -> int:
+    """The cores each of ``concurrency`` studies a worker works on at once gets.
+
+    A solo worker decodes one study at a time on every core; two prefork processes on
+    two cores one thread each (measured: two threads each, oversubscribed, were slower).
+    On a GPU worker it is also each task thread's torch CPU threads, which serve only
+    preprocessing.
+    """
+    return max(1, cpus // concurrency)
+
+
+def jpeg2000_threads(cpus: int, *, pool: str, concurrency: int, processes: int = 1) -> int:
+    """Threads for each JPEG 2000 decode in one worker process.
+
+    The studies a worker decodes at once share the cores (:func:`cores_per_task`),
+    except in a batching worker (``pool="threads"``): Pillow's JPEG 2000 decoder holds
+    the interpreter lock for the whole decode, so its task threads decode one study at a
+    time, and the only way to use more cores is more threads in that decode (measured:
+    two task threads decoding side by side kept 1.01 cores busy on one thread each, 1.87
+    on two). The ``processes`` batching workers on the host share its cores.
+    """
+    if pool == "threads":
+        return max(1, cpus // processes)
+    return cores_per_task(cpus, concurrency)
 
 
 class CoreShare:

@@ -26,7 +26,7 @@ from db.engine import dispose_after_fork
 from dicom_io.pixels import set_jpeg2000_threads
 from worker import metrics
 from worker.celery_app import ASSESS_TASK, DELIVER_TASK, RECONCILE_TASK, app
-from worker.cores import CoreShare
+from worker.cores import CoreShare, cores_per_task, jpeg2000_threads
 from worker.delivery import send_deliveries
 from worker.heap import keep_large_blocks
 from worker.heartbeat import HeartbeatThread
@@ -104,31 +104,18 @@ def _torch_threads(settings: Settings) -> int:
 
 
 def _cores_per_task() -> int:
-    """The cores shared among the studies this worker works on at once.
-
-    JPEG 2000 decodes get this many threads outside a batching worker
-    (:func:`_jpeg2000_threads`): a solo worker decodes one study at a time on every
-    core; two prefork processes on two cores one thread each (measured: two threads
-    each, oversubscribed, were slower). Torch's CPU threads on a GPU worker get it too,
-    one each for a batching worker's many task threads, where they only serve the
-    preprocessing.
-    """
-    return max(1, usable_cpus() // int(_state.get("concurrency", 1)))
+    """The cores shared among the studies this worker works on at once."""
+    return cores_per_task(usable_cpus(), int(_state.get("concurrency", 1)))
 
 
 def _jpeg2000_threads() -> int:
-    """Threads for each JPEG 2000 decode in this process.
-
-    The studies a worker decodes at once share the cores (:func:`_cores_per_task`),
-    except in a batching worker: Pillow's JPEG 2000 decoder holds the interpreter lock
-    for the whole decode, so its task threads decode one study at a time and the only
-    way to use more cores is more threads in that decode (measured: two task threads
-    decoding side by side kept 1.01 cores busy on one thread each, 1.87 on two).
-    Batching workers that share the host (``processes``) share its cores.
-    """
-    if _state.get("pool") == "threads":
-        return max(1, usable_cpus() // int(_state.get("processes", 1)))
-    return _cores_per_task()
+    """Threads for each JPEG 2000 decode in this process (worker.cores.jpeg2000_threads)."""
+    return jpeg2000_threads(
+        usable_cpus(),
+        pool=str(_state.get("pool", "solo")),
+        concurrency=int(_state.get("concurrency", 1)),
+        processes=int(_state.get("processes", 1)),
+    )
 
 
 def runtime() -> Runtime:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from dicom_io.content import BoneAgeFinding
 from dicom_io.pixels import set_jpeg2000_threads
+from worker.cores import cores_per_task
 from worker.heap import keep_large_blocks
 from worker.settings import usable_cpus
 
@@ -48,7 +49,7 @@ def decode_threads_as_in_workers(tasks_at_once: int = 1) -> str:
     A worker shares the cores among the studies it works on at once
     (``worker.tasks``): every core for a process that assesses one study at a time.
     """
-    threads = max(1, usable_cpus() // tasks_at_once)
+    threads = cores_per_task(usable_cpus(), tasks_at_once)
     set_jpeg2000_threads(threads)
     return f"JPEG 2000 decoded on {threads} thread(s), as in inference workers"
 

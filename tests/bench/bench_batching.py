@@ -62,7 +62,7 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
 
 from dicom_io import gate
-from dicom_io.pixels import decode_for_display, decode_reduction
+from dicom_io.pixels import decode_for_display, decode_reduction, set_jpeg2000_threads
 from models.batching import BatchingPredictor
 from models.checkpoint import untrained_model
 from models.predictor import (
@@ -74,8 +74,9 @@ from models.predictor import (
     resolve_device,
     resolve_precision,
 )
-from tests.bench import bench_finding, decode_threads_as_in_workers, heap_as_in_workers
+from tests.bench import bench_finding, heap_as_in_workers
 from tests.bench.bench_pipeline import make_input
+from worker.cores import cores_per_task, jpeg2000_threads
 from worker.pipeline import derived_uid, publish, stage_outputs
 from worker.settings import SC_MIN_LONG_SIDE, usable_cpus
 
@@ -151,19 +152,22 @@ class _Studies:
             )
         )
 
-    def run(self, paths: list[Path], threads: int) -> None:
+    def run(
+        self, paths: list[Path], threads: int, known: dict[Path, Prediction] | None = None
+    ) -> None:
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            list(pool.map(self.assess, paths))
+            list(pool.map(lambda path: self.assess(path, known), paths))
 
 
 def _set_threads_as_in_a_worker(device: torch.device, threads: int, processes: int = 1) -> str:
     """Torch and JPEG 2000 threads as one of ``processes`` batching inference workers with
-    ``threads`` task threads sets them (worker.tasks): on a GPU, torch's CPU threads are
-    the cores shared among the task threads; each JPEG 2000 decode, which Pillow runs
-    under the interpreter lock (one at a time in a process), gets the process's cores."""
+    ``threads`` task threads sets them (worker.tasks, by worker.cores's rules)."""
+    cpus = usable_cpus()
     if device.type == "cuda":
-        torch.set_num_threads(max(1, usable_cpus() // threads))
-    return decode_threads_as_in_workers(processes)
+        torch.set_num_threads(cores_per_task(cpus, threads))
+    decode = jpeg2000_threads(cpus, pool="threads", concurrency=threads, processes=processes)
+    set_jpeg2000_threads(decode)
+    return f"JPEG 2000 decoded on {decode} thread(s), as in inference workers"
 
 
 def _service_process(
@@ -361,8 +365,7 @@ def main() -> None:
         known = {path: predictor.predict(studies.decoded(path)[1], male=True) for path in paths}
 
         def cpu_side_alone() -> None:
-            with ThreadPoolExecutor(max_workers=args.threads) as pool:
-                list(pool.map(lambda path: studies.assess(path, known), paths))
+            studies.run(paths, args.threads, known)
 
         autocast = f"bare, {str(half).split('.')[-1]} autocast"
         cases: dict[str, tuple[Callable[[], object], int]] = {

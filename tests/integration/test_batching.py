@@ -240,3 +240,24 @@ def test_a_batching_process_whose_supervisor_is_gone_does_not_start(tmp_path: Pa
     refused = cli("work", "-Q", "inference", "--member", "1/2", "--supervisor", "1", env=env)
     assert refused.returncode == 1
     assert "the supervising worker (process 1) is gone" in refused.stderr
+
+
+def test_a_solo_worker_assesses_one_study_at_a_time_whatever_the_processes_setting(
+    tmp_path: Path, storescp: StoreSCP, tiny_checkpoint: Path
+) -> None:
+    # --pool solo runs one task at a time: its concurrency is 1, so its JPEG 2000 decodes
+    # get every core, not the share of BONEAGE_INFERENCE_PROCESSES processes it never runs
+    env = base_env(tmp_path, storescp, tiny_checkpoint, free_port())
+    env.update(BONEAGE_DEVICE="cpu", BONEAGE_INFERENCE_PROCESSES="2", BONEAGE_LOG_LEVEL="INFO")
+    assert cli("db", "upgrade", env=env).returncode == 0
+    node = Node(tmp_path, env)
+    try:
+        worker = node.start("inference", "work", "-Q", "inference", "--pool", "solo")
+        wait_for(
+            lambda: "inference: 1 process(es)" in node.log_text(),
+            timeout=60,
+            what="the solo worker's layout in its log",
+            process=worker,
+        )
+    finally:
+        node.stop()

@@ -25,6 +25,11 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "delivery": ("bench_delivery", [], ["--count", "5"]),
     "pipeline": ("bench_pipeline", [], ["--repeats", "3"]),
     "pipeline-j2k": ("bench_pipeline", ["--j2k"], ["--j2k", "--repeats", "3"]),
+    "pipeline-jpeg-lossless": (
+        "bench_pipeline",
+        ["--jpeg-lossless"],
+        ["--jpeg-lossless", "--repeats", "3"],
+    ),
     "throughput": ("bench_throughput", [], ["--count", "6", "--repeats", "1"]),
     "e2e": ("bench_e2e", [], ["--studies", "10"]),
     # no target: what the node costs while it waits

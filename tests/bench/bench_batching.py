@@ -28,8 +28,9 @@ Measured in one run, at the model's input size (ResNet-50 BoneAgeNet, random wei
   them), each assessing the ``--count`` studies, started together; studies a second of
   all of them. This is what several ``work -Q inference`` workers per GPU would give.
 
-``--j2k`` makes the studies JPEG 2000 lossless, so that decoding (at a reduced
-resolution level) is part of what overlaps the device.
+``--jpeg-lossless``, ``--jpeg-ls`` or ``--j2k`` write the studies in that lossless
+syntax, so that decoding (for JPEG 2000 at a reduced resolution level) is part of what
+overlaps the device.
 
 Each row also shows the process's CPU seconds over its wall time (cores busy).
 
@@ -75,7 +76,7 @@ from models.predictor import (
     resolve_precision,
 )
 from tests.bench import bench_finding, heap_as_in_workers
-from tests.bench.bench_pipeline import make_input
+from tests.bench.bench_pipeline import SYNTAXES, add_syntax_options, make_input
 from worker.cores import cores_per_task, jpeg2000_threads
 from worker.pipeline import derived_uid, publish, stage_outputs
 from worker.settings import SC_MIN_LONG_SIDE, usable_cpus
@@ -84,7 +85,7 @@ from worker.settings import SC_MIN_LONG_SIDE, usable_cpus
 STEP_TIMEOUT_S = 600.0
 
 
-def _make_inputs(folder: Path, count: int, *, j2k: bool) -> list[Path]:
+def _make_inputs(folder: Path, count: int, *, syntax: str) -> list[Path]:
     """``count`` 2500 x 2000 DX studies: eight phantoms, then copies under new UIDs.
 
     Drawing a phantom this size takes about ten seconds on one core, so the eight are
@@ -94,7 +95,7 @@ def _make_inputs(folder: Path, count: int, *, j2k: bool) -> list[Path]:
     phantoms = paths[:8]
     context = multiprocessing.get_context("spawn")  # the caller may hold a CUDA context
     with ProcessPoolExecutor(min(len(phantoms), usable_cpus()), mp_context=context) as pool:
-        list(pool.map(partial(_make_phantom_input, j2k=j2k), phantoms, range(len(phantoms))))
+        list(pool.map(partial(_make_phantom_input, syntax=syntax), phantoms, range(len(phantoms))))
     for n, path in enumerate(paths[8:], start=8):
         ds = dcmread(paths[n % 8])
         ds.StudyInstanceUID = generate_uid()
@@ -104,8 +105,8 @@ def _make_inputs(folder: Path, count: int, *, j2k: bool) -> list[Path]:
     return paths
 
 
-def _make_phantom_input(path: Path, seed: int, *, j2k: bool) -> None:
-    make_input(path, rows=2500, columns=2000, modality="DX", j2k=j2k, seed=seed)
+def _make_phantom_input(path: Path, seed: int, *, syntax: str) -> None:
+    make_input(path, rows=2500, columns=2000, modality="DX", syntax=syntax, seed=seed)
 
 
 class _Studies:
@@ -305,7 +306,7 @@ def main() -> None:
         help="also run the service path in this many processes at once, each its own "
         "worker on the device: a comma-separated list, e.g. 2,4,8",
     )
-    parser.add_argument("--j2k", action="store_true", help="JPEG 2000 lossless studies")
+    add_syntax_options(parser, "studies")
     args = parser.parse_args()
     heap = heap_as_in_workers()
     device = resolve_device(args.device)
@@ -338,7 +339,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
-        paths = _make_inputs(work, args.count, j2k=args.j2k)
+        paths = _make_inputs(work, args.count, syntax=args.syntax)
         # the bare rows ran at every core; the service path's threads as in a worker
         threads_note = _set_threads_as_in_a_worker(device, args.threads)
         studies = _Studies(predictor, None, work / "outbox")
@@ -413,7 +414,7 @@ def main() -> None:
         )
         print(
             f"service path: {args.count} DX 2500x2000 "
-            f"{'JPEG 2000 lossless' if args.j2k else 'uncompressed'} studies, "
+            f"{SYNTAXES[args.syntax]} studies, "
             f"{args.threads} task threads, {torch.get_num_threads()} torch CPU thread(s), "
             f"{threads_note}; batches gathered up to {args.wait_ms:g} ms; "
             f"batch sizes seen: median {statistics.median(sizes) if sizes else 0:g}, "

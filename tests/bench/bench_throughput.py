@@ -121,7 +121,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         paths = [Path(folder) / f"{n:03d}.dcm" for n in range(args.count)]
         for n, path in enumerate(paths):
-            make_input(path, rows=args.rows, columns=args.columns, modality="CR", j2k=True, seed=n)
+            make_input(
+                path, rows=args.rows, columns=args.columns, modality="CR", syntax="j2k", seed=n
+            )
         decoded = [decode(path) for path in paths]  # warm-up, and inputs for "inference"
         shape = decoded[0][0].shape
         infer(decoded[0])

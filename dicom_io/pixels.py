@@ -18,7 +18,15 @@ from typing import Any
 import numpy as np
 from pydicom import Dataset
 from pydicom.multival import MultiValue
-from pydicom.uid import JPEG2000, JPEG2000Lossless
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    JPEG2000Lossless,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +48,13 @@ _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _J2K_SIZ = b"\xff\x51"
 _J2K_COD = b"\xff\x52"
 _J2K_SYNTAXES = (JPEG2000Lossless, JPEG2000)
-# Uncompressed images are reduced by averaging blocks of stored values, at most 16 x 16.
-_MAX_NATIVE_REDUCTION = 4
+# Lossless JPEG (ITU-T T.81 process 14) and JPEG-LS: decoded through imagecodecs
+# (libjpeg-turbo 3, CharLS), outside the interpreter lock; the decode is exact, so
+# bit for bit what pydicom's pylibjpeg-libjpeg gives, four to five times faster.
+_LOSSLESS_JPEG_SYNTAXES = (JPEGLossless, JPEGLosslessSV1)
+_JPEG_LS_SYNTAXES = (JPEGLSLossless, JPEGLSNearLossless)
+# Other grey images are reduced by averaging blocks of stored values, at most 16 x 16.
+_MAX_BLOCK_REDUCTION = 4
 
 
 class PixelDataError(ValueError):
@@ -89,10 +102,18 @@ def _attr(ds: Dataset, keyword: str) -> Any:
     return None
 
 
+def _transfer_syntax(ds: Dataset) -> UID | None:
+    return getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+
+
 def _j2k_codestream(ds: Dataset) -> bytes | None:
     """The codestream of a single-frame, unsigned, grey JPEG 2000 image, else None."""
-    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    if syntax not in _J2K_SYNTAXES or "PixelData" not in ds:
+    return _grey_codestream(ds, _J2K_SYNTAXES)
+
+
+def _grey_codestream(ds: Dataset, syntaxes: Sequence[str]) -> bytes | None:
+    """The codestream of a single-frame, unsigned, grey image in one of ``syntaxes``."""
+    if _transfer_syntax(ds) not in syntaxes or "PixelData" not in ds:
         return None
     if int(_float_or_none(ds.get("NumberOfFrames")) or 1) != 1:
         return None
@@ -159,10 +180,12 @@ def decode_reduction(ds: Dataset, *, min_short_side: int, min_long_side: int = 0
     that follows:
 
     - JPEG 2000 skips the finest wavelet levels (:func:`jpeg2000_reduction`);
-    - uncompressed (native) single-frame grey integer images average blocks of
-      ``2**r`` x ``2**r`` stored values before any LUT is applied, which is what the
-      JPEG 2000 reduction does too (its low-pass band); the partial blocks at the
-      bottom and right edges, fewer than ``2**r`` pixels, are left out.
+    - other single-frame grey integer images (uncompressed, or decoded in full: JPEG
+      lossless, JPEG-LS, RLE ...) average blocks of ``2**r`` x ``2**r`` stored values
+      before any LUT is applied, which is what the JPEG 2000 reduction does too (its
+      low-pass band); the partial blocks at the bottom and right edges, fewer than
+      ``2**r`` pixels, are left out. An image therefore comes out the same whichever
+      of these syntaxes it came in.
 
     Parameters
     ----------
@@ -179,10 +202,10 @@ def decode_reduction(ds: Dataset, *, min_short_side: int, min_long_side: int = 0
     """
     if _j2k_codestream(ds) is not None:
         return jpeg2000_reduction(ds, min_short_side=min_short_side, min_long_side=min_long_side)
-    if not _native_grey(ds):
+    if not _grey_single_frame(ds):
         return 0
     return _affordable_halvings(
-        ds, _MAX_NATIVE_REDUCTION, min_short_side, min_long_side, lambda side, f: side // f
+        ds, _MAX_BLOCK_REDUCTION, min_short_side, min_long_side, lambda side, f: side // f
     )
 
 
@@ -205,10 +228,9 @@ def _affordable_halvings(
     return level
 
 
-def _native_grey(ds: Dataset) -> bool:
-    """Whether ``ds`` is one uncompressed frame of grey integer samples."""
-    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    if syntax is None or syntax.is_compressed or "PixelData" not in ds:
+def _grey_single_frame(ds: Dataset) -> bool:
+    """Whether ``ds`` is one frame of grey integer samples in a known transfer syntax."""
+    if _transfer_syntax(ds) is None or "PixelData" not in ds:
         return False
     if int(_float_or_none(ds.get("NumberOfFrames")) or 1) != 1:
         return False
@@ -296,13 +318,45 @@ def _decode_j2k_pillow(codestream: bytes, reduce: int) -> np.ndarray:
     return np.right_shift(array.astype(np.uint16, copy=False), 16 - precision)
 
 
+def _decode_jpeg_imagecodecs(codestream: bytes, ds: Dataset) -> np.ndarray:
+    """Stored values of a grey lossless JPEG or JPEG-LS codestream, through imagecodecs.
+
+    pydicom's decoder for these (pylibjpeg-libjpeg) holds the interpreter lock for the
+    whole decode, about 0.2 s for a 5-megapixel radiograph here; libjpeg-turbo 3 (lossless
+    JPEG) and CharLS (JPEG-LS), as imagecodecs binds them, take a quarter of that and let
+    the process's other threads run. Both decodes are exact (JPEG-LS near-lossless too:
+    its reconstruction is fixed by the standard), so the values are pydicom's.
+
+    Raises
+    ------
+    ValueError
+        When the result is not the dataset's grey image, so pydicom decodes instead.
+    """
+    import imagecodecs
+
+    if _transfer_syntax(ds) in _JPEG_LS_SYNTAXES:
+        array = imagecodecs.jpegls_decode(codestream)
+    else:
+        array = imagecodecs.jpeg8_decode(codestream)  # libjpeg-turbo >= 3: processes 1-14
+    array = np.asarray(array)
+    if array.shape != _stored_shape(ds) or array.dtype.kind != "u":
+        raise ValueError(f"decoded a {array.dtype} {array.shape} array")
+    allocated = int(ds.get("BitsAllocated") or 0)
+    if allocated not in (8, 16) or array.dtype.itemsize > allocated // 8:
+        raise ValueError(f"{array.dtype} samples in {allocated}-bit pixels")
+    return array.astype(np.uint8 if allocated == 8 else np.uint16, copy=False)
+
+
 def decode_frame(ds: Dataset, index: int = 0, *, reduce: int = 0) -> np.ndarray:
     """Decode one frame of stored pixel values (no LUTs applied).
 
     Colour images come back as RGB (H, W, 3), YBR converted to RGB. With ``reduce`` > 0
     a single-frame grey JPEG 2000 image is decoded at ``2**-reduce`` of its size
-    (see :func:`jpeg2000_reduction`); other images ignore ``reduce`` here (an
-    uncompressed one is reduced by :func:`decode_for_display`, after padding is found).
+    (see :func:`jpeg2000_reduction`); other images ignore ``reduce`` here (a grey one is
+    reduced by :func:`decode_for_display`, after padding is found). Single-frame grey
+    lossless JPEG and JPEG-LS images are decoded through imagecodecs, which releases the
+    interpreter lock; everything else, and anything imagecodecs cannot decode, through
+    pydicom's decoders.
 
     Parameters
     ----------
@@ -337,6 +391,15 @@ def decode_frame(ds: Dataset, index: int = 0, *, reduce: int = 0) -> np.ndarray:
             return _decode_j2k_pillow(codestream, reduce)
         except Exception as exc:  # fall back to pydicom's full decode, which reports errors
             logger.info("JPEG 2000 decode through Pillow failed (%s); decoding in full", exc)
+    # Single-frame grey lossless JPEG and JPEG-LS through imagecodecs, outside the GIL.
+    codestream = (
+        _grey_codestream(ds, (*_LOSSLESS_JPEG_SYNTAXES, *_JPEG_LS_SYNTAXES)) if index == 0 else None
+    )
+    if codestream is not None:
+        try:
+            return _decode_jpeg_imagecodecs(codestream, ds)
+        except Exception as exc:  # pydicom's decoder tries, and reports errors
+            logger.info("JPEG decode through imagecodecs failed (%s); trying pydicom's", exc)
     try:
         if frames > 1:
             from pydicom.pixels import pixel_array
@@ -345,7 +408,7 @@ def decode_frame(ds: Dataset, index: int = 0, *, reduce: int = 0) -> np.ndarray:
         else:
             array = ds.pixel_array
     except Exception as exc:  # every decoder failure means the same to the caller
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        syntax = _transfer_syntax(ds)
         name = getattr(syntax, "name", None) or str(syntax or "unknown transfer syntax")
         raise PixelDataError(f"Pixel data cannot be decoded ({name}): {exc}") from exc
     array = np.asarray(array)
@@ -522,8 +585,8 @@ def decode_for_display(ds: Dataset, *, reduce: int = 0) -> np.ndarray:
         A single- or multi-frame image dataset.
     reduce : int
         Decode at ``2**-reduce`` of the image's size, from :func:`decode_reduction`:
-        a single-frame grey JPEG 2000 image skips wavelet levels, an uncompressed one
-        averages blocks of stored values; ignored for other images.
+        a single-frame grey JPEG 2000 image skips wavelet levels, another single-frame
+        grey one averages blocks of stored values; ignored for other images.
 
     Returns
     -------
@@ -561,7 +624,7 @@ def decode_for_display(ds: Dataset, *, reduce: int = 0) -> np.ndarray:
             values[mask] = 0.0
     else:
         mask = _padding_mask(array, ds)
-        if reduce > 0 and array.shape == _stored_shape(ds) and _native_grey(ds):
+        if reduce > 0 and array.shape == _stored_shape(ds) and _grey_single_frame(ds):
             # Averaged like JPEG 2000's low-pass band; a block touching padding is padding
             factor = 1 << reduce
             mask = _block_any(mask, factor) if mask is not None else None

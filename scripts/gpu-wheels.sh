@@ -17,9 +17,9 @@ grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >>.git/info/exc
 
 # What the benchmark imports beyond what the GPU image carries (PyTorch, numpy, scipy,
 # Pillow, safetensors, tqdm, packaging, typing-extensions are there).
-packages=(alembic annotated-types highdicom mako pydantic pydantic-core pydantic-settings
-  pydicom pyjpegls pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle pynetdicom
-  python-dotenv sqlalchemy typing-inspection)
+packages=(alembic annotated-types highdicom imagecodecs mako pydantic pydantic-core
+  pydantic-settings pydicom pyjpegls pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg
+  pylibjpeg-rle pynetdicom python-dotenv sqlalchemy typing-inspection)
 pins=()
 for name in "${packages[@]}"; do
   version=$(.venv/bin/pip show "$name" 2>/dev/null | awk '/^Version:/ {print $2}' || true)

@@ -1,0 +1,163 @@
+"""Lossless JPEG and JPEG-LS through imagecodecs: pydicom's values, and one result per image.
+
+The files are written by dcmtk's ``dcmcjpeg`` and ``dcmcjpls`` (the encoders a PACS
+would use) and the reference decode is pydicom's own (pylibjpeg-libjpeg).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import Dataset, dcmread
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    UID,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+)
+
+from dicom_io.pixels import PixelDataError, decode_for_display, decode_frame, decode_reduction
+from dicom_io.synthetic import make_radiograph_dataset
+from tests.dicomtools import run_tool
+
+from .conftest import BIRTH_DATE, STUDY_DATE, hand_like
+
+pytest.importorskip("imagecodecs")
+
+ROWS, COLUMNS = 600, 440
+FALLBACK = "through imagecodecs failed"
+
+
+def _native(bits: int = 12, **kwargs: object) -> Dataset:
+    return make_radiograph_dataset(
+        hand_like(ROWS, COLUMNS),
+        birth_date=BIRTH_DATE,
+        study_date=STUDY_DATE,
+        bits_stored=bits,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def _encoded(tmp_path: Path, ds: Dataset, tool: str, *options: str) -> Dataset:
+    source, target = tmp_path / "native.dcm", tmp_path / f"{tool}.dcm"
+    ds.save_as(source, enforce_file_format=True)
+    run_tool(tool, *options, source, target)
+    return dcmread(target)
+
+
+@pytest.mark.parametrize(
+    ("tool", "options", "syntax"),
+    [
+        ("dcmcjpeg", ("+e1",), JPEGLosslessSV1),
+        *[("dcmcjpeg", ("+el", "+sv", str(sv)), JPEGLossless) for sv in range(1, 8)],
+        ("dcmcjpls", (), JPEGLSLossless),
+        ("dcmcjpls", ("+en",), JPEGLSNearLossless),
+    ],
+    ids=[
+        "jpeg-lossless-sv1",
+        *[f"jpeg-lossless-sv{sv}" for sv in range(1, 8)],
+        "jpeg-ls",
+        "jpeg-ls-near-lossless",
+    ],
+)
+@pytest.mark.parametrize("bits", [8, 12, 16])
+def test_decoded_through_imagecodecs_bit_for_bit_as_pydicom_decodes(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    tool: str,
+    options: tuple[str, ...],
+    syntax: str,
+    bits: int,
+) -> None:
+    ds = _encoded(tmp_path, _native(bits), tool, *options)
+    assert ds.file_meta.TransferSyntaxUID == syntax
+    expected = ds.pixel_array  # pydicom's own decoder
+    assert int(expected.max()) >= 1 << (bits - 2)  # the high bits are in use
+    with caplog.at_level(logging.INFO, logger="dicom_io.pixels"):
+        decoded = decode_frame(ds)
+    assert FALLBACK not in caplog.text  # imagecodecs decoded it: no fallback to pydicom
+    np.testing.assert_array_equal(decoded, expected)
+    assert decoded.dtype == (np.uint8 if bits == 8 else np.uint16)
+
+
+@pytest.mark.parametrize("bits", [8, 12, 16])
+def test_a_point_transform_is_undone_as_dcmtk_undoes_it(tmp_path: Path, bits: int) -> None:
+    """T.81 H.1.2.1: samples coded with point transform Pt come back shifted left by Pt,
+    their Pt low bits lost. dcmtk's own decoder agrees; pydicom's pylibjpeg-libjpeg
+    2.5.0 returns every sample at the maximum (65535 at 16 bits) for these files."""
+    native = _native(bits)
+    ds = _encoded(tmp_path, native, "dcmcjpeg", "+el", "+sv", "6", "+pt", "2")
+    assert ds.file_meta.TransferSyntaxUID == JPEGLossless
+    run_tool("dcmdjpeg", tmp_path / "dcmcjpeg.dcm", tmp_path / "dcmdjpeg.dcm")
+    by_dcmtk = dcmread(tmp_path / "dcmdjpeg.dcm").pixel_array
+    decoded = decode_frame(ds)
+    np.testing.assert_array_equal(decoded, by_dcmtk)
+    np.testing.assert_array_equal(decoded, (native.pixel_array >> 2) << 2)
+
+
+@pytest.mark.parametrize(
+    ("tool", "options"),
+    [("dcmcjpeg", ("+e1",)), ("dcmcjpls", ()), ("dcmcrle", ())],
+    ids=["jpeg-lossless-sv1", "jpeg-ls", "rle"],
+)
+@pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
+def test_a_radiograph_comes_out_the_same_whatever_lossless_syntax_it_came_in(
+    tmp_path: Path, tool: str, options: tuple[str, ...], photometric: str
+) -> None:
+    """The same reduction (averaged blocks of stored values) and the same pixels, so a
+    PACS that compresses what it forwards does not change the model's input."""
+    native = _native(photometric=photometric)
+    native.PixelPaddingValue = 0
+    compressed = _encoded(tmp_path, native, tool, *options)
+    assert compressed.file_meta.TransferSyntaxUID.is_compressed
+    for short, long in ((220, 0), (100, 300), (1, 1), (221, 0)):
+        reduce = decode_reduction(native, min_short_side=short, min_long_side=long)
+        assert decode_reduction(compressed, min_short_side=short, min_long_side=long) == reduce
+        np.testing.assert_array_equal(
+            decode_for_display(compressed, reduce=reduce), decode_for_display(native, reduce=reduce)
+        )
+    assert decode_reduction(compressed, min_short_side=220) == 1  # 440 // 2 = 220
+
+
+@pytest.mark.parametrize(
+    ("syntax", "name"),
+    [
+        (JPEGLosslessSV1, "JPEG Lossless"),
+        (JPEGLossless, "JPEG Lossless"),
+        (JPEGLSLossless, "JPEG-LS"),
+        (JPEGLSNearLossless, "JPEG-LS"),
+    ],
+)
+def test_a_damaged_stream_falls_back_to_pydicom_which_reports_it(
+    caplog: pytest.LogCaptureFixture, syntax: UID, name: str
+) -> None:
+    ds = _native()
+    ds.PixelData = encapsulate([b"\xff\xd8\xff\xc3 a damaged stream \xff\xd9"])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = syntax
+    with (
+        caplog.at_level(logging.INFO, logger="dicom_io.pixels"),
+        pytest.raises(PixelDataError, match=name),
+    ):
+        decode_for_display(ds)
+    assert FALLBACK in caplog.text
+
+
+def test_a_stream_of_another_size_than_the_dataset_says_is_left_to_pydicom(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """imagecodecs decodes the stream as it is; a result other than Rows x Columns is
+    not used, and pydicom's decoder reports the mismatch."""
+    ds = _encoded(tmp_path, _native(), "dcmcjpeg", "+e1")
+    ds.Rows = ROWS - 10
+    with (
+        caplog.at_level(logging.INFO, logger="dicom_io.pixels"),
+        pytest.raises(PixelDataError, match="JPEG Lossless"),
+    ):
+        decode_frame(ds)
+    assert f"{FALLBACK} (decoded a uint16 ({ROWS}, {COLUMNS}) array)" in caplog.text

@@ -53,6 +53,8 @@ _J2K_SYNTAXES = (JPEG2000Lossless, JPEG2000)
 # bit for bit what pydicom's pylibjpeg-libjpeg gives, four to five times faster.
 _LOSSLESS_JPEG_SYNTAXES = (JPEGLossless, JPEGLosslessSV1)
 _JPEG_LS_SYNTAXES = (JPEGLSLossless, JPEGLSNearLossless)
+# Frame header markers: SOF0-SOF15 but DHT (C4), JPG (C8) and DAC (CC); JPEG-LS SOF55.
+_SOF_MARKERS = frozenset({*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC}) | {0xF7}
 # Other grey images are reduced by averaging blocks of stored values, at most 16 x 16.
 _MAX_BLOCK_REDUCTION = 4
 
@@ -318,6 +320,33 @@ def _decode_j2k_pillow(codestream: bytes, reduce: int) -> np.ndarray:
     return np.right_shift(array.astype(np.uint16, copy=False), 16 - precision)
 
 
+def _jpeg_frame_header(codestream: bytes) -> tuple[int, int, int] | None:
+    """``(rows, columns, components)`` from a JPEG or JPEG-LS frame header (SOFn).
+
+    Walks the marker segments after SOI (ITU-T T.81 B.1.1.4; JPEG-LS, T.87, uses the same
+    layout and its SOF55 marker) up to the first frame header.
+    """
+    if codestream[:2] != b"\xff\xd8":
+        return None
+    at, end = 2, min(len(codestream), 1 << 16)
+    while at + 4 <= end:
+        if codestream[at] != 0xFF:
+            return None
+        marker = codestream[at + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            at += 1
+            continue
+        length = int.from_bytes(codestream[at + 2 : at + 4], "big")
+        if marker in _SOF_MARKERS:
+            if length < 8 or at + 10 > len(codestream):
+                return None
+            rows = int.from_bytes(codestream[at + 5 : at + 7], "big")
+            columns = int.from_bytes(codestream[at + 7 : at + 9], "big")
+            return rows, columns, codestream[at + 9]
+        at += 2 + length
+    return None
+
+
 def _decode_jpeg_imagecodecs(codestream: bytes, ds: Dataset) -> np.ndarray:
     """Stored values of a grey lossless JPEG or JPEG-LS codestream, through imagecodecs.
 
@@ -334,6 +363,13 @@ def _decode_jpeg_imagecodecs(codestream: bytes, ds: Dataset) -> np.ndarray:
     """
     import imagecodecs
 
+    header = _jpeg_frame_header(codestream)
+    if header is None:
+        raise ValueError("no frame header (SOF marker segment) in the stream's first 64 KiB")
+    rows, columns, components = header
+    if (rows, columns) != _stored_shape(ds) or components != 1:
+        # checked before decoding: the decoder allocates what the stream says
+        raise ValueError(f"the stream holds {rows} x {columns} x {components} samples")
     if _transfer_syntax(ds) in _JPEG_LS_SYNTAXES:
         array = imagecodecs.jpegls_decode(codestream)
     else:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom import Dataset, dcmread
-from pydicom.encaps import encapsulate
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import (
     UID,
     JPEGLossless,
@@ -151,8 +151,8 @@ def test_a_damaged_stream_falls_back_to_pydicom_which_reports_it(
 def test_a_stream_of_another_size_than_the_dataset_says_is_left_to_pydicom(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """imagecodecs decodes the stream as it is; a result other than Rows x Columns is
-    not used, and pydicom's decoder reports the mismatch."""
+    """The frame header is read before imagecodecs decodes (which allocates what the
+    stream says); a stream of another size is pydicom's to decode, and to report."""
     ds = _encoded(tmp_path, _native(), "dcmcjpeg", "+e1")
     ds.Rows = ROWS - 10
     with (
@@ -160,4 +160,21 @@ def test_a_stream_of_another_size_than_the_dataset_says_is_left_to_pydicom(
         pytest.raises(PixelDataError, match="JPEG Lossless"),
     ):
         decode_frame(ds)
-    assert f"{FALLBACK} (decoded a uint16 ({ROWS}, {COLUMNS}) array)" in caplog.text
+    assert f"{FALLBACK} (the stream holds {ROWS} x {COLUMNS} x 1 samples)" in caplog.text
+
+
+@pytest.mark.parametrize("rows", [65535, 1])
+def test_a_stream_that_claims_another_size_is_not_decoded_by_imagecodecs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, rows: int
+) -> None:
+    """A stream whose frame header claims 65535 rows would have imagecodecs allocate for
+    them; it never gets the stream."""
+    ds = _encoded(tmp_path, _native(), "dcmcjpeg", "+e1")
+    stream = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    sof = stream.index(b"\xff\xc3")
+    assert int.from_bytes(stream[sof + 5 : sof + 7], "big") == ROWS
+    stream[sof + 5 : sof + 7] = rows.to_bytes(2, "big")
+    ds.PixelData = encapsulate([bytes(stream)])
+    with caplog.at_level(logging.INFO, logger="dicom_io.pixels"), pytest.raises(PixelDataError):
+        decode_frame(ds)
+    assert f"{FALLBACK} (the stream holds {rows} x {COLUMNS} x 1 samples)" in caplog.text

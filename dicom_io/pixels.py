@@ -49,8 +49,9 @@ _J2K_SIZ = b"\xff\x51"
 _J2K_COD = b"\xff\x52"
 _J2K_SYNTAXES = (JPEG2000Lossless, JPEG2000)
 # Lossless JPEG (ITU-T T.81 process 14) and JPEG-LS: decoded through imagecodecs
-# (libjpeg-turbo 3, CharLS), outside the interpreter lock; the decode is exact, so
-# bit for bit what pydicom's pylibjpeg-libjpeg gives, four to five times faster.
+# (libjpeg-turbo 3, CharLS), outside the interpreter lock and four to five times faster
+# than pydicom's pylibjpeg-libjpeg. The decodes are exact: its values, bit for bit (and,
+# with a point transform, dcmtk's where pylibjpeg-libjpeg 2.5.0 saturates).
 _LOSSLESS_JPEG_SYNTAXES = (JPEGLossless, JPEGLosslessSV1)
 _JPEG_LS_SYNTAXES = (JPEGLSLossless, JPEGLSNearLossless)
 # Frame header markers: SOF0-SOF15 but DHT (C4), JPG (C8) and DAC (CC); JPEG-LS SOF55.

@@ -280,8 +280,9 @@ def set_jpeg2000_threads(threads: int) -> None:
     """Have JPEG 2000 decodes in this process use ``threads`` threads.
 
     OpenJPEG decodes code-blocks in parallel on as many threads as the environment
-    variable ``OPJ_NUM_THREADS`` says when each decode starts (one by default); Pillow's
-    binding offers no other way to ask. With two threads a 1.5-megapixel lossless CR
+    variable ``OPJ_NUM_THREADS`` says when each decode starts (one by default): Pillow's
+    binding offers no other way to ask, and full-size decodes through imagecodecs are
+    given the same count. With two threads a 1.5-megapixel lossless CR
     decodes in about half the time (0.24 -> 0.13 s here), bit for bit the same.
 
     Parameters
@@ -292,6 +293,58 @@ def set_jpeg2000_threads(threads: int) -> None:
     if threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
     os.environ["OPJ_NUM_THREADS"] = str(threads)
+
+
+def _j2k_image_size(codestream: bytes) -> tuple[int, int, int] | None:
+    """``(rows, columns, components)`` from the SIZ marker segment (T.800 A.5.1)."""
+    siz = codestream.find(_J2K_SIZ, 0, 4096)
+    if siz < 0 or len(codestream) < siz + 40:
+        return None
+
+    def field(at: int, size: int = 4) -> int:
+        return int.from_bytes(codestream[siz + at : siz + at + size], "big")
+
+    # Xsiz - XOsiz by Ysiz - YOsiz reference grid points, Csiz components
+    return field(10) - field(18), field(6) - field(14), field(38, 2)
+
+
+def _jpeg2000_threads() -> int:
+    """Threads per JPEG 2000 decode, as :func:`set_jpeg2000_threads` left them."""
+    try:
+        return max(1, int(os.environ.get("OPJ_NUM_THREADS") or 1))
+    except ValueError:
+        return 1
+
+
+def _decode_j2k(codestream: bytes, reduce: int, ds: Dataset) -> np.ndarray:
+    """Stored values of a grey JPEG 2000 codestream at ``2**-reduce`` of its size.
+
+    Both ways are OpenJPEG on :func:`set_jpeg2000_threads` threads, bit for bit
+    pydicom's decode at full size. A full decode goes through imagecodecs, which releases
+    the interpreter lock while it decodes, so a batching process's other task threads
+    go on meanwhile. A reduced one goes through Pillow, whose binding can skip wavelet
+    levels (imagecodecs' cannot) and holds the lock.
+
+    Raises
+    ------
+    ValueError
+        When the codestream is not the dataset's grey image, or neither way decodes it;
+        pydicom's decoder then tries.
+    """
+    size = _j2k_image_size(codestream)
+    if size != (*_stored_shape(ds), 1):
+        # checked before decoding: the decoder allocates what the codestream says
+        raise ValueError(f"the codestream holds (rows, columns, components) {size}")
+    if reduce == 0:
+        import imagecodecs
+
+        array = np.asarray(imagecodecs.jpeg2k_decode(codestream, numthreads=_jpeg2000_threads()))
+        if array.shape != _stored_shape(ds) or array.dtype.kind != "u" or array.dtype.itemsize > 2:
+            raise ValueError(f"decoded a {array.dtype} {array.shape} array")
+        return array
+    if not _pillow_decodes_j2k():
+        raise ValueError("Pillow was built without OpenJPEG")
+    return _decode_j2k_pillow(codestream, reduce)
 
 
 def _decode_j2k_pillow(codestream: bytes, reduce: int) -> np.ndarray:
@@ -391,9 +444,9 @@ def decode_frame(ds: Dataset, index: int = 0, *, reduce: int = 0) -> np.ndarray:
     a single-frame grey JPEG 2000 image is decoded at ``2**-reduce`` of its size
     (see :func:`jpeg2000_reduction`); other images ignore ``reduce`` here (a grey one is
     reduced by :func:`decode_for_display`, after padding is found). Single-frame grey
-    lossless JPEG and JPEG-LS images are decoded through imagecodecs, which releases the
-    interpreter lock; everything else, and anything imagecodecs cannot decode, through
-    pydicom's decoders.
+    JPEG 2000 (at full size), lossless JPEG and JPEG-LS images are decoded through
+    imagecodecs, which releases the interpreter lock; everything else, and anything
+    these cannot decode, through pydicom's decoders.
 
     Parameters
     ----------
@@ -421,13 +474,13 @@ def decode_frame(ds: Dataset, index: int = 0, *, reduce: int = 0) -> np.ndarray:
         if not int(ds.get(keyword) or 0):
             raise PixelDataError(f"The dataset has no usable {keyword}; cannot decode pixels.")
     frames = int(_float_or_none(ds.get("NumberOfFrames")) or 1)
-    # Single-frame grey JPEG 2000 through Pillow: reduced resolution and several threads.
+    # Single-frame grey JPEG 2000: reduced resolution, several threads, outside the GIL.
     codestream = _j2k_codestream(ds) if index == 0 else None
-    if codestream is not None and _pillow_decodes_j2k():
+    if codestream is not None:
         try:
-            return _decode_j2k_pillow(codestream, reduce)
+            return _decode_j2k(codestream, reduce, ds)
         except Exception as exc:  # fall back to pydicom's full decode, which reports errors
-            logger.info("JPEG 2000 decode through Pillow failed (%s); decoding in full", exc)
+            logger.info("JPEG 2000 decode failed (%s); decoding in full through pydicom", exc)
     # Single-frame grey lossless JPEG and JPEG-LS through imagecodecs, outside the GIL.
     codestream = (
         _grey_codestream(ds, (*_LOSSLESS_JPEG_SYNTAXES, *_JPEG_LS_SYNTAXES)) if index == 0 else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import TypedDict, Unpack
@@ -9,9 +10,11 @@ from typing import TypedDict, Unpack
 import numpy as np
 import pytest
 from pydicom import Dataset, dcmread
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import JPEG2000Lossless
 
 from dicom_io.pixels import (
+    PixelDataError,
     decode_for_display,
     decode_frame,
     decode_reduction,
@@ -187,9 +190,10 @@ def test_other_images_are_not_reduced() -> None:
 
 
 @pytest.mark.parametrize("bits", [8, 12, 16])
-def test_full_decode_through_pillow_is_pydicoms_on_any_thread_count(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bits: int
+def test_full_and_reduced_decodes_are_pydicoms_on_any_thread_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, bits: int
 ) -> None:
+    """Full size through imagecodecs, reduced through Pillow; neither falls back."""
     ds = make_radiograph_dataset(
         hand_like(ROWS, COLUMNS),
         modality="CR",
@@ -204,12 +208,34 @@ def test_full_decode_through_pillow_is_pydicoms_on_any_thread_count(
     expected = ds.pixel_array  # pydicom's own decoder (pylibjpeg-openjpeg)
     assert int(expected.max()) >= 1 << (bits - 2)  # the high bits are in use
     monkeypatch.setenv("OPJ_NUM_THREADS", "1")  # and restored after the test
-    np.testing.assert_array_equal(decode_frame(ds), expected)
-    one_thread_reduced = decode_frame(ds, reduce=1)
-    set_jpeg2000_threads(2)
-    assert os.environ["OPJ_NUM_THREADS"] == "2"
-    np.testing.assert_array_equal(decode_frame(ds), expected)
-    np.testing.assert_array_equal(decode_frame(ds, reduce=1), one_thread_reduced)
+    with caplog.at_level(logging.INFO, logger="dicom_io.pixels"):
+        np.testing.assert_array_equal(decode_frame(ds), expected)
+        one_thread_reduced = decode_frame(ds, reduce=1)
+        set_jpeg2000_threads(2)
+        assert os.environ["OPJ_NUM_THREADS"] == "2"
+        np.testing.assert_array_equal(decode_frame(ds), expected)
+        np.testing.assert_array_equal(decode_frame(ds, reduce=1), one_thread_reduced)
+    assert "decode failed" not in caplog.text
+
+
+@pytest.mark.parametrize("rows", [65535, ROWS - 8])
+def test_a_codestream_of_another_size_is_left_to_pydicom(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, rows: int
+) -> None:
+    """The SIZ marker segment is read before OpenJPEG decodes (and allocates) through
+    imagecodecs or Pillow; a codestream of another size than the dataset's is pydicom's
+    to decode, and to report."""
+    ds = _j2k(tmp_path)
+    stream = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    siz = stream.index(b"\xff\x51")
+    assert int.from_bytes(stream[siz + 10 : siz + 14], "big") == ROWS  # Ysiz, YOsiz 0
+    stream[siz + 10 : siz + 14] = rows.to_bytes(4, "big")
+    ds.PixelData = encapsulate([bytes(stream)])
+    with caplog.at_level(logging.INFO, logger="dicom_io.pixels"), pytest.raises(PixelDataError):
+        decode_frame(ds)
+    assert f"the codestream holds (rows, columns, components) ({rows}, {COLUMNS}, 1)" in (
+        caplog.text
+    )
 
 
 def test_jpeg2000_threads_must_be_positive() -> None:

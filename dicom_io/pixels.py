@@ -19,8 +19,11 @@ import numpy as np
 from pydicom import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import (
+    HTJ2K,
     JPEG2000,
     UID,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
     JPEG2000Lossless,
     JPEGLossless,
     JPEGLosslessSV1,
@@ -47,7 +50,9 @@ _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 # JPEG 2000 codestream markers (ITU-T T.800 A.5.1, A.6.1): image size, coding style.
 _J2K_SIZ = b"\xff\x51"
 _J2K_COD = b"\xff\x52"
-_J2K_SYNTAXES = (JPEG2000Lossless, JPEG2000)
+# JPEG 2000, and High-Throughput JPEG 2000 (the same codestream syntax, which OpenJPEG,
+# behind Pillow and imagecodecs alike, decodes since 2.5.0).
+_J2K_SYNTAXES = (JPEG2000Lossless, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K)
 # Lossless JPEG (ITU-T T.81 process 14) and JPEG-LS: decoded through imagecodecs
 # (libjpeg-turbo 3, CharLS), outside the interpreter lock and four to five times faster
 # than pydicom's pylibjpeg-libjpeg. The decodes are exact: its values, bit for bit (and,
@@ -110,7 +115,7 @@ def _transfer_syntax(ds: Dataset) -> UID | None:
 
 
 def _j2k_codestream(ds: Dataset) -> bytes | None:
-    """The codestream of a single-frame, unsigned, grey JPEG 2000 image, else None."""
+    """The codestream of a single-frame, unsigned, grey JPEG 2000 (or HTJ2K) image, else None."""
     return _grey_codestream(ds, _J2K_SYNTAXES)
 
 

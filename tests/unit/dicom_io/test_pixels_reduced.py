@@ -1,4 +1,4 @@
-"""Reduced-resolution JPEG 2000 decoding: the shape asked for, close to a downscaled decode."""
+"""Reduced-resolution JPEG 2000 and HTJ2K decoding: the shape asked for, close to a box average."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from pydicom import Dataset, dcmread
 from pydicom.encaps import encapsulate, generate_frames
-from pydicom.uid import JPEG2000Lossless
+from pydicom.uid import UID, HTJ2KLossless, HTJ2KLosslessRPCL, JPEG2000Lossless
 
 from dicom_io.pixels import (
     PixelDataError,
@@ -241,3 +241,36 @@ def test_a_codestream_of_another_size_is_left_to_pydicom(
 def test_jpeg2000_threads_must_be_positive() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         set_jpeg2000_threads(0)
+
+
+@pytest.mark.parametrize("syntax", [HTJ2KLossless, HTJ2KLosslessRPCL])
+@pytest.mark.parametrize("bits", [8, 12, 16])
+def test_htj2k_is_decoded_like_jpeg2000(
+    caplog: pytest.LogCaptureFixture, syntax: UID, bits: int
+) -> None:
+    """High-Throughput JPEG 2000 (here written by OpenJPH, through imagecodecs): the
+    full decode is pydicom's, and a reduced one is close to the box-averaged full one."""
+    imagecodecs = pytest.importorskip("imagecodecs")
+    ds = make_radiograph_dataset(
+        hand_like(ROWS, COLUMNS),
+        modality="CR",
+        birth_date=BIRTH_DATE,
+        study_date=STUDY_DATE,
+        bits_stored=bits,
+    )
+    stored = ds.pixel_array
+    ds.PixelData = encapsulate([imagecodecs.htj2k_encode(stored)])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = syntax
+    expected = ds.pixel_array  # pydicom's own decoder (pylibjpeg-openjpeg)
+    np.testing.assert_array_equal(expected, stored)
+    # wavelet levels skipped, as for JPEG 2000 (jpeg2000_reduction is 0 for other syntaxes)
+    assert jpeg2000_reduction(ds, min_short_side=220) == 1
+    assert decode_reduction(ds, min_short_side=220) == 1
+    with caplog.at_level(logging.INFO, logger="dicom_io.pixels"):
+        np.testing.assert_array_equal(decode_frame(ds), expected)
+        full = decode_for_display(ds).astype(np.float64)
+        reduced = decode_for_display(ds, reduce=1)
+    assert "decode failed" not in caplog.text
+    assert reduced.shape == (ROWS // 2, COLUMNS // 2)
+    assert np.abs(reduced - _box_downscale(full, 2)).mean() < 0.02

@@ -33,14 +33,20 @@ if not PIL_features.check("jpg_2000"):
 ROWS, COLUMNS = 600, 440
 
 
-def _j2k(tmp_path: Path, *, rows: int = ROWS, columns: int = COLUMNS) -> Dataset:
-    ds = make_radiograph_dataset(
+def _cr(*, rows: int = ROWS, columns: int = COLUMNS, bits: int = 12) -> Dataset:
+    """An uncompressed hand-like CR."""
+    return make_radiograph_dataset(
         hand_like(rows, columns),
         modality="CR",
         birth_date=BIRTH_DATE,
         study_date=STUDY_DATE,
-        bits_stored=12,
+        bits_stored=bits,
     )
+
+
+def _j2k(tmp_path: Path, *, rows: int = ROWS, columns: int = COLUMNS, bits: int = 12) -> Dataset:
+    """The same CR, JPEG 2000 lossless (pylibjpeg-openjpeg), as read back from a file."""
+    ds = _cr(rows=rows, columns=columns, bits=bits)
     ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
     path = tmp_path / "j2k.dcm"
     ds.save_as(path, enforce_file_format=True)
@@ -194,17 +200,7 @@ def test_full_and_reduced_decodes_are_pydicoms_on_any_thread_count(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, bits: int
 ) -> None:
     """Full size through imagecodecs, reduced through Pillow; neither falls back."""
-    ds = make_radiograph_dataset(
-        hand_like(ROWS, COLUMNS),
-        modality="CR",
-        birth_date=BIRTH_DATE,
-        study_date=STUDY_DATE,
-        bits_stored=bits,
-    )
-    ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
-    path = tmp_path / "j2k.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    ds = dcmread(path)
+    ds = _j2k(tmp_path, bits=bits)
     expected = ds.pixel_array  # pydicom's own decoder (pylibjpeg-openjpeg)
     assert int(expected.max()) >= 1 << (bits - 2)  # the high bits are in use
     monkeypatch.setenv("OPJ_NUM_THREADS", "1")  # and restored after the test
@@ -251,13 +247,7 @@ def test_htj2k_is_decoded_like_jpeg2000(
     """High-Throughput JPEG 2000 (here written by OpenJPH, through imagecodecs): the
     full decode is pydicom's, and a reduced one is close to the box-averaged full one."""
     imagecodecs = pytest.importorskip("imagecodecs")
-    ds = make_radiograph_dataset(
-        hand_like(ROWS, COLUMNS),
-        modality="CR",
-        birth_date=BIRTH_DATE,
-        study_date=STUDY_DATE,
-        bits_stored=bits,
-    )
+    ds = _cr(bits=bits)
     stored = ds.pixel_array
     ds.PixelData = encapsulate([imagecodecs.htj2k_encode(stored)])
     ds["PixelData"].VR = "OB"

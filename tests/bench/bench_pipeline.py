@@ -115,7 +115,7 @@ def make_input(
         ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
     elif syntax == "jpeg-ls":
         ds.compress(JPEGLSLossless, encoding_plugin="pyjpegls")
-    elif syntax != "native" and syntax != "jpeg-lossless":
+    elif syntax not in SYNTAXES:
         raise ValueError(f"unknown input syntax {syntax!r}")
     ds.save_as(path, enforce_file_format=True)
     if syntax == "jpeg-lossless":  # pydicom has no JPEG Lossless encoder; dcmtk has

@@ -59,6 +59,7 @@ _J2K_SYNTAXES = (JPEG2000Lossless, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, H
 # with a point transform, dcmtk's where pylibjpeg-libjpeg 2.5.0 saturates).
 _LOSSLESS_JPEG_SYNTAXES = (JPEGLossless, JPEGLosslessSV1)
 _JPEG_LS_SYNTAXES = (JPEGLSLossless, JPEGLSNearLossless)
+_OWN_DECODER_SYNTAXES = (*_J2K_SYNTAXES, *_LOSSLESS_JPEG_SYNTAXES, *_JPEG_LS_SYNTAXES)
 # Frame header markers: SOF0-SOF15 but DHT (C4), JPG (C8) and DAC (CC); JPEG-LS SOF55.
 _SOF_MARKERS = frozenset({*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC}) | {0xF7}
 # Other grey images are reduced by averaging blocks of stored values, at most 16 x 16.
@@ -313,7 +314,7 @@ def _j2k_image_size(codestream: bytes) -> tuple[int, int, int] | None:
     return field(10) - field(18), field(6) - field(14), field(38, 2)
 
 
-def _jpeg2000_threads() -> int:
+def _opj_threads() -> int:
     """Threads per JPEG 2000 decode, as :func:`set_jpeg2000_threads` left them."""
     try:
         return max(1, int(os.environ.get("OPJ_NUM_THREADS") or 1))
@@ -343,10 +344,7 @@ def _decode_j2k(codestream: bytes, reduce: int, ds: Dataset) -> np.ndarray:
     if reduce == 0:
         import imagecodecs
 
-        array = np.asarray(imagecodecs.jpeg2k_decode(codestream, numthreads=_jpeg2000_threads()))
-        if array.shape != _stored_shape(ds) or array.dtype.kind != "u" or array.dtype.itemsize > 2:
-            raise ValueError(f"decoded a {array.dtype} {array.shape} array")
-        return array
+        return _stored_values(imagecodecs.jpeg2k_decode(codestream, numthreads=_opj_threads()), ds)
     if not _pillow_decodes_j2k():
         raise ValueError("Pillow was built without OpenJPEG")
     return _decode_j2k_pillow(codestream, reduce)
@@ -430,10 +428,20 @@ def _decode_jpeg_imagecodecs(codestream: bytes, ds: Dataset) -> np.ndarray:
         # checked before decoding: the decoder allocates what the stream says
         raise ValueError(f"the stream holds {rows} x {columns} x {components} samples")
     if _transfer_syntax(ds) in _JPEG_LS_SYNTAXES:
-        array = imagecodecs.jpegls_decode(codestream)
-    else:
-        array = imagecodecs.jpeg8_decode(codestream)  # libjpeg-turbo >= 3: processes 1-14
-    array = np.asarray(array)
+        return _stored_values(imagecodecs.jpegls_decode(codestream), ds)
+    # libjpeg-turbo >= 3 decodes processes 1 to 14
+    return _stored_values(imagecodecs.jpeg8_decode(codestream), ds)
+
+
+def _stored_values(decoded: Any, ds: Dataset) -> np.ndarray:
+    """``decoded`` as the dataset's grey stored values, in its Bits Allocated.
+
+    Raises
+    ------
+    ValueError
+        When it is not an unsigned Rows x Columns array that fits them.
+    """
+    array = np.asarray(decoded)
     if array.shape != _stored_shape(ds) or array.dtype.kind != "u":
         raise ValueError(f"decoded a {array.dtype} {array.shape} array")
     allocated = int(ds.get("BitsAllocated") or 0)
@@ -479,22 +487,17 @@ def decode_frame(ds: Dataset, index: int = 0, *, reduce: int = 0) -> np.ndarray:
         if not int(ds.get(keyword) or 0):
             raise PixelDataError(f"The dataset has no usable {keyword}; cannot decode pixels.")
     frames = int(_float_or_none(ds.get("NumberOfFrames")) or 1)
-    # Single-frame grey JPEG 2000: reduced resolution, several threads, outside the GIL.
-    codestream = _j2k_codestream(ds) if index == 0 else None
+    # Single-frame grey JPEG 2000 and HTJ2K (Pillow when reduced, else imagecodecs; both on
+    # several threads), lossless JPEG and JPEG-LS (imagecodecs): imagecodecs releases the
+    # GIL, and Pillow skips wavelet levels, which pydicom's decoders do neither of.
+    codestream = _grey_codestream(ds, _OWN_DECODER_SYNTAXES) if index == 0 else None
     if codestream is not None:
         try:
-            return _decode_j2k(codestream, reduce, ds)
-        except Exception as exc:  # fall back to pydicom's full decode, which reports errors
-            logger.info("JPEG 2000 decode failed (%s); decoding in full through pydicom", exc)
-    # Single-frame grey lossless JPEG and JPEG-LS through imagecodecs, outside the GIL.
-    codestream = (
-        _grey_codestream(ds, (*_LOSSLESS_JPEG_SYNTAXES, *_JPEG_LS_SYNTAXES)) if index == 0 else None
-    )
-    if codestream is not None:
-        try:
+            if _transfer_syntax(ds) in _J2K_SYNTAXES:
+                return _decode_j2k(codestream, reduce, ds)
             return _decode_jpeg_imagecodecs(codestream, ds)
-        except Exception as exc:  # pydicom's decoder tries, and reports errors
-            logger.info("JPEG decode through imagecodecs failed (%s); trying pydicom's", exc)
+        except Exception as exc:  # pydicom's decoder tries in full, and reports errors
+            logger.info("decode failed (%s); decoding in full through pydicom", exc)
     try:
         if frames > 1:
             from pydicom.pixels import pixel_array

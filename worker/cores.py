@@ -76,11 +76,15 @@ def jpeg2000_threads(cpus: int, *, pool: str, concurrency: int, processes: int =
     """Threads for each JPEG 2000 decode in one worker process.
 
     The studies a worker decodes at once share the cores (:func:`cores_per_task`),
-    except in a batching worker (``pool="threads"``): Pillow's JPEG 2000 decoder holds
-    the interpreter lock for the whole decode, so its task threads decode one study at a
-    time, and the only way to use more cores is more threads in that decode (measured:
-    two task threads decoding side by side kept 1.01 cores busy on one thread each, 1.87
-    on two). The ``processes`` batching workers on the host share its cores.
+    except in a batching worker (``pool="threads"``): a reduced decode goes through
+    Pillow, which holds the interpreter lock for the whole decode, so its task threads
+    make those one at a time, and the only way to use more cores is more threads in that
+    decode (measured: two task threads decoding side by side kept 1.01 cores busy on one
+    thread each, 1.87 on two). The ``processes`` batching workers on the host share its
+    cores. Full-size decodes go through imagecodecs, which releases the lock, so several
+    may then run at once, each on these threads: more threads than cores, which on two
+    cores was still 1.14-1.18x faster than the same decodes one at a time
+    (docs/performance.md, "Lossless JPEG and JPEG-LS"); not measured on a GPU host.
     """
     if pool == "threads":
         return max(1, cpus // processes)

@@ -161,7 +161,8 @@ def _init_process(**_: Any) -> None:
             # start a team of threads on every core.
             torch.set_num_threads(rt.settings.torch_threads or _cores_per_task())
         # JPEG 2000 decodes share the cores among the studies this worker's processes
-        # may decode at once: never more decode threads than cores.
+        # may decode at once (worker.cores.jpeg2000_threads says how, and where a
+        # batching worker's full-size decodes may overlap).
         decode_threads = _jpeg2000_threads()
         set_jpeg2000_threads(decode_threads)
         cores = core_share()

@@ -30,7 +30,7 @@ from .conftest import BIRTH_DATE, STUDY_DATE, hand_like
 pytest.importorskip("imagecodecs")
 
 ROWS, COLUMNS = 600, 440
-FALLBACK = "through imagecodecs failed"
+FALLBACK = "decode failed"
 
 
 def _native(bits: int = 12, **kwargs: object) -> Dataset:
@@ -146,6 +146,22 @@ def test_a_damaged_stream_falls_back_to_pydicom_which_reports_it(
     ):
         decode_for_display(ds)
     assert FALLBACK in caplog.text
+
+
+def test_a_stream_imagecodecs_refuses_is_decoded_by_pydicom(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its frame header is sound, so imagecodecs gets it; CharLS rejects the cut scan,
+    and pydicom's decoder decodes what it can, as it did before imagecodecs."""
+    ds = _encoded(tmp_path, _native(), "dcmcjpls")
+    stream = bytes(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    ds.PixelData = encapsulate([stream[: len(stream) // 2]])
+    by_pydicom = dcmread(tmp_path / "dcmcjpls.dcm")
+    by_pydicom.PixelData = ds.PixelData
+    with caplog.at_level(logging.INFO, logger="dicom_io.pixels"):
+        decoded = decode_frame(ds)
+    assert f"{FALLBACK} (charls_jpegls_decoder_decode_to_buffer" in caplog.text
+    np.testing.assert_array_equal(decoded, by_pydicom.pixel_array)
 
 
 def test_a_stream_of_another_size_than_the_dataset_says_is_left_to_pydicom(

@@ -3,8 +3,8 @@
 Tolerant when reading: whatever PACSes send (MONOCHROME1/2, 8-16 bits, signed or
 not, rescale, VOI LUT or window, pixel padding, compressed transfer syntaxes that
 pydicom's plugins decode, RGB/YBR colour) becomes a float32 (H, W) array in [0, 1]
-where bone is bright. Only missing or undecodable pixel data raises
-:class:`PixelDataError`.
+where bone is bright. Only missing, incomplete (a JPEG frame cut short) or
+undecodable pixel data raises :class:`PixelDataError`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from pydicom.uid import (
     HTJ2KLossless,
     HTJ2KLosslessRPCL,
     JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
     JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
@@ -60,6 +62,16 @@ _J2K_SYNTAXES = (JPEG2000Lossless, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, H
 _LOSSLESS_JPEG_SYNTAXES = (JPEGLossless, JPEGLosslessSV1)
 _JPEG_LS_SYNTAXES = (JPEGLSLossless, JPEGLSNearLossless)
 _OWN_DECODER_SYNTAXES = (*_J2K_SYNTAXES, *_LOSSLESS_JPEG_SYNTAXES, *_JPEG_LS_SYNTAXES)
+# JPEG (ITU-T T.81) and JPEG-LS (T.87) frames, each one codestream that must end in EOI.
+# Their decoders fill a stream cut short with invented rows and say nothing (libjpeg-turbo,
+# pylibjpeg-libjpeg), where dcmtk's refuse it; JPEG 2000's decoders (OpenJPEG) refuse it.
+_JPEG_FAMILY_SYNTAXES = (
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    *_LOSSLESS_JPEG_SYNTAXES,
+    *_JPEG_LS_SYNTAXES,
+)
+_JPEG_EOI = b"\xff\xd9"
 # Frame header markers: SOF0-SOF15 but DHT (C4), JPG (C8) and DAC (CC); JPEG-LS SOF55.
 _SOF_MARKERS = frozenset({*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC}) | {0xF7}
 # Other grey images are reduced by averaging blocks of stored values, at most 16 x 16.
@@ -128,12 +140,45 @@ def _grey_codestream(ds: Dataset, syntaxes: Sequence[str]) -> bytes | None:
         return None
     if int(ds.get("SamplesPerPixel") or 1) != 1 or int(ds.get("PixelRepresentation") or 0):
         return None
+    return _encapsulated_frame(ds, 0)
+
+
+def _encapsulated_frame(ds: Dataset, index: int) -> bytes | None:
+    """The bytes of frame ``index`` of encapsulated Pixel Data, None where they cannot be had."""
+    frames = int(_float_or_none(ds.get("NumberOfFrames")) or 1)
     try:
         from pydicom.encaps import generate_frames
 
-        return bytes(next(generate_frames(ds.PixelData, number_of_frames=1)))
+        for at, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=frames)):
+            if at == index:
+                return bytes(frame)
     except Exception:  # malformed encapsulation: the ordinary decoder will say why
         return None
+    return None
+
+
+def _require_end_of_image(codestream: bytes | None, syntax: UID | None) -> None:
+    """Refuse a JPEG or JPEG-LS frame whose codestream stops before its EOI marker.
+
+    A frame cut short (a faulty modality, archive or transfer upstream) decodes in
+    libjpeg-turbo and pylibjpeg-libjpeg to a full-size image whose missing rows are
+    made up, with no error; a bone age read off it would look like any other. EOI cannot
+    occur inside entropy-coded data (T.81 B.1.1.2 and T.87 byte stuffing), so a frame
+    that does not end in it, once the padding of an even-length fragment is set aside
+    (a zero byte, or an 0xFF fill byte, which some encoders write), is incomplete.
+    dcmtk's decoders refuse such a frame too, even one that lacks only the marker.
+
+    Raises
+    ------
+    PixelDataError
+        When the frame does not end in EOI.
+    """
+    if codestream is not None and not codestream.rstrip(b"\0\xff").endswith(_JPEG_EOI):
+        name = getattr(syntax, "name", "JPEG")
+        raise PixelDataError(
+            f"The {name} codestream ends without its end-of-image marker (FFD9): "
+            "the pixel data is incomplete."
+        )
 
 
 def _j2k_header(codestream: bytes) -> tuple[int, int] | None:
@@ -479,7 +524,8 @@ def decode_frame(ds: Dataset, index: int = 0, *, reduce: int = 0) -> np.ndarray:
     Raises
     ------
     PixelDataError
-        When there is no pixel data or it cannot be decoded.
+        When there is no pixel data, a JPEG or JPEG-LS frame is cut short (see
+        :func:`_require_end_of_image`), or the pixel data cannot be decoded.
     """
     if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
         raise PixelDataError("The dataset has no Pixel Data element (7FE0,0010).")
@@ -487,13 +533,18 @@ def decode_frame(ds: Dataset, index: int = 0, *, reduce: int = 0) -> np.ndarray:
         if not int(ds.get(keyword) or 0):
             raise PixelDataError(f"The dataset has no usable {keyword}; cannot decode pixels.")
     frames = int(_float_or_none(ds.get("NumberOfFrames")) or 1)
+    syntax = _transfer_syntax(ds)
     # Single-frame grey JPEG 2000 and HTJ2K (Pillow when reduced, else imagecodecs; both on
     # several threads), lossless JPEG and JPEG-LS (imagecodecs): imagecodecs releases the
     # GIL, and Pillow skips wavelet levels, which pydicom's decoders do neither of.
     codestream = _grey_codestream(ds, _OWN_DECODER_SYNTAXES) if index == 0 else None
+    if syntax in _JPEG_FAMILY_SYNTAXES and "PixelData" in ds:
+        _require_end_of_image(
+            codestream if codestream is not None else _encapsulated_frame(ds, index), syntax
+        )
     if codestream is not None:
         try:
-            if _transfer_syntax(ds) in _J2K_SYNTAXES:
+            if syntax in _J2K_SYNTAXES:
                 return _decode_j2k(codestream, reduce, ds)
             return _decode_jpeg_imagecodecs(codestream, ds)
         except Exception as exc:  # pydicom's decoder tries in full, and reports errors
@@ -506,7 +557,6 @@ def decode_frame(ds: Dataset, index: int = 0, *, reduce: int = 0) -> np.ndarray:
         else:
             array = ds.pixel_array
     except Exception as exc:  # every decoder failure means the same to the caller
-        syntax = _transfer_syntax(ds)
         name = getattr(syntax, "name", None) or str(syntax or "unknown transfer syntax")
         raise PixelDataError(f"Pixel data cannot be decoded ({name}): {exc}") from exc
     array = np.asarray(array)

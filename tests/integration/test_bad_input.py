@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 from pydicom import Dataset, dcmread
 from pydicom.data import get_testdata_files
 from pydicom.dataset import FileMetaDataset
-from pydicom.encaps import encapsulate
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
@@ -66,6 +66,7 @@ from dicom_io.scp import (
     spool_path,
 )
 from dicom_io.synthetic import make_radiograph_dataset
+from tests.dicomtools import run_tool
 from tests.support import dcmtk_tool, free_port, wait_for
 from worker.listener import record_instance
 from worker.pipeline import assess_instance
@@ -530,6 +531,28 @@ def test_garbage_jpeg_ls_pixel_data_is_not_assessed_with_a_reason(
     assert state is InstanceState.NOT_ASSESSED
     assert reason is not None and reason.startswith("pixel data cannot be decoded")
     assert "JPEG-LS" in reason
+
+
+def test_a_jpeg_lossless_frame_cut_short_is_not_assessed_with_a_reason(
+    listener: StorageSCP, runtime: Runtime, tmp_path: Path
+) -> None:
+    """The file is sound and only its codestream stops early: decoders would make up the
+    missing rows, so the EOI check must say the image is incomplete."""
+    encoded = tmp_path / "sv1.dcm"
+    run_tool("dcmcjpeg", "+e1", write_hand(tmp_path / "hand.dcm"), encoded)
+    ds = dcmread(encoded)
+    stream = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([stream[: len(stream) * 3 // 4]])
+    ds.save_as(tmp_path / "cut.dcm", enforce_file_format=True)
+    sent = send_file(listener.port, tmp_path / "cut.dcm")
+    assert sent.status == SUCCESS, sent
+    state, reason = assess_and_check(runtime, row_for(runtime, ds.SOPInstanceUID).id)
+    assert state is InstanceState.NOT_ASSESSED
+    assert reason == (
+        "pixel data cannot be decoded: The JPEG Lossless, Non-Hierarchical, First-Order "
+        "Prediction (Process 14 [Selection Value 1]) codestream ends without its "
+        "end-of-image marker (FFD9): the pixel data is incomplete."
+    )
 
 
 # -- b. a huge image, memory measured in the processes that handle it ------------

@@ -31,6 +31,7 @@ pytest.importorskip("imagecodecs")
 
 ROWS, COLUMNS = 600, 440
 FALLBACK = "decode failed"
+EOI = b"\xff\xd9"
 
 
 def _native(bits: int = 12, **kwargs: object) -> Dataset:
@@ -151,11 +152,12 @@ def test_a_damaged_stream_falls_back_to_pydicom_which_reports_it(
 def test_a_stream_imagecodecs_refuses_is_decoded_by_pydicom(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Its frame header is sound, so imagecodecs gets it; CharLS rejects the cut scan,
-    and pydicom's decoder decodes what it can, as it did before imagecodecs."""
+    """Its frame header is sound and it ends in EOI, so imagecodecs gets it; CharLS
+    rejects the scan (cut in half, then closed), and pydicom's decoder decodes what it
+    can, as it did before imagecodecs."""
     ds = _encoded(tmp_path, _native(), "dcmcjpls")
     stream = bytes(next(generate_frames(ds.PixelData, number_of_frames=1)))
-    ds.PixelData = encapsulate([stream[: len(stream) // 2]])
+    ds.PixelData = encapsulate([stream[: len(stream) // 2] + EOI])
     by_pydicom = dcmread(tmp_path / "dcmcjpls.dcm")
     by_pydicom.PixelData = ds.PixelData
     with caplog.at_level(logging.INFO, logger="dicom_io.pixels"):
@@ -194,3 +196,70 @@ def test_a_stream_that_claims_another_size_is_not_decoded_by_imagecodecs(
     with caplog.at_level(logging.INFO, logger="dicom_io.pixels"), pytest.raises(PixelDataError):
         decode_frame(ds)
     assert f"{FALLBACK} (the stream holds {rows} x {COLUMNS} x 1 samples)" in caplog.text
+
+
+# -- a frame cut short --------------------------------------------------------------
+
+JPEG_ENCODERS = {
+    "jpeg-baseline": ("dcmcjpeg", "+eb"),
+    "jpeg-extended": ("dcmcjpeg", "+ee"),
+    "jpeg-lossless": ("dcmcjpeg", "+el"),
+    "jpeg-lossless-sv1": ("dcmcjpeg", "+e1"),
+    "jpeg-ls": ("dcmcjpls",),
+    "jpeg-ls-near-lossless": ("dcmcjpls", "+en"),
+}
+
+
+def _cut(stream: bytes, where: str) -> bytes:
+    body = stream.rstrip(b"\0\xff")
+    assert body.endswith(EOI)
+    return {
+        "no EOI": body[:-2],
+        "90 %": body[: len(body) * 9 // 10],
+        "half": body[: len(body) // 2],
+    }[where]
+
+
+@pytest.mark.parametrize("where", ["half", "90 %", "no EOI"])
+@pytest.mark.parametrize("encoder", list(JPEG_ENCODERS))
+def test_a_frame_cut_short_is_refused_before_any_decoder_sees_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, encoder: str, where: str
+) -> None:
+    """libjpeg-turbo and pydicom's decoder would both make up the missing rows of such a
+    frame and say nothing (dcmtk's decoders refuse it): without its EOI marker the frame
+    is not decoded at all."""
+    ds = _encoded(tmp_path, _native(), *JPEG_ENCODERS[encoder])
+    stream = bytes(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    ds.PixelData = encapsulate([_cut(stream, where)])
+    with (
+        caplog.at_level(logging.INFO, logger="dicom_io.pixels"),
+        pytest.raises(
+            PixelDataError, match=r"end-of-image marker \(FFD9\): the pixel data is incomplete"
+        ),
+    ):
+        decode_for_display(ds)
+    assert FALLBACK not in caplog.text
+
+
+@pytest.mark.parametrize("encoder", list(JPEG_ENCODERS))
+def test_a_whole_frame_after_its_padding_is_decoded(tmp_path: Path, encoder: str) -> None:
+    """The byte after EOI that an even-length fragment may need (zero, or an 0xFF fill
+    byte as in pydicom's JPGExtended.dcm) is not part of the stream."""
+    ds = _encoded(tmp_path, _native(), *JPEG_ENCODERS[encoder])
+    expected = ds.pixel_array
+    stream = bytes(next(generate_frames(ds.PixelData, number_of_frames=1))).rstrip(b"\0")
+    for padding in (b"", b"\0", b"\xff", b"\0\0"):
+        ds.PixelData = encapsulate([stream + padding])
+        np.testing.assert_array_equal(decode_frame(ds), expected)
+
+
+def test_the_cut_frame_of_several_is_the_one_refused(tmp_path: Path) -> None:
+    ds = _encoded(tmp_path, _native(), "dcmcjpeg", "+e1")
+    stream = bytes(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    ds.PixelData = encapsulate([stream, _cut(stream, "90 %")])
+    ds.NumberOfFrames = 2
+    np.testing.assert_array_equal(
+        decode_frame(ds, 0), dcmread(tmp_path / "dcmcjpeg.dcm").pixel_array
+    )
+    with pytest.raises(PixelDataError, match="end-of-image marker"):
+        decode_frame(ds, 1)

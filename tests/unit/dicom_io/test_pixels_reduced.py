@@ -264,3 +264,29 @@ def test_htj2k_is_decoded_like_jpeg2000(
     assert "decode failed" not in caplog.text
     assert reduced.shape == (ROWS // 2, COLUMNS // 2)
     assert np.abs(reduced - _box_downscale(full, 2)).mean() < 0.02
+
+
+@pytest.mark.parametrize("reduce", [0, 1, 2])
+@pytest.mark.parametrize("where", ["no EOC", "90 %", "half"])
+@pytest.mark.parametrize("syntax", [JPEG2000Lossless, HTJ2KLossless])
+def test_a_codestream_cut_short_is_refused_at_any_size(
+    tmp_path: Path, syntax: UID, where: str, reduce: int
+) -> None:
+    """JPEG and JPEG-LS frames need our EOI check (their decoders make the missing rows
+    up); OpenJPEG refuses a JPEG 2000 or HTJ2K codestream that stops early by itself,
+    also when the wavelet levels it lacks would be skipped. This keeps it so."""
+    if syntax == HTJ2KLossless:
+        imagecodecs = pytest.importorskip("imagecodecs")
+        ds = _cr()
+        stream = bytes(imagecodecs.htj2k_encode(ds.pixel_array))
+        ds["PixelData"].VR = "OB"
+        ds.file_meta.TransferSyntaxUID = syntax
+    else:
+        ds = _j2k(tmp_path)
+        stream = bytes(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    body = stream.rstrip(b"\0")
+    assert body.endswith(b"\xff\xd9")  # EOC
+    cut = {"no EOC": body[:-2], "90 %": body[: len(body) * 9 // 10], "half": body[: len(body) // 2]}
+    ds.PixelData = encapsulate([cut[where]])
+    with pytest.raises(PixelDataError, match="cannot be decoded"):
+        decode_for_display(ds, reduce=reduce)

@@ -18,10 +18,14 @@ accepted for them), and unknown calling AE titles are rejected.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
 import os
+import queue
+import select
+import socket
 import ssl
 import struct
 import sys
@@ -31,7 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom import dcmread
 from pydicom import uid as pyuid
@@ -39,7 +43,7 @@ from pynetdicom import AE, _config, evt, sop_class
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from dicom_io.tcp import LOW_LATENCY_HANDLERS
@@ -297,17 +301,234 @@ class _StreamingDUL(DULServiceProvider):
         return pdu, "Evt10"
 
 
+#: Longest an association's two threads wait, when nothing wakes them, before they look
+#: at what nothing signals: the ARTIM and network timers. pynetdicom's threads look every
+#: millisecond instead, about 3 % of a core for each open association, idle or not.
+IDLE_CHECK_SECONDS = 0.05
+
+# What the two loops below log, they log as pynetdicom's own loops do (its loggers).
+_PYNETDICOM_ASSOC_LOG = logging.getLogger("pynetdicom.association")
+_PYNETDICOM_DUL_LOG = logging.getLogger("pynetdicom.dul")
+
+
+class _NotifyingQueue(queue.Queue[Any]):
+    """A queue that calls ``notify`` after each put, so that its reader need not poll."""
+
+    def __init__(self, notify: Callable[[], None]) -> None:
+        super().__init__()
+        self._notify = notify
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._notify()
+
+
+class _WakeableDUL(_StreamingDUL):
+    """:class:`_StreamingDUL` whose thread, with nothing to do, waits on its socket.
+
+    pynetdicom's DUL thread sleeps a millisecond and looks again whenever nothing came.
+    This one waits in ``select`` until the peer sends, a primitive is queued for it to
+    send (the association's thread writes a byte to a socket pair then), it is told to
+    stop, or `IDLE_CHECK_SECONDS` pass (for the ARTIM timer). The work done on each turn,
+    and its order, are pynetdicom's.
+    """
+
+    _wake_reader: socket.socket
+    _wake_writer: socket.socket
+
+    def prepare_wakeups(self) -> None:
+        """Make the wake-up pair and the waking send queue (before the thread starts)."""
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_reader.setblocking(False)
+        self._wake_writer.setblocking(False)
+        self.to_provider_queue = _NotifyingQueue(self._wake)
+
+    def run(self) -> None:
+        # pynetdicom gave the thread its own run_reactor as the target, bound before this
+        # object was re-classed; the thread runs this class's instead (pynetdicom wraps the
+        # target only to pass context variables, which _config.PASS_CONTEXTVARS leaves off)
+        self.run_reactor()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # already awake (pair full), or closed: fine
+            self._wake_writer.send(b"\0")
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        self._wake()
+
+    def stop_dul(self) -> bool:
+        if self.state_machine.current_state == "Sta1":
+            # pynetdicom's sets the flag and then waits for the thread: wake it first
+            self._kill_thread = True
+            self._wake()
+        return super().stop_dul()
+
+    def _wait_for_work(self) -> None:
+        waiting: list[Any] = [self._wake_reader]
+        peer = getattr(self.socket, "socket", None)
+        if peer is not None and peer.fileno() >= 0:
+            waiting.append(peer)
+        try:
+            ready, _, _ = select.select(waiting, [], [], IDLE_CHECK_SECONDS)
+        except (OSError, ValueError):  # the peer's socket closed meanwhile: look again
+            return
+        if self._wake_reader in ready:
+            with contextlib.suppress(OSError):  # BlockingIOError once drained
+                while self._wake_reader.recv(4096):
+                    pass
+
+    def run_reactor(self) -> None:
+        """pynetdicom's DUL loop, with `_wait_for_work` where it sleeps a millisecond."""
+        try:
+            self._idle_timer.start()
+            idle = False
+            while True:
+                if not self.assoc._dul_ready.is_set():
+                    self.assoc._dul_ready.set()
+                    idle = True
+                if idle:
+                    self._wait_for_work()
+                if self._kill_thread:
+                    break
+                if self.artim_timer.expired:
+                    self.event_queue.put("Evt18")
+                # one primitive sent or one PDU received a turn, as pynetdicom does
+                try:
+                    if self._process_recv_primitive():
+                        pass
+                    elif self._is_transport_event():
+                        self._idle_timer.restart()
+                except Exception:
+                    # pynetdicom's own handling: log, send A-ABORT, stop both threads
+                    self._abort_after(sys.exc_info()[1])
+                    return
+                try:
+                    event = self.event_queue.get(block=False)
+                except queue.Empty:
+                    idle = True
+                    continue
+                self.state_machine.do_action(event)
+                idle = False
+        finally:
+            waking = getattr(self.assoc, "wake", None)
+            if waking is not None:
+                waking()  # the association's thread sees this one has ended
+            self._wake_reader.close()
+            self._wake_writer.close()
+
+    def _abort_after(self, exc: BaseException | None) -> None:
+        _PYNETDICOM_DUL_LOG.error("Exception in DUL.run(), aborting association")
+        _PYNETDICOM_DUL_LOG.error("%s", exc, exc_info=exc)
+        abort = A_ABORT_RQ()
+        abort.source = 0x02
+        abort.reason_diagnostic = 0x00
+        with contextlib.suppress(Exception):  # the connection may be the trouble
+            self.socket.send(abort.encode())
+        self.assoc.is_aborted = True
+        self.assoc.is_established = False
+        self.assoc._kill = True
+        self._kill_thread = True
+
+
+class _WakeableAssociation(Association):
+    """pynetdicom's association, whose thread waits to be woken instead of polling.
+
+    pynetdicom's acceptor thread sleeps a millisecond and then looks for a complete DIMSE
+    message, a release or abort from the peer, its DUL thread's end and the network
+    timeout. Each of the first three arrives on a queue that now wakes it (the DIMSE
+    message queue, the DUL's queue to the user), the DUL thread wakes it when it ends,
+    and it looks at the network timer every `IDLE_CHECK_SECONDS`. What it does on each
+    turn is pynetdicom's.
+    """
+
+    _woken: threading.Event
+
+    def prepare_wakeups(self) -> None:
+        """Make the wake-up and the waking queues (before either thread starts)."""
+        self._woken = threading.Event()
+        self.dimse.msg_queue = _NotifyingQueue(self.wake)
+        self.dul.to_user_queue = _NotifyingQueue(self.wake)
+
+    def wake(self) -> None:
+        self._woken.set()
+
+    def kill(self) -> None:
+        super().kill()
+        self.wake()
+
+    def _run_reactor(self) -> None:
+        self._is_paused = False
+        busy = False
+        while not self._kill:
+            if not busy:
+                self._woken.wait(IDLE_CHECK_SECONDS)
+            self._woken.clear()  # before looking: a later put wakes the next wait
+            busy = False
+
+            # paused while another thread of ours sends on the association
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+
+            context_id, message = self.dimse.get_msg(block=False)
+            if message:
+                self._serve_request(message, cast(int, context_id))
+                busy = True  # another message may be waiting: look before waiting
+
+            if self.is_established and self.acse.is_release_requested():
+                self.acse.send_release(is_response=True)
+                _PYNETDICOM_ASSOC_LOG.info("Association Released")
+                self.is_released = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+
+            if self.acse.is_aborted():
+                _PYNETDICOM_ASSOC_LOG.info(
+                    "Association Aborted"
+                    + (" (A-P-ABORT)" if self.acse.is_aborted("a-p-abort") else "")
+                )
+                self.dul.receive_pdu(wait=False)  # so that EVT_ACSE_RECV fires
+                self.is_aborted = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+
+            if not self.dul.is_alive():
+                self.kill()
+                return
+
+            if self.dul.idle_timer_expired():
+                _PYNETDICOM_ASSOC_LOG.error("Network timeout reached")
+                if self.network_timeout_response == "A-RELEASE":
+                    self._is_paused = True
+                    self._reactor_checkpoint.wait()
+                    self.release()
+                    self._is_paused = False
+                else:
+                    self.abort()
+                self.kill()
+                return
+
+
 class _StreamingRequestHandler(RequestHandler):
     """Accepts associations that read through :class:`_StreamingDUL` and
-    :class:`_WritingBackDIMSE`."""
+    :class:`_WritingBackDIMSE`, and whose threads wait to be woken
+    (:class:`_WakeableDUL`, :class:`_WakeableAssociation`)."""
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
-        # Only reading differs, so the objects pynetdicom made are re-classed rather
-        # than their construction copied here (neither thread has started yet).
+        # Only reading and waiting differ, so the objects pynetdicom made are re-classed
+        # rather than their construction copied here (neither thread has started yet).
         assoc.dul.socket.__class__ = _StreamingSocket
-        assoc.dul.__class__ = _StreamingDUL
+        assoc.dul.__class__ = _WakeableDUL
         assoc.dimse.__class__ = _WritingBackDIMSE
+        assoc.__class__ = _WakeableAssociation
+        cast(_WakeableDUL, assoc.dul).prepare_wakeups()
+        cast(_WakeableAssociation, assoc).prepare_wakeups()
         return assoc
 
 

@@ -27,6 +27,7 @@ from sqlalchemy import select
 
 from db.engine import session_scope, upgrade
 from db.schema import Instance, InstanceState
+from dicom_io import scp as scp_module
 from dicom_io.scp import (
     MAXIMUM_PDU_SIZE,
     OUT_OF_RESOURCES,
@@ -40,7 +41,7 @@ from dicom_io.scp import (
     spool_path,
 )
 from dicom_io.synthetic import make_radiograph_dataset
-from tests.support import dcmtk_tool, free_port
+from tests.support import dcmtk_tool, free_port, wait_for
 from worker.listener import record_instance
 
 pytestmark = pytest.mark.integration
@@ -413,3 +414,46 @@ def test_listener_sockets_send_at_once(harness_factory: Callable[..., Harness]) 
         assert assoc.send_c_echo().Status == 0x0000
     finally:
         assoc.release()
+
+
+def test_association_threads_are_woken_by_what_they_wait_for(
+    harness_factory: Callable[..., Harness], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pynetdicom's two threads per association look for work every millisecond; ours
+    wait until the peer sends, an answer is queued, the peer releases or aborts, or the
+    periodic look for timers comes. With that look pushed out to an hour, every step
+    below must still happen at once: a missed wake-up would run into the peers' own
+    10-second timeouts, or into `wait_for`'s."""
+    monkeypatch.setattr(scp_module, "IDLE_CHECK_SECONDS", 3600.0)
+    h = harness_factory()
+    server = h.scp._server
+    assert server is not None
+
+    # three C-STOREs and their answers, then a release, on one dcmtk association
+    files = [write_hand(tmp_path / f"hand{i}.dcm") for i in range(3)]
+    sent = h.storescu(*files, extra=("-ta", "10", "-td", "10"))
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    assert len(h.rows()) == 3
+    wait_for(
+        lambda: not server.active_associations, timeout=10, what="the released association ending"
+    )
+
+    # an association that stays idle, then is released; one that is aborted
+    ae = AE(ae_title="PACS")
+    ae.acse_timeout = ae.dimse_timeout = 10
+    ae.add_requested_context(VERIFICATION_SOP_CLASS)
+    idle = ae.associate("127.0.0.1", h.scp.port, ae_title="BONEAGE")
+    aborted = ae.associate("127.0.0.1", h.scp.port, ae_title="BONEAGE")
+    assert idle.is_established and aborted.is_established
+    assert int(idle.send_c_echo().Status) == 0
+    aborted.abort()
+    wait_for(
+        lambda: len(server.active_associations) == 1,
+        timeout=10,
+        what="the aborted association ending",
+    )
+    idle.release()
+    assert idle.is_released
+    wait_for(
+        lambda: not server.active_associations, timeout=10, what="the released association ending"
+    )

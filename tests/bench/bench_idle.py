@@ -8,6 +8,11 @@ and then nothing: the CPU of each of the node's processes is read from ``/proc``
 sent afterwards, to show that a node coming out of a quiet spell answers as fast as one
 in use (its C-STORE-to-SR time is printed).
 
+Some PACSes keep their associations open between images. With ``--held-open N`` (default
+5; 0 skips it) a pynetdicom client in another process opens N associations to the
+listener, and the node's CPU is read again over `HELD_OPEN_SECONDS` while they stay open
+with nothing sent.
+
 Then ``--lone`` more studies go through one at a time, each once the one before is
 delivered, as a PACS forwards most of its studies: where such a study's time goes, from
 the database's timestamps (median of them):
@@ -18,7 +23,7 @@ the database's timestamps (median of them):
     started → finished    the inference task; "model" is its forward pass and Grad-CAM
     finished → SR         the delivery worker taking up the SR and sending it
 
-    .venv/bin/python -m tests.bench.bench_idle [--seconds 60] [--lone 5]
+    .venv/bin/python -m tests.bench.bench_idle [--seconds 60] [--lone 5] [--held-open 5]
         [--stack embedded|redis-postgres|both]
 
 No target of issue 6; the figures are quoted in the README and docs/performance.md
@@ -33,6 +38,7 @@ import functools
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -44,6 +50,8 @@ from sqlalchemy import select
 from db.engine import session_scope
 from db.schema import Delivery, DeliveryState, Instance, ObjectKind, Result
 from tests.bench.bench_e2e import (
+    CALLED_AE,
+    CALLING_AE,
     STACKS,
     Stack,
     machine_busy_seconds,
@@ -117,6 +125,49 @@ def idle_cpu(roots: list[int], seconds: float) -> tuple[dict[str, float], float,
     return shares, busiest, (machine_busy_seconds() - machine) / elapsed
 
 
+#: How long the node's CPU is read while ``--held-open`` associations are open.
+HELD_OPEN_SECONDS = 20.0
+
+# A PACS that holds associations open and sends nothing: opens them, says so, and
+# releases them when its standard input closes.
+_HOLDER = """
+import sys
+from pynetdicom import AE
+calling, called, port, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+ae = AE(ae_title=calling)
+ae.add_requested_context("1.2.840.10008.1.1")
+held = [ae.associate("127.0.0.1", port, ae_title=called) for _ in range(count)]
+if not all(assoc.is_established for assoc in held):
+    sys.exit("an association was not accepted")
+print("open", flush=True)
+sys.stdin.read()
+for assoc in held:
+    assoc.release()
+"""
+
+
+def held_open_cpu(node: Stack, roots: list[int], count: int) -> float:
+    """Share of one core the node's processes used while ``count`` associations to its
+    listener stayed open, idle, over `HELD_OPEN_SECONDS`."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, CALLING_AE, CALLED_AE, str(node.port), str(count)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        if holder.stdout.readline().strip() != "open":
+            raise RuntimeError(f"the {count} associations to hold open were not accepted")
+        shares, _, _ = idle_cpu(roots, HELD_OPEN_SECONDS)
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+    return sum(shares.values())
+
+
 def timeline(database_url: str, study: Path) -> tuple[float, ...]:
     """Seconds of each of :data:`STAGES` for a delivered ``study``, from the database."""
     with session_scope(database_url) as session:
@@ -172,6 +223,7 @@ def run_stack(
     next_study: Path,
     seconds: float,
     lone: list[Path],
+    held_open: int,
 ) -> tuple[str, list[tuple[float, ...]]]:
     folder = Path(tempfile.mkdtemp(prefix=f"{stack}-", dir=work))
     with running_stack(stack, folder) as node:
@@ -185,6 +237,7 @@ def run_stack(
             print(f"[{stack}] warm-up study delivered; idle for {seconds:.0f} s", flush=True)
             roots = [proc.pid for _, proc, _ in node.processes.started]
             shares, busiest, machine = idle_cpu(roots, seconds)
+            held = held_open_cpu(node, roots, held_open) if held_open else None
             after = send_and_wait(node, next_study, "the SR of the study after the idle spell")
             wait_for(
                 lambda: all_delivered(node, next_study),
@@ -196,9 +249,10 @@ def run_stack(
             print(f"[{stack}] failed; the processes' last log lines:\n{node.processes.tails()}")
             raise
     parts = ", ".join(f"{role} {100 * share:.2f}" for role, share in shares.items())
+    held_text = "-" if held is None else f"{100 * held:.2f}"
     return (
         f"{stack:<16}{100 * sum(shares.values()):>7.2f}{100 * busiest:>15.1f}"
-        f"{100 * machine:>11.1f}{after:>12.2f}   {parts}"
+        f"{100 * machine:>11.1f}{held_text:>14}{after:>12.2f}   {parts}"
     ), times
 
 
@@ -217,6 +271,12 @@ def main() -> None:
     parser.add_argument(
         "--lone", type=int, default=5, help="studies then sent one at a time (0: none)"
     )
+    parser.add_argument(
+        "--held-open",
+        type=int,
+        default=5,
+        help="associations held open, idle, while the node's CPU is read again (0: none)",
+    )
     parser.add_argument("--stack", choices=[*STACKS, "both"], default="both")
     parser.add_argument("--workdir", type=Path, default=None, help="where temp files go")
     args = parser.parse_args()
@@ -224,6 +284,8 @@ def main() -> None:
         parser.error("--seconds must be positive")
     if args.lone < 0:
         parser.error("--lone must not be negative")
+    if args.held_open < 0:
+        parser.error("--held-open must not be negative")
     stacks = STACKS if args.stack == "both" else (args.stack,)
     work = Path(tempfile.mkdtemp(prefix="bench-idle-", dir=args.workdir))
     lines = []
@@ -232,7 +294,7 @@ def main() -> None:
         warm_up_study, files = make_inputs(work / "inputs", 1 + args.lone, 2)
         for stack in stacks:
             line, timelines[stack] = run_stack(
-                stack, work, warm_up_study, files[0], args.seconds, files[1:]
+                stack, work, warm_up_study, files[0], args.seconds, files[1:], args.held_open
             )
             lines.append(line)
     except RuntimeError as exc:
@@ -245,15 +307,17 @@ def main() -> None:
         "SR and SC are delivered; share of one core, from /proc"
     )
     print(
-        f"{'stack':<16}{'node %':>7}{'busiest 1 s %':>15}{'machine %':>11}{'next SR s':>12}"
-        "   % of a core by process"
+        f"{'stack':<16}{'node %':>7}{'busiest 1 s %':>15}{'machine %':>11}"
+        f"{'held open %':>14}{'next SR s':>12}   % of a core by process"
     )
     for line in lines:
         print(line)
     print(
         "node %: the node's processes together; busiest 1 s: theirs in the busiest second; "
-        "machine %: every process (/proc/stat); next SR s: a study sent after the idle "
-        "spell, C-STORE to SR delivered"
+        "machine %: every process (/proc/stat); held open %: the node's processes while "
+        f"{args.held_open} associations to the listener stay open with nothing sent "
+        f"({HELD_OPEN_SECONDS:.0f} s); next SR s: a study sent after the idle spell, "
+        "C-STORE to SR delivered"
     )
     if args.lone:
         print()

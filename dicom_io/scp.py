@@ -311,6 +311,19 @@ _PYNETDICOM_ASSOC_LOG = logging.getLogger("pynetdicom.association")
 _PYNETDICOM_DUL_LOG = logging.getLogger("pynetdicom.dul")
 
 
+def _wait_readable(descriptors: list[int], timeout: float) -> set[int]:
+    """Those of ``descriptors`` that have something to read (or are closed), after at most
+    ``timeout`` seconds. ``poll`` where there is one: ``select`` refuses descriptors past
+    1023, which a busy listener's sockets may reach."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        for descriptor in descriptors:
+            poller.register(descriptor, select.POLLIN)
+        return {descriptor for descriptor, _ in poller.poll(timeout * 1000)}
+    ready, _, _ = select.select(descriptors, [], [], timeout)
+    return set(ready)
+
+
 class _NotifyingQueue(queue.Queue[Any]):
     """A queue that calls ``notify`` after each put, so that its reader need not poll."""
 
@@ -365,15 +378,16 @@ class _WakeableDUL(_StreamingDUL):
         return super().stop_dul()
 
     def _wait_for_work(self) -> None:
-        waiting: list[Any] = [self._wake_reader]
+        waiting = [self._wake_reader.fileno()]
         peer = getattr(self.socket, "socket", None)
         if peer is not None and peer.fileno() >= 0:
-            waiting.append(peer)
+            waiting.append(peer.fileno())
         try:
-            ready, _, _ = select.select(waiting, [], [], IDLE_CHECK_SECONDS)
-        except (OSError, ValueError):  # the peer's socket closed meanwhile: look again
+            woken = _wait_readable(waiting, IDLE_CHECK_SECONDS)
+        except (OSError, ValueError):  # a socket closed meanwhile: pynetdicom's short sleep
+            time.sleep(self._run_loop_delay)
             return
-        if self._wake_reader in ready:
+        if waiting[0] in woken:
             with contextlib.suppress(OSError):  # BlockingIOError once drained
                 while self._wake_reader.recv(4096):
                     pass

@@ -88,3 +88,28 @@ def test_writeback_is_started_on_linux_and_a_bad_file_is_an_oserror(tmp_path: Pa
     with pytest.raises(OSError) as raised:
         start(fd, 0)  # closed
     assert raised.value.errno == errno.EBADF
+
+
+def test_a_thread_waits_on_sockets_numbered_past_select_s_limit() -> None:
+    """A listener with many associations and files open holds descriptors past 1023,
+    which ``select`` refuses; an association's DUL thread then spun instead of waiting."""
+    resource = pytest.importorskip("resource")
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1100:
+        pytest.skip(f"this process may open only {soft} files")
+    from dicom_io.scp import _wait_readable
+
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1030)]
+    try:
+        quiet, woken = socket.socketpair(), socket.socketpair()
+        high = [quiet[0].fileno(), woken[0].fileno()]
+        assert min(high) > 1023
+        assert _wait_readable(high, 0.01) == set()
+        woken[1].send(b"\0")
+        assert _wait_readable(high, 10) == {woken[0].fileno()}
+        for pair in (quiet, woken):
+            for end in pair:
+                end.close()
+    finally:
+        for descriptor in filler:
+            os.close(descriptor)

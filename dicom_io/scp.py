@@ -340,7 +340,7 @@ class _WakeableDUL(_StreamingDUL):
     """:class:`_StreamingDUL` whose thread, with nothing to do, waits on its socket.
 
     pynetdicom's DUL thread sleeps a millisecond and looks again whenever nothing came.
-    This one waits in ``select`` until the peer sends, a primitive is queued for it to
+    This one waits (``poll``) until the peer sends, a primitive is queued for it to
     send (the association's thread writes a byte to a socket pair then), it is told to
     stop, or `IDLE_CHECK_SECONDS` pass (for the ARTIM timer). The work done on each turn,
     and its order, are pynetdicom's.

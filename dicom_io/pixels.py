@@ -145,16 +145,14 @@ def _grey_codestream(ds: Dataset, syntaxes: Sequence[str]) -> bytes | None:
 
 def _encapsulated_frame(ds: Dataset, index: int) -> bytes | None:
     """The bytes of frame ``index`` of encapsulated Pixel Data, None where they cannot be had."""
-    frames = int(_float_or_none(ds.get("NumberOfFrames")) or 1)
     try:
-        from pydicom.encaps import generate_frames
+        from pydicom.encaps import get_frame
 
-        for at, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=frames)):
-            if at == index:
-                return bytes(frame)
+        # through the Basic Offset Table where there is one, not past the frames before
+        frames = int(_float_or_none(ds.get("NumberOfFrames")) or 1)
+        return bytes(get_frame(ds.PixelData, index, number_of_frames=frames))
     except Exception:  # malformed encapsulation: the ordinary decoder will say why
         return None
-    return None
 
 
 def _require_end_of_image(codestream: bytes | None, syntax: UID | None) -> None:

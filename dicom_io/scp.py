@@ -468,8 +468,9 @@ class _WakeableAssociation(Association):
         self._woken.set()
 
     def kill(self) -> None:
+        self._kill = True
+        self.wake()  # before pynetdicom's kill, which waits for the DUL thread to stop
         super().kill()
-        self.wake()
 
     def _run_reactor(self) -> None:
         self._is_paused = False

@@ -133,9 +133,10 @@ HELD_OPEN_SECONDS = 20.0
 _HOLDER = """
 import sys
 from pynetdicom import AE
+from pynetdicom.sop_class import Verification
 calling, called, port, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 ae = AE(ae_title=calling)
-ae.add_requested_context("1.2.840.10008.1.1")
+ae.add_requested_context(Verification)
 held = [ae.associate("127.0.0.1", port, ae_title=called) for _ in range(count)]
 if not all(assoc.is_established for assoc in held):
     sys.exit("an association was not accepted")

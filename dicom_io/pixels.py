@@ -72,6 +72,14 @@ _JPEG_FAMILY_SYNTAXES = (
     *_JPEG_LS_SYNTAXES,
 )
 _JPEG_EOI = b"\xff\xd9"
+# How CharLS (charls_get_error_message, 2.x) says a JPEG-LS stream is damaged: "Invalid
+# JPEG-LS stream" (a structural problem in the scan, a marker or segment out of place) or
+# a source buffer that ends before the image. Two of its "invalid" errors say instead that
+# the stream is another codec's or carries a marker CharLS does not know, which pydicom's
+# decoder (the ISO reference libjpeg) may read; so may the features CharLS calls "not
+# supported".
+_CHARLS_DAMAGE = ("invalid jpeg-ls stream", "more input data was expected")
+_CHARLS_NOT_ITS_STREAM = ("not encoded with the jpeg-ls algorithm", "unknown jpeg marker")
 # Frame header markers: SOF0-SOF15 but DHT (C4), JPG (C8) and DAC (CC); JPEG-LS SOF55.
 _SOF_MARKERS = frozenset({*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC}) | {0xF7}
 # Other grey images are reduced by averaging blocks of stored values, at most 16 x 16.
@@ -177,6 +185,62 @@ def _require_end_of_image(codestream: bytes | None, syntax: UID | None) -> None:
             f"The {name} codestream ends without its end-of-image marker (FFD9): "
             "the pixel data is incomplete."
         )
+
+
+def _is_charls_error(error: BaseException) -> bool:
+    """Whether ``error`` is CharLS's, as imagecodecs raises it."""
+    try:
+        from imagecodecs import JpeglsError
+    except ImportError:
+        return False
+    return isinstance(error, JpeglsError)
+
+
+def _refuse_what_charls_found_damaged(error: BaseException, syntax: UID | None) -> None:
+    """Refuse a JPEG-LS frame that CharLS could not decode because the stream is damaged.
+
+    CharLS, the decoder dcmtk uses too, checks the scan's structure as it decodes and
+    stops at damage inside it (bytes lost, zeroed or altered, a stream cut and closed
+    with EOI); pylibjpeg-libjpeg, pydicom's decoder and the fallback, decodes the same
+    stream to a full-size image with up to half its pixels wrong, and says nothing. So
+    such a frame goes no further; what CharLS merely does not support still goes to
+    pydicom's decoder.
+
+    Raises
+    ------
+    PixelDataError
+        When ``error`` is CharLS's, and says the stream is damaged.
+    """
+    message = str(error).lower()
+    if (
+        _is_charls_error(error)
+        and any(words in message for words in _CHARLS_DAMAGE)
+        and not any(words in message for words in _CHARLS_NOT_ITS_STREAM)
+    ):
+        name = getattr(syntax, "name", "JPEG-LS")
+        detail = str(error).partition(" returned ")[2].strip("'") or str(error)
+        raise PixelDataError(
+            f"The {name} codestream is damaged (CharLS: {detail}); the pixel data is not decoded."
+        ) from error
+
+
+def _require_charls_to_find_no_damage(frame: bytes, ds: Dataset, syntax: UID | None) -> None:
+    """Have CharLS decode a JPEG-LS frame that pydicom's decoder is to decode, as a check.
+
+    For the frames imagecodecs does not decode itself (several frames, signed or colour
+    samples): see :func:`_refuse_what_charls_found_damaged`. A frame whose header claims
+    another size than the dataset's is left to pydicom, which reports it, so that the
+    decoder never allocates what a damaged header says.
+    """
+    header = _jpeg_frame_header(frame)
+    if header is None or header[:2] != _stored_shape(ds):
+        return
+    import imagecodecs
+
+    try:
+        imagecodecs.jpegls_decode(frame)
+    except Exception as exc:
+        _refuse_what_charls_found_damaged(exc, syntax)
 
 
 def _j2k_header(codestream: bytes) -> tuple[int, int] | None:
@@ -502,7 +566,8 @@ def decode_frame(ds: Dataset, index: int = 0, *, reduce: int = 0) -> np.ndarray:
     reduced by :func:`decode_for_display`, after padding is found). Single-frame grey
     JPEG 2000 (at full size), lossless JPEG and JPEG-LS images are decoded through
     imagecodecs, which releases the interpreter lock; everything else, and anything
-    these cannot decode, through pydicom's decoders.
+    these cannot decode (but a JPEG-LS stream that CharLS finds damaged), through
+    pydicom's decoders.
 
     Parameters
     ----------
@@ -523,7 +588,8 @@ def decode_frame(ds: Dataset, index: int = 0, *, reduce: int = 0) -> np.ndarray:
     ------
     PixelDataError
         When there is no pixel data, a JPEG or JPEG-LS frame is cut short (see
-        :func:`_require_end_of_image`), or the pixel data cannot be decoded.
+        :func:`_require_end_of_image`), CharLS finds a JPEG-LS frame damaged (see
+        :func:`_refuse_what_charls_found_damaged`), or the pixel data cannot be decoded.
     """
     if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
         raise PixelDataError("The dataset has no Pixel Data element (7FE0,0010).")
@@ -536,17 +602,23 @@ def decode_frame(ds: Dataset, index: int = 0, *, reduce: int = 0) -> np.ndarray:
     # several threads), lossless JPEG and JPEG-LS (imagecodecs): imagecodecs releases the
     # GIL, and Pillow skips wavelet levels, which pydicom's decoders do neither of.
     codestream = _grey_codestream(ds, _OWN_DECODER_SYNTAXES) if index == 0 else None
+    frame = codestream
     if syntax in _JPEG_FAMILY_SYNTAXES and "PixelData" in ds:
-        _require_end_of_image(
-            codestream if codestream is not None else _encapsulated_frame(ds, index), syntax
-        )
+        if frame is None:
+            frame = _encapsulated_frame(ds, index)
+        _require_end_of_image(frame, syntax)
+    charls_judged = False
     if codestream is not None:
         try:
             if syntax in _J2K_SYNTAXES:
                 return _decode_j2k(codestream, reduce, ds)
             return _decode_jpeg_imagecodecs(codestream, ds)
         except Exception as exc:  # pydicom's decoder tries in full, and reports errors
+            _refuse_what_charls_found_damaged(exc, syntax)
+            charls_judged = _is_charls_error(exc)
             logger.info("decode failed (%s); decoding in full through pydicom", exc)
+    if syntax in _JPEG_LS_SYNTAXES and frame is not None and not charls_judged:
+        _require_charls_to_find_no_damage(frame, ds, syntax)
     try:
         if frames > 1:
             from pydicom.pixels import pixel_array

@@ -555,6 +555,30 @@ def test_a_jpeg_lossless_frame_cut_short_is_not_assessed_with_a_reason(
     )
 
 
+def test_a_jpeg_ls_frame_damaged_inside_is_not_assessed_with_a_reason(
+    listener: StorageSCP, runtime: Runtime, tmp_path: Path
+) -> None:
+    """A kilobyte of the scan zeroed, the stream still whole in length and ending in EOI:
+    CharLS stops at it, and pydicom's decoder (which would invent half the hand) is not
+    asked."""
+    encoded = tmp_path / "jls.dcm"
+    run_tool("dcmcjpls", write_hand(tmp_path / "hand.dcm"), encoded)
+    ds = dcmread(encoded)
+    stream = bytes(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    middle = len(stream) // 2
+    ds.PixelData = encapsulate([stream[:middle] + bytes(1024) + stream[middle + 1024 :]])
+    ds.save_as(tmp_path / "damaged.dcm", enforce_file_format=True)
+    sent = send_file(listener.port, tmp_path / "damaged.dcm")
+    assert sent.status == SUCCESS, sent
+    state, reason = assess_and_check(runtime, row_for(runtime, ds.SOPInstanceUID).id)
+    assert state is InstanceState.NOT_ASSESSED
+    assert reason == (
+        "pixel data cannot be decoded: The JPEG-LS Lossless Image Compression codestream is "
+        "damaged (CharLS: Invalid JPEG-LS stream, the encoded bit stream contains a general "
+        "structural problem); the pixel data is not decoded."
+    )
+
+
 # -- b. a huge image, memory measured in the processes that handle it ------------
 
 HUGE = 8000  # 8000 x 8000 x 16 bit: 128 MB of pixel data

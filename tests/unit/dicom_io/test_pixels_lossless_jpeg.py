@@ -149,21 +149,76 @@ def test_a_damaged_stream_falls_back_to_pydicom_which_reports_it(
     assert FALLBACK in caplog.text
 
 
-def test_a_stream_imagecodecs_refuses_is_decoded_by_pydicom(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+def _damaged(stream: bytes, how: str) -> bytes:
+    """``stream`` damaged in its scan, halfway along, and still ending in EOI."""
+    body = stream.rstrip(b"\0")
+    middle = len(body) // 2
+    return {
+        "cut, then closed": body[:middle] + EOI,
+        "1 KiB zeroed": body[:middle] + bytes(1024) + body[middle + 1024 :],
+        "100 bytes lost": body[:middle] + body[middle + 100 :],
+        "a byte altered": body[:middle] + bytes([body[middle] ^ 0x5A]) + body[middle + 1 :],
+    }[how]
+
+
+DAMAGE = ["cut, then closed", "1 KiB zeroed", "100 bytes lost", "a byte altered"]
+JPEG_LS_ENCODERS = {"jpeg-ls": ("dcmcjpls",), "jpeg-ls-near-lossless": ("dcmcjpls", "+en")}
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+@pytest.mark.parametrize("encoder", list(JPEG_LS_ENCODERS))
+def test_a_jpeg_ls_stream_charls_finds_damaged_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, encoder: str, how: str
 ) -> None:
-    """Its frame header is sound and it ends in EOI, so imagecodecs gets it; CharLS
-    rejects the scan (cut in half, then closed), and pydicom's decoder decodes what it
-    can, as it did before imagecodecs."""
+    """CharLS (as dcmtk's ``dcmdjpls``) stops at damage inside the scan; pydicom's
+    decoder, the fallback, would make a full-size image of it with half its pixels
+    wrong and say nothing. The frame goes to neither."""
+    ds = _encoded(tmp_path, _native(), *JPEG_LS_ENCODERS[encoder])
+    whole = ds.pixel_array
+    stream = bytes(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    ds.PixelData = encapsulate([_damaged(stream, how)])
+    # what would have been assessed, and what dcmtk makes of it
+    assert (ds.pixel_array != whole).sum() > whole.size // 10
+    ds.save_as(tmp_path / "damaged.dcm")
+    dcmtk = run_tool("dcmdjpls", tmp_path / "damaged.dcm", tmp_path / "out.dcm", check=False)
+    assert dcmtk.returncode != 0
+    with (
+        caplog.at_level(logging.INFO, logger="dicom_io.pixels"),
+        pytest.raises(
+            PixelDataError,
+            match=r"codestream is damaged \(CharLS: Invalid JPEG-LS stream, the encoded bit",
+        ),
+    ):
+        decode_for_display(ds)
+    assert FALLBACK not in caplog.text
+
+
+def test_a_damaged_jpeg_ls_frame_of_several_is_the_one_refused(tmp_path: Path) -> None:
+    """Frames imagecodecs does not decode itself (here, one of several) go to pydicom's
+    decoder only once CharLS has found no damage in them."""
     ds = _encoded(tmp_path, _native(), "dcmcjpls")
     stream = bytes(next(generate_frames(ds.PixelData, number_of_frames=1)))
-    ds.PixelData = encapsulate([stream[: len(stream) // 2] + EOI])
-    by_pydicom = dcmread(tmp_path / "dcmcjpls.dcm")
-    by_pydicom.PixelData = ds.PixelData
+    ds.PixelData = encapsulate([stream, _damaged(stream, "1 KiB zeroed")])
+    ds.NumberOfFrames = 2
+    np.testing.assert_array_equal(
+        decode_frame(ds, 0), dcmread(tmp_path / "dcmcjpls.dcm").pixel_array
+    )
+    with pytest.raises(PixelDataError, match="damaged"):
+        decode_frame(ds, 1)
+
+
+def test_a_stream_charls_does_not_read_is_decoded_by_pydicom(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """CharLS says a lossless JPEG stream under a JPEG-LS transfer syntax (a mislabelled
+    file) is not JPEG-LS, which is no damage: pydicom's decoder reads any JPEG process,
+    and its values are the image's."""
+    ds = _encoded(tmp_path, _native(), "dcmcjpeg", "+e1")
+    ds.file_meta.TransferSyntaxUID = JPEGLSLossless
     with caplog.at_level(logging.INFO, logger="dicom_io.pixels"):
         decoded = decode_frame(ds)
-    assert f"{FALLBACK} (charls_jpegls_decoder_decode_to_buffer" in caplog.text
-    np.testing.assert_array_equal(decoded, by_pydicom.pixel_array)
+    assert "not encoded with the JPEG-LS algorithm); decoding in full" in caplog.text
+    np.testing.assert_array_equal(decoded, _native().pixel_array)
 
 
 def test_a_stream_of_another_size_than_the_dataset_says_is_left_to_pydicom(

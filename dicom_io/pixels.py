@@ -72,14 +72,19 @@ _JPEG_FAMILY_SYNTAXES = (
     *_JPEG_LS_SYNTAXES,
 )
 _JPEG_EOI = b"\xff\xd9"
-# How CharLS (charls_get_error_message, 2.x) says a JPEG-LS stream is damaged: "Invalid
-# JPEG-LS stream" (a structural problem in the scan, a marker or segment out of place) or
-# a source buffer that ends before the image. Two of its "invalid" errors say instead that
-# the stream is another codec's or carries a marker CharLS does not know, which pydicom's
-# decoder (the ISO reference libjpeg) may read; so may the features CharLS calls "not
-# supported".
-_CHARLS_DAMAGE = ("invalid jpeg-ls stream", "more input data was expected")
-_CHARLS_NOT_ITS_STREAM = ("not encoded with the jpeg-ls algorithm", "unknown jpeg marker")
+# How CharLS (charls_get_error_message, 2.x) says the scan of a JPEG-LS stream is damaged:
+# bits that make no valid code ("general structural problem", what damage inside the scan
+# gave in every trial here), the data ending inside the scan, EOI or a restart marker
+# where the scan or a marker segment must go on. Its errors about bytes between the scan's
+# end and EOI ("still contains encoded data", a missing marker) are not among them: legacy
+# encoders padded there (the DICOM WG04 sample MR1_JLSL), CharLS refuses that, and
+# pydicom's decoder reads such streams.
+_CHARLS_DAMAGE = (
+    "general structural problem",
+    "more input data was expected",
+    "unexpected end of image (eoi) marker",
+    "restart (rtsm) marker",
+)
 # Frame header markers: SOF0-SOF15 but DHT (C4), JPG (C8) and DAC (CC); JPEG-LS SOF55.
 _SOF_MARKERS = frozenset({*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC}) | {0xF7}
 # Other grey images are reduced by averaging blocks of stored values, at most 16 x 16.
@@ -203,7 +208,8 @@ def _refuse_what_charls_found_damaged(error: BaseException, syntax: UID | None) 
     stops at damage inside it (bytes lost, zeroed or altered, a stream cut and closed
     with EOI); pylibjpeg-libjpeg, pydicom's decoder and the fallback, decodes the same
     stream to a full-size image with up to half its pixels wrong, and says nothing. So
-    such a frame goes no further; what CharLS merely does not support still goes to
+    such a frame goes no further (see ``_CHARLS_DAMAGE`` for which of CharLS's errors say
+    so); what CharLS does not support, or finds only after the scan, still goes to
     pydicom's decoder.
 
     Raises
@@ -212,11 +218,7 @@ def _refuse_what_charls_found_damaged(error: BaseException, syntax: UID | None) 
         When ``error`` is CharLS's, and says the stream is damaged.
     """
     message = str(error).lower()
-    if (
-        _is_charls_error(error)
-        and any(words in message for words in _CHARLS_DAMAGE)
-        and not any(words in message for words in _CHARLS_NOT_ITS_STREAM)
-    ):
+    if _is_charls_error(error) and any(words in message for words in _CHARLS_DAMAGE):
         name = getattr(syntax, "name", "JPEG-LS")
         detail = str(error).partition(" returned ")[2].strip("'") or str(error)
         raise PixelDataError(

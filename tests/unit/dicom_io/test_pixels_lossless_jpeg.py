@@ -207,6 +207,19 @@ def test_a_damaged_jpeg_ls_frame_of_several_is_the_one_refused(tmp_path: Path) -
         decode_frame(ds, 1)
 
 
+@pytest.mark.parametrize("padding", [b"\0", b"\0\0", b"\0\0\0\0"], ids=["1", "2", "4"])
+def test_a_jpeg_ls_stream_padded_before_its_eoi_is_decoded(tmp_path: Path, padding: bytes) -> None:
+    """Legacy encoders wrote zero bytes between the scan and EOI (the DICOM WG04 sample
+    MR1_JLSL). CharLS refuses them (2.4.3, here, even one after this stream: "the decoding
+    process is ready but the source buffer still contains encoded data"), in words that
+    do not say the scan is damaged: pydicom's decoder decodes it, to the image's values."""
+    ds = _encoded(tmp_path, _native(), "dcmcjpls")
+    expected = ds.pixel_array
+    stream = bytes(next(generate_frames(ds.PixelData, number_of_frames=1))).rstrip(b"\0")
+    ds.PixelData = encapsulate([stream[:-2] + padding + EOI])
+    np.testing.assert_array_equal(decode_frame(ds), expected)
+
+
 def test_a_stream_charls_does_not_read_is_decoded_by_pydicom(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

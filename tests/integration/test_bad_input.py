@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict
@@ -533,50 +533,52 @@ def test_garbage_jpeg_ls_pixel_data_is_not_assessed_with_a_reason(
     assert "JPEG-LS" in reason
 
 
-def test_a_jpeg_lossless_frame_cut_short_is_not_assessed_with_a_reason(
-    listener: StorageSCP, runtime: Runtime, tmp_path: Path
+@pytest.mark.parametrize(
+    ("encoder", "damage", "reason"),
+    [
+        (
+            ("dcmcjpeg", "+e1"),
+            lambda stream: stream[: len(stream) * 3 // 4],
+            "The JPEG Lossless, Non-Hierarchical, First-Order Prediction (Process 14 "
+            "[Selection Value 1]) codestream ends without its end-of-image marker (FFD9): "
+            "the pixel data is incomplete.",
+        ),
+        (
+            ("dcmcjpls",),
+            lambda stream: (
+                stream[: len(stream) // 2] + bytes(1024) + stream[len(stream) // 2 + 1024 :]
+            ),
+            "The JPEG-LS Lossless Image Compression codestream is damaged (CharLS: Invalid "
+            "JPEG-LS stream, the encoded bit stream contains a general structural problem); "
+            "the pixel data is not decoded.",
+        ),
+    ],
+    ids=["jpeg-lossless-cut-short", "jpeg-ls-damaged-inside"],
+)
+def test_a_damaged_jpeg_frame_is_not_assessed_with_a_reason(
+    listener: StorageSCP,
+    runtime: Runtime,
+    tmp_path: Path,
+    encoder: tuple[str, ...],
+    damage: Callable[[bytes], bytes],
+    reason: str,
 ) -> None:
-    """The file is sound and only its codestream stops early: decoders would make up the
-    missing rows, so the EOI check must say the image is incomplete."""
-    encoded = tmp_path / "sv1.dcm"
-    run_tool("dcmcjpeg", "+e1", write_hand(tmp_path / "hand.dcm"), encoded)
-    ds = dcmread(encoded)
-    stream = next(generate_frames(ds.PixelData, number_of_frames=1))
-    ds.PixelData = encapsulate([stream[: len(stream) * 3 // 4]])
-    ds.save_as(tmp_path / "cut.dcm", enforce_file_format=True)
-    sent = send_file(listener.port, tmp_path / "cut.dcm")
-    assert sent.status == SUCCESS, sent
-    state, reason = assess_and_check(runtime, row_for(runtime, ds.SOPInstanceUID).id)
-    assert state is InstanceState.NOT_ASSESSED
-    assert reason == (
-        "pixel data cannot be decoded: The JPEG Lossless, Non-Hierarchical, First-Order "
-        "Prediction (Process 14 [Selection Value 1]) codestream ends without its "
-        "end-of-image marker (FFD9): the pixel data is incomplete."
-    )
-
-
-def test_a_jpeg_ls_frame_damaged_inside_is_not_assessed_with_a_reason(
-    listener: StorageSCP, runtime: Runtime, tmp_path: Path
-) -> None:
-    """A kilobyte of the scan zeroed, the stream still whole in length and ending in EOI:
-    CharLS stops at it, and pydicom's decoder (which would invent half the hand) is not
-    asked."""
-    encoded = tmp_path / "jls.dcm"
-    run_tool("dcmcjpls", write_hand(tmp_path / "hand.dcm"), encoded)
+    """The file is sound and only its codestream is not: cut short (decoders would make
+    up the missing rows, so the EOI check must say the image is incomplete), or a
+    kilobyte of a JPEG-LS scan zeroed, the stream whole in length and ending in EOI
+    (CharLS stops at it; pydicom's decoder, which would invent half the hand, is not
+    asked)."""
+    encoded = tmp_path / "encoded.dcm"
+    run_tool(*encoder, write_hand(tmp_path / "hand.dcm"), encoded)
     ds = dcmread(encoded)
     stream = bytes(next(generate_frames(ds.PixelData, number_of_frames=1)))
-    middle = len(stream) // 2
-    ds.PixelData = encapsulate([stream[:middle] + bytes(1024) + stream[middle + 1024 :]])
+    ds.PixelData = encapsulate([damage(stream)])
     ds.save_as(tmp_path / "damaged.dcm", enforce_file_format=True)
     sent = send_file(listener.port, tmp_path / "damaged.dcm")
     assert sent.status == SUCCESS, sent
-    state, reason = assess_and_check(runtime, row_for(runtime, ds.SOPInstanceUID).id)
+    state, recorded = assess_and_check(runtime, row_for(runtime, ds.SOPInstanceUID).id)
     assert state is InstanceState.NOT_ASSESSED
-    assert reason == (
-        "pixel data cannot be decoded: The JPEG-LS Lossless Image Compression codestream is "
-        "damaged (CharLS: Invalid JPEG-LS stream, the encoded bit stream contains a general "
-        "structural problem); the pixel data is not decoded."
-    )
+    assert recorded == f"pixel data cannot be decoded: {reason}"
 
 
 # -- b. a huge image, memory measured in the processes that handle it ------------

@@ -7,6 +7,7 @@ would use) and the reference decode is pydicom's own (pylibjpeg-libjpeg).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -193,20 +194,6 @@ def test_a_jpeg_ls_stream_charls_finds_damaged_is_refused(
     assert FALLBACK not in caplog.text
 
 
-def test_a_damaged_jpeg_ls_frame_of_several_is_the_one_refused(tmp_path: Path) -> None:
-    """Frames imagecodecs does not decode itself (here, one of several) go to pydicom's
-    decoder only once CharLS has found no damage in them."""
-    ds = _encoded(tmp_path, _native(), "dcmcjpls")
-    stream = bytes(next(generate_frames(ds.PixelData, number_of_frames=1)))
-    ds.PixelData = encapsulate([stream, _damaged(stream, "1 KiB zeroed")])
-    ds.NumberOfFrames = 2
-    np.testing.assert_array_equal(
-        decode_frame(ds, 0), dcmread(tmp_path / "dcmcjpls.dcm").pixel_array
-    )
-    with pytest.raises(PixelDataError, match="damaged"):
-        decode_frame(ds, 1)
-
-
 @pytest.mark.parametrize("padding", [b"\0", b"\0\0", b"\0\0\0\0"], ids=["1", "2", "4"])
 def test_a_jpeg_ls_stream_padded_before_its_eoi_is_decoded(tmp_path: Path, padding: bytes) -> None:
     """Legacy encoders wrote zero bytes between the scan and EOI (the DICOM WG04 sample
@@ -321,13 +308,28 @@ def test_a_whole_frame_after_its_padding_is_decoded(tmp_path: Path, encoder: str
         np.testing.assert_array_equal(decode_frame(ds), expected)
 
 
-def test_the_cut_frame_of_several_is_the_one_refused(tmp_path: Path) -> None:
-    ds = _encoded(tmp_path, _native(), "dcmcjpeg", "+e1")
+@pytest.mark.parametrize(
+    ("encoder", "damage", "refusal"),
+    [
+        (("dcmcjpeg", "+e1"), lambda stream: _cut(stream, "90 %"), "end-of-image marker"),
+        (("dcmcjpls",), lambda stream: _damaged(stream, "1 KiB zeroed"), "damaged"),
+    ],
+    ids=["jpeg-lossless-cut-short", "jpeg-ls-damaged-inside"],
+)
+def test_the_damaged_frame_of_several_is_the_one_refused(
+    tmp_path: Path,
+    encoder: tuple[str, ...],
+    damage: Callable[[bytes], bytes],
+    refusal: str,
+) -> None:
+    """Frames that pydicom's decoder decodes (here, one of several) are checked as the
+    first frame of a single-frame image is: for EOI, and JPEG-LS by CharLS."""
+    ds = _encoded(tmp_path, _native(), *encoder)
     stream = bytes(next(generate_frames(ds.PixelData, number_of_frames=1)))
-    ds.PixelData = encapsulate([stream, _cut(stream, "90 %")])
+    ds.PixelData = encapsulate([stream, damage(stream)])
     ds.NumberOfFrames = 2
     np.testing.assert_array_equal(
-        decode_frame(ds, 0), dcmread(tmp_path / "dcmcjpeg.dcm").pixel_array
+        decode_frame(ds, 0), dcmread(tmp_path / f"{encoder[0]}.dcm").pixel_array
     )
-    with pytest.raises(PixelDataError, match="end-of-image marker"):
+    with pytest.raises(PixelDataError, match=refusal):
         decode_frame(ds, 1)

@@ -72,18 +72,23 @@ _JPEG_FAMILY_SYNTAXES = (
     *_JPEG_LS_SYNTAXES,
 )
 _JPEG_EOI = b"\xff\xd9"
-# How CharLS (charls_get_error_message, 2.x) says the scan of a JPEG-LS stream is damaged:
-# bits that make no valid code ("general structural problem", what damage inside the scan
-# gave in every trial here), the data ending inside the scan, EOI or a restart marker
-# where the scan or a marker segment must go on. Its errors about bytes between the scan's
-# end and EOI ("still contains encoded data", a missing marker) are not among them: legacy
-# encoders padded there (the DICOM WG04 sample MR1_JLSL), CharLS refuses that, and
-# pydicom's decoder reads such streams.
+# How CharLS (charls_get_error_message, 2.x) says a JPEG-LS stream is damaged: bits that
+# make no valid code ("general structural problem"), the data ending inside the scan, EOI
+# or a restart marker where the scan or a marker segment must go on, and bytes between
+# the scan's end and EOI. Legacy encoders wrote zero bytes there (the DICOM WG04 sample
+# MR1_JLSL), so before the last three count as damage the stream is decoded once more
+# without them (``_charls_decode``).
+_CHARLS_AFTER_SCAN = (
+    "still contains encoded data",
+    "leading start byte (0xff) for a jpeg marker was not found",
+    "missing end of image (eoi) marker",
+)
 _CHARLS_DAMAGE = (
     "general structural problem",
     "more input data was expected",
     "unexpected end of image (eoi) marker",
     "restart (rtsm) marker",
+    *_CHARLS_AFTER_SCAN,
 )
 # Frame header markers: SOF0-SOF15 but DHT (C4), JPG (C8) and DAC (CC); JPEG-LS SOF55.
 _SOF_MARKERS = frozenset({*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC}) | {0xF7}
@@ -201,6 +206,39 @@ def _is_charls_error(error: BaseException) -> bool:
     return isinstance(error, JpeglsError)
 
 
+def _charls_says(error: BaseException, phrases: Sequence[str]) -> bool:
+    """Whether ``error`` is CharLS's, in one of ``phrases`` (lower case)."""
+    message = str(error).lower()
+    return _is_charls_error(error) and any(words in message for words in phrases)
+
+
+def _charls_decode(codestream: bytes) -> np.ndarray:
+    """A JPEG-LS codestream decoded by CharLS, zero bytes before its EOI set aside.
+
+    T.87 puts EOI right after the scan; legacy encoders wrote zero bytes between them,
+    which CharLS refuses. When it refuses what follows the scan, and the stream has
+    zero bytes before its EOI, it is decoded again without them (or all but one, in
+    case the scan's own last byte is zero): a stream damaged there, or elsewhere, still
+    fails, with the first error.
+    """
+    import imagecodecs
+
+    try:
+        return np.asarray(imagecodecs.jpegls_decode(codestream))
+    except Exception as exc:
+        if not _charls_says(exc, _CHARLS_AFTER_SCAN):
+            raise
+        scan_and_padding = codestream.rstrip(b"\0\xff")[: -len(_JPEG_EOI)]
+        scan = scan_and_padding.rstrip(b"\0")
+        padding = len(scan_and_padding) - len(scan)
+        for kept in range(min(padding, 2)):
+            try:
+                return np.asarray(imagecodecs.jpegls_decode(scan + bytes(kept) + _JPEG_EOI))
+            except Exception:
+                continue
+        raise
+
+
 def _refuse_what_charls_found_damaged(error: BaseException, syntax: UID | None) -> None:
     """Refuse a JPEG-LS frame that CharLS could not decode because the stream is damaged.
 
@@ -209,16 +247,15 @@ def _refuse_what_charls_found_damaged(error: BaseException, syntax: UID | None) 
     with EOI); pylibjpeg-libjpeg, pydicom's decoder and the fallback, decodes the same
     stream to a full-size image with up to half its pixels wrong, and says nothing. So
     such a frame goes no further (see ``_CHARLS_DAMAGE`` for which of CharLS's errors say
-    so); what CharLS does not support, or finds only after the scan, still goes to
-    pydicom's decoder.
+    so, and :func:`_charls_decode` for zero bytes before EOI); what CharLS does not
+    support still goes to pydicom's decoder.
 
     Raises
     ------
     PixelDataError
         When ``error`` is CharLS's, and says the stream is damaged.
     """
-    message = str(error).lower()
-    if _is_charls_error(error) and any(words in message for words in _CHARLS_DAMAGE):
+    if _charls_says(error, _CHARLS_DAMAGE):
         name = getattr(syntax, "name", "JPEG-LS")
         detail = str(error).partition(" returned ")[2].strip("'") or str(error)
         raise PixelDataError(
@@ -231,16 +268,15 @@ def _require_charls_to_find_no_damage(frame: bytes, ds: Dataset, syntax: UID | N
 
     For the frames imagecodecs does not decode itself (several frames, signed or colour
     samples): see :func:`_refuse_what_charls_found_damaged`. A frame whose header claims
-    another size than the dataset's is left to pydicom, which reports it, so that the
-    decoder never allocates what a damaged header says.
+    another size or number of samples than the dataset's is left to pydicom, which
+    reports it, so that the decoder never allocates what a damaged header says.
     """
     header = _jpeg_frame_header(frame)
-    if header is None or header[:2] != _stored_shape(ds):
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    if header is None or header != (*_stored_shape(ds), samples):
         return
-    import imagecodecs
-
     try:
-        imagecodecs.jpegls_decode(frame)
+        _charls_decode(frame)
     except Exception as exc:
         _refuse_what_charls_found_damaged(exc, syntax)
 
@@ -537,7 +573,7 @@ def _decode_jpeg_imagecodecs(codestream: bytes, ds: Dataset) -> np.ndarray:
         # checked before decoding: the decoder allocates what the stream says
         raise ValueError(f"the stream holds {rows} x {columns} x {components} samples")
     if _transfer_syntax(ds) in _JPEG_LS_SYNTAXES:
-        return _stored_values(imagecodecs.jpegls_decode(codestream), ds)
+        return _stored_values(_charls_decode(codestream), ds)
     # libjpeg-turbo >= 3 decodes processes 1 to 14
     return _stored_values(imagecodecs.jpeg8_decode(codestream), ds)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom import Dataset, dcmread
+from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import (
     UID,
@@ -28,7 +29,7 @@ from tests.dicomtools import run_tool
 
 from .conftest import BIRTH_DATE, STUDY_DATE, hand_like
 
-pytest.importorskip("imagecodecs")
+imagecodecs = pytest.importorskip("imagecodecs")
 
 ROWS, COLUMNS = 600, 440
 FALLBACK = "decode failed"
@@ -194,17 +195,69 @@ def test_a_jpeg_ls_stream_charls_finds_damaged_is_refused(
     assert FALLBACK not in caplog.text
 
 
+@pytest.mark.parametrize("name", ["SC_rgb_jls_lossy_line.dcm", "SC_rgb_jls_lossy_sample.dcm"])
+def test_a_colour_jpeg_ls_frame_is_checked_by_charls_too(name: str) -> None:
+    """pydicom's decoder decodes colour JPEG-LS (pydicom's own test files, line and
+    sample interleaved), once CharLS has decoded the frame and found no damage."""
+    path = get_testdata_file(name)
+    assert isinstance(path, str)  # bundled with pydicom, never downloaded
+    ds = dcmread(path)
+    expected = ds.pixel_array
+    np.testing.assert_array_equal(decode_frame(ds), expected)
+    stream = bytes(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    quarter = len(stream) // 4
+    ds.PixelData = encapsulate([stream[:quarter] + bytes(32) + stream[quarter + 32 :]])
+    with pytest.raises(PixelDataError, match="codestream is damaged"):
+        decode_frame(ds)
+
+
 @pytest.mark.parametrize("padding", [b"\0", b"\0\0", b"\0\0\0\0"], ids=["1", "2", "4"])
-def test_a_jpeg_ls_stream_padded_before_its_eoi_is_decoded(tmp_path: Path, padding: bytes) -> None:
+def test_a_jpeg_ls_stream_padded_before_its_eoi_is_decoded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, padding: bytes
+) -> None:
     """Legacy encoders wrote zero bytes between the scan and EOI (the DICOM WG04 sample
     MR1_JLSL). CharLS refuses them (2.4.3, here, even one after this stream: "the decoding
-    process is ready but the source buffer still contains encoded data"), in words that
-    do not say the scan is damaged: pydicom's decoder decodes it, to the image's values."""
+    process is ready but the source buffer still contains encoded data"); set aside, they
+    leave a stream that CharLS decodes, to the image's values."""
     ds = _encoded(tmp_path, _native(), "dcmcjpls")
     expected = ds.pixel_array
     stream = bytes(next(generate_frames(ds.PixelData, number_of_frames=1))).rstrip(b"\0")
     ds.PixelData = encapsulate([stream[:-2] + padding + EOI])
-    np.testing.assert_array_equal(decode_frame(ds), expected)
+    with caplog.at_level(logging.INFO, logger="dicom_io.pixels"):
+        np.testing.assert_array_equal(decode_frame(ds), expected)
+    assert FALLBACK not in caplog.text
+
+
+def test_padding_after_a_scan_whose_own_last_byte_is_zero_is_set_aside() -> None:
+    """A scan may end in a zero byte of its own: with padding after it, the stream
+    without any zero before EOI is cut short, and the one that keeps a zero is whole."""
+    rng = np.random.default_rng(0)
+    for _ in range(1000):  # about one scan in 256 ends in a zero byte
+        pixels = rng.integers(0, 4096, size=(24, 20), dtype=np.uint16)
+        stream = bytes(imagecodecs.jpegls_encode(pixels))
+        if stream[-3] == 0:
+            break
+    else:
+        pytest.fail("no scan that ends in a zero byte among 1000")
+    ds = make_radiograph_dataset(
+        pixels, birth_date=BIRTH_DATE, study_date=STUDY_DATE, bits_stored=12
+    )
+    ds.PixelData = encapsulate([stream[:-2] + b"\0\0" + EOI])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEGLSLossless
+    np.testing.assert_array_equal(decode_frame(ds), pixels)
+
+
+def test_zero_bytes_that_end_a_damaged_jpeg_ls_scan_are_not_taken_for_padding(
+    tmp_path: Path,
+) -> None:
+    """The last kilobyte of the scan zeroed, EOI after it: set aside, the zeros leave a
+    scan cut short, which CharLS refuses too."""
+    ds = _encoded(tmp_path, _native(), "dcmcjpls")
+    stream = bytes(next(generate_frames(ds.PixelData, number_of_frames=1))).rstrip(b"\0")
+    ds.PixelData = encapsulate([stream[:-1026] + bytes(1024) + EOI])
+    with pytest.raises(PixelDataError, match="codestream is damaged"):
+        decode_frame(ds)
 
 
 def test_a_stream_charls_does_not_read_is_decoded_by_pydicom(

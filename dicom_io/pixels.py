@@ -645,7 +645,6 @@ def decode_frame(ds: Dataset, index: int = 0, *, reduce: int = 0) -> np.ndarray:
         if frame is None:
             frame = _encapsulated_frame(ds, index)
         _require_end_of_image(frame, syntax)
-    charls_judged = False
     if codestream is not None:
         try:
             if syntax in _J2K_SYNTAXES:
@@ -653,9 +652,9 @@ def decode_frame(ds: Dataset, index: int = 0, *, reduce: int = 0) -> np.ndarray:
             return _decode_jpeg_imagecodecs(codestream, ds)
         except Exception as exc:  # pydicom's decoder tries in full, and reports errors
             _refuse_what_charls_found_damaged(exc, syntax)
-            charls_judged = _is_charls_error(exc)
             logger.info("decode failed (%s); decoding in full through pydicom", exc)
-    if syntax in _JPEG_LS_SYNTAXES and frame is not None and not charls_judged:
+    elif syntax in _JPEG_LS_SYNTAXES and frame is not None:
+        # a frame the fast path does not take (one of several, signed, colour)
         _require_charls_to_find_no_damage(frame, ds, syntax)
     try:
         if frames > 1:

@@ -248,15 +248,27 @@ def test_padding_after_a_scan_whose_own_last_byte_is_zero_is_set_aside() -> None
     np.testing.assert_array_equal(decode_frame(ds), pixels)
 
 
-def test_zero_bytes_that_end_a_damaged_jpeg_ls_scan_are_not_taken_for_padding(
-    tmp_path: Path,
+@pytest.mark.parametrize(
+    ("end", "charls"),
+    [
+        (lambda scan: scan[:-1024] + bytes(1024), "general structural problem"),
+        (lambda scan: scan + b"\x12\x34" + bytes(2), "still contains encoded data"),
+    ],
+    ids=["scan's last kilobyte zeroed", "other bytes than zeros before the padding"],
+)
+def test_what_ends_a_jpeg_ls_stream_is_not_taken_for_padding_unless_it_is(
+    tmp_path: Path, end: Callable[[bytes], bytes], charls: str
 ) -> None:
-    """The last kilobyte of the scan zeroed, EOI after it: set aside, the zeros leave a
-    scan cut short, which CharLS refuses too."""
+    """Zeros that replace the end of the scan leave, set aside, a scan cut short; bytes
+    other than zeros after the scan are there with or without the zeros that follow
+    them. CharLS refuses both, as ``dcmdjpls`` does, and so does this node (the second
+    is refused even though pydicom's decoder would read the image right: the stream is
+    not what T.87 allows, and nothing tells junk after a scan from a scan that ended
+    early)."""
     ds = _encoded(tmp_path, _native(), "dcmcjpls")
     stream = bytes(next(generate_frames(ds.PixelData, number_of_frames=1))).rstrip(b"\0")
-    ds.PixelData = encapsulate([stream[:-1026] + bytes(1024) + EOI])
-    with pytest.raises(PixelDataError, match="codestream is damaged"):
+    ds.PixelData = encapsulate([end(stream[:-2]) + EOI])
+    with pytest.raises(PixelDataError, match=f"codestream is damaged .*{charls}"):
         decode_frame(ds)
 
 

@@ -17,6 +17,19 @@ is still fetched at the first poll after its commit, and acknowledgement, visibi
 and ordering are kombu's. Brokers other than SQLite (``sqla+postgresql://``) are polled
 as kombu does.
 
+Between two polls a consumer does not sleep out the interval: it waits on the broker
+file's folder (Linux's inotify), which the kernel wakes when any process writes the file
+or its write-ahead log, that is when anything is committed to it, and on its own
+acknowledgements, which free a slot for the next message without a commit. A message
+published to an idle node is therefore fetched within a millisecond or two, not at the
+next tick of :data:`POLL_SECONDS`: a tenth of a second off each of a lone study's two
+hops, listener to inference worker and inference worker to delivery worker (section "A
+study that comes alone" of docs/performance.md). The wait still ends after
+:data:`POLL_SECONDS` whatever wakes it, so nothing depends on the wake-up: where inotify
+is missing (not Linux) or refused (its per-user limits), or a write is not seen (a
+broker file shared over a network, which SQLite's write-ahead log does not allow
+anyway), a consumer polls as before.
+
 Publishing to a SQLite file is one ``INSERT`` and a commit, without the ORM: kombu's own
 publish looks the queue's row up again each time and flushes the message through the
 ORM's unit of work, 1.1–1.7 ms of the listener's Python per instance against 0.3–0.5 ms
@@ -25,10 +38,17 @@ ORM's unit of work, 1.1–1.7 ms of the listener's Python per instance against 0
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import logging
+import os
+import select
 import sqlite3
+import struct
 import threading
 import time
+from pathlib import Path
 from queue import Empty
 from typing import Any
 
@@ -40,7 +60,16 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FULL_POLL_SECONDS", "POLL_SECONDS", "Channel", "Transport", "sqlite_path"]
+__all__ = [
+    "FULL_POLL_SECONDS",
+    "POLL_SECONDS",
+    "Channel",
+    "Transport",
+    "Waker",
+    "announce",
+    "sqlite_path",
+    "wakeup_file",
+]
 
 #: How often a consumer looks at its queues. After an acknowledgement a prefork worker
 #: learns of the free slot at its next poll; at kombu's default (1 s) a child idled up to
@@ -64,6 +93,137 @@ def sqlite_path(url: str) -> str | None:
     return parsed.database
 
 
+# inotify(7): a file in the folder, opened for writing, was closed
+_IN_CLOSE_WRITE = 0x008
+_IN_Q_OVERFLOW = 0x4000  # events were lost: a wake-up, to be safe
+_EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then the name
+
+
+def wakeup_file(broker_file: str) -> Path:
+    """The file a publisher opens and closes after each commit: ``broker.db-wakeup``."""
+    path = Path(broker_file)
+    return path.with_name(path.name + "-wakeup")
+
+
+def announce(wakeup: Path) -> None:
+    """Tell the consumers waiting on this broker that a message was committed.
+
+    Opening the file for writing and closing it is what inotify reports; nothing is
+    written. Called after the commit, so a consumer woken by it finds the message. The
+    file is made with the broker file's permissions, as SQLite makes its log, so that
+    every process that may publish may open it. A failure only leaves the consumers to
+    their next poll.
+    """
+    try:
+        try:
+            fd = os.open(wakeup, os.O_WRONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            broker = wakeup.with_name(wakeup.name.removesuffix("-wakeup"))
+            mode = broker.stat().st_mode & 0o666
+            fd = os.open(wakeup, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, mode)
+        os.close(fd)
+    except OSError as exc:
+        logger.debug("embedded broker: consumers not woken (%s)", exc.strerror)
+
+
+def _inotify_watch(folder: Path) -> int | None:
+    """A non-blocking inotify descriptor watching ``folder``, or ``None`` where none can be had."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        init, add_watch = libc.inotify_init1, libc.inotify_add_watch
+    except (OSError, AttributeError):
+        return None  # not Linux
+    fd = int(init(os.O_NONBLOCK | os.O_CLOEXEC))
+    if fd >= 0 and add_watch(fd, os.fsencode(folder), _IN_CLOSE_WRITE) >= 0:
+        return fd
+    error = ctypes.get_errno()
+    if fd >= 0:
+        os.close(fd)
+    logger.info(
+        "embedded broker: consumers poll every %g s (inotify: %s)", POLL_SECONDS, os.strerror(error)
+    )
+    return None
+
+
+class Waker:
+    """What a consumer waits on between two polls of the embedded broker.
+
+    :meth:`wait` returns when a publisher announces a commit (:func:`announce`), when
+    :meth:`wake` is called (an acknowledgement, which commits nothing), or after
+    ``seconds``. A wake-up that comes while nobody waits is kept for the next
+    :meth:`wait`, so none is lost between a poll that found nothing and the wait after it.
+
+    The broker's own files are not watched: SQLite writes its log before the commit is
+    visible to readers, so a consumer woken by that write would look too early.
+    :meth:`create` returns ``None`` where inotify cannot be had; the caller then sleeps.
+    """
+
+    def __init__(self, inotify_fd: int, name: bytes) -> None:
+        self._inotify = inotify_fd
+        self._name = name
+        self._read_end, self._write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._poller = select.poll()
+        self._poller.register(self._inotify, select.POLLIN)
+        self._poller.register(self._read_end, select.POLLIN)
+        self.pid = os.getpid()
+
+    @classmethod
+    def create(cls, broker_file: str) -> Waker | None:
+        wakeup = wakeup_file(broker_file).absolute()
+        fd = _inotify_watch(wakeup.parent)
+        return cls(fd, os.fsencode(wakeup.name)) if fd is not None else None
+
+    def wake(self) -> None:
+        """End the current or the next :meth:`wait` (safe from any thread)."""
+        # BlockingIOError: the pipe is full of wake-ups already; OSError: closed, nobody waits
+        with contextlib.suppress(OSError):
+            os.write(self._write_end, b"\0")
+
+    def wait(self, seconds: float) -> bool:
+        """Wait until woken or ``seconds`` pass; whether it was woken.
+
+        Other files closed in the folder are read past and the wait goes on.
+        """
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            woken = False
+            for fd, _ in self._poller.poll(left * 1000):
+                if fd == self._read_end:
+                    while self._read(self._read_end):
+                        pass
+                    woken = True
+                elif self._announced():
+                    woken = True
+            if woken:
+                return True
+        return False
+
+    def _announced(self) -> bool:
+        announced = False
+        while data := self._read(self._inotify):
+            offset = 0
+            while offset + _EVENT.size <= len(data):
+                _, mask, _, length = _EVENT.unpack_from(data, offset)
+                start = offset + _EVENT.size
+                name = data[start : start + length].rstrip(b"\0")
+                offset = start + length
+                if mask & _IN_Q_OVERFLOW or name == self._name:
+                    announced = True
+        return announced
+
+    @staticmethod
+    def _read(fd: int) -> bytes:
+        try:
+            return os.read(fd, 65536)
+        except BlockingIOError:
+            return b""
+
+    def close(self) -> None:
+        for fd in (self._inotify, self._read_end, self._write_end):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 class Channel(sqla_transport.Channel):
     """kombu's SQLAlchemy channel, skipping the query of a queue nothing can have changed."""
 
@@ -72,6 +232,7 @@ class Channel(sqla_transport.Channel):
         self._version_lock = threading.Lock()
         self._version_connection: sqlite3.Connection | None = None
         self._path = sqlite_path(str(connection.client.hostname))  # None: not gated
+        self._wakeup = wakeup_file(self._path) if self._path is not None else None
         # queue -> (data_version read before its last query, when), for queues found empty
         self._found_empty: dict[str, tuple[int, float]] = {}
         # queue -> id of its row; kombu never deletes a queue's row
@@ -110,6 +271,8 @@ class Channel(sqla_transport.Channel):
             session.rollback()
             self._queue_ids.clear()
             raise
+        if self._wakeup is not None:
+            announce(self._wakeup)
 
     # -- consuming ----------------------------------------------------------------------
 
@@ -167,6 +330,21 @@ class Channel(sqla_transport.Channel):
             finally:
                 self._version_connection = None
 
+    # -- acknowledging: a slot freed without a commit ---------------------------------
+
+    def basic_ack(self, delivery_tag: Any, multiple: bool = False) -> None:
+        super().basic_ack(delivery_tag, multiple=multiple)
+        self._slot_freed()
+
+    def basic_reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        super().basic_reject(delivery_tag, requeue=requeue)
+        self._slot_freed()
+
+    def _slot_freed(self) -> None:
+        transport = self.connection  # None once the channel is closed
+        if isinstance(transport, Transport):
+            transport.wake()
+
     def close(self) -> None:
         with self._version_lock:
             self._close_version_connection()
@@ -174,7 +352,8 @@ class Channel(sqla_transport.Channel):
 
 
 class Transport(sqla_transport.Transport):
-    """kombu's SQLAlchemy transport with :class:`Channel` and a poll every :data:`POLL_SECONDS`.
+    """kombu's SQLAlchemy transport with :class:`Channel`, polled at least every
+    :data:`POLL_SECONDS` and woken between polls by a :class:`Waker`.
 
     kombu hands every transport option to ``create_engine``, so the interval is set here
     rather than as an option.
@@ -182,3 +361,55 @@ class Transport(sqla_transport.Transport):
 
     Channel = Channel
     polling_interval = POLL_SECONDS
+
+    def __init__(self, client: Any, **kwargs: Any) -> None:
+        super().__init__(client, **kwargs)
+        self._waker_lock = threading.Lock()
+        self._waker: Waker | None = None
+        self._waker_tried_in: int | None = None  # the process that tried to make one
+        self._broker_file = sqlite_path(str(client.hostname))  # None: not SQLite, not woken
+
+    def _waker_of_this_process(self) -> Waker | None:
+        """Made by the process that first waits (a fork's child makes its own)."""
+        with self._waker_lock:
+            if self._waker_tried_in != os.getpid():
+                inherited, path = self._waker, self._broker_file
+                if inherited is not None:
+                    inherited.close()  # the parent's descriptors, as this child holds them
+                self._waker = Waker.create(path) if path is not None else None
+                self._waker_tried_in = os.getpid()
+            return self._waker
+
+    def wake(self) -> None:
+        """End this process's current or next wait between polls."""
+        waker = self._waker
+        if waker is not None and waker.pid == os.getpid():
+            waker.wake()
+
+    def drain_events(self, connection: Any, timeout: float | None = None, **kwargs: Any) -> None:
+        """kombu's loop (a poll of the queues, a pause, until a message or the timeout),
+        its pause a :meth:`Waker.wait` instead of a sleep."""
+        waker, cycle = self._waker_of_this_process(), self.cycle
+        if waker is None or cycle is None:
+            super().drain_events(connection, timeout=timeout, **kwargs)
+            return
+        start = time.monotonic()
+        pause = self.polling_interval
+        if timeout and pause > timeout:
+            pause = timeout
+        while True:
+            try:
+                cycle.get(self._deliver, timeout=timeout)
+            except Empty:
+                if timeout is not None and time.monotonic() - start >= timeout:
+                    raise TimeoutError() from None  # socket.timeout, as kombu raises
+                waker.wait(pause)
+            else:
+                return
+
+    def close_connection(self, connection: Any) -> None:
+        super().close_connection(connection)
+        with self._waker_lock:
+            waker, self._waker, self._waker_tried_in = self._waker, None, None
+        if waker is not None:
+            waker.close()

@@ -7,6 +7,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
@@ -34,6 +35,7 @@ from worker.settings import load_settings
 #: One process of a node starting up: configure the app, prepare the embedded broker.
 PREPARE = """
 import sys
+import threading
 from worker.celery_app import configure, prepare_embedded_broker
 from worker.settings import load_settings
 settings = load_settings(data_dir=sys.argv[1])
@@ -94,6 +96,7 @@ def test_processes_starting_together_create_each_queue_once(tmp_path: Path) -> N
 #: Configure the app for the broker given on the command line and print its prefetch.
 PREFETCH = """
 import sys
+import threading
 from worker.celery_app import configure
 from worker.settings import load_settings
 settings = load_settings(data_dir=sys.argv[1], broker_url=sys.argv[2] or None)
@@ -125,6 +128,7 @@ def test_workers_of_the_polled_broker_hold_one_message_more(tmp_path: Path) -> N
 #: Another process publishes one assessment message to the node's embedded broker.
 PUBLISH = """
 import sys
+import threading
 from worker.celery_app import ASSESS_TASK, configure
 from worker.settings import load_settings
 configure(load_settings(data_dir=sys.argv[1])).send_task(ASSESS_TASK, args=[int(sys.argv[2])])
@@ -258,3 +262,189 @@ def test_a_failed_publish_leaves_the_channel_usable(tmp_path: Path) -> None:
             other.execute("ALTER TABLE kombu_message_away RENAME TO kombu_message")
         channel._put(DELIVERY_QUEUE, payload)
         assert len(_message_rows(tmp_path)) == 2
+
+
+# -- waiting between polls: woken by a publish or an acknowledgement ------------------------
+
+#: Another process publishes one assessment message once told to, on its stdin.
+PUBLISH_WHEN_TOLD = """
+import sys
+import threading
+from worker.celery_app import ASSESS_TASK, configure
+from worker.settings import load_settings
+app = configure(load_settings(data_dir=sys.argv[1]))
+print("ready", flush=True)
+sys.stdin.readline()
+app.send_task(ASSESS_TASK, args=[int(sys.argv[2])])
+print("published", flush=True)
+"""
+
+#: Long enough that a message fetched sooner was fetched because the consumer was woken.
+LONG_PAUSE = 30.0
+
+
+@contextmanager
+def consuming(data_dir: Path, *, prefetch: int = 0) -> Iterator[tuple[Any, list[Any], list[str]]]:
+    """A consumer of the inference queue on the node's configured connection: the
+    connection, the messages delivered to it, the SQL it runs on the messages."""
+    from kombu import Consumer, Queue
+
+    app = configure(load_settings(data_dir=data_dir))
+    prepare_embedded_broker(app)
+    delivered: list[Any] = []
+    statements: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "kombu_message" in statement:
+            statements.append(statement)
+
+    with app.connection_for_write() as connection:
+        assert isinstance(connection.transport, embedded_broker.Transport)
+        channel = connection.channel()
+        event.listen(channel.session.get_bind(), "before_cursor_execute", record)
+        consumer = Consumer(
+            channel,
+            [Queue(INFERENCE_QUEUE)],
+            callbacks=[lambda body, message: delivered.append(message)],
+            accept=["json"],
+        )
+        if prefetch:
+            consumer.qos(prefetch_count=prefetch)
+        consumer.consume()
+        yield connection, delivered, statements
+
+
+def waits_counted(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """When each :meth:`Waker.wait` began: the consumer found nothing it could take."""
+    began: list[float] = []
+    wait = embedded_broker.Waker.wait
+
+    def counted(self: embedded_broker.Waker, seconds: float) -> bool:
+        began.append(time.monotonic())
+        return wait(self, seconds)
+
+    monkeypatch.setattr(embedded_broker.Waker, "wait", counted)
+    return began
+
+
+def drain_in_thread(connection: Any, timeout: float) -> tuple[threading.Thread, list[Any]]:
+    """``connection.drain_events`` in a thread; what it raised, if anything, in the list."""
+    raised: list[Any] = []
+
+    def drain() -> None:
+        try:
+            connection.drain_events(timeout=timeout)
+        except BaseException as exc:  # reported by the test
+            raised.append(exc)
+
+    thread = threading.Thread(target=drain, daemon=True)
+    thread.start()
+    return thread, raised
+
+
+def test_a_waiting_consumer_is_woken_by_another_process_publishing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(embedded_broker.Transport, "polling_interval", LONG_PAUSE)
+    waits = waits_counted(monkeypatch)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BONEAGE_")}
+    publisher = subprocess.Popen(
+        [sys.executable, "-c", PUBLISH_WHEN_TOLD, str(tmp_path), "43"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert publisher.stdout is not None and publisher.stdout.readline() == b"ready\n"
+        with consuming(tmp_path) as (connection, delivered, statements):
+            thread, raised = drain_in_thread(connection, timeout=LONG_PAUSE)
+            # the queue was found empty: the consumer waits out its pause
+            wait_for(lambda: waits, timeout=30, what="the consumer waiting")
+            assert statements  # it looked first
+            assert publisher.stdin is not None
+            publisher.stdin.write(b"go\n")
+            publisher.stdin.flush()
+            assert publisher.stdout.readline() == b"published\n"
+            published = time.monotonic()
+            thread.join(timeout=LONG_PAUSE + 10)
+            assert not raised, raised  # TimeoutError: nothing woke it
+            assert json.loads(delivered[0].body)[0] == [43]
+            assert time.monotonic() - published < LONG_PAUSE / 2
+    finally:
+        publisher.kill()
+        publisher.wait(timeout=30)
+
+
+def test_a_waiting_consumer_is_woken_by_its_own_acknowledgement(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A prefork worker's acknowledgement frees a slot and commits nothing: without a
+    # wake-up the next message waited for the consumer's next poll.
+    monkeypatch.setattr(embedded_broker.Transport, "polling_interval", LONG_PAUSE)
+    waits = waits_counted(monkeypatch)
+    publish_from_another_process(tmp_path, 1)
+    publish_from_another_process(tmp_path, 2)
+    with consuming(tmp_path, prefetch=1) as (connection, delivered, statements):
+        connection.drain_events(timeout=LONG_PAUSE)  # the first, without waiting
+        assert json.loads(delivered[0].body)[0] == [1]
+        polled = len(statements)
+        thread, raised = drain_in_thread(connection, timeout=LONG_PAUSE)
+        # holding all it may, it waits without querying; the ack ends that
+        wait_for(lambda: waits, timeout=30, what="the consumer waiting")
+        assert len(statements) == polled
+        acknowledged = time.monotonic()
+        delivered[0].ack()
+        thread.join(timeout=LONG_PAUSE + 10)
+        assert not raised, raised
+        assert json.loads(delivered[1].body)[0] == [2]
+        assert time.monotonic() - acknowledged < LONG_PAUSE / 2
+
+
+def test_a_consumer_without_inotify_polls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Not Linux, or inotify refused (its per-user limits): the pause is a sleep again.
+    monkeypatch.setattr(embedded_broker, "_inotify_watch", lambda folder: None)
+    with consuming(tmp_path) as (connection, delivered, statements):
+        thread, raised = drain_in_thread(connection, timeout=60)
+        wait_for(lambda: statements, timeout=30, what="the consumer's first poll")
+        publish_from_another_process(tmp_path, 44)
+        thread.join(timeout=70)
+        assert not raised, raised
+        assert json.loads(delivered[0].body)[0] == [44]
+        assert connection.transport._waker is None
+
+
+def test_an_announcement_made_while_nobody_waits_is_kept(tmp_path: Path) -> None:
+    broker = tmp_path / "broker.db"
+    use_write_ahead_log(f"sqla+sqlite:///{broker}")
+    waker = embedded_broker.Waker.create(str(broker))
+    assert waker is not None
+    try:
+        embedded_broker.announce(embedded_broker.wakeup_file(str(broker)))
+        assert waker.wait(LONG_PAUSE)  # at once
+        waker.wake()  # an acknowledgement's, from this process
+        assert waker.wait(LONG_PAUSE)
+        # other files closed in the folder (the node's database, say) do not end the wait
+        started = time.monotonic()
+        (tmp_path / "boneage.db").write_bytes(b"")
+        assert not waker.wait(0.3)
+        assert time.monotonic() - started >= 0.3
+    finally:
+        waker.close()
+
+
+def test_the_announcement_file_takes_the_broker_files_permissions(tmp_path: Path) -> None:
+    broker = tmp_path / "broker.db"
+    use_write_ahead_log(f"sqla+sqlite:///{broker}")
+    broker.chmod(0o660)
+    with consumer_channel(tmp_path) as (channel, _):
+        channel._put(INFERENCE_QUEUE, {"body": "e30=", "headers": {}, "properties": {}})
+    wakeup = embedded_broker.wakeup_file(str(broker))
+    assert wakeup.stat().st_size == 0  # opened and closed, never written
+    assert wakeup.stat().st_mode & 0o777 == 0o660 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

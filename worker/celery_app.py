@@ -18,21 +18,25 @@ from celery import Celery
 from kombu import Queue
 from kombu.transport import TRANSPORT_ALIASES
 
-from worker.embedded_broker import sqlite_path
+from worker.embedded_broker import sqlite_path, wakeups_available
 from worker.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 #: Messages a worker process holds per task it can run. On Redis or RabbitMQ the next
-#: message is pushed within a millisecond of an acknowledgement, so a worker holds only
-#: what it runs (prefetch 1). The embedded broker is polled: after an acknowledgement the
-#: consumer learns of the free slot at its next poll, up to `embedded_broker.POLL_SECONDS`
-#: later, and a prefork child stood idle that long after every image (the machine 90 %
-#: busy through a burst instead of 97 %). There each process holds one message more.
-#: Nothing is less safe for it: acknowledgement stays late, and the messages a killed
-#: worker held are re-queued by the reconciler, as the one it was running always was.
+#: message is pushed within a millisecond of an acknowledgement, and a consumer of the
+#: embedded broker is woken by it (`embedded_broker.Waker`), so a worker holds only what
+#: it runs (prefetch 1).
 PREFETCH_MULTIPLIER = 1
-EMBEDDED_PREFETCH_MULTIPLIER = 2
+
+#: Where the embedded broker's consumers cannot be woken (no inotify) they poll: after an
+#: acknowledgement the consumer learns of the free slot at its next poll, up to
+#: `embedded_broker.POLL_SECONDS` later, and a prefork child stood idle that long after
+#: every image (the machine 90 % busy through a burst instead of 97 %). There each process
+#: holds one message more. Nothing is less safe for it: acknowledgement stays late, and
+#: the messages a killed worker held are re-queued by the reconciler, as the one it was
+#: running always was.
+POLLED_PREFETCH_MULTIPLIER = 2
 
 #: The transport behind the embedded broker's "sqla+sqlite:///" URL.
 EMBEDDED_TRANSPORT = "worker.embedded_broker:Transport"
@@ -91,13 +95,25 @@ def use_write_ahead_log(broker_url: str) -> None:
 PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5}
 
 
+def prefetch_multiplier(settings: Settings) -> int:
+    """One message a process where the broker pushes or wakes its consumers, two where
+    they poll (a ``sqla+`` broker that is not a SQLite file, or no inotify)."""
+    if not settings.embedded_broker:
+        return PREFETCH_MULTIPLIER
+    broker_file = sqlite_path(settings.effective_broker_url)
+    if broker_file is not None and wakeups_available(broker_file):
+        return PREFETCH_MULTIPLIER
+    return POLLED_PREFETCH_MULTIPLIER
+
+
 def configure(settings: Settings) -> Celery:
     """Point the process-wide app at the configured broker (call once per process)."""
     if settings.embedded_broker:
         use_write_ahead_log(settings.effective_broker_url)
-        # "sqla+" URLs get our subclass of kombu's transport in this process: a poll
-        # every 0.1 s, and no query of a queue when nothing was committed since it was
-        # found empty (worker.embedded_broker).
+        # "sqla+" URLs get our subclass of kombu's transport in this process: woken
+        # by a commit or an acknowledgement, a poll every 0.1 s at the latest, and no
+        # query of a queue when nothing was committed since it was found empty
+        # (worker.embedded_broker).
         TRANSPORT_ALIASES["sqla"] = EMBEDDED_TRANSPORT
     app.conf.update(
         broker_url=settings.effective_broker_url,
@@ -112,9 +128,7 @@ def configure(settings: Settings) -> Celery:
         },
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=(
-            EMBEDDED_PREFETCH_MULTIPLIER if settings.embedded_broker else PREFETCH_MULTIPLIER
-        ),
+        worker_prefetch_multiplier=prefetch_multiplier(settings),
         task_ignore_result=True,
         result_backend=None,
         task_serializer="json",

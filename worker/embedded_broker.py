@@ -69,6 +69,7 @@ __all__ = [
     "announce",
     "sqlite_path",
     "wakeup_file",
+    "wakeups_available",
 ]
 
 #: How often a consumer looks at its queues. After an acknowledgement a prefork worker
@@ -143,6 +144,15 @@ def _inotify_watch(folder: Path) -> int | None:
         "embedded broker: consumers poll every %g s (inotify: %s)", POLL_SECONDS, os.strerror(error)
     )
     return None
+
+
+def wakeups_available(broker_file: str) -> bool:
+    """Whether a consumer of this broker file can be woken (:class:`Waker`), or must poll."""
+    fd = _inotify_watch(wakeup_file(broker_file).absolute().parent)
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
 
 
 class Waker:

@@ -93,25 +93,28 @@ def test_processes_starting_together_create_each_queue_once(tmp_path: Path) -> N
     assert names == ["delivery", "inference"]
 
 
-#: Configure the app for the broker given on the command line and print its prefetch.
+#: Configure the app for the broker given on the command line and print its prefetch;
+#: with a third argument, as where inotify cannot be had.
 PREFETCH = """
 import sys
-import threading
+from worker import embedded_broker
 from worker.celery_app import configure
 from worker.settings import load_settings
+if len(sys.argv) > 3:
+    embedded_broker._inotify_watch = lambda folder: None
 settings = load_settings(data_dir=sys.argv[1], broker_url=sys.argv[2] or None)
 print(configure(settings).conf.worker_prefetch_multiplier)
 """
 
 
-def test_workers_of_the_polled_broker_hold_one_message_more(tmp_path: Path) -> None:
+def test_workers_hold_one_message_more_only_where_they_poll(tmp_path: Path) -> None:
     # A polling consumer learns of a free slot only at its next poll: with one message
     # per process, a prefork child waited up to a poll interval after every image.
     env = {k: v for k, v in os.environ.items() if not k.startswith("BONEAGE_")}
 
-    def prefetch(broker_url: str) -> int:
+    def prefetch(broker_url: str, *without_inotify: str) -> int:
         done = subprocess.run(
-            [sys.executable, "-c", PREFETCH, str(tmp_path), broker_url],
+            [sys.executable, "-c", PREFETCH, str(tmp_path), broker_url, *without_inotify],
             capture_output=True,
             env=env,
             check=True,
@@ -119,7 +122,9 @@ def test_workers_of_the_polled_broker_hold_one_message_more(tmp_path: Path) -> N
         )
         return int(done.stdout.decode().split()[-1])
 
-    assert prefetch("") == 2  # the embedded SQLite broker
+    assert prefetch("") == 1  # the embedded SQLite broker: woken by an acknowledgement
+    assert prefetch("", "without inotify") == 2
+    assert prefetch("sqla+postgresql://boneage@127.0.0.1/broker") == 2  # polled as kombu does
     assert prefetch("redis://127.0.0.1:6379/0") == 1  # pushed: hold only what runs
 
 

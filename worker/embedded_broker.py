@@ -17,18 +17,18 @@ is still fetched at the first poll after its commit, and acknowledgement, visibi
 and ordering are kombu's. Brokers other than SQLite (``sqla+postgresql://``) are polled
 as kombu does.
 
-Between two polls a consumer does not sleep out the interval: it waits on the broker
-file's folder (Linux's inotify), which the kernel wakes when any process writes the file
-or its write-ahead log, that is when anything is committed to it, and on its own
+Between two polls a consumer does not sleep out the interval: it waits (Linux's
+inotify, :class:`Waker`) for a publisher to open and close ``broker.db-wakeup``, which
+every publish through this transport does after its commit, and for its own
 acknowledgements, which free a slot for the next message without a commit. A message
-published to an idle node is therefore fetched within a millisecond or two, not at the
-next tick of :data:`POLL_SECONDS`: a tenth of a second off each of a lone study's two
-hops, listener to inference worker and inference worker to delivery worker (section "A
-study that comes alone" of docs/performance.md). The wait still ends after
-:data:`POLL_SECONDS` whatever wakes it, so nothing depends on the wake-up: where inotify
-is missing (not Linux) or refused (its per-user limits), or a write is not seen (a
-broker file shared over a network, which SQLite's write-ahead log does not allow
-anyway), a consumer polls as before.
+published to an idle node is fetched within a few milliseconds, not at the next poll: a
+lone study lost 0.07 s between listener and inference worker and 0.05–0.07 s between
+inference and delivery worker (section "A study that comes alone" of
+docs/performance.md). SQLite's own files are not watched: it writes its log before the
+commit is visible, so a consumer woken by that write looked too early and found nothing.
+The poll stays, every :data:`WOKEN_POLL_SECONDS`, as the bound on a wake-up not seen;
+where inotify is missing (not Linux) or refused (its per-user limits), or the folder's
+watch is lost, a consumer polls every :data:`POLL_SECONDS` as before.
 
 Publishing to a SQLite file is one ``INSERT`` and a commit, without the ORM: kombu's own
 publish looks the queue's row up again each time and flushes the message through the
@@ -63,6 +63,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "FULL_POLL_SECONDS",
     "POLL_SECONDS",
+    "WOKEN_POLL_SECONDS",
     "Channel",
     "Transport",
     "Waker",
@@ -76,6 +77,12 @@ __all__ = [
 #: learns of the free slot at its next poll; at kombu's default (1 s) a child idled up to
 #: a second between images.
 POLL_SECONDS = 0.1
+
+#: How long a consumer that can be woken (:class:`Waker`) waits between two polls. It
+#: is woken by every publish and acknowledgement, so this bounds only the wait for one
+#: that went unseen; an idle node's consumers wake ten times less than at
+#: :data:`POLL_SECONDS` (in ``bench_idle``, 0.37 % of a core against 0.93 %).
+WOKEN_POLL_SECONDS = 1.0
 
 #: A queue found empty is queried again at least this often even when SQLite reports no
 #: commit since: a bound on the wait should the version ever miss a change (a broker file
@@ -97,6 +104,7 @@ def sqlite_path(url: str) -> str | None:
 # inotify(7): a file in the folder, opened for writing, was closed
 _IN_CLOSE_WRITE = 0x008
 _IN_Q_OVERFLOW = 0x4000  # events were lost: a wake-up, to be safe
+_IN_IGNORED = 0x8000  # the watch is gone (the folder was removed): poll from now on
 _EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then the name
 
 
@@ -176,6 +184,8 @@ class Waker:
         self._poller.register(self._inotify, select.POLLIN)
         self._poller.register(self._read_end, select.POLLIN)
         self.pid = os.getpid()
+        #: False once the folder's watch is gone; wake-ups by publishers then never come
+        self.watching = True
 
     @classmethod
     def create(cls, broker_file: str) -> Waker | None:
@@ -217,7 +227,9 @@ class Waker:
                 start = offset + _EVENT.size
                 name = data[start : start + length].rstrip(b"\0")
                 offset = start + length
-                if mask & _IN_Q_OVERFLOW or name == self._name:
+                if mask & _IN_IGNORED:
+                    self.watching = False
+                if mask & (_IN_Q_OVERFLOW | _IN_IGNORED) or name == self._name:
                     announced = True
         return announced
 
@@ -362,8 +374,9 @@ class Channel(sqla_transport.Channel):
 
 
 class Transport(sqla_transport.Transport):
-    """kombu's SQLAlchemy transport with :class:`Channel`, polled at least every
-    :data:`POLL_SECONDS` and woken between polls by a :class:`Waker`.
+    """kombu's SQLAlchemy transport with :class:`Channel`: woken between polls by a
+    :class:`Waker` and polled every :data:`WOKEN_POLL_SECONDS`, or, where it cannot be
+    woken, polled every :data:`POLL_SECONDS`.
 
     kombu hands every transport option to ``create_engine``, so the interval is set here
     rather than as an option.
@@ -404,16 +417,14 @@ class Transport(sqla_transport.Transport):
             super().drain_events(connection, timeout=timeout, **kwargs)
             return
         start = time.monotonic()
-        pause = self.polling_interval
-        if timeout and pause > timeout:
-            pause = timeout
         while True:
             try:
                 cycle.get(self._deliver, timeout=timeout)
             except Empty:
                 if timeout is not None and time.monotonic() - start >= timeout:
                     raise TimeoutError() from None  # socket.timeout, as kombu raises
-                waker.wait(pause)
+                pause = WOKEN_POLL_SECONDS if waker.watching else self.polling_interval
+                waker.wait(min(pause, timeout) if timeout else pause)
             else:
                 return
 

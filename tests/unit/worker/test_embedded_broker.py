@@ -320,12 +320,13 @@ def consuming(data_dir: Path, *, prefetch: int = 0) -> Iterator[tuple[Any, list[
 
 
 def waits_counted(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """When each :meth:`Waker.wait` began: the consumer found nothing it could take."""
+    """How long each :meth:`Waker.wait` was to last at most, as it began: the consumer
+    found nothing it could take."""
     began: list[float] = []
     wait = embedded_broker.Waker.wait
 
     def counted(self: embedded_broker.Waker, seconds: float) -> bool:
-        began.append(time.monotonic())
+        began.append(seconds)
         return wait(self, seconds)
 
     monkeypatch.setattr(embedded_broker.Waker, "wait", counted)
@@ -350,7 +351,7 @@ def drain_in_thread(connection: Any, timeout: float) -> tuple[threading.Thread, 
 def test_a_waiting_consumer_is_woken_by_another_process_publishing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(embedded_broker.Transport, "polling_interval", LONG_PAUSE)
+    monkeypatch.setattr(embedded_broker, "WOKEN_POLL_SECONDS", LONG_PAUSE)
     waits = waits_counted(monkeypatch)
     env = {k: v for k, v in os.environ.items() if not k.startswith("BONEAGE_")}
     publisher = subprocess.Popen(
@@ -386,7 +387,7 @@ def test_a_waiting_consumer_is_woken_by_its_own_acknowledgement(
 ) -> None:
     # A prefork worker's acknowledgement frees a slot and commits nothing: without a
     # wake-up the next message waited for the consumer's next poll.
-    monkeypatch.setattr(embedded_broker.Transport, "polling_interval", LONG_PAUSE)
+    monkeypatch.setattr(embedded_broker, "WOKEN_POLL_SECONDS", LONG_PAUSE)
     waits = waits_counted(monkeypatch)
     publish_from_another_process(tmp_path, 1)
     publish_from_another_process(tmp_path, 2)
@@ -453,3 +454,30 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_a_consumer_whose_watch_is_gone_polls_at_the_short_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "broker"
+    folder.mkdir()
+    waker = embedded_broker.Waker.create(str(folder / "broker.db"))
+    assert waker is not None
+    try:
+        assert waker.watching
+        folder.rmdir()  # the watch goes with it: no publisher can wake this consumer now
+        assert waker.wait(LONG_PAUSE)  # at once
+        assert not waker.watching
+    finally:
+        waker.close()
+
+    # and a consumer so placed waits no longer than it did before it could be woken
+    waits = waits_counted(monkeypatch)
+    with consuming(tmp_path) as (connection, _, _):
+        with pytest.raises(TimeoutError):
+            connection.drain_events(timeout=0.5)
+        assert waits[0] == 0.5  # woken: the poll is only a bound (the timeout, here)
+        connection.transport._waker.watching = False  # as the loss of the watch leaves it
+        with pytest.raises(TimeoutError):
+            connection.drain_events(timeout=0.5)
+        assert waits[-1] == embedded_broker.POLL_SECONDS

@@ -110,10 +110,10 @@ def configure(settings: Settings) -> Celery:
     """Point the process-wide app at the configured broker (call once per process)."""
     if settings.embedded_broker:
         use_write_ahead_log(settings.effective_broker_url)
-        # "sqla+" URLs get our subclass of kombu's transport in this process: woken
-        # by a commit or an acknowledgement, a poll every 0.1 s at the latest, and no
-        # query of a queue when nothing was committed since it was found empty
-        # (worker.embedded_broker).
+        # "sqla+" URLs get our subclass of kombu's transport in this process: its
+        # consumers are woken by each publish and acknowledgement and poll every 1 s
+        # (every 0.1 s where they cannot be woken), and a queue is not queried when
+        # nothing was committed since it was found empty (worker.embedded_broker).
         TRANSPORT_ALIASES["sqla"] = EMBEDDED_TRANSPORT
     app.conf.update(
         broker_url=settings.effective_broker_url,

@@ -12,10 +12,8 @@ on one connection exactly when another connection committed in between (SQLite's
 documentation; it holds across processes, and in WAL mode). A queue whose last query
 came back empty is therefore queried again only once something was committed to the
 file since that query began, or after :data:`FULL_POLL_SECONDS` whatever the version
-says. Nothing changes in what is found or when: the interval stays the same, a message
-is still fetched at the first poll after its commit, and acknowledgement, visibility
-and ordering are kombu's. Brokers other than SQLite (``sqla+postgresql://``) are polled
-as kombu does.
+says. Nothing changes in what is found: acknowledgement, visibility and ordering are
+kombu's. Brokers other than SQLite (``sqla+postgresql://``) are polled as kombu does.
 
 Between two polls a consumer does not sleep out the interval: it waits (Linux's
 inotify, :class:`Waker`) for a publisher to open and close ``broker.db-wakeup``, which
@@ -73,9 +71,9 @@ __all__ = [
     "wakeups_available",
 ]
 
-#: How often a consumer looks at its queues. After an acknowledgement a prefork worker
-#: learns of the free slot at its next poll; at kombu's default (1 s) a child idled up to
-#: a second between images.
+#: How often a consumer that cannot be woken looks at its queues. After an
+#: acknowledgement it learns of the free slot at its next poll; at kombu's default (1 s)
+#: a prefork child idled up to a second between images.
 POLL_SECONDS = 0.1
 
 #: How long a consumer that can be woken (:class:`Waker`) waits between two polls. It

@@ -294,19 +294,8 @@ def consuming(data_dir: Path, *, prefetch: int = 0) -> Iterator[tuple[Any, list[
     connection, the messages delivered to it, the SQL it runs on the messages."""
     from kombu import Consumer, Queue
 
-    app = configure(load_settings(data_dir=data_dir))
-    prepare_embedded_broker(app)
     delivered: list[Any] = []
-    statements: list[str] = []
-
-    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if "kombu_message" in statement:
-            statements.append(statement)
-
-    with app.connection_for_write() as connection:
-        assert isinstance(connection.transport, embedded_broker.Transport)
-        channel = connection.channel()
-        event.listen(channel.session.get_bind(), "before_cursor_execute", record)
+    with consumer_channel(data_dir) as (channel, statements):
         consumer = Consumer(
             channel,
             [Queue(INFERENCE_QUEUE)],
@@ -316,7 +305,7 @@ def consuming(data_dir: Path, *, prefetch: int = 0) -> Iterator[tuple[Any, list[
         if prefetch:
             consumer.qos(prefetch_count=prefetch)
         consumer.consume()
-        yield connection, delivered, statements
+        yield channel.connection.client, delivered, statements
 
 
 def waits_counted(monkeypatch: pytest.MonkeyPatch) -> list[float]:

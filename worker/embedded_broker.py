@@ -1,4 +1,5 @@
-"""The embedded broker's transport: kombu's SQLAlchemy transport, polling what changed.
+"""The embedded broker's transport: kombu's SQLAlchemy transport, woken by each message,
+polling what changed.
 
 kombu cannot be told when a message arrives in a SQLite file, so its consumer polls:
 each poll of a queue is two queries, the second inside ``BEGIN IMMEDIATE`` (SQLite's
@@ -21,7 +22,7 @@ every publish through this transport does after its commit, and for its own
 acknowledgements, which free a slot for the next message without a commit. A message
 published to an idle node is fetched within a few milliseconds, not at the next poll: a
 lone study lost 0.07 s between listener and inference worker and 0.05–0.07 s between
-inference and delivery worker (section "A study that comes alone" of
+inference and delivery worker (section "Woken, not polled" of
 docs/performance.md). SQLite's own files are not watched: it writes its log before the
 commit is visible, so a consumer woken by that write looked too early and found nothing.
 The poll stays, every :data:`WOKEN_POLL_SECONDS`, as the bound on a wake-up not seen;
@@ -422,7 +423,9 @@ class Transport(sqla_transport.Transport):
                 if timeout is not None and time.monotonic() - start >= timeout:
                     raise TimeoutError() from None  # socket.timeout, as kombu raises
                 pause = WOKEN_POLL_SECONDS if waker.watching else self.polling_interval
-                waker.wait(min(pause, timeout) if timeout else pause)
+                if timeout is not None:  # never past the caller's timeout
+                    pause = min(pause, timeout - (time.monotonic() - start))
+                waker.wait(pause)
             else:
                 return
 

@@ -182,7 +182,6 @@ class Waker:
         self._poller = select.poll()
         self._poller.register(self._inotify, select.POLLIN)
         self._poller.register(self._read_end, select.POLLIN)
-        self.pid = os.getpid()
         #: False once the folder's watch is gone; wake-ups by publishers then never come
         self.watching = True
 
@@ -388,7 +387,7 @@ class Transport(sqla_transport.Transport):
         super().__init__(client, **kwargs)
         self._waker_lock = threading.Lock()
         self._waker: Waker | None = None
-        self._waker_tried_in: int | None = None  # the process that tried to make one
+        self._waker_tried_in: int | None = None  # the process whose waker _waker is
         self._broker_file = sqlite_path(str(client.hostname))  # None: not SQLite, not woken
 
     def _waker_of_this_process(self) -> Waker | None:
@@ -405,8 +404,8 @@ class Transport(sqla_transport.Transport):
     def wake(self) -> None:
         """End this process's current or next wait between polls."""
         waker = self._waker
-        if waker is not None and waker.pid == os.getpid():
-            waker.wake()
+        if waker is not None and self._waker_tried_in == os.getpid():
+            waker.wake()  # never a parent's, from a child that inherited it
 
     def drain_events(self, connection: Any, timeout: float | None = None, **kwargs: Any) -> None:
         """kombu's loop (a poll of the queues, a pause, until a message or the timeout),

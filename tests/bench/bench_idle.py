@@ -5,8 +5,9 @@ listener + workers on Redis + PostgreSQL, set up as in ``bench_e2e``) is started
 study is sent through it (the model is loaded and every process is past its start),
 and then nothing: the CPU of each of the node's processes is read from ``/proc`` over
 ``--seconds``, once a second (the busiest second is printed too). A second study is
-sent afterwards, to show that a node coming out of a quiet spell answers as fast as one
-in use (its C-STORE-to-SR time is printed).
+sent afterwards, to show whether a node coming out of a quiet spell answers as fast as
+one in use: its C-STORE-to-SR time is printed, and its stages beside the lone studies'
+(below).
 
 Some PACSes keep their associations open between images. With ``--held-open N`` (default
 5; 0 skips it) a pynetdicom client in another process opens N associations to the
@@ -75,6 +76,7 @@ STAGES = (
     "  model",
     "finished → SR",
     "received → SR",
+    "sent → SR",
 )
 
 
@@ -202,19 +204,23 @@ def timeline(database_url: str, study: Path) -> tuple[float, ...]:
     )
 
 
+def send_alone(node: Stack, study: Path, what: str) -> tuple[float, ...]:
+    """Send ``study`` and wait until its SR and SC are delivered; its :func:`timeline`,
+    then the seconds from its first C-STORE sent to its SR delivered (the sender's
+    clock: these include starting ``storescu``, the association and the transfer)."""
+    sent_to_sr = send_and_wait(node, study, f"{what}'s SR")
+    wait_for(
+        functools.partial(all_delivered, node, study),
+        timeout=120,
+        what=f"{what}'s SR and SC delivered",
+    )
+    return (*timeline(node.database_url, study), sent_to_sr)
+
+
 def lone_studies(node: Stack, studies: list[Path]) -> list[tuple[float, ...]]:
     """Send ``studies`` one at a time, each once the one before is delivered; their
-    :func:`timeline`."""
-    times = []
-    for study in studies:
-        send_and_wait(node, study, "a lone study's SR")
-        wait_for(
-            functools.partial(all_delivered, node, study),
-            timeout=120,
-            what="a lone study's SR and SC delivered",
-        )
-        times.append(timeline(node.database_url, study))
-    return times
+    :func:`send_alone` figures."""
+    return [send_alone(node, study, "a lone study") for study in studies]
 
 
 def run_stack(
@@ -225,7 +231,9 @@ def run_stack(
     seconds: float,
     lone: list[Path],
     held_open: int,
-) -> tuple[str, list[tuple[float, ...]]]:
+) -> tuple[str, tuple[float, ...], list[tuple[float, ...]]]:
+    """Run ``stack``: its idle line for the table, the timeline of the study sent after
+    the idle spell, and those of the lone studies."""
     folder = Path(tempfile.mkdtemp(prefix=f"{stack}-", dir=work))
     with running_stack(stack, folder) as node:
         try:
@@ -239,12 +247,7 @@ def run_stack(
             roots = [proc.pid for _, proc, _ in node.processes.started]
             shares, busiest, machine = idle_cpu(roots, seconds)
             held = held_open_cpu(node, roots, held_open) if held_open else None
-            after = send_and_wait(node, next_study, "the SR of the study after the idle spell")
-            wait_for(
-                lambda: all_delivered(node, next_study),
-                timeout=120,
-                what="the next study's SR and SC delivered",
-            )
+            after_idle = send_alone(node, next_study, "the study after the idle spell")
             times = lone_studies(node, lone)
         except Exception:
             print(f"[{stack}] failed; the processes' last log lines:\n{node.processes.tails()}")
@@ -252,9 +255,13 @@ def run_stack(
     parts = ", ".join(f"{role} {100 * share:.2f}" for role, share in shares.items())
     held_text = "-" if held is None else f"{100 * held:.2f}"
     return (
-        f"{stack:<16}{100 * sum(shares.values()):>7.2f}{100 * busiest:>15.1f}"
-        f"{100 * machine:>11.1f}{held_text:>14}{after:>12.2f}   {parts}"
-    ), times
+        (
+            f"{stack:<16}{100 * sum(shares.values()):>7.2f}{100 * busiest:>15.1f}"
+            f"{100 * machine:>11.1f}{held_text:>14}{after_idle[-1]:>12.2f}   {parts}"
+        ),
+        after_idle,
+        times,
+    )
 
 
 def all_delivered(node: Stack, study: Path) -> bool:
@@ -290,11 +297,12 @@ def main() -> None:
     stacks = STACKS if args.stack == "both" else (args.stack,)
     work = Path(tempfile.mkdtemp(prefix="bench-idle-", dir=args.workdir))
     lines = []
+    after_idle: dict[str, tuple[float, ...]] = {}
     timelines: dict[str, list[tuple[float, ...]]] = {}
     try:
         warm_up_study, files = make_inputs(work / "inputs", 1 + args.lone, 2)
         for stack in stacks:
-            line, timelines[stack] = run_stack(
+            line, after_idle[stack], timelines[stack] = run_stack(
                 stack, work, warm_up_study, files[0], args.seconds, files[1:], args.held_open
             )
             lines.append(line)
@@ -320,20 +328,26 @@ def main() -> None:
         f"({HELD_OPEN_SECONDS:.0f} s); next SR s: a study sent after the idle spell, "
         "C-STORE to SR delivered"
     )
+    print()
+    print(
+        "where a study's time goes, from the database's timestamps: the study sent after the "
+        f"idle spell, and the median of {args.lone} sent one at a time, each once the one "
+        "before was delivered"
+    )
+    columns = [(stack, "after idle", [after_idle[stack]]) for stack in after_idle]
     if args.lone:
-        print()
-        print(
-            f"{args.lone} studies sent one at a time, each once the one before was delivered; "
-            "median seconds of each stage, from the database's timestamps"
-        )
-        print(f"{'stage':<22}" + "".join(f"{stack:>16}" for stack in timelines))
-        for n, stage in enumerate(STAGES):
-            medians = (statistics.median(t[n] for t in times) for times in timelines.values())
-            print(f"{stage:<22}" + "".join(f"{m:>16.3f}" for m in medians))
-        print(
-            "model: the forward pass and Grad-CAM (Result.inference_seconds), within "
-            "started → finished"
-        )
+        columns += [(stack, "lone", timelines[stack]) for stack in timelines]
+    columns.sort(key=lambda column: stacks.index(column[0]))
+    print(f"{'':<22}" + "".join(f"{stack:>16}" for stack, _, _ in columns))
+    print(f"{'stage':<22}" + "".join(f"{kind:>16}" for _, kind, _ in columns))
+    for n, stage in enumerate(STAGES):
+        medians = (statistics.median(t[n] for t in times) for _, _, times in columns)
+        print(f"{stage:<22}" + "".join(f"{m:>16.3f}" for m in medians))
+    print(
+        "model: the forward pass and Grad-CAM (Result.inference_seconds), within "
+        "started → finished; sent → SR: from storescu's start (the sender's clock), so it "
+        "adds starting it, the association and the transfer to received → SR"
+    )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from worker import metrics
 from worker.celery_app import ASSESS_TASK, DELIVER_TASK, RECONCILE_TASK, app
 from worker.cores import CoreShare, cores_per_task, jpeg2000_threads
 from worker.delivery import send_deliveries
-from worker.heap import keep_large_blocks
+from worker.heap import freeze_start_up_objects, keep_large_blocks
 from worker.heartbeat import HeartbeatThread
 from worker.messaging import enqueue_delivery
 from worker.metrics_files import worker_metrics_port
@@ -188,6 +188,8 @@ def _init_process(**_: Any) -> None:
             batching_processes=int(_state.get("processes", 1)) if batcher is not None else 0,
             sc_min_long_side=rt.settings.sc_min_long_side,  # the heat-map picture's floor
         )
+    # the model, the tables of the standard, Celery: kept for the process's life
+    detail["frozen_start_up_objects"] = freeze_start_up_objects()
     heartbeat = HeartbeatThread(rt.database_url, "worker", lambda: detail)
     heartbeat.start()
     _state["heartbeat"] = heartbeat
@@ -217,6 +219,8 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
         run_reconcile()
     except Exception as exc:
         logger.warning("start-up reconciliation skipped (%s)", type(exc).__name__)
+    # the consumer's process (a prefork pool's parent) keeps what it started with too
+    freeze_start_up_objects()
 
 
 @app.task(

@@ -185,6 +185,11 @@ def check_round_trip(
     lone = usable_cpus() if threads < usable_cpus() else None
     assert all(p.get("lone_study_threads") == lone for p in inference)
     assert all(p["heap_keeps_large_blocks"] for p in inference)  # glibc here
+    # what each process started with is left out of the garbage collector's passes
+    # (an inference process's model and tables of the standard: some 745,000 objects)
+    assert all(p["frozen_start_up_objects"] > 100_000 for p in alive), [
+        (p["role"], p.get("frozen_start_up_objects")) for p in alive
+    ]
     # the cores shared among the processes' JPEG 2000 decodes
     assert all(p["jpeg2000_threads"] == max(1, usable_cpus() // len(inference)) for p in inference)
     assert all(p["sc_min_long_side"] == sc_min_long_side for p in inference)

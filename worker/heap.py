@@ -81,11 +81,11 @@ def freeze_start_up_objects() -> int:
     Collects first, so no start-up garbage is kept, then moves every object still
     tracked into the collector's permanent generation (``gc.freeze``). Objects made
     afterwards are collected as before. Call it once start-up is over: an object frozen
-    here that later becomes part of a reference cycle is never reclaimed (acyclic ones
-    still go when their count drops).
+    here that is later dropped inside a reference cycle is never reclaimed (one dropped
+    outside any cycle still goes when its count reaches zero).
 
     An inference process holds some 745,000 tracked objects after its warm-up, and a
-    full pass over them took 0.25–0.3 s of CPU on an Intel Xeon; the delivery worker's
+    full pass over them took 0.20–0.31 s of CPU on an Intel Xeon; the delivery worker's
     229,000 took 0.085 s, in the middle of a burst (docs/performance.md, "The garbage
     collector's full passes").
 

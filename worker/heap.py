@@ -15,7 +15,8 @@ process keeps about its peak working set (a few hundred MB on a CPU) while it ru
 This is what PyTorch's CPU performance guides get by swapping in jemalloc or tcmalloc,
 done with the allocator that is already there.
 
-Only inference processes call it; the listener's memory must stay flat.
+Only inference processes call :func:`keep_large_blocks`; the listener's memory must stay
+flat.
 
 :func:`freeze_start_up_objects` is for every long-running process: what start-up made
 (modules, the model, highdicom's and pydicom's tables of the standard, SQLAlchemy and

@@ -334,10 +334,11 @@ def main() -> None:
         f"idle spell, and the median of {args.lone} sent one at a time, each once the one "
         "before was delivered"
     )
-    columns = [(stack, "after idle", [after_idle[stack]]) for stack in after_idle]
-    if args.lone:
-        columns += [(stack, "lone", timelines[stack]) for stack in timelines]
-    columns.sort(key=lambda column: stacks.index(column[0]))
+    columns: list[tuple[str, str, list[tuple[float, ...]]]] = []
+    for stack in stacks:  # each stack's study after the idle spell, then its lone ones
+        columns.append((stack, "after idle", [after_idle[stack]]))
+        if args.lone:
+            columns.append((stack, "lone", timelines[stack]))
     print(f"{'':<22}" + "".join(f"{stack:>16}" for stack, _, _ in columns))
     print(f"{'stage':<22}" + "".join(f"{kind:>16}" for _, kind, _ in columns))
     for n, stage in enumerate(STAGES):

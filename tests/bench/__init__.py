@@ -69,3 +69,14 @@ def proc_stat(pid: int) -> tuple[int, float] | None:
         return None
     # after the command: state ppid ... utime (14th field of the line) stime (15th)
     return int(fields[1]), (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The most resident memory a live process has held, in MiB (``VmHWM``; NaN if unknown).
+
+    ``VmHWM`` starts again at ``exec``, where ``ru_maxrss`` carries the forking parent's.
+    """
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")

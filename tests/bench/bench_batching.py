@@ -27,6 +27,10 @@ Measured in one run, at the model's input size (ResNet-50 BoneAgeNet, random wei
   batcher, ``--threads`` task threads, torch and JPEG 2000 threads as a worker sets
   them), each assessing the ``--count`` studies, started together; studies a second of
   all of them. This is what several ``work -Q inference`` workers per GPU would give.
+  Each such row also gives the most host memory one of the processes held (``VmHWM``)
+  and the sum over all of them, and on CUDA the most device memory one process's
+  caching allocator reserved (its CUDA context is not counted): what a host, a
+  container's memory limit and the device must hold.
 
 ``--jpeg-lossless``, ``--jpeg-ls`` or ``--j2k`` write the studies in that lossless
 syntax, so that decoding (for JPEG 2000 at a reduced resolution level) is part of what
@@ -45,15 +49,18 @@ figures are a check that the path runs, not a target: batching gains nothing the
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing
 import multiprocessing.queues
 import multiprocessing.synchronize
+import os
 import statistics
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -75,7 +82,7 @@ from models.predictor import (
     resolve_device,
     resolve_precision,
 )
-from tests.bench import bench_finding, heap_as_in_workers
+from tests.bench import bench_finding, heap_as_in_workers, peak_rss_mb
 from tests.bench.bench_pipeline import SYNTAXES, add_syntax_options, make_input
 from worker.cores import cores_per_task, jpeg2000_threads
 from worker.pipeline import derived_uid, publish, stage_outputs
@@ -171,6 +178,28 @@ def _set_threads_as_in_a_worker(device: torch.device, threads: int, processes: i
     return f"JPEG 2000 decoded on {decode} thread(s), as in inference workers"
 
 
+@dataclass(frozen=True)
+class _Round:
+    """What one of ``--processes`` reports after a round."""
+
+    rank: int
+    cpu_s: float  # its CPU seconds in the round, all threads
+    sizes: list[int]  # the batches its batcher formed
+    host_mb: float  # the most resident memory it has held so far (VmHWM)
+    device_mb: float  # the most device memory its caching allocator reserved; NaN on a CPU
+
+
+@dataclass(frozen=True)
+class _Processes:
+    """Every round of ``--processes`` N, all processes together."""
+
+    walls: list[float]  # each round's wall seconds
+    busy: list[float]  # each round's CPU seconds of all processes over its wall time
+    sizes: list[int]  # every batch size seen
+    host_mb: list[float]  # each process's peak resident memory
+    device_mb: list[float]  # each process's peak reserved device memory (NaN on a CPU)
+
+
 def _service_process(
     rank: int,
     processes: int,
@@ -178,12 +207,13 @@ def _service_process(
     paths: list[Path],
     outbox: Path,
     barrier: multiprocessing.synchronize.Barrier,
-    results: multiprocessing.queues.Queue[tuple[int, float, list[int]]],
+    results: multiprocessing.queues.Queue[_Round],
 ) -> None:
     """One of ``--processes``: a batching inference worker's work on every study, repeated.
 
     Waits at ``barrier`` before each round and after it, so that the parent times the
-    rounds of all processes together; reports each round's CPU seconds and batch sizes.
+    rounds of all processes together; reports each round's CPU seconds, batch sizes and
+    the process's peak memory.
     """
     heap_as_in_workers()
     device = resolve_device(args.device)
@@ -208,7 +238,10 @@ def _service_process(
             barrier.wait(STEP_TIMEOUT_S)
             cpu = time.process_time()
             studies.run(paths, args.threads)
-            results.put((rank, time.process_time() - cpu, list(sizes)))
+            cpu = time.process_time() - cpu
+            gpu = device.type == "cuda"
+            device_mb = torch.cuda.max_memory_reserved(device) / 2**20 if gpu else math.nan
+            results.put(_Round(rank, cpu, list(sizes), peak_rss_mb(os.getpid()), device_mb))
             barrier.wait(STEP_TIMEOUT_S)
     except BaseException:
         barrier.abort()  # the parent and the other processes stop waiting
@@ -219,15 +252,11 @@ def _service_process(
 
 def _several_processes(
     n: int, args: argparse.Namespace, paths: list[Path], work: Path
-) -> tuple[list[float], list[float], list[int]]:
-    """Run ``n`` service processes together ``--repeats`` times.
-
-    Returns each round's wall seconds, each round's cores busy (the processes' CPU
-    seconds over the wall time) and every batch size seen.
-    """
+) -> _Processes:
+    """Run ``n`` service processes together ``--repeats`` times."""
     context = multiprocessing.get_context("spawn")  # CUDA does not survive a fork
     barrier = context.Barrier(n + 1)
-    results: multiprocessing.queues.Queue[tuple[int, float, list[int]]] = context.Queue()
+    results: multiprocessing.queues.Queue[_Round] = context.Queue()
     children = [
         context.Process(
             target=_service_process,
@@ -241,15 +270,16 @@ def _several_processes(
     walls: list[float] = []
     busy: list[float] = []
     sizes: list[int] = []
+    last: list[_Round] = []
     try:
         for _ in range(args.repeats):
             barrier.wait(STEP_TIMEOUT_S)  # every process is ready: go
             start = time.perf_counter()
             barrier.wait(STEP_TIMEOUT_S)  # every process is done
             walls.append(time.perf_counter() - start)
-            rounds = [results.get(timeout=STEP_TIMEOUT_S) for _ in children]
-            busy.append(sum(cpu for _, cpu, _ in rounds) / walls[-1])
-            sizes += [size for _, _, seen in rounds for size in seen]
+            last = [results.get(timeout=STEP_TIMEOUT_S) for _ in children]
+            busy.append(sum(done.cpu_s for done in last) / walls[-1])
+            sizes += [size for done in last for size in done.sizes]
     except threading.BrokenBarrierError as exc:
         for child in children:
             child.join(30)
@@ -262,7 +292,10 @@ def _several_processes(
             child.join(STEP_TIMEOUT_S)
             if child.is_alive():
                 child.terminate()
-    return walls, busy, sizes
+    # peaks only grow, so each process's last report holds its peak over every round
+    return _Processes(
+        walls, busy, sizes, [done.host_mb for done in last], [done.device_mb for done in last]
+    )
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
@@ -439,13 +472,20 @@ def main() -> None:
             f"difference {worst:.3f} months"
         )
         for n in processes:
-            walls, cores, seen = _several_processes(n, args, paths, work)
-            rate = n * args.count / statistics.median(walls)
+            run_n = _several_processes(n, args, paths, work)
+            rate = n * args.count / statistics.median(run_n.walls)
             name = f"service path, {n} process{'es' if n > 1 else ''}"
+            seen = run_n.sizes
+            memory = (
+                f"; peak host memory {max(run_n.host_mb):,.0f} MB a process, "
+                f"{sum(run_n.host_mb):,.0f} MB in all"
+            )
+            if not any(math.isnan(mb) for mb in run_n.device_mb):
+                memory += f"; device memory reserved {max(run_n.device_mb):,.0f} MB a process"
             print(
-                f"{name:<28}{statistics.median(walls):>10.3f}{rate:>11.1f}"
-                f"{rate / base:>9.2f}{statistics.median(cores):>12.2f}"
-                f"   batch sizes: median {statistics.median(seen) if seen else 0:g}",
+                f"{name:<28}{statistics.median(run_n.walls):>10.3f}{rate:>11.1f}"
+                f"{rate / base:>9.2f}{statistics.median(run_n.busy):>12.2f}"
+                f"   batch sizes: median {statistics.median(seen) if seen else 0:g}{memory}",
                 flush=True,
             )
 

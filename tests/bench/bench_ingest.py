@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from dicom_io.synthetic import make_radiograph_dataset
-from tests.bench import proc_stat
+from tests.bench import peak_rss_mb, proc_stat
 from tests.support import dcmtk_tool, free_port, port_open, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,13 +46,6 @@ def make_inputs(folder: Path, count: int) -> list[Path]:
         ds.save_as(path, enforce_file_format=True)
         files.append(path)
     return files
-
-
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def send(port: int, ae: str, files: list[Path]) -> float:

@@ -40,6 +40,7 @@ __all__ = [
     "decode_for_display",
     "decode_frame",
     "decode_reduction",
+    "drop_pixel_data",
     "jpeg2000_reduction",
 ]
 
@@ -676,6 +677,18 @@ def decode_frame(ds: Dataset, index: int = 0, *, reduce: int = 0) -> np.ndarray:
     if array.size == 0:
         raise PixelDataError("The pixel data decoded to an empty array.")
     return array
+
+
+def drop_pixel_data(ds: Dataset) -> None:
+    """Remove ``ds``'s pixel data element, and the array pydicom decoded from it, if any.
+
+    For a caller that has what it needs from the pixels (the image :func:`decode_for_display`
+    made) and keeps the dataset for its other attributes: the stored values of a
+    2500 x 2000 DX are 10 MB, and pydicom's decoded copy as much again.
+    """
+    for keyword in _PIXEL_KEYWORDS:
+        if keyword in ds:
+            delattr(ds, keyword)  # pydicom forgets its decoded array with it
 
 
 def _stored_shape(ds: Dataset) -> tuple[int, int]:

@@ -50,7 +50,7 @@ from db.schema import (
 from db.schema import utcnow as now
 from dicom_io import gate
 from dicom_io.content import MANUFACTURER, BoneAgeFinding
-from dicom_io.pixels import PixelDataError, decode_for_display, decode_reduction
+from dicom_io.pixels import PixelDataError, decode_for_display, decode_reduction, drop_pixel_data
 from dicom_io.sc import build_heatmap_sc, overlay_shape, render_overlay
 from dicom_io.scp import fsync_directory, uid_tag
 from dicom_io.sr import build_bone_age_sr, build_not_assessed_sr
@@ -297,6 +297,9 @@ def assess_instance(rt: Runtime, instance_id: int, *, send: bool = True) -> Asse
             f"pixel data cannot be decoded: {exc}",
             send=send,
         )
+    # Decoded: the stored pixels are not read again, and a batching worker holds as many
+    # studies at once as it has task threads.
+    drop_pixel_data(ds)
 
     started = time.perf_counter()
     prediction = rt.predict(image, male=male)  # alone, or in a batch with other tasks'

@@ -28,7 +28,7 @@ from worker import metrics
 from worker.celery_app import ASSESS_TASK, DELIVER_TASK, RECONCILE_TASK, app
 from worker.cores import CoreShare, cores_per_task, jpeg2000_threads
 from worker.delivery import send_deliveries
-from worker.heap import freeze_start_up_objects, keep_large_blocks
+from worker.heap import freeze_start_up_objects, keep_large_blocks, limit_arenas
 from worker.heartbeat import HeartbeatThread
 from worker.messaging import enqueue_delivery
 from worker.metrics_files import worker_metrics_port
@@ -153,6 +153,12 @@ def _init_process(**_: Any) -> None:
         # every image reuses the same large buffers: keep them instead of page-faulting
         # them in again (a quarter of a CPU forward pass); see worker.heap
         detail["heap_keeps_large_blocks"] = keep_large_blocks()
+        if _state.get("pool") == "threads":
+            # A batching worker's task threads (twice its batch) would each keep an arena
+            # of their own, with their own studies' peak in it (worker.heap): as many
+            # arenas as the cores this process shares with the host's other batching ones.
+            arenas = max(1, usable_cpus() // int(_state.get("processes", 1)))
+            detail["malloc_arenas"] = arenas if limit_arenas(arenas) else None
         if rt.settings.runs_on_cpu:
             # Several processes each with all the cores' threads would oversubscribe.
             torch.set_num_threads(_torch_threads(rt.settings))

@@ -70,7 +70,12 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
 
 from dicom_io import gate
-from dicom_io.pixels import decode_for_display, decode_reduction, set_jpeg2000_threads
+from dicom_io.pixels import (
+    decode_for_display,
+    decode_reduction,
+    drop_pixel_data,
+    set_jpeg2000_threads,
+)
 from models.batching import BatchingPredictor
 from models.checkpoint import untrained_model
 from models.predictor import (
@@ -85,6 +90,7 @@ from models.predictor import (
 from tests.bench import bench_finding, heap_as_in_workers, peak_rss_mb
 from tests.bench.bench_pipeline import SYNTAXES, add_syntax_options, make_input
 from worker.cores import cores_per_task, jpeg2000_threads
+from worker.heap import limit_arenas
 from worker.pipeline import derived_uid, publish, stage_outputs
 from worker.settings import SC_MIN_LONG_SIDE, usable_cpus
 
@@ -142,6 +148,7 @@ class _Studies:
         ds, image = self.decoded(path)
         decision = gate.check(ds)
         assert decision.accepted, decision.reason
+        drop_pixel_data(ds)  # as the worker does once the image is decoded
         if known is None:
             assert self.batcher is not None
             prediction = self.batcher.predict(image, male=True)
@@ -168,14 +175,17 @@ class _Studies:
 
 
 def _set_threads_as_in_a_worker(device: torch.device, threads: int, processes: int = 1) -> str:
-    """Torch and JPEG 2000 threads as one of ``processes`` batching inference workers with
-    ``threads`` task threads sets them (worker.tasks, by worker.cores's rules)."""
+    """Torch and JPEG 2000 threads, and malloc's arenas, as one of ``processes`` batching
+    inference workers with ``threads`` task threads sets them (worker.tasks, by
+    worker.cores's rules)."""
     cpus = usable_cpus()
     if device.type == "cuda":
         torch.set_num_threads(cores_per_task(cpus, threads))
     decode = jpeg2000_threads(cpus, pool="threads", concurrency=threads, processes=processes)
     set_jpeg2000_threads(decode)
-    return f"JPEG 2000 decoded on {decode} thread(s), as in inference workers"
+    arenas = max(1, cpus // processes)
+    limited = f", at most {arenas} malloc arena(s)" if limit_arenas(arenas) else ""
+    return f"JPEG 2000 decoded on {decode} thread(s){limited}, as in inference workers"
 
 
 @dataclass(frozen=True)

@@ -131,6 +131,8 @@ def test_batching_worker_assesses_each_image_once_in_shared_forward_passes(
         # Pillow decodes JPEG 2000 under the interpreter lock, one study at a time in a
         # process: each decode gets the cores the process shares with its siblings
         assert shown_process["jpeg2000_threads"] == max(1, usable_cpus() // processes)
+        # its task threads share as many malloc arenas as it has cores (worker.heap)
+        assert shown_process["malloc_arenas"] == max(1, usable_cpus() // processes)
     assert f"batches of up to {BATCH}" in shown
 
     # One result per image, equal to the image assessed alone; each object delivered once.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 from typing import TypedDict, Unpack
 
@@ -20,7 +22,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from dicom_io.pixels import PixelDataError, decode_for_display
+from dicom_io.pixels import PixelDataError, decode_for_display, drop_pixel_data
 from dicom_io.synthetic import make_radiograph_dataset
 from tests.dicomtools import run_tool
 
@@ -251,6 +253,24 @@ def test_missing_pixel_data() -> None:
     del ds.PixelData
     with pytest.raises(PixelDataError, match="no Pixel Data"):
         decode_for_display(ds)
+
+
+def test_dropped_pixel_data_takes_pydicoms_decoded_array_with_it() -> None:
+    ds = _dataset(_stored())
+    decoded = weakref.ref(ds.pixel_array)  # pydicom keeps the array it decoded
+    drop_pixel_data(ds)
+    gc.collect()
+    assert "PixelData" not in ds
+    assert decoded() is None
+    assert ds.SOPInstanceUID and ds.PatientSex == "M"  # the rest of the dataset stays
+    drop_pixel_data(ds)  # nothing left to drop: no error
+    float_image = _dataset(_stored())
+    float_image.FloatPixelData = float_image.pixel_array.astype(np.float32).tobytes()
+    del float_image.PixelData
+    drop_pixel_data(float_image)
+    assert "FloatPixelData" not in float_image
+    with pytest.raises(PixelDataError, match="no Pixel Data"):
+        decode_for_display(float_image)
 
 
 def test_pixel_data_error_is_value_error() -> None:

@@ -26,7 +26,7 @@ import yaml
 
 from worker.celery_app import DELIVERY_QUEUE, INFERENCE_QUEUE
 from worker.cli import main as cli_main
-from worker.settings import Settings
+from worker.settings import GPU_INFERENCE_PROCESSES, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -474,6 +474,12 @@ def test_kubernetes_gpu_worker_one_process_per_gpu(
     (delivery,) = _pod_specs(k8s)["boneage-worker-delivery"]["containers"]
     assert _check_cli(delivery["args"]).params["queues"] == DELIVERY_QUEUE
     assert "nvidia.com/gpu" not in delivery.get("resources", {}).get("limits", {})
+    # The pod holds the default batching processes at the host memory one was measured to
+    # reach on a CPU (docs/performance.md, "Host memory of a batching worker"), which a
+    # GPU's CUDA context only adds to. It asked for 4 GiB (8 at most); four held 16.5 GB.
+    memory = container["resources"]["requests"]["memory"]
+    assert memory.endswith("Gi")
+    assert int(memory.removesuffix("Gi")) * 2**30 >= GPU_INFERENCE_PROCESSES * 1.9e9
 
 
 def test_kubernetes_listener_probes_and_service(

@@ -21,10 +21,10 @@ flat.
 :func:`limit_arenas` is for a batching inference process. glibc gives each thread that
 allocates while another holds the lock of its arena an arena of its own, up to eight per
 core, and a freed block is reused only by the threads of its arena. A batching process
-runs twice its batch in task threads, which take turns at the interpreter lock: each
-thread's arena kept the peak of its own studies, about 60 MB each on a
-2500 x 2000 DX with 128 arenas allowed, as on a 16-core host, against about 22 MB with 4
-(docs/performance.md, "Host memory of a batching worker").
+runs twice its batch in task threads, which take turns at the interpreter lock, and
+each thread's arena kept the peak of its own studies: 60 MB a thread on 2500 x 2000 DXs
+with 128 arenas allowed, as on a 16-core host. With 4, and the source's pixels dropped
+once decoded, it was 22 MB (docs/performance.md, "Host memory of a batching worker").
 
 :func:`freeze_start_up_objects` is for every long-running process: what start-up made
 (modules, the model, highdicom's and pydicom's tables of the standard, SQLAlchemy and

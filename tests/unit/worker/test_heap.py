@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import pytest
 
@@ -40,11 +40,16 @@ class _Probe(TypedDict):
     faults: int
 
 
-def _probe(mode: str) -> _Probe:
+def _run(script: str, *args: str) -> Any:
+    """Run ``script`` in an interpreter of its own; what it printed, parsed as JSON."""
     done = subprocess.run(
-        [sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, check=True
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, check=True
     )
-    probe: _Probe = json.loads(done.stdout)
+    return json.loads(done.stdout)
+
+
+def _probe(mode: str) -> _Probe:
+    probe: _Probe = _run(_PROBE, mode)
     return probe
 
 
@@ -107,10 +112,7 @@ class _ArenaProbe(TypedDict):
 
 
 def _arena_probe(mode: str) -> _ArenaProbe:
-    done = subprocess.run(
-        [sys.executable, "-c", _ARENA_PROBE, mode], capture_output=True, text=True, check=True
-    )
-    probe: _ArenaProbe = json.loads(done.stdout)
+    probe: _ArenaProbe = _run(_ARENA_PROBE, mode)
     return probe
 
 
@@ -159,10 +161,7 @@ print(json.dumps({
 
 
 def test_start_up_objects_are_left_out_of_the_collectors_passes() -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", _FREEZE_PROBE], capture_output=True, text=True, check=True
-    )
-    probe = json.loads(done.stdout)
+    probe = _run(_FREEZE_PROBE)
     # what start-up kept is frozen: no pass of the collector walks it any more
     assert probe["frozen"] >= 50_000
     assert probe["kept_tracked"] == 0

@@ -241,6 +241,7 @@ def _service_process(
         on_batch=lambda n, _seconds: sizes.append(n),  # one model thread appends
     )
     studies = _Studies(predictor, batcher, outbox)
+    gpu = device.type == "cuda"
     try:
         studies.run(paths, args.threads)  # warm-up: kernels, allocator, highdicom
         for _ in range(args.repeats):
@@ -249,7 +250,6 @@ def _service_process(
             cpu = time.process_time()
             studies.run(paths, args.threads)
             cpu = time.process_time() - cpu
-            gpu = device.type == "cuda"
             device_mb = torch.cuda.max_memory_reserved(device) / 2**20 if gpu else math.nan
             results.put(_Round(rank, cpu, list(sizes), peak_rss_mb(os.getpid()), device_mb))
             barrier.wait(STEP_TIMEOUT_S)

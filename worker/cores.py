@@ -42,7 +42,7 @@ from dicom_io.pixels import set_jpeg2000_threads
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CoreShare", "cores_per_task", "jpeg2000_threads"]
+__all__ = ["CoreShare", "batching_process_cores", "cores_per_task", "jpeg2000_threads"]
 
 #: Processes one share can track at once: a worker's processes (at most 64, see
 #: BONEAGE_INFERENCE_PROCESSES) and those that replace them.
@@ -72,6 +72,16 @@ def cores_per_task(cpus: int, concurrency: int) -> int:
     return max(1, cpus // concurrency)
 
 
+def batching_process_cores(cpus: int, processes: int) -> int:
+    """The cores each of ``processes`` batching inference workers on a host shares.
+
+    Its JPEG 2000 decodes run on that many threads, and its malloc keeps that many arenas
+    (:func:`worker.heap.limit_arenas`): no more of its threads than that run outside the
+    interpreter lock at once.
+    """
+    return max(1, cpus // processes)
+
+
 def jpeg2000_threads(cpus: int, *, pool: str, concurrency: int, processes: int = 1) -> int:
     """Threads for each JPEG 2000 decode in one worker process.
 
@@ -87,7 +97,7 @@ def jpeg2000_threads(cpus: int, *, pool: str, concurrency: int, processes: int =
     (docs/performance.md, "Lossless JPEG and JPEG-LS"); not measured on a GPU host.
     """
     if pool == "threads":
-        return max(1, cpus // processes)
+        return batching_process_cores(cpus, processes)
     return cores_per_task(cpus, concurrency)
 
 

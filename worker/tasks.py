@@ -26,7 +26,7 @@ from db.engine import dispose_after_fork
 from dicom_io.pixels import set_jpeg2000_threads
 from worker import metrics
 from worker.celery_app import ASSESS_TASK, DELIVER_TASK, RECONCILE_TASK, app
-from worker.cores import CoreShare, cores_per_task, jpeg2000_threads
+from worker.cores import CoreShare, batching_process_cores, cores_per_task, jpeg2000_threads
 from worker.delivery import send_deliveries
 from worker.heap import freeze_start_up_objects, keep_large_blocks, limit_arenas
 from worker.heartbeat import HeartbeatThread
@@ -157,7 +157,7 @@ def _init_process(**_: Any) -> None:
             # A batching worker's task threads (twice its batch) would each keep an arena
             # of their own, with their own studies' peak in it (worker.heap): as many
             # arenas as the cores this process shares with the host's other batching ones.
-            arenas = max(1, usable_cpus() // int(_state.get("processes", 1)))
+            arenas = batching_process_cores(usable_cpus(), int(_state.get("processes", 1)))
             detail["malloc_arenas"] = arenas if limit_arenas(arenas) else None
         if rt.settings.runs_on_cpu:
             # Several processes each with all the cores' threads would oversubscribe.

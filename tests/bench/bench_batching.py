@@ -89,7 +89,7 @@ from models.predictor import (
 )
 from tests.bench import bench_finding, heap_as_in_workers, peak_rss_mb
 from tests.bench.bench_pipeline import SYNTAXES, add_syntax_options, make_input
-from worker.cores import cores_per_task, jpeg2000_threads
+from worker.cores import batching_process_cores, cores_per_task, jpeg2000_threads
 from worker.heap import limit_arenas
 from worker.pipeline import derived_uid, publish, stage_outputs
 from worker.settings import SC_MIN_LONG_SIDE, usable_cpus
@@ -183,7 +183,7 @@ def _set_threads_as_in_a_worker(device: torch.device, threads: int, processes: i
         torch.set_num_threads(cores_per_task(cpus, threads))
     decode = jpeg2000_threads(cpus, pool="threads", concurrency=threads, processes=processes)
     set_jpeg2000_threads(decode)
-    arenas = max(1, cpus // processes)
+    arenas = batching_process_cores(cpus, processes)
     limited = f", at most {arenas} malloc arena(s)" if limit_arenas(arenas) else ""
     return f"JPEG 2000 decoded on {decode} thread(s){limited}, as in inference workers"
 

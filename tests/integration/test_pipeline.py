@@ -131,6 +131,25 @@ def test_assess_then_deliver_sr_and_sc(
     )
 
 
+def test_the_source_gives_up_its_pixels_once_decoded(
+    runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A batching worker holds as many studies at once as it has task threads: each keeps
+    # its source for the SR and SC, but not the stored pixels (dicom_io.pixels tests that
+    # pydicom's decoded copy goes with them).
+    seen: list[bool] = []
+    stage_outputs = pipeline.stage_outputs
+
+    def staging(source: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append("PixelData" in source)
+        return stage_outputs(source, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "stage_outputs", staging)
+    outcome = assess_instance(runtime, spool_instance(runtime, tmp_path))
+    assert outcome.state == "assessed"
+    assert seen == [False]
+
+
 @pytest.mark.parametrize(("floor", "columns"), [(None, 1200), (600, 600)])
 def test_heat_map_picture_keeps_the_site_floor_on_large_images(
     runtime: Runtime, floor: int | None, columns: int

@@ -9,6 +9,7 @@ in the README and tested.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import tomllib
@@ -18,6 +19,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+from worker.cgroups import cpu_quota
 
 logger = logging.getLogger(__name__)
 
@@ -368,11 +371,20 @@ class Settings(BaseSettings):
 
 
 def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, not the host's count)."""
+    """CPUs this process may keep busy: those its affinity mask lets it run on (not the
+    host's count), and no more than its control group's CPU quota, rounded up.
+
+    A container limited to 4 CPUs on a 64-core host may run on every core but gets 4
+    cores' worth of time (worker.cgroups): processes and threads are sized to that.
+    """
     try:
-        return len(os.sched_getaffinity(0)) or 1
+        cpus = len(os.sched_getaffinity(0)) or 1
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+    quota = cpu_quota()
+    if quota is not None:
+        cpus = min(cpus, max(1, math.ceil(quota)))
+    return cpus
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

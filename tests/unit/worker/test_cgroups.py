@@ -1,0 +1,230 @@
+"""worker.cgroups: a container's CPU quota, read as the kernel lays it out, and the cores
+the worker sizes its processes and threads to."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from worker import settings as settings_module
+from worker.cgroups import cpu_quota
+from worker.settings import Settings, usable_cpus
+
+# mountinfo lines as Linux writes them; {root} and {point} are filled in per case
+_V2 = "30 23 0:26 {root} {point} rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 rw"
+_V1_CPU = (
+    "35 26 0:31 {root} {point} rw,nosuid,nodev,noexec,relatime shared:11 - cgroup cgroup "
+    "rw,cpu,cpuacct"
+)
+_V1_MEMORY = "36 26 0:32 / /sys/fs/cgroup/memory rw,relatime shared:12 - cgroup cgroup rw,memory"
+_ROOT_FS = "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw"
+
+
+def _lay_out(
+    tmp_path: Path, memberships: list[str], mounts: list[str], files: dict[str, str]
+) -> tuple[Path, Path]:
+    """A /proc/self and a file system under ``tmp_path``; returns (proc, root)."""
+    proc, root = tmp_path / "proc" / "self", tmp_path / "root"
+    proc.mkdir(parents=True)
+    (proc / "cgroup").write_text("".join(f"{line}\n" for line in memberships))
+    (proc / "mountinfo").write_text("".join(f"{line}\n" for line in [_ROOT_FS, *mounts]))
+    for name, text in files.items():
+        path = root / name.lstrip("/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return proc, root
+
+
+def test_a_cgroup_v2_container_sees_its_own_quota(tmp_path: Path) -> None:
+    # docker run --cpus 4 with a cgroup namespace: the container's group is its root
+    proc, root = _lay_out(
+        tmp_path,
+        ["0::/"],
+        [_V2.format(root="/", point="/sys/fs/cgroup")],
+        {"/sys/fs/cgroup/cpu.max": "400000 100000\n"},
+    )
+    assert cpu_quota(proc, root=root) == 4.0
+
+
+def test_no_quota_is_none(tmp_path: Path) -> None:
+    proc, root = _lay_out(
+        tmp_path,
+        ["0::/user.slice/session-1.scope"],
+        [_V2.format(root="/", point="/sys/fs/cgroup")],
+        {"/sys/fs/cgroup/user.slice/session-1.scope/cpu.max": "max 100000\n"},
+    )
+    assert cpu_quota(proc, root=root) is None
+
+
+def test_a_parent_groups_quota_holds_its_children(tmp_path: Path) -> None:
+    # a Kubernetes pod's limit sits on the pod's group; the container's own may be lower
+    pod = "/sys/fs/cgroup/kubepods.slice/kubepods-pod1.slice"
+    proc, root = _lay_out(
+        tmp_path,
+        ["0::/kubepods.slice/kubepods-pod1.slice/cri-containerd-1.scope"],
+        [_V2.format(root="/", point="/sys/fs/cgroup")],
+        {
+            f"{pod}/cpu.max": "250000 100000\n",
+            f"{pod}/cri-containerd-1.scope/cpu.max": "max 100000\n",
+        },
+    )
+    assert cpu_quota(proc, root=root) == 2.5
+    (root / pod.lstrip("/") / "cri-containerd-1.scope" / "cpu.max").write_text("50000 100000\n")
+    assert cpu_quota(proc, root=root) == 0.5
+    # nothing above the mount point is read: the host's groups are not the container's
+    (root / "sys" / "fs" / "cpu.max").write_text("10000 100000\n")
+    assert cpu_quota(proc, root=root) == 0.5
+
+
+def test_a_cgroup_v1_container_without_a_namespace(tmp_path: Path) -> None:
+    # Docker on cgroup v1: the container's own group is mounted, and /proc/self/cgroup
+    # names it by its path in the host's hierarchy
+    point = "/sys/fs/cgroup/cpu,cpuacct"
+    proc, root = _lay_out(
+        tmp_path,
+        ["12:memory:/docker/abc", "4:cpu,cpuacct:/docker/abc", "0::/docker/abc"],
+        [_V1_MEMORY, _V1_CPU.format(root="/docker/abc", point=point)],
+        {f"{point}/cpu.cfs_quota_us": "150000\n", f"{point}/cpu.cfs_period_us": "100000\n"},
+    )
+    assert cpu_quota(proc, root=root) == 1.5
+
+
+def test_a_cgroup_v1_host_with_no_quota(tmp_path: Path) -> None:
+    # v1 controllers beside a v2 hierarchy that has none of them (as on this project's
+    # build machines)
+    point = "/sys/fs/cgroup/cpu"
+    proc, root = _lay_out(
+        tmp_path,
+        ["4:cpu,cpuacct:/", "0::/"],
+        [
+            _V1_CPU.format(root="/", point=point),
+            _V2.format(root="/", point="/sys/fs/cgroup/unified"),
+        ],
+        {f"{point}/cpu.cfs_quota_us": "-1\n", f"{point}/cpu.cfs_period_us": "100000\n"},
+    )
+    assert cpu_quota(proc, root=root) is None
+
+
+def test_a_mount_point_with_a_space(tmp_path: Path) -> None:
+    proc, root = _lay_out(
+        tmp_path,
+        ["0::/a"],
+        [_V2.format(root="/", point=r"/cgroup\040fs")],
+        {"/cgroup fs/a/cpu.max": "300000 200000\n"},
+    )
+    assert cpu_quota(proc, root=root) == 1.5
+
+
+def test_a_group_outside_what_is_mounted_is_read_at_the_mount_point(tmp_path: Path) -> None:
+    # the path in /proc/self/cgroup lies outside the mounted part: the mount point is
+    # the nearest group this process can see
+    proc, root = _lay_out(
+        tmp_path,
+        ["0::/../../other"],
+        [_V2.format(root="/", point="/sys/fs/cgroup")],
+        {"/sys/fs/cgroup/cpu.max": "200000 100000\n"},
+    )
+    assert cpu_quota(proc, root=root) == 2.0
+
+
+def test_nothing_to_read_is_no_quota(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    assert cpu_quota(tmp_path / "no-such-proc", root=tmp_path) is None  # not Linux
+    proc, root = _lay_out(tmp_path, ["0::/"], [], {})  # no cgroup file system mounted
+    assert cpu_quota(proc, root=root) is None
+    (proc / "mountinfo").write_text(_V2.format(root="/", point="/cg") + "\n")
+    assert cpu_quota(proc, root=root) is None  # mounted, no cpu.max: no cpu controller
+    (root / "cg").mkdir(parents=True)
+    (root / "cg" / "cpu.max").write_text("lots 100000\n")
+    assert cpu_quota(proc, root=root) is None
+    assert "unreadable CPU quota" in caplog.text
+
+
+def test_usable_cpus_are_the_affinity_within_the_quota(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setattr(settings_module, "cpu_quota", lambda: None)
+    assert usable_cpus() == 64
+    monkeypatch.setattr(settings_module, "cpu_quota", lambda: 4.0)
+    assert usable_cpus() == 4
+    # a CPU worker on a 64-core host limited to 4 CPUs: 4 processes of 1 thread, not
+    # 4 processes of 16
+    assert Settings(device="cpu").effective_inference_processes == 4
+    monkeypatch.setattr(settings_module, "cpu_quota", lambda: 1.5)
+    assert usable_cpus() == 2  # rounded up: the half core is used, by a second thread
+    monkeypatch.setattr(settings_module, "cpu_quota", lambda: 0.25)
+    assert usable_cpus() == 1
+    monkeypatch.setattr(settings_module, "cpu_quota", lambda: 128.0)
+    assert usable_cpus() == 64  # a quota above the cores runs on the cores
+
+
+# -- a real control group ----------------------------------------------------------------
+
+# Prints what the worker makes of the group this interpreter runs in, and how many threads
+# torch starts with once the command line has set itself up (worker.cli).
+_IN_GROUP = """
+import json
+from worker.cgroups import cpu_quota
+from worker.settings import usable_cpus
+from worker import cli
+cli._threads_within_cpu_quota()
+import torch
+print(json.dumps({"quota": cpu_quota(), "cpus": usable_cpus(), "torch": torch.get_num_threads()}))
+"""
+
+
+@contextlib.contextmanager
+def _group_with_quota(quota_us: int, period_us: int) -> Iterator[Path]:
+    """A real control group with a CPU quota, v1 or v2, where this process may make one."""
+    v1, v2 = Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup")
+    name = f"boneage-test-{uuid.uuid4().hex[:8]}"
+    if (v1 / "cpu.cfs_quota_us").exists() and os.access(v1, os.W_OK):
+        group = v1 / name
+        group.mkdir()
+        (group / "cpu.cfs_period_us").write_text(str(period_us))
+        (group / "cpu.cfs_quota_us").write_text(str(quota_us))
+    elif "cpu" in _read(v2 / "cgroup.subtree_control").split() and os.access(v2, os.W_OK):
+        group = v2 / name
+        group.mkdir()
+        (group / "cpu.max").write_text(f"{quota_us} {period_us}")
+    else:
+        pytest.skip("no control group with a CPU quota can be made here (needs root)")
+    try:
+        yield group
+    finally:
+        with contextlib.suppress(OSError):  # emptied once its process has exited
+            group.rmdir()
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def test_a_process_in_a_real_group_sizes_its_threads_to_the_quota() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    with _group_with_quota(quota_us=50_000, period_us=100_000) as group:
+        # the shell joins the group, then becomes the interpreter
+        done = subprocess.run(
+            [
+                "sh",
+                "-c",
+                f'echo $$ > "{group}/cgroup.procs" && exec "$0" -c "$1"',
+                sys.executable,
+                _IN_GROUP,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+        )
+    seen = json.loads(done.stdout)
+    assert seen == {"quota": 0.5, "cpus": 1, "torch": 1}

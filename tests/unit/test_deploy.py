@@ -26,7 +26,7 @@ import yaml
 
 from worker.celery_app import DELIVERY_QUEUE, INFERENCE_QUEUE
 from worker.cli import main as cli_main
-from worker.settings import GPU_INFERENCE_PROCESSES, Settings
+from worker.settings import CORES_PER_GPU_PROCESS, GPU_INFERENCE_PROCESSES, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -480,6 +480,21 @@ def test_kubernetes_gpu_worker_one_process_per_gpu(
     memory = container["resources"]["requests"]["memory"]
     assert memory.endswith("Gi")
     assert int(memory.removesuffix("Gi")) * 2**30 >= GPU_INFERENCE_PROCESSES * 1.9e9
+    # The scheduler places it by the cores its processes keep busy: four kept 7.71 busy on
+    # an H200's host (docs/performance.md, "GPU"). It asked for 1. A CPU limit, if one is
+    # set, is the cgroup quota the worker sizes its processes to (worker.cgroups): it
+    # must leave room for the default processes.
+    resources = container["resources"]
+    assert _cores(resources["requests"]["cpu"]) >= GPU_INFERENCE_PROCESSES * 1.9
+    if "cpu" in resources["limits"]:
+        limit = _cores(resources["limits"]["cpu"])
+        assert limit >= GPU_INFERENCE_PROCESSES * CORES_PER_GPU_PROCESS
+
+
+def _cores(quantity: str | int) -> float:
+    """A Kubernetes CPU quantity ("8", "250m", 2) in cores."""
+    text = str(quantity)
+    return int(text.removesuffix("m")) / 1000 if text.endswith("m") else float(text)
 
 
 def test_kubernetes_listener_probes_and_service(

@@ -68,8 +68,8 @@ def cpu_quota(proc: Path = Path("/proc/self"), *, root: Path = Path("/")) -> flo
         else:
             continue
         for mount in mounts:
-            if mount.version == version:
-                group = _group_directory(root, mount, path)
+            group = _group_directory(root, mount, path) if mount.version == version else None
+            if group is not None:
                 quotas.extend(_quotas_up_to(group, root / mount.point.lstrip("/"), version))
     return min(quotas, default=None)
 
@@ -98,20 +98,20 @@ def _unescape(field: str) -> str:
     return _ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
 
 
-def _group_directory(root: Path, mount: _Mount, path: str) -> Path:
+def _group_directory(root: Path, mount: _Mount, path: str) -> Path | None:
     """Where a cgroup's files are: its path, made relative to the part of the hierarchy
-    that is mounted. A group outside what is mounted (a container that sees only its own
-    group, mounted at the hierarchy's root) is read at the mount point."""
-    point = root / mount.point.lstrip("/")
+    that is mounted (Docker on cgroup v1 mounts only the container's own group, which
+    /proc/self/cgroup names by its path on the host). ``None`` for a group outside what
+    is mounted: its files cannot be read, and another group's are not its."""
     group = PurePosixPath(path)
     if mount.root != "/":
         try:
             group = PurePosixPath("/") / group.relative_to(mount.root)
         except ValueError:
-            return point
-    if ".." in group.parts:
-        return point
-    return point / str(group).lstrip("/")
+            return None
+    if ".." in group.parts:  # outside this process's cgroup namespace
+        return None
+    return root / mount.point.lstrip("/") / str(group).lstrip("/")
 
 
 def _quotas_up_to(group: Path, mount_point: Path, version: int) -> list[float]:

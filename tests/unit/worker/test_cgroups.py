@@ -123,16 +123,23 @@ def test_a_mount_point_with_a_space(tmp_path: Path) -> None:
     assert cpu_quota(proc, root=root) == 1.5
 
 
-def test_a_group_outside_what_is_mounted_is_read_at_the_mount_point(tmp_path: Path) -> None:
-    # the path in /proc/self/cgroup lies outside the mounted part: the mount point is
-    # the nearest group this process can see
+def test_a_group_outside_what_is_mounted_is_not_read(tmp_path: Path) -> None:
+    # the process's group lies outside its cgroup namespace, or outside the part of the
+    # hierarchy mounted: the quota found there belongs to another group
     proc, root = _lay_out(
         tmp_path,
-        ["0::/../../other"],
-        [_V2.format(root="/", point="/sys/fs/cgroup")],
-        {"/sys/fs/cgroup/cpu.max": "200000 100000\n"},
+        ["0::/../../other", "4:cpu,cpuacct:/docker/other"],
+        [
+            _V2.format(root="/", point="/sys/fs/cgroup"),
+            _V1_CPU.format(root="/docker/abc", point="/sys/fs/cgroup/cpu"),
+        ],
+        {
+            "/sys/fs/cgroup/cpu.max": "200000 100000\n",
+            "/sys/fs/cgroup/cpu/cpu.cfs_quota_us": "100000\n",
+            "/sys/fs/cgroup/cpu/cpu.cfs_period_us": "100000\n",
+        },
     )
-    assert cpu_quota(proc, root=root) == 2.0
+    assert cpu_quota(proc, root=root) is None
 
 
 def test_nothing_to_read_is_no_quota(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

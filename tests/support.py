@@ -1,7 +1,9 @@
-"""Helpers for tests: free ports, waiting on conditions with a deadline, process logs."""
+"""Helpers for tests: free ports, waiting on conditions with a deadline, process logs,
+control groups with a CPU quota."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -9,7 +11,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -121,3 +124,43 @@ def received(uid: str = "1.2.3.4", tmp_path: Path = Path("/nonexistent")) -> Rec
         path=tmp_path / "x.dcm",
         size_bytes=10,
     )
+
+
+@contextlib.contextmanager
+def cpu_quota_group(cpus: float, period_us: int = 100_000) -> Iterator[Path]:
+    """A real control group (v1 or v2) allowing ``cpus`` CPUs' worth of time a period, as
+    ``docker run --cpus`` makes; skips the test where none can be made (it needs root).
+    Start processes in it with :func:`in_group`; it is removed once they have exited."""
+    v1, v2 = Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup")
+    name = f"boneage-test-{uuid.uuid4().hex[:8]}"
+    quota_us = round(cpus * period_us)
+    if (v1 / "cpu.cfs_quota_us").exists() and os.access(v1, os.W_OK):
+        group = v1 / name
+        group.mkdir()
+        (group / "cpu.cfs_period_us").write_text(str(period_us))
+        (group / "cpu.cfs_quota_us").write_text(str(quota_us))
+    elif "cpu" in _read_text(v2 / "cgroup.subtree_control").split() and os.access(v2, os.W_OK):
+        group = v2 / name
+        group.mkdir()
+        (group / "cpu.max").write_text(f"{quota_us} {period_us}")
+    else:
+        import pytest
+
+        pytest.skip("no control group with a CPU quota can be made here (needs root)")
+    try:
+        yield group
+    finally:
+        with contextlib.suppress(OSError):  # left behind if a process in it still runs
+            group.rmdir()
+
+
+def in_group(group: Path, *command: str) -> list[str]:
+    """``command`` run in ``group``: a shell joins it, then becomes the command."""
+    return ["sh", "-c", f'echo $$ > "{group}/cgroup.procs" && exec "$@"', "sh", *command]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""

@@ -3,17 +3,15 @@ the worker sizes its processes and threads to."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support import cpu_quota_group, in_group
 from worker import settings as settings_module
 from worker.cgroups import cpu_quota
 from worker.settings import Settings, usable_cpus
@@ -186,48 +184,11 @@ print(json.dumps({"quota": cpu_quota(), "cpus": usable_cpus(), "torch": torch.ge
 """
 
 
-@contextlib.contextmanager
-def _group_with_quota(quota_us: int, period_us: int) -> Iterator[Path]:
-    """A real control group with a CPU quota, v1 or v2, where this process may make one."""
-    v1, v2 = Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup")
-    name = f"boneage-test-{uuid.uuid4().hex[:8]}"
-    if (v1 / "cpu.cfs_quota_us").exists() and os.access(v1, os.W_OK):
-        group = v1 / name
-        group.mkdir()
-        (group / "cpu.cfs_period_us").write_text(str(period_us))
-        (group / "cpu.cfs_quota_us").write_text(str(quota_us))
-    elif "cpu" in _read(v2 / "cgroup.subtree_control").split() and os.access(v2, os.W_OK):
-        group = v2 / name
-        group.mkdir()
-        (group / "cpu.max").write_text(f"{quota_us} {period_us}")
-    else:
-        pytest.skip("no control group with a CPU quota can be made here (needs root)")
-    try:
-        yield group
-    finally:
-        with contextlib.suppress(OSError):  # emptied once its process has exited
-            group.rmdir()
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text()
-    except OSError:
-        return ""
-
-
 def test_a_process_in_a_real_group_sizes_its_threads_to_the_quota() -> None:
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    with _group_with_quota(quota_us=50_000, period_us=100_000) as group:
-        # the shell joins the group, then becomes the interpreter
+    with cpu_quota_group(0.5) as group:
         done = subprocess.run(
-            [
-                "sh",
-                "-c",
-                f'echo $$ > "{group}/cgroup.procs" && exec "$0" -c "$1"',
-                sys.executable,
-                _IN_GROUP,
-            ],
+            in_group(group, sys.executable, "-c", _IN_GROUP),
             capture_output=True,
             text=True,
             check=True,

@@ -58,6 +58,7 @@ def test_a_cpu_worker_sizes_itself_to_its_cpu_quota(tmp_path: Path, tiny_checkpo
             processes = wait_for(
                 lambda: _inference_processes(env), timeout=180, what="the worker's heartbeat"
             )
+            shown = _cli({**env, "COLUMNS": "200"}, "status").stdout  # one line a process
             # prefork children the worker started, whether or not they have beaten yet
             children = Path(f"/proc/{worker.pid}/task/{worker.pid}/children").read_text().split()
         finally:
@@ -73,3 +74,4 @@ def test_a_cpu_worker_sizes_itself_to_its_cpu_quota(tmp_path: Path, tiny_checkpo
     assert process["jpeg2000_threads"] == 1
     # no pass on "every core" for a study that comes alone: the quota feeds one
     assert "lone_study_threads" not in process
+    assert "CPU limit 1" in shown  # what the administrator reads

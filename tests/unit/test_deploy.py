@@ -481,14 +481,12 @@ def test_kubernetes_gpu_worker_one_process_per_gpu(
     assert memory.endswith("Gi")
     assert int(memory.removesuffix("Gi")) * 2**30 >= GPU_INFERENCE_PROCESSES * 1.9e9
     # The scheduler places it by the cores its processes keep busy: four kept 7.71 busy on
-    # an H200's host (docs/performance.md, "GPU"). It asked for 1. A CPU limit, if one is
-    # set, is the cgroup quota the worker sizes its processes to (worker.cgroups): it
-    # must leave room for the default processes.
+    # an H200's host (docs/performance.md, "GPU"). It asked for 1. Its CPU limit is the
+    # cgroup quota the worker sizes its processes to (worker.cgroups): the default ones.
     resources = container["resources"]
     assert _cores(resources["requests"]["cpu"]) >= GPU_INFERENCE_PROCESSES * 1.9
-    if "cpu" in resources["limits"]:
-        limit = _cores(resources["limits"]["cpu"])
-        assert limit >= GPU_INFERENCE_PROCESSES * CORES_PER_GPU_PROCESS
+    limit = _cores(resources["limits"]["cpu"])
+    assert limit // CORES_PER_GPU_PROCESS == GPU_INFERENCE_PROCESSES
 
 
 def _cores(quantity: str | int) -> float:

@@ -14,25 +14,16 @@ from typing import Any
 
 import pytest
 
+from tests.integration.test_end_to_end import cli
 from tests.support import cpu_quota_group, in_group, keep_process_log, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 def _inference_processes(env: dict[str, str]) -> list[dict[str, Any]] | None:
-    report = json.loads(_cli(env, "status", "--json").stdout)
+    report = json.loads(cli("status", "--json", env=env).stdout)
     alive = [p for p in report["processes"] if p["alive"] and "inference" in p.get("queues", [])]
-    # each process beats once its model is loaded; its siblings, if any, soon after
+    # a process shows its threads once its model is loaded
     return alive if alive and all("torch_threads" in p for p in alive) else None
 
 
@@ -44,7 +35,7 @@ def test_a_cpu_worker_sizes_itself_to_its_cpu_quota(tmp_path: Path, tiny_checkpo
         BONEAGE_MODEL=str(tiny_checkpoint),
         BONEAGE_DEVICE="cpu",
     )
-    assert _cli(env, "db", "upgrade").returncode == 0
+    assert cli("db", "upgrade", env=env).returncode == 0
     log = tmp_path / "worker.log"
     keep_process_log(log)
     with cpu_quota_group(1.0) as group:
@@ -58,7 +49,7 @@ def test_a_cpu_worker_sizes_itself_to_its_cpu_quota(tmp_path: Path, tiny_checkpo
             processes = wait_for(
                 lambda: _inference_processes(env), timeout=180, what="the worker's heartbeat"
             )
-            shown = _cli({**env, "COLUMNS": "200"}, "status").stdout  # one line a process
+            shown = cli("status", env={**env, "COLUMNS": "200"}).stdout  # one line a process
             # prefork children the worker started, whether or not they have beaten yet
             children = Path(f"/proc/{worker.pid}/task/{worker.pid}/children").read_text().split()
         finally:

@@ -127,36 +127,53 @@ def received(uid: str = "1.2.3.4", tmp_path: Path = Path("/nonexistent")) -> Rec
 
 
 @contextlib.contextmanager
-def cpu_quota_group(cpus: float, period_us: int = 100_000) -> Iterator[Path]:
-    """A real control group (v1 or v2) allowing ``cpus`` CPUs' worth of time a period, as
-    ``docker run --cpus`` makes; skips the test where none can be made (it needs root).
-    Start processes in it with :func:`in_group`; it is removed once they have exited."""
-    v1, v2 = Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup")
+def limited_group(*, cpus: float | None = None, memory: int | None = None) -> Iterator[list[Path]]:
+    """Real control groups allowing ``cpus`` CPUs' worth of time a 100 ms period and
+    ``memory`` bytes, as ``docker run --cpus --memory`` makes: one group on cgroup v2, one
+    per controller's hierarchy on v1. Skips the test where they cannot be made (it needs
+    root). Start processes in them with :func:`in_group`; they are removed afterwards."""
     name = f"boneage-test-{uuid.uuid4().hex[:8]}"
-    quota_us = round(cpus * period_us)
-    if (v1 / "cpu.cfs_quota_us").exists() and os.access(v1, os.W_OK):
-        group = v1 / name
-        group.mkdir()
-        (group / "cpu.cfs_period_us").write_text(str(period_us))
-        (group / "cpu.cfs_quota_us").write_text(str(quota_us))
-    elif "cpu" in _read_text(v2 / "cgroup.subtree_control").split() and os.access(v2, os.W_OK):
-        group = v2 / name
-        group.mkdir()
-        (group / "cpu.max").write_text(f"{quota_us} {period_us}")
+    files = {}
+    if cpus is not None:
+        files["cpu"] = {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": f"{cpus * 1e5:.0f}"}
+    if memory is not None:
+        files["memory"] = {"memory.limit_in_bytes": str(memory)}
+    v2 = Path("/sys/fs/cgroup")
+    if all(os.access(v2 / controller, os.W_OK) for controller in files):
+        groups = [v2 / controller / name for controller in files]  # v1: a hierarchy each
+        settings = [files[controller] for controller in files]
+    elif set(files) <= set(_read_text(v2 / "cgroup.subtree_control").split()) and os.access(
+        v2, os.W_OK
+    ):
+        groups = [v2 / name]
+        v2_files = {}
+        if cpus is not None:
+            v2_files["cpu.max"] = f"{cpus * 1e5:.0f} 100000"
+        if memory is not None:
+            v2_files["memory.max"] = str(memory)
+        settings = [v2_files]
     else:
         import pytest
 
-        pytest.skip("no control group with a CPU quota can be made here (needs root)")
+        pytest.skip("no control group with a CPU or memory limit can be made here (needs root)")
+    made: list[Path] = []
     try:
-        yield group
+        for group, values in zip(groups, settings, strict=True):
+            group.mkdir()
+            made.append(group)
+            for file, value in values.items():
+                (group / file).write_text(value)
+        yield groups
     finally:
-        with contextlib.suppress(OSError):  # left behind if a process in it still runs
-            group.rmdir()
+        for group in made:
+            with contextlib.suppress(OSError):  # left behind if a process in it still runs
+                group.rmdir()
 
 
-def in_group(group: Path, *command: str) -> list[str]:
-    """``command`` run in ``group``: a shell joins it, then becomes the command."""
-    return ["sh", "-c", f'echo $$ > "{group}/cgroup.procs" && exec "$@"', "sh", *command]
+def in_group(groups: list[Path], *command: str) -> list[str]:
+    """``command`` run in ``groups``: a shell joins them, then becomes the command."""
+    join = " && ".join(f'echo $$ > "{group}/cgroup.procs"' for group in groups)
+    return ["sh", "-c", f'{join} && exec "$@"', "sh", *command]
 
 
 def _read_text(path: Path) -> str:

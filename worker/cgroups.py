@@ -1,4 +1,4 @@
-"""The CPU time a container may use: its control group's quota.
+"""What a container may use: its control groups' CPU quota and memory limit.
 
 A container given a share of a host's CPUs (``docker run --cpus 4``, a Compose service's
 ``cpus:``, a Kubernetes container's ``limits.cpu``) still sees every core of the host in
@@ -9,24 +9,35 @@ its quota feeds: on a 64-core host with a 4-CPU limit, four processes of 16 torc
 each, which would use a period's quota in its first few milliseconds and then stand
 still, together, for the rest of it.
 
-:func:`cpu_quota` reads that quota from cgroup v2 (``cpu.max``) or v1
-(``cpu.cfs_quota_us`` over ``cpu.cfs_period_us``) for the group this process is in and
-each group above it, and returns the lowest; :func:`worker.settings.usable_cpus` takes
-it into account.
+A memory limit (``docker run --memory``, ``limits.memory``) is not seen anywhere else
+either: a worker that starts more inference processes than it holds has one of them
+killed by the kernel in the middle of a study.
+
+:func:`cpu_quota` and :func:`memory_limit` read them from cgroup v2 (``cpu.max``,
+``memory.max``) or v1 (``cpu.cfs_quota_us`` over ``cpu.cfs_period_us``,
+``memory.limit_in_bytes``) for the group this process is in and each group above it,
+and return the lowest; :mod:`worker.settings` sizes the worker to them.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TypeVar
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["cpu_quota"]
+_T = TypeVar("_T", int, float)
+
+__all__ = ["cpu_quota", "memory_limit"]
 
 _ESCAPE = re.compile(r"\\([0-7]{3})")  # mountinfo writes a space in a path as \040
+
+#: cgroup v1 writes "no limit" as the largest number of pages it counts, in bytes
+_V1_NO_MEMORY_LIMIT = 1 << 62
 
 
 @dataclass(frozen=True)
@@ -52,30 +63,46 @@ def cpu_quota(proc: Path = Path("/proc/self"), *, root: Path = Path("/")) -> flo
         What the mount points in ``mountinfo`` are relative to (tests give a directory
         laid out like the file system).
     """
+    return _lowest("cpu", _read_cpu_quota, proc, root)
+
+
+def memory_limit(proc: Path = Path("/proc/self"), *, root: Path = Path("/")) -> int | None:
+    """Bytes of memory this process's control groups allow it and their other processes
+    together: the lowest limit along its cgroup and those above it. ``None`` where no
+    group sets one, or where the groups cannot be read. Parameters as :func:`cpu_quota`.
+    """
+    return _lowest("memory", _read_memory_limit, proc, root)
+
+
+def _lowest(
+    controller: str, read: Callable[[Path, int], _T | None], proc: Path, root: Path
+) -> _T | None:
+    """The lowest value ``read`` finds in the process's groups of ``controller``."""
     try:
         memberships = (proc / "cgroup").read_text()
-        mounts = _cpu_mounts((proc / "mountinfo").read_text())
+        mounts = _mounts((proc / "mountinfo").read_text(), controller)
     except OSError:
         return None
-    quotas: list[float] = []
+    values: list[_T] = []
     for line in memberships.splitlines():
         hierarchy, _, rest = line.partition(":")
         controllers, _, path = rest.partition(":")
         if hierarchy == "0" and not controllers:
             version = 2
-        elif "cpu" in controllers.split(","):
+        elif controller in controllers.split(","):
             version = 1
         else:
             continue
         for mount in mounts:
             group = _group_directory(root, mount, path) if mount.version == version else None
             if group is not None:
-                quotas.extend(_quotas_up_to(group, root / mount.point.lstrip("/"), version))
-    return min(quotas, default=None)
+                point = root / mount.point.lstrip("/")
+                values.extend(_values_up_to(group, point, read, version))
+    return min(values, default=None)
 
 
-def _cpu_mounts(mountinfo: str) -> list[_Mount]:
-    """Mounts of the cgroup v2 hierarchy and of the v1 hierarchy with the cpu controller."""
+def _mounts(mountinfo: str, controller: str) -> list[_Mount]:
+    """Mounts of the cgroup v2 hierarchy and of the v1 hierarchy with ``controller``."""
     mounts = []
     for line in mountinfo.splitlines():
         fields, sep, tail = line.partition(" - ")
@@ -86,7 +113,7 @@ def _cpu_mounts(mountinfo: str) -> list[_Mount]:
         fs_type, super_options = described[0], described[2].split(",")
         if fs_type == "cgroup2":
             version = 2
-        elif fs_type == "cgroup" and "cpu" in super_options:
+        elif fs_type == "cgroup" and controller in super_options:
             version = 1
         else:
             continue
@@ -114,20 +141,22 @@ def _group_directory(root: Path, mount: _Mount, path: str) -> Path | None:
     return root / mount.point.lstrip("/") / str(group).lstrip("/")
 
 
-def _quotas_up_to(group: Path, mount_point: Path, version: int) -> list[float]:
-    """The quotas set on ``group`` and each group above it, up to the mount point."""
-    quotas = []
+def _values_up_to(
+    group: Path, mount_point: Path, read: Callable[[Path, int], _T | None], version: int
+) -> list[_T]:
+    """What ``read`` finds in ``group`` and each group above it, up to the mount point."""
+    values = []
     directory = group
     while True:
-        quota = _read_quota(directory, version)
-        if quota is not None:
-            quotas.append(quota)
+        value = read(directory, version)
+        if value is not None:
+            values.append(value)
         if directory == mount_point or mount_point not in directory.parents:
-            return quotas
+            return values
         directory = directory.parent
 
 
-def _read_quota(directory: Path, version: int) -> float | None:
+def _read_cpu_quota(directory: Path, version: int) -> float | None:
     try:
         if version == 2:
             quota, _, period = (directory / "cpu.max").read_text().strip().partition(" ")
@@ -142,4 +171,19 @@ def _read_quota(directory: Path, version: int) -> float | None:
         return int(quota) / int(period)
     except ValueError:
         logger.warning("unreadable CPU quota in %s: %r %r", directory, quota, period)
+        return None
+
+
+def _read_memory_limit(directory: Path, version: int) -> int | None:
+    name = "memory.max" if version == 2 else "memory.limit_in_bytes"
+    try:
+        text = (directory / name).read_text().strip()
+    except OSError:  # not there: the root group, or the controller is off here
+        return None
+    try:
+        if text == "max" or int(text) >= _V1_NO_MEMORY_LIMIT:
+            return None
+        return int(text)
+    except ValueError:
+        logger.warning("unreadable memory limit in %s: %r", directory / name, text)
         return None

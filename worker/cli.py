@@ -254,9 +254,11 @@ def work(
         pool = "threads" if batch > 1 else "prefork" if concurrency > 1 else "solo"
     if member is None and batch > 1 and pool == "threads":
         processes = settings.effective_inference_processes
-        if processes > 1:
-            _supervise_batching(settings, names, concurrency, processes)
-            return
+    if member is None and "inference" in names:
+        _check_memory_limit(settings, processes if pool == "threads" else concurrency)
+    if member is None and batch > 1 and pool == "threads" and processes > 1:
+        _supervise_batching(settings, names, concurrency, processes)
+        return
     if member is not None and settings.worker_metrics_port:
         # the supervisor serves the members' summed metrics (from their files)
         settings = settings.model_copy(update={"worker_metrics_port": None})
@@ -314,6 +316,36 @@ def work(
 
 #: prctl(2) option: the signal this process gets when its parent dies.
 PR_SET_PDEATHSIG = 1
+
+
+def _check_memory_limit(settings: Settings, processes: int) -> None:
+    """Say what a container's memory limit makes of the inference processes: how many it
+    holds, and a warning where it holds fewer than will run (set by hand, or one that
+    needs more than the limit): the kernel would stop one in the middle of a study."""
+    from worker.cgroups import memory_limit
+
+    limit = memory_limit()
+    if limit is None:
+        return
+    holds = settings.memory_holds(limit)
+    each = settings.inference_process_memory
+    if processes > holds:
+        logger.warning(
+            "the memory limit (%.1f GiB) holds %d inference process(es) of about %.1f GiB "
+            "at their peak, and %d will run: one may be stopped in the middle of a study "
+            "(give the container more memory, or set BONEAGE_INFERENCE_PROCESSES lower)",
+            limit / 2**30,
+            max(holds, 0),
+            each / 2**30,
+            processes,
+        )
+    else:
+        logger.info(
+            "memory limit %.1f GiB: %d inference process(es) of about %.1f GiB at their peak",
+            limit / 2**30,
+            processes,
+            each / 2**30,
+        )
 
 
 def _stop_with(supervisor: int) -> None:

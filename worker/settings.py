@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
-from worker.cgroups import cpu_quota
+from worker.cgroups import cpu_quota, memory_limit
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,16 @@ GPU_INFERENCE_BATCH = 16
 #: second, each process keeping 1.5 to 2.3 cores busy; each holds its own CUDA context).
 GPU_INFERENCE_PROCESSES = 4
 CORES_PER_GPU_PROCESS = 4
+
+#: Memory an inference worker needs at its peak, in a container's memory limit (the
+#: control group's charge, measured in one: docs/performance.md, "A container's memory
+#: limit"), with a margin: each CPU inference process (0.69 GiB more for each, whether
+#: its studies were 5 or 15 megapixels), each batching process on a GPU (1.9 GB on a CPU,
+#: its CUDA context's host memory not measured), and the worker's own share besides
+#: (0.38 GiB: a prefork parent's torch and model, its children share them).
+CPU_INFERENCE_PROCESS_MEMORY = 850 * 2**20
+GPU_INFERENCE_PROCESS_MEMORY = 5 * 2**29
+INFERENCE_WORKER_MEMORY = 512 * 2**20
 
 #: BONEAGE_PRECISION's values (models.predictor.PRECISIONS, which a test keeps equal).
 Precision = Literal["auto", "float32", "bfloat16", "float16"]
@@ -326,15 +336,31 @@ class Settings(BaseSettings):
         - on a GPU, batching processes that share the device, one per
           :data:`CORES_PER_GPU_PROCESS` cores up to :data:`GPU_INFERENCE_PROCESSES`: the
           device outruns what one process's task threads can feed it;
-        - on a CPU told to batch (``BONEAGE_INFERENCE_BATCH`` above 1), one.
+        - on a CPU told to batch (``BONEAGE_INFERENCE_BATCH`` above 1), one;
+
+        and no more than a container's memory limit holds (:meth:`memory_holds`), at
+        least one.
         """
         if self.inference_processes:
             return self.inference_processes
         if not self.runs_on_cpu:
-            return max(1, min(usable_cpus() // CORES_PER_GPU_PROCESS, GPU_INFERENCE_PROCESSES))
-        if self.effective_inference_batch > 1:
+            wanted = max(1, min(usable_cpus() // CORES_PER_GPU_PROCESS, GPU_INFERENCE_PROCESSES))
+        elif self.effective_inference_batch > 1:
             return 1
-        return max(1, min(usable_cpus(), 4))
+        else:
+            wanted = max(1, min(usable_cpus(), 4))
+        limit = memory_limit()
+        return wanted if limit is None else max(1, min(wanted, self.memory_holds(limit)))
+
+    @property
+    def inference_process_memory(self) -> int:
+        """Bytes one inference process holds at its peak, with a margin (see
+        :data:`CPU_INFERENCE_PROCESS_MEMORY` and :data:`GPU_INFERENCE_PROCESS_MEMORY`)."""
+        return CPU_INFERENCE_PROCESS_MEMORY if self.runs_on_cpu else GPU_INFERENCE_PROCESS_MEMORY
+
+    def memory_holds(self, limit: int) -> int:
+        """Inference processes that ``limit`` bytes hold, beside the worker's own share."""
+        return (limit - INFERENCE_WORKER_MEMORY) // self.inference_process_memory
 
     @property
     def effective_inference_batch(self) -> int:

@@ -149,8 +149,11 @@ def render(report: dict[str, Any], console: Console) -> None:
                         # float32 goes without saying; an autocast precision does not
                         p.get("precision") if p.get("precision") != "float32" else None,
                         f"batches of up to {batch}" if batch > 1 else None,
-                        # a container's CPU limit, which its processes are sized to
+                        # a container's limits, which its processes are sized to
                         f"CPU limit {p['cpu_quota']:g}" if p.get("cpu_quota") else None,
+                        f"memory limit {p['memory_limit'] / 2**30:.1f} GiB"
+                        if p.get("memory_limit")
+                        else None,
                     ],
                 )
             )

@@ -26,7 +26,7 @@ from db.engine import dispose_after_fork
 from dicom_io.pixels import set_jpeg2000_threads
 from worker import metrics
 from worker.celery_app import ASSESS_TASK, DELIVER_TASK, RECONCILE_TASK, app
-from worker.cgroups import cpu_quota
+from worker.cgroups import cpu_quota, memory_limit
 from worker.cores import CoreShare, batching_process_cores, cores_per_task, jpeg2000_threads
 from worker.delivery import send_deliveries
 from worker.heap import freeze_start_up_objects, keep_large_blocks, limit_arenas
@@ -149,8 +149,8 @@ def _init_process(**_: Any) -> None:
     detail: dict[str, Any] = {"queues": list(_state["queues"])}
     if "inference" in _state["queues"]:
         # the cores its processes and threads are sized to, and a container's CPU
-        # quota if one lowers them (worker.cgroups)
-        detail.update(usable_cpus=usable_cpus(), cpu_quota=cpu_quota())
+        # quota and memory limit, which may lower them (worker.cgroups)
+        detail.update(usable_cpus=usable_cpus(), cpu_quota=cpu_quota(), memory_limit=memory_limit())
         # Imported here: a delivery worker never needs torch (about 600 MB of memory).
         import torch
 

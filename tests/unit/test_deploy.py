@@ -480,13 +480,16 @@ def test_kubernetes_gpu_worker_one_process_per_gpu(
     memory = container["resources"]["requests"]["memory"]
     assert memory.endswith("Gi")
     assert int(memory.removesuffix("Gi")) * 2**30 >= GPU_INFERENCE_PROCESSES * 1.9e9
+    # its limit is the worker's memory limit (worker.cgroups): it must hold them too
+    memory_limit = int(container["resources"]["limits"]["memory"].removesuffix("Gi")) * 2**30
+    assert Settings(device="cuda").memory_holds(memory_limit) >= GPU_INFERENCE_PROCESSES
     # The scheduler places it by the cores its processes keep busy: four kept 7.71 busy on
     # an H200's host (docs/performance.md, "GPU"). It asked for 1. Its CPU limit is the
     # cgroup quota the worker sizes its processes to (worker.cgroups): the default ones.
     resources = container["resources"]
     assert _cores(resources["requests"]["cpu"]) >= GPU_INFERENCE_PROCESSES * 1.9
-    limit = _cores(resources["limits"]["cpu"])
-    assert limit // CORES_PER_GPU_PROCESS == GPU_INFERENCE_PROCESSES
+    cpu_limit = _cores(resources["limits"]["cpu"])
+    assert cpu_limit // CORES_PER_GPU_PROCESS == GPU_INFERENCE_PROCESSES
 
 
 def _cores(quantity: str | int) -> float:

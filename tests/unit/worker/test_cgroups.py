@@ -1,5 +1,5 @@
-"""worker.cgroups: a container's CPU quota, read as the kernel lays it out, and the cores
-the worker sizes its processes and threads to."""
+"""worker.cgroups: a container's CPU quota and memory limit, read as the kernel lays them
+out, and the processes and threads the worker sizes to them."""
 
 from __future__ import annotations
 
@@ -11,10 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import cpu_quota_group, in_group
+from tests.support import in_group, limited_group
 from worker import settings as settings_module
-from worker.cgroups import cpu_quota
-from worker.settings import Settings, usable_cpus
+from worker.cgroups import cpu_quota, memory_limit
+from worker.settings import (
+    CPU_INFERENCE_PROCESS_MEMORY,
+    GPU_INFERENCE_PROCESSES,
+    INFERENCE_WORKER_MEMORY,
+    Settings,
+    usable_cpus,
+)
 
 # mountinfo lines as Linux writes them; {root} and {point} are filled in per case
 _V2 = "30 23 0:26 {root} {point} rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 rw"
@@ -22,7 +28,7 @@ _V1_CPU = (
     "35 26 0:31 {root} {point} rw,nosuid,nodev,noexec,relatime shared:11 - cgroup cgroup "
     "rw,cpu,cpuacct"
 )
-_V1_MEMORY = "36 26 0:32 / /sys/fs/cgroup/memory rw,relatime shared:12 - cgroup cgroup rw,memory"
+_V1_MEMORY = "36 26 0:32 {root} {point} rw,relatime shared:12 - cgroup cgroup rw,memory"
 _ROOT_FS = "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw"
 
 
@@ -89,7 +95,10 @@ def test_a_cgroup_v1_container_without_a_namespace(tmp_path: Path) -> None:
     proc, root = _lay_out(
         tmp_path,
         ["12:memory:/docker/abc", "4:cpu,cpuacct:/docker/abc", "0::/docker/abc"],
-        [_V1_MEMORY, _V1_CPU.format(root="/docker/abc", point=point)],
+        [
+            _V1_MEMORY.format(root="/docker/abc", point="/sys/fs/cgroup/memory"),
+            _V1_CPU.format(root="/docker/abc", point=point),
+        ],
         {f"{point}/cpu.cfs_quota_us": "150000\n", f"{point}/cpu.cfs_period_us": "100000\n"},
     )
     assert cpu_quota(proc, root=root) == 1.5
@@ -169,13 +178,65 @@ def test_usable_cpus_are_the_affinity_within_the_quota(monkeypatch: pytest.Monke
     assert usable_cpus() == 64  # a quota above the cores runs on the cores
 
 
+def test_memory_limits_v2_and_v1(tmp_path: Path) -> None:
+    pod = "/sys/fs/cgroup/kubepods.slice/kubepods-pod1.slice"
+    proc, root = _lay_out(
+        tmp_path / "v2",
+        ["0::/kubepods.slice/kubepods-pod1.slice/cri-containerd-1.scope"],
+        [_V2.format(root="/", point="/sys/fs/cgroup")],
+        {
+            f"{pod}/memory.max": "17179869184\n",  # the pod's: 16 GiB
+            f"{pod}/cri-containerd-1.scope/memory.max": "max\n",
+        },
+    )
+    assert memory_limit(proc, root=root) == 16 * 2**30
+    (root / pod.lstrip("/") / "cri-containerd-1.scope" / "memory.max").write_text("2147483648\n")
+    assert memory_limit(proc, root=root) == 2 * 2**30  # the lowest along the way
+    # Docker on cgroup v1: the container's own group mounted; v1 writes "none" as a
+    # page-aligned 2**63 - 1
+    point = "/sys/fs/cgroup/memory"
+    proc, root = _lay_out(
+        tmp_path / "v1",
+        ["12:memory:/docker/abc", "4:cpu,cpuacct:/docker/abc"],
+        [_V1_MEMORY.format(root="/docker/abc", point=point)],
+        {f"{point}/memory.limit_in_bytes": "9223372036854771712\n"},
+    )
+    assert memory_limit(proc, root=root) is None
+    (root / point.lstrip("/") / "memory.limit_in_bytes").write_text("1610612736\n")
+    assert memory_limit(proc, root=root) == 3 * 2**29
+    assert cpu_quota(proc, root=root) is None  # no cpu hierarchy mounted here
+
+
+def test_inference_processes_within_the_memory_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(settings_module, "usable_cpus", lambda: 16)
+    monkeypatch.setattr(settings_module, "memory_limit", lambda: None)
+    cpu, gpu = Settings(device="cpu"), Settings(device="cuda")
+    assert (cpu.effective_inference_processes, gpu.effective_inference_processes) == (4, 4)
+    # the worker's own share, then one process's peak per process
+    monkeypatch.setattr(settings_module, "memory_limit", lambda: 2 * 2**30)
+    assert cpu.effective_inference_processes == 1
+    assert gpu.effective_inference_processes == 1
+    three = INFERENCE_WORKER_MEMORY + 3 * CPU_INFERENCE_PROCESS_MEMORY
+    monkeypatch.setattr(settings_module, "memory_limit", lambda: three)
+    assert cpu.effective_inference_processes == 3
+    monkeypatch.setattr(settings_module, "memory_limit", lambda: three - 1)
+    assert cpu.effective_inference_processes == 2
+    # the Kubernetes GPU pod's limit holds the default batching processes
+    monkeypatch.setattr(settings_module, "memory_limit", lambda: 16 * 2**30)
+    assert gpu.effective_inference_processes == GPU_INFERENCE_PROCESSES
+    # one at least, however little (the worker warns at start); a count set is kept
+    monkeypatch.setattr(settings_module, "memory_limit", lambda: 256 * 2**20)
+    assert cpu.effective_inference_processes == 1
+    assert Settings(device="cpu", inference_processes=3).effective_inference_processes == 3
+
+
 # -- a real control group ----------------------------------------------------------------
 
 # Prints what the worker makes of the group this interpreter runs in, and how many threads
 # torch starts with once the command line has set itself up (worker.cli).
 _IN_GROUP = """
 import json
-from worker.cgroups import cpu_quota
+from worker.cgroups import cpu_quota, memory_limit
 from worker.settings import usable_cpus
 from worker import cli
 cli._threads_within_cpu_quota()
@@ -186,9 +247,9 @@ print(json.dumps({"quota": cpu_quota(), "cpus": usable_cpus(), "torch": torch.ge
 
 def test_a_process_in_a_real_group_sizes_its_threads_to_the_quota() -> None:
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    with cpu_quota_group(0.5) as group:
+    with limited_group(cpus=0.5) as groups:
         done = subprocess.run(
-            in_group(group, sys.executable, "-c", _IN_GROUP),
+            in_group(groups, sys.executable, "-c", _IN_GROUP),
             capture_output=True,
             text=True,
             check=True,

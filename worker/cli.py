@@ -19,6 +19,7 @@ import click
 from pydantic import ValidationError
 from rich.console import Console
 
+from worker.cgroups import memory_limit
 from worker.settings import Precision, Settings, load_settings, usable_cpus
 
 logger = logging.getLogger("boneage")
@@ -322,8 +323,6 @@ def _check_memory_limit(settings: Settings, processes: int) -> None:
     """Say what a container's memory limit makes of the inference processes: how many it
     holds, and a warning where it holds fewer than will run (set by hand, or one that
     needs more than the limit): the kernel would stop one in the middle of a study."""
-    from worker.cgroups import memory_limit
-
     limit = memory_limit()
     if limit is None:
         return

@@ -45,7 +45,7 @@ CORES_PER_GPU_PROCESS = 4
 #: its CUDA context's host memory not measured), and the worker's own share besides
 #: (0.38 GiB: a prefork parent's torch and model, its children share them).
 CPU_INFERENCE_PROCESS_MEMORY = 850 * 2**20
-GPU_INFERENCE_PROCESS_MEMORY = 5 * 2**29
+GPU_INFERENCE_PROCESS_MEMORY = 2560 * 2**20
 INFERENCE_WORKER_MEMORY = 512 * 2**20
 
 #: BONEAGE_PRECISION's values (models.predictor.PRECISIONS, which a test keeps equal).

@@ -1,5 +1,5 @@
 """Helpers for tests: free ports, waiting on conditions with a deadline, process logs,
-control groups with a CPU quota."""
+control groups with a CPU or memory limit."""
 
 from __future__ import annotations
 
@@ -133,37 +133,36 @@ def limited_group(*, cpus: float | None = None, memory: int | None = None) -> It
     per controller's hierarchy on v1. Skips the test where they cannot be made (it needs
     root). Start processes in them with :func:`in_group`; they are removed afterwards."""
     name = f"boneage-test-{uuid.uuid4().hex[:8]}"
-    files = {}
+    # each controller's limit: its files on cgroup v1, then on v2
+    limits: dict[str, tuple[dict[str, str], dict[str, str]]] = {}
     if cpus is not None:
-        files["cpu"] = {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": f"{cpus * 1e5:.0f}"}
+        quota = f"{cpus * 100_000:.0f}"
+        limits["cpu"] = (
+            {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": quota},
+            {"cpu.max": f"{quota} 100000"},
+        )
     if memory is not None:
-        files["memory"] = {"memory.limit_in_bytes": str(memory)}
-    v2 = Path("/sys/fs/cgroup")
-    if all(os.access(v2 / controller, os.W_OK) for controller in files):
-        groups = [v2 / controller / name for controller in files]  # v1: a hierarchy each
-        settings = [files[controller] for controller in files]
-    elif set(files) <= set(_read_text(v2 / "cgroup.subtree_control").split()) and os.access(
-        v2, os.W_OK
+        limits["memory"] = ({"memory.limit_in_bytes": str(memory)}, {"memory.max": str(memory)})
+    root = Path("/sys/fs/cgroup")
+    if all(os.access(root / controller, os.W_OK) for controller in limits):
+        # v1: a hierarchy, and so a group, for each controller
+        plan = [(root / controller / name, v1) for controller, (v1, _) in limits.items()]
+    elif set(limits) <= set(_read_text(root / "cgroup.subtree_control").split()) and os.access(
+        root, os.W_OK
     ):
-        groups = [v2 / name]
-        v2_files = {}
-        if cpus is not None:
-            v2_files["cpu.max"] = f"{cpus * 1e5:.0f} 100000"
-        if memory is not None:
-            v2_files["memory.max"] = str(memory)
-        settings = [v2_files]
+        plan = [(root / name, {f: v for _, v2 in limits.values() for f, v in v2.items()})]
     else:
         import pytest
 
         pytest.skip("no control group with a CPU or memory limit can be made here (needs root)")
     made: list[Path] = []
     try:
-        for group, values in zip(groups, settings, strict=True):
+        for group, files in plan:
             group.mkdir()
             made.append(group)
-            for file, value in values.items():
+            for file, value in files.items():
                 (group / file).write_text(value)
-        yield groups
+        yield made
     finally:
         for group in made:
             with contextlib.suppress(OSError):  # left behind if a process in it still runs

@@ -139,7 +139,7 @@ def test_a_cpu_worker_runs_the_processes_its_memory_limit_holds(
                     )
                 return count == len(hands)
 
-            wait_for(assessed, timeout=240, what="the hands assessed", process=None)
+            wait_for(assessed, timeout=240, what="the hands assessed", process=worker)
             (process,) = wait_for(
                 lambda: _inference_processes(env), timeout=60, what="the worker's heartbeat"
             )

@@ -236,7 +236,7 @@ def test_inference_processes_within_the_memory_limit(monkeypatch: pytest.MonkeyP
 # torch starts with once the command line has set itself up (worker.cli).
 _IN_GROUP = """
 import json
-from worker.cgroups import cpu_quota, memory_limit
+from worker.cgroups import cpu_quota
 from worker.settings import usable_cpus
 from worker import cli
 cli._threads_within_cpu_quota()

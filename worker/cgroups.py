@@ -13,10 +13,11 @@ A memory limit (``docker run --memory``, ``limits.memory``) is not seen anywhere
 either: a worker that starts more inference processes than it holds has one of them
 killed by the kernel in the middle of a study.
 
-:func:`cpu_quota` and :func:`memory_limit` read them from cgroup v2 (``cpu.max``,
-``memory.max``) or v1 (``cpu.cfs_quota_us`` over ``cpu.cfs_period_us``,
-``memory.limit_in_bytes``) for the group this process is in and each group above it,
-and return the lowest; :mod:`worker.settings` sizes the worker to them.
+:func:`cpu_quota` and :func:`memory_limit` read them from cgroup v2 (``cpu.max``;
+``memory.max`` and ``memory.high``) or v1 (``cpu.cfs_quota_us`` over
+``cpu.cfs_period_us``; ``memory.limit_in_bytes``) for the group this process is in and
+each group above it, and return the lowest; :mod:`worker.settings` sizes the worker to
+them.
 """
 
 from __future__ import annotations
@@ -68,8 +69,9 @@ def cpu_quota(proc: Path = Path("/proc/self"), *, root: Path = Path("/")) -> flo
 
 def memory_limit(proc: Path = Path("/proc/self"), *, root: Path = Path("/")) -> int | None:
     """Bytes of memory this process's control groups allow it and their other processes
-    together: the lowest limit along its cgroup and those above it. ``None`` where no
-    group sets one, or where the groups cannot be read. Parameters as :func:`cpu_quota`.
+    together: the lowest limit along its cgroup and those above it (on cgroup v2 the lower
+    of ``memory.max`` and ``memory.high``). ``None`` where no group sets one, or where the
+    groups cannot be read. Parameters as :func:`cpu_quota`.
     """
     return _lowest("memory", _read_memory_limit, proc, root)
 
@@ -175,15 +177,19 @@ def _read_cpu_quota(directory: Path, version: int) -> float | None:
 
 
 def _read_memory_limit(directory: Path, version: int) -> int | None:
-    name = "memory.max" if version == 2 else "memory.limit_in_bytes"
-    try:
-        text = (directory / name).read_text().strip()
-    except OSError:  # not there: the root group, or the controller is off here
-        return None
-    try:
-        if text == "max" or int(text) >= _V1_NO_MEMORY_LIMIT:
-            return None
-        return int(text)
-    except ValueError:
-        logger.warning("unreadable memory limit in %s: %r", directory / name, text)
-        return None
+    # cgroup v2 has two: memory.max, over which the kernel kills, and memory.high (systemd's
+    # MemoryHigh=, Kubernetes' memory QoS), over which it throttles the group's allocations
+    # and reclaims from it without end: a worker sized past either is stopped or crawls.
+    names = ("memory.max", "memory.high") if version == 2 else ("memory.limit_in_bytes",)
+    limits = []
+    for name in names:
+        try:
+            text = (directory / name).read_text().strip()
+        except OSError:  # not there: the root group, or the controller is off here
+            continue
+        try:
+            if text != "max" and int(text) < _V1_NO_MEMORY_LIMIT:
+                limits.append(int(text))
+        except ValueError:
+            logger.warning("unreadable memory limit in %s: %r", directory / name, text)
+    return min(limits, default=None)

@@ -192,6 +192,12 @@ def test_memory_limits_v2_and_v1(tmp_path: Path) -> None:
     assert memory_limit(proc, root=root) == 16 * 2**30
     (root / pod.lstrip("/") / "cri-containerd-1.scope" / "memory.max").write_text("2147483648\n")
     assert memory_limit(proc, root=root) == 2 * 2**30  # the lowest along the way
+    # memory.high (systemd's MemoryHigh=, Kubernetes' memory QoS): over it the kernel
+    # throttles and reclaims without end, so it bounds the worker as memory.max does
+    (root / pod.lstrip("/") / "memory.high").write_text("1073741824\n")
+    assert memory_limit(proc, root=root) == 2**30
+    (root / pod.lstrip("/") / "memory.high").write_text("max\n")
+    assert memory_limit(proc, root=root) == 2 * 2**30
     # Docker on cgroup v1: the container's own group mounted; v1 writes "none" as a
     # page-aligned 2**63 - 1
     point = "/sys/fs/cgroup/memory"

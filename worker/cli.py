@@ -20,7 +20,13 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from worker.cgroups import memory_limit
-from worker.settings import Precision, Settings, load_settings, usable_cpus
+from worker.settings import (
+    Precision,
+    Settings,
+    load_settings,
+    threads_within_cpu_quota,
+    usable_cpus,
+)
 
 logger = logging.getLogger("boneage")
 console = Console()
@@ -67,7 +73,7 @@ def main(
     log_level: str | None,
 ) -> None:
     """Bone age from pediatric hand radiographs, as a DICOM node."""
-    _threads_within_cpu_quota()
+    threads_within_cpu_quota()
     ctx.ensure_object(dict)
     ctx.obj["config"] = config
     ctx.obj["overrides"] = {
@@ -76,25 +82,6 @@ def main(
         "broker_url": broker_url,
         "log_level": log_level.upper() if log_level else None,
     }
-
-
-def _threads_within_cpu_quota() -> None:
-    """Size OpenMP's thread teams (torch's, OpenBLAS's) to the CPU quota, if one is lower.
-
-    They are sized by the cores the process may run on, which in a container limited to
-    fewer CPUs than its host has are more threads than its quota keeps running
-    (worker.cgroups). Set before anything imports torch, so that every command and the
-    processes it starts begin with as many threads as the quota feeds; the worker's
-    processes then set their own shares. An ``OMP_NUM_THREADS`` already set is kept.
-    """
-    if "OMP_NUM_THREADS" in os.environ:
-        return
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux: no cgroups either
-        return
-    if (cpus := usable_cpus()) < cores:
-        os.environ["OMP_NUM_THREADS"] = str(cpus)
 
 
 # -- database ---------------------------------------------------------------

@@ -413,6 +413,26 @@ def usable_cpus() -> int:
     return cpus
 
 
+def threads_within_cpu_quota() -> None:
+    """Size OpenMP's thread teams (torch's, OpenBLAS's) to the CPU quota, if one is lower.
+
+    They are sized by the cores the process may run on, which in a container limited to
+    fewer CPUs than its host has are more threads than its quota keeps running
+    (worker.cgroups). The command line and the benchmarks call it before anything imports
+    torch, so that every command and the processes it starts begin with as many threads
+    as the quota feeds; the worker's processes then set their own shares. An
+    ``OMP_NUM_THREADS`` already set is kept.
+    """
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux: no cgroups either
+        return
+    if (cpus := usable_cpus()) < cores:
+        os.environ["OMP_NUM_THREADS"] = str(cpus)
+
+
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Build the settings once for this process.
 

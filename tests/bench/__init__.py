@@ -10,7 +10,12 @@ from dicom_io.content import BoneAgeFinding
 from dicom_io.pixels import set_jpeg2000_threads
 from worker.cores import cores_per_task
 from worker.heap import keep_large_blocks
-from worker.settings import usable_cpus
+from worker.settings import threads_within_cpu_quota, usable_cpus
+
+# Before any benchmark imports torch: within a container's CPU quota the reference
+# forward pass runs on as many threads as the quota feeds, as the worker's do. On more
+# threads it would be slower, and flatter every ratio against it.
+threads_within_cpu_quota()
 
 if TYPE_CHECKING:
     from models.predictor import Prediction

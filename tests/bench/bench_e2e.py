@@ -30,10 +30,11 @@ Figures: wall time from the first C-STORE sent to the last SR delivered; through
 studies / wall; latency = SR delivered_at - instance received_at (p50, p95, max); the
 median time the worker spent in the model (``Result.inference_seconds``: forward plus
 Grad-CAM). The reference is the bare forward pass of the same model (batch 1, inference
-mode, this process's default torch thread count: all cores), timed ``--repeats`` times
-in this process just before each stack starts and as many times again just after it
-stopped, while nothing else runs, with the heap setting inference workers use: the
-median of both, so that the VM's drift during the burst weighs on the reference too.
+mode, this process's default torch thread count: all cores, or as many as a container's
+CPU quota feeds), timed ``--repeats`` times in this process just before each stack
+starts and as many times again just after it stopped, while nothing else runs, with the
+heap setting inference workers use: the median of both, so that the VM's drift during
+the burst weighs on the reference too.
 With BONEAGE_PRECISION=bfloat16 passed through, the bare model is timed in float32 and
 under bfloat16 autocast, and the faster of the two is the reference ("fwd in").
 Also printed: the CPU seconds per study of each process tree (``serve``'s listener,

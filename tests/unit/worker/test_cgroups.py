@@ -239,7 +239,8 @@ def test_inference_processes_within_the_memory_limit(monkeypatch: pytest.MonkeyP
 # -- a real control group ----------------------------------------------------------------
 
 # Prints what the worker makes of the group this interpreter runs in, and how many threads
-# torch starts with once the command line has set itself up (worker.cli).
+# torch starts with once the command line (worker.cli) or the benchmarks (tests.bench)
+# have set themselves up.
 _IN_GROUP = """
 import contextlib, io, json
 from worker.cgroups import cpu_quota

@@ -16,7 +16,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.uid import (
     HTJ2K,
@@ -42,6 +44,7 @@ __all__ = [
     "decode_reduction",
     "drop_pixel_data",
     "jpeg2000_reduction",
+    "read_image",
 ]
 
 # Robust min/max when the file carries no VOI: percentiles of the unpadded pixels.
@@ -50,6 +53,22 @@ _ROBUST_HIGH_PERCENTILE = 99.5
 # Percentiles are taken on at most about this many pixels (strided sample).
 _PERCENTILE_SAMPLE = 1 << 20
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_PIXEL_DATA_TAG = 0x7FE00010
+#: Values longer than this stay in the file when :func:`read_image` reads an instance
+#: (in practice only the pixel data), until they are used.
+DEFERRED_BYTES = 1 << 20
+# What a frame's stored values are decoded by (Image Pixel module, PS3.3 C.7.6.3).
+_FRAME_DESCRIPTION = (
+    "Rows",
+    "Columns",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "PlanarConfiguration",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+)
 # JPEG 2000 codestream markers (ITU-T T.800 A.5.1, A.6.1): image size, coding style.
 _J2K_SIZ = b"\xff\x51"
 _J2K_COD = b"\xff\x52"
@@ -140,6 +159,119 @@ def _attr(ds: Dataset, keyword: str) -> Any:
         if item.get(keyword) is not None:
             return item.get(keyword)
     return None
+
+
+def read_image(path: str | os.PathLike[str]) -> Dataset:
+    """Read an image instance from ``path``, its pixel data left in the file until used.
+
+    :func:`decode_frame` then reads from the file only the frame it decodes, so the
+    memory an instance of many frames takes to decode is that of one frame, however
+    many it has (an uncompressed 40-frame 2500 x 2000 instance is 400 MB). A single
+    frame is read whole when first used, as :func:`pydicom.dcmread` reads it. The file
+    must stay where it is until the pixels are decoded or dropped
+    (:func:`drop_pixel_data`); an error reading it then is raised as the
+    :class:`OSError` it is, not as undecodable pixel data.
+
+    Raises
+    ------
+    OSError
+        When the file cannot be read.
+    Exception
+        Whatever :func:`pydicom.dcmread` raises for a file that is not DICOM.
+    """
+    return dcmread(path, defer_size=DEFERRED_BYTES)
+
+
+def _deferred_pixel_data(ds: Dataset) -> RawDataElement | None:
+    """``ds``'s Pixel Data element where its value is still in the file, else None."""
+    try:
+        element = ds.get_item(_PIXEL_DATA_TAG, keep_deferred=True)
+    except KeyError:
+        return None
+    if isinstance(element, RawDataElement) and element.value is None and element.length:
+        return element
+    return None
+
+
+def _read_deferred_pixels(ds: Dataset) -> None:
+    """Read from the file any pixel data value :func:`read_image` left there.
+
+    Done before decoding, so that a file that cannot be read raises its
+    :class:`OSError` here, instead of being taken for undecodable pixel data.
+    """
+    for keyword in _PIXEL_KEYWORDS:
+        if keyword in ds:
+            ds[keyword]  # reading the element reads a deferred value in
+
+
+def _frame_alone(ds: Dataset, index: int) -> Dataset | None:
+    """Frame ``index`` of ``ds``'s deferred pixel data as a single-frame dataset.
+
+    Only the frame's bytes are read from the file: at their offset for uncompressed
+    data, through the offset tables or the fragments for encapsulated data. The
+    dataset has the attributes that describe the frame's stored values and the transfer
+    syntax, nothing else. None where the frame cannot be read alone (its value is in
+    memory, the data is shorter than the header says, frames that do not start on a
+    byte, a malformed encapsulation): the caller then decodes as for any other
+    dataset, and reports what is wrong.
+
+    Raises
+    ------
+    OSError
+        When the file cannot be read.
+    """
+    element = _deferred_pixel_data(ds)
+    path = getattr(ds, "filename", None)
+    syntax = _transfer_syntax(ds)
+    if element is None or not isinstance(path, str) or syntax is None or syntax.is_deflated:
+        return None  # (a deflated file's offsets are those of its inflated bytes)
+    frames = int(_float_or_none(ds.get("NumberOfFrames")) or 1)
+    if not 0 <= index < frames:
+        return None
+    alone = Dataset()
+    alone.file_meta = FileMetaDataset()
+    alone.file_meta.TransferSyntaxUID = syntax
+    for keyword in _FRAME_DESCRIPTION:
+        if keyword in ds:
+            alone[keyword] = ds[keyword]
+    with open(path, "rb") as fh:
+        if syntax.is_encapsulated:
+            from pydicom.encaps import encapsulate, get_frame
+
+            fh.seek(element.value_tell)
+            eot = (ds.get("ExtendedOffsetTable"), ds.get("ExtendedOffsetTableLengths"))
+            try:
+                frame = get_frame(
+                    fh,
+                    index,
+                    number_of_frames=frames,
+                    extended_offsets=eot if None not in eot else None,
+                )
+            except OSError:
+                raise
+            except Exception:  # malformed: the ordinary path says why
+                return None
+            alone.add_new(_PIXEL_DATA_TAG, "OB", encapsulate([bytes(frame)]))
+            return alone
+        rows, columns = _stored_shape(ds)
+        samples = int(ds.get("SamplesPerPixel") or 1)
+        allocated = int(ds.get("BitsAllocated") or 0)
+        photometric = str(ds.get("PhotometricInterpretation") or "").upper()
+        if (
+            allocated not in (8, 16, 32)  # (1: frames need not start on a byte)
+            or photometric.endswith("_422")
+            or not syntax.is_little_endian
+        ):
+            return None
+        length = rows * columns * samples * allocated // 8
+        if length == 0 or element.length == 0xFFFFFFFF or element.length < frames * length:
+            return None
+        fh.seek(element.value_tell + index * length)
+        data = fh.read(length)
+    if len(data) != length:
+        return None
+    alone.add_new(_PIXEL_DATA_TAG, "OB" if allocated == 8 else "OW", data)
+    return alone
 
 
 def _transfer_syntax(ds: Dataset) -> UID | None:
@@ -636,6 +768,9 @@ def decode_frame(ds: Dataset, index: int = 0, *, reduce: int = 0) -> np.ndarray:
         if not int(ds.get(keyword) or 0):
             raise PixelDataError(f"The dataset has no usable {keyword}; cannot decode pixels.")
     frames = int(_float_or_none(ds.get("NumberOfFrames")) or 1)
+    if frames > 1 and (alone := _frame_alone(ds, index)) is not None:
+        return decode_frame(alone, 0)  # one frame read from the file, not all of them
+    _read_deferred_pixels(ds)
     syntax = _transfer_syntax(ds)
     # Single-frame grey JPEG 2000 and HTJ2K (Pillow when reduced, else imagecodecs; both on
     # several threads), lossless JPEG and JPEG-LS (imagecodecs): imagecodecs releases the

@@ -1091,12 +1091,11 @@ def predict(
     heatmap_dir: Path | None,
 ) -> None:
     """Estimate bone age for local files (DICOM or PNG), without the service."""
-    from pydicom import dcmread
     from rich.table import Table
 
     from dicom_io import gate
     from dicom_io.content import BoneAgeFinding, format_age
-    from dicom_io.pixels import decode_for_display, set_jpeg2000_threads
+    from dicom_io.pixels import decode_for_display, read_image, set_jpeg2000_threads
     from dicom_io.sc import render_overlay
     from models.data import load_image
     from models.reference import bone_age_sds
@@ -1121,7 +1120,7 @@ def predict(
                     raise ValueError("--sex is needed for image files")
                 image, male = load_image(path), sex == "M"
             else:
-                ds = dcmread(path)
+                ds = read_image(path)
                 decision = gate.check(ds, require_sex=sex is None)
                 if not decision.accepted:
                     raise ValueError(decision.reason or "not assessable")

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 from pydicom import dcmread
 
-from dicom_io.pixels import decode_for_display
+from dicom_io.pixels import decode_for_display, read_image
 from models.data import LabelledImage, phantom_items, read_rsna
 
 
 def _loader(path: Path) -> Callable[[], np.ndarray]:
-    return lambda: decode_for_display(dcmread(path))
+    return lambda: decode_for_display(read_image(path))
 
 
 def read_dicom_folder(

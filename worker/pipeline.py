@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from pydicom import Dataset, dcmread
+from pydicom import Dataset
 from pydicom.uid import generate_uid
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
@@ -50,7 +50,13 @@ from db.schema import (
 from db.schema import utcnow as now
 from dicom_io import gate
 from dicom_io.content import MANUFACTURER, BoneAgeFinding
-from dicom_io.pixels import PixelDataError, decode_for_display, decode_reduction, drop_pixel_data
+from dicom_io.pixels import (
+    PixelDataError,
+    decode_for_display,
+    decode_reduction,
+    drop_pixel_data,
+    read_image,
+)
 from dicom_io.sc import build_heatmap_sc, overlay_shape, render_overlay
 from dicom_io.scp import fsync_directory, uid_tag
 from dicom_io.sr import build_bone_age_sr, build_not_assessed_sr
@@ -253,7 +259,9 @@ def assess_instance(rt: Runtime, instance_id: int, *, send: bool = True) -> Asse
     settings = rt.settings
 
     try:
-        ds = dcmread(spool)
+        # the header; the pixel data is read when decoded, and of several frames only the
+        # one assessed, so that memory does not grow with an instance's frames
+        ds = read_image(spool)
     except FileNotFoundError:
         _finish(rt, instance_id, InstanceState.ERROR, "the spooled file is missing")
         return AssessOutcome("error", reason="spool file missing")

@@ -15,10 +15,12 @@ import numpy as np
 import psycopg
 import pytest
 from pydicom import dcmread
+from pydicom.uid import MultiFrameGrayscaleWordSecondaryCaptureImageStorage
 from sqlalchemy import select, update
 
 from db.engine import session_scope, upgrade
 from db.schema import Delivery, DeliveryState, Instance, InstanceState, ObjectKind, Result
+from dicom_io import pixels
 from dicom_io.scp import ReceivedInstance, spool_path
 from dicom_io.synthetic import make_radiograph_dataset
 from models.phantoms import make_phantom
@@ -43,15 +45,27 @@ def spool_instance(
     sex: str = "F",
     name: str = "a",
     size: int = 256,
+    frames: int = 1,
 ) -> int:
+    """Spool a phantom hand and record it as received; its instance id.
+
+    With ``frames`` > 1 it is the first frame of a multi-frame grey SC, whose other
+    frames are the same hand inverted.
+    """
     phantom = make_phantom(100.0, male=sex == "M", size=size, rng=np.random.default_rng(3))
+    stored = np.round(phantom.image * 4095).astype(np.uint16)
     ds = make_radiograph_dataset(
-        np.round(phantom.image * 4095).astype(np.uint16),
+        stored,
         modality=modality,
         sex=sex,
         birth_date=dt.date(2017, 1, 1),
         study_date=dt.date(2025, 5, 1),
     )
+    if frames > 1:
+        ds.SOPClassUID = MultiFrameGrayscaleWordSecondaryCaptureImageStorage
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.NumberOfFrames = frames
+        ds.PixelData = stored.tobytes() + (4095 - stored).tobytes() * (frames - 1)
     path = spool_path(rt.settings.spool_dir, ds.SOPInstanceUID)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
@@ -148,6 +162,36 @@ def test_the_source_gives_up_its_pixels_once_decoded(
     outcome = assess_instance(runtime, spool_instance(runtime, tmp_path))
     assert outcome.state == "assessed"
     assert seen == [False]
+
+
+def test_an_instance_of_several_frames_is_assessed_on_its_first_read_alone(
+    runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same hand as a single frame and as the first of four: the same bone age, and
+    # of the four only the first was read from the file (dicom_io.pixels tests that the
+    # memory this takes does not grow with the frames).
+    monkeypatch.setattr(pixels, "DEFERRED_BYTES", 1024)  # these small frames stay there too
+    left_in_file: list[bool] = []
+    decode = pipeline.decode_for_display
+
+    def decoding(source: Any, **kwargs: Any) -> Any:
+        image = decode(source, **kwargs)
+        left_in_file.append(source.get_item(0x7FE00010, keep_deferred=True).value is None)
+        return image
+
+    monkeypatch.setattr(pipeline, "decode_for_display", decoding)
+    single = spool_instance(runtime, tmp_path, name="single")
+    several = spool_instance(runtime, tmp_path, name="several", frames=4)
+    assert assess_instance(runtime, single).state == "assessed"
+    assert assess_instance(runtime, several).state == "assessed"
+    assert left_in_file == [False, True]
+    with session_scope(runtime.database_url) as session:
+        ages = {r.instance_id: r.bone_age_months for r in session.scalars(select(Result))}
+        outputs = [Path(d.path) for d in session.scalars(select(Delivery))]
+    assert ages[several] == ages[single]
+    assert len(outputs) == 4
+    for path in outputs:
+        assert dciodvfy_errors(path) == []
 
 
 @pytest.mark.parametrize(("floor", "columns"), [(None, 1200), (600, 600)])

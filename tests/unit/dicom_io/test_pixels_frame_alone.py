@@ -1,0 +1,228 @@
+"""An instance of many frames decodes one frame read alone from its file.
+
+:func:`dicom_io.pixels.read_image` leaves the pixel data in the file, and
+:func:`dicom_io.pixels.decode_frame` then reads only the frame it decodes. Each case
+compares that frame with the same frame decoded from the whole instance read into
+memory (:func:`pydicom.dcmread`, the way every instance was read before), and checks
+that the rest of the pixel data never left the file.
+"""
+
+from __future__ import annotations
+
+import os
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import Dataset, dcmread
+from pydicom.encaps import encapsulate_extended, generate_frames
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    MultiFrameTrueColorSecondaryCaptureImageStorage,
+    RLELossless,
+)
+
+from dicom_io import pixels
+from dicom_io.pixels import PixelDataError, decode_for_display, decode_frame, read_image
+from dicom_io.synthetic import make_radiograph_dataset
+from tests.dicomtools import run_tool
+
+from .conftest import BIRTH_DATE, STUDY_DATE, hand_like
+
+ROWS, COLUMNS = 300, 220
+FRAMES = 3
+PIXEL_DATA = 0x7FE00010
+
+Writer = Callable[[Path], Path]  # writes a test instance into a folder
+
+
+def _grey_frames(rows: int = ROWS, columns: int = COLUMNS, frames: int = FRAMES) -> np.ndarray:
+    """``frames`` different 12-bit grey frames: the hand, shifted and dimmed a little each."""
+    hand = np.rint(hand_like(rows, columns) * 4000).astype(np.uint16)
+    return np.stack([np.roll(hand, 7 * k, axis=1) // (k + 1) for k in range(frames)])
+
+
+def _multiframe(stack: np.ndarray) -> Dataset:
+    """A multi-frame SC (grey word, or true colour for (frames, H, W, 3)) of ``stack``."""
+    colour = stack.ndim == 4
+    ds = make_radiograph_dataset(
+        np.zeros(stack.shape[1:3], dtype=np.uint16),
+        birth_date=BIRTH_DATE,
+        study_date=STUDY_DATE,
+        bits_stored=12,
+    )
+    sop_class = (
+        MultiFrameTrueColorSecondaryCaptureImageStorage
+        if colour
+        else MultiFrameGrayscaleWordSecondaryCaptureImageStorage
+    )
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.NumberOfFrames = stack.shape[0]
+    if colour:
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+        for keyword in ("WindowCenter", "WindowWidth", "PixelIntensityRelationship"):
+            if keyword in ds:
+                delattr(ds, keyword)
+    ds.PixelData = stack.tobytes()
+    return ds
+
+
+def _written(tmp_path: Path, ds: Dataset, name: str = "multiframe.dcm") -> Path:
+    path = tmp_path / name
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _still_in_the_file(ds: Dataset) -> bool:
+    return ds.get_item(PIXEL_DATA, keep_deferred=True).value is None
+
+
+@pytest.fixture
+def defer_everything(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Leave in the file any value over 1 KiB: these small test images have such values."""
+    monkeypatch.setattr(pixels, "DEFERRED_BYTES", 1024)
+
+
+def _native_grey(tmp_path: Path) -> Path:
+    return _written(tmp_path, _multiframe(_grey_frames()))
+
+
+def _native_rgb(tmp_path: Path) -> Path:
+    grey = (_grey_frames() >> 4).astype(np.uint8)
+    rgb = np.stack([grey, grey // 2, 255 - grey], axis=-1)
+    return _written(tmp_path, _multiframe(rgb))
+
+
+def _compressed(syntax: UID, plugin: str) -> Writer:
+    def write(tmp_path: Path) -> Path:
+        ds = _multiframe(_grey_frames())
+        ds.compress(syntax, encoding_plugin=plugin)
+        return _written(tmp_path, ds)
+
+    return write
+
+
+def _extended_offsets(tmp_path: Path) -> Path:
+    """RLE frames behind an empty Basic Offset Table and an Extended Offset Table."""
+    ds = _multiframe(_grey_frames())
+    ds.compress(RLELossless, encoding_plugin="pydicom")
+    frames = [bytes(f) for f in generate_frames(ds.PixelData, number_of_frames=FRAMES)]
+    ds.PixelData, ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths = encapsulate_extended(
+        frames
+    )
+    return _written(tmp_path, ds)
+
+
+def _dcmtk(tool: str, *options: str) -> Writer:
+    def write(tmp_path: Path) -> Path:
+        native = _native_grey(tmp_path)
+        target = tmp_path / f"{tool}.dcm"
+        run_tool(tool, *options, native, target)
+        return target
+
+    return write
+
+
+CASES: dict[str, Writer] = {
+    "native grey": _native_grey,
+    "native RGB": _native_rgb,
+    "RLE": _compressed(RLELossless, "pydicom"),
+    "RLE, extended offset table": _extended_offsets,
+    "JPEG-LS": _compressed(JPEGLSLossless, "pyjpegls"),
+    "JPEG 2000": _compressed(JPEG2000Lossless, "pylibjpeg"),
+    "JPEG Lossless SV1 (dcmcjpeg)": _dcmtk("dcmcjpeg", "+e1"),
+    "JPEG-LS (dcmcjpls)": _dcmtk("dcmcjpls"),
+}
+
+
+@pytest.mark.usefixtures("defer_everything")
+@pytest.mark.parametrize("write", list(CASES.values()), ids=list(CASES))
+def test_a_frame_read_alone_is_the_frame_read_with_all_the_others(
+    tmp_path: Path, write: Writer
+) -> None:
+    path = write(tmp_path)
+    for index in (0, FRAMES - 1):
+        whole = decode_frame(dcmread(path), index)
+        ds = read_image(path)
+        assert _still_in_the_file(ds)
+        np.testing.assert_array_equal(decode_frame(ds, index), whole)
+        assert _still_in_the_file(ds), "the whole pixel data was read for one frame"
+    assert not np.array_equal(decode_frame(dcmread(path), 0), whole)  # frames differ
+
+
+@pytest.mark.usefixtures("defer_everything")
+def test_a_single_frame_is_read_whole_when_decoded(tmp_path: Path) -> None:
+    ds = make_radiograph_dataset(
+        hand_like(ROWS, COLUMNS), birth_date=BIRTH_DATE, study_date=STUDY_DATE
+    )
+    path = _written(tmp_path, ds, "single.dcm")
+    deferred = read_image(path)
+    assert _still_in_the_file(deferred)
+    np.testing.assert_array_equal(decode_for_display(deferred), decode_for_display(dcmread(path)))
+    assert not _still_in_the_file(deferred)
+
+
+@pytest.mark.usefixtures("defer_everything")
+def test_a_deflated_file_is_decoded_from_its_inflated_bytes(tmp_path: Path) -> None:
+    ds = _multiframe(_grey_frames())
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    path = _written(tmp_path, ds)
+    np.testing.assert_array_equal(decode_frame(read_image(path), 1), decode_frame(dcmread(path), 1))
+    np.testing.assert_array_equal(decode_frame(read_image(path), 1), _grey_frames()[1])
+
+
+@pytest.mark.usefixtures("defer_everything")
+@pytest.mark.parametrize("cut", ["within the last frame", "within the first frame"])
+def test_pixel_data_shorter_than_its_frames_is_refused_as_when_read_whole(
+    tmp_path: Path, cut: str
+) -> None:
+    ds = _multiframe(_grey_frames())
+    frame = ROWS * COLUMNS * 2
+    keep = FRAMES * frame - frame // 2 if cut == "within the last frame" else frame // 2
+    ds.PixelData = ds.PixelData[:keep]  # the header still says three frames
+    path = _written(tmp_path, ds)
+    with pytest.raises(PixelDataError) as whole:
+        decode_frame(dcmread(path), 0)
+    with pytest.raises(PixelDataError) as alone:
+        decode_frame(read_image(path), 0)
+    assert str(alone.value) == str(whole.value)
+
+
+@pytest.mark.usefixtures("defer_everything")
+@pytest.mark.parametrize("frames", [1, FRAMES])
+def test_a_file_gone_before_its_pixels_are_read_is_an_os_error(tmp_path: Path, frames: int) -> None:
+    """Not "pixel data cannot be decoded": the pipeline retries what the file system
+    may cure, and refuses for good only what the PACS sent."""
+    path = _written(tmp_path, _multiframe(_grey_frames(frames=frames)))
+    ds = read_image(path)
+    os.remove(path)
+    with pytest.raises(OSError):
+        decode_for_display(ds)
+
+
+def test_the_memory_to_decode_a_frame_does_not_grow_with_the_frames(tmp_path: Path) -> None:
+    """At the default threshold: 2 and 24 frames of 1024 x 1024 (2 MiB each)."""
+    side = 1024
+    frame = side * side * 2
+    hand = np.rint(hand_like(side, side) * 4000).astype(np.uint16)
+
+    def peak(read: Callable[[Path], Dataset], frames: int) -> int:
+        path = _written(tmp_path, _multiframe(np.repeat(hand[None], frames, axis=0)))
+        tracemalloc.start()
+        try:
+            image = decode_for_display(read(path))
+            assert image.shape == (side, side)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    # read whole, each frame more is in memory; read alone, none is
+    assert peak(dcmread, 24) - peak(dcmread, 2) > 20 * frame
+    assert peak(read_image, 24) - peak(read_image, 2) < frame / 8

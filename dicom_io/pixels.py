@@ -211,9 +211,9 @@ def _frame_alone(ds: Dataset, index: int) -> Dataset | None:
     data, through the offset tables or the fragments for encapsulated data. The
     dataset has the attributes that describe the frame's stored values and the transfer
     syntax, nothing else. None where the frame cannot be read alone (its value is in
-    memory, the data is shorter than the header says, frames that do not start on a
-    byte, a malformed encapsulation): the caller then decodes as for any other
-    dataset, and reports what is wrong.
+    memory, the data is shorter than the header says or the file than the data, frames
+    that do not start on a byte, a malformed encapsulation): the caller then decodes as
+    for any other dataset, and reports what is wrong.
 
     Raises
     ------
@@ -266,6 +266,8 @@ def _frame_alone(ds: Dataset, index: int) -> Dataset | None:
         length = rows * columns * samples * allocated // 8
         if length == 0 or element.length == 0xFFFFFFFF or element.length < frames * length:
             return None
+        if os.fstat(fh.fileno()).st_size < element.value_tell + element.length:
+            return None  # a file cut short: refused as when read whole, whole frame or not
         fh.seek(element.value_tell + index * length)
         data = fh.read(length)
     if len(data) != length:

@@ -179,15 +179,26 @@ def test_a_deflated_file_is_decoded_from_its_inflated_bytes(tmp_path: Path) -> N
 
 
 @pytest.mark.usefixtures("defer_everything")
-@pytest.mark.parametrize("cut", ["within the last frame", "within the first frame"])
+@pytest.mark.parametrize(
+    "cut",
+    [
+        "data within the last frame",
+        "data within the first frame",
+        "file within the last frame",  # the element's length says more than the file has
+    ],
+)
 def test_pixel_data_shorter_than_its_frames_is_refused_as_when_read_whole(
     tmp_path: Path, cut: str
 ) -> None:
+    """Even where the frame decoded is whole: the instance is not what it says it is."""
     ds = _multiframe(_grey_frames())
     frame = ROWS * COLUMNS * 2
-    keep = FRAMES * frame - frame // 2 if cut == "within the last frame" else frame // 2
-    ds.PixelData = ds.PixelData[:keep]  # the header still says three frames
+    keep = frame // 2 if cut == "data within the first frame" else FRAMES * frame - frame // 2
+    if cut.startswith("data"):
+        ds.PixelData = ds.PixelData[:keep]  # the header still says three frames
     path = _written(tmp_path, ds)
+    if cut.startswith("file"):
+        path.write_bytes(path.read_bytes()[: -(frame // 2)])
     with pytest.raises(PixelDataError) as whole:
         decode_frame(dcmread(path), 0)
     with pytest.raises(PixelDataError) as alone:

@@ -74,6 +74,7 @@ from dicom_io.pixels import (
     decode_for_display,
     decode_reduction,
     drop_pixel_data,
+    read_image,
     set_jpeg2000_threads,
 )
 from models.batching import BatchingPredictor
@@ -138,7 +139,7 @@ class _Studies:
         self.outbox = outbox
 
     def decoded(self, path: Path) -> tuple[Dataset, np.ndarray]:
-        ds = dcmread(path)
+        ds = read_image(path)
         reduce = decode_reduction(
             ds, min_short_side=self.predictor.input_size, min_long_side=SC_MIN_LONG_SIDE
         )

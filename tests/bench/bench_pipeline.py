@@ -42,7 +42,7 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless
 
 from dicom_io import gate
-from dicom_io.pixels import decode_for_display, decode_reduction
+from dicom_io.pixels import decode_for_display, decode_reduction, read_image
 from dicom_io.sc import build_heatmap_sc, overlay_shape, render_overlay
 from dicom_io.sr import build_bone_age_sr
 from dicom_io.synthetic import make_radiograph_dataset
@@ -188,7 +188,7 @@ def main() -> None:
             def mark() -> None:
                 marks.append(time.perf_counter())
 
-            ds = dcmread(source)
+            ds = read_image(source)
             decision = gate.check(ds)
             assert decision.accepted, decision.reason
             mark()

@@ -38,9 +38,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydicom import dcmread
 
-from dicom_io.pixels import decode_for_display, decode_reduction
+from dicom_io.pixels import decode_for_display, decode_reduction, read_image
 from models.checkpoint import untrained_model
 from models.predictor import BoneAgePredictor
 from models.preprocess import Prepared
@@ -69,7 +68,7 @@ def _process_share(
     predictor = BoneAgePredictor(untrained_model(arch="resnet50", input_size=size), device="cpu")
 
     def assess(path: Path) -> float:
-        ds = dcmread(path)
+        ds = read_image(path)
         reduce = decode_reduction(
             ds, min_short_side=predictor.input_size, min_long_side=sc_min_long_side
         )
@@ -107,7 +106,7 @@ def main() -> None:
     predictor = BoneAgePredictor(loaded, device="cpu")
 
     def decode(path: Path) -> tuple[np.ndarray, Prepared]:
-        ds = dcmread(path)
+        ds = read_image(path)
         reduce = decode_reduction(
             ds, min_short_side=predictor.input_size, min_long_side=args.sc_min_long_side
         )

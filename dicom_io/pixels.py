@@ -9,16 +9,18 @@ undecodable pixel data raises :class:`PixelDataError`.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from pydicom import Dataset, dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import FileMetaDataset
+from pydicom.filereader import read_deferred_data_element
 from pydicom.multival import MultiValue
 from pydicom.uid import (
     HTJ2K,
@@ -38,6 +40,7 @@ from pydicom.uid import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "FileChangedError",
     "PixelDataError",
     "decode_for_display",
     "decode_frame",
@@ -120,6 +123,15 @@ class PixelDataError(ValueError):
     """The dataset has no pixel data, or it cannot be decoded."""
 
 
+class FileChangedError(OSError):
+    """The file an instance was read from was replaced or changed before its pixels were.
+
+    A listener puts an instance received again in the place of the first copy; its
+    pixels are not mixed with the first copy's header. Reading the instance again reads
+    one file throughout.
+    """
+
+
 def _first(value: Any) -> Any:
     """First value of a possibly multi-valued element."""
     if isinstance(value, (MultiValue, list, tuple)):
@@ -161,15 +173,34 @@ def _attr(ds: Dataset, keyword: str) -> Any:
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """The file :func:`read_image` read an instance from, as it was then."""
+
+    path: str
+    identity: tuple[int, int, int, int]  # device, inode, size, modification time (ns)
+
+
+#: Where :func:`read_image` keeps the :class:`_Source` on the dataset.
+_SOURCE = "_boneage_source"
+
+
+def _identity(status: os.stat_result) -> tuple[int, int, int, int]:
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
+
+
 def read_image(path: str | os.PathLike[str]) -> Dataset:
     """Read an image instance from ``path``, its pixel data left in the file until used.
 
     :func:`decode_frame` then reads from the file only the frame it decodes, so the
     memory an instance of many frames takes to decode is that of one frame, however
     many it has (an uncompressed 40-frame 2500 x 2000 instance is 400 MB). A single
-    frame is read whole when first used, as :func:`pydicom.dcmread` reads it. The file
-    must stay where it is until the pixels are decoded or dropped
-    (:func:`drop_pixel_data`); an error reading it then is raised as the
+    frame is read whole when first used, as :func:`pydicom.dcmread` reads it.
+
+    The pixels are read from the very file the header was read from: where another
+    file has taken its place since (the same instance received again) or it changed,
+    decoding raises :class:`FileChangedError`, and reading the instance again reads
+    the new file throughout. Any other error reading the file then is raised as the
     :class:`OSError` it is, not as undecodable pixel data.
 
     Raises
@@ -179,7 +210,33 @@ def read_image(path: str | os.PathLike[str]) -> Dataset:
     Exception
         Whatever :func:`pydicom.dcmread` raises for a file that is not DICOM.
     """
-    return dcmread(path, defer_size=DEFERRED_BYTES)
+    with open(path, "rb") as fh:
+        read = _identity(os.fstat(fh.fileno()))
+        ds = dcmread(fh, defer_size=DEFERRED_BYTES)
+    syntax = _transfer_syntax(ds)
+    if syntax is not None and not syntax.is_deflated:  # (deflated: read from memory)
+        setattr(ds, _SOURCE, _Source(os.fspath(path), read))
+    return ds
+
+
+def _open_source(ds: Dataset) -> BinaryIO | None:
+    """The file ``ds`` was read from by :func:`read_image`, open; None if it was not.
+
+    Raises
+    ------
+    FileChangedError
+        When the file at that path is no longer the one read, or has changed.
+    """
+    source = getattr(ds, _SOURCE, None)
+    if not isinstance(source, _Source):
+        return None
+    fh = open(source.path, "rb")  # noqa: SIM115 (returned open, or closed here)
+    if _identity(os.fstat(fh.fileno())) != source.identity:
+        fh.close()
+        raise FileChangedError(
+            "the file was replaced or changed after its header was read; read it again"
+        )
+    return fh
 
 
 def _deferred_pixel_data(ds: Dataset) -> RawDataElement | None:
@@ -199,6 +256,12 @@ def _read_deferred_pixels(ds: Dataset) -> None:
     Done before decoding, so that a file that cannot be read raises its
     :class:`OSError` here, instead of being taken for undecodable pixel data.
     """
+    element = _deferred_pixel_data(ds)
+    fh = _open_source(ds) if element is not None else None
+    if element is not None and fh is not None:
+        with fh:  # checks the tag and VR it finds there too
+            ds[_PIXEL_DATA_TAG] = read_deferred_data_element(type(fh), fh, None, element)
+        return
     for keyword in _PIXEL_KEYWORDS:
         if keyword in ds:
             ds[keyword]  # reading the element reads a deferred value in
@@ -207,34 +270,44 @@ def _read_deferred_pixels(ds: Dataset) -> None:
 def _frame_alone(ds: Dataset, index: int) -> Dataset | None:
     """Frame ``index`` of ``ds``'s deferred pixel data as a single-frame dataset.
 
-    Only the frame's bytes are read from the file: at their offset for uncompressed
-    data, through the offset tables or the fragments for encapsulated data. The
-    dataset has the attributes that describe the frame's stored values and the transfer
-    syntax, nothing else. None where the frame cannot be read alone (its value is in
-    memory, the data is shorter than the header says or the file than the data, frames
-    that do not start on a byte, a malformed encapsulation): the caller then decodes as
-    for any other dataset, and reports what is wrong.
+    Only the frame's bytes are read, from the file :func:`read_image` read ``ds`` from:
+    at their offset for uncompressed data, through the offset tables or the fragments
+    for encapsulated data. The dataset has the attributes that describe the frame's
+    stored values and the transfer syntax, nothing else. None where the frame cannot be
+    read alone (``ds`` was not read by :func:`read_image`, or from a deflated file; the
+    data is shorter than the header says or the file than the data; frames that do not
+    start on a byte; a malformed encapsulation): the caller then decodes as for any
+    other dataset, and reports what is wrong.
 
     Raises
     ------
     OSError
-        When the file cannot be read.
+        When the file cannot be read; :class:`FileChangedError` when it is no longer the
+        file ``ds`` was read from.
     """
     element = _deferred_pixel_data(ds)
-    path = getattr(ds, "filename", None)
     syntax = _transfer_syntax(ds)
-    if element is None or not isinstance(path, str) or syntax is None or syntax.is_deflated:
-        return None  # (a deflated file's offsets are those of its inflated bytes)
     frames = int(_float_or_none(ds.get("NumberOfFrames")) or 1)
-    if not 0 <= index < frames:
+    if element is None or syntax is None or not 0 <= index < frames:
         return None
-    alone = Dataset()
-    alone.file_meta = FileMetaDataset()
-    alone.file_meta.TransferSyntaxUID = syntax
-    for keyword in _FRAME_DESCRIPTION:
-        if keyword in ds:
-            alone[keyword] = ds[keyword]
-    with open(path, "rb") as fh:
+    allocated = int(ds.get("BitsAllocated") or 0)
+    if not syntax.is_encapsulated:
+        rows, columns = _stored_shape(ds)
+        length = rows * columns * int(ds.get("SamplesPerPixel") or 1) * allocated // 8
+        photometric = str(ds.get("PhotometricInterpretation") or "").upper()
+        if (
+            allocated not in (8, 16, 32)  # (1: frames need not start on a byte)
+            or photometric.endswith("_422")
+            or not syntax.is_little_endian
+            or length == 0
+            or element.length == 0xFFFFFFFF
+            or element.length < frames * length
+        ):
+            return None
+    fh = _open_source(ds)
+    if fh is None:
+        return None
+    with fh:
         if syntax.is_encapsulated:
             from pydicom.encaps import encapsulate, get_frame
 
@@ -251,28 +324,21 @@ def _frame_alone(ds: Dataset, index: int) -> Dataset | None:
                 raise
             except Exception:  # malformed: the ordinary path says why
                 return None
-            alone.add_new(_PIXEL_DATA_TAG, "OB", encapsulate([bytes(frame)]))
-            return alone
-        rows, columns = _stored_shape(ds)
-        samples = int(ds.get("SamplesPerPixel") or 1)
-        allocated = int(ds.get("BitsAllocated") or 0)
-        photometric = str(ds.get("PhotometricInterpretation") or "").upper()
-        if (
-            allocated not in (8, 16, 32)  # (1: frames need not start on a byte)
-            or photometric.endswith("_422")
-            or not syntax.is_little_endian
-        ):
-            return None
-        length = rows * columns * samples * allocated // 8
-        if length == 0 or element.length == 0xFFFFFFFF or element.length < frames * length:
-            return None
-        if os.fstat(fh.fileno()).st_size < element.value_tell + element.length:
-            return None  # a file cut short: refused as when read whole, whole frame or not
-        fh.seek(element.value_tell + index * length)
-        data = fh.read(length)
-    if len(data) != length:
-        return None
-    alone.add_new(_PIXEL_DATA_TAG, "OB" if allocated == 8 else "OW", data)
+            value, vr = encapsulate([bytes(frame)]), "OB"
+        else:
+            if os.fstat(fh.fileno()).st_size < element.value_tell + element.length:
+                return None  # a file cut short: refused as when read whole, whole frame or not
+            fh.seek(element.value_tell + index * length)
+            value, vr = fh.read(length), "OB" if allocated == 8 else "OW"
+            if len(value) != length:
+                return None
+    alone = Dataset()
+    alone.file_meta = FileMetaDataset()
+    alone.file_meta.TransferSyntaxUID = syntax
+    for keyword in _FRAME_DESCRIPTION:
+        if keyword in ds:
+            alone[keyword] = ds[keyword]
+    alone.add_new(_PIXEL_DATA_TAG, vr, value)
     return alone
 
 

@@ -194,6 +194,32 @@ def test_an_instance_of_several_frames_is_assessed_on_its_first_read_alone(
         assert dciodvfy_errors(path) == []
 
 
+def test_an_instance_received_again_while_read_is_read_again_not_mixed(
+    runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The listener puts the same instance received again where the first copy was. If
+    # that happens between reading the header and reading the pixels, the pixels must not
+    # be read behind the first copy's header: the attempt raises an OSError (which the
+    # task retries), and the next attempt reads the new file throughout.
+    monkeypatch.setattr(pixels, "DEFERRED_BYTES", 1024)
+    instance_id = spool_instance(runtime, tmp_path, frames=2)
+    with session_scope(runtime.database_url) as session:
+        spool = Path(session.get_one(Instance, instance_id).spool_path)
+    reduction = pipeline.decode_reduction
+
+    def received_again_meanwhile(source: Any, **kwargs: Any) -> Any:
+        again = spool.with_name("incoming.dcm")
+        shutil.copyfile(spool, again)
+        os.replace(again, spool)
+        monkeypatch.setattr(pipeline, "decode_reduction", reduction)  # once
+        return reduction(source, **kwargs)
+
+    monkeypatch.setattr(pipeline, "decode_reduction", received_again_meanwhile)
+    with pytest.raises(pixels.FileChangedError):
+        assess_instance(runtime, instance_id)
+    assert assess_instance(runtime, instance_id).state == "assessed"
+
+
 @pytest.mark.parametrize(("floor", "columns"), [(None, 1200), (600, 600)])
 def test_heat_map_picture_keeps_the_site_floor_on_large_images(
     runtime: Runtime, floor: int | None, columns: int

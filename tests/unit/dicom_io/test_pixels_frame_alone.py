@@ -29,7 +29,13 @@ from pydicom.uid import (
 )
 
 from dicom_io import pixels
-from dicom_io.pixels import PixelDataError, decode_for_display, decode_frame, read_image
+from dicom_io.pixels import (
+    FileChangedError,
+    PixelDataError,
+    decode_for_display,
+    decode_frame,
+    read_image,
+)
 from dicom_io.synthetic import make_radiograph_dataset
 from tests.dicomtools import run_tool
 
@@ -216,6 +222,27 @@ def test_a_file_gone_before_its_pixels_are_read_is_an_os_error(tmp_path: Path, f
     os.remove(path)
     with pytest.raises(OSError):
         decode_for_display(ds)
+
+
+@pytest.mark.usefixtures("defer_everything")
+@pytest.mark.parametrize("frames", [1, FRAMES])
+@pytest.mark.parametrize("encoding", ["re-encoded", "the same bytes"])
+def test_pixels_are_never_read_from_another_file_than_the_header(
+    tmp_path: Path, frames: int, encoding: str
+) -> None:
+    """The listener puts an instance received again where the first copy was
+    (``os.replace``): behind the first copy's header its pixels would be read at the
+    wrong offsets, or be another image's."""
+    path = _written(tmp_path, _multiframe(_grey_frames(frames=frames)))
+    ds = read_image(path)
+    again = dcmread(path)
+    if encoding == "re-encoded":
+        again.compress(RLELossless, encoding_plugin="pydicom")
+    os.replace(_written(tmp_path, again, "incoming.dcm"), path)  # as the listener does
+    with pytest.raises(FileChangedError):
+        decode_for_display(ds)
+    # read again, the instance is the new file throughout
+    np.testing.assert_array_equal(decode_frame(read_image(path), 0), _grey_frames()[0])
 
 
 def test_the_memory_to_decode_a_frame_does_not_grow_with_the_frames(tmp_path: Path) -> None:

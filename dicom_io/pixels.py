@@ -215,7 +215,7 @@ def read_image(path: str | os.PathLike[str]) -> Dataset:
         ds = dcmread(fh, defer_size=DEFERRED_BYTES)
     syntax = _transfer_syntax(ds)
     if syntax is not None and not syntax.is_deflated:  # (deflated: read from memory)
-        setattr(ds, _SOURCE, _Source(os.fspath(path), read))
+        setattr(ds, _SOURCE, _Source(os.path.abspath(path), read))
     return ds
 
 
@@ -239,10 +239,11 @@ def _open_source(ds: Dataset) -> BinaryIO | None:
     return fh
 
 
-def _deferred_pixel_data(ds: Dataset) -> RawDataElement | None:
-    """``ds``'s Pixel Data element where its value is still in the file, else None."""
+def _deferred_pixel_data(ds: Dataset, keyword: str = "PixelData") -> RawDataElement | None:
+    """``ds``'s ``keyword`` element (Pixel Data, or a float one) where its value is still
+    in the file, else None."""
     try:
-        element = ds.get_item(_PIXEL_DATA_TAG, keep_deferred=True)
+        element = ds.get_item(keyword, keep_deferred=True)
     except KeyError:
         return None
     if isinstance(element, RawDataElement) and element.value is None and element.length:
@@ -256,15 +257,16 @@ def _read_deferred_pixels(ds: Dataset) -> None:
     Done before decoding, so that a file that cannot be read raises its
     :class:`OSError` here, instead of being taken for undecodable pixel data.
     """
-    element = _deferred_pixel_data(ds)
-    fh = _open_source(ds) if element is not None else None
-    if element is not None and fh is not None:
-        with fh:  # checks the tag and VR it finds there too
-            ds[_PIXEL_DATA_TAG] = read_deferred_data_element(type(fh), fh, None, element)
-        return
     for keyword in _PIXEL_KEYWORDS:
-        if keyword in ds:
-            ds[keyword]  # reading the element reads a deferred value in
+        element = _deferred_pixel_data(ds, keyword)
+        if element is None:
+            continue
+        fh = _open_source(ds)
+        if fh is None:  # not read by read_image: pydicom reads it from the file's path
+            ds[keyword]
+            continue
+        with fh:  # checks the tag and VR it finds there too
+            ds[element.tag] = read_deferred_data_element(type(fh), fh, None, element)
 
 
 def _frame_alone(ds: Dataset, index: int) -> Dataset | None:

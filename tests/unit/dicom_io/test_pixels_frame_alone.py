@@ -245,6 +245,22 @@ def test_pixels_are_never_read_from_another_file_than_the_header(
     np.testing.assert_array_equal(decode_frame(read_image(path), 0), _grey_frames()[0])
 
 
+@pytest.mark.usefixtures("defer_everything")
+def test_float_pixel_data_is_read_from_the_file_read_too(tmp_path: Path) -> None:
+    ds = _multiframe(_grey_frames(frames=1))
+    values = _grey_frames(frames=1)[0].astype(np.float32) / 4000
+    ds.FloatPixelData = values.tobytes()
+    del ds.PixelData, ds.BitsStored, ds.HighBit, ds.PixelRepresentation
+    ds.BitsAllocated = 32
+    path = _written(tmp_path, ds)
+    np.testing.assert_array_equal(decode_frame(read_image(path)), values)
+    deferred = read_image(path)
+    assert deferred.get_item("FloatPixelData", keep_deferred=True).value is None
+    os.replace(_written(tmp_path, dcmread(path), "incoming.dcm"), path)
+    with pytest.raises(FileChangedError):
+        decode_frame(deferred)
+
+
 def test_the_memory_to_decode_a_frame_does_not_grow_with_the_frames(tmp_path: Path) -> None:
     """At the default threshold: 2 and 24 frames of 1024 x 1024 (2 MiB each)."""
     side = 1024

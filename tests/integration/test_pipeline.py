@@ -180,8 +180,8 @@ def test_an_instance_of_several_frames_is_assessed_on_its_first_read_alone(
         return image
 
     monkeypatch.setattr(pipeline, "decode_for_display", decoding)
-    single = spool_instance(runtime, tmp_path, name="single")
-    several = spool_instance(runtime, tmp_path, name="several", frames=4)
+    single = spool_instance(runtime, tmp_path)
+    several = spool_instance(runtime, tmp_path, frames=4)
     assert assess_instance(runtime, single).state == "assessed"
     assert assess_instance(runtime, several).state == "assessed"
     assert left_in_file == [False, True]

@@ -1,10 +1,12 @@
-"""An instance of many frames decodes one frame read alone from its file.
+"""Pixel data left in the file until decoded, and of many frames only the one decoded.
 
 :func:`dicom_io.pixels.read_image` leaves the pixel data in the file, and
-:func:`dicom_io.pixels.decode_frame` then reads only the frame it decodes. Each case
-compares that frame with the same frame decoded from the whole instance read into
-memory (:func:`pydicom.dcmread`, the way every instance was read before), and checks
-that the rest of the pixel data never left the file.
+:func:`dicom_io.pixels.decode_frame` then reads only the frame it decodes. The cases
+compare that frame with the same frame decoded from the whole instance read into memory
+(:func:`pydicom.dcmread`, the way every instance was read before) and check that the
+rest of the pixel data never left the file; that what is refused read whole is refused
+read alone; that the memory a frame takes does not grow with the frames; and that the
+pixels are read only from the file whose header was read.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ Writer = Callable[[Path], Path]  # writes a test instance into a folder
 
 
 def _grey_frames(rows: int = ROWS, columns: int = COLUMNS, frames: int = FRAMES) -> np.ndarray:
-    """``frames`` different 12-bit grey frames: the hand, shifted and dimmed a little each."""
+    """``frames`` different 12-bit grey frames: the hand, each shifted and dimmed more."""
     hand = np.rint(hand_like(rows, columns) * 4000).astype(np.uint16)
     return np.stack([np.roll(hand, 7 * k, axis=1) // (k + 1) for k in range(frames)])
 

@@ -31,6 +31,8 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
         ["--jpeg-lossless", "--repeats", "3"],
     ),
     "throughput": ("bench_throughput", [], ["--count", "6", "--repeats", "1"]),
+    # memory to decode an instance's first frame, as its frames grow
+    "frames": ("bench_frames", [], ["--frames", "1,4,12"]),
     "e2e": ("bench_e2e", [], ["--studies", "10"]),
     # no target: what the node costs while it waits
     "idle": ("bench_idle", [], ["--seconds", "20"]),

@@ -20,15 +20,12 @@ Linux only) and how long it took.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import numpy as np
 
 ROWS, COLUMNS = 2500, 2000
 READS = ("whole", "alone")
@@ -39,18 +36,9 @@ def write_instance(path: Path, frames: int) -> int:
     """A multi-frame grey SC of ``frames`` copies of a phantom hand; its size in bytes."""
     from pydicom.uid import MultiFrameGrayscaleWordSecondaryCaptureImageStorage
 
-    from dicom_io.synthetic import make_radiograph_dataset
-    from models.phantoms import make_phantom
+    from tests.bench.bench_pipeline import make_input
 
-    side = max(ROWS, COLUMNS)
-    hand = make_phantom(120.0, male=True, size=side, rng=np.random.default_rng(0)).image
-    left = (side - COLUMNS) // 2
-    ds = make_radiograph_dataset(
-        np.ascontiguousarray(hand[:ROWS, left : left + COLUMNS]),
-        birth_date=dt.date(2014, 3, 1),
-        study_date=dt.date(2024, 5, 2),
-        bits_stored=12,
-    )
+    ds = make_input(path, rows=ROWS, columns=COLUMNS, modality="DX")  # one frame
     ds.SOPClassUID = MultiFrameGrayscaleWordSecondaryCaptureImageStorage
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.NumberOfFrames = frames

@@ -9,7 +9,6 @@ undecodable pixel data raises :class:`PixelDataError`.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import logging
 import os
@@ -20,7 +19,6 @@ import numpy as np
 from pydicom import Dataset, dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import FileMetaDataset
-from pydicom.filereader import read_deferred_data_element
 from pydicom.multival import MultiValue
 from pydicom.uid import (
     HTJ2K,
@@ -173,16 +171,34 @@ def _attr(ds: Dataset, keyword: str) -> Any:
     return None
 
 
-@dataclasses.dataclass(frozen=True)
-class _Source:
-    """The file :func:`read_image` read an instance from, as it was then."""
+class _SourceOpener:
+    """Opens the file :func:`read_image` read an instance from, and no other.
 
-    path: str
-    identity: tuple[int, int, int, int]  # device, inode, size, modification time (ns)
+    It is the dataset's ``fileobj_type``, which pydicom calls to open the file again for
+    each value it left there, whoever asks for it; :func:`_frame_alone` opens the file
+    through it too. So every deferred read of the instance checks that the file at the
+    path is still the one read (device, inode, size, modification time).
+    """
 
+    def __init__(self, path: str, status: os.stat_result) -> None:
+        self.path = path
+        self.identity = _identity(status)
 
-#: Where :func:`read_image` keeps the :class:`_Source` on the dataset.
-_SOURCE = "_boneage_source"
+    def __call__(self, _name: object = None, _mode: str = "rb") -> BinaryIO:
+        """The file, open for reading (pydicom passes its name and mode: the same).
+
+        Raises
+        ------
+        FileChangedError
+            When the file at that path is no longer the one read, or has changed.
+        """
+        fh = open(self.path, "rb")  # noqa: SIM115 (returned open, or closed here)
+        if _identity(os.fstat(fh.fileno())) != self.identity:
+            fh.close()
+            raise FileChangedError(
+                "the file was replaced or changed after its header was read; read it again"
+            )
+        return fh
 
 
 def _identity(status: os.stat_result) -> tuple[int, int, int, int]:
@@ -199,7 +215,7 @@ def read_image(path: str | os.PathLike[str]) -> Dataset:
 
     The pixels are read from the very file the header was read from: where another
     file has taken its place since (the same instance received again) or it changed,
-    decoding raises :class:`FileChangedError`, and reading the instance again reads
+    reading them raises :class:`FileChangedError`, and reading the instance again reads
     the new file throughout. Any other error reading the file then is raised as the
     :class:`OSError` it is, not as undecodable pixel data.
 
@@ -211,11 +227,11 @@ def read_image(path: str | os.PathLike[str]) -> Dataset:
         Whatever :func:`pydicom.dcmread` raises for a file that is not DICOM.
     """
     with open(path, "rb") as fh:
-        read = _identity(os.fstat(fh.fileno()))
+        status = os.fstat(fh.fileno())
         ds = dcmread(fh, defer_size=DEFERRED_BYTES)
     syntax = _transfer_syntax(ds)
     if syntax is not None and not syntax.is_deflated:  # (deflated: read from memory)
-        setattr(ds, _SOURCE, _Source(os.path.abspath(path), read))
+        ds.fileobj_type = _SourceOpener(os.path.abspath(path), status)
     return ds
 
 
@@ -227,23 +243,14 @@ def _open_source(ds: Dataset) -> BinaryIO | None:
     FileChangedError
         When the file at that path is no longer the one read, or has changed.
     """
-    source = getattr(ds, _SOURCE, None)
-    if not isinstance(source, _Source):
-        return None
-    fh = open(source.path, "rb")  # noqa: SIM115 (returned open, or closed here)
-    if _identity(os.fstat(fh.fileno())) != source.identity:
-        fh.close()
-        raise FileChangedError(
-            "the file was replaced or changed after its header was read; read it again"
-        )
-    return fh
+    opener = getattr(ds, "fileobj_type", None)
+    return opener() if isinstance(opener, _SourceOpener) else None
 
 
-def _deferred_pixel_data(ds: Dataset, keyword: str = "PixelData") -> RawDataElement | None:
-    """``ds``'s ``keyword`` element (Pixel Data, or a float one) where its value is still
-    in the file, else None."""
+def _deferred_pixel_data(ds: Dataset) -> RawDataElement | None:
+    """``ds``'s Pixel Data element where its value is still in the file, else None."""
     try:
-        element = ds.get_item(keyword, keep_deferred=True)
+        element = ds.get_item(_PIXEL_DATA_TAG, keep_deferred=True)
     except KeyError:
         return None
     if isinstance(element, RawDataElement) and element.value is None and element.length:
@@ -258,15 +265,8 @@ def _read_deferred_pixels(ds: Dataset) -> None:
     :class:`OSError` here, instead of being taken for undecodable pixel data.
     """
     for keyword in _PIXEL_KEYWORDS:
-        element = _deferred_pixel_data(ds, keyword)
-        if element is None:
-            continue
-        fh = _open_source(ds)
-        if fh is None:  # not read by read_image: pydicom reads it from the file's path
-            ds[keyword]
-            continue
-        with fh:  # checks the tag and VR it finds there too
-            ds[element.tag] = read_deferred_data_element(type(fh), fh, None, element)
+        if keyword in ds:
+            ds[keyword]  # reading the element reads a deferred value in (read_image's opener)
 
 
 def _frame_alone(ds: Dataset, index: int) -> Dataset | None:
@@ -311,22 +311,12 @@ def _frame_alone(ds: Dataset, index: int) -> Dataset | None:
         return None
     with fh:
         if syntax.is_encapsulated:
-            from pydicom.encaps import encapsulate, get_frame
+            from pydicom.encaps import encapsulate
 
             fh.seek(element.value_tell)
-            eot = (ds.get("ExtendedOffsetTable"), ds.get("ExtendedOffsetTableLengths"))
-            try:
-                frame = get_frame(
-                    fh,
-                    index,
-                    number_of_frames=frames,
-                    extended_offsets=eot if None not in eot else None,
-                )
-            except OSError:
-                raise
-            except Exception:  # malformed: the ordinary path says why
+            if (frame := _encapsulated_frame(ds, index, fh)) is None:
                 return None
-            value, vr = encapsulate([bytes(frame)]), "OB"
+            value, vr = encapsulate([frame]), "OB"
         else:
             if os.fstat(fh.fileno()).st_size < element.value_tell + element.length:
                 return None  # a file cut short: refused as when read whole, whole frame or not
@@ -364,15 +354,38 @@ def _grey_codestream(ds: Dataset, syntaxes: Sequence[str]) -> bytes | None:
     return _encapsulated_frame(ds, 0)
 
 
-def _encapsulated_frame(ds: Dataset, index: int) -> bytes | None:
-    """The bytes of frame ``index`` of encapsulated Pixel Data, None where they cannot be had."""
-    try:
-        from pydicom.encaps import get_frame
+def _encapsulated_frame(ds: Dataset, index: int, source: BinaryIO | None = None) -> bytes | None:
+    """The bytes of frame ``index`` of ``ds``'s encapsulated Pixel Data, None where they
+    cannot be had (a malformed encapsulation: the ordinary decoder will say why).
 
-        # through the Basic Offset Table where there is one, not past the frames before
-        frames = int(_float_or_none(ds.get("NumberOfFrames")) or 1)
-        return bytes(get_frame(ds.PixelData, index, number_of_frames=frames))
-    except Exception:  # malformed encapsulation: the ordinary decoder will say why
+    ``source``: the file, positioned at the start of the value, to read the frame from
+    instead of the value in memory (:func:`_frame_alone`).
+
+    Raises
+    ------
+    OSError
+        When the file cannot be read (:class:`FileChangedError` when it is no longer the
+        one :func:`read_image` read).
+    """
+    from pydicom.encaps import get_frame
+
+    # through the Basic or Extended Offset Table where there is one, not past the frames
+    # before
+    frames = int(_float_or_none(ds.get("NumberOfFrames")) or 1)
+    eot = (ds.get("ExtendedOffsetTable"), ds.get("ExtendedOffsetTableLengths"))
+    try:
+        buffer = ds.PixelData if source is None else source
+        return bytes(
+            get_frame(
+                buffer,
+                index,
+                number_of_frames=frames,
+                extended_offsets=eot if None not in eot else None,
+            )
+        )
+    except OSError:
+        raise
+    except Exception:
         return None
 
 

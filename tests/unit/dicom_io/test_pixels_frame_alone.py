@@ -36,6 +36,7 @@ from dicom_io.pixels import (
     PixelDataError,
     decode_for_display,
     decode_frame,
+    decode_reduction,
     read_image,
 )
 from dicom_io.synthetic import make_radiograph_dataset
@@ -228,21 +229,29 @@ def test_a_file_gone_before_its_pixels_are_read_is_an_os_error(tmp_path: Path, f
 
 @pytest.mark.usefixtures("defer_everything")
 @pytest.mark.parametrize("frames", [1, FRAMES])
+@pytest.mark.parametrize("stored", ["uncompressed", "JPEG 2000"])
 @pytest.mark.parametrize("encoding", ["re-encoded", "the same bytes"])
 def test_pixels_are_never_read_from_another_file_than_the_header(
-    tmp_path: Path, frames: int, encoding: str
+    tmp_path: Path, frames: int, stored: str, encoding: str
 ) -> None:
     """The listener puts an instance received again where the first copy was
     (``os.replace``): behind the first copy's header its pixels would be read at the
-    wrong offsets, or be another image's."""
-    path = _written(tmp_path, _multiframe(_grey_frames(frames=frames)))
+    wrong offsets, or be another image's. Decoded as the pipeline does it: the reduction
+    (which reads a JPEG 2000 codestream's header) first, then the image."""
+    ds = _multiframe(_grey_frames(frames=frames))
+    if stored == "JPEG 2000":
+        ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
+    path = _written(tmp_path, ds)
     ds = read_image(path)
     again = dcmread(path)
-    if encoding == "re-encoded":
+    if encoding == "re-encoded" and stored == "JPEG 2000":
+        again.decompress()
+    elif encoding == "re-encoded":
         again.compress(RLELossless, encoding_plugin="pydicom")
     os.replace(_written(tmp_path, again, "incoming.dcm"), path)  # as the listener does
     with pytest.raises(FileChangedError):
-        decode_for_display(ds)
+        reduce = decode_reduction(ds, min_short_side=64, min_long_side=64)
+        decode_for_display(ds, reduce=reduce)
     # read again, the instance is the new file throughout
     np.testing.assert_array_equal(decode_frame(read_image(path), 0), _grey_frames()[0])
 

@@ -81,7 +81,12 @@ def peak_rss_mb(pid: int) -> float:
 
     ``VmHWM`` starts again at ``exec``, where ``ru_maxrss`` carries the forking parent's.
     """
+    return status_mib(pid, "VmHWM")
+
+
+def status_mib(pid: int, field: str) -> float:
+    """A memory figure (``VmRSS``, ``VmHWM`` ...) of a live process, in MiB; NaN if unknown."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -53,14 +54,14 @@ def measure(path: Path, read: str) -> dict[str, float]:
 
     from dicom_io import gate
     from dicom_io.pixels import decode_for_display, decode_reduction, read_image
-    from tests.bench import heap_as_in_workers
+    from tests.bench import heap_as_in_workers, peak_rss_mb, status_mib
     from worker.settings import SC_MIN_LONG_SIDE
 
     heap_as_in_workers()
     reader = dcmread if read == "whole" else read_image
     # the peak from here on: what the imports held at most does not count
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM starts again at VmRSS
-    before = _status_mib("VmRSS")
+    before = status_mib(os.getpid(), "VmRSS")
     started = time.perf_counter()
     ds = reader(path)
     decision = gate.check(ds)
@@ -68,15 +69,8 @@ def measure(path: Path, read: str) -> dict[str, float]:
     reduce = decode_reduction(ds, min_short_side=512, min_long_side=SC_MIN_LONG_SIDE)
     image = decode_for_display(ds, reduce=reduce)
     seconds = time.perf_counter() - started
-    return {"rise_mib": _status_mib("VmHWM") - before, "seconds": seconds, "rows": image.shape[0]}
-
-
-def _status_mib(field: str) -> float:
-    """A memory figure of this process from ``/proc/self/status``, in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
+    rise = peak_rss_mb(os.getpid()) - before
+    return {"rise_mib": rise, "seconds": seconds, "rows": image.shape[0]}
 
 
 def in_fresh_interpreter(path: Path, read: str) -> dict[str, float]:

@@ -58,6 +58,9 @@ _PIXEL_DATA_TAG = 0x7FE00010
 #: Values longer than this stay in the file when :func:`read_image` reads an instance
 #: (in practice only the pixel data), until they are used.
 DEFERRED_BYTES = 1 << 20
+#: Stored values read from the file at once when an uncompressed image is decoded reduced
+#: (:func:`_blocks_from_file`).
+_STRIP_BYTES = 1 << 22
 # What a frame's stored values are decoded by (Image Pixel module, PS3.3 C.7.6.3).
 _FRAME_DESCRIPTION = (
     "Rows",
@@ -292,20 +295,9 @@ def _frame_alone(ds: Dataset, index: int) -> Dataset | None:
     frames = int(_float_or_none(ds.get("NumberOfFrames")) or 1)
     if element is None or syntax is None or not 0 <= index < frames:
         return None
-    allocated = int(ds.get("BitsAllocated") or 0)
-    if not syntax.is_encapsulated:
-        rows, columns = _stored_shape(ds)
-        length = rows * columns * int(ds.get("SamplesPerPixel") or 1) * allocated // 8
-        photometric = str(ds.get("PhotometricInterpretation") or "").upper()
-        if (
-            allocated not in (8, 16, 32)  # (1: frames need not start on a byte)
-            or photometric.endswith("_422")
-            or not syntax.is_little_endian
-            or length == 0
-            or element.length == 0xFFFFFFFF
-            or element.length < frames * length
-        ):
-            return None
+    length = 0 if syntax.is_encapsulated else _native_frame_bytes(ds, element, syntax, frames)
+    if length is None:
+        return None
     fh = _open_source(ds)
     if fh is None:
         return None
@@ -316,22 +308,137 @@ def _frame_alone(ds: Dataset, index: int) -> Dataset | None:
             fh.seek(element.value_tell)
             if (frame := _encapsulated_frame(ds, index, fh)) is None:
                 return None
-            value, vr = encapsulate([frame]), "OB"
-        else:
-            if os.fstat(fh.fileno()).st_size < element.value_tell + element.length:
-                return None  # a file cut short: refused as when read whole, whole frame or not
-            fh.seek(element.value_tell + index * length)
-            value, vr = fh.read(length), "OB" if allocated == 8 else "OW"
-            if len(value) != length:
-                return None
+            return _stored_values_dataset(ds, syntax, encapsulate([frame]))
+        if not _holds_value(fh, element):
+            return None  # a file cut short: refused as when read whole, whole frame or not
+        fh.seek(element.value_tell + index * length)
+        value = fh.read(length)
+    return _stored_values_dataset(ds, syntax, value) if len(value) == length else None
+
+
+def _native_frame_bytes(
+    ds: Dataset, element: RawDataElement, syntax: UID, frames: int
+) -> int | None:
+    """Bytes of one frame of ``ds``'s uncompressed pixel data where frames can be read
+    from the file at their offsets; None where they cannot (frames that need not start on
+    a byte, YBR_422, big endian, an undefined length, or data shorter than its frames).
+    """
+    allocated = int(ds.get("BitsAllocated") or 0)
+    rows, columns = _stored_shape(ds)
+    length = rows * columns * int(ds.get("SamplesPerPixel") or 1) * allocated // 8
+    photometric = str(ds.get("PhotometricInterpretation") or "").upper()
+    if (
+        allocated not in (8, 16, 32)  # (1: frames need not start on a byte)
+        or photometric.endswith("_422")
+        or not syntax.is_little_endian
+        or length == 0
+        or element.length == 0xFFFFFFFF
+        or element.length < frames * length
+    ):
+        return None
+    return length
+
+
+def _holds_value(fh: BinaryIO, element: RawDataElement) -> bool:
+    """Whether the open file is long enough to hold ``element``'s whole value (one of
+    undefined length, encapsulated, ends where its items say: reading them finds out)."""
+    if element.length == 0xFFFFFFFF:
+        return True
+    return os.fstat(fh.fileno()).st_size >= element.value_tell + element.length
+
+
+def _stored_values_dataset(
+    ds: Dataset, syntax: UID, value: bytes, rows: int | None = None
+) -> Dataset:
+    """A dataset of one frame whose stored values are ``value``, described as ``ds``'s
+    frames are (``rows`` of them where given: a strip of an uncompressed frame), that
+    pydicom decodes as it would ``ds``'s own."""
     alone = Dataset()
     alone.file_meta = FileMetaDataset()
     alone.file_meta.TransferSyntaxUID = syntax
     for keyword in _FRAME_DESCRIPTION:
         if keyword in ds:
             alone[keyword] = ds[keyword]
+    if rows is not None:
+        alone.Rows = rows
+    vr = "OB" if syntax.is_encapsulated or int(ds.get("BitsAllocated") or 0) == 8 else "OW"
     alone.add_new(_PIXEL_DATA_TAG, vr, value)
     return alone
+
+
+def _blocks_from_file(ds: Dataset, reduce: int) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """:func:`_reduced` of ``ds``'s uncompressed grey frame, read from its file a strip
+    of rows at a time.
+
+    The same values as decoding the frame whole and then reducing it, with one strip of
+    stored values (about :data:`_STRIP_BYTES`) in memory instead of the whole frame: a
+    30-megapixel radiograph is 58 MB. None where the frame cannot be read so (only a
+    single-frame grey image read by :func:`read_image` from a file that holds its whole
+    pixel data can): the caller decodes the frame whole, and reports what is wrong.
+
+    Raises
+    ------
+    OSError
+        When the file cannot be read; :class:`FileChangedError` when it is no longer the
+        file ``ds`` was read from.
+    """
+    element = _deferred_pixel_data(ds)
+    syntax = _transfer_syntax(ds)
+    if reduce < 1 or element is None or syntax is None or syntax.is_encapsulated:
+        return None
+    if not _grey_single_frame(ds):
+        return None
+    if (length := _native_frame_bytes(ds, element, syntax, 1)) is None:
+        return None
+    rows, columns = _stored_shape(ds)
+    row_bytes = length // rows
+    if rows >> reduce == 0 or (fh := _open_source(ds)) is None:
+        return None
+    with fh:
+        if not _holds_value(fh, element):
+            return None
+        fh.seek(element.value_tell)
+
+        def strip(top: int, count: int) -> np.ndarray:
+            value = fh.read(count * row_bytes)
+            if len(value) != count * row_bytes:
+                raise FileChangedError("the file was cut short while it was read")
+            stored = _stored_values_dataset(ds, syntax, value, rows=count).pixel_array
+            return np.asarray(stored)
+
+        return _reduced(strip, rows, columns, reduce, ds, row_bytes=row_bytes)
+
+
+def _reduced(
+    strip: Callable[[int, int], np.ndarray],
+    rows: int,
+    columns: int,
+    reduce: int,
+    ds: Dataset,
+    *,
+    row_bytes: int,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Means of the ``2**reduce`` x ``2**reduce`` blocks of a grey image of stored
+    values (:func:`_block_mean`), and which blocks touch padding (:func:`_block_any`;
+    None where none does), taken a strip of rows at a time: ``strip(top, count)``
+    gives ``count`` rows from row ``top``, in order, each strip about
+    :data:`_STRIP_BYTES` of ``row_bytes`` rows. So what is held at once besides the
+    result is one strip and its sums, not the image's."""
+    factor = 1 << reduce
+    kept = rows // factor * factor  # partial blocks at the bottom are left out
+    step = factor * max(1, _STRIP_BYTES // (factor * max(1, row_bytes)))
+    blocks = np.empty((kept // factor, columns // factor), dtype=np.float32)
+    padding: np.ndarray | None = None
+    for top in range(0, kept, step):
+        count = min(step, kept - top)
+        stored = strip(top, count)
+        at = slice(top // factor, (top + count) // factor)
+        blocks[at] = _block_mean(stored, factor)
+        if (mask := _padding_mask(stored, ds)) is not None:
+            if padding is None:
+                padding = np.zeros(blocks.shape, dtype=bool)
+            padding[at] = _block_any(mask, factor)
+    return blocks, padding
 
 
 def _transfer_syntax(ds: Dataset) -> UID | None:
@@ -351,6 +458,14 @@ def _grey_codestream(ds: Dataset, syntaxes: Sequence[str]) -> bytes | None:
         return None
     if int(ds.get("SamplesPerPixel") or 1) != 1 or int(ds.get("PixelRepresentation") or 0):
         return None
+    # Where read_image left the pixel data in the file, the frame is read from there and
+    # the value is not: one copy of the codestream in memory, not two.
+    element = _deferred_pixel_data(ds)
+    if element is not None and (fh := _open_source(ds)) is not None:
+        with fh:
+            if _holds_value(fh, element):
+                fh.seek(element.value_tell)
+                return _encapsulated_frame(ds, 0, fh)
     return _encapsulated_frame(ds, 0)
 
 
@@ -853,7 +968,6 @@ def decode_frame(ds: Dataset, index: int = 0, *, reduce: int = 0) -> np.ndarray:
     frames = int(_float_or_none(ds.get("NumberOfFrames")) or 1)
     if frames > 1 and (alone := _frame_alone(ds, index)) is not None:
         return decode_frame(alone, 0)  # one frame read from the file, not all of them
-    _read_deferred_pixels(ds)
     syntax = _transfer_syntax(ds)
     # Single-frame grey JPEG 2000 and HTJ2K (Pillow when reduced, else imagecodecs; both on
     # several threads), lossless JPEG and JPEG-LS (imagecodecs): imagecodecs releases the
@@ -875,6 +989,7 @@ def decode_frame(ds: Dataset, index: int = 0, *, reduce: int = 0) -> np.ndarray:
     elif syntax in _JPEG_LS_SYNTAXES and frame is not None:
         # a frame the fast path does not take (one of several, signed, colour)
         _require_charls_to_find_no_damage(frame, ds, syntax)
+    _read_deferred_pixels(ds)
     try:
         if frames > 1:
             from pydicom.pixels import pixel_array
@@ -1084,6 +1199,10 @@ def decode_for_display(ds: Dataset, *, reduce: int = 0) -> np.ndarray:
     PixelDataError
         When pixel data is missing or cannot be decoded.
     """
+    if (read := _blocks_from_file(ds, reduce)) is not None:
+        # an uncompressed radiograph, reduced a strip at a time as it is read
+        blocks, mask = read
+        return _to_display(_modality_lut(blocks, ds), mask, ds)
     array = decode_frame(ds, 0, reduce=reduce)
     samples = int(ds.get("SamplesPerPixel") or 1)
     if array.ndim == 3 and (samples > 1 or array.shape[-1] in (3, 4)):
@@ -1109,16 +1228,29 @@ def decode_for_display(ds: Dataset, *, reduce: int = 0) -> np.ndarray:
         if mask is not None:
             values[mask] = 0.0
     else:
-        mask = _padding_mask(array, ds)
         if reduce > 0 and array.shape == _stored_shape(ds) and _grey_single_frame(ds):
             # Averaged like JPEG 2000's low-pass band; a block touching padding is padding
-            factor = 1 << reduce
-            mask = _block_any(mask, factor) if mask is not None else None
-            array = _block_mean(array, factor)
+            stored, (rows, columns) = array, array.shape
+            array, mask = _reduced(
+                lambda top, count: stored[top : top + count],
+                rows,
+                columns,
+                reduce,
+                ds,
+                row_bytes=columns * array.itemsize,
+            )
+        else:
+            mask = _padding_mask(array, ds)
         values = _modality_lut(array, ds)
+    return _to_display(values, mask, ds)
+
+
+def _to_display(values: np.ndarray, mask: np.ndarray | None, ds: Dataset) -> np.ndarray:
+    """Grey ``values`` after the Modality LUT, with padding at ``mask``: through the VOI
+    LUT and the MONOCHROME1 inversion to float32 in [0, 1], padding 0."""
     sample = _sample(values, mask)
     out = _voi(values, ds, sample).astype(np.float32, copy=False)
-    if photometric == "MONOCHROME1":
+    if str(ds.get("PhotometricInterpretation") or "MONOCHROME2").upper() == "MONOCHROME1":
         out = 1.0 - out
     if mask is not None:
         out[mask] = 0.0

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom import Dataset, dcmread
-from pydicom.encaps import encapsulate_extended, generate_frames
+from pydicom.encaps import encapsulate, encapsulate_extended, generate_frames
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -291,3 +291,196 @@ def test_the_memory_to_decode_a_frame_does_not_grow_with_the_frames(tmp_path: Pa
     # read whole, each frame more is in memory; read alone, none is
     assert peak(dcmread, 24) - peak(dcmread, 2) > 20 * frame
     assert peak(read_image, 24) - peak(read_image, 2) < frame / 8
+
+
+def _single(
+    *,
+    rows: int = ROWS,
+    columns: int = COLUMNS,
+    bits: int = 12,
+    signed: bool = False,
+    photometric: str = "MONOCHROME2",
+) -> Dataset:
+    """A single-frame uncompressed hand, its values spread over ``bits`` bits."""
+    if signed:
+        # centred on 0: negative stored values, sign-extended from ``bits`` bits
+        hand = np.rint((hand_like(rows, columns) - 0.5) * ((1 << (bits - 1)) - 1))
+        stored = hand.astype(np.int16 if bits <= 16 else np.int32)
+    else:
+        hand = np.rint(hand_like(rows, columns) * ((1 << bits) - 1))
+        stored = hand.astype(np.uint8 if bits <= 8 else np.uint16 if bits <= 16 else np.uint32)
+    ds = make_radiograph_dataset(
+        np.zeros((rows, columns), dtype=np.uint16),
+        birth_date=BIRTH_DATE,
+        study_date=STUDY_DATE,
+        bits_stored=12,
+    )
+    for keyword in ("WindowCenter", "WindowWidth"):
+        if keyword in ds:
+            delattr(ds, keyword)  # the percentile window: what every value moves
+    ds.BitsAllocated = stored.dtype.itemsize * 8
+    ds.BitsStored, ds.HighBit = bits, bits - 1
+    ds.PixelRepresentation = int(signed)
+    ds.PhotometricInterpretation = photometric
+    ds.PixelData = stored.tobytes()
+    return ds
+
+
+SINGLE_FRAMES: dict[str, Callable[[], Dataset]] = {
+    "8 bits, odd columns": lambda: _single(columns=COLUMNS + 1, bits=8),
+    "12 bits": lambda: _single(),
+    "16 bits, odd rows": lambda: _single(rows=ROWS + 3, bits=16),
+    "12 bits signed": lambda: _single(signed=True),
+    "32 bits": lambda: _single(bits=20),
+    "MONOCHROME1": lambda: _single(photometric="MONOCHROME1"),
+}
+
+
+def _padded(ds: Dataset, *, range_limit: bool = False) -> Dataset:
+    """Padding in a band of rows near the top only, and a column block at the side."""
+    stored = ds.pixel_array.copy()
+    stored[5:29, :] = 0
+    stored[200:, :13] = 7 if range_limit else 0
+    ds.PixelData = stored.tobytes()
+    ds.PixelPaddingValue = 0
+    if range_limit:
+        ds.PixelPaddingRangeLimit = 9
+    return ds
+
+
+@pytest.mark.usefixtures("defer_everything")
+@pytest.mark.parametrize("reduce", [1, 2, 3])
+@pytest.mark.parametrize(
+    "make",
+    [
+        *SINGLE_FRAMES.values(),
+        lambda: _padded(_single()),
+        lambda: _padded(_single(), range_limit=True),
+    ],
+    ids=[*SINGLE_FRAMES, "padding", "padding range"],
+)
+def test_an_uncompressed_frame_reduced_is_read_a_strip_at_a_time_to_the_same_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make: Callable[[], Dataset], reduce: int
+) -> None:
+    """Strips of 40 rows or so (not a multiple of every block): the image is the one
+    that decoding the frame whole and then averaging it gives, value for value."""
+    monkeypatch.setattr(pixels, "_STRIP_BYTES", 40 * COLUMNS * 2)
+    path = _written(tmp_path, make(), "single.dcm")
+    whole = decode_for_display(dcmread(path), reduce=reduce)
+    ds = read_image(path)
+    image = decode_for_display(ds, reduce=reduce)
+    assert _still_in_the_file(ds), "the frame was read whole"
+    np.testing.assert_array_equal(image, whole)
+    assert image.shape == (dcmread(path).Rows >> reduce, dcmread(path).Columns >> reduce)
+
+
+@pytest.mark.usefixtures("defer_everything")
+@pytest.mark.parametrize("cut", ["data", "file"])
+def test_a_single_frame_cut_short_is_refused_as_when_read_whole(tmp_path: Path, cut: str) -> None:
+    """Even where the strips read before the end would be whole."""
+    ds = _single()
+    if cut == "data":
+        ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+    path = _written(tmp_path, ds, "single.dcm")
+    if cut == "file":
+        path.write_bytes(path.read_bytes()[: -ROWS * COLUMNS // 2])
+    with pytest.raises(PixelDataError) as whole:
+        decode_for_display(dcmread(path), reduce=1)
+    with pytest.raises(PixelDataError) as in_strips:
+        decode_for_display(read_image(path), reduce=1)
+    assert str(in_strips.value) == str(whole.value)
+
+
+@pytest.mark.usefixtures("defer_everything")
+@pytest.mark.parametrize("stored", ["uncompressed, in strips", "JPEG 2000"])
+def test_a_single_frame_whose_file_is_gone_before_it_is_decoded_is_an_os_error(
+    tmp_path: Path, stored: str
+) -> None:
+    ds = _single()
+    if stored == "JPEG 2000":
+        ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
+    path = _written(tmp_path, ds, "single.dcm")
+    ds = read_image(path)
+    os.remove(path)
+    with pytest.raises(OSError):
+        decode_for_display(ds, reduce=1)
+
+
+def test_the_memory_to_decode_a_frame_reduced_is_a_strip_not_the_frame(tmp_path: Path) -> None:
+    """At the default strip size: a 4000 x 4000 16-bit frame (30.5 MiB), at half size."""
+    side = 4000
+    frame = side * side * 2
+    path = _written(tmp_path, _single(rows=side, columns=side, bits=16), "large.dcm")
+
+    def peak(read: Callable[[Path], Dataset]) -> int:
+        ds = read(path)
+        tracemalloc.start()
+        try:
+            image = decode_for_display(ds, reduce=1)
+            assert image.shape == (side // 2, side // 2)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    whole, in_strips = peak(dcmread), peak(read_image)
+    print(f"peak: read whole {whole / 2**20:.1f} MiB, in strips {in_strips / 2**20:.1f} MiB")
+    assert in_strips < whole - frame
+
+
+def _single_compressed(syntax: UID, plugin: str) -> Writer:
+    def write(tmp_path: Path) -> Path:
+        ds = _single()
+        ds.compress(syntax, encoding_plugin=plugin)
+        return _written(tmp_path, ds, "single.dcm")
+
+    return write
+
+
+def _single_dcmtk(tool: str, *options: str) -> Writer:
+    def write(tmp_path: Path) -> Path:
+        native = _written(tmp_path, _single(), "native.dcm")
+        target = tmp_path / f"{tool}.dcm"
+        run_tool(tool, *options, native, target)
+        return target
+
+    return write
+
+
+SINGLE_COMPRESSED: dict[str, Writer] = {
+    "JPEG 2000": _single_compressed(JPEG2000Lossless, "pylibjpeg"),
+    "JPEG Lossless SV1 (dcmcjpeg)": _single_dcmtk("dcmcjpeg", "+e1"),
+    "JPEG-LS (dcmcjpls)": _single_dcmtk("dcmcjpls"),
+}
+
+
+@pytest.mark.usefixtures("defer_everything")
+@pytest.mark.parametrize("reduce", [0, 1])
+@pytest.mark.parametrize("write", list(SINGLE_COMPRESSED.values()), ids=list(SINGLE_COMPRESSED))
+def test_a_compressed_single_frame_is_decoded_from_its_file_its_value_left_there(
+    tmp_path: Path, write: Writer, reduce: int
+) -> None:
+    """Its codestream is read from the file for the decoder, not into the dataset as
+    well: one copy of it in memory, not two."""
+    path = write(tmp_path)
+    whole = decode_for_display(dcmread(path), reduce=reduce)
+    ds = read_image(path)
+    assert decode_reduction(ds, min_short_side=64, min_long_side=64) >= 1
+    np.testing.assert_array_equal(decode_for_display(ds, reduce=reduce), whole)
+    assert _still_in_the_file(ds), "the pixel data was read into the dataset"
+
+
+@pytest.mark.usefixtures("defer_everything")
+@pytest.mark.parametrize("write", list(SINGLE_COMPRESSED.values()), ids=list(SINGLE_COMPRESSED))
+def test_a_compressed_frame_cut_short_is_refused_as_when_read_whole(
+    tmp_path: Path, write: Writer
+) -> None:
+    """A codestream that stops at 60 %, in a well-formed encapsulation."""
+    ds = dcmread(write(tmp_path))
+    codestream = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([codestream[: len(codestream) * 6 // 10]])
+    path = _written(tmp_path, ds, "cut.dcm")
+    with pytest.raises(PixelDataError) as whole:
+        decode_for_display(dcmread(path), reduce=1)
+    with pytest.raises(PixelDataError) as from_the_file:
+        decode_for_display(read_image(path), reduce=1)
+    assert str(from_the_file.value) == str(whole.value)

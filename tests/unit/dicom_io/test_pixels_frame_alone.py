@@ -484,3 +484,26 @@ def test_a_compressed_frame_cut_short_is_refused_as_when_read_whole(
     with pytest.raises(PixelDataError) as from_the_file:
         decode_for_display(read_image(path), reduce=1)
     assert str(from_the_file.value) == str(whole.value)
+
+
+@pytest.mark.usefixtures("defer_everything")
+@pytest.mark.parametrize("reduce", [1, 2, 3])
+@pytest.mark.parametrize("make", list(SINGLE_FRAMES.values()), ids=list(SINGLE_FRAMES))
+def test_strips_are_the_block_averages_of_the_frame_decoded_in_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make: Callable[[], Dataset], reduce: int
+) -> None:
+    """Against a reference of its own: under a linear window that clips nothing, the
+    image reduced in strips is the full-size image averaged in blocks."""
+    monkeypatch.setattr(pixels, "_STRIP_BYTES", 40 * COLUMNS * 2)
+    ds = make()
+    stored = ds.pixel_array
+    low, high = int(stored.min()), int(stored.max())
+    ds.WindowCenter, ds.WindowWidth = (low + high) / 2, high - low + 3
+    path = _written(tmp_path, ds, "single.dcm")
+    full = decode_for_display(dcmread(path)).astype(np.float64)
+    factor = 1 << reduce
+    rows, columns = full.shape[0] // factor * factor, full.shape[1] // factor * factor
+    blocks = full[:rows, :columns].reshape(rows // factor, factor, columns // factor, factor)
+    np.testing.assert_allclose(
+        decode_for_display(read_image(path), reduce=reduce), blocks.mean(axis=(1, 3)), atol=1e-5
+    )

@@ -211,10 +211,17 @@ def _identity(status: os.stat_result) -> tuple[int, int, int, int]:
 def read_image(path: str | os.PathLike[str]) -> Dataset:
     """Read an image instance from ``path``, its pixel data left in the file until used.
 
-    :func:`decode_frame` then reads from the file only the frame it decodes, so the
-    memory an instance of many frames takes to decode is that of one frame, however
-    many it has (an uncompressed 40-frame 2500 x 2000 instance is 400 MB). A single
-    frame is read whole when first used, as :func:`pydicom.dcmread` reads it.
+    The decoders then read from the file only what they decode, so that the memory an
+    image takes to decode does not grow with what else the file holds:
+
+    - of several frames, the one decoded (:func:`decode_frame`): an uncompressed
+      40-frame 2500 x 2000 instance is 400 MB;
+    - of an uncompressed grey frame decoded reduced, a strip of rows at a time
+      (:func:`decode_for_display`), so a large radiograph takes no more than a small one;
+    - of a compressed single grey frame decoded by imagecodecs or Pillow, its codestream,
+      for the decoder only.
+
+    Anything else is read whole when first used, as :func:`pydicom.dcmread` reads it.
 
     The pixels are read from the very file the header was read from: where another
     file has taken its place since (the same instance received again) or it changed,

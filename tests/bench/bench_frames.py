@@ -1,20 +1,26 @@
-"""Memory to decode the first frame of an instance as its frames grow: read alone vs whole.
+"""Memory to decode an instance's first frame as it grows: left in the file vs read whole.
 
 An inference process decodes one frame of an instance, its first. It reads the instance
-with ``dicom_io.pixels.read_image``, which leaves the pixel data in the file, and
-``decode_frame`` then reads from the file only that frame. Reading the instance whole
-(``pydicom.dcmread``, the worker's way until the twenty-fourth session) holds every frame
-in memory.
+with ``dicom_io.pixels.read_image``, which leaves the pixel data in the file, and then
+reads from the file only what it decodes: of several frames, the first; of an
+uncompressed frame decoded reduced, a strip of rows at a time; of a compressed one, its
+codestream, for the decoder only. Reading the instance whole (``pydicom.dcmread``, the
+worker's way until the twenty-fourth session) holds all of its pixel data in memory.
 
-For each frame count, a multi-frame grey Secondary Capture of 2500 x 2000 12-bit frames
-(uncompressed, 10 MB each) is written once. Then, each in a fresh interpreter with the
-inference workers' heap setting, the instance is read, gated and its first frame decoded
-as the pipeline does it (``gate.check``, ``decode_reduction``, ``decode_for_display``),
-once each way. The table shows how far above its resident memory before (``VmRSS``) that
-took the process's peak (``VmHWM``, started again there through ``/proc/self/clear_refs``;
-Linux only) and how long it took.
+Two tables, each instance written once and then, in a fresh interpreter with the
+inference workers' heap setting, read, gated and its first frame decoded as the pipeline
+does it (``gate.check``, ``decode_reduction``, ``decode_for_display``), once each way:
 
-    .venv/bin/python -m tests.bench.bench_frames [--frames 1,4,40]
+- frames: a multi-frame grey Secondary Capture of 2500 x 2000 12-bit frames
+  (uncompressed, 10 MB each), of 1, 4 and 40 frames;
+- megapixels: one 12-bit DX frame of 5, 15 and 29 megapixels, uncompressed, JPEG
+  Lossless SV1 (dcmtk) and JPEG 2000 lossless.
+
+Each row shows how far above its resident memory before (``VmRSS``) that took the
+process's peak (``VmHWM``, started again there through ``/proc/self/clear_refs``; Linux
+only) and how long it took.
+
+    .venv/bin/python -m tests.bench.bench_frames [--frames 1,4,40] [--sizes 2500x2000,...]
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ from pathlib import Path
 
 ROWS, COLUMNS = 2500, 2000
 READS = ("whole", "alone")
-WIDTHS = (6, 8, 10, 8, 10, 8)  # of the table's columns
+WIDTHS = (6, 8, 10, 8, 10, 8)  # of the frames table's columns
+SIZES = "2500x2000,4300x3500,6000x4800"
+SYNTAXES = ("native", "jpeg-lossless", "j2k")
 
 
 def write_instance(path: Path, frames: int) -> int:
@@ -90,6 +98,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--frames", default="1,4,40", help="frame counts, comma-separated")
+    parser.add_argument(
+        "--sizes", default=SIZES, help="single frames, ROWSxCOLUMNS, comma-separated ('': none)"
+    )
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--read", choices=READS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -99,7 +110,19 @@ def main() -> None:
     counts = sorted({int(n) for n in args.frames.split(",") if n.strip()})
     if not counts or counts[0] < 1:
         parser.error("--frames needs counts of 1 or more")
+    try:
+        sides = [tuple(map(int, size.split("x"))) for size in args.sizes.split(",") if size]
+        sizes = [(rows, columns) for rows, columns in sides]
+    except ValueError:
+        parser.error("--sizes needs ROWSxCOLUMNS, comma-separated")
+    with tempfile.TemporaryDirectory(prefix="bench-frames-") as folder:
+        frames_table(Path(folder), counts)
+        if sizes:
+            print()
+            sizes_table(Path(folder), sorted(sizes, key=lambda size: size[0] * size[1]))
 
+
+def frames_table(folder: Path, counts: list[int]) -> None:
     frame_mib = ROWS * COLUMNS * 2 / 2**20
     print(
         f"multi-frame grey SC, frames of {COLUMNS}x{ROWS} 12-bit, uncompressed "
@@ -110,20 +133,19 @@ def main() -> None:
     header = ("frames", "file MB", "whole MiB", "whole s", "alone MiB", "alone s")
     print(" ".join(f"{name:>{width}}" for name, width in zip(header, WIDTHS, strict=True)))
     rises: dict[str, dict[int, float]] = {read: {} for read in READS}
-    with tempfile.TemporaryDirectory(prefix="bench-frames-") as folder:
-        for frames in counts:
-            path = Path(folder) / f"frames-{frames}.dcm"
-            size = write_instance(path, frames)
-            figures = {read: in_fresh_interpreter(path, read) for read in READS}
-            for read in READS:
-                rises[read][frames] = figures[read]["rise_mib"]
-            print(
-                f"{frames:>6} {size / 1e6:>8.0f} "
-                f"{figures['whole']['rise_mib']:>10.1f} {figures['whole']['seconds']:>8.3f} "
-                f"{figures['alone']['rise_mib']:>10.1f} {figures['alone']['seconds']:>8.3f}",
-                flush=True,
-            )
-            path.unlink()
+    for frames in counts:
+        path = folder / f"frames-{frames}.dcm"
+        size = write_instance(path, frames)
+        figures = {read: in_fresh_interpreter(path, read) for read in READS}
+        for read in READS:
+            rises[read][frames] = figures[read]["rise_mib"]
+        print(
+            f"{frames:>6} {size / 1e6:>8.0f} "
+            f"{figures['whole']['rise_mib']:>10.1f} {figures['whole']['seconds']:>8.3f} "
+            f"{figures['alone']['rise_mib']:>10.1f} {figures['alone']['seconds']:>8.3f}",
+            flush=True,
+        )
+        path.unlink()
     several = [n for n in counts if n > 1]
     if len(several) >= 2:
         low, high = several[0], several[-1]
@@ -132,6 +154,49 @@ def main() -> None:
             print(
                 f"read {read}: {per_frame:+.2f} MiB a frame from {low} to {high} frames "
                 f"(a frame is {frame_mib:.1f} MiB)"
+            )
+
+
+def sizes_table(folder: Path, sizes: list[tuple[int, int]]) -> None:
+    from tests.bench.bench_pipeline import make_input
+
+    print(
+        "one 12-bit DX frame as it grows, decoded reduced for the network and the heat-map "
+        "picture; peak resident memory above that before (VmHWM - VmRSS); 'whole': "
+        "pydicom.dcmread, 'file': read_image",
+        flush=True,
+    )
+    header = ("size", "MP", "syntax", "file MB", "whole MiB", "whole s", "file MiB", "file s")
+    widths = (10, 5, 14, 8, 10, 8, 9, 7)
+    print(" ".join(f"{name:>{width}}" for name, width in zip(header, widths, strict=True)))
+    rises: dict[tuple[str, str], dict[float, float]] = {}
+    for rows, columns in sizes:
+        megapixels = rows * columns / 1e6
+        for syntax in SYNTAXES:
+            path = folder / f"{syntax}-{rows}x{columns}.dcm"
+            make_input(path, rows=rows, columns=columns, modality="DX", syntax=syntax)
+            figures = {read: in_fresh_interpreter(path, read) for read in READS}
+            for read in READS:
+                rises.setdefault((syntax, read), {})[megapixels] = figures[read]["rise_mib"]
+            print(
+                f"{f'{rows}x{columns}':>10} {megapixels:>5.1f} {syntax:>14} "
+                f"{path.stat().st_size / 1e6:>8.1f} "
+                f"{figures['whole']['rise_mib']:>10.1f} {figures['whole']['seconds']:>8.3f} "
+                f"{figures['alone']['rise_mib']:>9.1f} {figures['alone']['seconds']:>7.3f}",
+                flush=True,
+            )
+            path.unlink()
+    low, high = sizes[0][0] * sizes[0][1] / 1e6, sizes[-1][0] * sizes[-1][1] / 1e6
+    if high > low:
+        for syntax in SYNTAXES:
+            slopes = [
+                (rises[syntax, read][high] - rises[syntax, read][low]) / (high - low)
+                for read in READS
+            ]
+            print(
+                f"{syntax}: {slopes[0]:+.2f} MiB a megapixel read whole, {slopes[1]:+.2f} "
+                f"from the file ({low:.1f} to {high:.1f} MP; 12-bit stored values are "
+                f"{2 / 1.048576:.2f} MiB a megapixel)"
             )
 
 

@@ -1,12 +1,15 @@
-"""Pixel data left in the file until decoded, and of many frames only the one decoded.
+"""Pixel data left in the file until decoded, and then only what is decoded read from it.
 
-:func:`dicom_io.pixels.read_image` leaves the pixel data in the file, and
-:func:`dicom_io.pixels.decode_frame` then reads only the frame it decodes. The cases
-compare that frame with the same frame decoded from the whole instance read into memory
-(:func:`pydicom.dcmread`, the way every instance was read before) and check that the
-rest of the pixel data never left the file; that what is refused read whole is refused
-read alone; that the memory a frame takes does not grow with the frames; and that the
-pixels are read only from the file whose header was read.
+:func:`dicom_io.pixels.read_image` leaves the pixel data in the file. Of several frames,
+:func:`dicom_io.pixels.decode_frame` then reads only the frame it decodes; of a single
+uncompressed grey frame decoded reduced, :func:`dicom_io.pixels.decode_for_display`
+reads a strip of rows at a time; of a single compressed grey frame, the codestream is
+read for the decoder only. The cases compare each with the same image decoded from the
+whole instance read into memory (:func:`pydicom.dcmread`, the way every instance was read
+before), and strips with a reference of their own too, and check that the pixel data
+never left the file; that what is refused read whole is refused read this way; that the
+memory an image takes does not grow with its frames, nor with the rows of an
+uncompressed one; and that the pixels are read only from the file whose header was read.
 """
 
 from __future__ import annotations

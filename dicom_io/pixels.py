@@ -374,14 +374,14 @@ def _stored_values_dataset(
 
 
 def _blocks_from_file(ds: Dataset, reduce: int) -> tuple[np.ndarray, np.ndarray | None] | None:
-    """:func:`_reduced` of ``ds``'s uncompressed grey frame, read from its file a strip
-    of rows at a time.
+    """:func:`_reduced` of ``ds``'s first uncompressed grey frame, read from its file a
+    strip of rows at a time.
 
     The same values as decoding the frame whole and then reducing it, with one strip of
     stored values (about :data:`_STRIP_BYTES`) in memory instead of the whole frame: a
     30-megapixel radiograph is 58 MB. None where the frame cannot be read so (only a
-    single-frame grey image read by :func:`read_image` from a file that holds its whole
-    pixel data can): the caller decodes the frame whole, and reports what is wrong.
+    grey image read by :func:`read_image` from a file that holds its whole pixel data
+    can): the caller decodes the frame whole, and reports what is wrong.
 
     Raises
     ------
@@ -393,9 +393,10 @@ def _blocks_from_file(ds: Dataset, reduce: int) -> tuple[np.ndarray, np.ndarray 
     syntax = _transfer_syntax(ds)
     if reduce < 1 or element is None or syntax is None or syntax.is_encapsulated:
         return None
-    if not _grey_single_frame(ds):
+    if not _grey_frames(ds):
         return None
-    if (length := _native_frame_bytes(ds, element, syntax, 1)) is None:
+    frames = int(_float_or_none(ds.get("NumberOfFrames")) or 1)
+    if (length := _native_frame_bytes(ds, element, syntax, frames)) is None:
         return None
     rows, columns = _stored_shape(ds)
     row_bytes = length // rows
@@ -672,12 +673,13 @@ def decode_reduction(ds: Dataset, *, min_short_side: int, min_long_side: int = 0
     that follows:
 
     - JPEG 2000 skips the finest wavelet levels (:func:`jpeg2000_reduction`);
-    - other single-frame grey integer images (uncompressed, or decoded in full: JPEG
-      lossless, JPEG-LS, RLE ...) average blocks of ``2**r`` x ``2**r`` stored values
+    - other grey integer images (uncompressed, or decoded in full: JPEG lossless,
+      JPEG-LS, RLE, and JPEG 2000 of several frames ...; of several frames, the first)
+      average blocks of ``2**r`` x ``2**r`` stored values
       before any LUT is applied, which is what the JPEG 2000 reduction does too (its
       low-pass band); the partial blocks at the bottom and right edges, fewer than
       ``2**r`` pixels, are left out. An image therefore comes out the same whichever
-      of these syntaxes it came in.
+      of these syntaxes it came in, alone or as the first of several frames.
 
     Parameters
     ----------
@@ -694,7 +696,7 @@ def decode_reduction(ds: Dataset, *, min_short_side: int, min_long_side: int = 0
     """
     if _j2k_codestream(ds) is not None:
         return jpeg2000_reduction(ds, min_short_side=min_short_side, min_long_side=min_long_side)
-    if not _grey_single_frame(ds):
+    if not _grey_frames(ds):
         return 0
     return _affordable_halvings(
         ds, _MAX_BLOCK_REDUCTION, min_short_side, min_long_side, lambda side, f: side // f
@@ -720,11 +722,10 @@ def _affordable_halvings(
     return level
 
 
-def _grey_single_frame(ds: Dataset) -> bool:
-    """Whether ``ds`` is one frame of grey integer samples in a known transfer syntax."""
+def _grey_frames(ds: Dataset) -> bool:
+    """Whether ``ds``'s frames (one or several) are grey integer samples in a known
+    transfer syntax."""
     if _transfer_syntax(ds) is None or "PixelData" not in ds:
-        return False
-    if int(_float_or_none(ds.get("NumberOfFrames")) or 1) != 1:
         return False
     photometric = str(ds.get("PhotometricInterpretation") or "").upper()
     return int(ds.get("SamplesPerPixel") or 1) == 1 and photometric in (
@@ -1193,8 +1194,8 @@ def decode_for_display(ds: Dataset, *, reduce: int = 0) -> np.ndarray:
         A single- or multi-frame image dataset.
     reduce : int
         Decode at ``2**-reduce`` of the image's size, from :func:`decode_reduction`:
-        a single-frame grey JPEG 2000 image skips wavelet levels, another single-frame
-        grey one averages blocks of stored values; ignored for other images.
+        a single-frame grey JPEG 2000 image skips wavelet levels, another grey one
+        averages blocks of stored values; ignored for other images.
 
     Returns
     -------
@@ -1235,7 +1236,7 @@ def decode_for_display(ds: Dataset, *, reduce: int = 0) -> np.ndarray:
         if mask is not None:
             values[mask] = 0.0
     else:
-        if reduce > 0 and array.shape == _stored_shape(ds) and _grey_single_frame(ds):
+        if reduce > 0 and array.shape == _stored_shape(ds) and _grey_frames(ds):
             # Averaged like JPEG 2000's low-pass band; a block touching padding is padding
             stored, (rows, columns) = array, array.shape
             array, mask = _reduced(

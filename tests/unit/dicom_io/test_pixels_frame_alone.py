@@ -454,6 +454,11 @@ def _single_dcmtk(tool: str, *options: str) -> Writer:
     return write
 
 
+SINGLE_COMPRESSED_OF_SEVERAL = (
+    _compressed(RLELossless, "pydicom"),
+    _compressed(JPEGLSLossless, "pyjpegls"),
+    _compressed(JPEG2000Lossless, "pylibjpeg"),
+)
 SINGLE_COMPRESSED: dict[str, Writer] = {
     "JPEG 2000": _single_compressed(JPEG2000Lossless, "pylibjpeg"),
     "JPEG Lossless SV1 (dcmcjpeg)": _single_dcmtk("dcmcjpeg", "+e1"),
@@ -511,3 +516,24 @@ def test_strips_are_the_block_averages_of_the_frame_decoded_in_full(
     np.testing.assert_allclose(
         decode_for_display(read_image(path), reduce=reduce), blocks.mean(axis=(1, 3)), atol=1e-5
     )
+
+
+@pytest.mark.usefixtures("defer_everything")
+@pytest.mark.parametrize(
+    "write",
+    [_native_grey, *SINGLE_COMPRESSED_OF_SEVERAL],
+    ids=["uncompressed", "RLE", "JPEG-LS", "JPEG 2000"],
+)
+def test_the_first_of_several_frames_is_reduced_as_the_same_image_alone(
+    tmp_path: Path, write: Writer
+) -> None:
+    """The same hand, alone or as the first of several frames, comes out the same
+    image, reduced the same way: the network is given the same input."""
+    several = read_image(write(tmp_path))
+    one = read_image(_written(tmp_path, _multiframe(_grey_frames()[:1]), "alone.dcm"))
+    reduce = decode_reduction(several, min_short_side=64, min_long_side=64)
+    assert reduce == decode_reduction(one, min_short_side=64, min_long_side=64) == 1
+    image = decode_for_display(several, reduce=reduce)
+    np.testing.assert_array_equal(image, decode_for_display(one, reduce=reduce))
+    assert image.shape == (ROWS // 2, COLUMNS // 2)
+    assert _still_in_the_file(several)

@@ -177,13 +177,10 @@ def test_uncompressed_monochrome1_reduced_is_inverted_like_the_full_decode() -> 
     np.testing.assert_allclose(decode_for_display(ds, reduce=1), _box_downscale(full, 2), atol=1e-5)
 
 
-def test_other_images_are_not_reduced() -> None:
+def test_colour_images_and_unknown_encodings_are_not_reduced() -> None:
     one = _native()
     one.NumberOfFrames = 1  # still one frame: reduced
     assert decode_reduction(one, min_short_side=32) > 0
-    multi = _native()
-    multi.NumberOfFrames = 2
-    assert decode_reduction(multi, min_short_side=32) == 0
     rgb = make_radiograph_dataset(
         hand_like(ROWS, COLUMNS), birth_date=BIRTH_DATE, study_date=STUDY_DATE, bits_stored=8
     )

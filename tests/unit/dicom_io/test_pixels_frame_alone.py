@@ -216,6 +216,7 @@ def test_pixel_data_shorter_than_its_frames_is_refused_as_when_read_whole(
     with pytest.raises(PixelDataError) as alone:
         decode_frame(read_image(path), 0)
     assert str(alone.value) == str(whole.value)
+    _refused_as_when_read_whole(path)  # and decoded reduced, where it would be in strips
 
 
 @pytest.mark.usefixtures("defer_everything")
@@ -414,25 +415,32 @@ def test_a_single_frame_whose_file_is_gone_before_it_is_decoded_is_an_os_error(
         decode_for_display(ds, reduce=1)
 
 
-def test_the_memory_to_decode_a_frame_reduced_is_a_strip_not_the_frame(tmp_path: Path) -> None:
-    """At the default strip size: a 4000 x 4000 16-bit frame (30.5 MiB), at half size."""
-    side = 4000
-    frame = side * side * 2
-    path = _written(tmp_path, _single(rows=side, columns=side, bits=16), "large.dcm")
+def test_the_memory_to_decode_a_frame_reduced_does_not_grow_with_the_frame(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 1000 x 1000 and a 4000 x 4000 16-bit frame (1.9 and 30.5 MiB), decoded at 1/2
+    and 1/8 to the same 500 x 500 image, in strips of 256 KiB: the larger takes next to
+    nothing more, where decoded whole it takes its whole frame more."""
+    monkeypatch.setattr(pixels, "_STRIP_BYTES", 1 << 18)
+    sides = {1: 1000, 3: 4000}
+    paths = {
+        reduce: _written(tmp_path, _single(rows=side, columns=side, bits=16), f"{side}.dcm")
+        for reduce, side in sides.items()
+    }
 
-    def peak(read: Callable[[Path], Dataset]) -> int:
-        ds = read(path)
+    def peak(read: Callable[[Path], Dataset], reduce: int) -> int:
+        ds = read(paths[reduce])
         tracemalloc.start()
         try:
-            image = decode_for_display(ds, reduce=1)
-            assert image.shape == (side // 2, side // 2)
+            assert decode_for_display(ds, reduce=reduce).shape == (500, 500)
             return tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
 
-    whole, in_strips = peak(dcmread), peak(read_image)
-    print(f"peak: read whole {whole / 2**20:.1f} MiB, in strips {in_strips / 2**20:.1f} MiB")
-    assert in_strips < whole - frame
+    more = (sides[3] ** 2 - sides[1] ** 2) * 2
+    whole, in_strips = (peak(read, 3) - peak(read, 1) for read in (dcmread, read_image))
+    assert whole > more * 3 / 4  # decoded whole, the larger frame is in memory once more
+    assert in_strips < more / 100  # (7 KB here)
 
 
 def _single_compressed(syntax: UID, plugin: str) -> Writer:

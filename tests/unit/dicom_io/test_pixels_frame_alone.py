@@ -335,7 +335,7 @@ SINGLE_FRAMES: dict[str, Callable[[], Dataset]] = {
     "12 bits": lambda: _single(),
     "16 bits, odd rows": lambda: _single(rows=ROWS + 3, bits=16),
     "12 bits signed": lambda: _single(signed=True),
-    "32 bits": lambda: _single(bits=20),
+    "20 bits in 32": lambda: _single(bits=20),
     "MONOCHROME1": lambda: _single(photometric="MONOCHROME1"),
 }
 
@@ -366,8 +366,8 @@ def _padded(ds: Dataset, *, range_limit: bool = False) -> Dataset:
 def test_an_uncompressed_frame_reduced_is_read_a_strip_at_a_time_to_the_same_image(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make: Callable[[], Dataset], reduce: int
 ) -> None:
-    """Strips of 40 rows or so (not a multiple of every block): the image is the one
-    that decoding the frame whole and then averaging it gives, value for value."""
+    """Strips of about 40 rows, the last one shorter: the image is the one that decoding
+    the frame whole and then averaging it gives, value for value."""
     monkeypatch.setattr(pixels, "_STRIP_BYTES", 40 * COLUMNS * 2)
     path = _written(tmp_path, make(), "single.dcm")
     whole = decode_for_display(dcmread(path), reduce=reduce)
@@ -462,11 +462,6 @@ def _single_dcmtk(tool: str, *options: str) -> Writer:
     return write
 
 
-SINGLE_COMPRESSED_OF_SEVERAL = (
-    _compressed(RLELossless, "pydicom"),
-    _compressed(JPEGLSLossless, "pyjpegls"),
-    _compressed(JPEG2000Lossless, "pylibjpeg"),
-)
 SINGLE_COMPRESSED: dict[str, Writer] = {
     "JPEG 2000": _single_compressed(JPEG2000Lossless, "pylibjpeg"),
     "JPEG Lossless SV1 (dcmcjpeg)": _single_dcmtk("dcmcjpeg", "+e1"),
@@ -527,17 +522,13 @@ def test_strips_are_the_block_averages_of_the_frame_decoded_in_full(
 
 
 @pytest.mark.usefixtures("defer_everything")
-@pytest.mark.parametrize(
-    "write",
-    [_native_grey, *SINGLE_COMPRESSED_OF_SEVERAL],
-    ids=["uncompressed", "RLE", "JPEG-LS", "JPEG 2000"],
-)
+@pytest.mark.parametrize("case", ["native grey", "RLE", "JPEG-LS", "JPEG 2000"])
 def test_the_first_of_several_frames_is_reduced_as_the_same_image_alone(
-    tmp_path: Path, write: Writer
+    tmp_path: Path, case: str
 ) -> None:
     """The same hand, alone or as the first of several frames, comes out the same
     image, reduced the same way: the network is given the same input."""
-    several = read_image(write(tmp_path))
+    several = read_image(CASES[case](tmp_path))
     one = read_image(_written(tmp_path, _multiframe(_grey_frames()[:1]), "alone.dcm"))
     reduce = decode_reduction(several, min_short_side=64, min_long_side=64)
     assert reduce == decode_reduction(one, min_short_side=64, min_long_side=64) == 1

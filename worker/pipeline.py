@@ -259,8 +259,9 @@ def assess_instance(rt: Runtime, instance_id: int, *, send: bool = True) -> Asse
     settings = rt.settings
 
     try:
-        # the header; the pixel data is read when decoded, and of several frames only the
-        # one assessed, so that memory does not grow with an instance's frames
+        # the header; of the pixel data only what is decoded is read, when it is (of several
+        # frames the one assessed; a large uncompressed frame a strip at a time), so that
+        # memory grows neither with an instance's frames nor with an uncompressed one's size
         ds = read_image(spool)
     except FileNotFoundError:
         _finish(rt, instance_id, InstanceState.ERROR, "the spooled file is missing")

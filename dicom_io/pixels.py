@@ -654,7 +654,14 @@ def jpeg2000_reduction(ds: Dataset, *, min_short_side: int, min_long_side: int =
         unsigned, grey JPEG 2000 that Pillow can decode.
     """
     codestream = _j2k_codestream(ds)
-    header = _j2k_header(codestream) if codestream is not None else None
+    if codestream is None:
+        return 0
+    return _j2k_halvings(ds, codestream, min_short_side, min_long_side)
+
+
+def _j2k_halvings(ds: Dataset, codestream: bytes, min_short_side: int, min_long_side: int) -> int:
+    """:func:`jpeg2000_reduction` of ``ds``, whose codestream is ``codestream``."""
+    header = _j2k_header(codestream)
     if header is None or not _pillow_decodes_j2k():
         return 0
     precision, levels = header
@@ -694,8 +701,8 @@ def decode_reduction(ds: Dataset, *, min_short_side: int, min_long_side: int = 0
         The number of halvings ``r`` (0: decode in full) for ``decode_for_display``'s
         ``reduce``.
     """
-    if _j2k_codestream(ds) is not None:
-        return jpeg2000_reduction(ds, min_short_side=min_short_side, min_long_side=min_long_side)
+    if (codestream := _j2k_codestream(ds)) is not None:  # read once, for its header
+        return _j2k_halvings(ds, codestream, min_short_side, min_long_side)
     if not _grey_frames(ds):
         return 0
     return _affordable_halvings(

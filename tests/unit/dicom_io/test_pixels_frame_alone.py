@@ -18,6 +18,7 @@ import os
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -536,3 +537,25 @@ def test_the_first_of_several_frames_is_reduced_as_the_same_image_alone(
     np.testing.assert_array_equal(image, decode_for_display(one, reduce=reduce))
     assert image.shape == (ROWS // 2, COLUMNS // 2)
     assert _still_in_the_file(several)
+
+
+@pytest.mark.usefixtures("defer_everything")
+def test_a_jpeg2000_codestream_is_read_once_for_the_reduction_and_once_for_the_decode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decoded as the pipeline does it: the reduction needs the codestream's header, the
+    decoder the codestream; neither reads it twice."""
+    path = SINGLE_COMPRESSED["JPEG 2000"](tmp_path)
+    opened: list[Dataset] = []
+    open_source = pixels._open_source
+
+    def counting(ds: Dataset) -> Any:
+        opened.append(ds)
+        return open_source(ds)
+
+    monkeypatch.setattr(pixels, "_open_source", counting)
+    ds = read_image(path)
+    reduce = decode_reduction(ds, min_short_side=64, min_long_side=64)
+    assert len(opened) == 1
+    decode_for_display(ds, reduce=reduce)
+    assert len(opened) == 2

@@ -78,7 +78,7 @@ def test_sr_and_sc_go_over_one_association(
     tmp_path: Path, tiny_checkpoint: Path, database_url: str, storescp: StoreSCP
 ) -> None:
     rt = make_runtime(tmp_path, tiny_checkpoint, database_url, storescp)
-    outcome = assess_instance(rt, spool_instance(rt, tmp_path))
+    outcome = assess_instance(rt, spool_instance(rt))
     assert len(outcome.delivery_ids) == 2
 
     sent = send_deliveries(rt, outcome.delivery_ids)
@@ -98,7 +98,7 @@ def test_destination_that_takes_the_sr_and_not_the_sc(
     pacs = StoreSCP(tmp_path / "pacs", options=("--config-file", str(profile), "SROnly")).start()
     try:
         rt = make_runtime(tmp_path, tiny_checkpoint, database_url, pacs)
-        outcome = assess_instance(rt, spool_instance(rt, tmp_path))
+        outcome = assess_instance(rt, spool_instance(rt))
 
         sent = send_deliveries(rt, outcome.delivery_ids)
 
@@ -124,7 +124,7 @@ def test_two_workers_with_the_same_message_send_each_object_once(
     tmp_path: Path, tiny_checkpoint: Path, database_url: str, storescp: StoreSCP
 ) -> None:
     rt = make_runtime(tmp_path, tiny_checkpoint, database_url, storescp)
-    ids = assess_instance(rt, spool_instance(rt, tmp_path)).delivery_ids
+    ids = assess_instance(rt, spool_instance(rt)).delivery_ids
     start = threading.Barrier(2)
     results: list[dict[int, object]] = []
 
@@ -152,7 +152,7 @@ def test_reconciler_leaves_a_claim_alone_until_it_runs_out(
     # A worker died while sending: its claim moved the rows' next attempt out, so the
     # reconciler leaves them until the claim is over, then queues both in one message.
     rt = make_runtime(tmp_path, tiny_checkpoint, database_url, storescp)
-    ids = assess_instance(rt, spool_instance(rt, tmp_path)).delivery_ids
+    ids = assess_instance(rt, spool_instance(rt)).delivery_ids
     queued: list[list[int]] = []
 
     def enqueue(group: Sequence[int]) -> None:
@@ -181,7 +181,7 @@ def test_objects_go_out_as_written_and_their_checksums_are_recorded(
     tmp_path: Path, tiny_checkpoint: Path, database_url: str, storescp: StoreSCP
 ) -> None:
     rt = make_runtime(tmp_path, tiny_checkpoint, database_url, storescp)
-    outcome = assess_instance(rt, spool_instance(rt, tmp_path))
+    outcome = assess_instance(rt, spool_instance(rt))
     by_kind = rows(rt)
     for row in by_kind.values():
         assert row.sha256 == hashlib.sha256(Path(row.path).read_bytes()).hexdigest()
@@ -209,7 +209,7 @@ def test_damaged_outbox_file_fails_alone_and_at_once(
     # pydicom reads such a file as whole when the cut falls after an element; the
     # checksum recorded at writing does not match, and retrying cannot help.
     rt = make_runtime(tmp_path, tiny_checkpoint, database_url, storescp)
-    outcome = assess_instance(rt, spool_instance(rt, tmp_path))
+    outcome = assess_instance(rt, spool_instance(rt))
     sc = rows(rt)[ObjectKind.SC]
     whole = Path(sc.path).read_bytes()
     Path(sc.path).write_bytes(whole[: len(whole) - 4096])
@@ -235,7 +235,7 @@ def test_rows_without_a_checksum_are_read_back_in_full(
     # Deliveries written before revision 0003 have no SHA-256: their files are parsed
     # in full before sending, so a file without what a C-STORE needs still fails alone.
     rt = make_runtime(tmp_path, tiny_checkpoint, database_url, storescp)
-    outcome = assess_instance(rt, spool_instance(rt, tmp_path))
+    outcome = assess_instance(rt, spool_instance(rt))
     with session_scope(rt.database_url) as session:
         for d in session.scalars(select(Delivery)):
             d.sha256 = None
@@ -266,7 +266,7 @@ def test_an_unexpected_error_while_sending_costs_an_attempt(
     # must not escape with the rows still claimed: they would be sent again by the
     # reconciler and fail again for ever, never counted, never `failed`.
     rt = make_runtime(tmp_path, tiny_checkpoint, database_url, storescp)
-    ids = assess_instance(rt, spool_instance(rt, tmp_path)).delivery_ids
+    ids = assess_instance(rt, spool_instance(rt)).delivery_ids
 
     def broken(*args: object, **kwargs: object) -> list[int]:
         raise TypeError("an internal fault")

@@ -39,11 +39,9 @@ pytestmark = pytest.mark.integration
 
 def spool_instance(
     rt: Runtime,
-    tmp_path: Path,
     *,
     modality: str = "DX",
     sex: str = "F",
-    name: str = "a",
     size: int = 256,
     frames: int = 1,
 ) -> int:
@@ -103,10 +101,8 @@ def runtime(tmp_path: Path, tiny_checkpoint: Path, storescp: StoreSCP) -> Runtim
     )
 
 
-def test_assess_then_deliver_sr_and_sc(
-    runtime: Runtime, tmp_path: Path, storescp: StoreSCP
-) -> None:
-    instance_id = spool_instance(runtime, tmp_path)
+def test_assess_then_deliver_sr_and_sc(runtime: Runtime, storescp: StoreSCP) -> None:
+    instance_id = spool_instance(runtime)
     outcome = assess_instance(runtime, instance_id)
     assert outcome.state == "assessed"
     assert len(outcome.delivery_ids) == 2
@@ -146,7 +142,7 @@ def test_assess_then_deliver_sr_and_sc(
 
 
 def test_the_source_gives_up_its_pixels_once_decoded(
-    runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A batching worker holds as many studies at once as it has task threads: each keeps
     # its source for the SR and SC, but not the stored pixels (dicom_io.pixels tests that
@@ -159,13 +155,13 @@ def test_the_source_gives_up_its_pixels_once_decoded(
         return stage_outputs(source, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "stage_outputs", staging)
-    outcome = assess_instance(runtime, spool_instance(runtime, tmp_path))
+    outcome = assess_instance(runtime, spool_instance(runtime))
     assert outcome.state == "assessed"
     assert seen == [False]
 
 
 def test_an_instance_of_several_frames_is_assessed_on_its_first_read_alone(
-    runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The same hand as a single frame and as the first of four: the same bone age, and
     # of the four only the first was read from the file (dicom_io.pixels tests that the
@@ -180,8 +176,8 @@ def test_an_instance_of_several_frames_is_assessed_on_its_first_read_alone(
         return image
 
     monkeypatch.setattr(pipeline, "decode_for_display", decoding)
-    single = spool_instance(runtime, tmp_path)
-    several = spool_instance(runtime, tmp_path, frames=4)
+    single = spool_instance(runtime)
+    several = spool_instance(runtime, frames=4)
     assert assess_instance(runtime, single).state == "assessed"
     assert assess_instance(runtime, several).state == "assessed"
     assert left_in_file == [False, True]
@@ -195,14 +191,14 @@ def test_an_instance_of_several_frames_is_assessed_on_its_first_read_alone(
 
 
 def test_an_instance_received_again_while_read_is_read_again_not_mixed(
-    runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The listener puts the same instance received again where the first copy was. If
     # that happens between reading the header and reading the pixels, the pixels must not
     # be read behind the first copy's header: the attempt raises an OSError (which the
     # task retries), and the next attempt reads the new file throughout.
     monkeypatch.setattr(pixels, "DEFERRED_BYTES", 1024)
-    instance_id = spool_instance(runtime, tmp_path, frames=2)
+    instance_id = spool_instance(runtime, frames=2)
     with session_scope(runtime.database_url) as session:
         spool = Path(session.get_one(Instance, instance_id).spool_path)
     reduction = pipeline.decode_reduction
@@ -231,7 +227,7 @@ def test_heat_map_picture_keeps_the_site_floor_on_large_images(
     if floor is not None:
         rt = Runtime(runtime.settings.model_copy(update={"sc_min_long_side": floor}))
     assert rt.settings.sc_min_long_side == (floor or 1000)
-    instance_id = spool_instance(rt, rt.settings.data_dir, size=1200)
+    instance_id = spool_instance(rt, size=1200)
     assert assess_instance(rt, instance_id).state == "assessed"
     with session_scope(rt.database_url) as session:
         [sc] = session.scalars(select(Delivery).where(Delivery.kind == ObjectKind.SC))
@@ -241,9 +237,9 @@ def test_heat_map_picture_keeps_the_site_floor_on_large_images(
     assert dciodvfy_errors(Path(sc.path)) == []
 
 
-def test_bfloat16_on_the_cpu_is_recorded_with_each_result(runtime: Runtime, tmp_path: Path) -> None:
+def test_bfloat16_on_the_cpu_is_recorded_with_each_result(runtime: Runtime) -> None:
     rt = Runtime(runtime.settings.model_copy(update={"precision": "bfloat16"}))
-    instance_id = spool_instance(rt, tmp_path)
+    instance_id = spool_instance(rt)
     assert assess_instance(rt, instance_id).state == "assessed"
     with session_scope(rt.database_url) as session:
         [result] = session.scalars(select(Result))
@@ -256,7 +252,7 @@ def test_bfloat16_on_the_cpu_is_recorded_with_each_result(runtime: Runtime, tmp_
 
 
 def test_warm_up_loads_what_the_first_study_needs_and_leaves_no_trace(
-    runtime: Runtime, tmp_path: Path, storescp: StoreSCP
+    runtime: Runtime, storescp: StoreSCP
 ) -> None:
     # highdicom parses its tables of the standard (22 MB of JSON) on the first SR or SC
     # a process builds; the warm-up is there so that a real study never pays for it.
@@ -274,8 +270,8 @@ def test_warm_up_loads_what_the_first_study_needs_and_leaves_no_trace(
     assert storescp.received() == []
 
 
-def test_assess_is_idempotent(runtime: Runtime, tmp_path: Path) -> None:
-    instance_id = spool_instance(runtime, tmp_path)
+def test_assess_is_idempotent(runtime: Runtime) -> None:
+    instance_id = spool_instance(runtime)
     first = assess_instance(runtime, instance_id)
     assert first.state == "assessed"
     assert assess_instance(runtime, instance_id).state == "skipped"
@@ -303,13 +299,13 @@ def assert_outbox_is_what_was_recorded(runtime: Runtime) -> None:
 
 
 def test_attempt_beaten_while_it_ran_leaves_the_winners_files(
-    runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The same instance assessed twice at once (the same study sent twice, a message
     # delivered again while the first attempt runs): the second attempt here is
     # overtaken just before it writes its SR and SC by an attempt that runs to its
     # commit. Its objects have the same UIDs and file names, other bytes.
-    instance_id = spool_instance(runtime, tmp_path)
+    instance_id = spool_instance(runtime)
     real_stage = pipeline.stage_outputs
     overtaken: list[pipeline.AssessOutcome] = []
 
@@ -329,8 +325,8 @@ def test_attempt_beaten_while_it_ran_leaves_the_winners_files(
     assert states == [DeliveryState.DELIVERED] * 2
 
 
-def test_ct_is_accepted_but_not_assessed(runtime: Runtime, tmp_path: Path) -> None:
-    instance_id = spool_instance(runtime, tmp_path, modality="CT")
+def test_ct_is_accepted_but_not_assessed(runtime: Runtime) -> None:
+    instance_id = spool_instance(runtime, modality="CT")
     outcome = assess_instance(runtime, instance_id)
     assert outcome.state == "not_assessed"
     with session_scope(runtime.database_url) as session:
@@ -354,7 +350,7 @@ def test_unreachable_destination_retries_then_fails_then_retry_deliveries(
         delivery_max_attempts=2,
         delivery_backoff_seconds=0.01,
     )
-    delivery_id = assess_instance(rt, spool_instance(rt, tmp_path)).delivery_ids[0]
+    delivery_id = assess_instance(rt, spool_instance(rt)).delivery_ids[0]
     first = deliver_one(rt, delivery_id)
     assert first.state == "retry" and first.retry_in == pytest.approx(0.01)
     second = deliver_one(rt, delivery_id, force=True)
@@ -370,15 +366,15 @@ def test_unreachable_destination_retries_then_fails_then_retry_deliveries(
     assert len(storescp.received()) == 1
 
 
-def test_missing_spool_file_is_an_error_not_a_crash(runtime: Runtime, tmp_path: Path) -> None:
-    instance_id = spool_instance(runtime, tmp_path)
+def test_missing_spool_file_is_an_error_not_a_crash(runtime: Runtime) -> None:
+    instance_id = spool_instance(runtime)
     with session_scope(runtime.database_url) as session:
         Path(session.get_one(Instance, instance_id).spool_path).unlink()
     assert assess_instance(runtime, instance_id).state == "error"
 
 
-def test_outbox_has_no_uid_in_file_names(runtime: Runtime, tmp_path: Path) -> None:
-    assess_instance(runtime, spool_instance(runtime, tmp_path))
+def test_outbox_has_no_uid_in_file_names(runtime: Runtime) -> None:
+    assess_instance(runtime, spool_instance(runtime))
     names = [p.name for p in runtime.settings.outbox_dir.iterdir()]
     assert len(names) == 2 and all(not n.startswith("1.") and "2.25" not in n for n in names)
     shutil.rmtree(runtime.settings.outbox_dir)
@@ -390,7 +386,7 @@ def test_not_assessed_sr_is_sent_when_configured(
     rt = make_runtime(
         tmp_path, tiny_checkpoint, destinations=storescp.destination, send_not_assessed=True
     )
-    outcome = assess_instance(rt, spool_instance(rt, tmp_path, modality="CT"))
+    outcome = assess_instance(rt, spool_instance(rt, modality="CT"))
     assert outcome.state == "not_assessed" and len(outcome.delivery_ids) == 1
     assert deliver_one(rt, outcome.delivery_ids[0]).state == "delivered"
     [received] = storescp.wait_for_objects(1, timeout=30)
@@ -411,7 +407,7 @@ def test_missing_sex_follows_the_site_setting(
     )
     upgrade(refuse.effective_database_url)
     rt = Runtime(refuse)
-    outcome = assess_instance(rt, spool_instance(rt, tmp_path, sex="O"))
+    outcome = assess_instance(rt, spool_instance(rt, sex="O"))
     assert (
         outcome.state == "not_assessed"
         and outcome.reason == "patient sex is O; the model needs M or F"
@@ -425,7 +421,7 @@ def test_missing_sex_follows_the_site_setting(
     )
     upgrade(assume.effective_database_url)
     rt = Runtime(assume)
-    instance_id = spool_instance(rt, tmp_path, sex="O")
+    instance_id = spool_instance(rt, sex="O")
     outcome = assess_instance(rt, instance_id)
     assert outcome.state == "assessed"
     with session_scope(rt.database_url) as session:
@@ -440,8 +436,8 @@ def test_missing_sex_follows_the_site_setting(
     assert "Patient sex not recorded: assessed as female" in dsrdump(sr_path)
 
 
-def test_our_own_outputs_are_never_assessed_again(runtime: Runtime, tmp_path: Path) -> None:
-    outcome = assess_instance(runtime, spool_instance(runtime, tmp_path))
+def test_our_own_outputs_are_never_assessed_again(runtime: Runtime) -> None:
+    outcome = assess_instance(runtime, spool_instance(runtime))
     with session_scope(runtime.database_url) as session:
         sc_path = next(
             Path(d.path) for d in session.scalars(select(Delivery)) if d.kind.value == "sc"
@@ -460,7 +456,7 @@ def test_reprocess_with_a_new_model_sends_only_when_asked(
     from models.checkpoint import save_checkpoint, untrained_model
     from worker.reprocess import prepare_reprocess, select_instances
 
-    instance_id = spool_instance(runtime, tmp_path)
+    instance_id = spool_instance(runtime)
     assert assess_instance(runtime, instance_id).state == "assessed"
     # The same model again: nothing to do, nothing duplicated.
     assert prepare_reprocess(runtime, [instance_id]) == []
@@ -520,7 +516,7 @@ def test_attempt_that_waited_on_anothers_commit_finds_it_finished(
     rt = make_runtime(
         tmp_path, tiny_checkpoint, destinations=storescp.destination, database_url=postgres_url
     )
-    instance_id = spool_instance(rt, tmp_path)
+    instance_id = spool_instance(rt)
     real_publish = pipeline.publish
     holding, release = threading.Event(), threading.Event()
     publishers: list[str] = []

@@ -58,9 +58,9 @@ def runtime(
     return _runtime(tmp_path, tiny_checkpoint, storescp, url)
 
 
-def _assessed_and_delivered(rt: Runtime, tmp_path: Path, name: str) -> tuple[int, list[Path]]:
+def _assessed_and_delivered(rt: Runtime) -> tuple[int, list[Path]]:
     """An assessed instance whose SR and SC were delivered; its spool and output files."""
-    instance_id = spool_instance(rt, tmp_path, name=name)
+    instance_id = spool_instance(rt)
     outcome = assess_instance(rt, instance_id)
     assert outcome.state == "assessed"
     for delivery_id in outcome.delivery_ids:
@@ -89,11 +89,9 @@ def _removed_at(rt: Runtime, instance_id: int) -> dt.datetime | None:
         return session.get_one(Instance, instance_id).files_removed_at
 
 
-def test_files_of_old_fully_delivered_instances_go_rows_and_results_stay(
-    runtime: Runtime, tmp_path: Path
-) -> None:
-    old, old_files = _assessed_and_delivered(runtime, tmp_path, "old")
-    recent, recent_files = _assessed_and_delivered(runtime, tmp_path, "recent")
+def test_files_of_old_fully_delivered_instances_go_rows_and_results_stay(runtime: Runtime) -> None:
+    old, old_files = _assessed_and_delivered(runtime)
+    recent, recent_files = _assessed_and_delivered(runtime)
     _finished_days_ago(runtime, old, 40)
     _finished_days_ago(runtime, recent, 10)
     assert len(old_files) == 3 and all(p.exists() for p in old_files)  # spool, SR, SC
@@ -116,19 +114,17 @@ def test_files_of_old_fully_delivered_instances_go_rows_and_results_stay(
     assert (again.instances, again.files) == (0, 0)  # nothing twice
 
 
-def test_undelivered_or_unfinished_instances_keep_their_files(
-    runtime: Runtime, tmp_path: Path
-) -> None:
-    unsent = spool_instance(runtime, tmp_path, name="unsent")
+def test_undelivered_or_unfinished_instances_keep_their_files(runtime: Runtime) -> None:
+    unsent = spool_instance(runtime)
     assert assess_instance(runtime, unsent).state == "assessed"  # deliveries pending
-    failed, _ = _assessed_and_delivered(runtime, tmp_path, "failed")
+    failed, _ = _assessed_and_delivered(runtime)
     with session_scope(runtime.database_url) as session:
         session.execute(
             update(Delivery)
             .where(Delivery.instance_id == failed)
             .values(state=DeliveryState.FAILED)
         )
-    queued = spool_instance(runtime, tmp_path, name="queued")  # received, never assessed
+    queued = spool_instance(runtime)  # received, never assessed
     for instance_id in (unsent, failed, queued):
         _finished_days_ago(runtime, instance_id, 400)
     kept = [p for i in (unsent, failed, queued) for p in _files(runtime, i)]
@@ -138,10 +134,8 @@ def test_undelivered_or_unfinished_instances_keep_their_files(
     assert all(p.exists() for p in kept)
 
 
-def test_not_assessed_instance_without_deliveries_is_removed(
-    runtime: Runtime, tmp_path: Path
-) -> None:
-    ct = spool_instance(runtime, tmp_path, modality="CT", name="ct")
+def test_not_assessed_instance_without_deliveries_is_removed(runtime: Runtime) -> None:
+    ct = spool_instance(runtime, modality="CT")
     assert assess_instance(runtime, ct).state == "not_assessed"
     _finished_days_ago(runtime, ct, 31)
     [spool] = _files(runtime, ct)
@@ -150,9 +144,9 @@ def test_not_assessed_instance_without_deliveries_is_removed(
 
 
 def test_reprocess_leaves_removed_instances_alone(
-    runtime: Runtime, tmp_path: Path, tiny_checkpoint: Path, storescp: StoreSCP
+    runtime: Runtime, tiny_checkpoint: Path, storescp: StoreSCP
 ) -> None:
-    instance_id, _ = _assessed_and_delivered(runtime, tmp_path, "gone")
+    instance_id, _ = _assessed_and_delivered(runtime)
     _finished_days_ago(runtime, instance_id, 40)
     remove_expired_files(runtime.database_url, older_than=KEEP)
     # a new model: it would assess the instance again, but there is nothing to read
@@ -171,10 +165,8 @@ def test_reprocess_leaves_removed_instances_alone(
         assert session.get_one(Instance, instance_id).state is InstanceState.ASSESSED
 
 
-def test_receiving_again_restarts_retention_and_keeps_the_new_copy(
-    runtime: Runtime, tmp_path: Path
-) -> None:
-    instance_id, files = _assessed_and_delivered(runtime, tmp_path, "again")
+def test_receiving_again_restarts_retention_and_keeps_the_new_copy(runtime: Runtime) -> None:
+    instance_id, files = _assessed_and_delivered(runtime)
     _finished_days_ago(runtime, instance_id, 40)
     spool = files[0]
     content = spool.read_bytes()
@@ -210,8 +202,8 @@ def test_receiving_again_restarts_retention_and_keeps_the_new_copy(
     assert spool.exists()
 
 
-def test_files_left_by_a_crash_after_the_mark_are_swept(runtime: Runtime, tmp_path: Path) -> None:
-    instance_id, files = _assessed_and_delivered(runtime, tmp_path, "crash")
+def test_files_left_by_a_crash_after_the_mark_are_swept(runtime: Runtime) -> None:
+    instance_id, files = _assessed_and_delivered(runtime)
     for path in files:  # written well before the mark below
         os.utime(path, (0, (now() - dt.timedelta(days=40)).timestamp()))
     # marked an hour ago, but the process died before unlinking anything
@@ -233,7 +225,7 @@ def test_retention_command(
     tmp_path: Path, tiny_checkpoint: Path, storescp: StoreSCP, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rt = _runtime(tmp_path, tiny_checkpoint, storescp, None)
-    instance_id, files = _assessed_and_delivered(rt, tmp_path, "cli")
+    instance_id, files = _assessed_and_delivered(rt)
     _finished_days_ago(rt, instance_id, 8)
     monkeypatch.setenv("BONEAGE_DATA_DIR", str(rt.settings.data_dir))
     monkeypatch.setenv("BONEAGE_RETENTION_DAYS", "0")
@@ -274,7 +266,7 @@ def test_the_listener_applies_the_setting(
     from worker.listener import Listener
 
     rt = _runtime(tmp_path, tiny_checkpoint, storescp, None)
-    instance_id, files = _assessed_and_delivered(rt, tmp_path, "listener")
+    instance_id, files = _assessed_and_delivered(rt)
     _finished_days_ago(rt, instance_id, 31)
     forever = Listener(rt.settings.model_copy(update={"retention_days": 0}))
     assert forever.apply_retention() is None

@@ -120,6 +120,27 @@ def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f} s"
 
 
+def _ago(now: str | None, then: str | None) -> str:
+    """How long before the report's time ``now`` the time ``then`` was, both as
+    :func:`_iso` writes them: "4 s ago", "12 min ago", "3 h ago"."""
+    if not now or not then:
+        return "-"
+    seconds = max(0.0, (datetime.fromisoformat(now) - datetime.fromisoformat(then)).total_seconds())
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.0f} h ago"
+
+
+def _size(count: int) -> str:
+    """A byte count in the unit that reads best: "512 B", "9.5 MB", "41.2 GB"."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} B"
+
+
 def render(report: dict[str, Any], console: Console) -> None:
     healthy = report.get("healthy", False)
     title = f"boneage-worker {report['ae_title']} on port {report['port']}"
@@ -160,7 +181,11 @@ def render(report: dict[str, Any], console: Console) -> None:
         if p.get("role") == "worker" and p.get("trained") is False:
             what += " [yellow](UNTRAINED model)[/]"
         processes.add_row(
-            p["role"], p["name"], "[green]yes[/]" if p["alive"] else "[red]no[/]", what, p["seen"]
+            p["role"],
+            p["name"],
+            "[green]yes[/]" if p["alive"] else "[red]no[/]",
+            what,
+            _ago(report.get("time"), p["seen"]),
         )
     parts.append(processes)
 
@@ -194,9 +219,10 @@ def render(report: dict[str, Any], console: Console) -> None:
             if storage["retention_days"]
             else "kept for ever"
         )
+        held = storage["spool_instances"]
         parts.append(
-            f"storage: {disk}; {storage['spool_instances']} received images on disk "
-            f"({storage['spool_bytes'] / 1e9:.2f} GB), {kept}"
+            f"storage: {disk}; {held} received image{'' if held == 1 else 's'} on disk "
+            f"({_size(storage['spool_bytes'])}), {kept}"
         )
     if report.get("recent_problems"):
         recent = Table(title="recent problems", expand=True)

@@ -365,7 +365,9 @@ def _stored_values_dataset(
     alone.file_meta.TransferSyntaxUID = syntax
     for keyword in _FRAME_DESCRIPTION:
         if keyword in ds:
-            alone[keyword] = ds[keyword]
+            # elements of its own: a strip's Rows set on a shared element would be ds's
+            element = ds[keyword]
+            alone.add_new(element.tag, element.VR, element.value)
     if rows is not None:
         alone.Rows = rows
     vr = "OB" if syntax.is_encapsulated or int(ds.get("BitsAllocated") or 0) == 8 else "OW"

@@ -559,3 +559,39 @@ def test_a_jpeg2000_codestream_is_read_once_for_the_reduction_and_once_for_the_d
     assert len(opened) == 1
     decode_for_display(ds, reduce=reduce)
     assert len(opened) == 2
+
+
+def _description(ds: Dataset) -> dict[int, str]:
+    """Every element but the pixel data, as it reads: what decoding must leave alone.
+    (The pixel data is not touched: reading it would take it out of the file, and
+    iterating a dataset reads every element, so its tags are iterated.)"""
+    tags = ds.keys()  # a Dataset iterates its elements, not its tags
+    return {int(tag): repr(ds[tag].value) for tag in tags if tag != PIXEL_DATA}
+
+
+def _single_written(make: Callable[[], Dataset]) -> Writer:
+    return lambda folder: _written(folder, make(), "single.dcm")
+
+
+WRITERS: dict[str, Writer] = {
+    **{f"single, {name}": _single_written(make) for name, make in SINGLE_FRAMES.items()},
+    **{f"single, {name}": write for name, write in SINGLE_COMPRESSED.items()},
+    **{f"several, {name}": write for name, write in CASES.items()},
+}
+
+
+@pytest.mark.usefixtures("defer_everything")
+@pytest.mark.parametrize("reduce", [0, 1, 2])
+@pytest.mark.parametrize("write", list(WRITERS.values()), ids=list(WRITERS))
+def test_decoding_leaves_the_dataset_as_it_was_and_decodes_again_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write: Writer, reduce: int
+) -> None:
+    """Strips of about 40 rows: the dataset a strip is decoded as must not share the
+    source's elements (a strip's row count once became the source's Rows, and the next
+    decode of the same dataset was refused)."""
+    monkeypatch.setattr(pixels, "_STRIP_BYTES", 40 * COLUMNS * 2)
+    ds = read_image(write(tmp_path))
+    described = _description(ds)
+    first = decode_for_display(ds, reduce=reduce)
+    assert _description(ds) == described
+    np.testing.assert_array_equal(decode_for_display(ds, reduce=reduce), first)

@@ -413,8 +413,8 @@ def _blocks_from_file(ds: Dataset, reduce: int) -> tuple[np.ndarray, np.ndarray 
             value = fh.read(count * row_bytes)
             if len(value) != count * row_bytes:
                 raise FileChangedError("the file was cut short while it was read")
-            stored = _stored_values_dataset(ds, syntax, value, rows=count).pixel_array
-            return np.asarray(stored)
+            # decoded as the frame read whole is, and refused as it is (PixelDataError)
+            return decode_frame(_stored_values_dataset(ds, syntax, value, rows=count))
 
         return _reduced(strip, rows, columns, reduce, ds, row_bytes=row_bytes)
 

@@ -389,6 +389,31 @@ def _refused_as_when_read_whole(path: Path) -> None:
 
 
 @pytest.mark.usefixtures("defer_everything")
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"BitsStored": 17},
+        {"BitsStored": 0},
+        {"PixelRepresentation": 2},
+        {"SamplesPerPixel": 0},
+        {"BitsAllocated": 12},
+        {"Columns": COLUMNS + 1},
+    ],
+    ids=lambda change: ", ".join(f"{k} {v}" for k, v in change.items()),
+)
+def test_a_frame_described_wrongly_is_refused_as_when_read_whole(
+    tmp_path: Path, change: dict[str, int]
+) -> None:
+    """What pydicom refuses to decode is a PixelDataError read a strip at a time too (the
+    pipeline then records the instance as not assessed, with pydicom's reason), not
+    another error that would have the task tried again and again."""
+    ds = _single()
+    for keyword, value in change.items():
+        setattr(ds, keyword, value)
+    _refused_as_when_read_whole(_written(tmp_path, ds, "wrong.dcm"))
+
+
+@pytest.mark.usefixtures("defer_everything")
 @pytest.mark.parametrize("cut", ["data", "file"])
 def test_a_single_frame_cut_short_is_refused_as_when_read_whole(tmp_path: Path, cut: str) -> None:
     """Even where the strips read before the end would be whole."""

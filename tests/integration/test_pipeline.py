@@ -44,11 +44,12 @@ def spool_instance(
     sex: str = "F",
     size: int = 256,
     frames: int = 1,
+    attributes: dict[str, Any] | None = None,
 ) -> int:
     """Spool a phantom hand and record it as received; its instance id.
 
     With ``frames`` > 1 it is the first frame of a multi-frame grey SC, whose other
-    frames are the same hand inverted.
+    frames are the same hand inverted. ``attributes`` are set on the dataset last.
     """
     phantom = make_phantom(100.0, male=sex == "M", size=size, rng=np.random.default_rng(3))
     stored = np.round(phantom.image * 4095).astype(np.uint16)
@@ -64,6 +65,8 @@ def spool_instance(
         ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
         ds.NumberOfFrames = frames
         ds.PixelData = stored.tobytes() + (4095 - stored).tobytes() * (frames - 1)
+    for keyword, value in (attributes or {}).items():
+        setattr(ds, keyword, value)
     path = spool_path(rt.settings.spool_dir, ds.SOPInstanceUID)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
@@ -364,6 +367,23 @@ def test_unreachable_destination_retries_then_fails_then_retry_deliveries(
     assert reset_failed(rt) == [delivery_id]
     assert deliver_one(rt, delivery_id).state == "delivered"
     assert len(storescp.received()) == 1
+
+
+@pytest.mark.parametrize("size", [256, 2200], ids=["decoded whole", "decoded reduced"])
+def test_pixels_pydicom_cannot_decode_are_not_assessed_with_its_reason(
+    runtime: Runtime, size: int
+) -> None:
+    """Bits Stored over Bits Allocated: at once not assessed, with the reason, whether
+    the image is decoded whole or reduced a strip at a time as it is read (where the
+    error once escaped, and the task failed, to be tried again until it gave up)."""
+    instance_id = spool_instance(runtime, size=size, attributes={"BitsStored": 17})
+    outcome = assess_instance(runtime, instance_id)
+    assert outcome.state == "not_assessed"
+    with session_scope(runtime.database_url) as session:
+        instance = session.get_one(Instance, instance_id)
+        assert instance.state is InstanceState.NOT_ASSESSED
+        assert "pixel data cannot be decoded" in (instance.reason or "")
+        assert "'Bits Stored' value of '17' is invalid" in (instance.reason or "")
 
 
 def test_missing_spool_file_is_an_error_not_a_crash(runtime: Runtime) -> None:

@@ -1204,7 +1204,8 @@ def decode_for_display(ds: Dataset, *, reduce: int = 0) -> np.ndarray:
     reduce : int
         Decode at ``2**-reduce`` of the image's size, from :func:`decode_reduction`:
         a single-frame grey JPEG 2000 image skips wavelet levels, another grey one
-        averages blocks of stored values; ignored for other images.
+        averages blocks of stored values; ignored for other images. More halvings
+        than the image's short side allows are lowered to leave it one pixel.
 
     Returns
     -------
@@ -1216,6 +1217,7 @@ def decode_for_display(ds: Dataset, *, reduce: int = 0) -> np.ndarray:
     PixelDataError
         When pixel data is missing or cannot be decoded.
     """
+    reduce = min(reduce, max(0, min(_stored_shape(ds)).bit_length() - 1))
     if (read := _blocks_from_file(ds, reduce)) is not None:
         # an uncompressed radiograph, reduced a strip at a time as it is read
         blocks, mask = read

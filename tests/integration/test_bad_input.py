@@ -20,11 +20,13 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -54,8 +56,8 @@ from sqlalchemy import select, update
 
 from db.engine import session_scope, upgrade
 from db.schema import Instance, InstanceState, Result
-from dicom_io import gate
-from dicom_io.pixels import PixelDataError, decode_for_display
+from dicom_io import gate, pixels
+from dicom_io.pixels import PixelDataError, decode_for_display, read_image
 from dicom_io.scp import (
     CANNOT_UNDERSTAND,
     SUCCESS,
@@ -866,3 +868,36 @@ def test_decode_returns_a_finite_unit_image_or_a_pixel_data_error(
     assert image.shape == shape
     assert np.isfinite(image).all(), "NaN or infinity in a decoded image"
     assert image.min() >= 0.0 and image.max() <= 1.0
+
+
+def _decoded(decode: Callable[[], np.ndarray]) -> np.ndarray | str:
+    """The image ``decode`` gives, or the reason it refuses it."""
+    try:
+        return decode()
+    except PixelDataError as exc:
+        return f"refused: {exc}"
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pixel_modules(), st.integers(0, 2))
+def test_read_from_the_file_a_strip_at_a_time_decodes_or_refuses_as_read_whole(
+    module: tuple[Dataset, tuple[int, int]], reduce: int
+) -> None:
+    """The worker reads an uncompressed image reduced from its file, a strip of rows at a
+    time: whatever the header says, the same image as the instance read whole, or the
+    same refusal (a PixelDataError, never another error)."""
+    ds, _ = module
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "instance.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        whole = _decoded(lambda: decode_for_display(dcmread(path), reduce=reduce))
+        # values over 16 bytes left in the file: these images are at most 48 x 48
+        with (
+            mock.patch.object(pixels, "DEFERRED_BYTES", 16),
+            mock.patch.object(pixels, "_STRIP_BYTES", 64),
+        ):
+            from_the_file = _decoded(lambda: decode_for_display(read_image(path), reduce=reduce))
+    if isinstance(whole, str) or isinstance(from_the_file, str):
+        assert from_the_file == whole
+    else:
+        np.testing.assert_array_equal(from_the_file, whole)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, BinaryIO
 
@@ -1016,7 +1017,7 @@ def decode_frame(ds: Dataset, index: int = 0, *, reduce: int = 0) -> np.ndarray:
             array = ds.pixel_array
     except Exception as exc:  # every decoder failure means the same to the caller
         name = getattr(syntax, "name", None) or str(syntax or "unknown transfer syntax")
-        raise PixelDataError(f"Pixel data cannot be decoded ({name}): {exc}") from exc
+        raise PixelDataError(f"Pixel data cannot be decoded ({name}): {_said(exc)}") from exc
     array = np.asarray(array)
     frame_ndim = 2 if int(ds.get("SamplesPerPixel") or 1) == 1 else 3
     if array.ndim == frame_ndim + 1:
@@ -1039,6 +1040,18 @@ def drop_pixel_data(ds: Dataset) -> None:
     for keyword in _PIXEL_KEYWORDS:
         if keyword in ds:
             delattr(ds, keyword)  # pydicom forgets its decoded array with it
+
+
+#: An object's default repr, as some decoders name their input in a message.
+_OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def _said(exc: BaseException) -> str:
+    """What a decoder's exception says, as one line for a person: its lines joined, and
+    no object's address (Pillow: "cannot identify image file <_io.BytesIO object at
+    0x7f...>"), which differs from one attempt to the next and tells the reader nothing."""
+    lines = (_OBJECT_REPR.sub("", line).strip() for line in str(exc).splitlines())
+    return "; ".join(line for line in lines if line).replace(":;", ":")
 
 
 def _stored_shape(ds: Dataset) -> tuple[int, int]:
@@ -1236,7 +1249,7 @@ def decode_for_display(ds: Dataset, *, reduce: int = 0) -> np.ndarray:
 
             rgb = apply_color_lut(array, ds)
         except Exception as exc:  # a broken palette is undecodable pixel data
-            raise PixelDataError(f"Palette colour lookup failed: {exc}") from exc
+            raise PixelDataError(f"Palette colour lookup failed: {_said(exc)}") from exc
         return _palette_luminance(rgb).astype(np.float32, copy=False)
     if np.issubdtype(array.dtype, np.floating):
         values = array.astype(np.float32)

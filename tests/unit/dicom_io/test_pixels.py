@@ -293,6 +293,23 @@ def test_corrupt_compressed_data() -> None:
         decode_for_display(ds)
 
 
+def test_a_refusal_is_one_line_that_reads_the_same_every_time() -> None:
+    """It is recorded as the instance's reason and shown by `status`: the decoders'
+    lines joined, and no object's address (Pillow names its input by one)."""
+    ds = _dataset(_stored())
+    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51 not a JPEG 2000 codestream"])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    reasons = set()
+    for _ in range(2):
+        with pytest.raises(PixelDataError, match="cannot be decoded") as refused:
+            decode_for_display(ds)
+        reasons.add(str(refused.value))
+    [reason] = reasons
+    assert "\n" not in reason and " at 0x" not in reason, reason
+    assert "pillow" in reason, reason  # what each decoder said is kept
+
+
 # --- transfer syntaxes ------------------------------------------------------------
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TypedDict
 from unittest import mock
 
+import imagecodecs
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -46,6 +47,8 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLossless,
     JPEGLSLossless,
     SecondaryCaptureImageStorage,
     generate_uid,
@@ -901,3 +904,86 @@ def test_read_from_the_file_a_strip_at_a_time_decodes_or_refuses_as_read_whole(
         assert from_the_file == whole
     else:
         np.testing.assert_array_equal(from_the_file, whole)
+
+
+_ENCODERS: dict[str, tuple[UID, Callable[[np.ndarray, int], bytes | bytearray]]] = {
+    "JPEG 2000": (
+        JPEG2000Lossless,
+        lambda a, bits: imagecodecs.jpeg2k_encode(
+            a, level=0, codecformat="J2K", reversible=True, bitspersample=bits
+        ),
+    ),
+    "JPEG-LS": (JPEGLSLossless, lambda a, bits: imagecodecs.jpegls_encode(a, level=0)),
+    "lossless JPEG": (
+        JPEGLossless,
+        lambda a, bits: imagecodecs.ljpeg_encode(a, bitspersample=bits),
+    ),
+}
+
+
+@st.composite
+def compressed_modules(draw: st.DrawFn) -> tuple[Dataset, tuple[int, int], int]:
+    """One grey frame encoded losslessly, described by a header that may not match it:
+    rows, columns, Bits Stored, signedness and samples as a modality might get them
+    wrong; and the codestream sometimes cut short. Returns the dataset read back from
+    its bytes, the header's (rows, columns) and the codestream's precision."""
+    name = draw(st.sampled_from(sorted(_ENCODERS)))
+    syntax, encode = _ENCODERS[name]
+    rows, columns = draw(st.integers(8, 64)), draw(st.integers(8, 64))
+    bits = draw(st.integers(8 if name == "JPEG 2000" else 2, 16))
+    seed = draw(st.integers(0, 2**32 - 1))
+    stored = np.random.default_rng(seed).integers(0, 1 << bits, (rows, columns))
+    codestream = encode(stored.astype(np.uint16 if bits > 8 else np.uint8), bits)
+    if draw(st.integers(0, 4)) == 0:
+        codestream = codestream[: draw(st.integers(2, len(codestream) - 1))]
+
+    header_rows = draw(st.sampled_from([rows, rows, rows, rows + 1, rows - 3, columns]))
+    header_columns = draw(st.sampled_from([columns, columns, columns, columns + 2, rows]))
+    header_bits = draw(st.sampled_from([bits, bits, bits, max(1, bits - 4), min(16, bits + 1)]))
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.SOPClassUID = DigitalXRayImageStorageForPresentation
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.BodyPartExamined = "HAND"
+    ds.Rows, ds.Columns = header_rows, header_columns
+    ds.SamplesPerPixel = draw(st.sampled_from([1, 1, 1, 1, 3]))
+    ds.PhotometricInterpretation = draw(st.sampled_from(["MONOCHROME1", "MONOCHROME2"]))
+    ds.BitsAllocated = 8 if header_bits <= 8 and draw(st.booleans()) else 16
+    ds.BitsStored = min(header_bits, ds.BitsAllocated)
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = draw(st.sampled_from([0, 0, 0, 1]))
+    if draw(st.booleans()):
+        ds.WindowCenter, ds.WindowWidth = 1 << (bits - 1), 1 << bits
+    ds.add_new(0x7FE00010, "OB", encapsulate([bytes(codestream)]))
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return dcmread(io.BytesIO(buffer.getvalue())), (header_rows, header_columns), bits
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(compressed_modules(), st.integers(0, 2))
+def test_a_compressed_frame_described_wrongly_decodes_to_its_header_or_is_refused(
+    module: tuple[Dataset, tuple[int, int], int], reduce: int
+) -> None:
+    """Whatever the header says of a JPEG 2000, JPEG-LS or lossless JPEG frame: a finite
+    image in [0, 1] of the header's size (halved ``reduce`` times), or a PixelDataError;
+    the same read from the file as read whole."""
+    ds, (rows, columns), _ = module
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "instance.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        whole = _decoded(lambda: decode_for_display(dcmread(path), reduce=reduce))
+        with mock.patch.object(pixels, "DEFERRED_BYTES", 16):
+            from_the_file = _decoded(lambda: decode_for_display(read_image(path), reduce=reduce))
+    if isinstance(whole, str) or isinstance(from_the_file, str):
+        assert from_the_file == whole
+        return
+    np.testing.assert_array_equal(from_the_file, whole)
+    image = whole
+    assert image.dtype == np.float32
+    assert np.isfinite(image).all() and image.min() >= 0.0 and image.max() <= 1.0
+    assert image.shape in {(rows >> r, columns >> r) for r in range(reduce + 1)} | {
+        (-(-rows >> r), -(-columns >> r)) for r in range(reduce + 1)
+    }, (image.shape, rows, columns, reduce)

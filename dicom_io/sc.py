@@ -375,6 +375,10 @@ def build_heatmap_sc(
         manufacturer_model_name=finding.model_name[:64],
         software_versions=software_version(),
     )
+    # SOP Common: the patient and study text copied is encoded in the source's
+    # character set, as it came
+    if "SpecificCharacterSet" in source:
+        sc.SpecificCharacterSet = source.SpecificCharacterSet
     # General Image: the overlay keeps the source's row/column directions
     if orientation is None:
         del sc.PatientOrientation
@@ -417,6 +421,10 @@ def _reference_view(source: Dataset) -> Dataset:
     """Copy of the patient/study attributes ``from_ref_dataset`` reads, Type 2 filled."""
     reference = Dataset()
     for element in source:
+        # not the character set: the caller sets the source's as it came (highdicom
+        # refuses some the standard allows, such as Japanese "\ISO 2022 IR 87")
+        if element.keyword == "SpecificCharacterSet":
+            continue
         if element.tag.group in (0x0008, 0x0010, 0x0018, 0x0020) and element.VR != "SQ":
             reference.add(element)
     for keyword in (

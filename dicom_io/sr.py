@@ -332,9 +332,13 @@ class MeasurementReportSR(SOPClass):
             study_date=evidence.StudyDate,
             study_time=evidence.StudyTime,
             referring_physician_name=evidence.get("ReferringPhysicianName"),
-            specific_character_set=evidence.get("SpecificCharacterSet"),
             **kwargs,
         )
+        # The source's character set as it came: highdicom refuses some the standard
+        # allows, such as Japanese "\ISO 2022 IR 87" (an empty first value is ISO 2022
+        # IR 6, PS3.3 C.12.1.1.2); the patient and study text copied is encoded in it.
+        if "SpecificCharacterSet" in evidence:
+            self.SpecificCharacterSet = evidence.SpecificCharacterSet
         if institution_name is not None:
             self.InstitutionName = institution_name
         # SR Document General: machine-made, complete, unreviewed, not final

@@ -369,6 +369,45 @@ def test_unreachable_destination_retries_then_fails_then_retry_deliveries(
     assert len(storescp.received()) == 1
 
 
+@pytest.mark.parametrize(
+    ("character_set", "name"),
+    [
+        ("ISO_IR 100", "Müller^Jürgen"),
+        ("ISO_IR 144", "Иванов^Иван"),
+        ("ISO_IR 192", "山田^太郎"),
+        (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう"),
+        (["", "ISO 2022 IR 149"], "Hong^Gildong=洪^吉洞=홍^길동"),
+    ],
+    ids=["Latin-1", "Cyrillic", "UTF-8", "Japanese, ISO 2022", "Korean, ISO 2022"],
+)
+def test_the_sr_and_sc_keep_the_patients_name_in_the_sources_character_set(
+    runtime: Runtime, storescp: StoreSCP, character_set: str | list[str], name: str
+) -> None:
+    """docs/conformance.md 4: created objects copy the source's Specific Character Set
+    and its patient and study text as received; what a viewer shows is the same name.
+    (highdicom refuses an empty first value, which Japanese and Korean sites send, and
+    the SR and SC were never made for their patients.)"""
+    instance_id = spool_instance(
+        runtime,
+        attributes={
+            "SpecificCharacterSet": character_set,
+            "PatientName": name,
+            "ReferringPhysicianName": name,
+        },
+    )
+    outcome = assess_instance(runtime, instance_id)
+    assert outcome.state == "assessed"
+    for delivery_id in outcome.delivery_ids:
+        assert deliver_one(runtime, delivery_id).state == "delivered"
+    received = storescp.wait_for_objects(2, timeout=30)
+    for path in received:
+        assert dciodvfy_errors(path) == [], path
+        written = dcmread(path)
+        assert written.SpecificCharacterSet == character_set
+        assert str(written.PatientName) == name
+        assert str(written.ReferringPhysicianName) == name
+
+
 @pytest.mark.parametrize("size", [256, 2200], ids=["decoded whole", "decoded reduced"])
 def test_pixels_pydicom_cannot_decode_are_not_assessed_with_its_reason(
     runtime: Runtime, size: int

@@ -28,6 +28,7 @@ import logging
 import os
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -229,7 +230,8 @@ def _claim(rt: Runtime, instance_id: int) -> tuple[Path, str] | AssessOutcome:
             logger.info("assess: instance %d already %s", instance_id, instance.state.value)
             return AssessOutcome("skipped", reason=f"already {instance.state.value}")
         instance.state = InstanceState.ERROR
-        instance.reason = f"processing did not complete in {MAX_ATTEMPTS} attempts"
+        last = f"; the last: {instance.reason}" if instance.reason else ""
+        instance.reason = f"processing did not complete in {MAX_ATTEMPTS} attempts{last}"
         instance.finished_at = now()
         logger.error("assess: instance %d gave up after %d attempts", instance_id, MAX_ATTEMPTS)
         return AssessOutcome("error", reason=instance.reason)
@@ -248,14 +250,58 @@ def assess_instance(rt: Runtime, instance_id: int, *, send: bool = True) -> Asse
     """Assess one received instance and queue its outputs for delivery.
 
     Returns what happened; raises only for trouble a retry may cure (database,
-    file system), after which the task is retried. With ``send=False`` (a
-    `reprocess` that was not asked to send) the result is recorded and the SR and
-    SC written to the outbox, but no delivery is made.
+    file system), after which the task is retried, or for a fault. Either way the
+    instance's reason says where the attempt failed until another one finishes it, and
+    the error the instance ends in after :data:`MAX_ATTEMPTS` says where the last one
+    did. With ``send=False`` (a `reprocess` that was not asked to send) the result is
+    recorded and the SR and SC written to the outbox, but no delivery is made.
     """
     claimed = _claim(rt, instance_id)
     if isinstance(claimed, AssessOutcome):
         return claimed
-    spool, sop_instance_uid = claimed
+    try:
+        return _assess(rt, instance_id, *claimed, send=send)
+    except Exception as exc:
+        _note_failed_attempt(rt, instance_id, exc)
+        raise
+
+
+#: Where this project's code lies: a failure is placed at its last frame there.
+_PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _failure(exc: BaseException) -> str:
+    """What failed and where, for a person: the exception's type and the last line of
+    this project's code it came through. Never its message, which may quote a
+    patient's attributes (pydicom's and highdicom's do)."""
+    place = ""
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        path = Path(frame.filename).resolve()
+        if path.is_relative_to(_PROJECT_ROOT) and "site-packages" not in path.parts:
+            place = f" in {path.relative_to(_PROJECT_ROOT)}:{frame.lineno} ({frame.name})"
+            break
+    return f"{type(exc).__name__}{place}"
+
+
+def _note_failed_attempt(rt: Runtime, instance_id: int, exc: BaseException) -> None:
+    """Record on the instance, still `processing`, where this attempt failed."""
+    try:
+        with session_scope(rt.database_url) as session:
+            instance = session.get(Instance, instance_id)
+            if instance is not None and instance.state is InstanceState.PROCESSING:
+                instance.reason = f"attempt {instance.attempts} failed: {_failure(exc)}"
+    except Exception as noted:  # the database may be what failed
+        logger.warning(
+            "instance %d: where the attempt failed is not recorded (%s)",
+            instance_id,
+            type(noted).__name__,
+        )
+
+
+def _assess(
+    rt: Runtime, instance_id: int, spool: Path, sop_instance_uid: str, *, send: bool
+) -> AssessOutcome:
+    """:func:`assess_instance` of an instance this attempt has claimed."""
     settings = rt.settings
 
     try:

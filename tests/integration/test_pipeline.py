@@ -425,6 +425,66 @@ def test_pixels_pydicom_cannot_decode_are_not_assessed_with_its_reason(
         assert "'Bits Stored' value of '17' is invalid" in (instance.reason or "")
 
 
+def test_an_attempt_that_fails_says_where_and_the_error_after_the_last_says_so_too(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault the pipeline does not expect (here in building the outputs) leaves the
+    instance `processing` with where the attempt failed, but not the exception's
+    message, which may quote the patient; after MAX_ATTEMPTS the instance is in error,
+    and its reason still says where."""
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("'Müller^Jürgen' is not a valid name")  # as pydicom's may read
+
+    monkeypatch.setattr(pipeline, "build_outputs", failing)
+    instance_id = spool_instance(runtime)
+    for attempt in range(1, pipeline.MAX_ATTEMPTS + 1):
+        with pytest.raises(ValueError):
+            assess_instance(runtime, instance_id)
+        with session_scope(runtime.database_url) as session:
+            instance = session.get_one(Instance, instance_id)
+            assert instance.state is InstanceState.PROCESSING
+            assert instance.reason == (
+                f"attempt {attempt} failed: ValueError in "
+                f"tests/integration/test_pipeline.py:{failing.__code__.co_firstlineno + 1} "
+                "(failing)"
+            )
+    outcome = assess_instance(runtime, instance_id)
+    assert outcome.state == "error"
+    with session_scope(runtime.database_url) as session:
+        instance = session.get_one(Instance, instance_id)
+        assert instance.state is InstanceState.ERROR
+        assert instance.reason == (
+            f"processing did not complete in {pipeline.MAX_ATTEMPTS} attempts; the last: "
+            f"attempt {pipeline.MAX_ATTEMPTS} failed: ValueError in "
+            f"tests/integration/test_pipeline.py:{failing.__code__.co_firstlineno + 1} (failing)"
+        )
+        assert "Müller" not in instance.reason
+
+
+def test_an_attempt_that_fails_then_one_that_succeeds_leaves_its_own_reason(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The note of a failed attempt goes when a later one finishes the instance."""
+    build = pipeline.build_outputs
+    calls: list[int] = []
+
+    def failing_once(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyError("SOPInstanceUID")
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "build_outputs", failing_once)
+    instance_id = spool_instance(runtime)
+    with pytest.raises(KeyError):
+        assess_instance(runtime, instance_id)
+    assert assess_instance(runtime, instance_id).state == "assessed"
+    with session_scope(runtime.database_url) as session:
+        instance = session.get_one(Instance, instance_id)
+        assert instance.reason == "assessed by an UNTRAINED model"
+
+
 def test_missing_spool_file_is_an_error_not_a_crash(runtime: Runtime) -> None:
     instance_id = spool_instance(runtime)
     with session_scope(runtime.database_url) as session:

@@ -24,7 +24,13 @@ from dicom_io.content import (
     check_positive_int,
     check_uid,
 )
-from dicom_io.sr import MANUFACTURER, series_description, software_version
+from dicom_io.sr import (
+    MANUFACTURER,
+    PATIENT_AND_STUDY,
+    copy_patient_and_study,
+    series_description,
+    software_version,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -375,8 +381,9 @@ def build_heatmap_sc(
         manufacturer_model_name=finding.model_name[:64],
         software_versions=software_version(),
     )
-    # SOP Common: the patient and study text copied is encoded in the source's
-    # character set, as it came
+    # Patient and General Study as the source has them, and its character set, in
+    # which their text is encoded (highdicom was given placeholders: _reference_view)
+    copy_patient_and_study(source, sc)
     if "SpecificCharacterSet" in source:
         sc.SpecificCharacterSet = source.SpecificCharacterSet
     # General Image: the overlay keeps the source's row/column directions
@@ -418,26 +425,17 @@ def build_heatmap_sc(
 
 
 def _reference_view(source: Dataset) -> Dataset:
-    """Copy of the patient/study attributes ``from_ref_dataset`` reads, Type 2 filled."""
+    """What ``from_ref_dataset`` reads of ``source``: its UIDs and equipment, with empty
+    placeholders for the patient and study attributes and no character set. The caller
+    puts the source's own on the SC afterwards (:func:`copy_patient_and_study`), as they
+    came: highdicom refuses some values modalities write (a birth date "2015") and some
+    character sets the standard allows (Japanese "\\ISO 2022 IR 87")."""
     reference = Dataset()
     for element in source:
-        # not the character set: the caller sets the source's as it came (highdicom
-        # refuses some the standard allows, such as Japanese "\ISO 2022 IR 87")
-        if element.keyword == "SpecificCharacterSet":
+        if element.keyword == "SpecificCharacterSet" or element.keyword in PATIENT_AND_STUDY:
             continue
         if element.tag.group in (0x0008, 0x0010, 0x0018, 0x0020) and element.VR != "SQ":
             reference.add(element)
-    for keyword in (
-        "PatientID",
-        "PatientName",
-        "PatientBirthDate",
-        "PatientSex",
-        "AccessionNumber",
-        "StudyID",
-        "StudyDate",
-        "StudyTime",
-        "ReferringPhysicianName",
-    ):
-        if keyword not in reference:
-            setattr(reference, keyword, "")
+    for keyword in PATIENT_AND_STUDY:
+        setattr(reference, keyword, "")
     return reference

@@ -106,6 +106,38 @@ def series_description(kind: str, *, trained: bool) -> str:
     return text[:_LO_MAX]
 
 
+#: The Patient and General Study attributes a created object takes from its source (all
+#: Type 2: written empty where the source has none).
+PATIENT_AND_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+
+
+def copy_patient_and_study(source: Dataset, target: Dataset) -> None:
+    """Give ``target`` the :data:`PATIENT_AND_STUDY` attributes of ``source`` as they came.
+
+    The PACS files an SR or SC with its image by these, so they are the source's values
+    element for element, in its character set. They are not passed through highdicom,
+    which refuses values that modalities write and PACSes keep: a birth date "2015", a
+    sex "f", a study time "256161", a referring physician named twice. Refused, such a
+    value failed the assessment on every attempt, with no SR or SC for the patient.
+    """
+    for keyword in PATIENT_AND_STUDY:
+        if keyword in source:
+            element = source[keyword]
+            target.add_new(element.tag, element.VR, element.value)
+        else:
+            setattr(target, keyword, "")
+
+
 def _evidence(source: Dataset) -> Dataset:
     """The attributes of ``source`` that the SR copies or references.
 
@@ -323,17 +355,11 @@ class MeasurementReportSR(SOPClass):
             instance_number=instance_number,
             modality="SR",
             transfer_syntax_uid=ExplicitVRLittleEndian,
-            patient_id=evidence.PatientID,
-            patient_name=evidence.PatientName,
-            patient_birth_date=evidence.PatientBirthDate,
-            patient_sex=evidence.PatientSex,
-            accession_number=evidence.AccessionNumber,
-            study_id=evidence.StudyID,
-            study_date=evidence.StudyDate,
-            study_time=evidence.StudyTime,
-            referring_physician_name=evidence.get("ReferringPhysicianName"),
             **kwargs,
         )
+        # Patient and General Study: the source's elements, as they came (below), not
+        # through highdicom's checks (see copy_patient_and_study)
+        copy_patient_and_study(evidence, self)
         # The source's character set as it came: highdicom refuses some the standard
         # allows, such as Japanese "\ISO 2022 IR 87" (an empty first value is ISO 2022
         # IR 6, PS3.3 C.12.1.1.2); the patient and study text copied is encoded in it.
@@ -359,7 +385,6 @@ class MeasurementReportSR(SOPClass):
         self.CurrentRequestedProcedureEvidenceSequence = [study]
         self.PerformedProcedureCodeSequence: list[Dataset] = []
         self.ReferencedPerformedProcedureStepSequence: list[Dataset] = []
-        self.copy_patient_and_study_information(evidence)
         # SOP Common: the source's acquisition equipment and highdicom, as highdicom does
         self._add_contributing_equipment(None, evidence)
 

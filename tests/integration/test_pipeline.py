@@ -408,6 +408,50 @@ def test_the_sr_and_sc_keep_the_patients_name_in_the_sources_character_set(
         assert str(written.ReferringPhysicianName) == name
 
 
+@pytest.mark.parametrize(
+    "attributes",
+    [
+        {"PatientBirthDate": "2015"},
+        {"PatientBirthDate": "garbage!", "PatientAge": "010Y"},
+        {"PatientSex": "f"},
+        {"StudyDate": "20251399"},
+        {"StudyTime": "256161"},
+        {"ReferringPhysicianName": "Smith^John\\Jones^Ann"},
+    ],
+    ids=lambda attributes: next(iter(attributes)) + " " + str(next(iter(attributes.values()))),
+)
+def test_patient_and_study_values_a_modality_got_wrong_are_copied_as_they_came(
+    runtime: Runtime, storescp: StoreSCP, attributes: dict[str, str]
+) -> None:
+    """Values the PACS took from a modality, though the standard forbids them (highdicom
+    refused each, and the assessment failed on every attempt, with no SR or SC): the
+    image is assessed, and the SR and SC carry the source's value as it came, which is
+    all that dciodvfy finds wrong in them."""
+    instance_id = spool_instance(runtime, attributes=attributes)
+    outcome = assess_instance(runtime, instance_id)
+    assert outcome.state == "assessed", outcome.reason
+    for delivery_id in outcome.delivery_ids:
+        assert deliver_one(runtime, delivery_id).state == "delivered"
+    with session_scope(runtime.database_url) as session:
+        source = dcmread(session.get_one(Instance, instance_id).spool_path)
+    keyword = next(iter(attributes))
+    for path in storescp.wait_for_objects(2, timeout=30):
+        written = dcmread(path)
+        assert written[keyword].value == source[keyword].value
+        for other in ("PatientID", "PatientName", "StudyInstanceUID", "AccessionNumber"):
+            assert written[other].value == source[other].value
+        tag = written[keyword].tag
+        about_it = (
+            f"(0x{tag.group:04x},0x{tag.element:04x})",
+            f"<{source[keyword].value}>",
+            f"Element=<{keyword}>",
+        )
+        for error in dciodvfy_errors(path):
+            assert any(mark in error for mark in about_it) or error == (
+                "Error - Dicom dataset contains invalid data values for Value Representations"
+            ), error
+
+
 @pytest.mark.parametrize("size", [256, 2200], ids=["decoded whole", "decoded reduced"])
 def test_pixels_pydicom_cannot_decode_are_not_assessed_with_its_reason(
     runtime: Runtime, size: int

@@ -15,6 +15,9 @@ import numpy as np
 import psycopg
 import pytest
 from pydicom import dcmread
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
 from pydicom.uid import MultiFrameGrayscaleWordSecondaryCaptureImageStorage
 from sqlalchemy import select, update
 
@@ -49,7 +52,8 @@ def spool_instance(
     """Spool a phantom hand and record it as received; its instance id.
 
     With ``frames`` > 1 it is the first frame of a multi-frame grey SC, whose other
-    frames are the same hand inverted. ``attributes`` are set on the dataset last.
+    frames are the same hand inverted. ``attributes`` are set on the dataset last (None:
+    removed; bytes: written as they are, a value pydicom would refuse to write).
     """
     phantom = make_phantom(100.0, male=sex == "M", size=size, rng=np.random.default_rng(3))
     stored = np.round(phantom.image * 4095).astype(np.uint16)
@@ -66,7 +70,15 @@ def spool_instance(
         ds.NumberOfFrames = frames
         ds.PixelData = stored.tobytes() + (4095 - stored).tobytes() * (frames - 1)
     for keyword, value in (attributes or {}).items():
-        setattr(ds, keyword, value)
+        if value is None:
+            if keyword in ds:
+                delattr(ds, keyword)
+        elif isinstance(value, bytes):
+            tag = Tag(keyword)
+            value += b" " * (len(value) % 2)
+            ds[tag] = RawDataElement(tag, dictionary_VR(tag), len(value), value, 0, False, True)
+        else:
+            setattr(ds, keyword, value)
     path = spool_path(rt.settings.spool_dir, ds.SOPInstanceUID)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)

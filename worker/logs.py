@@ -2,7 +2,11 @@
 
 Only entry points call :func:`setup_logging`. Whatever the format, the loggers of
 libraries that print dataset contents (pynetdicom, highdicom) are held at WARNING,
-so no patient attribute reaches a log line through them.
+so no patient attribute reaches a log line through them; and an exception is written
+with its type and traceback but without its message, which may quote a data set's
+values or a database row's (pydicom's, highdicom's, PostgreSQL's "Key (...)=(...)"),
+unless it is of a kind whose message is about the machine: the file system, the
+network, the database connection (:func:`exception_text`).
 """
 
 from __future__ import annotations
@@ -11,11 +15,12 @@ import json
 import logging
 import os
 import sys
+import traceback
 import warnings
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-__all__ = ["JsonFormatter", "setup_logging"]
+__all__ = ["JsonFormatter", "TextFormatter", "exception_text", "setup_logging"]
 
 LogFormat = Literal["text", "json"]
 
@@ -27,7 +32,93 @@ _RECORD_ATTRIBUTES = frozenset(
 ) | {"message", "asctime", "taskName"}
 
 
-class JsonFormatter(logging.Formatter):
+#: What a log says in place of a message withheld.
+WITHHELD = "(message withheld from the log: it may quote patient data)"
+
+
+def _keeps_its_message(exc: BaseException) -> bool:
+    """Whether ``exc``'s message is about the machine, not about data: the file system
+    and the network (OSError: a path in the spool or outbox is named by a hash), and
+    the database's connection (SQLAlchemy's OperationalError, without its parameters)."""
+    if isinstance(exc, (OSError, MemoryError)):
+        return True
+    return any(
+        kind.__name__ == "OperationalError" and kind.__module__.startswith("sqlalchemy")
+        for kind in type(exc).__mro__
+    )
+
+
+def _exception_only(exc: BaseException) -> str:
+    kind = type(exc)
+    name = (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+    return f"{name}: {exc}" if _keeps_its_message(exc) else f"{name}: {WITHHELD}"
+
+
+def exception_text(exc: BaseException) -> str:
+    """``exc`` as a traceback prints it, causes and contexts first, each message
+    withheld unless :func:`_keeps_its_message`: the frames and types say where and what
+    failed, and a message may quote a patient's attributes."""
+    parts: list[str] = []
+    seen: set[int] = set()
+
+    def add(error: BaseException) -> None:
+        seen.add(id(error))
+        cause, context = error.__cause__, error.__context__
+        if cause is not None and id(cause) not in seen:
+            add(cause)
+            parts.append(
+                "\nThe above exception was the direct cause of the following exception:\n\n"
+            )
+        elif context is not None and not error.__suppress_context__ and id(context) not in seen:
+            add(context)
+            parts.append(
+                "\nDuring handling of the above exception, another exception occurred:\n\n"
+            )
+        if error.__traceback__ is not None:
+            parts.append("Traceback (most recent call last):\n")
+            parts.extend(
+                traceback.StackSummary.extract(traceback.walk_tb(error.__traceback__)).format()
+            )
+        parts.append(_exception_only(error) + "\n")
+
+    add(exc)
+    return "".join(parts).rstrip("\n")
+
+
+class _ExceptionsWithheld(logging.Formatter):
+    """A formatter that writes exceptions as :func:`exception_text`."""
+
+    def formatException(self, ei: Any) -> str:
+        if ei and ei[1] is not None:
+            return exception_text(ei[1])
+        return super().formatException(ei)
+
+
+class TextFormatter(_ExceptionsWithheld):
+    """One human-readable line per record (a traceback on the lines after it)."""
+
+
+class _CeleryTaskErrors(logging.Filter):
+    """Celery's report of a failed task: its message and its ``data`` extra quote the
+    exception (``%(exc)s``, ``traceback``); they say as much as :func:`exception_text`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None or not record.name.startswith("celery"):
+            return True
+        if isinstance(record.args, dict) and "exc" in record.args:
+            record.args = {**record.args, "exc": _exception_only(exc)}
+        data = getattr(record, "data", None)
+        if isinstance(data, dict):
+            record.data = {**data, "exc": _exception_only(exc), "traceback": exception_text(exc)}
+        return True
+
+
+class JsonFormatter(_ExceptionsWithheld):
     """One JSON object per line: time, level, logger, role, pid, message, extras.
 
     Parameters
@@ -90,7 +181,8 @@ def setup_logging(level: str, fmt: LogFormat | str = "text", *, role: str | None
     if fmt == "json":
         handler.setFormatter(JsonFormatter(role or _default_role()))
     else:
-        handler.setFormatter(logging.Formatter(_TEXT_FORMAT))
+        handler.setFormatter(TextFormatter(_TEXT_FORMAT))
+    handler.addFilter(_CeleryTaskErrors())
     logging.basicConfig(level=level, handlers=[handler], force=True)
     # Python's warnings would otherwise be bare lines on stderr, breaking JSON lines.
     logging.captureWarnings(fmt == "json")

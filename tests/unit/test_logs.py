@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.support import free_port, wait_for_port
-from worker.logs import JsonFormatter, setup_logging
+from worker.celery_app import app as celery_app
+from worker.logs import WITHHELD, JsonFormatter, setup_logging
 
 KEYS = {"time", "level", "logger", "role", "pid", "message"}
 
@@ -54,7 +55,77 @@ def test_formatter_keeps_tracebacks_on_one_line() -> None:
         record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
     line = JsonFormatter().format(record)
     assert "\n" not in line
-    assert "ValueError: broken" in json.loads(line)["exception"]
+    assert f"ValueError: {WITHHELD}" in json.loads(line)["exception"]
+
+
+#: A patient's name, as a library's exception message may quote it.
+NAME = "Müller^Jürgen"
+
+
+def _refuse_the_name() -> None:
+    raise ValueError(f"{NAME!r} is not a valid person name")
+
+
+def _read_the_name() -> None:
+    entries: dict[str, str] = {}
+    try:
+        entries[NAME]
+    except KeyError as exc:
+        raise RuntimeError(f"no entry for {NAME}") from exc
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_an_exceptions_message_is_withheld_its_type_and_frames_kept(
+    restore_logging: None, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    setup_logging("INFO", fmt, role="worker")
+    log = logging.getLogger("worker.test")
+    for fails in (_refuse_the_name, _read_the_name):
+        try:
+            fails()
+        except Exception:
+            log.exception("instance 7 failed")
+    written = stream.getvalue()
+    assert "Müller" not in written and "Jürgen" not in written
+    for shown in ("ValueError: ", "KeyError: ", "RuntimeError: ", WITHHELD, "_refuse_the_name"):
+        assert shown in written, shown
+    assert "The above exception was the direct cause of the following exception" in written
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_message_about_the_machine_is_kept(
+    restore_logging: None, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    setup_logging("INFO", fmt, role="listener")
+    try:
+        raise OSError(28, "No space left on device")
+    except OSError:
+        logging.getLogger("worker.test").exception("spooling failed")
+    assert "No space left on device" in stream.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_celery_task_that_fails_is_logged_without_its_message(
+    restore_logging: None, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    """Celery's own report (logger celery.app.trace): its line quotes the exception, and
+    its ``data`` extra, which JSON lines carry, the traceback as Celery formatted it."""
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    setup_logging("INFO", fmt, role="worker")
+
+    @celery_app.task(name="tests.refuse_the_name")
+    def refuse() -> None:
+        _refuse_the_name()
+
+    assert refuse.apply().failed()
+    written = stream.getvalue()
+    assert "raised unexpected: ValueError" in written, written
+    assert "Müller" not in written and "Jürgen" not in written
 
 
 def test_setup_logging_json_holds_libraries_at_warning(

@@ -59,7 +59,12 @@ def create_db_engine(url: str) -> Engine:
         # SQLite serialises writers itself; a pool large enough for every listener
         # thread (up to 64 associations) means nobody also queues for a connection.
         engine = create_engine(
-            url, connect_args={"timeout": 30}, pool_size=16, max_overflow=64, pool_timeout=20
+            url,
+            connect_args={"timeout": 30},
+            pool_size=16,
+            max_overflow=64,
+            pool_timeout=20,
+            hide_parameters=True,
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
@@ -69,6 +74,7 @@ def create_db_engine(url: str) -> Engine:
         pool_size=5,
         max_overflow=5,
         connect_args={"connect_timeout": 5} if parsed.get_backend_name() == "postgresql" else {},
+        hide_parameters=True,
     )
 
 

@@ -19,6 +19,7 @@ from db.engine import (
 from db.schema import Instance, InstanceState, Model, Result
 from tests.support import received
 from worker.listener import record_instance
+from worker.logs import exception_text
 
 pytestmark = pytest.mark.integration
 
@@ -83,6 +84,37 @@ def test_one_result_per_instance_and_model(database_url: str) -> None:
     add_result()
     with pytest.raises(IntegrityError):
         add_result()
+
+
+def test_a_database_error_is_logged_without_the_values_of_its_row(database_url: str) -> None:
+    """Logs name an instance by a hash of its UID. SQLAlchemy leaves a statement's
+    parameters out of its errors here; PostgreSQL's own message still quotes the key
+    ("Key (sop_instance_uid)=(...) already exists"), so the log withholds the message
+    of such an error (worker.logs.exception_text)."""
+    upgrade(database_url)
+    uid = "1.2.826.0.1.3680043.8.498.99999999999999999999"
+    with session_scope(database_url) as session:
+        session.add(Instance(**_instance_row(uid)))
+    with pytest.raises(IntegrityError) as refused, session_scope(database_url) as session:
+        session.add(Instance(**_instance_row(uid)))
+    assert "SQL parameters hidden" in str(refused.value), str(refused.value)
+    logged = exception_text(refused.value)
+    assert "IntegrityError" in logged and uid not in logged, logged
+
+
+def _instance_row(uid: str) -> dict[str, object]:
+    return {
+        "sop_instance_uid": uid,
+        "sop_class_uid": "1.2.840.10008.5.1.4.1.1.1.1",
+        "study_instance_uid": "1.2.3",
+        "series_instance_uid": "1.2.3.1",
+        "modality": "DX",
+        "transfer_syntax_uid": "1.2.840.10008.1.2.1",
+        "calling_ae_title": "PACS",
+        "spool_path": "/nonexistent/x.dcm",
+        "size_bytes": 10,
+        "state": InstanceState.RECEIVED,
+    }
 
 
 def test_unreachable_database_is_named() -> None:

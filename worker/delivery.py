@@ -111,7 +111,12 @@ def send_deliveries(
             # attempt: raised, it would leave them pending under the claim, sent again
             # by the reconciler and failing again for ever, never counted nor `failed`.
             error = f"internal error while sending: {type(exc).__name__}: {exc}"
-            logger.exception("deliveries to %s: %s", destination_text, error)
+            # the row keeps the message for `status`; the log, the type and traceback
+            logger.exception(
+                "deliveries to %s: internal error while sending (%s)",
+                destination_text,
+                type(exc).__name__,
+            )
             for row in rows:
                 if row.id not in outcomes:
                     outcomes[row.id] = _record_failure(rt, row.id, error)

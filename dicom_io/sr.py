@@ -170,10 +170,15 @@ def _evidence(source: Dataset) -> Dataset:
         "Modality",
         "NumberOfFrames",
     ):
-        value = source.get(keyword)
-        if value is not None:
-            setattr(evidence, keyword, value)
-        elif keyword not in ("SpecificCharacterSet", "Modality", "NumberOfFrames"):
+        try:
+            value = source.get(keyword)
+            if value is not None:
+                setattr(evidence, keyword, value)
+        except (ValueError, TypeError, OverflowError):
+            # a number pydicom cannot read (Number of Frames "abc"): as if absent, for
+            # the SR that says why such an image was not assessed
+            value = None
+        if value is None and keyword not in ("SpecificCharacterSet", "Modality", "NumberOfFrames"):
             setattr(evidence, keyword, "")
     return evidence
 

@@ -574,6 +574,22 @@ def test_not_assessed_sr_is_sent_when_configured(
         assert list(session.scalars(select(Result))) == []
 
 
+def test_the_sr_saying_why_is_made_for_a_header_pydicom_cannot_read(
+    tmp_path: Path, tiny_checkpoint: Path, storescp: StoreSCP
+) -> None:
+    """Number of Frames "abc": the pixels cannot be decoded, and the SR that says so
+    leaves the number out (it raised, and the image was tried again and again)."""
+    rt = make_runtime(
+        tmp_path, tiny_checkpoint, destinations=storescp.destination, send_not_assessed=True
+    )
+    outcome = assess_instance(rt, spool_instance(rt, attributes={"NumberOfFrames": b"abc"}))
+    assert outcome.state == "not_assessed" and len(outcome.delivery_ids) == 1
+    assert outcome.reason is not None and "cannot be decoded" in outcome.reason
+    assert deliver_one(rt, outcome.delivery_ids[0]).state == "delivered"
+    [received] = storescp.wait_for_objects(1, timeout=30)
+    assert dciodvfy_errors(received) == []
+
+
 def test_missing_sex_follows_the_site_setting(
     tmp_path: Path, tiny_checkpoint: Path, storescp: StoreSCP
 ) -> None:

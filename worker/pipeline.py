@@ -266,8 +266,10 @@ def assess_instance(rt: Runtime, instance_id: int, *, send: bool = True) -> Asse
         raise
 
 
-#: Where this project's code lies: a failure is placed at its last frame there.
-_PROJECT_ROOT = Path(__file__).resolve().parents[1]
+#: The folder that holds this project's packages (the checkout, or site-packages where
+#: it is installed), and those packages: a failure is placed at its last frame in them.
+_PACKAGES_ROOT = Path(__file__).resolve().parents[1]
+_OUR_PACKAGES = frozenset({"worker", "dicom_io", "models", "db", "tests"})
 
 
 def _failure(exc: BaseException) -> str:
@@ -277,8 +279,11 @@ def _failure(exc: BaseException) -> str:
     place = ""
     for frame in reversed(traceback.extract_tb(exc.__traceback__)):
         path = Path(frame.filename).resolve()
-        if path.is_relative_to(_PROJECT_ROOT) and "site-packages" not in path.parts:
-            place = f" in {path.relative_to(_PROJECT_ROOT)}:{frame.lineno} ({frame.name})"
+        if not path.is_relative_to(_PACKAGES_ROOT):
+            continue
+        relative = path.relative_to(_PACKAGES_ROOT)
+        if relative.parts[0] in _OUR_PACKAGES:
+            place = f" in {relative.as_posix()}:{frame.lineno} ({frame.name})"
             break
     return f"{type(exc).__name__}{place}"
 

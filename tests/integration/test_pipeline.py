@@ -493,6 +493,7 @@ def test_an_attempt_that_fails_says_where_and_the_error_after_the_last_says_so_t
         raise ValueError("'Müller^Jürgen' is not a valid name")  # as pydicom's may read
 
     monkeypatch.setattr(pipeline, "build_outputs", failing)
+    place = f"tests/integration/test_pipeline.py:{failing.__code__.co_firstlineno + 1} (failing)"
     instance_id = spool_instance(runtime)
     for attempt in range(1, pipeline.MAX_ATTEMPTS + 1):
         with pytest.raises(ValueError):
@@ -500,11 +501,7 @@ def test_an_attempt_that_fails_says_where_and_the_error_after_the_last_says_so_t
         with session_scope(runtime.database_url) as session:
             instance = session.get_one(Instance, instance_id)
             assert instance.state is InstanceState.PROCESSING
-            assert instance.reason == (
-                f"attempt {attempt} failed: ValueError in "
-                f"tests/integration/test_pipeline.py:{failing.__code__.co_firstlineno + 1} "
-                "(failing)"
-            )
+            assert instance.reason == f"attempt {attempt} failed: ValueError in {place}"
     outcome = assess_instance(runtime, instance_id)
     assert outcome.state == "error"
     with session_scope(runtime.database_url) as session:
@@ -512,8 +509,7 @@ def test_an_attempt_that_fails_says_where_and_the_error_after_the_last_says_so_t
         assert instance.state is InstanceState.ERROR
         assert instance.reason == (
             f"processing did not complete in {pipeline.MAX_ATTEMPTS} attempts; the last: "
-            f"attempt {pipeline.MAX_ATTEMPTS} failed: ValueError in "
-            f"tests/integration/test_pipeline.py:{failing.__code__.co_firstlineno + 1} (failing)"
+            f"attempt {pipeline.MAX_ATTEMPTS} failed: ValueError in {place}"
         )
         assert "Müller" not in instance.reason
 

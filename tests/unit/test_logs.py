@@ -74,13 +74,19 @@ def _read_the_name() -> None:
         raise RuntimeError(f"no entry for {NAME}") from exc
 
 
+def _logging_to_a_string(monkeypatch: pytest.MonkeyPatch, fmt: str) -> io.StringIO:
+    """:func:`setup_logging` as a worker's, writing to the string returned."""
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    setup_logging("INFO", fmt, role="worker")
+    return stream
+
+
 @pytest.mark.parametrize("fmt", ["text", "json"])
 def test_an_exceptions_message_is_withheld_its_type_and_frames_kept(
     restore_logging: None, monkeypatch: pytest.MonkeyPatch, fmt: str
 ) -> None:
-    stream = io.StringIO()
-    monkeypatch.setattr(sys, "stderr", stream)
-    setup_logging("INFO", fmt, role="worker")
+    stream = _logging_to_a_string(monkeypatch, fmt)
     log = logging.getLogger("worker.test")
     for fails in (_refuse_the_name, _read_the_name):
         try:
@@ -98,9 +104,7 @@ def test_an_exceptions_message_is_withheld_its_type_and_frames_kept(
 def test_a_message_about_the_machine_is_kept(
     restore_logging: None, monkeypatch: pytest.MonkeyPatch, fmt: str
 ) -> None:
-    stream = io.StringIO()
-    monkeypatch.setattr(sys, "stderr", stream)
-    setup_logging("INFO", fmt, role="listener")
+    stream = _logging_to_a_string(monkeypatch, fmt)
     try:
         raise OSError(28, "No space left on device")
     except OSError:
@@ -114,9 +118,7 @@ def test_a_celery_task_that_fails_is_logged_without_its_message(
 ) -> None:
     """Celery's own report (logger celery.app.trace): its line quotes the exception, and
     its ``data`` extra, which JSON lines carry, the traceback as Celery formatted it."""
-    stream = io.StringIO()
-    monkeypatch.setattr(sys, "stderr", stream)
-    setup_logging("INFO", fmt, role="worker")
+    stream = _logging_to_a_string(monkeypatch, fmt)
 
     @celery_app.task(name="tests.refuse_the_name")
     def refuse() -> None:

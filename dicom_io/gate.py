@@ -141,6 +141,9 @@ def check(
         return no("made by boneage-worker (one of our own results)")
     if not ds.get("StudyInstanceUID"):
         return no("StudyInstanceUID is missing: results could not be placed in the study")
+    for keyword in ("SeriesInstanceUID", "SOPInstanceUID"):
+        if not ds.get(keyword):
+            return no(f"{keyword} is missing: results could not reference the image")
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         return no("the instance has no pixel data")
 

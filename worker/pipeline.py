@@ -581,7 +581,8 @@ def _not_assessed(
     if (
         not (send and settings.send_not_assessed and settings.destinations)
         or ours
-        or not ds.get("StudyInstanceUID")
+        # an SR could neither join the study nor reference the image
+        or not all(ds.get(k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
     ):
         _finish(rt, instance_id, InstanceState.NOT_ASSESSED, reason)
         return AssessOutcome("not_assessed", reason=reason)

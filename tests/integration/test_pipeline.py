@@ -79,16 +79,16 @@ def spool_instance(
             ds[tag] = RawDataElement(tag, dictionary_VR(tag), len(value), value, 0, False, True)
         else:
             setattr(ds, keyword, value)
-    path = spool_path(rt.settings.spool_dir, ds.SOPInstanceUID)
+    path = spool_path(rt.settings.spool_dir, ds.file_meta.MediaStorageSOPInstanceUID)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
-    return record_instance(
+    return record_instance(  # what the listener records of it (dicom_io.scp)
         rt.database_url,
         ReceivedInstance(
-            ds.SOPInstanceUID,
-            ds.SOPClassUID,
-            ds.StudyInstanceUID,
-            ds.SeriesInstanceUID,
+            ds.file_meta.MediaStorageSOPInstanceUID,
+            ds.file_meta.MediaStorageSOPClassUID,
+            str(ds.get("StudyInstanceUID") or ""),
+            str(ds.get("SeriesInstanceUID") or ""),
             modality,
             str(ds.file_meta.TransferSyntaxUID),
             "PACS",

@@ -47,6 +47,24 @@ def test_refusals_are_human_readable(change: dict[str, object], reason: str) -> 
     assert decision.reason is not None and reason in decision.reason
 
 
+@pytest.mark.parametrize(
+    ("keyword", "reason"),
+    [
+        ("StudyInstanceUID", "StudyInstanceUID is missing: results could not be placed"),
+        ("SeriesInstanceUID", "SeriesInstanceUID is missing: results could not reference"),
+        ("SOPInstanceUID", "SOPInstanceUID is missing: results could not reference"),
+    ],
+)
+def test_an_image_its_results_could_not_reference_is_refused(keyword: str, reason: str) -> None:
+    """The SR and SC join the image's study and reference the image by these (the SR
+    raised without them, and the image was tried again until it ended in error)."""
+    ds = hand()
+    delattr(ds, keyword)
+    decision = gate.check(ds)
+    assert not decision.accepted
+    assert decision.reason is not None and decision.reason.startswith(reason)
+
+
 def test_missing_body_part_needs_a_hand_description() -> None:
     ds = hand()
     del ds.BodyPartExamined

@@ -28,6 +28,8 @@ RADIOGRAPH_SOP_CLASSES: dict[str, str] = {
 }
 
 HAND_BODY_PARTS = {"HAND", "HANDS", "WRIST", "CARPUS", "FINGER", "HANDWRIST", "HAND_WRIST"}
+#: The smallest rows and columns an image is assessed at.
+MIN_SIZE = 128
 _HAND_WORDS = re.compile(
     r"\b(HAND|HANDS|WRIST|CARPUS|BONE ?AGE|SKELETAL AGE|KNOCHENALTER|MAIN|POIGNET)\b"
 )
@@ -108,7 +110,7 @@ def _approx_age_years(facts: PatientFacts) -> float | None:
 def check(
     ds: Dataset,
     *,
-    min_size: int = 128,
+    min_size: int = MIN_SIZE,
     max_age_years: float = 19.0,
     require_sex: bool = True,
 ) -> GateDecision:

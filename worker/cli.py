@@ -1090,7 +1090,12 @@ def predict(
     sex: str | None,
     heatmap_dir: Path | None,
 ) -> None:
-    """Estimate bone age for local files (DICOM or PNG), without the service."""
+    """Estimate bone age for local files (DICOM or PNG), without the service.
+
+    A file that cannot be assessed (the service's gate for DICOM; for an image file,
+    a side under the gate's 128 px) is listed with the reason, and the command then
+    exits with status 1.
+    """
     from rich.table import Table
 
     from dicom_io import gate
@@ -1111,6 +1116,7 @@ def predict(
     )
     for col in ("file", "sex", "bone age", "chronological", "SDS", "90% interval", "note"):
         table.add_column(col, overflow="fold")
+    refused = 0
     for path in files:
         chronological: float | None = None
         laterality = None
@@ -1119,6 +1125,12 @@ def predict(
                 if sex is None:
                     raise ValueError("--sex is needed for image files")
                 image, male = load_image(path), sex == "M"
+                rows, columns = image.shape[:2]
+                if min(rows, columns) < gate.MIN_SIZE:
+                    raise ValueError(
+                        f"image is {columns}x{rows} pixels, smaller than "
+                        f"{gate.MIN_SIZE}x{gate.MIN_SIZE}"
+                    )
             else:
                 ds = read_image(path)
                 decision = gate.check(ds, require_sex=sex is None)
@@ -1130,6 +1142,7 @@ def predict(
                 image = decode_for_display(ds)
         except Exception as exc:  # one bad file must not stop the others
             table.add_row(path.name, "", "", "", "", "", f"[red]{exc}[/]")
+            refused += 1
             continue
         prediction = predictor.predict(image, male=male)
         sds = (
@@ -1165,6 +1178,9 @@ def predict(
             out = heatmap_dir / f"{path.stem}-heatmap.png"
             Image.fromarray(render_overlay(image, prediction.cam, finding)).save(out)
     console.print(table)
+    if refused:
+        console.print(f"{refused} of {len(files)} files not assessed")
+        ctx.exit(1)
 
 
 if __name__ == "__main__":

@@ -173,3 +173,33 @@ def test_labels_without_boneage_column_are_named(
     )
     assert result.exit_code == 1
     assert "has no 'boneage' column" in result.output
+
+
+def test_predict_refuses_what_the_service_would_and_exits_1(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """A 10 x 10 PNG gets no bone age (the gate wants 128 px a side), a file that is not
+    an image says why; the hand beside them is still assessed, and the status is 1."""
+    from PIL import Image
+
+    phantom = make_phantom(100.0, male=False, size=256, rng=np.random.default_rng(0))
+    hand = tmp_path / "hand.png"
+    Image.fromarray(np.round(phantom.image * 255).astype(np.uint8)).save(hand)
+    tiny = tmp_path / "tiny.png"
+    Image.fromarray(np.zeros((10, 10), dtype=np.uint8)).save(tiny)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+
+    def predict(*files: Path) -> tuple[int, str]:
+        args = ["predict", "--model", str(tiny_checkpoint), "--sex", "F", *map(str, files)]
+        result = CliRunner().invoke(main, args, env={"COLUMNS": "200"})
+        return result.exit_code, result.output
+
+    code, output = predict(hand, tiny, broken)
+    assert code == 1, output
+    assert "image is 10x10 pixels, smaller than 128x128" in output
+    assert "cannot identify image file" in output
+    assert "2 of 3 files not assessed" in output
+    assert " y " in output  # the hand's bone age
+    code, output = predict(hand)
+    assert code == 0, output

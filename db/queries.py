@@ -64,13 +64,22 @@ def heartbeats(session: Session) -> list[ProcessBeat]:
     ]
 
 
+#: States of an instance not finished yet: one with a reason there had an attempt fail
+#: (worker.pipeline), and waits to be tried again.
+_UNFINISHED = (InstanceState.RECEIVED, InstanceState.QUEUED, InstanceState.PROCESSING)
+
+
 def recent_problems(session: Session, limit: int = 5) -> list[dict[str, Any]]:
-    """Latest instances not assessed or in error, and failed deliveries, newest first."""
+    """Latest instances not assessed, in error, or waiting to be tried again after an
+    attempt failed, and failed deliveries, newest first."""
     problems: list[dict[str, Any]] = []
     for inst in session.scalars(
         select(Instance)
-        .where(Instance.state.in_([InstanceState.NOT_ASSESSED, InstanceState.ERROR]))
-        .order_by(Instance.finished_at.desc().nulls_last(), Instance.id.desc())
+        .where(
+            Instance.state.in_([InstanceState.NOT_ASSESSED, InstanceState.ERROR])
+            | (Instance.state.in_(_UNFINISHED) & Instance.reason.is_not(None))
+        )
+        .order_by(Instance.finished_at.desc().nulls_first(), Instance.id.desc())
         .limit(limit)
     ):
         problems.append(
@@ -78,7 +87,7 @@ def recent_problems(session: Session, limit: int = 5) -> list[dict[str, Any]]:
                 "what": f"instance {inst.id}",
                 "state": inst.state.value,
                 "reason": inst.reason,
-                "at": inst.finished_at or inst.received_at,
+                "at": inst.finished_at or inst.started_at or inst.received_at,
             }
         )
     for d in session.scalars(

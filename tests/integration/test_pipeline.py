@@ -21,6 +21,7 @@ from pydicom.tag import Tag
 from pydicom.uid import MultiFrameGrayscaleWordSecondaryCaptureImageStorage
 from sqlalchemy import select, update
 
+from db import queries
 from db.engine import session_scope, upgrade
 from db.schema import Delivery, DeliveryState, Instance, InstanceState, ObjectKind, Result
 from dicom_io import pixels
@@ -502,6 +503,10 @@ def test_an_attempt_that_fails_says_where_and_the_error_after_the_last_says_so_t
             instance = session.get_one(Instance, instance_id)
             assert instance.state is InstanceState.PROCESSING
             assert instance.reason == f"attempt {attempt} failed: ValueError in {place}"
+            # `status` lists it among the recent problems while it waits
+            [problem] = queries.recent_problems(session)
+            assert problem["what"] == f"instance {instance_id}"
+            assert (problem["state"], problem["reason"]) == ("processing", instance.reason)
     outcome = assess_instance(runtime, instance_id)
     assert outcome.state == "error"
     with session_scope(runtime.database_url) as session:

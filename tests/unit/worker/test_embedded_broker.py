@@ -19,6 +19,7 @@ import pytest
 from sqlalchemy import event
 from sqlalchemy.exc import OperationalError
 
+from tests.conftest import REDIS_URL
 from tests.support import wait_for
 from worker import embedded_broker
 from worker.celery_app import (
@@ -59,7 +60,7 @@ def test_broker_file_is_switched_to_wal_and_it_sticks(tmp_path: Path) -> None:
 
 
 def test_other_brokers_are_left_alone(tmp_path: Path) -> None:
-    use_write_ahead_log("redis://127.0.0.1:6379/0")
+    use_write_ahead_log(REDIS_URL)
     use_write_ahead_log("sqla+sqlite:///:memory:")
     assert list(tmp_path.iterdir()) == []
 
@@ -125,7 +126,7 @@ def test_workers_hold_one_message_more_only_where_they_poll(tmp_path: Path) -> N
     assert prefetch("") == 1  # the embedded SQLite broker: woken by an acknowledgement
     assert prefetch("", "without inotify") == 2
     assert prefetch("sqla+postgresql://boneage@127.0.0.1/broker") == 2  # polled as kombu does
-    assert prefetch("redis://127.0.0.1:6379/0") == 1  # pushed: hold only what runs
+    assert prefetch(REDIS_URL) == 1  # pushed: hold only what runs
 
 
 # -- polling: an empty queue is queried again only once something was committed ----------
@@ -216,7 +217,7 @@ def test_only_sqlite_files_are_watched() -> None:
     assert sqlite_path("sqlite:///relative/broker.db") == "relative/broker.db"
     assert sqlite_path("sqla+sqlite:///:memory:") is None
     assert sqlite_path("sqla+postgresql://boneage@db/broker") is None  # polled as kombu does
-    assert sqlite_path("redis://127.0.0.1:6379/0") is None
+    assert sqlite_path(REDIS_URL) is None
     # the file SQLAlchemy (hence kombu) opens: escapes decoded, query left out
     assert sqlite_path("sqla+sqlite:////tmp/a%20b/broker.db?timeout=5") == "/tmp/a b/broker.db"
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import prometheus_client  # noqa: F401  (imported here on purpose: see the second test)
 
+from tests.support import free_port
 from worker.metrics_files import MULTIPROCESS_ENV, use_multiprocess_directory, worker_metrics_port
 
 # A fresh interpreter: the directory is emptied, and prometheus_client, imported after,
@@ -57,5 +58,6 @@ def test_too_late_once_prometheus_client_is_imported(tmp_path: Path) -> None:
 
 def test_worker_metrics_port() -> None:
     assert worker_metrics_port(None, ["inference"]) is None
-    assert worker_metrics_port(9100, ["inference", "delivery"]) == 9100
-    assert worker_metrics_port(9100, ["delivery"]) == 9101
+    base = free_port()
+    assert worker_metrics_port(base, ["inference", "delivery"]) == base
+    assert worker_metrics_port(base, ["delivery"]) == base + 1

@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from tests.conftest import REDIS_URL
+from tests.support import free_port
 from worker.settings import AllowedCaller, Destination, Settings, load_settings
 
 ENV_NAMES = (
@@ -45,13 +47,14 @@ def test_defaults_are_embedded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_documented_environment_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    port, pacs, archive = free_port(), free_port(), free_port()
     env = {
         "BONEAGE_AE_TITLE": "BONEAGE2",
-        "BONEAGE_PORT": "4104",
+        "BONEAGE_PORT": str(port),
         "BONEAGE_ALLOWED_AETS": "PACS, MODALITY1@10.0.0.5",
-        "BONEAGE_DESTINATIONS": "PACS@10.0.0.2:104,ARCHIVE@[::1]:11113",
+        "BONEAGE_DESTINATIONS": f"PACS@10.0.0.2:{pacs},ARCHIVE@[::1]:{archive}",
         "BONEAGE_DATABASE_URL": "postgresql+psycopg://u@db/boneage",
-        "BONEAGE_BROKER_URL": "redis://127.0.0.1:6379/0",
+        "BONEAGE_BROKER_URL": REDIS_URL,
         "BONEAGE_DATA_DIR": str(tmp_path / "data"),
         "BONEAGE_MODEL": str(tmp_path / "m.safetensors"),
         "BONEAGE_DEVICE": "cuda:1",
@@ -60,11 +63,11 @@ def test_documented_environment_names(tmp_path: Path, monkeypatch: pytest.Monkey
         monkeypatch.setenv(key, value)
     settings = load_settings()
     assert settings.ae_title == "BONEAGE2"
-    assert settings.port == 4104
+    assert settings.port == port
     assert settings.allowed_aets == [AllowedCaller("PACS"), AllowedCaller("MODALITY1", "10.0.0.5")]
     assert settings.destinations == [
-        Destination("PACS", "10.0.0.2", 104),
-        Destination("ARCHIVE", "::1", 11113),
+        Destination("PACS", "10.0.0.2", pacs),
+        Destination("ARCHIVE", "::1", archive),
     ]
     assert settings.effective_database_url == "postgresql+psycopg://u@db/boneage"
     assert not settings.embedded_broker
@@ -76,13 +79,16 @@ def test_documented_environment_names(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_precedence_cli_over_env_over_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    in_file, in_env, on_cli, pacs = free_port(), free_port(), free_port(), free_port()
     config = tmp_path / "boneage.toml"
-    config.write_text('[boneage]\nae_title = "FROMFILE"\nport = 2000\ndestinations = ["A@h:1"]\n')
-    monkeypatch.setenv("BONEAGE_PORT", "3000")
+    config.write_text(
+        f'[boneage]\nae_title = "FROMFILE"\nport = {in_file}\ndestinations = ["A@h:{pacs}"]\n'
+    )
+    monkeypatch.setenv("BONEAGE_PORT", str(in_env))
     settings = load_settings(config)
-    assert (settings.ae_title, settings.port) == ("FROMFILE", 3000)
-    assert settings.destinations == [Destination("A", "h", 1)]
-    assert load_settings(config, port=4000).port == 4000
+    assert (settings.ae_title, settings.port) == ("FROMFILE", in_env)
+    assert settings.destinations == [Destination("A", "h", pacs)]
+    assert load_settings(config, port=on_cli).port == on_cli
 
 
 @pytest.mark.parametrize(
@@ -130,12 +136,12 @@ def test_environment_for_children_gives_back_every_setting(
     # What `serve` hands its children: each field, from CLI, file or environment.
     settings = load_settings(
         data_dir=tmp_path,
-        port=4000,
+        port=free_port(),
         allowed_aets="PACS@10.0.0.2,RIS",
-        destinations="PACS@10.0.0.2:104",
+        destinations=f"PACS@10.0.0.2:{free_port()}",
         missing_sex="female",
         send_not_assessed=True,
-        metrics_port=9100,
+        metrics_port=free_port(),
     )
     for key, value in settings.as_environment().items():
         monkeypatch.setenv(key, value)

@@ -6,7 +6,11 @@ from typing import Any
 
 from rich.console import Console
 
+from tests.support import free_port
 from worker.status import render
+
+#: The listener's port and a destination's, as a node would report them (none is opened).
+PORT, PACS_PORT = free_port(), free_port()
 
 
 def _report(**changes: Any) -> dict[str, Any]:
@@ -14,8 +18,8 @@ def _report(**changes: Any) -> dict[str, Any]:
     report: dict[str, Any] = {
         "time": "2026-12-05T15:30:00+00:00",
         "ae_title": "BONEAGE",
-        "port": 11112,
-        "destinations": ["PACS@10.0.0.5:104"],
+        "port": PORT,
+        "destinations": [f"PACS@10.0.0.5:{PACS_PORT}"],
         "problems": [],
         "healthy": True,
         "database": "ok",
@@ -28,7 +32,7 @@ def _report(**changes: Any) -> dict[str, Any]:
                 "alive": True,
                 "seen": "2026-12-05T15:29:56+00:00",
                 "ae_title": "BONEAGE",
-                "port": 11112,
+                "port": PORT,
             },
             {
                 "name": "worker@node:102",

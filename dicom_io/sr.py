@@ -138,6 +138,10 @@ def copy_patient_and_study(source: Dataset, target: Dataset) -> None:
             setattr(target, keyword, "")
 
 
+#: What the SR references its image and joins its study by.
+_REFERENCE_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+
+
 def _evidence(source: Dataset) -> Dataset:
     """The attributes of ``source`` that the SR copies or references.
 
@@ -148,30 +152,14 @@ def _evidence(source: Dataset) -> Dataset:
         raise TypeError(
             f'Argument "source" must be a pydicom Dataset, not {type(source).__name__}.'
         )
-    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+    for keyword in _REFERENCE_UIDS:
         if not source.get(keyword):
             raise ValueError(f'Argument "source" has no {keyword}; the SR cannot reference it.')
     evidence = Dataset()
-    for keyword in (
-        "StudyInstanceUID",
-        "SeriesInstanceUID",
-        "SOPInstanceUID",
-        "SOPClassUID",
-        *PATIENT_AND_STUDY,
-        "SpecificCharacterSet",
-        "Modality",
-        "NumberOfFrames",
-    ):
-        try:
-            value = source.get(keyword)
-            if value is not None:
-                setattr(evidence, keyword, value)
-        except (ValueError, TypeError, OverflowError):
-            # a number pydicom cannot read (Number of Frames "abc"): as if absent, for
-            # the SR that says why such an image was not assessed
-            value = None
-        if value is None and keyword not in ("SpecificCharacterSet", "Modality", "NumberOfFrames"):
-            setattr(evidence, keyword, "")
+    for keyword in (*_REFERENCE_UIDS, "SpecificCharacterSet"):
+        if keyword in source:
+            setattr(evidence, keyword, source[keyword].value)
+    copy_patient_and_study(source, evidence)
     return evidence
 
 

@@ -381,11 +381,9 @@ def build_heatmap_sc(
         manufacturer_model_name=finding.model_name[:64],
         software_versions=software_version(),
     )
-    # Patient and General Study as the source has them, and its character set, in
-    # which their text is encoded (highdicom was given placeholders: _reference_view)
+    # Patient and General Study, and the character set, as the source has them
+    # (highdicom was given placeholders: _reference_view)
     copy_patient_and_study(source, sc)
-    if "SpecificCharacterSet" in source:
-        sc.SpecificCharacterSet = source.SpecificCharacterSet
     # General Image: the overlay keeps the source's row/column directions
     if orientation is None:
         del sc.PatientOrientation

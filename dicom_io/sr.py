@@ -122,14 +122,19 @@ PATIENT_AND_STUDY = (
 
 
 def copy_patient_and_study(source: Dataset, target: Dataset) -> None:
-    """Give ``target`` the :data:`PATIENT_AND_STUDY` attributes of ``source`` as they came.
+    """Give ``target`` the :data:`PATIENT_AND_STUDY` attributes of ``source`` as they came,
+    and the Specific Character Set their text is encoded in.
 
     The PACS files an SR or SC with its image by these, so they are the source's values
-    element for element, in its character set. They are not passed through highdicom,
-    which refuses values that modalities write and PACSes keep: a birth date "2015", a
-    sex "f", a study time "256161", a referring physician named twice. Refused, such a
-    value failed the assessment on every attempt, with no SR or SC for the patient.
+    element for element. They are not passed through highdicom, which refuses values
+    that modalities write and PACSes keep (a birth date "2015", a sex "f", a study time
+    "256161", a referring physician named twice) and character sets the standard allows
+    (Japanese "\\ISO 2022 IR 87": an empty first value is ISO 2022 IR 6, PS3.3
+    C.12.1.1.2). Refused, such a value failed the assessment on every attempt, with no
+    SR or SC for the patient.
     """
+    if "SpecificCharacterSet" in source:
+        target.SpecificCharacterSet = source.SpecificCharacterSet
     for keyword in PATIENT_AND_STUDY:
         if keyword in source:
             element = source[keyword]
@@ -156,9 +161,8 @@ def _evidence(source: Dataset) -> Dataset:
         if not source.get(keyword):
             raise ValueError(f'Argument "source" has no {keyword}; the SR cannot reference it.')
     evidence = Dataset()
-    for keyword in (*_REFERENCE_UIDS, "SpecificCharacterSet"):
-        if keyword in source:
-            setattr(evidence, keyword, source[keyword].value)
+    for keyword in _REFERENCE_UIDS:
+        setattr(evidence, keyword, source[keyword].value)
     copy_patient_and_study(source, evidence)
     return evidence
 
@@ -342,14 +346,9 @@ class MeasurementReportSR(SOPClass):
             transfer_syntax_uid=ExplicitVRLittleEndian,
             **kwargs,
         )
-        # Patient and General Study: the source's elements, as they came (below), not
+        # Patient and General Study, and the character set, as the source has them, not
         # through highdicom's checks (see copy_patient_and_study)
         copy_patient_and_study(evidence, self)
-        # The source's character set as it came: highdicom refuses some the standard
-        # allows, such as Japanese "\ISO 2022 IR 87" (an empty first value is ISO 2022
-        # IR 6, PS3.3 C.12.1.1.2); the patient and study text copied is encoded in it.
-        if "SpecificCharacterSet" in evidence:
-            self.SpecificCharacterSet = evidence.SpecificCharacterSet
         if institution_name is not None:
             self.InstitutionName = institution_name
         # SR Document General: machine-made, complete, unreviewed, not final

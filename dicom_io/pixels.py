@@ -298,10 +298,10 @@ def _frame_alone(ds: Dataset, index: int) -> Dataset | None:
         When the file cannot be read; :class:`FileChangedError` when it is no longer the
         file ``ds`` was read from.
     """
-    element = _deferred_pixel_data(ds)
-    syntax = _transfer_syntax(ds)
-    frames = int(_float_or_none(ds.get("NumberOfFrames")) or 1)
-    if element is None or syntax is None or not 0 <= index < frames:
+    if (in_file := _pixel_data_in_file(ds)) is None:
+        return None
+    element, syntax, frames = in_file
+    if not 0 <= index < frames:
         return None
     length = 0 if syntax.is_encapsulated else _native_frame_bytes(ds, element, syntax, frames)
     if length is None:
@@ -322,6 +322,16 @@ def _frame_alone(ds: Dataset, index: int) -> Dataset | None:
         fh.seek(element.value_tell + index * length)
         value = fh.read(length)
     return _stored_values_dataset(ds, syntax, value) if len(value) == length else None
+
+
+def _pixel_data_in_file(ds: Dataset) -> tuple[RawDataElement, UID, int] | None:
+    """``ds``'s Pixel Data element where :func:`read_image` left its value in the file,
+    the transfer syntax, and the number of frames; None where the value is not there."""
+    element = _deferred_pixel_data(ds)
+    syntax = _transfer_syntax(ds)
+    if element is None or syntax is None:
+        return None
+    return element, syntax, int(_float_or_none(ds.get("NumberOfFrames")) or 1)
 
 
 def _native_frame_bytes(
@@ -392,13 +402,11 @@ def _blocks_from_file(ds: Dataset, reduce: int) -> tuple[np.ndarray, np.ndarray 
         When the file cannot be read; :class:`FileChangedError` when it is no longer the
         file ``ds`` was read from.
     """
-    element = _deferred_pixel_data(ds)
-    syntax = _transfer_syntax(ds)
-    if reduce < 1 or element is None or syntax is None or syntax.is_encapsulated:
+    if reduce < 1 or (in_file := _pixel_data_in_file(ds)) is None:
         return None
-    if not _grey_frames(ds):
+    element, syntax, frames = in_file
+    if syntax.is_encapsulated or not _grey_frames(ds):
         return None
-    frames = int(_float_or_none(ds.get("NumberOfFrames")) or 1)
     if (length := _native_frame_bytes(ds, element, syntax, frames)) is None:
         return None
     rows, columns = _stored_shape(ds)

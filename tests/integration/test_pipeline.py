@@ -99,6 +99,13 @@ def spool_instance(
     )
 
 
+def state_and_reason(rt: Runtime, instance_id: int) -> tuple[InstanceState, str | None]:
+    """What the instance's row says now: its state and its reason."""
+    with session_scope(rt.database_url) as session:
+        instance = session.get_one(Instance, instance_id)
+        return instance.state, instance.reason
+
+
 def make_runtime(tmp_path: Path, tiny_checkpoint: Path, **settings: Any) -> Runtime:
     """A node's runtime on the tiny model, its database migrated; ``settings`` override."""
     loaded = load_settings(data_dir=tmp_path / "data", model=tiny_checkpoint, **settings)
@@ -345,13 +352,11 @@ def test_ct_is_accepted_but_not_assessed(runtime: Runtime) -> None:
     instance_id = spool_instance(runtime, modality="CT")
     outcome = assess_instance(runtime, instance_id)
     assert outcome.state == "not_assessed"
+    assert state_and_reason(runtime, instance_id) == (
+        InstanceState.NOT_ASSESSED,
+        "SOP class CT Image Storage is not a projection radiograph (CR, DX or Secondary Capture)",
+    )
     with session_scope(runtime.database_url) as session:
-        instance = session.get_one(Instance, instance_id)
-        assert instance.state is InstanceState.NOT_ASSESSED
-        assert instance.reason == (
-            "SOP class CT Image Storage is not a projection radiograph "
-            "(CR, DX or Secondary Capture)"
-        )
         assert list(session.scalars(select(Result))) == []
 
 
@@ -509,14 +514,13 @@ def test_an_attempt_that_fails_says_where_and_the_error_after_the_last_says_so_t
             assert (problem["state"], problem["reason"]) == ("processing", instance.reason)
     outcome = assess_instance(runtime, instance_id)
     assert outcome.state == "error"
-    with session_scope(runtime.database_url) as session:
-        instance = session.get_one(Instance, instance_id)
-        assert instance.state is InstanceState.ERROR
-        assert instance.reason == (
-            f"processing did not complete in {pipeline.MAX_ATTEMPTS} attempts; the last: "
-            f"attempt {pipeline.MAX_ATTEMPTS} failed: ValueError in {place}"
-        )
-        assert "Müller" not in instance.reason
+    state, reason = state_and_reason(runtime, instance_id)
+    assert state is InstanceState.ERROR
+    assert reason == (
+        f"processing did not complete in {pipeline.MAX_ATTEMPTS} attempts; the last: "
+        f"attempt {pipeline.MAX_ATTEMPTS} failed: ValueError in {place}"
+    )
+    assert "Müller" not in reason
 
 
 def test_an_attempt_that_fails_then_one_that_succeeds_leaves_its_own_reason(

@@ -36,7 +36,7 @@ import numpy as np
 from pydicom import Dataset
 from pydicom.uid import generate_uid
 from sqlalchemy import update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from db.engine import session_scope
 from db.schema import (
@@ -75,6 +75,12 @@ SC_SERIES_NUMBER = 9902
 
 #: How many times an instance may start processing before it is marked `error`.
 MAX_ATTEMPTS = 3
+
+#: Trouble a retry may cure, which the assess task retries itself with a back-off (the
+#: database away, the file system full). Any other exception is a fault: its attempt
+#: gives the instance up, and the reconciler queues it again after a pause
+#: (worker.reconciler.FAULT_PAUSE).
+RETRIED_BY_THE_TASK: tuple[type[Exception], ...] = (OperationalError, OSError)
 
 _TERMINAL = (InstanceState.ASSESSED, InstanceState.NOT_ASSESSED, InstanceState.ERROR)
 
@@ -229,12 +235,17 @@ def _claim(rt: Runtime, instance_id: int) -> tuple[Path, str] | AssessOutcome:
         if instance.state in _TERMINAL:
             logger.info("assess: instance %d already %s", instance_id, instance.state.value)
             return AssessOutcome("skipped", reason=f"already {instance.state.value}")
-        instance.state = InstanceState.ERROR
-        last = f"; the last: {instance.reason}" if instance.reason else ""
-        instance.reason = f"processing did not complete in {MAX_ATTEMPTS} attempts{last}"
-        instance.finished_at = now()
-        logger.error("assess: instance %d gave up after %d attempts", instance_id, MAX_ATTEMPTS)
+        _give_up(instance)
         return AssessOutcome("error", reason=instance.reason)
+
+
+def _give_up(instance: Instance) -> None:
+    """End ``instance``, whose attempts are spent, in error; its reason keeps the last's."""
+    instance.state = InstanceState.ERROR
+    last = f"; the last: {instance.reason}" if instance.reason else ""
+    instance.reason = f"processing did not complete in {MAX_ATTEMPTS} attempts{last}"
+    instance.finished_at = now()
+    logger.error("assess: instance %d gave up after %d attempts", instance.id, MAX_ATTEMPTS)
 
 
 def _finish(rt: Runtime, instance_id: int, state: InstanceState, reason: str | None) -> None:
@@ -249,12 +260,14 @@ def _finish(rt: Runtime, instance_id: int, state: InstanceState, reason: str | N
 def assess_instance(rt: Runtime, instance_id: int, *, send: bool = True) -> AssessOutcome:
     """Assess one received instance and queue its outputs for delivery.
 
-    Returns what happened; raises only for trouble a retry may cure (database,
-    file system), after which the task is retried, or for a fault. Either way the
-    instance's reason says where the attempt failed until another one finishes it, and
-    the error the instance ends in after :data:`MAX_ATTEMPTS` says where the last one
-    did. With ``send=False`` (a `reprocess` that was not asked to send) the result is
-    recorded and the SR and SC written to the outbox, but no delivery is made.
+    Returns what happened; raises only for trouble a retry may cure
+    (:data:`RETRIED_BY_THE_TASK`), after which the task is retried, or for a fault,
+    after which this attempt gives the instance up for the reconciler to queue again.
+    Either way the instance's reason says where the attempt failed until another one
+    finishes it, and the error the instance ends in after :data:`MAX_ATTEMPTS` says
+    where the last one did. With ``send=False`` (a `reprocess` that was not asked to
+    send) the result is recorded and the SR and SC written to the outbox, but no
+    delivery is made.
     """
     claimed = _claim(rt, instance_id)
     if isinstance(claimed, AssessOutcome):
@@ -289,12 +302,23 @@ def _failure(exc: BaseException) -> str:
 
 
 def _note_failed_attempt(rt: Runtime, instance_id: int, exc: BaseException) -> None:
-    """Record on the instance, still `processing`, where this attempt failed."""
+    """Record on the instance, still `processing`, where this attempt failed.
+
+    The last of :data:`MAX_ATTEMPTS` ends it in error at once. Before that, after a
+    fault, no worker keeps the claim: no message will bring the instance back, and the
+    reconciler queues it again once its pause is over, where it used to wait for the
+    lease of a worker that died (half an hour). The task retries the trouble in
+    :data:`RETRIED_BY_THE_TASK` itself, so there the claim stays.
+    """
     try:
         with session_scope(rt.database_url) as session:
             instance = session.get(Instance, instance_id)
             if instance is not None and instance.state is InstanceState.PROCESSING:
                 instance.reason = f"attempt {instance.attempts} failed: {_failure(exc)}"
+                if instance.attempts >= MAX_ATTEMPTS:
+                    _give_up(instance)
+                elif not isinstance(exc, RETRIED_BY_THE_TASK):
+                    instance.claimed_by = None
     except Exception as noted:  # the database may be what failed
         logger.warning(
             "instance %d: where the attempt failed is not recorded (%s)",

@@ -26,6 +26,12 @@ logger = logging.getLogger(__name__)
 #: An instance `processing` for longer than this is assumed orphaned, whatever its worker.
 PROCESSING_LEASE = timedelta(minutes=30)
 
+#: An attempt that failed for a fault gives its instance up (worker.pipeline); it is
+#: queued again at the first round this long after the attempt began, so that a fault
+#: that passes (a device short of memory for a moment) may pass, and one that does not
+#: ends the instance in `error` within minutes, not hours.
+FAULT_PAUSE = timedelta(seconds=60)
+
 
 @dataclass(frozen=True)
 class ReconcileReport:
@@ -62,11 +68,12 @@ def reconcile(
             # At start-up nothing can be in flight: every `received` row is re-queued.
             received if startup else received & (Instance.received_at < stale),
             # Its worker died (SIGKILL, power): with Redis the message would only come
-            # back after the visibility timeout, hours later.
+            # back after the visibility timeout, hours later. Or its attempt failed for
+            # a fault and gave it up.
             (Instance.state == InstanceState.PROCESSING)
             & (
                 (Instance.started_at < current - PROCESSING_LEASE)
-                | Instance.claimed_by.is_(None)
+                | (Instance.claimed_by.is_(None) & (Instance.started_at < current - FAULT_PAUSE))
                 | Instance.claimed_by.not_in(live_workers)
             ),
         ]

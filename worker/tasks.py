@@ -33,7 +33,7 @@ from worker.heap import freeze_start_up_objects, keep_large_blocks, limit_arenas
 from worker.heartbeat import HeartbeatThread
 from worker.messaging import enqueue_delivery
 from worker.metrics_files import worker_metrics_port
-from worker.pipeline import assess_instance, sweep_staged, warm_up
+from worker.pipeline import RETRIED_BY_THE_TASK, assess_instance, sweep_staged, warm_up
 from worker.reconciler import ReconcileReport, reconcile_via_broker
 from worker.runtime import Runtime
 from worker.settings import Settings, usable_cpus
@@ -238,7 +238,7 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
     bind=True,
     acks_late=True,
     reject_on_worker_lost=True,
-    autoretry_for=(OperationalError, OSError),
+    autoretry_for=RETRIED_BY_THE_TASK,
     retry_backoff=5,
     retry_backoff_max=300,
     max_retries=20,

@@ -24,6 +24,7 @@ from sqlalchemy import select, update
 from db import queries
 from db.engine import session_scope, upgrade
 from db.schema import Delivery, DeliveryState, Instance, InstanceState, ObjectKind, Result
+from db.schema import utcnow as now
 from dicom_io import pixels
 from dicom_io.scp import ReceivedInstance, spool_path
 from dicom_io.synthetic import make_radiograph_dataset
@@ -31,10 +32,12 @@ from models.phantoms import make_phantom
 from tests.conftest import POSTGRES_ADMIN_URL, StoreSCP
 from tests.dicomtools import dciodvfy_errors, dsr2html, dsrdump
 from tests.support import free_port, wait_for
-from worker import pipeline
+from worker import pipeline, tasks
 from worker.delivery import deliver_one, reset_failed, send_deliveries
+from worker.heartbeat import HeartbeatThread, process_name
 from worker.listener import record_instance
-from worker.pipeline import assess_instance, warm_up
+from worker.pipeline import RETRIED_BY_THE_TASK, assess_instance, warm_up
+from worker.reconciler import FAULT_PAUSE, reconcile
 from worker.runtime import Runtime
 from worker.settings import load_settings
 
@@ -492,8 +495,8 @@ def test_an_attempt_that_fails_says_where_and_the_error_after_the_last_says_so_t
 ) -> None:
     """A fault the pipeline does not expect (here in building the outputs) leaves the
     instance `processing` with where the attempt failed, but not the exception's
-    message, which may quote the patient; after MAX_ATTEMPTS the instance is in error,
-    and its reason still says where."""
+    message, which may quote the patient; the last of MAX_ATTEMPTS ends the instance in
+    error at once, and its reason still says where."""
 
     def failing(*args: Any, **kwargs: Any) -> Any:
         raise ValueError("'Müller^Jürgen' is not a valid name")  # as pydicom's may read
@@ -501,7 +504,7 @@ def test_an_attempt_that_fails_says_where_and_the_error_after_the_last_says_so_t
     monkeypatch.setattr(pipeline, "build_outputs", failing)
     place = f"tests/integration/test_pipeline.py:{failing.__code__.co_firstlineno + 1} (failing)"
     instance_id = spool_instance(runtime)
-    for attempt in range(1, pipeline.MAX_ATTEMPTS + 1):
+    for attempt in range(1, pipeline.MAX_ATTEMPTS):
         with pytest.raises(ValueError):
             assess_instance(runtime, instance_id)
         with session_scope(runtime.database_url) as session:
@@ -512,8 +515,8 @@ def test_an_attempt_that_fails_says_where_and_the_error_after_the_last_says_so_t
             [problem] = queries.recent_problems(session)
             assert problem["what"] == f"instance {instance_id}"
             assert (problem["state"], problem["reason"]) == ("processing", instance.reason)
-    outcome = assess_instance(runtime, instance_id)
-    assert outcome.state == "error"
+    with pytest.raises(ValueError):
+        assess_instance(runtime, instance_id)  # the last
     state, reason = state_and_reason(runtime, instance_id)
     assert state is InstanceState.ERROR
     assert reason == (
@@ -521,6 +524,12 @@ def test_an_attempt_that_fails_says_where_and_the_error_after_the_last_says_so_t
         f"attempt {pipeline.MAX_ATTEMPTS} failed: ValueError in {place}"
     )
     assert "Müller" not in reason
+    with session_scope(runtime.database_url) as session:
+        [problem] = queries.recent_problems(session)
+        assert (problem["state"], problem["reason"]) == ("error", reason)
+    # a message delivered again finds it finished
+    assert assess_instance(runtime, instance_id).state == "skipped"
+    assert state_and_reason(runtime, instance_id) == (InstanceState.ERROR, reason)
 
 
 def test_an_attempt_that_fails_then_one_that_succeeds_leaves_its_own_reason(
@@ -544,6 +553,79 @@ def test_an_attempt_that_fails_then_one_that_succeeds_leaves_its_own_reason(
     with session_scope(runtime.database_url) as session:
         instance = session.get_one(Instance, instance_id)
         assert instance.reason == "assessed by an UNTRAINED model"
+
+
+def _attempt_began_before(rt: Runtime, instance_id: int, seconds: float) -> None:
+    """As if the instance's last attempt had begun ``seconds`` ago."""
+    with session_scope(rt.database_url) as session:
+        instance = session.get_one(Instance, instance_id)
+        instance.started_at = now() - dt.timedelta(seconds=seconds)
+
+
+def _reconcile(rt: Runtime) -> list[int]:
+    """One round of the reconciler; the ids it queued to be assessed again."""
+    queued: list[int] = []
+    reconcile(rt, queued.append, lambda _: None, inference_queue_empty=False)
+    return queued
+
+
+def test_an_attempt_that_fails_for_a_fault_gives_the_instance_up_for_a_retry_soon(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault costs its attempt and a pause of a minute, not the half-hour lease of a
+    worker that died: the reconciler queues the instance again at its first round once
+    FAULT_PAUSE has passed since the attempt began, and the next attempt finishes it."""
+    build = pipeline.build_outputs
+    calls: list[int] = []
+
+    def failing_once(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory")  # a fault that passes
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "build_outputs", failing_once)
+    instance_id = spool_instance(runtime)
+    # the worker that made the attempt is alive and well
+    HeartbeatThread(runtime.database_url, "worker").beat()
+    with pytest.raises(RuntimeError):
+        assess_instance(runtime, instance_id)
+    with session_scope(runtime.database_url) as session:
+        instance = session.get_one(Instance, instance_id)
+        assert (instance.state, instance.claimed_by) == (InstanceState.PROCESSING, None)
+    assert _reconcile(runtime) == []  # the pause is not over
+    pause = FAULT_PAUSE.total_seconds()
+    _attempt_began_before(runtime, instance_id, pause - 5)
+    assert _reconcile(runtime) == []
+    _attempt_began_before(runtime, instance_id, pause + 1)
+    assert _reconcile(runtime) == [instance_id]
+    assert state_and_reason(runtime, instance_id)[0] is InstanceState.QUEUED
+    assert assess_instance(runtime, instance_id).state == "assessed"
+    with session_scope(runtime.database_url) as session:
+        assert session.get_one(Instance, instance_id).attempts == 2
+
+
+def test_trouble_the_task_retries_itself_keeps_the_claim(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An OSError (or the database away) is retried by the task with its own back-off;
+    the reconciler queueing it too would spend a second attempt of MAX_ATTEMPTS."""
+
+    def disk_trouble(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "build_outputs", disk_trouble)
+    instance_id = spool_instance(runtime)
+    HeartbeatThread(runtime.database_url, "worker").beat()
+    with pytest.raises(OSError):
+        assess_instance(runtime, instance_id)
+    _attempt_began_before(runtime, instance_id, FAULT_PAUSE.total_seconds() + 1)
+    assert _reconcile(runtime) == []
+    with session_scope(runtime.database_url) as session:
+        instance = session.get_one(Instance, instance_id)
+        assert instance.claimed_by == process_name("worker")
+        assert (instance.reason or "").startswith("attempt 1 failed: OSError in")
+    assert set(RETRIED_BY_THE_TASK) == set(tasks.assess.autoretry_for)
 
 
 def test_missing_spool_file_is_an_error_not_a_crash(runtime: Runtime) -> None:

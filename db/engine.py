@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -126,12 +126,46 @@ def _alembic_config(url: str) -> Config:
 
 def upgrade(url: str, revision: str = "head") -> str:
     """Migrate the database at ``url`` to ``revision``; returns the new revision."""
-    config = _alembic_config(url)
-    engine = get_engine(url)
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, revision)
+    _migrate(url, command.upgrade, revision)
     return current_revision(url) or ""
+
+
+def downgrade(url: str, revision: str) -> str:
+    """Migrate the database at ``url`` back to ``revision``; returns the new revision."""
+    _migrate(url, command.downgrade, revision)
+    return current_revision(url) or ""
+
+
+def _migrate(url: str, step: Callable[[Config, str], None], revision: str) -> None:
+    """Run an Alembic command in one transaction.
+
+    On SQLite, with foreign keys off: a migration that changes a constraint rebuilds the
+    table (SQLite cannot alter one), and dropping the old table would cascade to every
+    row that references it (the deliveries of the results, the results of the
+    instances). The references are checked before the commit instead.
+    """
+    config = _alembic_config(url)
+    with get_engine(url).connect() as connection:
+        sqlite = connection.dialect.name == "sqlite"
+        if sqlite:
+            # outside any transaction, where SQLite does not ignore it
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()
+        try:
+            with connection.begin():
+                config.attributes["connection"] = connection
+                step(config, revision)
+                if sqlite:
+                    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
+                    if broken:
+                        raise DatabaseNotReady(
+                            f"migration to {revision} would leave {len(broken)} row(s) "
+                            "referring to rows that are gone; nothing was changed"
+                        )
+        finally:
+            if sqlite:
+                connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+                connection.commit()
 
 
 def current_revision(url: str) -> str | None:

@@ -116,6 +116,12 @@ class Instance(Base):
     finished_at: Mapped[datetime | None]
     # retention (BONEAGE_RETENTION_DAYS) removed the spool file and the outputs' files
     files_removed_at: Mapped[datetime | None]
+    # 1, and one more each time a copy received again changed what the assessment reads
+    # from the header (the patient's sex, a date ...): it is then assessed again
+    assessment: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    # hex SHA-256 of those header values as the last finished assessment read them
+    # (worker.pipeline.assessment_inputs); empty on rows from before revision 0004
+    inputs_sha256: Mapped[str | None] = mapped_column(String(64))
 
     results: Mapped[list[Result]] = relationship(back_populates="instance")
 
@@ -136,16 +142,23 @@ class Model(Base):
 
 
 class Result(Base):
-    """A bone-age estimate for one instance by one model."""
+    """A bone-age estimate for one assessment of one instance by one model.
+
+    An instance assessed again, because a copy received again changed its patient's
+    sex or dates, keeps the results of its earlier assessments.
+    """
 
     __tablename__ = "results"
     __table_args__ = (
-        UniqueConstraint("instance_id", "model_id", name="uq_results_instance_model"),
+        UniqueConstraint(
+            "instance_id", "model_id", "assessment", name="uq_results_instance_model_assessment"
+        ),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id", ondelete="CASCADE"))
     model_id: Mapped[str] = mapped_column(ForeignKey("models.id"))
+    assessment: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     bone_age_months: Mapped[float] = mapped_column(Float)
     chronological_age_months: Mapped[float | None] = mapped_column(Float)
     sds: Mapped[float | None] = mapped_column(Float)

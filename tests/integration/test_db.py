@@ -5,18 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 
 from db.engine import (
     DatabaseNotReady,
     check_schema,
     current_revision,
+    downgrade,
+    get_engine,
     head_revision,
     session_scope,
     upgrade,
 )
-from db.schema import Instance, InstanceState, Model, Result
+from db.schema import Delivery, Instance, InstanceState, Model, Result
 from tests.support import received
 from worker.listener import record_instance
 from worker.logs import exception_text
@@ -53,7 +55,7 @@ def test_same_sop_instance_uid_keeps_one_row(database_url: str) -> None:
         assert row.received_at.tzinfo is not None
 
 
-def test_one_result_per_instance_and_model(database_url: str) -> None:
+def test_one_result_per_instance_model_and_assessment(database_url: str) -> None:
     upgrade(database_url)
     instance_id = record_instance(database_url, received())
     with session_scope(database_url) as session:
@@ -68,12 +70,13 @@ def test_one_result_per_instance_and_model(database_url: str) -> None:
             )
         )
 
-    def add_result() -> None:
+    def add_result(assessment: int = 1) -> None:
         with session_scope(database_url) as session:
             session.add(
                 Result(
                     instance_id=instance_id,
                     model_id="a" * 64,
+                    assessment=assessment,
                     bone_age_months=120.0,
                     male=True,
                     inference_seconds=0.1,
@@ -84,6 +87,77 @@ def test_one_result_per_instance_and_model(database_url: str) -> None:
     add_result()
     with pytest.raises(IntegrityError):
         add_result()
+    add_result(assessment=2)  # assessed again: the first result stays
+    with pytest.raises(IntegrityError):
+        add_result(assessment=2)
+
+
+def test_revision_0004_numbers_what_was_there_as_the_first_assessment(database_url: str) -> None:
+    """Rows from before assessments were counted become assessment 1, with no inputs
+    digest; going back to 0003 keeps the first assessment's results. On SQLite both
+    rebuild a table: the rows that refer to it stay (with foreign keys on, dropping the
+    old table cascaded to them)."""
+    upgrade(database_url, "0003")
+    row = _instance_row("1.2.826.0.1.3680043.8.498.4")
+    with get_engine(database_url).begin() as connection:
+        instance_id = connection.execute(
+            text(
+                f"INSERT INTO instances ({', '.join(row)}, times_received, attempts, "
+                f"received_at) VALUES ({', '.join(':' + k for k in row)}, 1, 1, "
+                "CURRENT_TIMESTAMP) RETURNING id"
+            ),
+            {**row, "state": InstanceState.ASSESSED.value},
+        ).scalar_one()
+        connection.execute(
+            text(
+                "INSERT INTO models (id, name, version, architecture, input_size, trained, "
+                "metadata_json, first_used_at) VALUES "
+                "(:id, 'm', '1', 'resnet18', 128, false, '{}', CURRENT_TIMESTAMP)"
+            ),
+            {"id": "b" * 64},
+        )
+        connection.execute(
+            text(
+                "INSERT INTO results (instance_id, model_id, bone_age_months, male, "
+                "intervals, inference_seconds, device, created_at) VALUES "
+                "(:instance, :model, 100.0, true, '{}', 0.1, 'cpu', CURRENT_TIMESTAMP)"
+            ),
+            {"instance": instance_id, "model": "b" * 64},
+        )
+        connection.execute(
+            text(
+                "INSERT INTO deliveries (instance_id, result_id, kind, destination, "
+                "sop_instance_uid, path, state, attempts, created_at) VALUES "
+                "(:instance, (SELECT id FROM results), 'sr', 'PACS@127.0.0.1:104', '1.2.3.9', "
+                "'/nonexistent/sr.dcm', 'delivered', 1, CURRENT_TIMESTAMP)"
+            ),
+            {"instance": instance_id},
+        )
+    assert upgrade(database_url) == head_revision()
+    with session_scope(database_url) as session:
+        instance = session.get_one(Instance, instance_id)
+        assert (instance.assessment, instance.inputs_sha256) == (1, None)
+        [result] = session.scalars(select(Result))
+        assert result.assessment == 1
+        session.add(
+            Result(
+                instance_id=instance_id,
+                model_id="b" * 64,
+                assessment=2,
+                bone_age_months=110.0,
+                male=False,
+                inference_seconds=0.1,
+                device="cpu",
+            )
+        )
+    with session_scope(database_url) as session:
+        assert session.scalar(select(func.count()).select_from(Delivery)) == 1
+    assert downgrade(database_url, "0003") == "0003"
+    with get_engine(database_url).connect() as connection:
+        rows = connection.execute(text("SELECT bone_age_months FROM results")).all()
+        assert [row[0] for row in rows] == [100.0]
+        assert connection.execute(text("SELECT count(*) FROM deliveries")).scalar_one() == 1
+        assert connection.execute(text("SELECT count(*) FROM instances")).scalar_one() == 1
 
 
 def test_a_database_error_is_logged_without_the_values_of_its_row(database_url: str) -> None:

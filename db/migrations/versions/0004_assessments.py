@@ -1,0 +1,49 @@
+"""instances.assessment and inputs_sha256, results.assessment: an image assessed again
+
+A copy of a finished instance received again with other patient or study values (a
+corrected sex or birth date) is assessed again: the instance counts its assessments and
+keeps a digest of the header values the last one read; each result records the
+assessment it belongs to, and one result per (instance, model, assessment).
+
+Revision ID: 0004
+Revises: 0003
+Create Date: 2026-12-05 18:00:00.000000
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0004"
+down_revision = "0003"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("instances", schema=None) as batch_op:
+        batch_op.add_column(
+            sa.Column("assessment", sa.Integer(), nullable=False, server_default="1")
+        )
+        batch_op.add_column(sa.Column("inputs_sha256", sa.String(64), nullable=True))
+    with op.batch_alter_table("results", schema=None) as batch_op:
+        batch_op.add_column(
+            sa.Column("assessment", sa.Integer(), nullable=False, server_default="1")
+        )
+        batch_op.drop_constraint("uq_results_instance_model", type_="unique")
+        batch_op.create_unique_constraint(
+            "uq_results_instance_model_assessment", ["instance_id", "model_id", "assessment"]
+        )
+
+
+def downgrade() -> None:
+    # Results of later assessments go: one per (instance, model) again.
+    op.execute("DELETE FROM results WHERE assessment > 1")
+    with op.batch_alter_table("results", schema=None) as batch_op:
+        batch_op.drop_constraint("uq_results_instance_model_assessment", type_="unique")
+        batch_op.create_unique_constraint("uq_results_instance_model", ["instance_id", "model_id"])
+        batch_op.drop_column("assessment")
+    with op.batch_alter_table("instances", schema=None) as batch_op:
+        batch_op.drop_column("inputs_sha256")
+        batch_op.drop_column("assessment")

@@ -35,6 +35,11 @@ MANUFACTURER = "boneage-worker"
 UNTRAINED_WARNING = "UNTRAINED MODEL - NOT FOR CLINICAL USE"
 #: Said on every output: the result is machine-made and unreviewed.
 AI_RESULT_NOTICE = "AI result - requires review"
+#: Said in an SR that replaces earlier ones (its Predecessor Documents): why it does.
+REPLACES_NOTICE = (
+    "Replaces the earlier report on this image: the image was received again with other "
+    "patient, study or image values, and assessed again"
+)
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 # PS3.5 §9.1: dot-separated numeric components without leading zeros, at most 64 chars

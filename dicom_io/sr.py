@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Sequence
 from importlib import metadata
 from typing import Any
 
@@ -42,6 +43,7 @@ from dicom_io import codes
 from dicom_io.content import (
     AI_RESULT_NOTICE,
     MANUFACTURER,
+    REPLACES_NOTICE,
     UNTRAINED_WARNING,
     BoneAgeFinding,
     check_positive_int,
@@ -319,6 +321,9 @@ class MeasurementReportSR(SOPClass):
         Series and Instance Number.
     institution_name : str or None
         Institution Name (General Equipment), when known.
+    predecessors : sequence of pydicom.Dataset
+        The SR documents this one replaces (:func:`earlier_report`), as highdicom's
+        ``previous_versions``: the Predecessor Documents Sequence.
     **kwargs : Any
         Passed to :class:`highdicom.SOPClass` (manufacturer, series description ...).
     """
@@ -333,6 +338,7 @@ class MeasurementReportSR(SOPClass):
         sop_instance_uid: str,
         instance_number: int,
         institution_name: str | None = None,
+        predecessors: Sequence[Dataset] = (),
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -367,10 +373,48 @@ class MeasurementReportSR(SOPClass):
         study.StudyInstanceUID = evidence.StudyInstanceUID
         study.ReferencedSeriesSequence = [series]
         self.CurrentRequestedProcedureEvidenceSequence = [study]
+        if predecessors:
+            self.PredecessorDocumentsSequence = _references(predecessors)
         self.PerformedProcedureCodeSequence: list[Dataset] = []
         self.ReferencedPerformedProcedureStepSequence: list[Dataset] = []
         # SOP Common: the source's acquisition equipment and highdicom, as highdicom does
         self._add_contributing_equipment(None, evidence)
+
+
+def earlier_report(
+    study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str
+) -> Dataset:
+    """An SR document of ours that a new one replaces, for ``predecessors``."""
+    report = Dataset()
+    report.StudyInstanceUID = study_instance_uid
+    report.SeriesInstanceUID = series_instance_uid
+    report.SOPClassUID = ComprehensiveSRStorage
+    report.SOPInstanceUID = sop_instance_uid
+    return report
+
+
+def _references(documents: Sequence[Dataset]) -> list[Dataset]:
+    """Hierarchical SOP Instance Reference items (study, series, instances) of
+    ``documents``, in the order they come."""
+    studies: dict[str, dict[str, list[Dataset]]] = {}
+    for document in documents:
+        item = Dataset()
+        item.ReferencedSOPClassUID = document.SOPClassUID
+        item.ReferencedSOPInstanceUID = document.SOPInstanceUID
+        in_study = studies.setdefault(str(document.StudyInstanceUID), {})
+        in_study.setdefault(str(document.SeriesInstanceUID), []).append(item)
+    references = []
+    for study_uid, series_items in studies.items():
+        study = Dataset()
+        study.StudyInstanceUID = study_uid
+        study.ReferencedSeriesSequence = []
+        for series_uid, instances in series_items.items():
+            series = Dataset()
+            series.SeriesInstanceUID = series_uid
+            series.ReferencedSOPSequence = instances
+            study.ReferencedSeriesSequence.append(series)
+        references.append(study)
+    return references
 
 
 def _document(
@@ -386,6 +430,7 @@ def _document(
     device_observer_uid: str,
     model_name: str,
     institution_name: str | None,
+    predecessors: Sequence[Dataset],
 ) -> MeasurementReportSR:
     """Wrap one TID 1501 group in TID 1500 and the Comprehensive SR IOD."""
     report = MeasurementReport(
@@ -404,6 +449,7 @@ def _document(
         instance_number=instance_number,
         manufacturer=MANUFACTURER,
         institution_name=institution_name[:_LO_MAX] if institution_name else None,
+        predecessors=predecessors,
         # General Series / General Equipment / SOP Common
         series_description=series_description(kind, trained=trained),
         manufacturer_model_name=model_name[:_LO_MAX],
@@ -422,6 +468,7 @@ def build_bone_age_sr(
     instance_number: int = 1,
     device_observer_uid: str,
     institution_name: str | None = None,
+    predecessors: Sequence[Dataset] = (),
 ) -> Dataset:
     """Build the bone-age Comprehensive SR (TID 1500) for one radiograph.
 
@@ -441,6 +488,8 @@ def build_bone_age_sr(
         Device Observer UID (TID 1004): identifies this node.
     institution_name : str or None
         Institution Name (General Equipment), when known.
+    predecessors : sequence of pydicom.Dataset
+        The SR documents of ours this one replaces (:func:`earlier_report`).
 
     Returns
     -------
@@ -479,6 +528,8 @@ def build_bone_age_sr(
     comments = [*finding.notes, AI_RESULT_NOTICE]
     if not finding.model_trained:
         comments.insert(0, UNTRAINED_WARNING)
+    if predecessors:
+        comments.append(REPLACES_NOTICE)
     for text in comments:
         group[0].ContentSequence.append(_comment(text))
 
@@ -494,6 +545,7 @@ def build_bone_age_sr(
         device_observer_uid=device_observer_uid,
         model_name=finding.model_name,
         institution_name=institution_name,
+        predecessors=predecessors,
     )
     logger.debug(
         "built bone-age SR with %d measurements (trained=%s)",
@@ -515,6 +567,7 @@ def build_not_assessed_sr(
     model_name: str = MANUFACTURER,
     model_version: str | None = None,
     institution_name: str | None = None,
+    predecessors: Sequence[Dataset] = (),
 ) -> Dataset:
     """Build an SR saying the image was not assessed, and why; it carries no number.
 
@@ -538,6 +591,8 @@ def build_not_assessed_sr(
         Algorithm version; the package version when None.
     institution_name : str or None
         Institution Name (General Equipment), when known.
+    predecessors : sequence of pydicom.Dataset
+        The SR documents of ours this one replaces (:func:`earlier_report`).
 
     Returns
     -------
@@ -579,6 +634,8 @@ def build_not_assessed_sr(
         source_images=[_source_image(evidence)],
     )
     group[0].ContentSequence.append(_comment(f"Not assessed: {reason.strip()}"))
+    if predecessors:
+        group[0].ContentSequence.append(_comment(REPLACES_NOTICE))
     sr = _document(
         evidence,
         group,
@@ -591,5 +648,6 @@ def build_not_assessed_sr(
         device_observer_uid=device_observer_uid,
         model_name=model_name,
         institution_name=institution_name,
+        predecessors=predecessors,
     )
     return sr

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -16,7 +16,7 @@ from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian, generate
 from dicom_io import codes
 from dicom_io import sr as sr_module
 from dicom_io.content import AI_RESULT_NOTICE, UNTRAINED_WARNING, BoneAgeFinding
-from dicom_io.sr import build_bone_age_sr, build_not_assessed_sr
+from dicom_io.sr import build_bone_age_sr, build_not_assessed_sr, earlier_report
 from tests.dicomtools import dciodvfy_errors, dsrdump
 
 from .conftest import MODEL_ID
@@ -258,11 +258,13 @@ def _highdicom_document(
     sop_instance_uid: str,
     instance_number: int,
     institution_name: str | None = None,
+    predecessors: Sequence[Dataset] = (),
     **kwargs: Any,
 ) -> Dataset:
     """The same document made by highdicom's generic ComprehensiveSR constructor."""
     return ComprehensiveSR(
         evidence=[evidence],
+        previous_versions=list(predecessors) or None,
         content=content,
         series_instance_uid=series_instance_uid,
         series_number=series_number,
@@ -287,6 +289,7 @@ def _comparable(ds: Dataset) -> tuple[dict[str, object], dict[str, object]]:
     return data, ds.file_meta.to_json_dict()
 
 
+@pytest.mark.parametrize("replaces", [0, 1, 3], ids=["first", "replaces one", "replaces 3"])
 @pytest.mark.parametrize("kind", ["trained", "untrained", "not assessed"])
 def test_sr_document_equals_highdicoms_comprehensive_sr(
     monkeypatch: pytest.MonkeyPatch,
@@ -294,16 +297,31 @@ def test_sr_document_equals_highdicoms_comprehensive_sr(
     finding: BoneAgeFinding,
     untrained_finding: BoneAgeFinding,
     kind: str,
+    replaces: int,
 ) -> None:
-    """The lean document class writes exactly what highdicom's constructor writes."""
+    """The lean document class writes exactly what highdicom's constructor writes,
+    the reports it replaces included (highdicom's ``previous_versions``: two series of
+    one study, in the order given)."""
     uids = _uids()
+    series = [generate_uid(), generate_uid()]
+    predecessors = [
+        earlier_report(source.StudyInstanceUID, series[n % 2], generate_uid())
+        for n in range(replaces)
+    ]
 
     def build() -> Dataset:
         if kind == "not assessed":
-            return build_not_assessed_sr(source, "no hand", series_number=3, **uids)
+            return build_not_assessed_sr(
+                source, "no hand", series_number=3, predecessors=predecessors, **uids
+            )
         chosen = finding if kind == "trained" else untrained_finding
         return build_bone_age_sr(
-            source, chosen, series_number=901, institution_name="Phantom Hospital", **uids
+            source,
+            chosen,
+            series_number=901,
+            institution_name="Phantom Hospital",
+            predecessors=predecessors,
+            **uids,
         )
 
     ours = build()
@@ -314,3 +332,4 @@ def test_sr_document_equals_highdicoms_comprehensive_sr(
     assert isinstance(reference, ComprehensiveSR)
     assert _comparable(ours) == _comparable(reference)
     assert _round_trip(ours).ContentSequence == _round_trip(reference).ContentSequence
+    assert ("PredecessorDocumentsSequence" in ours) == bool(replaces)

@@ -3,10 +3,17 @@
     spool file ─▶ gate ─▶ pixels ─▶ model (bone age + Grad-CAM) ─▶ SR + SC
               ─▶ outbox files ─▶ Result + Delivery rows (one commit) ─▶ deliveries enqueued
 
-Exactly-once comes from the schema: one Result per (instance, model) and one
-Delivery per (result, kind, destination). The output UIDs are derived from the
-source instance and the model, so a redelivered task that gets this far makes
-the same objects again, and its commit fails on the unique constraint.
+Exactly-once comes from the schema: one Result per (instance, model, assessment)
+and one Delivery per (object, destination). The output UIDs are derived from the
+source instance, the model and the assessment, so a redelivered task that gets this
+far makes the same objects again, and its commit fails on the unique constraint.
+
+An instance is assessed once, unless a copy of it received again changes what the
+assessment reads from the header (:data:`ASSESSMENT_INPUTS`: a corrected sex or
+birth date, a patient merged into another). It is then assessed again, as assessment
+2, 3 ...: new SR and SC in the same series, the SR naming the reports it replaces
+(Predecessor Documents), and the earlier results kept. A copy that changes none of
+them (the PACS forwarding the study again, transcoded or not) is not.
 
 Two attempts at one instance may run at once (the same study sent twice, a
 message delivered again while the first attempt still runs). Their SR and SC
@@ -29,13 +36,15 @@ import os
 import tempfile
 import time
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
+from pydicom.multival import MultiValue
 from pydicom.uid import generate_uid
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from db.engine import session_scope
@@ -60,7 +69,7 @@ from dicom_io.pixels import (
 )
 from dicom_io.sc import build_heatmap_sc, overlay_shape, render_overlay
 from dicom_io.scp import fsync_directory, uid_tag
-from dicom_io.sr import build_bone_age_sr, build_not_assessed_sr
+from dicom_io.sr import PATIENT_AND_STUDY, build_bone_age_sr, build_not_assessed_sr, earlier_report
 from worker.heartbeat import process_name
 from worker.runtime import SOFTWARE_NAME, Runtime
 
@@ -206,7 +215,22 @@ def chronological_age_months(facts: gate.PatientFacts) -> float | None:
     return facts.patient_age_months
 
 
-def _claim(rt: Runtime, instance_id: int) -> tuple[Path, str] | AssessOutcome:
+@dataclasses.dataclass(frozen=True)
+class _Claim:
+    """The instance an attempt works on: its file, SOP Instance UID and assessment."""
+
+    instance_id: int
+    spool: Path
+    sop_instance_uid: str
+    assessment: int
+
+
+def _again(assessment: int) -> tuple[str, ...]:
+    """What sets the outputs of a later assessment apart, in :func:`derived_uid`."""
+    return () if assessment == 1 else (f"assessment {assessment}",)
+
+
+def _claim(rt: Runtime, instance_id: int) -> _Claim | AssessOutcome:
     with session_scope(rt.database_url) as session:
         # One conditional statement, not a read and a write: an attempt whose claim
         # waited on another attempt's commit (PostgreSQL waits on the row, then reads it
@@ -224,19 +248,78 @@ def _claim(rt: Runtime, instance_id: int) -> tuple[Path, str] | AssessOutcome:
                 started_at=now(),
                 attempts=Instance.attempts + 1,
             )
-            .returning(Instance.spool_path, Instance.sop_instance_uid)
+            .returning(Instance.spool_path, Instance.sop_instance_uid, Instance.assessment)
         ).one_or_none()
         if claimed is not None:
-            return Path(claimed.spool_path), claimed.sop_instance_uid
+            return _Claim(instance_id, Path(claimed.spool_path), *claimed[1:])
         instance = session.get(Instance, instance_id)
         if instance is None:
             logger.warning("assess: instance %d does not exist", instance_id)
             return AssessOutcome("skipped", reason="no such instance")
-        if instance.state in _TERMINAL:
-            logger.info("assess: instance %d already %s", instance_id, instance.state.value)
-            return AssessOutcome("skipped", reason=f"already {instance.state.value}")
-        _give_up(instance)
-        return AssessOutcome("error", reason=instance.reason)
+        if instance.state not in _TERMINAL:
+            _give_up(instance)
+            return AssessOutcome("error", reason=instance.reason)
+        finished = instance.state
+        seen = (instance.assessment, instance.inputs_sha256, Path(instance.spool_path))
+    reopened = _reopen_if_received_changed(rt, instance_id, finished, *seen)
+    if reopened is not None:
+        return reopened
+    logger.info("assess: instance %d already %s", instance_id, finished.value)
+    return AssessOutcome("skipped", reason=f"already {finished.value}")
+
+
+def _reopen_if_received_changed(
+    rt: Runtime,
+    instance_id: int,
+    finished: InstanceState,
+    assessment: int,
+    inputs: str | None,
+    spool: Path,
+) -> _Claim | None:
+    """Claim a finished instance for its next assessment if the copy in the spool (the
+    one received last) changes what the finished assessment read from the header.
+
+    Not for an instance finished before revision 0004 (no digest), nor for a copy that
+    cannot be read: nothing says it changed. Of two attempts that find the same change
+    at once, one claims it; the other leaves it.
+    """
+    if inputs is None:
+        return None
+    try:
+        header = dcmread(spool, stop_before_pixels=True)
+        changed = assessment_inputs(header) != inputs
+    except Exception:
+        return None
+    if not changed:
+        return None
+    with session_scope(rt.database_url) as session:
+        claimed = session.execute(
+            update(Instance)
+            .where(
+                Instance.id == instance_id,
+                Instance.state == finished,
+                Instance.assessment == assessment,
+            )
+            .values(
+                state=InstanceState.PROCESSING,
+                assessment=assessment + 1,
+                claimed_by=process_name("worker"),
+                started_at=now(),
+                finished_at=None,
+                reason=None,
+                attempts=1,
+            )
+            .returning(Instance.spool_path, Instance.sop_instance_uid)
+        ).one_or_none()
+    if claimed is None:
+        return None
+    logger.info(
+        "instance %d received again with other patient, study or image values than its "
+        "assessment %d read: assessing it again",
+        instance_id,
+        assessment,
+    )
+    return _Claim(instance_id, Path(claimed.spool_path), claimed.sop_instance_uid, assessment + 1)
 
 
 def _give_up(instance: Instance) -> None:
@@ -248,13 +331,20 @@ def _give_up(instance: Instance) -> None:
     logger.error("assess: instance %d gave up after %d attempts", instance.id, MAX_ATTEMPTS)
 
 
-def _finish(rt: Runtime, instance_id: int, state: InstanceState, reason: str | None) -> None:
+def _finish(
+    rt: Runtime,
+    instance_id: int,
+    state: InstanceState,
+    reason: str | None,
+    inputs: str | None = None,
+) -> None:
     with session_scope(rt.database_url) as session:
         instance = session.get(Instance, instance_id)
         if instance is not None and instance.state not in _TERMINAL:
             instance.state = state
             instance.reason = reason
             instance.finished_at = now()
+            instance.inputs_sha256 = inputs
 
 
 def assess_instance(rt: Runtime, instance_id: int, *, send: bool = True) -> AssessOutcome:
@@ -273,10 +363,86 @@ def assess_instance(rt: Runtime, instance_id: int, *, send: bool = True) -> Asse
     if isinstance(claimed, AssessOutcome):
         return claimed
     try:
-        return _assess(rt, instance_id, *claimed, send=send)
+        return _assess(rt, claimed, send=send)
     except Exception as exc:
         _note_failed_attempt(rt, instance_id, exc)
         raise
+
+
+#: What an assessment reads from an image's header (its pixels aside): what the gate
+#: decides by (dicom_io.gate), the patient's facts, how the pixels are described and
+#: shown (dicom_io.pixels), and the patient and study attributes the SR and SC carry
+#: (dicom_io.sr.PATIENT_AND_STUDY). A copy received again whose values of these differ
+#: from those the last assessment read is assessed again.
+ASSESSMENT_INPUTS = (
+    # the gate
+    "SOPClassUID",
+    "Modality",
+    "Manufacturer",
+    "BodyPartExamined",
+    "StudyDescription",
+    "SeriesDescription",
+    "ProtocolName",
+    "RequestedProcedureDescription",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    # the patient's facts, beside the sex, birth date and study date below
+    "PatientAge",
+    "AcquisitionDate",
+    "ContentDate",
+    "ImageLaterality",
+    "Laterality",
+    "PatientOrientation",
+    # the pixels' description and display
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "PlanarConfiguration",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "PixelPaddingValue",
+    "PixelPaddingRangeLimit",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "ModalityLUTSequence",
+    "WindowCenter",
+    "WindowWidth",
+    "VOILUTFunction",
+    "VOILUTSequence",
+    "PresentationLUTShape",
+    # what the SR and SC carry of the patient and the study
+    "SpecificCharacterSet",
+    *PATIENT_AND_STUDY,
+)
+
+
+def assessment_inputs(ds: Dataset) -> str:
+    """Hex SHA-256 of ``ds``'s values of :data:`ASSESSMENT_INPUTS`, as read.
+
+    Text as pydicom reads it, surrounding spaces aside; an absent attribute differs
+    from an empty one. It is kept in the database in place of the values, which
+    include the patient's name and birth date.
+    """
+    digest = hashlib.sha256()
+    for keyword in ASSESSMENT_INPUTS:
+        digest.update(f"{keyword}={_header_text(ds, keyword)}\n".encode("utf-8", "replace"))
+    return digest.hexdigest()
+
+
+def _header_text(ds: Dataset, keyword: str) -> str:
+    if keyword not in ds:
+        return "\x00absent"
+    try:
+        value = ds[keyword].value
+    except Exception:  # a value pydicom refuses to convert: its bytes, as they came
+        return f"\x00raw {ds.get_item(keyword).value!r}"
+    if isinstance(value, (list, MultiValue)):
+        return "\\".join(str(item).strip() for item in value)
+    return str(value).strip()
 
 
 #: The folder that holds this project's packages (the checkout, or site-packages where
@@ -327,11 +493,10 @@ def _note_failed_attempt(rt: Runtime, instance_id: int, exc: BaseException) -> N
         )
 
 
-def _assess(
-    rt: Runtime, instance_id: int, spool: Path, sop_instance_uid: str, *, send: bool
-) -> AssessOutcome:
+def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
     """:func:`assess_instance` of an instance this attempt has claimed."""
     settings = rt.settings
+    instance_id, spool = claim.instance_id, claim.spool
 
     try:
         # the header; of the pixel data only what is decoded is read, when it is (of several
@@ -345,12 +510,11 @@ def _assess(
         reason = f"the file cannot be parsed as DICOM ({type(exc).__name__})"
         _finish(rt, instance_id, InstanceState.NOT_ASSESSED, reason)
         return AssessOutcome("not_assessed", reason=reason)
+    inputs = assessment_inputs(ds)
 
     decision = gate.check(ds, require_sex=settings.missing_sex == "reject")
     if not decision.accepted:
-        return _not_assessed(
-            rt, instance_id, ds, sop_instance_uid, decision.reason or "", send=send
-        )
+        return _not_assessed(rt, claim, ds, inputs, decision.reason or "", send=send)
     facts = decision.facts
     notes: list[str] = []
     male = facts.male
@@ -374,12 +538,7 @@ def _assess(
             image = decode_for_display(ds, reduce=reduce)
     except PixelDataError as exc:
         return _not_assessed(
-            rt,
-            instance_id,
-            ds,
-            sop_instance_uid,
-            f"pixel data cannot be decoded: {exc}",
-            send=send,
+            rt, claim, ds, inputs, f"pixel data cannot be decoded: {exc}", send=send
         )
     # Decoded: the stored pixels are not read again, and a batching worker holds as many
     # studies at once as it has task threads.
@@ -396,15 +555,18 @@ def _assess(
         image,
         prediction,
         finding,
-        source_uid=sop_instance_uid,
+        source_uid=claim.sop_instance_uid,
         outbox_dir=settings.outbox_dir,
         device_observer_uid=rt.device_observer_uid,
+        assessment=claim.assessment,
+        replaces=_earlier_reports(rt, claim, ds),
     )
 
     _ensure_model(rt, predictor)
     result = Result(
         instance_id=instance_id,
         model_id=predictor.model_id,
+        assessment=claim.assessment,
         bone_age_months=prediction.bone_age_months,
         chronological_age_months=chronological,
         sds=sds,
@@ -422,6 +584,7 @@ def _assess(
         "; ".join(caveats) or None,
         result,
         outputs,
+        inputs,
         send=send,
     )
     if outcome.state == "assessed":
@@ -444,12 +607,14 @@ def stage_outputs(
     source_uid: str,
     outbox_dir: Path,
     device_observer_uid: str,
+    assessment: int = 1,
+    replaces: Sequence[Dataset] = (),
 ) -> list[Output]:
     """Build the SR and the heat-map SC of one assessment and stage both, durable.
 
-    Output identities depend only on (source instance, model): see the module
-    docstring. :func:`publish` moves them into the outbox (the pipeline does so inside
-    its commit).
+    Output identities depend only on (source instance, model, assessment): see the
+    module docstring. :func:`publish` moves them into the outbox (the pipeline does so
+    inside its commit).
     """
     sr, sc = build_outputs(
         source,
@@ -458,6 +623,8 @@ def stage_outputs(
         finding,
         source_uid=source_uid,
         device_observer_uid=device_observer_uid,
+        assessment=assessment,
+        replaces=replaces,
     )
     staged = [_stage_output(outbox_dir, ObjectKind.SR, sr, "sr")]
     try:
@@ -476,19 +643,27 @@ def build_outputs(
     *,
     source_uid: str,
     device_observer_uid: str,
+    assessment: int = 1,
+    replaces: Sequence[Dataset] = (),
 ) -> tuple[Dataset, Dataset]:
-    """The SR and the heat-map SC of one assessment, in memory: ``(sr, sc)``."""
+    """The SR and the heat-map SC of one assessment, in memory: ``(sr, sc)``.
+
+    A later assessment's SR and SC join the first's series as instance ``assessment``;
+    its SR replaces the reports in ``replaces`` (:func:`dicom_io.sr.earlier_report`).
+    """
     model_id = finding.model_id
-    sr_uid = derived_uid(source_uid, model_id, "sr")
-    sc_uid = derived_uid(source_uid, model_id, "sc")
+    sr_uid = derived_uid(source_uid, model_id, *_again(assessment), "sr")
+    sc_uid = derived_uid(source_uid, model_id, *_again(assessment), "sc")
 
     sr = build_bone_age_sr(
         source,
         finding,
-        series_instance_uid=derived_uid(source_uid, model_id, "sr-series"),
+        series_instance_uid=sr_series_uid(source_uid, model_id),
         sop_instance_uid=sr_uid,
         series_number=SR_SERIES_NUMBER,
+        instance_number=assessment,
         device_observer_uid=device_observer_uid,
+        predecessors=replaces,
     )
     # the heat map straight at the picture's size: never upsampled to the full image
     rgb = render_overlay(image, prediction.cam_at(overlay_shape(image.shape)), finding)
@@ -499,8 +674,40 @@ def build_outputs(
         series_instance_uid=derived_uid(source_uid, model_id, "sc-series"),
         sop_instance_uid=sc_uid,
         series_number=SC_SERIES_NUMBER,
+        instance_number=assessment,
     )
     return sr, sc
+
+
+def sr_series_uid(source_uid: str, model_id: str | None) -> str:
+    """The series of the SRs about ``source_uid``: of one model, or (None) of those
+    that say it was not assessed."""
+    if model_id is None:
+        return derived_uid(source_uid, "not-assessed-series")
+    return derived_uid(source_uid, model_id, "sr-series")
+
+
+def _earlier_reports(rt: Runtime, claim: _Claim, source: Dataset) -> list[Dataset]:
+    """The SRs of earlier assessments of the claimed instance that went, or are to
+    go, to a destination: the reports a later assessment's SR replaces."""
+    if claim.assessment == 1:
+        return []
+    with session_scope(rt.database_url) as session:
+        rows = session.execute(
+            select(Delivery.sop_instance_uid, Result.model_id, Result.assessment)
+            .outerjoin(Result, Delivery.result_id == Result.id)
+            .where(Delivery.instance_id == claim.instance_id, Delivery.kind == ObjectKind.SR)
+            .order_by(Delivery.id)
+        ).all()
+    reports: dict[str, Dataset] = {}
+    for sop_instance_uid, model_id, assessment in rows:
+        if assessment == claim.assessment or sop_instance_uid in reports:
+            continue  # another attempt at this assessment, which then wins; or a copy
+        series = sr_series_uid(claim.sop_instance_uid, model_id)
+        reports[sop_instance_uid] = earlier_report(
+            source.StudyInstanceUID, series, sop_instance_uid
+        )
+    return list(reports.values())
 
 
 def assessment_finding(
@@ -591,36 +798,43 @@ def _stage_output(outbox_dir: Path, kind: ObjectKind, ds: Dataset, suffix: str) 
 
 def _not_assessed(
     rt: Runtime,
-    instance_id: int,
+    claim: _Claim,
     ds: Dataset,
-    sop_instance_uid: str,
+    inputs: str,
     reason: str,
     *,
     send: bool = True,
 ) -> AssessOutcome:
-    """Record why an image was not assessed; send an SR saying so when configured."""
+    """Record why an image was not assessed; send an SR saying so when configured, and
+    always when it replaces a report of an earlier assessment (whose bone age no
+    longer stands)."""
+    instance_id = claim.instance_id
     logger.info("instance %d not assessed: %s", instance_id, reason)
     settings = rt.settings
     ours = str(ds.get("Manufacturer", "") or "").strip() == MANUFACTURER
+    referable = all(ds.get(k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
+    replaces = _earlier_reports(rt, claim, ds) if referable and not ours else []
     if (
-        not (send and settings.send_not_assessed and settings.destinations)
+        not (send and settings.destinations and (settings.send_not_assessed or replaces))
         or ours
         # an SR could neither join the study nor reference the image
-        or not all(ds.get(k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
+        or not referable
     ):
-        _finish(rt, instance_id, InstanceState.NOT_ASSESSED, reason)
+        _finish(rt, instance_id, InstanceState.NOT_ASSESSED, reason, inputs)
         return AssessOutcome("not_assessed", reason=reason)
-    sr_uid = derived_uid(sop_instance_uid, "not-assessed-sr")
+    source_uid = claim.sop_instance_uid
     sr = build_not_assessed_sr(
         ds,
         reason,
-        series_instance_uid=derived_uid(sop_instance_uid, "not-assessed-series"),
-        sop_instance_uid=sr_uid,
+        series_instance_uid=sr_series_uid(source_uid, None),
+        sop_instance_uid=derived_uid(source_uid, *_again(claim.assessment), "not-assessed-sr"),
         series_number=SR_SERIES_NUMBER,
+        instance_number=claim.assessment,
         device_observer_uid=rt.device_observer_uid,
+        predecessors=replaces,
     )
     outputs = [_stage_output(settings.outbox_dir, ObjectKind.SR, sr, "not-assessed-sr")]
-    outcome = _commit(rt, instance_id, InstanceState.NOT_ASSESSED, reason, None, outputs)
+    outcome = _commit(rt, instance_id, InstanceState.NOT_ASSESSED, reason, None, outputs, inputs)
     return AssessOutcome("not_assessed", delivery_ids=outcome.delivery_ids, reason=reason)
 
 
@@ -631,6 +845,7 @@ def _commit(
     reason: str | None,
     result: Result | None,
     outputs: list[Output],
+    inputs: str,
     *,
     send: bool = True,
 ) -> AssessOutcome:
@@ -664,6 +879,7 @@ def _commit(
             instance.state = state
             instance.reason = reason
             instance.finished_at = now()
+            instance.inputs_sha256 = inputs
             # Any other attempt at this instance now waits on these rows' unique keys
             # (PostgreSQL) or on the write lock (SQLite) until this transaction ends;
             # one that committed first has made the flush fail.

@@ -217,10 +217,10 @@ def _loads_torch(process: dict[str, Any]) -> bool:
     return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
 
 
-def _all_delivered(database_url: str) -> bool:
+def _all_delivered(database_url: str, count: int = 2) -> bool:
     with session_scope(database_url) as session:
         states = [d.state for d in session.scalars(select(Delivery))]
-    return len(states) == 2 and all(s is DeliveryState.DELIVERED for s in states)
+    return len(states) == count and all(s is DeliveryState.DELIVERED for s in states)
 
 
 def _healthy_status(env: dict[str, str]) -> dict[str, Any] | None:
@@ -280,6 +280,77 @@ def test_embedded_defaults_serve(
     for value in PATIENT_VALUES:
         assert value not in logs, f"patient value {value!r} in the logs"
     assert dcmread(hand).StudyInstanceUID not in logs
+
+
+def test_a_corrected_copy_sent_again_is_assessed_again_and_replaces_the_report(
+    tmp_path: Path, storescp: StoreSCP, tiny_checkpoint: Path, node_factory: list[Node]
+) -> None:
+    """The PACS sends the hand, then the same image with the patient's sex corrected:
+    a second SR and SC come back, the SR naming the first as the report it replaces;
+    the same image sent a third time, unchanged, brings nothing."""
+    port = free_port()
+    env = base_env(tmp_path, storescp, tiny_checkpoint, port)
+    node = Node(tmp_path, env)
+    node_factory.append(node)
+    serve = node.start("serve", "serve")
+    wait_for_port(port, timeout=120, process=serve)
+    hand, _ = make_inputs(tmp_path, env)
+    storescu(port, hand)
+    first = storescp.wait_for_objects(2, timeout=240)
+    [first_sr] = [dcmread(p) for p in first if dcmread(p).Modality == "SR"]
+
+    corrected = tmp_path / "hand-corrected.dcm"
+    ds = dcmread(hand)
+    ds.PatientSex = "M"
+    ds.save_as(corrected, enforce_file_format=True)
+    storescu(port, corrected)
+    both = storescp.wait_for_objects(4, timeout=240)
+    again = [dcmread(p) for p in both if p not in first]
+    [second_sr] = [o for o in again if o.Modality == "SR"]
+    assert second_sr.PatientSex == "M" and second_sr.InstanceNumber == 2
+    [study] = second_sr.PredecessorDocumentsSequence
+    [series] = study.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == first_sr.SeriesInstanceUID
+    assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first_sr.SOPInstanceUID
+    for path in both:
+        assert dciodvfy_errors(path) == []
+
+    database_url = f"sqlite:///{tmp_path / 'data' / 'boneage.db'}"
+    wait_for(
+        lambda: _all_delivered(database_url, count=4),
+        timeout=60,
+        what="the four deliveries marked delivered",
+    )
+    storescu(port, corrected)  # once more, as it is
+
+    with session_scope(database_url) as session:
+        [instance_id] = session.scalars(select(Instance.id))
+
+    def received_three_times() -> bool:
+        with session_scope(database_url) as session:
+            instance = session.get_one(Instance, instance_id)
+            return instance.times_received == 3 and instance.state is InstanceState.ASSESSED
+
+    wait_for(received_three_times, timeout=60, what="the third copy recorded")
+    wait_for(
+        lambda: f"instance {instance_id} already assessed" in node.log_text(),
+        timeout=60,
+        what="the third copy's message handled",
+    )
+    with session_scope(database_url) as session:
+        [instance] = session.scalars(select(Instance))
+        assert instance.assessment == 2
+        assert [r.male for r in session.scalars(select(Result).order_by(Result.id))] == [
+            False,
+            True,
+        ]
+        assert len(list(session.scalars(select(Delivery)))) == 4
+    assert len(storescp.received()) == 4
+    assert node.stop() == [0]
+    logs = node.log_text()
+    assert "received again with other patient, study or image values" in logs
+    for value in PATIENT_VALUES:
+        assert value not in logs, f"patient value {value!r} in the logs"
 
 
 def test_redis_and_postgresql_separate_processes(

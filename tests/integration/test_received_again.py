@@ -1,0 +1,314 @@
+"""An instance received again: assessed again when the copy changes what the assessment
+reads from its header (a corrected sex, a date, a patient merged into another), with
+an SR that replaces the earlier report; left alone when it does not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import Dataset, dcmread
+from pydicom.datadict import dictionary_VR
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from sqlalchemy import select
+
+from db.engine import session_scope
+from db.schema import Delivery, Instance, InstanceState, Result
+from dicom_io.content import REPLACES_NOTICE
+from dicom_io.scp import ReceivedInstance
+from tests.conftest import StoreSCP
+from tests.dicomtools import dciodvfy_errors, dsrdump
+from tests.integration.test_pipeline import make_runtime, spool_instance
+from worker import pipeline
+from worker.delivery import send_deliveries
+from worker.listener import record_instance
+from worker.pipeline import ASSESSMENT_INPUTS, assess_instance, assessment_inputs
+from worker.runtime import Runtime
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def runtime(
+    request: pytest.FixtureRequest, tmp_path: Path, tiny_checkpoint: Path, storescp: StoreSCP
+) -> Runtime:
+    """A node sending to the storescp, on SQLite and on a real PostgreSQL."""
+    database: dict[str, Any] = {}
+    if request.param == "postgresql":
+        database["database_url"] = request.getfixturevalue("postgres_url")
+    return make_runtime(tmp_path, tiny_checkpoint, destinations=storescp.destination, **database)
+
+
+@pytest.fixture
+def spooled(tmp_path: Path, tiny_checkpoint: Path) -> Dataset:
+    """The phantom hand as spooled, read back."""
+    rt = make_runtime(tmp_path, tiny_checkpoint)
+    instance_id = spool_instance(rt)
+    with session_scope(rt.database_url) as session:
+        return dcmread(session.get_one(Instance, instance_id).spool_path)
+
+
+def received_again(
+    rt: Runtime,
+    instance_id: int,
+    *,
+    transfer_syntax: str | None = None,
+    routed_by: str | None = None,
+    **attributes: Any,
+) -> None:
+    """The PACS sends the instance again: its copy in the spool, with ``attributes`` set
+    (None removes one), takes the old one's place, and the listener records it.
+    ``transfer_syntax``: transcoded; ``routed_by``: a router's private block and
+    Source AE Title added."""
+    with session_scope(rt.database_url) as session:
+        instance = session.get_one(Instance, instance_id)
+        path = Path(instance.spool_path)
+    ds = dcmread(path)
+    for keyword, value in attributes.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    if transfer_syntax is not None:
+        ds.file_meta.TransferSyntaxUID = transfer_syntax
+    if routed_by is not None:
+        ds.file_meta.SourceApplicationEntityTitle = routed_by
+        ds.private_block(0x0009, routed_by, create=True).add_new(0x01, "LO", "forwarded")
+    copy = path.with_suffix(".again")
+    ds.save_as(copy, enforce_file_format=True, implicit_vr=None, little_endian=None)
+    copy.replace(path)
+    record_instance(
+        rt.database_url,
+        ReceivedInstance(
+            ds.SOPInstanceUID,
+            ds.SOPClassUID,
+            ds.StudyInstanceUID,
+            ds.SeriesInstanceUID,
+            str(ds.Modality),
+            str(ds.file_meta.TransferSyntaxUID),
+            "PACS",
+            path,
+            path.stat().st_size,
+        ),
+    )
+
+
+def deliver(rt: Runtime, storescp: StoreSCP, delivery_ids: tuple[int, ...]) -> list[Path]:
+    """Send ``delivery_ids`` to the storescp; the files of the objects it received,
+    each checked by dciodvfy."""
+    before = set(storescp.received())
+    outcomes = send_deliveries(rt, list(delivery_ids))
+    assert {o.state for o in outcomes.values()} == {"delivered"}, outcomes
+    paths = storescp.wait_for_objects(len(before) + len(delivery_ids), timeout=30)
+    received = [p for p in paths if p not in before]
+    for path in received:
+        assert dciodvfy_errors(path) == [], path
+    return received
+
+
+def report_of(paths: list[Path]) -> Dataset:
+    [sr] = [ds for ds in map(dcmread, paths) if ds.Modality == "SR"]
+    return sr
+
+
+def replaced(sr: Dataset) -> list[tuple[str, str, str]]:
+    """(study, series, SOP instance) of each report ``sr`` says it replaces."""
+    return [
+        (study.StudyInstanceUID, series.SeriesInstanceUID, item.ReferencedSOPInstanceUID)
+        for study in sr.get("PredecessorDocumentsSequence", [])
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    ]
+
+
+def where(sr: Dataset) -> tuple[str, str, str]:
+    return sr.StudyInstanceUID, sr.SeriesInstanceUID, sr.SOPInstanceUID
+
+
+def results(rt: Runtime, instance_id: int) -> list[tuple[int, bool]]:
+    """(assessment, male) of each result of the instance, in order."""
+    with session_scope(rt.database_url) as session:
+        rows = session.scalars(
+            select(Result).where(Result.instance_id == instance_id).order_by(Result.id)
+        )
+        return [(r.assessment, r.male) for r in rows]
+
+
+def test_a_copy_with_the_sex_corrected_is_assessed_again_and_its_sr_replaces_the_first(
+    runtime: Runtime, storescp: StoreSCP
+) -> None:
+    instance_id = spool_instance(runtime, sex="F")
+    first = assess_instance(runtime, instance_id)
+    assert first.state == "assessed"
+    first_sr = report_of(deliver(runtime, storescp, first.delivery_ids))
+    assert "PredecessorDocumentsSequence" not in first_sr
+
+    received_again(runtime, instance_id, PatientSex="M")
+    second = assess_instance(runtime, instance_id)
+    assert second.state == "assessed" and len(second.delivery_ids) == 2
+    objects = deliver(runtime, storescp, second.delivery_ids)  # dciodvfy: no error
+    second_sr = report_of(objects)
+    # a new report in the first's series, instance 2, that replaces the first
+    assert second_sr.SOPInstanceUID != first_sr.SOPInstanceUID
+    assert second_sr.SeriesInstanceUID == first_sr.SeriesInstanceUID
+    assert [dcmread(p).InstanceNumber for p in objects] == [2, 2]
+    assert replaced(second_sr) == [where(first_sr)]
+    assert second_sr.PatientSex == "M" and first_sr.PatientSex == "F"
+    text = dsrdump(next(p for p in objects if dcmread(p).Modality == "SR"))
+    assert REPLACES_NOTICE in text and 'NUM:(,,"Bone age")' in text
+    # both results are kept, the first one's sex as it was assessed
+    assert results(runtime, instance_id) == [(1, False), (2, True)]
+    with session_scope(runtime.database_url) as session:
+        instance = session.get_one(Instance, instance_id)
+        assert (instance.state, instance.assessment, instance.times_received) == (
+            InstanceState.ASSESSED,
+            2,
+            2,
+        )
+    # the message delivered again, or the same copy once more: nothing new
+    assert assess_instance(runtime, instance_id).state == "skipped"
+    received_again(runtime, instance_id)
+    assert assess_instance(runtime, instance_id).state == "skipped"
+    assert results(runtime, instance_id) == [(1, False), (2, True)]
+
+
+def test_a_copy_that_changes_nothing_the_assessment_reads_is_not_assessed_again(
+    runtime: Runtime,
+) -> None:
+    """The PACS forwards the study again, transcoded, with its own attributes added:
+    one result, no new objects."""
+    instance_id = spool_instance(runtime)
+    assert assess_instance(runtime, instance_id).state == "assessed"
+    for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        received_again(
+            runtime,
+            instance_id,
+            transfer_syntax=syntax,
+            routed_by="ROUTER",
+            InstitutionName="Elsewhere",
+            PatientSex="F ",  # as padded
+        )
+        assert assess_instance(runtime, instance_id).state == "skipped"
+    assert results(runtime, instance_id) == [(1, False)]
+    with session_scope(runtime.database_url) as session:
+        assert len(list(session.scalars(select(Delivery)))) == 2
+        assert session.get_one(Instance, instance_id).times_received == 3
+
+
+def test_a_copy_that_cannot_be_assessed_sends_an_sr_withdrawing_the_bone_age(
+    runtime: Runtime, storescp: StoreSCP
+) -> None:
+    """The site does not send SRs that say an image was not assessed; but a bone age we
+    reported no longer stands, so one is sent, replacing the report that gave it."""
+    assert not runtime.settings.send_not_assessed
+    instance_id = spool_instance(runtime)
+    first = assess_instance(runtime, instance_id)
+    first_sr = report_of(deliver(runtime, storescp, first.delivery_ids))
+
+    received_again(runtime, instance_id, BodyPartExamined="CHEST", StudyDescription="CHEST PA")
+    second = assess_instance(runtime, instance_id)
+    assert second.state == "not_assessed" and len(second.delivery_ids) == 1
+    [path] = deliver(runtime, storescp, second.delivery_ids)  # dciodvfy: no error
+    withdrawal = dcmread(path)
+    assert replaced(withdrawal) == [where(first_sr)]
+    assert withdrawal.InstanceNumber == 2
+    text = dsrdump(path)
+    assert "Not assessed: body part examined is CHEST, not a hand" in text, text
+    assert REPLACES_NOTICE in text
+    assert 'NUM:(,,"Bone age")' not in text
+    assert results(runtime, instance_id) == [(1, False)]  # the first result is kept
+
+
+def test_a_copy_with_the_missing_sex_recorded_is_assessed(
+    tmp_path: Path, tiny_checkpoint: Path, storescp: StoreSCP
+) -> None:
+    """Not assessed for want of the sex, with no SR sent: the copy sent once the sex is
+    recorded is assessed, and its SR replaces nothing."""
+    rt = make_runtime(
+        tmp_path, tiny_checkpoint, destinations=storescp.destination, missing_sex="reject"
+    )
+    instance_id = spool_instance(rt, attributes={"PatientSex": ""})
+    assert assess_instance(rt, instance_id).state == "not_assessed"
+    received_again(rt, instance_id, PatientSex="F")
+    outcome = assess_instance(rt, instance_id)
+    assert outcome.state == "assessed"
+    sr = report_of(deliver(rt, storescp, outcome.delivery_ids))
+    assert "PredecessorDocumentsSequence" not in sr and sr.InstanceNumber == 2
+    assert results(rt, instance_id) == [(2, False)]
+
+
+def test_corrected_and_corrected_back_each_time_a_new_report_replacing_all_before(
+    runtime: Runtime, storescp: StoreSCP
+) -> None:
+    """F, then M, then F again: the third assessment reads what the first did, and is a
+    third report all the same (the first one's UIDs are taken)."""
+    instance_id = spool_instance(runtime, sex="F")
+    reports = []
+    for sex in ("F", "M", "F"):
+        if reports:
+            received_again(runtime, instance_id, PatientSex=sex)
+        outcome = assess_instance(runtime, instance_id)
+        assert outcome.state == "assessed"
+        reports.append(report_of(deliver(runtime, storescp, outcome.delivery_ids)))
+    assert len({sr.SOPInstanceUID for sr in reports}) == 3
+    assert replaced(reports[2]) == [where(reports[0]), where(reports[1])]
+    assert results(runtime, instance_id) == [(1, False), (2, True), (3, False)]
+
+
+def test_an_instance_finished_before_its_inputs_were_recorded_is_left_alone(
+    runtime: Runtime,
+) -> None:
+    """Finished before revision 0004: nothing says what its assessment read."""
+    instance_id = spool_instance(runtime)
+    assert assess_instance(runtime, instance_id).state == "assessed"
+    with session_scope(runtime.database_url) as session:
+        session.get_one(Instance, instance_id).inputs_sha256 = None
+    received_again(runtime, instance_id, PatientSex="M")
+    assert assess_instance(runtime, instance_id).state == "skipped"
+    assert results(runtime, instance_id) == [(1, False)]
+
+
+#: A value of each VR that needs a particular form (else "X").
+_SOME_VALUE: dict[str, Any] = {
+    "US": 7,
+    "SS": 7,
+    "IS": "7",
+    "DS": "7",
+    "DA": "20000101",
+    "TM": "120000",
+    "AS": "010Y",
+    "UI": "1.2.3",
+}
+
+
+@pytest.mark.parametrize("keyword", ASSESSMENT_INPUTS)
+def test_the_inputs_digest_changes_with_each_attribute_it_covers(
+    spooled: Dataset, keyword: str
+) -> None:
+    """Each attribute counts, and one removed differs from one left empty."""
+    ds = spooled
+    if keyword in ds:
+        del ds[keyword]
+    digests = [assessment_inputs(ds)]
+    if "Sequence" in keyword:
+        setattr(ds, keyword, [])
+        digests.append(assessment_inputs(ds))
+        ds[keyword].value = [Dataset()]
+        ds[keyword].value[0].LUTExplanation = "X"
+    else:
+        vr = dictionary_VR(keyword)
+        setattr(ds, keyword, None if vr in {"US", "SS"} else "")
+        digests.append(assessment_inputs(ds))
+        ds[keyword].value = _SOME_VALUE.get(vr, "X")
+    digests.append(assessment_inputs(ds))
+    assert len(set(digests)) == 3, keyword
+
+
+def test_the_digest_is_what_the_instance_keeps_and_not_the_values(runtime: Runtime) -> None:
+    instance_id = spool_instance(runtime)
+    assess_instance(runtime, instance_id)
+    with session_scope(runtime.database_url) as session:
+        instance = session.get_one(Instance, instance_id)
+        assert instance.inputs_sha256 == assessment_inputs(dcmread(instance.spool_path))
+    assert pipeline.PATIENT_AND_STUDY[0] in ASSESSMENT_INPUTS

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from pydicom import Dataset, dcmread
 from pydicom.datadict import dictionary_VR
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from sqlalchemy import select
 
 from db.engine import session_scope
@@ -53,7 +53,7 @@ def received_again(
     rt: Runtime,
     instance_id: int,
     *,
-    transfer_syntax: str | None = None,
+    transfer_syntax: UID | None = None,
     routed_by: str | None = None,
     **attributes: Any,
 ) -> None:
@@ -244,7 +244,7 @@ def test_corrected_and_corrected_back_each_time_a_new_report_replacing_all_befor
     """F, then M, then F again: the third assessment reads what the first did, and is a
     third report all the same (the first one's UIDs are taken)."""
     instance_id = spool_instance(runtime, sex="F")
-    reports = []
+    reports: list[Dataset] = []
     for sex in ("F", "M", "F"):
         if reports:
             received_again(runtime, instance_id, PatientSex=sex)

@@ -8,12 +8,13 @@ and one Delivery per (object, destination). The output UIDs are derived from the
 source instance, the model and the assessment, so a redelivered task that gets this
 far makes the same objects again, and its commit fails on the unique constraint.
 
-An instance is assessed once, unless a copy of it received again changes what the
-assessment reads from the header (:data:`ASSESSMENT_INPUTS`: a corrected sex or
-birth date, a patient merged into another). It is then assessed again, as assessment
-2, 3 ...: new SR and SC in the same series, the SR naming the reports it replaces
-(Predecessor Documents), and the earlier results kept. A copy that changes none of
-them (the PACS forwarding the study again, transcoded or not) is not.
+An instance is assessed once, unless a copy of it received again changes what its
+result depends on (:func:`assessment_inputs`: a corrected sex or birth date, the
+gate's decision, how the pixels are described). It is then assessed again, as
+assessment 2, 3 ...: new SR and SC in the same series, the SR naming the reports it
+replaces (Predecessor Documents), and the earlier results kept. A copy that changes
+nothing of that (the PACS forwarding the study again, transcoded, with its own
+attributes or a reconciled name or accession number) is not.
 
 Two attempts at one instance may run at once (the same study sent twice, a
 message delivered again while the first attempt still runs). Their SR and SC
@@ -41,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from pydicom import Dataset, dcmread
+from pydicom import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import generate_uid
 from sqlalchemy import select, update
@@ -69,7 +70,7 @@ from dicom_io.pixels import (
 )
 from dicom_io.sc import build_heatmap_sc, overlay_shape, render_overlay
 from dicom_io.scp import fsync_directory, uid_tag
-from dicom_io.sr import PATIENT_AND_STUDY, build_bone_age_sr, build_not_assessed_sr, earlier_report
+from dicom_io.sr import build_bone_age_sr, build_not_assessed_sr, earlier_report
 from worker.heartbeat import process_name
 from worker.runtime import SOFTWARE_NAME, Runtime
 
@@ -286,8 +287,9 @@ def _reopen_if_received_changed(
     if inputs is None:
         return None
     try:
-        header = dcmread(spool, stop_before_pixels=True)
-        changed = assessment_inputs(header) != inputs
+        copy = read_image(spool)  # the header; the pixels are not read
+        decision = gate.check(copy, require_sex=rt.settings.missing_sex == "reject")
+        changed = assessment_inputs(copy, decision) != inputs
     except Exception:
         return None
     if not changed:
@@ -369,31 +371,14 @@ def assess_instance(rt: Runtime, instance_id: int, *, send: bool = True) -> Asse
         raise
 
 
-#: What an assessment reads from an image's header (its pixels aside): what the gate
-#: decides by (dicom_io.gate), the patient's facts, how the pixels are described and
-#: shown (dicom_io.pixels), and the patient and study attributes the SR and SC carry
-#: (dicom_io.sr.PATIENT_AND_STUDY). A copy received again whose values of these differ
-#: from those the last assessment read is assessed again.
-ASSESSMENT_INPUTS = (
-    # the gate
-    "SOPClassUID",
-    "Modality",
-    "Manufacturer",
-    "BodyPartExamined",
-    "StudyDescription",
-    "SeriesDescription",
-    "ProtocolName",
-    "RequestedProcedureDescription",
+#: The header attributes an assessment's result depends on beside the gate's decision
+#: and the patient's facts (:func:`assessment_inputs`): the study and series the SR
+#: and SC join, the orientation the SC is shown in, and how the pixels are described
+#: and shown (dicom_io.pixels).
+IMAGE_INPUTS = (
     "StudyInstanceUID",
     "SeriesInstanceUID",
-    # the patient's facts, beside the sex, birth date and study date below
-    "PatientAge",
-    "AcquisitionDate",
-    "ContentDate",
-    "ImageLaterality",
-    "Laterality",
     "PatientOrientation",
-    # the pixels' description and display
     "Rows",
     "Columns",
     "NumberOfFrames",
@@ -414,21 +399,23 @@ ASSESSMENT_INPUTS = (
     "VOILUTFunction",
     "VOILUTSequence",
     "PresentationLUTShape",
-    # what the SR and SC carry of the patient and the study
-    "SpecificCharacterSet",
-    *PATIENT_AND_STUDY,
 )
 
 
-def assessment_inputs(ds: Dataset) -> str:
-    """Hex SHA-256 of ``ds``'s values of :data:`ASSESSMENT_INPUTS`, as read.
+def assessment_inputs(ds: Dataset, decision: gate.GateDecision) -> str:
+    """Hex SHA-256 of what an assessment of ``ds`` depends on, its pixels aside.
 
-    Text as pydicom reads it, surrounding spaces aside; an absent attribute differs
-    from an empty one. It is kept in the database in place of the values, which
-    include the patient's name and birth date.
+    The gate's ``decision`` on it (accepted, or refused and why) and the patient's
+    facts it read (sex, birth date, the date of the image, age, laterality), and the
+    values of :data:`IMAGE_INPUTS` as pydicom reads them, surrounding spaces aside
+    (an absent attribute differs from an empty one). A patient's name or ID,
+    accession number or study description that a PACS reconciles changes none of it
+    (the descriptions count where the gate decides by them). The digest is kept in
+    the database in place of the values.
     """
     digest = hashlib.sha256()
-    for keyword in ASSESSMENT_INPUTS:
+    digest.update(f"{decision.accepted}\n{decision.reason}\n{decision.facts!r}\n".encode())
+    for keyword in IMAGE_INPUTS:
         digest.update(f"{keyword}={_header_text(ds, keyword)}\n".encode("utf-8", "replace"))
     return digest.hexdigest()
 
@@ -510,9 +497,9 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
         reason = f"the file cannot be parsed as DICOM ({type(exc).__name__})"
         _finish(rt, instance_id, InstanceState.NOT_ASSESSED, reason)
         return AssessOutcome("not_assessed", reason=reason)
-    inputs = assessment_inputs(ds)
 
     decision = gate.check(ds, require_sex=settings.missing_sex == "reject")
+    inputs = assessment_inputs(ds, decision)
     if not decision.accepted:
         return _not_assessed(rt, claim, ds, inputs, decision.reason or "", send=send)
     facts = decision.facts

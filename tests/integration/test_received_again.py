@@ -15,15 +15,15 @@ from sqlalchemy import select
 
 from db.engine import session_scope
 from db.schema import Delivery, Instance, InstanceState, Result
+from dicom_io import gate
 from dicom_io.content import REPLACES_NOTICE
 from dicom_io.scp import ReceivedInstance
 from tests.conftest import StoreSCP
 from tests.dicomtools import dciodvfy_errors, dsrdump
 from tests.integration.test_pipeline import make_runtime, spool_instance
-from worker import pipeline
 from worker.delivery import send_deliveries
 from worker.listener import record_instance
-from worker.pipeline import ASSESSMENT_INPUTS, assess_instance, assessment_inputs
+from worker.pipeline import IMAGE_INPUTS, assess_instance, assessment_inputs
 from worker.runtime import Runtime
 
 pytestmark = pytest.mark.integration
@@ -173,11 +173,12 @@ def test_a_copy_with_the_sex_corrected_is_assessed_again_and_its_sr_replaces_the
     assert results(runtime, instance_id) == [(1, False), (2, True)]
 
 
-def test_a_copy_that_changes_nothing_the_assessment_reads_is_not_assessed_again(
+def test_a_copy_that_changes_nothing_the_result_depends_on_is_not_assessed_again(
     runtime: Runtime,
 ) -> None:
-    """The PACS forwards the study again, transcoded, with its own attributes added:
-    one result, no new objects."""
+    """The PACS forwards the study again, transcoded, with its own attributes added and
+    the name, ID and accession number reconciled with the RIS: one result, no new
+    objects (a PACS that corrects those corrects its copies of our SR and SC)."""
     instance_id = spool_instance(runtime)
     assert assess_instance(runtime, instance_id).state == "assessed"
     for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
@@ -188,6 +189,10 @@ def test_a_copy_that_changes_nothing_the_assessment_reads_is_not_assessed_again(
             routed_by="ROUTER",
             InstitutionName="Elsewhere",
             PatientSex="F ",  # as padded
+            PatientName="PHANTOM^HAND^^MS",
+            PatientID="RIS-0001",
+            AccessionNumber="ACC-7",
+            StudyDescription="XR HAND LEFT",
         )
         assert assess_instance(runtime, instance_id).state == "skipped"
     assert results(runtime, instance_id) == [(1, False)]
@@ -282,26 +287,79 @@ _SOME_VALUE: dict[str, Any] = {
 }
 
 
-@pytest.mark.parametrize("keyword", ASSESSMENT_INPUTS)
-def test_the_inputs_digest_changes_with_each_attribute_it_covers(
+def _inputs(ds: Dataset) -> str:
+    return assessment_inputs(ds, gate.check(ds, require_sex=True))
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [
+        ("PatientSex", "M"),
+        ("PatientSex", ""),
+        ("PatientBirthDate", "20160101"),
+        ("StudyDate", "20250601"),
+        ("AcquisitionDate", "20250601"),  # where the study date is missing
+        ("PatientAge", "009Y"),  # where the birth date is missing
+        ("ImageLaterality", "R"),
+        ("BodyPartExamined", "CHEST"),
+        ("SOPClassUID", "1.2.840.10008.5.1.4.1.1.2"),  # CT Image Storage
+        ("Manufacturer", "boneage-worker"),
+    ],
+)
+def test_the_inputs_digest_follows_the_patients_facts_and_the_gates_decision(
+    spooled: Dataset, keyword: str, value: str
+) -> None:
+    before = _inputs(spooled)
+    if keyword in {"AcquisitionDate", "PatientAge"}:
+        del spooled[{"AcquisitionDate": "StudyDate", "PatientAge": "PatientBirthDate"}[keyword]]
+        before = _inputs(spooled)
+    setattr(spooled, keyword, value)
+    assert _inputs(spooled) != before
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [
+        ("PatientName", "OTHER^NAME"),
+        ("PatientID", "OTHER-ID"),
+        ("AccessionNumber", "A-1"),
+        ("StudyID", "9"),
+        ("StudyTime", "235959"),
+        ("ReferringPhysicianName", "DOE^JANE"),
+        ("StudyDescription", "XR HAND 2 VIEWS"),
+        ("InstitutionName", "Elsewhere"),
+        ("SpecificCharacterSet", "ISO_IR 100"),
+    ],
+)
+def test_the_inputs_digest_leaves_out_what_a_pacs_reconciles(
+    spooled: Dataset, keyword: str, value: str
+) -> None:
+    before = _inputs(spooled)
+    setattr(spooled, keyword, value)
+    assert _inputs(spooled) == before
+
+
+@pytest.mark.parametrize("keyword", IMAGE_INPUTS)
+def test_the_inputs_digest_changes_with_each_image_attribute_it_covers(
     spooled: Dataset, keyword: str
 ) -> None:
     """Each attribute counts, and one removed differs from one left empty."""
     ds = spooled
+    decision = gate.check(ds, require_sex=True)  # the same, to see the attribute's own part
     if keyword in ds:
         del ds[keyword]
-    digests = [assessment_inputs(ds)]
+    digests = [assessment_inputs(ds, decision)]
     if "Sequence" in keyword:
         setattr(ds, keyword, [])
-        digests.append(assessment_inputs(ds))
+        digests.append(assessment_inputs(ds, decision))
         ds[keyword].value = [Dataset()]
         ds[keyword].value[0].LUTExplanation = "X"
     else:
         vr = dictionary_VR(keyword)
         setattr(ds, keyword, None if vr in {"US", "SS"} else "")
-        digests.append(assessment_inputs(ds))
+        digests.append(assessment_inputs(ds, decision))
         ds[keyword].value = _SOME_VALUE.get(vr, "X")
-    digests.append(assessment_inputs(ds))
+    digests.append(assessment_inputs(ds, decision))
     assert len(set(digests)) == 3, keyword
 
 
@@ -310,5 +368,4 @@ def test_the_digest_is_what_the_instance_keeps_and_not_the_values(runtime: Runti
     assess_instance(runtime, instance_id)
     with session_scope(runtime.database_url) as session:
         instance = session.get_one(Instance, instance_id)
-        assert instance.inputs_sha256 == assessment_inputs(dcmread(instance.spool_path))
-    assert pipeline.PATIENT_AND_STUDY[0] in ASSESSMENT_INPUTS
+        assert instance.inputs_sha256 == _inputs(dcmread(instance.spool_path))

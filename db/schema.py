@@ -119,8 +119,9 @@ class Instance(Base):
     # 1, and one more each time a copy received again changed what the assessment reads
     # from the header (the patient's sex, a date ...): it is then assessed again
     assessment: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
-    # hex SHA-256 of those header values as the last finished assessment read them
-    # (worker.pipeline.assessment_inputs); empty on rows from before revision 0004
+    # hex SHA-256 of what the last assessment's result depends on, as it read them
+    # (worker.pipeline.assessment_inputs), "unread" where it could not read the file;
+    # empty on rows from before revision 0004
     inputs_sha256: Mapped[str | None] = mapped_column(String(64))
 
     results: Mapped[list[Result]] = relationship(back_populates="instance")

@@ -216,14 +216,22 @@ def chronological_age_months(facts: gate.PatientFacts) -> float | None:
     return facts.patient_age_months
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class _Claim:
-    """The instance an attempt works on: its file, SOP Instance UID and assessment."""
+    """The instance an attempt works on: its file, SOP Instance UID and assessment;
+    and once the attempt has read the file, the digest of what the result depends on
+    (:func:`assessment_inputs`), or :data:`UNREAD`."""
 
     instance_id: int
     spool: Path
     sop_instance_uid: str
     assessment: int
+    inputs: str | None = None
+
+
+#: The inputs recorded of an assessment that could not read its file (missing, or not
+#: DICOM): any readable copy received again differs from it.
+UNREAD = "unread"
 
 
 def _again(assessment: int) -> tuple[str, ...]:
@@ -289,10 +297,10 @@ def _reopen_if_received_changed(
     try:
         copy = read_image(spool)  # the header; the pixels are not read
         decision = gate.check(copy, require_sex=rt.settings.missing_sex == "reject")
-        changed = assessment_inputs(copy, decision) != inputs
+        received = assessment_inputs(copy, decision)
     except Exception:
         return None
-    if not changed:
+    if received == inputs:
         return None
     with session_scope(rt.database_url) as session:
         claimed = session.execute(
@@ -310,6 +318,8 @@ def _reopen_if_received_changed(
                 finished_at=None,
                 reason=None,
                 attempts=1,
+                # this copy's: sent once more, it is not assessed again, even if this fails
+                inputs_sha256=received,
             )
             .returning(Instance.spool_path, Instance.sop_instance_uid)
         ).one_or_none()
@@ -321,7 +331,9 @@ def _reopen_if_received_changed(
         instance_id,
         assessment,
     )
-    return _Claim(instance_id, Path(claimed.spool_path), claimed.sop_instance_uid, assessment + 1)
+    return _Claim(
+        instance_id, Path(claimed.spool_path), claimed.sop_instance_uid, assessment + 1, received
+    )
 
 
 def _give_up(instance: Instance) -> None:
@@ -367,7 +379,7 @@ def assess_instance(rt: Runtime, instance_id: int, *, send: bool = True) -> Asse
     try:
         return _assess(rt, claimed, send=send)
     except Exception as exc:
-        _note_failed_attempt(rt, instance_id, exc)
+        _note_failed_attempt(rt, instance_id, exc, claimed.inputs)
         raise
 
 
@@ -454,8 +466,12 @@ def _failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}{place}"
 
 
-def _note_failed_attempt(rt: Runtime, instance_id: int, exc: BaseException) -> None:
-    """Record on the instance, still `processing`, where this attempt failed.
+def _note_failed_attempt(
+    rt: Runtime, instance_id: int, exc: BaseException, inputs: str | None = None
+) -> None:
+    """Record on the instance, still `processing`, where this attempt failed, and the
+    ``inputs`` it read, if it got so far (so that a corrected copy received again is
+    assessed again, even after the instance ended in error).
 
     The last of :data:`MAX_ATTEMPTS` ends it in error at once. Before that, after a
     fault, no worker keeps the claim: no message will bring the instance back, and the
@@ -468,6 +484,8 @@ def _note_failed_attempt(rt: Runtime, instance_id: int, exc: BaseException) -> N
             instance = session.get(Instance, instance_id)
             if instance is not None and instance.state is InstanceState.PROCESSING:
                 instance.reason = f"attempt {instance.attempts} failed: {_failure(exc)}"
+                if inputs is not None:
+                    instance.inputs_sha256 = inputs
                 if instance.attempts >= MAX_ATTEMPTS:
                     _give_up(instance)
                 elif not isinstance(exc, RETRIED_BY_THE_TASK):
@@ -491,15 +509,15 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
         # memory grows neither with an instance's frames nor with an uncompressed one's size
         ds = read_image(spool)
     except FileNotFoundError:
-        _finish(rt, instance_id, InstanceState.ERROR, "the spooled file is missing")
+        _finish(rt, instance_id, InstanceState.ERROR, "the spooled file is missing", UNREAD)
         return AssessOutcome("error", reason="spool file missing")
     except Exception as exc:  # pydicom raises many types on malformed files
         reason = f"the file cannot be parsed as DICOM ({type(exc).__name__})"
-        _finish(rt, instance_id, InstanceState.NOT_ASSESSED, reason)
+        _finish(rt, instance_id, InstanceState.NOT_ASSESSED, reason, UNREAD)
         return AssessOutcome("not_assessed", reason=reason)
 
     decision = gate.check(ds, require_sex=settings.missing_sex == "reject")
-    inputs = assessment_inputs(ds, decision)
+    inputs = claim.inputs = assessment_inputs(ds, decision)
     if not decision.accepted:
         return _not_assessed(rt, claim, ds, inputs, decision.reason or "", send=send)
     facts = decision.facts

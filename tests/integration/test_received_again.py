@@ -21,6 +21,7 @@ from dicom_io.scp import ReceivedInstance
 from tests.conftest import StoreSCP
 from tests.dicomtools import dciodvfy_errors, dsrdump
 from tests.integration.test_pipeline import make_runtime, spool_instance
+from worker import pipeline
 from worker.delivery import send_deliveries
 from worker.listener import record_instance
 from worker.pipeline import IMAGE_INPUTS, assess_instance, assessment_inputs
@@ -369,3 +370,46 @@ def test_the_digest_is_what_the_instance_keeps_and_not_the_values(runtime: Runti
     with session_scope(runtime.database_url) as session:
         instance = session.get_one(Instance, instance_id)
         assert instance.inputs_sha256 == _inputs(dcmread(instance.spool_path))
+
+
+def test_an_instance_that_ended_in_error_is_assessed_again_when_a_corrected_copy_comes(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three attempts failed on something in the header; the same copy sent again is
+    left in error, a corrected one is assessed."""
+    build = pipeline.build_outputs
+
+    def refusing_sex_f(source: Dataset, *args: Any, **kwargs: Any) -> Any:
+        if source.PatientSex == "F":
+            raise ValueError("a fault this header brings out")
+        return build(source, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "build_outputs", refusing_sex_f)
+    instance_id = spool_instance(runtime, sex="F")
+    for _ in range(pipeline.MAX_ATTEMPTS):
+        with pytest.raises(ValueError):
+            assess_instance(runtime, instance_id)
+    with session_scope(runtime.database_url) as session:
+        assert session.get_one(Instance, instance_id).state is InstanceState.ERROR
+    received_again(runtime, instance_id)
+    assert assess_instance(runtime, instance_id).state == "skipped"
+    received_again(runtime, instance_id, PatientSex="M")
+    assert assess_instance(runtime, instance_id).state == "assessed"
+    assert results(runtime, instance_id) == [(2, True)]
+
+
+def test_an_instance_whose_file_could_not_be_read_is_assessed_when_it_comes_again(
+    runtime: Runtime,
+) -> None:
+    instance_id = spool_instance(runtime)
+    with session_scope(runtime.database_url) as session:
+        path = Path(session.get_one(Instance, instance_id).spool_path)
+    kept = path.read_bytes()
+    path.write_bytes(b"not DICOM at all")
+    assert assess_instance(runtime, instance_id).state == "not_assessed"
+    path.unlink()  # sent again, the same broken bytes: still nothing to read
+    path.write_bytes(b"not DICOM at all")
+    assert assess_instance(runtime, instance_id).state == "skipped"
+    path.write_bytes(kept)  # sent again, whole
+    assert assess_instance(runtime, instance_id).state == "assessed"
+    assert results(runtime, instance_id) == [(2, False)]

@@ -62,8 +62,8 @@ DEFERRED_BYTES = 1 << 20
 #: Stored values read from the file at once when an uncompressed image is decoded reduced
 #: (:func:`_blocks_from_file`).
 _STRIP_BYTES = 1 << 22
-# What a frame's stored values are decoded by (Image Pixel module, PS3.3 C.7.6.3).
-_FRAME_DESCRIPTION = (
+#: What a frame's stored values are decoded by (Image Pixel module, PS3.3 C.7.6.3).
+FRAME_DESCRIPTION = (
     "Rows",
     "Columns",
     "SamplesPerPixel",
@@ -374,7 +374,7 @@ def _stored_values_dataset(
     alone = Dataset()
     alone.file_meta = FileMetaDataset()
     alone.file_meta.TransferSyntaxUID = syntax
-    for keyword in _FRAME_DESCRIPTION:
+    for keyword in FRAME_DESCRIPTION:
         if keyword in ds:
             # elements of its own: a strip's Rows set on a shared element would be ds's
             element = ds[keyword]

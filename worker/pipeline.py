@@ -62,6 +62,7 @@ from db.schema import utcnow as now
 from dicom_io import gate
 from dicom_io.content import MANUFACTURER, BoneAgeFinding
 from dicom_io.pixels import (
+    FRAME_DESCRIPTION,
     PixelDataError,
     decode_for_display,
     decode_reduction,
@@ -391,16 +392,8 @@ IMAGE_INPUTS = (
     "StudyInstanceUID",
     "SeriesInstanceUID",
     "PatientOrientation",
-    "Rows",
-    "Columns",
+    *FRAME_DESCRIPTION,
     "NumberOfFrames",
-    "SamplesPerPixel",
-    "PhotometricInterpretation",
-    "PlanarConfiguration",
-    "BitsAllocated",
-    "BitsStored",
-    "HighBit",
-    "PixelRepresentation",
     "PixelPaddingValue",
     "PixelPaddingRangeLimit",
     "RescaleSlope",

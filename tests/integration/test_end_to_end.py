@@ -252,16 +252,23 @@ def node_factory(tmp_path: Path) -> Iterator[list[Node]]:
         node.stop()
 
 
-def test_embedded_defaults_serve(
+def serve_embedded(
     tmp_path: Path, storescp: StoreSCP, tiny_checkpoint: Path, node_factory: list[Node]
-) -> None:
+) -> tuple[Node, int]:
+    """`boneage-worker serve` on the embedded defaults, listening: the node and its port."""
     port = free_port()
-    env = base_env(tmp_path, storescp, tiny_checkpoint, port)
-    node = Node(tmp_path, env)
+    node = Node(tmp_path, base_env(tmp_path, storescp, tiny_checkpoint, port))
     node_factory.append(node)
     serve = node.start("serve", "serve")
     wait_for_port(port, timeout=120, process=serve)
-    hand, ct = make_inputs(tmp_path, env)
+    return node, port
+
+
+def test_embedded_defaults_serve(
+    tmp_path: Path, storescp: StoreSCP, tiny_checkpoint: Path, node_factory: list[Node]
+) -> None:
+    node, port = serve_embedded(tmp_path, storescp, tiny_checkpoint, node_factory)
+    hand, ct = make_inputs(tmp_path, node.env)
     storescu(port, hand, ct)
     database_url = f"sqlite:///{tmp_path / 'data' / 'boneage.db'}"
     check_round_trip(node, database_url, storescp, hand, port)
@@ -288,13 +295,8 @@ def test_a_corrected_copy_sent_again_is_assessed_again_and_replaces_the_report(
     """The PACS sends the hand, then the same image with the patient's sex corrected:
     a second SR and SC come back, the SR naming the first as the report it replaces;
     the same image sent a third time, unchanged, brings nothing."""
-    port = free_port()
-    env = base_env(tmp_path, storescp, tiny_checkpoint, port)
-    node = Node(tmp_path, env)
-    node_factory.append(node)
-    serve = node.start("serve", "serve")
-    wait_for_port(port, timeout=120, process=serve)
-    hand, _ = make_inputs(tmp_path, env)
+    node, port = serve_embedded(tmp_path, storescp, tiny_checkpoint, node_factory)
+    hand, _ = make_inputs(tmp_path, node.env)
     storescu(port, hand)
     first = storescp.wait_for_objects(2, timeout=240)
     [first_sr] = [dcmread(p) for p in first if dcmread(p).Modality == "SR"]

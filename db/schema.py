@@ -79,6 +79,8 @@ class DeliveryState(enum.StrEnum):
     PENDING = "pending"
     DELIVERED = "delivered"
     FAILED = "failed"  # attempts exhausted; `retry-deliveries` sends again
+    # not sent, and never to be: a later assessment of its image replaced it
+    SUPERSEDED = "superseded"
 
 
 class ObjectKind(enum.StrEnum):
@@ -194,6 +196,8 @@ class Delivery(Base):
     kind: Mapped[ObjectKind] = mapped_column(_enum(ObjectKind))
     destination: Mapped[str] = mapped_column(String(128))
     sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    # the instance's assessment whose object this is (Instance.assessment)
+    assessment: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     path: Mapped[str] = mapped_column(Text)
     # hex SHA-256 of the file at `path` as written; checked before each send (empty on
     # rows from before revision 0003: those files are read back in full instead)

@@ -345,6 +345,10 @@ def _record_failure(
         delivery = session.get_one(Delivery, delivery_id)
         delivery.attempts += 1
         delivery.last_error = error[:500]
+        if delivery.state is DeliveryState.SUPERSEDED:
+            # replaced while it was being sent: it is not sent again
+            delivery.next_attempt_at = None
+            return DeliveryOutcome("skipped", error="superseded by a later assessment")
         if permanent or delivery.attempts >= settings.delivery_max_attempts:
             delivery.state = DeliveryState.FAILED
             delivery.next_attempt_at = None

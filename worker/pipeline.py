@@ -47,6 +47,7 @@ from pydicom.multival import MultiValue
 from pydicom.uid import generate_uid
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
 
 from db.engine import session_scope
 from db.schema import (
@@ -577,7 +578,7 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
     caveats = [*notes] + ([] if finding.model_trained else ["assessed by an UNTRAINED model"])
     outcome = _commit(
         rt,
-        instance_id,
+        claim,
         InstanceState.ASSESSED,
         "; ".join(caveats) or None,
         result,
@@ -686,25 +687,33 @@ def sr_series_uid(source_uid: str, model_id: str | None) -> str:
 
 
 def _earlier_reports(rt: Runtime, claim: _Claim, source: Dataset) -> list[Dataset]:
-    """The SRs of earlier assessments of the claimed instance that went, or are to
-    go, to a destination: the reports a later assessment's SR replaces."""
+    """The SRs of earlier assessments of the claimed instance that a destination has,
+    or may be getting now: the reports a later assessment's SR replaces.
+
+    Delivered, or pending (perhaps being sent; if not, its commit supersedes it). One
+    that failed, or was superseded before, never reached a destination.
+    """
     if claim.assessment == 1:
         return []
     with session_scope(rt.database_url) as session:
         rows = session.execute(
-            select(Delivery.sop_instance_uid, Result.model_id, Result.assessment)
+            select(Delivery.sop_instance_uid, Result.model_id)
             .outerjoin(Result, Delivery.result_id == Result.id)
-            .where(Delivery.instance_id == claim.instance_id, Delivery.kind == ObjectKind.SR)
+            .where(
+                Delivery.instance_id == claim.instance_id,
+                Delivery.kind == ObjectKind.SR,
+                Delivery.assessment < claim.assessment,
+                Delivery.state.in_([DeliveryState.DELIVERED, DeliveryState.PENDING]),
+            )
             .order_by(Delivery.id)
         ).all()
     reports: dict[str, Dataset] = {}
-    for sop_instance_uid, model_id, assessment in rows:
-        if assessment == claim.assessment or sop_instance_uid in reports:
-            continue  # another attempt at this assessment, which then wins; or a copy
-        series = sr_series_uid(claim.sop_instance_uid, model_id)
-        reports[sop_instance_uid] = earlier_report(
-            source.StudyInstanceUID, series, sop_instance_uid
-        )
+    for sop_instance_uid, model_id in rows:
+        if sop_instance_uid not in reports:  # one per report, whatever its destinations
+            series = sr_series_uid(claim.sop_instance_uid, model_id)
+            reports[sop_instance_uid] = earlier_report(
+                source.StudyInstanceUID, series, sop_instance_uid
+            )
     return list(reports.values())
 
 
@@ -832,13 +841,13 @@ def _not_assessed(
         predecessors=replaces,
     )
     outputs = [_stage_output(settings.outbox_dir, ObjectKind.SR, sr, "not-assessed-sr")]
-    outcome = _commit(rt, instance_id, InstanceState.NOT_ASSESSED, reason, None, outputs, inputs)
+    outcome = _commit(rt, claim, InstanceState.NOT_ASSESSED, reason, None, outputs, inputs)
     return AssessOutcome("not_assessed", delivery_ids=outcome.delivery_ids, reason=reason)
 
 
 def _commit(
     rt: Runtime,
-    instance_id: int,
+    claim: _Claim,
     state: InstanceState,
     reason: str | None,
     result: Result | None,
@@ -850,8 +859,10 @@ def _commit(
     """Result, deliveries and the instance's final state in one transaction.
 
     The staged ``outputs`` are moved into the outbox inside it, once its rows are in
-    (see the module docstring); an attempt that another one beat removes them.
+    (see the module docstring); an attempt that another one beat removes them. The
+    objects of earlier assessments not yet sent are superseded: they never go out.
     """
+    instance_id = claim.instance_id
     try:
         with session_scope(rt.database_url) as session:
             if result is not None:
@@ -864,6 +875,7 @@ def _commit(
                     kind=output.kind,
                     destination=str(destination),
                     sop_instance_uid=output.sop_instance_uid,
+                    assessment=claim.assessment,
                     path=str(output.path),
                     sha256=output.sha256,
                     state=DeliveryState.PENDING,
@@ -883,6 +895,8 @@ def _commit(
             # one that committed first has made the flush fail.
             session.flush()
             delivery_ids = tuple(d.id for d in deliveries)
+            if claim.assessment > 1:
+                _supersede_earlier(session, claim)
             outputs = publish(outputs)
     except IntegrityError:
         # Another attempt committed the same outputs first: its files and deliveries
@@ -894,6 +908,35 @@ def _commit(
         discard(outputs)
         raise
     return AssessOutcome(state.value, delivery_ids=delivery_ids, reason=reason)
+
+
+def _supersede_earlier(session: Session, claim: _Claim) -> None:
+    """Mark the objects of the claimed instance's earlier assessments that have not
+    been sent (pending, or failed, which `retry-deliveries` would send) as superseded.
+
+    One being sent at this moment is marked too; if it goes through, its send records
+    it delivered, and the SR that replaces it names it (:func:`_earlier_reports`).
+    """
+    superseded = session.scalars(
+        update(Delivery)
+        .where(
+            Delivery.instance_id == claim.instance_id,
+            Delivery.assessment < claim.assessment,
+            Delivery.state.in_([DeliveryState.PENDING, DeliveryState.FAILED]),
+        )
+        .values(
+            state=DeliveryState.SUPERSEDED,
+            last_error=f"replaced by assessment {claim.assessment} before it was sent",
+        )
+        .returning(Delivery.id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    if superseded:
+        logger.info(
+            "instance %d: %d unsent object(s) of earlier assessments superseded",
+            claim.instance_id,
+            len(superseded),
+        )
 
 
 def model_version(predictor: BoneAgePredictor) -> str:

@@ -14,15 +14,15 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from sqlalchemy import select
 
 from db.engine import session_scope
-from db.schema import Delivery, Instance, InstanceState, Result
+from db.schema import Delivery, DeliveryState, Instance, InstanceState, Result
 from dicom_io import gate
 from dicom_io.content import REPLACES_NOTICE
 from dicom_io.scp import ReceivedInstance
 from tests.conftest import StoreSCP
 from tests.dicomtools import dciodvfy_errors, dsrdump
 from tests.integration.test_pipeline import make_runtime, spool_instance
-from worker import pipeline
-from worker.delivery import send_deliveries
+from worker import delivery, pipeline
+from worker.delivery import reset_failed, send_deliveries
 from worker.listener import record_instance
 from worker.pipeline import IMAGE_INPUTS, assess_instance, assessment_inputs
 from worker.runtime import Runtime
@@ -413,3 +413,47 @@ def test_an_instance_whose_file_could_not_be_read_is_assessed_when_it_comes_agai
     path.write_bytes(kept)  # sent again, whole
     assert assess_instance(runtime, instance_id).state == "assessed"
     assert results(runtime, instance_id) == [(2, False)]
+
+
+def test_objects_of_an_earlier_assessment_not_yet_sent_never_go_out(
+    runtime: Runtime, storescp: StoreSCP
+) -> None:
+    """The PACS was away while the first report waited (its SR pending, its SC failed):
+    corrected meanwhile, only the second assessment's objects reach it, and
+    `retry-deliveries` does not bring the first back."""
+    instance_id = spool_instance(runtime, sex="F")
+    first = assess_instance(runtime, instance_id)
+    first_sr, first_sc = first.delivery_ids
+    with session_scope(runtime.database_url) as session:
+        session.get_one(Delivery, first_sc).state = DeliveryState.FAILED
+    received_again(runtime, instance_id, PatientSex="M")
+    second = assess_instance(runtime, instance_id)
+    with session_scope(runtime.database_url) as session:
+        states = {d.id: d.state for d in session.scalars(select(Delivery))}
+        assert {states[first_sr], states[first_sc]} == {DeliveryState.SUPERSEDED}
+        assert {states[i] for i in second.delivery_ids} == {DeliveryState.PENDING}
+    assert reset_failed(runtime) == []
+    outcomes = send_deliveries(runtime, [first_sr, first_sc, *second.delivery_ids])
+    assert outcomes[first_sr].state == outcomes[first_sc].state == "skipped"
+    received = storescp.wait_for_objects(2, timeout=30)
+    assert {dcmread(p).PatientSex for p in received} == {"M"}
+    # the first SR was pending when the second was made: perhaps on its way, so named
+    sr = report_of(received)
+    with session_scope(runtime.database_url) as session:
+        pending_uid = session.get_one(Delivery, first_sr).sop_instance_uid
+    assert [uid for _, _, uid in replaced(sr)] == [pending_uid]
+
+
+def test_a_send_that_fails_after_its_object_was_superseded_leaves_it_so(
+    runtime: Runtime,
+) -> None:
+    """Superseded while it was being sent, and the send failed: not tried again."""
+    instance_id = spool_instance(runtime, sex="F")
+    [first_sr, _] = assess_instance(runtime, instance_id).delivery_ids
+    received_again(runtime, instance_id, PatientSex="M")
+    assess_instance(runtime, instance_id)
+    outcome = delivery._record_failure(runtime, first_sr, "association aborted")
+    assert outcome.state == "skipped"
+    with session_scope(runtime.database_url) as session:
+        row = session.get_one(Delivery, first_sr)
+        assert (row.state, row.next_attempt_at) == (DeliveryState.SUPERSEDED, None)

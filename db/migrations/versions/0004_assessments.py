@@ -1,8 +1,8 @@
-"""instances.assessment and inputs_sha256, results.assessment: an image assessed again
+"""instances.assessment and inputs_sha256, results and deliveries.assessment
 
-A copy of a finished instance received again with other patient or study values (a
-corrected sex or birth date) is assessed again: the instance counts its assessments and
-keeps a digest of the header values the last one read; each result records the
+A copy of a finished instance received again that changes what its result depends on
+(a corrected sex or birth date) is assessed again: the instance counts its assessments
+and keeps a digest of what the last one read; each result and delivery records the
 assessment it belongs to, and one result per (instance, model, assessment).
 
 Revision ID: 0004
@@ -35,11 +35,20 @@ def upgrade() -> None:
         batch_op.create_unique_constraint(
             "uq_results_instance_model_assessment", ["instance_id", "model_id", "assessment"]
         )
+    with op.batch_alter_table("deliveries", schema=None) as batch_op:
+        batch_op.add_column(
+            sa.Column("assessment", sa.Integer(), nullable=False, server_default="1")
+        )
 
 
 def downgrade() -> None:
-    # Results of later assessments go: one per (instance, model) again.
+    # Results of later assessments go, and their deliveries with them: one result per
+    # (instance, model) again. A delivery an assessment replaced is failed there.
+    op.execute("DELETE FROM deliveries WHERE assessment > 1")
     op.execute("DELETE FROM results WHERE assessment > 1")
+    op.execute("UPDATE deliveries SET state = 'failed' WHERE state = 'superseded'")
+    with op.batch_alter_table("deliveries", schema=None) as batch_op:
+        batch_op.drop_column("assessment")
     with op.batch_alter_table("results", schema=None) as batch_op:
         batch_op.drop_constraint("uq_results_instance_model_assessment", type_="unique")
         batch_op.create_unique_constraint("uq_results_instance_model", ["instance_id", "model_id"])

@@ -325,8 +325,10 @@ def _reopen_if_received_changed(
             )
             .returning(Instance.spool_path, Instance.sop_instance_uid)
         ).one_or_none()
-    if claimed is None:
-        return None
+        if claimed is None:
+            return None
+        # what the earlier assessments made no longer stands: what has not gone never will
+        _supersede_unsent(session, instance_id, assessment + 1)
     logger.info(
         "instance %d received again with other patient, study or image values than its "
         "assessment %d read: assessing it again",
@@ -687,12 +689,9 @@ def sr_series_uid(source_uid: str, model_id: str | None) -> str:
 
 
 def _earlier_reports(rt: Runtime, claim: _Claim, source: Dataset) -> list[Dataset]:
-    """The SRs of earlier assessments of the claimed instance that a destination has,
-    or may be getting now: the reports a later assessment's SR replaces.
-
-    Delivered, or pending (perhaps being sent; if not, its commit supersedes it). One
-    that failed, or was superseded before, never reached a destination.
-    """
+    """The SRs of earlier assessments of the claimed instance that a destination has:
+    the reports a later assessment's SR replaces. (Those not sent were superseded when
+    the instance was claimed for this assessment.)"""
     if claim.assessment == 1:
         return []
     with session_scope(rt.database_url) as session:
@@ -703,7 +702,7 @@ def _earlier_reports(rt: Runtime, claim: _Claim, source: Dataset) -> list[Datase
                 Delivery.instance_id == claim.instance_id,
                 Delivery.kind == ObjectKind.SR,
                 Delivery.assessment < claim.assessment,
-                Delivery.state.in_([DeliveryState.DELIVERED, DeliveryState.PENDING]),
+                Delivery.state == DeliveryState.DELIVERED,
             )
             .order_by(Delivery.id)
         ).all()
@@ -859,8 +858,7 @@ def _commit(
     """Result, deliveries and the instance's final state in one transaction.
 
     The staged ``outputs`` are moved into the outbox inside it, once its rows are in
-    (see the module docstring); an attempt that another one beat removes them. The
-    objects of earlier assessments not yet sent are superseded: they never go out.
+    (see the module docstring); an attempt that another one beat removes them.
     """
     instance_id = claim.instance_id
     try:
@@ -895,8 +893,6 @@ def _commit(
             # one that committed first has made the flush fail.
             session.flush()
             delivery_ids = tuple(d.id for d in deliveries)
-            if claim.assessment > 1:
-                _supersede_earlier(session, claim)
             outputs = publish(outputs)
     except IntegrityError:
         # Another attempt committed the same outputs first: its files and deliveries
@@ -910,9 +906,10 @@ def _commit(
     return AssessOutcome(state.value, delivery_ids=delivery_ids, reason=reason)
 
 
-def _supersede_earlier(session: Session, claim: _Claim) -> None:
-    """Mark the objects of the claimed instance's earlier assessments that have not
-    been sent (pending, or failed, which `retry-deliveries` would send) as superseded.
+def _supersede_unsent(session: Session, instance_id: int, assessment: int) -> None:
+    """Mark the objects of the instance's assessments before ``assessment`` that have
+    not been sent (pending, or failed, which `retry-deliveries` would send) superseded:
+    nothing sends them.
 
     One being sent at this moment is marked too; if it goes through, its send records
     it delivered, and the SR that replaces it names it (:func:`_earlier_reports`).
@@ -920,13 +917,13 @@ def _supersede_earlier(session: Session, claim: _Claim) -> None:
     superseded = session.scalars(
         update(Delivery)
         .where(
-            Delivery.instance_id == claim.instance_id,
-            Delivery.assessment < claim.assessment,
+            Delivery.instance_id == instance_id,
+            Delivery.assessment < assessment,
             Delivery.state.in_([DeliveryState.PENDING, DeliveryState.FAILED]),
         )
         .values(
             state=DeliveryState.SUPERSEDED,
-            last_error=f"replaced by assessment {claim.assessment} before it was sent",
+            last_error=f"replaced by assessment {assessment} before it was sent",
         )
         .returning(Delivery.id)
         .execution_options(synchronize_session=False)
@@ -934,7 +931,7 @@ def _supersede_earlier(session: Session, claim: _Claim) -> None:
     if superseded:
         logger.info(
             "instance %d: %d unsent object(s) of earlier assessments superseded",
-            claim.instance_id,
+            instance_id,
             len(superseded),
         )
 

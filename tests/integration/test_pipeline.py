@@ -555,14 +555,14 @@ def test_an_attempt_that_fails_then_one_that_succeeds_leaves_its_own_reason(
         assert instance.reason == "assessed by an UNTRAINED model"
 
 
-def _attempt_began_before(rt: Runtime, instance_id: int, seconds: float) -> None:
+def attempt_began_before(rt: Runtime, instance_id: int, seconds: float) -> None:
     """As if the instance's last attempt had begun ``seconds`` ago."""
     with session_scope(rt.database_url) as session:
         instance = session.get_one(Instance, instance_id)
         instance.started_at = now() - dt.timedelta(seconds=seconds)
 
 
-def _reconcile(rt: Runtime) -> list[int]:
+def reconcile_once(rt: Runtime) -> list[int]:
     """One round of the reconciler; the ids it queued to be assessed again."""
     queued: list[int] = []
     reconcile(rt, queued.append, lambda _: None, inference_queue_empty=False)
@@ -593,12 +593,12 @@ def test_an_attempt_that_fails_for_a_fault_gives_the_instance_up_for_a_retry_soo
     with session_scope(runtime.database_url) as session:
         instance = session.get_one(Instance, instance_id)
         assert (instance.state, instance.claimed_by) == (InstanceState.PROCESSING, None)
-    assert _reconcile(runtime) == []  # the pause is not over
+    assert reconcile_once(runtime) == []  # the pause is not over
     pause = FAULT_PAUSE.total_seconds()
-    _attempt_began_before(runtime, instance_id, pause - 5)
-    assert _reconcile(runtime) == []
-    _attempt_began_before(runtime, instance_id, pause + 1)
-    assert _reconcile(runtime) == [instance_id]
+    attempt_began_before(runtime, instance_id, pause - 5)
+    assert reconcile_once(runtime) == []
+    attempt_began_before(runtime, instance_id, pause + 1)
+    assert reconcile_once(runtime) == [instance_id]
     assert state_and_reason(runtime, instance_id)[0] is InstanceState.QUEUED
     assert assess_instance(runtime, instance_id).state == "assessed"
     with session_scope(runtime.database_url) as session:
@@ -619,8 +619,8 @@ def test_trouble_the_task_retries_itself_keeps_the_claim(
     HeartbeatThread(runtime.database_url, "worker").beat()
     with pytest.raises(OSError):
         assess_instance(runtime, instance_id)
-    _attempt_began_before(runtime, instance_id, FAULT_PAUSE.total_seconds() + 1)
-    assert _reconcile(runtime) == []
+    attempt_began_before(runtime, instance_id, FAULT_PAUSE.total_seconds() + 1)
+    assert reconcile_once(runtime) == []
     with session_scope(runtime.database_url) as session:
         instance = session.get_one(Instance, instance_id)
         assert instance.claimed_by == process_name("worker")

@@ -20,11 +20,17 @@ from dicom_io.content import REPLACES_NOTICE
 from dicom_io.scp import ReceivedInstance
 from tests.conftest import StoreSCP
 from tests.dicomtools import dciodvfy_errors, dsrdump
-from tests.integration.test_pipeline import make_runtime, spool_instance
+from tests.integration.test_pipeline import (
+    attempt_began_before,
+    make_runtime,
+    reconcile_once,
+    spool_instance,
+)
 from worker import delivery, pipeline
 from worker.delivery import reset_failed, send_deliveries
 from worker.listener import record_instance
 from worker.pipeline import IMAGE_INPUTS, assess_instance, assessment_inputs
+from worker.reconciler import FAULT_PAUSE
 from worker.runtime import Runtime
 
 pytestmark = pytest.mark.integration
@@ -416,32 +422,46 @@ def test_an_instance_whose_file_could_not_be_read_is_assessed_when_it_comes_agai
 
 
 def test_objects_of_an_earlier_assessment_not_yet_sent_never_go_out(
-    runtime: Runtime, storescp: StoreSCP
+    runtime: Runtime, storescp: StoreSCP, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The PACS was away while the first report waited (its SR pending, its SC failed):
     corrected meanwhile, only the second assessment's objects reach it, and
-    `retry-deliveries` does not bring the first back."""
+    `retry-deliveries` does not bring the first back. They are superseded once the
+    corrected copy is claimed, before its assessment: if that fails, they stay so."""
     instance_id = spool_instance(runtime, sex="F")
     first = assess_instance(runtime, instance_id)
     first_sr, first_sc = first.delivery_ids
     with session_scope(runtime.database_url) as session:
         session.get_one(Delivery, first_sc).state = DeliveryState.FAILED
     received_again(runtime, instance_id, PatientSex="M")
-    second = assess_instance(runtime, instance_id)
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the device is short of memory")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "build_outputs", failing)
+        with pytest.raises(RuntimeError):
+            assess_instance(runtime, instance_id)
     with session_scope(runtime.database_url) as session:
-        states = {d.id: d.state for d in session.scalars(select(Delivery))}
-        assert {states[first_sr], states[first_sc]} == {DeliveryState.SUPERSEDED}
-        assert {states[i] for i in second.delivery_ids} == {DeliveryState.PENDING}
+        superseded = [session.get_one(Delivery, i) for i in first.delivery_ids]
+        assert {d.state for d in superseded} == {DeliveryState.SUPERSEDED}
+        assert {d.last_error for d in superseded} == {"replaced by assessment 2 before it was sent"}
     assert reset_failed(runtime) == []
+
+    attempt_began_before(runtime, instance_id, FAULT_PAUSE.total_seconds() + 1)
+    [again] = reconcile_once(runtime)
+    second = assess_instance(runtime, again)
+    assert second.state == "assessed"
     outcomes = send_deliveries(runtime, [first_sr, first_sc, *second.delivery_ids])
     assert outcomes[first_sr].state == outcomes[first_sc].state == "skipped"
     received = storescp.wait_for_objects(2, timeout=30)
     assert {dcmread(p).PatientSex for p in received} == {"M"}
-    # the first SR was pending when the second was made: perhaps on its way, so named
-    sr = report_of(received)
+    # the PACS never had the first report: to it, this one is the first
+    [sr] = [p for p in received if dcmread(p).Modality == "SR"]
+    assert "PredecessorDocumentsSequence" not in dcmread(sr)
+    assert REPLACES_NOTICE not in dsrdump(sr)
     with session_scope(runtime.database_url) as session:
-        pending_uid = session.get_one(Delivery, first_sr).sop_instance_uid
-    assert [uid for _, _, uid in replaced(sr)] == [pending_uid]
+        assert session.get_one(Instance, instance_id).assessment == 2
 
 
 def test_a_send_that_fails_after_its_object_was_superseded_leaves_it_so(

@@ -62,10 +62,14 @@ class RetentionReport:
 
 
 def _expired(cutoff: datetime) -> list[ColumnElement[bool]]:
-    """Conditions of an instance whose files may go: finished long enough, all sent."""
+    """Conditions of an instance whose files may go: finished long enough, all sent
+    (or superseded: a later assessment replaced them, and they are never sent)."""
     unsent = (
         select(Delivery.id)
-        .where(Delivery.instance_id == Instance.id, Delivery.state != DeliveryState.DELIVERED)
+        .where(
+            Delivery.instance_id == Instance.id,
+            Delivery.state.not_in([DeliveryState.DELIVERED, DeliveryState.SUPERSEDED]),
+        )
         .exists()
     )
     return [

@@ -23,6 +23,7 @@ from db.schema import utcnow as now
 from dicom_io.scp import ReceivedInstance
 from tests.conftest import StoreSCP
 from tests.integration.test_pipeline import spool_instance
+from tests.integration.test_received_again import received_again
 from worker.cli import main as cli
 from worker.delivery import deliver_one
 from worker.listener import record_instance
@@ -132,6 +133,26 @@ def test_undelivered_or_unfinished_instances_keep_their_files(runtime: Runtime) 
     report = remove_expired_files(runtime.database_url, older_than=KEEP)
     assert (report.instances, report.files) == (0, 0)
     assert all(p.exists() for p in kept)
+
+
+def test_objects_superseded_by_a_later_assessment_hold_nothing_back(runtime: Runtime) -> None:
+    """The first assessment's SR and SC were never sent, and never will be: once the
+    second's are delivered, the files go when their time comes."""
+    instance_id = spool_instance(runtime, sex="F")
+    assert assess_instance(runtime, instance_id).state == "assessed"  # not sent
+    received_again(runtime, instance_id, PatientSex="M")
+    second = assess_instance(runtime, instance_id)
+    for delivery_id in second.delivery_ids:
+        assert deliver_one(runtime, delivery_id).state == "delivered"
+    with session_scope(runtime.database_url) as session:
+        states = [d.state for d in session.scalars(select(Delivery).order_by(Delivery.id))]
+    assert states == [DeliveryState.SUPERSEDED] * 2 + [DeliveryState.DELIVERED] * 2
+    files = _files(runtime, instance_id)
+    assert len(files) == 5 and all(p.exists() for p in files)  # spool, two SRs, two SCs
+    _finished_days_ago(runtime, instance_id, 40)
+    report = remove_expired_files(runtime.database_url, older_than=KEEP)
+    assert (report.instances, report.files) == (1, 5)
+    assert not any(p.exists() for p in files)
 
 
 def test_not_assessed_instance_without_deliveries_is_removed(runtime: Runtime) -> None:

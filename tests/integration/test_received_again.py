@@ -1,6 +1,7 @@
-"""An instance received again: assessed again when the copy changes what the assessment
-reads from its header (a corrected sex, a date, a patient merged into another), with
-an SR that replaces the earlier report; left alone when it does not."""
+"""An instance received again: assessed again when the copy changes what its result
+depends on (a corrected sex or birth date, the body part), with an SR that replaces the
+earlier report and the earlier objects not yet sent superseded; left alone when it does
+not (transcoded, routed, the name or accession number reconciled)."""
 
 from __future__ import annotations
 

@@ -75,6 +75,10 @@ class InstanceState(enum.StrEnum):
     ERROR = "error"  # processing failed in a way a retry will not fix; reason says why
 
 
+#: The states an instance's processing ends in (until a copy received again reopens it).
+FINISHED = (InstanceState.ASSESSED, InstanceState.NOT_ASSESSED, InstanceState.ERROR)
+
+
 class DeliveryState(enum.StrEnum):
     PENDING = "pending"
     DELIVERED = "delivered"
@@ -121,6 +125,10 @@ class Instance(Base):
     # 1, and one more each time a copy received again changed what the assessment reads
     # from the header (the patient's sex, a date ...): it is then assessed again
     assessment: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    # when a copy was received again that has not yet been compared with what the last
+    # assessment read (worker.pipeline); the reconciler queues it again if its message
+    # was lost
+    received_again_at: Mapped[datetime | None]
     # hex SHA-256 of what the last assessment's result depends on, as it read them
     # (worker.pipeline.assessment_inputs), "unread" where it could not read the file;
     # empty on rows from before revision 0004

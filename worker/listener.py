@@ -84,6 +84,8 @@ def record_instance(database_url: str, received: ReceivedInstance) -> int:
                 times_received=Instance.times_received + 1,
                 size_bytes=received.size_bytes,
                 files_removed_at=None,  # a new copy is on disk: retention starts over
+                # to be compared with what its assessment read (worker.pipeline)
+                received_again_at=now(),
             )
         )
         return existing.id

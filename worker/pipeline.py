@@ -38,6 +38,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,12 +46,13 @@ import numpy as np
 from pydicom import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import generate_uid
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, case, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from db.engine import session_scope
 from db.schema import (
+    FINISHED,
     Delivery,
     DeliveryState,
     Instance,
@@ -93,8 +95,6 @@ MAX_ATTEMPTS = 3
 #: gives the instance up, and the reconciler queues it again after a pause
 #: (worker.reconciler.FAULT_PAUSE).
 RETRIED_BY_THE_TASK: tuple[type[Exception], ...] = (OperationalError, OSError)
-
-_TERMINAL = (InstanceState.ASSESSED, InstanceState.NOT_ASSESSED, InstanceState.ERROR)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,7 +250,7 @@ def _claim(rt: Runtime, instance_id: int) -> _Claim | AssessOutcome:
             update(Instance)
             .where(
                 Instance.id == instance_id,
-                Instance.state.not_in(_TERMINAL),
+                Instance.state.not_in(FINISHED),
                 Instance.attempts < MAX_ATTEMPTS,
             )
             .values(
@@ -267,16 +267,34 @@ def _claim(rt: Runtime, instance_id: int) -> _Claim | AssessOutcome:
         if instance is None:
             logger.warning("assess: instance %d does not exist", instance_id)
             return AssessOutcome("skipped", reason="no such instance")
-        if instance.state not in _TERMINAL:
+        if instance.state not in FINISHED:
             _give_up(instance)
             return AssessOutcome("error", reason=instance.reason)
         finished = instance.state
         seen = (instance.assessment, instance.inputs_sha256, Path(instance.spool_path))
-    reopened = _reopen_if_received_changed(rt, instance_id, finished, *seen)
+    checked = now()  # the copy in the spool now is at least as new as any received before
+    reopened = _reopen_if_received_changed(rt, instance_id, finished, *seen, checked=checked)
     if reopened is not None:
         return reopened
+    _compared_copies_received_before(rt, instance_id, checked)
     logger.info("assess: instance %d already %s", instance_id, finished.value)
     return AssessOutcome("skipped", reason=f"already {finished.value}")
+
+
+def _received_again_and_compared(since: datetime) -> ColumnElement[datetime | None]:
+    """Instance.received_again_at, emptied if no copy came after ``since``."""
+    return case((Instance.received_again_at <= since, None), else_=Instance.received_again_at)
+
+
+def _compared_copies_received_before(rt: Runtime, instance_id: int, since: datetime) -> None:
+    """Record that the copies received before ``since`` were compared with what the
+    finished assessment read: the reconciler has no more message to send for them."""
+    with session_scope(rt.database_url) as session:
+        session.execute(
+            update(Instance)
+            .where(Instance.id == instance_id, Instance.received_again_at.is_not(None))
+            .values(received_again_at=_received_again_and_compared(since))
+        )
 
 
 def _reopen_if_received_changed(
@@ -286,6 +304,8 @@ def _reopen_if_received_changed(
     assessment: int,
     inputs: str | None,
     spool: Path,
+    *,
+    checked: datetime,
 ) -> _Claim | None:
     """Claim a finished instance for its next assessment if the copy in the spool (the
     one received last) changes what the finished assessment read from the header.
@@ -322,6 +342,7 @@ def _reopen_if_received_changed(
                 attempts=1,
                 # this copy's: sent once more, it is not assessed again, even if this fails
                 inputs_sha256=received,
+                received_again_at=_received_again_and_compared(checked),
             )
             .returning(Instance.spool_path, Instance.sop_instance_uid)
         ).one_or_none()
@@ -340,12 +361,21 @@ def _reopen_if_received_changed(
     )
 
 
+def _compared_if_read(instance: Instance) -> None:
+    """Forget a copy received again before this attempt began: the attempt read it (it
+    reads the file after its claim)."""
+    again, began = instance.received_again_at, instance.started_at
+    if again is not None and began is not None and again <= began:
+        instance.received_again_at = None
+
+
 def _give_up(instance: Instance) -> None:
     """End ``instance``, whose attempts are spent, in error; its reason keeps the last's."""
     instance.state = InstanceState.ERROR
     last = f"; the last: {instance.reason}" if instance.reason else ""
     instance.reason = f"processing did not complete in {MAX_ATTEMPTS} attempts{last}"
     instance.finished_at = now()
+    _compared_if_read(instance)
     logger.error("assess: instance %d gave up after %d attempts", instance.id, MAX_ATTEMPTS)
 
 
@@ -358,11 +388,12 @@ def _finish(
 ) -> None:
     with session_scope(rt.database_url) as session:
         instance = session.get(Instance, instance_id)
-        if instance is not None and instance.state not in _TERMINAL:
+        if instance is not None and instance.state not in FINISHED:
             instance.state = state
             instance.reason = reason
             instance.finished_at = now()
             instance.inputs_sha256 = inputs
+            _compared_if_read(instance)
 
 
 def assess_instance(rt: Runtime, instance_id: int, *, send: bool = True) -> AssessOutcome:
@@ -888,6 +919,7 @@ def _commit(
             instance.reason = reason
             instance.finished_at = now()
             instance.inputs_sha256 = inputs
+            _compared_if_read(instance)
             # Any other attempt at this instance now waits on these rows' unique keys
             # (PostgreSQL) or on the write lock (SQLite) until this transaction ends;
             # one that committed first has made the flush fail.

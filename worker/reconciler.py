@@ -16,7 +16,7 @@ from datetime import timedelta
 from sqlalchemy import ColumnElement, or_, select, update
 
 from db.engine import session_scope
-from db.schema import Delivery, DeliveryState, Heartbeat, Instance, InstanceState
+from db.schema import FINISHED, Delivery, DeliveryState, Heartbeat, Instance, InstanceState
 from db.schema import utcnow as now
 from worker.heartbeat import STALE_AFTER
 from worker.runtime import Runtime
@@ -78,10 +78,13 @@ def reconcile(
             ),
         ]
         if inference_queue_empty or startup:
+            waited = current if startup else stale
             conditions.append(
-                (Instance.state == InstanceState.QUEUED)
-                & (Instance.queued_at < (current if startup else stale))
+                (Instance.state == InstanceState.QUEUED) & (Instance.queued_at < waited)
             )
+            # a copy received again after the instance finished, never compared with
+            # what its assessment read: its message was lost (worker.pipeline)
+            conditions.append(Instance.state.in_(FINISHED) & (Instance.received_again_at < waited))
         instance_ids = list(
             session.scalars(select(Instance.id).where(or_(*conditions)).order_by(Instance.id))
         )

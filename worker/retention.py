@@ -30,14 +30,13 @@ from sqlalchemy import ColumnElement, and_, select, update
 from sqlalchemy.orm import Session
 
 from db.engine import session_scope
-from db.schema import Delivery, DeliveryState, Instance, InstanceState
+from db.schema import FINISHED, Delivery, DeliveryState, Instance
 from db.schema import utcnow as now
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["RetentionReport", "remove_expired_files"]
 
-_FINISHED = (InstanceState.ASSESSED, InstanceState.NOT_ASSESSED, InstanceState.ERROR)
 #: Instances marked this recently are swept again, for files a crash left behind.
 _SWEEP_WINDOW = timedelta(days=1)
 _BATCH = 200
@@ -73,7 +72,7 @@ def _expired(cutoff: datetime) -> list[ColumnElement[bool]]:
         .exists()
     )
     return [
-        Instance.state.in_(_FINISHED),
+        Instance.state.in_(FINISHED),
         Instance.files_removed_at.is_(None),
         Instance.finished_at < cutoff,
         ~unsent,

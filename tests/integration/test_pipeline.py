@@ -562,10 +562,10 @@ def attempt_began_before(rt: Runtime, instance_id: int, seconds: float) -> None:
         instance.started_at = now() - dt.timedelta(seconds=seconds)
 
 
-def reconcile_once(rt: Runtime) -> list[int]:
+def reconcile_once(rt: Runtime, *, inference_queue_empty: bool = False) -> list[int]:
     """One round of the reconciler; the ids it queued to be assessed again."""
     queued: list[int] = []
-    reconcile(rt, queued.append, lambda _: None, inference_queue_empty=False)
+    reconcile(rt, queued.append, lambda _: None, inference_queue_empty=inference_queue_empty)
     return queued
 
 

@@ -5,6 +5,7 @@ not (transcoded, routed, the name or accession number reconciled)."""
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from sqlalchemy import select
 
 from db.engine import session_scope
 from db.schema import Delivery, DeliveryState, Instance, InstanceState, Result
+from db.schema import utcnow as now
 from dicom_io import gate
 from dicom_io.content import REPLACES_NOTICE
 from dicom_io.scp import ReceivedInstance
@@ -478,3 +480,53 @@ def test_a_send_that_fails_after_its_object_was_superseded_leaves_it_so(
     with session_scope(runtime.database_url) as session:
         row = session.get_one(Delivery, first_sr)
         assert (row.state, row.next_attempt_at) == (DeliveryState.SUPERSEDED, None)
+
+
+def _received_again_at(rt: Runtime, instance_id: int) -> dt.datetime | None:
+    with session_scope(rt.database_url) as session:
+        return session.get_one(Instance, instance_id).received_again_at
+
+
+def test_a_corrected_copy_whose_message_was_lost_is_taken_up_by_the_reconciler(
+    runtime: Runtime,
+) -> None:
+    """The listener recorded the copy, and its message was lost (the broker away across
+    a restart): once the inference queue is empty and the copy has waited as long as a
+    lost message does, the reconciler queues it, and it is compared and assessed."""
+    instance_id = spool_instance(runtime, sex="F")
+    assert assess_instance(runtime, instance_id).state == "assessed"
+    assert _received_again_at(runtime, instance_id) is None
+    received_again(runtime, instance_id, PatientSex="M")  # ... and no assess message
+    assert _received_again_at(runtime, instance_id) is not None
+    assert reconcile_once(runtime, inference_queue_empty=True) == []  # it may be on its way
+    with session_scope(runtime.database_url) as session:
+        instance = session.get_one(Instance, instance_id)
+        waited = dt.timedelta(seconds=runtime.settings.requeue_after_seconds + 1)
+        instance.received_again_at = now() - waited
+    assert reconcile_once(runtime) == []  # the queue is not empty: it may be in it
+    assert reconcile_once(runtime, inference_queue_empty=True) == [instance_id]
+    assert assess_instance(runtime, instance_id).state == "assessed"
+    assert results(runtime, instance_id) == [(1, False), (2, True)]
+    assert _received_again_at(runtime, instance_id) is None
+    assert reconcile_once(runtime, inference_queue_empty=True) == []
+
+
+def test_a_copy_compared_and_left_alone_is_not_queued_again(runtime: Runtime) -> None:
+    instance_id = spool_instance(runtime)
+    assert assess_instance(runtime, instance_id).state == "assessed"
+    received_again(runtime, instance_id)
+    assert assess_instance(runtime, instance_id).state == "skipped"
+    assert _received_again_at(runtime, instance_id) is None
+
+
+def test_a_copy_received_before_the_assessment_began_is_the_one_it_read(
+    runtime: Runtime,
+) -> None:
+    """Received twice before any worker took it up: its assessment reads the newest
+    copy, and nothing is left to compare."""
+    instance_id = spool_instance(runtime)
+    received_again(runtime, instance_id, PatientSex="M")
+    assert _received_again_at(runtime, instance_id) is not None
+    assert assess_instance(runtime, instance_id).state == "assessed"
+    assert results(runtime, instance_id) == [(1, True)]
+    assert _received_again_at(runtime, instance_id) is None

@@ -2,7 +2,8 @@
 
 A copy of a finished instance received again that changes what its result depends on
 (a corrected sex or birth date) is assessed again: the instance counts its assessments
-and keeps a digest of what the last one read; each result and delivery records the
+and keeps a digest of what the last one read, and when a copy came that is not yet compared
+with it; each result and delivery records the
 assessment it belongs to, and one result per (instance, model, assessment).
 
 Revision ID: 0004
@@ -27,6 +28,9 @@ def upgrade() -> None:
             sa.Column("assessment", sa.Integer(), nullable=False, server_default="1")
         )
         batch_op.add_column(sa.Column("inputs_sha256", sa.String(64), nullable=True))
+        batch_op.add_column(
+            sa.Column("received_again_at", sa.DateTime(timezone=True), nullable=True)
+        )
     with op.batch_alter_table("results", schema=None) as batch_op:
         batch_op.add_column(
             sa.Column("assessment", sa.Integer(), nullable=False, server_default="1")
@@ -54,5 +58,6 @@ def downgrade() -> None:
         batch_op.create_unique_constraint("uq_results_instance_model", ["instance_id", "model_id"])
         batch_op.drop_column("assessment")
     with op.batch_alter_table("instances", schema=None) as batch_op:
+        batch_op.drop_column("received_again_at")
         batch_op.drop_column("inputs_sha256")
         batch_op.drop_column("assessment")

@@ -271,12 +271,16 @@ def _claim(rt: Runtime, instance_id: int) -> _Claim | AssessOutcome:
             _give_up(instance)
             return AssessOutcome("error", reason=instance.reason)
         finished = instance.state
+        received_again = instance.received_again_at is not None
         seen = (instance.assessment, instance.inputs_sha256, Path(instance.spool_path))
-    checked = now()  # the copy in the spool now is at least as new as any received before
-    reopened = _reopen_if_received_changed(rt, instance_id, finished, *seen, checked=checked)
-    if reopened is not None:
-        return reopened
-    _compared_copies_received_before(rt, instance_id, checked)
+    # A message delivered again, with no copy received since the instance finished: the
+    # file is the one its assessment read, and nothing is read or written.
+    if received_again:
+        checked = now()  # the copy in the spool now is at least as new as any before
+        reopened = _reopen_if_received_changed(rt, instance_id, finished, *seen, checked=checked)
+        if reopened is not None:
+            return reopened
+        _compared_copies_received_before(rt, instance_id, checked)
     logger.info("assess: instance %d already %s", instance_id, finished.value)
     return AssessOutcome("skipped", reason=f"already {finished.value}")
 
@@ -317,9 +321,7 @@ def _reopen_if_received_changed(
     if inputs is None:
         return None
     try:
-        copy = read_image(spool)  # the header; the pixels are not read
-        decision = gate.check(copy, require_sex=rt.settings.missing_sex == "reject")
-        received = assessment_inputs(copy, decision)
+        _, received = _decide(rt, read_image(spool))  # the header; the pixels are not read
     except Exception:
         return None
     if received == inputs:
@@ -379,21 +381,21 @@ def _give_up(instance: Instance) -> None:
     logger.error("assess: instance %d gave up after %d attempts", instance.id, MAX_ATTEMPTS)
 
 
-def _finish(
-    rt: Runtime,
-    instance_id: int,
-    state: InstanceState,
-    reason: str | None,
-    inputs: str | None = None,
-) -> None:
+def _finish(rt: Runtime, claim: _Claim, state: InstanceState, reason: str | None) -> None:
+    """Close the claimed instance with no result and nothing to send."""
     with session_scope(rt.database_url) as session:
-        instance = session.get(Instance, instance_id)
+        instance = session.get(Instance, claim.instance_id)
         if instance is not None and instance.state not in FINISHED:
-            instance.state = state
-            instance.reason = reason
-            instance.finished_at = now()
-            instance.inputs_sha256 = inputs
-            _compared_if_read(instance)
+            _close(instance, claim, state, reason)
+
+
+def _close(instance: Instance, claim: _Claim, state: InstanceState, reason: str | None) -> None:
+    """Give ``instance`` the state its claimed attempt ends in, with the inputs it read."""
+    instance.state = state
+    instance.reason = reason
+    instance.finished_at = now()
+    instance.inputs_sha256 = claim.inputs
+    _compared_if_read(instance)
 
 
 def assess_instance(rt: Runtime, instance_id: int, *, send: bool = True) -> AssessOutcome:
@@ -457,6 +459,14 @@ def assessment_inputs(ds: Dataset, decision: gate.GateDecision) -> str:
     for keyword in IMAGE_INPUTS:
         digest.update(f"{keyword}={_header_text(ds, keyword)}\n".encode("utf-8", "replace"))
     return digest.hexdigest()
+
+
+def _decide(rt: Runtime, ds: Dataset) -> tuple[gate.GateDecision, str]:
+    """The gate's decision on ``ds`` under this site's settings, and the digest of what
+    its assessment depends on: an assessment and the comparison of a copy received
+    again must compute both the same way."""
+    decision = gate.check(ds, require_sex=rt.settings.missing_sex == "reject")
+    return decision, assessment_inputs(ds, decision)
 
 
 def _header_text(ds: Dataset, keyword: str) -> str:
@@ -536,17 +546,18 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
         # memory grows neither with an instance's frames nor with an uncompressed one's size
         ds = read_image(spool)
     except FileNotFoundError:
-        _finish(rt, instance_id, InstanceState.ERROR, "the spooled file is missing", UNREAD)
+        claim.inputs = UNREAD
+        _finish(rt, claim, InstanceState.ERROR, "the spooled file is missing")
         return AssessOutcome("error", reason="spool file missing")
     except Exception as exc:  # pydicom raises many types on malformed files
+        claim.inputs = UNREAD
         reason = f"the file cannot be parsed as DICOM ({type(exc).__name__})"
-        _finish(rt, instance_id, InstanceState.NOT_ASSESSED, reason, UNREAD)
+        _finish(rt, claim, InstanceState.NOT_ASSESSED, reason)
         return AssessOutcome("not_assessed", reason=reason)
 
-    decision = gate.check(ds, require_sex=settings.missing_sex == "reject")
-    inputs = claim.inputs = assessment_inputs(ds, decision)
+    decision, claim.inputs = _decide(rt, ds)
     if not decision.accepted:
-        return _not_assessed(rt, claim, ds, inputs, decision.reason or "", send=send)
+        return _not_assessed(rt, claim, ds, decision.reason or "", send=send)
     facts = decision.facts
     notes: list[str] = []
     male = facts.male
@@ -569,9 +580,7 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
         with rt.stage():
             image = decode_for_display(ds, reduce=reduce)
     except PixelDataError as exc:
-        return _not_assessed(
-            rt, claim, ds, inputs, f"pixel data cannot be decoded: {exc}", send=send
-        )
+        return _not_assessed(rt, claim, ds, f"pixel data cannot be decoded: {exc}", send=send)
     # Decoded: the stored pixels are not read again, and a batching worker holds as many
     # studies at once as it has task threads.
     drop_pixel_data(ds)
@@ -616,7 +625,6 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
         "; ".join(caveats) or None,
         result,
         outputs,
-        inputs,
         send=send,
     )
     if outcome.state == "assessed":
@@ -837,7 +845,6 @@ def _not_assessed(
     rt: Runtime,
     claim: _Claim,
     ds: Dataset,
-    inputs: str,
     reason: str,
     *,
     send: bool = True,
@@ -857,7 +864,7 @@ def _not_assessed(
         # an SR could neither join the study nor reference the image
         or not referable
     ):
-        _finish(rt, instance_id, InstanceState.NOT_ASSESSED, reason, inputs)
+        _finish(rt, claim, InstanceState.NOT_ASSESSED, reason)
         return AssessOutcome("not_assessed", reason=reason)
     source_uid = claim.sop_instance_uid
     sr = build_not_assessed_sr(
@@ -871,7 +878,7 @@ def _not_assessed(
         predecessors=replaces,
     )
     outputs = [_stage_output(settings.outbox_dir, ObjectKind.SR, sr, "not-assessed-sr")]
-    outcome = _commit(rt, claim, InstanceState.NOT_ASSESSED, reason, None, outputs, inputs)
+    outcome = _commit(rt, claim, InstanceState.NOT_ASSESSED, reason, None, outputs)
     return AssessOutcome("not_assessed", delivery_ids=outcome.delivery_ids, reason=reason)
 
 
@@ -882,7 +889,6 @@ def _commit(
     reason: str | None,
     result: Result | None,
     outputs: list[Output],
-    inputs: str,
     *,
     send: bool = True,
 ) -> AssessOutcome:
@@ -914,12 +920,7 @@ def _commit(
                 for output in outputs
             ]
             session.add_all(deliveries)
-            instance = session.get_one(Instance, instance_id)
-            instance.state = state
-            instance.reason = reason
-            instance.finished_at = now()
-            instance.inputs_sha256 = inputs
-            _compared_if_read(instance)
+            _close(session.get_one(Instance, instance_id), claim, state, reason)
             # Any other attempt at this instance now waits on these rows' unique keys
             # (PostgreSQL) or on the write lock (SQLite) until this transaction ends;
             # one that committed first has made the flush fail.
@@ -944,7 +945,8 @@ def _supersede_unsent(session: Session, instance_id: int, assessment: int) -> No
     nothing sends them.
 
     One being sent at this moment is marked too; if it goes through, its send records
-    it delivered, and the SR that replaces it names it (:func:`_earlier_reports`).
+    it delivered, and the SR that replaces it names it if that send ended before the SR
+    was made (:func:`_earlier_reports`).
     """
     superseded = session.scalars(
         update(Delivery)

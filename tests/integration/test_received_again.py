@@ -87,21 +87,31 @@ def received_again(
         ds.private_block(0x0009, routed_by, create=True).add_new(0x01, "LO", "forwarded")
     copy = path.with_suffix(".again")
     ds.save_as(copy, enforce_file_format=True, implicit_vr=None, little_endian=None)
-    copy.replace(path)
-    record_instance(
-        rt.database_url,
-        ReceivedInstance(
-            ds.SOPInstanceUID,
-            ds.SOPClassUID,
-            ds.StudyInstanceUID,
-            ds.SeriesInstanceUID,
-            str(ds.Modality),
-            str(ds.file_meta.TransferSyntaxUID),
-            "PACS",
+    bytes_received_again(rt, instance_id, copy.read_bytes())
+    copy.unlink()
+
+
+def bytes_received_again(rt: Runtime, instance_id: int, data: bytes) -> None:
+    """``data`` takes the spooled copy's place, as the listener puts a copy received
+    again there, and the listener records it as it does (dicom_io.scp)."""
+    with session_scope(rt.database_url) as session:
+        instance = session.get_one(Instance, instance_id)
+        path = Path(instance.spool_path)
+        received = ReceivedInstance(
+            instance.sop_instance_uid,
+            instance.sop_class_uid,
+            instance.study_instance_uid,
+            instance.series_instance_uid,
+            instance.modality,
+            instance.transfer_syntax_uid,
+            instance.calling_ae_title,
             path,
-            path.stat().st_size,
-        ),
-    )
+            len(data),
+        )
+    incoming = path.with_suffix(".incoming")
+    incoming.write_bytes(data)
+    incoming.replace(path)
+    record_instance(rt.database_url, received)
 
 
 def deliver(rt: Runtime, storescp: StoreSCP, delivery_ids: tuple[int, ...]) -> list[Path]:
@@ -146,7 +156,7 @@ def results(rt: Runtime, instance_id: int) -> list[tuple[int, bool]]:
 
 
 def test_a_copy_with_the_sex_corrected_is_assessed_again_and_its_sr_replaces_the_first(
-    runtime: Runtime, storescp: StoreSCP
+    runtime: Runtime, storescp: StoreSCP, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     instance_id = spool_instance(runtime, sex="F")
     first = assess_instance(runtime, instance_id)
@@ -176,8 +186,18 @@ def test_a_copy_with_the_sex_corrected_is_assessed_again_and_its_sr_replaces_the
             2,
             2,
         )
-    # the message delivered again, or the same copy once more: nothing new
+    # the message delivered again, or the same copy once more: nothing new; a message
+    # with no copy received since reads nothing
+    reads: list[Path] = []
+    read_image = pipeline.read_image
+
+    def reading(path: Path) -> Dataset:
+        reads.append(path)
+        return read_image(path)
+
+    monkeypatch.setattr(pipeline, "read_image", reading)
     assert assess_instance(runtime, instance_id).state == "skipped"
+    assert reads == []
     received_again(runtime, instance_id)
     assert assess_instance(runtime, instance_id).state == "skipped"
     assert results(runtime, instance_id) == [(1, False), (2, True)]
@@ -416,10 +436,9 @@ def test_an_instance_whose_file_could_not_be_read_is_assessed_when_it_comes_agai
     kept = path.read_bytes()
     path.write_bytes(b"not DICOM at all")
     assert assess_instance(runtime, instance_id).state == "not_assessed"
-    path.unlink()  # sent again, the same broken bytes: still nothing to read
-    path.write_bytes(b"not DICOM at all")
+    bytes_received_again(runtime, instance_id, b"not DICOM at all")  # still nothing to read
     assert assess_instance(runtime, instance_id).state == "skipped"
-    path.write_bytes(kept)  # sent again, whole
+    bytes_received_again(runtime, instance_id, kept)  # whole
     assert assess_instance(runtime, instance_id).state == "assessed"
     assert results(runtime, instance_id) == [(2, False)]
 

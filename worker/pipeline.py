@@ -51,6 +51,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from db.engine import session_scope
+from db.queries import reason_category
 from db.schema import (
     FINISHED,
     Delivery,
@@ -552,6 +553,7 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
     except Exception as exc:  # pydicom raises many types on malformed files
         claim.inputs = UNREAD
         reason = f"the file cannot be parsed as DICOM ({type(exc).__name__})"
+        logger.info("instance %d not assessed (%s)", instance_id, reason_category(reason))
         _finish(rt, claim, InstanceState.NOT_ASSESSED, reason)
         return AssessOutcome("not_assessed", reason=reason)
 
@@ -853,7 +855,9 @@ def _not_assessed(
     always when it replaces a report of an earlier assessment (whose bone age no
     longer stands)."""
     instance_id = claim.instance_id
-    logger.info("instance %d not assessed: %s", instance_id, reason)
+    # the category, not the reason: a reason may quote the patient's sex or age, which the
+    # database and `boneage-worker status` keep and a log shipped elsewhere should not
+    logger.info("instance %d not assessed (%s)", instance_id, reason_category(reason))
     settings = rt.settings
     ours = str(ds.get("Manufacturer", "") or "").strip() == MANUFACTURER
     referable = all(ds.get(k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))

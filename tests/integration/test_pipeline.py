@@ -363,6 +363,45 @@ def test_ct_is_accepted_but_not_assessed(runtime: Runtime) -> None:
         assert list(session.scalars(select(Result))) == []
 
 
+@pytest.mark.parametrize(
+    ("attributes", "category", "quoted"),
+    [
+        ({"PatientBirthDate": "19900101"}, "age", "35.3 years"),
+        ({"PatientSex": "O"}, "sex", "sex is O"),
+        ({"BodyPartExamined": "CHEST"}, "body_part", "CHEST"),
+    ],
+)
+def test_the_log_names_a_refusal_by_its_category_and_the_database_keeps_the_reason(
+    runtime: Runtime,
+    caplog: pytest.LogCaptureFixture,
+    attributes: dict[str, Any],
+    category: str,
+    quoted: str,
+) -> None:
+    instance_id = spool_instance(runtime, attributes=attributes)
+    with caplog.at_level("INFO", logger="worker.pipeline"):
+        assert assess_instance(runtime, instance_id).state == "not_assessed"
+    state, reason = state_and_reason(runtime, instance_id)
+    assert state is InstanceState.NOT_ASSESSED and reason is not None and quoted in reason
+    assert f"instance {instance_id} not assessed ({category})" in caplog.text
+    assert quoted not in caplog.text
+
+
+def test_a_file_that_cannot_be_parsed_is_logged_by_its_category(
+    runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    instance_id = spool_instance(runtime)
+    with session_scope(runtime.database_url) as session:
+        spool = Path(session.get_one(Instance, instance_id).spool_path)
+    spool.write_bytes(b"a text file in the spool, not a DICOM one\n")
+    with caplog.at_level("INFO", logger="worker.pipeline"):
+        assert assess_instance(runtime, instance_id).state == "not_assessed"
+    assert state_and_reason(runtime, instance_id)[1] == (
+        "the file cannot be parsed as DICOM (InvalidDicomError)"
+    )
+    assert f"instance {instance_id} not assessed (parse)" in caplog.text
+
+
 def test_unreachable_destination_retries_then_fails_then_retry_deliveries(
     tmp_path: Path, tiny_checkpoint: Path, storescp: StoreSCP
 ) -> None:

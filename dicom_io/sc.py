@@ -27,6 +27,7 @@ from dicom_io.content import (
 from dicom_io.sr import (
     MANUFACTURER,
     PATIENT_AND_STUDY,
+    PATIENT_AND_STUDY_IF_PRESENT,
     copy_patient_and_study,
     series_description,
     software_version,
@@ -422,6 +423,11 @@ def build_heatmap_sc(
     return sc
 
 
+_COPIED_AFTER = frozenset(
+    ("SpecificCharacterSet", *PATIENT_AND_STUDY, *PATIENT_AND_STUDY_IF_PRESENT)
+)
+
+
 def _reference_view(source: Dataset) -> Dataset:
     """What ``from_ref_dataset`` reads of ``source``: its UIDs and equipment, with empty
     placeholders for the patient and study attributes and no character set. The caller
@@ -430,7 +436,7 @@ def _reference_view(source: Dataset) -> Dataset:
     character sets the standard allows (Japanese "\\ISO 2022 IR 87")."""
     reference = Dataset()
     for element in source:
-        if element.keyword == "SpecificCharacterSet" or element.keyword in PATIENT_AND_STUDY:
+        if element.keyword in _COPIED_AFTER:
             continue
         if element.tag.group in (0x0008, 0x0010, 0x0018, 0x0020) and element.VR != "SQ":
             reference.add(element)

@@ -9,6 +9,7 @@ device observer. Verification Flag is UNVERIFIED: a person has to review it.
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 from collections.abc import Sequence
@@ -122,10 +123,24 @@ PATIENT_AND_STUDY = (
     "ReferringPhysicianName",
 )
 
+#: Type 3 attributes of the same modules a created object takes from its source where the
+#: source has them: who issued the Patient ID and the Accession Number (a PACS serving
+#: several hospitals files an object by the ID and its issuer, and one without the issuer
+#: may land with no patient, or with another hospital's patient of the same ID), and the
+#: Study Description a viewer lists the study by.
+PATIENT_AND_STUDY_IF_PRESENT = (
+    "IssuerOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence",
+    "OtherPatientIDsSequence",
+    "IssuerOfAccessionNumberSequence",
+    "StudyDescription",
+)
+
 
 def copy_patient_and_study(source: Dataset, target: Dataset) -> None:
     """Give ``target`` the :data:`PATIENT_AND_STUDY` attributes of ``source`` as they came,
-    and the Specific Character Set their text is encoded in.
+    those of :data:`PATIENT_AND_STUDY_IF_PRESENT` that it has, and the Specific Character
+    Set their text is encoded in.
 
     The PACS files an SR or SC with its image by these, so they are the source's values
     element for element. They are not passed through highdicom, which refuses values
@@ -143,6 +158,9 @@ def copy_patient_and_study(source: Dataset, target: Dataset) -> None:
             target.add_new(element.tag, element.VR, element.value)
         else:
             setattr(target, keyword, "")
+    for keyword in PATIENT_AND_STUDY_IF_PRESENT:
+        if keyword in source:
+            target.add(copy.deepcopy(source[keyword]))
 
 
 #: What the SR references its image and joins its study by.

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import psycopg
 import pytest
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
@@ -466,6 +466,44 @@ def test_the_sr_and_sc_keep_the_patients_name_in_the_sources_character_set(
         assert written.SpecificCharacterSet == character_set
         assert str(written.PatientName) == name
         assert str(written.ReferringPhysicianName) == name
+
+
+def _issuer(**attributes: str) -> Dataset:
+    item = Dataset()
+    for keyword, value in attributes.items():
+        setattr(item, keyword, value)
+    return item
+
+
+def test_the_sr_and_sc_carry_the_issuers_of_the_ids_and_the_study_description(
+    runtime: Runtime, storescp: StoreSCP
+) -> None:
+    """docs/conformance.md 4: a PACS serving several hospitals files an object by its
+    Patient ID and who issued it; the SR and SC carry the source's issuers, its other
+    IDs and its Study Description, and dciodvfy finds nothing wrong with them."""
+    other_id = _issuer(PatientID="998877", IssuerOfPatientID="HOSPITAL-B")
+    other_id.TypeOfPatientID = "TEXT"
+    attributes: dict[str, Any] = {
+        "IssuerOfPatientID": "HOSPITAL-A",
+        "IssuerOfPatientIDQualifiersSequence": [
+            _issuer(UniversalEntityID="1.2.40.0.13.1.1", UniversalEntityIDType="ISO")
+        ],
+        "OtherPatientIDsSequence": [other_id],
+        "IssuerOfAccessionNumberSequence": [_issuer(LocalNamespaceEntityID="RIS-A")],
+        "StudyDescription": "XR HAND LEFT BONE AGE",
+    }
+    instance_id = spool_instance(runtime, attributes=attributes)
+    outcome = assess_instance(runtime, instance_id)
+    assert outcome.state == "assessed", outcome.reason
+    for delivery_id in outcome.delivery_ids:
+        assert deliver_one(runtime, delivery_id).state == "delivered"
+    received = storescp.wait_for_objects(2, timeout=30)
+    assert {dcmread(path).Modality for path in received} == {"SR", "OT"}
+    for path in received:
+        assert dciodvfy_errors(path) == [], path
+        written = dcmread(path)
+        for keyword, value in attributes.items():
+            assert written[keyword].value == value, (path, keyword)
 
 
 @pytest.mark.parametrize(

@@ -357,6 +357,7 @@ def test_the_inputs_digest_follows_the_patients_facts_and_the_gates_decision(
         ("StudyTime", "235959"),
         ("ReferringPhysicianName", "DOE^JANE"),
         ("StudyDescription", "XR HAND 2 VIEWS"),
+        ("IssuerOfPatientID", "HOSPITAL-B"),
         ("InstitutionName", "Elsewhere"),
         ("SpecificCharacterSet", "ISO_IR 100"),
     ],

@@ -196,6 +196,33 @@ def test_not_assessed_sr(tmp_path: Path, source: Dataset) -> None:
     assert '"Bone age")=(373121007,SCT,"Not Evaluated")' in dump
 
 
+def test_the_issuers_and_study_description_are_copied_where_the_source_has_them(
+    tmp_path: Path, source: Dataset, finding: BoneAgeFinding
+) -> None:
+    for keyword in sr_module.PATIENT_AND_STUDY_IF_PRESENT:
+        if keyword in source:
+            delattr(source, keyword)
+    plain = _round_trip(build_bone_age_sr(source, finding, series_number=3, **_uids()))
+    for keyword in sr_module.PATIENT_AND_STUDY_IF_PRESENT:
+        assert keyword not in plain  # Type 3: not written empty
+
+    issuer = Dataset()
+    issuer.LocalNamespaceEntityID = "RIS-A"
+    source.IssuerOfAccessionNumberSequence = [issuer]
+    source.IssuerOfPatientID = "HOSPITAL-A"
+    source.StudyDescription = "XR HAND BONE AGE"
+    path = tmp_path / "na.dcm"
+    build_not_assessed_sr(source, "no sex", series_number=3, **_uids()).save_as(
+        path, enforce_file_format=True
+    )
+    issuer.LocalNamespaceEntityID = "changed in the source after the SR was built"
+    back = dcmread(path)
+    assert back.IssuerOfPatientID == "HOSPITAL-A"
+    assert back.StudyDescription == "XR HAND BONE AGE"
+    assert back.IssuerOfAccessionNumberSequence[0].LocalNamespaceEntityID == "RIS-A"
+    assert dciodvfy_errors(path) == []
+
+
 def test_not_assessed_sr_without_pixels(source: Dataset) -> None:
     del source.PixelData
     sr = build_not_assessed_sr(source, "no pixel data", series_number=3, **_uids())

@@ -119,32 +119,15 @@ def _percentile(values: list[float], q: float) -> float | None:
 def last_hour(session: Session, now: datetime) -> dict[str, Any]:
     """Throughput and latency (received → last delivery, received → result) over an hour."""
     since = now - timedelta(hours=1)
-    finished = list(
-        session.execute(
-            select(Instance.received_at, Instance.finished_at, Instance.state).where(
-                Instance.finished_at >= since
-            )
-        )
-    )
-    processing = [
-        (f - r).total_seconds() for r, f, s in finished if s is InstanceState.ASSESSED and f and r
-    ]
-    delivered = list(
-        session.execute(
-            select(Instance.received_at, func.max(Delivery.delivered_at))
-            .join(Delivery, Delivery.instance_id == Instance.id)
-            .where(Delivery.delivered_at >= since)
-            .group_by(Instance.id, Instance.received_at)
-        )
-    )
-    end_to_end = [(d - r).total_seconds() for r, d in delivered if d and r]
+    states = list(session.scalars(select(Instance.state).where(Instance.finished_at >= since)))
+    latencies = latencies_since(session, since)
     return {
-        "assessed": sum(1 for *_, s in finished if s is InstanceState.ASSESSED),
-        "not_assessed": sum(1 for *_, s in finished if s is InstanceState.NOT_ASSESSED),
-        "processing_p50_s": _percentile(processing, 0.5),
-        "processing_p95_s": _percentile(processing, 0.95),
-        "delivered_p50_s": _percentile(end_to_end, 0.5),
-        "delivered_p95_s": _percentile(end_to_end, 0.95),
+        "assessed": states.count(InstanceState.ASSESSED),
+        "not_assessed": states.count(InstanceState.NOT_ASSESSED),
+        "processing_p50_s": _percentile(latencies.to_assessed, 0.5),
+        "processing_p95_s": _percentile(latencies.to_assessed, 0.95),
+        "delivered_p50_s": _percentile(latencies.to_delivered, 0.5),
+        "delivered_p95_s": _percentile(latencies.to_delivered, 0.95),
     }
 
 
@@ -205,17 +188,34 @@ class Latencies:
 
 
 def latencies_since(session: Session, since: datetime) -> Latencies:
-    """Latencies of the instances assessed, or delivered, at or after ``since``."""
+    """Latencies of the instances assessed, or delivered, at or after ``since``.
+
+    Each assessment counts from the copy it answers: the first from the instance's first
+    reception, a later one (a copy received again that changed what the result depends
+    on) from that copy. The deliveries of an assessment between the first and the last,
+    whose copy's reception is not kept, are left out.
+    """
+    current = func.coalesce(Instance.assessment_received_at, Instance.received_at)
     assessed = session.execute(
-        select(Instance.received_at, Instance.finished_at).where(
+        select(current, Instance.finished_at).where(
             Instance.state == InstanceState.ASSESSED, Instance.finished_at >= since
         )
     )
+    received = case(
+        (Delivery.assessment == Instance.assessment, current),
+        (Delivery.assessment == 1, Instance.received_at),
+    )
     delivered = session.execute(
-        select(Instance.received_at, func.max(Delivery.delivered_at))
+        select(received, func.max(Delivery.delivered_at))
         .join(Delivery, Delivery.instance_id == Instance.id)
         .where(Delivery.delivered_at >= since)
-        .group_by(Instance.id, Instance.received_at)
+        .group_by(
+            Instance.id,
+            Delivery.assessment,
+            Instance.assessment,
+            Instance.assessment_received_at,
+            Instance.received_at,
+        )
     )
     return Latencies(
         to_assessed=[max(0.0, (f - r).total_seconds()) for r, f in assessed if r and f],

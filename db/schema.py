@@ -129,6 +129,9 @@ class Instance(Base):
     # assessment read (worker.pipeline); the reconciler queues it again if its message
     # was lost
     received_again_at: Mapped[datetime | None]
+    # when the copy that the current assessment answers was received: empty for the first
+    # assessment (received_at); a later one's latency counts from the copy received again
+    assessment_received_at: Mapped[datetime | None]
     # hex SHA-256 of what the last assessment's result depends on, as it read them
     # (worker.pipeline.assessment_inputs), "unread" where it could not read the file;
     # empty on rows from before revision 0004

@@ -46,7 +46,7 @@ import numpy as np
 from pydicom import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import generate_uid
-from sqlalchemy import ColumnElement, case, select, update
+from sqlalchemy import ColumnElement, case, func, literal, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -61,6 +61,7 @@ from db.schema import (
     Model,
     ObjectKind,
     Result,
+    UTCDateTime,
 )
 from db.schema import utcnow as now
 from dicom_io import gate
@@ -345,6 +346,11 @@ def _reopen_if_received_changed(
                 attempts=1,
                 # this copy's: sent once more, it is not assessed again, even if this fails
                 inputs_sha256=received,
+                # the latency of this assessment counts from this copy (the UPDATE reads
+                # the columns as they were before it)
+                assessment_received_at=func.coalesce(
+                    Instance.received_again_at, literal(checked, UTCDateTime())
+                ),
                 received_again_at=_received_again_and_compared(checked),
             )
             .returning(Instance.spool_path, Instance.sop_instance_uid)

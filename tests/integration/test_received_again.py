@@ -15,6 +15,7 @@ from pydicom.datadict import dictionary_VR
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from sqlalchemy import select
 
+from db import queries
 from db.engine import session_scope
 from db.schema import Delivery, DeliveryState, Instance, InstanceState, Result
 from db.schema import utcnow as now
@@ -201,6 +202,52 @@ def test_a_copy_with_the_sex_corrected_is_assessed_again_and_its_sr_replaces_the
     received_again(runtime, instance_id)
     assert assess_instance(runtime, instance_id).state == "skipped"
     assert results(runtime, instance_id) == [(1, False), (2, True)]
+
+
+def test_the_latency_of_an_assessment_again_counts_from_the_copy_it_answers(
+    runtime: Runtime, storescp: StoreSCP
+) -> None:
+    """An image assessed three days ago and corrected today: its second assessment's
+    latency, in the metrics and in `boneage-worker status`, is the seconds since the
+    corrected copy came, not three days; the first assessment's counts from the first."""
+    instance_id = spool_instance(runtime, sex="F")
+    first = assess_instance(runtime, instance_id)
+    deliver(runtime, storescp, first.delivery_ids)
+    days_ago = dt.timedelta(days=3)
+    with session_scope(runtime.database_url) as session:
+        instance = session.get_one(Instance, instance_id)
+        instance.received_at -= days_ago
+        assert instance.finished_at is not None
+        instance.finished_at -= days_ago
+        for sent in session.scalars(select(Delivery)):
+            assert sent.delivered_at is not None
+            sent.delivered_at -= days_ago
+        first_took = (instance.finished_at - instance.received_at).total_seconds()
+        last_sent = max(d.delivered_at for d in session.scalars(select(Delivery)) if d.delivered_at)
+        first_delivered = (last_sent - instance.received_at).total_seconds()
+    with session_scope(runtime.database_url) as session:
+        assert queries.latencies_since(session, now() - 2 * days_ago).to_assessed == [
+            pytest.approx(first_took)
+        ]
+
+    before = now()
+    received_again(runtime, instance_id, PatientSex="M")
+    second = assess_instance(runtime, instance_id)
+    assert second.state == "assessed"
+    deliver(runtime, storescp, second.delivery_ids)
+    took = (now() - before).total_seconds()
+    with session_scope(runtime.database_url) as session:
+        instance = session.get_one(Instance, instance_id)
+        assert instance.assessment_received_at is not None
+        assert before <= instance.assessment_received_at <= now()
+        hour = queries.latencies_since(session, now() - dt.timedelta(hours=1))
+        status = queries.last_hour(session, now())
+        days = queries.latencies_since(session, now() - 2 * days_ago)
+    [to_assessed], [to_delivered] = hour.to_assessed, hour.to_delivered
+    assert 0 <= to_assessed <= to_delivered <= took
+    assert (status["processing_p95_s"], status["delivered_p95_s"]) == (to_assessed, to_delivered)
+    # over the three days, the first assessment's deliveries too, from the first reception
+    assert sorted(days.to_delivered) == sorted([to_delivered, first_delivered])
 
 
 def test_a_copy_that_changes_nothing_the_result_depends_on_is_not_assessed_again(

@@ -29,6 +29,7 @@ from dicom_io.sr import (
     PATIENT_AND_STUDY,
     PATIENT_AND_STUDY_IF_PRESENT,
     copy_patient_and_study,
+    date_in_sources_time_zone,
     series_description,
     software_version,
 )
@@ -385,6 +386,7 @@ def build_heatmap_sc(
     # Patient and General Study, and the character set, as the source has them
     # (highdicom was given placeholders: _reference_view)
     copy_patient_and_study(source, sc)
+    date_in_sources_time_zone(source, sc)
     # General Image: the overlay keeps the source's row/column directions
     if orientation is None:
         del sc.PatientOrientation

@@ -12,7 +12,9 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import re
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from importlib import metadata
 from typing import Any
 
@@ -163,6 +165,63 @@ def copy_patient_and_study(source: Dataset, target: Dataset) -> None:
             target.add(copy.deepcopy(source[keyword]))
 
 
+#: The dates and times that say when a created object was made, as (date, time) pairs.
+_CREATED = (
+    ("InstanceCreationDate", "InstanceCreationTime"),
+    ("ContentDate", "ContentTime"),
+    ("DateOfSecondaryCapture", "TimeOfSecondaryCapture"),
+)
+_UTC_OFFSET = re.compile(r"([+-])(\d\d)(\d\d)")
+
+
+def stated_time_zone(source: Dataset) -> tzinfo | None:
+    """The time zone ``source``'s dates and times are in, where its Timezone Offset From
+    UTC (SOP Common) states one that can be (``"+0100"``, ``"-0500"``); else None."""
+    match = _UTC_OFFSET.fullmatch(str(source.get("TimezoneOffsetFromUTC", "") or "").strip())
+    if match is None:
+        return None
+    sign, hours, minutes = match.group(1), int(match.group(2)), int(match.group(3))
+    if hours > 14 or minutes > 59:
+        return None
+    offset = timedelta(hours=hours, minutes=minutes)
+    return timezone(-offset if sign == "-" else offset)
+
+
+def local_time_zone() -> str:
+    """The node's local time zone, which dates an SR or SC whose source states none: for
+    example ``"UTC+01:00 (CET)"``. A container's is UTC unless ``TZ`` names another."""
+    here = datetime.now().astimezone()
+    offset = here.strftime("%z")
+    return f"UTC{offset[:3]}:{offset[3:]} ({here.tzname()})"
+
+
+def date_in_sources_time_zone(
+    source: Dataset, target: Dataset, *, at: datetime | None = None
+) -> None:
+    """Where ``source`` states the time zone of its dates and times, give ``target``'s
+    creation, content and capture dates and times (``at``, now by default) in that zone,
+    and state it: the study's times and ours then read alike in a viewer, and both are
+    unambiguous.
+
+    Where it states none, ``target`` keeps the times highdicom wrote, the node's local
+    time (set ``TZ`` to the hospital's), and states no zone either: an offset would claim
+    one for the study's own date and time, copied from the source, that nobody stated.
+    """
+    zone = stated_time_zone(source)
+    if zone is None:
+        return
+    moment = (at or datetime.now(UTC)).astimezone(zone)
+    for date_keyword, time_keyword in _CREATED:
+        if date_keyword in target:
+            setattr(target, date_keyword, moment.strftime("%Y%m%d"))
+        if time_keyword in target:
+            setattr(target, time_keyword, moment.strftime("%H%M%S.%f"))
+    for item in target.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = moment.strftime("%Y%m%d%H%M%S.%f")
+    target.TimezoneOffsetFromUTC = moment.strftime("%z")
+
+
 #: What the SR references its image and joins its study by.
 _REFERENCE_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
 
@@ -184,6 +243,8 @@ def _evidence(source: Dataset) -> Dataset:
     for keyword in _REFERENCE_UIDS:
         setattr(evidence, keyword, source[keyword].value)
     copy_patient_and_study(source, evidence)
+    if "TimezoneOffsetFromUTC" in source:
+        evidence.TimezoneOffsetFromUTC = source.TimezoneOffsetFromUTC
     return evidence
 
 
@@ -397,6 +458,7 @@ class MeasurementReportSR(SOPClass):
         self.ReferencedPerformedProcedureStepSequence: list[Dataset] = []
         # SOP Common: the source's acquisition equipment and highdicom, as highdicom does
         self._add_contributing_equipment(None, evidence)
+        date_in_sources_time_zone(evidence, self)
 
 
 def earlier_report(

@@ -175,6 +175,8 @@ def render(report: dict[str, Any], console: Console) -> None:
                         f"memory limit {p['memory_limit'] / 2**30:.1f} GiB"
                         if p.get("memory_limit")
                         else None,
+                        # the zone an SR or SC is dated in where its image states none
+                        f"dates in {p['time_zone']}" if p.get("time_zone") else None,
                     ],
                 )
             )

@@ -16,9 +16,10 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import closing
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from pydicom import dcmread
@@ -134,17 +135,24 @@ def check_round_trip(
     *,
     precision: str = "float32",
     sc_min_long_side: int = 1000,
+    time_zone: str | None = None,
 ) -> None:
+    """``time_zone``: the TZ the node runs in (None: this process's)."""
     # The SR and the SC for the hand come back; the CT yields nothing.
     received = storescp.wait_for_objects(2, timeout=240)
     source = dcmread(hand)
     objects = {dcmread(p).SOPClassUID.name: p for p in received}
     assert set(objects) == {"Comprehensive SR Storage", "Secondary Capture Image Storage"}
+    here = datetime.now(ZoneInfo(time_zone)) if time_zone else datetime.now().astimezone()
     for path in received:
         ds = dcmread(path)
         assert ds.StudyInstanceUID == source.StudyInstanceUID
         assert ds.PatientID == source.PatientID
         assert dciodvfy_errors(path) == []
+        # the image states no time zone: dated in the node's local time, and none stated
+        assert "TimezoneOffsetFromUTC" not in source and "TimezoneOffsetFromUTC" not in ds
+        made = datetime.strptime(f"{ds.ContentDate}{ds.ContentTime}", "%Y%m%d%H%M%S.%f")
+        assert timedelta(0) <= here.replace(tzinfo=None) - made < timedelta(minutes=10)
     text = dsrdump(objects["Comprehensive SR Storage"])
     assert re.search(r'NUM:\(,,"Bone age"\)="[0-9.]+" \(mo,UCUM', text)
     assert "UNTRAINED MODEL - NOT FOR CLINICAL USE" in text
@@ -193,6 +201,8 @@ def check_round_trip(
     # the cores shared among the processes' JPEG 2000 decodes
     assert all(p["jpeg2000_threads"] == max(1, usable_cpus() // len(inference)) for p in inference)
     assert all(p["sc_min_long_side"] == sc_min_long_side for p in inference)
+    zone = f"UTC{here.strftime('%z')[:3]}:{here.strftime('%z')[3:]} ({here.tzname()})"
+    assert all(p["time_zone"] == zone for p in inference), (zone, inference)
     assert all(p["precision"] == precision for p in inference)
     fused = precision == "float32" and fusion_available() is None
     assert all(p["fused_convolutions"] is fused for p in inference)
@@ -203,6 +213,7 @@ def check_round_trip(
     assert 0 < storage["free_bytes"] <= storage["total_bytes"]
     shown = cli("status", env={**node.env, "COLUMNS": "200"})  # no folded cells
     assert "received images on disk" in shown.stdout, shown.stdout
+    assert f"dates in {zone}" in shown.stdout, shown.stdout
     # bfloat16 is an opt-in: the administrator sees it, and each result records it
     assert (f"cpu · {precision}" in shown.stdout) is (precision != "float32"), shown.stdout
     with session_scope(database_url) as session:
@@ -372,6 +383,8 @@ def test_redis_and_postgresql_separate_processes(
         # the opt-ins a CPU site may take (the embedded test keeps the defaults)
         BONEAGE_PRECISION="bfloat16",
         BONEAGE_SC_MIN_LONG_SIDE="700",
+        # a hospital's zone, not the container's UTC (India's: no daylight saving time)
+        TZ="Asia/Kolkata",
     )
     # Without a migrated schema the listener refuses to start, and says why.
     refused = cli("listen", env=env)
@@ -387,7 +400,14 @@ def test_redis_and_postgresql_separate_processes(
     hand, ct = make_inputs(tmp_path, env)
     storescu(port, hand, ct)
     check_round_trip(
-        node, postgres_url, storescp, hand, port, precision="bfloat16", sc_min_long_side=700
+        node,
+        postgres_url,
+        storescp,
+        hand,
+        port,
+        precision="bfloat16",
+        sc_min_long_side=700,
+        time_zone="Asia/Kolkata",
     )
     assert all(code == 0 for code in node.stop())
     logs = node.log_text()

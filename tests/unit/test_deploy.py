@@ -19,6 +19,7 @@ import tomllib
 import zipfile
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import click
 import pytest
@@ -64,8 +65,14 @@ def _setting_field(env_name: str) -> str:
 
 
 def _settings_from_env(env: dict[str, str]) -> Settings:
-    """Validate values the way a process would read them."""
-    return Settings.model_validate({_setting_field(name): value for name, value in env.items()})
+    """Validate values the way a process would read them. ``TZ``, the one other variable
+    the files may set (the hospital's time zone, which dates the SR and SC), must name a
+    time zone this machine knows."""
+    if "TZ" in env:
+        ZoneInfo(env["TZ"])
+    return Settings.model_validate(
+        {_setting_field(name): value for name, value in env.items() if name != "TZ"}
+    )
 
 
 def _check_cli(args: list[str]) -> click.Context:
@@ -206,6 +213,7 @@ def test_compose_environment_is_real_settings(compose: dict[str, Any]) -> None:
         assert [str(d) for d in settings.destinations] == ["ORTHANC@orthanc:4242"]  # compose value
         assert [str(a) for a in settings.allowed_aets] == ["ORTHANC"]
         assert settings.model is None  # unset: never an empty BONEAGE_MODEL
+        assert "TZ" in environment  # the hospital's time zone, a container's being UTC
     gpu = _settings_from_env(_interpolate(compose["services"]["worker-gpu"]["environment"]))
     assert gpu.device.startswith("cuda")
     # Database credentials agree with the PostgreSQL service.
@@ -520,6 +528,7 @@ def test_kubernetes_settings_are_real(k8s: dict[tuple[str, str], dict[str, Any]]
     config = k8s[("ConfigMap", "boneage-config")]["data"]
     secret = k8s[("Secret", "boneage-secrets")]["stringData"]
     assert "BONEAGE_DATABASE_URL" in secret and "BONEAGE_DATABASE_URL" not in config
+    assert "TZ" in config  # the hospital's time zone, a container's being UTC
     settings = _settings_from_env({**config, **secret})
     assert settings.database_url and settings.database_url.startswith("postgresql+psycopg://")
     assert settings.broker_url and settings.broker_url.startswith("redis://")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import io
 from pathlib import Path
 from typing import TypedDict
@@ -181,6 +182,29 @@ def test_sc_without_laterality_or_orientation_passes_dciodvfy(
     build_heatmap_sc(source, rgb, untrained_finding, series_number=902, **_uids()).save_as(
         path, enforce_file_format=True
     )
+    assert dciodvfy_errors(path) == []
+
+
+def test_sc_times_are_written_in_the_time_zone_the_source_states(
+    tmp_path: Path, source: Dataset, finding: BoneAgeFinding
+) -> None:
+    source.TimezoneOffsetFromUTC = "+0100"
+    rgb = render_overlay(decode_for_display(source), _cam(96, 64), finding)
+    before = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    sc = build_heatmap_sc(source, rgb, finding, series_number=902, **_uids())
+    after = datetime.datetime.now(datetime.UTC)
+    assert sc.TimezoneOffsetFromUTC == "+0100"
+    for date, time in (
+        ("ContentDate", "ContentTime"),
+        ("InstanceCreationDate", "InstanceCreationTime"),
+        ("DateOfSecondaryCapture", "TimeOfSecondaryCapture"),
+    ):
+        moment = datetime.datetime.strptime(
+            f"{sc[date].value}{sc[time].value}+0100", "%Y%m%d%H%M%S.%f%z"
+        )
+        assert before <= moment <= after, (date, time)
+    path = tmp_path / "sc.dcm"
+    sc.save_as(path, enforce_file_format=True)
     assert dciodvfy_errors(path) == []
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import io
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -221,6 +222,52 @@ def test_the_issuers_and_study_description_are_copied_where_the_source_has_them(
     assert back.StudyDescription == "XR HAND BONE AGE"
     assert back.IssuerOfAccessionNumberSequence[0].LocalNamespaceEntityID == "RIS-A"
     assert dciodvfy_errors(path) == []
+
+
+def _when(ds: Dataset, date: str, time: str) -> datetime.datetime:
+    """``ds``'s date and time as the moment they mean, in its Timezone Offset From UTC."""
+    return datetime.datetime.strptime(
+        f"{ds[date].value}{ds[time].value}{ds.TimezoneOffsetFromUTC}", "%Y%m%d%H%M%S.%f%z"
+    )
+
+
+@pytest.mark.parametrize("offset", ["+0930", "-0500", "+0000"])
+def test_times_are_written_in_the_time_zone_the_source_states(
+    tmp_path: Path, source: Dataset, finding: BoneAgeFinding, offset: str
+) -> None:
+    """A source that states its time zone: the SR's creation and content times are the
+    moment it was made, in that zone, and say so."""
+    source.TimezoneOffsetFromUTC = offset
+    before = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    sr = build_bone_age_sr(source, finding, series_number=3, **_uids())
+    after = datetime.datetime.now(datetime.UTC)
+    assert sr.TimezoneOffsetFromUTC == offset
+    for date, time in (
+        ("ContentDate", "ContentTime"),
+        ("InstanceCreationDate", "InstanceCreationTime"),
+    ):
+        assert before <= _when(sr, date, time) <= after
+    [equipment] = sr.ContributingEquipmentSequence
+    assert equipment.ContributionDateTime == f"{sr.ContentDate}{sr.ContentTime}"
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+
+
+@pytest.mark.parametrize("offset", [None, "", "UTC", "+2500", "+0160", "0100"])
+def test_no_time_zone_is_claimed_where_the_source_states_none_that_can_be(
+    source: Dataset, finding: BoneAgeFinding, offset: str | None
+) -> None:
+    """The node's local time, as before, and no offset: one would claim a zone for the
+    study date and time copied from the source."""
+    if offset is not None:
+        source.TimezoneOffsetFromUTC = offset
+    assert sr_module.stated_time_zone(source) is None
+    before = datetime.datetime.now().replace(microsecond=0)
+    sr = build_not_assessed_sr(source, "no sex", series_number=3, **_uids())
+    assert "TimezoneOffsetFromUTC" not in sr
+    written = datetime.datetime.strptime(f"{sr.ContentDate}{sr.ContentTime}", "%Y%m%d%H%M%S.%f")
+    assert before <= written <= datetime.datetime.now()
 
 
 def test_not_assessed_sr_without_pixels(source: Dataset) -> None:

@@ -14,7 +14,7 @@ import functools
 import logging
 import re
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta, timezone, tzinfo
+from datetime import datetime, timedelta, timezone, tzinfo
 from importlib import metadata
 from typing import Any
 
@@ -195,13 +195,10 @@ def local_time_zone() -> str:
     return f"UTC{offset[:3]}:{offset[3:]} ({here.tzname()})"
 
 
-def date_in_sources_time_zone(
-    source: Dataset, target: Dataset, *, at: datetime | None = None
-) -> None:
+def date_in_sources_time_zone(source: Dataset, target: Dataset) -> None:
     """Where ``source`` states the time zone of its dates and times, give ``target``'s
-    creation, content and capture dates and times (``at``, now by default) in that zone,
-    and state it: the study's times and ours then read alike in a viewer, and both are
-    unambiguous.
+    creation, content and capture dates and times (now) in that zone, and state it: the
+    study's times and ours then read alike in a viewer, and both are unambiguous.
 
     Where it states none, ``target`` keeps the times highdicom wrote, the node's local
     time (set ``TZ`` to the hospital's), and states no zone either: an offset would claim
@@ -210,7 +207,7 @@ def date_in_sources_time_zone(
     zone = stated_time_zone(source)
     if zone is None:
         return
-    moment = (at or datetime.now(UTC)).astimezone(zone)
+    moment = datetime.now(zone)
     for date_keyword, time_keyword in _CREATED:
         if date_keyword in target:
             setattr(target, date_keyword, moment.strftime("%Y%m%d"))

@@ -217,6 +217,9 @@ class Delivery(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
     next_attempt_at: Mapped[datetime | None]
+    # since when a delivery worker has been sending it; empty once the send's outcome is
+    # recorded (a worker that died sending leaves it until the next claim)
+    sending_since: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     delivered_at: Mapped[datetime | None]
 

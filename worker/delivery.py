@@ -142,7 +142,10 @@ def _claim(
         rows = session.execute(
             update(Delivery)
             .where(*conditions)
-            .values(next_attempt_at=current + timedelta(seconds=claim_seconds(len(ids))))
+            .values(
+                next_attempt_at=current + timedelta(seconds=claim_seconds(len(ids))),
+                sending_since=current,
+            )
             .returning(Delivery.id, Delivery.destination, Delivery.path, Delivery.sha256)
             .execution_options(synchronize_session=False)
         ).all()
@@ -251,6 +254,7 @@ def _send_to(
                     attempts=Delivery.attempts + 1,
                     last_error=None,
                     next_attempt_at=None,
+                    sending_since=None,
                 )
                 .execution_options(synchronize_session=False)
             )
@@ -345,6 +349,7 @@ def _record_failure(
         delivery = session.get_one(Delivery, delivery_id)
         delivery.attempts += 1
         delivery.last_error = error[:500]
+        delivery.sending_since = None
         if delivery.state is DeliveryState.SUPERSEDED:
             # replaced while it was being sent: it is not sent again
             delivery.next_attempt_at = None

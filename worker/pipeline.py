@@ -46,7 +46,7 @@ import numpy as np
 from pydicom import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import generate_uid
-from sqlalchemy import ColumnElement, case, func, literal, select, update
+from sqlalchemy import ColumnElement, case, func, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -736,9 +736,11 @@ def sr_series_uid(source_uid: str, model_id: str | None) -> str:
 
 
 def _earlier_reports(rt: Runtime, claim: _Claim, source: Dataset) -> list[Dataset]:
-    """The SRs of earlier assessments of the claimed instance that a destination has:
-    the reports a later assessment's SR replaces. (Those not sent were superseded when
-    the instance was claimed for this assessment.)"""
+    """The SRs of earlier assessments of the claimed instance that a destination has, or
+    may have: the reports a later assessment's SR replaces. Those not sent were
+    superseded when the instance was claimed for this assessment; of those, the ones then
+    on their way may arrive all the same, and are named too (a send that failed since
+    is not)."""
     if claim.assessment == 1:
         return []
     with session_scope(rt.database_url) as session:
@@ -749,7 +751,11 @@ def _earlier_reports(rt: Runtime, claim: _Claim, source: Dataset) -> list[Datase
                 Delivery.instance_id == claim.instance_id,
                 Delivery.kind == ObjectKind.SR,
                 Delivery.assessment < claim.assessment,
-                Delivery.state == DeliveryState.DELIVERED,
+                or_(
+                    Delivery.state == DeliveryState.DELIVERED,
+                    (Delivery.state == DeliveryState.SUPERSEDED)
+                    & Delivery.sending_since.is_not(None),
+                ),
             )
             .order_by(Delivery.id)
         ).all()
@@ -955,8 +961,8 @@ def _supersede_unsent(session: Session, instance_id: int, assessment: int) -> No
     nothing sends them.
 
     One being sent at this moment is marked too; if it goes through, its send records
-    it delivered, and the SR that replaces it names it if that send ended before the SR
-    was made (:func:`_earlier_reports`).
+    it delivered. The SR that replaces it names it either way, unless its send had
+    failed by the time that SR was made (:func:`_earlier_reports`).
     """
     superseded = session.scalars(
         update(Delivery)

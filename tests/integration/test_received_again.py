@@ -6,6 +6,7 @@ not (transcoded, routed, the name or accession number reconciled)."""
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -534,19 +535,87 @@ def test_objects_of_an_earlier_assessment_not_yet_sent_never_go_out(
         assert session.get_one(Instance, instance_id).assessment == 2
 
 
+def _staged_report(rt: Runtime, delivery_ids: tuple[int, ...]) -> Dataset:
+    """The SR among ``delivery_ids``, as written to the outbox."""
+    with session_scope(rt.database_url) as session:
+        [path] = [
+            row.path
+            for row in map(lambda i: session.get_one(Delivery, i), delivery_ids)
+            if row.kind.value == "sr"
+        ]
+    return dcmread(path)
+
+
+def test_an_earlier_report_on_its_way_when_the_image_is_assessed_again_is_named(
+    runtime: Runtime, storescp: StoreSCP, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first SR is on its way to the PACS when the corrected copy is assessed: it
+    may arrive, so the new SR names it among those it replaces and says so. It does
+    arrive, and the PACS holds both, the second naming the first."""
+    instance_id = spool_instance(runtime, sex="F")
+    first = assess_instance(runtime, instance_id)
+    first_sr = first.delivery_ids[0]
+    on_its_way, assessed = threading.Event(), threading.Event()
+    send = delivery.send_datasets
+
+    def held_until_assessed(*args: Any, **kwargs: Any) -> Any:
+        on_its_way.set()
+        assert assessed.wait(timeout=60)
+        return send(*args, **kwargs)
+
+    outcomes: dict[int, Any] = {}
+    with monkeypatch.context() as patch:
+        patch.setattr(delivery, "send_datasets", held_until_assessed)
+        sender = threading.Thread(
+            target=lambda: outcomes.update(send_deliveries(runtime, [first_sr]))
+        )
+        sender.start()
+        try:
+            assert on_its_way.wait(timeout=30)
+            received_again(runtime, instance_id, PatientSex="M")
+            second = assess_instance(runtime, instance_id)
+        finally:
+            assessed.set()
+            sender.join(timeout=60)
+    assert second.state == "assessed"
+    assert outcomes[first_sr].state == "delivered"  # superseded on its way, and arrived
+    [arrived] = storescp.wait_for_objects(1, timeout=30)
+    second_sr = report_of(deliver(runtime, storescp, second.delivery_ids))
+    assert replaced(second_sr) == [where(dcmread(arrived))]
+    assert REPLACES_NOTICE in dsrdump(
+        next(
+            p for p in storescp.received() if dcmread(p).SOPInstanceUID == second_sr.SOPInstanceUID
+        )
+    )
+
+
 def test_a_send_that_fails_after_its_object_was_superseded_leaves_it_so(
     runtime: Runtime,
 ) -> None:
-    """Superseded while it was being sent, and the send failed: not tried again."""
+    """Superseded while it was being sent, and the send failed: not tried again, and a
+    later report does not name it (the PACS never had it)."""
     instance_id = spool_instance(runtime, sex="F")
     [first_sr, _] = assess_instance(runtime, instance_id).delivery_ids
+    claimed, _ = delivery._claim(runtime, [first_sr], force=False)  # on its way
+    assert [row.id for row in claimed] == [first_sr]
     received_again(runtime, instance_id, PatientSex="M")
-    assess_instance(runtime, instance_id)
+    second = assess_instance(runtime, instance_id)
+    # made while the first was on its way, the second names it: it might arrive
+    assert len(replaced(_staged_report(runtime, second.delivery_ids))) == 1
     outcome = delivery._record_failure(runtime, first_sr, "association aborted")
     assert outcome.state == "skipped"
     with session_scope(runtime.database_url) as session:
         row = session.get_one(Delivery, first_sr)
-        assert (row.state, row.next_attempt_at) == (DeliveryState.SUPERSEDED, None)
+        assert (row.state, row.next_attempt_at, row.sending_since) == (
+            DeliveryState.SUPERSEDED,
+            None,
+            None,
+        )
+    received_again(runtime, instance_id, PatientSex="F")
+    third = assess_instance(runtime, instance_id)
+    assert third.state == "assessed"
+    # neither earlier report reached the PACS: to it, the third is the first
+    assert replaced(_staged_report(runtime, third.delivery_ids)) == []
 
 
 def _received_again_at(rt: Runtime, instance_id: int) -> dt.datetime | None:

@@ -12,10 +12,13 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import os
 import re
+import zoneinfo
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone, tzinfo
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from highdicom import SOPClass
@@ -189,10 +192,28 @@ def stated_time_zone(source: Dataset) -> tzinfo | None:
 
 def local_time_zone() -> str:
     """The node's local time zone, which dates an SR or SC whose source states none: for
-    example ``"UTC+01:00 (CET)"``. A container's is UTC unless ``TZ`` names another."""
+    example ``"UTC+01:00 (CET)"``. A container's is UTC unless ``TZ`` names another; a
+    ``TZ`` that names none this machine has is said so (:func:`unknown_time_zone`)."""
     here = datetime.now().astimezone()
     offset = here.strftime("%z")
-    return f"UTC{offset[:3]}:{offset[3:]} ({here.tzname()})"
+    unknown = unknown_time_zone()
+    name = f"TZ {unknown} is unknown here" if unknown else here.tzname()
+    return f"UTC{offset[:3]}:{offset[3:]} ({name})"
+
+
+def unknown_time_zone() -> str | None:
+    """``TZ``, where it names a time zone that this machine has no file for (a typo, or
+    an image without the zone files): the C library then keeps UTC, and says nothing.
+    None where ``TZ`` is unset, names a zone here, or is a rule that needs no file
+    (``"CET-1CEST,M3.5.0,M10.5.0/3"``: it has the offset's digits)."""
+    setting = os.environ.get("TZ", "").strip()
+    name = setting.removeprefix(":")
+    if not name or any(character.isdigit() for character in name):
+        return None
+    if Path(name).is_absolute():
+        return None if Path(name).is_file() else setting
+    known = any((Path(directory) / name).is_file() for directory in zoneinfo.TZPATH)
+    return None if known else setting
 
 
 def date_in_sources_time_zone(source: Dataset, target: Dataset) -> None:

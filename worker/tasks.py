@@ -24,7 +24,7 @@ from sqlalchemy.exc import OperationalError
 
 from db.engine import dispose_after_fork
 from dicom_io.pixels import set_jpeg2000_threads
-from dicom_io.sr import local_time_zone
+from dicom_io.sr import local_time_zone, unknown_time_zone
 from worker import metrics
 from worker.celery_app import ASSESS_TASK, DELIVER_TASK, RECONCILE_TASK, app
 from worker.cgroups import cpu_quota, memory_limit
@@ -183,6 +183,12 @@ def _init_process(**_: Any) -> None:
             detail["lone_study_threads"] = cores.cores
         # what an SR or SC is dated in where its image states no time zone
         detail["time_zone"] = local_time_zone()
+        if (unknown := unknown_time_zone()) is not None:
+            logger.warning(
+                "TZ=%s names no time zone known here: SRs and SCs whose image states "
+                "none are dated in UTC",
+                unknown,
+            )
         predictor = rt.predictor
         # the model's first forward pass and highdicom's first SR and SC are slow
         logger.info("model and DICOM output builders warmed up in %.1fs", warm_up(rt))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import io
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypedDict
@@ -224,10 +225,10 @@ def test_the_issuers_and_study_description_are_copied_where_the_source_has_them(
     assert dciodvfy_errors(path) == []
 
 
-def _when(ds: Dataset, date: str, time: str) -> datetime.datetime:
+def _when(ds: Dataset, date: str, clock: str) -> datetime.datetime:
     """``ds``'s date and time as the moment they mean, in its Timezone Offset From UTC."""
     return datetime.datetime.strptime(
-        f"{ds[date].value}{ds[time].value}{ds.TimezoneOffsetFromUTC}", "%Y%m%d%H%M%S.%f%z"
+        f"{ds[date].value}{ds[clock].value}{ds.TimezoneOffsetFromUTC}", "%Y%m%d%H%M%S.%f%z"
     )
 
 
@@ -242,11 +243,11 @@ def test_times_are_written_in_the_time_zone_the_source_states(
     sr = build_bone_age_sr(source, finding, series_number=3, **_uids())
     after = datetime.datetime.now(datetime.UTC)
     assert sr.TimezoneOffsetFromUTC == offset
-    for date, time in (
+    for date, clock in (
         ("ContentDate", "ContentTime"),
         ("InstanceCreationDate", "InstanceCreationTime"),
     ):
-        assert before <= _when(sr, date, time) <= after
+        assert before <= _when(sr, date, clock) <= after
     [equipment] = sr.ContributingEquipmentSequence
     assert equipment.ContributionDateTime == f"{sr.ContentDate}{sr.ContentTime}"
     path = tmp_path / "sr.dcm"
@@ -268,6 +269,31 @@ def test_no_time_zone_is_claimed_where_the_source_states_none_that_can_be(
     assert "TimezoneOffsetFromUTC" not in sr
     written = datetime.datetime.strptime(f"{sr.ContentDate}{sr.ContentTime}", "%Y%m%d%H%M%S.%f")
     assert before <= written <= datetime.datetime.now()
+
+
+@pytest.mark.parametrize(
+    ("setting", "unknown", "shown"),
+    [
+        ("Asia/Kolkata", None, "UTC+05:30 (IST)"),
+        (":Asia/Kolkata", None, "UTC+05:30 (IST)"),
+        ("IST-5:30", None, "UTC+05:30 (IST)"),  # a rule: no file needed
+        ("Asia/Kolkatta", "Asia/Kolkatta", "UTC+00:00 (TZ Asia/Kolkatta is unknown here)"),
+        ("/no/such/zone", "/no/such/zone", "UTC+00:00 (TZ /no/such/zone is unknown here)"),
+    ],
+)
+def test_the_local_time_zone_says_when_tz_names_none_known_here(
+    monkeypatch: pytest.MonkeyPatch, setting: str, unknown: str | None, shown: str
+) -> None:
+    """A misspelt TZ leaves the C library in UTC without a word: the zone the worker
+    reports (`status`) says so."""
+    monkeypatch.setenv("TZ", setting)
+    time.tzset()
+    try:
+        assert sr_module.unknown_time_zone() == unknown
+        assert sr_module.local_time_zone() == shown
+    finally:
+        monkeypatch.undo()
+        time.tzset()
 
 
 def test_not_assessed_sr_without_pixels(source: Dataset) -> None:

@@ -235,9 +235,22 @@ def date_in_sources_time_zone(source: Dataset, target: Dataset) -> None:
         if time_keyword in target:
             setattr(target, time_keyword, moment.strftime("%H%M%S.%f"))
     for item in target.get("ContributingEquipmentSequence", []):
-        if "ContributionDateTime" in item:
+        # The processing equipment (highdicom, for us) contributed now. The source's
+        # acquisition equipment keeps its own time, the source's, in the zone stated.
+        if "ContributionDateTime" in item and _purpose(item) == _PROCESSING_EQUIPMENT:
             item.ContributionDateTime = moment.strftime("%Y%m%d%H%M%S.%f")
     target.TimezoneOffsetFromUTC = moment.strftime("%z")
+
+
+#: Purpose of Reference of the equipment that made an object (PS3.16 CID 7005).
+_PROCESSING_EQUIPMENT = ("DCM", "109102")
+
+
+def _purpose(item: Dataset) -> tuple[str, str] | None:
+    """The (scheme, code) of a Contributing Equipment item's Purpose of Reference."""
+    for code in item.get("PurposeOfReferenceCodeSequence", []):
+        return str(code.get("CodingSchemeDesignator", "")), str(code.get("CodeValue", ""))
+    return None
 
 
 #: What the SR references its image and joins its study by.

@@ -189,6 +189,7 @@ def test_sc_times_are_written_in_the_time_zone_the_source_states(
     tmp_path: Path, source: Dataset, finding: BoneAgeFinding
 ) -> None:
     source.TimezoneOffsetFromUTC = "+0100"
+    source.AcquisitionDateTime = "20250101101500"
     rgb = render_overlay(decode_for_display(source), _cam(96, 64), finding)
     before = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
     sc = build_heatmap_sc(source, rgb, finding, series_number=902, **_uids())
@@ -203,6 +204,16 @@ def test_sc_times_are_written_in_the_time_zone_the_source_states(
             f"{sc[date].value}{sc[time].value}+0100", "%Y%m%d%H%M%S.%f%z"
         )
         assert before <= moment <= after, (date, time)
+    # We contributed now; the modality that acquired the source, when it did.
+    contributions = {
+        item.PurposeOfReferenceCodeSequence[0].CodeMeaning: str(item.ContributionDateTime)
+        for item in sc.ContributingEquipmentSequence
+    }
+    assert contributions["Acquisition Equipment"] == "20250101101500"
+    ours = datetime.datetime.strptime(
+        f"{contributions['Processing Equipment']}+0100", "%Y%m%d%H%M%S.%f%z"
+    )
+    assert before <= ours <= after
     path = tmp_path / "sc.dcm"
     sc.save_as(path, enforce_file_format=True)
     assert dciodvfy_errors(path) == []

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydicom import Dataset
 from pydicom import uid as pyuid
@@ -50,6 +50,25 @@ class PatientFacts:
     reference_date: dt.date | None  # the date the image was taken
     patient_age_months: float | None  # from PatientAge, the last resort
     laterality: str | None  # "L", "R" or None
+    # PatientAge's unit: "D", "W", "M" or "Y". Out of the repr, which the digest of an
+    # assessment's inputs has been made of since revision 0004 (where it counts,
+    # worker.pipeline.assessment_inputs adds it): a new field there would make every
+    # copy received again look changed.
+    patient_age_unit: str | None = field(default=None, repr=False)
+
+    @property
+    def age_from_birth_date(self) -> bool:
+        """The age at the image is known to the day: birth date, and a date of the
+        image on or after it."""
+        return bool(
+            self.birth_date and self.reference_date and self.reference_date >= self.birth_date
+        )
+
+    @property
+    def age_in_whole_years_only(self) -> bool:
+        """The only age known is a Patient's Age in years (``"010Y"``): the patient is
+        10 years old and up to 11 months more, too coarse to set a bone age against."""
+        return not self.age_from_birth_date and self.patient_age_unit == "Y"
 
 
 @dataclass(frozen=True)
@@ -69,8 +88,9 @@ def parse_da(value: object) -> dt.date | None:
 
 
 def parse_as(value: object) -> float | None:
-    """A DICOM AS value ("010Y", "006M", "012W", "030D") in months."""
-    match = re.fullmatch(r"(\d{3})([DWMY])", str(value or "").strip().upper())
+    """A DICOM AS value ("010Y", "006M", "012W", "030D") in months: the whole units it
+    counts (PS3.5 6.2), so ``"010Y"`` is 120 months for a child of 10 years and 11 months."""
+    match = _AGE_STRING.fullmatch(str(value or "").strip().upper())
     if not match:
         return None
     number, unit = int(match.group(1)), match.group(2)
@@ -82,6 +102,9 @@ def parse_as(value: object) -> float | None:
     }[unit]
 
 
+_AGE_STRING = re.compile(r"(\d{3})([DWMY])")
+
+
 def patient_facts(ds: Dataset) -> PatientFacts:
     sex = str(ds.get("PatientSex", "") or "").strip().upper()
     reference = (
@@ -90,12 +113,15 @@ def patient_facts(ds: Dataset) -> PatientFacts:
         or parse_da(ds.get("ContentDate"))
     )
     laterality = str(ds.get("ImageLaterality") or ds.get("Laterality") or "").strip().upper()
+    age = ds.get("PatientAge")
+    unit = _AGE_STRING.fullmatch(str(age or "").strip().upper())
     return PatientFacts(
         male={"M": True, "F": False}.get(sex),
         birth_date=parse_da(ds.get("PatientBirthDate")),
         reference_date=reference,
         patient_age_months=parse_as(ds.get("PatientAge")),
         laterality=laterality if laterality in {"L", "R"} else None,
+        patient_age_unit=unit.group(2) if unit else None,
     )
 
 

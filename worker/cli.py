@@ -1147,7 +1147,7 @@ def predict(
         prediction = predictor.predict(image, male=male)
         sds = (
             bone_age_sds(prediction.bone_age_months, chronological, male=male)
-            if chronological
+            if chronological is not None
             else None
         )
         interval = prediction.intervals.get(0.9)

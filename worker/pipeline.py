@@ -212,12 +212,24 @@ def discard(outputs: list[Output]) -> None:
 
 
 def chronological_age_months(facts: gate.PatientFacts) -> float | None:
-    """Age at the image from birth date and study date; PatientAge as a last resort."""
+    """Age at the image from birth date and study date; PatientAge as a last resort.
+
+    None where neither gives it, or where PatientAge counts only whole years: up to 11
+    months short, it would move the SDS by a whole standard deviation (Greulich-Pyle's
+    SD is 7-13 months from 5 to 17 years). :data:`AGE_IN_WHOLE_YEARS` then says why.
+    """
     from models.reference import age_in_months
 
-    if facts.birth_date and facts.reference_date and facts.reference_date >= facts.birth_date:
+    if facts.age_from_birth_date:
+        assert facts.birth_date is not None and facts.reference_date is not None
         return age_in_months(facts.birth_date, facts.reference_date)
+    if facts.age_in_whole_years_only:
+        return None
     return facts.patient_age_months
+
+
+#: The note of a result whose patient's age is known only in whole years.
+AGE_IN_WHOLE_YEARS = "No chronological age or SDS: no birth date, age in whole years only"
 
 
 @dataclasses.dataclass
@@ -463,6 +475,8 @@ def assessment_inputs(ds: Dataset, decision: gate.GateDecision) -> str:
     """
     digest = hashlib.sha256()
     digest.update(f"{decision.accepted}\n{decision.reason}\n{decision.facts!r}\n".encode())
+    if decision.facts.age_in_whole_years_only:  # the repr leaves the unit out
+        digest.update(b"age in whole years only\n")
     for keyword in IMAGE_INPUTS:
         digest.update(f"{keyword}={_header_text(ds, keyword)}\n".encode("utf-8", "replace"))
     return digest.hexdigest()
@@ -575,6 +589,8 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
             f"Patient sex not recorded: assessed as {'male' if male else 'female'} "
             "(site setting BONEAGE_MISSING_SEX)"
         )
+    if facts.age_in_whole_years_only:
+        notes.append(AGE_IN_WHOLE_YEARS)
 
     predictor = rt.predictor
     # Decode at 1/2, 1/4 ... of the image's size (JPEG 2000: skip wavelet levels;

@@ -791,6 +791,41 @@ def test_missing_sex_follows_the_site_setting(
     assert "Patient sex not recorded: assessed as female" in dsrdump(sr_path)
 
 
+@pytest.mark.parametrize(
+    ("age", "chronological"), [("010Y", None), ("120M", 120.0), ("520W", 520 * 7 / 30.4375)]
+)
+def test_an_age_known_in_whole_years_only_gives_no_chronological_age_or_sds(
+    runtime: Runtime, storescp: StoreSCP, age: str, chronological: float | None
+) -> None:
+    """No birth date: Patient's Age is the last resort. "010Y" is 10 years and up to 11
+    months more, too coarse for an SDS (Greulich-Pyle's SD is 11.7 months for a girl of 10),
+    so the SR and SC give the bone age without one, and say why; months or weeks are
+    fine enough."""
+    instance_id = spool_instance(runtime, attributes={"PatientBirthDate": None, "PatientAge": age})
+    outcome = assess_instance(runtime, instance_id)
+    assert outcome.state == "assessed", outcome.reason
+    with session_scope(runtime.database_url) as session:
+        [result] = session.scalars(select(Result))
+        reason = session.get_one(Instance, instance_id).reason or ""
+    if chronological is None:
+        assert result.chronological_age_months is None and result.sds is None
+        assert pipeline.AGE_IN_WHOLE_YEARS in reason
+    else:
+        assert result.chronological_age_months == pytest.approx(chronological)
+        assert result.sds is not None
+        assert pipeline.AGE_IN_WHOLE_YEARS not in reason
+    for delivery_id in outcome.delivery_ids:
+        assert deliver_one(runtime, delivery_id).state == "delivered"
+    received = {dcmread(path).Modality: path for path in storescp.wait_for_objects(2, timeout=30)}
+    text = dsrdump(received["SR"])
+    assert 'NUM:(,,"Bone age")=' in text
+    for name in ("Subject Age", "Bone age minus chronological age", "Z-Score of measurement"):
+        assert (f'NUM:(,,"{name}")=' in text) is (chronological is not None), name
+    assert (pipeline.AGE_IN_WHOLE_YEARS in text) is (chronological is None)
+    for path in received.values():
+        assert dciodvfy_errors(path) == [], path
+
+
 def test_our_own_outputs_are_never_assessed_again(runtime: Runtime) -> None:
     outcome = assess_instance(runtime, spool_instance(runtime))
     with session_scope(runtime.database_url) as session:

@@ -395,6 +395,17 @@ def test_the_inputs_digest_follows_the_patients_facts_and_the_gates_decision(
     assert _inputs(spooled) != before
 
 
+def test_the_inputs_digest_tells_an_age_in_whole_years_from_the_same_months(
+    spooled: Dataset,
+) -> None:
+    """No birth date: "010Y" gives no SDS, "120M" does, though both are 120 months."""
+    del spooled.PatientBirthDate
+    spooled.PatientAge = "010Y"
+    in_years = _inputs(spooled)
+    spooled.PatientAge = "120M"
+    assert _inputs(spooled) != in_years
+
+
 @pytest.mark.parametrize(
     ("keyword", "value"),
     [

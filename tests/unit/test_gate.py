@@ -107,3 +107,27 @@ def test_patient_age_is_the_last_resort() -> None:
     ds.PatientAge = "011Y"
     facts = gate.patient_facts(ds)
     assert facts.birth_date is None and facts.patient_age_months == 132.0
+    assert facts.patient_age_unit == "Y" and facts.age_in_whole_years_only
+
+
+@pytest.mark.parametrize(
+    ("birth_date", "age", "whole_years_only"),
+    [
+        (None, "011Y", True),
+        (None, "132M", False),
+        (None, "050W", False),
+        (None, None, False),
+        (dt.date(2016, 1, 10), "011Y", False),  # the birth date gives the age to the day
+        (dt.date(2030, 1, 10), "011Y", True),  # a birth date after the image gives none
+    ],
+)
+def test_an_age_in_whole_years_only_is_told_apart(
+    birth_date: dt.date | None, age: str | None, whole_years_only: bool
+) -> None:
+    ds = hand(birth_date=None)
+    if birth_date is not None:
+        ds.PatientBirthDate = birth_date.strftime("%Y%m%d")
+    ds.PatientAge = age
+    facts = gate.patient_facts(ds)
+    assert facts.age_in_whole_years_only is whole_years_only
+    assert facts.age_from_birth_date is (birth_date is not None and birth_date <= STUDY)

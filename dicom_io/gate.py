@@ -16,11 +16,12 @@ from pydicom import uid as pyuid
 
 from dicom_io.content import MANUFACTURER
 
-#: SOP classes that carry a projection radiograph (or a capture of one).
+#: SOP classes that carry a projection radiograph (or a capture of one) for display.
+#: DX for processing is not one: raw detector data (PS3.3 C.8.11.1.1.1), refused with
+#: its own reason.
 RADIOGRAPH_SOP_CLASSES: dict[str, str] = {
     pyuid.ComputedRadiographyImageStorage: "CR",
     pyuid.DigitalXRayImageStorageForPresentation: "DX for presentation",
-    pyuid.DigitalXRayImageStorageForProcessing: "DX for processing",
     pyuid.SecondaryCaptureImageStorage: "Secondary Capture",
     pyuid.MultiFrameGrayscaleByteSecondaryCaptureImageStorage: "Multi-frame Grayscale Byte SC",
     pyuid.MultiFrameGrayscaleWordSecondaryCaptureImageStorage: "Multi-frame Grayscale Word SC",
@@ -160,8 +161,19 @@ def check(
         return GateDecision(False, reason, facts)
 
     sop = str(ds.get("SOPClassUID", ""))
+    name = pyuid.UID(sop).name if sop else "missing"
+    intent = str(ds.get("PresentationIntentType", "") or "").strip().upper()
+    if sop == pyuid.DigitalXRayImageStorageForProcessing or (
+        sop in RADIOGRAPH_SOP_CLASSES and intent == "FOR PROCESSING"
+    ):
+        # The detector's raw data, before the modality's processing makes it a
+        # radiograph to read (PS3.3 C.8.11.1.1.1): the model was trained on those.
+        stated = "" if sop == pyuid.DigitalXRayImageStorageForProcessing else ", FOR PROCESSING,"
+        return no(
+            f"SOP class {name}{stated} holds raw detector data, not for display; "
+            "the model reads images for presentation"
+        )
     if sop not in RADIOGRAPH_SOP_CLASSES:
-        name = pyuid.UID(sop).name if sop else "missing"
         return no(f"SOP class {name} is not a projection radiograph (CR, DX or Secondary Capture)")
     if str(ds.get("Manufacturer", "") or "").strip() == MANUFACTURER:
         # Our own SC is a hand image with sex and body part: assessing it again would

@@ -18,7 +18,10 @@ from pydicom import Dataset, dcmread
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
-from pydicom.uid import MultiFrameGrayscaleWordSecondaryCaptureImageStorage
+from pydicom.uid import (
+    DigitalXRayImageStorageForProcessing,
+    MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+)
 from sqlalchemy import select, update
 
 from db import queries
@@ -361,6 +364,36 @@ def test_ct_is_accepted_but_not_assessed(runtime: Runtime) -> None:
     )
     with session_scope(runtime.database_url) as session:
         assert list(session.scalars(select(Result))) == []
+
+
+def test_a_dx_for_processing_is_accepted_but_not_assessed(
+    tmp_path: Path, tiny_checkpoint: Path, storescp: StoreSCP
+) -> None:
+    """Raw detector data: recorded with the reason, counted under ``sop_class``, and no
+    number; with BONEAGE_SEND_NOT_ASSESSED the SR that says so passes dciodvfy."""
+    rt = make_runtime(
+        tmp_path, tiny_checkpoint, destinations=storescp.destination, send_not_assessed=True
+    )
+    instance_id = spool_instance(
+        rt,
+        attributes={
+            "SOPClassUID": DigitalXRayImageStorageForProcessing,
+            "PresentationIntentType": "FOR PROCESSING",
+        },
+    )
+    outcome = assess_instance(rt, instance_id)
+    assert outcome.state == "not_assessed"
+    state, reason = state_and_reason(rt, instance_id)
+    assert state is InstanceState.NOT_ASSESSED
+    assert reason is not None and "raw detector data, not for display" in reason
+    with session_scope(rt.database_url) as session:
+        assert list(session.scalars(select(Result))) == []
+        assert queries.not_assessed_by_reason(session)["sop_class"] == 1
+    [delivery_id] = outcome.delivery_ids
+    assert deliver_one(rt, delivery_id).state == "delivered"
+    [received] = storescp.wait_for_objects(1, timeout=30)
+    assert "raw detector data" in dsrdump(received)
+    assert dciodvfy_errors(received) == []
 
 
 @pytest.mark.parametrize(

@@ -4,8 +4,9 @@ import datetime as dt
 
 import numpy as np
 import pytest
-from pydicom import Dataset
+from pydicom import Dataset, uid
 
+from db.queries import reason_category
 from dicom_io import gate
 from dicom_io.synthetic import make_radiograph_dataset
 
@@ -45,6 +46,42 @@ def test_refusals_are_human_readable(change: dict[str, object], reason: str) -> 
     decision = gate.check(hand(**change))
     assert not decision.accepted
     assert decision.reason is not None and reason in decision.reason
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "intent", "reason"),
+    [
+        (
+            uid.DigitalXRayImageStorageForProcessing,
+            "FOR PROCESSING",
+            "SOP class Digital X-Ray Image Storage - For Processing holds raw detector data, "
+            "not for display; the model reads images for presentation",
+        ),
+        (
+            uid.DigitalXRayImageStorageForPresentation,
+            "FOR PROCESSING",  # not what the SOP class allows, and raw all the same
+            "SOP class Digital X-Ray Image Storage - For Presentation, FOR PROCESSING, holds "
+            "raw detector data, not for display; the model reads images for presentation",
+        ),
+        (uid.DigitalXRayImageStorageForPresentation, "FOR PRESENTATION", None),
+        (uid.ComputedRadiographyImageStorage, None, None),
+    ],
+)
+def test_raw_detector_data_is_refused(sop_class: str, intent: str | None, reason: str) -> None:
+    """A DX for processing is what the detector gave, before the modality made a
+    radiograph of it to read (PS3.3 C.8.11.1.1.1): nothing like what the model learnt
+    from, and a site that forwards both would get two bone ages for one hand."""
+    ds = hand()
+    ds.SOPClassUID = sop_class
+    if intent is None:
+        del ds.PresentationIntentType
+    else:
+        ds.PresentationIntentType = intent
+    decision = gate.check(ds)
+    assert decision.reason == reason
+    assert decision.accepted is (reason is None)
+    if reason is not None:
+        assert reason_category(reason) == "sop_class"
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,19 @@ RADIOGRAPH_SOP_CLASSES: dict[str, str] = {
 }
 
 HAND_BODY_PARTS = {"HAND", "HANDS", "WRIST", "CARPUS", "FINGER", "HANDWRIST", "HAND_WRIST"}
+#: The same regions coded, as an Anatomic Region Sequence states them (PS3.16 CID 4031
+#: and Annex L, which maps Body Part Examined to them): SNOMED CT, and the SNOMED-RT
+#: codes of older modalities.
+HAND_REGIONS = {
+    ("SCT", "85562004"),  # Hand
+    ("SCT", "24097009"),  # Bone structure of hand
+    ("SCT", "74670003"),  # Wrist joint
+    ("SCT", "8205005"),  # Wrist region (Carpus)
+    ("SCT", "7569003"),  # Finger
+    ("SRT", "T-D8700"),  # Hand
+    ("SRT", "T-15460"),  # Wrist joint
+    ("SRT", "T-D8800"),  # Finger
+}
 #: The smallest rows and columns an image is assessed at.
 MIN_SIZE = 128
 _HAND_WORDS = re.compile(
@@ -126,6 +139,21 @@ def patient_facts(ds: Dataset) -> PatientFacts:
     )
 
 
+def _anatomic_region(ds: Dataset) -> tuple[str, str, str] | None:
+    """(scheme, code, meaning) of the first item of the Anatomic Region Sequence, the
+    scheme's version aside; None when there is no item with a code."""
+    try:
+        items = ds.get("AnatomicRegionSequence") or []
+        for item in items:
+            scheme = str(item.get("CodingSchemeDesignator", "") or "").strip().upper()
+            value = str(item.get("CodeValue", "") or "").strip().upper()
+            if scheme and value:
+                return scheme, value, str(item.get("CodeMeaning", "") or "").strip()[:64]
+    except (TypeError, ValueError, AttributeError):  # not a sequence as it came
+        return None
+    return None
+
+
 def _approx_age_years(facts: PatientFacts) -> float | None:
     if facts.birth_date and facts.reference_date:
         return (facts.reference_date - facts.birth_date).days / 365.25
@@ -188,9 +216,18 @@ def check(
         return no("the instance has no pixel data")
 
     body_part = re.sub(r"[\s-]+", "_", str(ds.get("BodyPartExamined", "") or "").strip().upper())
+    region = _anatomic_region(ds)
     if body_part:
         if body_part not in HAND_BODY_PARTS:
             return no(f"body part examined is {body_part}, not a hand")
+    elif region is not None:
+        # DX must code it (Type 1, PS3.3 C.8.11.5), where Body Part Examined is Type 3;
+        # it outranks the free text of the descriptions.
+        scheme, value, meaning = region
+        if (scheme, value) not in HAND_REGIONS:
+            return no(
+                f"body part (Anatomic Region Sequence) is {meaning} ({scheme} {value}), not a hand"
+            )
     else:
         text = " ".join(str(ds.get(k, "") or "") for k in _DESCRIPTIONS).upper()
         if not _HAND_WORDS.search(text):

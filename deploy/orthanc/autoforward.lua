@@ -4,11 +4,15 @@
 -- with the Debian package 1.10.1). For every stored instance it decides once:
 --
 --   forward  CR or DX (by Modality or SOP class), hand or wrist by BodyPartExamined,
---            or, when BodyPartExamined is empty, by the study/series/protocol/
---            requested-procedure description ("HAND", "WRIST", "BONE AGE", ...);
---   skip     everything else, and always whatever boneage-worker made or sent
---            (received from its AE title, Manufacturer "boneage-worker", SR or
---            Secondary Capture SOP classes): results must never go back to it.
+--            or, when BodyPartExamined is empty, by the coded Anatomic Region
+--            Sequence (which a DX must have), or, without either, by the study/
+--            series/protocol/requested-procedure description ("HAND", "WRIST",
+--            "BONE AGE", ...): the rules of boneage-worker's own gate;
+--   skip     everything else: a DX for processing (raw detector data, which
+--            boneage-worker does not assess), and always whatever boneage-worker
+--            made or sent (received from its AE title, Manufacturer
+--            "boneage-worker", SR or Secondary Capture SOP classes): results must
+--            never go back to it.
 --
 -- Forwarding is an asynchronous Orthanc job (POST /modalities/BONEAGE/store with
 -- "Asynchronous": true), so a slow or absent boneage-worker never blocks the Lua
@@ -33,13 +37,21 @@ local ROUTING_METADATA = 'BoneAgeRouting'
 local RADIOGRAPH_MODALITIES = { CR = true, DX = true }
 local RADIOGRAPH_SOP_CLASSES = {
   ['1.2.840.10008.5.1.4.1.1.1'] = true,    -- Computed Radiography Image Storage
-  ['1.2.840.10008.5.1.4.1.1.1.1'] = true,  -- Digital X-Ray Image Storage - For Presentation
-  ['1.2.840.10008.5.1.4.1.1.1.1.1'] = true -- Digital X-Ray Image Storage - For Processing
+  ['1.2.840.10008.5.1.4.1.1.1.1'] = true   -- Digital X-Ray Image Storage - For Presentation
 }
+-- Digital X-Ray Image Storage - For Processing: the detector's raw data, not for display.
+local DX_FOR_PROCESSING = '1.2.840.10008.5.1.4.1.1.1.1.1'
 -- Body Part Examined values (PS3.16 Annex L, and spellings seen in the field).
 local HAND_BODY_PARTS = {
   HAND = true, HANDS = true, WRIST = true, CARPUS = true, FINGER = true,
   HANDWRIST = true, HAND_WRIST = true
+}
+-- Anatomic Region Sequence codes of a hand or wrist (PS3.16 CID 4031 and Annex L;
+-- SNOMED CT, and the SNOMED-RT codes of older modalities).
+local HAND_REGIONS = {
+  ['SCT 85562004'] = true, ['SCT 24097009'] = true, ['SCT 74670003'] = true,
+  ['SCT 8205005'] = true, ['SCT 7569003'] = true,
+  ['SRT T-D8700'] = true, ['SRT T-15460'] = true, ['SRT T-D8800'] = true
 }
 -- Words searched, whole, in the descriptions when Body Part Examined is empty.
 local HAND_WORDS = {
@@ -89,6 +101,26 @@ local function MentionsHand(tags)
   return false
 end
 
+-- 'SCHEME CODE' and the meaning of the first coded item of the Anatomic Region
+-- Sequence, or nil (Orthanc gives a sequence as a list of tables of tags).
+local function AnatomicRegion(tags)
+  local items = tags['AnatomicRegionSequence']
+  if type(items) ~= 'table' then
+    return nil
+  end
+  for _, item in ipairs(items) do
+    if type(item) == 'table' and type(item['CodeValue']) == 'string'
+      and type(item['CodingSchemeDesignator']) == 'string' then
+      local scheme, value = Upper(item['CodingSchemeDesignator']), Upper(item['CodeValue'])
+      if scheme ~= '' and value ~= '' then
+        local meaning = type(item['CodeMeaning']) == 'string' and Trim(item['CodeMeaning']) or ''
+        return scheme .. ' ' .. value, meaning
+      end
+    end
+  end
+  return nil
+end
+
 -- Returns (forward, reason); reason never holds patient data.
 function BoneAgeRoutingDecision(tags, origin)
   local requestOrigin = origin['RequestOrigin'] or ''
@@ -110,6 +142,9 @@ function BoneAgeRoutingDecision(tags, origin)
     return false, 'SR or Secondary Capture'
   end
   local modality = Upper(tags['Modality'])
+  if sopClass == DX_FOR_PROCESSING or Upper(tags['PresentationIntentType']) == 'FOR PROCESSING' then
+    return false, 'DX for processing (raw detector data)'
+  end
   if not RADIOGRAPH_MODALITIES[modality] and not RADIOGRAPH_SOP_CLASSES[sopClass] then
     return false, 'modality ' .. (modality ~= '' and modality or 'empty') .. ', not CR or DX'
   end
@@ -119,6 +154,13 @@ function BoneAgeRoutingDecision(tags, origin)
       return true, 'body part ' .. bodyPart
     end
     return false, 'body part ' .. bodyPart .. ', not a hand'
+  end
+  local region, meaning = AnatomicRegion(tags)
+  if region ~= nil then
+    if HAND_REGIONS[region] then
+      return true, 'anatomic region ' .. region .. ' (' .. meaning .. ')'
+    end
+    return false, 'anatomic region ' .. region .. ' (' .. meaning .. '), not a hand'
   end
   if MentionsHand(tags) then
     return true, 'description mentions the hand or bone age'

@@ -23,7 +23,11 @@ import numpy as np
 import pytest
 from pydicom import Dataset
 from pydicom.sr.coding import Code
-from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage
+from pydicom.uid import (
+    ComprehensiveSRStorage,
+    DigitalXRayImageStorageForProcessing,
+    SecondaryCaptureImageStorage,
+)
 from sqlalchemy import select
 
 from db.engine import session_scope
@@ -106,8 +110,14 @@ def write_radiograph(
     modality: str = "DX",
     description: str | None = None,
     seed: int = 0,
+    region: Code | None = None,
+    for_processing: bool = False,
 ) -> Dataset:
-    """A phantom radiograph as a Part 10 file (a phantom, not a patient)."""
+    """A phantom radiograph as a Part 10 file (a phantom, not a patient).
+
+    A DX's coded region (Anatomic Region Sequence) agrees with ``body_part``; without a
+    body part it has none unless ``region`` names one.
+    """
     phantom = make_phantom(110.0, male=False, size=256, rng=np.random.default_rng(seed))
     study = dt.date.today()
     ds = make_radiograph_dataset(
@@ -120,11 +130,20 @@ def write_radiograph(
     )
     if description is not None:
         ds.StudyDescription = description
-    if body_part == "CHEST" and "AnatomicRegionSequence" in ds:
+    if body_part == "CHEST" and region is None:
         # SCT 51185008 "Chest" (PS3.16 CID 4009), so the header agrees with itself
         region = Code("51185008", "SCT", "Chest")
-        ds.AnatomicRegionSequence[0].CodeValue = region.value
-        ds.AnatomicRegionSequence[0].CodeMeaning = region.meaning
+    if "AnatomicRegionSequence" in ds:
+        if region is not None:
+            ds.AnatomicRegionSequence[0].CodeValue = region.value
+            ds.AnatomicRegionSequence[0].CodingSchemeDesignator = region.scheme_designator
+            ds.AnatomicRegionSequence[0].CodeMeaning = region.meaning
+        elif not body_part:
+            del ds.AnatomicRegionSequence
+    if for_processing:
+        ds.SOPClassUID = DigitalXRayImageStorageForProcessing
+        ds.file_meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForProcessing
+        ds.PresentationIntentType = "FOR PROCESSING"
     ds.save_as(path, enforce_file_format=True)
     return ds
 
@@ -218,13 +237,27 @@ def test_hand_radiograph_round_trip_without_loop(stack: Stack, tmp_path: Path) -
 
 
 @pytest.mark.parametrize(
-    ("body_part", "modality", "description", "reason"),
+    ("body_part", "modality", "description", "extra", "reason"),
     [
-        ("CHEST", "DX", "XR CHEST PA", "skipped: body part CHEST, not a hand"),
-        ("HAND", "CT", None, "skipped: modality CT, not CR or DX"),
-        ("", "DX", "XR CHEST PA", "skipped: no body part and no hand in the descriptions"),
+        ("CHEST", "DX", "XR CHEST PA", {}, "skipped: body part CHEST, not a hand"),
+        ("HAND", "CT", None, {}, "skipped: modality CT, not CR or DX"),
+        ("", "DX", "XR CHEST PA", {}, "skipped: no body part and no hand in the descriptions"),
+        (
+            "",
+            "DX",
+            "XR HAND",
+            {"region": Code("51185008", "SCT", "Chest")},
+            "skipped: anatomic region SCT 51185008 (Chest), not a hand",
+        ),
+        (
+            "HAND",
+            "DX",
+            None,
+            {"for_processing": True},
+            "skipped: DX for processing (raw detector data)",
+        ),
     ],
-    ids=["chest-dx", "hand-ct", "dx-no-body-part"],
+    ids=["chest-dx", "hand-ct", "dx-no-body-part", "dx-chest-region", "dx-for-processing"],
 )
 def test_other_images_are_not_forwarded(
     stack: Stack,
@@ -232,11 +265,16 @@ def test_other_images_are_not_forwarded(
     body_part: str,
     modality: str,
     description: str | None,
+    extra: dict[str, Any],
     reason: str,
 ) -> None:
     orthanc = stack.orthanc
     source = write_radiograph(
-        tmp_path / "other.dcm", body_part=body_part, modality=modality, description=description
+        tmp_path / "other.dcm",
+        body_part=body_part,
+        modality=modality,
+        description=description,
+        **extra,
     )
     uploaded = orthanc.upload(tmp_path / "other.dcm")
     # Positive condition first: the Lua script has decided about this instance.
@@ -261,6 +299,32 @@ def test_hand_named_only_in_the_description_is_forwarded(stack: Stack, tmp_path:
         lambda: instance_rows(stack.database_url, sop_instance_uid=source.SOPInstanceUID),
         what="boneage-worker received the forwarded image",
     )
+
+
+def test_a_dx_with_only_its_coded_region_is_forwarded_and_assessed(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """No Body Part Examined (Type 3 in a DX) and no word of a hand in the descriptions:
+    the Anatomic Region Sequence a DX must have says Hand, and both Orthanc's script and
+    our gate go by it."""
+    orthanc = stack.orthanc
+    source = write_radiograph(
+        tmp_path / "coded.dcm",
+        body_part="",
+        description="XR",
+        region=Code("85562004", "SCT", "Hand"),
+    )
+    uploaded = orthanc.upload(tmp_path / "coded.dcm")
+    decision = stack.wait(lambda: orthanc.routing(uploaded["ID"]), what="the routing decision")
+    assert decision.startswith("forwarded: anatomic region SCT 85562004 (Hand)"), decision
+
+    def assessed() -> Instance | None:
+        rows = instance_rows(stack.database_url, sop_instance_uid=source.SOPInstanceUID)
+        done = [r for r in rows if r.finished_at is not None]
+        return done[0] if done else None
+
+    row = stack.wait(assessed, what="boneage-worker finished the coded hand", timeout=120)
+    assert row.state is InstanceState.ASSESSED, row.reason
 
 
 def test_chest_sent_directly_is_not_assessed(stack: Stack, tmp_path: Path) -> None:

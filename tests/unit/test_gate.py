@@ -85,6 +85,48 @@ def test_raw_detector_data_is_refused(sop_class: str, intent: str | None, reason
 
 
 @pytest.mark.parametrize(
+    ("region", "description", "reason"),
+    [
+        (("85562004", "SCT", "Hand"), "XR", None),
+        (("74670003", "SCT", "Wrist joint"), None, None),
+        (("T-D8700", "SRT", "Hand"), None, None),  # older modalities' SNOMED-RT
+        (
+            ("51185008", "SCT", "Chest"),
+            "XR HAND",  # the coded region outranks the free text
+            "body part (Anatomic Region Sequence) is Chest (SCT 51185008), not a hand",
+        ),
+        (None, "XR HAND", None),
+        (None, "XR", "body part is not stated (no BodyPartExamined, no hand in the descriptions)"),
+    ],
+)
+def test_a_dx_without_body_part_examined_is_judged_by_its_coded_anatomic_region(
+    region: tuple[str, str, str] | None, description: str | None, reason: str | None
+) -> None:
+    """DX must code the region imaged (Anatomic Region Sequence, Type 1, PS3.3 C.8.11.5);
+    Body Part Examined is Type 3, and many DX leave it out."""
+    ds = hand()
+    del ds.BodyPartExamined
+    del ds.AnatomicRegionSequence
+    if region is not None:
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = region
+        ds.AnatomicRegionSequence = [item]
+    if description is not None:
+        ds.StudyDescription = description
+    decision = gate.check(ds)
+    assert decision.reason == reason
+    assert decision.accepted is (reason is None)
+    if reason is not None:
+        assert reason_category(reason) == "body_part"
+
+
+def test_body_part_examined_outranks_the_coded_region() -> None:
+    ds = hand(body_part="CHEST")  # its Anatomic Region Sequence still says Hand
+    assert ds.AnatomicRegionSequence[0].CodeMeaning == "Hand"
+    assert gate.check(ds).reason == "body part examined is CHEST, not a hand"
+
+
+@pytest.mark.parametrize(
     ("keyword", "reason"),
     [
         ("StudyInstanceUID", "StudyInstanceUID is missing: results could not be placed"),
@@ -105,6 +147,7 @@ def test_an_image_its_results_could_not_reference_is_refused(keyword: str, reaso
 def test_missing_body_part_needs_a_hand_description() -> None:
     ds = hand()
     del ds.BodyPartExamined
+    del ds.AnatomicRegionSequence  # as a CR has none, or a DX that codes no region
     ds.StudyDescription = "XR CHEST PA"
     assert (
         gate.check(ds).reason

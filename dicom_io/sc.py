@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from functools import lru_cache
@@ -30,6 +31,7 @@ from dicom_io.sr import (
     PATIENT_AND_STUDY_IF_PRESENT,
     copy_patient_and_study,
     date_in_sources_time_zone,
+    number_of_frames,
     series_description,
     software_version,
 )
@@ -401,7 +403,15 @@ def build_heatmap_sc(
     # General Image: derivation and the source image
     sc.BurnedInAnnotation = "YES"
     sc.RecognizableVisualFeatures = "NO"
-    sc.LossyImageCompression = "00"
+    # Once lossy, always: a picture of an image that lost detail to compression says
+    # so, with the source's ratio and method (PS3.3 C.7.6.1.1.5)
+    if source_was_compressed_lossily(source):
+        sc.LossyImageCompression = "01"
+        for keyword in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
+            if source.get(keyword):
+                sc[keyword] = copy.deepcopy(source[keyword])
+    else:
+        sc.LossyImageCompression = "00"
     description = _DERIVATION
     if not finding.model_trained:
         description = f"{UNTRAINED_WARNING}. {description}"
@@ -409,6 +419,9 @@ def build_heatmap_sc(
     derived_from = Dataset()
     derived_from.ReferencedSOPClassUID = source.SOPClassUID
     derived_from.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    frames = number_of_frames(source)
+    if frames is not None and frames > 1:
+        derived_from.ReferencedFrameNumber = 1  # the frame assessed and shown
     purpose = Dataset()
     # DCM 121322 "Source image for image processing operation" (PS3.16 CID 7202)
     purpose.CodeValue = "121322"
@@ -428,6 +441,22 @@ def build_heatmap_sc(
 _COPIED_AFTER = frozenset(
     ("SpecificCharacterSet", *PATIENT_AND_STUDY, *PATIENT_AND_STUDY_IF_PRESENT)
 )
+
+
+#: Transfer syntaxes that always lose detail: JPEG baseline and extended (PS3.5 A.4.1).
+#: JPEG 2000, JPEG-LS and HTJ2K may be lossless or not; the source's Lossy Image
+#: Compression says which.
+_LOSSY_SYNTAXES = frozenset(("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"))
+
+
+def source_was_compressed_lossily(source: Dataset) -> bool:
+    """Whether ``source``'s pixels have lost detail to compression: its Lossy Image
+    Compression says so, or it came in a syntax that always does."""
+    if str(source.get("LossyImageCompression", "") or "").strip() == "01":
+        return True
+    meta = getattr(source, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    return syntax in _LOSSY_SYNTAXES
 
 
 def _reference_view(source: Dataset) -> Dataset:

@@ -276,7 +276,21 @@ def _evidence(source: Dataset) -> Dataset:
     copy_patient_and_study(source, evidence)
     if "TimezoneOffsetFromUTC" in source:
         evidence.TimezoneOffsetFromUTC = source.TimezoneOffsetFromUTC
+    frames = number_of_frames(source)
+    if frames is not None and frames > 1:
+        evidence.NumberOfFrames = frames
     return evidence
+
+
+def number_of_frames(source: Dataset) -> int | None:
+    """The source's Number of Frames, 1 where it states none; None where it is no
+    number. Of several frames, only the first is assessed (:mod:`dicom_io.pixels`), and
+    a reference to the image names it (Referenced Frame Number, Type 1C: PS3.3 10.3)."""
+    try:
+        value = source.get("NumberOfFrames")
+        return int(value) if value not in (None, "") else 1
+    except (TypeError, ValueError, OverflowError):
+        return None
 
 
 def _observation_context(device_observer_uid: str, model_name: str) -> ObservationContext:
@@ -393,10 +407,12 @@ def _measurements(finding: BoneAgeFinding) -> list[Measurement]:
 
 
 def _source_image(evidence: Dataset) -> SourceImageForMeasurementGroup:
-    """IMAGE item referencing the source; built from UIDs so pixel-less images work too."""
+    """IMAGE item referencing the source; built from UIDs so pixel-less images work too.
+    Of a multi-frame image it names the first frame, the one assessed."""
     return SourceImageForMeasurementGroup(
         referenced_sop_class_uid=evidence.SOPClassUID,
         referenced_sop_instance_uid=evidence.SOPInstanceUID,
+        referenced_frame_numbers=[1] if "NumberOfFrames" in evidence else None,
     )
 
 

@@ -212,11 +212,29 @@ def test_an_instance_of_several_frames_is_assessed_on_its_first_read_alone(
     assert left_in_file == [False, True]
     with session_scope(runtime.database_url) as session:
         ages = {r.instance_id: r.bone_age_months for r in session.scalars(select(Result))}
-        outputs = [Path(d.path) for d in session.scalars(select(Delivery))]
+        outputs = {(d.instance_id, d.kind): Path(d.path) for d in session.scalars(select(Delivery))}
     assert ages[several] == ages[single]
     assert len(outputs) == 4
-    for path in outputs:
+    for path in outputs.values():
         assert dciodvfy_errors(path) == []
+    # The SR's image and the SC's source name the frame assessed (Type 1C), only where
+    # the image has several
+    for instance_id, frames in ((single, None), (several, [1])):
+        sr = dcmread(outputs[instance_id, ObjectKind.SR])
+        [image] = [
+            item
+            for group in sr.ContentSequence
+            if group.ValueType == "CONTAINER"
+            for finding in group.get("ContentSequence", [])
+            for item in finding.get("ContentSequence", [])
+            if item.ValueType == "IMAGE"
+        ]
+        [referenced] = image.ReferencedSOPSequence
+        sc = dcmread(outputs[instance_id, ObjectKind.SC])
+        [derived_from] = sc.SourceImageSequence
+        for reference in (referenced, derived_from):
+            shown = reference.get("ReferencedFrameNumber")
+            assert (None if shown is None else [int(shown)]) == frames
 
 
 def test_an_instance_received_again_while_read_is_read_again_not_mixed(

@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 from pydicom import Dataset, dcmread
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 
 from dicom_io.content import UNTRAINED_WARNING, BoneAgeFinding
 from dicom_io.pixels import decode_for_display
@@ -214,6 +220,48 @@ def test_sc_times_are_written_in_the_time_zone_the_source_states(
         f"{contributions['Processing Equipment']}+0100", "%Y%m%d%H%M%S.%f%z"
     )
     assert before <= ours <= after
+    path = tmp_path / "sc.dcm"
+    sc.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+
+
+@pytest.mark.parametrize(
+    ("syntax", "attributes", "lossy"),
+    [
+        (ExplicitVRLittleEndian, {}, "00"),
+        (
+            ExplicitVRLittleEndian,
+            {
+                "LossyImageCompression": "01",
+                "LossyImageCompressionRatio": [10.0],
+                "LossyImageCompressionMethod": ["ISO_10918_1"],
+            },
+            "01",
+        ),
+        (JPEGBaseline8Bit, {}, "01"),  # always lossy, stated or not
+        (JPEG2000Lossless, {"LossyImageCompression": "00"}, "00"),
+    ],
+    ids=["uncompressed", "stated lossy", "jpeg baseline", "j2k lossless"],
+)
+def test_an_sc_of_a_lossy_source_says_it_lost_detail(
+    tmp_path: Path,
+    source: Dataset,
+    finding: BoneAgeFinding,
+    syntax: str,
+    attributes: dict[str, object],
+    lossy: str,
+) -> None:
+    """PS3.3 C.7.6.1.1.5: once lossy compressed, an image and what is derived from it
+    keep Lossy Image Compression 01, with the ratio and method where the source had them."""
+    rgb = render_overlay(decode_for_display(source), _cam(96, 64), finding)
+    source.file_meta.TransferSyntaxUID = syntax
+    for keyword, value in attributes.items():
+        setattr(source, keyword, value)
+    sc = build_heatmap_sc(source, rgb, finding, series_number=902, **_uids())
+    assert sc.LossyImageCompression == lossy
+    for keyword in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
+        assert (keyword in sc) is (keyword in attributes)
+        assert sc.get(keyword) == source.get(keyword)
     path = tmp_path / "sc.dcm"
     sc.save_as(path, enforce_file_format=True)
     assert dciodvfy_errors(path) == []

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 from pydicom import Dataset, dcmread
 from pydicom.uid import (
+    UID,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
@@ -254,7 +255,7 @@ def test_an_sc_of_a_lossy_source_says_it_lost_detail(
     """PS3.3 C.7.6.1.1.5: once lossy compressed, an image and what is derived from it
     keep Lossy Image Compression 01, with the ratio and method where the source had them."""
     rgb = render_overlay(decode_for_display(source), _cam(96, 64), finding)
-    source.file_meta.TransferSyntaxUID = syntax
+    source.file_meta.TransferSyntaxUID = UID(syntax)
     for keyword, value in attributes.items():
         setattr(source, keyword, value)
     sc = build_heatmap_sc(source, rgb, finding, series_number=902, **_uids())

@@ -41,9 +41,13 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CAM_THRESHOLD",
     "MAX_LONG_SIDE",
+    "REPLACES_HEAT_MAP",
+    "WITHDRAWN",
     "build_heatmap_sc",
+    "build_withdrawal_sc",
     "overlay_factor",
     "overlay_shape",
+    "render_notice",
     "render_overlay",
     "turbo_lut",
 ]
@@ -340,13 +344,153 @@ def build_heatmap_sc(
     ValueError
         When ``rgb`` has the wrong shape, a UID is invalid or ``source`` lacks UIDs.
     """
-    if not isinstance(source, Dataset):
-        raise TypeError(
-            f'Argument "source" must be a pydicom Dataset, not {type(source).__name__}.'
-        )
     if not isinstance(finding, BoneAgeFinding):
         raise TypeError(
             f'Argument "finding" must be a BoneAgeFinding, not {type(finding).__name__}.'
+        )
+    description = _DERIVATION
+    comments = AI_RESULT_NOTICE
+    if not finding.model_trained:
+        description = f"{UNTRAINED_WARNING}. {description}"
+        comments = f"{UNTRAINED_WARNING}. {comments}"
+    if REPLACES_HEAT_MAP in finding.notes:
+        comments = f"{REPLACES_HEAT_MAP}. {comments}"
+    return _secondary_capture(
+        source,
+        rgb,
+        laterality=finding.laterality,
+        model_name=finding.model_name,
+        model_trained=finding.model_trained,
+        derivation=description,
+        comments=comments,
+        series_instance_uid=series_instance_uid,
+        sop_instance_uid=sop_instance_uid,
+        series_number=series_number,
+        instance_number=instance_number,
+    )
+
+
+#: The note on a heat map that replaces an earlier one of the same image and model.
+REPLACES_HEAT_MAP = "Replaces the earlier heat map: image received again, assessed again"
+#: The first line of a notice that withdraws a heat map's bone age.
+WITHDRAWN = "BONE AGE WITHDRAWN"
+_NOTICE_WIDTH = 1024
+_NOTICE_DERIVATION = (
+    "Notice, rendered by software, that the AI bone age of an earlier heat map of the "
+    "source image no longer stands; no heat map"
+)
+
+
+def render_notice(lines: Sequence[str], *, width: int = _NOTICE_WIDTH) -> np.ndarray:
+    """A black picture of ``lines`` of text, ``width`` pixels wide: the first in red,
+    :data:`~dicom_io.content.AI_RESULT_NOTICE` in yellow, the others in white; a line
+    too long for the width is wrapped at its spaces.
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8 RGB (H, ``width``, 3).
+    """
+    if not lines:
+        raise ValueError('Argument "lines" must hold at least one line.')
+    margin = max(4, round(width * 0.03))
+    size = max(_MIN_FONT_PX, round(width * _FONT_FRACTION))
+    font = _font(size)
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    coloured: list[tuple[str, tuple[int, int, int]]] = []
+    for number, line in enumerate(lines):
+        fill = _RED if number == 0 else _YELLOW if line == AI_RESULT_NOTICE else _WHITE
+        words, current = line.split(), ""
+        for word in words:
+            trial = f"{current} {word}".strip()
+            if current and draw.textlength(trial, font=font) > width - 2 * margin:
+                coloured.append((current, fill))
+                current = word
+            else:
+                current = trial
+        coloured.append((current, fill))
+    font = _fit_font([text for text, _ in coloured], width - 2 * margin, size)
+    ascent, descent = font.getmetrics() if hasattr(font, "getmetrics") else (11, 3)
+    line_height = round((ascent + descent) * 1.2)
+    picture = Image.new("RGB", (width, 2 * margin + line_height * len(coloured)), (0, 0, 0))
+    draw = ImageDraw.Draw(picture)
+    for row, (text, fill) in enumerate(coloured):
+        draw.text((margin, margin + row * line_height), text, font=font, fill=fill)
+    return np.asarray(picture, dtype=np.uint8)
+
+
+def build_withdrawal_sc(
+    source: Dataset,
+    why: str,
+    *,
+    model_name: str,
+    model_trained: bool,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int,
+    instance_number: int,
+) -> Dataset:
+    """A Secondary Capture that withdraws the bone age of the heat maps before it in its
+    series: a picture of text, no radiograph, for a viewer that shows images and not the
+    SR that replaced their report.
+
+    Parameters
+    ----------
+    source : pydicom.Dataset
+        The image received again (patient, study and referenced image).
+    why : str
+        Why the earlier bone age no longer stands, in a sentence.
+    model_name, model_trained
+        Of the model whose heat maps it withdraws: the series' equipment and
+        description are those of its heat maps.
+    series_instance_uid : str
+        That heat-map series.
+    sop_instance_uid : str
+        This notice.
+    series_number, instance_number : int
+        Of the series, and this notice's place in it (after the heat maps it withdraws).
+    """
+    if not isinstance(why, str) or not why.strip():
+        raise ValueError('Argument "why" must be a non-empty string.')
+    lines = [WITHDRAWN, "The bone age of the earlier heat map of this image no longer stands:"]
+    lines += [why.strip(), AI_RESULT_NOTICE]
+    comments = f"{WITHDRAWN}: {why.strip()}"
+    return _secondary_capture(
+        source,
+        render_notice(lines),
+        laterality=None,
+        model_name=model_name,
+        model_trained=model_trained,
+        derivation=_NOTICE_DERIVATION,
+        comments=comments[:10240],
+        series_instance_uid=series_instance_uid,
+        sop_instance_uid=sop_instance_uid,
+        series_number=series_number,
+        instance_number=instance_number,
+        shows_source=False,
+    )
+
+
+def _secondary_capture(
+    source: Dataset,
+    rgb: np.ndarray,
+    *,
+    laterality: str | None,
+    model_name: str,
+    model_trained: bool,
+    derivation: str,
+    comments: str,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int,
+    instance_number: int,
+    shows_source: bool = True,
+) -> Dataset:
+    """The SC of ``rgb`` in ``source``'s study, in a heat-map series of one model;
+    ``shows_source``: its pixels are the source's, rendered (and lossy where those are)."""
+    if not isinstance(source, Dataset):
+        raise TypeError(
+            f'Argument "source" must be a pydicom Dataset, not {type(source).__name__}.'
         )
     if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8:
         raise TypeError('Argument "rgb" must be a uint8 numpy array.')
@@ -360,7 +504,6 @@ def build_heatmap_sc(
     check_positive_int("series_number", series_number)
     check_positive_int("instance_number", instance_number)
 
-    laterality = finding.laterality
     if laterality is None:
         side = str(source.get("ImageLaterality") or source.get("Laterality") or "").upper()
         laterality = side if side in ("L", "R") else None
@@ -378,11 +521,10 @@ def build_heatmap_sc(
         instance_number=instance_number,
         manufacturer=MANUFACTURER,
         laterality=laterality,
-        # placeholder when the source has none; cleared below (Type 2C may be empty)
         patient_orientation=orientation or ("L", "F"),
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        series_description=series_description("heat map", trained=finding.model_trained),
-        manufacturer_model_name=finding.model_name[:64],
+        series_description=series_description("heat map", trained=model_trained),
+        manufacturer_model_name=model_name[:64],
         software_versions=software_version(),
     )
     # Patient and General Study, and the character set, as the source has them
@@ -396,7 +538,8 @@ def build_heatmap_sc(
     # General Series: Laterality is Type 2C; empty when the side is unknown
     if laterality is None:
         sc.Laterality = ""
-    if source.get("BodyPartExamined"):
+    # (a notice shows no anatomy, and the copy that withdrew a bone age may name another)
+    if shows_source and source.get("BodyPartExamined"):
         sc.BodyPartExamined = source.BodyPartExamined
     # SC Equipment: rendered by software on a workstation, not digitized
     sc.ConversionType = "WSD"
@@ -405,17 +548,14 @@ def build_heatmap_sc(
     sc.RecognizableVisualFeatures = "NO"
     # Once lossy, always: a picture of an image that lost detail to compression says
     # so, with the source's ratio and method (PS3.3 C.7.6.1.1.5)
-    if source_was_compressed_lossily(source):
+    if shows_source and source_was_compressed_lossily(source):
         sc.LossyImageCompression = "01"
         for keyword in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
             if source.get(keyword):
                 sc[keyword] = copy.deepcopy(source[keyword])
     else:
         sc.LossyImageCompression = "00"
-    description = _DERIVATION
-    if not finding.model_trained:
-        description = f"{UNTRAINED_WARNING}. {description}"
-    sc.DerivationDescription = description[:1024]
+    sc.DerivationDescription = derivation[:1024]
     derived_from = Dataset()
     derived_from.ReferencedSOPClassUID = source.SOPClassUID
     derived_from.ReferencedSOPInstanceUID = source.SOPInstanceUID
@@ -430,9 +570,6 @@ def build_heatmap_sc(
     derived_from.PurposeOfReferenceCodeSequence = [purpose]
     sc.SourceImageSequence = [derived_from]
     # General Image: Image Comments carry the plain-language warnings
-    comments = AI_RESULT_NOTICE
-    if not finding.model_trained:
-        comments = f"{UNTRAINED_WARNING}. {comments}"
     sc.ImageComments = comments
     logger.debug("built heat-map SC %dx%d", sc.Rows, sc.Columns)
     return sc

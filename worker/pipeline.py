@@ -74,7 +74,13 @@ from dicom_io.pixels import (
     drop_pixel_data,
     read_image,
 )
-from dicom_io.sc import build_heatmap_sc, overlay_shape, render_overlay
+from dicom_io.sc import (
+    REPLACES_HEAT_MAP,
+    build_heatmap_sc,
+    build_withdrawal_sc,
+    overlay_shape,
+    render_overlay,
+)
 from dicom_io.scp import fsync_directory, uid_tag
 from dicom_io.sr import build_bone_age_sr, build_not_assessed_sr, earlier_report
 from worker.heartbeat import process_name
@@ -124,6 +130,18 @@ class Output:
     path: Path
     sha256: str  # hex digest of the file's bytes, checked before each send
     staged: Path | None = None
+    # an object of the assessment's result; not so a notice withdrawing an earlier one's
+    of_result: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class HeatMapSeries:
+    """The heat-map series of one model about an image, as an earlier assessment left it
+    at a destination."""
+
+    model_id: str
+    model_name: str
+    trained: bool
 
 
 def write_atomically(ds: Dataset, path: Path, *, sync_directory: bool = True) -> str:
@@ -615,6 +633,7 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
 
     finding = assessment_finding(predictor, prediction, facts, male=male, notes=notes)
     chronological, sds = finding.chronological_age_months, finding.sds
+    earlier_maps = _earlier_heat_maps(rt, claim)
     outputs = stage_outputs(  # moved into the outbox by the commit, if it wins
         ds,
         image,
@@ -625,7 +644,20 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
         device_observer_uid=rt.device_observer_uid,
         assessment=claim.assessment,
         replaces=_earlier_reports(rt, claim, ds),
+        replaces_heat_map=any(m.model_id == predictor.model_id for m in earlier_maps),
     )
+    try:  # another model's heat maps of the image are withdrawn by a notice in each series
+        outputs += stage_withdrawals(
+            ds,
+            [m for m in earlier_maps if m.model_id != predictor.model_id],
+            ASSESSED_AGAIN,
+            source_uid=claim.sop_instance_uid,
+            outbox_dir=settings.outbox_dir,
+            assessment=claim.assessment,
+        )
+    except BaseException:
+        discard(outputs)
+        raise
 
     _ensure_model(rt, predictor)
     result = Result(
@@ -673,6 +705,7 @@ def stage_outputs(
     device_observer_uid: str,
     assessment: int = 1,
     replaces: Sequence[Dataset] = (),
+    replaces_heat_map: bool = False,
 ) -> list[Output]:
     """Build the SR and the heat-map SC of one assessment and stage both, durable.
 
@@ -689,6 +722,7 @@ def stage_outputs(
         device_observer_uid=device_observer_uid,
         assessment=assessment,
         replaces=replaces,
+        replaces_heat_map=replaces_heat_map,
     )
     staged = [_stage_output(outbox_dir, ObjectKind.SR, sr, "sr")]
     try:
@@ -709,11 +743,14 @@ def build_outputs(
     device_observer_uid: str,
     assessment: int = 1,
     replaces: Sequence[Dataset] = (),
+    replaces_heat_map: bool = False,
 ) -> tuple[Dataset, Dataset]:
     """The SR and the heat-map SC of one assessment, in memory: ``(sr, sc)``.
 
     A later assessment's SR and SC join the first's series as instance ``assessment``;
-    its SR replaces the reports in ``replaces`` (:func:`dicom_io.sr.earlier_report`).
+    its SR replaces the reports in ``replaces`` (:func:`dicom_io.sr.earlier_report`),
+    and with ``replaces_heat_map`` its SC says, in its picture and comments, that it
+    replaces the earlier heat map of the series, which a destination holds.
     """
     model_id = finding.model_id
     sr_uid = derived_uid(source_uid, model_id, *_again(assessment), "sr")
@@ -729,18 +766,65 @@ def build_outputs(
         device_observer_uid=device_observer_uid,
         predecessors=replaces,
     )
+    if replaces_heat_map:
+        finding = dataclasses.replace(finding, notes=(*finding.notes, REPLACES_HEAT_MAP))
     # the heat map straight at the picture's size: never upsampled to the full image
     rgb = render_overlay(image, prediction.cam_at(overlay_shape(image.shape)), finding)
     sc = build_heatmap_sc(
         source,
         rgb,
         finding,
-        series_instance_uid=derived_uid(source_uid, model_id, "sc-series"),
+        series_instance_uid=sc_series_uid(source_uid, model_id),
         sop_instance_uid=sc_uid,
         series_number=SC_SERIES_NUMBER,
         instance_number=assessment,
     )
     return sr, sc
+
+
+#: Why another model's heat map no longer stands, once its image was assessed again.
+ASSESSED_AGAIN = "the image was received again with other values and assessed again"
+
+
+def stage_withdrawals(
+    source: Dataset,
+    heat_maps: Sequence[HeatMapSeries],
+    why: str,
+    *,
+    source_uid: str,
+    outbox_dir: Path,
+    assessment: int,
+) -> list[Output]:
+    """Stage a notice withdrawing the bone age of each series in ``heat_maps``, as
+    instance ``assessment`` of that series: a viewer that shows the images and not the
+    SR that replaced their report sees it after the heat maps."""
+    staged: list[Output] = []
+    try:
+        for series in heat_maps:
+            notice = build_withdrawal_sc(
+                source,
+                why,
+                model_name=series.model_name,
+                model_trained=series.trained,
+                series_instance_uid=sc_series_uid(source_uid, series.model_id),
+                sop_instance_uid=derived_uid(
+                    source_uid, series.model_id, *_again(assessment), "withdrawn-sc"
+                ),
+                series_number=SC_SERIES_NUMBER,
+                instance_number=assessment,
+            )
+            output = _stage_output(outbox_dir, ObjectKind.SC, notice, "withdrawn-sc")
+            staged.append(dataclasses.replace(output, of_result=False))
+    except BaseException:
+        discard(staged)
+        raise
+    return staged
+
+
+def sc_series_uid(source_uid: str, model_id: str) -> str:
+    """The series of one model's heat maps of ``source_uid`` (and of notices that
+    withdraw them)."""
+    return derived_uid(source_uid, model_id, "sc-series")
 
 
 def sr_series_uid(source_uid: str, model_id: str | None) -> str:
@@ -783,6 +867,36 @@ def _earlier_reports(rt: Runtime, claim: _Claim, source: Dataset) -> list[Datase
                 source.StudyInstanceUID, series, sop_instance_uid
             )
     return list(reports.values())
+
+
+def _earlier_heat_maps(rt: Runtime, claim: _Claim) -> list[HeatMapSeries]:
+    """The heat-map series, one per model, of earlier assessments of the claimed
+    instance whose heat maps a destination has or may have (as :func:`_earlier_reports`
+    finds their SRs): those whose bone age a later assessment withdraws."""
+    if claim.assessment == 1:
+        return []
+    with session_scope(rt.database_url) as session:
+        rows = session.execute(
+            select(Model.id, Model.architecture, Model.trained)
+            .join(Result, Result.model_id == Model.id)
+            .join(Delivery, Delivery.result_id == Result.id)
+            .where(
+                Delivery.instance_id == claim.instance_id,
+                Delivery.kind == ObjectKind.SC,
+                Delivery.assessment < claim.assessment,
+                or_(
+                    Delivery.state == DeliveryState.DELIVERED,
+                    (Delivery.state == DeliveryState.SUPERSEDED)
+                    & Delivery.sending_since.is_not(None),
+                ),
+            )
+            .distinct()
+            .order_by(Model.id)
+        ).all()
+    return [
+        HeatMapSeries(model_id, f"BoneAgeNet {architecture}", bool(trained))
+        for model_id, architecture, trained in rows
+    ]
 
 
 def assessment_finding(
@@ -890,8 +1004,11 @@ def _not_assessed(
     ours = str(ds.get("Manufacturer", "") or "").strip() == MANUFACTURER
     referable = all(ds.get(k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
     replaces = _earlier_reports(rt, claim, ds) if referable and not ours else []
+    withdrawn = _earlier_heat_maps(rt, claim) if referable and not ours else []
     if (
-        not (send and settings.destinations and (settings.send_not_assessed or replaces))
+        not (
+            send and settings.destinations and (settings.send_not_assessed or replaces or withdrawn)
+        )
         or ours
         # an SR could neither join the study nor reference the image
         or not referable
@@ -910,6 +1027,19 @@ def _not_assessed(
         predecessors=replaces,
     )
     outputs = [_stage_output(settings.outbox_dir, ObjectKind.SR, sr, "not-assessed-sr")]
+    if withdrawn and ds.get("SOPClassUID"):
+        try:
+            outputs += stage_withdrawals(
+                ds,
+                withdrawn,
+                f"the image was received again and is not assessed: {reason}",
+                source_uid=source_uid,
+                outbox_dir=settings.outbox_dir,
+                assessment=claim.assessment,
+            )
+        except BaseException:
+            discard(outputs)
+            raise
     outcome = _commit(rt, claim, InstanceState.NOT_ASSESSED, reason, None, outputs)
     return AssessOutcome("not_assessed", delivery_ids=outcome.delivery_ids, reason=reason)
 
@@ -938,7 +1068,7 @@ def _commit(
             deliveries = [
                 Delivery(
                     instance_id=instance_id,
-                    result_id=result.id if result is not None else None,
+                    result_id=result.id if result is not None and output.of_result else None,
                     kind=output.kind,
                     destination=str(destination),
                     sop_instance_uid=output.sop_instance_uid,

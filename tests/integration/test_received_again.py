@@ -22,6 +22,7 @@ from db.schema import Delivery, DeliveryState, Instance, InstanceState, ObjectKi
 from db.schema import utcnow as now
 from dicom_io import gate
 from dicom_io.content import REPLACES_NOTICE
+from dicom_io.sc import REPLACES_HEAT_MAP, WITHDRAWN
 from dicom_io.scp import ReceivedInstance
 from tests.conftest import StoreSCP
 from tests.dicomtools import dciodvfy_errors, dsrdump
@@ -134,6 +135,11 @@ def report_of(paths: list[Path]) -> Dataset:
     return sr
 
 
+def heat_map_of(paths: list[Path]) -> Dataset:
+    [sc] = [ds for ds in map(dcmread, paths) if ds.Modality == "OT"]
+    return sc
+
+
 def replaced(sr: Dataset) -> list[tuple[str, str, str]]:
     """(study, series, SOP instance) of each report ``sr`` says it replaces."""
     return [
@@ -163,7 +169,8 @@ def test_a_copy_with_the_sex_corrected_is_assessed_again_and_its_sr_replaces_the
     instance_id = spool_instance(runtime, sex="F")
     first = assess_instance(runtime, instance_id)
     assert first.state == "assessed"
-    first_sr = report_of(deliver(runtime, storescp, first.delivery_ids))
+    first_objects = deliver(runtime, storescp, first.delivery_ids)
+    first_sr, first_sc = report_of(first_objects), heat_map_of(first_objects)
     assert "PredecessorDocumentsSequence" not in first_sr
 
     received_again(runtime, instance_id, PatientSex="M")
@@ -179,6 +186,11 @@ def test_a_copy_with_the_sex_corrected_is_assessed_again_and_its_sr_replaces_the
     assert second_sr.PatientSex == "M" and first_sr.PatientSex == "F"
     text = dsrdump(next(p for p in objects if dcmread(p).Modality == "SR"))
     assert REPLACES_NOTICE in text and 'NUM:(,,"Bone age")' in text
+    # the new heat map, in the first's series, says it replaces it; the first did not
+    second_sc = heat_map_of(objects)
+    assert second_sc.SeriesInstanceUID == first_sc.SeriesInstanceUID
+    assert second_sc.ImageComments.startswith(REPLACES_HEAT_MAP)
+    assert REPLACES_HEAT_MAP not in first_sc.ImageComments
     # both results are kept, the first one's sex as it was assessed
     assert results(runtime, instance_id) == [(1, False), (2, True)]
     with session_scope(runtime.database_url) as session:
@@ -279,6 +291,39 @@ def test_a_copy_that_changes_nothing_the_result_depends_on_is_not_assessed_again
         assert session.get_one(Instance, instance_id).times_received == 3
 
 
+def test_another_models_heat_map_is_withdrawn_when_the_image_is_assessed_again(
+    runtime: Runtime, tmp_path: Path, storescp: StoreSCP
+) -> None:
+    """The image was assessed by model A, sent; the node now runs model B, and a copy with
+    the sex corrected comes: B's SR replaces A's, and A's heat-map series gets a notice
+    that its bone age no longer stands (B's own heat map replaces nothing of B's)."""
+    from models.checkpoint import save_checkpoint, untrained_model
+
+    instance_id = spool_instance(runtime, sex="F")
+    first = assess_instance(runtime, instance_id)
+    first_objects = deliver(runtime, storescp, first.delivery_ids)
+    first_sr, first_sc = report_of(first_objects), heat_map_of(first_objects)
+
+    loaded = untrained_model(arch="resnet18", input_size=128, seed=5)
+    path = tmp_path / "model-b.safetensors"
+    save_checkpoint(path, loaded.model, loaded.meta)
+    model_b = Runtime(runtime.settings.model_copy(update={"model": path}))
+    received_again(model_b, instance_id, PatientSex="M")
+    second = assess_instance(model_b, instance_id)
+    assert second.state == "assessed" and len(second.delivery_ids) == 3
+    objects = deliver(model_b, storescp, second.delivery_ids)  # dciodvfy: no error
+    assert replaced(report_of(objects)) == [where(first_sr)]
+    pictures = [ds for ds in map(dcmread, objects) if ds.Modality == "OT"]
+    [notice] = [ds for ds in pictures if ds.SeriesInstanceUID == first_sc.SeriesInstanceUID]
+    [heat_map] = [ds for ds in pictures if ds is not notice]
+    assert notice.InstanceNumber == 2 and notice.ImageComments == (
+        f"{WITHDRAWN}: {pipeline.ASSESSED_AGAIN}"
+    )
+    assert notice.ManufacturerModelName == first_sc.ManufacturerModelName
+    assert REPLACES_HEAT_MAP not in heat_map.ImageComments
+    assert heat_map.SeriesInstanceUID != first_sc.SeriesInstanceUID
+
+
 def test_a_copy_that_cannot_be_assessed_sends_an_sr_withdrawing_the_bone_age(
     runtime: Runtime, storescp: StoreSCP
 ) -> None:
@@ -287,17 +332,53 @@ def test_a_copy_that_cannot_be_assessed_sends_an_sr_withdrawing_the_bone_age(
     assert not runtime.settings.send_not_assessed
     instance_id = spool_instance(runtime)
     first = assess_instance(runtime, instance_id)
-    first_sr = report_of(deliver(runtime, storescp, first.delivery_ids))
+    first_objects = deliver(runtime, storescp, first.delivery_ids)
+    first_sr, first_sc = report_of(first_objects), heat_map_of(first_objects)
 
     received_again(runtime, instance_id, BodyPartExamined="CHEST", StudyDescription="CHEST PA")
     second = assess_instance(runtime, instance_id)
-    assert second.state == "not_assessed" and len(second.delivery_ids) == 1
-    [path] = deliver(runtime, storescp, second.delivery_ids)  # dciodvfy: no error
+    # the SR that withdraws the bone age, and a notice after the heat map that showed it
+    assert second.state == "not_assessed" and len(second.delivery_ids) == 2
+    paths = deliver(runtime, storescp, second.delivery_ids)  # dciodvfy: no error
+    path = next(p for p in paths if dcmread(p).Modality == "SR")
     withdrawal = dcmread(path)
     assert replaced(withdrawal) == [where(first_sr)]
     assert withdrawal.InstanceNumber == 2
     text = dsrdump(path)
     assert "Not assessed: body part examined is CHEST, not a hand" in text, text
+    # A viewer shows images, not Predecessor Documents: the notice is instance 2 of the
+    # heat map's series, with the series' own attributes, and says why
+    notice = heat_map_of(paths)
+    assert (notice.SeriesInstanceUID, notice.InstanceNumber) == (first_sc.SeriesInstanceUID, 2)
+    for keyword in (
+        "SeriesNumber",
+        "SeriesDescription",
+        "Modality",
+        "Manufacturer",
+        "ManufacturerModelName",
+        "StudyInstanceUID",
+        "PatientID",
+    ):
+        assert notice[keyword].value == first_sc[keyword].value, keyword
+    assert notice.ImageComments == (
+        f"{WITHDRAWN}: the image was received again and is not assessed: "
+        "body part examined is CHEST, not a hand"
+    )
+    assert (
+        notice.SourceImageSequence[0].ReferencedSOPInstanceUID
+        == first_sc.SourceImageSequence[0].ReferencedSOPInstanceUID
+    )
+    assert notice.LossyImageCompression == "00"
+    # its picture is the text, the first line in red, on black: no radiograph
+    pixels = notice.pixel_array
+    red = (pixels[..., 0] > 200) & (pixels[..., 1] < 100)
+    assert red.any() and (pixels.max(axis=-1) == 0).mean() > 0.8
+    with session_scope(runtime.database_url) as session:
+        rows = session.scalars(select(Delivery).where(Delivery.id.in_(second.delivery_ids)))
+        assert {(d.kind, d.result_id) for d in rows} == {
+            (ObjectKind.SR, None),
+            (ObjectKind.SC, None),
+        }
     assert REPLACES_NOTICE in text
     assert 'NUM:(,,"Bone age")' not in text
     assert results(runtime, instance_id) == [(1, False)]  # the first result is kept

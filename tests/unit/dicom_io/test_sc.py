@@ -20,13 +20,16 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from dicom_io.content import UNTRAINED_WARNING, BoneAgeFinding
+from dicom_io.content import AI_RESULT_NOTICE, UNTRAINED_WARNING, BoneAgeFinding
 from dicom_io.pixels import decode_for_display
 from dicom_io.sc import (
     MAX_LONG_SIDE,
+    WITHDRAWN,
     build_heatmap_sc,
+    build_withdrawal_sc,
     overlay_factor,
     overlay_shape,
+    render_notice,
     render_overlay,
     turbo_lut,
 )
@@ -266,6 +269,53 @@ def test_an_sc_of_a_lossy_source_says_it_lost_detail(
     path = tmp_path / "sc.dcm"
     sc.save_as(path, enforce_file_format=True)
     assert dciodvfy_errors(path) == []
+
+
+def test_a_notice_wraps_its_lines_and_colours_the_first(tmp_path: Path, source: Dataset) -> None:
+    why = "the image was received again and is not assessed: " + "a long reason " * 12
+    rgb = render_notice([WITHDRAWN, why.strip(), AI_RESULT_NOTICE], width=640)
+    assert rgb.dtype == np.uint8 and rgb.shape[1] == 640
+    red = (rgb[..., 0] > 200) & (rgb[..., 1] < 100)
+    yellow = (rgb[..., 0] > 200) & (rgb[..., 1] > 180) & (rgb[..., 2] < 80)
+    rows_with = [np.flatnonzero(mask.any(axis=1)) for mask in (red, yellow)]
+    assert rows_with[0].size and rows_with[1].size
+    assert rows_with[0].max() < rows_with[1].min()  # red first, yellow last
+    # the long line was wrapped, not shrunk: five or more lines at the usual size
+    assert rgb.shape[0] > 5 * 640 * 0.03 * 1.2
+    with pytest.raises(ValueError, match="lines"):
+        render_notice([])
+
+
+def test_a_withdrawal_sc_passes_dciodvfy_and_renders(tmp_path: Path, source: Dataset) -> None:
+    sc = build_withdrawal_sc(
+        source,
+        "the image was received again and is not assessed: patient sex is O",
+        model_name="BoneAgeNet resnet50",
+        model_trained=False,
+        series_instance_uid=generate_uid(),
+        sop_instance_uid=generate_uid(),
+        series_number=9902,
+        instance_number=2,
+    )
+    assert sc.ImageComments.startswith(f"{WITHDRAWN}: the image was received again")
+    assert UNTRAINED_WARNING in sc.SeriesDescription  # as the heat maps of that model
+    assert "BodyPartExamined" not in sc and sc.LossyImageCompression == "00"
+    path = tmp_path / "notice.dcm"
+    sc.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+    rendered = np.asarray(Image.open(dcmj2pnm(path, tmp_path / "notice.png")).convert("RGB"))
+    np.testing.assert_array_equal(rendered, sc.pixel_array)
+    with pytest.raises(ValueError, match="why"):
+        build_withdrawal_sc(
+            source,
+            " ",
+            model_name="m",
+            model_trained=True,
+            series_instance_uid=generate_uid(),
+            sop_instance_uid=generate_uid(),
+            series_number=1,
+            instance_number=2,
+        )
 
 
 def test_sc_rejects_bad_rgb(source: Dataset, finding: BoneAgeFinding) -> None:

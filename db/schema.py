@@ -207,6 +207,10 @@ class Delivery(Base):
     kind: Mapped[ObjectKind] = mapped_column(_enum(ObjectKind))
     destination: Mapped[str] = mapped_column(String(128))
     sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    # the study and series the object was written into (empty on rows from before
+    # revision 0006: the instance's first study, the series derived from it)
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    series_instance_uid: Mapped[str | None] = mapped_column(String(64))
     # the instance's assessment whose object this is (Instance.assessment)
     assessment: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     path: Mapped[str] = mapped_column(Text)

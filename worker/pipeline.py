@@ -132,6 +132,8 @@ class Output:
     staged: Path | None = None
     # an object of the assessment's result; not so a notice withdrawing an earlier one's
     of_result: bool = True
+    study_instance_uid: str | None = None  # where it goes
+    series_instance_uid: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +144,8 @@ class HeatMapSeries:
     model_id: str
     model_name: str
     trained: bool
+    study_instance_uid: str
+    series_instance_uid: str
 
 
 def write_atomically(ds: Dataset, path: Path, *, sync_directory: bool = True) -> str:
@@ -261,6 +265,15 @@ class _Claim:
     sop_instance_uid: str
     assessment: int
     inputs: str | None = None
+    # the study the instance was first received in (where its first outputs went)
+    first_study: str = ""
+
+    def other_study(self, source: Dataset) -> str | None:
+        """The study ``source`` (the copy read) is in, where it is not the one the
+        instance was first received in: this assessment's outputs go there, in series
+        of their own (:func:`sr_series_uid`)."""
+        study = str(source.get("StudyInstanceUID", "") or "").strip()
+        return study if self.first_study and study and study != self.first_study else None
 
 
 #: The inputs recorded of an assessment that could not read its file (missing, or not
@@ -291,10 +304,21 @@ def _claim(rt: Runtime, instance_id: int) -> _Claim | AssessOutcome:
                 started_at=now(),
                 attempts=Instance.attempts + 1,
             )
-            .returning(Instance.spool_path, Instance.sop_instance_uid, Instance.assessment)
+            .returning(
+                Instance.spool_path,
+                Instance.sop_instance_uid,
+                Instance.assessment,
+                Instance.study_instance_uid,
+            )
         ).one_or_none()
         if claimed is not None:
-            return _Claim(instance_id, Path(claimed.spool_path), *claimed[1:])
+            return _Claim(
+                instance_id,
+                Path(claimed.spool_path),
+                claimed.sop_instance_uid,
+                claimed.assessment,
+                first_study=claimed.study_instance_uid,
+            )
         instance = session.get(Instance, instance_id)
         if instance is None:
             logger.warning("assess: instance %d does not exist", instance_id)
@@ -383,7 +407,7 @@ def _reopen_if_received_changed(
                 ),
                 received_again_at=_received_again_and_compared(checked),
             )
-            .returning(Instance.spool_path, Instance.sop_instance_uid)
+            .returning(Instance.spool_path, Instance.sop_instance_uid, Instance.study_instance_uid)
         ).one_or_none()
         if claimed is None:
             return None
@@ -396,7 +420,12 @@ def _reopen_if_received_changed(
         assessment,
     )
     return _Claim(
-        instance_id, Path(claimed.spool_path), claimed.sop_instance_uid, assessment + 1, received
+        instance_id,
+        Path(claimed.spool_path),
+        claimed.sop_instance_uid,
+        assessment + 1,
+        received,
+        first_study=claimed.study_instance_uid,
     )
 
 
@@ -633,7 +662,9 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
 
     finding = assessment_finding(predictor, prediction, facts, male=male, notes=notes)
     chronological, sds = finding.chronological_age_months, finding.sds
-    earlier_maps = _earlier_heat_maps(rt, claim)
+    other_study = claim.other_study(ds)
+    earlier_maps = _earlier_heat_maps(rt, claim, ds)
+    new_series = sc_series_uid(claim.sop_instance_uid, predictor.model_id, other_study)
     outputs = stage_outputs(  # moved into the outbox by the commit, if it wins
         ds,
         image,
@@ -644,12 +675,18 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
         device_observer_uid=rt.device_observer_uid,
         assessment=claim.assessment,
         replaces=_earlier_reports(rt, claim, ds),
-        replaces_heat_map=any(m.model_id == predictor.model_id for m in earlier_maps),
+        replaces_heat_map=any(m.series_instance_uid == new_series for m in earlier_maps),
+        other_study=other_study,
     )
-    try:  # another model's heat maps of the image are withdrawn by a notice in each series
+    try:  # the other heat maps in this study are withdrawn by a notice in each series
         outputs += stage_withdrawals(
             ds,
-            [m for m in earlier_maps if m.model_id != predictor.model_id],
+            [
+                m
+                for m in earlier_maps
+                if m.series_instance_uid != new_series
+                and m.study_instance_uid == ds.StudyInstanceUID
+            ],
             ASSESSED_AGAIN,
             source_uid=claim.sop_instance_uid,
             outbox_dir=settings.outbox_dir,
@@ -706,6 +743,7 @@ def stage_outputs(
     assessment: int = 1,
     replaces: Sequence[Dataset] = (),
     replaces_heat_map: bool = False,
+    other_study: str | None = None,
 ) -> list[Output]:
     """Build the SR and the heat-map SC of one assessment and stage both, durable.
 
@@ -723,6 +761,7 @@ def stage_outputs(
         assessment=assessment,
         replaces=replaces,
         replaces_heat_map=replaces_heat_map,
+        other_study=other_study,
     )
     staged = [_stage_output(outbox_dir, ObjectKind.SR, sr, "sr")]
     try:
@@ -744,13 +783,16 @@ def build_outputs(
     assessment: int = 1,
     replaces: Sequence[Dataset] = (),
     replaces_heat_map: bool = False,
+    other_study: str | None = None,
 ) -> tuple[Dataset, Dataset]:
     """The SR and the heat-map SC of one assessment, in memory: ``(sr, sc)``.
 
     A later assessment's SR and SC join the first's series as instance ``assessment``;
     its SR replaces the reports in ``replaces`` (:func:`dicom_io.sr.earlier_report`),
     and with ``replaces_heat_map`` its SC says, in its picture and comments, that it
-    replaces the earlier heat map of the series, which a destination holds.
+    replaces the earlier heat map of the series, which a destination holds. With
+    ``other_study`` (the image is now in another study than the one it was first received
+    in) both go into series of their own in that study.
     """
     model_id = finding.model_id
     sr_uid = derived_uid(source_uid, model_id, *_again(assessment), "sr")
@@ -759,7 +801,7 @@ def build_outputs(
     sr = build_bone_age_sr(
         source,
         finding,
-        series_instance_uid=sr_series_uid(source_uid, model_id),
+        series_instance_uid=sr_series_uid(source_uid, model_id, other_study),
         sop_instance_uid=sr_uid,
         series_number=SR_SERIES_NUMBER,
         instance_number=assessment,
@@ -774,7 +816,7 @@ def build_outputs(
         source,
         rgb,
         finding,
-        series_instance_uid=sc_series_uid(source_uid, model_id),
+        series_instance_uid=sc_series_uid(source_uid, model_id, other_study),
         sop_instance_uid=sc_uid,
         series_number=SC_SERIES_NUMBER,
         instance_number=assessment,
@@ -806,7 +848,7 @@ def stage_withdrawals(
                 why,
                 model_name=series.model_name,
                 model_trained=series.trained,
-                series_instance_uid=sc_series_uid(source_uid, series.model_id),
+                series_instance_uid=series.series_instance_uid,
                 sop_instance_uid=derived_uid(
                     source_uid, series.model_id, *_again(assessment), "withdrawn-sc"
                 ),
@@ -821,18 +863,26 @@ def stage_withdrawals(
     return staged
 
 
-def sc_series_uid(source_uid: str, model_id: str) -> str:
+def sc_series_uid(source_uid: str, model_id: str, other_study: str | None = None) -> str:
     """The series of one model's heat maps of ``source_uid`` (and of notices that
-    withdraw them)."""
-    return derived_uid(source_uid, model_id, "sc-series")
+    withdraw them); in ``other_study``, another than the one the image was first
+    received in, a series of its own: a series belongs to one study."""
+    return derived_uid(source_uid, model_id, "sc-series", *_in_study(other_study))
 
 
-def sr_series_uid(source_uid: str, model_id: str | None) -> str:
+def sr_series_uid(source_uid: str, model_id: str | None, other_study: str | None = None) -> str:
     """The series of the SRs about ``source_uid``: of one model, or (None) of those
-    that say it was not assessed."""
+    that say it was not assessed; in ``other_study`` one of its own, as
+    :func:`sc_series_uid`."""
     if model_id is None:
-        return derived_uid(source_uid, "not-assessed-series")
-    return derived_uid(source_uid, model_id, "sr-series")
+        return derived_uid(source_uid, "not-assessed-series", *_in_study(other_study))
+    return derived_uid(source_uid, model_id, "sr-series", *_in_study(other_study))
+
+
+def _in_study(other_study: str | None) -> tuple[str, ...]:
+    """What sets a series in another study apart, in :func:`derived_uid`: nothing for
+    the study the image was first received in, so the UIDs stay what they were."""
+    return () if other_study is None else ("study", other_study)
 
 
 def _earlier_reports(rt: Runtime, claim: _Claim, source: Dataset) -> list[Dataset]:
@@ -845,7 +895,12 @@ def _earlier_reports(rt: Runtime, claim: _Claim, source: Dataset) -> list[Datase
         return []
     with session_scope(rt.database_url) as session:
         rows = session.execute(
-            select(Delivery.sop_instance_uid, Result.model_id)
+            select(
+                Delivery.sop_instance_uid,
+                Result.model_id,
+                Delivery.study_instance_uid,
+                Delivery.series_instance_uid,
+            )
             .outerjoin(Result, Delivery.result_id == Result.id)
             .where(
                 Delivery.instance_id == claim.instance_id,
@@ -860,24 +915,33 @@ def _earlier_reports(rt: Runtime, claim: _Claim, source: Dataset) -> list[Datase
             .order_by(Delivery.id)
         ).all()
     reports: dict[str, Dataset] = {}
-    for sop_instance_uid, model_id in rows:
+    for sop_instance_uid, model_id, study, series in rows:
         if sop_instance_uid not in reports:  # one per report, whatever its destinations
-            series = sr_series_uid(claim.sop_instance_uid, model_id)
+            # where it went; a row from before revision 0006: the first study's series
             reports[sop_instance_uid] = earlier_report(
-                source.StudyInstanceUID, series, sop_instance_uid
+                study or claim.first_study or source.StudyInstanceUID,
+                series or sr_series_uid(claim.sop_instance_uid, model_id),
+                sop_instance_uid,
             )
     return list(reports.values())
 
 
-def _earlier_heat_maps(rt: Runtime, claim: _Claim) -> list[HeatMapSeries]:
-    """The heat-map series, one per model, of earlier assessments of the claimed
-    instance whose heat maps a destination has or may have (as :func:`_earlier_reports`
-    finds their SRs): those whose bone age a later assessment withdraws."""
+def _earlier_heat_maps(rt: Runtime, claim: _Claim, source: Dataset) -> list[HeatMapSeries]:
+    """The heat-map series of earlier assessments of the claimed instance whose heat
+    maps a destination has or may have (as :func:`_earlier_reports` finds their SRs):
+    those whose bone age a later assessment replaces or withdraws. One per model and
+    study."""
     if claim.assessment == 1:
         return []
     with session_scope(rt.database_url) as session:
         rows = session.execute(
-            select(Model.id, Model.architecture, Model.trained)
+            select(
+                Model.id,
+                Model.architecture,
+                Model.trained,
+                Delivery.study_instance_uid,
+                Delivery.series_instance_uid,
+            )
             .join(Result, Result.model_id == Model.id)
             .join(Delivery, Delivery.result_id == Result.id)
             .where(
@@ -893,10 +957,16 @@ def _earlier_heat_maps(rt: Runtime, claim: _Claim) -> list[HeatMapSeries]:
             .distinct()
             .order_by(Model.id)
         ).all()
-    return [
-        HeatMapSeries(model_id, f"BoneAgeNet {architecture}", bool(trained))
-        for model_id, architecture, trained in rows
-    ]
+    found: dict[str, HeatMapSeries] = {}
+    for model_id, architecture, trained, study, series in rows:
+        # where it went; a row from before revision 0006: the first study's series
+        series = series or sc_series_uid(claim.sop_instance_uid, model_id)
+        study = study or claim.first_study or str(source.StudyInstanceUID)
+        found.setdefault(
+            series,
+            HeatMapSeries(model_id, f"BoneAgeNet {architecture}", bool(trained), study, series),
+        )
+    return list(found.values())
 
 
 def assessment_finding(
@@ -982,7 +1052,15 @@ def _stage_output(outbox_dir: Path, kind: ObjectKind, ds: Dataset, suffix: str) 
     uid = str(ds.SOPInstanceUID)
     path = outbox_dir / f"{uid_tag(uid)}-{suffix}.dcm"
     staged, digest = _stage(ds, path)
-    return Output(kind, uid, path, digest, staged=staged)
+    return Output(
+        kind,
+        uid,
+        path,
+        digest,
+        staged=staged,
+        study_instance_uid=str(ds.StudyInstanceUID),
+        series_instance_uid=str(ds.SeriesInstanceUID),
+    )
 
 
 def _not_assessed(
@@ -1004,7 +1082,11 @@ def _not_assessed(
     ours = str(ds.get("Manufacturer", "") or "").strip() == MANUFACTURER
     referable = all(ds.get(k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
     replaces = _earlier_reports(rt, claim, ds) if referable and not ours else []
-    withdrawn = _earlier_heat_maps(rt, claim) if referable and not ours else []
+    withdrawn = [  # a notice can join the heat maps' series in this study, not another's
+        m
+        for m in (_earlier_heat_maps(rt, claim, ds) if referable and not ours else [])
+        if m.study_instance_uid == ds.get("StudyInstanceUID")
+    ]
     if (
         not (
             send and settings.destinations and (settings.send_not_assessed or replaces or withdrawn)
@@ -1019,7 +1101,7 @@ def _not_assessed(
     sr = build_not_assessed_sr(
         ds,
         reason,
-        series_instance_uid=sr_series_uid(source_uid, None),
+        series_instance_uid=sr_series_uid(source_uid, None, claim.other_study(ds)),
         sop_instance_uid=derived_uid(source_uid, *_again(claim.assessment), "not-assessed-sr"),
         series_number=SR_SERIES_NUMBER,
         instance_number=claim.assessment,
@@ -1072,6 +1154,8 @@ def _commit(
                     kind=output.kind,
                     destination=str(destination),
                     sop_instance_uid=output.sop_instance_uid,
+                    study_instance_uid=output.study_instance_uid,
+                    series_instance_uid=output.series_instance_uid,
                     assessment=claim.assessment,
                     path=str(output.path),
                     sha256=output.sha256,

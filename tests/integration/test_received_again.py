@@ -324,6 +324,53 @@ def test_another_models_heat_map_is_withdrawn_when_the_image_is_assessed_again(
     assert heat_map.SeriesInstanceUID != first_sc.SeriesInstanceUID
 
 
+def test_a_copy_in_another_study_gets_series_of_its_own_there(
+    runtime: Runtime, storescp: StoreSCP
+) -> None:
+    """The PACS merged or split studies and sent the image again, in study B: the new SR
+    and SC go into B in series of their own (a series belongs to one study), the SR names
+    the first report in study A, where it is, and a third copy's SR names both."""
+    from pydicom.uid import generate_uid
+
+    instance_id = spool_instance(runtime, sex="F")
+    first = assess_instance(runtime, instance_id)
+    first_objects = deliver(runtime, storescp, first.delivery_ids)
+    first_sr, first_sc = report_of(first_objects), heat_map_of(first_objects)
+    with session_scope(runtime.database_url) as session:
+        rows = list(session.scalars(select(Delivery)))
+        assert {(d.study_instance_uid, d.series_instance_uid) for d in rows} == {
+            (first_sr.StudyInstanceUID, first_sr.SeriesInstanceUID),
+            (first_sc.StudyInstanceUID, first_sc.SeriesInstanceUID),
+        }
+        # as rows from before revision 0006 were: where they went is derived
+        for row in rows:
+            row.study_instance_uid = row.series_instance_uid = None
+
+    study_b = generate_uid()
+    received_again(runtime, instance_id, StudyInstanceUID=study_b)
+    second = assess_instance(runtime, instance_id)
+    assert second.state == "assessed" and len(second.delivery_ids) == 2  # no notice in A
+    second_objects = deliver(runtime, storescp, second.delivery_ids)  # dciodvfy: no error
+    second_sr, second_sc = report_of(second_objects), heat_map_of(second_objects)
+    for new, old in ((second_sr, first_sr), (second_sc, first_sc)):
+        assert new.StudyInstanceUID == study_b != old.StudyInstanceUID
+        assert new.SeriesInstanceUID != old.SeriesInstanceUID
+    assert replaced(second_sr) == [where(first_sr)]  # in study A, where it is
+    assert REPLACES_HEAT_MAP not in second_sc.ImageComments  # B held no heat map
+
+    received_again(runtime, instance_id, PatientSex="M")  # still in study B
+    third = assess_instance(runtime, instance_id)
+    third_objects = deliver(runtime, storescp, third.delivery_ids)
+    third_sr, third_sc = report_of(third_objects), heat_map_of(third_objects)
+    assert (third_sr.SeriesInstanceUID, third_sr.InstanceNumber) == (
+        second_sr.SeriesInstanceUID,
+        3,
+    )
+    assert sorted(replaced(third_sr)) == sorted([where(first_sr), where(second_sr)])
+    assert third_sc.SeriesInstanceUID == second_sc.SeriesInstanceUID
+    assert third_sc.ImageComments.startswith(REPLACES_HEAT_MAP)
+
+
 def test_a_copy_that_cannot_be_assessed_sends_an_sr_withdrawing_the_bone_age(
     runtime: Runtime, storescp: StoreSCP
 ) -> None:

@@ -371,7 +371,7 @@ def build_heatmap_sc(
 
 
 #: The note on a heat map that replaces an earlier one of the same image and model.
-REPLACES_HEAT_MAP = "Replaces the earlier heat map: image received again, assessed again"
+REPLACES_HEAT_MAP = "Replaces the earlier heat map (image received again)"
 #: The first line of a notice that withdraws a heat map's bone age.
 WITHDRAWN = "BONE AGE WITHDRAWN"
 _NOTICE_WIDTH = 1024

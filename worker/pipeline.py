@@ -902,16 +902,7 @@ def _earlier_reports(rt: Runtime, claim: _Claim, source: Dataset) -> list[Datase
                 Delivery.series_instance_uid,
             )
             .outerjoin(Result, Delivery.result_id == Result.id)
-            .where(
-                Delivery.instance_id == claim.instance_id,
-                Delivery.kind == ObjectKind.SR,
-                Delivery.assessment < claim.assessment,
-                or_(
-                    Delivery.state == DeliveryState.DELIVERED,
-                    (Delivery.state == DeliveryState.SUPERSEDED)
-                    & Delivery.sending_since.is_not(None),
-                ),
-            )
+            .where(*_sent_before(claim, ObjectKind.SR))
             .order_by(Delivery.id)
         ).all()
     reports: dict[str, Dataset] = {}
@@ -924,6 +915,20 @@ def _earlier_reports(rt: Runtime, claim: _Claim, source: Dataset) -> list[Datase
                 sop_instance_uid,
             )
     return list(reports.values())
+
+
+def _sent_before(claim: _Claim, kind: ObjectKind) -> tuple[ColumnElement[bool], ...]:
+    """Deliveries of ``kind`` of earlier assessments of the claimed instance whose object
+    a destination has, or may have: delivered, or superseded while on their way."""
+    return (
+        Delivery.instance_id == claim.instance_id,
+        Delivery.kind == kind,
+        Delivery.assessment < claim.assessment,
+        or_(
+            Delivery.state == DeliveryState.DELIVERED,
+            (Delivery.state == DeliveryState.SUPERSEDED) & Delivery.sending_since.is_not(None),
+        ),
+    )
 
 
 def _earlier_heat_maps(rt: Runtime, claim: _Claim, source: Dataset) -> list[HeatMapSeries]:
@@ -944,16 +949,7 @@ def _earlier_heat_maps(rt: Runtime, claim: _Claim, source: Dataset) -> list[Heat
             )
             .join(Result, Result.model_id == Model.id)
             .join(Delivery, Delivery.result_id == Result.id)
-            .where(
-                Delivery.instance_id == claim.instance_id,
-                Delivery.kind == ObjectKind.SC,
-                Delivery.assessment < claim.assessment,
-                or_(
-                    Delivery.state == DeliveryState.DELIVERED,
-                    (Delivery.state == DeliveryState.SUPERSEDED)
-                    & Delivery.sending_since.is_not(None),
-                ),
-            )
+            .where(*_sent_before(claim, ObjectKind.SC))
             .distinct()
             .order_by(Model.id)
         ).all()

@@ -938,6 +938,9 @@ def _earlier_heat_maps(rt: Runtime, claim: _Claim, source: Dataset) -> list[Heat
     study."""
     if claim.assessment == 1:
         return []
+    current = select(Result.model_id).where(
+        Result.instance_id == claim.instance_id, Result.assessment == claim.assessment
+    )
     with session_scope(rt.database_url) as session:
         rows = session.execute(
             select(
@@ -950,6 +953,9 @@ def _earlier_heat_maps(rt: Runtime, claim: _Claim, source: Dataset) -> list[Heat
             .join(Result, Result.model_id == Model.id)
             .join(Delivery, Delivery.result_id == Result.id)
             .where(*_sent_before(claim, ObjectKind.SC))
+            # a model that assessed this assessment already (a reprocess with another
+            # model comes after it) has a heat map that stands in its series
+            .where(Model.id.not_in(current))
             .distinct()
             .order_by(Model.id)
         ).all()

@@ -324,6 +324,31 @@ def test_another_models_heat_map_is_withdrawn_when_the_image_is_assessed_again(
     assert heat_map.SeriesInstanceUID != first_sc.SeriesInstanceUID
 
 
+def test_a_reprocess_with_another_model_withdraws_no_heat_map_that_stands(
+    runtime: Runtime, tmp_path: Path, storescp: StoreSCP
+) -> None:
+    """Assessed by model A, assessed again by A after a correction, then reprocessed with
+    model B: A's second heat map stands, and B's objects come alone, no notice."""
+    from models.checkpoint import save_checkpoint, untrained_model
+    from worker.reprocess import prepare_reprocess
+
+    instance_id = spool_instance(runtime, sex="F")
+    deliver(runtime, storescp, assess_instance(runtime, instance_id).delivery_ids)
+    received_again(runtime, instance_id, PatientSex="M")
+    deliver(runtime, storescp, assess_instance(runtime, instance_id).delivery_ids)
+
+    loaded = untrained_model(arch="resnet18", input_size=128, seed=6)
+    path = tmp_path / "model-b.safetensors"
+    save_checkpoint(path, loaded.model, loaded.meta)
+    model_b = Runtime(runtime.settings.model_copy(update={"model": path}))
+    assert prepare_reprocess(model_b, [instance_id]) == [instance_id]
+    third = assess_instance(model_b, instance_id, send=True)
+    assert third.state == "assessed"
+    objects = deliver(model_b, storescp, third.delivery_ids)
+    assert sorted(dcmread(p).Modality for p in objects) == ["OT", "SR"]
+    assert WITHDRAWN not in heat_map_of(objects).ImageComments
+
+
 def test_a_copy_in_another_study_gets_series_of_its_own_there(
     runtime: Runtime, storescp: StoreSCP
 ) -> None:

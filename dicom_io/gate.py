@@ -194,8 +194,8 @@ def check(
     if sop == pyuid.DigitalXRayImageStorageForProcessing or (
         sop in RADIOGRAPH_SOP_CLASSES and intent == "FOR PROCESSING"
     ):
-        # The detector's raw data, before the modality's processing makes it a
-        # radiograph to read (PS3.3 C.8.11.1.1.1): the model was trained on those.
+        # The detector's raw data, before the modality's processing makes a radiograph
+        # to read of it (PS3.3 C.8.11.1.1.1); the model learnt from radiographs to read.
         stated = "" if sop == pyuid.DigitalXRayImageStorageForProcessing else ", FOR PROCESSING,"
         return no(
             f"SOP class {name}{stated} holds raw detector data, not for display; "

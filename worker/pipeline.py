@@ -38,7 +38,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -233,15 +233,20 @@ def discard(outputs: list[Output]) -> None:
             output.staged.unlink(missing_ok=True)
 
 
-def chronological_age_months(facts: gate.PatientFacts) -> float | None:
+def chronological_age_months(
+    facts: gate.PatientFacts, *, today: date | None = None
+) -> float | None:
     """Age at the image from birth date and study date; PatientAge as a last resort.
 
-    None where neither gives it, or where PatientAge counts only whole years: up to 11
+    None where neither gives it; where PatientAge counts only whole years: up to 11
     months short, it would move the SDS by a whole standard deviation (Greulich-Pyle's
-    SD is 7-13 months from 5 to 17 years). :data:`AGE_IN_WHOLE_YEARS` then says why.
+    SD is 7-13 months from 5 to 17 years), and :data:`AGE_IN_WHOLE_YEARS` says why; and
+    where the image is dated after ``today`` (:func:`dated_in_the_future`).
     """
     from models.reference import age_in_months
 
+    if dated_in_the_future(facts, today=today):
+        return None
     if facts.age_from_birth_date:
         assert facts.birth_date is not None and facts.reference_date is not None
         return age_in_months(facts.birth_date, facts.reference_date)
@@ -252,6 +257,16 @@ def chronological_age_months(facts: gate.PatientFacts) -> float | None:
 
 #: The note of a result whose patient's age is known only in whole years.
 AGE_IN_WHOLE_YEARS = "No chronological age or SDS: no birth date, age in whole years only"
+#: The note of a result whose image is dated after the day it was assessed.
+DATED_IN_THE_FUTURE = "No chronological age or SDS: the image is dated after today"
+
+
+def dated_in_the_future(facts: gate.PatientFacts, *, today: date | None = None) -> bool:
+    """The date of the image is after ``today`` (the node's; a day's grace for a study
+    in a zone ahead of it): a modality whose clock runs ahead, whose age of the patient
+    at the image would be too high by as much. Its dates give no age."""
+    reference = facts.reference_date
+    return reference is not None and reference > (today or date.today()) + timedelta(days=1)
 
 
 @dataclasses.dataclass
@@ -636,7 +651,9 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
             f"Patient sex not recorded: assessed as {'male' if male else 'female'} "
             "(site setting BONEAGE_MISSING_SEX)"
         )
-    if facts.age_in_whole_years_only:
+    if dated_in_the_future(facts):
+        notes.append(DATED_IN_THE_FUTURE)
+    elif facts.age_in_whole_years_only:
         notes.append(AGE_IN_WHOLE_YEARS)
 
     predictor = rt.predictor

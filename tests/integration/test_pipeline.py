@@ -877,6 +877,44 @@ def test_an_age_known_in_whole_years_only_gives_no_chronological_age_or_sds(
         assert dciodvfy_errors(path) == [], path
 
 
+def test_an_image_dated_after_today_gives_no_chronological_age_or_sds(
+    runtime: Runtime, storescp: StoreSCP
+) -> None:
+    """A modality whose clock runs a year ahead would make the child a year older at the
+    image: the bone age stands, the age and SDS are left out, and the SR says why."""
+    ahead = dt.date.today() + dt.timedelta(days=40)
+    instance_id = spool_instance(runtime, attributes={"StudyDate": f"{ahead:%Y%m%d}"})
+    outcome = assess_instance(runtime, instance_id)
+    assert outcome.state == "assessed", outcome.reason
+    with session_scope(runtime.database_url) as session:
+        [result] = session.scalars(select(Result))
+        assert result.chronological_age_months is None and result.sds is None
+        assert pipeline.DATED_IN_THE_FUTURE in (session.get_one(Instance, instance_id).reason or "")
+    for delivery_id in outcome.delivery_ids:
+        assert deliver_one(runtime, delivery_id).state == "delivered"
+    received = {dcmread(path).Modality: path for path in storescp.wait_for_objects(2, timeout=30)}
+    text = dsrdump(received["SR"])
+    assert pipeline.DATED_IN_THE_FUTURE in text and 'NUM:(,,"Subject Age")=' not in text
+    for path in received.values():
+        assert dciodvfy_errors(path) == [], path
+
+
+@pytest.mark.parametrize(
+    ("days_ahead", "future"), [(-400, False), (0, False), (1, False), (2, True), (365, True)]
+)
+def test_dated_in_the_future_allows_a_day_for_a_zone_ahead(days_ahead: int, future: bool) -> None:
+    today = dt.date(2026, 3, 1)
+    facts = pipeline.gate.PatientFacts(
+        male=False,
+        birth_date=dt.date(2016, 1, 1),
+        reference_date=today + dt.timedelta(days=days_ahead),
+        patient_age_months=None,
+        laterality=None,
+    )
+    assert pipeline.dated_in_the_future(facts, today=today) is future
+    assert (pipeline.chronological_age_months(facts, today=today) is None) is future
+
+
 def test_our_own_outputs_are_never_assessed_again(runtime: Runtime) -> None:
     outcome = assess_instance(runtime, spool_instance(runtime))
     with session_scope(runtime.database_url) as session:

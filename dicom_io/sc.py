@@ -244,20 +244,8 @@ def render_overlay(image: np.ndarray, cam: np.ndarray, finding: BoneAgeFinding) 
     level = _resize_levels(_to_levels(heat), size).astype(np.uint16)  # room for the index
 
     # text panel above the image, so no anatomy is hidden under the text
-    lines = _text_lines(finding)
-    margin = max(4, round(size[0] * 0.02))
-    font = _fit_font(
-        [text for text, _ in lines],
-        size[0] - 2 * margin,
-        max(_MIN_FONT_PX, round(size[0] * _FONT_FRACTION)),
-    )
-    ascent, descent = font.getmetrics() if hasattr(font, "getmetrics") else (11, 3)
-    line_height = round((ascent + descent) * 1.2)
-    panel_height = 2 * margin + line_height * len(lines)
-    panel = Image.new("RGB", (size[0], panel_height), (0, 0, 0))
-    draw = ImageDraw.Draw(panel)
-    for row, (text, fill) in enumerate(lines):
-        draw.text((margin, margin + row * line_height), text, font=font, fill=fill)
+    panel = _text_panel(_text_lines(finding), size[0])
+    panel_height = panel.height
 
     rgb = np.empty((panel_height + rows, columns, 3), dtype=np.uint8)
     rgb[:panel_height] = np.asarray(panel, dtype=np.uint8)
@@ -268,6 +256,28 @@ def render_overlay(image: np.ndarray, cam: np.ndarray, finding: BoneAgeFinding) 
     index |= grey
     np.take(_blend_table(), index, axis=0, out=rgb[panel_height:])
     return rgb
+
+
+def _panel_margin(width: int) -> int:
+    return max(4, round(width * 0.02))
+
+
+def _panel_font_size(width: int) -> int:
+    return max(_MIN_FONT_PX, round(width * _FONT_FRACTION))
+
+
+def _text_panel(lines: Sequence[tuple[str, tuple[int, int, int]]], width: int) -> Image.Image:
+    """``lines`` of (text, colour) on black, ``width`` pixels wide: the largest font up
+    to the panel's size whose widest line fits, one line under the other."""
+    margin = _panel_margin(width)
+    font = _fit_font([text for text, _ in lines], width - 2 * margin, _panel_font_size(width))
+    ascent, descent = font.getmetrics() if hasattr(font, "getmetrics") else (11, 3)
+    line_height = round((ascent + descent) * 1.2)
+    panel = Image.new("RGB", (width, 2 * margin + line_height * len(lines)), (0, 0, 0))
+    draw = ImageDraw.Draw(panel)
+    for row, (text, fill) in enumerate(lines):
+        draw.text((margin, margin + row * line_height), text, font=font, fill=fill)
+    return panel
 
 
 def _to_levels(values: np.ndarray) -> np.ndarray:
@@ -393,9 +403,8 @@ def render_notice(lines: Sequence[str], *, width: int = _NOTICE_WIDTH) -> np.nda
     """
     if not lines:
         raise ValueError('Argument "lines" must hold at least one line.')
-    margin = max(4, round(width * 0.03))
-    size = max(_MIN_FONT_PX, round(width * _FONT_FRACTION))
-    font = _font(size)
+    fits = width - 2 * _panel_margin(width)
+    font = _font(_panel_font_size(width))
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     coloured: list[tuple[str, tuple[int, int, int]]] = []
     for number, line in enumerate(lines):
@@ -403,20 +412,13 @@ def render_notice(lines: Sequence[str], *, width: int = _NOTICE_WIDTH) -> np.nda
         words, current = line.split(), ""
         for word in words:
             trial = f"{current} {word}".strip()
-            if current and draw.textlength(trial, font=font) > width - 2 * margin:
+            if current and draw.textlength(trial, font=font) > fits:
                 coloured.append((current, fill))
                 current = word
             else:
                 current = trial
         coloured.append((current, fill))
-    font = _fit_font([text for text, _ in coloured], width - 2 * margin, size)
-    ascent, descent = font.getmetrics() if hasattr(font, "getmetrics") else (11, 3)
-    line_height = round((ascent + descent) * 1.2)
-    picture = Image.new("RGB", (width, 2 * margin + line_height * len(coloured)), (0, 0, 0))
-    draw = ImageDraw.Draw(picture)
-    for row, (text, fill) in enumerate(coloured):
-        draw.text((margin, margin + row * line_height), text, font=font, fill=fill)
-    return np.asarray(picture, dtype=np.uint8)
+    return np.asarray(_text_panel(coloured, width), dtype=np.uint8)
 
 
 def build_withdrawal_sc(

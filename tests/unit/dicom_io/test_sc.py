@@ -282,6 +282,12 @@ def test_a_notice_wraps_its_lines_and_colours_the_first(tmp_path: Path, source: 
     assert rows_with[0].max() < rows_with[1].min()  # red first, yellow last
     # the long line was wrapped, not shrunk: five or more lines at the usual size
     assert rgb.shape[0] > 5 * 640 * 0.03 * 1.2
+    # ... and taller than the same notice with a short reason by two lines or more: a
+    # long line shrunk to fit, unwrapped, would make it no taller
+    short = render_notice([WITHDRAWN, "short", AI_RESULT_NOTICE], width=640)
+    margin = 4 if 640 * 0.02 < 4 else round(640 * 0.02)
+    line_height = (short.shape[0] - 2 * margin) / 3
+    assert rgb.shape[0] >= short.shape[0] + 2 * line_height
     with pytest.raises(ValueError, match="lines"):
         render_notice([])
 

@@ -359,12 +359,11 @@ def build_heatmap_sc(
             f'Argument "finding" must be a BoneAgeFinding, not {type(finding).__name__}.'
         )
     description = _DERIVATION
-    comments = AI_RESULT_NOTICE
-    if not finding.model_trained:
+    warnings = [] if finding.model_trained else [UNTRAINED_WARNING]
+    if warnings:
         description = f"{UNTRAINED_WARNING}. {description}"
-        comments = f"{UNTRAINED_WARNING}. {comments}"
-    if REPLACES_HEAT_MAP in finding.notes:
-        comments = f"{REPLACES_HEAT_MAP}. {comments}"
+    # the caveats of the panel (an assumed sex, a heat map replaced ...), in words
+    comments = ". ".join([*finding.notes, *warnings, AI_RESULT_NOTICE])
     return _secondary_capture(
         source,
         rgb,

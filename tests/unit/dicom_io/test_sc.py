@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import io
 from pathlib import Path
@@ -166,6 +167,20 @@ def test_sc_untrained_says_so(source: Dataset, untrained_finding: BoneAgeFinding
     assert UNTRAINED_WARNING in sc.SeriesDescription
     assert UNTRAINED_WARNING in sc.DerivationDescription
     assert sc.Laterality == "L"  # from the source's Image Laterality
+
+
+def test_sc_image_comments_carry_the_panels_caveats(
+    source: Dataset, untrained_finding: BoneAgeFinding
+) -> None:
+    noted = dataclasses.replace(
+        untrained_finding, notes=("Patient sex not recorded: assessed as female", "Another")
+    )
+    rgb = render_overlay(decode_for_display(source), _cam(96, 64), noted)
+    sc = build_heatmap_sc(source, rgb, noted, series_number=902, **_uids())
+    assert sc.ImageComments == (
+        f"Patient sex not recorded: assessed as female. Another. {UNTRAINED_WARNING}. "
+        f"{AI_RESULT_NOTICE}"
+    )
 
 
 def test_sc_passes_dciodvfy_and_renders(

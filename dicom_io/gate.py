@@ -104,10 +104,10 @@ def parse_da(value: object) -> dt.date | None:
 def parse_as(value: object) -> float | None:
     """A DICOM AS value ("010Y", "006M", "012W", "030D") in months: the whole units it
     counts (PS3.5 6.2), so ``"010Y"`` is 120 months for a child of 10 years and 11 months."""
-    match = _AGE_STRING.fullmatch(str(value or "").strip().upper())
-    if not match:
+    parsed = _age_string(value)
+    if parsed is None:
         return None
-    number, unit = int(match.group(1)), match.group(2)
+    number, unit = parsed
     return {
         "D": number / 30.4375,
         "W": number * 7 / 30.4375,
@@ -119,6 +119,12 @@ def parse_as(value: object) -> float | None:
 _AGE_STRING = re.compile(r"(\d{3})([DWMY])")
 
 
+def _age_string(value: object) -> tuple[int, str] | None:
+    """(number, unit) of an AS value, or None when absent or malformed."""
+    match = _AGE_STRING.fullmatch(str(value or "").strip().upper())
+    return (int(match.group(1)), match.group(2)) if match else None
+
+
 def patient_facts(ds: Dataset) -> PatientFacts:
     sex = str(ds.get("PatientSex", "") or "").strip().upper()
     reference = (
@@ -128,14 +134,14 @@ def patient_facts(ds: Dataset) -> PatientFacts:
     )
     laterality = str(ds.get("ImageLaterality") or ds.get("Laterality") or "").strip().upper()
     age = ds.get("PatientAge")
-    unit = _AGE_STRING.fullmatch(str(age or "").strip().upper())
+    parsed = _age_string(age)
     return PatientFacts(
         male={"M": True, "F": False}.get(sex),
         birth_date=parse_da(ds.get("PatientBirthDate")),
         reference_date=reference,
-        patient_age_months=parse_as(ds.get("PatientAge")),
+        patient_age_months=parse_as(age),
         laterality=laterality if laterality in {"L", "R"} else None,
-        patient_age_unit=unit.group(2) if unit else None,
+        patient_age_unit=parsed[1] if parsed else None,
     )
 
 

@@ -1104,7 +1104,7 @@ def predict(
     from dicom_io.sc import render_overlay
     from models.data import load_image
     from models.reference import bone_age_sds
-    from worker.pipeline import chronological_age_months, model_version
+    from worker.pipeline import chronological_age_months, model_name, model_version
     from worker.runtime import Runtime
 
     settings = _settings(ctx, model=checkpoint)
@@ -1169,7 +1169,7 @@ def predict(
                 sds=sds,
                 intervals=prediction.intervals,
                 model_id=predictor.model_id,
-                model_name=f"BoneAgeNet {predictor.meta.arch}",
+                model_name=model_name(predictor.meta.arch),
                 model_version=model_version(predictor),
                 model_trained=predictor.meta.trained,
                 laterality=laterality,

@@ -983,9 +983,15 @@ def _earlier_heat_maps(rt: Runtime, claim: _Claim, source: Dataset) -> list[Heat
         study = study or claim.first_study or str(source.StudyInstanceUID)
         found.setdefault(
             series,
-            HeatMapSeries(model_id, f"BoneAgeNet {architecture}", bool(trained), study, series),
+            HeatMapSeries(model_id, model_name(architecture), bool(trained), study, series),
         )
     return list(found.values())
+
+
+def model_name(architecture: str) -> str:
+    """The model as the SR's algorithm and the SC's equipment name it: a withdrawal
+    notice names a model of its series as the heat maps before it did."""
+    return f"BoneAgeNet {architecture}"
 
 
 def assessment_finding(
@@ -1011,7 +1017,7 @@ def assessment_finding(
         sds=sds,
         intervals=dict(prediction.intervals),
         model_id=predictor.model_id,
-        model_name=f"BoneAgeNet {predictor.meta.arch}",
+        model_name=model_name(predictor.meta.arch),
         model_version=model_version(predictor),
         model_trained=bool(predictor.meta.trained),
         laterality=facts.laterality,
@@ -1252,7 +1258,7 @@ def _ensure_model(rt: Runtime, predictor: BoneAgePredictor) -> None:
                 session.add(
                     Model(
                         id=predictor.model_id,
-                        name=f"{SOFTWARE_NAME} BoneAgeNet {meta.arch}",
+                        name=f"{SOFTWARE_NAME} {model_name(meta.arch)}",
                         version=model_version(predictor),
                         architecture=meta.arch,
                         input_size=int(meta.input_size),

@@ -681,7 +681,12 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
     chronological, sds = finding.chronological_age_months, finding.sds
     other_study = claim.other_study(ds)
     earlier_maps = _earlier_heat_maps(rt, claim, ds)
-    new_series = sc_series_uid(claim.sop_instance_uid, predictor.model_id, other_study)
+    # the series this heat map joins; only a later assessment has earlier ones to compare
+    new_series = (
+        sc_series_uid(claim.sop_instance_uid, predictor.model_id, other_study)
+        if earlier_maps
+        else None
+    )
     outputs = stage_outputs(  # moved into the outbox by the commit, if it wins
         ds,
         image,

@@ -62,7 +62,9 @@ class RetentionReport:
 
 def _expired(cutoff: datetime) -> list[ColumnElement[bool]]:
     """Conditions of an instance whose files may go: finished long enough, all sent
-    (or superseded: a later assessment replaced them, and they are never sent)."""
+    (or superseded: a later assessment replaced them, and they are never sent), and
+    not received again since (a new copy, perhaps corrected, that the worker has yet
+    to compare with what it assessed: removing it would lose the correction)."""
     unsent = (
         select(Delivery.id)
         .where(
@@ -75,6 +77,7 @@ def _expired(cutoff: datetime) -> list[ColumnElement[bool]]:
         Instance.state.in_(FINISHED),
         Instance.files_removed_at.is_(None),
         Instance.finished_at < cutoff,
+        Instance.received_again_at.is_(None),
         ~unsent,
     ]
 

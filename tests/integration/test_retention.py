@@ -223,6 +223,31 @@ def test_receiving_again_restarts_retention_and_keeps_the_new_copy(runtime: Runt
     assert spool.exists()
 
 
+def test_a_copy_received_again_stays_until_the_worker_has_compared_it(runtime: Runtime) -> None:
+    """Finished 40 days ago, then sent again with the sex corrected: a retention run
+    before the worker reads its message must not take the new copy, or the correction
+    is lost and the old report stands."""
+    instance_id, files = _assessed_and_delivered(runtime)
+    _finished_days_ago(runtime, instance_id, 40)
+    received_again(runtime, instance_id, PatientSex="M")
+    spool = files[0]
+    os.utime(spool, (0, (now() - dt.timedelta(days=40)).timestamp()))  # no help from mtime
+
+    report = remove_expired_files(runtime.database_url, older_than=KEEP)
+    assert report.instances == 0
+    assert spool.exists()
+    assert _removed_at(runtime, instance_id) is None
+
+    outcome = assess_instance(runtime, instance_id)
+    assert outcome.state == "assessed"
+    with session_scope(runtime.database_url) as session:
+        results = session.scalars(
+            select(Result).where(Result.instance_id == instance_id).order_by(Result.id)
+        ).all()
+        assert [r.male for r in results] == [False, True]
+        assert session.get_one(Instance, instance_id).received_again_at is None
+
+
 def test_files_left_by_a_crash_after_the_mark_are_swept(runtime: Runtime) -> None:
     instance_id, files = _assessed_and_delivered(runtime)
     for path in files:  # written well before the mark below

@@ -101,7 +101,10 @@ class Destination:
         return cls(_check_ae_title(ae, "destination AE title"), host.strip("[]"), port_number)
 
     def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        # An IPv6 address keeps its brackets, or the text would not parse back (it is
+        # what deliveries record and what `serve` hands its children).
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.ae_title}@{host}:{self.port}"
 
 
 def _split(value: Any) -> Any:
@@ -218,7 +221,16 @@ class Settings(BaseSettings):
     @field_validator("destinations", mode="before")
     @classmethod
     def _destinations(cls, value: Any) -> Any:
-        return [Destination.parse(v) if isinstance(v, str) else v for v in _split(value) or []]
+        parsed = [Destination.parse(v) if isinstance(v, str) else v for v in _split(value) or []]
+        # Each object goes to a destination once (a delivery is unique per object and
+        # destination): a node listed twice would make every assessment's rows clash.
+        seen: set[str] = set()
+        for destination in parsed:
+            key = str(destination)
+            if key in seen:
+                raise ValueError(f"destination {destination} is listed twice")
+            seen.add(key)
+        return parsed
 
     @field_validator("device")
     @classmethod

@@ -96,6 +96,7 @@ def test_precedence_cli_over_env_over_file(tmp_path: Path, monkeypatch: pytest.M
     [
         ("BONEAGE_DESTINATIONS", "PACS@host", "AE@host:port"),
         ("BONEAGE_DESTINATIONS", "PACS@host:0", "outside 1-65535"),
+        ("BONEAGE_DESTINATIONS", "PACS@host:104, ARCHIVE@host:105,PACS@host:104", "twice"),
         ("BONEAGE_AE_TITLE", "A_TITLE_THAT_IS_TOO_LONG", "not a valid AE title"),
         ("BONEAGE_DEVICE", "gpu", "auto, cpu, cuda"),
         ("BONEAGE_PORT", "70000", "less than or equal"),
@@ -107,6 +108,15 @@ def test_bad_values_are_named(
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError, match=message):
         load_settings()
+
+
+def test_a_destination_reads_back_from_its_text() -> None:
+    # The text is what a delivery row records and what its sender parses again.
+    for text in ("PACS@10.0.0.2:104", "V6@[fd00::2]:11112", "LOCAL@[::1]:4242", "A@pacs.example:1"):
+        destination = Destination.parse(text)
+        assert str(destination) == text
+        assert Destination.parse(str(destination)) == destination
+    assert Destination.parse("V6@[fd00::2]:11112").host == "fd00::2"
 
 
 def test_missing_settings_file_is_a_clear_error(tmp_path: Path) -> None:
@@ -138,7 +148,7 @@ def test_environment_for_children_gives_back_every_setting(
         data_dir=tmp_path,
         port=free_port(),
         allowed_aets="PACS@10.0.0.2,RIS",
-        destinations=f"PACS@10.0.0.2:{free_port()}",
+        destinations=f"PACS@10.0.0.2:{free_port()},V6@[fd00::2]:{free_port()}",
         missing_sex="female",
         send_not_assessed=True,
         metrics_port=free_port(),

@@ -494,11 +494,46 @@ def assess_instance(rt: Runtime, instance_id: int, *, send: bool = True) -> Asse
     claimed = _claim(rt, instance_id)
     if isinstance(claimed, AssessOutcome):
         return claimed
+    if (already := _assessed_by_this_model(rt, claimed)) is not None:
+        return already
     try:
         return _assess(rt, claimed, send=send)
     except Exception as exc:
         _note_failed_attempt(rt, instance_id, exc, claimed.inputs)
         raise
+
+
+def _assessed_by_this_model(rt: Runtime, claim: _Claim) -> AssessOutcome | None:
+    """End the claim of an instance this worker's model has already assessed in this
+    assessment, as it was, with nothing made or sent; None when it has not.
+
+    Only `reprocess` puts such an instance back in the queue: for another model, whose
+    message a worker still running this one took. Assessing it would only clash with the
+    result it has.
+    """
+    model_id = rt.predictor.model_id
+    with session_scope(rt.database_url) as session:
+        has_result = session.scalar(
+            select(Result.id).where(
+                Result.instance_id == claim.instance_id,
+                Result.model_id == model_id,
+                Result.assessment == claim.assessment,
+            )
+        )
+        if has_result is None:
+            return None
+        instance = session.get_one(Instance, claim.instance_id)
+        instance.state = InstanceState.ASSESSED
+        instance.reason = None
+        instance.finished_at = now()
+        _compared_if_read(instance)
+    logger.warning(
+        "instance %d: this worker's model %s assessed it already; a reprocess for another "
+        "model needs workers that run that model",
+        claim.instance_id,
+        model_id[:12],
+    )
+    return AssessOutcome("skipped", reason="already assessed by this worker's model")
 
 
 #: The header attributes an assessment's result depends on beside the gate's decision
@@ -1203,16 +1238,40 @@ def _commit(
             session.flush()
             delivery_ids = tuple(d.id for d in deliveries)
             outputs = publish(outputs)
-    except IntegrityError:
+    except IntegrityError as exc:
         # Another attempt committed the same outputs first: its files and deliveries
         # stand, and this attempt's staged files go.
         discard(outputs)
-        logger.info("instance %d: outputs already recorded by another attempt", instance_id)
-        return AssessOutcome("duplicate")
+        if _finished(rt, instance_id):
+            logger.info("instance %d: outputs already recorded by another attempt", instance_id)
+            return AssessOutcome("duplicate")
+        # No other attempt finished it: the rows clash with something else, which no
+        # attempt will get past. Said now, not after the reconciler's three tries.
+        reason = f"its outputs could not be recorded: they clash with {_clash(exc)}"
+        logger.error("instance %d: %s", instance_id, reason)
+        _finish(rt, claim, InstanceState.ERROR, reason)
+        return AssessOutcome("error", reason=reason)
     except BaseException:
         discard(outputs)
         raise
     return AssessOutcome(state.value, delivery_ids=delivery_ids, reason=reason)
+
+
+def _finished(rt: Runtime, instance_id: int) -> bool:
+    with session_scope(rt.database_url) as session:
+        instance = session.get(Instance, instance_id)
+        return instance is None or instance.state in FINISHED
+
+
+def _clash(exc: IntegrityError) -> str:
+    """Which unique key an insert broke, in words with no values (they hold UIDs). The
+    database names it: ``uq_deliveries_…`` (PostgreSQL) or ``deliveries.…`` (SQLite)."""
+    text = str(exc.orig)
+    if "deliveries" in text:
+        return "a delivery of the same object to the same destination"
+    if "results" in text:
+        return "a result of the same model"
+    return "a row already recorded"
 
 
 def _supersede_unsent(session: Session, instance_id: int, assessment: int) -> None:

@@ -964,6 +964,66 @@ def test_reprocess_with_a_new_model_sends_only_when_asked(
         assert session.get_one(Instance, instance_id).state is InstanceState.ASSESSED
 
 
+def test_a_reprocess_message_taken_by_a_worker_of_the_old_model_leaves_the_instance_as_it_was(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    """`reprocess --model NEW` queued the instance, but a worker still running the model
+    that assessed it took the message: it ends the claim as it was, with nothing made,
+    where it used to leave the instance `processing` until the reconciler's three tries
+    ended it in error."""
+    from models.checkpoint import save_checkpoint, untrained_model
+    from worker.reprocess import prepare_reprocess
+
+    instance_id = spool_instance(runtime)
+    first = assess_instance(runtime, instance_id)
+    assert first.state == "assessed"
+    loaded = untrained_model(arch="resnet18", input_size=128, seed=5)
+    path = tmp_path / "new.safetensors"
+    save_checkpoint(path, loaded.model, loaded.meta)
+    new = Runtime(runtime.settings.model_copy(update={"model": path}))
+    assert prepare_reprocess(new, [instance_id]) == [instance_id]
+
+    outcome = assess_instance(runtime, instance_id)  # the old model's worker
+    assert outcome.state == "skipped"
+    assert outcome.reason == "already assessed by this worker's model"
+    with session_scope(runtime.database_url) as session:
+        instance = session.get_one(Instance, instance_id)
+        assert instance.state is InstanceState.ASSESSED and instance.reason is None
+        assert instance.finished_at is not None
+        assert len(session.scalars(select(Result)).all()) == 1
+        assert len(session.scalars(select(Delivery)).all()) == len(first.delivery_ids)
+    # Queued again, the new model's worker assesses it beside the first result.
+    assert prepare_reprocess(new, [instance_id]) == [instance_id]
+    assert assess_instance(new, instance_id, send=False).state == "assessed"
+    with session_scope(runtime.database_url) as session:
+        assert len(session.scalars(select(Result)).all()) == 2
+
+
+def test_outputs_that_clash_with_rows_no_attempt_made_end_the_instance_in_error(
+    runtime: Runtime, storescp: StoreSCP
+) -> None:
+    """A clash at the commit that no competing attempt explains (here a destination
+    listed twice, which settings now refuse) ends the instance in error at once, with
+    the reason, and leaves no file in the outbox."""
+    twice = [*runtime.settings.destinations, *runtime.settings.destinations]
+    clashing = Runtime(runtime.settings.model_copy(update={"destinations": twice}))
+    instance_id = spool_instance(clashing)
+    outcome = assess_instance(clashing, instance_id)
+    assert outcome.state == "error"
+    expected = (
+        "its outputs could not be recorded: they clash with a delivery of the same object "
+        "to the same destination"
+    )
+    assert outcome.reason == expected
+    with session_scope(runtime.database_url) as session:
+        instance = session.get_one(Instance, instance_id)
+        assert instance.state is InstanceState.ERROR and instance.reason == expected
+        assert session.scalars(select(Result)).all() == []
+        assert session.scalars(select(Delivery)).all() == []
+    outbox = runtime.settings.outbox_dir
+    assert not outbox.exists() or list(outbox.iterdir()) == []
+
+
 def test_outputs_staged_by_attempts_that_died_are_swept(tmp_path: Path) -> None:
     outbox = tmp_path / "outbox"
     outbox.mkdir()

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from sqlalchemy import or_, select, update
 
 from db.engine import session_scope
-from db.schema import Instance, InstanceState, Result
+from db.schema import FINISHED, Instance, InstanceState, Result
 from db.schema import utcnow as now
 from worker.runtime import Runtime
 
@@ -39,7 +39,9 @@ def prepare_reprocess(rt: Runtime, instance_ids: Sequence[int]) -> list[int]:
 
     Returns the ids to enqueue. Instances that already have a result from this model
     are left alone, and so are those whose received file retention removed
-    (:func:`files_removed`): there is nothing left to assess.
+    (:func:`files_removed`): there is nothing left to assess. So are those not finished
+    yet (received, queued, or being assessed now): their message is on its way, and an
+    attempt under way keeps its claim.
     """
     model_id = rt.predictor.model_id
     stamp = now()
@@ -57,7 +59,11 @@ def prepare_reprocess(rt: Runtime, instance_ids: Sequence[int]) -> list[int]:
             # before it removes anything, so the two never both win.
             session.execute(
                 update(Instance)
-                .where(Instance.id.in_(todo), Instance.files_removed_at.is_(None))
+                .where(
+                    Instance.id.in_(todo),
+                    Instance.files_removed_at.is_(None),
+                    Instance.state.in_(FINISHED),
+                )
                 .values(
                     state=InstanceState.QUEUED,
                     attempts=0,

@@ -999,6 +999,34 @@ def test_a_reprocess_message_taken_by_a_worker_of_the_old_model_leaves_the_insta
         assert len(session.scalars(select(Result)).all()) == 2
 
 
+def test_reprocess_leaves_instances_not_finished_alone(runtime: Runtime, tmp_path: Path) -> None:
+    """An instance still on its way (received, or claimed by an attempt now) keeps its
+    state and its claim: its message is already queued."""
+    from models.checkpoint import save_checkpoint, untrained_model
+    from worker.reprocess import prepare_reprocess
+
+    loaded = untrained_model(arch="resnet18", input_size=128, seed=6)
+    path = tmp_path / "new.safetensors"
+    save_checkpoint(path, loaded.model, loaded.meta)
+    new = Runtime(runtime.settings.model_copy(update={"model": path}))
+    waiting, claimed = spool_instance(runtime), spool_instance(runtime, sex="M")
+    with session_scope(runtime.database_url) as session:
+        session.execute(
+            update(Instance)
+            .where(Instance.id == claimed)
+            .values(state=InstanceState.PROCESSING, claimed_by="worker@elsewhere:1", attempts=1)
+        )
+    assert prepare_reprocess(new, [waiting, claimed]) == []
+    with session_scope(runtime.database_url) as session:
+        assert session.get_one(Instance, waiting).state is InstanceState.RECEIVED
+        busy = session.get_one(Instance, claimed)
+        assert (busy.state, busy.claimed_by, busy.attempts) == (
+            InstanceState.PROCESSING,
+            "worker@elsewhere:1",
+            1,
+        )
+
+
 def test_outputs_that_clash_with_rows_no_attempt_made_end_the_instance_in_error(
     runtime: Runtime, storescp: StoreSCP
 ) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from db.schema import Delivery, DeliveryState, Heartbeat, Instance, InstanceState
+from db.schema import Delivery, DeliveryState, Heartbeat, Instance, InstanceState, UTCDateTime
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,31 @@ def spooled(session: Session) -> tuple[int, int]:
         )
     ).one()
     return int(count), int(size)
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """Instances not finished: how many, since when the oldest waits (since it was
+    received or queued, or, being assessed, since its attempt began), and when the
+    latest instance finished."""
+
+    count: int
+    oldest_since: datetime | None
+    last_finished_at: datetime | None
+
+
+def waiting(session: Session) -> Waiting:
+    since = case(
+        (Instance.state == InstanceState.PROCESSING, Instance.started_at),
+        else_=func.coalesce(Instance.queued_at, Instance.received_at),
+    )
+    count, oldest = session.execute(
+        select(func.count(), func.min(since, type_=UTCDateTime())).where(
+            Instance.state.in_(_UNFINISHED)
+        )
+    ).one()
+    last = session.scalar(select(func.max(Instance.finished_at)))
+    return Waiting(int(count), oldest, last)
 
 
 def heartbeats(session: Session) -> list[ProcessBeat]:
@@ -124,6 +149,7 @@ def last_hour(session: Session, now: datetime) -> dict[str, Any]:
     return {
         "assessed": states.count(InstanceState.ASSESSED),
         "not_assessed": states.count(InstanceState.NOT_ASSESSED),
+        "error": states.count(InstanceState.ERROR),
         "processing_p50_s": _percentile(latencies.to_assessed, 0.5),
         "processing_p95_s": _percentile(latencies.to_assessed, 0.95),
         "delivered_p50_s": _percentile(latencies.to_delivered, 0.5),

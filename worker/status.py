@@ -66,6 +66,7 @@ def collect(settings: Settings) -> dict[str, Any]:
             {**p, "at": _iso(p["at"])} for p in queries.recent_problems(session)
         ]
         spool_instances, spool_bytes = queries.spooled(session)
+        waiting = queries.waiting(session)
     space = disk_space(settings.data_dir)
     report["storage"] = {
         "free_bytes": space.free_bytes if space else None,
@@ -103,6 +104,32 @@ def collect(settings: Settings) -> dict[str, Any]:
         problems.append(
             f"{report['deliveries']['failed']} deliveries failed: "
             "fix the destination, then run 'boneage-worker retry-deliveries'"
+        )
+    report["waiting"] = {
+        "instances": waiting.count,
+        "oldest_since": _iso(waiting.oldest_since),
+        "last_finished_at": _iso(waiting.last_finished_at),
+    }
+    # Work that stopped moving: the reconciler queues a lost message again after
+    # BONEAGE_REQUEUE_AFTER_SECONDS, so twice that with nothing finished is not a
+    # backlog but a worker that hangs, a message no worker takes, or a broker apart.
+    stuck_after = timedelta(seconds=2 * settings.requeue_after_seconds)
+    if (
+        waiting.oldest_since is not None
+        and current - waiting.oldest_since > stuck_after
+        and (waiting.last_finished_at is None or current - waiting.last_finished_at > stuck_after)
+    ):
+        problems.append(
+            f"{waiting.count} instance(s) wait, the oldest for "
+            f"{(current - waiting.oldest_since).total_seconds() / 60:.0f} min, and none "
+            f"finished in the last {stuck_after.total_seconds() / 60:.0f} min: is an "
+            "inference worker hanging, or consuming another broker?"
+        )
+    if errors := report["last_hour"]["error"]:
+        problems.append(
+            f"{errors} instance(s) ended in error in the last hour (see recent problems); "
+            "once the cause is fixed, 'boneage-worker reprocess --instance ID' assesses "
+            "one again"
         )
     if not settings.destinations:
         problems.append("no destinations configured (BONEAGE_DESTINATIONS): results are not sent")

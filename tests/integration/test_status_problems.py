@@ -1,0 +1,116 @@
+"""`status` says when work ends in error or stops moving, not only when a process is down.
+
+A node's real database (SQLite), with instances spooled and recorded as the listener
+records them; the states an outage or a hung worker leaves are written into the rows.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+from sqlalchemy import update
+
+from db.engine import session_scope
+from db.schema import Instance, InstanceState
+from db.schema import utcnow as now
+from tests.conftest import StoreSCP
+from tests.integration.test_pipeline import make_runtime, spool_instance
+from worker.pipeline import assess_instance
+from worker.runtime import Runtime
+from worker.status import collect
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def runtime(tmp_path: Path, tiny_checkpoint: Path, storescp: StoreSCP) -> Runtime:
+    return make_runtime(
+        tmp_path, tiny_checkpoint, destinations=storescp.destination, requeue_after_seconds=60
+    )
+
+
+def _problems(rt: Runtime) -> list[str]:
+    report = collect(rt.settings)
+    assert report["healthy"] is (not report["problems"])
+    return list(report["problems"])
+
+
+def _stuck(problems: list[str]) -> list[str]:
+    return [p for p in problems if "none finished in the last" in p]
+
+
+def _errors(problems: list[str]) -> list[str]:
+    return [p for p in problems if "ended in error in the last hour" in p]
+
+
+def test_work_that_stops_moving_makes_the_node_unhealthy(runtime: Runtime) -> None:
+    waiting = spool_instance(runtime)
+    assert _stuck(_problems(runtime)) == []  # just received
+
+    # Queued 10 minutes ago (twice the requeue interval is 2 minutes here), nothing
+    # finished since: a worker that hangs still beats its heart, so this is the sign.
+    with session_scope(runtime.database_url) as session:
+        session.execute(
+            update(Instance)
+            .where(Instance.id == waiting)
+            .values(state=InstanceState.QUEUED, queued_at=now() - dt.timedelta(minutes=10))
+        )
+    [stuck] = _stuck(_problems(runtime))
+    assert stuck.startswith("1 instance(s) wait, the oldest for 10 min, and none finished")
+    report = collect(runtime.settings)
+    assert report["waiting"]["instances"] == 1
+    assert report["waiting"]["last_finished_at"] is None
+
+    # A backlog that moves is not stuck: another instance finished a moment ago.
+    assert assess_instance(runtime, spool_instance(runtime, sex="M")).state == "assessed"
+    assert _stuck(_problems(runtime)) == []
+
+
+def test_an_attempt_under_way_for_long_counts_from_its_start(runtime: Runtime) -> None:
+    claimed = spool_instance(runtime)
+    with session_scope(runtime.database_url) as session:
+        session.execute(
+            update(Instance)
+            .where(Instance.id == claimed)
+            .values(
+                state=InstanceState.PROCESSING,
+                received_at=now() - dt.timedelta(hours=2),
+                queued_at=now() - dt.timedelta(hours=2),
+                started_at=now() - dt.timedelta(seconds=30),
+            )
+        )
+    assert _stuck(_problems(runtime)) == []
+    with session_scope(runtime.database_url) as session:
+        session.execute(
+            update(Instance)
+            .where(Instance.id == claimed)
+            .values(started_at=now() - dt.timedelta(minutes=45))
+        )
+    [stuck] = _stuck(_problems(runtime))
+    assert "the oldest for 45 min" in stuck
+
+
+def test_instances_ended_in_error_in_the_last_hour_make_the_node_unhealthy(
+    runtime: Runtime,
+) -> None:
+    gone = spool_instance(runtime)
+    with session_scope(runtime.database_url) as session:
+        Path(session.get_one(Instance, gone).spool_path).unlink()
+    assert assess_instance(runtime, gone).state == "error"
+    [error] = _errors(_problems(runtime))
+    assert error.startswith("1 instance(s) ended in error in the last hour")
+    assert collect(runtime.settings)["last_hour"]["error"] == 1
+
+    # An hour later it is history: the counts and recent problems still show it.
+    with session_scope(runtime.database_url) as session:
+        session.execute(
+            update(Instance)
+            .where(Instance.id == gone)
+            .values(finished_at=now() - dt.timedelta(hours=2))
+        )
+    assert _errors(_problems(runtime)) == []
+    report = collect(runtime.settings)
+    assert report["instances"]["error"] == 1
+    assert any(p["what"] == f"instance {gone}" for p in report["recent_problems"])

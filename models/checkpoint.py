@@ -29,8 +29,12 @@ from models.net import ARCHITECTURES, BoneAgeNet, build_model
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-"""Version of the metadata layout written by :func:`save_checkpoint`."""
+FORMAT_VERSION = 2
+"""Newest metadata layout: 2 adds ``clahe``. A checkpoint is written as version 1 unless
+it needs a version-2 field (see :attr:`CheckpointMeta.format_version`)."""
+
+READABLE_FORMAT_VERSIONS: tuple[int, ...] = (1, 2)
+"""Metadata layouts :meth:`CheckpointMeta.from_json` reads."""
 
 METADATA_KEY = "boneage"
 """safetensors metadata key holding the JSON of :class:`CheckpointMeta`."""
@@ -80,8 +84,15 @@ class CheckpointMeta:
         boneage-worker version that wrote the checkpoint.
     created : str
         ISO 8601 UTC creation time ("" for the deterministic untrained model).
+    clahe : bool
+        The model was trained on CLAHE-equalised inputs
+        (:func:`~models.preprocess.apply_clahe`); inference must preprocess the same way,
+        which needs OpenCV.
     format_version : int
-        Metadata layout version.
+        Metadata layout version, derived (not an argument): 2 when ``clahe`` is set, else
+        1. Releases before ``clahe`` existed read only version 1 and would drop the field
+        they do not know (with a warning) and serve the model without CLAHE; version 2
+        makes them refuse the file instead.
     extra : dict
         Free-form additional information (training settings, seed, ...).
     """
@@ -99,10 +110,12 @@ class CheckpointMeta:
     created: str = field(
         default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     )
-    format_version: int = FORMAT_VERSION
+    clahe: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    format_version: int = field(init=False, default=1)
 
     def __post_init__(self) -> None:
+        self.format_version = 2 if self.clahe else 1
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {self.arch!r}; expected one of {ARCHITECTURES}")
         if self.input_size < 32:
@@ -118,8 +131,15 @@ class CheckpointMeta:
         return bool(self.quantiles)
 
     def to_json(self) -> str:
-        """Serialise to the JSON string stored in the safetensors metadata."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        """Serialise to the JSON string stored in the safetensors metadata.
+
+        A version-1 checkpoint is written without ``clahe``, as releases before it wrote
+        one.
+        """
+        raw = dataclasses.asdict(self)
+        if self.format_version == 1:
+            del raw["clahe"]
+        return json.dumps(raw, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> CheckpointMeta:
@@ -137,17 +157,21 @@ class CheckpointMeta:
         if not isinstance(raw, dict):
             raise ValueError("checkpoint metadata is not a JSON object")
         version = raw.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_FORMAT_VERSIONS:
             raise ValueError(
                 f"unsupported checkpoint format version {version!r} (this code reads "
-                f"{FORMAT_VERSION})"
+                f"{' and '.join(map(str, READABLE_FORMAT_VERSIONS))})"
             )
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
+        if version == 1 and raw.get("clahe"):
+            # a version-1 reader would drop it: no writer puts it into a version-1 file
+            raise ValueError("checkpoint metadata of format version 1 says clahe")
+        fields = dataclasses.fields(cls)
+        unknown = sorted(set(raw) - {f.name for f in fields})
         if unknown:
             logger.warning("ignoring unknown checkpoint metadata fields %s", unknown)
+        arguments = {f.name for f in fields if f.init}
         try:
-            return cls(**{k: v for k, v in raw.items() if k in known})
+            return cls(**{k: v for k, v in raw.items() if k in arguments})
         except TypeError as exc:
             raise ValueError(f"checkpoint metadata is incomplete or malformed: {exc}") from exc
 

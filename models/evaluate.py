@@ -33,6 +33,7 @@ from models.predictor import (
     resolve_device,
     resolve_precision,
 )
+from models.preprocess import require_clahe
 
 logger = logging.getLogger(__name__)
 
@@ -393,17 +394,26 @@ def evaluate(
     -------
     EvaluationReport
         Metrics and the files written.
+
+    Raises
+    ------
+    ImportError
+        If the checkpoint was trained with CLAHE and OpenCV is not installed.
     """
     if not items:
         raise ValueError("no labelled images to evaluate")
     loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_checkpoint(checkpoint)
     meta = loaded.meta
+    if meta.clahe:
+        require_clahe()  # before any work, not on the first image
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)  # an unusable one fails before any work
     # The copy the worker runs (BoneAgePredictor), so that an evaluation shows what the
     # service would report, in a lower precision too.
     model = inference_copy(loaded.model.eval(), dev, dtype, input_size=meta.input_size)
-    dataset = PreparedDataset(items, meta.input_size, cache=cache, progress=progress)
+    dataset = PreparedDataset(
+        items, meta.input_size, clahe=meta.clahe, cache=cache, progress=progress
+    )
     predicted = predict_ages(
         model,
         dataset,

@@ -18,7 +18,7 @@ from models.checkpoint import CheckpointMeta, LoadedModel
 from models.fused import cpu_inference_copy, is_fused
 from models.gradcam import predict_with_cam
 from models.net import BoneAgeNet, fold_batch_norm
-from models.preprocess import CropBox, Prepared, cam_to_image, prepare
+from models.preprocess import CropBox, Prepared, cam_to_image, prepare, require_clahe
 
 logger = logging.getLogger(__name__)
 
@@ -300,6 +300,12 @@ class BoneAgePredictor:
         at. In float32 the fused convolutions get a copy packed for each (see
         :attr:`thread_counts`); elsewhere nothing depends on the count.
 
+    Raises
+    ------
+    ImportError
+        If the checkpoint was trained with CLAHE (``meta.clahe``) and OpenCV is not
+        installed.
+
     Notes
     -----
     The predictor runs an inference copy of the model (:func:`inference_copy`): batch
@@ -318,6 +324,8 @@ class BoneAgePredictor:
         precision: str = "auto",
         cpu_threads: Collection[int] = (),
     ) -> None:
+        if loaded.meta.clahe:
+            require_clahe()  # here, once, rather than on every image
         self._device = resolve_device(device)
         self._dtype = resolve_precision(precision, self._device)
         self._model = inference_copy(
@@ -423,9 +431,9 @@ class BoneAgePredictor:
         Returns
         -------
         Prepared
-            Input tensor and crop box.
+            Input tensor and crop box, with CLAHE when the checkpoint was trained with it.
         """
-        return prepare(image, self.input_size)
+        return prepare(image, self.input_size, clahe=self._loaded.meta.clahe)
 
     def predict(self, image: np.ndarray, *, male: bool) -> Prediction:
         """Estimate bone age with a Grad-CAM map and prediction intervals.

@@ -261,6 +261,30 @@ def _crop(image: np.ndarray, box: CropBox, fill: float) -> np.ndarray:
     return out
 
 
+CLAHE_MISSING = (
+    "CLAHE needs OpenCV, which is not installed: install the 'train' extra "
+    "(pip install 'boneage-worker[train]') or opencv-python-headless"
+)
+"""What :func:`require_clahe` says when OpenCV cannot be imported."""
+
+
+def require_clahe() -> None:
+    """Check that CLAHE can run here (OpenCV importable).
+
+    Called where a model that needs CLAHE is set up, so that a missing OpenCV stops
+    the start rather than every image.
+
+    Raises
+    ------
+    ImportError
+        If ``cv2`` cannot be imported; the message names the extra to install.
+    """
+    try:
+        import cv2  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(CLAHE_MISSING) from exc
+
+
 def apply_clahe(image: np.ndarray, clip_limit: float = 2.0, tiles: int = 8) -> np.ndarray:
     """Contrast-limited adaptive histogram equalisation (needs OpenCV).
 
@@ -278,10 +302,9 @@ def apply_clahe(image: np.ndarray, clip_limit: float = 2.0, tiles: int = 8) -> n
     numpy.ndarray
         float32 image in [0, 1].
     """
-    try:
-        import cv2
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise ImportError("CLAHE needs opencv-python-headless (extra 'train')") from exc
+    require_clahe()
+    import cv2
+
     u16 = np.round(np.clip(image, 0, 1) * 65535).astype(np.uint16)
     out = cv2.createCLAHE(clipLimit=clip_limit, tileGridSize=(tiles, tiles)).apply(u16)
     return (out.astype(np.float32) / 65535.0).astype(np.float32)

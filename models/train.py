@@ -42,6 +42,7 @@ from models.data import LabelledImage, PreparedDataset, conformal_quantile, stra
 from models.evaluate import predict_ages, regression_metrics
 from models.net import BoneAgeNet, build_model
 from models.predictor import resolve_device
+from models.preprocess import require_clahe
 
 logger = logging.getLogger(__name__)
 
@@ -344,6 +345,8 @@ def train(
     residual quantiles, but the stated coverage is then approximate.
     """
     cfg = config or TrainConfig()
+    if cfg.clahe:
+        require_clahe()  # before the data are read, not at the first batch
     if len(items) < 10:
         raise ValueError(f"need at least 10 labelled images, got {len(items)}")
     device = resolve_device(cfg.device)
@@ -538,6 +541,7 @@ def train(
         metrics={k: float(v) for k, v in metrics.items()},
         quantiles=quantiles,
         head_hidden=cfg.head_hidden,
+        clahe=cfg.clahe,
         extra={
             "train_config": dataclasses.asdict(cfg),
             "n_train": len(train_items),

@@ -932,7 +932,12 @@ def _items(**kwargs: Any) -> tuple[list[Any], str]:
 @click.option("--val-fraction", type=float, default=0.15, show_default=True)
 @click.option("--augment/--no-augment", default=True, show_default=True)
 @click.option("--amp/--no-amp", default=True, show_default=True, help="Mixed precision on CUDA.")
-@click.option("--clahe", is_flag=True, help="CLAHE contrast equalisation in preprocessing.")
+@click.option(
+    "--clahe",
+    is_flag=True,
+    help="CLAHE contrast equalisation in preprocessing (recorded in the checkpoint: the "
+    "worker and evaluate then apply it too, and need OpenCV).",
+)
 @click.option(
     "--workers",
     "num_workers",
@@ -1002,7 +1007,10 @@ def train(
         version=model_version,
     )
     console.print(f"training {arch} at {input_size} px on {description}")
-    result = run_training(items, output, config=config, state_dir=state_dir, resume=resume)
+    try:
+        result = run_training(items, output, config=config, state_dir=state_dir, resume=resume)
+    except ImportError as exc:  # --clahe without OpenCV: the message says what to install
+        raise click.ClickException(str(exc)) from exc
     metrics = ", ".join(f"{k} {v:.3g}" for k, v in result.meta.metrics.items())
     console.print(
         f"wrote {result.checkpoint} (model id {result.model_id[:12]}); validation: {metrics}"
@@ -1048,15 +1056,18 @@ def evaluate(
         raise click.UsageError(str(exc)) from exc
     items, description = _items(**data)
     console.print(f"evaluating {checkpoint.name} on {description}")
-    report = run_evaluation(
-        checkpoint,
-        items,
-        output_dir,
-        device=device,
-        precision=precision,
-        batch_size=batch_size,
-        plots=plots,
-    )
+    try:
+        report = run_evaluation(
+            checkpoint,
+            items,
+            output_dir,
+            device=device,
+            precision=precision,
+            batch_size=batch_size,
+            plots=plots,
+        )
+    except ImportError as exc:  # a CLAHE model without OpenCV: the message says what to install
+        raise click.ClickException(str(exc)) from exc
     overall = report.metrics.get("overall", report.metrics)
     shown = {k: overall[k] for k in ("mae", "rmse", "r2") if k in overall}
     console.print("  ".join(f"{k.upper()} {v:.3g}" for k, v in shown.items()))

@@ -164,3 +164,61 @@ def test_untrained_model_id_matches_its_saved_bytes(tmp_path: Path) -> None:
     loaded = untrained_model(arch="resnet18", seed=0)
     model_id = save_checkpoint(tmp_path / "u.safetensors", loaded.model, loaded.meta)
     assert model_id == loaded.model_id
+
+
+def _raw_meta(path: Path) -> dict[str, object]:
+    with safetensors.safe_open(str(path), framework="pt") as handle:
+        raw: dict[str, object] = json.loads(handle.metadata()[METADATA_KEY])
+    return raw
+
+
+def test_a_checkpoint_without_clahe_is_written_as_format_version_1(
+    tmp_path: Path, tiny_model: BoneAgeNet
+) -> None:
+    # what releases before the clahe field wrote, and all they read
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, tiny_model, _meta())
+    raw = _raw_meta(path)
+    assert raw["format_version"] == 1
+    assert "clahe" not in raw
+    loaded = load_checkpoint(path)
+    assert loaded.meta.clahe is False
+    assert loaded.meta.format_version == 1
+
+
+def test_a_clahe_checkpoint_is_format_version_2_and_round_trips(
+    tmp_path: Path, tiny_model: BoneAgeNet
+) -> None:
+    # Releases that read only version 1 refuse it, rather than drop the unknown field
+    # and serve the model without CLAHE.
+    path = tmp_path / "m.safetensors"
+    meta = _meta(clahe=True)
+    assert meta.format_version == 2
+    save_checkpoint(path, tiny_model, meta)
+    raw = _raw_meta(path)
+    assert (raw["format_version"], raw["clahe"]) == (2, True)
+    loaded = load_checkpoint(path)
+    assert loaded.meta == meta
+    assert loaded.meta.clahe is True
+
+
+def test_format_version_follows_clahe_when_metadata_is_replaced() -> None:
+    import dataclasses
+
+    meta = dataclasses.replace(_meta(), clahe=True)
+    assert meta.format_version == 2
+    assert dataclasses.replace(meta, clahe=False).format_version == 1
+
+
+def test_a_version_1_file_without_clahe_reads_as_no_clahe() -> None:
+    raw = json.loads(_meta().to_json())
+    raw.pop("clahe", None)
+    meta = CheckpointMeta.from_json(json.dumps(raw))
+    assert meta.clahe is False
+
+
+def test_a_version_1_file_saying_clahe_is_refused() -> None:
+    raw = json.loads(_meta(clahe=True).to_json())
+    raw["format_version"] = 1
+    with pytest.raises(ValueError, match="format version 1 says clahe"):
+        CheckpointMeta.from_json(json.dumps(raw))

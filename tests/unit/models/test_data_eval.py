@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from models.checkpoint import load_checkpoint, untrained_model
+from models.checkpoint import LoadedModel, load_checkpoint, untrained_model
 from models.data import (
     LabelledImage,
+    PreparedDataset,
     conformal_quantile,
     load_image,
     phantom_items,
@@ -21,6 +25,7 @@ from models.data import (
     stratified_split,
 )
 from models.evaluate import evaluate, interval_coverage, regression_metrics, summarise
+from models.preprocess import prepare
 from models.train import TrainConfig, augment_batch, train
 
 
@@ -200,3 +205,51 @@ def _weights(path: Path) -> bytes:
     from safetensors.torch import load_file
 
     return b"".join(t.numpy().tobytes() for _, t in sorted(load_file(path).items()))
+
+
+def _with_clahe(loaded: LoadedModel) -> LoadedModel:
+    return dataclasses.replace(loaded, meta=dataclasses.replace(loaded.meta, clahe=True))
+
+
+def test_evaluate_prepares_a_clahe_checkpoint_s_images_with_clahe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import models.evaluate
+
+    made: list[PreparedDataset] = []
+
+    class Recording(PreparedDataset):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(models.evaluate, "PreparedDataset", Recording)
+    loaded = _with_clahe(untrained_model(arch="resnet18", input_size=64))
+    items = phantom_items(3, size=80, seed=3)
+    evaluate(loaded, items, tmp_path / "eval", device="cpu", progress=False, plots=False)
+    (dataset,) = made
+    for index, item in enumerate(items):
+        expected = prepare(load_image(item.image), 64, clahe=True).tensor
+        torch.testing.assert_close(dataset[index][0], expected)
+        assert not torch.allclose(dataset[index][0], prepare(load_image(item.image), 64).tensor)
+
+
+def test_evaluate_of_a_clahe_checkpoint_without_opencv_fails_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "cv2", None)
+    loaded = _with_clahe(untrained_model(arch="resnet18", input_size=64))
+    with pytest.raises(ImportError, match=r"boneage-worker\[train\]"):
+        evaluate(loaded, phantom_items(2, size=80), tmp_path / "eval", progress=False)
+    assert not (tmp_path / "eval").exists()
+
+
+def test_training_with_clahe_writes_it_into_the_checkpoint(tmp_path: Path) -> None:
+    items = phantom_items(12, size=64, seed=3)
+    config = TrainConfig(
+        arch="resnet18", input_size=32, epochs=1, batch_size=8, device="cpu", clahe=True
+    )
+    result = train(items, tmp_path / "c.safetensors", config=config, progress=False)
+    loaded = load_checkpoint(result.checkpoint)
+    assert loaded.meta.clahe is True
+    assert loaded.meta.format_version == 2

@@ -247,3 +247,28 @@ def test_predictor_runs_a_folded_copy_that_agrees_with_the_checkpoint_model(
     expected = float(z[0]) * loaded.meta.target_sd + loaded.meta.target_mean
     assert result.bone_age_months == pytest.approx(float(np.clip(expected, 0, 240)), abs=1e-3)
     np.testing.assert_allclose(result.crop_cam, cam[0].numpy(), atol=1e-4)
+
+
+def _clahe_model(loaded: LoadedModel) -> LoadedModel:
+    return dataclasses.replace(loaded, meta=dataclasses.replace(loaded.meta, clahe=True))
+
+
+def test_a_clahe_checkpoint_is_prepared_with_clahe(loaded: LoadedModel, image: np.ndarray) -> None:
+    predictor = BoneAgePredictor(_clahe_model(loaded), device="cpu")
+    prepared = predictor.prepare(image)
+    torch.testing.assert_close(prepared.tensor, prepare(image, 64, clahe=True).tensor)
+    assert not torch.allclose(prepared.tensor, prepare(image, 64).tensor)
+    # and a checkpoint without it, without
+    plain = BoneAgePredictor(loaded, device="cpu").prepare(image)
+    torch.testing.assert_close(plain.tensor, prepare(image, 64).tensor)
+
+
+def test_a_clahe_checkpoint_without_opencv_fails_when_the_predictor_is_built(
+    loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 now raises ImportError
+    BoneAgePredictor(loaded, device="cpu")  # no CLAHE: no OpenCV needed
+    with pytest.raises(ImportError, match=r"CLAHE needs OpenCV.*boneage-worker\[train\]"):
+        BoneAgePredictor(_clahe_model(loaded), device="cpu")

@@ -8,11 +8,13 @@ in the README and tested.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import os
 import re
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -113,6 +115,40 @@ def _split(value: Any) -> Any:
     return value
 
 
+#: ``BONEAGE_*`` variables that are not settings: the settings file's name, what the
+#: Compose file and the demo script read, and the test suite's service addresses.
+NOT_SETTINGS = frozenset(
+    {"BONEAGE_CONFIG", "BONEAGE_IMAGE_CPU", "BONEAGE_IMAGE_CUDA", "BONEAGE_DEMO_DIR"}
+)
+_NOT_SETTINGS_PREFIX = "BONEAGE_TEST_"
+
+
+def _closest(name: str, fields: Iterable[str]) -> str | None:
+    """The field ``name`` is most likely a misspelling of, if any."""
+    close = difflib.get_close_matches(name, list(fields), n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
+def _unknown_environment(settings_cls: type[BaseSettings]) -> None:
+    """Refuse a ``BONEAGE_*`` variable that names no setting: misspelt, it would leave
+    the setting at its default without a word."""
+    known = {f"BONEAGE_{name.upper()}" for name in settings_cls.model_fields}
+    for variable in sorted(os.environ):
+        name = variable.upper()
+        if (
+            name.startswith("BONEAGE_")
+            and name not in known
+            and name not in NOT_SETTINGS
+            and not name.startswith(_NOT_SETTINGS_PREFIX)
+        ):
+            close = _closest(name.removeprefix("BONEAGE_").lower(), settings_cls.model_fields)
+            hint = f" (did you mean 'BONEAGE_{close.upper()}'?)" if close else ""
+            raise ValueError(
+                f"environment variable {variable} is not a setting{hint}; "
+                "the settings are listed in the README"
+            )
+
+
 class _TomlFileSource(PydanticBaseSettingsSource):
     """Reads the ``[boneage]`` table (or the top level) of a TOML file."""
 
@@ -129,6 +165,13 @@ class _TomlFileSource(PydanticBaseSettingsSource):
                 raise ValueError(f"settings file {path} is not valid TOML: {exc}") from exc
             table = raw.get("boneage", raw)
             self._data = {str(k).lower(): v for k, v in table.items()}
+            # A key misspelt is a setting silently left at its default (a retention
+            # that removes what was meant to be kept): the file holds ours alone.
+            for key in self._data:
+                if key not in settings_cls.model_fields:
+                    close = _closest(key, settings_cls.model_fields)
+                    hint = f" (did you mean {close!r}?)" if close else ""
+                    raise ValueError(f"settings file {path}: {key!r} is not a setting{hint}")
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
         return self._data.get(field_name), field_name, False
@@ -298,6 +341,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
+        _unknown_environment(settings_cls)
         config = os.environ.get("BONEAGE_CONFIG")
         return (
             init_settings,

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,60 @@ def test_a_destination_reads_back_from_its_text() -> None:
         assert str(destination) == text
         assert Destination.parse(str(destination)) == destination
     assert Destination.parse("V6@[fd00::2]:11112").host == "fd00::2"
+
+
+@pytest.mark.parametrize(
+    ("variable", "message"),
+    [
+        ("BONEAGE_RETENTON_DAYS", "did you mean 'BONEAGE_RETENTION_DAYS'"),
+        ("BONEAGE_DESTINATION", "did you mean 'BONEAGE_DESTINATIONS'"),
+        (
+            "boneage_missing_sexe",
+            "boneage_missing_sexe is not a setting (did you mean 'BONEAGE_MISSING_SEX'?)",
+        ),
+        ("BONEAGE_COLOUR", "BONEAGE_COLOUR is not a setting; the settings are listed"),
+    ],
+)
+def test_a_misspelt_environment_variable_is_refused(
+    monkeypatch: pytest.MonkeyPatch, variable: str, message: str
+) -> None:
+    # Misspelt, it would leave its setting at the default without a word: files kept
+    # 30 days that were meant to be kept for ever, results not sent.
+    monkeypatch.setenv(variable, "0")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_settings()
+
+
+def test_variables_that_are_not_settings_but_ours_are_let_through(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("BONEAGE_IMAGE_CPU", "BONEAGE_IMAGE_CUDA", "BONEAGE_DEMO_DIR", "BONEAGE_TEST_X"):
+        monkeypatch.setenv(name, "anything")
+    config = tmp_path / "boneage.toml"
+    config.write_text("[boneage]\nretention_days = 0\n")
+    monkeypatch.setenv("BONEAGE_CONFIG", str(config))
+    assert load_settings().retention_days == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "[boneage]\nretenton_days = 0\n",
+            "'retenton_days' is not a setting (did you mean 'retention_days'?)",
+        ),
+        ('[boneage]\ndestination = ["PACS@h:104"]\n', "did you mean 'destinations'"),
+        ("[boneageworker]\nretention_days = 0\n", "'boneageworker' is not a setting"),
+        ("retention_days = 0\nspeed = 3\n", "'speed' is not a setting"),
+    ],
+)
+def test_a_misspelt_key_or_table_in_the_settings_file_is_refused(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    config = tmp_path / "boneage.toml"
+    config.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_settings(config)
 
 
 def test_missing_settings_file_is_a_clear_error(tmp_path: Path) -> None:

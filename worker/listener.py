@@ -182,7 +182,9 @@ class Listener:
             return None
         try:
             return remove_expired_files(
-                self.settings.effective_database_url, older_than=timedelta(days=days)
+                self.settings.effective_database_url,
+                older_than=timedelta(days=days),
+                outbox_dir=self.settings.outbox_dir,
             )
         except Exception as exc:
             logger.warning("retention not applied (%s); next round retries", type(exc).__name__)

@@ -16,6 +16,10 @@ records a new copy.
 
 ``reprocess`` leaves instances whose files were removed alone and says so: send them
 again from the PACS, or ``backfill`` them.
+
+An SR or SC made with nothing to send it to (no destination configured, or a
+``reprocess`` not asked to send) has no delivery row to find it by: it goes when it is
+``BONEAGE_RETENTION_DAYS`` old, by its file's time, since nothing will ever send it.
 """
 
 from __future__ import annotations
@@ -133,7 +137,11 @@ def _sizes(paths: Iterable[Path]) -> tuple[int, int]:
 
 
 def remove_expired_files(
-    database_url: str, *, older_than: timedelta, dry_run: bool = False
+    database_url: str,
+    *,
+    older_than: timedelta,
+    dry_run: bool = False,
+    outbox_dir: Path | None = None,
 ) -> RetentionReport:
     """Remove the files of instances finished more than ``older_than`` ago, all sent.
 
@@ -146,6 +154,9 @@ def remove_expired_files(
         (``BONEAGE_RETENTION_DAYS``).
     dry_run : bool
         Report what would be removed; change nothing.
+    outbox_dir : pathlib.Path, optional
+        The node's outbox: its SR and SC files that no delivery names go when they are
+        ``older_than`` old (:func:`_unsent_outputs`).
 
     Returns
     -------
@@ -195,6 +206,8 @@ def remove_expired_files(
         report = report + RetentionReport(len(ids), count, size, dry_run)
     if not dry_run:
         report = report + _sweep(database_url, started)
+    if outbox_dir is not None:
+        report = report + _unsent_outputs(database_url, outbox_dir, cutoff, dry_run=dry_run)
     if report.instances or report.files:
         logger.info(
             "retention%s: %d instance(s), %d file(s), %.1f MB %s",
@@ -226,3 +239,34 @@ def _sweep(database_url: str, started: datetime) -> RetentionReport:
         removed, removed_bytes = _remove(paths, marks[instance_id])
         count, size = count + removed, size + removed_bytes
     return RetentionReport(0, count, size)
+
+
+def _unsent_outputs(
+    database_url: str, outbox: Path, cutoff: datetime, *, dry_run: bool
+) -> RetentionReport:
+    """SR and SC files in ``outbox`` written before ``cutoff`` that no delivery names.
+
+    They were made with nothing to send them to: no destination was configured, or a
+    ``reprocess`` was not asked to send. Nothing will ever send them, and without a
+    delivery row the instances' removal cannot find them. A file being published now
+    is new, and so never one of them (its rows commit just after it is renamed in).
+    """
+    old: list[Path] = []
+    try:
+        entries = list(outbox.glob("*.dcm"))  # staged files end in .tmp
+    except OSError:
+        entries = []
+    for path in entries:
+        try:
+            if path.stat().st_mtime < cutoff.timestamp():
+                old.append(path)
+        except OSError:
+            continue
+    named: set[str] = set()
+    for start in range(0, len(old), _BATCH):
+        chunk = [str(p) for p in old[start : start + _BATCH]]
+        with session_scope(database_url) as session:
+            named.update(session.scalars(select(Delivery.path).where(Delivery.path.in_(chunk))))
+    unsent = [p for p in old if str(p) not in named]
+    count, size = _sizes(unsent) if dry_run else _remove(unsent, cutoff)
+    return RetentionReport(0, count, size, dry_run)

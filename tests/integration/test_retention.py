@@ -248,6 +248,45 @@ def test_a_copy_received_again_stays_until_the_worker_has_compared_it(runtime: R
         assert session.get_one(Instance, instance_id).received_again_at is None
 
 
+def test_outputs_made_with_nothing_to_send_them_to_go_when_they_are_old(
+    runtime: Runtime,
+) -> None:
+    """An SR and SC made without a delivery (a reprocess not asked to send, or no
+    destination configured) are patient images no row leads to: they go by age."""
+    unsent_id = spool_instance(runtime)
+    assert assess_instance(runtime, unsent_id, send=False).delivery_ids == ()
+    outbox = runtime.settings.outbox_dir
+    unsent = sorted(outbox.glob("*.dcm"))
+    assert len(unsent) == 2  # its SR and SC, and no row names them
+    waiting_id = spool_instance(runtime, sex="M")
+    waiting = assess_instance(runtime, waiting_id)  # not delivered yet: a pending row each
+    named = sorted(set(outbox.glob("*.dcm")) - set(unsent))
+    assert len(named) == len(waiting.delivery_ids) == 2
+    forty_days_ago = (now() - dt.timedelta(days=40)).timestamp()
+    for path in [*unsent, *named]:
+        os.utime(path, (forty_days_ago, forty_days_ago))
+
+    dry = remove_expired_files(
+        runtime.database_url, older_than=KEEP, dry_run=True, outbox_dir=outbox
+    )
+    assert (dry.files, dry.dry_run) == (2, True)
+    assert all(p.exists() for p in unsent)
+    assert remove_expired_files(runtime.database_url, older_than=KEEP).files == 0  # no outbox
+
+    report = remove_expired_files(runtime.database_url, older_than=KEEP, outbox_dir=outbox)
+    assert report.files == 2 and report.bytes == dry.bytes
+    assert not any(p.exists() for p in unsent)
+    assert all(p.exists() for p in named)  # pending deliveries keep theirs
+
+    # One made a moment ago stays until it is as old.
+    again = spool_instance(runtime, sex="M", size=300)
+    assess_instance(runtime, again, send=False)
+    fresh = set(outbox.glob("*.dcm")) - set(named)
+    assert len(fresh) == 2
+    remove_expired_files(runtime.database_url, older_than=KEEP, outbox_dir=outbox)
+    assert all(p.exists() for p in fresh)
+
+
 def test_files_left_by_a_crash_after_the_mark_are_swept(runtime: Runtime) -> None:
     instance_id, files = _assessed_and_delivered(runtime)
     for path in files:  # written well before the mark below

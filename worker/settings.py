@@ -29,6 +29,11 @@ logger = logging.getLogger(__name__)
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE VR: no backslash, no control
 _DEFAULT_DATA_DIR = Path("./var/boneage")
 
+#: The longest a delivery may wait for its next try: a worker holds its message, not
+#: acknowledged, as long, and Redis hands such a message out again after its visibility
+#: timeout (4 hours, worker.celery_app), which must stay well the longer.
+MAX_RETRY_DELAY_SECONDS = 3 * 3600
+
 #: Images per forward pass of a GPU inference worker unless BONEAGE_INFERENCE_BATCH says.
 GPU_INFERENCE_BATCH = 16
 
@@ -227,14 +232,16 @@ class Settings(BaseSettings):
     # Behaviour
     send_not_assessed: bool = False
     missing_sex: Literal["reject", "female", "male"] = "reject"
-    delivery_max_attempts: int = Field(8, ge=1)
-    delivery_backoff_seconds: float = Field(30.0, gt=0)
-    delivery_backoff_max_seconds: float = Field(3600.0, gt=0)
-    reconcile_interval_seconds: float = Field(60.0, gt=0)
-    requeue_after_seconds: float = Field(300.0, gt=0)
+    # A destination is tried for about a day before its delivery is `failed` (30 s,
+    # doubling, then hourly: a PACS down for a night's maintenance gets everything).
+    delivery_max_attempts: int = Field(31, ge=1, le=1000)
+    delivery_backoff_seconds: float = Field(30.0, gt=0, le=MAX_RETRY_DELAY_SECONDS)
+    delivery_backoff_max_seconds: float = Field(3600.0, gt=0, le=MAX_RETRY_DELAY_SECONDS)
+    reconcile_interval_seconds: float = Field(60.0, gt=0, le=86400)
+    requeue_after_seconds: float = Field(300.0, gt=0, le=86400)
     # Days a finished instance's received file and its SR/SC files are kept once every
     # delivery of it succeeded (its rows and results stay); 0 = kept for ever.
-    retention_days: float = Field(30.0, ge=0)
+    retention_days: float = Field(30.0, ge=0, le=36500)
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
 
@@ -305,6 +312,15 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _absolute_data_dir(self) -> Settings:
         object.__setattr__(self, "data_dir", self.data_dir.expanduser().resolve())
+        return self
+
+    @model_validator(mode="after")
+    def _backoff_in_order(self) -> Settings:
+        if self.delivery_backoff_max_seconds < self.delivery_backoff_seconds:
+            raise ValueError(
+                f"BONEAGE_DELIVERY_BACKOFF_MAX_SECONDS ({self.delivery_backoff_max_seconds:g}) "
+                f"is below BONEAGE_DELIVERY_BACKOFF_SECONDS ({self.delivery_backoff_seconds:g})"
+            )
         return self
 
     @model_validator(mode="after")

@@ -8,7 +8,13 @@ from pydantic import ValidationError
 
 from tests.conftest import REDIS_URL
 from tests.support import free_port
-from worker.settings import AllowedCaller, Destination, Settings, load_settings
+from worker.settings import (
+    MAX_RETRY_DELAY_SECONDS,
+    AllowedCaller,
+    Destination,
+    Settings,
+    load_settings,
+)
 
 ENV_NAMES = (
     "BONEAGE_AE_TITLE",
@@ -101,6 +107,10 @@ def test_precedence_cli_over_env_over_file(tmp_path: Path, monkeypatch: pytest.M
         ("BONEAGE_AE_TITLE", "A_TITLE_THAT_IS_TOO_LONG", "not a valid AE title"),
         ("BONEAGE_DEVICE", "gpu", "auto, cpu, cuda"),
         ("BONEAGE_PORT", "70000", "less than or equal"),
+        ("BONEAGE_RECONCILE_INTERVAL_SECONDS", "inf", "less than or equal"),
+        ("BONEAGE_RETENTION_DAYS", "inf", "less than or equal"),
+        ("BONEAGE_DELIVERY_BACKOFF_MAX_SECONDS", "20000", "less than or equal"),
+        ("BONEAGE_DELIVERY_BACKOFF_MAX_SECONDS", "10", "is below BONEAGE_DELIVERY_BACKOFF_SECONDS"),
     ],
 )
 def test_bad_values_are_named(
@@ -172,6 +182,29 @@ def test_a_misspelt_key_or_table_in_the_settings_file_is_refused(
     config.write_text(text)
     with pytest.raises(ValueError, match=re.escape(message)):
         load_settings(config)
+
+
+def test_a_delivery_is_tried_for_about_a_day_and_never_waits_past_the_broker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from worker.celery_app import broker_transport_options
+    from worker.delivery import backoff_seconds
+
+    settings = load_settings()
+    waits = [
+        backoff_seconds(
+            attempt, settings.delivery_backoff_seconds, settings.delivery_backoff_max_seconds
+        )
+        for attempt in range(1, settings.delivery_max_attempts)
+    ]
+    # A PACS down for a night's maintenance still gets everything (8 attempts gave 64 min).
+    assert 24 * 3600 <= sum(waits) <= 26 * 3600
+    # Redis hands out again a message held past its visibility timeout: a retry's
+    # countdown must end first.
+    monkeypatch.setenv("BONEAGE_BROKER_URL", "redis://127.0.0.1:6379/0")
+    redis = load_settings()
+    visibility = broker_transport_options(redis)["visibility_timeout"]
+    assert max(waits) <= MAX_RETRY_DELAY_SECONDS < visibility
 
 
 def test_missing_settings_file_is_a_clear_error(tmp_path: Path) -> None:

@@ -234,9 +234,41 @@ class _StreamingSocket(AssociationSocket):
 _PDU_TYPES = range(0x01, 0x08)
 _P_DATA_TF = 0x04
 
+#: Room above our Maximum Length Received (`MAXIMUM_PDU_SIZE`) that a P-DATA-TF may take.
+#: That length counts the PDU's variable field (PS3.8 D.1), which a P-DATA-TF's length
+#: field gives too; an implementation that counts its 6-byte header in, or its PDV
+#: headers twice, still gets through.
+P_DATA_MARGIN = 64 * 1024
+
+#: Longest A-ASSOCIATE-RQ (or -AC) we read. Presentation contexts number at most 128
+#: (odd ids 1-255); 128 of them with 20 transfer syntaxes each take about 80 KiB, and
+#: a User Identity item two 64 KiB fields at most (a SAML assertion or a JWT). 256 KiB
+#: holds that with room; a peer claiming more is not negotiating but probing.
+ASSOCIATE_PDU_LIMIT = 256 * 1024
+
+#: Longest A-ASSOCIATE-RJ, A-RELEASE-RQ/RP or A-ABORT: their variable fields are 4 bytes.
+SMALL_PDU_LIMIT = 64
+
+
+def pdu_length_limit(pdu_type: int) -> int:
+    """The largest length field we accept for a PDU of ``pdu_type`` (PS3.8 Table 9-1).
+
+    The 4-byte field comes before any authentication: unchecked, a 6-byte header made
+    the listener allocate up to 4 GiB for the body it promised.
+    """
+    if pdu_type == _P_DATA_TF:
+        return MAXIMUM_PDU_SIZE + P_DATA_MARGIN
+    if pdu_type in (0x01, 0x02):
+        return ASSOCIATE_PDU_LIMIT
+    return SMALL_PDU_LIMIT
+
+
+#: A-ABORT reason "invalid PDU parameter value" (PS3.8 Table 9-26).
+_INVALID_PDU_PARAMETER = 0x06
+
 
 class _StreamingDUL(DULServiceProvider):
-    """pynetdicom's DUL provider, holding each received PDU once.
+    """pynetdicom's DUL provider, holding each received PDU once, within bounds.
 
     pynetdicom copies every P-DATA-TF PDU five times before its data reach the
     file: appended to the PDU header's buffer, made ``bytes``, sliced past the
@@ -247,9 +279,20 @@ class _StreamingDUL(DULServiceProvider):
     from the bytes the socket filled. Every other PDU is decoded by pynetdicom as
     it comes. The events put on the state machine's queue are pynetdicom's
     (PS3.8 9.2): 17 when the connection closes mid-PDU, 19 for an invalid PDU.
+
+    A bound pynetdicom does not set: a PDU longer than `pdu_length_limit` for its
+    type is answered with an A-ABORT and the connection closed before anything is
+    allocated for it.
     """
 
     socket: _StreamingSocket
+
+    def _peer(self) -> str:
+        requestor = self.assoc.requestor
+        try:
+            return f"{requestor.address}:{requestor.port}"
+        except (AttributeError, TypeError):  # not yet known
+            return "an unknown peer"
 
     def _read_pdu_data(self) -> None:
         header = bytearray(6)
@@ -265,8 +308,11 @@ class _StreamingDUL(DULServiceProvider):
             return
         pdu_type, _, pdu_length = struct.unpack(">BBL", header)
         if pdu_type not in _PDU_TYPES:
-            logger.warning("unknown PDU type 0x%02X received", pdu_type)
+            logger.warning("unknown PDU type 0x%02X received from %s", pdu_type, self._peer())
             self.event_queue.put("Evt19")
+            return
+        if pdu_length > pdu_length_limit(pdu_type):
+            self._refuse_oversized(pdu_type, pdu_length)
             return
         pdu_bytes = bytearray(6 + pdu_length)
         pdu_bytes[:6] = header
@@ -287,6 +333,24 @@ class _StreamingDUL(DULServiceProvider):
             return
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
+
+    def _refuse_oversized(self, pdu_type: int, pdu_length: int) -> None:
+        logger.warning(
+            "%s sent a PDU of type 0x%02X claiming %d bytes (at most %d taken): "
+            "A-ABORT, connection closed",
+            self._peer(),
+            pdu_type,
+            pdu_length,
+            pdu_length_limit(pdu_type),
+        )
+        abort = A_ABORT_RQ()
+        abort.source = 0x02  # service provider
+        abort.reason_diagnostic = _INVALID_PDU_PARAMETER
+        with contextlib.suppress(OSError):  # the peer may be gone already
+            self.socket.send(abort.encode())
+        # Not event 19 (invalid PDU): that waits in Sta13 for the peer to close, reading
+        # whatever it still sends as PDUs. The body is never read; the connection closes.
+        self.event_queue.put("Evt17")
 
     def _decode_pdu(self, bytestream: bytearray) -> tuple[Any, str]:
         if bytestream[0] != _P_DATA_TF:

@@ -1,0 +1,183 @@
+"""The listener against peers that misbehave on the wire: oversized PDU headers. Raw
+sockets play those peers; dcmtk's storescu and pynetdicom play the honest ones."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pynetdicom import AE, evt
+
+from dicom_io.scp import (
+    ASSOCIATE_PDU_LIMIT,
+    MAXIMUM_PDU_SIZE,
+    P_DATA_MARGIN,
+    VERIFICATION_SOP_CLASS,
+    ReceivedInstance,
+    StorageSCP,
+    pdu_length_limit,
+)
+from tests.integration.test_listener import write_hand
+from tests.support import dcmtk_tool
+
+pytestmark = pytest.mark.integration
+
+#: The listener's timeouts here: ARTIM (ACSE) shorter than the network timeout, so a
+#: test can tell which one ended a connection.
+ARTIM_S = 1.0
+NETWORK_S = 2.0
+
+
+class Node:
+    """The listener on a free loopback port, recording what it stores in a list."""
+
+    def __init__(
+        self, tmp_path: Path, *, acse_timeout: float, network_timeout: float, dimse_timeout: float
+    ) -> None:
+        self.recorded: list[ReceivedInstance] = []
+        self.spool = tmp_path / "spool"
+        self.scp = StorageSCP(
+            ae_title="BONEAGE",
+            spool_dir=self.spool,
+            record=self._record,
+            notify=lambda _id: None,
+            allowed_callers=[("PACS", None)],
+            host="127.0.0.1",
+            port=0,
+            acse_timeout=acse_timeout,
+            network_timeout=network_timeout,
+            dimse_timeout=dimse_timeout,
+        )
+
+    def _record(self, received: ReceivedInstance) -> int:
+        self.recorded.append(received)
+        return len(self.recorded)
+
+    def storescu(
+        self, *files: Path, extra: tuple[str, ...] = ()
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                dcmtk_tool("storescu"),
+                "-aet",
+                "PACS",
+                "-aec",
+                "BONEAGE",
+                *extra,
+                "127.0.0.1",
+                str(self.scp.port),
+                *map(str, files),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def connect(self) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.scp.port), timeout=30)
+
+    def incoming(self) -> list[Path]:
+        return sorted((self.spool / ".incoming").iterdir())
+
+
+@pytest.fixture
+def node(tmp_path: Path, dcmtk: dict[str, str]) -> Iterator[Node]:
+    made = Node(tmp_path, acse_timeout=ARTIM_S, network_timeout=NETWORK_S, dimse_timeout=10)
+    made.scp.start()
+    yield made
+    made.scp.stop()
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """All the listener sends until it closes the connection (EOF or reset)."""
+    received = bytearray()
+    try:
+        while chunk := sock.recv(4096):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    return bytes(received)
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+def association_request() -> bytes:
+    """The A-ASSOCIATE-RQ pynetdicom sends for a C-ECHO, as bytes on the wire."""
+    sent: list[bytes] = []
+    ae = AE(ae_title="PACS")
+    ae.add_supported_context(VERIFICATION_SOP_CLASS)
+    ae.add_requested_context(VERIFICATION_SOP_CLASS)
+    server = ae.start_server(("127.0.0.1", 0), block=False, ae_title="BONEAGE")
+    assert server is not None  # not blocking: the server is returned
+    try:
+        assoc = ae.associate(
+            "127.0.0.1",
+            server.server_address[1],
+            ae_title="BONEAGE",
+            evt_handlers=[(evt.EVT_DATA_SENT, lambda event: sent.append(event.data))],
+        )
+        assert assoc.is_established
+        assoc.release()
+    finally:
+        server.shutdown()
+    assert sent[0][0] == 0x01
+    return sent[0]
+
+
+# -- PDU lengths ------------------------------------------------------------------
+
+
+def test_limits_follow_the_pdu_type() -> None:
+    assert pdu_length_limit(0x04) == MAXIMUM_PDU_SIZE + P_DATA_MARGIN
+    assert pdu_length_limit(0x01) == pdu_length_limit(0x02) == ASSOCIATE_PDU_LIMIT
+    assert all(pdu_length_limit(t) < 100 for t in (0x03, 0x05, 0x06, 0x07))
+
+
+@pytest.mark.parametrize(
+    ("pdu_type", "after_association"),
+    [(0x01, False), (0x04, False), (0x04, True), (0x05, True)],
+    ids=["A-ASSOCIATE-RQ", "P-DATA-TF unasked", "P-DATA-TF", "A-RELEASE-RQ"],
+)
+def test_a_pdu_header_claiming_a_gibibyte_is_aborted_before_anything_is_allocated(
+    node: Node, tmp_path: Path, pdu_type: int, after_association: bool
+) -> None:
+    request = association_request() if after_association else b""
+    before = rss_bytes()
+    with node.connect() as sock:
+        if request:
+            sock.sendall(request)
+            accept = sock.recv(6)
+            assert accept[:1] == b"\x02"  # A-ASSOCIATE-AC
+            sock.recv(struct.unpack(">L", accept[2:6])[0], socket.MSG_WAITALL)
+        sock.sendall(struct.pack(">BBL", pdu_type, 0, 1 << 30))
+        answer = read_until_closed(sock)
+    # A-ABORT from the service provider, reason "invalid PDU parameter value", then closed
+    assert answer == bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0x02, 0x06])
+    assert rss_bytes() - before < 64 << 20  # not the gibibyte the header asked for
+    done = node.storescu(write_hand(tmp_path / "hand.dcm"))
+    assert done.returncode == 0, done.stderr
+    assert len(node.recorded) == 1
+
+
+@pytest.mark.parametrize(("excess", "reason"), [(0, 0x00), (1, 0x06)])
+def test_an_association_request_up_to_the_limit_is_read(
+    node: Node, excess: int, reason: int
+) -> None:
+    # At the bound the body is read, then refused as the garbage it is (A-ABORT, no
+    # reason); a byte more and it is refused unread (invalid PDU parameter value).
+    length = ASSOCIATE_PDU_LIMIT + excess
+    with node.connect() as sock:
+        sock.sendall(struct.pack(">BBL", 0x01, 0, length))
+        if not excess:  # (a body the listener never reads would reset the connection)
+            sock.sendall(b"\0" * length)
+        answer = read_until_closed(sock)
+    assert answer[:1] == b"\x07" and answer[9] == reason

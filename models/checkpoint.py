@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import math
 import os
 import struct
 import tempfile
@@ -77,7 +78,8 @@ class CheckpointMeta:
         Validation metrics (e.g. ``{"mae": 6.1}``).
     quantiles : dict
         Split-conformal absolute-residual quantiles in months, keyed by level as a string
-        (``{"0.8": q, "0.9": q, "0.95": q}``); empty when unknown.
+        (``{"0.8": q, "0.9": q, "0.95": q}``), each finite; a level is absent when the
+        calibration set was too small for it, all are when unknown.
     head_hidden : int
         Width of the head's hidden layer.
     software_version : str
@@ -123,7 +125,7 @@ class CheckpointMeta:
         if not self.target_sd > 0:
             raise ValueError(f"target_sd must be positive, got {self.target_sd}")
         for level, q in self.quantiles.items():
-            if not 0.0 < float(level) < 1.0 or q < 0:
+            if not 0.0 < float(level) < 1.0 or not 0 <= q < math.inf:
                 raise ValueError(f"bad conformal quantile {level!r}: {q!r}")
 
     def intervals_available(self) -> bool:

@@ -293,11 +293,38 @@ def conformal_quantile(residuals: np.ndarray, level: float) -> float:
     Returns
     -------
     float
-        The ``ceil((n + 1) * level)``-th smallest residual (the largest when that rank
-        exceeds n), which gives coverage ≥ level for an exchangeable new example.
+        The ``ceil((n + 1) * level)``-th smallest residual, which gives coverage ≥ level
+        for an exchangeable new example; ``math.inf`` when that rank exceeds n (fewer
+        than :func:`calibration_size_needed` residuals): no finite interval has the
+        guarantee then.
     """
     r = np.sort(np.abs(np.asarray(residuals, dtype=np.float64)))
     if r.size == 0:
         raise ValueError("no residuals to calibrate on")
     rank = math.ceil((r.size + 1) * level)
-    return float(r[min(rank, r.size) - 1])
+    if rank > r.size:
+        return math.inf
+    return float(r[rank - 1])
+
+
+def calibration_size_needed(level: float) -> int:
+    """The fewest calibration residuals that give a finite :func:`conformal_quantile`.
+
+    Parameters
+    ----------
+    level : float
+        Target coverage in (0, 1).
+
+    Returns
+    -------
+    int
+        The smallest n with ``ceil((n + 1) * level) <= n``, i.e. n ≥ level / (1 − level):
+        4 for 0.8, 9 for 0.9, 19 for 0.95.
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    n = 1
+    # counted with the arithmetic conformal_quantile uses, so the two always agree
+    while math.ceil((n + 1) * level) > n:
+        n += 1
+    return n

@@ -7,7 +7,8 @@ sex and age (:func:`~models.data.stratified_split`). Optimiser AdamW; schedule c
 warm-up (per step) or reduce-on-plateau (per epoch, on validation MAE); early stopping on
 validation MAE; the best epoch's weights are kept. On CUDA: mixed precision and
 channels-last. The checkpoint carries validation metrics and split-conformal quantiles of
-the absolute validation residuals at 80/90/95 %.
+the absolute validation residuals at 80/90/95 % (a level is left out when the validation
+split is too small for a finite one: :func:`~models.data.calibration_size_needed`).
 
 Resuming: with ``state_dir`` set, the training state is written after every epoch as
 ``train_state.safetensors`` (weights, best weights, optimiser tensors, RNG state) plus
@@ -38,7 +39,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from models.checkpoint import INTERVAL_LEVELS, CheckpointMeta, save_checkpoint
-from models.data import LabelledImage, PreparedDataset, conformal_quantile, stratified_split
+from models.data import (
+    LabelledImage,
+    PreparedDataset,
+    calibration_size_needed,
+    conformal_quantile,
+    stratified_split,
+)
 from models.evaluate import predict_ages, regression_metrics
 from models.net import BoneAgeNet, build_model
 from models.predictor import resolve_device
@@ -530,7 +537,19 @@ def train(
     )
     metrics = regression_metrics(val_pred, val_true)
     residuals = np.abs(val_pred - val_true)
-    quantiles = {f"{lv:g}": conformal_quantile(residuals, lv) for lv in INTERVAL_LEVELS}
+    quantiles: dict[str, float] = {}
+    for level in INTERVAL_LEVELS:
+        q = conformal_quantile(residuals, level)
+        if math.isfinite(q):
+            quantiles[f"{level:g}"] = q
+        else:  # no finite interval has the coverage: the SR then reports none at this level
+            logger.warning(
+                "no %g %% prediction interval in the checkpoint: it needs at least %d "
+                "validation images (n >= level / (1 - level)), the split has %d",
+                level * 100,
+                calibration_size_needed(level),
+                residuals.size,
+            )
     meta = CheckpointMeta(
         arch=cfg.arch,
         input_size=cfg.input_size,

@@ -130,6 +130,12 @@ def test_meta_rejects_bad_values() -> None:
         _meta(target_sd=0.0)
 
 
+def test_meta_rejects_an_infinite_quantile() -> None:
+    # an unreachable level is left out of the checkpoint, never stored as infinity
+    with pytest.raises(ValueError, match=r"bad conformal quantile '0\.95'"):
+        _meta(quantiles={"0.9": 16.0, "0.95": float("inf")})
+
+
 def test_untrained_model_is_marked_and_has_no_quantiles() -> None:
     loaded = untrained_model(arch="resnet18", input_size=64)
     assert loaded.meta.trained is False

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from models.checkpoint import LoadedModel, load_checkpoint, untrained_model
 from models.data import (
     LabelledImage,
     PreparedDataset,
+    calibration_size_needed,
     conformal_quantile,
     load_image,
     phantom_items,
@@ -91,7 +94,35 @@ def test_stratified_split_is_disjoint_and_balanced() -> None:
 def test_conformal_quantile_rank() -> None:
     residuals = np.arange(1.0, 20.0)  # 19 values: rank ceil(20 * 0.9) = 18
     assert conformal_quantile(residuals, 0.9) == 18.0
-    assert conformal_quantile(residuals, 0.99) == 19.0  # rank past n: the largest
+    # rank past n: no finite interval has the coverage (it used to be the largest residual)
+    assert conformal_quantile(residuals, 0.99) == math.inf
+
+
+def test_conformal_quantile_of_a_small_calibration_set_is_infinite_past_its_reach() -> None:
+    residuals = np.arange(1.0, 16.0)  # 15 values
+    assert conformal_quantile(residuals, 0.95) == math.inf  # rank ceil(16 * 0.95) = 16 > 15
+    assert conformal_quantile(residuals, 0.9) == 15.0  # rank ceil(16 * 0.9) = 15
+    assert [calibration_size_needed(level) for level in (0.8, 0.9, 0.95)] == [4, 9, 19]
+    for level in (0.8, 0.9, 0.95):
+        n = calibration_size_needed(level)
+        assert conformal_quantile(np.ones(n), level) == 1.0
+        assert conformal_quantile(np.ones(n - 1), level) == math.inf
+
+
+def test_a_small_validation_split_leaves_unreachable_levels_out_of_the_checkpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    items = phantom_items(40, size=64, seed=0)  # 15 %: 6 validation images
+    config = TrainConfig(arch="resnet18", input_size=32, epochs=1, batch_size=8, device="cpu")
+    with caplog.at_level(logging.WARNING, logger="models.train"):
+        result = train(items, tmp_path / "s.safetensors", config=config, progress=False)
+    assert result.meta.extra["n_val"] == 6
+    quantiles = load_checkpoint(result.checkpoint).meta.quantiles
+    assert set(quantiles) == {"0.8"}  # 0.9 needs 9 validation images, 0.95 needs 19
+    assert all(math.isfinite(q) for q in quantiles.values())
+    assert "no 95 % prediction interval" in caplog.text
+    assert "needs at least 19 validation images" in caplog.text
+    assert "needs at least 9 validation images" in caplog.text
 
 
 def test_regression_metrics_by_hand() -> None:
@@ -149,7 +180,13 @@ def test_train_rejects_unknown_loss() -> None:
 def test_training_resumes_from_its_state(tmp_path: Path) -> None:
     items = phantom_items(40, size=72, seed=0)
     config = TrainConfig(
-        arch="resnet18", input_size=64, epochs=1, batch_size=16, device="cpu", loss="huber"
+        arch="resnet18",
+        input_size=64,
+        epochs=1,
+        batch_size=16,
+        device="cpu",
+        loss="huber",
+        val_fraction=0.5,  # 20 validation images: enough for a finite 95 % quantile
     )
     state = tmp_path / "state"
     first = train(items, tmp_path / "a.safetensors", config=config, state_dir=state, progress=False)

@@ -219,14 +219,38 @@ class _StreamingSocket(AssociationSocket):
     socket, reads through `read_into`; pynetdicom's ``recv`` is left unused.
     """
 
-    def read_into(self, view: memoryview) -> int:
-        """Fill `view`; return how many bytes came (fewer if the peer closed)."""
+    def read_into(self, view: memoryview, deadline: float | None = None) -> int:
+        """Fill `view`; return how many bytes came (fewer if the peer closed).
+
+        Raises
+        ------
+        TimeoutError
+            ``deadline`` (``time.monotonic()``) passed before `view` was filled. The
+            socket's own timeout bounds each ``recv`` only: a peer sending a byte now
+            and then would hold the read, and the thread, for ever without it.
+        """
+        sock = cast(socket.socket, self.socket)
         nr_read, nr_bytes = 0, len(view)
-        while nr_read < nr_bytes:
-            count = self.socket.recv_into(view[nr_read:], nr_bytes - nr_read)  # type: ignore[union-attr]
-            if not count:  # connection closed: the caller gets what came
-                break
-            nr_read += count
+        original = per_read = sock.gettimeout()
+        shortened = False
+        try:
+            while nr_read < nr_bytes:
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError(f"{nr_read} of {nr_bytes} bytes came in time")
+                    if per_read is None or remaining < per_read:
+                        # only in a read's last stretch: settimeout is a system call
+                        sock.settimeout(remaining)
+                        per_read, shortened = remaining, True
+                count = sock.recv_into(view[nr_read:], nr_bytes - nr_read)
+                if not count:  # connection closed: the caller gets what came
+                    break
+                nr_read += count
+        finally:
+            if shortened:
+                with contextlib.suppress(OSError):  # closed meanwhile
+                    sock.settimeout(original)
         return nr_read
 
 
@@ -280,12 +304,25 @@ class _StreamingDUL(DULServiceProvider):
     it comes. The events put on the state machine's queue are pynetdicom's
     (PS3.8 9.2): 17 when the connection closes mid-PDU, 19 for an invalid PDU.
 
-    A bound pynetdicom does not set: a PDU longer than `pdu_length_limit` for its
+    Two bounds pynetdicom does not set: a PDU longer than `pdu_length_limit` for its
     type is answered with an A-ABORT and the connection closed before anything is
-    allocated for it.
+    allocated for it, and a whole PDU must come within the ARTIM timeout before the
+    association is established (the network timeout after), or the connection is
+    closed: the socket's timeout alone bounds each ``recv``, which a peer sending a
+    byte every few seconds never reaches.
     """
 
     socket: _StreamingSocket
+
+    def _read_deadline(self) -> float | None:
+        """When the PDU about to be read must be in (``time.monotonic()``), or None."""
+        if self.assoc.is_established:
+            seconds = self.network_timeout
+        elif self.artim_timer.timeout is not None:
+            seconds = max(0.0, self.artim_timer.remaining)  # running since the connection
+        else:
+            seconds = self.network_timeout
+        return None if seconds is None else time.monotonic() + seconds
 
     def _peer(self) -> str:
         requestor = self.assoc.requestor
@@ -295,11 +332,15 @@ class _StreamingDUL(DULServiceProvider):
             return "an unknown peer"
 
     def _read_pdu_data(self) -> None:
+        deadline = self._read_deadline()
         header = bytearray(6)
         try:
             with memoryview(header) as view:
-                complete = self.socket.read_into(view) == 6
-        except (OSError, TimeoutError):
+                complete = self.socket.read_into(view, deadline) == 6
+        except TimeoutError:
+            self._drop_slow_peer()
+            return
+        except OSError:
             logger.warning("association connection failed while a PDU header was read")
             self.event_queue.put("Evt17")
             return
@@ -318,8 +359,11 @@ class _StreamingDUL(DULServiceProvider):
         pdu_bytes[:6] = header
         try:
             with memoryview(pdu_bytes) as view:
-                complete = self.socket.read_into(view[6:]) == pdu_length
-        except (OSError, TimeoutError):
+                complete = self.socket.read_into(view[6:], deadline) == pdu_length
+        except TimeoutError:
+            self._drop_slow_peer()
+            return
+        except OSError:
             complete = False
         if not complete:
             logger.warning("association connection closed before a whole PDU was received")
@@ -333,6 +377,16 @@ class _StreamingDUL(DULServiceProvider):
             return
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
+
+    def _drop_slow_peer(self) -> None:
+        logger.warning(
+            "%s took longer than the %s timeout to send one PDU: connection closed",
+            self._peer(),
+            "network" if self.assoc.is_established else "ARTIM",
+        )
+        # as if the peer had closed: the state machine ends the association (AA-4,
+        # AA-5) and shuts the socket down
+        self.event_queue.put("Evt17")
 
     def _refuse_oversized(self, pdu_type: int, pdu_length: int) -> None:
         logger.warning(

@@ -135,8 +135,8 @@ def test_storescu_instance_is_spooled_recorded_and_notified(
     reads: list[int] = []
     read_into = _StreamingSocket.read_into
 
-    def counted(self: _StreamingSocket, view: memoryview) -> int:
-        reads.append(read_into(self, view))
+    def counted(self: _StreamingSocket, view: memoryview, deadline: float | None = None) -> int:
+        reads.append(read_into(self, view, deadline))
         return reads[-1]
 
     monkeypatch.setattr(_StreamingSocket, "read_into", counted)

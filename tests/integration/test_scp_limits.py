@@ -1,11 +1,14 @@
-"""The listener against peers that misbehave on the wire: oversized PDU headers. Raw
-sockets play those peers; dcmtk's storescu and pynetdicom play the honest ones."""
+"""The listener against peers that misbehave on the wire: oversized PDU headers, PDUs
+sent a byte at a time. Raw sockets play those peers; dcmtk's storescu and pynetdicom
+play the honest ones."""
 
 from __future__ import annotations
 
 import socket
 import struct
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from dicom_io.scp import (
     pdu_length_limit,
 )
 from tests.integration.test_listener import write_hand
-from tests.support import dcmtk_tool
+from tests.support import dcmtk_tool, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -181,3 +184,63 @@ def test_an_association_request_up_to_the_limit_is_read(
             sock.sendall(b"\0" * length)
         answer = read_until_closed(sock)
     assert answer[:1] == b"\x07" and answer[9] == reason
+
+
+# -- time to send one PDU ----------------------------------------------------------
+
+
+class Trickle(threading.Thread):
+    """Sends one byte every `INTERVAL` seconds, each well within the listener's timeouts,
+    until the listener closes the connection."""
+
+    INTERVAL = 0.2
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(daemon=True)
+        self.sock = sock
+        self.sent = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(self.INTERVAL):
+            try:
+                self.sock.send(b"\0")
+            except OSError:  # closed by the listener
+                return
+            self.sent += 1
+
+
+@pytest.mark.parametrize("established", [False, True], ids=["ARTIM", "network timeout"])
+def test_a_pdu_sent_a_byte_at_a_time_loses_its_connection_at_the_timeout(
+    node: Node, tmp_path: Path, established: bool
+) -> None:
+    request = association_request() if established else b""
+    with node.connect() as sock:
+        if request:
+            sock.sendall(request)
+            accept = sock.recv(6)
+            assert accept[:1] == b"\x02"
+            sock.recv(struct.unpack(">L", accept[2:6])[0], socket.MSG_WAITALL)
+            header = struct.pack(">BBL", 0x04, 0, 1000)  # a P-DATA-TF of 1000 bytes
+        else:
+            header = struct.pack(">BBL", 0x01, 0, 1000)  # an A-ASSOCIATE-RQ of 1000 bytes
+        started = time.monotonic()
+        sock.sendall(header)
+        trickle = Trickle(sock)
+        trickle.start()
+        try:
+            read_until_closed(sock)  # returns once the listener closes
+        finally:
+            trickle.stop.set()
+            trickle.join()
+        elapsed = time.monotonic() - started
+    limit = NETWORK_S if established else ARTIM_S
+    # every byte came well within the socket's timeout: only the deadline for the
+    # whole PDU ended it, not long after it passed
+    assert trickle.sent >= limit / Trickle.INTERVAL / 2
+    assert limit * 0.9 <= elapsed < limit + 5
+    server = node.scp._server
+    assert server is not None
+    wait_for(lambda: not server.active_associations, timeout=10, what="the thread to end")
+    done = node.storescu(write_hand(tmp_path / "hand.dcm"))
+    assert done.returncode == 0, done.stderr

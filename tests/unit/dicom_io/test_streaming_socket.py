@@ -113,3 +113,22 @@ def test_a_thread_waits_on_sockets_numbered_past_select_s_limit() -> None:
     finally:
         for descriptor in filler:
             os.close(descriptor)
+
+
+def test_a_deadline_bounds_the_whole_read_and_the_socket_keeps_its_timeout() -> None:
+    import time
+
+    ours, peer = socket.socketpair()
+    ours.settimeout(30)
+    peer.sendall(b"abc")  # three of the ten bytes asked for, then nothing
+    buffer = bytearray(10)
+    try:
+        started = time.monotonic()
+        with memoryview(buffer) as view, pytest.raises(TimeoutError):
+            _reader(ours).read_into(view, time.monotonic() + 0.3)
+        assert time.monotonic() - started < 5  # not the socket's 30 s
+        assert ours.gettimeout() == 30
+    finally:
+        ours.close()
+        peer.close()
+    assert buffer[:3] == bytearray(b"abc")

@@ -7,11 +7,12 @@ import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 
 from dicom_io.scp import VERIFICATION_SOP_CLASS
@@ -76,20 +77,33 @@ def open_association(
         ``(abstract syntax, transfer syntaxes or None for pynetdicom's defaults)`` to
         propose.
     timeout
-        ACSE, network and DIMSE timeout in seconds.
+        Connection (TCP connect and TLS handshake), ACSE, network and DIMSE timeout in
+        seconds.
     error
         The exception raised, with the reason, when no association is made.
     """
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout
+    # TCP connect and TLS handshake: pynetdicom leaves them unbounded, and a destination
+    # that accepts the connection but never answers the handshake held a delivery for ever
+    ae.connection_timeout = timeout
     for abstract, syntaxes in contexts:
         ae.add_requested_context(abstract, list(syntaxes) if syntaxes is not None else None)
     tls = (ssl_context, host) if ssl_context is not None else None
-    assoc = ae.associate(
-        host, port, ae_title=ae_title, tls_args=tls, evt_handlers=list(LOW_LATENCY_HANDLERS)
-    )
+    connected: list[bool] = []
+    handlers: list[Any] = [
+        *LOW_LATENCY_HANDLERS,
+        (evt.EVT_CONN_OPEN, lambda _: connected.append(True)),
+    ]
+    assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls, evt_handlers=handlers)
     if not assoc.is_established:
-        reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
+        if not connected:
+            handshake = "TCP or TLS handshake" if ssl_context is not None else "TCP connection"
+            reason = f"no connection (refused, unreachable, or no {handshake} in {timeout:g} s)"
+        elif assoc.is_rejected:
+            reason = "rejected"
+        else:
+            reason = "aborted" if assoc.is_aborted else "no answer"
         raise error(f"association with {ae_title}@{host}:{port} failed: {reason}")
     return assoc
 

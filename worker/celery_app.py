@@ -51,6 +51,21 @@ RECONCILE_TASK = "boneage.reconcile"
 app = Celery("boneage_worker", include=["worker.tasks"])
 
 
+def deliver_time_limit() -> float:
+    """Seconds after which a ``deliver`` task is killed (Celery's hard time limit).
+
+    Longer than the claim on the most deliveries a message carries, so that no send
+    that may still succeed is cut short; once it passes, the claim has run out and
+    the reconciler sends the rows again. Each send is bounded by its own timeouts
+    (connection, ACSE, DIMSE, network): this catches what they do not. Celery
+    enforces it in the prefork pool only, not in the solo pool.
+    """
+    from worker.delivery import SEND_TIMEOUT, claim_seconds
+    from worker.messaging import DELIVERIES_PER_MESSAGE  # imports this module
+
+    return claim_seconds(DELIVERIES_PER_MESSAGE) + 2 * SEND_TIMEOUT
+
+
 def broker_transport_options(settings: Settings) -> dict[str, Any]:
     if settings.embedded_broker:
         # kombu's SQLAlchemy transport hands these to create_engine: wait on a busy
@@ -126,6 +141,7 @@ def configure(settings: Settings) -> Celery:
             DELIVER_TASK: {"queue": DELIVERY_QUEUE},
             RECONCILE_TASK: {"queue": DELIVERY_QUEUE},
         },
+        task_annotations={DELIVER_TASK: {"time_limit": deliver_time_limit()}},
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=prefetch_multiplier(settings),
@@ -140,6 +156,8 @@ def configure(settings: Settings) -> Celery:
         worker_proc_alive_timeout=120,
         enable_utc=True,
     )
+    if app.finalized:  # its tasks were bound already: the annotation above came too late
+        app.tasks[DELIVER_TASK].time_limit = app.conf.task_annotations[DELIVER_TASK]["time_limit"]
     app.conf["boneage_settings"] = settings
     return app
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import socket
+import ssl
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +14,7 @@ import pytest
 from pydicom import dcmread
 
 from dicom_io.scp import VERIFICATION_SOP_CLASS
-from dicom_io.scu import NotSendable, open_association, send_files
+from dicom_io.scu import NotSendable, SendError, SendOutcome, open_association, send_files
 from dicom_io.synthetic import make_radiograph_dataset
 from tests.conftest import StoreSCP
 
@@ -173,3 +176,46 @@ def test_a_file_that_cannot_be_offered_is_refused_before_any_association(
             calling_ae_title="BONEAGE",
         )
     assert storescp.associations() == 0 and storescp.received() == []
+
+
+def test_a_destination_that_never_answers_the_tls_handshake_fails_in_bounded_time(
+    tmp_path: Path,
+) -> None:
+    # The port accepts TCP (the kernel completes the handshake for the listen backlog)
+    # and nothing ever answers the TLS ClientHello: a hung TLS proxy, or a node serving
+    # plain DICOM whose peer waits for us to speak first.
+    path = tmp_path / "one.dcm"
+    make_radiograph_dataset(
+        np.zeros((8, 8), dtype=np.float32), birth_date=None, study_date=dt.date(2026, 1, 1)
+    ).save_as(path, enforce_file_format=True)
+    outcome: list[BaseException | list[SendOutcome]] = []
+
+    def send() -> None:
+        try:
+            outcome.append(
+                send_files(
+                    [path],
+                    ae_title="PACS",
+                    host="127.0.0.1",
+                    port=silent.getsockname()[1],
+                    calling_ae_title="BONEAGE",
+                    timeout=2,
+                    ssl_context=ssl.create_default_context(),
+                )
+            )
+        except BaseException as exc:
+            outcome.append(exc)
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(5)
+        started = time.monotonic()
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        sender.join(30)  # unbounded before: the handshake waited for ever
+        elapsed = time.monotonic() - started
+    assert not sender.is_alive()
+    [raised] = outcome
+    assert isinstance(raised, SendError)
+    assert "no connection" in str(raised) and "TLS handshake in 2 s" in str(raised)
+    assert elapsed < 15

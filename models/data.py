@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,12 +44,33 @@ class LabelledImage:
         Patient sex.
     key : str
         Identifier for reports (file id, phantom number); never a patient name.
+    group : str
+        The patient the image belongs to, as an opaque token (a hash, never the Patient
+        ID itself): images of one group go to the same side of the train/validation
+        split (:func:`stratified_split`). ``""``: the image is its own group.
     """
 
     image: ImageSource
     age_months: float
     male: bool
     key: str = ""
+    group: str = ""
+
+
+def split_groups(items: Sequence[LabelledImage]) -> list[Hashable]:
+    """The ``groups`` argument of :func:`stratified_split` for labelled images.
+
+    Parameters
+    ----------
+    items : sequence of LabelledImage
+        Images; those with an empty ``group`` are each a group of their own.
+
+    Returns
+    -------
+    list
+        One hashable per image.
+    """
+    return [item.group if item.group else ("image", index) for index, item in enumerate(items)]
 
 
 def load_image(source: ImageSource) -> np.ndarray:
@@ -178,12 +199,20 @@ def phantom_items(
 
 
 def stratified_split(
-    ages: Sequence[float], males: Sequence[bool], val_fraction: float, *, seed: int = 0
+    ages: Sequence[float],
+    males: Sequence[bool],
+    val_fraction: float,
+    *,
+    seed: int = 0,
+    groups: Sequence[Hashable] | None = None,
 ) -> tuple[list[int], list[int]]:
-    """Split indices into train and validation, stratified by sex and age.
+    """Split indices into train and validation, stratified by sex and age, by patient.
 
-    Within each sex the examples are sorted by age and cut into consecutive groups of about
-    ``1 / val_fraction``; one random member of each group goes to validation.
+    The units of the split are the groups (patients): within each sex the groups are
+    sorted by their mean age and cut into consecutive runs of about ``1 / val_fraction``;
+    one random group of each run goes to validation with all its images. Two images of one
+    child (both hands, follow-ups) are never on both sides, which would make validation
+    MAE and the conformal intervals optimistic.
 
     Parameters
     ----------
@@ -192,35 +221,58 @@ def stratified_split(
     males : sequence of bool
         Sexes.
     val_fraction : float
-        Share of examples for validation, in (0, 0.5].
+        Share of groups for validation, in (0, 0.5].
     seed : int
-        Seed of the random choice within groups.
+        Seed of the random choice within runs.
+    groups : sequence of hashable, optional
+        The group of each image (equal values: one patient). None: each image is its own
+        group. A group's sex is that of its first image.
 
     Returns
     -------
     train, val : list of int
         Sorted indices.
+
+    Raises
+    ------
+    ValueError
+        If ``val_fraction`` is out of range, the lengths differ, or there are fewer than
+        two groups.
     """
     if not 0.0 < val_fraction <= 0.5:
         raise ValueError(f"val_fraction must be in (0, 0.5], got {val_fraction}")
     if len(ages) != len(males):
         raise ValueError("ages and males differ in length")
-    rng = np.random.default_rng(seed)
-    group = max(2, round(1.0 / val_fraction))
-    val: list[int] = []
+    if groups is not None and len(groups) != len(ages):
+        raise ValueError(f"groups has {len(groups)} entries for {len(ages)} images")
+    # units in order of first appearance: with no groups, the images themselves in order
+    members: dict[Hashable, list[int]] = {}
+    for index in range(len(ages)):
+        members.setdefault(index if groups is None else groups[index], []).append(index)
+    units = list(members.values())
+    if len(units) < 2:
+        raise ValueError(
+            f"cannot split {len(ages)} images of {len(units)} patient(s) into training "
+            "and validation"
+        )
     ages_arr = np.asarray(ages, dtype=np.float64)
-    males_arr = np.asarray(males, dtype=bool)
+    unit_ages = np.array([ages_arr[m].mean() for m in units])
+    unit_males = np.array([bool(males[m[0]]) for m in units], dtype=bool)
+    rng = np.random.default_rng(seed)
+    run = max(2, round(1.0 / val_fraction))
+    val_units: list[int] = []
     for sex in (False, True):
-        idx = np.flatnonzero(males_arr == sex)
-        idx = idx[np.argsort(ages_arr[idx], kind="stable")]
-        for start in range(0, len(idx), group):
-            chunk = idx[start : start + group]
-            # A short last group gets a member in proportion to its size.
-            if len(chunk) == group or rng.random() < len(chunk) / group:
-                val.append(int(rng.choice(chunk)))
+        idx = np.flatnonzero(unit_males == sex)
+        idx = idx[np.argsort(unit_ages[idx], kind="stable")]
+        for start in range(0, len(idx), run):
+            chunk = idx[start : start + run]
+            # A short last run gets a member in proportion to its size.
+            if len(chunk) == run or rng.random() < len(chunk) / run:
+                val_units.append(int(rng.choice(chunk)))
+    val = sorted(i for u in val_units for i in units[u])
     val_set = set(val)
     train = [i for i in range(len(ages)) if i not in val_set]
-    return train, sorted(val)
+    return train, val
 
 
 class PreparedDataset(Dataset[tuple[Tensor, Tensor, Tensor]]):

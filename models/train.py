@@ -2,9 +2,10 @@
 
 :func:`train` is what ``boneage-worker train`` calls. The data are a list of
 :class:`~models.data.LabelledImage` (:func:`~models.data.read_rsna`,
-:func:`~models.data.phantom_items`, or images the caller decoded). Split: stratified by
-sex and age (:func:`~models.data.stratified_split`). Optimiser AdamW; schedule cosine with
-warm-up (per step) or reduce-on-plateau (per epoch, on validation MAE); early stopping on
+:func:`~models.data.phantom_items`, or images the caller decoded). Split: by patient
+(``LabelledImage.group``), stratified by sex and age
+(:func:`~models.data.stratified_split`). Optimiser AdamW; schedule cosine with warm-up
+(per step) or reduce-on-plateau (per epoch, on validation MAE); early stopping on
 validation MAE; the best epoch's weights are kept. On CUDA: mixed precision and
 channels-last. The checkpoint carries validation metrics and split-conformal quantiles of
 the absolute validation residuals at 80/90/95 % (a level is left out when the validation
@@ -44,6 +45,7 @@ from models.data import (
     PreparedDataset,
     calibration_size_needed,
     conformal_quantile,
+    split_groups,
     stratified_split,
 )
 from models.evaluate import predict_ages, regression_metrics
@@ -362,11 +364,25 @@ def train(
     amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
 
     ages = [it.age_months for it in items]
+    groups = split_groups(items)
     train_idx, val_idx = stratified_split(
-        ages, [it.male for it in items], cfg.val_fraction, seed=cfg.seed
+        ages, [it.male for it in items], cfg.val_fraction, seed=cfg.seed, groups=groups
     )
+    if not train_idx or not val_idx:
+        empty = "validation" if train_idx else "training"
+        raise ValueError(
+            f"the split of {len(items)} images left no {empty} images: give more images "
+            "(of more patients), or another val_fraction"
+        )
     train_items = [items[i] for i in train_idx]
     val_items = [items[i] for i in val_idx]
+    logger.info(
+        "split by patient: training %d images of %d patients, validation %d images of %d",
+        len(train_idx),
+        len({groups[i] for i in train_idx}),
+        len(val_idx),
+        len({groups[i] for i in val_idx}),
+    )
     train_ages = np.array([it.age_months for it in train_items], dtype=np.float64)
     target = (float(train_ages.mean()), float(max(train_ages.std(), 1.0)))
     logger.info(

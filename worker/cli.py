@@ -874,7 +874,8 @@ def _data_options(func: Any) -> Any:
         click.option(
             "--labels",
             type=click.Path(exists=True, dir_okay=False, path_type=Path),
-            help="CSV for --dicom-dir: file, boneage[, male].",
+            help="CSV for --dicom-dir: file, boneage[, male][, patient]. Images of one "
+            "patient (PatientID, or the patient column) stay on one side of the split.",
         ),
         click.option(
             "--phantoms", type=int, help="Use N synthetic phantoms (for trying things out)."

@@ -22,6 +22,28 @@ def _loader(path: Path) -> Callable[[], np.ndarray]:
     return lambda: decode_for_display(read_image(path))
 
 
+def patient_group(patient: str) -> str:
+    """The split group of a patient: a hash of the identifier, ``""`` when it is empty.
+
+    The token stays in memory (and in the SHA-256 of the training data a resume checks);
+    the identifier itself is never stored or logged.
+
+    Parameters
+    ----------
+    patient : str
+        Patient ID from the file header, or the ``patient`` column of the labels CSV.
+
+    Returns
+    -------
+    str
+        32 hex digits, or ``""`` (the image is a group of its own).
+    """
+    value = patient.strip()
+    if not value:
+        return ""
+    return hashlib.sha256(b"boneage-split-group\0" + value.encode()).hexdigest()[:32]
+
+
 def read_dicom_folder(
     folder: Path, labels_csv: Path, *, limit: int | None = None
 ) -> list[LabelledImage]:
@@ -30,11 +52,16 @@ def read_dicom_folder(
     The CSV has a ``file`` column (path relative to ``folder``) and ``boneage``
     (months); ``male`` (true/false, 1/0, M/F) is optional, otherwise PatientSex is
     read from the file. Report keys are hashes of the file names, never patient data.
+
+    Images of one patient go to the same side of the training split: each image's group
+    is a hash of the PatientID in its header (an image without one is its own group),
+    or of the optional ``patient`` column where that is filled in (for sets whose
+    PatientIDs were replaced per image, say).
     """
     items: list[LabelledImage] = []
     with labels_csv.open(newline="") as fh:
         reader = csv.DictReader(fh)
-        fields = {name.lower(): name for name in reader.fieldnames or []}
+        fields = {name.strip().lower(): name for name in reader.fieldnames or []}
         for column in ("file", "boneage"):
             if column not in fields:
                 raise ValueError(
@@ -48,21 +75,24 @@ def read_dicom_folder(
                 age = float(row[fields["boneage"]])
             except ValueError as exc:
                 raise ValueError(f"{labels_csv}:{line}: boneage is not a number") from exc
+            header = dcmread(
+                path, stop_before_pixels=True, specific_tags=["PatientSex", "PatientID"]
+            )
             if "male" in fields and row[fields["male"]].strip():
                 male = row[fields["male"]].strip().lower() in {"1", "true", "t", "yes", "m", "male"}
             else:
-                sex = str(
-                    dcmread(path, stop_before_pixels=True, specific_tags=["PatientSex"]).get(
-                        "PatientSex", ""
-                    )
-                )
+                sex = str(header.get("PatientSex", ""))
                 if sex.upper() not in {"M", "F"}:
                     raise ValueError(
                         f"{labels_csv}:{line}: no male column and PatientSex is {sex or 'empty'}"
                     )
                 male = sex.upper() == "M"
+            patient = row[fields["patient"]].strip() if "patient" in fields else ""
+            group = patient_group(patient or str(header.get("PatientID", "") or ""))
             key = hashlib.sha256(str(row[fields["file"]]).encode()).hexdigest()[:16]
-            items.append(LabelledImage(image=_loader(path), age_months=age, male=male, key=key))
+            items.append(
+                LabelledImage(image=_loader(path), age_months=age, male=male, key=key, group=group)
+            )
             if limit is not None and len(items) >= limit:
                 break
     if not items:
@@ -95,7 +125,9 @@ def load_items(
         return items, f"RSNA layout: {rsna_csv.name}, {len(items)} images"
     if dicom_dir is not None:
         if labels is None:
-            raise ValueError("--dicom-dir needs --labels (CSV with file, boneage[, male])")
+            raise ValueError(
+                "--dicom-dir needs --labels (CSV with file, boneage[, male][, patient])"
+            )
         items = read_dicom_folder(dicom_dir, labels, limit=limit)
         return items, f"DICOM folder with labels {labels.name}, {len(items)} images"
     assert phantoms is not None

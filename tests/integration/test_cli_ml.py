@@ -33,6 +33,7 @@ def dicom_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
             sex=sex,
             birth_date=dt.date(2010, 1, 1),
             study_date=dt.date(2020, 1, 1),
+            patient_id=f"PHANTOM{i:03d}",  # 36 children: the split keeps a patient together
         )
         name = f"case{i:02d}.dcm"
         ds.save_as(folder / name, enforce_file_format=True)

@@ -25,6 +25,7 @@ from models.data import (
     load_image,
     phantom_items,
     read_rsna,
+    split_groups,
     stratified_split,
 )
 from models.evaluate import evaluate, interval_coverage, regression_metrics, summarise
@@ -290,3 +291,64 @@ def test_training_with_clahe_writes_it_into_the_checkpoint(tmp_path: Path) -> No
     loaded = load_checkpoint(result.checkpoint)
     assert loaded.meta.clahe is True
     assert loaded.meta.format_version == 2
+
+
+def test_stratified_split_keeps_each_patient_on_one_side() -> None:
+    rng = np.random.default_rng(0)
+    # 150 children with one to four images each (both hands, follow-ups a year apart)
+    ages: list[float] = []
+    males: list[bool] = []
+    groups: list[str] = []
+    for child in range(150):
+        age, male = float(rng.uniform(0, 200)), bool(rng.random() < 0.5)
+        for visit in range(int(rng.integers(1, 5))):
+            ages.append(age + 12.0 * visit)
+            males.append(male)
+            groups.append(f"child-{child}")
+    train_idx, val_idx = stratified_split(ages, males, 0.2, seed=1, groups=groups)
+
+    assert set(train_idx).isdisjoint(val_idx)
+    assert sorted(train_idx + val_idx) == list(range(len(ages)))
+    train_groups = {groups[i] for i in train_idx}
+    val_groups = {groups[i] for i in val_idx}
+    assert train_groups.isdisjoint(val_groups)
+    assert 25 <= len(val_groups) <= 35  # a fifth of 150 children
+    val_ages = np.array(ages)[val_idx]
+    assert abs(np.median(val_ages) - np.median(ages)) < 20
+    val_males = np.array(males)[val_idx]
+    assert abs(val_males.mean() - np.mean(males)) < 0.15
+    assert stratified_split(ages, males, 0.2, seed=1, groups=groups) == (train_idx, val_idx)
+
+
+def test_stratified_split_without_groups_splits_images_as_before() -> None:
+    rng = np.random.default_rng(3)
+    ages = rng.uniform(0, 228, size=50).tolist()
+    males = (rng.random(50) < 0.5).tolist()
+    alone = stratified_split(ages, males, 0.2, seed=4)
+    assert stratified_split(ages, males, 0.2, seed=4, groups=list(range(50))) == alone
+    items = [LabelledImage(np.zeros(1), a, m) for a, m in zip(ages, males, strict=True)]
+    assert stratified_split(ages, males, 0.2, seed=4, groups=split_groups(items)) == alone
+
+
+def test_stratified_split_refuses_one_patient() -> None:
+    with pytest.raises(ValueError, match="12 images of 1 patient"):
+        stratified_split([100.0] * 12, [True] * 12, 0.2, groups=["p"] * 12)
+
+
+def test_training_splits_by_patient(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    items = [
+        dataclasses.replace(item, group=f"g{index // 2}")  # pairs of images per patient
+        for index, item in enumerate(phantom_items(24, size=64, seed=3))
+    ]
+    config = TrainConfig(
+        arch="resnet18", input_size=32, epochs=1, batch_size=8, device="cpu", val_fraction=0.25
+    )
+    with caplog.at_level(logging.INFO, logger="models.train"):
+        result = train(items, tmp_path / "g.safetensors", config=config, progress=False)
+    n_train, n_val = result.meta.extra["n_train"], result.meta.extra["n_val"]
+    assert n_train + n_val == 24
+    assert n_val % 2 == 0  # whole patients
+    assert (
+        f"training {n_train} images of {n_train // 2} patients, "
+        f"validation {n_val} images of {n_val // 2}"
+    ) in caplog.text

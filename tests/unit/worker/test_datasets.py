@@ -1,0 +1,86 @@
+"""worker.datasets: the labelled sets of `train` and `evaluate` (DICOM folders, RSNA)."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dicom_io.synthetic import make_radiograph_dataset
+from worker.datasets import patient_group, read_dicom_folder
+
+
+def _write_dicom(folder: Path, name: str, *, patient_id: str, sex: str = "M") -> None:
+    pixels = np.random.default_rng(0).integers(0, 4096, size=(32, 32), dtype=np.uint16)
+    ds = make_radiograph_dataset(
+        pixels,
+        sex=sex,
+        birth_date=dt.date(2010, 1, 1),
+        study_date=dt.date(2020, 1, 1),
+        patient_id=patient_id,
+    )
+    ds.save_as(folder / name, enforce_file_format=True)
+
+
+def _write_labels(path: Path, rows: list[dict[str, str]]) -> Path:
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_images_of_one_patient_share_a_group_that_does_not_show_the_id(tmp_path: Path) -> None:
+    for name, patient in (("a.dcm", "MRN-4711"), ("b.dcm", "MRN-4711"), ("c.dcm", "MRN-0815")):
+        _write_dicom(tmp_path, name, patient_id=patient)
+    _write_dicom(tmp_path, "d.dcm", patient_id="")
+    labels = _write_labels(
+        tmp_path / "labels.csv",
+        [{"file": name, "boneage": "100"} for name in ("a.dcm", "b.dcm", "c.dcm", "d.dcm")],
+    )
+
+    items = read_dicom_folder(tmp_path, labels)
+
+    a, b, c, d = (item.group for item in items)
+    assert a == b == patient_group("MRN-4711")
+    assert c not in ("", a)
+    assert d == ""  # no PatientID: its own group
+    for item in items:
+        assert "4711" not in item.group and "0815" not in item.group
+        assert "MRN" not in item.key
+
+
+def test_the_patient_column_overrides_the_header(tmp_path: Path) -> None:
+    # e.g. a set whose PatientIDs were replaced per image, with the link kept in the CSV
+    for name, patient in (("a.dcm", "ANON1"), ("b.dcm", "ANON2"), ("c.dcm", "ANON3")):
+        _write_dicom(tmp_path, name, patient_id=patient)
+    labels = _write_labels(
+        tmp_path / "labels.csv",
+        [
+            {"file": "a.dcm", "boneage": "100", "patient": "child-7"},
+            {"file": "b.dcm", "boneage": "112", "patient": "child-7"},
+            {"file": "c.dcm", "boneage": "90", "patient": " "},  # empty: the header's
+        ],
+    )
+
+    a, b, c = read_dicom_folder(tmp_path, labels)
+
+    assert a.group == b.group == patient_group("child-7")
+    assert c.group == patient_group("ANON3")
+
+
+def test_patient_group_is_a_stable_hash() -> None:
+    assert patient_group("X1") == patient_group(" X1 ") != patient_group("X2")
+    assert len(patient_group("X1")) == 32
+    assert patient_group("") == patient_group("  ") == ""
+
+
+@pytest.mark.parametrize("rows", [[{"file": "a.dcm", "age": "100"}]])
+def test_labels_without_boneage_are_named(tmp_path: Path, rows: list[dict[str, str]]) -> None:
+    _write_dicom(tmp_path, "a.dcm", patient_id="P")
+    labels = _write_labels(tmp_path / "labels.csv", rows)
+    with pytest.raises(ValueError, match="has no 'boneage' column"):
+        read_dicom_folder(tmp_path, labels)

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 
@@ -82,6 +83,31 @@ def open_association(
     error
         The exception raised, with the reason, when no association is made.
     """
+    assoc, reason = _associate(
+        ae_title,
+        host,
+        port,
+        calling_ae_title=calling_ae_title,
+        contexts=contexts,
+        timeout=timeout,
+        ssl_context=ssl_context,
+    )
+    if reason is not None:
+        raise error(f"association with {ae_title}@{host}:{port} failed: {reason}")
+    return assoc
+
+
+def _associate(
+    ae_title: str,
+    host: str,
+    port: int,
+    *,
+    calling_ae_title: str,
+    contexts: Sequence[tuple[str, Sequence[str] | None]],
+    timeout: float,
+    ssl_context: ssl.SSLContext | None,
+) -> tuple[Association, str | None]:
+    """An association, and why it is not established (None when it is)."""
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout
     # TCP connect and TLS handshake: pynetdicom leaves them unbounded, and a destination
@@ -90,22 +116,28 @@ def open_association(
     for abstract, syntaxes in contexts:
         ae.add_requested_context(abstract, list(syntaxes) if syntaxes is not None else None)
     tls = (ssl_context, host) if ssl_context is not None else None
-    connected: list[bool] = []
+    seen: set[str] = set()
     handlers: list[Any] = [
         *LOW_LATENCY_HANDLERS,
-        (evt.EVT_CONN_OPEN, lambda _: connected.append(True)),
+        (evt.EVT_CONN_OPEN, lambda _: seen.add("connected")),
+        (evt.EVT_ACCEPTED, lambda _: seen.add("accepted")),
     ]
     assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls, evt_handlers=handlers)
-    if not assoc.is_established:
-        if not connected:
-            handshake = "TCP or TLS handshake" if ssl_context is not None else "TCP connection"
-            reason = f"no connection (refused, unreachable, or no {handshake} in {timeout:g} s)"
-        elif assoc.is_rejected:
-            reason = "rejected"
-        else:
-            reason = "aborted" if assoc.is_aborted else "no answer"
-        raise error(f"association with {ae_title}@{host}:{port} failed: {reason}")
-    return assoc
+    if assoc.is_established:
+        return assoc, None
+    if "connected" not in seen:
+        handshake = "TCP or TLS handshake" if ssl_context is not None else "TCP connection"
+        return assoc, f"no connection (refused, unreachable, or no {handshake} in {timeout:g} s)"
+    if assoc.is_rejected:
+        return assoc, "rejected"
+    if "accepted" in seen and not assoc.accepted_contexts:
+        # the peer accepted the association and none of its presentation contexts;
+        # pynetdicom then aborts it
+        names = ", ".join(
+            sorted({UID(str(cx.abstract_syntax)).name for cx in assoc.rejected_contexts})
+        )
+        return assoc, f"no presentation context accepted for {names}"
+    return assoc, "aborted" if assoc.is_aborted else "no answer"
 
 
 def echo(
@@ -147,13 +179,14 @@ def send_files(
     timeout: float = 30,
     ssl_context: ssl.SSLContext | None = None,
 ) -> list[SendOutcome]:
-    """Send DICOM files over one association, each as it is stored.
+    """Send DICOM files over one association, each as it is stored where it can be.
 
     Parameters
     ----------
     paths
         Part 10 files; each is offered in its own SOP class and transfer syntax (its
-        file meta) and sent byte for byte, without being decoded.
+        file meta) and sent byte for byte, without being decoded, or re-encoded in the
+        uncompressed syntax the destination took (see :func:`send_datasets`).
     ae_title, host, port
         The destination.
     calling_ae_title
@@ -216,6 +249,25 @@ def stored_syntax(path: Path) -> tuple[str, str]:
     return str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
 
 
+#: Uncompressed syntaxes an object stored in another uncompressed little-endian syntax
+#: is also offered in, in this order: Implicit VR Little Endian is the default every
+#: implementation supports (PS3.5 10.1).
+FALLBACK_SYNTAXES: tuple[str, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+def offered_syntaxes(stored: str) -> list[str]:
+    """Transfer syntaxes an object stored in ``stored`` is offered in, by preference.
+
+    Its own first; an uncompressed little-endian one then also the `FALLBACK_SYNTAXES`,
+    into which it re-encodes losing nothing. A compressed one only as it is (sending
+    it otherwise would mean decoding its pixels), and so Big Endian.
+    """
+    syntax = UID(stored)
+    if syntax.is_encapsulated or not syntax.is_little_endian:
+        return [stored]
+    return list(dict.fromkeys([stored, *FALLBACK_SYNTAXES]))
+
+
 def send_datasets(
     datasets: Sequence[Dataset | Path],
     *,
@@ -228,46 +280,75 @@ def send_datasets(
 ) -> list[int]:
     """C-STORE datasets over one association; returns the status of each, in order.
 
-    Each dataset is offered in its own SOP class and transfer syntax (its file meta).
-    A path is a Part 10 file sent as it is stored, byte for byte (see
-    :func:`send_files`); a Dataset is encoded in its file meta's transfer syntax.
+    Each dataset is offered in its own SOP class, in the transfer syntax it is stored
+    in (its file meta) and, when that is uncompressed, in Explicit and then Implicit
+    VR Little Endian, each syntax its own presentation context. It goes in the first
+    of those the destination accepted: a path in its own syntax is sent as the file
+    is stored, byte for byte (see :func:`send_files`); otherwise the data set is read
+    and encoded in the accepted one.
 
     Raises
     ------
     SendError
         When no association could be made, or it broke before every dataset was
-        answered, or the destination did not accept a dataset's SOP class (the
-        datasets after it are then not sent). ``answered`` holds the statuses given
-        before that.
+        answered, or the destination accepted no presentation context for a
+        dataset's SOP class (the datasets after it are then not sent). ``answered``
+        holds the statuses given before that.
     """
-    pairs = sorted({_syntax_of(ds) for ds in datasets})
-    assoc = open_association(
+    needs = [_syntax_of(ds) for ds in datasets]
+    contexts: dict[tuple[str, str], None] = {}
+    for sop_class, syntax in needs:
+        for offered in offered_syntaxes(syntax):
+            contexts[sop_class, offered] = None
+    assoc, why = _associate(
         ae_title,
         host,
         port,
         calling_ae_title=calling_ae_title,
-        contexts=[(sop_class, [syntax]) for sop_class, syntax in pairs],
+        contexts=[(sop_class, [syntax]) for sop_class, syntax in contexts],
         timeout=timeout,
         ssl_context=ssl_context,
     )
-    statuses: list[int] = []
+    destination = f"{ae_title}@{host}:{port}"
+    if why is not None and not assoc.accepted_contexts and assoc.rejected_contexts:
+        raise SendError(_not_accepted(needs[0][0], ae_title, host, port))
+    if why is not None:
+        raise SendError(f"association with {destination} failed: {why}")
+    answers: list[int] = []
     try:
-        for ds in datasets:
+        for ds, (sop_class, syntax) in zip(datasets, needs, strict=True):
+            accepted = {
+                str(cx.transfer_syntax[0])
+                for cx in assoc.accepted_contexts
+                if cx.abstract_syntax == sop_class
+            }
+            chosen = next((s for s in offered_syntaxes(syntax) if s in accepted), None)
+            if chosen is None:
+                raise SendError(_not_accepted(sop_class, ae_title, host, port), answered=answers)
+            if chosen != syntax and isinstance(ds, Path):
+                # pynetdicom sends a file only in its own syntax; a data set it encodes
+                # in the accepted one (the first it finds of those we offered after it)
+                ds = dcmread(ds)
             try:
                 status = assoc.send_c_store(ds)
-            except (ValueError, RuntimeError) as exc:  # its SOP class was not accepted
+            except (ValueError, RuntimeError, AttributeError) as exc:
                 raise SendError(
-                    f"{ae_title}@{host}:{port} cannot take the object: {exc}", answered=statuses
+                    f"{destination} cannot take the object: {exc}", answered=answers
                 ) from exc
             if not status or "Status" not in status:
-                raise SendError(
-                    f"{ae_title}@{host}:{port} did not answer a C-STORE", answered=statuses
-                )
-            statuses.append(int(status.Status))
+                raise SendError(f"{destination} did not answer a C-STORE", answered=answers)
+            answers.append(int(status.Status))
     finally:
         if assoc.is_established:
             assoc.release()
-    return statuses
+    return answers
+
+
+def _not_accepted(sop_class: str, ae_title: str, host: str, port: int) -> str:
+    return (
+        f"no presentation context accepted for {UID(sop_class).name} "
+        f"by AE {ae_title} at {host}:{port}"
+    )
 
 
 def _syntax_of(dataset: Dataset | Path) -> tuple[str, str]:

@@ -13,12 +13,14 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from sqlalchemy import select
 
 from db.engine import session_scope, upgrade
 from db.schema import Delivery, DeliveryState, ObjectKind, utcnow
 from tests.conftest import StoreSCP
+from tests.dicomtools import dciodvfy_errors
 from tests.integration.test_pipeline import spool_instance
 from tests.support import wait_for
 from worker import delivery
@@ -88,6 +90,39 @@ def test_sr_and_sc_go_over_one_association(
     assert sorted(dcmread(p).Modality for p in received) == ["OT", "SR"]
     assert storescp.associations() == 1
     assert all(d.state is DeliveryState.DELIVERED and d.attempts == 1 for d in rows(rt).values())
+
+
+def values(ds: Dataset) -> list[tuple[int, object]]:
+    """Every element of ``ds`` and its items, in order, with its value."""
+    return [(int(el.tag), el.value) for el in ds.iterall() if el.VR != "SQ"]
+
+
+def test_a_destination_taking_only_implicit_vr_gets_both_objects_whole_and_valid(
+    tmp_path: Path, tiny_checkpoint: Path, dcmtk: dict[str, str], dciodvfy: str
+) -> None:
+    # Our SR and SC are written in Explicit VR Little Endian; storescp +xi takes only
+    # Implicit VR Little Endian, which every implementation supports (PS3.5 10.1).
+    pacs = StoreSCP(tmp_path / "pacs", options=("+xi",)).start()
+    try:
+        rt = make_runtime(tmp_path, tiny_checkpoint, f"sqlite:///{tmp_path / 'db.sqlite'}", pacs)
+        outcome = assess_instance(rt, spool_instance(rt))
+
+        sent = send_deliveries(rt, outcome.delivery_ids)
+
+        assert [o.state for o in sent.values()] == ["delivered", "delivered"]
+        received = {dcmread(p).Modality: p for p in pacs.wait_for_objects(2, timeout=30)}
+    finally:
+        pacs.stop()
+    assert sorted(received) == ["OT", "SR"]
+    for row in rows(rt).values():
+        ours = dcmread(row.path)
+        theirs = dcmread(received[ours.Modality])
+        assert ours.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert theirs.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+        # nothing lost in the re-encoding: every element, nested ones too, with its value
+        # (Pixel Data's VR is OW in Implicit VR Little Endian, PS3.5 A.1; its bytes are ours)
+        assert values(theirs) == values(ours)
+        assert dciodvfy_errors(received[ours.Modality]) == []
 
 
 def test_destination_that_takes_the_sr_and_not_the_sc(

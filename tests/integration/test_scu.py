@@ -12,9 +12,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom import dcmread
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGLSLossless,
+)
 
 from dicom_io.scp import VERIFICATION_SOP_CLASS
-from dicom_io.scu import NotSendable, SendError, SendOutcome, open_association, send_files
+from dicom_io.scu import (
+    NotSendable,
+    SendError,
+    SendOutcome,
+    offered_syntaxes,
+    open_association,
+    send_files,
+)
 from dicom_io.synthetic import make_radiograph_dataset
 from tests.conftest import StoreSCP
 
@@ -219,3 +233,81 @@ def test_a_destination_that_never_answers_the_tls_handshake_fails_in_bounded_tim
     assert isinstance(raised, SendError)
     assert "no connection" in str(raised) and "TLS handshake in 2 s" in str(raised)
     assert elapsed < 15
+
+
+def test_a_destination_taking_only_implicit_vr_gets_the_object_re_encoded_whole(
+    tmp_path: Path, dcmtk: dict[str, str]
+) -> None:
+    # Explicit VR Little Endian as stored, Implicit VR Little Endian (PS3.5 10.1: every
+    # implementation supports it) as a fall-back: storescp +xi takes only the latter.
+    peer = StoreSCP(tmp_path / "pacs", options=("+xi",)).start()
+    try:
+        path = tmp_path / "one.dcm"
+        ds = make_radiograph_dataset(
+            np.random.default_rng(2).random((64, 48), dtype=np.float32),
+            birth_date=None,
+            study_date=dt.date(2026, 1, 1),
+        )
+        ds.save_as(path, enforce_file_format=True)
+        assert dcmread(path).file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+
+        [outcome] = send_files(
+            [path],
+            ae_title=peer.ae_title,
+            host="127.0.0.1",
+            port=peer.port,
+            calling_ae_title="BONEAGE",
+        )
+
+        assert outcome.ok
+        [received] = peer.wait_for_objects(1, timeout=30)
+    finally:
+        peer.stop()
+    theirs, ours = dcmread(received), dcmread(path)
+    assert theirs.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+    assert theirs == ours  # every element, each value as it was
+    assert np.array_equal(theirs.pixel_array, ours.pixel_array)
+
+
+def test_a_sop_class_the_destination_does_not_take_is_named_in_the_error(
+    tmp_path: Path, dcmtk: dict[str, str]
+) -> None:
+    from tests.integration.test_delivery import SR_ONLY
+
+    profile = tmp_path / "sr-only.cfg"
+    profile.write_text(SR_ONLY)
+    peer = StoreSCP(tmp_path / "pacs", options=("--config-file", str(profile), "SROnly")).start()
+    try:
+        path = tmp_path / "one.dcm"
+        make_radiograph_dataset(
+            np.zeros((8, 8), dtype=np.float32), birth_date=None, study_date=dt.date(2026, 1, 1)
+        ).save_as(path, enforce_file_format=True)
+        with pytest.raises(SendError) as raised:
+            send_files(
+                [path],
+                ae_title=peer.ae_title,
+                host="127.0.0.1",
+                port=peer.port,
+                calling_ae_title="BONEAGE",
+            )
+    finally:
+        peer.stop()
+    assert str(raised.value).startswith(
+        "no presentation context accepted for Digital X-Ray Image Storage - For Presentation "
+        f"by AE PACS at 127.0.0.1:{peer.port}"
+    )
+    assert peer.received() == []
+
+
+def test_offered_syntaxes_add_the_uncompressed_fall_backs_only_where_nothing_is_lost() -> None:
+    assert offered_syntaxes(ExplicitVRLittleEndian) == [
+        ExplicitVRLittleEndian,
+        ImplicitVRLittleEndian,
+    ]
+    assert offered_syntaxes(DeflatedExplicitVRLittleEndian) == [
+        DeflatedExplicitVRLittleEndian,
+        ExplicitVRLittleEndian,
+        ImplicitVRLittleEndian,
+    ]
+    assert offered_syntaxes(JPEGLSLossless) == [JPEGLSLossless]  # never decoded to send
+    assert offered_syntaxes(ExplicitVRBigEndian) == [ExplicitVRBigEndian]

@@ -113,6 +113,31 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"cannot read sex from {text!r}")
 
 
+RSNA_COLUMNS: dict[str, tuple[str, ...]] = {
+    "id": ("id", "case id", "image id"),
+    "boneage": ("boneage", "ground truth bone age (months)", "bone age (months)"),
+    "male": ("male", "sex"),
+}
+"""Accepted header names of each RSNA column, lower case: the training set's
+(``id,boneage,male``), the validation set's (``Image ID,male,Bone Age (months)``) and the
+test set's (``Case ID,Sex,Ground truth bone age (months)``)."""
+
+
+def _rsna_columns(csv_path: str | Path, header: Sequence[str]) -> dict[str, str]:
+    """Map ``id``/``boneage``/``male`` to the header's own names (case and spaces ignored)."""
+    present = {name.strip().lower(): name for name in header}
+    columns: dict[str, str] = {}
+    for needed, aliases in RSNA_COLUMNS.items():
+        found = [present[a] for a in aliases if a in present]
+        if not found:
+            raise ValueError(
+                f"{csv_path}: no {needed!r} column (one of {', '.join(map(repr, aliases))}; "
+                f"have {list(header)})"
+            )
+        columns[needed] = found[0]
+    return columns
+
+
 def read_rsna(
     csv_path: str | Path, image_dir: str | Path, *, limit: int | None = None
 ) -> list[LabelledImage]:
@@ -121,8 +146,11 @@ def read_rsna(
     Parameters
     ----------
     csv_path : str or pathlib.Path
-        CSV with columns ``id``, ``boneage`` (months) and ``male`` (True/False or 1/0);
-        column names are matched case-insensitively.
+        CSV with an id, the bone age (months) and the sex, under the header names of the
+        RSNA training, validation or test set (:data:`RSNA_COLUMNS`: ``id``, ``boneage``,
+        ``male``; ``Image ID``, ``Bone Age (months)``; ``Case ID``,
+        ``Ground truth bone age (months)``, ``Sex``), matched case-insensitively. Sex is
+        True/False, 1/0 or M/F.
     image_dir : str or pathlib.Path
         Folder holding ``<id>.png``.
     limit : int, optional
@@ -141,12 +169,9 @@ def read_rsna(
     folder = Path(image_dir)
     items: list[LabelledImage] = []
     missing = 0
-    with open(csv_path, newline="", encoding="utf-8") as handle:
+    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
-        fields = {name.strip().lower(): name for name in reader.fieldnames or []}
-        for needed in ("id", "boneage", "male"):
-            if needed not in fields:
-                raise ValueError(f"{csv_path}: no {needed!r} column (have {reader.fieldnames})")
+        fields = _rsna_columns(csv_path, reader.fieldnames or [])
         for line, row in enumerate(reader, start=2):
             if limit is not None and len(items) >= limit:
                 break

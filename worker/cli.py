@@ -859,7 +859,9 @@ def _data_options(func: Any) -> Any:
         click.option(
             "--rsna-csv",
             type=click.Path(exists=True, dir_okay=False, path_type=Path),
-            help="RSNA labels CSV (id, boneage, male).",
+            help="RSNA labels CSV: the training set's (id, boneage, male), the validation "
+            "set's (Image ID, male, Bone Age (months)) or the test set's (Case ID, Sex, "
+            "Ground truth bone age (months)).",
         ),
         click.option(
             "--rsna-images",

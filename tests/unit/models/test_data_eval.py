@@ -352,3 +352,48 @@ def test_training_splits_by_patient(tmp_path: Path, caplog: pytest.LogCaptureFix
         f"training {n_train} images of {n_train // 2} patients, "
         f"validation {n_val} images of {n_val // 2}"
     ) in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("header", "rows"),
+    [
+        (["id", "boneage", "male"], [["1377", "180", "False"], ["1378", "12", "True"]]),
+        # the RSNA validation set
+        (
+            ["Image ID", "male", "Bone Age (months)"],
+            [["1377", "FALSE", "180"], ["1378", "TRUE", "12"]],
+        ),
+        # the RSNA test set, with spaces and another case around the names
+        (
+            ["Case ID", " Sex", "Ground truth bone age (months) "],
+            [["1377", "F", "180"], ["1378", "M", "12"]],
+        ),
+        (["ID", "BoneAge", "MALE"], [["1377", "180", "0"], ["1378", "12", "1"]]),
+    ],
+)
+def test_read_rsna_reads_each_rsna_header(
+    tmp_path: Path, header: list[str], rows: list[list[str]]
+) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    for key in ("1377", "1378"):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(images / f"{key}.png")
+    csv_path = tmp_path / "labels.csv"
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+    items = read_rsna(csv_path, images)
+
+    assert [(i.key, i.age_months, i.male) for i in items] == [
+        ("1377", 180.0, False),
+        ("1378", 12.0, True),
+    ]
+
+
+def test_read_rsna_names_the_accepted_headers_of_a_missing_column(tmp_path: Path) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text("Case ID,Sex,Age\n1,M,3\n")
+    with pytest.raises(ValueError, match=r"no 'boneage' column \(one of 'boneage', 'ground truth"):
+        read_rsna(path, tmp_path)

@@ -104,9 +104,27 @@ def load_image(source: ImageSource) -> np.ndarray:
     return arr.astype(np.float32, copy=False)
 
 
-def _parse_bool(text: str) -> bool:
+def parse_sex(text: str) -> bool:
+    """Read a sex label: True for male, False for female.
+
+    Parameters
+    ----------
+    text : str
+        ``true``/``false``, ``1``/``0``, ``m``/``f``, ``male``/``female``, ``yes``/``no``
+        (case and surrounding spaces ignored; ``t`` and ``male``'s short forms too).
+
+    Returns
+    -------
+    bool
+        True for male.
+
+    Raises
+    ------
+    ValueError
+        If the text is none of these: a value never silently becomes one sex.
+    """
     value = text.strip().lower()
-    if value in ("true", "1", "m", "male", "yes"):
+    if value in ("true", "t", "1", "m", "male", "yes"):
         return True
     if value in ("false", "0", "f", "female", "no"):
         return False
@@ -178,7 +196,7 @@ def read_rsna(
             key = row[fields["id"]].strip()
             try:
                 age = float(row[fields["boneage"]])
-                male = _parse_bool(row[fields["male"]])
+                male = parse_sex(row[fields["male"]])
             except ValueError as exc:
                 raise ValueError(f"{csv_path}:{line}: {exc}") from exc
             path = folder / f"{key}.png"

@@ -15,7 +15,7 @@ import numpy as np
 from pydicom import dcmread
 
 from dicom_io.pixels import decode_for_display, read_image
-from models.data import LabelledImage, phantom_items, read_rsna
+from models.data import LabelledImage, parse_sex, phantom_items, read_rsna
 
 
 def _loader(path: Path) -> Callable[[], np.ndarray]:
@@ -79,7 +79,10 @@ def read_dicom_folder(
                 path, stop_before_pixels=True, specific_tags=["PatientSex", "PatientID"]
             )
             if "male" in fields and row[fields["male"]].strip():
-                male = row[fields["male"]].strip().lower() in {"1", "true", "t", "yes", "m", "male"}
+                try:
+                    male = parse_sex(row[fields["male"]])
+                except ValueError as exc:
+                    raise ValueError(f"{labels_csv}:{line}: male: {exc}") from exc
             else:
                 sex = str(header.get("PatientSex", ""))
                 if sex.upper() not in {"M", "F"}:

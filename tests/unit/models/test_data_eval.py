@@ -23,6 +23,7 @@ from models.data import (
     calibration_size_needed,
     conformal_quantile,
     load_image,
+    parse_sex,
     phantom_items,
     read_rsna,
     split_groups,
@@ -397,3 +398,16 @@ def test_read_rsna_names_the_accepted_headers_of_a_missing_column(tmp_path: Path
     path.write_text("Case ID,Sex,Age\n1,M,3\n")
     with pytest.raises(ValueError, match=r"no 'boneage' column \(one of 'boneage', 'ground truth"):
         read_rsna(path, tmp_path)
+
+
+def test_parse_sex_raises_on_what_is_not_a_sex() -> None:
+    assert [parse_sex(v) for v in ("M", " female ", "True", "0", "t", "YES")] == [
+        True,
+        False,
+        True,
+        False,
+        True,
+        True,
+    ]
+    with pytest.raises(ValueError, match="cannot read sex from 'U'"):
+        parse_sex("U")

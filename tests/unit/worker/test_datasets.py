@@ -84,3 +84,28 @@ def test_labels_without_boneage_are_named(tmp_path: Path, rows: list[dict[str, s
     labels = _write_labels(tmp_path / "labels.csv", rows)
     with pytest.raises(ValueError, match="has no 'boneage' column"):
         read_dicom_folder(tmp_path, labels)
+
+
+def test_a_male_value_that_is_not_a_sex_is_an_error_with_its_line(tmp_path: Path) -> None:
+    _write_dicom(tmp_path, "a.dcm", patient_id="P1", sex="M")
+    _write_dicom(tmp_path, "b.dcm", patient_id="P2", sex="M")
+    labels = _write_labels(
+        tmp_path / "labels.csv",
+        [
+            {"file": "a.dcm", "boneage": "100", "male": "F"},
+            {"file": "b.dcm", "boneage": "100", "male": "maybe"},  # used to read as female
+        ],
+    )
+    with pytest.raises(ValueError, match=r"labels\.csv:3: male: cannot read sex from 'maybe'"):
+        read_dicom_folder(tmp_path, labels)
+
+
+def test_male_column_values_and_the_header_fallback(tmp_path: Path) -> None:
+    values = ["M", "female", "1", "no", "T", ""]
+    rows = []
+    for index, value in enumerate(values):
+        _write_dicom(tmp_path, f"{index}.dcm", patient_id=f"P{index}", sex="F")
+        rows.append({"file": f"{index}.dcm", "boneage": "100", "male": value})
+    items = read_dicom_folder(tmp_path, _write_labels(tmp_path / "labels.csv", rows))
+    # the empty value falls back to PatientSex (F)
+    assert [item.male for item in items] == [True, False, True, False, True, False]

@@ -7,7 +7,7 @@ import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
@@ -28,24 +28,39 @@ logger = logging.getLogger(__name__)
 _config.STORE_SEND_CHUNKED_DATASET = True
 
 
+@dataclass(frozen=True)
+class NotAccepted:
+    """What an object came to when the destination accepted no presentation context
+    for its SOP class (in any transfer syntax we could send it in): it was not sent."""
+
+    reason: str
+
+
+#: What the destination made of one object: its C-STORE status, or `NotAccepted`.
+Answer = int | NotAccepted
+
+
 class SendError(RuntimeError):
     """The destination could not be reached, or the association broke.
 
-    ``answered`` holds the C-STORE statuses the destination gave before the break, in
-    the order the objects were sent; the objects after those were not stored.
+    ``answered`` holds what became of the objects before the break (a C-STORE status,
+    or `NotAccepted`), in the order they were given; the objects after those were not
+    stored.
     """
 
-    def __init__(self, message: str, *, answered: Sequence[int] = ()) -> None:
+    def __init__(self, message: str, *, answered: Sequence[Answer] = ()) -> None:
         super().__init__(message)
         self.answered = tuple(answered)
 
 
-def stored(status: int) -> bool:
+def stored(status: Answer) -> bool:
     """Whether a C-STORE status means the peer stored the object.
 
     Success, or a warning (0xB000, 0xB006, 0xB007: stored, with coercion or elements
-    discarded).
+    discarded). An object that was not sent (`NotAccepted`) was not stored.
     """
+    if isinstance(status, NotAccepted):
+        return False
     return status == 0x0000 or (status & 0xF000) == 0xB000
 
 
@@ -200,12 +215,16 @@ def send_files(
     Raises
     ------
     SendError
-        When no association could be made, or it broke before every file was sent.
+        When no association could be made, or it broke before every file was sent,
+        or the destination accepted no presentation context for a file's SOP class:
+        raised once every other file was sent, naming what became of each
+        (``answered``).
     NotSendable
         When a file is no Part 10 file that says what it holds (nothing is sent).
     """
-    statuses = send_datasets(
-        [Path(p) for p in paths],
+    paths = [Path(p) for p in paths]
+    answers = send_datasets(
+        paths,
         ae_title=ae_title,
         host=host,
         port=port,
@@ -213,7 +232,15 @@ def send_files(
         timeout=timeout,
         ssl_context=ssl_context,
     )
-    return [SendOutcome(Path(p), status) for p, status in zip(paths, statuses, strict=True)]
+    refused = [answer.reason for answer in answers if isinstance(answer, NotAccepted)]
+    if refused:
+        each = ", ".join(
+            f"{path.name}: "
+            + ("not sent" if isinstance(answer, NotAccepted) else f"status 0x{answer:04X}")
+            for path, answer in zip(paths, answers, strict=True)
+        )
+        raise SendError(f"{'; '.join(dict.fromkeys(refused))} ({each})", answered=answers)
+    return [SendOutcome(p, cast(int, status)) for p, status in zip(paths, answers, strict=True)]
 
 
 class NotSendable(ValueError):
@@ -277,23 +304,22 @@ def send_datasets(
     calling_ae_title: str,
     timeout: float = 30,
     ssl_context: ssl.SSLContext | None = None,
-) -> list[int]:
-    """C-STORE datasets over one association; returns the status of each, in order.
+) -> list[Answer]:
+    """C-STORE datasets over one association; returns what became of each, in order.
 
     Each dataset is offered in its own SOP class, in the transfer syntax it is stored
     in (its file meta) and, when that is uncompressed, in Explicit and then Implicit
     VR Little Endian, each syntax its own presentation context. It goes in the first
     of those the destination accepted: a path in its own syntax is sent as the file
     is stored, byte for byte (see :func:`send_files`); otherwise the data set is read
-    and encoded in the accepted one.
+    and encoded in the accepted one. A dataset whose SOP class the destination took
+    in no such syntax is not sent (`NotAccepted`, with the reason); the others are.
 
     Raises
     ------
     SendError
         When no association could be made, or it broke before every dataset was
-        answered, or the destination accepted no presentation context for a
-        dataset's SOP class (the datasets after it are then not sent). ``answered``
-        holds the statuses given before that.
+        answered. ``answered`` holds what became of the datasets before that.
     """
     needs = [_syntax_of(ds) for ds in datasets]
     contexts: dict[tuple[str, str], None] = {}
@@ -311,10 +337,12 @@ def send_datasets(
     )
     destination = f"{ae_title}@{host}:{port}"
     if why is not None and not assoc.accepted_contexts and assoc.rejected_contexts:
-        raise SendError(_not_accepted(needs[0][0], ae_title, host, port))
+        return [
+            NotAccepted(_not_accepted(sop_class, ae_title, host, port)) for sop_class, _ in needs
+        ]
     if why is not None:
         raise SendError(f"association with {destination} failed: {why}")
-    answers: list[int] = []
+    answers: list[Answer] = []
     try:
         for ds, (sop_class, syntax) in zip(datasets, needs, strict=True):
             accepted = {
@@ -324,7 +352,8 @@ def send_datasets(
             }
             chosen = next((s for s in offered_syntaxes(syntax) if s in accepted), None)
             if chosen is None:
-                raise SendError(_not_accepted(sop_class, ae_title, host, port), answered=answers)
+                answers.append(NotAccepted(_not_accepted(sop_class, ae_title, host, port)))
+                continue
             if chosen != syntax and isinstance(ds, Path):
                 # pynetdicom sends a file only in its own syntax; a data set it encodes
                 # in the accepted one (the first it finds of those we offered after it)

@@ -8,6 +8,8 @@ is dropped silently: a failed delivery stays visible in `status` until
 The deliveries of one message (an assessment's SR and SC) that go to the same
 destination travel over one association. Each one still has its own outcome: the
 destination may store the SR and refuse the SC, or the link may break between them.
+An object whose SOP class the destination accepts no presentation context for fails
+at once, with that reason (sending again cannot help), and the others still go.
 
 Sending starts with a claim: one conditional UPDATE moves the rows' next attempt
 out by the time a send may take (`claim_seconds`). A duplicate message for the same
@@ -16,9 +18,10 @@ copies) then finds them not due, so an object is not sent twice at once; and if 
 worker dies while sending, the reconciler picks the rows up once the claim runs out.
 
 An object goes out as its file is stored, byte for byte (nothing decoded and encoded
-again), once the file's SHA-256 matches the one recorded when it was written: a file
-damaged or cut short since then fails at once, with the reason, instead of reaching
-the PACS.
+again) where the destination takes its transfer syntax, and re-encoded in Explicit or
+Implicit VR Little Endian where it takes only those (`dicom_io.scu.send_datasets`), once
+the file's SHA-256 matches the one recorded when it was written: a file damaged or cut
+short since then fails at once, with the reason, instead of reaching the PACS.
 """
 
 from __future__ import annotations
@@ -39,7 +42,15 @@ from sqlalchemy import or_, select, update
 from db.engine import session_scope
 from db.schema import Delivery, DeliveryState
 from db.schema import utcnow as now
-from dicom_io.scu import NotSendable, SendError, send_datasets, stored, stored_syntax
+from dicom_io.scu import (
+    Answer,
+    NotAccepted,
+    NotSendable,
+    SendError,
+    send_datasets,
+    stored,
+    stored_syntax,
+)
 from worker.runtime import Runtime
 from worker.settings import Destination
 from worker.tls import client_context
@@ -218,7 +229,7 @@ def _send_to(
     if not sendable:
         return
 
-    answered: Sequence[int]
+    answered: Sequence[Answer]
     broken: str | None = None
     try:
         answered = send_datasets(
@@ -236,12 +247,17 @@ def _send_to(
 
     delivered: list[int] = []
     for index, (row, _) in enumerate(sendable):
-        if index >= len(answered):
+        answer = answered[index] if index < len(answered) else None
+        if answer is None:
             outcomes[row.id] = _record_failure(rt, row.id, broken or "not sent")
-        elif stored(answered[index]):
+        elif isinstance(answer, NotAccepted):
+            # The destination does not take this SOP class: sending again cannot help
+            # until its administrator changes that (then `retry-deliveries`).
+            outcomes[row.id] = _record_failure(rt, row.id, answer.reason, permanent=True)
+        elif stored(answer):
             delivered.append(row.id)
         else:
-            error = f"{destination} answered status 0x{answered[index]:04X}"
+            error = f"{destination} answered status 0x{answer:04X}"
             outcomes[row.id] = _record_failure(rt, row.id, error)
     if delivered:
         with session_scope(rt.database_url) as session:

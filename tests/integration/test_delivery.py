@@ -14,7 +14,12 @@ from pathlib import Path
 
 import pytest
 from pydicom import Dataset, dcmread
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+)
+from pynetdicom import AE, evt
 from sqlalchemy import select
 
 from db.engine import session_scope, upgrade
@@ -57,7 +62,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 def make_runtime(
-    tmp_path: Path, tiny_checkpoint: Path, database_url: str, pacs: StoreSCP
+    tmp_path: Path, tiny_checkpoint: Path, database_url: str, pacs: StoreSCP | PynetdicomPACS
 ) -> Runtime:
     settings = load_settings(
         data_dir=tmp_path / "data",
@@ -125,6 +130,62 @@ def test_a_destination_taking_only_implicit_vr_gets_both_objects_whole_and_valid
         assert dciodvfy_errors(received[ours.Modality]) == []
 
 
+class PynetdicomPACS:
+    """A pynetdicom Storage SCP taking ``sop_classes`` and answering ``status`` to each
+    C-STORE: a PACS whose behaviour dcmtk's storescp cannot be told to have."""
+
+    ae_title = "PACS"
+
+    def __init__(self, sop_classes: Sequence[str], status: int = 0x0000) -> None:
+        self.received: list[str] = []  # SOP classes of the objects it was sent
+        ae = AE(ae_title=self.ae_title)
+        for sop_class in sop_classes:
+            ae.add_supported_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        self._server = ae.start_server(
+            ("127.0.0.1", 0),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
+        )
+        assert self._server is not None
+        self._status = status
+
+    def _on_store(self, event: evt.Event) -> int:
+        self.received.append(str(event.request.AffectedSOPClassUID))
+        return self._status
+
+    @property
+    def destination(self) -> str:
+        assert self._server is not None
+        return f"{self.ae_title}@127.0.0.1:{self._server.server_address[1]}"
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+
+
+def test_a_destination_that_takes_no_sr_still_gets_the_sc(
+    tmp_path: Path, tiny_checkpoint: Path, database_url: str
+) -> None:
+    pacs = PynetdicomPACS([SecondaryCaptureImageStorage])
+    try:
+        rt = make_runtime(tmp_path, tiny_checkpoint, database_url, pacs)
+        outcome = assess_instance(rt, spool_instance(rt))
+
+        sent = send_deliveries(rt, outcome.delivery_ids)
+    finally:
+        pacs.stop()
+    by_kind = rows(rt)
+    sr, sc = by_kind[ObjectKind.SR], by_kind[ObjectKind.SC]
+    assert sent[sr.id].state == "failed" and sent[sc.id].state == "delivered"
+    assert pacs.received == [SecondaryCaptureImageStorage]
+    assert sr.state is DeliveryState.FAILED and sr.attempts == 1 and sr.next_attempt_at is None
+    assert sr.last_error == (
+        "no presentation context accepted for Comprehensive SR Storage by AE PACS at "
+        f"{pacs.destination.split('@')[1]}"
+    )
+    assert sc.state is DeliveryState.DELIVERED
+
+
 def test_destination_that_takes_the_sr_and_not_the_sc(
     tmp_path: Path, tiny_checkpoint: Path, database_url: str, dcmtk: dict[str, str]
 ) -> None:
@@ -137,19 +198,22 @@ def test_destination_that_takes_the_sr_and_not_the_sc(
 
         sent = send_deliveries(rt, outcome.delivery_ids)
 
-        assert [o.state for o in sent.values()] == ["delivered", "retry"]
+        # (the SC was "retry" before: a SOP class the destination takes in no transfer
+        # syntax now fails at once, sending again cannot help)
+        assert [o.state for o in sent.values()] == ["delivered", "failed"]
         by_kind = rows(rt)
         assert by_kind[ObjectKind.SR].state is DeliveryState.DELIVERED
         sc = by_kind[ObjectKind.SC]
-        assert sc.state is DeliveryState.PENDING and sc.attempts == 1
+        assert sc.state is DeliveryState.FAILED and sc.attempts == 1
         assert "Secondary Capture Image Storage" in (sc.last_error or "")
         [stored] = pacs.wait_for_objects(1, timeout=30)
         assert dcmread(stored).Modality == "SR"
 
-        # The retry sends the SC alone; the SR is not sent twice.
+        # Neither is sent again: the SR is not sent twice, the SC waits for an operator.
         again = send_deliveries(rt, outcome.delivery_ids, force=True)
-        assert [o.state for o in again.values()] == ["skipped", "retry"]
+        assert [o.state for o in again.values()] == ["skipped", "skipped"]
         assert again[by_kind[ObjectKind.SR].id].error == "already delivered"
+        assert again[by_kind[ObjectKind.SC].id].error == "already failed"
         assert len(pacs.received()) == 1
     finally:
         pacs.stop()

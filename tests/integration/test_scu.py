@@ -13,15 +13,18 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.uid import (
+    ComprehensiveSRStorage,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEGLSLossless,
+    SecondaryCaptureImageStorage,
 )
 
 from dicom_io.scp import VERIFICATION_SOP_CLASS
 from dicom_io.scu import (
+    NotAccepted,
     NotSendable,
     SendError,
     SendOutcome,
@@ -311,3 +314,40 @@ def test_offered_syntaxes_add_the_uncompressed_fall_backs_only_where_nothing_is_
     ]
     assert offered_syntaxes(JPEGLSLossless) == [JPEGLSLossless]  # never decoded to send
     assert offered_syntaxes(ExplicitVRBigEndian) == [ExplicitVRBigEndian]
+
+
+def test_every_object_with_an_accepted_context_is_sent_and_the_refused_one_named(
+    tmp_path: Path,
+) -> None:
+    from tests.integration.test_delivery import PynetdicomPACS
+
+    paths = []
+    for sop_class in (ComprehensiveSRStorage, SecondaryCaptureImageStorage):
+        ds = make_radiograph_dataset(
+            np.zeros((8, 8), dtype=np.float32), birth_date=None, study_date=dt.date(2026, 1, 1)
+        )
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+        path = tmp_path / f"{sop_class}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    pacs = PynetdicomPACS([SecondaryCaptureImageStorage])  # a PACS that takes no SR
+    try:
+        with pytest.raises(SendError) as raised:
+            send_files(
+                paths,
+                ae_title=pacs.ae_title,
+                host="127.0.0.1",
+                port=int(pacs.destination.rsplit(":", 1)[1]),
+                calling_ae_title="BONEAGE",
+            )
+    finally:
+        pacs.stop()
+    assert pacs.received == [SecondaryCaptureImageStorage]  # sent after the refused SR
+    [not_sent, status] = raised.value.answered
+    assert isinstance(not_sent, NotAccepted) and status == 0x0000
+    assert not_sent.reason.startswith(
+        "no presentation context accepted for Comprehensive SR Storage by AE PACS"
+    )
+    assert str(raised.value).endswith(
+        f"({paths[0].name}: not sent, {paths[1].name}: status 0x0000)"
+    )

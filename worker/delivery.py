@@ -360,34 +360,61 @@ def _read_outbox(path: Path) -> Dataset:
 def _record_failure(
     rt: Runtime, delivery_id: int, error: str, *, permanent: bool = False
 ) -> DeliveryOutcome:
+    """Count a failed attempt, and fail the delivery for good when ``permanent`` or when
+    its attempts are spent; a delivery found delivered meanwhile is left as it is."""
     settings = rt.settings
     with session_scope(rt.database_url) as session:
-        delivery = session.get_one(Delivery, delivery_id)
-        delivery.attempts += 1
-        delivery.last_error = error[:500]
-        delivery.sending_since = None
-        if delivery.state is DeliveryState.SUPERSEDED:
-            # replaced while it was being sent: it is not sent again
-            delivery.next_attempt_at = None
-            return DeliveryOutcome("skipped", error="superseded by a later assessment")
-        if permanent or delivery.attempts >= settings.delivery_max_attempts:
-            delivery.state = DeliveryState.FAILED
-            delivery.next_attempt_at = None
-            logger.error(
-                "delivery %d failed after %d attempts: %s", delivery_id, delivery.attempts, error
+        # One conditional UPDATE: a failure that comes late (a send that timed out while
+        # a later one, under a claim that ran out, succeeded) must not turn a delivered
+        # object into a failed one. The row stays locked until the commit.
+        counted = session.execute(
+            update(Delivery)
+            .where(Delivery.id == delivery_id, Delivery.state != DeliveryState.DELIVERED)
+            .values(attempts=Delivery.attempts + 1, last_error=error[:500], sending_since=None)
+            .returning(Delivery.state, Delivery.attempts)
+            .execution_options(synchronize_session=False)
+        ).one_or_none()
+        if counted is None:
+            if session.get(Delivery, delivery_id) is None:
+                return DeliveryOutcome("skipped", error="no such delivery")
+            logger.warning(
+                "delivery %d: a failed attempt (%s) ignored, the object was delivered",
+                delivery_id,
+                error,
             )
-            return DeliveryOutcome("failed", error=error)
-        wait = backoff_seconds(
-            delivery.attempts,
-            settings.delivery_backoff_seconds,
-            settings.delivery_backoff_max_seconds,
+            return DeliveryOutcome("skipped", error="already delivered")
+        state, attempts = counted
+        changes: dict[str, object]
+        if state is DeliveryState.SUPERSEDED:
+            # replaced while it was being sent: it is not sent again
+            changes = {"next_attempt_at": None}
+            outcome = DeliveryOutcome("skipped", error="superseded by a later assessment")
+        elif permanent or attempts >= settings.delivery_max_attempts:
+            changes = {"state": DeliveryState.FAILED, "next_attempt_at": None}
+            outcome = DeliveryOutcome("failed", error=error)
+        else:
+            wait = backoff_seconds(
+                attempts, settings.delivery_backoff_seconds, settings.delivery_backoff_max_seconds
+            )
+            changes = {"next_attempt_at": now() + timedelta(seconds=wait)}  # ends the claim
+            outcome = DeliveryOutcome("retry", retry_in=wait, error=error)
+        session.execute(
+            update(Delivery)
+            .where(Delivery.id == delivery_id)
+            .values(**changes)
+            .execution_options(synchronize_session=False)
         )
-        delivery.next_attempt_at = now() + timedelta(seconds=wait)  # ends the claim
-        attempts = delivery.attempts
-    logger.warning(
-        "delivery %d attempt %d failed (%s); next in %.0fs", delivery_id, attempts, error, wait
-    )
-    return DeliveryOutcome("retry", retry_in=wait, error=error)
+    if outcome.state == "failed":
+        logger.error("delivery %d failed after %d attempts: %s", delivery_id, attempts, error)
+    elif outcome.state == "retry":
+        logger.warning(
+            "delivery %d attempt %d failed (%s); next in %.0fs",
+            delivery_id,
+            attempts,
+            error,
+            outcome.retry_in,
+        )
+    return outcome
 
 
 def reset_failed(rt: Runtime, delivery_ids: list[int] | None = None) -> list[int]:

@@ -384,3 +384,21 @@ def test_an_unexpected_error_while_sending_costs_an_attempt(
     again = send_deliveries(rt, ids, force=True)
     assert [o.state for o in again.values()] == ["delivered", "delivered"]
     storescp.wait_for_objects(2, timeout=30)
+
+
+def test_a_late_failure_leaves_a_delivered_object_delivered(
+    tmp_path: Path, tiny_checkpoint: Path, database_url: str, storescp: StoreSCP
+) -> None:
+    # A send that timed out is recorded after another send of the same object, under a
+    # claim that had run out, succeeded: the object is at the PACS, and stays delivered.
+    rt = make_runtime(tmp_path, tiny_checkpoint, database_url, storescp)
+    ids = assess_instance(rt, spool_instance(rt)).delivery_ids
+    assert [o.state for o in send_deliveries(rt, ids).values()] == ["delivered", "delivered"]
+    sr = rows(rt)[ObjectKind.SR]
+
+    late = delivery._record_failure(rt, sr.id, "PACS@127.0.0.1:104 did not answer a C-STORE")
+
+    assert late == delivery.DeliveryOutcome("skipped", error="already delivered")
+    after = rows(rt)[ObjectKind.SR]
+    assert after.state is DeliveryState.DELIVERED
+    assert (after.attempts, after.last_error, after.delivered_at) == (1, None, sr.delivered_at)

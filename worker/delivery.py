@@ -9,7 +9,8 @@ The deliveries of one message (an assessment's SR and SC) that go to the same
 destination travel over one association. Each one still has its own outcome: the
 destination may store the SR and refuse the SC, or the link may break between them.
 An object whose SOP class the destination accepts no presentation context for fails
-at once, with that reason (sending again cannot help), and the others still go.
+at once, with that reason (sending again cannot help), and the others still go; so
+does one the destination answers 0xA9xx or 0xCxxx, a judgement on the object itself.
 
 Sending starts with a claim: one conditional UPDATE moves the rows' next attempt
 out by the time a send may take (`claim_seconds`). A duplicate message for the same
@@ -79,6 +80,15 @@ class _Claimed:
 def backoff_seconds(attempts: int, base: float, cap: float) -> float:
     """Exponential back-off: base, 2·base, 4·base … capped."""
     return float(min(cap, base * 2 ** max(0, attempts - 1)))
+
+
+def refused_for_good(status: int) -> bool:
+    """Whether a C-STORE failure status means the same object would fail again.
+
+    0xA9xx (Data Set does not match SOP Class) and 0xCxxx (Cannot understand) judge the
+    object itself (PS3.4 B.2.3); 0xA7xx (Out of Resources) and other failures may pass.
+    """
+    return (status & 0xFF00) == 0xA900 or (status & 0xF000) == 0xC000
 
 
 def claim_seconds(count: int) -> float:
@@ -256,6 +266,9 @@ def _send_to(
             outcomes[row.id] = _record_failure(rt, row.id, answer.reason, permanent=True)
         elif stored(answer):
             delivered.append(row.id)
+        elif refused_for_good(answer):
+            error = f"{destination} answered status 0x{answer:04X} (a refusal: not sent again)"
+            outcomes[row.id] = _record_failure(rt, row.id, error, permanent=True)
         else:
             error = f"{destination} answered status 0x{answer:04X}"
             outcomes[row.id] = _record_failure(rt, row.id, error)

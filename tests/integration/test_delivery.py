@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from pydicom import Dataset, dcmread
 from pydicom.uid import (
+    ComprehensiveSRStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     SecondaryCaptureImageStorage,
@@ -402,3 +403,29 @@ def test_a_late_failure_leaves_a_delivered_object_delivered(
     after = rows(rt)[ObjectKind.SR]
     assert after.state is DeliveryState.DELIVERED
     assert (after.attempts, after.last_error, after.delivered_at) == (1, None, sr.delivered_at)
+
+
+@pytest.mark.parametrize(
+    ("status", "state", "attempts_left"),
+    [(0xA900, "failed", False), (0xC000, "failed", False), (0xA700, "retry", True)],
+)
+def test_a_refusal_of_the_object_itself_is_not_sent_again(
+    tmp_path: Path, tiny_checkpoint: Path, status: int, state: str, attempts_left: bool
+) -> None:
+    # 0xA9xx and 0xCxxx judge the object (PS3.4 B.2.3): it would fail again; 0xA700
+    # (out of resources) may pass later.
+    pacs = PynetdicomPACS([ComprehensiveSRStorage, SecondaryCaptureImageStorage], status)
+    try:
+        rt = make_runtime(tmp_path, tiny_checkpoint, f"sqlite:///{tmp_path / 'db.sqlite'}", pacs)
+        ids = assess_instance(rt, spool_instance(rt)).delivery_ids
+
+        sent = send_deliveries(rt, ids)
+    finally:
+        pacs.stop()
+    assert len(pacs.received) == 2
+    assert [o.state for o in sent.values()] == [state, state]
+    for row in rows(rt).values():
+        assert row.attempts == 1 and f"status 0x{status:04X}" in (row.last_error or "")
+        assert (row.next_attempt_at is not None) is attempts_left
+        expected = DeliveryState.PENDING if attempts_left else DeliveryState.FAILED
+        assert row.state is expected

@@ -507,9 +507,10 @@ def _assessed_by_this_model(rt: Runtime, claim: _Claim) -> AssessOutcome | None:
     """End the claim of an instance this worker's model has already assessed in this
     assessment, as it was, with nothing made or sent; None when it has not.
 
-    Only `reprocess` puts such an instance back in the queue: for another model, whose
-    message a worker still running this one took. Assessing it would only clash with the
-    result it has.
+    `reprocess` puts such an instance back in the queue for another model, and a worker
+    still running this one may take the message; or a message delivered again finds the
+    instance still claimed by the attempt that committed its result. Assessing it would
+    only clash with the result it has.
     """
     model_id = rt.predictor.model_id
     with session_scope(rt.database_url) as session:
@@ -523,10 +524,11 @@ def _assessed_by_this_model(rt: Runtime, claim: _Claim) -> AssessOutcome | None:
         if has_result is None:
             return None
         instance = session.get_one(Instance, claim.instance_id)
-        instance.state = InstanceState.ASSESSED
-        instance.reason = None
-        instance.finished_at = now()
-        _compared_if_read(instance)
+        if instance.state not in FINISHED:  # else an attempt beside this one closed it
+            instance.state = InstanceState.ASSESSED
+            instance.reason = None
+            instance.finished_at = now()
+            _compared_if_read(instance)
     logger.warning(
         "instance %d: this worker's model %s assessed it already; a reprocess for another "
         "model needs workers that run that model",

@@ -322,16 +322,18 @@ def test_assess_is_idempotent(runtime: Runtime) -> None:
     first = assess_instance(runtime, instance_id)
     assert first.state == "assessed"
     assert assess_instance(runtime, instance_id).state == "skipped"
-    # A worker that died after committing but before acking: the message comes again
-    # while the row still says `processing` — the unique constraint keeps one result.
+    # The message comes again while the row says `processing` (a state only a claim
+    # beside the committed one, or a reprocess, leaves): this model's result is there,
+    # so the attempt makes nothing (it used to assess, then clash with the unique key).
     with session_scope(runtime.database_url) as session:
         session.execute(update(Instance).values(state=InstanceState.PROCESSING))
-    assert assess_instance(runtime, instance_id).state == "duplicate"
+    again = assess_instance(runtime, instance_id)
+    assert (again.state, again.reason) == ("skipped", "already assessed by this worker's model")
     with session_scope(runtime.database_url) as session:
         assert len(list(session.scalars(select(Result)))) == 1
         assert len(list(session.scalars(select(Delivery)))) == 2
-    # The refused attempt made the same objects (UIDs, names) with other bytes: it must
-    # have left the committed files alone, or their deliveries would fail as damaged.
+        assert session.get_one(Instance, instance_id).state is InstanceState.ASSESSED
+    # It left the committed files alone, or their deliveries would fail as damaged.
     assert_outbox_is_what_was_recorded(runtime)
 
 

@@ -59,6 +59,7 @@ SLOW_STORE_SECONDS = 10.0
 # Status codes of the Storage Service Class (PS3.4 Annex B.2.3).
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
+DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC210
 
 #: Largest PDU we accept, in bytes; see `StorageSCP._make_ae`.
@@ -867,6 +868,18 @@ class StorageSCP:
             sop_uid = str(header.get("SOPInstanceUID") or command_uid)
             if sop_uid != command_uid:
                 raise ValueError("SOP Instance UID in the dataset differs from the request")
+            command_class = str(request.AffectedSOPClassUID)
+            if "SOPClassUID" in header and str(header.SOPClassUID) != command_class:
+                # The SOP class was negotiated and named in the request; a data set of
+                # another is refused, not stored under a class it is not (PS3.4 B.2.3).
+                self._count("failed")
+                logger.warning(
+                    "C-STORE %s from %s: the data set's SOP class differs from the "
+                    "request's: 0xA900",
+                    uid_tag(command_uid),
+                    calling,
+                )
+                return DATA_SET_DOES_NOT_MATCH_SOP_CLASS
             for keyword in (
                 "SOPClassUID",
                 "SOPInstanceUID",

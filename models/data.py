@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +71,37 @@ def split_groups(items: Sequence[LabelledImage]) -> list[Hashable]:
         One hashable per image.
     """
     return [item.group if item.group else ("image", index) for index, item in enumerate(items)]
+
+
+class LabelledSet(list[LabelledImage]):
+    """Labelled images read from a source that may list more than it holds.
+
+    A list of :class:`LabelledImage`, plus how many the source listed and how many of
+    those were missing (:func:`read_rsna` skips a row whose PNG is absent), so that an
+    evaluation can say it covers a subset, or refuse to.
+
+    Parameters
+    ----------
+    items : iterable of LabelledImage
+        The images found.
+    n_listed : int
+        Rows the source listed (read up to the ``limit``).
+    n_missing : int
+        Of those, rows whose image was missing.
+    """
+
+    def __init__(self, items: Iterable[LabelledImage] = (), *, n_listed: int, n_missing: int):
+        super().__init__(items)
+        self.n_listed = n_listed
+        self.n_missing = n_missing
+
+
+def source_counts(items: Sequence[LabelledImage]) -> tuple[int, int]:
+    """``(n_listed, n_missing)`` of a set of images: a :class:`LabelledSet`'s counts, or
+    ``(len(items), 0)`` for a plain sequence (nothing was left out reading it)."""
+    if isinstance(items, LabelledSet):
+        return items.n_listed, items.n_missing
+    return len(items), 0
 
 
 def load_image(source: ImageSource) -> np.ndarray:
@@ -158,7 +189,7 @@ def _rsna_columns(csv_path: str | Path, header: Sequence[str]) -> dict[str, str]
 
 def read_rsna(
     csv_path: str | Path, image_dir: str | Path, *, limit: int | None = None
-) -> list[LabelledImage]:
+) -> LabelledSet:
     """Read the RSNA Pediatric Bone Age layout.
 
     Parameters
@@ -176,8 +207,9 @@ def read_rsna(
 
     Returns
     -------
-    list of LabelledImage
-        One per row whose image exists (missing images are logged and skipped).
+    LabelledSet
+        One image per row whose image exists; missing images are logged, skipped and
+        counted (``n_listed``, ``n_missing``).
 
     Raises
     ------
@@ -186,13 +218,14 @@ def read_rsna(
     """
     folder = Path(image_dir)
     items: list[LabelledImage] = []
-    missing = 0
+    missing = listed = 0
     with open(csv_path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         fields = _rsna_columns(csv_path, reader.fieldnames or [])
         for line, row in enumerate(reader, start=2):
             if limit is not None and len(items) >= limit:
                 break
+            listed += 1
             key = row[fields["id"]].strip()
             try:
                 age = float(row[fields["boneage"]])
@@ -207,7 +240,7 @@ def read_rsna(
     if missing:
         logger.warning("%d images listed in %s are missing from %s", missing, csv_path, folder)
     logger.info("read %d labelled images from %s", len(items), csv_path)
-    return items
+    return LabelledSet(items, n_listed=listed, n_missing=missing)
 
 
 def phantom_items(

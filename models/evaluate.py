@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from models.checkpoint import CheckpointMeta, LoadedModel, load_checkpoint
-from models.data import LabelledImage, PreparedDataset
+from models.data import LabelledImage, PreparedDataset, source_counts
 from models.net import BoneAgeNet
 from models.predictor import (
     MAX_BONE_AGE_MONTHS,
@@ -58,7 +58,8 @@ class EvaluationReport:
         ``overall``, ``by_sex`` (``male``/``female``), ``by_age_band`` (``"0-24"`` …):
         each a dict of :func:`regression_metrics`; ``coverage``: level -> observed share
         inside the conformal interval (empty without quantiles); ``model``: id, arch,
-        trained flag.
+        trained flag; ``n_listed``/``n_missing``: images the source listed, and of those
+        missing (not evaluated).
     files : dict
         Name -> path of every file written.
     """
@@ -316,6 +317,9 @@ def _markdown(metrics: dict[str, Any], meta: CheckpointMeta) -> str:
         f"- trained: {'yes' if meta.trained else 'NO (random weights)'}",
         f"- precision of the trunk: {metrics['precision']}",
         f"- training data: {meta.data or '–'}",
+        f"- images: {metrics['overall']['n']} evaluated of {metrics['n_listed']} listed, "
+        f"{metrics['n_missing']} missing"
+        + (" (the metrics are of the images found only)" if metrics["n_missing"] else ""),
         "",
         "Errors in months.",
         "",
@@ -359,6 +363,7 @@ def evaluate(
     cache: bool = False,
     progress: bool = True,
     plots: bool = True,
+    allow_missing: bool = False,
 ) -> EvaluationReport:
     """Evaluate a checkpoint and write the report.
 
@@ -372,7 +377,9 @@ def evaluate(
         A ``.safetensors`` checkpoint or an already loaded model.
     items : sequence of LabelledImage
         Labelled images (e.g. :func:`models.data.read_rsna`). Their ``key`` goes into
-        ``predictions.csv``: pass non-identifying keys.
+        ``predictions.csv``: pass non-identifying keys. A
+        :class:`~models.data.LabelledSet` says how many images its source listed and
+        how many were missing; both go into the report.
     output_dir : str or pathlib.Path
         Folder for ``metrics.json``, ``report.md``, ``predictions.csv`` and the plots
         (created if needed).
@@ -389,6 +396,9 @@ def evaluate(
         Show progress bars.
     plots : bool
         Write the PNG plots (needs matplotlib).
+    allow_missing : bool
+        Evaluate the images found when some the source listed are missing; otherwise
+        that is an error (the metrics would silently be of a subset).
 
     Returns
     -------
@@ -397,9 +407,18 @@ def evaluate(
 
     Raises
     ------
+    ValueError
+        If there are no images, or images are missing and ``allow_missing`` is False.
     ImportError
         If the checkpoint was trained with CLAHE and OpenCV is not installed.
     """
+    n_listed, n_missing = source_counts(items)
+    if n_missing and not allow_missing:
+        raise ValueError(
+            f"{n_missing} of the {n_listed} images the labels list are missing: the metrics "
+            f"would be of the other {n_listed - n_missing} only (allow_missing, "
+            "--allow-missing, to evaluate those)"
+        )
     if not items:
         raise ValueError("no labelled images to evaluate")
     loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_checkpoint(checkpoint)
@@ -431,6 +450,7 @@ def evaluate(
     metrics = summarise(predicted, true, male, meta.quantiles)
     metrics["model"] = {"id": loaded.model_id, "arch": meta.arch, "trained": meta.trained}
     metrics["precision"] = precision_name(dtype)
+    metrics["n_listed"], metrics["n_missing"] = n_listed, n_missing
 
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)

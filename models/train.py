@@ -45,6 +45,7 @@ from models.data import (
     PreparedDataset,
     calibration_size_needed,
     conformal_quantile,
+    source_counts,
     split_groups,
     stratified_split,
 )
@@ -363,6 +364,11 @@ def train(
     amp = cfg.amp and cuda
     amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
 
+    n_listed, n_missing = source_counts(items)
+    if n_missing:
+        logger.warning(
+            "training without %d of the %d images the labels list (missing)", n_missing, n_listed
+        )
     ages = [it.age_months for it in items]
     groups = split_groups(items)
     train_idx, val_idx = stratified_split(
@@ -581,6 +587,9 @@ def train(
             "train_config": dataclasses.asdict(cfg),
             "n_train": len(train_items),
             "n_val": len(val_items),
+            # images the labels listed, and of those missing (trained without them)
+            "n_listed": n_listed,
+            "n_missing": n_missing,
             "best_epoch": state.best_epoch,
             "epochs_run": state.epoch_done,
             "history": state.history,

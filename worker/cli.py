@@ -1039,6 +1039,12 @@ def train(
 )
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--plots/--no-plots", default=True, show_default=True)
+@click.option(
+    "--allow-missing",
+    is_flag=True,
+    help="Evaluate the images found when some the labels list are missing (counted in "
+    "metrics.json and report.md); without it that is an error.",
+)
 def evaluate(
     checkpoint: Path,
     output_dir: Path,
@@ -1046,6 +1052,7 @@ def evaluate(
     precision: str,
     batch_size: int,
     plots: bool,
+    allow_missing: bool,
     **data: Any,
 ) -> None:
     """Evaluate a checkpoint: metrics overall, by sex and age band; plots; JSON + Markdown."""
@@ -1068,8 +1075,9 @@ def evaluate(
             precision=precision,
             batch_size=batch_size,
             plots=plots,
+            allow_missing=allow_missing,
         )
-    except ImportError as exc:  # a CLAHE model without OpenCV: the message says what to install
+    except (ImportError, ValueError) as exc:  # OpenCV for a CLAHE model; missing images; ...
         raise click.ClickException(str(exc)) from exc
     overall = report.metrics.get("overall", report.metrics)
     shown = {k: overall[k] for k in ("mae", "rmse", "r2") if k in overall}

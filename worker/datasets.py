@@ -114,7 +114,12 @@ def load_items(
     limit: int | None = None,
     seed: int = 0,
 ) -> tuple[list[LabelledImage], str]:
-    """The items from exactly one source, and a description for the checkpoint."""
+    """The items from exactly one source, and a description for the checkpoint.
+
+    An RSNA set is a :class:`~models.data.LabelledSet`: it counts the images its CSV
+    listed and those missing, which ``evaluate`` reports (or refuses) and ``train``
+    records.
+    """
     chosen = [rsna_csv is not None, dicom_dir is not None, phantoms is not None]
     if sum(chosen) != 1:
         raise ValueError(
@@ -124,8 +129,9 @@ def load_items(
     if rsna_csv is not None:
         if rsna_images is None:
             raise ValueError("--rsna-csv needs --rsna-images (the folder of <id>.png)")
-        items = read_rsna(rsna_csv, rsna_images, limit=limit)
-        return items, f"RSNA layout: {rsna_csv.name}, {len(items)} images"
+        rsna = read_rsna(rsna_csv, rsna_images, limit=limit)  # counts what it missed
+        gaps = f" ({rsna.n_missing} of {rsna.n_listed} listed missing)" if rsna.n_missing else ""
+        return rsna, f"RSNA layout: {rsna_csv.name}, {len(rsna)} images{gaps}"
     if dicom_dir is not None:
         if labels is None:
             raise ValueError(

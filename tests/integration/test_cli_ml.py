@@ -206,3 +206,35 @@ def test_predict_refuses_what_the_service_would_and_exits_1(
     assert " y " in output  # the hand's bone age
     code, output = predict(hand)
     assert code == 0, output
+
+
+def test_evaluate_refuses_missing_rsna_images_unless_allowed(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for key in range(4):
+        phantom = make_phantom(50.0 + 30 * key, male=key % 2 == 0, size=160, rng=rng)
+        if key != 2:  # listed, but its PNG is missing
+            Image.fromarray(np.round(phantom.image * 255).astype(np.uint8)).save(
+                images / f"{key}.png"
+            )
+        rows.append(f"{key},{'M' if key % 2 == 0 else 'F'},{50 + 30 * key}")
+    labels = tmp_path / "test.csv"
+    labels.write_text("Case ID,Sex,Ground truth bone age (months)\n" + "\n".join(rows) + "\n")
+    args = ["evaluate", "--model", str(tiny_checkpoint), "--rsna-csv", str(labels)]
+    args += ["--rsna-images", str(images), "--device", "cpu", "--no-plots"]
+
+    refused = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "refused")])
+    assert refused.exit_code == 1, refused.output
+    assert "1 of the 4 images the labels list are missing" in refused.output
+    assert "--allow-missing" in refused.output
+    assert not (tmp_path / "refused").exists()
+
+    run(*args, "--allow-missing", "-o", str(tmp_path / "report"))
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert (metrics["n_listed"], metrics["n_missing"], metrics["overall"]["n"]) == (4, 1, 3)

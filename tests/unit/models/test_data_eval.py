@@ -19,6 +19,7 @@ from PIL import Image
 from models.checkpoint import LoadedModel, load_checkpoint, untrained_model
 from models.data import (
     LabelledImage,
+    LabelledSet,
     PreparedDataset,
     calibration_size_needed,
     conformal_quantile,
@@ -26,6 +27,7 @@ from models.data import (
     parse_sex,
     phantom_items,
     read_rsna,
+    source_counts,
     split_groups,
     stratified_split,
 )
@@ -61,6 +63,8 @@ def test_read_rsna(tmp_path: Path) -> None:
         ("1377", 180.0, False),
         ("1379", 60.0, True),
     ]
+    assert (items.n_listed, items.n_missing) == (3, 1)
+    assert source_counts(items) == (3, 1)
     image = load_image(items[0].image)
     assert image.shape == (40, 30)
     assert image.dtype == np.float32
@@ -411,3 +415,51 @@ def test_parse_sex_raises_on_what_is_not_a_sex() -> None:
     ]
     with pytest.raises(ValueError, match="cannot read sex from 'U'"):
         parse_sex("U")
+
+
+def _rsna_with_a_missing_image(folder: Path) -> LabelledSet:
+    rows = [(str(k), 20.0 + 15 * k, "True" if k % 2 else "False") for k in range(12)]
+    csv_path = _write_rsna(folder, rows)
+    (folder / "images" / "5.png").unlink()
+    return read_rsna(csv_path, folder / "images")
+
+
+def test_evaluate_refuses_a_set_with_missing_images(tmp_path: Path) -> None:
+    items = _rsna_with_a_missing_image(tmp_path)
+    loaded = untrained_model(arch="resnet18", input_size=32)
+    with pytest.raises(ValueError, match="1 of the 12 images the labels list are missing"):
+        evaluate(loaded, items, tmp_path / "eval", device="cpu", progress=False)
+    assert not (tmp_path / "eval").exists()
+
+
+def test_evaluate_allowed_to_miss_images_says_how_many(tmp_path: Path) -> None:
+    items = _rsna_with_a_missing_image(tmp_path)
+    loaded = untrained_model(arch="resnet18", input_size=32)
+    report = evaluate(
+        loaded,
+        items,
+        tmp_path / "eval",
+        device="cpu",
+        progress=False,
+        plots=False,
+        allow_missing=True,
+    )
+    metrics = json.loads(report.files["metrics"].read_text())
+    assert (metrics["n_listed"], metrics["n_missing"], metrics["overall"]["n"]) == (12, 1, 11)
+    assert "11 evaluated of 12 listed, 1 missing" in report.files["report"].read_text()
+
+
+def test_evaluate_of_a_complete_set_counts_no_missing_image(tmp_path: Path) -> None:
+    loaded = untrained_model(arch="resnet18", input_size=32)
+    report = evaluate(
+        loaded, phantom_items(3, size=48), tmp_path / "e", device="cpu", progress=False, plots=False
+    )
+    assert (report.metrics["n_listed"], report.metrics["n_missing"]) == (3, 0)
+
+
+def test_training_records_missing_images_in_the_checkpoint(tmp_path: Path) -> None:
+    items = _rsna_with_a_missing_image(tmp_path)
+    config = TrainConfig(arch="resnet18", input_size=32, epochs=1, batch_size=8, device="cpu")
+    result = train(items, tmp_path / "m.safetensors", config=config, progress=False)
+    extra = load_checkpoint(result.checkpoint).meta.extra
+    assert (extra["n_listed"], extra["n_missing"]) == (12, 1)

@@ -103,6 +103,26 @@ def regression_metrics(predicted: np.ndarray, true: np.ndarray) -> dict[str, flo
     }
 
 
+def bland_altman_limits(predicted: np.ndarray, true: np.ndarray) -> tuple[float, float]:
+    """Bland–Altman 95 % limits of agreement: mean difference ± 1.96 SD.
+
+    Parameters
+    ----------
+    predicted, true : numpy.ndarray
+        Bone ages in months, same length.
+
+    Returns
+    -------
+    tuple of float
+        ``(low, high)`` of predicted - true, months; NaN with fewer than 2 values.
+    """
+    diff = np.asarray(predicted, dtype=np.float64) - np.asarray(true, dtype=np.float64)
+    if diff.size < 2:
+        return math.nan, math.nan
+    bias, sd = float(np.mean(diff)), float(np.std(diff, ddof=1))
+    return bias - 1.96 * sd, bias + 1.96 * sd
+
+
 def interval_coverage(
     predicted: np.ndarray, true: np.ndarray, quantiles: dict[str, float]
 ) -> dict[str, float]:
@@ -212,7 +232,8 @@ def summarise(
     Returns
     -------
     dict
-        ``overall``, ``by_sex``, ``by_age_band``, ``coverage``.
+        ``overall`` (with the Bland–Altman limits ``loa_low``/``loa_high``), ``by_sex``,
+        ``by_age_band``, ``coverage``.
     """
     p = np.asarray(predicted, dtype=np.float64)
     t = np.asarray(true, dtype=np.float64)
@@ -223,8 +244,10 @@ def summarise(
         if sel.any():
             name = f"{low:g}-{high:g}" if math.isfinite(high) else f"{low:g}+"
             bands[name] = regression_metrics(p[sel], t[sel])
+    overall: dict[str, float] = regression_metrics(p, t)
+    overall["loa_low"], overall["loa_high"] = bland_altman_limits(p, t)
     return {
-        "overall": regression_metrics(p, t),
+        "overall": overall,
         "by_sex": {
             "male": regression_metrics(p[m], t[m]),
             "female": regression_metrics(p[~m], t[~m]),
@@ -262,12 +285,14 @@ def _plot(
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     ax.scatter(mean, diff, s=6, c=colours, alpha=0.6)
     bias = float(np.mean(diff)) if diff.size else 0.0
-    sd = float(np.std(diff, ddof=1)) if diff.size > 1 else 0.0
-    for y, style in ((bias, "-"), (bias + 1.96 * sd, "--"), (bias - 1.96 * sd, "--")):
+    low, high = bland_altman_limits(predicted, true)  # the ones metrics.json holds
+    if math.isnan(low):
+        low = high = bias
+    for y, style in ((bias, "-"), (low, "--"), (high, "--")):
         ax.axhline(y, color="k", ls=style, lw=1)
     ax.set_xlabel("mean of predicted and reference (months)")
     ax.set_ylabel("predicted - reference (months)")
-    ax.set_title(f"Bland–Altman: bias {bias:.1f}, limits ±{1.96 * sd:.1f} months")
+    ax.set_title(f"Bland–Altman: bias {bias:.1f}, limits ±{(high - low) / 2:.1f} months")
     files["bland_altman"] = folder / "bland_altman.png"
     fig.tight_layout()
     fig.savefig(files["bland_altman"])
@@ -328,6 +353,13 @@ def _markdown(metrics: dict[str, Any], meta: CheckpointMeta) -> str:
     ]
     lines += [row(name, m) for name, m in metrics["by_sex"].items()]
     lines += [row(f"{name} mo", m) for name, m in metrics["by_age_band"].items()]
+    overall = metrics["overall"]
+    if not math.isnan(overall.get("loa_low", math.nan)):
+        lines += [
+            "",
+            f"Bland–Altman 95 % limits of agreement: {overall['loa_low']:.1f} to "
+            f"{overall['loa_high']:.1f} months.",
+        ]
     lines += ["", "## Prediction intervals (split-conformal)", ""]
     if metrics["coverage"]:
         lines += ["| nominal | half-width (mo) | observed |", "|---|---|---|"]

@@ -31,7 +31,13 @@ from models.data import (
     split_groups,
     stratified_split,
 )
-from models.evaluate import evaluate, interval_coverage, regression_metrics, summarise
+from models.evaluate import (
+    bland_altman_limits,
+    evaluate,
+    interval_coverage,
+    regression_metrics,
+    summarise,
+)
 from models.preprocess import prepare
 from models.train import TrainConfig, augment_batch, train
 
@@ -145,6 +151,25 @@ def test_regression_metrics_by_hand() -> None:
 def test_interval_coverage_uses_clipped_intervals() -> None:
     coverage = interval_coverage(np.array([5.0, 100.0]), np.array([0.0, 130.0]), {"0.9": 10.0})
     assert coverage == {"0.9": 0.5}
+
+
+def test_bland_altman_limits_are_in_the_overall_metrics(tmp_path: Path) -> None:
+    pred, true = np.array([10.0, 20.0, 40.0]), np.array([12.0, 20.0, 30.0])
+    # differences -2, 0, 10: mean 8/3, SD sqrt(124/3)
+    low, high = bland_altman_limits(pred, true)
+    assert low == pytest.approx(8 / 3 - 1.96 * np.sqrt(124 / 3))
+    assert high == pytest.approx(8 / 3 + 1.96 * np.sqrt(124 / 3))
+    overall = summarise(pred, true, np.array([True, False, True]))["overall"]
+    assert (overall["loa_low"], overall["loa_high"]) == (low, high)
+    assert all(np.isnan(bland_altman_limits(np.ones(1), np.ones(1))))
+
+    loaded = untrained_model(arch="resnet18", input_size=32)
+    report = evaluate(
+        loaded, phantom_items(4, size=48), tmp_path / "e", device="cpu", progress=False, plots=False
+    )
+    written = json.loads(report.files["metrics"].read_text())["overall"]
+    assert written["loa_low"] < written["bias"] < written["loa_high"]
+    assert "limits of agreement" in report.files["report"].read_text()
 
 
 def test_summarise_groups() -> None:

@@ -44,6 +44,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from dicom_io.tcp import LOW_LATENCY_HANDLERS
@@ -178,8 +179,72 @@ _start_writeback = _load_sync_file_range()
 WRITEBACK_BYTES = 1 << 20
 
 
+class _SpoolFile:
+    """The temporary file a C-STORE's data set streams into, whose write errors end the
+    writing and not the association.
+
+    pynetdicom writes each data fragment to its temporary file on the DUL's thread; a
+    full disk (ENOSPC) or a file size limit (EFBIG) raised there killed the association
+    with an uncaught exception, and the PACS heard no status. Here the first error closes
+    and removes the file, the rest of the data set is read and discarded, and the
+    C-STORE handler answers 0xA700 (`error` says why).
+    """
+
+    def __init__(self, wrapped: Any, path: Path | None, error: OSError | None = None) -> None:
+        self._wrapped = wrapped  # pynetdicom's NamedTemporaryFile, or None
+        self._path = path
+        self.name = str(path) if path is not None else ""  # pynetdicom unlinks it
+        self.error = error
+
+    @property
+    def file(self) -> _SpoolFile:
+        return self  # pynetdicom flushes ``file``, as on a NamedTemporaryFile
+
+    def write(self, data: Any) -> int:
+        if self.error is None:
+            try:
+                return int(self._wrapped.write(data))
+            except OSError as exc:
+                self._fail(exc)
+        return len(data)
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self._wrapped.flush()
+            except OSError as exc:
+                self._fail(exc)
+
+    def tell(self) -> int:
+        return int(self._wrapped.tell())
+
+    def fileno(self) -> int:
+        return int(self._wrapped.fileno())
+
+    def close(self) -> None:
+        if self._wrapped is not None:
+            with contextlib.suppress(OSError):  # a full disk fails the last flush too
+                self._wrapped.close()
+
+    def discard(self) -> None:
+        """Close the file and remove it: nothing of it is kept."""
+        self.close()
+        if self._path is not None:
+            with contextlib.suppress(OSError):
+                self._path.unlink(missing_ok=True)
+
+    def _fail(self, exc: OSError) -> None:
+        self.error = exc
+        self.discard()
+        logger.error(
+            "a data set could not be written to the spool (%s): the rest is discarded",
+            exc.strerror or type(exc).__name__,
+        )
+
+
 class _WritingBackDIMSE(DIMSEServiceProvider):
-    """pynetdicom's DIMSE provider, having the kernel write a dataset while it comes.
+    """pynetdicom's DIMSE provider, having the kernel write a dataset while it comes,
+    and writing it through a :class:`_SpoolFile`.
 
     The listener answers a C-STORE only once the file is on disk, and the PACS waits
     for that answer before it sends the next image. Left to the final fsync, a 10 MB
@@ -189,21 +254,60 @@ class _WritingBackDIMSE(DIMSEServiceProvider):
     little left to write. It runs after each P-DATA on the DUL's thread, the one
     that writes the file. Nothing changes where the call is missing (not
     Linux) or fails; the fsync still decides durability.
+
+    A P-DATA carrying several fragments is taken a fragment at a time, so that the
+    file pynetdicom opens after a C-STORE's command is wrapped before any data set
+    fragment is written to it.
     """
 
     _writeback_from = 0
 
     def receive_primitive(self, primitive: Any) -> None:
-        super().receive_primitive(primitive)
+        items = primitive.presentation_data_value_list
+        if len(items) == 1:
+            self._receive_fragment(primitive)
+            return
+        for item in items:
+            single = P_DATA()
+            single.presentation_data_value_list = [item]
+            self._receive_fragment(single)
+
+    def _receive_fragment(self, primitive: Any) -> None:
+        try:
+            super().receive_primitive(primitive)
+        except OSError as exc:
+            # pynetdicom could not make the temporary file (its command said a data
+            # set follows): the data set is read and discarded, and answered 0xA700
+            message = self.message
+            if message is None:
+                raise
+            path = message._data_set_path
+            failed = _SpoolFile(
+                message._data_set_file, path if isinstance(path, Path) else None, exc
+            )
+            failed.discard()
+            message._data_set_file = failed  # type: ignore[assignment]
+            logger.error(
+                "a data set could not be written to the spool (%s): the rest is discarded",
+                exc.strerror or type(exc).__name__,
+            )
+            return
         message = self.message
-        wrapper = None if message is None else message._data_set_file
-        if wrapper is None or _start_writeback is None:
+        raw: Any = None if message is None else message._data_set_file
+        if message is None or raw is None:
             self._writeback_from = 0  # the next data set starts its own file
             return
+        if not isinstance(raw, _SpoolFile):
+            path = message._data_set_path
+            raw = _SpoolFile(raw, path if isinstance(path, Path) else None)
+            message._data_set_file = raw
+        spool_file = cast(_SpoolFile, raw)
+        if _start_writeback is None or spool_file.error is not None:
+            return
         try:
-            position = wrapper.file.tell()
+            position = spool_file.tell()
             if position - self._writeback_from >= WRITEBACK_BYTES:
-                _start_writeback(wrapper.file.fileno(), self._writeback_from)
+                _start_writeback(spool_file.fileno(), self._writeback_from)
                 self._writeback_from = position
         except (OSError, ValueError) as exc:  # only an optimisation: the fsync decides
             logger.debug("writeback not started (%s)", exc)
@@ -853,10 +957,20 @@ class StorageSCP:
     def _on_store(self, event: evt.Event) -> int:
         """Handle one C-STORE. Never raises: every failure is a status and a log line."""
         started = time.monotonic()
-        temp = Path(event.dataset_path)
         calling = event.assoc.requestor.ae_title.strip()
         request: Any = event.request
         command_uid = str(request.AffectedSOPInstanceUID)
+        spool_file = getattr(request, "_dataset_file", None)
+        if isinstance(spool_file, _SpoolFile) and spool_file.error is not None:
+            self._count("failed")
+            logger.error(
+                "C-STORE %s from %s: the data set could not be written (%s): 0xA700",
+                uid_tag(command_uid),
+                calling,
+                spool_file.error.strerror or type(spool_file.error).__name__,
+            )
+            return OUT_OF_RESOURCES
+        temp = Path(event.dataset_path)
         try:
             header = dcmread(temp, stop_before_pixels=True, specific_tags=list(_HEADER_TAGS))
             if "SOPClassUID" not in header and "SOPInstanceUID" not in header:

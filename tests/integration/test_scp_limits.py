@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -63,28 +64,29 @@ class Node:
     def storescu(
         self, *files: Path, extra: tuple[str, ...] = ()
     ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [
-                dcmtk_tool("storescu"),
-                "-aet",
-                "PACS",
-                "-aec",
-                "BONEAGE",
-                *extra,
-                "127.0.0.1",
-                str(self.scp.port),
-                *map(str, files),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        return storescu(self.scp.port, *files, extra=extra)
 
     def connect(self) -> socket.socket:
         return socket.create_connection(("127.0.0.1", self.scp.port), timeout=30)
 
     def incoming(self) -> list[Path]:
         return sorted((self.spool / ".incoming").iterdir())
+
+
+def storescu(
+    port: int, *files: Path, extra: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """dcmtk's storescu, calling as PACS, sending ``files`` over one association."""
+    return subprocess.run(
+        [
+            dcmtk_tool("storescu"),
+            *("-aet", "PACS", "-aec", "BONEAGE", *extra),
+            *("127.0.0.1", str(port), *map(str, files)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.fixture
@@ -244,3 +246,63 @@ def test_a_pdu_sent_a_byte_at_a_time_loses_its_connection_at_the_timeout(
     wait_for(lambda: not server.active_associations, timeout=10, what="the thread to end")
     done = node.storescu(write_hand(tmp_path / "hand.dcm"))
     assert done.returncode == 0, done.stderr
+
+
+# -- a data set that cannot be written ----------------------------------------------
+
+#: The listener in a process whose files may not grow past ``argv[2]`` bytes
+#: (RLIMIT_FSIZE: writing past it fails with EFBIG, as a full disk fails with ENOSPC).
+_SIZE_LIMITED_LISTENER = """
+import resource, signal, sys
+from pathlib import Path
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), int(sys.argv[2])))
+from dicom_io.scp import StorageSCP
+recorded = []
+scp = StorageSCP(ae_title="BONEAGE", spool_dir=Path(sys.argv[1]),
+                 record=lambda r: recorded.append(r) or len(recorded), notify=lambda i: None,
+                 allowed_callers=[("PACS", None)], host="127.0.0.1", port=0)
+scp.start()
+print(scp.port, flush=True)
+sys.stdin.read()  # until the test closes it
+print(len(recorded), flush=True)
+scp.stop()
+"""
+
+
+def test_a_data_set_that_cannot_be_written_is_answered_out_of_resources(
+    tmp_path: Path, dcmtk: dict[str, str]
+) -> None:
+    from tests.integration.test_listener import write_large_hand
+
+    spool = tmp_path / "spool"
+    large = write_large_hand(tmp_path / "large.dcm", rows=2000, columns=2000)  # 8 MB
+    limit = 4 << 20
+    assert large.stat().st_size > limit
+    listener = subprocess.Popen(
+        [sys.executable, "-c", _SIZE_LIMITED_LISTENER, str(spool), str(limit)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=Path(__file__).resolve().parents[2],
+        text=True,
+    )
+    try:
+        assert listener.stdout is not None and listener.stdin is not None
+        port = int(listener.stdout.readline())
+        refused = storescu(port, large, extra=("-v",))
+        small = storescu(port, write_hand(tmp_path / "hand.dcm"))  # the listener carries on
+
+        listener.stdin.close()
+        recorded = int(listener.stdout.readline())
+    finally:
+        listener.kill()
+        listener.wait(10)
+        log = listener.stderr.read() if listener.stderr else ""
+    # dcmtk's words for 0xA7xx
+    assert "Received Store Response (Refused: OutOfResources)" in refused.stderr, refused.stderr
+    assert small.returncode == 0, small.stderr
+    assert recorded == 1  # the small one
+    assert "could not be written" in log and "Traceback" not in log, log
+    assert list((spool / ".incoming").iterdir()) == []  # nothing partial left
+    assert len([p for p in spool.rglob("*.dcm")]) == 1

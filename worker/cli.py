@@ -884,7 +884,14 @@ def _data_options(func: Any) -> Any:
         ),
         click.option("--phantom-size", type=int, default=128, show_default=True),
         click.option("--limit", type=int, help="Use only the first N images."),
-        click.option("--seed", type=int, default=0, show_default=True),
+        click.option(
+            "--seed",
+            type=int,
+            default=0,
+            show_default=True,
+            help="Seed of the phantoms (train: of the split and training too). evaluate "
+            "draws its phantoms from seed + 1000000, never the phantoms train drew.",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -1064,7 +1071,10 @@ def evaluate(
         resolve_precision(precision, resolve_device(device))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-    items, description = _items(**data)
+    from worker.datasets import EVALUATION_PHANTOM_SEED_OFFSET
+
+    # another stream than train's phantoms of the same --seed: unseen images
+    items, description = _items(**data, phantom_seed_offset=EVALUATION_PHANTOM_SEED_OFFSET)
     console.print(f"evaluating {checkpoint.name} on {description}")
     try:
         report = run_evaluation(

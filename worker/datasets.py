@@ -103,6 +103,11 @@ def read_dicom_folder(
     return items
 
 
+EVALUATION_PHANTOM_SEED_OFFSET = 1_000_000
+"""Added to ``--seed`` for ``evaluate --phantoms``: the same seed drives ``train``'s
+phantoms, so without it the first N evaluation phantoms would be training phantoms."""
+
+
 def load_items(
     *,
     rsna_csv: Path | None,
@@ -113,12 +118,14 @@ def load_items(
     phantom_size: int = 128,
     limit: int | None = None,
     seed: int = 0,
+    phantom_seed_offset: int = 0,
 ) -> tuple[list[LabelledImage], str]:
     """The items from exactly one source, and a description for the checkpoint.
 
     An RSNA set is a :class:`~models.data.LabelledSet`: it counts the images its CSV
     listed and those missing, which ``evaluate`` reports (or refuses) and ``train``
-    records.
+    records. Phantoms are drawn from ``seed + phantom_seed_offset``
+    (:data:`EVALUATION_PHANTOM_SEED_OFFSET` for an evaluation).
     """
     chosen = [rsna_csv is not None, dicom_dir is not None, phantoms is not None]
     if sum(chosen) != 1:
@@ -140,5 +147,6 @@ def load_items(
         items = read_dicom_folder(dicom_dir, labels, limit=limit)
         return items, f"DICOM folder with labels {labels.name}, {len(items)} images"
     assert phantoms is not None
-    items = phantom_items(phantoms, size=phantom_size, seed=seed)
-    return items, f"synthetic phantoms: {phantoms} images of {phantom_size} px (seed {seed})"
+    drawn = seed + phantom_seed_offset
+    items = phantom_items(phantoms, size=phantom_size, seed=drawn)
+    return items, f"synthetic phantoms: {phantoms} images of {phantom_size} px (seed {drawn})"

@@ -238,3 +238,25 @@ def test_evaluate_refuses_missing_rsna_images_unless_allowed(
     run(*args, "--allow-missing", "-o", str(tmp_path / "report"))
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert (metrics["n_listed"], metrics["n_missing"], metrics["overall"]["n"]) == (4, 1, 3)
+
+
+def test_evaluate_phantoms_are_not_train_s_phantoms(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    from models.data import phantom_items
+
+    run(
+        "evaluate",
+        "--model",
+        str(tiny_checkpoint),
+        "--phantoms",
+        "4",
+        "--device",
+        "cpu",
+        "--no-plots",
+        "-o",
+        str(tmp_path / "report"),
+    )
+    with (tmp_path / "report" / "predictions.csv").open() as fh:
+        evaluated = [float(row["reference_months"]) for row in csv.DictReader(fh)]
+    trained = [round(item.age_months, 2) for item in phantom_items(4, size=128, seed=0)]
+    assert len(evaluated) == 4
+    assert set(evaluated).isdisjoint(trained)  # train --phantoms 4 (default seed) drew these

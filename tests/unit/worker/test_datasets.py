@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from dicom_io.synthetic import make_radiograph_dataset
-from worker.datasets import patient_group, read_dicom_folder
+from models.data import LabelledImage
+from worker.datasets import (
+    EVALUATION_PHANTOM_SEED_OFFSET,
+    load_items,
+    patient_group,
+    read_dicom_folder,
+)
 
 
 def _write_dicom(folder: Path, name: str, *, patient_id: str, sex: str = "M") -> None:
@@ -109,3 +115,35 @@ def test_male_column_values_and_the_header_fallback(tmp_path: Path) -> None:
     items = read_dicom_folder(tmp_path, _write_labels(tmp_path / "labels.csv", rows))
     # the empty value falls back to PatientSex (F)
     assert [item.male for item in items] == [True, False, True, False, True, False]
+
+
+def test_evaluation_phantoms_are_not_the_training_phantoms_of_the_same_seed() -> None:
+    def phantoms(offset: int) -> tuple[list[LabelledImage], str]:
+        return load_items(
+            rsna_csv=None,
+            rsna_images=None,
+            dicom_dir=None,
+            labels=None,
+            phantoms=20,
+            phantom_size=64,
+            phantom_seed_offset=offset,
+        )
+
+    trained, _ = phantoms(0)
+    evaluated, description = phantoms(EVALUATION_PHANTOM_SEED_OFFSET)
+    assert f"seed {EVALUATION_PHANTOM_SEED_OFFSET}" in description
+    trained_ages = {item.age_months for item in trained}
+    assert trained_ages.isdisjoint(item.age_months for item in evaluated)
+    for a, b in zip(trained, evaluated, strict=True):
+        assert isinstance(a.image, np.ndarray) and isinstance(b.image, np.ndarray)
+        assert not np.array_equal(a.image, b.image)
+
+
+def test_evaluate_help_states_the_phantom_seed_offset() -> None:
+    from click.testing import CliRunner
+
+    from worker.cli import main
+
+    result = CliRunner().invoke(main, ["evaluate", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert f"seed + {EVALUATION_PHANTOM_SEED_OFFSET}" in " ".join(result.output.split())

@@ -57,6 +57,10 @@ VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
 #: A C-STORE slower than this is logged: peers time out at 30-120 s.
 SLOW_STORE_SECONDS = 10.0
 
+#: A file in spool/.incoming untouched this long belongs to no transfer (see
+#: `StorageSCP.sweep_incoming`).
+INCOMING_MAX_AGE_SECONDS = 3600.0
+
 # Status codes of the Storage Service Class (PS3.4 Annex B.2.3).
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
@@ -271,6 +275,29 @@ class _WritingBackDIMSE(DIMSEServiceProvider):
             single = P_DATA()
             single.presentation_data_value_list = [item]
             self._receive_fragment(single)
+
+    def discard_unfinished(self) -> None:
+        """Remove the files of data sets that will never be answered: the one coming in,
+        and those received but not yet handled (the association ended first). The PACS
+        was not told Success for any of them and sends them again."""
+        files = []
+        message = self.message
+        if message is not None and message._data_set_file is not None:
+            files.append(message._data_set_file)
+            message._data_set_file = None
+        pending = self.msg_queue
+        with pending.mutex:  # the association's thread takes from it too
+            unhandled = [i for i in pending.queue if getattr(i[1], "_dataset_file", None)]
+            for item in unhandled:
+                pending.queue.remove(item)
+        files += [item[1]._dataset_file for item in unhandled]
+        for spool_file in files:
+            if isinstance(spool_file, _SpoolFile):
+                spool_file.discard()
+            else:  # (not wrapped yet: closed and removed the same way)
+                _SpoolFile(spool_file, Path(spool_file.name)).discard()
+        if files:
+            logger.info("%d partly received data set(s) removed", len(files))
 
     def _receive_fragment(self, primitive: Any) -> None:
         try:
@@ -648,6 +675,15 @@ class _WakeableDUL(_StreamingDUL):
                 self.state_machine.do_action(event)
                 idle = False
         finally:
+            # This thread alone writes the files of incoming data sets: now it is done,
+            # what the association can no longer answer is removed at once, not left in
+            # spool/.incoming until the next start.
+            discard = getattr(self.assoc.dimse, "discard_unfinished", None)
+            if discard is not None:
+                try:
+                    discard()
+                except Exception:  # never in the way of ending the association
+                    logger.exception("partly received data sets not removed")
             waking = getattr(self.assoc, "wake", None)
             if waking is not None:
                 waking()  # the association's thread sees this one has ended
@@ -911,6 +947,27 @@ class StorageSCP:
         # still holds them and will resend.
         for stale in self.incoming_dir.glob("*.dcm"):
             stale.unlink(missing_ok=True)
+
+    def sweep_incoming(self, older_than: float | None = None) -> int:
+        """Remove files from ``spool/.incoming`` untouched for ``older_than`` seconds
+        (default `INCOMING_MAX_AGE_SECONDS`, at least ten network timeouts); their count.
+
+        An association removes its partial files when it ends; this catches what a
+        fault left behind, without a restart. A data set still coming is written at
+        least once a network timeout (or its association is dropped), and one received
+        is renamed out of here within seconds, so neither is this old.
+        """
+        bound = max(older_than or INCOMING_MAX_AGE_SECONDS, 10 * (self._timeouts[0] or 0))
+        cutoff = time.time() - bound
+        removed = 0
+        for candidate in self.incoming_dir.glob("*.dcm"):
+            with contextlib.suppress(FileNotFoundError):
+                if candidate.stat().st_mtime < cutoff:
+                    candidate.unlink()
+                    removed += 1
+        if removed:
+            logger.warning("%d abandoned partial file(s) removed from the spool", removed)
+        return removed
 
     # -- association ------------------------------------------------------
 

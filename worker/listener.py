@@ -168,6 +168,10 @@ class Listener:
         while not self._stop.wait(self.settings.reconcile_interval_seconds):
             self.reconcile_once()
             try:
+                self.scp.sweep_incoming()  # partial files nothing will finish
+            except OSError as exc:
+                logger.warning("spool/.incoming not swept (%s)", exc.strerror or exc)
+            try:
                 prune_embedded_broker(self.settings.effective_broker_url)
             except Exception as exc:
                 logger.warning("embedded broker not pruned (%s)", type(exc).__name__)

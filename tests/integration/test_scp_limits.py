@@ -4,6 +4,7 @@ play the honest ones."""
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import subprocess
@@ -306,3 +307,88 @@ def test_a_data_set_that_cannot_be_written_is_answered_out_of_resources(
     assert "could not be written" in log and "Traceback" not in log, log
     assert list((spool / ".incoming").iterdir()) == []  # nothing partial left
     assert len([p for p in spool.rglob("*.dcm")]) == 1
+
+
+# -- a transfer that never ends -------------------------------------------------------
+
+#: A pynetdicom peer that sends a C-STORE's command and half its data set, says so,
+#: and then waits: for a line on stdin (then it aborts the association) or to be killed.
+_HALF_A_STORE = """
+import sys
+from io import BytesIO
+from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
+
+ds = dcmread(sys.argv[1])
+ae = AE(ae_title="PACS")
+ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+assoc = ae.associate("127.0.0.1", int(sys.argv[2]), ae_title="BONEAGE")
+assert assoc.is_established
+request = C_STORE()
+request.MessageID, request.Priority = 1, 2
+request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+request.DataSet = BytesIO(encode(ds, False, True))
+message = C_STORE_RQ()
+message.primitive_to_message(request)
+fragments = list(message.encode_msg(assoc.accepted_contexts[0].context_id, 16382))
+for fragment in fragments[: len(fragments) // 2]:
+    assoc.dul.send_pdu(fragment)
+print("half sent", flush=True)
+sys.stdin.readline()
+assoc.abort()
+"""
+
+
+@pytest.mark.parametrize("ending", ["A-ABORT", "killed"])
+def test_the_partial_file_of_a_transfer_that_ends_midway_is_removed_at_once(
+    node: Node, tmp_path: Path, ending: str
+) -> None:
+    from tests.integration.test_listener import write_large_hand
+
+    large = write_large_hand(tmp_path / "large.dcm")
+    peer = subprocess.Popen(
+        [sys.executable, "-c", _HALF_A_STORE, str(large), str(node.scp.port)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert peer.stdout is not None and peer.stdin is not None
+        assert peer.stdout.readline() == "half sent\n"
+        partial = wait_for(
+            lambda: [p for p in node.incoming() if p.stat().st_size > 1 << 20],
+            timeout=30,
+            what="a partial file in spool/.incoming",
+        )
+        assert partial[0].stat().st_size < large.stat().st_size
+        if ending == "killed":
+            peer.kill()
+        else:
+            peer.stdin.write("abort\n")
+            peer.stdin.flush()
+        peer.wait(30)
+        # gone while the listener runs on: no restart, no sweep
+        wait_for(lambda: node.incoming() == [], timeout=10, what="the partial file removed")
+    finally:
+        peer.kill()
+        peer.wait(10)
+    assert node.recorded == []
+    done = node.storescu(large)
+    assert done.returncode == 0, done.stderr
+    assert len(node.recorded) == 1 and node.incoming() == []
+
+
+def test_a_sweep_removes_incoming_files_nothing_is_writing(node: Node) -> None:
+    incoming = node.spool / ".incoming"
+    old, fresh = incoming / "tmpold.dcm", incoming / "tmpfresh.dcm"
+    for path in (old, fresh):
+        path.write_bytes(b"\0" * 132)
+    hour_ago = time.time() - 3600
+    os.utime(old, (hour_ago, hour_ago))
+
+    assert node.scp.sweep_incoming(older_than=600) == 1
+    assert node.incoming() == [fresh]

@@ -13,8 +13,9 @@ split is too small for a finite one: :func:`~models.data.calibration_size_needed
 
 Resuming: with ``state_dir`` set, the training state is written after every epoch as
 ``train_state.safetensors`` (weights, best weights, optimiser tensors, RNG state) plus
-``train_state.json`` (counters, history, schedule, configuration, and the SHA-256 of the
-tensors file) — no pickle. ``resume=True`` continues from there.
+``train_state.json`` (counters, history, schedule, configuration, the SHA-256 of the
+tensors file and :func:`data_fingerprint` of the data) — no pickle. ``resume=True``
+continues from there, and refuses other data or settings that change what is learnt.
 """
 
 from __future__ import annotations
@@ -253,6 +254,7 @@ def _save_state(
     progress: _Progress,
     config: TrainConfig,
     target: tuple[float, float],
+    fingerprint: str,
 ) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, Tensor] = {f"model.{k}": v for k, v in _cpu_state(model).items()}
@@ -274,6 +276,7 @@ def _save_state(
         "scaler": scaler.state_dict(),
         "config": dataclasses.asdict(config),
         "target": list(target),
+        "data_sha256": fingerprint,
     }
     _atomic_write(folder / STATE_JSON, json.dumps(state, indent=1).encode())
 
@@ -287,7 +290,41 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _load_state(folder: Path, config: TrainConfig) -> tuple[dict[str, Any], dict[str, Tensor]]:
+_RESUME_KEYS = (
+    "arch",
+    "input_size",
+    "seed",
+    "val_fraction",
+    "head_hidden",
+    "schedule",
+    "clahe",
+    "loss",
+    "augment",
+    "pretrained",
+)
+"""Settings a resumed run must share with the run it continues."""
+
+
+def data_fingerprint(items: Sequence[LabelledImage]) -> str:
+    """SHA-256 of the labelled data: the sorted ``(key, age, male, group)`` of every image.
+
+    Parameters
+    ----------
+    items : sequence of LabelledImage
+        The training data.
+
+    Returns
+    -------
+    str
+        Hex digest; equal for the same images, labels and patients in any order.
+    """
+    rows = sorted((it.key, float(it.age_months), bool(it.male), it.group) for it in items)
+    return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
+
+
+def _load_state(
+    folder: Path, config: TrainConfig, fingerprint: str
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
     state_path, tensor_path = folder / STATE_JSON, folder / STATE_TENSORS
     if not state_path.is_file() or not tensor_path.is_file():
         raise FileNotFoundError(f"no training state to resume in {folder}")
@@ -298,11 +335,18 @@ def _load_state(folder: Path, config: TrainConfig) -> tuple[dict[str, Any], dict
     if hashlib.sha256(data).hexdigest() != state["tensors_sha256"]:
         raise ValueError(f"{tensor_path} does not match {state_path} (interrupted write?)")
     saved = state["config"]
-    for key in ("arch", "input_size", "seed", "val_fraction", "head_hidden", "schedule"):
+    for key in _RESUME_KEYS:
         if saved.get(key) != getattr(config, key):
             raise ValueError(
                 f"cannot resume: {key} was {saved.get(key)!r}, now {getattr(config, key)!r}"
             )
+    if "data_sha256" not in state:  # written before the fingerprint existed
+        logger.warning("%s has no fingerprint of its data: cannot check it is the same", state_path)
+    elif state["data_sha256"] != fingerprint:
+        raise ValueError(
+            "cannot resume: the training data changed (other images, labels or patients "
+            f"than the run in {folder} trained on); start a new run in another state folder"
+        )
     return state, load_safetensors(data)
 
 
@@ -364,6 +408,7 @@ def train(
     amp = cfg.amp and cuda
     amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
 
+    fingerprint = data_fingerprint(items)
     n_listed, n_missing = source_counts(items)
     if n_missing:
         logger.warning(
@@ -440,7 +485,7 @@ def train(
     if resume:
         if folder is None:
             raise ValueError("resume=True needs state_dir")
-        saved, tensors = _load_state(folder, cfg)
+        saved, tensors = _load_state(folder, cfg, fingerprint)
         target = (float(saved["target"][0]), float(saved["target"][1]))
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
@@ -548,6 +593,7 @@ def train(
                 progress=state,
                 config=cfg,
                 target=target,
+                fingerprint=fingerprint,
             )
         if state.bad_epochs >= cfg.patience:
             logger.info("early stop: no better validation MAE for %d epochs", cfg.patience)

@@ -39,7 +39,7 @@ from models.evaluate import (
     summarise,
 )
 from models.preprocess import prepare
-from models.train import TrainConfig, augment_batch, train
+from models.train import TrainConfig, augment_batch, data_fingerprint, train
 
 
 def _write_rsna(folder: Path, rows: list[tuple[str, float, str]]) -> Path:
@@ -488,3 +488,39 @@ def test_training_records_missing_images_in_the_checkpoint(tmp_path: Path) -> No
     result = train(items, tmp_path / "m.safetensors", config=config, progress=False)
     extra = load_checkpoint(result.checkpoint).meta.extra
     assert (extra["n_listed"], extra["n_missing"]) == (12, 1)
+
+
+def test_data_fingerprint_covers_labels_and_patients_not_order() -> None:
+    items = phantom_items(6, size=48, seed=0)
+    assert data_fingerprint(items) == data_fingerprint(items[::-1])
+    relabelled = [dataclasses.replace(items[0], age_months=items[0].age_months + 1), *items[1:]]
+    assert data_fingerprint(relabelled) != data_fingerprint(items)
+    grouped = [dataclasses.replace(items[0], group="g"), *items[1:]]
+    assert data_fingerprint(grouped) != data_fingerprint(items)
+    assert data_fingerprint(items[:-1]) != data_fingerprint(items)
+
+
+def test_resume_refuses_other_data_or_settings(tmp_path: Path) -> None:
+    items = phantom_items(20, size=48, seed=0)
+    config = TrainConfig(arch="resnet18", input_size=32, epochs=1, batch_size=8, device="cpu")
+    state = tmp_path / "state"
+    train(items, tmp_path / "a.safetensors", config=config, state_dir=state, progress=False)
+    saved = json.loads((state / "train_state.json").read_text())
+    assert saved["data_sha256"] == data_fingerprint(items)
+    resumed = dataclasses.replace(config, epochs=2)
+
+    def resume(data: list[LabelledImage], cfg: TrainConfig) -> None:
+        train(data, tmp_path / "b.safetensors", config=cfg, state_dir=state, resume=True)
+
+    relabelled = [dataclasses.replace(items[0], age_months=items[0].age_months + 6), *items[1:]]
+    with pytest.raises(ValueError, match="cannot resume: the training data changed"):
+        resume(relabelled, resumed)
+    with pytest.raises(ValueError, match="cannot resume: the training data changed"):
+        resume([*items, *phantom_items(1, size=48, seed=9)], resumed)
+    for change in ({"loss": "mse"}, {"augment": False}, {"clahe": True}):
+        (key,) = change
+        with pytest.raises(ValueError, match=f"cannot resume: {key} was"):
+            resume(items, dataclasses.replace(resumed, **change))
+    assert not (tmp_path / "b.safetensors").exists()
+    resume(items[::-1], resumed)  # the same data in another order: fine
+    assert load_checkpoint(tmp_path / "b.safetensors").meta.extra["epochs_run"] == 2

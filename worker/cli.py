@@ -643,12 +643,21 @@ def retention(ctx: click.Context, dry_run: bool, days: float | None) -> None:
             "BONEAGE_RETENTION_DAYS is 0 (files kept for ever); pass --days to remove some"
         )
     report = remove_expired_files(
-        settings.effective_database_url, older_than=timedelta(days=keep), dry_run=dry_run
+        settings.effective_database_url,
+        older_than=timedelta(days=keep),
+        dry_run=dry_run,
+        outbox_dir=settings.outbox_dir,
     )
     verb = "would remove" if dry_run else "removed"
+    unsent = (
+        f", {report.unsent_outputs} of them SR or SC files made with nothing to send them to"
+        if report.unsent_outputs
+        else ""
+    )
     console.print(
         f"{verb} the files of {report.instances} instance(s) finished more than {keep:g} "
         f"day(s) ago and fully delivered: {report.files} file(s), {report.bytes / 1e6:.1f} MB"
+        f"{unsent}"
     )
 
 
@@ -1141,7 +1150,10 @@ def predict(
 
     settings = _settings(ctx, model=checkpoint)
     set_jpeg2000_threads(usable_cpus())  # one file at a time: every core for its decode
-    predictor = Runtime(settings).predictor
+    try:
+        predictor = Runtime(settings).predictor
+    except ImportError as exc:  # a CLAHE model without OpenCV: the message says what to install
+        raise click.ClickException(str(exc)) from exc
     table = Table(
         title=f"bone age ({'trained' if predictor.meta.trained else 'UNTRAINED'} model "
         f"{predictor.model_id[:12]})"

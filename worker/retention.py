@@ -54,6 +54,8 @@ class RetentionReport:
     files: int = 0
     bytes: int = 0
     dry_run: bool = False
+    #: Of ``files``, the SR and SC files that no delivery named (:func:`_unsent_outputs`).
+    unsent_outputs: int = 0
 
     def __add__(self, other: RetentionReport) -> RetentionReport:
         return RetentionReport(
@@ -61,6 +63,7 @@ class RetentionReport:
             self.files + other.files,
             self.bytes + other.bytes,
             self.dry_run,
+            self.unsent_outputs + other.unsent_outputs,
         )
 
 
@@ -269,4 +272,4 @@ def _unsent_outputs(
             named.update(session.scalars(select(Delivery.path).where(Delivery.path.in_(chunk))))
     unsent = [p for p in old if str(p) not in named]
     count, size = _sizes(unsent) if dry_run else _remove(unsent, cutoff)
-    return RetentionReport(0, count, size, dry_run)
+    return RetentionReport(0, count, size, dry_run, unsent_outputs=count)

@@ -249,7 +249,7 @@ def test_a_copy_received_again_stays_until_the_worker_has_compared_it(runtime: R
 
 
 def test_outputs_made_with_nothing_to_send_them_to_go_when_they_are_old(
-    runtime: Runtime,
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An SR and SC made without a delivery (a reprocess not asked to send, or no
     destination configured) are patient images no row leads to: they go by age."""
@@ -269,9 +269,18 @@ def test_outputs_made_with_nothing_to_send_them_to_go_when_they_are_old(
     dry = remove_expired_files(
         runtime.database_url, older_than=KEEP, dry_run=True, outbox_dir=outbox
     )
-    assert (dry.files, dry.dry_run) == (2, True)
+    assert (dry.files, dry.unsent_outputs, dry.dry_run) == (2, 2, True)
     assert all(p.exists() for p in unsent)
     assert remove_expired_files(runtime.database_url, older_than=KEEP).files == 0  # no outbox
+
+    # `retention` passes the outbox.
+    monkeypatch.setenv("BONEAGE_DATA_DIR", str(runtime.settings.data_dir))
+    monkeypatch.setenv("BONEAGE_DATABASE_URL", runtime.database_url)
+    dry_command = CliRunner().invoke(cli, ["retention", "--days", "30", "--dry-run"])
+    assert dry_command.exit_code == 0, dry_command.output
+    said = " ".join(dry_command.output.split())  # as the console wrapped it
+    assert "instance(s) finished more than 30 day(s) ago and fully delivered: 2 file(s)," in said
+    assert said.endswith("MB, 2 of them SR or SC files made with nothing to send them to")
 
     report = remove_expired_files(runtime.database_url, older_than=KEEP, outbox_dir=outbox)
     assert report.files == 2 and report.bytes == dry.bytes

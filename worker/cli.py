@@ -573,7 +573,14 @@ def reprocess(
     """
     from worker.celery_app import configure
     from worker.messaging import enqueue_assess
-    from worker.reprocess import files_removed, prepare_reprocess, select_instances
+    from worker.reprocess import (
+        files_removed,
+        models_of_live_workers,
+        not_finished,
+        prepare_reprocess,
+        select_instances,
+        workers_problem,
+    )
     from worker.runtime import Runtime
 
     settings = _settings(ctx, model=checkpoint)
@@ -584,6 +591,15 @@ def reprocess(
         chosen = select_instances(rt, study_uids=study_uids, instance_ids=instance_ids)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
+    # The workers assess with the model they run, whatever this command loaded.
+    if (problem := workers_problem(rt)) is not None:
+        raise click.ClickException(problem)
+    if not models_of_live_workers(rt):
+        console.print(
+            "[yellow]No inference worker is running: the instances wait in the queue for "
+            f"one that runs model {rt.predictor.model_id[:12]} (BONEAGE_MODEL).[/]"
+        )
+    waiting = not_finished(rt, chosen)  # before: what it queues is not finished after
     todo = prepare_reprocess(rt, chosen)
     for instance_id in todo:
         enqueue_assess(instance_id, send=send)
@@ -592,7 +608,8 @@ def reprocess(
     console.print(
         f"{len(chosen)} instances chosen; {len(todo)} queued for model "
         f"{rt.predictor.model_id[:12]} ({fate}); "
-        f"{len(chosen) - len(todo) - len(gone)} already assessed by it"
+        f"{len(chosen) - len(todo) - len(gone) - len(waiting)} already assessed by it; "
+        f"{len(waiting)} not finished yet (left as they are)"
     )
     if gone:
         console.print(

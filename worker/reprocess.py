@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from sqlalchemy import or_, select, update
 
 from db.engine import session_scope
-from db.schema import FINISHED, Instance, InstanceState, Result
+from db.schema import FINISHED, Heartbeat, Instance, InstanceState, Result
 from db.schema import utcnow as now
+from worker.heartbeat import STALE_AFTER
 from worker.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -113,3 +114,44 @@ def files_removed(rt: Runtime, instance_ids: Sequence[int]) -> list[int]:
                 .order_by(Instance.id)
             )
         )
+
+
+def not_finished(rt: Runtime, instance_ids: Sequence[int]) -> list[int]:
+    """Ids among ``instance_ids`` still on their way (received, queued, being assessed),
+    which :func:`prepare_reprocess` leaves alone."""
+    with session_scope(rt.database_url) as session:
+        return list(
+            session.scalars(
+                select(Instance.id)
+                .where(Instance.id.in_(instance_ids), Instance.state.not_in(FINISHED))
+                .order_by(Instance.id)
+            )
+        )
+
+
+def models_of_live_workers(rt: Runtime) -> set[str]:
+    """The model ids the inference workers alive now run (from their heartbeats)."""
+    current = now()
+    with session_scope(rt.database_url) as session:
+        beats = session.scalars(
+            select(Heartbeat).where(
+                Heartbeat.role == "worker", Heartbeat.seen_at >= current - STALE_AFTER
+            )
+        ).all()
+        return {str(b.detail["model_id"]) for b in beats if (b.detail or {}).get("model_id")}
+
+
+def workers_problem(rt: Runtime) -> str | None:
+    """Why the inference workers alive now would not assess with this model, if they
+    would not: a worker assesses with the model it runs, whatever queued the message
+    (one that already assessed an instance leaves it as it was)."""
+    wanted = rt.predictor.model_id
+    running = models_of_live_workers(rt)
+    others = sorted(running - {wanted})
+    if others:
+        return (
+            f"inference workers run model(s) {', '.join(m[:12] for m in others)}, not "
+            f"{wanted[:12]}: restart them with BONEAGE_MODEL set to this checkpoint, then "
+            "run reprocess again"
+        )
+    return None

@@ -1001,6 +1001,58 @@ def test_a_reprocess_message_taken_by_a_worker_of_the_old_model_leaves_the_insta
         assert len(session.scalars(select(Result)).all()) == 2
 
 
+def test_the_reprocess_command_refuses_while_workers_run_another_model(
+    runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The workers assess with the model they run: `reprocess --model NEW` while they
+    run the old one would queue work that changes nothing, so it says what to do."""
+    from click.testing import CliRunner
+
+    from models.checkpoint import save_checkpoint, untrained_model
+    from worker.cli import main as cli
+
+    instance_id = spool_instance(runtime)
+    assert assess_instance(runtime, instance_id).state == "assessed"
+    loaded = untrained_model(arch="resnet18", input_size=128, seed=7)
+    path = tmp_path / "new.safetensors"
+    save_checkpoint(path, loaded.model, loaded.meta)
+    new_id = Runtime(runtime.settings.model_copy(update={"model": path})).predictor.model_id
+    old_id = runtime.predictor.model_id
+    monkeypatch.setenv("BONEAGE_DATA_DIR", str(runtime.settings.data_dir))
+    args = ["reprocess", "--model", str(path), "--instance", str(instance_id)]
+
+    def worker_running(model_id: str) -> HeartbeatThread:
+        # the row an inference worker writes every few seconds
+        beat = HeartbeatThread(runtime.database_url, "worker", lambda: {"model_id": model_id})
+        beat.start()
+        return beat
+
+    beat = worker_running(old_id)
+    refused = CliRunner().invoke(cli, args)
+    assert refused.exit_code == 1
+    said = " ".join(refused.output.split())
+    assert f"inference workers run model(s) {old_id[:12]}, not {new_id[:12]}" in said
+    with session_scope(runtime.database_url) as session:
+        assert session.get_one(Instance, instance_id).state is InstanceState.ASSESSED
+
+    beat.stop()  # restarted with the new model
+    beat = worker_running(new_id)
+    queued = CliRunner().invoke(cli, args)
+    assert queued.exit_code == 0, queued.output
+    said = " ".join(queued.output.split())
+    assert f"1 instances chosen; 1 queued for model {new_id[:12]}" in said
+    assert "0 already assessed by it; 0 not finished yet" in said
+    with session_scope(runtime.database_url) as session:
+        assert session.get_one(Instance, instance_id).state is InstanceState.QUEUED
+
+    beat.stop()  # no worker alive: queued for one to come, and said so
+    again = CliRunner().invoke(cli, [*args[:3], "--instance", str(spool_instance(runtime))])
+    assert again.exit_code == 0, again.output
+    said = " ".join(again.output.split())
+    assert "No inference worker is running" in said
+    assert "0 queued for model" in said and "1 not finished yet (left as they are)" in said
+
+
 def test_reprocess_leaves_instances_not_finished_alone(runtime: Runtime, tmp_path: Path) -> None:
     """An instance still on its way (received, or claimed by an attempt now) keeps its
     state and its claim: its message is already queued."""

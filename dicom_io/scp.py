@@ -788,10 +788,43 @@ class _WakeableAssociation(Association):
                 return
 
 
+def _tls_handshake(connection: ssl.SSLSocket, peer: str) -> bool:
+    """Complete a TLS connection's handshake on its own thread; False, the connection
+    closed and the reason logged, when it fails.
+
+    The accept loop leaves it undone (`worker.tls`), so that an idle connection holds up
+    nobody else; the context's sockets bound it in time. Where the accept loop did it
+    already, this returns at once.
+    """
+    try:
+        connection.do_handshake()
+        return True
+    except TimeoutError:
+        logger.warning("%s did not complete the TLS handshake in time: connection closed", peer)
+    except (ssl.SSLEOFError, ConnectionError):  # a probe or a scanner, most likely
+        logger.info("%s closed the connection during the TLS handshake", peer)
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or type(exc).__name__
+        logger.warning("TLS handshake with %s failed (%s): connection closed", peer, reason)
+    with contextlib.suppress(OSError):
+        connection.close()
+    return False
+
+
 class _StreamingRequestHandler(RequestHandler):
     """Accepts associations that read through :class:`_StreamingDUL` and
     :class:`_WritingBackDIMSE`, and whose threads wait to be woken
-    (:class:`_WakeableDUL`, :class:`_WakeableAssociation`)."""
+    (:class:`_WakeableDUL`, :class:`_WakeableAssociation`), after the TLS handshake
+    if any (:func:`_tls_handshake`, on this connection's thread)."""
+
+    def handle(self) -> None:
+        connection = self.request
+        host, port = self.client_address[:2]
+        if isinstance(connection, ssl.SSLSocket) and not _tls_handshake(
+            connection, f"{host}:{port}"
+        ):
+            return
+        super().handle()
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()

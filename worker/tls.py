@@ -8,10 +8,10 @@ destinations) and accept nothing older than TLS 1.2 (BCP 195).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
-from typing import Any
 
 from worker.settings import Settings
 
@@ -21,20 +21,53 @@ logger = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT_SECONDS = 10.0
 
 
-class _ServerContext(ssl.SSLContext):
-    """An SSLContext whose server-side handshake cannot hang for ever.
+class _ServerSocket(ssl.SSLSocket):
+    """A listener's TLS connection, whose handshake is bounded by `HANDSHAKE_TIMEOUT_SECONDS`.
 
-    pynetdicom wraps each accepted socket in its accept loop, so the handshake of
-    one client holds up every other: an idle TCP connection to the TLS port would
-    stop the listener. A timeout on the handshake bounds that.
+    The bound is on the whole handshake (CPython counts down one deadline across its
+    reads and writes), so a client sending a byte now and then cannot stretch it.
     """
 
-    def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
-        previous = sock.gettimeout()
-        sock.settimeout(HANDSHAKE_TIMEOUT_SECONDS)
-        wrapped = super().wrap_socket(sock, *args, **kwargs)
-        wrapped.settimeout(previous)
-        return wrapped
+    def do_handshake(self, block: bool = False) -> None:
+        previous = self.gettimeout()
+        self.settimeout(HANDSHAKE_TIMEOUT_SECONDS)
+        try:
+            super().do_handshake(block)
+        finally:
+            # blocking again (or as the caller had it) for whoever reads next
+            with contextlib.suppress(OSError):  # closed meanwhile
+                self.settimeout(previous)
+
+
+class _ServerContext(ssl.SSLContext):
+    """An SSLContext whose sockets leave their handshake to the connection's own thread.
+
+    pynetdicom wraps each accepted socket in its one accept loop: a handshake there
+    made every client wait for the slowest, and an idle TCP connection to the TLS
+    port (a port scanner, a load-balancer probe) held all of them for the whole
+    handshake timeout. The socket is only wrapped there; the listener's request
+    handler (`dicom_io.scp`) completes the handshake, bounded, before it reads a PDU.
+    """
+
+    sslsocket_class = _ServerSocket
+
+    def wrap_socket(
+        self,
+        sock: socket.socket,
+        server_side: bool = False,
+        do_handshake_on_connect: bool = True,
+        suppress_ragged_eofs: bool = True,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLSocket:
+        return super().wrap_socket(
+            sock,
+            server_side=server_side,
+            do_handshake_on_connect=False,
+            suppress_ragged_eofs=suppress_ragged_eofs,
+            server_hostname=server_hostname,
+            session=session,
+        )
 
 
 def server_context(settings: Settings) -> ssl.SSLContext | None:

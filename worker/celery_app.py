@@ -141,7 +141,6 @@ def configure(settings: Settings) -> Celery:
             DELIVER_TASK: {"queue": DELIVERY_QUEUE},
             RECONCILE_TASK: {"queue": DELIVERY_QUEUE},
         },
-        task_annotations={DELIVER_TASK: {"time_limit": deliver_time_limit()}},
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=prefetch_multiplier(settings),
@@ -156,8 +155,6 @@ def configure(settings: Settings) -> Celery:
         worker_proc_alive_timeout=120,
         enable_utc=True,
     )
-    if app.finalized:  # its tasks were bound already: the annotation above came too late
-        app.tasks[DELIVER_TASK].time_limit = app.conf.task_annotations[DELIVER_TASK]["time_limit"]
     app.conf["boneage_settings"] = settings
     return app
 

@@ -26,7 +26,7 @@ from db.engine import dispose_after_fork
 from dicom_io.pixels import set_jpeg2000_threads
 from dicom_io.sr import local_time_zone, unknown_time_zone
 from worker import metrics
-from worker.celery_app import ASSESS_TASK, DELIVER_TASK, RECONCILE_TASK, app
+from worker.celery_app import ASSESS_TASK, DELIVER_TASK, RECONCILE_TASK, app, deliver_time_limit
 from worker.cgroups import cpu_quota, memory_limit
 from worker.cores import CoreShare, batching_process_cores, cores_per_task, jpeg2000_threads
 from worker.delivery import send_deliveries
@@ -274,6 +274,10 @@ def assess(self: Task, instance_id: int, send: bool = True) -> str:
     bind=True,
     acks_late=True,
     reject_on_worker_lost=True,
+    # Declared with the task, not as an annotation in configure(): Celery reads the
+    # annotations once, when the first task is bound, and a task bound before
+    # configure() (any other task's first use) left this one without a limit.
+    time_limit=deliver_time_limit(),
     autoretry_for=(OperationalError,),
     retry_backoff=5,
     max_retries=20,

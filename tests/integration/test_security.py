@@ -138,6 +138,35 @@ def store(
     return outcome.status
 
 
+def storescu_over_tls(
+    certificates: Certificates, port: int, *files: Path
+) -> subprocess.CompletedProcess[str]:
+    """dcmtk's storescu sends ``files`` to the listener on ``port`` over TLS, as PACS,
+    with the client certificate and trusting the test CA."""
+    client_certificate, client_key = certificates.client
+    return subprocess.run(
+        [
+            dcmtk_tool("storescu"),
+            "+tls",
+            str(client_key),
+            str(client_certificate),
+            "+cf",
+            str(certificates.ca),
+            "-aet",
+            "PACS",
+            "-aec",
+            "BONEAGE",
+            "127.0.0.1",
+            str(port),
+            *map(str, files),
+        ],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def test_tls_listener_and_tls_deliveries(
     tmp_path: Path, tiny_checkpoint: Path, nodes: list[Node]
 ) -> None:
@@ -172,28 +201,7 @@ def test_tls_listener_and_tls_deliveries(
         with pytest.raises(SendError):
             store(port, first, tls=no_certificate)
 
-        client_certificate, client_key = certificates.client
-        dcmtk = subprocess.run(
-            [
-                dcmtk_tool("storescu"),
-                "+tls",
-                str(client_key),
-                str(client_certificate),
-                "+cf",
-                str(certificates.ca),
-                "-aet",
-                "PACS",
-                "-aec",
-                "BONEAGE",
-                "127.0.0.1",
-                str(port),
-                str(second),
-            ],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        dcmtk = storescu_over_tls(certificates, port, second)
         assert dcmtk.returncode == 0, dcmtk.stderr
 
         # The administrator's tools speak TLS too (the node's own certificate as client).

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,8 +22,8 @@ from pynetdicom.association import Association
 
 from dicom_io.scp import VERIFICATION_SOP_CLASS, ReceivedInstance, StorageSCP
 from tests.integration.test_listener import write_hand
-from tests.integration.test_security import Certificates
-from tests.support import dcmtk_tool, free_port
+from tests.integration.test_security import Certificates, storescu_over_tls
+from tests.support import free_port
 from worker import tls
 from worker.settings import Settings
 
@@ -115,28 +114,7 @@ def test_idle_connections_hold_up_no_tls_client(listener: TLSListener, tmp_path:
         assoc.release()
         echoed_and_stored = time.monotonic() - started
 
-        certificate, key = listener.certificates.client
-        dcmtk = subprocess.run(
-            [
-                dcmtk_tool("storescu"),
-                "+tls",
-                str(key),
-                str(certificate),
-                "+cf",
-                str(listener.certificates.ca),
-                "-aet",
-                "PACS",
-                "-aec",
-                "BONEAGE",
-                "127.0.0.1",
-                str(port),
-                str(second),
-            ],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        dcmtk = storescu_over_tls(listener.certificates, port, second)
         assert dcmtk.returncode == 0, dcmtk.stderr
         all_served = time.monotonic() - started
         assert echoed_and_stored < PROMPTLY_SECONDS

@@ -503,17 +503,28 @@ def _supervise(commands: dict[str, list[str]], env: dict[str, str]) -> None:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option(
+    "--quiet",
+    is_flag=True,
+    help="Print only 'healthy' or the problems, one a line (for health checks, whose "
+    "runners keep what a check printed).",
+)
 @click.pass_context
-def status(ctx: click.Context, as_json: bool) -> None:
+def status(ctx: click.Context, as_json: bool, quiet: bool) -> None:
     """Health of the node; exit code 1 when unhealthy."""
     from worker.celery_app import configure
     from worker.status import collect, render
 
+    if as_json and quiet:
+        raise click.UsageError("--json and --quiet exclude each other")
     settings = _settings(ctx)
     configure(settings)
     report = collect(settings)
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
+    elif quiet:
+        # no recent problems, reasons or process details: only what makes it unhealthy
+        click.echo("\n".join(report["problems"]) if report["problems"] else "healthy")
     else:
         render(report, console)
     ctx.exit(0 if report.get("healthy") else 1)

@@ -10,6 +10,7 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from sqlalchemy import update
 
 from db.engine import session_scope
@@ -17,6 +18,7 @@ from db.schema import Instance, InstanceState
 from db.schema import utcnow as now
 from tests.conftest import StoreSCP
 from tests.integration.test_pipeline import make_runtime, spool_instance
+from worker.cli import main as cli
 from worker.pipeline import assess_instance
 from worker.runtime import Runtime
 from worker.status import collect
@@ -114,3 +116,24 @@ def test_instances_ended_in_error_in_the_last_hour_make_the_node_unhealthy(
     report = collect(runtime.settings)
     assert report["instances"]["error"] == 1
     assert any(p["what"] == f"instance {gone}" for p in report["recent_problems"])
+
+
+def test_status_quiet_prints_only_the_problems(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a container's health check runs: Docker keeps its output, so it holds the
+    problems and nothing of the report's recent reasons."""
+    gone = spool_instance(runtime)
+    with session_scope(runtime.database_url) as session:
+        Path(session.get_one(Instance, gone).spool_path).unlink()
+    assert assess_instance(runtime, gone).state == "error"
+    monkeypatch.setenv("BONEAGE_DATA_DIR", str(runtime.settings.data_dir))
+    monkeypatch.setenv("BONEAGE_DESTINATIONS", ",".join(map(str, runtime.settings.destinations)))
+    quiet = CliRunner().invoke(cli, ["status", "--quiet"])
+    assert quiet.exit_code == 1
+    lines = quiet.output.splitlines()
+    assert lines == collect(runtime.settings)["problems"]
+    assert any(line.startswith("1 instance(s) ended in error") for line in lines)
+    assert "spooled file is missing" not in quiet.output  # a reason, shown by `status` alone
+    both = CliRunner().invoke(cli, ["status", "--quiet", "--json"])
+    assert both.exit_code == 2 and "exclude each other" in both.output

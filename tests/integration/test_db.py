@@ -19,7 +19,7 @@ from db.engine import (
     upgrade,
 )
 from db.schema import Delivery, Instance, InstanceState, Model, Result
-from tests.support import received
+from tests.support import free_port, received
 from worker.listener import record_instance
 from worker.logs import exception_text
 
@@ -128,10 +128,10 @@ def test_revision_0004_numbers_what_was_there_as_the_first_assessment(database_u
             text(
                 "INSERT INTO deliveries (instance_id, result_id, kind, destination, "
                 "sop_instance_uid, path, state, attempts, created_at) VALUES "
-                "(:instance, (SELECT id FROM results), 'sr', 'PACS@127.0.0.1:104', '1.2.3.9', "
+                "(:instance, (SELECT id FROM results), 'sr', :destination, '1.2.3.9', "
                 "'/nonexistent/sr.dcm', 'delivered', 1, CURRENT_TIMESTAMP)"
             ),
-            {"instance": instance_id},
+            {"instance": instance_id, "destination": f"PACS@127.0.0.1:{free_port()}"},
         )
     assert upgrade(database_url) == head_revision()
     with session_scope(database_url) as session:

@@ -397,7 +397,7 @@ def test_a_late_failure_leaves_a_delivered_object_delivered(
     assert [o.state for o in send_deliveries(rt, ids).values()] == ["delivered", "delivered"]
     sr = rows(rt)[ObjectKind.SR]
 
-    late = delivery._record_failure(rt, sr.id, "PACS@127.0.0.1:104 did not answer a C-STORE")
+    late = delivery._record_failure(rt, sr.id, f"{storescp.destination} did not answer a C-STORE")
 
     assert late == delivery.DeliveryOutcome("skipped", error="already delivered")
     after = rows(rt)[ObjectKind.SR]

@@ -103,7 +103,7 @@ def test_precedence_cli_over_env_over_file(tmp_path: Path, monkeypatch: pytest.M
     [
         ("BONEAGE_DESTINATIONS", "PACS@host", "AE@host:port"),
         ("BONEAGE_DESTINATIONS", "PACS@host:0", "outside 1-65535"),
-        ("BONEAGE_DESTINATIONS", "PACS@host:104, ARCHIVE@host:105,PACS@host:104", "twice"),
+        ("BONEAGE_DESTINATIONS", "PACS@host:{p}, ARCHIVE@host:{q},PACS@host:{p}", "twice"),
         ("BONEAGE_AE_TITLE", "A_TITLE_THAT_IS_TOO_LONG", "not a valid AE title"),
         ("BONEAGE_DEVICE", "gpu", "auto, cpu, cuda"),
         ("BONEAGE_PORT", "70000", "less than or equal"),
@@ -116,18 +116,24 @@ def test_precedence_cli_over_env_over_file(tmp_path: Path, monkeypatch: pytest.M
 def test_bad_values_are_named(
     monkeypatch: pytest.MonkeyPatch, name: str, value: str, message: str
 ) -> None:
-    monkeypatch.setenv(name, value)
+    monkeypatch.setenv(name, value.format(p=free_port(), q=free_port()))
     with pytest.raises(ValidationError, match=message):
         load_settings()
 
 
 def test_a_destination_reads_back_from_its_text() -> None:
     # The text is what a delivery row records and what its sender parses again.
-    for text in ("PACS@10.0.0.2:104", "V6@[fd00::2]:11112", "LOCAL@[::1]:4242", "A@pacs.example:1"):
+    port = free_port()
+    for text in (
+        f"PACS@10.0.0.2:{port}",
+        f"V6@[fd00::2]:{port}",
+        f"LOCAL@[::1]:{port}",
+        f"A@pacs.example:{port}",
+    ):
         destination = Destination.parse(text)
         assert str(destination) == text
         assert Destination.parse(str(destination)) == destination
-    assert Destination.parse("V6@[fd00::2]:11112").host == "fd00::2"
+    assert Destination.parse(f"V6@[fd00::2]:{port}").host == "fd00::2"
 
 
 @pytest.mark.parametrize(
@@ -170,7 +176,7 @@ def test_variables_that_are_not_settings_but_ours_are_let_through(
             "[boneage]\nretenton_days = 0\n",
             "'retenton_days' is not a setting (did you mean 'retention_days'?)",
         ),
-        ('[boneage]\ndestination = ["PACS@h:104"]\n', "did you mean 'destinations'"),
+        ('[boneage]\ndestination = ["PACS@h:{port}"]\n', "did you mean 'destinations'"),
         ("[boneageworker]\nretention_days = 0\n", "'boneageworker' is not a setting"),
         ("retention_days = 0\nspeed = 3\n", "'speed' is not a setting"),
     ],
@@ -179,7 +185,7 @@ def test_a_misspelt_key_or_table_in_the_settings_file_is_refused(
     tmp_path: Path, text: str, message: str
 ) -> None:
     config = tmp_path / "boneage.toml"
-    config.write_text(text)
+    config.write_text(text.replace("{port}", str(free_port())))
     with pytest.raises(ValueError, match=re.escape(message)):
         load_settings(config)
 
@@ -201,7 +207,7 @@ def test_a_delivery_is_tried_for_about_a_day_and_never_waits_past_the_broker(
     assert 24 * 3600 <= sum(waits) <= 26 * 3600
     # Redis hands out again a message held past its visibility timeout: a retry's
     # countdown must end first.
-    monkeypatch.setenv("BONEAGE_BROKER_URL", "redis://127.0.0.1:6379/0")
+    monkeypatch.setenv("BONEAGE_BROKER_URL", REDIS_URL)
     redis = load_settings()
     visibility = broker_transport_options(redis)["visibility_timeout"]
     assert max(waits) <= MAX_RETRY_DELAY_SECONDS < visibility

@@ -313,10 +313,9 @@ def test_a_withdrawal_sc_passes_dciodvfy_and_renders(tmp_path: Path, source: Dat
         "the image was received again and is not assessed: patient sex is O",
         model_name="BoneAgeNet resnet50",
         model_trained=False,
-        series_instance_uid=generate_uid(),
-        sop_instance_uid=generate_uid(),
         series_number=9902,
         instance_number=2,
+        **_uids(),
     )
     assert sc.ImageComments.startswith(f"{WITHDRAWN}: the image was received again")
     assert UNTRAINED_WARNING in sc.SeriesDescription  # as the heat maps of that model
@@ -332,10 +331,9 @@ def test_a_withdrawal_sc_passes_dciodvfy_and_renders(tmp_path: Path, source: Dat
             " ",
             model_name="m",
             model_trained=True,
-            series_instance_uid=generate_uid(),
-            sop_instance_uid=generate_uid(),
             series_number=1,
             instance_number=2,
+            **_uids(),
         )
 
 

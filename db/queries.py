@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import case, func, select
@@ -19,6 +19,24 @@ class ProcessBeat:
     seen_at: datetime
     started_at: datetime
     detail: dict[str, Any]
+
+
+def database_now(session: Session) -> datetime:
+    """The database server's clock, in UTC.
+
+    Heartbeats are written and judged by it, so that a node whose hosts' clocks differ
+    does not see a live process as gone (or a dead one as alive). SQLite runs on the
+    one host: its clock is the local one.
+    """
+    if session.get_bind().dialect.name == "sqlite":
+        # no date type: the time as text, to the millisecond, in UTC
+        stamp = session.execute(select(func.strftime("%Y-%m-%d %H:%M:%f", "now"))).scalar_one()
+        return datetime.fromisoformat(str(stamp)).replace(tzinfo=UTC)
+    # clock_timestamp(), not now(): now() is when the transaction began
+    current: datetime = session.execute(
+        select(func.clock_timestamp(type_=UTCDateTime()))
+    ).scalar_one()
+    return current.astimezone(UTC)
 
 
 def instance_counts(session: Session) -> dict[str, int]:

@@ -1,4 +1,9 @@
-"""Liveness rows: each process says every few seconds that it is alive and what it runs on."""
+"""Liveness rows: each process says every few seconds that it is alive and what it runs on.
+
+A row's times are the database server's clock (`db.queries.database_now`), never the
+writing host's: `status` and `reprocess` judge them by the same clock, so hosts whose
+clocks differ by more than `STALE_AFTER` still see each other alive.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +12,14 @@ import os
 import socket
 import threading
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete
 
 from db.engine import session_scope
+from db.queries import database_now
 from db.schema import Heartbeat
-from db.schema import utcnow as now
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +49,8 @@ class HeartbeatThread:
         self._interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{role}", daemon=True)
-        self._started = now()
+        # when the database first heard of it, by the database's clock
+        self._started: datetime | None = None
 
     def start(self) -> None:
         self.beat()
@@ -53,15 +59,17 @@ class HeartbeatThread:
     def beat(self) -> None:
         try:
             with session_scope(self._url) as session:
+                seen = database_now(session)
                 session.merge(
                     Heartbeat(
                         name=self.name,
                         role=self._role,
                         detail=self._detail(),
-                        started_at=self._started,
-                        seen_at=now(),
+                        started_at=self._started or seen,
+                        seen_at=seen,
                     )
                 )
+            self._started = self._started or seen
         except Exception as exc:  # the db may be down; status will show us as stale
             logger.warning("heartbeat not written (%s)", type(exc).__name__)
 

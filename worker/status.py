@@ -27,10 +27,14 @@ def _iso(value: datetime | None) -> str | None:
 
 
 def collect(settings: Settings) -> dict[str, Any]:
-    """Everything `status` shows, as plain data (`--json` prints exactly this)."""
-    current = now()
+    """Everything `status` shows, as plain data (`--json` prints exactly this).
+
+    Its time is the database server's clock once the database answers (this host's
+    until then): the heartbeats are written by that clock (`worker.heartbeat`), and
+    this host's may differ from the hosts that wrote them.
+    """
     report: dict[str, Any] = {
-        "time": _iso(current),
+        "time": _iso(now()),
         "ae_title": settings.ae_title,
         "port": settings.port,
         "data_dir": str(settings.data_dir),
@@ -56,6 +60,8 @@ def collect(settings: Settings) -> dict[str, Any]:
         problems.append("broker is unreachable: new instances wait as 'received'")
 
     with session_scope(url) as session:
+        current = queries.database_now(session)
+        report["time"] = _iso(current)
         beats = queries.heartbeats(session)
         report["instances"] = queries.instance_counts(session)
         report["deliveries"] = queries.delivery_counts(session)

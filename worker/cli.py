@@ -1089,7 +1089,9 @@ def train(
     help="Evaluate the images found when some the labels list are missing (counted in "
     "metrics.json and report.md); without it that is an error.",
 )
+@click.pass_context
 def evaluate(
+    ctx: click.Context,
     checkpoint: Path,
     output_dir: Path,
     device: str,
@@ -1099,23 +1101,38 @@ def evaluate(
     allow_missing: bool,
     **data: Any,
 ) -> None:
-    """Evaluate a checkpoint: metrics overall, by sex and age band; plots; JSON + Markdown."""
+    """Evaluate a checkpoint: metrics overall, by sex and age band; plots; JSON + Markdown.
+
+    DICOM images (--dicom-dir) are decoded as the service decodes them for this model,
+    at the reduced resolution the site's BONEAGE_SC_MIN_LONG_SIDE allows, so that the
+    figures are of what the service does.
+    """
+    from models.checkpoint import load_checkpoint
     from models.evaluate import evaluate as run_evaluation
     from models.predictor import resolve_device, resolve_precision
 
-    setup_logging("INFO")
+    settings = _settings(ctx)  # the site's sc_min_long_side bounds the service's decode
     try:  # before reading any data: a device or precision this machine cannot run
         resolve_precision(precision, resolve_device(device))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
+    try:
+        loaded = load_checkpoint(checkpoint)
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
     from worker.datasets import EVALUATION_PHANTOM_SEED_OFFSET
 
-    # another stream than train's phantoms of the same --seed: unseen images
-    items, description = _items(**data, phantom_seed_offset=EVALUATION_PHANTOM_SEED_OFFSET)
+    items, description = _items(
+        **data,
+        # another stream than train's phantoms of the same --seed: unseen images
+        phantom_seed_offset=EVALUATION_PHANTOM_SEED_OFFSET,
+        input_size=loaded.meta.input_size,
+        sc_min_long_side=settings.sc_min_long_side,
+    )
     console.print(f"evaluating {checkpoint.name} on {description}")
     try:
         report = run_evaluation(
-            checkpoint,
+            loaded,
             items,
             output_dir,
             device=device,

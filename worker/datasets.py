@@ -1,7 +1,8 @@
 """Labelled data sets for `train` and `evaluate`: the RSNA layout, DICOM folders, phantoms.
 
 `models/` never reads DICOM; a DICOM folder is turned here into lazily decoded
-images (`dicom_io.pixels`) that `models` trains and evaluates on.
+images (`dicom_io.pixels`) that `models` trains and evaluates on. For `evaluate` they are
+decoded as the service decodes them (:func:`decode_as_assessed`).
 """
 
 from __future__ import annotations
@@ -14,12 +15,46 @@ from pathlib import Path
 import numpy as np
 from pydicom import dcmread
 
-from dicom_io.pixels import decode_for_display, read_image
+from dicom_io.pixels import decode_for_display, decode_reduction, read_image
 from models.data import LabelledImage, parse_sex, phantom_items, read_rsna
+from worker.settings import SC_MIN_LONG_SIDE
 
 
-def _loader(path: Path) -> Callable[[], np.ndarray]:
-    return lambda: decode_for_display(read_image(path))
+def decode_as_assessed(path: Path, *, input_size: int, sc_min_long_side: int) -> np.ndarray:
+    """The image the service gives the model for the DICOM file at ``path``.
+
+    As :func:`worker.pipeline.assess_instance` decodes it: read with
+    :func:`~dicom_io.pixels.read_image`, decoded by
+    :func:`~dicom_io.pixels.decode_for_display` at the reduction
+    :func:`~dicom_io.pixels.decode_reduction` allows for the network input and the
+    heat-map picture's floor. A full-resolution decode differs from it by about 0.01 SD
+    per network input pixel, so an evaluation on it would not be of what the service does.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        A DICOM radiograph.
+    input_size : int
+        Side of the model's square input (``CheckpointMeta.input_size``).
+    sc_min_long_side : int
+        The site's ``BONEAGE_SC_MIN_LONG_SIDE``: it limits the reduction too.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 (H, W) in [0, 1], bone bright.
+    """
+    ds = read_image(path)
+    reduce = decode_reduction(ds, min_short_side=input_size, min_long_side=sc_min_long_side)
+    return decode_for_display(ds, reduce=reduce)
+
+
+def _loader(path: Path, input_size: int | None, sc_min_long_side: int) -> Callable[[], np.ndarray]:
+    if input_size is None:
+        return lambda: decode_for_display(read_image(path))
+    return lambda: decode_as_assessed(
+        path, input_size=input_size, sc_min_long_side=sc_min_long_side
+    )
 
 
 def patient_group(patient: str) -> str:
@@ -45,7 +80,12 @@ def patient_group(patient: str) -> str:
 
 
 def read_dicom_folder(
-    folder: Path, labels_csv: Path, *, limit: int | None = None
+    folder: Path,
+    labels_csv: Path,
+    *,
+    limit: int | None = None,
+    input_size: int | None = None,
+    sc_min_long_side: int = SC_MIN_LONG_SIDE,
 ) -> list[LabelledImage]:
     """A folder of DICOM radiographs with a CSV of labels.
 
@@ -57,6 +97,10 @@ def read_dicom_folder(
     is a hash of the PatientID in its header (an image without one is its own group),
     or of the optional ``patient`` column where that is filled in (for sets whose
     PatientIDs were replaced per image, say).
+
+    With ``input_size`` (a model's input side) each image is decoded as the service
+    decodes it for that model (:func:`decode_as_assessed`, with the site's
+    ``sc_min_long_side``); without it, in full.
     """
     items: list[LabelledImage] = []
     with labels_csv.open(newline="") as fh:
@@ -94,7 +138,13 @@ def read_dicom_folder(
             group = patient_group(patient or str(header.get("PatientID", "") or ""))
             key = hashlib.sha256(str(row[fields["file"]]).encode()).hexdigest()[:16]
             items.append(
-                LabelledImage(image=_loader(path), age_months=age, male=male, key=key, group=group)
+                LabelledImage(
+                    image=_loader(path, input_size, sc_min_long_side),
+                    age_months=age,
+                    male=male,
+                    key=key,
+                    group=group,
+                )
             )
             if limit is not None and len(items) >= limit:
                 break
@@ -119,13 +169,17 @@ def load_items(
     limit: int | None = None,
     seed: int = 0,
     phantom_seed_offset: int = 0,
+    input_size: int | None = None,
+    sc_min_long_side: int = SC_MIN_LONG_SIDE,
 ) -> tuple[list[LabelledImage], str]:
     """The items from exactly one source, and a description for the checkpoint.
 
     An RSNA set is a :class:`~models.data.LabelledSet`: it counts the images its CSV
     listed and those missing, which ``evaluate`` reports (or refuses) and ``train``
     records. Phantoms are drawn from ``seed + phantom_seed_offset``
-    (:data:`EVALUATION_PHANTOM_SEED_OFFSET` for an evaluation).
+    (:data:`EVALUATION_PHANTOM_SEED_OFFSET` for an evaluation). With ``input_size``, DICOM
+    images are decoded as the service decodes them for a model of that input
+    (:func:`read_dicom_folder`).
     """
     chosen = [rsna_csv is not None, dicom_dir is not None, phantoms is not None]
     if sum(chosen) != 1:
@@ -144,8 +198,20 @@ def load_items(
             raise ValueError(
                 "--dicom-dir needs --labels (CSV with file, boneage[, male][, patient])"
             )
-        items = read_dicom_folder(dicom_dir, labels, limit=limit)
-        return items, f"DICOM folder with labels {labels.name}, {len(items)} images"
+        items = read_dicom_folder(
+            dicom_dir,
+            labels,
+            limit=limit,
+            input_size=input_size,
+            sc_min_long_side=sc_min_long_side,
+        )
+        decoded = (
+            ""
+            if input_size is None
+            else f" decoded as the service does (input {input_size} px, "
+            f"BONEAGE_SC_MIN_LONG_SIDE {sc_min_long_side})"
+        )
+        return items, f"DICOM folder with labels {labels.name}, {len(items)} images{decoded}"
     assert phantoms is not None
     drawn = seed + phantom_seed_offset
     items = phantom_items(phantoms, size=phantom_size, seed=drawn)

@@ -155,7 +155,7 @@ def test_train_needs_exactly_one_data_source(tmp_path: Path) -> None:
 
 
 def test_labels_without_boneage_column_are_named(
-    dicom_folder: tuple[Path, Path], tmp_path: Path
+    dicom_folder: tuple[Path, Path], tmp_path: Path, tiny_checkpoint: Path
 ) -> None:
     folder, _ = dicom_folder
     bad = tmp_path / "bad.csv"
@@ -164,8 +164,8 @@ def test_labels_without_boneage_column_are_named(
         main,
         [
             "evaluate",
-            "--model",
-            str(bad),
+            "--model",  # a real one: evaluate reads it first (it says how to decode)
+            str(tiny_checkpoint),
             "--dicom-dir",
             str(folder),
             "--labels",

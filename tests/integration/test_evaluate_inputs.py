@@ -1,0 +1,144 @@
+"""`boneage-worker evaluate --dicom-dir` gives the model the very input the service gives it.
+
+The service (:func:`worker.pipeline.assess_instance`) decodes a radiograph at a reduced
+resolution; an evaluation that decoded it in full would report on inputs the service
+never sends (about 0.01 SD apart per pixel). Both are run here on the same file, the
+service's prepared tensor recorded at its predictor, evaluate's at its dataset.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless
+
+import models.evaluate
+from db.engine import upgrade
+from dicom_io.pixels import decode_for_display, read_image
+from dicom_io.scp import ReceivedInstance, spool_path
+from dicom_io.synthetic import make_radiograph_dataset
+from models.data import PreparedDataset
+from models.phantoms import make_phantom
+from models.preprocess import Prepared, prepare
+from worker.cli import main
+from worker.listener import record_instance
+from worker.pipeline import assess_instance
+from worker.runtime import Runtime
+from worker.settings import load_settings
+
+pytestmark = pytest.mark.integration
+
+ROWS, COLUMNS = 600, 440
+"""A hand the 128-px tiny model and a 256-px heat-map floor let the service decode at half
+size in both syntaxes (JPEG 2000: one wavelet level skipped; uncompressed: 2 x 2 blocks)."""
+
+
+def _hand(syntax: UID, folder: Path) -> Path:
+    phantom = make_phantom(100.0, male=False, size=ROWS, rng=np.random.default_rng(5))
+    margin = (ROWS - COLUMNS) // 2
+    stored = np.round(phantom.image[:, margin : margin + COLUMNS] * 4095).astype(np.uint16)
+    ds = make_radiograph_dataset(
+        stored, sex="F", birth_date=dt.date(2017, 1, 1), study_date=dt.date(2025, 5, 1)
+    )
+    if syntax != ExplicitVRLittleEndian:
+        ds.compress(syntax, encoding_plugin="pylibjpeg")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "hand.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _assessed_by_the_service(rt: Runtime, path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Spool ``path``, assess it as the worker does, and return what its predictor prepared:
+    ``(shape of the decoded image, input tensor)``."""
+    ds = read_image(path)
+    spooled = spool_path(rt.settings.spool_dir, ds.file_meta.MediaStorageSOPInstanceUID)
+    spooled.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, spooled)
+    instance_id = record_instance(
+        rt.database_url,
+        ReceivedInstance(
+            ds.file_meta.MediaStorageSOPInstanceUID,
+            ds.file_meta.MediaStorageSOPClassUID,
+            str(ds.StudyInstanceUID),
+            str(ds.SeriesInstanceUID),
+            "DX",
+            str(ds.file_meta.TransferSyntaxUID),
+            "PACS",
+            spooled,
+            spooled.stat().st_size,
+        ),
+    )
+    predictor = rt.predictor
+    prepare_for_the_model = predictor.prepare
+    seen: list[tuple[tuple[int, ...], torch.Tensor]] = []
+
+    def recording(image: np.ndarray) -> Prepared:
+        prepared = prepare_for_the_model(image)
+        seen.append((image.shape, prepared.tensor.clone()))
+        return prepared
+
+    monkeypatch.setattr(predictor, "prepare", recording)
+    assert assess_instance(rt, instance_id, send=False).state == "assessed"
+    [served] = seen
+    return served
+
+
+def _prepared_by_evaluate(
+    checkpoint: Path, path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> torch.Tensor:
+    """Run ``boneage-worker evaluate --dicom-dir`` on ``path``: the input its dataset built."""
+    made: list[PreparedDataset] = []
+
+    class Recording(PreparedDataset):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(models.evaluate, "PreparedDataset", Recording)
+    labels = tmp_path / "labels.csv"
+    with labels.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerows([["file", "boneage"], [path.name, "100"]])
+    args = ["evaluate", "--model", str(checkpoint), "--dicom-dir", str(path.parent)]
+    args += ["--labels", str(labels), "--no-plots", "-o", str(tmp_path / "report")]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "decoded as the service does (input 128 px" in result.output
+    [dataset] = made
+    return dataset[0][0]
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, JPEG2000Lossless])
+def test_evaluate_gives_the_model_the_input_the_service_gives_it(
+    syntax: UID, tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if syntax == JPEG2000Lossless:
+        pytest.importorskip("openjpeg")
+        features = pytest.importorskip("PIL.features")
+        if not features.check("jpg_2000"):
+            pytest.skip("Pillow was built without OpenJPEG")
+    # the site's floor, read by the worker and by evaluate alike
+    monkeypatch.setenv("BONEAGE_SC_MIN_LONG_SIDE", "256")
+    settings = load_settings(data_dir=tmp_path / "data", model=tiny_checkpoint)
+    upgrade(settings.effective_database_url)
+    rt = Runtime(settings)
+    path = _hand(syntax, tmp_path / "images")
+
+    shape, served = _assessed_by_the_service(rt, path, monkeypatch)
+    assert shape == (ROWS // 2, COLUMNS // 2)  # decoded reduced: the case that matters
+    evaluated = _prepared_by_evaluate(tiny_checkpoint, path, tmp_path, monkeypatch)
+    assert evaluated.dtype == served.dtype == torch.float32
+    assert torch.equal(evaluated, served)
+
+    # what evaluate gave the model before: the image decoded in full, measurably other
+    full = prepare(decode_for_display(read_image(path)), 128).tensor
+    assert float((full - served).abs().mean()) > 1e-3

@@ -22,6 +22,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -136,6 +137,11 @@ class Instance(Base):
     # (worker.pipeline.assessment_inputs), "unread" where it could not read the file;
     # empty on rows from before revision 0004
     inputs_sha256: Mapped[str | None] = mapped_column(String(64))
+    # a 32 x 32 picture of the image the last assessment gave the model
+    # (worker.pipeline.image_signature), to tell a copy received again with other pixels
+    # under the same UIDs; empty where it read no pixels, and on rows from before
+    # revision 0007
+    pixels_signature: Mapped[bytes | None] = mapped_column(LargeBinary)
 
     results: Mapped[list[Result]] = relationship(back_populates="instance")
 

@@ -7,13 +7,22 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from pydicom import Dataset, dcmread
 from pydicom.datadict import dictionary_VR
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
+)
 from sqlalchemy import select
 
 from db import queries
@@ -827,3 +836,105 @@ def test_a_copy_received_before_the_assessment_began_is_the_one_it_read(
     assert assess_instance(runtime, instance_id).state == "assessed"
     assert results(runtime, instance_id) == [(1, True)]
     assert _received_again_at(runtime, instance_id) is None
+
+
+# -- other pixels under the same UIDs ----------------------------------------------------
+
+
+def stored_pixels(rt: Runtime, instance_id: int) -> np.ndarray:
+    """The stored values of the instance's copy in the spool."""
+    with session_scope(rt.database_url) as session:
+        return dcmread(session.get_one(Instance, instance_id).spool_path).pixel_array
+
+
+def transcoded_again(rt: Runtime, instance_id: int, syntax: UID, **options: Any) -> None:
+    """The PACS sends the instance again compressed in ``syntax`` (``options``: the
+    encoder's, a lossy ratio say), as the listener receives it."""
+    with session_scope(rt.database_url) as session:
+        path = Path(session.get_one(Instance, instance_id).spool_path)
+    ds = dcmread(path)
+    plugin = "pydicom" if syntax == RLELossless else "pylibjpeg"
+    ds.compress(syntax, encoding_plugin=plugin, **options)
+    if syntax == JPEG2000:
+        ds.LossyImageCompression = "01"
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    bytes_received_again(rt, instance_id, buffer.getvalue())
+
+
+def test_a_copy_with_other_pixels_under_the_same_uids_is_assessed_again(
+    runtime: Runtime, storescp: StoreSCP
+) -> None:
+    """A modality that processes an image again, or sends another one, under the UIDs
+    it gave the first, breaks the standard: the report on the pixels no longer in the
+    PACS is replaced all the same, though the header changed nothing."""
+    instance_id = spool_instance(runtime)
+    first = assess_instance(runtime, instance_id)
+    first_sr = report_of(deliver(runtime, storescp, first.delivery_ids))
+
+    stored = stored_pixels(runtime, instance_id)
+    received_again(runtime, instance_id, PixelData=np.ascontiguousarray(stored[:, ::-1]).tobytes())
+    second = assess_instance(runtime, instance_id)
+    assert second.state == "assessed"
+    second_sr = report_of(deliver(runtime, storescp, second.delivery_ids))
+    assert replaced(second_sr) == [where(first_sr)]
+    assert results(runtime, instance_id) == [(1, False), (2, False)]
+
+    # sent once more as it is now: nothing more
+    received_again(runtime, instance_id)
+    assert assess_instance(runtime, instance_id).state == "skipped"
+    assert results(runtime, instance_id) == [(1, False), (2, False)]
+
+
+@pytest.mark.parametrize(
+    ("syntax", "options"),
+    [(RLELossless, {}), (JPEG2000Lossless, {}), (JPEG2000, {"j2k_cr": [20]})],
+    ids=["rle", "jpeg2000-lossless", "jpeg2000-lossy-20-to-1"],
+)
+def test_a_copy_transcoded_is_not_assessed_again(
+    runtime: Runtime, syntax: UID, options: dict[str, Any]
+) -> None:
+    """Transcoded by the PACS, losslessly or not, the image is the one assessed: its
+    pixels are compared as a picture, not as bytes."""
+    instance_id = spool_instance(runtime)
+    assert assess_instance(runtime, instance_id).state == "assessed"
+    before = stored_pixels(runtime, instance_id)
+    transcoded_again(runtime, instance_id, syntax, **options)
+    after = stored_pixels(runtime, instance_id)
+    # lossy indeed where it says so: the stored values differ
+    assert np.array_equal(after, before) == (syntax != JPEG2000)
+    assert assess_instance(runtime, instance_id).state == "skipped"
+    assert results(runtime, instance_id) == [(1, False)]
+    with session_scope(runtime.database_url) as session:
+        assert session.get_one(Instance, instance_id).received_again_at is None  # compared
+
+
+def test_a_copy_whose_pixels_cannot_be_decoded_withdraws_the_bone_age(runtime: Runtime) -> None:
+    """The PACS now holds an image no one can assess: the bone age given for the one
+    before no longer stands."""
+    instance_id = spool_instance(runtime)
+    assert assess_instance(runtime, instance_id).state == "assessed"
+    stored = stored_pixels(runtime, instance_id)
+    received_again(runtime, instance_id, PixelData=stored.tobytes()[: stored.nbytes // 2])
+    second = assess_instance(runtime, instance_id)
+    assert second.state == "not_assessed"
+    assert "pixel data cannot be decoded" in (second.reason or "")
+    assert results(runtime, instance_id) == [(1, False)]
+
+
+def test_an_instance_assessed_before_its_pixels_were_pictured_is_compared_by_its_header(
+    runtime: Runtime,
+) -> None:
+    """Assessed before revision 0007: nothing says what pixels its assessment read, and
+    a copy with the same header is left alone, as before."""
+    instance_id = spool_instance(runtime)
+    assert assess_instance(runtime, instance_id).state == "assessed"
+    with session_scope(runtime.database_url) as session:
+        instance = session.get_one(Instance, instance_id)
+        assert instance.pixels_signature is not None
+        assert len(instance.pixels_signature) == pipeline.SIGNATURE_CELLS**2
+        instance.pixels_signature = None
+    stored = stored_pixels(runtime, instance_id)
+    received_again(runtime, instance_id, PixelData=np.ascontiguousarray(stored[::-1]).tobytes())
+    assert assess_instance(runtime, instance_id).state == "skipped"
+    assert results(runtime, instance_id) == [(1, False)]

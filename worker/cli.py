@@ -453,11 +453,25 @@ def serve(ctx: click.Context, ae_title: str | None, port: int | None) -> None:
     _supervise(commands, env)
 
 
-def _supervise(commands: dict[str, list[str]], env: dict[str, str]) -> None:
+#: How long a supervised child (`serve`'s listener and workers, a GPU worker's batching
+#: processes) has after SIGTERM to finish what it holds (Celery's warm shutdown: the
+#: images being assessed, a send under way) before the supervisor kills it. A service
+#: manager must give the supervisor longer, or it kills them all first: Compose's
+#: stop_grace_period, Kubernetes' terminationGracePeriodSeconds and systemd's
+#: TimeoutStopSec are 120 s in deploy/, and `docker run` needs `--stop-timeout 120`
+#: (Docker's default is 10 s). tests/unit/test_deploy.py checks them.
+STOP_GRACE_SECONDS = 90.0
+
+
+def _supervise(
+    commands: dict[str, list[str]], env: dict[str, str], *, grace: float = STOP_GRACE_SECONDS
+) -> None:
     """Run ``commands`` as children, restart one that exits, stop all on SIGTERM/SIGINT.
 
-    A child that exits five times within a minute stops them all, and this process then
-    exits with status 1, so that a service manager restarts it or reports the failure.
+    Stopping sends each child SIGTERM and kills those still running ``grace`` seconds
+    later. A child that exits five times within a minute stops them all, and this
+    process then exits with status 1, so that a service manager restarts it or reports
+    the failure.
     """
     stopping = gave_up = False
 
@@ -488,12 +502,14 @@ def _supervise(commands: dict[str, list[str]], env: dict[str, str]) -> None:
         for child in children.values():
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        for child in children.values():
+        deadline = time.monotonic() + grace
+        for name, child in children.items():
             try:
                 child.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                logger.warning("%s did not stop within %.0f s of SIGTERM; killed", name, grace)
                 child.kill()
+                child.wait()
     if gave_up:
         raise SystemExit(1)
 

@@ -698,3 +698,60 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
         pytest.skip(f"systemd-analyze cannot run here: {output.splitlines()[0]}")
     assert result.returncode == 0, output
     assert output == "", output  # unknown keys and bad values are only warnings
+
+
+# -- stopping -----------------------------------------------------------------------
+
+#: What a supervisor needs after its grace: to kill what is left and exit.
+STOP_MARGIN_SECONDS = 10
+
+
+def _seconds(duration: str | int) -> float:
+    """A Compose or systemd duration ("2m", "120s", "1min 30s", 90) in seconds."""
+    units = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
+    parts = re.findall(r"(\d+)\s*([a-z]*)", str(duration))
+    assert parts and "".join(n + u for n, u in parts) == re.sub(r"\s", "", str(duration))
+    return sum(int(number) * units[unit] for number, unit in parts)
+
+
+def _stops_slowly(args: list[str]) -> bool:
+    """Whether a command runs Celery workers, whose warm shutdown finishes the tasks in
+    hand, or a supervisor of them (serve; a GPU worker's batching processes)."""
+    return _check_cli(args).command.name in {"work", "serve"}
+
+
+def test_workers_are_given_longer_to_stop_than_the_supervisors_grace(
+    compose: dict[str, Any], k8s: dict[tuple[str, str], dict[str, Any]]
+) -> None:
+    """A supervisor kills its children STOP_GRACE_SECONDS after SIGTERM; the service
+    manager must wait longer, or it kills them all mid-image first (Docker's 10 s
+    default included)."""
+    from worker.cli import STOP_GRACE_SECONDS
+
+    enough = STOP_GRACE_SECONDS + STOP_MARGIN_SECONDS
+    checked = []
+    for name in BONEAGE_SERVICES:
+        service = compose["services"][name]
+        if _stops_slowly(_interpolate(service["command"])):
+            assert _seconds(service.get("stop_grace_period", "10s")) >= enough, name
+            checked.append(name)
+    for name, pod in _pod_specs(k8s).items():
+        (container,) = pod["containers"]
+        if _stops_slowly(container["args"]):
+            assert pod.get("terminationGracePeriodSeconds", 30) >= enough, name
+            checked.append(name)
+    for name in SERVICES:
+        service = _unit(SYSTEMD / name)["Service"]
+        (start,) = service["ExecStart"]
+        if _stops_slowly(start.replace("%i", "0").split()[1:]):
+            (timeout,) = service.get("TimeoutStopSec", ["90s"])
+            assert _seconds(timeout) >= enough, name
+            checked.append(name)
+    for flavour, path in DOCKERFILES.items():
+        # a Dockerfile cannot set the stop timeout: its comment shows `docker run` with it
+        (cmd,) = [json.loads(args) for op, args in _instructions(path) if op == "CMD"]
+        assert _stops_slowly(cmd), flavour
+        timeouts = re.findall(r"docker run --stop-timeout (\d+)", path.read_text())
+        assert timeouts and all(int(t) >= enough for t in timeouts), flavour
+        checked.append(flavour)
+    assert len(checked) == 8  # two Compose workers, two pods, two units, two images

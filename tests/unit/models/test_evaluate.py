@@ -1,0 +1,223 @@
+"""Bootstrap confidence intervals and the by-age-band table of an evaluation."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.checkpoint import LoadedModel, untrained_model
+from models.data import LabelledImage, phantom_items
+from models.evaluate import (
+    AGE_BANDS_MONTHS,
+    MIN_BAND_IMAGES,
+    band_table,
+    bootstrap_intervals,
+    evaluate,
+    interval_coverage,
+    regression_metrics,
+    summarise,
+)
+
+
+def _errors(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` reference ages and predictions off by N(2, 8) months."""
+    rng = np.random.default_rng(seed)
+    true = rng.uniform(0.0, 228.0, n)
+    return true + rng.normal(2.0, 8.0, n), true
+
+
+def _with_quantiles(loaded: LoadedModel, quantiles: dict[str, float]) -> LoadedModel:
+    return dataclasses.replace(loaded, meta=dataclasses.replace(loaded.meta, quantiles=quantiles))
+
+
+# -- bootstrap ---------------------------------------------------------------------
+
+
+def test_bootstrap_intervals_hold_the_point_values_and_narrow_with_more_images() -> None:
+    widths = {}
+    for n in (25, 400):
+        predicted, true = _errors(n)
+        point = regression_metrics(predicted, true)
+        boot = bootstrap_intervals(predicted, true)
+        assert (boot["resamples"], boot["seed"], boot["level"], boot["n_units"]) == (
+            2000,
+            0,
+            0.95,
+            n,
+        )
+        assert boot["mae"][0] < point["mae"] < boot["mae"][1]
+        assert boot["bias"][0] < point["bias"] < boot["bias"][1]
+        widths[n] = boot["mae"][1] - boot["mae"][0]
+    # 16 times the images: about a quarter of the width (1 / sqrt(16))
+    assert 0.15 < widths[400] / widths[25] < 0.4
+
+
+def test_bootstrap_mae_interval_is_near_the_normal_approximation() -> None:
+    predicted, true = _errors(2000, seed=3)
+    absolute = np.abs(predicted - true)
+    half = 1.96 * absolute.std(ddof=1) / np.sqrt(absolute.size)
+    low, high = bootstrap_intervals(predicted, true)["mae"]
+    assert low == pytest.approx(absolute.mean() - half, abs=0.1 * half)
+    assert high == pytest.approx(absolute.mean() + half, abs=0.1 * half)
+
+
+def test_bootstrap_is_reproducible_with_its_seed() -> None:
+    predicted, true = _errors(50)
+    assert bootstrap_intervals(predicted, true) == bootstrap_intervals(predicted, true)
+    assert bootstrap_intervals(predicted, true, seed=1) != bootstrap_intervals(predicted, true)
+
+
+def test_bootstrap_resamples_patients_not_their_images() -> None:
+    # Each of 30 children imaged four times, identically: by patient the intervals are
+    # exactly those of one image per child; by image they would be half as wide, as if
+    # there were 120 children.
+    predicted, true = _errors(30)
+    once = bootstrap_intervals(predicted, true)
+    four = np.repeat(predicted, 4), np.repeat(true, 4)
+    children = [f"child-{i}" for i in range(30) for _ in range(4)]
+    by_patient = bootstrap_intervals(*four, children)
+    assert by_patient["n_units"] == 30
+    assert by_patient["mae"] == pytest.approx(once["mae"], rel=1e-12)
+    assert by_patient["bias"] == pytest.approx(once["bias"], rel=1e-12)
+    by_image = bootstrap_intervals(*four)
+    assert by_image["n_units"] == 120
+    width = by_image["mae"][1] - by_image["mae"][0]
+    assert width < 0.7 * (once["mae"][1] - once["mae"][0])
+
+
+def test_bootstrap_of_one_image_is_its_error() -> None:
+    boot = bootstrap_intervals(np.array([110.0]), np.array([100.0]), resamples=10)
+    assert boot["mae"] == [10.0, 10.0]
+    assert boot["bias"] == [10.0, 10.0]
+
+
+def test_bootstrap_refuses_what_it_cannot_resample() -> None:
+    with pytest.raises(ValueError, match="one or more predictions"):
+        bootstrap_intervals(np.zeros(0), np.zeros(0))
+    with pytest.raises(ValueError, match="resamples must be at least 1"):
+        bootstrap_intervals(np.ones(3), np.ones(3), resamples=0)
+    with pytest.raises(ValueError, match="groups has 2 entries for 3 predictions"):
+        bootstrap_intervals(np.ones(3), np.ones(3), ["a", "b"])
+
+
+# -- age bands ---------------------------------------------------------------------
+
+
+def test_band_coverage_by_hand() -> None:
+    # band 0-24: errors 2, 8, 1 -> inside ±5: 2 of 3, inside ±10: all three;
+    # band 120-168: errors -4, 12 -> 1 of 2 inside ±5 and inside ±10
+    true = np.array([10.0, 12.0, 20.0, 130.0, 150.0])
+    predicted = np.array([12.0, 20.0, 21.0, 126.0, 162.0])
+    summary = summarise(predicted, true, np.ones(5, dtype=bool), {"0.8": 5.0, "0.9": 10.0})
+    bands = summary["by_age_band"]
+    assert set(bands) == {"0-24", "120-168"}
+    assert bands["0-24"]["coverage"] == pytest.approx({"0.8": 2 / 3, "0.9": 1.0})
+    assert bands["120-168"]["coverage"] == {"0.8": 0.5, "0.9": 0.5}
+    assert bands["0-24"]["mae"] == pytest.approx(11 / 3)
+    assert bands["0-24"]["bias"] == pytest.approx(11 / 3)
+    assert bands["120-168"]["bias"] == pytest.approx(4.0)
+    assert summary["coverage"] == {"0.8": 0.6, "0.9": 0.8}
+    assert bands["0-24"]["too_few"] and bands["120-168"]["too_few"]
+
+
+def test_band_counts_add_up_and_small_bands_are_marked() -> None:
+    rng = np.random.default_rng(5)
+    true = np.concatenate([rng.uniform(0.0, 216.0, 281), np.full(19, 230.0)])
+    predicted = true + rng.normal(0.0, 8.0, 300)
+    # 19 adults past 18 years: one short of MIN_BAND_IMAGES
+    bands = summarise(predicted, true, np.zeros(300, dtype=bool))["by_age_band"]
+    assert len(bands) == len(AGE_BANDS_MONTHS)
+    assert sum(band["n"] for band in bands.values()) == 300
+    assert bands["216+"]["n"] == MIN_BAND_IMAGES - 1 and bands["216+"]["too_few"]
+    assert [name for name, band in bands.items() if band["too_few"]] == ["216+"]
+
+
+def test_band_table_rows_say_what_metrics_hold() -> None:
+    true = np.array([10.0, 12.0, 20.0, 130.0, 150.0])
+    predicted = np.array([12.0, 20.0, 21.0, 126.0, 162.0])
+    metrics = summarise(predicted, true, np.ones(5, dtype=bool), {"0.8": 5.0, "0.9": 10.0})
+    header, rows = band_table(metrics)
+    assert header == [
+        "age band (months)",
+        "n",
+        "MAE",
+        "bias",
+        "80% interval coverage",
+        "90% interval coverage",
+        "note",
+    ]
+    # errors 2, 8, 1, -4, 12: MAE 27 / 5, bias 19 / 5
+    assert rows[0] == ["all", "5", "5.40", "3.80", "60.0%", "80.0%", ""]
+    assert rows[1] == ["0-24", "3", "3.67", "3.67", "66.7%", "100.0%", rows[1][-1]]
+    assert rows[1][-1] == f"too few to mean much (n < {MIN_BAND_IMAGES})"
+    assert len(rows) == 3
+
+
+# -- evaluate ----------------------------------------------------------------------
+
+
+def test_evaluate_writes_bootstrap_intervals_and_band_coverage(tmp_path: Path) -> None:
+    quantiles = {"0.8": 40.0, "0.9": 60.0}
+    loaded = _with_quantiles(untrained_model(arch="resnet18", input_size=32), quantiles)
+    items = phantom_items(24, size=48, seed=2)
+    report = evaluate(loaded, items, tmp_path / "e", device="cpu", progress=False, plots=False)
+    metrics = json.loads(report.files["metrics"].read_text())
+    boot = metrics["bootstrap"]
+    assert (boot["resamples"], boot["unit"], boot["n_units"]) == (2000, "image", 24)
+    assert boot["mae"][0] <= metrics["overall"]["mae"] <= boot["mae"][1]
+    assert boot["bias"][0] <= metrics["overall"]["bias"] <= boot["bias"][1]
+
+    # every band's coverage, recomputed from predictions.csv
+    with report.files["predictions"].open() as fh:
+        rows = list(csv.DictReader(fh))
+    true = np.array([float(r["reference_months"]) for r in rows])
+    predicted = np.array([float(r["predicted_months"]) for r in rows])
+    bands = metrics["by_age_band"]
+    assert sum(band["n"] for band in bands.values()) == 24
+    for name, band in bands.items():  # "24-72", "216+"
+        low, _, high = name.removesuffix("+").partition("-")
+        inside = (true >= float(low)) & (true < float(high or "inf"))
+        expected = interval_coverage(predicted[inside], true[inside], quantiles)
+        assert band["coverage"] == pytest.approx(expected, abs=0.01)  # CSV: 2 decimals
+        assert band["too_few"] is (int(inside.sum()) < MIN_BAND_IMAGES)
+
+    text = report.files["report"].read_text()
+    assert "95% confidence intervals (bootstrap, 2000 resamples of the 24 images" in text
+    assert "## By age band" in text
+    assert "| age band (months) | n | MAE | bias | 80% interval coverage |" in text
+    assert "too few to mean much (n < 20)" in text
+
+
+def test_evaluate_resamples_patients_where_images_have_them(tmp_path: Path) -> None:
+    # 20 phantoms, two images of each child
+    phantoms = phantom_items(10, size=48, seed=4)
+    items = [
+        LabelledImage(it.image, it.age_months, it.male, f"{it.key}-{side}", group=it.key)
+        for it in phantoms
+        for side in ("left", "right")
+    ]
+    loaded = untrained_model(arch="resnet18", input_size=32)
+    report = evaluate(
+        loaded, items, tmp_path / "e", device="cpu", progress=False, plots=False, bootstrap=500
+    )
+    boot = report.metrics["bootstrap"]
+    assert (boot["resamples"], boot["unit"], boot["n_units"]) == (500, "patient", 10)
+    assert "500 resamples of the 10 patients" in report.files["report"].read_text()
+
+
+def test_evaluate_without_bootstrap_writes_none(tmp_path: Path) -> None:
+    loaded = untrained_model(arch="resnet18", input_size=32)
+    items = phantom_items(3, size=48)
+    report = evaluate(
+        loaded, items, tmp_path / "e", device="cpu", progress=False, plots=False, bootstrap=0
+    )
+    assert "bootstrap" not in json.loads(report.files["metrics"].read_text())
+    assert "confidence intervals" not in report.files["report"].read_text()
+    with pytest.raises(ValueError, match="bootstrap must be 0"):
+        evaluate(loaded, items, tmp_path / "f", device="cpu", progress=False, bootstrap=-1)
+    assert not (tmp_path / "f").exists()

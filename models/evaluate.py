@@ -63,6 +63,12 @@ BOOTSTRAP_SEED = 0
 BOOTSTRAP_LEVEL = 0.95
 """Confidence level of the bootstrap intervals."""
 
+BAND_TABLE_LEGEND = (
+    "covered: the share of reference ages inside the conformal interval of that level; "
+    f"too few: under {MIN_BAND_IMAGES} images, too few for the band's figures to mean anything"
+)
+"""What :func:`band_table`'s columns mean, printed with it."""
+
 _BOOTSTRAP_DRAWS = 1 << 20
 """Resampled indices held at once (8 MB): a large set is resampled in chunks (2000
 resamples of 12,600 images take about 0.2 s)."""
@@ -393,14 +399,14 @@ def band_table(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     -------
     header : list of str
         Column names: band, n, MAE, bias, one observed coverage per conformal level of
-        the checkpoint, note.
+        the checkpoint (``"90% covered"``), note.
     rows : list of list of str
         All images first, then each band holding images; a band of fewer than
         :data:`MIN_BAND_IMAGES` images says so in its note.
     """
     levels = list(metrics["coverage"])
-    header = ["age band (months)", "n", "MAE", "bias"]
-    header += [f"{float(level):.0%} interval coverage" for level in levels] + ["note"]
+    header = ["age (months)", "n", "MAE", "bias"]
+    header += [f"{float(level):.0%} covered" for level in levels] + ["note"]
 
     def row(name: str, m: dict[str, Any], coverage: dict[str, float], note: str) -> list[str]:
         shares = [f"{coverage[level]:.1%}" for level in levels]
@@ -408,7 +414,7 @@ def band_table(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
     rows = [row("all", metrics["overall"], metrics["coverage"], "")]
     for name, band in metrics["by_age_band"].items():
-        note = f"too few to mean much (n < {MIN_BAND_IMAGES})" if band["too_few"] else ""
+        note = f"too few (n < {MIN_BAND_IMAGES})" if band["too_few"] else ""
         rows.append(row(name, band, band["coverage"], note))
     return header, rows
 
@@ -530,8 +536,7 @@ def _markdown(metrics: dict[str, Any], meta: CheckpointMeta) -> str:
         "",
         "## By age band",
         "",
-        f"Coverage: the share of reference ages inside each interval. A band of fewer than "
-        f"{MIN_BAND_IMAGES} images is marked: its figures are too uncertain to compare.",
+        BAND_TABLE_LEGEND,
         "",
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),

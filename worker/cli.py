@@ -1105,6 +1105,15 @@ def train(
     help="Evaluate the images found when some the labels list are missing (counted in "
     "metrics.json and report.md); without it that is an error.",
 )
+@click.option(
+    "--bootstrap",
+    "resamples",
+    type=click.IntRange(min=0),
+    default=2000,
+    show_default=True,
+    help="Resamples of the 95 % confidence intervals of MAE and bias (seed 0): of "
+    "patients where the labels group images by patient, else of images. 0: none.",
+)
 @click.pass_context
 def evaluate(
     ctx: click.Context,
@@ -1115,6 +1124,7 @@ def evaluate(
     batch_size: int,
     plots: bool,
     allow_missing: bool,
+    resamples: int,
     **data: Any,
 ) -> None:
     """Evaluate a checkpoint: metrics overall, by sex and age band; plots; JSON + Markdown.
@@ -1123,7 +1133,10 @@ def evaluate(
     at the reduced resolution the site's BONEAGE_SC_MIN_LONG_SIDE allows, so that the
     figures are of what the service does.
     """
+    from rich.table import Table
+
     from models.checkpoint import load_checkpoint
+    from models.evaluate import BAND_TABLE_LEGEND, band_table, bootstrap_sentence
     from models.evaluate import evaluate as run_evaluation
     from models.predictor import resolve_device, resolve_precision
 
@@ -1156,12 +1169,22 @@ def evaluate(
             batch_size=batch_size,
             plots=plots,
             allow_missing=allow_missing,
+            bootstrap=resamples,
         )
     except (ImportError, ValueError) as exc:  # OpenCV for a CLAHE model; missing images; ...
         raise click.ClickException(str(exc)) from exc
     overall = report.metrics.get("overall", report.metrics)
     shown = {k: overall[k] for k in ("mae", "rmse", "r2") if k in overall}
     console.print("  ".join(f"{k.upper()} {v:.3g}" for k, v in shown.items()))
+    if (sentence := bootstrap_sentence(report.metrics)) is not None:
+        console.print(sentence)
+    header, rows = band_table(report.metrics)
+    table = Table(title="by age band", caption=BAND_TABLE_LEGEND)
+    for name in header:
+        table.add_column(name, overflow="fold")
+    for cells in rows:
+        table.add_row(*cells)
+    console.print(table)
     for path in report.files.values():
         console.print(f"  wrote {path}")
 

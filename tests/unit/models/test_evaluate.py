@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
-from models.checkpoint import LoadedModel, untrained_model
+from models.checkpoint import LoadedModel, save_checkpoint, untrained_model
 from models.data import LabelledImage, phantom_items
 from models.evaluate import (
     AGE_BANDS_MONTHS,
@@ -22,6 +24,7 @@ from models.evaluate import (
     regression_metrics,
     summarise,
 )
+from worker.cli import main
 
 
 def _errors(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -142,19 +145,11 @@ def test_band_table_rows_say_what_metrics_hold() -> None:
     predicted = np.array([12.0, 20.0, 21.0, 126.0, 162.0])
     metrics = summarise(predicted, true, np.ones(5, dtype=bool), {"0.8": 5.0, "0.9": 10.0})
     header, rows = band_table(metrics)
-    assert header == [
-        "age band (months)",
-        "n",
-        "MAE",
-        "bias",
-        "80% interval coverage",
-        "90% interval coverage",
-        "note",
-    ]
+    assert header == ["age (months)", "n", "MAE", "bias", "80% covered", "90% covered", "note"]
     # errors 2, 8, 1, -4, 12: MAE 27 / 5, bias 19 / 5
     assert rows[0] == ["all", "5", "5.40", "3.80", "60.0%", "80.0%", ""]
     assert rows[1] == ["0-24", "3", "3.67", "3.67", "66.7%", "100.0%", rows[1][-1]]
-    assert rows[1][-1] == f"too few to mean much (n < {MIN_BAND_IMAGES})"
+    assert rows[1][-1] == f"too few (n < {MIN_BAND_IMAGES})"
     assert len(rows) == 3
 
 
@@ -189,8 +184,9 @@ def test_evaluate_writes_bootstrap_intervals_and_band_coverage(tmp_path: Path) -
     text = report.files["report"].read_text()
     assert "95% confidence intervals (bootstrap, 2000 resamples of the 24 images" in text
     assert "## By age band" in text
-    assert "| age band (months) | n | MAE | bias | 80% interval coverage |" in text
-    assert "too few to mean much (n < 20)" in text
+    assert "| age (months) | n | MAE | bias | 80% covered | 90% covered | note |" in text
+    assert "| too few (n < 20) |" in text
+    assert "too few for the band's figures to mean anything" in text
 
 
 def test_evaluate_resamples_patients_where_images_have_them(tmp_path: Path) -> None:
@@ -221,3 +217,35 @@ def test_evaluate_without_bootstrap_writes_none(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="bootstrap must be 0"):
         evaluate(loaded, items, tmp_path / "f", device="cpu", progress=False, bootstrap=-1)
     assert not (tmp_path / "f").exists()
+
+
+def test_evaluate_command_prints_the_intervals_and_the_band_table(tmp_path: Path) -> None:
+    loaded = untrained_model(arch="resnet18", input_size=32, seed=1)
+    checkpoint = tmp_path / "model.safetensors"
+    quantiles = {"0.8": 40.0, "0.9": 60.0}
+    save_checkpoint(checkpoint, loaded.model, dataclasses.replace(loaded.meta, quantiles=quantiles))
+    args = ["evaluate", "--model", str(checkpoint), "--phantoms", "30", "--phantom-size", "48"]
+    args += ["--no-plots"]
+
+    result = CliRunner().invoke(
+        main, [*args, "--bootstrap", "500", "-o", str(tmp_path / "a")], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    boot = metrics["bootstrap"]
+    assert (boot["resamples"], boot["unit"], boot["n_units"]) == (500, "image", 30)
+    printed = " ".join(result.output.split())  # rich wraps lines at the terminal's width
+    assert f"MAE {boot['mae'][0]:.2f} to {boot['mae'][1]:.2f}" in printed
+    assert f"bias {boot['bias'][0]:.2f} to {boot['bias'][1]:.2f} months" in printed
+    assert "80% covered" in printed and "90% covered" in printed
+    for name, band in metrics["by_age_band"].items():
+        shares = r"\s+│ ".join(re.escape(f"{band['coverage'][q]:.1%}") for q in ("0.8", "0.9"))
+        cells = rf"│ {re.escape(name)}\s+│ {band['n']}\s+│ {band['mae']:.2f}\s+│ {band['bias']:.2f}"
+        assert re.search(rf"{cells}\s+│ {shares}\s+│ too few", result.output), name
+
+    result = CliRunner().invoke(
+        main, [*args, "--bootstrap", "0", "-o", str(tmp_path / "b")], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    assert "bootstrap" not in json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert "confidence intervals" not in result.output

@@ -546,6 +546,28 @@ def status(ctx: click.Context, as_json: bool, quiet: bool) -> None:
     ctx.exit(0 if report.get("healthy") else 1)
 
 
+@main.command()
+@click.pass_context
+def liveness(ctx: click.Context) -> None:
+    """Exit 1 when a worker process here has run one task for over an hour (hung).
+
+    A liveness probe for a worker's container: a hung worker still beats its heart in
+    `status`. It reads only what this host's worker processes note in the temporary
+    directory, never the database or the broker, so their outage restarts nothing.
+    """
+    from worker.heartbeat import HUNG_AFTER, hung_tasks
+
+    hung = hung_tasks()
+    for task in hung:
+        click.echo(
+            f"worker process {task.pid} has run {task.task} for {task.seconds / 60:.0f} min "
+            f"(hung after {HUNG_AFTER.total_seconds() / 60:.0f})"
+        )
+    if not hung:
+        click.echo("alive")
+    ctx.exit(1 if hung else 0)
+
+
 @main.command("retry-deliveries")
 @click.argument("delivery_ids", nargs=-1, type=int)
 @click.pass_context

@@ -3,18 +3,30 @@
 A row's times are the database server's clock (`db.queries.database_now`), never the
 writing host's: `status` and `reprocess` judge them by the same clock, so hosts whose
 clocks differ by more than `STALE_AFTER` still see each other alive.
+
+A hung worker still beats (the beat is a thread of its own), so a worker process also
+notes on local disk when each task it runs began (`TasksInHand`): `boneage-worker
+liveness`, a container's liveness probe, fails when one has run past `HUNG_AFTER`.
+That check needs neither the database nor the broker, so their outage restarts nothing.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import logging
 import os
 import socket
+import tempfile
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+from celery.signals import task_postrun, task_prerun
 from sqlalchemy import delete
 
 from db.engine import session_scope
@@ -28,8 +40,140 @@ INTERVAL_SECONDS = 10.0
 STALE_AFTER = timedelta(seconds=3 * INTERVAL_SECONDS)
 
 
+#: A task still running this long after it began is hung. An image takes seconds. The
+#: reconciler gives an instance being assessed to another worker after 30 min
+#: (`worker.reconciler.PROCESSING_LEASE`); Celery kills a delivery after 6 min
+#: (`worker.celery_app.deliver_time_limit`) in a prefork pool, but in no other pool, and
+#: no assessment in any; a query to a database that went away fails within about 15 min
+#: (TCP gives up retransmitting). Twice the lease is far past each of them.
+HUNG_AFTER = timedelta(hours=1)
+
+
 def process_name(role: str) -> str:
     return f"{role}@{socket.gethostname()}:{os.getpid()}"
+
+
+def tasks_directory() -> Path:
+    """Where this host's worker processes note the tasks they run: one file each, in the
+    temporary directory (a pod's or container's own /tmp, a unit's PrivateTmp), never on
+    the shared data directory."""
+    return Path(tempfile.gettempdir()) / f"boneage-worker-{os.getuid()}" / "tasks"
+
+
+#: Each process's file is rewritten whole, at this length, in one write: a reader never
+#: finds it empty or cut short.
+_RECORD_BYTES = 512
+
+
+class TasksInHand:
+    """This process's tasks under way, noted in its own file of ``directory`` for
+    `boneage-worker liveness` (:func:`hung_tasks`) to read.
+
+    The process holds an exclusive lock (flock) on its file while it lives, so a file
+    left by a process that died (SIGKILL, a container restarted on the same /tmp) is
+    unlocked, and passed over, even when its process id has been given to another.
+    """
+
+    def __init__(
+        self, directory: Path | None = None, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.directory = directory or tasks_directory()
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.path = self.directory / f"{os.getpid()}.json"
+        self._clock = clock
+        self._tasks: dict[str, tuple[str, float]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        self._write()
+
+    def started(self, task_id: str, name: str) -> None:
+        with self._lock:
+            self._tasks[task_id] = (name, self._clock())
+            self._write()
+
+    def finished(self, task_id: str) -> None:
+        with self._lock:
+            self._tasks.pop(task_id, None)
+            self._write()
+
+    def watch_celery(self) -> None:
+        """Note every Celery task this process runs, from its start to its end."""
+        task_prerun.connect(self._on_prerun, weak=False)
+        task_postrun.connect(self._on_postrun, weak=False)
+
+    def close(self) -> None:
+        task_prerun.disconnect(self._on_prerun)
+        task_postrun.disconnect(self._on_postrun)
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self.path.unlink(missing_ok=True)
+                os.close(self._fd)
+
+    def _on_prerun(self, task_id: str, task: Any, **_: Any) -> None:
+        self.started(task_id, str(task.name))
+
+    def _on_postrun(self, task_id: str, **_: Any) -> None:
+        self.finished(task_id)
+
+    def _write(self) -> None:
+        if self._closed:
+            return
+        oldest = min(self._tasks.values(), key=lambda t: t[1], default=None)
+        record = {
+            "tasks": len(self._tasks),
+            "oldest": {"task": oldest[0], "started": oldest[1]} if oldest else None,
+        }
+        data = json.dumps(record).encode()
+        try:
+            os.pwrite(self._fd, data.ljust(_RECORD_BYTES), 0)
+        except OSError as exc:  # a full /tmp: the probe then sees the last record
+            logger.warning("tasks in hand not noted (%s)", exc.strerror)
+
+
+@dataclass(frozen=True)
+class HungTask:
+    pid: int
+    task: str
+    seconds: float  # how long it has run
+
+
+def hung_tasks(directory: Path | None = None, now: float | None = None) -> list[HungTask]:
+    """The tasks of this host's live worker processes that have run past `HUNG_AFTER`."""
+    directory = directory or tasks_directory()
+    current = time.time() if now is None else now
+    hung = []
+    for path in sorted(directory.glob("*.json")):
+        if not path.stem.isdigit():
+            continue
+        record = _read_if_alive(path)
+        oldest = (record or {}).get("oldest")
+        if oldest and current - oldest["started"] > HUNG_AFTER.total_seconds():
+            hung.append(HungTask(int(path.stem), oldest["task"], current - oldest["started"]))
+    return hung
+
+
+def _read_if_alive(path: Path) -> dict[str, Any] | None:
+    """A process's record, if that process still holds its lock; else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:  # its process stopped meanwhile
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:  # locked: its process lives
+            text = os.pread(fd, _RECORD_BYTES, 0)
+        else:
+            return None  # left by a process that died
+        record: dict[str, Any] = json.loads(text)
+        return record
+    except ValueError:  # being created: nothing in hand yet
+        return None
+    finally:
+        os.close(fd)
 
 
 class HeartbeatThread:
@@ -51,8 +195,19 @@ class HeartbeatThread:
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{role}", daemon=True)
         # when the database first heard of it, by the database's clock
         self._started: datetime | None = None
+        self.tasks: TasksInHand | None = None
 
     def start(self) -> None:
+        if self._role == "worker":
+            try:
+                self.tasks = TasksInHand()
+            except OSError as exc:
+                logger.warning(
+                    "tasks in hand not noted: `liveness` cannot see this process hang (%s)",
+                    exc.strerror,
+                )
+            else:
+                self.tasks.watch_celery()
         self.beat()
         self._thread.start()
 
@@ -78,6 +233,8 @@ class HeartbeatThread:
             self.beat()
 
     def stop(self) -> None:
+        if self.tasks is not None:
+            self.tasks.close()
         self._stop.set()
         self._thread.join(5)
         try:

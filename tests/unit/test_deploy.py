@@ -755,3 +755,24 @@ def test_workers_are_given_longer_to_stop_than_the_supervisors_grace(
         assert timeouts and all(int(t) >= enough for t in timeouts), flavour
         checked.append(flavour)
     assert len(checked) == 8  # two Compose workers, two pods, two units, two images
+
+
+def test_kubernetes_workers_are_restarted_when_a_task_hangs(
+    k8s: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    """A hung worker still heartbeats; `liveness` (local files, no database, no broker)
+    is what the kubelet restarts it on."""
+    for name, pod in _pod_specs(k8s).items():
+        (container,) = pod["containers"]
+        if _check_cli(container["args"]).command.name != "work":
+            assert "livenessProbe" not in container or name == "boneage-listener", name
+            continue
+        probe = container["livenessProbe"]
+        command = probe["exec"]["command"]
+        assert command[0] == "boneage-worker", name
+        assert _check_cli(command[1:]).command.name == "liveness", name
+        assert probe["timeoutSeconds"] >= 10, f"{name}: a Python start on a busy node"
+        # it reads the pod's own /tmp, where the worker's processes note their tasks
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert "emptyDir" in volumes[mounts["/tmp"]], name

@@ -60,8 +60,8 @@ def tasks_directory() -> Path:
     return Path(tempfile.gettempdir()) / f"boneage-worker-{os.getuid()}" / "tasks"
 
 
-#: Each process's file is rewritten whole, at this length, in one write: a reader never
-#: finds it empty or cut short.
+#: Each process's file is rewritten whole, at this length, in one write, never truncated:
+#: a reader finds one record, or nothing in a file just created.
 _RECORD_BYTES = 512
 
 

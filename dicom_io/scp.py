@@ -32,7 +32,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -69,6 +69,18 @@ CANNOT_UNDERSTAND = 0xC210
 
 #: Largest PDU we accept, in bytes; see `StorageSCP._make_ae`.
 MAXIMUM_PDU_SIZE = 1 << 20
+
+#: Associations at once; pynetdicom answers one more with an A-ASSOCIATE-RJ (transient,
+#: local limit exceeded), which a PACS retries.
+MAXIMUM_ASSOCIATIONS = 64
+#: Connections at once, associations and TLS handshakes together
+#: (:class:`_BoundedAssociationServer`): past it a connection is closed as soon as it is
+#: accepted. Twice the associations, so a PACS is answered by the A-ASSOCIATE-RJ above
+#: first, and a flood of idle connections (a port scan, a client that connects and
+#: never speaks) takes neither a thread each nor memory without bound.
+MAXIMUM_CONNECTIONS = 2 * MAXIMUM_ASSOCIATIONS
+#: A connection refused for being one too many is logged at most this often.
+REFUSED_LOG_SECONDS = 60.0
 
 #: Transfer syntaxes we accept: uncompressed, deflated, and every compressed
 #: syntax pydicom can decode with the pylibjpeg plugins we install.
@@ -474,10 +486,10 @@ class _StreamingDUL(DULServiceProvider):
             return
         except OSError:
             logger.warning("association connection failed while a PDU header was read")
-            self.event_queue.put("Evt17")
+            self._transport_closed()
             return
         if not complete:  # the peer closed the connection
-            self.event_queue.put("Evt17")
+            self._transport_closed()
             return
         pdu_type, _, pdu_length = struct.unpack(">BBL", header)
         if pdu_type not in _PDU_TYPES:
@@ -509,6 +521,19 @@ class _StreamingDUL(DULServiceProvider):
             return
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
+
+    def _transport_closed(self) -> None:
+        """The connection closed between PDUs (PS3.8 event 17).
+
+        Before an A-ASSOCIATE-RQ, the acceptor's thread waits for one on the queue to
+        the user until the ACSE timeout, whatever the state machine does: the
+        connection of a port scan or a client that gave up held its place among the
+        associations (and the listener's connections) that long. The None its wait
+        returns when it times out ends it now.
+        """
+        self.event_queue.put("Evt17")
+        if self.state_machine.current_state == "Sta2":
+            self.to_user_queue.put(None)  # type: ignore[arg-type]
 
     def _drop_slow_peer(self) -> None:
         logger.warning(
@@ -824,7 +849,14 @@ class _StreamingRequestHandler(RequestHandler):
             connection, f"{host}:{port}"
         ):
             return
-        super().handle()
+        # pynetdicom's handle(), the association started where the bound counts it
+        assoc = self._create_association()
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        if isinstance(self.server, _BoundedAssociationServer):
+            with self.server.handing_over(connection):
+                assoc.start()
+        else:
+            assoc.start()
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
@@ -837,6 +869,82 @@ class _StreamingRequestHandler(RequestHandler):
         cast(_WakeableDUL, assoc.dul).prepare_wakeups()
         cast(_WakeableAssociation, assoc).prepare_wakeups()
         return assoc
+
+
+class _BoundedAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with at most ``maximum_connections`` connections at
+    once: those whose TLS handshake is under way on their own thread
+    (:class:`_StreamingRequestHandler`) and the associations.
+
+    pynetdicom bounds the associations only once a peer has sent its A-ASSOCIATE-RQ, and
+    starts a thread for every connection before that: connections that never speak each
+    held a thread until their timeout, however many came. One past the bound is closed
+    as soon as it is accepted, before its thread or its handshake.
+    """
+
+    maximum_connections = MAXIMUM_CONNECTIONS
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._bound_lock = threading.Lock()
+        # connections admitted and not yet handed to an association, whose thread
+        # pynetdicom counts from then on (:meth:`handing_over`)
+        self._handling: set[int] = set()
+        self.refused_connections = 0
+        self._refused_logged = 0  # refused_connections when last logged
+        self._refused_logged_at = -REFUSED_LOG_SECONDS
+        super().__init__(*args, **kwargs)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Admit the connection if there is room, counting it until its association
+        runs; else count and (at most every :data:`REFUSED_LOG_SECONDS`) log it."""
+        with self._bound_lock:
+            in_progress = len(self._handling) + len(self.ae.active_associations)
+            if in_progress < self.maximum_connections:
+                self._handling.add(id(request))
+                return True
+            self.refused_connections += 1
+            now = time.monotonic()
+            if now - self._refused_logged_at < REFUSED_LOG_SECONDS:
+                return False
+            refused = self.refused_connections - self._refused_logged
+            self._refused_logged, self._refused_logged_at = self.refused_connections, now
+        logger.warning(
+            "%d connection(s) closed on arrival, the last from %s: %d connections at once "
+            "is the most this listener takes",
+            refused,
+            client_address[0] if isinstance(client_address, tuple) else client_address,
+            self.maximum_connections,
+        )
+        return False
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request(request, client_address)  # starts the thread
+        except BaseException:
+            self.handed_over(request)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:  # the handshake failed, or the association could not start
+            self.handed_over(request)
+
+    def handed_over(self, request: Any) -> None:
+        """Stop counting ``request`` here: it is closed, or its association counts it.
+        Once or more."""
+        with self._bound_lock:
+            self._handling.discard(id(request))
+
+    @contextlib.contextmanager
+    def handing_over(self, request: Any) -> Iterator[None]:
+        """Start ``request``'s association inside this: the connection stops counting
+        here as its association's thread starts counting, with no moment between where
+        it counts twice (a connection that fits refused) or not at all (one too many
+        let in)."""
+        with self._bound_lock:
+            yield
+            self._handling.discard(id(request))
 
 
 _HEADER_TAGS = (
@@ -873,6 +981,9 @@ class StorageSCP:
         Seconds pynetdicom waits on a silent peer: on the socket, for association
         negotiation, and for a DIMSE message. A stalled client loses only its own
         connection; tests make these short.
+    maximum_connections
+        Connections at once, TLS handshakes and associations together; one more is
+        closed on arrival (:data:`MAXIMUM_CONNECTIONS`).
     """
 
     def __init__(
@@ -889,8 +1000,10 @@ class StorageSCP:
         network_timeout: float = 60,
         acse_timeout: float = 30,
         dimse_timeout: float = 120,
+        maximum_connections: int = MAXIMUM_CONNECTIONS,
     ) -> None:
         self.ae_title = ae_title
+        self.maximum_connections = maximum_connections
         self.spool_dir = Path(spool_dir)
         self.incoming_dir = self.spool_dir / ".incoming"
         self._record = record
@@ -899,7 +1012,7 @@ class StorageSCP:
         self._address = (host, port)
         self._ssl_context = ssl_context
         self._timeouts = (network_timeout, acse_timeout, dimse_timeout)
-        self._server: ThreadedAssociationServer | None = None
+        self._server: _BoundedAssociationServer | None = None
         self._saved_tempdir: str | None = None
         self.counters = {"stored": 0, "refused": 0, "failed": 0}
         self._counter_lock = threading.Lock()
@@ -917,7 +1030,7 @@ class StorageSCP:
         # pynetdicom rejects unknown calling AE titles itself; host pins are checked
         # in `_on_requested`.
         ae.require_calling_aet = sorted({ae_title for ae_title, _ in self._allowed})
-        ae.maximum_associations = 64
+        ae.maximum_associations = MAXIMUM_ASSOCIATIONS
         ae.network_timeout, ae.acse_timeout, ae.dimse_timeout = self._timeouts
         for uid in image_storage_sop_classes():
             ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))
@@ -947,11 +1060,12 @@ class StorageSCP:
             self._address,
             evt_handlers=handlers,  # type: ignore[arg-type]
             ssl_context=self._ssl_context,
-            server_class=ThreadedAssociationServer,
+            server_class=_BoundedAssociationServer,
             request_handler=_StreamingRequestHandler,
         )
         ae._servers.append(server)  # as AE.start_server does: server.shutdown() expects it
-        self._server = server
+        self._server = cast(_BoundedAssociationServer, server)
+        self._server.maximum_connections = self.maximum_connections
         threading.Thread(
             target=server.serve_forever, name=f"dicom-acceptor-{self.port}", daemon=True
         ).start()
@@ -962,6 +1076,12 @@ class StorageSCP:
             self.port,
             " (TLS)" if self._ssl_context else "",
         )
+
+    @property
+    def refused_connections(self) -> int:
+        """Connections closed on arrival since the listener started, for being more
+        than ``maximum_connections`` at once."""
+        return self._server.refused_connections if self._server is not None else 0
 
     def stop(self) -> None:
         if self._server is not None:

@@ -121,6 +121,7 @@ class Listener:
                 lambda: queue_depths(celery_app),
                 lambda: dict(self.scp.counters),
                 data_dir=settings.data_dir,
+                refused_connections=lambda: self.scp.refused_connections,
             )
             self.metrics = MetricsServer(
                 node_registry(collector), settings.host, settings.metrics_port
@@ -134,6 +135,7 @@ class Listener:
             "ae_title": self.settings.ae_title,
             "port": self.scp.port,
             "counters": dict(self.scp.counters),
+            "connections_refused": self.scp.refused_connections,
             "enqueue_backlog": self.enqueuer.backlog,
             "frozen_start_up_objects": gc.get_freeze_count(),  # serve_forever's
         }

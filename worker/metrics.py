@@ -77,6 +77,8 @@ class NodeCollector(Collector):
         Returns messages waiting per queue; raising means the broker is down.
     listener_counters
         The listener's own counters (stored, refused, failed associations' objects).
+    refused_connections
+        Connections the listener closed on arrival, for being more than it takes at once.
     data_dir
         The data directory (spool, outbox), whose disk space is reported.
     """
@@ -87,10 +89,12 @@ class NodeCollector(Collector):
         queue_depths: Callable[[], Mapping[str, int]],
         listener_counters: Callable[[], Mapping[str, int]] | None = None,
         data_dir: Path | None = None,
+        refused_connections: Callable[[], int] | None = None,
     ) -> None:
         self.database_url = database_url
         self.queue_depths = queue_depths
         self.listener_counters = listener_counters
+        self.refused_connections = refused_connections
         self.data_dir = data_dir
 
     def describe(self) -> Iterable[Metric]:
@@ -129,6 +133,14 @@ class NodeCollector(Collector):
         for outcome, count in sorted(self.listener_counters().items()):
             received.add_metric([outcome], count)
         yield received
+        if self.refused_connections is not None:
+            refused = CounterMetricFamily(
+                "boneage_listener_connections_refused",
+                "Connections closed on arrival since the listener started, for being more "
+                "than it takes at once (a port scan, clients that connect and never speak).",
+            )
+            refused.add_metric([], self.refused_connections())
+            yield refused
 
     def _broker(self) -> Iterable[Metric]:
         broker_up = GaugeMetricFamily("boneage_broker_up", "1 when the broker answered.")

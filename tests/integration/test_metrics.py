@@ -106,6 +106,7 @@ def test_metrics_of_a_running_node(
             assert value(node_metrics, "boneage_queue_depth", queue=queue) >= 0
         assert value(node_metrics, "boneage_listener_objects_total", outcome="stored") == 2
         assert value(node_metrics, "boneage_listener_objects_total", outcome="refused") == 0
+        assert value(node_metrics, "boneage_listener_connections_refused_total") == 0
         assert value(node_metrics, "boneage_received_to_assessed_seconds_count") >= 1
         assert value(
             node_metrics, "boneage_received_to_assessed_seconds_bucket", le="+Inf"

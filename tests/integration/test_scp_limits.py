@@ -13,9 +13,11 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 
 from dicom_io.scp import (
     ASSOCIATE_PDU_LIMIT,
@@ -41,7 +43,13 @@ class Node:
     """The listener on a free loopback port, recording what it stores in a list."""
 
     def __init__(
-        self, tmp_path: Path, *, acse_timeout: float, network_timeout: float, dimse_timeout: float
+        self,
+        tmp_path: Path,
+        *,
+        acse_timeout: float,
+        network_timeout: float,
+        dimse_timeout: float,
+        **options: Any,
     ) -> None:
         self.recorded: list[ReceivedInstance] = []
         self.spool = tmp_path / "spool"
@@ -56,6 +64,7 @@ class Node:
             acse_timeout=acse_timeout,
             network_timeout=network_timeout,
             dimse_timeout=dimse_timeout,
+            **options,
         )
 
     def _record(self, received: ReceivedInstance) -> int:
@@ -392,3 +401,59 @@ def test_a_sweep_removes_incoming_files_nothing_is_writing(node: Node) -> None:
 
     assert node.scp.sweep_incoming(older_than=600) == 1
     assert node.incoming() == [fresh]
+
+
+# -- connections at once ------------------------------------------------------------
+
+
+def echo_association(port: int) -> Association:
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(VERIFICATION_SOP_CLASS)
+    return ae.associate("127.0.0.1", port, ae_title="BONEAGE")
+
+
+def test_connections_past_the_bound_are_closed_on_arrival(
+    tmp_path: Path, dcmtk: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Connections that never speak (a port scan, a stuck client) hold a thread each
+    until their timeout: past the bound, one more is closed at once, with nothing said,
+    and the listener serves again as soon as they are gone."""
+    # timeouts far longer than the test: only the bound can close a connection here
+    node = Node(
+        tmp_path, acse_timeout=60, network_timeout=60, dimse_timeout=60, maximum_connections=3
+    )
+    node.scp.start()
+    try:
+        idle = [node.connect() for _ in range(3)]
+        extra = node.connect()
+        extra.settimeout(10)
+        assert read_until_closed(extra) == b""  # no timeout: closed, not left waiting
+        extra.close()
+        refused = echo_association(node.scp.port)  # a PACS too: it tries again later
+        assert not refused.is_established
+        assert node.scp.refused_connections == 2
+        messages = [r.getMessage() for r in caplog.records if "closed on arrival" in r.getMessage()]
+        assert messages == [
+            "1 connection(s) closed on arrival, the last from 127.0.0.1: 3 connections at "
+            "once is the most this listener takes"
+        ]  # the second within the minute: counted, not logged
+
+        for connection in idle:
+            connection.close()
+
+        def echoed() -> bool:
+            assoc = echo_association(node.scp.port)
+            if not assoc.is_established:
+                return False
+            status = assoc.send_c_echo().Status
+            assoc.release()
+            return bool(status == 0x0000)
+
+        # Within half the ARTIM timeout: a connection that closes before its A-ASSOCIATE-RQ
+        # gives its place back at once, where it used to keep it until ARTIM ran out.
+        wait_for(echoed, timeout=30, what="a C-ECHO once the idle connections are gone")
+        done = node.storescu(write_hand(tmp_path / "hand.dcm"))
+        assert done.returncode == 0, done.stderr
+        assert len(node.recorded) == 1
+    finally:
+        node.scp.stop()

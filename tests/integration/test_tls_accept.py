@@ -7,6 +7,7 @@ a client with a bad certificate loses only its own connection.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
@@ -14,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import dcmread
@@ -23,7 +25,7 @@ from pynetdicom.association import Association
 from dicom_io.scp import VERIFICATION_SOP_CLASS, ReceivedInstance, StorageSCP
 from tests.integration.test_listener import write_hand
 from tests.integration.test_security import Certificates, storescu_over_tls
-from tests.support import free_port
+from tests.support import free_port, wait_for
 from worker import tls
 from worker.settings import Settings
 
@@ -43,6 +45,13 @@ class TLSListener:
 
 @pytest.fixture
 def listener(tmp_path: Path) -> Iterator[TLSListener]:
+    with tls_listener(tmp_path) as made:
+        yield made
+
+
+@contextlib.contextmanager
+def tls_listener(tmp_path: Path, **options: Any) -> Iterator[TLSListener]:
+    """The listener over TLS on a free port; ``options`` for its StorageSCP."""
     certificates = Certificates(tmp_path / "pki")
     certificate, key = certificates.node
     settings = Settings(
@@ -65,6 +74,7 @@ def listener(tmp_path: Path) -> Iterator[TLSListener]:
         host="127.0.0.1",
         port=free_port(),
         ssl_context=tls.server_context(settings),
+        **options,
     )
     scp.start()
     try:
@@ -157,3 +167,33 @@ def test_a_bad_certificate_loses_only_its_connection(
         idle.close()
     failures = [r.getMessage() for r in caplog.records if "TLS handshake" in r.getMessage()]
     assert any("127.0.0.1" in line and "CERTIFICATE" in line.upper() for line in failures)
+
+
+def test_connections_in_their_handshake_count_against_the_bound(tmp_path: Path) -> None:
+    """Connections that never start their handshake each hold a thread for up to the
+    handshake timeout: past the listener's bound on connections at once, one more is
+    closed on arrival, and the places come back as they close."""
+    with tls_listener(tmp_path, maximum_connections=2) as made:
+        port = made.scp.port
+        good = made.certificates.client_context(with_certificate=True)
+        idle = idle_connections(port, 2)
+        try:
+            [extra] = idle_connections(port, 1)
+            extra.settimeout(PROMPTLY_SECONDS)
+            assert closed_by_peer(extra)  # at once, not after the handshake timeout
+            extra.close()
+            assert made.scp.refused_connections == 1
+        finally:
+            for connection in idle:
+                connection.close()
+
+        def echoed() -> bool:
+            assoc = associate(port, good)
+            if not assoc.is_established:
+                return False
+            status = assoc.send_c_echo().Status
+            assoc.release()
+            return bool(status == 0x0000)
+
+        # before the handshake timeout: a connection closed in its handshake leaves then
+        wait_for(echoed, timeout=tls.HANDSHAKE_TIMEOUT_SECONDS / 2, what="a C-ECHO over TLS")

@@ -1210,6 +1210,25 @@ def _sample(values: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     return sub.ravel()
 
 
+def decode_as_assessed(ds: Dataset, *, input_size: int, sc_min_long_side: int) -> np.ndarray:
+    """``ds``'s image as an assessment gives it to the model and draws its heat map on:
+    :func:`decode_for_display` at the reduction :func:`decode_reduction` allows.
+
+    Decoded at 1/2, 1/4 ... of the image's size (JPEG 2000: skipping wavelet levels;
+    uncompressed: averaging blocks) while the network input (``input_size``) and the
+    heat-map picture (the site's ``sc_min_long_side``) still get enough pixels: most of
+    the per-pixel work after decoding is saved. The service and ``evaluate`` both
+    decode through here, so an evaluation is of what the service does.
+
+    Raises
+    ------
+    PixelDataError
+        When pixel data is missing or cannot be decoded.
+    """
+    reduce = decode_reduction(ds, min_short_side=input_size, min_long_side=sc_min_long_side)
+    return decode_for_display(ds, reduce=reduce)
+
+
 def decode_for_display(ds: Dataset, *, reduce: int = 0) -> np.ndarray:
     """Decode the first frame for display: float32 (H, W) in [0, 1], bone bright.
 

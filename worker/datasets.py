@@ -2,7 +2,7 @@
 
 `models/` never reads DICOM; a DICOM folder is turned here into lazily decoded
 images (`dicom_io.pixels`) that `models` trains and evaluates on. For `evaluate` they are
-decoded as the service decodes them (:func:`decode_as_assessed`).
+decoded as the service decodes them (:func:`dicom_io.pixels.decode_as_assessed`).
 """
 
 from __future__ import annotations
@@ -15,45 +15,16 @@ from pathlib import Path
 import numpy as np
 from pydicom import dcmread
 
-from dicom_io.pixels import decode_for_display, decode_reduction, read_image
+from dicom_io.pixels import decode_as_assessed, decode_for_display, read_image
 from models.data import LabelledImage, parse_sex, phantom_items, read_rsna
 from worker.settings import SC_MIN_LONG_SIDE
-
-
-def decode_as_assessed(path: Path, *, input_size: int, sc_min_long_side: int) -> np.ndarray:
-    """The image the service gives the model for the DICOM file at ``path``.
-
-    As :func:`worker.pipeline.assess_instance` decodes it: read with
-    :func:`~dicom_io.pixels.read_image`, decoded by
-    :func:`~dicom_io.pixels.decode_for_display` at the reduction
-    :func:`~dicom_io.pixels.decode_reduction` allows for the network input and the
-    heat-map picture's floor. A full-resolution decode differs from it by about 0.01 SD
-    per network input pixel, so an evaluation on it would not be of what the service does.
-
-    Parameters
-    ----------
-    path : pathlib.Path
-        A DICOM radiograph.
-    input_size : int
-        Side of the model's square input (``CheckpointMeta.input_size``).
-    sc_min_long_side : int
-        The site's ``BONEAGE_SC_MIN_LONG_SIDE``: it limits the reduction too.
-
-    Returns
-    -------
-    numpy.ndarray
-        float32 (H, W) in [0, 1], bone bright.
-    """
-    ds = read_image(path)
-    reduce = decode_reduction(ds, min_short_side=input_size, min_long_side=sc_min_long_side)
-    return decode_for_display(ds, reduce=reduce)
 
 
 def _loader(path: Path, input_size: int | None, sc_min_long_side: int) -> Callable[[], np.ndarray]:
     if input_size is None:
         return lambda: decode_for_display(read_image(path))
     return lambda: decode_as_assessed(
-        path, input_size=input_size, sc_min_long_side=sc_min_long_side
+        read_image(path), input_size=input_size, sc_min_long_side=sc_min_long_side
     )
 
 

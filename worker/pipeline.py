@@ -70,8 +70,8 @@ from dicom_io.content import MANUFACTURER, BoneAgeFinding
 from dicom_io.pixels import (
     FRAME_DESCRIPTION,
     PixelDataError,
+    decode_as_assessed,
     decode_for_display,
-    decode_reduction,
     drop_pixel_data,
     read_image,
 )
@@ -614,23 +614,17 @@ def _header_text(ds: Dataset, keyword: str) -> str:
 
 
 def _decode(rt: Runtime, ds: Dataset) -> np.ndarray:
-    """``ds``'s image as the model and the heat map get it (:func:`decode_for_display`).
-
-    Decoded at 1/2, 1/4 ... of the image's size (JPEG 2000: skipping wavelet levels;
-    uncompressed: averaging blocks) while the network input and the heat-map picture
-    still get enough pixels (the SC is rendered from the image the model saw): most of
-    the per-pixel work after decoding is saved.
+    """``ds``'s image as the model and the heat map get it (:func:`decode_as_assessed`:
+    reduced, as far as they allow).
 
     Raises
     ------
     PixelDataError
         When the pixel data is missing or cannot be decoded.
     """
-    reduce = decode_reduction(
-        ds, min_short_side=rt.predictor.input_size, min_long_side=rt.settings.sc_min_long_side
-    )
+    input_size, floor = rt.predictor.input_size, rt.settings.sc_min_long_side
     with rt.stage():
-        return decode_for_display(ds, reduce=reduce)
+        return decode_as_assessed(ds, input_size=input_size, sc_min_long_side=floor)
 
 
 #: The cells a side of the picture an assessment keeps of its image (:func:`image_signature`).

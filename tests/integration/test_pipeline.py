@@ -197,14 +197,14 @@ def test_an_instance_of_several_frames_is_assessed_on_its_first_read_alone(
     # memory this takes does not grow with the frames).
     monkeypatch.setattr(pixels, "DEFERRED_BYTES", 1024)  # these small frames stay there too
     left_in_file: list[bool] = []
-    decode = pipeline.decode_for_display
+    decode = pixels.decode_for_display  # what pixels.decode_as_assessed calls
 
     def decoding(source: Any, **kwargs: Any) -> Any:
         image = decode(source, **kwargs)
         left_in_file.append(source.get_item(0x7FE00010, keep_deferred=True).value is None)
         return image
 
-    monkeypatch.setattr(pipeline, "decode_for_display", decoding)
+    monkeypatch.setattr(pixels, "decode_for_display", decoding)
     single = spool_instance(runtime)
     several = spool_instance(runtime, frames=4)
     assert assess_instance(runtime, single).state == "assessed"
@@ -248,16 +248,16 @@ def test_an_instance_received_again_while_read_is_read_again_not_mixed(
     instance_id = spool_instance(runtime, frames=2)
     with session_scope(runtime.database_url) as session:
         spool = Path(session.get_one(Instance, instance_id).spool_path)
-    reduction = pipeline.decode_reduction
+    reduction = pixels.decode_reduction  # called after the header, before the pixels
 
     def received_again_meanwhile(source: Any, **kwargs: Any) -> Any:
         again = spool.with_name("incoming.dcm")
         shutil.copyfile(spool, again)
         os.replace(again, spool)
-        monkeypatch.setattr(pipeline, "decode_reduction", reduction)  # once
+        monkeypatch.setattr(pixels, "decode_reduction", reduction)  # once
         return reduction(source, **kwargs)
 
-    monkeypatch.setattr(pipeline, "decode_reduction", received_again_meanwhile)
+    monkeypatch.setattr(pixels, "decode_reduction", received_again_meanwhile)
     with pytest.raises(pixels.FileChangedError):
         assess_instance(runtime, instance_id)
     assert assess_instance(runtime, instance_id).state == "assessed"

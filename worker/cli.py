@@ -1247,7 +1247,7 @@ def predict(
 
     from dicom_io import gate
     from dicom_io.content import BoneAgeFinding, format_age
-    from dicom_io.pixels import decode_for_display, read_image, set_jpeg2000_threads
+    from dicom_io.pixels import decode_as_assessed, read_image, set_jpeg2000_threads
     from dicom_io.sc import render_overlay
     from models.data import load_image
     from models.reference import bone_age_sds
@@ -1289,7 +1289,12 @@ def predict(
                 male = decision.facts.male if decision.facts.male is not None else sex == "M"
                 chronological = chronological_age_months(decision.facts)
                 laterality = decision.facts.laterality
-                image = decode_for_display(ds)
+                # as the service decodes it, so the bone age is the one its SR would give
+                image = decode_as_assessed(
+                    ds,
+                    input_size=predictor.input_size,
+                    sc_min_long_side=settings.sc_min_long_side,
+                )
         except Exception as exc:  # one bad file must not stop the others
             table.add_row(path.name, "", "", "", "", "", f"[red]{exc}[/]")
             refused += 1

@@ -1,4 +1,5 @@
-"""`boneage-worker evaluate --dicom-dir` gives the model the very input the service gives it.
+"""`boneage-worker evaluate --dicom-dir` and `predict` give the model the very input the
+service gives it.
 
 The service (:func:`worker.pipeline.assess_instance`) decodes a radiograph at a reduced
 resolution; an evaluation that decoded it in full would report on inputs the service
@@ -27,6 +28,7 @@ from dicom_io.scp import ReceivedInstance, spool_path
 from dicom_io.synthetic import make_radiograph_dataset
 from models.data import PreparedDataset
 from models.phantoms import make_phantom
+from models.predictor import BoneAgePredictor
 from models.preprocess import Prepared, prepare
 from worker.cli import main
 from worker.listener import record_instance
@@ -117,6 +119,27 @@ def _prepared_by_evaluate(
     return dataset[0][0]
 
 
+def _prepared_by_predict(
+    checkpoint: Path, path: Path, monkeypatch: pytest.MonkeyPatch
+) -> torch.Tensor:
+    """Run ``boneage-worker predict`` on ``path``: the input its predictor prepared."""
+    seen: list[torch.Tensor] = []
+    prepare_for_the_model = BoneAgePredictor.prepare
+
+    def recording(self: BoneAgePredictor, image: np.ndarray) -> Prepared:
+        prepared = prepare_for_the_model(self, image)
+        seen.append(prepared.tensor.clone())
+        return prepared
+
+    monkeypatch.setattr(BoneAgePredictor, "prepare", recording)
+    result = CliRunner().invoke(
+        main, ["predict", "--model", str(checkpoint), str(path)], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    [prepared] = seen
+    return prepared
+
+
 @pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, JPEG2000Lossless])
 def test_evaluate_gives_the_model_the_input_the_service_gives_it(
     syntax: UID, tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
@@ -138,7 +161,9 @@ def test_evaluate_gives_the_model_the_input_the_service_gives_it(
     evaluated = _prepared_by_evaluate(tiny_checkpoint, path, tmp_path, monkeypatch)
     assert evaluated.dtype == served.dtype == torch.float32
     assert torch.equal(evaluated, served)
+    # and predict, whose bone age is then the one the service's SR gives
+    assert torch.equal(_prepared_by_predict(tiny_checkpoint, path, monkeypatch), served)
 
-    # what evaluate gave the model before: the image decoded in full, measurably other
+    # what evaluate and predict gave the model before: the image decoded in full, measurably other
     full = prepare(decode_for_display(read_image(path)), 128).tensor
     assert float((full - served).abs().mean()) > 1e-3

@@ -16,9 +16,12 @@ from sqlalchemy import select
 
 from db.engine import session_scope, upgrade
 from db.queries import database_now
-from db.schema import Heartbeat
+from db.schema import Heartbeat, Instance, InstanceState
 from db.schema import utcnow as true_now
-from worker.heartbeat import HeartbeatThread
+from tests.support import received
+from worker.heartbeat import STALE_AFTER, HeartbeatThread, process_name
+from worker.listener import record_instance
+from worker.reconciler import reconcile
 from worker.reprocess import models_of_live_workers
 from worker.runtime import Runtime
 from worker.settings import Settings, load_settings
@@ -88,3 +91,34 @@ def test_a_heartbeat_older_than_stale_after_by_the_database_clock_is_dead(
         beat.seen_at = database_now(session) - dt.timedelta(seconds=31)
     assert not _worker_alive(settings)
     assert models_of_live_workers(Runtime(settings)) == set()
+
+
+@pytest.mark.parametrize("offset", [-SKEW, SKEW], ids=["behind", "ahead"])
+def test_the_reconciler_on_a_host_whose_clock_is_off_leaves_a_live_workers_image(
+    settings: Settings, offset: dt.timedelta, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listener's reconciler gives an image being assessed to another worker when
+    the one that claimed it is gone: not because its own host's clock runs ahead."""
+    url = settings.effective_database_url
+    HeartbeatThread(url, "worker", lambda: {"model_id": "m1"}).beat()
+    instance_id = record_instance(url, received())
+    with session_scope(url) as session:
+        instance = session.get_one(Instance, instance_id)
+        instance.state = InstanceState.PROCESSING
+        instance.claimed_by = process_name("worker")  # this process's heartbeat
+        instance.started_at = true_now()
+        instance.attempts = 1
+    monkeypatch.setattr("worker.reconciler.now", _clock(offset))
+    queued: list[int] = []
+
+    def reconcile_once() -> list[int]:
+        queued.clear()
+        reconcile(Runtime(settings), queued.append, lambda _: None, inference_queue_empty=True)
+        return queued
+
+    assert reconcile_once() == []
+    # the worker goes silent: by the database's clock, its heartbeat is stale
+    with session_scope(url) as session:
+        beat = session.scalars(select(Heartbeat)).one()
+        beat.seen_at = database_now(session) - 2 * STALE_AFTER
+    assert reconcile_once() == [instance_id]

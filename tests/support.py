@@ -14,9 +14,14 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from dicom_io.scp import ReceivedInstance
+
+if TYPE_CHECKING:
+    import pytest
+
+    from models.data import PreparedDataset
 
 T = TypeVar("T")
 
@@ -180,3 +185,20 @@ def _read_text(path: Path) -> str:
         return path.read_text()
     except OSError:
         return ""
+
+
+def record_evaluated_datasets(monkeypatch: pytest.MonkeyPatch) -> list[PreparedDataset]:
+    """The datasets `models.evaluate.evaluate` builds from now on, in order: what it
+    gives the model, image by image."""
+    import models.evaluate
+    from models.data import PreparedDataset
+
+    made: list[PreparedDataset] = []
+
+    class Recording(PreparedDataset):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(models.evaluate, "PreparedDataset", Recording)
+    return made

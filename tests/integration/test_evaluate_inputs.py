@@ -21,15 +21,14 @@ import torch
 from click.testing import CliRunner
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless
 
-import models.evaluate
 from db.engine import upgrade
 from dicom_io.pixels import decode_for_display, read_image
 from dicom_io.scp import ReceivedInstance, spool_path
 from dicom_io.synthetic import make_radiograph_dataset
-from models.data import PreparedDataset
 from models.phantoms import make_phantom
 from models.predictor import BoneAgePredictor
 from models.preprocess import Prepared, prepare
+from tests.support import record_evaluated_datasets
 from worker.cli import main
 from worker.listener import record_instance
 from worker.pipeline import assess_instance
@@ -98,14 +97,7 @@ def _prepared_by_evaluate(
     checkpoint: Path, path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> torch.Tensor:
     """Run ``boneage-worker evaluate --dicom-dir`` on ``path``: the input its dataset built."""
-    made: list[PreparedDataset] = []
-
-    class Recording(PreparedDataset):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    monkeypatch.setattr(models.evaluate, "PreparedDataset", Recording)
+    made = record_evaluated_datasets(monkeypatch)
     labels = tmp_path / "labels.csv"
     with labels.open("w", newline="") as fh:
         writer = csv.writer(fh)

@@ -9,7 +9,6 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -20,7 +19,6 @@ from models.checkpoint import LoadedModel, load_checkpoint, untrained_model
 from models.data import (
     LabelledImage,
     LabelledSet,
-    PreparedDataset,
     calibration_size_needed,
     conformal_quantile,
     load_image,
@@ -40,6 +38,7 @@ from models.evaluate import (
 )
 from models.preprocess import prepare
 from models.train import TrainConfig, augment_batch, data_fingerprint, train
+from tests.support import record_evaluated_datasets
 
 
 def _write_rsna(folder: Path, rows: list[tuple[str, float, str]]) -> Path:
@@ -282,16 +281,7 @@ def _with_clahe(loaded: LoadedModel) -> LoadedModel:
 def test_evaluate_prepares_a_clahe_checkpoint_s_images_with_clahe(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import models.evaluate
-
-    made: list[PreparedDataset] = []
-
-    class Recording(PreparedDataset):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    monkeypatch.setattr(models.evaluate, "PreparedDataset", Recording)
+    made = record_evaluated_datasets(monkeypatch)
     loaded = _with_clahe(untrained_model(arch="resnet18", input_size=64))
     items = phantom_items(3, size=80, seed=3)
     evaluate(loaded, items, tmp_path / "eval", device="cpu", progress=False, plots=False)

@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import signal
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from worker.cli import _supervise
-
-
-@pytest.fixture
-def signal_handlers() -> Iterator[None]:
-    """_supervise installs its own SIGTERM and SIGINT handlers: put pytest's back."""
-    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-    yield
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
 
 
 def test_a_child_that_keeps_exiting_stops_the_supervisor_with_a_failure(

@@ -8,7 +8,6 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,15 +28,6 @@ open(up + ".tmp", "w").write(str(os.getpid()))
 os.rename(up + ".tmp", up)
 threading.Event().wait()
 """
-
-
-@pytest.fixture
-def signal_handlers() -> Iterator[None]:
-    """_supervise installs its own SIGTERM and SIGINT handlers: put pytest's back."""
-    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-    yield
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
 
 
 class StopWhenUp(threading.Thread):
@@ -63,15 +53,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _supervised(tmp_path: Path, behaviour: str, *, grace: float) -> tuple[float, Path, Path]:
+    """Supervise one child that behaves as ``behaviour`` says on SIGTERM, stopping the
+    supervisor once the child is up: (seconds from the stop to the supervisor's return,
+    the file the child's pid is in, the file its SIGTERMs are noted in)."""
+    up, terms = tmp_path / "up", tmp_path / "terms"
+    command = [sys.executable, "-c", CHILD, str(up), str(terms), behaviour]
+    stopper = StopWhenUp(up)
+    stopper.start()
+    _supervise({f"{behaviour} child": command}, env=dict(os.environ), grace=grace)
+    return time.monotonic() - stopper.sent_at, up, terms
+
+
 def test_a_child_that_ignores_sigterm_is_killed_once_the_grace_is_over(
     tmp_path: Path, signal_handlers: None, caplog: pytest.LogCaptureFixture
 ) -> None:
-    up, terms = tmp_path / "up", tmp_path / "terms"
-    command = [sys.executable, "-c", CHILD, str(up), str(terms), "stubborn"]
-    stopper = StopWhenUp(up)
-    stopper.start()
-    _supervise({"stubborn child": command}, env=dict(os.environ), grace=1.0)
-    stopped_after = time.monotonic() - stopper.sent_at
+    stopped_after, up, terms = _supervised(tmp_path, "stubborn", grace=1.0)
 
     assert terms.read_text() == "TERM\n"  # asked once, then given the grace
     assert stopped_after >= 1.0
@@ -82,13 +79,9 @@ def test_a_child_that_ignores_sigterm_is_killed_once_the_grace_is_over(
 def test_a_child_that_stops_on_sigterm_is_not_waited_for_longer(
     tmp_path: Path, signal_handlers: None, caplog: pytest.LogCaptureFixture
 ) -> None:
-    up, terms = tmp_path / "up", tmp_path / "terms"
-    command = [sys.executable, "-c", CHILD, str(up), str(terms), "obliging"]
-    stopper = StopWhenUp(up)
-    stopper.start()
-    _supervise({"obliging child": command}, env=dict(os.environ), grace=600)
+    stopped_after, up, terms = _supervised(tmp_path, "obliging", grace=600)
 
-    assert time.monotonic() - stopper.sent_at < 60  # not the grace: the child had stopped
+    assert stopped_after < 60  # not the grace: the child had stopped
     assert terms.read_text() == "TERM\n"
     assert "killed" not in caplog.text
     assert not _alive(int(up.read_text()))

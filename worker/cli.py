@@ -1041,7 +1041,9 @@ def _items(**kwargs: Any) -> tuple[list[Any], str]:
 @click.option(
     "--version", "model_version", default="", help="Version string stored in the checkpoint."
 )
+@click.pass_context
 def train(
+    ctx: click.Context,
     output: Path,
     arch: str,
     input_size: int,
@@ -1063,14 +1065,21 @@ def train(
     model_version: str,
     **data: Any,
 ) -> None:
-    """Train a bone-age model and write a checkpoint with conformal intervals."""
+    """Train a bone-age model and write a checkpoint with conformal intervals.
+
+    DICOM images (--dicom-dir) are decoded as the service decodes them for a model of
+    --input-size, at the reduced resolution the site's BONEAGE_SC_MIN_LONG_SIDE allows:
+    the model learns from the inputs it will be given.
+    """
     from models.train import TrainConfig
     from models.train import train as run_training
 
-    setup_logging("INFO")
+    settings = _settings(ctx)  # the site's sc_min_long_side bounds the service's decode
     if resume and state_dir is None:
         raise click.BadParameter("--resume needs --state-dir", param_hint="--resume")
-    items, description = _items(**data)
+    items, description = _items(
+        **data, input_size=input_size, sc_min_long_side=settings.sc_min_long_side
+    )
     config = TrainConfig(
         arch=arch,
         input_size=input_size,

@@ -1,5 +1,5 @@
-"""`boneage-worker evaluate --dicom-dir` and `predict` give the model the very input the
-service gives it.
+"""`boneage-worker evaluate --dicom-dir`, `predict` and `train --dicom-dir` give the model
+the very input the service gives it.
 
 The service (:func:`worker.pipeline.assess_instance`) decodes a radiograph at a reduced
 resolution; an evaluation that decoded it in full would report on inputs the service
@@ -19,10 +19,12 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from pydicom import dcmread
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless
 
+import worker.datasets
 from db.engine import upgrade
-from dicom_io.pixels import decode_for_display, read_image
+from dicom_io.pixels import decode_as_assessed, decode_for_display, read_image
 from dicom_io.scp import ReceivedInstance, spool_path
 from dicom_io.synthetic import make_radiograph_dataset
 from models.phantoms import make_phantom
@@ -159,3 +161,43 @@ def test_evaluate_gives_the_model_the_input_the_service_gives_it(
     # what evaluate and predict gave the model before: the image decoded in full, measurably other
     full = prepare(decode_for_display(read_image(path)), 128).tensor
     assert float((full - served).abs().mean()) > 1e-3
+
+
+def test_train_learns_from_dicom_decoded_as_the_service_decodes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`train --dicom-dir` gives the model, image by image, what the service would give
+    a model of its --input-size: the same decode, at the same reduction."""
+    monkeypatch.setenv("BONEAGE_SC_MIN_LONG_SIDE", "256")
+    folder = tmp_path / "images"
+    path = _hand(ExplicitVRLittleEndian, folder)
+    names = [f"hand{i:02d}.dcm" for i in range(10)]  # the fewest train takes
+    hand = dcmread(path)
+    path.unlink()
+    for i, name in enumerate(names):  # children of their own: train splits by patient
+        hand.PatientID = f"CHILD{i:02d}"
+        hand.save_as(folder / name, enforce_file_format=True)
+    labels = tmp_path / "labels.csv"
+    with labels.open("w", newline="") as fh:
+        csv.writer(fh).writerows([["file", "boneage"], *[[n, "100"] for n in names]])
+    decoded: list[np.ndarray] = []
+    decode = worker.datasets.decode_as_assessed
+
+    def recording(ds: Any, **kwargs: Any) -> np.ndarray:
+        image = decode(ds, **kwargs)
+        decoded.append(image)
+        return image
+
+    monkeypatch.setattr(worker.datasets, "decode_as_assessed", recording)
+    args = ["train", "--dicom-dir", str(folder), "--labels", str(labels), "--arch", "resnet18"]
+    args += ["--input-size", "128", "--epochs", "1", "--batch-size", "4"]
+    result = CliRunner().invoke(
+        main, [*args, "-o", str(tmp_path / "model.safetensors")], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    assert decoded, "train decoded its images some other way"
+    first = read_image(folder / names[0])
+    service = decode_as_assessed(first, input_size=128, sc_min_long_side=256)
+    assert service.shape == (ROWS // 2, COLUMNS // 2)  # reduced, as the service reduces it
+    for image in decoded:
+        assert np.array_equal(image, service)

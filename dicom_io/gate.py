@@ -247,6 +247,10 @@ def check(
         shown = str(ds.get("PatientSex", "") or "").strip() or "empty"
         return no(f"patient sex is {shown}; the model needs M or F")
 
+    if facts.birth_date and facts.reference_date and facts.birth_date > facts.reference_date:
+        # one of the two dates is wrong, and nothing says which: no age to compare with
+        # (the dates themselves stay out of the reason, which reaches SRs and logs)
+        return no("patient age is unknown: the birth date is after the date of the image")
     age = _approx_age_years(facts)
     if age is not None and not 0 <= age <= max_age_years:
         return no(

@@ -211,3 +211,18 @@ def test_an_age_in_whole_years_only_is_told_apart(
     facts = gate.patient_facts(ds)
     assert facts.age_in_whole_years_only is whole_years_only
     assert facts.age_from_birth_date is (birth_date is not None and birth_date <= STUDY)
+
+
+def test_a_birth_date_after_the_image_is_refused_as_an_unknown_age() -> None:
+    """One of the dates is wrong: no age is made of them, not even from Patient's Age,
+    and the reason counts with the other age refusals (the metric's label)."""
+    ds = hand()
+    ds.PatientBirthDate = (STUDY + dt.timedelta(days=30)).strftime("%Y%m%d")
+    ds.PatientAge = "009Y"
+    decision = gate.check(ds)
+    assert not decision.accepted
+    assert decision.reason == (
+        "patient age is unknown: the birth date is after the date of the image"
+    )
+    assert reason_category(decision.reason) == "age"
+    assert str(STUDY.year) not in (decision.reason or "")

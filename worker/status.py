@@ -192,6 +192,8 @@ def render(report: dict[str, Any], console: Console) -> None:
     for p in report.get("processes", []):
         if p["role"] == "listener":
             what = f"AE {p.get('ae_title', '')} port {p.get('port', '')}"
+            if refused := int(p.get("connections_refused") or 0):  # a scan, a flood
+                what += f" · {refused} connections closed on arrival (too many at once)"
         else:
             batch = int(p.get("inference_batch") or 1)
             what = " · ".join(

@@ -95,3 +95,10 @@ def test_an_unhealthy_node_lists_its_problems() -> None:
     problems = ["no worker consumes the delivery queue"]
     shown = _shown(_report(healthy=False, problems=problems))
     assert "UNHEALTHY" in shown and "no worker consumes the delivery queue" in shown
+
+
+def test_the_listener_says_when_it_closed_connections_for_too_many_at_once() -> None:
+    assert "closed on arrival" not in _shown(_report())
+    report = _report()
+    report["processes"][0]["connections_refused"] = 12
+    assert "12 connections closed on arrival (too many at once)" in _shown(report)

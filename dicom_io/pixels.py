@@ -1023,6 +1023,8 @@ def decode_frame(ds: Dataset, index: int = 0, *, reduce: int = 0) -> np.ndarray:
             array = pixel_array(ds, index=index)
         else:
             array = ds.pixel_array
+    except MemoryError:  # the process's trouble, not the image's: tried again, not refused
+        raise
     except Exception as exc:  # every decoder failure means the same to the caller
         name = getattr(syntax, "name", None) or str(syntax or "unknown transfer syntax")
         raise PixelDataError(f"Pixel data cannot be decoded ({name}): {_said(exc)}") from exc

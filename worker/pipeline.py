@@ -69,6 +69,7 @@ from dicom_io import gate
 from dicom_io.content import MANUFACTURER, BoneAgeFinding
 from dicom_io.pixels import (
     FRAME_DESCRIPTION,
+    FileChangedError,
     PixelDataError,
     decode_as_assessed,
     decode_for_display,
@@ -393,7 +394,7 @@ def _reopen_if_received_changed(
 ) -> _Claim | None:
     """Claim a finished instance for its next assessment if the copy in the spool (the
     one received last) changes what the finished assessment read: from the header, or
-    of the pixels (:func:`pixels_changed`).
+    of the pixels (:func:`signatures_differ`).
 
     Not for an instance finished before revision 0004 (no digest), nor for a copy that
     cannot be read: nothing says it changed. Of two attempts that find the same change
@@ -404,10 +405,19 @@ def _reopen_if_received_changed(
     try:
         ds = read_image(spool)  # the header; the pixels are read only if it is the same
         _, received = _decide(rt, ds)
-        if received == inputs and not pixels_changed(rt, ds, pixels):
-            return None
     except Exception:
         return None
+    picture = None
+    if received == inputs:
+        if pixels is None:  # assessed before revision 0007, or read no pixels
+            return None
+        try:
+            picture = picture_now(rt, ds)
+        except FileChangedError:
+            return None  # a later copy took its place: its own message compares that one
+        # any other OSError: raised, the task retries, and the copy stays to be compared
+        if not signatures_differ(pixels, picture):
+            return None
     with session_scope(rt.database_url) as session:
         claimed = session.execute(
             update(Instance)
@@ -426,6 +436,7 @@ def _reopen_if_received_changed(
                 attempts=1,
                 # this copy's: sent once more, it is not assessed again, even if this fails
                 inputs_sha256=received,
+                pixels_signature=Instance.pixels_signature if picture is None else picture,
                 # the latency of this assessment counts from this copy (the UPDATE reads
                 # the columns as they were before it)
                 assessment_received_at=func.coalesce(
@@ -629,22 +640,24 @@ def _decode(rt: Runtime, ds: Dataset) -> np.ndarray:
 
 #: The cells a side of the picture an assessment keeps of its image (:func:`image_signature`).
 SIGNATURE_CELLS = 32
-#: How far, in 8-bit grey levels, two pictures of one image may be apart: on average over
-#: the cells, and in any one cell (:func:`signatures_differ`).
-SIGNATURE_MEAN_LEVELS = 2.0
-SIGNATURE_CELL_LEVELS = 32
+#: How far two pictures of one image may be apart, each standardised (its mean taken
+#: away, divided by its standard deviation): on average over the cells, and in any one
+#: cell (:func:`signatures_differ`). Measured on a 2048 px and a 1400 px hand: a copy
+#: transcoded to JPEG 2000, lossless or 20:1, and decoded at the same or another
+#: reduction, is at most 0.016 apart on average and 0.16 in a cell; flipped, 0.45 and
+#: 4.1; a corner an eighth of the side made white, 0.18 and 5.1.
+SIGNATURE_MEAN_SD = 0.05
+SIGNATURE_CELL_SD = 0.5
+#: The picture recorded of an assessment whose pixels could not be decoded: any copy
+#: that decodes differs from it, a copy that does not is the same.
+UNDECODABLE = b"\x00undecodable"
 
 
 def image_signature(image: np.ndarray) -> bytes:
     """A picture of the display image (:func:`decode_for_display`) an assessment gave
     the model: the mean of each cell of a 32 x 32 grid over it, in 8-bit grey levels
-    (fewer cells where the image has fewer pixels).
-
-    What a copy received again whose header changes nothing is compared by
-    (:func:`signatures_differ`): a copy transcoded, losslessly or not, or decoded at
-    another reduction, gives all but the same picture; another image under the same SOP
-    Instance UID, or this one processed again (another look-up, flipped, masked), does
-    not. It tells nothing of the patient that the image would not.
+    (fewer cells where the image has fewer pixels). It tells nothing of the patient
+    that the image would not.
     """
     height, width = image.shape
     cells = min(SIGNATURE_CELLS, height, width)
@@ -659,31 +672,48 @@ def image_signature(image: np.ndarray) -> bytes:
 
 
 def signatures_differ(first: bytes, second: bytes) -> bool:
-    """Whether two :func:`image_signature` pictures are of other pixels: apart by more
-    than :data:`SIGNATURE_MEAN_LEVELS` on average, or :data:`SIGNATURE_CELL_LEVELS` in
-    a cell (a region changed: a marker, a mask), or of other sizes."""
+    """Whether two pictures (:func:`image_signature`, or :data:`UNDECODABLE`) are of
+    other pixels.
+
+    Each is standardised first. Where the header states no window, the display image's
+    is the 0.5-99.5 percentile range of the pixels decoded, which moves when a copy is
+    decoded otherwise (JPEG 2000 at a reduced level is smoother than blocks averaged):
+    a lossless transcode then shifted the whole picture by 2.4-4 grey levels. A window
+    moves the picture linearly, which standardising takes away. Other pixels do not:
+    another image, or this one flipped, shifted, or changed in a region (a marker, a
+    mask), more than :data:`SIGNATURE_MEAN_SD` on average or :data:`SIGNATURE_CELL_SD`
+    in a cell. A change of tone alone (another look-up table) is not told apart from a
+    transcode, and does not count: the window the model sees absorbs most of it.
+    """
+    if first == second:
+        return False
     if len(first) != len(second):
         return True
-    apart = np.abs(
-        np.frombuffer(first, np.uint8).astype(np.int16)
-        - np.frombuffer(second, np.uint8).astype(np.int16)
-    )
-    return bool(apart.mean() > SIGNATURE_MEAN_LEVELS or apart.max() > SIGNATURE_CELL_LEVELS)
+    apart = np.abs(_standardised(first) - _standardised(second))
+    return bool(apart.mean() > SIGNATURE_MEAN_SD or apart.max() > SIGNATURE_CELL_SD)
 
 
-def pixels_changed(rt: Runtime, ds: Dataset, signature: bytes | None) -> bool:
-    """Whether ``ds``, a copy received again, has other pixels than those its finished
-    assessment read, whose picture is ``signature``. None (an assessment that read no
-    pixels, or from before revision 0007): nothing to compare, and nothing is decoded.
-    A copy whose pixels cannot be decoded has changed: its assessment says so.
+def _standardised(picture: bytes) -> np.ndarray:
+    values = np.frombuffer(picture, np.uint8).astype(np.float64)
+    centred = values - values.mean()
+    spread = float(values.std())
+    return centred / spread if spread > 0 else centred
+
+
+def picture_now(rt: Runtime, ds: Dataset) -> bytes:
+    """The picture of ``ds``'s pixels, decoded as an assessment decodes them
+    (:func:`image_signature`), or :data:`UNDECODABLE`.
+
+    Raises
+    ------
+    OSError
+        When the file cannot be read (:class:`FileChangedError` when another copy took
+        its place since its header was read).
     """
-    if signature is None:
-        return False
     try:
-        image = _decode(rt, ds)
+        return image_signature(_decode(rt, ds))
     except PixelDataError:
-        return True
-    return signatures_differ(signature, image_signature(image))
+        return UNDECODABLE
 
 
 #: The folder that holds this project's packages (the checkout, or site-packages where
@@ -782,6 +812,7 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
     try:
         image = _decode(rt, ds)
     except PixelDataError as exc:
+        claim.pixels = UNDECODABLE  # a copy that decodes is then assessed
         return _not_assessed(rt, claim, ds, f"pixel data cannot be decoded: {exc}", send=send)
     claim.pixels = image_signature(image)
     # Decoded: the stored pixels are not read again, and a batching worker holds as many

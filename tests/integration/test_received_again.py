@@ -6,6 +6,7 @@ not (transcoded, routed, the name or accession number reconciled)."""
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import threading
 from io import BytesIO
 from pathlib import Path
@@ -938,3 +939,98 @@ def test_an_instance_assessed_before_its_pixels_were_pictured_is_compared_by_its
     received_again(runtime, instance_id, PixelData=np.ascontiguousarray(stored[::-1]).tobytes())
     assert assess_instance(runtime, instance_id).state == "skipped"
     assert results(runtime, instance_id) == [(1, False)]
+
+
+def test_a_large_image_with_no_window_transcoded_back_and_forth_is_assessed_once(
+    runtime: Runtime,
+) -> None:
+    """With no window in the header the display image is windowed on its own
+    percentiles, which move when JPEG 2000 is decoded at a reduced level (smoother than
+    averaged blocks): a PACS alternating the syntaxes of the same pixels sent a new SR
+    each time, when pictures were compared in grey levels."""
+    instance_id = spool_instance(
+        runtime, size=2048, attributes={"WindowCenter": None, "WindowWidth": None}
+    )
+    with session_scope(runtime.database_url) as session:
+        original = Path(session.get_one(Instance, instance_id).spool_path).read_bytes()
+    assert assess_instance(runtime, instance_id).state == "assessed"
+    before = stored_pixels(runtime, instance_id)
+    for _ in range(2):
+        transcoded_again(runtime, instance_id, JPEG2000Lossless)
+        assert np.array_equal(stored_pixels(runtime, instance_id), before)  # lossless
+        assert assess_instance(runtime, instance_id).state == "skipped"
+        bytes_received_again(runtime, instance_id, original)
+        assert assess_instance(runtime, instance_id).state == "skipped"
+    assert results(runtime, instance_id) == [(1, False)]
+
+
+def test_a_good_copy_after_one_that_could_not_be_decoded_brings_the_bone_age_back(
+    runtime: Runtime,
+) -> None:
+    instance_id = spool_instance(runtime)
+    with session_scope(runtime.database_url) as session:
+        original = Path(session.get_one(Instance, instance_id).spool_path).read_bytes()
+    assert assess_instance(runtime, instance_id).state == "assessed"
+    stored = stored_pixels(runtime, instance_id)
+    broken = stored.tobytes()[: stored.nbytes // 2]
+    received_again(runtime, instance_id, PixelData=broken)
+    assert assess_instance(runtime, instance_id).state == "not_assessed"
+    received_again(runtime, instance_id, PixelData=broken)  # the same broken copy: nothing new
+    assert assess_instance(runtime, instance_id).state == "skipped"
+
+    bytes_received_again(runtime, instance_id, original)  # the PACS sends the good one
+    third = assess_instance(runtime, instance_id)
+    assert third.state == "assessed"
+    assert results(runtime, instance_id) == [(1, False), (3, False)]
+
+
+def test_a_read_error_while_comparing_leaves_the_copy_to_be_compared(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An I/O error reading the copy's pixels (EIO, a stale NFS handle) is trouble the
+    task retries, not a copy found unchanged and forgotten."""
+    instance_id = spool_instance(runtime)
+    assert assess_instance(runtime, instance_id).state == "assessed"
+    stored = stored_pixels(runtime, instance_id)
+    received_again(runtime, instance_id, PixelData=np.ascontiguousarray(stored[:, ::-1]).tobytes())
+    decode = pipeline._decode
+
+    def failing(rt: Runtime, ds: Dataset) -> np.ndarray:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(pipeline, "_decode", failing)
+    with pytest.raises(OSError):
+        assess_instance(runtime, instance_id)
+    assert _received_again_at(runtime, instance_id) is not None  # still to be compared
+    monkeypatch.setattr(pipeline, "_decode", decode)
+    assert assess_instance(runtime, instance_id).state == "assessed"  # the task's retry
+    assert results(runtime, instance_id) == [(1, False), (2, False)]
+
+
+def test_a_copy_whose_assessment_failed_is_not_taken_up_again_when_sent_once_more(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its pixels are recorded with the claim, as its header's digest is: the same copy
+    sent again opens no third assessment (`reprocess` tries it again)."""
+    instance_id = spool_instance(runtime)
+    assert assess_instance(runtime, instance_id).state == "assessed"
+    flipped = np.ascontiguousarray(stored_pixels(runtime, instance_id)[:, ::-1]).tobytes()
+    received_again(runtime, instance_id, PixelData=flipped)
+
+    def fault(*_: Any, **__: Any) -> Any:
+        raise RuntimeError("the model failed")
+
+    monkeypatch.setattr(Runtime, "predict", fault)
+    for _ in range(pipeline.MAX_ATTEMPTS):
+        with pytest.raises(RuntimeError):
+            assess_instance(runtime, instance_id)
+        attempt_began_before(runtime, instance_id, FAULT_PAUSE.total_seconds() + 1)
+    with session_scope(runtime.database_url) as session:
+        instance = session.get_one(Instance, instance_id)
+        assert (instance.state, instance.assessment) == (InstanceState.ERROR, 2)
+
+    received_again(runtime, instance_id, PixelData=flipped)
+    assert assess_instance(runtime, instance_id).state == "skipped"
+    with session_scope(runtime.database_url) as session:
+        instance = session.get_one(Instance, instance_id)
+        assert (instance.state, instance.assessment) == (InstanceState.ERROR, 2)

@@ -9,7 +9,8 @@ import pytest
 from models.phantoms import make_phantom
 from worker.pipeline import (
     SIGNATURE_CELLS,
-    SIGNATURE_MEAN_LEVELS,
+    SIGNATURE_MEAN_SD,
+    UNDECODABLE,
     image_signature,
     signatures_differ,
 )
@@ -26,6 +27,12 @@ def hand() -> np.ndarray:
 def mean_levels_apart(first: bytes, second: bytes) -> float:
     a = np.frombuffer(first, np.uint8).astype(float)
     return float(np.abs(a - np.frombuffer(second, np.uint8)).mean())
+
+
+def mean_sd_apart(first: bytes, second: bytes) -> float:
+    """As signatures_differ measures it: each picture standardised."""
+    a, b = (np.frombuffer(p, np.uint8).astype(float) for p in (first, second))
+    return float(np.abs((a - a.mean()) / a.std() - (b - b.mean()) / b.std()).mean())
 
 
 def test_the_picture_is_the_mean_of_each_cell_in_grey_levels() -> None:
@@ -60,13 +67,41 @@ def test_noise_of_a_lossy_copy_leaves_the_picture(hand: np.ndarray) -> None:
     "change",
     [
         lambda image: image[:, ::-1],  # flipped
-        lambda image: image**0.8,  # another look-up table
+        lambda image: image[::-1],  # upside down
         lambda image: np.roll(image, 16, axis=1),  # shifted
     ],
-    ids=["flipped", "brighter", "shifted"],
+    ids=["flipped", "upside-down", "shifted"],
 )
 def test_the_image_processed_again_is_another_picture(hand: np.ndarray, change) -> None:
     assert signatures_differ(image_signature(hand), image_signature(change(hand)))
+
+
+def test_another_window_is_the_same_picture(hand: np.ndarray) -> None:
+    """A display image windowed on other percentiles (the same pixels decoded otherwise,
+    with no window in the header) is the same image seen through another window: shifted
+    and stretched by several grey levels, not of other pixels."""
+    rewindowed = np.clip((hand - 0.02) * 1.05, 0, 1)
+    before, after = image_signature(hand), image_signature(rewindowed)
+    assert mean_levels_apart(before, after) > 2  # the old grey-level test took it for new
+    assert not signatures_differ(before, after)
+
+
+def test_a_change_of_tone_alone_is_not_told_apart(hand: np.ndarray) -> None:
+    """Another look-up table moves the picture as little as a transcode's window does:
+    the window the model is given absorbs most of it, and it does not count."""
+    assert not signatures_differ(image_signature(hand), image_signature(hand**0.9))
+
+
+def test_an_image_that_could_not_be_decoded_is_its_own_picture(hand: np.ndarray) -> None:
+    assert not signatures_differ(UNDECODABLE, UNDECODABLE)
+    assert signatures_differ(UNDECODABLE, image_signature(hand))
+    assert signatures_differ(image_signature(hand), UNDECODABLE)
+
+
+def test_a_blank_image_is_compared_without_dividing_by_nought() -> None:
+    blank, grey = np.zeros((64, 64), np.float32), np.full((64, 64), 0.5, np.float32)
+    assert not signatures_differ(image_signature(blank), image_signature(grey))
+    assert signatures_differ(image_signature(blank), image_signature(np.eye(64, dtype=np.float32)))
 
 
 def test_one_region_changed_is_another_picture_though_the_mean_barely_moves(
@@ -77,5 +112,5 @@ def test_one_region_changed_is_another_picture_though_the_mean_barely_moves(
     side = 512 // SIGNATURE_CELLS
     marked[5 * side : 6 * side, 5 * side : 6 * side] = 1.0
     before, after = image_signature(hand), image_signature(marked)
-    assert mean_levels_apart(before, after) < SIGNATURE_MEAN_LEVELS
+    assert mean_sd_apart(before, after) < SIGNATURE_MEAN_SD
     assert signatures_differ(before, after)

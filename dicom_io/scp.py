@@ -494,7 +494,7 @@ class _StreamingDUL(DULServiceProvider):
         pdu_type, _, pdu_length = struct.unpack(">BBL", header)
         if pdu_type not in _PDU_TYPES:
             logger.warning("unknown PDU type 0x%02X received from %s", pdu_type, self._peer())
-            self.event_queue.put("Evt19")
+            self._invalid_pdu()
             return
         if pdu_length > pdu_length_limit(pdu_type):
             self._refuse_oversized(pdu_type, pdu_length)
@@ -511,27 +511,35 @@ class _StreamingDUL(DULServiceProvider):
             complete = False
         if not complete:
             logger.warning("association connection closed before a whole PDU was received")
-            self.event_queue.put("Evt17")
+            self._transport_closed()
             return
         try:
             pdu, event = self._decode_pdu(pdu_bytes)
         except Exception:  # a malformed PDU: pynetdicom's own decoders raise anything
             logger.exception("a received PDU could not be decoded")
-            self.event_queue.put("Evt19")
+            self._invalid_pdu()
             return
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
 
     def _transport_closed(self) -> None:
-        """The connection closed between PDUs (PS3.8 event 17).
-
-        Before an A-ASSOCIATE-RQ, the acceptor's thread waits for one on the queue to
-        the user until the ACSE timeout, whatever the state machine does: the
-        connection of a port scan or a client that gave up held its place among the
-        associations (and the listener's connections) that long. The None its wait
-        returns when it times out ends it now.
-        """
+        """The connection closed, or is to be closed as if it had (PS3.8 event 17)."""
         self.event_queue.put("Evt17")
+        self._no_request_coming()
+
+    def _invalid_pdu(self) -> None:
+        """An invalid or unknown PDU came (PS3.8 event 19)."""
+        self.event_queue.put("Evt19")
+        self._no_request_coming()
+
+    def _no_request_coming(self) -> None:
+        """Before an A-ASSOCIATE-RQ, the acceptor's thread waits for one on the queue to
+        the user until the ACSE timeout, whatever the state machine does: a connection
+        that closed, or sent what is no request (an HTTP or TLS probe to the plain
+        port, a PDU too long, one cut short), held its place among the associations
+        (and the listener's connections) that long. The None its wait returns when it
+        times out ends it now.
+        """
         if self.state_machine.current_state == "Sta2":
             self.to_user_queue.put(None)  # type: ignore[arg-type]
 
@@ -543,7 +551,7 @@ class _StreamingDUL(DULServiceProvider):
         )
         # as if the peer had closed: the state machine ends the association (AA-4,
         # AA-5) and shuts the socket down
-        self.event_queue.put("Evt17")
+        self._transport_closed()
 
     def _refuse_oversized(self, pdu_type: int, pdu_length: int) -> None:
         logger.warning(
@@ -561,7 +569,7 @@ class _StreamingDUL(DULServiceProvider):
             self.socket.send(abort.encode())
         # Not event 19 (invalid PDU): that waits in Sta13 for the peer to close, reading
         # whatever it still sends as PDUs. The body is never read; the connection closes.
-        self.event_queue.put("Evt17")
+        self._transport_closed()
 
     def _decode_pdu(self, bytestream: bytearray) -> tuple[Any, str]:
         if bytestream[0] != _P_DATA_TF:

@@ -457,3 +457,49 @@ def test_connections_past_the_bound_are_closed_on_arrival(
         assert len(node.recorded) == 1
     finally:
         node.scp.stop()
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        b"GET / HTTP/1.1\r\nHost: node\r\n\r\n",  # a web probe: no PDU type
+        struct.pack(">BBL", 0x01, 0, ASSOCIATE_PDU_LIMIT + 1),  # too long for its type
+        struct.pack(">BBL", 0x01, 0, 68) + b"\x00\x01",  # cut short, then closed
+        b"",  # connected and closed
+    ],
+    ids=["http-probe", "too-long", "cut-short", "nothing"],
+)
+def test_what_is_no_association_request_gives_its_place_back_at_once(
+    tmp_path: Path, dcmtk: dict[str, str], sent: bytes
+) -> None:
+    """A connection that sent anything but an A-ASSOCIATE-RQ, and closed, is done: with
+    the listener's one place taken by it, a C-ECHO gets in within seconds, where the
+    association used to wait out ARTIM (60 s here) first."""
+    node = Node(
+        tmp_path, acse_timeout=60, network_timeout=60, dimse_timeout=60, maximum_connections=1
+    )
+    node.scp.start()
+    assert node.scp._server is not None
+
+    def waiting_for_a_request() -> bool:
+        associations = node.scp._server.ae.active_associations  # type: ignore[union-attr]
+        return any(a.dul.state_machine.current_state == "Sta2" for a in associations)
+
+    try:
+        with node.connect() as sock:
+            wait_for(waiting_for_a_request, timeout=10, what="the listener awaiting a request")
+            sock.sendall(sent)
+            sock.shutdown(socket.SHUT_WR)
+            read_until_closed(sock)  # an A-ABORT or nothing, and closed
+
+        def echoed() -> bool:
+            assoc = echo_association(node.scp.port)
+            if not assoc.is_established:
+                return False
+            status = assoc.send_c_echo().Status
+            assoc.release()
+            return bool(status == 0x0000)
+
+        wait_for(echoed, timeout=10, what="a C-ECHO in the place the first connection had")
+    finally:
+        node.scp.stop()

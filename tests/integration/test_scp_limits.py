@@ -412,6 +412,16 @@ def echo_association(port: int) -> Association:
     return ae.associate("127.0.0.1", port, ae_title="BONEAGE")
 
 
+def echoes(port: int) -> bool:
+    """Whether the listener takes an association and answers its C-ECHO with Success."""
+    assoc = echo_association(port)
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo().Status
+    assoc.release()
+    return bool(status == 0x0000)
+
+
 def test_connections_past_the_bound_are_closed_on_arrival(
     tmp_path: Path, dcmtk: dict[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -441,17 +451,10 @@ def test_connections_past_the_bound_are_closed_on_arrival(
         for connection in idle:
             connection.close()
 
-        def echoed() -> bool:
-            assoc = echo_association(node.scp.port)
-            if not assoc.is_established:
-                return False
-            status = assoc.send_c_echo().Status
-            assoc.release()
-            return bool(status == 0x0000)
-
         # Within half the ARTIM timeout: a connection that closes before its A-ASSOCIATE-RQ
         # gives its place back at once, where it used to keep it until ARTIM ran out.
-        wait_for(echoed, timeout=30, what="a C-ECHO once the idle connections are gone")
+        port = node.scp.port
+        wait_for(lambda: echoes(port), timeout=30, what="a C-ECHO once the idle ones are gone")
         done = node.storescu(write_hand(tmp_path / "hand.dcm"))
         assert done.returncode == 0, done.stderr
         assert len(node.recorded) == 1
@@ -492,14 +495,7 @@ def test_what_is_no_association_request_gives_its_place_back_at_once(
             sock.shutdown(socket.SHUT_WR)
             read_until_closed(sock)  # an A-ABORT or nothing, and closed
 
-        def echoed() -> bool:
-            assoc = echo_association(node.scp.port)
-            if not assoc.is_established:
-                return False
-            status = assoc.send_c_echo().Status
-            assoc.release()
-            return bool(status == 0x0000)
-
-        wait_for(echoed, timeout=10, what="a C-ECHO in the place the first connection had")
+        port = node.scp.port
+        wait_for(lambda: echoes(port), timeout=10, what="a C-ECHO in the first one's place")
     finally:
         node.scp.stop()

@@ -504,6 +504,7 @@ def _markdown(metrics: dict[str, Any], meta: CheckpointMeta) -> str:
         f"- trained: {'yes' if meta.trained else 'NO (random weights)'}",
         f"- precision of the trunk: {metrics['precision']}",
         f"- training data: {meta.data or '–'}",
+        f"- evaluated on: {metrics.get('data') or '–'}",
         f"- images: {metrics['overall']['n']} evaluated of {metrics['n_listed']} listed, "
         f"{metrics['n_missing']} missing"
         + (" (the metrics are of the images found only)" if metrics["n_missing"] else ""),
@@ -572,6 +573,7 @@ def evaluate(
     plots: bool = True,
     allow_missing: bool = False,
     bootstrap: int = BOOTSTRAP_RESAMPLES,
+    data: str = "",
 ) -> EvaluationReport:
     """Evaluate a checkpoint and write the report.
 
@@ -611,6 +613,11 @@ def evaluate(
         Resamples of the 95 % confidence intervals of MAE and bias
         (:func:`bootstrap_intervals`, seed :data:`BOOTSTRAP_SEED`): of patients where
         any image has a ``group``, else of images. 0: none.
+    data : str
+        What the images are and how they were read (``worker.datasets.load_items``'s
+        description: a DICOM folder says the input size and heat-map floor it was decoded
+        for), recorded as ``data`` in ``metrics.json`` and in ``report.md``, so that a
+        report says which decode its figures are of.
 
     Returns
     -------
@@ -672,6 +679,7 @@ def evaluate(
     metrics["model"] = {"id": loaded.model_id, "arch": meta.arch, "trained": meta.trained}
     metrics["precision"] = precision_name(dtype)
     metrics["n_listed"], metrics["n_missing"] = n_listed, n_missing
+    metrics["data"] = data
 
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)

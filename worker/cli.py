@@ -1201,6 +1201,7 @@ def evaluate(
             plots=plots,
             allow_missing=allow_missing,
             bootstrap=resamples,
+            data=description,
         )
     except (ImportError, ValueError) as exc:  # OpenCV for a CLAHE model; missing images; ...
         raise click.ClickException(str(exc)) from exc

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,12 @@ def _prepared_by_evaluate(
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "decoded as the service does (input 128 px" in result.output
+    # and the report says so: which decode its figures are of
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["data"].endswith(
+        "decoded as the service does (input 128 px, BONEAGE_SC_MIN_LONG_SIDE 256)"
+    )
+    assert metrics["data"] in (tmp_path / "report" / "report.md").read_text()
     [dataset] = made
     return dataset[0][0]
 

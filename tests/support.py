@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -66,6 +66,18 @@ def dcmtk_tool(name: str) -> str:
     if found is None:
         raise AssertionError(f"dcmtk's {name} is not installed: run scripts/setup.sh")
     return found
+
+
+def storescu_command(
+    port: int, *files: Path, calling: str = "PACS", extra: Sequence[str] = ()
+) -> list[str]:
+    """dcmtk's storescu sending ``files`` over one association to the listener
+    (BONEAGE) on loopback ``port``, as ``calling``; ``extra``: its other options."""
+    return [
+        dcmtk_tool("storescu"),
+        *("-aet", calling, "-aec", "BONEAGE", *extra),
+        *("127.0.0.1", str(port), *map(str, files)),
+    ]
 
 
 def free_port() -> int:

@@ -72,7 +72,7 @@ from dicom_io.scp import (
 )
 from dicom_io.synthetic import make_radiograph_dataset
 from tests.dicomtools import run_tool
-from tests.support import dcmtk_tool, free_port, wait_for
+from tests.support import free_port, storescu_command, wait_for
 from worker.listener import record_instance
 from worker.pipeline import assess_instance
 from worker.runtime import Runtime
@@ -324,7 +324,7 @@ def write_hand(path: Path, pixels: np.ndarray | None = None, **kwargs: object) -
 
 def storescu(port: int, path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [dcmtk_tool("storescu"), "-aet", "PACS", "-aec", "BONEAGE", "127.0.0.1", str(port), path],
+        storescu_command(port, path),
         capture_output=True,
         text=True,
         timeout=STORE_DEADLINE_S,

@@ -30,7 +30,13 @@ from db.schema import Delivery, DeliveryState, Instance, InstanceState, Result
 from models.fused import fusion_available
 from tests.conftest import StoreSCP
 from tests.dicomtools import dciodvfy_errors, dsrdump
-from tests.support import dcmtk_tool, free_port, keep_process_log, wait_for, wait_for_port
+from tests.support import (
+    free_port,
+    keep_process_log,
+    storescu_command,
+    wait_for,
+    wait_for_port,
+)
 from worker.messaging import prune_embedded_broker
 from worker.settings import usable_cpus
 
@@ -109,16 +115,7 @@ def spooled_bytes(data_dir: Path) -> int:
 
 def storescu(port: int, *files: Path) -> None:
     result = subprocess.run(
-        [
-            dcmtk_tool("storescu"),
-            "-aet",
-            "PACS",
-            "-aec",
-            "BONEAGE",
-            "127.0.0.1",
-            str(port),
-            *map(str, files),
-        ],
+        storescu_command(port, *files),
         capture_output=True,
         text=True,
         timeout=120,

@@ -41,7 +41,7 @@ from dicom_io.scp import (
     spool_path,
 )
 from dicom_io.synthetic import make_radiograph_dataset
-from tests.support import dcmtk_tool, free_port, wait_for
+from tests.support import dcmtk_tool, free_port, storescu_command, wait_for
 from worker.listener import record_instance
 
 pytestmark = pytest.mark.integration
@@ -86,17 +86,7 @@ class Harness:
         self, *files: Path, calling: str = "PACS", extra: tuple[str, ...] = ()
     ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [
-                dcmtk_tool("storescu"),
-                "-aet",
-                calling,
-                "-aec",
-                "BONEAGE",
-                *extra,
-                "127.0.0.1",
-                str(self.scp.port),
-                *map(str, files),
-            ],
+            storescu_command(self.scp.port, *files, calling=calling, extra=extra),
             capture_output=True,
             text=True,
             timeout=60,

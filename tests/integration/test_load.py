@@ -24,7 +24,7 @@ from db.engine import session_scope
 from db.schema import Instance, InstanceState
 from dicom_io.synthetic import make_radiograph_dataset
 from tests.integration.test_end_to_end import Node
-from tests.support import dcmtk_tool, free_port, wait_for, wait_for_port
+from tests.support import free_port, storescu_command, wait_for, wait_for_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -143,17 +143,7 @@ def test_burst_of_1000_instances_nothing_lost(node: Node, tmp_path: Path) -> Non
     with RssSampler(pid) as sampler:
         senders = [
             subprocess.Popen(
-                [
-                    dcmtk_tool("storescu"),
-                    "-v",
-                    "-aet",
-                    "PACS",
-                    "-aec",
-                    "BONEAGE",
-                    "127.0.0.1",
-                    str(port),
-                    *map(str, files),
-                ],
+                storescu_command(port, *files, extra=("-v",)),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,

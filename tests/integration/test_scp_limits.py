@@ -29,7 +29,7 @@ from dicom_io.scp import (
     pdu_length_limit,
 )
 from tests.integration.test_listener import write_hand
-from tests.support import dcmtk_tool, wait_for
+from tests.support import storescu_command, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -88,11 +88,7 @@ def storescu(
 ) -> subprocess.CompletedProcess[str]:
     """dcmtk's storescu, calling as PACS, sending ``files`` over one association."""
     return subprocess.run(
-        [
-            dcmtk_tool("storescu"),
-            *("-aet", "PACS", "-aec", "BONEAGE", *extra),
-            *("127.0.0.1", str(port), *map(str, files)),
-        ],
+        storescu_command(port, *files, extra=extra),
         capture_output=True,
         text=True,
         timeout=60,

@@ -19,7 +19,7 @@ from dicom_io.scu import SendError, send_files
 from tests.conftest import StoreSCP
 from tests.integration.test_end_to_end import Node, base_env, cli
 from tests.integration.test_reliability import everything_delivered, make_hands
-from tests.support import dcmtk_tool, free_port, wait_for, wait_for_port
+from tests.support import dcmtk_tool, free_port, storescu_command, wait_for, wait_for_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -145,21 +145,11 @@ def storescu_over_tls(
     with the client certificate and trusting the test CA."""
     client_certificate, client_key = certificates.client
     return subprocess.run(
-        [
-            dcmtk_tool("storescu"),
-            "+tls",
-            str(client_key),
-            str(client_certificate),
-            "+cf",
-            str(certificates.ca),
-            "-aet",
-            "PACS",
-            "-aec",
-            "BONEAGE",
-            "127.0.0.1",
-            str(port),
-            *map(str, files),
-        ],
+        storescu_command(
+            port,
+            *files,
+            extra=("+tls", str(client_key), str(client_certificate), "+cf", str(certificates.ca)),
+        ),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,

@@ -221,7 +221,7 @@ class _SpoolFile:
             try:
                 return int(self._wrapped.write(data))
             except OSError as exc:
-                self._fail(exc)
+                self.fail(exc)
         return len(data)
 
     def flush(self) -> None:
@@ -229,7 +229,7 @@ class _SpoolFile:
             try:
                 self._wrapped.flush()
             except OSError as exc:
-                self._fail(exc)
+                self.fail(exc)
 
     def tell(self) -> int:
         return int(self._wrapped.tell())
@@ -249,13 +249,26 @@ class _SpoolFile:
             with contextlib.suppress(OSError):
                 self._path.unlink(missing_ok=True)
 
-    def _fail(self, exc: OSError) -> None:
+    def fail(self, exc: OSError) -> None:
+        """Stop writing for ``exc``: the file goes, the rest of the data set is read and
+        discarded, and the C-STORE is answered 0xA700."""
         self.error = exc
         self.discard()
         logger.error(
             "a data set could not be written to the spool (%s): the rest is discarded",
             exc.strerror or type(exc).__name__,
         )
+
+
+def _spool_file_of(message: Any) -> _SpoolFile:
+    """The :class:`_SpoolFile` a DIMSE message's data set streams into, wrapped around
+    pynetdicom's temporary file (or its absence) the first time it is asked for."""
+    spool_file = message._data_set_file
+    if not isinstance(spool_file, _SpoolFile):
+        path = message._data_set_path
+        spool_file = _SpoolFile(spool_file, path if isinstance(path, Path) else None)
+        message._data_set_file = spool_file
+    return cast(_SpoolFile, spool_file)
 
 
 class _WritingBackDIMSE(DIMSEServiceProvider):
@@ -320,27 +333,13 @@ class _WritingBackDIMSE(DIMSEServiceProvider):
             message = self.message
             if message is None:
                 raise
-            path = message._data_set_path
-            failed = _SpoolFile(
-                message._data_set_file, path if isinstance(path, Path) else None, exc
-            )
-            failed.discard()
-            message._data_set_file = failed  # type: ignore[assignment]
-            logger.error(
-                "a data set could not be written to the spool (%s): the rest is discarded",
-                exc.strerror or type(exc).__name__,
-            )
+            _spool_file_of(message).fail(exc)
             return
         message = self.message
-        raw: Any = None if message is None else message._data_set_file
-        if message is None or raw is None:
+        if message is None or message._data_set_file is None:
             self._writeback_from = 0  # the next data set starts its own file
             return
-        if not isinstance(raw, _SpoolFile):
-            path = message._data_set_path
-            raw = _SpoolFile(raw, path if isinstance(path, Path) else None)
-            message._data_set_file = raw
-        spool_file = cast(_SpoolFile, raw)
+        spool_file = _spool_file_of(message)
         if _start_writeback is None or spool_file.error is not None:
             return
         try:

@@ -14,8 +14,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from db.engine import upgrade
 from tests.conftest import StoreSCP
 from tests.integration.test_end_to_end import (
     Node,
@@ -26,6 +28,7 @@ from tests.integration.test_end_to_end import (
     storescu,
 )
 from tests.support import free_port, wait_for, wait_for_port
+from worker.metrics import NodeCollector
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -162,3 +165,32 @@ def test_metrics_of_a_running_node(
     finally:
         codes = node.stop()
     assert codes == [0], node.log_text()[-4000:]
+
+
+def test_connections_the_listener_closed_on_arrival_are_a_counter(tmp_path: Path) -> None:
+    """What `StorageSCP.refused_connections` says reaches the scrape as a counter."""
+    url = f"sqlite:///{tmp_path / 'boneage.db'}"
+    upgrade(url)
+    refused = [0]
+    registry = CollectorRegistry()
+    registry.register(
+        NodeCollector(
+            url, lambda: {}, lambda: {"stored": 0}, refused_connections=lambda: refused[0]
+        )
+    )
+
+    def scraped() -> float:
+        text = generate_latest(registry).decode()
+        [family] = [
+            f
+            for f in text_string_to_metric_families(text)
+            if f.name == "boneage_listener_connections_refused"
+        ]
+        assert family.type == "counter"
+        [sample] = family.samples
+        assert sample.name == "boneage_listener_connections_refused_total"
+        return float(sample.value)
+
+    assert scraped() == 0
+    refused[0] = 12
+    assert scraped() == 12

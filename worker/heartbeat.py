@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from celery.signals import task_postrun, task_prerun
-from sqlalchemy import delete
+from sqlalchemy import ColumnElement, delete
+from sqlalchemy.orm import Session
 
 from db.engine import session_scope
 from db.queries import database_now
@@ -38,6 +39,12 @@ logger = logging.getLogger(__name__)
 INTERVAL_SECONDS = 10.0
 #: A process whose heartbeat is older than this is down (three missed beats).
 STALE_AFTER = timedelta(seconds=3 * INTERVAL_SECONDS)
+
+
+def alive(session: Session) -> ColumnElement[bool]:
+    """The condition on `Heartbeat` rows of processes alive now: seen within
+    `STALE_AFTER` by the database's clock, which dated them (hosts' clocks may differ)."""
+    return Heartbeat.seen_at >= database_now(session) - STALE_AFTER
 
 
 #: A task still running this long after it began is hung. An image takes seconds. The

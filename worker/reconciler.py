@@ -16,10 +16,9 @@ from datetime import timedelta
 from sqlalchemy import ColumnElement, or_, select, update
 
 from db.engine import session_scope
-from db.queries import database_now
 from db.schema import FINISHED, Delivery, DeliveryState, Heartbeat, Instance, InstanceState
 from db.schema import utcnow as now
-from worker.heartbeat import STALE_AFTER
+from worker.heartbeat import alive
 from worker.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -63,10 +62,9 @@ def reconcile(
     current = now()
     stale = current - timedelta(seconds=settings.requeue_after_seconds)
     with session_scope(rt.database_url) as session:
-        # heartbeats are dated by the database's clock (worker.heartbeat): judged by it
-        # too, or a host whose clock runs ahead takes every worker for dead
-        beaten = database_now(session) - STALE_AFTER
-        live_workers = select(Heartbeat.name).where(Heartbeat.seen_at >= beaten)
+        # by the database's clock, or a host whose clock runs ahead takes every worker
+        # for dead
+        live_workers = select(Heartbeat.name).where(alive(session))
         received = Instance.state == InstanceState.RECEIVED
         conditions: list[ColumnElement[bool]] = [
             # At start-up nothing can be in flight: every `received` row is re-queued.

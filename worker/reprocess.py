@@ -14,10 +14,9 @@ from collections.abc import Sequence
 from sqlalchemy import or_, select, update
 
 from db.engine import session_scope
-from db.queries import database_now
 from db.schema import FINISHED, Heartbeat, Instance, InstanceState, Result
 from db.schema import utcnow as now
-from worker.heartbeat import STALE_AFTER
+from worker.heartbeat import alive
 from worker.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -134,9 +133,8 @@ def models_of_live_workers(rt: Runtime) -> set[str]:
     """The model ids the inference workers alive now run (from their heartbeats, judged
     by the database's clock, which wrote them)."""
     with session_scope(rt.database_url) as session:
-        alive_since = database_now(session) - STALE_AFTER
         beats = session.scalars(
-            select(Heartbeat).where(Heartbeat.role == "worker", Heartbeat.seen_at >= alive_since)
+            select(Heartbeat).where(Heartbeat.role == "worker", alive(session))
         ).all()
         return {str(b.detail["model_id"]) for b in beats if (b.detail or {}).get("model_id")}
 

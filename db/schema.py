@@ -74,10 +74,20 @@ class InstanceState(enum.StrEnum):
     ASSESSED = "assessed"  # a result exists
     NOT_ASSESSED = "not_assessed"  # accepted from the PACS but outside what we can assess
     ERROR = "error"  # processing failed in a way a retry will not fix; reason says why
+    # the PACS rejected it (an IOCM rejection note): not assessed, or its bone age withdrawn
+    REJECTED = "rejected"
 
 
-#: The states an instance's processing ends in (until a copy received again reopens it).
-FINISHED = (InstanceState.ASSESSED, InstanceState.NOT_ASSESSED, InstanceState.ERROR)
+#: The states an instance's processing ends in (until a copy received again reopens it,
+#: which it never does for a rejected one).
+FINISHED = (
+    InstanceState.ASSESSED,
+    InstanceState.NOT_ASSESSED,
+    InstanceState.ERROR,
+    InstanceState.REJECTED,
+)
+#: The finished states a copy received again, or `reprocess`, may assess again.
+REASSESSABLE = (InstanceState.ASSESSED, InstanceState.NOT_ASSESSED, InstanceState.ERROR)
 
 
 class DeliveryState(enum.StrEnum):
@@ -91,6 +101,9 @@ class DeliveryState(enum.StrEnum):
 class ObjectKind(enum.StrEnum):
     SR = "sr"
     SC = "sc"
+    # a rejection note (Key Object Selection) that withdraws our SR and SC of an image
+    # the PACS rejected
+    KO = "ko"
 
 
 def _enum(cls: type[enum.Enum]) -> Enum:
@@ -234,6 +247,21 @@ class Delivery(Base):
     delivered_at: Mapped[datetime | None]
 
     result: Mapped[Result | None] = relationship(back_populates="deliveries")
+
+
+class Rejection(Base):
+    """An instance a PACS rejected with an IOCM rejection note (dicom_io.ko): one of
+    ours, an image (which is then never assessed, or has its bone age withdrawn), or an
+    instance not received yet, which is then not assessed when it comes."""
+
+    __tablename__ = "rejections"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    # the note's title, a code of dicom_io.ko.REJECTION_TITLES (113001 ...)
+    code: Mapped[str] = mapped_column(String(16))
+    note_sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Heartbeat(Base):

@@ -167,6 +167,7 @@ def last_hour(session: Session, now: datetime) -> dict[str, Any]:
     return {
         "assessed": states.count(InstanceState.ASSESSED),
         "not_assessed": states.count(InstanceState.NOT_ASSESSED),
+        "rejected": states.count(InstanceState.REJECTED),
         "error": states.count(InstanceState.ERROR),
         "processing_p50_s": _percentile(latencies.to_assessed, 0.5),
         "processing_p95_s": _percentile(latencies.to_assessed, 0.95),
@@ -191,6 +192,8 @@ REASON_CATEGORIES: tuple[tuple[str, str], ...] = (
     ("patient sex", "sex"),
     ("patient age", "age"),
     ("the file cannot be parsed", "parse"),
+    # a rejection note, or another Key Object Selection (worker.pipeline)
+    ("a key object selection", "key_object"),
 )
 OTHER_REASON = "other"
 

@@ -1041,6 +1041,9 @@ class StorageSCP:
         ae.network_timeout, ae.acse_timeout, ae.dimse_timeout = self._timeouts
         for uid in image_storage_sop_classes():
             ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))
+        # the one storage SOP class taken that is no image: IOCM rejection notes, by which
+        # the PACS tells of images it rejected (dicom_io.ko, worker.pipeline)
+        ae.add_supported_context(pyuid.KeyObjectSelectionDocumentStorage, list(TRANSFER_SYNTAXES))
         ae.add_supported_context(VERIFICATION_SOP_CLASS)
         return ae
 

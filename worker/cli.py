@@ -627,6 +627,7 @@ def reprocess(
         models_of_live_workers,
         not_finished,
         prepare_reprocess,
+        rejected_by_the_pacs,
         select_instances,
         workers_problem,
     )
@@ -649,6 +650,7 @@ def reprocess(
             f"one that runs model {rt.predictor.model_id[:12]} (BONEAGE_MODEL).[/]"
         )
     waiting = not_finished(rt, chosen)  # before: what it queues is not finished after
+    rejected = rejected_by_the_pacs(rt, chosen)
     todo = prepare_reprocess(rt, chosen)
     for instance_id in todo:
         enqueue_assess(instance_id, send=send)
@@ -657,9 +659,15 @@ def reprocess(
     console.print(
         f"{len(chosen)} instances chosen; {len(todo)} queued for model "
         f"{rt.predictor.model_id[:12]} ({fate}); "
-        f"{len(chosen) - len(todo) - len(gone) - len(waiting)} already assessed by it; "
-        f"{len(waiting)} not finished yet (left as they are)"
+        f"{len(chosen) - len(todo) - len(gone) - len(waiting) - len(rejected)} already "
+        f"assessed by it; {len(waiting)} not finished yet (left as they are)"
     )
+    if rejected:
+        console.print(
+            f"[yellow]{len(rejected)} instance(s) not queued: the PACS rejected them (a "
+            "rejection note), and what was sent of them was withdrawn. Instance ids: "
+            f"{', '.join(map(str, rejected))}[/]"
+        )
     if gone:
         console.print(
             f"[yellow]{len(gone)} instance(s) not queued: retention removed their received "

@@ -46,8 +46,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydicom import Dataset
 from pydicom.multival import MultiValue
-from pydicom.uid import generate_uid
+from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage, generate_uid
 from sqlalchemy import ColumnElement, case, func, literal, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -61,12 +62,21 @@ from db.schema import (
     InstanceState,
     Model,
     ObjectKind,
+    Rejection,
     Result,
     UTCDateTime,
 )
 from db.schema import utcnow as now
 from dicom_io import gate
 from dicom_io.content import MANUFACTURER, BoneAgeFinding
+from dicom_io.ko import (
+    REJECTION_TITLES,
+    Reference,
+    RejectionNote,
+    build_rejection_note,
+    is_key_object_selection,
+    read_rejection_note,
+)
 from dicom_io.pixels import (
     FRAME_DESCRIPTION,
     FileChangedError,
@@ -96,6 +106,7 @@ logger = logging.getLogger(__name__)
 #: Series numbers of our output series, high so they sort after the source series.
 SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
+KO_SERIES_NUMBER = 9903
 
 #: How many times an instance may start processing before it is marked `error`.
 MAX_ATTEMPTS = 3
@@ -109,7 +120,7 @@ RETRIED_BY_THE_TASK: tuple[type[Exception], ...] = (OperationalError, OSError)
 
 @dataclasses.dataclass(frozen=True)
 class AssessOutcome:
-    state: str  # "assessed", "not_assessed", "error", "skipped", "duplicate"
+    state: str  # "assessed", "not_assessed", "rejected", "error", "skipped", "duplicate"
     delivery_ids: tuple[int, ...] = ()
     reason: str | None = None
 
@@ -400,7 +411,7 @@ def _reopen_if_received_changed(
     cannot be read: nothing says it changed. Of two attempts that find the same change
     at once, one claims it; the other leaves it.
     """
-    if inputs is None:
+    if inputs is None or finished is InstanceState.REJECTED:  # rejected stays rejected
         return None
     try:
         ds = read_image(spool)  # the header; the pixels are read only if it is the same
@@ -792,6 +803,12 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
         return AssessOutcome("not_assessed", reason=reason)
 
     decision, claim.inputs = _decide(rt, ds)
+    if is_key_object_selection(ds):
+        return _key_object_selection(rt, claim, ds)
+    if (rejected := _rejection(rt, claim.sop_instance_uid)) is not None:
+        _finish(rt, claim, InstanceState.REJECTED, rejected)
+        logger.info("instance %d not assessed: the PACS rejected it", instance_id)
+        return AssessOutcome("rejected", reason=rejected)
     if not decision.accepted:
         return _not_assessed(rt, claim, ds, decision.reason or "", send=send)
     facts = decision.facts
@@ -1302,6 +1319,247 @@ def _not_assessed(
     return AssessOutcome("not_assessed", delivery_ids=outcome.delivery_ids, reason=reason)
 
 
+# -- rejection notes (IHE IOCM) ----------------------------------------------------
+
+#: The classes of our objects, as a rejection note of ours references them.
+_OUR_CLASSES = {ObjectKind.SR: ComprehensiveSRStorage, ObjectKind.SC: SecondaryCaptureImageStorage}
+#: What a not-assessed reason of a Key Object Selection begins with (its category).
+KEY_OBJECT_REASON = "a key object selection"
+
+
+def _key_object_selection(rt: Runtime, claim: _Claim, ds: Dataset) -> AssessOutcome:
+    """Apply a rejection note the PACS sent (a Key Object Selection Document with an
+    IOCM rejection title): every instance it names is rejected, those received later
+    included; an image not assessed yet never is, and one assessed has its bone age
+    withdrawn (:func:`_withdraw`). Any other Key Object Selection is recorded and
+    left.
+
+    The rejections are committed first, then each image is withdrawn in a transaction
+    of its own: an attempt at that image that commits after the first finds them
+    (:func:`_commit`), and one that committed before is found by the second. Applied
+    again (the task retried, the note received again), it changes nothing more.
+    """
+    try:
+        note = read_rejection_note(ds)
+    except ValueError as exc:
+        reason = f"{KEY_OBJECT_REASON} that cannot be read as a rejection note: {exc}"
+        logger.warning("instance %d: %s", claim.instance_id, reason)
+        _finish(rt, claim, InstanceState.NOT_ASSESSED, reason)
+        return AssessOutcome("not_assessed", reason=reason)
+    if note is None:
+        reason = f"{KEY_OBJECT_REASON}, not a rejection note"
+        _finish(rt, claim, InstanceState.NOT_ASSESSED, reason)
+        return AssessOutcome("not_assessed", reason=reason)
+    rejected = [r.sop_instance_uid for r in note.references]
+    with session_scope(rt.database_url) as session:
+        dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+        session.execute(
+            dialect.insert(Rejection)
+            .values(
+                [
+                    {
+                        "sop_instance_uid": uid,
+                        "code": note.code,
+                        "note_sop_instance_uid": note.sop_instance_uid,
+                        "received_at": now(),
+                    }
+                    for uid in rejected
+                ]
+            )
+            .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+        )
+        # of our own objects the note rejects, those not sent never will be
+        session.execute(
+            update(Delivery)
+            .where(
+                Delivery.sop_instance_uid.in_(rejected),
+                Delivery.state.in_([DeliveryState.PENDING, DeliveryState.FAILED]),
+            )
+            .values(state=DeliveryState.SUPERSEDED, last_error=_rejected_by_the_pacs(note))
+            .execution_options(synchronize_session=False)
+        )
+        images = session.execute(
+            select(Instance.id, Instance.sop_instance_uid).where(
+                Instance.sop_instance_uid.in_(rejected), Instance.id != claim.instance_id
+            )
+        ).all()
+    delivery_ids: list[int] = []
+    withdrawn = 0
+    for instance_id, uid in images:
+        sent = _withdraw(rt, instance_id, uid, note, ds)
+        if sent is not None:
+            withdrawn += 1
+            delivery_ids += sent
+    reason = (
+        f"{KEY_OBJECT_REASON}, rejection note {note.meaning!r}: {len(rejected)} "
+        f"instance(s) rejected, {len(images)} of them received here, {withdrawn} withdrawn "
+        f"now, {len(delivery_ids)} rejection note(s) of ours to send"
+    )
+    logger.info("instance %d: %s", claim.instance_id, reason)
+    _finish(rt, claim, InstanceState.NOT_ASSESSED, reason)
+    return AssessOutcome("not_assessed", delivery_ids=tuple(delivery_ids), reason=reason)
+
+
+def _rejected_by_the_pacs(note: RejectionNote) -> str:
+    return f"rejected by the PACS: {note.meaning}"
+
+
+def _rejection(rt: Runtime, sop_instance_uid: str) -> str | None:
+    """Why the instance ``sop_instance_uid`` is rejected, if a rejection note named it."""
+    with session_scope(rt.database_url) as session:
+        return _rejection_in(session, sop_instance_uid)
+
+
+def _rejection_in(session: Session, sop_instance_uid: str) -> str | None:
+    code = session.scalar(
+        select(Rejection.code).where(Rejection.sop_instance_uid == sop_instance_uid)
+    )
+    if code is None:
+        return None
+    return f"rejected by the PACS: {REJECTION_TITLES.get(code, code)}"
+
+
+def _withdraw(
+    rt: Runtime, instance_id: int, source_uid: str, note: RejectionNote, note_ds: Dataset
+) -> list[int] | None:
+    """Mark the image ``instance_id`` rejected, supersede what of it was not sent, and
+    queue a rejection note of ours for the SRs and SCs of it that a destination has or
+    may have (delivered, or on their way), one per study and destination, with the
+    PACS's title: an IOCM-aware PACS then hides them too. Returns the new deliveries;
+    None when the image was rejected already.
+
+    The note's patient and study attributes are those of the rejected image (IOCM);
+    ours copies them, and in a study other than the note's (the image was moved since
+    its first objects went) only the patient's.
+    """
+    why = _rejected_by_the_pacs(note)
+    staged: list[Output] = []
+    try:
+        with session_scope(rt.database_url) as session:
+            marked = session.execute(
+                update(Instance)
+                .where(Instance.id == instance_id, Instance.state != InstanceState.REJECTED)
+                .values(
+                    state=InstanceState.REJECTED,
+                    reason=why,
+                    finished_at=now(),
+                    received_again_at=None,
+                )
+                .returning(Instance.assessment, Instance.study_instance_uid)
+                .execution_options(synchronize_session=False)
+            ).one_or_none()
+            if marked is None:
+                return None
+            _supersede_unsent(
+                session, instance_id, marked.assessment + 1, f"{why}, before it was sent"
+            )
+            rows = session.execute(
+                select(
+                    Delivery.kind,
+                    Delivery.sop_instance_uid,
+                    Delivery.study_instance_uid,
+                    Delivery.series_instance_uid,
+                    Delivery.destination,
+                    Result.model_id,
+                )
+                .outerjoin(Result, Delivery.result_id == Result.id)
+                .where(
+                    Delivery.instance_id == instance_id,
+                    Delivery.kind.in_(list(_OUR_CLASSES)),
+                    or_(
+                        Delivery.state == DeliveryState.DELIVERED,
+                        (Delivery.state == DeliveryState.SUPERSEDED)
+                        & Delivery.sending_since.is_not(None),
+                    ),
+                )
+                .order_by(Delivery.id)
+            ).all()
+            by_study: dict[str, dict[str, Reference]] = {}
+            destinations: dict[str, set[str]] = {}
+            for kind, uid, study, series, destination, model_id in rows:
+                # where it went; a row from before revision 0006: the first study's series
+                study = study or marked.study_instance_uid
+                if series is None:
+                    if kind is ObjectKind.SC and model_id is None:
+                        continue  # a withdrawal notice of before 0006: its series unknown
+                    series = (sr_series_uid if kind is ObjectKind.SR else sc_series_uid)(
+                        source_uid, model_id
+                    )
+                by_study.setdefault(study, {})[uid] = Reference(
+                    study, series, _OUR_CLASSES[kind], uid
+                )
+                destinations.setdefault(study, set()).add(destination)
+            deliveries: list[Delivery] = []
+            for study, references in by_study.items():
+                notice = build_rejection_note(
+                    _patient_and_study(note_ds, study),
+                    note.code,
+                    list(references.values()),
+                    description=(
+                        f"Bone age withdrawn: its source image was {why.lower()}; "
+                        "these AI results no longer stand."
+                    ),
+                    series_instance_uid=derived_uid(source_uid, "ko-series", "study", study),
+                    sop_instance_uid=derived_uid(
+                        source_uid, *_again(marked.assessment), "withdrawn-ko", study
+                    ),
+                    series_number=KO_SERIES_NUMBER,
+                )
+                output = _stage_output(rt.settings.outbox_dir, ObjectKind.KO, notice, "ko")
+                staged.append(output)
+                deliveries += [
+                    Delivery(
+                        instance_id=instance_id,
+                        result_id=None,
+                        kind=ObjectKind.KO,
+                        destination=destination,
+                        sop_instance_uid=output.sop_instance_uid,
+                        study_instance_uid=output.study_instance_uid,
+                        series_instance_uid=output.series_instance_uid,
+                        assessment=marked.assessment,
+                        path=str(output.path),
+                        sha256=output.sha256,
+                        state=DeliveryState.PENDING,
+                        next_attempt_at=now(),
+                    )
+                    for destination in sorted(destinations[study])
+                ]
+            session.add_all(deliveries)
+            session.flush()
+            staged = publish(staged)
+            ids = [d.id for d in deliveries]
+    except BaseException:
+        discard(staged)
+        raise
+    logger.info(
+        "instance %d rejected by the PACS: %d rejection note(s) of ours to send for what "
+        "was sent of it",
+        instance_id,
+        len(ids),
+    )
+    return ids
+
+
+def _patient_and_study(note_ds: Dataset, study: str) -> Dataset:
+    """``note_ds``'s patient and study attributes for a note of ours in ``study``: in
+    another study than the note's, its study's own (date, accession number ...) are
+    left empty rather than said wrong."""
+    if str(note_ds.get("StudyInstanceUID", "")) == study:
+        return note_ds
+    source = Dataset()
+    source.file_meta = note_ds.file_meta
+    for element in note_ds:
+        source.add(element)
+    for keyword in ("StudyDate", "StudyTime", "AccessionNumber", "StudyID", "StudyDescription"):
+        if keyword in source:
+            setattr(source, keyword, "")
+    for keyword in ("IssuerOfAccessionNumberSequence",):
+        if keyword in source:
+            del source[keyword]
+    source.StudyInstanceUID = study
+    return source
+
+
 def _commit(
     rt: Runtime,
     claim: _Claim,
@@ -1320,6 +1578,23 @@ def _commit(
     instance_id = claim.instance_id
     try:
         with session_scope(rt.database_url) as session:
+            # The instance's row first, locked until the commit (a write: SQLite takes
+            # its write lock), then its rejection: a rejection note applied beside this
+            # attempt either finds what it commits, or is found here.
+            session.execute(
+                update(Instance)
+                .where(Instance.id == instance_id)
+                .values(claimed_by=Instance.claimed_by)
+                .execution_options(synchronize_session=False)
+            )
+            rejected = _rejection_in(session, claim.sop_instance_uid)
+            if rejected is not None:
+                instance = session.get_one(Instance, instance_id)
+                if instance.state is not InstanceState.REJECTED:
+                    _close(instance, claim, InstanceState.REJECTED, rejected)
+                discard(outputs)
+                logger.info("instance %d: rejected by the PACS while assessed", instance_id)
+                return AssessOutcome("rejected", reason=rejected)
             if result is not None:
                 session.add(result)
                 session.flush()
@@ -1385,10 +1660,12 @@ def _clash(exc: IntegrityError) -> str:
     return "a row already recorded"
 
 
-def _supersede_unsent(session: Session, instance_id: int, assessment: int) -> None:
+def _supersede_unsent(
+    session: Session, instance_id: int, assessment: int, why: str | None = None
+) -> None:
     """Mark the objects of the instance's assessments before ``assessment`` that have
-    not been sent (pending, or failed, which `retry-deliveries` would send) superseded:
-    nothing sends them.
+    not been sent (pending, or failed, which `retry-deliveries` would send) superseded,
+    ``why`` (replaced by ``assessment``, unless said): nothing sends them.
 
     One being sent at this moment is marked too; if it goes through, its send records
     it delivered. The SR that replaces it names it either way, unless its send had
@@ -1403,17 +1680,13 @@ def _supersede_unsent(session: Session, instance_id: int, assessment: int) -> No
         )
         .values(
             state=DeliveryState.SUPERSEDED,
-            last_error=f"replaced by assessment {assessment} before it was sent",
+            last_error=why or f"replaced by assessment {assessment} before it was sent",
         )
         .returning(Delivery.id)
         .execution_options(synchronize_session=False)
     ).all()
     if superseded:
-        logger.info(
-            "instance %d: %d unsent object(s) of earlier assessments superseded",
-            instance_id,
-            len(superseded),
-        )
+        logger.info("instance %d: %d unsent object(s) superseded", instance_id, len(superseded))
 
 
 def model_version(predictor: BoneAgePredictor) -> str:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from sqlalchemy import or_, select, update
 
 from db.engine import session_scope
-from db.schema import FINISHED, Heartbeat, Instance, InstanceState, Result
+from db.schema import FINISHED, REASSESSABLE, Heartbeat, Instance, InstanceState, Result
 from db.schema import utcnow as now
 from worker.heartbeat import alive
 from worker.runtime import Runtime
@@ -63,7 +63,8 @@ def prepare_reprocess(rt: Runtime, instance_ids: Sequence[int]) -> list[int]:
                 .where(
                     Instance.id.in_(todo),
                     Instance.files_removed_at.is_(None),
-                    Instance.state.in_(FINISHED),
+                    # not one the PACS rejected (rejected_by_the_pacs)
+                    Instance.state.in_(REASSESSABLE),
                 )
                 .values(
                     state=InstanceState.QUEUED,
@@ -109,8 +110,23 @@ def files_removed(rt: Runtime, instance_ids: Sequence[int]) -> list[int]:
                 .where(
                     Instance.id.in_(instance_ids),
                     Instance.files_removed_at.is_not(None),
+                    Instance.state != InstanceState.REJECTED,
                     ~assessed,
                 )
+                .order_by(Instance.id)
+            )
+        )
+
+
+def rejected_by_the_pacs(rt: Runtime, instance_ids: Sequence[int]) -> list[int]:
+    """Ids among ``instance_ids`` that a rejection note of the PACS named, which are
+    never assessed again: the PACS no longer shows them, and what we sent of them was
+    withdrawn."""
+    with session_scope(rt.database_url) as session:
+        return list(
+            session.scalars(
+                select(Instance.id)
+                .where(Instance.id.in_(instance_ids), Instance.state == InstanceState.REJECTED)
                 .order_by(Instance.id)
             )
         )

@@ -241,7 +241,9 @@ def render(report: dict[str, Any], console: Console) -> None:
         parts.append(counts)
         hour = report["last_hour"]
         parts.append(
-            f"last hour: {hour['assessed']} assessed, {hour['not_assessed']} not assessed; "
+            f"last hour: {hour['assessed']} assessed, {hour['not_assessed']} not assessed"
+            + (f", {hour['rejected']} rejected by the PACS" if hour.get("rejected") else "")
+            + "; "
             f"processing p50 {_seconds(hour['processing_p50_s'])} "
             f"p95 {_seconds(hour['processing_p95_s'])}; "
             f"received→delivered p50 {_seconds(hour['delivered_p50_s'])} "

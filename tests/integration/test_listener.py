@@ -20,7 +20,9 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import (
     JPEGLosslessSV1,
     JPEGLSLossless,
+    KeyObjectSelectionDocumentStorage,
     RLELossless,
+    generate_uid,
 )
 from pynetdicom import AE, evt
 from sqlalchemy import select
@@ -40,6 +42,7 @@ from dicom_io.scp import (
     _WritingBackDIMSE,
     spool_path,
 )
+from dicom_io.ko import Reference, build_rejection_note
 from dicom_io.synthetic import make_radiograph_dataset
 from tests.support import dcmtk_tool, free_port, storescu_command, wait_for
 from worker.listener import record_instance
@@ -317,6 +320,36 @@ def test_non_image_sop_class_is_refused_at_association(
     assert refused.returncode != 0
     assert "presentation context" in (refused.stdout + refused.stderr).lower()
     assert h.rows() == []
+
+
+def test_a_rejection_note_is_taken_as_the_one_non_image(
+    harness_factory: Callable[..., Harness], tmp_path: Path
+) -> None:
+    """dcmtk's storescu proposes the Key Object Selection class itself (no -R) and the
+    note is stored like an image: the worker reads it (worker.pipeline)."""
+    h = harness_factory()
+    hand = dcmread(write_hand(tmp_path / "hand.dcm"))
+    rejected = Reference(
+        hand.StudyInstanceUID, hand.SeriesInstanceUID, hand.SOPClassUID, hand.SOPInstanceUID
+    )
+    note = build_rejection_note(
+        hand,
+        "113001",
+        [rejected],
+        description="Rejected at the PACS",
+        series_instance_uid=generate_uid(),
+        sop_instance_uid=generate_uid(),
+        series_number=99,
+    )
+    path = tmp_path / "note.dcm"
+    note.save_as(path, enforce_file_format=True)
+    sent = h.storescu(path)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    [row] = h.rows()
+    assert row.sop_instance_uid == note.SOPInstanceUID
+    assert row.sop_class_uid == KeyObjectSelectionDocumentStorage
+    assert row.modality == "KO"
+    assert h.notified == [row.id]
 
 
 def _pynetdicom_store(port: int, path: Path) -> int:

@@ -133,6 +133,7 @@ def test_metrics_of_a_running_node(
             "sex",
             "age",
             "parse",
+            "key_object",
             "other",
         }
 

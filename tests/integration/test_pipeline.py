@@ -86,6 +86,11 @@ def spool_instance(
             ds[tag] = RawDataElement(tag, dictionary_VR(tag), len(value), value, 0, False, True)
         else:
             setattr(ds, keyword, value)
+    return spool_dataset(rt, ds, modality=modality)
+
+
+def spool_dataset(rt: Runtime, ds: Dataset, *, modality: str | None = None) -> int:
+    """Spool ``ds`` as the listener does and record it as received; its instance id."""
     path = spool_path(rt.settings.spool_dir, ds.file_meta.MediaStorageSOPInstanceUID)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)

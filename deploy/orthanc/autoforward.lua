@@ -8,6 +8,9 @@
 --            Sequence (which a DX must have), or, without either, by the study/
 --            series/protocol/requested-procedure description ("HAND", "WRIST",
 --            "BONE AGE", ...): the rules of boneage-worker's own gate;
+--            Also an IHE IOCM rejection note (a Key Object Selection Document
+--            titled DCM 113001, 113037, 113038 or 113039): boneage-worker then
+--            withdraws what it sent of the images the note rejects;
 --   skip     everything else: a DX for processing (raw detector data, which
 --            boneage-worker does not assess), and always whatever boneage-worker
 --            made or sent (received from its AE title, Manufacturer
@@ -57,6 +60,15 @@ local HAND_REGIONS = {
 local HAND_WORDS = {
   'HAND', 'HANDS', 'WRIST', 'CARPUS', 'BONE AGE', 'BONEAGE', 'SKELETAL AGE',
   'KNOCHENALTER', 'MAIN', 'POIGNET'
+}
+-- Key Object Selection Document Storage, and the titles (DCM) that make one an IOCM
+-- rejection note.
+local KEY_OBJECT_SELECTION = '1.2.840.10008.5.1.4.1.1.88.59'
+local REJECTION_TITLES = {
+  ['113001'] = 'Rejected for Quality Reasons',
+  ['113037'] = 'Rejected for Patient Safety Reasons',
+  ['113038'] = 'Incorrect Modality Worklist Entry',
+  ['113039'] = 'Data Retention Policy Expired'
 }
 local DESCRIPTIONS = {
   'StudyDescription', 'SeriesDescription', 'ProtocolName', 'RequestedProcedureDescription'
@@ -121,6 +133,18 @@ local function AnatomicRegion(tags)
   return nil
 end
 
+-- The code value of a Key Object Selection's document title when its scheme is DCM.
+local function DocumentTitle(tags)
+  local items = tags['ConceptNameCodeSequence']
+  if type(items) ~= 'table' or type(items[1]) ~= 'table' then
+    return nil
+  end
+  if Upper(items[1]['CodingSchemeDesignator']) ~= 'DCM' then
+    return nil
+  end
+  return Trim(items[1]['CodeValue'])
+end
+
 -- Returns (forward, reason); reason never holds patient data.
 function BoneAgeRoutingDecision(tags, origin)
   local requestOrigin = origin['RequestOrigin'] or ''
@@ -134,6 +158,13 @@ function BoneAgeRoutingDecision(tags, origin)
     return false, 'made by boneage-worker'
   end
   local sopClass = Trim(tags['SOPClassUID'])
+  if sopClass == KEY_OBJECT_SELECTION then
+    local title = DocumentTitle(tags)
+    if title ~= nil and REJECTION_TITLES[title] then
+      return true, 'rejection note ' .. title .. ' (' .. REJECTION_TITLES[title] .. ')'
+    end
+    return false, 'key object selection, not a rejection note'
+  end
   -- Structured reports (1.2.840.10008.5.1.4.1.1.88.*) and Secondary Captures
   -- (1.2.840.10008.5.1.4.1.1.7*) are what boneage-worker sends back.
   if string.find(sopClass, '1.2.840.10008.5.1.4.1.1.88.', 1, true) == 1

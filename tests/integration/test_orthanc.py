@@ -16,22 +16,26 @@ import os
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import pytest
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
 from pydicom.sr.coding import Code
 from pydicom.uid import (
     ComprehensiveSRStorage,
     DigitalXRayImageStorageForProcessing,
+    KeyObjectSelectionDocumentStorage,
     SecondaryCaptureImageStorage,
+    generate_uid,
 )
 from sqlalchemy import select
 
 from db.engine import session_scope
 from db.schema import Instance, InstanceState
+from dicom_io.ko import Reference, build_rejection_note, read_rejection_note
 from dicom_io.synthetic import make_radiograph_dataset
 from models.phantoms import make_phantom
 from tests.integration.test_end_to_end import PATIENT_VALUES, Node, cli
@@ -172,6 +176,16 @@ def drained(stack: Stack) -> dict[str, Any] | None:
     return None if busy else report
 
 
+def results_in(orthanc: OrthancServer, study_id: str) -> dict[str, dict[str, Any]] | None:
+    """Our SR and SC in the study at Orthanc, by SOP class, once both are there."""
+    found = {}
+    for item in orthanc.study_instances(study_id):
+        tags = orthanc.tags(item["ID"])
+        if tags.get("SOPClassUID") in (ComprehensiveSRStorage, SecondaryCaptureImageStorage):
+            found[tags["SOPClassUID"]] = {"ID": item["ID"], **tags}
+    return found if len(found) == 2 else None
+
+
 def orthanc_jobs_settled(stack: Stack) -> bool:
     return all(job["State"] not in ("Pending", "Running") for job in stack.orthanc.jobs())
 
@@ -186,16 +200,10 @@ def test_hand_radiograph_round_trip_without_loop(stack: Stack, tmp_path: Path) -
     uploaded = orthanc.upload(tmp_path / "hand.dcm")
     study_id, hand_id = uploaded["ParentStudy"], uploaded["ID"]
 
-    def results_in_study() -> dict[str, dict[str, Any]] | None:
-        found = {}
-        for item in orthanc.study_instances(study_id):
-            tags = orthanc.tags(item["ID"])
-            if tags.get("SOPClassUID") in (ComprehensiveSRStorage, SecondaryCaptureImageStorage):
-                found[tags["SOPClassUID"]] = {"ID": item["ID"], **tags}
-        return found if len(found) == 2 else None
-
     results = stack.wait(
-        results_in_study, what="our SR and SC in the study at Orthanc", timeout=RESULT_TIMEOUT_S
+        lambda: results_in(orthanc, study_id),
+        what="our SR and SC in the study at Orthanc",
+        timeout=RESULT_TIMEOUT_S,
     )
     sr, sc = results[ComprehensiveSRStorage], results[SecondaryCaptureImageStorage]
     for obj in (sr, sc):
@@ -361,6 +369,74 @@ def test_chest_sent_directly_is_not_assessed(stack: Stack, tmp_path: Path) -> No
         "/tools/find", {"Level": "Study", "Query": {"StudyInstanceUID": source.StudyInstanceUID}}
     )
     assert found == [], "a result was sent for an image that was not assessed"
+
+
+def test_a_rejection_note_at_the_pacs_withdraws_our_results_there(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """A user rejects the hand at the PACS (IHE IOCM: a rejection note stored in the
+    study): the shipped Lua script forwards the note, the image is marked rejected, and
+    our own note naming our SR and SC comes back into the study (Orthanc keeps it as a
+    KO; a PACS that applies IOCM hides the SR and SC by it)."""
+    orthanc = stack.orthanc
+    source = write_radiograph(tmp_path / "hand.dcm", seed=7)
+    uploaded = orthanc.upload(tmp_path / "hand.dcm")
+    study_id = uploaded["ParentStudy"]
+    results = stack.wait(
+        lambda: results_in(orthanc, study_id),
+        what="our SR and SC in the study at Orthanc",
+        timeout=RESULT_TIMEOUT_S,
+    )
+
+    note = build_rejection_note(
+        source,
+        "113038",
+        [
+            Reference(
+                source.StudyInstanceUID,
+                source.SeriesInstanceUID,
+                source.SOPClassUID,
+                source.SOPInstanceUID,
+            )
+        ],
+        description="Wrong patient",
+        series_instance_uid=generate_uid(),
+        sop_instance_uid=generate_uid(),
+        series_number=990,
+        manufacturer_model_name="PACS",
+    )
+    note.Manufacturer = "Hospital PACS"
+    note.save_as(tmp_path / "note.dcm", enforce_file_format=True)
+    sent_note = orthanc.upload(tmp_path / "note.dcm")
+    decision = stack.wait(lambda: orthanc.routing(sent_note["ID"]), what="the note's routing")
+    assert decision.startswith(
+        "forwarded: rejection note 113038 (Incorrect Modality Worklist Entry)"
+    ), decision
+
+    def ours() -> dict[str, Any] | None:
+        for item in orthanc.study_instances(study_id):
+            tags = orthanc.tags(item["ID"])
+            if tags.get("SOPClassUID") == KeyObjectSelectionDocumentStorage and (
+                tags.get("Manufacturer") == "boneage-worker"
+            ):
+                return {"ID": item["ID"], **tags}
+        return None
+
+    ko = stack.wait(ours, what="our rejection note in the study at Orthanc", timeout=120)
+    withdrawn = read_rejection_note(
+        dcmread(BytesIO(orthanc.request("GET", f"/instances/{ko['ID']}/file")))
+    )
+    assert withdrawn is not None
+    assert withdrawn.code == "113038"
+    assert {r.sop_instance_uid for r in withdrawn.references} == {
+        results[ComprehensiveSRStorage]["SOPInstanceUID"],
+        results[SecondaryCaptureImageStorage]["SOPInstanceUID"],
+    }
+    assert ko["PatientID"] == source.PatientID
+    assert orthanc.routing(ko["ID"]) == f"skipped: received from {BONEAGE_AE}"
+    [row] = instance_rows(stack.database_url, sop_instance_uid=source.SOPInstanceUID)
+    assert row.state is InstanceState.REJECTED
+    assert row.reason == "rejected by the PACS: Incorrect Modality Worklist Entry"
 
 
 def test_no_patient_values_in_logs(stack: Stack) -> None:

@@ -399,9 +399,9 @@ def _record_failure(
         state, attempts = counted
         changes: dict[str, object]
         if state is DeliveryState.SUPERSEDED:
-            # replaced while it was being sent: it is not sent again
+            # replaced, or its image rejected, while it was being sent: not sent again
             changes = {"next_attempt_at": None}
-            outcome = DeliveryOutcome("skipped", error="superseded by a later assessment")
+            outcome = DeliveryOutcome("skipped", error="superseded while it was being sent")
         elif permanent or attempts >= settings.delivery_max_attempts:
             changes = {"state": DeliveryState.FAILED, "next_attempt_at": None}
             outcome = DeliveryOutcome("failed", error=error)

@@ -453,12 +453,17 @@ def _checked_references(references: Sequence[Reference]) -> list[Reference]:
 
 
 def _check_reference_uid(index: int, name: str, value: object) -> None:
-    """:func:`~dicom_io.content.check_uid`, with a message that names the reference and
-    not the UID."""
-    try:
-        check_uid(name, value)
-    except (TypeError, ValueError) as error:
-        raise type(error)(f'Argument "references" item {index} has no valid {name}.') from None
+    """That ``value`` has the shape of a UID as received (:data:`_READ_UID`), with a
+    message that names the reference and not the UID.
+
+    Not PS3.5's own rules (:func:`~dicom_io.content.check_uid`): a referenced instance
+    is named by the UIDs it was received and filed under, and a study UID with a
+    leading zero in a component (which some modalities write, and PACSes keep) must
+    not stop a note that withdraws our objects in that study.
+    """
+    text = value.strip(" \x00") if isinstance(value, str) else ""
+    if len(text) > 64 or not _READ_UID.fullmatch(text):
+        raise ValueError(f'Argument "references" item {index} has no valid {name}.')
 
 
 def _checked_text(name: str, value: object, longest: int) -> str:

@@ -129,6 +129,25 @@ def test_a_note_reads_back_from_its_file_as_built(tmp_path: Path, source: Datase
     ] == [[(r.sop_class_uid, r.sop_instance_uid)] for r in references]
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # wrong on purpose
+def test_a_note_is_built_for_a_study_whose_uid_has_a_leading_zero(
+    tmp_path: Path, source: Dataset
+) -> None:
+    """Some modalities write such study UIDs (a component "0604...", against PS3.5
+    9.1), the gate takes them and our SR and SC copy them: the note that withdraws
+    those must be made all the same, or the bone age stays standing at the PACS."""
+    study = "1.2.840.113619.2.55.3.0604688119.971.1"
+    references = _ours(study)
+    note = _written(
+        build_rejection_note(source, "113001", references, description=DESCRIPTION, **_uids()),
+        tmp_path / "ko.dcm",
+    )
+    assert note.StudyInstanceUID == study
+    read = read_rejection_note(note)
+    assert read is not None
+    assert read.references == tuple(references)
+
+
 def test_a_note_joins_the_study_of_what_it_rejects_not_the_sources(
     tmp_path: Path, source: Dataset
 ) -> None:

@@ -27,6 +27,19 @@ POSTGRES_ADMIN_URL = os.environ.get(
 REDIS_URL = os.environ.get("BONEAGE_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
 
+def sessions_waiting_on_a_lock(postgres_url: str) -> int:
+    """Sessions of the PostgreSQL database of ``postgres_url`` that wait on a lock now:
+    how a test sees one transaction truly held up by another."""
+    import psycopg
+
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+        waiting = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'",
+            (postgres_url.rsplit("/", 1)[1],),
+        ).fetchone()
+    return int(waiting[0]) if waiting else 0
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     """A failed test's report ends with the logs its processes wrote meanwhile.

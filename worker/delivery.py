@@ -431,14 +431,19 @@ def _record_failure(
 
 
 def reset_failed(rt: Runtime, delivery_ids: list[int] | None = None) -> list[int]:
-    """Put failed deliveries back to pending, due now; returns their ids."""
+    """Put failed deliveries back to pending, due now; returns their ids.
+
+    One conditional UPDATE, not a read and a write: a delivery superseded between the
+    two (a later assessment of its image, or the image rejected by the PACS) must stay
+    so, never to be sent.
+    """
     with session_scope(rt.database_url) as session:
-        query = select(Delivery).where(Delivery.state == DeliveryState.FAILED)
+        query = update(Delivery).where(Delivery.state == DeliveryState.FAILED)
         if delivery_ids:
             query = query.where(Delivery.id.in_(delivery_ids))
-        rows = list(session.scalars(query.order_by(Delivery.id)))
-        for row in rows:
-            row.state = DeliveryState.PENDING
-            row.attempts = 0
-            row.next_attempt_at = now()
-        return [row.id for row in rows]
+        reset = session.scalars(
+            query.values(state=DeliveryState.PENDING, attempts=0, next_attempt_at=now())
+            .returning(Delivery.id)
+            .execution_options(synchronize_session=False)
+        )
+        return sorted(reset)

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psycopg
 import pytest
 from pydicom import Dataset, dcmread
 from pydicom.datadict import dictionary_VR
@@ -32,7 +31,7 @@ from dicom_io import pixels
 from dicom_io.scp import ReceivedInstance, spool_path
 from dicom_io.synthetic import make_radiograph_dataset
 from models.phantoms import make_phantom
-from tests.conftest import POSTGRES_ADMIN_URL, StoreSCP
+from tests.conftest import StoreSCP, sessions_waiting_on_a_lock
 from tests.dicomtools import dciodvfy_errors, dsr2html, dsrdump
 from tests.support import free_port, wait_for
 from worker import pipeline, tasks
@@ -1165,18 +1164,11 @@ def test_attempt_that_waited_on_anothers_commit_finds_it_finished(
     assert holding.wait(120), "attempt A never reached its commit"
     b = threading.Thread(target=attempt, name="attempt-b")
     b.start()
-    database = postgres_url.rsplit("/", 1)[1]
-
-    def b_waits_on_a_lock() -> bool:
-        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
-            waiting = conn.execute(
-                "SELECT count(*) FROM pg_stat_activity "
-                "WHERE datname = %s AND wait_event_type = 'Lock'",
-                (database,),
-            ).fetchone()
-        return bool(waiting and waiting[0] >= 1)
-
-    wait_for(b_waits_on_a_lock, timeout=60, what="attempt B waiting on attempt A's row")
+    wait_for(
+        lambda: sessions_waiting_on_a_lock(postgres_url) >= 1,
+        timeout=60,
+        what="attempt B waiting on attempt A's row",
+    )
     release.set()
     a.join(120)
     b.join(120)

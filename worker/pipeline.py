@@ -29,6 +29,7 @@ therefore always those whose SHA-256 the committed deliveries recorded.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import io
@@ -419,7 +420,10 @@ def _reopen_if_received_changed(
     except Exception:
         return None
     picture = None
-    if received == inputs:
+    # a rejection note received again is applied again: it may name more instances now,
+    # or its first application may have ended in error (applied again, it changes
+    # nothing it changed)
+    if received == inputs and not is_key_object_selection(ds):
         if pixels is None:  # assessed before revision 0007, or read no pixels
             return None
         try:
@@ -1316,6 +1320,8 @@ def _not_assessed(
             discard(outputs)
             raise
     outcome = _commit(rt, claim, InstanceState.NOT_ASSESSED, reason, None, outputs)
+    if outcome.state == "rejected":
+        return outcome
     return AssessOutcome("not_assessed", delivery_ids=outcome.delivery_ids, reason=reason)
 
 
@@ -1350,54 +1356,64 @@ def _key_object_selection(rt: Runtime, claim: _Claim, ds: Dataset) -> AssessOutc
         reason = f"{KEY_OBJECT_REASON}, not a rejection note"
         _finish(rt, claim, InstanceState.NOT_ASSESSED, reason)
         return AssessOutcome("not_assessed", reason=reason)
-    rejected = [r.sop_instance_uid for r in note.references]
+    # in order, so that two notes naming the same instances take their rows in the same
+    # order (PostgreSQL); in chunks, under the limit of parameters to one statement
+    rejected = sorted({r.sop_instance_uid for r in note.references})
+    images: list[tuple[int, str]] = []
     with session_scope(rt.database_url) as session:
         dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-        session.execute(
-            dialect.insert(Rejection)
-            .values(
-                [
-                    {
-                        "sop_instance_uid": uid,
-                        "code": note.code,
-                        "note_sop_instance_uid": note.sop_instance_uid,
-                        "received_at": now(),
-                    }
-                    for uid in rejected
-                ]
+        received = now()
+        for chunk in _chunks(rejected):
+            session.execute(
+                dialect.insert(Rejection)
+                .values(
+                    [
+                        {
+                            "sop_instance_uid": uid,
+                            "code": note.code,
+                            "note_sop_instance_uid": note.sop_instance_uid,
+                            "received_at": received,
+                        }
+                        for uid in chunk
+                    ]
+                )
+                .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
             )
-            .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
-        )
-        # of our own objects the note rejects, those not sent never will be
-        session.execute(
-            update(Delivery)
-            .where(
-                Delivery.sop_instance_uid.in_(rejected),
-                Delivery.state.in_([DeliveryState.PENDING, DeliveryState.FAILED]),
+        for chunk in _chunks(rejected):
+            # of our own objects the note rejects, those not sent never will be
+            session.execute(
+                update(Delivery)
+                .where(
+                    Delivery.sop_instance_uid.in_(chunk),
+                    Delivery.state.in_([DeliveryState.PENDING, DeliveryState.FAILED]),
+                )
+                .values(state=DeliveryState.SUPERSEDED, last_error=_rejected_by_the_pacs(note))
+                .execution_options(synchronize_session=False)
             )
-            .values(state=DeliveryState.SUPERSEDED, last_error=_rejected_by_the_pacs(note))
-            .execution_options(synchronize_session=False)
-        )
-        images = session.execute(
-            select(Instance.id, Instance.sop_instance_uid).where(
-                Instance.sop_instance_uid.in_(rejected), Instance.id != claim.instance_id
-            )
-        ).all()
+            images += session.execute(
+                select(Instance.id, Instance.sop_instance_uid).where(
+                    Instance.sop_instance_uid.in_(chunk), Instance.id != claim.instance_id
+                )
+            ).all()
     delivery_ids: list[int] = []
-    withdrawn = 0
-    for instance_id, uid in images:
-        sent = _withdraw(rt, instance_id, uid, note, ds)
-        if sent is not None:
-            withdrawn += 1
-            delivery_ids += sent
+    for instance_id, uid in sorted(images):
+        delivery_ids += _withdraw(rt, instance_id, uid, note, ds)
     reason = (
         f"{KEY_OBJECT_REASON}, rejection note {note.meaning!r}: {len(rejected)} "
-        f"instance(s) rejected, {len(images)} of them received here, {withdrawn} withdrawn "
-        f"now, {len(delivery_ids)} rejection note(s) of ours to send"
+        f"instance(s) rejected, {len(images)} of them received here; "
+        f"{len(delivery_ids)} rejection note(s) of ours to send"
     )
     logger.info("instance %d: %s", claim.instance_id, reason)
     _finish(rt, claim, InstanceState.NOT_ASSESSED, reason)
     return AssessOutcome("not_assessed", delivery_ids=tuple(delivery_ids), reason=reason)
+
+
+#: Values bound to one statement at most, in chunks (PostgreSQL takes 65535 parameters).
+_CHUNK = 1000
+
+
+def _chunks(values: Sequence[str]) -> list[Sequence[str]]:
+    return [values[i : i + _CHUNK] for i in range(0, len(values), _CHUNK)]
 
 
 def _rejected_by_the_pacs(note: RejectionNote) -> str:
@@ -1419,14 +1435,25 @@ def _rejection_in(session: Session, sop_instance_uid: str) -> str | None:
     return f"rejected by the PACS: {REJECTION_TITLES.get(code, code)}"
 
 
+#: The rejection title a note of ours does not repeat: the PACS removes the whole
+#: study, our objects with it, for its retention policy, and may refuse such a note
+#: from another node.
+_NOT_REPEATED = {"113039"}  # Data Retention Policy Expired
+
+
 def _withdraw(
     rt: Runtime, instance_id: int, source_uid: str, note: RejectionNote, note_ds: Dataset
-) -> list[int] | None:
+) -> list[int]:
     """Mark the image ``instance_id`` rejected, supersede what of it was not sent, and
-    queue a rejection note of ours for the SRs and SCs of it that a destination has or
-    may have (delivered, or on their way), one per study and destination, with the
-    PACS's title: an IOCM-aware PACS then hides them too. Returns the new deliveries;
-    None when the image was rejected already.
+    queue a rejection note of ours, with the PACS's title, for each SR and SC of it
+    that a destination has or may have (delivered, or on their way), to each of those
+    destinations: an IOCM-aware PACS then hides them too. Returns the new deliveries.
+
+    One note per object, its UID derived from the object's: a PACS that never got one
+    (its send was under way and failed) refuses only that note, and the same object
+    withdrawn again is the same note, which the unique key on (object, destination)
+    sends once. A note that cannot be made (a value it refuses) leaves the image
+    rejected and its unsent objects superseded, and says so in its reason.
 
     The note's patient and study attributes are those of the rejected image (IOCM);
     ours copies them, and in a study other than the note's (the image was moved since
@@ -1436,23 +1463,32 @@ def _withdraw(
     staged: list[Output] = []
     try:
         with session_scope(rt.database_url) as session:
-            marked = session.execute(
+            # the row first (a row lock on PostgreSQL, the write lock on SQLite), as the
+            # commit of an attempt at it takes it (:func:`_commit`)
+            instance = session.execute(
                 update(Instance)
-                .where(Instance.id == instance_id, Instance.state != InstanceState.REJECTED)
-                .values(
-                    state=InstanceState.REJECTED,
-                    reason=why,
-                    finished_at=now(),
-                    received_again_at=None,
-                )
-                .returning(Instance.assessment, Instance.study_instance_uid)
+                .where(Instance.id == instance_id)
+                .values(claimed_by=Instance.claimed_by)
+                .returning(Instance.state, Instance.assessment, Instance.study_instance_uid)
                 .execution_options(synchronize_session=False)
-            ).one_or_none()
-            if marked is None:
-                return None
+            ).one()
+            if instance.state is not InstanceState.REJECTED:
+                session.execute(
+                    update(Instance)
+                    .where(Instance.id == instance_id)
+                    .values(
+                        state=InstanceState.REJECTED,
+                        reason=why,
+                        finished_at=now(),
+                        received_again_at=None,
+                    )
+                    .execution_options(synchronize_session=False)
+                )
             _supersede_unsent(
-                session, instance_id, marked.assessment + 1, f"{why}, before it was sent"
+                session, instance_id, instance.assessment + 1, f"{why}, before it was sent"
             )
+            if note.code in _NOT_REPEATED:
+                return []
             rows = session.execute(
                 select(
                     Delivery.kind,
@@ -1474,56 +1510,84 @@ def _withdraw(
                 )
                 .order_by(Delivery.id)
             ).all()
-            by_study: dict[str, dict[str, Reference]] = {}
-            destinations: dict[str, set[str]] = {}
+            objects: dict[str, tuple[Reference, set[str]]] = {}
             for kind, uid, study, series, destination, model_id in rows:
                 # where it went; a row from before revision 0006: the first study's series
-                study = study or marked.study_instance_uid
+                study = study or instance.study_instance_uid
                 if series is None:
                     if kind is ObjectKind.SC and model_id is None:
                         continue  # a withdrawal notice of before 0006: its series unknown
                     series = (sr_series_uid if kind is ObjectKind.SR else sc_series_uid)(
                         source_uid, model_id
                     )
-                by_study.setdefault(study, {})[uid] = Reference(
-                    study, series, _OUR_CLASSES[kind], uid
-                )
-                destinations.setdefault(study, set()).add(destination)
-            deliveries: list[Delivery] = []
-            for study, references in by_study.items():
-                notice = build_rejection_note(
-                    _patient_and_study(note_ds, study),
-                    note.code,
-                    list(references.values()),
-                    description=(
-                        f"Bone age withdrawn: its source image was {why.lower()}; "
-                        "these AI results no longer stand."
-                    ),
-                    series_instance_uid=derived_uid(source_uid, "ko-series", "study", study),
-                    sop_instance_uid=derived_uid(
-                        source_uid, *_again(marked.assessment), "withdrawn-ko", study
-                    ),
-                    series_number=KO_SERIES_NUMBER,
-                )
-                output = _stage_output(rt.settings.outbox_dir, ObjectKind.KO, notice, "ko")
-                staged.append(output)
-                deliveries += [
-                    Delivery(
-                        instance_id=instance_id,
-                        result_id=None,
-                        kind=ObjectKind.KO,
-                        destination=destination,
-                        sop_instance_uid=output.sop_instance_uid,
-                        study_instance_uid=output.study_instance_uid,
-                        series_instance_uid=output.series_instance_uid,
-                        assessment=marked.assessment,
-                        path=str(output.path),
-                        sha256=output.sha256,
-                        state=DeliveryState.PENDING,
-                        next_attempt_at=now(),
+                reference = Reference(study, series, _OUR_CLASSES[kind], uid)
+                objects.setdefault(uid, (reference, set()))[1].add(destination)
+            sent = {
+                (uid, destination)
+                for uid, destination in session.execute(
+                    select(Delivery.sop_instance_uid, Delivery.destination).where(
+                        Delivery.instance_id == instance_id, Delivery.kind == ObjectKind.KO
                     )
-                    for destination in sorted(destinations[study])
-                ]
+                )
+            }
+            deliveries: list[Delivery] = []
+            try:
+                for uid, (reference, destinations) in objects.items():
+                    ko_uid = derived_uid(uid, "withdrawn-ko")
+                    to = sorted(d for d in destinations if (ko_uid, d) not in sent)
+                    if not to:
+                        continue  # withdrawn already, to each destination that has it
+                    ours = build_rejection_note(
+                        _patient_and_study(note_ds, reference.study_instance_uid),
+                        note.code,
+                        [reference],
+                        description=(
+                            f"Bone age withdrawn: its source image was {why}; this AI "
+                            "result no longer stands."
+                        ),
+                        series_instance_uid=derived_uid(
+                            source_uid, "ko-series", "study", reference.study_instance_uid
+                        ),
+                        sop_instance_uid=ko_uid,
+                        series_number=KO_SERIES_NUMBER,
+                    )
+                    output = _stage_output(rt.settings.outbox_dir, ObjectKind.KO, ours, "ko")
+                    staged.append(output)
+                    deliveries += [
+                        Delivery(
+                            instance_id=instance_id,
+                            result_id=None,
+                            kind=ObjectKind.KO,
+                            destination=destination,
+                            sop_instance_uid=output.sop_instance_uid,
+                            study_instance_uid=output.study_instance_uid,
+                            series_instance_uid=output.series_instance_uid,
+                            assessment=instance.assessment,
+                            path=str(output.path),
+                            sha256=output.sha256,
+                            state=DeliveryState.PENDING,
+                            next_attempt_at=now(),
+                        )
+                        for destination in to
+                    ]
+            except RETRIED_BY_THE_TASK:
+                raise
+            except Exception as exc:  # a value the note refuses: the same on every try
+                discard(staged)
+                staged, deliveries = [], []
+                failure = _failure(exc)
+                logger.error(
+                    "instance %d rejected by the PACS, but our rejection note could not be "
+                    "made (%s): withdraw its SR and SC at the PACS by hand",
+                    instance_id,
+                    failure,
+                )
+                session.execute(
+                    update(Instance)
+                    .where(Instance.id == instance_id)
+                    .values(reason=f"{why}; our rejection note could not be made ({failure})")
+                    .execution_options(synchronize_session=False)
+                )
             session.add_all(deliveries)
             session.flush()
             staged = publish(staged)
@@ -1531,25 +1595,22 @@ def _withdraw(
     except BaseException:
         discard(staged)
         raise
-    logger.info(
-        "instance %d rejected by the PACS: %d rejection note(s) of ours to send for what "
-        "was sent of it",
-        instance_id,
-        len(ids),
-    )
+    if ids:
+        logger.info(
+            "instance %d rejected by the PACS: %d rejection note(s) of ours to send",
+            instance_id,
+            len(ids),
+        )
     return ids
 
 
 def _patient_and_study(note_ds: Dataset, study: str) -> Dataset:
     """``note_ds``'s patient and study attributes for a note of ours in ``study``: in
     another study than the note's, its study's own (date, accession number ...) are
-    left empty rather than said wrong."""
+    left empty rather than said wrong. ``note_ds`` itself is left as it is."""
     if str(note_ds.get("StudyInstanceUID", "")) == study:
         return note_ds
-    source = Dataset()
-    source.file_meta = note_ds.file_meta
-    for element in note_ds:
-        source.add(element)
+    source = copy.deepcopy(note_ds)
     for keyword in ("StudyDate", "StudyTime", "AccessionNumber", "StudyID", "StudyDescription"):
         if keyword in source:
             setattr(source, keyword, "")
@@ -1590,7 +1651,9 @@ def _commit(
             rejected = _rejection_in(session, claim.sop_instance_uid)
             if rejected is not None:
                 instance = session.get_one(Instance, instance_id)
-                if instance.state is not InstanceState.REJECTED:
+                # one another attempt finished is left to the note (:func:`_withdraw`),
+                # which withdraws what that attempt made
+                if instance.state not in FINISHED:
                     _close(instance, claim, InstanceState.REJECTED, rejected)
                 discard(outputs)
                 logger.info("instance %d: rejected by the PACS while assessed", instance_id)
@@ -1677,6 +1740,8 @@ def _supersede_unsent(
             Delivery.instance_id == instance_id,
             Delivery.assessment < assessment,
             Delivery.state.in_([DeliveryState.PENDING, DeliveryState.FAILED]),
+            # our rejection notes withdraw those objects: they go all the same
+            Delivery.kind != ObjectKind.KO,
         )
         .values(
             state=DeliveryState.SUPERSEDED,

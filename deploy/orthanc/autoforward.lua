@@ -9,8 +9,8 @@
 --            series/protocol/requested-procedure description ("HAND", "WRIST",
 --            "BONE AGE", ...): the rules of boneage-worker's own gate;
 --            Also an IHE IOCM rejection note (a Key Object Selection Document
---            titled DCM 113001, 113037, 113038 or 113039): boneage-worker then
---            withdraws what it sent of the images the note rejects;
+--            titled DCM 113001, 113037 or 113038): boneage-worker then withdraws
+--            what it sent of the images the note rejects;
 --   skip     everything else: a DX for processing (raw detector data, which
 --            boneage-worker does not assess), and always whatever boneage-worker
 --            made or sent (received from its AE title, Manufacturer
@@ -61,8 +61,7 @@ local HAND_WORDS = {
   'HAND', 'HANDS', 'WRIST', 'CARPUS', 'BONE AGE', 'BONEAGE', 'SKELETAL AGE',
   'KNOCHENALTER', 'MAIN', 'POIGNET'
 }
--- Key Object Selection Document Storage, and the titles (DCM) that make one an IOCM
--- rejection note.
+-- Key Object Selection Document Storage, and the titles (DCM) of IOCM rejection notes.
 local KEY_OBJECT_SELECTION = '1.2.840.10008.5.1.4.1.1.88.59'
 local REJECTION_TITLES = {
   ['113001'] = 'Rejected for Quality Reasons',
@@ -70,6 +69,9 @@ local REJECTION_TITLES = {
   ['113038'] = 'Incorrect Modality Worklist Entry',
   ['113039'] = 'Data Retention Policy Expired'
 }
+-- Not forwarded: by 113039 a PACS removes whole studies, ours with them, and it would
+-- forward every study it ever expires.
+local REJECTIONS_KEPT = { ['113039'] = true }
 local DESCRIPTIONS = {
   'StudyDescription', 'SeriesDescription', 'ProtocolName', 'RequestedProcedureDescription'
 }
@@ -139,7 +141,7 @@ local function DocumentTitle(tags)
   if type(items) ~= 'table' or type(items[1]) ~= 'table' then
     return nil
   end
-  if Upper(items[1]['CodingSchemeDesignator']) ~= 'DCM' then
+  if Trim(items[1]['CodingSchemeDesignator']) ~= 'DCM' then
     return nil
   end
   return Trim(items[1]['CodeValue'])
@@ -161,7 +163,11 @@ function BoneAgeRoutingDecision(tags, origin)
   if sopClass == KEY_OBJECT_SELECTION then
     local title = DocumentTitle(tags)
     if title ~= nil and REJECTION_TITLES[title] then
-      return true, 'rejection note ' .. title .. ' (' .. REJECTION_TITLES[title] .. ')'
+      local note = 'rejection note ' .. title .. ' (' .. REJECTION_TITLES[title] .. ')'
+      if REJECTIONS_KEPT[title] then
+        return false, note .. ': its study is removed whole'
+      end
+      return true, note
     end
     return false, 'key object selection, not a rejection note'
   end

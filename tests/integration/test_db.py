@@ -18,7 +18,16 @@ from db.engine import (
     session_scope,
     upgrade,
 )
-from db.schema import Delivery, Instance, InstanceState, Model, Result
+from db.schema import (
+    Delivery,
+    DeliveryState,
+    Instance,
+    InstanceState,
+    Model,
+    ObjectKind,
+    Rejection,
+    Result,
+)
 from tests.support import free_port, received
 from worker.listener import record_instance
 from worker.logs import exception_text
@@ -207,3 +216,42 @@ def test_migrations_match_the_schema(database_url: str) -> None:
     with get_engine(database_url).connect() as connection:
         differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
     assert differences == []
+
+
+def test_revision_0008_downgraded_leaves_what_0007_can_load(database_url: str) -> None:
+    """A rejected image becomes not assessed, its reason kept; our rejection notes'
+    deliveries, which 0007's code could neither load nor send, go; nothing else does."""
+    upgrade(database_url)
+    rejected = record_instance(database_url, received("1.2.3.4"))
+    assessed = record_instance(database_url, received("1.2.3.5"))
+    with session_scope(database_url) as session:
+        session.get_one(Instance, assessed).state = InstanceState.ASSESSED
+        image = session.get_one(Instance, rejected)
+        image.state = InstanceState.REJECTED
+        image.reason = "rejected by the PACS: Rejected for Quality Reasons"
+        for kind, uid in ((ObjectKind.SR, "1.2.3.9"), (ObjectKind.KO, "1.2.3.10")):
+            session.add(
+                Delivery(
+                    instance_id=rejected,
+                    kind=kind,
+                    destination="PACS@127.0.0.1:104",
+                    sop_instance_uid=uid,
+                    path=f"/nonexistent/{uid}.dcm",
+                    state=DeliveryState.DELIVERED,
+                )
+            )
+        session.add(Rejection(sop_instance_uid="1.2.3.4", code="113001", note_sop_instance_uid="9"))
+    assert downgrade(database_url, "0007") == "0007"
+    with get_engine(database_url).connect() as connection:
+        states = connection.execute(text("SELECT id, state, reason FROM instances")).all()
+        assert sorted(tuple(row) for row in states) == sorted(
+            [
+                (rejected, "not_assessed", "rejected by the PACS: Rejected for Quality Reasons"),
+                (assessed, "assessed", None),
+            ]
+        )
+        kinds = connection.execute(text("SELECT kind FROM deliveries")).scalars().all()
+        assert kinds == ["sr"]
+    assert upgrade(database_url) == head_revision()
+    with session_scope(database_url) as session:
+        assert session.scalars(select(Rejection)).all() == []

@@ -376,7 +376,7 @@ def test_a_rejection_note_at_the_pacs_withdraws_our_results_there(
 ) -> None:
     """A user rejects the hand at the PACS (IHE IOCM: a rejection note stored in the
     study): the shipped Lua script forwards the note, the image is marked rejected, and
-    our own note naming our SR and SC comes back into the study (Orthanc keeps it as a
+    our own notes naming our SR and SC come back into the study (Orthanc keeps them as
     KO; a PACS that applies IOCM hides the SR and SC by it)."""
     orthanc = stack.orthanc
     source = write_radiograph(tmp_path / "hand.dcm", seed=7)
@@ -413,30 +413,60 @@ def test_a_rejection_note_at_the_pacs_withdraws_our_results_there(
         "forwarded: rejection note 113038 (Incorrect Modality Worklist Entry)"
     ), decision
 
-    def ours() -> dict[str, Any] | None:
+    def ours() -> list[dict[str, Any]] | None:
+        found = []
         for item in orthanc.study_instances(study_id):
             tags = orthanc.tags(item["ID"])
             if tags.get("SOPClassUID") == KeyObjectSelectionDocumentStorage and (
                 tags.get("Manufacturer") == "boneage-worker"
             ):
-                return {"ID": item["ID"], **tags}
-        return None
+                found.append({"ID": item["ID"], **tags})
+        return found if len(found) == 2 else None
 
-    ko = stack.wait(ours, what="our rejection note in the study at Orthanc", timeout=120)
-    withdrawn = read_rejection_note(
-        dcmread(BytesIO(orthanc.request("GET", f"/instances/{ko['ID']}/file")))
-    )
-    assert withdrawn is not None
-    assert withdrawn.code == "113038"
-    assert {r.sop_instance_uid for r in withdrawn.references} == {
+    # one note of ours per object it withdraws
+    notes = stack.wait(ours, what="our rejection notes in the study at Orthanc", timeout=120)
+    withdrawn = [
+        read_rejection_note(dcmread(BytesIO(orthanc.request("GET", f"/instances/{ko['ID']}/file"))))
+        for ko in notes
+    ]
+    assert all(w is not None and w.code == "113038" for w in withdrawn)
+    assert {r.sop_instance_uid for w in withdrawn if w is not None for r in w.references} == {
         results[ComprehensiveSRStorage]["SOPInstanceUID"],
         results[SecondaryCaptureImageStorage]["SOPInstanceUID"],
     }
-    assert ko["PatientID"] == source.PatientID
-    assert orthanc.routing(ko["ID"]) == f"skipped: received from {BONEAGE_AE}"
+    for ko in notes:
+        assert ko["PatientID"] == source.PatientID
+        assert orthanc.routing(ko["ID"]) == f"skipped: received from {BONEAGE_AE}"
     [row] = instance_rows(stack.database_url, sop_instance_uid=source.SOPInstanceUID)
     assert row.state is InstanceState.REJECTED
     assert row.reason == "rejected by the PACS: Incorrect Modality Worklist Entry"
+
+
+def test_an_expired_retention_note_is_not_forwarded(stack: Stack, tmp_path: Path) -> None:
+    """113039: the PACS removes the whole study, our objects with it; forwarded, every
+    study it ever expired would come to us."""
+    source = write_radiograph(tmp_path / "old.dcm", seed=8)
+    rejected = Reference(
+        source.StudyInstanceUID, source.SeriesInstanceUID, source.SOPClassUID, generate_uid()
+    )
+    note = build_rejection_note(
+        source,
+        "113039",
+        [rejected],
+        description="Retention period expired",
+        series_instance_uid=generate_uid(),
+        sop_instance_uid=generate_uid(),
+        series_number=990,
+    )
+    note.Manufacturer = "Hospital PACS"
+    note.save_as(tmp_path / "note.dcm", enforce_file_format=True)
+    uploaded = stack.orthanc.upload(tmp_path / "note.dcm")
+    decision = stack.wait(lambda: stack.orthanc.routing(uploaded["ID"]), what="its routing")
+    assert decision == (
+        "skipped: rejection note 113039 (Data Retention Policy Expired): its study is removed whole"
+    )
+    stack.wait(lambda: orthanc_jobs_settled(stack), what="Orthanc jobs finished")
+    assert instance_rows(stack.database_url, sop_instance_uid=note.SOPInstanceUID) == []
 
 
 def test_no_patient_values_in_logs(stack: Stack) -> None:

@@ -4,21 +4,38 @@ and SC, sent where they went; nothing of it not yet sent is sent."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydicom import Dataset, dcmread
-from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage, generate_uid
-from sqlalchemy import select, update
+from pydicom.uid import (
+    ComprehensiveSRStorage,
+    CTImageStorage,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
+from sqlalchemy import func, select, update
 
-from db.engine import session_scope
-from db.schema import Delivery, DeliveryState, Instance, InstanceState, ObjectKind, Result
+from db.engine import get_engine, session_scope
+from db.schema import (
+    Delivery,
+    DeliveryState,
+    Instance,
+    InstanceState,
+    ObjectKind,
+    Rejection,
+    Result,
+)
+from dicom_io import gate
 from dicom_io.ko import Reference, build_rejection_note, read_rejection_note
-from tests.conftest import StoreSCP
+from tests.conftest import StoreSCP, sessions_waiting_on_a_lock
 from tests.integration.test_pipeline import make_runtime, spool_dataset, spool_instance
 from tests.integration.test_received_again import deliver, received_again
+from tests.support import wait_for
 from worker import pipeline
+from worker.delivery import reset_failed
 from worker.pipeline import assess_instance
 from worker.reprocess import prepare_reprocess, rejected_by_the_pacs
 from worker.runtime import Runtime
@@ -110,27 +127,36 @@ def test_a_rejected_image_has_its_bone_age_withdrawn_where_it_went(
         InstanceState.REJECTED,
         "rejected by the PACS: Incorrect Modality Worklist Entry",
     )
-    assert len(applied.delivery_ids) == 1  # one study, one destination
-    [received] = deliver(runtime, storescp, applied.delivery_ids)  # dciodvfy-clean
-    ours_note = dcmread(received)
-    withdrawn = read_rejection_note(ours_note)
-    assert withdrawn is not None
-    assert withdrawn.code == WRONG_PATIENT  # the PACS's reason, for what we derived
+    # one note per object of ours (a PACS that lacks one refuses only its note), each
+    # to the one destination; dciodvfy-clean
+    assert len(applied.delivery_ids) == 2
+    our_notes = [dcmread(p) for p in deliver(runtime, storescp, applied.delivery_ids)]
+    withdrawn = [read_rejection_note(n) for n in our_notes]
+    assert all(w is not None and w.code == WRONG_PATIENT for w in withdrawn)  # the PACS's
     assert {
         (r.study_instance_uid, r.series_instance_uid, r.sop_class_uid, r.sop_instance_uid)
-        for r in withdrawn.references
+        for w in withdrawn
+        if w is not None
+        for r in w.references
     } == {
         (str(o.StudyInstanceUID), str(o.SeriesInstanceUID), str(o.SOPClassUID), uid)
         for uid, o in ours.items()
     }
-    assert {r.sop_class_uid for r in withdrawn.references} == {
+    assert {r.sop_class_uid for w in withdrawn if w is not None for r in w.references} == {
         ComprehensiveSRStorage,
         SecondaryCaptureImageStorage,
     }
     # filed with the image: its patient and study
-    for keyword in ("PatientID", "PatientName", "StudyInstanceUID", "AccessionNumber"):
-        assert ours_note.get(keyword) == image.get(keyword), keyword
-    assert ours_note.Manufacturer == "boneage-worker"
+    for note in our_notes:
+        for keyword in (
+            "PatientID",
+            "PatientName",
+            "StudyInstanceUID",
+            "AccessionNumber",
+            "StudyDate",
+        ):
+            assert note.get(keyword) == image.get(keyword), keyword
+        assert note.Manufacturer == "boneage-worker"
     # the result stays in the database; the image is never assessed again
     with session_scope(runtime.database_url) as session:
         assert len(session.scalars(select(Result)).all()) == 1
@@ -275,7 +301,7 @@ def test_the_same_rejection_again_changes_nothing(runtime: Runtime, storescp: St
     deliver(runtime, storescp, assess_instance(runtime, image_id).delivery_ids)
     image = image_of(runtime, image_id)
     first = assess_instance(runtime, spool_dataset(runtime, rejection_note(image)))
-    assert len(first.delivery_ids) == 1
+    assert len(first.delivery_ids) == 2  # SR and SC
     second = assess_instance(runtime, spool_dataset(runtime, rejection_note(image, QUALITY)))
     assert second.delivery_ids == ()
     assert state_of(runtime, image_id)[1] == (
@@ -337,9 +363,206 @@ def test_our_note_passes_dciodvfy_in_a_study_the_image_left(
     applied = assess_instance(
         runtime, spool_dataset(runtime, rejection_note(image_of(runtime, image_id)))
     )
-    assert len(applied.delivery_ids) == 2  # one per study
+    assert len(applied.delivery_ids) == 4  # SR and SC, in each study
     notes = [dcmread(p) for p in deliver(runtime, storescp, applied.delivery_ids)]
+    image = image_of(runtime, image_id)
     in_first = [n for n in notes if n.StudyInstanceUID == first_study]
-    assert len(in_first) == 1
-    assert in_first[0].AccessionNumber == ""
-    assert in_first[0].PatientID == image_of(runtime, image_id).PatientID
+    assert len(in_first) == 2
+    for note in in_first:
+        assert (note.AccessionNumber, note.StudyDate) == ("", "")
+        assert note.PatientID == image.PatientID
+    # the notes in the image's study now keep that study's values: making the others
+    # changed nothing of the PACS's note they are made from
+    in_second = [n for n in notes if n.StudyInstanceUID == image.StudyInstanceUID]
+    assert len(in_second) == 2
+    for note in in_second:
+        assert (note.AccessionNumber, note.StudyDate) == ("A2", image.StudyDate)
+
+
+def test_a_second_attempt_at_a_rejected_image_leaves_its_withdrawal_to_the_note(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two attempts at one image (the study sent twice): the first commits its SR and
+    SC, the note's rejections are committed, then the second reaches its commit before
+    the note withdraws the image. The second records nothing and leaves the image to
+    the note, which supersedes the first attempt's objects (found in review: the second
+    marked the image rejected, and the note, taking it for withdrawn, let them go)."""
+    image_id = spool_instance(runtime)
+    image = image_of(runtime, image_id)
+    note_ds = rejection_note(image)
+    build = pipeline.build_outputs
+    first: list[pipeline.AssessOutcome] = []
+
+    def first_attempt_then_the_notes_rejections(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(pipeline, "build_outputs", build)
+        first.append(assess_instance(runtime, image_id))
+        with session_scope(runtime.database_url) as session:
+            session.add(
+                Rejection(
+                    sop_instance_uid=str(image.SOPInstanceUID),
+                    code=WRONG_PATIENT,
+                    note_sop_instance_uid=str(note_ds.SOPInstanceUID),
+                )
+            )
+        return build(*args, **kwargs)
+
+    # the attempt claimed first is still at its outputs when the other claims and commits
+    monkeypatch.setattr(pipeline, "build_outputs", first_attempt_then_the_notes_rejections)
+    monkeypatch.setattr(pipeline, "_assessed_by_this_model", lambda rt, claim: None)
+    second = assess_instance(runtime, image_id)
+
+    assert [o.state for o in first] == ["assessed"]
+    assert second.state == "rejected"
+    assert state_of(runtime, image_id)[0] is InstanceState.ASSESSED  # for the note to take
+    assess_instance(runtime, spool_dataset(runtime, note_ds))
+    assert state_of(runtime, image_id)[0] is InstanceState.REJECTED
+    assert [(kind, state) for kind, state, _ in deliveries_of(runtime, image_id)] == [
+        (ObjectKind.SR, DeliveryState.SUPERSEDED),
+        (ObjectKind.SC, DeliveryState.SUPERSEDED),
+    ]
+
+
+def test_retry_deliveries_beside_a_rejection_leaves_the_superseded_unsent(
+    tmp_path: Path, tiny_checkpoint: Path, storescp: StoreSCP, postgres_url: str
+) -> None:
+    """PostgreSQL, truly at once: the note has superseded the failed SR and SC of the
+    image, its transaction still open, when `retry-deliveries` runs. Once it commits,
+    they stay superseded (found in review: a read then a write set them back to
+    pending, and they went)."""
+    rt = make_runtime(
+        tmp_path, tiny_checkpoint, destinations=storescp.destination, database_url=postgres_url
+    )
+    image_id = spool_instance(rt)
+    assess_instance(rt, image_id)
+    with session_scope(rt.database_url) as session:
+        session.execute(update(Delivery).values(state=DeliveryState.FAILED))
+    reset: list[list[int]] = []
+    with get_engine(rt.database_url).connect() as note:
+        with note.begin():
+            note.execute(update(Delivery).values(state=DeliveryState.SUPERSEDED))
+            retry = threading.Thread(target=lambda: reset.append(reset_failed(rt)))
+            retry.start()
+            wait_for(
+                lambda: sessions_waiting_on_a_lock(postgres_url) >= 1,
+                timeout=60,
+                what="retry-deliveries waiting on the note's rows",
+            )
+        retry.join(60)
+    assert reset == [[]]
+    assert {state for _, state, _ in deliveries_of(rt, image_id)} == {DeliveryState.SUPERSEDED}
+
+
+def test_a_note_that_cannot_be_made_still_rejects_the_image(
+    runtime: Runtime, storescp: StoreSCP, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Our note refused for a value of the image's (the same on every try): the image
+    is rejected all the same, what was not sent of it superseded, and its reason says
+    that what was sent must be withdrawn at the PACS by hand; the next image of the
+    note is withdrawn as usual."""
+    image_id = spool_instance(runtime)
+    sr_id, _ = assess_instance(runtime, image_id).delivery_ids
+    deliver(runtime, storescp, (sr_id,))
+    image = image_of(runtime, image_id)
+    other = another_image(image)
+    other_id = spool_dataset(runtime, other)
+    deliver(runtime, storescp, assess_instance(runtime, other_id).delivery_ids)
+    build = pipeline.build_rejection_note
+
+    def refusing_the_first(*args: Any, **kwargs: Any) -> Any:
+        if not refused:  # the image's SR: the images are withdrawn in the order of their ids
+            refused.append(1)
+            raise ValueError("a value the note refuses")
+        return build(*args, **kwargs)
+
+    refused: list[int] = []
+    monkeypatch.setattr(pipeline, "build_rejection_note", refusing_the_first)
+    also = Reference(
+        str(other.StudyInstanceUID),
+        str(other.SeriesInstanceUID),
+        str(other.SOPClassUID),
+        str(other.SOPInstanceUID),
+    )
+    applied = assess_instance(runtime, spool_dataset(runtime, rejection_note(image, also=(also,))))
+
+    state, reason = state_of(runtime, image_id)
+    assert state is InstanceState.REJECTED
+    assert reason is not None
+    assert reason.startswith(
+        "rejected by the PACS: Incorrect Modality Worklist Entry; our rejection note could "
+        "not be made (ValueError in "
+    )
+    assert [(kind, state) for kind, state, _ in deliveries_of(runtime, image_id)] == [
+        (ObjectKind.SR, DeliveryState.DELIVERED),
+        (ObjectKind.SC, DeliveryState.SUPERSEDED),
+    ]
+    assert state_of(runtime, other_id)[0] is InstanceState.REJECTED
+    assert len(applied.delivery_ids) == 2  # the other image's SR and SC
+
+
+def test_an_expired_retention_rejects_but_sends_no_note_of_ours(runtime: Runtime) -> None:
+    """113039: the PACS removes the whole study, ours with it; a note of ours would
+    only be refused by a PACS that allows it for expired studies alone."""
+    image_id = spool_instance(runtime)
+    assess_instance(runtime, image_id)
+    with session_scope(runtime.database_url) as session:
+        session.execute(update(Delivery).values(state=DeliveryState.DELIVERED))
+    applied = assess_instance(
+        runtime, spool_dataset(runtime, rejection_note(image_of(runtime, image_id), "113039"))
+    )
+    assert applied.delivery_ids == ()
+    assert state_of(runtime, image_id) == (
+        InstanceState.REJECTED,
+        "rejected by the PACS: Data Retention Policy Expired",
+    )
+
+
+def test_a_note_received_again_naming_more_is_applied_again(runtime: Runtime) -> None:
+    """The same note (its UIDs) received again, naming one more image: that one is
+    rejected too; what the first application did stays as it was."""
+    image_id = spool_instance(runtime)
+    image = image_of(runtime, image_id)
+    note = rejection_note(image)
+    note_id = spool_dataset(runtime, note)
+    assess_instance(runtime, note_id)
+    other_id = spool_dataset(runtime, another_image(image))
+
+    other = image_of(runtime, other_id)
+    grown = rejection_note(
+        image,
+        also=(
+            Reference(
+                str(other.StudyInstanceUID),
+                str(other.SeriesInstanceUID),
+                str(other.SOPClassUID),
+                str(other.SOPInstanceUID),
+            ),
+        ),
+    )
+    # the same note, as sent again: its own UIDs, and nothing else of its header changed
+    grown.SOPInstanceUID = grown.file_meta.MediaStorageSOPInstanceUID = note.SOPInstanceUID
+    grown.SeriesInstanceUID = note.SeriesInstanceUID
+    assert pipeline.assessment_inputs(grown, gate.check(grown)) == pipeline.assessment_inputs(
+        note, gate.check(note)
+    )
+    assert spool_dataset(runtime, grown) == note_id  # recorded as received again
+    assert assess_instance(runtime, note_id).state == "not_assessed"
+    assert state_of(runtime, other_id)[0] is InstanceState.REJECTED
+    assert state_of(runtime, image_id)[0] is InstanceState.REJECTED
+
+
+def test_a_note_naming_twenty_thousand_instances_is_applied(runtime: Runtime) -> None:
+    """A whole CT study rejected: more UIDs than one PostgreSQL statement may bind
+    (found in review: the note failed on every try, and nothing was rejected)."""
+    image_id = spool_instance(runtime)
+    image = image_of(runtime, image_id)
+    series = generate_uid()
+    others = tuple(
+        Reference(str(image.StudyInstanceUID), series, CTImageStorage, f"2.25.{n}")
+        for n in range(1, 20_000)
+    )
+    applied = assess_instance(runtime, spool_dataset(runtime, rejection_note(image, also=others)))
+    assert applied.reason is not None
+    assert "20000 instance(s) rejected, 1 of them received here" in applied.reason
+    assert state_of(runtime, image_id)[0] is InstanceState.REJECTED
+    with session_scope(runtime.database_url) as session:
+        assert session.scalar(select(func.count()).select_from(Rejection)) == 20_000

@@ -6,7 +6,8 @@ an image rejected is not assessed, or has the bone age it was given withdrawn by
 rejection note of ours; one rejected before it arrives is not assessed when it comes.
 
 Instances may now be in state "rejected", and deliveries of kind "ko" (both columns
-are strings, so no other change is needed).
+are strings, so no other change is needed; a downgrade turns those back into what
+revision 0007 knows).
 
 Revision ID: 0008
 Revises: 0007
@@ -38,4 +39,9 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # What revision 0007's code cannot load: a rejected image becomes not assessed (its
+    # reason still says the PACS rejected it), and our rejection notes' deliveries go
+    # (that code cannot send them; their files stay in the outbox).
+    op.execute("UPDATE instances SET state = 'not_assessed' WHERE state = 'rejected'")
+    op.execute("DELETE FROM deliveries WHERE kind = 'ko'")
     op.drop_table("rejections")

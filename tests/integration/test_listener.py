@@ -30,6 +30,7 @@ from sqlalchemy import select
 from db.engine import session_scope, upgrade
 from db.schema import Instance, InstanceState
 from dicom_io import scp as scp_module
+from dicom_io.ko import Reference, build_rejection_note
 from dicom_io.scp import (
     MAXIMUM_PDU_SIZE,
     OUT_OF_RESOURCES,
@@ -42,7 +43,6 @@ from dicom_io.scp import (
     _WritingBackDIMSE,
     spool_path,
 )
-from dicom_io.ko import Reference, build_rejection_note
 from dicom_io.synthetic import make_radiograph_dataset
 from tests.support import dcmtk_tool, free_port, storescu_command, wait_for
 from worker.listener import record_instance

@@ -17,6 +17,7 @@ A.35.4; TID 2010).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -33,6 +34,7 @@ from dicom_io.sr import (
     MANUFACTURER,
     copy_patient_and_study,
     date_in_sources_time_zone,
+    hierarchical_references,
     software_version,
 )
 
@@ -403,7 +405,9 @@ def build_rejection_note(
     requests = _requests_of_study(source, note.StudyInstanceUID)
     if requests:
         note.ReferencedRequestSequence = requests
-    note.CurrentRequestedProcedureEvidenceSequence = _hierarchy(rejected)
+    note.CurrentRequestedProcedureEvidenceSequence = hierarchical_references(
+        dataclasses.astuple(reference) for reference in rejected
+    )
     # SR Document Content: TID 2010 Key Object Selection
     note.ValueType = "CONTAINER"
     note.ConceptNameCodeSequence = [_code(code, REJECTION_TITLES[code])]
@@ -504,26 +508,6 @@ def _requests_of_study(source: Dataset, study_instance_uid: str) -> list[Dataset
         for item in items
         if str(item.get("StudyInstanceUID", "") or "").strip(" \x00") == study_instance_uid
     ]
-
-
-def _hierarchy(references: Sequence[Reference]) -> list[Dataset]:
-    """The Current Requested Procedure Evidence Sequence of ``references`` (one study):
-    series in the order first seen, the instances of each in their order."""
-    series_items: dict[str, list[Dataset]] = {}
-    for reference in references:
-        instance = Dataset()
-        instance.ReferencedSOPClassUID = reference.sop_class_uid
-        instance.ReferencedSOPInstanceUID = reference.sop_instance_uid
-        series_items.setdefault(reference.series_instance_uid, []).append(instance)
-    study = Dataset()
-    study.StudyInstanceUID = references[0].study_instance_uid
-    study.ReferencedSeriesSequence = []
-    for series_uid, instances in series_items.items():
-        series = Dataset()
-        series.SeriesInstanceUID = series_uid
-        series.ReferencedSOPSequence = instances
-        study.ReferencedSeriesSequence.append(series)
-    return [study]
 
 
 def _code(value: str, meaning: str) -> Dataset:

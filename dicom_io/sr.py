@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import zoneinfo
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta, timezone, tzinfo
 from importlib import metadata
 from pathlib import Path
@@ -521,24 +521,34 @@ def earlier_report(
 
 
 def _references(documents: Sequence[Dataset]) -> list[Dataset]:
-    """Hierarchical SOP Instance Reference items (study, series, instances) of
-    ``documents``, in the order they come."""
+    """Hierarchical SOP Instance Reference items of ``documents``, in the order they
+    come."""
+    return hierarchical_references(
+        (d.StudyInstanceUID, d.SeriesInstanceUID, d.SOPClassUID, d.SOPInstanceUID)
+        for d in documents
+    )
+
+
+def hierarchical_references(instances: Iterable[tuple[str, str, str, str]]) -> list[Dataset]:
+    """Hierarchical SOP Instance Reference items (PS3.3 C.17.2: study, its series, their
+    instances) of ``instances``, each given as (study, series, SOP class, SOP instance)
+    UIDs: studies and series in the order first seen, the instances of each in theirs.
+    """
     studies: dict[str, dict[str, list[Dataset]]] = {}
-    for document in documents:
+    for study_uid, series_uid, sop_class_uid, sop_instance_uid in instances:
         item = Dataset()
-        item.ReferencedSOPClassUID = document.SOPClassUID
-        item.ReferencedSOPInstanceUID = document.SOPInstanceUID
-        in_study = studies.setdefault(str(document.StudyInstanceUID), {})
-        in_study.setdefault(str(document.SeriesInstanceUID), []).append(item)
+        item.ReferencedSOPClassUID = sop_class_uid
+        item.ReferencedSOPInstanceUID = sop_instance_uid
+        studies.setdefault(str(study_uid), {}).setdefault(str(series_uid), []).append(item)
     references = []
     for study_uid, series_items in studies.items():
         study = Dataset()
         study.StudyInstanceUID = study_uid
         study.ReferencedSeriesSequence = []
-        for series_uid, instances in series_items.items():
+        for series_uid, items in series_items.items():
             series = Dataset()
             series.SeriesInstanceUID = series_uid
-            series.ReferencedSOPSequence = instances
+            series.ReferencedSOPSequence = items
             study.ReferencedSeriesSequence.append(series)
         references.append(study)
     return references

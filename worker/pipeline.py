@@ -1554,20 +1554,7 @@ def _withdraw(
                     output = _stage_output(rt.settings.outbox_dir, ObjectKind.KO, ours, "ko")
                     staged.append(output)
                     deliveries += [
-                        Delivery(
-                            instance_id=instance_id,
-                            result_id=None,
-                            kind=ObjectKind.KO,
-                            destination=destination,
-                            sop_instance_uid=output.sop_instance_uid,
-                            study_instance_uid=output.study_instance_uid,
-                            series_instance_uid=output.series_instance_uid,
-                            assessment=instance.assessment,
-                            path=str(output.path),
-                            sha256=output.sha256,
-                            state=DeliveryState.PENDING,
-                            next_attempt_at=now(),
-                        )
+                        _delivery(instance_id, instance.assessment, output, destination)
                         for destination in to
                     ]
             except RETRIED_BY_THE_TASK:
@@ -1662,19 +1649,12 @@ def _commit(
                 session.add(result)
                 session.flush()
             deliveries = [
-                Delivery(
-                    instance_id=instance_id,
+                _delivery(
+                    instance_id,
+                    claim.assessment,
+                    output,
+                    str(destination),
                     result_id=result.id if result is not None and output.of_result else None,
-                    kind=output.kind,
-                    destination=str(destination),
-                    sop_instance_uid=output.sop_instance_uid,
-                    study_instance_uid=output.study_instance_uid,
-                    series_instance_uid=output.series_instance_uid,
-                    assessment=claim.assessment,
-                    path=str(output.path),
-                    sha256=output.sha256,
-                    state=DeliveryState.PENDING,
-                    next_attempt_at=now(),
                 )
                 for destination in (rt.settings.destinations if send else [])
                 for output in outputs
@@ -1704,6 +1684,32 @@ def _commit(
         discard(outputs)
         raise
     return AssessOutcome(state.value, delivery_ids=delivery_ids, reason=reason)
+
+
+def _delivery(
+    instance_id: int,
+    assessment: int,
+    output: Output,
+    destination: str,
+    *,
+    result_id: int | None = None,
+) -> Delivery:
+    """The row that sends ``output``, of the instance's ``assessment``, to
+    ``destination``, due now."""
+    return Delivery(
+        instance_id=instance_id,
+        result_id=result_id,
+        kind=output.kind,
+        destination=destination,
+        sop_instance_uid=output.sop_instance_uid,
+        study_instance_uid=output.study_instance_uid,
+        series_instance_uid=output.series_instance_uid,
+        assessment=assessment,
+        path=str(output.path),
+        sha256=output.sha256,
+        state=DeliveryState.PENDING,
+        next_attempt_at=now(),
+    )
 
 
 def _finished(rt: Runtime, instance_id: int) -> bool:

@@ -16,6 +16,10 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from pydicom import Dataset
+from pydicom.uid import generate_uid
+
+from dicom_io.ko import Reference, build_rejection_note
 from dicom_io.scp import ReceivedInstance
 
 if TYPE_CHECKING:
@@ -214,3 +218,33 @@ def record_evaluated_datasets(monkeypatch: pytest.MonkeyPatch) -> list[PreparedD
 
     monkeypatch.setattr(models.evaluate, "PreparedDataset", Recording)
     return made
+
+
+def reference_of(ds: Dataset) -> Reference:
+    """``ds`` as a rejection note names it."""
+    return Reference(
+        str(ds.StudyInstanceUID),
+        str(ds.SeriesInstanceUID),
+        str(ds.SOPClassUID),
+        str(ds.SOPInstanceUID),
+    )
+
+
+def pacs_rejection_note(
+    image: Dataset, code: str = "113038", *, also: Sequence[Reference] = ()
+) -> Dataset:
+    """The IOCM rejection note a PACS stores for ``image`` (and ``also``), with its own
+    UIDs and equipment: "Incorrect Modality Worklist Entry" unless ``code`` says
+    otherwise."""
+    note = build_rejection_note(
+        image,
+        code,
+        [reference_of(image), *also],
+        description="Rejected at the PACS",
+        series_instance_uid=generate_uid(),
+        sop_instance_uid=generate_uid(),
+        series_number=990,
+        manufacturer_model_name="PACS",
+    )
+    note.Manufacturer = "Hospital PACS"
+    return note

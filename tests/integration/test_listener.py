@@ -22,7 +22,6 @@ from pydicom.uid import (
     JPEGLSLossless,
     KeyObjectSelectionDocumentStorage,
     RLELossless,
-    generate_uid,
 )
 from pynetdicom import AE, evt
 from sqlalchemy import select
@@ -30,7 +29,6 @@ from sqlalchemy import select
 from db.engine import session_scope, upgrade
 from db.schema import Instance, InstanceState
 from dicom_io import scp as scp_module
-from dicom_io.ko import Reference, build_rejection_note
 from dicom_io.scp import (
     MAXIMUM_PDU_SIZE,
     OUT_OF_RESOURCES,
@@ -44,7 +42,13 @@ from dicom_io.scp import (
     spool_path,
 )
 from dicom_io.synthetic import make_radiograph_dataset
-from tests.support import dcmtk_tool, free_port, storescu_command, wait_for
+from tests.support import (
+    dcmtk_tool,
+    free_port,
+    pacs_rejection_note,
+    storescu_command,
+    wait_for,
+)
 from worker.listener import record_instance
 
 pytestmark = pytest.mark.integration
@@ -328,19 +332,7 @@ def test_a_rejection_note_is_taken_as_the_one_non_image(
     """dcmtk's storescu proposes the Key Object Selection class itself (no -R) and the
     note is stored like an image: the worker reads it (worker.pipeline)."""
     h = harness_factory()
-    hand = dcmread(write_hand(tmp_path / "hand.dcm"))
-    rejected = Reference(
-        hand.StudyInstanceUID, hand.SeriesInstanceUID, hand.SOPClassUID, hand.SOPInstanceUID
-    )
-    note = build_rejection_note(
-        hand,
-        "113001",
-        [rejected],
-        description="Rejected at the PACS",
-        series_instance_uid=generate_uid(),
-        sop_instance_uid=generate_uid(),
-        series_number=99,
-    )
+    note = pacs_rejection_note(dcmread(write_hand(tmp_path / "hand.dcm")), "113001")
     path = tmp_path / "note.dcm"
     note.save_as(path, enforce_file_format=True)
     sent = h.storescu(path)

@@ -29,18 +29,17 @@ from pydicom.uid import (
     DigitalXRayImageStorageForProcessing,
     KeyObjectSelectionDocumentStorage,
     SecondaryCaptureImageStorage,
-    generate_uid,
 )
 from sqlalchemy import select
 
 from db.engine import session_scope
 from db.schema import Instance, InstanceState
-from dicom_io.ko import Reference, build_rejection_note, read_rejection_note
+from dicom_io.ko import read_rejection_note
 from dicom_io.synthetic import make_radiograph_dataset
 from models.phantoms import make_phantom
 from tests.integration.test_end_to_end import PATIENT_VALUES, Node, cli
 from tests.orthanc import OrthancServer, require_orthanc
-from tests.support import free_port, wait_for, wait_for_port
+from tests.support import free_port, pacs_rejection_note, wait_for, wait_for_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -388,24 +387,7 @@ def test_a_rejection_note_at_the_pacs_withdraws_our_results_there(
         timeout=RESULT_TIMEOUT_S,
     )
 
-    note = build_rejection_note(
-        source,
-        "113038",
-        [
-            Reference(
-                source.StudyInstanceUID,
-                source.SeriesInstanceUID,
-                source.SOPClassUID,
-                source.SOPInstanceUID,
-            )
-        ],
-        description="Wrong patient",
-        series_instance_uid=generate_uid(),
-        sop_instance_uid=generate_uid(),
-        series_number=990,
-        manufacturer_model_name="PACS",
-    )
-    note.Manufacturer = "Hospital PACS"
+    note = pacs_rejection_note(source)
     note.save_as(tmp_path / "note.dcm", enforce_file_format=True)
     sent_note = orthanc.upload(tmp_path / "note.dcm")
     decision = stack.wait(lambda: orthanc.routing(sent_note["ID"]), what="the note's routing")
@@ -446,19 +428,7 @@ def test_an_expired_retention_note_is_not_forwarded(stack: Stack, tmp_path: Path
     """113039: the PACS removes the whole study, our objects with it; forwarded, every
     study it ever expired would come to us."""
     source = write_radiograph(tmp_path / "old.dcm", seed=8)
-    rejected = Reference(
-        source.StudyInstanceUID, source.SeriesInstanceUID, source.SOPClassUID, generate_uid()
-    )
-    note = build_rejection_note(
-        source,
-        "113039",
-        [rejected],
-        description="Retention period expired",
-        series_instance_uid=generate_uid(),
-        sop_instance_uid=generate_uid(),
-        series_number=990,
-    )
-    note.Manufacturer = "Hospital PACS"
+    note = pacs_rejection_note(source, "113039")
     note.save_as(tmp_path / "note.dcm", enforce_file_format=True)
     uploaded = stack.orthanc.upload(tmp_path / "note.dcm")
     decision = stack.wait(lambda: stack.orthanc.routing(uploaded["ID"]), what="its routing")

@@ -31,9 +31,10 @@ from db.schema import (
 from dicom_io import gate
 from dicom_io.ko import Reference, build_rejection_note, read_rejection_note
 from tests.conftest import StoreSCP, sessions_waiting_on_a_lock
+from tests.integration import test_received_again as received_again_tests
 from tests.integration.test_pipeline import make_runtime, spool_dataset, spool_instance
 from tests.integration.test_received_again import deliver, received_again
-from tests.support import wait_for
+from tests.support import pacs_rejection_note, reference_of, wait_for
 from worker import pipeline
 from worker.delivery import reset_failed
 from worker.pipeline import assess_instance
@@ -46,15 +47,8 @@ QUALITY = "113001"
 WRONG_PATIENT = "113038"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def runtime(
-    request: pytest.FixtureRequest, tmp_path: Path, tiny_checkpoint: Path, storescp: StoreSCP
-) -> Runtime:
-    """A node sending to the storescp, on SQLite and on a real PostgreSQL."""
-    database: dict[str, Any] = {}
-    if request.param == "postgresql":
-        database["database_url"] = request.getfixturevalue("postgres_url")
-    return make_runtime(tmp_path, tiny_checkpoint, destinations=storescp.destination, **database)
+#: A node sending to the storescp, on SQLite and on a real PostgreSQL.
+runtime = received_again_tests.runtime
 
 
 def image_of(rt: Runtime, instance_id: int) -> Dataset:
@@ -67,28 +61,6 @@ def another_image(image: Dataset) -> Dataset:
     other = dcmread(image.filename)
     other.SOPInstanceUID = other.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     return other
-
-
-def rejection_note(
-    image: Dataset, code: str = WRONG_PATIENT, *, also: tuple[Reference, ...] = ()
-) -> Dataset:
-    """The PACS's rejection note for ``image`` (and ``also``), as it would send it."""
-    rejected = Reference(
-        str(image.StudyInstanceUID),
-        str(image.SeriesInstanceUID),
-        str(image.SOPClassUID),
-        str(image.SOPInstanceUID),
-    )
-    return build_rejection_note(
-        image,
-        code,
-        [rejected, *also],
-        description="Rejected at the PACS",
-        series_instance_uid=generate_uid(),
-        sop_instance_uid=generate_uid(),
-        series_number=999,
-        manufacturer_model_name="PACS",
-    )
 
 
 def state_of(rt: Runtime, instance_id: int) -> tuple[InstanceState, str | None]:
@@ -117,7 +89,7 @@ def test_a_rejected_image_has_its_bone_age_withdrawn_where_it_went(
     ours = {str(dcmread(p).SOPInstanceUID): dcmread(p) for p in sent}
     image = image_of(runtime, image_id)
 
-    note_id = spool_dataset(runtime, rejection_note(image))
+    note_id = spool_dataset(runtime, pacs_rejection_note(image))
     applied = assess_instance(runtime, note_id)
 
     assert applied.state == "not_assessed"
@@ -171,7 +143,9 @@ def test_a_copy_received_again_after_the_rejection_is_not_assessed_again(
     """Not even with another sex: a rejected image stays rejected."""
     image_id = spool_instance(runtime)
     assert assess_instance(runtime, image_id).state == "assessed"
-    assess_instance(runtime, spool_dataset(runtime, rejection_note(image_of(runtime, image_id))))
+    assess_instance(
+        runtime, spool_dataset(runtime, pacs_rejection_note(image_of(runtime, image_id)))
+    )
 
     received_again(runtime, image_id, PatientSex="M")
     assert assess_instance(runtime, image_id).state == "skipped"
@@ -188,7 +162,7 @@ def test_what_was_not_sent_of_a_rejected_image_is_never_sent(runtime: Runtime) -
     assessed = assess_instance(runtime, image_id)
     assert len(assessed.delivery_ids) == 2
     applied = assess_instance(
-        runtime, spool_dataset(runtime, rejection_note(image_of(runtime, image_id)))
+        runtime, spool_dataset(runtime, pacs_rejection_note(image_of(runtime, image_id)))
     )
     assert applied.delivery_ids == ()
     assert [(kind, state) for kind, state, _ in deliveries_of(runtime, image_id)] == [
@@ -210,7 +184,7 @@ def test_what_was_not_sent_of_a_rejected_image_is_never_sent(runtime: Runtime) -
             update(Delivery).where(Delivery.id == sr_id).values(sending_since=pipeline.now())
         )
     applied = assess_instance(
-        runtime, spool_dataset(runtime, rejection_note(image_of(runtime, other_id), QUALITY))
+        runtime, spool_dataset(runtime, pacs_rejection_note(image_of(runtime, other_id), QUALITY))
     )
     assert len(applied.delivery_ids) == 1
     with session_scope(runtime.database_url) as session:
@@ -225,13 +199,15 @@ def test_what_was_not_sent_of_a_rejected_image_is_never_sent(runtime: Runtime) -
 def test_an_image_rejected_before_it_is_assessed_never_is(runtime: Runtime) -> None:
     """Rejected while queued, or before it arrived: no result, nothing to send."""
     queued_id = spool_instance(runtime)
-    assess_instance(runtime, spool_dataset(runtime, rejection_note(image_of(runtime, queued_id))))
+    assess_instance(
+        runtime, spool_dataset(runtime, pacs_rejection_note(image_of(runtime, queued_id)))
+    )
     assert state_of(runtime, queued_id)[0] is InstanceState.REJECTED
     assert assess_instance(runtime, queued_id).state == "skipped"
 
     # the note first, the image after it
     image = another_image(image_of(runtime, queued_id))
-    assess_instance(runtime, spool_dataset(runtime, rejection_note(image, QUALITY)))
+    assess_instance(runtime, spool_dataset(runtime, pacs_rejection_note(image, QUALITY)))
     later = spool_dataset(runtime, image)
     outcome = assess_instance(runtime, later)
     assert outcome.state == "rejected"
@@ -250,7 +226,7 @@ def test_a_note_applied_while_the_image_is_assessed_wins(
     """The note is applied after the attempt at the image began and before it commits:
     the commit finds it, records nothing and removes what it staged."""
     image_id = spool_instance(runtime)
-    note = rejection_note(image_of(runtime, image_id))
+    note = pacs_rejection_note(image_of(runtime, image_id))
     build = pipeline.build_outputs
 
     def note_arrives(*args: Any, **kwargs: Any) -> Any:
@@ -300,9 +276,9 @@ def test_the_same_rejection_again_changes_nothing(runtime: Runtime, storescp: St
     image_id = spool_instance(runtime)
     deliver(runtime, storescp, assess_instance(runtime, image_id).delivery_ids)
     image = image_of(runtime, image_id)
-    first = assess_instance(runtime, spool_dataset(runtime, rejection_note(image)))
+    first = assess_instance(runtime, spool_dataset(runtime, pacs_rejection_note(image)))
     assert len(first.delivery_ids) == 2  # SR and SC
-    second = assess_instance(runtime, spool_dataset(runtime, rejection_note(image, QUALITY)))
+    second = assess_instance(runtime, spool_dataset(runtime, pacs_rejection_note(image, QUALITY)))
     assert second.delivery_ids == ()
     assert state_of(runtime, image_id)[1] == (
         "rejected by the PACS: Incorrect Modality Worklist Entry"
@@ -322,7 +298,7 @@ def test_other_key_object_selections_change_nothing(
 ) -> None:
     image_id = spool_instance(runtime)
     assessed = assess_instance(runtime, image_id)
-    note = rejection_note(image_of(runtime, image_id))
+    note = pacs_rejection_note(image_of(runtime, image_id))
     code = note.ConceptNameCodeSequence[0]
     code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = title
     outcome = assess_instance(runtime, spool_dataset(runtime, note))
@@ -336,7 +312,7 @@ def test_other_key_object_selections_change_nothing(
 def test_a_rejection_note_that_cannot_be_read_changes_nothing(runtime: Runtime) -> None:
     image_id = spool_instance(runtime)
     assess_instance(runtime, image_id)
-    note = rejection_note(image_of(runtime, image_id))
+    note = pacs_rejection_note(image_of(runtime, image_id))
     del note.CurrentRequestedProcedureEvidenceSequence
     outcome = assess_instance(runtime, spool_dataset(runtime, note))
     assert outcome.state == "not_assessed"
@@ -361,7 +337,7 @@ def test_our_note_passes_dciodvfy_in_a_study_the_image_left(
     deliver(runtime, storescp, assess_instance(runtime, image_id).delivery_ids)
 
     applied = assess_instance(
-        runtime, spool_dataset(runtime, rejection_note(image_of(runtime, image_id)))
+        runtime, spool_dataset(runtime, pacs_rejection_note(image_of(runtime, image_id)))
     )
     assert len(applied.delivery_ids) == 4  # SR and SC, in each study
     notes = [dcmread(p) for p in deliver(runtime, storescp, applied.delivery_ids)]
@@ -389,7 +365,7 @@ def test_a_second_attempt_at_a_rejected_image_leaves_its_withdrawal_to_the_note(
     marked the image rejected, and the note, taking it for withdrawn, let them go)."""
     image_id = spool_instance(runtime)
     image = image_of(runtime, image_id)
-    note_ds = rejection_note(image)
+    note_ds = pacs_rejection_note(image)
     build = pipeline.build_outputs
     first: list[pipeline.AssessOutcome] = []
 
@@ -476,13 +452,10 @@ def test_a_note_that_cannot_be_made_still_rejects_the_image(
 
     refused: list[int] = []
     monkeypatch.setattr(pipeline, "build_rejection_note", refusing_the_first)
-    also = Reference(
-        str(other.StudyInstanceUID),
-        str(other.SeriesInstanceUID),
-        str(other.SOPClassUID),
-        str(other.SOPInstanceUID),
+    also = reference_of(other)
+    applied = assess_instance(
+        runtime, spool_dataset(runtime, pacs_rejection_note(image, also=(also,)))
     )
-    applied = assess_instance(runtime, spool_dataset(runtime, rejection_note(image, also=(also,))))
 
     state, reason = state_of(runtime, image_id)
     assert state is InstanceState.REJECTED
@@ -507,7 +480,7 @@ def test_an_expired_retention_rejects_but_sends_no_note_of_ours(runtime: Runtime
     with session_scope(runtime.database_url) as session:
         session.execute(update(Delivery).values(state=DeliveryState.DELIVERED))
     applied = assess_instance(
-        runtime, spool_dataset(runtime, rejection_note(image_of(runtime, image_id), "113039"))
+        runtime, spool_dataset(runtime, pacs_rejection_note(image_of(runtime, image_id), "113039"))
     )
     assert applied.delivery_ids == ()
     assert state_of(runtime, image_id) == (
@@ -521,22 +494,15 @@ def test_a_note_received_again_naming_more_is_applied_again(runtime: Runtime) ->
     rejected too; what the first application did stays as it was."""
     image_id = spool_instance(runtime)
     image = image_of(runtime, image_id)
-    note = rejection_note(image)
+    note = pacs_rejection_note(image)
     note_id = spool_dataset(runtime, note)
     assess_instance(runtime, note_id)
     other_id = spool_dataset(runtime, another_image(image))
 
     other = image_of(runtime, other_id)
-    grown = rejection_note(
+    grown = pacs_rejection_note(
         image,
-        also=(
-            Reference(
-                str(other.StudyInstanceUID),
-                str(other.SeriesInstanceUID),
-                str(other.SOPClassUID),
-                str(other.SOPInstanceUID),
-            ),
-        ),
+        also=(reference_of(other),),
     )
     # the same note, as sent again: its own UIDs, and nothing else of its header changed
     grown.SOPInstanceUID = grown.file_meta.MediaStorageSOPInstanceUID = note.SOPInstanceUID
@@ -560,7 +526,9 @@ def test_a_note_naming_twenty_thousand_instances_is_applied(runtime: Runtime) ->
         Reference(str(image.StudyInstanceUID), series, CTImageStorage, f"2.25.{n}")
         for n in range(1, 20_000)
     )
-    applied = assess_instance(runtime, spool_dataset(runtime, rejection_note(image, also=others)))
+    applied = assess_instance(
+        runtime, spool_dataset(runtime, pacs_rejection_note(image, also=others))
+    )
     assert applied.reason is not None
     assert "20000 instance(s) rejected, 1 of them received here" in applied.reason
     assert state_of(runtime, image_id)[0] is InstanceState.REJECTED

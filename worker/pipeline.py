@@ -148,6 +148,9 @@ class Output:
     of_result: bool = True
     study_instance_uid: str | None = None  # where it goes
     series_instance_uid: str | None = None
+    # the destinations it goes to, where not all of them: a note of ours withdrawing an
+    # object goes where that object went
+    destinations: tuple[str, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -881,6 +884,8 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
             outbox_dir=settings.outbox_dir,
             assessment=claim.assessment,
         )
+        # and what went into a study the image has left is withdrawn there
+        outputs += stage_moved_withdrawals(rt, claim, ds)
     except BaseException:
         discard(outputs)
         raise
@@ -1319,6 +1324,11 @@ def _not_assessed(
         except BaseException:
             discard(outputs)
             raise
+    try:  # what went into a study the image has left is withdrawn there
+        outputs += stage_moved_withdrawals(rt, claim, ds)
+    except BaseException:
+        discard(outputs)
+        raise
     outcome = _commit(rt, claim, InstanceState.NOT_ASSESSED, reason, None, outputs)
     if outcome.state == "rejected":
         return outcome
@@ -1489,39 +1499,9 @@ def _withdraw(
             )
             if note.code in _NOT_REPEATED:
                 return []
-            rows = session.execute(
-                select(
-                    Delivery.kind,
-                    Delivery.sop_instance_uid,
-                    Delivery.study_instance_uid,
-                    Delivery.series_instance_uid,
-                    Delivery.destination,
-                    Result.model_id,
-                )
-                .outerjoin(Result, Delivery.result_id == Result.id)
-                .where(
-                    Delivery.instance_id == instance_id,
-                    Delivery.kind.in_(list(_OUR_CLASSES)),
-                    or_(
-                        Delivery.state == DeliveryState.DELIVERED,
-                        (Delivery.state == DeliveryState.SUPERSEDED)
-                        & Delivery.sending_since.is_not(None),
-                    ),
-                )
-                .order_by(Delivery.id)
-            ).all()
-            objects: dict[str, tuple[Reference, set[str]]] = {}
-            for kind, uid, study, series, destination, model_id in rows:
-                # where it went; a row from before revision 0006: the first study's series
-                study = study or instance.study_instance_uid
-                if series is None:
-                    if kind is ObjectKind.SC and model_id is None:
-                        continue  # a withdrawal notice of before 0006: its series unknown
-                    series = (sr_series_uid if kind is ObjectKind.SR else sc_series_uid)(
-                        source_uid, model_id
-                    )
-                reference = Reference(study, series, _OUR_CLASSES[kind], uid)
-                objects.setdefault(uid, (reference, set()))[1].add(destination)
+            objects = _sent_objects(
+                session, instance_id, source_uid, first_study=instance.study_instance_uid
+            )
             sent = {
                 (uid, destination)
                 for uid, destination in session.execute(
@@ -1533,25 +1513,18 @@ def _withdraw(
             deliveries: list[Delivery] = []
             try:
                 for uid, (reference, destinations) in objects.items():
-                    ko_uid = derived_uid(uid, "withdrawn-ko")
-                    to = sorted(d for d in destinations if (ko_uid, d) not in sent)
+                    to = sorted(d for d in destinations if (withdrawal_uid(uid), d) not in sent)
                     if not to:
                         continue  # withdrawn already, to each destination that has it
-                    ours = build_rejection_note(
-                        _patient_and_study(note_ds, reference.study_instance_uid),
+                    output = _stage_withdrawal_note(
+                        rt,
+                        note_ds,
                         note.code,
-                        [reference],
-                        description=(
-                            f"Bone age withdrawn: its source image was {why}; this AI "
-                            "result no longer stands."
-                        ),
-                        series_instance_uid=derived_uid(
-                            source_uid, "ko-series", "study", reference.study_instance_uid
-                        ),
-                        sop_instance_uid=ko_uid,
-                        series_number=KO_SERIES_NUMBER,
+                        reference,
+                        f"Bone age withdrawn: its source image was {why}; this AI result "
+                        "no longer stands.",
+                        source_uid=source_uid,
                     )
-                    output = _stage_output(rt.settings.outbox_dir, ObjectKind.KO, ours, "ko")
                     staged.append(output)
                     deliveries += [
                         _delivery(instance_id, instance.assessment, output, destination)
@@ -1589,6 +1562,141 @@ def _withdraw(
             len(ids),
         )
     return ids
+
+
+def withdrawal_uid(sop_instance_uid: str) -> str:
+    """The SOP Instance UID of our rejection note that withdraws our object
+    ``sop_instance_uid``: one note per object, whatever withdrew it."""
+    return derived_uid(sop_instance_uid, "withdrawn-ko")
+
+
+def _sent_objects(
+    session: Session, instance_id: int, source_uid: str, *, first_study: str
+) -> dict[str, tuple[Reference, set[str]]]:
+    """The SRs and SCs of the image ``instance_id`` that a destination has or may have
+    (delivered, or superseded while on their way), by SOP Instance UID: each as a note
+    names it, and the destinations it went to."""
+    rows = session.execute(
+        select(
+            Delivery.kind,
+            Delivery.sop_instance_uid,
+            Delivery.study_instance_uid,
+            Delivery.series_instance_uid,
+            Delivery.destination,
+            Result.model_id,
+        )
+        .outerjoin(Result, Delivery.result_id == Result.id)
+        .where(
+            Delivery.instance_id == instance_id,
+            Delivery.kind.in_(list(_OUR_CLASSES)),
+            or_(
+                Delivery.state == DeliveryState.DELIVERED,
+                (Delivery.state == DeliveryState.SUPERSEDED) & Delivery.sending_since.is_not(None),
+            ),
+        )
+        .order_by(Delivery.id)
+    ).all()
+    objects: dict[str, tuple[Reference, set[str]]] = {}
+    for kind, uid, study, series, destination, model_id in rows:
+        # where it went; a row from before revision 0006: the first study's series
+        study = study or first_study
+        if series is None:
+            if kind is ObjectKind.SC and model_id is None:
+                continue  # a withdrawal notice of before 0006: its series unknown
+            series = (sr_series_uid if kind is ObjectKind.SR else sc_series_uid)(
+                source_uid, model_id
+            )
+        reference = Reference(study, series, _OUR_CLASSES[kind], uid)
+        objects.setdefault(uid, (reference, set()))[1].add(destination)
+    return objects
+
+
+def _stage_withdrawal_note(
+    rt: Runtime,
+    source: Dataset,
+    code: str,
+    reference: Reference,
+    description: str,
+    *,
+    source_uid: str,
+) -> Output:
+    """Stage our rejection note, titled ``code``, withdrawing the one object of ours
+    ``reference``, in its study, with ``source``'s patient (and, in the same study,
+    study) attributes."""
+    study = reference.study_instance_uid
+    note = build_rejection_note(
+        _patient_and_study(source, study),
+        code,
+        [reference],
+        description=description,
+        series_instance_uid=derived_uid(source_uid, "ko-series", "study", study),
+        sop_instance_uid=withdrawal_uid(reference.sop_instance_uid),
+        series_number=KO_SERIES_NUMBER,
+    )
+    return dataclasses.replace(
+        _stage_output(rt.settings.outbox_dir, ObjectKind.KO, note, "ko"), of_result=False
+    )
+
+
+#: Why our objects in a study the image has left are withdrawn (IOCM's title for an
+#: instance filed under the wrong patient or procedure).
+MOVED_TITLE = "113038"  # Incorrect Modality Worklist Entry
+MOVED_AWAY = (
+    "Bone age withdrawn from this study: its source image was moved to another study, "
+    "where it was assessed again."
+)
+
+
+def stage_moved_withdrawals(rt: Runtime, claim: _Claim, source: Dataset) -> list[Output]:
+    """Stage a rejection note of ours (113038, Incorrect Modality Worklist Entry) for
+    each SR and SC of earlier assessments of the claimed image that a destination has
+    or may have in a study other than the one ``source``, the copy received again, is
+    in: the PACS moved the image (merged or split studies, or filed it under another
+    patient), and its bone age no longer belongs there. A PACS that applies IOCM hides
+    them; one that does not shows the note in that study. Objects a note of ours
+    withdrew already are left."""
+    if claim.assessment == 1:
+        return []
+    study_now = str(source.get("StudyInstanceUID", "") or "").strip()
+    with session_scope(rt.database_url) as session:
+        objects = _sent_objects(
+            session,
+            claim.instance_id,
+            claim.sop_instance_uid,
+            first_study=claim.first_study or study_now,
+        )
+        withdrawn = set(
+            session.scalars(
+                select(Delivery.sop_instance_uid).where(
+                    Delivery.instance_id == claim.instance_id, Delivery.kind == ObjectKind.KO
+                )
+            )
+        )
+    staged: list[Output] = []
+    try:
+        for uid, (reference, destinations) in objects.items():
+            if reference.study_instance_uid == study_now or withdrawal_uid(uid) in withdrawn:
+                continue
+            output = _stage_withdrawal_note(
+                rt, source, MOVED_TITLE, reference, MOVED_AWAY, source_uid=claim.sop_instance_uid
+            )
+            staged.append(dataclasses.replace(output, destinations=tuple(sorted(destinations))))
+    except RETRIED_BY_THE_TASK:
+        discard(staged)
+        raise
+    except Exception as exc:  # a value the note refuses: the assessment goes on without
+        discard(staged)
+        logger.error(
+            "instance %d: the notes withdrawing its objects in the study it left could not "
+            "be made (%s)",
+            claim.instance_id,
+            _failure(exc),
+        )
+        return []
+    except BaseException:
+        discard(staged)
+        raise
+    return staged
 
 
 def _patient_and_study(note_ds: Dataset, study: str) -> Dataset:
@@ -1658,6 +1766,7 @@ def _commit(
                 )
                 for destination in (rt.settings.destinations if send else [])
                 for output in outputs
+                if output.destinations is None or str(destination) in output.destinations
             ]
             session.add_all(deliveries)
             _close(session.get_one(Instance, instance_id), claim, state, reason)

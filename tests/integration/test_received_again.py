@@ -32,6 +32,7 @@ from db.schema import Delivery, DeliveryState, Instance, InstanceState, ObjectKi
 from db.schema import utcnow as now
 from dicom_io import gate
 from dicom_io.content import REPLACES_NOTICE
+from dicom_io.ko import read_rejection_note
 from dicom_io.sc import REPLACES_HEAT_MAP, WITHDRAWN
 from dicom_io.scp import ReceivedInstance
 from tests.conftest import StoreSCP
@@ -364,7 +365,9 @@ def test_a_copy_in_another_study_gets_series_of_its_own_there(
 ) -> None:
     """The PACS merged or split studies and sent the image again, in study B: the new SR
     and SC go into B in series of their own (a series belongs to one study), the SR names
-    the first report in study A, where it is, and a third copy's SR names both."""
+    the first report in study A, where it is, the first SR and SC are withdrawn in A by
+    rejection notes of ours (113038, Incorrect Modality Worklist Entry), and a third
+    copy's SR names both reports, with no second note in A."""
     from pydicom.uid import generate_uid
 
     instance_id = spool_instance(runtime, sex="F")
@@ -384,9 +387,19 @@ def test_a_copy_in_another_study_gets_series_of_its_own_there(
     study_b = generate_uid()
     received_again(runtime, instance_id, StudyInstanceUID=study_b)
     second = assess_instance(runtime, instance_id)
-    assert second.state == "assessed" and len(second.delivery_ids) == 2  # no notice in A
+    assert second.state == "assessed" and len(second.delivery_ids) == 4  # 2 notes in A
     second_objects = deliver(runtime, storescp, second.delivery_ids)  # dciodvfy: no error
     second_sr, second_sc = report_of(second_objects), heat_map_of(second_objects)
+    notes = [ds for ds in map(dcmread, second_objects) if ds.Modality == "KO"]
+    withdrawn = [read_rejection_note(note) for note in notes]
+    assert {note.StudyInstanceUID for note in notes} == {first_sr.StudyInstanceUID}
+    assert all(w is not None and w.code == "113038" for w in withdrawn)
+    assert sorted(
+        (r.study_instance_uid, r.series_instance_uid, r.sop_instance_uid)
+        for w in withdrawn
+        if w is not None
+        for r in w.references
+    ) == sorted([where(first_sr), where(first_sc)])
     for new, old in ((second_sr, first_sr), (second_sc, first_sc)):
         assert new.StudyInstanceUID == study_b != old.StudyInstanceUID
         assert new.SeriesInstanceUID != old.SeriesInstanceUID
@@ -395,6 +408,7 @@ def test_a_copy_in_another_study_gets_series_of_its_own_there(
 
     received_again(runtime, instance_id, PatientSex="M")  # still in study B
     third = assess_instance(runtime, instance_id)
+    assert len(third.delivery_ids) == 2  # A's objects are withdrawn already; B is its study
     third_objects = deliver(runtime, storescp, third.delivery_ids)
     third_sr, third_sc = report_of(third_objects), heat_map_of(third_objects)
     assert (third_sr.SeriesInstanceUID, third_sr.InstanceNumber) == (

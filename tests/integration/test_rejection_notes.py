@@ -323,36 +323,69 @@ def test_a_rejection_note_that_cannot_be_read_changes_nothing(runtime: Runtime) 
     assert state_of(runtime, image_id)[0] is InstanceState.ASSESSED
 
 
-def test_our_note_passes_dciodvfy_in_a_study_the_image_left(
+def test_an_image_moved_to_another_study_then_rejected_is_withdrawn_in_both(
     runtime: Runtime, storescp: StoreSCP
 ) -> None:
-    """The image was moved to another study, assessed there again, then rejected: our
-    note for the first study's objects carries only the patient's attributes of the
-    note, not the other study's date or accession number (each note delivered passes
-    dciodvfy)."""
+    """The image was moved to another study and assessed there again: our SR and SC in
+    the first study are withdrawn there by notes of ours (113038) carrying the patient's
+    attributes and not the other study's date or accession number; rejected after
+    that, it has its objects in the second study withdrawn, with that study's values
+    (each note delivered passes dciodvfy)."""
     image_id = spool_instance(runtime)
     deliver(runtime, storescp, assess_instance(runtime, image_id).delivery_ids)
     first_study = str(image_of(runtime, image_id).StudyInstanceUID)
     received_again(runtime, image_id, StudyInstanceUID=generate_uid(), AccessionNumber="A2")
-    deliver(runtime, storescp, assess_instance(runtime, image_id).delivery_ids)
-
-    applied = assess_instance(
-        runtime, spool_dataset(runtime, pacs_rejection_note(image_of(runtime, image_id)))
-    )
-    assert len(applied.delivery_ids) == 4  # SR and SC, in each study
-    notes = [dcmread(p) for p in deliver(runtime, storescp, applied.delivery_ids)]
+    moved = deliver(runtime, storescp, assess_instance(runtime, image_id).delivery_ids)
     image = image_of(runtime, image_id)
-    in_first = [n for n in notes if n.StudyInstanceUID == first_study]
-    assert len(in_first) == 2
+    in_first = [n for n in map(dcmread, moved) if n.Modality == "KO"]
+    assert len(in_first) == 2  # the first SR and SC
     for note in in_first:
+        assert note.StudyInstanceUID == first_study
         assert (note.AccessionNumber, note.StudyDate) == ("", "")
         assert note.PatientID == image.PatientID
-    # the notes in the image's study now keep that study's values: making the others
-    # changed nothing of the PACS's note they are made from
-    in_second = [n for n in notes if n.StudyInstanceUID == image.StudyInstanceUID]
-    assert len(in_second) == 2
+        assert note.ContentSequence[0].TextValue == pipeline.MOVED_AWAY
+
+    pacs_note = pacs_rejection_note(image)
+    assert pipeline._patient_and_study(pacs_note, first_study) is not pacs_note
+    assert (pacs_note.AccessionNumber, pacs_note.StudyDate) == ("A2", image.StudyDate)
+    applied = assess_instance(runtime, spool_dataset(runtime, pacs_note))
+    assert len(applied.delivery_ids) == 2  # the second SR and SC; the first are withdrawn
+    in_second = [dcmread(p) for p in deliver(runtime, storescp, applied.delivery_ids)]
     for note in in_second:
+        assert note.StudyInstanceUID == image.StudyInstanceUID
         assert (note.AccessionNumber, note.StudyDate) == ("A2", image.StudyDate)
+
+
+def test_an_image_moved_and_no_longer_assessable_is_withdrawn_where_it_was(
+    runtime: Runtime, storescp: StoreSCP
+) -> None:
+    """Moved to another study with a body part we do not assess: the SR saying so goes
+    to the new study, and notes of ours withdraw the first SR and SC in the old one."""
+    image_id = spool_instance(runtime)
+    first = deliver(runtime, storescp, assess_instance(runtime, image_id).delivery_ids)
+    first_study = str(image_of(runtime, image_id).StudyInstanceUID)
+    received_again(
+        runtime,
+        image_id,
+        StudyInstanceUID=generate_uid(),
+        BodyPartExamined="CHEST",
+        StudyDescription="CHEST PA",
+    )
+    outcome = assess_instance(runtime, image_id)
+    assert outcome.state == "not_assessed"
+    sent = [dcmread(p) for p in deliver(runtime, storescp, outcome.delivery_ids)]
+    assert sorted((ds.Modality, ds.StudyInstanceUID == first_study) for ds in sent) == [
+        ("KO", True),
+        ("KO", True),
+        ("SR", False),
+    ]
+    named = {
+        r.sop_instance_uid
+        for ds in sent
+        if ds.Modality == "KO"
+        for r in (read_rejection_note(ds) or pytest.fail("not a rejection note")).references
+    }
+    assert named == {str(dcmread(p).SOPInstanceUID) for p in first}
 
 
 def test_a_second_attempt_at_a_rejected_image_leaves_its_withdrawal_to_the_note(

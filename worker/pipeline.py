@@ -29,7 +29,6 @@ therefore always those whose SHA-256 the committed deliveries recorded.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import io
@@ -45,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
 from pydicom.multival import MultiValue
 from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage, generate_uid
 from sqlalchemy import ColumnElement, case, func, literal, or_, select, update
@@ -885,7 +884,8 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
             assessment=claim.assessment,
         )
         # and what went into a study the image has left is withdrawn there
-        outputs += stage_moved_withdrawals(rt, claim, ds)
+        moved, unmade = stage_moved_withdrawals(rt, claim, ds) if send else ([], None)
+        outputs += moved
     except BaseException:
         discard(outputs)
         raise
@@ -905,6 +905,8 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
         device=predictor.runs_on[:64],
     )
     caveats = [*notes] + ([] if finding.model_trained else ["assessed by an UNTRAINED model"])
+    if unmade is not None:
+        caveats.append(unmade)
     outcome = _commit(
         rt,
         claim,
@@ -1283,53 +1285,58 @@ def _not_assessed(
     settings = rt.settings
     ours = str(ds.get("Manufacturer", "") or "").strip() == MANUFACTURER
     referable = all(ds.get(k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
-    replaces = _earlier_reports(rt, claim, ds) if referable and not ours else []
+    # an SR could neither join the study nor reference the image; of ours, none is made
+    ours_to_make = referable and not ours
+    replaces = _earlier_reports(rt, claim, ds) if ours_to_make else []
     withdrawn = [  # a notice can join the heat maps' series in this study, not another's
         m
-        for m in (_earlier_heat_maps(rt, claim, ds) if referable and not ours else [])
+        for m in (_earlier_heat_maps(rt, claim, ds) if ours_to_make else [])
         if m.study_instance_uid == ds.get("StudyInstanceUID")
     ]
-    if (
-        not (
-            send and settings.destinations and (settings.send_not_assessed or replaces or withdrawn)
-        )
-        or ours
-        # an SR could neither join the study nor reference the image
-        or not referable
-    ):
-        _finish(rt, claim, InstanceState.NOT_ASSESSED, reason)
-        return AssessOutcome("not_assessed", reason=reason)
-    source_uid = claim.sop_instance_uid
-    sr = build_not_assessed_sr(
-        ds,
-        reason,
-        series_instance_uid=sr_series_uid(source_uid, None, claim.other_study(ds)),
-        sop_instance_uid=derived_uid(source_uid, *_again(claim.assessment), "not-assessed-sr"),
-        series_number=SR_SERIES_NUMBER,
-        instance_number=claim.assessment,
-        device_observer_uid=rt.device_observer_uid,
-        predecessors=replaces,
+    report = bool(
+        ours_to_make
+        and send
+        and settings.destinations
+        and (settings.send_not_assessed or replaces or withdrawn)
     )
-    outputs = [_stage_output(settings.outbox_dir, ObjectKind.SR, sr, "not-assessed-sr")]
-    if withdrawn and ds.get("SOPClassUID"):
-        try:
-            outputs += stage_withdrawals(
+    # what went into a study the image has left is withdrawn there, an SR sent or not
+    moved, unmade = stage_moved_withdrawals(rt, claim, ds) if ours_to_make and send else ([], None)
+    recorded = reason if unmade is None else f"{reason}; {unmade}"
+    if not report and not moved:
+        _finish(rt, claim, InstanceState.NOT_ASSESSED, recorded)
+        return AssessOutcome("not_assessed", reason=reason)
+    outputs: list[Output] = []
+    try:
+        if report:
+            source_uid = claim.sop_instance_uid
+            sr = build_not_assessed_sr(
                 ds,
-                withdrawn,
-                f"the image was received again and is not assessed: {reason}",
-                source_uid=source_uid,
-                outbox_dir=settings.outbox_dir,
-                assessment=claim.assessment,
+                reason,
+                series_instance_uid=sr_series_uid(source_uid, None, claim.other_study(ds)),
+                sop_instance_uid=derived_uid(
+                    source_uid, *_again(claim.assessment), "not-assessed-sr"
+                ),
+                series_number=SR_SERIES_NUMBER,
+                instance_number=claim.assessment,
+                device_observer_uid=rt.device_observer_uid,
+                predecessors=replaces,
             )
-        except BaseException:
-            discard(outputs)
-            raise
-    try:  # what went into a study the image has left is withdrawn there
-        outputs += stage_moved_withdrawals(rt, claim, ds)
+            outputs.append(_stage_output(settings.outbox_dir, ObjectKind.SR, sr, "not-assessed-sr"))
+            if withdrawn and ds.get("SOPClassUID"):
+                outputs += stage_withdrawals(
+                    ds,
+                    withdrawn,
+                    f"the image was received again and is not assessed: {reason}",
+                    source_uid=source_uid,
+                    outbox_dir=settings.outbox_dir,
+                    assessment=claim.assessment,
+                )
     except BaseException:
-        discard(outputs)
+        discard(outputs + moved)
         raise
-    outcome = _commit(rt, claim, InstanceState.NOT_ASSESSED, reason, None, outputs)
+    outcome = _commit(
+        rt, claim, InstanceState.NOT_ASSESSED, recorded, None, outputs + moved, send=send
+    )
     if outcome.state == "rejected":
         return outcome
     return AssessOutcome("not_assessed", delivery_ids=outcome.delivery_ids, reason=reason)
@@ -1462,12 +1469,8 @@ def _withdraw(
     One note per object, its UID derived from the object's: a PACS that never got one
     (its send was under way and failed) refuses only that note, and the same object
     withdrawn again is the same note, which the unique key on (object, destination)
-    sends once. A note that cannot be made (a value it refuses) leaves the image
-    rejected and its unsent objects superseded, and says so in its reason.
-
-    The note's patient and study attributes are those of the rejected image (IOCM);
-    ours copies them, and in a study other than the note's (the image was moved since
-    its first objects went) only the patient's.
+    sends once. A note that cannot be made (:func:`_stage_withdrawal_notes`) leaves the
+    image rejected and its unsent objects superseded, and says so in its reason.
     """
     why = _rejected_by_the_pacs(note)
     staged: list[Output] = []
@@ -1510,42 +1513,33 @@ def _withdraw(
                     )
                 )
             }
-            deliveries: list[Delivery] = []
-            try:
-                for uid, (reference, destinations) in objects.items():
-                    to = sorted(d for d in destinations if (withdrawal_uid(uid), d) not in sent)
-                    if not to:
-                        continue  # withdrawn already, to each destination that has it
-                    output = _stage_withdrawal_note(
-                        rt,
-                        note_ds,
-                        note.code,
-                        reference,
-                        f"Bone age withdrawn: its source image was {why}; this AI result "
-                        "no longer stands.",
-                        source_uid=source_uid,
+            todo = []
+            for uid, sent_object in objects.items():
+                to = tuple(
+                    sorted(
+                        d for d in sent_object.destinations if (withdrawal_uid(uid), d) not in sent
                     )
-                    staged.append(output)
-                    deliveries += [
-                        _delivery(instance_id, instance.assessment, output, destination)
-                        for destination in to
-                    ]
-            except RETRIED_BY_THE_TASK:
-                raise
-            except Exception as exc:  # a value the note refuses: the same on every try
-                discard(staged)
-                staged, deliveries = [], []
-                failure = _failure(exc)
-                logger.error(
-                    "instance %d rejected by the PACS, but our rejection note could not be "
-                    "made (%s): withdraw its SR and SC at the PACS by hand",
-                    instance_id,
-                    failure,
                 )
+                if to:  # else withdrawn already, to each destination that has it
+                    todo.append(dataclasses.replace(sent_object, destinations=to))
+            staged, unmade = _stage_withdrawal_notes(
+                rt,
+                todo,
+                note.code,
+                f"Bone age withdrawn: its source image was {why}; this AI result no longer stands.",
+                source_uid=source_uid,
+                fallback=note_ds,
+            )
+            deliveries = [
+                _delivery(instance_id, instance.assessment, output, destination)
+                for output in staged
+                for destination in output.destinations or ()
+            ]
+            if unmade:
                 session.execute(
                     update(Instance)
                     .where(Instance.id == instance_id)
-                    .values(reason=f"{why}; our rejection note could not be made ({failure})")
+                    .values(reason=f"{why}; {unmade}")
                     .execution_options(synchronize_session=False)
                 )
             session.add_all(deliveries)
@@ -1570,12 +1564,21 @@ def withdrawal_uid(sop_instance_uid: str) -> str:
     return derived_uid(sop_instance_uid, "withdrawn-ko")
 
 
+@dataclasses.dataclass(frozen=True)
+class _SentObject:
+    """An SR or SC of ours that a destination has or may have."""
+
+    reference: Reference  # as a note names it
+    destinations: tuple[str, ...]  # where it went
+    path: Path  # its file in the outbox, as written (until retention removes it)
+    sha256: str | None
+
+
 def _sent_objects(
     session: Session, instance_id: int, source_uid: str, *, first_study: str
-) -> dict[str, tuple[Reference, set[str]]]:
+) -> dict[str, _SentObject]:
     """The SRs and SCs of the image ``instance_id`` that a destination has or may have
-    (delivered, or superseded while on their way), by SOP Instance UID: each as a note
-    names it, and the destinations it went to."""
+    (delivered, or superseded while on their way), by SOP Instance UID."""
     rows = session.execute(
         select(
             Delivery.kind,
@@ -1583,6 +1586,8 @@ def _sent_objects(
             Delivery.study_instance_uid,
             Delivery.series_instance_uid,
             Delivery.destination,
+            Delivery.path,
+            Delivery.sha256,
             Result.model_id,
         )
         .outerjoin(Result, Delivery.result_id == Result.id)
@@ -1596,8 +1601,8 @@ def _sent_objects(
         )
         .order_by(Delivery.id)
     ).all()
-    objects: dict[str, tuple[Reference, set[str]]] = {}
-    for kind, uid, study, series, destination, model_id in rows:
+    objects: dict[str, _SentObject] = {}
+    for kind, uid, study, series, destination, path, sha256, model_id in rows:
         # where it went; a row from before revision 0006: the first study's series
         study = study or first_study
         if series is None:
@@ -1606,36 +1611,104 @@ def _sent_objects(
             series = (sr_series_uid if kind is ObjectKind.SR else sc_series_uid)(
                 source_uid, model_id
             )
-        reference = Reference(study, series, _OUR_CLASSES[kind], uid)
-        objects.setdefault(uid, (reference, set()))[1].add(destination)
+        known = objects.get(uid)
+        objects[uid] = _SentObject(
+            Reference(study, series, _OUR_CLASSES[kind], uid),
+            (*known.destinations, destination) if known else (destination,),
+            Path(path),
+            sha256,
+        )
     return objects
 
 
-def _stage_withdrawal_note(
+def _as_written(sent: _SentObject) -> Dataset | None:
+    """The header of our object ``sent`` as its file in the outbox holds it, where that
+    file is still there (retention removes it) and is the one written (its SHA-256):
+    the patient and study it was filed under, which a note withdrawing it repeats."""
+    try:
+        data = sent.path.read_bytes()
+    except FileNotFoundError:
+        return None
+    if sent.sha256 is not None and hashlib.sha256(data).hexdigest() != sent.sha256:
+        return None
+    header = dcmread(io.BytesIO(data), stop_before_pixels=True)
+    reference = sent.reference
+    if (str(header.get("SOPInstanceUID", "")), str(header.get("StudyInstanceUID", ""))) != (
+        reference.sop_instance_uid,
+        reference.study_instance_uid,
+    ):
+        return None
+    return header
+
+
+def _stage_withdrawal_notes(
     rt: Runtime,
-    source: Dataset,
+    objects: Sequence[_SentObject],
     code: str,
-    reference: Reference,
     description: str,
     *,
     source_uid: str,
-) -> Output:
-    """Stage our rejection note, titled ``code``, withdrawing the one object of ours
-    ``reference``, in its study, with ``source``'s patient (and, in the same study,
-    study) attributes."""
-    study = reference.study_instance_uid
-    note = build_rejection_note(
-        _patient_and_study(source, study),
-        code,
-        [reference],
-        description=description,
-        series_instance_uid=derived_uid(source_uid, "ko-series", "study", study),
-        sop_instance_uid=withdrawal_uid(reference.sop_instance_uid),
-        series_number=KO_SERIES_NUMBER,
+    fallback: Dataset | None = None,
+) -> tuple[list[Output], str | None]:
+    """Stage a rejection note of ours, titled ``code``, for each of ``objects``, to go
+    to its destinations: in the object's study, with the patient and study it was
+    filed under, read from its own file (:func:`_as_written`). IOCM wants a note in
+    the patient and study of what it rejects; the image received now may be in
+    another, even another patient's. Where that file is gone, ``fallback`` (the PACS's
+    own note) stands in for an object in its study.
+
+    Returns the staged notes, and what could not be made, in words for the instance's
+    reason (None when all were): an object whose file is gone and has no stand-in, or
+    a value the builder refuses. Those are the same on every try: the others go.
+    """
+    staged: list[Output] = []
+    missing = 0
+    failures: list[str] = []
+    try:
+        for sent in objects:
+            reference = sent.reference
+            source = _as_written(sent)
+            in_its_study = fallback is not None and (
+                str(fallback.get("StudyInstanceUID", "")) == reference.study_instance_uid
+            )
+            if source is None and in_its_study:
+                source = fallback
+            if source is None:
+                missing += 1
+                continue
+            try:
+                note = build_rejection_note(
+                    source,
+                    code,
+                    [reference],
+                    description=description,
+                    series_instance_uid=derived_uid(
+                        source_uid, "ko-series", "study", reference.study_instance_uid
+                    ),
+                    sop_instance_uid=withdrawal_uid(reference.sop_instance_uid),
+                    series_number=KO_SERIES_NUMBER,
+                )
+            except (TypeError, ValueError) as exc:  # a value it refuses
+                failures.append(_failure(exc))
+                continue
+            output = _stage_output(rt.settings.outbox_dir, ObjectKind.KO, note, "ko")
+            staged.append(
+                dataclasses.replace(output, of_result=False, destinations=sent.destinations)
+            )
+    except BaseException:
+        discard(staged)
+        raise
+    if not missing and not failures:
+        return staged, None
+    problems = ([f"{missing} whose file retention removed"] if missing else []) + [
+        f"one that failed ({failure})" for failure in failures
+    ]
+    unmade = (
+        f"our rejection notes for {missing + len(failures)} object(s) of ours could not be "
+        f"made ({'; '.join(problems)}): withdraw them at the PACS by hand"
     )
-    return dataclasses.replace(
-        _stage_output(rt.settings.outbox_dir, ObjectKind.KO, note, "ko"), of_result=False
-    )
+    logger.error("image %s: %s", uid_tag(source_uid), unmade)
+    return staged, unmade
 
 
 #: Why our objects in a study the image has left are withdrawn (IOCM's title for an
@@ -1647,16 +1720,24 @@ MOVED_AWAY = (
 )
 
 
-def stage_moved_withdrawals(rt: Runtime, claim: _Claim, source: Dataset) -> list[Output]:
+def stage_moved_withdrawals(
+    rt: Runtime, claim: _Claim, source: Dataset
+) -> tuple[list[Output], str | None]:
     """Stage a rejection note of ours (113038, Incorrect Modality Worklist Entry) for
     each SR and SC of earlier assessments of the claimed image that a destination has
     or may have in a study other than the one ``source``, the copy received again, is
     in: the PACS moved the image (merged or split studies, or filed it under another
     patient), and its bone age no longer belongs there. A PACS that applies IOCM hides
     them; one that does not shows the note in that study. Objects a note of ours
-    withdrew already are left."""
+    withdrew already are left. Returns the notes, each to go where its object went,
+    and what could not be made (:func:`_stage_withdrawal_notes`).
+
+    Only a later assessment has earlier objects: a copy in another study always opens
+    one (the study is among :data:`IMAGE_INPUTS`), and `reprocess` leaves an image
+    whose copy received again is still to be compared.
+    """
     if claim.assessment == 1:
-        return []
+        return [], None
     study_now = str(source.get("StudyInstanceUID", "") or "").strip()
     with session_scope(rt.database_url) as session:
         objects = _sent_objects(
@@ -1672,48 +1753,14 @@ def stage_moved_withdrawals(rt: Runtime, claim: _Claim, source: Dataset) -> list
                 )
             )
         )
-    staged: list[Output] = []
-    try:
-        for uid, (reference, destinations) in objects.items():
-            if reference.study_instance_uid == study_now or withdrawal_uid(uid) in withdrawn:
-                continue
-            output = _stage_withdrawal_note(
-                rt, source, MOVED_TITLE, reference, MOVED_AWAY, source_uid=claim.sop_instance_uid
-            )
-            staged.append(dataclasses.replace(output, destinations=tuple(sorted(destinations))))
-    except RETRIED_BY_THE_TASK:
-        discard(staged)
-        raise
-    except Exception as exc:  # a value the note refuses: the assessment goes on without
-        discard(staged)
-        logger.error(
-            "instance %d: the notes withdrawing its objects in the study it left could not "
-            "be made (%s)",
-            claim.instance_id,
-            _failure(exc),
-        )
-        return []
-    except BaseException:
-        discard(staged)
-        raise
-    return staged
-
-
-def _patient_and_study(note_ds: Dataset, study: str) -> Dataset:
-    """``note_ds``'s patient and study attributes for a note of ours in ``study``: in
-    another study than the note's, its study's own (date, accession number ...) are
-    left empty rather than said wrong. ``note_ds`` itself is left as it is."""
-    if str(note_ds.get("StudyInstanceUID", "")) == study:
-        return note_ds
-    source = copy.deepcopy(note_ds)
-    for keyword in ("StudyDate", "StudyTime", "AccessionNumber", "StudyID", "StudyDescription"):
-        if keyword in source:
-            setattr(source, keyword, "")
-    for keyword in ("IssuerOfAccessionNumberSequence",):
-        if keyword in source:
-            del source[keyword]
-    source.StudyInstanceUID = study
-    return source
+    left_behind = [
+        sent
+        for uid, sent in objects.items()
+        if sent.reference.study_instance_uid != study_now and withdrawal_uid(uid) not in withdrawn
+    ]
+    return _stage_withdrawal_notes(
+        rt, left_behind, MOVED_TITLE, MOVED_AWAY, source_uid=claim.sop_instance_uid
+    )
 
 
 def _commit(
@@ -1756,17 +1803,24 @@ def _commit(
             if result is not None:
                 session.add(result)
                 session.flush()
+            configured = [str(destination) for destination in rt.settings.destinations]
             deliveries = [
                 _delivery(
                     instance_id,
                     claim.assessment,
                     output,
-                    str(destination),
+                    destination,
                     result_id=result.id if result is not None and output.of_result else None,
                 )
-                for destination in (rt.settings.destinations if send else [])
+                for destination in (configured if send else [])
                 for output in outputs
-                if output.destinations is None or str(destination) in output.destinations
+                if output.destinations is None
+            ] + [
+                # a note of ours withdrawing an object goes where that object went, even a
+                # destination configured otherwise since
+                _delivery(instance_id, claim.assessment, output, destination)
+                for output in outputs
+                for destination in (output.destinations or () if send else ())
             ]
             session.add_all(deliveries)
             _close(session.get_one(Instance, instance_id), claim, state, reason)

@@ -65,6 +65,10 @@ def prepare_reprocess(rt: Runtime, instance_ids: Sequence[int]) -> list[int]:
                     Instance.files_removed_at.is_(None),
                     # not one the PACS rejected (rejected_by_the_pacs)
                     Instance.state.in_(REASSESSABLE),
+                    # nor one whose copy received again is still to be compared: its
+                    # message opens the next assessment for it (worker.pipeline), where
+                    # a reprocess would assess that copy as the last one and forget it
+                    Instance.received_again_at.is_(None),
                 )
                 .values(
                     state=InstanceState.QUEUED,
@@ -133,13 +137,21 @@ def rejected_by_the_pacs(rt: Runtime, instance_ids: Sequence[int]) -> list[int]:
 
 
 def not_finished(rt: Runtime, instance_ids: Sequence[int]) -> list[int]:
-    """Ids among ``instance_ids`` still on their way (received, queued, being assessed),
-    which :func:`prepare_reprocess` leaves alone."""
+    """Ids among ``instance_ids`` still on their way (received, queued, being assessed,
+    or with a copy received again still to be compared), which
+    :func:`prepare_reprocess` leaves alone."""
     with session_scope(rt.database_url) as session:
         return list(
             session.scalars(
                 select(Instance.id)
-                .where(Instance.id.in_(instance_ids), Instance.state.not_in(FINISHED))
+                .where(
+                    Instance.id.in_(instance_ids),
+                    Instance.state.not_in(FINISHED)
+                    | (
+                        (Instance.state != InstanceState.REJECTED)
+                        & Instance.received_again_at.is_not(None)
+                    ),
+                )
                 .order_by(Instance.id)
             )
         )

@@ -38,7 +38,7 @@ from tests.support import pacs_rejection_note, reference_of, wait_for
 from worker import pipeline
 from worker.delivery import reset_failed
 from worker.pipeline import assess_instance
-from worker.reprocess import prepare_reprocess, rejected_by_the_pacs
+from worker.reprocess import not_finished, prepare_reprocess, rejected_by_the_pacs
 from worker.runtime import Runtime
 
 pytestmark = pytest.mark.integration
@@ -323,37 +323,49 @@ def test_a_rejection_note_that_cannot_be_read_changes_nothing(runtime: Runtime) 
     assert state_of(runtime, image_id)[0] is InstanceState.ASSESSED
 
 
-def test_an_image_moved_to_another_study_then_rejected_is_withdrawn_in_both(
+def test_an_image_moved_to_another_patient_then_rejected_is_withdrawn_in_both(
     runtime: Runtime, storescp: StoreSCP
 ) -> None:
-    """The image was moved to another study and assessed there again: our SR and SC in
-    the first study are withdrawn there by notes of ours (113038) carrying the patient's
-    attributes and not the other study's date or accession number; rejected after
-    that, it has its objects in the second study withdrawn, with that study's values
-    (each note delivered passes dciodvfy)."""
+    """The image was filed under another patient, in another study, and assessed there
+    again: our SR and SC in the first study are withdrawn there by notes of ours
+    (113038) filed as they were, under the first patient and study, not the copy's
+    (found in review: they carried the new patient's ID into the old study); rejected
+    after that, it has its objects in the second study withdrawn, with that study's
+    values (each note delivered passes dciodvfy)."""
     image_id = spool_instance(runtime)
-    deliver(runtime, storescp, assess_instance(runtime, image_id).delivery_ids)
-    first_study = str(image_of(runtime, image_id).StudyInstanceUID)
-    received_again(runtime, image_id, StudyInstanceUID=generate_uid(), AccessionNumber="A2")
+    first = [
+        dcmread(p)
+        for p in deliver(runtime, storescp, assess_instance(runtime, image_id).delivery_ids)
+    ]
+    received_again(
+        runtime,
+        image_id,
+        StudyInstanceUID=generate_uid(),
+        AccessionNumber="A2",
+        PatientID="OTHER-9",
+        PatientName="OTHER^PATIENT",
+    )
     moved = deliver(runtime, storescp, assess_instance(runtime, image_id).delivery_ids)
-    image = image_of(runtime, image_id)
     in_first = [n for n in map(dcmread, moved) if n.Modality == "KO"]
     assert len(in_first) == 2  # the first SR and SC
     for note in in_first:
-        assert note.StudyInstanceUID == first_study
-        assert (note.AccessionNumber, note.StudyDate) == ("", "")
-        assert note.PatientID == image.PatientID
+        for keyword in (
+            "PatientID",
+            "PatientName",
+            "StudyInstanceUID",
+            "AccessionNumber",
+            "StudyDate",
+        ):
+            assert note.get(keyword) == first[0].get(keyword), keyword
         assert note.ContentSequence[0].TextValue == pipeline.MOVED_AWAY
 
-    pacs_note = pacs_rejection_note(image)
-    assert pipeline._patient_and_study(pacs_note, first_study) is not pacs_note
-    assert (pacs_note.AccessionNumber, pacs_note.StudyDate) == ("A2", image.StudyDate)
-    applied = assess_instance(runtime, spool_dataset(runtime, pacs_note))
+    image = image_of(runtime, image_id)
+    applied = assess_instance(runtime, spool_dataset(runtime, pacs_rejection_note(image)))
     assert len(applied.delivery_ids) == 2  # the second SR and SC; the first are withdrawn
     in_second = [dcmread(p) for p in deliver(runtime, storescp, applied.delivery_ids)]
     for note in in_second:
         assert note.StudyInstanceUID == image.StudyInstanceUID
-        assert (note.AccessionNumber, note.StudyDate) == ("A2", image.StudyDate)
+        assert (note.PatientID, note.AccessionNumber) == ("OTHER-9", "A2")
 
 
 def test_an_image_moved_and_no_longer_assessable_is_withdrawn_where_it_was(
@@ -386,6 +398,129 @@ def test_an_image_moved_and_no_longer_assessable_is_withdrawn_where_it_was(
         for r in (read_rejection_note(ds) or pytest.fail("not a rejection note")).references
     }
     assert named == {str(dcmread(p).SOPInstanceUID) for p in first}
+
+
+def test_a_moved_image_whose_report_never_went_has_its_heat_map_withdrawn(
+    runtime: Runtime, storescp: StoreSCP
+) -> None:
+    """Only the SC went (the PACS refused the SR), then the image came in another study
+    with a body part we do not assess, and the site sends no not-assessed SRs: no SR
+    goes, but the heat map left in the first study is withdrawn (found in review: it
+    stayed, its bone age on it)."""
+    assert not runtime.settings.send_not_assessed
+    image_id = spool_instance(runtime)
+    sr_id, sc_id = assess_instance(runtime, image_id).delivery_ids
+    [sc] = deliver(runtime, storescp, (sc_id,))
+    with session_scope(runtime.database_url) as session:
+        session.execute(
+            update(Delivery).where(Delivery.id == sr_id).values(state=DeliveryState.FAILED)
+        )
+    received_again(runtime, image_id, StudyInstanceUID=generate_uid(), BodyPartExamined="CHEST")
+    outcome = assess_instance(runtime, image_id)
+    assert outcome.state == "not_assessed"
+    [note] = [dcmread(p) for p in deliver(runtime, storescp, outcome.delivery_ids)]
+    withdrawn = read_rejection_note(note)
+    assert withdrawn is not None
+    assert [r.sop_instance_uid for r in withdrawn.references] == [dcmread(sc).SOPInstanceUID]
+
+
+def test_notes_for_a_moved_image_go_where_each_object_went(
+    runtime: Runtime, storescp: StoreSCP, tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """Two destinations (the same storescp under two names): the SR went to one, the SC
+    to both; then the site renamed the first. Each note goes where its object went,
+    under the name it went by (found in review: to the destinations configured now
+    only, so a renamed one got none)."""
+    here, there = storescp.destination, storescp.destination.replace("127.0.0.1", "localhost")
+    both = make_runtime(
+        tmp_path,
+        tiny_checkpoint,
+        destinations=f"{here},{there}",
+        database_url=runtime.database_url,
+    )
+    image_id = spool_instance(both)
+    assessed = assess_instance(both, image_id)
+    with session_scope(both.database_url) as session:
+        rows = session.scalars(select(Delivery).where(Delivery.id.in_(assessed.delivery_ids)))
+        for row in rows:
+            gone = row.kind is ObjectKind.SC or row.destination == here
+            row.state = DeliveryState.DELIVERED if gone else DeliveryState.FAILED
+    renamed = make_runtime(
+        tmp_path,
+        tiny_checkpoint,
+        destinations=storescp.destination.replace("127.0.0.1", "127.0.0.2"),
+        database_url=runtime.database_url,
+    )
+    received_again(renamed, image_id, StudyInstanceUID=generate_uid())
+    outcome = assess_instance(renamed, image_id)
+    with session_scope(renamed.database_url) as session:
+        notes = {
+            (d.destination, d.sop_instance_uid)
+            for d in session.scalars(
+                select(Delivery).where(
+                    Delivery.id.in_(outcome.delivery_ids), Delivery.kind == ObjectKind.KO
+                )
+            )
+        }
+        sr, sc = (
+            session.scalar(
+                select(Delivery.sop_instance_uid).where(
+                    Delivery.instance_id == image_id, Delivery.kind == kind
+                )
+            )
+            for kind in (ObjectKind.SR, ObjectKind.SC)
+        )
+    assert sr is not None and sc is not None
+    assert notes == {
+        (here, pipeline.withdrawal_uid(sr)),
+        (here, pipeline.withdrawal_uid(sc)),
+        (there, pipeline.withdrawal_uid(sc)),
+    }
+
+
+def test_a_moved_image_whose_objects_retention_removed_says_they_stand(
+    runtime: Runtime, storescp: StoreSCP
+) -> None:
+    """A note repeats the patient and study its object was filed under, read from the
+    object's own file: where retention removed the SR's, no note can say them, and the
+    instance's reason says what to withdraw by hand; the SC's note goes."""
+    image_id = spool_instance(runtime)
+    deliver(runtime, storescp, assess_instance(runtime, image_id).delivery_ids)
+    with session_scope(runtime.database_url) as session:
+        sr = session.scalars(select(Delivery).where(Delivery.kind == ObjectKind.SR)).one()
+        Path(sr.path).unlink()
+    received_again(runtime, image_id, StudyInstanceUID=generate_uid())
+    outcome = assess_instance(runtime, image_id)
+    assert outcome.state == "assessed"
+    state, reason = state_of(runtime, image_id)
+    assert state is InstanceState.ASSESSED
+    assert reason is not None
+    assert reason.endswith(
+        "our rejection notes for 1 object(s) of ours could not be made (1 whose file "
+        "retention removed): withdraw them at the PACS by hand"
+    )
+    notes = [
+        read_rejection_note(dcmread(p))
+        for p in deliver(runtime, storescp, outcome.delivery_ids)
+        if dcmread(p).Modality == "KO"
+    ]
+    assert len(notes) == 1
+
+
+def test_reprocess_leaves_an_image_whose_copy_is_still_to_be_compared(
+    runtime: Runtime,
+) -> None:
+    """The copy in another study waits for its own message, which opens the next
+    assessment and withdraws what is left in the first study (found in review: a
+    reprocess assessed the copy as the first assessment again and forgot it)."""
+    image_id = spool_instance(runtime)
+    assess_instance(runtime, image_id)
+    received_again(runtime, image_id, StudyInstanceUID=generate_uid())
+    assert prepare_reprocess(runtime, [image_id]) == []
+    assert not_finished(runtime, [image_id]) == [image_id]
+    assert assess_instance(runtime, image_id).state == "assessed"
+    with session_scope(runtime.database_url) as session:
+        assert session.get_one(Instance, image_id).assessment == 2
 
 
 def test_a_second_attempt_at_a_rejected_image_leaves_its_withdrawal_to_the_note(
@@ -494,9 +629,10 @@ def test_a_note_that_cannot_be_made_still_rejects_the_image(
     assert state is InstanceState.REJECTED
     assert reason is not None
     assert reason.startswith(
-        "rejected by the PACS: Incorrect Modality Worklist Entry; our rejection note could "
-        "not be made (ValueError in "
+        "rejected by the PACS: Incorrect Modality Worklist Entry; our rejection notes for 1 "
+        "object(s) of ours could not be made (one that failed (ValueError in "
     )
+    assert reason.endswith("): withdraw them at the PACS by hand")
     assert [(kind, state) for kind, state, _ in deliveries_of(runtime, image_id)] == [
         (ObjectKind.SR, DeliveryState.DELIVERED),
         (ObjectKind.SC, DeliveryState.SUPERSEDED),

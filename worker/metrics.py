@@ -191,7 +191,7 @@ class NodeCollector(Collector):
             by_reason.add_metric([reason], count)
         yield by_reason
         sent = GaugeMetricFamily(
-            "boneage_deliveries", "SR and SC deliveries by state.", labels=["state"]
+            "boneage_deliveries", "SR, SC and rejection-note deliveries by state.", labels=["state"]
         )
         for state, count in deliveries.items():
             sent.add_metric([state], count)

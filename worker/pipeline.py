@@ -1505,22 +1505,33 @@ def _withdraw(
             objects = _sent_objects(
                 session, instance_id, source_uid, first_study=instance.study_instance_uid
             )
-            sent = {
-                (uid, destination)
-                for uid, destination in session.execute(
-                    select(Delivery.sop_instance_uid, Delivery.destination).where(
-                        Delivery.instance_id == instance_id, Delivery.kind == ObjectKind.KO
-                    )
+            # our notes made already (a move, an earlier note), by UID, and where they go
+            made: dict[str, tuple[Output, set[str]]] = {}
+            for ko in session.scalars(
+                select(Delivery).where(
+                    Delivery.instance_id == instance_id, Delivery.kind == ObjectKind.KO
                 )
-            }
-            todo = []
+            ):
+                as_made = Output(
+                    ObjectKind.KO,
+                    ko.sop_instance_uid,
+                    Path(ko.path),
+                    ko.sha256 or "",
+                    of_result=False,
+                    study_instance_uid=ko.study_instance_uid,
+                    series_instance_uid=ko.series_instance_uid,
+                )
+                made.setdefault(ko.sop_instance_uid, (as_made, set()))[1].add(ko.destination)
+            todo, again = [], []
             for uid, sent_object in objects.items():
-                to = tuple(
-                    sorted(
-                        d for d in sent_object.destinations if (withdrawal_uid(uid), d) not in sent
-                    )
-                )
-                if to:  # else withdrawn already, to each destination that has it
+                note_made = made.get(withdrawal_uid(uid))
+                going = note_made[1] if note_made else set()
+                to = tuple(sorted(set(sent_object.destinations) - going))
+                if not to:
+                    continue  # withdrawn already, to each destination that has it
+                if note_made:  # its file stands for the deliveries it has: sent as it is
+                    again.append(dataclasses.replace(note_made[0], destinations=to))
+                else:
                     todo.append(dataclasses.replace(sent_object, destinations=to))
             staged, unmade = _stage_withdrawal_notes(
                 rt,
@@ -1532,7 +1543,7 @@ def _withdraw(
             )
             deliveries = [
                 _delivery(instance_id, instance.assessment, output, destination)
-                for output in staged
+                for output in [*staged, *again]
                 for destination in output.destinations or ()
             ]
             if unmade:

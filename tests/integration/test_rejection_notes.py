@@ -4,6 +4,7 @@ and SC, sent where they went; nothing of it not yet sent is sent."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from tests.integration.test_pipeline import make_runtime, spool_dataset, spool_i
 from tests.integration.test_received_again import deliver, received_again
 from tests.support import pacs_rejection_note, reference_of, wait_for
 from worker import pipeline
-from worker.delivery import reset_failed
+from worker.delivery import reset_failed, send_deliveries
 from worker.pipeline import assess_instance
 from worker.reprocess import not_finished, prepare_reprocess, rejected_by_the_pacs
 from worker.runtime import Runtime
@@ -476,6 +477,58 @@ def test_notes_for_a_moved_image_go_where_each_object_went(
         (here, pipeline.withdrawal_uid(sc)),
         (there, pipeline.withdrawal_uid(sc)),
     }
+
+
+def test_a_note_made_already_is_sent_as_it_is_to_a_destination_it_had_not_gone_to(
+    runtime: Runtime, storescp: StoreSCP, tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """Our note for the SR, made when the image moved, went to the one destination the
+    SR had reached; the SR reached the other later (retry-deliveries); then the PACS
+    rejects the image. The note goes to the other too, the same file: made again, it
+    would have replaced the file the first delivery still has to send (its SHA-256)."""
+    here, there = storescp.destination, storescp.destination.replace("127.0.0.1", "localhost")
+    both = make_runtime(
+        tmp_path,
+        tiny_checkpoint,
+        destinations=f"{here},{there}",
+        database_url=runtime.database_url,
+    )
+    image_id = spool_instance(both)
+    assessed = assess_instance(both, image_id)
+    with session_scope(both.database_url) as session:
+        rows = list(session.scalars(select(Delivery).where(Delivery.id.in_(assessed.delivery_ids))))
+        for row in rows:
+            reached = row.kind is ObjectKind.SC or row.destination == here
+            row.state = DeliveryState.DELIVERED if reached else DeliveryState.FAILED
+        late = next(row.id for row in rows if row.state is DeliveryState.FAILED)
+    received_again(both, image_id, StudyInstanceUID=generate_uid())
+    moved = assess_instance(both, image_id)
+    with session_scope(both.database_url) as session:
+        session.get_one(Delivery, late).state = DeliveryState.DELIVERED
+        sr_note = session.scalars(
+            select(Delivery).where(
+                Delivery.id.in_(moved.delivery_ids),
+                Delivery.kind == ObjectKind.KO,
+                Delivery.destination == here,
+                Delivery.sop_instance_uid
+                == pipeline.withdrawal_uid(session.get_one(Delivery, late).sop_instance_uid),
+            )
+        ).one()
+        path, digest = Path(sr_note.path), sr_note.sha256
+
+    applied = assess_instance(
+        both, spool_dataset(both, pacs_rejection_note(image_of(both, image_id)))
+    )
+    with session_scope(both.database_url) as session:
+        added = session.scalars(select(Delivery).where(Delivery.id.in_(applied.delivery_ids)))
+        assert [(d.destination, Path(d.path), d.sha256) for d in added if d.kind is ObjectKind.KO][
+            :1
+        ] == [(there, path, digest)]
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    with session_scope(both.database_url) as session:
+        notes = list(session.scalars(select(Delivery.id).where(Delivery.kind == ObjectKind.KO)))
+    assert len(notes) == 4  # the SR's to both, the SC's to both
+    assert {o.state for o in send_deliveries(both, notes).values()} == {"delivered"}
 
 
 def test_a_moved_image_whose_objects_retention_removed_says_they_stand(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -425,32 +426,50 @@ def test_a_moved_image_whose_report_never_went_has_its_heat_map_withdrawn(
     assert [r.sop_instance_uid for r in withdrawn.references] == [dcmread(sc).SOPInstanceUID]
 
 
-def test_notes_for_a_moved_image_go_where_each_object_went(
+@dataclass(frozen=True)
+class TwoDestinations:
+    """A node sending to the same storescp under two names, ``here`` and ``there``, and
+    an image it assessed whose SC reached both and whose SR reached ``here`` only (its
+    delivery to ``there``, ``sr_there``, failed)."""
+
+    rt: Runtime
+    here: str
+    there: str
+    image_id: int
+    sr_there: int
+
+
+@pytest.fixture
+def two_destinations(
     runtime: Runtime, storescp: StoreSCP, tmp_path: Path, tiny_checkpoint: Path
-) -> None:
-    """Two destinations (the same storescp under two names): the SR went to one, the SC
-    to both; then the site renamed the first. Each note goes where its object went,
-    under the name it went by (found in review: to the destinations configured now
-    only, so a renamed one got none)."""
+) -> TwoDestinations:
     here, there = storescp.destination, storescp.destination.replace("127.0.0.1", "localhost")
-    both = make_runtime(
-        tmp_path,
-        tiny_checkpoint,
-        destinations=f"{here},{there}",
-        database_url=runtime.database_url,
+    rt = make_runtime(
+        tmp_path, tiny_checkpoint, destinations=f"{here},{there}", database_url=runtime.database_url
     )
-    image_id = spool_instance(both)
-    assessed = assess_instance(both, image_id)
-    with session_scope(both.database_url) as session:
-        rows = session.scalars(select(Delivery).where(Delivery.id.in_(assessed.delivery_ids)))
+    image_id = spool_instance(rt)
+    assessed = assess_instance(rt, image_id)
+    with session_scope(rt.database_url) as session:
+        rows = list(session.scalars(select(Delivery).where(Delivery.id.in_(assessed.delivery_ids))))
         for row in rows:
-            gone = row.kind is ObjectKind.SC or row.destination == here
-            row.state = DeliveryState.DELIVERED if gone else DeliveryState.FAILED
+            reached = row.kind is ObjectKind.SC or row.destination == here
+            row.state = DeliveryState.DELIVERED if reached else DeliveryState.FAILED
+        sr_there = next(row.id for row in rows if row.state is DeliveryState.FAILED)
+    return TwoDestinations(rt, here, there, image_id, sr_there)
+
+
+def test_notes_for_a_moved_image_go_where_each_object_went(
+    two_destinations: TwoDestinations, storescp: StoreSCP, tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """Two destinations: the SR went to one, the SC to both; then the site renamed the
+    first. Each note goes where its object went, under the name it went by (found in
+    review: to the destinations configured now only, so a renamed one got none)."""
+    here, there, image_id = two_destinations.here, two_destinations.there, two_destinations.image_id
     renamed = make_runtime(
         tmp_path,
         tiny_checkpoint,
         destinations=storescp.destination.replace("127.0.0.1", "127.0.0.2"),
-        database_url=runtime.database_url,
+        database_url=two_destinations.rt.database_url,
     )
     received_again(renamed, image_id, StudyInstanceUID=generate_uid())
     outcome = assess_instance(renamed, image_id)
@@ -480,27 +499,14 @@ def test_notes_for_a_moved_image_go_where_each_object_went(
 
 
 def test_a_note_made_already_is_sent_as_it_is_to_a_destination_it_had_not_gone_to(
-    runtime: Runtime, storescp: StoreSCP, tmp_path: Path, tiny_checkpoint: Path
+    two_destinations: TwoDestinations,
 ) -> None:
     """Our note for the SR, made when the image moved, went to the one destination the
     SR had reached; the SR reached the other later (retry-deliveries); then the PACS
     rejects the image. The note goes to the other too, the same file: made again, it
     would have replaced the file the first delivery still has to send (its SHA-256)."""
-    here, there = storescp.destination, storescp.destination.replace("127.0.0.1", "localhost")
-    both = make_runtime(
-        tmp_path,
-        tiny_checkpoint,
-        destinations=f"{here},{there}",
-        database_url=runtime.database_url,
-    )
-    image_id = spool_instance(both)
-    assessed = assess_instance(both, image_id)
-    with session_scope(both.database_url) as session:
-        rows = list(session.scalars(select(Delivery).where(Delivery.id.in_(assessed.delivery_ids))))
-        for row in rows:
-            reached = row.kind is ObjectKind.SC or row.destination == here
-            row.state = DeliveryState.DELIVERED if reached else DeliveryState.FAILED
-        late = next(row.id for row in rows if row.state is DeliveryState.FAILED)
+    both, here, there = two_destinations.rt, two_destinations.here, two_destinations.there
+    image_id, late = two_destinations.image_id, two_destinations.sr_there
     received_again(both, image_id, StudyInstanceUID=generate_uid())
     moved = assess_instance(both, image_id)
     with session_scope(both.database_url) as session:
@@ -521,9 +527,9 @@ def test_a_note_made_already_is_sent_as_it_is_to_a_destination_it_had_not_gone_t
     )
     with session_scope(both.database_url) as session:
         added = session.scalars(select(Delivery).where(Delivery.id.in_(applied.delivery_ids)))
-        assert [(d.destination, Path(d.path), d.sha256) for d in added if d.kind is ObjectKind.KO][
-            :1
-        ] == [(there, path, digest)]
+        assert [(d.kind, d.destination, Path(d.path), d.sha256) for d in added] == [
+            (ObjectKind.KO, there, path, digest)
+        ]
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
     with session_scope(both.database_url) as session:
         notes = list(session.scalars(select(Delivery.id).where(Delivery.kind == ObjectKind.KO)))

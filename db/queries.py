@@ -112,15 +112,22 @@ def heartbeats(session: Session) -> list[ProcessBeat]:
 _UNFINISHED = (InstanceState.RECEIVED, InstanceState.QUEUED, InstanceState.PROCESSING)
 
 
+#: How the reason of an instance ends whose SR or SC, at the PACS, no note of ours could
+#: withdraw (worker.pipeline: its file gone, or refused by the note's builder).
+WITHDRAW_BY_HAND = "withdraw them at the PACS by hand"
+
+
 def recent_problems(session: Session, limit: int = 5) -> list[dict[str, Any]]:
-    """Latest instances not assessed, in error, or waiting to be tried again after an
-    attempt failed, and failed deliveries, newest first."""
+    """Latest instances not assessed, in error, waiting to be tried again after an
+    attempt failed, or with objects of ours at the PACS to withdraw by hand, and failed
+    deliveries, newest first."""
     problems: list[dict[str, Any]] = []
     for inst in session.scalars(
         select(Instance)
         .where(
             Instance.state.in_([InstanceState.NOT_ASSESSED, InstanceState.ERROR])
             | (Instance.state.in_(_UNFINISHED) & Instance.reason.is_not(None))
+            | Instance.reason.endswith(WITHDRAW_BY_HAND, autoescape=True)
         )
         .order_by(Instance.finished_at.desc().nulls_first(), Instance.id.desc())
         .limit(limit)

@@ -53,7 +53,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from db.engine import session_scope
-from db.queries import reason_category
+from db.queries import WITHDRAW_BY_HAND, reason_category
 from db.schema import (
     FINISHED,
     Delivery,
@@ -1716,7 +1716,7 @@ def _stage_withdrawal_notes(
     ]
     unmade = (
         f"our rejection notes for {missing + len(failures)} object(s) of ours could not be "
-        f"made ({'; '.join(problems)}): withdraw them at the PACS by hand"
+        f"made ({'; '.join(problems)}): {WITHDRAW_BY_HAND}"
     )
     logger.error("image %s: %s", uid_tag(source_uid), unmade)
     return staged, unmade

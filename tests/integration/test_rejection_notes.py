@@ -20,6 +20,7 @@ from pydicom.uid import (
 )
 from sqlalchemy import func, select, update
 
+from db import queries
 from db.engine import get_engine, session_scope
 from db.schema import (
     Delivery,
@@ -558,6 +559,8 @@ def test_a_moved_image_whose_objects_retention_removed_says_they_stand(
         "our rejection notes for 1 object(s) of ours could not be made (1 whose file "
         "retention removed): withdraw them at the PACS by hand"
     )
+    with session_scope(runtime.database_url) as session:  # `status` lists it
+        assert [p["what"] for p in queries.recent_problems(session)] == [f"instance {image_id}"]
     notes = [
         read_rejection_note(dcmread(p))
         for p in deliver(runtime, storescp, outcome.delivery_ids)

@@ -48,6 +48,8 @@ pytestmark = pytest.mark.integration
 
 QUALITY = "113001"
 WRONG_PATIENT = "113038"
+#: What files a note with a patient and a study: a note of ours repeats them.
+FILED_BY = ("PatientID", "PatientName", "StudyInstanceUID", "AccessionNumber", "StudyDate")
 
 
 #: A node sending to the storescp, on SQLite and on a real PostgreSQL.
@@ -123,13 +125,7 @@ def test_a_rejected_image_has_its_bone_age_withdrawn_where_it_went(
     }
     # filed with the image: its patient and study
     for note in our_notes:
-        for keyword in (
-            "PatientID",
-            "PatientName",
-            "StudyInstanceUID",
-            "AccessionNumber",
-            "StudyDate",
-        ):
+        for keyword in FILED_BY:
             assert note.get(keyword) == image.get(keyword), keyword
         assert note.Manufacturer == "boneage-worker"
     # the result stays in the database; the image is never assessed again
@@ -352,13 +348,7 @@ def test_an_image_moved_to_another_patient_then_rejected_is_withdrawn_in_both(
     in_first = [n for n in map(dcmread, moved) if n.Modality == "KO"]
     assert len(in_first) == 2  # the first SR and SC
     for note in in_first:
-        for keyword in (
-            "PatientID",
-            "PatientName",
-            "StudyInstanceUID",
-            "AccessionNumber",
-            "StudyDate",
-        ):
+        for keyword in FILED_BY:
             assert note.get(keyword) == first[0].get(keyword), keyword
         assert note.ContentSequence[0].TextValue == pipeline.MOVED_AWAY
 

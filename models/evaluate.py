@@ -69,6 +69,12 @@ BAND_TABLE_LEGEND = (
 )
 """What :func:`band_table`'s columns mean, printed with it."""
 
+INTERVAL_TABLE_LEGEND = (
+    "percentile bootstrap, as the intervals of all images, each band resampling its own "
+    f"images (or patients); none for a band of under {MIN_BAND_IMAGES} images"
+)
+"""What :func:`band_interval_table` holds, printed with it."""
+
 _BOOTSTRAP_DRAWS = 1 << 20
 """Resampled indices held at once (8 MB): a large set is resampled in chunks (2000
 resamples of 12,600 images take about 0.2 s)."""
@@ -241,6 +247,18 @@ def predict_ages(
     return np.clip(pred.astype(np.float64), MIN_BONE_AGE_MONTHS, MAX_BONE_AGE_MONTHS)
 
 
+def age_bands(true: np.ndarray) -> dict[str, np.ndarray]:
+    """The bands of :data:`AGE_BANDS_MONTHS` that hold reference ages of ``true``, named
+    ``"0-24"`` … ``"216+"`` (months), each with the mask of its images."""
+    t = np.asarray(true, dtype=np.float64)
+    bands = {}
+    for low, high in AGE_BANDS_MONTHS:
+        sel = (t >= low) & (t < high)
+        if sel.any():
+            bands[f"{low:g}-{high:g}" if math.isfinite(high) else f"{low:g}+"] = sel
+    return bands
+
+
 def summarise(
     predicted: np.ndarray,
     true: np.ndarray,
@@ -271,14 +289,11 @@ def summarise(
     t = np.asarray(true, dtype=np.float64)
     m = np.asarray(male, dtype=bool)
     bands: dict[str, dict[str, Any]] = {}
-    for low, high in AGE_BANDS_MONTHS:
-        sel = (t >= low) & (t < high)
-        if sel.any():
-            name = f"{low:g}-{high:g}" if math.isfinite(high) else f"{low:g}+"
-            band: dict[str, Any] = dict(regression_metrics(p[sel], t[sel]))
-            band["coverage"] = interval_coverage(p[sel], t[sel], quantiles or {})
-            band["too_few"] = int(sel.sum()) < MIN_BAND_IMAGES
-            bands[name] = band
+    for name, sel in age_bands(t).items():
+        band: dict[str, Any] = dict(regression_metrics(p[sel], t[sel]))
+        band["coverage"] = interval_coverage(p[sel], t[sel], quantiles or {})
+        band["too_few"] = int(sel.sum()) < MIN_BAND_IMAGES
+        bands[name] = band
     overall: dict[str, float] = regression_metrics(p, t)
     overall["loa_low"], overall["loa_high"] = bland_altman_limits(p, t)
     return {
@@ -419,6 +434,42 @@ def band_table(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def band_interval_table(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """The bootstrap confidence intervals of MAE and bias, of all images and of each age
+    band with enough of them, each band's own images (or patients) resampled: the
+    second table ``evaluate`` prints and ``report.md`` holds. None where the evaluation
+    made no intervals.
+
+    Returns
+    -------
+    header : list of str
+        Band, n, the units resampled, the MAE and bias intervals at the level used.
+    rows : list of list of str
+        All images first, then each band; one of fewer than :data:`MIN_BAND_IMAGES`
+        images has none ("–").
+    """
+    boot = metrics.get("bootstrap")
+    if not boot:
+        return None
+    level = f"{boot['level']:.0%}"
+    header = ["age (months)", "n", f"{boot['unit']}s", f"MAE {level} CI", f"bias {level} CI"]
+
+    def row(name: str, n: int, within: dict[str, Any] | None) -> list[str]:
+        if within is None:
+            return [name, str(n), "–", "–", "–"]
+        units = str(within["n_units"])
+        return [name, str(n), units, _interval(within["mae"]), _interval(within["bias"])]
+
+    rows = [row("all", int(metrics["overall"]["n"]), boot)]
+    for name, band in metrics["by_age_band"].items():
+        rows.append(row(name, int(band["n"]), band.get("bootstrap")))
+    return header, rows
+
+
+def _interval(ends: Sequence[float]) -> str:
+    return f"{ends[0]:.2f} to {ends[1]:.2f}"
+
+
 def _plot(
     predicted: np.ndarray, true: np.ndarray, male: np.ndarray, folder: Path
 ) -> dict[str, Path]:
@@ -543,6 +594,18 @@ def _markdown(metrics: dict[str, Any], meta: CheckpointMeta) -> str:
         "|" + "---|" * len(columns),
     ]
     lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    if (intervals := band_interval_table(metrics)) is not None:
+        columns, rows = intervals
+        lines += [
+            "",
+            "### Confidence intervals by age band",
+            "",
+            INTERVAL_TABLE_LEGEND,
+            "",
+            "| " + " | ".join(columns) + " |",
+            "|" + "---|" * len(columns),
+        ]
+        lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     lines += [
         "",
         "![predicted vs. reference](pred_vs_true.png)",
@@ -672,10 +735,22 @@ def evaluate(
     metrics = summarise(predicted, true, male, meta.quantiles)
     if bootstrap:
         by_patient = any(it.group for it in items)
-        metrics["bootstrap"] = bootstrap_intervals(
-            predicted, true, split_groups(items) if by_patient else None, resamples=bootstrap
-        )
+        groups = split_groups(items) if by_patient else None
+        metrics["bootstrap"] = bootstrap_intervals(predicted, true, groups, resamples=bootstrap)
         metrics["bootstrap"]["unit"] = "patient" if by_patient else "image"
+        # each band's own, resampling its images (or their patients) alone, where it has
+        # enough of them for an interval to mean something
+        for name, sel in age_bands(true).items():
+            band = metrics["by_age_band"][name]
+            if band["too_few"]:
+                continue
+            within = bootstrap_intervals(
+                predicted[sel],
+                true[sel],
+                None if groups is None else [groups[i] for i in np.flatnonzero(sel)],
+                resamples=bootstrap,
+            )
+            band["bootstrap"] = {k: within[k] for k in ("mae", "bias", "n_units")}
     metrics["model"] = {"id": loaded.model_id, "arch": meta.arch, "trained": meta.trained}
     metrics["precision"] = precision_name(dtype)
     metrics["n_listed"], metrics["n_missing"] = n_listed, n_missing

@@ -1175,7 +1175,13 @@ def evaluate(
     from rich.table import Table
 
     from models.checkpoint import load_checkpoint
-    from models.evaluate import BAND_TABLE_LEGEND, band_table, bootstrap_sentence
+    from models.evaluate import (
+        BAND_TABLE_LEGEND,
+        INTERVAL_TABLE_LEGEND,
+        band_interval_table,
+        band_table,
+        bootstrap_sentence,
+    )
     from models.evaluate import evaluate as run_evaluation
     from models.predictor import resolve_device, resolve_precision
 
@@ -1218,13 +1224,16 @@ def evaluate(
     console.print("  ".join(f"{k.upper()} {v:.3g}" for k, v in shown.items()))
     if (sentence := bootstrap_sentence(report.metrics)) is not None:
         console.print(sentence)
-    header, rows = band_table(report.metrics)
-    table = Table(title="by age band", caption=BAND_TABLE_LEGEND)
-    for name in header:
-        table.add_column(name, overflow="fold")
-    for cells in rows:
-        table.add_row(*cells)
-    console.print(table)
+    tables = [("by age band", BAND_TABLE_LEGEND, band_table(report.metrics))]
+    if (intervals := band_interval_table(report.metrics)) is not None:
+        tables.append(("confidence intervals by age band", INTERVAL_TABLE_LEGEND, intervals))
+    for title, legend, (header, rows) in tables:
+        table = Table(title=title, caption=legend)
+        for name in header:
+            table.add_column(name, overflow="fold")
+        for cells in rows:
+            table.add_row(*cells)
+        console.print(table)
     for path in report.files.values():
         console.print(f"  wrote {path}")
 

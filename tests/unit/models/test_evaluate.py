@@ -17,6 +17,7 @@ from models.data import LabelledImage, phantom_items
 from models.evaluate import (
     AGE_BANDS_MONTHS,
     MIN_BAND_IMAGES,
+    band_interval_table,
     band_table,
     bootstrap_intervals,
     evaluate,
@@ -189,6 +190,48 @@ def test_evaluate_writes_bootstrap_intervals_and_band_coverage(tmp_path: Path) -
     assert "too few for the band's figures to mean anything" in text
 
 
+def test_each_band_with_enough_images_has_intervals_of_its_own(tmp_path: Path) -> None:
+    """30 images of 100 months and 5 of 150: the band 72-120 resamples its own 15
+    patients (two images each), the band 120-168 (too few) has no intervals."""
+    phantoms = phantom_items(20, size=48, seed=6)
+    items = [
+        LabelledImage(it.image, 100.0, it.male, f"{it.key}-{side}", group=it.key)
+        for it in phantoms[:15]
+        for side in ("left", "right")
+    ] + [dataclasses.replace(it, age_months=150.0) for it in phantoms[15:]]
+    loaded = untrained_model(arch="resnet18", input_size=32)
+    report = evaluate(
+        loaded, items, tmp_path / "e", device="cpu", progress=False, plots=False, bootstrap=500
+    )
+    bands = report.metrics["by_age_band"]
+    within = bands["72-120"]["bootstrap"]
+    assert within["n_units"] == 15
+    assert within["mae"][0] <= bands["72-120"]["mae"] <= within["mae"][1]
+    assert within["bias"][0] <= bands["72-120"]["bias"] <= within["bias"][1]
+    # the band's own resampling: its errors alone, so its interval is not the overall one
+    errors = np.array(report.metrics["bootstrap"]["mae"])
+    assert not np.allclose(errors, within["mae"])
+    assert bands["120-168"]["too_few"] and "bootstrap" not in bands["120-168"]
+    written = json.loads(report.files["metrics"].read_text())["by_age_band"]
+    assert written["72-120"]["bootstrap"] == within
+    assert "bootstrap" not in written["120-168"]
+
+    header, rows = band_interval_table(report.metrics) or pytest.fail("no intervals")
+    assert header == ["age (months)", "n", "patients", "MAE 95% CI", "bias 95% CI"]
+    mae_low, mae_high = within["mae"]
+    assert rows[1] == [
+        "72-120",
+        "30",
+        "15",
+        f"{mae_low:.2f} to {mae_high:.2f}",
+        rows[1][4],
+    ]
+    assert rows[2] == ["120-168", "5", "–", "–", "–"]
+    text = report.files["report"].read_text()
+    assert "### Confidence intervals by age band" in text
+    assert f"| 72-120 | 30 | 15 | {mae_low:.2f} to {mae_high:.2f} |" in text
+
+
 def test_evaluate_resamples_patients_where_images_have_them(tmp_path: Path) -> None:
     # 20 phantoms, two images of each child
     phantoms = phantom_items(10, size=48, seed=4)
@@ -214,6 +257,7 @@ def test_evaluate_without_bootstrap_writes_none(tmp_path: Path) -> None:
     )
     assert "bootstrap" not in json.loads(report.files["metrics"].read_text())
     assert "confidence intervals" not in report.files["report"].read_text()
+    assert band_interval_table(report.metrics) is None
     with pytest.raises(ValueError, match="bootstrap must be 0"):
         evaluate(loaded, items, tmp_path / "f", device="cpu", progress=False, bootstrap=-1)
     assert not (tmp_path / "f").exists()
@@ -238,6 +282,7 @@ def test_evaluate_command_prints_the_intervals_and_the_band_table(tmp_path: Path
     assert f"MAE {boot['mae'][0]:.2f} to {boot['mae'][1]:.2f}" in printed
     assert f"bias {boot['bias'][0]:.2f} to {boot['bias'][1]:.2f} months" in printed
     assert "80% covered" in printed and "90% covered" in printed
+    assert "confidence intervals by age band" in printed
     for name, band in metrics["by_age_band"].items():
         shares = r"\s+│ ".join(re.escape(f"{band['coverage'][q]:.1%}") for q in ("0.8", "0.9"))
         cells = rf"│ {re.escape(name)}\s+│ {band['n']}\s+│ {band['mae']:.2f}\s+│ {band['bias']:.2f}"

@@ -583,29 +583,10 @@ def _markdown(metrics: dict[str, Any], meta: CheckpointMeta) -> str:
             lines.append(f"| {float(level):.0%} | {meta.quantiles[level]:.1f} | {observed:.1%} |")
     else:
         lines.append("The checkpoint holds no conformal quantiles.")
-    columns, rows = band_table(metrics)
-    lines += [
-        "",
-        "## By age band",
-        "",
-        BAND_TABLE_LEGEND,
-        "",
-        "| " + " | ".join(columns) + " |",
-        "|" + "---|" * len(columns),
-    ]
-    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    lines += _markdown_table("## By age band", BAND_TABLE_LEGEND, *band_table(metrics))
     if (intervals := band_interval_table(metrics)) is not None:
-        columns, rows = intervals
-        lines += [
-            "",
-            "### Confidence intervals by age band",
-            "",
-            INTERVAL_TABLE_LEGEND,
-            "",
-            "| " + " | ".join(columns) + " |",
-            "|" + "---|" * len(columns),
-        ]
-        lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+        heading = "### Confidence intervals by age band"
+        lines += _markdown_table(heading, INTERVAL_TABLE_LEGEND, *intervals)
     lines += [
         "",
         "![predicted vs. reference](pred_vs_true.png)",
@@ -614,6 +595,16 @@ def _markdown(metrics: dict[str, Any], meta: CheckpointMeta) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _markdown_table(
+    heading: str, legend: str, columns: list[str], rows: list[list[str]]
+) -> list[str]:
+    """The lines of a table in ``report.md``: after a blank line, its heading, legend,
+    header and rows."""
+    lines = ["", heading, "", legend, "", "| " + " | ".join(columns) + " |"]
+    lines.append("|" + "---|" * len(columns))
+    return lines + ["| " + " | ".join(cells) + " |" for cells in rows]
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -1404,7 +1404,7 @@ def _key_object_selection(rt: Runtime, claim: _Claim, ds: Dataset) -> AssessOutc
                     Delivery.sop_instance_uid.in_(chunk),
                     Delivery.state.in_([DeliveryState.PENDING, DeliveryState.FAILED]),
                 )
-                .values(state=DeliveryState.SUPERSEDED, last_error=_rejected_by_the_pacs(note))
+                .values(state=DeliveryState.SUPERSEDED, last_error=rejected_by_the_pacs(note.code))
                 .execution_options(synchronize_session=False)
             )
             images += session.execute(
@@ -1433,8 +1433,9 @@ def _chunks(values: Sequence[str]) -> list[Sequence[str]]:
     return [values[i : i + _CHUNK] for i in range(0, len(values), _CHUNK)]
 
 
-def _rejected_by_the_pacs(note: RejectionNote) -> str:
-    return f"rejected by the PACS: {note.meaning}"
+def rejected_by_the_pacs(code: str) -> str:
+    """The reason of an instance a PACS rejected with a note titled ``code``."""
+    return f"rejected by the PACS: {REJECTION_TITLES.get(code, code)}"
 
 
 def _rejection(rt: Runtime, sop_instance_uid: str) -> str | None:
@@ -1449,7 +1450,7 @@ def _rejection_in(session: Session, sop_instance_uid: str) -> str | None:
     )
     if code is None:
         return None
-    return f"rejected by the PACS: {REJECTION_TITLES.get(code, code)}"
+    return rejected_by_the_pacs(code)
 
 
 #: The rejection title a note of ours does not repeat: the PACS removes the whole
@@ -1472,7 +1473,7 @@ def _withdraw(
     sends once. A note that cannot be made (:func:`_stage_withdrawal_notes`) leaves the
     image rejected and its unsent objects superseded, and says so in its reason.
     """
-    why = _rejected_by_the_pacs(note)
+    why = rejected_by_the_pacs(note.code)
     staged: list[Output] = []
     try:
         with session_scope(rt.database_url) as session:
@@ -1505,23 +1506,7 @@ def _withdraw(
             objects = _sent_objects(
                 session, instance_id, source_uid, first_study=instance.study_instance_uid
             )
-            # our notes made already (a move, an earlier note), by UID, and where they go
-            made: dict[str, tuple[Output, set[str]]] = {}
-            for ko in session.scalars(
-                select(Delivery).where(
-                    Delivery.instance_id == instance_id, Delivery.kind == ObjectKind.KO
-                )
-            ):
-                as_made = Output(
-                    ObjectKind.KO,
-                    ko.sop_instance_uid,
-                    Path(ko.path),
-                    ko.sha256 or "",
-                    of_result=False,
-                    study_instance_uid=ko.study_instance_uid,
-                    series_instance_uid=ko.series_instance_uid,
-                )
-                made.setdefault(ko.sop_instance_uid, (as_made, set()))[1].add(ko.destination)
+            made = _notes_made(session, instance_id)
             todo, again = [], []
             for uid, sent_object in objects.items():
                 note_made = made.get(withdrawal_uid(uid))
@@ -1630,6 +1615,27 @@ def _sent_objects(
             sha256,
         )
     return objects
+
+
+def _notes_made(session: Session, instance_id: int) -> dict[str, tuple[Output, set[str]]]:
+    """Our rejection notes made already for the objects of the image ``instance_id`` (it
+    moved, or a note rejected it), by SOP Instance UID: each as its file was written, and
+    the destinations it goes to."""
+    made: dict[str, tuple[Output, set[str]]] = {}
+    for ko in session.scalars(
+        select(Delivery).where(Delivery.instance_id == instance_id, Delivery.kind == ObjectKind.KO)
+    ):
+        as_made = Output(
+            ObjectKind.KO,
+            ko.sop_instance_uid,
+            Path(ko.path),
+            ko.sha256 or "",
+            of_result=False,
+            study_instance_uid=ko.study_instance_uid,
+            series_instance_uid=ko.series_instance_uid,
+        )
+        made.setdefault(ko.sop_instance_uid, (as_made, set()))[1].add(ko.destination)
+    return made
 
 
 def _as_written(sent: _SentObject) -> Dataset | None:
@@ -1757,13 +1763,7 @@ def stage_moved_withdrawals(
             claim.sop_instance_uid,
             first_study=claim.first_study or study_now,
         )
-        withdrawn = set(
-            session.scalars(
-                select(Delivery.sop_instance_uid).where(
-                    Delivery.instance_id == claim.instance_id, Delivery.kind == ObjectKind.KO
-                )
-            )
-        )
+        withdrawn = _notes_made(session, claim.instance_id)
     left_behind = [
         sent
         for uid, sent in objects.items()

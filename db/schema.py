@@ -243,6 +243,10 @@ class Delivery(Base):
     # since when a delivery worker has been sending it; empty once the send's outcome is
     # recorded (a worker that died sending leaves it until the next claim)
     sending_since: Mapped[datetime | None]
+    # a rejection note of ours: the SOP Instance UID of our object it withdraws, whose
+    # own delivery to the same destination decides whether and when it goes (empty on
+    # other rows, and on notes from before revision 0009)
+    withdraws: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     delivered_at: Mapped[datetime | None]
 

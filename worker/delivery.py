@@ -75,6 +75,7 @@ class _Claimed:
     destination: str
     path: Path
     sha256: str | None  # None on rows written before checksums were recorded
+    withdraws: str | None  # a note of ours: the UID of our object it withdraws
 
 
 def backoff_seconds(attempts: int, base: float, cap: float) -> float:
@@ -121,6 +122,7 @@ def send_deliveries(
     """
     ids = list(dict.fromkeys(delivery_ids))
     claimed, outcomes = _claim(rt, ids, force=force)
+    claimed = _notes_whose_objects_arrived(rt, claimed, outcomes)
     by_destination: dict[str, list[_Claimed]] = {}
     for row in claimed:
         by_destination.setdefault(row.destination, []).append(row)
@@ -167,11 +169,18 @@ def _claim(
                 next_attempt_at=current + timedelta(seconds=claim_seconds(len(ids))),
                 sending_since=current,
             )
-            .returning(Delivery.id, Delivery.destination, Delivery.path, Delivery.sha256)
+            .returning(
+                Delivery.id,
+                Delivery.destination,
+                Delivery.path,
+                Delivery.sha256,
+                Delivery.withdraws,
+            )
             .execution_options(synchronize_session=False)
         ).all()
         claimed = {
-            row.id: _Claimed(row.id, row.destination, Path(row.path), row.sha256) for row in rows
+            row.id: _Claimed(row.id, row.destination, Path(row.path), row.sha256, row.withdraws)
+            for row in rows
         }
         others = [i for i in ids if i not in claimed]
         # only a skipped delivery needs a second look (why it was not claimed)
@@ -195,6 +204,88 @@ def _claim(
             reason = "not due yet"
         skipped[delivery_id] = DeliveryOutcome("skipped", error=reason)
     return [claimed[i] for i in ids if i in claimed], skipped
+
+
+#: Seconds past the end of the claim on an object's send that a note of ours naming
+#: it waits, before it looks again at whether the object arrived.
+NOTE_WAIT_SLACK = 1.0
+
+
+def _notes_whose_objects_arrived(
+    rt: Runtime, claimed: list[_Claimed], outcomes: dict[int, DeliveryOutcome]
+) -> list[_Claimed]:
+    """Of the claimed deliveries, those to send now: all but our rejection notes whose
+    object (``withdraws``) has not arrived at the note's destination.
+
+    A PACS that applies IOCM refuses a note naming an instance it does not have, so:
+
+    - the object's own send to that destination under way (its claim not run out): the
+      note waits until that send's claim ends, with no attempt counted;
+    - the object never arrived (its send failed, or it was superseded before it went):
+      the note is superseded, with that reason, and never sent;
+    - delivered, or its fate unknown (a worker died sending it; a note from before
+      revision 0009, which does not say what it withdraws): the note goes.
+    """
+    notes = [row for row in claimed if row.withdraws]
+    if not notes:
+        return claimed
+    current = now()
+    with session_scope(rt.database_url) as session:
+        objects = {
+            (uid, destination): (state, sending_since, claim_ends)
+            for uid, destination, state, sending_since, claim_ends in session.execute(
+                select(
+                    Delivery.sop_instance_uid,
+                    Delivery.destination,
+                    Delivery.state,
+                    Delivery.sending_since,
+                    Delivery.next_attempt_at,
+                ).where(Delivery.sop_instance_uid.in_({row.withdraws for row in notes}))
+            )
+        }
+        for note in notes:
+            found = objects.get((note.withdraws or "", note.destination))
+            if found is None:
+                continue  # nothing known of it here: the PACS decides
+            state, sending_since, claim_ends = found
+            if state is DeliveryState.DELIVERED:
+                continue
+            if sending_since is not None:
+                if claim_ends is None or claim_ends <= current:
+                    continue  # its sender died or is overdue: it may have arrived
+                wait = (claim_ends - current).total_seconds() + NOTE_WAIT_SLACK
+                changes: dict[str, object] = {
+                    "next_attempt_at": current + timedelta(seconds=wait),
+                    "sending_since": None,
+                }
+                outcomes[note.id] = DeliveryOutcome(
+                    "retry", retry_in=wait, error="the object it withdraws is being sent"
+                )
+            else:
+                changes = {
+                    "state": DeliveryState.SUPERSEDED,
+                    "last_error": _NEVER_ARRIVED,
+                    "next_attempt_at": None,
+                    "sending_since": None,
+                }
+                outcomes[note.id] = DeliveryOutcome("skipped", error=_NEVER_ARRIVED)
+            session.execute(
+                update(Delivery)
+                .where(Delivery.id == note.id)
+                .values(**changes)
+                .execution_options(synchronize_session=False)
+            )
+    held = [row for row in notes if row.id in outcomes]
+    if held:
+        logger.info(
+            "rejection notes %s: %d held or superseded, their objects not at the destination",
+            ", ".join(str(row.id) for row in held),
+            len(held),
+        )
+    return [row for row in claimed if row.id not in outcomes]
+
+
+_NEVER_ARRIVED = "the object it withdraws never arrived there: nothing to withdraw"
 
 
 def _send_to(

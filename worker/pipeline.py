@@ -150,6 +150,8 @@ class Output:
     # the destinations it goes to, where not all of them: a note of ours withdrawing an
     # object goes where that object went
     destinations: tuple[str, ...] | None = None
+    # a note of ours: the SOP Instance UID of the object it withdraws
+    withdraws: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1633,6 +1635,7 @@ def _notes_made(session: Session, instance_id: int) -> dict[str, tuple[Output, s
             of_result=False,
             study_instance_uid=ko.study_instance_uid,
             series_instance_uid=ko.series_instance_uid,
+            withdraws=ko.withdraws,
         )
         made.setdefault(ko.sop_instance_uid, (as_made, set()))[1].add(ko.destination)
     return made
@@ -1710,7 +1713,12 @@ def _stage_withdrawal_notes(
                 continue
             output = _stage_output(rt.settings.outbox_dir, ObjectKind.KO, note, "ko")
             staged.append(
-                dataclasses.replace(output, of_result=False, destinations=sent.destinations)
+                dataclasses.replace(
+                    output,
+                    of_result=False,
+                    destinations=sent.destinations,
+                    withdraws=reference.sop_instance_uid,
+                )
             )
     except BaseException:
         discard(staged)
@@ -1881,6 +1889,7 @@ def _delivery(
         assessment=assessment,
         path=str(output.path),
         sha256=output.sha256,
+        withdraws=output.withdraws,
         state=DeliveryState.PENDING,
         next_attempt_at=now(),
     )

@@ -38,7 +38,7 @@ from tests.integration import test_received_again as received_again_tests
 from tests.integration.test_pipeline import make_runtime, spool_dataset, spool_instance
 from tests.integration.test_received_again import deliver, received_again
 from tests.support import pacs_rejection_note, reference_of, wait_for
-from worker import pipeline
+from worker import delivery, pipeline
 from worker.delivery import reset_failed, send_deliveries
 from worker.pipeline import assess_instance
 from worker.reprocess import not_finished, prepare_reprocess, rejected_by_the_pacs
@@ -193,6 +193,97 @@ def test_what_was_not_sent_of_a_rejected_image_is_never_sent(runtime: Runtime) -
     assert note is not None
     assert note.code == QUALITY
     assert [r.sop_instance_uid for r in note.references] == [sr.sop_instance_uid]
+
+
+def _sending(rt: Runtime, delivery_id: int) -> list[delivery._Claimed]:
+    """A delivery worker claims ``delivery_id`` and starts sending it (the send itself is
+    :func:`delivery._send_to`, called by the test when it wants the send to end)."""
+    claimed, skipped = delivery._claim(rt, [delivery_id], force=False)
+    assert skipped == {}
+    return claimed
+
+
+def test_a_note_waits_while_its_object_is_on_its_way_and_goes_once_it_arrived(
+    runtime: Runtime, storescp: StoreSCP
+) -> None:
+    """The note comes while our SR is being sent: our note naming the SR is held, no
+    attempt counted, until that send ends (a PACS that applies IOCM refuses a note
+    naming an instance it does not have); the SR arrives, then the note goes."""
+    image_id = spool_instance(runtime)
+    sr_id, _ = assess_instance(runtime, image_id).delivery_ids
+    on_its_way = _sending(runtime, sr_id)
+    [note_id] = assess_instance(
+        runtime, spool_dataset(runtime, pacs_rejection_note(image_of(runtime, image_id)))
+    ).delivery_ids
+
+    held = send_deliveries(runtime, [note_id])[note_id]
+    assert held.state == "retry"
+    assert held.retry_in is not None
+    assert 0 < held.retry_in <= delivery.claim_seconds(1) + delivery.NOTE_WAIT_SLACK
+    with session_scope(runtime.database_url) as session:
+        note = session.get_one(Delivery, note_id)
+        assert (note.state, note.attempts, note.sending_since) == (DeliveryState.PENDING, 0, None)
+    assert storescp.received() == []
+
+    sent: dict[int, delivery.DeliveryOutcome] = {}
+    delivery._send_to(runtime, storescp.destination, on_its_way, sent)
+    assert sent[sr_id].state == "delivered"
+    assert send_deliveries(runtime, [note_id], force=True)[note_id].state == "delivered"
+    arrived = [dcmread(p) for p in storescp.wait_for_objects(2, timeout=30)]
+    assert sorted(str(ds.Modality) for ds in arrived) == ["KO", "SR"]
+
+
+def test_a_note_whose_object_never_arrived_is_not_sent(
+    runtime: Runtime, storescp: StoreSCP
+) -> None:
+    """The SR being sent as the note comes fails (the PACS is down): our note naming it
+    is superseded, never sent, where before it was refused by the PACS for a day of
+    retries and ended failed in `status`."""
+    image_id = spool_instance(runtime)
+    sr_id, _ = assess_instance(runtime, image_id).delivery_ids
+    on_its_way = _sending(runtime, sr_id)
+    [note_id] = assess_instance(
+        runtime, spool_dataset(runtime, pacs_rejection_note(image_of(runtime, image_id)))
+    ).delivery_ids
+
+    storescp.stop()
+    sent: dict[int, delivery.DeliveryOutcome] = {}
+    delivery._send_to(runtime, storescp.destination, on_its_way, sent)
+    assert sent[sr_id] == delivery.DeliveryOutcome(
+        "skipped", error="superseded while it was being sent"
+    )
+    storescp.start()
+    outcome = send_deliveries(runtime, [note_id])[note_id]
+    assert outcome.state == "skipped"
+    with session_scope(runtime.database_url) as session:
+        note = session.get_one(Delivery, note_id)
+        assert (note.state, note.attempts, note.next_attempt_at, note.sending_since) == (
+            DeliveryState.SUPERSEDED,
+            0,
+            None,
+            None,
+        )
+        assert note.last_error == (
+            "the object it withdraws never arrived there: nothing to withdraw"
+        )
+    assert storescp.received() == []
+    assert reset_failed(runtime) == []
+
+
+def test_a_note_whose_objects_sender_died_goes(runtime: Runtime, storescp: StoreSCP) -> None:
+    """The worker sending the SR died (its claim ran out): whether the SR arrived is not
+    known, so the note goes, and the PACS decides."""
+    image_id = spool_instance(runtime)
+    sr_id, _ = assess_instance(runtime, image_id).delivery_ids
+    _sending(runtime, sr_id)
+    [note_id] = assess_instance(
+        runtime, spool_dataset(runtime, pacs_rejection_note(image_of(runtime, image_id)))
+    ).delivery_ids
+    with session_scope(runtime.database_url) as session:
+        session.get_one(Delivery, sr_id).next_attempt_at = pipeline.now()
+    assert send_deliveries(runtime, [note_id])[note_id].state == "delivered"
+    [arrived] = storescp.wait_for_objects(1, timeout=30)
+    assert dcmread(arrived).Modality == "KO"
 
 
 def test_an_image_rejected_before_it_is_assessed_never_is(runtime: Runtime) -> None:

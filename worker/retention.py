@@ -5,7 +5,9 @@ it makes (the outbox). Kept for ever they fill the disk, and they are patient im
 that the PACS already holds. An instance's rows and results stay in the database for
 good (status, metrics, audit); its files are removed ``BONEAGE_RETENTION_DAYS`` after
 it finished, and only once every delivery of it succeeded: a pending or failed
-delivery keeps everything, so it can still be sent, retried or looked into.
+delivery keeps everything, so it can still be sent, retried or looked into. An image
+the PACS rejected as "Data Retention Policy Expired" (IHE IOCM) goes at the next run,
+not ``BONEAGE_RETENTION_DAYS`` after: the hospital itself no longer keeps it.
 
 Removal is recorded before any file goes (``Instance.files_removed_at``, set by a
 conditional update that a concurrent ``reprocess`` cannot interleave with), and then
@@ -30,11 +32,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import ColumnElement, and_, select, update
+from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.engine import session_scope
-from db.schema import FINISHED, Delivery, DeliveryState, Instance
+from db.schema import FINISHED, Delivery, DeliveryState, Instance, InstanceState, Rejection
 from db.schema import utcnow as now
 
 logger = logging.getLogger(__name__)
@@ -67,11 +69,26 @@ class RetentionReport:
         )
 
 
+#: The IOCM title of a rejection note a PACS stores when its own retention policy
+#: removes a study: our copy of an image so rejected need not wait out ours.
+EXPIRED_AT_THE_PACS = "113039"  # Data Retention Policy Expired
+
+
 def _expired(cutoff: datetime) -> list[ColumnElement[bool]]:
-    """Conditions of an instance whose files may go: finished long enough, all sent
-    (or superseded: a later assessment replaced them, and they are never sent), and
-    not received again since (a new copy, perhaps corrected, that the worker has yet
-    to compare with what it assessed: removing it would lose the correction)."""
+    """Conditions of an instance whose files may go: finished long enough (or rejected
+    by the PACS as expired under its own retention policy: the hospital no longer keeps
+    the image), all sent (or superseded: a later assessment replaced them, and they are
+    never sent), and not received again since (a new copy, perhaps corrected, that the
+    worker has yet to compare with what it assessed: removing it would lose the
+    correction)."""
+    expired_at_the_pacs = (
+        select(Rejection.id)
+        .where(
+            Rejection.sop_instance_uid == Instance.sop_instance_uid,
+            Rejection.code == EXPIRED_AT_THE_PACS,
+        )
+        .exists()
+    )
     unsent = (
         select(Delivery.id)
         .where(
@@ -83,7 +100,10 @@ def _expired(cutoff: datetime) -> list[ColumnElement[bool]]:
     return [
         Instance.state.in_(FINISHED),
         Instance.files_removed_at.is_(None),
-        Instance.finished_at < cutoff,
+        or_(
+            Instance.finished_at < cutoff,
+            (Instance.state == InstanceState.REJECTED) & expired_at_the_pacs,
+        ),
         Instance.received_again_at.is_(None),
         ~unsent,
     ]

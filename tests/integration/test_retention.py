@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from pydicom import dcmread
 from sqlalchemy import select, update
 
 from db.engine import session_scope, upgrade
@@ -22,8 +23,9 @@ from db.schema import Delivery, DeliveryState, Instance, InstanceState, Result
 from db.schema import utcnow as now
 from dicom_io.scp import ReceivedInstance
 from tests.conftest import StoreSCP
-from tests.integration.test_pipeline import spool_instance
+from tests.integration.test_pipeline import spool_dataset, spool_instance
 from tests.integration.test_received_again import received_again
+from tests.support import pacs_rejection_note
 from worker.cli import main as cli
 from worker.delivery import deliver_one
 from worker.listener import record_instance
@@ -162,6 +164,32 @@ def test_not_assessed_instance_without_deliveries_is_removed(runtime: Runtime) -
     [spool] = _files(runtime, ct)
     assert remove_expired_files(runtime.database_url, older_than=KEEP).instances == 1
     assert not spool.exists()
+
+
+def test_an_image_the_pacs_expired_goes_at_the_next_run(runtime: Runtime) -> None:
+    """A "Data Retention Policy Expired" rejection note (IHE IOCM): the hospital no
+    longer keeps the image, so our copy and our objects of it go at once, not 30 days
+    after; an image rejected for another reason waits out our retention as before."""
+    expired, expired_files = _assessed_and_delivered(runtime)
+    wrong_patient, wrong_patient_files = _assessed_and_delivered(runtime)
+    queued = spool_instance(runtime)  # rejected before it is assessed: never is
+    for image_id, code in ((expired, "113039"), (wrong_patient, "113038"), (queued, "113039")):
+        with session_scope(runtime.database_url) as session:
+            image = dcmread(session.get_one(Instance, image_id).spool_path)
+        note = spool_dataset(runtime, pacs_rejection_note(image, code))
+        assert assess_instance(runtime, note).state == "not_assessed"
+    assert assess_instance(runtime, queued).state == "skipped"
+    [queued_spool] = _files(runtime, queued)
+
+    done = remove_expired_files(runtime.database_url, older_than=KEEP)
+    assert done.instances == 2
+    assert not any(p.exists() for p in [*expired_files, queued_spool])
+    assert all(p.exists() for p in wrong_patient_files)
+    assert _removed_at(runtime, wrong_patient) is None
+    with session_scope(runtime.database_url) as session:
+        for image_id in (expired, queued):
+            assert session.get_one(Instance, image_id).state is InstanceState.REJECTED
+        assert session.scalar(select(Result.id).where(Result.instance_id == expired)) is not None
 
 
 def test_reprocess_leaves_removed_instances_alone(

@@ -118,6 +118,20 @@ class _CeleryTaskErrors(logging.Filter):
         return True
 
 
+class _DatasetLibrariesQuiet(logging.Filter):
+    """pydicom's and highdicom's records below ERROR, dropped at our handler: their
+    warnings quote the values of data sets ("Invalid value for VR DA: '2015-3-1'", a
+    patient's name). The loggers' levels alone do not hold: importing pydicom sets its
+    logger back to WARNING (``pydicom.config.debug(False)``), and a process that sets
+    up logging before it first imports pydicom (``boneage-worker work``) kept that."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or not record.name.startswith(_DATASET_LIBRARIES)
+
+
+_DATASET_LIBRARIES = ("pydicom", "highdicom")
+
+
 class JsonFormatter(_ExceptionsWithheld):
     """One JSON object per line: time, level, logger, role, pid, message, extras.
 
@@ -183,6 +197,7 @@ def setup_logging(level: str, fmt: LogFormat | str = "text", *, role: str | None
     else:
         handler.setFormatter(TextFormatter(_TEXT_FORMAT))
     handler.addFilter(_CeleryTaskErrors())
+    handler.addFilter(_DatasetLibrariesQuiet())
     logging.basicConfig(level=level, handlers=[handler], force=True)
     # Python's warnings would otherwise be bare lines on stderr, breaking JSON lines.
     logging.captureWarnings(fmt == "json")
@@ -195,7 +210,8 @@ def setup_logging(level: str, fmt: LogFormat | str = "text", *, role: str | None
     # pydicom and highdicom warn about the contents of data sets and quote the values
     # (highdicom's person-name warning prints the patient's name): such text must never
     # reach a log, so their warnings are dropped and pydicom's logger kept to errors.
-    for package in ("pydicom", "highdicom"):
+    # (the handler's filter holds where pydicom sets its level back).
+    for package in _DATASET_LIBRARIES:
         warnings.filterwarnings("ignore", module=rf"{package}(\..*)?$")
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     logging.getLogger("celery").setLevel(max(logging.INFO, logging.getLevelName(level)))

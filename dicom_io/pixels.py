@@ -1115,11 +1115,11 @@ def _modality_lut(stored: np.ndarray, ds: Dataset) -> np.ndarray:
     values = stored.astype(np.float32)
     lut_seq = ds.get("ModalityLUTSequence")
     if lut_seq and "LUTDescriptor" in lut_seq[0] and "LUTData" in lut_seq[0]:
-        table = _lut_table(lut_seq[0])
-        if table is not None:
-            return _apply_table(stored, table, lut_seq[0].LUTDescriptor)
-    slope = _float_or_none(_attr(ds, "RescaleSlope"))
-    intercept = _float_or_none(_attr(ds, "RescaleIntercept"))
+        lut = _lut(lut_seq[0], "Modality LUT Sequence")
+        if lut is not None:
+            return _apply_table(stored, *lut)
+    slope = _rescale(ds, "RescaleSlope")
+    intercept = _rescale(ds, "RescaleIntercept")
     if slope is not None and slope != 0 and slope != 1:
         values *= np.float32(slope)
     if intercept:
@@ -1132,28 +1132,57 @@ def _modality_lut(stored: np.ndarray, ds: Dataset) -> np.ndarray:
     return values
 
 
-def _lut_table(item: Dataset) -> np.ndarray | None:
-    """LUT Data of a LUT item as a numpy array (tolerant of OW/US encodings)."""
+def _rescale(ds: Dataset, keyword: str) -> float | None:
+    """Rescale Slope or Intercept, None where absent or empty.
+
+    Raises
+    ------
+    PixelDataError
+        A value that is not a number (``1,2500``, a decimal comma some modalities
+        write): the pixel values' scale is unknown, and taken as 1 it would set every
+        window off.
+    """
+    value = _attr(ds, keyword)
+    if value is None or not str(value).strip():
+        return None
+    number = _float_or_none(value)
+    if number is None:
+        raise PixelDataError(f"{keyword} {str(value).strip()[:16]!r} is not a number.")
+    return number
+
+
+def _lut(item: Dataset, sequence: str) -> tuple[np.ndarray, int] | None:
+    """The table of a LUT item and the stored value its first entry maps; None where it
+    has no data.
+
+    Raises
+    ------
+    PixelDataError
+        Its LUT Descriptor is not three numbers (entries, first value mapped, bits per
+        entry): there is no knowing which value each entry maps.
+    """
     data = item.get("LUTData")
     if data is None:
         return None
+    descriptor = item.get("LUTDescriptor")
+    values = list(descriptor) if isinstance(descriptor, (MultiValue, list, tuple)) else [descriptor]
+    try:
+        entries, first, bits = (int(v) for v in values)
+    except (TypeError, ValueError):
+        raise PixelDataError(
+            f"The {sequence}'s LUT Descriptor has {len(values)} value(s), not the 3 it needs."
+        ) from None
     if isinstance(data, bytes):
-        bits = int(_first(item.LUTDescriptor[2])) if len(item.LUTDescriptor) > 2 else 16
-        dtype = "<u1" if bits <= 8 and len(data) == _lut_entries(item.LUTDescriptor) else "<u2"
+        entries = 65536 if entries == 0 else entries
+        dtype = "<u1" if bits <= 8 and len(data) == entries else "<u2"
         table = np.frombuffer(data, dtype=dtype)
     else:
         table = np.asarray(data if isinstance(data, (list, MultiValue)) else [data])
-    return table.astype(np.float32) if table.size else None
+    return (table.astype(np.float32), first) if table.size else None
 
 
-def _lut_entries(descriptor: Sequence[Any]) -> int:
-    entries = int(descriptor[0])
-    return 65536 if entries == 0 else entries
-
-
-def _apply_table(values: np.ndarray, table: np.ndarray, descriptor: Sequence[Any]) -> np.ndarray:
-    """Look ``values`` up in ``table`` whose first entry maps ``descriptor[1]``."""
-    first = int(descriptor[1])
+def _apply_table(values: np.ndarray, table: np.ndarray, first: int) -> np.ndarray:
+    """Look ``values`` up in ``table`` whose first entry maps the stored value ``first``."""
     if first >= 1 << 15 and np.min(values) < 0:  # first value mapped written as unsigned
         first -= 1 << 16
     index = np.clip(np.rint(values).astype(np.int64) - first, 0, table.size - 1)
@@ -1164,9 +1193,10 @@ def _voi(values: np.ndarray, ds: Dataset, sample: np.ndarray) -> np.ndarray:
     """VOI LUT module: VOI LUT sequence, else window, else robust min/max; to [0, 1]."""
     voi_seq = ds.get("VOILUTSequence")
     if voi_seq and "LUTDescriptor" in voi_seq[0]:
-        table = _lut_table(voi_seq[0])
-        if table is not None and table.max() > table.min():
-            out = _apply_table(values, table, voi_seq[0].LUTDescriptor)
+        lut = _lut(voi_seq[0], "VOI LUT Sequence")
+        if lut is not None and lut[0].max() > lut[0].min():
+            table = lut[0]
+            out = _apply_table(values, *lut)
             return (out - table.min()) / (table.max() - table.min())
     center = _float_or_none(_attr(ds, "WindowCenter"))
     width = _float_or_none(_attr(ds, "WindowWidth"))

@@ -10,8 +10,10 @@ from typing import TypedDict, Unpack
 import numpy as np
 import pytest
 from pydicom import Dataset, dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate
+from pydicom.tag import Tag
 from pydicom.uid import (
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -172,6 +174,28 @@ def test_modality_lut_sequence() -> None:
     ds.WindowCenter, ds.WindowWidth = 2048, 4096
     expected = _linear_window(4095.0 - stored, 2048, 4096)
     np.testing.assert_allclose(decode_for_display(ds), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("sequence", ["VOILUTSequence", "ModalityLUTSequence"])
+def test_a_lut_whose_descriptor_is_not_three_numbers_is_undecodable(sequence: str) -> None:
+    """Not an unexpected TypeError, which failed the image three times over and ended in
+    `error` (found in review): no knowing which value each entry maps."""
+    ds = _dataset(_stored())
+    item = Dataset()
+    item.add_new(0x00283002, "US", 4096)  # LUT Descriptor: one value, not three
+    item.LUTData = list(range(4096))
+    setattr(ds, sequence, [item])
+    with pytest.raises(PixelDataError, match="LUT Descriptor has 1 value"):
+        decode_for_display(ds)
+
+
+def test_a_rescale_slope_with_a_decimal_comma_is_undecodable() -> None:
+    """``1,2500`` (a locale's decimal comma, written by some modalities) was read as no
+    slope at all, 1, and set every window off (found in review)."""
+    ds = _dataset(_stored())
+    ds[0x00281053] = RawDataElement(Tag(0x00281053), "DS", 6, b"1,2500", 0, True, True)
+    with pytest.raises(PixelDataError, match="RescaleSlope '1,2500' is not a number"):
+        decode_for_display(ds)
 
 
 def test_pixel_padding_is_excluded() -> None:

@@ -40,6 +40,12 @@ REPLACES_NOTICE = (
     "Replaces the earlier report on this image: the image was received again with other "
     "patient, study or image values, and assessed again"
 )
+#: Said in an SR reporting an image received again as not assessed, which replaces the
+#: earlier reports of a bone age.
+REPLACED_NOT_ASSESSED_NOTICE = (
+    "Replaces the earlier report on this image: the image was received again and is not "
+    "assessed this time; the earlier bone age no longer stands"
+)
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 # PS3.5 §9.1: dot-separated numeric components without leading zeros, at most 64 chars

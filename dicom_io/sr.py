@@ -49,6 +49,7 @@ from dicom_io import codes
 from dicom_io.content import (
     AI_RESULT_NOTICE,
     MANUFACTURER,
+    REPLACED_NOT_ASSESSED_NOTICE,
     REPLACES_NOTICE,
     UNTRAINED_WARNING,
     BoneAgeFinding,
@@ -772,7 +773,7 @@ def build_not_assessed_sr(
     )
     group[0].ContentSequence.append(_comment(f"Not assessed: {reason.strip()}"))
     if predecessors:
-        group[0].ContentSequence.append(_comment(REPLACES_NOTICE))
+        group[0].ContentSequence.append(_comment(REPLACED_NOT_ASSESSED_NOTICE))
     sr = _document(
         evidence,
         group,

@@ -31,7 +31,7 @@ from db.engine import session_scope
 from db.schema import Delivery, DeliveryState, Instance, InstanceState, ObjectKind, Result
 from db.schema import utcnow as now
 from dicom_io import gate
-from dicom_io.content import REPLACES_NOTICE
+from dicom_io.content import REPLACED_NOT_ASSESSED_NOTICE, REPLACES_NOTICE
 from dicom_io.ko import read_rejection_note
 from dicom_io.sc import REPLACES_HEAT_MAP, WITHDRAWN
 from dicom_io.scp import ReceivedInstance
@@ -475,7 +475,9 @@ def test_a_copy_that_cannot_be_assessed_sends_an_sr_withdrawing_the_bone_age(
             (ObjectKind.SR, None),
             (ObjectKind.SC, None),
         }
-    assert REPLACES_NOTICE in text
+    # not "… and assessed again", which the SR of an assessment says (found in review)
+    assert REPLACED_NOT_ASSESSED_NOTICE in text
+    assert REPLACES_NOTICE not in text
     assert 'NUM:(,,"Bone age")' not in text
     assert results(runtime, instance_id) == [(1, False)]  # the first result is kept
 

@@ -103,7 +103,12 @@ def parse_da(value: object) -> dt.date | None:
 
 def parse_as(value: object) -> float | None:
     """A DICOM AS value ("010Y", "006M", "012W", "030D") in months: the whole units it
-    counts (PS3.5 6.2), so ``"010Y"`` is 120 months for a child of 10 years and 11 months."""
+    counts (PS3.5 6.2), so ``"010Y"`` is 120 months for a child of 10 years and 11 months.
+
+    Written as modalities write it too: one to three digits, a space before the unit
+    or not, any case (``"45Y"``, ``"45 Y"``, ``"4y"``, ``"010 Y"``); anything else
+    (four digits, a sign, a decimal point, a word for the unit) is None.
+    """
     parsed = _age_string(value)
     if parsed is None:
         return None
@@ -116,7 +121,10 @@ def parse_as(value: object) -> float | None:
     }[unit]
 
 
-_AGE_STRING = re.compile(r"(\d{3})([DWMY])")
+#: PS3.5 says three digits and the unit; one or two digits and a space before the unit
+#: are what non-conformant modalities write, and read as meant. Read strictly, an
+#: adult's "45Y" gave no age at all and, without a birth date, passed the age check.
+_AGE_STRING = re.compile(r"(\d{1,3}) ?([DWMY])")
 
 
 def _age_string(value: object) -> tuple[int, str] | None:

@@ -182,6 +182,49 @@ def test_patient_age_string(value: str | None, months: float | None) -> None:
     )
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR AS")  # wrong on purpose
+@pytest.mark.parametrize(
+    ("value", "months", "unit"),
+    [
+        ("45Y", 540.0, "Y"),
+        ("45 Y", 540.0, "Y"),
+        ("4Y", 48.0, "Y"),
+        ("010 Y", 120.0, "Y"),
+        ("6m", 6.0, "M"),
+        (" 12 W ", 12 * 7 / 30.4375, "W"),
+        ("0045Y", None, None),  # four digits
+        ("45  Y", None, None),  # two spaces
+        ("-5Y", None, None),
+        ("4.5Y", None, None),
+        ("45", None, None),  # no unit
+        ("45YEARS", None, None),
+        ("Y", None, None),
+    ],
+)
+def test_a_patient_age_written_non_conformantly_is_read_as_meant(
+    value: str, months: float | None, unit: str | None
+) -> None:
+    """One to three digits and a space before the unit are what some modalities write;
+    other forms stay unread. The unit is read as it is, so an age in years still counts
+    as whole years only."""
+    ds = hand(birth_date=None)
+    ds.PatientAge = value
+    facts = gate.patient_facts(ds)
+    assert facts.patient_age_months == (pytest.approx(months) if months is not None else None)
+    assert facts.patient_age_unit == unit
+    assert facts.age_in_whole_years_only is (unit == "Y")
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR AS")  # wrong on purpose
+def test_an_adult_whose_age_is_written_non_conformantly_is_refused() -> None:
+    """With no birth date, a Patient's Age of "45Y" is an adult's, outside the model's
+    range: read strictly it gave no age, and the image was assessed."""
+    ds = hand(birth_date=None)
+    ds.PatientAge = "45Y"
+    decision = gate.check(ds)
+    assert decision.reason == "patient age 45.0 years is outside the model's range 0-19 years"
+
+
 def test_patient_age_is_the_last_resort() -> None:
     ds = hand(birth_date=None)
     ds.PatientAge = "011Y"

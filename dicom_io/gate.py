@@ -8,11 +8,13 @@ name DICOM attributes and values that are not patient identifiers.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 from dataclasses import dataclass, field
 
 from pydicom import Dataset
 from pydicom import uid as pyuid
+from pydicom.multival import MultiValue
 
 from dicom_io.content import MANUFACTURER
 
@@ -44,6 +46,19 @@ HAND_REGIONS = {
 }
 #: The smallest rows and columns an image is assessed at.
 MIN_SIZE = 128
+#: How far apart a pixel's height and width may be (as a fraction of the smaller) and
+#: the pixel still be taken as square: rounding in a header's decimal strings, not a
+#: reader that samples rows and columns differently.
+SQUARE_TOLERANCE = 0.01
+#: What says a pixel's shape, in the order read: the ratio itself (PS3.3 C.7.6.3.1.7,
+#: required where it is not 1:1 and no spacing says so), and the spacings, each row
+#: spacing first (PS3.3 10.7.1.3), at the detector, in the patient, and on a scanned film.
+_PIXEL_SHAPE = (
+    "PixelAspectRatio",
+    "ImagerPixelSpacing",
+    "PixelSpacing",
+    "NominalScannedPixelSpacing",
+)
 _HAND_WORDS = re.compile(
     r"\b(HAND|HANDS|WRIST|CARPUS|BONE ?AGE|SKELETAL AGE|KNOCHENALTER|MAIN|POIGNET)\b"
 )
@@ -168,6 +183,50 @@ def _anatomic_region(ds: Dataset) -> tuple[str, str, str] | None:
     return None
 
 
+def _text(value: object) -> str:
+    """A value as DICOM writes it: the values of a multi-valued element joined by a
+    backslash (``HAND\\WRIST``), not Python's list repr."""
+    if isinstance(value, (list, tuple, MultiValue)):
+        return "\\".join(str(item).strip() for item in value)
+    return str(value if value is not None else "").strip()
+
+
+def _pair(ds: Dataset, keyword: str) -> tuple[float, float] | None:
+    """The two positive numbers of a row/column pair (a spacing, an aspect ratio), or
+    None when absent, not two values, or not numbers: such a value says nothing of the
+    pixels' shape (the pixel decoder and the SC's own checks deal with what it breaks)."""
+    try:
+        value = ds.get(keyword)
+        if not isinstance(value, (list, tuple, MultiValue)) or len(value) != 2:
+            return None
+        row, column = float(value[0]), float(value[1])
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if not (math.isfinite(row) and math.isfinite(column) and row > 0 and column > 0):
+        return None
+    return row, column
+
+
+def _not_square(ds: Dataset) -> str | None:
+    """Why the pixels are not square, or None when nothing says so.
+
+    The model learnt from square pixels, and the heat map is drawn on the grid as
+    stored: an image whose reader sampled rows and columns at different pitches (some
+    CR readers, a film digitiser) would be read and shown squashed. It is refused
+    rather than resampled, which would make a new image out of it that nobody has seen.
+    """
+    for keyword in _PIXEL_SHAPE:
+        pair = _pair(ds, keyword)
+        if pair is not None and max(pair) / min(pair) > 1 + SQUARE_TOLERANCE:
+            row, column = pair
+            what = "row\\column" if keyword == "PixelAspectRatio" else "row\\column spacing, mm"
+            return (
+                f"pixels are not square: {keyword} is {row:g}\\{column:g} ({what}); "
+                "the model reads square pixels"
+            )
+    return None
+
+
 def _approx_age_years(facts: PatientFacts) -> float | None:
     if facts.birth_date and facts.reference_date:
         return (facts.reference_date - facts.birth_date).days / 365.25
@@ -250,6 +309,9 @@ def check(
     rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if min(rows, columns) < min_size:
         return no(f"image is {columns}x{rows} pixels, smaller than {min_size}x{min_size}")
+    not_square = _not_square(ds)
+    if not_square is not None:
+        return no(not_square)
 
     if facts.male is None and require_sex:
         shown = str(ds.get("PatientSex", "") or "").strip() or "empty"

@@ -5,6 +5,8 @@ import datetime as dt
 import numpy as np
 import pytest
 from pydicom import Dataset, uid
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
 
 from db.queries import reason_category
 from dicom_io import gate
@@ -269,3 +271,57 @@ def test_a_birth_date_after_the_image_is_refused_as_an_unknown_age() -> None:
     )
     assert reason_category(decision.reason) == "age"
     assert str(STUDY.year) not in (decision.reason or "")
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value", "reason"),
+    [
+        (
+            "ImagerPixelSpacing",
+            ["0.2", "0.1"],
+            "pixels are not square: ImagerPixelSpacing is 0.2\\0.1 (row\\column spacing, mm); "
+            "the model reads square pixels",
+        ),
+        (
+            "PixelSpacing",
+            ["0.1", "0.105"],
+            "pixels are not square: PixelSpacing is 0.1\\0.105 (row\\column spacing, mm); "
+            "the model reads square pixels",
+        ),
+        (
+            "NominalScannedPixelSpacing",
+            ["0.15", "0.1"],
+            "pixels are not square: NominalScannedPixelSpacing is 0.15\\0.1 "
+            "(row\\column spacing, mm); the model reads square pixels",
+        ),
+        (
+            "PixelAspectRatio",
+            [2, 1],
+            "pixels are not square: PixelAspectRatio is 2\\1 (row\\column); "
+            "the model reads square pixels",
+        ),
+        ("ImagerPixelSpacing", ["0.1", "0.1009"], None),  # rounding, within 1 %
+        ("PixelSpacing", ["0.143", "0.143"], None),
+        ("PixelAspectRatio", [1, 1], None),
+        ("PixelAspectRatio", [100, 100], None),
+    ],
+)
+def test_an_image_whose_pixels_are_not_square_is_refused(
+    keyword: str, value: list[object], reason: str | None
+) -> None:
+    """Some CR readers and film digitisers sample rows and columns at different pitches:
+    fed to the model and drawn in the heat map as stored, such an image is squashed."""
+    ds = hand()
+    setattr(ds, keyword, value)
+    decision = gate.check(ds)
+    assert decision.reason == reason
+    assert decision.accepted is (reason is None)
+
+
+@pytest.mark.parametrize("value", [b"abc", b"0\\0", b"-1\\-2", b"0.1", b"1e309\\1", b"x\\y\\z"])
+def test_a_pixel_spacing_that_says_nothing_of_the_shape_refuses_nothing(value: bytes) -> None:
+    """A malformed spacing is not evidence of non-square pixels (nor does it raise)."""
+    ds = hand()
+    tag = Tag("PixelSpacing")
+    ds[tag] = RawDataElement(tag, "DS", len(value), value, 0, False, True)
+    assert gate.check(ds).accepted

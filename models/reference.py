@@ -71,6 +71,15 @@ def gp_sd_months(chronological_age_months: float, *, male: bool) -> float:
     return float(np.interp(age, ages, sds))
 
 
+def sd_table_ages(*, male: bool) -> tuple[float, float]:
+    """The first and last chronological ages (months) the SD table has a value at: 3
+    months to 17 years (boys) or 16 years (girls). An SDS outside them would rest on an
+    SD the study never measured; past the last, on a skeleton that may be mature, whose
+    bone age no longer rises with age."""
+    ages = GP_AGES_BOYS_MONTHS if male else GP_AGES_GIRLS_MONTHS
+    return ages[0], ages[-1]
+
+
 def bone_age_sds(bone_age_months: float, chronological_age_months: float, *, male: bool) -> float:
     """Return the bone-age standard deviation score.
 

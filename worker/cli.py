@@ -1278,7 +1278,12 @@ def predict(
     from dicom_io.sc import render_overlay
     from models.data import load_image
     from models.reference import bone_age_sds
-    from worker.pipeline import chronological_age_months, model_name, model_version
+    from worker.pipeline import (
+        chronological_age_months,
+        model_name,
+        model_version,
+        outside_the_sd_table,
+    )
     from worker.runtime import Runtime
 
     settings = _settings(ctx, model=checkpoint)
@@ -1327,11 +1332,15 @@ def predict(
             refused += 1
             continue
         prediction = predictor.predict(image, male=male)
+        no_sd = (
+            outside_the_sd_table(chronological, male=male) if chronological is not None else None
+        )
         sds = (
             bone_age_sds(prediction.bone_age_months, chronological, male=male)
-            if chronological is not None
+            if chronological is not None and no_sd is None
             else None
         )
+        notes = [] if predictor.meta.trained else ["[yellow]untrained model[/]"]
         interval = prediction.intervals.get(0.9)
         table.add_row(
             path.name,
@@ -1340,7 +1349,7 @@ def predict(
             format_age(chronological) if chronological is not None else "-",
             f"{sds:+.2f}" if sds is not None else "-",
             f"{format_age(interval[0])} – {format_age(interval[1])}" if interval else "-",
-            "" if predictor.meta.trained else "[yellow]untrained model[/]",
+            "; ".join([*notes, *([no_sd] if no_sd else [])]),
         )
         if heatmap_dir is not None:
             from PIL import Image

@@ -256,10 +256,9 @@ def chronological_age_months(
 ) -> float | None:
     """Age at the image from birth date and study date; PatientAge as a last resort.
 
-    None where neither gives it; where PatientAge counts only whole years: up to 11
-    months short, it would move the SDS by a whole standard deviation (Greulich-Pyle's
-    SD is 7-13 months from 5 to 17 years), and :data:`AGE_IN_WHOLE_YEARS` says why; and
-    where the image is dated after ``today`` (:func:`dated_in_the_future`).
+    None where neither gives it; where PatientAge is too coarse to set a bone age
+    against (:func:`age_too_coarse`, whose note says why); and where the image is
+    dated after ``today`` (:func:`dated_in_the_future`).
     """
     from models.reference import age_in_months
 
@@ -268,13 +267,64 @@ def chronological_age_months(
     if facts.age_from_birth_date:
         assert facts.birth_date is not None and facts.reference_date is not None
         return age_in_months(facts.birth_date, facts.reference_date)
-    if facts.age_in_whole_years_only:
+    if age_too_coarse(facts) is not None:
         return None
     return facts.patient_age_months
 
 
 #: The note of a result whose patient's age is known only in whole years.
 AGE_IN_WHOLE_YEARS = "No chronological age or SDS: no birth date, age in whole years only"
+#: The note of a result whose patient's age is known only in whole months, under 2 years.
+AGE_IN_WHOLE_MONTHS = (
+    "No chronological age or SDS: no birth date, age in whole months only, under 2 years"
+)
+#: Under this age (months), a Patient's Age in whole months is too coarse for an SDS.
+_WHOLE_MONTHS_TOO_COARSE_UNDER = 24.0
+
+
+def age_too_coarse(facts: gate.PatientFacts) -> str | None:
+    """Why the only age known, a Patient's Age (no birth date), is too coarse to set a
+    bone age against, or None where it is not.
+
+    An AS value counts whole units (PS3.5 6.2): the child is up to one unit older. In
+    whole years (``"010Y"``) that is up to 11 months, against a Greulich-Pyle SD of 7-13
+    months from 5 to 17 years; in whole months under 2 years, up to a month against an
+    SD that falls to 0.7 month at 3 months (``"003M"`` read as 3.0 made a child of 3.95
+    months with a bone age of 3.95 months SDS +1.4; found in review). Weeks and days are
+    fine enough.
+    """
+    if facts.age_from_birth_date:
+        return None
+    if facts.age_in_whole_years_only:
+        return AGE_IN_WHOLE_YEARS
+    if (
+        facts.patient_age_unit == "M"
+        and facts.patient_age_months is not None
+        and facts.patient_age_months < _WHOLE_MONTHS_TOO_COARSE_UNDER
+    ):
+        return AGE_IN_WHOLE_MONTHS
+    return None
+
+
+def outside_the_sd_table(chronological_age_months: float, *, male: bool) -> str | None:
+    """Why a result at this chronological age has no SDS: the Greulich-Pyle table has no
+    SD there (:func:`models.reference.sd_table_ages`); None where it has.
+
+    Past its last age (16 years for girls, 17 for boys, where the gate admits 19) the
+    skeleton may be mature: its bone age stops rising while the age goes on, and an SDS
+    held at the last SD called a normal 18-year-old girl's hand -1.5 (found in review).
+    """
+    from models.reference import sd_table_ages
+
+    first, last = sd_table_ages(male=male)
+    if first <= chronological_age_months <= last:
+        return None
+    return (
+        "No SDS: the Greulich-Pyle reference has standard deviations from 3 months to "
+        f"{last / 12:g} years for {'boys' if male else 'girls'}"
+    )
+
+
 #: The note of a result whose image is dated after the day it was assessed.
 DATED_IN_THE_FUTURE = "No chronological age or SDS: the image is dated after today"
 
@@ -830,8 +880,12 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
         )
     if dated_in_the_future(facts):
         notes.append(DATED_IN_THE_FUTURE)
-    elif facts.age_in_whole_years_only:
-        notes.append(AGE_IN_WHOLE_YEARS)
+    elif (coarse := age_too_coarse(facts)) is not None:
+        notes.append(coarse)
+    elif (chronological := chronological_age_months(facts)) is not None and (
+        no_sd := outside_the_sd_table(chronological, male=male)
+    ) is not None:
+        notes.append(no_sd)
 
     predictor = rt.predictor
     try:
@@ -1189,7 +1243,7 @@ def assessment_finding(
     chronological = chronological_age_months(facts)
     sds = (
         bone_age_sds(prediction.bone_age_months, chronological, male=male)
-        if chronological is not None
+        if chronological is not None and outside_the_sd_table(chronological, male=male) is None
         else None
     )
     return BoneAgeFinding(

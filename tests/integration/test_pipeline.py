@@ -849,15 +849,24 @@ def test_missing_sex_follows_the_site_setting(
 
 
 @pytest.mark.parametrize(
-    ("age", "chronological"), [("010Y", None), ("120M", 120.0), ("520W", 520 * 7 / 30.4375)]
+    ("age", "chronological", "coarse"),
+    [
+        ("010Y", None, pipeline.AGE_IN_WHOLE_YEARS),
+        ("120M", 120.0, None),
+        ("520W", 520 * 7 / 30.4375, None),
+        ("003M", None, pipeline.AGE_IN_WHOLE_MONTHS),
+        ("030M", 30.0, None),
+        ("016W", 16 * 7 / 30.4375, None),
+    ],
 )
 def test_an_age_known_in_whole_years_only_gives_no_chronological_age_or_sds(
-    runtime: Runtime, storescp: StoreSCP, age: str, chronological: float | None
+    runtime: Runtime, storescp: StoreSCP, age: str, chronological: float | None, coarse: str | None
 ) -> None:
     """No birth date: Patient's Age is the last resort. "010Y" is 10 years and up to 11
     months more, too coarse for an SDS (Greulich-Pyle's SD is 11.7 months for a girl of 10),
-    so the SR and SC give the bone age without one, and say why; months or weeks are
-    fine enough."""
+    so the SR and SC give the bone age without one, and say why; so is "003M", up to a
+    month more against an SD of 0.7 month at 3 months (found in review: read as 3.0); months
+    from 2 years, or weeks, are fine enough."""
     instance_id = spool_instance(runtime, attributes={"PatientBirthDate": None, "PatientAge": age})
     outcome = assess_instance(runtime, instance_id)
     assert outcome.state == "assessed", outcome.reason
@@ -866,11 +875,11 @@ def test_an_age_known_in_whole_years_only_gives_no_chronological_age_or_sds(
         reason = session.get_one(Instance, instance_id).reason or ""
     if chronological is None:
         assert result.chronological_age_months is None and result.sds is None
-        assert pipeline.AGE_IN_WHOLE_YEARS in reason
+        assert coarse is not None and coarse in reason
     else:
         assert result.chronological_age_months == pytest.approx(chronological)
         assert result.sds is not None
-        assert pipeline.AGE_IN_WHOLE_YEARS not in reason
+        assert "No chronological age" not in reason
     for delivery_id in outcome.delivery_ids:
         assert deliver_one(runtime, delivery_id).state == "delivered"
     received = {dcmread(path).Modality: path for path in storescp.wait_for_objects(2, timeout=30)}
@@ -878,9 +887,54 @@ def test_an_age_known_in_whole_years_only_gives_no_chronological_age_or_sds(
     assert 'NUM:(,,"Bone age")=' in text
     for name in ("Subject Age", "Bone age minus chronological age", "Z-Score of measurement"):
         assert (f'NUM:(,,"{name}")=' in text) is (chronological is not None), name
-    assert (pipeline.AGE_IN_WHOLE_YEARS in text) is (chronological is None)
+    assert ("No chronological age or SDS" in text) is (chronological is None)
+    if coarse is not None:
+        assert coarse in text
     for path in received.values():
         assert dciodvfy_errors(path) == [], path
+
+
+@pytest.mark.parametrize(
+    ("sex", "birth_date", "sds_given"),
+    [
+        ("F", "20060701", False),  # 18 years 10 months: past the girls' table (16 years)
+        ("M", "20060701", False),  # past the boys' (17 years)
+        ("F", "20090701", True),  # 15 years 10 months
+        ("M", "20250301", False),  # 2 months: before the table's first age (3 months)
+        ("M", "20250101", True),  # 4 months
+    ],
+)
+def test_an_age_outside_the_sd_table_gives_no_sds(
+    runtime: Runtime, storescp: StoreSCP, sex: str, birth_date: str, sds_given: bool
+) -> None:
+    """The Greulich-Pyle SDs run from 3 months to 16 (girls) or 17 (boys) years, where
+    the gate admits 19: past them the skeleton may be mature, its bone age no longer
+    rising with age, and an SDS held at the last SD called a normal 18-year-old girl's
+    hand -1.5 (found in review). The bone age and the chronological age are given; the
+    SDS is not, and the SR and SC say why."""
+    instance_id = spool_instance(runtime, sex=sex, attributes={"PatientBirthDate": birth_date})
+    outcome = assess_instance(runtime, instance_id)
+    assert outcome.state == "assessed", outcome.reason
+    with session_scope(runtime.database_url) as session:
+        [result] = session.scalars(select(Result))
+        reason = session.get_one(Instance, instance_id).reason or ""
+    assert result.chronological_age_months is not None
+    assert (result.sds is not None) is sds_given
+    last, whom = (16, "girls") if sex == "F" else (17, "boys")
+    why = (
+        "No SDS: the Greulich-Pyle reference has standard deviations from 3 months to "
+        f"{last} years for {whom}"
+    )
+    assert (why in reason) is not sds_given
+    for delivery_id in outcome.delivery_ids:
+        assert deliver_one(runtime, delivery_id).state == "delivered"
+    received = {dcmread(path).Modality: path for path in storescp.wait_for_objects(2, timeout=30)}
+    text = dsrdump(received["SR"])
+    assert 'NUM:(,,"Subject Age")=' in text
+    assert ('NUM:(,,"Z-Score of measurement")=' in text) is sds_given
+    assert (why in text) is not sds_given
+    assert dciodvfy_errors(received["SR"]) == []
+    assert (why in str(dcmread(received["OT"]).get("ImageComments", ""))) is not sds_given
 
 
 def test_an_image_dated_after_today_gives_no_chronological_age_or_sds(

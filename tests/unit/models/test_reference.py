@@ -14,6 +14,7 @@ from models.reference import (
     age_in_months,
     bone_age_sds,
     gp_sd_months,
+    sd_table_ages,
 )
 
 
@@ -51,6 +52,11 @@ def test_sd_is_clamped_at_the_ends() -> None:
     assert gp_sd_months(0.0, male=True) == pytest.approx(0.69)
     assert gp_sd_months(230.0, male=True) == pytest.approx(13.05)
     assert gp_sd_months(220.0, male=False) == pytest.approx(7.31)
+
+
+def test_the_table_runs_from_3_months_to_17_or_16_years() -> None:
+    assert sd_table_ages(male=True) == (3.0, 204.0)
+    assert sd_table_ages(male=False) == (3.0, 192.0)
 
 
 def test_sd_rejects_negative_age() -> None:

@@ -8,6 +8,7 @@ name DICOM attributes and values that are not patient identifiers.
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import math
 import re
 from dataclasses import dataclass, field
@@ -30,7 +31,27 @@ RADIOGRAPH_SOP_CLASSES: dict[str, str] = {
     pyuid.MultiFrameTrueColorSecondaryCaptureImageStorage: "Multi-frame True Color SC",
 }
 
+#: Body Part Examined values of a hand, as :func:`body_part_examined` reads them.
 HAND_BODY_PARTS = {"HAND", "HANDS", "WRIST", "CARPUS", "FINGER", "HANDWRIST", "HAND_WRIST"}
+#: Values that name a region the hand is part of without saying that it is the hand:
+#: not stated, as an empty value is, so the coded region and then the descriptions
+#: decide. ARM among them: sites write it for the whole upper limb, hand included
+#: (UPPER_ARM, FOREARM, HUMERUS are parts that are not the hand, and refused).
+GENERIC_BODY_PARTS = {
+    "EXTREMITY",
+    "EXTREMITIES",
+    "UPPER_EXTREMITY",
+    "UPPER_EXTREMITIES",
+    "UPPEREXTREMITY",
+    "UPPER_LIMB",
+    "UPPERLIMB",
+    "LIMB",
+    "ARM",
+    "ARMS",
+}
+#: Words that say which side, around a body part (``L HAND``, ``HAND_LT``, ``RT HAND``):
+#: the side is Image Laterality's to say, and the part is what is left.
+_SIDE_WORDS = {"L", "R", "LT", "RT", "LFT", "RGT", "LEFT", "RIGHT", "LINKS", "RECHTS"}
 #: The same regions coded, as an Anatomic Region Sequence states them (PS3.16 CID 4031
 #: and Annex L, which maps Body Part Examined to them): SNOMED CT, and the SNOMED-RT
 #: codes of older modalities.
@@ -43,6 +64,16 @@ HAND_REGIONS = {
     ("SRT", "T-D8700"),  # Hand
     ("SRT", "T-15460"),  # Wrist joint
     ("SRT", "T-D8800"),  # Finger
+}
+#: Coded regions the hand is part of (PS3.16 CID 4009/4031): not stated, as
+#: :data:`GENERIC_BODY_PARTS` are.
+GENERIC_REGIONS = {
+    ("SCT", "66019005"),  # Extremity
+    ("SCT", "53120007"),  # Upper limb
+    ("SCT", "371195002"),  # Bone of upper limb
+    ("SRT", "T-D0300"),  # Extremity
+    ("SRT", "T-D8000"),  # Upper limb
+    ("SRT", "T-D0821"),  # Bone of upper limb
 }
 #: The smallest rows and columns an image is assessed at.
 MIN_SIZE = 128
@@ -191,6 +222,61 @@ def _text(value: object) -> str:
     return str(value if value is not None else "").strip()
 
 
+class BodyPart(enum.Enum):
+    """What a Body Part Examined value says of the image (:func:`body_part_examined`)."""
+
+    HAND = "hand"
+    NOT_STATED = "not stated"  # empty, or a region the hand is part of
+    OTHER = "other"
+
+
+def _body_part_value(value: str) -> BodyPart:
+    """One value of Body Part Examined, its side words aside."""
+    words = [w for w in re.split(r"[^A-Z0-9]+", value.upper()) if w and w not in _SIDE_WORDS]
+    part = "_".join(w for w in words if w != "AND")  # HAND AND WRIST is HAND_WRIST
+    if not part or part in GENERIC_BODY_PARTS:
+        return BodyPart.NOT_STATED
+    if part in HAND_BODY_PARTS or {"HAND", "WRIST"} >= set(part.split("_")):
+        return BodyPart.HAND  # WRIST_HAND as HAND_WRIST
+    return BodyPart.OTHER
+
+
+def body_part_examined(value: object) -> tuple[BodyPart, str]:
+    """What a Body Part Examined value says, and the value as a reason shows it.
+
+    Each value is read in upper case with its side words aside (``L HAND``,
+    ``HAND_LT``, ``RT-HAND`` are HAND; which hand is Image Laterality's to say). A
+    region the hand is part of (``EXTREMITY``, ``UPPER EXTREMITY``, ``ARM``) says no
+    more than an empty value. Of a multi-valued element (``HAND\\WRIST``), the
+    values that state a part decide: all of them a hand, it is a hand; any other part
+    among them, it is not.
+
+    Parameters
+    ----------
+    value
+        Body Part Examined as pydicom reads it: a string, a multi-value, or None.
+
+    Returns
+    -------
+    tuple[BodyPart, str]
+        The verdict, and the values (spaces and hyphens as ``_``) joined by a
+        backslash, as DICOM writes them.
+    """
+    values = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
+    texts = [re.sub(r"[\s-]+", "_", str(v or "").strip().upper()) for v in values]
+    shown = "\\".join(texts)
+    stated = [k for k in map(_body_part_value, texts) if k is not BodyPart.NOT_STATED]
+    if not stated:
+        return BodyPart.NOT_STATED, shown
+    return (BodyPart.OTHER if BodyPart.OTHER in stated else BodyPart.HAND), shown
+
+
+def may_be_a_hand(value: object) -> bool:
+    """Whether a Body Part Examined value leaves the image to the gate: a hand, or not
+    stated (for a backfill's choice of series to move, as the gate reads the value)."""
+    return body_part_examined(value)[0] is not BodyPart.OTHER
+
+
 def _pair(ds: Dataset, keyword: str) -> tuple[float, float] | None:
     """The two positive numbers of a row/column pair (a spacing, an aspect ratio), or
     None when absent, not two values, or not numbers: such a value says nothing of the
@@ -288,12 +374,16 @@ def check(
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         return no("the instance has no pixel data")
 
-    body_part = re.sub(r"[\s-]+", "_", str(ds.get("BodyPartExamined", "") or "").strip().upper())
+    body_part, shown = body_part_examined(ds.get("BodyPartExamined"))
     region = _anatomic_region(ds)
-    if body_part:
-        if body_part not in HAND_BODY_PARTS:
-            return no(f"body part examined is {body_part}, not a hand")
-    elif region is not None:
+    unstated = [f"BodyPartExamined is {shown}" if shown.strip("\\") else "no BodyPartExamined"]
+    if region is not None and region[:2] in GENERIC_REGIONS:
+        # the upper limb: the descriptions say whether it is the hand
+        unstated.append(f"Anatomic Region Sequence is {region[2]} ({region[0]} {region[1]})")
+        region = None
+    if body_part is BodyPart.OTHER:
+        return no(f"body part examined is {shown}, not a hand")
+    if body_part is BodyPart.NOT_STATED and region is not None:
         # DX must code it (Type 1, PS3.3 C.8.11.5), where Body Part Examined is Type 3;
         # it outranks the free text of the descriptions.
         scheme, value, meaning = region
@@ -301,10 +391,11 @@ def check(
             return no(
                 f"body part (Anatomic Region Sequence) is {meaning} ({scheme} {value}), not a hand"
             )
-    else:
+    elif body_part is BodyPart.NOT_STATED:
         text = " ".join(str(ds.get(k, "") or "") for k in _DESCRIPTIONS).upper()
         if not _HAND_WORDS.search(text):
-            return no("body part is not stated (no BodyPartExamined, no hand in the descriptions)")
+            unstated.append("no hand in the descriptions")
+            return no(f"body part is not stated ({', '.join(unstated)})")
 
     rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if min(rows, columns) < min_size:

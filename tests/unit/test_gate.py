@@ -325,3 +325,120 @@ def test_a_pixel_spacing_that_says_nothing_of_the_shape_refuses_nothing(value: b
     tag = Tag("PixelSpacing")
     ds[tag] = RawDataElement(tag, "DS", len(value), value, 0, False, True)
     assert gate.check(ds).accepted
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR CS")  # wrong on purpose
+@pytest.mark.parametrize(
+    "body_part",
+    ["L HAND", "HAND LT", "HAND_L", "RT HAND", "Right-Hand", "LEFT HAND", "HAND (R)", "hand rt"],
+)
+def test_a_body_part_with_its_side_written_in_is_a_hand(body_part: str) -> None:
+    """The side belongs in Image Laterality; written into Body Part Examined as well, it
+    refused real bone-age exams as "body part examined is L_HAND, not a hand"."""
+    decision = gate.check(hand(body_part=body_part))
+    assert decision.accepted, decision.reason
+
+
+@pytest.mark.parametrize(
+    ("body_part", "description", "reason"),
+    [
+        ("EXTREMITY", "XR BONE AGE", None),
+        ("UPPER EXTREMITY", "XR BONE AGE", None),
+        ("UPPER_EXTREMITY", "XR BONE AGE", None),
+        ("ARM", "XR HAND LEFT", None),
+        ("L EXTREMITY", "XR BONE AGE", None),
+        (
+            "EXTREMITY",
+            "XR KNEE",
+            "body part is not stated (BodyPartExamined is EXTREMITY, no hand in the descriptions)",
+        ),
+        (
+            "UPPER EXTREMITY",
+            "XR ELBOW",
+            "body part is not stated (BodyPartExamined is UPPER_EXTREMITY, "
+            "no hand in the descriptions)",
+        ),
+        ("UPPER ARM", "XR HAND", "body part examined is UPPER_ARM, not a hand"),
+        ("FOREARM", "XR HAND", "body part examined is FOREARM, not a hand"),
+    ],
+)
+def test_a_generic_body_part_is_not_stated(
+    body_part: str, description: str, reason: str | None
+) -> None:
+    """EXTREMITY, UPPER EXTREMITY, ARM name a region the hand is part of, without saying it
+    is the hand: as an empty value, the descriptions decide (a CR codes no region)."""
+    ds = hand(modality="CR", body_part=body_part)
+    ds.StudyDescription = description
+    decision = gate.check(ds)
+    assert decision.reason == reason
+    assert decision.accepted is (reason is None)
+    if reason is not None:
+        assert reason_category(reason) == "body_part"
+
+
+@pytest.mark.parametrize(
+    ("region", "description", "reason"),
+    [
+        (("66019005", "SCT", "Extremity"), "XR BONE AGE", None),
+        (("T-D8000", "SRT", "Upper limb"), "XR HAND", None),
+        (
+            ("53120007", "SCT", "Upper limb"),
+            "XR",
+            "body part is not stated (no BodyPartExamined, Anatomic Region Sequence is "
+            "Upper limb (SCT 53120007), no hand in the descriptions)",
+        ),
+    ],
+)
+def test_a_generic_coded_region_is_not_stated(
+    region: tuple[str, str, str], description: str, reason: str | None
+) -> None:
+    ds = hand(body_part="EXTREMITY")
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = region
+    ds.AnatomicRegionSequence = [item]
+    del ds.BodyPartExamined
+    ds.StudyDescription = description
+    decision = gate.check(ds)
+    assert decision.reason == reason
+    assert decision.accepted is (reason is None)
+
+
+@pytest.mark.parametrize(
+    ("body_part", "reason"),
+    [
+        (["HAND", "WRIST"], None),
+        (["WRIST", "HAND"], None),
+        (["HAND", "EXTREMITY"], None),
+        (["HAND", "CHEST"], "body part examined is HAND\\CHEST, not a hand"),
+        (["L HAND", "FOOT"], "body part examined is L_HAND\\FOOT, not a hand"),
+    ],
+)
+def test_a_multi_valued_body_part_is_read_value_by_value(
+    body_part: list[str], reason: str | None
+) -> None:
+    """A hand and its wrist is a hand; the reason shows the values as DICOM writes them
+    (``HAND\\CHEST``), not as a Python list (``['HAND', 'CHEST']``)."""
+    ds = hand()
+    ds.BodyPartExamined = body_part
+    decision = gate.check(ds)
+    assert decision.reason == reason
+    assert decision.accepted is (reason is None)
+
+
+@pytest.mark.parametrize(
+    ("value", "may_be"),
+    [
+        ("HAND", True),
+        ("L HAND", True),
+        ("", True),
+        (None, True),
+        ("EXTREMITY", True),
+        ("CHEST", False),
+        (["HAND", "CHEST"], False),
+    ],
+)
+def test_may_be_a_hand_reads_body_part_examined_as_the_gate_does(
+    value: object, may_be: bool
+) -> None:
+    """What a backfill may use to choose the series to move."""
+    assert gate.may_be_a_hand(value) is may_be

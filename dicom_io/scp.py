@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import ipaddress
 import logging
 import os
 import queue
@@ -963,6 +964,17 @@ _HEADER_TAGS = (
 )
 
 
+def _address(text: str) -> str:
+    """An IP address as one text for each address: ``::ffff:10.0.0.5`` (an IPv4 caller
+    of a listener on ``::``) and ``10.0.0.5`` are the same caller. Other text as it is."""
+    try:
+        address = ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return text
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return str(mapped or address)
+
+
 class StorageSCP:
     """A pynetdicom Storage SCP that spools durably before it answers Success.
 
@@ -1150,7 +1162,7 @@ class StorageSCP:
         calling = requestor.primitive.calling_ae_title.strip()
         pins = {host for ae, host in self._allowed if ae == calling}
         peer_host = requestor.address
-        if not pins or None in pins or peer_host in pins:
+        if not pins or None in pins or _address(peer_host) in {_address(p) for p in pins if p}:
             return  # unknown titles are rejected by pynetdicom's own check
         logger.warning("calling AE %r is not allowed from %s", calling, peer_host)
         self._count("refused")

@@ -9,6 +9,7 @@ in the README and tested.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import logging
 import math
 import os
@@ -79,10 +80,27 @@ class AllowedCaller:
 
     @classmethod
     def parse(cls, text: str) -> AllowedCaller:
+        """``AE`` or ``AE@address``; the address an IPv4 or IPv6 one (brackets allowed).
+
+        Raises
+        ------
+        ValueError
+            The title is no AE title, or the host is a name: the listener compares the
+            caller's address with it, so a name would refuse every association.
+        """
         ae, sep, host = text.strip().partition("@")
-        return cls(
-            _check_ae_title(ae, "allowed calling AE title"), host.strip() or None if sep else None
-        )
+        title = _check_ae_title(ae, "allowed calling AE title")
+        host = host.strip()
+        if not sep or not host:
+            return cls(title)
+        try:
+            address = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            raise ValueError(
+                f"allowed caller {text.strip()!r}: the host must be an IP address, not a name "
+                "(the listener compares it with the address the caller connects from)"
+            ) from None
+        return cls(title, str(address))
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}" if self.host else self.ae_title

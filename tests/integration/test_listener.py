@@ -74,6 +74,7 @@ class Harness:
         tmp_path: Path,
         record: Callable[[ReceivedInstance], int] | None = None,
         allowed: list[tuple[str, str | None]] | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
         self.url = f"sqlite:///{tmp_path / 'boneage.db'}"
         upgrade(self.url)
@@ -85,7 +86,7 @@ class Harness:
             record=record or (lambda r: record_instance(self.url, r)),
             notify=self.notified.append,
             allowed_callers=allowed or [],
-            host="127.0.0.1",
+            host=host,
             port=free_port(),
         )
 
@@ -313,6 +314,19 @@ def test_calling_ae_pinned_to_another_host_is_rejected(
     refused = h.storescu(write_hand(tmp_path / "hand.dcm"))
     assert refused.returncode != 0
     assert h.rows() == []
+
+
+def test_a_pinned_caller_is_known_by_its_ipv4_address_on_a_dual_stack_listener(
+    harness_factory: Callable[..., Harness], tmp_path: Path
+) -> None:
+    """A listener on ``::`` sees an IPv4 caller as ``::ffff:127.0.0.1``: it is the
+    caller pinned to 127.0.0.1 (found in review: every association refused)."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    h = harness_factory(allowed=[("PACS", "127.0.0.1")], host="::")
+    sent = h.storescu(write_hand(tmp_path / "hand.dcm"))
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    assert len(h.rows()) == 1
 
 
 def test_non_image_sop_class_is_refused_at_association(

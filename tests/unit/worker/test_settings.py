@@ -85,6 +85,21 @@ def test_documented_environment_names(tmp_path: Path, monkeypatch: pytest.Monkey
     assert settings.missing_sex == "reject"
 
 
+@pytest.mark.parametrize(
+    ("text", "host"),
+    [("MODALITY1@10.0.0.5", "10.0.0.5"), ("MODALITY1@[::1]", "::1"), ("MODALITY1", None)],
+)
+def test_an_allowed_caller_is_pinned_to_an_address(text: str, host: str | None) -> None:
+    assert AllowedCaller.parse(text) == AllowedCaller("MODALITY1", host)
+
+
+def test_an_allowed_caller_pinned_to_a_host_name_is_refused() -> None:
+    """The listener compares the caller's address with the pin: a name refused every
+    association, and said only that the title was not allowed (found in review)."""
+    with pytest.raises(ValueError, match="the host must be an IP address, not a name"):
+        AllowedCaller.parse("MODALITY1@localhost")
+
+
 def test_precedence_cli_over_env_over_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     in_file, in_env, on_cli, pacs = free_port(), free_port(), free_port(), free_port()
     config = tmp_path / "boneage.toml"

@@ -875,7 +875,7 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
     if male is None:
         male = settings.missing_sex == "male"
         notes.append(
-            f"Patient sex not recorded: assessed as {'male' if male else 'female'} "
+            f"Patient sex not recorded as M or F: assessed as {'male' if male else 'female'} "
             "(site setting BONEAGE_MISSING_SEX)"
         )
     if dated_in_the_future(facts):

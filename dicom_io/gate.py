@@ -32,7 +32,10 @@ RADIOGRAPH_SOP_CLASSES: dict[str, str] = {
 }
 
 #: Body Part Examined values of a hand, as :func:`body_part_examined` reads them.
-HAND_BODY_PARTS = {"HAND", "HANDS", "WRIST", "CARPUS", "FINGER", "HANDWRIST", "HAND_WRIST"}
+HAND_BODY_PARTS = {"HAND", "HANDS", "WRIST", "CARPUS", "HANDWRIST", "HAND_WRIST"}
+#: Fingers alone: bone age is read on the whole hand and wrist (Greulich-Pyle's
+#: atlas, and the RSNA images the model learnt from).
+FINGER_BODY_PARTS = {"FINGER", "FINGERS", "THUMB", "THUMBS"}
 #: Values that name a region the hand is part of without saying that it is the hand:
 #: not stated, as an empty value is, so the coded region and then the descriptions
 #: decide. ARM among them: sites write it for the whole upper limb, hand included
@@ -49,9 +52,13 @@ GENERIC_BODY_PARTS = {
     "ARM",
     "ARMS",
 }
-#: Words that say which side, around a body part (``L HAND``, ``HAND_LT``, ``RT HAND``):
-#: the side is Image Laterality's to say, and the part is what is left.
-_SIDE_WORDS = {"L", "R", "LT", "RT", "LFT", "RGT", "LEFT", "RIGHT", "LINKS", "RECHTS"}
+#: Words that say which side, around a body part (``L HAND``, ``HAND_LT``, ``RT HAND``),
+#: and the side each says: the side is Image Laterality's to say, and the part is what
+#: is left.
+_SIDE_WORDS = {"L": "L", "LT": "L", "LFT": "L", "LEFT": "L", "LINKS": "L"}
+_SIDE_WORDS |= {"R": "R", "RT": "R", "RGT": "R", "RIGHT": "R", "RECHTS": "R"}
+#: Words that say both sides (``BOTH HANDS``, ``HANDS BILAT``).
+_BOTH_WORDS = {"BOTH", "BILAT", "BILATERAL", "BEIDE"}
 #: The same regions coded, as an Anatomic Region Sequence states them (PS3.16 CID 4031
 #: and Annex L, which maps Body Part Examined to them): SNOMED CT, and the SNOMED-RT
 #: codes of older modalities.
@@ -60,10 +67,15 @@ HAND_REGIONS = {
     ("SCT", "24097009"),  # Bone structure of hand
     ("SCT", "74670003"),  # Wrist joint
     ("SCT", "8205005"),  # Wrist region (Carpus)
-    ("SCT", "7569003"),  # Finger
     ("SRT", "T-D8700"),  # Hand
     ("SRT", "T-15460"),  # Wrist joint
+}
+#: Fingers alone, coded (PS3.16 CID 4009/4031), refused as FINGER_BODY_PARTS are.
+FINGER_REGIONS = {
+    ("SCT", "7569003"),  # Finger
+    ("SCT", "76505004"),  # Thumb
     ("SRT", "T-D8800"),  # Finger
+    ("SRT", "T-D8810"),  # Thumb
 }
 #: Coded regions the hand is part of (PS3.16 CID 4009/4031): not stated, as
 #: :data:`GENERIC_BODY_PARTS` are.
@@ -75,6 +87,89 @@ GENERIC_REGIONS = {
     ("SRT", "T-D8000"),  # Upper limb
     ("SRT", "T-D0821"),  # Bone of upper limb
 }
+#: The frontal views of PS3.16 CID 4010 "DX View", which bone age is read on: the PA
+#: of the atlas and the RSNA images, and AP, the same projection the other way through.
+#: SNOMED CT, and the SNOMED-RT of older modalities (R-10214, postero-anterior in the
+#: editions of CID 4010 before SNOMED CT).
+FRONTAL_VIEWS = {
+    ("SCT", "399033003"),  # frontal
+    ("SCT", "399348003"),  # antero-posterior
+    ("SCT", "272479007"),  # postero-anterior
+    ("SRT", "R-10202"),  # frontal
+    ("SRT", "R-10206"),  # antero-posterior
+    ("SRT", "R-10214"),  # postero-anterior
+    ("SRT", "R-40888"),  # postero-anterior
+}
+#: The other views of CID 4010, each (SNOMED CT, SNOMED-RT, meaning): a lateral, an
+#: oblique, or a view of another part (axial, tangential: a carpal tunnel view) is not
+#: what bone age is read on. A trauma series of the hand (PA, lateral, oblique) would
+#: otherwise get one bone age per view.
+OTHER_VIEWS: tuple[tuple[str, str, str], ...] = (
+    ("399067008", "R-102CD", "lateral"),
+    ("399173006", "R-10236", "left lateral"),
+    ("399198007", "R-10232", "right lateral"),
+    ("399260004", "R-10224", "medial-lateral"),
+    ("399352003", "R-10228", "lateral-medial"),
+    ("30730003", "G-A145", "sagittal"),
+    ("399182000", "R-102C1", "oblique"),
+    ("399160007", "R-10204", "frontal oblique"),
+    ("399312000", "R-10208", "antero-posterior oblique"),
+    ("399059000", "R-10216", "postero-anterior oblique"),
+    ("399038007", "R-10210", "right posterior oblique"),
+    ("399006002", "R-10212", "left posterior oblique"),
+    ("399356000", "R-40985", "right anterior oblique"),
+    ("399135007", "R-10220", "left anterior oblique"),
+    ("399236003", "R-10234", "right oblique"),
+    ("399184004", "R-10238", "left oblique"),
+    ("260427002", "R-40783", "lateral oblique"),
+    ("260426006", "R-40782", "medial oblique"),
+    ("399099002", "R-10230", "latero-medial oblique"),
+    ("399368009", "R-10226", "medio-lateral oblique"),
+    ("399004004", "R-10246", "oblique axial"),
+    ("399288005", "R-10248", "oblique cranio-caudal"),
+    ("399225005", "R-10250", "oblique caudo-cranial"),
+    ("399132005", "R-10252", "frontal-oblique axial"),
+    ("399325008", "R-10254", "sagittal-oblique axial"),
+    ("399061009", "R-10241", "axial"),
+    ("399162004", "R-10242", "cranio-caudal"),
+    ("399196006", "R-10244", "caudo-cranial"),
+    ("399110001", "R-102C2", "tangential"),
+    ("399071006", "R-102C3", "plantodorsal"),
+    ("399335002", "R-102C4", "dorsoplantar"),
+    ("399272005", "R-102C5", "parietoacanthial"),
+    ("399242004", "R-102C6", "acanthioparietal"),
+    ("399351005", "R-102C7", "orbitoparietal"),
+    ("399316002", "R-102C8", "parieto-orbital"),
+    ("399255003", "R-10256", "submentovertical"),
+    ("399360002", "R-10257", "verticosubmental"),
+    ("260499007", "R-40810", "occlusal"),
+    ("119376003", "G-8300", "tissue specimen"),
+)
+_OTHER_VIEW_MEANINGS = {
+    (scheme, code): meaning
+    for sct, srt, meaning in OTHER_VIEWS
+    for scheme, code in (("SCT", sct), ("SRT", srt))
+}
+#: Words of a description, or of a code's meaning, that name a lateral or an oblique view.
+_LATERAL_WORDS = {"LAT", "LATERAL", "SEITLICH", "PROFIL"}
+_OBLIQUE_WORDS = {"OBL", "OBLIQ", "OBLIQUE", "SCHRAEG", "SCHRÄG"}
+#: View Position (0018,5101) values that do: PS3.3 C.8.11.5's LL, RL, LLO, RLO, the
+#: words above, and the short forms sites write, which in free text could be anything.
+#: RLD and LLD (decubitus) say how the patient lay, not the projection: no refusal.
+_LATERAL_POSITIONS = _LATERAL_WORDS | {"LL", "RL", "ML", "LM"}
+_OBLIQUE_POSITIONS = _OBLIQUE_WORDS | {"LLO", "RLO", "LO", "MO", "MLO", "LMO", "RAO", "LAO"}
+#: View Position values of a frontal view: PS3.3's AP and PA, and the hand's own names
+#: for them (dorso-palmar, palmo-dorsal).
+_FRONTAL_POSITIONS = {"AP", "PA", "DP", "PD", "DV", "VD", "FRONTAL"}
+#: How a refusal for the view ends.
+_READ_ON_FRONTAL = "not frontal; bone age is read on a PA or AP view"
+#: How a refusal for fingers alone ends.
+_READ_ON_THE_HAND = "not a whole hand (bone age is read on the hand and wrist)"
+#: How a refusal for both hands ends.
+_READ_ON_ONE_HAND = "bone age is read on one hand"
+#: Descriptions of the image or its series, which name its view where a modality writes
+#: no View Position; the study's and the request's name every view of the exam.
+_VIEW_DESCRIPTIONS = ("SeriesDescription", "AcquisitionDeviceProcessingDescription")
 #: The smallest rows and columns an image is assessed at.
 MIN_SIZE = 128
 #: How far apart a pixel's height and width may be (as a fraction of the smaller) and
@@ -199,11 +294,12 @@ def patient_facts(ds: Dataset) -> PatientFacts:
     )
 
 
-def _anatomic_region(ds: Dataset) -> tuple[str, str, str] | None:
-    """(scheme, code, meaning) of the first item of the Anatomic Region Sequence, the
-    scheme's version aside; None when there is no item with a code."""
+def _first_code(ds: Dataset, keyword: str) -> tuple[str, str, str] | None:
+    """(scheme, code, meaning) of the first item of a code sequence (the Anatomic
+    Region Sequence, the View Code Sequence), the scheme's version aside; None when
+    there is no item with a code."""
     try:
-        items = ds.get("AnatomicRegionSequence") or []
+        items = ds.get(keyword) or []
         for item in items:
             scheme = str(item.get("CodingSchemeDesignator", "") or "").strip().upper()
             value = str(item.get("CodeValue", "") or "").strip().upper()
@@ -226,18 +322,28 @@ class BodyPart(enum.Enum):
     """What a Body Part Examined value says of the image (:func:`body_part_examined`)."""
 
     HAND = "hand"
+    HANDS = "hands"  # HANDS, or BOTH HAND: both on one image, unless a laterality says one
+    FINGER = "finger"
     NOT_STATED = "not stated"  # empty, or a region the hand is part of
     OTHER = "other"
 
 
 def _body_part_value(value: str) -> BodyPart:
     """One value of Body Part Examined, its side words aside."""
-    words = [w for w in re.split(r"[^A-Z0-9]+", value.upper()) if w and w not in _SIDE_WORDS]
-    part = "_".join(w for w in words if w != "AND")  # HAND AND WRIST is HAND_WRIST
+    words = [w for w in re.split(r"[^A-Z0-9]+", value.upper()) if w]
+    sides = {_SIDE_WORDS[w] for w in words if w in _SIDE_WORDS}
+    both = bool(_BOTH_WORDS.intersection(words)) or sides == {"L", "R"}
+    rest = [w for w in words if w not in _SIDE_WORDS and w not in _BOTH_WORDS and w != "AND"]
+    part = "_".join(rest)  # HAND AND WRIST is HAND_WRIST
     if not part or part in GENERIC_BODY_PARTS:
         return BodyPart.NOT_STATED
-    if part in HAND_BODY_PARTS or {"HAND", "WRIST"} >= set(part.split("_")):
-        return BodyPart.HAND  # WRIST_HAND as HAND_WRIST
+    if part in FINGER_BODY_PARTS:
+        return BodyPart.FINGER
+    if part in HAND_BODY_PARTS or {"HAND", "HANDS", "WRIST"}.issuperset(rest):
+        # WRIST_HAND as HAND_WRIST
+        return BodyPart.HANDS if both or "HANDS" in rest else BodyPart.HAND
+    if FINGER_BODY_PARTS.union({"HAND", "HANDS", "WRIST"}).issuperset(rest):
+        return BodyPart.HAND  # HAND_FINGERS: the hand, fingers and all
     return BodyPart.OTHER
 
 
@@ -245,11 +351,14 @@ def body_part_examined(value: object) -> tuple[BodyPart, str]:
     """What a Body Part Examined value says, and the value as a reason shows it.
 
     Each value is read in upper case with its side words aside (``L HAND``,
-    ``HAND_LT``, ``RT-HAND`` are HAND; which hand is Image Laterality's to say). A
-    region the hand is part of (``EXTREMITY``, ``UPPER EXTREMITY``, ``ARM``) says no
-    more than an empty value. Of a multi-valued element (``HAND\\WRIST``), the
-    values that state a part decide: all of them a hand, it is a hand; any other part
-    among them, it is not.
+    ``HAND_LT``, ``RT-HAND`` are HAND; which hand is Image Laterality's to say), but
+    both sides named (``BOTH HANDS``, ``HAND L R``), or ``HANDS``, are
+    :attr:`BodyPart.HANDS`. ``FINGER`` and ``THUMB`` are fingers alone. A region the
+    hand is part of (``EXTREMITY``, ``UPPER EXTREMITY``, ``ARM``) says no more than
+    an empty value. Of a multi-valued element (``HAND\\WRIST``), the values that
+    state a part decide: any part not of the hand among them, it is not a hand;
+    else a hand where one of them is (``HAND\\FINGER`` is the hand, fingers
+    included), fingers alone where all are.
 
     Parameters
     ----------
@@ -265,16 +374,17 @@ def body_part_examined(value: object) -> tuple[BodyPart, str]:
     values = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
     texts = [re.sub(r"[\s-]+", "_", str(v or "").strip().upper()) for v in values]
     shown = "\\".join(texts)
-    stated = [k for k in map(_body_part_value, texts) if k is not BodyPart.NOT_STATED]
-    if not stated:
-        return BodyPart.NOT_STATED, shown
-    return (BodyPart.OTHER if BodyPart.OTHER in stated else BodyPart.HAND), shown
+    stated = {k for k in map(_body_part_value, texts) if k is not BodyPart.NOT_STATED}
+    for verdict in (BodyPart.OTHER, BodyPart.HANDS, BodyPart.HAND, BodyPart.FINGER):
+        if verdict in stated:
+            return verdict, shown
+    return BodyPart.NOT_STATED, shown
 
 
 def may_be_a_hand(value: object) -> bool:
     """Whether a Body Part Examined value leaves the image to the gate: a hand, or not
     stated (for a backfill's choice of series to move, as the gate reads the value)."""
-    return body_part_examined(value)[0] is not BodyPart.OTHER
+    return body_part_examined(value)[0] not in (BodyPart.OTHER, BodyPart.FINGER)
 
 
 def _pair(ds: Dataset, keyword: str) -> tuple[float, float] | None:
@@ -310,6 +420,84 @@ def _not_square(ds: Dataset) -> str | None:
                 f"pixels are not square: {keyword} is {row:g}\\{column:g} ({what}); "
                 "the model reads square pixels"
             )
+    return None
+
+
+def _view_named(text: str, *, position: bool = False) -> str | None:
+    """ "oblique", "lateral" or "frontal" where the words of ``text`` name such a view
+    (an oblique first: "lateral oblique" is one), else None. The short codes of View
+    Position (LL, RLO, PA …) count only in it (``position``)."""
+    words = set(re.split(r"[\W_]+", text.upper())) - {""}
+    if words & (_OBLIQUE_POSITIONS if position else _OBLIQUE_WORDS):
+        return "oblique"
+    if words & (_LATERAL_POSITIONS if position else _LATERAL_WORDS):
+        return "lateral"
+    if position and words & _FRONTAL_POSITIONS:
+        return "frontal"
+    return None
+
+
+def _not_frontal(ds: Dataset) -> str | None:
+    """Why the image is not a frontal view of the hand, or None when nothing says so.
+
+    View Position (LL, RL, LLO, RLO, and what sites write: LAT, OBL, LATERAL …) and
+    the first coded item of the View Code Sequence (PS3.16 CID 4010) are read, and
+    either naming another view than a frontal one refuses the image, whatever the
+    other says. Where neither says which view it is, the image's and its series'
+    descriptions are read for a lateral or an oblique (not the study's, which names
+    every view of the exam).
+
+    An absent, empty or unknown view is not refused: View Position is Type 2 on a CR
+    and Type 3 on a DX, many modalities leave it empty or write their own words in it,
+    and a bone-age exam is one frontal image of one hand. Refusing the image that says
+    nothing would refuse most of them, to keep out the lateral and oblique views of a
+    trauma series that do say what they are.
+    """
+    position = _text(ds.get("ViewPosition")).upper()
+    said = _view_named(position, position=True)
+    if said in ("lateral", "oblique"):
+        return f"view is {said} (ViewPosition {position}), {_READ_ON_FRONTAL}"
+    code = _first_code(ds, "ViewCodeSequence")
+    if code is not None:
+        scheme, value, meaning = code
+        if (scheme, value) in _OTHER_VIEW_MEANINGS:
+            meaning = _OTHER_VIEW_MEANINGS[scheme, value]
+            return f"view is {meaning} (ViewCodeSequence {scheme} {value}), {_READ_ON_FRONTAL}"
+        coded = "frontal" if (scheme, value) in FRONTAL_VIEWS else _view_named(meaning)
+        if coded in ("lateral", "oblique"):  # a code of another scheme, its meaning a view
+            return f"view is {meaning} (ViewCodeSequence {scheme} {value}), {_READ_ON_FRONTAL}"
+        said = said or coded
+    if said is None:
+        for keyword in _VIEW_DESCRIPTIONS:
+            named = _view_named(_text(ds.get(keyword)))
+            if named is not None:
+                return (
+                    f"view is {named} (named by {keyword}; no ViewPosition says which), "
+                    f"{_READ_ON_FRONTAL}"
+                )
+    return None
+
+
+def _both_hands(ds: Dataset, body_part: BodyPart, shown: str) -> str | None:
+    """Why the image shows both hands, or None when nothing says so.
+
+    Image Laterality B, or the series' Laterality B where the image's says no one
+    side; and a Body Part Examined of both hands (``HANDS``, ``BOTH HANDS``) unless a
+    laterality says L or R, which some sites give each image of a two-hand exam. The
+    plural with no side is taken as both hands: the atlas and the model read one
+    hand, and a bone age of two, or of whichever the model looked at, is not one.
+    """
+    image = _text(ds.get("ImageLaterality")).upper()
+    series = _text(ds.get("Laterality")).upper()
+    if image == "B":
+        return f"body part is both hands (ImageLaterality B); {_READ_ON_ONE_HAND}"
+    if image not in ("L", "R") and series == "B":
+        return f"body part is both hands (Laterality B); {_READ_ON_ONE_HAND}"
+    if body_part is BodyPart.HANDS and image not in ("L", "R") and series not in ("L", "R"):
+        return (
+            f"body part examined is {shown}, with no laterality L or R: taken as both "
+            f"hands; {_READ_ON_ONE_HAND}"
+        )
     return None
 
 
@@ -375,7 +563,7 @@ def check(
         return no("the instance has no pixel data")
 
     body_part, shown = body_part_examined(ds.get("BodyPartExamined"))
-    region = _anatomic_region(ds)
+    region = _first_code(ds, "AnatomicRegionSequence")
     unstated = [f"BodyPartExamined is {shown}" if shown.strip("\\") else "no BodyPartExamined"]
     if region is not None and region[:2] in GENERIC_REGIONS:
         # the upper limb: the descriptions say whether it is the hand
@@ -383,10 +571,17 @@ def check(
         region = None
     if body_part is BodyPart.OTHER:
         return no(f"body part examined is {shown}, not a hand")
+    if body_part is BodyPart.FINGER:
+        return no(f"body part examined is {shown}, {_READ_ON_THE_HAND}")
     if body_part is BodyPart.NOT_STATED and region is not None:
         # DX must code it (Type 1, PS3.3 C.8.11.5), where Body Part Examined is Type 3;
         # it outranks the free text of the descriptions.
         scheme, value, meaning = region
+        if (scheme, value) in FINGER_REGIONS:
+            return no(
+                f"body part (Anatomic Region Sequence) is {meaning} ({scheme} {value}), "
+                f"{_READ_ON_THE_HAND}"
+            )
         if (scheme, value) not in HAND_REGIONS:
             return no(
                 f"body part (Anatomic Region Sequence) is {meaning} ({scheme} {value}), not a hand"
@@ -396,6 +591,12 @@ def check(
         if not _HAND_WORDS.search(text):
             unstated.append("no hand in the descriptions")
             return no(f"body part is not stated ({', '.join(unstated)})")
+    both_hands = _both_hands(ds, body_part, shown)
+    if both_hands is not None:
+        return no(both_hands)
+    not_frontal = _not_frontal(ds)
+    if not_frontal is not None:
+        return no(not_frontal)
 
     rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if min(rows, columns) < min_size:

@@ -442,3 +442,250 @@ def test_may_be_a_hand_reads_body_part_examined_as_the_gate_does(
 ) -> None:
     """What a backfill may use to choose the series to move."""
     assert gate.may_be_a_hand(value) is may_be
+
+
+def view_code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
+@pytest.mark.parametrize(
+    ("position", "reason"),
+    [
+        (
+            "LL",
+            "view is lateral (ViewPosition LL), not frontal; bone age is read on a PA or AP view",
+        ),
+        (
+            "RL",
+            "view is lateral (ViewPosition RL), not frontal; bone age is read on a PA or AP view",
+        ),
+        (
+            "LLO",
+            "view is oblique (ViewPosition LLO), not frontal; bone age is read on a PA or AP view",
+        ),
+        (
+            "RLO",
+            "view is oblique (ViewPosition RLO), not frontal; bone age is read on a PA or AP view",
+        ),
+        (
+            "LAT",
+            "view is lateral (ViewPosition LAT), not frontal; bone age is read on a PA or AP view",
+        ),
+        (
+            "PA OBL",
+            "view is oblique (ViewPosition PA OBL), not frontal; bone age is read on a PA or AP "
+            "view",
+        ),
+        ("PA", None),
+        ("AP", None),
+        ("", None),  # Type 2 on a CR: nothing said, nothing refused
+        ("HAND", None),  # a site's own word, saying no view
+        ("LLD", None),  # decubitus: how the patient lay, not the projection
+    ],
+)
+def test_a_lateral_or_oblique_view_position_is_refused(position: str, reason: str | None) -> None:
+    """Bone age is read on one frontal (PA, or AP) hand; a hand trauma series (PA,
+    lateral, oblique) got one bone age per view."""
+    for modality in ("CR", "DX"):
+        ds = hand(modality=modality)
+        ds.ViewPosition = position
+        if modality == "DX":
+            del ds.ViewCodeSequence  # the View Position alone
+        decision = gate.check(ds)
+        assert decision.reason == reason, modality
+        assert decision.accepted is (reason is None)
+
+
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [
+        (
+            ("399173006", "SCT", "left lateral"),
+            "view is left lateral (ViewCodeSequence SCT 399173006), not frontal; "
+            "bone age is read on a PA or AP view",
+        ),
+        (
+            ("399067008", "SCT", "lateral"),
+            "view is lateral (ViewCodeSequence SCT 399067008), not frontal; "
+            "bone age is read on a PA or AP view",
+        ),
+        (
+            ("399059000", "SCT", "postero-anterior oblique"),
+            "view is postero-anterior oblique (ViewCodeSequence SCT 399059000), not frontal; "
+            "bone age is read on a PA or AP view",
+        ),
+        (
+            ("260427002", "SCT", "lateral oblique"),
+            "view is lateral oblique (ViewCodeSequence SCT 260427002), not frontal; "
+            "bone age is read on a PA or AP view",
+        ),
+        (
+            ("R-10232", "SRT", "right lateral"),  # older modalities' SNOMED-RT
+            "view is right lateral (ViewCodeSequence SRT R-10232), not frontal; "
+            "bone age is read on a PA or AP view",
+        ),
+        (
+            ("399110001", "SCT", "tangential"),  # the carpal tunnel view
+            "view is tangential (ViewCodeSequence SCT 399110001), not frontal; "
+            "bone age is read on a PA or AP view",
+        ),
+        (
+            ("LAT1", "99LOCAL", "Hand lateral"),  # a local code whose meaning is a lateral
+            "view is Hand lateral (ViewCodeSequence 99LOCAL LAT1), not frontal; "
+            "bone age is read on a PA or AP view",
+        ),
+        (("272479007", "SCT", "postero-anterior"), None),
+        (("399348003", "SCT", "antero-posterior"), None),
+        (("R-10214", "SRT", "postero-anterior"), None),  # CID 4010 before SNOMED CT
+        (("PA1", "99LOCAL", "Hand PA"), None),
+    ],
+)
+def test_a_view_coded_as_not_frontal_is_refused(
+    code: tuple[str, str, str], reason: str | None
+) -> None:
+    """The View Code Sequence codes the view (PS3.16 CID 4010 "DX View"): any of its
+    views but frontal, PA and AP refuses the image, whatever View Position says."""
+    ds = hand()
+    ds.ViewCodeSequence = [view_code(*code)]
+    ds.ViewPosition = "PA"  # either naming another view refuses the image
+    decision = gate.check(ds)
+    assert decision.reason == reason
+    assert decision.accepted is (reason is None)
+
+
+def test_a_lateral_view_position_is_refused_whatever_the_code_says() -> None:
+    ds = hand()
+    ds.ViewPosition = "LL"
+    ds.ViewCodeSequence = [view_code("272479007", "SCT", "postero-anterior")]
+    assert gate.check(ds).reason == (
+        "view is lateral (ViewPosition LL), not frontal; bone age is read on a PA or AP view"
+    )
+
+
+@pytest.mark.parametrize(
+    ("keyword", "description", "position", "reason"),
+    [
+        (
+            "SeriesDescription",
+            "L HAND LAT",
+            "",
+            "view is lateral (named by SeriesDescription; no ViewPosition says which), "
+            "not frontal; bone age is read on a PA or AP view",
+        ),
+        (
+            "AcquisitionDeviceProcessingDescription",
+            "Hand oblique",
+            "",
+            "view is oblique (named by AcquisitionDeviceProcessingDescription; no "
+            "ViewPosition says which), not frontal; bone age is read on a PA or AP view",
+        ),
+        ("SeriesDescription", "L HAND LAT", "PA", None),  # the View Position says which
+        ("SeriesDescription", "L HAND PA", "", None),
+        ("StudyDescription", "XR HAND PA LAT OBL", "", None),  # the exam's every view
+    ],
+)
+def test_a_view_named_only_by_the_series_description_is_refused_when_lateral(
+    keyword: str, description: str, position: str, reason: str | None
+) -> None:
+    ds = hand(modality="CR")
+    ds.ViewPosition = position
+    setattr(ds, keyword, description)
+    decision = gate.check(ds)
+    assert decision.reason == reason
+    assert decision.accepted is (reason is None)
+
+
+WHOLE_HAND = "not a whole hand (bone age is read on the hand and wrist)"
+
+
+@pytest.mark.parametrize(
+    ("body_part", "reason"),
+    [
+        ("FINGER", f"body part examined is FINGER, {WHOLE_HAND}"),
+        ("THUMB", f"body part examined is THUMB, {WHOLE_HAND}"),
+        ("L FINGER", f"body part examined is L_FINGER, {WHOLE_HAND}"),
+        (["HAND", "FINGER"], None),  # the hand, fingers included
+    ],
+)
+def test_fingers_alone_are_refused(body_part: object, reason: str | None) -> None:
+    ds = hand()
+    ds.BodyPartExamined = body_part
+    decision = gate.check(ds)
+    assert decision.reason == reason
+    assert decision.accepted is (reason is None)
+    if reason is not None:
+        assert reason_category(reason) == "body_part"
+
+
+@pytest.mark.parametrize(
+    "region",
+    [("7569003", "SCT", "Finger"), ("76505004", "SCT", "Thumb"), ("T-D8800", "SRT", "Finger")],
+)
+def test_a_finger_coded_as_the_region_is_refused(region: tuple[str, str, str]) -> None:
+    ds = hand()
+    del ds.BodyPartExamined
+    ds.AnatomicRegionSequence = [view_code(*region)]
+    value, scheme, meaning = region
+    assert gate.check(ds).reason == (
+        f"body part (Anatomic Region Sequence) is {meaning} ({scheme} {value}), {WHOLE_HAND}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("body_part", "image_laterality", "laterality", "reason"),
+    [
+        (
+            "HAND",
+            "B",
+            None,
+            "body part is both hands (ImageLaterality B); bone age is read on one hand",
+        ),
+        (
+            "HANDS",
+            "B",
+            None,
+            "body part is both hands (ImageLaterality B); bone age is read on one hand",
+        ),
+        (
+            "HAND",
+            "U",
+            "B",
+            "body part is both hands (Laterality B); bone age is read on one hand",
+        ),
+        (
+            "HANDS",
+            "U",
+            None,
+            "body part examined is HANDS, with no laterality L or R: taken as both hands; "
+            "bone age is read on one hand",
+        ),
+        (
+            "BOTH HANDS",
+            None,
+            None,
+            "body part examined is BOTH_HANDS, with no laterality L or R: taken as both "
+            "hands; bone age is read on one hand",
+        ),
+        ("HANDS", "L", None, None),  # each image of a two-hand exam, one hand
+        ("HANDS", None, "R", None),
+        ("HAND", "L", "B", None),  # the image's own laterality says which
+        ("HAND", "U", None, None),  # one hand, which one unknown
+    ],
+)
+def test_both_hands_on_one_image_are_refused(
+    body_part: str, image_laterality: str | None, laterality: str | None, reason: str | None
+) -> None:
+    ds = hand(body_part=body_part)
+    for keyword, value in (("ImageLaterality", image_laterality), ("Laterality", laterality)):
+        if value is None:
+            if keyword in ds:
+                delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    decision = gate.check(ds)
+    assert decision.reason == reason
+    assert decision.accepted is (reason is None)
+    if reason is not None:
+        assert reason_category(reason) == "body_part"

@@ -268,6 +268,18 @@ class Rejection(Base):
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class Node(Base):
+    """This node, one row (id 1): what every process of it shares, whatever host or
+    container runs it."""
+
+    __tablename__ = "node"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # the Device Observer UID our SRs name the node by (TID 1004), made at random once
+    device_observer_uid: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Heartbeat(Base):
     """Liveness of the listener and workers, written periodically by each process."""
 

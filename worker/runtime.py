@@ -7,14 +7,11 @@ uses it: never in a parent that forks, so CUDA is never initialised before a for
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING
-
-from pydicom.uid import generate_uid
 
 from worker.settings import Settings
 
@@ -48,10 +45,22 @@ class Runtime:
 
     @cached_property
     def device_observer_uid(self) -> str:
-        # Stable per node: the same AE title on the same host is the same device.
-        return str(
-            generate_uid(entropy_srcs=[SOFTWARE_NAME, self.settings.ae_title, socket.gethostname()])
-        )
+        """The Device Observer UID our SRs name this node by: kept in its database
+        (revision 0010), so the same for every process of the node, on any host or in
+        any container, across redeployments."""
+        from sqlalchemy import select
+
+        from db.engine import session_scope
+        from db.schema import Node
+
+        with session_scope(self.database_url) as session:
+            uid = session.scalar(select(Node.device_observer_uid).where(Node.id == 1))
+        if uid is None:
+            raise RuntimeError(
+                "the database has no node row (revision 0010 makes it): "
+                "run `boneage-worker db upgrade`"
+            )
+        return uid
 
     @property
     def predictor(self) -> BoneAgePredictor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from db.schema import (
     Instance,
     InstanceState,
     Model,
+    Node,
     ObjectKind,
     Rejection,
     Result,
@@ -216,6 +218,24 @@ def test_migrations_match_the_schema(database_url: str) -> None:
     with get_engine(database_url).connect() as connection:
         differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
     assert differences == []
+
+
+def test_the_node_is_one_row_whose_device_uid_is_made_once(database_url: str) -> None:
+    """Revision 0010 makes the node's Device Observer UID at random, once: upgrading
+    again keeps it; another database has another."""
+    upgrade(database_url)
+    with session_scope(database_url) as session:
+        [node] = session.scalars(select(Node)).all()
+        uid = node.device_observer_uid
+    assert node.id == 1 and len(uid) <= 64
+    assert re.fullmatch(r"[1-9][0-9]*(\.(0|[1-9][0-9]*))+", uid), uid
+    assert upgrade(database_url) == head_revision()
+    with session_scope(database_url) as session:
+        assert session.scalars(select(Node.device_observer_uid)).all() == [uid]
+    assert downgrade(database_url, "0009") == "0009"
+    assert upgrade(database_url) == head_revision()
+    with session_scope(database_url) as session:
+        assert session.scalars(select(Node.device_observer_uid)).all() != [uid]
 
 
 def test_revision_0008_downgraded_leaves_what_0007_can_load(database_url: str) -> None:

@@ -134,6 +134,36 @@ def runtime(tmp_path: Path, tiny_checkpoint: Path, storescp: StoreSCP) -> Runtim
     )
 
 
+def _device_observer_uid(sr: Dataset) -> str:
+    """The Device Observer UID of an SR of ours (TID 1004, in its observer context)."""
+    [uid] = [
+        str(item.UID)
+        for item in sr.ContentSequence
+        if item.ValueType == "UIDREF" and item.ConceptNameCodeSequence[0].CodeValue == "121012"
+    ]
+    return uid
+
+
+def test_every_process_of_a_node_names_the_same_device(
+    tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two worker processes of one node (one database) on two hosts, or in two
+    containers, name one device in their SRs (found in review: derived from the host
+    name, each container, and each redeployment, made a device of its own); another
+    node names another."""
+    here = make_runtime(tmp_path / "a", tiny_checkpoint)
+    there = make_runtime(tmp_path / "b", tiny_checkpoint, database_url=here.database_url)
+    elsewhere = make_runtime(tmp_path / "c", tiny_checkpoint)
+    devices = []
+    for host, rt in (("gpu-host-1", here), ("gpu-host-2", there), ("gpu-host-1", elsewhere)):
+        monkeypatch.setattr("socket.gethostname", lambda host=host: host)
+        assert assess_instance(rt, spool_instance(rt)).state == "assessed"
+        [made] = rt.settings.outbox_dir.glob("*sr*.dcm")  # no destination: made, not sent
+        devices.append(_device_observer_uid(dcmread(made)))
+    assert devices[0] == devices[1] == here.device_observer_uid
+    assert devices[2] != devices[0]
+
+
 def test_assess_then_deliver_sr_and_sc(runtime: Runtime, storescp: StoreSCP) -> None:
     instance_id = spool_instance(runtime)
     outcome = assess_instance(runtime, instance_id)

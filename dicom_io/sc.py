@@ -159,18 +159,35 @@ def _text_lines(finding: BoneAgeFinding) -> list[tuple[str, tuple[int, int, int]
     return lines
 
 
-def _fit_font(
-    lines: Sequence[str], width: int, size: int
-) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    """Largest font not above ``size`` whose widest line fits in ``width`` pixels."""
+def _wrap(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, room: int) -> list[str]:
+    """``text`` in lines no wider than ``room`` pixels at ``font``: broken at its spaces,
+    and a word wider than a whole line at its characters (the font is never shrunk)."""
     draw = ImageDraw.Draw(Image.new("L", (1, 1)))
-    while size > 1:
-        font = _font(size)
-        widest = max(draw.textlength(line, font=font) for line in lines)
-        if widest <= width:
-            return font
-        size = min(size - 1, int(size * width / widest))
-    return _font(1)
+    if draw.textlength(text, font=font) <= room:
+        return [text]  # most lines: measured once, not word by word
+    lines: list[str] = []
+    current = ""
+    for word in text.split():
+        trial = f"{current} {word}" if current else word
+        if draw.textlength(trial, font=font) <= room:
+            current = trial
+            continue
+        if current:
+            lines.append(current)
+        while len(word) > 1 and draw.textlength(word, font=font) > room:
+            cut = next(
+                (
+                    n
+                    for n in range(len(word) - 1, 0, -1)
+                    if draw.textlength(word[:n], font=font) <= room
+                ),
+                1,
+            )
+            lines.append(word[:cut])
+            word = word[cut:]
+        current = word
+    lines.append(current)
+    return lines
 
 
 def overlay_factor(image_shape: tuple[int, ...]) -> int:
@@ -221,7 +238,8 @@ def render_overlay(image: np.ndarray, cam: np.ndarray, finding: BoneAgeFinding) 
     -------
     numpy.ndarray
         uint8 RGB (H', W', 3): a text panel above the (possibly downscaled, long side at
-        most :data:`MAX_LONG_SIDE`) radiograph.
+        most :data:`MAX_LONG_SIDE`) radiograph. The panel's lines are wrapped to its
+        width, never shrunk below the smallest font (14 px).
 
     Raises
     ------
@@ -267,15 +285,19 @@ def _panel_font_size(width: int) -> int:
 
 
 def _text_panel(lines: Sequence[tuple[str, tuple[int, int, int]]], width: int) -> Image.Image:
-    """``lines`` of (text, colour) on black, ``width`` pixels wide: the largest font up
-    to the panel's size whose widest line fits, one line under the other."""
+    """``lines`` of (text, colour) on black, ``width`` pixels wide, one under the other
+    at the panel's font size (:func:`_panel_font_size`, never less than
+    ``_MIN_FONT_PX``); a line too long for the width is wrapped (:func:`_wrap`)."""
     margin = _panel_margin(width)
-    font = _fit_font([text for text, _ in lines], width - 2 * margin, _panel_font_size(width))
+    font = _font(_panel_font_size(width))
+    wrapped = [
+        (part, fill) for text, fill in lines for part in _wrap(text, font, width - 2 * margin)
+    ]
     ascent, descent = font.getmetrics() if hasattr(font, "getmetrics") else (11, 3)
     line_height = round((ascent + descent) * 1.2)
-    panel = Image.new("RGB", (width, 2 * margin + line_height * len(lines)), (0, 0, 0))
+    panel = Image.new("RGB", (width, 2 * margin + line_height * len(wrapped)), (0, 0, 0))
     draw = ImageDraw.Draw(panel)
-    for row, (text, fill) in enumerate(lines):
+    for row, (text, fill) in enumerate(wrapped):
         draw.text((margin, margin + row * line_height), text, font=font, fill=fill)
     return panel
 
@@ -402,21 +424,10 @@ def render_notice(lines: Sequence[str], *, width: int = _NOTICE_WIDTH) -> np.nda
     """
     if not lines:
         raise ValueError('Argument "lines" must hold at least one line.')
-    fits = width - 2 * _panel_margin(width)
-    font = _font(_panel_font_size(width))
-    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    coloured: list[tuple[str, tuple[int, int, int]]] = []
-    for number, line in enumerate(lines):
-        fill = _RED if number == 0 else _YELLOW if line == AI_RESULT_NOTICE else _WHITE
-        words, current = line.split(), ""
-        for word in words:
-            trial = f"{current} {word}".strip()
-            if current and draw.textlength(trial, font=font) > fits:
-                coloured.append((current, fill))
-                current = word
-            else:
-                current = trial
-        coloured.append((current, fill))
+    coloured = [
+        (line, _RED if number == 0 else _YELLOW if line == AI_RESULT_NOTICE else _WHITE)
+        for number, line in enumerate(lines)
+    ]
     return np.asarray(_text_panel(coloured, width), dtype=np.uint8)
 
 

@@ -22,6 +22,7 @@ from pydicom.uid import (
 )
 
 from dicom_io.content import AI_RESULT_NOTICE, UNTRAINED_WARNING, BoneAgeFinding
+from dicom_io.gate import MIN_SIZE
 from dicom_io.pixels import decode_for_display
 from dicom_io.sc import (
     MAX_LONG_SIDE,
@@ -116,10 +117,69 @@ def test_overlay_downscales_large_images_by_a_whole_factor(finding: BoneAgeFindi
     assert overlay_shape((4097, 3000)) == (1366, 1000)
 
 
+#: The note of a result whose patient's sex was not recorded: the panel's longest line.
+_ASSUMED_SEX = "Patient sex not recorded: assessed as female (site setting BONEAGE_MISSING_SEX)"
+#: Capitals of the smallest panel font (14 px) are 10 px tall; one less for anti-aliasing.
+_MIN_CAPITALS_PX = 9
+
+
+def _text_bands(mask: np.ndarray) -> list[int]:
+    """Heights of the runs of rows in which ``mask`` has a pixel: one per line of text."""
+    rows = mask.any(axis=1).astype(np.int8)
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], rows, [0]))))
+    return (edges[1::2] - edges[::2]).tolist()
+
+
+def _panel_of(rgb: np.ndarray, image_shape: tuple[int, int]) -> np.ndarray:
+    """The text panel of ``rgb``, the rows above its radiograph (enlarged or not)."""
+    factor = rgb.shape[1] // image_shape[1]
+    return rgb[: rgb.shape[0] - image_shape[0] * factor].astype(int)
+
+
+def _red_and_yellow(panel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels of the untrained warning (red) and of the review notice (yellow) on black."""
+    r, g, b = panel[..., 0], panel[..., 1], panel[..., 2]
+    return (r > 100) & (g < 0.4 * r), (r > 100) & (g > 0.6 * r) & (b < 0.3 * r)
+
+
 def test_font_scales_with_image(finding: BoneAgeFinding) -> None:
     small = render_overlay(hand_like(200, 150), np.zeros((200, 150)), finding)
     large = render_overlay(hand_like(2000, 1500), np.zeros((2000, 1500)), finding)
-    assert (large.shape[0] - 2000) > 4 * (small.shape[0] - 200)
+    small_notice = _text_bands(_red_and_yellow(_panel_of(small, (200, 150)))[1])
+    large_notice = _text_bands(_red_and_yellow(_panel_of(large, (2000, 1500)))[1])
+    assert max(large_notice) > 2.5 * max(small_notice)  # 3 % of the width against 14 px
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (2048, 2048),
+        (840, 600),
+        (560, 400),
+        (358, 256),
+        (280, 200),
+        (MIN_SIZE, MIN_SIZE),
+        (179, MIN_SIZE),
+        (2048, MIN_SIZE),
+    ],
+    ids=lambda shape: f"{shape[1]}x{shape[0]}",
+)
+def test_the_safety_lines_stay_legible_at_every_accepted_width(
+    untrained_finding: BoneAgeFinding, shape: tuple[int, int]
+) -> None:
+    """Long lines are wrapped, never shrunk below 14 px: the review notice and the
+    untrained warning keep capitals at least as tall as those of a 14 px font, and no
+    line runs past the picture's edge."""
+    noted = dataclasses.replace(untrained_finding, notes=(_ASSUMED_SEX,))
+    rgb = render_overlay(hand_like(*shape), np.zeros(shape), noted)
+    panel = _panel_of(rgb, shape)
+    red, yellow = _red_and_yellow(panel)
+    for lines in (_text_bands(red), _text_bands(yellow)):
+        assert lines, "a safety line is missing"
+        # the tallest: a line wrapped off it ("review") may have no capitals
+        assert max(lines) >= _MIN_CAPITALS_PX
+    # every line inside the picture: the margins on either side are black
+    assert panel[:, :2].max() == 0 and panel[:, -2:].max() == 0
 
 
 @pytest.mark.parametrize(
@@ -305,6 +365,18 @@ def test_a_notice_wraps_its_lines_and_colours_the_first(tmp_path: Path, source: 
     assert rgb.shape[0] >= short.shape[0] + 2 * line_height
     with pytest.raises(ValueError, match="lines"):
         render_notice([])
+
+
+def test_a_notice_breaks_a_word_too_long_for_a_line_and_keeps_its_font() -> None:
+    uid = "1.2.826.0.1.3680043.8.498." + "1234567890" * 6  # wider than 640 px at 19 px
+    long = render_notice([WITHDRAWN, f"because {uid} was sent", AI_RESULT_NOTICE], width=640)
+    short = render_notice([WITHDRAWN, "short", AI_RESULT_NOTICE], width=640)
+    headings = [_text_bands(_red_and_yellow(rgb.astype(int))[0]) for rgb in (long, short)]
+    assert headings[0] == headings[1]  # the same font, not shrunk to fit the word
+    assert long[:, -2:].max() == 0  # the word broken inside the picture, not cut off
+    # "because", the word's first piece, its second and "was sent": three lines for one
+    line_height = (short.shape[0] - 2 * round(640 * 0.02)) / 3
+    assert long.shape[0] == short.shape[0] + 2 * line_height
 
 
 def test_a_withdrawal_sc_passes_dciodvfy_and_renders(tmp_path: Path, source: Dataset) -> None:

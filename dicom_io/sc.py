@@ -60,6 +60,11 @@ CAM_THRESHOLD = 0.2
 MAX_ALPHA = 0.55
 _FONT_FRACTION = 0.03  # font size as a share of the image width
 _MIN_FONT_PX = 14
+# The narrowest panel: at the smallest font (Pillow's bundled one) it has room, 246 px,
+# for the longest line that states a value (the interval, 228 px at most) and for the
+# review notice, so no age is split over two lines. Twice the gate's smallest image: a
+# narrower picture is drawn enlarged 2x (3x ...) under its panel.
+_MIN_PANEL_WIDTH = 256
 _WHITE = (255, 255, 255)
 _YELLOW = (255, 220, 0)
 _RED = (255, 60, 60)
@@ -190,6 +195,15 @@ def _wrap(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, room: i
     return lines
 
 
+def _enlargement(shape: tuple[int, int]) -> int:
+    """The whole factor a picture of ``shape`` (rows, columns) is drawn enlarged by: the
+    smallest that makes it at least ``_MIN_PANEL_WIDTH`` wide, without taking its long
+    side past :data:`MAX_LONG_SIDE`; 1 for a picture that wide already."""
+    rows, columns = shape
+    factor = -(-_MIN_PANEL_WIDTH // columns)
+    return max(1, min(factor, MAX_LONG_SIDE // max(rows, columns)))
+
+
 def overlay_factor(image_shape: tuple[int, ...]) -> int:
     """The integer factor :func:`render_overlay` shrinks an image of ``image_shape`` by.
 
@@ -214,7 +228,8 @@ def overlay_shape(image_shape: tuple[int, ...]) -> tuple[int, int]:
     tuple of int
         The image's shape divided by :func:`overlay_factor` (rounded up), so the long
         side is at most :data:`MAX_LONG_SIDE`. A heat map of this shape is drawn as it
-        is, without resizing.
+        is, without resizing (on a picture narrower than 256 px, enlarged with it by
+        a whole factor, each pixel repeated).
     """
     height, width = int(image_shape[0]), int(image_shape[1])
     factor = overlay_factor(image_shape)
@@ -237,9 +252,11 @@ def render_overlay(image: np.ndarray, cam: np.ndarray, finding: BoneAgeFinding) 
     Returns
     -------
     numpy.ndarray
-        uint8 RGB (H', W', 3): a text panel above the (possibly downscaled, long side at
-        most :data:`MAX_LONG_SIDE`) radiograph. The panel's lines are wrapped to its
-        width, never shrunk below the smallest font (14 px).
+        uint8 RGB (H', W', 3): a text panel above the radiograph, which is downscaled to
+        :func:`overlay_shape` (long side at most :data:`MAX_LONG_SIDE`). A picture
+        narrower than 256 px is then drawn enlarged by a whole factor, each pixel as a
+        2 x 2 (3 x 3 ...) block, so that the panel above it has room for its text at the
+        smallest font (14 px): lines are wrapped, never shrunk below it.
 
     Raises
     ------
@@ -261,18 +278,27 @@ def render_overlay(image: np.ndarray, cam: np.ndarray, finding: BoneAgeFinding) 
     grey = _resize_levels(_to_levels(picture), size)
     level = _resize_levels(_to_levels(heat), size).astype(np.uint16)  # room for the index
 
-    # text panel above the image, so no anatomy is hidden under the text
-    panel = _text_panel(_text_lines(finding), size[0])
+    # text panel above the image, so no anatomy is hidden under the text; a picture too
+    # narrow for the text at the smallest font is enlarged, the text never shrunk
+    factor = _enlargement((rows, columns))
+    panel = _text_panel(_text_lines(finding), columns * factor)
     panel_height = panel.height
 
-    rgb = np.empty((panel_height + rows, columns, 3), dtype=np.uint8)
+    rgb = np.empty((panel_height + rows * factor, columns * factor, 3), dtype=np.uint8)
     rgb[:panel_height] = np.asarray(panel, dtype=np.uint8)
     # radiograph in grey, heat map alpha-blended only where it is significant: one
     # lookup of (heat level, grey level) in a precomputed 256 x 256 RGB table, written
     # straight into the picture below the panel
     index = np.left_shift(level, 8, out=level)
     index |= grey
-    np.take(_blend_table(), index, axis=0, out=rgb[panel_height:])
+    if factor == 1:
+        np.take(_blend_table(), index, axis=0, out=rgb[panel_height:])
+        return rgb
+    # Enlarged by pixel replication: each pixel becomes a factor x factor block at
+    # (factor * row, factor * column), so the heat map keeps its place, shape and
+    # colours on the radiograph (no resampling that would blur or shift its edges)
+    blocks = rgb[panel_height:].reshape(rows, factor, columns, factor, 3)
+    blocks[...] = np.take(_blend_table(), index, axis=0)[:, None, :, None]
     return rgb
 
 

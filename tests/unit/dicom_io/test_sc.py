@@ -35,9 +35,10 @@ from dicom_io.sc import (
     render_overlay,
     turbo_lut,
 )
+from dicom_io.synthetic import make_radiograph_dataset
 from tests.dicomtools import dciodvfy_errors, dcmj2pnm
 
-from .conftest import hand_like
+from .conftest import STUDY_DATE, hand_like
 
 
 def _cam(height: int, width: int) -> np.ndarray:
@@ -180,6 +181,46 @@ def test_the_safety_lines_stay_legible_at_every_accepted_width(
         assert max(lines) >= _MIN_CAPITALS_PX
     # every line inside the picture: the margins on either side are black
     assert panel[:, :2].max() == 0 and panel[:, -2:].max() == 0
+
+
+def test_a_narrow_picture_is_enlarged_pixel_for_pixel(finding: BoneAgeFinding) -> None:
+    """A picture too narrow for its panel at 14 px is drawn enlarged by a whole factor,
+    each pixel repeated: the heat map keeps its place and colours on the radiograph."""
+    image = hand_like(179, MIN_SIZE)
+    cam = np.zeros(image.shape)
+    cam[120:150, 40:90] = 1.0
+    rgb = render_overlay(image, cam, finding)
+    assert rgb.shape[1] == 2 * MIN_SIZE
+    picture = rgb[rgb.shape[0] - 2 * 179 :]
+    native = picture[::2, ::2]
+    for rows in (0, 1):
+        for columns in (0, 1):
+            np.testing.assert_array_equal(picture[rows::2, columns::2], native)
+    # the radiograph where there is no heat, the heat map exactly where the cam is
+    grey = native[..., 0].astype(int)
+    assert np.abs(grey[:120] - np.rint(image[:120] * 255)).max() <= 1
+    hot = (native[..., 0].astype(int) - native[..., 2]) > 40
+    assert np.array_equal(np.flatnonzero(hot.any(axis=1)), np.arange(120, 150))
+    assert np.array_equal(np.flatnonzero(hot.any(axis=0)), np.arange(40, 90))
+
+
+def test_an_sc_of_the_smallest_image_passes_dciodvfy_and_renders(
+    tmp_path: Path, untrained_finding: BoneAgeFinding
+) -> None:
+    small = make_radiograph_dataset(
+        hand_like(179, MIN_SIZE), birth_date=None, study_date=STUDY_DATE, sex=None
+    )
+    noted = dataclasses.replace(untrained_finding, notes=(_ASSUMED_SEX,))
+    rgb = render_overlay(decode_for_display(small), _cam(179, MIN_SIZE), noted)
+    path = tmp_path / "sc.dcm"
+    build_heatmap_sc(small, rgb, noted, series_number=902, **_uids()).save_as(
+        path, enforce_file_format=True
+    )
+    assert dciodvfy_errors(path) == []
+    back = dcmread(path)
+    assert (back.Columns, back.BurnedInAnnotation) == (2 * MIN_SIZE, "YES")
+    rendered = np.asarray(Image.open(dcmj2pnm(path, tmp_path / "sc.png")).convert("RGB"))
+    np.testing.assert_array_equal(rendered, rgb)
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,36 @@ RADIOGRAPH_SOP_CLASSES: dict[str, str] = {
     pyuid.MultiFrameTrueColorSecondaryCaptureImageStorage: "Multi-frame True Color SC",
 }
 
+#: The Secondary Capture classes among them: a picture of anything; its Conversion Type
+#: says how it was made (:func:`_not_a_radiograph`).
+SECONDARY_CAPTURE_CLASSES = frozenset(
+    {
+        pyuid.SecondaryCaptureImageStorage,
+        pyuid.MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+        pyuid.MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+        pyuid.MultiFrameTrueColorSecondaryCaptureImageStorage,
+    }
+)
+#: Conversion Type (0008,0064) defined terms (PS3.3 C.8.6.1) by which a radiograph may
+#: come: a film digitised, an image taken from a modality's digital interface, a film
+#: put on a scanner, a video frame of a modality's display.
+RADIOGRAPH_CONVERSIONS = {
+    "DF": "digitized film",
+    "DI": "digital interface",
+    "SI": "scanned image",
+    "DV": "digitized video",
+}
+#: Those by which none comes: a requisition form scanned, another program's result
+#: made on a workstation (another vendor's AI, our own heat map), a drawing.
+OTHER_CONVERSIONS = {
+    "SD": "scanned document",
+    "WSD": "workstation",
+    "DRW": "drawing",
+    "SYN": "synthetic image",
+}
+#: Modalities whose images are radiographs: an SC that states no Conversion Type is
+#: taken for a radiograph's capture only when its Modality is one of them.
+RADIOGRAPH_MODALITIES = {"CR", "DX", "RG"}
 #: Body Part Examined values of a hand, as :func:`body_part_examined` reads them.
 HAND_BODY_PARTS = {"HAND", "HANDS", "WRIST", "CARPUS", "HANDWRIST", "HAND_WRIST"}
 #: Fingers alone: bone age is read on the whole hand and wrist (Greulich-Pyle's
@@ -194,6 +224,8 @@ _DESCRIPTIONS = (
     "ProtocolName",
     "RequestedProcedureDescription",
 )
+#: The descriptions of the series alone: what an SC without a body part is judged by.
+_SERIES_DESCRIPTIONS = ("SeriesDescription", "ProtocolName")
 
 
 @dataclass(frozen=True)
@@ -501,6 +533,48 @@ def _both_hands(ds: Dataset, body_part: BodyPart, shown: str) -> str | None:
     return None
 
 
+def _not_a_radiograph(ds: Dataset, name: str) -> str | None:
+    """Why a Secondary Capture is not a radiograph, or None when it may be one.
+
+    An SC is whatever was captured: in a study described "XR HAND BONE AGE" there
+    may be the scanned requisition form (SD) and another vendor's AI result (WSD),
+    which carry the study's body part and descriptions as the radiograph does. Its
+    Conversion Type (Type 1, PS3.3 C.8.6.1) says how it was made: DF, DI, SI and DV
+    may be a radiograph's capture (the body part still decides whether of a hand);
+    WSD, SD, DRW and SYN are not, nor is a value not among the defined terms, which
+    says nothing this gate knows.
+
+    An SC that states no Conversion Type does not conform, and nothing in it says
+    how it was made. It is taken for a radiograph's capture only when its Modality
+    (the modality of the image captured) is CR, DX or RG: a form scanned or a
+    program's result would say OT, DOC, SD or nothing. Refusing every such SC would
+    also refuse the captures of hand radiographs that some modalities' consoles
+    make without it.
+    """
+    if str(ds.get("SOPClassUID", "")) not in SECONDARY_CAPTURE_CLASSES:
+        return None
+    conversion = _text(ds.get("ConversionType")).upper()
+    if conversion in RADIOGRAPH_CONVERSIONS:
+        return None
+    if conversion in OTHER_CONVERSIONS:
+        return (
+            f"SOP class {name}, conversion type {conversion} "
+            f"({OTHER_CONVERSIONS[conversion]}), is not a radiograph"
+        )
+    if conversion:
+        terms = ", ".join([*RADIOGRAPH_CONVERSIONS, *OTHER_CONVERSIONS])
+        return (
+            f"SOP class {name}, conversion type not one of PS3.3's ({terms}), "
+            "is not known to be a radiograph"
+        )
+    if _text(ds.get("Modality")).upper() not in RADIOGRAPH_MODALITIES:
+        return (
+            f"SOP class {name} states no conversion type and no radiograph modality "
+            "(CR, DX, RG): nothing says it is a radiograph"
+        )
+    return None
+
+
 def _approx_age_years(facts: PatientFacts) -> float | None:
     if facts.birth_date and facts.reference_date:
         return (facts.reference_date - facts.birth_date).days / 365.25
@@ -561,6 +635,9 @@ def check(
             return no(f"{keyword} is missing: results could not reference the image")
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         return no("the instance has no pixel data")
+    not_a_radiograph = _not_a_radiograph(ds, name)
+    if not_a_radiograph is not None:
+        return no(not_a_radiograph)
 
     body_part, shown = body_part_examined(ds.get("BodyPartExamined"))
     region = _first_code(ds, "AnatomicRegionSequence")
@@ -586,6 +663,16 @@ def check(
             return no(
                 f"body part (Anatomic Region Sequence) is {meaning} ({scheme} {value}), not a hand"
             )
+    elif body_part is BodyPart.NOT_STATED and sop in SECONDARY_CAPTURE_CLASSES:
+        # The study's description says what the exam was, not what each picture filed
+        # in it shows: a form scanned into "XR HAND BONE AGE" is not a hand.
+        text = " ".join(_text(ds.get(k)) for k in _SERIES_DESCRIPTIONS).upper()
+        if not _HAND_WORDS.search(text):
+            unstated.append(
+                "no hand in the series' descriptions; a study's description does not say "
+                "what a Secondary Capture shows"
+            )
+            return no(f"body part is not stated ({', '.join(unstated)})")
     elif body_part is BodyPart.NOT_STATED:
         text = " ".join(str(ds.get(k, "") or "") for k in _DESCRIPTIONS).upper()
         if not _HAND_WORDS.search(text):

@@ -689,3 +689,104 @@ def test_both_hands_on_one_image_are_refused(
     assert decision.accepted is (reason is None)
     if reason is not None:
         assert reason_category(reason) == "body_part"
+
+
+def secondary_capture(conversion_type: str | None, *, modality: str = "OT") -> Dataset:
+    """The phantom hand as a Secondary Capture: its body part HAND, the study "XR HAND
+    FOR BONE AGE", as a form scanned into the study or another program's result has."""
+    ds = hand()
+    ds.SOPClassUID = uid.SecondaryCaptureImageStorage
+    ds.Modality = modality
+    if conversion_type is not None:
+        ds.ConversionType = conversion_type
+    return ds
+
+
+SC = "SOP class Secondary Capture Image Storage"
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR CS")  # "df", wrong on purpose
+@pytest.mark.parametrize(
+    ("conversion_type", "modality", "reason"),
+    [
+        ("DF", "OT", None),  # a film digitised
+        ("DI", "DX", None),  # taken from the modality's digital interface
+        ("SI", "OT", None),  # a film on a scanner
+        ("DV", "CR", None),  # a video frame of the modality's display
+        ("df", "OT", None),
+        ("SD", "OT", f"{SC}, conversion type SD (scanned document), is not a radiograph"),
+        ("WSD", "DX", f"{SC}, conversion type WSD (workstation), is not a radiograph"),
+        ("DRW", "OT", f"{SC}, conversion type DRW (drawing), is not a radiograph"),
+        ("SYN", "OT", f"{SC}, conversion type SYN (synthetic image), is not a radiograph"),
+        (
+            "SCAN",
+            "OT",
+            f"{SC}, conversion type not one of PS3.3's (DF, DI, SI, DV, SD, WSD, DRW, SYN), "
+            "is not known to be a radiograph",
+        ),
+        # absent (Type 1): the modality of the image captured decides
+        (None, "DX", None),
+        (None, "CR", None),
+        (
+            None,
+            "OT",
+            f"{SC} states no conversion type and no radiograph modality (CR, DX, RG): "
+            "nothing says it is a radiograph",
+        ),
+        (
+            "",
+            "",
+            f"{SC} states no conversion type and no radiograph modality (CR, DX, RG): "
+            "nothing says it is a radiograph",
+        ),
+    ],
+)
+def test_a_secondary_capture_is_a_radiograph_only_by_its_conversion_type(
+    conversion_type: str | None, modality: str, reason: str | None
+) -> None:
+    """A requisition form scanned (SD) into a study described "XR HAND BONE AGE", or
+    another vendor's AI result (WSD), carried the study's hand and was assessed."""
+    decision = gate.check(secondary_capture(conversion_type, modality=modality))
+    assert decision.reason == reason
+    assert decision.accepted is (reason is None)
+    if reason is not None:
+        assert reason_category(reason) == "sop_class"
+
+
+def test_a_multi_frame_secondary_capture_is_judged_by_its_conversion_type_too() -> None:
+    ds = secondary_capture("SD")
+    ds.SOPClassUID = uid.MultiFrameGrayscaleWordSecondaryCaptureImageStorage
+    assert gate.check(ds).reason == (
+        "SOP class Multi-frame Grayscale Word Secondary Capture Image Storage, conversion "
+        "type SD (scanned document), is not a radiograph"
+    )
+
+
+@pytest.mark.parametrize(
+    ("series_description", "reason"),
+    [
+        ("L HAND", None),
+        ("Bone age", None),
+        (
+            None,
+            "body part is not stated (no BodyPartExamined, no hand in the series' "
+            "descriptions; a study's description does not say what a Secondary Capture shows)",
+        ),
+    ],
+)
+def test_a_secondary_capture_without_a_body_part_is_not_judged_by_its_study_description(
+    series_description: str | None, reason: str | None
+) -> None:
+    """The study's description names the exam, not each picture filed in it."""
+    ds = secondary_capture("DF")
+    del ds.BodyPartExamined
+    del ds.AnatomicRegionSequence
+    ds.StudyDescription = "XR HAND BONE AGE"
+    ds.RequestedProcedureDescription = "XR HAND BONE AGE"
+    if series_description is not None:
+        ds.SeriesDescription = series_description
+    decision = gate.check(ds)
+    assert decision.reason == reason
+    assert decision.accepted is (reason is None)
+    if reason is not None:
+        assert reason_category(reason) == "body_part"

@@ -1,8 +1,14 @@
 """The input gate: is this instance a hand radiograph we can assess?
 
-Every refusal is a human-readable reason that ends up in the database and in
-``boneage-worker status``; a refused image never yields a number. The reasons
-name DICOM attributes and values that are not patient identifiers.
+Every refusal is a human-readable reason that ends up in the database, in
+``boneage-worker status``, the logs and a not-assessed SR; a refused image never
+yields a number. The reasons name DICOM attributes and values that are not patient
+identifiers (body part, view, conversion type, spacing), never a date, a name or a
+description's text.
+
+What is assessed is what bone age is read on (Greulich and Pyle's atlas, and the RSNA
+images the model learnt from): one whole hand and wrist, in a frontal view (PA, or
+AP), a radiograph or a capture of one, with square pixels.
 """
 
 from __future__ import annotations
@@ -575,6 +581,57 @@ def _not_a_radiograph(ds: Dataset, name: str) -> str | None:
     return None
 
 
+def _not_one_hand(ds: Dataset, *, secondary_capture: bool) -> str | None:
+    """Why the image is not of one whole hand, or None when it is.
+
+    Body Part Examined decides where it states a part (:func:`body_part_examined`);
+    where it does not, the first coded item of the Anatomic Region Sequence, unless
+    that codes a region the hand is part of; where neither does, the descriptions,
+    of the series alone for a Secondary Capture. Then both hands on one image are
+    refused (:func:`_both_hands`).
+    """
+    body_part, shown = body_part_examined(ds.get("BodyPartExamined"))
+    region = _first_code(ds, "AnatomicRegionSequence")
+    unstated = [f"BodyPartExamined is {shown}" if shown.strip("\\") else "no BodyPartExamined"]
+    if region is not None and region[:2] in GENERIC_REGIONS:
+        # the upper limb: the descriptions say whether it is the hand
+        unstated.append(f"Anatomic Region Sequence is {region[2]} ({region[0]} {region[1]})")
+        region = None
+    if body_part is BodyPart.OTHER:
+        return f"body part examined is {shown}, not a hand"
+    if body_part is BodyPart.FINGER:
+        return f"body part examined is {shown}, {_READ_ON_THE_HAND}"
+    if body_part is BodyPart.NOT_STATED and region is not None:
+        # DX must code it (Type 1, PS3.3 C.8.11.5), where Body Part Examined is Type 3;
+        # it outranks the free text of the descriptions.
+        scheme, value, meaning = region
+        if (scheme, value) in FINGER_REGIONS:
+            return (
+                f"body part (Anatomic Region Sequence) is {meaning} ({scheme} {value}), "
+                f"{_READ_ON_THE_HAND}"
+            )
+        if (scheme, value) not in HAND_REGIONS:
+            return (
+                f"body part (Anatomic Region Sequence) is {meaning} ({scheme} {value}), not a hand"
+            )
+    elif body_part is BodyPart.NOT_STATED and secondary_capture:
+        # The study's description says what the exam was, not what each picture filed
+        # in it shows: a form scanned into "XR HAND BONE AGE" is not a hand.
+        text = " ".join(_text(ds.get(k)) for k in _SERIES_DESCRIPTIONS).upper()
+        if not _HAND_WORDS.search(text):
+            unstated.append(
+                "no hand in the series' descriptions; a study's description does not say "
+                "what a Secondary Capture shows"
+            )
+            return f"body part is not stated ({', '.join(unstated)})"
+    elif body_part is BodyPart.NOT_STATED:
+        text = " ".join(str(ds.get(k, "") or "") for k in _DESCRIPTIONS).upper()
+        if not _HAND_WORDS.search(text):
+            unstated.append("no hand in the descriptions")
+            return f"body part is not stated ({', '.join(unstated)})"
+    return _both_hands(ds, body_part, shown)
+
+
 def _approx_age_years(facts: PatientFacts) -> float | None:
     if facts.birth_date and facts.reference_date:
         return (facts.reference_date - facts.birth_date).days / 365.25
@@ -591,6 +648,22 @@ def check(
     require_sex: bool = True,
 ) -> GateDecision:
     """Decide from the header (pixels are not read) whether to assess ``ds``.
+
+    Refused, in this order, each with its own reason: a SOP class that is not a
+    projection radiograph for presentation; one of our own results; a UID the results
+    need, or the pixel data, missing; a Secondary Capture that is not a radiograph's
+    capture (:func:`_not_a_radiograph`); a body part that is not one whole hand
+    (:func:`_not_one_hand`: another part, fingers alone, both hands); a view that is
+    not frontal (:func:`_not_frontal`); an image too small, or whose pixels are not
+    square (:func:`_not_square`); no patient sex; an age outside the model's range.
+
+    Where a value that decides is absent or not standard, the image is refused where
+    the ordinary bone-age exam states it and an image that does not may well be
+    something else (an SC with no Conversion Type and no radiograph modality; HANDS
+    with no laterality L or R); it is not refused where the ordinary exam often leaves
+    the value out, so that refusing would turn most of them away (View Position,
+    Image Laterality, Body Part Examined: the coded region and the descriptions are
+    read instead).
 
     Parameters
     ----------
@@ -635,55 +708,13 @@ def check(
             return no(f"{keyword} is missing: results could not reference the image")
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         return no("the instance has no pixel data")
-    not_a_radiograph = _not_a_radiograph(ds, name)
-    if not_a_radiograph is not None:
-        return no(not_a_radiograph)
-
-    body_part, shown = body_part_examined(ds.get("BodyPartExamined"))
-    region = _first_code(ds, "AnatomicRegionSequence")
-    unstated = [f"BodyPartExamined is {shown}" if shown.strip("\\") else "no BodyPartExamined"]
-    if region is not None and region[:2] in GENERIC_REGIONS:
-        # the upper limb: the descriptions say whether it is the hand
-        unstated.append(f"Anatomic Region Sequence is {region[2]} ({region[0]} {region[1]})")
-        region = None
-    if body_part is BodyPart.OTHER:
-        return no(f"body part examined is {shown}, not a hand")
-    if body_part is BodyPart.FINGER:
-        return no(f"body part examined is {shown}, {_READ_ON_THE_HAND}")
-    if body_part is BodyPart.NOT_STATED and region is not None:
-        # DX must code it (Type 1, PS3.3 C.8.11.5), where Body Part Examined is Type 3;
-        # it outranks the free text of the descriptions.
-        scheme, value, meaning = region
-        if (scheme, value) in FINGER_REGIONS:
-            return no(
-                f"body part (Anatomic Region Sequence) is {meaning} ({scheme} {value}), "
-                f"{_READ_ON_THE_HAND}"
-            )
-        if (scheme, value) not in HAND_REGIONS:
-            return no(
-                f"body part (Anatomic Region Sequence) is {meaning} ({scheme} {value}), not a hand"
-            )
-    elif body_part is BodyPart.NOT_STATED and sop in SECONDARY_CAPTURE_CLASSES:
-        # The study's description says what the exam was, not what each picture filed
-        # in it shows: a form scanned into "XR HAND BONE AGE" is not a hand.
-        text = " ".join(_text(ds.get(k)) for k in _SERIES_DESCRIPTIONS).upper()
-        if not _HAND_WORDS.search(text):
-            unstated.append(
-                "no hand in the series' descriptions; a study's description does not say "
-                "what a Secondary Capture shows"
-            )
-            return no(f"body part is not stated ({', '.join(unstated)})")
-    elif body_part is BodyPart.NOT_STATED:
-        text = " ".join(str(ds.get(k, "") or "") for k in _DESCRIPTIONS).upper()
-        if not _HAND_WORDS.search(text):
-            unstated.append("no hand in the descriptions")
-            return no(f"body part is not stated ({', '.join(unstated)})")
-    both_hands = _both_hands(ds, body_part, shown)
-    if both_hands is not None:
-        return no(both_hands)
-    not_frontal = _not_frontal(ds)
-    if not_frontal is not None:
-        return no(not_frontal)
+    refusal = (
+        _not_a_radiograph(ds, name)
+        or _not_one_hand(ds, secondary_capture=sop in SECONDARY_CAPTURE_CLASSES)
+        or _not_frontal(ds)
+    )
+    if refusal is not None:
+        return no(refusal)
 
     rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if min(rows, columns) < min_size:
@@ -693,8 +724,8 @@ def check(
         return no(not_square)
 
     if facts.male is None and require_sex:
-        shown = str(ds.get("PatientSex", "") or "").strip() or "empty"
-        return no(f"patient sex is {shown}; the model needs M or F")
+        sex = _text(ds.get("PatientSex")) or "empty"
+        return no(f"patient sex is {sex}; the model needs M or F")
 
     if facts.birth_date and facts.reference_date and facts.birth_date > facts.reference_date:
         # one of the two dates is wrong, and nothing says which: no age to compare with

@@ -159,6 +159,12 @@ def test_missing_body_part_needs_a_hand_description() -> None:
     assert gate.check(ds).accepted
 
 
+def test_a_multi_valued_patient_sex_is_shown_as_dicom_writes_it() -> None:
+    ds = hand()
+    ds.PatientSex = ["M", "F"]
+    assert gate.check(ds).reason == "patient sex is M\\F; the model needs M or F"
+
+
 def test_tiny_image_is_refused() -> None:
     ds = make_radiograph_dataset(
         np.zeros((1, 1), np.float32), sex="M", birth_date=None, study_date=STUDY
@@ -595,6 +601,7 @@ def test_a_view_named_only_by_the_series_description_is_refused_when_lateral(
     decision = gate.check(ds)
     assert decision.reason == reason
     assert decision.accepted is (reason is None)
+    assert description not in (decision.reason or "")  # free text stays out of reasons
 
 
 WHOLE_HAND = "not a whole hand (bone age is read on the hand and wrist)"

@@ -95,9 +95,9 @@ _SIDE_WORDS = {"L": "L", "LT": "L", "LFT": "L", "LEFT": "L", "LINKS": "L"}
 _SIDE_WORDS |= {"R": "R", "RT": "R", "RGT": "R", "RIGHT": "R", "RECHTS": "R"}
 #: Words that say both sides (``BOTH HANDS``, ``HANDS BILAT``).
 _BOTH_WORDS = {"BOTH", "BILAT", "BILATERAL", "BEIDE"}
-#: The same regions coded, as an Anatomic Region Sequence states them (PS3.16 CID 4031
-#: and Annex L, which maps Body Part Examined to them): SNOMED CT, and the SNOMED-RT
-#: codes of older modalities.
+#: The hand and wrist coded, as an Anatomic Region Sequence states them (PS3.16 CID
+#: 4031 and Annex L, which maps Body Part Examined to them): SNOMED CT, and the
+#: SNOMED-RT codes of older modalities.
 HAND_REGIONS = {
     ("SCT", "85562004"),  # Hand
     ("SCT", "24097009"),  # Bone structure of hand
@@ -189,8 +189,9 @@ _OTHER_VIEW_MEANINGS = {
 #: Words of a description, or of a code's meaning, that name a lateral or an oblique view.
 _LATERAL_WORDS = {"LAT", "LATERAL", "SEITLICH", "PROFIL"}
 _OBLIQUE_WORDS = {"OBL", "OBLIQ", "OBLIQUE", "SCHRAEG", "SCHRÄG"}
-#: View Position (0018,5101) values that do: PS3.3 C.8.11.5's LL, RL, LLO, RLO, the
-#: words above, and the short forms sites write, which in free text could be anything.
+#: View Position (0018,5101) values that do: the defined terms of PS3.3's CR Series and
+#: DX Positioning modules (LL, RL, LLO, RLO), the words above, and the short forms
+#: sites write, which in free text could be anything.
 #: RLD and LLD (decubitus) say how the patient lay, not the projection: no refusal.
 _LATERAL_POSITIONS = _LATERAL_WORDS | {"LL", "RL", "ML", "LM"}
 _OBLIQUE_POSITIONS = _OBLIQUE_WORDS | {"LLO", "RLO", "LO", "MO", "MLO", "LMO", "RAO", "LAO"}
@@ -462,9 +463,9 @@ def _not_square(ds: Dataset) -> str | None:
 
 
 def _view_named(text: str, *, position: bool = False) -> str | None:
-    """ "oblique", "lateral" or "frontal" where the words of ``text`` name such a view
-    (an oblique first: "lateral oblique" is one), else None. The short codes of View
-    Position (LL, RLO, PA …) count only in it (``position``)."""
+    """The view the words of ``text`` name: "oblique" (first: a "lateral oblique" is
+    one), "lateral" or "frontal", else None. The short codes of View Position (LL, RLO,
+    PA …) count only in it (``position``)."""
     words = set(re.split(r"[\W_]+", text.upper())) - {""}
     if words & (_OBLIQUE_POSITIONS if position else _OBLIQUE_WORDS):
         return "oblique"
@@ -491,7 +492,7 @@ def _not_frontal(ds: Dataset) -> str | None:
     nothing would refuse most of them, to keep out the lateral and oblique views of a
     trauma series that do say what they are.
     """
-    position = _text(ds.get("ViewPosition")).upper()
+    position = _text(ds.get("ViewPosition")).upper()[:16]  # a CS's length, at most
     said = _view_named(position, position=True)
     if said in ("lateral", "oblique"):
         return f"view is {said} (ViewPosition {position}), {_READ_ON_FRONTAL}"

@@ -293,8 +293,8 @@ def _fill_dx(ds: Dataset, stored: np.ndarray, laterality: str | None, spacing: f
     ds.PositionerType = "COLUMN"
     ds.ViewPosition = "PA"
     view = Dataset()
-    # SCT 399348003 "postero-anterior" (PS3.16 CID 4010 DX View)
-    view.CodeValue = "399348003"
+    # SCT 272479007 "postero-anterior" (PS3.16 CID 4010 DX View)
+    view.CodeValue = "272479007"
     view.CodingSchemeDesignator = "SCT"
     view.CodeMeaning = "postero-anterior"
     ds.ViewCodeSequence = [view]

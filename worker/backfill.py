@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import re
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from dicom_io import qr
-from dicom_io.gate import HAND_BODY_PARTS  # the gate's own list
+from dicom_io.gate import may_be_a_hand  # the gate's own reading
 from dicom_io.scp import uid_tag
 from worker.settings import Destination
 
@@ -50,12 +49,13 @@ def is_candidate(series: qr.SeriesMatch, modalities: Sequence[str]) -> bool:
     """A series worth moving: one of ``modalities``, and a hand unless the body part is unknown.
 
     An empty BodyPartExamined means the PACS did not return it (or the images do not
-    state it): the series is moved and the gate decides, as for forwarded images.
+    state it): the series is moved and the gate decides, as for forwarded images. The
+    body part is read as the gate reads it (:func:`dicom_io.gate.may_be_a_hand`): a side
+    written in (``L HAND``), or a region the hand is part of (``EXTREMITY``), is moved.
     """
     if series.modality not in {m.upper() for m in modalities}:
         return False
-    body_part = re.sub(r"[\s-]+", "_", series.body_part_examined.strip().upper())
-    return not body_part or body_part in HAND_BODY_PARTS
+    return may_be_a_hand(series.body_part_examined)
 
 
 def plan_backfill(

@@ -44,17 +44,36 @@ local RADIOGRAPH_SOP_CLASSES = {
 }
 -- Digital X-Ray Image Storage - For Processing: the detector's raw data, not for display.
 local DX_FOR_PROCESSING = '1.2.840.10008.5.1.4.1.1.1.1.1'
--- Body Part Examined values (PS3.16 Annex L, and spellings seen in the field).
-local HAND_BODY_PARTS = {
-  HAND = true, HANDS = true, WRIST = true, CARPUS = true, FINGER = true,
-  HANDWRIST = true, HAND_WRIST = true
+-- Words of a Body Part Examined value (PS3.16 Annex L, and spellings seen in the
+-- field), read as boneage-worker's gate reads them: a hand, or a hand with its fingers
+-- (HAND_WRIST, WRIST_HAND, HAND\FINGER), is forwarded; fingers alone (FINGER, THUMB)
+-- are not, the gate refusing them; side words (L HAND, HAND_LT, RT HAND) say nothing
+-- of the part; a region the hand is part of (EXTREMITY, UPPER EXTREMITY, ARM) says no
+-- more than an empty value, and the coded region or the descriptions decide.
+local HAND_WORDS_OF_A_PART = {
+  HAND = true, HANDS = true, WRIST = true, CARPUS = true, HANDWRIST = true
+}
+local FINGER_WORDS = { FINGER = true, FINGERS = true, THUMB = true, THUMBS = true }
+local SIDE_WORDS = {
+  L = true, R = true, LT = true, RT = true, LFT = true, RGT = true, LEFT = true,
+  RIGHT = true, LINKS = true, RECHTS = true, AND = true, BOTH = true, BILATERAL = true
+}
+local GENERIC_BODY_PARTS = {
+  EXTREMITY = true, EXTREMITIES = true, UPPER_EXTREMITY = true, UPPER_EXTREMITIES = true,
+  UPPEREXTREMITY = true, UPPER_LIMB = true, UPPERLIMB = true, LIMB = true, ARM = true,
+  ARMS = true
 }
 -- Anatomic Region Sequence codes of a hand or wrist (PS3.16 CID 4031 and Annex L;
 -- SNOMED CT, and the SNOMED-RT codes of older modalities).
 local HAND_REGIONS = {
   ['SCT 85562004'] = true, ['SCT 24097009'] = true, ['SCT 74670003'] = true,
-  ['SCT 8205005'] = true, ['SCT 7569003'] = true,
-  ['SRT T-D8700'] = true, ['SRT T-15460'] = true, ['SRT T-D8800'] = true
+  ['SCT 8205005'] = true, ['SRT T-D8700'] = true, ['SRT T-15460'] = true
+}
+-- Coded regions the hand is part of (Extremity, Upper limb, Bone of upper limb): not
+-- stated, as GENERIC_BODY_PARTS are.
+local GENERIC_REGIONS = {
+  ['SCT 66019005'] = true, ['SCT 53120007'] = true, ['SCT 371195002'] = true,
+  ['SRT T-D0300'] = true, ['SRT T-D8000'] = true, ['SRT T-D0821'] = true
 }
 -- Words searched, whole, in the descriptions when Body Part Examined is empty.
 local HAND_WORDS = {
@@ -113,6 +132,48 @@ local function MentionsHand(tags)
     end
   end
   return false
+end
+
+-- What one value of Body Part Examined states: 'hand', 'finger' (fingers alone),
+-- 'none' (nothing, or a region the hand is part of) or 'other'.
+local function BodyPartValue(value)
+  local words, hand, finger, other = {}, false, false, false
+  for word in string.gmatch(value, '%w+') do
+    if not SIDE_WORDS[word] then
+      table.insert(words, word)
+      if HAND_WORDS_OF_A_PART[word] then
+        hand = true
+      elseif FINGER_WORDS[word] then
+        finger = true
+      else
+        other = true
+      end
+    end
+  end
+  if #words == 0 or GENERIC_BODY_PARTS[table.concat(words, '_')] then
+    return 'none'
+  end
+  if other then
+    return 'other'
+  end
+  return hand and 'hand' or (finger and 'finger' or 'other')
+end
+
+-- What Body Part Examined states, value by value (HAND\WRIST), and the value as a
+-- decision shows it: any other part is 'other'; else a hand where one value is one;
+-- else fingers alone where one is; else 'none'.
+local function BodyPart(tags)
+  local value = string.gsub(Upper(tags['BodyPartExamined']), '[%s%-]+', '_')
+  local stated = {}
+  for part in string.gmatch(value, '[^\\]+') do
+    stated[BodyPartValue(part)] = true
+  end
+  for _, verdict in ipairs({ 'other', 'hand', 'finger' }) do
+    if stated[verdict] then
+      return verdict, value
+    end
+  end
+  return 'none', value
 end
 
 -- 'SCHEME CODE' and the meaning of the first coded item of the Anatomic Region
@@ -185,14 +246,18 @@ function BoneAgeRoutingDecision(tags, origin)
   if not RADIOGRAPH_MODALITIES[modality] and not RADIOGRAPH_SOP_CLASSES[sopClass] then
     return false, 'modality ' .. (modality ~= '' and modality or 'empty') .. ', not CR or DX'
   end
-  local bodyPart = string.gsub(Upper(tags['BodyPartExamined']), '[%s%-]+', '_')
-  if bodyPart ~= '' then
-    if HAND_BODY_PARTS[bodyPart] then
-      return true, 'body part ' .. bodyPart
-    end
-    return false, 'body part ' .. bodyPart .. ', not a hand'
+  local bodyPart, shown = BodyPart(tags)
+  if bodyPart == 'hand' then
+    return true, 'body part ' .. shown
+  elseif bodyPart == 'finger' then
+    return false, 'body part ' .. shown .. ', fingers alone, not a whole hand'
+  elseif bodyPart == 'other' then
+    return false, 'body part ' .. shown .. ', not a hand'
   end
   local region, meaning = AnatomicRegion(tags)
+  if region ~= nil and GENERIC_REGIONS[region] then
+    region = nil -- the upper limb: the descriptions say whether it is the hand
+  end
   if region ~= nil then
     if HAND_REGIONS[region] then
       return true, 'anatomic region ' .. region .. ' (' .. meaning .. ')'

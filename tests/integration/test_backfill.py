@@ -274,7 +274,17 @@ def test_backfill_over_tls(tmp_path: Path, tiny_checkpoint: Path) -> None:
 
 @pytest.mark.parametrize(
     ("modality", "body_part", "expected"),
-    [("DX", "HAND", True), ("CR", "", True), ("DX", "CHEST", False), ("CT", "HAND", False)],
+    [
+        ("DX", "HAND", True),
+        ("CR", "", True),
+        ("DX", "CHEST", False),
+        ("CT", "HAND", False),
+        # as the gate reads them: a side written in, a region the hand is part of
+        ("DX", "L HAND", True),
+        ("CR", "EXTREMITY", True),
+        ("DX", "HAND\\WRIST", True),
+        ("DX", "FINGER", False),
+    ],
 )
 def test_series_selection(modality: str, body_part: str, expected: bool) -> None:
     series = SeriesMatch("1.2.3", "1.2.3.4", modality, body_part, 1)

@@ -263,8 +263,16 @@ def test_hand_radiograph_round_trip_without_loop(stack: Stack, tmp_path: Path) -
             {"for_processing": True},
             "skipped: DX for processing (raw detector data)",
         ),
+        ("FINGER", "DX", None, {}, "skipped: body part FINGER, fingers alone, not a whole hand"),
     ],
-    ids=["chest-dx", "hand-ct", "dx-no-body-part", "dx-chest-region", "dx-for-processing"],
+    ids=[
+        "chest-dx",
+        "hand-ct",
+        "dx-no-body-part",
+        "dx-chest-region",
+        "dx-for-processing",
+        "dx-finger",
+    ],
 )
 def test_other_images_are_not_forwarded(
     stack: Stack,
@@ -294,6 +302,36 @@ def test_other_images_are_not_forwarded(
     )
     assert instance_rows(stack.database_url, sop_instance_uid=source.SOPInstanceUID) == []
     assert [i["ID"] for i in orthanc.study_instances(uploaded["ParentStudy"])] == [uploaded["ID"]]
+
+
+@pytest.mark.parametrize(
+    ("body_part", "decision"),
+    [
+        ("L HAND", "forwarded: body part L_HAND"),
+        ("HAND\\WRIST", "forwarded: body part HAND\\WRIST"),
+        # the upper limb says no more than nothing: the coded region a DX must have decides
+        ("UPPER EXTREMITY", "forwarded: anatomic region SCT 85562004 (Hand)"),
+    ],
+)
+def test_a_hand_written_as_sites_write_it_is_forwarded_and_assessed(
+    stack: Stack, tmp_path: Path, body_part: str, decision: str
+) -> None:
+    """Orthanc's script reads Body Part Examined as our gate does: a side written in, a
+    second value, or a region the hand is part of (the script skipped all three, and
+    the gate refused them)."""
+    orthanc = stack.orthanc
+    source = write_radiograph(tmp_path / "hand.dcm", body_part=body_part)
+    uploaded = orthanc.upload(tmp_path / "hand.dcm")
+    routed = stack.wait(lambda: orthanc.routing(uploaded["ID"]), what="the routing decision")
+    assert routed.startswith(decision), routed
+
+    def finished() -> Instance | None:
+        rows = instance_rows(stack.database_url, sop_instance_uid=source.SOPInstanceUID)
+        done = [r for r in rows if r.finished_at is not None]
+        return done[0] if done else None
+
+    row = stack.wait(finished, what="boneage-worker finished the hand", timeout=120)
+    assert row.state is InstanceState.ASSESSED, row.reason
 
 
 def test_hand_named_only_in_the_description_is_forwarded(stack: Stack, tmp_path: Path) -> None:

@@ -322,6 +322,8 @@ def test_an_image_whose_pixels_are_not_square_is_refused(
     decision = gate.check(ds)
     assert decision.reason == reason
     assert decision.accepted is (reason is None)
+    if reason is not None:  # status and metrics count them apart
+        assert reason_category(reason) == "pixel_shape"
 
 
 @pytest.mark.parametrize("value", [b"abc", b"0\\0", b"-1\\-2", b"0.1", b"1e309\\1", b"x\\y\\z"])
@@ -502,6 +504,8 @@ def test_a_lateral_or_oblique_view_position_is_refused(position: str, reason: st
         decision = gate.check(ds)
         assert decision.reason == reason, modality
         assert decision.accepted is (reason is None)
+        if reason is not None:  # status and metrics count them apart
+            assert reason_category(reason) == "view"
 
 
 @pytest.mark.parametrize(

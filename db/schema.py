@@ -241,7 +241,8 @@ class Delivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     next_attempt_at: Mapped[datetime | None]
     # since when a delivery worker has been sending it; empty once the send's outcome is
-    # recorded (a worker that died sending leaves it until the next claim)
+    # recorded (a worker that died sending leaves it until the next claim), except where
+    # that outcome is unknown (sent, its answer never came): the object may be there
     sending_since: Mapped[datetime | None]
     # a rejection note of ours: the SOP Instance UID of our object it withdraws, whose
     # own delivery to the same destination decides whether and when it goes (empty on

@@ -45,12 +45,16 @@ class SendError(RuntimeError):
 
     ``answered`` holds what became of the objects before the break (a C-STORE status,
     or `NotAccepted`), in the order they were given; the objects after those were not
-    stored.
+    stored, except where ``unanswered``: the next one was sent and its answer never
+    came, so the destination may have stored it.
     """
 
-    def __init__(self, message: str, *, answered: Sequence[Answer] = ()) -> None:
+    def __init__(
+        self, message: str, *, answered: Sequence[Answer] = (), unanswered: bool = False
+    ) -> None:
         super().__init__(message)
         self.answered = tuple(answered)
+        self.unanswered = unanswered
 
 
 def stored(status: Answer) -> bool:
@@ -365,7 +369,9 @@ def send_datasets(
                     f"{destination} cannot take the object: {exc}", answered=answers
                 ) from exc
             if not status or "Status" not in status:
-                raise SendError(f"{destination} did not answer a C-STORE", answered=answers)
+                raise SendError(
+                    f"{destination} did not answer a C-STORE", answered=answers, unanswered=True
+                )
             answers.append(int(status.Status))
     finally:
         if assoc.is_established:

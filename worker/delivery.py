@@ -64,7 +64,9 @@ SEND_TIMEOUT = 30.0
 
 @dataclass(frozen=True)
 class DeliveryOutcome:
-    state: str  # "delivered", "retry", "failed", "skipped"
+    # "delivered", "retry", "failed", "skipped", or "waiting": a note of ours held, no
+    # attempt made, until the send of the object it withdraws ends
+    state: str
     retry_in: float | None = None
     error: str | None = None
 
@@ -223,8 +225,9 @@ def _notes_whose_objects_arrived(
       note waits until that send's claim ends, with no attempt counted;
     - the object never arrived (its send failed, or it was superseded before it went):
       the note is superseded, with that reason, and never sent;
-    - delivered, or its fate unknown (a worker died sending it; a note from before
-      revision 0009, which does not say what it withdraws): the note goes.
+    - delivered, or its fate unknown (a worker died sending it; the destination never
+      answered its C-STORE; a note from before revision 0009, which does not say what
+      it withdraws): the note goes.
     """
     notes = [row for row in claimed if row.withdraws]
     if not notes:
@@ -252,14 +255,14 @@ def _notes_whose_objects_arrived(
                 continue
             if sending_since is not None:
                 if claim_ends is None or claim_ends <= current:
-                    continue  # its sender died or is overdue: it may have arrived
+                    continue  # unanswered, or its sender died or is overdue: may be there
                 wait = (claim_ends - current).total_seconds() + NOTE_WAIT_SLACK
                 changes: dict[str, object] = {
                     "next_attempt_at": current + timedelta(seconds=wait),
                     "sending_since": None,
                 }
                 outcomes[note.id] = DeliveryOutcome(
-                    "retry", retry_in=wait, error="the object it withdraws is being sent"
+                    "waiting", retry_in=wait, error="the object it withdraws is being sent"
                 )
             else:
                 changes = {
@@ -332,6 +335,7 @@ def _send_to(
 
     answered: Sequence[Answer]
     broken: str | None = None
+    unanswered = False  # the first object without an answer went, and may be stored
     try:
         answered = send_datasets(
             [ds for _, ds in sendable],
@@ -344,13 +348,19 @@ def _send_to(
         )
     except (SendError, OSError, RuntimeError) as exc:
         answered = exc.answered if isinstance(exc, SendError) else ()
+        unanswered = isinstance(exc, SendError) and exc.unanswered
         broken = str(exc)
 
     delivered: list[int] = []
     for index, (row, _) in enumerate(sendable):
         answer = answered[index] if index < len(answered) else None
         if answer is None:
-            outcomes[row.id] = _record_failure(rt, row.id, broken or "not sent")
+            outcomes[row.id] = _record_failure(
+                rt,
+                row.id,
+                broken or "not sent",
+                may_have_arrived=unanswered and index == len(answered),
+            )
         elif isinstance(answer, NotAccepted):
             # The destination does not take this SOP class: sending again cannot help
             # until its administrator changes that (then `retry-deliveries`).
@@ -462,10 +472,21 @@ def _read_outbox(path: Path) -> Dataset:
 
 
 def _record_failure(
-    rt: Runtime, delivery_id: int, error: str, *, permanent: bool = False
+    rt: Runtime,
+    delivery_id: int,
+    error: str,
+    *,
+    permanent: bool = False,
+    may_have_arrived: bool = False,
 ) -> DeliveryOutcome:
     """Count a failed attempt, and fail the delivery for good when ``permanent`` or when
-    its attempts are spent; a delivery found delivered meanwhile is left as it is."""
+    its attempts are spent; a delivery found delivered meanwhile is left as it is.
+
+    ``may_have_arrived``: the object went and its answer never came (the destination
+    may have stored it). Its ``sending_since`` is kept: such an object, once
+    superseded, is taken as one that may be at the destination (named by the SR that
+    replaces it, withdrawn by a rejection note of ours, which then goes), as one whose
+    worker died sending it is."""
     settings = rt.settings
     with session_scope(rt.database_url) as session:
         # One conditional UPDATE: a failure that comes late (a send that timed out while
@@ -474,7 +495,11 @@ def _record_failure(
         counted = session.execute(
             update(Delivery)
             .where(Delivery.id == delivery_id, Delivery.state != DeliveryState.DELIVERED)
-            .values(attempts=Delivery.attempts + 1, last_error=error[:500], sending_since=None)
+            .values(
+                attempts=Delivery.attempts + 1,
+                last_error=error[:500],
+                sending_since=Delivery.sending_since if may_have_arrived else None,
+            )
             .returning(Delivery.state, Delivery.attempts)
             .execution_options(synchronize_session=False)
         ).one_or_none()

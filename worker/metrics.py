@@ -284,7 +284,8 @@ INFERENCE_BATCH_SECONDS = Histogram(
 )
 DELIVERY_ATTEMPTS = Counter(
     "boneage_delivery_attempts",
-    "Delivery attempts by this worker, by outcome (delivered, retry, failed, skipped).",
+    "Delivery attempts by this worker, by outcome (delivered, retry, failed, skipped; "
+    "waiting: a rejection note of ours held, not sent, while its object is being sent).",
     ["outcome"],
     registry=WORKER_REGISTRY,
 )

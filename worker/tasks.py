@@ -304,7 +304,7 @@ def deliver(self: Task, delivery_ids: list[int] | int) -> str:
 
 
 #: A deliver task's outcome is its least successful delivery's.
-_SEVERITY = ("skipped", "delivered", "retry", "failed")
+_SEVERITY = ("skipped", "delivered", "waiting", "retry", "failed")
 
 
 def _worst(states: Iterable[str]) -> str:

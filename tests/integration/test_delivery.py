@@ -133,12 +133,15 @@ def test_a_destination_taking_only_implicit_vr_gets_both_objects_whole_and_valid
 
 class PynetdicomPACS:
     """A pynetdicom Storage SCP taking ``sop_classes`` and answering ``status`` to each
-    C-STORE: a PACS whose behaviour dcmtk's storescp cannot be told to have."""
+    C-STORE: a PACS whose behaviour dcmtk's storescp cannot be told to have. The first
+    ``silent`` C-STOREs it takes and never answers (until it stops)."""
 
     ae_title = "PACS"
 
-    def __init__(self, sop_classes: Sequence[str], status: int = 0x0000) -> None:
+    def __init__(self, sop_classes: Sequence[str], status: int = 0x0000, silent: int = 0) -> None:
         self.received: list[str] = []  # SOP classes of the objects it was sent
+        self._silent = silent
+        self._stopping = threading.Event()
         ae = AE(ae_title=self.ae_title)
         for sop_class in sop_classes:
             ae.add_supported_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
@@ -152,6 +155,8 @@ class PynetdicomPACS:
 
     def _on_store(self, event: evt.Event) -> int:
         self.received.append(str(event.request.AffectedSOPClassUID))
+        if len(self.received) <= self._silent:
+            self._stopping.wait(120)  # taken, never answered
         return self._status
 
     @property
@@ -160,6 +165,7 @@ class PynetdicomPACS:
         return f"{self.ae_title}@127.0.0.1:{self._server.server_address[1]}"
 
     def stop(self) -> None:
+        self._stopping.set()
         if self._server is not None:
             self._server.shutdown()
 

@@ -15,6 +15,7 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import (
     ComprehensiveSRStorage,
     CTImageStorage,
+    KeyObjectSelectionDocumentStorage,
     SecondaryCaptureImageStorage,
     generate_uid,
 )
@@ -35,6 +36,7 @@ from dicom_io import gate
 from dicom_io.ko import Reference, build_rejection_note, read_rejection_note
 from tests.conftest import StoreSCP, sessions_waiting_on_a_lock
 from tests.integration import test_received_again as received_again_tests
+from tests.integration.test_delivery import PynetdicomPACS
 from tests.integration.test_pipeline import make_runtime, spool_dataset, spool_instance
 from tests.integration.test_received_again import deliver, received_again
 from tests.support import pacs_rejection_note, reference_of, wait_for
@@ -217,7 +219,7 @@ def test_a_note_waits_while_its_object_is_on_its_way_and_goes_once_it_arrived(
     ).delivery_ids
 
     held = send_deliveries(runtime, [note_id])[note_id]
-    assert held.state == "retry"
+    assert held.state == "waiting"  # not a retry: no attempt was made
     assert held.retry_in is not None
     assert 0 < held.retry_in <= delivery.claim_seconds(1) + delivery.NOTE_WAIT_SLACK
     with session_scope(runtime.database_url) as session:
@@ -268,6 +270,84 @@ def test_a_note_whose_object_never_arrived_is_not_sent(
         )
     assert storescp.received() == []
     assert reset_failed(runtime) == []
+
+
+def test_each_note_follows_its_objects_fate_at_its_own_destination(
+    runtime: Runtime, storescp: StoreSCP, tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """The SR on its way to two destinations as the note comes: it reaches one, and the
+    other is down. The note goes to the one, and is superseded for the other."""
+    here, there = storescp.destination, storescp.destination.replace("127.0.0.1", "localhost")
+    rt = make_runtime(
+        tmp_path / "two",
+        tiny_checkpoint,
+        destinations=f"{here},{there}",
+        database_url=runtime.database_url,
+    )
+    image_id = spool_instance(rt)
+    outcome = assess_instance(rt, image_id)
+    with session_scope(rt.database_url) as session:
+        srs = {
+            d.destination: d.id
+            for d in session.scalars(
+                select(Delivery).where(
+                    Delivery.id.in_(outcome.delivery_ids), Delivery.kind == ObjectKind.SR
+                )
+            )
+        }
+    on_its_way = {destination: _sending(rt, sr_id) for destination, sr_id in srs.items()}
+    notes = assess_instance(
+        rt, spool_dataset(rt, pacs_rejection_note(image_of(rt, image_id)))
+    ).delivery_ids
+    with session_scope(rt.database_url) as session:
+        note_to = {session.get_one(Delivery, n).destination: n for n in notes}
+    assert sorted(note_to) == sorted([here, there])
+
+    sent: dict[int, delivery.DeliveryOutcome] = {}
+    delivery._send_to(rt, here, on_its_way[here], sent)
+    storescp.stop()
+    delivery._send_to(rt, there, on_its_way[there], sent)
+    storescp.start()
+    assert [sent[srs[here]].state, sent[srs[there]].state] == ["delivered", "skipped"]
+    outcomes = send_deliveries(rt, [note_to[here], note_to[there]])
+    assert [outcomes[note_to[here]].state, outcomes[note_to[there]].state] == [
+        "delivered",
+        "skipped",
+    ]
+
+
+def test_a_note_whose_object_went_unanswered_goes(
+    runtime: Runtime, tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The PACS took our SR being sent as the note came and never answered: it may have
+    stored it, so the note goes (found in review: superseded as never arrived, it left
+    a bone age standing at the PACS)."""
+    pacs = PynetdicomPACS(
+        [ComprehensiveSRStorage, SecondaryCaptureImageStorage, KeyObjectSelectionDocumentStorage],
+        silent=1,
+    )
+    monkeypatch.setattr(delivery, "SEND_TIMEOUT", 2.0)  # the wait on its answer
+    try:
+        rt = make_runtime(
+            tmp_path / "silent",
+            tiny_checkpoint,
+            destinations=pacs.destination,
+            database_url=runtime.database_url,
+        )
+        image_id = spool_instance(rt)
+        sr_id, _ = assess_instance(rt, image_id).delivery_ids
+        on_its_way = _sending(rt, sr_id)
+        [note_id] = assess_instance(
+            rt, spool_dataset(rt, pacs_rejection_note(image_of(rt, image_id)))
+        ).delivery_ids
+        sent: dict[int, delivery.DeliveryOutcome] = {}
+        delivery._send_to(rt, pacs.destination, on_its_way, sent)
+        assert sent[sr_id].state == "skipped"
+        assert sent[sr_id].error == "superseded while it was being sent"
+        assert send_deliveries(rt, [note_id])[note_id].state == "delivered"
+    finally:
+        pacs.stop()
+    assert pacs.received == [ComprehensiveSRStorage, KeyObjectSelectionDocumentStorage]
 
 
 def test_a_note_whose_objects_sender_died_goes(runtime: Runtime, storescp: StoreSCP) -> None:

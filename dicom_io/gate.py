@@ -231,8 +231,6 @@ _DESCRIPTIONS = (
     "ProtocolName",
     "RequestedProcedureDescription",
 )
-#: The descriptions of the series alone: what an SC without a body part is judged by.
-_SERIES_DESCRIPTIONS = ("SeriesDescription", "ProtocolName")
 
 
 @dataclass(frozen=True)
@@ -290,9 +288,10 @@ def parse_as(value: object) -> float | None:
     (four digits, a sign, a decimal point, a word for the unit) is None.
     """
     parsed = _age_string(value)
-    if parsed is None:
-        return None
-    number, unit = parsed
+    return _in_months(*parsed) if parsed is not None else None
+
+
+def _in_months(number: int, unit: str) -> float:
     return {
         "D": number / 30.4375,
         "W": number * 7 / 30.4375,
@@ -307,9 +306,14 @@ def parse_as(value: object) -> float | None:
 _AGE_STRING = re.compile(r"(\d{1,3}) ?([DWMY])")
 
 
-def _age_string(value: object) -> tuple[int, str] | None:
-    """(number, unit) of an AS value, or None when absent or malformed."""
-    match = _AGE_STRING.fullmatch(str(value or "").strip().upper())
+_STRICT_AGE_STRING = re.compile(r"(\d{3})([DWMY])")
+
+
+def _age_string(value: object, *, lenient: bool = True) -> tuple[int, str] | None:
+    """(number, unit) of an AS value, or None when absent or malformed (``lenient``:
+    read as non-conformant modalities write it, else only as PS3.5 does)."""
+    pattern = _AGE_STRING if lenient else _STRICT_AGE_STRING
+    match = pattern.fullmatch(str(value or "").strip().upper())
     return (int(match.group(1)), match.group(2)) if match else None
 
 
@@ -321,13 +325,18 @@ def patient_facts(ds: Dataset) -> PatientFacts:
         or parse_da(ds.get("ContentDate"))
     )
     laterality = str(ds.get("ImageLaterality") or ds.get("Laterality") or "").strip().upper()
-    age = ds.get("PatientAge")
-    parsed = _age_string(age)
+    birth_date = parse_da(ds.get("PatientBirthDate"))
+    # Read leniently only where it is the age used (no birth date gives one): where a
+    # birth date does, the facts hold what they held before the lenient reading, which
+    # the digest of an assessment's inputs is made of (worker.pipeline), or every copy
+    # received again of an image with a "10Y" would look changed.
+    by_birth_date = bool(birth_date and reference and reference >= birth_date)
+    parsed = _age_string(ds.get("PatientAge"), lenient=not by_birth_date)
     return PatientFacts(
         male={"M": True, "F": False}.get(sex),
-        birth_date=parse_da(ds.get("PatientBirthDate")),
+        birth_date=birth_date,
         reference_date=reference,
-        patient_age_months=parse_as(age),
+        patient_age_months=_in_months(*parsed) if parsed is not None else None,
         laterality=laterality if laterality in {"L", "R"} else None,
         patient_age_unit=parsed[1] if parsed else None,
     )
@@ -582,14 +591,16 @@ def _not_a_radiograph(ds: Dataset, name: str) -> str | None:
     return None
 
 
-def _not_one_hand(ds: Dataset, *, secondary_capture: bool) -> str | None:
+def _not_one_hand(ds: Dataset) -> str | None:
     """Why the image is not of one whole hand, or None when it is.
 
     Body Part Examined decides where it states a part (:func:`body_part_examined`);
     where it does not, the first coded item of the Anatomic Region Sequence, unless
-    that codes a region the hand is part of; where neither does, the descriptions,
-    of the series alone for a Secondary Capture. Then both hands on one image are
-    refused (:func:`_both_hands`).
+    that codes a region the hand is part of; where neither does, the descriptions (of
+    the study too for a Secondary Capture: a film digitiser's leaves the series'
+    empty, and forms and other programs' pictures are refused by their Conversion Type,
+    :func:`_not_a_radiograph`). Then both hands on one image are refused
+    (:func:`_both_hands`).
     """
     body_part, shown = body_part_examined(ds.get("BodyPartExamined"))
     region = _first_code(ds, "AnatomicRegionSequence")
@@ -615,16 +626,6 @@ def _not_one_hand(ds: Dataset, *, secondary_capture: bool) -> str | None:
             return (
                 f"body part (Anatomic Region Sequence) is {meaning} ({scheme} {value}), not a hand"
             )
-    elif body_part is BodyPart.NOT_STATED and secondary_capture:
-        # The study's description says what the exam was, not what each picture filed
-        # in it shows: a form scanned into "XR HAND BONE AGE" is not a hand.
-        text = " ".join(_text(ds.get(k)) for k in _SERIES_DESCRIPTIONS).upper()
-        if not _HAND_WORDS.search(text):
-            unstated.append(
-                "no hand in the series' descriptions; a study's description does not say "
-                "what a Secondary Capture shows"
-            )
-            return f"body part is not stated ({', '.join(unstated)})"
     elif body_part is BodyPart.NOT_STATED:
         text = " ".join(str(ds.get(k, "") or "") for k in _DESCRIPTIONS).upper()
         if not _HAND_WORDS.search(text):
@@ -709,11 +710,7 @@ def check(
             return no(f"{keyword} is missing: results could not reference the image")
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         return no("the instance has no pixel data")
-    refusal = (
-        _not_a_radiograph(ds, name)
-        or _not_one_hand(ds, secondary_capture=sop in SECONDARY_CAPTURE_CLASSES)
-        or _not_frontal(ds)
-    )
+    refusal = _not_a_radiograph(ds, name) or _not_one_hand(ds) or _not_frontal(ds)
     if refusal is not None:
         return no(refusal)
 

@@ -56,7 +56,8 @@ local HAND_WORDS_OF_A_PART = {
 local FINGER_WORDS = { FINGER = true, FINGERS = true, THUMB = true, THUMBS = true }
 local SIDE_WORDS = {
   L = true, R = true, LT = true, RT = true, LFT = true, RGT = true, LEFT = true,
-  RIGHT = true, LINKS = true, RECHTS = true, AND = true, BOTH = true, BILATERAL = true
+  RIGHT = true, LINKS = true, RECHTS = true, AND = true, BOTH = true, BILAT = true,
+  BILATERAL = true, BEIDE = true
 }
 local GENERIC_BODY_PARTS = {
   EXTREMITY = true, EXTREMITIES = true, UPPER_EXTREMITY = true, UPPER_EXTREMITIES = true,

@@ -1273,17 +1273,11 @@ def predict(
     from rich.table import Table
 
     from dicom_io import gate
-    from dicom_io.content import BoneAgeFinding, format_age
+    from dicom_io.content import format_age
     from dicom_io.pixels import decode_as_assessed, read_image, set_jpeg2000_threads
     from dicom_io.sc import render_overlay
     from models.data import load_image
-    from models.reference import bone_age_sds
-    from worker.pipeline import (
-        chronological_age_months,
-        model_name,
-        model_version,
-        outside_the_sd_table,
-    )
+    from worker.pipeline import age_notes, assessment_finding
     from worker.runtime import Runtime
 
     settings = _settings(ctx, model=checkpoint)
@@ -1300,13 +1294,13 @@ def predict(
         table.add_column(col, overflow="fold")
     refused = 0
     for path in files:
-        chronological: float | None = None
-        laterality = None
         try:
             if path.suffix.lower() in {".png", ".jpg", ".jpeg", ".tif", ".tiff"}:
                 if sex is None:
                     raise ValueError("--sex is needed for image files")
                 image, male = load_image(path), sex == "M"
+                # nothing known of the patient but the sex given
+                facts = gate.PatientFacts(male, None, None, None, None)
                 rows, columns = image.shape[:2]
                 if min(rows, columns) < gate.MIN_SIZE:
                     raise ValueError(
@@ -1318,9 +1312,8 @@ def predict(
                 decision = gate.check(ds, require_sex=sex is None)
                 if not decision.accepted:
                     raise ValueError(decision.reason or "not assessable")
-                male = decision.facts.male if decision.facts.male is not None else sex == "M"
-                chronological = chronological_age_months(decision.facts)
-                laterality = decision.facts.laterality
+                facts = decision.facts
+                male = facts.male if facts.male is not None else sex == "M"
                 # as the service decodes it, so the bone age is the one its SR would give
                 image = decode_as_assessed(
                     ds,
@@ -1332,14 +1325,11 @@ def predict(
             refused += 1
             continue
         prediction = predictor.predict(image, male=male)
-        no_sd = (
-            outside_the_sd_table(chronological, male=male) if chronological is not None else None
+        # as the service reports it: the same ages, SDS and notes as its SR and SC
+        finding = assessment_finding(
+            predictor, prediction, facts, male=male, notes=age_notes(facts, male=male)
         )
-        sds = (
-            bone_age_sds(prediction.bone_age_months, chronological, male=male)
-            if chronological is not None and no_sd is None
-            else None
-        )
+        chronological, sds = finding.chronological_age_months, finding.sds
         notes = [] if predictor.meta.trained else ["[yellow]untrained model[/]"]
         interval = prediction.intervals.get(0.9)
         table.add_row(
@@ -1349,22 +1339,11 @@ def predict(
             format_age(chronological) if chronological is not None else "-",
             f"{sds:+.2f}" if sds is not None else "-",
             f"{format_age(interval[0])} – {format_age(interval[1])}" if interval else "-",
-            "; ".join([*notes, *([no_sd] if no_sd else [])]),
+            "; ".join([*notes, *finding.notes]),
         )
         if heatmap_dir is not None:
             from PIL import Image
 
-            finding = BoneAgeFinding(
-                bone_age_months=prediction.bone_age_months,
-                chronological_age_months=chronological,
-                sds=sds,
-                intervals=prediction.intervals,
-                model_id=predictor.model_id,
-                model_name=model_name(predictor.meta.arch),
-                model_version=model_version(predictor),
-                model_trained=predictor.meta.trained,
-                laterality=laterality,
-            )
             heatmap_dir.mkdir(parents=True, exist_ok=True)
             out = heatmap_dir / f"{path.stem}-heatmap.png"
             Image.fromarray(render_overlay(image, prediction.cam, finding)).save(out)

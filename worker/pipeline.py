@@ -306,6 +306,18 @@ def age_too_coarse(facts: gate.PatientFacts) -> str | None:
     return None
 
 
+def age_notes(facts: gate.PatientFacts, *, male: bool) -> list[str]:
+    """What a result says of the patient's age where it gives no chronological age or no
+    SDS, and why (its SR's comments, its SC's panel)."""
+    if dated_in_the_future(facts):
+        return [DATED_IN_THE_FUTURE]
+    if (coarse := age_too_coarse(facts)) is not None:
+        return [coarse]
+    chronological = chronological_age_months(facts)
+    no_sd = outside_the_sd_table(chronological, male=male) if chronological is not None else None
+    return [no_sd] if no_sd is not None else []
+
+
 def outside_the_sd_table(chronological_age_months: float, *, male: bool) -> str | None:
     """Why a result at this chronological age has no SDS: the Greulich-Pyle table has no
     SD there (:func:`models.reference.sd_table_ages`); None where it has.
@@ -878,14 +890,7 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
             f"Patient sex not recorded as M or F: assessed as {'male' if male else 'female'} "
             "(site setting BONEAGE_MISSING_SEX)"
         )
-    if dated_in_the_future(facts):
-        notes.append(DATED_IN_THE_FUTURE)
-    elif (coarse := age_too_coarse(facts)) is not None:
-        notes.append(coarse)
-    elif (chronological := chronological_age_months(facts)) is not None and (
-        no_sd := outside_the_sd_table(chronological, male=male)
-    ) is not None:
-        notes.append(no_sd)
+    notes += age_notes(facts, male=male)
 
     predictor = rt.predictor
     try:

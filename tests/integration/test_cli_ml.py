@@ -208,6 +208,42 @@ def test_predict_refuses_what_the_service_would_and_exits_1(
     assert code == 0, output
 
 
+@pytest.mark.parametrize(
+    ("birth_date", "sds_given", "note"),
+    [
+        (dt.date(2015, 5, 1), True, None),
+        (
+            dt.date(2006, 7, 1),  # 18 years 10 months: past the girls' SD table
+            False,
+            "No SDS: the Greulich-Pyle reference has standard deviations from 3 months to "
+            "16 years for girls",
+        ),
+    ],
+)
+def test_predict_reports_a_dicom_image_as_the_service_would(
+    tmp_path: Path, tiny_checkpoint: Path, birth_date: dt.date, sds_given: bool, note: str | None
+) -> None:
+    """The chronological age, the SDS and why there is none, as the SR would say them."""
+    phantom = make_phantom(100.0, male=False, size=256, rng=np.random.default_rng(0))
+    path = tmp_path / "hand.dcm"
+    make_radiograph_dataset(
+        np.round(phantom.image * 4095).astype(np.uint16),
+        sex="F",
+        birth_date=birth_date,
+        study_date=dt.date(2025, 5, 1),
+    ).save_as(path, enforce_file_format=True)
+    result = CliRunner().invoke(
+        main, ["predict", "--model", str(tiny_checkpoint), str(path)], env={"COLUMNS": "400"}
+    )
+    assert result.exit_code == 0, result.output
+    [row] = [line for line in result.output.splitlines() if "hand.dcm" in line]
+    cells = [cell.strip() for cell in row.split("│")]
+    assert cells[4] == ("10 y 0 mo" if sds_given else "18 y 10 mo")  # chronological
+    assert (cells[5] != "-") is sds_given  # SDS
+    if note is not None:
+        assert note in " ".join(result.output.split())
+
+
 def test_evaluate_refuses_missing_rsna_images_unless_allowed(
     tmp_path: Path, tiny_checkpoint: Path
 ) -> None:

@@ -8,7 +8,7 @@ import hashlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 from pydicom import Dataset, dcmread
@@ -205,18 +205,32 @@ def _sending(rt: Runtime, delivery_id: int) -> list[delivery._Claimed]:
     return claimed
 
 
+class _SentAsRejected(NamedTuple):
+    """An image whose SR a delivery worker is sending (:func:`_sending`) as the PACS's
+    rejection note comes, and our note naming that SR."""
+
+    sr_id: int
+    on_its_way: list[delivery._Claimed]
+    note_id: int
+
+
+def _rejected_while_its_sr_is_sent(rt: Runtime) -> _SentAsRejected:
+    image_id = spool_instance(rt)
+    sr_id, _ = assess_instance(rt, image_id).delivery_ids
+    on_its_way = _sending(rt, sr_id)
+    [note_id] = assess_instance(
+        rt, spool_dataset(rt, pacs_rejection_note(image_of(rt, image_id)))
+    ).delivery_ids
+    return _SentAsRejected(sr_id, on_its_way, note_id)
+
+
 def test_a_note_waits_while_its_object_is_on_its_way_and_goes_once_it_arrived(
     runtime: Runtime, storescp: StoreSCP
 ) -> None:
     """The note comes while our SR is being sent: our note naming the SR is held, no
     attempt counted, until that send ends (a PACS that applies IOCM refuses a note
     naming an instance it does not have); the SR arrives, then the note goes."""
-    image_id = spool_instance(runtime)
-    sr_id, _ = assess_instance(runtime, image_id).delivery_ids
-    on_its_way = _sending(runtime, sr_id)
-    [note_id] = assess_instance(
-        runtime, spool_dataset(runtime, pacs_rejection_note(image_of(runtime, image_id)))
-    ).delivery_ids
+    sr_id, on_its_way, note_id = _rejected_while_its_sr_is_sent(runtime)
 
     held = send_deliveries(runtime, [note_id])[note_id]
     assert held.state == "waiting"  # not a retry: no attempt was made
@@ -241,12 +255,7 @@ def test_a_note_whose_object_never_arrived_is_not_sent(
     """The SR being sent as the note comes fails (the PACS is down): our note naming it
     is superseded, never sent, where before it was refused by the PACS for a day of
     retries and ended failed in `status`."""
-    image_id = spool_instance(runtime)
-    sr_id, _ = assess_instance(runtime, image_id).delivery_ids
-    on_its_way = _sending(runtime, sr_id)
-    [note_id] = assess_instance(
-        runtime, spool_dataset(runtime, pacs_rejection_note(image_of(runtime, image_id)))
-    ).delivery_ids
+    sr_id, on_its_way, note_id = _rejected_while_its_sr_is_sent(runtime)
 
     storescp.stop()
     sent: dict[int, delivery.DeliveryOutcome] = {}
@@ -334,12 +343,7 @@ def test_a_note_whose_object_went_unanswered_goes(
             destinations=pacs.destination,
             database_url=runtime.database_url,
         )
-        image_id = spool_instance(rt)
-        sr_id, _ = assess_instance(rt, image_id).delivery_ids
-        on_its_way = _sending(rt, sr_id)
-        [note_id] = assess_instance(
-            rt, spool_dataset(rt, pacs_rejection_note(image_of(rt, image_id)))
-        ).delivery_ids
+        sr_id, on_its_way, note_id = _rejected_while_its_sr_is_sent(rt)
         sent: dict[int, delivery.DeliveryOutcome] = {}
         delivery._send_to(rt, pacs.destination, on_its_way, sent)
         assert sent[sr_id].state == "skipped"
@@ -353,12 +357,7 @@ def test_a_note_whose_object_went_unanswered_goes(
 def test_a_note_whose_objects_sender_died_goes(runtime: Runtime, storescp: StoreSCP) -> None:
     """The worker sending the SR died (its claim ran out): whether the SR arrived is not
     known, so the note goes, and the PACS decides."""
-    image_id = spool_instance(runtime)
-    sr_id, _ = assess_instance(runtime, image_id).delivery_ids
-    _sending(runtime, sr_id)
-    [note_id] = assess_instance(
-        runtime, spool_dataset(runtime, pacs_rejection_note(image_of(runtime, image_id)))
-    ).delivery_ids
+    sr_id, _, note_id = _rejected_while_its_sr_is_sent(runtime)
     with session_scope(runtime.database_url) as session:
         session.get_one(Delivery, sr_id).next_attempt_at = pipeline.now()
     assert send_deliveries(runtime, [note_id])[note_id].state == "delivered"

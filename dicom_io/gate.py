@@ -304,8 +304,6 @@ def _in_months(number: int, unit: str) -> float:
 #: are what non-conformant modalities write, and read as meant. Read strictly, an
 #: adult's "45Y" gave no age at all and, without a birth date, passed the age check.
 _AGE_STRING = re.compile(r"(\d{1,3}) ?([DWMY])")
-
-
 _STRICT_AGE_STRING = re.compile(r"(\d{3})([DWMY])")
 
 
@@ -596,10 +594,10 @@ def _not_one_hand(ds: Dataset) -> str | None:
 
     Body Part Examined decides where it states a part (:func:`body_part_examined`);
     where it does not, the first coded item of the Anatomic Region Sequence, unless
-    that codes a region the hand is part of; where neither does, the descriptions (of
-    the study too for a Secondary Capture: a film digitiser's leaves the series'
-    empty, and forms and other programs' pictures are refused by their Conversion Type,
-    :func:`_not_a_radiograph`). Then both hands on one image are refused
+    that codes a region the hand is part of; where neither does, the descriptions, the
+    study's included (a film digitiser leaves the series' empty; the forms and other
+    programs' pictures filed in a hand study are refused by their Conversion Type
+    before, :func:`_not_a_radiograph`). Then both hands on one image are refused
     (:func:`_both_hands`).
     """
     body_part, shown = body_part_examined(ds.get("BodyPartExamined"))

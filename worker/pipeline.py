@@ -332,8 +332,8 @@ def outside_the_sd_table(chronological_age_months: float, *, male: bool) -> str 
     if first <= chronological_age_months <= last:
         return None
     return (
-        "No SDS: the Greulich-Pyle reference has standard deviations from 3 months to "
-        f"{last / 12:g} years for {'boys' if male else 'girls'}"
+        f"No SDS: the Greulich-Pyle reference has standard deviations from {first:g} months "
+        f"to {last / 12:g} years for {'boys' if male else 'girls'}"
     )
 
 

@@ -304,6 +304,16 @@ def test_other_images_are_not_forwarded(
     assert [i["ID"] for i in orthanc.study_instances(uploaded["ParentStudy"])] == [uploaded["ID"]]
 
 
+def finished(stack: Stack, source: Dataset, *, what: str) -> Instance:
+    """The row of ``source`` once boneage-worker has finished with it."""
+
+    def done() -> Instance | None:
+        rows = instance_rows(stack.database_url, sop_instance_uid=source.SOPInstanceUID)
+        return next((r for r in rows if r.finished_at is not None), None)
+
+    return stack.wait(done, what=f"boneage-worker finished {what}", timeout=120)
+
+
 @pytest.mark.parametrize(
     ("body_part", "decision"),
     [
@@ -324,13 +334,7 @@ def test_a_hand_written_as_sites_write_it_is_forwarded_and_assessed(
     uploaded = orthanc.upload(tmp_path / "hand.dcm")
     routed = stack.wait(lambda: orthanc.routing(uploaded["ID"]), what="the routing decision")
     assert routed.startswith(decision), routed
-
-    def finished() -> Instance | None:
-        rows = instance_rows(stack.database_url, sop_instance_uid=source.SOPInstanceUID)
-        done = [r for r in rows if r.finished_at is not None]
-        return done[0] if done else None
-
-    row = stack.wait(finished, what="boneage-worker finished the hand", timeout=120)
+    row = finished(stack, source, what="the hand")
     assert row.state is InstanceState.ASSESSED, row.reason
 
 
@@ -362,13 +366,7 @@ def test_a_dx_with_only_its_coded_region_is_forwarded_and_assessed(
     uploaded = orthanc.upload(tmp_path / "coded.dcm")
     decision = stack.wait(lambda: orthanc.routing(uploaded["ID"]), what="the routing decision")
     assert decision.startswith("forwarded: anatomic region SCT 85562004 (Hand)"), decision
-
-    def assessed() -> Instance | None:
-        rows = instance_rows(stack.database_url, sop_instance_uid=source.SOPInstanceUID)
-        done = [r for r in rows if r.finished_at is not None]
-        return done[0] if done else None
-
-    row = stack.wait(assessed, what="boneage-worker finished the coded hand", timeout=120)
+    row = finished(stack, source, what="the coded hand")
     assert row.state is InstanceState.ASSESSED, row.reason
 
 

@@ -118,6 +118,10 @@ class _CeleryTaskErrors(logging.Filter):
         return True
 
 
+#: Libraries whose records quote the values of data sets.
+_DATASET_LIBRARIES = ("pydicom", "highdicom")
+
+
 class _DatasetLibrariesQuiet(logging.Filter):
     """pydicom's and highdicom's records below ERROR, dropped at our handler: their
     warnings quote the values of data sets ("Invalid value for VR DA: '2015-3-1'", a
@@ -127,9 +131,6 @@ class _DatasetLibrariesQuiet(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno >= logging.ERROR or not record.name.startswith(_DATASET_LIBRARIES)
-
-
-_DATASET_LIBRARIES = ("pydicom", "highdicom")
 
 
 class JsonFormatter(_ExceptionsWithheld):

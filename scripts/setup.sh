@@ -27,7 +27,9 @@ if [[ ! -x .venv/bin/python ]]; then
   "$python" -m venv .venv
 fi
 stamp=".venv/.installed${extras}"
-if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
+installed() { [[ -f "$1" && ! pyproject.toml -nt "$1" ]]; }  # installed STAMP
+# An install with the test extras holds the plain one.
+if ! installed "$stamp" && ! { [[ -z $extras ]] && installed ".venv/.installed[test]"; }; then
   echo "==> installing boneage-worker${extras} into .venv (PyTorch is large: a few minutes the first time)"
   log=$(mktemp)
   if ! { .venv/bin/pip install --disable-pip-version-check --upgrade pip &&

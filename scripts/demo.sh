@@ -15,7 +15,7 @@ bw="$PWD/.venv/bin/boneage-worker"
 
 demo=${BONEAGE_DEMO_DIR:-$PWD/var/demo}
 rm -rf "$demo"
-mkdir -p "$demo/pacs"
+mkdir -p "$demo/pacs" "$demo/stored"
 free_port() { .venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 wait_until() {  # wait_until SECONDS DESCRIPTION COMMAND...
   local deadline=$((SECONDS + $1)) what=$2; shift 2
@@ -33,7 +33,8 @@ export BONEAGE_DESTINATIONS="DEMOPACS@127.0.0.1:$pacs_port"
 export BONEAGE_ALLOWED_AETS="DEMOSCU"
 
 echo "==> stand-in PACS (storescp) as DEMOPACS on port $pacs_port"
-storescp --aetitle DEMOPACS --output-directory "$demo/pacs" "$pacs_port" &
+storescp --aetitle DEMOPACS --output-directory "$demo/pacs" \
+  --exec-on-reception "touch '$demo/stored/#f'" "$pacs_port" &
 pacs_pid=$!
 echo "==> boneage-worker serve on port $BONEAGE_PORT (log: $demo/serve.log)"
 "$bw" serve >"$demo/serve.log" 2>&1 &
@@ -49,9 +50,9 @@ echo "==> a synthetic hand radiograph (a phantom, girl of 9 y 2 mo) sent with st
 "$bw" demo-image "$demo/hand.dcm" --age-months 110 --sex F
 storescu -aet DEMOSCU -aec BONEAGE 127.0.0.1 "$BONEAGE_PORT" "$demo/hand.dcm"
 
-received() { [[ $(find "$demo/pacs" -type f | wc -l) -ge 2 ]]; }
+# storescp writes each file in place, and marks it in $demo/stored once it is whole.
+received() { [[ $(find "$demo/stored" -type f | wc -l) -ge 2 ]]; }
 wait_until 300 "the SR and SC at the PACS" received
-sleep 1  # storescp writes in place: let the last file finish
 sr=$(grep -l -a "1.2.840.10008.5.1.4.1.1.88.33" "$demo"/pacs/* | head -n1)
 sc=$(grep -L -a "1.2.840.10008.5.1.4.1.1.88.33" "$demo"/pacs/* | head -n1)
 echo

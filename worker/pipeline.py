@@ -1354,11 +1354,15 @@ def _not_assessed(
         for m in (_earlier_heat_maps(rt, claim, ds) if ours_to_make else [])
         if m.study_instance_uid == ds.get("StudyInstanceUID")
     ]
+    sr_uid = derived_uid(claim.sop_instance_uid, *_again(claim.assessment), "not-assessed-sr")
     report = bool(
         ours_to_make
         and send
         and settings.destinations
         and (settings.send_not_assessed or replaces or withdrawn)
+        # its UID names no model: a reprocess of this assessment (another model, the
+        # gate deciding as before) finds it made already, with what it withdraws
+        and not _made_already(rt, sr_uid)
     )
     # what went into a study the image has left is withdrawn there, an SR sent or not
     moved, unmade = stage_moved_withdrawals(rt, claim, ds) if ours_to_make and send else ([], None)
@@ -1374,9 +1378,7 @@ def _not_assessed(
                 ds,
                 reason,
                 series_instance_uid=sr_series_uid(source_uid, None, claim.other_study(ds)),
-                sop_instance_uid=derived_uid(
-                    source_uid, *_again(claim.assessment), "not-assessed-sr"
-                ),
+                sop_instance_uid=sr_uid,
                 series_number=SR_SERIES_NUMBER,
                 instance_number=claim.assessment,
                 device_observer_uid=rt.device_observer_uid,
@@ -1398,9 +1400,19 @@ def _not_assessed(
     outcome = _commit(
         rt, claim, InstanceState.NOT_ASSESSED, recorded, None, outputs + moved, send=send
     )
-    if outcome.state == "rejected":
+    if outcome.state != "not_assessed":  # rejected, a duplicate attempt, or a clash: said so
         return outcome
     return AssessOutcome("not_assessed", delivery_ids=outcome.delivery_ids, reason=reason)
+
+
+def _made_already(rt: Runtime, sop_instance_uid: str) -> bool:
+    """Whether an object of ours with this UID has a delivery: made, and sent or on its
+    way."""
+    with session_scope(rt.database_url) as session:
+        found = session.scalar(
+            select(Delivery.id).where(Delivery.sop_instance_uid == sop_instance_uid).limit(1)
+        )
+    return found is not None
 
 
 # -- rejection notes (IHE IOCM) ----------------------------------------------------

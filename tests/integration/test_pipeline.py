@@ -1055,6 +1055,43 @@ def test_reprocess_with_a_new_model_sends_only_when_asked(
         assert session.get_one(Instance, instance_id).state is InstanceState.ASSESSED
 
 
+def another_model(runtime: Runtime, tmp_path: Path, seed: int) -> Runtime:
+    """``runtime`` with another untrained model, as `reprocess --model` would run it."""
+    from models.checkpoint import save_checkpoint, untrained_model
+
+    loaded = untrained_model(arch="resnet18", input_size=128, seed=seed)
+    path = tmp_path / f"model-{seed}.safetensors"
+    save_checkpoint(path, loaded.model, loaded.meta)
+    return Runtime(runtime.settings.model_copy(update={"model": path}))
+
+
+def test_reprocess_with_a_new_model_of_an_image_not_assessed_makes_its_sr_once(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    """An image not assessed, its SR sent (BONEAGE_SEND_NOT_ASSESSED), reprocessed with
+    another model and sent: the gate decides as before, and the SR saying so, whose UID
+    names no model, was made already. It used to be made again, clash with its own row
+    and end the instance in error, the reason it was not assessed overwritten."""
+    from worker.reprocess import prepare_reprocess
+
+    loud = Runtime(runtime.settings.model_copy(update={"send_not_assessed": True}))
+    instance_id = spool_instance(loud, attributes={"PatientSex": None})
+    first = assess_instance(loud, instance_id)
+    assert first.state == "not_assessed" and len(first.delivery_ids) == 1
+
+    new = Runtime(
+        another_model(runtime, tmp_path, 11).settings.model_copy(update={"send_not_assessed": True})
+    )
+    assert prepare_reprocess(new, [instance_id]) == [instance_id]
+    again = assess_instance(new, instance_id, send=True)
+    assert (again.state, again.delivery_ids) == ("not_assessed", ())
+    assert again.reason == first.reason
+    with session_scope(runtime.database_url) as session:
+        instance = session.get_one(Instance, instance_id)
+        assert (instance.state, instance.reason) == (InstanceState.NOT_ASSESSED, first.reason)
+        assert [d.id for d in session.scalars(select(Delivery))] == list(first.delivery_ids)
+
+
 def test_a_reprocess_message_taken_by_a_worker_of_the_old_model_leaves_the_instance_as_it_was(
     runtime: Runtime, tmp_path: Path
 ) -> None:
@@ -1170,15 +1207,19 @@ def test_reprocess_leaves_instances_not_finished_alone(runtime: Runtime, tmp_pat
         )
 
 
+@pytest.mark.parametrize("sex", ["F", None], ids=["assessed", "not assessed"])
 def test_outputs_that_clash_with_rows_no_attempt_made_end_the_instance_in_error(
-    runtime: Runtime, storescp: StoreSCP
+    runtime: Runtime, storescp: StoreSCP, sex: str | None
 ) -> None:
     """A clash at the commit that no competing attempt explains (here a destination
     listed twice, which settings now refuse) ends the instance in error at once, with
-    the reason, and leaves no file in the outbox."""
+    the reason, and leaves no file in the outbox. The outcome says error too, for an
+    image not assessed as for one assessed (it used to say not_assessed)."""
     twice = [*runtime.settings.destinations, *runtime.settings.destinations]
-    clashing = Runtime(runtime.settings.model_copy(update={"destinations": twice}))
-    instance_id = spool_instance(clashing)
+    clashing = Runtime(
+        runtime.settings.model_copy(update={"destinations": twice, "send_not_assessed": True})
+    )
+    instance_id = spool_instance(clashing, attributes={"PatientSex": sex})
     outcome = assess_instance(clashing, instance_id)
     assert outcome.state == "error"
     expected = (

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from models.checkpoint import CheckpointMeta, LoadedModel, load_checkpoint
 from models.data import LabelledImage, PreparedDataset, source_counts, split_groups
+from models.gradcam import predict_z
 from models.net import BoneAgeNet
 from models.predictor import (
     MAX_BONE_AGE_MONTHS,
@@ -213,7 +214,8 @@ def predict_ages(
     precision : str
         What the trunk runs in, as in the worker
         (:func:`~models.predictor.resolve_precision`): by default float16 autocast on
-        CUDA, float32 elsewhere.
+        CUDA, float32 elsewhere. Pooling and head run in float32, as in the worker
+        (:func:`~models.gradcam.predict_z`).
     batch_size, num_workers : int
         DataLoader settings.
     progress : bool
@@ -241,8 +243,8 @@ def predict_ages(
         for x, _age, male in tqdm(loader, desc=desc, disable=not progress, leave=False):
             x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=dtype, enabled=lower):
-                z = model(x, male.to(device))
-            out.append((z.float() * target_sd + target_mean).cpu().numpy())
+                z = predict_z(model, x, male.to(device))
+            out.append((z * target_sd + target_mean).cpu().numpy())
     pred = np.concatenate(out) if out else np.zeros(0)
     return np.clip(pred.astype(np.float64), MIN_BONE_AGE_MONTHS, MAX_BONE_AGE_MONTHS)
 

@@ -9,6 +9,10 @@ Grad-CAM's channel weight ``alpha_k = mean_ij dy/dA_k(i, j)`` is therefore
 features as a leaf, and the trunk runs once under :func:`torch.inference_mode`.
 :func:`full_autograd_gradcam` is the textbook version (hooks, back-propagation through the
 whole graph) kept as the reference for tests and benchmarks.
+
+Under a lower precision only the trunk runs in it (the caller's autocast); the pooling and
+the head run in float32. :func:`predict_z` is the same prediction without the maps, for
+``evaluate`` and ``train``'s validation: they report the numbers the service computes.
 """
 
 from __future__ import annotations
@@ -38,6 +42,43 @@ def _cam_from(a: Tensor, alpha: Tensor) -> Tensor:
     cam = torch.relu(torch.einsum("nc,nchw->nhw", alpha, a))
     peak = cam.amax(dim=(1, 2), keepdim=True)
     return torch.where(peak > 0, cam / peak.clamp_min(torch.finfo(cam.dtype).tiny), cam)
+
+
+def _pool(maps: Tensor) -> Tensor:
+    """Global average pooling of the ``layer4`` maps, in float32 whatever the trunk ran in."""
+    return maps.float().mean(dim=(2, 3))
+
+
+def _float32_head(model: BoneAgeNet, pooled: Tensor, male: Tensor | float | bool) -> Tensor:
+    """The head on float32 pooled features, with any autocast of the caller switched off:
+    in bfloat16 it would round the output to 8 significant bits (steps of 0.32 months
+    between 14 and 17 years with the default target SD of 41 months)."""
+    with torch.autocast(pooled.device.type, enabled=False):
+        return model.head(pooled, _as_sex(male, pooled.shape[0], pooled.device))
+
+
+def predict_z(model: BoneAgeNet, x: Tensor, male: Tensor | float | bool) -> Tensor:
+    """Predict z-scored bone age as :func:`predict_with_cam` does, without the maps.
+
+    The trunk runs under the caller's autocast, if any (the worker's precision); pooling
+    and the head in float32. The result equals :func:`predict_with_cam`'s prediction.
+
+    Parameters
+    ----------
+    model : BoneAgeNet
+        The model, in eval mode.
+    x : Tensor
+        Images, shape ``(N, 1, H, W)``, on the model's device.
+    male : Tensor or float or bool
+        1.0 for male, 0.0 for female: shape ``(N,)``, ``(N, 1)`` or a scalar for all.
+
+    Returns
+    -------
+    Tensor
+        z-scored bone age, shape ``(N,)``, float32, no grad.
+    """
+    with torch.inference_mode():
+        return _float32_head(model, _pool(model.features(x)), male)
 
 
 def predict_with_cam(
@@ -75,9 +116,8 @@ def predict_with_cam(
         torch.autocast(a_inf.device.type, enabled=False),
     ):
         a = a_inf.float().clone()
-        pooled = a.mean(dim=(2, 3)).requires_grad_(True)
-        sex = _as_sex(male, a.shape[0], a.device)
-        y = model.head(pooled, sex)
+        pooled = _pool(a).requires_grad_(True)
+        y = _float32_head(model, pooled, male)
         (grad_p,) = torch.autograd.grad(y.sum(), pooled)
         # Each image's output depends on its own pooled vector only, so the gradient of the
         # sum is the per-image gradient.

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from models.checkpoint import LoadedModel, save_checkpoint, untrained_model
@@ -25,6 +26,7 @@ from models.evaluate import (
     regression_metrics,
     summarise,
 )
+from models.predictor import BoneAgePredictor
 from worker.cli import main
 
 
@@ -294,3 +296,35 @@ def test_evaluate_command_prints_the_intervals_and_the_band_table(tmp_path: Path
     assert result.exit_code == 0, result.output
     assert "bootstrap" not in json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert "confidence intervals" not in result.output
+
+
+# -- what the service computes ------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_evaluate_reports_the_bone_ages_the_service_computes(
+    tmp_path: Path, precision: str
+) -> None:
+    # The worker runs the trunk in bfloat16 and pooling and head in float32; evaluate ran
+    # the head in bfloat16 too, and its ages fell on a 0.32-month grid near 15 years.
+    loaded = untrained_model(arch="resnet18", input_size=64)
+    with torch.no_grad():
+        loaded.model.regressor[-1].bias.fill_(1.3)  # ages near 180 months, as a trained model's
+    items = phantom_items(16, size=96, seed=5)
+    report = evaluate(
+        loaded,
+        items,
+        tmp_path,
+        device="cpu",
+        precision=precision,
+        batch_size=16,
+        progress=False,
+        plots=False,
+        bootstrap=0,
+    )
+    with report.files["predictions"].open() as fh:
+        evaluated = [row["predicted_months"] for row in csv.DictReader(fh)]
+    service = BoneAgePredictor(loaded, device="cpu", precision=precision).predict_batch(
+        [it.image for it in items if isinstance(it.image, np.ndarray)], [it.male for it in items]
+    )
+    assert evaluated == [f"{p.bone_age_months:.2f}" for p in service]

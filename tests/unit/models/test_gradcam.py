@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.gradcam import full_autograd_gradcam, predict_with_cam, upsample_cam
+from models.gradcam import full_autograd_gradcam, predict_with_cam, predict_z, upsample_cam
 from models.net import BoneAgeNet, build_model
 
 
@@ -67,6 +67,25 @@ def test_prediction_equals_forward(tiny_model: BoneAgeNet) -> None:
     y, _ = predict_with_cam(tiny_model, x, sex)
     with torch.inference_mode():
         torch.testing.assert_close(y, tiny_model(x, sex))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_predict_z_is_predict_with_cam_s_prediction(
+    tiny_model: BoneAgeNet, dtype: torch.dtype
+) -> None:
+    # evaluate and train's validation use predict_z, the service predict_with_cam: under
+    # the worker's autocast both run the trunk alone in the lower precision
+    with torch.no_grad():
+        tiny_model.regressor[-1].bias.fill_(1.3)  # z near 1.3, where bfloat16 steps by 2**-7
+    x = torch.randn(3, 1, 64, 64)
+    sex = torch.tensor([0.0, 1.0, 1.0])
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        with_cam, _ = predict_with_cam(tiny_model, x, sex)
+        alone = predict_z(tiny_model, x, sex)
+    assert alone.dtype == with_cam.dtype == torch.float32
+    assert torch.equal(alone, with_cam)
+    if dtype == torch.bfloat16:  # not rounded to bfloat16 at the end
+        assert not torch.equal(alone, alone.to(torch.bfloat16).float())
 
 
 def test_full_autograd_leaves_no_gradients_behind(tiny_model: BoneAgeNet) -> None:

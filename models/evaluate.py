@@ -609,6 +609,17 @@ def _markdown_table(
     return lines + ["| " + " | ".join(cells) + " |" for cells in rows]
 
 
+def _finite_or_null(value: Any) -> Any:
+    """``value`` with every NaN or infinite float inside it (dicts, lists) made None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_null(item) for item in value]
+    return value
+
+
 def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -648,7 +659,8 @@ def evaluate(
         how many were missing; both go into the report.
     output_dir : str or pathlib.Path
         Folder for ``metrics.json``, ``report.md``, ``predictions.csv`` and the plots
-        (created if needed).
+        (created if needed). ``metrics.json`` is strict JSON: a figure that is not a
+        number (the R² of a band of one image) is ``null`` there, NaN in ``metrics``.
     device : str
         ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
     precision : str
@@ -753,7 +765,9 @@ def evaluate(
     folder.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
     files["metrics"] = folder / "metrics.json"
-    _write_text(files["metrics"], json.dumps(metrics, indent=2, sort_keys=True))
+    # strict JSON: an R² of one image, or of a band of one age, is null, not NaN
+    text = json.dumps(_finite_or_null(metrics), indent=2, sort_keys=True, allow_nan=False)
+    _write_text(files["metrics"], text)
     files["predictions"] = folder / "predictions.csv"
     with open(files["predictions"], "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)

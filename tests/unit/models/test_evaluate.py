@@ -328,3 +328,25 @@ def test_evaluate_reports_the_bone_ages_the_service_computes(
         [it.image for it in items if isinstance(it.image, np.ndarray)], [it.male for it in items]
     )
     assert evaluated == [f"{p.bone_age_months:.2f}" for p in service]
+
+
+def test_metrics_json_is_strict_json_with_null_for_what_is_not_a_number(tmp_path: Path) -> None:
+    items = phantom_items(6, size=48, seed=0)  # bands of one image: no R² there
+    report = evaluate(
+        untrained_model(arch="resnet18", input_size=32),
+        items,
+        tmp_path,
+        device="cpu",
+        progress=False,
+        plots=False,
+        bootstrap=0,
+    )
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} in metrics.json")
+
+    written = json.loads(report.files["metrics"].read_text(), parse_constant=refuse)
+    nan_bands = [n for n, b in report.metrics["by_age_band"].items() if np.isnan(b["r2"])]
+    assert nan_bands
+    assert all(written["by_age_band"][name]["r2"] is None for name in nan_bands)
+    assert written["overall"]["mae"] == report.metrics["overall"]["mae"]

@@ -5,6 +5,20 @@ their series, keep the hand series (or every CR/DX series when the PACS does not
 return BodyPartExamined), then C-MOVE each to our own AE title. The listener
 receives them like any forwarded image; the workers do the rest. The PACS must know
 our AE title as a move destination (host and port of the listener).
+
+A study's Key Object Selection series (Modality KO) are moved too, before its hand
+series: that is where a PACS keeps its IHE IOCM rejection notes. A PACS that does not
+apply IOCM (Orthanc) still lets a rejected image be retrieved; forwarded alone, it
+would be assessed and a bone age filed into a study the PACS rejected. The listener
+only keeps and queues a note; the worker applies it (``worker.pipeline``: it records
+the instances rejected, no model involved), and an image's assessment looks for its
+rejection when it starts and again, under the image's row lock, when it commits.
+Moved first, the note is queued before the images it rejects arrive, so it is applied
+before any of them can be assessed: each is recorded ``rejected``, with no bone age
+made or sent. (Were the note applied only after an assessment committed, a worker
+held up, it would still withdraw that image's SR and SC, as a note forwarded late
+does.) A key object selection that is no rejection note ("For Teaching", "Of
+Interest") is recorded ``not_assessed`` and changes nothing.
 """
 
 from __future__ import annotations
@@ -24,14 +38,25 @@ logger = logging.getLogger(__name__)
 
 StepFn = Callable[[str], None]
 
+#: The Modality of a Key Object Selection Document's series (PS3.3 C.17.6.1), the
+#: series in which a PACS keeps its rejection notes.
+KEY_OBJECT_MODALITY = "KO"
+
 
 @dataclass(frozen=True)
 class BackfillPlan:
     """What a backfill would move."""
 
     studies: list[qr.StudyMatch]
-    series: list[qr.SeriesMatch]  # the series to move, in study-date order
+    # the series to move, in study-date order; of each study its key object selection
+    # series (rejection notes) first, then its hand series
+    series: list[qr.SeriesMatch]
     failures: list[str] = field(default_factory=list)  # studies whose series were not listed
+
+    @property
+    def key_object_series(self) -> list[qr.SeriesMatch]:
+        """The key object selection series among :attr:`series` (rejection notes)."""
+        return [s for s in self.series if is_key_object_series(s)]
 
 
 @dataclass
@@ -56,6 +81,32 @@ def is_candidate(series: qr.SeriesMatch, modalities: Sequence[str]) -> bool:
     if series.modality not in {m.upper() for m in modalities}:
         return False
     return may_be_a_hand(series.body_part_examined)
+
+
+def is_key_object_series(series: qr.SeriesMatch) -> bool:
+    """A series of Key Object Selection Documents, where a PACS keeps its rejection notes.
+
+    Which of its documents are rejection notes is told by their titles, which a
+    SERIES-level query does not return: every one is moved, and the worker reads each
+    (a key object selection that rejects nothing is recorded and left).
+    """
+    return series.modality == KEY_OBJECT_MODALITY
+
+
+def study_series_to_move(
+    series: Sequence[qr.SeriesMatch], modalities: Sequence[str]
+) -> list[qr.SeriesMatch]:
+    """Of one study's ``series``, those a backfill moves, in the order it moves them.
+
+    The key object selection series come first, so that a rejection note is recorded
+    before the images it rejects arrive, and they are never assessed; then the hand
+    series (:func:`is_candidate`). A study with no hand series to move gets nothing
+    moved, its notes neither: they reject nothing that we would receive.
+    """
+    hands = [s for s in series if not is_key_object_series(s) and is_candidate(s, modalities)]
+    if not hands:
+        return []
+    return [*(s for s in series if is_key_object_series(s)), *hands]
 
 
 def plan_backfill(
@@ -103,10 +154,16 @@ def plan_backfill(
             logger.warning("backfill: series of study %s not listed: %s", tag, exc)
             failures.append(f"study {tag}: {exc}")
         else:
-            chosen.extend(s for s in series if is_candidate(s, modalities))
+            chosen.extend(study_series_to_move(series, modalities))
         if on_study is not None:
             on_study(tag)
-    return BackfillPlan(studies, chosen, failures)
+    plan = BackfillPlan(studies, chosen, failures)
+    logger.info(
+        "backfill: %d series to move, %d of them key object selections (rejection notes)",
+        len(plan.series),
+        len(plan.key_object_series),
+    )
+    return plan
 
 
 def run_backfill(
@@ -118,43 +175,77 @@ def run_backfill(
     on_series: StepFn | None = None,
     ssl_context: ssl.SSLContext | None = None,
 ) -> BackfillReport:
-    """C-MOVE every series of ``plan`` to ``move_destination``; one failure stops no other."""
+    """C-MOVE every series of ``plan`` to ``move_destination``, in its order.
+
+    One failure stops no other, but for one: a study whose key object selection series
+    did not all arrive has its hand series left (each counted a failure), since one of
+    its images may be rejected by a note that is missing; running it again moves them.
+    """
     report = BackfillReport(
         studies_found=len(plan.studies),
         series_matched=len(plan.series),
         failures=list(plan.failures),
     )
+    notes_missing: set[str] = set()  # studies with a key object series not (all) moved
     for series in plan.series:
         tag = uid_tag(series.series_instance_uid)
-        try:
-            outcome = qr.move_series(
-                series.study_instance_uid,
-                series.series_instance_uid,
-                ae_title=peer.ae_title,
-                host=peer.host,
-                port=peer.port,
-                calling_ae_title=calling_ae_title,
-                move_destination=move_destination,
-                ssl_context=ssl_context,
+        notes = is_key_object_series(series)
+        if not notes and series.study_instance_uid in notes_missing:
+            logger.warning(
+                "backfill: series %s not moved: a key object series of its study was not", tag
             )
-        except qr.QueryError as exc:
-            logger.warning("backfill: series %s not moved: %s", tag, exc)
-            report.failures.append(f"series {tag}: {exc}")
-        else:
-            report.instances_moved += outcome.completed + outcome.warning
-            if outcome.ok:
-                report.series_moved += 1
-            else:
-                report.failures.append(
-                    f"series {tag}: {outcome.failed} of its instances not sent "
-                    f"(status 0x{outcome.status:04X})"
-                )
-            logger.info(
-                "backfill: series %s moved (%d sent, %d failed)",
-                tag,
-                outcome.completed + outcome.warning,
-                outcome.failed,
+            report.failures.append(
+                f"series {tag}: not moved, as the key object selections (rejection notes) "
+                "of its study were not all moved first"
             )
+        elif (
+            not _move(peer, series, report, calling_ae_title, move_destination, ssl_context)
+            and notes
+        ):
+            notes_missing.add(series.study_instance_uid)
         if on_series is not None:
             on_series(tag)
     return report
+
+
+def _move(
+    peer: Destination,
+    series: qr.SeriesMatch,
+    report: BackfillReport,
+    calling_ae_title: str,
+    move_destination: str,
+    ssl_context: ssl.SSLContext | None,
+) -> bool:
+    """C-MOVE one series, counted in ``report``; whether all its instances were sent."""
+    tag = uid_tag(series.series_instance_uid)
+    try:
+        outcome = qr.move_series(
+            series.study_instance_uid,
+            series.series_instance_uid,
+            ae_title=peer.ae_title,
+            host=peer.host,
+            port=peer.port,
+            calling_ae_title=calling_ae_title,
+            move_destination=move_destination,
+            ssl_context=ssl_context,
+        )
+    except qr.QueryError as exc:
+        logger.warning("backfill: series %s not moved: %s", tag, exc)
+        report.failures.append(f"series {tag}: {exc}")
+        return False
+    report.instances_moved += outcome.completed + outcome.warning
+    if outcome.ok:
+        report.series_moved += 1
+    else:
+        report.failures.append(
+            f"series {tag}: {outcome.failed} of its instances not sent "
+            f"(status 0x{outcome.status:04X})"
+        )
+    logger.info(
+        "backfill: %s series %s moved (%d sent, %d failed)",
+        "key object" if is_key_object_series(series) else "image",
+        tag,
+        outcome.completed + outcome.warning,
+        outcome.failed,
+    )
+    return outcome.ok

@@ -18,6 +18,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -173,22 +174,62 @@ def current_revision(url: str) -> str | None:
         return MigrationContext.configure(connection).get_current_revision()
 
 
+def _scripts() -> ScriptDirectory:
+    return ScriptDirectory.from_config(_alembic_config("sqlite://"))
+
+
 def head_revision() -> str:
-    script = ScriptDirectory.from_config(_alembic_config("sqlite://"))
-    head = script.get_current_head()
+    head = _scripts().get_current_head()
     assert head is not None
     return head
 
 
+def _known_revision(revision: str) -> bool:
+    """Whether ``revision`` is one of this version's migrations (not one of a newer
+    version's, which a database migrated by it and then run by this one is at)."""
+    try:
+        return _scripts().get_revision(revision) is not None
+    except CommandError:
+        return False
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file a SQLite ``url`` names (None for another database, or one in memory)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
 def check_schema(url: str) -> None:
-    """Raise `DatabaseNotReady` with a sentence an administrator can act on."""
+    """Raise `DatabaseNotReady` with a sentence an administrator can act on.
+
+    It creates nothing. A SQLite file that is not there is reported, not made: `status`
+    run where BONEAGE_DATA_DIR does not point at the node's directory (another working
+    directory, with the default ``./var/boneage``) would otherwise leave an empty
+    database there, and send the administrator to `db upgrade` it.
+    """
+    path = sqlite_file(url)
+    if path is not None and not path.is_file():
+        raise DatabaseNotReady(
+            f"no database at {path.absolute()} (is BONEAGE_DATA_DIR right?); on a new "
+            "node, where it is, 'boneage-worker db upgrade' creates it"
+        )
     try:
         current = current_revision(url)
-    except Exception as exc:  # any driver error: unreachable, auth, missing file
+    except Exception as exc:  # any driver error: unreachable, auth, unreadable file
         raise DatabaseNotReady(f"cannot reach the database: {type(exc).__name__}") from exc
     head = head_revision()
-    if current != head:
+    if current == head:
+        return
+    if current is not None and not _known_revision(current):
+        # an image rolled back after a newer one migrated the database: upgrading from
+        # here cannot help, and this version would misread the newer tables
         raise DatabaseNotReady(
-            f"database schema is at {current or 'nothing'}, this version needs {head}: "
-            "run 'boneage-worker db upgrade'"
+            f"database schema is at {current}, newer than this version of boneage-worker "
+            f"(which knows up to {head}): run the version that migrated it"
         )
+    raise DatabaseNotReady(
+        f"database schema is at {current or 'nothing'}, older than this version needs "
+        f"({head}): run 'boneage-worker db upgrade'"
+    )

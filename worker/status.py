@@ -49,6 +49,7 @@ def collect(settings: Settings) -> dict[str, Any]:
     except DatabaseNotReady as exc:
         report["database"] = str(exc)
         problems.append(f"database: {exc}")
+        report["healthy"] = False
         return report
 
     try:

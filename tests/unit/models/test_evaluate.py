@@ -308,8 +308,10 @@ def test_evaluate_reports_the_bone_ages_the_service_computes(
     # The worker runs the trunk in bfloat16 and pooling and head in float32; evaluate ran
     # the head in bfloat16 too, and its ages fell on a 0.32-month grid near 15 years.
     loaded = untrained_model(arch="resnet18", input_size=64)
+    last = loaded.model.regressor[-1]
+    assert isinstance(last, torch.nn.Linear)
     with torch.no_grad():
-        loaded.model.regressor[-1].bias.fill_(1.3)  # ages near 180 months, as a trained model's
+        last.bias.fill_(1.3)  # ages near 180 months, as a trained model's
     items = phantom_items(16, size=96, seed=5)
     report = evaluate(
         loaded,

@@ -75,8 +75,10 @@ def test_predict_z_is_predict_with_cam_s_prediction(
 ) -> None:
     # evaluate and train's validation use predict_z, the service predict_with_cam: under
     # the worker's autocast both run the trunk alone in the lower precision
+    last = tiny_model.regressor[-1]
+    assert isinstance(last, torch.nn.Linear)
     with torch.no_grad():
-        tiny_model.regressor[-1].bias.fill_(1.3)  # z near 1.3, where bfloat16 steps by 2**-7
+        last.bias.fill_(1.3)  # z near 1.3, where bfloat16 steps by 2**-7
     x = torch.randn(3, 1, 64, 64)
     sex = torch.tensor([0.0, 1.0, 1.0])
     with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):

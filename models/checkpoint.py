@@ -221,13 +221,49 @@ def checkpoint_bytes(model: BoneAgeNet, meta: CheckpointMeta) -> bytes:
     return save_safetensors(_state_tensors(model), metadata={METADATA_KEY: meta.to_json()})
 
 
+def check_checkpoint_path(path: str | os.PathLike[str]) -> None:
+    """Refuse a destination :func:`save_checkpoint` could not write, before any work.
+
+    Training writes its checkpoint only at the end: a folder that is missing or not
+    writable would otherwise be found after the whole run.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Destination ``.safetensors`` file.
+
+    Raises
+    ------
+    ValueError
+        If ``path`` is a folder, or its folder does not exist, is not a folder, or does
+        not let a file be created in it (tried: a temporary file, removed at once).
+    """
+    target = Path(path)
+    folder = target.parent
+    if target.is_dir():
+        raise ValueError(f"cannot write the checkpoint {target}: it is a folder")
+    if not folder.is_dir():
+        problem = "is not a folder" if folder.exists() else "does not exist"
+        raise ValueError(f"cannot write the checkpoint {target}: its folder {folder} {problem}")
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise ValueError(
+            f"cannot write the checkpoint {target}: no file can be created in {folder} "
+            f"({exc.strerror or exc})"
+        ) from exc
+    os.close(fd)
+    Path(tmp_name).unlink(missing_ok=True)
+
+
 def save_checkpoint(path: str | os.PathLike[str], model: BoneAgeNet, meta: CheckpointMeta) -> str:
     """Write a checkpoint atomically (temporary file, fsync, rename).
 
     Parameters
     ----------
     path : str or os.PathLike
-        Destination ``.safetensors`` file; its folder must exist.
+        Destination ``.safetensors`` file; its folder must exist
+        (:func:`check_checkpoint_path` says so before the work that makes the model).
     model : BoneAgeNet
         The model to store.
     meta : CheckpointMeta

@@ -15,7 +15,10 @@ Resuming: with ``state_dir`` set, the training state is written after every epoc
 ``train_state.safetensors`` (weights, best weights, optimiser tensors, RNG state) plus
 ``train_state.json`` (counters, history, schedule, configuration, the SHA-256 of the
 tensors file and :func:`data_fingerprint` of the data) — no pickle. ``resume=True``
-continues from there, and refuses other data or settings that change what is learnt.
+continues from there, and refuses other data or other training settings (only ``epochs``
+and ``patience`` may change; :data:`RESUME_MAY_CHANGE`). A state folder that holds a saved
+run is not overwritten by a new one unless ``restart=True``. :func:`check_destinations`
+refuses what could not be written, or resumed, before any image is read.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +44,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from models.checkpoint import INTERVAL_LEVELS, CheckpointMeta, save_checkpoint
+from models.checkpoint import (
+    INTERVAL_LEVELS,
+    CheckpointMeta,
+    check_checkpoint_path,
+    save_checkpoint,
+)
 from models.data import (
     LabelledImage,
     PreparedDataset,
@@ -290,19 +299,127 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-_RESUME_KEYS = (
-    "arch",
-    "input_size",
-    "seed",
-    "val_fraction",
-    "head_hidden",
-    "schedule",
-    "clahe",
-    "loss",
-    "augment",
-    "pretrained",
+RESUME_MAY_CHANGE = frozenset(
+    {"epochs", "patience", "num_workers", "device", "cache", "data_description", "version"}
 )
-"""Settings a resumed run must share with the run it continues."""
+"""The :class:`TrainConfig` fields a resumed run may change: how long it goes on, and how
+and where it runs and is described. Every other one is what the saved run trained with
+(its learning rate, batch size, weight decay, loss, warm-up, dropout, precision, ...): a
+resumed run with another would be recorded in the checkpoint as trained with it
+throughout, and the cosine schedule would jump."""
+
+
+def _resume_conflicts(saved: dict[str, Any], config: TrainConfig) -> list[str]:
+    """``"lr was 0.0003, now 0.05"`` for each setting ``config`` changes but may not."""
+    conflicts = []
+    for spec in dataclasses.fields(TrainConfig):
+        if spec.name in RESUME_MAY_CHANGE:
+            continue
+        # a field the saved run's code did not have yet: it trained with its default
+        before, now = saved.get(spec.name, spec.default), getattr(config, spec.name)
+        if before != now:
+            conflicts.append(f"{spec.name} was {before!r}, now {now!r}")
+    return conflicts
+
+
+def _saved_config(folder: Path) -> dict[str, Any]:
+    """The saved run's state (``train_state.json``), its version checked."""
+    state_path, tensor_path = folder / STATE_JSON, folder / STATE_TENSORS
+    if not state_path.is_file() or not tensor_path.is_file():
+        raise FileNotFoundError(f"no training state to resume in {folder}")
+    state: dict[str, Any] = json.loads(state_path.read_text(encoding="utf-8"))
+    if state.get("version") != _STATE_VERSION:
+        raise ValueError(f"{state_path}: unsupported training-state version {state.get('version')}")
+    return state
+
+
+def _check_resumable(folder: Path, state: dict[str, Any], config: TrainConfig) -> None:
+    conflicts = _resume_conflicts(state["config"], config)
+    if conflicts:
+        raise ValueError(
+            f"cannot resume: {'; '.join(conflicts)} (the run in {folder} trained with the "
+            "former; a resumed run may change only epochs and patience)"
+        )
+
+
+def check_destinations(
+    output: str | Path,
+    state_dir: str | Path | None = None,
+    *,
+    config: TrainConfig | None = None,
+    resume: bool = False,
+    restart: bool = False,
+) -> None:
+    """Refuse, before any image is read, a run whose results could not be written or
+    that would resume wrongly or overwrite a saved run.
+
+    :func:`train` calls it first; a command that reads its data before calling
+    :func:`train` calls it before that.
+
+    Parameters
+    ----------
+    output : str or pathlib.Path
+        The checkpoint to write (:func:`~models.checkpoint.check_checkpoint_path`).
+    state_dir : str or pathlib.Path, optional
+        Folder of the per-epoch training state.
+    config : TrainConfig, optional
+        With ``resume``: the settings checked against the saved run's.
+    resume : bool
+        Continue the run saved in ``state_dir``.
+    restart : bool
+        Train anew in a ``state_dir`` that holds a saved run, replacing it.
+
+    Raises
+    ------
+    ValueError
+        If the checkpoint cannot be written; ``resume`` or ``restart`` is given without
+        ``state_dir``, or both are; ``state_dir`` holds a saved run and neither is given;
+        the state folder is not a writable folder; or ``config`` changes a setting the
+        saved run trained with (each named, with its old and new value).
+    FileNotFoundError
+        If ``resume`` and ``state_dir`` holds no saved run.
+    """
+    check_checkpoint_path(output)
+    if state_dir is None:
+        if resume or restart:
+            raise ValueError(f"{'resume' if resume else 'restart'}=True needs state_dir")
+        return
+    if resume and restart:
+        raise ValueError("resume and restart exclude each other: continue the run, or replace it")
+    folder = Path(state_dir)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"the training-state folder {folder} is not a folder")
+    if resume:
+        state = _saved_config(folder)
+        if config is not None:
+            _check_resumable(folder, state, config)
+    elif _holds_a_run(folder) and not restart:
+        raise ValueError(
+            f"{folder} holds a saved training run{_saved_epochs(folder)}: --resume to "
+            "continue it, --restart to train anew and replace it, or another state folder"
+        )
+    try:  # it is written after the first epoch: found unwritable then, an epoch is lost
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise ValueError(
+            f"cannot write the training state into {folder} ({exc.strerror or exc})"
+        ) from exc
+    os.close(fd)
+    Path(probe).unlink(missing_ok=True)
+
+
+def _holds_a_run(folder: Path) -> bool:
+    return (folder / STATE_JSON).exists() or (folder / STATE_TENSORS).exists()
+
+
+def _saved_epochs(folder: Path) -> str:
+    """``" (3 of 30 epochs done)"``, or ``""`` where the state cannot be read."""
+    try:
+        state = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
+        return f" ({state['progress']['epoch_done']} of {state['config']['epochs']} epochs done)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def data_fingerprint(items: Sequence[LabelledImage]) -> str:
@@ -325,21 +442,12 @@ def data_fingerprint(items: Sequence[LabelledImage]) -> str:
 def _load_state(
     folder: Path, config: TrainConfig, fingerprint: str
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    state = _saved_config(folder)
     state_path, tensor_path = folder / STATE_JSON, folder / STATE_TENSORS
-    if not state_path.is_file() or not tensor_path.is_file():
-        raise FileNotFoundError(f"no training state to resume in {folder}")
-    state = json.loads(state_path.read_text(encoding="utf-8"))
-    if state.get("version") != _STATE_VERSION:
-        raise ValueError(f"{state_path}: unsupported training-state version {state.get('version')}")
     data = tensor_path.read_bytes()
     if hashlib.sha256(data).hexdigest() != state["tensors_sha256"]:
         raise ValueError(f"{tensor_path} does not match {state_path} (interrupted write?)")
-    saved = state["config"]
-    for key in _RESUME_KEYS:
-        if saved.get(key) != getattr(config, key):
-            raise ValueError(
-                f"cannot resume: {key} was {saved.get(key)!r}, now {getattr(config, key)!r}"
-            )
+    _check_resumable(folder, state, config)
     if "data_sha256" not in state:  # written before the fingerprint existed
         logger.warning("%s has no fingerprint of its data: cannot check it is the same", state_path)
     elif state["data_sha256"] != fingerprint:
@@ -368,6 +476,7 @@ def train(
     config: TrainConfig | None = None,
     state_dir: str | Path | None = None,
     resume: bool = False,
+    restart: bool = False,
     progress: bool = True,
 ) -> TrainResult:
     """Train a model and write its checkpoint.
@@ -381,16 +490,29 @@ def train(
     config : TrainConfig, optional
         Settings; defaults to ``TrainConfig()``.
     state_dir : str or pathlib.Path, optional
-        Folder for the per-epoch training state (needed to resume).
+        Folder for the per-epoch training state (needed to resume). One that holds a
+        saved run is refused unless ``resume`` or ``restart``.
     resume : bool
-        Continue from the state in ``state_dir``.
+        Continue from the state in ``state_dir``, with the same data and training
+        settings (only ``epochs`` and ``patience`` may change).
+    restart : bool
+        Train anew in a ``state_dir`` that holds a saved run: its state is replaced at
+        the end of the first epoch.
     progress : bool
-        Show progress bars (loss and MAE per step, validation MAE per epoch).
+        Show progress bars (loss and MAE per step, the validation passes, validation
+        MAE per epoch).
 
     Returns
     -------
     TrainResult
         Checkpoint path, model id, metadata and history.
+
+    Raises
+    ------
+    ValueError
+        Before any image is read: the checkpoint or the state cannot be written, or a
+        saved run would be overwritten or resumed with other data or settings
+        (:func:`check_destinations`); fewer than 10 images.
 
     Notes
     -----
@@ -399,6 +521,15 @@ def train(
     residual quantiles, but the stated coverage is then approximate.
     """
     cfg = config or TrainConfig()
+    folder = Path(state_dir) if state_dir is not None else None
+    # before any image is read: the checkpoint is written only after the whole run
+    check_destinations(output, folder, config=cfg, resume=resume, restart=restart)
+    if restart and folder is not None and _holds_a_run(folder):
+        logger.warning(
+            "restart: the run saved in %s%s is replaced after this run's first epoch",
+            folder,
+            _saved_epochs(folder),
+        )
     if cfg.clahe:
         require_clahe()  # before the data are read, not at the first batch
     if len(items) < 10:
@@ -409,6 +540,8 @@ def train(
     amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
 
     fingerprint = data_fingerprint(items)
+    # the saved run's state and its checks, before any image is prepared
+    resumed = _load_state(folder, cfg, fingerprint) if resume and folder is not None else None
     n_listed, n_missing = source_counts(items)
     if n_missing:
         logger.warning(
@@ -481,11 +614,8 @@ def train(
     state = _Progress()
     best = _cpu_state(model)
 
-    folder = Path(state_dir) if state_dir is not None else None
-    if resume:
-        if folder is None:
-            raise ValueError("resume=True needs state_dir")
-        saved, tensors = _load_state(folder, cfg, fingerprint)
+    if resumed is not None:
+        saved, tensors = resumed
         target = (float(saved["target"][0]), float(saved["target"][1]))
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
@@ -551,6 +681,8 @@ def train(
             device=device,
             batch_size=cfg.batch_size,
             num_workers=cfg.num_workers,
+            progress=progress,
+            desc=f"validate {epoch + 1}/{cfg.epochs}",
         )
         val_mae = float(np.mean(np.abs(val_pred - np.array([it.age_months for it in val_items]))))
         record = {
@@ -601,7 +733,15 @@ def train(
     model.load_state_dict(best)
     val_true = np.array([it.age_months for it in val_items], dtype=np.float64)
     val_pred = predict_ages(
-        model, val_set, target_mean=mean, target_sd=sd, device=device, batch_size=cfg.batch_size
+        model,
+        val_set,
+        target_mean=mean,
+        target_sd=sd,
+        device=device,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        progress=progress,
+        desc="calibrate",
     )
     metrics = regression_metrics(val_pred, val_true)
     residuals = np.abs(val_pred - val_true)

@@ -133,10 +133,11 @@ def collect(settings: Settings) -> dict[str, Any]:
             "inference worker hanging, or consuming another broker?"
         )
     if errors := report["last_hour"]["error"]:
+        # reprocess keeps a result unsent unless told (its default suits a new model)
         problems.append(
             f"{errors} instance(s) ended in error in the last hour (see recent problems); "
-            "once the cause is fixed, 'boneage-worker reprocess --instance ID' assesses "
-            "one again"
+            "once the cause is fixed, 'boneage-worker reprocess --instance ID --send' "
+            "assesses one again and sends its results"
         )
     if not settings.destinations:
         problems.append("no destinations configured (BONEAGE_DESTINATIONS): results are not sent")

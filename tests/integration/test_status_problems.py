@@ -19,6 +19,7 @@ from db.schema import utcnow as now
 from tests.conftest import StoreSCP
 from tests.integration.test_pipeline import make_runtime, spool_instance
 from worker.cli import main as cli
+from worker.cli import reprocess
 from worker.pipeline import assess_instance
 from worker.runtime import Runtime
 from worker.status import collect
@@ -103,6 +104,9 @@ def test_instances_ended_in_error_in_the_last_hour_make_the_node_unhealthy(
     assert assess_instance(runtime, gone).state == "error"
     [error] = _errors(_problems(runtime))
     assert error.startswith("1 instance(s) ended in error in the last hour")
+    # reprocess keeps its results unless told to send them: the advice tells it to
+    assert "'boneage-worker reprocess --instance ID --send' assesses one again" in error
+    assert "--send" in [flag for option in reprocess.params for flag in option.opts]
     assert collect(runtime.settings)["last_hour"]["error"] == 1
 
     # An hour later it is history: the counts and recent problems still show it.

@@ -105,6 +105,7 @@ def collect(settings: Settings) -> dict[str, Any]:
     for queue in ("inference", "delivery"):
         if not any(p["role"] == "worker" and queue in p.get("queues", []) for p in live):
             problems.append(f"no worker consumes the {queue} queue")
+    problems.extend(_model_problems([p for p in live if "inference" in p.get("queues", [])]))
     if retrying:
         problems.append(f"{retrying} deliveries are being retried; latest error: {last_error}")
     if report["deliveries"].get("failed"):
@@ -149,6 +150,26 @@ def collect(settings: Settings) -> dict[str, Any]:
         )
     report["healthy"] = not problems
     return report
+
+
+def _model_problems(inference: list[dict[str, Any]]) -> list[str]:
+    """What is wrong with the models the live inference workers (their heartbeats'
+    details) run: an untrained one, or not the same one."""
+    problems = []
+    if any(p.get("trained") is False for p in inference):
+        # every SR and SC says so too, but the PACS files them with the images
+        problems.append(
+            "inference worker(s) run an UNTRAINED model: results are not for clinical "
+            "use; set BONEAGE_MODEL"
+        )
+    models = sorted({str(p["model_id"]) for p in inference if p.get("model_id")})
+    if len(models) > 1:
+        problems.append(
+            f"inference workers run different models ({', '.join(m[:12] for m in models)}): "
+            "an image's bone age depends on which worker assesses it; restart them with "
+            "the same BONEAGE_MODEL"
+        )
+    return problems
 
 
 def _seconds(value: float | None) -> str:

@@ -1,7 +1,9 @@
-"""`status` says when work ends in error or stops moving, not only when a process is down.
+"""`status` says when work ends in error or stops moving, or when the inference workers
+run a model whose results are not for clinical use, not only when a process is down.
 
 A node's real database (SQLite), with instances spooled and recorded as the listener
-records them; the states an outage or a hung worker leaves are written into the rows.
+records them; the states an outage or a hung worker leaves are written into the rows,
+and the heartbeats of its processes as they write them.
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import update
+from sqlalchemy import insert, update
 
 from db.engine import session_scope
-from db.schema import Instance, InstanceState
+from db.schema import Heartbeat, Instance, InstanceState
 from db.schema import utcnow as now
 from tests.conftest import StoreSCP
 from tests.integration.test_pipeline import make_runtime, spool_instance
@@ -46,6 +48,30 @@ def _stuck(problems: list[str]) -> list[str]:
 
 def _errors(problems: list[str]) -> list[str]:
     return [p for p in problems if "ended in error in the last hour" in p]
+
+
+def _models(problems: list[str]) -> list[str]:
+    return [p for p in problems if "model" in p]
+
+
+UNTRAINED = (
+    "inference worker(s) run an UNTRAINED model: results are not for clinical use; "
+    "set BONEAGE_MODEL"
+)
+
+
+def _beat(rt: Runtime, name: str, **detail: object) -> None:
+    """A live inference worker's heartbeat, with what its detail says of its model."""
+    with session_scope(rt.database_url) as session:
+        session.execute(
+            insert(Heartbeat).values(
+                name=name,
+                role="worker",
+                detail={"queues": ["inference"], "device": "cpu", **detail},
+                started_at=now(),
+                seen_at=now(),
+            )
+        )
 
 
 def test_work_that_stops_moving_makes_the_node_unhealthy(runtime: Runtime) -> None:
@@ -141,3 +167,38 @@ def test_status_quiet_prints_only_the_problems(
     assert "spooled file is missing" not in quiet.output  # a reason, shown by `status` alone
     both = CliRunner().invoke(cli, ["status", "--quiet", "--json"])
     assert both.exit_code == 2 and "exclude each other" in both.output
+
+
+def test_inference_workers_on_an_untrained_model_make_the_node_unhealthy(
+    runtime: Runtime, tiny_checkpoint: Path
+) -> None:
+    """The tiny checkpoint's model is a random one: a node whose workers run it, or run
+    no checkpoint at all, gives bone ages that mean nothing, and is not healthy, though
+    each SR and SC says so."""
+    assert runtime.predictor.meta.trained is False
+    model = runtime.predictor.model_id
+    _beat(runtime, "worker@gpu-1:11", trained=True, model_id=model)
+    assert _models(_problems(runtime)) == []
+    _beat(runtime, "worker@gpu-2:12", trained=False, model_id=model)
+    assert _models(_problems(runtime)) == [UNTRAINED]
+    # a worker gone for good no longer counts
+    with session_scope(runtime.database_url) as session:
+        session.execute(
+            update(Heartbeat)
+            .where(Heartbeat.name == "worker@gpu-2:12")
+            .values(seen_at=now() - dt.timedelta(minutes=5))
+        )
+    assert _models(_problems(runtime)) == []
+
+
+def test_inference_workers_on_different_models_make_the_node_unhealthy(
+    runtime: Runtime,
+) -> None:
+    """Two workers restarted with different checkpoints (one of them after a new
+    BONEAGE_MODEL, the other not): an image's bone age depends on which one takes it."""
+    _beat(runtime, "worker@gpu-1:11", trained=True, model_id="a" * 64)
+    _beat(runtime, "worker@gpu-2:12", trained=True, model_id="a" * 64)
+    assert _models(_problems(runtime)) == []
+    _beat(runtime, "worker@gpu-3:13", trained=True, model_id="b" * 64)
+    [different] = _models(_problems(runtime))
+    assert different.startswith(f"inference workers run different models ({'a' * 12}, {'b' * 12})")

@@ -65,6 +65,32 @@ def retrying_deliveries(session: Session) -> tuple[int, str | None]:
     return len(rows), (rows[0][0] if rows else None)
 
 
+@dataclass(frozen=True)
+class Overdue:
+    """Pending deliveries due by ``now``: how many, since when the one due longest has
+    been due, and when the latest delivery was made.
+
+    A delivery is due from its ``next_attempt_at`` (its creation where that is empty).
+    A delivery worker that claims one moves it out by the time a send may take, and a
+    failed attempt by its back-off, so one long overdue is one no worker took.
+    """
+
+    count: int
+    oldest_due: datetime | None
+    last_delivered_at: datetime | None
+
+
+def overdue_deliveries(session: Session, now: datetime) -> Overdue:
+    due = func.coalesce(Delivery.next_attempt_at, Delivery.created_at, type_=UTCDateTime())
+    count, oldest = session.execute(
+        select(func.count(), func.min(due, type_=UTCDateTime())).where(
+            Delivery.state == DeliveryState.PENDING, due <= now
+        )
+    ).one()
+    last = session.scalar(select(func.max(Delivery.delivered_at, type_=UTCDateTime())))
+    return Overdue(int(count), oldest, last)
+
+
 def spooled(session: Session) -> tuple[int, int]:
     """Received images still on disk (retention has not removed them): count, bytes."""
     count, size = session.execute(

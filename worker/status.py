@@ -74,6 +74,7 @@ def collect(settings: Settings) -> dict[str, Any]:
         ]
         spool_instances, spool_bytes = queries.spooled(session)
         waiting = queries.waiting(session)
+        overdue = queries.overdue_deliveries(session, current)
     space = disk_space(settings.data_dir)
     report["storage"] = {
         "free_bytes": space.free_bytes if space else None,
@@ -132,6 +133,28 @@ def collect(settings: Settings) -> dict[str, Any]:
             f"{(current - waiting.oldest_since).total_seconds() / 60:.0f} min, and none "
             f"finished in the last {stuck_after.total_seconds() / 60:.0f} min: is an "
             "inference worker hanging, or consuming another broker?"
+        )
+    report["overdue_deliveries"] = {
+        "deliveries": overdue.count,
+        "oldest_due": _iso(overdue.oldest_due),
+        "last_delivered_at": _iso(overdue.last_delivered_at),
+    }
+    # The same for deliveries. A delivery worker claims a delivery by moving its due
+    # time out by the time a send may take, a failed attempt by its back-off, and the
+    # reconciler queues one overdue again every round: one overdue for as long, with
+    # nothing delivered, is no worker's (hung, or consuming another broker), and its
+    # SR and SC do not reach the PACS.
+    if (
+        overdue.oldest_due is not None
+        and current - overdue.oldest_due > stuck_after
+        and (overdue.last_delivered_at is None or current - overdue.last_delivered_at > stuck_after)
+    ):
+        problems.append(
+            f"{overdue.count} deliveries are due, the longest for "
+            f"{(current - overdue.oldest_due).total_seconds() / 60:.0f} min, and none was "
+            f"delivered in the last {stuck_after.total_seconds() / 60:.0f} min: is a "
+            "delivery worker hanging, or consuming another broker? Results are not "
+            "reaching the PACS"
         )
     if errors := report["last_hour"]["error"]:
         # reprocess keeps a result unsent unless told (its default suits a new model)

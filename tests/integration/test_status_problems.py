@@ -13,15 +13,16 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import insert, update
+from sqlalchemy import insert, select, update
 
 from db.engine import session_scope
-from db.schema import Heartbeat, Instance, InstanceState
+from db.schema import Delivery, DeliveryState, Heartbeat, Instance, InstanceState
 from db.schema import utcnow as now
 from tests.conftest import StoreSCP
 from tests.integration.test_pipeline import make_runtime, spool_instance
 from worker.cli import main as cli
 from worker.cli import reprocess
+from worker.delivery import send_deliveries
 from worker.pipeline import assess_instance
 from worker.runtime import Runtime
 from worker.status import collect
@@ -48,6 +49,10 @@ def _stuck(problems: list[str]) -> list[str]:
 
 def _errors(problems: list[str]) -> list[str]:
     return [p for p in problems if "ended in error in the last hour" in p]
+
+
+def _undelivered(problems: list[str]) -> list[str]:
+    return [p for p in problems if "delivered in the last" in p]
 
 
 def _models(problems: list[str]) -> list[str]:
@@ -202,3 +207,49 @@ def test_inference_workers_on_different_models_make_the_node_unhealthy(
     _beat(runtime, "worker@gpu-3:13", trained=True, model_id="b" * 64)
     [different] = _models(_problems(runtime))
     assert different.startswith(f"inference workers run different models ({'a' * 12}, {'b' * 12})")
+
+
+def test_deliveries_that_no_worker_takes_make_the_node_unhealthy(
+    runtime: Runtime, storescp: StoreSCP
+) -> None:
+    """A delivery worker that hangs (or consumes another broker) leaves the SR and SC
+    pending, never attempted: results stop reaching the PACS, and `status` says so once
+    they are overdue for twice the requeue interval (2 minutes here) with nothing
+    delivered meanwhile."""
+    outcome = assess_instance(runtime, spool_instance(runtime))
+    ids = list(outcome.delivery_ids)
+    assert len(ids) == 2 and _undelivered(_problems(runtime)) == []  # just made
+
+    with session_scope(runtime.database_url) as session:
+        session.execute(
+            update(Delivery)
+            .where(Delivery.id.in_(ids))
+            .values(next_attempt_at=now() - dt.timedelta(minutes=10))
+        )
+    [stuck] = _undelivered(_problems(runtime))
+    assert stuck.startswith("2 deliveries are due, the longest for 10 min, and none was")
+    assert "is a delivery worker hanging" in stuck
+    assert collect(runtime.settings)["overdue_deliveries"]["deliveries"] == 2
+
+    # one retried later (its attempt failed, the PACS down) is not overdue: it waits
+    with session_scope(runtime.database_url) as session:
+        session.execute(
+            update(Delivery)
+            .where(Delivery.id == ids[0])
+            .values(attempts=1, next_attempt_at=now() + dt.timedelta(minutes=1))
+        )
+    [stuck] = _undelivered(_problems(runtime))
+    assert stuck.startswith("1 deliveries are due, the longest for 10 min")
+
+    # Deliveries that move are not stuck: the other one was just delivered.
+    assert send_deliveries(runtime, [ids[1]])[ids[1]].state == "delivered"
+    with session_scope(runtime.database_url) as session:
+        states = {i: state for i, state in session.execute(select(Delivery.id, Delivery.state))}
+    assert states == {ids[0]: DeliveryState.PENDING, ids[1]: DeliveryState.DELIVERED}
+    with session_scope(runtime.database_url) as session:
+        session.execute(
+            update(Delivery)
+            .where(Delivery.id == ids[0])
+            .values(next_attempt_at=now() - dt.timedelta(minutes=10))
+        )
+    assert _undelivered(_problems(runtime)) == []

@@ -9,7 +9,15 @@ from typing import Any
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from db.schema import Delivery, DeliveryState, Heartbeat, Instance, InstanceState, UTCDateTime
+from db.schema import (
+    Delivery,
+    DeliveryState,
+    Heartbeat,
+    Instance,
+    InstanceState,
+    ObjectKind,
+    UTCDateTime,
+)
 
 
 @dataclass(frozen=True)
@@ -275,7 +283,9 @@ def latencies_since(session: Session, since: datetime) -> Latencies:
     Each assessment counts from the copy it answers: the first from the instance's first
     reception, a later one (a copy received again that changed what the result depends
     on) from that copy. The deliveries of an assessment between the first and the last,
-    whose copy's reception is not kept, are left out.
+    whose copy's reception is not kept, are left out; so are our rejection notes, which
+    withdraw an image's SR and SC when the PACS rejects it, maybe weeks after it came,
+    and would count those weeks.
     """
     current = func.coalesce(Instance.assessment_received_at, Instance.received_at)
     assessed = session.execute(
@@ -290,7 +300,12 @@ def latencies_since(session: Session, since: datetime) -> Latencies:
     delivered = session.execute(
         select(received, func.max(Delivery.delivered_at))
         .join(Delivery, Delivery.instance_id == Instance.id)
-        .where(Delivery.delivered_at >= since)
+        .where(
+            Delivery.delivered_at >= since,
+            # a note from before revision 0009 does not say what it withdraws
+            Delivery.kind != ObjectKind.KO,
+            Delivery.withdraws.is_(None),
+        )
         .group_by(
             Instance.id,
             Delivery.assessment,

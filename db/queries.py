@@ -74,6 +74,46 @@ def retrying_deliveries(session: Session) -> tuple[int, str | None]:
 
 
 @dataclass(frozen=True)
+class FailedDelivery:
+    """A delivery whose attempts are spent (or that failed for good at once).
+
+    No column records when it failed: ``sending_since`` says when its last attempt
+    began only where that attempt's answer never came; otherwise its last attempt is
+    reckoned from ``created_at`` and its attempts (`worker.status`).
+    """
+
+    id: int
+    instance_id: int
+    kind: str
+    destination: str
+    attempts: int
+    last_error: str | None
+    created_at: datetime
+    sending_since: datetime | None
+
+
+def failed_deliveries(session: Session) -> list[FailedDelivery]:
+    """Every failed delivery, newest row first (they stay until `retry-deliveries`)."""
+    return [
+        FailedDelivery(
+            d.id,
+            d.instance_id,
+            d.kind.value,
+            d.destination,
+            d.attempts,
+            d.last_error,
+            d.created_at,
+            d.sending_since,
+        )
+        for d in session.scalars(
+            select(Delivery)
+            .where(Delivery.state == DeliveryState.FAILED)
+            .order_by(Delivery.id.desc())
+        )
+    ]
+
+
+@dataclass(frozen=True)
 class Overdue:
     """Pending deliveries due by ``now``: how many, since when the one due longest has
     been due, and when the latest delivery was made.
@@ -153,8 +193,9 @@ WITHDRAW_BY_HAND = "withdraw them at the PACS by hand"
 
 def recent_problems(session: Session, limit: int = 5) -> list[dict[str, Any]]:
     """Latest instances not assessed, in error, waiting to be tried again after an
-    attempt failed, or with objects of ours at the PACS to withdraw by hand, and failed
-    deliveries, newest first."""
+    attempt failed, or with objects of ours at the PACS to withdraw by hand, newest
+    first. Failed deliveries are not among them (`failed_deliveries`): a day of chest
+    films forwarded by mistake would push them out of the few shown."""
     problems: list[dict[str, Any]] = []
     for inst in session.scalars(
         select(Instance)
@@ -174,22 +215,7 @@ def recent_problems(session: Session, limit: int = 5) -> list[dict[str, Any]]:
                 "at": inst.finished_at or inst.started_at or inst.received_at,
             }
         )
-    for d in session.scalars(
-        select(Delivery)
-        .where(Delivery.state == DeliveryState.FAILED)
-        .order_by(Delivery.id.desc())
-        .limit(limit)
-    ):
-        problems.append(
-            {
-                "what": f"delivery {d.id} ({d.kind.value} to {d.destination})",
-                "state": "failed",
-                "reason": d.last_error,
-                "at": d.created_at,
-            }
-        )
-    problems.sort(key=lambda p: p["at"], reverse=True)
-    return problems[:limit]
+    return problems
 
 
 def _percentile(values: list[float], q: float) -> float | None:

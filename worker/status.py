@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -20,6 +21,9 @@ from worker.storage import disk_space
 
 #: Dead processes are listed for this long, then no longer shown.
 FORGET_AFTER = timedelta(hours=1)
+
+#: Failed deliveries the screen lists one by one (`--json` lists them all).
+FAILED_SHOWN = 10
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -75,6 +79,7 @@ def collect(settings: Settings) -> dict[str, Any]:
         spool_instances, spool_bytes = queries.spooled(session)
         waiting = queries.waiting(session)
         overdue = queries.overdue_deliveries(session, current)
+        failed = queries.failed_deliveries(session)
     space = disk_space(settings.data_dir)
     report["storage"] = {
         "free_bytes": space.free_bytes if space else None,
@@ -109,10 +114,12 @@ def collect(settings: Settings) -> dict[str, Any]:
     problems.extend(_model_problems([p for p in live if "inference" in p.get("queues", [])]))
     if retrying:
         problems.append(f"{retrying} deliveries are being retried; latest error: {last_error}")
-    if report["deliveries"].get("failed"):
+    report["failed_deliveries"] = _failed(failed, settings)
+    if failed:
         problems.append(
-            f"{report['deliveries']['failed']} deliveries failed: "
-            "fix the destination, then run 'boneage-worker retry-deliveries'"
+            f"{len(failed)} deliveries failed: fix the destination, then run "
+            "'boneage-worker retry-deliveries'; latest error: "
+            f"{report['failed_deliveries'][0]['error']}"
         )
     report["waiting"] = {
         "instances": waiting.count,
@@ -195,6 +202,52 @@ def _model_problems(inference: list[dict[str, Any]]) -> list[str]:
     return problems
 
 
+def _failed(failed: list[queries.FailedDelivery], settings: Settings) -> list[dict[str, Any]]:
+    """The failed deliveries, the one whose last attempt came last first."""
+    dated = sorted(
+        ((_last_attempt(d, settings), d) for d in failed),
+        key=lambda pair: (pair[0][0], pair[1].id),
+        reverse=True,
+    )
+    return [
+        {
+            "id": d.id,
+            "instance": d.instance_id,
+            "kind": d.kind,
+            "destination": d.destination,
+            "attempts": d.attempts,
+            "error": d.last_error,
+            "last_attempt_at": _iso(at),
+            "last_attempt_reckoned": reckoned,
+        }
+        for (at, reckoned), d in dated
+    ]
+
+
+def _last_attempt(d: queries.FailedDelivery, settings: Settings) -> tuple[datetime, bool]:
+    """When a failed delivery's last attempt began, and whether that is reckoned.
+
+    Its row says so only where the attempt's answer never came (``sending_since``).
+    Otherwise it is reckoned: its creation, and the back-off before each attempt after
+    the first (`worker.delivery.backoff_seconds`), as if each retry went when it was
+    due. That is the earliest it can have been; it was later where the delivery waited
+    behind others, or was sent again by `retry-deliveries` (which counts its attempts
+    from nought again).
+    """
+    if d.sending_since is not None:
+        return d.sending_since, False
+    # pynetdicom comes with it: imported only where a delivery failed
+    from worker.delivery import backoff_seconds
+
+    waited = sum(
+        backoff_seconds(
+            attempt, settings.delivery_backoff_seconds, settings.delivery_backoff_max_seconds
+        )
+        for attempt in range(1, d.attempts)
+    )
+    return d.created_at + timedelta(seconds=waited), True
+
+
 def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f} s"
 
@@ -218,6 +271,32 @@ def _size(count: int) -> str:
         if count >= scale:
             return f"{count / scale:.1f} {unit}"
     return f"{count} B"
+
+
+def _failed_table(failed: list[dict[str, Any]]) -> Table:
+    table = Table(
+        title="failed deliveries (fix the destination, then 'boneage-worker retry-deliveries')",
+        expand=True,
+    )
+    for col in ("last attempt", "what", "attempts", "error"):
+        table.add_column(col)
+    for d in failed[:FAILED_SHOWN]:
+        at = d["last_attempt_at"] or ""
+        table.add_row(
+            f"≈ {at}" if d["last_attempt_reckoned"] else at,  # reckoned, not recorded
+            f"delivery {d['id']} ({d['kind']} to {d['destination']}) of instance {d['instance']}",
+            str(d["attempts"]),
+            d["error"] or "",
+        )
+    return table
+
+
+def _failed_rest(rest: list[dict[str, Any]]) -> str:
+    """The failed deliveries not listed, counted by error: each error stays in sight."""
+    errors = Counter(d["error"] or "no error recorded" for d in rest)
+    return f"{len(rest)} more failed deliveries ('status --json' lists them): " + "; ".join(
+        f"{n} × {error}" for error, n in errors.most_common()
+    )
 
 
 def render(report: dict[str, Any], console: Console) -> None:
@@ -309,6 +388,10 @@ def render(report: dict[str, Any], console: Console) -> None:
             f"storage: {disk}; {held} received image{'' if held == 1 else 's'} on disk "
             f"({_size(storage['spool_bytes'])}), {kept}"
         )
+    if failed_deliveries := report.get("failed_deliveries"):
+        parts.append(_failed_table(failed_deliveries))
+        if len(failed_deliveries) > FAILED_SHOWN:
+            parts.append(_failed_rest(failed_deliveries[FAILED_SHOWN:]))
     if report.get("recent_problems"):
         recent = Table(title="recent problems", expand=True)
         for col in ("when", "what", "state", "reason"):

@@ -1,5 +1,5 @@
-"""What `status` (and the metrics) say of deliveries: a latency from reception to
-delivery that our rejection notes do not distort.
+"""What `status` (and the metrics) say of deliveries: every failed one with its error,
+and a latency from reception to delivery that our rejection notes do not distort.
 
 A node's real database (SQLite), with instances spooled and recorded as the listener
 records them; the deliveries' states, times and errors are written into their rows as
@@ -9,10 +9,12 @@ the delivery worker leaves them.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 from sqlalchemy import insert, update
 
 from db import queries
@@ -21,6 +23,7 @@ from db.schema import Delivery, DeliveryState, Instance, InstanceState, ObjectKi
 from db.schema import utcnow as now
 from tests.integration.test_pipeline import make_runtime, spool_instance
 from worker.runtime import Runtime
+from worker.status import collect, render
 
 pytestmark = pytest.mark.integration
 
@@ -58,6 +61,92 @@ def _delivery(rt: Runtime, instance_id: int, uid: str, **values: Any) -> int:
         return int(
             session.execute(insert(Delivery).values(row).returning(Delivery.id)).scalar_one()
         )
+
+
+def _shown(report: dict[str, Any]) -> str:
+    console = Console(record=True, width=240, color_system=None)
+    render(report, console)
+    return console.export_text()
+
+
+def test_failed_deliveries_are_listed_with_their_errors_whatever_else_went_wrong(
+    runtime: Runtime,
+) -> None:
+    """Chest films forwarded by mistake (not assessed) once pushed a failed delivery, and
+    its error, out of the few recent problems shown. Each failed delivery is listed, the
+    one whose last attempt came last first: dated by its row where that says when, else
+    reckoned from its creation and the back-off before each attempt."""
+    current = now()
+    # retried for a day, since 25 hours ago: its 31st attempt was about an hour ago
+    day_long = _delivery(
+        runtime,
+        _instance(runtime, InstanceState.ASSESSED, current - dt.timedelta(hours=25)),
+        "9.9.1",
+        state=DeliveryState.FAILED,
+        attempts=31,
+        last_error="association rejected by PACS (calling AE not known)",
+        created_at=current - dt.timedelta(hours=25),
+    )
+    # refused for good at its first attempt, two hours ago
+    refused = _delivery(
+        runtime,
+        _instance(runtime, InstanceState.ASSESSED, current - dt.timedelta(hours=2)),
+        "9.9.2",
+        state=DeliveryState.FAILED,
+        attempts=1,
+        last_error="PACS answered status 0xA900 (a refusal: not sent again)",
+        created_at=current - dt.timedelta(hours=2),
+    )
+    # its last C-STORE, begun 20 minutes ago, was never answered: the row says when
+    unanswered = _delivery(
+        runtime,
+        _instance(runtime, InstanceState.ASSESSED, current - dt.timedelta(hours=30)),
+        "9.9.3",
+        state=DeliveryState.FAILED,
+        attempts=31,
+        last_error="no answer to the C-STORE within 30 s",
+        created_at=current - dt.timedelta(hours=30),
+        sending_since=current - dt.timedelta(minutes=20),
+    )
+    for hours in range(1, 7):  # six chest films in the last hours
+        _instance(
+            runtime,
+            InstanceState.NOT_ASSESSED,
+            current - dt.timedelta(minutes=30 * hours),
+            reason="body part is CHEST, not a hand",
+        )
+
+    report = collect(runtime.settings)
+    failed = report["failed_deliveries"]
+    assert [d["id"] for d in failed] == [unanswered, day_long, refused]
+    assert [d["last_attempt_reckoned"] for d in failed] == [False, True, True]
+    assert failed[0]["last_attempt_at"] == (current - dt.timedelta(minutes=20)).isoformat(
+        timespec="seconds"
+    )
+    # 30 + 60 + ... + 1920 s, then 23 hours at the cap of an hour: 24 h 3 min 30 s
+    reckoned = dt.datetime.fromisoformat(failed[1]["last_attempt_at"])
+    expected = current - dt.timedelta(hours=25) + dt.timedelta(hours=24, seconds=210)
+    assert abs(reckoned - expected) <= dt.timedelta(seconds=1)
+    assert failed[1]["error"] == "association rejected by PACS (calling AE not known)"
+    assert {d["kind"] for d in failed} == {"sr"} and failed[2]["attempts"] == 1
+    # what `status --json` prints, and the problem line a health check prints
+    printed = json.dumps(report, default=str)
+    assert "association rejected by PACS" in printed and "0xA900" in printed
+    assert (
+        "3 deliveries failed: fix the destination, then run 'boneage-worker "
+        "retry-deliveries'; latest error: no answer to the C-STORE within 30 s"
+    ) in report["problems"]
+    # the recent problems are the instances'
+    assert len(report["recent_problems"]) == 5
+    assert all(p["what"].startswith("instance ") for p in report["recent_problems"])
+
+    shown = _shown(report)
+    assert "failed deliveries" in shown
+    for d in failed:
+        assert f"delivery {d['id']} (sr to {DESTINATION})" in shown
+        assert d["error"] in shown
+    assert f"≈ {failed[1]['last_attempt_at']}" in shown  # reckoned, not recorded
+    assert f"≈ {failed[0]['last_attempt_at']}" not in shown
 
 
 def test_our_rejection_notes_do_not_count_as_deliveries_of_their_images(

@@ -102,3 +102,47 @@ def test_the_listener_says_when_it_closed_connections_for_too_many_at_once() -> 
     report = _report()
     report["processes"][0]["connections_refused"] = 12
     assert "12 connections closed on arrival (too many at once)" in _shown(report)
+
+
+def _failed(n: int, error: str, **changes: Any) -> dict[str, Any]:
+    """A failed delivery as `status --json` lists it."""
+    return {
+        "id": n,
+        "instance": 100 + n,
+        "kind": "sr",
+        "destination": f"PACS@10.0.0.5:{PACS_PORT}",
+        "attempts": 31,
+        "error": error,
+        "last_attempt_at": f"2026-12-05T{n % 24:02d}:00:00+00:00",
+        "last_attempt_reckoned": True,
+        **changes,
+    }
+
+
+def test_failed_deliveries_are_listed_with_their_errors() -> None:
+    assert "failed deliveries" not in _shown(_report())
+    failed = [
+        _failed(7, "no answer to the C-STORE within 30 s", last_attempt_reckoned=False),
+        _failed(3, "association rejected by PACS (calling AE not known)", attempts=1),
+    ]
+    shown = _shown(_report(failed_deliveries=failed))
+    assert f"delivery 7 (sr to PACS@10.0.0.5:{PACS_PORT}) of instance 107" in shown
+    assert "no answer to the C-STORE within 30 s" in shown
+    assert "association rejected by PACS (calling AE not known)" in shown
+    # a time the row recorded as it is, one reckoned from the back-off marked so
+    assert "2026-12-05T07:00:00+00:00" in shown and "≈ 2026-12-05T07" not in shown
+    assert "≈ 2026-12-05T03:00:00+00:00" in shown
+
+
+def test_failed_deliveries_past_those_listed_are_counted_by_error() -> None:
+    """A day's deliveries failed: the latest are listed, and every error of the others
+    is still shown, with how many it ended."""
+    failed = [_failed(n, "association rejected by PACS") for n in range(40, 10, -1)]
+    failed.append(_failed(5, "the outbox file is damaged: SHA-256 differs"))
+    shown = _shown(_report(failed_deliveries=failed))
+    assert shown.count("association rejected by PACS") == 10 + 1  # the rows, the count
+    assert "delivery 31 (" in shown and "delivery 30 (" not in shown
+    assert (
+        "21 more failed deliveries ('status --json' lists them): 20 × association "
+        "rejected by PACS; 1 × the outbox file is damaged: SHA-256 differs"
+    ) in shown

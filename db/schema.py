@@ -143,6 +143,10 @@ class Instance(Base):
     # assessment read (worker.pipeline); the reconciler queues it again if its message
     # was lost
     received_again_at: Mapped[datetime | None]
+    # when a copy was last received again, kept after the comparison: retention keeps
+    # the files from the later of this and finished_at (empty on instances received
+    # once, and where the copies came before revision 0011 and were compared then)
+    last_received_again_at: Mapped[datetime | None]
     # when the copy that the current assessment answers was received: empty for the first
     # assessment (received_at); a later one's latency counts from the copy received again
     assessment_received_at: Mapped[datetime | None]

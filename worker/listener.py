@@ -86,6 +86,9 @@ def record_instance(database_url: str, received: ReceivedInstance) -> int:
                 files_removed_at=None,  # a new copy is on disk: retention starts over
                 # to be compared with what its assessment read (worker.pipeline)
                 received_again_at=now(),
+                # and kept after it is: retention counts its days from the later of this
+                # and finished_at (worker.retention)
+                last_received_again_at=now(),
             )
         )
         return existing.id

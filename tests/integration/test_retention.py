@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from pydicom import dcmread
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, text, update
 
-from db.engine import session_scope, upgrade
-from db.schema import Delivery, DeliveryState, Instance, InstanceState, Result
+from db.engine import get_engine, head_revision, session_scope, upgrade
+from db.schema import Delivery, DeliveryState, Instance, InstanceState, Result, UTCDateTime
 from db.schema import utcnow as now
 from dicom_io.scp import ReceivedInstance
 from tests.conftest import StoreSCP
@@ -274,6 +274,38 @@ def test_a_copy_received_again_stays_until_the_worker_has_compared_it(runtime: R
         ).all()
         assert [r.male for r in results] == [False, True]
         assert session.get_one(Instance, instance_id).received_again_at is None
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_revision_0011_keeps_the_time_of_a_copy_waiting_to_be_compared(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """A copy received again before revision 0011 and not yet compared gives the time
+    retention counts from once it is; one compared already left none."""
+    url = (
+        str(request.getfixturevalue("postgres_url"))
+        if backend == "postgresql"
+        else f"sqlite:///{tmp_path / 'boneage.db'}"
+    )
+    upgrade(url, "0010")
+    came = now() - dt.timedelta(days=2)
+    insert = text(
+        "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_instance_uid, "
+        "series_instance_uid, transfer_syntax_uid, calling_ae_title, spool_path, size_bytes, "
+        "state, times_received, attempts, received_at, received_again_at) VALUES (:uid, "
+        "'1.2.3', '1.2.3.1', '1.2.3.2', '1.2.840.10008.1.2.1', 'PACS', '/nonexistent', 10, "
+        "'assessed', 2, 1, :first, :again)"
+    ).bindparams(bindparam("first", type_=UTCDateTime()), bindparam("again", type_=UTCDateTime()))
+    with get_engine(url).begin() as connection:
+        for uid, again in (("1.2.3.4", came), ("1.2.3.5", None)):
+            connection.execute(
+                insert, {"uid": uid, "first": now() - dt.timedelta(days=40), "again": again}
+            )
+    assert upgrade(url) == head_revision()
+    with session_scope(url) as session:
+        rows = session.execute(select(Instance.sop_instance_uid, Instance.last_received_again_at))
+        kept = {uid: at for uid, at in rows}
+    assert kept == {"1.2.3.4": came, "1.2.3.5": None}
 
 
 def test_outputs_made_with_nothing_to_send_them_to_go_when_they_are_old(

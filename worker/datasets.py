@@ -9,23 +9,39 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from pydicom import dcmread
+from tqdm.auto import tqdm
 
 from dicom_io.pixels import decode_as_assessed, decode_for_display, read_image
-from models.data import LabelledImage, parse_sex, phantom_items, read_rsna
+from models.data import LabelledImage, LabelledSet, parse_sex, phantom_items, read_rsna
 from worker.settings import SC_MIN_LONG_SIDE
 
+logger = logging.getLogger(__name__)
 
-def _loader(path: Path, input_size: int | None, sc_min_long_side: int) -> Callable[[], np.ndarray]:
-    if input_size is None:
-        return lambda: decode_for_display(read_image(path))
-    return lambda: decode_as_assessed(
-        read_image(path), input_size=input_size, sc_min_long_side=sc_min_long_side
-    )
+
+def _loader(
+    path: Path, where: str, input_size: int | None, sc_min_long_side: int
+) -> Callable[[], np.ndarray]:
+    """Decode ``path`` when training or evaluation first needs it; a file that cannot be
+    decoded is named, with the labels file and line that list it (``where``)."""
+
+    def load() -> np.ndarray:
+        try:
+            ds = read_image(path)
+            if input_size is None:
+                return decode_for_display(ds)
+            return decode_as_assessed(ds, input_size=input_size, sc_min_long_side=sc_min_long_side)
+        except MemoryError:
+            raise
+        except Exception as exc:  # pydicom's and the codecs' errors are of many types
+            raise ValueError(f"{where}: cannot decode {path}: {exc}") from exc
+
+    return load
 
 
 def patient_group(patient: str) -> str:
@@ -57,12 +73,14 @@ def read_dicom_folder(
     limit: int | None = None,
     input_size: int | None = None,
     sc_min_long_side: int = SC_MIN_LONG_SIDE,
-) -> list[LabelledImage]:
+    progress: bool = True,
+) -> LabelledSet:
     """A folder of DICOM radiographs with a CSV of labels.
 
-    The CSV has a ``file`` column (path relative to ``folder``) and ``boneage``
-    (months); ``male`` (true/false, 1/0, M/F) is optional, otherwise PatientSex is
-    read from the file. Report keys are hashes of the file names, never patient data.
+    The CSV (UTF-8, with or without the byte-order mark Excel writes) has a ``file``
+    column (path relative to ``folder``) and ``boneage`` (months); ``male`` (true/false,
+    1/0, M/F) is optional, otherwise PatientSex is read from the file. Report keys are
+    hashes of the file names, never patient data.
 
     Images of one patient go to the same side of the training split: each image's group
     is a hash of the PatientID in its header (an image without one is its own group),
@@ -71,57 +89,95 @@ def read_dicom_folder(
 
     With ``input_size`` (a model's input side) each image is decoded as the service
     decodes it for that model (:func:`decode_as_assessed`, with the site's
-    ``sc_min_long_side``); without it, in full.
+    ``sc_min_long_side``); without it, in full. Images are decoded when first used; one
+    that cannot be is a ValueError naming the labels file, its line and the image file.
+
+    A listed file that does not exist is skipped and counted, as
+    :func:`~models.data.read_rsna` counts a missing PNG: ``evaluate`` refuses such a set
+    unless allowed to miss images, ``train`` goes on with a warning. ``progress`` shows a
+    progress bar while the headers are read.
+
+    Raises
+    ------
+    ValueError
+        If a column is missing, a row is cut short or holds a value that cannot be read,
+        a listed file is not DICOM, or no listed file exists; each names the labels file
+        and its line.
     """
     items: list[LabelledImage] = []
-    with labels_csv.open(newline="") as fh:
+    listed = missing = 0
+    with labels_csv.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
-        fields = {name.strip().lower(): name for name in reader.fieldnames or []}
+        header = reader.fieldnames or []
+        fields = {name.strip().lower(): name for name in header}
         for column in ("file", "boneage"):
             if column not in fields:
                 raise ValueError(
                     f"{labels_csv} has no '{column}' column (needs file, boneage[, male])"
                 )
-        for line, row in enumerate(reader, start=2):
+        used = [fields[c] for c in ("file", "boneage", "male", "patient") if c in fields]
+        rows = list(enumerate(reader, start=2))
+        for line, row in tqdm(rows, desc="read DICOM headers", disable=not progress, leave=False):
+            if limit is not None and len(items) >= limit:
+                break
+            where = f"{labels_csv}:{line}"
+            if any(row.get(name) is None for name in used):
+                cells = sum(row.get(name) is not None for name in header)
+                raise ValueError(
+                    f"{where}: the row has {cells} of the header's {len(header)} cells (cut short?)"
+                )
+            listed += 1
+            if not row[fields["file"]].strip():
+                raise ValueError(f"{where}: no file named")
             path = folder / row[fields["file"]]
-            if not path.is_file():
-                raise ValueError(f"{labels_csv}:{line}: {path} does not exist")
             try:
                 age = float(row[fields["boneage"]])
             except ValueError as exc:
-                raise ValueError(f"{labels_csv}:{line}: boneage is not a number") from exc
-            header = dcmread(
-                path, stop_before_pixels=True, specific_tags=["PatientSex", "PatientID"]
-            )
+                raise ValueError(f"{where}: boneage is not a number") from exc
+            if not path.is_file():
+                missing += 1
+                continue
+            try:
+                dicom_header = dcmread(
+                    path, stop_before_pixels=True, specific_tags=["PatientSex", "PatientID"]
+                )
+            except MemoryError:
+                raise
+            except Exception as exc:  # InvalidDicomError, OSError, and a broken file's others
+                raise ValueError(
+                    f"{where}: {path} is not a DICOM file pydicom reads: {exc}"
+                ) from exc
             if "male" in fields and row[fields["male"]].strip():
                 try:
                     male = parse_sex(row[fields["male"]])
                 except ValueError as exc:
-                    raise ValueError(f"{labels_csv}:{line}: male: {exc}") from exc
+                    raise ValueError(f"{where}: male: {exc}") from exc
             else:
-                sex = str(header.get("PatientSex", ""))
+                sex = str(dicom_header.get("PatientSex", ""))
                 if sex.upper() not in {"M", "F"}:
                     raise ValueError(
-                        f"{labels_csv}:{line}: no male column and PatientSex is {sex or 'empty'}"
+                        f"{where}: no male column and the PatientSex of {path} is {sex or 'empty'}"
                     )
                 male = sex.upper() == "M"
             patient = row[fields["patient"]].strip() if "patient" in fields else ""
-            group = patient_group(patient or str(header.get("PatientID", "") or ""))
-            key = hashlib.sha256(str(row[fields["file"]]).encode()).hexdigest()[:16]
+            group = patient_group(patient or str(dicom_header.get("PatientID", "") or ""))
+            key = hashlib.sha256(row[fields["file"]].encode()).hexdigest()[:16]
             items.append(
                 LabelledImage(
-                    image=_loader(path, input_size, sc_min_long_side),
+                    image=_loader(path, where, input_size, sc_min_long_side),
                     age_months=age,
                     male=male,
                     key=key,
                     group=group,
                 )
             )
-            if limit is not None and len(items) >= limit:
-                break
     if not items:
+        if missing:
+            raise ValueError(f"none of the {listed} files {labels_csv} lists is in {folder}")
         raise ValueError(f"{labels_csv} lists no images")
-    return items
+    if missing:
+        logger.warning("%d files listed in %s are missing from %s", missing, labels_csv, folder)
+    return LabelledSet(items, n_listed=listed, n_missing=missing)
 
 
 EVALUATION_PHANTOM_SEED_OFFSET = 1_000_000
@@ -142,12 +198,14 @@ def load_items(
     phantom_seed_offset: int = 0,
     input_size: int | None = None,
     sc_min_long_side: int = SC_MIN_LONG_SIDE,
+    progress: bool = True,
 ) -> tuple[list[LabelledImage], str]:
     """The items from exactly one source, and a description for the checkpoint.
 
-    An RSNA set is a :class:`~models.data.LabelledSet`: it counts the images its CSV
-    listed and those missing, which ``evaluate`` reports (or refuses) and ``train``
-    records. Phantoms are drawn from ``seed + phantom_seed_offset``
+    An RSNA set or a DICOM folder is a :class:`~models.data.LabelledSet`: it counts the
+    images its CSV listed and those missing, which ``evaluate`` reports (or refuses) and
+    ``train`` records. ``progress`` shows a bar while a DICOM folder's headers are read.
+    Phantoms are drawn from ``seed + phantom_seed_offset``
     (:data:`EVALUATION_PHANTOM_SEED_OFFSET` for an evaluation). With ``input_size``, DICOM
     images are decoded as the service decodes them for a model of that input
     (:func:`read_dicom_folder`).
@@ -169,20 +227,23 @@ def load_items(
             raise ValueError(
                 "--dicom-dir needs --labels (CSV with file, boneage[, male][, patient])"
             )
-        items = read_dicom_folder(
+        found = read_dicom_folder(
             dicom_dir,
             labels,
             limit=limit,
             input_size=input_size,
             sc_min_long_side=sc_min_long_side,
+            progress=progress,
         )
+        gaps = f" ({found.n_missing} of {found.n_listed} listed missing)" if found.n_missing else ""
         decoded = (
             ""
             if input_size is None
             else f" decoded as the service does (input {input_size} px, "
             f"BONEAGE_SC_MIN_LONG_SIDE {sc_min_long_side})"
         )
-        return items, f"DICOM folder with labels {labels.name}, {len(items)} images{decoded}"
+        description = f"DICOM folder with labels {labels.name}, {len(found)} images{gaps}{decoded}"
+        return found, description
     assert phantoms is not None
     drawn = seed + phantom_seed_offset
     items = phantom_items(phantoms, size=phantom_size, seed=drawn)

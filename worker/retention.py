@@ -4,10 +4,12 @@ The node keeps a copy of every radiograph it receives (the spool) and of every o
 it makes (the outbox). Kept for ever they fill the disk, and they are patient images
 that the PACS already holds. An instance's rows and results stay in the database for
 good (status, metrics, audit); its files are removed ``BONEAGE_RETENTION_DAYS`` after
-it finished, and only once every delivery of it succeeded: a pending or failed
-delivery keeps everything, so it can still be sent, retried or looked into. An image
-the PACS rejected as "Data Retention Policy Expired" (IHE IOCM) goes at the next run,
-not ``BONEAGE_RETENTION_DAYS`` after: the hospital itself no longer keeps it.
+it finished, or after a copy of it was last received if that came later (a copy sent
+again unchanged, by a backfill say, finishes nothing), and only once every delivery of
+it succeeded: a pending or failed delivery keeps everything, so it can still be sent,
+retried or looked into. An image the PACS rejected as "Data Retention Policy Expired"
+(IHE IOCM) goes at the next run, not ``BONEAGE_RETENTION_DAYS`` after: the hospital
+itself no longer keeps it.
 
 Removal is recorded before any file goes (``Instance.files_removed_at``, set by a
 conditional update that a concurrent ``reprocess`` cannot interleave with), and then
@@ -75,12 +77,12 @@ EXPIRED_AT_THE_PACS = "113039"  # Data Retention Policy Expired
 
 
 def _expired(cutoff: datetime) -> list[ColumnElement[bool]]:
-    """Conditions of an instance whose files may go: finished long enough (or rejected
-    by the PACS as expired under its own retention policy: the hospital no longer keeps
-    the image), all sent (or superseded: a later assessment replaced them, and they are
-    never sent), and not received again since (a new copy, perhaps corrected, that the
-    worker has yet to compare with what it assessed: removing it would lose the
-    correction)."""
+    """Conditions of an instance whose files may go: finished, and last received, long
+    enough ago (or rejected by the PACS as expired under its own retention policy: the
+    hospital no longer keeps the image); all sent (or superseded: a later assessment
+    replaced them, and they are never sent); and not received again since (a new copy,
+    perhaps corrected, that the worker has yet to compare with what it assessed:
+    removing it would lose the correction)."""
     expired_at_the_pacs = (
         select(Rejection.id)
         .where(
@@ -101,7 +103,14 @@ def _expired(cutoff: datetime) -> list[ColumnElement[bool]]:
         Instance.state.in_(FINISHED),
         Instance.files_removed_at.is_(None),
         or_(
-            Instance.finished_at < cutoff,
+            and_(
+                Instance.finished_at < cutoff,
+                # a copy received again, unchanged, leaves finished_at as it was
+                or_(
+                    Instance.last_received_again_at.is_(None),
+                    Instance.last_received_again_at < cutoff,
+                ),
+            ),
             (Instance.state == InstanceState.REJECTED) & expired_at_the_pacs,
         ),
         Instance.received_again_at.is_(None),

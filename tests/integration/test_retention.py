@@ -24,7 +24,7 @@ from db.schema import utcnow as now
 from dicom_io.scp import ReceivedInstance
 from tests.conftest import StoreSCP
 from tests.integration.test_pipeline import spool_dataset, spool_instance
-from tests.integration.test_received_again import received_again
+from tests.integration.test_received_again import bytes_received_again, received_again
 from tests.support import pacs_rejection_note
 from worker.cli import main as cli
 from worker.delivery import deliver_one
@@ -85,6 +85,19 @@ def _finished_days_ago(rt: Runtime, instance_id: int, days: float) -> None:
             .where(Instance.id == instance_id)
             .values(finished_at=now() - dt.timedelta(days=days))
         )
+
+
+def _received_and_finished_days_ago(rt: Runtime, instance_id: int, days: float) -> None:
+    """As if the instance was received (its last copy too) and finished ``days`` ago:
+    its row and its received file say so."""
+    then = now() - dt.timedelta(days=days)
+    with session_scope(rt.database_url) as session:
+        instance = session.get_one(Instance, instance_id)
+        instance.received_at = instance.finished_at = then
+        if instance.last_received_again_at is not None:
+            instance.last_received_again_at = then
+        spool = Path(instance.spool_path)
+    os.utime(spool, (then.timestamp(), then.timestamp()))
 
 
 def _removed_at(rt: Runtime, instance_id: int) -> dt.datetime | None:
@@ -151,7 +164,7 @@ def test_objects_superseded_by_a_later_assessment_hold_nothing_back(runtime: Run
     assert states == [DeliveryState.SUPERSEDED] * 2 + [DeliveryState.DELIVERED] * 2
     files = _files(runtime, instance_id)
     assert len(files) == 5 and all(p.exists() for p in files)  # spool, two SRs, two SCs
-    _finished_days_ago(runtime, instance_id, 40)
+    _received_and_finished_days_ago(runtime, instance_id, 40)
     report = remove_expired_files(runtime.database_url, older_than=KEEP)
     assert (report.instances, report.files) == (1, 5)
     assert not any(p.exists() for p in files)
@@ -274,6 +287,39 @@ def test_a_copy_received_again_stays_until_the_worker_has_compared_it(runtime: R
         ).all()
         assert [r.male for r in results] == [False, True]
         assert session.get_one(Instance, instance_id).received_again_at is None
+
+
+def test_a_copy_sent_again_once_the_files_went_is_kept_the_days_from_its_coming(
+    runtime: Runtime,
+) -> None:
+    """An image whose files retention removed is sent again (a backfill, to reprocess
+    it): unchanged, the worker's comparison leaves finished_at as it was, and the days
+    count from the copy's coming, not from then."""
+    instance_id, files = _assessed_and_delivered(runtime)
+    _finished_days_ago(runtime, instance_id, 40)
+    spool = files[0]
+    content = spool.read_bytes()
+    assert remove_expired_files(runtime.database_url, older_than=KEEP).instances == 1
+    assert not spool.exists()
+
+    bytes_received_again(runtime, instance_id, content)
+    assert assess_instance(runtime, instance_id).state == "skipped"  # compared: unchanged
+    with session_scope(runtime.database_url) as session:
+        assert session.get_one(Instance, instance_id).received_again_at is None
+    assert remove_expired_files(runtime.database_url, older_than=KEEP).instances == 0
+    assert spool.exists()
+    assert _removed_at(runtime, instance_id) is None
+
+    # 31 days on, it goes
+    then = now() - dt.timedelta(days=31)
+    with session_scope(runtime.database_url) as session:
+        session.execute(
+            update(Instance).where(Instance.id == instance_id).values(last_received_again_at=then)
+        )
+    os.utime(spool, (then.timestamp(), then.timestamp()))
+    report = remove_expired_files(runtime.database_url, older_than=KEEP)
+    assert (report.instances, report.files) == (1, 1)
+    assert not spool.exists()
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])

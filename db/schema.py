@@ -27,6 +27,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    true,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -150,6 +151,11 @@ class Instance(Base):
     # when the copy that the current assessment answers was received: empty for the first
     # assessment (received_at); a later one's latency counts from the copy received again
     assessment_received_at: Mapped[datetime | None]
+    # whether the outputs of the assessment queued or under way go to the destinations:
+    # false for one a `reprocess` not asked to send queued (whoever queues its message
+    # again, the reconciler included); a copy received again that opens a new
+    # assessment sets it back
+    send_outputs: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
     # hex SHA-256 of what the last assessment's result depends on, as it read them
     # (worker.pipeline.assessment_inputs), "unread" where it could not read the file;
     # empty on rows from before revision 0004

@@ -629,6 +629,7 @@ def reprocess(
         prepare_reprocess,
         rejected_by_the_pacs,
         select_instances,
+        sent_by_other_models,
         workers_problem,
     )
     from worker.runtime import Runtime
@@ -651,8 +652,8 @@ def reprocess(
         )
     waiting = not_finished(rt, chosen)  # before: what it queues is not finished after
     rejected = rejected_by_the_pacs(rt, chosen)
-    todo = prepare_reprocess(rt, chosen)
-    for instance_id in todo:
+    todo = prepare_reprocess(rt, chosen, send=send)
+    for instance_id in todo:  # a message not published: the reconciler queues it, as asked
         enqueue_assess(instance_id, send=send)
     gone = files_removed(rt, chosen)
     fate = "results will be sent" if send else "results kept, not sent"
@@ -662,6 +663,13 @@ def reprocess(
         f"{len(chosen) - len(todo) - len(gone) - len(waiting) - len(rejected)} already "
         f"assessed by it; {len(waiting)} not finished yet (left as they are)"
     )
+    if send and (beside := sent_by_other_models(rt, todo)):
+        console.print(
+            f"[yellow]{len(beside)} instance(s) have a bone age of another model at the "
+            "destinations: the new SR and SC join it in series of their own and do not "
+            "replace it; the radiologist sees both. Instance ids: "
+            f"{', '.join(map(str, beside))}[/]"
+        )
     if rejected:
         console.print(
             f"[yellow]{len(rejected)} instance(s) not queued: the PACS rejected them (a "

@@ -364,6 +364,8 @@ class _Claim:
     pixels: bytes | None = None
     # the study the instance was first received in (where its first outputs went)
     first_study: str = ""
+    # whether this assessment's outputs go to the destinations (Instance.send_outputs)
+    send: bool = True
 
     def other_study(self, source: Dataset) -> str | None:
         """The study ``source`` (the copy read) is in, where it is not the one the
@@ -406,6 +408,7 @@ def _claim(rt: Runtime, instance_id: int) -> _Claim | AssessOutcome:
                 Instance.sop_instance_uid,
                 Instance.assessment,
                 Instance.study_instance_uid,
+                Instance.send_outputs,
             )
         ).one_or_none()
         if claimed is not None:
@@ -415,6 +418,7 @@ def _claim(rt: Runtime, instance_id: int) -> _Claim | AssessOutcome:
                 claimed.sop_instance_uid,
                 claimed.assessment,
                 first_study=claimed.study_instance_uid,
+                send=claimed.send_outputs,
             )
         instance = session.get(Instance, instance_id)
         if instance is None:
@@ -524,6 +528,7 @@ def _reopen_if_received_changed(
                     Instance.received_again_at, literal(checked, UTCDateTime())
                 ),
                 received_again_at=_received_again_and_compared(checked),
+                send_outputs=True,  # whatever a reprocess before asked: a new assessment
             )
             .returning(Instance.spool_path, Instance.sop_instance_uid, Instance.study_instance_uid)
         ).one_or_none()
@@ -591,9 +596,10 @@ def assess_instance(rt: Runtime, instance_id: int, *, send: bool = True) -> Asse
     after which this attempt gives the instance up for the reconciler to queue again.
     Either way the instance's reason says where the attempt failed until another one
     finishes it, and the error the instance ends in after :data:`MAX_ATTEMPTS` says
-    where the last one did. With ``send=False`` (a `reprocess` that was not asked to
-    send) the result is recorded and the SR and SC written to the outbox, but no
-    delivery is made.
+    where the last one did. With ``send=False``, or where a `reprocess` not asked to
+    send cleared the instance's ``send_outputs`` (whatever message then queues it: the
+    reconciler's too), the result is recorded and the SR and SC written to the outbox,
+    but no delivery is made.
     """
     claimed = _claim(rt, instance_id)
     if isinstance(claimed, AssessOutcome):
@@ -601,7 +607,7 @@ def assess_instance(rt: Runtime, instance_id: int, *, send: bool = True) -> Asse
     if (already := _assessed_by_this_model(rt, claimed)) is not None:
         return already
     try:
-        return _assess(rt, claimed, send=send)
+        return _assess(rt, claimed, send=send and claimed.send)
     except Exception as exc:
         _note_failed_attempt(rt, instance_id, exc, claimed.inputs)
         raise

@@ -2,8 +2,11 @@
 
 A result is unique per (instance, model), so re-running the model that already
 assessed an instance changes nothing; a new model adds a second result beside the
-first. Its SR and SC are new objects (their UIDs derive from the model id): they are
-sent only when asked, so a model change does not silently flood the PACS.
+first. Its SR and SC are new objects (their UIDs derive from the model id), in series
+of their own: they are sent only when asked, so a model change does not silently flood
+the PACS, and sent, they join the first model's, which stand (the command says so).
+The choice to send is kept on the instance (``send_outputs``), so that a message the
+reconciler queues again sends what the command asked, and no more.
 """
 
 from __future__ import annotations
@@ -14,7 +17,17 @@ from collections.abc import Sequence
 from sqlalchemy import or_, select, update
 
 from db.engine import session_scope
-from db.schema import FINISHED, REASSESSABLE, Heartbeat, Instance, InstanceState, Result
+from db.schema import (
+    FINISHED,
+    REASSESSABLE,
+    Delivery,
+    DeliveryState,
+    Heartbeat,
+    Instance,
+    InstanceState,
+    ObjectKind,
+    Result,
+)
 from db.schema import utcnow as now
 from worker.heartbeat import alive
 from worker.runtime import Runtime
@@ -25,18 +38,32 @@ logger = logging.getLogger(__name__)
 def select_instances(
     rt: Runtime, *, study_uids: Sequence[str] = (), instance_ids: Sequence[int] = ()
 ) -> list[int]:
-    """Ids of the instances in the given studies, plus the given instance ids."""
+    """Ids of the instances in the given studies, plus the given instance ids.
+
+    An instance is in a study it was first received in, or one it was received in
+    since, which its outputs went to (a PACS that moved the image to another study)."""
     if not study_uids and not instance_ids:
         raise ValueError("choose studies (--study) or instances (--instance) to reprocess")
+    moved_there = (
+        select(Delivery.id)
+        .where(Delivery.instance_id == Instance.id, Delivery.study_instance_uid.in_(study_uids))
+        .exists()
+    )
     with session_scope(rt.database_url) as session:
         query = select(Instance.id).where(
-            or_(Instance.study_instance_uid.in_(study_uids), Instance.id.in_(instance_ids))
+            or_(
+                Instance.study_instance_uid.in_(study_uids),
+                moved_there,
+                Instance.id.in_(instance_ids),
+            )
         )
         return list(session.scalars(query.order_by(Instance.id)))
 
 
-def prepare_reprocess(rt: Runtime, instance_ids: Sequence[int]) -> list[int]:
-    """Put back in the queue state the instances the current model has not assessed.
+def prepare_reprocess(rt: Runtime, instance_ids: Sequence[int], *, send: bool = True) -> list[int]:
+    """Put back in the queue state the instances the current model has not assessed,
+    their outputs to be sent to the destinations or not (``send``, kept on the row:
+    the reconciler queues an instance again with no word of it).
 
     Returns the ids to enqueue. Instances that already have a result from this model
     are left alone, and so are those whose received file retention removed
@@ -77,6 +104,9 @@ def prepare_reprocess(rt: Runtime, instance_ids: Sequence[int]) -> list[int]:
                     claimed_by=None,
                     queued_at=stamp,
                     finished_at=None,
+                    send_outputs=send,
+                    # its latency counts from now, not from when the image came
+                    assessment_received_at=stamp,
                 )
                 .execution_options(synchronize_session=False)
             )
@@ -97,6 +127,27 @@ def prepare_reprocess(rt: Runtime, instance_ids: Sequence[int]) -> list[int]:
         len(done),
     )
     return todo
+
+
+def sent_by_other_models(rt: Runtime, instance_ids: Sequence[int]) -> list[int]:
+    """Ids among ``instance_ids`` whose bone age from another model than the current
+    one was delivered: a result of this model sent joins it, in series of its own, and
+    does not replace it."""
+    with session_scope(rt.database_url) as session:
+        return list(
+            session.scalars(
+                select(Result.instance_id)
+                .join(Delivery, Delivery.result_id == Result.id)
+                .where(
+                    Result.instance_id.in_(instance_ids),
+                    Result.model_id != rt.predictor.model_id,
+                    Delivery.kind == ObjectKind.SR,
+                    Delivery.state == DeliveryState.DELIVERED,
+                )
+                .distinct()
+                .order_by(Result.instance_id)
+            )
+        )
 
 
 def files_removed(rt: Runtime, instance_ids: Sequence[int]) -> list[int]:

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -1090,6 +1091,80 @@ def test_reprocess_with_a_new_model_of_an_image_not_assessed_makes_its_sr_once(
         instance = session.get_one(Instance, instance_id)
         assert (instance.state, instance.reason) == (InstanceState.NOT_ASSESSED, first.reason)
         assert [d.id for d in session.scalars(select(Delivery))] == list(first.delivery_ids)
+
+
+def test_a_reprocess_not_asked_to_send_sends_nothing_when_the_reconciler_queues_it_again(
+    runtime: Runtime, tmp_path: Path, storescp: StoreSCP
+) -> None:
+    """`reprocess` without --send queued the instance; its first attempt failed, or its
+    worker was killed, and the reconciler queued it again with a message that says
+    nothing of sending. The results stay unsent, as the command asked: the choice is kept
+    on the row. They used to go to every destination. Its latency counts from the
+    reprocess, not from when the image came."""
+    from worker.reconciler import reconcile
+    from worker.reprocess import prepare_reprocess
+
+    instance_id = spool_instance(runtime)
+    assert assess_instance(runtime, instance_id).state == "assessed"
+    quiet = another_model(runtime, tmp_path, 12)
+    asked = dt.datetime.now(dt.UTC)
+    assert prepare_reprocess(quiet, [instance_id], send=False) == [instance_id]
+    with session_scope(runtime.database_url) as session:
+        instance = session.get_one(Instance, instance_id)
+        assert instance.assessment_received_at is not None
+        assert instance.assessment_received_at >= asked - dt.timedelta(seconds=1)
+        # the command's message was lost: the reconciler's round finds it queued long ago
+        session.execute(
+            update(Instance)
+            .where(Instance.id == instance_id)
+            .values(queued_at=asked - dt.timedelta(hours=1))
+        )
+    published: list[int] = []
+    delivered: list[Sequence[int]] = []
+    reconcile(quiet, published.append, delivered.append, inference_queue_empty=True)
+    assert published == [instance_id]  # a message that says nothing of sending
+
+    outcome = assess_instance(quiet, instance_id)  # as the worker runs that message
+    assert (outcome.state, outcome.delivery_ids) == ("assessed", ())
+    with session_scope(runtime.database_url) as session:
+        assert len(session.scalars(select(Result)).all()) == 2
+        new_result = session.scalars(
+            select(Result).where(Result.model_id == quiet.predictor.model_id)
+        ).one()
+        assert (
+            session.scalars(select(Delivery).where(Delivery.result_id == new_result.id)).all() == []
+        )
+
+    # Asked to send, another model's results go, whichever message runs.
+    loud = another_model(runtime, tmp_path, 13)
+    assert prepare_reprocess(loud, [instance_id], send=True) == [instance_id]
+    assert len(assess_instance(loud, instance_id).delivery_ids) == 2
+
+
+def test_reprocess_names_the_instances_whose_other_bone_age_stands_at_the_pacs(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    """`reprocess --send` with a new model: its SR and SC join the first model's at the
+    PACS, in series of their own, and do not replace them. The command names the
+    instances where that happens: those whose other model's SR was delivered."""
+    from worker.reprocess import sent_by_other_models
+
+    delivered, kept, not_assessed = (
+        spool_instance(runtime),
+        spool_instance(runtime),
+        spool_instance(runtime, attributes={"PatientSex": None}),
+    )
+    for instance_id in (delivered, kept, not_assessed):
+        assess_instance(runtime, instance_id)
+    with session_scope(runtime.database_url) as session:
+        session.execute(
+            update(Delivery)
+            .where(Delivery.instance_id == delivered)
+            .values(state=DeliveryState.DELIVERED)
+        )
+    new = another_model(runtime, tmp_path, 14)
+    assert sent_by_other_models(new, [delivered, kept, not_assessed]) == [delivered]
+    assert sent_by_other_models(runtime, [delivered, kept, not_assessed]) == []
 
 
 def test_a_reprocess_message_taken_by_a_worker_of_the_old_model_leaves_the_instance_as_it_was(

@@ -419,6 +419,13 @@ def test_a_copy_in_another_study_gets_series_of_its_own_there(
     assert third_sc.SeriesInstanceUID == second_sc.SeriesInstanceUID
     assert third_sc.ImageComments.startswith(REPLACES_HEAT_MAP)
 
+    # `reprocess --study` finds the image by the study it is in now, and by the first
+    # (it found it by the first only)
+    from worker.reprocess import select_instances
+
+    assert select_instances(runtime, study_uids=[study_b]) == [instance_id]
+    assert select_instances(runtime, study_uids=[first_sr.StudyInstanceUID]) == [instance_id]
+
 
 def test_a_copy_that_cannot_be_assessed_sends_an_sr_withdrawing_the_bone_age(
     runtime: Runtime, storescp: StoreSCP

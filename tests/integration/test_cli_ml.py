@@ -276,6 +276,36 @@ def test_evaluate_refuses_missing_rsna_images_unless_allowed(
     assert (metrics["n_listed"], metrics["n_missing"], metrics["overall"]["n"]) == (4, 1, 3)
 
 
+def test_evaluate_counts_missing_dicom_files_and_names_a_file_that_is_not_dicom(
+    dicom_folder: tuple[Path, Path], tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    folder, _ = dicom_folder
+    (tmp_path / "notes.dcm").write_bytes(b"not DICOM" * 20)
+    labels = tmp_path / "labels.csv"
+    # Excel's "CSV UTF-8" starts with a byte-order mark
+    labels.write_text("file,boneage\ncase00.dcm,100\ngone.dcm,90\ncase01.dcm,80\n", "utf-8-sig")
+    args = ["evaluate", "--model", str(tiny_checkpoint), "--dicom-dir", str(folder)]
+    args += ["--labels", str(labels), "--device", "cpu", "--no-plots", "--bootstrap", "0"]
+
+    refused = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "refused")])
+    assert refused.exit_code == 1, refused.output
+    assert "1 of the 3 images the labels list are missing" in refused.output
+
+    run(*args, "--allow-missing", "-o", str(tmp_path / "report"))
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert (metrics["n_listed"], metrics["n_missing"], metrics["overall"]["n"]) == (3, 1, 2)
+    assert "(1 of 3 listed missing)" in metrics["data"]
+
+    notes = tmp_path / "notes.dcm"  # an absolute path in the labels: outside the folder
+    labels.write_text(f"file,boneage\ncase00.dcm,100\n{notes},90\n")
+    broken = CliRunner().invoke(
+        main, [*args, "-o", str(tmp_path / "broken")], env={"COLUMNS": "400"}
+    )
+    assert broken.exit_code == 1, broken.output
+    said = " ".join(broken.output.split())
+    assert f"{labels}:3: {notes} is not a DICOM file" in said
+
+
 def test_evaluate_phantoms_are_not_train_s_phantoms(tmp_path: Path, tiny_checkpoint: Path) -> None:
     from models.data import phantom_items
 

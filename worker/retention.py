@@ -18,6 +18,11 @@ sweeps the instances marked in the last day). A file written after the mark (the
 instance received again) is never removed: the listener clears the mark when it
 records a new copy.
 
+An object of ours made after the mark (a rejection note for an image the PACS rejected
+once our copy of it was gone) moves the mark: its file goes as the instance's did,
+``BONEAGE_RETENTION_DAYS`` after the instance finished (its rejection) and once every
+delivery of it succeeded.
+
 ``reprocess`` leaves instances whose files were removed alone and says so: send them
 again from the PACS, or ``backfill`` them.
 
@@ -77,12 +82,13 @@ EXPIRED_AT_THE_PACS = "113039"  # Data Retention Policy Expired
 
 
 def _expired(cutoff: datetime) -> list[ColumnElement[bool]]:
-    """Conditions of an instance whose files may go: finished, and last received, long
-    enough ago (or rejected by the PACS as expired under its own retention policy: the
-    hospital no longer keeps the image); all sent (or superseded: a later assessment
-    replaced them, and they are never sent); and not received again since (a new copy,
-    perhaps corrected, that the worker has yet to compare with what it assessed:
-    removing it would lose the correction)."""
+    """Conditions of an instance whose files may go: not gone yet, or an object of ours
+    made since they went (a rejection note of an image the PACS rejected after its
+    removal); finished, and last received, long enough ago (or rejected by the PACS as
+    expired under its own retention policy: the hospital no longer keeps the image); all
+    sent (or superseded: a later assessment replaced them, and they are never sent); and
+    not received again since (a new copy, perhaps corrected, that the worker has yet to
+    compare with what it assessed: removing it would lose the correction)."""
     expired_at_the_pacs = (
         select(Rejection.id)
         .where(
@@ -99,9 +105,17 @@ def _expired(cutoff: datetime) -> list[ColumnElement[bool]]:
         )
         .exists()
     )
+    made_since_removal = (
+        select(Delivery.id)
+        .where(
+            Delivery.instance_id == Instance.id,
+            Delivery.created_at > Instance.files_removed_at,
+        )
+        .exists()
+    )
     return [
         Instance.state.in_(FINISHED),
-        Instance.files_removed_at.is_(None),
+        or_(Instance.files_removed_at.is_(None), made_since_removal),
         or_(
             and_(
                 Instance.finished_at < cutoff,

@@ -322,6 +322,36 @@ def test_a_copy_sent_again_once_the_files_went_is_kept_the_days_from_its_coming(
     assert not spool.exists()
 
 
+def test_our_rejection_notes_made_once_the_files_went_go_in_their_turn(
+    runtime: Runtime,
+) -> None:
+    """The PACS rejects an image (the wrong patient) after retention removed our copy:
+    our rejection notes, which name the patient, are made then. Sent, and the days past
+    since the rejection, they go too; only once."""
+    image_id, files = _assessed_and_delivered(runtime)
+    image = dcmread(files[0])
+    _finished_days_ago(runtime, image_id, 40)
+    assert remove_expired_files(runtime.database_url, older_than=KEEP).instances == 1
+
+    note = spool_dataset(runtime, pacs_rejection_note(image, "113038"))
+    withdrawn = assess_instance(runtime, note)
+    assert withdrawn.state == "not_assessed" and len(withdrawn.delivery_ids) == 2  # SR, SC
+    for delivery_id in withdrawn.delivery_ids:
+        assert deliver_one(runtime, delivery_id).state == "delivered"
+    ours = [p for p in _files(runtime, image_id) if p.exists()]
+    assert len(ours) == 2  # our notes: the image, its SR and SC went
+    assert remove_expired_files(runtime.database_url, older_than=KEEP).instances == 0
+    assert all(p.exists() for p in ours)  # rejected just now
+
+    _finished_days_ago(runtime, image_id, 31)
+    report = remove_expired_files(runtime.database_url, older_than=KEEP)
+    assert (report.instances, report.files) == (1, 2)
+    assert not any(p.exists() for p in ours)
+    assert remove_expired_files(runtime.database_url, older_than=KEEP).instances == 0
+    with session_scope(runtime.database_url) as session:
+        assert session.get_one(Instance, image_id).state is InstanceState.REJECTED
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_revision_0011_keeps_the_time_of_a_copy_waiting_to_be_compared(
     backend: str, request: pytest.FixtureRequest, tmp_path: Path
@@ -408,6 +438,11 @@ def test_files_left_by_a_crash_after_the_mark_are_swept(runtime: Runtime) -> Non
         os.utime(path, (0, (now() - dt.timedelta(days=40)).timestamp()))
     # marked an hour ago, but the process died before unlinking anything
     with session_scope(runtime.database_url) as session:
+        session.execute(
+            update(Delivery)
+            .where(Delivery.instance_id == instance_id)
+            .values(created_at=now() - dt.timedelta(days=40))
+        )
         session.execute(
             update(Instance)
             .where(Instance.id == instance_id)

@@ -16,7 +16,10 @@ conditional update that a concurrent ``reprocess`` cannot interleave with), and 
 the files are unlinked. A crash in between leaves files that the next run removes (it
 sweeps the instances marked in the last day). A file written after the mark (the same
 instance received again) is never removed: the listener clears the mark when it
-records a new copy.
+records a new copy. Nor is a received file written after the reception its row
+records, in the last hour: the listener puts a copy in the spool before it records
+it, and a run in between would otherwise take a new copy, perhaps corrected, that the
+row is about to say is there and still to be compared.
 
 An object of ours made after the mark (a rejection note for an image the PACS rejected
 once our copy of it was gone) moves the mark: its file goes as the instance's did,
@@ -52,6 +55,12 @@ __all__ = ["RetentionReport", "remove_expired_files"]
 
 #: Instances marked this recently are swept again, for files a crash left behind.
 _SWEEP_WINDOW = timedelta(days=1)
+#: The listener renames a copy into the spool and then records it (dicom_io.scp), in
+#: seconds (a store past 10 s is logged as slow). A received file written after the
+#: reception its row records, and this recently, may be a copy it is recording now;
+#: one older is a copy whose record failed (the PACS was answered 0xA700, and sends it
+#: again), which retention may take.
+_RECORDING = timedelta(hours=1)
 _BATCH = 200
 
 
@@ -132,23 +141,58 @@ def _expired(cutoff: datetime) -> list[ColumnElement[bool]]:
     ]
 
 
-def _files_of(session: Session, ids: list[int]) -> dict[int, list[Path]]:
+@dataclass(frozen=True)
+class _Files:
+    """One instance's files: the received image, and the objects made of it."""
+
+    spool: Path
+    #: when the copy its row records was received (the last copy, if one came again)
+    received: datetime
+    outputs: list[Path]
+
+    def paths(self) -> list[Path]:
+        return [self.spool, *self.outputs]
+
+
+def _files_of(session: Session, ids: list[int]) -> dict[int, _Files]:
     """Spool file and output files of each instance in ``ids``."""
-    files: dict[int, list[Path]] = {i: [] for i in ids}
-    spooled = session.execute(select(Instance.id, Instance.spool_path).where(Instance.id.in_(ids)))
-    for instance_id, spool in spooled:
-        files[instance_id].append(Path(spool))
+    files = {
+        instance_id: _Files(Path(spool), again or first, [])
+        for instance_id, spool, first, again in session.execute(
+            select(
+                Instance.id,
+                Instance.spool_path,
+                Instance.received_at,
+                Instance.last_received_again_at,
+            ).where(Instance.id.in_(ids))
+        )
+    }
     outputs = session.execute(
         select(Delivery.instance_id, Delivery.path).where(Delivery.instance_id.in_(ids))
     )
     for instance_id, path in outputs:
-        if Path(path) not in files[instance_id]:  # SR and SC go to each destination
-            files[instance_id].append(Path(path))
+        if Path(path) not in files[instance_id].outputs:  # SR and SC go to each destination
+            files[instance_id].outputs.append(Path(path))
     return files
 
 
-def _remove(paths: Iterable[Path], marked_at: datetime | None) -> tuple[int, int]:
-    """Unlink ``paths`` not written after ``marked_at``; (files, bytes) removed."""
+def _remove_files(files: _Files, marked_at: datetime, started: datetime) -> tuple[int, int]:
+    """Unlink an instance's files marked removed at ``marked_at``; (files, bytes) removed.
+
+    None written after the mark: a copy received again since, or an object made of it.
+    Nor a received file written after the reception its row records, unless that was
+    more than :data:`_RECORDING` before ``started``: a copy the listener has put in
+    place and may be recording now (it commits the row once the file is there, maybe
+    after this run's mark), whose row will say it is there to be compared.
+    """
+    recorded_copy = min(marked_at, max(files.received, started - _RECORDING))
+    count, size = _remove([files.spool], recorded_copy)
+    outputs, outputs_size = _remove(files.outputs, marked_at)
+    return count + outputs, size + outputs_size
+
+
+def _remove(paths: Iterable[Path], written_by: datetime) -> tuple[int, int]:
+    """Unlink ``paths`` not written after ``written_by``; (files, bytes) removed."""
     count = size = 0
     for path in paths:
         try:
@@ -158,8 +202,8 @@ def _remove(paths: Iterable[Path], marked_at: datetime | None) -> tuple[int, int
         except OSError as exc:
             logger.warning("retention: cannot inspect a file (%s)", exc.strerror)
             continue
-        if marked_at is not None and stat.st_mtime > marked_at.timestamp():
-            continue  # received again after the mark: a new copy, not ours to remove
+        if stat.st_mtime > written_by.timestamp():
+            continue  # a new copy, not the file retention chose
         try:
             path.unlink()
         except FileNotFoundError:
@@ -246,9 +290,12 @@ def remove_expired_files(
                 )
             files = _files_of(session, ids)
         if dry_run:
-            count, size = _sizes(path for paths in files.values() for path in paths)
+            count, size = _sizes(path for of in files.values() for path in of.paths())
         else:
-            count, size = _remove((p for paths in files.values() for p in paths), started)
+            count = size = 0
+            for of in files.values():
+                removed, removed_bytes = _remove_files(of, started, started)
+                count, size = count + removed, size + removed_bytes
         report = report + RetentionReport(len(ids), count, size, dry_run)
     if not dry_run:
         report = report + _sweep(database_url, started)
@@ -278,11 +325,11 @@ def _sweep(database_url: str, started: datetime) -> RetentionReport:
                 )
             )
         ).all()
-        marks = {instance_id: marked for instance_id, marked in rows}
+        marks = {instance_id: marked for instance_id, marked in rows if marked is not None}
         files = _files_of(session, list(marks))
     count = size = 0
-    for instance_id, paths in files.items():
-        removed, removed_bytes = _remove(paths, marks[instance_id])
+    for instance_id, of in files.items():
+        removed, removed_bytes = _remove_files(of, marks[instance_id], started)
         count, size = count + removed, size + removed_bytes
     return RetentionReport(0, count, size)
 

@@ -11,6 +11,7 @@ import datetime as dt
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -287,6 +288,68 @@ def test_a_copy_received_again_stays_until_the_worker_has_compared_it(runtime: R
         ).all()
         assert [r.male for r in results] == [False, True]
         assert session.get_one(Instance, instance_id).received_again_at is None
+
+
+def _put_in_place(rt: Runtime, instance_id: int, **attributes: object) -> Callable[[], int]:
+    """A copy of the instance received again, ``attributes`` set, renamed into the spool
+    as the listener does (dicom_io.scp); the listener's record of it, still to come."""
+    with session_scope(rt.database_url) as session:
+        row = session.get_one(Instance, instance_id)
+        spool = Path(row.spool_path)
+        uids = (row.sop_instance_uid, row.sop_class_uid, row.study_instance_uid)
+        series, modality, syntax = row.series_instance_uid, row.modality, row.transfer_syntax_uid
+    ds = dcmread(spool)
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    incoming = spool.with_suffix(".incoming")
+    ds.save_as(incoming, enforce_file_format=True)
+    size = incoming.stat().st_size
+    incoming.replace(spool)
+    received = ReceivedInstance(*uids, series, modality, syntax, "PACS", spool, size)
+    return lambda: record_instance(rt.database_url, received)
+
+
+@pytest.mark.parametrize("recorded", ["while_the_run_removes", "after_the_run"])
+def test_a_copy_put_in_place_before_a_run_and_recorded_after_its_mark_stays(
+    runtime: Runtime, recorded: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listener renames a copy received again, the sex corrected, into the spool a
+    second before a run starts, and commits its row only after the run marked the
+    instance: while retention unlinks the instance's files, or once the run is over.
+    The copy is not removed (the run's mark does not cover a file written before it),
+    and the worker assesses it: the correction is not lost."""
+    instance_id, files = _assessed_and_delivered(runtime)
+    _received_and_finished_days_ago(runtime, instance_id, 40)
+    spool = files[0]
+    record = _put_in_place(runtime, instance_id, PatientSex="M")
+    a_second_ago = (now() - dt.timedelta(seconds=1)).timestamp()
+    os.utime(spool, (a_second_ago, a_second_ago))
+    records: list[int] = []
+    if recorded == "while_the_run_removes":
+        unlink = Path.unlink
+
+        def listener_commits_first(path: Path, missing_ok: bool = False) -> None:
+            if not records:  # the run's first unlink: after its mark
+                records.append(record())
+            unlink(path, missing_ok)
+
+        monkeypatch.setattr(Path, "unlink", listener_commits_first)
+
+    report = remove_expired_files(runtime.database_url, older_than=KEEP)
+    monkeypatch.undo()
+    if recorded == "after_the_run":
+        records.append(record())
+    assert records == [instance_id]
+    assert (report.instances, report.files) == (1, 2)  # marked; its SR and SC went
+    assert spool.exists()
+    assert _removed_at(runtime, instance_id) is None
+
+    assert assess_instance(runtime, instance_id).state == "assessed"
+    with session_scope(runtime.database_url) as session:
+        results = session.scalars(
+            select(Result).where(Result.instance_id == instance_id).order_by(Result.id)
+        ).all()
+        assert [r.male for r in results] == [False, True]
 
 
 def test_a_copy_sent_again_once_the_files_went_is_kept_the_days_from_its_coming(

@@ -221,6 +221,8 @@ def work(
         raise click.BadParameter(
             f"unknown queue(s): {', '.join(sorted(unknown))}", param_hint="--queues"
         )
+    if "inference" in names:
+        _check_model_file(settings)
     batch = settings.effective_inference_batch if "inference" in names else 1
     if batch > 1 and pool in ("solo", "prefork"):
         if settings.inference_batch > 1:
@@ -300,6 +302,15 @@ def work(
         "--without-heartbeat",
     ]
     app.worker_main(argv)
+
+
+def _check_model_file(settings: Settings) -> None:
+    """Stop at once, in one line, when BONEAGE_MODEL names no readable file: otherwise
+    each inference process would stop as it starts, and be restarted, again and again."""
+    try:
+        settings.check_model_file()
+    except ValueError as exc:
+        raise click.ClickException(f"invalid settings: {exc}") from exc
 
 
 #: prctl(2) option: the signal this process gets when its parent dies.
@@ -434,6 +445,7 @@ def serve(ctx: click.Context, ae_title: str | None, port: int | None) -> None:
     from worker.celery_app import configure, prepare_embedded_broker
 
     settings = _settings(ctx, ae_title=ae_title, port=port)
+    _check_model_file(settings)  # its inference worker loads the model
     _private_files(settings)
     upgrade(settings.effective_database_url)
     prepare_embedded_broker(configure(settings))

@@ -307,6 +307,18 @@ class Settings(BaseSettings):
             raise ValueError(f"BONEAGE_DEVICE {value!r} must be auto, cpu, cuda, cuda:N or mps")
         return value
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_not_empty(cls, value: Any) -> Any:
+        # An empty value would be the path "." (a directory): a variable set empty by a
+        # template or an interpolation is an error, not the untrained model.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError(
+                "BONEAGE_MODEL is empty: set it to a checkpoint file, or leave it unset "
+                "for the untrained model"
+            )
+        return value
+
     @field_validator("arch")
     @classmethod
     def _arch(cls, value: str) -> str:
@@ -402,6 +414,31 @@ class Settings(BaseSettings):
                 text = str(value)
             env[f"BONEAGE_{name.upper()}"] = text
         return env
+
+    def check_model_file(self) -> None:
+        """Refuse a BONEAGE_MODEL that names no readable file.
+
+        Called by the commands that load the model (``work`` for the inference queue,
+        ``serve``) before they start anything: a checkpoint path misspelt would
+        otherwise stop each inference process as it starts. Not checked for every
+        process: the listener and the delivery workers need no model, and may share
+        the setting without the volume it is on (a Kubernetes ConfigMap).
+
+        Raises
+        ------
+        ValueError
+            The path does not exist, is not a file, or cannot be read by this user;
+            the message is one line that names the path.
+        """
+        path = self.model
+        if path is None:
+            return
+        if not path.exists():
+            raise ValueError(f"BONEAGE_MODEL {path} does not exist")
+        if not path.is_file():
+            raise ValueError(f"BONEAGE_MODEL {path} is not a file (a .safetensors checkpoint)")
+        if not os.access(path, os.R_OK):
+            raise ValueError(f"BONEAGE_MODEL {path} cannot be read by this user")
 
     @property
     def runs_on_cpu(self) -> bool:

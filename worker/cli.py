@@ -302,6 +302,10 @@ def work(
         "--without-heartbeat",
     ]
     app.worker_main(argv)
+    # a process that could not start ends the worker with status 1 (worker.tasks), which
+    # worker_main does not pass on: serve, systemd and the kubelet restart on it
+    if status := tasks.worker_exit_status():
+        raise SystemExit(status)
 
 
 def _check_model_file(settings: Settings) -> None:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import signal
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NoReturn
 
 from celery import Task
 from celery.signals import (
@@ -62,6 +64,9 @@ def set_worker_queues(
     """
     _state["queues"] = queues
     _state["pool"] = pool
+    # the worker's own process: a prefork child whose start-up fails stops it
+    # (_start_up_failed)
+    _state["main_pid"] = os.getpid()
     _state["concurrency"] = concurrency
     _state["processes"] = processes
     _state.pop("cores", None)
@@ -135,6 +140,39 @@ def _init_threads_pool(**_: Any) -> None:
         _init_process()
 
 
+#: What a prefork child whose start-up failed sends the worker's own process
+#: (_start_up_failed). Celery leaves it alone unless CELERY_RDBSIG asks for its debugger.
+CHILD_FAILED_SIGNAL = signal.SIGUSR2
+
+
+@worker_init.connect
+def _stop_when_a_child_cannot_start(sender: Any = None, **_: Any) -> None:
+    _state["controller"] = sender  # Celery's WorkController: its exit status, once done
+    # Celery's own signals stop a worker with status 0 (SIGTERM, a warm shutdown) or
+    # end it without one (SIGQUIT, cold: WorkerTerminate sets no exit code).
+    if _state.get("pool") == "prefork":
+        signal.signal(CHILD_FAILED_SIGNAL, _a_child_could_not_start)
+
+
+def worker_exit_status() -> int:
+    """The exit status the Celery worker that ran in this process ended with.
+
+    ``app.worker_main`` returns nothing, whatever the worker's status: 1 after a child
+    that could not start, or an unrecoverable error; 0 after a warm shutdown.
+    """
+    code = getattr(_state.get("controller"), "exitcode", None)
+    return code if isinstance(code, int) else 0
+
+
+def _a_child_could_not_start(_signum: int, _frame: Any) -> None:
+    from celery.platforms import EX_FAILURE
+    from celery.worker import state
+
+    # Celery's warm shutdown, as SIGTERM asks for it (the tasks the other children hold
+    # are finished first), with exit status 1.
+    state.should_stop = EX_FAILURE
+
+
 @worker_shutdown.connect
 def _stop_threads_pool(**_: Any) -> None:
     if _state.get("pool") == "threads":
@@ -145,6 +183,44 @@ def _stop_threads_pool(**_: Any) -> None:
 def _init_process(**_: Any) -> None:
     # Fires in prefork children and in the solo pool: the place to load the model,
     # never the parent (a CUDA context does not survive fork).
+    try:
+        _start_process()
+    except BaseException as exc:
+        _start_up_failed(exc)
+
+
+def _start_up_failed(exc: BaseException) -> NoReturn:
+    """End this worker, with exit status 1, because its process could not start.
+
+    Celery's signals log a receiver's exception and carry on: a process whose model did
+    not load (BONEAGE_MODEL not a checkpoint, BONEAGE_DEVICE=cuda without a driver) or
+    whose warm-up could not read the database would take images with no model and no
+    heartbeat, fail each three times and end it in error. Exiting instead lets `serve`,
+    a batching worker's supervisor, systemd or the kubelet restart it, and say so.
+
+    A prefork child stops its parent too (:data:`CHILD_FAILED_SIGNAL`: a warm shutdown
+    with exit status 1): billiard would start another child in its place, and again,
+    while the parent held the messages it had taken. Nothing of a patient is in hand at
+    start-up (the warm-up assesses a synthetic hand), so the exception's message is
+    logged with its type.
+    """
+    logger.critical(
+        "worker process start-up failed (%s: %s): it takes no work and exits with "
+        "status 1, to be restarted",
+        type(exc).__name__,
+        str(exc)[:500] or "no message",
+        exc_info=exc,
+    )
+    main = _state.get("main_pid")
+    if main is not None and main != os.getpid():
+        with contextlib.suppress(ProcessLookupError):  # the parent is gone already
+            os.kill(main, CHILD_FAILED_SIGNAL)
+    logging.shutdown()  # flushes the handlers, which os._exit would not
+    os._exit(1)
+
+
+def _start_process() -> None:
+    """Set this worker process up: the model loaded and warmed up, the heartbeat on."""
     dispose_after_fork()
     rt = runtime()
     detail: dict[str, Any] = {"queues": list(_state["queues"])}

@@ -255,10 +255,15 @@ def work(
     if pool == "prefork" and settings.worker_metrics_port:
         # before prometheus_client is imported (by worker.tasks): the children's counters
         # go to files there, which this process sums when scraped
-        from worker.metrics_files import use_multiprocess_directory, worker_metrics_port
+        from worker.metrics_files import (
+            metrics_directory,
+            use_multiprocess_directory,
+            worker_metrics_port,
+        )
 
         served = worker_metrics_port(settings.worker_metrics_port, names)
-        use_multiprocess_directory(settings.data_dir / "metrics" / f"{'-'.join(names)}-{served}")
+        assert served is not None
+        use_multiprocess_directory(metrics_directory(names, served))
     from worker import tasks
     from worker.celery_app import configure
 
@@ -391,6 +396,7 @@ def _supervise_batching(
     """
     from worker.metrics_files import (
         MULTIPROCESS_ENV,
+        metrics_directory,
         use_multiprocess_directory,
         worker_metrics_port,
     )
@@ -399,7 +405,7 @@ def _supervise_batching(
     port = worker_metrics_port(settings.worker_metrics_port, names)
     server = None
     if port is not None:
-        directory = settings.data_dir / "metrics" / f"{'-'.join(names)}-{port}"
+        directory = metrics_directory(names, port)
         if use_multiprocess_directory(directory):  # before prometheus_client is imported
             from worker import metrics
 

@@ -12,12 +12,18 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MULTIPROCESS_ENV", "use_multiprocess_directory", "worker_metrics_port"]
+__all__ = [
+    "MULTIPROCESS_ENV",
+    "metrics_directory",
+    "use_multiprocess_directory",
+    "worker_metrics_port",
+]
 
 #: prometheus_client reads this once, at import, to choose multiprocess mode.
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -30,6 +36,24 @@ def worker_metrics_port(base: int | None, queues: Sequence[str]) -> int | None:
     return base if "inference" in queues else base + 1
 
 
+def metrics_directory(queues: Sequence[str], port: int) -> Path:
+    """Where the worker serving ``/metrics`` on ``port`` for ``queues`` keeps its
+    processes' metric files: this host's temporary directory (a pod's or container's
+    own /tmp, a systemd unit's PrivateTmp), beside the files of ``worker.heartbeat``'s
+    ``tasks_directory``.
+
+    Never the shared data directory: workers on other hosts with the same queues and
+    port (pods scaled by KEDA, ``compose --scale``, machines sharing it over NFS) would
+    empty each other's files when they start and serve each other's counts.
+    """
+    return (
+        Path(tempfile.gettempdir())
+        / f"boneage-worker-{os.getuid()}"
+        / "metrics"
+        / f"{'-'.join(queues)}-{port}"
+    )
+
+
 def use_multiprocess_directory(directory: Path) -> bool:
     """Have this process's metrics, and its children's, kept in ``directory``.
 
@@ -39,7 +63,8 @@ def use_multiprocess_directory(directory: Path) -> bool:
     Parameters
     ----------
     directory : pathlib.Path
-        A directory for this worker alone (created owner-only).
+        A directory for this worker alone (created owner-only if it does not exist):
+        :func:`metrics_directory`.
 
     Returns
     -------
@@ -54,6 +79,15 @@ def use_multiprocess_directory(directory: Path) -> bool:
         )
         return False
     shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir(parents=True, mode=0o700)
+    # exist_ok: what rmtree could not remove, or made again meanwhile, is no reason not
+    # to start (on NFS a file still open elsewhere stays behind as .nfsXXXX)
+    directory.mkdir(parents=True, mode=0o700, exist_ok=True)
+    if left := sorted(p.name for p in directory.glob("*.db")):
+        logger.warning(
+            "worker metrics: %d file(s) of an earlier run could not be removed from %s; "
+            "their counts are added to this run's",
+            len(left),
+            directory,
+        )
     os.environ[MULTIPROCESS_ENV] = str(directory)
     return True

@@ -8,6 +8,7 @@ endpoints are scraped over HTTP and parsed as Prometheus does.
 
 from __future__ import annotations
 
+import os
 import socket
 import urllib.error
 import urllib.request
@@ -78,7 +79,11 @@ def test_metrics_of_a_running_node(
         # are summed through prometheus_client's multiprocess files; delivery is solo
         BONEAGE_INFERENCE_PROCESSES="2",
         BONEAGE_HOST="127.0.0.1",
+        # the host's temporary directory, where a prefork worker's children keep their
+        # metric files (never the data directory other hosts share)
+        TMPDIR=str(tmp_path / "tmp"),
     )
+    (tmp_path / "tmp").mkdir()
     node = Node(tmp_path, env)
     try:
         serve = node.start("serve", "serve")
@@ -151,8 +156,9 @@ def test_metrics_of_a_running_node(
         assert (assessed, not_assessed) == (1, 1)  # each counted once, whichever child ran it
         assert value(inference, "boneage_assess_seconds_count") == 1
         assert value(inference, "boneage_assess_seconds_bucket", le="+Inf") == 1
-        shared = tmp_path / "data" / "metrics" / f"inference-{worker_port}"
-        assert any(shared.glob("*.db")), "the children's metric files"
+        local = tmp_path / "tmp" / f"boneage-worker-{os.getuid()}" / "metrics"
+        assert any((local / f"inference-{worker_port}").glob("*.db")), "the children's files"
+        assert not (tmp_path / "data" / "metrics").exists()  # shared with other hosts
 
         delivery = wait_for(
             lambda: scrape(worker_port + 1), timeout=30, what="delivery worker /metrics"

@@ -508,6 +508,52 @@ def _cores(quantity: str | int) -> float:
     return int(text.removesuffix("m")) / 1000 if text.endswith("m") else float(text)
 
 
+def test_kubernetes_gpu_workers_roll_out_without_a_spare_gpu(
+    k8s: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    """A rolling update that starts a new GPU pod before the old one stops (the default,
+    maxSurge 25 %: one pod) leaves it Pending on a cluster with no spare GPU, and the
+    rollout never finishes: the old pods must go first."""
+    checked = []
+    for (kind, name), doc in k8s.items():
+        if kind != "Deployment":
+            continue
+        (container,) = doc["spec"]["template"]["spec"]["containers"]
+        if "nvidia.com/gpu" not in container.get("resources", {}).get("limits", {}):
+            continue
+        strategy = doc["spec"].get("strategy", {"type": "RollingUpdate"})
+        if strategy["type"] != "Recreate":
+            rolling = strategy.get("rollingUpdate", {})
+            assert strategy["type"] == "RollingUpdate", name
+            assert str(rolling.get("maxSurge", "25%")) in {"0", "0%"}, f"{name}: no surge pod"
+            assert str(rolling.get("maxUnavailable", "25%")) not in {"0", "0%"}, name
+        checked.append(name)
+    assert checked == ["boneage-worker-inference"]
+
+
+def test_kubernetes_pods_change_the_data_volumes_group_only_when_its_root_differs(
+    k8s: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    """With fsGroup alone the kubelet changes the group of every file on the volume at
+    each pod start: the whole spool and outbox, on a shared volume, while the pod waits."""
+    checked = []
+    for name, pod in _pod_specs(k8s).items():
+        claims = {
+            volume["persistentVolumeClaim"]["claimName"]
+            for volume in pod.get("volumes", [])
+            if "persistentVolumeClaim" in volume
+        }
+        context = pod["securityContext"]
+        if "boneage-data" in claims and "fsGroup" in context:
+            assert context.get("fsGroupChangePolicy") == "OnRootMismatch", name
+            checked.append(name)
+    assert sorted(checked) == [
+        "boneage-listener",
+        "boneage-worker-delivery",
+        "boneage-worker-inference",
+    ]
+
+
 def test_kubernetes_listener_probes_and_service(
     k8s: dict[tuple[str, str], dict[str, Any]],
 ) -> None:

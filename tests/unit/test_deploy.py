@@ -696,6 +696,27 @@ def test_systemd_service(name: str) -> None:
         assert "ProtectClock" not in service  # implies DeviceAllow=, closing /dev/nvidia*
 
 
+def test_systemd_inference_unit_shows_a_cpu_drop_in_that_runs_a_process_per_core() -> None:
+    """The unit's comment for machines without a GPU: its ExecStart runs the CPU layout
+    (one prefork process per core, the README's), not `--pool threads`, whose task
+    threads would each run a forward pass on every core."""
+    text = (SYSTEMD / "boneage-worker-inference@.service").read_text()
+    drop_in = [
+        line.lstrip("#").strip()
+        for line in text.splitlines()
+        if line.startswith("#") and "=" in line and line.lstrip("#").strip()[:1].isupper()
+    ]
+    assert "[Service]" in [line.lstrip("#").strip() for line in text.splitlines()]
+    assert "Environment=BONEAGE_DEVICE=cpu" in drop_in
+    assert "ExecStart=" in drop_in  # clears the unit's own before setting another
+    (start,) = [line for line in drop_in if line.startswith(f"ExecStart={BINARY} ")]
+    argv = start.removeprefix("ExecStart=").split()
+    context = _check_cli(argv[1:])
+    assert argv[1:4] == ["work", "-Q", INFERENCE_QUEUE]
+    assert context.params["pool"] is None and context.params["device"] is None
+    assert "--pool threads" not in start
+
+
 def test_systemd_target_pulls_in_the_services() -> None:
     target = _unit(SYSTEMD / "boneage.target")
     assert target["Install"]["WantedBy"] == ["multi-user.target"]

@@ -176,10 +176,13 @@ def test_bfloat16_changes_bone_ages_by_a_month_or_two(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     # BONEAGE_PRECISION=bfloat16 on a CPU runs the trunk with 8 bits of mantissa; the
-    # head and the reported numbers stay float32. What a site sees when it validates it
-    # with `evaluate --precision bfloat16`: nearly the same metrics, each image within a
-    # month or two of float32 (measured when written, AMD EPYC with AVX-512 BF16: mean
-    # 0.20, max 0.75 months; MAE 22.68 against 22.74). A real model at 512 px on real
+    # pooling, the head and the reported numbers stay float32, in the worker and in
+    # `evaluate --precision bfloat16` alike. What a site sees when it validates it:
+    # nearly the same metrics, each image within a month of float32 (on an AMD EPYC
+    # without bfloat16 instructions, where oneDNN emulates it: mean 0.13, max 0.69 months;
+    # MAE 20.99 against 21.00. The 0.20 and 0.75 first measured here, on an EPYC with
+    # AVX-512 BF16, were of an evaluate that ran the head in bfloat16 too, as the worker
+    # does not: 0.17 and 0.71 on the EPYC without). A real model at 512 px on real
     # radiographs needs its own such comparison before a site turns it on.
     _, loaded = trained
     test_items = phantom_items(150, size=120, seed=12345)
@@ -207,10 +210,13 @@ def test_bfloat16_changes_bone_ages_by_a_month_or_two(
     print(f"MAE float32 {overall['mae']:.2f}, bfloat16 {lower_overall['mae']:.2f} months")
     assert abs(lower_overall["mae"] - overall["mae"]) < 0.5
 
-    # The service's predictor reports what the evaluation showed (evaluate runs the same
-    # folded, channels-last copy; one image at a time against batches of 16 rounds a
-    # little differently in bfloat16: 0.29 months at most when written), and its heat
-    # map barely moves.
+    # The service's predictor reports what the evaluation showed: evaluate runs the same
+    # folded, channels-last copy with the same split of precisions (the trunk alone in
+    # bfloat16), so one image at a time gives what batches of 16 gave, up to
+    # predictions.csv's rounding to 0.01 months (the same numbers on the EPYC without
+    # bfloat16 instructions). While evaluate ran the head in bfloat16 too they were 0.29
+    # months apart at most (0.39 on the EPYC without), put down then to the batch size.
+    # Its heat map barely moves.
     single = BoneAgePredictor(loaded, device="cpu")
     half = BoneAgePredictor(loaded, device="cpu", precision="bfloat16")
     assert (single.runs_on, half.runs_on) == ("cpu", "cpu, bfloat16")
@@ -224,4 +230,4 @@ def test_bfloat16_changes_bone_ages_by_a_month_or_two(
         assert abs(a.bone_age_months - b.bone_age_months) < 4.0
         assert np.abs(a.crop_cam - b.crop_cam).max() < 0.1
     print(f"service vs evaluate in bfloat16: max {max(gaps):.3f} months")
-    assert max(gaps) < 1.0, gaps
+    assert max(gaps) < 0.1, gaps

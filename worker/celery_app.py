@@ -81,19 +81,21 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
-def use_write_ahead_log(broker_url: str) -> None:
+def use_write_ahead_log(broker_url: str, *, create: bool = True) -> None:
     """Switch the embedded broker's SQLite file to write-ahead logging.
 
     kombu opens it in SQLite's default rollback-journal mode, where every published
     message costs two or more fsyncs and readers block the writer; in WAL mode a commit
     is one fsync of the log, still durable (kombu keeps ``synchronous=FULL``), and the
     workers' polling no longer holds up the listener. The mode is stored in the file,
-    so this is done once; the file is created when missing.
+    so this is done once; the file is created when missing, unless ``create`` is false.
     """
     name = sqlite_path(broker_url)
     if name is None:
         return
     path = Path(name)
+    if not create and not path.exists():
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with closing(sqlite3.connect(path, timeout=30)) as connection:
@@ -121,10 +123,14 @@ def prefetch_multiplier(settings: Settings) -> int:
     return POLLED_PREFETCH_MULTIPLIER
 
 
-def configure(settings: Settings) -> Celery:
-    """Point the process-wide app at the configured broker (call once per process)."""
+def configure(settings: Settings, *, create_broker: bool = True) -> Celery:
+    """Point the process-wide app at the configured broker (call once per process).
+
+    With ``create_broker`` false, an embedded broker's file missing is not created here
+    (`status`, run where no node is, makes nothing there).
+    """
     if settings.embedded_broker:
-        use_write_ahead_log(settings.effective_broker_url)
+        use_write_ahead_log(settings.effective_broker_url, create=create_broker)
         # "sqla+" URLs get our subclass of kombu's transport in this process: its
         # consumers are woken by each publish and acknowledgement and poll every 1 s
         # (every 0.1 s where they cannot be woken), and a queue is not queried when

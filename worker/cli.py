@@ -556,7 +556,8 @@ def status(ctx: click.Context, as_json: bool, quiet: bool) -> None:
     if as_json and quiet:
         raise click.UsageError("--json and --quiet exclude each other")
     settings = _settings(ctx)
-    configure(settings)
+    # nothing made where no node is: the database is checked before the broker is used
+    configure(settings, create_broker=False)
     report = collect(settings)
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))

@@ -48,6 +48,25 @@ def test_status_where_there_is_no_database_creates_none(
     assert _files(tmp_path) == []
 
 
+def test_the_status_command_where_there_is_no_node_makes_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The command, not only its report: it made the embedded broker's file (and its
+    folder) where it looked, so that a later `db upgrade` there started a second node."""
+    from click.testing import CliRunner
+
+    from worker.cli import main as cli
+
+    for name in ("BONEAGE_DATA_DIR", "BONEAGE_DATABASE_URL", "BONEAGE_BROKER_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("BONEAGE_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    shown = CliRunner().invoke(cli, ["status", "--quiet"])
+    assert shown.exit_code == 1, shown.output
+    assert "no database at" in shown.output
+    assert _files(tmp_path) == []
+
+
 def test_a_schema_newer_than_this_version_is_told_from_an_older_one(database_url: str) -> None:
     upgrade(database_url, "0009")
     with pytest.raises(DatabaseNotReady) as older:

@@ -760,8 +760,9 @@ def retention(ctx: click.Context, dry_run: bool, days: float | None) -> None:
         else ""
     )
     console.print(
-        f"{verb} the files of {report.instances} instance(s) finished more than {keep:g} "
-        f"day(s) ago and fully delivered: {report.files} file(s), {report.bytes / 1e6:.1f} MB"
+        f"{verb} the files of {report.instances} instance(s) finished and last received more "
+        f"than {keep:g} day(s) ago and fully delivered: {report.files} file(s), "
+        f"{report.bytes / 1e6:.1f} MB"
         f"{unsent}"
     )
 

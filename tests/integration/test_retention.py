@@ -478,7 +478,10 @@ def test_outputs_made_with_nothing_to_send_them_to_go_when_they_are_old(
     dry_command = CliRunner().invoke(cli, ["retention", "--days", "30", "--dry-run"])
     assert dry_command.exit_code == 0, dry_command.output
     said = " ".join(dry_command.output.split())  # as the console wrapped it
-    assert "instance(s) finished more than 30 day(s) ago and fully delivered: 2 file(s)," in said
+    assert (
+        "instance(s) finished and last received more than 30 day(s) ago and fully "
+        "delivered: 2 file(s)," in said
+    )
     assert said.endswith("MB, 2 of them SR or SC files made with nothing to send them to")
 
     report = remove_expired_files(runtime.database_url, older_than=KEEP, outbox_dir=outbox)

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -620,6 +621,26 @@ def _finite_or_null(value: Any) -> Any:
     return value
 
 
+def _check_output_folder(folder: Path) -> None:
+    """Refuse an output folder that could not be made or written into, without making it:
+    the folder itself if it exists, else the nearest one above it that does, must be a
+    folder a file can be created in."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"cannot write the report into {folder}: {existing} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".probe.", suffix=".tmp", dir=existing)
+    except OSError as exc:
+        raise ValueError(
+            f"cannot write the report into {folder}: no file can be created in {existing} "
+            f"({exc.strerror or exc})"
+        ) from exc
+    os.close(fd)
+    Path(probe).unlink(missing_ok=True)
+
+
 def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -695,8 +716,9 @@ def evaluate(
     Raises
     ------
     ValueError
-        If there are no images, images are missing and ``allow_missing`` is False, or
-        ``bootstrap`` is negative.
+        If there are no images, images are missing and ``allow_missing`` is False,
+        ``bootstrap`` is negative, or ``output_dir`` could not be made or written into
+        (found before any image is read).
     ImportError
         If the checkpoint was trained with CLAHE and OpenCV is not installed.
     """
@@ -711,6 +733,8 @@ def evaluate(
         raise ValueError("no labelled images to evaluate")
     if bootstrap < 0:
         raise ValueError(f"bootstrap must be 0 (none) or a number of resamples, got {bootstrap}")
+    folder = Path(output_dir)
+    _check_output_folder(folder)  # before any image is read: the files are written last
     loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_checkpoint(checkpoint)
     meta = loaded.meta
     if meta.clahe:
@@ -761,7 +785,6 @@ def evaluate(
     metrics["n_listed"], metrics["n_missing"] = n_listed, n_missing
     metrics["data"] = data
 
-    folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
     files["metrics"] = folder / "metrics.json"

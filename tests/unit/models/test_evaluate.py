@@ -352,3 +352,32 @@ def test_metrics_json_is_strict_json_with_null_for_what_is_not_a_number(tmp_path
     assert nan_bands
     assert all(written["by_age_band"][name]["r2"] is None for name in nan_bands)
     assert written["overall"]["mae"] == report.metrics["overall"]["mae"]
+
+
+@pytest.mark.parametrize("below", ["a file", "a folder no file can be created in"])
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_image_is_read(
+    tmp_path: Path, below: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if below == "a file":
+        (tmp_path / "taken").write_text("")
+        output, problem = tmp_path / "taken" / "report", "is not a folder"
+    else:
+        import models.evaluate
+
+        def refused(*_args: object, **_kwargs: object) -> tuple[int, str]:
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(models.evaluate.tempfile, "mkstemp", refused)
+        output, problem = tmp_path / "new" / "report", f"no file can be created in {tmp_path}"
+    reads: list[int] = []
+
+    def image() -> np.ndarray:
+        reads.append(1)
+        return np.zeros((48, 48), np.float32)
+
+    items = [LabelledImage(image=image, age_months=100.0, male=True) for _ in range(3)]
+    loaded = untrained_model(arch="resnet18", input_size=32)
+    with pytest.raises(ValueError, match=f"cannot write the report into {output}: .*{problem}"):
+        evaluate(loaded, items, output, device="cpu", progress=False, plots=False)
+    assert not reads
+    assert not (tmp_path / "new").exists()

@@ -320,7 +320,13 @@ def latencies_since(session: Session, since: datetime) -> Latencies:
         )
     )
     received = case(
-        (Delivery.assessment == Instance.assessment, current),
+        # of the current assessment, those made since its copy came (a reprocess with
+        # another model counts from its own start, and the first model's objects of the
+        # same assessment from the reception they answered)
+        (
+            (Delivery.assessment == Instance.assessment) & (Delivery.created_at >= current),
+            current,
+        ),
         (Delivery.assessment == 1, Instance.received_at),
     )
     delivered = session.execute(
@@ -332,13 +338,7 @@ def latencies_since(session: Session, since: datetime) -> Latencies:
             Delivery.kind != ObjectKind.KO,
             Delivery.withdraws.is_(None),
         )
-        .group_by(
-            Instance.id,
-            Delivery.assessment,
-            Instance.assessment,
-            Instance.assessment_received_at,
-            Instance.received_at,
-        )
+        .group_by(Instance.id, Delivery.assessment, received)
     )
     return Latencies(
         to_assessed=[max(0.0, (f - r).total_seconds()) for r, f in assessed if r and f],

@@ -366,6 +366,9 @@ class _Claim:
     first_study: str = ""
     # whether this assessment's outputs go to the destinations (Instance.send_outputs)
     send: bool = True
+    # whether a copy was received since the instance was queued (Instance.received_again_at
+    # of an instance not finished): the PACS's correction, which this assessment may read
+    copy_came: bool = False
 
     def other_study(self, source: Dataset) -> str | None:
         """The study ``source`` (the copy read) is in, where it is not the one the
@@ -409,6 +412,7 @@ def _claim(rt: Runtime, instance_id: int) -> _Claim | AssessOutcome:
                 Instance.assessment,
                 Instance.study_instance_uid,
                 Instance.send_outputs,
+                Instance.received_again_at,
             )
         ).one_or_none()
         if claimed is not None:
@@ -419,6 +423,7 @@ def _claim(rt: Runtime, instance_id: int) -> _Claim | AssessOutcome:
                 claimed.assessment,
                 first_study=claimed.study_instance_uid,
                 send=claimed.send_outputs,
+                copy_came=claimed.received_again_at is not None,
             )
         instance = session.get(Instance, instance_id)
         if instance is None:
@@ -599,7 +604,8 @@ def assess_instance(rt: Runtime, instance_id: int, *, send: bool = True) -> Asse
     where the last one did. With ``send=False``, or where a `reprocess` not asked to
     send cleared the instance's ``send_outputs`` (whatever message then queues it: the
     reconciler's too), the result is recorded and the SR and SC written to the outbox,
-    but no delivery is made.
+    but no delivery is made; unless a copy of the image came since it was queued, which
+    this attempt may read: the PACS's correction is sent.
     """
     claimed = _claim(rt, instance_id)
     if isinstance(claimed, AssessOutcome):
@@ -607,7 +613,8 @@ def assess_instance(rt: Runtime, instance_id: int, *, send: bool = True) -> Asse
     if (already := _assessed_by_this_model(rt, claimed)) is not None:
         return already
     try:
-        return _assess(rt, claimed, send=send and claimed.send)
+        # a copy that came while it waited is sent as one received again after would be
+        return _assess(rt, claimed, send=(send and claimed.send) or claimed.copy_came)
     except Exception as exc:
         _note_failed_attempt(rt, instance_id, exc, claimed.inputs)
         raise

@@ -38,6 +38,7 @@ from dicom_io.scp import ReceivedInstance
 from tests.conftest import StoreSCP
 from tests.dicomtools import dciodvfy_errors, dsrdump
 from tests.integration.test_pipeline import (
+    another_model,
     attempt_began_before,
     make_runtime,
     reconcile_once,
@@ -272,6 +273,54 @@ def test_the_latency_of_an_assessment_again_counts_from_the_copy_it_answers(
     assert (status["processing_p95_s"], status["delivered_p95_s"]) == (to_assessed, to_delivered)
     # over the three days, the first assessment's deliveries too, from the first reception
     assert sorted(days.to_delivered) == sorted([to_delivered, first_delivered])
+
+
+def test_a_reprocess_counts_its_own_latency_and_leaves_the_first_models_as_it_was(
+    runtime: Runtime, storescp: StoreSCP, tmp_path: Path
+) -> None:
+    """A reprocess with another model, within the hour of the first assessment's
+    delivery: the first model's deliveries keep their latency from the image's
+    reception (they were counted 0 s, from the reprocess, which came after them), and
+    the new result's counts from the reprocess."""
+    from worker.reprocess import prepare_reprocess
+
+    instance_id = spool_instance(runtime, sex="F")
+    deliver(runtime, storescp, assess_instance(runtime, instance_id).delivery_ids)
+    with session_scope(runtime.database_url) as session:
+        instance = session.get_one(Instance, instance_id)
+        instance.received_at -= dt.timedelta(minutes=10)  # came ten minutes ago
+        first_delivered = (
+            max(d.delivered_at for d in session.scalars(select(Delivery)) if d.delivered_at)
+            - instance.received_at
+        ).total_seconds()
+    new = another_model(runtime, tmp_path, 21)
+    before = now()
+    assert prepare_reprocess(new, [instance_id], send=True) == [instance_id]
+    deliver(new, storescp, assess_instance(new, instance_id).delivery_ids)
+    took = (now() - before).total_seconds()
+    with session_scope(runtime.database_url) as session:
+        hour = queries.latencies_since(session, now() - dt.timedelta(hours=1))
+    first, second = sorted(hour.to_delivered, reverse=True)
+    assert first == pytest.approx(first_delivered) and first >= 600
+    assert 0 < second <= took
+
+
+def test_a_copy_received_while_a_reprocess_not_asked_to_send_waits_is_sent(
+    runtime: Runtime, storescp: StoreSCP, tmp_path: Path
+) -> None:
+    """`reprocess` without --send queued the image; the PACS then sends it corrected. The
+    reprocess's assessment reads the corrected copy, and what it gives goes to the
+    PACS: it is the PACS's correction, not only the reprocess. It was kept unsent."""
+    from worker.reprocess import prepare_reprocess
+
+    instance_id = spool_instance(runtime, sex="F")
+    deliver(runtime, storescp, assess_instance(runtime, instance_id).delivery_ids)
+    new = another_model(runtime, tmp_path, 22)
+    assert prepare_reprocess(new, [instance_id], send=False) == [instance_id]
+    received_again(runtime, instance_id, PatientSex="M")
+    outcome = assess_instance(new, instance_id, send=False)  # the reprocess's message
+    assert outcome.state == "assessed" and len(outcome.delivery_ids) == 2
+    assert report_of(deliver(new, storescp, outcome.delivery_ids)).PatientSex == "M"
 
 
 def test_a_copy_that_changes_nothing_the_result_depends_on_is_not_assessed_again(

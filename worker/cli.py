@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import logging
 import os
@@ -1079,6 +1080,11 @@ def _items(**kwargs: Any) -> tuple[list[Any], str]:
 )
 @click.option("--resume", is_flag=True, help="Continue from --state-dir.")
 @click.option(
+    "--restart",
+    is_flag=True,
+    help="Train anew in --state-dir, replacing the run saved there (refused without it).",
+)
+@click.option(
     "--version", "model_version", default="", help="Version string stored in the checkpoint."
 )
 @click.pass_context
@@ -1102,6 +1108,7 @@ def train(
     device: str,
     state_dir: Path | None,
     resume: bool,
+    restart: bool,
     model_version: str,
     **data: Any,
 ) -> None:
@@ -1111,15 +1118,14 @@ def train(
     --input-size, at the reduced resolution the site's BONEAGE_SC_MIN_LONG_SIDE allows:
     the model learns from the inputs it will be given.
     """
-    from models.train import TrainConfig
+    from models.train import TrainConfig, check_destinations
     from models.train import train as run_training
 
     settings = _settings(ctx)  # the site's sc_min_long_side bounds the service's decode
     if resume and state_dir is None:
         raise click.BadParameter("--resume needs --state-dir", param_hint="--resume")
-    items, description = _items(
-        **data, input_size=input_size, sc_min_long_side=settings.sc_min_long_side
-    )
+    if resume and restart:
+        raise click.UsageError("--resume and --restart exclude each other")
     config = TrainConfig(
         arch=arch,
         input_size=input_size,
@@ -1137,13 +1143,26 @@ def train(
         num_workers=num_workers,
         seed=data["seed"],
         device=device,
-        data_description=description,
         version=model_version,
     )
+    # before the data is read (a folder of DICOM files takes a while): where the results
+    # go, and a saved run's settings, which the data's description is not part of
+    try:
+        check_destinations(output, state_dir, config=config, resume=resume, restart=restart)
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    items, description = _items(
+        **data, input_size=input_size, sc_min_long_side=settings.sc_min_long_side
+    )
+    config = dataclasses.replace(config, data_description=description)
     console.print(f"training {arch} at {input_size} px on {description}")
     try:
-        result = run_training(items, output, config=config, state_dir=state_dir, resume=resume)
-    except ImportError as exc:  # --clahe without OpenCV: the message says what to install
+        result = run_training(
+            items, output, config=config, state_dir=state_dir, resume=resume, restart=restart
+        )
+    # --clahe without OpenCV (the message says what to install); a refusal, or an image
+    # that cannot be decoded (named, with its labels file and line)
+    except (ImportError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     metrics = ", ".join(f"{k} {v:.3g}" for k, v in result.meta.metrics.items())
     console.print(

@@ -121,6 +121,43 @@ def test_train_resume_evaluate_predict_on_a_dicom_folder(
     assert (tmp_path / "maps" / "case00-heatmap.png").stat().st_size > 0
 
 
+def test_train_refuses_in_one_line_what_would_lose_a_run_or_misstate_it(
+    dicom_folder: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Each before any image is read, as an error message, not a traceback: a checkpoint
+    folder that does not exist (the write failed after the whole run), a state folder
+    that holds a saved run (overwritten after one epoch), a resume with other settings
+    (the checkpoint then misstated how it was trained). --restart replaces the run."""
+    folder, labels = dicom_folder
+    state = tmp_path / "state"
+    common = [
+        *("--dicom-dir", str(folder), "--labels", str(labels), "--arch", "resnet18"),
+        *("--input-size", "64", "--batch-size", "8", "--state-dir", str(state)),
+    ]
+
+    def refused(*args: str) -> str:
+        result = CliRunner().invoke(main, ["train", *common, *args])
+        assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.output
+        assert "Traceback" not in result.output
+        return " ".join(result.output.split())
+
+    nowhere = tmp_path / "no-such-folder" / "model.safetensors"
+    assert "no-such-folder" in refused("--epochs", "1", "-o", str(nowhere))
+    assert not state.exists() or not any(state.iterdir())
+
+    checkpoint = tmp_path / "model.safetensors"
+    run("train", *common, "--epochs", "1", "-o", str(checkpoint))
+    said = refused("--epochs", "1", "-o", str(checkpoint))
+    assert "--resume" in said and "--restart" in said
+    said = refused("--epochs", "2", "--resume", "--lr", "0.01", "-o", str(checkpoint))
+    assert "lr was 0.0003, now 0.01" in said
+    assert "exclude each other" in refused("--resume", "--restart", "-o", str(checkpoint))
+
+    first = load_checkpoint(checkpoint).model_id
+    assert "wrote" in run("train", *common, "--epochs", "1", "--restart", "-o", str(checkpoint))
+    assert load_checkpoint(checkpoint).model_id != first
+
+
 def test_evaluate_refuses_a_precision_the_device_cannot_run(
     dicom_folder: tuple[Path, Path], tmp_path: Path
 ) -> None:

@@ -226,6 +226,8 @@ def read_rsna(
             if limit is not None and len(items) >= limit:
                 break
             listed += 1
+            if any(row[name] is None for name in fields.values()):  # a row cut short
+                raise ValueError(f"{csv_path}:{line}: the row has fewer cells than the header")
             key = row[fields["id"]].strip()
             try:
                 age = float(row[fields["boneage"]])

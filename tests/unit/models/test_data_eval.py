@@ -83,6 +83,15 @@ def test_read_rsna_names_a_missing_column(tmp_path: Path) -> None:
         read_rsna(path, tmp_path)
 
 
+def test_read_rsna_names_the_line_of_a_row_cut_short(tmp_path: Path) -> None:
+    """A row with fewer cells than the header (a file cut off while copied) is an error
+    naming its line; it was a TypeError from deep inside."""
+    path = tmp_path / "cut.csv"
+    path.write_text("id,boneage,male\n1,30,True\n2,40\n")
+    with pytest.raises(ValueError, match=r"cut\.csv:3: the row has fewer cells"):
+        read_rsna(path, tmp_path)
+
+
 def test_load_image_from_callable_and_16_bit() -> None:
     raw = np.array([[0, 65535], [1000, 4000]], dtype=np.uint16)
     image = load_image(lambda: raw)

@@ -245,15 +245,22 @@ def check_checkpoint_path(path: str | os.PathLike[str]) -> None:
     if not folder.is_dir():
         problem = "is not a folder" if folder.exists() else "does not exist"
         raise ValueError(f"cannot write the checkpoint {target}: its folder {folder} {problem}")
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-    except OSError as exc:
+    if (why := why_no_file_can_be_created_in(folder)) is not None:
         raise ValueError(
-            f"cannot write the checkpoint {target}: no file can be created in {folder} "
-            f"({exc.strerror or exc})"
-        ) from exc
+            f"cannot write the checkpoint {target}: no file can be created in {folder} ({why})"
+        )
+
+
+def why_no_file_can_be_created_in(folder: Path) -> str | None:
+    """Why no file can be created in ``folder``, or None where one can (tried: a
+    temporary file, removed at once)."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".probe.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        return str(exc.strerror or exc)
     os.close(fd)
-    Path(tmp_name).unlink(missing_ok=True)
+    Path(name).unlink(missing_ok=True)
+    return None
 
 
 def save_checkpoint(path: str | os.PathLike[str], model: BoneAgeNet, meta: CheckpointMeta) -> str:

@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from models.checkpoint import CheckpointMeta, LoadedModel, load_checkpoint
+from models.checkpoint import (
+    CheckpointMeta,
+    LoadedModel,
+    load_checkpoint,
+    why_no_file_can_be_created_in,
+)
 from models.data import LabelledImage, PreparedDataset, source_counts, split_groups
 from models.gradcam import predict_z
 from models.net import BoneAgeNet
@@ -630,15 +634,10 @@ def _check_output_folder(folder: Path) -> None:
         existing = existing.parent
     if not existing.is_dir():
         raise ValueError(f"cannot write the report into {folder}: {existing} is not a folder")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".probe.", suffix=".tmp", dir=existing)
-    except OSError as exc:
+    if (why := why_no_file_can_be_created_in(existing)) is not None:
         raise ValueError(
-            f"cannot write the report into {folder}: no file can be created in {existing} "
-            f"({exc.strerror or exc})"
-        ) from exc
-    os.close(fd)
-    Path(probe).unlink(missing_ok=True)
+            f"cannot write the report into {folder}: no file can be created in {existing} ({why})"
+        )
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -628,6 +628,21 @@ def train(
         logger.info("resuming after epoch %d (best MAE %.2f)", state.epoch_done, state.best_mae)
 
     mean, sd = target
+
+    def validate(desc: str) -> np.ndarray:
+        """The model's bone ages of the validation images, as the worker predicts them."""
+        return predict_ages(
+            model,
+            val_set,
+            target_mean=mean,
+            target_sd=sd,
+            device=device,
+            batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers,
+            progress=progress,
+            desc=desc,
+        )
+
     for epoch in range(state.epoch_done, cfg.epochs):
         if state.bad_epochs >= cfg.patience:
             break
@@ -673,17 +688,7 @@ def train(
             loss_sum += float(loss.detach()) * n
             abs_sum += float((pred.detach().float() - z).abs().sum()) * sd
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", mae=f"{abs_sum / seen:.1f}")
-        val_pred = predict_ages(
-            model,
-            val_set,
-            target_mean=mean,
-            target_sd=sd,
-            device=device,
-            batch_size=cfg.batch_size,
-            num_workers=cfg.num_workers,
-            progress=progress,
-            desc=f"validate {epoch + 1}/{cfg.epochs}",
-        )
+        val_pred = validate(f"validate {epoch + 1}/{cfg.epochs}")
         val_mae = float(np.mean(np.abs(val_pred - np.array([it.age_months for it in val_items]))))
         record = {
             "epoch": epoch + 1,
@@ -732,17 +737,7 @@ def train(
 
     model.load_state_dict(best)
     val_true = np.array([it.age_months for it in val_items], dtype=np.float64)
-    val_pred = predict_ages(
-        model,
-        val_set,
-        target_mean=mean,
-        target_sd=sd,
-        device=device,
-        batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers,
-        progress=progress,
-        desc="calibrate",
-    )
+    val_pred = validate("calibrate")
     metrics = regression_metrics(val_pred, val_true)
     residuals = np.abs(val_pred - val_true)
     quantiles: dict[str, float] = {}

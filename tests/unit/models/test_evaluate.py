@@ -362,12 +362,12 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_any_image_is_
         (tmp_path / "taken").write_text("")
         output, problem = tmp_path / "taken" / "report", "is not a folder"
     else:
-        import models.evaluate
+        import models.checkpoint  # where the folder is tried
 
         def refused(*_args: object, **_kwargs: object) -> tuple[int, str]:
             raise PermissionError(13, "Permission denied")
 
-        monkeypatch.setattr(models.evaluate.tempfile, "mkstemp", refused)
+        monkeypatch.setattr(models.checkpoint.tempfile, "mkstemp", refused)
         output, problem = tmp_path / "new" / "report", f"no file can be created in {tmp_path}"
     reads: list[int] = []
 

@@ -130,14 +130,11 @@ def collect(settings: Settings) -> dict[str, Any]:
     # BONEAGE_REQUEUE_AFTER_SECONDS, so twice that with nothing finished is not a
     # backlog but a worker that hangs, a message no worker takes, or a broker apart.
     stuck_after = timedelta(seconds=2 * settings.requeue_after_seconds)
-    if (
-        waiting.oldest_since is not None
-        and current - waiting.oldest_since > stuck_after
-        and (waiting.last_finished_at is None or current - waiting.last_finished_at > stuck_after)
-    ):
+    stalled = _stalled_for(waiting.oldest_since, waiting.last_finished_at, current, stuck_after)
+    if stalled is not None:
         problems.append(
             f"{waiting.count} instance(s) wait, the oldest for "
-            f"{(current - waiting.oldest_since).total_seconds() / 60:.0f} min, and none "
+            f"{stalled.total_seconds() / 60:.0f} min, and none "
             f"finished in the last {stuck_after.total_seconds() / 60:.0f} min: is an "
             "inference worker hanging, or consuming another broker?"
         )
@@ -151,14 +148,11 @@ def collect(settings: Settings) -> dict[str, Any]:
     # reconciler queues one overdue again every round: one overdue for as long, with
     # nothing delivered, is no worker's (hung, or consuming another broker), and its
     # SR and SC do not reach the PACS.
-    if (
-        overdue.oldest_due is not None
-        and current - overdue.oldest_due > stuck_after
-        and (overdue.last_delivered_at is None or current - overdue.last_delivered_at > stuck_after)
-    ):
+    overdue_for = _stalled_for(overdue.oldest_due, overdue.last_delivered_at, current, stuck_after)
+    if overdue_for is not None:
         problems.append(
             f"{overdue.count} deliveries are due, the longest for "
-            f"{(current - overdue.oldest_due).total_seconds() / 60:.0f} min, and none was "
+            f"{overdue_for.total_seconds() / 60:.0f} min, and none was "
             f"delivered in the last {stuck_after.total_seconds() / 60:.0f} min: is a "
             "delivery worker hanging, or consuming another broker? Results are not "
             "reaching the PACS"
@@ -180,6 +174,19 @@ def collect(settings: Settings) -> dict[str, Any]:
         )
     report["healthy"] = not problems
     return report
+
+
+def _stalled_for(
+    oldest: datetime | None, last_done: datetime | None, current: datetime, after: timedelta
+) -> timedelta | None:
+    """How long work waiting since ``oldest`` has waited, where that is longer than
+    ``after`` with none done (``last_done``) for as long: stopped moving, not a backlog;
+    None otherwise."""
+    if oldest is None or current - oldest <= after:
+        return None
+    if last_done is not None and current - last_done <= after:
+        return None
+    return current - oldest
 
 
 def _model_problems(inference: list[dict[str, Any]]) -> list[str]:

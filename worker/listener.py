@@ -38,7 +38,6 @@ from worker.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-_REPROCESSABLE = (InstanceState.RECEIVED, InstanceState.QUEUED)
 #: Retention runs a few minutes after the listener starts, then every hour.
 RETENTION_FIRST_SECONDS = 300.0
 RETENTION_INTERVAL_SECONDS = 3600.0

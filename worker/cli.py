@@ -449,8 +449,9 @@ def serve(ctx: click.Context, ae_title: str | None, port: int | None) -> None:
     """Run listener, inference worker and delivery worker together (one machine).
 
     Migrates the database (and creates the embedded broker's queues) first. Children
-    that die are restarted; SIGTERM or Ctrl-C stops them all. One that exits five times
-    within a minute stops them all, and `serve` exits with status 1.
+    that die are restarted, after a delay that grows while they keep failing; SIGTERM or
+    Ctrl-C stops them all. One that exits within two minutes of starting six times in a
+    row stops them all, and `serve` exits with status 1.
     """
     from db.engine import upgrade
     from worker.celery_app import configure, prepare_embedded_broker
@@ -485,16 +486,49 @@ def serve(ctx: click.Context, ae_title: str | None, port: int | None) -> None:
 #: (Docker's default is 10 s). tests/unit/test_deploy.py checks them.
 STOP_GRACE_SECONDS = 90.0
 
+#: A supervised child that ran this long before it exited had started: its exit is a
+#: crash to restart from, and its count of failed starts begins again.
+STARTED_AFTER_SECONDS = 120.0
+
+#: Failed starts in a row (exits within STARTED_AFTER_SECONDS of starting) after which
+#: the supervisor stops the service and exits with status 1.
+FAILED_STARTS = 6
+
+#: The wait before the first restart; each failed start in a row doubles it, up to
+#: RESTART_DELAY_MAX_SECONDS (a database or broker that is restarting gets the time).
+RESTART_DELAY_SECONDS = 1.0
+RESTART_DELAY_MAX_SECONDS = 30.0
+
+
+@dataclasses.dataclass
+class _Child:
+    """One supervised child: its process, when it started, its failed starts in a row,
+    and, while it waits to be restarted, when."""
+
+    process: subprocess.Popen[bytes]
+    started: float
+    failed_starts: int = 0
+    restart_at: float | None = None
+
 
 def _supervise(
-    commands: dict[str, list[str]], env: dict[str, str], *, grace: float = STOP_GRACE_SECONDS
+    commands: dict[str, list[str]],
+    env: dict[str, str],
+    *,
+    grace: float = STOP_GRACE_SECONDS,
+    started_after: float = STARTED_AFTER_SECONDS,
+    restart_delay: float = RESTART_DELAY_SECONDS,
 ) -> None:
     """Run ``commands`` as children, restart one that exits, stop all on SIGTERM/SIGINT.
 
-    Stopping sends each child SIGTERM and kills those still running ``grace`` seconds
-    later. A child that exits five times within a minute stops them all, and this
+    A child that exits is restarted after a delay that doubles with each failed start
+    in a row (an exit within ``started_after`` seconds of starting), from
+    ``restart_delay`` up to :data:`RESTART_DELAY_MAX_SECONDS`. After
+    :data:`FAILED_STARTS` failed starts in a row, however long each took to fail (a
+    model that loads for 20 s and then finds no database), it stops them all, and this
     process then exits with status 1, so that a service manager restarts it or reports
-    the failure.
+    the failure. Stopping sends each child SIGTERM and kills those still running
+    ``grace`` seconds later.
     """
     stopping = gave_up = False
 
@@ -502,37 +536,66 @@ def _supervise(
         nonlocal stopping
         stopping = True
 
+    def _start(name: str) -> tuple[subprocess.Popen[bytes], float]:
+        return subprocess.Popen(commands[name], env=env), time.monotonic()
+
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    children = {name: subprocess.Popen(cmd, env=env) for name, cmd in commands.items()}
-    restarts: dict[str, list[float]] = {name: [] for name in commands}
+    children = {name: _Child(*_start(name)) for name in commands}
     try:
         while not stopping:
-            time.sleep(0.5)
-            for name, child in list(children.items()):
-                code = child.poll()
-                if code is None or stopping:
+            time.sleep(0.2)
+            now = time.monotonic()
+            for name, child in children.items():
+                if stopping:
+                    break
+                if child.restart_at is not None:
+                    if now >= child.restart_at:
+                        child.process, child.started = _start(name)
+                        child.restart_at = None
                     continue
-                recent = [t for t in restarts[name] if time.monotonic() - t < 60]
-                if len(recent) >= 5:
-                    logger.error("%s keeps exiting (code %s); stopping the service", name, code)
+                if (code := child.process.poll()) is None:
+                    continue
+                ran = now - child.started
+                child.failed_starts = child.failed_starts + 1 if ran < started_after else 0
+                if child.failed_starts >= FAILED_STARTS:
+                    logger.error(
+                        "%s keeps exiting (code %s, %d times in a row within %.0f s of "
+                        "starting); stopping the service",
+                        name,
+                        code,
+                        child.failed_starts,
+                        started_after,
+                    )
                     stopping = gave_up = True
                     break
-                logger.warning("%s exited with code %s; restarting", name, code)
-                restarts[name] = [*recent, time.monotonic()]
-                children[name] = subprocess.Popen(commands[name], env=env)
+                delay = min(
+                    restart_delay * 2 ** max(child.failed_starts - 1, 0),
+                    RESTART_DELAY_MAX_SECONDS,
+                )
+                logger.warning(
+                    "%s exited with code %s after %.0f s; restarting in %g s",
+                    name,
+                    code,
+                    ran,
+                    delay,
+                )
+                child.restart_at = now + delay
     finally:
-        for child in children.values():
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
+        running = [c.process for c in children.values() if c.restart_at is None]
+        for process in running:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace
         for name, child in children.items():
+            if child.restart_at is not None:  # exited, and reaped by poll()
+                continue
             try:
-                child.wait(max(0.1, deadline - time.monotonic()))
+                child.process.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 logger.warning("%s did not stop within %.0f s of SIGTERM; killed", name, grace)
-                child.kill()
-                child.wait()
+                child.process.kill()
+                child.process.wait()
     if gave_up:
         raise SystemExit(1)
 

@@ -316,7 +316,8 @@ def work(
 
 def _check_model_file(settings: Settings) -> None:
     """Stop at once, in one line, when BONEAGE_MODEL names no readable file: otherwise
-    each inference process would stop as it starts, and be restarted, again and again."""
+    each inference process would stop as it starts, and be restarted, again and again
+    (and a command that loads the model itself would end in a traceback)."""
     try:
         settings.check_model_file()
     except ValueError as exc:
@@ -722,6 +723,7 @@ def reprocess(
     from worker.runtime import Runtime
 
     settings = _settings(ctx, model=checkpoint)
+    _check_model_file(settings)  # it loads the model, for its id
     _require_schema(settings)
     configure(settings)
     rt = Runtime(settings)
@@ -1395,10 +1397,13 @@ def predict(
     from worker.runtime import Runtime
 
     settings = _settings(ctx, model=checkpoint)
+    _check_model_file(settings)  # BONEAGE_MODEL, where --model is not given
     set_jpeg2000_threads(usable_cpus())  # one file at a time: every core for its decode
     try:
         predictor = Runtime(settings).predictor
-    except ImportError as exc:  # a CLAHE model without OpenCV: the message says what to install
+    # a CLAHE model without OpenCV: the message says what to install; a file that is no
+    # checkpoint of this software
+    except (ImportError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     table = Table(
         title=f"bone age ({'trained' if predictor.meta.trained else 'UNTRAINED'} model "

@@ -121,6 +121,26 @@ def test_a_model_path_that_names_no_file_is_refused_in_one_line(
     )
 
 
+@pytest.mark.parametrize(
+    "command", [("predict", "--sex", "F", "HAND"), ("reprocess", "--instance", "1")]
+)
+def test_a_command_that_loads_the_model_refuses_one_that_names_no_file(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    """`predict` and `reprocess` load BONEAGE_MODEL themselves where no --model is given:
+    one line, as `work` and `serve` say it, not a traceback."""
+    model = tmp_path / "boneage-r50.safetensros"  # misspelt
+    env = _env(tmp_path, model)
+    _upgraded(env)
+    hand = tmp_path / "hand.png"
+    hand.write_bytes(b"")
+    done = cli(*(str(hand) if arg == "HAND" else arg for arg in command), env=env)
+    assert done.returncode == 1
+    assert (
+        done.stderr.strip() == f"Error: invalid settings: BONEAGE_MODEL {model} does not exist"
+    ), done.stderr[-4000:]
+
+
 def test_an_empty_model_setting_is_refused(tmp_path: Path) -> None:
     env = _env(tmp_path, None)
     env["BONEAGE_MODEL"] = ""

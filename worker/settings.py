@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from worker.cgroups import cpu_quota, memory_limit
@@ -316,6 +316,18 @@ class Settings(BaseSettings):
             raise ValueError(
                 "BONEAGE_MODEL is empty: set it to a checkpoint file, or leave it unset "
                 "for the untrained model"
+            )
+        return value
+
+    @field_validator("tls_certificate", "tls_private_key", "tls_ca_certificates", mode="before")
+    @classmethod
+    def _tls_path_not_empty(cls, value: Any, info: ValidationInfo) -> Any:
+        # As for BONEAGE_MODEL: an empty value would be the path "." and fail later, at
+        # the first association, as a directory that is no certificate.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError(
+                f"BONEAGE_{str(info.field_name).upper()} is empty: set it to a PEM file, "
+                "or leave it unset"
             )
         return value
 

@@ -249,6 +249,16 @@ def test_tls_files_go_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     )
 
 
+@pytest.mark.parametrize(
+    "name", ["BONEAGE_TLS_CERTIFICATE", "BONEAGE_TLS_PRIVATE_KEY", "BONEAGE_TLS_CA_CERTIFICATES"]
+)
+def test_an_empty_tls_file_is_an_error(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    # read as a path it would be ".", and the first association would fail on it
+    monkeypatch.setenv(name, " ")
+    with pytest.raises(ValidationError, match=f"{name} is empty: set it to a PEM file"):
+        load_settings()
+
+
 def test_environment_for_children_gives_back_every_setting(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -58,6 +58,17 @@ def software_version() -> str:
         return "unknown"
 
 
+def _finite_or_null(value: Any) -> Any:
+    """``value`` with every float that is not finite, at any depth, replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
 @dataclass
 class CheckpointMeta:
     """What a checkpoint says about its model.
@@ -118,12 +129,20 @@ class CheckpointMeta:
 
     def __post_init__(self) -> None:
         self.format_version = 2 if self.clahe else 1
+        for name in ("trained", "clahe"):  # "false" in the JSON would read as true
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {self.arch!r}; expected one of {ARCHITECTURES}")
         if self.input_size < 32:
             raise ValueError(f"input_size must be at least 32, got {self.input_size}")
-        if not self.target_sd > 0:
-            raise ValueError(f"target_sd must be positive, got {self.target_sd}")
+        if not math.isfinite(self.target_mean):
+            raise ValueError(f"target_mean must be a finite number, got {self.target_mean}")
+        if not 0 < self.target_sd < math.inf:
+            raise ValueError(f"target_sd must be positive and finite, got {self.target_sd}")
+        for name, value in self.metrics.items():
+            if not math.isfinite(value):  # left out where undefined (R² of one image)
+                raise ValueError(f"metric {name!r} must be a finite number, got {value!r}")
         for level, q in self.quantiles.items():
             if not 0.0 < float(level) < 1.0 or not 0 <= q < math.inf:
                 raise ValueError(f"bad conformal quantile {level!r}: {q!r}")
@@ -141,7 +160,9 @@ class CheckpointMeta:
         raw = dataclasses.asdict(self)
         if self.format_version == 1:
             del raw["clahe"]
-        return json.dumps(raw, sort_keys=True)
+        # strict JSON, which every reader parses: a NaN or infinity in ``extra`` (a
+        # training loss that diverged in one epoch of the history) is written as null
+        return json.dumps(_finite_or_null(raw), sort_keys=True, allow_nan=False)
 
     @classmethod
     def from_json(cls, text: str) -> CheckpointMeta:
@@ -172,6 +193,13 @@ class CheckpointMeta:
         if unknown:
             logger.warning("ignoring unknown checkpoint metadata fields %s", unknown)
         arguments = {f.name for f in fields if f.init}
+        metrics = raw.get("metrics")
+        if isinstance(metrics, dict):  # earlier checkpoints wrote R² of one image as NaN
+            raw["metrics"] = {
+                k: v
+                for k, v in metrics.items()
+                if not isinstance(v, float) or math.isfinite(v)
+            }
         try:
             return cls(**{k: v for k, v in raw.items() if k in arguments})
         except TypeError as exc:

@@ -760,7 +760,8 @@ def train(
         target_sd=sd,
         trained=True,
         data=cfg.data_description or f"{len(items)} labelled images",
-        metrics={k: float(v) for k, v in metrics.items()},
+        # R² is undefined (NaN) for one validation image or one age: left out
+        metrics={k: float(v) for k, v in metrics.items() if math.isfinite(v)},
         quantiles=quantiles,
         head_hidden=cfg.head_hidden,
         clahe=cfg.clahe,

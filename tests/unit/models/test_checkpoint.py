@@ -130,6 +130,49 @@ def test_meta_rejects_bad_values() -> None:
         _meta(target_sd=0.0)
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("target_mean", float("nan")),
+        ("target_sd", float("nan")),
+        ("target_sd", float("inf")),
+        ("metrics", {"mae": 9.5, "r2": float("nan")}),
+    ],
+)
+def test_meta_rejects_a_value_that_is_not_a_finite_number(field: str, value: object) -> None:
+    # a NaN target mean makes every bone age NaN; a NaN metric would be invalid JSON
+    with pytest.raises(ValueError, match="finite"):
+        _meta(**{field: value})
+
+
+@pytest.mark.parametrize("field", ["trained", "clahe"])
+def test_meta_read_refuses_a_flag_that_is_not_true_or_false(field: str) -> None:
+    # the string "false" is truthy: an untrained model would lose its UNTRAINED label
+    raw = json.loads(_meta(clahe=True).to_json())
+    raw[field] = "false"
+    with pytest.raises(ValueError, match=f"{field} must be true or false, got 'false'"):
+        CheckpointMeta.from_json(json.dumps(raw))
+
+
+def test_meta_is_strict_json_with_a_diverged_epoch_in_its_history() -> None:
+    history = [{"epoch": 1, "train_loss": 0.5}, {"epoch": 2, "train_loss": float("nan")}]
+    text = _meta(extra={"history": history}).to_json()
+
+    def refuse(constant: str) -> float:
+        raise AssertionError(f"not strict JSON: {constant}")
+
+    raw = json.loads(text, parse_constant=refuse)
+    assert raw["extra"]["history"][1] == {"epoch": 2, "train_loss": None}
+
+
+def test_a_nan_metric_of_an_earlier_checkpoint_is_left_out_when_read() -> None:
+    # earlier releases wrote R² of a single validation image as NaN; the model is sound
+    raw = json.loads(_meta().to_json())
+    raw["metrics"] = {"mae": 9.5, "r2": float("nan")}
+    meta = CheckpointMeta.from_json(json.dumps(raw))
+    assert meta.metrics == {"mae": 9.5}
+
+
 def test_meta_rejects_an_infinite_quantile() -> None:
     # an unreachable level is left out of the checkpoint, never stored as infinity
     with pytest.raises(ValueError, match=r"bad conformal quantile '0\.95'"):

@@ -643,6 +643,7 @@ def train(
             desc=desc,
         )
 
+    diverged = 0  # the epoch whose validation MAE was not finite
     for epoch in range(state.epoch_done, cfg.epochs):
         if state.bad_epochs >= cfg.patience:
             break
@@ -697,6 +698,17 @@ def train(
             "val_mae": val_mae,
             "lr": float(optimizer.param_groups[0]["lr"]),
         }
+        if not math.isfinite(val_mae):
+            # the weights are NaN or infinite now (a learning rate too high, float16
+            # overflow without the scaler): later epochs cannot recover, and this one is
+            # not saved, so that a resume runs it again rather than from broken weights
+            logger.error(
+                "epoch %d: validation MAE is %s: training diverged; stopping", epoch + 1, val_mae
+            )
+            if progress:
+                tqdm.write(f"epoch {epoch + 1}: validation MAE {val_mae}: training diverged")
+            diverged = epoch + 1
+            break
         state.history.append(record)
         if val_mae < state.best_mae:
             state.best_mae, state.best_epoch, state.bad_epochs = val_mae, epoch + 1, 0
@@ -735,6 +747,18 @@ def train(
         if state.bad_epochs >= cfg.patience:
             logger.info("early stop: no better validation MAE for %d epochs", cfg.patience)
 
+    if state.best_epoch == 0:
+        raise ValueError(
+            f"training diverged in epoch {diverged} (the validation MAE is not a "
+            "number) before any epoch gave a usable model: no checkpoint written; try a "
+            f"lower --lr than {cfg.lr:g}"
+        )
+    if diverged:
+        logger.warning(
+            "training diverged in epoch %d; the checkpoint holds epoch %d, the best before it",
+            diverged,
+            state.best_epoch,
+        )
     model.load_state_dict(best)
     val_true = np.array([it.age_months for it in val_items], dtype=np.float64)
     val_pred = validate("calibrate")

@@ -229,3 +229,18 @@ def test_validation_passes_show_progress(
     assert "calibrate" in shown
     train(phantom_items(20), tmp_path / "n.safetensors", config=CONFIG, progress=False)
     assert "validate" not in capsys.readouterr().err
+
+
+# -- a run that diverges ------------------------------------------------------------------
+
+
+def test_a_run_that_diverges_writes_no_checkpoint(tmp_path: Path) -> None:
+    """A learning rate far too high makes the weights infinite in the first epoch: no
+    epoch gave a usable model, and the untrained weights are not written as a trained
+    checkpoint."""
+    config = dataclasses.replace(CONFIG, epochs=3, lr=1e30)
+    output, state = tmp_path / "m.safetensors", tmp_path / "state"
+    with pytest.raises(ValueError, match=r"training diverged in epoch 1 .* lower --lr than 1e\+30"):
+        train(phantom_items(20), output, config=config, state_dir=state, progress=False)
+    assert not output.exists()
+    assert not (state / STATE_JSON).exists()  # nothing a resume would continue from

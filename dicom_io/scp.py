@@ -83,12 +83,17 @@ MAXIMUM_CONNECTIONS = 2 * MAXIMUM_ASSOCIATIONS
 #: A connection refused for being one too many is logged at most this often.
 REFUSED_LOG_SECONDS = 60.0
 
-#: Transfer syntaxes we accept: uncompressed, deflated, and every compressed
-#: syntax pydicom can decode with the pylibjpeg plugins we install.
+#: Transfer syntaxes we accept: uncompressed, and every compressed syntax pydicom can
+#: decode with the pylibjpeg plugins we install. Not Deflated Explicit VR Little Endian:
+#: pydicom inflates a deflated data set whole before it reads a byte of it (the listener's
+#: header, the worker's pixels), so a few hundred kilobytes on the wire could take
+#: gigabytes of memory, and a listener killed for it was sent the same data set again.
+#: A PACS sends the image uncompressed instead: every Storage SCU can send Implicit VR
+#: Little Endian (PS3.5 10.1), and storescu, Orthanc and others propose the uncompressed
+#: syntaxes beside Deflated.
 TRANSFER_SYNTAXES: tuple[str, ...] = (
     pyuid.ExplicitVRLittleEndian,
     pyuid.ImplicitVRLittleEndian,
-    pyuid.DeflatedExplicitVRLittleEndian,
     pyuid.ExplicitVRBigEndian,
     pyuid.JPEGBaseline8Bit,
     pyuid.JPEGExtended12Bit,

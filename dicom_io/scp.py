@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import hashlib
 import ipaddress
 import logging
 import os
 import queue
+import re
+import secrets
 import select
 import socket
 import ssl
@@ -61,6 +64,15 @@ SLOW_STORE_SECONDS = 10.0
 #: A file in spool/.incoming untouched this long belongs to no transfer (see
 #: `StorageSCP.sweep_incoming`).
 INCOMING_MAX_AGE_SECONDS = 3600.0
+
+#: A listener's incoming directory whose lock is free, made on another host and untouched
+#: this long, is removed (see `StorageSCP.sweep_incoming`): a running listener touches its
+#: own at every sweep.
+INCOMING_ABANDONED_SECONDS = 86400.0
+
+#: The file in each listener's incoming directory that the listener holds locked while it
+#: runs.
+INCOMING_LOCK_NAME = "listener.lock"
 
 # Status codes of the Storage Service Class (PS3.4 Annex B.2.3).
 SUCCESS = 0x0000
@@ -715,7 +727,7 @@ class _WakeableDUL(_StreamingDUL):
         finally:
             # This thread alone writes the files of incoming data sets: now it is done,
             # what the association can no longer answer is removed at once, not left in
-            # spool/.incoming until the next start.
+            # spool/.incoming until a sweep.
             discard = getattr(self.assoc.dimse, "discard_unfinished", None)
             if discard is not None:
                 try:
@@ -969,6 +981,58 @@ _HEADER_TAGS = (
 )
 
 
+def _incoming_name() -> str:
+    """A new name for a listener's incoming directory: its host, its process, and a
+    random part (another host's listener may have the same name and process id)."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())[:64] or "host"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _incoming_host(name: str) -> str:
+    """The host part of a name `_incoming_name` made."""
+    return name.rsplit("-", 2)[0]
+
+
+def _lock_free(path: Path, *, create: bool) -> int | None:
+    """A descriptor of `path` holding its exclusive lock, taken without waiting; None
+    where another open file holds it, `path` is missing (unless `create`), or the file
+    system takes no locks. Closing the descriptor, or the process ending, frees it.
+
+    ``flock``: its locks belong to an open file, so a second listener in the same
+    process is told the first holds it (POSIX locks would tell it the lock is its own).
+    """
+    flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+    try:
+        descriptor = os.open(path, flags, 0o600)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(descriptor)
+        return None
+    return descriptor
+
+
+def _local_fault(exc: BaseException) -> bool:
+    """Whether `exc` is this machine's trouble, not the data's: an operating system error
+    (EIO, ESTALE, ENOENT: it has an ``errno``) or memory exhausted, raised or wrapped.
+
+    pydicom raises a bare ``OSError`` (no ``errno``) for data it cannot parse, and turns
+    any error reading a sequence item into one: the chain it was raised from tells.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, MemoryError):
+            return True
+        if isinstance(cause, OSError) and cause.errno is not None:
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
 def _address(text: str) -> str:
     """An IP address as one text for each address: ``::ffff:10.0.0.5`` (an IPv4 caller
     of a listener on ``::``) and ``10.0.0.5`` are the same caller. Other text as it is."""
@@ -988,8 +1052,9 @@ class StorageSCP:
     ae_title
         Our AE title; associations addressed to another title are rejected.
     spool_dir
-        Where instances are kept until processed. Incoming data is streamed to
-        ``spool_dir/.incoming`` (same file system, so the final rename is atomic).
+        Where instances are kept until processed. Incoming data is streamed to this
+        listener's own directory in ``spool_dir/.incoming`` (same file system, so the
+        final rename is atomic; see `start`).
     record
         Commits a row for a received instance and returns its id; raising means
         "not recorded" and the PACS is told to retry (0xA700).
@@ -1029,7 +1094,11 @@ class StorageSCP:
         self.ae_title = ae_title
         self.maximum_connections = maximum_connections
         self.spool_dir = Path(spool_dir)
-        self.incoming_dir = self.spool_dir / ".incoming"
+        self.incoming_root = self.spool_dir / ".incoming"
+        # this listener's own, named and locked when it starts
+        self.incoming_dir = self.incoming_root / _incoming_name()
+        self._incoming_lock: int | None = None
+        self._incoming_claimed = False
         self._record = record
         self._notify = notify
         self._allowed = [(ae.strip(), host) for ae, host in allowed_callers]
@@ -1065,16 +1134,25 @@ class StorageSCP:
         return ae
 
     def start(self) -> None:
-        """Start listening in background threads; returns once the port is bound."""
-        for d in (self.spool_dir, self.incoming_dir):
+        """Start listening in background threads; returns once the port is bound.
+
+        Data sets stream into a directory of this listener's own, in
+        ``spool/.incoming``, which it holds locked while it runs: another listener on
+        the same spool (the other of a pair, or ``listen`` run beside ``serve``) neither
+        writes there nor removes what is there, and removes it only once its lock is
+        free (`sweep_incoming`). Before, a listener starting removed every partial file
+        in ``spool/.incoming``, the running one's too, whose C-STOREs then failed.
+        """
+        for d in (self.spool_dir, self.incoming_root):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._claim_incoming()
         # pynetdicom streams each dataset to a NamedTemporaryFile in the default temp
         # dir; pointing that at the spool makes the final step a rename, not a copy.
         # This is process-wide, which is why the listener runs in its own process.
         _config.STORE_RECV_CHUNKED_DATASET = True
         self._saved_tempdir = tempfile.tempdir
         tempfile.tempdir = str(self.incoming_dir)
-        self._remove_stale_incoming()
+        self.sweep_incoming()
         handlers = [
             (evt.EVT_CONN_OPEN, self._on_connection),
             (evt.EVT_C_STORE, self._on_store),
@@ -1115,6 +1193,7 @@ class StorageSCP:
             self._server.shutdown()
             self._server = None
         tempfile.tempdir = self._saved_tempdir
+        self._release_incoming()
 
     @property
     def port(self) -> int:
@@ -1122,29 +1201,110 @@ class StorageSCP:
             return self._address[1]
         return int(self._server.server_address[1])
 
-    def _remove_stale_incoming(self) -> None:
-        # Partial transfers from a previous crash were never acknowledged: the PACS
-        # still holds them and will resend.
-        for stale in self.incoming_dir.glob("*.dcm"):
-            stale.unlink(missing_ok=True)
+    def _claim_incoming(self) -> None:
+        """Make this listener's incoming directory (a new name each start: host, process,
+        a random part) and lock it for as long as the listener runs."""
+        self.incoming_dir = self.incoming_root / _incoming_name()
+        self.incoming_dir.mkdir(mode=0o700)
+        self._incoming_claimed = True
+        self._incoming_lock = _lock_free(self.incoming_dir / INCOMING_LOCK_NAME, create=True)
+        if self._incoming_lock is None:
+            logger.warning(
+                "the spool's file system takes no locks: another listener on it removes "
+                "this one's partial files only when they are %d s old",
+                INCOMING_MAX_AGE_SECONDS,
+            )
+
+    def _release_incoming(self) -> None:
+        """Remove this listener's incoming directory, if nothing is left in it, and its
+        lock. What an association still running writes there keeps the lock held until
+        the process ends."""
+        if not self._incoming_claimed:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            if any(p.name != INCOMING_LOCK_NAME for p in self.incoming_dir.iterdir()):
+                return
+        self._incoming_claimed = False
+        with contextlib.suppress(OSError):
+            (self.incoming_dir / INCOMING_LOCK_NAME).unlink(missing_ok=True)
+            self.incoming_dir.rmdir()
+        if self._incoming_lock is not None:
+            os.close(self._incoming_lock)
+            self._incoming_lock = None
+
+    def _remove_abandoned_incoming(self) -> int:
+        """Remove the incoming directories of listeners that are gone, with what they
+        hold; the count of files removed.
+
+        A listener is gone when its directory's lock is free (the kernel frees it when
+        the process ends, however it ends) and the directory was made on this host, or
+        on another and untouched for `INCOMING_ABANDONED_SECONDS`: a file system shared
+        over the network may keep locks on each host alone, and a running listener
+        touches its directory at every sweep. Partial transfers of a crash were never
+        acknowledged: the PACS still holds them and sends them again.
+        """
+        host = _incoming_host(self.incoming_dir.name)
+        cutoff = time.time() - INCOMING_ABANDONED_SECONDS
+        removed = directories = 0
+        for directory in self.incoming_root.iterdir():
+            if directory == self.incoming_dir or not directory.is_dir():
+                continue
+            # (create=False: a listener starting makes its directory, then the lock)
+            lock = _lock_free(directory / INCOMING_LOCK_NAME, create=False)
+            if lock is None:  # its listener runs (or no lock can tell)
+                continue
+            try:
+                if _incoming_host(directory.name) != host and directory.stat().st_mtime > cutoff:
+                    continue
+                for leftover in directory.iterdir():
+                    with contextlib.suppress(OSError):
+                        leftover.unlink()
+                        if leftover.suffix == ".dcm":
+                            removed += 1
+                directory.rmdir()
+                directories += 1
+            except OSError:  # removed meanwhile by another listener, or not empty
+                continue
+            finally:
+                os.close(lock)
+        if directories:
+            logger.info(
+                "%d incoming folder(s) of listeners that are gone removed, with %d partial file(s)",
+                directories,
+                removed,
+            )
+        return removed
 
     def sweep_incoming(self, older_than: float | None = None) -> int:
-        """Remove files from ``spool/.incoming`` untouched for ``older_than`` seconds
-        (default `INCOMING_MAX_AGE_SECONDS`, at least ten network timeouts); their count.
+        """Remove the partial files nothing will finish; their count.
 
-        An association removes its partial files when it ends; this catches what a
-        fault left behind, without a restart. A data set still coming is written at
-        least once a network timeout (or its association is dropped), and one received
-        is renamed out of here within seconds, so neither is this old.
+        Those in the incoming directories of listeners that are gone
+        (`_remove_abandoned_incoming`), and any in ``spool/.incoming``, whichever
+        listener's, untouched for ``older_than`` seconds (default
+        `INCOMING_MAX_AGE_SECONDS`, at least ten network timeouts). An association
+        removes its partial files when it ends; this catches what a fault left behind,
+        without a restart. A data set still coming is written at least once a network
+        timeout (or its association is dropped), and one received is renamed out of
+        here within seconds, so neither is this old. This listener's own directory is
+        touched (made again if something removed it), so that others see it in use.
         """
+        if self._incoming_claimed:
+            if not self.incoming_dir.is_dir():
+                logger.warning("this listener's incoming directory was removed: made again")
+                self._release_incoming()
+                self._claim_incoming()
+                tempfile.tempdir = str(self.incoming_dir)
+            os.utime(self.incoming_dir)
+        removed = self._remove_abandoned_incoming()
         bound = max(older_than or INCOMING_MAX_AGE_SECONDS, 10 * (self._timeouts[0] or 0))
         cutoff = time.time() - bound
-        removed = 0
-        for candidate in self.incoming_dir.glob("*.dcm"):
-            with contextlib.suppress(FileNotFoundError):
-                if candidate.stat().st_mtime < cutoff:
-                    candidate.unlink()
-                    removed += 1
+        # (files of listeners before their directories were their own: *.dcm at the top)
+        for pattern in ("*.dcm", "*/*.dcm"):
+            for candidate in self.incoming_root.glob(pattern):
+                with contextlib.suppress(FileNotFoundError):
+                    if candidate.stat().st_mtime < cutoff:
+                        candidate.unlink()
+                        removed += 1
         if removed:
             logger.warning("%d abandoned partial file(s) removed from the spool", removed)
         return removed
@@ -1245,6 +1405,17 @@ class StorageSCP:
             size = temp.stat().st_size
         except Exception as exc:  # pydicom raises many types for malformed data
             self._count("failed")
+            if _local_fault(exc):
+                # The file could not be read back (a disk error, a stale handle, a file
+                # removed under us) or memory ran out: nothing wrong with the data set,
+                # and the PACS, told 0xC210, would drop the image for good.
+                logger.error(
+                    "C-STORE %s from %s: the received data set could not be read back (%s): 0xA700",
+                    uid_tag(command_uid),
+                    calling,
+                    getattr(exc, "strerror", None) or type(exc).__name__,
+                )
+                return OUT_OF_RESOURCES
             logger.warning(
                 "C-STORE %s from %s: cannot read the dataset (%s): 0xC210",
                 uid_tag(command_uid),

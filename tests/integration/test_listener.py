@@ -156,7 +156,7 @@ def test_storescu_instance_is_spooled_recorded_and_notified(
     stored = dcmread(spooled)
     assert np.array_equal(stored.pixel_array, original.pixel_array)
     assert stat.S_IMODE(os.stat(spooled).st_mode) == 0o600
-    assert not list((h.spool / ".incoming").iterdir())
+    assert not list((h.spool / ".incoming").rglob("*.dcm"))  # no partial file left
 
 
 def write_large_hand(path: Path, rows: int = 1200, columns: int = 1000) -> Path:

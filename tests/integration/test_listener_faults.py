@@ -7,12 +7,17 @@ no honest peer sends."""
 
 from __future__ import annotations
 
+import errno
+import os
+import signal
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import Dataset, dcmread
@@ -24,14 +29,21 @@ from pydicom.uid import (
 )
 from pynetdicom import AE
 
+from dicom_io import scp as scp_module
 from dicom_io.scp import (
+    INCOMING_ABANDONED_SECONDS,
+    INCOMING_LOCK_NAME,
+    MAXIMUM_PDU_SIZE,
+    OUT_OF_RESOURCES,
     TRANSFER_SYNTAXES,
+    _local_fault,
 )
-from tests.integration.test_listener import write_hand
+from tests.integration.test_listener import write_hand, write_large_hand
 from tests.integration.test_scp_limits import (
     Node,
     storescu,
 )
+from tests.support import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -182,3 +194,221 @@ def test_a_deflated_bomb_never_inflates_in_the_listener(
     header = dcmread(spooled, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
     assert header.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     assert spooled.stat().st_size > zeros  # the data set whole, as sent
+
+
+# -- 2. local faults, other listeners on the spool ----------------------------------
+
+#: A pynetdicom peer whose C-STORE stops after its first ``argv[3]`` P-DATA (the command's
+#: and the data set's first, of a megabyte each: the listener's largest PDU): it says so,
+#: waits for a line on stdin, sends the rest and prints the status it is answered.
+_HALF_THEN_THE_REST = """
+import sys
+from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.pdu_primitives import P_DATA
+
+ds = dcmread(sys.argv[1])
+ae = AE(ae_title="PACS")
+ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+assoc = ae.associate("127.0.0.1", int(sys.argv[2]), ae_title="BONEAGE")
+assert assoc.is_established
+send_pdu, sent, pause_after = assoc.dul.send_pdu, [], int(sys.argv[3])
+
+def held_halfway(primitive):
+    send_pdu(primitive)
+    if isinstance(primitive, P_DATA):
+        sent.append(primitive)
+        if len(sent) == pause_after:
+            print("half sent", flush=True)
+            sys.stdin.readline()
+
+assoc.dul.send_pdu = held_halfway
+status = assoc.send_c_store(ds)
+print(f"0x{int(status.Status):04X}" if "Status" in status else "none", flush=True)
+assoc.release()
+"""
+
+
+class HalfStore:
+    """`_HALF_THEN_THE_REST` sending `path` (more than 2 MiB) to `port`: held after the
+    command and two megabytes of the data set."""
+
+    def __init__(self, path: Path, port: int) -> None:
+        assert path.stat().st_size > 2 * MAXIMUM_PDU_SIZE + 65536
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _HALF_THEN_THE_REST, str(path), str(port), "3"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        assert self.process.stdout.readline() == "half sent\n", self.finish()
+
+    def rest(self) -> str:
+        """Send the rest; the status answered."""
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write("go on\n")
+        self.process.stdin.flush()
+        return self.process.stdout.readline().strip()
+
+    def finish(self) -> str:
+        self.process.kill()
+        self.process.wait(10)
+        return self.process.stderr.read() if self.process.stderr else ""
+
+
+def partial_file(node: Node) -> Path:
+    """The file the C-STORE under way streams into, once a megabyte of it is in."""
+    [partial] = wait_for(
+        lambda: [p for p in node.incoming() if p.stat().st_size > 1 << 20],
+        timeout=30,
+        what="a partial file in spool/.incoming",
+    )
+    return partial
+
+
+def test_a_listener_starting_on_the_spool_leaves_a_transfer_under_way_alone(
+    node: Node, tmp_path: Path
+) -> None:
+    """Another listener on the same spool (the other of a pair, ``listen`` beside
+    ``serve``) removed every partial file in spool/.incoming when it started: the C-STORE
+    under way then found no file and was answered 0xC210, and the PACS dropped it."""
+    large = write_large_hand(tmp_path / "large.dcm")
+    peer = HalfStore(large, node.scp.port)
+    other: ListenerProcess | None = None
+    try:
+        partial = partial_file(node)
+        other = ListenerProcess(node.spool)  # started: it has swept the spool
+        left_alone = partial.exists()
+        assert peer.rest() == "0x0000"
+        assert left_alone
+        assert other.incoming_dir != node.scp.incoming_dir
+    finally:
+        log = peer.finish()
+        if other is not None:
+            other.stop()
+    assert len(node.recorded) == 1, log
+    assert dcmread(node.recorded[0].path).PixelData == dcmread(large).PixelData
+
+
+def test_a_data_set_removed_before_it_is_read_back_is_answered_out_of_resources(
+    node: Node, tmp_path: Path
+) -> None:
+    """The partial file removed while its data set streams in (an administrator, a
+    cleaner of temporary files): the read back fails with ENOENT, the machine's fault,
+    not the data's. 0xA700, so that the PACS sends it again; it was 0xC210."""
+    large = write_large_hand(tmp_path / "large.dcm")
+    peer = HalfStore(large, node.scp.port)
+    try:
+        partial_file(node).unlink()
+        assert peer.rest() == f"0x{OUT_OF_RESOURCES:04X}"
+    finally:
+        log = peer.finish()
+    assert node.recorded == [], log
+    again = storescu(node.scp.port, large)  # what the PACS does next
+    assert again.returncode == 0, again.stderr
+    assert len(node.recorded) == 1
+
+
+def test_memory_exhausted_reading_a_data_set_back_is_answered_out_of_resources(
+    node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (injected: no real MemoryError can be had from reading a header of a few kB)
+    def exhausted(*_args: Any, **_kwargs: Any) -> Dataset:
+        raise MemoryError
+
+    monkeypatch.setattr(scp_module, "dcmread", exhausted)
+    ae = AE(ae_title="PACS")
+    ds = dcmread(write_hand(tmp_path / "hand.dcm"))
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="BONEAGE")
+    assert assoc.is_established
+    try:
+        assert int(assoc.send_c_store(ds).Status) == OUT_OF_RESOURCES
+    finally:
+        assoc.release()
+    assert node.recorded == []
+
+
+def _wrapped(error: BaseException, wrapper: BaseException) -> BaseException:
+    """`wrapper` as raised while `error` was handled (as pydicom does)."""
+    try:
+        try:
+            raise error
+        except BaseException:
+            raise wrapper  # noqa: B904  # the implicit chain is the point
+    except BaseException as raised:
+        return raised
+
+
+@pytest.mark.parametrize(
+    ("error", "local"),
+    [
+        (FileNotFoundError(errno.ENOENT, "No such file or directory"), True),
+        (OSError(errno.EIO, "Input/output error"), True),
+        (OSError(errno.ESTALE, "Stale file handle"), True),
+        (MemoryError(), True),
+        (OSError("No tag to read at file position 1A2"), False),  # pydicom's, for data
+        (ValueError("bad value"), False),
+        (_wrapped(OSError(errno.EIO, "Input/output error"), OSError("No tag to read")), True),
+        (_wrapped(struct.error("unpack requires 8 bytes"), OSError("No tag to read")), False),
+    ],
+    ids=["ENOENT", "EIO", "ESTALE", "memory", "pydicom", "value", "EIO-wrapped", "data-wrapped"],
+)
+def test_local_faults_are_told_from_faults_of_the_data(error: BaseException, local: bool) -> None:
+    assert _local_fault(error) is local
+
+
+def test_a_listener_that_is_gone_has_its_partial_files_removed_and_no_other(
+    tmp_path: Path, dcmtk: dict[str, str]
+) -> None:
+    """What a listener killed mid-transfer left is removed when a listener starts on the
+    spool; a running listener's partial file is not."""
+    spool = tmp_path / "spool"
+    gone, running = ListenerProcess(spool), ListenerProcess(spool)
+    try:
+        (gone.incoming_dir / "tmpgone.dcm").write_bytes(b"\0" * 1000)
+        in_flight = running.incoming_dir / "tmprunning.dcm"
+        in_flight.write_bytes(b"\0" * 1000)
+        gone.process.send_signal(signal.SIGKILL)
+        gone.process.wait(10)
+
+        node = Node(tmp_path, acse_timeout=30, network_timeout=30, dimse_timeout=30)
+        node.scp.start()
+        try:
+            assert in_flight.exists()
+            assert not gone.incoming_dir.exists()
+            assert node.scp.sweep_incoming() == 0  # its sweeps too
+            assert in_flight.exists()
+        finally:
+            node.scp.stop()
+    finally:
+        gone.stop()
+        running.stop()
+
+
+def test_another_hosts_folder_goes_only_unlocked_and_a_day_old(node: Node) -> None:
+    """A network file system may keep each host's locks to itself: another host's
+    folder, its lock free, is removed only once no sweep of its listener touched it
+    for a day."""
+    other = node.scp.incoming_root / "elsewhere-1234-0a0b0c0d"
+    other.mkdir()
+    (other / INCOMING_LOCK_NAME).touch()
+    (other / "tmpelsewhere.dcm").write_bytes(b"\0" * 1000)
+    assert node.scp.sweep_incoming() == 0
+    assert other.exists()
+    old = time.time() - INCOMING_ABANDONED_SECONDS - 60
+    os.utime(other, (old, old))
+    assert node.scp.sweep_incoming() == 1
+    assert not other.exists()
+
+
+def test_a_listeners_own_folder_is_removed_when_it_stops(tmp_path: Path) -> None:
+    node = Node(tmp_path, acse_timeout=30, network_timeout=30, dimse_timeout=30)
+    node.scp.start()
+    own = node.scp.incoming_dir
+    assert own.parent == node.spool / ".incoming" and own.is_dir()
+    node.scp.stop()
+    assert not own.exists()

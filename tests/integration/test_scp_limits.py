@@ -80,7 +80,8 @@ class Node:
         return socket.create_connection(("127.0.0.1", self.scp.port), timeout=30)
 
     def incoming(self) -> list[Path]:
-        return sorted((self.spool / ".incoming").iterdir())
+        """The data set files in spool/.incoming, whichever listener's folder holds them."""
+        return sorted((self.spool / ".incoming").rglob("*.dcm"))
 
 
 def storescu(
@@ -310,7 +311,7 @@ def test_a_data_set_that_cannot_be_written_is_answered_out_of_resources(
     assert small.returncode == 0, small.stderr
     assert recorded == 1  # the small one
     assert "could not be written" in log and "Traceback" not in log, log
-    assert list((spool / ".incoming").iterdir()) == []  # nothing partial left
+    assert list((spool / ".incoming").rglob("*.dcm")) == []  # nothing partial left
     assert len([p for p in spool.rglob("*.dcm")]) == 1
 
 

@@ -76,6 +76,7 @@ INCOMING_LOCK_NAME = "listener.lock"
 
 # Status codes of the Storage Service Class (PS3.4 Annex B.2.3).
 SUCCESS = 0x0000
+SOP_CLASS_NOT_SUPPORTED = 0x0122
 OUT_OF_RESOURCES = 0xA700
 DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC210
@@ -1357,6 +1358,20 @@ class StorageSCP:
         calling = event.assoc.requestor.ae_title.strip()
         request: Any = event.request
         command_uid = str(request.AffectedSOPInstanceUID)
+        command_class = str(request.AffectedSOPClassUID)
+        if command_class != event.context.abstract_syntax:
+            # pynetdicom serves a C-STORE by the class it names, on whichever presentation
+            # context it came: a peer that negotiated CR alone could send any storage class
+            # (an encapsulated PDF) on that context. Refused, as the SOP classes not
+            # negotiated are; pynetdicom removes the file.
+            self._count("failed")
+            logger.warning(
+                "C-STORE %s from %s: its SOP class is not the one negotiated for its "
+                "presentation context: 0x0122",
+                uid_tag(command_uid),
+                calling,
+            )
+            return SOP_CLASS_NOT_SUPPORTED
         spool_file = getattr(request, "_dataset_file", None)
         if isinstance(spool_file, _SpoolFile) and spool_file.error is not None:
             self._count("failed")
@@ -1379,7 +1394,6 @@ class StorageSCP:
             sop_uid = str(header.get("SOPInstanceUID") or command_uid)
             if sop_uid != command_uid:
                 raise ValueError("SOP Instance UID in the dataset differs from the request")
-            command_class = str(request.AffectedSOPClassUID)
             if "SOPClassUID" in header and str(header.SOPClassUID) != command_class:
                 # The SOP class was negotiated and named in the request; a data set of
                 # another is refused, not stored under a class it is not (PS3.4 B.2.3).

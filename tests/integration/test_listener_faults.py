@@ -25,7 +25,9 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
+    EncapsulatedPDFStorage,
     ExplicitVRLittleEndian,
+    generate_uid,
 )
 from pynetdicom import AE
 
@@ -35,6 +37,7 @@ from dicom_io.scp import (
     INCOMING_LOCK_NAME,
     MAXIMUM_PDU_SIZE,
     OUT_OF_RESOURCES,
+    SOP_CLASS_NOT_SUPPORTED,
     TRANSFER_SYNTAXES,
     _local_fault,
 )
@@ -412,3 +415,43 @@ def test_a_listeners_own_folder_is_removed_when_it_stops(tmp_path: Path) -> None
     assert own.parent == node.spool / ".incoming" and own.is_dir()
     node.scp.stop()
     assert not own.exists()
+
+
+# -- 3. the SOP class of a C-STORE --------------------------------------------------
+
+
+def encapsulated_pdf() -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = EncapsulatedPDFStorage, generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.MIMETypeOfEncapsulatedDocument = "DOC", "application/pdf"
+    ds.EncapsulatedDocument = b"%PDF-1.4\n%%EOF\n"
+    ds.ensure_file_meta()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def test_a_c_store_of_a_class_not_negotiated_on_its_context_is_refused(
+    node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pynetdicom serves a C-STORE by the class its request names, whatever context it
+    came on: an encapsulated PDF sent on the context negotiated for CR was stored,
+    recorded and queued."""
+    cr = dcmread(write_hand(tmp_path / "hand.dcm", modality="CR"))
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(cr.SOPClassUID, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="BONEAGE")
+    assert assoc.is_established
+    try:
+        [context] = assoc.accepted_contexts
+        # the peer's own check of its context, bypassed
+        monkeypatch.setattr(assoc, "_get_valid_context", lambda *_a, **_k: context)
+        assert int(assoc.send_c_store(encapsulated_pdf()).Status) == SOP_CLASS_NOT_SUPPORTED
+        assert int(assoc.send_c_store(cr).Status) == 0  # the association carries on
+    finally:
+        assoc.release()
+    [stored] = node.recorded
+    assert stored.sop_class_uid == cr.SOPClassUID
+    spooled = [p for p in node.spool.rglob("*.dcm") if ".incoming" not in p.parts]
+    assert spooled == [stored.path]
+    assert node.incoming() == []

@@ -213,6 +213,15 @@ _start_writeback = _load_sync_file_range()
 #: Bytes of a dataset received between two writebacks started (see `_WritingBackDIMSE`).
 WRITEBACK_BYTES = 1 << 20
 
+#: Longest command set a DIMSE message may have. pynetdicom keeps a command's fragments in
+#: memory until its last one comes; a real command set takes a few hundred bytes.
+COMMAND_SET_LIMIT = 64 * 1024
+
+#: Longest data set kept in memory for a message that is no C-STORE request (a C-STORE's
+#: streams to its file): pynetdicom keeps it until its last fragment comes, and nothing we
+#: serve has one (a C-ECHO has none).
+HELD_DATA_SET_LIMIT = 1 << 20
+
 
 class _SpoolFile:
     """The temporary file a C-STORE's data set streams into, whose write errors end the
@@ -306,19 +315,28 @@ class _WritingBackDIMSE(DIMSEServiceProvider):
     A P-DATA carrying several fragments is taken a fragment at a time, so that the
     file pynetdicom opens after a C-STORE's command is wrapped before any data set
     fragment is written to it.
+
+    What pynetdicom keeps in memory until a message's last fragment is bounded: a
+    command set past `COMMAND_SET_LIMIT`, or the data set of a message that is no
+    C-STORE request past `HELD_DATA_SET_LIMIT`, ends the association with an A-ABORT.
+    Unbounded, a peer sending "command, not the last fragment" for ever, or a C-ECHO
+    with a data set, grew the listener until the kernel killed it.
     """
 
     _writeback_from = 0
+    _command_bytes = 0  # of the message coming in, kept in memory by pynetdicom
+    _held_bytes = 0  # the same, of a data set that streams to no file
+    _refused = False  # the association is being aborted: nothing more is taken
 
     def receive_primitive(self, primitive: Any) -> None:
         items = primitive.presentation_data_value_list
         if len(items) == 1:
-            self._receive_fragment(primitive)
+            self._receive_fragment(primitive, items[0][1])
             return
         for item in items:
             single = P_DATA()
             single.presentation_data_value_list = [item]
-            self._receive_fragment(single)
+            self._receive_fragment(single, item[1])
 
     def discard_unfinished(self) -> None:
         """Remove the files of data sets that will never be answered: the one coming in,
@@ -343,7 +361,20 @@ class _WritingBackDIMSE(DIMSEServiceProvider):
         if files:
             logger.info("%d partly received data set(s) removed", len(files))
 
-    def _receive_fragment(self, primitive: Any) -> None:
+    def _receive_fragment(self, primitive: Any, data: Any) -> None:
+        if self._refused:
+            return
+        message = self.message
+        if data[0] & 1:  # a command fragment (PS3.8 E.2)
+            self._command_bytes += len(data)
+            if self._command_bytes > COMMAND_SET_LIMIT:
+                self._refuse("a command set", COMMAND_SET_LIMIT)
+                return
+        elif message is None or message._data_set_file is None:
+            self._held_bytes += len(data)
+            if self._held_bytes > HELD_DATA_SET_LIMIT:
+                self._refuse("a data set of no C-STORE request", HELD_DATA_SET_LIMIT)
+                return
         try:
             super().receive_primitive(primitive)
         except OSError as exc:
@@ -355,8 +386,11 @@ class _WritingBackDIMSE(DIMSEServiceProvider):
             _spool_file_of(message).fail(exc)
             return
         message = self.message
-        if message is None or message._data_set_file is None:
-            self._writeback_from = 0  # the next data set starts its own file
+        if message is None:  # complete: the next message starts its own counts and file
+            self._writeback_from = self._command_bytes = self._held_bytes = 0
+            return
+        if message._data_set_file is None:
+            self._writeback_from = 0
             return
         spool_file = _spool_file_of(message)
         if _start_writeback is None or spool_file.error is not None:
@@ -368,6 +402,31 @@ class _WritingBackDIMSE(DIMSEServiceProvider):
                 self._writeback_from = position
         except (OSError, ValueError) as exc:  # only an optimisation: the fsync decides
             logger.debug("writeback not started (%s)", exc)
+
+    def _refuse(self, what: str, limit: int) -> None:
+        """End the association at once, for a message that would keep more than `limit`
+        bytes of `what` in memory: an A-ABORT (service provider, no reason given), and the
+        connection closed. Called on the DUL's thread, in the middle of its state
+        machine's action: the socket is closed here, so that nothing more is read before
+        the closing (event 17) is handled. Files of data sets not yet answered are
+        removed when the DUL's thread ends, as for any association that ends."""
+        self._refused = True
+        dul = cast("_StreamingDUL", self.dul)
+        logger.warning(
+            "%s sent %s longer than %d bytes: A-ABORT, connection closed",
+            dul._peer(),
+            what,
+            limit,
+        )
+        abort = A_ABORT_RQ()
+        abort.source = 0x02  # service provider
+        abort.reason_diagnostic = 0x00
+        transport = dul.socket
+        if transport is None:  # closed already
+            return
+        with contextlib.suppress(OSError):  # the peer may be gone already
+            transport.send(abort.encode())
+        transport.close()  # puts event 17 on the state machine's queue
 
 
 class _StreamingSocket(AssociationSocket):

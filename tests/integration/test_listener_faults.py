@@ -10,12 +10,13 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import socket
 import struct
 import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +31,28 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import AE
+from pynetdicom.dimse_messages import C_ECHO_RQ
+from pynetdicom.dimse_primitives import C_ECHO
+from pynetdicom.dsutils import encode
 
 from dicom_io import scp as scp_module
 from dicom_io.scp import (
+    COMMAND_SET_LIMIT,
+    HELD_DATA_SET_LIMIT,
     INCOMING_ABANDONED_SECONDS,
     INCOMING_LOCK_NAME,
     MAXIMUM_PDU_SIZE,
     OUT_OF_RESOURCES,
     SOP_CLASS_NOT_SUPPORTED,
     TRANSFER_SYNTAXES,
+    VERIFICATION_SOP_CLASS,
     _local_fault,
 )
 from tests.integration.test_listener import write_hand, write_large_hand
 from tests.integration.test_scp_limits import (
     Node,
+    association_request,
+    read_until_closed,
     storescu,
 )
 from tests.support import wait_for
@@ -455,3 +464,94 @@ def test_a_c_store_of_a_class_not_negotiated_on_its_context_is_refused(
     spooled = [p for p in node.spool.rglob("*.dcm") if ".incoming" not in p.parts]
     assert spooled == [stored.path]
     assert node.incoming() == []
+
+
+# -- 4. messages held in memory -----------------------------------------------------
+
+
+def p_data(control: int, payload: bytes, context_id: int = 1) -> bytes:
+    """A P-DATA-TF PDU of one fragment (PS3.8 9.3.5, E.2)."""
+    item = struct.pack(">LBB", len(payload) + 2, context_id, control) + payload
+    return struct.pack(">BBL", 0x04, 0, len(item)) + item
+
+
+def echo_command_with_a_data_set() -> bytes:
+    """A C-ECHO-RQ command set that says a data set follows."""
+    request = C_ECHO()
+    request.MessageID, request.AffectedSOPClassUID = 1, VERIFICATION_SOP_CLASS
+    message = C_ECHO_RQ()
+    message.primitive_to_message(request)
+    message.command_set.CommandDataSetType = 0x0001  # (same length: the group length holds)
+    encoded = encode(message.command_set, True, True)
+    assert encoded is not None
+    return encoded
+
+
+def abort_after(node: Node, pdus: Callable[[], Iterator[bytes]]) -> bytes:
+    """Associate (Verification) over a raw socket, send `pdus`, and return what the
+    listener sends until it closes the connection."""
+    with node.connect() as sock:
+        sock.sendall(association_request())
+        accept = sock.recv(6)
+        assert accept[:1] == b"\x02"  # A-ASSOCIATE-AC
+        sock.recv(struct.unpack(">L", accept[2:6])[0], socket.MSG_WAITALL)
+        for pdu in pdus():
+            sock.sendall(pdu)
+        sock.settimeout(10)
+        try:
+            return read_until_closed(sock)
+        except TimeoutError:
+            return b"(nothing: the association still stands)"
+
+
+#: A-ABORT from the service provider, no reason given.
+A_ABORT = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0x02, 0x00])
+
+
+def test_a_command_set_that_never_ends_is_aborted(node: Node, tmp_path: Path) -> None:
+    """Fragments of a command, none the last: held in memory until the last one, which
+    never comes. The listener aborts once the command passes its bound, after the PDU
+    that took it there: no more than one PDU past it is ever held."""
+    fragment = bytes(60 * 1024)
+
+    def pdus() -> Iterator[bytes]:
+        for _ in range(COMMAND_SET_LIMIT // len(fragment) + 1):
+            yield p_data(0x01, fragment)  # command, not the last fragment
+
+    assert abort_after(node, pdus) == A_ABORT
+    server = node.scp._server
+    assert server is not None
+    wait_for(lambda: not server.active_associations, timeout=10, what="the association to end")
+    done = node.storescu(write_hand(tmp_path / "hand.dcm"))
+    assert done.returncode == 0, done.stderr
+    assert len(node.recorded) == 1
+
+
+def test_a_c_echo_with_a_data_set_past_the_bound_is_aborted(node: Node) -> None:
+    fragment = bytes(512 * 1024)
+
+    def pdus() -> Iterator[bytes]:
+        yield p_data(0x03, echo_command_with_a_data_set())  # command, the last fragment
+        for _ in range(HELD_DATA_SET_LIMIT // len(fragment) + 1):
+            yield p_data(0x00, fragment)  # data set, not the last fragment
+
+    assert abort_after(node, pdus) == A_ABORT
+    assert node.incoming() == []
+
+
+def test_a_c_echo_with_a_small_data_set_is_still_answered(node: Node) -> None:
+    """Below the bounds nothing changes: pynetdicom answers it and drops the data set."""
+
+    def pdus() -> Iterator[bytes]:
+        yield p_data(0x03, echo_command_with_a_data_set())
+        yield p_data(0x02, bytes(1024))  # data set, the last fragment
+
+    with node.connect() as sock:
+        sock.sendall(association_request())
+        accept = sock.recv(6)
+        sock.recv(struct.unpack(">L", accept[2:6])[0], socket.MSG_WAITALL)
+        for pdu in pdus():
+            sock.sendall(pdu)
+        sock.settimeout(10)
+        answer = sock.recv(6, socket.MSG_WAITALL)
+    assert answer[:1] == b"\x04"  # a P-DATA-TF: the C-ECHO-RSP

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
+import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -98,7 +100,8 @@ def open_association(
         propose.
     timeout
         Connection (TCP connect and TLS handshake), ACSE, network and DIMSE timeout in
-        seconds.
+        seconds, and the longest a send or read on the connection may make no progress
+        (a peer that stops reading, or stops halfway through a PDU, breaks it).
     error
         The exception raised, with the reason, when no association is made.
     """
@@ -114,6 +117,53 @@ def open_association(
     if reason is not None:
         raise error(f"association with {ae_title}@{host}:{port} failed: {reason}")
     return assoc
+
+
+#: Keep-alive probes a silent connection gets before the kernel gives it up.
+_KEEPALIVE_PROBES = 3
+
+
+def _bound_every_wait(timeout: float) -> Callable[[evt.Event], None]:
+    """An ``EVT_CONN_OPEN`` handler: every later send or read on the association's
+    socket (TLS or not) that makes no progress in ``timeout`` seconds fails.
+
+    pynetdicom clears the socket's timeout once connected (``AssociationSocket.connect``
+    calls ``settimeout(None)``, then fires this event). A destination that stopped
+    reading (its receive window at zero) then blocked the DUL thread's send for ever,
+    and a destination that stopped halfway through writing a PDU blocked its read; the
+    abort after the DIMSE timeout waits for that thread to reach the idle state
+    (``Association.kill``), so the delivery worker hung with it, whatever the timeouts.
+    Failing instead, the DUL takes the stall as the connection closed (Evt17): it
+    aborts, and the C-STORE returns without an answer (`SendError`). Nothing else waits
+    on the socket itself: pynetdicom reads only once ``select`` says data has come, and
+    the ACSE and DIMSE timeouts bound the waits for answers.
+
+    TCP keep-alive is set as well (probes after ``timeout`` seconds of silence), so that
+    the kernel too gives up a connection whose peer vanished.
+    """
+
+    def bound(event: evt.Event) -> None:
+        transport = event.assoc.dul.socket
+        sock = transport.socket if transport is not None else None
+        if sock is None:
+            return
+        try:
+            sock.settimeout(timeout)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            idle = max(1, math.ceil(timeout))
+            interval = max(1, math.ceil(timeout / _KEEPALIVE_PROBES))
+            for name, value in (
+                ("TCP_KEEPIDLE", idle),
+                ("TCP_KEEPINTVL", interval),
+                ("TCP_KEEPCNT", _KEEPALIVE_PROBES),
+            ):
+                option = getattr(socket, name, None)  # Linux's; elsewhere the defaults
+                if option is not None:
+                    sock.setsockopt(socket.IPPROTO_TCP, option, value)
+        except OSError as exc:  # closed as it opened: the DUL finds out by itself
+            logger.debug("socket options not set: %s", exc)
+
+    return bound
 
 
 def _associate(
@@ -138,6 +188,7 @@ def _associate(
     seen: set[str] = set()
     handlers: list[Any] = [
         *LOW_LATENCY_HANDLERS,
+        (evt.EVT_CONN_OPEN, _bound_every_wait(timeout)),
         (evt.EVT_CONN_OPEN, lambda _: seen.add("connected")),
         (evt.EVT_ACCEPTED, lambda _: seen.add("accepted")),
     ]
@@ -323,7 +374,9 @@ def send_datasets(
     ------
     SendError
         When no association could be made, or it broke before every dataset was
-        answered. ``answered`` holds what became of the datasets before that.
+        answered: among others, the destination stopped reading what we send, or
+        stopped halfway through an answer, for ``timeout`` seconds. ``answered`` holds
+        what became of the datasets before that.
     """
     needs = [_syntax_of(ds) for ds in datasets]
     contexts: dict[tuple[str, str], None] = {}
@@ -347,6 +400,7 @@ def send_datasets(
     if why is not None:
         raise SendError(f"association with {destination} failed: {why}")
     answers: list[Answer] = []
+    unanswered = False
     try:
         for ds, (sop_class, syntax) in zip(datasets, needs, strict=True):
             accepted = {
@@ -369,13 +423,19 @@ def send_datasets(
                     f"{destination} cannot take the object: {exc}", answered=answers
                 ) from exc
             if not status or "Status" not in status:
+                unanswered = True
                 raise SendError(
                     f"{destination} did not answer a C-STORE", answered=answers, unanswered=True
                 )
             answers.append(int(status.Status))
     finally:
         if assoc.is_established:
-            assoc.release()
+            # A request without its answer is not released (the peer may still answer
+            # it, or the link is gone): aborted, as pynetdicom does after its timeout
+            if unanswered:
+                assoc.abort()
+            else:
+                assoc.release()
     return answers
 
 

@@ -23,6 +23,14 @@ again) where the destination takes its transfer syntax, and re-encoded in Explic
 Implicit VR Little Endian where it takes only those (`dicom_io.scu.send_datasets`), once
 the file's SHA-256 matches the one recorded when it was written: a file damaged or cut
 short since then fails at once, with the reason, instead of reaching the PACS.
+
+A row records the destination it goes to as it was configured when the row was made.
+An SR or SC whose destination is no longer in ``BONEAGE_DESTINATIONS`` (an administrator
+corrected a mistyped node, or took one out of service) fails for good when it is
+claimed, with the reason "destination no longer configured", and is not sent; and
+`retry-deliveries` leaves such failed rows failed. A rejection note of ours still goes:
+it withdraws an object that destination has (or may have), which would otherwise stand
+there; where the object never arrived, the note is superseded unsent as anywhere else.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ from pydicom.errors import BytesLengthException, InvalidDicomError
 from sqlalchemy import or_, select, update
 
 from db.engine import session_scope
-from db.schema import Delivery, DeliveryState
+from db.schema import Delivery, DeliveryState, ObjectKind
 from db.schema import utcnow as now
 from dicom_io.scu import (
     Answer,
@@ -53,7 +61,7 @@ from dicom_io.scu import (
     stored_syntax,
 )
 from worker.runtime import Runtime
-from worker.settings import Destination
+from worker.settings import Destination, Settings
 from worker.tls import client_context
 
 logger = logging.getLogger(__name__)
@@ -74,6 +82,7 @@ class DeliveryOutcome:
 @dataclass(frozen=True)
 class _Claimed:
     id: int
+    kind: ObjectKind
     destination: str
     path: Path
     sha256: str | None  # None on rows written before checksums were recorded
@@ -92,6 +101,28 @@ def refused_for_good(status: int) -> bool:
     object itself (PS3.4 B.2.3); 0xA7xx (Out of Resources) and other failures may pass.
     """
     return (status & 0xFF00) == 0xA900 or (status & 0xF000) == 0xC000
+
+
+#: Why an SR or SC to a destination taken out of the settings is not sent.
+NOT_CONFIGURED = "destination no longer configured"
+
+
+def configured(settings: Settings, destination: str | Destination) -> bool:
+    """Whether ``destination`` (a delivery's ``AE@host:port``) is one of
+    ``settings.destinations``: the same AE title and port, the host in any case.
+
+    Text that is no destination is not configured.
+    """
+    if isinstance(destination, str):
+        try:
+            destination = Destination.parse(destination)
+        except ValueError:
+            return False
+    host = destination.host.lower()
+    return any(
+        (d.ae_title, d.host.lower(), d.port) == (destination.ae_title, host, destination.port)
+        for d in settings.destinations
+    )
 
 
 def claim_seconds(count: int) -> float:
@@ -173,6 +204,7 @@ def _claim(
             )
             .returning(
                 Delivery.id,
+                Delivery.kind,
                 Delivery.destination,
                 Delivery.path,
                 Delivery.sha256,
@@ -181,7 +213,9 @@ def _claim(
             .execution_options(synchronize_session=False)
         ).all()
         claimed = {
-            row.id: _Claimed(row.id, row.destination, Path(row.path), row.sha256, row.withdraws)
+            row.id: _Claimed(
+                row.id, row.kind, row.destination, Path(row.path), row.sha256, row.withdraws
+            )
             for row in rows
         }
         others = [i for i in ids if i not in claimed]
@@ -306,6 +340,15 @@ def _send_to(
         for row in rows:
             outcomes[row.id] = _record_failure(rt, row.id, str(exc), permanent=True)
         return
+    if not configured(settings, destination):
+        # Taken out of the settings (a mistyped node corrected, one out of service):
+        # nothing more of ours goes there but the notes withdrawing what it has
+        for row in rows:
+            if row.kind is not ObjectKind.KO:
+                outcomes[row.id] = _record_failure(rt, row.id, NOT_CONFIGURED, permanent=True)
+        rows = [row for row in rows if row.kind is ObjectKind.KO]
+        if not rows:
+            return
     try:
         # Built per attempt: a renewed certificate is used without a restart.
         tls = client_context(settings)
@@ -546,20 +589,51 @@ def _record_failure(
     return outcome
 
 
+#: Ids a warning of `reset_failed` names, at most; the rest are counted.
+IDS_NAMED = 20
+
+
 def reset_failed(rt: Runtime, delivery_ids: list[int] | None = None) -> list[int]:
     """Put failed deliveries back to pending, due now; returns their ids.
 
-    One conditional UPDATE, not a read and a write: a delivery superseded between the
-    two (a later assessment of its image, or the image rejected by the PACS) must stay
-    so, never to be sent.
+    The state changes in one conditional UPDATE, not a read and a write: a delivery
+    superseded between the two (a later assessment of its image, or the image rejected
+    by the PACS) must stay so, never to be sent.
+
+    An SR or SC whose destination is no longer configured stays failed (sent again, it
+    would fail at once, see `configured`), named in a warning; our rejection notes are
+    put back wherever they go.
     """
+    conditions = [Delivery.state == DeliveryState.FAILED]
+    if delivery_ids:
+        conditions.append(Delivery.id.in_(delivery_ids))
     with session_scope(rt.database_url) as session:
-        query = update(Delivery).where(Delivery.state == DeliveryState.FAILED)
-        if delivery_ids:
-            query = query.where(Delivery.id.in_(delivery_ids))
-        reset = session.scalars(
-            query.values(state=DeliveryState.PENDING, attempts=0, next_attempt_at=now())
-            .returning(Delivery.id)
-            .execution_options(synchronize_session=False)
+        # a few destinations, however many rows: compared here, as a claim compares them
+        texts = session.scalars(select(Delivery.destination).where(*conditions).distinct())
+        wanted = [text for text in texts if configured(rt.settings, text)]
+        sendable = or_(Delivery.kind == ObjectKind.KO, Delivery.destination.in_(wanted))
+        reset = sorted(
+            session.scalars(
+                update(Delivery)
+                .where(*conditions, sendable)
+                .values(state=DeliveryState.PENDING, attempts=0, next_attempt_at=now())
+                .returning(Delivery.id)
+                .execution_options(synchronize_session=False)
+            )
         )
-        return sorted(reset)
+        left = session.execute(
+            select(Delivery.id, Delivery.destination)
+            .where(*conditions, ~sendable)
+            .order_by(Delivery.id)
+        ).all()
+    if left:
+        named = ", ".join(str(row.id) for row in left[:IDS_NAMED])
+        more = f" and {len(left) - IDS_NAMED} more" if len(left) > IDS_NAMED else ""
+        logger.warning(
+            "%d failed deliveries left failed, their destinations no longer configured (%s): %s%s",
+            len(left),
+            ", ".join(sorted({row.destination for row in left})),
+            named,
+            more,
+        )
+    return reset

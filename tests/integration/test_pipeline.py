@@ -512,8 +512,16 @@ def test_unreachable_destination_retries_then_fails_then_retry_deliveries(
         assert "association" in (row.last_error or "")
         # The PACS is back (at another address, as after a fix of the settings).
         row.destination = storescp.destination
-    assert reset_failed(rt) == [delivery_id]
-    assert deliver_one(rt, delivery_id).state == "delivered"
+    # the settings fixed too: a destination they no longer name gets none of our SR and SC
+    fixed = make_runtime(
+        tmp_path,
+        tiny_checkpoint,
+        destinations=storescp.destination,
+        delivery_max_attempts=2,
+        delivery_backoff_seconds=0.01,
+    )
+    assert reset_failed(fixed) == [delivery_id]
+    assert deliver_one(fixed, delivery_id).state == "delivered"
     assert len(storescp.received()) == 1
 
 

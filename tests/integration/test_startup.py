@@ -10,6 +10,7 @@ work` and `serve` run on the embedded broker; each test waits for the process to
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -221,7 +222,10 @@ def test_serve_restarts_an_inference_worker_that_cannot_start(tmp_path: Path) ->
     log = node.logs / "serve.log"
     try:
         wait_for(
-            lambda: "inference worker exited with code 1; restarting" in log.read_text(),
+            lambda: re.search(
+                r"inference worker exited with code 1 after \d+ s; restarting in 1 s",
+                log.read_text(),
+            ),
             timeout=START_SECONDS,
             what="serve to restart its inference worker",
             process=serve,

@@ -190,12 +190,17 @@ _UNFINISHED = (InstanceState.RECEIVED, InstanceState.QUEUED, InstanceState.PROCE
 #: withdraw (worker.pipeline: its file gone, or refused by the note's builder).
 WITHDRAW_BY_HAND = "withdraw them at the PACS by hand"
 
+#: What the reason of an image says once another image came under its SOP Instance UID
+#: and was refused (worker.pipeline): its results stand, and nothing of the other is made.
+UID_CLASH = "another image was received under this SOP Instance UID and refused"
+
 
 def recent_problems(session: Session, limit: int = 5) -> list[dict[str, Any]]:
     """Latest instances not assessed, in error, waiting to be tried again after an
-    attempt failed, or with objects of ours at the PACS to withdraw by hand, newest
-    first. Failed deliveries are not among them (`failed_deliveries`): a day of chest
-    films forwarded by mistake would push them out of the few shown."""
+    attempt failed, with objects of ours at the PACS to withdraw by hand, or whose SOP
+    Instance UID another image came under, newest first. Failed deliveries are not among
+    them (`failed_deliveries`): a day of chest films forwarded by mistake would push them
+    out of the few shown."""
     problems: list[dict[str, Any]] = []
     for inst in session.scalars(
         select(Instance)
@@ -203,6 +208,7 @@ def recent_problems(session: Session, limit: int = 5) -> list[dict[str, Any]]:
             Instance.state.in_([InstanceState.NOT_ASSESSED, InstanceState.ERROR])
             | (Instance.state.in_(_UNFINISHED) & Instance.reason.is_not(None))
             | Instance.reason.endswith(WITHDRAW_BY_HAND, autoescape=True)
+            | Instance.reason.contains(UID_CLASH, autoescape=True)
         )
         .order_by(Instance.finished_at.desc().nulls_first(), Instance.id.desc())
         .limit(limit)

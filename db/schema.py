@@ -165,6 +165,10 @@ class Instance(Base):
     # under the same UIDs; empty where it read no pixels, and on rows from before
     # revision 0007
     pixels_signature: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # hex SHA-256 of the patient identity (name, ID, its issuer, other IDs) of the copy
+    # the last assessment read, salted with the SOP Instance UID, never the values
+    # (worker.pipeline.identity_digest); empty on rows from before revision 0013
+    identity_sha256: Mapped[str | None] = mapped_column(String(64))
 
     results: Mapped[list[Result]] = relationship(back_populates="instance")
 

@@ -11,11 +11,13 @@ far makes the same objects again, and its commit fails on the unique constraint.
 An instance is assessed once, unless a copy of it received again changes what its
 result depends on (:func:`assessment_inputs`: a corrected sex or birth date, the
 gate's decision, how the pixels are described; or the pixels themselves, told by a
-32 x 32 picture of the image, :func:`image_signature`). It is then assessed again, as
-assessment 2, 3 ...: new SR and SC in the same series, the SR naming the reports it
-replaces (Predecessor Documents), and the earlier results kept. A copy that changes
-nothing of that (the PACS forwarding the study again, transcoded, with its own
-attributes or a reconciled name or accession number) is not.
+32 x 32 picture of the image, :func:`image_signature`) or the patient its SR and SC are
+filed under (:func:`identity_digest`: a corrected name or ID). It is then assessed
+again, as assessment 2, 3 ...: new SR and SC in the same series, the SR naming the
+reports it replaces (Predecessor Documents), and the earlier results kept; what was
+filed under another patient or study is withdrawn there. A copy that changes nothing of
+that (the PACS forwarding the study again, transcoded, with its own attributes or a
+reconciled accession number) is not.
 
 Two attempts at one instance may run at once (the same study sent twice, a
 message delivered again while the first attempt still runs). Their SR and SC
@@ -53,7 +55,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from db.engine import session_scope
-from db.queries import WITHDRAW_BY_HAND, reason_category
+from db.queries import UID_CLASH, WITHDRAW_BY_HAND, reason_category
 from db.schema import (
     FINISHED,
     Delivery,
@@ -362,6 +364,8 @@ class _Claim:
     inputs: str | None = None
     # once the attempt has decoded the image, its picture (:func:`image_signature`)
     pixels: bytes | None = None
+    # once the attempt has read the file, the patient it names (:func:`identity_digest`)
+    identity: str | None = None
     # the study the instance was first received in (where its first outputs went)
     first_study: str = ""
     # whether this assessment's outputs go to the destinations (Instance.send_outputs)
@@ -434,9 +438,12 @@ def _claim(rt: Runtime, instance_id: int) -> _Claim | AssessOutcome:
             return AssessOutcome("error", reason=instance.reason)
         finished = instance.state
         received_again = instance.received_again_at is not None
-        seen = (
+        seen = _Seen(
+            instance.sop_instance_uid,
+            instance.study_instance_uid,
             instance.assessment,
             instance.inputs_sha256,
+            instance.identity_sha256,
             instance.pixels_signature,
             Path(instance.spool_path),
         )
@@ -444,7 +451,7 @@ def _claim(rt: Runtime, instance_id: int) -> _Claim | AssessOutcome:
     # file is the one its assessment read, and nothing is read or written.
     if received_again:
         checked = now()  # the copy in the spool now is at least as new as any before
-        reopened = _reopen_if_received_changed(rt, instance_id, finished, *seen, checked=checked)
+        reopened = _reopen_if_received_changed(rt, instance_id, finished, seen, checked=checked)
         if reopened is not None:
             return reopened
         _compared_copies_received_before(rt, instance_id, checked)
@@ -468,37 +475,72 @@ def _compared_copies_received_before(rt: Runtime, instance_id: int, since: datet
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Seen:
+    """What a finished instance's last assessment read, as its row keeps it."""
+
+    sop_instance_uid: str
+    first_study: str  # the study it was first received in
+    assessment: int
+    inputs: str | None
+    identity: str | None
+    pixels: bytes | None
+    spool: Path
+
+
 def _reopen_if_received_changed(
     rt: Runtime,
     instance_id: int,
     finished: InstanceState,
-    assessment: int,
-    inputs: str | None,
-    pixels: bytes | None,
-    spool: Path,
+    seen: _Seen,
     *,
     checked: datetime,
-) -> _Claim | None:
+) -> _Claim | AssessOutcome | None:
     """Claim a finished instance for its next assessment if the copy in the spool (the
-    one received last) changes what the finished assessment read: from the header, or
-    of the pixels (:func:`signatures_differ`).
+    one received last) changes what the finished assessment read: from the header (what
+    the result depends on, or the patient it is filed under), or of the pixels
+    (:func:`signatures_differ`).
 
     Not for an instance finished before revision 0004 (no digest), nor for a copy that
-    cannot be read: nothing says it changed. Of two attempts that find the same change
-    at once, one claims it; the other leaves it.
+    cannot be parsed: nothing says it changed. The identity of one finished before
+    revision 0013 is not compared. Of two attempts that find the same change at once,
+    one claims it; the other leaves it.
+
+    A copy in another study or under another patient is the image moved or refiled only
+    if its pixels are the image's: other pixels are another image under the same SOP
+    Instance UID, which is refused (:func:`_refuse_uid_clash`), and its outcome returned.
+
+    Raises
+    ------
+    OSError
+        When the copy cannot be read for trouble a retry may cure (:func:`_io_trouble`):
+        the task retries, and the copy stays to be compared.
     """
+    assessment, inputs = seen.assessment, seen.inputs
     if inputs is None or finished is InstanceState.REJECTED:  # rejected stays rejected
         return None
     try:
-        ds = read_image(spool)  # the header; the pixels are read only if it is the same
+        ds = read_image(seen.spool)  # the header; the pixels are read only if it is the same
+    except FileNotFoundError:
+        return None  # gone (retention): nothing to compare
+    except Exception as exc:
+        if _io_trouble(exc):
+            raise
+        return None  # not DICOM, or not as pydicom can parse
+    try:
         _, received = _decide(rt, ds)
     except Exception:
         return None
-    picture = None
+    identity = identity_digest(ds, seen.sop_instance_uid)
+    other_patient = seen.identity is not None and identity != seen.identity
+    other_study = _study_of(ds) != seen.first_study
+    pixels, picture = seen.pixels, None
     # a rejection note received again is applied again: it may name more instances now,
     # or its first application may have ended in error (applied again, it changes
     # nothing it changed)
-    if received == inputs and not is_key_object_selection(ds):
+    if is_key_object_selection(ds):
+        pass
+    elif received == inputs and not other_patient:
         if pixels is None:  # assessed before revision 0007, or read no pixels
             return None
         try:
@@ -508,6 +550,16 @@ def _reopen_if_received_changed(
         # any other OSError: raised, the task retries, and the copy stays to be compared
         if not signatures_differ(pixels, picture):
             return None
+    elif (other_patient or other_study) and pixels is not None and pixels != UNDECODABLE:
+        # moved or refiled by the PACS, or another image under this one's UID?
+        try:
+            picture = picture_now(rt, ds)
+        except FileChangedError:
+            return None
+        if picture != UNDECODABLE and signatures_differ(pixels, picture):
+            return _refuse_uid_clash(
+                rt, instance_id, finished, seen, checked, other_patient, other_study
+            )
     with session_scope(rt.database_url) as session:
         claimed = session.execute(
             update(Instance)
@@ -526,6 +578,7 @@ def _reopen_if_received_changed(
                 attempts=1,
                 # this copy's: sent once more, it is not assessed again, even if this fails
                 inputs_sha256=received,
+                identity_sha256=identity,
                 pixels_signature=Instance.pixels_signature if picture is None else picture,
                 # the latency of this assessment counts from this copy (the UPDATE reads
                 # the columns as they were before it)
@@ -553,8 +606,72 @@ def _reopen_if_received_changed(
         claimed.sop_instance_uid,
         assessment + 1,
         received,
+        identity=identity,
         first_study=claimed.study_instance_uid,
     )
+
+
+def _study_of(ds: Dataset) -> str:
+    return str(ds.get("StudyInstanceUID", "") or "").strip()
+
+
+def _io_trouble(exc: BaseException) -> bool:
+    """Whether ``exc``, raised reading a spooled file, is trouble a retry may cure: an
+    OSError the system raised (it has an errno: EIO, ESTALE, EMFILE, EACCES ...), or
+    another copy taking the file's place. Not a missing file, and not pydicom's OSError
+    for a file it cannot parse (it has no errno: "No tag to read at file position")."""
+    if isinstance(exc, FileNotFoundError) or not isinstance(exc, OSError):
+        return False
+    return exc.errno is not None or isinstance(exc, FileChangedError)
+
+
+def _refuse_uid_clash(
+    rt: Runtime,
+    instance_id: int,
+    finished: InstanceState,
+    seen: _Seen,
+    checked: datetime,
+    other_patient: bool,
+    other_study: bool,
+) -> AssessOutcome:
+    """Refuse a copy received again that is another image under the instance's SOP
+    Instance UID (a modality that reuses UIDs): its pixels are not the image's, and it
+    is in another study or under another patient. Nothing is made or sent for it, no
+    note withdraws the image's results, which stand, and the instance's reason says so
+    to the administrator (`status` lists it among the recent problems); the copy counts
+    as compared."""
+    where = " and ".join(
+        ["under another patient"] * other_patient + ["in another study"] * other_study
+    )
+    clash = (
+        f"{UID_CLASH} (other pixels, {where}): its results stand and nothing was made of "
+        "the other, whose copy is now the one in the spool (do not reprocess it); ask "
+        "whoever sent it to give each image UIDs of its own"
+    )
+    with session_scope(rt.database_url) as session:
+        session.execute(
+            update(Instance)
+            .where(
+                Instance.id == instance_id,
+                Instance.state == finished,
+                Instance.assessment == seen.assessment,
+            )
+            .values(
+                reason=case(
+                    (Instance.reason.is_(None), literal(clash)),
+                    (Instance.reason.contains(UID_CLASH, autoescape=True), Instance.reason),
+                    else_=Instance.reason + literal(f"; {clash}"),
+                ),
+                received_again_at=_received_again_and_compared(checked),
+            )
+        )
+    logger.error(
+        "instance %d: another image was received under its SOP Instance UID (%s): "
+        "refused, its results stand",
+        instance_id,
+        where,
+    )
+    return AssessOutcome("skipped", reason=clash)
 
 
 def _compared_if_read(instance: Instance) -> None:
@@ -589,6 +706,7 @@ def _close(instance: Instance, claim: _Claim, state: InstanceState, reason: str 
     instance.reason = reason
     instance.finished_at = now()
     instance.inputs_sha256 = claim.inputs
+    instance.identity_sha256 = claim.identity
     instance.pixels_signature = claim.pixels
     _compared_if_read(instance)
 
@@ -616,7 +734,7 @@ def assess_instance(rt: Runtime, instance_id: int, *, send: bool = True) -> Asse
         # a copy that came while it waited is sent as one received again after would be
         return _assess(rt, claimed, send=(send and claimed.send) or claimed.copy_came)
     except Exception as exc:
-        _note_failed_attempt(rt, instance_id, exc, claimed.inputs)
+        _note_failed_attempt(rt, instance_id, exc, claimed.inputs, claimed.identity)
         raise
 
 
@@ -696,6 +814,63 @@ def assessment_inputs(ds: Dataset, decision: gate.GateDecision) -> str:
     for keyword in IMAGE_INPUTS:
         digest.update(f"{keyword}={_header_text(ds, keyword)}\n".encode("utf-8", "replace"))
     return digest.hexdigest()
+
+
+#: The attributes that name the patient an SR or SC of ours is filed under, as
+#: dicom_io.sr copies them from the image (:func:`identity_digest`).
+PATIENT_IDENTITY = (
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence",
+    "OtherPatientIDsSequence",
+)
+
+
+def patient_identity(ds: Dataset) -> str:
+    """The values of :data:`PATIENT_IDENTITY` in ``ds``, as text to compare: surrounding
+    spaces aside, a name's trailing empty components aside, an absent attribute as an
+    empty one (an SR writes Patient's Name and ID empty where the image has none)."""
+    lines = []
+    for keyword in PATIENT_IDENTITY:
+        text = _identity_text(ds, keyword) if keyword in ds else ""
+        if keyword == "PatientName":
+            text = "=".join(group.rstrip("^ ") for group in text.split("=")).rstrip("=")
+        lines.append(f"{keyword}={text}")
+    return "\n".join(lines)
+
+
+def _identity_text(ds: Dataset, keyword: str) -> str:
+    try:
+        value = ds[keyword].value
+    except Exception:  # a value pydicom refuses to convert: its bytes, as they came
+        return f"\x00raw {ds.get_item(keyword).value!r}"
+    return _value_text(value)
+
+
+def _value_text(value: object) -> str:
+    """A value as text to compare; a sequence's items element by element, in tag order."""
+    if isinstance(value, Dataset):
+        parts = []
+        for tag in sorted(value.keys()):
+            try:
+                text = _value_text(value[tag].value)
+            except Exception:
+                text = f"\x00raw {value.get_item(tag).value!r}"
+            parts.append(f"{int(tag):08X}={text}")
+        return "{" + ",".join(parts) + "}"
+    if isinstance(value, (list, MultiValue)):
+        return "\\".join(_value_text(item) for item in value)
+    return str(value).strip()
+
+
+def identity_digest(ds: Dataset, sop_instance_uid: str) -> str:
+    """Hex SHA-256 of the patient ``ds`` names (:func:`patient_identity`), salted with its
+    SOP Instance UID: kept in the database in place of the values. A copy received again
+    under another identity (the PACS corrected the patient's name or ID) is assessed
+    again: its SR and SC are filed under the identity it carries."""
+    text = f"{sop_instance_uid}\n{patient_identity(ds)}"
+    return hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()
 
 
 def _decide(rt: Runtime, ds: Dataset) -> tuple[gate.GateDecision, str]:
@@ -833,11 +1008,15 @@ def _failure(exc: BaseException) -> str:
 
 
 def _note_failed_attempt(
-    rt: Runtime, instance_id: int, exc: BaseException, inputs: str | None = None
+    rt: Runtime,
+    instance_id: int,
+    exc: BaseException,
+    inputs: str | None = None,
+    identity: str | None = None,
 ) -> None:
     """Record on the instance, still `processing`, where this attempt failed, and the
-    ``inputs`` it read, if it got so far (so that a corrected copy received again is
-    assessed again, even after the instance ended in error).
+    ``inputs`` and ``identity`` it read, if it got so far (so that a corrected copy
+    received again is assessed again, even after the instance ended in error).
 
     The last of :data:`MAX_ATTEMPTS` ends it in error at once. Before that, after a
     fault, no worker keeps the claim: no message will bring the instance back, and the
@@ -852,6 +1031,7 @@ def _note_failed_attempt(
                 instance.reason = f"attempt {instance.attempts} failed: {_failure(exc)}"
                 if inputs is not None:
                     instance.inputs_sha256 = inputs
+                    instance.identity_sha256 = identity
                 if instance.attempts >= MAX_ATTEMPTS:
                     _give_up(instance)
                 elif not isinstance(exc, RETRIED_BY_THE_TASK):
@@ -879,6 +1059,8 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
         _finish(rt, claim, InstanceState.ERROR, "the spooled file is missing")
         return AssessOutcome("error", reason="spool file missing")
     except Exception as exc:  # pydicom raises many types on malformed files
+        if _io_trouble(exc):  # EIO, a stale NFS handle, no file descriptor left: retried
+            raise
         claim.inputs = UNREAD
         reason = f"the file cannot be parsed as DICOM ({type(exc).__name__})"
         logger.info("instance %d not assessed (%s)", instance_id, reason_category(reason))
@@ -886,6 +1068,7 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
         return AssessOutcome("not_assessed", reason=reason)
 
     decision, claim.inputs = _decide(rt, ds)
+    claim.identity = identity_digest(ds, claim.sop_instance_uid)
     if is_key_object_selection(ds):
         return _key_object_selection(rt, claim, ds)
     if (rejected := _rejection(rt, claim.sop_instance_uid)) is not None:
@@ -1820,12 +2003,17 @@ def _stage_withdrawal_notes(
     return staged, unmade
 
 
-#: Why our objects in a study the image has left are withdrawn (IOCM's title for an
-#: instance filed under the wrong patient or procedure).
+#: Why our objects in a study the image has left, or filed under a patient it no longer
+#: names, are withdrawn (IOCM's title for an instance filed under the wrong patient or
+#: procedure).
 MOVED_TITLE = "113038"  # Incorrect Modality Worklist Entry
 MOVED_AWAY = (
     "Bone age withdrawn from this study: its source image was moved to another study, "
     "where it was assessed again."
+)
+REFILED = (
+    "Bone age withdrawn from this patient: its source image was received again under "
+    "another patient, and assessed again there."
 )
 
 
@@ -1835,19 +2023,23 @@ def stage_moved_withdrawals(
     """Stage a rejection note of ours (113038, Incorrect Modality Worklist Entry) for
     each SR and SC of earlier assessments of the claimed image that a destination has
     or may have in a study other than the one ``source``, the copy received again, is
-    in: the PACS moved the image (merged or split studies, or filed it under another
-    patient), and its bone age no longer belongs there. A PACS that applies IOCM hides
-    them; one that does not shows the note in that study. Objects a note of ours
-    withdrew already are left. Returns the notes, each to go where its object went,
-    and what could not be made (:func:`_stage_withdrawal_notes`).
+    in, or filed under another patient than ``source`` names (:func:`patient_identity`,
+    read from the object's own file): the PACS moved the image (merged or split
+    studies), or corrected the patient it belongs to, and its bone age no longer belongs
+    there. A PACS that applies IOCM hides them; one that does not shows the note in that
+    study, under that patient. Objects a note of ours withdrew already are left. Returns
+    the notes, each to go where its object went, and what could not be made
+    (:func:`_stage_withdrawal_notes`).
 
-    Only a later assessment has earlier objects: a copy in another study always opens
-    one (the study is among :data:`IMAGE_INPUTS`), and `reprocess` leaves an image
-    whose copy received again is still to be compared.
+    Only a later assessment has earlier objects: a copy in another study or under another
+    patient always opens one (the study is among :data:`IMAGE_INPUTS`, the patient is
+    :func:`identity_digest`), and `reprocess` leaves an image whose copy received again
+    is still to be compared.
     """
     if claim.assessment == 1:
         return [], None
-    study_now = str(source.get("StudyInstanceUID", "") or "").strip()
+    study_now = _study_of(source)
+    identity_now = patient_identity(source)
     with session_scope(rt.database_url) as session:
         objects = _sent_objects(
             session,
@@ -1856,14 +2048,26 @@ def stage_moved_withdrawals(
             first_study=claim.first_study or study_now,
         )
         withdrawn = _notes_made(session, claim.instance_id)
-    left_behind = [
-        sent
-        for uid, sent in objects.items()
-        if sent.reference.study_instance_uid != study_now and withdrawal_uid(uid) not in withdrawn
-    ]
-    return _stage_withdrawal_notes(
+    left_behind: list[_SentObject] = []
+    refiled: list[_SentObject] = []
+    for uid, sent in objects.items():
+        if withdrawal_uid(uid) in withdrawn:
+            continue
+        if sent.reference.study_instance_uid != study_now:
+            left_behind.append(sent)
+        elif (filed := _as_written(sent)) is not None and patient_identity(filed) != identity_now:
+            refiled.append(sent)  # whose file is gone: nothing says where it was filed
+    moved, unmade = _stage_withdrawal_notes(
         rt, left_behind, MOVED_TITLE, MOVED_AWAY, source_uid=claim.sop_instance_uid
     )
+    try:
+        notes, also_unmade = _stage_withdrawal_notes(
+            rt, refiled, MOVED_TITLE, REFILED, source_uid=claim.sop_instance_uid
+        )
+    except BaseException:
+        discard(moved)
+        raise
+    return moved + notes, "; ".join(filter(None, (unmade, also_unmade))) or None
 
 
 def _commit(

@@ -327,8 +327,9 @@ def test_a_copy_that_changes_nothing_the_result_depends_on_is_not_assessed_again
     runtime: Runtime,
 ) -> None:
     """The PACS forwards the study again, transcoded, with its own attributes added and
-    the name, ID and accession number reconciled with the RIS: one result, no new
-    objects (a PACS that corrects those corrects its copies of our SR and SC)."""
+    the accession number reconciled with the RIS: one result, no new objects (a PACS
+    that corrects that corrects its copies of our SR and SC). A corrected name or ID is
+    another patient: test_received_again_identity.py."""
     instance_id = spool_instance(runtime)
     assert assess_instance(runtime, instance_id).state == "assessed"
     for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
@@ -339,8 +340,7 @@ def test_a_copy_that_changes_nothing_the_result_depends_on_is_not_assessed_again
             routed_by="ROUTER",
             InstitutionName="Elsewhere",
             PatientSex="F ",  # as padded
-            PatientName="PHANTOM^HAND^^MS",
-            PatientID="RIS-0001",
+            PatientName="PHANTOM^HAND^^ ",  # as padded
             AccessionNumber="ACC-7",
             StudyDescription="XR HAND LEFT",
         )

@@ -1,0 +1,134 @@
+"""Trouble a retry may cure (an I/O error reading the spool) is retried by the assess
+task with its back-off, not taken for a file that cannot be parsed.
+
+A real EIO cannot be had on demand: the reader or a builder is made to raise it in
+process, as the kernel would raise it to them.
+"""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import Dataset, dcmread
+from sqlalchemy import select
+
+from db.engine import session_scope
+from db.schema import Instance, InstanceState, Result
+from tests.conftest import StoreSCP
+from tests.integration.test_pipeline import make_runtime, spool_instance
+from tests.integration.test_received_again import received_again
+from worker import pipeline
+from worker.heartbeat import process_name
+from worker.pipeline import assess_instance
+from worker.runtime import Runtime
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def runtime(
+    request: pytest.FixtureRequest, tmp_path: Path, tiny_checkpoint: Path, storescp: StoreSCP
+) -> Runtime:
+    database: dict[str, Any] = {}
+    if request.param == "postgresql":
+        database["database_url"] = request.getfixturevalue("postgres_url")
+    return make_runtime(tmp_path, tiny_checkpoint, destinations=storescp.destination, **database)
+
+
+def instance_row(rt: Runtime, instance_id: int) -> Instance:
+    with session_scope(rt.database_url) as session:
+        instance = session.get_one(Instance, instance_id)
+        session.expunge(instance)
+        return instance
+
+
+def assessments(rt: Runtime, instance_id: int) -> list[int]:
+    with session_scope(rt.database_url) as session:
+        return list(
+            session.scalars(
+                select(Result.assessment)
+                .where(Result.instance_id == instance_id)
+                .order_by(Result.id)
+            )
+        )
+
+
+def failing_once(monkeypatch: pytest.MonkeyPatch, name: str, exc: Exception) -> list[Any]:
+    """Make ``pipeline.<name>`` raise ``exc`` on its first call; its calls' arguments."""
+    real = getattr(pipeline, name)
+    calls: list[Any] = []
+
+    def once(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        if len(calls) == 1:
+            raise exc
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, name, once)
+    return calls
+
+
+# -- an I/O error reading the spool ---------------------------------------------------
+
+
+def test_an_io_error_reading_the_spool_file_is_retried_not_taken_for_bad_dicom(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EIO while the header is read is not "the file cannot be parsed as DICOM", which
+    no retry would look at again: the task retries it, and the retry assesses it."""
+    instance_id = spool_instance(runtime)
+    calls = failing_once(monkeypatch, "read_image", OSError(errno.EIO, "Input/output error"))
+    with pytest.raises(OSError, match="Input/output"):
+        assess_instance(runtime, instance_id)
+    instance = instance_row(runtime, instance_id)
+    assert (instance.state, instance.claimed_by) == (
+        InstanceState.PROCESSING,
+        process_name("worker"),
+    )
+    assert (instance.reason or "").startswith("attempt 1 failed: OSError in")
+    assert assess_instance(runtime, instance_id).state == "assessed"  # the task's retry
+    assert len(calls) == 2
+    assert assessments(runtime, instance_id) == [1]
+
+
+def test_a_file_pydicom_cannot_parse_is_still_not_assessed(runtime: Runtime) -> None:
+    """pydicom raises OSError with no errno for a sequence cut short ("No tag to read"):
+    that is the file, not the disk, and no retry changes it."""
+    instance_id = spool_instance(runtime)
+    path = Path(instance_row(runtime, instance_id).spool_path)
+    ds = dcmread(path)
+    ds.ReferencedStudySequence = [Dataset(), Dataset()]
+    ds["ReferencedStudySequence"].is_undefined_length = True
+    for item in ds.ReferencedStudySequence:
+        item.is_undefined_length_sequence_item = True
+    ds.save_as(path, enforce_file_format=True)
+    data = path.read_bytes()
+    # in the sequence of undefined length, cut the second item's tag in half
+    tag = b"\xfe\xff\x00\xe0"
+    second = data.index(tag, data.index(tag) + 4)
+    path.write_bytes(data[: second + 2])
+    outcome = assess_instance(runtime, instance_id)
+    assert outcome.state == "not_assessed"
+    assert (outcome.reason or "").startswith("the file cannot be parsed as DICOM (OSError)")
+
+
+def test_an_io_error_reading_a_copy_received_again_leaves_it_to_be_compared(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A corrected copy whose header could not be read (EIO, a stale NFS handle) is not
+    taken for one that changes nothing: the task retries, and the retry assesses it
+    again."""
+    instance_id = spool_instance(runtime, sex="F")
+    assert assess_instance(runtime, instance_id).state == "assessed"
+    received_again(runtime, instance_id, PatientSex="M")
+    failing_once(monkeypatch, "read_image", OSError(errno.ESTALE, "Stale file handle"))
+    with pytest.raises(OSError, match="Stale"):
+        assess_instance(runtime, instance_id)
+    instance = instance_row(runtime, instance_id)
+    assert (instance.state, instance.assessment) == (InstanceState.ASSESSED, 1)
+    assert instance.received_again_at is not None  # still to be compared
+    assert assess_instance(runtime, instance_id).state == "assessed"
+    assert assessments(runtime, instance_id) == [1, 2]

@@ -1,0 +1,280 @@
+"""A copy received again under another patient (the PACS corrected the name or ID), and
+another image received under an image's SOP Instance UID (a modality that reuses UIDs).
+
+The first is assessed again, so that what goes to the PACS is filed under the corrected
+patient and what went under the other is withdrawn there; the second is refused, and the
+first image's results stand.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from pydicom import Dataset, dcmread
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from db import queries
+from db.engine import session_scope
+from db.schema import Delivery, DeliveryState, Instance, InstanceState, ObjectKind
+from dicom_io.ko import read_rejection_note
+from tests.conftest import StoreSCP
+from tests.integration.test_pipeline import make_runtime, spool_instance
+from tests.integration.test_received_again import (
+    deliver,
+    received_again,
+    replaced,
+    report_of,
+    results,
+    stored_pixels,
+    where,
+)
+from worker.delivery import send_deliveries
+from worker.pipeline import (
+    MOVED_TITLE,
+    PATIENT_IDENTITY,
+    REFILED,
+    assess_instance,
+    identity_digest,
+)
+from worker.runtime import Runtime
+
+pytestmark = pytest.mark.integration
+
+PATIENT_B: dict[str, Any] = {"PatientID": "B-0002", "PatientName": "WRONG^PATIENT"}
+PATIENT_A: dict[str, Any] = {"PatientID": "A-0001", "PatientName": "RIGHT^PATIENT"}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def runtime(
+    request: pytest.FixtureRequest, tmp_path: Path, tiny_checkpoint: Path, storescp: StoreSCP
+) -> Runtime:
+    """A node sending to the storescp, on SQLite and on a real PostgreSQL."""
+    database: dict[str, Any] = {}
+    if request.param == "postgresql":
+        database["database_url"] = request.getfixturevalue("postgres_url")
+    return make_runtime(tmp_path, tiny_checkpoint, destinations=storescp.destination, **database)
+
+
+def deliveries(rt: Runtime, instance_id: int) -> list[Delivery]:
+    with session_scope(rt.database_url) as session:
+        rows = list(
+            session.scalars(
+                select(Delivery).where(Delivery.instance_id == instance_id).order_by(Delivery.id)
+            )
+        )
+        session.expunge_all()
+        return rows
+
+
+def instance_row(rt: Runtime, instance_id: int) -> Instance:
+    with session_scope(rt.database_url) as session:
+        instance = session.get_one(Instance, instance_id)
+        session.expunge(instance)
+        return instance
+
+
+# -- the patient corrected -----------------------------------------------------------
+
+
+def test_what_waited_for_the_pacs_goes_under_the_corrected_patient(
+    runtime: Runtime, storescp: StoreSCP
+) -> None:
+    """The image came under patient B and was assessed while the PACS was away; the PACS
+    corrects the patient to A and forwards the image again, with the same UIDs, birth
+    date and sex. When the PACS is back, no SR or SC of ours reaches it under B."""
+    instance_id = spool_instance(runtime, attributes=PATIENT_B)
+    first = assess_instance(runtime, instance_id)
+    assert first.state == "assessed" and len(first.delivery_ids) == 2
+    storescp.stop()
+    outcomes = send_deliveries(runtime, list(first.delivery_ids))
+    assert {o.state for o in outcomes.values()} == {"retry"}, outcomes
+
+    received_again(runtime, instance_id, **PATIENT_A)
+    second = assess_instance(runtime, instance_id)
+    assert second.state == "assessed" and len(second.delivery_ids) == 2
+    assert {d.state for d in deliveries(runtime, instance_id) if d.assessment == 1} == {
+        DeliveryState.SUPERSEDED
+    }
+
+    storescp.start()
+    outcomes = send_deliveries(runtime, [*first.delivery_ids, *second.delivery_ids])
+    assert [outcomes[i].state for i in first.delivery_ids] == ["skipped", "skipped"]
+    assert [outcomes[i].state for i in second.delivery_ids] == ["delivered", "delivered"]
+    received = [dcmread(p) for p in storescp.wait_for_objects(2, timeout=30)]
+    assert sorted(ds.Modality for ds in received) == ["OT", "SR"]
+    assert {(str(ds.PatientID), str(ds.PatientName)) for ds in received} == {
+        ("A-0001", "RIGHT^PATIENT")
+    }
+    # the PACS never had the first report: to it, this one is the first
+    assert "PredecessorDocumentsSequence" not in report_of(storescp.received())
+    assert results(runtime, instance_id) == [(1, False), (2, False)]
+    assert instance_row(runtime, instance_id).identity_sha256 == identity_digest(
+        dcmread(instance_row(runtime, instance_id).spool_path),
+        instance_row(runtime, instance_id).sop_instance_uid,
+    )
+
+
+def test_what_the_pacs_has_under_the_wrong_patient_is_withdrawn_there(
+    runtime: Runtime, storescp: StoreSCP
+) -> None:
+    """Delivered under B before the correction: the new SR and SC go under A, and notes
+    of ours (113038, Incorrect Modality Worklist Entry) withdraw the first SR and SC
+    under B, where they were filed; sent once more as it is, nothing more is made."""
+    instance_id = spool_instance(runtime, attributes=PATIENT_B)
+    first = assess_instance(runtime, instance_id)
+    first_objects = deliver(runtime, storescp, first.delivery_ids)
+    first_sr = report_of(first_objects)
+    first_uids = sorted(where(dcmread(p)) for p in first_objects)
+
+    received_again(runtime, instance_id, **PATIENT_A)
+    second = assess_instance(runtime, instance_id)
+    assert second.state == "assessed" and len(second.delivery_ids) == 4
+    second_paths = deliver(runtime, storescp, second.delivery_ids)  # dciodvfy: no error
+    objects = [dcmread(p) for p in second_paths]
+    notes = [ds for ds in objects if ds.Modality == "KO"]
+    made = [ds for ds in objects if ds.Modality != "KO"]
+    assert {str(ds.PatientID) for ds in made} == {"A-0001"}
+    assert {str(ds.PatientID) for ds in notes} == {"B-0002"}  # where what they withdraw is
+    withdrawn = [read_rejection_note(note) for note in notes]
+    assert all(w is not None and w.code == MOVED_TITLE for w in withdrawn)
+    assert (
+        sorted(
+            (r.study_instance_uid, r.series_instance_uid, r.sop_instance_uid)
+            for w in withdrawn
+            if w is not None
+            for r in w.references
+        )
+        == first_uids
+    )
+    assert {str(note.ContentSequence[0].TextValue) for note in notes} == {REFILED}
+    # the new report names the one it replaces, as for a corrected sex
+    assert replaced(report_of(second_paths)) == [where(first_sr)]
+
+    received_again(runtime, instance_id, **PATIENT_A)
+    assert assess_instance(runtime, instance_id).state == "skipped"
+    assert len(deliveries(runtime, instance_id)) == 6
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [
+        ("PatientName", "OTHER^NAME"),
+        ("PatientID", "OTHER-ID"),
+        ("IssuerOfPatientID", "HOSPITAL-B"),
+        ("IssuerOfPatientIDQualifiersSequence", [Dataset()]),
+        ("OtherPatientIDsSequence", [Dataset()]),
+    ],
+)
+def test_the_identity_digest_follows_each_attribute_the_sr_is_filed_by(
+    runtime: Runtime, keyword: str, value: Any
+) -> None:
+    instance_id = spool_instance(runtime)
+    ds = dcmread(instance_row(runtime, instance_id).spool_path)
+    uid = str(ds.SOPInstanceUID)
+    before = identity_digest(ds, uid)
+    setattr(ds, keyword, value)
+    if keyword == "IssuerOfPatientIDQualifiersSequence":
+        ds[keyword].value[0].UniversalEntityID = "1.2.3"
+    if keyword == "OtherPatientIDsSequence":
+        ds[keyword].value[0].PatientID = "OTHER-ID"
+    assert keyword in PATIENT_IDENTITY
+    assert identity_digest(ds, uid) != before
+    # salted: the same patient's digest differs from one image to the next
+    assert identity_digest(ds, uid) != identity_digest(ds, generate_uid())
+
+
+def test_the_identity_digest_leaves_out_how_the_same_name_is_written(runtime: Runtime) -> None:
+    """Trailing empty name components and spaces, and an absent ID against an empty one
+    (the SR writes both as empty), name the same patient."""
+    instance_id = spool_instance(runtime, attributes={"PatientName": "DOE^JANE"})
+    ds = dcmread(instance_row(runtime, instance_id).spool_path)
+    uid = str(ds.SOPInstanceUID)
+    before = identity_digest(ds, uid)
+    ds.PatientName = "DOE^JANE^^^ "
+    assert identity_digest(ds, uid) == before
+    ds.PatientID = ""
+    empty = identity_digest(ds, uid)
+    del ds.PatientID
+    assert identity_digest(ds, uid) == empty
+
+
+def test_an_instance_finished_before_its_identity_was_recorded_compares_the_rest(
+    runtime: Runtime,
+) -> None:
+    """Finished before revision 0013: nothing says which patient its assessment read, and
+    a copy under another is left alone, as before; a corrected sex still counts."""
+    instance_id = spool_instance(runtime, attributes=PATIENT_B)
+    assert assess_instance(runtime, instance_id).state == "assessed"
+    with session_scope(runtime.database_url) as session:
+        session.get_one(Instance, instance_id).identity_sha256 = None
+    received_again(runtime, instance_id, **PATIENT_A)
+    assert assess_instance(runtime, instance_id).state == "skipped"
+    received_again(runtime, instance_id, PatientSex="M")
+    assert assess_instance(runtime, instance_id).state == "assessed"
+    assert instance_row(runtime, instance_id).identity_sha256 is not None
+
+
+# -- another image under the same SOP Instance UID ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"StudyInstanceUID": "another study", **PATIENT_A},
+        {"StudyInstanceUID": "another study"},
+        PATIENT_A,
+    ],
+    ids=["another study and patient", "another study", "another patient"],
+)
+def test_another_image_under_an_images_uid_is_refused_and_its_results_stand(
+    runtime: Runtime, storescp: StoreSCP, other: dict[str, Any]
+) -> None:
+    """Patient B's image was assessed and its SR and SC sent; a modality that reuses UIDs
+    sends another image under the same SOP Instance UID, in another study or under
+    another patient. Nothing is made of it: no SR, no SC, no note withdrawing B's, which
+    stand; the administrator is told, by `status` too."""
+    instance_id = spool_instance(runtime, attributes=PATIENT_B)
+    first = assess_instance(runtime, instance_id)
+    deliver(runtime, storescp, first.delivery_ids)
+    before = instance_row(runtime, instance_id)
+
+    attributes: dict[str, Any] = dict(other)
+    if attributes.get("StudyInstanceUID") == "another study":
+        attributes["StudyInstanceUID"] = generate_uid()
+    another_hand = np.ascontiguousarray(stored_pixels(runtime, instance_id)[::-1, ::-1])
+    received_again(runtime, instance_id, PixelData=another_hand.tobytes(), **attributes)
+    outcome = assess_instance(runtime, instance_id)
+    assert outcome.state == "skipped"
+    assert queries.UID_CLASH in (outcome.reason or "")
+
+    after = instance_row(runtime, instance_id)
+    assert (after.state, after.assessment, after.received_again_at) == (
+        InstanceState.ASSESSED,
+        1,
+        None,
+    )
+    assert (after.inputs_sha256, after.identity_sha256, after.pixels_signature) == (
+        before.inputs_sha256,
+        before.identity_sha256,
+        before.pixels_signature,
+    )
+    assert after.reason is not None and after.reason.startswith(before.reason or "")
+    assert queries.UID_CLASH in after.reason
+    assert [(d.kind, d.state) for d in deliveries(runtime, instance_id)] == [
+        (ObjectKind.SR, DeliveryState.DELIVERED),
+        (ObjectKind.SC, DeliveryState.DELIVERED),
+    ]
+    assert results(runtime, instance_id) == [(1, False)]
+    with session_scope(runtime.database_url) as session:
+        problems = queries.recent_problems(session)
+    assert [p["what"] for p in problems] == [f"instance {instance_id}"]
+
+    # sent once more: refused again, said once
+    received_again(runtime, instance_id)
+    assert assess_instance(runtime, instance_id).state == "skipped"
+    assert instance_row(runtime, instance_id).reason == after.reason
+    assert len(deliveries(runtime, instance_id)) == 2

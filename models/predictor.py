@@ -36,7 +36,8 @@ class Prediction:
     Attributes
     ----------
     bone_age_months : float
-        Estimated bone age, clipped to [0, 240] months.
+        Estimated bone age, clipped to [0, 240] months
+        (:data:`MIN_BONE_AGE_MONTHS`, :data:`MAX_BONE_AGE_MONTHS`).
     crop_cam : numpy.ndarray
         Grad-CAM map over the square crop the network saw, float32 ``(h, w)`` in [0, 1].
     crop_box : tuple of int
@@ -46,6 +47,9 @@ class Prediction:
     intervals : dict
         Coverage level (0.8, 0.9, 0.95) -> ``(low, high)`` months, from the checkpoint's
         split-conformal quantiles; empty when the checkpoint has none.
+    raw_bone_age_months : float or None
+        The model's estimate before clipping; None where it is not known (then taken as
+        ``bone_age_months``). Outside [0, 240] months, the estimate is :attr:`clipped`.
     """
 
     bone_age_months: float
@@ -53,6 +57,19 @@ class Prediction:
     crop_box: CropBox
     image_shape: tuple[int, int]
     intervals: dict[float, tuple[float, float]] = field(default_factory=dict)
+    raw_bone_age_months: float | None = None
+
+    @property
+    def clipped(self) -> bool:
+        """Whether the model's estimate lay outside [0, 240] months, and
+        :attr:`bone_age_months` is the limit it was clipped to, not the estimate.
+
+        Such a number is not a bone age to compare with the patient's age: an infant's
+        estimate of -9 months read as a bone age of 0 months and an SDS of -4.4 (found
+        in review).
+        """
+        raw = self.raw_bone_age_months
+        return raw is not None and not MIN_BONE_AGE_MONTHS <= raw <= MAX_BONE_AGE_MONTHS
 
     @cached_property
     def cam(self) -> np.ndarray:
@@ -501,6 +518,7 @@ class BoneAgePredictor:
                     crop_box=prep.crop_box,
                     image_shape=(int(image.shape[0]), int(image.shape[1])),
                     intervals=intervals_for(age, meta),
+                    raw_bone_age_months=float(value),
                 )
             )
         return out

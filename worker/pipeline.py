@@ -1430,6 +1430,13 @@ def model_name(architecture: str) -> str:
     return f"BoneAgeNet {architecture}"
 
 
+#: The note of a result whose model's estimate lay outside the range a bone age is
+#: reported in (:attr:`models.predictor.Prediction.clipped`).
+OUTSIDE_THE_REPORTED_RANGE = (
+    "The model's estimate lies outside 0-20 years, the range it reports: shown at its limit; no SDS"
+)
+
+
 def assessment_finding(
     predictor: BoneAgePredictor,
     prediction: Prediction,
@@ -1438,15 +1445,25 @@ def assessment_finding(
     male: bool,
     notes: list[str] | tuple[str, ...] = (),
 ) -> BoneAgeFinding:
-    """What the SR and SC report of one prediction: bone age, ages, SDS, the model."""
+    """What the SR and SC report of one prediction: bone age, ages, SDS, the model.
+
+    An estimate outside 0-20 years is shown at the limit it was clipped to, with
+    :data:`OUTSIDE_THE_REPORTED_RANGE` after ``notes`` and no SDS: the limit is not the
+    model's estimate, and an infant's -9 months read as a bone age of 0 and an SDS of
+    -4.4 (found in review).
+    """
     from models.reference import bone_age_sds
 
     chronological = chronological_age_months(facts)
     sds = (
         bone_age_sds(prediction.bone_age_months, chronological, male=male)
-        if chronological is not None and outside_the_sd_table(chronological, male=male) is None
+        if chronological is not None
+        and outside_the_sd_table(chronological, male=male) is None
+        and not prediction.clipped
         else None
     )
+    if prediction.clipped:
+        notes = [*notes, OUTSIDE_THE_REPORTED_RANGE]
     return BoneAgeFinding(
         bone_age_months=prediction.bone_age_months,
         chronological_age_months=chronological,

@@ -67,6 +67,27 @@ def test_bone_age_is_clipped(loaded: LoadedModel, image: np.ndarray) -> None:
     assert predictor.predict(image, male=False).bone_age_months == 240.0
 
 
+@pytest.mark.parametrize(
+    ("target_mean", "shown", "clipped"),
+    [(-10_000.0, 0.0, True), (10_000.0, 240.0, True), (100.0, None, False)],
+    ids=["below", "above", "inside"],
+)
+def test_a_clipped_estimate_is_flagged_with_the_model_s_own(
+    loaded: LoadedModel, image: np.ndarray, target_mean: float, shown: float | None, clipped: bool
+) -> None:
+    """The limit an estimate was clipped to read as a bone age, with nothing to say it
+    was not the model's (found in review): the prediction keeps the estimate and says so."""
+    meta = dataclasses.replace(loaded.meta, target_mean=target_mean, target_sd=1.0)
+    predictor = BoneAgePredictor(dataclasses.replace(loaded, meta=meta), device="cpu")
+    x = prepare(image, 64).tensor[None]
+    z, _ = predict_with_cam(loaded.model, x, torch.ones(1))
+    raw = float(z[0]) + target_mean
+    result = predictor.predict(image, male=True)
+    assert result.clipped is clipped
+    assert result.raw_bone_age_months == pytest.approx(raw, abs=1e-3)
+    assert result.bone_age_months == (shown if shown is not None else result.raw_bone_age_months)
+
+
 def test_intervals_from_quantiles(loaded: LoadedModel, image: np.ndarray) -> None:
     meta = dataclasses.replace(loaded.meta, quantiles={"0.8": 10.0, "0.9": 14.0, "0.95": 18.0})
     predictor = BoneAgePredictor(dataclasses.replace(loaded, meta=meta), device="cpu")

@@ -4,7 +4,10 @@ Tolerant when reading: whatever PACSes send (MONOCHROME1/2, 8-16 bits, signed or
 not, rescale, VOI LUT or window, pixel padding, compressed transfer syntaxes that
 pydicom's plugins decode, RGB/YBR colour) becomes a float32 (H, W) array in [0, 1]
 where bone is bright. Only missing, incomplete (a JPEG frame cut short) or
-undecodable pixel data raises :class:`PixelDataError`.
+undecodable pixel data raises :class:`PixelDataError`; an image that decodes but shows
+nothing to assess (blank, or saturated by its window) raises its subclass
+:class:`NoContrastError` where it is decoded for an assessment
+(:func:`decode_as_assessed`).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "FileChangedError",
+    "NoContrastError",
     "PixelDataError",
     "decode_for_display",
     "decode_frame",
@@ -47,6 +51,8 @@ __all__ = [
     "drop_pixel_data",
     "jpeg2000_reduction",
     "read_image",
+    "require_contrast",
+    "share_at_one_level",
 ]
 
 # Robust min/max when the file carries no VOI: percentiles of the unpadded pixels.
@@ -123,6 +129,22 @@ _MAX_BLOCK_REDUCTION = 4
 
 class PixelDataError(ValueError):
     """The dataset has no pixel data, or it cannot be decoded."""
+
+
+class NoContrastError(PixelDataError):
+    """The pixel data decodes, but to an image without usable contrast: blank, or all but
+    a few pixels at one end of its window (:func:`require_contrast`)."""
+
+
+#: The share of an image's pixels at one grey level of :data:`CONTRAST_LEVELS`, after the
+#: VOI LUT, from which it has no usable contrast (:func:`require_contrast`). Radiographs
+#: are far below it: the three real hands in the project's data have 5 % at most at one
+#: level (MONOCHROME2 or 1, decoded as assessed), the synthetic phantoms 20 % at most.
+MAX_SHARE_AT_ONE_LEVEL = 0.98
+#: Grey levels the share is counted in: a display's 8 bits.
+CONTRAST_LEVELS = 256
+# The share is counted on at most about this many pixels (strided sample).
+_CONTRAST_SAMPLE = 1 << 16
 
 
 class FileChangedError(OSError):
@@ -1250,15 +1272,72 @@ def decode_as_assessed(ds: Dataset, *, input_size: int, sc_min_long_side: int) -
     uncompressed: averaging blocks) while the network input (``input_size``) and the
     heat-map picture (the site's ``sc_min_long_side``) still get enough pixels: most of
     the per-pixel work after decoding is saved. The service and ``evaluate`` both
-    decode through here, so an evaluation is of what the service does.
+    decode through here, so an evaluation is of what the service does. An image without
+    usable contrast is refused (:func:`require_contrast`).
 
     Raises
     ------
     PixelDataError
         When pixel data is missing or cannot be decoded.
+    NoContrastError
+        When the image decodes to one without usable contrast (a :class:`PixelDataError`).
     """
     reduce = decode_reduction(ds, min_short_side=input_size, min_long_side=sc_min_long_side)
-    return decode_for_display(ds, reduce=reduce)
+    image = decode_for_display(ds, reduce=reduce)
+    require_contrast(image)
+    return image
+
+
+def require_contrast(image: np.ndarray) -> None:
+    """Refuse a display image without usable contrast: one that shows nothing to assess.
+
+    All-zero pixel data, a VOI window that sends nearly every pixel to one end of it
+    (window centre 100, width 10 on a 12-bit radiograph), an image all padding: each
+    decoded to an image of one grey, which preprocessing stretched or zeroed, and the
+    model gave a confident bone age (found in review). Refused where at least
+    :data:`MAX_SHARE_AT_ONE_LEVEL` of the pixels (of a strided sample of about 65 000)
+    lie at one of :data:`CONTRAST_LEVELS` grey levels; then the 1st and 99th
+    percentiles are equal too.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        float32 (H, W) in [0, 1], as from :func:`decode_for_display`.
+
+    Raises
+    ------
+    NoContrastError
+        When the image has no usable contrast.
+    """
+    share, level = share_at_one_level(image)
+    if share >= MAX_SHARE_AT_ONE_LEVEL:
+        where = "black" if level == 0 else "white" if level == CONTRAST_LEVELS - 1 else "one grey"
+        raise NoContrastError(
+            f"the image has no usable contrast: {share:.1%} of its pixels are {where} "
+            "after the window (blank, or saturated by its VOI LUT)"
+        )
+
+
+def share_at_one_level(image: np.ndarray) -> tuple[float, int]:
+    """The largest share of a display image's pixels at one of :data:`CONTRAST_LEVELS`
+    grey levels, and that level (0 black), over a strided sample of about 65 000 pixels.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        float32 (H, W) in [0, 1], as from :func:`decode_for_display`.
+
+    Returns
+    -------
+    tuple of (float, int)
+        The share in [0, 1], and its level in ``[0, CONTRAST_LEVELS)``.
+    """
+    step = max(1, int(np.sqrt(image.size / _CONTRAST_SAMPLE)))
+    sample = image[::step, ::step]
+    levels = np.minimum(sample * CONTRAST_LEVELS, CONTRAST_LEVELS - 1).astype(np.intp)
+    counts = np.bincount(levels.ravel(), minlength=CONTRAST_LEVELS)
+    level = int(counts.argmax())
+    return float(counts[level]) / max(1, sample.size), level
 
 
 def decode_for_display(ds: Dataset, *, reduce: int = 0) -> np.ndarray:

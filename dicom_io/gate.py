@@ -67,6 +67,32 @@ OTHER_CONVERSIONS = {
 #: Modalities whose images are radiographs: an SC that states no Conversion Type is
 #: taken for a radiograph's capture only when its Modality is one of them.
 RADIOGRAPH_MODALITIES = {"CR", "DX", "RG"}
+#: The Modality values an SC whose Conversion Type says it may be a radiograph's capture
+#: (:data:`RADIOGRAPH_CONVERSIONS`) may have: the radiograph's, OT (other: a film
+#: digitiser, a capture station's default) or none. Any other names what was captured,
+#: and it is not a radiograph: an ultrasound frame grabbed from the video output (DV), a
+#: photograph (XC), an endoscope's picture.
+SECONDARY_CAPTURE_MODALITIES = RADIOGRAPH_MODALITIES | {"OT", ""}
+#: What some Modality values (PS3.3 C.7.3.1.1.1) name, for a refusal's reason.
+MODALITY_NAMES = {
+    "US": "ultrasound",
+    "XC": "external-camera photography",
+    "ES": "endoscopy",
+    "GM": "general microscopy",
+    "SM": "slide microscopy",
+    "XA": "X-ray angiography",
+    "RF": "radio fluoroscopy",
+    "MR": "magnetic resonance",
+    "CT": "computed tomography",
+    "NM": "nuclear medicine",
+    "PT": "positron emission tomography",
+    "MG": "mammography",
+    "IO": "intra-oral radiography",
+    "PX": "panoramic X-ray",
+    "OP": "ophthalmic photography",
+    "DOC": "document",
+    "SR": "structured report",
+}
 #: Body Part Examined values of a hand, as :func:`body_part_examined` reads them.
 HAND_BODY_PARTS = {"HAND", "HANDS", "WRIST", "CARPUS", "HANDWRIST", "HAND_WRIST"}
 #: Fingers alone: bone age is read on the whole hand and wrist (Greulich-Pyle's
@@ -558,18 +584,31 @@ def _not_a_radiograph(ds: Dataset, name: str) -> str | None:
     WSD, SD, DRW and SYN are not, nor is a value not among the defined terms, which
     says nothing this gate knows.
 
+    A Conversion Type that may be a radiograph's is not enough: a frame grabbed from an
+    ultrasound scanner's video output (DV, Modality US) or a photograph put on a
+    scanner (SI, XC) is made the same way. Its Modality (the modality of the image
+    captured) must be a radiograph's (CR, DX, RG), OT or empty
+    (:data:`SECONDARY_CAPTURE_MODALITIES`); any other (US, XC, ES, XA, MR, CT …)
+    refuses it, with its own reason.
+
     An SC that states no Conversion Type does not conform, and nothing in it says
     how it was made. It is taken for a radiograph's capture only when its Modality
-    (the modality of the image captured) is CR, DX or RG: a form scanned or a
-    program's result would say OT, DOC, SD or nothing. Refusing every such SC would
-    also refuse the captures of hand radiographs that some modalities' consoles
-    make without it.
+    is CR, DX or RG: a form scanned or a program's result would say OT, DOC, SD or
+    nothing. Refusing every such SC would also refuse the captures of hand
+    radiographs that some modalities' consoles make without it.
     """
     if str(ds.get("SOPClassUID", "")) not in SECONDARY_CAPTURE_CLASSES:
         return None
     conversion = _text(ds.get("ConversionType")).upper()
+    modality = _text(ds.get("Modality")).upper()[:16]  # a CS's length, at most
     if conversion in RADIOGRAPH_CONVERSIONS:
-        return None
+        if modality in SECONDARY_CAPTURE_MODALITIES:
+            return None
+        named = f" ({MODALITY_NAMES[modality]})" if modality in MODALITY_NAMES else ""
+        return (
+            f"SOP class {name}, conversion type {conversion}, modality {modality}{named}, "
+            "is not a radiograph's capture (its modality would be CR, DX, RG, OT or empty)"
+        )
     if conversion in OTHER_CONVERSIONS:
         return (
             f"SOP class {name}, conversion type {conversion} "
@@ -581,7 +620,7 @@ def _not_a_radiograph(ds: Dataset, name: str) -> str | None:
             f"SOP class {name}, conversion type not one of PS3.3's ({terms}), "
             "is not known to be a radiograph"
         )
-    if _text(ds.get("Modality")).upper() not in RADIOGRAPH_MODALITIES:
+    if modality not in RADIOGRAPH_MODALITIES:
         return (
             f"SOP class {name} states no conversion type and no radiograph modality "
             "(CR, DX, RG): nothing says it is a radiograph"

@@ -773,6 +773,44 @@ def test_a_secondary_capture_is_a_radiograph_only_by_its_conversion_type(
         assert reason_category(reason) == "sop_class"
 
 
+@pytest.mark.parametrize(
+    ("conversion_type", "modality", "named"),
+    [
+        ("DV", "US", "ultrasound"),  # a frame grabbed from the scanner's video output
+        ("SI", "XC", "external-camera photography"),  # a photograph put on a scanner
+        ("DI", "ES", "endoscopy"),
+        ("DI", "GM", "general microscopy"),
+        ("DI", "SM", "slide microscopy"),
+        ("DV", "XA", "X-ray angiography"),
+        ("DV", "RF", "radio fluoroscopy"),
+        ("DI", "MR", "magnetic resonance"),
+        ("DF", "CT", "computed tomography"),
+        ("DI", "ZZ", None),  # not a defined term: nothing says it is a radiograph
+    ],
+)
+def test_a_capture_of_another_modality_is_not_taken_for_a_radiograph(
+    conversion_type: str, modality: str, named: str | None
+) -> None:
+    """A Conversion Type that may be a radiograph's (DF, DI, SI, DV) returned "may be a
+    radiograph" before the Modality was read: an ultrasound frame or a photograph in a
+    hand study was assessed as a radiograph (found in review)."""
+    shown = f"{modality} ({named})" if named else modality
+    decided(
+        secondary_capture(conversion_type, modality=modality),
+        f"{SC}, conversion type {conversion_type}, modality {shown}, is not a radiograph's "
+        "capture (its modality would be CR, DX, RG, OT or empty)",
+        "sop_class",
+    )
+
+
+@pytest.mark.parametrize("modality", ["CR", "DX", "RG", "OT", ""])
+@pytest.mark.parametrize("conversion_type", ["DF", "DI", "SI", "DV"])
+def test_a_capture_of_a_radiograph_other_or_no_modality_is_still_assessed(
+    conversion_type: str, modality: str
+) -> None:
+    decided(secondary_capture(conversion_type, modality=modality), None)
+
+
 def test_a_multi_frame_secondary_capture_is_judged_by_its_conversion_type_too() -> None:
     ds = secondary_capture("SD")
     ds.SOPClassUID = uid.MultiFrameGrayscaleWordSecondaryCaptureImageStorage

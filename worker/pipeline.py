@@ -308,15 +308,30 @@ def age_too_coarse(facts: gate.PatientFacts) -> str | None:
     return None
 
 
+#: The note of a result whose patient's age the image does not give at all.
+AGE_NOT_KNOWN = (
+    "No chronological age or SDS: the patient's age is not known from the image; "
+    "the model is for ages 0-19 years"
+)
+
+
 def age_notes(facts: gate.PatientFacts, *, male: bool) -> list[str]:
     """What a result says of the patient's age where it gives no chronological age or no
-    SDS, and why (its SR's comments, its SC's panel)."""
+    SDS, and why (its SR's comments, its SC's panel).
+
+    Where the image gives no age at all (no birth date with a date of the image, no
+    Patient's Age), the gate cannot hold the patient to the model's ages and the reader
+    is told (:data:`AGE_NOT_KNOWN`): an SR and SC that said nothing read as if the age
+    had been checked (found in review).
+    """
     if dated_in_the_future(facts):
         return [DATED_IN_THE_FUTURE]
     if (coarse := age_too_coarse(facts)) is not None:
         return [coarse]
     chronological = chronological_age_months(facts)
-    no_sd = outside_the_sd_table(chronological, male=male) if chronological is not None else None
+    if chronological is None:
+        return [AGE_NOT_KNOWN]
+    no_sd = outside_the_sd_table(chronological, male=male)
     return [no_sd] if no_sd is not None else []
 
 

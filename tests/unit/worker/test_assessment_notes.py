@@ -119,3 +119,46 @@ def test_an_estimate_inside_the_range_keeps_its_sds_and_no_note(
     assert 'NUM:(,,"Z-Score of measurement")=' in text
     assert pipeline.OUTSIDE_THE_REPORTED_RANGE not in text
     assert pipeline.OUTSIDE_THE_REPORTED_RANGE not in str(dcmread(sc_path).ImageComments)
+
+
+@pytest.mark.parametrize(
+    "attributes",
+    [
+        {"PatientBirthDate": "", "PatientAge": ""},
+        {
+            "StudyDate": "",
+            "AcquisitionDate": "",
+            "ContentDate": "",
+            "SeriesDate": "",
+            "PatientAge": "",
+        },
+    ],
+    ids=["no birth date or age", "no date of the image or age"],
+)
+def test_an_image_that_gives_no_age_says_so(
+    loaded: LoadedModel, tmp_path: Path, attributes: dict[str, str]
+) -> None:
+    """Where nothing gives the patient's age, the gate cannot hold it to the model's
+    0-19 years, and the SR and SC said nothing of it (found in review)."""
+    predictor = _predictor(loaded, 5.0, 0.01)
+    finding, sr_path, sc_path = _assessed(predictor, _source(**attributes), tmp_path)
+
+    assert finding.chronological_age_months is None and finding.sds is None
+    assert pipeline.AGE_NOT_KNOWN in finding.notes
+    assert pipeline.AGE_NOT_KNOWN in finding.summary_lines()  # the SC's panel
+    text = dsrdump(sr_path)
+    assert pipeline.AGE_NOT_KNOWN in text and 'NUM:(,,"Subject Age")=' not in text
+    assert pipeline.AGE_NOT_KNOWN in str(dcmread(sc_path).ImageComments)
+    for path in (sr_path, sc_path):
+        assert dciodvfy_errors(path) == [], path
+
+
+@pytest.mark.parametrize(
+    "attributes",
+    [{}, {"PatientBirthDate": "", "PatientAge": "016W"}],
+    ids=["birth date", "age in weeks"],
+)
+def test_an_image_that_gives_an_age_has_no_such_note(attributes: dict[str, str]) -> None:
+    facts = gate.check(_source(**attributes)).facts
+    assert pipeline.AGE_NOT_KNOWN not in pipeline.age_notes(facts, male=True)
+    assert pipeline.chronological_age_months(facts) is not None

@@ -235,6 +235,13 @@ _READ_ON_ONE_HAND = "bone age is read on one hand"
 _VIEW_DESCRIPTIONS = ("SeriesDescription", "AcquisitionDeviceProcessingDescription")
 #: The smallest rows and columns an image is assessed at.
 MIN_SIZE = 128
+#: The longest side over the shortest an image may have. A hand and wrist, however
+#: collimated or cropped, is about 2:1 at most (1.35 to 1.54 on the three real hands of
+#: the project's data; detector and film formats run from 1:1 to 2.6:1, 18x43 cm and
+#: 14x36 in for long bones); what is longer is not one hand's radiograph, and its padded
+#: square crop grew without bound (128 x 16384 pixels: 1.25 GB of float32; found in
+#: review).
+MAX_ASPECT_RATIO = 4.0
 #: How far apart a pixel's height and width may be (as a fraction of the smaller) and
 #: the pixel still be taken as square: rounding in a header's decimal strings, not a
 #: reader that samples rows and columns differently.
@@ -693,8 +700,9 @@ def check(
     need, or the pixel data, missing; a Secondary Capture that is not a radiograph's
     capture (:func:`_not_a_radiograph`); a body part that is not one whole hand
     (:func:`_not_one_hand`: another part, fingers alone, both hands); a view that is
-    not frontal (:func:`_not_frontal`); an image too small, or whose pixels are not
-    square (:func:`_not_square`); no patient sex; an age outside the model's range.
+    not frontal (:func:`_not_frontal`); an image too small, too elongated
+    (:data:`MAX_ASPECT_RATIO`), or whose pixels are not square (:func:`_not_square`);
+    no patient sex; an age outside the model's range.
 
     Where a value that decides is absent or not standard, the image is refused where
     the ordinary bone-age exam states it and an image that does not may well be
@@ -754,6 +762,11 @@ def check(
     rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if min(rows, columns) < min_size:
         return no(f"image is {columns}x{rows} pixels, smaller than {min_size}x{min_size}")
+    if max(rows, columns) > MAX_ASPECT_RATIO * min(rows, columns):
+        return no(
+            f"image is {columns}x{rows} pixels, longer than {MAX_ASPECT_RATIO:g}:1; "
+            "a hand radiograph is not"
+        )
     not_square = _not_square(ds)
     if not_square is not None:
         return no(not_square)

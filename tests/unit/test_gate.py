@@ -174,6 +174,27 @@ def test_tiny_image_is_refused() -> None:
     assert gate.check(ds).reason == "image is 1x1 pixels, smaller than 128x128"
 
 
+@pytest.mark.parametrize(
+    ("rows", "columns", "reason"),
+    [
+        (16384, 128, "image is 128x16384 pixels, longer than 4:1; a hand radiograph is not"),
+        (128, 16384, "image is 16384x128 pixels, longer than 4:1; a hand radiograph is not"),
+        (513, 128, "image is 128x513 pixels, longer than 4:1; a hand radiograph is not"),
+        (512, 128, None),  # 4:1 at most
+        (430, 180, None),  # 18x43 cm, a long-bone cassette's format
+        (430, 350, None),  # 35x43 cm
+        (300, 240, None),  # 24x30 cm
+    ],
+)
+def test_an_elongated_image_is_refused(rows: int, columns: int, reason: str | None) -> None:
+    """A 128 x 16384 "HAND" was assessed, its padded square crop 1.25 GB of float32
+    (found in review): no hand radiograph is longer than 4:1."""
+    ds = make_radiograph_dataset(
+        np.full((rows, columns), 0.5, np.float32), sex="M", birth_date=None, study_date=STUDY
+    )
+    decided(ds, reason, "size")
+
+
 def test_no_pixel_data_is_refused() -> None:
     ds = hand()
     del ds.PixelData

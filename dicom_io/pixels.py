@@ -645,7 +645,7 @@ def _require_charls_to_find_no_damage(frame: bytes, ds: Dataset, syntax: UID | N
     """
     header = _jpeg_frame_header(frame)
     samples = int(ds.get("SamplesPerPixel") or 1)
-    if header is None or header != (*_stored_shape(ds), samples):
+    if header is None or header[:3] != (*_stored_shape(ds), samples):
         return
     try:
         _charls_decode(frame)
@@ -901,8 +901,9 @@ def _decode_j2k_pillow(codestream: bytes, reduce: int) -> np.ndarray:
     return np.right_shift(array.astype(np.uint16, copy=False), 16 - precision)
 
 
-def _jpeg_frame_header(codestream: bytes) -> tuple[int, int, int] | None:
-    """``(rows, columns, components)`` from a JPEG or JPEG-LS frame header (SOFn).
+def _jpeg_frame_header(codestream: bytes) -> tuple[int, int, int, int] | None:
+    """``(rows, columns, components, precision)`` from a JPEG or JPEG-LS frame header
+    (SOFn).
 
     Walks the marker segments after SOI (ITU-T T.81 B.1.1.4; JPEG-LS, T.87, uses the same
     layout and its SOF55 marker) up to the first frame header.
@@ -923,7 +924,7 @@ def _jpeg_frame_header(codestream: bytes) -> tuple[int, int, int] | None:
                 return None
             rows = int.from_bytes(codestream[at + 5 : at + 7], "big")
             columns = int.from_bytes(codestream[at + 7 : at + 9], "big")
-            return rows, columns, codestream[at + 9]
+            return rows, columns, codestream[at + 9], codestream[at + 4]
         at += 2 + length
     return None
 
@@ -947,14 +948,35 @@ def _decode_jpeg_imagecodecs(codestream: bytes, ds: Dataset) -> np.ndarray:
     header = _jpeg_frame_header(codestream)
     if header is None:
         raise ValueError("no frame header (SOF marker segment) in the stream's first 64 KiB")
-    rows, columns, components = header
+    rows, columns, components, precision = header
     if (rows, columns) != _stored_shape(ds) or components != 1:
         # checked before decoding: the decoder allocates what the stream says
         raise ValueError(f"the stream holds {rows} x {columns} x {components} samples")
     if _transfer_syntax(ds) in _JPEG_LS_SYNTAXES:
+        # pydicom leaves a JPEG-LS stream's values as they are, whatever Bits Stored says
         return _stored_values(_charls_decode(codestream), ds)
     # libjpeg-turbo >= 3 decodes processes 1 to 14
-    return _stored_values(imagecodecs.jpeg8_decode(codestream), ds)
+    values = _stored_values(imagecodecs.jpeg8_decode(codestream), ds)
+    return _within_bits_stored(values, ds, precision)
+
+
+def _within_bits_stored(values: np.ndarray, ds: Dataset, precision: int) -> np.ndarray:
+    """Unsigned stored ``values`` with the bits above Bits Stored cleared, as pydicom
+    clears them in a lossless JPEG frame (its unused-bits correction).
+
+    A stream of a higher precision than Bits Stored (16 in 12-bit pixels) can set them,
+    and values over 4095 would reach the window. Only such a stream is masked, in place:
+    in the ordinary one (precision at most Bits Stored) no value has those bits, and the
+    hot path pays nothing. Signed pixels do not come here (:func:`_grey_codestream`);
+    pydicom sign-extends them from Bits Stored.
+    """
+    stored = int(ds.get("BitsStored") or 0)
+    if not 0 < stored < min(precision, 8 * values.itemsize):
+        return values
+    if not values.flags.writeable:
+        values = values.copy()
+    np.bitwise_and(values, values.dtype.type((1 << stored) - 1), out=values)
+    return values
 
 
 def _stored_values(decoded: Any, ds: Dataset) -> np.ndarray:

@@ -88,6 +88,38 @@ def test_decoded_through_imagecodecs_bit_for_bit_as_pydicom_decodes(
     assert decoded.dtype == (np.uint8 if bits == 8 else np.uint16)
 
 
+@pytest.mark.parametrize(
+    ("tool", "options", "masked"),
+    [
+        ("dcmcjpeg", ("+e1",), True),
+        ("dcmcjpeg", ("+el", "+sv", "6"), True),
+        ("dcmcjpls", (), False),  # pydicom keeps a JPEG-LS stream's values as they are
+    ],
+    ids=["jpeg-lossless-sv1", "jpeg-lossless-sv6", "jpeg-ls"],
+)
+def test_bits_above_bits_stored_in_a_stream_of_higher_precision_are_pydicom_s(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    tool: str,
+    options: tuple[str, ...],
+    masked: bool,
+) -> None:
+    """A 16-bit stream in pixels of Bits Allocated 16 and Bits Stored 12, its high bits
+    holding data: pydicom clears them in a lossless JPEG frame, and values of 4096 and
+    over from imagecodecs' decode reached the window (found in review)."""
+    ds = _encoded(tmp_path, _native(16), tool, *options)
+    ds.BitsStored, ds.HighBit = 12, 11
+    raw = _native(16).pixel_array
+    assert int(raw.max()) >= 1 << 12  # the stream holds bits above Bits Stored
+    expected = ds.pixel_array  # pydicom's own decoder
+    with caplog.at_level(logging.INFO, logger="dicom_io.pixels"):
+        decoded = decode_frame(ds)
+    assert FALLBACK not in caplog.text  # imagecodecs decoded it: no fallback to pydicom
+    np.testing.assert_array_equal(decoded, expected)
+    assert decoded.dtype == np.uint16
+    np.testing.assert_array_equal(decoded, raw & 0x0FFF if masked else raw)
+
+
 @pytest.mark.parametrize("bits", [8, 12, 16])
 def test_a_point_transform_is_undone_as_dcmtk_undoes_it(tmp_path: Path, bits: int) -> None:
     """T.81 H.1.2.1: samples coded with point transform Pt come back shifted left by Pt,

@@ -660,6 +660,9 @@ def write_huge_hand(path: Path, size: int) -> Path:
         study_date=dt.date(2026, 5, 1),
     )
     ds.Rows = ds.Columns = size
+    # the window of the 12-bit noise written below (the 8 x 8 zeros' would leave no
+    # contrast, and the image would be refused before the model saw it)
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
     del ds.PixelData
     ds.save_as(path, enforce_file_format=True)
     band = 500
@@ -718,9 +721,7 @@ def test_huge_image_is_streamed_to_disk_and_assessed_within_bounded_memory(
     assessed = json.loads(out.strip().splitlines()[-1])
     assess_growth = (assessed["peak_kib"] - assessed["base_kib"]) * 1024
     logger.info("assessing it grew the worker by %d MB", assess_growth >> 20)
-    assert assessed["state"] in ("assessed", "not_assessed"), assessed
-    if assessed["state"] == "not_assessed":
-        assert assessed["reason"], assessed
+    assert assessed["state"] == "assessed", assessed  # the model ran on it
     # A few float32 copies of the image at most, not dozens: a worker must survive it.
     assert assess_growth < 16 * pixel_bytes, f"{assess_growth >> 20} MB"
 

@@ -169,6 +169,10 @@ class Instance(Base):
     # the last assessment read, salted with the SOP Instance UID, never the values
     # (worker.pipeline.identity_digest); empty on rows from before revision 0013
     identity_sha256: Mapped[str | None] = mapped_column(String(64))
+    # attempts at the assessment under way that failed with trouble the assess task
+    # retries with its back-off (worker.pipeline.RETRIED_BY_THE_TASK): they spend none of
+    # `attempts`; 0 once the instance finishes (revision 0014)
+    transient_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     results: Mapped[list[Result]] = relationship(back_populates="instance")
 

@@ -110,7 +110,9 @@ SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
 KO_SERIES_NUMBER = 9903
 
-#: How many times an instance may start processing before it is marked `error`.
+#: How many times an instance may start processing before it is marked `error`: an
+#: attempt spends one when it fails for a fault, or never ends (its worker killed, the
+#: same image each time); not when it fails for trouble the task retries.
 MAX_ATTEMPTS = 3
 
 #: Trouble a retry may cure, which the assess task retries itself with a back-off (the
@@ -118,6 +120,14 @@ MAX_ATTEMPTS = 3
 #: gives the instance up, and the reconciler queues it again after a pause
 #: (worker.reconciler.FAULT_PAUSE).
 RETRIED_BY_THE_TASK: tuple[type[Exception], ...] = (OperationalError, OSError)
+
+#: The retries the assess task makes of :data:`RETRIED_BY_THE_TASK` (worker.tasks: its
+#: max_retries, after 5 s doubling to 5 minutes, each at random up to that: at most about
+#: 75 minutes in all). The attempts that fail so spend none of :data:`MAX_ATTEMPTS`; the
+#: instance ends in error when one more than these has failed, the task's back-off spent
+#: (a disk full for a minute, or an NFS mount stalled, no longer ends every image in hand
+#: in error within seconds).
+TRANSIENT_RETRIES = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,30 +318,15 @@ def age_too_coarse(facts: gate.PatientFacts) -> str | None:
     return None
 
 
-#: The note of a result whose patient's age the image does not give at all.
-AGE_NOT_KNOWN = (
-    "No chronological age or SDS: the patient's age is not known from the image; "
-    "the model is for ages 0-19 years"
-)
-
-
 def age_notes(facts: gate.PatientFacts, *, male: bool) -> list[str]:
     """What a result says of the patient's age where it gives no chronological age or no
-    SDS, and why (its SR's comments, its SC's panel).
-
-    Where the image gives no age at all (no birth date with a date of the image, no
-    Patient's Age), the gate cannot hold the patient to the model's ages and the reader
-    is told (:data:`AGE_NOT_KNOWN`): an SR and SC that said nothing read as if the age
-    had been checked (found in review).
-    """
+    SDS, and why (its SR's comments, its SC's panel)."""
     if dated_in_the_future(facts):
         return [DATED_IN_THE_FUTURE]
     if (coarse := age_too_coarse(facts)) is not None:
         return [coarse]
     chronological = chronological_age_months(facts)
-    if chronological is None:
-        return [AGE_NOT_KNOWN]
-    no_sd = outside_the_sd_table(chronological, male=male)
+    no_sd = outside_the_sd_table(chronological, male=male) if chronological is not None else None
     return [no_sd] if no_sd is not None else []
 
 
@@ -591,6 +586,7 @@ def _reopen_if_received_changed(
                 finished_at=None,
                 reason=None,
                 attempts=1,
+                transient_failures=0,
                 # this copy's: sent once more, it is not assessed again, even if this fails
                 inputs_sha256=received,
                 identity_sha256=identity,
@@ -697,14 +693,22 @@ def _compared_if_read(instance: Instance) -> None:
         instance.received_again_at = None
 
 
-def _give_up(instance: Instance) -> None:
-    """End ``instance``, whose attempts are spent, in error; its reason keeps the last's."""
+def _give_up(instance: Instance, *, retried: bool = False) -> None:
+    """End ``instance``, whose attempts are spent (``retried``: the task's retries of
+    trouble a retry may cure), in error; its reason keeps the last's."""
     instance.state = InstanceState.ERROR
     last = f"; the last: {instance.reason}" if instance.reason else ""
-    instance.reason = f"processing did not complete in {MAX_ATTEMPTS} attempts{last}"
+    tried = (
+        f"{instance.transient_failures} attempts, each failing for trouble a retry may cure, "
+        "the task's back-off spent"
+        if retried
+        else f"{MAX_ATTEMPTS} attempts"
+    )
+    instance.reason = f"processing did not complete in {tried}{last}"
     instance.finished_at = now()
+    instance.transient_failures = 0
     _compared_if_read(instance)
-    logger.error("assess: instance %d gave up after %d attempts", instance.id, MAX_ATTEMPTS)
+    logger.error("assess: instance %d gave up after %s", instance.id, tried)
 
 
 def _finish(rt: Runtime, claim: _Claim, state: InstanceState, reason: str | None) -> None:
@@ -723,6 +727,7 @@ def _close(instance: Instance, claim: _Claim, state: InstanceState, reason: str 
     instance.inputs_sha256 = claim.inputs
     instance.identity_sha256 = claim.identity
     instance.pixels_signature = claim.pixels
+    instance.transient_failures = 0
     _compared_if_read(instance)
 
 
@@ -743,9 +748,9 @@ def assess_instance(rt: Runtime, instance_id: int, *, send: bool = True) -> Asse
     claimed = _claim(rt, instance_id)
     if isinstance(claimed, AssessOutcome):
         return claimed
-    if (already := _assessed_by_this_model(rt, claimed)) is not None:
-        return already
     try:
+        if (already := _assessed_by_this_model(rt, claimed)) is not None:
+            return already
         # a copy that came while it waited is sent as one received again after would be
         return _assess(rt, claimed, send=(send and claimed.send) or claimed.copy_came)
     except Exception as exc:
@@ -1033,11 +1038,13 @@ def _note_failed_attempt(
     ``inputs`` and ``identity`` it read, if it got so far (so that a corrected copy
     received again is assessed again, even after the instance ended in error).
 
-    The last of :data:`MAX_ATTEMPTS` ends it in error at once. Before that, after a
-    fault, no worker keeps the claim: no message will bring the instance back, and the
-    reconciler queues it again once its pause is over, where it used to wait for the
-    lease of a worker that died (half an hour). The task retries the trouble in
-    :data:`RETRIED_BY_THE_TASK` itself, so there the claim stays.
+    The task retries the trouble in :data:`RETRIED_BY_THE_TASK` itself, with its
+    back-off: the claim stays, and its attempt is given back (it spends none of
+    :data:`MAX_ATTEMPTS`); the instance ends in error when the task's retries are spent
+    (:data:`TRANSIENT_RETRIES`). After a fault the last of :data:`MAX_ATTEMPTS` ends it
+    in error at once; before that, no worker keeps the claim: no message will bring the
+    instance back, and the reconciler queues it again once its pause is over, where it
+    used to wait for the lease of a worker that died (half an hour).
     """
     try:
         with session_scope(rt.database_url) as session:
@@ -1047,9 +1054,18 @@ def _note_failed_attempt(
                 if inputs is not None:
                     instance.inputs_sha256 = inputs
                     instance.identity_sha256 = identity
-                if instance.attempts >= MAX_ATTEMPTS:
+                if isinstance(exc, RETRIED_BY_THE_TASK):
+                    instance.attempts = max(0, instance.attempts - 1)
+                    instance.transient_failures += 1
+                    instance.reason += (
+                        f" (retried: {instance.transient_failures} of "
+                        f"{TRANSIENT_RETRIES + 1} tries)"
+                    )
+                    if instance.transient_failures > TRANSIENT_RETRIES:
+                        _give_up(instance, retried=True)
+                elif instance.attempts >= MAX_ATTEMPTS:
                     _give_up(instance)
-                elif not isinstance(exc, RETRIED_BY_THE_TASK):
+                else:
                     instance.claimed_by = None
     except Exception as noted:  # the database may be what failed
         logger.warning(
@@ -1445,13 +1461,6 @@ def model_name(architecture: str) -> str:
     return f"BoneAgeNet {architecture}"
 
 
-#: The note of a result whose model's estimate lay outside the range a bone age is
-#: reported in (:attr:`models.predictor.Prediction.clipped`).
-OUTSIDE_THE_REPORTED_RANGE = (
-    "The model's estimate lies outside 0-20 years, the range it reports: shown at its limit; no SDS"
-)
-
-
 def assessment_finding(
     predictor: BoneAgePredictor,
     prediction: Prediction,
@@ -1460,25 +1469,15 @@ def assessment_finding(
     male: bool,
     notes: list[str] | tuple[str, ...] = (),
 ) -> BoneAgeFinding:
-    """What the SR and SC report of one prediction: bone age, ages, SDS, the model.
-
-    An estimate outside 0-20 years is shown at the limit it was clipped to, with
-    :data:`OUTSIDE_THE_REPORTED_RANGE` after ``notes`` and no SDS: the limit is not the
-    model's estimate, and an infant's -9 months read as a bone age of 0 and an SDS of
-    -4.4 (found in review).
-    """
+    """What the SR and SC report of one prediction: bone age, ages, SDS, the model."""
     from models.reference import bone_age_sds
 
     chronological = chronological_age_months(facts)
     sds = (
         bone_age_sds(prediction.bone_age_months, chronological, male=male)
-        if chronological is not None
-        and outside_the_sd_table(chronological, male=male) is None
-        and not prediction.clipped
+        if chronological is not None and outside_the_sd_table(chronological, male=male) is None
         else None
     )
-    if prediction.clipped:
-        notes = [*notes, OUTSIDE_THE_REPORTED_RANGE]
     return BoneAgeFinding(
         bone_age_months=prediction.bone_age_months,
         chronological_age_months=chronological,

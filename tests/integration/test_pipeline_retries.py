@@ -1,5 +1,6 @@
-"""Trouble a retry may cure (an I/O error reading the spool) is retried by the assess
-task with its back-off, not taken for a file that cannot be parsed.
+"""Trouble a retry may cure (an I/O error reading the spool, a full disk) is retried by
+the assess task with its back-off, and spends none of the instance's attempts; a fault
+that comes back on the same image still ends it in error after a few.
 
 A real EIO cannot be had on demand: the reader or a builder is made to raise it in
 process, as the kernel would raise it to them.
@@ -18,11 +19,17 @@ from sqlalchemy import select
 from db.engine import session_scope
 from db.schema import Instance, InstanceState, Result
 from tests.conftest import StoreSCP
-from tests.integration.test_pipeline import make_runtime, spool_instance
+from tests.integration.test_pipeline import (
+    attempt_began_before,
+    make_runtime,
+    reconcile_once,
+    spool_instance,
+)
 from tests.integration.test_received_again import received_again
-from worker import pipeline
-from worker.heartbeat import process_name
-from worker.pipeline import assess_instance
+from worker import pipeline, tasks
+from worker.heartbeat import HeartbeatThread, process_name
+from worker.pipeline import MAX_ATTEMPTS, TRANSIENT_RETRIES, assess_instance
+from worker.reconciler import FAULT_PAUSE
 from worker.runtime import Runtime
 
 pytestmark = pytest.mark.integration
@@ -132,3 +139,97 @@ def test_an_io_error_reading_a_copy_received_again_leaves_it_to_be_compared(
     assert instance.received_again_at is not None  # still to be compared
     assert assess_instance(runtime, instance_id).state == "assessed"
     assert assessments(runtime, instance_id) == [1, 2]
+
+
+# -- retried, not spent ------------------------------------------------------------------
+
+
+def test_trouble_the_task_retries_spends_no_attempt_until_its_back_off_is_spent(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk full for a while: more failures than MAX_ATTEMPTS in a row leave the
+    instance to the task's next retry, and the one after the disk is freed assesses it;
+    only when every retry the task makes has failed does it end in error."""
+    failures = {"left": MAX_ATTEMPTS + 2}
+    build = pipeline.build_outputs
+
+    def disk_full_for_a_while(*args: Any, **kwargs: Any) -> Any:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "build_outputs", disk_full_for_a_while)
+    instance_id = spool_instance(runtime)
+    for tried in range(1, MAX_ATTEMPTS + 3):
+        with pytest.raises(OSError, match="No space"):
+            assess_instance(runtime, instance_id)
+        instance = instance_row(runtime, instance_id)
+        assert (instance.state, instance.attempts, instance.transient_failures) == (
+            InstanceState.PROCESSING,
+            0,
+            tried,
+        )
+    assert assess_instance(runtime, instance_id).state == "assessed"
+    instance = instance_row(runtime, instance_id)
+    assert (instance.attempts, instance.transient_failures) == (1, 0)
+
+    # the disk stays full: the task's last retry ends it
+    failures["left"] = TRANSIENT_RETRIES + 1
+    other = spool_instance(runtime, sex="M")
+    for _ in range(TRANSIENT_RETRIES):
+        with pytest.raises(OSError):
+            assess_instance(runtime, other)
+    assert instance_row(runtime, other).state is InstanceState.PROCESSING
+    with pytest.raises(OSError):
+        assess_instance(runtime, other)
+    instance = instance_row(runtime, other)
+    assert instance.state is InstanceState.ERROR
+    assert (instance.reason or "").startswith(
+        f"processing did not complete in {TRANSIENT_RETRIES + 1} attempts, each failing for "
+        "trouble a retry may cure, the task's back-off spent; the last: attempt 1 failed: "
+        "OSError in"
+    )
+    assert instance.transient_failures == 0
+    assert assess_instance(runtime, other).state == "skipped"
+
+
+def test_the_pipeline_gives_up_when_the_task_does(runtime: Runtime) -> None:
+    assert tasks.assess.max_retries == TRANSIENT_RETRIES
+    assert set(tasks.assess.autoretry_for) == set(pipeline.RETRIED_BY_THE_TASK)
+
+
+def test_a_fault_after_trouble_that_passed_still_ends_in_error_after_max_attempts(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retried trouble leaves the attempts as they were; a fault that comes back on the
+    same image spends them, and ends it in error on the last."""
+    calls: list[int] = []
+
+    def disk_then_fault(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) <= 2:
+            raise OSError(errno.EIO, "Input/output error")
+        raise ValueError("a fault this image brings out")
+
+    monkeypatch.setattr(pipeline, "build_outputs", disk_then_fault)
+    instance_id = spool_instance(runtime)
+    HeartbeatThread(runtime.database_url, "worker").beat()
+    for _ in range(2):
+        with pytest.raises(OSError):
+            assess_instance(runtime, instance_id)
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        with pytest.raises(ValueError):
+            assess_instance(runtime, instance_id)
+        instance = instance_row(runtime, instance_id)
+        assert instance.attempts == attempt
+        if attempt < MAX_ATTEMPTS:
+            assert instance.state is InstanceState.PROCESSING
+            attempt_began_before(runtime, instance_id, FAULT_PAUSE.total_seconds() + 1)
+            assert reconcile_once(runtime) == [instance_id]
+    instance = instance_row(runtime, instance_id)
+    assert instance.state is InstanceState.ERROR
+    assert (instance.reason or "").startswith(
+        f"processing did not complete in {MAX_ATTEMPTS} attempts; the last: "
+        f"attempt {MAX_ATTEMPTS} failed: ValueError in"
+    )

@@ -34,6 +34,28 @@ class DatabaseNotReady(RuntimeError):
     """The database is unreachable or its schema is not at the expected revision."""
 
 
+#: libpq's connection parameters. A connection that a firewall or NAT dropped without
+#: closing (half-open) held a query (the listener's record of an image, the reconciler,
+#: a worker's claim) until TCP gave up retransmitting, about 15 min. Now what was sent
+#: and not acknowledged fails the connection after ``tcp_user_timeout`` (ms), and an idle
+#: one is probed after 30 s (which also keeps it in the firewall's state table) and
+#: closed once 3 probes 10 s apart go unanswered. The failure is psycopg's
+#: OperationalError, which SQLAlchemy takes for a disconnect: the pool drops the
+#: connection and the caller's own handling applies (the listener answers 0xA700, the
+#: reconciler's next round tries again, a task is retried).
+POSTGRESQL_CONNECT_ARGS: dict[str, Any] = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
+
+#: Seconds after which a pooled PostgreSQL connection is replaced at its next checkout.
+POOL_RECYCLE_SECONDS = 180
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     # WAL lets the listener write while workers read; busy_timeout makes writers wait
@@ -74,7 +96,10 @@ def create_db_engine(url: str) -> Engine:
         pool_pre_ping=True,
         pool_size=5,
         max_overflow=5,
-        connect_args={"connect_timeout": 5} if parsed.get_backend_name() == "postgresql" else {},
+        # replaced at checkout once this old: never idle longer than a firewall or NAT
+        # between here and the server keeps a connection's state (4 min on some clouds)
+        pool_recycle=POOL_RECYCLE_SECONDS,
+        connect_args=POSTGRESQL_CONNECT_ARGS if parsed.get_backend_name() == "postgresql" else {},
         hide_parameters=True,
     )
 

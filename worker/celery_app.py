@@ -8,6 +8,7 @@ device); ``delivery`` carries ``boneage.deliver`` and ``boneage.reconcile``
 from __future__ import annotations
 
 import logging
+import socket
 import sqlite3
 import time
 from contextlib import closing
@@ -66,6 +67,33 @@ def deliver_time_limit() -> float:
     return claim_seconds(DELIVERIES_PER_MESSAGE) + 2 * SEND_TIMEOUT
 
 
+#: Seconds a command to Redis waits for its reply before it fails (redis-py's
+#: TimeoutError, one of kombu's connection errors: the publish is retried on a new
+#: connection, then fails to its caller, who tries again). Without it, a connection that a
+#: firewall or NAT dropped without closing (half-open) held a publish, a query of the
+#: queues, or the reconciler, until TCP gave up retransmitting, about 15 min; the
+#: listener's enqueuer meanwhile published nothing. A reply takes milliseconds; a
+#: consumer's BRPOP returns every second (kombu's brpop_timeout).
+BROKER_SOCKET_TIMEOUT = 30.0
+
+#: TCP keepalive on broker connections, and how long data may stay unacknowledged
+#: (TCP_USER_TIMEOUT, ms). An idle connection is probed after 30 s, which also keeps it
+#: in the state tables of firewalls and NATs (whose idle timeouts are minutes), and one
+#: whose peer is gone is closed within about a minute, before anything waits on it.
+#: kombu hands redis-py ``socket_keepalive=None`` unless told: keepalive was off.
+#: RabbitMQ needs nothing: py-amqp sets keepalive (60 s) and TCP_USER_TIMEOUT (1 s) on
+#: its sockets itself, and Celery's consumer sends AMQP heartbeats (broker_heartbeat).
+TCP_KEEPALIVE = {"TCP_KEEPIDLE": 30, "TCP_KEEPINTVL": 10, "TCP_KEEPCNT": 3}
+TCP_USER_TIMEOUT_MS = 30_000
+
+
+def tcp_keepalive_options() -> dict[int, int]:
+    """`TCP_KEEPALIVE` and `TCP_USER_TIMEOUT_MS` as socket options (IPPROTO_TCP level),
+    those of them this platform has."""
+    named = {**TCP_KEEPALIVE, "TCP_USER_TIMEOUT": TCP_USER_TIMEOUT_MS}
+    return {getattr(socket, name): value for name, value in named.items() if hasattr(socket, name)}
+
+
 def broker_transport_options(settings: Settings) -> dict[str, Any]:
     if settings.embedded_broker:
         # kombu's SQLAlchemy transport hands these to create_engine: wait on a busy
@@ -75,6 +103,13 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
         # Unacknowledged messages come back after this; it must exceed the longest task.
         "visibility_timeout": 4 * 3600,
         "socket_connect_timeout": 5,
+        # Redis (py-amqp takes neither, and ignores them): a half-open connection fails
+        # within the timeout, and an idle one is probed (see BROKER_SOCKET_TIMEOUT).
+        # retry_on_timeout stays off: redis-py would send a publish that timed out again
+        # itself, and kombu's retry policy already does so on a new connection.
+        "socket_timeout": BROKER_SOCKET_TIMEOUT,
+        "socket_keepalive": True,
+        "socket_keepalive_options": tcp_keepalive_options(),
     }
     if settings.broker_prefix:
         options["global_keyprefix"] = settings.broker_prefix

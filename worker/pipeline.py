@@ -318,15 +318,30 @@ def age_too_coarse(facts: gate.PatientFacts) -> str | None:
     return None
 
 
+#: The note of a result whose patient's age the image does not give at all.
+AGE_NOT_KNOWN = (
+    "No chronological age or SDS: the patient's age is not known from the image; "
+    "the model is for ages 0-19 years"
+)
+
+
 def age_notes(facts: gate.PatientFacts, *, male: bool) -> list[str]:
     """What a result says of the patient's age where it gives no chronological age or no
-    SDS, and why (its SR's comments, its SC's panel)."""
+    SDS, and why (its SR's comments, its SC's panel).
+
+    Where the image gives no age at all (no birth date with a date of the image, no
+    Patient's Age), the gate cannot hold the patient to the model's ages and the reader
+    is told (:data:`AGE_NOT_KNOWN`): an SR and SC that said nothing read as if the age
+    had been checked (found in review).
+    """
     if dated_in_the_future(facts):
         return [DATED_IN_THE_FUTURE]
     if (coarse := age_too_coarse(facts)) is not None:
         return [coarse]
     chronological = chronological_age_months(facts)
-    no_sd = outside_the_sd_table(chronological, male=male) if chronological is not None else None
+    if chronological is None:
+        return [AGE_NOT_KNOWN]
+    no_sd = outside_the_sd_table(chronological, male=male)
     return [no_sd] if no_sd is not None else []
 
 
@@ -1461,6 +1476,13 @@ def model_name(architecture: str) -> str:
     return f"BoneAgeNet {architecture}"
 
 
+#: The note of a result whose model's estimate lay outside the range a bone age is
+#: reported in (:attr:`models.predictor.Prediction.clipped`).
+OUTSIDE_THE_REPORTED_RANGE = (
+    "The model's estimate lies outside 0-20 years, the range it reports: shown at its limit; no SDS"
+)
+
+
 def assessment_finding(
     predictor: BoneAgePredictor,
     prediction: Prediction,
@@ -1469,15 +1491,25 @@ def assessment_finding(
     male: bool,
     notes: list[str] | tuple[str, ...] = (),
 ) -> BoneAgeFinding:
-    """What the SR and SC report of one prediction: bone age, ages, SDS, the model."""
+    """What the SR and SC report of one prediction: bone age, ages, SDS, the model.
+
+    An estimate outside 0-20 years is shown at the limit it was clipped to, with
+    :data:`OUTSIDE_THE_REPORTED_RANGE` after ``notes`` and no SDS: the limit is not the
+    model's estimate, and an infant's -9 months read as a bone age of 0 and an SDS of
+    -4.4 (found in review).
+    """
     from models.reference import bone_age_sds
 
     chronological = chronological_age_months(facts)
     sds = (
         bone_age_sds(prediction.bone_age_months, chronological, male=male)
-        if chronological is not None and outside_the_sd_table(chronological, male=male) is None
+        if chronological is not None
+        and outside_the_sd_table(chronological, male=male) is None
+        and not prediction.clipped
         else None
     )
+    if prediction.clipped:
+        notes = [*notes, OUTSIDE_THE_REPORTED_RANGE]
     return BoneAgeFinding(
         bone_age_months=prediction.bone_age_months,
         chronological_age_months=chronological,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import ColumnElement, or_, select, update
 
@@ -79,16 +79,36 @@ def reconcile(
                 | Instance.claimed_by.not_in(live_workers)
             ),
         ]
+        compared: list[int] = []
         if inference_queue_empty or startup:
             waited = current if startup else stale
             conditions.append(
                 (Instance.state == InstanceState.QUEUED) & (Instance.queued_at < waited)
             )
             # a copy received again after the instance finished, never compared with
-            # what its assessment read: its message was lost (worker.pipeline)
-            conditions.append(Instance.state.in_(FINISHED) & (Instance.received_again_at < waited))
-        instance_ids = list(
-            session.scalars(select(Instance.id).where(or_(*conditions)).order_by(Instance.id))
+            # what its assessment read: its message was lost (worker.pipeline). Its state
+            # stays as it is: the message alone makes the comparison.
+            compared = list(
+                session.scalars(
+                    select(Instance.id).where(
+                        Instance.state.in_(FINISHED), Instance.received_again_at < waited
+                    )
+                )
+            )
+        # Taken back by the statement that finds them, before any message is published:
+        # a row a worker claimed meanwhile (through a message still on its way, or one
+        # published below and taken at once) no longer matches, and keeps its claim.
+        # Publishing first and then resetting every row found handed an image being
+        # assessed back to `queued`, and the next message to a second worker.
+        queued_at = now()
+        requeued = list(
+            session.scalars(
+                update(Instance)
+                .where(or_(*conditions))
+                .values(state=InstanceState.QUEUED, queued_at=queued_at, claimed_by=None)
+                .returning(Instance.id),
+                execution_options={"synchronize_session": False},
+            )
         )
         pending = list(
             session.execute(
@@ -103,30 +123,21 @@ def reconcile(
                 .order_by(Delivery.instance_id, Delivery.id)
             )
         )
+    # committed: a worker may now claim what is published
     # one message per instance: its SR and SC share an association again
     delivery_groups: dict[int, list[int]] = {}
     for delivery_id, instance_id in pending:
         delivery_groups.setdefault(instance_id, []).append(delivery_id)
+    instance_ids = sorted(set(requeued) | set(compared))
     queued: list[int] = []
     for instance_id in instance_ids:
         try:
             enqueue_assess(instance_id)
         except Exception as exc:  # broker down: try again next round
             logger.warning("reconciler: broker unavailable (%s); will retry", type(exc).__name__)
+            _not_published(rt, sorted(set(instance_ids[len(queued) :]) & set(requeued)), queued_at)
             break
         queued.append(instance_id)
-    if queued:
-        with session_scope(rt.database_url) as session:
-            session.execute(
-                update(Instance)
-                .where(
-                    Instance.id.in_(queued),
-                    Instance.state.in_(
-                        [InstanceState.RECEIVED, InstanceState.QUEUED, InstanceState.PROCESSING]
-                    ),
-                )
-                .values(state=InstanceState.QUEUED, queued_at=now(), claimed_by=None)
-            )
     sent: list[int] = []
     for group in delivery_groups.values():
         try:
@@ -138,6 +149,26 @@ def reconcile(
     if queued or sent:
         logger.info("reconciler re-queued %d instances and %d deliveries", len(queued), len(sent))
     return ReconcileReport(queued, sent)
+
+
+def _not_published(rt: Runtime, instance_ids: list[int], queued_at: datetime) -> None:
+    """Put back to `received` the rows this round took back but could not publish, as the
+    listener leaves what it could not publish: the next round queues them again, whether
+    or not the inference queue is empty (it queues a `queued` row only once it is)."""
+    if not instance_ids:
+        return
+    with session_scope(rt.database_url) as session:
+        session.execute(
+            update(Instance)
+            .where(
+                Instance.id.in_(instance_ids),
+                Instance.state == InstanceState.QUEUED,
+                Instance.claimed_by.is_(None),
+                Instance.queued_at == queued_at,
+            )
+            .values(state=InstanceState.RECEIVED),
+            execution_options={"synchronize_session": False},
+        )
 
 
 def reconcile_via_broker(rt: Runtime, *, startup: bool = False) -> ReconcileReport:

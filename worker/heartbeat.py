@@ -16,6 +16,7 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 import socket
 import tempfile
 import threading
@@ -56,8 +57,34 @@ def alive(session: Session) -> ColumnElement[bool]:
 HUNG_AFTER = timedelta(hours=1)
 
 
+def _lifetime_token() -> str:
+    return secrets.token_hex(4)
+
+
+#: Drawn anew by each process, at its start and in a child after a fork: it tells this
+#: process's lifetime from an earlier one with the same host name and process id.
+_token = _lifetime_token()
+
+
+def _new_lifetime() -> None:
+    global _token
+    _token = _lifetime_token()
+
+
+os.register_at_fork(after_in_child=_new_lifetime)
+
+
 def process_name(role: str) -> str:
-    return f"{role}@{socket.gethostname()}:{os.getpid()}"
+    """This process's name in its heartbeat and in the claims it takes:
+    ``role@host/token:pid``, the process id last.
+
+    A host name and a process id alone do not tell two lifetimes apart: a restarted
+    container keeps its host name, and its new PID namespace hands the same process ids
+    to its workers in the same order. A dead worker's claims then looked like those of
+    its successor, alive, and waited for the reconciler's lease (30 min). The token is
+    drawn for each process (`_token`).
+    """
+    return f"{role}@{socket.gethostname()}/{_token}:{os.getpid()}"
 
 
 def tasks_directory() -> Path:

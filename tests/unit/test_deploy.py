@@ -824,6 +824,31 @@ def test_workers_are_given_longer_to_stop_than_the_supervisors_grace(
     assert len(checked) == 8  # two Compose workers, two pods, two units, two images
 
 
+def test_systemd_signals_only_a_workers_main_process_to_stop() -> None:
+    """systemd's default KillMode (control-group) sends SIGTERM to every process of the
+    unit at once. Celery's prefork children reset SIGTERM to its default action
+    (celery.concurrency.prefork.WORKER_SIGRESET) and die at it, mid-image; a GPU
+    worker's batching processes would stop beside their supervisor, not under it. With
+    KillMode=mixed only the main process gets SIGTERM and stops its children after
+    they finish; SIGKILL goes to whatever is left once it exits (or TimeoutStopSec
+    passes). The listener is one process (its threads only): the default suits it."""
+    from celery.concurrency.prefork import WORKER_SIGRESET
+
+    assert "SIGTERM" in WORKER_SIGRESET  # what makes the default kill mode kill images
+    units = {}
+    for name in SERVICES:
+        service = _unit(SYSTEMD / name)["Service"]
+        (start,) = service["ExecStart"]
+        units[name] = service.get("KillMode", ["control-group"])
+        if _stops_slowly(start.replace("%i", "0").split()[1:]):
+            assert units[name] == ["mixed"], name
+    assert units == {
+        "boneage-listener.service": ["control-group"],
+        "boneage-worker-inference@.service": ["mixed"],
+        "boneage-worker-delivery.service": ["mixed"],
+    }
+
+
 def test_kubernetes_workers_are_restarted_when_a_task_hangs(
     k8s: dict[tuple[str, str], dict[str, Any]],
 ) -> None:

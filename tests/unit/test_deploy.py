@@ -421,6 +421,65 @@ def test_kustomization_lists_every_manifest() -> None:
     assert set(listed) == on_disk
 
 
+#: The image each manifest names, by flavour: a name for kustomization.yaml's `images:`
+#: to give a release's tag, never one that is pulled as it stands.
+IMAGES = {"cpu": "boneage-worker-cpu", "cuda": "boneage-worker-cuda"}
+
+
+def _version() -> str:
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        return str(tomllib.load(f)["project"]["version"])
+
+
+def test_kubernetes_pods_run_this_releases_images() -> None:
+    """A tag moved to each new build (boneage-worker:cpu) with imagePullPolicy
+    IfNotPresent leaves a node that pulled it once on the old code, against a database
+    the new one migrated (check_schema then stops it). Every image is given this
+    release's tag, which names one build, by kustomization.yaml."""
+    (kustomization,) = _load_all(K8S / "kustomization.yaml")
+    images = {entry["name"]: entry for entry in kustomization["images"]}
+    assert set(images) == set(IMAGES.values())
+    for flavour, name in IMAGES.items():
+        entry = images[name]
+        assert entry["newTag"] == f"{_version()}-{flavour}", name
+        assert entry["newName"].endswith("boneage-worker"), name
+        assert "digest" not in entry  # a digest would stand for the tag it was taken from
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in _load_all(path):
+            pod = doc.get("spec", {}).get("template", {}).get("spec")
+            if pod is None:
+                continue
+            for container in pod.get("initContainers", []) + pod["containers"]:
+                assert container["image"] in images, f"{path.name}: {container['image']}"
+                # Always would make every pod start depend on the registry; Never, on
+                # what a node happens to hold
+                assert container.get("imagePullPolicy", "IfNotPresent") == "IfNotPresent"
+
+
+def test_kubernetes_listener_migrates_the_database_before_it_starts(
+    k8s: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    """A migration Job is immutable and kept a day after it ran: `kubectl apply -k` of a
+    new release skipped it (the Job unchanged) or failed on it (changed), and the new
+    pods, whose schema check wants their own revision, restarted until someone deleted
+    it. The listener's pod migrates first, each time it starts, with its own image, one
+    at a time (one replica, the old pod gone first)."""
+    assert not any(kind == "Job" for kind, _ in k8s)
+    deployment = k8s[("Deployment", "boneage-listener")]
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    pod = deployment["spec"]["template"]["spec"]
+    (migrate,) = pod["initContainers"]
+    assert _check_cli(migrate["args"]).command.name == "upgrade"
+    assert migrate["args"] == ["db", "upgrade"]
+    (listener,) = pod["containers"]
+    assert migrate["image"] == listener["image"]
+    assert migrate["envFrom"] == listener["envFrom"]  # the same database
+    for name, other in _pod_specs(k8s).items():
+        if name != "boneage-listener":
+            assert "initContainers" not in other, f"{name}: only one pod migrates"
+
+
 def _pod_specs(k8s: dict[tuple[str, str], dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {
         name: doc["spec"]["template"]["spec"]
@@ -432,7 +491,6 @@ def _pod_specs(k8s: dict[tuple[str, str], dict[str, Any]]) -> dict[str, dict[str
 def test_kubernetes_workloads(k8s: dict[tuple[str, str], dict[str, Any]]) -> None:
     pods = _pod_specs(k8s)
     assert set(pods) == {
-        "boneage-migrate",
         "boneage-listener",
         "boneage-worker-inference",
         "boneage-worker-delivery",
@@ -442,7 +500,7 @@ def test_kubernetes_workloads(k8s: dict[tuple[str, str], dict[str, Any]]) -> Non
         assert pod["securityContext"]["runAsNonRoot"] is True, name
         assert pod["securityContext"]["runAsUser"] == 10001, name
         volumes = {v["name"]: v for v in pod.get("volumes", [])}
-        for container in pod["containers"]:
+        for container in pod.get("initContainers", []) + pod["containers"]:
             security = container["securityContext"]
             assert security["allowPrivilegeEscalation"] is False, name
             assert security["capabilities"]["drop"] == ["ALL"], name
@@ -458,7 +516,7 @@ def test_kubernetes_workloads(k8s: dict[tuple[str, str], dict[str, Any]]) -> Non
             for variable in container.get("env", []):
                 _setting_field(variable["name"])
             context = _check_cli(container["args"])
-            assert container["image"].startswith("boneage-worker:")
+            assert container["image"] in IMAGES.values(), f"{name}: {container['image']}"
             if context.command.name in {"listen", "work"}:
                 # Every listener and worker mounts the shared spool at BONEAGE_DATA_DIR.
                 assert config["BONEAGE_DATA_DIR"] == DATA_DIR
@@ -476,7 +534,7 @@ def test_kubernetes_gpu_worker_one_process_per_gpu(
     k8s: dict[tuple[str, str], dict[str, Any]],
 ) -> None:
     (container,) = _pod_specs(k8s)["boneage-worker-inference"]["containers"]
-    assert container["image"] == "boneage-worker:cuda"
+    assert container["image"] == IMAGES["cuda"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     context = _check_cli(container["args"])
     assert context.params["queues"] == INFERENCE_QUEUE
@@ -613,8 +671,14 @@ def test_kubectl_kustomize_renders_everything(
     assert result.returncode == 0, result.stderr
     rendered = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
     assert {(d["kind"], d["metadata"]["name"]) for d in rendered} == set(k8s)
+    images = set()
     for doc in rendered:
         assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "boneage-worker"
+        pod = doc.get("spec", {}).get("template", {}).get("spec", {})
+        for container in pod.get("initContainers", []) + pod.get("containers", []):
+            images.add(container["image"])
+    # every container, the init container too, runs this release's build
+    assert images == {f"boneage-worker:{_version()}-{flavour}" for flavour in IMAGES}
 
 
 # -- systemd ------------------------------------------------------------------------

@@ -82,6 +82,7 @@ from dicom_io.ko import (
 from dicom_io.pixels import (
     FRAME_DESCRIPTION,
     FileChangedError,
+    NoContrastError,
     PixelDataError,
     decode_as_assessed,
     decode_for_display,
@@ -1137,6 +1138,9 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
     predictor = rt.predictor
     try:
         image = _decode(rt, ds)
+    except NoContrastError as exc:  # decoded, but blank or saturated: nothing to assess
+        claim.pixels = UNDECODABLE  # a copy that shows an image is then assessed
+        return _not_assessed(rt, claim, ds, f"pixel data: {exc}", send=send)
     except PixelDataError as exc:
         claim.pixels = UNDECODABLE  # a copy that decodes is then assessed
         return _not_assessed(rt, claim, ds, f"pixel data cannot be decoded: {exc}", send=send)
@@ -1207,7 +1211,11 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
         inference_seconds=elapsed,
         device=predictor.runs_on[:64],
     )
-    caveats = [*notes] + ([] if finding.model_trained else ["assessed by an UNTRAINED model"])
+    # the finding's notes: those above and what the prediction adds (an estimate outside
+    # the ages reported), so that the reason and `status` say what the SR and SC say
+    caveats = [*finding.notes] + (
+        [] if finding.model_trained else ["assessed by an UNTRAINED model"]
+    )
     if unmade is not None:
         caveats.append(unmade)
     outcome = _commit(

@@ -36,7 +36,13 @@ from worker.heap import freeze_start_up_objects, keep_large_blocks, limit_arenas
 from worker.heartbeat import HeartbeatThread
 from worker.messaging import enqueue_delivery
 from worker.metrics_files import worker_metrics_port
-from worker.pipeline import RETRIED_BY_THE_TASK, assess_instance, sweep_staged, warm_up
+from worker.pipeline import (
+    RETRIED_BY_THE_TASK,
+    TRANSIENT_RETRIES,
+    assess_instance,
+    sweep_staged,
+    warm_up,
+)
 from worker.reconciler import ReconcileReport, reconcile_via_broker
 from worker.runtime import Runtime
 from worker.settings import Settings, usable_cpus
@@ -326,7 +332,7 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
     autoretry_for=RETRIED_BY_THE_TASK,
     retry_backoff=5,
     retry_backoff_max=300,
-    max_retries=20,
+    max_retries=TRANSIENT_RETRIES,  # the pipeline ends the instance in error after them
 )
 def assess(self: Task, instance_id: int, send: bool = True) -> str:
     started = time.perf_counter()

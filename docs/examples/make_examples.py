@@ -27,6 +27,7 @@ from dicom_io.pixels import decode_for_display
 from dicom_io.sc import build_heatmap_sc, render_overlay
 from dicom_io.sr import build_bone_age_sr, build_not_assessed_sr
 from dicom_io.synthetic import make_radiograph_dataset
+from worker.pipeline import SC_SERIES_NUMBER, SR_SERIES_NUMBER
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def main(hand: Path) -> None:
         finding,
         series_instance_uid=generate_uid(),
         sop_instance_uid=generate_uid(),
-        series_number=901,
+        series_number=SR_SERIES_NUMBER,
         device_observer_uid=device,
     )
     not_assessed = build_not_assessed_sr(
@@ -83,7 +84,7 @@ def main(hand: Path) -> None:
         "Body Part Examined is CHEST, not HAND",
         series_instance_uid=generate_uid(),
         sop_instance_uid=generate_uid(),
-        series_number=901,
+        series_number=SR_SERIES_NUMBER,
         device_observer_uid=device,
     )
     image = decode_for_display(source)
@@ -94,7 +95,7 @@ def main(hand: Path) -> None:
         finding,
         series_instance_uid=generate_uid(),
         sop_instance_uid=generate_uid(),
-        series_number=902,
+        series_number=SC_SERIES_NUMBER,
     )
     with tempfile.TemporaryDirectory() as tmp:
         paths = {name: Path(tmp) / f"{name}.dcm" for name in ("sr", "na", "sc")}

@@ -52,8 +52,9 @@ def alive(session: Session) -> ColumnElement[bool]:
 #: reconciler gives an instance being assessed to another worker after 30 min
 #: (`worker.reconciler.PROCESSING_LEASE`); Celery kills a delivery after 6 min
 #: (`worker.celery_app.deliver_time_limit`) in a prefork pool, but in no other pool, and
-#: no assessment in any; a query to a database that went away fails within about 15 min
-#: (TCP gives up retransmitting). Twice the lease is far past each of them.
+#: no assessment in any; a query or a publish on a connection that went away fails
+#: within a few minutes (`db.engine.POSTGRESQL_CONNECT_ARGS`,
+#: `worker.celery_app.BROKER_SOCKET_TIMEOUT`). Twice the lease is far past each of them.
 HUNG_AFTER = timedelta(hours=1)
 
 

@@ -9,11 +9,12 @@ waited for that thread for ever too, and with it the delivery worker (the solo p
 
 from __future__ import annotations
 
+import datetime as dt
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -34,6 +35,7 @@ from sqlalchemy import select
 
 from db.engine import session_scope
 from db.schema import Delivery, DeliveryState, ObjectKind
+from dicom_io.qr import QueryError, StudyRootQueryRetrieveInformationModelFind, find_studies
 from dicom_io.scu import Answer, SendError, send_datasets
 from tests.integration.test_pipeline import make_runtime, spool_instance
 from tests.integration.test_security import Certificates
@@ -60,12 +62,17 @@ class StallingPeer:
 
     ae_title = "PACS"
 
-    def __init__(self, stall: Stall, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        stall: Stall,
+        ssl_context: ssl.SSLContext | None = None,
+        sop_classes: Sequence[str] = (ComprehensiveSRStorage, SecondaryCaptureImageStorage),
+    ) -> None:
         self.stall = stall
         self.stalled = threading.Event()
         self._stopping = threading.Event()
         ae = AE(ae_title=self.ae_title)
-        for sop_class in (ComprehensiveSRStorage, SecondaryCaptureImageStorage):
+        for sop_class in sop_classes:
             ae.add_supported_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         # its own timers never end the stall before the test does
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 4 * WATCHDOG
@@ -73,8 +80,12 @@ class StallingPeer:
             ("127.0.0.1", 0),
             block=False,
             ssl_context=ssl_context,
-            # once stopped, what it read is stored
-            evt_handlers=[(evt.EVT_DATA_RECV, self._on_data), (evt.EVT_C_STORE, lambda _: 0)],
+            # once stopped, what it read is answered
+            evt_handlers=[
+                (evt.EVT_DATA_RECV, self._on_data),
+                (evt.EVT_C_STORE, lambda _: 0x0000),
+                (evt.EVT_C_FIND, lambda _: [(0x0000, None)]),
+            ],
         )
         assert self._server is not None and self._server.socket is not None
         # connections accepted from now take the listening socket's receive buffer
@@ -248,3 +259,37 @@ def test_a_delivery_to_a_destination_that_stalls_is_retried(
     assert sr.last_error is not None and "did not answer a C-STORE" in sr.last_error
     # it went, and its answer never came: it may be at the destination
     assert sr.sending_since is not None and sc.sending_since is None
+
+
+def test_a_query_to_a_peer_that_stalls_fails_in_bounded_time() -> None:
+    """The query/retrieve client opens its associations as the Storage SCU does."""
+    peer = StallingPeer("stops mid-PDU", sop_classes=[StudyRootQueryRetrieveInformationModelFind])
+    outcome: list[BaseException | object] = []
+
+    def query() -> None:
+        try:
+            outcome.append(
+                find_studies(
+                    ae_title=peer.ae_title,
+                    host="127.0.0.1",
+                    port=peer.port,
+                    calling_ae_title="BONEAGE",
+                    since=dt.date(2026, 1, 1),
+                    modalities=("DX",),
+                    timeout=TIMEOUT,
+                )
+            )
+        except BaseException as exc:
+            outcome.append(exc)
+
+    try:
+        asker = threading.Thread(target=query, daemon=True)
+        asker.start()
+        asker.join(WATCHDOG)
+        assert peer.stalled.is_set()
+        assert not asker.is_alive()
+    finally:
+        peer.stop()
+    [raised] = outcome
+    assert isinstance(raised, QueryError)
+    assert "did not answer the C-FIND" in str(raised)

@@ -392,6 +392,9 @@ class _Claim:
     pixels: bytes | None = None
     # once the attempt has read the file, the patient it names (:func:`identity_digest`)
     identity: str | None = None
+    # the patient the instance's last assessment read, where this attempt opened the new
+    # one (None before revision 0013; a retry of it finds the new patient recorded)
+    identity_before: str | None = None
     # the study the instance was first received in (where its first outputs went)
     first_study: str = ""
     # whether this assessment's outputs go to the destinations (Instance.send_outputs)
@@ -634,6 +637,7 @@ def _reopen_if_received_changed(
         assessment + 1,
         received,
         identity=identity,
+        identity_before=seen.identity,
         first_study=claimed.study_instance_uid,
     )
 
@@ -852,28 +856,23 @@ def assessment_inputs(ds: Dataset, decision: gate.GateDecision) -> str:
     return digest.hexdigest()
 
 
-#: The attributes that name the patient an SR or SC of ours is filed under, as
-#: dicom_io.sr copies them from the image (:func:`identity_digest`).
-PATIENT_IDENTITY = (
-    "PatientName",
-    "PatientID",
-    "IssuerOfPatientID",
-    "IssuerOfPatientIDQualifiersSequence",
-    "OtherPatientIDsSequence",
-)
+#: The attribute that names the patient an SR or SC of ours is filed under, as
+#: dicom_io.sr copies it from the image (:func:`identity_digest`): the Patient ID. Not
+#: Patient's Name, whose spelling a PACS corrects under the same ID (and in our SR and SC
+#: with it), nor the Issuer of Patient ID or Other Patient IDs, which a PACS adds or
+#: reconciles when it forwards or moves an image: a backfill from one that adds them
+#: would assess every image again and withdraw every result (found in review).
+PATIENT_IDENTITY = ("PatientID",)
 
 
 def patient_identity(ds: Dataset) -> str:
     """The values of :data:`PATIENT_IDENTITY` in ``ds``, as text to compare: surrounding
-    spaces aside, a name's trailing empty components aside, an absent attribute as an
-    empty one (an SR writes Patient's Name and ID empty where the image has none)."""
-    lines = []
-    for keyword in PATIENT_IDENTITY:
-        text = _identity_text(ds, keyword) if keyword in ds else ""
-        if keyword == "PatientName":
-            text = "=".join(group.rstrip("^ ") for group in text.split("=")).rstrip("=")
-        lines.append(f"{keyword}={text}")
-    return "\n".join(lines)
+    spaces aside, an absent attribute as an empty one (an SR writes Patient ID empty
+    where the image has none)."""
+    return "\n".join(
+        f"{keyword}={_identity_text(ds, keyword) if keyword in ds else ''}"
+        for keyword in PATIENT_IDENTITY
+    )
 
 
 def _identity_text(ds: Dataset, keyword: str) -> str:
@@ -2111,6 +2110,9 @@ def stage_moved_withdrawals(
         return [], None
     study_now = _study_of(source)
     identity_now = patient_identity(source)
+    # the image came under another patient than the last assessment read: an object
+    # whose file is gone was filed under an earlier patient, perhaps that one
+    patient_changed = claim.identity_before not in (None, claim.identity)
     with session_scope(rt.database_url) as session:
         objects = _sent_objects(
             session,
@@ -2126,8 +2128,11 @@ def stage_moved_withdrawals(
             continue
         if sent.reference.study_instance_uid != study_now:
             left_behind.append(sent)
-        elif (filed := _as_written(sent)) is not None and patient_identity(filed) != identity_now:
-            refiled.append(sent)  # whose file is gone: nothing says where it was filed
+        elif (filed := _as_written(sent)) is None:
+            if patient_changed:  # counted as a note that could not be made: by hand
+                refiled.append(sent)
+        elif patient_identity(filed) != identity_now:
+            refiled.append(sent)
     moved, unmade = _stage_withdrawal_notes(
         rt, left_behind, MOVED_TITLE, MOVED_AWAY, source_uid=claim.sop_instance_uid
     )

@@ -1,4 +1,4 @@
-"""A copy received again under another patient (the PACS corrected the name or ID), and
+"""A copy received again under another patient (the PACS corrected the Patient ID), and
 another image received under an image's SOP Instance UID (a modality that reuses UIDs).
 
 The first is assessed again, so that what goes to the PACS is filed under the corrected
@@ -37,6 +37,7 @@ from worker.pipeline import (
     MOVED_TITLE,
     PATIENT_IDENTITY,
     REFILED,
+    WITHDRAW_BY_HAND,
     assess_instance,
     identity_digest,
 )
@@ -159,19 +160,54 @@ def test_what_the_pacs_has_under_the_wrong_patient_is_withdrawn_there(
     assert len(deliveries(runtime, instance_id)) == 6
 
 
+def test_what_went_under_the_wrong_patient_with_its_file_gone_is_said_to_withdraw_by_hand(
+    runtime: Runtime, storescp: StoreSCP
+) -> None:
+    """Delivered under B, and retention removed our files of them, which say where they
+    were filed: no note can be made, and the image's reason says to withdraw them at
+    the PACS by hand (they were passed over without a word)."""
+    instance_id = spool_instance(runtime, attributes=PATIENT_B)
+    first = assess_instance(runtime, instance_id)
+    deliver(runtime, storescp, first.delivery_ids)
+    for delivery in deliveries(runtime, instance_id):
+        Path(delivery.path).unlink()
+
+    received_again(runtime, instance_id, **PATIENT_A)
+    second = assess_instance(runtime, instance_id)
+    assert second.state == "assessed" and len(second.delivery_ids) == 2  # SR and SC, no note
+    reason = instance_row(runtime, instance_id).reason
+    assert reason is not None
+    assert "our rejection notes for 2 object(s) of ours could not be made" in reason
+    assert WITHDRAW_BY_HAND in reason
+
+
+def test_the_identity_digest_follows_the_patient_id(runtime: Runtime) -> None:
+    instance_id = spool_instance(runtime)
+    ds = dcmread(instance_row(runtime, instance_id).spool_path)
+    uid = str(ds.SOPInstanceUID)
+    before = identity_digest(ds, uid)
+    ds.PatientID = "OTHER-ID"
+    assert PATIENT_IDENTITY == ("PatientID",)
+    assert identity_digest(ds, uid) != before
+    # salted: the same patient's digest differs from one image to the next
+    assert identity_digest(ds, uid) != identity_digest(ds, generate_uid())
+
+
 @pytest.mark.parametrize(
     ("keyword", "value"),
     [
         ("PatientName", "OTHER^NAME"),
-        ("PatientID", "OTHER-ID"),
         ("IssuerOfPatientID", "HOSPITAL-B"),
         ("IssuerOfPatientIDQualifiersSequence", [Dataset()]),
         ("OtherPatientIDsSequence", [Dataset()]),
     ],
 )
-def test_the_identity_digest_follows_each_attribute_the_sr_is_filed_by(
+def test_what_a_pacs_reconciles_under_the_same_id_is_the_same_patient(
     runtime: Runtime, keyword: str, value: Any
 ) -> None:
+    """A name's spelling corrected, an issuer or Other Patient IDs that a PACS adds when
+    it forwards or moves the image: the same Patient ID is the same patient. A backfill
+    from a PACS that adds them assesses nothing again and withdraws nothing."""
     instance_id = spool_instance(runtime)
     ds = dcmread(instance_row(runtime, instance_id).spool_path)
     uid = str(ds.SOPInstanceUID)
@@ -181,10 +217,7 @@ def test_the_identity_digest_follows_each_attribute_the_sr_is_filed_by(
         ds[keyword].value[0].UniversalEntityID = "1.2.3"
     if keyword == "OtherPatientIDsSequence":
         ds[keyword].value[0].PatientID = "OTHER-ID"
-    assert keyword in PATIENT_IDENTITY
-    assert identity_digest(ds, uid) != before
-    # salted: the same patient's digest differs from one image to the next
-    assert identity_digest(ds, uid) != identity_digest(ds, generate_uid())
+    assert identity_digest(ds, uid) == before
 
 
 def test_the_identity_digest_leaves_out_how_the_same_name_is_written(runtime: Runtime) -> None:

@@ -718,6 +718,7 @@ def reprocess(
         rejected_by_the_pacs,
         select_instances,
         sent_by_other_models,
+        uid_clashes,
         workers_problem,
     )
     from worker.runtime import Runtime
@@ -741,6 +742,7 @@ def reprocess(
         )
     waiting = not_finished(rt, chosen)  # before: what it queues is not finished after
     rejected = rejected_by_the_pacs(rt, chosen)
+    clashes = uid_clashes(rt, chosen)
     todo = prepare_reprocess(rt, chosen, send=send)
     for instance_id in todo:  # a message not published: the reconciler queues it, as asked
         enqueue_assess(instance_id, send=send)
@@ -749,7 +751,8 @@ def reprocess(
     console.print(
         f"{len(chosen)} instances chosen; {len(todo)} queued for model "
         f"{rt.predictor.model_id[:12]} ({fate}); "
-        f"{len(chosen) - len(todo) - len(gone) - len(waiting) - len(rejected)} already "
+        f"{len(chosen) - len(todo) - len(gone) - len(waiting) - len(rejected) - len(clashes)} "
+        "already "
         f"assessed by it; {len(waiting)} not finished yet (left as they are)"
     )
     if send and (beside := sent_by_other_models(rt, todo)):
@@ -764,6 +767,13 @@ def reprocess(
             f"[yellow]{len(rejected)} instance(s) not queued: the PACS rejected them (a "
             "rejection note), and what was sent of them was withdrawn. Instance ids: "
             f"{', '.join(map(str, rejected))}[/]"
+        )
+    if clashes:
+        console.print(
+            f"[yellow]{len(clashes)} instance(s) not queued: another image came under their "
+            "SOP Instance UID and was refused, and it is what the spool holds now; have the "
+            "PACS send the image again. Instance ids: "
+            f"{', '.join(map(str, clashes))}[/]"
         )
     if gone:
         console.print(

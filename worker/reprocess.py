@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from sqlalchemy import or_, select, update
 
 from db.engine import session_scope
+from db.queries import UID_CLASH
 from db.schema import (
     FINISHED,
     REASSESSABLE,
@@ -60,6 +61,12 @@ def select_instances(
         return list(session.scalars(query.order_by(Instance.id)))
 
 
+#: An instance whose last copy was another image under its SOP Instance UID, refused
+#: (worker.pipeline): the spool holds that image now, not the one its results are of.
+_UID_CLASH = Instance.reason.contains(UID_CLASH, autoescape=True)
+_NOT_A_UID_CLASH = or_(Instance.reason.is_(None), ~_UID_CLASH)
+
+
 def prepare_reprocess(rt: Runtime, instance_ids: Sequence[int], *, send: bool = True) -> list[int]:
     """Put back in the queue state the instances the current model has not assessed,
     their outputs to be sent to the destinations or not (``send``, kept on the row:
@@ -96,6 +103,8 @@ def prepare_reprocess(rt: Runtime, instance_ids: Sequence[int], *, send: bool = 
                     # message opens the next assessment for it (worker.pipeline), where
                     # a reprocess would assess that copy as the last one and forget it
                     Instance.received_again_at.is_(None),
+                    # nor one whose spool file another image replaced (uid_clashes)
+                    _NOT_A_UID_CLASH,
                 )
                 .values(
                     state=InstanceState.QUEUED,
@@ -168,6 +177,20 @@ def files_removed(rt: Runtime, instance_ids: Sequence[int]) -> list[int]:
                     Instance.state != InstanceState.REJECTED,
                     ~assessed,
                 )
+                .order_by(Instance.id)
+            )
+        )
+
+
+def uid_clashes(rt: Runtime, instance_ids: Sequence[int]) -> list[int]:
+    """Ids among ``instance_ids`` whose spool file another image sent under the same SOP
+    Instance UID replaced, which :func:`prepare_reprocess` leaves alone: assessed, that
+    image would be taken for theirs, filed in its study, and their results withdrawn."""
+    with session_scope(rt.database_url) as session:
+        return list(
+            session.scalars(
+                select(Instance.id)
+                .where(Instance.id.in_(instance_ids), _UID_CLASH)
                 .order_by(Instance.id)
             )
         )

@@ -8,6 +8,7 @@ first image's results stand.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from db import queries
 from db.engine import session_scope
 from db.schema import Delivery, DeliveryState, Instance, InstanceState, ObjectKind
 from dicom_io.ko import read_rejection_note
+from models.checkpoint import load_checkpoint, save_checkpoint
 from tests.conftest import StoreSCP
 from tests.integration.test_pipeline import make_runtime, spool_instance
 from tests.integration.test_received_again import (
@@ -41,6 +43,7 @@ from worker.pipeline import (
     assess_instance,
     identity_digest,
 )
+from worker.reprocess import prepare_reprocess, uid_clashes
 from worker.runtime import Runtime
 
 pytestmark = pytest.mark.integration
@@ -311,3 +314,31 @@ def test_another_image_under_an_images_uid_is_refused_and_its_results_stand(
     assert assess_instance(runtime, instance_id).state == "skipped"
     assert instance_row(runtime, instance_id).reason == after.reason
     assert len(deliveries(runtime, instance_id)) == 2
+
+
+def test_reprocess_leaves_an_image_whose_uid_another_image_came_under(
+    runtime: Runtime, storescp: StoreSCP, tmp_path: Path
+) -> None:
+    """The spool holds the other image now: a reprocess with a new model would take it
+    for this one, file its bone age in the other study and withdraw this one's."""
+    instance_id = spool_instance(runtime, attributes=PATIENT_B)
+    deliver(runtime, storescp, assess_instance(runtime, instance_id).delivery_ids)
+    another_hand = np.ascontiguousarray(stored_pixels(runtime, instance_id)[::-1, ::-1])
+    received_again(runtime, instance_id, PixelData=another_hand.tobytes(), **PATIENT_A)
+    assert assess_instance(runtime, instance_id).state == "skipped"  # refused
+
+    assert runtime.settings.model is not None
+    loaded = load_checkpoint(runtime.settings.model)
+    new_model = tmp_path / "new.safetensors"
+    save_checkpoint(new_model, loaded.model, dataclasses.replace(loaded.meta, data="v2"))
+    new = Runtime(runtime.settings.model_copy(update={"model": new_model}))
+    assert new.predictor.model_id != runtime.predictor.model_id
+
+    assert uid_clashes(new, [instance_id]) == [instance_id]
+    assert prepare_reprocess(new, [instance_id], send=True) == []
+    assert instance_row(runtime, instance_id).state is InstanceState.ASSESSED
+    # an image of its own beside it is reprocessed as before
+    other_id = spool_instance(runtime, attributes=PATIENT_A)
+    assert assess_instance(runtime, other_id).state == "assessed"
+    assert uid_clashes(new, [other_id]) == []
+    assert prepare_reprocess(new, [other_id], send=True) == [other_id]

@@ -660,18 +660,45 @@ def liveness(ctx: click.Context) -> None:
 @click.argument("delivery_ids", nargs=-1, type=int)
 @click.pass_context
 def retry_deliveries(ctx: click.Context, delivery_ids: tuple[int, ...]) -> None:
-    """Send failed deliveries again (all of them, or the ids given)."""
+    """Send failed deliveries again (all of them, or the ids given).
+
+    An SR or SC whose destination is no longer in BONEAGE_DESTINATIONS goes to the
+    configured destinations instead.
+    """
     from worker.celery_app import configure
-    from worker.delivery import reset_failed
+    from worker.delivery import retry_failed
     from worker.messaging import enqueue_delivery
     from worker.runtime import Runtime
 
     settings = _settings(ctx)
     _require_schema(settings)
     configure(settings)
-    ids = reset_failed(Runtime(settings), list(delivery_ids) or None)
-    enqueue_delivery(ids)  # in id order: an assessment's SR and SC mostly share a message
-    console.print(f"{len(ids)} failed deliveries queued again")
+    retried = retry_failed(Runtime(settings), list(delivery_ids) or None)
+    # in id order: an assessment's SR and SC mostly share a message
+    enqueue_delivery(retried.queued)
+    click.echo(f"{len(retried.reset)} failed deliveries queued again")
+    if retried.redirected:
+        made = sum(len(new) for new in retried.redirected.values())
+        where = (
+            f"{made} new deliveries queued to {', '.join(retried.destinations)}"
+            if made
+            else "the configured destinations each had them already"
+        )
+        click.echo(
+            f"{len(retried.redirected)} failed deliveries to destinations no longer "
+            f"configured sent to the configured destinations instead: {where}"
+        )
+    if retried.no_destination:
+        click.echo(
+            f"{len(retried.no_destination)} failed deliveries left failed, their "
+            "destinations no longer configured: no destination is configured "
+            "(BONEAGE_DESTINATIONS)"
+        )
+    if retried.no_file:
+        click.echo(
+            f"{len(retried.no_file)} failed deliveries left failed, their destinations no "
+            "longer configured: retention removed their files"
+        )
 
 
 @main.command()

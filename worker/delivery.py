@@ -27,8 +27,9 @@ short since then fails at once, with the reason, instead of reaching the PACS.
 A row records the destination it goes to as it was configured when the row was made.
 An SR or SC whose destination is no longer in ``BONEAGE_DESTINATIONS`` (an administrator
 corrected a mistyped node, or took one out of service) fails for good when it is
-claimed, with the reason "destination no longer configured", and is not sent; and
-`retry-deliveries` leaves such failed rows failed. A rejection note of ours still goes:
+claimed, with the reason "destination no longer configured", and is not sent;
+`retry-deliveries` sends such failed rows to the configured destinations instead (new
+rows, the old one superseded, see `retry_failed`). A rejection note of ours still goes:
 it withdraws an object that destination has (or may have), which would otherwise stand
 there; where the object never arrived, the note is superseded unsent as anywhere else.
 """
@@ -47,9 +48,10 @@ from pathlib import Path
 from pydicom import Dataset, dcmread
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from sqlalchemy import or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
 from db.engine import session_scope
-from db.schema import Delivery, DeliveryState, ObjectKind
+from db.schema import Delivery, DeliveryState, Instance, ObjectKind
 from db.schema import utcnow as now
 from dicom_io.scu import (
     Answer,
@@ -113,16 +115,19 @@ def configured(settings: Settings, destination: str | Destination) -> bool:
 
     Text that is no destination is not configured.
     """
+    key = _key(destination)
+    return key is not None and any(_key(d) == key for d in settings.destinations)
+
+
+def _key(destination: str | Destination) -> tuple[str, str, int] | None:
+    """What tells ``destination`` apart from others: its AE title, host in lower case,
+    and port; None for text that is no destination."""
     if isinstance(destination, str):
         try:
             destination = Destination.parse(destination)
         except ValueError:
-            return False
-    host = destination.host.lower()
-    return any(
-        (d.ae_title, d.host.lower(), d.port) == (destination.ae_title, host, destination.port)
-        for d in settings.destinations
-    )
+            return None
+    return destination.ae_title, destination.host.lower(), destination.port
 
 
 def claim_seconds(count: int) -> float:
@@ -589,24 +594,71 @@ def _record_failure(
     return outcome
 
 
-#: Ids a warning of `reset_failed` names, at most; the rest are counted.
+#: Ids a warning of `retry_failed` names, at most; the rest are counted.
 IDS_NAMED = 20
 
+#: What an SR or SC failed to a destination no longer configured says, superseded by its
+#: copies to the configured destinations (`retry_failed`).
+REDIRECTED = "destination no longer configured; sent to the configured destinations instead"
 
-def reset_failed(rt: Runtime, delivery_ids: list[int] | None = None) -> list[int]:
-    """Put failed deliveries back to pending, due now; returns their ids.
 
-    The state changes in one conditional UPDATE, not a read and a write: a delivery
+@dataclass(frozen=True)
+class Retried:
+    """What `retry_failed` did with the failed deliveries it was given.
+
+    ``reset``: the ids put back to pending. ``redirected``: for each SR or SC whose
+    destination is no longer configured, now superseded, the ids of its new deliveries
+    to the configured destinations (none where each of them had one already). Left
+    failed, their destinations no longer configured: ``no_destination`` (none is
+    configured) and ``no_file`` (retention removed the object's file).
+    """
+
+    reset: list[int]
+    redirected: dict[int, list[int]]
+    destinations: list[str]  # where the new deliveries go
+    no_destination: list[int]
+    no_file: list[int]
+
+    @property
+    def queued(self) -> list[int]:
+        """The deliveries to send now, in id order."""
+        return sorted([*self.reset, *(i for new in self.redirected.values() for i in new)])
+
+
+def _named(ids: Sequence[int]) -> str:
+    """``ids`` for a log line: the first `IDS_NAMED`, the rest counted."""
+    more = f" and {len(ids) - IDS_NAMED} more" if len(ids) > IDS_NAMED else ""
+    return ", ".join(str(i) for i in ids[:IDS_NAMED]) + more
+
+
+def retry_failed(rt: Runtime, delivery_ids: list[int] | None = None) -> Retried:
+    """Send failed deliveries (all, or ``delivery_ids``) again: put back to pending, due
+    now, or, an SR or SC whose destination is no longer configured, to the configured
+    destinations instead.
+
+    The state changes in conditional UPDATEs, not a read and a write: a delivery
     superseded between the two (a later assessment of its image, or the image rejected
     by the PACS) must stay so, never to be sent.
 
-    An SR or SC whose destination is no longer configured stays failed (sent again, it
-    would fail at once, see `configured`), named in a warning; our rejection notes are
-    put back wherever they go.
+    An SR or SC whose destination is no longer configured (sent there, it would fail at
+    once, see `configured`; the administrator corrected a mistyped node) is superseded,
+    `REDIRECTED`, and a pending delivery of its object made for each configured
+    destination that has none of it yet: the rows of an assessment are made for the
+    destinations configured when it commits, and those that came after it would never
+    get its results. Such a row whose object's file retention removed, or any while no
+    destination is configured, stays failed, named in a warning. The row superseded
+    keeps its ``sending_since``: where its last attempt's answer never came, the object
+    may be at the old node, and our rejection notes still go there. Our rejection notes
+    are put back wherever they go.
     """
     conditions = [Delivery.state == DeliveryState.FAILED]
     if delivery_ids:
         conditions.append(Delivery.id.in_(delivery_ids))
+    targets = [str(d) for d in rt.settings.destinations]
+    redirected: dict[int, list[int]] = {}
+    no_destination: list[int] = []
+    no_file: list[int] = []
+    went: set[str] = set()
     with session_scope(rt.database_url) as session:
         # a few destinations, however many rows: compared here, as a claim compares them
         texts = session.scalars(select(Delivery.destination).where(*conditions).distinct())
@@ -621,19 +673,96 @@ def reset_failed(rt: Runtime, delivery_ids: list[int] | None = None) -> list[int
                 .execution_options(synchronize_session=False)
             )
         )
-        left = session.execute(
-            select(Delivery.id, Delivery.destination)
+        stranded = session.execute(
+            select(Delivery, Instance.files_removed_at)
+            .join(Instance, Delivery.instance_id == Instance.id)
             .where(*conditions, ~sendable)
             .order_by(Delivery.id)
         ).all()
-    if left:
-        named = ", ".join(str(row.id) for row in left[:IDS_NAMED])
-        more = f" and {len(left) - IDS_NAMED} more" if len(left) > IDS_NAMED else ""
-        logger.warning(
-            "%d failed deliveries left failed, their destinations no longer configured (%s): %s%s",
-            len(left),
-            ", ".join(sorted({row.destination for row in left})),
-            named,
-            more,
+        dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+        for row, files_removed_at in stranded:
+            if not targets:
+                no_destination.append(row.id)
+                continue
+            if (files_removed_at is not None and row.created_at <= files_removed_at) or not Path(
+                row.path
+            ).is_file():
+                no_file.append(row.id)
+                continue
+            taken = session.scalar(
+                update(Delivery)
+                .where(Delivery.id == row.id, Delivery.state == DeliveryState.FAILED)
+                .values(state=DeliveryState.SUPERSEDED, last_error=REDIRECTED)
+                .returning(Delivery.id)
+                .execution_options(synchronize_session=False)
+            )
+            if taken is None:
+                continue  # superseded meanwhile: a later assessment, the PACS rejected it
+            has = {
+                _key(text)
+                for text in session.scalars(
+                    select(Delivery.destination).where(
+                        Delivery.sop_instance_uid == row.sop_instance_uid
+                    )
+                )
+            }
+            new: list[int] = []
+            for target in targets:
+                if _key(target) in has:
+                    continue
+                # the unique key: one made meanwhile by another retry-deliveries stands
+                made = session.scalar(
+                    dialect.insert(Delivery)
+                    .values(
+                        instance_id=row.instance_id,
+                        result_id=row.result_id,
+                        kind=row.kind,
+                        destination=target,
+                        sop_instance_uid=row.sop_instance_uid,
+                        study_instance_uid=row.study_instance_uid,
+                        series_instance_uid=row.series_instance_uid,
+                        assessment=row.assessment,
+                        path=row.path,
+                        sha256=row.sha256,
+                        withdraws=row.withdraws,
+                        state=DeliveryState.PENDING,
+                        attempts=0,
+                        next_attempt_at=now(),
+                        created_at=now(),
+                    )
+                    .on_conflict_do_nothing(index_elements=["sop_instance_uid", "destination"])
+                    .returning(Delivery.id)
+                )
+                if made is not None:
+                    new.append(made)
+                    went.add(target)
+            redirected[row.id] = new
+    made_to = sorted(went)
+    if redirected:
+        logger.info(
+            "%d failed deliveries to destinations no longer configured sent to the "
+            "configured destinations instead (%s): %s",
+            len(redirected),
+            ", ".join(made_to) or "each had them already",
+            _named(list(redirected)),
         )
-    return reset
+    if no_destination:
+        logger.warning(
+            "%d failed deliveries left failed, their destinations no longer configured and "
+            "no destination configured (BONEAGE_DESTINATIONS): %s",
+            len(no_destination),
+            _named(no_destination),
+        )
+    if no_file:
+        logger.warning(
+            "%d failed deliveries left failed, their destinations no longer configured and "
+            "their files removed by retention: %s",
+            len(no_file),
+            _named(no_file),
+        )
+    return Retried(reset, redirected, made_to, no_destination, no_file)
+
+
+def reset_failed(rt: Runtime, delivery_ids: list[int] | None = None) -> list[int]:
+    """The ids of the deliveries `retry_failed` queues again, in id order."""
+    return retry_failed(rt, delivery_ids).queued

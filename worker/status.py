@@ -116,11 +116,7 @@ def collect(settings: Settings) -> dict[str, Any]:
         problems.append(f"{retrying} deliveries are being retried; latest error: {last_error}")
     report["failed_deliveries"] = _failed(failed, settings)
     if failed:
-        problems.append(
-            f"{len(failed)} deliveries failed: fix the destination, then run "
-            "'boneage-worker retry-deliveries'; latest error: "
-            f"{report['failed_deliveries'][0]['error']}"
-        )
+        problems.append(_failed_problem(failed, report["failed_deliveries"][0], settings))
     report["waiting"] = {
         "instances": waiting.count,
         "oldest_since": _iso(waiting.oldest_since),
@@ -207,6 +203,41 @@ def _model_problems(inference: list[dict[str, Any]]) -> list[str]:
             "the same BONEAGE_MODEL"
         )
     return problems
+
+
+def _failed_problem(
+    failed: list[queries.FailedDelivery], latest: dict[str, Any], settings: Settings
+) -> str:
+    """The problem line of the failed deliveries: what to do about them.
+
+    `retry-deliveries` sends an SR or SC whose destination is no longer configured to
+    the configured destinations instead (`worker.delivery.retry_failed`): for those,
+    fixing the destination is done already. They are failed all the same until then:
+    their results have not reached the PACS.
+    """
+    # pynetdicom comes with it: imported only where a delivery failed
+    from worker.delivery import configured
+
+    stranded = [d for d in failed if d.kind != "ko" and not configured(settings, d.destination)]
+    where = ", ".join(sorted({d.destination for d in stranded}))
+    latest_error = f"latest error: {latest['error']}"
+    retry = "'boneage-worker retry-deliveries'"
+    fix = f"{len(failed)} deliveries failed: fix the destination, then run {retry}"
+    if not stranded:
+        return f"{fix}; {latest_error}"
+    if not settings.destinations:
+        redirect = f"configure BONEAGE_DESTINATIONS, then run {retry} to send them there"
+    else:
+        redirect = f"{retry} sends them to the configured destinations instead"
+    if len(stranded) == len(failed):
+        return (
+            f"{len(failed)} deliveries failed to destinations no longer configured "
+            f"({where}): {redirect}; {latest_error}"
+        )
+    return (
+        f"{fix}; {len(stranded)} of them to destinations no longer configured ({where}): "
+        f"{redirect}; {latest_error}"
+    )
 
 
 def _failed(failed: list[queries.FailedDelivery], settings: Settings) -> list[dict[str, Any]]:

@@ -2,24 +2,26 @@
 
 An administrator corrects a mistyped destination (another department's node): the SR
 and SC still on their way there, and those that failed there, are never sent to it
-again; our rejection notes still go where the objects they withdraw went.
+again; `retry-deliveries` sends them to the configured destinations instead; our
+rejection notes still go where the objects they withdraw went.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from db.engine import session_scope
-from db.schema import Delivery, DeliveryState, ObjectKind
+from db.schema import Delivery, DeliveryState, Instance, ObjectKind
+from db.schema import utcnow as now
 from tests.conftest import StoreSCP
 from tests.integration import test_delivery
 from tests.integration.test_pipeline import make_runtime, spool_dataset, spool_instance
@@ -28,6 +30,7 @@ from tests.support import free_port, pacs_rejection_note
 from worker.delivery import reset_failed, send_deliveries
 from worker.pipeline import assess_instance
 from worker.runtime import Runtime
+from worker.status import collect
 
 pytestmark = pytest.mark.integration
 
@@ -36,6 +39,10 @@ database_url = test_delivery.database_url
 
 #: The reason such an SR or SC fails with, as `status` shows it.
 NOT_CONFIGURED = "destination no longer configured"
+
+#: What such an SR or SC says once `retry-deliveries` sent it to the configured
+#: destinations instead.
+REDIRECTED = "destination no longer configured; sent to the configured destinations instead"
 
 
 def node(tmp_path: Path, tiny_checkpoint: Path, database_url: str, destinations: str) -> Runtime:
@@ -69,7 +76,6 @@ def test_an_sr_and_sc_on_their_way_to_a_destination_taken_out_fail_unsent(
     database_url: str,
     storescp: StoreSCP,
     corrected: StoreSCP,
-    caplog: pytest.LogCaptureFixture,
 ) -> None:
     mistyped = node(tmp_path, tiny_checkpoint, database_url, storescp.destination)
     ids = assess_instance(mistyped, spool_instance(mistyped)).delivery_ids
@@ -86,19 +92,6 @@ def test_an_sr_and_sc_on_their_way_to_a_destination_taken_out_fail_unsent(
         (DeliveryState.FAILED, NOT_CONFIGURED, None)
     ] * 2
 
-    # `retry-deliveries` leaves them failed, all of them or named, and says why
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="worker.delivery"):
-        assert reset_failed(fixed) == []
-        assert reset_failed(fixed, list(ids)) == []
-    left = (
-        "2 failed deliveries left failed, their destinations no longer configured "
-        f"({storescp.destination}): {ids[0]}, {ids[1]}"
-    )
-    warnings = [r.getMessage() for r in caplog.records if r.name == "worker.delivery"]
-    assert warnings == [left, left]
-    assert {d.state for d in deliveries(fixed).values()} == {DeliveryState.FAILED}
-
     # kept, not dropped: configured again, they go
     assert reset_failed(mistyped) == sorted(ids)
     assert [o.state for o in send_deliveries(mistyped, ids).values()] == ["delivered"] * 2
@@ -108,11 +101,133 @@ def test_an_sr_and_sc_on_their_way_to_a_destination_taken_out_fail_unsent(
     ]
 
 
+def retry_deliveries(rt: Runtime, destinations: str) -> str:
+    """Run `boneage-worker retry-deliveries` on ``rt``'s node as an administrator does,
+    BONEAGE_DESTINATIONS ``destinations``; its stdout."""
+    env = {
+        **os.environ,
+        "BONEAGE_DATA_DIR": str(rt.settings.data_dir),
+        "BONEAGE_DATABASE_URL": rt.database_url,
+        "BONEAGE_DESTINATIONS": destinations,
+        "BONEAGE_MODEL": str(rt.settings.model),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "retry-deliveries"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def body(path: Path) -> bytes:
+    """A Part 10 file's bytes after its file meta information: what was sent (storescp
+    writes its own file meta)."""
+    data = path.read_bytes()
+    assert data[128:132] == b"DICM" and data[132:136] == b"\x02\x00\x00\x00"
+    return data[144 + int.from_bytes(data[140:144], "little") :]
+
+
+def failed_problems(rt: Runtime) -> list[str]:
+    return [p for p in collect(rt.settings)["problems"] if "deliveries failed" in p]
+
+
+def test_retry_deliveries_sends_them_to_the_corrected_destination(
+    tmp_path: Path,
+    tiny_checkpoint: Path,
+    database_url: str,
+    storescp: StoreSCP,
+    corrected: StoreSCP,
+) -> None:
+    """Assessed before the administrator corrected the mistyped node, the SR and SC
+    have no row for the node meant: `retry-deliveries` makes theirs, and they go."""
+    mistyped = node(tmp_path, tiny_checkpoint, database_url, storescp.destination)
+    ids = assess_instance(mistyped, spool_instance(mistyped)).delivery_ids
+    fixed = node(tmp_path, tiny_checkpoint, database_url, corrected.destination)
+    assert [o.state for o in send_deliveries(fixed, ids).values()] == ["failed"] * 2
+    before = deliveries(fixed)
+    assert failed_problems(fixed) == [
+        f"2 deliveries failed to destinations no longer configured ({storescp.destination}): "
+        "'boneage-worker retry-deliveries' sends them to the configured destinations "
+        f"instead; latest error: {NOT_CONFIGURED}"
+    ]
+
+    printed = retry_deliveries(fixed, corrected.destination)
+
+    assert printed.splitlines() == [
+        "0 failed deliveries queued again",
+        "2 failed deliveries to destinations no longer configured sent to the configured "
+        f"destinations instead: 2 new deliveries queued to {corrected.destination}",
+    ]
+    rows = deliveries(fixed)
+    assert [(rows[i].state, rows[i].last_error) for i in ids] == [
+        (DeliveryState.SUPERSEDED, REDIRECTED)
+    ] * 2
+    new = sorted(set(rows) - set(ids))
+    assert len(new) == 2
+    old = [before[i] for i in ids]
+    assert [
+        (
+            rows[n].state,
+            rows[n].destination,
+            rows[n].attempts,
+            rows[n].kind,
+            rows[n].instance_id,
+            rows[n].result_id,
+            rows[n].sop_instance_uid,
+            rows[n].study_instance_uid,
+            rows[n].series_instance_uid,
+            rows[n].assessment,
+            rows[n].path,
+            rows[n].sha256,
+        )
+        for n in new
+    ] == [
+        (
+            DeliveryState.PENDING,
+            corrected.destination,
+            0,
+            o.kind,
+            o.instance_id,
+            o.result_id,
+            o.sop_instance_uid,
+            o.study_instance_uid,
+            o.series_instance_uid,
+            o.assessment,
+            o.path,
+            o.sha256,
+        )
+        for o in old
+    ]
+    # still failed to reach the PACS until they are sent; then healthy on that count
+    assert failed_problems(fixed) == []
+    assert collect(fixed.settings)["failed_deliveries"] == []
+
+    # what the delivery worker does with the queued message
+    assert [o.state for o in send_deliveries(fixed, new).values()] == ["delivered"] * 2
+
+    received = corrected.wait_for_objects(2, timeout=30)
+    by_uid = {dcmread(p).SOPInstanceUID: body(p) for p in received}
+    assert by_uid == {o.sop_instance_uid: body(Path(o.path)) for o in old}
+    assert storescp.associations() == 0 and storescp.received() == []
+    rows = deliveries(fixed)
+    assert [rows[i].state for i in ids] == [DeliveryState.SUPERSEDED] * 2
+    assert [rows[n].state for n in new] == [DeliveryState.DELIVERED] * 2
+    # a second run finds nothing to do, and sends nothing twice
+    assert retry_deliveries(fixed, corrected.destination).splitlines() == [
+        "0 failed deliveries queued again"
+    ]
+    assert len(deliveries(fixed)) == 4
+
+
 def test_retry_deliveries_says_which_failed_deliveries_it_leaves(
     tmp_path: Path, tiny_checkpoint: Path, storescp: StoreSCP
 ) -> None:
-    """They failed where nothing listens (the mistyped node); the destination corrected,
-    `retry-deliveries` leaves them, and says so."""
+    """They failed where nothing listens (the mistyped node). With no destination
+    configured, `retry-deliveries` leaves them and says so; and so it does, the node meant
+    configured, once retention removed their files."""
     database = f"sqlite:///{tmp_path / 'data' / 'boneage.db'}"
     nowhere = f"PACS@127.0.0.1:{free_port()}"
     mistyped = node(tmp_path, tiny_checkpoint, database, nowhere)
@@ -120,29 +235,42 @@ def test_retry_deliveries_says_which_failed_deliveries_it_leaves(
     for _ in range(3):
         send_deliveries(mistyped, ids, force=True)
     assert {d.state for d in deliveries(mistyped).values()} == {DeliveryState.FAILED}
-    env = {
-        **os.environ,
-        "BONEAGE_DATA_DIR": str(tmp_path / "data"),
-        "BONEAGE_DATABASE_URL": database,
-        "BONEAGE_DESTINATIONS": storescp.destination,
-        "BONEAGE_MODEL": str(tiny_checkpoint),
-    }
+    none = node(tmp_path, tiny_checkpoint, database, "")
+    [error] = {d.last_error for d in deliveries(none).values()}
+    assert failed_problems(none) == [
+        f"2 deliveries failed to destinations no longer configured ({nowhere}): configure "
+        "BONEAGE_DESTINATIONS, then run 'boneage-worker retry-deliveries' to send them "
+        f"there; latest error: {error}"
+    ]
 
-    again = subprocess.run(
-        [sys.executable, "-m", "worker", "retry-deliveries"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-    assert again.returncode == 0, again.stderr
-    assert "0 failed deliveries queued again" in again.stdout
-    assert (
-        "2 failed deliveries left failed, their destinations no longer configured "
-        f"({nowhere}): {ids[0]}, {ids[1]}"
-    ) in again.stderr
+    assert retry_deliveries(none, "").splitlines() == [
+        "0 failed deliveries queued again",
+        "2 failed deliveries left failed, their destinations no longer configured: "
+        "no destination is configured (BONEAGE_DESTINATIONS)",
+    ]
     assert {d.state for d in deliveries(mistyped).values()} == {DeliveryState.FAILED}
+
+    # retention removed the image's files (it removes an instance's files together)
+    rows = deliveries(mistyped)
+    with session_scope(database) as session:
+        session.execute(
+            update(Instance)
+            .where(Instance.id == rows[ids[0]].instance_id)
+            .values(files_removed_at=now() + timedelta(seconds=1))
+        )
+    for i in ids:
+        Path(rows[i].path).unlink()
+    fixed = node(tmp_path, tiny_checkpoint, database, storescp.destination)
+
+    assert retry_deliveries(fixed, storescp.destination).splitlines() == [
+        "0 failed deliveries queued again",
+        "2 failed deliveries left failed, their destinations no longer configured: "
+        "retention removed their files",
+    ]
+    rows = deliveries(fixed)
+    assert sorted(rows) == sorted(ids)  # none made
+    assert {d.state for d in rows.values()} == {DeliveryState.FAILED}
+    assert storescp.associations() == 0
 
 
 def test_a_rejection_note_still_goes_where_its_object_went(

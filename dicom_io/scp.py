@@ -1074,9 +1074,11 @@ def _lock_free(path: Path, *, create: bool) -> int | None:
     return descriptor
 
 
-def _local_fault(exc: BaseException) -> bool:
+def local_fault(exc: BaseException) -> bool:
     """Whether `exc` is this machine's trouble, not the data's: an operating system error
     (EIO, ESTALE, ENOENT: it has an ``errno``) or memory exhausted, raised or wrapped.
+    The listener answers it 0xA700, and the worker has the task retry it
+    (worker.pipeline), where the data's fault is final.
 
     pydicom raises a bare ``OSError`` (no ``errno``) for data it cannot parse, and turns
     any error reading a sequence item into one: the chain it was raised from tells.
@@ -1478,7 +1480,7 @@ class StorageSCP:
             size = temp.stat().st_size
         except Exception as exc:  # pydicom raises many types for malformed data
             self._count("failed")
-            if _local_fault(exc):
+            if local_fault(exc):
                 # The file could not be read back (a disk error, a stale handle, a file
                 # removed under us) or memory ran out: nothing wrong with the data set,
                 # and the PACS, told 0xC210, would drop the image for good.

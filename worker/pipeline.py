@@ -96,7 +96,7 @@ from dicom_io.sc import (
     overlay_shape,
     render_overlay,
 )
-from dicom_io.scp import fsync_directory, uid_tag
+from dicom_io.scp import fsync_directory, local_fault, uid_tag
 from dicom_io.sr import build_bone_age_sr, build_not_assessed_sr, earlier_report
 from worker.heartbeat import process_name
 from worker.runtime import SOFTWARE_NAME, Runtime
@@ -647,13 +647,15 @@ def _study_of(ds: Dataset) -> str:
 
 
 def _io_trouble(exc: BaseException) -> bool:
-    """Whether ``exc``, raised reading a spooled file, is trouble a retry may cure: an
-    OSError the system raised (it has an errno: EIO, ESTALE, EMFILE, EACCES ...), or
-    another copy taking the file's place. Not a missing file, and not pydicom's OSError
-    for a file it cannot parse (it has no errno: "No tag to read at file position")."""
-    if isinstance(exc, FileNotFoundError) or not isinstance(exc, OSError):
+    """Whether ``exc``, raised reading a spooled file, is trouble a retry may cure: the
+    machine's, as the listener tells it (:func:`dicom_io.scp.local_fault`: an OSError the
+    system raised, EIO, ESTALE, EMFILE, EACCES ..., or memory exhausted, raised or
+    wrapped in the errno-less OSError pydicom raises for a sequence item it could not
+    read), or another copy taking the file's place. Not a missing file, and not pydicom's
+    OSError for data it cannot parse ("No tag to read at file position")."""
+    if isinstance(exc, FileNotFoundError):
         return False
-    return exc.errno is not None or isinstance(exc, FileChangedError)
+    return isinstance(exc, FileChangedError) or local_fault(exc)
 
 
 def _refuse_uid_clash(

@@ -46,7 +46,7 @@ from dicom_io.scp import (
     SOP_CLASS_NOT_SUPPORTED,
     TRANSFER_SYNTAXES,
     VERIFICATION_SOP_CLASS,
-    _local_fault,
+    local_fault,
 )
 from tests.integration.test_listener import write_hand, write_large_hand
 from tests.integration.test_scp_limits import (
@@ -370,7 +370,7 @@ def _wrapped(error: BaseException, wrapper: BaseException) -> BaseException:
     ids=["ENOENT", "EIO", "ESTALE", "memory", "pydicom", "value", "EIO-wrapped", "data-wrapped"],
 )
 def test_local_faults_are_told_from_faults_of_the_data(error: BaseException, local: bool) -> None:
-    assert _local_fault(error) is local
+    assert local_fault(error) is local
 
 
 def test_a_listener_that_is_gone_has_its_partial_files_removed_and_no_other(

@@ -101,6 +101,37 @@ def test_an_io_error_reading_the_spool_file_is_retried_not_taken_for_bad_dicom(
     assert assessments(runtime, instance_id) == [1]
 
 
+def _as_pydicom_wraps(error: BaseException) -> OSError:
+    """``error`` as pydicom raises it from a sequence item it could not read: a bare
+    OSError, no errno, ``error`` only in its context."""
+    try:
+        try:
+            raise error
+        except BaseException:
+            raise OSError("No tag to read at file position 2A4") from None
+    except OSError as wrapped:
+        wrapped.__context__ = error
+        return wrapped
+
+
+@pytest.mark.parametrize(
+    "error",
+    [_as_pydicom_wraps(OSError(errno.EIO, "Input/output error")), MemoryError()],
+    ids=["EIO in a sequence item", "memory exhausted"],
+)
+def test_machine_trouble_the_listener_tells_is_not_taken_for_bad_dicom(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, error: BaseException
+) -> None:
+    """The listener answers these 0xA700 (dicom_io.scp.local_fault); reading the spool
+    file, the worker took them for a file it cannot parse, for good."""
+    instance_id = spool_instance(runtime)
+    failing_once(monkeypatch, "read_image", error)  # type: ignore[arg-type]
+    with pytest.raises(type(error)):
+        assess_instance(runtime, instance_id)
+    assert instance_row(runtime, instance_id).state is InstanceState.PROCESSING
+    assert assess_instance(runtime, instance_id).state == "assessed"
+
+
 def test_a_file_pydicom_cannot_parse_is_still_not_assessed(runtime: Runtime) -> None:
     """pydicom raises OSError with no errno for a sequence cut short ("No tag to read"):
     that is the file, not the disk, and no retry changes it."""

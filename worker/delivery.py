@@ -42,7 +42,7 @@ import ssl
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
@@ -89,6 +89,7 @@ class _Claimed:
     path: Path
     sha256: str | None  # None on rows written before checksums were recorded
     withdraws: str | None  # a note of ours: the UID of our object it withdraws
+    created_at: datetime
 
 
 def backoff_seconds(attempts: int, base: float, cap: float) -> float:
@@ -107,6 +108,12 @@ def refused_for_good(status: int) -> bool:
 
 #: Why an SR or SC to a destination taken out of the settings is not sent.
 NOT_CONFIGURED = "destination no longer configured"
+#: Why a delivery made after this process read its settings, to a destination they do
+#: not name, is tried again later: the settings that made it are newer than ours.
+NOT_CONFIGURED_HERE = (
+    "destination not in this delivery worker's BONEAGE_DESTINATIONS, which are older than "
+    "the delivery: restart the delivery workers with the inference workers' settings"
+)
 
 
 def configured(settings: Settings, destination: str | Destination) -> bool:
@@ -214,12 +221,19 @@ def _claim(
                 Delivery.path,
                 Delivery.sha256,
                 Delivery.withdraws,
+                Delivery.created_at,
             )
             .execution_options(synchronize_session=False)
         ).all()
         claimed = {
             row.id: _Claimed(
-                row.id, row.kind, row.destination, Path(row.path), row.sha256, row.withdraws
+                row.id,
+                row.kind,
+                row.destination,
+                Path(row.path),
+                row.sha256,
+                row.withdraws,
+                row.created_at,
             )
             for row in rows
         }
@@ -347,9 +361,16 @@ def _send_to(
         return
     if not configured(settings, destination):
         # Taken out of the settings (a mistyped node corrected, one out of service):
-        # nothing more of ours goes there but the notes withdrawing what it has
+        # nothing more of ours goes there but the notes withdrawing what it has. Unless
+        # the row is newer than this process's settings: the inference worker that made
+        # it took up settings this one has not yet (a rolling restart, one deployment
+        # before the other), and it is tried again later, not failed for good.
         for row in rows:
-            if row.kind is not ObjectKind.KO:
+            if row.kind is ObjectKind.KO:
+                continue
+            if row.created_at > rt.settings_since:
+                outcomes[row.id] = _record_failure(rt, row.id, NOT_CONFIGURED_HERE)
+            else:
                 outcomes[row.id] = _record_failure(rt, row.id, NOT_CONFIGURED, permanent=True)
         rows = [row for row in rows if row.kind is ObjectKind.KO]
         if not rows:

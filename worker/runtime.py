@@ -10,6 +10,7 @@ import logging
 import threading
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import cached_property
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,12 @@ logger = logging.getLogger(__name__)
 SOFTWARE_NAME = "boneage-worker"
 
 
+def _now() -> datetime:
+    from db.schema import utcnow  # the database's module: not loaded where unused
+
+    return utcnow()
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -38,6 +45,9 @@ class Runtime:
     _batcher: BatchingPredictor | None = field(default=None, repr=False)
     #: The cores this process shares with its siblings (prefork on a CPU), if it does.
     cores: CoreShare | None = None
+    #: When this process took up its settings: work made after it (a delivery row) may
+    #: come from a process that took up newer ones (worker.delivery).
+    settings_since: datetime = field(default_factory=lambda: _now())
 
     @property
     def database_url(self) -> str:

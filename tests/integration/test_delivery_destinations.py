@@ -101,6 +101,34 @@ def test_an_sr_and_sc_on_their_way_to_a_destination_taken_out_fail_unsent(
     ]
 
 
+def test_a_delivery_newer_than_the_delivery_workers_settings_is_tried_again_later(
+    tmp_path: Path,
+    tiny_checkpoint: Path,
+    database_url: str,
+    storescp: StoreSCP,
+    corrected: StoreSCP,
+) -> None:
+    """A rolling restart: the inference workers took up the corrected destination, the
+    delivery worker not yet. What they made since is not failed for good by the older
+    settings: it waits, and goes once the delivery worker has the new ones."""
+    delivery_worker = node(tmp_path, tiny_checkpoint, database_url, storescp.destination)
+    inference_worker = node(tmp_path, tiny_checkpoint, database_url, corrected.destination)
+    ids = assess_instance(inference_worker, spool_instance(inference_worker)).delivery_ids
+
+    sent = send_deliveries(delivery_worker, ids)
+
+    assert [o.state for o in sent.values()] == ["retry"] * 2
+    rows = deliveries(delivery_worker)
+    assert {d.state for d in rows.values()} == {DeliveryState.PENDING}
+    assert all(d.last_error and "older than the delivery" in d.last_error for d in rows.values())
+    assert storescp.associations() == 0 and corrected.associations() == 0
+
+    restarted = node(tmp_path, tiny_checkpoint, database_url, corrected.destination)
+    sent = send_deliveries(restarted, ids, force=True)
+    assert [o.state for o in sent.values()] == ["delivered"] * 2
+    assert len(corrected.wait_for_objects(2, timeout=30)) == 2
+
+
 def retry_deliveries(rt: Runtime, destinations: str) -> str:
     """Run `boneage-worker retry-deliveries` on ``rt``'s node as an administrator does,
     BONEAGE_DESTINATIONS ``destinations``; its stdout."""

@@ -733,6 +733,22 @@ def _give_up(instance: Instance, *, retried: bool = False) -> None:
     logger.error("assess: instance %d gave up after %s", instance.id, tried)
 
 
+def give_up_retries(rt: Runtime, instance_id: int) -> None:
+    """End ``instance_id`` in error when the assess task has spent its retries and this
+    process still holds the claim: an attempt whose claim or failure could not be
+    recorded (the database away) spent a retry of the task's and none of
+    ``transient_failures``, and the instance would wait for the lease to run out (half
+    an hour) in place of ending as the task did (found in review)."""
+    with session_scope(rt.database_url) as session:
+        instance = session.get(Instance, instance_id)
+        if (
+            instance is not None
+            and instance.state is InstanceState.PROCESSING
+            and instance.claimed_by == process_name("worker")
+        ):
+            _give_up(instance, retried=True)
+
+
 def _finish(rt: Runtime, claim: _Claim, state: InstanceState, reason: str | None) -> None:
     """Close the claimed instance with no result and nothing to send."""
     with session_scope(rt.database_url) as session:

@@ -40,6 +40,7 @@ from worker.pipeline import (
     RETRIED_BY_THE_TASK,
     TRANSIENT_RETRIES,
     assess_instance,
+    give_up_retries,
     sweep_staged,
     warm_up,
 )
@@ -340,6 +341,11 @@ def assess(self: Task, instance_id: int, send: bool = True) -> str:
     try:
         with rt.cores.task() if rt.cores is not None else contextlib.nullcontext():
             outcome = assess_instance(rt, instance_id, send=send)
+    except RETRIED_BY_THE_TASK:
+        metrics.TASKS.labels(ASSESS_TASK, "exception").inc()
+        if self.request.retries >= self.max_retries:  # no retry comes after this one
+            give_up_retries(rt, instance_id)
+        raise
     except Exception:
         metrics.TASKS.labels(ASSESS_TASK, "exception").inc()
         raise

@@ -225,9 +225,23 @@ def test_trouble_the_task_retries_spends_no_attempt_until_its_back_off_is_spent(
     assert assess_instance(runtime, other).state == "skipped"
 
 
-def test_the_pipeline_gives_up_when_the_task_does(runtime: Runtime) -> None:
-    assert tasks.assess.max_retries == TRANSIENT_RETRIES
+def test_the_pipeline_gives_up_when_the_task_does(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The task's last retry fails while the instance has counted fewer (a database
+    failover spent some of the task's retries and none of the instance's): it ends in
+    error with the task, not half an hour later when its lease runs out."""
     assert set(tasks.assess.autoretry_for) == set(pipeline.RETRIED_BY_THE_TASK)
+    instance_id = spool_instance(runtime)
+    monkeypatch.setitem(tasks._state, "runtime", runtime)
+    failing_once(monkeypatch, "read_image", OSError(errno.EIO, "Input/output error"))
+
+    done = tasks.assess.apply(args=(instance_id,), retries=TRANSIENT_RETRIES)
+
+    assert done.failed()
+    instance = instance_row(runtime, instance_id)
+    assert instance.transient_failures == 0 and instance.state is InstanceState.ERROR
+    assert (instance.reason or "").startswith("processing did not complete in 1 attempts")
 
 
 def test_a_fault_after_trouble_that_passed_still_ends_in_error_after_max_attempts(

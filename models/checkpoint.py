@@ -196,9 +196,7 @@ class CheckpointMeta:
         metrics = raw.get("metrics")
         if isinstance(metrics, dict):  # earlier checkpoints wrote R² of one image as NaN
             raw["metrics"] = {
-                k: v
-                for k, v in metrics.items()
-                if not isinstance(v, float) or math.isfinite(v)
+                k: v for k, v in metrics.items() if not isinstance(v, float) or math.isfinite(v)
             }
         try:
             return cls(**{k: v for k, v in raw.items() if k in arguments})

@@ -64,9 +64,7 @@ def test_a_child_that_ran_a_while_starts_its_count_again(
     starts = tmp_path / "starts"
     script = "import time\nif n == 5: time.sleep(1.5)\nraise SystemExit(5)"
     with pytest.raises(SystemExit):
-        _supervise(
-            {"child": _child(starts, script)}, env={}, started_after=1.0, restart_delay=0.05
-        )
+        _supervise({"child": _child(starts, script)}, env={}, started_after=1.0, restart_delay=0.05)
     assert starts.read_text() == "x" * (4 + 1 + FAILED_STARTS)
     assert re.search(r"child exited with code 5 after [12] s; restarting in 0.05 s", caplog.text)
 

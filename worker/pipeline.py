@@ -12,7 +12,7 @@ An instance is assessed once, unless a copy of it received again changes what it
 result depends on (:func:`assessment_inputs`: a corrected sex or birth date, the
 gate's decision, how the pixels are described; or the pixels themselves, told by a
 32 x 32 picture of the image, :func:`image_signature`) or the patient its SR and SC are
-filed under (:func:`identity_digest`: a corrected name or ID). It is then assessed
+filed under (:func:`identity_digest`: a corrected Patient ID). It is then assessed
 again, as assessment 2, 3 ...: new SR and SC in the same series, the SR naming the
 reports it replaces (Predecessor Documents), and the earlier results kept; what was
 filed under another patient or study is withdrawn there. A copy that changes nothing of
@@ -678,7 +678,7 @@ def _refuse_uid_clash(
     )
     clash = (
         f"{UID_CLASH} (other pixels, {where}): its results stand and nothing was made of "
-        "the other, whose copy is now the one in the spool (do not reprocess it); ask "
+        "the other, whose copy is now the one in the spool (reprocess leaves it); ask "
         "whoever sent it to give each image UIDs of its own"
     )
     with session_scope(rt.database_url) as session:

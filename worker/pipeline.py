@@ -920,8 +920,8 @@ def _value_text(value: object) -> str:
 def identity_digest(ds: Dataset, sop_instance_uid: str) -> str:
     """Hex SHA-256 of the patient ``ds`` names (:func:`patient_identity`), salted with its
     SOP Instance UID: kept in the database in place of the values. A copy received again
-    under another identity (the PACS corrected the patient's name or ID) is assessed
-    again: its SR and SC are filed under the identity it carries."""
+    under another Patient ID (the PACS corrected it) is assessed again: its SR and SC are
+    filed under the patient it names."""
     text = f"{sop_instance_uid}\n{patient_identity(ds)}"
     return hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()
 

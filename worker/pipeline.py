@@ -393,7 +393,7 @@ class _Claim:
     # once the attempt has read the file, the patient it names (:func:`identity_digest`)
     identity: str | None = None
     # the patient the instance's last assessment read, where this attempt opened the new
-    # one (None before revision 0013; a retry of it finds the new patient recorded)
+    # one (None before revision 0015; a retry of it finds the new patient recorded)
     identity_before: str | None = None
     # the study the instance was first received in (where its first outputs went)
     first_study: str = ""
@@ -532,7 +532,7 @@ def _reopen_if_received_changed(
 
     Not for an instance finished before revision 0004 (no digest), nor for a copy that
     cannot be parsed: nothing says it changed. The identity of one finished before
-    revision 0013 is not compared. Of two attempts that find the same change at once,
+    revision 0015 is not compared. Of two attempts that find the same change at once,
     one claims it; the other leaves it.
 
     A copy in another study or under another patient is the image moved or refiled only

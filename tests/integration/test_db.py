@@ -187,6 +187,27 @@ def test_a_database_error_is_logged_without_the_values_of_its_row(database_url: 
     assert "IntegrityError" in logged and uid not in logged, logged
 
 
+def test_revision_0015_forgets_the_identities_0013_hashed(database_url: str) -> None:
+    """0013 hashed name, ID, issuer and other IDs; the patient is now the Patient ID, whose
+    hash never equals theirs: kept, every copy received again would be taken for another
+    patient's. Emptied, each instance compares its Patient ID from its next assessment."""
+    upgrade(database_url, "0014")
+    row = _instance_row("1.2.826.0.1.3680043.8.498.15")
+    with get_engine(database_url).begin() as connection:
+        instance_id = connection.execute(
+            text(
+                f"INSERT INTO instances ({', '.join(row)}, times_received, attempts, "
+                "received_at, identity_sha256) VALUES "
+                f"({', '.join(':' + k for k in row)}, 1, 1, CURRENT_TIMESTAMP, :identity) "
+                "RETURNING id"
+            ),
+            {**row, "state": InstanceState.ASSESSED.value, "identity": "c" * 64},
+        ).scalar_one()
+    assert upgrade(database_url) == head_revision()
+    with session_scope(database_url) as session:
+        assert session.get_one(Instance, instance_id).identity_sha256 is None
+
+
 def _instance_row(uid: str) -> dict[str, object]:
     return {
         "sop_instance_uid": uid,

@@ -108,11 +108,15 @@ def refused_for_good(status: int) -> bool:
 
 #: Why an SR or SC to a destination taken out of the settings is not sent.
 NOT_CONFIGURED = "destination no longer configured"
-#: Why a delivery made after this process read its settings, to a destination they do
-#: not name, is tried again later: the settings that made it are newer than ours.
+#: How long a delivery made after this process read its settings, to a destination they
+#: do not name, is tried again before it fails as :data:`NOT_CONFIGURED`: the process that
+#: made it may have newer settings (a rolling restart, the inference workers before the
+#: delivery workers), or older ones (the other way round), which this cannot tell.
+SETTINGS_ROLLOUT = timedelta(minutes=15)
 NOT_CONFIGURED_HERE = (
-    "destination not in this delivery worker's BONEAGE_DESTINATIONS, which are older than "
-    "the delivery: restart the delivery workers with the inference workers' settings"
+    "destination not in this delivery worker's BONEAGE_DESTINATIONS, which it took up "
+    "before the delivery was made: tried again for 15 minutes (the workers restarting with "
+    "other settings), then failed"
 )
 
 
@@ -361,14 +365,14 @@ def _send_to(
         return
     if not configured(settings, destination):
         # Taken out of the settings (a mistyped node corrected, one out of service):
-        # nothing more of ours goes there but the notes withdrawing what it has. Unless
-        # the row is newer than this process's settings: the inference worker that made
-        # it took up settings this one has not yet (a rolling restart, one deployment
-        # before the other), and it is tried again later, not failed for good.
+        # nothing more of ours goes there but the notes withdrawing what it has. A row
+        # newer than this process's settings is tried again for a while first: the
+        # inference worker that made it may have taken up settings this one has not yet
+        # (a rolling restart, one deployment before the other).
         for row in rows:
             if row.kind is ObjectKind.KO:
                 continue
-            if row.created_at > rt.settings_since:
+            if row.created_at > rt.settings_since and now() - row.created_at < SETTINGS_ROLLOUT:
                 outcomes[row.id] = _record_failure(rt, row.id, NOT_CONFIGURED_HERE)
             else:
                 outcomes[row.id] = _record_failure(rt, row.id, NOT_CONFIGURED, permanent=True)

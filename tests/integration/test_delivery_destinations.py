@@ -8,6 +8,7 @@ rejection notes still go where the objects they withdraw went.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from tests.integration import test_delivery
 from tests.integration.test_pipeline import make_runtime, spool_dataset, spool_instance
 from tests.integration.test_rejection_notes import image_of
 from tests.support import free_port, pacs_rejection_note
-from worker.delivery import reset_failed, send_deliveries
+from worker.delivery import SETTINGS_ROLLOUT, reset_failed, send_deliveries
 from worker.pipeline import assess_instance
 from worker.runtime import Runtime
 from worker.status import collect
@@ -120,13 +121,39 @@ def test_a_delivery_newer_than_the_delivery_workers_settings_is_tried_again_late
     assert [o.state for o in sent.values()] == ["retry"] * 2
     rows = deliveries(delivery_worker)
     assert {d.state for d in rows.values()} == {DeliveryState.PENDING}
-    assert all(d.last_error and "older than the delivery" in d.last_error for d in rows.values())
+    assert all(d.last_error and "tried again for 15 minutes" in d.last_error for d in rows.values())
     assert storescp.associations() == 0 and corrected.associations() == 0
 
     restarted = node(tmp_path, tiny_checkpoint, database_url, corrected.destination)
     sent = send_deliveries(restarted, ids, force=True)
     assert [o.state for o in sent.values()] == ["delivered"] * 2
     assert len(corrected.wait_for_objects(2, timeout=30)) == 2
+
+
+def test_a_delivery_newer_than_the_settings_fails_once_a_rollout_would_be_over(
+    tmp_path: Path, tiny_checkpoint: Path, database_url: str, storescp: StoreSCP
+) -> None:
+    """The other way round (the delivery worker restarted first, without the destination
+    an inference worker not yet restarted still names): tried again only for
+    SETTINGS_ROLLOUT, then failed as a destination no longer configured, which
+    `retry-deliveries` sends to the configured destinations."""
+    inference_worker = node(tmp_path, tiny_checkpoint, database_url, storescp.destination)
+    ids = assess_instance(inference_worker, spool_instance(inference_worker)).delivery_ids
+    delivery_worker = dataclasses.replace(
+        node(tmp_path, tiny_checkpoint, database_url, f"OTHER@127.0.0.1:{free_port()}"),
+        settings_since=now() - timedelta(hours=1),
+    )
+    with session_scope(database_url) as session:
+        session.execute(
+            update(Delivery)
+            .where(Delivery.id.in_(ids))
+            .values(created_at=now() - SETTINGS_ROLLOUT - timedelta(minutes=1))
+        )
+
+    sent = send_deliveries(delivery_worker, ids)
+
+    assert [(o.state, o.error) for o in sent.values()] == [("failed", NOT_CONFIGURED)] * 2
+    assert storescp.associations() == 0
 
 
 def retry_deliveries(rt: Runtime, destinations: str) -> str:

@@ -1077,8 +1077,9 @@ def _lock_free(path: Path, *, create: bool) -> int | None:
 def local_fault(exc: BaseException) -> bool:
     """Whether `exc` is this machine's trouble, not the data's: an operating system error
     (EIO, ESTALE, ENOENT: it has an ``errno``) or memory exhausted, raised or wrapped.
-    The listener answers it 0xA700, and the worker has the task retry it
-    (worker.pipeline), where the data's fault is final.
+    The listener answers it 0xA700; the worker does not take it for a file it cannot
+    parse (worker.pipeline): an OSError the task retries, memory exhausted ends the
+    attempt, which the reconciler queues again.
 
     pydicom raises a bare ``OSError`` (no ``errno``) for data it cannot parse, and turns
     any error reading a sequence item into one: the chain it was raised from tells.

@@ -721,8 +721,8 @@ def _give_up(instance: Instance, *, retried: bool = False) -> None:
     instance.state = InstanceState.ERROR
     last = f"; the last: {instance.reason}" if instance.reason else ""
     tried = (
-        f"{instance.transient_failures} attempts, each failing for trouble a retry may cure, "
-        "the task's back-off spent"
+        f"the task's {TRANSIENT_RETRIES + 1} tries, each failing for trouble a retry may "
+        "cure, its back-off spent"
         if retried
         else f"{MAX_ATTEMPTS} attempts"
     )

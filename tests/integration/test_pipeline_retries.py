@@ -217,9 +217,9 @@ def test_trouble_the_task_retries_spends_no_attempt_until_its_back_off_is_spent(
     instance = instance_row(runtime, other)
     assert instance.state is InstanceState.ERROR
     assert (instance.reason or "").startswith(
-        f"processing did not complete in {TRANSIENT_RETRIES + 1} attempts, each failing for "
-        "trouble a retry may cure, the task's back-off spent; the last: attempt 1 failed: "
-        "OSError in"
+        f"processing did not complete in the task's {TRANSIENT_RETRIES + 1} tries, each "
+        "failing for trouble a retry may cure, its back-off spent; the last: attempt 1 "
+        "failed: OSError in"
     )
     assert instance.transient_failures == 0
     assert assess_instance(runtime, other).state == "skipped"
@@ -241,7 +241,9 @@ def test_the_pipeline_gives_up_when_the_task_does(
     assert done.failed()
     instance = instance_row(runtime, instance_id)
     assert instance.transient_failures == 0 and instance.state is InstanceState.ERROR
-    assert (instance.reason or "").startswith("processing did not complete in 1 attempts")
+    assert (instance.reason or "").startswith(
+        f"processing did not complete in the task's {TRANSIENT_RETRIES + 1} tries"
+    )
 
 
 def test_a_fault_after_trouble_that_passed_still_ends_in_error_after_max_attempts(

@@ -775,12 +775,12 @@ def reprocess(
         enqueue_assess(instance_id, send=send)
     gone = files_removed(rt, chosen)
     fate = "results will be sent" if send else "results kept, not sent"
+    # each instance counted once: one retention cleaned up may be a clash or rejected too
+    already = set(chosen) - set(todo) - {*gone, *waiting, *rejected, *clashes}
     console.print(
         f"{len(chosen)} instances chosen; {len(todo)} queued for model "
-        f"{rt.predictor.model_id[:12]} ({fate}); "
-        f"{len(chosen) - len(todo) - len(gone) - len(waiting) - len(rejected) - len(clashes)} "
-        "already "
-        f"assessed by it; {len(waiting)} not finished yet (left as they are)"
+        f"{rt.predictor.model_id[:12]} ({fate}); {len(already)} already assessed by it; "
+        f"{len(waiting)} not finished yet (left as they are)"
     )
     if send and (beside := sent_by_other_models(rt, todo)):
         console.print(

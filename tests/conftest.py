@@ -210,3 +210,19 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("model") / "tiny-resnet18.safetensors"
     save_checkpoint(path, loaded.model, loaded.meta)
     return path
+
+
+@pytest.fixture(autouse=True)
+def _sqlite_engines_disposed() -> Iterator[None]:
+    """Dispose of the SQLite engines a test made (one per temporary database): their
+    pooled connections hold file descriptors (the database, its -wal and -shm) for the
+    rest of the run. A suite of tests that each make one held hundreds, and pynetdicom
+    waits on its sockets with select(), which cannot take a descriptor past 1023."""
+    from db import engine as db_engine
+
+    before = set(db_engine._engines)
+    yield
+    for url in set(db_engine._engines) - before:
+        if url.startswith("sqlite"):
+            eng, _ = db_engine._engines.pop(url)
+            eng.dispose()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -38,21 +40,41 @@ def test_a_child_that_keeps_exiting_stops_the_supervisor_with_a_failure(
     )
 
 
+class RunsAsIf:
+    """A supervisor's clock by which each run a child ended lasted ``seconds(n)`` (its
+    ``n``th), counted from the runs that wrote ``done`` as they ended: the tests need not
+    wait that long."""
+
+    def __init__(self, done: Path, seconds: Callable[[int], float]) -> None:
+        self.done, self.seconds = done, seconds
+
+    def __call__(self) -> float:
+        ended = len(self.done.read_text()) if self.done.exists() else 0
+        return time.monotonic() + sum(self.seconds(n) for n in range(1, ended + 1))
+
+
+def _ends(done: Path, code: int) -> str:
+    return f"f = open({str(done)!r}, 'a'); f.write('x'); f.close(); raise SystemExit({code})"
+
+
 def test_a_child_slow_to_fail_stops_the_supervisor_all_the_same(
     tmp_path: Path, signal_handlers: None, caplog: pytest.LogCaptureFixture
 ) -> None:
     """However long a failing start takes (a model that loads, then no database), the
-    starts that fail in a row are counted: this one takes longer than the back-off
-    between its restarts, so counting exits within a time window would never stop it."""
-    starts = tmp_path / "starts"
-    slow = "import time; time.sleep(0.6); raise SystemExit(4)"
+    starts that fail in a row are counted: each of these runs 13 s, longer than a minute
+    holds five of with their back-off, so counting exits within a minute never stopped it."""
+    starts, done = tmp_path / "starts", tmp_path / "done"
     with pytest.raises(SystemExit) as stopped:
         _supervise(
-            {"slow child": _child(starts, slow)}, env={}, started_after=5.0, restart_delay=0.05
+            {"slow child": _child(starts, _ends(done, 4))},
+            env={},
+            restart_delay=0.05,
+            clock=RunsAsIf(done, lambda n: 13.0),
         )
     assert stopped.value.code == 1
     assert starts.read_text() == "x" * FAILED_STARTS
-    assert "slow child keeps exiting (code 4, 6 times in a row within 5 s" in caplog.text
+    assert "slow child exited with code 4 after 13 s" in caplog.text
+    assert "slow child keeps exiting (code 4, 6 times in a row within 120 s" in caplog.text
 
 
 def test_a_child_that_ran_a_while_starts_its_count_again(
@@ -61,12 +83,16 @@ def test_a_child_that_ran_a_while_starts_its_count_again(
     """Four failed starts, then a run longer than ``started_after`` (a crash after
     working, not a failed start): the count begins again, so six more failed starts
     are needed to stop the supervisor."""
-    starts = tmp_path / "starts"
-    script = "import time\nif n == 5: time.sleep(1.5)\nraise SystemExit(5)"
+    starts, done = tmp_path / "starts", tmp_path / "done"
     with pytest.raises(SystemExit):
-        _supervise({"child": _child(starts, script)}, env={}, started_after=1.0, restart_delay=0.05)
+        _supervise(
+            {"child": _child(starts, _ends(done, 5))},
+            env={},
+            restart_delay=0.05,
+            clock=RunsAsIf(done, lambda n: 200.0 if n == 5 else 0.0),
+        )
     assert starts.read_text() == "x" * (4 + 1 + FAILED_STARTS)
-    assert re.search(r"child exited with code 5 after [12] s; restarting in 0.05 s", caplog.text)
+    assert "child exited with code 5 after 200 s; restarting in 0.05 s" in caplog.text
 
 
 def test_the_wait_before_a_restart_doubles_with_each_failed_start(

@@ -17,7 +17,7 @@ from pydicom import Dataset, dcmread
 from sqlalchemy import select
 
 from db.engine import session_scope
-from db.schema import Instance, InstanceState, Result
+from db.schema import InstanceState, Result
 from tests.conftest import StoreSCP
 from tests.integration.test_pipeline import (
     attempt_began_before,
@@ -26,6 +26,7 @@ from tests.integration.test_pipeline import (
     spool_instance,
 )
 from tests.integration.test_received_again import received_again
+from tests.integration.test_received_again_identity import instance_row
 from worker import pipeline, tasks
 from worker.heartbeat import HeartbeatThread, process_name
 from worker.pipeline import MAX_ATTEMPTS, TRANSIENT_RETRIES, assess_instance
@@ -43,13 +44,6 @@ def runtime(
     if request.param == "postgresql":
         database["database_url"] = request.getfixturevalue("postgres_url")
     return make_runtime(tmp_path, tiny_checkpoint, destinations=storescp.destination, **database)
-
-
-def instance_row(rt: Runtime, instance_id: int) -> Instance:
-    with session_scope(rt.database_url) as session:
-        instance = session.get_one(Instance, instance_id)
-        session.expunge(instance)
-        return instance
 
 
 def assessments(rt: Runtime, instance_id: int) -> list[int]:

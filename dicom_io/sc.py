@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -25,6 +26,7 @@ from dicom_io.content import (
     check_positive_int,
     check_uid,
 )
+from dicom_io.gate import BodyPart, body_part_examined
 from dicom_io.sr import (
     MANUFACTURER,
     PATIENT_AND_STUDY,
@@ -41,6 +43,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CAM_THRESHOLD",
     "MAX_LONG_SIDE",
+    "NOTICE_BODY_PART",
     "REPLACES_HEAT_MAP",
     "WITHDRAWN",
     "build_heatmap_sc",
@@ -363,6 +366,28 @@ def _patient_orientation(source: Dataset) -> tuple[str, str] | None:
     return None
 
 
+#: Body Part Examined of a notice whose source no longer names the hand (PS3.16 Annex L).
+NOTICE_BODY_PART = "HAND"
+# A Code String value (PS3.5 6.2): upper case, digits, space and underscore, 16 at most.
+_CODE_STRING = re.compile(r"[A-Z0-9 _]{1,16}")
+
+
+def _hand_body_part(source: Dataset) -> str:
+    """Body Part Examined of a notice in the heat-map series of ``source``: the source's
+    where it names the hand (as the heat maps it withdraws have it), else
+    :data:`NOTICE_BODY_PART`. The notice shows no anatomy, but it withdraws the bone age
+    of a hand, and lands with the hand images; the copy received again that withdraws it
+    may name another part (its body part corrected), or none."""
+    value = source.get("BodyPartExamined")
+    if (
+        isinstance(value, str)
+        and _CODE_STRING.fullmatch(value)
+        and body_part_examined(value)[0] is BodyPart.HAND
+    ):
+        return value
+    return NOTICE_BODY_PART
+
+
 def build_heatmap_sc(
     source: Dataset,
     rgb: np.ndarray,
@@ -487,6 +512,15 @@ def build_withdrawal_sc(
         This notice.
     series_number, instance_number : int
         Of the series, and this notice's place in it (after the heat maps it withdraws).
+
+    Returns
+    -------
+    pydicom.Dataset
+        A :class:`highdicom.sc.SCImage` as :func:`build_heatmap_sc` makes, but for what
+        follows from its showing no radiograph: Patient Orientation empty (its rows and
+        columns run in no direction of the patient's), Body Part Examined the hand's
+        (the source's where it names one, else :data:`NOTICE_BODY_PART`), so that it
+        lands with the hand images, and Lossy Image Compression ``00``.
     """
     if not isinstance(why, str) or not why.strip():
         raise ValueError('Argument "why" must be a non-empty string.')
@@ -525,7 +559,8 @@ def _secondary_capture(
     shows_source: bool = True,
 ) -> Dataset:
     """The SC of ``rgb`` in ``source``'s study, in a heat-map series of one model;
-    ``shows_source``: its pixels are the source's, rendered (and lossy where those are)."""
+    ``shows_source``: its pixels are the source's, rendered (and lossy where those are),
+    in the source's orientation and of its body part; else a notice (:func:`_hand_body_part`)."""
     if not isinstance(source, Dataset):
         raise TypeError(
             f'Argument "source" must be a pydicom Dataset, not {type(source).__name__}.'
@@ -545,7 +580,8 @@ def _secondary_capture(
     if laterality is None:
         side = str(source.get("ImageLaterality") or source.get("Laterality") or "").upper()
         laterality = side if side in ("L", "R") else None
-    orientation = _patient_orientation(source)
+    # a picture of text has no rows and columns in the patient: not the source's
+    orientation = _patient_orientation(source) if shows_source else None
     reference = _reference_view(source)
     sc = SCImage.from_ref_dataset(
         ref_dataset=reference,
@@ -569,15 +605,23 @@ def _secondary_capture(
     # (highdicom was given placeholders: _reference_view)
     copy_patient_and_study(source, sc)
     date_in_sources_time_zone(source, sc)
-    # General Image: the overlay keeps the source's row/column directions
+    # General Image: Patient Orientation is Type 2C, required of an image that needs no
+    # Image Orientation (Patient) or (Slide), as an SC needs neither (PS3.3 C.7.6.1), and
+    # empty where unknown: the overlay keeps the source's row/column directions; where
+    # they are unknown, or in a notice, whose rows of text run in no direction of the
+    # patient's, it is present and empty (never absent: a Type 2C error)
     if orientation is None:
         del sc.PatientOrientation
         sc.add_new("PatientOrientation", "CS", None)
     # General Series: Laterality is Type 2C; empty when the side is unknown
     if laterality is None:
         sc.Laterality = ""
-    # (a notice shows no anatomy, and the copy that withdrew a bone age may name another)
-    if shows_source and source.get("BodyPartExamined"):
+    # General Series: Body Part Examined, on which hanging protocols put a series with the
+    # images of its part: a heat map's is its source's; a notice's, the hand's
+    # (_hand_body_part), so that it lands with the hand images whatever the copy says
+    if not shows_source:
+        sc.BodyPartExamined = _hand_body_part(source)
+    elif source.get("BodyPartExamined"):
         sc.BodyPartExamined = source.BodyPartExamined
     # SC Equipment: rendered by software on a workstation, not digitized
     sc.ConversionType = "WSD"

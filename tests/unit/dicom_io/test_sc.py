@@ -432,7 +432,7 @@ def test_a_withdrawal_sc_passes_dciodvfy_and_renders(tmp_path: Path, source: Dat
     )
     assert sc.ImageComments.startswith(f"{WITHDRAWN}: the image was received again")
     assert UNTRAINED_WARNING in sc.SeriesDescription  # as the heat maps of that model
-    assert "BodyPartExamined" not in sc and sc.LossyImageCompression == "00"
+    assert sc.BodyPartExamined == "HAND" and sc.LossyImageCompression == "00"
     path = tmp_path / "notice.dcm"
     sc.save_as(path, enforce_file_format=True)
     assert dciodvfy_errors(path) == []
@@ -448,6 +448,79 @@ def test_a_withdrawal_sc_passes_dciodvfy_and_renders(tmp_path: Path, source: Dat
             instance_number=2,
             **_uids(),
         )
+
+
+def _notice(source: Dataset) -> Dataset:
+    return build_withdrawal_sc(
+        source,
+        "the image was received again with other values and assessed again",
+        model_name="BoneAgeNet resnet50",
+        model_trained=True,
+        series_number=9902,
+        instance_number=2,
+        **_uids(),
+    )
+
+
+def _written_back(tmp_path: Path, sc: Dataset, name: str) -> Dataset:
+    """``sc`` as a file that passes dciodvfy, read back."""
+    path = tmp_path / f"{name}.dcm"
+    sc.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+    return dcmread(path)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR CS")  # RT-HAND, as some send it
+@pytest.mark.parametrize(
+    ("examined", "expected"),
+    [
+        ("HAND", "HAND"),
+        ("WRIST", "WRIST"),  # a hand, as the heat maps of that image have it
+        ("L HAND", "L HAND"),
+        ("CHEST", "HAND"),  # the copy received again was corrected to another part
+        ("FINGER", "HAND"),
+        ("RT-HAND", "HAND"),  # no Code String: not written as it came
+        (None, "HAND"),  # found a hand by its descriptions
+    ],
+)
+def test_a_withdrawal_notice_lands_with_the_hand_images(
+    tmp_path: Path, source: Dataset, examined: str | None, expected: str
+) -> None:
+    """Hanging protocols place a series by its Body Part Examined: a notice without one
+    was shown apart from the hand images and the heat maps it withdraws."""
+    if examined is None:
+        del source.BodyPartExamined
+    else:
+        source.BodyPartExamined = examined
+    back = _written_back(tmp_path, _notice(source), "notice")
+    assert back.BodyPartExamined == expected
+
+
+def test_a_withdrawal_notice_runs_in_no_direction_of_the_patient(
+    tmp_path: Path, source: Dataset, finding: BoneAgeFinding
+) -> None:
+    """Its rows are lines of text: Patient Orientation present (Type 2C: an SC needs no
+    Image Orientation) and empty, not the radiograph's A\\F that its heat map keeps."""
+    assert list(source.PatientOrientation) == ["A", "F"]
+    rgb = render_overlay(decode_for_display(source), _cam(96, 64), finding)
+    heat_map = _written_back(
+        tmp_path, build_heatmap_sc(source, rgb, finding, series_number=902, **_uids()), "sc"
+    )
+    assert list(heat_map.PatientOrientation) == ["A", "F"]
+    notice = _written_back(tmp_path, _notice(source), "notice")
+    assert "PatientOrientation" in notice
+    assert notice["PatientOrientation"].is_empty
+
+
+def test_a_notice_without_patient_orientation_would_not_be_valid(
+    tmp_path: Path, source: Dataset
+) -> None:
+    """Why the notice's is empty and not absent: dciodvfy holds the SC to Type 2C."""
+    notice = _notice(source)
+    del notice.PatientOrientation
+    path = tmp_path / "notice.dcm"
+    notice.save_as(path, enforce_file_format=True)
+    assert any("<PatientOrientation>" in line for line in dciodvfy_errors(path))
 
 
 def test_sc_rejects_bad_rgb(source: Dataset, finding: BoneAgeFinding) -> None:

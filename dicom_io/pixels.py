@@ -16,18 +16,22 @@ import io
 import logging
 import os
 import re
+import zlib
 from collections.abc import Callable, Sequence
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 from pydicom import Dataset, dcmread
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import FileMetaDataset
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 from pydicom.multival import MultiValue
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
     UID,
+    DeflatedExplicitVRLittleEndian,
     HTJ2KLossless,
     HTJ2KLosslessRPCL,
     JPEG2000Lossless,
@@ -42,7 +46,9 @@ from pydicom.uid import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "MAX_INFLATED_BYTES",
     "FileChangedError",
+    "InflatedTooLargeError",
     "NoContrastError",
     "PixelDataError",
     "decode_for_display",
@@ -68,6 +74,17 @@ DEFERRED_BYTES = 1 << 20
 #: Stored values read from the file at once when an uncompressed image is decoded reduced
 #: (:func:`_blocks_from_file`).
 _STRIP_BYTES = 1 << 22
+#: The most a Deflated Explicit VR Little Endian data set may inflate to when
+#: :func:`read_image` reads it. A hand radiograph is one frame, from a detector no larger
+#: than 43 x 43 cm: at a 100 um pitch 4300 x 4300 pixels, 37 MB at 16 bits (55 MB as an
+#: 8-bit RGB capture); hand cassettes are smaller. Past it a file of a few hundred
+#: kilobytes (a deflate bomb) would inflate to gigabytes in memory; the listener refuses
+#: deflated transfers for the same reason (dicom_io.scp.TRANSFER_SYNTAXES).
+MAX_INFLATED_BYTES = 64 << 20
+# Deflated bytes read from the file at a time, and the most bytes inflated from them at
+# a time: memory stays within the limit plus one piece.
+_DEFLATED_READ_BYTES = 1 << 16
+_INFLATED_PIECE_BYTES = 1 << 20
 #: What a frame's stored values are decoded by (Image Pixel module, PS3.3 C.7.6.3).
 FRAME_DESCRIPTION = (
     "Rows",
@@ -145,6 +162,11 @@ MAX_SHARE_AT_ONE_LEVEL = 0.98
 CONTRAST_LEVELS = 256
 # The share is counted on at most about this many pixels (strided sample).
 _CONTRAST_SAMPLE = 1 << 16
+
+
+class InflatedTooLargeError(ValueError):
+    """A deflated data set inflates past :data:`MAX_INFLATED_BYTES`: more than any hand
+    radiograph takes (a deflate bomb, or no radiograph), refused before it is held."""
 
 
 class FileChangedError(OSError):
@@ -252,20 +274,96 @@ def read_image(path: str | os.PathLike[str]) -> Dataset:
     the new file throughout. Any other error reading the file then is raised as the
     :class:`OSError` it is, not as undecodable pixel data.
 
+    A Deflated Explicit VR Little Endian file (one a user gives by hand: the listener
+    takes none) is inflated a piece at a time, to at most :data:`MAX_INFLATED_BYTES`,
+    and read from memory as :func:`pydicom.dcmread` reads it; dcmread itself would
+    inflate the whole data set, however large, before it reads a byte of it.
+
     Raises
     ------
     OSError
         When the file cannot be read.
+    InflatedTooLargeError
+        When its data set is deflated and inflates past :data:`MAX_INFLATED_BYTES`.
     Exception
-        Whatever :func:`pydicom.dcmread` raises for a file that is not DICOM.
+        Whatever :func:`pydicom.dcmread` raises for a file that is not DICOM
+        (:class:`zlib.error` for a deflated data set that is corrupt or cut short).
     """
     with open(path, "rb") as fh:
         status = os.fstat(fh.fileno())
+        if (deflated := _deflated_file_meta(fh)) is not None:
+            return _read_deflated(fh, os.fspath(path), *deflated)
         ds = dcmread(fh, defer_size=DEFERRED_BYTES)
     syntax = _transfer_syntax(ds)
     if syntax is not None and not syntax.is_deflated:  # (deflated: read from memory)
         ds.fileobj_type = _SourceOpener(os.path.abspath(path), status)
     return ds
+
+
+def _deflated_file_meta(fh: BinaryIO) -> tuple[bytes | None, FileMetaDataset] | None:
+    """The preamble and File Meta Information of the Part 10 file open in ``fh`` where
+    its data set is deflated, ``fh`` then at the data set's first byte; else None, and
+    ``fh`` back at the start, for :func:`pydicom.dcmread` to read (and to say what is
+    wrong with a file that is not DICOM)."""
+    try:
+        # read as dcmread reads them, so that it takes no file for deflated that this did
+        # not (pydicom's own reader: it reads a writer's Implicit VR meta as well)
+        preamble = read_preamble(fh, force=False)
+        meta = _read_file_meta_info(fh)
+        deflated = meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+    except Exception:  # whatever it is, pydicom reads it or says why not
+        deflated = False
+    if deflated:
+        return preamble, meta
+    fh.seek(0)
+    return None
+
+
+def _read_deflated(
+    fh: BinaryIO, name: str, preamble: bytes | None, meta: FileMetaDataset
+) -> Dataset:
+    """The deflated data set that follows in ``fh`` (the file ``name``), inflated within
+    :data:`MAX_INFLATED_BYTES` (:func:`_inflate`) and read from memory, with ``meta``:
+    what :func:`pydicom.dcmread` makes of the file."""
+    buffer = DicomBytesIO(_inflate(fh, name))
+    buffer.name = name
+    dataset = read_dataset(cast(BinaryIO, buffer), is_implicit_VR=False, is_little_endian=True)
+    ds = FileDataset(buffer, dataset, preamble, meta, False, True)
+    ds.set_original_encoding(False, True, dataset._character_set)
+    return ds
+
+
+def _inflate(fh: BinaryIO, name: str) -> bytes:
+    """The rest of ``fh`` (the file ``name``), raw deflate (PS3.5 A.5), inflated a
+    piece at a time.
+
+    Raises
+    ------
+    InflatedTooLargeError
+        Once it has inflated past :data:`MAX_INFLATED_BYTES`: the rest is not inflated.
+    zlib.error
+        When the deflated stream is corrupt, or ends before its last block.
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    pieces: list[bytes] = []
+    size = 0
+    while not inflater.eof:
+        deflated = inflater.unconsumed_tail or fh.read(_DEFLATED_READ_BYTES)
+        if not deflated:
+            raise zlib.error(
+                f"{name}: the deflated data set ends before its last block (cut short)"
+            )
+        # one byte past the limit at most, so that a data set of the limit exactly is read
+        room = MAX_INFLATED_BYTES + 1 - size
+        piece = inflater.decompress(deflated, min(room, _INFLATED_PIECE_BYTES))
+        size += len(piece)
+        if size > MAX_INFLATED_BYTES:
+            raise InflatedTooLargeError(
+                f"{name}: refused: its deflated data set inflates past "
+                f"{MAX_INFLATED_BYTES >> 20} MiB, more than any hand radiograph takes"
+            )
+        pieces.append(piece)
+    return b"".join(pieces)
 
 
 def _open_source(ds: Dataset) -> BinaryIO | None:

@@ -510,6 +510,7 @@ def test_a_copy_that_cannot_be_assessed_sends_an_sr_withdrawing_the_bone_age(
         "ManufacturerModelName",
         "StudyInstanceUID",
         "PatientID",
+        "BodyPartExamined",  # the hand's, as the heat map's: the copy says CHEST
     ):
         assert notice[keyword].value == first_sc[keyword].value, keyword
     assert notice.ImageComments == (

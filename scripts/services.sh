@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Make sure the PostgreSQL and Redis the integration tests use are running on
-# 127.0.0.1 (they usually are on the development machines; CI starts them here).
+# Make sure the PostgreSQL, Redis and RabbitMQ the integration tests use are running
+# on 127.0.0.1 (they usually are on the development machines; CI starts them here).
 set -euo pipefail
 
 if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
@@ -12,6 +12,16 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   mkdir -p /var/lib/redis /var/log/redis
   redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
     --dir /var/lib/redis --logfile /var/log/redis/ci.log
+fi
+if ! (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; then
+  echo "==> starting RabbitMQ"
+  rabbitmq-server -detached
+  # (await_startup fails at once while the node is not yet known to epmd)
+  for _ in $(seq 1 300); do
+    (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null && break
+    sleep 0.2
+  done
+  rabbitmqctl -q --timeout 60 await_startup
 fi
 for _ in $(seq 1 100); do
   pg_isready -q -h 127.0.0.1 -p 5432 && redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && exit 0

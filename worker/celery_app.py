@@ -73,8 +73,39 @@ def deliver_time_limit() -> float:
 #: firewall or NAT dropped without closing (half-open) held a publish, a query of the
 #: queues, or the reconciler, until TCP gave up retransmitting, about 15 min; the
 #: listener's enqueuer meanwhile published nothing. A reply takes milliseconds; a
-#: consumer's BRPOP returns every second (kombu's brpop_timeout).
-BROKER_SOCKET_TIMEOUT = 30.0
+#: consumer's BRPOP returns every second (kombu's brpop_timeout). It was 30 s: a publish's
+#: tries and reconnections, each waiting that long, then took about 3 min; now two such
+#: waits fit in `PUBLISH_BUDGET_SECONDS` with room for a pause between them.
+BROKER_SOCKET_TIMEOUT = 3.0
+
+#: Seconds to open a connection to the broker (TCP, and RabbitMQ's handshake), Redis or
+#: RabbitMQ: as long as `BROKER_SOCKET_TIMEOUT`, for the same reason (a SYN lost once is
+#: sent again after 1 s).
+BROKER_CONNECT_TIMEOUT = 3.0
+
+#: Seconds one publish may take, its tries, pauses and reconnections all together; then it
+#: fails to its caller (`worker.messaging.PublishDeadline`), which keeps the row for the
+#: next try, as for a broker that is away. The listener answers the PACS before it
+#: publishes (its enqueuer publishes on a thread of its own), but every image behind a
+#: publish waits for it, and a task's publish holds a worker. 10 s is a third of the 30 s
+#: DIMSE timeout common in PACS and no more than Orthanc's (DicomScuTimeout), so that
+#: even a publish on a C-STORE's path would end before the PACS gave up (one on a
+#: half-open connection gives up after two waits, about 6 s). A broker answers in
+#: milliseconds (RabbitMQ's confirm of a persistent message: a few, for its fsync); only
+#: a broker that is away, refusing or blocked (a memory or disk alarm) uses the budget up.
+PUBLISH_BUDGET_SECONDS = 10.0
+
+
+def broker_wait_seconds() -> float:
+    """The longest one blocking step of a publish waits: opening a connection, one Redis
+    command, or sending an AMQP message and waiting for the broker's confirm."""
+    return max(BROKER_SOCKET_TIMEOUT, BROKER_CONNECT_TIMEOUT)
+
+
+def is_amqp(broker_url: str) -> bool:
+    """Whether ``broker_url`` is RabbitMQ's (kombu's py-amqp transport)."""
+    return broker_url.partition("://")[0].lower() in {"amqp", "amqps", "pyamqp"}
+
 
 #: TCP keepalive on broker connections, and how long data may stay unacknowledged
 #: (TCP_USER_TIMEOUT, ms). An idle connection is probed after 30 s, which also keeps it
@@ -102,7 +133,7 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
     options: dict[str, Any] = {
         # Unacknowledged messages come back after this; it must exceed the longest task.
         "visibility_timeout": 4 * 3600,
-        "socket_connect_timeout": 5,
+        "socket_connect_timeout": BROKER_CONNECT_TIMEOUT,
         # Redis (py-amqp takes neither, and ignores them): a half-open connection fails
         # within the timeout, and an idle one is probed (see BROKER_SOCKET_TIMEOUT).
         # retry_on_timeout stays off: redis-py would send a publish that timed out again
@@ -113,6 +144,16 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
     }
     if settings.broker_prefix:
         options["global_keyprefix"] = settings.broker_prefix
+    if is_amqp(settings.effective_broker_url):
+        # Publisher confirms: each publish waits for RabbitMQ's basic.ack. Without them a
+        # message the broker dropped (a queue at its length limit with reject-publish, a
+        # connection lost after the write) was lost in silence, its row marked `queued`,
+        # and the image waited for the reconciler. A basic.nack raises (py-amqp's
+        # MessageNacked) and a confirm that does not come within `broker_wait_seconds`
+        # times out: the publish is tried again, then fails to its caller, whose row
+        # stays `received` for the next try. A message confirmed twice (a confirm lost
+        # with its connection) is harmless: tasks are idempotent.
+        options["confirm_publish"] = True
     return options
 
 
@@ -144,6 +185,8 @@ def use_write_ahead_log(broker_url: str, *, create: bool = True) -> None:
 
 #: How often, and after which pauses, a publish (or the enqueuer's connection) is tried
 #: before it fails: a broker outage must not stall the listener's enqueuer for minutes.
+#: Our publishes also stop trying where another try could not end within
+#: `PUBLISH_BUDGET_SECONDS` (`worker.messaging.PublishDeadline`).
 PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5}
 
 
@@ -175,6 +218,8 @@ def configure(settings: Settings, *, create_broker: bool = True) -> Celery:
         broker_url=settings.effective_broker_url,
         broker_transport_options=broker_transport_options(settings),
         broker_connection_retry_on_startup=True,
+        # RabbitMQ's (Redis takes socket_connect_timeout from the transport options)
+        broker_connection_timeout=BROKER_CONNECT_TIMEOUT,
         task_queues=(Queue(INFERENCE_QUEUE), Queue(DELIVERY_QUEUE)),
         task_default_queue=DELIVERY_QUEUE,
         task_routes={

@@ -6,19 +6,27 @@ broker never holds up a C-STORE. What cannot be published stays `received` in
 the database; the enqueuer tries it again after a pause (doubling, up to
 `RETRY_MAX_SECONDS`), so that a broker back after an outage gets the backlog in
 seconds, and the reconciler finds whatever a restart of the listener lost.
+
+A publish either reaches the broker or raises, within `PUBLISH_BUDGET_SECONDS`
+(`PublishDeadline`): RabbitMQ confirms each message (``confirm_publish``,
+`worker.celery_app.broker_transport_options`), and one it refuses raises as one that
+could not be sent does.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import math
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
+from kombu.exceptions import OperationalError
 from sqlalchemy import create_engine, inspect, text, update
 
 from db.engine import session_scope
@@ -29,18 +37,116 @@ from worker.celery_app import (
     DELIVER_TASK,
     DELIVERY_QUEUE,
     INFERENCE_QUEUE,
+    PUBLISH_BUDGET_SECONDS,
     PUBLISH_RETRY_POLICY,
     app,
+    broker_wait_seconds,
 )
 
 logger = logging.getLogger(__name__)
 
 
-def enqueue_assess(instance_id: int, *, send: bool = True, producer: Any = None) -> None:
-    """Publish an `assess` message (with ``producer``: on its connection, not the pool's)."""
+class PublishBudgetExceeded(OperationalError):
+    """A publish gave up: another try could not have ended within its budget."""
+
+
+class PublishDeadline:
+    """The end of one publish's budget, kept by kombu's retry policy.
+
+    kombu calls the policy's errback after each try that failed (to send, or to connect
+    again), with the pause it is about to take before the next. The next try waits at
+    most twice `broker_wait_seconds` (connecting, then sending); where that and the pause
+    would go past the end, `check` raises instead of letting it start. Each wait is
+    bounded by the broker's socket, connect and confirm timeouts, so the whole publish
+    ends within the budget. kombu's own retry policy counts tries only: three on a
+    half-open Redis connection, each waiting 30 s for a reply and as long again to
+    connect anew, took about 3 min.
+    """
+
+    def __init__(self, budget: float = PUBLISH_BUDGET_SECONDS) -> None:
+        self.budget = budget
+        self.ends = time.monotonic() + budget
+
+    def check(self, exc: BaseException, interval: float) -> None:
+        """Raise `PublishBudgetExceeded` unless a pause of ``interval`` and another try
+        fit in what is left."""
+        if time.monotonic() + interval + 2 * broker_wait_seconds() > self.ends:
+            raise PublishBudgetExceeded(
+                f"publish given up within its {self.budget:g} s ({type(exc).__name__})"
+            ) from exc
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """Make this the deadline that `keep_to_deadline` keeps, in this thread."""
+        token = _current_deadline.set(self)
+        try:
+            yield
+        finally:
+            _current_deadline.reset(token)
+
+
+#: The deadline of the publish this thread (or task) is making, if any.
+_current_deadline: contextvars.ContextVar[PublishDeadline | None] = contextvars.ContextVar(
+    "publish_deadline", default=None
+)
+
+
+def keep_to_deadline(exc: BaseException, interval: float) -> None:
+    """The retry policy's errback: `PublishDeadline.check` of the current publish.
+
+    Found through a context variable, not bound to the deadline, because kombu copies the
+    retry policy into the connection's transport options (`kombu.Producer.publish`),
+    which a pool's connections share and consult when one of them reconnects: a deadline
+    bound there would end another thread's publish, or a later one's, too soon.
+    """
+    deadline = _current_deadline.get()
+    if deadline is not None:
+        deadline.check(exc, interval)
+
+
+#: `PUBLISH_RETRY_POLICY`, stopped where the current publish's deadline would be passed.
+BOUNDED_RETRY_POLICY: dict[str, Any] = {**PUBLISH_RETRY_POLICY, "errback": keep_to_deadline}
+
+
+def send_within(deadline: PublishDeadline, name: str, **options: Any) -> None:
+    """``app.send_task`` that ends within ``deadline``: raises if the broker did not take
+    the message by then (unreachable, refusing it: a RabbitMQ nack, or not confirming it).
+
+    ``timeout`` and ``confirm_timeout`` bound an AMQP message's write and the wait for its
+    confirm; the other transports ignore them (their socket timeouts bound them).
+    """
+    wait = broker_wait_seconds()
+    with deadline.applied():
+        app.send_task(
+            name,
+            retry=True,
+            retry_policy=BOUNDED_RETRY_POLICY,
+            timeout=wait,
+            confirm_timeout=wait,
+            **options,
+        )
+
+
+def enqueue_assess(
+    instance_id: int,
+    *,
+    send: bool = True,
+    producer: Any = None,
+    deadline: PublishDeadline | None = None,
+) -> None:
+    """Publish an `assess` message (with ``producer``: on its connection, not the pool's).
+
+    Raises if the broker did not take it within ``deadline`` (by default a budget of its
+    own from now).
+    """
     kwargs = {} if send else {"send": False}
-    app.send_task(
-        ASSESS_TASK, args=[instance_id], kwargs=kwargs, queue=INFERENCE_QUEUE, producer=producer
+    send_within(
+        deadline or PublishDeadline(),
+        ASSESS_TASK,
+        args=[instance_id],
+        kwargs=kwargs,
+        queue=INFERENCE_QUEUE,
+        producer=producer,
     )
 
 
@@ -50,11 +156,17 @@ DELIVERIES_PER_MESSAGE = 8
 
 
 def enqueue_delivery(delivery_ids: Sequence[int], *, countdown: float | None = None) -> None:
-    """Publish `deliver` messages for ``delivery_ids``, in order, a few per message."""
+    """Publish `deliver` messages for ``delivery_ids``, in order, a few per message.
+
+    Raises at the first message the broker did not take within its budget
+    (`PublishDeadline`); the deliveries' rows stay pending for the reconciler.
+    """
     ids = list(delivery_ids)
     for start in range(0, len(ids), DELIVERIES_PER_MESSAGE):
         chunk = ids[start : start + DELIVERIES_PER_MESSAGE]
-        app.send_task(DELIVER_TASK, args=[chunk], queue=DELIVERY_QUEUE, countdown=countdown)
+        send_within(
+            PublishDeadline(), DELIVER_TASK, args=[chunk], queue=DELIVERY_QUEUE, countdown=countdown
+        )
 
 
 def mark_queued(database_url: str, instance_ids: list[int], published_at: datetime) -> None:
@@ -211,28 +323,36 @@ class Enqueuer:
         wait = min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2 ** (self._failed_rounds - 1))
         self._retry_at = time.monotonic() + wait
 
-    def _connect(self) -> bool:
-        """Open the connection and its channel, if not open yet; False if the broker is away."""
+    def _connect(self, deadline: PublishDeadline | None = None) -> bool:
+        """Open the connection and its channel, if not open yet; False if the broker is away.
+
+        With ``deadline``, connecting is part of a publish and spends its budget.
+        """
         if self._producer is not None:
             return True
         try:
-            self._connection = app.connection_for_write()
-            self._connection.ensure_connection(**PUBLISH_RETRY_POLICY, timeout=CONNECT_WAIT_SECONDS)
-            self._producer = app.amqp.Producer(self._connection)
-            # Declared now rather than by the first publish (for the embedded broker this
-            # opens its file and looks the queue's row up); the connection remembers it.
-            self._producer.maybe_declare(app.amqp.queues[INFERENCE_QUEUE])
+            with deadline.applied() if deadline is not None else contextlib.nullcontext():
+                self._connection = app.connection_for_write()
+                self._connection.ensure_connection(
+                    **BOUNDED_RETRY_POLICY, timeout=CONNECT_WAIT_SECONDS
+                )
+                self._producer = app.amqp.Producer(self._connection)
+                # Declared now rather than by the first publish (for the embedded broker
+                # this opens its file and looks the queue's row up); the connection
+                # remembers it.
+                self._producer.maybe_declare(app.amqp.queues[INFERENCE_QUEUE])
         except Exception as exc:  # broker down: rows stay `received`
             self._broker_away(exc)
             return False
         return True
 
     def _publish(self, instance_id: int) -> bool:
-        if not self._connect():
+        deadline = PublishDeadline()  # connecting and sending, all tries together
+        if not self._connect(deadline):
             return False
         try:
-            enqueue_assess(instance_id, producer=self._producer)
-        except Exception as exc:  # broker down: the row stays `received`
+            enqueue_assess(instance_id, producer=self._producer, deadline=deadline)
+        except Exception as exc:  # broker down or refusing: the row stays `received`
             self._broker_away(exc)
             return False
         if not self._broker_ok:
@@ -245,7 +365,7 @@ class Enqueuer:
         if self._broker_ok:
             logger.error(
                 "broker unavailable (%s): instances stay received and are tried again",
-                type(exc).__name__,
+                failure_name(exc),
             )
         self._broker_ok = False
 
@@ -256,6 +376,16 @@ class Enqueuer:
                 connection.release()
             except Exception as exc:  # it failed already; nothing more to lose
                 logger.debug("broker connection not closed cleanly (%s)", type(exc).__name__)
+
+
+def failure_name(exc: BaseException) -> str:
+    """What made a publish fail, by type: kombu's wrapper names the error it wraps
+    (``OperationalError: MessageNacked`` for a message RabbitMQ refused)."""
+    name = type(exc).__name__
+    cause = exc.__cause__
+    if isinstance(exc, OperationalError) and cause is not None:
+        return f"{name}: {type(cause).__name__}"
+    return name
 
 
 def prune_embedded_broker(broker_url: str, older_than: timedelta = timedelta(hours=1)) -> int:

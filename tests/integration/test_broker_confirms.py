@@ -1,0 +1,250 @@
+"""A message RabbitMQ does not take fails its publish, and its image is tried again.
+
+RabbitMQ confirms each publish (``confirm_publish``): a message it refuses (here a queue
+at its length limit with ``overflow=reject-publish``, set by a policy) or does not confirm
+in time (here a connection that a real TCP proxy stops forwarding after the message was
+written) raises, where before the publish returned and the message was gone. The
+listener's enqueuer and the reconciler then keep the row `received`, and publish it once
+the broker takes it.
+
+Each test has a virtual host of its own on the real RabbitMQ (127.0.0.1:5672,
+guest/guest), made and deleted with ``rabbitmqctl``: its queues and policies go with it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from amqp.exceptions import MessageNacked
+from kombu import Connection
+from kombu.exceptions import OperationalError
+from sqlalchemy import select
+
+from db.engine import session_scope, upgrade
+from db.schema import Instance, InstanceState
+from tests.proxy import TcpProxy
+from tests.support import received, wait_for
+from worker import messaging
+from worker.celery_app import INFERENCE_QUEUE, app, configure
+from worker.listener import record_instance
+from worker.messaging import Enqueuer, enqueue_assess
+from worker.reconciler import reconcile_via_broker
+from worker.runtime import Runtime
+from worker.settings import Settings, load_settings
+
+pytestmark = pytest.mark.integration
+
+#: What a publish may take, all its tries together: the budget the README states
+#: (`worker.celery_app.PUBLISH_BUDGET_SECONDS`), a third of a PACS's usual DIMSE timeout.
+BUDGET = 10.0
+
+RABBITMQ_PORT = int(os.environ.get("BONEAGE_TEST_RABBITMQ_PORT", "5672"))
+
+#: The policy that makes the inference queue refuse every message.
+REFUSE = {"max-length": 0, "overflow": "reject-publish"}
+
+#: What a timed call may take beyond the budget: the thread's start and join.
+MARGIN = 1.0
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def rabbitmq(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A virtual host of its own on the real RabbitMQ, deleted afterwards."""
+    if shutil.which("rabbitmqctl") is None:
+        pytest.fail("rabbitmqctl is not installed (the RabbitMQ server's package)")
+    vhost = f"boneage-test-{uuid.uuid4().hex[:10]}"
+    try:
+        _rabbitmqctl("add_vhost", vhost)
+        _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        pytest.fail(f"rabbitmqctl cannot make a virtual host (run as root?): {exc}")
+    # the app's connection pools, made for an earlier test's broker, are made again
+    monkeypatch.setattr(app, "_pool", None)
+    monkeypatch.setattr(app.amqp, "_producer_pool", None)
+    try:
+        yield vhost
+    finally:
+        if app._pool is not None:
+            app._pool.force_close_all()
+        _rabbitmqctl("delete_vhost", vhost)
+
+
+def _refuse(vhost: str) -> None:
+    """From now on the inference queue of ``vhost`` refuses every message. Set before the
+    queue is declared, the policy applies from its declaration on."""
+    _rabbitmqctl(
+        "set_policy", "-p", vhost, "--apply-to", "queues", "refuse",
+        f"^{INFERENCE_QUEUE}$", json.dumps(REFUSE),
+    )  # fmt: skip
+
+
+def _take_again(vhost: str) -> None:
+    _rabbitmqctl("clear_policy", "-p", vhost, "refuse")
+
+
+def _node(tmp_path: Path, broker_url: str, **overrides: Any) -> Settings:
+    settings = load_settings(data_dir=tmp_path, broker_url=broker_url, **overrides)
+    upgrade(settings.effective_database_url)
+    configure(settings)
+    return settings
+
+
+def _url(vhost: str, port: int = RABBITMQ_PORT) -> str:
+    return f"amqp://guest:guest@127.0.0.1:{port}/{vhost}"
+
+
+def _state(database_url: str, instance_id: int) -> InstanceState | None:
+    with session_scope(database_url) as session:
+        return session.scalar(select(Instance.state).where(Instance.id == instance_id))
+
+
+def _published(vhost: str) -> list[int]:
+    """The instance ids of the `assess` messages in the inference queue, oldest first
+    (taken off the queue, read directly)."""
+    ids: list[int] = []
+    with Connection(_url(vhost)) as connection:
+        channel = connection.default_channel
+        while (message := channel.basic_get(INFERENCE_QUEUE, no_ack=True)) is not None:
+            args, _kwargs, _embed = json.loads(message.body)
+            ids.extend(args)
+    return ids
+
+
+def _timed(call: Callable[[], None], limit: float) -> tuple[float, BaseException | None]:
+    """Seconds ``call`` took on a thread of its own, and what it raised; fails if it has
+    not returned within ``limit`` (it is left to end on its own)."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:  # handed to the test
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    thread = threading.Thread(target=run, name="publish", daemon=True)
+    began = time.monotonic()
+    thread.start()
+    thread.join(limit)
+    took = time.monotonic() - began
+    assert not thread.is_alive(), f"the publish still waited after {took:.1f} s"
+    return took, outcome[0]
+
+
+def _caused_by(exc: BaseException | None, kind: type[BaseException]) -> bool:
+    while exc is not None:
+        if isinstance(exc, kind):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def test_a_message_rabbitmq_refuses_fails_its_publish(tmp_path: Path, rabbitmq: str) -> None:
+    _node(tmp_path, _url(rabbitmq))
+    _refuse(rabbitmq)
+    # unconfirmed, the publish returned and the message was dropped in silence
+    with pytest.raises(OperationalError) as raised:
+        enqueue_assess(1)
+    assert _caused_by(raised.value, MessageNacked), repr(raised.value)
+    assert _published(rabbitmq) == []
+
+
+def test_the_enqueuer_keeps_a_refused_image_received_then_publishes_it(
+    tmp_path: Path, rabbitmq: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = _node(tmp_path, _url(rabbitmq)).effective_database_url
+    _refuse(rabbitmq)
+    enqueuer = Enqueuer(url)
+    enqueuer.start()
+    try:
+        instance_id = record_instance(url, received("1.2.3.5.1"))
+        with caplog.at_level(logging.ERROR, logger="worker.messaging"):
+            enqueuer.submit(instance_id)
+            wait_for(
+                lambda: (
+                    _state(url, instance_id) == InstanceState.QUEUED
+                    or "broker unavailable" in caplog.text
+                ),
+                timeout=BUDGET + 10,
+                what="the enqueuer's publish to end",
+            )
+        # before, the row was marked queued and its message was gone
+        assert _state(url, instance_id) == InstanceState.RECEIVED
+        assert "MessageNacked" in caplog.text
+        assert enqueuer.backlog == 1
+
+        _take_again(rabbitmq)
+        wait_for(
+            lambda: _state(url, instance_id) == InstanceState.QUEUED,
+            timeout=60,
+            what="the image published once the queue takes it",
+        )
+        assert _published(rabbitmq) == [instance_id]
+    finally:
+        enqueuer.stop()
+
+
+def test_the_reconciler_keeps_a_refused_image_received_then_publishes_it(
+    tmp_path: Path, rabbitmq: str
+) -> None:
+    # what was received and not published is the reconciler's at once
+    settings = _node(tmp_path, _url(rabbitmq), requeue_after_seconds=0.001)
+    url = settings.effective_database_url
+    rt = Runtime(settings)
+    _refuse(rabbitmq)
+    instance_id = record_instance(url, received("1.2.3.5.2"))
+
+    report = reconcile_via_broker(rt)
+    # before, the round reported it queued, and its message was gone
+    assert report.instances == []
+    assert _state(url, instance_id) == InstanceState.RECEIVED
+
+    _take_again(rabbitmq)
+    # the policy leaves the queue a moment after it is cleared: a round may still be refused
+    wait_for(
+        lambda: reconcile_via_broker(rt).instances == [instance_id],
+        timeout=30,
+        what="a round to publish the image once the queue takes it",
+    )
+    assert _state(url, instance_id) == InstanceState.QUEUED
+    assert _published(rabbitmq) == [instance_id]
+
+
+def test_a_publish_rabbitmq_never_confirms_fails_within_the_budget(
+    tmp_path: Path, rabbitmq: str
+) -> None:
+    proxy = TcpProxy(RABBITMQ_PORT)
+    try:
+        _node(tmp_path, _url(rabbitmq, proxy.port))
+        enqueue_assess(1)  # the pool's connection, through the proxy, is open
+        proxy.black_hole()  # the next message is written, and nothing comes back
+
+        took, error = _timed(lambda: enqueue_assess(2), BUDGET + MARGIN)
+        # unconfirmed, the publish returned at once and the message was lost
+        assert isinstance(error, OperationalError), f"the publish returned: {error!r}"
+        assert isinstance(error, messaging.PublishBudgetExceeded), repr(error)
+        assert took < BUDGET + MARGIN
+
+        proxy.forward()
+        enqueue_assess(2)
+        assert _published(rabbitmq) == [1, 2]
+    finally:
+        if app._pool is not None:
+            app._pool.force_close_all()
+        proxy.close()

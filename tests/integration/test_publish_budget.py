@@ -1,0 +1,178 @@
+"""A publish to Redis gives up within its budget (10 s), all its tries together,
+and its image is published once the broker answers again.
+
+The broker is the real Redis behind a real TCP proxy (`tests.proxy.TcpProxy`) that stops
+forwarding and closes nothing (a connection a firewall dropped: half-open), with the
+service's timeouts. Before the budget, each of the retry policy's three tries waited out
+the 30 s socket timeout, and as long again to connect anew: about 3 min.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import redis
+from kombu.exceptions import OperationalError
+from sqlalchemy import select
+
+from db.engine import session_scope, upgrade
+from db.schema import Instance, InstanceState
+from tests.proxy import TcpProxy
+from tests.support import received, wait_for
+from worker import messaging
+from worker.celery_app import INFERENCE_QUEUE, app, configure
+from worker.listener import record_instance
+from worker.messaging import Enqueuer, enqueue_assess, enqueue_delivery
+from worker.settings import load_settings
+
+pytestmark = pytest.mark.integration
+
+#: What a publish may take, all its tries together: the budget the README states
+#: (`worker.celery_app.PUBLISH_BUDGET_SECONDS`), a third of a PACS's usual DIMSE timeout.
+BUDGET = 10.0
+
+#: What a publish may take beyond the budget: the test's polling (0.1 s) or thread.
+MARGIN = 1.0
+
+
+@pytest.fixture
+def proxied_broker(
+    redis_broker: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[TcpProxy, str, str]]:
+    """(proxy, broker URL through the proxy, key prefix) on the real Redis."""
+    url, prefix = redis_broker
+    parsed = urlparse(url)
+    proxy = TcpProxy(parsed.port or 6379, parsed.hostname or "127.0.0.1")
+    # the app's connection pools, made for an earlier test's broker, are made again
+    monkeypatch.setattr(app, "_pool", None)
+    monkeypatch.setattr(app.amqp, "_producer_pool", None)
+    try:
+        yield proxy, f"redis://127.0.0.1:{proxy.port}{parsed.path}", prefix
+    finally:
+        if app._pool is not None:
+            app._pool.force_close_all()
+        proxy.close()
+
+
+def _node(tmp_path: Path, broker_url: str, prefix: str) -> str:
+    """Configure the app on ``broker_url``; the database's URL."""
+    settings = load_settings(data_dir=tmp_path, broker_url=broker_url, broker_prefix=prefix)
+    upgrade(settings.effective_database_url)
+    configure(settings)
+    return settings.effective_database_url
+
+
+def _state(database_url: str, instance_id: int) -> InstanceState | None:
+    with session_scope(database_url) as session:
+        return session.scalar(select(Instance.state).where(Instance.id == instance_id))
+
+
+def _published(prefix: str, queue: str = INFERENCE_QUEUE) -> list[object]:
+    """The first argument of each message waiting in ``queue``, oldest first (Redis,
+    read directly)."""
+    client = redis.Redis(host="127.0.0.1", port=6379)
+    try:
+        raw = client.lrange(f"{prefix}{queue}", 0, -1)
+    finally:
+        client.close()
+    return [
+        json.loads(base64.b64decode(json.loads(message)["body"]))[0][0]
+        for message in reversed(raw)  # kombu pushes on the left
+    ]
+
+
+def _timed(call: Callable[[], None], limit: float) -> tuple[float, BaseException | None]:
+    """Seconds ``call`` took on a thread of its own, and what it raised; fails if it has
+    not returned within ``limit`` (it is left to end on its own)."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:  # handed to the test
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    thread = threading.Thread(target=run, name="publish", daemon=True)
+    began = time.monotonic()
+    thread.start()
+    thread.join(limit)
+    took = time.monotonic() - began
+    assert not thread.is_alive(), f"the publish still waited after {took:.1f} s"
+    return took, outcome[0]
+
+
+def test_the_enqueuers_publish_gives_up_within_the_budget_and_the_image_waits(
+    tmp_path: Path,
+    proxied_broker: tuple[TcpProxy, str, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    proxy, broker_url, prefix = proxied_broker
+    url = _node(tmp_path, broker_url, prefix)
+    enqueuer = Enqueuer(url)
+    enqueuer.start()
+    try:
+        first = record_instance(url, received("1.2.3.6.1"))
+        enqueuer.submit(first)
+        wait_for(
+            lambda: _state(url, first) == InstanceState.QUEUED, timeout=30, what="first queued"
+        )
+
+        proxy.black_hole()
+        second = record_instance(url, received("1.2.3.6.2"))
+        with caplog.at_level(logging.ERROR, logger="worker.messaging"):
+            began = time.monotonic()
+            enqueuer.submit(second)
+            wait_for(
+                lambda: "broker unavailable" in caplog.text,
+                timeout=BUDGET + MARGIN,
+                what="the publish on the half-open connection to give up",
+            )
+            took = time.monotonic() - began
+        assert took < BUDGET + MARGIN, f"the publish gave up after {took:.1f} s"
+        assert "PublishBudgetExceeded" in caplog.text
+        assert _state(url, second) == InstanceState.RECEIVED
+
+        proxy.forward()
+        wait_for(
+            lambda: _state(url, second) == InstanceState.QUEUED,
+            timeout=60,
+            what="the second published once the network is back",
+        )
+        assert _published(prefix) == [first, second]
+    finally:
+        enqueuer.stop()
+
+
+def test_a_publish_on_the_apps_pool_gives_up_within_the_budget(
+    tmp_path: Path, proxied_broker: tuple[TcpProxy, str, str]
+) -> None:
+    proxy, broker_url, prefix = proxied_broker
+    _node(tmp_path, broker_url, prefix)
+    enqueue_assess(1)  # the pool's connection, through the proxy, is open
+    proxy.black_hole()
+
+    # the reconciler's publishes, and those of a task: they raise, and their rows wait
+    took, error = _timed(lambda: enqueue_assess(2), BUDGET + MARGIN)
+    assert isinstance(error, OperationalError), f"the publish returned: {error!r}"
+    assert isinstance(error, messaging.PublishBudgetExceeded), repr(error)
+    assert took < BUDGET + MARGIN
+
+    # on a connection the pool has to open again: kombu gives up after its connect timeout
+    took, error = _timed(lambda: enqueue_delivery([7, 8]), BUDGET + MARGIN)
+    assert isinstance(error, OperationalError), repr(error)
+    assert took < BUDGET + MARGIN
+
+    proxy.forward()
+    enqueue_assess(2)
+    assert _published(prefix) == [1, 2]
+    assert _published(prefix, "delivery") == []

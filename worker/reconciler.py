@@ -173,11 +173,11 @@ def _not_published(rt: Runtime, instance_ids: list[int], queued_at: datetime) ->
 
 def reconcile_via_broker(rt: Runtime, *, startup: bool = False) -> ReconcileReport:
     """`reconcile` with this process's broker: the one entry point every caller uses."""
-    from worker.celery_app import app, queue_depths
+    from worker.celery_app import INFERENCE_QUEUE, app, queue_depths
     from worker.messaging import enqueue_assess, enqueue_delivery
 
     try:
-        empty = queue_depths(app).get("inference", 0) == 0
+        empty = queue_depths(app).get(INFERENCE_QUEUE, 0) == 0
     except Exception:  # broker unreachable: treat queued work as possibly in flight
         empty = False
     return reconcile(

@@ -74,6 +74,12 @@ INCOMING_ABANDONED_SECONDS = 86400.0
 #: runs.
 INCOMING_LOCK_NAME = "listener.lock"
 
+#: The file at the top of the spool that a listener holds a shared lock on from before it
+#: renames a received file into place until its row is committed, or not (see
+#: `recording_lock`); retention takes it exclusively to remove a received file no row
+#: names (worker.retention).
+RECORDING_LOCK_NAME = ".recording.lock"
+
 # Status codes of the Storage Service Class (PS3.4 Annex B.2.3).
 SUCCESS = 0x0000
 SOP_CLASS_NOT_SUPPORTED = 0x0122
@@ -1074,6 +1080,46 @@ def _lock_free(path: Path, *, create: bool) -> int | None:
     return descriptor
 
 
+_unlocked_warned = False
+
+
+@contextlib.contextmanager
+def recording_lock(spool_dir: Path, *, exclusive: bool = False) -> Iterator[bool]:
+    """Hold the spool's recording lock (`RECORDING_LOCK_NAME`) for the ``with`` block;
+    yields whether it is held.
+
+    The listener holds it shared from before it renames a received file into the spool
+    until that file's row is committed, or has failed: a file there that no row names
+    may be one whose row is about to, however old its time says it is. Shared, it waits
+    while retention holds it, and yields False where the file system takes no locks
+    (the C-STORE goes on, logged once). Exclusive (retention, before it removes a
+    received file that no row names), it does not wait: False while any listener is
+    between a rename and its commit, or where no lock can be taken.
+    """
+    global _unlocked_warned
+    descriptor: int | None = None
+    held = False
+    try:
+        descriptor = os.open(
+            spool_dir / RECORDING_LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+        )
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH)
+        held = True
+    except OSError as exc:  # held by a listener (exclusive only), or no locks here
+        if not exclusive and not _unlocked_warned:
+            _unlocked_warned = True
+            logger.warning(
+                "the spool's recording lock cannot be taken (%s): retention removes no "
+                "received file that no row names",
+                exc.strerror or type(exc).__name__,
+            )
+    try:
+        yield held
+    finally:
+        if descriptor is not None:
+            os.close(descriptor)  # and the lock with it
+
+
 def local_fault(exc: BaseException) -> bool:
     """Whether `exc` is this machine's trouble, not the data's: an operating system error
     (EIO, ESTALE, ENOENT: it has an ``errno``) or memory exhausted, raised or wrapped.
@@ -1414,6 +1460,15 @@ class StorageSCP:
         with self._counter_lock:
             self.counters[key] += 1
 
+    def _not_durable(self, sop_uid: str, exc: OSError) -> int:
+        self._count("failed")
+        logger.error(
+            "C-STORE %s: cannot make the file durable (%s): 0xA700",
+            uid_tag(sop_uid),
+            exc.strerror or type(exc).__name__,
+        )
+        return OUT_OF_RESOURCES
+
     def _on_store(self, event: evt.Event) -> int:
         """Handle one C-STORE. Never raises: every failure is a status and a log line."""
         started = time.monotonic()
@@ -1501,20 +1556,6 @@ class StorageSCP:
             return CANNOT_UNDERSTAND
 
         final = spool_path(self.spool_dir, sop_uid)
-        try:
-            _fsync_file(temp)
-            final.parent.mkdir(exist_ok=True, mode=0o700)
-            os.replace(temp, final)
-            fsync_directory(final.parent)
-        except OSError as exc:
-            self._count("failed")
-            logger.error(
-                "C-STORE %s: cannot make the file durable (%s): 0xA700",
-                uid_tag(sop_uid),
-                exc.strerror or type(exc).__name__,
-            )
-            return OUT_OF_RESOURCES
-
         received = ReceivedInstance(
             sop_instance_uid=sop_uid,
             sop_class_uid=str(header.get("SOPClassUID") or request.AffectedSOPClassUID),
@@ -1527,15 +1568,28 @@ class StorageSCP:
             size_bytes=size,
         )
         try:
-            instance_id = self._record(received)
-        except Exception as exc:  # database trouble of any kind: the PACS must retry
-            self._count("failed")
-            logger.error(
-                "C-STORE %s: cannot record the instance (%s): 0xA700",
-                uid_tag(sop_uid),
-                type(exc).__name__,
-            )
-            return OUT_OF_RESOURCES
+            _fsync_file(temp)
+            final.parent.mkdir(exist_ok=True, mode=0o700)
+        except OSError as exc:
+            return self._not_durable(sop_uid, exc)
+        # From the rename until the row is committed the file is in the spool and no row
+        # names it yet: retention, which removes such files, waits (`recording_lock`).
+        with recording_lock(self.spool_dir):
+            try:
+                os.replace(temp, final)
+                fsync_directory(final.parent)
+            except OSError as exc:
+                return self._not_durable(sop_uid, exc)
+            try:
+                instance_id = self._record(received)
+            except Exception as exc:  # database trouble of any kind: the PACS must retry
+                self._count("failed")
+                logger.error(
+                    "C-STORE %s: cannot record the instance (%s): 0xA700",
+                    uid_tag(sop_uid),
+                    type(exc).__name__,
+                )
+                return OUT_OF_RESOURCES
 
         self._count("stored")
         logger.info("stored instance %d from %s (%d bytes)", instance_id, calling, size)

@@ -193,6 +193,7 @@ class Listener:
                 self.settings.effective_database_url,
                 older_than=timedelta(days=days),
                 outbox_dir=self.settings.outbox_dir,
+                spool_dir=self.settings.spool_dir,
             )
         except Exception as exc:
             logger.warning("retention not applied (%s); next round retries", type(exc).__name__)

@@ -32,12 +32,27 @@ again from the PACS, or ``backfill`` them.
 An SR or SC made with nothing to send it to (no destination configured, or a
 ``reprocess`` not asked to send) has no delivery row to find it by: it goes when it is
 ``BONEAGE_RETENTION_DAYS`` old, by its file's time, since nothing will ever send it.
+
+A received image in the spool that no instance row names is one whose row the listener
+could not commit (the database was down: the PACS was answered 0xA700). The PACS
+usually sends it again, which makes its row; where it does not, nothing else would
+ever remove it, and ``status`` cannot see it. It goes when it is
+``BONEAGE_RETENTION_DAYS`` old, as a recorded image would (a row lost to a database
+restored from a backup leaves such files too: they are kept as long), and never
+younger than the recording window. The listener holds the spool's recording lock from
+before it renames a copy into place until its row is committed (dicom_io.scp), and
+these files are removed only under that lock taken exclusively, each looked up again
+then: a copy whose row is being committed is never taken, whatever its time says. Only
+the listener's own names (``spool/ab/<32 hex>.dcm``) are looked at, never
+``spool/.incoming``, where each listener's partial files are its own to sweep.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import re
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -48,6 +63,7 @@ from sqlalchemy.orm import Session
 from db.engine import session_scope
 from db.schema import FINISHED, Delivery, DeliveryState, Instance, InstanceState, Rejection
 from db.schema import utcnow as now
+from dicom_io.scp import recording_lock
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +78,13 @@ _SWEEP_WINDOW = timedelta(days=1)
 #: again), which retention may take.
 _RECORDING = timedelta(hours=1)
 _BATCH = 200
+#: How long a run tries for the spool's recording lock before it leaves the received
+#: files no row names to the next (listeners take it, shared, for each C-STORE).
+_LOCK_TRIES_SECONDS = 30.0
+#: The listener's names for received files (dicom_io.scp.spool_path): a folder of two
+#: hexadecimal digits, a file of 32 more.
+_SPOOL_FOLDER = re.compile(r"[0-9a-f]{2}")
+_SPOOL_FILE = re.compile(r"[0-9a-f]{32}\.dcm")
 
 
 @dataclass(frozen=True)
@@ -74,6 +97,9 @@ class RetentionReport:
     dry_run: bool = False
     #: Of ``files``, the SR and SC files that no delivery named (:func:`_unsent_outputs`).
     unsent_outputs: int = 0
+    #: Of ``files``, the received images that no instance row named
+    #: (:func:`_unrecorded_images`).
+    unrecorded_images: int = 0
 
     def __add__(self, other: RetentionReport) -> RetentionReport:
         return RetentionReport(
@@ -82,6 +108,7 @@ class RetentionReport:
             self.bytes + other.bytes,
             self.dry_run,
             self.unsent_outputs + other.unsent_outputs,
+            self.unrecorded_images + other.unrecorded_images,
         )
 
 
@@ -232,6 +259,7 @@ def remove_expired_files(
     older_than: timedelta,
     dry_run: bool = False,
     outbox_dir: Path | None = None,
+    spool_dir: Path | None = None,
 ) -> RetentionReport:
     """Remove the files of instances finished more than ``older_than`` ago, all sent.
 
@@ -247,6 +275,9 @@ def remove_expired_files(
     outbox_dir : pathlib.Path, optional
         The node's outbox: its SR and SC files that no delivery names go when they are
         ``older_than`` old (:func:`_unsent_outputs`).
+    spool_dir : pathlib.Path, optional
+        The node's spool: its received images that no instance row names go when they
+        are ``older_than`` old (:func:`_unrecorded_images`).
 
     Returns
     -------
@@ -301,14 +332,21 @@ def remove_expired_files(
         report = report + _sweep(database_url, started)
     if outbox_dir is not None:
         report = report + _unsent_outputs(database_url, outbox_dir, cutoff, dry_run=dry_run)
+    if spool_dir is not None:
+        report = report + _unrecorded_images(
+            database_url, spool_dir, min(cutoff, started - _RECORDING), dry_run=dry_run
+        )
     if report.instances or report.files:
         logger.info(
-            "retention%s: %d instance(s), %d file(s), %.1f MB %s",
+            "retention%s: %d instance(s), %d file(s), %.1f MB %s%s",
             " (dry run)" if dry_run else "",
             report.instances,
             report.files,
             report.bytes / 1e6,
             "would be removed" if dry_run else "removed",
+            f"; {report.unrecorded_images} of them received image(s) that no instance recorded"
+            if report.unrecorded_images
+            else "",
         )
     return report
 
@@ -363,3 +401,102 @@ def _unsent_outputs(
     unsent = [p for p in old if str(p) not in named]
     count, size = _sizes(unsent) if dry_run else _remove(unsent, cutoff)
     return RetentionReport(0, count, size, dry_run, unsent_outputs=count)
+
+
+def _received_files(spool: Path) -> Iterator[Path]:
+    """The files in ``spool`` under the listener's names for received images; never
+    those in ``spool/.incoming`` (nor the spool's lock files)."""
+    try:
+        folders = [f for f in spool.iterdir() if _SPOOL_FOLDER.fullmatch(f.name)]
+    except OSError:
+        return
+    for folder in folders:
+        try:
+            names = [p for p in folder.iterdir() if _SPOOL_FILE.fullmatch(p.name)]
+        except OSError:  # not a folder, or removed meanwhile
+            continue
+        yield from names
+
+
+def _spool_name(path: str) -> str:
+    """``ab/<32 hex>.dcm``: what names a received file whichever folder the spool is
+    mounted at (a row's path is the one its listener saw)."""
+    return "/".join(path.rsplit("/", 2)[-2:])
+
+
+def _unrecorded_images(
+    database_url: str, spool: Path, written_by: datetime, *, dry_run: bool
+) -> RetentionReport:
+    """Received images in ``spool`` written before ``written_by`` that no instance row
+    names: copies whose row the listener could not commit (see the module docstring).
+
+    Each row's file is matched by its name in the spool as well as by its path, so that
+    a spool mounted elsewhere than where its rows were written keeps every file. The
+    files are removed under the recording lock (:func:`dicom_io.scp.recording_lock`),
+    taken exclusively, and each is looked up again then: no listener is then between
+    renaming a copy into place and committing its row, so a file still unnamed is no
+    copy being recorded, and one renamed in since is too new to be taken.
+    """
+    old: dict[str, Path] = {}
+    for path in _received_files(spool):
+        try:
+            if path.stat().st_mtime < written_by.timestamp():
+                old[_spool_name(str(path))] = path
+        except OSError:
+            continue
+    if not old:
+        return RetentionReport(dry_run=dry_run)
+    with session_scope(database_url) as session:
+        named = {
+            name
+            for name in map(
+                _spool_name,
+                session.scalars(select(Instance.spool_path).execution_options(yield_per=5000)),
+            )
+            if name in old
+        }
+    unrecorded = [path for name, path in old.items() if name not in named]
+    if not unrecorded:
+        return RetentionReport(dry_run=dry_run)
+    if dry_run:
+        count, size = _sizes(unrecorded)
+        return RetentionReport(0, count, size, True, unrecorded_images=count)
+    count = size = 0
+    for start in range(0, len(unrecorded), _BATCH):
+        chunk = unrecorded[start : start + _BATCH]
+        removed = _remove_unrecorded(database_url, spool, chunk, written_by)
+        if removed is None:
+            logger.warning(
+                "retention: %d received image(s) that no instance recorded left to the "
+                "next run: the spool's recording lock was not free for %.0f s (listeners "
+                "busy recording, or a file system that takes no locks)",
+                len(unrecorded) - start,
+                _LOCK_TRIES_SECONDS,
+            )
+            break
+        count, size = count + removed[0], size + removed[1]
+    return RetentionReport(0, count, size, unrecorded_images=count)
+
+
+def _remove_unrecorded(
+    database_url: str, spool: Path, paths: list[Path], written_by: datetime
+) -> tuple[int, int] | None:
+    """Unlink those of ``paths`` that no row names and that were written before
+    ``written_by``, under the spool's recording lock; (files, bytes) removed, or None
+    where the lock could not be had for :data:`_LOCK_TRIES_SECONDS`."""
+    deadline = time.monotonic() + _LOCK_TRIES_SECONDS
+    while True:
+        with recording_lock(spool, exclusive=True) as held:
+            if held:
+                with session_scope(database_url) as session:
+                    named = set(
+                        session.scalars(
+                            select(Instance.spool_path).where(
+                                Instance.spool_path.in_([str(p) for p in paths])
+                            )
+                        )
+                    )
+                return _remove((p for p in paths if str(p) not in named), written_by)
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)  # each C-STORE holds it shared for a rename and a commit

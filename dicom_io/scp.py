@@ -13,7 +13,10 @@ answer Success:
    finds it.
 
 Non-image SOP classes are refused at association (no presentation context is
-accepted for them), and unknown calling AE titles are rejected.
+accepted for them), and unknown calling AE titles are rejected. One peer address
+gets a bounded share of the associations: past `MAXIMUM_ASSOCIATIONS_PER_PEER` (or
+what the listener is told) at once, an association from it is rejected, transiently,
+and the PACS's still get in.
 """
 
 from __future__ import annotations
@@ -93,14 +96,23 @@ MAXIMUM_PDU_SIZE = 1 << 20
 #: Associations at once; pynetdicom answers one more with an A-ASSOCIATE-RJ (transient,
 #: local limit exceeded), which a PACS retries.
 MAXIMUM_ASSOCIATIONS = 64
+#: Associations at once from one peer address, unless the listener is told otherwise
+#: (``BONEAGE_MAX_ASSOCIATIONS_PER_PEER``): one more is answered with an A-ASSOCIATE-RJ
+#: (transient, local limit exceeded), so that one caller, misbehaving or hostile, cannot
+#: take every one of `MAXIMUM_ASSOCIATIONS` and shut the PACS out. A PACS sends over a few
+#: associations at once (Orthanc 1 to 4, by its jobs' concurrency).
+MAXIMUM_ASSOCIATIONS_PER_PEER = 16
 #: Connections at once, associations and TLS handshakes together
 #: (:class:`_BoundedAssociationServer`): past it a connection is closed as soon as it is
 #: accepted. Twice the associations, so a PACS is answered by the A-ASSOCIATE-RJ above
 #: first, and a flood of idle connections (a port scan, a client that connects and
 #: never speaks) takes neither a thread each nor memory without bound.
 MAXIMUM_CONNECTIONS = 2 * MAXIMUM_ASSOCIATIONS
-#: A connection refused for being one too many is logged at most this often.
+#: A connection refused for being one too many is logged at most this often, and an
+#: association refused for its peer's bound at most this often for each address.
 REFUSED_LOG_SECONDS = 60.0
+#: Addresses whose last refused association the listener remembers, for that log.
+_PEER_REFUSALS_KEPT = 1024
 
 #: Transfer syntaxes we accept: uncompressed, and every compressed syntax pydicom can
 #: decode with the pylibjpeg plugins we install. Not Deflated Explicit VR Little Endian:
@@ -1142,6 +1154,16 @@ def local_fault(exc: BaseException) -> bool:
     return False
 
 
+def _reject(assoc: Association, result: int, source: int, diagnostic: int) -> None:
+    """Answer ``assoc``'s A-ASSOCIATE-RQ with an A-ASSOCIATE-RJ, from an EVT_REQUESTED
+    handler, and end the association once the peer has it, as pynetdicom ends those it
+    rejects itself. Sent and left, the connection was closed as the handler returned,
+    before the DUL's thread had written the A-ASSOCIATE-RJ: the peer saw an abort, and
+    never the reason (transient: try again; permanent: do not)."""
+    assoc.acse.send_reject(result, source, diagnostic)
+    assoc.kill()  # waits for the DUL's state machine to finish (the peer closes, or ARTIM)
+
+
 def _address(text: str) -> str:
     """An IP address as one text for each address: ``::ffff:10.0.0.5`` (an IPv4 caller
     of a listener on ``::``) and ``10.0.0.5`` are the same caller. Other text as it is."""
@@ -1182,6 +1204,9 @@ class StorageSCP:
     maximum_connections
         Connections at once, TLS handshakes and associations together; one more is
         closed on arrival (:data:`MAXIMUM_CONNECTIONS`).
+    maximum_associations_per_peer
+        Associations at once from one peer address; one more is rejected, transiently
+        (:data:`MAXIMUM_ASSOCIATIONS_PER_PEER`).
     """
 
     def __init__(
@@ -1199,9 +1224,16 @@ class StorageSCP:
         acse_timeout: float = 30,
         dimse_timeout: float = 120,
         maximum_connections: int = MAXIMUM_CONNECTIONS,
+        maximum_associations_per_peer: int = MAXIMUM_ASSOCIATIONS_PER_PEER,
     ) -> None:
+        if maximum_associations_per_peer < 1:
+            raise ValueError(
+                f"maximum_associations_per_peer must be at least 1, got "
+                f"{maximum_associations_per_peer}"
+            )
         self.ae_title = ae_title
         self.maximum_connections = maximum_connections
+        self.maximum_associations_per_peer = maximum_associations_per_peer
         self.spool_dir = Path(spool_dir)
         self.incoming_root = self.spool_dir / ".incoming"
         # this listener's own, named and locked when it starts
@@ -1218,6 +1250,8 @@ class StorageSCP:
         self._saved_tempdir: str | None = None
         self.counters = {"stored": 0, "refused": 0, "failed": 0}
         self._counter_lock = threading.Lock()
+        # peer address: (when a refusal for its bound was last logged, refusals since)
+        self._peer_refusals: dict[str, tuple[float, int]] = {}
 
     # -- life cycle -------------------------------------------------------
 
@@ -1436,12 +1470,64 @@ class StorageSCP:
         calling = requestor.primitive.calling_ae_title.strip()
         pins = {host for ae, host in self._allowed if ae == calling}
         peer_host = requestor.address
-        if not pins or None in pins or _address(peer_host) in {_address(p) for p in pins if p}:
-            return  # unknown titles are rejected by pynetdicom's own check
-        logger.warning("calling AE %r is not allowed from %s", calling, peer_host)
-        self._count("refused")
-        # Rejected-permanent, service-user, calling AE title not recognised.
-        event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+        pinned = bool(pins) and None not in pins
+        if pinned and _address(peer_host) not in {_address(p) for p in pins if p}:
+            logger.warning("calling AE %r is not allowed from %s", calling, peer_host)
+            self._count("refused")
+            # Rejected-permanent, service-user, calling AE title not recognised.
+            _reject(event.assoc, 0x01, 0x01, 0x03)
+            return
+        # (unknown titles are rejected by pynetdicom's own check, after this)
+        if self._associations_from(event.assoc) >= self.maximum_associations_per_peer:
+            self._count("refused")
+            self._log_refused_peer(_address(peer_host))
+            # Rejected-transient, service-provider (presentation), local limit exceeded:
+            # as pynetdicom answers one past `MAXIMUM_ASSOCIATIONS`; a PACS tries again.
+            _reject(event.assoc, 0x02, 0x03, 0x02)
+
+    def _log_refused_peer(self, peer: str) -> None:
+        """Say that an association from ``peer`` was refused for its bound: at once, and
+        then at most every :data:`REFUSED_LOG_SECONDS` for that address, with a count."""
+        now = time.monotonic()
+        with self._counter_lock:
+            logged_at, unlogged = self._peer_refusals.get(peer, (-REFUSED_LOG_SECONDS, 0))
+            if now - logged_at < REFUSED_LOG_SECONDS:
+                self._peer_refusals[peer] = (logged_at, unlogged + 1)
+                return
+            if len(self._peer_refusals) >= _PEER_REFUSALS_KEPT:  # many addresses: forget
+                self._peer_refusals = {
+                    address: entry
+                    for address, entry in self._peer_refusals.items()
+                    if now - entry[0] < REFUSED_LOG_SECONDS
+                }
+            self._peer_refusals[peer] = (now, 0)
+        logger.warning(
+            "%d association(s) from %s refused: %d at once from one address is the most "
+            "this listener takes",
+            unlogged + 1,
+            peer,
+            self.maximum_associations_per_peer,
+        )
+
+    def _associations_from(self, assoc: Association) -> int:
+        """This listener's other associations from ``assoc``'s peer address that were
+        requested and are not over (released, aborted or rejected).
+
+        Each association counts those requested before it, whether accepted yet or not,
+        so two asking at once from one address never both get the last place.
+        """
+        server = self._server
+        if server is None:
+            return 0
+        peer = _address(assoc.requestor.address)
+        return sum(
+            1
+            for other in server.active_associations
+            if other is not assoc
+            and other.requestor.primitive is not None
+            and not (other.is_rejected or other.is_released or other.is_aborted)
+            and _address(other.requestor.address) == peer
+        )
 
     def _on_rejected(self, event: evt.Event) -> None:
         primitive = event.assoc.requestor.primitive

@@ -110,6 +110,7 @@ class Listener:
             host=settings.host,
             port=settings.port,
             ssl_context=ssl_context,
+            maximum_associations_per_peer=settings.max_associations_per_peer,
         )
         self.heartbeat = HeartbeatThread(url, "listener", self._detail)
         self._stop = threading.Event()

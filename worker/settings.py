@@ -213,6 +213,9 @@ class Settings(BaseSettings):
     host: str = "0.0.0.0"
     port: int = Field(11112, ge=1, le=65535)
     allowed_aets: Annotated[list[AllowedCaller], NoDecode] = Field(default_factory=list)
+    # Associations at once from one peer address (the listener takes 64 in all): one more
+    # is rejected, transiently, so one caller cannot shut the PACS out (dicom_io.scp).
+    max_associations_per_peer: int = Field(16, ge=1, le=64)
     destinations: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
 
     # Storage and services

@@ -496,3 +496,114 @@ def test_what_is_no_association_request_gives_its_place_back_at_once(
         wait_for(lambda: echoes(port), timeout=10, what="a C-ECHO in the first one's place")
     finally:
         node.scp.stop()
+
+
+# -- associations at once from one address ------------------------------------------
+
+
+def held_association(port: int, source: str = "127.0.0.1") -> Association:
+    """A C-ECHO association from ``source`` (any of 127.0.0.0/8 is this machine), left
+    open."""
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(VERIFICATION_SOP_CLASS)
+    return ae.associate("127.0.0.1", port, ae_title="BONEAGE", bind_address=(source, 0))
+
+
+def test_one_address_gets_its_share_of_the_associations_and_no_more(
+    tmp_path: Path, dcmtk: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A caller holding its share of associations open: one more from its address is
+    rejected, transiently (a PACS tries again), while another address still gets in;
+    releasing one lets the next in."""
+    # timeouts far longer than the test: only the bound refuses here
+    node = Node(
+        tmp_path,
+        acse_timeout=60,
+        network_timeout=60,
+        dimse_timeout=60,
+        maximum_associations_per_peer=2,
+    )
+    node.scp.start()
+    port = node.scp.port
+    hand = write_hand(tmp_path / "hand.dcm")
+    held = [held_association(port) for _ in range(2)]
+    try:
+        assert all(assoc.is_established for assoc in held)
+        refused = held_association(port)
+        assert refused.is_rejected
+        answer = refused.acceptor.primitive
+        assert answer is not None
+        # rejected-transient, service provider (presentation), local limit exceeded
+        assert (answer.result, answer.result_source, answer.diagnostic) == (0x02, 0x03, 0x02)
+        sent = node.storescu(hand, extra=("-v",))  # dcmtk, from the same address
+        assert sent.returncode != 0
+        assert "Rejected Transient" in sent.stdout + sent.stderr, sent.stdout + sent.stderr
+        assert node.recorded == []
+
+        other = held_association(port, source="127.0.0.2")
+        assert other.is_established
+        assert other.requestor.address == "127.0.0.2"
+        assert other.send_c_echo().Status == 0x0000
+        other.release()
+
+        assert node.scp.counters["refused"] == 2
+        messages = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+        assert messages == [
+            "1 association(s) from 127.0.0.1 refused: 2 at once from one address is the "
+            "most this listener takes"
+        ]  # the second within the minute: counted, not logged
+
+        held.pop().release()
+        wait_for(lambda: echoes(port), timeout=30, what="a C-ECHO once one is released")
+        done = node.storescu(hand)
+        assert done.returncode == 0, done.stderr
+        assert len(node.recorded) == 1
+    finally:
+        for assoc in held:
+            assoc.release()
+        node.scp.stop()
+
+
+def test_the_bound_per_address_is_a_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pydantic import ValidationError
+
+    from worker.listener import Listener
+    from worker.settings import load_settings
+
+    assert load_settings(data_dir=tmp_path).max_associations_per_peer == 16
+    monkeypatch.setenv("BONEAGE_MAX_ASSOCIATIONS_PER_PEER", "3")
+    settings = load_settings(data_dir=tmp_path)
+    assert settings.max_associations_per_peer == 3
+    assert Listener(settings).scp.maximum_associations_per_peer == 3
+    monkeypatch.setenv("BONEAGE_MAX_ASSOCIATIONS_PER_PEER", "0")
+    with pytest.raises(ValidationError, match="max_associations_per_peer"):
+        load_settings(data_dir=tmp_path)
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert "| `BONEAGE_MAX_ASSOCIATIONS_PER_PEER` |" in readme
+
+
+def test_a_caller_pinned_to_another_address_hears_why_it_is_rejected(tmp_path: Path) -> None:
+    """Rejected from an EVT_REQUESTED handler, the A-ASSOCIATE-RJ reaches the peer, with
+    its reason (permanent: calling AE title not recognised, so a PACS does not retry),
+    where the connection used to close first and the peer saw an abort."""
+    scp = StorageSCP(
+        ae_title="BONEAGE",
+        spool_dir=tmp_path / "spool",
+        record=lambda _received: 1,
+        notify=lambda _id: None,
+        allowed_callers=[("PACS", "10.99.99.99")],
+        host="127.0.0.1",
+        port=0,
+    )
+    scp.start()
+    try:
+        refused = held_association(scp.port)
+        assert refused.is_rejected and not refused.is_aborted
+        answer = refused.acceptor.primitive
+        assert answer is not None
+        assert (answer.result, answer.result_source, answer.diagnostic) == (0x01, 0x01, 0x03)
+        assert scp.counters["refused"] == 1
+    finally:
+        scp.stop()

@@ -29,9 +29,10 @@ An SR or SC whose destination is no longer in ``BONEAGE_DESTINATIONS`` (an admin
 corrected a mistyped node, or took one out of service) fails for good when it is
 claimed, with the reason "destination no longer configured", and is not sent;
 `retry-deliveries` sends such failed rows to the configured destinations instead (new
-rows, the old one superseded, see `retry_failed`). A rejection note of ours still goes:
-it withdraws an object that destination has (or may have), which would otherwise stand
-there; where the object never arrived, the note is superseded unsent as anywhere else.
+rows, or the object's earlier ones there put back; the old one superseded, see
+`retry_failed`). A rejection note of ours still goes: it withdraws an object that
+destination has (or may have), which would otherwise stand there; where the object
+never arrived, the note is superseded unsent as anywhere else.
 """
 
 from __future__ import annotations
@@ -40,15 +41,17 @@ import hashlib
 import logging
 import ssl
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from types import ModuleType
 
 from pydicom import Dataset, dcmread
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from sqlalchemy import or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
 
 from db.engine import session_scope
 from db.schema import Delivery, DeliveryState, Instance, ObjectKind
@@ -90,6 +93,10 @@ class _Claimed:
     sha256: str | None  # None on rows written before checksums were recorded
     withdraws: str | None  # a note of ours: the UID of our object it withdraws
     created_at: datetime
+    # its sending_since before this claim: an earlier attempt whose answer never came,
+    # or whose sender died (the object may be at the destination); kept by a failure of
+    # this attempt that sent nothing (`_record_failure`)
+    sent_before: datetime | None = None
 
 
 def backoff_seconds(attempts: int, base: float, cap: float) -> float:
@@ -191,7 +198,9 @@ def send_deliveries(
             )
             for row in rows:
                 if row.id not in outcomes:
-                    outcomes[row.id] = _record_failure(rt, row.id, error)
+                    outcomes[row.id] = _record_failure(
+                        rt, row.id, error, sent_before=row.sent_before
+                    )
     return {delivery_id: outcomes[delivery_id] for delivery_id in ids}
 
 
@@ -211,9 +220,20 @@ def _claim(
             )
         )
     with session_scope(rt.database_url) as session:
+        # The marks the rows have before the claim replaces them, read under the lock
+        # the claim's UPDATE then holds (PostgreSQL; on SQLite that UPDATE's condition
+        # leaves out a row another claim took meanwhile).
+        marks: dict[int, datetime | None] = {
+            row.id: row.sending_since
+            for row in session.execute(
+                select(Delivery.id, Delivery.sending_since)
+                .where(*conditions)
+                .with_for_update(key_share=True)
+            )
+        }
         rows = session.execute(
             update(Delivery)
-            .where(*conditions)
+            .where(Delivery.id.in_(list(marks)), *conditions)
             .values(
                 next_attempt_at=current + timedelta(seconds=claim_seconds(len(ids))),
                 sending_since=current,
@@ -238,6 +258,7 @@ def _claim(
                 row.sha256,
                 row.withdraws,
                 row.created_at,
+                marks.get(row.id),
             )
             for row in rows
         }
@@ -361,7 +382,9 @@ def _send_to(
         destination = Destination.parse(destination_text)
     except ValueError as exc:
         for row in rows:
-            outcomes[row.id] = _record_failure(rt, row.id, str(exc), permanent=True)
+            outcomes[row.id] = _record_failure(
+                rt, row.id, str(exc), permanent=True, sent_before=row.sent_before
+            )
         return
     if not configured(settings, destination):
         # Taken out of the settings (a mistyped node corrected, one out of service):
@@ -373,9 +396,13 @@ def _send_to(
             if row.kind is ObjectKind.KO:
                 continue
             if row.created_at > rt.settings_since and now() - row.created_at < SETTINGS_ROLLOUT:
-                outcomes[row.id] = _record_failure(rt, row.id, NOT_CONFIGURED_HERE)
+                outcomes[row.id] = _record_failure(
+                    rt, row.id, NOT_CONFIGURED_HERE, sent_before=row.sent_before
+                )
             else:
-                outcomes[row.id] = _record_failure(rt, row.id, NOT_CONFIGURED, permanent=True)
+                outcomes[row.id] = _record_failure(
+                    rt, row.id, NOT_CONFIGURED, permanent=True, sent_before=row.sent_before
+                )
         rows = [row for row in rows if row.kind is ObjectKind.KO]
         if not rows:
             return
@@ -386,7 +413,7 @@ def _send_to(
         # A configuration fault the administrator can fix: retried, never permanent.
         error = f"TLS settings unusable: {exc}"
         for row in rows:
-            outcomes[row.id] = _record_failure(rt, row.id, error)
+            outcomes[row.id] = _record_failure(rt, row.id, error, sent_before=row.sent_before)
         return
 
     sendable: list[tuple[_Claimed, Dataset | Path]] = []
@@ -395,12 +422,18 @@ def _send_to(
             ds = check_outbox(row.path, row.sha256)
         except FileNotFoundError:
             error = "the outbox file is missing"
-            outcomes[row.id] = _record_failure(rt, row.id, error, permanent=True)
+            outcomes[row.id] = _record_failure(
+                rt, row.id, error, permanent=True, sent_before=row.sent_before
+            )
         except _DamagedObject as exc:
             error = f"the outbox file is damaged: {exc}"
-            outcomes[row.id] = _record_failure(rt, row.id, error, permanent=True)
+            outcomes[row.id] = _record_failure(
+                rt, row.id, error, permanent=True, sent_before=row.sent_before
+            )
         except OSError as exc:
-            outcomes[row.id] = _record_failure(rt, row.id, f"the outbox file: {exc}")
+            outcomes[row.id] = _record_failure(
+                rt, row.id, f"the outbox file: {exc}", sent_before=row.sent_before
+            )
         else:
             sendable.append((row, ds))
     if not sendable:
@@ -433,19 +466,24 @@ def _send_to(
                 row.id,
                 broken or "not sent",
                 may_have_arrived=unanswered and index == len(answered),
+                sent_before=row.sent_before,
             )
         elif isinstance(answer, NotAccepted):
             # The destination does not take this SOP class: sending again cannot help
             # until its administrator changes that (then `retry-deliveries`).
-            outcomes[row.id] = _record_failure(rt, row.id, answer.reason, permanent=True)
+            outcomes[row.id] = _record_failure(
+                rt, row.id, answer.reason, permanent=True, sent_before=row.sent_before
+            )
         elif stored(answer):
             delivered.append(row.id)
         elif refused_for_good(answer):
             error = f"{destination} answered status 0x{answer:04X} (a refusal: not sent again)"
-            outcomes[row.id] = _record_failure(rt, row.id, error, permanent=True)
+            outcomes[row.id] = _record_failure(
+                rt, row.id, error, permanent=True, sent_before=row.sent_before
+            )
         else:
             error = f"{destination} answered status 0x{answer:04X}"
-            outcomes[row.id] = _record_failure(rt, row.id, error)
+            outcomes[row.id] = _record_failure(rt, row.id, error, sent_before=row.sent_before)
     if delivered:
         with session_scope(rt.database_url) as session:
             session.execute(
@@ -551,6 +589,7 @@ def _record_failure(
     *,
     permanent: bool = False,
     may_have_arrived: bool = False,
+    sent_before: datetime | None = None,
 ) -> DeliveryOutcome:
     """Count a failed attempt, and fail the delivery for good when ``permanent`` or when
     its attempts are spent; a delivery found delivered meanwhile is left as it is.
@@ -559,7 +598,13 @@ def _record_failure(
     may have stored it). Its ``sending_since`` is kept: such an object, once
     superseded, is taken as one that may be at the destination (named by the SR that
     replaces it, withdrawn by a rejection note of ours, which then goes), as one whose
-    worker died sending it is."""
+    worker died sending it is.
+
+    Otherwise its ``sending_since`` becomes ``sent_before``, what it was before the
+    claim of this attempt (`_Claimed.sent_before`): an attempt that failed without the
+    object reaching the destination (not sent: its destination no longer configured,
+    the destination away; or refused) leaves the mark of an earlier one whose answer
+    never came, or whose sender died, since that object may be there all the same."""
     settings = rt.settings
     with session_scope(rt.database_url) as session:
         # One conditional UPDATE: a failure that comes late (a send that timed out while
@@ -571,7 +616,7 @@ def _record_failure(
             .values(
                 attempts=Delivery.attempts + 1,
                 last_error=error[:500],
-                sending_since=Delivery.sending_since if may_have_arrived else None,
+                sending_since=Delivery.sending_since if may_have_arrived else sent_before,
             )
             .returning(Delivery.state, Delivery.attempts)
             .execution_options(synchronize_session=False)
@@ -632,15 +677,17 @@ class Retried:
     """What `retry_failed` did with the failed deliveries it was given.
 
     ``reset``: the ids put back to pending. ``redirected``: for each SR or SC whose
-    destination is no longer configured, now superseded, the ids of its new deliveries
-    to the configured destinations (none where each of them had one already). Left
-    failed, their destinations no longer configured: ``no_destination`` (none is
-    configured) and ``no_file`` (retention removed the object's file).
+    destination is no longer configured, now superseded, the ids of its deliveries
+    queued to the configured destinations: new ones, or its earlier ones there put back
+    to pending (a destination it was sent away from configured again); none where each
+    of them has it, or has it on its way. Left failed, their destinations no longer
+    configured: ``no_destination`` (none is configured) and ``no_file`` (the object's
+    file is gone, see `files_gone`).
     """
 
     reset: list[int]
     redirected: dict[int, list[int]]
-    destinations: list[str]  # where the new deliveries go
+    destinations: list[str]  # where the redirected deliveries go
     no_destination: list[int]
     no_file: list[int]
 
@@ -656,6 +703,51 @@ def _named(ids: Sequence[int]) -> str:
     return ", ".join(str(i) for i in ids[:IDS_NAMED]) + more
 
 
+def _file_gone(path: str, created_at: datetime, files_removed_at: datetime | None) -> bool:
+    """Whether the file of a delivery made at ``created_at`` is gone: its instance's
+    files were removed after it was made (retention), or it is not there."""
+    removed = files_removed_at is not None and created_at <= files_removed_at
+    return removed or not Path(path).is_file()
+
+
+#: Ids bound to one statement, at most (PostgreSQL binds at most 65535 values).
+_CHUNK = 1000
+
+
+def files_gone(session: Session, delivery_ids: Sequence[int]) -> set[int]:
+    """Of ``delivery_ids``, those whose object's file is gone (retention removed it):
+    nothing can send them, and `retry_failed` leaves them failed (``no_file``)."""
+    ids = list(delivery_ids)
+    gone: set[int] = set()
+    for start in range(0, len(ids), _CHUNK):
+        rows = session.execute(
+            select(Delivery.id, Delivery.path, Delivery.created_at, Instance.files_removed_at)
+            .join(Instance, Delivery.instance_id == Instance.id)
+            .where(Delivery.id.in_(ids[start : start + _CHUNK]))
+        )
+        gone.update(row.id for row in rows if _file_gone(*row[1:]))
+    return gone
+
+
+def _take_instances(session: Session, instance_ids: Iterable[int]) -> None:
+    """Hold the rows of ``instance_ids`` until the commit, one by one in id order (a row
+    lock on PostgreSQL, the write lock on SQLite), as a withdrawal of the image (the
+    PACS rejected it) and its next assessment (a corrected copy) take its row before
+    they supersede its unsent objects (`worker.pipeline`). A delivery made under it
+    is seen by that supersede, or finds its object superseded already."""
+    for instance_id in sorted(set(instance_ids)):
+        session.execute(
+            update(Instance)
+            .where(Instance.id == instance_id)
+            .values(claimed_by=Instance.claimed_by)
+            .execution_options(synchronize_session=False)
+        )
+
+
+#: Where a delivery's object is, or is on its way: it is sent nowhere again.
+_HAS_IT = (DeliveryState.DELIVERED, DeliveryState.PENDING)
+
+
 def retry_failed(rt: Runtime, delivery_ids: list[int] | None = None) -> Retried:
     """Send failed deliveries (all, or ``delivery_ids``) again: put back to pending, due
     now, or, an SR or SC whose destination is no longer configured, to the configured
@@ -667,10 +759,16 @@ def retry_failed(rt: Runtime, delivery_ids: list[int] | None = None) -> Retried:
 
     An SR or SC whose destination is no longer configured (sent there, it would fail at
     once, see `configured`; the administrator corrected a mistyped node) is superseded,
-    `REDIRECTED`, and a pending delivery of its object made for each configured
-    destination that has none of it yet: the rows of an assessment are made for the
-    destinations configured when it commits, and those that came after it would never
-    get its results. Such a row whose object's file retention removed, or any while no
+    `REDIRECTED`, and its object queued to each configured destination that neither has
+    it nor has it on its way (a delivery there delivered, or pending): the rows of an
+    assessment are made for the destinations configured when it commits, and those that
+    came after it would never get its results. Its delivery there, where one was made
+    before (failed, or superseded `REDIRECTED` when the settings named other
+    destinations: changed, and changed back), is put back to pending (the unique key
+    allows one per destination), else a new one made. Its image's row is taken first,
+    as a withdrawal of the image takes it (`_take_instances`): a withdrawal or a later
+    assessment either supersedes what this makes, or has superseded the row, which then
+    stays so. Such a row whose object's file is gone (`files_gone`), or any while no
     destination is configured, stays failed, named in a warning. The row superseded
     keeps its ``sending_since``: where its last attempt's answer never came, the object
     may be at the old node, and our rejection notes still go there. Our rejection notes
@@ -689,6 +787,15 @@ def retry_failed(rt: Runtime, delivery_ids: list[int] | None = None) -> Retried:
         texts = session.scalars(select(Delivery.destination).where(*conditions).distinct())
         wanted = [text for text in texts if configured(rt.settings, text)]
         sendable = or_(Delivery.kind == ObjectKind.KO, Delivery.destination.in_(wanted))
+        stranded = session.execute(
+            select(Delivery, Instance.files_removed_at)
+            .join(Instance, Delivery.instance_id == Instance.id)
+            .where(*conditions, ~sendable)
+            .order_by(Delivery.id)
+        ).all()
+        if targets:
+            # before any delivery row of theirs, as a withdrawal takes them
+            _take_instances(session, (row.instance_id for row, _ in stranded))
         reset = sorted(
             session.scalars(
                 update(Delivery)
@@ -698,20 +805,12 @@ def retry_failed(rt: Runtime, delivery_ids: list[int] | None = None) -> Retried:
                 .execution_options(synchronize_session=False)
             )
         )
-        stranded = session.execute(
-            select(Delivery, Instance.files_removed_at)
-            .join(Instance, Delivery.instance_id == Instance.id)
-            .where(*conditions, ~sendable)
-            .order_by(Delivery.id)
-        ).all()
         dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
         for row, files_removed_at in stranded:
             if not targets:
                 no_destination.append(row.id)
                 continue
-            if (files_removed_at is not None and row.created_at <= files_removed_at) or not Path(
-                row.path
-            ).is_file():
+            if _file_gone(row.path, row.created_at, files_removed_at):
                 no_file.append(row.id)
                 continue
             taken = session.scalar(
@@ -723,43 +822,11 @@ def retry_failed(rt: Runtime, delivery_ids: list[int] | None = None) -> Retried:
             )
             if taken is None:
                 continue  # superseded meanwhile: a later assessment, the PACS rejected it
-            has = {
-                _key(text)
-                for text in session.scalars(
-                    select(Delivery.destination).where(
-                        Delivery.sop_instance_uid == row.sop_instance_uid
-                    )
-                )
-            }
             new: list[int] = []
             for target in targets:
-                if _key(target) in has:
-                    continue
-                # the unique key: one made meanwhile by another retry-deliveries stands
-                made = session.scalar(
-                    dialect.insert(Delivery)
-                    .values(
-                        instance_id=row.instance_id,
-                        result_id=row.result_id,
-                        kind=row.kind,
-                        destination=target,
-                        sop_instance_uid=row.sop_instance_uid,
-                        study_instance_uid=row.study_instance_uid,
-                        series_instance_uid=row.series_instance_uid,
-                        assessment=row.assessment,
-                        path=row.path,
-                        sha256=row.sha256,
-                        withdraws=row.withdraws,
-                        state=DeliveryState.PENDING,
-                        attempts=0,
-                        next_attempt_at=now(),
-                        created_at=now(),
-                    )
-                    .on_conflict_do_nothing(index_elements=["sop_instance_uid", "destination"])
-                    .returning(Delivery.id)
-                )
-                if made is not None:
-                    new.append(made)
+                queued = _queue_to(session, dialect, row, target)
+                if queued is not None:
+                    new.append(queued)
                     went.add(target)
             redirected[row.id] = new
     made_to = sorted(went)
@@ -786,6 +853,72 @@ def retry_failed(rt: Runtime, delivery_ids: list[int] | None = None) -> Retried:
             _named(no_file),
         )
     return Retried(reset, redirected, made_to, no_destination, no_file)
+
+
+def _queue_to(session: Session, dialect: ModuleType, row: Delivery, target: str) -> int | None:
+    """Queue the object of ``row`` (superseded, `REDIRECTED`) to the configured
+    destination ``target``, unless a delivery of it there is delivered or pending
+    (being sent, or to be): the id of the delivery queued, or None.
+
+    A delivery of it there that failed, or that an earlier redirect superseded (the
+    settings named ``target``, then other destinations, now ``target`` again), does not
+    count: nothing would ever send it there. That delivery is put back to pending (the
+    unique key allows one per object and destination), else a new one is made. One
+    superseded otherwise (a later assessment, a withdrawal) is never put back: such a
+    supersede takes every unsent row of the object, ``row`` with them, which
+    `retry_failed` then leaves as it is.
+    """
+    key = _key(target)
+    there = [
+        (delivery_id, state)
+        for delivery_id, destination, state in session.execute(
+            select(Delivery.id, Delivery.destination, Delivery.state)
+            .where(Delivery.sop_instance_uid == row.sop_instance_uid)
+            .order_by(Delivery.id)
+        )
+        if _key(destination) == key
+    ]
+    if any(state in _HAS_IT for _, state in there):
+        return None
+    sent_away = or_(
+        Delivery.state == DeliveryState.FAILED,
+        (Delivery.state == DeliveryState.SUPERSEDED) & (Delivery.last_error == REDIRECTED),
+    )
+    for delivery_id, _ in reversed(there):
+        # conditional: put back only what is still failed or sent away
+        back = session.scalar(
+            update(Delivery)
+            .where(Delivery.id == delivery_id, sent_away)
+            .values(state=DeliveryState.PENDING, attempts=0, next_attempt_at=now())
+            .returning(Delivery.id)
+            .execution_options(synchronize_session=False)
+        )
+        if back is not None:
+            return int(back)
+    # the unique key: one made meanwhile by another retry-deliveries stands
+    made = session.scalar(
+        dialect.insert(Delivery)
+        .values(
+            instance_id=row.instance_id,
+            result_id=row.result_id,
+            kind=row.kind,
+            destination=target,
+            sop_instance_uid=row.sop_instance_uid,
+            study_instance_uid=row.study_instance_uid,
+            series_instance_uid=row.series_instance_uid,
+            assessment=row.assessment,
+            path=row.path,
+            sha256=row.sha256,
+            withdraws=row.withdraws,
+            state=DeliveryState.PENDING,
+            attempts=0,
+            next_attempt_at=now(),
+            created_at=now(),
+        )
+        .on_conflict_do_nothing(index_elements=["sop_instance_uid", "destination"])
+        .returning(Delivery.id)
+    )
+    return None if made is None else int(made)
 
 
 def reset_failed(rt: Runtime, delivery_ids: list[int] | None = None) -> list[int]:

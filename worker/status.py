@@ -9,6 +9,7 @@ from typing import Any
 from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
+from sqlalchemy.orm import Session
 
 from db import queries
 from db.engine import DatabaseNotReady, check_schema, session_scope
@@ -80,6 +81,7 @@ def collect(settings: Settings) -> dict[str, Any]:
         waiting = queries.waiting(session)
         overdue = queries.overdue_deliveries(session, current)
         failed = queries.failed_deliveries(session)
+        gone = _files_gone(session, failed, settings)
     space = disk_space(settings.data_dir)
     report["storage"] = {
         "free_bytes": space.free_bytes if space else None,
@@ -116,7 +118,7 @@ def collect(settings: Settings) -> dict[str, Any]:
         problems.append(f"{retrying} deliveries are being retried; latest error: {last_error}")
     report["failed_deliveries"] = _failed(failed, settings)
     if failed:
-        problems.append(_failed_problem(failed, report["failed_deliveries"][0], settings))
+        problems.append(_failed_problem(failed, report["failed_deliveries"][0], settings, gone))
     report["waiting"] = {
         "instances": waiting.count,
         "oldest_since": _iso(waiting.oldest_since),
@@ -205,30 +207,70 @@ def _model_problems(inference: list[dict[str, Any]]) -> list[str]:
     return problems
 
 
+def _stranded(
+    failed: list[queries.FailedDelivery], settings: Settings
+) -> list[queries.FailedDelivery]:
+    """The failed SRs and SCs whose destinations are no longer configured."""
+    if not failed:
+        return []
+    # pynetdicom comes with it: imported only where a delivery failed
+    from worker.delivery import configured
+
+    return [d for d in failed if d.kind != "ko" and not configured(settings, d.destination)]
+
+
+def _files_gone(
+    session: Session, failed: list[queries.FailedDelivery], settings: Settings
+) -> set[int]:
+    """The ids of the failed SRs and SCs to destinations no longer configured whose
+    files are gone: `retry-deliveries` leaves them failed."""
+    stranded = _stranded(failed, settings)
+    if not stranded:
+        return set()
+    from worker.delivery import files_gone
+
+    return files_gone(session, [d.id for d in stranded])
+
+
 def _failed_problem(
-    failed: list[queries.FailedDelivery], latest: dict[str, Any], settings: Settings
+    failed: list[queries.FailedDelivery],
+    latest: dict[str, Any],
+    settings: Settings,
+    gone: set[int],
 ) -> str:
     """The problem line of the failed deliveries: what to do about them.
 
     `retry-deliveries` sends an SR or SC whose destination is no longer configured to
     the configured destinations instead (`worker.delivery.retry_failed`): for those,
     fixing the destination is done already. They are failed all the same until then:
-    their results have not reached the PACS.
+    their results have not reached the PACS. Not those whose files are gone (``gone``,
+    `worker.delivery.files_gone`): nothing can send them, `retry-deliveries` leaves them
+    failed, and their results stay in the database only.
     """
-    # pynetdicom comes with it: imported only where a delivery failed
-    from worker.delivery import configured
-
-    stranded = [d for d in failed if d.kind != "ko" and not configured(settings, d.destination)]
+    stranded = _stranded(failed, settings)
     where = ", ".join(sorted({d.destination for d in stranded}))
     latest_error = f"latest error: {latest['error']}"
     retry = "'boneage-worker retry-deliveries'"
     fix = f"{len(failed)} deliveries failed: fix the destination, then run {retry}"
     if not stranded:
         return f"{fix}; {latest_error}"
-    if not settings.destinations:
-        redirect = f"configure BONEAGE_DESTINATIONS, then run {retry} to send them there"
+    lost = sum(1 for d in stranded if d.id in gone)
+    # retry_failed leaves them failed (no_file), with or without destinations configured
+    unsendable = (
+        f"nothing can send {'them' if lost == len(stranded) else 'those'}, and {retry} "
+        "leaves them failed; their results are in the database only"
+    )
+    if lost == len(stranded):
+        redirect = f"their files are gone (retention removed them): {unsendable}"
     else:
-        redirect = f"{retry} sends them to the configured destinations instead"
+        if not settings.destinations:
+            redirect = f"configure BONEAGE_DESTINATIONS, then run {retry} to send them there"
+        else:
+            redirect = f"{retry} sends them to the configured destinations instead"
+        if lost:
+            redirect += (
+                f", all but {lost} whose files are gone (retention removed them): {unsendable}"
+            )
     if len(stranded) == len(failed):
         return (
             f"{len(failed)} deliveries failed to destinations no longer configured "

@@ -12,23 +12,38 @@ import dataclasses
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.uid import (
+    ComprehensiveSRStorage,
+    KeyObjectSelectionDocumentStorage,
+    SecondaryCaptureImageStorage,
+)
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
-from db.engine import session_scope
-from db.schema import Delivery, DeliveryState, Instance, ObjectKind
+from db.engine import get_engine, session_scope
+from db.schema import Delivery, DeliveryState, Instance, InstanceState, ObjectKind
 from db.schema import utcnow as now
-from tests.conftest import StoreSCP
+from tests.conftest import StoreSCP, sessions_waiting_on_a_lock
 from tests.integration import test_delivery
+from tests.integration.test_delivery import PynetdicomPACS
 from tests.integration.test_pipeline import make_runtime, spool_dataset, spool_instance
 from tests.integration.test_rejection_notes import image_of
-from tests.support import free_port, pacs_rejection_note
-from worker.delivery import SETTINGS_ROLLOUT, reset_failed, send_deliveries
+from tests.support import free_port, pacs_rejection_note, wait_for
+from worker import delivery, pipeline
+from worker.delivery import (
+    SETTINGS_ROLLOUT,
+    Retried,
+    reset_failed,
+    retry_failed,
+    send_deliveries,
+)
 from worker.pipeline import assess_instance
 from worker.runtime import Runtime
 from worker.status import collect
@@ -316,6 +331,12 @@ def test_retry_deliveries_says_which_failed_deliveries_it_leaves(
     for i in ids:
         Path(rows[i].path).unlink()
     fixed = node(tmp_path, tiny_checkpoint, database, storescp.destination)
+    assert failed_problems(fixed) == [
+        f"2 deliveries failed to destinations no longer configured ({nowhere}): their files "
+        "are gone (retention removed them): nothing can send them, and 'boneage-worker "
+        "retry-deliveries' leaves them failed; their results are in the database only; "
+        f"latest error: {error}"
+    ]
 
     assert retry_deliveries(fixed, storescp.destination).splitlines() == [
         "0 failed deliveries queued again",
@@ -353,4 +374,171 @@ def test_a_rejection_note_still_goes_where_its_object_went(
     assert [o.state for o in send_deliveries(fixed, notes).values()] == ["delivered"] * 2
     received = [dcmread(p).Modality for p in storescp.wait_for_objects(4, timeout=30)]
     assert sorted(received) == ["KO", "KO", "OT", "SR"]
+    assert corrected.associations() == 0
+
+
+def test_destinations_changed_and_changed_back_still_get_the_results(
+    tmp_path: Path,
+    tiny_checkpoint: Path,
+    database_url: str,
+    storescp: StoreSCP,
+    corrected: StoreSCP,
+) -> None:
+    """The settings name A, then B (retry-deliveries sends the SR and SC failed to A
+    there), then A again before they went to B (retry-deliveries once more): A gets them.
+    Before, the delivery to A that the first redirect superseded counted as A having
+    them: nothing was queued, every row was superseded, and `status` was healthy with
+    the results nowhere."""
+    a, b = storescp, corrected
+    node_a = node(tmp_path, tiny_checkpoint, database_url, a.destination)
+    ids = assess_instance(node_a, spool_instance(node_a)).delivery_ids
+    node_b = node(tmp_path, tiny_checkpoint, database_url, b.destination)
+    assert [o.state for o in send_deliveries(node_b, ids).values()] == ["failed"] * 2
+    retry_deliveries(node_b, b.destination)
+    to_b = sorted(set(deliveries(node_b)) - set(ids))
+    assert len(to_b) == 2
+    node_a = node(tmp_path, tiny_checkpoint, database_url, a.destination)  # changed back
+    sent = send_deliveries(node_a, to_b)
+    assert [(o.state, o.error) for o in sent.values()] == [("failed", NOT_CONFIGURED)] * 2
+
+    printed = retry_deliveries(node_a, a.destination).splitlines()
+
+    assert printed[0] == "0 failed deliveries queued again"
+    assert printed[1].startswith(
+        "2 failed deliveries to destinations no longer configured sent to the configured "
+        "destinations instead: 2 "
+    )
+    assert printed[1].endswith(f"queued to {a.destination}")
+    rows = deliveries(node_a)
+    assert len(rows) == 4  # the deliveries to A put back: the unique key allows one each
+    assert [(rows[i].state, rows[i].attempts, rows[i].destination) for i in ids] == [
+        (DeliveryState.PENDING, 0, a.destination)
+    ] * 2
+    assert [(rows[i].state, rows[i].last_error) for i in to_b] == [
+        (DeliveryState.SUPERSEDED, REDIRECTED)
+    ] * 2
+    assert [o.state for o in send_deliveries(node_a, ids).values()] == ["delivered"] * 2
+    received = a.wait_for_objects(2, timeout=30)
+    assert {dcmread(p).SOPInstanceUID: body(p) for p in received} == {
+        rows[i].sop_instance_uid: body(Path(rows[i].path)) for i in ids
+    }
+    assert b.associations() == 0
+    assert failed_problems(node_a) == []
+    # a third run finds nothing to do
+    assert retry_deliveries(node_a, a.destination).splitlines() == [
+        "0 failed deliveries queued again"
+    ]
+
+
+def test_a_destination_taken_out_keeps_the_mark_of_a_send_never_answered(
+    tmp_path: Path,
+    tiny_checkpoint: Path,
+    database_url: str,
+    corrected: StoreSCP,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The mistyped node took our SR and never answered (it may have stored it); then the
+    administrator corrected the destination. The SR fails, not configured, with the mark
+    of that send kept, as a failure after an unanswered C-STORE keeps it: redirected, and
+    then rejected by the PACS, our note withdraws it at the mistyped node. Before, the
+    claim's mark was cleared: the SR counted as never arrived, and no note went there."""
+    pacs = PynetdicomPACS(
+        [ComprehensiveSRStorage, SecondaryCaptureImageStorage, KeyObjectSelectionDocumentStorage],
+        silent=1,
+    )
+    monkeypatch.setattr(delivery, "SEND_TIMEOUT", 2.0)  # the wait on its answer
+    try:
+        mistyped = node(tmp_path, tiny_checkpoint, database_url, pacs.destination)
+        image_id = spool_instance(mistyped)
+        sr_id, sc_id = assess_instance(mistyped, image_id).delivery_ids
+        sent = send_deliveries(mistyped, [sr_id, sc_id])
+        assert [o.state for o in sent.values()] == ["retry"] * 2
+        before = deliveries(mistyped)
+        unanswered = before[sr_id].sending_since
+        assert unanswered is not None and before[sc_id].sending_since is None
+        fixed = node(tmp_path, tiny_checkpoint, database_url, corrected.destination)
+
+        sent = send_deliveries(fixed, [sr_id, sc_id], force=True)
+
+        assert [(o.state, o.error) for o in sent.values()] == [("failed", NOT_CONFIGURED)] * 2
+        rows = deliveries(fixed)
+        assert [(rows[i].state, rows[i].sending_since) for i in (sr_id, sc_id)] == [
+            (DeliveryState.FAILED, unanswered),
+            (DeliveryState.FAILED, None),  # it never went
+        ]
+        # redirected, the superseded SR keeps it; then the PACS rejects the image
+        assert len(reset_failed(fixed)) == 2
+        assert deliveries(fixed)[sr_id].sending_since == unanswered
+        rejection = spool_dataset(fixed, pacs_rejection_note(image_of(fixed, image_id)))
+        notes = assess_instance(fixed, rejection).delivery_ids
+        rows = deliveries(fixed)
+        assert [(rows[n].kind, rows[n].withdraws, rows[n].destination) for n in notes] == [
+            (ObjectKind.KO, rows[sr_id].sop_instance_uid, pacs.destination)
+        ]
+        assert [o.state for o in send_deliveries(fixed, notes).values()] == ["delivered"]
+    finally:
+        pacs.stop()
+    assert pacs.received == [ComprehensiveSRStorage, KeyObjectSelectionDocumentStorage]
+    # the SR and SC redirected to the node meant went no further: the image is rejected
+    assert corrected.associations() == 0
+    assert {d.state for d in deliveries(fixed).values() if d.kind is not ObjectKind.KO} == {
+        DeliveryState.SUPERSEDED
+    }
+
+
+def test_a_redirect_waits_for_a_withdrawal_of_the_image_and_sends_nothing_of_it(
+    tmp_path: Path, tiny_checkpoint: Path, postgres_url: str, corrected: StoreSCP
+) -> None:
+    """PostgreSQL, truly at once: the PACS's rejection of the image is being applied (its
+    row taken, as `worker.pipeline` takes it first) when `retry-deliveries` redirects the
+    image's SR and SC failed to the mistyped node. The redirect waits on the image's row;
+    once the withdrawal commits, it finds them superseded and makes nothing. Before, it
+    took no such lock: the new deliveries it made were not seen by the withdrawal's
+    supersede, and a withdrawn bone age went to the node meant."""
+    nowhere = f"PACS@127.0.0.1:{free_port()}"
+    mistyped = node(tmp_path, tiny_checkpoint, postgres_url, nowhere)
+    image_id = spool_instance(mistyped)
+    ids = assess_instance(mistyped, image_id).delivery_ids
+    fixed = node(tmp_path, tiny_checkpoint, postgres_url, corrected.destination)
+    assert [o.state for o in send_deliveries(fixed, ids).values()] == ["failed"] * 2
+    why = pipeline.rejected_by_the_pacs("113001")
+    retried: list[Retried] = []
+
+    with get_engine(postgres_url).connect() as withdrawal:
+        with withdrawal.begin():
+            withdrawal.execute(  # the withdrawal's first step (pipeline._withdraw)
+                update(Instance)
+                .where(Instance.id == image_id)
+                .values(claimed_by=Instance.claimed_by)
+            )
+            redirect = threading.Thread(target=lambda: retried.append(retry_failed(fixed)))
+            redirect.start()
+            wait_for(
+                lambda: not redirect.is_alive() or sessions_waiting_on_a_lock(postgres_url) >= 1,
+                timeout=60,
+                what="retry-deliveries to wait on the image's row, or to end",
+            )
+            assert redirect.is_alive(), "the redirect did not wait for the withdrawal"
+            withdrawal.execute(
+                update(Instance)
+                .where(Instance.id == image_id)
+                .values(state=InstanceState.REJECTED, reason=why)
+            )
+            with Session(bind=withdrawal) as session:
+                pipeline._supersede_unsent(session, image_id, 2, f"{why}, before it was sent")
+                session.flush()
+        redirect.join(60)
+
+    assert not redirect.is_alive()
+    assert [(r.reset, r.redirected, r.no_file, r.no_destination) for r in retried] == [
+        ([], {}, [], [])
+    ]
+    rows = deliveries(fixed)
+    assert sorted(rows) == sorted(ids)  # none made
+    assert [(rows[i].state, rows[i].last_error) for i in ids] == [
+        (DeliveryState.SUPERSEDED, f"{why}, before it was sent")
+    ] * 2
+    assert send_deliveries(fixed, ids) == {
+        i: delivery.DeliveryOutcome("skipped", error="already superseded") for i in ids
+    }
     assert corrected.associations() == 0

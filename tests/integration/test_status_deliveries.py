@@ -22,6 +22,7 @@ from db.engine import session_scope
 from db.schema import Delivery, DeliveryState, Instance, InstanceState, ObjectKind
 from db.schema import utcnow as now
 from tests.integration.test_pipeline import make_runtime, spool_instance
+from worker.delivery import NOT_CONFIGURED, retry_failed
 from worker.runtime import Runtime
 from worker.status import collect, render
 
@@ -204,3 +205,86 @@ def test_our_rejection_notes_do_not_count_as_deliveries_of_their_images(
         assert sorted(queries.latencies_since(session, hour_ago).to_delivered) == [8.0] * 3
         hour = queries.last_hour(session, current)
     assert (hour["delivered_p50_s"], hour["delivered_p95_s"]) == (8.0, 8.0)
+
+
+def test_failed_deliveries_whose_files_are_gone_are_not_said_to_be_redirected(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    """Two SRs failed to a destination taken out of the settings; retention removed the
+    files of one's image. `retry-deliveries` sends the other to the configured
+    destination and leaves that one failed: `status` says so of each, before and after
+    (it said both would go)."""
+    old = "OLD@127.0.0.1:104"
+    current = now()
+    kept_file = tmp_path / "outbox" / "9.9.60.dcm"
+    kept_file.parent.mkdir()
+    kept_file.write_bytes(b"an SR of ours")
+    kept = _delivery(
+        runtime,
+        _instance(runtime, InstanceState.ASSESSED, current - dt.timedelta(hours=2)),
+        "9.9.60",
+        destination=old,
+        path=str(kept_file),
+        state=DeliveryState.FAILED,
+        attempts=1,
+        last_error=NOT_CONFIGURED,
+        created_at=current - dt.timedelta(hours=2),
+    )
+    gone = _delivery(
+        runtime,
+        _instance(
+            runtime,
+            InstanceState.ASSESSED,
+            current - dt.timedelta(days=40),
+            files_removed_at=current - dt.timedelta(days=9),
+        ),
+        "9.9.61",  # its path names no file
+        destination=old,
+        state=DeliveryState.FAILED,
+        attempts=1,
+        last_error=NOT_CONFIGURED,
+        created_at=current - dt.timedelta(days=40),
+    )
+    retry = "'boneage-worker retry-deliveries'"
+    unsendable = (
+        f"nothing can send {{}}, and {retry} leaves them failed; their results are in the "
+        "database only"
+    )
+
+    report = collect(runtime.settings)
+
+    problem = (
+        f"2 deliveries failed to destinations no longer configured ({old}): {retry} sends "
+        "them to the configured destinations instead, all but 1 whose files are gone "
+        f"(retention removed them): {unsendable.format('those')}; latest error: "
+        f"{NOT_CONFIGURED}"
+    )
+    assert [p for p in report["problems"] if "deliveries failed" in p] == [problem]
+    assert problem in _shown_wide(report)
+
+    # as it says: the one with its file goes to the configured destination, not the other
+    retried = retry_failed(runtime)
+    assert (list(retried.redirected), retried.no_file) == ([kept], [gone])
+    [new] = retried.redirected[kept]
+    with session_scope(runtime.database_url) as session:
+        assert (session.get_one(Delivery, new).state, session.get_one(Delivery, gone).state) == (
+            DeliveryState.PENDING,
+            DeliveryState.FAILED,
+        )
+
+    problem = (
+        f"1 deliveries failed to destinations no longer configured ({old}): their files are "
+        f"gone (retention removed them): {unsendable.format('them')}; latest error: "
+        f"{NOT_CONFIGURED}"
+    )
+    report = collect(runtime.settings)
+    assert [p for p in report["problems"] if "deliveries failed" in p] == [problem]
+    assert problem in _shown_wide(report)
+    assert retry_failed(runtime).no_file == [gone]  # and so it stays
+
+
+def _shown_wide(report: dict[str, Any]) -> str:
+    """``report`` as `status` shows it, on a screen wide enough for a problem's line."""
+    console = Console(record=True, width=1000, color_system=None)
+    render(report, console)
+    return console.export_text()

@@ -16,7 +16,8 @@ Non-image SOP classes are refused at association (no presentation context is
 accepted for them), and unknown calling AE titles are rejected. One peer address
 gets a bounded share of the associations: past `MAXIMUM_ASSOCIATIONS_PER_PEER` (or
 what the listener is told) at once, an association from it is rejected, transiently,
-and the PACS's still get in.
+and the PACS's still get in. It gets a bounded share of the connections too (twice
+that), so that connections that never ask for an association take no more.
 """
 
 from __future__ import annotations
@@ -108,10 +109,19 @@ MAXIMUM_ASSOCIATIONS_PER_PEER = 16
 #: first, and a flood of idle connections (a port scan, a client that connects and
 #: never speaks) takes neither a thread each nor memory without bound.
 MAXIMUM_CONNECTIONS = 2 * MAXIMUM_ASSOCIATIONS
-#: A connection refused for being one too many is logged at most this often, and an
-#: association refused for its peer's bound at most this often for each address.
+#: Connections at once from one peer address, associations and TLS handshakes together:
+#: twice its associations (`MAXIMUM_ASSOCIATIONS_PER_PEER`, or what the listener is told),
+#: as `MAXIMUM_CONNECTIONS` is twice `MAXIMUM_ASSOCIATIONS`. Past it a connection from
+#: that address is closed as soon as it is accepted: without it, one host's connections
+#: that never send an A-ASSOCIATE-RQ (each held until ARTIM), or never finish their TLS
+#: handshake, could take every one of `MAXIMUM_CONNECTIONS` and shut the PACS out. A PACS
+#: past its share of associations is answered by the A-ASSOCIATE-RJ first.
+MAXIMUM_CONNECTIONS_PER_PEER = 2 * MAXIMUM_ASSOCIATIONS_PER_PEER
+#: A connection refused for being one too many is logged at most this often, and a
+#: connection or an association refused for its peer's bound at most this often for each
+#: address.
 REFUSED_LOG_SECONDS = 60.0
-#: Addresses whose last refused association the listener remembers, for that log.
+#: Addresses whose last refusal for their bound the listener remembers, for that log.
 _PEER_REFUSALS_KEPT = 1024
 
 #: Transfer syntaxes we accept: uncompressed, and every compressed syntax pydicom can
@@ -974,51 +984,124 @@ class _StreamingRequestHandler(RequestHandler):
         return assoc
 
 
+class _PeerRefusals:
+    """When to log the refusals of one kind for each peer address: the first at once,
+    then at most every :data:`REFUSED_LOG_SECONDS` for that address, with a count."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # peer address: (when a refusal was last logged, refusals not logged since)
+        self._peers: dict[str, tuple[float, int]] = {}
+
+    def due(self, peer: str) -> int:
+        """Count one refusal of ``peer``: the refusals to log now, this one and those not
+        logged before it; 0 while the last logged is too recent (this one waits)."""
+        now = time.monotonic()
+        with self._lock:
+            logged_at, unlogged = self._peers.get(peer, (-REFUSED_LOG_SECONDS, 0))
+            if now - logged_at < REFUSED_LOG_SECONDS:
+                self._peers[peer] = (logged_at, unlogged + 1)
+                return 0
+            if len(self._peers) >= _PEER_REFUSALS_KEPT:  # many addresses: forget
+                self._peers = {
+                    address: entry
+                    for address, entry in self._peers.items()
+                    if now - entry[0] < REFUSED_LOG_SECONDS
+                }
+            self._peers[peer] = (now, 0)
+        return unlogged + 1
+
+
+def _requestor_address(assoc: Association) -> str | None:
+    """The peer address of ``assoc`` (`_address`), None where not known."""
+    info = assoc.requestor.address_info
+    return _address(info.address) if info is not None else None
+
+
 class _BoundedAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded server, with at most ``maximum_connections`` connections at
-    once: those whose TLS handshake is under way on their own thread
-    (:class:`_StreamingRequestHandler`) and the associations.
+    once, and ``maximum_connections_per_peer`` from one peer address: those whose TLS
+    handshake is under way on their own thread (:class:`_StreamingRequestHandler`) and
+    the associations.
 
     pynetdicom bounds the associations only once a peer has sent its A-ASSOCIATE-RQ, and
     starts a thread for every connection before that: connections that never speak each
-    held a thread until their timeout, however many came. One past the bound is closed
-    as soon as it is accepted, before its thread or its handshake.
+    held a thread until their timeout, however many came, and one host could hold every
+    place so. One past either bound is closed as soon as it is accepted, before its
+    thread or its handshake.
+
+    A connection counts from when it is admitted (:meth:`verify_request`) until its
+    association's thread starts, and then as that thread, until it ends: however the
+    connection ends (closed before its A-ASSOCIATE-RQ, its handshake failed, rejected,
+    aborted, released), nothing is left to take back.
     """
 
     maximum_connections = MAXIMUM_CONNECTIONS
+    maximum_connections_per_peer = MAXIMUM_CONNECTIONS_PER_PEER
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._bound_lock = threading.Lock()
         # connections admitted and not yet handed to an association, whose thread
-        # pynetdicom counts from then on (:meth:`handing_over`)
-        self._handling: set[int] = set()
-        self.refused_connections = 0
-        self._refused_logged = 0  # refused_connections when last logged
+        # pynetdicom counts from then on (:meth:`handing_over`): their peer addresses
+        self._handling: dict[int, str] = {}
+        self.refused_connections = 0  # for either bound
+        self._refused_in_all = 0  # for `maximum_connections`
+        self._refused_logged = 0  # _refused_in_all when last logged
         self._refused_logged_at = -REFUSED_LOG_SECONDS
+        self._peer_refusals = _PeerRefusals()
         super().__init__(*args, **kwargs)
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
-        """Admit the connection if there is room, counting it until its association
-        runs; else count and (at most every :data:`REFUSED_LOG_SECONDS`) log it."""
+        """Admit the connection if there is room, in all and for its peer address,
+        counting it until its association runs; else count it and log it (at most every
+        :data:`REFUSED_LOG_SECONDS`, for each address where its own bound refused it)."""
+        host = client_address[0] if isinstance(client_address, tuple) else client_address
+        peer = _address(str(host))
         with self._bound_lock:
-            in_progress = len(self._handling) + len(self.ae.active_associations)
-            if in_progress < self.maximum_connections:
-                self._handling.add(id(request))
+            associations = self.ae.active_associations
+            full = len(self._handling) + len(associations) >= self.maximum_connections
+            if not full and (
+                self._connections_from(peer, associations) < self.maximum_connections_per_peer
+            ):
+                self._handling[id(request)] = peer
                 return True
             self.refused_connections += 1
-            now = time.monotonic()
-            if now - self._refused_logged_at < REFUSED_LOG_SECONDS:
-                return False
-            refused = self.refused_connections - self._refused_logged
-            self._refused_logged, self._refused_logged_at = self.refused_connections, now
-        logger.warning(
-            "%d connection(s) closed on arrival, the last from %s: %d connections at once "
-            "is the most this listener takes",
-            refused,
-            client_address[0] if isinstance(client_address, tuple) else client_address,
-            self.maximum_connections,
-        )
+            if full:
+                self._refused_in_all += 1
+                now = time.monotonic()
+                if now - self._refused_logged_at < REFUSED_LOG_SECONDS:
+                    return False
+                refused = self._refused_in_all - self._refused_logged
+                self._refused_logged, self._refused_logged_at = self._refused_in_all, now
+        if full:
+            logger.warning(
+                "%d connection(s) closed on arrival, the last from %s: %d connections at "
+                "once is the most this listener takes",
+                refused,
+                peer,
+                self.maximum_connections,
+            )
+        elif refused := self._peer_refusals.due(peer):
+            logger.warning(
+                "%d connection(s) from %s closed on arrival: %d at once from one address is "
+                "the most this listener takes",
+                refused,
+                peer,
+                self.maximum_connections_per_peer,
+            )
         return False
+
+    def connections_from(self, address: str) -> int:
+        """This server's connections from ``address`` (IPv4-mapped or not) that count
+        against its bound: in their TLS handshake, or with an association's thread."""
+        with self._bound_lock:
+            return self._connections_from(_address(address), self.ae.active_associations)
+
+    def _connections_from(self, peer: str, associations: list[Association]) -> int:
+        """As `connections_from`, for ``peer`` as `_address` gives it, with the AE's
+        association threads given; the caller holds ``_bound_lock``."""
+        handling = sum(1 for address in self._handling.values() if address == peer)
+        return handling + sum(1 for assoc in associations if _requestor_address(assoc) == peer)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         try:
@@ -1037,7 +1120,7 @@ class _BoundedAssociationServer(ThreadedAssociationServer):
         """Stop counting ``request`` here: it is closed, or its association counts it.
         Once or more."""
         with self._bound_lock:
-            self._handling.discard(id(request))
+            self._handling.pop(id(request), None)
 
     @contextlib.contextmanager
     def handing_over(self, request: Any) -> Iterator[None]:
@@ -1047,7 +1130,7 @@ class _BoundedAssociationServer(ThreadedAssociationServer):
         let in)."""
         with self._bound_lock:
             yield
-            self._handling.discard(id(request))
+            self._handling.pop(id(request), None)
 
 
 _HEADER_TAGS = (
@@ -1206,7 +1289,9 @@ class StorageSCP:
         closed on arrival (:data:`MAXIMUM_CONNECTIONS`).
     maximum_associations_per_peer
         Associations at once from one peer address; one more is rejected, transiently
-        (:data:`MAXIMUM_ASSOCIATIONS_PER_PEER`).
+        (:data:`MAXIMUM_ASSOCIATIONS_PER_PEER`). Twice as many connections at once from
+        one address are taken; one more is closed on arrival
+        (:data:`MAXIMUM_CONNECTIONS_PER_PEER`).
     """
 
     def __init__(
@@ -1234,6 +1319,7 @@ class StorageSCP:
         self.ae_title = ae_title
         self.maximum_connections = maximum_connections
         self.maximum_associations_per_peer = maximum_associations_per_peer
+        self.maximum_connections_per_peer = 2 * maximum_associations_per_peer
         self.spool_dir = Path(spool_dir)
         self.incoming_root = self.spool_dir / ".incoming"
         # this listener's own, named and locked when it starts
@@ -1250,8 +1336,7 @@ class StorageSCP:
         self._saved_tempdir: str | None = None
         self.counters = {"stored": 0, "refused": 0, "failed": 0}
         self._counter_lock = threading.Lock()
-        # peer address: (when a refusal for its bound was last logged, refusals since)
-        self._peer_refusals: dict[str, tuple[float, int]] = {}
+        self._peer_refusals = _PeerRefusals()  # of associations, for their peer's bound
 
     # -- life cycle -------------------------------------------------------
 
@@ -1314,6 +1399,7 @@ class StorageSCP:
         ae._servers.append(server)  # as AE.start_server does: server.shutdown() expects it
         self._server = cast(_BoundedAssociationServer, server)
         self._server.maximum_connections = self.maximum_connections
+        self._server.maximum_connections_per_peer = self.maximum_connections_per_peer
         threading.Thread(
             target=server.serve_forever, name=f"dicom-acceptor-{self.port}", daemon=True
         ).start()
@@ -1328,8 +1414,14 @@ class StorageSCP:
     @property
     def refused_connections(self) -> int:
         """Connections closed on arrival since the listener started, for being more
-        than ``maximum_connections`` at once."""
+        than ``maximum_connections`` at once, or ``maximum_connections_per_peer`` from
+        one address."""
         return self._server.refused_connections if self._server is not None else 0
+
+    def connections_from(self, address: str) -> int:
+        """Connections from ``address`` open now that count against
+        ``maximum_connections_per_peer`` (0 when not listening)."""
+        return self._server.connections_from(address) if self._server is not None else 0
 
     def stop(self) -> None:
         if self._server is not None:
@@ -1488,23 +1580,13 @@ class StorageSCP:
     def _log_refused_peer(self, peer: str) -> None:
         """Say that an association from ``peer`` was refused for its bound: at once, and
         then at most every :data:`REFUSED_LOG_SECONDS` for that address, with a count."""
-        now = time.monotonic()
-        with self._counter_lock:
-            logged_at, unlogged = self._peer_refusals.get(peer, (-REFUSED_LOG_SECONDS, 0))
-            if now - logged_at < REFUSED_LOG_SECONDS:
-                self._peer_refusals[peer] = (logged_at, unlogged + 1)
-                return
-            if len(self._peer_refusals) >= _PEER_REFUSALS_KEPT:  # many addresses: forget
-                self._peer_refusals = {
-                    address: entry
-                    for address, entry in self._peer_refusals.items()
-                    if now - entry[0] < REFUSED_LOG_SECONDS
-                }
-            self._peer_refusals[peer] = (now, 0)
+        refused = self._peer_refusals.due(peer)
+        if not refused:
+            return
         logger.warning(
             "%d association(s) from %s refused: %d at once from one address is the most "
             "this listener takes",
-            unlogged + 1,
+            refused,
             peer,
             self.maximum_associations_per_peer,
         )

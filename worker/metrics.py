@@ -137,7 +137,8 @@ class NodeCollector(Collector):
             refused = CounterMetricFamily(
                 "boneage_listener_connections_refused",
                 "Connections closed on arrival since the listener started, for being more "
-                "than it takes at once (a port scan, clients that connect and never speak).",
+                "than it takes at once, in all or from one address (a port scan, clients "
+                "that connect and never speak).",
             )
             refused.add_metric([], self.refused_connections())
             yield refused

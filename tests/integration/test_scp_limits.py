@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import struct
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ class Node:
         acse_timeout: float,
         network_timeout: float,
         dimse_timeout: float,
+        host: str = "127.0.0.1",
         **options: Any,
     ) -> None:
         self.recorded: list[ReceivedInstance] = []
@@ -59,7 +61,7 @@ class Node:
             record=self._record,
             notify=lambda _id: None,
             allowed_callers=[("PACS", None)],
-            host="127.0.0.1",
+            host=host,
             port=0,
             acse_timeout=acse_timeout,
             network_timeout=network_timeout,
@@ -76,8 +78,11 @@ class Node:
     ) -> subprocess.CompletedProcess[str]:
         return storescu(self.scp.port, *files, extra=extra)
 
-    def connect(self) -> socket.socket:
-        return socket.create_connection(("127.0.0.1", self.scp.port), timeout=30)
+    def connect(self, source: str = "127.0.0.1") -> socket.socket:
+        """A TCP connection from ``source`` (any of 127.0.0.0/8 is this machine)."""
+        return socket.create_connection(
+            ("127.0.0.1", self.scp.port), timeout=30, source_address=(source, 0)
+        )
 
     def incoming(self) -> list[Path]:
         """The data set files in spool/.incoming, whichever listener's folder holds them."""
@@ -607,3 +612,255 @@ def test_a_caller_pinned_to_another_address_hears_why_it_is_rejected(tmp_path: P
         assert scp.counters["refused"] == 1
     finally:
         scp.stop()
+
+
+# -- connections at once from one address -------------------------------------------
+
+#: Well within the listener's ARTIM and TLS handshake timeouts (60 s and 10 s here): a
+#: connection closed sooner was closed on arrival, not for its silence.
+PROMPTLY_S = 5.0
+
+
+def closed_at_once(sock: socket.socket) -> bool:
+    """Whether the listener closes ``sock`` within `PROMPTLY_S`, having sent nothing."""
+    sock.settimeout(PROMPTLY_S)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def awaiting_requests(scp: StorageSCP, source: str = "127.0.0.1") -> int:
+    """The listener's associations from ``source`` still waiting for their A-ASSOCIATE-RQ:
+    connections it has taken that never spoke."""
+    assert scp._server is not None
+    return sum(
+        1
+        for assoc in scp._server.ae.active_associations
+        if assoc.dul.state_machine.current_state == "Sta2"
+        and assoc.requestor.address.removeprefix("::ffff:") == source
+    )
+
+
+def settled(scp: StorageSCP) -> bool:
+    """Whether the listener holds no connection: none in its handshake, no association's
+    thread (the bookkeeping of its bound on connections in all)."""
+    server = scp._server
+    assert server is not None
+    return not server._handling and not server.ae.active_associations
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::"], ids=["IPv4", "dual-stack"])
+def test_one_address_gets_its_share_of_the_connections_and_no_more(
+    tmp_path: Path, dcmtk: dict[str, str], caplog: pytest.LogCaptureFixture, host: str
+) -> None:
+    """Connections that never send an A-ASSOCIATE-RQ, from one address: past twice its
+    share of associations, one more from it is closed at once, while another address
+    still associates; the places come back as they close. On a dual-stack listener an
+    IPv4 caller (``::ffff:127.0.0.1``) counts as ``127.0.0.1``."""
+    if host == "::" and not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    # timeouts far longer than the test: only the bound closes a connection here
+    node = Node(
+        tmp_path,
+        acse_timeout=60,
+        network_timeout=60,
+        dimse_timeout=60,
+        host=host,
+        maximum_associations_per_peer=2,
+    )
+    node.scp.start()
+    port = node.scp.port
+    share = 4  # twice the address's associations
+    idle: list[socket.socket] = []
+    try:
+        idle += [node.connect() for _ in range(share)]
+        wait_for(
+            lambda: awaiting_requests(node.scp) == share,
+            timeout=10,
+            what="the listener holding the idle connections",
+        )
+        extra = node.connect()
+        assert closed_at_once(extra)
+        extra.close()
+        assert node.scp.refused_connections == 1
+        refused = held_association(port)  # a PACS at the same address: it tries again
+        assert not refused.is_established
+        assert node.scp.refused_connections == 2
+        assert node.scp.connections_from("127.0.0.1") == share
+        assert node.scp.connections_from("::ffff:127.0.0.1") == share
+
+        other = held_association(port, source="127.0.0.2")
+        assert other.is_established
+        assert other.send_c_echo().Status == 0x0000
+        assert node.scp.connections_from("127.0.0.2") == 1
+        other.release()
+
+        messages = [r.getMessage() for r in caplog.records if "closed on arrival" in r.getMessage()]
+        assert messages == [
+            "1 connection(s) from 127.0.0.1 closed on arrival: 4 at once from one address is "
+            "the most this listener takes"
+        ]  # the second within the minute: counted, not logged
+
+        idle.pop().close()
+        wait_for(
+            lambda: node.scp.connections_from("127.0.0.1") == share - 1,
+            timeout=10,
+            what="the closed connection's place given back",
+        )
+        assert echoes(port)  # from 127.0.0.1 again
+        assert node.scp.refused_connections == 2
+    finally:
+        for connection in idle:
+            connection.close()
+    try:
+        wait_for(lambda: settled(node.scp), timeout=10, what="every connection gone")
+        assert node.scp.connections_from("127.0.0.1") == 0
+        assert node.scp.connections_from("127.0.0.2") == 0
+    finally:
+        node.scp.stop()
+
+
+def test_every_way_a_connection_ends_gives_its_address_its_place_back(
+    tmp_path: Path, dcmtk: dict[str, str]
+) -> None:
+    """Closed before its A-ASSOCIATE-RQ, a probe that is no request, released, aborted,
+    rejected (by title, or for the address's share of associations): none leaves the
+    address a place short, so its whole share of idle connections still fits after."""
+    node = Node(
+        tmp_path,
+        acse_timeout=60,
+        network_timeout=60,
+        dimse_timeout=60,
+        maximum_associations_per_peer=1,
+    )
+    node.scp.start()
+    port = node.scp.port
+    share = 2  # twice the address's associations
+
+    def stranger() -> Association:
+        ae = AE(ae_title="STRANGER")  # no allowed caller: rejected permanently
+        ae.add_requested_context(VERIFICATION_SOP_CLASS)
+        return ae.associate("127.0.0.1", port, ae_title="BONEAGE")
+
+    def one_too_many() -> None:
+        held = held_association(port)
+        try:
+            assert held_association(port).is_rejected  # the address's one association
+        finally:
+            held.release()
+
+    def aborted() -> None:
+        assoc = held_association(port)
+        assert assoc.is_established
+        assoc.abort()
+
+    def probe(sent: bytes) -> None:
+        with node.connect() as sock:
+            wait_for(lambda: awaiting_requests(node.scp) == 1, timeout=10, what="taken")
+            sock.sendall(sent)
+            sock.shutdown(socket.SHUT_WR)
+            read_until_closed(sock)
+
+    endings: list[tuple[str, Callable[[], object]]] = [
+        ("closed before its request", lambda: probe(b"")),
+        ("an HTTP probe", lambda: probe(b"GET / HTTP/1.1\r\n\r\n")),
+        ("released", lambda: echoes(port) or pytest.fail("no C-ECHO")),
+        ("aborted", aborted),
+        ("rejected by title", lambda: stranger().is_rejected or pytest.fail("not rejected")),
+        ("rejected for its share", one_too_many),
+    ]
+    idle: list[socket.socket] = []
+    try:
+        for what, ending in endings:
+            ending()
+            wait_for(lambda: settled(node.scp), timeout=10, what=f"{what}: every place back")
+
+        idle += [node.connect() for _ in range(share)]
+        wait_for(
+            lambda: awaiting_requests(node.scp) == share,
+            timeout=10,
+            what="the listener holding the address's whole share",
+        )
+        extra = node.connect()
+        assert closed_at_once(extra)
+        extra.close()
+        assert node.scp.refused_connections == 1
+    finally:
+        for connection in idle:
+            connection.close()
+    try:
+        wait_for(lambda: settled(node.scp), timeout=10, what="every connection gone")
+        assert node.scp.connections_from("127.0.0.1") == 0
+    finally:
+        node.scp.stop()
+
+
+@pytest.mark.slow
+def test_tls_handshakes_count_against_the_share_of_their_address(tmp_path: Path) -> None:
+    """Over TLS, connections that never start their handshake: past the address's share,
+    one more from it is closed at once (not after the handshake timeout), another address
+    still associates, and a failed handshake gives its place back."""
+    from tests.integration.test_security import Certificates
+    from tests.integration.test_tls_accept import tls_listener
+    from worker import tls
+
+    def tls_echo(port: int, context: ssl.SSLContext, source: str = "127.0.0.1") -> bool:
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context(VERIFICATION_SOP_CLASS)
+        ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+        assoc = ae.associate(
+            "127.0.0.1",
+            port,
+            ae_title="BONEAGE",
+            tls_args=(context, "localhost"),
+            bind_address=(source, 0),
+        )
+        if not assoc.is_established:
+            return False
+        status = assoc.send_c_echo().Status
+        assoc.release()
+        return bool(status == 0x0000)
+
+    assert PROMPTLY_S < tls.HANDSHAKE_TIMEOUT_SECONDS
+    with tls_listener(tmp_path, maximum_associations_per_peer=1) as made:
+        scp, port = made.scp, made.scp.port
+        server = scp._server
+        assert server is not None
+        share = 2  # twice the address's associations
+        good = made.certificates.client_context(with_certificate=True)
+        stranger = Certificates(tmp_path / "other-pki")
+        bad = made.certificates.client_context(with_certificate=False)
+        bad.load_cert_chain(*stranger.client)
+
+        assert tls_echo(port, good)
+        assert not tls_echo(port, bad)  # its handshake fails
+        wait_for(lambda: settled(scp), timeout=10, what="both connections gone")
+
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(share)]
+        try:
+            # no ClientHello: each in its handshake, on its own thread
+            wait_for(lambda: len(server._handling) == share, timeout=10, what="handshakes")
+            extra = socket.create_connection(("127.0.0.1", port), timeout=30)
+            assert closed_at_once(extra)
+            extra.close()
+            assert scp.refused_connections == 1
+            assert scp.connections_from("127.0.0.1") == share
+
+            assert tls_echo(port, good, source="127.0.0.2")
+
+            idle.pop().close()
+            wait_for(
+                lambda: scp.connections_from("127.0.0.1") == share - 1,
+                timeout=PROMPTLY_S,  # before the handshake timeout
+                what="the closed connection's place given back",
+            )
+            assert tls_echo(port, good)
+        finally:
+            for connection in idle:
+                connection.close()
+        wait_for(lambda: settled(scp), timeout=PROMPTLY_S, what="every connection gone")
+        assert scp.connections_from("127.0.0.1") == 0
+        assert scp.connections_from("127.0.0.2") == 0

@@ -27,14 +27,16 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from models.net import ARCHITECTURES, BoneAgeNet, build_model
+from models.preprocess import PREPROCESS_VERSION
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
-"""Newest metadata layout: 2 adds ``clahe``. A checkpoint is written as version 1 unless
-it needs a version-2 field (see :attr:`CheckpointMeta.format_version`)."""
+FORMAT_VERSION = 3
+"""Newest metadata layout: 2 adds ``clahe``, 3 a ``preprocess_version`` other than 1. A
+checkpoint is written as the oldest version that holds what it says (see
+:attr:`CheckpointMeta.format_version`)."""
 
-READABLE_FORMAT_VERSIONS: tuple[int, ...] = (1, 2)
+READABLE_FORMAT_VERSIONS: tuple[int, ...] = (1, 2, 3)
 """Metadata layouts :meth:`CheckpointMeta.from_json` reads."""
 
 METADATA_KEY = "boneage"
@@ -45,6 +47,10 @@ DEFAULT_TARGET_MEAN = 127.0
 
 DEFAULT_TARGET_SD = 41.0
 """Default bone-age SD (months) for the z-scored target, close to the RSNA training set."""
+
+LEGACY_PREPROCESS_VERSION = 1
+"""The preprocessing version of a checkpoint whose metadata names none: written before the
+version was recorded, by releases that all prepared images as version 1."""
 
 INTERVAL_LEVELS: tuple[float, ...] = (0.8, 0.9, 0.95)
 """Coverage levels of the split-conformal prediction intervals."""
@@ -101,11 +107,19 @@ class CheckpointMeta:
         The model was trained on CLAHE-equalised inputs
         (:func:`~models.preprocess.apply_clahe`); inference must preprocess the same way,
         which needs OpenCV.
+    preprocess_version : int
+        The :data:`~models.preprocess.PREPROCESS_VERSION` of the preprocessing the model
+        was trained on (default: this software's). A checkpoint of another version is
+        refused on load (:func:`model_from_bytes`); one whose metadata names none was
+        written before the version was recorded and is version 1
+        (:data:`LEGACY_PREPROCESS_VERSION`).
     format_version : int
-        Metadata layout version, derived (not an argument): 2 when ``clahe`` is set, else
-        1. Releases before ``clahe`` existed read only version 1 and would drop the field
-        they do not know (with a warning) and serve the model without CLAHE; version 2
-        makes them refuse the file instead.
+        Metadata layout version, derived (not an argument): 3 when ``preprocess_version``
+        is not 1, else 2 when ``clahe`` is set, else 1. Releases before ``clahe`` existed
+        read only version 1 and would drop the field they do not know (with a warning)
+        and serve the model without CLAHE; version 2 makes them refuse the file instead.
+        Version 3 does the same for the releases before ``preprocess_version``, which
+        would prepare the images as version 1.
     extra : dict
         Free-form additional information (training settings, seed, ...).
     """
@@ -124,14 +138,18 @@ class CheckpointMeta:
         default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     )
     clahe: bool = False
+    preprocess_version: int = PREPROCESS_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
     format_version: int = field(init=False, default=1)
 
     def __post_init__(self) -> None:
-        self.format_version = 2 if self.clahe else 1
         for name in ("trained", "clahe"):  # "false" in the JSON would read as true
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        version = self.preprocess_version
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ValueError(f"preprocess_version must be a whole number from 1, got {version!r}")
+        self.format_version = 3 if version != 1 else 2 if self.clahe else 1
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {self.arch!r}; expected one of {ARCHITECTURES}")
         if self.input_size < 32:
@@ -188,6 +206,14 @@ class CheckpointMeta:
         if version == 1 and raw.get("clahe"):
             # a version-1 reader would drop it: no writer puts it into a version-1 file
             raise ValueError("checkpoint metadata of format version 1 says clahe")
+        # written before the version was recorded: the preprocessing of those releases
+        raw.setdefault("preprocess_version", LEGACY_PREPROCESS_VERSION)
+        if version in (1, 2) and raw["preprocess_version"] != 1:
+            # a reader of those layouts would ignore it: no writer puts it there
+            raise ValueError(
+                f"checkpoint metadata of format version {version} says preprocess_version "
+                f"{raw['preprocess_version']!r}"
+            )
         fields = dataclasses.fields(cls)
         unknown = sorted(set(raw) - {f.name for f in fields})
         if unknown:
@@ -357,6 +383,33 @@ def _read_header_metadata(data: bytes, name: str) -> dict[str, str]:
     return meta
 
 
+def check_preprocess_version(meta: CheckpointMeta, name: str = "checkpoint") -> None:
+    """Refuse a model trained on images prepared otherwise than this software prepares them.
+
+    Parameters
+    ----------
+    meta : CheckpointMeta
+        The checkpoint's metadata.
+    name : str
+        How to name the checkpoint in the error.
+
+    Raises
+    ------
+    ValueError
+        If ``meta.preprocess_version`` is not :data:`~models.preprocess.PREPROCESS_VERSION`:
+        the model would be given inputs it was not trained on, and its bone ages would
+        be wrong without any sign of it.
+    """
+    if meta.preprocess_version != PREPROCESS_VERSION:
+        raise ValueError(
+            f"{name} was trained on images prepared as preprocessing version "
+            f"{meta.preprocess_version}, and this software prepares them as version "
+            f"{PREPROCESS_VERSION}: the model would be given inputs it was not trained on. "
+            f"Use it with a release of preprocessing version {meta.preprocess_version}, or "
+            "train it again with this one"
+        )
+
+
 def model_from_bytes(data: bytes, *, name: str = "checkpoint", device: str = "cpu") -> LoadedModel:
     """Build a :class:`LoadedModel` from checkpoint bytes.
 
@@ -377,7 +430,9 @@ def model_from_bytes(data: bytes, *, name: str = "checkpoint", device: str = "cp
     Raises
     ------
     ValueError
-        If the bytes are not a boneage checkpoint or do not fit the architecture.
+        If the bytes are not a boneage checkpoint, do not fit the architecture, or the
+        model was trained on another preprocessing version than this software's
+        (:data:`~models.preprocess.PREPROCESS_VERSION`).
     """
     raw_meta = _read_header_metadata(data, name)
     if METADATA_KEY not in raw_meta:
@@ -386,6 +441,7 @@ def model_from_bytes(data: bytes, *, name: str = "checkpoint", device: str = "cp
             f"(no {METADATA_KEY!r} metadata)"
         )
     meta = CheckpointMeta.from_json(raw_meta[METADATA_KEY])
+    check_preprocess_version(meta, name)
     try:
         tensors = load_safetensors(data)
     except Exception as exc:  # safetensors raises its own error type for corrupt files

@@ -26,6 +26,15 @@ CropBox = tuple[int, int, int, int]
 """``(top, left, bottom, right)`` in source pixels, bottom/right exclusive; may extend past
 the image border, where the crop is padded with background."""
 
+PREPROCESS_VERSION = 1
+"""Version of what :func:`prepare` makes of an image: the intensity window, the crop, CLAHE,
+the resize and the standardisation. Bump it with any change that alters the tensor the
+network is given for the same image (a percentile, the margin, the thumbnail, the
+interpolation, ...): a checkpoint records the version it was trained with
+(:attr:`models.checkpoint.CheckpointMeta.preprocess_version`) and one of another version is
+refused on load, rather than silently given inputs it was not trained on. A checkpoint
+written before versions were recorded is taken as version 1."""
+
 _THUMB_SIDE = 160  # thumbnail long side for foreground detection
 _MARGIN = 0.04  # crop margin, fraction of the box side
 _MIN_FOREGROUND = 0.02  # below this share of the thumbnail, fall back to the whole image

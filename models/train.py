@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from models.checkpoint import (
     INTERVAL_LEVELS,
+    LEGACY_PREPROCESS_VERSION,
     CheckpointMeta,
     check_checkpoint_path,
     save_checkpoint,
@@ -62,7 +63,7 @@ from models.data import (
 from models.evaluate import predict_ages, regression_metrics
 from models.net import BoneAgeNet, build_model
 from models.predictor import resolve_device
-from models.preprocess import require_clahe
+from models.preprocess import PREPROCESS_VERSION, require_clahe
 
 logger = logging.getLogger(__name__)
 
@@ -286,6 +287,7 @@ def _save_state(
         "config": dataclasses.asdict(config),
         "target": list(target),
         "data_sha256": fingerprint,
+        "preprocess_version": PREPROCESS_VERSION,
     }
     _atomic_write(folder / STATE_JSON, json.dumps(state, indent=1).encode())
 
@@ -334,6 +336,14 @@ def _saved_config(folder: Path) -> dict[str, Any]:
 
 
 def _check_resumable(folder: Path, state: dict[str, Any], config: TrainConfig) -> None:
+    # a state written before the version was recorded: that of those releases
+    saved_preprocess = state.get("preprocess_version", LEGACY_PREPROCESS_VERSION)
+    if saved_preprocess != PREPROCESS_VERSION:
+        raise ValueError(
+            f"cannot resume: the run in {folder} trained on images prepared as "
+            f"preprocessing version {saved_preprocess}, and this software prepares them as "
+            f"version {PREPROCESS_VERSION}; start a new run (--restart)"
+        )
     conflicts = _resume_conflicts(state["config"], config)
     if conflicts:
         raise ValueError(
@@ -789,6 +799,7 @@ def train(
         quantiles=quantiles,
         head_hidden=cfg.head_hidden,
         clahe=cfg.clahe,
+        preprocess_version=PREPROCESS_VERSION,  # what PreparedDataset gave the model
         extra={
             "train_config": dataclasses.asdict(cfg),
             "n_train": len(train_items),

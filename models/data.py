@@ -8,6 +8,7 @@ reads DICOM itself).
 from __future__ import annotations
 
 import csv
+import itertools
 import logging
 import math
 from collections.abc import Callable, Hashable, Iterable, Sequence
@@ -286,11 +287,16 @@ def stratified_split(
 ) -> tuple[list[int], list[int]]:
     """Split indices into train and validation, stratified by sex and age, by patient.
 
-    The units of the split are the groups (patients): within each sex the groups are
-    sorted by their mean age and cut into consecutive runs of about ``1 / val_fraction``;
-    one random group of each run goes to validation with all its images. Two images of one
-    child (both hands, follow-ups) are never on both sides, which would make validation
-    MAE and the conformal intervals optimistic.
+    The units of the split are the groups (patients): ``val_fraction`` of them, rounded to
+    a whole group (:func:`validation_group_count`), go to validation with all their
+    images, shared between the sexes in proportion to their groups (largest remainder).
+    Within each sex the groups are sorted by their mean age and cut into as many
+    consecutive runs of (nearly) equal length as that sex has validation groups; one
+    random group of each run is taken. Two images of one child (both hands, follow-ups)
+    are never on both sides, which would make validation MAE and the conformal intervals
+    optimistic. The share of *images* in validation follows that of the groups only as
+    far as the groups have equal numbers of images: the caller reports both
+    (:func:`models.train.train` logs them and records them in the checkpoint).
 
     Parameters
     ----------
@@ -337,20 +343,48 @@ def stratified_split(
     unit_ages = np.array([ages_arr[m].mean() for m in units])
     unit_males = np.array([bool(males[m[0]]) for m in units], dtype=bool)
     rng = np.random.default_rng(seed)
-    run = max(2, round(1.0 / val_fraction))
+    by_sex = [np.flatnonzero(unit_males == sex) for sex in (False, True)]
+    # The number of validation groups is that of the fraction (not 1 / round(1 / f) of
+    # them: runs of round(1 / 0.15) = 7 gave 14 %, of round(1 / 0.4) = 2 gave 50 %).
+    wanted = validation_group_count(len(units), val_fraction)
+    shares = [val_fraction * len(idx) for idx in by_sex]
+    counts = [math.floor(share) for share in shares]
+    by_remainder = sorted(range(2), key=lambda sex: shares[sex] - counts[sex], reverse=True)
+    for sex in by_remainder * 2:  # twice: a sex with no group left takes none
+        if sum(counts) < wanted and counts[sex] < len(by_sex[sex]):
+            counts[sex] += 1
     val_units: list[int] = []
-    for sex in (False, True):
-        idx = np.flatnonzero(unit_males == sex)
+    for idx, count in zip(by_sex, counts, strict=True):
+        if not count:
+            continue
         idx = idx[np.argsort(unit_ages[idx], kind="stable")]
-        for start in range(0, len(idx), run):
-            chunk = idx[start : start + run]
-            # A short last run gets a member in proportion to its size.
-            if len(chunk) == run or rng.random() < len(chunk) / run:
-                val_units.append(int(rng.choice(chunk)))
+        # ``count`` runs of consecutive ages, their lengths differing by one at most
+        ends = [(run * len(idx)) // count for run in range(count + 1)]
+        for start, stop in itertools.pairwise(ends):
+            val_units.append(int(idx[rng.integers(start, stop)]))
     val = sorted(i for u in val_units for i in units[u])
     val_set = set(val)
     train = [i for i in range(len(ages)) if i not in val_set]
     return train, val
+
+
+def validation_group_count(n_groups: int, val_fraction: float) -> int:
+    """How many of ``n_groups`` groups :func:`stratified_split` puts into validation.
+
+    Parameters
+    ----------
+    n_groups : int
+        Groups (patients) to split, at least 2.
+    val_fraction : float
+        Share asked for.
+
+    Returns
+    -------
+    int
+        ``val_fraction * n_groups`` rounded to the nearest whole group (halves up), but
+        at least one, and one fewer than all at most: each side needs a group.
+    """
+    return min(n_groups - 1, max(1, math.floor(val_fraction * n_groups + 0.5)))
 
 
 class PreparedDataset(Dataset[tuple[Tensor, Tensor, Tensor]]):

@@ -15,8 +15,11 @@ Resuming: with ``state_dir`` set, the training state is written after every epoc
 ``train_state.safetensors`` (weights, best weights, optimiser tensors, RNG state) plus
 ``train_state.json`` (counters, history, schedule, configuration, the SHA-256 of the
 tensors file and :func:`data_fingerprint` of the data) — no pickle. ``resume=True``
-continues from there, and refuses other data or other training settings (only ``epochs``
-and ``patience`` may change; :data:`RESUME_MAY_CHANGE`). A state folder that holds a saved
+continues from there, and refuses other data or other training settings (only
+``patience``, and ``epochs`` with the plateau schedule, may change;
+:data:`RESUME_MAY_CHANGE`): a resumed run's learning rates are those of the same run
+uninterrupted. The cosine schedule is planned over ``epochs`` when a run starts, and the
+plan (its steps) is kept in the state and the checkpoint. A state folder that holds a saved
 run is not overwritten by a new one unless ``restart=True``. :func:`check_destinations`
 refuses what could not be written, or resumed, before any image is read.
 """
@@ -101,7 +104,10 @@ class TrainConfig:
     patience : int
         Early stopping: epochs without a better validation MAE before stopping.
     val_fraction : float
-        Share of the data held out for validation and conformal calibration.
+        Share of the patients held out for validation and conformal calibration, to the
+        nearest whole patient (:func:`~models.data.validation_group_count`); the shares
+        of patients and images held out are logged and recorded in the checkpoint's
+        ``extra["split"]``.
     augment : bool
         Random flip, rotation, scale, shift, brightness and contrast.
     amp : bool
@@ -265,6 +271,8 @@ def _save_state(
     config: TrainConfig,
     target: tuple[float, float],
     fingerprint: str,
+    val_fingerprint: str,
+    schedule: dict[str, Any],
 ) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, Tensor] = {f"model.{k}": v for k, v in _cpu_state(model).items()}
@@ -284,9 +292,11 @@ def _save_state(
         "param_groups": opt_state["param_groups"],
         "plateau": plateau.state_dict() if plateau is not None else None,
         "scaler": scaler.state_dict(),
+        "schedule": schedule,
         "config": dataclasses.asdict(config),
         "target": list(target),
         "data_sha256": fingerprint,
+        "val_sha256": val_fingerprint,
         "preprocess_version": PREPROCESS_VERSION,
     }
     _atomic_write(folder / STATE_JSON, json.dumps(state, indent=1).encode())
@@ -304,22 +314,34 @@ def _atomic_write(path: Path, data: bytes) -> None:
 RESUME_MAY_CHANGE = frozenset(
     {"epochs", "patience", "num_workers", "device", "cache", "data_description", "version"}
 )
-"""The :class:`TrainConfig` fields a resumed run may change: how long it goes on, and how
-and where it runs and is described. Every other one is what the saved run trained with
-(its learning rate, batch size, weight decay, loss, warm-up, dropout, precision, ...): a
-resumed run with another would be recorded in the checkpoint as trained with it
-throughout, and the cosine schedule would jump."""
+"""The :class:`TrainConfig` fields a resumed run may change: how long it goes on (``epochs``
+with the plateau schedule only: the cosine schedule is planned over the epochs, see
+:func:`_resume_conflicts`), and how and where it runs and is described. Every other one is
+what the saved run trained with (its learning rate, batch size, weight decay, loss,
+warm-up, dropout, precision, ...): a resumed run with another would be recorded in the
+checkpoint as trained with it throughout, and the cosine schedule would jump."""
 
 
 def _resume_conflicts(saved: dict[str, Any], config: TrainConfig) -> list[str]:
-    """``"lr was 0.0003, now 0.05"`` for each setting ``config`` changes but may not."""
+    """``"lr was 0.0003, now 0.05"`` for each setting ``config`` changes but may not.
+
+    ``epochs`` is one of them with the cosine schedule: the saved run's learning rates
+    followed a cosine over its epochs, and another number of epochs would move the
+    curve under the rest of the run (the rate jumps, and the run no longer ends at zero
+    where it stops), while the checkpoint said it followed one curve throughout.
+    """
     conflicts = []
     for spec in dataclasses.fields(TrainConfig):
-        if spec.name in RESUME_MAY_CHANGE:
-            continue
         # a field the saved run's code did not have yet: it trained with its default
         before, now = saved.get(spec.name, spec.default), getattr(config, spec.name)
-        if before != now:
+        if before == now:
+            continue
+        if spec.name == "epochs" and config.schedule == "cosine":
+            conflicts.append(
+                f"epochs was {before!r}, now {now!r} (the cosine schedule of the saved run "
+                f"is planned over {before!r} epochs: its learning rates would jump)"
+            )
+        elif spec.name not in RESUME_MAY_CHANGE:
             conflicts.append(f"{spec.name} was {before!r}, now {now!r}")
     return conflicts
 
@@ -348,7 +370,8 @@ def _check_resumable(folder: Path, state: dict[str, Any], config: TrainConfig) -
     if conflicts:
         raise ValueError(
             f"cannot resume: {'; '.join(conflicts)} (the run in {folder} trained with the "
-            "former; a resumed run may change only epochs and patience)"
+            "former; a resumed run may change only patience, and epochs with the plateau "
+            "schedule; --restart to train anew with these settings)"
         )
 
 
@@ -570,13 +593,36 @@ def train(
         )
     train_items = [items[i] for i in train_idx]
     val_items = [items[i] for i in val_idx]
+    n_patients = len(set(groups))
+    split = {
+        "val_fraction": cfg.val_fraction,
+        "val_patients": len({groups[i] for i in val_idx}),
+        "patients": n_patients,
+        "val_images": len(val_idx),
+        "images": len(items),
+    }
+    # what was held out, as shares: a whole number of patients, of unequal image counts
     logger.info(
-        "split by patient: training %d images of %d patients, validation %d images of %d",
-        len(train_idx),
-        len({groups[i] for i in train_idx}),
+        "split by patient (val_fraction %g): validation %d of %d patients (%.1f %%), "
+        "%d of %d images (%.1f %%)",
+        cfg.val_fraction,
+        split["val_patients"],
+        n_patients,
+        100.0 * split["val_patients"] / n_patients,
         len(val_idx),
-        len({groups[i] for i in val_idx}),
+        len(items),
+        100.0 * len(val_idx) / len(items),
     )
+    # the split is made again on resume: it must hold the same validation images (a
+    # change of the splitting code, or of the order of images that tie, would otherwise
+    # train on validation images and flatter its MAE and intervals)
+    val_fingerprint = data_fingerprint(val_items)
+    if resumed is not None and resumed[0].get("val_sha256") != val_fingerprint:
+        raise ValueError(
+            f"cannot resume: the run in {folder} validated on other images than this "
+            "split holds (a state from before the split was recorded, or images whose ages "
+            "tie in another order); start a new run (--restart)"
+        )
     train_ages = np.array([it.age_months for it in train_items], dtype=np.float64)
     target = (float(train_ages.mean()), float(max(train_ages.std(), 1.0)))
     logger.info(
@@ -613,7 +659,14 @@ def train(
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, len(train_set) // cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
+    # The learning-rate plan, fixed when the run starts: a resumed run follows the saved
+    # one (its epochs cannot change with the cosine schedule: _resume_conflicts).
+    schedule: dict[str, Any] = {
+        "kind": cfg.schedule,
+        "epochs": cfg.epochs,
+        "total_steps": steps_per_epoch * cfg.epochs,
+        "warmup_steps": cfg.warmup_steps,
+    }
     plateau = (
         torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=2)
         if cfg.schedule == "plateau"
@@ -635,6 +688,7 @@ def train(
         scaler.load_state_dict(saved["scaler"])
         torch.set_rng_state(tensors["rng.torch"])
         state = _Progress(**saved["progress"])
+        schedule = saved.get("schedule") or schedule  # a state from before it was saved
         logger.info("resuming after epoch %d (best MAE %.2f)", state.epoch_done, state.best_mae)
 
     mean, sd = target
@@ -683,7 +737,9 @@ def train(
                 x = x.contiguous(memory_format=torch.channels_last)
             z = ((age - mean) / sd).to(device)
             if plateau is None:
-                factor = _cosine_factor(state.step, total_steps, cfg.warmup_steps)
+                factor = _cosine_factor(
+                    state.step, schedule["total_steps"], schedule["warmup_steps"]
+                )
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.lr * factor
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
@@ -753,6 +809,8 @@ def train(
                 config=cfg,
                 target=target,
                 fingerprint=fingerprint,
+                val_fingerprint=val_fingerprint,
+                schedule=schedule,
             )
         if state.bad_epochs >= cfg.patience:
             logger.info("early stop: no better validation MAE for %d epochs", cfg.patience)
@@ -804,12 +862,14 @@ def train(
             "train_config": dataclasses.asdict(cfg),
             "n_train": len(train_items),
             "n_val": len(val_items),
+            "split": split,
             # images the labels listed, and of those missing (trained without them)
             "n_listed": n_listed,
             "n_missing": n_missing,
             "best_epoch": state.best_epoch,
             "epochs_run": state.epoch_done,
             "history": state.history,
+            "lr_schedule": schedule,
             **({"version": cfg.version} if cfg.version else {}),
         },
     )

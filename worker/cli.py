@@ -1160,7 +1160,14 @@ def _items(**kwargs: Any) -> tuple[list[Any], str]:
 @click.option(
     "--patience", type=int, default=6, show_default=True, help="Early-stopping patience (epochs)."
 )
-@click.option("--val-fraction", type=float, default=0.15, show_default=True)
+@click.option(
+    "--val-fraction",
+    type=float,
+    default=0.15,
+    show_default=True,
+    help="Share of the patients held out for validation and the intervals, to the nearest "
+    "whole patient (the shares of patients and images used are logged and in the checkpoint).",
+)
 @click.option("--augment/--no-augment", default=True, show_default=True)
 @click.option("--amp/--no-amp", default=True, show_default=True, help="Mixed precision on CUDA.")
 @click.option(

@@ -11,7 +11,7 @@ import csv
 import itertools
 import logging
 import math
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,12 +89,23 @@ class LabelledSet(list[LabelledImage]):
         Rows the source listed (read up to the ``limit``).
     n_missing : int
         Of those, rows whose image was missing.
+    left_out : Mapping[str, int], optional
+        Of those, images the service's input gate refuses, left out: reason -> how many
+        (``worker.datasets.read_dicom_folder`` with ``gate``).
     """
 
-    def __init__(self, items: Iterable[LabelledImage] = (), *, n_listed: int, n_missing: int):
+    def __init__(
+        self,
+        items: Iterable[LabelledImage] = (),
+        *,
+        n_listed: int,
+        n_missing: int,
+        left_out: Mapping[str, int] | None = None,
+    ):
         super().__init__(items)
         self.n_listed = n_listed
         self.n_missing = n_missing
+        self.left_out: dict[str, int] = dict(left_out or {})
 
 
 def source_counts(items: Sequence[LabelledImage]) -> tuple[int, int]:

@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +86,58 @@ _BOOTSTRAP_DRAWS = 1 << 20
 resamples of 12,600 images take about 0.2 s)."""
 
 
+@dataclass(frozen=True)
+class GateOutcome:
+    """What the service's input gate did to the images before they were evaluated.
+
+    The gate (``dicom_io.gate``, applied by the caller: this package reads no DICOM)
+    decides which images the service assesses at all; figures of images it refuses are
+    of nothing the service would report.
+
+    Attributes
+    ----------
+    applied : bool
+        The images the gate refuses were left out; False: every image was scored (asked
+        for), also those the service would refuse.
+    left_out : Mapping[str, int]
+        The gate's reason -> how many images it left out for it (empty where it was not
+        applied, or refused none).
+    """
+
+    applied: bool
+    left_out: Mapping[str, int] = field(default_factory=dict)
+
+    def as_metrics(self) -> dict[str, Any]:
+        """``{"applied", "left_out" (a count), "reasons" (reason -> count)}``, most
+        frequent reason first, as ``metrics.json`` holds it."""
+        reasons = sorted(self.left_out.items(), key=lambda kv: (-kv[1], kv[0]))
+        return {
+            "applied": self.applied,
+            "left_out": sum(self.left_out.values()),
+            "reasons": dict(reasons),
+        }
+
+
+def gate_sentence(metrics: dict[str, Any]) -> str | None:
+    """What the service's gate did, in words, as ``evaluate`` prints it and ``report.md``
+    holds it; None where it had no say (images that are not DICOM)."""
+    gate = metrics.get("gate")
+    if not gate:
+        return None
+    if not gate["applied"]:
+        return (
+            "the service's gate was not applied: every image was scored, also those the "
+            "service would refuse and never assess"
+        )
+    if not gate["left_out"]:
+        return "the service's gate accepts every image"
+    reasons = "; ".join(f"{count} × {reason}" for reason, count in gate["reasons"].items())
+    return (
+        f"the service's gate left out {gate['left_out']} image(s) it would refuse, not "
+        f"in the figures: {reasons}"
+    )
+
+
 @dataclass
 class EvaluationReport:
     """What :func:`evaluate` found and wrote.
@@ -100,7 +152,8 @@ class EvaluationReport:
         confidence intervals of :func:`bootstrap_intervals` and their ``unit``
         (``"patient"`` or ``"image"``), absent when not asked for; ``model``: id, arch,
         trained flag; ``n_listed``/``n_missing``: images the source listed, and of those
-        missing (not evaluated).
+        missing (not evaluated); ``gate``: where the service's input gate was asked about
+        (DICOM images), :meth:`GateOutcome.as_metrics`.
     files : dict
         Name -> path of every file written.
     """
@@ -566,6 +619,10 @@ def _markdown(metrics: dict[str, Any], meta: CheckpointMeta) -> str:
         f"- images: {metrics['overall']['n']} evaluated of {metrics['n_listed']} listed, "
         f"{metrics['n_missing']} missing"
         + (" (the metrics are of the images found only)" if metrics["n_missing"] else ""),
+    ]
+    if (said := gate_sentence(metrics)) is not None:
+        lines.append(f"- {said}")
+    lines += [
         "",
         "Errors in months.",
         "",
@@ -661,6 +718,7 @@ def evaluate(
     allow_missing: bool = False,
     bootstrap: int = BOOTSTRAP_RESAMPLES,
     data: str = "",
+    gate: GateOutcome | None = None,
 ) -> EvaluationReport:
     """Evaluate a checkpoint and write the report.
 
@@ -706,6 +764,11 @@ def evaluate(
         description: a DICOM folder says the input size and heat-map floor it was decoded
         for), recorded as ``data`` in ``metrics.json`` and in ``report.md``, so that a
         report says which decode its figures are of.
+    gate : GateOutcome, optional
+        What the service's input gate did before: the images it refused left out of
+        ``items`` (counted by reason), or not applied. Recorded as ``gate`` in
+        ``metrics.json`` and said in ``report.md``; None where it has no say (images
+        that are not DICOM).
 
     Returns
     -------
@@ -783,6 +846,8 @@ def evaluate(
     metrics["precision"] = precision_name(dtype)
     metrics["n_listed"], metrics["n_missing"] = n_listed, n_missing
     metrics["data"] = data
+    if gate is not None:
+        metrics["gate"] = gate.as_metrics()
 
     folder.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}

@@ -1316,6 +1316,13 @@ def train(
     help="Resamples of the 95 % confidence intervals of MAE and bias (seed 0): of "
     "patients where the labels group images by patient, else of images. 0: none.",
 )
+@click.option(
+    "--all-images",
+    is_flag=True,
+    help="With --dicom-dir: score every image, also those the service's gate refuses "
+    "(another body part or view, an age out of range, ...) and never assesses; without it "
+    "they are left out and counted by reason in metrics.json and report.md.",
+)
 @click.pass_context
 def evaluate(
     ctx: click.Context,
@@ -1327,23 +1334,28 @@ def evaluate(
     plots: bool,
     allow_missing: bool,
     resamples: int,
+    all_images: bool,
     **data: Any,
 ) -> None:
     """Evaluate a checkpoint: metrics overall, by sex and age band; plots; JSON + Markdown.
 
     DICOM images (--dicom-dir) are decoded as the service decodes them for this model,
     at the reduced resolution the site's BONEAGE_SC_MIN_LONG_SIDE allows, so that the
-    figures are of what the service does.
+    figures are of what the service does; those its gate refuses are left out and counted
+    by reason (--all-images scores them too).
     """
     from rich.table import Table
 
     from models.checkpoint import load_checkpoint
+    from models.data import LabelledSet
     from models.evaluate import (
         BAND_TABLE_LEGEND,
         INTERVAL_TABLE_LEGEND,
+        GateOutcome,
         band_interval_table,
         band_table,
         bootstrap_sentence,
+        gate_sentence,
     )
     from models.evaluate import evaluate as run_evaluation
     from models.predictor import resolve_device, resolve_precision
@@ -1365,8 +1377,22 @@ def evaluate(
         phantom_seed_offset=EVALUATION_PHANTOM_SEED_OFFSET,
         input_size=loaded.meta.input_size,
         sc_min_long_side=settings.sc_min_long_side,
+        # DICOM images: only those the worker would assess (worker.pipeline._decide)
+        gate=not all_images,
+        require_sex=settings.missing_sex == "reject",
     )
+    gate: GateOutcome | None = None  # images that are not DICOM: the gate has no say
+    if data["dicom_dir"] is not None:
+        left_out = items.left_out if isinstance(items, LabelledSet) else {}
+        gate = GateOutcome(applied=not all_images, left_out=left_out)
+        if not items:
+            raise click.ClickException(
+                f"{gate_sentence({'gate': gate.as_metrics()})}: nothing is left to "
+                "evaluate (--all-images to score them anyway)"
+            )
     console.print(f"evaluating {checkpoint.name} on {description}")
+    if gate is not None:
+        console.print(gate_sentence({"gate": gate.as_metrics()}))
     try:
         report = run_evaluation(
             loaded,
@@ -1379,6 +1405,7 @@ def evaluate(
             allow_missing=allow_missing,
             bootstrap=resamples,
             data=description,
+            gate=gate,
         )
     except (ImportError, ValueError) as exc:  # OpenCV for a CLAHE model; missing images; ...
         raise click.ClickException(str(exc)) from exc

@@ -17,6 +17,7 @@ import numpy as np
 from pydicom import dcmread
 from tqdm.auto import tqdm
 
+from dicom_io.gate import check
 from dicom_io.pixels import decode_as_assessed, decode_for_display, read_image
 from models.data import LabelledImage, LabelledSet, parse_sex, phantom_items, read_rsna
 from worker.settings import SC_MIN_LONG_SIDE
@@ -74,6 +75,8 @@ def read_dicom_folder(
     input_size: int | None = None,
     sc_min_long_side: int = SC_MIN_LONG_SIDE,
     progress: bool = True,
+    gate: bool = False,
+    require_sex: bool = False,
 ) -> LabelledSet:
     """A folder of DICOM radiographs with a CSV of labels.
 
@@ -97,14 +100,21 @@ def read_dicom_folder(
     unless allowed to miss images, ``train`` goes on with a warning. ``progress`` shows a
     progress bar while the headers are read.
 
+    With ``gate``, only the images the service assesses are kept: each header goes through
+    its input gate (:func:`dicom_io.gate.check`, ``require_sex`` as the site's
+    ``BONEAGE_MISSING_SEX`` makes the worker ask), and those it refuses are left out and
+    counted by reason (:attr:`~models.data.LabelledSet.left_out`); ``limit`` counts the
+    images kept.
+
     Raises
     ------
     ValueError
         If a column is missing, a row is cut short or holds a value that cannot be read,
         a listed file is not DICOM, or no listed file exists; each names the labels file
-        and its line.
+        and its line. Not when the gate refused every image: the set is then empty.
     """
     items: list[LabelledImage] = []
+    left_out: dict[str, int] = {}
     listed = missing = 0
     with labels_csv.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
@@ -138,8 +148,14 @@ def read_dicom_folder(
                 missing += 1
                 continue
             try:
-                dicom_header = dcmread(
-                    path, stop_before_pixels=True, specific_tags=["PatientSex", "PatientID"]
+                # the gate reads the whole header, the pixel data's presence included (its
+                # value is not read); the labels only two attributes
+                dicom_header = (
+                    read_image(path)
+                    if gate
+                    else dcmread(
+                        path, stop_before_pixels=True, specific_tags=["PatientSex", "PatientID"]
+                    )
                 )
             except MemoryError:
                 raise
@@ -147,6 +163,12 @@ def read_dicom_folder(
                 raise ValueError(
                     f"{where}: {path} is not a DICOM file pydicom reads: {exc}"
                 ) from exc
+            if gate:
+                decision = check(dicom_header, require_sex=require_sex)
+                if not decision.accepted:
+                    reason = decision.reason or "not assessable"
+                    left_out[reason] = left_out.get(reason, 0) + 1
+                    continue
             if "male" in fields and row[fields["male"]].strip():
                 try:
                     male = parse_sex(row[fields["male"]])
@@ -171,13 +193,13 @@ def read_dicom_folder(
                     group=group,
                 )
             )
-    if not items:
+    if not items and not left_out:
         if missing:
             raise ValueError(f"none of the {listed} files {labels_csv} lists is in {folder}")
         raise ValueError(f"{labels_csv} lists no images")
     if missing:
         logger.warning("%d files listed in %s are missing from %s", missing, labels_csv, folder)
-    return LabelledSet(items, n_listed=listed, n_missing=missing)
+    return LabelledSet(items, n_listed=listed, n_missing=missing, left_out=left_out)
 
 
 EVALUATION_PHANTOM_SEED_OFFSET = 1_000_000
@@ -199,6 +221,8 @@ def load_items(
     input_size: int | None = None,
     sc_min_long_side: int = SC_MIN_LONG_SIDE,
     progress: bool = True,
+    gate: bool = False,
+    require_sex: bool = False,
 ) -> tuple[list[LabelledImage], str]:
     """The items from exactly one source, and a description for the checkpoint.
 
@@ -207,8 +231,9 @@ def load_items(
     ``train`` records. ``progress`` shows a bar while a DICOM folder's headers are read.
     Phantoms are drawn from ``seed + phantom_seed_offset``
     (:data:`EVALUATION_PHANTOM_SEED_OFFSET` for an evaluation). With ``input_size``, DICOM
-    images are decoded as the service decodes them for a model of that input
-    (:func:`read_dicom_folder`).
+    images are decoded as the service decodes them for a model of that input, and with
+    ``gate`` only those the service's input gate accepts are kept (:func:`read_dicom_folder`:
+    RSNA PNGs and phantoms have no header for it).
     """
     chosen = [rsna_csv is not None, dicom_dir is not None, phantoms is not None]
     if sum(chosen) != 1:
@@ -234,8 +259,12 @@ def load_items(
             input_size=input_size,
             sc_min_long_side=sc_min_long_side,
             progress=progress,
+            gate=gate,
+            require_sex=require_sex,
         )
         gaps = f" ({found.n_missing} of {found.n_listed} listed missing)" if found.n_missing else ""
+        if found.left_out:
+            gaps += f" ({sum(found.left_out.values())} left out by the service's gate)"
         decoded = (
             ""
             if input_size is None

@@ -6,6 +6,7 @@ import csv
 import datetime as dt
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -70,6 +71,9 @@ def test_train_resume_evaluate_predict_on_a_dicom_folder(
         "8",
         "--state-dir",
         str(state),
+        # its learning rate is not planned over the epochs: a resume may add some
+        "--schedule",
+        "plateau",
     ]
     run("train", *common, "--epochs", "1", "--version", "test-1", "-o", str(checkpoint))
     first = load_checkpoint(checkpoint)
@@ -151,6 +155,8 @@ def test_train_refuses_in_one_line_what_would_lose_a_run_or_misstate_it(
     assert "--resume" in said and "--restart" in said
     said = refused("--epochs", "2", "--resume", "--lr", "0.01", "-o", str(checkpoint))
     assert "lr was 0.0003, now 0.01" in said
+    # the cosine schedule was planned over one epoch: two would move it
+    assert "epochs was 1, now 2 (the cosine schedule of the saved run" in said
     assert "exclude each other" in refused("--resume", "--restart", "-o", str(checkpoint))
 
     first = load_checkpoint(checkpoint).model_id
@@ -363,3 +369,70 @@ def test_evaluate_phantoms_are_not_train_s_phantoms(tmp_path: Path, tiny_checkpo
     trained = [round(item.age_months, 2) for item in phantom_items(4, size=128, seed=0)]
     assert len(evaluated) == 4
     assert set(evaluated).isdisjoint(trained)  # train --phantoms 4 (default seed) drew these
+
+
+def test_evaluate_leaves_out_what_the_service_s_gate_refuses_and_says_why(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """Figures of images the service never assesses (a foot, a patient of 30) are of
+    nothing it reports: left out and counted by reason, unless --all-images."""
+    from tests.dicomtools import dciodvfy_errors
+
+    rng = np.random.default_rng(3)
+    cases: list[dict[str, Any]] = (
+        [{}] * 4 + [{"body_part": "FOOT"}] * 2 + [{"birth_date": dt.date(1990, 1, 1)}]
+    )
+    rows = []
+    for i, overrides in enumerate(cases):
+        phantom = make_phantom(60.0 + 10 * i, male=i % 2 == 0, size=160, rng=rng)
+        options: dict[str, Any] = {
+            "sex": "M" if i % 2 == 0 else "F",
+            "birth_date": dt.date(2012, 1, 1),
+            "study_date": dt.date(2020, 1, 1),
+            "patient_id": f"GATE{i:02d}",
+            **overrides,
+        }
+        path = tmp_path / f"image{i}.dcm"
+        make_radiograph_dataset(
+            np.round(phantom.image * 4095).astype(np.uint16), **options
+        ).save_as(path, enforce_file_format=True)
+        assert dciodvfy_errors(path) == []
+        rows.append(f"{path.name},{60 + 10 * i}")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,boneage\n" + "\n".join(rows) + "\n")
+
+    def evaluate(listed: Path, *options: str) -> list[str]:
+        args = ["evaluate", "--model", str(tiny_checkpoint), "--dicom-dir", str(tmp_path)]
+        args += ["--labels", str(listed), "--device", "cpu", "--no-plots", "--bootstrap", "0"]
+        return [*args, *options]
+
+    output = " ".join(run(*evaluate(labels, "-o", str(tmp_path / "gated"))).split())
+    metrics = json.loads((tmp_path / "gated" / "metrics.json").read_text())
+    foot = "body part examined is FOOT, not a hand"
+    old = "patient age 30.0 years is outside the model's range 0-19 years"
+    assert metrics["overall"]["n"] == 4
+    assert (metrics["n_listed"], metrics["n_missing"]) == (7, 0)
+    assert metrics["gate"] == {"applied": True, "left_out": 3, "reasons": {foot: 2, old: 1}}
+    with (tmp_path / "gated" / "predictions.csv").open() as fh:
+        assert sorted(float(r["reference_months"]) for r in csv.DictReader(fh)) == [60, 70, 80, 90]
+    said = (
+        "the service's gate left out 3 image(s) it would refuse, not in the figures: "
+        f"2 × {foot}; 1 × {old}"
+    )
+    assert said in output
+    assert said in " ".join((tmp_path / "gated" / "report.md").read_text().split())
+
+    run(*evaluate(labels, "--all-images", "-o", str(tmp_path / "all")))
+    metrics = json.loads((tmp_path / "all" / "metrics.json").read_text())
+    assert metrics["overall"]["n"] == 7
+    assert metrics["gate"] == {"applied": False, "left_out": 0, "reasons": {}}
+    assert "gate was not applied" in (tmp_path / "all" / "report.md").read_text()
+
+    refused_only = tmp_path / "refused.csv"
+    refused_only.write_text("file,boneage\n" + "\n".join(rows[4:]) + "\n")
+    nothing = CliRunner().invoke(
+        main, evaluate(refused_only, "-o", str(tmp_path / "none")), env={"COLUMNS": "400"}
+    )
+    assert nothing.exit_code == 1, nothing.output
+    assert "nothing is left to evaluate (--all-images to score them anyway)" in nothing.output
+    assert not (tmp_path / "none").exists()

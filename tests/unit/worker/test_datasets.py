@@ -19,8 +19,10 @@ from worker.datasets import (
 )
 
 
-def _write_dicom(folder: Path, name: str, *, patient_id: str, sex: str = "M") -> None:
-    pixels = np.random.default_rng(0).integers(0, 4096, size=(32, 32), dtype=np.uint16)
+def _write_dicom(
+    folder: Path, name: str, *, patient_id: str, sex: str = "M", side: int = 32
+) -> None:
+    pixels = np.random.default_rng(0).integers(0, 4096, size=(side, side), dtype=np.uint16)
     ds = make_radiograph_dataset(
         pixels,
         sex=sex,
@@ -147,3 +149,51 @@ def test_evaluate_help_states_the_phantom_seed_offset() -> None:
     result = CliRunner().invoke(main, ["evaluate", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     assert f"seed + {EVALUATION_PHANTOM_SEED_OFFSET}" in " ".join(result.output.split())
+
+
+def test_the_gate_leaves_out_what_the_service_refuses_and_the_limit_counts_what_it_keeps(
+    tmp_path: Path,
+) -> None:
+    """``evaluate``'s gate: an image the worker would refuse (here one too small) is left
+    out and counted by the gate's reason; the images kept are those the limit counts."""
+    _write_dicom(tmp_path, "small.dcm", patient_id="P0")
+    for name in ("a.dcm", "b.dcm", "c.dcm"):
+        _write_dicom(tmp_path, name, patient_id="P1", side=256)
+    _write_dicom(tmp_path, "unknown-sex.dcm", patient_id="P2", sex="O", side=256)
+    names = ("small.dcm", "a.dcm", "unknown-sex.dcm", "b.dcm", "c.dcm")
+    labels = _write_labels(
+        tmp_path / "labels.csv", [{"file": n, "boneage": "100", "male": "1"} for n in names]
+    )
+    small = "image is 32x32 pixels, smaller than 128x128"
+
+    ungated = read_dicom_folder(tmp_path, labels)
+    assert len(ungated) == 5 and ungated.left_out == {}
+
+    gated = read_dicom_folder(tmp_path, labels, gate=True)
+    assert len(gated) == 4 and gated.left_out == {small: 1}
+    assert (gated.n_listed, gated.n_missing) == (5, 0)
+
+    # a site that refuses images without a sex: the worker refuses it whatever the labels say
+    strict = read_dicom_folder(tmp_path, labels, gate=True, require_sex=True)
+    assert len(strict) == 3 and sum(strict.left_out.values()) == 2
+    assert strict.left_out[small] == 1
+
+    limited = read_dicom_folder(tmp_path, labels, gate=True, limit=2)
+    assert [item.key for item in limited] == [item.key for item in gated[:2]]
+
+    # every image refused: an empty set that says why, not an error about the labels
+    only_small = _write_labels(tmp_path / "small.csv", [{"file": "small.dcm", "boneage": "100"}])
+    refused = read_dicom_folder(tmp_path, only_small, gate=True)
+    assert len(refused) == 0 and refused.left_out == {small: 1}
+
+    items, description = load_items(
+        rsna_csv=None,
+        rsna_images=None,
+        dicom_dir=tmp_path,
+        labels=labels,
+        phantoms=None,
+        gate=True,
+        progress=False,
+    )
+    assert len(items) == 4
+    assert "4 images (1 left out by the service's gate)" in description

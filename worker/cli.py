@@ -841,8 +841,9 @@ def retention(ctx: click.Context, dry_run: bool, days: float | None) -> None:
     """Remove received images and SR/SC files that retention lets go, now.
 
     Files of an instance go BONEAGE_RETENTION_DAYS after it finished, once every
-    delivery of it succeeded; its database rows and results stay. The listener does
-    this every hour; this command is for a first clean-up or a dry run.
+    delivery of it succeeded; its database rows and results stay. So does a received
+    image that no instance records, once it is that old. The listener does this every
+    hour; this command is for a first clean-up or a dry run.
     """
     from worker.retention import remove_expired_files
 
@@ -858,6 +859,7 @@ def retention(ctx: click.Context, dry_run: bool, days: float | None) -> None:
         older_than=timedelta(days=keep),
         dry_run=dry_run,
         outbox_dir=settings.outbox_dir,
+        spool_dir=settings.spool_dir,
     )
     verb = "would remove" if dry_run else "removed"
     unsent = (
@@ -865,6 +867,11 @@ def retention(ctx: click.Context, dry_run: bool, days: float | None) -> None:
         if report.unsent_outputs
         else ""
     )
+    if report.unrecorded_images:
+        unsent += (
+            f", {report.unrecorded_images} of them received images that no instance "
+            "recorded (their rows could not be committed)"
+        )
     console.print(
         f"{verb} the files of {report.instances} instance(s) finished and last received more "
         f"than {keep:g} day(s) ago and fully delivered: {report.files} file(s), "

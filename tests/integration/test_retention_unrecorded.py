@@ -272,3 +272,32 @@ def test_the_listener_s_hourly_retention_takes_unrecorded_images(
     report = Listener(node.settings).apply_retention()  # what its loop runs every hour
     assert report is not None and (report.files, report.unrecorded_images) == (1, 1)
     assert not copy.exists()
+
+
+def test_the_retention_command_takes_unrecorded_images_and_says_so(
+    node: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from worker.cli import main as cli
+
+    copy = unrecorded_copy(node, "1.2.826.0.1.3680043.10.1.6", tmp_path)
+    written_days_ago(copy, 31)
+    monkeypatch.setenv("BONEAGE_DATA_DIR", str(node.settings.data_dir))
+    monkeypatch.setenv("BONEAGE_DATABASE_URL", node.database_url)
+    runner = CliRunner()
+
+    dry = runner.invoke(cli, ["retention", "--days", "30", "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    said = " ".join(dry.output.split())  # as the console wrapped it (after the log line)
+    assert "would remove the files of 0 instance(s)" in said, said
+    assert said.endswith(
+        "1 file(s), 0.1 MB, 1 of them received images that no instance recorded (their rows "
+        "could not be committed)"
+    ), said
+    assert copy.exists()
+
+    done = runner.invoke(cli, ["retention", "--days", "30"])
+    assert done.exit_code == 0, done.output
+    assert "1 of them received images that no instance recorded" in " ".join(done.output.split())
+    assert not copy.exists()

@@ -683,7 +683,7 @@ def retry_deliveries(ctx: click.Context, delivery_ids: tuple[int, ...]) -> None:
     if retried.redirected:
         made = sum(len(new) for new in retried.redirected.values())
         where = (
-            f"{made} new deliveries queued to {', '.join(retried.destinations)}"
+            f"{made} deliveries queued to {', '.join(retried.destinations)}"
             if made
             else "the configured destinations each had them already"
         )

@@ -229,7 +229,7 @@ def test_retry_deliveries_sends_them_to_the_corrected_destination(
     assert printed.splitlines() == [
         "0 failed deliveries queued again",
         "2 failed deliveries to destinations no longer configured sent to the configured "
-        f"destinations instead: 2 new deliveries queued to {corrected.destination}",
+        f"destinations instead: 2 deliveries queued to {corrected.destination}",
     ]
     rows = deliveries(fixed)
     assert [(rows[i].state, rows[i].last_error) for i in ids] == [

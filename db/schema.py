@@ -169,6 +169,12 @@ class Instance(Base):
     # the last assessment read, salted with the SOP Instance UID, never the values
     # (worker.pipeline.identity_digest); empty on rows from before revision 0013
     identity_sha256: Mapped[str | None] = mapped_column(String(64))
+    # identity_sha256 as the assessment before the one under way read it, set where a
+    # copy received again opened this one (worker.pipeline): whichever attempt finishes
+    # it, a retry too, withdraws what went under that patient. Emptied when the
+    # assessment finishes, unless in error: a reprocess of it, or the next assessment,
+    # still has that patient's outputs to withdraw (revision 0016)
+    identity_before_sha256: Mapped[str | None] = mapped_column(String(64))
     # attempts at the assessment under way that failed with trouble the assess task
     # retries with its back-off (worker.pipeline.RETRIED_BY_THE_TASK): they spend none of
     # `attempts`; 0 once the instance finishes (revision 0014)

@@ -49,7 +49,7 @@ import numpy as np
 from pydicom import Dataset, dcmread
 from pydicom.multival import MultiValue
 from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage, generate_uid
-from sqlalchemy import ColumnElement, case, func, literal, or_, select, update
+from sqlalchemy import ColumnElement, String, case, func, literal, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
@@ -392,8 +392,9 @@ class _Claim:
     pixels: bytes | None = None
     # once the attempt has read the file, the patient it names (:func:`identity_digest`)
     identity: str | None = None
-    # the patient the instance's last assessment read, where this attempt opened the new
-    # one (None before revision 0015; a retry of it finds the new patient recorded)
+    # the patient the assessment before this one read, where a copy received again opened
+    # this one (Instance.identity_before_sha256: a retry of the attempt that opened it
+    # finds it there); None for a first assessment, and where that one read none
     identity_before: str | None = None
     # the study the instance was first received in (where its first outputs went)
     first_study: str = ""
@@ -446,6 +447,7 @@ def _claim(rt: Runtime, instance_id: int) -> _Claim | AssessOutcome:
                 Instance.study_instance_uid,
                 Instance.send_outputs,
                 Instance.received_again_at,
+                Instance.identity_before_sha256,
             )
         ).one_or_none()
         if claimed is not None:
@@ -454,6 +456,7 @@ def _claim(rt: Runtime, instance_id: int) -> _Claim | AssessOutcome:
                 Path(claimed.spool_path),
                 claimed.sop_instance_uid,
                 claimed.assessment,
+                identity_before=claimed.identity_before_sha256,
                 first_study=claimed.study_instance_uid,
                 send=claimed.send_outputs,
                 copy_came=claimed.received_again_at is not None,
@@ -609,6 +612,12 @@ def _reopen_if_received_changed(
                 # this copy's: sent once more, it is not assessed again, even if this fails
                 inputs_sha256=received,
                 identity_sha256=identity,
+                # the patient the outputs out there were filed under, for whichever
+                # attempt finishes this assessment: the last one's, or, where that one
+                # ended in error with none made, the one before it still kept
+                identity_before_sha256=func.coalesce(
+                    Instance.identity_before_sha256, literal(seen.identity, String())
+                ),
                 pixels_signature=Instance.pixels_signature if picture is None else picture,
                 # the latency of this assessment counts from this copy (the UPDATE reads
                 # the columns as they were before it)
@@ -618,7 +627,12 @@ def _reopen_if_received_changed(
                 received_again_at=_received_again_and_compared(checked),
                 send_outputs=True,  # whatever a reprocess before asked: a new assessment
             )
-            .returning(Instance.spool_path, Instance.sop_instance_uid, Instance.study_instance_uid)
+            .returning(
+                Instance.spool_path,
+                Instance.sop_instance_uid,
+                Instance.study_instance_uid,
+                Instance.identity_before_sha256,
+            )
         ).one_or_none()
         if claimed is None:
             return None
@@ -637,7 +651,7 @@ def _reopen_if_received_changed(
         assessment + 1,
         received,
         identity=identity,
-        identity_before=seen.identity,
+        identity_before=claimed.identity_before_sha256,
         first_study=claimed.study_instance_uid,
     )
 
@@ -764,6 +778,10 @@ def _close(instance: Instance, claim: _Claim, state: InstanceState, reason: str 
     instance.finished_at = now()
     instance.inputs_sha256 = claim.inputs
     instance.identity_sha256 = claim.identity
+    if state is not InstanceState.ERROR:
+        # done with: what went under it was withdrawn, or named to withdraw by hand; one
+        # in error made nothing, and a reprocess of it, or its next assessment, needs it
+        instance.identity_before_sha256 = None
     instance.pixels_signature = claim.pixels
     instance.transient_failures = 0
     _compared_if_read(instance)

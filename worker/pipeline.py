@@ -1099,6 +1099,16 @@ def _note_failed_attempt(
     """
     try:
         with session_scope(rt.database_url) as session:
+            # The row first, locked until the commit (a row lock on PostgreSQL, the write
+            # lock on SQLite), then read: two attempts failing at once (the reconciler's
+            # message beside a slow attempt) each count. Read first, each wrote back what
+            # it read, one less or one more, and the later lost the earlier's count.
+            session.execute(
+                update(Instance)
+                .where(Instance.id == instance_id)
+                .values(claimed_by=Instance.claimed_by)
+                .execution_options(synchronize_session=False)
+            )
             instance = session.get(Instance, instance_id)
             if instance is not None and instance.state is InstanceState.PROCESSING:
                 instance.reason = f"attempt {instance.attempts} failed: {_failure(exc)}"

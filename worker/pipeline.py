@@ -1953,6 +1953,8 @@ class _SentObject:
     destinations: tuple[str, ...]  # where it went
     path: Path  # its file in the outbox, as written (until retention removes it)
     sha256: str | None
+    # the Instance Number of the note of ours that withdraws it (:func:`_note_numbers`)
+    note_number: int
 
 
 def _sent_objects(
@@ -1982,6 +1984,7 @@ def _sent_objects(
         )
         .order_by(Delivery.id)
     ).all()
+    numbers = _note_numbers(session, instance_id, first_study=first_study)
     objects: dict[str, _SentObject] = {}
     for kind, uid, study, series, destination, path, sha256, model_id in rows:
         # where it went; a row from before revision 0006: the first study's series
@@ -1998,8 +2001,36 @@ def _sent_objects(
             (*known.destinations, destination) if known else (destination,),
             Path(path),
             sha256,
+            numbers[uid],
         )
     return objects
+
+
+def _note_numbers(session: Session, instance_id: int, *, first_study: str) -> dict[str, int]:
+    """The Instance Number of the note of ours that would withdraw each SR and SC of the
+    image ``instance_id``, by the object's SOP Instance UID: its place among the image's
+    objects in its study, in the order they were made (their first delivery's id).
+
+    Our notes of an image in one study share a series (:func:`_stage_withdrawal_notes`),
+    where each was numbered 1: they are 1, 2 ... as the objects they withdraw were made.
+    Like the note's UIDs, the number is the object's: the same note made again (a retry,
+    an attempt beside it) is numbered the same, and the note of an object made later
+    comes after it. Every object of the image counts, sent or not, so that nothing made
+    or sent since changes a number: delivery rows are never removed, and an image's new
+    objects are added under its row's lock (:func:`_commit`), after those before them.
+    """
+    rows = session.execute(
+        select(Delivery.sop_instance_uid, func.min(Delivery.study_instance_uid))
+        .where(Delivery.instance_id == instance_id, Delivery.kind.in_(list(_OUR_CLASSES)))
+        .group_by(Delivery.sop_instance_uid)
+        .order_by(func.min(Delivery.id))
+    ).all()
+    numbers: dict[str, int] = {}
+    made_in: dict[str, int] = {}
+    for uid, study in rows:
+        study = study or first_study  # a row from before revision 0006: the first study
+        made_in[study] = numbers[uid] = made_in.get(study, 0) + 1
+    return numbers
 
 
 def _notes_made(session: Session, instance_id: int) -> dict[str, tuple[Output, set[str]]]:
@@ -2090,6 +2121,7 @@ def _stage_withdrawal_notes(
                     ),
                     sop_instance_uid=withdrawal_uid(reference.sop_instance_uid),
                     series_number=KO_SERIES_NUMBER,
+                    instance_number=sent.note_number,
                 )
             except (TypeError, ValueError) as exc:  # a value it refuses
                 failures.append(_failure(exc))

@@ -124,7 +124,9 @@ class Instance(Base):
     modality: Mapped[str | None] = mapped_column(String(16))
     transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
     calling_ae_title: Mapped[str] = mapped_column(String(16))
-    spool_path: Mapped[str] = mapped_column(Text)
+    # indexed: retention looks files in the spool up by it, under the listener's
+    # recording lock (revision 0017)
+    spool_path: Mapped[str] = mapped_column(Text, index=True)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     times_received: Mapped[int] = mapped_column(Integer, default=1)
     state: Mapped[InstanceState] = mapped_column(_enum(InstanceState), index=True)

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from pydicom import dcmread
 from tqdm.auto import tqdm
 
 from dicom_io.gate import check
@@ -148,15 +147,10 @@ def read_dicom_folder(
                 missing += 1
                 continue
             try:
-                # the gate reads the whole header, the pixel data's presence included (its
-                # value is not read); the labels only two attributes
-                dicom_header = (
-                    read_image(path)
-                    if gate
-                    else dcmread(
-                        path, stop_before_pixels=True, specific_tags=["PatientSex", "PatientID"]
-                    )
-                )
+                # the header as the worker reads it (the gate checks that pixel data is
+                # there; its value is not read), a deflated one inflated within a bound:
+                # dcmread inflates it whole, even for two attributes (a deflate bomb)
+                dicom_header = read_image(path)
             except MemoryError:
                 raise
             except Exception as exc:  # InvalidDicomError, OSError, and a broken file's others

@@ -197,3 +197,22 @@ def test_the_gate_leaves_out_what_the_service_refuses_and_the_limit_counts_what_
     )
     assert len(items) == 4
     assert "4 images (1 left out by the service's gate)" in description
+
+
+@pytest.mark.parametrize("gate", [False, True], ids=["train", "evaluate"])
+def test_a_deflate_bomb_in_a_folder_is_refused_not_inflated(tmp_path: Path, gate: bool) -> None:
+    """A deflated file of a few hundred kilobytes that inflates to 256 MiB: refused by its
+    bound (dicom_io.pixels.MAX_INFLATED_BYTES), for train as for evaluate; pydicom
+    inflated it whole to read two attributes of its header."""
+    from tests.unit.dicom_io.test_pixels_deflated import BOMB_ZEROS, write_deflated
+
+    pixels = np.random.default_rng(0).integers(0, 4096, size=(256, 256), dtype=np.uint16)
+    ds = make_radiograph_dataset(
+        pixels, sex="F", birth_date=dt.date(2010, 1, 1), study_date=dt.date(2020, 1, 1)
+    )
+    ds["PixelData"].VR = "OW"  # encoded alone, as the bomb's last piece
+    write_deflated(ds, tmp_path / "bomb.dcm", BOMB_ZEROS)
+    labels = _write_labels(tmp_path / "labels.csv", [{"file": "bomb.dcm", "boneage": "100"}])
+
+    with pytest.raises(ValueError, match=r"labels.csv:2: .*bomb.dcm.*inflates past 64 MiB"):
+        read_dicom_folder(tmp_path, labels, gate=gate)

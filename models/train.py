@@ -366,6 +366,13 @@ def _check_resumable(folder: Path, state: dict[str, Any], config: TrainConfig) -
             f"preprocessing version {saved_preprocess}, and this software prepares them as "
             f"version {PREPROCESS_VERSION}; start a new run (--restart)"
         )
+    if "val_sha256" not in state:
+        # known before any image is read: a release whose split was another's
+        raise ValueError(
+            f"cannot resume: the run in {folder} was saved by a release that did not record "
+            "the images it validated on, and this one may split them otherwise (it would "
+            "train on images the run validated on); start a new run (--restart)"
+        )
     conflicts = _resume_conflicts(state["config"], config)
     if conflicts:
         raise ValueError(
@@ -620,8 +627,8 @@ def train(
     if resumed is not None and resumed[0].get("val_sha256") != val_fingerprint:
         raise ValueError(
             f"cannot resume: the run in {folder} validated on other images than this "
-            "split holds (a state from before the split was recorded, or images whose ages "
-            "tie in another order); start a new run (--restart)"
+            "split holds (other images or labels, or images whose ages tie in another "
+            "order); start a new run (--restart)"
         )
     train_ages = np.array([it.age_months for it in train_items], dtype=np.float64)
     target = (float(train_ages.mean()), float(max(train_ages.std(), 1.0)))

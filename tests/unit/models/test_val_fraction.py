@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from models.data import phantom_items, stratified_split, validation_group_count
-from models.train import STATE_JSON, TrainConfig, train
+from models.train import STATE_JSON, TrainConfig, check_destinations, train
 
 
 @pytest.mark.parametrize(
@@ -96,6 +96,24 @@ def test_a_saved_run_without_its_validation_images_recorded_is_not_resumed(
     train(items, tmp_path / "a.safetensors", config=config, state_dir=state, progress=False)
     saved = json.loads((state / STATE_JSON).read_text())
     del saved["val_sha256"]
+    (state / STATE_JSON).write_text(json.dumps(saved))
+    with pytest.raises(
+        ValueError, match=r"cannot resume: .* did not record the images it validated"
+    ):
+        train(items, tmp_path / "b.safetensors", config=config, state_dir=state, resume=True)
+    assert not (tmp_path / "b.safetensors").exists()
+    # and before any image is read: the state alone says so
+    with pytest.raises(ValueError, match=r"did not record the images it validated on"):
+        check_destinations(tmp_path / "b.safetensors", state, config=config, resume=True)
+
+
+def test_a_saved_run_that_validated_on_other_images_is_not_resumed(tmp_path: Path) -> None:
+    config = TrainConfig(arch="resnet18", input_size=32, epochs=1, batch_size=8, device="cpu")
+    items = phantom_items(20, size=48)
+    state = tmp_path / "state"
+    train(items, tmp_path / "a.safetensors", config=config, state_dir=state, progress=False)
+    saved = json.loads((state / STATE_JSON).read_text())
+    saved["val_sha256"] = "0" * 64  # another split's images
     (state / STATE_JSON).write_text(json.dumps(saved))
     with pytest.raises(ValueError, match=r"cannot resume: the run in .* validated on other images"):
         train(items, tmp_path / "b.safetensors", config=config, state_dir=state, resume=True)

@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,21 +100,39 @@ class GateOutcome:
         The images the gate refuses were left out; False: every image was scored (asked
         for), also those the service would refuse.
     left_out : Mapping[str, int]
-        The gate's reason -> how many images it left out for it (empty where it was not
-        applied, or refused none).
+        The kind of the gate's reason (``body_part``, ``age`` ...) -> how many images it
+        left out for it (empty where it was not applied, or refused none). Kinds, not the
+        reasons themselves, which carry each image's values (its age, its size).
+    examples : Mapping[str, str]
+        For each kind, the reason of one image left out for it (the most frequent).
     """
 
     applied: bool
     left_out: Mapping[str, int] = field(default_factory=dict)
+    examples: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def grouped(
+        cls, reasons: Mapping[str, int], kind: Callable[[str], str], *, applied: bool = True
+    ) -> GateOutcome:
+        """The outcome of images left out for ``reasons`` (reason -> how many), counted by
+        ``kind`` of reason (``db.queries.reason_category``, as ``status`` counts them)."""
+        left_out: dict[str, int] = {}
+        examples: dict[str, str] = {}
+        for reason, count in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])):
+            left_out[kind(reason)] = left_out.get(kind(reason), 0) + count
+            examples.setdefault(kind(reason), reason)
+        return cls(applied, left_out, examples)
 
     def as_metrics(self) -> dict[str, Any]:
-        """``{"applied", "left_out" (a count), "reasons" (reason -> count)}``, most
-        frequent reason first, as ``metrics.json`` holds it."""
+        """``{"applied", "left_out" (a count), "reasons" (kind -> count), "examples"
+        (kind -> a reason)}``, the most frequent kind first, as ``metrics.json`` holds it."""
         reasons = sorted(self.left_out.items(), key=lambda kv: (-kv[1], kv[0]))
         return {
             "applied": self.applied,
             "left_out": sum(self.left_out.values()),
             "reasons": dict(reasons),
+            "examples": {kind: self.examples[kind] for kind, _ in reasons if kind in self.examples},
         }
 
 
@@ -131,7 +149,14 @@ def gate_sentence(metrics: dict[str, Any]) -> str | None:
         )
     if not gate["left_out"]:
         return "the service's gate accepts every image"
-    reasons = "; ".join(f"{count} × {reason}" for reason, count in gate["reasons"].items())
+    examples = gate.get("examples", {})
+
+    def said(kind: str, count: int) -> str:
+        if kind not in examples:
+            return f"{count} × {kind}"
+        return f"{count} × {kind} ({'' if count == 1 else 'e.g. '}{examples[kind]})"
+
+    reasons = "; ".join(said(kind, count) for kind, count in gate["reasons"].items())
     return (
         f"the service's gate left out {gate['left_out']} image(s) it would refuse, not "
         f"in the figures: {reasons}"

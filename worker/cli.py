@@ -1353,6 +1353,7 @@ def evaluate(
     """
     from rich.table import Table
 
+    from db.queries import reason_category
     from models.checkpoint import load_checkpoint
     from models.data import LabelledSet
     from models.evaluate import (
@@ -1391,7 +1392,8 @@ def evaluate(
     gate: GateOutcome | None = None  # images that are not DICOM: the gate has no say
     if data["dicom_dir"] is not None:
         left_out = items.left_out if isinstance(items, LabelledSet) else {}
-        gate = GateOutcome(applied=not all_images, left_out=left_out)
+        # by kind of reason, as status counts them: the reasons carry each image's values
+        gate = GateOutcome.grouped(left_out, reason_category, applied=not all_images)
         if not items:
             raise click.ClickException(
                 f"{gate_sentence({'gate': gate.as_metrics()})}: nothing is left to "

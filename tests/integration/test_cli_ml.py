@@ -380,7 +380,9 @@ def test_evaluate_leaves_out_what_the_service_s_gate_refuses_and_says_why(
 
     rng = np.random.default_rng(3)
     cases: list[dict[str, Any]] = (
-        [{}] * 4 + [{"body_part": "FOOT"}] * 2 + [{"birth_date": dt.date(1990, 1, 1)}]
+        [{}] * 4
+        + [{"body_part": "FOOT"}] * 2
+        + [{"birth_date": dt.date(1990, 1, 1)}, {"birth_date": dt.date(1995, 1, 1)}]
     )
     rows = []
     for i, overrides in enumerate(cases):
@@ -409,23 +411,29 @@ def test_evaluate_leaves_out_what_the_service_s_gate_refuses_and_says_why(
     output = " ".join(run(*evaluate(labels, "-o", str(tmp_path / "gated"))).split())
     metrics = json.loads((tmp_path / "gated" / "metrics.json").read_text())
     foot = "body part examined is FOOT, not a hand"
-    old = "patient age 30.0 years is outside the model's range 0-19 years"
+    old = "patient age 25.0 years is outside the model's range 0-19 years"
     assert metrics["overall"]["n"] == 4
-    assert (metrics["n_listed"], metrics["n_missing"]) == (7, 0)
-    assert metrics["gate"] == {"applied": True, "left_out": 3, "reasons": {foot: 2, old: 1}}
+    assert (metrics["n_listed"], metrics["n_missing"]) == (8, 0)
+    # by kind of reason: the two ages, each its own text, are one count
+    assert metrics["gate"] == {
+        "applied": True,
+        "left_out": 4,
+        "reasons": {"age": 2, "body_part": 2},
+        "examples": {"age": old, "body_part": foot},
+    }
     with (tmp_path / "gated" / "predictions.csv").open() as fh:
         assert sorted(float(r["reference_months"]) for r in csv.DictReader(fh)) == [60, 70, 80, 90]
     said = (
-        "the service's gate left out 3 image(s) it would refuse, not in the figures: "
-        f"2 × {foot}; 1 × {old}"
+        "the service's gate left out 4 image(s) it would refuse, not in the figures: "
+        f"2 × age (e.g. {old}); 2 × body_part (e.g. {foot})"
     )
     assert said in output
     assert said in " ".join((tmp_path / "gated" / "report.md").read_text().split())
 
     run(*evaluate(labels, "--all-images", "-o", str(tmp_path / "all")))
     metrics = json.loads((tmp_path / "all" / "metrics.json").read_text())
-    assert metrics["overall"]["n"] == 7
-    assert metrics["gate"] == {"applied": False, "left_out": 0, "reasons": {}}
+    assert metrics["overall"]["n"] == 8
+    assert metrics["gate"] == {"applied": False, "left_out": 0, "reasons": {}, "examples": {}}
     assert "gate was not applied" in (tmp_path / "all" / "report.md").read_text()
 
     refused_only = tmp_path / "refused.csv"

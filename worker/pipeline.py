@@ -1781,8 +1781,10 @@ def _key_object_selection(rt: Runtime, claim: _Claim, ds: Dataset) -> AssessOutc
                 )
                 .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
             )
+        # of our own objects the note rejects, those not sent never will be: their
+        # images' rows first, as a withdrawal and a redirect take them
+        _take_images_of(session, rejected)
         for chunk in _chunks(rejected):
-            # of our own objects the note rejects, those not sent never will be
             session.execute(
                 update(Delivery)
                 .where(
@@ -1816,6 +1818,34 @@ _CHUNK = 1000
 
 def _chunks(values: Sequence[str]) -> list[Sequence[str]]:
     return [values[i : i + _CHUNK] for i in range(0, len(values), _CHUNK)]
+
+
+def _take_images_of(session: Session, sop_instance_uids: Sequence[str]) -> None:
+    """Hold, until the commit, the rows of the images whose deliveries send our objects
+    ``sop_instance_uids``, one by one in id order, all of them before any delivery row (a
+    row lock on PostgreSQL, the write lock on SQLite): the order in which :func:`_withdraw`,
+    :func:`_commit` and `retry-deliveries` (``worker.delivery._take_instances``) take them.
+
+    A redirect of such an object holds its image's row while it supersedes the failed
+    delivery and queues the object to another destination (a new row, or one put back to
+    pending). Without this, a supersede of the object's unsent deliveries waited on the
+    failed row only, found it superseded once the redirect committed, and never saw the
+    pending row, made after its snapshot: an SR the PACS rejected was sent elsewhere.
+    """
+    instance_ids: set[int] = set()
+    for chunk in _chunks(sop_instance_uids):
+        instance_ids.update(
+            session.scalars(
+                select(Delivery.instance_id).where(Delivery.sop_instance_uid.in_(chunk)).distinct()
+            )
+        )
+    for instance_id in sorted(instance_ids):
+        session.execute(
+            update(Instance)
+            .where(Instance.id == instance_id)
+            .values(claimed_by=Instance.claimed_by)
+            .execution_options(synchronize_session=False)
+        )
 
 
 def rejected_by_the_pacs(code: str) -> str:

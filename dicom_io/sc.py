@@ -26,7 +26,6 @@ from dicom_io.content import (
     check_positive_int,
     check_uid,
 )
-from dicom_io.gate import BodyPart, body_part_examined
 from dicom_io.sr import (
     MANUFACTURER,
     PATIENT_AND_STUDY,
@@ -48,6 +47,7 @@ __all__ = [
     "WITHDRAWN",
     "build_heatmap_sc",
     "build_withdrawal_sc",
+    "notice_body_part",
     "overlay_factor",
     "overlay_shape",
     "render_notice",
@@ -366,24 +366,42 @@ def _patient_orientation(source: Dataset) -> tuple[str, str] | None:
     return None
 
 
-#: Body Part Examined of a notice whose source no longer names the hand (PS3.16 Annex L).
+#: Body Part Examined of a notice whose series' own value is unknown: the heat maps of
+#: that series can no longer be read (retention removed their files) (PS3.16 Annex L).
 NOTICE_BODY_PART = "HAND"
 # A Code String value (PS3.5 6.2): upper case, digits, space and underscore, 16 at most.
 _CODE_STRING = re.compile(r"[A-Z0-9 _]{1,16}")
 
 
-def _hand_body_part(source: Dataset) -> str:
-    """Body Part Examined of a notice in the heat-map series of ``source``: the source's
-    where it names the hand (as the heat maps it withdraws have it), else
-    :data:`NOTICE_BODY_PART`. The notice shows no anatomy, but it withdraws the bone age
-    of a hand, and lands with the hand images; the copy received again that withdraws it
-    may name another part (its body part corrected), or none."""
-    value = source.get("BodyPartExamined")
-    if (
-        isinstance(value, str)
-        and _CODE_STRING.fullmatch(value)
-        and body_part_examined(value)[0] is BodyPart.HAND
-    ):
+def notice_body_part(heat_map: Dataset | None) -> str | None:
+    """Body Part Examined of a withdrawal notice that joins the series of ``heat_map``,
+    for :func:`build_withdrawal_sc`.
+
+    Body Part Examined is a General Series attribute, one value for the series, by which
+    hanging protocols place it: a notice carries the value of the heat maps it joins, not
+    that of the copy received again that withdraws their bone age (corrected to another
+    part, or naming none).
+
+    Parameters
+    ----------
+    heat_map : pydicom.Dataset or None
+        A heat map of that series as it was written (its header is enough); None where
+        none can be read any more (retention removed their files).
+
+    Returns
+    -------
+    str or None
+        The heat map's value; None where it has none (the image it shows had none);
+        :data:`NOTICE_BODY_PART` where it is unknown, or is no Code String (``RT-HAND``,
+        as some modalities send it and the heat map copied it): a notice is written with
+        valid values only.
+    """
+    if heat_map is None:
+        return NOTICE_BODY_PART
+    value = heat_map.get("BodyPartExamined")
+    if value is None or value == "":
+        return None
+    if isinstance(value, str) and _CODE_STRING.fullmatch(value):
         return value
     return NOTICE_BODY_PART
 
@@ -492,6 +510,7 @@ def build_withdrawal_sc(
     sop_instance_uid: str,
     series_number: int,
     instance_number: int,
+    body_part_examined: str | None,
 ) -> Dataset:
     """A Secondary Capture that withdraws the bone age of the heat maps before it in its
     series: a picture of text, no radiograph, for a viewer that shows images and not the
@@ -512,18 +531,35 @@ def build_withdrawal_sc(
         This notice.
     series_number, instance_number : int
         Of the series, and this notice's place in it (after the heat maps it withdraws).
+    body_part_examined : str or None
+        The series' Body Part Examined, as its heat maps carry it (None: they have none),
+        see :func:`notice_body_part`: a General Series attribute, the same in each
+        object of the series, not the value of ``source``, a copy that may name another
+        part or none.
 
     Returns
     -------
     pydicom.Dataset
         A :class:`highdicom.sc.SCImage` as :func:`build_heatmap_sc` makes, but for what
         follows from its showing no radiograph: Patient Orientation empty (its rows and
-        columns run in no direction of the patient's), Body Part Examined the hand's
-        (the source's where it names one, else :data:`NOTICE_BODY_PART`), so that it
-        lands with the hand images, and Lossy Image Compression ``00``.
+        columns run in no direction of the patient's), Body Part Examined
+        ``body_part_examined`` (absent where None), so that it lands with the heat maps it
+        withdraws, and Lossy Image Compression ``00``.
+
+    Raises
+    ------
+    ValueError
+        When ``why`` is empty, or ``body_part_examined`` is no Code String value.
     """
     if not isinstance(why, str) or not why.strip():
         raise ValueError('Argument "why" must be a non-empty string.')
+    if body_part_examined is not None and (
+        not isinstance(body_part_examined, str) or not _CODE_STRING.fullmatch(body_part_examined)
+    ):
+        raise ValueError(
+            'Argument "body_part_examined" must be None or a Code String value (upper '
+            f"case letters, digits, space and underscore, 16 at most), not {body_part_examined!r}."
+        )
     lines = [WITHDRAWN, "The bone age of the earlier heat map of this image no longer stands:"]
     lines += [why.strip(), AI_RESULT_NOTICE]
     comments = f"{WITHDRAWN}: {why.strip()}"
@@ -540,6 +576,7 @@ def build_withdrawal_sc(
         series_number=series_number,
         instance_number=instance_number,
         shows_source=False,
+        body_part_examined=body_part_examined,
     )
 
 
@@ -557,10 +594,12 @@ def _secondary_capture(
     series_number: int,
     instance_number: int,
     shows_source: bool = True,
+    body_part_examined: str | None = None,
 ) -> Dataset:
     """The SC of ``rgb`` in ``source``'s study, in a heat-map series of one model;
     ``shows_source``: its pixels are the source's, rendered (and lossy where those are),
-    in the source's orientation and of its body part; else a notice (:func:`_hand_body_part`)."""
+    in the source's orientation and of its body part; else a notice, of the series' body
+    part ``body_part_examined`` (:func:`build_withdrawal_sc`)."""
     if not isinstance(source, Dataset):
         raise TypeError(
             f'Argument "source" must be a pydicom Dataset, not {type(source).__name__}.'
@@ -617,10 +656,11 @@ def _secondary_capture(
     if laterality is None:
         sc.Laterality = ""
     # General Series: Body Part Examined, on which hanging protocols put a series with the
-    # images of its part: a heat map's is its source's; a notice's, the hand's
-    # (_hand_body_part), so that it lands with the hand images whatever the copy says
+    # images of its part: a heat map's is its source's; a notice's, its series' (that of
+    # the heat maps it joins), whatever the copy that withdraws them says
     if not shows_source:
-        sc.BodyPartExamined = _hand_body_part(source)
+        if body_part_examined is not None:
+            sc.BodyPartExamined = body_part_examined
     elif source.get("BodyPartExamined"):
         sc.BodyPartExamined = source.BodyPartExamined
     # SC Equipment: rendered by software on a workstation, not digitized

@@ -93,6 +93,7 @@ from dicom_io.sc import (
     REPLACES_HEAT_MAP,
     build_heatmap_sc,
     build_withdrawal_sc,
+    notice_body_part,
     overlay_shape,
     render_overlay,
 )
@@ -168,6 +169,15 @@ class Output:
 
 
 @dataclasses.dataclass(frozen=True)
+class HeatMap:
+    """A heat map of ours that a destination has or may have, as it was written."""
+
+    sop_instance_uid: str
+    path: Path  # its file in the outbox (until retention removes it)
+    sha256: str | None  # of the file as written; None on a row from before it was kept
+
+
+@dataclasses.dataclass(frozen=True)
 class HeatMapSeries:
     """The heat-map series of one model about an image, as an earlier assessment left it
     at a destination."""
@@ -177,6 +187,9 @@ class HeatMapSeries:
     trained: bool
     study_instance_uid: str
     series_instance_uid: str
+    # its heat maps that a destination has or may have, in the order they were made: a
+    # notice joining the series carries their Body Part Examined (:func:`stage_withdrawals`)
+    heat_maps: tuple[HeatMap, ...] = ()
 
 
 def write_atomically(ds: Dataset, path: Path, *, sync_directory: bool = True) -> str:
@@ -1391,13 +1404,24 @@ def stage_withdrawals(
 ) -> list[Output]:
     """Stage a notice withdrawing the bone age of each series in ``heat_maps``, as
     instance ``assessment`` of that series: a viewer that shows the images and not the
-    SR that replaced their report sees it after the heat maps."""
+    SR that replaced their report sees it after the heat maps.
+
+    Its Body Part Examined, a General Series attribute, is the series' own: that of the
+    first of its heat maps whose file is still as written (:func:`_heat_map_as_written`),
+    the one the series was opened with, not ``source``'s (a copy received again, which
+    may name another part, or none); the hand's where none is left
+    (:func:`~dicom_io.sc.notice_body_part`).
+    """
     staged: list[Output] = []
     try:
         for series in heat_maps:
+            first = next(
+                (h for h in map(_heat_map_as_written, series.heat_maps) if h is not None), None
+            )
             notice = build_withdrawal_sc(
                 source,
                 why,
+                body_part_examined=notice_body_part(first),
                 model_name=series.model_name,
                 model_trained=series.trained,
                 series_instance_uid=series.series_instance_uid,
@@ -1413,6 +1437,24 @@ def stage_withdrawals(
         discard(staged)
         raise
     return staged
+
+
+def _heat_map_as_written(heat_map: HeatMap) -> Dataset | None:
+    """The header of ``heat_map`` as its file in the outbox holds it, where that file is
+    still there (retention removes it) and is the one written (its SHA-256, its UID)."""
+    try:
+        data = heat_map.path.read_bytes()
+    except FileNotFoundError:
+        return None
+    if heat_map.sha256 is not None and hashlib.sha256(data).hexdigest() != heat_map.sha256:
+        return None
+    try:
+        header = dcmread(io.BytesIO(data), stop_before_pixels=True)
+    except Exception:  # pydicom raises many types on a malformed file: not the one written
+        return None
+    if str(header.get("SOPInstanceUID", "")) != heat_map.sop_instance_uid:
+        return None
+    return header
 
 
 def sc_series_uid(source_uid: str, model_id: str, other_study: str | None = None) -> str:
@@ -1501,6 +1543,9 @@ def _earlier_heat_maps(rt: Runtime, claim: _Claim, source: Dataset) -> list[Heat
                 Model.trained,
                 Delivery.study_instance_uid,
                 Delivery.series_instance_uid,
+                Delivery.sop_instance_uid,
+                Delivery.path,
+                Delivery.sha256,
             )
             .join(Result, Result.model_id == Model.id)
             .join(Delivery, Delivery.result_id == Result.id)
@@ -1508,18 +1553,20 @@ def _earlier_heat_maps(rt: Runtime, claim: _Claim, source: Dataset) -> list[Heat
             # a model that assessed this assessment already (a reprocess with another
             # model comes after it) has a heat map that stands in its series
             .where(Model.id.not_in(current))
-            .distinct()
-            .order_by(Model.id)
+            .order_by(Model.id, Delivery.id)
         ).all()
     found: dict[str, HeatMapSeries] = {}
-    for model_id, architecture, trained, study, series in rows:
+    for model_id, architecture, trained, study, series, uid, path, sha256 in rows:
         # where it went; a row from before revision 0006: the first study's series
         series = series or sc_series_uid(claim.sop_instance_uid, model_id)
         study = study or claim.first_study or str(source.StudyInstanceUID)
-        found.setdefault(
+        known = found.setdefault(
             series,
             HeatMapSeries(model_id, model_name(architecture), bool(trained), study, series),
         )
+        if all(h.sop_instance_uid != uid for h in known.heat_maps):  # one per destination
+            heat_map = HeatMap(uid, Path(path), sha256 or None)
+            found[series] = dataclasses.replace(known, heat_maps=(*known.heat_maps, heat_map))
     return list(found.values())
 
 

@@ -26,9 +26,11 @@ from dicom_io.gate import MIN_SIZE
 from dicom_io.pixels import decode_for_display
 from dicom_io.sc import (
     MAX_LONG_SIDE,
+    NOTICE_BODY_PART,
     WITHDRAWN,
     build_heatmap_sc,
     build_withdrawal_sc,
+    notice_body_part,
     overlay_factor,
     overlay_shape,
     render_notice,
@@ -428,6 +430,7 @@ def test_a_withdrawal_sc_passes_dciodvfy_and_renders(tmp_path: Path, source: Dat
         model_trained=False,
         series_number=9902,
         instance_number=2,
+        body_part_examined="HAND",
         **_uids(),
     )
     assert sc.ImageComments.startswith(f"{WITHDRAWN}: the image was received again")
@@ -446,11 +449,12 @@ def test_a_withdrawal_sc_passes_dciodvfy_and_renders(tmp_path: Path, source: Dat
             model_trained=True,
             series_number=1,
             instance_number=2,
+            body_part_examined="HAND",
             **_uids(),
         )
 
 
-def _notice(source: Dataset) -> Dataset:
+def _notice(source: Dataset, body_part_examined: str | None = "HAND") -> Dataset:
     return build_withdrawal_sc(
         source,
         "the image was received again with other values and assessed again",
@@ -458,6 +462,7 @@ def _notice(source: Dataset) -> Dataset:
         model_trained=True,
         series_number=9902,
         instance_number=2,
+        body_part_examined=body_part_examined,
         **_uids(),
     )
 
@@ -475,25 +480,60 @@ def _written_back(tmp_path: Path, sc: Dataset, name: str) -> Dataset:
     ("examined", "expected"),
     [
         ("HAND", "HAND"),
-        ("WRIST", "WRIST"),  # a hand, as the heat maps of that image have it
+        ("WRIST", "WRIST"),  # not HAND: the series' own value, whatever the copy says
         ("L HAND", "L HAND"),
-        ("CHEST", "HAND"),  # the copy received again was corrected to another part
-        ("FINGER", "HAND"),
-        ("RT-HAND", "HAND"),  # no Code String: not written as it came
-        (None, "HAND"),  # found a hand by its descriptions
+        (None, None),  # the image had none, nor have its heat maps: common, and assessed
+        ("RT-HAND", NOTICE_BODY_PART),  # no Code String: a notice writes none such
     ],
 )
-def test_a_withdrawal_notice_lands_with_the_hand_images(
-    tmp_path: Path, source: Dataset, examined: str | None, expected: str
+def test_a_withdrawal_notice_carries_its_series_body_part(
+    tmp_path: Path,
+    source: Dataset,
+    finding: BoneAgeFinding,
+    examined: str | None,
+    expected: str | None,
 ) -> None:
-    """Hanging protocols place a series by its Body Part Examined: a notice without one
-    was shown apart from the hand images and the heat maps it withdraws."""
+    """Body Part Examined is a General Series attribute: the notice carries that of the
+    heat maps whose series it joins, not that of the copy received again that withdraws
+    their bone age (here corrected to CHEST). It took the copy's before: HAND where the
+    heat maps had none, HAND where they said WRIST."""
     if examined is None:
         del source.BodyPartExamined
     else:
         source.BodyPartExamined = examined
-    back = _written_back(tmp_path, _notice(source), "notice")
-    assert back.BodyPartExamined == expected
+    rgb = render_overlay(decode_for_display(source), _cam(96, 64), finding)
+    heat_map = build_heatmap_sc(source, rgb, finding, series_number=9902, **_uids())
+    path = tmp_path / "heat-map.dcm"
+    heat_map.save_as(path, enforce_file_format=True)
+    source.BodyPartExamined = "CHEST"  # the copy received again, corrected
+
+    value = notice_body_part(dcmread(path, stop_before_pixels=True))
+    back = _written_back(tmp_path, _notice(source, value), "notice")
+
+    assert value == expected
+    if expected is None:
+        assert "BodyPartExamined" not in back
+    else:
+        assert back.BodyPartExamined == expected
+
+
+def test_a_withdrawal_notice_whose_heat_maps_are_gone_names_the_hand(
+    tmp_path: Path, source: Dataset
+) -> None:
+    """Where no heat map of the series can be read (retention removed their files), its
+    value is unknown: the notice names the hand, so that it lands with the hand images."""
+    source.BodyPartExamined = "CHEST"  # the copy, corrected
+    assert notice_body_part(None) == NOTICE_BODY_PART == "HAND"
+    back = _written_back(tmp_path, _notice(source, notice_body_part(None)), "notice")
+    assert back.BodyPartExamined == "HAND"
+
+
+@pytest.mark.parametrize("examined", ["RT-HAND", "hand", "A" * 17, ""])
+def test_a_withdrawal_notice_refuses_a_body_part_it_cannot_write(
+    source: Dataset, examined: str
+) -> None:
+    with pytest.raises(ValueError, match="body_part_examined"):
+        _notice(source, examined)
 
 
 def test_a_withdrawal_notice_runs_in_no_direction_of_the_patient(

@@ -77,9 +77,11 @@ def retrying_deliveries(session: Session) -> tuple[int, str | None]:
 class FailedDelivery:
     """A delivery whose attempts are spent (or that failed for good at once).
 
-    No column records when it failed: ``sending_since`` says when its last attempt
-    began only where that attempt's answer never came; otherwise its last attempt is
-    reckoned from ``created_at`` and its attempts (`worker.status`).
+    No column records when it failed, nor when its last attempt began: that is reckoned
+    (`worker.status`) from ``created_at`` (when it was made, or last put back by
+    `retry-deliveries`) and its attempts, and from ``sending_since``, when an attempt
+    whose answer never came began: the last, or an earlier one whose mark a later
+    attempt that sent nothing kept.
     """
 
     id: int

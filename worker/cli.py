@@ -700,7 +700,7 @@ def retry_deliveries(ctx: click.Context, delivery_ids: tuple[int, ...]) -> None:
     if retried.no_file:
         click.echo(
             f"{len(retried.no_file)} failed deliveries left failed, their destinations no "
-            "longer configured: retention removed their files"
+            f"longer configured: their files are gone {retried.why_gone}"
         )
 
 

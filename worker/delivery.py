@@ -118,7 +118,8 @@ NOT_CONFIGURED = "destination no longer configured"
 #: How long a delivery made after this process read its settings, to a destination they
 #: do not name, is tried again before it fails as :data:`NOT_CONFIGURED`: the process that
 #: made it may have newer settings (a rolling restart, the inference workers before the
-#: delivery workers), or older ones (the other way round), which this cannot tell.
+#: delivery workers), or older ones (the other way round), which this cannot tell. One
+#: that `retry-deliveries` put back to pending counts as made then (`retry_failed`).
 SETTINGS_ROLLOUT = timedelta(minutes=15)
 NOT_CONFIGURED_HERE = (
     "destination not in this delivery worker's BONEAGE_DESTINATIONS, which it took up "
@@ -221,8 +222,19 @@ def _claim(
         )
     with session_scope(rt.database_url) as session:
         # The marks the rows have before the claim replaces them, read under the lock
-        # the claim's UPDATE then holds (PostgreSQL; on SQLite that UPDATE's condition
-        # leaves out a row another claim took meanwhile).
+        # the claim's UPDATE then holds until the commit: a row lock (PostgreSQL), or the
+        # write lock (SQLite), taken first by a write that changes nothing, since pysqlite
+        # begins the transaction only at the first write and a read before it holds no
+        # lock. Read outside it, a row another claim took meanwhile was taken again
+        # (force) with the mark from before that claim, and a failure of this attempt
+        # that sent nothing put that one back, erasing the other's.
+        if session.get_bind().dialect.name == "sqlite":
+            session.execute(
+                update(Delivery)
+                .where(Delivery.id.in_(ids))
+                .values(sending_since=Delivery.sending_since)
+                .execution_options(synchronize_session=False)
+            )
         marks: dict[int, datetime | None] = {
             row.id: row.sending_since
             for row in session.execute(
@@ -390,7 +402,8 @@ def _send_to(
         # Taken out of the settings (a mistyped node corrected, one out of service):
         # nothing more of ours goes there but the notes withdrawing what it has. A row
         # newer than this process's settings is tried again for a while first: the
-        # inference worker that made it may have taken up settings this one has not yet
+        # inference worker that made it, or the `retry-deliveries` that put it back
+        # (either sets ``created_at``), may have taken up settings this one has not yet
         # (a rolling restart, one deployment before the other).
         for row in rows:
             if row.kind is ObjectKind.KO:
@@ -682,7 +695,7 @@ class Retried:
     to pending (a destination it was sent away from configured again); none where each
     of them has it, or has it on its way. Left failed, their destinations no longer
     configured: ``no_destination`` (none is configured) and ``no_file`` (the object's
-    file is gone, see `files_gone`).
+    file is gone, see `files_gone`), of which ``removed`` are those retention removed.
     """
 
     reset: list[int]
@@ -690,6 +703,12 @@ class Retried:
     destinations: list[str]  # where the redirected deliveries go
     no_destination: list[int]
     no_file: list[int]
+    removed: list[int]
+
+    @property
+    def why_gone(self) -> str:
+        """Why the files of ``no_file`` are gone, as `why_gone` says it."""
+        return why_gone(len(self.no_file), len(self.removed))
 
     @property
     def queued(self) -> list[int]:
@@ -703,30 +722,50 @@ def _named(ids: Sequence[int]) -> str:
     return ", ".join(str(i) for i in ids[:IDS_NAMED]) + more
 
 
-def _file_gone(path: str, created_at: datetime, files_removed_at: datetime | None) -> bool:
-    """Whether the file of a delivery made at ``created_at`` is gone: its instance's
-    files were removed after it was made (retention), or it is not there."""
-    removed = files_removed_at is not None and created_at <= files_removed_at
-    return removed or not Path(path).is_file()
+def _file_gone(path: str, created_at: datetime, files_removed_at: datetime | None) -> bool | None:
+    """Whether the file of a delivery made at ``created_at`` is gone, and how: True where
+    retention removed it (its instance's files were removed after the row was made),
+    False where it is not there all the same (an outbox volume not mounted, a file
+    removed by hand), None where it is there."""
+    if files_removed_at is not None and created_at <= files_removed_at:
+        return True
+    return None if Path(path).is_file() else False
 
 
 #: Ids bound to one statement, at most (PostgreSQL binds at most 65535 values).
 _CHUNK = 1000
 
 
-def files_gone(session: Session, delivery_ids: Sequence[int]) -> set[int]:
-    """Of ``delivery_ids``, those whose object's file is gone (retention removed it):
-    nothing can send them, and `retry_failed` leaves them failed (``no_file``)."""
+def files_gone(session: Session, delivery_ids: Sequence[int]) -> dict[int, bool]:
+    """Of ``delivery_ids``, those whose object's file is gone, each with whether
+    retention removed it (see `_file_gone`): nothing can send them, and `retry_failed`
+    leaves them failed (``no_file``)."""
     ids = list(delivery_ids)
-    gone: set[int] = set()
+    gone: dict[int, bool] = {}
     for start in range(0, len(ids), _CHUNK):
         rows = session.execute(
             select(Delivery.id, Delivery.path, Delivery.created_at, Instance.files_removed_at)
             .join(Instance, Delivery.instance_id == Instance.id)
             .where(Delivery.id.in_(ids[start : start + _CHUNK]))
         )
-        gone.update(row.id for row in rows if _file_gone(*row[1:]))
+        for row in rows:
+            removed = _file_gone(*row[1:])
+            if removed is not None:
+                gone[row.id] = removed
     return gone
+
+
+def why_gone(count: int, removed: int) -> str:
+    """Why the files of ``count`` deliveries are gone, ``removed`` of them by retention,
+    as `status` and `retry-deliveries` say it after "files are gone": retention is named
+    only for the files it removed. A file not there otherwise may be back once its
+    volume is (an outbox not mounted): `retry-deliveries` then sends it."""
+    elsewhere = "not found where they were written"
+    if removed == count:
+        return "(retention removed them)"
+    if not removed:
+        return f"({elsewhere})"
+    return f"(retention removed {removed} of them; the others are {elsewhere})"
 
 
 def _take_instances(session: Session, instance_ids: Iterable[int]) -> None:
@@ -744,14 +783,47 @@ def _take_instances(session: Session, instance_ids: Iterable[int]) -> None:
         )
 
 
+def _put_back() -> dict[str, object]:
+    """What a failed delivery that `retry_failed` puts back to pending is given: due now,
+    its attempts counted from nought, and ``created_at`` now, as a delivery it makes.
+
+    Put back, it is a delivery queued now by settings that name its destination: a
+    delivery worker not restarted yet, whose settings do not, tries it again for
+    `SETTINGS_ROLLOUT` before it fails it for good; with its old ``created_at`` it
+    failed at once (the settings changed A -> B -> A, `retry-deliveries` run before the
+    delivery workers' restart). `status` reckons its last attempt from ``created_at``
+    and its attempts, counted from nought again. What else reads ``created_at`` still
+    holds. `_file_gone` takes a file as removed by retention where the removal came
+    after the row was made: a row is put back only where a delivery of its object is
+    failed (the row itself, or the one redirected, whose file was found there), and
+    retention removes no file of an instance while a delivery of it is pending or
+    failed, so no put-back row's file went between its two times. And a row made after
+    its instance's removal mark has retention look at the instance again, as a delivery
+    made then does (the file it sent then goes in its turn).
+    """
+    current = now()
+    return {
+        "state": DeliveryState.PENDING,
+        "attempts": 0,
+        "next_attempt_at": current,
+        "created_at": current,
+    }
+
+
 #: Where a delivery's object is, or is on its way: it is sent nowhere again.
 _HAS_IT = (DeliveryState.DELIVERED, DeliveryState.PENDING)
 
 
+#: Failed SRs and SCs to destinations no longer configured that `retry_failed` redirects
+#: in one transaction: it holds their images' rows until it commits, and the listener's
+#: record of a copy received again, a withdrawal, an assessment of one of them wait.
+REDIRECT_BATCH = 100
+
+
 def retry_failed(rt: Runtime, delivery_ids: list[int] | None = None) -> Retried:
     """Send failed deliveries (all, or ``delivery_ids``) again: put back to pending, due
-    now, or, an SR or SC whose destination is no longer configured, to the configured
-    destinations instead.
+    now (`_put_back`), or, an SR or SC whose destination is no longer configured, to the
+    configured destinations instead.
 
     The state changes in conditional UPDATEs, not a read and a write: a delivery
     superseded between the two (a later assessment of its image, or the image rejected
@@ -768,67 +840,78 @@ def retry_failed(rt: Runtime, delivery_ids: list[int] | None = None) -> Retried:
     allows one per destination), else a new one made. Its image's row is taken first,
     as a withdrawal of the image takes it (`_take_instances`): a withdrawal or a later
     assessment either supersedes what this makes, or has superseded the row, which then
-    stays so. Such a row whose object's file is gone (`files_gone`), or any while no
-    destination is configured, stays failed, named in a warning. The row superseded
-    keeps its ``sending_since``: where its last attempt's answer never came, the object
-    may be at the old node, and our rejection notes still go there. Our rejection notes
-    are put back wherever they go.
+    stays so. They go `REDIRECT_BATCH` at a time, each batch in a transaction of its
+    own, which takes its images' rows, reads its rows again and commits: each row is
+    superseded together with what it queues, or not at all, and the images of a backlog
+    of thousands are not all held until the last is done. Such a row whose object's
+    file is gone (`files_gone`), or any while no destination is configured, stays
+    failed, named in a warning. The row superseded keeps its ``sending_since``: where
+    its last attempt's answer never came, the object may be at the old node, and our
+    rejection notes still go there. Our rejection notes are put back wherever they go.
     """
     conditions = [Delivery.state == DeliveryState.FAILED]
     if delivery_ids:
         conditions.append(Delivery.id.in_(delivery_ids))
     targets = [str(d) for d in rt.settings.destinations]
     redirected: dict[int, list[int]] = {}
-    no_destination: list[int] = []
-    no_file: list[int] = []
+    no_file: dict[int, bool] = {}
     went: set[str] = set()
     with session_scope(rt.database_url) as session:
         # a few destinations, however many rows: compared here, as a claim compares them
         texts = session.scalars(select(Delivery.destination).where(*conditions).distinct())
         wanted = [text for text in texts if configured(rt.settings, text)]
         sendable = or_(Delivery.kind == ObjectKind.KO, Delivery.destination.in_(wanted))
-        stranded = session.execute(
-            select(Delivery, Instance.files_removed_at)
-            .join(Instance, Delivery.instance_id == Instance.id)
-            .where(*conditions, ~sendable)
-            .order_by(Delivery.id)
-        ).all()
-        if targets:
-            # before any delivery row of theirs, as a withdrawal takes them
-            _take_instances(session, (row.instance_id for row, _ in stranded))
         reset = sorted(
             session.scalars(
                 update(Delivery)
                 .where(*conditions, sendable)
-                .values(state=DeliveryState.PENDING, attempts=0, next_attempt_at=now())
+                .values(**_put_back())
                 .returning(Delivery.id)
                 .execution_options(synchronize_session=False)
             )
         )
-        dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-        for row, files_removed_at in stranded:
-            if not targets:
-                no_destination.append(row.id)
-                continue
-            if _file_gone(row.path, row.created_at, files_removed_at):
-                no_file.append(row.id)
-                continue
-            taken = session.scalar(
-                update(Delivery)
-                .where(Delivery.id == row.id, Delivery.state == DeliveryState.FAILED)
-                .values(state=DeliveryState.SUPERSEDED, last_error=REDIRECTED)
-                .returning(Delivery.id)
-                .execution_options(synchronize_session=False)
+        stranded = [
+            (delivery_id, instance_id)
+            for delivery_id, instance_id in session.execute(
+                select(Delivery.id, Delivery.instance_id)
+                .where(*conditions, ~sendable)
+                .order_by(Delivery.id)
             )
-            if taken is None:
-                continue  # superseded meanwhile: a later assessment, the PACS rejected it
-            new: list[int] = []
-            for target in targets:
-                queued = _queue_to(session, dialect, row, target)
-                if queued is not None:
-                    new.append(queued)
-                    went.add(target)
-            redirected[row.id] = new
+        ]
+    no_destination = [] if targets else [delivery_id for delivery_id, _ in stranded]
+    for start in range(0, len(stranded) if targets else 0, REDIRECT_BATCH):
+        batch = stranded[start : start + REDIRECT_BATCH]
+        with session_scope(rt.database_url) as session:
+            # before any delivery row of theirs, as a withdrawal takes them
+            _take_instances(session, (instance_id for _, instance_id in batch))
+            rows = session.execute(
+                select(Delivery, Instance.files_removed_at)
+                .join(Instance, Delivery.instance_id == Instance.id)
+                .where(Delivery.id.in_([delivery_id for delivery_id, _ in batch]), *conditions)
+                .order_by(Delivery.id)
+            ).all()
+            dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+            for row, files_removed_at in rows:
+                gone = _file_gone(row.path, row.created_at, files_removed_at)
+                if gone is not None:
+                    no_file[row.id] = gone
+                    continue
+                taken = session.scalar(
+                    update(Delivery)
+                    .where(Delivery.id == row.id, Delivery.state == DeliveryState.FAILED)
+                    .values(state=DeliveryState.SUPERSEDED, last_error=REDIRECTED)
+                    .returning(Delivery.id)
+                    .execution_options(synchronize_session=False)
+                )
+                if taken is None:
+                    continue  # superseded meanwhile: a later assessment, the PACS rejected it
+                new: list[int] = []
+                for target in targets:
+                    queued = _queue_to(session, dialect, row, target)
+                    if queued is not None:
+                        new.append(queued)
+                        went.add(target)
+                redirected[row.id] = new
     made_to = sorted(went)
     if redirected:
         logger.info(
@@ -845,14 +928,16 @@ def retry_failed(rt: Runtime, delivery_ids: list[int] | None = None) -> Retried:
             len(no_destination),
             _named(no_destination),
         )
+    removed = sorted(delivery_id for delivery_id, by_retention in no_file.items() if by_retention)
     if no_file:
         logger.warning(
             "%d failed deliveries left failed, their destinations no longer configured and "
-            "their files removed by retention: %s",
+            "their files gone %s: %s",
             len(no_file),
-            _named(no_file),
+            why_gone(len(no_file), len(removed)),
+            _named(sorted(no_file)),
         )
-    return Retried(reset, redirected, made_to, no_destination, no_file)
+    return Retried(reset, redirected, made_to, no_destination, sorted(no_file), removed)
 
 
 def _queue_to(session: Session, dialect: ModuleType, row: Delivery, target: str) -> int | None:
@@ -889,7 +974,7 @@ def _queue_to(session: Session, dialect: ModuleType, row: Delivery, target: str)
         back = session.scalar(
             update(Delivery)
             .where(Delivery.id == delivery_id, sent_away)
-            .values(state=DeliveryState.PENDING, attempts=0, next_attempt_at=now())
+            .values(**_put_back())
             .returning(Delivery.id)
             .execution_options(synchronize_session=False)
         )

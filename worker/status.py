@@ -221,12 +221,13 @@ def _stranded(
 
 def _files_gone(
     session: Session, failed: list[queries.FailedDelivery], settings: Settings
-) -> set[int]:
+) -> dict[int, bool]:
     """The ids of the failed SRs and SCs to destinations no longer configured whose
-    files are gone: `retry-deliveries` leaves them failed."""
+    files are gone, each with whether retention removed it: `retry-deliveries` leaves
+    them failed."""
     stranded = _stranded(failed, settings)
     if not stranded:
-        return set()
+        return {}
     from worker.delivery import files_gone
 
     return files_gone(session, [d.id for d in stranded])
@@ -236,7 +237,7 @@ def _failed_problem(
     failed: list[queries.FailedDelivery],
     latest: dict[str, Any],
     settings: Settings,
-    gone: set[int],
+    gone: dict[int, bool],
 ) -> str:
     """The problem line of the failed deliveries: what to do about them.
 
@@ -245,8 +246,12 @@ def _failed_problem(
     fixing the destination is done already. They are failed all the same until then:
     their results have not reached the PACS. Not those whose files are gone (``gone``,
     `worker.delivery.files_gone`): nothing can send them, `retry-deliveries` leaves them
-    failed, and their results stay in the database only.
+    failed, and their results stay in the database only. Retention is named only for
+    those it removed (a file not there otherwise: an outbox volume not mounted).
     """
+    # pynetdicom comes with it: imported only where a delivery failed
+    from worker.delivery import why_gone
+
     stranded = _stranded(failed, settings)
     where = ", ".join(sorted({d.destination for d in stranded}))
     latest_error = f"latest error: {latest['error']}"
@@ -255,22 +260,21 @@ def _failed_problem(
     if not stranded:
         return f"{fix}; {latest_error}"
     lost = sum(1 for d in stranded if d.id in gone)
+    why = why_gone(lost, sum(1 for d in stranded if gone.get(d.id)))
     # retry_failed leaves them failed (no_file), with or without destinations configured
     unsendable = (
         f"nothing can send {'them' if lost == len(stranded) else 'those'}, and {retry} "
         "leaves them failed; their results are in the database only"
     )
     if lost == len(stranded):
-        redirect = f"their files are gone (retention removed them): {unsendable}"
+        redirect = f"their files are gone {why}: {unsendable}"
     else:
         if not settings.destinations:
             redirect = f"configure BONEAGE_DESTINATIONS, then run {retry} to send them there"
         else:
             redirect = f"{retry} sends them to the configured destinations instead"
         if lost:
-            redirect += (
-                f", all but {lost} whose files are gone (retention removed them): {unsendable}"
-            )
+            redirect += f", all but {lost} whose files are gone {why}: {unsendable}"
     if len(stranded) == len(failed):
         return (
             f"{len(failed)} deliveries failed to destinations no longer configured "
@@ -283,10 +287,11 @@ def _failed_problem(
 
 
 def _failed(failed: list[queries.FailedDelivery], settings: Settings) -> list[dict[str, Any]]:
-    """The failed deliveries, the one whose last attempt came last first."""
+    """The failed deliveries, the one whose last attempt came last first (as far as the
+    rows tell: `_last_attempt`)."""
     dated = sorted(
         ((_last_attempt(d, settings), d) for d in failed),
-        key=lambda pair: (pair[0][0], pair[1].id),
+        key=lambda pair: (pair[0], pair[1].id),
         reverse=True,
     )
     return [
@@ -298,24 +303,28 @@ def _failed(failed: list[queries.FailedDelivery], settings: Settings) -> list[di
             "attempts": d.attempts,
             "error": d.last_error,
             "last_attempt_at": _iso(at),
-            "last_attempt_reckoned": reckoned,
+            # the earliest it can have begun: no row says when exactly (`_last_attempt`)
+            "last_attempt_reckoned": True,
         }
-        for (at, reckoned), d in dated
+        for at, d in dated
     ]
 
 
-def _last_attempt(d: queries.FailedDelivery, settings: Settings) -> tuple[datetime, bool]:
-    """When a failed delivery's last attempt began, and whether that is reckoned.
+def _last_attempt(d: queries.FailedDelivery, settings: Settings) -> datetime:
+    """When a failed delivery's last attempt began, at the earliest: reckoned, since no
+    column records it.
 
-    Its row says so only where the attempt's answer never came (``sending_since``).
-    Otherwise it is reckoned: its creation, and the back-off before each attempt after
-    the first (`worker.delivery.backoff_seconds`), as if each retry went when it was
-    due. That is the earliest it can have been; it was later where the delivery waited
-    behind others, or was sent again by `retry-deliveries` (which counts its attempts
-    from nought again).
+    Two times bound it from below, and the later is taken. One is reckoned: its
+    creation, or its last put-back by `retry-deliveries` (``created_at``, its attempts
+    counted from nought again), and the back-off before each attempt after the first
+    (`worker.delivery.backoff_seconds`), as if each retry went when it was due; it was
+    later where the delivery waited behind others (earlier only where it was sent by
+    hand before it was due). The
+    other is ``sending_since``, where set: when an attempt whose answer never came
+    began. That may be the last attempt, or an earlier one whose mark a later attempt
+    that sent nothing kept (`worker.delivery._record_failure`), maybe days before the
+    last: the row cannot tell which, so it is no exact time either.
     """
-    if d.sending_since is not None:
-        return d.sending_since, False
     # pynetdicom comes with it: imported only where a delivery failed
     from worker.delivery import backoff_seconds
 
@@ -325,7 +334,8 @@ def _last_attempt(d: queries.FailedDelivery, settings: Settings) -> tuple[dateti
         )
         for attempt in range(1, d.attempts)
     )
-    return d.created_at + timedelta(seconds=waited), True
+    reckoned = d.created_at + timedelta(seconds=waited)
+    return max(reckoned, d.sending_since or reckoned)
 
 
 def _seconds(value: float | None) -> str:

@@ -38,6 +38,7 @@ from tests.integration.test_rejection_notes import image_of
 from tests.support import free_port, pacs_rejection_note, wait_for
 from worker import delivery, pipeline
 from worker.delivery import (
+    NOT_CONFIGURED_HERE,
     SETTINGS_ROLLOUT,
     Retried,
     reset_failed,
@@ -341,7 +342,7 @@ def test_retry_deliveries_says_which_failed_deliveries_it_leaves(
     assert retry_deliveries(fixed, storescp.destination).splitlines() == [
         "0 failed deliveries queued again",
         "2 failed deliveries left failed, their destinations no longer configured: "
-        "retention removed their files",
+        "their files are gone (retention removed them)",
     ]
     rows = deliveries(fixed)
     assert sorted(rows) == sorted(ids)  # none made
@@ -542,3 +543,116 @@ def test_a_redirect_waits_for_a_withdrawal_of_the_image_and_sends_nothing_of_it(
         i: delivery.DeliveryOutcome("skipped", error="already superseded") for i in ids
     }
     assert corrected.associations() == 0
+
+
+def test_deliveries_put_back_are_tried_again_by_a_delivery_worker_not_restarted_yet(
+    tmp_path: Path, tiny_checkpoint: Path, database_url: str, storescp: StoreSCP
+) -> None:
+    """The settings name A, then B, then A again. `retry-deliveries`, run with A's
+    settings before the delivery worker took them up, puts the SR and SC to A back (the
+    first redirect sent them to B, where they failed): the worker, still with B's
+    settings, tries them again for SETTINGS_ROLLOUT, as it does a delivery made after
+    its settings, and once restarted sends them to A. So it does with a delivery put
+    back to a destination A's settings name. Before, a delivery put back kept the time
+    it was first made, before the worker's settings: it failed at once, and for good. A
+    worker whose settings came after the put-back still fails them at once."""
+    a = storescp.destination
+    b = f"PACS@127.0.0.1:{free_port()}"  # nothing listens there
+    node_a = node(tmp_path, tiny_checkpoint, database_url, a)
+    ids = assess_instance(node_a, spool_instance(node_a)).delivery_ids
+    worker = node(tmp_path, tiny_checkpoint, database_url, b)  # the delivery worker: B
+    sent = send_deliveries(worker, ids)
+    assert [(o.state, o.error) for o in sent.values()] == [("failed", NOT_CONFIGURED)] * 2
+    to_b = [i for new in retry_failed(worker).redirected.values() for i in new]
+    assert len(to_b) == 2
+    for _ in range(3):  # its attempts spent on B, which never answers
+        send_deliveries(worker, to_b, force=True)
+    assert {deliveries(worker)[i].state for i in to_b} == {DeliveryState.FAILED}
+
+    # the settings name A again; retry-deliveries runs with them, the worker as it was
+    retried = retry_failed(node(tmp_path, tiny_checkpoint, database_url, a))
+
+    assert (retried.reset, retried.queued) == ([], sorted(ids))  # the deliveries to A, back
+    sent = send_deliveries(worker, ids)
+    assert [(o.state, o.error) for o in sent.values()] == [("retry", NOT_CONFIGURED_HERE)] * 2
+    assert storescp.associations() == 0
+    # a worker that took up B's settings after the put-back fails them for good
+    late = dataclasses.replace(worker, settings_since=now())
+    sent = send_deliveries(late, ids, force=True)
+    assert [(o.state, o.error) for o in sent.values()] == [("failed", NOT_CONFIGURED)] * 2
+    # put back again, A configured: the worker not restarted tries them again too
+    assert reset_failed(node(tmp_path, tiny_checkpoint, database_url, a)) == sorted(ids)
+    sent = send_deliveries(worker, ids)
+    assert [(o.state, o.error) for o in sent.values()] == [("retry", NOT_CONFIGURED_HERE)] * 2
+
+    restarted = node(tmp_path, tiny_checkpoint, database_url, a)
+    assert [o.state for o in send_deliveries(restarted, ids, force=True).values()] == [
+        "delivered"
+    ] * 2
+    rows = deliveries(restarted)
+    received = storescp.wait_for_objects(2, timeout=30)
+    assert {dcmread(p).SOPInstanceUID: body(p) for p in received} == {
+        rows[i].sop_instance_uid: body(Path(rows[i].path)) for i in ids
+    }
+    assert failed_problems(restarted) == []
+
+
+def test_a_redirect_holds_the_images_of_one_batch_at_a_time(
+    tmp_path: Path,
+    tiny_checkpoint: Path,
+    postgres_url: str,
+    corrected: StoreSCP,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PostgreSQL: a backlog failed to the mistyped node is redirected REDIRECT_BATCH
+    at a time (here one image's SR and SC), each batch committed before the next takes
+    its images' rows. The second image's row is held (as a withdrawal of it holds it):
+    the first image's SR and SC are redirected and committed, and its row is free (the
+    listener's record of a copy of it received again would not wait), while the
+    redirect waits for the second. Before, it took every image's row first and held
+    them all until the last was done."""
+    monkeypatch.setattr(delivery, "REDIRECT_BATCH", 2)
+    nowhere = f"PACS@127.0.0.1:{free_port()}"
+    mistyped = node(tmp_path, tiny_checkpoint, postgres_url, nowhere)
+    first, second = spool_instance(mistyped), spool_instance(mistyped)
+    first_ids = list(assess_instance(mistyped, first).delivery_ids)
+    second_ids = list(assess_instance(mistyped, second).delivery_ids)
+    fixed = node(tmp_path, tiny_checkpoint, postgres_url, corrected.destination)
+    sent = send_deliveries(fixed, first_ids + second_ids)
+    assert [o.state for o in sent.values()] == ["failed"] * 4
+    retried: list[Retried] = []
+
+    with get_engine(postgres_url).connect() as withdrawal:
+        with withdrawal.begin():
+            withdrawal.execute(  # the second image's row, taken as a withdrawal takes it
+                update(Instance).where(Instance.id == second).values(claimed_by=Instance.claimed_by)
+            )
+            redirect = threading.Thread(target=lambda: retried.append(retry_failed(fixed)))
+            redirect.start()
+            wait_for(
+                lambda: not redirect.is_alive() or sessions_waiting_on_a_lock(postgres_url) >= 1,
+                timeout=60,
+                what="retry-deliveries to wait on the second image's row, or to end",
+            )
+            assert redirect.is_alive(), "the redirect did not wait for the second image"
+            rows = deliveries(fixed)
+            assert [rows[i].state for i in first_ids + second_ids] == [
+                DeliveryState.SUPERSEDED
+            ] * 2 + [DeliveryState.FAILED] * 2
+            with get_engine(postgres_url).connect() as listener, listener.begin():
+                free = listener.execute(
+                    select(Instance.id).where(Instance.id == first).with_for_update(nowait=True)
+                ).scalar_one()  # raises where the redirect holds it
+            assert free == first
+        redirect.join(60)
+
+    assert not redirect.is_alive()
+    [done] = retried
+    assert sorted(done.redirected) == sorted(first_ids + second_ids)
+    rows = deliveries(fixed)
+    queued = sorted(i for new in done.redirected.values() for i in new)
+    assert [(rows[i].state, rows[i].destination) for i in queued] == [
+        (DeliveryState.PENDING, corrected.destination)
+    ] * 4
+    assert [o.state for o in send_deliveries(fixed, queued).values()] == ["delivered"] * 4
+    assert len(corrected.wait_for_objects(4, timeout=30)) == 4

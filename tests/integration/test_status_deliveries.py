@@ -21,8 +21,9 @@ from db import queries
 from db.engine import session_scope
 from db.schema import Delivery, DeliveryState, Instance, InstanceState, ObjectKind
 from db.schema import utcnow as now
+from tests.integration.test_delivery_destinations import retry_deliveries
 from tests.integration.test_pipeline import make_runtime, spool_instance
-from worker.delivery import NOT_CONFIGURED, retry_failed
+from worker.delivery import NOT_CONFIGURED, DeliveryOutcome, retry_failed, send_deliveries
 from worker.runtime import Runtime
 from worker.status import collect, render
 
@@ -75,8 +76,9 @@ def test_failed_deliveries_are_listed_with_their_errors_whatever_else_went_wrong
 ) -> None:
     """Chest films forwarded by mistake (not assessed) once pushed a failed delivery, and
     its error, out of the few recent problems shown. Each failed delivery is listed, the
-    one whose last attempt came last first: dated by its row where that says when, else
-    reckoned from its creation and the back-off before each attempt."""
+    one whose last attempt came last first: dated at the earliest that attempt can have
+    begun, reckoned from its creation and the back-off before each attempt, or from the
+    mark of a C-STORE never answered, where that is later."""
     current = now()
     # retried for a day, since 25 hours ago: its 31st attempt was about an hour ago
     day_long = _delivery(
@@ -120,7 +122,7 @@ def test_failed_deliveries_are_listed_with_their_errors_whatever_else_went_wrong
     report = collect(runtime.settings)
     failed = report["failed_deliveries"]
     assert [d["id"] for d in failed] == [unanswered, day_long, refused]
-    assert [d["last_attempt_reckoned"] for d in failed] == [False, True, True]
+    assert [d["last_attempt_reckoned"] for d in failed] == [True] * 3
     assert failed[0]["last_attempt_at"] == (current - dt.timedelta(minutes=20)).isoformat(
         timespec="seconds"
     )
@@ -146,8 +148,8 @@ def test_failed_deliveries_are_listed_with_their_errors_whatever_else_went_wrong
     for d in failed:
         assert f"delivery {d['id']} (sr to {DESTINATION})" in shown
         assert d["error"] in shown
-    assert f"≈ {failed[1]['last_attempt_at']}" in shown  # reckoned, not recorded
-    assert f"≈ {failed[0]['last_attempt_at']}" not in shown
+    for d in failed:  # reckoned, not recorded
+        assert f"≈ {d['last_attempt_at']}" in shown
 
 
 def test_our_rejection_notes_do_not_count_as_deliveries_of_their_images(
@@ -288,3 +290,156 @@ def _shown_wide(report: dict[str, Any]) -> str:
     console = Console(record=True, width=1000, color_system=None)
     render(report, console)
     return console.export_text()
+
+
+def test_a_failed_delivery_is_dated_by_its_last_attempt_not_an_earlier_unanswered_one(
+    runtime: Runtime,
+) -> None:
+    """An SR's C-STORE went unanswered two days ago (the destination may have stored it),
+    and its attempts ran out. Today `retry-deliveries` put it back, and its attempt
+    failed at once, sending nothing (its outbox file is missing): the row keeps the mark
+    of the unanswered send. Another SR was refused an hour ago. `status` lists the first
+    first, its last attempt today, and its error as the latest. Before, the mark two
+    days old was taken as the time of its last attempt, exact: it was listed last, and
+    the latest error was the other's."""
+    current = now()
+    unanswered = current - dt.timedelta(days=2)
+    put_back = _delivery(
+        runtime,
+        _instance(runtime, InstanceState.ASSESSED, current - dt.timedelta(days=3)),
+        "9.9.70",  # its path names no file
+        state=DeliveryState.FAILED,
+        attempts=31,
+        last_error="no answer to the C-STORE within 30 s",
+        created_at=current - dt.timedelta(days=3),
+        sending_since=unanswered,
+    )
+    refused = _delivery(
+        runtime,
+        _instance(runtime, InstanceState.ASSESSED, current - dt.timedelta(hours=1)),
+        "9.9.71",
+        state=DeliveryState.FAILED,
+        attempts=1,
+        last_error="PACS answered status 0xA900 (a refusal: not sent again)",
+        created_at=current - dt.timedelta(hours=1),
+    )
+    missing = "the outbox file is missing"
+    assert retry_failed(runtime, [put_back]).reset == [put_back]
+    assert send_deliveries(runtime, [put_back]) == {
+        put_back: DeliveryOutcome("failed", error=missing)
+    }
+    done = now()
+    with session_scope(runtime.database_url) as session:
+        assert session.get_one(Delivery, put_back).sending_since == unanswered  # kept
+
+    report = collect(runtime.settings)
+
+    failed = report["failed_deliveries"]
+    assert [(d["id"], d["error"]) for d in failed] == [
+        (put_back, missing),
+        (refused, "PACS answered status 0xA900 (a refusal: not sent again)"),
+    ]
+    last = dt.datetime.fromisoformat(failed[0]["last_attempt_at"])
+    assert current - dt.timedelta(seconds=1) <= last <= done  # today, not two days ago
+    assert [d["last_attempt_reckoned"] for d in failed] == [True, True]
+    assert (
+        "2 deliveries failed: fix the destination, then run 'boneage-worker "
+        f"retry-deliveries'; latest error: {missing}"
+    ) in report["problems"]
+    assert f"≈ {failed[0]['last_attempt_at']}" in _shown(report)
+
+
+def test_failed_deliveries_whose_files_are_not_there_are_not_said_removed_by_retention(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    """Three SRs failed to a destination taken out of the settings. One has its file;
+    retention removed another's; the third's file is not where it was written, and
+    retention removed nothing of its image (an outbox volume not mounted, say). `status`
+    and `retry-deliveries` say the third's file is gone, and name retention only for the
+    one it removed. Before, they blamed retention for every file not there."""
+    old = "OLD@127.0.0.1:104"
+    current = now()
+    kept_file = tmp_path / "outbox" / "9.9.80.dcm"
+    kept_file.parent.mkdir()
+    kept_file.write_bytes(b"an SR of ours")
+    failed = {
+        "destination": old,
+        "state": DeliveryState.FAILED,
+        "attempts": 1,
+        "last_error": NOT_CONFIGURED,
+    }
+    kept = _delivery(
+        runtime,
+        _instance(runtime, InstanceState.ASSESSED, current - dt.timedelta(hours=3)),
+        "9.9.80",
+        path=str(kept_file),
+        created_at=current - dt.timedelta(hours=3),
+        **failed,
+    )
+    removed = _delivery(
+        runtime,
+        _instance(
+            runtime,
+            InstanceState.ASSESSED,
+            current - dt.timedelta(days=40),
+            files_removed_at=current - dt.timedelta(days=9),
+        ),
+        "9.9.81",
+        created_at=current - dt.timedelta(days=40),
+        **failed,
+    )
+    not_there = _delivery(
+        runtime,
+        _instance(runtime, InstanceState.ASSESSED, current - dt.timedelta(hours=2)),
+        "9.9.82",
+        created_at=current - dt.timedelta(hours=2),
+        **failed,
+    )
+    retry = "'boneage-worker retry-deliveries'"
+    unsendable = (
+        f"nothing can send those, and {retry} leaves them failed; their results are in the "
+        "database only"
+    )
+
+    problem = (
+        f"3 deliveries failed to destinations no longer configured ({old}): {retry} sends "
+        "them to the configured destinations instead, all but 2 whose files are gone "
+        "(retention removed 1 of them; the others are not found where they were written): "
+        f"{unsendable}; latest error: {NOT_CONFIGURED}"
+    )
+    assert [p for p in collect(runtime.settings)["problems"] if "deliveries failed" in p] == [
+        problem
+    ]
+
+    printed = retry_deliveries(runtime, DESTINATION).splitlines()
+
+    assert printed == [
+        "0 failed deliveries queued again",
+        "1 failed deliveries to destinations no longer configured sent to the configured "
+        f"destinations instead: 1 deliveries queued to {DESTINATION}",
+        "2 failed deliveries left failed, their destinations no longer configured: their "
+        "files are gone (retention removed 1 of them; the others are not found where they "
+        "were written)",
+    ]
+    with session_scope(runtime.database_url) as session:
+        states = {i: session.get_one(Delivery, i).state for i in (kept, removed, not_there)}
+    assert states == {
+        kept: DeliveryState.SUPERSEDED,
+        removed: DeliveryState.FAILED,
+        not_there: DeliveryState.FAILED,
+    }
+    problem = (
+        f"2 deliveries failed to destinations no longer configured ({old}): their files are "
+        "gone (retention removed 1 of them; the others are not found where they were "
+        f"written): {unsendable.replace('those', 'them')}; latest error: {NOT_CONFIGURED}"
+    )
+    assert [p for p in collect(runtime.settings)["problems"] if "deliveries failed" in p] == [
+        problem
+    ]
+    # the one not there alone: retention not named at all
+    alone = retry_failed(runtime, [not_there])
+    assert (alone.no_file, alone.removed, alone.why_gone) == (
+        [not_there],
+        [],
+        "(not found where they were written)",
+    )

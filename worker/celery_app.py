@@ -69,37 +69,56 @@ def deliver_time_limit() -> float:
 
 #: Seconds a command to Redis waits for its reply before it fails (redis-py's
 #: TimeoutError, one of kombu's connection errors: the publish is retried on a new
-#: connection, then fails to its caller, who tries again). Without it, a connection that a
-#: firewall or NAT dropped without closing (half-open) held a publish, a query of the
-#: queues, or the reconciler, until TCP gave up retransmitting, about 15 min; the
-#: listener's enqueuer meanwhile published nothing. A reply takes milliseconds; a
-#: consumer's BRPOP returns every second (kombu's brpop_timeout). It was 30 s: a publish's
-#: tries and reconnections, each waiting that long, then took about 3 min; now two such
-#: waits fit in `PUBLISH_BUDGET_SECONDS` with room for a pause between them.
-BROKER_SOCKET_TIMEOUT = 3.0
+#: connection, then fails to its caller, who tries again), and, as a publish's
+#: ``timeout`` and ``confirm_timeout``, an AMQP message's write and the wait for
+#: RabbitMQ's confirm. Without it, a connection that a firewall or NAT dropped without
+#: closing (half-open) held a publish, a query of the queues, or the reconciler, until TCP
+#: gave up retransmitting, about 15 min; the listener's enqueuer meanwhile published
+#: nothing. It applies to every Redis connection: consumers (a BRPOP returns every second,
+#: kombu's brpop_timeout), a task's acknowledgement, `status`'s queries. A healthy broker
+#: answers in milliseconds, but not always: RabbitMQ confirms a persistent message after
+#: its fsync, and a Redis with appendonly stalls writes for seconds while its disk is busy,
+#: as it is during a PACS's backfill, when the spool and the database write the same disk.
+#: 3 s (as it was for a while) was too short for that: publishes timed out and were
+#: published again (duplicates, and new connections), a worker's acknowledgement failed
+#: (its message came back after the visibility timeout, 4 h, and the image was assessed
+#: again), and `status` called the broker unreachable.
+BROKER_SOCKET_TIMEOUT = 10.0
 
-#: Seconds to open a connection to the broker (TCP, and RabbitMQ's handshake), Redis or
-#: RabbitMQ: as long as `BROKER_SOCKET_TIMEOUT`, for the same reason (a SYN lost once is
-#: sent again after 1 s).
-BROKER_CONNECT_TIMEOUT = 3.0
+#: Seconds to open a connection to the broker (TCP, and each wait of RabbitMQ's
+#: handshake), Redis or RabbitMQ: a SYN lost once is sent again after 1 s, and a busy
+#: broker takes a while to accept.
+BROKER_CONNECT_TIMEOUT = 5.0
 
-#: Seconds one publish may take, its tries, pauses and reconnections all together; then it
-#: fails to its caller (`worker.messaging.PublishDeadline`), which keeps the row for the
-#: next try, as for a broker that is away. The listener answers the PACS before it
-#: publishes (its enqueuer publishes on a thread of its own), but every image behind a
-#: publish waits for it, and a task's publish holds a worker. 10 s is a third of the 30 s
-#: DIMSE timeout common in PACS and no more than Orthanc's (DicomScuTimeout), so that
-#: even a publish on a C-STORE's path would end before the PACS gave up (one on a
-#: half-open connection gives up after two waits, about 6 s). A broker answers in
-#: milliseconds (RabbitMQ's confirm of a persistent message: a few, for its fsync); only
-#: a broker that is away, refusing or blocked (a memory or disk alarm) uses the budget up.
-PUBLISH_BUDGET_SECONDS = 10.0
+#: Seconds, about, that one publish may take, its tries, pauses and reconnections all
+#: together; then it fails to its caller (`worker.messaging.PublishDeadline`), which keeps
+#: the row for the next try, as for a broker that is away. What it bounds is how long a
+#: broker in trouble holds whoever publishes: the listener's enqueuer (it publishes after
+#: the PACS has had its answer, on a thread of its own, so no C-STORE waits for it, but
+#: the images behind it do), a task (a worker's process, and the task's retry), or the
+#: reconciler's round. A try is begun only while it can end within the budget (a new
+#: connection, then a wait for the reply: `publish_try_seconds`), and none is cut short:
+#: where a try waits on the broker more than that (a reconnection's handshake whose every
+#: frame comes late, or py-amqp's channel.open and confirm_select, which wait without a
+#: timeout of their own) the publish ends later, which only a broker that answers, but
+#: slowly, does. A broker answers in milliseconds (RabbitMQ's confirm of a persistent
+#: message: a few, for its fsync; seconds on a busy disk); a broker that is away, refusing
+#: or blocked (a memory or disk alarm) uses the budget up. On a half-open connection a
+#: publish gives up after two waits: about 20 s on Redis (the reply, then the new
+#: connection's first command), 15 s on RabbitMQ (the confirm, then the handshake).
+PUBLISH_BUDGET_SECONDS = 30.0
 
 
 def broker_wait_seconds() -> float:
     """The longest one blocking step of a publish waits: opening a connection, one Redis
-    command, or sending an AMQP message and waiting for the broker's confirm."""
+    command, an AMQP message's write, or the wait for RabbitMQ's confirm."""
     return max(BROKER_SOCKET_TIMEOUT, BROKER_CONNECT_TIMEOUT)
+
+
+def publish_try_seconds() -> float:
+    """What one more try of a publish may wait, about: a new connection, then one wait for
+    the broker's reply (a Redis command's, or RabbitMQ's confirm)."""
+    return BROKER_CONNECT_TIMEOUT + broker_wait_seconds()
 
 
 def is_amqp(broker_url: str) -> bool:

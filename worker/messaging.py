@@ -7,10 +7,10 @@ the database; the enqueuer tries it again after a pause (doubling, up to
 `RETRY_MAX_SECONDS`), so that a broker back after an outage gets the backlog in
 seconds, and the reconciler finds whatever a restart of the listener lost.
 
-A publish either reaches the broker or raises, within `PUBLISH_BUDGET_SECONDS`
+A publish either reaches the broker or raises, within about `PUBLISH_BUDGET_SECONDS`
 (`PublishDeadline`): RabbitMQ confirms each message (``confirm_publish``,
 `worker.celery_app.broker_transport_options`), and one it refuses raises as one that
-could not be sent does.
+could not be sent does. A task's retry is published so too (`worker.tasks`).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from worker.celery_app import (
     PUBLISH_RETRY_POLICY,
     app,
     broker_wait_seconds,
+    publish_try_seconds,
 )
 
 logger = logging.getLogger(__name__)
@@ -54,13 +55,15 @@ class PublishDeadline:
     """The end of one publish's budget, kept by kombu's retry policy.
 
     kombu calls the policy's errback after each try that failed (to send, or to connect
-    again), with the pause it is about to take before the next. The next try waits at
-    most twice `broker_wait_seconds` (connecting, then sending); where that and the pause
-    would go past the end, `check` raises instead of letting it start. Each wait is
-    bounded by the broker's socket, connect and confirm timeouts, so the whole publish
-    ends within the budget. kombu's own retry policy counts tries only: three on a
-    half-open Redis connection, each waiting 30 s for a reply and as long again to
-    connect anew, took about 3 min.
+    again), with the pause it is about to take before the next. The next try waits about
+    `publish_try_seconds` (connecting anew, then one wait for the broker's reply); where
+    that and the pause would go past the end, `check` raises instead of letting it start.
+    Each wait is bounded by the broker's socket, connect and confirm timeouts, so the
+    whole publish ends within about the budget: a try is not cut short, and one that
+    waits on the broker more often than that (every frame of a handshake late, or
+    py-amqp's channel.open and confirm_select, which have no timeout) ends after it.
+    kombu's own retry policy counts tries only: three on a half-open Redis connection,
+    each waiting 30 s for a reply and as long again to connect anew, took about 3 min.
     """
 
     def __init__(self, budget: float = PUBLISH_BUDGET_SECONDS) -> None:
@@ -70,7 +73,7 @@ class PublishDeadline:
     def check(self, exc: BaseException, interval: float) -> None:
         """Raise `PublishBudgetExceeded` unless a pause of ``interval`` and another try
         fit in what is left."""
-        if time.monotonic() + interval + 2 * broker_wait_seconds() > self.ends:
+        if time.monotonic() + interval + publish_try_seconds() > self.ends:
             raise PublishBudgetExceeded(
                 f"publish given up within its {self.budget:g} s ({type(exc).__name__})"
             ) from exc
@@ -108,23 +111,29 @@ def keep_to_deadline(exc: BaseException, interval: float) -> None:
 BOUNDED_RETRY_POLICY: dict[str, Any] = {**PUBLISH_RETRY_POLICY, "errback": keep_to_deadline}
 
 
-def send_within(deadline: PublishDeadline, name: str, **options: Any) -> None:
-    """``app.send_task`` that ends within ``deadline``: raises if the broker did not take
-    the message by then (unreachable, refusing it: a RabbitMQ nack, or not confirming it).
-
-    ``timeout`` and ``confirm_timeout`` bound an AMQP message's write and the wait for its
-    confirm; the other transports ignore them (their socket timeouts bound them).
+def bounded_publish_options() -> dict[str, Any]:
+    """The options of a publish (``send_task``'s, or ``apply_async``'s) that bound it:
+    `BOUNDED_RETRY_POLICY`, which keeps the current `PublishDeadline`, and ``timeout``
+    and ``confirm_timeout``, which bound an AMQP message's write and the wait for its
+    confirm (`broker_wait_seconds`; the other transports ignore them, their socket
+    timeouts bound them). Without the last two, py-amqp waits for a confirm without end:
+    a RabbitMQ blocked by a disk alarm held the publisher until the alarm cleared.
     """
     wait = broker_wait_seconds()
+    return {
+        "retry": True,
+        "retry_policy": BOUNDED_RETRY_POLICY,
+        "timeout": wait,
+        "confirm_timeout": wait,
+    }
+
+
+def send_within(deadline: PublishDeadline, name: str, **options: Any) -> None:
+    """``app.send_task`` that ends within about ``deadline``: raises if the broker did not
+    take the message by then (unreachable, refusing it: a RabbitMQ nack, or not confirming
+    it)."""
     with deadline.applied():
-        app.send_task(
-            name,
-            retry=True,
-            retry_policy=BOUNDED_RETRY_POLICY,
-            timeout=wait,
-            confirm_timeout=wait,
-            **options,
-        )
+        app.send_task(name, **bounded_publish_options(), **options)
 
 
 def enqueue_assess(
@@ -136,8 +145,8 @@ def enqueue_assess(
 ) -> None:
     """Publish an `assess` message (with ``producer``: on its connection, not the pool's).
 
-    Raises if the broker did not take it within ``deadline`` (by default a budget of its
-    own from now).
+    Raises if the broker did not take it within about ``deadline`` (by default a budget of
+    its own from now).
     """
     kwargs = {} if send else {"send": False}
     send_within(
@@ -158,7 +167,7 @@ DELIVERIES_PER_MESSAGE = 8
 def enqueue_delivery(delivery_ids: Sequence[int], *, countdown: float | None = None) -> None:
     """Publish `deliver` messages for ``delivery_ids``, in order, a few per message.
 
-    Raises at the first message the broker did not take within its budget
+    Raises at the first message the broker did not take within about its budget
     (`PublishDeadline`); the deliveries' rows stay pending for the reconciler.
     """
     ids = list(delivery_ids)
@@ -364,7 +373,8 @@ class Enqueuer:
         self._drop_connection()
         if self._broker_ok:
             logger.error(
-                "broker unavailable (%s): instances stay received and are tried again",
+                "broker unavailable or refusing messages (%s): instances stay received "
+                "and are tried again",
                 failure_name(exc),
             )
         self._broker_ok = False

@@ -19,6 +19,7 @@ from db.engine import session_scope
 from db.schema import FINISHED, Delivery, DeliveryState, Heartbeat, Instance, InstanceState
 from db.schema import utcnow as now
 from worker.heartbeat import alive
+from worker.messaging import failure_name
 from worker.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -134,7 +135,10 @@ def reconcile(
         try:
             enqueue_assess(instance_id)
         except Exception as exc:  # broker down: try again next round
-            logger.warning("reconciler: broker unavailable (%s); will retry", type(exc).__name__)
+            logger.warning(
+                "reconciler: broker unavailable or refusing messages (%s); will retry",
+                failure_name(exc),
+            )
             _not_published(rt, sorted(set(instance_ids[len(queued) :]) & set(requeued)), queued_at)
             break
         queued.append(instance_id)
@@ -143,7 +147,10 @@ def reconcile(
         try:
             enqueue_delivery(group)
         except Exception as exc:
-            logger.warning("reconciler: broker unavailable (%s); will retry", type(exc).__name__)
+            logger.warning(
+                "reconciler: broker unavailable or refusing messages (%s); will retry",
+                failure_name(exc),
+            )
             break
         sent.extend(group)
     if queued or sent:

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import Any, NoReturn
 
 from celery import Task
+from celery.exceptions import Reject
 from celery.signals import (
     worker_init,
     worker_process_init,
@@ -34,7 +35,12 @@ from worker.cores import CoreShare, batching_process_cores, cores_per_task, jpeg
 from worker.delivery import send_deliveries
 from worker.heap import freeze_start_up_objects, keep_large_blocks, limit_arenas
 from worker.heartbeat import HeartbeatThread
-from worker.messaging import enqueue_delivery
+from worker.messaging import (
+    PublishDeadline,
+    bounded_publish_options,
+    enqueue_delivery,
+    failure_name,
+)
 from worker.metrics_files import worker_metrics_port
 from worker.pipeline import (
     RETRIED_BY_THE_TASK,
@@ -325,8 +331,57 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
     freeze_start_up_objects()
 
 
+class RetriedWithinBudget(Task):
+    """A task whose retry is published as our other publishes are: it ends within about
+    `worker.celery_app.PUBLISH_BUDGET_SECONDS`, tries and reconnections together.
+
+    Celery publishes a retry (``autoretry_for``, ``Task.retry``) with its default retry
+    policy and no timeouts: with RabbitMQ's confirms on, py-amqp waited for the confirm
+    without end, and a broker blocked by a disk alarm held the worker's process in the
+    retry until the alarm cleared. Where the retry cannot be published, Celery rejects the
+    message (``Reject``, not requeued) and the work waits in the database: an instance
+    stays `processing`, claimed by this process, until the reconciler takes it back when
+    its lease runs out (`worker.reconciler.PROCESSING_LEASE`); deliveries stay `pending`
+    and the reconciler sends them once their claim has run out.
+    """
+
+    def retry(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        exc: BaseException | None = None,
+        throw: bool = True,
+        eta: Any = None,
+        countdown: float | None = None,
+        max_retries: int | None = None,
+        **options: Any,
+    ) -> Any:
+        with PublishDeadline().applied():
+            try:
+                return super().retry(
+                    args,
+                    kwargs,
+                    exc,
+                    throw,
+                    eta,
+                    countdown,
+                    max_retries,
+                    **{**bounded_publish_options(), **options},
+                )
+            except Reject as rejected:
+                reason = rejected.reason
+                logger.error(
+                    "%s: its retry was not published (%s): the message is dropped, and the "
+                    "reconciler queues the work again once its claim runs out",
+                    self.name,
+                    failure_name(reason) if isinstance(reason, BaseException) else reason,
+                )
+                raise
+
+
 @app.task(
     name=ASSESS_TASK,
+    base=RetriedWithinBudget,
     bind=True,
     acks_late=True,
     reject_on_worker_lost=True,
@@ -359,6 +414,7 @@ def assess(self: Task, instance_id: int, send: bool = True) -> str:
 
 @app.task(
     name=DELIVER_TASK,
+    base=RetriedWithinBudget,
     bind=True,
     acks_late=True,
     reject_on_worker_lost=True,

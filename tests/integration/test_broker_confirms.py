@@ -5,7 +5,13 @@ at its length limit with ``overflow=reject-publish``, set by a policy) or does n
 in time (here a connection that a real TCP proxy stops forwarding after the message was
 written) raises, where before the publish returned and the message was gone. The
 listener's enqueuer and the reconciler then keep the row `received`, and publish it once
-the broker takes it.
+the broker takes it. A task's retry is published so too: refused or not confirmed, it
+fails within about the budget, where it held the worker until the broker took it, and its
+image is not lost.
+
+A message may be in the queue twice (a confirm slower than its wait on a loaded disk is
+published again): that is harmless, tasks are idempotent, so the tests look at which ids
+were published, each once, and that none is missing.
 
 Each test has a virtual host of its own on the real RabbitMQ (127.0.0.1:5672,
 guest/guest), made and deleted with ``rabbitmqctl``: its queues and policies go with it.
@@ -27,27 +33,44 @@ from typing import Any
 
 import pytest
 from amqp.exceptions import MessageNacked
+from celery import states
+from celery.app.trace import build_tracer
 from kombu import Connection
 from kombu.exceptions import OperationalError
 from sqlalchemy import select
 
 from db.engine import session_scope, upgrade
 from db.schema import Instance, InstanceState
+from tests.integration.test_pipeline import (
+    attempt_began_before,
+    make_runtime,
+    reconcile_once,
+    spool_instance,
+)
 from tests.proxy import TcpProxy
 from tests.support import received, wait_for
-from worker import messaging
-from worker.celery_app import INFERENCE_QUEUE, app, configure
+from worker import messaging, tasks
+from worker.celery_app import (
+    ASSESS_TASK,
+    INFERENCE_QUEUE,
+    PUBLISH_BUDGET_SECONDS,
+    app,
+    configure,
+)
+from worker.heartbeat import HeartbeatThread, process_name
 from worker.listener import record_instance
 from worker.messaging import Enqueuer, enqueue_assess
-from worker.reconciler import reconcile_via_broker
+from worker.reconciler import PROCESSING_LEASE, reconcile_via_broker
 from worker.runtime import Runtime
 from worker.settings import Settings, load_settings
 
 pytestmark = pytest.mark.integration
 
-#: What a publish may take, all its tries together: the budget the README states
-#: (`worker.celery_app.PUBLISH_BUDGET_SECONDS`), a third of a PACS's usual DIMSE timeout.
-BUDGET = 10.0
+#: What a publish may take, all its tries together: the budget the README states. The
+#: tests of a publish that is never confirmed wait it out with the service's timeouts, as
+#: a broker blocked by a disk alarm would make a publish wait: about 15 s each (the
+#: confirm's wait, 10 s, then a new connection's handshake's, 5 s).
+BUDGET = PUBLISH_BUDGET_SECONDS
 
 RABBITMQ_PORT = int(os.environ.get("BONEAGE_TEST_RABBITMQ_PORT", "5672"))
 
@@ -114,14 +137,14 @@ def _state(database_url: str, instance_id: int) -> InstanceState | None:
 
 
 def _published(vhost: str) -> list[int]:
-    """The instance ids of the `assess` messages in the inference queue, oldest first
-    (taken off the queue, read directly)."""
+    """The instance ids of the `assess` messages in the inference queue, oldest first,
+    each once (taken off the queue, read directly)."""
     ids: list[int] = []
     with Connection(_url(vhost)) as connection:
         channel = connection.default_channel
         while (message := channel.basic_get(INFERENCE_QUEUE, no_ack=True)) is not None:
             args, _kwargs, _embed = json.loads(message.body)
-            ids.extend(args)
+            ids.extend(i for i in args if i not in ids)
     return ids
 
 
@@ -201,7 +224,7 @@ def test_the_enqueuer_keeps_a_refused_image_received_then_publishes_it(
 
 
 def test_the_reconciler_keeps_a_refused_image_received_then_publishes_it(
-    tmp_path: Path, rabbitmq: str
+    tmp_path: Path, rabbitmq: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     # what was received and not published is the reconciler's at once
     settings = _node(tmp_path, _url(rabbitmq), requeue_after_seconds=0.001)
@@ -210,10 +233,13 @@ def test_the_reconciler_keeps_a_refused_image_received_then_publishes_it(
     _refuse(rabbitmq)
     instance_id = record_instance(url, received("1.2.3.5.2"))
 
-    report = reconcile_via_broker(rt)
+    with caplog.at_level(logging.WARNING, logger="worker.reconciler"):
+        report = reconcile_via_broker(rt)
     # before, the round reported it queued, and its message was gone
     assert report.instances == []
     assert _state(url, instance_id) == InstanceState.RECEIVED
+    # the refusal named, not only kombu's wrapper (OperationalError) of it
+    assert "refusing messages (OperationalError: MessageNacked)" in caplog.text
 
     _take_again(rabbitmq)
     # the policy leaves the queue a moment after it is cleared: a round may still be refused
@@ -229,6 +255,7 @@ def test_the_reconciler_keeps_a_refused_image_received_then_publishes_it(
 def test_a_publish_rabbitmq_never_confirms_fails_within_the_budget(
     tmp_path: Path, rabbitmq: str
 ) -> None:
+    """About 15 s: the service's confirm wait, then a new connection's handshake."""
     proxy = TcpProxy(RABBITMQ_PORT)
     try:
         _node(tmp_path, _url(rabbitmq, proxy.port))
@@ -243,8 +270,123 @@ def test_a_publish_rabbitmq_never_confirms_fails_within_the_budget(
 
         proxy.forward()
         enqueue_assess(2)
-        assert _published(rabbitmq) == [1, 2]
+        assert _published(rabbitmq) == [1, 2]  # none lost (a duplicate is harmless)
     finally:
         if app._pool is not None:
             app._pool.force_close_all()
         proxy.close()
+
+
+# -- a task's retry ---------------------------------------------------------------------
+
+
+def _worker_on(
+    tmp_path: Path, tiny_checkpoint: Path, broker_url: str, monkeypatch: pytest.MonkeyPatch
+) -> Runtime:
+    """This process as an inference worker on ``broker_url``: its runtime, its model
+    loaded, and its heartbeat beaten (alive, as a worker in a retry is)."""
+    rt = make_runtime(tmp_path, tiny_checkpoint, broker_url=broker_url)
+    configure(rt.settings)
+    monkeypatch.setitem(tasks._state, "runtime", rt)
+    assert rt.predictor.model_id  # loaded before anything is timed
+    HeartbeatThread(rt.database_url, "worker").beat()
+    return rt
+
+
+def _unreadable(rt: Runtime) -> int:
+    """An image received whose spooled file cannot be read for now: its path is a
+    directory, and reading it raises a real OSError (EISDIR), trouble the assess task
+    retries (`worker.pipeline.RETRIED_BY_THE_TASK`)."""
+    instance_id = spool_instance(rt)
+    with session_scope(rt.database_url) as session:
+        spool = Path(
+            session.scalars(select(Instance.spool_path).where(Instance.id == instance_id)).one()
+        )
+    spool.unlink()
+    spool.mkdir()
+    return instance_id
+
+
+def _as_the_worker_runs_it(instance_id: int) -> str:
+    """Run the `assess` message of ``instance_id`` as a worker's pool does (Celery's tracer,
+    not eagerly: a retry is published to the broker); the state it ends in."""
+    tracer = build_tracer(ASSESS_TASK, tasks.assess, eager=False, propagate=False, app=app)
+    request = {"delivery_info": {"exchange": "", "routing_key": INFERENCE_QUEUE}, "retries": 0}
+    outcome = tracer(uuid.uuid4().hex, [instance_id], {}, request)
+    return str(outcome.info.state)
+
+
+def _held_by_live_worker_then_requeued(rt: Runtime, instance_id: int) -> None:
+    """The instance whose retry was not published waits in the database, `processing`,
+    claimed by this (live) worker; the reconciler queues it again once its lease is out."""
+    with session_scope(rt.database_url) as session:
+        row = session.get_one(Instance, instance_id)
+        assert (row.state, row.claimed_by) == (InstanceState.PROCESSING, process_name("worker"))
+    assert reconcile_once(rt, inference_queue_empty=True) == []  # within its lease
+    attempt_began_before(rt, instance_id, PROCESSING_LEASE.total_seconds() + 60)
+    assert reconcile_once(rt, inference_queue_empty=True) == [instance_id]
+
+
+def test_a_tasks_retry_rabbitmq_never_confirms_fails_within_the_budget(
+    tmp_path: Path,
+    rabbitmq: str,
+    tiny_checkpoint: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Celery published the retry of an `assess` that met trouble it retries (``Task.retry``)
+    without a timeout: py-amqp waited for the confirm without end, and the worker with it.
+    About 15 s, as a publish of ours (see BUDGET)."""
+    proxy = TcpProxy(RABBITMQ_PORT)
+    try:
+        rt = _worker_on(tmp_path, tiny_checkpoint, _url(rabbitmq, proxy.port), monkeypatch)
+        instance_id = _unreadable(rt)
+        enqueue_assess(instance_id)  # on the pool's connection, through the proxy
+        assert _published(rabbitmq) == [instance_id]  # the worker takes it off the queue
+        # The retry is written, and no confirm comes back, as from a RabbitMQ a disk alarm
+        # blocks. Published with Celery's defaults, the retry waited for it without end.
+        proxy.black_hole()
+
+        outcomes: list[str] = []
+        with caplog.at_level(logging.ERROR, logger="worker.tasks"):
+            took, error = _timed(
+                lambda: outcomes.append(_as_the_worker_runs_it(instance_id)), BUDGET + MARGIN
+            )
+        assert error is None, repr(error)
+        # the message rejected, not requeued: the image waits in the database
+        assert outcomes == [states.REJECTED]
+        assert took < BUDGET + MARGIN
+        assert "its retry was not published (PublishBudgetExceeded" in caplog.text
+
+        proxy.forward()
+        assert _published(rabbitmq) == []  # the retry never reached the broker
+        _held_by_live_worker_then_requeued(rt, instance_id)
+    finally:
+        if app._pool is not None:
+            app._pool.force_close_all()
+        proxy.close()
+
+
+def test_a_tasks_retry_rabbitmq_refuses_leaves_its_image_to_the_reconciler(
+    tmp_path: Path,
+    rabbitmq: str,
+    tiny_checkpoint: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A retry RabbitMQ refuses (a nack, at once) ends the task as one never confirmed
+    does, and its image is not lost either."""
+    rt = _worker_on(tmp_path, tiny_checkpoint, _url(rabbitmq), monkeypatch)
+    instance_id = _unreadable(rt)
+    _refuse(rabbitmq)
+
+    outcomes: list[str] = []
+    with caplog.at_level(logging.ERROR, logger="worker.tasks"):
+        _took, error = _timed(
+            lambda: outcomes.append(_as_the_worker_runs_it(instance_id)), BUDGET + MARGIN
+        )
+    assert error is None, repr(error)
+    assert outcomes == [states.REJECTED]
+    assert "its retry was not published (OperationalError: MessageNacked)" in caplog.text
+    assert _published(rabbitmq) == []
+    _held_by_live_worker_then_requeued(rt, instance_id)

@@ -37,7 +37,8 @@ from worker.settings import Settings, load_settings
 
 pytestmark = pytest.mark.integration
 
-#: The broker's socket timeout in these tests (30 s in service).
+#: The broker's socket timeout in these tests, short to keep them fast (the service's is
+#: `worker.celery_app.BROKER_SOCKET_TIMEOUT`, which test_publish_budget.py keeps).
 TIMEOUT = 1.0
 
 #: The most a publish may take on a half-open connection: each of the retry policy's

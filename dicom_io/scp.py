@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import hashlib
 import ipaddress
@@ -35,6 +36,7 @@ import secrets
 import select
 import socket
 import ssl
+import stat
 import struct
 import sys
 import tempfile
@@ -79,9 +81,10 @@ INCOMING_ABANDONED_SECONDS = 86400.0
 INCOMING_LOCK_NAME = "listener.lock"
 
 #: The file at the top of the spool that a listener holds a shared lock on from before it
-#: renames a received file into place until its row is committed, or not (see
-#: `recording_lock`); retention takes it exclusively to remove a received file no row
-#: names (worker.retention).
+#: renames a received file into place until its row is committed, or not
+#: (`_RecordingHold`; the listener makes it when it starts); retention takes it
+#: exclusively to remove a received file no row names (`recording_lock`,
+#: worker.retention).
 RECORDING_LOCK_NAME = ".recording.lock"
 
 # Status codes of the Storage Service Class (PS3.4 Annex B.2.3).
@@ -1175,44 +1178,158 @@ def _lock_free(path: Path, *, create: bool) -> int | None:
     return descriptor
 
 
-_unlocked_warned = False
-
-
-@contextlib.contextmanager
-def recording_lock(spool_dir: Path, *, exclusive: bool = False) -> Iterator[bool]:
-    """Hold the spool's recording lock (`RECORDING_LOCK_NAME`) for the ``with`` block;
-    yields whether it is held.
+class _RecordingHold:
+    """A listener's side of the spool's recording lock (`RECORDING_LOCK_NAME`).
 
     The listener holds it shared from before it renames a received file into the spool
     until that file's row is committed, or has failed: a file there that no row names
-    may be one whose row is about to, however old its time says it is. Shared, it waits
-    while retention holds it, and yields False where the file system takes no locks
-    (the C-STORE goes on, logged once). Exclusive (retention, before it removes a
-    received file that no row names), it does not wait: False while any listener is
-    between a rename and its commit, or where no lock can be taken.
+    may be one whose row is about to be, however old its time says it is. Retention
+    takes it exclusively (`recording_lock`) to remove such files.
+
+    The listener makes the file when it starts (`open`), so that it is the listener's
+    user's, and keeps it open: a C-STORE takes no ``open`` of its own. One descriptor
+    is one lock for all the listener's associations (``flock`` locks belong to an open
+    file): it is taken by the first C-STORE to need it and let go by the last, so that
+    one finishing never frees it under another. Before, the first process to touch the
+    file made it: ``boneage-worker retention`` run as root made it root's, mode 0600,
+    and every C-STORE of the listener then went on without it.
     """
-    global _unlocked_warned
-    descriptor: int | None = None
-    held = False
-    try:
-        descriptor = os.open(
-            spool_dir / RECORDING_LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+
+    def __init__(self, spool_dir: Path) -> None:
+        self.path = spool_dir / RECORDING_LOCK_NAME
+        self._descriptor: int | None = None
+        self._holders = 0
+        self._stopped = False
+        #: False where the lock cannot be had (said at start): C-STOREs go on without it.
+        self._usable = True
+        self._failed_since_start = False
+        self._mutex = threading.Lock()
+
+    def open(self) -> None:
+        """Make or open the lock file and check that locks can be taken on it; where
+        not, say so now (C-STOREs go on without it)."""
+        with self._mutex:
+            self._stopped = False
+            if self._descriptor is not None:
+                return
+            try:
+                descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                self._unusable(exc)
+                return
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                fcntl.flock(descriptor, fcntl.LOCK_UN)
+            except BlockingIOError:
+                pass  # retention holds it now: locks work here
+            except OSError as exc:  # the file system takes no locks
+                os.close(descriptor)
+                self._unusable(exc)
+                return
+            self._descriptor, self._usable, self._failed_since_start = descriptor, True, False
+
+    def _unusable(self, exc: OSError) -> None:
+        self._usable = False
+        logger.warning(
+            "the spool's recording lock (%s) cannot be used (%s): C-STOREs go on without "
+            "it, and retention then removes no received image that no instance records",
+            self.path,
+            exc.strerror or type(exc).__name__,
         )
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH)
-        held = True
-    except OSError as exc:  # held by a listener (exclusive only), or no locks here
-        if not exclusive and not _unlocked_warned:
-            _unlocked_warned = True
-            logger.warning(
-                "the spool's recording lock cannot be taken (%s): retention removes no "
-                "received file that no row names",
-                exc.strerror or type(exc).__name__,
-            )
+
+    def close(self) -> None:
+        """Let the file go once no C-STORE holds the lock (the listener stops)."""
+        with self._mutex:
+            self._stopped = True
+            if self._holders == 0 and self._descriptor is not None:
+                os.close(self._descriptor)
+                self._descriptor = None
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        """Hold the lock, shared, for the ``with`` block; waits while retention holds
+        it. Where it cannot be had (said at start), the block runs without it."""
+        held = self._acquire()
+        try:
+            yield
+        finally:
+            if held:
+                self._release()
+
+    def _acquire(self) -> bool:
+        with self._mutex:
+            if not self._usable:
+                return False
+            try:
+                if self._descriptor is None:  # stopped, an association still storing
+                    self._descriptor = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+                if self._holders == 0:
+                    fcntl.flock(self._descriptor, fcntl.LOCK_SH)  # waits for retention
+            except OSError as exc:  # taken at start: this one store goes on without it
+                if not self._failed_since_start:
+                    self._failed_since_start = True
+                    logger.warning(
+                        "the spool's recording lock could not be taken for a C-STORE (%s): "
+                        "it went on without it (said once)",
+                        exc.strerror or type(exc).__name__,
+                    )
+                return False
+            self._holders += 1
+            return True
+
+    def _release(self) -> None:
+        with self._mutex:
+            self._holders -= 1
+            if self._holders or self._descriptor is None:
+                return
+            if self._stopped:
+                os.close(self._descriptor)  # and the lock with it
+                self._descriptor = None
+            else:
+                fcntl.flock(self._descriptor, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def recording_lock(spool_dir: Path) -> Iterator[OSError | None]:
+    """Hold the spool's recording lock (`RECORDING_LOCK_NAME`) exclusively for the
+    ``with`` block, without waiting: retention, before it removes a received file that
+    no row names (worker.retention). Yields None where it is held; else why not, and
+    the block runs without it:
+
+    - `BlockingIOError` (``EWOULDBLOCK``): a listener holds it, between renaming a
+      received file into place and committing its row (`_RecordingHold`): worth trying
+      again in a moment;
+    - `FileNotFoundError`: no listener has made it. None is recording now, but one
+      starting meanwhile would make it and record under a lock retention does not hold
+      (and a listener whose file was removed under it holds a lock on the removed file):
+      no lock is possible until a listener has started. It is never made here: made by
+      another user (root), the listener could not open it;
+    - another `OSError`: no lock is possible here. The file system takes no locks, or
+      the file is not one the listener can use (not a file, not the spool owner's, not
+      open to its owner: a listener that cannot open it records without it).
+    """
     try:
-        yield held
+        descriptor = os.open(spool_dir / RECORDING_LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        yield exc
+        return
+    refused: OSError | None = None
+    try:
+        lock, spool = os.fstat(descriptor), os.stat(spool_dir)
+        if not stat.S_ISREG(lock.st_mode):
+            refused = OSError(errno.EINVAL, "not a file")
+        elif lock.st_uid != spool.st_uid or lock.st_mode & 0o600 != 0o600:
+            refused = PermissionError(
+                errno.EACCES, "not the spool owner's to read and write: a listener may not open it"
+            )
+        else:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:  # BlockingIOError: a listener holds it; else no locks here
+        refused = exc
+    try:
+        yield refused
     finally:
-        if descriptor is not None:
-            os.close(descriptor)  # and the lock with it
+        os.close(descriptor)  # and the lock with it
 
 
 def local_fault(exc: BaseException) -> bool:
@@ -1326,6 +1443,7 @@ class StorageSCP:
         self.incoming_dir = self.incoming_root / _incoming_name()
         self._incoming_lock: int | None = None
         self._incoming_claimed = False
+        self._recording = _RecordingHold(self.spool_dir)
         self._record = record
         self._notify = notify
         self._allowed = [(ae.strip(), host) for ae, host in allowed_callers]
@@ -1373,6 +1491,9 @@ class StorageSCP:
         """
         for d in (self.spool_dir, self.incoming_root):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # The spool's recording lock: made now, so that it is this user's (not that of
+        # a command run as root before the first C-STORE), and a failure is said now.
+        self._recording.open()
         self._claim_incoming()
         # pynetdicom streams each dataset to a NamedTemporaryFile in the default temp
         # dir; pointing that at the spool makes the final step a rename, not a copy.
@@ -1429,6 +1550,7 @@ class StorageSCP:
             self._server = None
         tempfile.tempdir = self._saved_tempdir
         self._release_incoming()
+        self._recording.close()
 
     @property
     def port(self) -> int:
@@ -1741,8 +1863,8 @@ class StorageSCP:
         except OSError as exc:
             return self._not_durable(sop_uid, exc)
         # From the rename until the row is committed the file is in the spool and no row
-        # names it yet: retention, which removes such files, waits (`recording_lock`).
-        with recording_lock(self.spool_dir):
+        # names it yet: retention, which removes such files, waits (`_RecordingHold`).
+        with self._recording.shared():
             try:
                 os.replace(temp, final)
                 fsync_directory(final.parent)

@@ -841,9 +841,10 @@ def retention(ctx: click.Context, dry_run: bool, days: float | None) -> None:
     """Remove received images and SR/SC files that retention lets go, now.
 
     Files of an instance go BONEAGE_RETENTION_DAYS after it finished, once every
-    delivery of it succeeded; its database rows and results stay. So does a received
-    image that no instance records, once it is that old. The listener does this every
-    hour; this command is for a first clean-up or a dry run.
+    delivery of it succeeded; its database rows and results stay. A received image
+    that no instance records is removed too, BONEAGE_RETENTION_DAYS after retention
+    first found it unrecorded. The listener does this every hour; this command is for
+    a first clean-up or a dry run.
     """
     from worker.retention import remove_expired_files
 
@@ -870,7 +871,8 @@ def retention(ctx: click.Context, dry_run: bool, days: float | None) -> None:
     if report.unrecorded_images:
         unsent += (
             f", {report.unrecorded_images} of them received images that no instance "
-            "recorded (their rows could not be committed)"
+            f"recorded for {keep:g} day(s) since retention found them (a row not committed, "
+            "or lost to a database restore)"
         )
     console.print(
         f"{verb} the files of {report.instances} instance(s) finished and last received more "
@@ -878,6 +880,13 @@ def retention(ctx: click.Context, dry_run: bool, days: float | None) -> None:
         f"{report.bytes / 1e6:.1f} MB"
         f"{unsent}"
     )
+    if report.unrecorded_first_seen:
+        console.print(
+            f"{report.unrecorded_first_seen} received image(s) that no instance records "
+            f"{'would be' if dry_run else 'were'} found for the first time (a row not "
+            "committed, or lost to a database restore): removed BONEAGE_RETENTION_DAYS "
+            "after that unless a row names them"
+        )
 
 
 @main.command()

@@ -34,22 +34,33 @@ An SR or SC made with nothing to send it to (no destination configured, or a
 ``BONEAGE_RETENTION_DAYS`` old, by its file's time, since nothing will ever send it.
 
 A received image in the spool that no instance row names is one whose row the listener
-could not commit (the database was down: the PACS was answered 0xA700). The PACS
-usually sends it again, which makes its row; where it does not, nothing else would
-ever remove it, and ``status`` cannot see it. It goes when it is
-``BONEAGE_RETENTION_DAYS`` old, as a recorded image would (a row lost to a database
-restored from a backup leaves such files too: they are kept as long), and never
-younger than the recording window. The listener holds the spool's recording lock from
-before it renames a copy into place until its row is committed (dicom_io.scp), and
-these files are removed only under that lock taken exclusively, each looked up again
-then: a copy whose row is being committed is never taken, whatever its time says. Only
-the listener's own names (``spool/ab/<32 hex>.dcm``) are looked at, never
+could not commit (the database was down: the PACS was answered 0xA700, and usually
+sends it again, which makes its row), or one whose row was lost: a database restored
+from a backup has no row for what came after the backup, images the PACS was told
+Success for, perhaps never assessed, of which these files are the only copies from
+which results could be rebuilt. Nothing else would ever remove them, and ``status``
+cannot see them. Such a file is dated from when retention first found it unrecorded,
+never by its own time (a restore leaves files as old as the backup): retention then
+makes an empty marker under its name in ``spool/.unrecorded`` (``ab/<32 hex>.dcm``),
+whose time is that first sighting, and says how many at WARNING. The file goes, with
+its marker, once the marker is ``BONEAGE_RETENTION_DAYS`` old, if the file is as old
+too (a copy received since is new) and no row names it still; a marker whose file is
+gone or now has a row goes. A dry run makes no marker: it says how many it would.
+Neither is ever younger than the recording window. The listener holds the spool's
+recording lock from before it renames a copy into place until its row is committed
+(dicom_io.scp), and these files are removed only under that lock taken exclusively,
+each looked up again then: a copy whose row is being committed is never taken,
+whatever its time says. Where no lock can be had (no listener has made it yet, the
+file system takes none, the file is not the listener's), none is removed. Only the
+listener's own names (``spool/ab/<32 hex>.dcm``) are looked at, never
 ``spool/.incoming``, where each listener's partial files are its own to sweep.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
 import time
 from collections.abc import Iterable, Iterator
@@ -78,13 +89,18 @@ _SWEEP_WINDOW = timedelta(days=1)
 #: again), which retention may take.
 _RECORDING = timedelta(hours=1)
 _BATCH = 200
-#: How long a run tries for the spool's recording lock before it leaves the received
-#: files no row names to the next (listeners take it, shared, for each C-STORE).
+#: How long a run tries for the spool's recording lock, while listeners hold it (they
+#: take it, shared, for each C-STORE), before it leaves the received files no row names
+#: to the next.
 _LOCK_TRIES_SECONDS = 30.0
 #: The listener's names for received files (dicom_io.scp.spool_path): a folder of two
 #: hexadecimal digits, a file of 32 more.
 _SPOOL_FOLDER = re.compile(r"[0-9a-f]{2}")
 _SPOOL_FILE = re.compile(r"[0-9a-f]{32}\.dcm")
+#: Where retention dates the received images no row names, in the spool: a marker for
+#: each, under the image's name there (:func:`_unrecorded_images`). Not a name of the
+#: listener's, which sweeps only ``.incoming``.
+UNRECORDED_DIR = ".unrecorded"
 
 
 @dataclass(frozen=True)
@@ -100,6 +116,9 @@ class RetentionReport:
     #: Of ``files``, the received images that no instance row named
     #: (:func:`_unrecorded_images`).
     unrecorded_images: int = 0
+    #: Received images that no instance row names, found so for the first time (in a
+    #: dry run: that would be): they go ``older_than`` from now unless a row names them.
+    unrecorded_first_seen: int = 0
 
     def __add__(self, other: RetentionReport) -> RetentionReport:
         return RetentionReport(
@@ -109,6 +128,7 @@ class RetentionReport:
             self.dry_run,
             self.unsent_outputs + other.unsent_outputs,
             self.unrecorded_images + other.unrecorded_images,
+            self.unrecorded_first_seen + other.unrecorded_first_seen,
         )
 
 
@@ -276,8 +296,8 @@ def remove_expired_files(
         The node's outbox: its SR and SC files that no delivery names go when they are
         ``older_than`` old (:func:`_unsent_outputs`).
     spool_dir : pathlib.Path, optional
-        The node's spool: its received images that no instance row names go when they
-        are ``older_than`` old (:func:`_unrecorded_images`).
+        The node's spool: its received images that no instance row names go
+        ``older_than`` after retention first found them so (:func:`_unrecorded_images`).
 
     Returns
     -------
@@ -334,7 +354,7 @@ def remove_expired_files(
         report = report + _unsent_outputs(database_url, outbox_dir, cutoff, dry_run=dry_run)
     if spool_dir is not None:
         report = report + _unrecorded_images(
-            database_url, spool_dir, min(cutoff, started - _RECORDING), dry_run=dry_run
+            database_url, spool_dir, cutoff, started - _RECORDING, dry_run=dry_run
         )
     if report.instances or report.files:
         logger.info(
@@ -425,10 +445,18 @@ def _spool_name(path: str) -> str:
 
 
 def _unrecorded_images(
-    database_url: str, spool: Path, written_by: datetime, *, dry_run: bool
+    database_url: str, spool: Path, cutoff: datetime, recording: datetime, *, dry_run: bool
 ) -> RetentionReport:
-    """Received images in ``spool`` written before ``written_by`` that no instance row
-    names: copies whose row the listener could not commit (see the module docstring).
+    """Received images in ``spool`` that no instance row names (see the module
+    docstring): copies whose row the listener could not commit, or whose row a restored
+    database lost.
+
+    One written before ``recording`` (the recording window) is marked when first found
+    so: an empty file under its name in :data:`UNRECORDED_DIR`, whose time is then. It
+    goes once both its marker and it were written before ``cutoff`` and ``recording``,
+    never by its own time alone: a database restored from a backup leaves files as old
+    as the backup, which are kept as long from when retention first saw them. A marker
+    whose image is gone, or now named by a row, goes.
 
     Each row's file is matched by its name in the spool as well as by its path, so that
     a spool mounted elsewhere than where its rows were written keeps every file. The
@@ -437,15 +465,24 @@ def _unrecorded_images(
     renaming a copy into place and committing its row, so a file still unnamed is no
     copy being recorded, and one renamed in since is too new to be taken.
     """
-    old: dict[str, Path] = {}
+    due_by = min(cutoff, recording)
+    written_by = due_by.timestamp()
+    present: set[str] = set()
+    old: dict[str, tuple[Path, float]] = {}
     for path in _received_files(spool):
+        name = _spool_name(str(path))
+        present.add(name)
         try:
-            if path.stat().st_mtime < written_by.timestamp():
-                old[_spool_name(str(path))] = path
+            written = path.stat().st_mtime
         except OSError:
             continue
-    if not old:
+        if written < recording.timestamp():
+            old[name] = (path, written)
+    markers_dir = spool / UNRECORDED_DIR
+    markers = {_spool_name(str(marker)): marker for marker in _received_files(markers_dir)}
+    if not old and not markers:
         return RetentionReport(dry_run=dry_run)
+    wanted = old.keys() | markers.keys()
     with session_scope(database_url) as session:
         named = {
             name
@@ -453,50 +490,114 @@ def _unrecorded_images(
                 _spool_name,
                 session.scalars(select(Instance.spool_path).execution_options(yield_per=5000)),
             )
-            if name in old
+            if name in wanted
         }
-    unrecorded = [path for name, path in old.items() if name not in named]
-    if not unrecorded:
-        return RetentionReport(dry_run=dry_run)
+    stale = [marker for name, marker in markers.items() if name in named or name not in present]
+    first_seen = [name for name in old if name not in named and name not in markers]
+    due: list[tuple[Path, Path]] = []
+    for name, (path, written) in old.items():
+        if name in named or name not in markers:
+            continue
+        try:
+            marked = markers[name].stat().st_mtime
+        except OSError:
+            continue
+        if marked < written_by and written < written_by:
+            due.append((path, markers[name]))
     if dry_run:
-        count, size = _sizes(unrecorded)
-        return RetentionReport(0, count, size, True, unrecorded_images=count)
+        if first_seen:
+            logger.info(
+                "retention (dry run): %d received image(s) that no instance records would "
+                "be first seen now: removed BONEAGE_RETENTION_DAYS after that unless a row "
+                "names them",
+                len(first_seen),
+            )
+        count, size = _sizes(path for path, _ in due)
+        return RetentionReport(
+            0, count, size, True, unrecorded_images=count, unrecorded_first_seen=len(first_seen)
+        )
+    for marker in stale:
+        with contextlib.suppress(OSError):
+            marker.unlink(missing_ok=True)
+    marked_now = _mark(markers_dir, first_seen)
+    if marked_now:
+        logger.warning(
+            "retention: %d received image(s) that no instance records, first seen now: "
+            "removed BONEAGE_RETENTION_DAYS from now unless a row names them",
+            marked_now,
+        )
     count = size = 0
-    for start in range(0, len(unrecorded), _BATCH):
-        chunk = unrecorded[start : start + _BATCH]
-        removed = _remove_unrecorded(database_url, spool, chunk, written_by)
-        if removed is None:
+    for start in range(0, len(due), _BATCH):
+        removed = _remove_unrecorded(database_url, spool, due[start : start + _BATCH], due_by)
+        if isinstance(removed, str):
             logger.warning(
-                "retention: %d received image(s) that no instance recorded left to the "
-                "next run: the spool's recording lock was not free for %.0f s (listeners "
-                "busy recording, or a file system that takes no locks)",
-                len(unrecorded) - start,
-                _LOCK_TRIES_SECONDS,
+                "retention: %d received image(s) that no instance records, due to go, left "
+                "to the next run: %s",
+                len(due) - start,
+                removed,
             )
             break
         count, size = count + removed[0], size + removed[1]
-    return RetentionReport(0, count, size, unrecorded_images=count)
+    return RetentionReport(
+        0, count, size, unrecorded_images=count, unrecorded_first_seen=marked_now
+    )
+
+
+def _mark(markers_dir: Path, names: list[str]) -> int:
+    """Make an empty marker in ``markers_dir`` for each of ``names`` (``ab/<32
+    hex>.dcm``), dated now; how many were made."""
+    made = 0
+    for name in names:
+        marker = markers_dir / name
+        try:
+            markers_dir.mkdir(exist_ok=True, mode=0o700)
+            marker.parent.mkdir(exist_ok=True, mode=0o700)
+            # never an existing marker's time: that is the first sighting
+            os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        except FileExistsError:
+            continue  # marked meanwhile by another run
+        except OSError as exc:
+            logger.warning(
+                "retention: cannot mark a received image that no instance records (%s): it is kept",
+                exc.strerror,
+            )
+            continue
+        made += 1
+    return made
 
 
 def _remove_unrecorded(
-    database_url: str, spool: Path, paths: list[Path], written_by: datetime
-) -> tuple[int, int] | None:
-    """Unlink those of ``paths`` that no row names and that were written before
-    ``written_by``, under the spool's recording lock; (files, bytes) removed, or None
-    where the lock could not be had for :data:`_LOCK_TRIES_SECONDS`."""
+    database_url: str, spool: Path, images: list[tuple[Path, Path]], written_by: datetime
+) -> tuple[int, int] | str:
+    """Unlink those of ``images`` (each with its marker) that no row names and that were
+    written before ``written_by``, and their markers, under the spool's recording lock;
+    (files, bytes) removed, or why the lock could not be had: at once where no lock is
+    possible, after :data:`_LOCK_TRIES_SECONDS` where listeners held it."""
     deadline = time.monotonic() + _LOCK_TRIES_SECONDS
     while True:
-        with recording_lock(spool, exclusive=True) as held:
-            if held:
+        with recording_lock(spool) as refused:
+            if refused is None:
                 with session_scope(database_url) as session:
                     named = set(
                         session.scalars(
                             select(Instance.spool_path).where(
-                                Instance.spool_path.in_([str(p) for p in paths])
+                                Instance.spool_path.in_([str(image) for image, _ in images])
                             )
                         )
                     )
-                return _remove((p for p in paths if str(p) not in named), written_by)
+                removed = _remove((i for i, _ in images if str(i) not in named), written_by)
+                for image, marker in images:
+                    if str(image) in named or not os.path.exists(image):
+                        with contextlib.suppress(OSError):
+                            marker.unlink(missing_ok=True)
+                return removed
+        if isinstance(refused, FileNotFoundError):
+            return "no listener has made the spool's recording lock yet"
+        if not isinstance(refused, BlockingIOError):
+            return (
+                "the spool's recording lock cannot be taken "
+                f"({refused.strerror or type(refused).__name__})"
+            )
         if time.monotonic() >= deadline:
-            return None
+            return f"listeners held the spool's recording lock for {_LOCK_TRIES_SECONDS:g} s"
         time.sleep(0.05)  # each C-STORE holds it shared for a rename and a commit

@@ -18,10 +18,9 @@ from sqlalchemy import select
 
 from db.engine import session_scope
 from db.schema import InstanceState, Result
-from tests.conftest import StoreSCP
+from tests.integration import test_received_again as received_again_tests
 from tests.integration.test_pipeline import (
     attempt_began_before,
-    make_runtime,
     reconcile_once,
     spool_instance,
 )
@@ -36,14 +35,8 @@ from worker.runtime import Runtime
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def runtime(
-    request: pytest.FixtureRequest, tmp_path: Path, tiny_checkpoint: Path, storescp: StoreSCP
-) -> Runtime:
-    database: dict[str, Any] = {}
-    if request.param == "postgresql":
-        database["database_url"] = request.getfixturevalue("postgres_url")
-    return make_runtime(tmp_path, tiny_checkpoint, destinations=storescp.destination, **database)
+#: A node sending to the storescp, on SQLite and on a real PostgreSQL.
+runtime = received_again_tests.runtime
 
 
 def assessments(rt: Runtime, instance_id: int) -> list[int]:

@@ -24,7 +24,8 @@ from db.schema import Delivery, DeliveryState, Instance, InstanceState, ObjectKi
 from dicom_io.ko import read_rejection_note
 from models.checkpoint import load_checkpoint, save_checkpoint
 from tests.conftest import StoreSCP
-from tests.integration.test_pipeline import make_runtime, spool_instance
+from tests.integration import test_received_again as received_again_tests
+from tests.integration.test_pipeline import spool_instance
 from tests.integration.test_received_again import (
     deliver,
     received_again,
@@ -52,15 +53,8 @@ PATIENT_B: dict[str, Any] = {"PatientID": "B-0002", "PatientName": "WRONG^PATIEN
 PATIENT_A: dict[str, Any] = {"PatientID": "A-0001", "PatientName": "RIGHT^PATIENT"}
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def runtime(
-    request: pytest.FixtureRequest, tmp_path: Path, tiny_checkpoint: Path, storescp: StoreSCP
-) -> Runtime:
-    """A node sending to the storescp, on SQLite and on a real PostgreSQL."""
-    database: dict[str, Any] = {}
-    if request.param == "postgresql":
-        database["database_url"] = request.getfixturevalue("postgres_url")
-    return make_runtime(tmp_path, tiny_checkpoint, destinations=storescp.destination, **database)
+#: A node sending to the storescp, on SQLite and on a real PostgreSQL.
+runtime = received_again_tests.runtime
 
 
 def deliveries(rt: Runtime, instance_id: int) -> list[Delivery]:

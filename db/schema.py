@@ -173,9 +173,10 @@ class Instance(Base):
     identity_sha256: Mapped[str | None] = mapped_column(String(64))
     # identity_sha256 as the assessment before the one under way read it, set where a
     # copy received again opened this one (worker.pipeline): whichever attempt finishes
-    # it, a retry too, withdraws what went under that patient. Emptied when the
-    # assessment finishes, unless in error: a reprocess of it, or the next assessment,
-    # still has that patient's outputs to withdraw (revision 0016)
+    # it, a retry too, withdraws what went under that patient. Emptied when an
+    # assessment that withdrew or named them finishes; kept by one in error, or one that
+    # sent nothing (a reprocess without --send): a reprocess of it, or the next
+    # assessment, still has that patient's outputs to withdraw (revision 0016)
     identity_before_sha256: Mapped[str | None] = mapped_column(String(64))
     # attempts at the assessment under way that failed with trouble the assess task
     # retries with its back-off (worker.pipeline.RETRIED_BY_THE_TASK): they spend none of

@@ -409,6 +409,9 @@ class _Claim:
     # this one (Instance.identity_before_sha256: a retry of the attempt that opened it
     # finds it there); None for a first assessment, and where that one read none
     identity_before: str | None = None
+    # this attempt looked for what went under the patient before, and withdrew or named it
+    # (:func:`stage_moved_withdrawals`): the assessment is done with that patient
+    withdrew_patient_before: bool = False
     # the study the instance was first received in (where its first outputs went)
     first_study: str = ""
     # whether this assessment's outputs go to the destinations (Instance.send_outputs)
@@ -791,9 +794,11 @@ def _close(instance: Instance, claim: _Claim, state: InstanceState, reason: str 
     instance.finished_at = now()
     instance.inputs_sha256 = claim.inputs
     instance.identity_sha256 = claim.identity
-    if state is not InstanceState.ERROR:
-        # done with: what went under it was withdrawn, or named to withdraw by hand; one
-        # in error made nothing, and a reprocess of it, or its next assessment, needs it
+    if claim.withdrew_patient_before and state is not InstanceState.ERROR:
+        # done with: what went under it was withdrawn, or named to withdraw by hand. Not
+        # otherwise: an assessment in error made nothing, one that sends nothing (a
+        # reprocess without --send) withdrew nothing, and one not assessed may have
+        # looked for nothing; a reprocess of it, or its next assessment, needs it
         instance.identity_before_sha256 = None
     instance.pixels_signature = claim.pixels
     instance.transient_failures = 0
@@ -2268,6 +2273,7 @@ def stage_moved_withdrawals(
     # the image came under another patient than the last assessment read: an object
     # whose file is gone was filed under an earlier patient, perhaps that one
     patient_changed = claim.identity_before not in (None, claim.identity)
+    claim.withdrew_patient_before = True  # (an attempt that fails below commits nothing)
     with session_scope(rt.database_url) as session:
         objects = _sent_objects(
             session,

@@ -11,6 +11,7 @@ The failure of the first attempt is made in process, as in test_pipeline_retries
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ from pydicom import dcmread
 
 from db.schema import DeliveryState, InstanceState, ObjectKind
 from dicom_io.ko import read_rejection_note
+from models.checkpoint import load_checkpoint, save_checkpoint
 from tests.conftest import StoreSCP
 from tests.integration import test_received_again_identity as identity_tests
 from tests.integration.test_pipeline import spool_instance
@@ -41,6 +43,7 @@ from worker.pipeline import (
     AssessOutcome,
     assess_instance,
 )
+from worker.reprocess import prepare_reprocess
 from worker.runtime import Runtime
 
 pytestmark = pytest.mark.integration
@@ -174,6 +177,42 @@ def test_the_patient_before_an_assessment_that_ended_in_error_is_kept_for_the_ne
     )
     assert reason is not None and NAMED in reason
     assert kinds == SR_SC_AND_TWO_NOTES
+    assert (withdrawn, filed_under) == (kept, {"B-0002"})
+    assert instance_row(runtime, instance_id).identity_before_sha256 is None
+
+
+def test_an_assessment_that_sends_nothing_keeps_the_patient_before_for_one_that_does(
+    runtime: Runtime, storescp: StoreSCP, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The image ended in error under A, its outputs under B still out there; a
+    `reprocess` without --send then assesses it, sending nothing and so withdrawing
+    nothing: the patient before is kept, and the next assessment that sends withdraws
+    and names what went under B. (The column was emptied by any assessment that did not
+    end in error, and B's objects whose files retention removed were never named.)"""
+    instance_id, kept = _delivered_under_b(runtime, storescp)
+    before = instance_row(runtime, instance_id).identity_sha256
+    with monkeypatch.context() as patched:
+        patched.setattr(pipeline, "build_outputs", _failing(ValueError("a fault, each time")))
+        for _ in range(MAX_ATTEMPTS):
+            with pytest.raises(ValueError):
+                assess_instance(runtime, instance_id)
+
+    # a new model, reprocessed without --send (the model that assessed it under B is done)
+    assert runtime.settings.model is not None
+    loaded = load_checkpoint(runtime.settings.model)
+    new_model = tmp_path / "new.safetensors"
+    save_checkpoint(new_model, loaded.model, dataclasses.replace(loaded.meta, data="v2"))
+    new = Runtime(runtime.settings.model_copy(update={"model": new_model}))
+    assert prepare_reprocess(new, [instance_id], send=False) == [instance_id]
+    quiet = assess_instance(new, instance_id, send=False)
+    assert quiet.state == "assessed" and quiet.delivery_ids == ()
+    assert instance_row(runtime, instance_id).identity_before_sha256 == before
+
+    received_again(runtime, instance_id, PatientSex="F")
+    reason, _, withdrawn, filed_under = _what_it_withdrew(
+        runtime, storescp, instance_id, assess_instance(runtime, instance_id), assessment=5
+    )
+    assert reason is not None and NAMED in reason
     assert (withdrawn, filed_under) == (kept, {"B-0002"})
     assert instance_row(runtime, instance_id).identity_before_sha256 is None
 

@@ -319,6 +319,10 @@ def _as_the_worker_runs_it(instance_id: int) -> str:
 def _held_by_live_worker_then_requeued(rt: Runtime, instance_id: int) -> None:
     """The instance whose retry was not published waits in the database, `processing`,
     claimed by this (live) worker; the reconciler queues it again once its lease is out."""
+    # alive as a real worker is, whose heartbeat thread beats on: the one beat of
+    # _worker_on may be past STALE_AFTER by now on a loaded machine (the retry took up to
+    # the budget), and the reconciler would take the instance back from a dead worker
+    HeartbeatThread(rt.database_url, "worker").beat()
     with session_scope(rt.database_url) as session:
         row = session.get_one(Instance, instance_id)
         assert (row.state, row.claimed_by) == (InstanceState.PROCESSING, process_name("worker"))

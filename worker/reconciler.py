@@ -101,11 +101,22 @@ def reconcile(
         # published below and taken at once) no longer matches, and keeps its claim.
         # Publishing first and then resetting every row found handed an image being
         # assessed back to `queued`, and the next message to a second worker.
+        # The rows are taken in id order, and those another transaction holds are left
+        # for the next round (PostgreSQL; SQLite serialises writers): a rejection note
+        # or a redirect holds several images' rows, taken in id order, and an UPDATE
+        # taking rows in the order its plan meets them deadlocked with it. A row held is
+        # being claimed, withdrawn or redirected now: nothing to take back.
+        free = (
+            select(Instance.id)
+            .where(or_(*conditions))
+            .order_by(Instance.id)
+            .with_for_update(skip_locked=True)
+        )
         queued_at = now()
         requeued = list(
             session.scalars(
                 update(Instance)
-                .where(or_(*conditions))
+                .where(Instance.id.in_(free.scalar_subquery()), or_(*conditions))
                 .values(state=InstanceState.QUEUED, queued_at=queued_at, claimed_by=None)
                 .returning(Instance.id),
                 execution_options={"synchronize_session": False},

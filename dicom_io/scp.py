@@ -1193,12 +1193,20 @@ class _RecordingHold:
     one finishing never frees it under another. Before, the first process to touch the
     file made it: ``boneage-worker retention`` run as root made it root's, mode 0600,
     and every C-STORE of the listener then went on without it.
+
+    The lock is waited for outside the object's mutex (a count of C-STOREs taking it
+    keeps it from being let go, or its file closed, meanwhile): `close` never waits for
+    retention. Nothing here raises into a C-STORE: a failure is logged, and the store
+    goes on without the lock.
     """
 
     def __init__(self, spool_dir: Path) -> None:
         self.path = spool_dir / RECORDING_LOCK_NAME
         self._descriptor: int | None = None
+        #: C-STOREs holding the lock, and C-STOREs taking it (in ``flock``, which may
+        #: wait for retention, outside the mutex)
         self._holders = 0
+        self._taking = 0
         self._stopped = False
         #: False where the lock cannot be had (said at start): C-STOREs go on without it.
         self._usable = True
@@ -1238,17 +1246,42 @@ class _RecordingHold:
         )
 
     def close(self) -> None:
-        """Let the file go once no C-STORE holds the lock (the listener stops)."""
+        """Let the file go once no C-STORE holds the lock or waits for it (the listener
+        stops); the last of those lets it go then."""
         with self._mutex:
             self._stopped = True
-            if self._holders == 0 and self._descriptor is not None:
-                os.close(self._descriptor)
-                self._descriptor = None
+            self._let_go_if_idle()
+
+    def _let_go_if_idle(self) -> None:
+        """Where no C-STORE holds the lock or is taking it, let it go: close the file
+        if the listener stopped, else unlock it. Under the mutex; never raises."""
+        if self._holders or self._taking or self._descriptor is None:
+            return
+        if not self._stopped:
+            try:
+                fcntl.flock(self._descriptor, fcntl.LOCK_UN)
+                return
+            except OSError as exc:
+                # Closing the file lets the lock go as well; the next C-STORE opens it
+                # again. Kept, the lock would keep retention out for good.
+                logger.warning(
+                    "the spool's recording lock could not be let go (%s): its file is "
+                    "closed instead, and opened again by the next C-STORE",
+                    exc.strerror or type(exc).__name__,
+                )
+        descriptor, self._descriptor = self._descriptor, None
+        try:
+            os.close(descriptor)
+        except OSError as exc:  # the descriptor, and its lock, are gone all the same
+            logger.warning(
+                "the spool's recording lock file could not be closed cleanly (%s)",
+                exc.strerror or type(exc).__name__,
+            )
 
     @contextlib.contextmanager
     def shared(self) -> Iterator[None]:
         """Hold the lock, shared, for the ``with`` block; waits while retention holds
-        it. Where it cannot be had (said at start), the block runs without it."""
+        it. Where it cannot be had, the block runs without it. Never raises."""
         held = self._acquire()
         try:
             yield
@@ -1260,33 +1293,50 @@ class _RecordingHold:
         with self._mutex:
             if not self._usable:
                 return False
+            if self._holders:  # one descriptor, one lock: held already
+                self._holders += 1
+                return True
             try:
                 if self._descriptor is None:  # stopped, an association still storing
                     self._descriptor = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-                if self._holders == 0:
-                    fcntl.flock(self._descriptor, fcntl.LOCK_SH)  # waits for retention
-            except OSError as exc:  # taken at start: this one store goes on without it
-                if not self._failed_since_start:
-                    self._failed_since_start = True
-                    logger.warning(
-                        "the spool's recording lock could not be taken for a C-STORE (%s): "
-                        "it went on without it (said once)",
-                        exc.strerror or type(exc).__name__,
-                    )
+            except OSError as exc:
+                self._went_without(exc)
                 return False
-            self._holders += 1
-            return True
+            descriptor = self._descriptor
+            self._taking += 1
+        # Waits while retention holds it; not under the mutex, so that neither `close`
+        # nor a C-STORE letting go waits for retention. Meanwhile `_taking` keeps them
+        # from closing or unlocking the descriptor (another C-STORE's lock on it is
+        # this one's as soon as flock returns).
+        failed: OSError | None = None
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_SH)
+        except OSError as exc:
+            failed = exc
+        with self._mutex:
+            self._taking -= 1
+            if failed is None:
+                self._holders += 1
+                return True
+            self._let_go_if_idle()  # and close a file opened again after `close`
+            self._went_without(failed)
+            return False
+
+    def _went_without(self, exc: OSError) -> None:
+        """Say (once since the start) that a C-STORE goes on without the lock; under
+        the mutex."""
+        if not self._failed_since_start:
+            self._failed_since_start = True
+            logger.warning(
+                "the spool's recording lock could not be taken for a C-STORE (%s): it went "
+                "on without it (said once)",
+                exc.strerror or type(exc).__name__,
+            )
 
     def _release(self) -> None:
         with self._mutex:
             self._holders -= 1
-            if self._holders or self._descriptor is None:
-                return
-            if self._stopped:
-                os.close(self._descriptor)  # and the lock with it
-                self._descriptor = None
-            else:
-                fcntl.flock(self._descriptor, fcntl.LOCK_UN)
+            self._let_go_if_idle()  # the last holder, none taking it
 
 
 @contextlib.contextmanager

@@ -884,8 +884,15 @@ def retention(ctx: click.Context, dry_run: bool, days: float | None) -> None:
         console.print(
             f"{report.unrecorded_first_seen} received image(s) that no instance records "
             f"{'would be' if dry_run else 'were'} found for the first time (a row not "
-            "committed, or lost to a database restore): removed BONEAGE_RETENTION_DAYS "
-            "after that unless a row names them"
+            f"committed, or lost to a database restore): removed {keep:g} day(s) after "
+            "that unless a row names them"
+        )
+    if report.unrecorded_unmarked:
+        console.print(
+            f"[yellow]{report.unrecorded_unmarked} received image(s) that no instance "
+            f"records {'would not be' if dry_run else 'were not'} dated (markers are the "
+            "spool owner's to make; see the warning): kept until a run as the spool's "
+            "owner dates them"
         )
 
 

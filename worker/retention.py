@@ -46,19 +46,31 @@ whose time is that first sighting, and says how many at WARNING. The file goes, 
 its marker, once the marker is ``BONEAGE_RETENTION_DAYS`` old, if the file is as old
 too (a copy received since is new) and no row names it still; a marker whose file is
 gone or now has a row goes. A dry run makes no marker: it says how many it would.
-Neither is ever younger than the recording window. The listener holds the spool's
+Neither is ever younger than the recording window. Markers are made only by the
+spool's owner, the listener's user: a run as another user (root) makes none, and says
+so once, with how many: it would make ``spool/.unrecorded`` its own, and the
+listener's hourly runs could then neither read nor make markers (the images stay
+undated, and kept, until a run as the owner dates them). Markers that cannot be made
+are said once a run, with how many and why. The listener holds the spool's
 recording lock from before it renames a copy into place until its row is committed
 (dicom_io.scp), and these files are removed only under that lock taken exclusively,
 each looked up again then: a copy whose row is being committed is never taken,
 whatever its time says. Where no lock can be had (no listener has made it yet, the
-file system takes none, the file is not the listener's), none is removed. Only the
-listener's own names (``spool/ab/<32 hex>.dcm``) are looked at, never
-``spool/.incoming``, where each listener's partial files are its own to sweep.
+file system takes none, the file is not the listener's), none is removed. On an NFS
+spool Linux emulates ``flock`` with ``fcntl`` locks, and the exclusive lock retention
+asks for on its read-only descriptor fails (``EBADF``; ``ENOLCK`` where the server
+takes no locks): such images are then always kept, which retention says once a
+process. (Its descriptor stays read-only: opened to write, in the listener's own
+process, it would be granted that lock over the C-STOREs' shared one, and closing it
+would let theirs go.) Only the listener's own names (``spool/ab/<32 hex>.dcm``) are
+looked at, never ``spool/.incoming``, where each listener's partial files are its own
+to sweep.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -101,6 +113,18 @@ _SPOOL_FILE = re.compile(r"[0-9a-f]{32}\.dcm")
 #: each, under the image's name there (:func:`_unrecorded_images`). Not a name of the
 #: listener's, which sweeps only ``.incoming``.
 UNRECORDED_DIR = ".unrecorded"
+#: Why ``flock`` refuses where the spool's file system takes no such locks: on NFS,
+#: Linux emulates them with ``fcntl`` locks, and an exclusive one fails ``EBADF`` on the
+#: descriptor retention opens read-only (it must: opened to write, in the listener's own
+#: process, its lock would be granted over its C-STOREs' and their lock let go when it
+#: closes), or the server takes none (``ENOLCK``).
+_NO_LOCKS_ERRNOS = frozenset({errno.EBADF, errno.ENOLCK})
+NO_LOCKS = (
+    "the spool's file system does not take the locks retention needs (NFS?): received "
+    "images that no instance records are kept"
+)
+#: Whether this process has said :data:`NO_LOCKS` (at WARNING, once: it holds every run).
+_no_locks_said = False
 
 
 @dataclass(frozen=True)
@@ -119,6 +143,10 @@ class RetentionReport:
     #: Received images that no instance row names, found so for the first time (in a
     #: dry run: that would be): they go ``older_than`` from now unless a row names them.
     unrecorded_first_seen: int = 0
+    #: Received images that no instance row names, not yet dated, that this run did not
+    #: date (would not, in a dry run): it is not the spool's owner, or the markers could
+    #: not be made. They are kept until a run dates them.
+    unrecorded_unmarked: int = 0
 
     def __add__(self, other: RetentionReport) -> RetentionReport:
         return RetentionReport(
@@ -129,6 +157,7 @@ class RetentionReport:
             self.unsent_outputs + other.unsent_outputs,
             self.unrecorded_images + other.unrecorded_images,
             self.unrecorded_first_seen + other.unrecorded_first_seen,
+            self.unrecorded_unmarked + other.unrecorded_unmarked,
         )
 
 
@@ -504,22 +533,63 @@ def _unrecorded_images(
             continue
         if marked < written_by and written < written_by:
             due.append((path, markers[name]))
+    # Only the spool's owner (the listener's user) makes markers: made by root, say,
+    # ``.unrecorded`` and its folders (0700) were root's, and the listener's hourly run
+    # could then neither see the markers nor make any: none was ever dated or removed.
+    owner = _owner(spool)
+    marks = owner == os.geteuid()
     if dry_run:
-        if first_seen:
+        if first_seen and marks:
             logger.info(
                 "retention (dry run): %d received image(s) that no instance records would "
                 "be first seen now: removed BONEAGE_RETENTION_DAYS after that unless a row "
                 "names them",
                 len(first_seen),
             )
+        elif first_seen:
+            logger.info(
+                "retention (dry run): would not be marked, and so kept: %d received "
+                "image(s) that no instance records: run retention as the spool's owner "
+                "(uid %s)",
+                len(first_seen),
+                owner,
+            )
         count, size = _sizes(path for path, _ in due)
         return RetentionReport(
-            0, count, size, True, unrecorded_images=count, unrecorded_first_seen=len(first_seen)
+            0,
+            count,
+            size,
+            True,
+            unrecorded_images=count,
+            unrecorded_first_seen=len(first_seen) if marks else 0,
+            unrecorded_unmarked=0 if marks else len(first_seen),
         )
     for marker in stale:
         with contextlib.suppress(OSError):
             marker.unlink(missing_ok=True)
-    marked_now = _mark(markers_dir, first_seen)
+    marked_now = unmarked = 0
+    if first_seen and not marks:
+        unmarked = len(first_seen)
+        logger.warning(
+            "retention: not marked, and so kept: %d received image(s) that no instance "
+            "records (markers are the spool owner's to make): run retention as the spool's "
+            "owner (uid %s)",
+            unmarked,
+            owner,
+        )
+    elif first_seen:
+        marked_now, unmarked, cause = _mark(markers_dir, first_seen)
+        if cause is not None:  # one line a run, not one a file: the cause is the same
+            logger.warning(
+                "retention: %d received image(s) that no instance records could not be "
+                "marked (%s), and so are kept%s",
+                unmarked,
+                cause.strerror or type(cause).__name__,
+                f": {UNRECORDED_DIR} in the spool and its folders must be the spool "
+                f"owner's (uid {owner})"
+                if isinstance(cause, PermissionError)
+                else "",
+            )
     if marked_now:
         logger.warning(
             "retention: %d received image(s) that no instance records, first seen now: "
@@ -530,23 +600,52 @@ def _unrecorded_images(
     for start in range(0, len(due), _BATCH):
         removed = _remove_unrecorded(database_url, spool, due[start : start + _BATCH], due_by)
         if isinstance(removed, str):
-            logger.warning(
-                "retention: %d received image(s) that no instance records, due to go, left "
-                "to the next run: %s",
-                len(due) - start,
-                removed,
-            )
+            _left(len(due) - start, removed)
             break
         count, size = count + removed[0], size + removed[1]
     return RetentionReport(
-        0, count, size, unrecorded_images=count, unrecorded_first_seen=marked_now
+        0,
+        count,
+        size,
+        unrecorded_images=count,
+        unrecorded_first_seen=marked_now,
+        unrecorded_unmarked=unmarked,
     )
 
 
-def _mark(markers_dir: Path, names: list[str]) -> int:
+def _owner(spool: Path) -> int | None:
+    """The spool's owner (uid), the listener's user; None where it cannot be read."""
+    try:
+        return spool.stat().st_uid
+    except OSError:
+        return None
+
+
+def _left(due: int, why: str) -> None:
+    """Say that ``due`` received images that no instance records, due to go, are kept
+    because the recording lock could not be had (``why``): where the file system takes
+    no locks, at WARNING once a process (it holds every run), else every run."""
+    global _no_locks_said
+    if why != NO_LOCKS:
+        logger.warning(
+            "retention: %d received image(s) that no instance records, due to go, left to "
+            "the next run: %s",
+            due,
+            why,
+        )
+    elif not _no_locks_said:
+        _no_locks_said = True
+        logger.warning("retention: %s (%d due to go now; said once)", NO_LOCKS, due)
+    else:
+        logger.debug("retention: %d received image(s) due to go kept: %s", due, NO_LOCKS)
+
+
+def _mark(markers_dir: Path, names: list[str]) -> tuple[int, int, OSError | None]:
     """Make an empty marker in ``markers_dir`` for each of ``names`` (``ab/<32
-    hex>.dcm``), dated now; how many were made."""
-    made = 0
+    hex>.dcm``), dated now; how many were made, how many could not be, and why the last
+    of those could not."""
+    made = failed = 0
+    cause: OSError | None = None
     for name in names:
         marker = markers_dir / name
         try:
@@ -557,13 +656,10 @@ def _mark(markers_dir: Path, names: list[str]) -> int:
         except FileExistsError:
             continue  # marked meanwhile by another run
         except OSError as exc:
-            logger.warning(
-                "retention: cannot mark a received image that no instance records (%s): it is kept",
-                exc.strerror,
-            )
+            failed, cause = failed + 1, exc
             continue
         made += 1
-    return made
+    return made, failed, cause
 
 
 def _remove_unrecorded(
@@ -593,6 +689,8 @@ def _remove_unrecorded(
                 return removed
         if isinstance(refused, FileNotFoundError):
             return "no listener has made the spool's recording lock yet"
+        if refused.errno in _NO_LOCKS_ERRNOS:
+            return NO_LOCKS
         if not isinstance(refused, BlockingIOError):
             return (
                 "the spool's recording lock cannot be taken "

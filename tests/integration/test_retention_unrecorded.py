@@ -10,10 +10,15 @@ storescu, the node's database on SQLite and on PostgreSQL; "received 40 days ago
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import errno
+import fcntl
 import logging
 import os
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +35,7 @@ from dicom_io.scp import (
     RECORDING_LOCK_NAME,
     ReceivedInstance,
     StorageSCP,
+    _RecordingHold,
     recording_lock,
     spool_path,
 )
@@ -468,7 +474,9 @@ def test_one_c_store_finishing_leaves_the_lock_held_for_another(
         with recording_lock(spool) as refused:
             assert isinstance(refused, BlockingIOError)
         go[uids[0]].set()
-        wait_for(lambda: len(rows(node)) == 1, timeout=30, what="the first row committed")
+        # its storescu exits on the response, sent once the C-STORE let the lock go
+        wait_for(lambda: senders[0].poll() is not None, timeout=30, what="the first C-STORE")
+        assert len(rows(node)) == 1
         with recording_lock(spool) as refused:
             assert isinstance(refused, BlockingIOError)  # the second is still committing
         go[uids[1]].set()
@@ -642,11 +650,11 @@ def test_the_retention_command_takes_unrecorded_images_and_says_so(
     ), helped
     assert "So does a received image" not in helped
 
-    dry = say("--days", "30", "--dry-run")
+    dry = say("--days", "7", "--dry-run")
     assert dry.endswith(
         "1 received image(s) that no instance records would be found for the first time (a "
-        "row not committed, or lost to a database restore): removed BONEAGE_RETENTION_DAYS "
-        "after that unless a row names them"
+        "row not committed, or lost to a database restore): removed 7 day(s) after that "
+        "unless a row names them"
     ), dry
     assert markers(node.settings.spool_dir) == []
     first = say("--days", "30")
@@ -666,3 +674,346 @@ def test_the_retention_command_takes_unrecorded_images_and_says_so(
     done = say("--days", "30")
     assert "1 of them received images that no instance recorded for 30 day(s)" in done
     assert not copy.exists() and markers(node.settings.spool_dir) == []
+
+
+# -- the spool's owner alone dates unrecorded images (a run as root made .unrecorded
+# root's: the listener's hourly runs could neither read nor make markers) -------------
+
+#: The listener's user in these tests, where root runs them (nobody)
+SERVICE_UID = 65534
+
+
+@contextlib.contextmanager
+def as_service_user() -> Iterator[None]:
+    """Run the block as :data:`SERVICE_UID` (effective ids: root gets its own back)."""
+    os.setegid(SERVICE_UID)
+    os.seteuid(SERVICE_UID)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+@pytest.fixture
+def service_node(postgres_url: str, tiny_checkpoint: Path) -> Iterator[Runtime]:
+    """A node whose data folder, and so spool, is the service user's (as the listener
+    runs), its database PostgreSQL (which that user reaches too); outside pytest's
+    temporary folders, which are root's alone."""
+    base = Path(tempfile.mkdtemp(prefix="boneage-service-"))
+    try:
+        data = base / "data"
+        (data / "spool").mkdir(parents=True)
+        for folder in (base, data, data / "spool"):
+            os.chown(folder, SERVICE_UID, SERVICE_UID)
+        settings = load_settings(data_dir=data, model=tiny_checkpoint, database_url=postgres_url)
+        upgrade(settings.effective_database_url)
+        yield Runtime(settings)
+    finally:
+        shutil.rmtree(base)
+
+
+def unrecorded_copies(rt: Runtime, tmp_path: Path, count: int) -> list[Path]:
+    """``count`` received images that no row names, received 40 days ago, in folders
+    of the service user's (as the listener makes them)."""
+    copies = [unrecorded_copy(rt, f"1.2.826.0.1.3680043.10.7.{n}", tmp_path) for n in range(count)]
+    for copy in copies:
+        os.chown(copy.parent, SERVICE_UID, SERVICE_UID)
+        os.chown(copy, SERVICE_UID, SERVICE_UID)
+        written_days_ago(copy, 40)
+    return copies
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs retention as two users: needs root")
+def test_retention_run_as_root_dates_nothing_and_leaves_the_dating_to_the_spool_s_owner(
+    service_node: Runtime,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``boneage-worker retention`` run as root finds three received images no row
+    names: it makes no marker (nor ``spool/.unrecorded``, which would be root's), says
+    once, with the count, to run it as the spool's owner. The listener's hourly run, as
+    the spool's owner, then dates all three. The command says in its output too that it
+    did not date one."""
+    from click.testing import CliRunner
+
+    from worker.cli import main as cli
+
+    spool = service_node.settings.spool_dir
+    copies = unrecorded_copies(service_node, tmp_path, 3)
+    caplog.set_level(logging.INFO, logger="worker.retention")
+    by_root = run(service_node)
+    assert not (spool / UNRECORDED_DIR).exists()
+    assert all(copy.exists() for copy in copies)
+    assert said(caplog, logging.WARNING) == [
+        "retention: not marked, and so kept: 3 received image(s) that no instance records "
+        "(markers are the spool owner's to make): run retention as the spool's owner (uid "
+        f"{SERVICE_UID})"
+    ]
+    assert (by_root.files, by_root.unrecorded_first_seen, by_root.unrecorded_unmarked) == (0, 0, 3)
+    dry = run(service_node, dry_run=True)
+    assert (dry.unrecorded_first_seen, dry.unrecorded_unmarked) == (0, 3)
+
+    listener = Listener(service_node.settings)
+    caplog.clear()
+    with as_service_user():
+        hourly = listener.apply_retention()
+    assert hourly is not None
+    assert (hourly.unrecorded_first_seen, hourly.unrecorded_unmarked) == (3, 0)
+    assert markers(spool) == sorted(marker_of(copy) for copy in copies)
+    assert {marker.stat().st_uid for marker in markers(spool)} == {SERVICE_UID}
+    assert said(caplog, logging.WARNING) == [f"retention: 3 {FIRST_SEEN}"]
+
+    # the command, as root, says so in its output too (a copy received since)
+    later = unrecorded_copy(service_node, "1.2.826.0.1.3680043.10.7.9", tmp_path)
+    written_days_ago(later, 40)
+    monkeypatch.setenv("BONEAGE_DATA_DIR", str(service_node.settings.data_dir))
+    monkeypatch.setenv("BONEAGE_DATABASE_URL", service_node.database_url)
+    result = CliRunner().invoke(cli, ["retention", "--days", "30"])
+    assert result.exit_code == 0, result.output
+    assert (
+        "1 received image(s) that no instance records were not dated (markers are the "
+        "spool owner's to make; see the warning): kept until a run as the spool's owner "
+        "dates them" in " ".join(result.output.split())
+    ), result.output
+    assert markers(spool) == sorted(marker_of(copy) for copy in copies) and later.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs retention as two users: needs root")
+def test_markers_the_listener_cannot_make_are_said_once_a_run_with_their_count(
+    service_node: Runtime, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``spool/.unrecorded`` root's, mode 0700 (as a run as root made it before): the
+    listener's hourly run, as the spool's owner, can neither read nor make markers. It
+    says so in one WARNING a run, with the count and what to do, not one a file, and
+    counts none as first seen; every image is kept."""
+    spool = service_node.settings.spool_dir
+    copies = unrecorded_copies(service_node, tmp_path, 3)
+    (spool / UNRECORDED_DIR).mkdir(mode=0o700)  # root's
+    first_seen_days_ago(copies[0], 40)  # in it, root's too
+    (spool / UNRECORDED_DIR / copies[0].parent.name).chmod(0o700)
+
+    caplog.set_level(logging.WARNING, logger="worker.retention")
+    listener = Listener(service_node.settings)
+    for _ in range(2):  # each hourly run says it once
+        caplog.clear()
+        with as_service_user():
+            hourly = listener.apply_retention()
+        assert said(caplog, logging.WARNING) == [
+            "retention: 3 received image(s) that no instance records could not be marked "
+            "(Permission denied), and so are kept: .unrecorded in the spool and its folders "
+            f"must be the spool owner's (uid {SERVICE_UID})"
+        ]
+        assert hourly is not None
+        assert (hourly.files, hourly.unrecorded_first_seen, hourly.unrecorded_unmarked) == (
+            0,
+            0,
+            3,
+        )
+    assert all(copy.exists() for copy in copies)
+
+
+# -- a spool whose file system takes no flock (NFS) ------------------------------------
+
+
+def nfs_flock(real: Callable[[int, int], None]) -> Callable[[int, int], None]:
+    """``flock`` as Linux emulates it on NFS, with ``fcntl`` locks: an exclusive lock
+    needs a descriptor open to write (EBADF on one opened read-only)."""
+
+    def flock(descriptor: int, operation: int) -> None:
+        read_only = fcntl.fcntl(descriptor, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+        if operation & fcntl.LOCK_EX and read_only:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        real(descriptor, operation)
+
+    return flock
+
+
+NO_LOCKS = (
+    "the spool's file system does not take the locks retention needs (NFS?): received "
+    "images that no instance records are kept"
+)
+
+
+def test_a_spool_on_nfs_keeps_unrecorded_images_and_says_why_once_a_process(
+    node: Runtime,
+    listener_ran: StorageSCP,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """On NFS retention's exclusive lock, on its read-only descriptor, fails EBADF:
+    the images stay (the safe outcome), and retention says plainly why, once in the
+    process (the listener's hourly runs), not a bad file descriptor every hour."""
+    copy = unrecorded_copy(node, "1.2.826.0.1.3680043.10.8.1", tmp_path)
+    written_days_ago(copy, 40)
+    first_seen_days_ago(copy, 40)
+    monkeypatch.setattr(fcntl, "flock", nfs_flock(fcntl.flock))
+    monkeypatch.setattr(retention, "_no_locks_said", False, raising=False)  # not said yet
+    caplog.set_level(logging.WARNING, logger="worker.retention")
+    listener = Listener(node.settings)
+    first = listener.apply_retention()
+    assert first is not None and (first.files, first.unrecorded_images) == (0, 0)
+    assert said(caplog, logging.WARNING) == [f"retention: {NO_LOCKS} (1 due to go now; said once)"]
+    caplog.clear()
+    later = listener.apply_retention()
+    assert later is not None and (later.files, later.unrecorded_images) == (0, 0)
+    assert said(caplog, logging.WARNING) == []
+    assert copy.exists() and markers(node.settings.spool_dir) == [marker_of(copy)]
+
+
+@pytest.mark.parametrize("cause", [errno.EBADF, errno.ENOLCK])
+def test_no_lock_on_the_spool_s_file_system_is_said_as_such(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cause: int
+) -> None:
+    """EBADF (NFS's emulated flock on a read-only descriptor) and ENOLCK (a server
+    taking no locks) both say that the file system takes none; another error is said
+    as itself."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    (spool / RECORDING_LOCK_NAME).touch(mode=0o600)
+
+    refusal = [cause]
+
+    def refusing(descriptor: int, operation: int) -> None:
+        raise OSError(refusal[0], os.strerror(refusal[0]))
+
+    monkeypatch.setattr(fcntl, "flock", refusing)
+    assert retention._remove_unrecorded("sqlite://", spool, [], now()) == NO_LOCKS
+    refusal[0] = errno.EIO
+    assert retention._remove_unrecorded("sqlite://", spool, [], now()) == (
+        "the spool's recording lock cannot be taken (Input/output error)"
+    )
+
+
+# -- the listener's hold on the recording lock -----------------------------------------
+
+
+def waiting_for_lock(path: Path) -> bool:
+    """Whether someone waits for a ``flock`` on ``path`` (/proc/locks: ``->``)."""
+    inode = f":{path.stat().st_ino} "
+    with open("/proc/locks") as locks:
+        return any("->" in line and inode in line for line in locks)
+
+
+def descriptors_on(path: Path) -> int:
+    """This process's open descriptors on ``path``."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}") == str(path)
+    return count
+
+
+def test_stopping_never_waits_for_retention_and_the_last_c_store_closes_the_file(
+    tmp_path: Path,
+) -> None:
+    """Retention holds the lock; a C-STORE waits for it; the listener stops: stopping
+    returns at once (it waited as long as retention held the lock), and the C-STORE,
+    once retention lets go, stores under the lock and then closes the file."""
+    hold = _RecordingHold(tmp_path)
+    hold.open()
+    lock = tmp_path / RECORDING_LOCK_NAME
+    stored = threading.Event()
+
+    def store() -> None:
+        with hold.shared():
+            with recording_lock(tmp_path) as refused:
+                assert isinstance(refused, BlockingIOError)  # held by this store
+            stored.set()
+
+    storing = threading.Thread(target=store, daemon=True)
+    closing = threading.Thread(target=hold.close, daemon=True)
+    with recording_lock(tmp_path) as refused:
+        assert refused is None
+        storing.start()
+        wait_for(lambda: waiting_for_lock(lock), timeout=30, what="the C-STORE waiting")
+        closing.start()
+        try:
+            wait_for(
+                lambda: not closing.is_alive(), timeout=10, what="close() while retention holds"
+            )
+        finally:
+            assert not stored.is_set()
+    storing.join(30)
+    assert stored.is_set() and not storing.is_alive()
+    assert descriptors_on(lock) == 0
+    with recording_lock(tmp_path) as refused:
+        assert refused is None
+
+
+def test_a_late_c_store_that_cannot_lock_closes_the_file_it_opened_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After the listener stopped, an association still storing opens the lock file
+    again; where the lock then cannot be had (a server taking no locks: ENOLCK), the
+    store goes on without it and the file is not left open."""
+    hold = _RecordingHold(tmp_path)
+    hold.open()
+    hold.close()
+    lock = tmp_path / RECORDING_LOCK_NAME
+    assert descriptors_on(lock) == 0
+    real = fcntl.flock
+
+    def no_locks(descriptor: int, operation: int) -> None:
+        if operation == fcntl.LOCK_SH:
+            raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+        real(descriptor, operation)
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    caplog.set_level(logging.WARNING, logger="dicom_io.scp")
+    ran = False
+    with hold.shared():
+        ran = True
+    assert ran
+    assert descriptors_on(lock) == 0
+    assert [r.getMessage() for r in caplog.records] == [
+        "the spool's recording lock could not be taken for a C-STORE (No locks available): "
+        "it went on without it (said once)"
+    ]
+
+
+def test_a_lock_that_cannot_be_unlocked_fails_no_c_store_and_is_let_go(
+    node: Runtime,
+    listener_factory: ListenerFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Unlocking the recording lock fails after a C-STORE's commit (EIO): the PACS is
+    still told Success (a C-STORE handler never raises), the row is there, and the lock
+    is let go by closing its file, which the next C-STORE opens again."""
+    scp = listener_factory(lambda received: record_instance(node.database_url, received))
+    spool = node.settings.spool_dir
+    real = fcntl.flock
+    failures = [OSError(errno.EIO, os.strerror(errno.EIO))]
+
+    def unlock_fails_once(descriptor: int, operation: int) -> None:
+        if operation == fcntl.LOCK_UN and failures:
+            raise failures.pop()
+        real(descriptor, operation)
+
+    monkeypatch.setattr(fcntl, "flock", unlock_fails_once)
+    caplog.set_level(logging.WARNING, logger="dicom_io.scp")
+    sources = [
+        write_hand(tmp_path / f"hand{n}.dcm", sop_instance_uid=f"1.2.826.0.1.3680043.10.9.{n}")
+        for n in range(2)
+    ]
+    for n, source in enumerate(sources, start=1):
+        sent = subprocess.run(
+            storescu_command(scp.port, source), capture_output=True, text=True, timeout=60
+        )
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        assert len(rows(node)) == n and scp.counters["stored"] == n
+        with recording_lock(spool) as refused:
+            assert refused is None  # let go: retention can take it
+    assert failures == []
+    assert [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "dicom_io.scp" and r.levelno >= logging.WARNING
+    ] == [
+        "the spool's recording lock could not be let go (Input/output error): its file is "
+        "closed instead, and opened again by the next C-STORE"
+    ]

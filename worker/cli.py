@@ -669,14 +669,19 @@ def retry_deliveries(ctx: click.Context, delivery_ids: tuple[int, ...]) -> None:
     configured destinations instead.
     """
     from worker.celery_app import configure
-    from worker.delivery import retry_failed
+    from worker.delivery import PUT_BACK, RetryInterrupted, retry_failed
     from worker.messaging import enqueue_delivery
     from worker.runtime import Runtime
 
     settings = _settings(ctx)
     _require_schema(settings)
     configure(settings)
-    retried = retry_failed(Runtime(settings), list(delivery_ids) or None)
+    stopped: RetryInterrupted | None = None
+    try:
+        retried = retry_failed(Runtime(settings), list(delivery_ids) or None)
+    except RetryInterrupted as interrupted:
+        # what committed before the error is pending all the same: published and said
+        retried, stopped = interrupted.retried, interrupted
     # in id order: an assessment's SR and SC mostly share a message
     enqueue_delivery(retried.queued)
     click.echo(f"{len(retried.reset)} failed deliveries queued again")
@@ -697,11 +702,25 @@ def retry_deliveries(ctx: click.Context, delivery_ids: tuple[int, ...]) -> None:
             "destinations no longer configured: no destination is configured "
             "(BONEAGE_DESTINATIONS)"
         )
-    if retried.no_file:
+    if retried.removed:
         click.echo(
-            f"{len(retried.no_file)} failed deliveries left failed, their destinations no "
-            f"longer configured: their files are gone {retried.why_gone}"
+            f"{len(retried.removed)} failed deliveries left failed, their destinations no "
+            "longer configured: their files are gone (retention removed them)"
         )
+    if retried.missing:
+        click.echo(
+            f"{len(retried.missing)} failed deliveries left failed, their destinations no "
+            "longer configured: their files are not found where they were written: "
+            f"{PUT_BACK} again"
+        )
+    if stopped is not None:
+        click.echo(
+            f"retry-deliveries stopped ({type(stopped.__cause__).__name__}): "
+            f"{len(stopped.left)} failed deliveries to destinations no longer configured "
+            "not redirected, left failed: run it again",
+            err=True,
+        )
+        raise stopped
 
 
 @main.command()

@@ -49,7 +49,7 @@ from types import ModuleType
 
 from pydicom import Dataset, dcmread
 from pydicom.errors import BytesLengthException, InvalidDicomError
-from sqlalchemy import or_, select, update
+from sqlalchemy import ColumnElement, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -695,7 +695,8 @@ class Retried:
     to pending (a destination it was sent away from configured again); none where each
     of them has it, or has it on its way. Left failed, their destinations no longer
     configured: ``no_destination`` (none is configured) and ``no_file`` (the object's
-    file is gone, see `files_gone`), of which ``removed`` are those retention removed.
+    file is gone, see `files_gone`), of which ``removed`` are those retention removed;
+    the others (``missing``) go once their files are back where they were written.
     """
 
     reset: list[int]
@@ -706,9 +707,11 @@ class Retried:
     removed: list[int]
 
     @property
-    def why_gone(self) -> str:
-        """Why the files of ``no_file`` are gone, as `why_gone` says it."""
-        return why_gone(len(self.no_file), len(self.removed))
+    def missing(self) -> list[int]:
+        """Of ``no_file``, those whose files are not found where they were written and
+        that retention did not remove: `PUT_BACK`."""
+        removed = set(self.removed)
+        return [delivery_id for delivery_id in self.no_file if delivery_id not in removed]
 
     @property
     def queued(self) -> list[int]:
@@ -738,8 +741,9 @@ _CHUNK = 1000
 
 def files_gone(session: Session, delivery_ids: Sequence[int]) -> dict[int, bool]:
     """Of ``delivery_ids``, those whose object's file is gone, each with whether
-    retention removed it (see `_file_gone`): nothing can send them, and `retry_failed`
-    leaves them failed (``no_file``)."""
+    retention removed it (see `_file_gone`): `retry_failed` leaves them failed
+    (``no_file``), those retention removed for good, the others until their files are
+    back where they were written (`PUT_BACK`)."""
     ids = list(delivery_ids)
     gone: dict[int, bool] = {}
     for start in range(0, len(ids), _CHUNK):
@@ -755,17 +759,13 @@ def files_gone(session: Session, delivery_ids: Sequence[int]) -> dict[int, bool]
     return gone
 
 
-def why_gone(count: int, removed: int) -> str:
-    """Why the files of ``count`` deliveries are gone, ``removed`` of them by retention,
-    as `status` and `retry-deliveries` say it after "files are gone": retention is named
-    only for the files it removed. A file not there otherwise may be back once its
-    volume is (an outbox not mounted): `retry-deliveries` then sends it."""
-    elsewhere = "not found where they were written"
-    if removed == count:
-        return "(retention removed them)"
-    if not removed:
-        return f"({elsewhere})"
-    return f"(retention removed {removed} of them; the others are {elsewhere})"
+#: What brings back a failed SR or SC whose file is not found where it was written and
+#: that retention did not remove (an outbox volume not mounted, a data directory moved):
+#: `retry_failed` redirects it once the file is there again.
+PUT_BACK = (
+    "put the outbox back where it was written (BONEAGE_DATA_DIR), then run "
+    "'boneage-worker retry-deliveries'"
+)
 
 
 def _take_instances(session: Session, instance_ids: Iterable[int]) -> None:
@@ -820,6 +820,22 @@ _HAS_IT = (DeliveryState.DELIVERED, DeliveryState.PENDING)
 REDIRECT_BATCH = 100
 
 
+class RetryInterrupted(Exception):
+    """`retry_failed` stopped by an error (a deadlock, a lost connection, SQLite's
+    "database is locked") after some of its work committed: ``retried``, what committed
+    (its deliveries pending, to be published and said), and ``left``, the failed SRs and
+    SCs to destinations no longer configured that it did not redirect (still failed: a
+    run again takes them). The error is its ``__cause__``."""
+
+    def __init__(self, retried: Retried, left: list[int]) -> None:
+        super().__init__(
+            f"retry-deliveries stopped: {len(retried.queued)} deliveries queued before, "
+            f"{len(left)} failed deliveries not redirected"
+        )
+        self.retried = retried
+        self.left = left
+
+
 def retry_failed(rt: Runtime, delivery_ids: list[int] | None = None) -> Retried:
     """Send failed deliveries (all, or ``delivery_ids``) again: put back to pending, due
     now (`_put_back`), or, an SR or SC whose destination is no longer configured, to the
@@ -841,21 +857,29 @@ def retry_failed(rt: Runtime, delivery_ids: list[int] | None = None) -> Retried:
     as a withdrawal of the image takes it (`_take_instances`): a withdrawal or a later
     assessment either supersedes what this makes, or has superseded the row, which then
     stays so. They go `REDIRECT_BATCH` at a time, each batch in a transaction of its
-    own, which takes its images' rows, reads its rows again and commits: each row is
-    superseded together with what it queues, or not at all, and the images of a backlog
-    of thousands are not all held until the last is done. Such a row whose object's
-    file is gone (`files_gone`), or any while no destination is configured, stays
-    failed, named in a warning. The row superseded keeps its ``sending_since``: where
-    its last attempt's answer never came, the object may be at the old node, and our
-    rejection notes still go there. Our rejection notes are put back wherever they go.
+    own (`_redirect_batch`), which takes its images' rows, reads its rows again and
+    commits: each row is superseded together with what it queues, or not at all, and
+    the images of a backlog of thousands are not all held until the last is done. Such
+    a row whose object's file is gone (`files_gone`), or any while no destination is
+    configured, stays failed, named in a warning; one whose file is only not found
+    where it was written is redirected by a later run once the file is back
+    (`PUT_BACK`). The row superseded keeps its ``sending_since``: where its last
+    attempt's answer never came, the object may be at the old node, and our rejection
+    notes still go there. Our rejection notes are put back wherever they go.
+
+    Raises
+    ------
+    RetryInterrupted
+        Where a batch fails after the deliveries put back, and perhaps earlier
+        batches, committed: it carries what committed, logged as a run that ends logs
+        it, so that the caller publishes and says it before the error goes on (nothing
+        is lost otherwise: the reconciler sends pending deliveries, but the operator saw
+        only a traceback). An error before anything committed is raised as it is.
     """
     conditions = [Delivery.state == DeliveryState.FAILED]
     if delivery_ids:
         conditions.append(Delivery.id.in_(delivery_ids))
     targets = [str(d) for d in rt.settings.destinations]
-    redirected: dict[int, list[int]] = {}
-    no_file: dict[int, bool] = {}
-    went: set[str] = set()
     with session_scope(rt.database_url) as session:
         # a few destinations, however many rows: compared here, as a claim compares them
         texts = session.scalars(select(Delivery.destination).where(*conditions).distinct())
@@ -879,39 +903,91 @@ def retry_failed(rt: Runtime, delivery_ids: list[int] | None = None) -> Retried:
             )
         ]
     no_destination = [] if targets else [delivery_id for delivery_id, _ in stranded]
-    for start in range(0, len(stranded) if targets else 0, REDIRECT_BATCH):
-        batch = stranded[start : start + REDIRECT_BATCH]
-        with session_scope(rt.database_url) as session:
-            # before any delivery row of theirs, as a withdrawal takes them
-            _take_instances(session, (instance_id for _, instance_id in batch))
-            rows = session.execute(
-                select(Delivery, Instance.files_removed_at)
-                .join(Instance, Delivery.instance_id == Instance.id)
-                .where(Delivery.id.in_([delivery_id for delivery_id, _ in batch]), *conditions)
-                .order_by(Delivery.id)
-            ).all()
-            dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-            for row, files_removed_at in rows:
-                gone = _file_gone(row.path, row.created_at, files_removed_at)
-                if gone is not None:
-                    no_file[row.id] = gone
-                    continue
-                taken = session.scalar(
-                    update(Delivery)
-                    .where(Delivery.id == row.id, Delivery.state == DeliveryState.FAILED)
-                    .values(state=DeliveryState.SUPERSEDED, last_error=REDIRECTED)
-                    .returning(Delivery.id)
-                    .execution_options(synchronize_session=False)
-                )
-                if taken is None:
-                    continue  # superseded meanwhile: a later assessment, the PACS rejected it
-                new: list[int] = []
-                for target in targets:
-                    queued = _queue_to(session, dialect, row, target)
-                    if queued is not None:
-                        new.append(queued)
-                        went.add(target)
-                redirected[row.id] = new
+    # what the batches committed, taken in only once each has
+    redirected: dict[int, list[int]] = {}
+    no_file: dict[int, bool] = {}
+    went: set[str] = set()
+    done = 0
+    try:
+        for start in range(0, len(stranded) if targets else 0, REDIRECT_BATCH):
+            batch = stranded[start : start + REDIRECT_BATCH]
+            batch_redirected, batch_no_file, batch_went = _redirect_batch(
+                rt, batch, conditions, targets
+            )
+            redirected.update(batch_redirected)
+            no_file.update(batch_no_file)
+            went |= batch_went
+            done = start + len(batch)
+    except Exception as exc:
+        retried = _logged(reset, redirected, went, no_destination, no_file)
+        left = [delivery_id for delivery_id, _ in stranded[done:]]
+        logger.error(
+            "retry-deliveries stopped (%s) after %d deliveries were queued: %d failed "
+            "deliveries to destinations no longer configured not redirected, left failed "
+            "for a run again: %s",
+            type(exc).__name__,
+            len(retried.queued),
+            len(left),
+            _named(left),
+        )
+        raise RetryInterrupted(retried, left) from exc
+    return _logged(reset, redirected, went, no_destination, no_file)
+
+
+def _redirect_batch(
+    rt: Runtime,
+    batch: list[tuple[int, int]],
+    conditions: list[ColumnElement[bool]],
+    targets: list[str],
+) -> tuple[dict[int, list[int]], dict[int, bool], set[str]]:
+    """Redirect ``batch`` (delivery and instance ids of failed SRs and SCs to
+    destinations no longer configured) to ``targets`` in one transaction (`retry_failed`):
+    what it redirected, the files it found gone, and where it queued, once committed."""
+    redirected: dict[int, list[int]] = {}
+    no_file: dict[int, bool] = {}
+    went: set[str] = set()
+    with session_scope(rt.database_url) as session:
+        # before any delivery row of theirs, as a withdrawal takes them
+        _take_instances(session, (instance_id for _, instance_id in batch))
+        rows = session.execute(
+            select(Delivery, Instance.files_removed_at)
+            .join(Instance, Delivery.instance_id == Instance.id)
+            .where(Delivery.id.in_([delivery_id for delivery_id, _ in batch]), *conditions)
+            .order_by(Delivery.id)
+        ).all()
+        dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+        for row, files_removed_at in rows:
+            gone = _file_gone(row.path, row.created_at, files_removed_at)
+            if gone is not None:
+                no_file[row.id] = gone
+                continue
+            taken = session.scalar(
+                update(Delivery)
+                .where(Delivery.id == row.id, Delivery.state == DeliveryState.FAILED)
+                .values(state=DeliveryState.SUPERSEDED, last_error=REDIRECTED)
+                .returning(Delivery.id)
+                .execution_options(synchronize_session=False)
+            )
+            if taken is None:
+                continue  # superseded meanwhile: a later assessment, the PACS rejected it
+            new: list[int] = []
+            for target in targets:
+                queued = _queue_to(session, dialect, row, target)
+                if queued is not None:
+                    new.append(queued)
+                    went.add(target)
+            redirected[row.id] = new
+    return redirected, no_file, went
+
+
+def _logged(
+    reset: list[int],
+    redirected: dict[int, list[int]],
+    went: set[str],
+    no_destination: list[int],
+    no_file: dict[int, bool],
+) -> Retried:
+    """What `retry_failed` did, committed, as a `Retried`, with its log lines."""
     made_to = sorted(went)
     if redirected:
         logger.info(
@@ -928,16 +1004,30 @@ def retry_failed(rt: Runtime, delivery_ids: list[int] | None = None) -> Retried:
             len(no_destination),
             _named(no_destination),
         )
-    removed = sorted(delivery_id for delivery_id, by_retention in no_file.items() if by_retention)
-    if no_file:
+    retried = Retried(
+        reset,
+        redirected,
+        made_to,
+        no_destination,
+        sorted(no_file),
+        sorted(delivery_id for delivery_id, by_retention in no_file.items() if by_retention),
+    )
+    if retried.removed:
         logger.warning(
             "%d failed deliveries left failed, their destinations no longer configured and "
-            "their files gone %s: %s",
-            len(no_file),
-            why_gone(len(no_file), len(removed)),
-            _named(sorted(no_file)),
+            "their files removed by retention: %s",
+            len(retried.removed),
+            _named(retried.removed),
         )
-    return Retried(reset, redirected, made_to, no_destination, sorted(no_file), removed)
+    if retried.missing:
+        logger.warning(
+            "%d failed deliveries left failed, their destinations no longer configured and "
+            "their files not found where they were written (%s, then run it again): %s",
+            len(retried.missing),
+            PUT_BACK,
+            _named(retried.missing),
+        )
+    return retried
 
 
 def _queue_to(session: Session, dialect: ModuleType, row: Delivery, target: str) -> int | None:

@@ -224,7 +224,7 @@ def _files_gone(
 ) -> dict[int, bool]:
     """The ids of the failed SRs and SCs to destinations no longer configured whose
     files are gone, each with whether retention removed it: `retry-deliveries` leaves
-    them failed."""
+    them failed (those not removed, until their files are back)."""
     stranded = _stranded(failed, settings)
     if not stranded:
         return {}
@@ -245,12 +245,14 @@ def _failed_problem(
     the configured destinations instead (`worker.delivery.retry_failed`): for those,
     fixing the destination is done already. They are failed all the same until then:
     their results have not reached the PACS. Not those whose files are gone (``gone``,
-    `worker.delivery.files_gone`): nothing can send them, `retry-deliveries` leaves them
-    failed, and their results stay in the database only. Retention is named only for
-    those it removed (a file not there otherwise: an outbox volume not mounted).
+    `worker.delivery.files_gone`), which `retry-deliveries` leaves failed: nothing can
+    send those retention removed, and their results stay in the database only; the
+    others' files are not found where they were written (an outbox volume not mounted,
+    a data directory moved), and they go once their files are back there
+    (`worker.delivery.PUT_BACK`). Retention is named only for those it removed.
     """
     # pynetdicom comes with it: imported only where a delivery failed
-    from worker.delivery import why_gone
+    from worker.delivery import PUT_BACK
 
     stranded = _stranded(failed, settings)
     where = ", ".join(sorted({d.destination for d in stranded}))
@@ -259,22 +261,39 @@ def _failed_problem(
     fix = f"{len(failed)} deliveries failed: fix the destination, then run {retry}"
     if not stranded:
         return f"{fix}; {latest_error}"
-    lost = sum(1 for d in stranded if d.id in gone)
-    why = why_gone(lost, sum(1 for d in stranded if gone.get(d.id)))
-    # retry_failed leaves them failed (no_file), with or without destinations configured
-    unsendable = (
-        f"nothing can send {'them' if lost == len(stranded) else 'those'}, and {retry} "
-        "leaves them failed; their results are in the database only"
-    )
-    if lost == len(stranded):
-        redirect = f"their files are gone {why}: {unsendable}"
+    removed = sum(1 for d in stranded if gone.get(d.id))
+    missing = sum(1 for d in stranded if gone.get(d.id) is False)
+    sendable = len(stranded) - removed - missing
+    if settings.destinations:
+        put_back = PUT_BACK
+        head = f"{retry} sends them to the configured destinations instead"
     else:
-        if not settings.destinations:
-            redirect = f"configure BONEAGE_DESTINATIONS, then run {retry} to send them there"
+        put_back = f"configure BONEAGE_DESTINATIONS and {PUT_BACK}"
+        head = f"configure BONEAGE_DESTINATIONS, then run {retry} to send them there"
+    # retry_failed leaves them failed (no_file), with or without destinations configured
+    unsendable = f"{retry} leaves them failed; their results are in the database only"
+    if removed == len(stranded):
+        redirect = (
+            f"their files are gone (retention removed them): nothing can send them, and "
+            f"{unsendable}"
+        )
+    elif missing == len(stranded):
+        redirect = f"their files are not found where they were written: {put_back}"
+    elif not (removed or missing):
+        redirect = head
+    else:
+        parts = []
+        if missing:
+            parts.append(f"{missing} not found where they were written: {put_back}")
+        if removed:
+            parts.append(
+                f"{removed} removed by retention: nothing can send those, and {unsendable}"
+            )
+        lost = "; ".join(parts)
+        if sendable:
+            redirect = f"{head}, all but {removed + missing} whose files are gone: {lost}"
         else:
-            redirect = f"{retry} sends them to the configured destinations instead"
-        if lost:
-            redirect += f", all but {lost} whose files are gone {why}: {unsendable}"
+            redirect = f"their files are gone: {lost}"
     if len(stranded) == len(failed):
         return (
             f"{len(failed)} deliveries failed to destinations no longer configured "

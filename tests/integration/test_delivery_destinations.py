@@ -9,6 +9,7 @@ rejection notes still go where the objects they withdraw went.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -37,6 +38,7 @@ from tests.integration.test_pipeline import make_runtime, spool_dataset, spool_i
 from tests.integration.test_rejection_notes import image_of
 from tests.support import free_port, pacs_rejection_note, wait_for
 from worker import delivery, pipeline
+from worker.celery_app import DELIVERY_QUEUE, configure
 from worker.delivery import (
     NOT_CONFIGURED_HERE,
     SETTINGS_ROLLOUT,
@@ -656,3 +658,202 @@ def test_a_redirect_holds_the_images_of_one_batch_at_a_time(
     ] * 4
     assert [o.state for o in send_deliveries(fixed, queued).values()] == ["delivered"] * 4
     assert len(corrected.wait_for_objects(4, timeout=30)) == 4
+
+
+def test_deliveries_whose_outbox_is_not_there_are_sent_once_it_is_back(
+    tmp_path: Path, tiny_checkpoint: Path, storescp: StoreSCP, corrected: StoreSCP
+) -> None:
+    """The SR and SC failed to the mistyped node; then their outbox is not where it was
+    written (its volume not mounted after a move, say). `status` and `retry-deliveries`
+    say to put it back, then run `retry-deliveries`; done so, it sends them to the node
+    meant, byte for byte. Before, both said nothing could send them (`status`: "their
+    results are in the database only"), and an operator told so left them unsent."""
+    database = f"sqlite:///{tmp_path / 'data' / 'boneage.db'}"
+    mistyped = node(tmp_path, tiny_checkpoint, database, storescp.destination)
+    ids = assess_instance(mistyped, spool_instance(mistyped)).delivery_ids
+    fixed = node(tmp_path, tiny_checkpoint, database, corrected.destination)
+    assert [o.state for o in send_deliveries(fixed, ids).values()] == ["failed"] * 2
+    outbox = fixed.settings.outbox_dir
+    before = deliveries(fixed)
+    assert all(Path(before[i].path).is_relative_to(outbox) for i in ids)
+    away = tmp_path / "not-mounted"
+    outbox.rename(away)
+    retry = "'boneage-worker retry-deliveries'"
+    put_back = f"put the outbox back where it was written (BONEAGE_DATA_DIR), then run {retry}"
+
+    assert failed_problems(fixed) == [
+        f"2 deliveries failed to destinations no longer configured ({storescp.destination}): "
+        f"their files are not found where they were written: {put_back}; latest error: "
+        f"{NOT_CONFIGURED}"
+    ]
+    assert retry_deliveries(fixed, corrected.destination).splitlines() == [
+        "0 failed deliveries queued again",
+        "2 failed deliveries left failed, their destinations no longer configured: their "
+        f"files are not found where they were written: {put_back} again",
+    ]
+    rows = deliveries(fixed)
+    assert sorted(rows) == sorted(ids)  # none made, none superseded
+    assert {d.state for d in rows.values()} == {DeliveryState.FAILED}
+
+    # as it says: the outbox back where it was written, then retry-deliveries
+    away.rename(outbox)
+    assert retry_deliveries(fixed, corrected.destination).splitlines() == [
+        "0 failed deliveries queued again",
+        "2 failed deliveries to destinations no longer configured sent to the configured "
+        f"destinations instead: 2 deliveries queued to {corrected.destination}",
+    ]
+    rows = deliveries(fixed)
+    new = sorted(set(rows) - set(ids))
+    assert [(rows[i].state, rows[i].last_error) for i in ids] == [
+        (DeliveryState.SUPERSEDED, REDIRECTED)
+    ] * 2
+    assert [o.state for o in send_deliveries(fixed, new).values()] == ["delivered"] * 2
+    received = corrected.wait_for_objects(2, timeout=30)
+    assert {dcmread(p).SOPInstanceUID: body(p) for p in received} == {
+        before[i].sop_instance_uid: body(Path(before[i].path)) for i in ids
+    }
+    assert storescp.associations() == 0
+    assert failed_problems(fixed) == []
+
+
+#: `boneage-worker retry-deliveries` with REDIRECT_BATCH ``argv[1]``, whose ``argv[2]``-th
+#: delivery queued to a configured destination fails as SQLite's write lock held by
+#: another process fails it ("database is locked"): in the second batch, after the batch
+#: superseded its first row.
+_STOPPED_AT_A_BATCH = """
+import sqlite3
+import sys
+
+from sqlalchemy.exc import OperationalError
+
+from worker import delivery
+from worker.cli import main
+
+delivery.REDIRECT_BATCH = int(sys.argv[1])
+queue_to, calls = delivery._queue_to, []
+
+
+def locked(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == int(sys.argv[2]):
+        error = sqlite3.OperationalError("database is locked")
+        raise OperationalError("INSERT INTO deliveries", {}, error)
+    return queue_to(*args, **kwargs)
+
+
+delivery._queue_to = locked
+main(["retry-deliveries"], prog_name="boneage-worker")
+"""
+
+
+def _published_deliveries(rt: Runtime) -> list[int]:
+    """The delivery ids of the `deliver` messages on ``rt``'s (embedded) broker, in the
+    order published, each once (taken off the queue)."""
+    ids: list[int] = []
+    with configure(rt.settings).connection_for_write() as connection:
+        channel = connection.default_channel
+        while (message := channel.basic_get(DELIVERY_QUEUE, no_ack=True)) is not None:
+            [chunk], _kwargs, _embed = json.loads(message.body)
+            ids.extend(i for i in chunk if i not in ids)
+    return ids
+
+
+def test_retry_deliveries_stopped_by_a_database_error_sends_and_says_what_it_did(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """Three images' SRs and SCs failed to the mistyped node; a fourth's failed to the
+    node meant, down then. `retry-deliveries` puts the fourth's back, redirects the first
+    image's (REDIRECT_BATCH 2), and the second batch fails ("database is locked"). What
+    committed is published and said, then the error; what the failed batch did is rolled
+    back and not said; a run again redirects the rest, and all reach the node meant.
+    Before, the command ended in the traceback alone: nothing said, nothing published
+    (the reconciler would have sent them, some time later)."""
+    database = f"sqlite:///{tmp_path / 'data' / 'boneage.db'}"
+    nowhere = f"PACS@127.0.0.1:{free_port()}"
+    meant = StoreSCP(tmp_path / "meant")  # down at first
+    mistyped = node(tmp_path, tiny_checkpoint, database, nowhere)
+    images = [assess_instance(mistyped, spool_instance(mistyped)).delivery_ids for _ in range(3)]
+    fixed = node(tmp_path, tiny_checkpoint, database, meant.destination)
+    down = assess_instance(fixed, spool_instance(fixed)).delivery_ids
+    stranded = [i for ids in images for i in ids]
+    sent = send_deliveries(fixed, stranded)
+    assert [(o.state, o.error) for o in sent.values()] == [("failed", NOT_CONFIGURED)] * 6
+    for _ in range(3):  # its attempts spent on the node meant, down
+        send_deliveries(fixed, down, force=True)
+    rows = deliveries(fixed)
+    assert {rows[i].state for i in [*stranded, *down]} == {DeliveryState.FAILED}
+    meant.start()
+    try:
+        env = {
+            **os.environ,
+            "BONEAGE_DATA_DIR": str(fixed.settings.data_dir),
+            "BONEAGE_DATABASE_URL": database,
+            "BONEAGE_DESTINATIONS": meant.destination,
+            "BONEAGE_MODEL": str(fixed.settings.model),
+        }
+        done = subprocess.run(
+            [sys.executable, "-c", _STOPPED_AT_A_BATCH, "2", "3"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+        assert done.returncode == 1, done.stderr
+        first, second, third = images
+        rows = deliveries(fixed)
+        redirected = sorted(set(rows) - {*stranded, *down})
+        assert [(rows[i].state, rows[i].destination) for i in redirected] == [
+            (DeliveryState.PENDING, meant.destination)
+        ] * 2
+        assert sorted(rows[i].sop_instance_uid for i in redirected) == sorted(
+            rows[i].sop_instance_uid for i in first
+        )
+        assert [rows[i].state for i in first] == [DeliveryState.SUPERSEDED] * 2
+        # the failed batch's supersede rolled back with it; the third's never begun
+        assert [rows[i].state for i in [*second, *third]] == [DeliveryState.FAILED] * 4
+        assert [rows[i].state for i in down] == [DeliveryState.PENDING] * 2
+        assert done.stdout.splitlines() == [
+            "2 failed deliveries queued again",
+            "2 failed deliveries to destinations no longer configured sent to the configured "
+            f"destinations instead: 2 deliveries queued to {meant.destination}",
+        ]
+        assert (
+            "retry-deliveries stopped (OperationalError): 4 failed deliveries to destinations "
+            "no longer configured not redirected, left failed: run it again"
+        ) in done.stderr
+        # logged as a run that ends logs it, with what was left
+        named = ", ".join(str(i) for i in first)
+        assert (
+            "2 failed deliveries to destinations no longer configured sent to the configured "
+            f"destinations instead ({meant.destination}): {named}"
+        ) in done.stderr
+        left = ", ".join(str(i) for i in [*second, *third])
+        assert (
+            "retry-deliveries stopped (OperationalError) after 4 deliveries were queued: 4 "
+            "failed deliveries to destinations no longer configured not redirected, left "
+            f"failed for a run again: {left}"
+        ) in done.stderr
+        assert "database is locked" in done.stderr  # the error itself goes on
+        published = _published_deliveries(fixed)
+        assert sorted(published) == sorted([*down, *redirected])
+
+        # the messages' work: sent to the node meant
+        assert [o.state for o in send_deliveries(fixed, published).values()] == ["delivered"] * 4
+        # and a run again redirects the rest
+        assert retry_deliveries(fixed, meant.destination).splitlines() == [
+            "0 failed deliveries queued again",
+            "4 failed deliveries to destinations no longer configured sent to the configured "
+            f"destinations instead: 4 deliveries queued to {meant.destination}",
+        ]
+        rest = _published_deliveries(fixed)
+        assert len(rest) == 4
+        assert [o.state for o in send_deliveries(fixed, rest).values()] == ["delivered"] * 4
+        received = meant.wait_for_objects(8, timeout=30)
+        rows = deliveries(fixed)
+        assert sorted(dcmread(p).SOPInstanceUID for p in received) == sorted(
+            rows[i].sop_instance_uid for i in [*stranded, *down]
+        )
+        assert failed_problems(fixed) == []
+    finally:
+        meant.stop()

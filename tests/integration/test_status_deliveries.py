@@ -257,9 +257,8 @@ def test_failed_deliveries_whose_files_are_gone_are_not_said_to_be_redirected(
 
     problem = (
         f"2 deliveries failed to destinations no longer configured ({old}): {retry} sends "
-        "them to the configured destinations instead, all but 1 whose files are gone "
-        f"(retention removed them): {unsendable.format('those')}; latest error: "
-        f"{NOT_CONFIGURED}"
+        "them to the configured destinations instead, all but 1 whose files are gone: 1 "
+        f"removed by retention: {unsendable.format('those')}; latest error: {NOT_CONFIGURED}"
     )
     assert [p for p in report["problems"] if "deliveries failed" in p] == [problem]
     assert problem in _shown_wide(report)
@@ -355,8 +354,10 @@ def test_failed_deliveries_whose_files_are_not_there_are_not_said_removed_by_ret
     """Three SRs failed to a destination taken out of the settings. One has its file;
     retention removed another's; the third's file is not where it was written, and
     retention removed nothing of its image (an outbox volume not mounted, say). `status`
-    and `retry-deliveries` say the third's file is gone, and name retention only for the
-    one it removed. Before, they blamed retention for every file not there."""
+    and `retry-deliveries` say that nothing can send the one retention removed, and that
+    the third goes once the outbox is back where it was written. Before, they blamed
+    retention for every file not there, then said nothing could send the third either:
+    an operator told so left a result that could still be sent unsent."""
     old = "OLD@127.0.0.1:104"
     current = now()
     kept_file = tmp_path / "outbox" / "9.9.80.dcm"
@@ -396,6 +397,7 @@ def test_failed_deliveries_whose_files_are_not_there_are_not_said_removed_by_ret
         **failed,
     )
     retry = "'boneage-worker retry-deliveries'"
+    put_back = f"put the outbox back where it was written (BONEAGE_DATA_DIR), then run {retry}"
     unsendable = (
         f"nothing can send those, and {retry} leaves them failed; their results are in the "
         "database only"
@@ -403,9 +405,9 @@ def test_failed_deliveries_whose_files_are_not_there_are_not_said_removed_by_ret
 
     problem = (
         f"3 deliveries failed to destinations no longer configured ({old}): {retry} sends "
-        "them to the configured destinations instead, all but 2 whose files are gone "
-        "(retention removed 1 of them; the others are not found where they were written): "
-        f"{unsendable}; latest error: {NOT_CONFIGURED}"
+        "them to the configured destinations instead, all but 2 whose files are gone: 1 not "
+        f"found where they were written: {put_back}; 1 removed by retention: {unsendable}; "
+        f"latest error: {NOT_CONFIGURED}"
     )
     assert [p for p in collect(runtime.settings)["problems"] if "deliveries failed" in p] == [
         problem
@@ -417,9 +419,10 @@ def test_failed_deliveries_whose_files_are_not_there_are_not_said_removed_by_ret
         "0 failed deliveries queued again",
         "1 failed deliveries to destinations no longer configured sent to the configured "
         f"destinations instead: 1 deliveries queued to {DESTINATION}",
-        "2 failed deliveries left failed, their destinations no longer configured: their "
-        "files are gone (retention removed 1 of them; the others are not found where they "
-        "were written)",
+        "1 failed deliveries left failed, their destinations no longer configured: their "
+        "files are gone (retention removed them)",
+        "1 failed deliveries left failed, their destinations no longer configured: their "
+        f"files are not found where they were written: {put_back} again",
     ]
     with session_scope(runtime.database_url) as session:
         states = {i: session.get_one(Delivery, i).state for i in (kept, removed, not_there)}
@@ -430,16 +433,12 @@ def test_failed_deliveries_whose_files_are_not_there_are_not_said_removed_by_ret
     }
     problem = (
         f"2 deliveries failed to destinations no longer configured ({old}): their files are "
-        "gone (retention removed 1 of them; the others are not found where they were "
-        f"written): {unsendable.replace('those', 'them')}; latest error: {NOT_CONFIGURED}"
+        f"gone: 1 not found where they were written: {put_back}; 1 removed by retention: "
+        f"{unsendable}; latest error: {NOT_CONFIGURED}"
     )
     assert [p for p in collect(runtime.settings)["problems"] if "deliveries failed" in p] == [
         problem
     ]
     # the one not there alone: retention not named at all
     alone = retry_failed(runtime, [not_there])
-    assert (alone.no_file, alone.removed, alone.why_gone) == (
-        [not_there],
-        [],
-        "(not found where they were written)",
-    )
+    assert (alone.no_file, alone.removed, alone.missing) == ([not_there], [], [not_there])

@@ -23,9 +23,11 @@ from celery.signals import (
     worker_ready,
     worker_shutdown,
 )
+from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
 
-from db.engine import dispose_after_fork
+from db.engine import dispose_after_fork, session_scope
+from db.schema import Instance, InstanceState
 from dicom_io.pixels import set_jpeg2000_threads
 from dicom_io.sr import local_time_zone, unknown_time_zone
 from worker import metrics
@@ -34,7 +36,7 @@ from worker.cgroups import cpu_quota, memory_limit
 from worker.cores import CoreShare, batching_process_cores, cores_per_task, jpeg2000_threads
 from worker.delivery import send_deliveries
 from worker.heap import freeze_start_up_objects, keep_large_blocks, limit_arenas
-from worker.heartbeat import HeartbeatThread
+from worker.heartbeat import HeartbeatThread, process_name
 from worker.messaging import (
     PublishDeadline,
     bounded_publish_options,
@@ -50,7 +52,7 @@ from worker.pipeline import (
     sweep_staged,
     warm_up,
 )
-from worker.reconciler import ReconcileReport, reconcile_via_broker
+from worker.reconciler import PROCESSING_LEASE, ReconcileReport, reconcile_via_broker
 from worker.runtime import Runtime
 from worker.settings import Settings, usable_cpus
 
@@ -341,8 +343,12 @@ class RetriedWithinBudget(Task):
     retry until the alarm cleared. Where the retry cannot be published, Celery rejects the
     message (``Reject``, not requeued) and the work waits in the database: an instance
     stays `processing`, claimed by this process, until the reconciler takes it back when
-    its lease runs out (`worker.reconciler.PROCESSING_LEASE`); deliveries stay `pending`
-    and the reconciler sends them once their claim has run out.
+    its lease runs out (`worker.reconciler.PROCESSING_LEASE`), its reason saying that the
+    retry was not published (`RETRY_NOT_PUBLISHED`: it said "retried: n of 21 tries" for
+    the half hour no retry came); or it stays `queued`, with no message, where the error
+    came before its claim committed (the database away as the attempt began), and the
+    reconciler queues it again once the inference queue is empty, later during a backlog.
+    Deliveries stay `pending` and the reconciler sends them once their claim has run out.
     """
 
     def retry(
@@ -376,7 +382,53 @@ class RetriedWithinBudget(Task):
                     self.name,
                     failure_name(reason) if isinstance(reason, BaseException) else reason,
                 )
+                if self.name == ASSESS_TASK:
+                    call_args = self.request.args if args is None else args
+                    call_kwargs = self.request.kwargs if kwargs is None else kwargs
+                    instance_id = (call_kwargs or {}).get("instance_id")
+                    if instance_id is None and call_args:
+                        instance_id = call_args[0]
+                    if isinstance(instance_id, int):
+                        _note_retry_not_published(instance_id)
                 raise
+
+
+#: What the reason of an instance whose `assess` retry was not published ends with: no
+#: retry comes, whatever "(retried: n of 21 tries)" before it says.
+RETRY_NOT_PUBLISHED = (
+    "; retry not published: the reconciler queues it again once its "
+    f"{PROCESSING_LEASE.total_seconds() / 60:.0f}-minute lease runs out"
+)
+
+
+def _note_retry_not_published(instance_id: int) -> None:
+    """Say on ``instance_id``, `processing` and claimed by this process, that its retry
+    was not published (`RETRY_NOT_PUBLISHED`). Where that cannot be written (the
+    database may be what failed), a warning: the retry's own failure goes on."""
+    try:
+        with session_scope(runtime().database_url) as session:
+            # its row first, as the pipeline notes a failed attempt: read under the lock
+            session.execute(
+                update(Instance)
+                .where(Instance.id == instance_id)
+                .values(claimed_by=Instance.claimed_by)
+                .execution_options(synchronize_session=False)
+            )
+            instance = session.get(Instance, instance_id)
+            if (
+                instance is not None
+                and instance.state is InstanceState.PROCESSING
+                and instance.claimed_by == process_name("worker")
+                and not (instance.reason or "").endswith(RETRY_NOT_PUBLISHED)
+            ):
+                before = instance.reason or ""
+                instance.reason = f"{before}{RETRY_NOT_PUBLISHED}".removeprefix("; ")
+    except Exception as noted:  # the database away: the Reject goes on as it is
+        logger.warning(
+            "instance %d: that its retry was not published is not recorded (%s)",
+            instance_id,
+            type(noted).__name__,
+        )
 
 
 @app.task(

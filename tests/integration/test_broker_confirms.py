@@ -38,6 +38,7 @@ from celery.app.trace import build_tracer
 from kombu import Connection
 from kombu.exceptions import OperationalError
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError as DatabaseError
 
 from db.engine import session_scope, upgrade
 from db.schema import Instance, InstanceState
@@ -318,7 +319,9 @@ def _as_the_worker_runs_it(instance_id: int) -> str:
 
 def _held_by_live_worker_then_requeued(rt: Runtime, instance_id: int) -> None:
     """The instance whose retry was not published waits in the database, `processing`,
-    claimed by this (live) worker; the reconciler queues it again once its lease is out."""
+    claimed by this (live) worker, its reason saying that no retry comes (it said
+    "retried: 1 of 21 tries" alone); the reconciler queues it again once its lease is
+    out."""
     # alive as a real worker is, whose heartbeat thread beats on: the one beat of
     # _worker_on may be past STALE_AFTER by now on a loaded machine (the retry took up to
     # the budget), and the reconciler would take the instance back from a dead worker
@@ -326,6 +329,12 @@ def _held_by_live_worker_then_requeued(rt: Runtime, instance_id: int) -> None:
     with session_scope(rt.database_url) as session:
         row = session.get_one(Instance, instance_id)
         assert (row.state, row.claimed_by) == (InstanceState.PROCESSING, process_name("worker"))
+        assert row.reason is not None
+        assert row.reason.startswith("attempt 1 failed: IsADirectoryError")
+        assert row.reason.endswith(
+            "(retried: 1 of 21 tries); retry not published: the reconciler queues it again "
+            "once its 30-minute lease runs out"
+        )
     assert reconcile_once(rt, inference_queue_empty=True) == []  # within its lease
     attempt_began_before(rt, instance_id, PROCESSING_LEASE.total_seconds() + 60)
     assert reconcile_once(rt, inference_queue_empty=True) == [instance_id]
@@ -394,3 +403,42 @@ def test_a_tasks_retry_rabbitmq_refuses_leaves_its_image_to_the_reconciler(
     assert "its retry was not published (OperationalError: MessageNacked)" in caplog.text
     assert _published(rabbitmq) == []
     _held_by_live_worker_then_requeued(rt, instance_id)
+
+
+def test_a_retry_not_published_whose_note_cannot_be_written_is_rejected_all_the_same(
+    tmp_path: Path,
+    rabbitmq: str,
+    tiny_checkpoint: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The database away as the task notes that its retry was not published: a warning,
+    and the message rejected as it would be, its refusal logged; the instance waits for
+    the reconciler, its reason as the attempt left it."""
+    rt = _worker_on(tmp_path, tiny_checkpoint, _url(rabbitmq), monkeypatch)
+    instance_id = _unreadable(rt)
+    _refuse(rabbitmq)
+
+    def away(url: str) -> Any:
+        raise DatabaseError("connect", {}, ConnectionRefusedError("database away"))
+
+    # only the note's session: the attempt before it noted its failure as it does
+    monkeypatch.setattr(tasks, "session_scope", away)
+    outcomes: list[str] = []
+    with caplog.at_level(logging.WARNING, logger="worker.tasks"):
+        _took, error = _timed(
+            lambda: outcomes.append(_as_the_worker_runs_it(instance_id)), BUDGET + MARGIN
+        )
+    assert error is None, repr(error)
+    assert outcomes == [states.REJECTED]
+    assert "its retry was not published (OperationalError: MessageNacked)" in caplog.text
+    assert (
+        f"instance {instance_id}: that its retry was not published is not recorded "
+        "(OperationalError)"
+    ) in caplog.text
+    with session_scope(rt.database_url) as session:
+        row = session.get_one(Instance, instance_id)
+        assert row.state is InstanceState.PROCESSING and row.reason is not None
+        assert row.reason.startswith("attempt 1 failed: IsADirectoryError")
+        assert row.reason.endswith("(retried: 1 of 21 tries)")
+    assert _published(rabbitmq) == []

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, func, select
+from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
 
 from db.schema import (
@@ -27,6 +28,24 @@ class ProcessBeat:
     seen_at: datetime
     started_at: datetime
     detail: dict[str, Any]
+
+
+def take_instances(session: Session, instance_ids: Iterable[int]) -> None:
+    """Hold the rows of ``instance_ids`` until ``session``'s transaction ends, one by one
+    in id order: a row lock on PostgreSQL, the write lock on SQLite (a write begins it).
+
+    Every path that changes an image's deliveries beside another (an attempt's commit, a
+    withdrawal, a rejection note, a redirect, a failed attempt's count) takes its row
+    first, so that one sees what the other committed; in id order, so that two taking
+    several rows never wait on each other in a cycle.
+    """
+    for instance_id in sorted(set(instance_ids)):
+        session.execute(
+            update(Instance)
+            .where(Instance.id == instance_id)
+            .values(claimed_by=Instance.claimed_by)
+            .execution_options(synchronize_session=False)
+        )
 
 
 def database_now(session: Session) -> datetime:

@@ -54,6 +54,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from db.engine import session_scope
+from db.queries import take_instances
 from db.schema import Delivery, DeliveryState, Instance, ObjectKind
 from db.schema import utcnow as now
 from dicom_io.scu import (
@@ -774,13 +775,7 @@ def _take_instances(session: Session, instance_ids: Iterable[int]) -> None:
     PACS rejected it) and its next assessment (a corrected copy) take its row before
     they supersede its unsent objects (`worker.pipeline`). A delivery made under it
     is seen by that supersede, or finds its object superseded already."""
-    for instance_id in sorted(set(instance_ids)):
-        session.execute(
-            update(Instance)
-            .where(Instance.id == instance_id)
-            .values(claimed_by=Instance.claimed_by)
-            .execution_options(synchronize_session=False)
-        )
+    take_instances(session, instance_ids)
 
 
 def _put_back() -> dict[str, object]:

@@ -55,7 +55,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from db.engine import session_scope
-from db.queries import UID_CLASH, WITHDRAW_BY_HAND, reason_category
+from db.queries import UID_CLASH, WITHDRAW_BY_HAND, reason_category, take_instances
 from db.schema import (
     FINISHED,
     Delivery,
@@ -1121,12 +1121,7 @@ def _note_failed_attempt(
             # lock on SQLite), then read: two attempts failing at once (the reconciler's
             # message beside a slow attempt) each count. Read first, each wrote back what
             # it read, one less or one more, and the later lost the earlier's count.
-            session.execute(
-                update(Instance)
-                .where(Instance.id == instance_id)
-                .values(claimed_by=Instance.claimed_by)
-                .execution_options(synchronize_session=False)
-            )
+            take_instances(session, [instance_id])
             instance = session.get(Instance, instance_id)
             if instance is not None and instance.state is InstanceState.PROCESSING:
                 instance.reason = f"attempt {instance.attempts} failed: {_failure(exc)}"
@@ -1891,13 +1886,7 @@ def _take_images_of(session: Session, sop_instance_uids: Sequence[str]) -> None:
                 select(Delivery.instance_id).where(Delivery.sop_instance_uid.in_(chunk)).distinct()
             )
         )
-    for instance_id in sorted(instance_ids):
-        session.execute(
-            update(Instance)
-            .where(Instance.id == instance_id)
-            .values(claimed_by=Instance.claimed_by)
-            .execution_options(synchronize_session=False)
-        )
+    take_instances(session, instance_ids)
 
 
 def rejected_by_the_pacs(code: str) -> str:
@@ -2328,12 +2317,7 @@ def _commit(
             # The instance's row first, locked until the commit (a write: SQLite takes
             # its write lock), then its rejection: a rejection note applied beside this
             # attempt either finds what it commits, or is found here.
-            session.execute(
-                update(Instance)
-                .where(Instance.id == instance_id)
-                .values(claimed_by=Instance.claimed_by)
-                .execution_options(synchronize_session=False)
-            )
+            take_instances(session, [instance_id])
             rejected = _rejection_in(session, claim.sop_instance_uid)
             if rejected is not None:
                 instance = session.get_one(Instance, instance_id)

@@ -23,10 +23,10 @@ from celery.signals import (
     worker_ready,
     worker_shutdown,
 )
-from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
 
 from db.engine import dispose_after_fork, session_scope
+from db.queries import take_instances
 from db.schema import Instance, InstanceState
 from dicom_io.pixels import set_jpeg2000_threads
 from dicom_io.sr import local_time_zone, unknown_time_zone
@@ -408,12 +408,7 @@ def _note_retry_not_published(instance_id: int) -> None:
     try:
         with session_scope(runtime().database_url) as session:
             # its row first, as the pipeline notes a failed attempt: read under the lock
-            session.execute(
-                update(Instance)
-                .where(Instance.id == instance_id)
-                .values(claimed_by=Instance.claimed_by)
-                .execution_options(synchronize_session=False)
-            )
+            take_instances(session, [instance_id])
             instance = session.get(Instance, instance_id)
             if (
                 instance is not None

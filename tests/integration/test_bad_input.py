@@ -64,6 +64,7 @@ from dicom_io.scp import (
     CANNOT_UNDERSTAND,
     DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
     INCOMING_LOCK_NAME,
+    RECORDING_LOCK_NAME,
     SUCCESS,
     TRANSFER_SYNTAXES,
     ReceivedInstance,
@@ -514,8 +515,9 @@ def test_dataset_of_another_sop_class_than_the_command(
     with session_scope(runtime.database_url) as session:
         assert list(session.scalars(select(Instance))) == []
     spool = runtime.settings.spool_dir
-    kept = [p for p in spool.rglob("*") if p.is_file() and p.name != INCOMING_LOCK_NAME]
-    assert kept == []  # nothing kept, not even partly (the listener's lock is no data)
+    locks = (INCOMING_LOCK_NAME, RECORDING_LOCK_NAME)
+    kept = [p for p in spool.rglob("*") if p.is_file() and p.name not in locks]
+    assert kept == []  # nothing kept, not even partly (the listener's locks are no data)
 
 
 def test_one_pixel_image_is_not_assessed(

@@ -108,6 +108,9 @@ def node(tmp_path: Path, tiny_checkpoint: Path) -> Iterator[Node]:
         BONEAGE_DATA_DIR=str(tmp_path / "data"),
         BONEAGE_PORT=str(free_port()),
         BONEAGE_ALLOWED_AETS="PACS",
+        # the twenty senders all come from loopback, one address here: twenty nodes of a
+        # hospital, each within its own share
+        BONEAGE_MAX_ASSOCIATIONS_PER_PEER=str(ASSOCIATIONS),
         BONEAGE_MODEL=str(tiny_checkpoint),
         BONEAGE_LOG_LEVEL="WARNING",
     )

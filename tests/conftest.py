@@ -12,6 +12,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
+from tests.proxy import TcpProxy
 from tests.support import (
     dcmtk_tool,
     free_port,
@@ -109,6 +110,30 @@ def redis_broker() -> Iterator[tuple[str, str]]:
     for key in client.scan_iter(match=f"{prefix}*"):
         client.delete(key)
     client.close()
+
+
+@pytest.fixture
+def proxied_redis(
+    redis_broker: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[TcpProxy, str, str]]:
+    """(proxy, broker URL through the proxy, key prefix) on the real Redis, behind a real
+    TCP proxy that a test can make stop forwarding (half-open, `tests.proxy.TcpProxy`)."""
+    from urllib.parse import urlparse
+
+    from worker.celery_app import app
+
+    url, prefix = redis_broker
+    parsed = urlparse(url)
+    proxy = TcpProxy(parsed.port or 6379, parsed.hostname or "127.0.0.1")
+    # the app's connection pools, made for an earlier test's broker, are made again
+    monkeypatch.setattr(app, "_pool", None)
+    monkeypatch.setattr(app.amqp, "_producer_pool", None)
+    try:
+        yield proxy, f"redis://127.0.0.1:{proxy.port}{parsed.path}", prefix
+    finally:
+        if app._pool is not None:
+            app._pool.force_close_all()
+        proxy.close()
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,7 @@ from dicom_io.scp import ReceivedInstance
 if TYPE_CHECKING:
     import pytest
 
+    from db.schema import InstanceState
     from models.data import PreparedDataset
 
 T = TypeVar("T")
@@ -130,6 +131,62 @@ def wait_for_port(
     port: int, *, timeout: float, process: subprocess.Popen[bytes] | None = None
 ) -> None:
     wait_for(lambda: port_open(port), timeout=timeout, what=f"port {port}", process=process)
+
+
+def instance_state(database_url: str, instance_id: int) -> InstanceState | None:
+    """The state of the instance ``instance_id`` now; None if there is no such row."""
+    from sqlalchemy import select
+
+    from db.engine import session_scope
+    from db.schema import Instance
+
+    with session_scope(database_url) as session:
+        return session.scalar(select(Instance.state).where(Instance.id == instance_id))
+
+
+def timed_call(call: Callable[[], None], limit: float) -> tuple[float, BaseException | None]:
+    """Seconds ``call`` took on a thread of its own, and what it raised; fails if it has
+    not returned within ``limit`` (it is left to end on its own)."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:  # handed to the test
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    thread = threading.Thread(target=run, name="publish", daemon=True)
+    began = time.monotonic()
+    thread.start()
+    thread.join(limit)
+    took = time.monotonic() - began
+    assert not thread.is_alive(), f"the publish still waited after {took:.1f} s"
+    return took, outcome[0]
+
+
+def redis_queue_ids(prefix: str, queue: str, *, each_once: bool = False) -> list[object]:
+    """The first argument of each message waiting in the Redis list ``prefix + queue``,
+    oldest first, read directly; ``each_once``: a message there twice counted once (a
+    publish whose reply came after its wait is published again, harmlessly: tasks are
+    idempotent)."""
+    import base64
+    import json
+
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=6379)
+    try:
+        raw = client.lrange(f"{prefix}{queue}", 0, -1)
+    finally:
+        client.close()
+    ids: list[object] = []
+    for message in reversed(raw):  # kombu pushes on the left
+        first = json.loads(base64.b64decode(json.loads(message)["body"]))[0][0]
+        if not (each_once and first in ids):
+            ids.append(first)
+    return ids
 
 
 def received(uid: str = "1.2.3.4", tmp_path: Path = Path("/nonexistent")) -> ReceivedInstance:

@@ -24,10 +24,8 @@ import logging
 import os
 import shutil
 import subprocess
-import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +47,7 @@ from tests.integration.test_pipeline import (
     spool_instance,
 )
 from tests.proxy import TcpProxy
-from tests.support import received, wait_for
+from tests.support import instance_state, received, timed_call, wait_for
 from worker import messaging, tasks
 from worker.celery_app import (
     ASSESS_TASK,
@@ -132,11 +130,6 @@ def _url(vhost: str, port: int = RABBITMQ_PORT) -> str:
     return f"amqp://guest:guest@127.0.0.1:{port}/{vhost}"
 
 
-def _state(database_url: str, instance_id: int) -> InstanceState | None:
-    with session_scope(database_url) as session:
-        return session.scalar(select(Instance.state).where(Instance.id == instance_id))
-
-
 def _published(vhost: str) -> list[int]:
     """The instance ids of the `assess` messages in the inference queue, oldest first,
     each once (taken off the queue, read directly)."""
@@ -147,28 +140,6 @@ def _published(vhost: str) -> list[int]:
             args, _kwargs, _embed = json.loads(message.body)
             ids.extend(i for i in args if i not in ids)
     return ids
-
-
-def _timed(call: Callable[[], None], limit: float) -> tuple[float, BaseException | None]:
-    """Seconds ``call`` took on a thread of its own, and what it raised; fails if it has
-    not returned within ``limit`` (it is left to end on its own)."""
-    outcome: list[BaseException | None] = []
-
-    def run() -> None:
-        try:
-            call()
-        except BaseException as exc:  # handed to the test
-            outcome.append(exc)
-        else:
-            outcome.append(None)
-
-    thread = threading.Thread(target=run, name="publish", daemon=True)
-    began = time.monotonic()
-    thread.start()
-    thread.join(limit)
-    took = time.monotonic() - began
-    assert not thread.is_alive(), f"the publish still waited after {took:.1f} s"
-    return took, outcome[0]
 
 
 def _caused_by(exc: BaseException | None, kind: type[BaseException]) -> bool:
@@ -202,20 +173,20 @@ def test_the_enqueuer_keeps_a_refused_image_received_then_publishes_it(
             enqueuer.submit(instance_id)
             wait_for(
                 lambda: (
-                    _state(url, instance_id) == InstanceState.QUEUED
+                    instance_state(url, instance_id) == InstanceState.QUEUED
                     or "broker unavailable" in caplog.text
                 ),
                 timeout=BUDGET + 10,
                 what="the enqueuer's publish to end",
             )
         # before, the row was marked queued and its message was gone
-        assert _state(url, instance_id) == InstanceState.RECEIVED
+        assert instance_state(url, instance_id) == InstanceState.RECEIVED
         assert "MessageNacked" in caplog.text
         assert enqueuer.backlog == 1
 
         _take_again(rabbitmq)
         wait_for(
-            lambda: _state(url, instance_id) == InstanceState.QUEUED,
+            lambda: instance_state(url, instance_id) == InstanceState.QUEUED,
             timeout=60,
             what="the image published once the queue takes it",
         )
@@ -238,7 +209,7 @@ def test_the_reconciler_keeps_a_refused_image_received_then_publishes_it(
         report = reconcile_via_broker(rt)
     # before, the round reported it queued, and its message was gone
     assert report.instances == []
-    assert _state(url, instance_id) == InstanceState.RECEIVED
+    assert instance_state(url, instance_id) == InstanceState.RECEIVED
     # the refusal named, not only kombu's wrapper (OperationalError) of it
     assert "refusing messages (OperationalError: MessageNacked)" in caplog.text
 
@@ -249,7 +220,7 @@ def test_the_reconciler_keeps_a_refused_image_received_then_publishes_it(
         timeout=30,
         what="a round to publish the image once the queue takes it",
     )
-    assert _state(url, instance_id) == InstanceState.QUEUED
+    assert instance_state(url, instance_id) == InstanceState.QUEUED
     assert _published(rabbitmq) == [instance_id]
 
 
@@ -263,7 +234,7 @@ def test_a_publish_rabbitmq_never_confirms_fails_within_the_budget(
         enqueue_assess(1)  # the pool's connection, through the proxy, is open
         proxy.black_hole()  # the next message is written, and nothing comes back
 
-        took, error = _timed(lambda: enqueue_assess(2), BUDGET + MARGIN)
+        took, error = timed_call(lambda: enqueue_assess(2), BUDGET + MARGIN)
         # unconfirmed, the publish returned at once and the message was lost
         assert isinstance(error, OperationalError), f"the publish returned: {error!r}"
         assert isinstance(error, messaging.PublishBudgetExceeded), repr(error)
@@ -362,7 +333,7 @@ def test_a_tasks_retry_rabbitmq_never_confirms_fails_within_the_budget(
 
         outcomes: list[str] = []
         with caplog.at_level(logging.ERROR, logger="worker.tasks"):
-            took, error = _timed(
+            took, error = timed_call(
                 lambda: outcomes.append(_as_the_worker_runs_it(instance_id)), BUDGET + MARGIN
             )
         assert error is None, repr(error)
@@ -395,7 +366,7 @@ def test_a_tasks_retry_rabbitmq_refuses_leaves_its_image_to_the_reconciler(
 
     outcomes: list[str] = []
     with caplog.at_level(logging.ERROR, logger="worker.tasks"):
-        _took, error = _timed(
+        _took, error = timed_call(
             lambda: outcomes.append(_as_the_worker_runs_it(instance_id)), BUDGET + MARGIN
         )
     assert error is None, repr(error)
@@ -426,7 +397,7 @@ def test_a_retry_not_published_whose_note_cannot_be_written_is_rejected_all_the_
     monkeypatch.setattr(tasks, "session_scope", away)
     outcomes: list[str] = []
     with caplog.at_level(logging.WARNING, logger="worker.tasks"):
-        _took, error = _timed(
+        _took, error = timed_call(
             lambda: outcomes.append(_as_the_worker_runs_it(instance_id)), BUDGET + MARGIN
         )
     assert error is None, repr(error)

@@ -8,27 +8,21 @@ stops forwarding, and closes nothing. Keepalive is read from the kernel's socket
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import os
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import pytest
-import redis
-from sqlalchemy import select
 
-from db.engine import create_db_engine, session_scope, upgrade
-from db.schema import Instance, InstanceState
+from db.engine import create_db_engine, upgrade
+from db.schema import InstanceState
 from tests.proxy import TcpProxy
-from tests.support import received, wait_for
+from tests.support import instance_state, received, redis_queue_ids, wait_for
 from worker import celery_app
-from worker.celery_app import INFERENCE_QUEUE, PUBLISH_RETRY_POLICY, app, configure
+from worker.celery_app import INFERENCE_QUEUE, PUBLISH_RETRY_POLICY, configure
 from worker.listener import record_instance
 from worker.messaging import Enqueuer
 from worker.reconciler import reconcile_via_broker
@@ -49,22 +43,11 @@ BOUND = (PUBLISH_RETRY_POLICY["max_retries"] + 1) * 2 * TIMEOUT + 5
 
 @pytest.fixture
 def proxied_broker(
-    redis_broker: tuple[str, str], monkeypatch: pytest.MonkeyPatch
-) -> Iterator[tuple[TcpProxy, str, str]]:
-    """(proxy, broker URL through the proxy, key prefix) on the real Redis."""
-    url, prefix = redis_broker
-    parsed = urlparse(url)
-    proxy = TcpProxy(parsed.port or 6379, parsed.hostname or "127.0.0.1")
+    proxied_redis: tuple[TcpProxy, str, str], monkeypatch: pytest.MonkeyPatch
+) -> tuple[TcpProxy, str, str]:
+    """`proxied_redis`, with the short socket timeout of these tests."""
     monkeypatch.setattr(celery_app, "BROKER_SOCKET_TIMEOUT", TIMEOUT)
-    # the app's connection pools, made for an earlier test's broker, are made again
-    monkeypatch.setattr(app, "_pool", None)
-    monkeypatch.setattr(app.amqp, "_producer_pool", None)
-    try:
-        yield proxy, f"redis://127.0.0.1:{proxy.port}{parsed.path}", prefix
-    finally:
-        if app._pool is not None:
-            app._pool.force_close_all()
-        proxy.close()
+    return proxied_redis
 
 
 def _node(tmp_path: Path, broker_url: str, prefix: str, **overrides: Any) -> Settings:
@@ -76,24 +59,10 @@ def _node(tmp_path: Path, broker_url: str, prefix: str, **overrides: Any) -> Set
     return settings
 
 
-def _state(database_url: str, instance_id: int) -> InstanceState | None:
-    with session_scope(database_url) as session:
-        return session.scalar(select(Instance.state).where(Instance.id == instance_id))
-
-
-def _published(prefix: str) -> list[int]:
+def _published(prefix: str) -> list[object]:
     """The instance ids of the `assess` messages waiting in the inference queue, oldest
     first (Redis, read directly)."""
-    client = redis.Redis(host="127.0.0.1", port=6379)
-    try:
-        raw = client.lrange(f"{prefix}{INFERENCE_QUEUE}", 0, -1)
-    finally:
-        client.close()
-    ids = []
-    for message in reversed(raw):  # kombu pushes on the left
-        args, _kwargs, _embed = json.loads(base64.b64decode(json.loads(message)["body"]))
-        ids.extend(args)
-    return ids
+    return redis_queue_ids(prefix, INFERENCE_QUEUE)
 
 
 def _keepalive_timers(port: int) -> list[float]:
@@ -128,7 +97,9 @@ def test_a_publish_on_a_half_open_connection_fails_within_the_timeout_then_goes_
         first = record_instance(url, received("1.2.3.4.1"))
         enqueuer.submit(first)
         wait_for(
-            lambda: _state(url, first) == InstanceState.QUEUED, timeout=30, what="first queued"
+            lambda: instance_state(url, first) == InstanceState.QUEUED,
+            timeout=30,
+            what="first queued",
         )
         # the enqueuer's connection, idle, is probed by TCP keepalive
         timers = _keepalive_timers(proxy.port)
@@ -146,11 +117,11 @@ def test_a_publish_on_a_half_open_connection_fails_within_the_timeout_then_goes_
             )
             took = time.monotonic() - began
         assert took < BOUND, f"the publish failed after {took:.1f} s"
-        assert _state(url, second) == InstanceState.RECEIVED
+        assert instance_state(url, second) == InstanceState.RECEIVED
 
         proxy.forward()
         wait_for(
-            lambda: _state(url, second) == InstanceState.QUEUED,
+            lambda: instance_state(url, second) == InstanceState.QUEUED,
             timeout=60,
             what="the second published once the network is back",
         )
@@ -179,7 +150,7 @@ def test_a_reconciler_round_on_a_half_open_connection_ends_within_the_timeout(
     # the queues' depths asked for, then one publish tried
     assert took < 2 * BOUND, f"the round took {took:.1f} s"
     assert report.instances == []
-    assert _state(url, lost) == InstanceState.RECEIVED
+    assert instance_state(url, lost) == InstanceState.RECEIVED
 
     proxy.forward()
     assert reconcile_via_broker(rt).instances == [lost]

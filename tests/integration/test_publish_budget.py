@@ -20,19 +20,25 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
 import redis
 from kombu.exceptions import OperationalError
-from sqlalchemy import select
 
-from db.engine import session_scope, upgrade
-from db.schema import Instance, InstanceState
+from db.engine import upgrade
+from db.schema import InstanceState
 from tests.proxy import TcpProxy
-from tests.support import free_port, received, wait_for, wait_for_port
+from tests.support import (
+    free_port,
+    instance_state,
+    received,
+    redis_queue_ids,
+    timed_call,
+    wait_for,
+    wait_for_port,
+)
 from worker import messaging
 from worker.celery_app import (
     BROKER_SOCKET_TIMEOUT,
@@ -54,25 +60,6 @@ BUDGET = PUBLISH_BUDGET_SECONDS
 MARGIN = 1.0
 
 
-@pytest.fixture
-def proxied_broker(
-    redis_broker: tuple[str, str], monkeypatch: pytest.MonkeyPatch
-) -> Iterator[tuple[TcpProxy, str, str]]:
-    """(proxy, broker URL through the proxy, key prefix) on the real Redis."""
-    url, prefix = redis_broker
-    parsed = urlparse(url)
-    proxy = TcpProxy(parsed.port or 6379, parsed.hostname or "127.0.0.1")
-    # the app's connection pools, made for an earlier test's broker, are made again
-    monkeypatch.setattr(app, "_pool", None)
-    monkeypatch.setattr(app.amqp, "_producer_pool", None)
-    try:
-        yield proxy, f"redis://127.0.0.1:{proxy.port}{parsed.path}", prefix
-    finally:
-        if app._pool is not None:
-            app._pool.force_close_all()
-        proxy.close()
-
-
 def _node(tmp_path: Path, broker_url: str, prefix: str) -> str:
     """Configure the app on ``broker_url``; the database's URL."""
     settings = load_settings(data_dir=tmp_path, broker_url=broker_url, broker_prefix=prefix)
@@ -81,56 +68,18 @@ def _node(tmp_path: Path, broker_url: str, prefix: str) -> str:
     return settings.effective_database_url
 
 
-def _state(database_url: str, instance_id: int) -> InstanceState | None:
-    with session_scope(database_url) as session:
-        return session.scalar(select(Instance.state).where(Instance.id == instance_id))
-
-
 def _published(prefix: str, queue: str = INFERENCE_QUEUE) -> list[object]:
-    """The first argument of each message waiting in ``queue``, oldest first, each once
-    (Redis, read directly). A message may be there twice, harmlessly (tasks are
-    idempotent): a publish whose reply came after its wait is published again."""
-    client = redis.Redis(host="127.0.0.1", port=6379)
-    try:
-        raw = client.lrange(f"{prefix}{queue}", 0, -1)
-    finally:
-        client.close()
-    distinct: list[object] = []
-    for message in reversed(raw):  # kombu pushes on the left
-        first = json.loads(base64.b64decode(json.loads(message)["body"]))[0][0]
-        if first not in distinct:
-            distinct.append(first)
-    return distinct
-
-
-def _timed(call: Callable[[], None], limit: float) -> tuple[float, BaseException | None]:
-    """Seconds ``call`` took on a thread of its own, and what it raised; fails if it has
-    not returned within ``limit`` (it is left to end on its own)."""
-    outcome: list[BaseException | None] = []
-
-    def run() -> None:
-        try:
-            call()
-        except BaseException as exc:  # handed to the test
-            outcome.append(exc)
-        else:
-            outcome.append(None)
-
-    thread = threading.Thread(target=run, name="publish", daemon=True)
-    began = time.monotonic()
-    thread.start()
-    thread.join(limit)
-    took = time.monotonic() - began
-    assert not thread.is_alive(), f"the publish still waited after {took:.1f} s"
-    return took, outcome[0]
+    """The first argument of each message waiting in ``queue``, oldest first, each once:
+    a message may be there twice, harmlessly (`tests.support.redis_queue_ids`)."""
+    return redis_queue_ids(prefix, queue, each_once=True)
 
 
 def test_the_enqueuers_publish_gives_up_within_the_budget_and_the_image_waits(
     tmp_path: Path,
-    proxied_broker: tuple[TcpProxy, str, str],
+    proxied_redis: tuple[TcpProxy, str, str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    proxy, broker_url, prefix = proxied_broker
+    proxy, broker_url, prefix = proxied_redis
     url = _node(tmp_path, broker_url, prefix)
     enqueuer = Enqueuer(url)
     enqueuer.start()
@@ -138,7 +87,9 @@ def test_the_enqueuers_publish_gives_up_within_the_budget_and_the_image_waits(
         first = record_instance(url, received("1.2.3.6.1"))
         enqueuer.submit(first)
         wait_for(
-            lambda: _state(url, first) == InstanceState.QUEUED, timeout=30, what="first queued"
+            lambda: instance_state(url, first) == InstanceState.QUEUED,
+            timeout=30,
+            what="first queued",
         )
 
         proxy.black_hole()
@@ -154,11 +105,11 @@ def test_the_enqueuers_publish_gives_up_within_the_budget_and_the_image_waits(
             took = time.monotonic() - began
         assert took < BUDGET + MARGIN, f"the publish gave up after {took:.1f} s"
         assert "PublishBudgetExceeded" in caplog.text
-        assert _state(url, second) == InstanceState.RECEIVED
+        assert instance_state(url, second) == InstanceState.RECEIVED
 
         proxy.forward()
         wait_for(
-            lambda: _state(url, second) == InstanceState.QUEUED,
+            lambda: instance_state(url, second) == InstanceState.QUEUED,
             timeout=60,
             what="the second published once the network is back",
         )
@@ -168,21 +119,21 @@ def test_the_enqueuers_publish_gives_up_within_the_budget_and_the_image_waits(
 
 
 def test_a_publish_on_the_apps_pool_gives_up_within_the_budget(
-    tmp_path: Path, proxied_broker: tuple[TcpProxy, str, str]
+    tmp_path: Path, proxied_redis: tuple[TcpProxy, str, str]
 ) -> None:
-    proxy, broker_url, prefix = proxied_broker
+    proxy, broker_url, prefix = proxied_redis
     _node(tmp_path, broker_url, prefix)
     enqueue_assess(1)  # the pool's connection, through the proxy, is open
     proxy.black_hole()
 
     # the reconciler's publishes, and those of a task: they raise, and their rows wait
-    took, error = _timed(lambda: enqueue_assess(2), BUDGET + MARGIN)
+    took, error = timed_call(lambda: enqueue_assess(2), BUDGET + MARGIN)
     assert isinstance(error, OperationalError), f"the publish returned: {error!r}"
     assert isinstance(error, messaging.PublishBudgetExceeded), repr(error)
     assert took < BUDGET + MARGIN
 
     # on a connection the pool has to open again: kombu gives up after its connect timeout
-    took, error = _timed(lambda: enqueue_delivery([7, 8]), BUDGET + MARGIN)
+    took, error = timed_call(lambda: enqueue_delivery([7, 8]), BUDGET + MARGIN)
     assert isinstance(error, OperationalError), repr(error)
     assert took < BUDGET + MARGIN
 
@@ -257,7 +208,7 @@ def test_a_publish_waits_out_a_healthy_redis_that_stalls(
     stall.start()
     wait_for(lambda: _stalled(port), timeout=10, what="Redis to stall")
 
-    took, error = _timed(lambda: enqueue_assess(2), BUDGET + MARGIN)
+    took, error = timed_call(lambda: enqueue_assess(2), BUDGET + MARGIN)
     assert error is None, f"the publish failed after {took:.1f} s: {error!r}"
     stall.join(BUDGET)
     client = redis.Redis(host="127.0.0.1", port=port)

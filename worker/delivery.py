@@ -41,7 +41,7 @@ import hashlib
 import logging
 import ssl
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -769,15 +769,6 @@ PUT_BACK = (
 )
 
 
-def _take_instances(session: Session, instance_ids: Iterable[int]) -> None:
-    """Hold the rows of ``instance_ids`` until the commit, one by one in id order (a row
-    lock on PostgreSQL, the write lock on SQLite), as a withdrawal of the image (the
-    PACS rejected it) and its next assessment (a corrected copy) take its row before
-    they supersede its unsent objects (`worker.pipeline`). A delivery made under it
-    is seen by that supersede, or finds its object superseded already."""
-    take_instances(session, instance_ids)
-
-
 def _put_back() -> dict[str, object]:
     """What a failed delivery that `retry_failed` puts back to pending is given: due now,
     its attempts counted from nought, and ``created_at`` now, as a delivery it makes.
@@ -849,7 +840,7 @@ def retry_failed(rt: Runtime, delivery_ids: list[int] | None = None) -> Retried:
     before (failed, or superseded `REDIRECTED` when the settings named other
     destinations: changed, and changed back), is put back to pending (the unique key
     allows one per destination), else a new one made. Its image's row is taken first,
-    as a withdrawal of the image takes it (`_take_instances`): a withdrawal or a later
+    as a withdrawal of the image takes it (`db.queries.take_instances`): a withdrawal or a later
     assessment either supersedes what this makes, or has superseded the row, which then
     stays so. They go `REDIRECT_BATCH` at a time, each batch in a transaction of its
     own (`_redirect_batch`), which takes its images' rows, reads its rows again and
@@ -942,8 +933,11 @@ def _redirect_batch(
     no_file: dict[int, bool] = {}
     went: set[str] = set()
     with session_scope(rt.database_url) as session:
-        # before any delivery row of theirs, as a withdrawal takes them
-        _take_instances(session, (instance_id for _, instance_id in batch))
+        # before any delivery row of theirs, as a withdrawal of the image (the PACS
+        # rejected it) and its next assessment (a corrected copy) take it before they
+        # supersede its unsent objects: a delivery made under it is seen by that
+        # supersede, or finds its object superseded already
+        take_instances(session, (instance_id for _, instance_id in batch))
         rows = session.execute(
             select(Delivery, Instance.files_removed_at)
             .join(Instance, Delivery.instance_id == Instance.id)

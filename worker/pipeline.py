@@ -1871,7 +1871,7 @@ def _take_images_of(session: Session, sop_instance_uids: Sequence[str]) -> None:
     """Hold, until the commit, the rows of the images whose deliveries send our objects
     ``sop_instance_uids``, one by one in id order, all of them before any delivery row (a
     row lock on PostgreSQL, the write lock on SQLite): the order in which :func:`_withdraw`,
-    :func:`_commit` and `retry-deliveries` (``worker.delivery._take_instances``) take them.
+    :func:`_commit` and `retry-deliveries` (``db.queries.take_instances``) take them.
 
     A redirect of such an object holds its image's row while it supersedes the failed
     delivery and queues the object to another destination (a new row, or one put back to

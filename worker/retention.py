@@ -354,18 +354,28 @@ def remove_expired_files(
             last_id = ids[-1]
             if not dry_run:
                 # Conditional: an instance reprocessed since the select is no longer
-                # finished, and keeps its files.
-                session.execute(
-                    update(Instance)
+                # finished, and keeps its files. The rows are taken in id order, and
+                # those another transaction holds are left for the next run
+                # (PostgreSQL; SQLite serialises writers): a rejection note or a
+                # redirect holds several images' rows, taken in id order
+                # (db.queries.take_instances), and an UPDATE taking rows in the order its
+                # plan meets them deadlocked with it. A row held is being withdrawn,
+                # redirected or sent now, perhaps given a delivery that keeps its files.
+                # The lock is the one the UPDATE takes (NO KEY UPDATE): a delivery
+                # inserted beside it waits on it no more than before.
+                free = (
+                    select(Instance.id)
                     .where(Instance.id.in_(ids), *_expired(cutoff))
-                    .values(files_removed_at=started)
-                    .execution_options(synchronize_session=False)
+                    .order_by(Instance.id)
+                    .with_for_update(skip_locked=True, key_share=True)
                 )
-                ids = list(
+                ids = sorted(
                     session.scalars(
-                        select(Instance.id).where(
-                            Instance.id.in_(ids), Instance.files_removed_at == started
-                        )
+                        update(Instance)
+                        .where(Instance.id.in_(free.scalar_subquery()), *_expired(cutoff))
+                        .values(files_removed_at=started)
+                        .returning(Instance.id),
+                        execution_options={"synchronize_session": False},
                     )
                 )
             files = _files_of(session, ids)

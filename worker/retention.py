@@ -38,9 +38,10 @@ could not commit (the database was down: the PACS was answered 0xA700, and usual
 sends it again, which makes its row), or one whose row was lost: a database restored
 from a backup has no row for what came after the backup, images the PACS was told
 Success for, perhaps never assessed, of which these files are the only copies from
-which results could be rebuilt. Nothing else would ever remove them, and ``status``
-cannot see them. Such a file is dated from when retention first found it unrecorded,
-never by its own time (a restore leaves files as old as the backup): retention then
+which results could be rebuilt. Nothing else would ever remove them, and no row shows
+them to ``status``, which counts them by their markers (:func:`unrecorded_images`). Such
+a file is dated from when retention first found it unrecorded, never by its own time (a
+restore leaves files as old as the backup): retention then
 makes an empty marker under its name in ``spool/.unrecorded`` (``ab/<32 hex>.dcm``),
 whose time is that first sighting, and says how many at WARNING. The file goes, with
 its marker, once the marker is ``BONEAGE_RETENTION_DAYS`` old, if the file is as old
@@ -77,7 +78,7 @@ import re
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import ColumnElement, and_, or_, select, update
@@ -90,7 +91,7 @@ from dicom_io.scp import recording_lock
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RetentionReport", "remove_expired_files"]
+__all__ = ["RetentionReport", "UnrecordedImages", "remove_expired_files", "unrecorded_images"]
 
 #: Instances marked this recently are swept again, for files a crash left behind.
 _SWEEP_WINDOW = timedelta(days=1)
@@ -621,6 +622,74 @@ def _unrecorded_images(
         unrecorded_first_seen=marked_now,
         unrecorded_unmarked=unmarked,
     )
+
+
+@dataclass(frozen=True)
+class UnrecordedImages:
+    """The received images in the spool that no instance row names and that retention
+    has dated (a marker in :data:`UNRECORDED_DIR`): what ``status`` says of them."""
+
+    images: int = 0
+    bytes: int = 0
+    #: When the first of them is due to go: retention's first run after it removes it
+    #: (the listener's, hourly), unless a row names it by then. None where there are
+    #: none, or where retention keeps files for ever.
+    first_goes_after: datetime | None = None
+
+
+def unrecorded_images(
+    database_url: str, spool: Path, older_than: timedelta | None
+) -> UnrecordedImages | None:
+    """The received images in ``spool`` that no instance row names, as retention has
+    dated them (:func:`_unrecorded_images`), and when the first goes if retention keeps
+    files ``older_than`` (None: for ever); None where the markers cannot be read (they
+    are the spool owner's, 0700).
+
+    Only the markers are read, with each one's image, never the whole spool: an image
+    not dated yet (found by no run as the spool's owner) is not counted. A marker whose
+    image is gone, or whose image a row now names by its path, is not counted either
+    (the next run removes it). A row written where the spool was mounted elsewhere names
+    its image by a path this does not match: such an image is counted until that run.
+    """
+    markers_dir = spool / UNRECORDED_DIR
+    try:
+        folders = [f for f in markers_dir.iterdir() if _SPOOL_FOLDER.fullmatch(f.name)]
+    except FileNotFoundError:
+        return UnrecordedImages()
+    except OSError:
+        return None
+    dated: dict[str, tuple[float, int]] = {}  # image: since when it is dated, its size
+    for folder in folders:
+        try:
+            names = [m for m in folder.iterdir() if _SPOOL_FILE.fullmatch(m.name)]
+        except PermissionError:
+            return None
+        except OSError:  # not a folder, or removed meanwhile
+            continue
+        for marker in names:
+            image = spool / folder.name / marker.name
+            try:
+                image_stat, marked = image.stat(), marker.stat().st_mtime
+            except OSError:  # gone: the next run removes its marker
+                continue
+            # due once both were written long enough ago (_unrecorded_images)
+            dated[str(image)] = (max(marked, image_stat.st_mtime), image_stat.st_size)
+    paths = list(dated)
+    for start in range(0, len(paths), _BATCH):
+        with session_scope(database_url) as session:
+            for named in session.scalars(
+                select(Instance.spool_path).where(
+                    Instance.spool_path.in_(paths[start : start + _BATCH])
+                )
+            ):
+                dated.pop(named, None)
+    if not dated:
+        return UnrecordedImages()
+    first = None
+    if older_than is not None:
+        since = datetime.fromtimestamp(min(at for at, _ in dated.values()), UTC)
+        first = since + max(older_than, _RECORDING)
+    return UnrecordedImages(len(dated), sum(size for _, size in dated.values()), first)
 
 
 def _owner(spool: Path) -> int | None:

@@ -90,6 +90,17 @@ def collect(settings: Settings) -> dict[str, Any]:
         "spool_bytes": spool_bytes,
         "retention_days": settings.retention_days,
     }
+    # received images no row names, as retention dated them: None where unreadable
+    # (pynetdicom comes with retention: imported here, as worker.delivery below)
+    from worker.retention import unrecorded_images
+
+    keep = timedelta(days=settings.retention_days) if settings.retention_days else None
+    unrecorded = unrecorded_images(url, settings.spool_dir, keep)
+    report["storage"]["unrecorded_images"] = unrecorded and {
+        "images": unrecorded.images,
+        "bytes": unrecorded.bytes,
+        "first_goes_after": _iso(unrecorded.first_goes_after),
+    }
 
     processes = []
     for beat in beats:
@@ -497,6 +508,23 @@ def render(report: dict[str, Any], console: Console) -> None:
             f"storage: {disk}; {held} received image{'' if held == 1 else 's'} on disk "
             f"({_size(storage['spool_bytes'])}), {kept}"
         )
+        unrecorded = storage.get("unrecorded_images", {})
+        if unrecorded is None:
+            parts.append(
+                "received images that no instance records: not known (spool/.unrecorded "
+                "cannot be read): run status as the spool's owner"
+            )
+        elif unrecorded.get("images"):
+            goes = (
+                f"the first goes after {unrecorded['first_goes_after']} unless a row names it"
+                if unrecorded["first_goes_after"]
+                else "kept for ever (BONEAGE_RETENTION_DAYS is 0)"
+            )
+            parts.append(
+                f"{unrecorded['images']} received image(s) that no instance records "
+                f"({_size(unrecorded['bytes'])}, a row not committed or lost to a database "
+                f"restore): {goes}"
+            )
     if failed_deliveries := report.get("failed_deliveries"):
         parts.append(_failed_table(failed_deliveries))
         if len(failed_deliveries) > FAILED_SHOWN:

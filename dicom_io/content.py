@@ -17,10 +17,13 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "AI_RESULT_NOTICE",
+    "BODY_PART_DEFINED_TERMS",
+    "CODE_STRING",
     "DEFAULT_SDS_REFERENCE",
     "MANUFACTURER",
     "UNTRAINED_WARNING",
     "BoneAgeFinding",
+    "body_part_to_write",
     "check_positive_int",
     "check_uid",
     "format_age",
@@ -312,3 +315,105 @@ def check_positive_int(name: str, value: object) -> int:
     if value < 1:
         raise ValueError(f'Argument "{name}" must be positive, got {value}.')
     return value
+
+
+# The Defined Terms of Body Part Examined (0018,0015): PS3.16 Annex L, Table L-1
+# "Correspondence of Anatomic Region Codes and Body Part Examined Defined Terms" (to which
+# PS3.3 C.7.3.1 points), as highdicom 0.28 ships the table (anatomic_regions.json). The
+# dciodvfy of dicom3tools 2022 knows an older list: a term added since (ABDOMINALAORTA,
+# UPPERLIMB ...) gets its warning "Unrecognized defined term", never an error.
+_BODY_PART_TABLE = """
+3RDVENTRICLE 4THVENTRICLE ABDOMEN ABDOMENPELVIS ABDOMINALAORTA ACA ACJOINT ADRENAL
+AMNIOTICFLUID ANKLE ANTCARDIACV ANTCOMMA ANTECUBITALV ANTSPINALA ANTTIBIALA
+ANUSRECTUMSIGMD AORTA AORTICARCH APPENDIX ARTERY ASCAORTA ASCENDINGCOLON AXILLA
+AXILLARYA AXILLARYV AZYGOSVEIN BACK BASILARA BILEDUCT BILIARYTRACT BLADDER
+BLADDERURETHRA BRACHIALA BRACHIALV BRAIN BREAST BRONCHUS BULB BUTTOCK CALCANEUS CALF
+CARDIOVASCSYS CAROTID CCA CELIACA CEPHALICV CEREBELLUM CEREBHEMISPHERE CEREBRALA CERVIX
+CFA CFV CHEEK CHEST CHESTABDOMEN CHESTABDPELVIS CHOROIDPLEXUS CIRCLEOFWILLIS CLAVICLE
+COCCYX COLON COMILIACA COMILIACV COMMONBILEDUCT CORNEA CORONARYARTERY CORONARYSINUS
+CSPINE CTSPINE CULDESAC DESCAORTA DESCENDINGCOLON DUODENUM EAC EAR ECA ELBOW
+ENDOARTERIAL ENDOCARDIAC ENDOESOPHAGEAL ENDOMETRIUM ENDONASAL ENDONASOPHARYNYX
+ENDORECTAL ENDORENAL ENDOURETERIC ENDOURETHRAL ENDOVAGINAL ENDOVASCULAR ENDOVENOUS
+ENDOVESICAL EPIDIDYMIS EPIGASTRIC ESOPHAGUS EXTILIACA EXTILIACV EXTJUGV EXTREMITY EYE
+EYELID FACE FACIALA FEMORALA FEMORALV FEMUR FIBULA FINGER FLANK FONTANEL FOOT FOREARM
+GALLBLADDER GASTRICV GENICULARA GESTSAC GLUTEAL GSV HAND HEAD HEADNECK HEART HEPATICA
+HEPATICV HIP HUMERUS HYPOGASTRIC HYPOPHARYNX IAC ICA ILEUM ILIACA ILIACV ILIUM INFMESA
+INFVENACAVA INGUINAL INNOMINATEA INNOMINATEV INTILIACA INTJUGULARV INTMAMMARYA
+INTRACRANIAL JAW JEJUNUM JOINT KIDNEY KNEE LACRIMALA LARGEINTESTINE LARYNX LATRIUM
+LATVENTRICLE LFEMORALA LHEPATICV LHYPOCHONDRIAC LINGUALA LINGUINAL LIVER LLQ LLUMBAR
+LOWERLEG LOWERLIMB LOWERTRUNK LPORTALV LPULMONARYA LSPINE LSSPINE LSUPPULMONARYV LUMBAR
+LUMBARA LUMEN LUNG LUQ LVENTRICLE MANDIBLE MASTOID MAXILLA MCA MEDIASTINUM MESENTRICA
+MESENTRICV MIDHEPATICV MORISONSPOUCH MOUTH NASOPHARYNX NECK NECKCHEST NECKCHESTABDOMEN
+NECKCHESTABDPELV NOSE OCCIPTALV OCCPITALA OPHTHALMICA OPTICCANAL ORBIT OVARY
+PANCBILEDUCT PANCREAS PANCREATICDUCT PARASTERNAL PARATHYROID PAROTID PATELLA PCA PELVIS
+PELVISLOWEXTREMT PENILEA PENIS PERINEUM PERONEALA PHANTOM PHARYNX PHARYNXLARYNX PLACENTA
+POPLITEALA POPLITEALFOSSA POPLITEALV PORTALV POSCOMMA POSTIBIALA PROFFEMA PROFFEMV
+PROSTATE PULMONARYA PULMONARYV RADIALA RADIUS RADIUSULNA RATRIUM RECTUM RENALA RENALV
+RETROPERITONEUM RFEMORALA RHEPATICV RHYPOCHONDRIAC RIB RINGUINAL RLQ RLUMBAR RPORTALV
+RPULMONARYA RSUPPULMONARYV RUQ RVENTRICLE SAPHENOUSV SCALP SCAPULA SCJOINT SCLERA
+SCROTUM SELLA SEMVESICLE SESAMOID SFA SFJ SFV SHOULDER SIGMOID SIJOINT SKULL SMA
+SMALLINTESTINE SPINALCORD SPINE SPLEEN SPLENICA SPLENICV SSPINE STERNUM STOMACH
+SUBCLAVIANA SUBCLAVIANV SUBCOSTAL SUBMANDIBULAR SUPRACLAVICULAR SUPRAPUBIC SUPTHYROIDA
+SVC TESTIS THALAMUS THIGH THORACICAORTA THORAX THUMB THYMUS THYROID TIBIA TIBIAFIBULA
+TLSPINE TMJ TOE TONGUE TRACHEA TRACHEABRONCHUS TRANSVERSECOLON TRUNK TSPINE ULNA ULNARA
+UMBILICAL UMBILICALA UMBILICALV UPPERARM UPPERLIMB UPPERTRUNK UPRURINARYTRACT URETER
+URETHRA UTERUS VAGINA VEIN VERTEBRALA VULVA WHOLEBODY WRIST ZYGOMA
+"""
+#: The Defined Terms of Body Part Examined (PS3.16 Annex L, Table L-1).
+BODY_PART_DEFINED_TERMS = frozenset(_BODY_PART_TABLE.split())
+#: A Code String value (PS3.5 6.2): upper case letters, digits, space and underscore,
+#: 16 at most.
+CODE_STRING = re.compile(r"[A-Z0-9 _]{1,16}")
+#: Words that name a side beside a body part, as some modalities write it (``RT-HAND``,
+#: ``HAND_LT``), and the side each names. Not ``L`` and ``R`` alone: ``L SPINE`` is
+#: the lumbar spine.
+_SIDE_WORDS = {"LT": "L", "LEFT": "L", "RT": "R", "RIGHT": "R"}
+
+
+def body_part_to_write(value: object, *, laterality: str | None) -> str | None:
+    """The Body Part Examined (0018,0015) an object of ours carries for an image whose
+    value is ``value``: a Defined Term (:data:`BODY_PART_DEFINED_TERMS`) or nothing.
+
+    Body Part Examined is Type 3 in the General Series module of the Secondary Capture
+    Image IOD (PS3.3 C.7.3.1), and no module of the Comprehensive SR or Key Object
+    Selection Document IODs has it (their series modules are SR Document Series and Key
+    Object Document Series): only a heat map and a withdrawal notice carry it, and they
+    may leave it out. A value copied as a modality sent it fails dciodvfy where it is no
+    Code String (``RT-HAND``: "Character invalid for this VR"; ``hand``), and says
+    nothing a hanging protocol can match where it is no Defined Term.
+
+    Parameters
+    ----------
+    value
+        Body Part Examined as pydicom reads it from the image: a string, a multi-value
+        (VM is 1: none is written), None, or anything else (none is written).
+    laterality : str or None
+        The side the object states elsewhere (the SC's Laterality, the SR's finding
+        site): ``"L"``, ``"R"``, or None where it states none.
+
+    Returns
+    -------
+    str or None
+        A Defined Term as it is (``HAND``); one written in lower case or with spaces
+        around it, upper-cased and stripped (``hand``, ``Hand `` -> ``HAND``); a Defined
+        Term with a side word before or after it (``RT-HAND``, ``LEFT HAND``,
+        ``HAND_LT``) as the term alone, but only where ``laterality`` names that same
+        side, so that the side is not lost; else None, nothing written: no other value is
+        mapped to a term (``L HAND``, ``HANDS``, ``CARPUS``, ``RT-HAND`` of an image whose
+        side is unknown or is L).
+    """
+    if not isinstance(value, str):
+        return None
+    if value in BODY_PART_DEFINED_TERMS:
+        return value
+    text = value.strip().upper()
+    if text in BODY_PART_DEFINED_TERMS:
+        return text
+    words = [w for w in re.split(r"[\s_-]+", text) if w]
+    if laterality not in _LATERALITIES or len(words) != 2:
+        return None  # a side dropped would be a side lost
+    first, second = words
+    for side, part in ((first, second), (second, first)):
+        if _SIDE_WORDS.get(side) == laterality and part in BODY_PART_DEFINED_TERMS:
+            return part
+    return None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import re
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -21,8 +20,10 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_io.content import (
     AI_RESULT_NOTICE,
+    CODE_STRING,
     UNTRAINED_WARNING,
     BoneAgeFinding,
+    body_part_to_write,
     check_positive_int,
     check_uid,
 )
@@ -369,8 +370,6 @@ def _patient_orientation(source: Dataset) -> tuple[str, str] | None:
 #: Body Part Examined of a notice whose series' own value is unknown: the heat maps of
 #: that series can no longer be read (retention removed their files) (PS3.16 Annex L).
 NOTICE_BODY_PART = "HAND"
-# A Code String value (PS3.5 6.2): upper case, digits, space and underscore, 16 at most.
-_CODE_STRING = re.compile(r"[A-Z0-9 _]{1,16}")
 
 
 def notice_body_part(heat_map: Dataset | None) -> str | None:
@@ -380,7 +379,8 @@ def notice_body_part(heat_map: Dataset | None) -> str | None:
     Body Part Examined is a General Series attribute, one value for the series, by which
     hanging protocols place it: a notice carries the value of the heat maps it joins, not
     that of the copy received again that withdraws their bone age (corrected to another
-    part, or naming none).
+    part, or naming none). A later heat map of the series carries it too
+    (:func:`build_heatmap_sc`'s ``series_heat_map``).
 
     Parameters
     ----------
@@ -393,7 +393,8 @@ def notice_body_part(heat_map: Dataset | None) -> str | None:
     str or None
         The heat map's value; None where it has none (the image it shows had none);
         :data:`NOTICE_BODY_PART` where it is unknown, or is no Code String (``RT-HAND``,
-        as some modalities send it and the heat map copied it): a notice is written with
+        as some modalities send it and a heat map written before
+        :func:`~dicom_io.content.body_part_to_write` copied it): a notice is written with
         valid values only.
     """
     if heat_map is None:
@@ -401,7 +402,7 @@ def notice_body_part(heat_map: Dataset | None) -> str | None:
     value = heat_map.get("BodyPartExamined")
     if value is None or value == "":
         return None
-    if isinstance(value, str) and _CODE_STRING.fullmatch(value):
+    if isinstance(value, str) and CODE_STRING.fullmatch(value):
         return value
     return NOTICE_BODY_PART
 
@@ -415,6 +416,7 @@ def build_heatmap_sc(
     sop_instance_uid: str,
     series_number: int,
     instance_number: int = 1,
+    series_heat_map: Dataset | None = None,
 ) -> Dataset:
     """Wrap a rendered overlay in a Secondary Capture Image in the source's study.
 
@@ -432,6 +434,16 @@ def build_heatmap_sc(
         Series Number of the new series (positive).
     instance_number : int
         Instance Number (positive).
+    series_heat_map : pydicom.Dataset or None
+        An earlier heat map of the series this one joins, as it was written (its header
+        is enough): the first of them whose file can still be read. Its Body Part
+        Examined, a General Series attribute, is the series' value, which this one
+        carries too (:func:`notice_body_part`, as a withdrawal notice does), whatever
+        ``source`` names now (the PACS corrected it). None: the first heat map of its
+        series, or none of the earlier ones can be read any more (retention removed their
+        files); it carries the value of ``source``
+        (:func:`~dicom_io.content.body_part_to_write`), which may then differ from that
+        of the earlier heat maps: nothing tells what theirs was.
 
     Returns
     -------
@@ -467,6 +479,7 @@ def build_heatmap_sc(
         sop_instance_uid=sop_instance_uid,
         series_number=series_number,
         instance_number=instance_number,
+        series_heat_map=series_heat_map,
     )
 
 
@@ -554,7 +567,7 @@ def build_withdrawal_sc(
     if not isinstance(why, str) or not why.strip():
         raise ValueError('Argument "why" must be a non-empty string.')
     if body_part_examined is not None and (
-        not isinstance(body_part_examined, str) or not _CODE_STRING.fullmatch(body_part_examined)
+        not isinstance(body_part_examined, str) or not CODE_STRING.fullmatch(body_part_examined)
     ):
         raise ValueError(
             'Argument "body_part_examined" must be None or a Code String value (upper '
@@ -595,11 +608,13 @@ def _secondary_capture(
     instance_number: int,
     shows_source: bool = True,
     body_part_examined: str | None = None,
+    series_heat_map: Dataset | None = None,
 ) -> Dataset:
     """The SC of ``rgb`` in ``source``'s study, in a heat-map series of one model;
     ``shows_source``: its pixels are the source's, rendered (and lossy where those are),
-    in the source's orientation and of its body part; else a notice, of the series' body
-    part ``body_part_examined`` (:func:`build_withdrawal_sc`)."""
+    in the source's orientation and of its body part, or of that of ``series_heat_map``
+    (:func:`build_heatmap_sc`); else a notice, of the series' body part
+    ``body_part_examined`` (:func:`build_withdrawal_sc`)."""
     if not isinstance(source, Dataset):
         raise TypeError(
             f'Argument "source" must be a pydicom Dataset, not {type(source).__name__}.'
@@ -655,14 +670,19 @@ def _secondary_capture(
     # General Series: Laterality is Type 2C; empty when the side is unknown
     if laterality is None:
         sc.Laterality = ""
-    # General Series: Body Part Examined, on which hanging protocols put a series with the
-    # images of its part: a heat map's is its source's; a notice's, its series' (that of
-    # the heat maps it joins), whatever the copy that withdraws them says
-    if not shows_source:
-        if body_part_examined is not None:
-            sc.BodyPartExamined = body_part_examined
-    elif source.get("BodyPartExamined"):
-        sc.BodyPartExamined = source.BodyPartExamined
+    # General Series: Body Part Examined (Type 3), on which hanging protocols put a series
+    # with the images of its part, one value for the series: a notice's and a later heat
+    # map's are those of the heat maps they join, whatever the copy received again says;
+    # a series' first heat map's is its source's, as a Defined Term or none
+    if shows_source:
+        if series_heat_map is not None:
+            body_part_examined = notice_body_part(series_heat_map)
+        else:
+            body_part_examined = body_part_to_write(
+                source.get("BodyPartExamined"), laterality=laterality
+            )
+    if body_part_examined is not None:
+        sc.BodyPartExamined = body_part_examined
     # SC Equipment: rendered by software on a workstation, not digitized
     sc.ConversionType = "WSD"
     # General Image: derivation and the source image

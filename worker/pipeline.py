@@ -1221,6 +1221,8 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
         if earlier_maps
         else None
     )
+    # its heat maps before this one, whose Body Part Examined it carries: the series'
+    joined = next((m for m in earlier_maps if m.series_instance_uid == new_series), None)
     outputs = stage_outputs(  # moved into the outbox by the commit, if it wins
         ds,
         image,
@@ -1231,7 +1233,8 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
         device_observer_uid=rt.device_observer_uid,
         assessment=claim.assessment,
         replaces=_earlier_reports(rt, claim, ds),
-        replaces_heat_map=any(m.series_instance_uid == new_series for m in earlier_maps),
+        replaces_heat_map=joined is not None,
+        series_heat_map=first_heat_map_as_written(joined) if joined is not None else None,
         other_study=other_study,
     )
     try:  # the other heat maps in this study are withdrawn by a notice in each series
@@ -1309,6 +1312,7 @@ def stage_outputs(
     replaces: Sequence[Dataset] = (),
     replaces_heat_map: bool = False,
     other_study: str | None = None,
+    series_heat_map: Dataset | None = None,
 ) -> list[Output]:
     """Build the SR and the heat-map SC of one assessment and stage both, durable.
 
@@ -1327,6 +1331,7 @@ def stage_outputs(
         replaces=replaces,
         replaces_heat_map=replaces_heat_map,
         other_study=other_study,
+        series_heat_map=series_heat_map,
     )
     staged = [_stage_output(outbox_dir, ObjectKind.SR, sr, "sr")]
     try:
@@ -1349,6 +1354,7 @@ def build_outputs(
     replaces: Sequence[Dataset] = (),
     replaces_heat_map: bool = False,
     other_study: str | None = None,
+    series_heat_map: Dataset | None = None,
 ) -> tuple[Dataset, Dataset]:
     """The SR and the heat-map SC of one assessment, in memory: ``(sr, sc)``.
 
@@ -1357,7 +1363,11 @@ def build_outputs(
     and with ``replaces_heat_map`` its SC says, in its picture and comments, that it
     replaces the earlier heat map of the series, which a destination holds. With
     ``other_study`` (the image is now in another study than the one it was first received
-    in) both go into series of their own in that study.
+    in) both go into series of their own in that study. ``series_heat_map``, the first
+    earlier heat map of the SC's series still as written
+    (:func:`first_heat_map_as_written`), gives the SC the series' Body Part Examined;
+    None (the series' first heat map, or retention removed the earlier ones' files): the
+    source's (:func:`dicom_io.sc.build_heatmap_sc`).
     """
     model_id = finding.model_id
     sr_uid = derived_uid(source_uid, model_id, *_again(assessment), "sr")
@@ -1385,6 +1395,7 @@ def build_outputs(
         sop_instance_uid=sc_uid,
         series_number=SC_SERIES_NUMBER,
         instance_number=assessment,
+        series_heat_map=series_heat_map,
     )
     return sr, sc
 
@@ -1407,7 +1418,7 @@ def stage_withdrawals(
     SR that replaced their report sees it after the heat maps.
 
     Its Body Part Examined, a General Series attribute, is the series' own: that of the
-    first of its heat maps whose file is still as written (:func:`_heat_map_as_written`),
+    first of its heat maps whose file is still as written (:func:`first_heat_map_as_written`),
     the one the series was opened with, not ``source``'s (a copy received again, which
     may name another part, or none); the hand's where none is left
     (:func:`~dicom_io.sc.notice_body_part`).
@@ -1415,13 +1426,10 @@ def stage_withdrawals(
     staged: list[Output] = []
     try:
         for series in heat_maps:
-            first = next(
-                (h for h in map(_heat_map_as_written, series.heat_maps) if h is not None), None
-            )
             notice = build_withdrawal_sc(
                 source,
                 why,
-                body_part_examined=notice_body_part(first),
+                body_part_examined=notice_body_part(first_heat_map_as_written(series)),
                 model_name=series.model_name,
                 model_trained=series.trained,
                 series_instance_uid=series.series_instance_uid,
@@ -1437,6 +1445,15 @@ def stage_withdrawals(
         discard(staged)
         raise
     return staged
+
+
+def first_heat_map_as_written(series: HeatMapSeries) -> Dataset | None:
+    """The header of the first heat map of ``series`` whose file is still as written
+    (:func:`_heat_map_as_written`): the one the series was opened with, unless retention
+    removed it. Its Body Part Examined is the series' (a General Series attribute), which
+    a withdrawal notice and a later heat map joining the series carry; None where no heat
+    map of the series can be read any more."""
+    return next((h for h in map(_heat_map_as_written, series.heat_maps) if h is not None), None)
 
 
 def _heat_map_as_written(heat_map: HeatMap) -> Dataset | None:

@@ -481,9 +481,9 @@ def _written_back(tmp_path: Path, sc: Dataset, name: str) -> Dataset:
     [
         ("HAND", "HAND"),
         ("WRIST", "WRIST"),  # not HAND: the series' own value, whatever the copy says
-        ("L HAND", "L HAND"),
+        ("L HAND", None),  # no Defined Term: its heat maps carry none (body_part_to_write)
         (None, None),  # the image had none, nor have its heat maps: common, and assessed
-        ("RT-HAND", NOTICE_BODY_PART),  # no Code String: a notice writes none such
+        ("RT-HAND", None),  # on a left hand's image: its heat maps carry none either
     ],
 )
 def test_a_withdrawal_notice_carries_its_series_body_part(

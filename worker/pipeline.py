@@ -419,6 +419,8 @@ class _Claim:
     # whether a copy was received since the instance was queued (Instance.received_again_at
     # of an instance not finished): the PACS's correction, which this assessment may read
     copy_came: bool = False
+    # when the attempt claimed the instance (Instance.started_at, as its claim wrote it)
+    started_at: datetime | None = None
 
     def other_study(self, source: Dataset) -> str | None:
         """The study ``source`` (the copy read) is in, where it is not the one the
@@ -439,6 +441,7 @@ def _again(assessment: int) -> tuple[str, ...]:
 
 
 def _claim(rt: Runtime, instance_id: int) -> _Claim | AssessOutcome:
+    started = now()
     with session_scope(rt.database_url) as session:
         # One conditional statement, not a read and a write: an attempt whose claim
         # waited on another attempt's commit (PostgreSQL waits on the row, then reads it
@@ -453,7 +456,7 @@ def _claim(rt: Runtime, instance_id: int) -> _Claim | AssessOutcome:
             .values(
                 state=InstanceState.PROCESSING,
                 claimed_by=process_name("worker"),
-                started_at=now(),
+                started_at=started,
                 attempts=Instance.attempts + 1,
             )
             .returning(
@@ -476,6 +479,7 @@ def _claim(rt: Runtime, instance_id: int) -> _Claim | AssessOutcome:
                 first_study=claimed.study_instance_uid,
                 send=claimed.send_outputs,
                 copy_came=claimed.received_again_at is not None,
+                started_at=started,
             )
         instance = session.get(Instance, instance_id)
         if instance is None:
@@ -608,6 +612,7 @@ def _reopen_if_received_changed(
             return _refuse_uid_clash(
                 rt, instance_id, finished, seen, checked, other_patient, other_study
             )
+    started = now()
     with session_scope(rt.database_url) as session:
         claimed = session.execute(
             update(Instance)
@@ -620,7 +625,7 @@ def _reopen_if_received_changed(
                 state=InstanceState.PROCESSING,
                 assessment=assessment + 1,
                 claimed_by=process_name("worker"),
-                started_at=now(),
+                started_at=started,
                 finished_at=None,
                 reason=None,
                 attempts=1,
@@ -669,6 +674,7 @@ def _reopen_if_received_changed(
         identity=identity,
         identity_before=claimed.identity_before_sha256,
         first_study=claimed.study_instance_uid,
+        started_at=started,
     )
 
 
@@ -805,7 +811,21 @@ def _close(instance: Instance, claim: _Claim, state: InstanceState, reason: str 
     _compared_if_read(instance)
 
 
-def assess_instance(rt: Runtime, instance_id: int, *, send: bool = True) -> AssessOutcome:
+@dataclasses.dataclass
+class Attempt:
+    """The claim an attempt of :func:`assess_instance` took, for the task that made it:
+    the instance's assessment and when the attempt began (``Instance.started_at``), both
+    None until the attempt claimed the instance. A task whose retry could not be
+    published gives the instance back only where its row still shows this claim
+    (`worker.tasks.RetriedWithinBudget`)."""
+
+    assessment: int | None = None
+    started_at: datetime | None = None
+
+
+def assess_instance(
+    rt: Runtime, instance_id: int, *, send: bool = True, attempt: Attempt | None = None
+) -> AssessOutcome:
     """Assess one received instance and queue its outputs for delivery.
 
     Returns what happened; raises only for trouble a retry may cure
@@ -817,11 +837,14 @@ def assess_instance(rt: Runtime, instance_id: int, *, send: bool = True) -> Asse
     send cleared the instance's ``send_outputs`` (whatever message then queues it: the
     reconciler's too), the result is recorded and the SR and SC written to the outbox,
     but no delivery is made; unless a copy of the image came since it was queued, which
-    this attempt may read: the PACS's correction is sent.
+    this attempt may read: the PACS's correction is sent. ``attempt``, where given, is
+    filled in with the claim this attempt takes.
     """
     claimed = _claim(rt, instance_id)
     if isinstance(claimed, AssessOutcome):
         return claimed
+    if attempt is not None:
+        attempt.assessment, attempt.started_at = claimed.assessment, claimed.started_at
     try:
         if (already := _assessed_by_this_model(rt, claimed)) is not None:
             return already

@@ -69,7 +69,12 @@ def reconcile(
         received = Instance.state == InstanceState.RECEIVED
         conditions: list[ColumnElement[bool]] = [
             # At start-up nothing can be in flight: every `received` row is re-queued.
-            received if startup else received & (Instance.received_at < stale),
+            # One that an attempt began is `received` again because the task gave it back,
+            # its retry not published (worker.tasks.RetriedWithinBudget): no message is
+            # on its way, and the listener has none to publish. Queued at once.
+            received
+            if startup
+            else received & ((Instance.received_at < stale) | Instance.started_at.is_not(None)),
             # Its worker died (SIGKILL, power): with Redis the message would only come
             # back after the visibility timeout, hours later. Or its attempt failed for
             # a fault and gave it up.

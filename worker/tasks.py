@@ -12,6 +12,7 @@ import os
 import signal
 import time
 from collections.abc import Iterable
+from datetime import datetime, timedelta
 from typing import Any, NoReturn
 
 from celery import Task
@@ -23,18 +24,20 @@ from celery.signals import (
     worker_ready,
     worker_shutdown,
 )
+from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 
 from db.engine import dispose_after_fork, session_scope
 from db.queries import take_instances
-from db.schema import Instance, InstanceState
+from db.schema import Delivery, DeliveryState, Instance, InstanceState
+from db.schema import utcnow as now
 from dicom_io.pixels import set_jpeg2000_threads
 from dicom_io.sr import local_time_zone, unknown_time_zone
 from worker import metrics
 from worker.celery_app import ASSESS_TASK, DELIVER_TASK, RECONCILE_TASK, app, deliver_time_limit
 from worker.cgroups import cpu_quota, memory_limit
 from worker.cores import CoreShare, batching_process_cores, cores_per_task, jpeg2000_threads
-from worker.delivery import send_deliveries
+from worker.delivery import claim_seconds, send_deliveries
 from worker.heap import freeze_start_up_objects, keep_large_blocks, limit_arenas
 from worker.heartbeat import HeartbeatThread, process_name
 from worker.messaging import (
@@ -47,12 +50,13 @@ from worker.metrics_files import worker_metrics_port
 from worker.pipeline import (
     RETRIED_BY_THE_TASK,
     TRANSIENT_RETRIES,
+    Attempt,
     assess_instance,
     give_up_retries,
     sweep_staged,
     warm_up,
 )
-from worker.reconciler import PROCESSING_LEASE, ReconcileReport, reconcile_via_broker
+from worker.reconciler import ReconcileReport, reconcile_via_broker
 from worker.runtime import Runtime
 from worker.settings import Settings, usable_cpus
 
@@ -341,14 +345,23 @@ class RetriedWithinBudget(Task):
     policy and no timeouts: with RabbitMQ's confirms on, py-amqp waited for the confirm
     without end, and a broker blocked by a disk alarm held the worker's process in the
     retry until the alarm cleared. Where the retry cannot be published, Celery rejects the
-    message (``Reject``, not requeued) and the work waits in the database: an instance
-    stays `processing`, claimed by this process, until the reconciler takes it back when
-    its lease runs out (`worker.reconciler.PROCESSING_LEASE`), its reason saying that the
-    retry was not published (`RETRY_NOT_PUBLISHED`: it said "retried: n of 21 tries" for
-    the half hour no retry came); or it stays `queued`, with no message, where the error
-    came before its claim committed (the database away as the attempt began), and the
-    reconciler queues it again once the inference queue is empty, later during a backlog.
-    Deliveries stay `pending` and the reconciler sends them once their claim has run out.
+    message (``Reject``, not requeued), and the task gives its work back to the database,
+    for the reconciler to queue again as soon as the broker takes messages (its next
+    round), where it used to wait for the claim to run out (half an hour for an image):
+
+    - an instance that this attempt claimed, and that this process still holds under
+      the same claim (its assessment, and the time the attempt began), is `received`
+      again, claimed by none, in the same transaction that ends its reason with
+      `RETRY_NOT_PUBLISHED` (it said "retried: n of 21 tries" alone, for a retry that
+      never came). Its attempts and transient failures stay as the attempt counted them.
+      A claim that another attempt took meanwhile is left as it is. Where the error came
+      before the claim committed (the database away as the attempt began), the instance
+      stays `queued`, with no message, and the reconciler queues it again once the
+      inference queue is empty, later during a backlog;
+    - the deliveries of the message that this attempt still holds (their claim's
+      ``next_attempt_at`` and ``sending_since``, as this attempt's claim wrote them) are
+      due again; each keeps its ``sending_since``, which says that its object may be at
+      the destination (it may have been sent, and its answer not recorded).
     """
 
     def retry(
@@ -377,34 +390,51 @@ class RetriedWithinBudget(Task):
             except Reject as rejected:
                 reason = rejected.reason
                 logger.error(
-                    "%s: its retry was not published (%s): the message is dropped, and the "
-                    "reconciler queues the work again once its claim runs out",
+                    "%s: its retry was not published (%s): the message is dropped, and its "
+                    "work is given back for the reconciler to queue again",
                     self.name,
                     failure_name(reason) if isinstance(reason, BaseException) else reason,
                 )
+                call_args = self.request.args if args is None else args
+                call_kwargs = self.request.kwargs if kwargs is None else kwargs
                 if self.name == ASSESS_TASK:
-                    call_args = self.request.args if args is None else args
-                    call_kwargs = self.request.kwargs if kwargs is None else kwargs
                     instance_id = (call_kwargs or {}).get("instance_id")
                     if instance_id is None and call_args:
                         instance_id = call_args[0]
-                    if isinstance(instance_id, int):
-                        _note_retry_not_published(instance_id)
+                    attempt = getattr(self.request, "assess_attempt", None)
+                    if isinstance(instance_id, int) and isinstance(attempt, Attempt):
+                        _give_back_instance(instance_id, attempt)
+                elif self.name == DELIVER_TASK:
+                    delivery_ids = (call_kwargs or {}).get("delivery_ids")
+                    if delivery_ids is None and call_args:
+                        delivery_ids = call_args[0]
+                    began = getattr(self.request, "deliver_began", None)
+                    if isinstance(began, datetime) and delivery_ids is not None:
+                        ids = [delivery_ids] if isinstance(delivery_ids, int) else delivery_ids
+                        _give_back_deliveries(list(ids), began)
                 raise
 
 
 #: What the reason of an instance whose `assess` retry was not published ends with: no
-#: retry comes, whatever "(retried: n of 21 tries)" before it says.
+#: retry comes, whatever "(retried: n of 21 tries)" before it says. It stays until the
+#: next attempt ends.
 RETRY_NOT_PUBLISHED = (
-    "; retry not published: the reconciler queues it again once its "
-    f"{PROCESSING_LEASE.total_seconds() / 60:.0f}-minute lease runs out"
+    "; retry not published: the reconciler queues it again once the broker takes messages"
 )
 
 
-def _note_retry_not_published(instance_id: int) -> None:
-    """Say on ``instance_id``, `processing` and claimed by this process, that its retry
-    was not published (`RETRY_NOT_PUBLISHED`). Where that cannot be written (the
-    database may be what failed), a warning: the retry's own failure goes on."""
+def _give_back_instance(instance_id: int, attempt: Attempt) -> None:
+    """Put ``instance_id`` back to `received`, claimed by none, its reason ending with
+    `RETRY_NOT_PUBLISHED`, where this process still holds it under ``attempt``'s claim:
+    the reconciler queues it again at its next round (`worker.reconciler.reconcile`).
+    Where that cannot be written (the database may be what failed), a warning: the
+    retry's own failure goes on, and the reconciler takes the instance back once its
+    lease runs out.
+
+    The attempt's staged outputs are gone (an attempt that fails removes what it staged),
+    and whatever it left in the outbox is written again by the next attempt, as after
+    the reconciler takes an instance back from a worker that died.
+    """
     try:
         with session_scope(runtime().database_url) as session:
             # its row first, as the pipeline notes a failed attempt: read under the lock
@@ -414,15 +444,70 @@ def _note_retry_not_published(instance_id: int) -> None:
                 instance is not None
                 and instance.state is InstanceState.PROCESSING
                 and instance.claimed_by == process_name("worker")
-                and not (instance.reason or "").endswith(RETRY_NOT_PUBLISHED)
+                and instance.assessment == attempt.assessment
+                and instance.started_at == attempt.started_at
             ):
                 before = instance.reason or ""
-                instance.reason = f"{before}{RETRY_NOT_PUBLISHED}".removeprefix("; ")
+                if not before.endswith(RETRY_NOT_PUBLISHED):
+                    instance.reason = f"{before}{RETRY_NOT_PUBLISHED}".removeprefix("; ")
+                instance.state = InstanceState.RECEIVED
+                instance.claimed_by = None
     except Exception as noted:  # the database away: the Reject goes on as it is
         logger.warning(
-            "instance %d: that its retry was not published is not recorded (%s)",
+            "instance %d: that its retry was not published is not recorded (%s); the "
+            "reconciler takes it back once its lease runs out",
             instance_id,
             type(noted).__name__,
+        )
+
+
+def _give_back_deliveries(delivery_ids: list[int], began: datetime) -> None:
+    """End the claim on those of ``delivery_ids`` that the attempt which began at
+    ``began`` still holds: they are due at once, for the reconciler's next round.
+
+    A claim (`worker.delivery.send_deliveries`) sets a row's ``sending_since`` to its
+    time and its ``next_attempt_at`` a send's length (`claim_seconds`) after it. This
+    attempt's is the one whose time is ``began`` or after: any other claim of the rows
+    waited for it to run out, a send's length later. A row whose failure this attempt
+    recorded (its back-off), or that it delivered, no longer has the claim's marks.
+    Its ``sending_since`` is kept: the object may have gone, its answer unrecorded."""
+    ids = list(dict.fromkeys(delivery_ids))
+    held = timedelta(seconds=claim_seconds(len(ids)))
+    try:
+        with session_scope(runtime().database_url) as session:
+            claims = {
+                (sending_since, next_attempt_at)
+                for sending_since, next_attempt_at in session.execute(
+                    select(Delivery.sending_since, Delivery.next_attempt_at).where(
+                        Delivery.id.in_(ids),
+                        Delivery.state == DeliveryState.PENDING,
+                        Delivery.sending_since >= began,
+                    )
+                )
+                if sending_since is not None
+                and sending_since < began + held - timedelta(seconds=1)
+                and next_attempt_at == sending_since + held
+            }
+            for sending_since, next_attempt_at in claims:
+                # only while the row still has this claim's marks, read again under the
+                # lock the UPDATE takes
+                session.execute(
+                    update(Delivery)
+                    .where(
+                        Delivery.id.in_(ids),
+                        Delivery.state == DeliveryState.PENDING,
+                        Delivery.sending_since == sending_since,
+                        Delivery.next_attempt_at == next_attempt_at,
+                    )
+                    .values(next_attempt_at=None)
+                    .execution_options(synchronize_session=False)
+                )
+    except Exception as failed:  # the database away: the claim runs out as it would
+        logger.warning(
+            "deliveries %s: their claim is not given back (%s); the reconciler sends them "
+            "again once it runs out",
+            ", ".join(map(str, ids)),
+            type(failed).__name__,
         )
 
 
@@ -440,9 +525,11 @@ def _note_retry_not_published(instance_id: int) -> None:
 def assess(self: Task, instance_id: int, send: bool = True) -> str:
     started = time.perf_counter()
     rt = runtime()
+    # the claim this attempt takes, which a retry not published gives back
+    attempt = self.request.assess_attempt = Attempt()
     try:
         with rt.cores.task() if rt.cores is not None else contextlib.nullcontext():
-            outcome = assess_instance(rt, instance_id, send=send)
+            outcome = assess_instance(rt, instance_id, send=send, attempt=attempt)
     except RETRIED_BY_THE_TASK:
         metrics.TASKS.labels(ASSESS_TASK, "exception").inc()
         if self.request.retries >= self.max_retries:  # no retry comes after this one
@@ -476,6 +563,8 @@ def assess(self: Task, instance_id: int, send: bool = True) -> str:
 def deliver(self: Task, delivery_ids: list[int] | int) -> str:
     # A message of an earlier version carries one id.
     ids = [delivery_ids] if isinstance(delivery_ids, int) else list(delivery_ids)
+    # no earlier than the claim this attempt takes, which a retry not published gives back
+    self.request.deliver_began = now()
     try:
         outcomes = send_deliveries(runtime(), ids)
     except Exception:

@@ -7,7 +7,8 @@ written) raises, where before the publish returned and the message was gone. The
 listener's enqueuer and the reconciler then keep the row `received`, and publish it once
 the broker takes it. A task's retry is published so too: refused or not confirmed, it
 fails within about the budget, where it held the worker until the broker took it, and its
-image is not lost.
+work is given back at once (an image `received` again, deliveries due), for the
+reconciler to queue again once the broker takes messages.
 
 A message may be in the queue twice (a confirm slower than its wait on a loaded disk is
 published again): that is harmless, tasks are idempotent, so the tests look at which ids
@@ -24,6 +25,7 @@ import logging
 import os
 import shutil
 import subprocess
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,22 +37,20 @@ from celery import states
 from celery.app.trace import build_tracer
 from kombu import Connection
 from kombu.exceptions import OperationalError
-from sqlalchemy import select
+from sqlalchemy import create_engine, event, select, text
 from sqlalchemy.exc import OperationalError as DatabaseError
 
-from db.engine import session_scope, upgrade
-from db.schema import Instance, InstanceState
-from tests.integration.test_pipeline import (
-    attempt_began_before,
-    make_runtime,
-    reconcile_once,
-    spool_instance,
-)
+from db.engine import get_engine, session_scope, upgrade
+from db.schema import Delivery, DeliveryState, Instance, InstanceState
+from tests.conftest import StoreSCP
+from tests.integration.test_pipeline import make_runtime, spool_instance
 from tests.proxy import TcpProxy
 from tests.support import instance_state, received, timed_call, wait_for
-from worker import messaging, tasks
+from worker import messaging, pipeline, tasks
 from worker.celery_app import (
     ASSESS_TASK,
+    DELIVER_TASK,
+    DELIVERY_QUEUE,
     INFERENCE_QUEUE,
     PUBLISH_BUDGET_SECONDS,
     app,
@@ -59,7 +59,8 @@ from worker.celery_app import (
 from worker.heartbeat import HeartbeatThread, process_name
 from worker.listener import record_instance
 from worker.messaging import Enqueuer, enqueue_assess
-from worker.reconciler import PROCESSING_LEASE, reconcile_via_broker
+from worker.pipeline import assess_instance
+from worker.reconciler import reconcile_via_broker
 from worker.runtime import Runtime
 from worker.settings import Settings, load_settings
 
@@ -106,12 +107,12 @@ def rabbitmq(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         _rabbitmqctl("delete_vhost", vhost)
 
 
-def _refuse(vhost: str) -> None:
-    """From now on the inference queue of ``vhost`` refuses every message. Set before the
-    queue is declared, the policy applies from its declaration on."""
+def _refuse(vhost: str, queue: str = INFERENCE_QUEUE) -> None:
+    """From now on ``queue`` (the inference queue) of ``vhost`` refuses every message. Set
+    before the queue is declared, the policy applies from its declaration on."""
     _rabbitmqctl(
         "set_policy", "-p", vhost, "--apply-to", "queues", "refuse",
-        f"^{INFERENCE_QUEUE}$", json.dumps(REFUSE),
+        f"^{queue}$", json.dumps(REFUSE),
     )  # fmt: skip
 
 
@@ -140,6 +141,18 @@ def _published(vhost: str) -> list[int]:
             args, _kwargs, _embed = json.loads(message.body)
             ids.extend(i for i in args if i not in ids)
     return ids
+
+
+def _delivery_messages(vhost: str) -> list[list[int]]:
+    """The delivery ids of each `deliver` message in the delivery queue, oldest first
+    (taken off the queue, read directly)."""
+    messages: list[list[int]] = []
+    with Connection(_url(vhost)) as connection:
+        channel = connection.default_channel
+        while (message := channel.basic_get(DELIVERY_QUEUE, no_ack=True)) is not None:
+            args, _kwargs, _embed = json.loads(message.body)
+            messages.append(list(args[0]))
+    return messages
 
 
 def _caused_by(exc: BaseException | None, kind: type[BaseException]) -> bool:
@@ -279,36 +292,46 @@ def _unreadable(rt: Runtime) -> int:
     return instance_id
 
 
-def _as_the_worker_runs_it(instance_id: int) -> str:
-    """Run the `assess` message of ``instance_id`` as a worker's pool does (Celery's tracer,
-    not eagerly: a retry is published to the broker); the state it ends in."""
-    tracer = build_tracer(ASSESS_TASK, tasks.assess, eager=False, propagate=False, app=app)
-    request = {"delivery_info": {"exchange": "", "routing_key": INFERENCE_QUEUE}, "retries": 0}
-    outcome = tracer(uuid.uuid4().hex, [instance_id], {}, request)
+def _as_the_worker_runs(task: str, args: list[Any]) -> str:
+    """Run a message of ``task`` as a worker's pool does (Celery's tracer, not eagerly: a
+    retry is published to the broker); the state it ends in."""
+    queue = DELIVERY_QUEUE if task == DELIVER_TASK else INFERENCE_QUEUE
+    tracer = build_tracer(task, app.tasks[task], eager=False, propagate=False, app=app)
+    request = {"delivery_info": {"exchange": "", "routing_key": queue}, "retries": 0}
+    outcome = tracer(uuid.uuid4().hex, args, {}, request)
     return str(outcome.info.state)
 
 
-def _held_by_live_worker_then_requeued(rt: Runtime, instance_id: int) -> None:
-    """The instance whose retry was not published waits in the database, `processing`,
-    claimed by this (live) worker, its reason saying that no retry comes (it said
-    "retried: 1 of 21 tries" alone); the reconciler queues it again once its lease is
-    out."""
-    # alive as a real worker is, whose heartbeat thread beats on: the one beat of
-    # _worker_on may be past STALE_AFTER by now on a loaded machine (the retry took up to
-    # the budget), and the reconciler would take the instance back from a dead worker
+def _as_the_worker_runs_it(instance_id: int) -> str:
+    """Run the `assess` message of ``instance_id`` as a worker's pool does."""
+    return _as_the_worker_runs(ASSESS_TASK, [instance_id])
+
+
+def _given_back_then_queued_again(rt: Runtime, vhost: str, instance_id: int) -> None:
+    """The instance whose retry was not published is given back at once: `received`,
+    claimed by none, its attempt not spent, its reason saying that no retry came (it said
+    "retried: 1 of 21 tries" alone). The reconciler's next round, once the broker takes
+    messages, queues it again, where it waited for the lease (30 min) of a live worker."""
+    # alive as a real worker is: the reconciler takes back nothing from a live worker
     HeartbeatThread(rt.database_url, "worker").beat()
     with session_scope(rt.database_url) as session:
         row = session.get_one(Instance, instance_id)
-        assert (row.state, row.claimed_by) == (InstanceState.PROCESSING, process_name("worker"))
+        assert (row.state, row.claimed_by) == (InstanceState.RECEIVED, None)
+        assert (row.attempts, row.transient_failures) == (0, 1)
         assert row.reason is not None
         assert row.reason.startswith("attempt 1 failed: IsADirectoryError")
         assert row.reason.endswith(
             "(retried: 1 of 21 tries); retry not published: the reconciler queues it again "
-            "once its 30-minute lease runs out"
+            "once the broker takes messages"
         )
-    assert reconcile_once(rt, inference_queue_empty=True) == []  # within its lease
-    attempt_began_before(rt, instance_id, PROCESSING_LEASE.total_seconds() + 60)
-    assert reconcile_once(rt, inference_queue_empty=True) == [instance_id]
+    # the policy leaves the queue a moment after it is cleared: a round may still be refused
+    wait_for(
+        lambda: reconcile_via_broker(rt).instances == [instance_id],
+        timeout=BUDGET + 10,
+        what="the reconciler's round to queue the image again",
+    )
+    assert instance_state(rt.database_url, instance_id) == InstanceState.QUEUED
+    assert _published(vhost) == [instance_id]
 
 
 def test_a_tasks_retry_rabbitmq_never_confirms_fails_within_the_budget(
@@ -344,7 +367,7 @@ def test_a_tasks_retry_rabbitmq_never_confirms_fails_within_the_budget(
 
         proxy.forward()
         assert _published(rabbitmq) == []  # the retry never reached the broker
-        _held_by_live_worker_then_requeued(rt, instance_id)
+        _given_back_then_queued_again(rt, rabbitmq, instance_id)
     finally:
         if app._pool is not None:
             app._pool.force_close_all()
@@ -373,7 +396,8 @@ def test_a_tasks_retry_rabbitmq_refuses_leaves_its_image_to_the_reconciler(
     assert outcomes == [states.REJECTED]
     assert "its retry was not published (OperationalError: MessageNacked)" in caplog.text
     assert _published(rabbitmq) == []
-    _held_by_live_worker_then_requeued(rt, instance_id)
+    _take_again(rabbitmq)
+    _given_back_then_queued_again(rt, rabbitmq, instance_id)
 
 
 def test_a_retry_not_published_whose_note_cannot_be_written_is_rejected_all_the_same(
@@ -385,7 +409,8 @@ def test_a_retry_not_published_whose_note_cannot_be_written_is_rejected_all_the_
 ) -> None:
     """The database away as the task notes that its retry was not published: a warning,
     and the message rejected as it would be, its refusal logged; the instance waits for
-    the reconciler, its reason as the attempt left it."""
+    the reconciler, claimed until its lease runs out, its reason as the attempt left
+    it."""
     rt = _worker_on(tmp_path, tiny_checkpoint, _url(rabbitmq), monkeypatch)
     instance_id = _unreadable(rt)
     _refuse(rabbitmq)
@@ -413,3 +438,128 @@ def test_a_retry_not_published_whose_note_cannot_be_written_is_rejected_all_the_
         assert row.reason.startswith("attempt 1 failed: IsADirectoryError")
         assert row.reason.endswith("(retried: 1 of 21 tries)")
     assert _published(rabbitmq) == []
+
+
+def test_a_claim_another_attempt_took_while_the_retry_was_published_is_left_as_it_is(
+    tmp_path: Path,
+    rabbitmq: str,
+    tiny_checkpoint: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While the retry waits for a confirm that never comes, another attempt of this very
+    process (a batching worker's other task thread, with the reconciler's message) claims
+    the image: the retry that is not published leaves that claim, and the reason, as they
+    are. Before, the task noted on it that its retry was not published, and its claim,
+    the same process's, looked like its own. About 15 s (see BUDGET)."""
+    proxy = TcpProxy(RABBITMQ_PORT)
+    try:
+        rt = _worker_on(tmp_path, tiny_checkpoint, _url(rabbitmq, proxy.port), monkeypatch)
+        instance_id = _unreadable(rt)
+        enqueue_assess(instance_id)  # on the pool's connection, through the proxy
+        assert _published(rabbitmq) == [instance_id]
+        proxy.black_hole()
+
+        outcomes: list[str] = []
+        task = threading.Thread(
+            target=lambda: outcomes.append(_as_the_worker_runs_it(instance_id)), daemon=True
+        )
+        task.start()
+
+        def failed() -> str | None:
+            with session_scope(rt.database_url) as session:
+                reason = session.get_one(Instance, instance_id).reason
+            return reason if reason and "(retried: 1 of 21 tries)" in reason else None
+
+        reason = wait_for(failed, timeout=BUDGET, what="the attempt to fail and be retried")
+        other = pipeline._claim(rt, instance_id)  # the next attempt, as the pipeline claims
+        assert isinstance(other, pipeline._Claim)
+        task.join(BUDGET + MARGIN)
+        assert not task.is_alive()
+        assert outcomes == [states.REJECTED]
+
+        with session_scope(rt.database_url) as session:
+            row = session.get_one(Instance, instance_id)
+            assert (row.state, row.claimed_by) == (InstanceState.PROCESSING, process_name("worker"))
+            assert row.started_at == other.started_at
+            assert row.reason == reason
+            assert (row.attempts, row.transient_failures) == (1, 1)
+    finally:
+        if app._pool is not None:
+            app._pool.force_close_all()
+        proxy.close()
+
+
+def test_a_deliver_retry_not_published_gives_its_deliveries_back(
+    tmp_path: Path,
+    rabbitmq: str,
+    postgres_url: str,
+    tiny_checkpoint: Path,
+    storescp: StoreSCP,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """PostgreSQL: the database is gone for a moment (the connection cut by
+    pg_terminate_backend, as a failover does) as a `deliver` records that the destination
+    stored the SR and SC, and again as it records a failed attempt instead: the task is
+    retried, and its retry is refused. The deliveries are due again at once, each keeping
+    its mark that its object may be at the destination, and the reconciler's next round
+    sends them again once the broker takes messages. Before, they waited for their claim
+    to run out: two minutes for two objects, five for a message of eight."""
+    rt = make_runtime(
+        tmp_path,
+        tiny_checkpoint,
+        broker_url=_url(rabbitmq),
+        database_url=postgres_url,
+        destinations=storescp.destination,
+    )
+    configure(rt.settings)
+    monkeypatch.setitem(tasks._state, "runtime", rt)
+    outcome = assess_instance(rt, spool_instance(rt))
+    ids = list(outcome.delivery_ids)
+    assert len(ids) == 2  # the SR and the SC
+    _refuse(rabbitmq, DELIVERY_QUEUE)
+
+    killer = create_engine(postgres_url)
+    cut: list[int] = []
+
+    def cut_as_delivered_is_recorded(_conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
+        # the delivered rows' UPDATE, then the first failed attempt's (each sets last_error)
+        if statement.startswith("UPDATE deliveries") and "last_error" in statement and len(cut) < 2:
+            cut.append(pid := cursor.connection.info.backend_pid)
+            with killer.connect() as connection:
+                connection.execute(text("SELECT pg_terminate_backend(:pid, 5000)"), {"pid": pid})
+
+    engine = get_engine(rt.database_url)
+    event.listen(engine, "before_cursor_execute", cut_as_delivered_is_recorded)
+    outcomes: list[str] = []
+    try:
+        with caplog.at_level(logging.ERROR, logger="worker.tasks"):
+            _took, error = timed_call(
+                lambda: outcomes.append(_as_the_worker_runs(DELIVER_TASK, [ids])),
+                BUDGET + MARGIN,
+            )
+    finally:
+        event.remove(engine, "before_cursor_execute", cut_as_delivered_is_recorded)
+        killer.dispose()
+    assert error is None, repr(error)
+    assert len(cut) == 2, "the deliveries were never recorded as delivered, then failed"
+    assert outcomes == [states.REJECTED]
+    assert f"{DELIVER_TASK}: its retry was not published (OperationalError: MessageNacked)" in (
+        caplog.text
+    )
+    storescp.wait_for_objects(2, timeout=30)  # they went; their answers are not recorded
+
+    with session_scope(rt.database_url) as session:
+        rows = session.scalars(select(Delivery).where(Delivery.id.in_(ids))).all()
+        assert {row.state for row in rows} == {DeliveryState.PENDING}
+        assert [row.attempts for row in rows] == [0, 0]
+        assert [row.next_attempt_at for row in rows] == [None, None]  # the claim given back
+        assert all(row.sending_since is not None for row in rows)  # may be at the PACS
+
+    _take_again(rabbitmq)
+    wait_for(
+        lambda: sorted(reconcile_via_broker(rt).deliveries) == sorted(ids),
+        timeout=BUDGET + 10,
+        what="the reconciler's round to send the deliveries again",
+    )
+    assert [sorted(message) for message in _delivery_messages(rabbitmq)] == [sorted(ids)]

@@ -134,6 +134,31 @@ def failed_deliveries(session: Session) -> list[FailedDelivery]:
     ]
 
 
+def abandoned_deliveries(session: Session, limit: int) -> tuple[int, list[FailedDelivery]]:
+    """Failed deliveries the administrator gave up (`abandon-deliveries`): how many, and
+    the ``limit`` newest rows, whose errors say who gave them up, when and why."""
+    count = session.scalar(select(func.count()).where(Delivery.state == DeliveryState.ABANDONED))
+    newest = [
+        FailedDelivery(
+            d.id,
+            d.instance_id,
+            d.kind.value,
+            d.destination,
+            d.attempts,
+            d.last_error,
+            d.created_at,
+            d.sending_since,
+        )
+        for d in session.scalars(
+            select(Delivery)
+            .where(Delivery.state == DeliveryState.ABANDONED)
+            .order_by(Delivery.id.desc())
+            .limit(limit)
+        )
+    ]
+    return int(count or 0), newest
+
+
 @dataclass(frozen=True)
 class Overdue:
     """Pending deliveries due by ``now``: how many, since when the one due longest has

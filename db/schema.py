@@ -97,6 +97,9 @@ class DeliveryState(enum.StrEnum):
     FAILED = "failed"  # attempts exhausted; `retry-deliveries` sends again
     # not sent, and never to be: a later assessment of its image replaced it
     SUPERSEDED = "superseded"
+    # failed, and given up on purpose by the administrator (`abandon-deliveries`): never
+    # sent again; its last_error says who, when and why (a string column: no migration)
+    ABANDONED = "abandoned"
 
 
 class ObjectKind(enum.StrEnum):

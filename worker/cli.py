@@ -666,11 +666,11 @@ def retry_deliveries(ctx: click.Context, delivery_ids: tuple[int, ...]) -> None:
     """Send failed deliveries again (all of them, or the ids given).
 
     An SR or SC whose destination is no longer in BONEAGE_DESTINATIONS goes to the
-    configured destinations instead.
+    configured destinations instead. Where the broker does not take the messages, the
+    deliveries stay pending for the reconciler, and the command exits with status 1.
     """
     from worker.celery_app import configure
     from worker.delivery import PUT_BACK, RetryInterrupted, retry_failed
-    from worker.messaging import enqueue_delivery
     from worker.runtime import Runtime
 
     settings = _settings(ctx)
@@ -683,7 +683,7 @@ def retry_deliveries(ctx: click.Context, delivery_ids: tuple[int, ...]) -> None:
         # what committed before the error is pending all the same: published and said
         retried, stopped = interrupted.retried, interrupted
     # in id order: an assessment's SR and SC mostly share a message
-    enqueue_delivery(retried.queued)
+    unpublished, failure = _publish_deliveries(retried.queued)
     click.echo(f"{len(retried.reset)} failed deliveries queued again")
     if retried.redirected:
         made = sum(len(new) for new in retried.redirected.values())
@@ -705,7 +705,8 @@ def retry_deliveries(ctx: click.Context, delivery_ids: tuple[int, ...]) -> None:
     if retried.removed:
         click.echo(
             f"{len(retried.removed)} failed deliveries left failed, their destinations no "
-            "longer configured: their files are gone (retention removed them)"
+            "longer configured: their files are gone (retention removed them): nothing "
+            f"can send them; close them with {_abandon_command(retried.removed)}"
         )
     if retried.missing:
         click.echo(
@@ -713,6 +714,15 @@ def retry_deliveries(ctx: click.Context, delivery_ids: tuple[int, ...]) -> None:
             "longer configured: their files are not found where they were written: "
             f"{PUT_BACK} again"
         )
+    not_sent = (
+        None
+        if failure is None
+        else _broker_unreachable(
+            settings,
+            failure,
+            f"{len(unpublished)} deliveries stay pending, and the reconciler sends them",
+        )
+    )
     if stopped is not None:
         click.echo(
             f"retry-deliveries stopped ({type(stopped.__cause__).__name__}): "
@@ -720,7 +730,133 @@ def retry_deliveries(ctx: click.Context, delivery_ids: tuple[int, ...]) -> None:
             "not redirected, left failed: run it again",
             err=True,
         )
+        if not_sent is not None:
+            click.echo(not_sent, err=True)
         raise stopped
+    if not_sent is not None:
+        raise click.ClickException(not_sent)
+
+
+def _abandon_command(delivery_ids: list[int]) -> str:
+    """The command that closes failed deliveries nothing can send, for a message: with
+    every id, as an administrator copies it."""
+    return f"'boneage-worker abandon-deliveries --reason TEXT {' '.join(map(str, delivery_ids))}'"
+
+
+def _broker_shown(settings: Settings) -> str:
+    """The broker's URL as a message shows it: each URL of a failover list without its
+    password (kombu's ``maybe_sanitize_url``, as Celery's own banner shows it)."""
+    from kombu.utils.url import maybe_sanitize_url
+
+    return ";".join(maybe_sanitize_url(url) for url in settings.effective_broker_url.split(";"))
+
+
+def _broker_unreachable(settings: Settings, exc: BaseException, left: str) -> str:
+    """The sentence a command that publishes ends with when the broker did not take its
+    messages (away, or refusing them): which broker, why by type, and ``left``, what
+    stays for the reconciler, which it sends once the broker is back. The traceback
+    goes to the log at DEBUG."""
+    from worker.messaging import failure_name
+
+    logger.debug("publishing failed", exc_info=exc)
+    return (
+        f"the broker at {_broker_shown(settings)} could not be reached "
+        f"({failure_name(exc)}): {left} once the broker is back"
+    )
+
+
+def _publish_deliveries(delivery_ids: list[int]) -> tuple[list[int], Exception | None]:
+    """Publish `deliver` messages for ``delivery_ids``, in order, as
+    `worker.messaging.enqueue_delivery` does: those the broker did not take (from the
+    first message it did not take on: none is tried after it) and why, or none and None.
+    Their rows stay pending: the reconciler publishes them again."""
+    from worker.messaging import DELIVERIES_PER_MESSAGE, enqueue_delivery
+
+    for start in range(0, len(delivery_ids), DELIVERIES_PER_MESSAGE):
+        try:
+            enqueue_delivery(delivery_ids[start : start + DELIVERIES_PER_MESSAGE])
+        except Exception as exc:  # broker down or refusing: the rows stay pending
+            return delivery_ids[start:], exc
+    return [], None
+
+
+#: Failed deliveries `abandon-deliveries` lists one by one before it asks; the rest counted.
+ABANDON_LISTED = 20
+
+
+@main.command("abandon-deliveries")
+@click.argument("delivery_ids", nargs=-1, required=True, type=int)
+@click.option(
+    "--reason",
+    required=True,
+    help="Why they are given up: kept in each delivery's row, with who and when.",
+)
+@click.option("--yes", is_flag=True, help="Abandon them without asking.")
+@click.pass_context
+def abandon_deliveries(
+    ctx: click.Context, delivery_ids: tuple[int, ...], reason: str, yes: bool
+) -> None:
+    """Give up failed deliveries on purpose (the ids given): never sent again.
+
+    For a failed SR or SC that nothing can send (its file removed by retention), or that
+    its destination will never take. Each keeps who gave it up, when and why in its row
+    (its error, shown by `status --json`); `status` then counts it as abandoned instead
+    of reporting the node unhealthy. Only failed deliveries: where an id given is not
+    one, nothing is abandoned. Asks before it abandons them, unless --yes.
+    """
+    from worker.delivery import abandon_failed, abandonable
+
+    reason = " ".join(reason.split())
+    if not reason:
+        raise click.BadParameter("say why they are given up", param_hint="--reason")
+    settings = _settings(ctx)
+    _require_schema(settings)
+    url = settings.effective_database_url
+    failed, refused = abandonable(url, delivery_ids)
+    if refused:
+        why = "; ".join(f"delivery {i} {text}" for i, text in sorted(refused.items()))
+        raise click.ClickException(
+            f"nothing abandoned: only failed deliveries can be abandoned, and {why}"
+        )
+    file = {True: "; its file removed by retention", False: "; its file not found", None: ""}
+    for d in failed[:ABANDON_LISTED]:
+        click.echo(
+            f"delivery {d.id} ({d.kind} to {d.destination}) of instance {d.instance_id}, "
+            f"failed: {d.last_error or 'no error recorded'}{file[d.file_gone]}"
+        )
+    if len(failed) > ABANDON_LISTED:
+        click.echo(f"and {len(failed) - ABANDON_LISTED} more failed deliveries")
+    if not yes:
+        question = (
+            f"Abandon these {len(failed)} failed deliveries? Their results never reach the "
+            "destinations"
+        )
+        try:
+            agreed = click.confirm(question, default=False)
+        except click.Abort:  # no answer (no terminal, end of input) or Ctrl-C
+            agreed = False
+        if not agreed:
+            raise click.ClickException("nothing abandoned: answer y to the question, or pass --yes")
+    done = abandon_failed(url, [d.id for d in failed], reason=reason, by=_who())
+    click.echo(
+        f"{len(done)} failed deliveries abandoned: never sent again, and 'status' counts "
+        "them as abandoned"
+    )
+    if left := sorted({d.id for d in failed} - set(done)):
+        click.echo(
+            f"{len(left)} left as they are, no longer failed (sent again by "
+            f"retry-deliveries, or superseded, meanwhile): {' '.join(map(str, left))}"
+        )
+
+
+def _who() -> str:
+    """Who abandons deliveries, as their rows record it: this process's user."""
+    import getpass
+
+    try:
+        return f"the administrator (user {getpass.getuser()})"
+    except (OSError, KeyError):  # a container's user with no name
+        return f"the administrator (uid {os.getuid()})"
 
 
 @main.command()
@@ -793,8 +929,15 @@ def reprocess(
     rejected = rejected_by_the_pacs(rt, chosen)
     clashes = uid_clashes(rt, chosen)
     todo = prepare_reprocess(rt, chosen, send=send)
-    for instance_id in todo:  # a message not published: the reconciler queues it, as asked
-        enqueue_assess(instance_id, send=send)
+    unpublished: list[int] = []
+    failure: Exception | None = None
+    for index, instance_id in enumerate(todo):
+        # a message not published: the reconciler queues it, as asked
+        try:
+            enqueue_assess(instance_id, send=send)
+        except Exception as exc:  # broker down or refusing: none is tried after it
+            unpublished, failure = todo[index:], exc
+            break
     gone = files_removed(rt, chosen)
     fate = "results will be sent" if send else "results kept, not sent"
     # each instance counted once: one retention cleaned up may be a clash or rejected too
@@ -829,6 +972,14 @@ def reprocess(
             f"[yellow]{len(gone)} instance(s) not queued: retention removed their received "
             "images (BONEAGE_RETENTION_DAYS); send them again from the PACS, or backfill "
             f"them. Instance ids: {', '.join(map(str, gone))}[/]"
+        )
+    if failure is not None:
+        raise click.ClickException(
+            _broker_unreachable(
+                settings,
+                failure,
+                f"{len(unpublished)} instances stay queued, and the reconciler queues them",
+            )
         )
 
 

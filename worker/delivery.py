@@ -3,7 +3,10 @@
 A delivery is `pending` until the destination answers Success (or a warning,
 which means it stored the object), `failed` once its attempts are spent. Nothing
 is dropped silently: a failed delivery stays visible in `status` until
-`boneage-worker retry-deliveries` sends it again.
+`boneage-worker retry-deliveries` sends it again, or until the administrator gives it
+up on purpose (`boneage-worker abandon-deliveries`, `abandon_failed`: one whose file
+retention removed, which nothing can send): it is then `abandoned`, with who, when
+and why in its row, and `status` counts it apart, no longer as a problem.
 
 The deliveries of one message (an assessment's SR and SC) that go to the same
 destination travel over one association. Each one still has its own outcome: the
@@ -43,13 +46,13 @@ import ssl
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
 
 from pydicom import Dataset, dcmread
 from pydicom.errors import BytesLengthException, InvalidDicomError
-from sqlalchemy import ColumnElement, or_, select, update
+from sqlalchemy import ColumnElement, func, literal, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -624,9 +627,14 @@ def _record_failure(
         # One conditional UPDATE: a failure that comes late (a send that timed out while
         # a later one, under a claim that ran out, succeeded) must not turn a delivered
         # object into a failed one. The row stays locked until the commit.
+        # Nor an abandoned one back into a failed one (its attempt, under a claim that
+        # ran out, failed after the administrator gave it up): its row keeps who did.
         counted = session.execute(
             update(Delivery)
-            .where(Delivery.id == delivery_id, Delivery.state != DeliveryState.DELIVERED)
+            .where(
+                Delivery.id == delivery_id,
+                Delivery.state.not_in([DeliveryState.DELIVERED, DeliveryState.ABANDONED]),
+            )
             .values(
                 attempts=Delivery.attempts + 1,
                 last_error=error[:500],
@@ -636,8 +644,16 @@ def _record_failure(
             .execution_options(synchronize_session=False)
         ).one_or_none()
         if counted is None:
-            if session.get(Delivery, delivery_id) is None:
+            found = session.get(Delivery, delivery_id)
+            if found is None:
                 return DeliveryOutcome("skipped", error="no such delivery")
+            if found.state is DeliveryState.ABANDONED:
+                logger.warning(
+                    "delivery %d: a failed attempt (%s) ignored, the delivery was abandoned",
+                    delivery_id,
+                    error,
+                )
+                return DeliveryOutcome("skipped", error="abandoned")
             logger.warning(
                 "delivery %d: a failed attempt (%s) ignored, the object was delivered",
                 delivery_id,
@@ -796,8 +812,9 @@ def _put_back() -> dict[str, object]:
     }
 
 
-#: Where a delivery's object is, or is on its way: it is sent nowhere again.
-_HAS_IT = (DeliveryState.DELIVERED, DeliveryState.PENDING)
+#: Where a delivery's object is, or is on its way, or where the administrator gave its
+#: delivery up (`abandon_failed`): a redirect sends it there no more.
+_NOT_AGAIN = (DeliveryState.DELIVERED, DeliveryState.PENDING, DeliveryState.ABANDONED)
 
 
 #: Failed SRs and SCs to destinations no longer configured that `retry_failed` redirects
@@ -834,7 +851,8 @@ def retry_failed(rt: Runtime, delivery_ids: list[int] | None = None) -> Retried:
     An SR or SC whose destination is no longer configured (sent there, it would fail at
     once, see `configured`; the administrator corrected a mistyped node) is superseded,
     `REDIRECTED`, and its object queued to each configured destination that neither has
-    it nor has it on its way (a delivery there delivered, or pending): the rows of an
+    it nor has it on its way (a delivery there delivered, or pending; nor one there
+    abandoned): the rows of an
     assessment are made for the destinations configured when it commits, and those that
     came after it would never get its results. Its delivery there, where one was made
     before (failed, or superseded `REDIRECTED` when the settings named other
@@ -1022,7 +1040,8 @@ def _logged(
 def _queue_to(session: Session, dialect: ModuleType, row: Delivery, target: str) -> int | None:
     """Queue the object of ``row`` (superseded, `REDIRECTED`) to the configured
     destination ``target``, unless a delivery of it there is delivered or pending
-    (being sent, or to be): the id of the delivery queued, or None.
+    (being sent, or to be), or abandoned (the administrator gave it up there: a refusal
+    for good, say): the id of the delivery queued, or None.
 
     A delivery of it there that failed, or that an earlier redirect superseded (the
     settings named ``target``, then other destinations, now ``target`` again), does not
@@ -1042,7 +1061,7 @@ def _queue_to(session: Session, dialect: ModuleType, row: Delivery, target: str)
         )
         if _key(destination) == key
     ]
-    if any(state in _HAS_IT for _, state in there):
+    if any(state in _NOT_AGAIN for _, state in there):
         return None
     sent_away = or_(
         Delivery.state == DeliveryState.FAILED,
@@ -1088,3 +1107,122 @@ def _queue_to(session: Session, dialect: ModuleType, row: Delivery, target: str)
 def reset_failed(rt: Runtime, delivery_ids: list[int] | None = None) -> list[int]:
     """The ids of the deliveries `retry_failed` queues again, in id order."""
     return retry_failed(rt, delivery_ids).queued
+
+
+#: Why a delivery that is not failed cannot be abandoned (`abandonable`), by its state.
+_NOT_ABANDONABLE = {
+    DeliveryState.PENDING: "is pending: it is still being tried, and may yet be delivered",
+    DeliveryState.DELIVERED: "was delivered",
+    DeliveryState.SUPERSEDED: "was superseded: nothing sends it anyway",
+    DeliveryState.ABANDONED: "was abandoned already",
+}
+
+
+@dataclass(frozen=True)
+class Abandonable:
+    """A failed delivery that `abandon_failed` may give up, as `abandon-deliveries` lists
+    it before it asks: what it is, why it failed, and whether its file is gone
+    (``file_gone``, as `files_gone` tells: True where retention removed it, False where it
+    is not where it was written, None where it is there)."""
+
+    id: int
+    instance_id: int
+    kind: str
+    destination: str
+    last_error: str | None
+    file_gone: bool | None
+
+
+def abandonable(
+    database_url: str, delivery_ids: Sequence[int]
+) -> tuple[list[Abandonable], dict[int, str]]:
+    """Of ``delivery_ids``, the failed deliveries, in id order, and, for each of the
+    others, why it cannot be abandoned (no such delivery, or not failed:
+    `_NOT_ABANDONABLE`)."""
+    ids = sorted(set(delivery_ids))
+    failed: list[Abandonable] = []
+    refused: dict[int, str] = {}
+    with session_scope(database_url) as session:
+        rows: dict[int, Delivery] = {}
+        for start in range(0, len(ids), _CHUNK):
+            rows.update(
+                (d.id, d)
+                for d in session.scalars(
+                    select(Delivery).where(Delivery.id.in_(ids[start : start + _CHUNK]))
+                )
+            )
+        gone = files_gone(session, [i for i, d in rows.items() if d.state is DeliveryState.FAILED])
+        for delivery_id in ids:
+            row = rows.get(delivery_id)
+            if row is None:
+                refused[delivery_id] = "does not exist"
+            elif row.state is not DeliveryState.FAILED:
+                refused[delivery_id] = _NOT_ABANDONABLE[row.state]
+            else:
+                failed.append(
+                    Abandonable(
+                        row.id,
+                        row.instance_id,
+                        row.kind.value,
+                        row.destination,
+                        row.last_error,
+                        gone.get(row.id),
+                    )
+                )
+    return failed, refused
+
+
+def abandoned_note(by: str, at: datetime, reason: str) -> str:
+    """What an abandoned delivery's ``last_error`` begins with: who gave it up, when
+    (UTC, to the minute) and why; the error it had failed with follows (`abandon_failed`)."""
+    return f"abandoned by {by} on {at.astimezone(UTC):%Y-%m-%d %H:%M} UTC: {reason}"
+
+
+def abandon_failed(
+    database_url: str, delivery_ids: Sequence[int], *, reason: str, by: str
+) -> list[int]:
+    """Give up the failed deliveries of ``delivery_ids`` on purpose: `abandoned`, never
+    sent again, their ``last_error`` saying who (``by``), when and why (`abandoned_note`),
+    then the error they had failed with. The ids abandoned, in id order.
+
+    One conditional UPDATE per chunk of ids: a delivery that is no longer failed (put
+    back by a `retry-deliveries` run meanwhile, or superseded by a later assessment or a
+    rejection by the PACS) is left as it is, and is not among the ids returned. The
+    images' rows are taken first, in id order, as every path that changes an image's
+    deliveries takes them (`db.queries.take_instances`).
+    """
+    ids = sorted(set(delivery_ids))
+    note = abandoned_note(by, now(), reason)
+    before = literal(" (it had failed: ") + Delivery.last_error + literal(")")
+    done: list[int] = []
+    for start in range(0, len(ids), _CHUNK):
+        chunk = ids[start : start + _CHUNK]
+        with session_scope(database_url) as session:
+            take_instances(
+                session,
+                session.scalars(
+                    select(Delivery.instance_id).where(
+                        Delivery.id.in_(chunk), Delivery.state == DeliveryState.FAILED
+                    )
+                ),
+            )
+            done += session.scalars(
+                update(Delivery)
+                .where(Delivery.id.in_(chunk), Delivery.state == DeliveryState.FAILED)
+                .values(
+                    state=DeliveryState.ABANDONED,
+                    last_error=literal(note) + func.coalesce(before, ""),
+                    next_attempt_at=None,
+                )
+                .returning(Delivery.id)
+                .execution_options(synchronize_session=False)
+            )
+    if done:
+        # the reason is the administrator's free text: it stays in the rows
+        logger.warning(
+            "%d failed deliveries abandoned by %s, never to be sent: %s",
+            len(done),
+            by,
+            _named(sorted(done)),
+        )
+    return sorted(done)

@@ -1553,16 +1553,23 @@ def _earlier_reports(rt: Runtime, claim: _Claim, source: Dataset) -> list[Datase
 
 def _sent_before(claim: _Claim, kind: ObjectKind) -> tuple[ColumnElement[bool], ...]:
     """Deliveries of ``kind`` of earlier assessments of the claimed instance whose object
-    a destination has, or may have: delivered, or superseded while on their way."""
+    a destination has, or may have: delivered, or superseded (or abandoned by the
+    administrator) while on their way."""
     return (
         Delivery.instance_id == claim.instance_id,
         Delivery.kind == kind,
         Delivery.assessment < claim.assessment,
-        or_(
-            Delivery.state == DeliveryState.DELIVERED,
-            (Delivery.state == DeliveryState.SUPERSEDED) & Delivery.sending_since.is_not(None),
-        ),
+        or_(Delivery.state == DeliveryState.DELIVERED, _unsent_on_their_way()),
     )
+
+
+def _unsent_on_their_way() -> ColumnElement[bool]:
+    """Deliveries never to be sent (superseded, or abandoned by the administrator) whose
+    object may be at the destination all the same: an attempt of theirs went and its
+    answer never came, or its sender died (``sending_since``)."""
+    return Delivery.state.in_(
+        [DeliveryState.SUPERSEDED, DeliveryState.ABANDONED]
+    ) & Delivery.sending_since.is_not(None)
 
 
 def _earlier_heat_maps(rt: Runtime, claim: _Claim, source: Dataset) -> list[HeatMapSeries]:
@@ -2072,7 +2079,7 @@ def _sent_objects(
     session: Session, instance_id: int, source_uid: str, *, first_study: str
 ) -> dict[str, _SentObject]:
     """The SRs and SCs of the image ``instance_id`` that a destination has or may have
-    (delivered, or superseded while on their way), by SOP Instance UID."""
+    (delivered, or superseded or abandoned while on their way), by SOP Instance UID."""
     rows = session.execute(
         select(
             Delivery.kind,
@@ -2088,10 +2095,7 @@ def _sent_objects(
         .where(
             Delivery.instance_id == instance_id,
             Delivery.kind.in_(list(_OUR_CLASSES)),
-            or_(
-                Delivery.state == DeliveryState.DELIVERED,
-                (Delivery.state == DeliveryState.SUPERSEDED) & Delivery.sending_since.is_not(None),
-            ),
+            or_(Delivery.state == DeliveryState.DELIVERED, _unsent_on_their_way()),
         )
         .order_by(Delivery.id)
     ).all()

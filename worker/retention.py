@@ -172,7 +172,8 @@ def _expired(cutoff: datetime) -> list[ColumnElement[bool]]:
     made since they went (a rejection note of an image the PACS rejected after its
     removal); finished, and last received, long enough ago (or rejected by the PACS as
     expired under its own retention policy: the hospital no longer keeps the image); all
-    sent (or superseded: a later assessment replaced them, and they are never sent); and
+    sent (or superseded: a later assessment replaced them, and they are never sent; or
+    abandoned by the administrator, never sent either); and
     not received again since (a new copy, perhaps corrected, that the worker has yet to
     compare with what it assessed: removing it would lose the correction)."""
     expired_at_the_pacs = (
@@ -187,7 +188,10 @@ def _expired(cutoff: datetime) -> list[ColumnElement[bool]]:
         select(Delivery.id)
         .where(
             Delivery.instance_id == Instance.id,
-            Delivery.state.not_in([DeliveryState.DELIVERED, DeliveryState.SUPERSEDED]),
+            # abandoned: given up on purpose by the administrator, never to be sent
+            Delivery.state.not_in(
+                [DeliveryState.DELIVERED, DeliveryState.SUPERSEDED, DeliveryState.ABANDONED]
+            ),
         )
         .exists()
     )

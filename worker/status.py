@@ -82,6 +82,7 @@ def collect(settings: Settings) -> dict[str, Any]:
         overdue = queries.overdue_deliveries(session, current)
         failed = queries.failed_deliveries(session)
         gone = _files_gone(session, failed, settings)
+        abandoned, newest_abandoned = queries.abandoned_deliveries(session, FAILED_SHOWN)
     space = disk_space(settings.data_dir)
     report["storage"] = {
         "free_bytes": space.free_bytes if space else None,
@@ -130,6 +131,20 @@ def collect(settings: Settings) -> dict[str, Any]:
     report["failed_deliveries"] = _failed(failed, settings)
     if failed:
         problems.append(_failed_problem(failed, report["failed_deliveries"][0], settings, gone))
+    # given up on purpose: no problem, but never out of sight (their errors say why)
+    report["abandoned_deliveries"] = {
+        "count": abandoned,
+        "newest": [
+            {
+                "id": d.id,
+                "instance": d.instance_id,
+                "kind": d.kind,
+                "destination": d.destination,
+                "error": d.last_error,
+            }
+            for d in newest_abandoned
+        ],
+    }
     report["waiting"] = {
         "instances": waiting.count,
         "oldest_since": _iso(waiting.oldest_since),
@@ -282,7 +297,10 @@ def _failed_problem(
         put_back = f"configure BONEAGE_DESTINATIONS and {PUT_BACK}"
         head = f"configure BONEAGE_DESTINATIONS, then run {retry} to send them there"
     # retry_failed leaves them failed (no_file), with or without destinations configured
-    unsendable = f"{retry} leaves them failed; their results are in the database only"
+    unsendable = (
+        f"{retry} leaves them failed; their results are in the database only, and "
+        "'boneage-worker abandon-deliveries' closes them"
+    )
     if removed == len(stranded):
         redirect = (
             f"their files are gone (retention removed them): nothing can send them, and "
@@ -419,6 +437,18 @@ def _failed_rest(rest: list[dict[str, Any]]) -> str:
     )
 
 
+def _abandoned_line(abandoned: dict[str, Any]) -> str:
+    """The deliveries the administrator gave up, in one line: how many, and the newest
+    one's error (who gave it up, when and why)."""
+    newest = abandoned["newest"][0]
+    return (
+        f"{abandoned['count']} deliveries abandoned by the administrator, never sent: their "
+        "results are in the database only ('status --json' lists the newest); the newest, "
+        f"delivery {newest['id']} ({newest['kind']} to {newest['destination']}): "
+        f"{newest['error'] or 'no reason recorded'}"
+    )
+
+
 def render(report: dict[str, Any], console: Console) -> None:
     healthy = report.get("healthy", False)
     title = f"boneage-worker {report['ae_title']} on port {report['port']}"
@@ -529,6 +559,8 @@ def render(report: dict[str, Any], console: Console) -> None:
         parts.append(_failed_table(failed_deliveries))
         if len(failed_deliveries) > FAILED_SHOWN:
             parts.append(_failed_rest(failed_deliveries[FAILED_SHOWN:]))
+    if (abandoned := report.get("abandoned_deliveries") or {}).get("count"):
+        parts.append(_abandoned_line(abandoned))
     if report.get("recent_problems"):
         recent = Table(title="recent problems", expand=True)
         for col in ("when", "what", "state", "reason"):

@@ -337,14 +337,15 @@ def test_retry_deliveries_says_which_failed_deliveries_it_leaves(
     assert failed_problems(fixed) == [
         f"2 deliveries failed to destinations no longer configured ({nowhere}): their files "
         "are gone (retention removed them): nothing can send them, and 'boneage-worker "
-        "retry-deliveries' leaves them failed; their results are in the database only; "
-        f"latest error: {error}"
+        "retry-deliveries' leaves them failed; their results are in the database only, and "
+        f"'boneage-worker abandon-deliveries' closes them; latest error: {error}"
     ]
 
     assert retry_deliveries(fixed, storescp.destination).splitlines() == [
         "0 failed deliveries queued again",
         "2 failed deliveries left failed, their destinations no longer configured: "
-        "their files are gone (retention removed them)",
+        "their files are gone (retention removed them): nothing can send them; close them "
+        f"with 'boneage-worker abandon-deliveries --reason TEXT {ids[0]} {ids[1]}'",
     ]
     rows = deliveries(fixed)
     assert sorted(rows) == sorted(ids)  # none made

@@ -250,7 +250,7 @@ def test_failed_deliveries_whose_files_are_gone_are_not_said_to_be_redirected(
     retry = "'boneage-worker retry-deliveries'"
     unsendable = (
         f"nothing can send {{}}, and {retry} leaves them failed; their results are in the "
-        "database only"
+        "database only, and 'boneage-worker abandon-deliveries' closes them"
     )
 
     report = collect(runtime.settings)
@@ -400,7 +400,7 @@ def test_failed_deliveries_whose_files_are_not_there_are_not_said_removed_by_ret
     put_back = f"put the outbox back where it was written (BONEAGE_DATA_DIR), then run {retry}"
     unsendable = (
         f"nothing can send those, and {retry} leaves them failed; their results are in the "
-        "database only"
+        "database only, and 'boneage-worker abandon-deliveries' closes them"
     )
 
     problem = (
@@ -420,7 +420,8 @@ def test_failed_deliveries_whose_files_are_not_there_are_not_said_removed_by_ret
         "1 failed deliveries to destinations no longer configured sent to the configured "
         f"destinations instead: 1 deliveries queued to {DESTINATION}",
         "1 failed deliveries left failed, their destinations no longer configured: their "
-        "files are gone (retention removed them)",
+        "files are gone (retention removed them): nothing can send them; close them with "
+        f"'boneage-worker abandon-deliveries --reason TEXT {removed}'",
         "1 failed deliveries left failed, their destinations no longer configured: their "
         f"files are not found where they were written: {put_back} again",
     ]

@@ -1,0 +1,426 @@
+"""Failed deliveries the administrator gives up on purpose (`abandon-deliveries`), and
+commands that publish while the broker is away.
+
+A failed SR or SC whose file retention removed kept `status` unhealthy for ever: nothing
+could send it, and no command closed it. `abandon-deliveries` closes the failed ones it
+is given, recording who, when and why; `status` then counts them apart, and retention,
+the redirects of `retry-deliveries`, a late failed attempt and the withdrawals of a
+rejection note treat them as what they are. `retry-deliveries` and `reprocess` with the
+broker away ended in a traceback; they now say so in one sentence, and exit with 1.
+
+The node's real database (SQLite, and a real PostgreSQL where the rows' states matter),
+the commands run as an administrator runs them, a broker URL naming a free port where
+nothing listens.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import insert, select, update
+
+from db.engine import session_scope
+from db.schema import Delivery, DeliveryState, Instance, InstanceState, ObjectKind
+from db.schema import utcnow as now
+from tests.integration.test_pipeline import make_runtime, spool_dataset, spool_instance
+from tests.integration.test_rejection_notes import image_of
+from tests.support import free_port, pacs_rejection_note
+from worker import delivery
+from worker.delivery import abandon_failed, retry_failed
+from worker.pipeline import assess_instance
+from worker.retention import remove_expired_files
+from worker.runtime import Runtime
+from worker.status import collect
+
+pytestmark = pytest.mark.integration
+
+#: Where the deliveries went: nothing here is sent to it.
+OLD = "OLD@127.0.0.1:104"
+#: The destination configured now.
+NEW = "NEW@127.0.0.1:105"
+
+NOT_CONFIGURED = "destination no longer configured"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def runtime(request: pytest.FixtureRequest, tmp_path: Path, tiny_checkpoint: Path) -> Runtime:
+    """The node, sending to ``NEW``, on SQLite and on a real PostgreSQL."""
+    database: dict[str, Any] = {}
+    if request.param == "postgresql":
+        database["database_url"] = request.getfixturevalue("postgres_url")
+    return make_runtime(tmp_path, tiny_checkpoint, destinations=NEW, **database)
+
+
+def _instance(rt: Runtime, **values: Any) -> int:
+    """An instance spooled and recorded as the listener records it, then assessed (its
+    row says so) 40 days ago; ``values`` set on its row."""
+    instance_id = spool_instance(rt)
+    with session_scope(rt.database_url) as session:
+        session.execute(
+            update(Instance)
+            .where(Instance.id == instance_id)
+            .values(
+                state=InstanceState.ASSESSED,
+                finished_at=now() - dt.timedelta(days=40),
+                **values,
+            )
+        )
+    return instance_id
+
+
+def _delivery(rt: Runtime, instance_id: int, uid: str, **values: Any) -> int:
+    """A delivery row of ``instance_id``, an SR to ``OLD`` made 40 days ago."""
+    row = {
+        "instance_id": instance_id,
+        "kind": ObjectKind.SR,
+        "destination": OLD,
+        "sop_instance_uid": uid,
+        "path": f"/nonexistent/{uid}.dcm",
+        "created_at": now() - dt.timedelta(days=40),
+        **values,
+    }
+    with session_scope(rt.database_url) as session:
+        return int(
+            session.execute(insert(Delivery).values(row).returning(Delivery.id)).scalar_one()
+        )
+
+
+def _failed_with_files_removed(rt: Runtime, uid: str) -> int:
+    """An SR failed to a destination no longer configured, whose file retention removed
+    (its instance's removal mark after the row was made)."""
+    instance_id = _instance(rt, files_removed_at=now() - dt.timedelta(days=9))
+    return _delivery(
+        rt, instance_id, uid, state=DeliveryState.FAILED, attempts=1, last_error=NOT_CONFIGURED
+    )
+
+
+def _states(rt: Runtime) -> dict[int, tuple[DeliveryState, str | None]]:
+    with session_scope(rt.database_url) as session:
+        return {d.id: (d.state, d.last_error) for d in session.scalars(select(Delivery))}
+
+
+def _cli(rt: Runtime, *args: str, stdin: str = "", **env: str) -> subprocess.CompletedProcess[str]:
+    """`boneage-worker ARGS` on ``rt``'s node, as an administrator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        env={
+            **os.environ,
+            "BONEAGE_DATA_DIR": str(rt.settings.data_dir),
+            "BONEAGE_DATABASE_URL": rt.database_url,
+            "BONEAGE_DESTINATIONS": NEW,
+            "BONEAGE_MODEL": str(rt.settings.model),
+            **env,
+        },
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+# -- the broker away ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("broker", "shown"),
+    [
+        ("redis://:s3cret@127.0.0.1:{port}/0", "redis://:**@127.0.0.1:{port}/0"),
+        ("amqp://guest:s3cret@127.0.0.1:{port}//", "amqp://guest:**@127.0.0.1:{port}//"),
+    ],
+)
+def test_retry_deliveries_with_the_broker_away_says_so_in_one_sentence(
+    tmp_path: Path, tiny_checkpoint: Path, broker: str, shown: str
+) -> None:
+    """The rows are put back to pending and the broker does not take their messages: no
+    traceback, but which broker (its password masked), and that the reconciler sends
+    them once it is back; status 1."""
+    rt = make_runtime(tmp_path, tiny_checkpoint, destinations=OLD)
+    failed = [
+        _delivery(rt, _instance(rt), f"9.9.{n}", state=DeliveryState.FAILED, attempts=3)
+        for n in range(2)
+    ]
+    port = free_port()
+
+    done = _cli(
+        rt,
+        "retry-deliveries",
+        BONEAGE_DESTINATIONS=OLD,
+        BONEAGE_BROKER_URL=broker.format(port=port),
+    )
+
+    assert done.returncode == 1
+    assert done.stdout.splitlines() == ["2 failed deliveries queued again"]
+    assert "Traceback" not in done.stderr and "s3cret" not in done.stdout + done.stderr
+    [sentence] = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
+    assert re.fullmatch(
+        re.escape(f"Error: the broker at {shown.format(port=port)} could not be reached (")
+        + r"OperationalError: \w+"
+        + re.escape("): 2 deliveries stay pending, and the reconciler sends them once the ")
+        + "broker is back",
+        sentence,
+    ), sentence
+    assert {state for state, _ in _states(rt).values()} == {DeliveryState.PENDING}
+    assert sorted(_states(rt)) == sorted(failed)
+
+
+def test_reprocess_with_the_broker_away_says_so_in_one_sentence(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """The instances are put back in the queue state and the broker does not take their
+    messages: they stay queued for the reconciler, which the command says; status 1."""
+    rt = make_runtime(tmp_path, tiny_checkpoint, destinations=NEW)
+    instance_id = _instance(rt)
+    port = free_port()
+
+    done = _cli(
+        rt,
+        "reprocess",
+        "--instance",
+        str(instance_id),
+        BONEAGE_BROKER_URL=f"redis://:s3cret@127.0.0.1:{port}/0",
+    )
+
+    assert done.returncode == 1
+    assert "1 queued for model" in done.stdout
+    assert "Traceback" not in done.stderr and "s3cret" not in done.stdout + done.stderr
+    [sentence] = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
+    assert sentence.startswith(
+        f"Error: the broker at redis://:**@127.0.0.1:{port}/0 could not be reached ("
+    )
+    assert sentence.endswith(
+        "): 1 instances stay queued, and the reconciler queues them once the broker is back"
+    )
+    with session_scope(rt.database_url) as session:
+        assert session.get_one(Instance, instance_id).state is InstanceState.QUEUED
+
+
+# -- abandon-deliveries ---------------------------------------------------------------
+
+
+def test_failed_deliveries_whose_files_retention_removed_can_be_abandoned(
+    runtime: Runtime,
+) -> None:
+    """Nothing can send them, and `status` was unhealthy for ever. Abandoned, after a
+    question answered no, then yes: each row says who, when and why, and the error it
+    failed with; `status` no longer counts them unhealthy but shows them; and
+    `retry-deliveries` leaves them."""
+    ids = [_failed_with_files_removed(runtime, f"9.9.{n}") for n in range(2)]
+    before = collect(runtime.settings)
+    [problem] = [p for p in before["problems"] if "deliveries failed" in p]
+    assert "'boneage-worker abandon-deliveries' closes them" in problem
+    reason = "files removed by retention, results read in the RIS"
+
+    declined = _cli(runtime, "abandon-deliveries", "--reason", reason, *map(str, ids), stdin="n\n")
+
+    assert declined.returncode == 1
+    with session_scope(runtime.database_url) as session:
+        of = {d.id: d.instance_id for d in session.scalars(select(Delivery))}
+    assert declined.stdout.splitlines()[:2] == [
+        f"delivery {i} (sr to {OLD}) of instance {of[i]}, failed: {NOT_CONFIGURED}; its "
+        "file removed by retention"
+        for i in ids
+    ]
+    assert "Abandon these 2 failed deliveries? Their results never reach the destinations" in (
+        declined.stdout
+    )
+    assert declined.stderr.splitlines()[-1] == (
+        "Error: nothing abandoned: answer y to the question, or pass --yes"
+    )
+    assert {state for state, _ in _states(runtime).values()} == {DeliveryState.FAILED}
+
+    done = _cli(runtime, "abandon-deliveries", "--reason", reason, *map(str, ids), stdin="y\n")
+
+    assert done.returncode == 0, done.stderr
+    # the answer, read from a pipe, is not echoed: the line goes on after the question
+    assert done.stdout.splitlines()[-1].endswith(
+        "[y/N]: 2 failed deliveries abandoned: never sent again, and 'status' counts them "
+        "as abandoned"
+    )
+    rows = _states(runtime)
+    assert {state for state, _ in rows.values()} == {DeliveryState.ABANDONED}
+    pattern = (
+        re.escape(f"abandoned by the administrator (user {getpass.getuser()}) on ")
+        + r"\d{4}-\d\d-\d\d \d\d:\d\d"
+        + re.escape(f" UTC: {reason} (it had failed: {NOT_CONFIGURED})")
+    )
+    assert all(re.fullmatch(pattern, error or "") for _, error in rows.values()), rows
+
+    after = collect(runtime.settings)
+    assert not [p for p in after["problems"] if "deliveries" in p]
+    assert after["failed_deliveries"] == []
+    assert after["deliveries"]["abandoned"] == 2
+    assert after["abandoned_deliveries"]["count"] == 2
+    assert [d["id"] for d in after["abandoned_deliveries"]["newest"]] == ids[::-1]
+    shown = _cli(runtime, "status", COLUMNS="400")
+    assert "2 deliveries abandoned by the administrator, never sent" in " ".join(
+        shown.stdout.split()
+    )
+
+    assert retry_failed(runtime).queued == []
+    assert {state for state, _ in _states(runtime).values()} == {DeliveryState.ABANDONED}
+
+
+def test_abandon_deliveries_refuses_what_is_not_failed(runtime: Runtime) -> None:
+    """Only failed deliveries: one pending, delivered, superseded, abandoned already, or
+    none at all among those given, and none is abandoned, each named with why."""
+    failed = _failed_with_files_removed(runtime, "9.9.1")
+    instance_id = _instance(runtime)
+    others = {
+        state: _delivery(runtime, instance_id, f"9.9.{n}", state=state)
+        for n, state in enumerate(
+            [
+                DeliveryState.PENDING,
+                DeliveryState.DELIVERED,
+                DeliveryState.SUPERSEDED,
+                DeliveryState.ABANDONED,
+            ],
+            start=2,
+        )
+    }
+    missing = max(others.values()) + 1
+    given = [failed, *others.values(), missing]
+
+    done = _cli(runtime, "abandon-deliveries", "--yes", "--reason", "x", *map(str, given))
+
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr.splitlines() == [
+        "Error: nothing abandoned: only failed deliveries can be abandoned, and "
+        f"delivery {others[DeliveryState.PENDING]} is pending: it is still being tried, and "
+        f"may yet be delivered; delivery {others[DeliveryState.DELIVERED]} was delivered; "
+        f"delivery {others[DeliveryState.SUPERSEDED]} was superseded: nothing sends it "
+        f"anyway; delivery {others[DeliveryState.ABANDONED]} was abandoned already; "
+        f"delivery {missing} does not exist"
+    ]
+    assert _states(runtime)[failed][0] is DeliveryState.FAILED
+
+
+def test_a_late_failed_attempt_leaves_an_abandoned_delivery_as_it_is(runtime: Runtime) -> None:
+    """An attempt whose claim ran out fails after the administrator gave the delivery up:
+    the row keeps its state and who gave it up (it was made failed again)."""
+    [delivery_id] = [_failed_with_files_removed(runtime, "9.9.1")]
+    assert abandon_failed(runtime.database_url, [delivery_id], reason="gone", by="me") == [
+        delivery_id
+    ]
+    before = _states(runtime)[delivery_id]
+
+    outcome = delivery._record_failure(runtime, delivery_id, "association aborted", permanent=True)
+
+    assert outcome == delivery.DeliveryOutcome("skipped", error="abandoned")
+    assert _states(runtime)[delivery_id] == before
+
+
+@pytest.mark.parametrize("spelled", ["NEW@localhost:105", "NEW@LOCALHOST:105"])
+def test_a_redirect_sends_nothing_where_the_object_was_abandoned(
+    runtime: Runtime, tmp_path: Path, tiny_checkpoint: Path, spelled: str
+) -> None:
+    """The SR failed to the old destination, and to the configured one, which refused it
+    for good, where the administrator gave it up. `retry-deliveries` redirects the old
+    one's, and does not send it again where it was given up, however the settings spelled
+    that destination's host then."""
+    node = make_runtime(
+        tmp_path / "node",
+        tiny_checkpoint,
+        destinations="NEW@localhost:105",
+        database_url=runtime.database_url,
+    )
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(b"an SR as written")
+    instance_id = _instance(node)
+    old = _delivery(
+        node,
+        instance_id,
+        "9.9.1",
+        path=str(path),
+        state=DeliveryState.FAILED,
+        last_error=NOT_CONFIGURED,
+    )
+    new = _delivery(
+        node,
+        instance_id,
+        "9.9.1",
+        destination=spelled,
+        path=str(path),
+        state=DeliveryState.FAILED,
+        last_error=f"{spelled} answered status 0xA900 (a refusal: not sent again)",
+    )
+    abandon_failed(node.database_url, [new], reason="NEW never takes it", by="me")
+
+    retried = retry_failed(node, [old])
+
+    assert retried.redirected == {old: []} and retried.queued == []
+    rows = _states(node)
+    assert sorted(rows) == [old, new]  # none made
+    assert rows[old][0] is DeliveryState.SUPERSEDED
+    assert rows[new][0] is DeliveryState.ABANDONED
+
+
+def test_retention_removes_the_files_of_abandoned_deliveries(runtime: Runtime) -> None:
+    """An image whose SR was delivered and whose SC was abandoned: its files go when
+    their time comes, as a delivered image's; one with a failed SC keeps them."""
+    kept_files: list[Path] = []
+    removed_files: list[Path] = []
+    for files, state in ((removed_files, DeliveryState.ABANDONED), (kept_files, None)):
+        instance_id = spool_instance(runtime)
+        ids = assess_instance(runtime, instance_id).delivery_ids
+        with session_scope(runtime.database_url) as session:
+            rows = {
+                d.kind: d for d in session.scalars(select(Delivery).where(Delivery.id.in_(ids)))
+            }
+            rows[ObjectKind.SR].state = DeliveryState.DELIVERED
+            rows[ObjectKind.SC].state = DeliveryState.FAILED
+            instance = session.get_one(Instance, instance_id)
+            instance.finished_at = now() - dt.timedelta(days=40)
+            files += [Path(instance.spool_path), *(Path(d.path) for d in rows.values())]
+        if state is DeliveryState.ABANDONED:
+            abandon_failed(runtime.database_url, [rows[ObjectKind.SC].id], reason="x", by="me")
+    assert all(p.exists() for p in [*kept_files, *removed_files])
+
+    report = remove_expired_files(runtime.database_url, older_than=dt.timedelta(days=30))
+
+    assert (report.instances, report.files) == (1, 3)
+    assert not any(p.exists() for p in removed_files)
+    assert all(p.exists() for p in kept_files)
+
+
+@pytest.mark.parametrize("unanswered", [True, False])
+def test_a_rejection_withdraws_an_abandoned_object_that_may_have_arrived(
+    runtime: Runtime, unanswered: bool
+) -> None:
+    """The SR and SC failed, their last C-STORE unanswered (they may be at the PACS), and
+    were abandoned; then the PACS rejects the image. Our notes withdraw them there, as
+    they would failed ones (superseded by the rejection, keeping their mark). Never
+    sent, nothing is withdrawn."""
+    image_id = spool_instance(runtime)
+    ids = assess_instance(runtime, image_id).delivery_ids
+    with session_scope(runtime.database_url) as session:
+        session.execute(
+            update(Delivery)
+            .where(Delivery.id.in_(ids))
+            .values(
+                state=DeliveryState.FAILED,
+                attempts=31,
+                next_attempt_at=None,
+                sending_since=now() - dt.timedelta(hours=1) if unanswered else None,
+            )
+        )
+    assert abandon_failed(runtime.database_url, ids, reason="x", by="me") == sorted(ids)
+
+    notes = assess_instance(
+        runtime, spool_dataset(runtime, pacs_rejection_note(image_of(runtime, image_id)))
+    ).delivery_ids
+
+    with session_scope(runtime.database_url) as session:
+        made = [session.get_one(Delivery, n) for n in notes]
+        assert [(d.kind, d.destination) for d in made] == (
+            [(ObjectKind.KO, NEW)] * 2 if unanswered else []
+        )
+    assert {_states(runtime)[i][0] for i in ids} == {DeliveryState.ABANDONED}

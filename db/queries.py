@@ -115,6 +115,20 @@ class FailedDelivery:
 
 def failed_deliveries(session: Session) -> list[FailedDelivery]:
     """Every failed delivery, newest row first (they stay until `retry-deliveries`)."""
+    return _deliveries_in(session, DeliveryState.FAILED)
+
+
+def abandoned_deliveries(session: Session, limit: int) -> tuple[int, list[FailedDelivery]]:
+    """Failed deliveries the administrator gave up (`abandon-deliveries`): how many, and
+    the ``limit`` newest rows, whose errors say who gave them up, when and why."""
+    count = session.scalar(select(func.count()).where(Delivery.state == DeliveryState.ABANDONED))
+    return int(count or 0), _deliveries_in(session, DeliveryState.ABANDONED, limit)
+
+
+def _deliveries_in(
+    session: Session, state: DeliveryState, limit: int | None = None
+) -> list[FailedDelivery]:
+    """The deliveries in ``state``, newest row first, at most ``limit`` of them."""
     return [
         FailedDelivery(
             d.id,
@@ -128,35 +142,11 @@ def failed_deliveries(session: Session) -> list[FailedDelivery]:
         )
         for d in session.scalars(
             select(Delivery)
-            .where(Delivery.state == DeliveryState.FAILED)
-            .order_by(Delivery.id.desc())
-        )
-    ]
-
-
-def abandoned_deliveries(session: Session, limit: int) -> tuple[int, list[FailedDelivery]]:
-    """Failed deliveries the administrator gave up (`abandon-deliveries`): how many, and
-    the ``limit`` newest rows, whose errors say who gave them up, when and why."""
-    count = session.scalar(select(func.count()).where(Delivery.state == DeliveryState.ABANDONED))
-    newest = [
-        FailedDelivery(
-            d.id,
-            d.instance_id,
-            d.kind.value,
-            d.destination,
-            d.attempts,
-            d.last_error,
-            d.created_at,
-            d.sending_since,
-        )
-        for d in session.scalars(
-            select(Delivery)
-            .where(Delivery.state == DeliveryState.ABANDONED)
+            .where(Delivery.state == state)
             .order_by(Delivery.id.desc())
             .limit(limit)
         )
     ]
-    return int(count or 0), newest
 
 
 @dataclass(frozen=True)

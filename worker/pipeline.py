@@ -2126,8 +2126,11 @@ def _note_numbers(session: Session, instance_id: int, *, first_study: str) -> di
     image ``instance_id``, by the object's SOP Instance UID: its place among the image's
     objects in its study, in the order they were made (their first delivery's id).
 
-    Our notes of an image in one study share a series (:func:`_stage_withdrawal_notes`),
-    where each was numbered 1: they are 1, 2 ... as the objects they withdraw were made.
+    Our notes of an image in one study under one patient share a series
+    (:func:`note_series_uid`), where each was numbered 1: they are numbered 1, 2 ... in
+    the study, as the objects they withdraw were made. A series holds a part of the
+    study's notes, so its numbers are apart and in order, with a gap where a note went
+    under another patient (the PACS corrected the study's Patient ID in between).
     Like the note's UIDs, the number is the object's: the same note made again (a retry,
     an attempt beside it) is numbered the same, and the note of an object made later
     comes after it. Every object of the image counts, sent or not, so that nothing made
@@ -2170,6 +2173,42 @@ def _notes_made(session: Session, instance_id: int) -> dict[str, tuple[Output, s
     return made
 
 
+#: The attributes that name the patient a note of ours is filed under, which its series
+#: depends on (:func:`note_series_uid`): a series is one patient's (the DICOM information
+#: model), and the Patient ID is one patient's only with its issuer.
+NOTE_SERIES_PATIENT = ("PatientID", "IssuerOfPatientID")
+
+
+def note_series_uid(source_uid: str, study_instance_uid: str, filed_as: Dataset) -> str:
+    """The Series Instance UID of our rejection notes that withdraw objects of the image
+    ``source_uid`` in the study ``study_instance_uid`` under the patient ``filed_as``
+    names: its :data:`NOTE_SERIES_PATIENT` values, which the note carries as they are
+    there (:func:`~dicom_io.sr.copy_patient_and_study`), surrounding spaces aside, an
+    absent attribute as an empty one.
+
+    One series per image, study and patient: after the PACS corrected the Patient ID
+    of the image's study, the notes under the patient before and those under the
+    patient now are in two series, never one series of two patients, which a PACS
+    refuses (a patient mismatch for the series it has) or files under the wrong patient.
+    The same note made again (a retry, an attempt beside it) is in the same series, as
+    it has the same UIDs. The values go into the UID through a one-way hash only, never
+    into a log.
+
+    Notes made before the series depended on the patient are in the image's series of
+    that study (the same UID without the patient) and stay there: they are sent as
+    recorded (:func:`_notes_made`). A note made since for another object of the image
+    in that study, even under the same patient, is in the new series: two series of
+    notes for one patient, each of that patient only.
+    """
+    patient = json.dumps(
+        [
+            _identity_text(filed_as, keyword) if keyword in filed_as else ""
+            for keyword in NOTE_SERIES_PATIENT
+        ]
+    )
+    return derived_uid(source_uid, "ko-series", "study", study_instance_uid, "patient", patient)
+
+
 def _as_written(sent: _SentObject) -> Dataset | None:
     """The header of our object ``sent`` as its file in the outbox holds it, where that
     file is still there (retention removes it) and is the one written (its SHA-256):
@@ -2206,6 +2245,14 @@ def _stage_withdrawal_notes(
     another, even another patient's. Where that file is gone, ``fallback`` (the PACS's
     own note) stands in for an object in its study.
 
+    Each note is in the series of the image's notes in that study under that patient
+    (:func:`note_series_uid`), numbered as :func:`_note_numbers` says. Only a note not
+    recorded yet is made here: one recorded (:func:`_notes_made`) is sent as recorded,
+    never made again, as its series may be another (made before notes had a series per
+    patient, or from another stand-in), and two notes under one SOP Instance UID in two
+    series would clash at the PACS. A note not recorded is a note no destination has: an
+    attempt that made it and did not commit sent nothing.
+
     Returns the staged notes, and what could not be made, in words for the instance's
     reason (None when all were): an object whose file is gone and has no stand-in, or
     a value the builder refuses. Those are the same on every try: the others go.
@@ -2231,8 +2278,8 @@ def _stage_withdrawal_notes(
                     code,
                     [reference],
                     description=description,
-                    series_instance_uid=derived_uid(
-                        source_uid, "ko-series", "study", reference.study_instance_uid
+                    series_instance_uid=note_series_uid(
+                        source_uid, reference.study_instance_uid, source
                     ),
                     sop_instance_uid=withdrawal_uid(reference.sop_instance_uid),
                     series_number=KO_SERIES_NUMBER,

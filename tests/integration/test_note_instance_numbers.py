@@ -1,9 +1,10 @@
 """The Instance Numbers of our rejection notes (Key Object Selection, IHE IOCM).
 
-Our notes withdrawing an image's objects in one study share a series; each was numbered
-1, so that a viewer listed them in no order and the series held the same number several
-times. They are now numbered as the objects they withdraw were made, 1, 2 ..., the same
-each time the same note is made (a retry makes the same note, with the same UIDs).
+Our notes withdrawing an image's objects in one study under one patient share a series;
+each was numbered 1, so that a viewer listed them in no order and the series held the
+same number several times. They are now numbered as the objects they withdraw were
+made, 1, 2 ..., the same each time the same note is made (a retry makes the same note,
+with the same UIDs).
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ def test_notes_in_one_series_are_numbered_as_their_objects_were_made(
 ) -> None:
     """Delivered under patient B, received again under A: notes of ours withdraw the
     first SR and SC under B, 1 and 2. The PACS then rejects the image: the notes that
-    withdraw the second SR and SC join the same series as 3 and 4. Each delivered, and
-    dciodvfy-clean."""
+    withdraw the second SR and SC, under A, are 3 and 4 in the study, in a series of
+    A's (test_note_series_per_patient). Each delivered, and dciodvfy-clean."""
     instance_id = spool_instance(runtime, attributes=PATIENT_B)
     first = _ours(deliver(runtime, storescp, assess_instance(runtime, instance_id).delivery_ids))
     received_again(runtime, instance_id, **PATIENT_A)
@@ -67,7 +68,8 @@ def test_notes_in_one_series_are_numbered_as_their_objects_were_made(
     assert len(rejected.delivery_ids) == 2  # the first SR and SC are withdrawn already
     notes += map(dcmread, deliver(runtime, storescp, rejected.delivery_ids))
 
-    assert len({str(note.SeriesInstanceUID) for note in notes}) == 1
+    series = {(str(note.PatientID), str(note.SeriesInstanceUID)) for note in notes}
+    assert len(series) == len({uid for _, uid in series}) == 2  # a series per patient
     assert {int(note.SeriesNumber) for note in notes} == {KO_SERIES_NUMBER}
     assert {_withdrawn(note): int(note.InstanceNumber) for note in notes} == {
         first[0]: 1,

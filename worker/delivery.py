@@ -103,6 +103,20 @@ class _Claimed:
     sent_before: datetime | None = None
 
 
+@dataclass
+class Claim:
+    """The claim a call of :func:`send_deliveries` took, for the task that made it: the
+    time it wrote into the rows it claimed (``sending_since``) and the end it gave them
+    (``next_attempt_at``), as committed; both None where no claim committed (none of the
+    rows due, or the database away). A task whose retry could not be published gives
+    back only the rows that still show this claim (`worker.tasks.RetriedWithinBudget`):
+    a claim another worker took on the same rows is not its own, whenever it was taken.
+    """
+
+    claimed_at: datetime | None = None
+    until: datetime | None = None
+
+
 def backoff_seconds(attempts: int, base: float, cap: float) -> float:
     """Exponential back-off: base, 2·base, 4·base … capped."""
     return float(min(cap, base * 2 ** max(0, attempts - 1)))
@@ -164,7 +178,7 @@ def deliver_one(rt: Runtime, delivery_id: int, *, force: bool = False) -> Delive
 
 
 def send_deliveries(
-    rt: Runtime, delivery_ids: Sequence[int], *, force: bool = False
+    rt: Runtime, delivery_ids: Sequence[int], *, force: bool = False, claim: Claim | None = None
 ) -> dict[int, DeliveryOutcome]:
     """Try to send deliveries now, those to one destination over one association.
 
@@ -175,6 +189,8 @@ def send_deliveries(
     force
         Send even when the next attempt is not yet due (used by tests and by
         operators; it also overrides another worker's claim).
+    claim
+        Where given, filled in with the claim this call takes, once it has committed.
 
     Returns
     -------
@@ -182,7 +198,7 @@ def send_deliveries(
         The outcome of each delivery id given.
     """
     ids = list(dict.fromkeys(delivery_ids))
-    claimed, outcomes = _claim(rt, ids, force=force)
+    claimed, outcomes = _claim(rt, ids, force=force, claim=claim)
     claimed = _notes_whose_objects_arrived(rt, claimed, outcomes)
     by_destination: dict[str, list[_Claimed]] = {}
     for row in claimed:
@@ -210,11 +226,12 @@ def send_deliveries(
 
 
 def _claim(
-    rt: Runtime, ids: list[int], *, force: bool
+    rt: Runtime, ids: list[int], *, force: bool, claim: Claim | None = None
 ) -> tuple[list[_Claimed], dict[int, DeliveryOutcome]]:
     if not ids:
         return [], {}
     current = now()
+    until = current + timedelta(seconds=claim_seconds(len(ids)))
     conditions = [Delivery.id.in_(ids), Delivery.state == DeliveryState.PENDING]
     if not force:
         # a second of slack: a retry's message may arrive a little before its due time
@@ -250,10 +267,7 @@ def _claim(
         rows = session.execute(
             update(Delivery)
             .where(Delivery.id.in_(list(marks)), *conditions)
-            .values(
-                next_attempt_at=current + timedelta(seconds=claim_seconds(len(ids))),
-                sending_since=current,
-            )
+            .values(next_attempt_at=until, sending_since=current)
             .returning(
                 Delivery.id,
                 Delivery.kind,
@@ -288,6 +302,8 @@ def _claim(
                 else ()
             )
         }
+    if claim is not None and claimed:  # committed
+        claim.claimed_at, claim.until = current, until
     skipped: dict[int, DeliveryOutcome] = {}
     for delivery_id in others:
         state = states.get(delivery_id)

@@ -27,7 +27,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from kombu.exceptions import OperationalError
-from sqlalchemy import create_engine, inspect, text, update
+from sqlalchemy import create_engine, inspect, or_, text, update
 
 from db.engine import session_scope
 from db.schema import Instance, InstanceState
@@ -185,11 +185,24 @@ def mark_queued(database_url: str, instance_ids: list[int], published_at: dateti
     commit (its message is on the broker from the moment it is published): its state
     is left as the worker set it, but its Queued At is still recorded, so that every
     assessed instance's timeline reads received → queued → started → finished.
+
+    A row `received` again although an attempt began after ``published_at`` (taken
+    before the first message) is left `received`: that attempt consumed the message, and
+    its task gave the instance back, its retry not published
+    (worker.tasks.RetriedWithinBudget). Marked `queued`, it had no message, and the
+    reconciler queues a `queued` row only once the inference queue is empty, which a
+    backlog may keep from happening for hours; `received`, the reconciler queues it
+    again (worker.reconciler). An attempt that began before the publish (a row given
+    back, then received again) is not the message's: the row is `queued`.
     """
     with session_scope(database_url) as session:
         session.execute(
             update(Instance)
-            .where(Instance.id.in_(instance_ids), Instance.state == InstanceState.RECEIVED)
+            .where(
+                Instance.id.in_(instance_ids),
+                Instance.state == InstanceState.RECEIVED,
+                or_(Instance.started_at.is_(None), Instance.started_at < published_at),
+            )
             .values(state=InstanceState.QUEUED, queued_at=published_at)
         )
         session.execute(

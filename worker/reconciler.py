@@ -33,6 +33,33 @@ PROCESSING_LEASE = timedelta(minutes=30)
 #: ends the instance in `error` within minutes, not hours.
 FAULT_PAUSE = timedelta(seconds=60)
 
+#: The back-off of the assess task's retries (worker.tasks): the first waits at most 5 s,
+#: each next one at most twice as long, up to 5 minutes.
+RETRY_BACKOFF_SECONDS = 5
+RETRY_BACKOFF_MAX_SECONDS = 300
+
+
+def retry_pause(transient_failures: int) -> timedelta:
+    """The longest the assess task's retry waits after the attempt that failed for the
+    ``transient_failures``-th time (Celery's exponential back-off, before its jitter)."""
+    exponent = min(max(0, transient_failures - 1), 16)
+    return timedelta(seconds=min(RETRY_BACKOFF_MAX_SECONDS, RETRY_BACKOFF_SECONDS * 2**exponent))
+
+
+def _retry_pause_over(current: datetime) -> ColumnElement[bool]:
+    """Whether the pause of `retry_pause` for an instance's ``transient_failures`` has
+    passed since its last attempt began, by ``current``: one comparison per step of the
+    back-off, then its cap (a portable statement: no interval arithmetic in SQL)."""
+    steps: list[ColumnElement[bool]] = []
+    failures = 1
+    while retry_pause(failures) < timedelta(seconds=RETRY_BACKOFF_MAX_SECONDS):
+        steps.append(
+            (Instance.transient_failures <= failures)
+            & (Instance.started_at < current - retry_pause(failures))
+        )
+        failures += 1
+    return or_(*steps, Instance.started_at < current - retry_pause(failures))
+
 
 @dataclass(frozen=True)
 class ReconcileReport:
@@ -67,14 +94,21 @@ def reconcile(
         # for dead
         live_workers = select(Heartbeat.name).where(alive(session))
         received = Instance.state == InstanceState.RECEIVED
+        begun = Instance.started_at.is_not(None)
         conditions: list[ColumnElement[bool]] = [
             # At start-up nothing can be in flight: every `received` row is re-queued.
-            # One that an attempt began is `received` again because the task gave it back,
-            # its retry not published (worker.tasks.RetriedWithinBudget): no message is
-            # on its way, and the listener has none to publish. Queued at once.
             received
             if startup
-            else received & ((Instance.received_at < stale) | Instance.started_at.is_not(None)),
+            else received
+            & or_(
+                # the listener's enqueuer publishes it, and tries again while the broker
+                # is away: lost only where it is still `received` after a while
+                Instance.started_at.is_(None) & (Instance.received_at < stale),
+                # a round of ours took it back after its attempt began, and could not
+                # publish it (_not_published): at once
+                begun & (Instance.queued_at > Instance.started_at),
+                _given_back(current, stale),
+            ),
             # Its worker died (SIGKILL, power): with Redis the message would only come
             # back after the visibility timeout, hours later. Or its attempt failed for
             # a fault and gave it up.
@@ -172,6 +206,40 @@ def reconcile(
     if queued or sent:
         logger.info("reconciler re-queued %d instances and %d deliveries", len(queued), len(sent))
     return ReconcileReport(queued, sent)
+
+
+def _given_back(current: datetime, stale: datetime) -> ColumnElement[bool]:
+    """An instance that the task of an attempt gave back, `received` again, because its
+    retry was not published (worker.tasks.RetriedWithinBudget): begun, and not taken back
+    by a round of ours since it began. No message is on its way, and it is queued again
+    once two things hold.
+
+    The pause the task's retry would have waited (`retry_pause`, by its transient
+    failures, since the attempt began) is over. A message of ours starts Celery's count
+    of retries again at 0: queued at once, an image whose retries a broker refused while
+    the storage failed spent its 21 tries on the reconciler's rounds, a minute apart,
+    where the task's back-off, 5 s doubling to 5 minutes, takes up to about 75 minutes.
+    The pause keeps that back-off (its first steps rounded up to a round's interval, a
+    minute by default); `FAULT_PAUSE` would not: the same minute for each try.
+
+    No copy of the image was received since the attempt began, or the copy came long
+    enough ago that the listener's message for it may be lost (as for an image never
+    begun): the listener's enqueuer publishes such a copy, and moves the row to `queued`
+    (worker.messaging.mark_queued). Queued by both, the image had two messages, and two
+    attempts, each claiming it (worker.pipeline takes any unfinished instance), assessed
+    it twice and counted two attempts.
+    """
+    return (
+        (Instance.state == InstanceState.RECEIVED)
+        & Instance.started_at.is_not(None)
+        & or_(Instance.queued_at.is_(None), Instance.queued_at <= Instance.started_at)
+        & _retry_pause_over(current)
+        & or_(
+            Instance.received_again_at.is_(None),
+            Instance.received_again_at <= Instance.started_at,
+            Instance.received_again_at < stale,
+        )
+    )
 
 
 def _not_published(rt: Runtime, instance_ids: list[int], queued_at: datetime) -> None:

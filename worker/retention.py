@@ -647,7 +647,9 @@ def unrecorded_images(
     """The received images in ``spool`` that no instance row names, as retention has
     dated them (:func:`_unrecorded_images`), and when the first goes if retention keeps
     files ``older_than`` (None: for ever); None where the markers cannot be read (they
-    are the spool owner's, 0700).
+    are the spool owner's, 0700), or where there is no ``spool`` at all (not known: the
+    listener's spool is elsewhere, another data directory, or not mounted), as opposed
+    to a spool without markers, which has none dated.
 
     Only the markers are read, with each one's image, never the whole spool: an image
     not dated yet (found by no run as the spool's owner) is not counted. A marker whose
@@ -659,7 +661,8 @@ def unrecorded_images(
     try:
         folders = [f for f in markers_dir.iterdir() if _SPOOL_FOLDER.fullmatch(f.name)]
     except FileNotFoundError:
-        return UnrecordedImages()
+        # no markers yet, where the spool itself is there
+        return UnrecordedImages() if spool.is_dir() else None
     except OSError:
         return None
     dated: dict[str, tuple[float, int]] = {}  # image: since when it is dated, its size

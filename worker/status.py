@@ -91,7 +91,8 @@ def collect(settings: Settings) -> dict[str, Any]:
         "spool_bytes": spool_bytes,
         "retention_days": settings.retention_days,
     }
-    # received images no row names, as retention dated them: None where unreadable
+    # received images no row names, as retention dated them: None where unreadable,
+    # or where there is no spool (another data directory than the listener's)
     # (pynetdicom comes with retention: imported here, as worker.delivery below)
     from worker.retention import unrecorded_images
 
@@ -542,7 +543,8 @@ def render(report: dict[str, Any], console: Console) -> None:
         if unrecorded is None:
             parts.append(
                 "received images that no instance records: not known (spool/.unrecorded "
-                "cannot be read): run status as the spool's owner"
+                "cannot be read, or there is no spool): run status as the spool's owner, "
+                "with the listener's BONEAGE_DATA_DIR"
             )
         elif unrecorded.get("images"):
             goes = (

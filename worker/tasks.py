@@ -12,7 +12,6 @@ import os
 import signal
 import time
 from collections.abc import Iterable
-from datetime import datetime, timedelta
 from typing import Any, NoReturn
 
 from celery import Task
@@ -24,20 +23,19 @@ from celery.signals import (
     worker_ready,
     worker_shutdown,
 )
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
 
 from db.engine import dispose_after_fork, session_scope
 from db.queries import take_instances
 from db.schema import Delivery, DeliveryState, Instance, InstanceState
-from db.schema import utcnow as now
 from dicom_io.pixels import set_jpeg2000_threads
 from dicom_io.sr import local_time_zone, unknown_time_zone
 from worker import metrics
 from worker.celery_app import ASSESS_TASK, DELIVER_TASK, RECONCILE_TASK, app, deliver_time_limit
 from worker.cgroups import cpu_quota, memory_limit
 from worker.cores import CoreShare, batching_process_cores, cores_per_task, jpeg2000_threads
-from worker.delivery import claim_seconds, send_deliveries
+from worker.delivery import Claim, send_deliveries
 from worker.heap import freeze_start_up_objects, keep_large_blocks, limit_arenas
 from worker.heartbeat import HeartbeatThread, process_name
 from worker.messaging import (
@@ -56,7 +54,12 @@ from worker.pipeline import (
     sweep_staged,
     warm_up,
 )
-from worker.reconciler import ReconcileReport, reconcile_via_broker
+from worker.reconciler import (
+    RETRY_BACKOFF_MAX_SECONDS,
+    RETRY_BACKOFF_SECONDS,
+    ReconcileReport,
+    reconcile_via_broker,
+)
 from worker.runtime import Runtime
 from worker.settings import Settings, usable_cpus
 
@@ -346,8 +349,10 @@ class RetriedWithinBudget(Task):
     without end, and a broker blocked by a disk alarm held the worker's process in the
     retry until the alarm cleared. Where the retry cannot be published, Celery rejects the
     message (``Reject``, not requeued), and the task gives its work back to the database,
-    for the reconciler to queue again as soon as the broker takes messages (its next
-    round), where it used to wait for the claim to run out (half an hour for an image):
+    for the reconciler to queue again once the broker takes messages (deliveries at its
+    next round; an image once the pause its retry would have waited is over,
+    `worker.reconciler.retry_pause`), where it used to wait for the claim to run out
+    (half an hour for an image):
 
     - an instance that this attempt claimed, and that this process still holds under
       the same claim (its assessment, and the time the attempt began), is `received`
@@ -359,9 +364,11 @@ class RetriedWithinBudget(Task):
       stays `queued`, with no message, and the reconciler queues it again once the
       inference queue is empty, later during a backlog;
     - the deliveries of the message that this attempt still holds (their claim's
-      ``next_attempt_at`` and ``sending_since``, as this attempt's claim wrote them) are
-      due again; each keeps its ``sending_since``, which says that its object may be at
-      the destination (it may have been sent, and its answer not recorded).
+      ``next_attempt_at`` and ``sending_since``, as this attempt's claim committed them,
+      `worker.delivery.Claim`) are due again; each keeps its ``sending_since``, which
+      says that its object may be at the destination (it may have been sent, and its
+      answer not recorded). Where no claim of this attempt committed, nothing is given
+      back: a claim on the same rows is another worker's, sending them now.
     """
 
     def retry(
@@ -408,25 +415,26 @@ class RetriedWithinBudget(Task):
                     delivery_ids = (call_kwargs or {}).get("delivery_ids")
                     if delivery_ids is None and call_args:
                         delivery_ids = call_args[0]
-                    began = getattr(self.request, "deliver_began", None)
-                    if isinstance(began, datetime) and delivery_ids is not None:
+                    claim = getattr(self.request, "deliver_claim", None)
+                    if isinstance(claim, Claim) and delivery_ids is not None:
                         ids = [delivery_ids] if isinstance(delivery_ids, int) else delivery_ids
-                        _give_back_deliveries(list(ids), began)
+                        _give_back_deliveries(list(ids), claim)
                 raise
 
 
 #: What the reason of an instance whose `assess` retry was not published ends with: no
 #: retry comes, whatever "(retried: n of 21 tries)" before it says. It stays until the
-#: next attempt ends.
-RETRY_NOT_PUBLISHED = (
-    "; retry not published: the reconciler queues it again once the broker takes messages"
-)
+#: next attempt ends, while the image is queued again and assessed, so it says what
+#: happened, not what is to come (it said "the reconciler queues it again once the broker
+#: takes messages", shown by `status` while the image was queued or being assessed).
+RETRY_NOT_PUBLISHED = "; retry not published: given back to be queued again"
 
 
 def _give_back_instance(instance_id: int, attempt: Attempt) -> None:
     """Put ``instance_id`` back to `received`, claimed by none, its reason ending with
     `RETRY_NOT_PUBLISHED`, where this process still holds it under ``attempt``'s claim:
-    the reconciler queues it again at its next round (`worker.reconciler.reconcile`).
+    the reconciler queues it again once the pause the task's retry would have waited is
+    over (`worker.reconciler.reconcile`, `worker.reconciler.retry_pause`).
     Where that cannot be written (the database may be what failed), a warning: the
     retry's own failure goes on, and the reconciler takes the instance back once its
     lease runs out.
@@ -461,47 +469,36 @@ def _give_back_instance(instance_id: int, attempt: Attempt) -> None:
         )
 
 
-def _give_back_deliveries(delivery_ids: list[int], began: datetime) -> None:
-    """End the claim on those of ``delivery_ids`` that the attempt which began at
-    ``began`` still holds: they are due at once, for the reconciler's next round.
+def _give_back_deliveries(delivery_ids: list[int], claim: Claim) -> None:
+    """End ``claim`` (the one an attempt of `deliver` committed) on those of
+    ``delivery_ids`` that still hold it: they are due at once, for the reconciler's next
+    round.
 
-    A claim (`worker.delivery.send_deliveries`) sets a row's ``sending_since`` to its
-    time and its ``next_attempt_at`` a send's length (`claim_seconds`) after it. This
-    attempt's is the one whose time is ``began`` or after: any other claim of the rows
-    waited for it to run out, a send's length later. A row whose failure this attempt
-    recorded (its back-off), or that it delivered, no longer has the claim's marks.
+    A row still holds it where its ``sending_since`` is the claim's very time and its
+    ``next_attempt_at`` the end the claim gave it: a row whose failure the attempt
+    recorded (its back-off), or that it delivered, no longer has the claim's marks, nor
+    one another worker claimed since, whenever that was. Where no claim committed
+    (``claim.claimed_at`` None: the database away as the attempt began, say), nothing is
+    given back: a claim on the rows is another worker's, sending them now; it used to be
+    guessed from the times, and another worker's claim taken after this attempt began
+    was ended, and the reconciler had a third send what the second was sending.
     Its ``sending_since`` is kept: the object may have gone, its answer unrecorded."""
+    if claim.claimed_at is None or claim.until is None:
+        return
     ids = list(dict.fromkeys(delivery_ids))
-    held = timedelta(seconds=claim_seconds(len(ids)))
     try:
         with session_scope(runtime().database_url) as session:
-            claims = {
-                (sending_since, next_attempt_at)
-                for sending_since, next_attempt_at in session.execute(
-                    select(Delivery.sending_since, Delivery.next_attempt_at).where(
-                        Delivery.id.in_(ids),
-                        Delivery.state == DeliveryState.PENDING,
-                        Delivery.sending_since >= began,
-                    )
+            session.execute(
+                update(Delivery)
+                .where(
+                    Delivery.id.in_(ids),
+                    Delivery.state == DeliveryState.PENDING,
+                    Delivery.sending_since == claim.claimed_at,
+                    Delivery.next_attempt_at == claim.until,
                 )
-                if sending_since is not None
-                and sending_since < began + held - timedelta(seconds=1)
-                and next_attempt_at == sending_since + held
-            }
-            for sending_since, next_attempt_at in claims:
-                # only while the row still has this claim's marks, read again under the
-                # lock the UPDATE takes
-                session.execute(
-                    update(Delivery)
-                    .where(
-                        Delivery.id.in_(ids),
-                        Delivery.state == DeliveryState.PENDING,
-                        Delivery.sending_since == sending_since,
-                        Delivery.next_attempt_at == next_attempt_at,
-                    )
-                    .values(next_attempt_at=None)
-                    .execution_options(synchronize_session=False)
-                )
+                .values(next_attempt_at=None)
+                .execution_options(synchronize_session=False)
+            )
     except Exception as failed:  # the database away: the claim runs out as it would
         logger.warning(
             "deliveries %s: their claim is not given back (%s); the reconciler sends them "
@@ -518,8 +515,8 @@ def _give_back_deliveries(delivery_ids: list[int], began: datetime) -> None:
     acks_late=True,
     reject_on_worker_lost=True,
     autoretry_for=RETRIED_BY_THE_TASK,
-    retry_backoff=5,
-    retry_backoff_max=300,
+    retry_backoff=RETRY_BACKOFF_SECONDS,  # which the reconciler keeps (retry_pause)
+    retry_backoff_max=RETRY_BACKOFF_MAX_SECONDS,
     max_retries=TRANSIENT_RETRIES,  # the pipeline ends the instance in error after them
 )
 def assess(self: Task, instance_id: int, send: bool = True) -> str:
@@ -563,10 +560,10 @@ def assess(self: Task, instance_id: int, send: bool = True) -> str:
 def deliver(self: Task, delivery_ids: list[int] | int) -> str:
     # A message of an earlier version carries one id.
     ids = [delivery_ids] if isinstance(delivery_ids, int) else list(delivery_ids)
-    # no earlier than the claim this attempt takes, which a retry not published gives back
-    self.request.deliver_began = now()
+    # the claim this attempt takes, as committed, which a retry not published gives back
+    claim = self.request.deliver_claim = Claim()
     try:
-        outcomes = send_deliveries(runtime(), ids)
+        outcomes = send_deliveries(runtime(), ids, claim=claim)
     except Exception:
         metrics.TASKS.labels(DELIVER_TASK, "exception").inc()
         raise

@@ -46,7 +46,7 @@ from tests.conftest import StoreSCP
 from tests.integration.test_pipeline import make_runtime, spool_instance
 from tests.proxy import TcpProxy
 from tests.support import instance_state, received, timed_call, wait_for
-from worker import messaging, pipeline, tasks
+from worker import delivery, messaging, pipeline, tasks
 from worker.celery_app import (
     ASSESS_TASK,
     DELIVER_TASK,
@@ -56,6 +56,7 @@ from worker.celery_app import (
     app,
     configure,
 )
+from worker.delivery import Claim
 from worker.heartbeat import HeartbeatThread, process_name
 from worker.listener import record_instance
 from worker.messaging import Enqueuer, enqueue_assess
@@ -310,8 +311,9 @@ def _as_the_worker_runs_it(instance_id: int) -> str:
 def _given_back_then_queued_again(rt: Runtime, vhost: str, instance_id: int) -> None:
     """The instance whose retry was not published is given back at once: `received`,
     claimed by none, its attempt not spent, its reason saying that no retry came (it said
-    "retried: 1 of 21 tries" alone). The reconciler's next round, once the broker takes
-    messages, queues it again, where it waited for the lease (30 min) of a live worker."""
+    "retried: 1 of 21 tries" alone). The reconciler's first round once the broker takes
+    messages and the retry's pause (5 s after the first failure) is over queues it again,
+    where it waited for the lease (30 min) of a live worker."""
     # alive as a real worker is: the reconciler takes back nothing from a live worker
     HeartbeatThread(rt.database_url, "worker").beat()
     with session_scope(rt.database_url) as session:
@@ -321,8 +323,7 @@ def _given_back_then_queued_again(rt: Runtime, vhost: str, instance_id: int) -> 
         assert row.reason is not None
         assert row.reason.startswith("attempt 1 failed: IsADirectoryError")
         assert row.reason.endswith(
-            "(retried: 1 of 21 tries); retry not published: the reconciler queues it again "
-            "once the broker takes messages"
+            "(retried: 1 of 21 tries); retry not published: given back to be queued again"
         )
     # the policy leaves the queue a moment after it is cleared: a round may still be refused
     wait_for(
@@ -563,3 +564,78 @@ def test_a_deliver_retry_not_published_gives_its_deliveries_back(
         what="the reconciler's round to send the deliveries again",
     )
     assert [sorted(message) for message in _delivery_messages(rabbitmq)] == [sorted(ids)]
+
+
+def test_a_deliver_whose_claim_failed_gives_back_no_claim_another_worker_took(
+    tmp_path: Path,
+    rabbitmq: str,
+    postgres_url: str,
+    tiny_checkpoint: Path,
+    storescp: StoreSCP,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """PostgreSQL: the connection of a `deliver` is cut as it claims its SR and SC (its
+    claim never commits), and another worker, with a copy of the message, claims them
+    at once, to send them. The first is retried, its retry refused: it gives back
+    nothing, and the other worker's claim stands, so the reconciler sends nothing while
+    that one sends. Before, the task took a claim made after it began, a claim's length
+    long, for its own, and ended it: the reconciler's next round had a third worker send
+    the same objects while the second was sending them."""
+    rt = make_runtime(
+        tmp_path,
+        tiny_checkpoint,
+        broker_url=_url(rabbitmq),
+        database_url=postgres_url,
+        destinations=storescp.destination,
+    )
+    configure(rt.settings)
+    monkeypatch.setitem(tasks._state, "runtime", rt)
+    outcome = assess_instance(rt, spool_instance(rt), send=True)
+    ids = list(outcome.delivery_ids)
+    assert len(ids) == 2  # the SR and the SC
+    _refuse(rabbitmq, DELIVERY_QUEUE)
+
+    killer = create_engine(postgres_url)
+    cut: list[int] = []
+    other = Claim()
+
+    def cut_as_it_claims(_conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
+        # the claim's UPDATE, before it runs: its connection cut, the other worker's
+        # claim made (the first one's row locks gone with its connection)
+        if statement.startswith("UPDATE deliveries SET next_attempt_at=") and not cut:
+            cut.append(pid := cursor.connection.info.backend_pid)
+            with killer.connect() as connection:
+                connection.execute(text("SELECT pg_terminate_backend(:pid, 5000)"), {"pid": pid})
+            claimed, _ = delivery._claim(rt, ids, force=False, claim=other)
+            assert len(claimed) == 2
+
+    engine = get_engine(rt.database_url)
+    event.listen(engine, "before_cursor_execute", cut_as_it_claims)
+    outcomes: list[str] = []
+    try:
+        with caplog.at_level(logging.ERROR, logger="worker.tasks"):
+            _took, error = timed_call(
+                lambda: outcomes.append(_as_the_worker_runs(DELIVER_TASK, [ids])),
+                BUDGET + MARGIN,
+            )
+    finally:
+        event.remove(engine, "before_cursor_execute", cut_as_it_claims)
+        killer.dispose()
+    assert error is None, repr(error)
+    assert len(cut) == 1, "the deliveries were never claimed"
+    assert outcomes == [states.REJECTED]
+    assert f"{DELIVER_TASK}: its retry was not published (OperationalError: MessageNacked)" in (
+        caplog.text
+    )
+
+    with session_scope(rt.database_url) as session:
+        rows = session.scalars(select(Delivery).where(Delivery.id.in_(ids))).all()
+        assert {row.state for row in rows} == {DeliveryState.PENDING}
+        # the other worker's claim, as it took it
+        assert {(row.sending_since, row.next_attempt_at) for row in rows} == {
+            (other.claimed_at, other.until)
+        }
+    _take_again(rabbitmq)
+    assert reconcile_via_broker(rt).deliveries == []
+    assert _delivery_messages(rabbitmq) == []

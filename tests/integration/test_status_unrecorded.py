@@ -36,7 +36,7 @@ from tests.integration.test_retention_unrecorded import (
     written_days_ago,
 )
 from worker.listener import record_instance
-from worker.retention import remove_expired_files, unrecorded_images
+from worker.retention import UnrecordedImages, remove_expired_files, unrecorded_images
 from worker.runtime import Runtime
 from worker.settings import load_settings
 from worker.status import collect, render
@@ -195,5 +195,32 @@ def test_markers_another_user_cannot_read_are_said_not_known(
     assert said is None
     assert (
         "received images that no instance records: not known (spool/.unrecorded cannot be "
-        "read): run status as the spool's owner" in shown
+        "read, or there is no spool): run status as the spool's owner, with the listener's "
+        "BONEAGE_DATA_DIR" in shown
+    ), shown
+
+
+def test_no_spool_is_said_not_known_not_none(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """`status` run with another data directory than the listener's (its database named
+    by BONEAGE_DATABASE_URL, as the workers' is) finds no spool there: it does not know
+    of the received images no row names, and says so, and where to run it. It used to
+    count none, as in a spool with no markers yet, and hid the listener's. A spool with
+    no markers yet has none."""
+    rt = _node(tmp_path, tiny_checkpoint)
+    spool = rt.settings.spool_dir
+    spool_instance(rt)  # one image a row names: not one of them
+    assert unrecorded_images(rt.database_url, spool, KEEP) == UnrecordedImages()
+    said, shown = _unrecorded(rt)
+    assert said == {"images": 0, "bytes": 0, "first_goes_after": None}
+    assert "no instance records" not in shown
+
+    elsewhere = _node(tmp_path / "elsewhere", tiny_checkpoint, database_url=rt.database_url)
+    assert not elsewhere.settings.spool_dir.exists()
+    assert unrecorded_images(rt.database_url, elsewhere.settings.spool_dir, KEEP) is None
+    said, shown = _unrecorded(elsewhere)
+    assert said is None
+    assert (
+        "received images that no instance records: not known (spool/.unrecorded cannot be "
+        "read, or there is no spool): run status as the spool's owner, with the listener's "
+        "BONEAGE_DATA_DIR" in shown
     ), shown

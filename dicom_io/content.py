@@ -365,9 +365,14 @@ BODY_PART_DEFINED_TERMS = frozenset(_BODY_PART_TABLE.split())
 #: 16 at most.
 CODE_STRING = re.compile(r"[A-Z0-9 _]{1,16}")
 #: Words that name a side beside a body part, as some modalities write it (``RT-HAND``,
-#: ``HAND_LT``), and the side each names. Not ``L`` and ``R`` alone: ``L SPINE`` is
-#: the lumbar spine.
+#: ``HAND_LT``), and the side each names.
 _SIDE_WORDS = {"LT": "L", "LEFT": "L", "RT": "R", "RIGHT": "R"}
+#: ``L`` and ``R`` alone name a side only beside these parts (``L HAND``, ``WRIST R``):
+#: the hand's Defined Terms among the values the gate admits (`dicom_io.gate`), which
+#: admits hands only. Beside another part a letter may be part of its name: ``L SPINE``
+#: is the lumbar spine.
+_SIDE_LETTERS = {"L": "L", "R": "R"}
+_LETTERED_PARTS = frozenset({"HAND", "WRIST"})
 
 
 def body_part_to_write(value: object, *, laterality: str | None) -> str | None:
@@ -397,10 +402,11 @@ def body_part_to_write(value: object, *, laterality: str | None) -> str | None:
         A Defined Term as it is (``HAND``); one written in lower case or with spaces
         around it, upper-cased and stripped (``hand``, ``Hand `` -> ``HAND``); a Defined
         Term with a side word before or after it (``RT-HAND``, ``LEFT HAND``,
-        ``HAND_LT``) as the term alone, but only where ``laterality`` names that same
-        side, so that the side is not lost; else None, nothing written: no other value is
-        mapped to a term (``L HAND``, ``HANDS``, ``CARPUS``, ``RT-HAND`` of an image whose
-        side is unknown or is L).
+        ``HAND_LT``; the letter ``L`` or ``R`` only beside ``HAND`` or ``WRIST``: ``L
+        HAND``, ``HAND R``) as the term alone, but only where ``laterality`` names that
+        same side, so that the side is not lost; else None, nothing written: no other
+        value is mapped to a term (``HANDS``, ``CARPUS``, ``L SPINE``, ``RT-HAND`` or
+        ``R HAND`` of an image whose side is unknown or is L).
     """
     if not isinstance(value, str):
         return None
@@ -414,6 +420,9 @@ def body_part_to_write(value: object, *, laterality: str | None) -> str | None:
         return None  # a side dropped would be a side lost
     first, second = words
     for side, part in ((first, second), (second, first)):
-        if _SIDE_WORDS.get(side) == laterality and part in BODY_PART_DEFINED_TERMS:
+        named = _SIDE_WORDS.get(side)
+        if named is None and part in _LETTERED_PARTS:
+            named = _SIDE_LETTERS.get(side)
+        if named == laterality and part in BODY_PART_DEFINED_TERMS:
             return part
     return None

@@ -395,7 +395,10 @@ def notice_body_part(heat_map: Dataset | None) -> str | None:
         :data:`NOTICE_BODY_PART` where it is unknown, or is no Code String (``RT-HAND``,
         as some modalities send it and a heat map written before
         :func:`~dicom_io.content.body_part_to_write` copied it): a notice is written with
-        valid values only.
+        valid values only. The notice, as a later heat map, writes it only as a Defined
+        Term (``body_part_to_write``, with its own Laterality): a Code String that a heat
+        map written before carried (``HAND_LT``, ``CARPUS``) may be written as ``HAND``,
+        or not at all.
     """
     if heat_map is None:
         return NOTICE_BODY_PART
@@ -439,9 +442,12 @@ def build_heatmap_sc(
         is enough): the first of them whose file can still be read. Its Body Part
         Examined, a General Series attribute, is the series' value, which this one
         carries too (:func:`notice_body_part`, as a withdrawal notice does), whatever
-        ``source`` names now (the PACS corrected it). None: the first heat map of its
-        series, or none of the earlier ones can be read any more (retention removed their
-        files); it carries the value of ``source``
+        ``source`` names now (the PACS corrected it), as a Defined Term or not at all
+        (:func:`~dicom_io.content.body_part_to_write`, with this heat map's Laterality):
+        a value a heat map written before carried (``HAND_LT``, ``L HAND``) loses its side
+        word only where this one's Laterality states that side. None: the first heat map
+        of its series, or none of the earlier ones can be read any more (retention removed
+        their files); it carries the value of ``source``
         (:func:`~dicom_io.content.body_part_to_write`), which may then differ from that
         of the earlier heat maps: nothing tells what theirs was.
 
@@ -557,7 +563,10 @@ def build_withdrawal_sc(
         follows from its showing no radiograph: Patient Orientation empty (its rows and
         columns run in no direction of the patient's), Body Part Examined
         ``body_part_examined`` (absent where None), so that it lands with the heat maps it
-        withdraws, and Lossy Image Compression ``00``.
+        withdraws, as a later heat map of the series carries it: a Defined Term, or
+        absent (:func:`~dicom_io.content.body_part_to_write`, with the notice's
+        Laterality: ``HAND_LT`` of a heat map written before is ``HAND`` where the copy's
+        Laterality is L, absent otherwise), and Lossy Image Compression ``00``.
 
     Raises
     ------
@@ -673,16 +682,18 @@ def _secondary_capture(
     # General Series: Body Part Examined (Type 3), on which hanging protocols put a series
     # with the images of its part, one value for the series: a notice's and a later heat
     # map's are those of the heat maps they join, whatever the copy received again says;
-    # a series' first heat map's is its source's, as a Defined Term or none
+    # a series' first heat map's is its source's. Each only as a Defined Term, or none: a
+    # heat map written before they were (HAND_LT, L HAND) passes on no side word that
+    # this object's Laterality does not state (a right hand's heat map named HAND_LT)
+    examined: object = body_part_examined
     if shows_source:
         if series_heat_map is not None:
-            body_part_examined = notice_body_part(series_heat_map)
+            examined = notice_body_part(series_heat_map)
         else:
-            body_part_examined = body_part_to_write(
-                source.get("BodyPartExamined"), laterality=laterality
-            )
-    if body_part_examined is not None:
-        sc.BodyPartExamined = body_part_examined
+            examined = source.get("BodyPartExamined")
+    written = body_part_to_write(examined, laterality=laterality)
+    if written is not None:
+        sc.BodyPartExamined = written
     # SC Equipment: rendered by software on a workstation, not digitized
     sc.ConversionType = "WSD"
     # General Image: derivation and the source image

@@ -27,7 +27,13 @@ from dicom_io.content import (
 )
 from dicom_io.ko import Reference, build_rejection_note
 from dicom_io.pixels import decode_for_display
-from dicom_io.sc import NOTICE_BODY_PART, build_heatmap_sc, notice_body_part, render_overlay
+from dicom_io.sc import (
+    NOTICE_BODY_PART,
+    build_heatmap_sc,
+    build_withdrawal_sc,
+    notice_body_part,
+    render_overlay,
+)
 from dicom_io.sr import build_bone_age_sr
 from tests.dicomtools import dciodvfy_errors
 
@@ -49,8 +55,15 @@ from tests.dicomtools import dciodvfy_errors
         ("RT-HAND", "L", None),  # the side said otherwise: neither is known to be right
         ("LT-FOO", "L", None),  # no Defined Term once the side is aside
         ("RT LT", "R", None),
-        ("L HAND", "L", None),  # L alone is no side word: L SPINE is the lumbar spine
-        ("L SPINE", "L", None),
+        ("L HAND", "L", "HAND"),  # L and R alone: side words beside a hand or wrist only
+        ("HAND R", "R", "HAND"),
+        ("r wrist", "R", "WRIST"),
+        ("L HAND", "R", None),
+        ("L HAND", None, None),
+        ("R HAND", "L", None),
+        ("L SPINE", "L", None),  # not beside another part: L SPINE is the lumbar spine
+        ("R FOOT", "R", None),
+        ("L ELBOW", "L", None),
         ("RT-HAND-X", "R", None),
         ("HANDS", None, None),  # Code Strings, but no Defined Terms: nothing is invented
         ("CARPUS", "L", None),
@@ -118,7 +131,8 @@ def _checked(tmp_path: Path, ds: Dataset, name: str) -> Dataset:
         ("hand", None, "HAND"),
         ("Hand ", "L", "HAND"),
         ("HAND", "L", "HAND"),
-        ("L HAND", "L", None),
+        ("L HAND", "L", "HAND"),
+        ("L HAND", "R", None),
     ],
 )
 def test_a_heat_map_carries_a_defined_term_or_none_and_passes_dciodvfy(
@@ -171,6 +185,61 @@ def test_a_later_heat_map_carries_its_series_body_part(
 
     assert notice_body_part(earlier) == expected
     assert back.get("BodyPartExamined") == expected
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR CS")
+@pytest.mark.parametrize(
+    ("series_value", "side", "expected"),
+    [
+        ("HAND_LT", "R", None),  # a right hand's heat map named a left hand's before
+        ("LEFT HAND", "R", None),
+        ("L HAND", "R", None),
+        ("HAND_LT", "L", "HAND"),  # the side stated by Laterality: the term alone
+        ("L HAND", "L", "HAND"),
+        ("HAND_LT", None, None),  # the side stated nowhere else: it would be lost
+        ("CARPUS", "L", None),  # a Code String, but no Defined Term
+        ("WRIST", "R", "WRIST"),
+    ],
+)
+def test_a_later_heat_map_carries_its_series_body_part_only_as_a_defined_term(
+    tmp_path: Path,
+    source: Dataset,
+    finding: BoneAgeFinding,
+    series_value: str,
+    side: str | None,
+    expected: str | None,
+) -> None:
+    """A heat map written before heat maps carried Defined Terms only (``HAND_LT``, ``L
+    HAND``) gave the series a value that a later heat map copied unchecked: a right
+    hand's heat map carried Laterality R and ``HAND_LT``. It carries the series' value
+    as a first heat map carries its source's (`body_part_to_write`), and so does a
+    withdrawal notice of a copy whose Laterality is ``side``."""
+    earlier = Dataset()
+    earlier.BodyPartExamined = series_value
+    source.BodyPartExamined = "HAND"
+    source.ImageLaterality = side or "U"
+    finding = dataclasses.replace(finding, laterality=side)
+
+    later = _checked(tmp_path, _heat_map(source, finding, series_heat_map=earlier), "later")
+    notice = _checked(
+        tmp_path,
+        build_withdrawal_sc(
+            source,
+            "the image was received again and is not assessed: patient sex is O",
+            model_name="m",
+            model_trained=True,
+            series_instance_uid=generate_uid(),
+            sop_instance_uid=generate_uid(),
+            series_number=9902,
+            instance_number=2,
+            body_part_examined=notice_body_part(earlier),
+        ),
+        "notice",
+    )
+
+    for written in (later, notice):
+        assert written.Laterality == (side or "")
+        assert written.get("BodyPartExamined") == expected
 
 
 def test_a_later_heat_map_whose_series_cannot_be_read_carries_its_sources(

@@ -481,7 +481,8 @@ def _written_back(tmp_path: Path, sc: Dataset, name: str) -> Dataset:
     [
         ("HAND", "HAND"),
         ("WRIST", "WRIST"),  # not HAND: the series' own value, whatever the copy says
-        ("L HAND", None),  # no Defined Term: its heat maps carry none (body_part_to_write)
+        ("L HAND", "HAND"),  # of a left hand's image: its heat maps carry HAND
+        ("HANDS", None),  # no Defined Term: its heat maps carry none (body_part_to_write)
         (None, None),  # the image had none, nor have its heat maps: common, and assessed
         ("RT-HAND", None),  # on a left hand's image: its heat maps carry none either
     ],

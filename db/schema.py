@@ -98,7 +98,8 @@ class DeliveryState(enum.StrEnum):
     # not sent, and never to be: a later assessment of its image replaced it
     SUPERSEDED = "superseded"
     # failed, and given up on purpose by the administrator (`abandon-deliveries`): never
-    # sent again; its last_error says who, when and why (a string column: no migration)
+    # sent again; its last_error says who, when and why (a string column: revision 0018
+    # changes nothing, and its downgrade makes it failed again, a state older code knows)
     ABANDONED = "abandoned"
 
 

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import signal
 import ssl
 import subprocess
@@ -670,21 +671,30 @@ def retry_deliveries(ctx: click.Context, delivery_ids: tuple[int, ...]) -> None:
     deliveries stay pending for the reconciler, and the command exits with status 1.
     """
     from worker.celery_app import configure
-    from worker.delivery import PUT_BACK, RetryInterrupted, retry_failed
+    from worker.delivery import PUT_BACK, RetryInterrupted, not_failed, retry_failed
     from worker.runtime import Runtime
 
     settings = _settings(ctx)
     _require_schema(settings)
     configure(settings)
+    rt = Runtime(settings)
+    # read before: those it puts back are pending after
+    left_as_they_are = not_failed(rt.database_url, delivery_ids)
     stopped: RetryInterrupted | None = None
     try:
-        retried = retry_failed(Runtime(settings), list(delivery_ids) or None)
+        retried = retry_failed(rt, list(delivery_ids) or None)
     except RetryInterrupted as interrupted:
         # what committed before the error is pending all the same: published and said
         retried, stopped = interrupted.retried, interrupted
     # in id order: an assessment's SR and SC mostly share a message
     unpublished, failure = _publish_deliveries(retried.queued)
     click.echo(f"{len(retried.reset)} failed deliveries queued again")
+    if left_as_they_are:
+        why = "; ".join(f"delivery {i} {text}" for i, text in left_as_they_are.items())
+        click.echo(
+            f"{len(left_as_they_are)} deliveries given left as they are, only failed ones "
+            f"are sent again: {why}"
+        )
     if retried.redirected:
         made = sum(len(new) for new in retried.redirected.values())
         where = (
@@ -695,6 +705,16 @@ def retry_deliveries(ctx: click.Context, delivery_ids: tuple[int, ...]) -> None:
         click.echo(
             f"{len(retried.redirected)} failed deliveries to destinations no longer "
             f"configured sent to the configured destinations instead: {where}"
+        )
+    if retried.abandoned_there:
+        there = sorted({d for ds in retried.abandoned_there.values() for d in ds})
+        click.echo(
+            f"{len(retried.abandoned_there)} failed deliveries left failed, their "
+            "destinations no longer configured: abandoned at the configured "
+            f"destination(s) {', '.join(there)}, and no other configured destination "
+            "would get them: give them up too with "
+            f"{_abandon_command(list(retried.abandoned_there))}, or configure a "
+            "destination that takes them and run retry-deliveries again"
         )
     if retried.no_destination:
         click.echo(
@@ -744,11 +764,44 @@ def _abandon_command(delivery_ids: list[int]) -> str:
 
 
 def _broker_shown(settings: Settings) -> str:
-    """The broker's URL as a message shows it: each URL of a failover list without its
-    password (kombu's ``maybe_sanitize_url``, as Celery's own banner shows it)."""
+    """The broker's URL as a message shows it: each URL of a failover list (``;``, spaces
+    around it allowed) without its password (`_url_shown`)."""
+    return ";".join(_url_shown(url.strip()) for url in settings.effective_broker_url.split(";"))
+
+
+#: The user information of a URL as kombu's ``maybe_sanitize_url`` leaves it shown: a
+#: password is ``**``.
+_USERINFO = re.compile(r"://([^/@]*)@")
+#: A URL's scheme (RFC 3986 3.1).
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+
+
+def _url_shown(url: str) -> str:
+    """``url`` without its password, as Celery's own banner shows it (kombu's
+    ``maybe_sanitize_url``), or ``scheme://***`` where it cannot be shown so: kombu could
+    not read it (a password with an unescaped ``/``, ``#`` or ``?``: its ValueError
+    quotes part of it), or what it shows still holds a password (a second URL after a
+    comma; a password cut at an unescaped ``;``); ``***`` where not even the scheme is
+    sure. Never any part of the credentials."""
     from kombu.utils.url import maybe_sanitize_url
 
-    return ";".join(maybe_sanitize_url(url) for url in settings.effective_broker_url.split(";"))
+    scheme, sep, _ = url.partition("://")
+    if not sep:
+        # a host of a failover list ("h2:26379"), or a password's rest cut at a ';'
+        return "***" if "@" in url else url
+    if not _SCHEME.fullmatch(scheme):
+        return "***"
+    masked = f"{scheme}://***"
+    try:
+        shown = maybe_sanitize_url(url)
+    except Exception:  # its message may quote the password
+        return masked
+    if not isinstance(shown, str) or any(
+        ":" in userinfo and userinfo.partition(":")[2] != "**"
+        for userinfo in _USERINFO.findall(shown)
+    ):
+        return masked
+    return shown
 
 
 def _broker_unreachable(settings: Settings, exc: BaseException, left: str) -> str:
@@ -801,8 +854,9 @@ def abandon_deliveries(
     For a failed SR or SC that nothing can send (its file removed by retention), or that
     its destination will never take. Each keeps who gave it up, when and why in its row
     (its error, shown by `status --json`); `status` then counts it as abandoned instead
-    of reporting the node unhealthy. Only failed deliveries: where an id given is not
-    one, nothing is abandoned. Asks before it abandons them, unless --yes.
+    of reporting the node unhealthy. Only failed SRs and SCs: where an id given is not
+    one (a rejection note of ours, which withdraws a result the destination may show,
+    is never given up), nothing is abandoned. Asks before it abandons them, unless --yes.
     """
     from worker.delivery import abandon_failed, abandonable
 
@@ -816,7 +870,7 @@ def abandon_deliveries(
     if refused:
         why = "; ".join(f"delivery {i} {text}" for i, text in sorted(refused.items()))
         raise click.ClickException(
-            f"nothing abandoned: only failed deliveries can be abandoned, and {why}"
+            f"nothing abandoned: only failed SR and SC deliveries can be abandoned, and {why}"
         )
     file = {True: "; its file removed by retention", False: "; its file not found", None: ""}
     for d in failed[:ABANDON_LISTED]:
@@ -828,8 +882,8 @@ def abandon_deliveries(
         click.echo(f"and {len(failed) - ABANDON_LISTED} more failed deliveries")
     if not yes:
         question = (
-            f"Abandon these {len(failed)} failed deliveries? Their results never reach the "
-            "destinations"
+            f"Abandon these {len(failed)} failed SR and SC deliveries? Never sent again, "
+            "none reaches the destination it failed to"
         )
         try:
             agreed = click.confirm(question, default=False)
@@ -850,13 +904,20 @@ def abandon_deliveries(
 
 
 def _who() -> str:
-    """Who abandons deliveries, as their rows record it: this process's user."""
-    import getpass
+    """Who abandons deliveries, as their rows record it: this process's effective user
+    by the system's user database (not $LOGNAME or $USER, which anyone sets), its uid
+    where it has no name (a container's user), and the user sudo was run by, where sudo
+    says so ($SUDO_USER): "the administrator (user root via sudo from alice)"."""
+    import pwd
 
+    uid = os.geteuid()
     try:
-        return f"the administrator (user {getpass.getuser()})"
-    except (OSError, KeyError):  # a container's user with no name
-        return f"the administrator (uid {os.getuid()})"
+        user = f"user {pwd.getpwuid(uid).pw_name}"
+    except KeyError:  # a container's user with no name
+        user = f"uid {uid}"
+    sudo = os.environ.get("SUDO_USER", "").strip()
+    via = f" via sudo from {sudo}" if sudo else ""
+    return f"the administrator ({user}{via})"
 
 
 @main.command()

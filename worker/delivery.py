@@ -729,7 +729,11 @@ class Retried:
     of them has it, or has it on its way. Left failed, their destinations no longer
     configured: ``no_destination`` (none is configured) and ``no_file`` (the object's
     file is gone, see `files_gone`), of which ``removed`` are those retention removed;
-    the others (``missing``) go once their files are back where they were written.
+    the others (``missing``) go once their files are back where they were written; and
+    ``abandoned_there``, each with the configured destinations where a delivery of its
+    object was abandoned: none of them would get it (each has it, has it on its way, or
+    gave it up), and one gave it up, so that it went to no configured destination
+    instead.
     """
 
     reset: list[int]
@@ -738,6 +742,7 @@ class Retried:
     no_destination: list[int]
     no_file: list[int]
     removed: list[int]
+    abandoned_there: dict[int, list[str]]
 
     @property
     def missing(self) -> list[int]:
@@ -883,7 +888,10 @@ def retry_failed(rt: Runtime, delivery_ids: list[int] | None = None) -> Retried:
     a row whose object's file is gone (`files_gone`), or any while no destination is
     configured, stays failed, named in a warning; one whose file is only not found
     where it was written is redirected by a later run once the file is back
-    (`PUT_BACK`). The row superseded keeps its ``sending_since``: where its last
+    (`PUT_BACK`). So does one that no configured destination would be sent, one of them
+    because the administrator gave its delivery there up (``abandoned_there``):
+    superseded, it would say it went to the configured destinations instead, and it
+    went nowhere. The row superseded keeps its ``sending_since``: where its last
     attempt's answer never came, the object may be at the old node, and our rejection
     notes still go there. Our rejection notes are put back wherever they go.
 
@@ -927,19 +935,21 @@ def retry_failed(rt: Runtime, delivery_ids: list[int] | None = None) -> Retried:
     redirected: dict[int, list[int]] = {}
     no_file: dict[int, bool] = {}
     went: set[str] = set()
+    abandoned_there: dict[int, list[str]] = {}
     done = 0
     try:
         for start in range(0, len(stranded) if targets else 0, REDIRECT_BATCH):
             batch = stranded[start : start + REDIRECT_BATCH]
-            batch_redirected, batch_no_file, batch_went = _redirect_batch(
+            batch_redirected, batch_no_file, batch_went, batch_abandoned = _redirect_batch(
                 rt, batch, conditions, targets
             )
             redirected.update(batch_redirected)
             no_file.update(batch_no_file)
             went |= batch_went
+            abandoned_there.update(batch_abandoned)
             done = start + len(batch)
     except Exception as exc:
-        retried = _logged(reset, redirected, went, no_destination, no_file)
+        retried = _logged(reset, redirected, went, no_destination, no_file, abandoned_there)
         left = [delivery_id for delivery_id, _ in stranded[done:]]
         logger.error(
             "retry-deliveries stopped (%s) after %d deliveries were queued: %d failed "
@@ -951,7 +961,7 @@ def retry_failed(rt: Runtime, delivery_ids: list[int] | None = None) -> Retried:
             _named(left),
         )
         raise RetryInterrupted(retried, left) from exc
-    return _logged(reset, redirected, went, no_destination, no_file)
+    return _logged(reset, redirected, went, no_destination, no_file, abandoned_there)
 
 
 def _redirect_batch(
@@ -959,13 +969,16 @@ def _redirect_batch(
     batch: list[tuple[int, int]],
     conditions: list[ColumnElement[bool]],
     targets: list[str],
-) -> tuple[dict[int, list[int]], dict[int, bool], set[str]]:
+) -> tuple[dict[int, list[int]], dict[int, bool], set[str], dict[int, list[str]]]:
     """Redirect ``batch`` (delivery and instance ids of failed SRs and SCs to
     destinations no longer configured) to ``targets`` in one transaction (`retry_failed`):
-    what it redirected, the files it found gone, and where it queued, once committed."""
+    what it redirected, the files it found gone, where it queued, and what it left
+    failed because no target would get it and one gave it up (``abandoned_there``),
+    once committed."""
     redirected: dict[int, list[int]] = {}
     no_file: dict[int, bool] = {}
     went: set[str] = set()
+    abandoned_there: dict[int, list[str]] = {}
     with session_scope(rt.database_url) as session:
         # before any delivery row of theirs, as a withdrawal of the image (the PACS
         # rejected it) and its next assessment (a corrected copy) take it before they
@@ -984,6 +997,13 @@ def _redirect_batch(
             if gone is not None:
                 no_file[row.id] = gone
                 continue
+            there = {t: {state for _, state in _there(session, row, t)} for t in targets}
+            given_up = [t for t in targets if DeliveryState.ABANDONED in there[t]]
+            if given_up and all(states.intersection(_NOT_AGAIN) for states in there.values()):
+                # `_queue_to` would queue it nowhere, and a destination gave it up: left
+                # failed, not superseded as sent to the configured destinations instead
+                abandoned_there[row.id] = given_up
+                continue
             taken = session.scalar(
                 update(Delivery)
                 .where(Delivery.id == row.id, Delivery.state == DeliveryState.FAILED)
@@ -1000,7 +1020,7 @@ def _redirect_batch(
                     new.append(queued)
                     went.add(target)
             redirected[row.id] = new
-    return redirected, no_file, went
+    return redirected, no_file, went, abandoned_there
 
 
 def _logged(
@@ -1009,6 +1029,7 @@ def _logged(
     went: set[str],
     no_destination: list[int],
     no_file: dict[int, bool],
+    abandoned_there: dict[int, list[str]],
 ) -> Retried:
     """What `retry_failed` did, committed, as a `Retried`, with its log lines."""
     made_to = sorted(went)
@@ -1034,7 +1055,16 @@ def _logged(
         no_destination,
         sorted(no_file),
         sorted(delivery_id for delivery_id, by_retention in no_file.items() if by_retention),
+        dict(sorted(abandoned_there.items())),
     )
+    if abandoned_there:
+        logger.warning(
+            "%d failed deliveries left failed, their destinations no longer configured and "
+            "their objects abandoned at the configured destinations (%s): %s",
+            len(abandoned_there),
+            ", ".join(sorted({d for there in abandoned_there.values() for d in there})),
+            _named(sorted(abandoned_there)),
+        )
     if retried.removed:
         logger.warning(
             "%d failed deliveries left failed, their destinations no longer configured and "
@@ -1053,6 +1083,21 @@ def _logged(
     return retried
 
 
+def _there(session: Session, row: Delivery, target: str) -> list[tuple[int, DeliveryState]]:
+    """The deliveries of the object of ``row`` to ``target`` (however the settings
+    spelled its host then: `_key`), in id order, with their states."""
+    key = _key(target)
+    return [
+        (delivery_id, state)
+        for delivery_id, destination, state in session.execute(
+            select(Delivery.id, Delivery.destination, Delivery.state)
+            .where(Delivery.sop_instance_uid == row.sop_instance_uid)
+            .order_by(Delivery.id)
+        )
+        if _key(destination) == key
+    ]
+
+
 def _queue_to(session: Session, dialect: ModuleType, row: Delivery, target: str) -> int | None:
     """Queue the object of ``row`` (superseded, `REDIRECTED`) to the configured
     destination ``target``, unless a delivery of it there is delivered or pending
@@ -1067,16 +1112,7 @@ def _queue_to(session: Session, dialect: ModuleType, row: Delivery, target: str)
     supersede takes every unsent row of the object, ``row`` with them, which
     `retry_failed` then leaves as it is.
     """
-    key = _key(target)
-    there = [
-        (delivery_id, state)
-        for delivery_id, destination, state in session.execute(
-            select(Delivery.id, Delivery.destination, Delivery.state)
-            .where(Delivery.sop_instance_uid == row.sop_instance_uid)
-            .order_by(Delivery.id)
-        )
-        if _key(destination) == key
-    ]
+    there = _there(session, row, target)
     if any(state in _NOT_AGAIN for _, state in there):
         return None
     sent_away = or_(
@@ -1133,6 +1169,16 @@ _NOT_ABANDONABLE = {
     DeliveryState.ABANDONED: "was abandoned already",
 }
 
+#: Why a failed rejection note of ours cannot be abandoned (`abandonable`): it withdraws
+#: an SR or SC the destination has or may have, after the PACS rejected its image or a
+#: correction moved it to another patient; given up, that result stays there, perhaps
+#: under the wrong patient, with `status` healthy.
+_A_NOTE = (
+    "is a rejection note: it withdraws a result the destination may show (its image "
+    "rejected by the PACS, or under another patient now), which would stay there: make "
+    "the destination take it, then run 'boneage-worker retry-deliveries {id}'"
+)
+
 
 @dataclass(frozen=True)
 class Abandonable:
@@ -1152,9 +1198,9 @@ class Abandonable:
 def abandonable(
     database_url: str, delivery_ids: Sequence[int]
 ) -> tuple[list[Abandonable], dict[int, str]]:
-    """Of ``delivery_ids``, the failed deliveries, in id order, and, for each of the
-    others, why it cannot be abandoned (no such delivery, or not failed:
-    `_NOT_ABANDONABLE`)."""
+    """Of ``delivery_ids``, the failed SRs and SCs, in id order, and, for each of the
+    others, why it cannot be abandoned (no such delivery, not failed:
+    `_NOT_ABANDONABLE`, or a rejection note of ours: `_A_NOTE`)."""
     ids = sorted(set(delivery_ids))
     failed: list[Abandonable] = []
     refused: dict[int, str] = {}
@@ -1174,6 +1220,8 @@ def abandonable(
                 refused[delivery_id] = "does not exist"
             elif row.state is not DeliveryState.FAILED:
                 refused[delivery_id] = _NOT_ABANDONABLE[row.state]
+            elif row.kind is ObjectKind.KO:
+                refused[delivery_id] = _A_NOTE.format(id=delivery_id)
             else:
                 failed.append(
                     Abandonable(
@@ -1186,6 +1234,41 @@ def abandonable(
                     )
                 )
     return failed, refused
+
+
+#: Why `retry_failed` sends a delivery given by id that is not failed no more
+#: (`not_failed`), by its state.
+_NOT_RETRIED = {
+    **_NOT_ABANDONABLE,
+    DeliveryState.SUPERSEDED: "was superseded: nothing sends it",
+    DeliveryState.ABANDONED: (
+        "was abandoned: given up by the administrator, it is never sent again"
+    ),
+}
+
+
+def not_failed(database_url: str, delivery_ids: Sequence[int]) -> dict[int, str]:
+    """Of ``delivery_ids``, those that are not failed deliveries, which `retry_failed`
+    leaves as they are, each with why (no such delivery, or its state: `_NOT_RETRIED`),
+    for `retry-deliveries` to say."""
+    ids = sorted(set(delivery_ids))
+    states: dict[int, DeliveryState] = {}
+    with session_scope(database_url) as session:
+        for start in range(0, len(ids), _CHUNK):
+            rows = session.execute(
+                select(Delivery.id, Delivery.state).where(
+                    Delivery.id.in_(ids[start : start + _CHUNK])
+                )
+            )
+            states.update((delivery_id, state) for delivery_id, state in rows)
+    left: dict[int, str] = {}
+    for delivery_id in ids:
+        state = states.get(delivery_id)
+        if state is None:
+            left[delivery_id] = "does not exist"
+        elif state is not DeliveryState.FAILED:
+            left[delivery_id] = _NOT_RETRIED[state]
+    return left
 
 
 def abandoned_note(by: str, at: datetime, reason: str) -> str:
@@ -1203,7 +1286,8 @@ def abandon_failed(
 
     One conditional UPDATE per chunk of ids: a delivery that is no longer failed (put
     back by a `retry-deliveries` run meanwhile, or superseded by a later assessment or a
-    rejection by the PACS) is left as it is, and is not among the ids returned. The
+    rejection by the PACS) is left as it is, and is not among the ids returned, as is a
+    rejection note of ours, which `abandonable` refuses (`_A_NOTE`). The
     images' rows are taken first, in id order, as every path that changes an image's
     deliveries takes them (`db.queries.take_instances`).
     """
@@ -1213,18 +1297,16 @@ def abandon_failed(
     done: list[int] = []
     for start in range(0, len(ids), _CHUNK):
         chunk = ids[start : start + _CHUNK]
+        given_up = (
+            Delivery.id.in_(chunk),
+            Delivery.state == DeliveryState.FAILED,
+            Delivery.kind != ObjectKind.KO,
+        )
         with session_scope(database_url) as session:
-            take_instances(
-                session,
-                session.scalars(
-                    select(Delivery.instance_id).where(
-                        Delivery.id.in_(chunk), Delivery.state == DeliveryState.FAILED
-                    )
-                ),
-            )
+            take_instances(session, session.scalars(select(Delivery.instance_id).where(*given_up)))
             done += session.scalars(
                 update(Delivery)
-                .where(Delivery.id.in_(chunk), Delivery.state == DeliveryState.FAILED)
+                .where(*given_up)
                 .values(
                     state=DeliveryState.ABANDONED,
                     last_error=literal(note) + func.coalesce(before, ""),

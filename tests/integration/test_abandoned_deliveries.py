@@ -16,8 +16,8 @@ nothing listens.
 from __future__ import annotations
 
 import datetime as dt
-import getpass
 import os
+import pwd
 import re
 import subprocess
 import sys
@@ -34,10 +34,12 @@ from tests.integration.test_pipeline import make_runtime, spool_dataset, spool_i
 from tests.integration.test_rejection_notes import image_of
 from tests.support import free_port, pacs_rejection_note
 from worker import delivery
+from worker.cli import _broker_shown
 from worker.delivery import abandon_failed, retry_failed
 from worker.pipeline import assess_instance
 from worker.retention import remove_expired_files
 from worker.runtime import Runtime
+from worker.settings import load_settings
 from worker.status import collect
 
 pytestmark = pytest.mark.integration
@@ -218,7 +220,9 @@ def test_failed_deliveries_whose_files_retention_removed_can_be_abandoned(
     assert "'boneage-worker abandon-deliveries' closes them" in problem
     reason = "files removed by retention, results read in the RIS"
 
-    declined = _cli(runtime, "abandon-deliveries", "--reason", reason, *map(str, ids), stdin="n\n")
+    declined = _cli(
+        runtime, "abandon-deliveries", "--reason", reason, *map(str, ids), stdin="n\n", SUDO_USER=""
+    )
 
     assert declined.returncode == 1
     with session_scope(runtime.database_url) as session:
@@ -228,15 +232,18 @@ def test_failed_deliveries_whose_files_retention_removed_can_be_abandoned(
         "file removed by retention"
         for i in ids
     ]
-    assert "Abandon these 2 failed deliveries? Their results never reach the destinations" in (
-        declined.stdout
-    )
+    assert (
+        "Abandon these 2 failed SR and SC deliveries? Never sent again, none reaches the "
+        "destination it failed to"
+    ) in declined.stdout
     assert declined.stderr.splitlines()[-1] == (
         "Error: nothing abandoned: answer y to the question, or pass --yes"
     )
     assert {state for state, _ in _states(runtime).values()} == {DeliveryState.FAILED}
 
-    done = _cli(runtime, "abandon-deliveries", "--reason", reason, *map(str, ids), stdin="y\n")
+    done = _cli(
+        runtime, "abandon-deliveries", "--reason", reason, *map(str, ids), stdin="y\n", SUDO_USER=""
+    )
 
     assert done.returncode == 0, done.stderr
     # the answer, read from a pipe, is not echoed: the line goes on after the question
@@ -247,7 +254,7 @@ def test_failed_deliveries_whose_files_retention_removed_can_be_abandoned(
     rows = _states(runtime)
     assert {state for state, _ in rows.values()} == {DeliveryState.ABANDONED}
     pattern = (
-        re.escape(f"abandoned by the administrator (user {getpass.getuser()}) on ")
+        re.escape(f"abandoned by the administrator (user {_user()}) on ")
         + r"\d{4}-\d\d-\d\d \d\d:\d\d"
         + re.escape(f" UTC: {reason} (it had failed: {NOT_CONFIGURED})")
     )
@@ -293,7 +300,7 @@ def test_abandon_deliveries_refuses_what_is_not_failed(runtime: Runtime) -> None
     assert done.returncode == 1
     assert done.stdout == ""
     assert done.stderr.splitlines() == [
-        "Error: nothing abandoned: only failed deliveries can be abandoned, and "
+        "Error: nothing abandoned: only failed SR and SC deliveries can be abandoned, and "
         f"delivery {others[DeliveryState.PENDING]} is pending: it is still being tried, and "
         f"may yet be delivered; delivery {others[DeliveryState.DELIVERED]} was delivered; "
         f"delivery {others[DeliveryState.SUPERSEDED]} was superseded: nothing sends it "
@@ -356,11 +363,58 @@ def test_a_redirect_sends_nothing_where_the_object_was_abandoned(
 
     retried = retry_failed(node, [old])
 
-    assert retried.redirected == {old: []} and retried.queued == []
+    assert retried.redirected == {} and retried.queued == []
+    assert retried.abandoned_there == {old: ["NEW@localhost:105"]}
     rows = _states(node)
     assert sorted(rows) == [old, new]  # none made
-    assert rows[old][0] is DeliveryState.SUPERSEDED
+    # not superseded as "sent to the configured destinations instead": it went nowhere
+    assert rows[old] == (DeliveryState.FAILED, NOT_CONFIGURED)
     assert rows[new][0] is DeliveryState.ABANDONED
+
+    # the command says so (before: "the configured destinations each had them already")
+    done = _cli(node, "retry-deliveries", BONEAGE_DESTINATIONS="NEW@localhost:105")
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "0 failed deliveries queued again",
+        "1 failed deliveries left failed, their destinations no longer configured: "
+        "abandoned at the configured destination(s) NEW@localhost:105, and no other "
+        "configured destination would get them: give them up too with 'boneage-worker "
+        f"abandon-deliveries --reason TEXT {old}', or configure a destination that takes "
+        "them and run retry-deliveries again",
+    ]
+    assert _states(node) == rows
+
+
+def test_a_redirect_goes_where_the_object_was_not_abandoned(
+    runtime: Runtime, tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """Given up at one configured destination, the SR goes to the other: the old
+    delivery is superseded, sent to the configured destinations instead."""
+    other = f"OTHER@127.0.0.1:{free_port()}"
+    node = make_runtime(
+        tmp_path / "node",
+        tiny_checkpoint,
+        destinations=f"{NEW},{other}",
+        database_url=runtime.database_url,
+    )
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(b"an SR as written")
+    instance_id = _instance(node)
+    old = _delivery(node, instance_id, "9.9.1", path=str(path), state=DeliveryState.FAILED)
+    new = _delivery(
+        node, instance_id, "9.9.1", destination=NEW, path=str(path), state=DeliveryState.FAILED
+    )
+    abandon_failed(node.database_url, [new], reason="NEW never takes it", by="me")
+
+    retried = retry_failed(node, [old])
+
+    [queued] = retried.queued
+    assert retried.redirected == {old: [queued]} and retried.abandoned_there == {}
+    rows = _states(node)
+    assert rows[old] == (DeliveryState.SUPERSEDED, delivery.REDIRECTED)
+    with session_scope(node.database_url) as session:
+        assert session.get_one(Delivery, queued).destination == other
 
 
 def test_retention_removes_the_files_of_abandoned_deliveries(runtime: Runtime) -> None:
@@ -424,3 +478,151 @@ def test_a_rejection_withdraws_an_abandoned_object_that_may_have_arrived(
             [(ObjectKind.KO, NEW)] * 2 if unanswered else []
         )
     assert {_states(runtime)[i][0] for i in ids} == {DeliveryState.ABANDONED}
+
+
+def _user() -> str:
+    """This process's effective user, by the system's user database."""
+    return pwd.getpwuid(os.geteuid()).pw_name
+
+
+def test_a_rejection_note_of_ours_cannot_be_abandoned(runtime: Runtime) -> None:
+    """Our note withdraws an SR or SC the destination has or may have (the PACS rejected
+    its image, or a correction moved it to another patient): given up, that result
+    stays there, perhaps under the wrong patient, and `status` says the node is
+    healthy. Refused, with what to do instead; nothing abandoned, the SR given with it
+    neither. Before, it was abandoned as an SR is."""
+    sr = _failed_with_files_removed(runtime, "9.9.1")
+    note = _delivery(
+        runtime,
+        _instance(runtime),
+        "9.9.2",
+        kind=ObjectKind.KO,
+        destination=NEW,
+        withdraws="9.9.3",
+        state=DeliveryState.FAILED,
+        attempts=31,
+        last_error=f"{NEW} answered status 0xA700",
+    )
+
+    done = _cli(runtime, "abandon-deliveries", "--yes", "--reason", "x", str(sr), str(note))
+
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        "Error: nothing abandoned: only failed SR and SC deliveries can be abandoned, and "
+        f"delivery {note} is a rejection note: it withdraws a result the destination may "
+        "show (its image rejected by the PACS, or under another patient now), which would "
+        "stay there: make the destination take it, then run 'boneage-worker "
+        f"retry-deliveries {note}'"
+    ]
+    assert {state for state, _ in _states(runtime).values()} == {DeliveryState.FAILED}
+    # nor by the function the command calls, given one
+    assert abandon_failed(runtime.database_url, [note], reason="x", by="me") == []
+    assert _states(runtime)[note][0] is DeliveryState.FAILED
+
+
+def test_who_abandoned_is_the_user_the_system_knows_and_who_ran_sudo(
+    runtime: Runtime,
+) -> None:
+    """$LOGNAME and $USER are anyone's to set: the row records the effective user by the
+    user database, and the user sudo was run by. Before, it recorded "user mallory"."""
+    ids = [_failed_with_files_removed(runtime, f"9.9.{n}") for n in range(2)]
+
+    for delivery_id, sudo in zip(ids, ["alice", ""], strict=True):
+        done = _cli(
+            runtime,
+            "abandon-deliveries",
+            "--yes",
+            "--reason",
+            "gone",
+            str(delivery_id),
+            LOGNAME="mallory",
+            USER="mallory",
+            SUDO_USER=sudo,
+        )
+        assert done.returncode == 0, done.stderr
+
+    rows = _states(runtime)
+    via = {ids[0]: " via sudo from alice", ids[1]: ""}
+    for delivery_id in ids:
+        assert (rows[delivery_id][1] or "").startswith(
+            f"abandoned by the administrator (user {_user()}{via[delivery_id]}) on "
+        ), rows[delivery_id]
+    assert "mallory" not in str(rows) or _user() == "mallory"
+
+
+def test_retry_deliveries_names_the_ids_given_that_are_not_failed(runtime: Runtime) -> None:
+    """An abandoned delivery given by id is not sent again, nor is a delivered or pending
+    one, and one that does not exist: the command names each, with why, in one line.
+    Before, it said only "0 failed deliveries queued again"."""
+    instance_id = _instance(runtime)
+    failed = _delivery(runtime, instance_id, "9.9.1", destination=NEW, state=DeliveryState.FAILED)
+    abandoned = _failed_with_files_removed(runtime, "9.9.2")
+    abandon_failed(runtime.database_url, [abandoned], reason="gone", by="me")
+    delivered = _delivery(runtime, instance_id, "9.9.3", state=DeliveryState.DELIVERED)
+    pending = _delivery(runtime, instance_id, "9.9.4", state=DeliveryState.PENDING)
+    missing = pending + 1
+    given = [abandoned, failed, delivered, pending, missing]
+
+    done = _cli(runtime, "retry-deliveries", *map(str, given), BONEAGE_BROKER_URL="")
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "1 failed deliveries queued again",
+        "4 deliveries given left as they are, only failed ones are sent again: "
+        f"delivery {abandoned} was abandoned: given up by the administrator, it is never "
+        f"sent again; delivery {delivered} was delivered; delivery {pending} is pending: "
+        f"it is still being tried, and may yet be delivered; delivery {missing} does not "
+        "exist",
+    ]
+    rows = _states(runtime)
+    assert rows[failed][0] is DeliveryState.PENDING
+    assert rows[abandoned][0] is DeliveryState.ABANDONED
+
+
+@pytest.mark.parametrize(
+    ("broker", "shown"),
+    [
+        # kombu cannot read them: its ValueError quoted "pa", part of the password
+        ("redis://user:pa/ss@host:6379/0", "redis://***"),
+        ("redis://user:pa#ss@host:6379/0", "redis://***"),
+        ("redis://user:pa?ss@host:6379/0", "redis://***"),
+        # spaces around the ';': the second URL was shown whole, its password with it
+        (
+            "amqp://user:pass1@h1// ; amqp://user:pass2@h2//",
+            "amqp://user:**@h1//;amqp://user:**@h2//",
+        ),
+        ("amqp://user:pass1@h1//,amqp://user:pass2@h2//", "amqp://***"),  # no failover list
+        ("amqp://user:pa;ss@host//", "amqp://***;***"),  # a password cut at its ';'
+        ("sentinel://:pass1@h1:26379;h2:26379", "sentinel://:**@h1:26379/;h2:26379"),
+        ("redis://:pass1@host:6379/0", "redis://:**@host:6379/0"),
+    ],
+)
+def test_the_broker_is_shown_without_any_part_of_its_password(
+    tmp_path: Path, broker: str, shown: str
+) -> None:
+    """Each URL of a failover list without its password, as Celery's banner shows it;
+    ``scheme://***`` where kombu cannot read it or what it shows keeps a password."""
+    assert _broker_shown(load_settings(data_dir=tmp_path, broker_url=broker)) == shown
+
+
+def test_a_broker_url_kombu_cannot_read_is_shown_masked_when_it_is_away(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """A password with an unescaped '/': the publish fails, and the sentence says which
+    broker without any of the password (before: kombu's ValueError, quoting part of it,
+    ended the command in a traceback)."""
+    rt = make_runtime(tmp_path, tiny_checkpoint, destinations=OLD)
+    _delivery(rt, _instance(rt), "9.9.1", state=DeliveryState.FAILED, attempts=3)
+
+    done = _cli(
+        rt,
+        "retry-deliveries",
+        BONEAGE_DESTINATIONS=OLD,
+        BONEAGE_BROKER_URL=f"redis://user:s3c/ret@127.0.0.1:{free_port()}/0",
+    )
+
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert "s3c" not in done.stdout + done.stderr and "ret@" not in done.stderr
+    [sentence] = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
+    assert sentence.startswith("Error: the broker at redis://*** could not be reached ("), sentence

@@ -296,3 +296,41 @@ def test_revision_0008_downgraded_leaves_what_0007_can_load(database_url: str) -
     assert upgrade(database_url) == head_revision()
     with session_scope(database_url) as session:
         assert session.scalars(select(Rejection)).all() == []
+
+
+def test_revision_0018_downgraded_leaves_what_0017_can_load(database_url: str) -> None:
+    """An abandoned delivery, a state 0017's code does not know (it passed its schema
+    check and then failed on the row: `status`, the health check and /metrics broke),
+    is failed again, its error, saying who gave it up and why, kept; no other row
+    changes, and upgrading again changes none."""
+    upgrade(database_url)
+    instance_id = record_instance(database_url, received("1.2.3.4"))
+    states = [DeliveryState.ABANDONED, DeliveryState.SUPERSEDED, DeliveryState.DELIVERED]
+    with session_scope(database_url) as session:
+        for n, state in enumerate(states):
+            session.add(
+                Delivery(
+                    instance_id=instance_id,
+                    kind=ObjectKind.SR,
+                    destination="PACS@127.0.0.1:104",
+                    sop_instance_uid=f"1.2.3.{9 + n}",
+                    path=f"/nonexistent/{n}.dcm",
+                    state=state,
+                    last_error=f"error {n}",
+                )
+            )
+    assert downgrade(database_url, "0017") == "0017"
+    with get_engine(database_url).connect() as connection:
+        rows = connection.execute(text("SELECT state, last_error FROM deliveries ORDER BY id"))
+        assert [tuple(row) for row in rows] == [
+            ("failed", "error 0"),
+            ("superseded", "error 1"),
+            ("delivered", "error 2"),
+        ]
+    assert upgrade(database_url) == head_revision() == "0018"
+    with session_scope(database_url) as session:
+        assert session.scalars(select(Delivery.state).order_by(Delivery.id)).all() == [
+            DeliveryState.FAILED,
+            DeliveryState.SUPERSEDED,
+            DeliveryState.DELIVERED,
+        ]

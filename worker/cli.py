@@ -692,7 +692,7 @@ def retry_deliveries(ctx: click.Context, delivery_ids: tuple[int, ...]) -> None:
     if left_as_they_are:
         why = "; ".join(f"delivery {i} {text}" for i, text in left_as_they_are.items())
         click.echo(
-            f"{len(left_as_they_are)} deliveries given left as they are, only failed ones "
+            f"{len(left_as_they_are)} deliveries given were left as they are, only failed ones "
             f"are sent again: {why}"
         )
     if retried.redirected:
@@ -854,9 +854,12 @@ def abandon_deliveries(
     For a failed SR or SC that nothing can send (its file removed by retention), or that
     its destination will never take. Each keeps who gave it up, when and why in its row
     (its error, shown by `status --json`); `status` then counts it as abandoned instead
-    of reporting the node unhealthy. Only failed SRs and SCs: where an id given is not
-    one (a rejection note of ours, which withdraws a result the destination may show,
-    is never given up), nothing is abandoned. Asks before it abandons them, unless --yes.
+    of reporting the node unhealthy. Only failed SRs and SCs, and failed rejection notes
+    of ours whose destinations are no longer configured (a node decommissioned: nothing
+    can send them; listed with a warning that the PACS there may still show the result
+    they withdraw): where an id given is not one (a note to a configured destination,
+    which withdraws a result it may show, is never given up), nothing is abandoned.
+    Asks before it abandons them, unless --yes.
     """
     from worker.delivery import abandon_failed, abandonable
 
@@ -866,7 +869,7 @@ def abandon_deliveries(
     settings = _settings(ctx)
     _require_schema(settings)
     url = settings.effective_database_url
-    failed, refused = abandonable(url, delivery_ids)
+    failed, refused = abandonable(url, delivery_ids, settings)
     if refused:
         why = "; ".join(f"delivery {i} {text}" for i, text in sorted(refused.items()))
         raise click.ClickException(
@@ -880,9 +883,18 @@ def abandon_deliveries(
         )
     if len(failed) > ABANDON_LISTED:
         click.echo(f"and {len(failed) - ABANDON_LISTED} more failed deliveries")
+    # only those to destinations no longer configured: `abandonable` refuses the others
+    notes = sum(1 for d in failed if d.kind == "ko")
+    if notes:
+        click.echo(
+            f"warning: {notes} of them are rejection notes to destinations no longer "
+            "configured: the PACS there may still show the results they withdraw, and "
+            "nothing withdraws them once abandoned"
+        )
     if not yes:
+        what = "deliveries" if notes else "SR and SC deliveries"
         question = (
-            f"Abandon these {len(failed)} failed SR and SC deliveries? Never sent again, "
+            f"Abandon these {len(failed)} failed {what}? Never sent again, "
             "none reaches the destination it failed to"
         )
         try:
@@ -891,7 +903,7 @@ def abandon_deliveries(
             agreed = False
         if not agreed:
             raise click.ClickException("nothing abandoned: answer y to the question, or pass --yes")
-    done = abandon_failed(url, [d.id for d in failed], reason=reason, by=_who())
+    done = abandon_failed(url, [d.id for d in failed], reason=reason, by=_who(), settings=settings)
     click.echo(
         f"{len(done)} failed deliveries abandoned: never sent again, and 'status' counts "
         "them as abandoned"

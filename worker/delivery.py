@@ -54,7 +54,7 @@ from pydicom import Dataset, dcmread
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from sqlalchemy import ColumnElement, func, literal, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from db.engine import session_scope
 from db.queries import take_instances
@@ -730,10 +730,9 @@ class Retried:
     configured: ``no_destination`` (none is configured) and ``no_file`` (the object's
     file is gone, see `files_gone`), of which ``removed`` are those retention removed;
     the others (``missing``) go once their files are back where they were written; and
-    ``abandoned_there``, each with the configured destinations where a delivery of its
-    object was abandoned: none of them would get it (each has it, has it on its way, or
-    gave it up), and one gave it up, so that it went to no configured destination
-    instead.
+    ``abandoned_there``, each with the configured destinations, every one of which gave
+    a delivery of its object up and none of which has it or has it on its way
+    (`abandoned_at_targets`): it would go to no configured destination instead.
     """
 
     reset: list[int]
@@ -888,12 +887,13 @@ def retry_failed(rt: Runtime, delivery_ids: list[int] | None = None) -> Retried:
     a row whose object's file is gone (`files_gone`), or any while no destination is
     configured, stays failed, named in a warning; one whose file is only not found
     where it was written is redirected by a later run once the file is back
-    (`PUT_BACK`). So does one that no configured destination would be sent, one of them
-    because the administrator gave its delivery there up (``abandoned_there``):
-    superseded, it would say it went to the configured destinations instead, and it
-    went nowhere. The row superseded keeps its ``sending_since``: where its last
-    attempt's answer never came, the object may be at the old node, and our rejection
-    notes still go there. Our rejection notes are put back wherever they go.
+    (`PUT_BACK`). So does one whose object the administrator gave up at every
+    configured destination, none of which has it or has it on its way
+    (``abandoned_there``, `abandoned_at_targets`): superseded, it would say it went to
+    the configured destinations instead, and it went nowhere. The row superseded keeps
+    its ``sending_since``: where its last attempt's answer never came, the object may
+    be at the old node, and our rejection notes still go there. Our rejection notes are
+    put back wherever they go.
 
     Raises
     ------
@@ -973,8 +973,8 @@ def _redirect_batch(
     """Redirect ``batch`` (delivery and instance ids of failed SRs and SCs to
     destinations no longer configured) to ``targets`` in one transaction (`retry_failed`):
     what it redirected, the files it found gone, where it queued, and what it left
-    failed because no target would get it and one gave it up (``abandoned_there``),
-    once committed."""
+    failed because every target gave it up and none has it (``abandoned_there``,
+    `abandoned_at_targets`), once committed."""
     redirected: dict[int, list[int]] = {}
     no_file: dict[int, bool] = {}
     went: set[str] = set()
@@ -992,17 +992,19 @@ def _redirect_batch(
             .order_by(Delivery.id)
         ).all()
         dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+        # read once the images are taken: nothing changes their deliveries meanwhile, and
+        # what this batch queues (pending) never makes another of its rows given up
+        given_up = abandoned_at_targets(session, [row.id for row, _ in rows], targets)
         for row, files_removed_at in rows:
             gone = _file_gone(row.path, row.created_at, files_removed_at)
             if gone is not None:
                 no_file[row.id] = gone
                 continue
-            there = {t: {state for _, state in _there(session, row, t)} for t in targets}
-            given_up = [t for t in targets if DeliveryState.ABANDONED in there[t]]
-            if given_up and all(states.intersection(_NOT_AGAIN) for states in there.values()):
-                # `_queue_to` would queue it nowhere, and a destination gave it up: left
-                # failed, not superseded as sent to the configured destinations instead
-                abandoned_there[row.id] = given_up
+            if row.id in given_up:
+                # `_queue_to` would queue it nowhere, and no configured destination has
+                # it: left failed, not superseded as sent to the configured destinations
+                # instead
+                abandoned_there[row.id] = given_up[row.id]
                 continue
             taken = session.scalar(
                 update(Delivery)
@@ -1081,6 +1083,44 @@ def _logged(
             _named(retried.missing),
         )
     return retried
+
+
+def abandoned_at_targets(
+    session: Session, delivery_ids: Sequence[int], targets: Sequence[str]
+) -> dict[int, list[str]]:
+    """Of ``delivery_ids`` (failed SRs and SCs to destinations no longer configured),
+    those `retry_failed` leaves failed (``abandoned_there``) because the administrator
+    gave their objects up at the configured destinations ``targets``, each with those
+    destinations: a delivery of its object to each of them abandoned, and none of them
+    has it delivered or pending. Redirected, it would go nowhere (`_queue_to` queues
+    nothing where a delivery is abandoned), and it would say it went to the configured
+    destinations instead; where one of them has it, or has it on its way, it is
+    redirected as any other. `status` asks the same (`worker.status`). One query per
+    chunk of ids, whatever the number of rows."""
+    ids = list(delivery_ids)
+    if not targets:
+        return {}
+    keys = [_key(t) for t in targets]
+    other = aliased(Delivery)
+    there: dict[int, list[set[DeliveryState]]] = {}
+    for start in range(0, len(ids), _CHUNK):
+        rows = session.execute(
+            select(Delivery.id, other.destination, other.state)
+            .join(other, other.sop_instance_uid == Delivery.sop_instance_uid)
+            .where(Delivery.id.in_(ids[start : start + _CHUNK]), other.id != Delivery.id)
+        )
+        for delivery_id, destination, state in rows:
+            key = _key(destination)
+            states = there.setdefault(delivery_id, [set() for _ in targets])
+            for n, target_key in enumerate(keys):
+                if key == target_key:
+                    states[n].add(state)
+    has_it = {DeliveryState.DELIVERED, DeliveryState.PENDING}
+    return {
+        delivery_id: list(targets)
+        for delivery_id, states in sorted(there.items())
+        if all(DeliveryState.ABANDONED in s and not s & has_it for s in states)
+    }
 
 
 def _there(session: Session, row: Delivery, target: str) -> list[tuple[int, DeliveryState]]:
@@ -1169,15 +1209,38 @@ _NOT_ABANDONABLE = {
     DeliveryState.ABANDONED: "was abandoned already",
 }
 
-#: Why a failed rejection note of ours cannot be abandoned (`abandonable`): it withdraws
-#: an SR or SC the destination has or may have, after the PACS rejected its image or a
-#: correction moved it to another patient; given up, that result stays there, perhaps
-#: under the wrong patient, with `status` healthy.
+#: Why a failed rejection note of ours to a configured destination cannot be abandoned
+#: (`abandonable`): it withdraws an SR or SC the destination has or may have, after the
+#: PACS rejected its image or a correction moved it to another patient; given up, that
+#: result stays there, perhaps under the wrong patient, with `status` healthy. One to a
+#: destination no longer configured (a node decommissioned) can never be sent
+#: (`retry_failed` puts it back to that destination, where it fails again): it may be
+#: abandoned, `abandon-deliveries` warning that the PACS there may still show the result.
 _A_NOTE = (
     "is a rejection note: it withdraws a result the destination may show (its image "
     "rejected by the PACS, or under another patient now), which would stay there: make "
     "the destination take it, then run 'boneage-worker retry-deliveries {id}'"
 )
+
+
+def _notes_unconfigured(
+    session: Session, settings: Settings | None, delivery_ids: Sequence[int]
+) -> list[int]:
+    """Of ``delivery_ids``, the failed rejection notes of ours whose destinations
+    ``settings`` no longer configures (`configured`): those `abandon_failed` may give up
+    (`_A_NOTE`); none without settings."""
+    if settings is None:
+        return []
+    rows = session.execute(
+        select(Delivery.id, Delivery.destination).where(
+            Delivery.id.in_(list(delivery_ids)),
+            Delivery.state == DeliveryState.FAILED,
+            Delivery.kind == ObjectKind.KO,
+        )
+    )
+    return [
+        delivery_id for delivery_id, destination in rows if not configured(settings, destination)
+    ]
 
 
 @dataclass(frozen=True)
@@ -1196,11 +1259,13 @@ class Abandonable:
 
 
 def abandonable(
-    database_url: str, delivery_ids: Sequence[int]
+    database_url: str, delivery_ids: Sequence[int], settings: Settings
 ) -> tuple[list[Abandonable], dict[int, str]]:
-    """Of ``delivery_ids``, the failed SRs and SCs, in id order, and, for each of the
-    others, why it cannot be abandoned (no such delivery, not failed:
-    `_NOT_ABANDONABLE`, or a rejection note of ours: `_A_NOTE`)."""
+    """Of ``delivery_ids``, the failed SRs and SCs, and the failed rejection notes of ours
+    whose destinations ``settings`` no longer configures, in id order, and, for each of
+    the others, why it cannot be abandoned (no such delivery, not failed:
+    `_NOT_ABANDONABLE`, or a rejection note of ours to a configured destination:
+    `_A_NOTE`)."""
     ids = sorted(set(delivery_ids))
     failed: list[Abandonable] = []
     refused: dict[int, str] = {}
@@ -1220,7 +1285,7 @@ def abandonable(
                 refused[delivery_id] = "does not exist"
             elif row.state is not DeliveryState.FAILED:
                 refused[delivery_id] = _NOT_ABANDONABLE[row.state]
-            elif row.kind is ObjectKind.KO:
+            elif row.kind is ObjectKind.KO and configured(settings, row.destination):
                 refused[delivery_id] = _A_NOTE.format(id=delivery_id)
             else:
                 failed.append(
@@ -1278,7 +1343,12 @@ def abandoned_note(by: str, at: datetime, reason: str) -> str:
 
 
 def abandon_failed(
-    database_url: str, delivery_ids: Sequence[int], *, reason: str, by: str
+    database_url: str,
+    delivery_ids: Sequence[int],
+    *,
+    reason: str,
+    by: str,
+    settings: Settings | None = None,
 ) -> list[int]:
     """Give up the failed deliveries of ``delivery_ids`` on purpose: `abandoned`, never
     sent again, their ``last_error`` saying who (``by``), when and why (`abandoned_note`),
@@ -1287,7 +1357,8 @@ def abandon_failed(
     One conditional UPDATE per chunk of ids: a delivery that is no longer failed (put
     back by a `retry-deliveries` run meanwhile, or superseded by a later assessment or a
     rejection by the PACS) is left as it is, and is not among the ids returned, as is a
-    rejection note of ours, which `abandonable` refuses (`_A_NOTE`). The
+    rejection note of ours, which `abandonable` refuses (`_A_NOTE`), unless ``settings``
+    no longer configure its destination. The
     images' rows are taken first, in id order, as every path that changes an image's
     deliveries takes them (`db.queries.take_instances`).
     """
@@ -1297,12 +1368,13 @@ def abandon_failed(
     done: list[int] = []
     for start in range(0, len(ids), _CHUNK):
         chunk = ids[start : start + _CHUNK]
-        given_up = (
-            Delivery.id.in_(chunk),
-            Delivery.state == DeliveryState.FAILED,
-            Delivery.kind != ObjectKind.KO,
-        )
         with session_scope(database_url) as session:
+            notes = _notes_unconfigured(session, settings, chunk)
+            given_up = (
+                Delivery.id.in_(chunk),
+                Delivery.state == DeliveryState.FAILED,
+                or_(Delivery.kind != ObjectKind.KO, Delivery.id.in_(notes)),
+            )
             take_instances(session, session.scalars(select(Delivery.instance_id).where(*given_up)))
             done += session.scalars(
                 update(Delivery)

@@ -227,7 +227,11 @@ def _given_back(current: datetime, stale: datetime) -> ColumnElement[bool]:
     begun): the listener's enqueuer publishes such a copy, and moves the row to `queued`
     (worker.messaging.mark_queued). Queued by both, the image had two messages, and two
     attempts, each claiming it (worker.pipeline takes any unfinished instance), assessed
-    it twice and counted two attempts.
+    it twice and counted two attempts. A copy received during the attempt was published
+    while the row was `processing`: the task gives such a row back `queued`, not
+    `received` (worker.tasks._give_back_instance), and it is never this branch's; the
+    queued branch queues it again where the copy's message is lost. This condition
+    holds off a copy received after the give-back, which the enqueuer publishes.
     """
     return (
         (Instance.state == InstanceState.RECEIVED)

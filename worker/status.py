@@ -82,6 +82,7 @@ def collect(settings: Settings) -> dict[str, Any]:
         overdue = queries.overdue_deliveries(session, current)
         failed = queries.failed_deliveries(session)
         gone = _files_gone(session, failed, settings)
+        abandoned_there = _abandoned_there(session, failed, settings, gone)
         abandoned, newest_abandoned = queries.abandoned_deliveries(session, FAILED_SHOWN)
     space = disk_space(settings.data_dir)
     report["storage"] = {
@@ -131,7 +132,9 @@ def collect(settings: Settings) -> dict[str, Any]:
         problems.append(f"{retrying} deliveries are being retried; latest error: {last_error}")
     report["failed_deliveries"] = _failed(failed, settings)
     if failed:
-        problems.append(_failed_problem(failed, report["failed_deliveries"][0], settings, gone))
+        problems.append(
+            _failed_problem(failed, report["failed_deliveries"][0], settings, gone, abandoned_there)
+        )
     # given up on purpose: no problem, but never out of sight (their errors say why)
     report["abandoned_deliveries"] = {
         "count": abandoned,
@@ -260,11 +263,31 @@ def _files_gone(
     return files_gone(session, [d.id for d in stranded])
 
 
+def _abandoned_there(
+    session: Session,
+    failed: list[queries.FailedDelivery],
+    settings: Settings,
+    gone: dict[int, bool],
+) -> dict[int, list[str]]:
+    """The ids of the failed SRs and SCs to destinations no longer configured, their
+    files there (not in ``gone``), whose objects were abandoned at every configured
+    destination, none of which has them: `retry-deliveries` leaves them failed
+    (`worker.delivery.abandoned_at_targets`, which it asks too), each with those
+    destinations. One query, however many rows."""
+    stranded = [d.id for d in _stranded(failed, settings) if d.id not in gone]
+    if not stranded or not settings.destinations:
+        return {}
+    from worker.delivery import abandoned_at_targets
+
+    return abandoned_at_targets(session, stranded, [str(d) for d in settings.destinations])
+
+
 def _failed_problem(
     failed: list[queries.FailedDelivery],
     latest: dict[str, Any],
     settings: Settings,
     gone: dict[int, bool],
+    abandoned_there: dict[int, list[str]] | None = None,
 ) -> str:
     """The problem line of the failed deliveries: what to do about them.
 
@@ -276,7 +299,10 @@ def _failed_problem(
     send those retention removed, and their results stay in the database only; the
     others' files are not found where they were written (an outbox volume not mounted,
     a data directory moved), and they go once their files are back there
-    (`worker.delivery.PUT_BACK`). Retention is named only for those it removed.
+    (`worker.delivery.PUT_BACK`). Retention is named only for those it removed. Nor
+    those whose objects were abandoned at every configured destination
+    (``abandoned_there``, `worker.delivery.abandoned_at_targets`): `retry-deliveries`
+    leaves them failed, and says what it says here.
     """
     # pynetdicom comes with it: imported only where a delivery failed
     from worker.delivery import PUT_BACK
@@ -290,7 +316,17 @@ def _failed_problem(
         return f"{fix}; {latest_error}"
     removed = sum(1 for d in stranded if gone.get(d.id))
     missing = sum(1 for d in stranded if gone.get(d.id) is False)
-    sendable = len(stranded) - removed - missing
+    abandoned_there = abandoned_there or {}
+    left = len(abandoned_there)
+    sendable = len(stranded) - removed - missing - left
+    there = ", ".join(sorted({t for ts in abandoned_there.values() for t in ts}))
+    # as retry-deliveries says it (`worker.cli.retry_deliveries`)
+    given_up = (
+        f"abandoned at the configured destination(s) {there}, which have them neither "
+        f"delivered nor pending: {retry} leaves them failed; close them with "
+        "'boneage-worker abandon-deliveries', or configure a destination that takes "
+        f"them and run {retry} again"
+    )
     if settings.destinations:
         put_back = PUT_BACK
         head = f"{retry} sends them to the configured destinations instead"
@@ -302,17 +338,21 @@ def _failed_problem(
         f"{retry} leaves them failed; their results are in the database only, and "
         "'boneage-worker abandon-deliveries' closes them"
     )
-    if removed == len(stranded):
+    if left == len(stranded):
+        redirect = f"their objects were {given_up}"
+    elif removed == len(stranded):
         redirect = (
             f"their files are gone (retention removed them): nothing can send them, and "
             f"{unsendable}"
         )
     elif missing == len(stranded):
         redirect = f"their files are not found where they were written: {put_back}"
-    elif not (removed or missing):
+    elif not (removed or missing or left):
         redirect = head
     else:
         parts = []
+        if left:
+            parts.append(f"{left} {given_up}")
         if missing:
             parts.append(f"{missing} not found where they were written: {put_back}")
         if removed:
@@ -320,10 +360,14 @@ def _failed_problem(
                 f"{removed} removed by retention: nothing can send those, and {unsendable}"
             )
         lost = "; ".join(parts)
-        if sendable:
+        if sendable and not left:
             redirect = f"{head}, all but {removed + missing} whose files are gone: {lost}"
-        else:
+        elif sendable:
+            redirect = f"{head}, all but {removed + missing + left}: {lost}"
+        elif not left:
             redirect = f"their files are gone: {lost}"
+        else:
+            redirect = lost
     if len(stranded) == len(failed):
         return (
             f"{len(failed)} deliveries failed to destinations no longer configured "

@@ -435,6 +435,12 @@ def _give_back_instance(instance_id: int, attempt: Attempt) -> None:
     `RETRY_NOT_PUBLISHED`, where this process still holds it under ``attempt``'s claim:
     the reconciler queues it again once the pause the task's retry would have waited is
     over (`worker.reconciler.reconcile`, `worker.reconciler.retry_pause`).
+    Where a copy of the image was received during the attempt (``received_again_at``
+    after it began), the listener's enqueuer has published a message for it already,
+    while the row was `processing`: the row is given back `queued` instead, its
+    ``queued_at`` as it is, so that the copy's message takes it, and the reconciler
+    queues it again only where that message is lost (as any `queued` row). Given back
+    `received`, the reconciler queued it too: two messages, two attempts.
     Where that cannot be written (the database may be what failed), a warning: the
     retry's own failure goes on, and the reconciler takes the instance back once its
     lease runs out.
@@ -458,7 +464,10 @@ def _give_back_instance(instance_id: int, attempt: Attempt) -> None:
                 before = instance.reason or ""
                 if not before.endswith(RETRY_NOT_PUBLISHED):
                     instance.reason = f"{before}{RETRY_NOT_PUBLISHED}".removeprefix("; ")
-                instance.state = InstanceState.RECEIVED
+                copy, began = instance.received_again_at, attempt.started_at
+                # the copy's message was published meanwhile (the enqueuer's round)
+                published = copy is not None and began is not None and copy > began
+                instance.state = InstanceState.QUEUED if published else InstanceState.RECEIVED
                 instance.claimed_by = None
     except Exception as noted:  # the database away: the Reject goes on as it is
         logger.warning(

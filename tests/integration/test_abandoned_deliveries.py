@@ -417,6 +417,100 @@ def test_a_redirect_goes_where_the_object_was_not_abandoned(
         assert session.get_one(Delivery, queued).destination == other
 
 
+def test_a_redirect_is_done_where_another_destination_has_the_object(
+    runtime: Runtime, tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """Given up at NEW, the SR was delivered to OTHER, the other configured destination:
+    the old delivery is superseded, sent to the configured destinations instead (none
+    queued: OTHER has it), and `status` no longer reports it. Before, it was left failed
+    as "abandoned at NEW and no other configured destination would get them"."""
+    other = f"OTHER@127.0.0.1:{free_port()}"
+    node = make_runtime(
+        tmp_path / "node",
+        tiny_checkpoint,
+        destinations=f"{NEW},{other}",
+        database_url=runtime.database_url,
+    )
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(b"an SR as written")
+    instance_id = _instance(node)
+    old = _delivery(
+        node,
+        instance_id,
+        "9.9.1",
+        path=str(path),
+        state=DeliveryState.FAILED,
+        last_error=NOT_CONFIGURED,
+    )
+    _delivery(
+        node, instance_id, "9.9.1", destination=other, path=str(path), state=DeliveryState.DELIVERED
+    )
+    new = _delivery(
+        node, instance_id, "9.9.1", destination=NEW, path=str(path), state=DeliveryState.FAILED
+    )
+    abandon_failed(node.database_url, [new], reason="NEW never takes it", by="me")
+    [problem] = [p for p in collect(node.settings)["problems"] if "deliveries failed" in p]
+    assert "sends them to the configured destinations instead" in problem
+
+    retried = retry_failed(node, [old])
+
+    assert retried.redirected == {old: []} and retried.abandoned_there == {}
+    assert retried.queued == []
+    assert _states(node)[old] == (DeliveryState.SUPERSEDED, delivery.REDIRECTED)
+    assert not [p for p in collect(node.settings)["problems"] if "deliveries failed" in p]
+
+
+def test_status_says_what_retry_deliveries_does_where_the_object_was_abandoned(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    """The SR failed to OLD, no longer configured, and was abandoned at NEW, the only
+    configured destination: `retry-deliveries` leaves it failed, and `status` says so,
+    with what to do, where it said `retry-deliveries` sends it to NEW instead. A second
+    one, not abandoned at NEW, is counted apart."""
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(b"an SR as written")
+    instance_id = _instance(runtime)
+    old = _delivery(
+        runtime,
+        instance_id,
+        "9.9.1",
+        path=str(path),
+        state=DeliveryState.FAILED,
+        last_error=NOT_CONFIGURED,
+    )
+    new = _delivery(
+        runtime, instance_id, "9.9.1", destination=NEW, path=str(path), state=DeliveryState.FAILED
+    )
+    abandon_failed(runtime.database_url, [new], reason="NEW never takes it", by="me")
+    [problem] = [p for p in collect(runtime.settings)["problems"] if "deliveries failed" in p]
+    retry = "'boneage-worker retry-deliveries'"
+    given_up = (
+        f"abandoned at the configured destination(s) {NEW}, which have them neither "
+        f"delivered nor pending: {retry} leaves them failed; close them with "
+        "'boneage-worker abandon-deliveries', or configure a destination that takes them "
+        f"and run {retry} again"
+    )
+    assert problem == (
+        f"1 deliveries failed to destinations no longer configured ({OLD}): their objects "
+        f"were {given_up}; latest error: {NOT_CONFIGURED}"
+    )
+    assert retry_failed(runtime, [old]).abandoned_there == {old: [NEW]}
+
+    _delivery(
+        runtime,
+        instance_id,
+        "9.9.2",
+        path=str(path),
+        state=DeliveryState.FAILED,
+        last_error=NOT_CONFIGURED,
+    )
+    [problem] = [p for p in collect(runtime.settings)["problems"] if "deliveries failed" in p]
+    assert problem.startswith(
+        f"2 deliveries failed to destinations no longer configured ({OLD}): {retry} sends "
+        f"them to the configured destinations instead, all but 1: 1 {given_up}; "
+    )
+
+
 def test_retention_removes_the_files_of_abandoned_deliveries(runtime: Runtime) -> None:
     """An image whose SR was delivered and whose SC was abandoned: its files go when
     their time comes, as a delivered image's; one with a failed SC keeps them."""
@@ -517,7 +611,43 @@ def test_a_rejection_note_of_ours_cannot_be_abandoned(runtime: Runtime) -> None:
     assert {state for state, _ in _states(runtime).values()} == {DeliveryState.FAILED}
     # nor by the function the command calls, given one
     assert abandon_failed(runtime.database_url, [note], reason="x", by="me") == []
+    assert (
+        abandon_failed(runtime.database_url, [note], reason="x", by="me", settings=runtime.settings)
+        == []
+    )
     assert _states(runtime)[note][0] is DeliveryState.FAILED
+
+
+def test_a_rejection_note_to_a_destination_no_longer_configured_can_be_abandoned(
+    runtime: Runtime,
+) -> None:
+    """Our note to OLD, a node decommissioned: nothing can send it (`retry-deliveries`
+    puts it back to OLD, where it fails again), and `status` stayed unhealthy with no
+    way out but SQL. It is abandoned, the listing warning that the PACS there may still
+    show the result it withdraws. Before, it was refused as a note to NEW is."""
+    note = _delivery(
+        runtime,
+        _instance(runtime),
+        "9.9.2",
+        kind=ObjectKind.KO,
+        destination=OLD,
+        withdraws="9.9.3",
+        state=DeliveryState.FAILED,
+        attempts=3,
+        last_error=NOT_CONFIGURED,
+    )
+
+    done = _cli(runtime, "abandon-deliveries", "--yes", "--reason", "OLD is gone", str(note))
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[1:] == [
+        "warning: 1 of them are rejection notes to destinations no longer configured: the "
+        "PACS there may still show the results they withdraw, and nothing withdraws them "
+        "once abandoned",
+        "1 failed deliveries abandoned: never sent again, and 'status' counts them as abandoned",
+    ]
+    assert _states(runtime)[note][0] is DeliveryState.ABANDONED
+    assert not [p for p in collect(runtime.settings)["problems"] if "deliveries" in p]
 
 
 def test_who_abandoned_is_the_user_the_system_knows_and_who_ran_sudo(
@@ -568,7 +698,7 @@ def test_retry_deliveries_names_the_ids_given_that_are_not_failed(runtime: Runti
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [
         "1 failed deliveries queued again",
-        "4 deliveries given left as they are, only failed ones are sent again: "
+        "4 deliveries given were left as they are, only failed ones are sent again: "
         f"delivery {abandoned} was abandoned: given up by the administrator, it is never "
         f"sent again; delivery {delivered} was delivered; delivery {pending} is pending: "
         f"it is still being tried, and may yet be delivered; delivery {missing} does not "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from db.schema import (
     Result,
 )
 from tests.support import free_port, received
+from worker.delivery import abandoned_note
 from worker.listener import record_instance
 from worker.logs import exception_text
 
@@ -302,12 +304,20 @@ def test_revision_0018_downgraded_leaves_what_0017_can_load(database_url: str) -
     """An abandoned delivery, a state 0017's code does not know (it passed its schema
     check and then failed on the row: `status`, the health check and /metrics broke),
     is failed again, its error, saying who gave it up and why, kept; no other row
-    changes, and upgrading again changes none."""
+    changes. Upgraded again, it is abandoned again (it stayed failed); one the older
+    code sent again meanwhile is left as it is, as is a failed one never abandoned."""
     upgrade(database_url)
     instance_id = record_instance(database_url, received("1.2.3.4"))
-    states = [DeliveryState.ABANDONED, DeliveryState.SUPERSEDED, DeliveryState.DELIVERED]
+    given_up = abandoned_note("me", dt.datetime(2026, 12, 6, tzinfo=dt.UTC), "gone")
+    rows_made = [
+        (DeliveryState.ABANDONED, f"{given_up} (it had failed: error 0)"),
+        (DeliveryState.SUPERSEDED, "error 1"),
+        (DeliveryState.DELIVERED, "error 2"),
+        (DeliveryState.FAILED, "error 3"),
+        (DeliveryState.ABANDONED, f"{given_up} (it had failed: error 4)"),
+    ]
     with session_scope(database_url) as session:
-        for n, state in enumerate(states):
+        for n, (state, error) in enumerate(rows_made):
             session.add(
                 Delivery(
                     instance_id=instance_id,
@@ -316,21 +326,26 @@ def test_revision_0018_downgraded_leaves_what_0017_can_load(database_url: str) -
                     sop_instance_uid=f"1.2.3.{9 + n}",
                     path=f"/nonexistent/{n}.dcm",
                     state=state,
-                    last_error=f"error {n}",
+                    last_error=error,
                 )
             )
     assert downgrade(database_url, "0017") == "0017"
-    with get_engine(database_url).connect() as connection:
+    with get_engine(database_url).begin() as connection:
         rows = connection.execute(text("SELECT state, last_error FROM deliveries ORDER BY id"))
         assert [tuple(row) for row in rows] == [
-            ("failed", "error 0"),
-            ("superseded", "error 1"),
-            ("delivered", "error 2"),
+            ("failed" if state is DeliveryState.ABANDONED else state.value, error)
+            for state, error in rows_made
         ]
+        # the older code's retry-deliveries sends the last one again: pending, its error kept
+        connection.execute(
+            text("UPDATE deliveries SET state = 'pending' WHERE sop_instance_uid = '1.2.3.13'")
+        )
     assert upgrade(database_url) == head_revision() == "0018"
     with session_scope(database_url) as session:
         assert session.scalars(select(Delivery.state).order_by(Delivery.id)).all() == [
-            DeliveryState.FAILED,
+            DeliveryState.ABANDONED,
             DeliveryState.SUPERSEDED,
             DeliveryState.DELIVERED,
+            DeliveryState.FAILED,
+            DeliveryState.PENDING,
         ]

@@ -282,6 +282,39 @@ def test_an_image_given_back_then_received_again_is_queued_once(rt: Runtime) -> 
     assert reconcile_once(rt, inference_queue_empty=False) == [lost]
 
 
+def test_an_image_received_again_during_the_attempt_is_given_back_queued(rt: Runtime) -> None:
+    """A copy of the image comes while an attempt assesses it: the listener's enqueuer
+    publishes it while the row is `processing` (its ``queued_at`` kept). The attempt
+    fails, its retry is refused, and its task gives the image back `queued`, for the
+    copy's message to take: the reconciler does not queue it too, however long a backlog
+    keeps that message waiting, and queues it again only where the message is lost (the
+    inference queue empty, as for any `queued` image). Given back `received`, the
+    reconciler queued it a second time: two messages, two attempts."""
+    instance_id = spool_instance(rt)
+    mark_queued(rt.database_url, [instance_id], now())  # the listener's first message
+    claim = _claimed(rt, instance_id)  # its attempt took it
+    received_again(rt, instance_id)  # a copy, while it is assessed
+    mark_queued(rt.database_url, [instance_id], now())  # the copy's message, published
+    with session_scope(rt.database_url) as session:
+        row = session.get_one(Instance, instance_id)
+        queued_at = row.queued_at
+        row.transient_failures = 1
+
+    tasks._give_back_instance(instance_id, Attempt(claim.assessment, claim.started_at))
+
+    with session_scope(rt.database_url) as session:
+        row = session.get_one(Instance, instance_id)
+        assert (row.state, row.claimed_by) == (InstanceState.QUEUED, None)
+        assert row.queued_at == queued_at
+        assert (row.reason or "").endswith(tasks.RETRY_NOT_PUBLISHED.removeprefix("; "))
+    assert reconcile_once(rt, inference_queue_empty=False) == []
+    # long after: the copy's message still waits behind a backlog
+    _as_if_ago(rt, instance_id, rt.settings.requeue_after_seconds + 1)
+    assert reconcile_once(rt, inference_queue_empty=False) == []
+    # the queue empty, the image still queued: its message was lost
+    assert reconcile_once(rt, inference_queue_empty=True) == [instance_id]
+
+
 @pytest.mark.parametrize("transient_failures", [1, 3, 7, 20])
 def test_an_image_given_back_waits_the_back_off_of_the_retry_not_published(
     rt: Runtime, transient_failures: int

@@ -873,7 +873,8 @@ def abandon_deliveries(
     if refused:
         why = "; ".join(f"delivery {i} {text}" for i, text in sorted(refused.items()))
         raise click.ClickException(
-            f"nothing abandoned: only failed SR and SC deliveries can be abandoned, and {why}"
+            "nothing abandoned: only failed deliveries can be abandoned (a rejection note only "
+            f"where its destination is no longer configured), and {why}"
         )
     file = {True: "; its file removed by retention", False: "; its file not found", None: ""}
     for d in failed[:ABANDON_LISTED]:

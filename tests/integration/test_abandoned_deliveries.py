@@ -300,7 +300,8 @@ def test_abandon_deliveries_refuses_what_is_not_failed(runtime: Runtime) -> None
     assert done.returncode == 1
     assert done.stdout == ""
     assert done.stderr.splitlines() == [
-        "Error: nothing abandoned: only failed SR and SC deliveries can be abandoned, and "
+        "Error: nothing abandoned: only failed deliveries can be abandoned (a rejection note "
+        "only where its destination is no longer configured), and "
         f"delivery {others[DeliveryState.PENDING]} is pending: it is still being tried, and "
         f"may yet be delivered; delivery {others[DeliveryState.DELIVERED]} was delivered; "
         f"delivery {others[DeliveryState.SUPERSEDED]} was superseded: nothing sends it "
@@ -602,7 +603,8 @@ def test_a_rejection_note_of_ours_cannot_be_abandoned(runtime: Runtime) -> None:
 
     assert done.returncode == 1
     assert done.stderr.splitlines() == [
-        "Error: nothing abandoned: only failed SR and SC deliveries can be abandoned, and "
+        "Error: nothing abandoned: only failed deliveries can be abandoned (a rejection note "
+        "only where its destination is no longer configured), and "
         f"delivery {note} is a rejection note: it withdraws a result the destination may "
         "show (its image rejected by the PACS, or under another patient now), which would "
         "stay there: make the destination take it, then run 'boneage-worker "

@@ -104,6 +104,43 @@ def _failed_with_files_removed(rt: Runtime, uid: str) -> int:
     )
 
 
+def _node(rt: Runtime, tmp_path: Path, checkpoint: Path, destinations: str) -> Runtime:
+    """A node on ``rt``'s database that sends to ``destinations``."""
+    return make_runtime(
+        tmp_path / "node", checkpoint, destinations=destinations, database_url=rt.database_url
+    )
+
+
+def _given_up_at(
+    rt: Runtime, tmp_path: Path, at: str, **new_values: Any
+) -> tuple[int, int, int, Path]:
+    """An SR of a new image, failed to ``OLD`` (no longer configured), and failed at
+    ``at``, where the administrator abandoned it (``new_values`` set on that row): the
+    image's id, the two deliveries' ids, and the SR's file."""
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(b"an SR as written")
+    instance_id = _instance(rt)
+    old = _delivery(
+        rt,
+        instance_id,
+        "9.9.1",
+        path=str(path),
+        state=DeliveryState.FAILED,
+        last_error=NOT_CONFIGURED,
+    )
+    new = _delivery(
+        rt,
+        instance_id,
+        "9.9.1",
+        destination=at,
+        path=str(path),
+        state=DeliveryState.FAILED,
+        **new_values,
+    )
+    abandon_failed(rt.database_url, [new], reason="NEW never takes it", by="me")
+    return instance_id, old, new, path
+
+
 def _states(rt: Runtime) -> dict[int, tuple[DeliveryState, str | None]]:
     with session_scope(rt.database_url) as session:
         return {d.id: (d.state, d.last_error) for d in session.scalars(select(Delivery))}
@@ -334,33 +371,13 @@ def test_a_redirect_sends_nothing_where_the_object_was_abandoned(
     for good, where the administrator gave it up. `retry-deliveries` redirects the old
     one's, and does not send it again where it was given up, however the settings spelled
     that destination's host then."""
-    node = make_runtime(
-        tmp_path / "node",
-        tiny_checkpoint,
-        destinations="NEW@localhost:105",
-        database_url=runtime.database_url,
-    )
-    path = tmp_path / "sr.dcm"
-    path.write_bytes(b"an SR as written")
-    instance_id = _instance(node)
-    old = _delivery(
+    node = _node(runtime, tmp_path, tiny_checkpoint, "NEW@localhost:105")
+    _, old, new, _ = _given_up_at(
         node,
-        instance_id,
-        "9.9.1",
-        path=str(path),
-        state=DeliveryState.FAILED,
-        last_error=NOT_CONFIGURED,
-    )
-    new = _delivery(
-        node,
-        instance_id,
-        "9.9.1",
-        destination=spelled,
-        path=str(path),
-        state=DeliveryState.FAILED,
+        tmp_path,
+        spelled,
         last_error=f"{spelled} answered status 0xA900 (a refusal: not sent again)",
     )
-    abandon_failed(node.database_url, [new], reason="NEW never takes it", by="me")
 
     retried = retry_failed(node, [old])
 
@@ -393,20 +410,8 @@ def test_a_redirect_goes_where_the_object_was_not_abandoned(
     """Given up at one configured destination, the SR goes to the other: the old
     delivery is superseded, sent to the configured destinations instead."""
     other = f"OTHER@127.0.0.1:{free_port()}"
-    node = make_runtime(
-        tmp_path / "node",
-        tiny_checkpoint,
-        destinations=f"{NEW},{other}",
-        database_url=runtime.database_url,
-    )
-    path = tmp_path / "sr.dcm"
-    path.write_bytes(b"an SR as written")
-    instance_id = _instance(node)
-    old = _delivery(node, instance_id, "9.9.1", path=str(path), state=DeliveryState.FAILED)
-    new = _delivery(
-        node, instance_id, "9.9.1", destination=NEW, path=str(path), state=DeliveryState.FAILED
-    )
-    abandon_failed(node.database_url, [new], reason="NEW never takes it", by="me")
+    node = _node(runtime, tmp_path, tiny_checkpoint, f"{NEW},{other}")
+    _, old, _, _ = _given_up_at(node, tmp_path, NEW)
 
     retried = retry_failed(node, [old])
 
@@ -426,30 +431,11 @@ def test_a_redirect_is_done_where_another_destination_has_the_object(
     queued: OTHER has it), and `status` no longer reports it. Before, it was left failed
     as "abandoned at NEW and no other configured destination would get them"."""
     other = f"OTHER@127.0.0.1:{free_port()}"
-    node = make_runtime(
-        tmp_path / "node",
-        tiny_checkpoint,
-        destinations=f"{NEW},{other}",
-        database_url=runtime.database_url,
-    )
-    path = tmp_path / "sr.dcm"
-    path.write_bytes(b"an SR as written")
-    instance_id = _instance(node)
-    old = _delivery(
-        node,
-        instance_id,
-        "9.9.1",
-        path=str(path),
-        state=DeliveryState.FAILED,
-        last_error=NOT_CONFIGURED,
-    )
+    node = _node(runtime, tmp_path, tiny_checkpoint, f"{NEW},{other}")
+    instance_id, old, _, path = _given_up_at(node, tmp_path, NEW)
     _delivery(
         node, instance_id, "9.9.1", destination=other, path=str(path), state=DeliveryState.DELIVERED
     )
-    new = _delivery(
-        node, instance_id, "9.9.1", destination=NEW, path=str(path), state=DeliveryState.FAILED
-    )
-    abandon_failed(node.database_url, [new], reason="NEW never takes it", by="me")
     [problem] = [p for p in collect(node.settings)["problems"] if "deliveries failed" in p]
     assert "sends them to the configured destinations instead" in problem
 
@@ -468,21 +454,7 @@ def test_status_says_what_retry_deliveries_does_where_the_object_was_abandoned(
     configured destination: `retry-deliveries` leaves it failed, and `status` says so,
     with what to do, where it said `retry-deliveries` sends it to NEW instead. A second
     one, not abandoned at NEW, is counted apart."""
-    path = tmp_path / "sr.dcm"
-    path.write_bytes(b"an SR as written")
-    instance_id = _instance(runtime)
-    old = _delivery(
-        runtime,
-        instance_id,
-        "9.9.1",
-        path=str(path),
-        state=DeliveryState.FAILED,
-        last_error=NOT_CONFIGURED,
-    )
-    new = _delivery(
-        runtime, instance_id, "9.9.1", destination=NEW, path=str(path), state=DeliveryState.FAILED
-    )
-    abandon_failed(runtime.database_url, [new], reason="NEW never takes it", by="me")
+    instance_id, old, _, path = _given_up_at(runtime, tmp_path, NEW)
     [problem] = [p for p in collect(runtime.settings)["problems"] if "deliveries failed" in p]
     retry = "'boneage-worker retry-deliveries'"
     given_up = (

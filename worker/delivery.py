@@ -1123,21 +1123,6 @@ def abandoned_at_targets(
     }
 
 
-def _there(session: Session, row: Delivery, target: str) -> list[tuple[int, DeliveryState]]:
-    """The deliveries of the object of ``row`` to ``target`` (however the settings
-    spelled its host then: `_key`), in id order, with their states."""
-    key = _key(target)
-    return [
-        (delivery_id, state)
-        for delivery_id, destination, state in session.execute(
-            select(Delivery.id, Delivery.destination, Delivery.state)
-            .where(Delivery.sop_instance_uid == row.sop_instance_uid)
-            .order_by(Delivery.id)
-        )
-        if _key(destination) == key
-    ]
-
-
 def _queue_to(session: Session, dialect: ModuleType, row: Delivery, target: str) -> int | None:
     """Queue the object of ``row`` (superseded, `REDIRECTED`) to the configured
     destination ``target``, unless a delivery of it there is delivered or pending
@@ -1152,7 +1137,16 @@ def _queue_to(session: Session, dialect: ModuleType, row: Delivery, target: str)
     supersede takes every unsent row of the object, ``row`` with them, which
     `retry_failed` then leaves as it is.
     """
-    there = _there(session, row, target)
+    key = _key(target)  # however the settings spelled its host then
+    there = [
+        (delivery_id, state)
+        for delivery_id, destination, state in session.execute(
+            select(Delivery.id, Delivery.destination, Delivery.state)
+            .where(Delivery.sop_instance_uid == row.sop_instance_uid)
+            .order_by(Delivery.id)
+        )
+        if _key(destination) == key
+    ]
     if any(state in _NOT_AGAIN for _, state in there):
         return None
     sent_away = or_(

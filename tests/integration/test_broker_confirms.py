@@ -27,7 +27,8 @@ import shutil
 import subprocess
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -490,6 +491,73 @@ def test_a_claim_another_attempt_took_while_the_retry_was_published_is_left_as_i
         proxy.close()
 
 
+def _sending_node(
+    tmp_path: Path,
+    rabbitmq: str,
+    postgres_url: str,
+    tiny_checkpoint: Path,
+    storescp: StoreSCP,
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[Runtime, list[int]]:
+    """This process as a worker of a node on PostgreSQL sending to the storescp, and the
+    delivery ids of an image it assessed; the delivery queue then refuses every
+    message."""
+    rt = make_runtime(
+        tmp_path,
+        tiny_checkpoint,
+        broker_url=_url(rabbitmq),
+        database_url=postgres_url,
+        destinations=storescp.destination,
+    )
+    configure(rt.settings)
+    monkeypatch.setitem(tasks._state, "runtime", rt)
+    outcome = assess_instance(rt, spool_instance(rt), send=True)
+    ids = list(outcome.delivery_ids)
+    assert len(ids) == 2  # the SR and the SC
+    _refuse(rabbitmq, DELIVERY_QUEUE)
+    return rt, ids
+
+
+@contextmanager
+def _cutting(
+    rt: Runtime, cuts: Callable[[str, list[int]], bool], then: Callable[[], None] = lambda: None
+) -> Iterator[list[int]]:
+    """Within it, each statement of ``rt``'s database that ``cuts`` (given the statement
+    and the connections cut so far) has its connection cut before it runs
+    (pg_terminate_backend, as a failover does), then ``then`` runs; the backend pids
+    cut, in the list it gives."""
+    killer = create_engine(rt.database_url)
+    cut: list[int] = []
+
+    def cut_it(_conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
+        if cuts(statement, cut):
+            cut.append(pid := cursor.connection.info.backend_pid)
+            with killer.connect() as connection:
+                connection.execute(text("SELECT pg_terminate_backend(:pid, 5000)"), {"pid": pid})
+            then()
+
+    engine = get_engine(rt.database_url)
+    event.listen(engine, "before_cursor_execute", cut_it)
+    try:
+        yield cut
+    finally:
+        event.remove(engine, "before_cursor_execute", cut_it)
+        killer.dispose()
+
+
+def _deliver_timed(
+    ids: list[int], caplog: pytest.LogCaptureFixture
+) -> tuple[BaseException | None, list[str]]:
+    """Run the `deliver` message of ``ids`` as a worker's pool does, its errors logged,
+    within the budget: what it raised, and the state it ended in (none if it raised)."""
+    outcomes: list[str] = []
+    with caplog.at_level(logging.ERROR, logger="worker.tasks"):
+        _took, error = timed_call(
+            lambda: outcomes.append(_as_the_worker_runs(DELIVER_TASK, [ids])), BUDGET + MARGIN
+        )
+    return error, outcomes
+
+
 def test_a_deliver_retry_not_published_gives_its_deliveries_back(
     tmp_path: Path,
     rabbitmq: str,
@@ -506,42 +574,18 @@ def test_a_deliver_retry_not_published_gives_its_deliveries_back(
     its mark that its object may be at the destination, and the reconciler's next round
     sends them again once the broker takes messages. Before, they waited for their claim
     to run out: two minutes for two objects, five for a message of eight."""
-    rt = make_runtime(
-        tmp_path,
-        tiny_checkpoint,
-        broker_url=_url(rabbitmq),
-        database_url=postgres_url,
-        destinations=storescp.destination,
+    rt, ids = _sending_node(
+        tmp_path, rabbitmq, postgres_url, tiny_checkpoint, storescp, monkeypatch
     )
-    configure(rt.settings)
-    monkeypatch.setitem(tasks._state, "runtime", rt)
-    outcome = assess_instance(rt, spool_instance(rt))
-    ids = list(outcome.delivery_ids)
-    assert len(ids) == 2  # the SR and the SC
-    _refuse(rabbitmq, DELIVERY_QUEUE)
 
-    killer = create_engine(postgres_url)
-    cut: list[int] = []
-
-    def cut_as_delivered_is_recorded(_conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
+    def as_delivered_is_recorded(statement: str, cut: list[int]) -> bool:
         # the delivered rows' UPDATE, then the first failed attempt's (each sets last_error)
-        if statement.startswith("UPDATE deliveries") and "last_error" in statement and len(cut) < 2:
-            cut.append(pid := cursor.connection.info.backend_pid)
-            with killer.connect() as connection:
-                connection.execute(text("SELECT pg_terminate_backend(:pid, 5000)"), {"pid": pid})
+        return (
+            statement.startswith("UPDATE deliveries") and "last_error" in statement and len(cut) < 2
+        )
 
-    engine = get_engine(rt.database_url)
-    event.listen(engine, "before_cursor_execute", cut_as_delivered_is_recorded)
-    outcomes: list[str] = []
-    try:
-        with caplog.at_level(logging.ERROR, logger="worker.tasks"):
-            _took, error = timed_call(
-                lambda: outcomes.append(_as_the_worker_runs(DELIVER_TASK, [ids])),
-                BUDGET + MARGIN,
-            )
-    finally:
-        event.remove(engine, "before_cursor_execute", cut_as_delivered_is_recorded)
-        killer.dispose()
+    with _cutting(rt, as_delivered_is_recorded) as cut:
+        error, outcomes = _deliver_timed(ids, caplog)
     assert error is None, repr(error)
     assert len(cut) == 2, "the deliveries were never recorded as delivered, then failed"
     assert outcomes == [states.REJECTED]
@@ -582,46 +626,22 @@ def test_a_deliver_whose_claim_failed_gives_back_no_claim_another_worker_took(
     that one sends. Before, the task took a claim made after it began, a claim's length
     long, for its own, and ended it: the reconciler's next round had a third worker send
     the same objects while the second was sending them."""
-    rt = make_runtime(
-        tmp_path,
-        tiny_checkpoint,
-        broker_url=_url(rabbitmq),
-        database_url=postgres_url,
-        destinations=storescp.destination,
+    rt, ids = _sending_node(
+        tmp_path, rabbitmq, postgres_url, tiny_checkpoint, storescp, monkeypatch
     )
-    configure(rt.settings)
-    monkeypatch.setitem(tasks._state, "runtime", rt)
-    outcome = assess_instance(rt, spool_instance(rt), send=True)
-    ids = list(outcome.delivery_ids)
-    assert len(ids) == 2  # the SR and the SC
-    _refuse(rabbitmq, DELIVERY_QUEUE)
-
-    killer = create_engine(postgres_url)
-    cut: list[int] = []
     other = Claim()
 
-    def cut_as_it_claims(_conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
+    def as_it_claims(statement: str, cut: list[int]) -> bool:
         # the claim's UPDATE, before it runs: its connection cut, the other worker's
         # claim made (the first one's row locks gone with its connection)
-        if statement.startswith("UPDATE deliveries SET next_attempt_at=") and not cut:
-            cut.append(pid := cursor.connection.info.backend_pid)
-            with killer.connect() as connection:
-                connection.execute(text("SELECT pg_terminate_backend(:pid, 5000)"), {"pid": pid})
-            claimed, _ = delivery._claim(rt, ids, force=False, claim=other)
-            assert len(claimed) == 2
+        return statement.startswith("UPDATE deliveries SET next_attempt_at=") and not cut
 
-    engine = get_engine(rt.database_url)
-    event.listen(engine, "before_cursor_execute", cut_as_it_claims)
-    outcomes: list[str] = []
-    try:
-        with caplog.at_level(logging.ERROR, logger="worker.tasks"):
-            _took, error = timed_call(
-                lambda: outcomes.append(_as_the_worker_runs(DELIVER_TASK, [ids])),
-                BUDGET + MARGIN,
-            )
-    finally:
-        event.remove(engine, "before_cursor_execute", cut_as_it_claims)
-        killer.dispose()
+    def the_other_claims() -> None:
+        claimed, _ = delivery._claim(rt, ids, force=False, claim=other)
+        assert len(claimed) == 2
+
+    with _cutting(rt, as_it_claims, then=the_other_claims) as cut:
+        error, outcomes = _deliver_timed(ids, caplog)
     assert error is None, repr(error)
     assert len(cut) == 1, "the deliveries were never claimed"
     assert outcomes == [states.REJECTED]

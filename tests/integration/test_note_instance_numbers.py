@@ -34,7 +34,7 @@ pytestmark = pytest.mark.integration
 runtime = identity_tests.runtime
 
 
-def _withdrawn(note: Dataset) -> str:
+def withdrawn(note: Dataset) -> str:
     """The SOP Instance UID of the one object of ours ``note`` withdraws."""
     read = read_rejection_note(note)
     assert read is not None
@@ -46,6 +46,23 @@ def _ours(paths: list[Path]) -> tuple[str, str]:
     """(SR, SC) SOP Instance UIDs among the delivered ``paths``."""
     by_modality = {str(ds.Modality): str(ds.SOPInstanceUID) for ds in map(dcmread, paths)}
     return by_modality["SR"], by_modality["OT"]
+
+
+def notes_built(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, int, str]]:
+    """From now on, each rejection note the pipeline builds, in the list returned: its
+    SOP Instance UID, Series Instance UID and Instance Number, and the SOP Instance UID
+    of the object it withdraws."""
+    built: list[tuple[str, str, int, str]] = []
+    build = pipeline.build_rejection_note
+
+    def recorded(*args: Any, **kwargs: Any) -> Dataset:
+        note = build(*args, **kwargs)
+        made = (str(note.SOPInstanceUID), str(note.SeriesInstanceUID), int(note.InstanceNumber))
+        built.append((*made, withdrawn(note)))
+        return note
+
+    monkeypatch.setattr(pipeline, "build_rejection_note", recorded)
+    return built
 
 
 def test_notes_in_one_series_are_numbered_as_their_objects_were_made(
@@ -61,7 +78,7 @@ def test_notes_in_one_series_are_numbered_as_their_objects_were_made(
     reassessed = deliver(runtime, storescp, assess_instance(runtime, instance_id).delivery_ids)
     second = _ours([p for p in reassessed if dcmread(p).Modality != "KO"])
     notes = [ds for ds in map(dcmread, reassessed) if ds.Modality == "KO"]
-    assert sorted(_withdrawn(note) for note in notes) == sorted(first)
+    assert sorted(withdrawn(note) for note in notes) == sorted(first)
 
     image = dcmread(instance_row(runtime, instance_id).spool_path)
     rejected = assess_instance(runtime, spool_dataset(runtime, pacs_rejection_note(image)))
@@ -71,7 +88,7 @@ def test_notes_in_one_series_are_numbered_as_their_objects_were_made(
     series = {(str(note.PatientID), str(note.SeriesInstanceUID)) for note in notes}
     assert len(series) == len({uid for _, uid in series}) == 2  # a series per patient
     assert {int(note.SeriesNumber) for note in notes} == {KO_SERIES_NUMBER}
-    assert {_withdrawn(note): int(note.InstanceNumber) for note in notes} == {
+    assert {withdrawn(note): int(note.InstanceNumber) for note in notes} == {
         first[0]: 1,
         first[1]: 2,
         second[0]: 3,
@@ -84,16 +101,7 @@ def test_the_same_note_made_again_has_the_same_uids_and_number(
 ) -> None:
     """The attempt that withdraws the first SR and SC fails as it commits (a full disk):
     the retry makes the same notes again, with the same UIDs and numbers, and those go."""
-    built: list[tuple[str, str, int, str]] = []
-    build = pipeline.build_rejection_note
-
-    def recorded(*args: Any, **kwargs: Any) -> Dataset:
-        note = build(*args, **kwargs)
-        made = (str(note.SOPInstanceUID), str(note.SeriesInstanceUID), int(note.InstanceNumber))
-        built.append((*made, _withdrawn(note)))
-        return note
-
-    monkeypatch.setattr(pipeline, "build_rejection_note", recorded)
+    built = notes_built(monkeypatch)
     instance_id = spool_instance(runtime, attributes=PATIENT_B)
     first = _ours(deliver(runtime, storescp, assess_instance(runtime, instance_id).delivery_ids))
     received_again(runtime, instance_id, **PATIENT_A)
@@ -112,7 +120,7 @@ def test_the_same_note_made_again_has_the_same_uids_and_number(
     notes = list(map(dcmread, deliver(runtime, storescp, retried.delivery_ids)))
     assert (
         sorted(
-            (str(n.SOPInstanceUID), str(n.SeriesInstanceUID), int(n.InstanceNumber), _withdrawn(n))
+            (str(n.SOPInstanceUID), str(n.SeriesInstanceUID), int(n.InstanceNumber), withdrawn(n))
             for n in notes
             if n.Modality == "KO"
         )

@@ -24,14 +24,15 @@ from sqlalchemy import select
 
 from db.engine import session_scope
 from db.schema import Delivery, DeliveryState, ObjectKind
-from dicom_io.ko import read_rejection_note
 from tests.conftest import StoreSCP
 from tests.dicomtools import dciodvfy_errors
 from tests.integration import test_received_again_identity as identity_tests
-from tests.integration.test_pipeline import make_runtime, spool_dataset, spool_instance
+from tests.integration.test_note_instance_numbers import notes_built, withdrawn
+from tests.integration.test_pipeline import spool_dataset, spool_instance
 from tests.integration.test_pipeline_retries import failing_once
 from tests.integration.test_received_again import deliver, received_again
 from tests.integration.test_received_again_identity import PATIENT_A, PATIENT_B, instance_row
+from tests.integration.test_rejection_notes import sent_to_two_destinations
 from tests.support import pacs_rejection_note
 from worker import pipeline
 from worker.delivery import send_deliveries
@@ -46,14 +47,6 @@ runtime = identity_tests.runtime
 #: The patients, each with an issuer, as the PACS names them.
 UNDER_B = {**PATIENT_B, "IssuerOfPatientID": "HOSPITAL"}
 UNDER_A = {**PATIENT_A, "IssuerOfPatientID": "HOSPITAL"}
-
-
-def _withdrawn(note: Dataset) -> str:
-    """The SOP Instance UID of the one object of ours ``note`` withdraws."""
-    read = read_rejection_note(note)
-    assert read is not None
-    [reference] = read.references
-    return reference.sop_instance_uid
 
 
 def _ours(paths: list[Path]) -> set[str]:
@@ -88,7 +81,7 @@ def _corrected(rt: Runtime, storescp: StoreSCP) -> tuple[int, set[str], set[str]
     received_again(rt, instance_id, **UNDER_A)
     reassessed = deliver(rt, storescp, assess_instance(rt, instance_id).delivery_ids)
     notes = _notes(reassessed)
-    assert {_withdrawn(note) for note in notes} == first
+    assert {withdrawn(note) for note in notes} == first
     return instance_id, first, _ours(reassessed), notes
 
 
@@ -111,8 +104,8 @@ def test_notes_before_and_after_a_patient_correction_are_in_a_series_per_patient
     for note in notes:
         numbers[str(note.SeriesInstanceUID)].append(int(note.InstanceNumber))
     assert sorted(sorted(n) for n in numbers.values()) == [[1, 2], [3, 4]]
-    assert {_withdrawn(n) for n in notes if n.PatientID == "B-0002"} == first
-    assert {_withdrawn(n) for n in notes if n.PatientID == "A-0001"} == second
+    assert {withdrawn(n) for n in notes if n.PatientID == "B-0002"} == first
+    assert {withdrawn(n) for n in notes if n.PatientID == "A-0001"} == second
 
 
 def test_the_series_follows_the_patient_id_and_its_issuer() -> None:
@@ -150,16 +143,7 @@ def test_a_note_made_again_after_a_failed_commit_keeps_its_series_and_uid(
     our notes under A fails as it commits (a full disk). Applied again, it makes the same
     notes, with the same SOP Instance UIDs, series and numbers, and those go."""
     instance_id, _, second, notes_under_b = _corrected(runtime, storescp)
-    built: list[tuple[str, str, int, str]] = []
-    build = pipeline.build_rejection_note
-
-    def recorded(*args: Any, **kwargs: Any) -> Dataset:
-        note = build(*args, **kwargs)
-        made = (str(note.SOPInstanceUID), str(note.SeriesInstanceUID), int(note.InstanceNumber))
-        built.append((*made, _withdrawn(note)))
-        return note
-
-    monkeypatch.setattr(pipeline, "build_rejection_note", recorded)
+    built = notes_built(monkeypatch)
     image = dcmread(instance_row(runtime, instance_id).spool_path)
     note_id = spool_dataset(runtime, pacs_rejection_note(image))
     failing_once(monkeypatch, "publish", OSError(errno.ENOSPC, "No space left on device"))
@@ -174,7 +158,7 @@ def test_a_note_made_again_after_a_failed_commit_keeps_its_series_and_uid(
     notes = _notes(deliver(runtime, storescp, retried.delivery_ids))
     assert (
         sorted(
-            (str(n.SOPInstanceUID), str(n.SeriesInstanceUID), int(n.InstanceNumber), _withdrawn(n))
+            (str(n.SOPInstanceUID), str(n.SeriesInstanceUID), int(n.InstanceNumber), withdrawn(n))
             for n in notes
         )
         == by_the_first
@@ -196,19 +180,10 @@ def test_a_note_made_before_the_series_per_patient_is_sent_as_it_was_made(
     upgrade the PACS rejects the image. The SR's note goes there as it was made (its
     file, series and UID), never made again in another series under the same UID; the
     notes under A are in a series of their own. Each series holds one patient's notes."""
-    here, there = storescp.destination, storescp.destination.replace("127.0.0.1", "localhost")
-    rt = make_runtime(
-        tmp_path, tiny_checkpoint, destinations=f"{here},{there}", database_url=runtime.database_url
-    )
-    image_id = spool_instance(rt, attributes=UNDER_B)
-    assessed = assess_instance(rt, image_id)
+    two = sent_to_two_destinations(runtime, storescp, tmp_path, tiny_checkpoint, UNDER_B)
+    rt, here, there, image_id, late = two.rt, two.here, two.there, two.image_id, two.sr_there
     with session_scope(rt.database_url) as session:
-        rows = list(session.scalars(select(Delivery).where(Delivery.id.in_(assessed.delivery_ids))))
-        for row in rows:
-            reached = row.kind is ObjectKind.SC or row.destination == here
-            row.state = DeliveryState.DELIVERED if reached else DeliveryState.FAILED
-        late = next(row.id for row in rows if row.state is DeliveryState.FAILED)
-        first_sr = next(row.sop_instance_uid for row in rows if row.id == late)
+        first_sr = session.get_one(Delivery, late).sop_instance_uid
 
     def older(source_uid: str, study_instance_uid: str, filed_as: Dataset) -> str:
         return derived_uid(source_uid, "ko-series", "study", study_instance_uid)

@@ -600,15 +600,21 @@ class TwoDestinations:
     sr_there: int
 
 
-@pytest.fixture
-def two_destinations(
-    runtime: Runtime, storescp: StoreSCP, tmp_path: Path, tiny_checkpoint: Path
+def sent_to_two_destinations(
+    runtime: Runtime,
+    storescp: StoreSCP,
+    tmp_path: Path,
+    tiny_checkpoint: Path,
+    attributes: dict[str, Any] | None = None,
 ) -> TwoDestinations:
+    """A node on the database of ``runtime``, and an image it assessed (``attributes`` set
+    on it as `spool_instance` sets them), whose SC reached both destinations and whose SR
+    reached ``here`` only."""
     here, there = storescp.destination, storescp.destination.replace("127.0.0.1", "localhost")
     rt = make_runtime(
         tmp_path, tiny_checkpoint, destinations=f"{here},{there}", database_url=runtime.database_url
     )
-    image_id = spool_instance(rt)
+    image_id = spool_instance(rt, attributes=attributes)
     assessed = assess_instance(rt, image_id)
     with session_scope(rt.database_url) as session:
         rows = list(session.scalars(select(Delivery).where(Delivery.id.in_(assessed.delivery_ids))))
@@ -617,6 +623,13 @@ def two_destinations(
             row.state = DeliveryState.DELIVERED if reached else DeliveryState.FAILED
         sr_there = next(row.id for row in rows if row.state is DeliveryState.FAILED)
     return TwoDestinations(rt, here, there, image_id, sr_there)
+
+
+@pytest.fixture
+def two_destinations(
+    runtime: Runtime, storescp: StoreSCP, tmp_path: Path, tiny_checkpoint: Path
+) -> TwoDestinations:
+    return sent_to_two_destinations(runtime, storescp, tmp_path, tiny_checkpoint)
 
 
 def test_notes_for_a_moved_image_go_where_each_object_went(

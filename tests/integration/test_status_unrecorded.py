@@ -80,6 +80,17 @@ def _unrecorded(rt: Runtime) -> tuple[dict[str, Any] | None, str]:
     return report["storage"]["unrecorded_images"], _shown(report)
 
 
+def _said_not_known(said: dict[str, Any] | None, shown: str) -> None:
+    """What `status` said (`_unrecorded`) is that it does not know of them, and where and
+    as whom to run it to know."""
+    assert said is None
+    assert (
+        "received images that no instance records: not known (spool/.unrecorded cannot be "
+        "read, or there is no spool): run status as the spool's owner, with the listener's "
+        "BONEAGE_DATA_DIR" in shown
+    ), shown
+
+
 def _recorded_now(rt: Runtime, image: Path) -> None:
     """The PACS sent the image again: the listener recorded it, with its row."""
     ds = dcmread(image)
@@ -192,12 +203,7 @@ def test_markers_another_user_cannot_read_are_said_not_known(
     finally:
         os.seteuid(0)
         os.setegid(0)
-    assert said is None
-    assert (
-        "received images that no instance records: not known (spool/.unrecorded cannot be "
-        "read, or there is no spool): run status as the spool's owner, with the listener's "
-        "BONEAGE_DATA_DIR" in shown
-    ), shown
+    _said_not_known(said, shown)
 
 
 def test_no_spool_is_said_not_known_not_none(tmp_path: Path, tiny_checkpoint: Path) -> None:
@@ -218,9 +224,4 @@ def test_no_spool_is_said_not_known_not_none(tmp_path: Path, tiny_checkpoint: Pa
     assert not elsewhere.settings.spool_dir.exists()
     assert unrecorded_images(rt.database_url, elsewhere.settings.spool_dir, KEEP) is None
     said, shown = _unrecorded(elsewhere)
-    assert said is None
-    assert (
-        "received images that no instance records: not known (spool/.unrecorded cannot be "
-        "read, or there is no spool): run status as the spool's owner, with the listener's "
-        "BONEAGE_DATA_DIR" in shown
-    ), shown
+    _said_not_known(said, shown)

@@ -19,8 +19,8 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from db.engine import session_scope
+from db.queries import database_now
 from db.schema import Instance, InstanceState
-from db.schema import utcnow as now
 from dicom_io.scp import ReceivedInstance, StorageSCP
 from worker.celery_app import app as celery_app
 from worker.celery_app import queue_depths
@@ -49,6 +49,9 @@ def record_instance(database_url: str, received: ReceivedInstance) -> int:
     Raises on any database trouble: the caller then answers 0xA700.
     """
     with session_scope(database_url) as session:
+        # The database's clock, not this host's: a worker's claim (worker.pipeline) and the
+        # reconciler compare these times with their own, dated by it too.
+        stamp = database_now(session)
         existing = session.scalar(
             select(Instance).where(Instance.sop_instance_uid == received.sop_instance_uid)
         )
@@ -64,7 +67,7 @@ def record_instance(database_url: str, received: ReceivedInstance) -> int:
                 spool_path=str(received.path),
                 size_bytes=received.size_bytes,
                 state=InstanceState.RECEIVED,
-                received_at=now(),
+                received_at=stamp,
                 times_received=1,
                 attempts=0,
             )
@@ -84,10 +87,10 @@ def record_instance(database_url: str, received: ReceivedInstance) -> int:
                 size_bytes=received.size_bytes,
                 files_removed_at=None,  # a new copy is on disk: retention starts over
                 # to be compared with what its assessment read (worker.pipeline)
-                received_again_at=now(),
+                received_again_at=stamp,
                 # and kept after it is: retention counts its days from the later of this
                 # and finished_at (worker.retention)
-                last_received_again_at=now(),
+                last_received_again_at=stamp,
             )
         )
         return existing.id

@@ -30,8 +30,8 @@ from kombu.exceptions import OperationalError
 from sqlalchemy import create_engine, inspect, or_, text, update
 
 from db.engine import session_scope
+from db.queries import database_now
 from db.schema import Instance, InstanceState
-from db.schema import utcnow as now
 from worker.celery_app import (
     ASSESS_TASK,
     DELIVER_TASK,
@@ -179,7 +179,9 @@ def enqueue_delivery(delivery_ids: Sequence[int], *, countdown: float | None = N
 
 
 def mark_queued(database_url: str, instance_ids: list[int], published_at: datetime) -> None:
-    """Record that the messages of ``instance_ids`` were published at ``published_at``.
+    """Record that the messages of ``instance_ids`` were published at ``published_at``
+    (the database's clock, read before the first of them: the claims and the copies
+    received again it is compared with are dated by it too, whatever host stamps them).
 
     `received` rows become `queued`. A worker may have claimed an instance before this
     commit (its message is on the broker from the moment it is published): its state
@@ -320,7 +322,8 @@ class Enqueuer:
         return batch
 
     def _publish_round(self, ids: list[int]) -> None:
-        published_at = now()  # before the first message, which a worker may take at once
+        # before the first message, which a worker may take at once
+        published_at = self._database_now()
         published: list[int] = []
         for position, instance_id in enumerate(ids):
             if not self._publish(instance_id):
@@ -331,11 +334,26 @@ class Enqueuer:
             published.append(instance_id)
         else:
             self._failed_rounds = 0
-        if published:
+        if published and published_at is not None:
             try:
                 mark_queued(self._database_url, published, published_at)
             except Exception:
                 logger.exception("%d instances published but not marked queued", len(published))
+
+    def _database_now(self) -> datetime | None:
+        """The database's clock, which `mark_queued` compares with the time a worker's
+        claim took (dated by it too: hosts' clocks may differ by more than the time from a
+        publish to its claim); None where it cannot be read, and the round's instances,
+        published, stay `received` for the reconciler (a message more, which the worker
+        that takes it finds claimed or done)."""
+        try:
+            with session_scope(self._database_url) as session:
+                return database_now(session)
+        except Exception as exc:
+            logger.warning(
+                "database clock not read (%s): instances stay received", type(exc).__name__
+            )
+            return None
 
     def _keep_for_retry(self, ids: list[int]) -> None:
         self._unpublished.extend(ids)

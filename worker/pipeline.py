@@ -55,11 +55,18 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from db.engine import session_scope
-from db.queries import UID_CLASH, WITHDRAW_BY_HAND, reason_category, take_instances
+from db.queries import (
+    UID_CLASH,
+    WITHDRAW_BY_HAND,
+    database_now,
+    reason_category,
+    take_instances,
+)
 from db.schema import (
     FINISHED,
     Delivery,
     DeliveryState,
+    Heartbeat,
     Instance,
     InstanceState,
     Model,
@@ -99,7 +106,8 @@ from dicom_io.sc import (
 )
 from dicom_io.scp import fsync_directory, local_fault, uid_tag
 from dicom_io.sr import build_bone_age_sr, build_not_assessed_sr, earlier_report
-from worker.heartbeat import process_name
+from worker.heartbeat import alive, process_name
+from worker.reconciler import claim_ended
 from worker.runtime import SOFTWARE_NAME, Runtime
 
 if TYPE_CHECKING:
@@ -137,6 +145,10 @@ class AssessOutcome:
     state: str  # "assessed", "not_assessed", "rejected", "error", "skipped", "duplicate"
     delivery_ids: tuple[int, ...] = ()
     reason: str | None = None
+    # the instance ended with a copy received again that no assessment read (it came
+    # while this attempt held the instance, and its own message was refused): the task
+    # queues it, to be compared (worker.tasks.assess)
+    copy_to_compare: bool = False
 
 
 def derived_uid(*parts: str) -> str:
@@ -430,6 +442,10 @@ class _Claim:
         return study if self.first_study and study and study != self.first_study else None
 
 
+#: Why a message for an instance that another attempt is assessing now is skipped.
+BEING_ASSESSED = "being assessed by another attempt"
+
+
 #: The inputs recorded of an assessment that could not read its file (missing, or not
 #: DICOM): any readable copy received again differs from it.
 UNREAD = "unread"
@@ -440,9 +456,30 @@ def _again(assessment: int) -> tuple[str, ...]:
     return () if assessment == 1 else (f"assessment {assessment}",)
 
 
-def _claim(rt: Runtime, instance_id: int) -> _Claim | AssessOutcome:
-    started = now()
+def _claim(rt: Runtime, instance_id: int, held: datetime | None = None) -> _Claim | AssessOutcome:
+    """Claim ``instance_id`` for this attempt, or say why not.
+
+    An instance another attempt is assessing now (`processing`, its claim not ended:
+    worker.reconciler.claim_ended) is refused, unless ``held`` is that claim's time
+    (``Instance.started_at``): the task's retry of the try that took it. A message that
+    came for a copy received meanwhile is not lost with the refusal: the holder leaves
+    the copy to compare (``received_again_at`` after its claim, :func:`_compared_if_read`)
+    and its task queues it once the holder ends (:func:`_with_copy_to_compare`); a holder
+    that dies is taken back by the reconciler (its heartbeat stops, or its lease ends)
+    and assessed again from the newest copy.
+    """
     with session_scope(rt.database_url) as session:
+        # The database's clock, not this host's: the times it is compared with (a copy
+        # received again, a message published, the lease) are stamped by it too, on
+        # whichever host, and hosts' clocks may differ by more than the time between
+        # a publish and its claim.
+        current = database_now(session)
+        free = or_(
+            Instance.state != InstanceState.PROCESSING,
+            Instance.claimed_by.is_(None),  # an attempt that failed for a fault let it go
+            claim_ended(current, select(Heartbeat.name).where(alive(session))),
+            *([Instance.started_at == held] if held is not None else []),
+        )
         # One conditional statement, not a read and a write: an attempt whose claim
         # waited on another attempt's commit (PostgreSQL waits on the row, then reads it
         # again) must find the instance finished, not put it back to `processing`.
@@ -452,11 +489,12 @@ def _claim(rt: Runtime, instance_id: int) -> _Claim | AssessOutcome:
                 Instance.id == instance_id,
                 Instance.state.not_in(FINISHED),
                 Instance.attempts < MAX_ATTEMPTS,
+                free,
             )
             .values(
                 state=InstanceState.PROCESSING,
                 claimed_by=process_name("worker"),
-                started_at=started,
+                started_at=current,
                 attempts=Instance.attempts + 1,
             )
             .returning(
@@ -479,12 +517,20 @@ def _claim(rt: Runtime, instance_id: int) -> _Claim | AssessOutcome:
                 first_study=claimed.study_instance_uid,
                 send=claimed.send_outputs,
                 copy_came=claimed.received_again_at is not None,
-                started_at=started,
+                started_at=current,
             )
         instance = session.get(Instance, instance_id)
         if instance is None:
             logger.warning("assess: instance %d does not exist", instance_id)
             return AssessOutcome("skipped", reason="no such instance")
+        if instance.state is InstanceState.PROCESSING and (
+            session.scalar(select(Instance.id).where(Instance.id == instance_id, free)) is None
+        ):
+            # Not claimed beside it: the image was assessed twice at once, the commit kept
+            # one result, and the copy read by neither could be forgotten (the later
+            # claim's time on the row).
+            logger.info("assess: instance %d is being assessed by another attempt", instance_id)
+            return AssessOutcome("skipped", reason=BEING_ASSESSED)
         if instance.state not in FINISHED:
             _give_up(instance)
             return AssessOutcome("error", reason=instance.reason)
@@ -502,7 +548,9 @@ def _claim(rt: Runtime, instance_id: int) -> _Claim | AssessOutcome:
     # A message delivered again, with no copy received since the instance finished: the
     # file is the one its assessment read, and nothing is read or written.
     if received_again:
-        checked = now()  # the copy in the spool now is at least as new as any before
+        # the copy in the spool now is at least as new as any before (by the database's
+        # clock, which dated them: the file is read after it)
+        checked = current
         reopened = _reopen_if_received_changed(rt, instance_id, finished, seen, checked=checked)
         if reopened is not None:
             return reopened
@@ -612,8 +660,8 @@ def _reopen_if_received_changed(
             return _refuse_uid_clash(
                 rt, instance_id, finished, seen, checked, other_patient, other_study
             )
-    started = now()
     with session_scope(rt.database_url) as session:
+        started = database_now(session)  # as `_claim` dates a claim
         claimed = session.execute(
             update(Instance)
             .where(
@@ -824,7 +872,12 @@ class Attempt:
 
 
 def assess_instance(
-    rt: Runtime, instance_id: int, *, send: bool = True, attempt: Attempt | None = None
+    rt: Runtime,
+    instance_id: int,
+    *,
+    send: bool = True,
+    attempt: Attempt | None = None,
+    held: datetime | None = None,
 ) -> AssessOutcome:
     """Assess one received instance and queue its outputs for delivery.
 
@@ -838,21 +891,50 @@ def assess_instance(
     reconciler's too), the result is recorded and the SR and SC written to the outbox,
     but no delivery is made; unless a copy of the image came since it was queued, which
     this attempt may read: the PACS's correction is sent. ``attempt``, where given, is
-    filled in with the claim this attempt takes.
+    filled in with the claim this attempt takes. ``held``: the time of the claim the
+    task's try before this retry took (its ``attempt.started_at``), which this attempt
+    takes over although no other may while it runs (:func:`_claim`).
     """
-    claimed = _claim(rt, instance_id)
+    claimed = _claim(rt, instance_id, held)
     if isinstance(claimed, AssessOutcome):
         return claimed
     if attempt is not None:
         attempt.assessment, attempt.started_at = claimed.assessment, claimed.started_at
     try:
-        if (already := _assessed_by_this_model(rt, claimed)) is not None:
-            return already
-        # a copy that came while it waited is sent as one received again after would be
-        return _assess(rt, claimed, send=(send and claimed.send) or claimed.copy_came)
+        outcome = _assessed_by_this_model(rt, claimed)
+        if outcome is None:
+            # a copy that came while it waited is sent as one received again after would be
+            outcome = _assess(rt, claimed, send=(send and claimed.send) or claimed.copy_came)
     except Exception as exc:
         _note_failed_attempt(rt, instance_id, exc, claimed.inputs, claimed.identity)
         raise
+    return _with_copy_to_compare(rt, instance_id, outcome)
+
+
+def _with_copy_to_compare(rt: Runtime, instance_id: int, outcome: AssessOutcome) -> AssessOutcome:
+    """``outcome``, saying whether the instance, finished, still has a copy received again
+    to compare: one that came after this attempt claimed it (:func:`_compared_if_read`
+    kept it), whose message was refused while the attempt ran, or is still on its way.
+    Queued again, it is compared at once, not when the reconciler finds it (once the
+    inference queue is empty, minutes later at best); a message on its way too compares
+    it a second time, which changes nothing."""
+    try:
+        with session_scope(rt.database_url) as session:
+            waiting = session.scalar(
+                select(Instance.id).where(
+                    Instance.id == instance_id,
+                    Instance.state.in_(FINISHED),
+                    Instance.received_again_at.is_not(None),
+                )
+            )
+    except Exception as exc:  # the outcome stands; the reconciler finds the copy
+        logger.warning(
+            "instance %d: whether a copy waits to be compared is not known (%s)",
+            instance_id,
+            type(exc).__name__,
+        )
+        return outcome
+    return dataclasses.replace(outcome, copy_to_compare=waiting is not None)
 
 
 def _assessed_by_this_model(rt: Runtime, claim: _Claim) -> AssessOutcome | None:

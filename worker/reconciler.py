@@ -13,11 +13,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, or_, select, update
+from sqlalchemy import ColumnElement, Select, or_, select, update
 
 from db.engine import session_scope
+from db.queries import database_now
 from db.schema import FINISHED, Delivery, DeliveryState, Heartbeat, Instance, InstanceState
-from db.schema import utcnow as now
 from worker.heartbeat import alive
 from worker.messaging import failure_name
 from worker.runtime import Runtime
@@ -26,6 +26,19 @@ logger = logging.getLogger(__name__)
 
 #: An instance `processing` for longer than this is assumed orphaned, whatever its worker.
 PROCESSING_LEASE = timedelta(minutes=30)
+
+
+def claim_ended(current: datetime, live_workers: Select[str]) -> ColumnElement[bool]:
+    """Whether the attempt that claimed a `processing` instance holds it no longer, by
+    ``current`` (the database's clock, which dated the claim): its lease ran out, or the
+    worker that claimed it is not among ``live_workers`` (the names of the processes whose
+    heartbeat is fresh). The reconciler takes such an instance back, and a message for it
+    may claim it (worker.pipeline); an instance whose claim has not ended is another
+    attempt's, being assessed now."""
+    return (Instance.started_at < current - PROCESSING_LEASE) | Instance.claimed_by.not_in(
+        live_workers
+    )
+
 
 #: An attempt that failed for a fault gives its instance up (worker.pipeline); it is
 #: queued again at the first round this long after the attempt began, so that a fault
@@ -87,9 +100,12 @@ def reconcile(
         is re-queued at once.
     """
     settings = rt.settings
-    current = now()
-    stale = current - timedelta(seconds=settings.requeue_after_seconds)
     with session_scope(rt.database_url) as session:
+        # The database's clock, whichever host this runs on: the instances' times
+        # compared here are dated by it (by the listener, the workers, this round), and
+        # hosts' clocks may differ by more than the pauses they are compared over.
+        current = database_now(session)
+        stale = current - timedelta(seconds=settings.requeue_after_seconds)
         # by the database's clock, or a host whose clock runs ahead takes every worker
         # for dead
         live_workers = select(Heartbeat.name).where(alive(session))
@@ -114,9 +130,8 @@ def reconcile(
             # a fault and gave it up.
             (Instance.state == InstanceState.PROCESSING)
             & (
-                (Instance.started_at < current - PROCESSING_LEASE)
+                claim_ended(current, live_workers)
                 | (Instance.claimed_by.is_(None) & (Instance.started_at < current - FAULT_PAUSE))
-                | Instance.claimed_by.not_in(live_workers)
             ),
         ]
         compared: list[int] = []
@@ -151,7 +166,7 @@ def reconcile(
             .order_by(Instance.id)
             .with_for_update(skip_locked=True)
         )
-        queued_at = now()
+        queued_at = database_now(session)
         requeued = list(
             session.scalars(
                 update(Instance)
@@ -226,8 +241,9 @@ def _given_back(current: datetime, stale: datetime) -> ColumnElement[bool]:
     enough ago that the listener's message for it may be lost (as for an image never
     begun): the listener's enqueuer publishes such a copy, and moves the row to `queued`
     (worker.messaging.mark_queued). Queued by both, the image had two messages, and two
-    attempts, each claiming it (worker.pipeline takes any unfinished instance), assessed
-    it twice and counted two attempts. A copy received during the attempt was published
+    attempts, each claiming it (worker.pipeline took any unfinished instance then; now
+    the second is refused while the first runs, a message spent), assessed it twice and
+    counted two attempts. A copy received during the attempt was published
     while the row was `processing`: the task gives such a row back `queued`, not
     `received` (worker.tasks._give_back_instance), and it is never this branch's; the
     queued branch queues it again where the copy's message is lost. This condition

@@ -12,6 +12,7 @@ import os
 import signal
 import time
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any, NoReturn
 
 from celery import Task
@@ -41,6 +42,7 @@ from worker.heartbeat import HeartbeatThread, process_name
 from worker.messaging import (
     PublishDeadline,
     bounded_publish_options,
+    enqueue_assess,
     enqueue_delivery,
     failure_name,
 )
@@ -382,6 +384,8 @@ class RetriedWithinBudget(Task):
         max_retries: int | None = None,
         **options: Any,
     ) -> Any:
+        if self.name == ASSESS_TASK and kwargs is None:
+            kwargs = _held_by_the_retry(self.request)
         with PublishDeadline().applied():
             try:
                 return super().retry(
@@ -420,6 +424,18 @@ class RetriedWithinBudget(Task):
                         ids = [delivery_ids] if isinstance(delivery_ids, int) else delivery_ids
                         _give_back_deliveries(list(ids), claim)
                 raise
+
+
+def _held_by_the_retry(request: Any) -> dict[str, Any] | None:
+    """The keyword arguments of an `assess` retry: the message's own, and the time of the
+    claim this try took (``held_since``), which the retry takes over where this try still
+    holds it, although no other message may while it stands (worker.pipeline._claim).
+    None, the message's as they came, where this try took none: a ``held_since`` they
+    carry is the claim of the try before, still standing."""
+    attempt = getattr(request, "assess_attempt", None)
+    if not isinstance(attempt, Attempt) or attempt.started_at is None:
+        return None
+    return {**(request.kwargs or {}), "held_since": attempt.started_at.isoformat()}
 
 
 #: What the reason of an instance whose `assess` retry was not published ends with: no
@@ -528,14 +544,16 @@ def _give_back_deliveries(delivery_ids: list[int], claim: Claim) -> None:
     retry_backoff_max=RETRY_BACKOFF_MAX_SECONDS,
     max_retries=TRANSIENT_RETRIES,  # the pipeline ends the instance in error after them
 )
-def assess(self: Task, instance_id: int, send: bool = True) -> str:
+def assess(self: Task, instance_id: int, send: bool = True, held_since: str | None = None) -> str:
     started = time.perf_counter()
     rt = runtime()
     # the claim this attempt takes, which a retry not published gives back
     attempt = self.request.assess_attempt = Attempt()
+    # a retry's: the claim the try before took (_held_by_the_retry)
+    held = datetime.fromisoformat(held_since) if held_since else None
     try:
         with rt.cores.task() if rt.cores is not None else contextlib.nullcontext():
-            outcome = assess_instance(rt, instance_id, send=send, attempt=attempt)
+            outcome = assess_instance(rt, instance_id, send=send, attempt=attempt, held=held)
     except RETRIED_BY_THE_TASK:
         metrics.TASKS.labels(ASSESS_TASK, "exception").inc()
         if self.request.retries >= self.max_retries:  # no retry comes after this one
@@ -547,9 +565,26 @@ def assess(self: Task, instance_id: int, send: bool = True) -> str:
     metrics.TASKS.labels(ASSESS_TASK, outcome.state).inc()
     if outcome.state == "assessed":
         metrics.ASSESS_SECONDS.observe(time.perf_counter() - started)
+    if outcome.copy_to_compare:
+        _queue_copy_to_compare(instance_id)
     if outcome.delivery_ids:
         enqueue_delivery(outcome.delivery_ids)  # SR and SC: one association per destination
     return outcome.state
+
+
+def _queue_copy_to_compare(instance_id: int) -> None:
+    """Queue ``instance_id`` again, for the copy received while this attempt held it
+    (its own message was refused then: worker.pipeline._claim). Where that cannot be
+    published, the reconciler queues it once the inference queue is empty."""
+    try:
+        enqueue_assess(instance_id)
+    except Exception as exc:
+        logger.warning(
+            "instance %d: its copy received again was not queued to be compared (%s); "
+            "the reconciler queues it",
+            instance_id,
+            failure_name(exc),
+        )
 
 
 @app.task(

@@ -62,7 +62,7 @@ from worker.heartbeat import HeartbeatThread, process_name
 from worker.listener import record_instance
 from worker.messaging import Enqueuer, enqueue_assess
 from worker.pipeline import assess_instance
-from worker.reconciler import reconcile_via_broker
+from worker.reconciler import PROCESSING_LEASE, reconcile_via_broker
 from worker.runtime import Runtime
 from worker.settings import Settings, load_settings
 
@@ -450,9 +450,10 @@ def test_a_claim_another_attempt_took_while_the_retry_was_published_is_left_as_i
 ) -> None:
     """While the retry waits for a confirm that never comes, another attempt of this very
     process (a batching worker's other task thread, with the reconciler's message) claims
-    the image: the retry that is not published leaves that claim, and the reason, as they
-    are. Before, the task noted on it that its retry was not published, and its claim,
-    the same process's, looked like its own. About 15 s (see BUDGET)."""
+    the image, its lease run out: the retry that is not published leaves that claim, and
+    the reason, as they are. Before, the task noted on it that its retry was not
+    published, and its claim, the same process's, looked like its own. About 15 s (see
+    BUDGET)."""
     proxy = TcpProxy(RABBITMQ_PORT)
     try:
         rt = _worker_on(tmp_path, tiny_checkpoint, _url(rabbitmq, proxy.port), monkeypatch)
@@ -473,6 +474,10 @@ def test_a_claim_another_attempt_took_while_the_retry_was_published_is_left_as_i
             return reason if reason and "(retried: 1 of 21 tries)" in reason else None
 
         reason = wait_for(failed, timeout=BUDGET, what="the attempt to fail and be retried")
+        with session_scope(rt.database_url) as session:  # no other may take it before
+            held = session.get_one(Instance, instance_id)
+            assert held.started_at is not None
+            held.started_at -= PROCESSING_LEASE
         other = pipeline._claim(rt, instance_id)  # the next attempt, as the pipeline claims
         assert isinstance(other, pipeline._Claim)
         task.join(BUDGET + MARGIN)

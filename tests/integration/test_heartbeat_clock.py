@@ -108,7 +108,8 @@ def test_the_reconciler_on_a_host_whose_clock_is_off_leaves_a_live_workers_image
         instance.claimed_by = process_name("worker")  # this process's heartbeat
         instance.started_at = true_now()
         instance.attempts = 1
-    monkeypatch.setattr("worker.reconciler.now", _clock(offset))
+    # the clock the reconciler read before it asked the database (`raising=False`: gone)
+    monkeypatch.setattr("worker.reconciler.now", _clock(offset), raising=False)
     queued: list[int] = []
 
     def reconcile_once() -> list[int]:

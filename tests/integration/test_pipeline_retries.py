@@ -28,7 +28,7 @@ from tests.integration.test_received_again import received_again
 from tests.integration.test_received_again_identity import instance_row
 from worker import pipeline, tasks
 from worker.heartbeat import HeartbeatThread, process_name
-from worker.pipeline import MAX_ATTEMPTS, TRANSIENT_RETRIES, assess_instance
+from worker.pipeline import MAX_ATTEMPTS, TRANSIENT_RETRIES, Attempt, assess_instance
 from worker.reconciler import FAULT_PAUSE
 from worker.runtime import Runtime
 
@@ -249,12 +249,15 @@ def test_a_fault_after_trouble_that_passed_still_ends_in_error_after_max_attempt
     monkeypatch.setattr(pipeline, "build_outputs", disk_then_fault)
     instance_id = spool_instance(runtime)
     HeartbeatThread(runtime.database_url, "worker").beat()
+    # each try after trouble the task retries is its retry, which takes over the claim
+    # the try before took (worker.tasks: held_since); this process, alive, holds it
+    tried = Attempt()
     for _ in range(2):
         with pytest.raises(OSError):
-            assess_instance(runtime, instance_id)
+            assess_instance(runtime, instance_id, attempt=tried, held=tried.started_at)
     for attempt in range(1, MAX_ATTEMPTS + 1):
         with pytest.raises(ValueError):
-            assess_instance(runtime, instance_id)
+            assess_instance(runtime, instance_id, attempt=tried, held=tried.started_at)
         instance = instance_row(runtime, instance_id)
         assert instance.attempts == attempt
         if attempt < MAX_ATTEMPTS:

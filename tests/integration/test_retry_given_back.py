@@ -18,6 +18,7 @@ from celery.utils.time import get_exponential_backoff_interval
 from sqlalchemy import insert, update
 
 from db.engine import session_scope
+from db.queries import database_now
 from db.schema import Delivery, DeliveryState, Instance, InstanceState, ObjectKind
 from db.schema import utcnow as now
 from tests.integration.test_pipeline import (
@@ -54,16 +55,25 @@ def rt(
     return runtime
 
 
-def _claimed(rt: Runtime, instance_id: int) -> pipeline._Claim:
-    claim = pipeline._claim(rt, instance_id)  # as an attempt of this process claims it
+def _claimed(rt: Runtime, instance_id: int, held: datetime | None = None) -> pipeline._Claim:
+    # as an attempt of this process claims it (``held``: the task's retry of the try that
+    # took that claim; no other attempt may take it over while this process lives)
+    claim = pipeline._claim(rt, instance_id, held)
     assert isinstance(claim, pipeline._Claim)
     return claim
+
+
+def _published_at(rt: Runtime) -> datetime:
+    """The time the listener's enqueuer stamps a round with: the database's clock, as a
+    claim's (worker.messaging.Enqueuer)."""
+    with session_scope(rt.database_url) as session:
+        return database_now(session)
 
 
 def test_an_image_is_given_back_only_under_the_claim_of_the_attempt(rt: Runtime) -> None:
     instance_id = spool_instance(rt)
     first = _claimed(rt, instance_id)
-    second = _claimed(rt, instance_id)  # another attempt of this process, meanwhile
+    second = _claimed(rt, instance_id, first.started_at)  # another attempt, meanwhile
     with session_scope(rt.database_url) as session:
         session.get_one(Instance, instance_id).reason = "attempt 1 failed: OSError"
 
@@ -244,7 +254,7 @@ def test_an_image_given_back_before_its_round_is_marked_stays_received(rt: Runti
     the publish (a copy of it received since) is the round's: `queued`."""
     instance_id, earlier = spool_instance(rt), spool_instance(rt, sex="M")
     _given_back(rt, earlier)
-    published_at = now()  # the round's, taken before its first message
+    published_at = _published_at(rt)  # the round's, taken before its first message
     _given_back(rt, instance_id)
     mark_queued(rt.database_url, [instance_id, earlier], published_at)
 
@@ -273,7 +283,7 @@ def test_an_image_given_back_then_received_again_is_queued_once(rt: Runtime) -> 
         received_again(rt, instance_id)
     assert reconcile_once(rt, inference_queue_empty=False) == []
 
-    mark_queued(rt.database_url, [published], now())  # the enqueuer's round
+    mark_queued(rt.database_url, [published], _published_at(rt))  # the enqueuer's round
     with session_scope(rt.database_url) as session:
         assert session.get_one(Instance, published).state is InstanceState.QUEUED
     assert reconcile_once(rt, inference_queue_empty=False) == []
@@ -291,10 +301,10 @@ def test_an_image_received_again_during_the_attempt_is_given_back_queued(rt: Run
     inference queue empty, as for any `queued` image). Given back `received`, the
     reconciler queued it a second time: two messages, two attempts."""
     instance_id = spool_instance(rt)
-    mark_queued(rt.database_url, [instance_id], now())  # the listener's first message
+    mark_queued(rt.database_url, [instance_id], _published_at(rt))  # the listener's first
     claim = _claimed(rt, instance_id)  # its attempt took it
     received_again(rt, instance_id)  # a copy, while it is assessed
-    mark_queued(rt.database_url, [instance_id], now())  # the copy's message, published
+    mark_queued(rt.database_url, [instance_id], _published_at(rt))  # the copy's message
     with session_scope(rt.database_url) as session:
         row = session.get_one(Instance, instance_id)
         queued_at = row.queued_at

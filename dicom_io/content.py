@@ -12,6 +12,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydicom import Dataset
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +32,8 @@ __all__ = [
     "check_uid",
     "format_age",
     "format_sds",
+    "image_side",
+    "side_in_body_part",
 ]
 
 #: Reference population named next to every SDS value.
@@ -415,14 +421,80 @@ def body_part_to_write(value: object, *, laterality: str | None) -> str | None:
     text = value.strip().upper()
     if text in BODY_PART_DEFINED_TERMS:
         return text
-    words = [w for w in re.split(r"[\s_-]+", text) if w]
-    if laterality not in _LATERALITIES or len(words) != 2:
+    if laterality not in _LATERALITIES:
         return None  # a side dropped would be a side lost
+    parsed = _term_and_side(text)
+    return parsed[0] if parsed is not None and parsed[1] == laterality else None
+
+
+def side_in_body_part(value: object) -> str | None:
+    """The side a Body Part Examined value names beside a Defined Term: ``"R"`` of
+    ``RT-HAND``, ``RIGHT HAND``, ``HAND R``; ``"L"`` of ``HAND_LT``, ``L WRIST``.
+
+    The same values as :func:`body_part_to_write` writes as the term alone where the
+    object's Laterality states that side: a side word before or after a Defined Term, the
+    letter ``L`` or ``R`` only beside ``HAND`` or ``WRIST``.
+
+    Parameters
+    ----------
+    value
+        Body Part Examined as pydicom reads it from the image.
+
+    Returns
+    -------
+    str or None
+        ``"L"`` or ``"R"``; None where the value names no side so (``HAND``, ``HANDS``,
+        ``L SPINE``, ``RT-HAND-LT``, ``LT-FOO``), or is no string.
+    """
+    if not isinstance(value, str):
+        return None
+    parsed = _term_and_side(value.strip().upper())
+    return parsed[1] if parsed is not None else None
+
+
+#: Image Laterality (Laterality) values that state no side of a hand: absent, empty, or
+#: ``U`` (unpaired), which DX modalities write where Image Laterality, Type 1 there, is
+#: not known.
+_NO_SIDE_STATED = frozenset(("", "U"))
+
+
+def image_side(source: Dataset) -> str | None:
+    """The side of the hand ``source`` shows, as our SC's Laterality and our SR's finding
+    site state it where the finding names none (the SR and the SC of an image agree).
+
+    Its Image Laterality, else its Laterality, where one says ``L`` or ``R``; where
+    neither states a side (each absent, empty or ``U``), the side its Body Part Examined
+    names beside a Defined Term (``RT-HAND``: ``R``, and the heat map's Body Part
+    Examined is then ``HAND``: :func:`side_in_body_part`), which would else be stated
+    nowhere in the heat map. None where the image states no side, or another value
+    (``B``, both hands; a value no standard has): no side is taken from a body part that
+    another attribute contradicts. ``L`` with ``RT-HAND`` is ``L``, and the heat map
+    carries no Body Part Examined (:func:`body_part_to_write`).
+
+    Not the side the gate reads (``dicom_io.gate.PatientFacts.laterality``, Image
+    Laterality or Laterality alone), which the digest of an assessment's inputs is made
+    of: a side in the body part there would make every ``RT-HAND`` image received again
+    look changed, and be assessed again.
+    """
+    stated = [str(source.get(k) or "").strip().upper() for k in ("ImageLaterality", "Laterality")]
+    side = next((s for s in stated if s in _LATERALITIES), None)
+    if side is not None or not all(s in _NO_SIDE_STATED for s in stated):
+        return side
+    return side_in_body_part(source.get("BodyPartExamined"))
+
+
+def _term_and_side(text: str) -> tuple[str, str] | None:
+    """(Defined Term, side) of an upper-case value of two words, a side word and a
+    Defined Term in either order (``RT-HAND``: ``("HAND", "R")``); else None. No side
+    word is a Defined Term, so at most one order matches."""
+    words = [w for w in re.split(r"[\s_-]+", text) if w]
+    if len(words) != 2:
+        return None
     first, second = words
     for side, part in ((first, second), (second, first)):
         named = _SIDE_WORDS.get(side)
         if named is None and part in _LETTERED_PARTS:
             named = _SIDE_LETTERS.get(side)
-        if named == laterality and part in BODY_PART_DEFINED_TERMS:
-            return part
+        if named is not None and part in BODY_PART_DEFINED_TERMS:
+            return part, named
     return None

@@ -26,6 +26,7 @@ from dicom_io.content import (
     body_part_to_write,
     check_positive_int,
     check_uid,
+    image_side,
 )
 from dicom_io.sr import (
     MANUFACTURER,
@@ -48,11 +49,13 @@ __all__ = [
     "WITHDRAWN",
     "build_heatmap_sc",
     "build_withdrawal_sc",
+    "image_side",
     "notice_body_part",
     "overlay_factor",
     "overlay_shape",
     "render_notice",
     "render_overlay",
+    "series_laterality",
     "turbo_lut",
 ]
 
@@ -410,6 +413,24 @@ def notice_body_part(heat_map: Dataset | None) -> str | None:
     return NOTICE_BODY_PART
 
 
+def series_laterality(heat_map: Dataset) -> str | None:
+    """Laterality (0020,0060) of the series ``heat_map`` belongs to, as it carries it
+    (``L``, ``R``; None where it is empty): a General Series attribute, one value for the
+    series, which a later heat map of the series and a withdrawal notice joining it carry
+    too, whatever side their copy of the image states now (:func:`build_heatmap_sc`'s and
+    :func:`build_withdrawal_sc`'s ``series_heat_map``). A heat map of an image whose side
+    was corrected to another therefore joins no series of the other side: the pipeline
+    opens one of its own for it (``worker.pipeline.heat_map_series``).
+
+    Parameters
+    ----------
+    heat_map : pydicom.Dataset
+        A heat map of that series as it was written (its header is enough).
+    """
+    side = str(heat_map.get("Laterality") or "").strip().upper()
+    return side if side in ("L", "R") else None
+
+
 def build_heatmap_sc(
     source: Dataset,
     rgb: np.ndarray,
@@ -439,17 +460,22 @@ def build_heatmap_sc(
         Instance Number (positive).
     series_heat_map : pydicom.Dataset or None
         An earlier heat map of the series this one joins, as it was written (its header
-        is enough): the first of them whose file can still be read. Its Body Part
-        Examined, a General Series attribute, is the series' value, which this one
-        carries too (:func:`notice_body_part`, as a withdrawal notice does), whatever
-        ``source`` names now (the PACS corrected it), as a Defined Term or not at all
-        (:func:`~dicom_io.content.body_part_to_write`, with this heat map's Laterality):
-        a value a heat map written before carried (``HAND_LT``, ``L HAND``) loses its side
-        word only where this one's Laterality states that side. None: the first heat map
-        of its series, or none of the earlier ones can be read any more (retention removed
-        their files); it carries the value of ``source``
-        (:func:`~dicom_io.content.body_part_to_write`), which may then differ from that
-        of the earlier heat maps: nothing tells what theirs was.
+        is enough): the first of them whose file can still be read. Its Laterality and
+        Body Part Examined, General Series attributes, are the series' values, which
+        this one carries too (:func:`series_laterality`, :func:`notice_body_part`, as a
+        withdrawal notice does), whatever ``source`` and ``finding`` state now (the PACS
+        corrected them): its Laterality empty where the series' is; its Body Part
+        Examined as a Defined Term or not at all
+        (:func:`~dicom_io.content.body_part_to_write`, with the series' Laterality): a
+        value a heat map written before carried (``HAND_LT``, ``L HAND``) loses its side
+        word only where that Laterality states that side. None: the first heat map of
+        its series, or none of the earlier ones can be read any more (retention removed
+        their files); it carries the side of ``finding``, else the one ``source`` states
+        (:func:`~dicom_io.content.image_side`: its Image Laterality or Laterality, else a
+        side word of its Body Part Examined, ``RT-HAND`` giving Laterality ``R`` and Body
+        Part Examined ``HAND``), and the body part of ``source``
+        (:func:`~dicom_io.content.body_part_to_write`), which may then differ from those
+        of the earlier heat maps: nothing tells what theirs were.
 
     Returns
     -------
@@ -530,6 +556,7 @@ def build_withdrawal_sc(
     series_number: int,
     instance_number: int,
     body_part_examined: str | None,
+    series_heat_map: Dataset | None = None,
 ) -> Dataset:
     """A Secondary Capture that withdraws the bone age of the heat maps before it in its
     series: a picture of text, no radiograph, for a viewer that shows images and not the
@@ -555,6 +582,12 @@ def build_withdrawal_sc(
         see :func:`notice_body_part`: a General Series attribute, the same in each
         object of the series, not the value of ``source``, a copy that may name another
         part or none.
+    series_heat_map : pydicom.Dataset or None
+        The first heat map of that series still as written (its header is enough), whose
+        Laterality, a General Series attribute, the notice carries
+        (:func:`series_laterality`: empty where the heat map's is); None where none can
+        be read any more (retention removed their files): the side ``source`` states
+        (:func:`~dicom_io.content.image_side`).
 
     Returns
     -------
@@ -565,7 +598,7 @@ def build_withdrawal_sc(
         ``body_part_examined`` (absent where None), so that it lands with the heat maps it
         withdraws, as a later heat map of the series carries it: a Defined Term, or
         absent (:func:`~dicom_io.content.body_part_to_write`, with the notice's
-        Laterality: ``HAND_LT`` of a heat map written before is ``HAND`` where the copy's
+        Laterality: ``HAND_LT`` of a heat map written before is ``HAND`` where that
         Laterality is L, absent otherwise), and Lossy Image Compression ``00``.
 
     Raises
@@ -599,6 +632,7 @@ def build_withdrawal_sc(
         instance_number=instance_number,
         shows_source=False,
         body_part_examined=body_part_examined,
+        series_heat_map=series_heat_map,
     )
 
 
@@ -623,7 +657,9 @@ def _secondary_capture(
     ``shows_source``: its pixels are the source's, rendered (and lossy where those are),
     in the source's orientation and of its body part, or of that of ``series_heat_map``
     (:func:`build_heatmap_sc`); else a notice, of the series' body part
-    ``body_part_examined`` (:func:`build_withdrawal_sc`)."""
+    ``body_part_examined`` (:func:`build_withdrawal_sc`). Its Laterality is that of
+    ``series_heat_map`` (:func:`series_laterality`), where given, else ``laterality``, else
+    the side ``source`` states (:func:`~dicom_io.content.image_side`)."""
     if not isinstance(source, Dataset):
         raise TypeError(
             f'Argument "source" must be a pydicom Dataset, not {type(source).__name__}.'
@@ -640,9 +676,13 @@ def _secondary_capture(
     check_positive_int("series_number", series_number)
     check_positive_int("instance_number", instance_number)
 
-    if laterality is None:
-        side = str(source.get("ImageLaterality") or source.get("Laterality") or "").upper()
-        laterality = side if side in ("L", "R") else None
+    # General Series: Laterality is one value for the series, as Body Part Examined
+    # below: that of the heat map the series was opened with, whatever the copy received
+    # again states; the image's own side where no heat map of the series is left
+    if series_heat_map is not None:
+        laterality = series_laterality(series_heat_map)
+    elif laterality is None:
+        laterality = image_side(source)
     # a picture of text has no rows and columns in the patient: not the source's
     orientation = _patient_orientation(source) if shows_source else None
     reference = _reference_view(source)
@@ -676,7 +716,9 @@ def _secondary_capture(
     if orientation is None:
         del sc.PatientOrientation
         sc.add_new("PatientOrientation", "CS", None)
-    # General Series: Laterality is Type 2C; empty when the side is unknown
+    # General Series: Laterality is Type 2C, required of a paired part (a hand) where no
+    # Image Laterality (General Image, Type 3) is sent, as none is: it alone states the
+    # side; empty when the side is unknown
     if laterality is None:
         sc.Laterality = ""
     # General Series: Body Part Examined (Type 3), on which hanging protocols put a series

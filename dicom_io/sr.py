@@ -55,6 +55,7 @@ from dicom_io.content import (
     BoneAgeFinding,
     check_positive_int,
     check_uid,
+    image_side,
 )
 
 logger = logging.getLogger(__name__)
@@ -310,14 +311,13 @@ def _observation_context(device_observer_uid: str, model_name: str) -> Observati
 
 
 def _laterality(finding_laterality: str | None, source: Dataset) -> str | None:
-    """Finding's laterality, else the image's own (Image Laterality, then Laterality)."""
+    """Finding's laterality, else the side the image states
+    (:func:`~dicom_io.content.image_side`: Image Laterality, then Laterality, else a
+    side word of its Body Part Examined, ``RT-HAND``), as the heat map's Laterality
+    states it: the SR and the SC of an image name one side."""
     if finding_laterality is not None:
         return finding_laterality
-    for keyword in ("ImageLaterality", "Laterality"):
-        value = str(source.get(keyword) or "").strip().upper()
-        if value in ("L", "R"):
-            return value
-    return None
+    return image_side(source)
 
 
 def _tracking(sop_instance_uid: str, label: str) -> TrackingIdentifier:

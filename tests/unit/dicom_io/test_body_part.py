@@ -24,6 +24,7 @@ from dicom_io.content import (
     CODE_STRING,
     BoneAgeFinding,
     body_part_to_write,
+    side_in_body_part,
 )
 from dicom_io.ko import Reference, build_rejection_note
 from dicom_io.pixels import decode_for_display
@@ -126,7 +127,7 @@ def _checked(tmp_path: Path, ds: Dataset, name: str) -> Dataset:
     ("examined", "side", "expected"),
     [
         ("RT-HAND", "R", "HAND"),
-        ("RT-HAND", None, None),
+        ("RT-HAND", None, "HAND"),  # the side said only here: Laterality R (test_laterality)
         ("RT-HAND", "L", None),
         ("hand", None, "HAND"),
         ("Hand ", "L", "HAND"),
@@ -151,7 +152,7 @@ def test_a_heat_map_carries_a_defined_term_or_none_and_passes_dciodvfy(
 
     back = _checked(tmp_path, _heat_map(source, finding), "heat-map")
 
-    assert back.Laterality == (side or "")
+    assert back.Laterality == (side or side_in_body_part(examined) or "")
     if expected is None:
         assert "BodyPartExamined" not in back
     else:
@@ -213,9 +214,10 @@ def test_a_later_heat_map_carries_its_series_body_part_only_as_a_defined_term(
     HAND``) gave the series a value that a later heat map copied unchecked: a right
     hand's heat map carried Laterality R and ``HAND_LT``. It carries the series' value
     as a first heat map carries its source's (`body_part_to_write`), and so does a
-    withdrawal notice of a copy whose Laterality is ``side``."""
+    withdrawal notice, with the series' Laterality ``side``."""
     earlier = Dataset()
     earlier.BodyPartExamined = series_value
+    earlier.Laterality = side or ""  # the series' too (test_laterality)
     source.BodyPartExamined = "HAND"
     source.ImageLaterality = side or "U"
     finding = dataclasses.replace(finding, laterality=side)
@@ -233,6 +235,7 @@ def test_a_later_heat_map_carries_its_series_body_part_only_as_a_defined_term(
             series_number=9902,
             instance_number=2,
             body_part_examined=notice_body_part(earlier),
+            series_heat_map=earlier,
         ),
         "notice",
     )

@@ -43,7 +43,7 @@ from highdicom.sr import (
 )
 from pydicom import Dataset
 from pydicom.sr.codedict import codes as pydicom_codes
-from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian
 
 from dicom_io import codes
 from dicom_io.content import (
@@ -57,6 +57,7 @@ from dicom_io.content import (
     check_uid,
     image_side,
 )
+from dicom_io.uids import derived_from
 
 logger = logging.getLogger(__name__)
 
@@ -321,9 +322,10 @@ def _laterality(finding_laterality: str | None, source: Dataset) -> str | None:
 
 
 def _tracking(sop_instance_uid: str, label: str) -> TrackingIdentifier:
-    """TID 4108 with a UID derived from the SR's own UID, so a rebuild is identical."""
+    """TID 4108 with a UID derived from the SR's own UID, so a rebuild is identical: of
+    an SR of the node's, the node's (:func:`~dicom_io.uids.derived_from`)."""
     return TrackingIdentifier(
-        uid=generate_uid(entropy_srcs=[sop_instance_uid, "tracking", label]),
+        uid=derived_from(sop_instance_uid, "tracking", label),
         identifier=label,
     )
 

@@ -106,6 +106,74 @@ def db_upgrade(ctx: click.Context) -> None:
     console.print(f"database schema at revision {revision}")
 
 
+@db.command("new-identity")
+@click.option("--yes", is_flag=True, help="Give it without asking.")
+@click.pass_context
+def db_new_identity(ctx: click.Context, yes: bool) -> None:
+    """Give a database copied from another node an identity of its own.
+
+    The node's identity (its Device Observer UID, kept in its database) goes into the
+    UIDs of every SR, SC and note it makes: a node set up from a copy of another's
+    database (a validation node from production's) would make that node's UIDs. Only
+    while no process of the node runs (each keeps the identity it read at its start).
+    The objects recorded stay as they are; an image among them assessed again here gets
+    its new objects in new series. Asks first, unless --yes.
+    """
+    from worker.delivery import configured
+    from worker.node_identity import give_new_identity, identity_in_use
+
+    settings = _settings(ctx)
+    _require_schema(settings)
+    url = settings.effective_database_url
+    try:
+        now = identity_in_use(url)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if now.processes:
+        raise click.ClickException(
+            f"identity unchanged: {len(now.processes)} process(es) of the node are running "
+            f"({', '.join(now.processes)}), each with the identity it read at its start; "
+            "stop them all, then run this again"
+        )
+    click.echo(f"the node's identity (its Device Observer UID) is {now.identity}")
+    if now.images:
+        click.echo(
+            f"{now.images} image(s) have objects of ours recorded under it (of the node "
+            "this database was copied from, if it is a copy): they stay as recorded, but an "
+            "image among them assessed again here gets its new SR and SC in new series, not "
+            "those recorded, and its notes in other series than before; on the node whose "
+            "database this is, that would happen to its own images"
+        )
+    if elsewhere := [d for d in now.destinations if not configured(settings, d)]:
+        click.echo(
+            f"warning: objects of ours are recorded as sent to {', '.join(elsewhere)}, not "
+            "among BONEAGE_DESTINATIONS here: a note of ours withdrawing one (its image "
+            "rejected by the PACS, or received again corrected) goes there all the same; "
+            "a copy keeps the other node's"
+        )
+    if not yes:
+        question = (
+            "Give this node a new identity? Only for a database copied from another node: "
+            "the UIDs of what it makes from now on are its own"
+        )
+        try:
+            agreed = click.confirm(question, default=False)
+        except click.Abort:  # no answer (no terminal, end of input) or Ctrl-C
+            agreed = False
+        if not agreed:
+            raise click.ClickException(
+                "identity unchanged: answer y to the question, or pass --yes"
+            )
+    new = give_new_identity(url, replacing=now.identity)
+    if new is None:
+        raise click.ClickException(
+            "identity unchanged: it changed while this command ran (another run of it?); "
+            "run it again"
+        )
+    logger.warning("node identity changed from %s to %s by %s", now.identity, new, _who())
+    click.echo(f"the node's identity is now {new}: start the node's processes")
+
+
 def _private_files(settings: Settings) -> None:
     """Everything a service process creates (spool, outbox, SQLite files) is owner-only."""
     os.umask(0o077)

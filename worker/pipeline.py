@@ -5,8 +5,9 @@
 
 Exactly-once comes from the schema: one Result per (instance, model, assessment)
 and one Delivery per (object, destination). The output UIDs are derived from the
-source instance, the model and the assessment, so a redelivered task that gets this
-far makes the same objects again, and its commit fails on the unique constraint.
+node (:func:`image_uids`), the source instance, the model and the assessment, so a
+redelivered task that gets this far makes the same objects again, and its commit fails
+on the unique constraint; another node makes its own under other UIDs.
 
 An instance is assessed once, unless a copy of it received again changes what its
 result depends on (:func:`assessment_inputs`: a corrected sex or birth date, the
@@ -48,7 +49,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydicom import Dataset, dcmread
 from pydicom.multival import MultiValue
-from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage
 from sqlalchemy import ColumnElement, String, case, func, literal, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -77,7 +78,7 @@ from db.schema import (
 )
 from db.schema import utcnow as now
 from dicom_io import gate
-from dicom_io.content import MANUFACTURER, BoneAgeFinding
+from dicom_io.content import MANUFACTURER, BoneAgeFinding, image_side
 from dicom_io.ko import (
     REJECTION_TITLES,
     Reference,
@@ -103,9 +104,11 @@ from dicom_io.sc import (
     notice_body_part,
     overlay_shape,
     render_overlay,
+    series_laterality,
 )
 from dicom_io.scp import fsync_directory, local_fault, uid_tag
 from dicom_io.sr import build_bone_age_sr, build_not_assessed_sr, earlier_report
+from dicom_io.uids import LEGACY_UIDS, UUID_ROOT, UidScheme, derived_from, root_of
 from worker.heartbeat import alive, process_name
 from worker.reconciler import claim_ended
 from worker.runtime import SOFTWARE_NAME, Runtime
@@ -151,9 +154,31 @@ class AssessOutcome:
     copy_to_compare: bool = False
 
 
-def derived_uid(*parts: str) -> str:
-    """A UID that is the same every time for the same inputs (2.25 + SHA-512 based)."""
-    return str(generate_uid(entropy_srcs=list(parts)))
+def node_uids(rt: Runtime) -> UidScheme:
+    """How this node derives the UIDs of a new image's objects (:mod:`dicom_io.uids`):
+    under BONEAGE_UID_ROOT, else 2.25, with the node's identity, its Device Observer UID
+    (made at random once and kept in its database: every process of the node, on any
+    host, has it; another node has another)."""
+    return UidScheme(rt.settings.uid_root or UUID_ROOT, rt.device_observer_uid)
+
+
+def image_uids(rt: Runtime, instance_id: int) -> UidScheme:
+    """How the UIDs of the objects of the image ``instance_id`` are derived: under the
+    root its first object of ours that a delivery recorded is under (pydicom's, with no
+    node in them, for one made before the node's identity went into them;
+    BONEAGE_UID_ROOT as it was then), so that what is derived again of the image (the
+    series a later assessment joins, the note withdrawing an object, the SR saying it is
+    not assessed, made already) is what the PACS has; for an image with none,
+    :func:`node_uids`."""
+    with session_scope(rt.database_url) as session:
+        first = session.scalar(
+            select(Delivery.sop_instance_uid)
+            .where(Delivery.instance_id == instance_id)
+            .order_by(Delivery.id)
+            .limit(1)
+        )
+    node = node_uids(rt)
+    return node if first is None else dataclasses.replace(node, root=root_of(first))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +212,7 @@ class HeatMap:
     sop_instance_uid: str
     path: Path  # its file in the outbox (until retention removes it)
     sha256: str | None  # of the file as written; None on a row from before it was kept
+    assessment: int = 1  # the assessment that made it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +228,15 @@ class HeatMapSeries:
     # its heat maps that a destination has or may have, in the order they were made: a
     # notice joining the series carries their Body Part Examined (:func:`stage_withdrawals`)
     heat_maps: tuple[HeatMap, ...] = ()
+    # the side ("L", "R") a series of its own was opened for, where a heat map's side
+    # differed from the Laterality of the model's series of the image (:func:`sc_series_uid`,
+    # :func:`heat_map_series`); None: the model's series of the image in that study
+    side: str | None = None
+
+    @property
+    def latest(self) -> int:
+        """The assessment that made its latest heat map."""
+        return max((h.assessment for h in self.heat_maps), default=0)
 
 
 def write_atomically(ds: Dataset, path: Path, *, sync_directory: bool = True) -> str:
@@ -452,7 +487,7 @@ UNREAD = "unread"
 
 
 def _again(assessment: int) -> tuple[str, ...]:
-    """What sets the outputs of a later assessment apart, in :func:`derived_uid`."""
+    """What sets the outputs of a later assessment apart, in :meth:`UidScheme.derive`."""
     return () if assessment == 1 else (f"assessment {assessment}",)
 
 
@@ -1319,21 +1354,33 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
     finding = assessment_finding(predictor, prediction, facts, male=male, notes=notes)
     chronological, sds = finding.chronological_age_months, finding.sds
     other_study = claim.other_study(ds)
+    uids = image_uids(rt, instance_id)
     earlier_maps = _earlier_heat_maps(rt, claim, ds)
-    # the series this heat map joins; only a later assessment has earlier ones to compare
+    # the series this heat map joins, and its heat maps before this one, whose Body Part
+    # Examined and Laterality it carries: one of its side (as the SC would state it alone);
+    # only a later assessment has earlier ones to compare
+    opened_for, joined = heat_map_series(
+        earlier_maps,
+        finding.laterality or image_side(ds),
+        source_uid=claim.sop_instance_uid,
+        model_id=predictor.model_id,
+        other_study=other_study,
+        uids=uids,
+    )
     new_series = (
-        sc_series_uid(claim.sop_instance_uid, predictor.model_id, other_study)
+        sc_series_uid(
+            claim.sop_instance_uid, predictor.model_id, other_study, uids=uids, side=opened_for
+        )
         if earlier_maps
         else None
     )
-    # its heat maps before this one, whose Body Part Examined it carries: the series'
-    joined = next((m for m in earlier_maps if m.series_instance_uid == new_series), None)
     outputs = stage_outputs(  # moved into the outbox by the commit, if it wins
         ds,
         image,
         prediction,
         finding,
         source_uid=claim.sop_instance_uid,
+        uids=uids,
         outbox_dir=settings.outbox_dir,
         device_observer_uid=rt.device_observer_uid,
         assessment=claim.assessment,
@@ -1341,8 +1388,11 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
         replaces_heat_map=joined is not None,
         series_heat_map=first_heat_map_as_written(joined) if joined is not None else None,
         other_study=other_study,
+        sc_side=opened_for,
     )
-    try:  # the other heat maps in this study are withdrawn by a notice in each series
+    # the other heat maps in this study, another model's or the series of another side
+    # this one left, are withdrawn by a notice in each series
+    try:
         outputs += stage_withdrawals(
             ds,
             [
@@ -1353,6 +1403,7 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
             ],
             ASSESSED_AGAIN,
             source_uid=claim.sop_instance_uid,
+            uids=uids,
             outbox_dir=settings.outbox_dir,
             assessment=claim.assessment,
         )
@@ -1411,6 +1462,7 @@ def stage_outputs(
     finding: BoneAgeFinding,
     *,
     source_uid: str,
+    uids: UidScheme,
     outbox_dir: Path,
     device_observer_uid: str,
     assessment: int = 1,
@@ -1418,10 +1470,11 @@ def stage_outputs(
     replaces_heat_map: bool = False,
     other_study: str | None = None,
     series_heat_map: Dataset | None = None,
+    sc_side: str | None = None,
 ) -> list[Output]:
     """Build the SR and the heat-map SC of one assessment and stage both, durable.
 
-    Output identities depend only on (source instance, model, assessment): see the
+    Output identities depend only on (node, source instance, model, assessment): see the
     module docstring. :func:`publish` moves them into the outbox (the pipeline does so
     inside its commit).
     """
@@ -1431,12 +1484,14 @@ def stage_outputs(
         prediction,
         finding,
         source_uid=source_uid,
+        uids=uids,
         device_observer_uid=device_observer_uid,
         assessment=assessment,
         replaces=replaces,
         replaces_heat_map=replaces_heat_map,
         other_study=other_study,
         series_heat_map=series_heat_map,
+        sc_side=sc_side,
     )
     staged = [_stage_output(outbox_dir, ObjectKind.SR, sr, "sr")]
     try:
@@ -1454,12 +1509,14 @@ def build_outputs(
     finding: BoneAgeFinding,
     *,
     source_uid: str,
+    uids: UidScheme,
     device_observer_uid: str,
     assessment: int = 1,
     replaces: Sequence[Dataset] = (),
     replaces_heat_map: bool = False,
     other_study: str | None = None,
     series_heat_map: Dataset | None = None,
+    sc_side: str | None = None,
 ) -> tuple[Dataset, Dataset]:
     """The SR and the heat-map SC of one assessment, in memory: ``(sr, sc)``.
 
@@ -1470,18 +1527,19 @@ def build_outputs(
     ``other_study`` (the image is now in another study than the one it was first received
     in) both go into series of their own in that study. ``series_heat_map``, the first
     earlier heat map of the SC's series still as written
-    (:func:`first_heat_map_as_written`), gives the SC the series' Body Part Examined;
-    None (the series' first heat map, or retention removed the earlier ones' files): the
-    source's (:func:`dicom_io.sc.build_heatmap_sc`).
+    (:func:`first_heat_map_as_written`), gives the SC the series' Body Part Examined and
+    Laterality; None (the series' first heat map, or retention removed the earlier ones'
+    files): the source's (:func:`dicom_io.sc.build_heatmap_sc`). ``sc_side``: the SC goes
+    into the series of its own opened for that side (:func:`heat_map_series`).
     """
     model_id = finding.model_id
-    sr_uid = derived_uid(source_uid, model_id, *_again(assessment), "sr")
-    sc_uid = derived_uid(source_uid, model_id, *_again(assessment), "sc")
+    sr_uid = uids.derive(source_uid, model_id, *_again(assessment), "sr")
+    sc_uid = uids.derive(source_uid, model_id, *_again(assessment), "sc")
 
     sr = build_bone_age_sr(
         source,
         finding,
-        series_instance_uid=sr_series_uid(source_uid, model_id, other_study),
+        series_instance_uid=sr_series_uid(source_uid, model_id, other_study, uids=uids),
         sop_instance_uid=sr_uid,
         series_number=SR_SERIES_NUMBER,
         instance_number=assessment,
@@ -1496,7 +1554,9 @@ def build_outputs(
         source,
         rgb,
         finding,
-        series_instance_uid=sc_series_uid(source_uid, model_id, other_study),
+        series_instance_uid=sc_series_uid(
+            source_uid, model_id, other_study, uids=uids, side=sc_side
+        ),
         sop_instance_uid=sc_uid,
         series_number=SC_SERIES_NUMBER,
         instance_number=assessment,
@@ -1515,6 +1575,7 @@ def stage_withdrawals(
     why: str,
     *,
     source_uid: str,
+    uids: UidScheme,
     outbox_dir: Path,
     assessment: int,
 ) -> list[Output]:
@@ -1522,24 +1583,37 @@ def stage_withdrawals(
     instance ``assessment`` of that series: a viewer that shows the images and not the
     SR that replaced their report sees it after the heat maps.
 
-    Its Body Part Examined, a General Series attribute, is the series' own: that of the
-    first of its heat maps whose file is still as written (:func:`first_heat_map_as_written`),
-    the one the series was opened with, not ``source``'s (a copy received again, which
-    may name another part, or none); the hand's where none is left
-    (:func:`~dicom_io.sc.notice_body_part`).
+    Its Body Part Examined and Laterality, General Series attributes, are the series'
+    own: those of the first of its heat maps whose file is still as written
+    (:func:`first_heat_map_as_written`), the one the series was opened with, not
+    ``source``'s (a copy received again, which may name another part or side, or none);
+    where none is left, the hand's and the side ``source`` states
+    (:func:`~dicom_io.sc.notice_body_part`, :func:`~dicom_io.content.image_side`).
+
+    A notice joins the series whose heat maps it withdraws, whatever side ``source``
+    states: in a series of its own it would withdraw nothing a viewer shows beside it, and
+    it shows no hand to label. Each series gets one, the model's series of the image and
+    those opened for a side (:func:`heat_map_series`) alike, under a UID of its own
+    (:func:`_on_side`).
     """
     staged: list[Output] = []
     try:
         for series in heat_maps:
+            written = first_heat_map_as_written(series)
             notice = build_withdrawal_sc(
                 source,
                 why,
-                body_part_examined=notice_body_part(first_heat_map_as_written(series)),
+                body_part_examined=notice_body_part(written),
+                series_heat_map=written,
                 model_name=series.model_name,
                 model_trained=series.trained,
                 series_instance_uid=series.series_instance_uid,
-                sop_instance_uid=derived_uid(
-                    source_uid, series.model_id, *_again(assessment), "withdrawn-sc"
+                sop_instance_uid=uids.derive(
+                    source_uid,
+                    series.model_id,
+                    *_again(assessment),
+                    "withdrawn-sc",
+                    *_on_side(series.side),
                 ),
                 series_number=SC_SERIES_NUMBER,
                 instance_number=assessment,
@@ -1555,9 +1629,9 @@ def stage_withdrawals(
 def first_heat_map_as_written(series: HeatMapSeries) -> Dataset | None:
     """The header of the first heat map of ``series`` whose file is still as written
     (:func:`_heat_map_as_written`): the one the series was opened with, unless retention
-    removed it. Its Body Part Examined is the series' (a General Series attribute), which
-    a withdrawal notice and a later heat map joining the series carry; None where no heat
-    map of the series can be read any more."""
+    removed it. Its Body Part Examined and Laterality are the series' (General Series
+    attributes), which a withdrawal notice and a later heat map joining the series carry;
+    None where no heat map of the series can be read any more."""
     return next((h for h in map(_heat_map_as_written, series.heat_maps) if h is not None), None)
 
 
@@ -1579,26 +1653,101 @@ def _heat_map_as_written(heat_map: HeatMap) -> Dataset | None:
     return header
 
 
-def sc_series_uid(source_uid: str, model_id: str, other_study: str | None = None) -> str:
+def sc_series_uid(
+    source_uid: str,
+    model_id: str,
+    other_study: str | None = None,
+    *,
+    uids: UidScheme,
+    side: str | None = None,
+) -> str:
     """The series of one model's heat maps of ``source_uid`` (and of notices that
     withdraw them); in ``other_study``, another than the one the image was first
-    received in, a series of its own: a series belongs to one study."""
-    return derived_uid(source_uid, model_id, "sc-series", *_in_study(other_study))
+    received in, a series of its own: a series belongs to one study. With ``side``, the
+    series of its own a heat map of that side opens where the model's series of the image
+    has another Laterality (:func:`heat_map_series`): a General Series attribute, one
+    value for the series."""
+    return uids.derive(source_uid, model_id, "sc-series", *_in_study(other_study), *_on_side(side))
 
 
-def sr_series_uid(source_uid: str, model_id: str | None, other_study: str | None = None) -> str:
+def sr_series_uid(
+    source_uid: str, model_id: str | None, other_study: str | None = None, *, uids: UidScheme
+) -> str:
     """The series of the SRs about ``source_uid``: of one model, or (None) of those
     that say it was not assessed; in ``other_study`` one of its own, as
     :func:`sc_series_uid`."""
     if model_id is None:
-        return derived_uid(source_uid, "not-assessed-series", *_in_study(other_study))
-    return derived_uid(source_uid, model_id, "sr-series", *_in_study(other_study))
+        return uids.derive(source_uid, "not-assessed-series", *_in_study(other_study))
+    return uids.derive(source_uid, model_id, "sr-series", *_in_study(other_study))
 
 
 def _in_study(other_study: str | None) -> tuple[str, ...]:
-    """What sets a series in another study apart, in :func:`derived_uid`: nothing for
+    """What sets a series in another study apart, in :meth:`UidScheme.derive`: nothing for
     the study the image was first received in, so the UIDs stay what they were."""
     return () if other_study is None else ("study", other_study)
+
+
+def _on_side(side: str | None) -> tuple[str, ...]:
+    """What sets a heat-map series opened for a side apart (:func:`heat_map_series`), and
+    the notices in it, in :meth:`UidScheme.derive`: nothing for the model's series of the
+    image, so the UIDs of an image whose side never changed stay what they were."""
+    return () if side is None else ("side", side)
+
+
+#: The sides a heat-map series of its own is opened for (:func:`heat_map_series`).
+SIDES = ("L", "R")
+
+
+def heat_map_series(
+    earlier: Sequence[HeatMapSeries],
+    side: str | None,
+    *,
+    source_uid: str,
+    model_id: str,
+    other_study: str | None,
+    uids: UidScheme,
+) -> tuple[str | None, HeatMapSeries | None]:
+    """The heat-map series a heat map of the model ``model_id`` of the image joins, whose
+    own side (its finding's, else the one its image states:
+    :func:`~dicom_io.content.image_side`) is ``side``: ``(opened_for, joined)``, the side
+    of a series of its own (:func:`sc_series_uid`'s ``side``; None: the model's series of
+    the image in that study) and that series as ``earlier`` assessments left it (None:
+    none of its heat maps is at a destination).
+
+    Laterality is a General Series attribute, which a heat map joining a series carries
+    (that of the series' first heat map, :func:`first_heat_map_as_written`): a heat map
+    whose side differs from it, the PACS having corrected the image's side (L sent again
+    as R), goes into a series of its own for that side, not into one that would label a
+    right hand left. The model's series of the image is the one whose Laterality is
+    ``side``, and where it has none of its heat maps yet, or none of them can be read any
+    more (retention removed their files) and no series was opened for ``side``: its
+    Laterality is then unknown, and the heat map carries its own side. A copy that states
+    no side contradicts none: its heat map joins the series of the image's latest heat
+    map, and carries its Laterality.
+    """
+    ours = {
+        opened_for: next(
+            (
+                m
+                for m in earlier
+                if m.series_instance_uid
+                == sc_series_uid(source_uid, model_id, other_study, uids=uids, side=opened_for)
+            ),
+            None,
+        )
+        for opened_for in (None, *SIDES)
+    }
+    if side is None:
+        standing = [(m.latest, opened_for) for opened_for, m in ours.items() if m is not None]
+        latest = max(standing, key=lambda made: made[0])[1] if standing else None
+        return latest, ours[latest]
+    default = ours[None]
+    first = first_heat_map_as_written(default) if default is not None else None
+    if first is not None:
+        opened_for = None if series_laterality(first) == side else side
+    else:  # its Laterality unknown: a series opened for this side before is this side's
+        opened_for = side if ours.get(side) is not None else None
+    return opened_for, ours[opened_for]
 
 
 def _earlier_reports(rt: Runtime, claim: _Claim, source: Dataset) -> list[Dataset]:
@@ -1624,10 +1773,11 @@ def _earlier_reports(rt: Runtime, claim: _Claim, source: Dataset) -> list[Datase
     reports: dict[str, Dataset] = {}
     for sop_instance_uid, model_id, study, series in rows:
         if sop_instance_uid not in reports:  # one per report, whatever its destinations
-            # where it went; a row from before revision 0006: the first study's series
+            # where it went; a row from before revision 0006: the first study's series,
+            # derived as it was then (the node's identity went into UIDs long after)
             reports[sop_instance_uid] = earlier_report(
                 study or claim.first_study or source.StudyInstanceUID,
-                series or sr_series_uid(claim.sop_instance_uid, model_id),
+                series or sr_series_uid(claim.sop_instance_uid, model_id, uids=LEGACY_UIDS),
                 sop_instance_uid,
             )
     return list(reports.values())
@@ -1675,6 +1825,7 @@ def _earlier_heat_maps(rt: Runtime, claim: _Claim, source: Dataset) -> list[Heat
                 Delivery.sop_instance_uid,
                 Delivery.path,
                 Delivery.sha256,
+                Delivery.assessment,
             )
             .join(Result, Result.model_id == Model.id)
             .join(Delivery, Delivery.result_id == Result.id)
@@ -1684,18 +1835,35 @@ def _earlier_heat_maps(rt: Runtime, claim: _Claim, source: Dataset) -> list[Heat
             .where(Model.id.not_in(current))
             .order_by(Model.id, Delivery.id)
         ).all()
+    uids = image_uids(rt, claim.instance_id)
     found: dict[str, HeatMapSeries] = {}
-    for model_id, architecture, trained, study, series, uid, path, sha256 in rows:
-        # where it went; a row from before revision 0006: the first study's series
-        series = series or sc_series_uid(claim.sop_instance_uid, model_id)
+    for model_id, architecture, trained, study, series, uid, path, sha256, made_by in rows:
+        # where it went; a row from before revision 0006: the first study's series,
+        # derived as it was then (the node's identity went into UIDs long after)
+        series = series or sc_series_uid(claim.sop_instance_uid, model_id, uids=LEGACY_UIDS)
         study = study or claim.first_study or str(source.StudyInstanceUID)
-        known = found.setdefault(
-            series,
-            HeatMapSeries(model_id, model_name(architecture), bool(trained), study, series),
-        )
+        known = found.get(series)
+        if known is None:
+            # a series opened for a side (:func:`heat_map_series`) is told by its UID
+            other_study = study if claim.first_study and study != claim.first_study else None
+            side = next(
+                (
+                    s
+                    for s in SIDES
+                    if series
+                    == sc_series_uid(
+                        claim.sop_instance_uid, model_id, other_study, uids=uids, side=s
+                    )
+                ),
+                None,
+            )
+            known = HeatMapSeries(
+                model_id, model_name(architecture), bool(trained), study, series, side=side
+            )
         if all(h.sop_instance_uid != uid for h in known.heat_maps):  # one per destination
-            heat_map = HeatMap(uid, Path(path), sha256 or None)
-            found[series] = dataclasses.replace(known, heat_maps=(*known.heat_maps, heat_map))
+            heat_map = HeatMap(uid, Path(path), sha256 or None, made_by)
+            known = dataclasses.replace(known, heat_maps=(*known.heat_maps, heat_map))
+        found[series] = known
     return list(found.values())
 
 
@@ -1796,6 +1964,7 @@ def warm_up(rt: Runtime) -> float:
         prediction,
         finding,
         source_uid=source.SOPInstanceUID,
+        uids=node_uids(rt),
         device_observer_uid=rt.device_observer_uid,
     )
     return time.perf_counter() - started
@@ -1842,7 +2011,8 @@ def _not_assessed(
         for m in (_earlier_heat_maps(rt, claim, ds) if ours_to_make else [])
         if m.study_instance_uid == ds.get("StudyInstanceUID")
     ]
-    sr_uid = derived_uid(claim.sop_instance_uid, *_again(claim.assessment), "not-assessed-sr")
+    uids = image_uids(rt, claim.instance_id)
+    sr_uid = uids.derive(claim.sop_instance_uid, *_again(claim.assessment), "not-assessed-sr")
     report = bool(
         ours_to_make
         and send
@@ -1865,7 +2035,9 @@ def _not_assessed(
             sr = build_not_assessed_sr(
                 ds,
                 reason,
-                series_instance_uid=sr_series_uid(source_uid, None, claim.other_study(ds)),
+                series_instance_uid=sr_series_uid(
+                    source_uid, None, claim.other_study(ds), uids=uids
+                ),
                 sop_instance_uid=sr_uid,
                 series_number=SR_SERIES_NUMBER,
                 instance_number=claim.assessment,
@@ -1879,6 +2051,7 @@ def _not_assessed(
                     withdrawn,
                     f"the image was received again and is not assessed: {reason}",
                     source_uid=source_uid,
+                    uids=uids,
                     outbox_dir=settings.outbox_dir,
                     assessment=claim.assessment,
                 )
@@ -2059,6 +2232,7 @@ def _withdraw(
     image rejected and its unsent objects superseded, and says so in its reason.
     """
     why = rejected_by_the_pacs(note.code)
+    uids = image_uids(rt, instance_id)
     staged: list[Output] = []
     try:
         with session_scope(rt.database_url) as session:
@@ -2109,6 +2283,7 @@ def _withdraw(
                 note.code,
                 f"Bone age withdrawn: its source image was {why}; this AI result no longer stands.",
                 source_uid=source_uid,
+                uids=uids,
                 fallback=note_ds,
             )
             deliveries = [
@@ -2141,8 +2316,9 @@ def _withdraw(
 
 def withdrawal_uid(sop_instance_uid: str) -> str:
     """The SOP Instance UID of our rejection note that withdraws our object
-    ``sop_instance_uid``: one note per object, whatever withdrew it."""
-    return derived_uid(sop_instance_uid, "withdrawn-ko")
+    ``sop_instance_uid``: one note per object, whatever withdrew it; under the root the
+    object is (:func:`~dicom_io.uids.derived_from`)."""
+    return derived_from(sop_instance_uid, "withdrawn-ko")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2184,13 +2360,14 @@ def _sent_objects(
     numbers = _note_numbers(session, instance_id, first_study=first_study)
     objects: dict[str, _SentObject] = {}
     for kind, uid, study, series, destination, path, sha256, model_id in rows:
-        # where it went; a row from before revision 0006: the first study's series
+        # where it went; a row from before revision 0006: the first study's series,
+        # derived as it was then (the node's identity went into UIDs long after)
         study = study or first_study
         if series is None:
             if kind is ObjectKind.SC and model_id is None:
                 continue  # a withdrawal notice of before 0006: its series unknown
             series = (sr_series_uid if kind is ObjectKind.SR else sc_series_uid)(
-                source_uid, model_id
+                source_uid, model_id, uids=LEGACY_UIDS
             )
         known = objects.get(uid)
         objects[uid] = _SentObject(
@@ -2261,7 +2438,9 @@ def _notes_made(session: Session, instance_id: int) -> dict[str, tuple[Output, s
 NOTE_SERIES_PATIENT = ("PatientID", "IssuerOfPatientID")
 
 
-def note_series_uid(source_uid: str, study_instance_uid: str, filed_as: Dataset) -> str:
+def note_series_uid(
+    source_uid: str, study_instance_uid: str, filed_as: Dataset, *, uids: UidScheme
+) -> str:
     """The Series Instance UID of our rejection notes that withdraw objects of the image
     ``source_uid`` in the study ``study_instance_uid`` under the patient ``filed_as``
     names: its :data:`NOTE_SERIES_PATIENT` values, which the note carries as they are
@@ -2288,7 +2467,7 @@ def note_series_uid(source_uid: str, study_instance_uid: str, filed_as: Dataset)
             for keyword in NOTE_SERIES_PATIENT
         ]
     )
-    return derived_uid(source_uid, "ko-series", "study", study_instance_uid, "patient", patient)
+    return uids.derive(source_uid, "ko-series", "study", study_instance_uid, "patient", patient)
 
 
 def _as_written(sent: _SentObject) -> Dataset | None:
@@ -2318,6 +2497,7 @@ def _stage_withdrawal_notes(
     description: str,
     *,
     source_uid: str,
+    uids: UidScheme,
     fallback: Dataset | None = None,
 ) -> tuple[list[Output], str | None]:
     """Stage a rejection note of ours, titled ``code``, for each of ``objects``, to go
@@ -2361,7 +2541,7 @@ def _stage_withdrawal_notes(
                     [reference],
                     description=description,
                     series_instance_uid=note_series_uid(
-                        source_uid, reference.study_instance_uid, source
+                        source_uid, reference.study_instance_uid, source, uids=uids
                     ),
                     sop_instance_uid=withdrawal_uid(reference.sop_instance_uid),
                     series_number=KO_SERIES_NUMBER,
@@ -2436,6 +2616,7 @@ def stage_moved_withdrawals(
     # whose file is gone was filed under an earlier patient, perhaps that one
     patient_changed = claim.identity_before not in (None, claim.identity)
     claim.withdrew_patient_before = True  # (an attempt that fails below commits nothing)
+    uids = image_uids(rt, claim.instance_id)
     with session_scope(rt.database_url) as session:
         objects = _sent_objects(
             session,
@@ -2457,11 +2638,11 @@ def stage_moved_withdrawals(
         elif patient_identity(filed) != identity_now:
             refiled.append(sent)
     moved, unmade = _stage_withdrawal_notes(
-        rt, left_behind, MOVED_TITLE, MOVED_AWAY, source_uid=claim.sop_instance_uid
+        rt, left_behind, MOVED_TITLE, MOVED_AWAY, source_uid=claim.sop_instance_uid, uids=uids
     )
     try:
         notes, also_unmade = _stage_withdrawal_notes(
-            rt, refiled, MOVED_TITLE, REFILED, source_uid=claim.sop_instance_uid
+            rt, refiled, MOVED_TITLE, REFILED, source_uid=claim.sop_instance_uid, uids=uids
         )
     except BaseException:
         discard(moved)

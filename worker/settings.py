@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from dicom_io.uids import check_uid_root
 from worker.cgroups import cpu_quota, memory_limit
 
 logger = logging.getLogger(__name__)
@@ -217,6 +218,10 @@ class Settings(BaseSettings):
     # is rejected, transiently, so one caller cannot shut the PACS out (dicom_io.scp).
     max_associations_per_peer: int = Field(16, ge=1, le=64)
     destinations: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
+    # The organisation's root the UIDs of our objects are made under (dicom_io.uids);
+    # None: 2.25, UIDs made of UUIDs. An image's objects keep the root its first ones
+    # were made under (worker.pipeline.image_uids).
+    uid_root: str | None = None
 
     # Storage and services
     data_dir: Path = _DEFAULT_DATA_DIR
@@ -283,6 +288,11 @@ class Settings(BaseSettings):
     @classmethod
     def _ae(cls, value: str) -> str:
         return _check_ae_title(value, "BONEAGE_AE_TITLE")
+
+    @field_validator("uid_root")
+    @classmethod
+    def _uid_root(cls, value: str | None) -> str | None:
+        return None if value is None else check_uid_root(value)
 
     @field_validator("allowed_aets", mode="before")
     @classmethod

@@ -128,6 +128,7 @@ def collect(settings: Settings) -> dict[str, Any]:
         if not any(p["role"] == "worker" and queue in p.get("queues", []) for p in live):
             problems.append(f"no worker consumes the {queue} queue")
     problems.extend(_model_problems([p for p in live if "inference" in p.get("queues", [])]))
+    problems.extend(_uid_root_problems([p for p in live if "inference" in p.get("queues", [])]))
     if retrying:
         problems.append(f"{retrying} deliveries are being retried; latest error: {last_error}")
     report["failed_deliveries"] = _failed(failed, settings)
@@ -235,6 +236,21 @@ def _model_problems(inference: list[dict[str, Any]]) -> list[str]:
             "the same BONEAGE_MODEL"
         )
     return problems
+
+
+def _uid_root_problems(inference: list[dict[str, Any]]) -> list[str]:
+    """Whether the live inference workers (their heartbeats' details) make new images'
+    UIDs under different roots (BONEAGE_UID_ROOT): which one an image's objects get
+    would depend on the worker that first assesses it. A worker of a release before the
+    node's UIDs says none, and is left out."""
+    roots = sorted({str(p["uid_root"]) for p in inference if p.get("uid_root")})
+    if len(roots) > 1:
+        return [
+            f"inference workers make UIDs under different roots ({', '.join(roots)}): the "
+            "root of an image's objects depends on which worker assesses it first; give "
+            "every process the same BONEAGE_UID_ROOT and restart them"
+        ]
+    return []
 
 
 def _stranded(

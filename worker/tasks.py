@@ -53,6 +53,7 @@ from worker.pipeline import (
     Attempt,
     assess_instance,
     give_up_retries,
+    node_uids,
     sweep_staged,
     warm_up,
 )
@@ -306,6 +307,9 @@ def _start_process() -> None:
             # batching workers sharing the device, this one included (work --member K/N)
             batching_processes=int(_state.get("processes", 1)) if batcher is not None else 0,
             sc_min_long_side=rt.settings.sc_min_long_side,  # the heat-map picture's floor
+            # the root a new image's UIDs are made under (BONEAGE_UID_ROOT): every
+            # process must have the same, which `status` checks
+            uid_root=node_uids(rt).root,
         )
     # the model, the tables of the standard, Celery: kept for the process's life
     detail["frozen_start_up_objects"] = freeze_start_up_objects()

@@ -89,10 +89,10 @@ from models.predictor import (
     resolve_precision,
 )
 from tests.bench import bench_finding, heap_as_in_workers, peak_rss_mb
-from tests.bench.bench_pipeline import SYNTAXES, add_syntax_options, make_input
+from tests.bench.bench_pipeline import BENCH_UIDS, SYNTAXES, add_syntax_options, make_input
 from worker.cores import batching_process_cores, cores_per_task, jpeg2000_threads
 from worker.heap import limit_arenas
-from worker.pipeline import derived_uid, publish, stage_outputs
+from worker.pipeline import publish, stage_outputs
 from worker.settings import SC_MIN_LONG_SIDE, usable_cpus
 
 #: A child of ``--processes`` that has not reached the next step by then has failed.
@@ -163,8 +163,9 @@ class _Studies:
                 prediction,
                 bench_finding(prediction, self.predictor.model_id),
                 source_uid=str(ds.SOPInstanceUID),
+                uids=BENCH_UIDS,
                 outbox_dir=self.outbox,
-                device_observer_uid=derived_uid("bench-device"),
+                device_observer_uid=BENCH_UIDS.derive("bench-device"),
             )
         )
 

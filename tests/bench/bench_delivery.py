@@ -42,6 +42,7 @@ from pynetdicom import AE
 from dicom_io.pixels import decode_for_display
 from dicom_io.scu import send_datasets, stored
 from dicom_io.synthetic import make_radiograph_dataset
+from dicom_io.uids import UUID_ROOT, UidScheme
 from models.checkpoint import untrained_model
 from models.phantoms import make_phantom
 from models.predictor import BoneAgePredictor
@@ -77,6 +78,7 @@ def make_pairs(folder: Path, count: int) -> list[tuple[Path, Path]]:
             prediction,
             finding,
             source_uid=f"{source.SOPInstanceUID}.{index}",
+            uids=UidScheme(UUID_ROOT, "bench"),
             device_observer_uid="2.25.1",
         )
         paths = (folder / f"{index}-sr.dcm", folder / f"{index}-sc.dcm")

@@ -46,6 +46,7 @@ from dicom_io.pixels import decode_for_display, decode_reduction, read_image
 from dicom_io.sc import build_heatmap_sc, overlay_shape, render_overlay
 from dicom_io.sr import build_bone_age_sr
 from dicom_io.synthetic import make_radiograph_dataset
+from dicom_io.uids import UUID_ROOT, UidScheme
 from models.checkpoint import untrained_model
 from models.net import fold_batch_norm
 from models.phantoms import make_phantom
@@ -55,7 +56,6 @@ from tests.support import dcmtk_tool
 from worker.pipeline import (
     SC_SERIES_NUMBER,
     SR_SERIES_NUMBER,
-    derived_uid,
     publish,
     stage_outputs,
     write_atomically,
@@ -70,6 +70,8 @@ STAGES = (
     "SR + SC, both written",
 )
 PARTS = ("SR", "overlay", "SC", "write SR", "write SC")
+#: How the benchmarks derive the UIDs of their objects, as a node does.
+BENCH_UIDS = UidScheme(UUID_ROOT, "bench")
 
 #: Transfer syntaxes the benchmarks' inputs can be written in: option value -> name.
 SYNTAXES = {
@@ -209,8 +211,9 @@ def main() -> None:
                     prediction,
                     finding,
                     source_uid=str(ds.SOPInstanceUID),
+                    uids=BENCH_UIDS,
                     outbox_dir=work / "outbox",
-                    device_observer_uid=derived_uid("bench-device"),
+                    device_observer_uid=BENCH_UIDS.derive("bench-device"),
                 )
             )
             mark()
@@ -228,10 +231,10 @@ def main() -> None:
             sr = build_bone_age_sr(
                 ds,
                 finding,
-                series_instance_uid=derived_uid(uid, "sr-series"),
-                sop_instance_uid=derived_uid(uid, "sr"),
+                series_instance_uid=BENCH_UIDS.derive(uid, "sr-series"),
+                sop_instance_uid=BENCH_UIDS.derive(uid, "sr"),
                 series_number=SR_SERIES_NUMBER,
-                device_observer_uid=derived_uid("bench-device"),
+                device_observer_uid=BENCH_UIDS.derive("bench-device"),
             )
             marks.append(time.perf_counter())
             rgb = render_overlay(image, prediction.cam_at(overlay_shape(image.shape)), finding)
@@ -240,8 +243,8 @@ def main() -> None:
                 ds,
                 rgb,
                 finding,
-                series_instance_uid=derived_uid(uid, "sc-series"),
-                sop_instance_uid=derived_uid(uid, "sc"),
+                series_instance_uid=BENCH_UIDS.derive(uid, "sc-series"),
+                sop_instance_uid=BENCH_UIDS.derive(uid, "sc"),
                 series_number=SC_SERIES_NUMBER,
             )
             marks.append(time.perf_counter())

@@ -26,16 +26,22 @@ runtime = received_again_tests.runtime
 
 
 @pytest.mark.parametrize(
-    ("sent", "side", "expected"),
+    ("sent", "side", "written_side", "expected"),
     [
-        (b"RT-HAND", "R", "HAND"),  # the side is the SC's Laterality R
-        (b"RT-HAND", None, None),  # a side said nowhere else: not dropped, none written
-        (b"hand", None, "HAND"),
-        (b"Hand ", "L", "HAND"),
+        (b"RT-HAND", "R", "R", "HAND"),  # the side is the SC's Laterality R
+        (b"RT-HAND", None, "R", "HAND"),  # the side said nowhere else: Laterality R
+        (b"RT-HAND", "L", "L", None),  # the side said otherwise: neither taken as right
+        (b"hand", None, "", "HAND"),
+        (b"Hand ", "L", "L", "HAND"),
     ],
 )
 def test_a_heat_map_of_an_image_whose_body_part_is_no_code_string_passes_dciodvfy(
-    runtime: Runtime, storescp: StoreSCP, sent: bytes, side: str | None, expected: str | None
+    runtime: Runtime,
+    storescp: StoreSCP,
+    sent: bytes,
+    side: str | None,
+    written_side: str,
+    expected: str | None,
 ) -> None:
     """The modality wrote Body Part Examined as no Code String allows (a hyphen, lower
     case). The heat map copied it as it came, and dciodvfy failed it ("Character invalid
@@ -47,7 +53,7 @@ def test_a_heat_map_of_an_image_whose_body_part_is_no_code_string_passes_dciodvf
 
     heat_map = heat_map_of(deliver(runtime, storescp, outcome.delivery_ids))  # dciodvfy
 
-    assert heat_map.Laterality == (side or "")
+    assert heat_map.Laterality == written_side
     assert heat_map.get("BodyPartExamined") == expected
 
 

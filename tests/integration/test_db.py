@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import func, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
+import db.engine
 from db.engine import (
     DatabaseNotReady,
     check_schema,
@@ -340,7 +343,7 @@ def test_revision_0018_downgraded_leaves_what_0017_can_load(database_url: str) -
         connection.execute(
             text("UPDATE deliveries SET state = 'pending' WHERE sop_instance_uid = '1.2.3.13'")
         )
-    assert upgrade(database_url) == head_revision() == "0018"
+    assert upgrade(database_url, "0018") == "0018"
     with session_scope(database_url) as session:
         assert session.scalars(select(Delivery.state).order_by(Delivery.id)).all() == [
             DeliveryState.ABANDONED,
@@ -349,3 +352,47 @@ def test_revision_0018_downgraded_leaves_what_0017_can_load(database_url: str) -
             DeliveryState.FAILED,
             DeliveryState.PENDING,
         ]
+
+
+def test_a_release_from_before_revision_0019_refuses_a_database_this_one_migrated(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Revision 0019 changes no schema: it marks the node's identity going into the UIDs
+    of our objects. A release from before it (its migrations up to 0018), run beside
+    this one or rolled back to, would make an image's later objects under pydicom's root
+    in new series where its first ones are the node's: its schema check stops it. Down
+    to 0018 and up again, nothing changes."""
+    assert upgrade(database_url, "0019") == "0019"
+    older = tmp_path / "migrations-0018"
+    shutil.copytree(db.engine._MIGRATIONS, older, ignore=_revisions_after("0018"))
+    with monkeypatch.context() as before:  # the release before: 0019 unknown to it
+        before.setattr(db.engine, "_MIGRATIONS", older)
+        assert head_revision() == "0018"
+        with pytest.raises(DatabaseNotReady) as refused:
+            check_schema(database_url)
+    assert str(refused.value) == (
+        "database schema is at 0019, newer than this version of boneage-worker (which "
+        "knows up to 0018): run the version that migrated it"
+    )
+    tables = _tables(database_url)
+    assert downgrade(database_url, "0018") == "0018"
+    assert _tables(database_url) == tables
+    assert upgrade(database_url) == head_revision()
+    check_schema(database_url)
+
+
+def _revisions_after(last: str) -> Callable[[str, list[str]], list[str]]:
+    """For `shutil.copytree`: leave out the revisions after ``last`` (their files are
+    named by their ids), as a release whose migrations end at ``last`` has them."""
+    return lambda folder, names: [
+        n for n in names if n == "__pycache__" or (n[:4].isdigit() and n[:4] > last)
+    ]
+
+
+def _tables(database_url: str) -> dict[str, list[tuple[str, str]]]:
+    """Each table's columns (name, type), as the database has them."""
+    schema = inspect(get_engine(database_url))
+    return {
+        table: [(c["name"], str(c["type"])) for c in schema.get_columns(table)]
+        for table in sorted(schema.get_table_names())
+    }

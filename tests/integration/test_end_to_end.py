@@ -27,6 +27,7 @@ from sqlalchemy import select
 
 from db.engine import session_scope
 from db.schema import Delivery, DeliveryState, Instance, InstanceState, Result
+from dicom_io.uids import UUID_ROOT
 from models.fused import fusion_available
 from tests.conftest import StoreSCP
 from tests.dicomtools import dciodvfy_errors, dsrdump
@@ -133,8 +134,10 @@ def check_round_trip(
     precision: str = "float32",
     sc_min_long_side: int = 1000,
     time_zone: str | None = None,
+    uid_root: str = UUID_ROOT,
 ) -> None:
-    """``time_zone``: the TZ the node runs in (None: this process's)."""
+    """``time_zone``: the TZ the node runs in (None: this process's); ``uid_root``: the
+    root its UIDs are made under (BONEAGE_UID_ROOT)."""
     # The SR and the SC for the hand come back; the CT yields nothing.
     received = storescp.wait_for_objects(2, timeout=240)
     source = dcmread(hand)
@@ -146,6 +149,7 @@ def check_round_trip(
         assert ds.StudyInstanceUID == source.StudyInstanceUID
         assert ds.PatientID == source.PatientID
         assert dciodvfy_errors(path) == []
+        assert str(ds.SOPInstanceUID).startswith(f"{uid_root}."), ds.SOPInstanceUID
         # the image states no time zone: dated in the node's local time, and none stated
         assert "TimezoneOffsetFromUTC" not in source and "TimezoneOffsetFromUTC" not in ds
         made = datetime.strptime(f"{ds.ContentDate}{ds.ContentTime}", "%Y%m%d%H%M%S.%f")
@@ -203,6 +207,8 @@ def check_round_trip(
     # the cores shared among the processes' JPEG 2000 decodes
     assert all(p["jpeg2000_threads"] == max(1, usable_cpus() // len(inference)) for p in inference)
     assert all(p["sc_min_long_side"] == sc_min_long_side for p in inference)
+    # the root each makes new images' UIDs under, which `status` compares
+    assert all(p["uid_root"] == uid_root for p in inference)
     zone = f"UTC{here.strftime('%z')[:3]}:{here.strftime('%z')[3:]} ({here.tzname()})"
     assert all(p["time_zone"] == zone for p in inference), (zone, inference)
     assert all(p["precision"] == precision for p in inference)
@@ -236,6 +242,8 @@ def _all_delivered(database_url: str, count: int = 2) -> bool:
     return len(states) == count and all(s is DeliveryState.DELIVERED for s in states)
 
 
+#: An organisation's UID root (BONEAGE_UID_ROOT), as an administrator sets it.
+ORGANISATION = "1.2.840.99999.7"
 #: What `status` says of a node whose inference workers run an untrained model.
 UNTRAINED = (
     "inference worker(s) run an UNTRAINED model: results are not for clinical use; "
@@ -395,6 +403,8 @@ def test_redis_and_postgresql_separate_processes(
         BONEAGE_SC_MIN_LONG_SIDE="700",
         # a hospital's zone, not the container's UTC (India's: no daylight saving time)
         TZ="Asia/Kolkata",
+        # the organisation's UID root
+        BONEAGE_UID_ROOT=ORGANISATION,
     )
     # Without a migrated schema the listener refuses to start, and says why.
     refused = cli("listen", env=env)
@@ -418,6 +428,7 @@ def test_redis_and_postgresql_separate_processes(
         precision="bfloat16",
         sc_min_long_side=700,
         time_zone="Asia/Kolkata",
+        uid_root=ORGANISATION,
     )
     assert all(code == 0 for code in node.stop())
     logs = node.log_text()

@@ -24,6 +24,7 @@ from sqlalchemy import select
 
 from db.engine import session_scope
 from db.schema import Delivery, DeliveryState, ObjectKind
+from dicom_io.uids import UUID_ROOT, UidScheme, legacy_uid
 from tests.conftest import StoreSCP
 from tests.dicomtools import dciodvfy_errors
 from tests.integration import test_received_again_identity as identity_tests
@@ -36,7 +37,7 @@ from tests.integration.test_rejection_notes import sent_to_two_destinations
 from tests.support import pacs_rejection_note
 from worker import pipeline
 from worker.delivery import send_deliveries
-from worker.pipeline import assess_instance, derived_uid
+from worker.pipeline import assess_instance
 from worker.runtime import Runtime
 
 pytestmark = pytest.mark.integration
@@ -47,6 +48,9 @@ runtime = identity_tests.runtime
 #: The patients, each with an issuer, as the PACS names them.
 UNDER_B = {**PATIENT_B, "IssuerOfPatientID": "HOSPITAL"}
 UNDER_A = {**PATIENT_A, "IssuerOfPatientID": "HOSPITAL"}
+
+#: How a node derives the UIDs of an image's objects.
+A_NODE = UidScheme(UUID_ROOT, "a node")
 
 
 def _ours(paths: list[Path]) -> set[str]:
@@ -116,7 +120,7 @@ def test_the_series_follows_the_patient_id_and_its_issuer() -> None:
         ds = Dataset()
         for keyword, value in attributes.items():
             setattr(ds, keyword, value)
-        return pipeline.note_series_uid("1.2.3.4", "1.2.3.5", ds)
+        return pipeline.note_series_uid("1.2.3.4", "1.2.3.5", ds, uids=A_NODE)
 
     assert series(PatientID="A-0001") == series(PatientID="A-0001 ", IssuerOfPatientID="")
     assert series() == series(PatientID="")
@@ -131,8 +135,8 @@ def test_the_series_follows_the_patient_id_and_its_issuer() -> None:
     assert len(others) == 6
     patient = Dataset()
     patient.PatientID = "A-0001"
-    assert pipeline.note_series_uid("1.2.3.4", "1.2.3.5", patient) != (
-        pipeline.note_series_uid("1.2.3.4", "1.2.3.6", patient)
+    assert pipeline.note_series_uid("1.2.3.4", "1.2.3.5", patient, uids=A_NODE) != (
+        pipeline.note_series_uid("1.2.3.4", "1.2.3.6", patient, uids=A_NODE)
     )
 
 
@@ -185,8 +189,11 @@ def test_a_note_made_before_the_series_per_patient_is_sent_as_it_was_made(
     with session_scope(rt.database_url) as session:
         first_sr = session.get_one(Delivery, late).sop_instance_uid
 
-    def older(source_uid: str, study_instance_uid: str, filed_as: Dataset) -> str:
-        return derived_uid(source_uid, "ko-series", "study", study_instance_uid)
+    def older(
+        source_uid: str, study_instance_uid: str, filed_as: Dataset, *, uids: UidScheme
+    ) -> str:
+        # as the older install derived it: under pydicom's root, whatever the node's
+        return legacy_uid(source_uid, "ko-series", "study", study_instance_uid)
 
     with monkeypatch.context() as older_install:
         older_install.setattr(pipeline, "note_series_uid", older)

@@ -35,6 +35,7 @@ from dicom_io.content import REPLACED_NOT_ASSESSED_NOTICE, REPLACES_NOTICE
 from dicom_io.ko import read_rejection_note
 from dicom_io.sc import REPLACES_HEAT_MAP, WITHDRAWN
 from dicom_io.scp import ReceivedInstance
+from dicom_io.uids import LEGACY_ROOT, UidScheme
 from tests.conftest import StoreSCP
 from tests.dicomtools import dciodvfy_errors, dsrdump
 from tests.integration.test_pipeline import (
@@ -410,7 +411,7 @@ def test_a_reprocess_with_another_model_withdraws_no_heat_map_that_stands(
 
 
 def test_a_copy_in_another_study_gets_series_of_its_own_there(
-    runtime: Runtime, storescp: StoreSCP
+    runtime: Runtime, storescp: StoreSCP, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The PACS merged or split studies and sent the image again, in study B: the new SR
     and SC go into B in series of their own (a series belongs to one study), the SR names
@@ -420,7 +421,9 @@ def test_a_copy_in_another_study_gets_series_of_its_own_there(
     from pydicom.uid import generate_uid
 
     instance_id = spool_instance(runtime, sex="F")
-    first = assess_instance(runtime, instance_id)
+    with monkeypatch.context() as before:  # made by a release of before revision 0006
+        before.setattr(pipeline, "node_uids", lambda rt: UidScheme(LEGACY_ROOT, "unused"))
+        first = assess_instance(runtime, instance_id)
     first_objects = deliver(runtime, storescp, first.delivery_ids)
     first_sr, first_sc = report_of(first_objects), heat_map_of(first_objects)
     with session_scope(runtime.database_url) as session:

@@ -209,6 +209,37 @@ def test_inference_workers_on_different_models_make_the_node_unhealthy(
     assert different.startswith(f"inference workers run different models ({'a' * 12}, {'b' * 12})")
 
 
+def test_inference_workers_under_different_uid_roots_make_the_node_unhealthy(
+    runtime: Runtime,
+) -> None:
+    """BONEAGE_UID_ROOT is read by each process: two workers with different values make
+    new images' UIDs under different roots, which one depending on the worker that
+    first assesses an image. A worker of a release before the node's UIDs says no root,
+    and is left out."""
+    _beat(runtime, "worker@gpu-1:11", uid_root="2.25")
+    _beat(runtime, "worker@gpu-2:12", uid_root="2.25")
+    _beat(runtime, "worker@gpu-3:13")
+    assert _roots(_problems(runtime)) == []
+    _beat(runtime, "worker@gpu-4:14", uid_root="1.2.840.99999.7")
+    assert _roots(_problems(runtime)) == [
+        "inference workers make UIDs under different roots (1.2.840.99999.7, 2.25): the "
+        "root of an image's objects depends on which worker assesses it first; give "
+        "every process the same BONEAGE_UID_ROOT and restart them"
+    ]
+    # the worker restarted with the others' value: gone, its heartbeat stale
+    with session_scope(runtime.database_url) as session:
+        session.execute(
+            update(Heartbeat)
+            .where(Heartbeat.name == "worker@gpu-4:14")
+            .values(seen_at=now() - dt.timedelta(minutes=5))
+        )
+    assert _roots(_problems(runtime)) == []
+
+
+def _roots(problems: list[str]) -> list[str]:
+    return [p for p in problems if "BONEAGE_UID_ROOT" in p]
+
+
 def test_deliveries_that_no_worker_takes_make_the_node_unhealthy(
     runtime: Runtime, storescp: StoreSCP
 ) -> None:

@@ -21,6 +21,7 @@ from dicom_io import gate
 from dicom_io.content import BoneAgeFinding
 from dicom_io.pixels import decode_for_display
 from dicom_io.synthetic import make_radiograph_dataset
+from dicom_io.uids import UUID_ROOT, UidScheme
 from models.checkpoint import LoadedModel, untrained_model
 from models.phantoms import make_phantom
 from models.predictor import BoneAgePredictor
@@ -71,6 +72,7 @@ def _assessed(
         prediction,
         finding,
         source_uid=source.SOPInstanceUID,
+        uids=UidScheme(UUID_ROOT, "a node"),
         device_observer_uid=generate_uid(),
     )
     sr_path, sc_path = tmp_path / "sr.dcm", tmp_path / "sc.dcm"

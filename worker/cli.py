@@ -156,11 +156,7 @@ def db_new_identity(ctx: click.Context, yes: bool) -> None:
             "Give this node a new identity? Only for a database copied from another node: "
             "the UIDs of what it makes from now on are its own"
         )
-        try:
-            agreed = click.confirm(question, default=False)
-        except click.Abort:  # no answer (no terminal, end of input) or Ctrl-C
-            agreed = False
-        if not agreed:
+        if not _agreed(question):
             raise click.ClickException(
                 "identity unchanged: answer y to the question, or pass --yes"
             )
@@ -966,11 +962,7 @@ def abandon_deliveries(
             f"Abandon these {len(failed)} failed {what}? Never sent again, "
             "none reaches the destination it failed to"
         )
-        try:
-            agreed = click.confirm(question, default=False)
-        except click.Abort:  # no answer (no terminal, end of input) or Ctrl-C
-            agreed = False
-        if not agreed:
+        if not _agreed(question):
             raise click.ClickException("nothing abandoned: answer y to the question, or pass --yes")
     done = abandon_failed(url, [d.id for d in failed], reason=reason, by=_who(), settings=settings)
     click.echo(
@@ -982,6 +974,15 @@ def abandon_deliveries(
             f"{len(left)} left as they are, no longer failed (sent again by "
             f"retry-deliveries, or superseded, meanwhile): {' '.join(map(str, left))}"
         )
+
+
+def _agreed(question: str) -> bool:
+    """The administrator's answer to ``question``, no by default: no answer (no terminal,
+    end of input) or Ctrl-C is no."""
+    try:
+        return click.confirm(question, default=False)
+    except click.Abort:
+        return False
 
 
 def _who() -> str:

@@ -469,17 +469,21 @@ def image_side(source: Dataset) -> str | None:
     nowhere in the heat map. None where the image states no side, or another value
     (``B``, both hands; a value no standard has): no side is taken from a body part that
     another attribute contradicts. ``L`` with ``RT-HAND`` is ``L``, and the heat map
-    carries no Body Part Examined (:func:`body_part_to_write`).
+    carries no Body Part Examined (:func:`body_part_to_write`). An Image Laterality that
+    states anything (not absent, empty or ``U``) decides alone: ``B`` with a Laterality
+    ``L`` is no side, not the series' side for an image of both hands.
 
-    Not the side the gate reads (``dicom_io.gate.PatientFacts.laterality``, Image
-    Laterality or Laterality alone), which the digest of an assessment's inputs is made
-    of: a side in the body part there would make every ``RT-HAND`` image received again
-    look changed, and be assessed again.
+    The side the gate reads too (``dicom_io.gate.PatientFacts.laterality``), which the
+    digest of an assessment's inputs is made of: a side corrected in the body part alone
+    (``RT-HAND`` sent again as ``LT-HAND``) changes the side our objects state, and the
+    image is assessed again.
     """
-    stated = [str(source.get(k) or "").strip().upper() for k in ("ImageLaterality", "Laterality")]
-    side = next((s for s in stated if s in _LATERALITIES), None)
-    if side is not None or not all(s in _NO_SIDE_STATED for s in stated):
-        return side
+    for keyword in ("ImageLaterality", "Laterality"):
+        stated = str(source.get(keyword) or "").strip().upper()
+        if stated in _LATERALITIES:
+            return stated
+        if stated not in _NO_SIDE_STATED:
+            return None
     return side_in_body_part(source.get("BodyPartExamined"))
 
 

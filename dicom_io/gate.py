@@ -23,7 +23,7 @@ from pydicom import Dataset
 from pydicom import uid as pyuid
 from pydicom.multival import MultiValue
 
-from dicom_io.content import MANUFACTURER
+from dicom_io.content import MANUFACTURER, image_side
 
 #: SOP classes that carry a projection radiograph (or a capture of one) for display.
 #: DX for processing is not one: raw detector data (PS3.3 C.8.11.1.1.1), refused with
@@ -274,7 +274,7 @@ class PatientFacts:
     birth_date: dt.date | None
     reference_date: dt.date | None  # the date the image was taken
     patient_age_months: float | None  # from PatientAge, the last resort
-    laterality: str | None  # "L", "R" or None
+    laterality: str | None  # "L", "R" or None: the side image_side reads
     # PatientAge's unit: "D", "W", "M" or "Y". Out of the repr, which the digest of an
     # assessment's inputs has been made of since revision 0004 (where it counts,
     # worker.pipeline.assessment_inputs adds it): a new field there would make every
@@ -355,7 +355,11 @@ def patient_facts(ds: Dataset) -> PatientFacts:
         or parse_da(ds.get("AcquisitionDate"))
         or parse_da(ds.get("ContentDate"))
     )
-    laterality = str(ds.get("ImageLaterality") or ds.get("Laterality") or "").strip().upper()
+    # the side our SR and heat map state (a side word of Body Part Examined where no
+    # laterality states one), so that a side corrected in the body part alone changes
+    # the digest of the inputs and the image is assessed again; refusals (both hands)
+    # read the raw values (_both_hands)
+    laterality = image_side(ds)
     birth_date = parse_da(ds.get("PatientBirthDate"))
     # Read leniently only where it is the age used (no birth date gives one): where a
     # birth date does, the facts hold what they held before the lenient reading, which
@@ -368,7 +372,7 @@ def patient_facts(ds: Dataset) -> PatientFacts:
         birth_date=birth_date,
         reference_date=reference,
         patient_age_months=_in_months(*parsed) if parsed is not None else None,
-        laterality=laterality if laterality in {"L", "R"} else None,
+        laterality=laterality,
         patient_age_unit=parsed[1] if parsed else None,
     )
 

@@ -557,6 +557,7 @@ def build_withdrawal_sc(
     instance_number: int,
     body_part_examined: str | None,
     series_heat_map: Dataset | None = None,
+    laterality: str | None = None,
 ) -> Dataset:
     """A Secondary Capture that withdraws the bone age of the heat maps before it in its
     series: a picture of text, no radiograph, for a viewer that shows images and not the
@@ -586,8 +587,11 @@ def build_withdrawal_sc(
         The first heat map of that series still as written (its header is enough), whose
         Laterality, a General Series attribute, the notice carries
         (:func:`series_laterality`: empty where the heat map's is); None where none can
-        be read any more (retention removed their files): the side ``source`` states
-        (:func:`~dicom_io.content.image_side`).
+        be read any more (retention removed their files): ``laterality``.
+    laterality : str or None
+        The series' side where no heat map of it can be read any more (the side it was
+        opened for, or its first heat map's result recorded); None: the side ``source``
+        states (:func:`~dicom_io.content.image_side`).
 
     Returns
     -------
@@ -615,13 +619,15 @@ def build_withdrawal_sc(
             'Argument "body_part_examined" must be None or a Code String value (upper '
             f"case letters, digits, space and underscore, 16 at most), not {body_part_examined!r}."
         )
+    if laterality not in (None, "L", "R"):
+        raise ValueError(f'Argument "laterality" must be "L", "R" or None, got {laterality!r}.')
     lines = [WITHDRAWN, "The bone age of the earlier heat map of this image no longer stands:"]
     lines += [why.strip(), AI_RESULT_NOTICE]
     comments = f"{WITHDRAWN}: {why.strip()}"
     return _secondary_capture(
         source,
         render_notice(lines),
-        laterality=None,
+        laterality=laterality,
         model_name=model_name,
         model_trained=model_trained,
         derivation=_NOTICE_DERIVATION,

@@ -213,6 +213,9 @@ class HeatMap:
     path: Path  # its file in the outbox (until retention removes it)
     sha256: str | None  # of the file as written; None on a row from before it was kept
     assessment: int = 1  # the assessment that made it
+    # the side its assessment's result recorded (Result.laterality), which it states: its
+    # series' side where retention removed the files (:func:`series_side`)
+    side: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1034,7 +1037,8 @@ def assessment_inputs(ds: Dataset, decision: gate.GateDecision) -> str:
     """Hex SHA-256 of what an assessment of ``ds`` depends on, its pixels aside.
 
     The gate's ``decision`` on it (accepted, or refused and why) and the patient's
-    facts it read (sex, birth date, the date of the image, age, laterality), and the
+    facts it read (sex, birth date, the date of the image, age, the side our objects
+    state: :func:`~dicom_io.content.image_side`), and the
     values of :data:`IMAGE_INPUTS` as pydicom reads them, surrounding spaces aside
     (an absent attribute differs from an empty one). A patient's name or ID,
     accession number or study description that a PACS reconciles changes none of it
@@ -1389,6 +1393,7 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
         series_heat_map=first_heat_map_as_written(joined) if joined is not None else None,
         other_study=other_study,
         sc_side=opened_for,
+        sc_laterality=series_side(joined) if joined is not None else None,
     )
     # the other heat maps in this study, another model's or the series of another side
     # this one left, are withdrawn by a notice in each series
@@ -1471,6 +1476,7 @@ def stage_outputs(
     other_study: str | None = None,
     series_heat_map: Dataset | None = None,
     sc_side: str | None = None,
+    sc_laterality: str | None = None,
 ) -> list[Output]:
     """Build the SR and the heat-map SC of one assessment and stage both, durable.
 
@@ -1492,6 +1498,7 @@ def stage_outputs(
         other_study=other_study,
         series_heat_map=series_heat_map,
         sc_side=sc_side,
+        sc_laterality=sc_laterality,
     )
     staged = [_stage_output(outbox_dir, ObjectKind.SR, sr, "sr")]
     try:
@@ -1517,6 +1524,7 @@ def build_outputs(
     other_study: str | None = None,
     series_heat_map: Dataset | None = None,
     sc_side: str | None = None,
+    sc_laterality: str | None = None,
 ) -> tuple[Dataset, Dataset]:
     """The SR and the heat-map SC of one assessment, in memory: ``(sr, sc)``.
 
@@ -1531,6 +1539,9 @@ def build_outputs(
     Laterality; None (the series' first heat map, or retention removed the earlier ones'
     files): the source's (:func:`dicom_io.sc.build_heatmap_sc`). ``sc_side``: the SC goes
     into the series of its own opened for that side (:func:`heat_map_series`).
+    ``sc_laterality``: the side of the series the SC joins (:func:`series_side`), which it
+    carries where no heat map of the series can be read any more, not the side the source
+    states.
     """
     model_id = finding.model_id
     sr_uid = uids.derive(source_uid, model_id, *_again(assessment), "sr")
@@ -1550,6 +1561,8 @@ def build_outputs(
         finding = dataclasses.replace(finding, notes=(*finding.notes, REPLACES_HEAT_MAP))
     # the heat map straight at the picture's size: never upsampled to the full image
     rgb = render_overlay(image, prediction.cam_at(overlay_shape(image.shape)), finding)
+    if series_heat_map is None and sc_laterality is not None:
+        finding = dataclasses.replace(finding, laterality=sc_laterality)
     sc = build_heatmap_sc(
         source,
         rgb,
@@ -1587,8 +1600,9 @@ def stage_withdrawals(
     own: those of the first of its heat maps whose file is still as written
     (:func:`first_heat_map_as_written`), the one the series was opened with, not
     ``source``'s (a copy received again, which may name another part or side, or none);
-    where none is left, the hand's and the side ``source`` states
-    (:func:`~dicom_io.sc.notice_body_part`, :func:`~dicom_io.content.image_side`).
+    where none is left, the hand's and the series' side (:func:`series_side`), else the
+    side ``source`` states (:func:`~dicom_io.sc.notice_body_part`,
+    :func:`~dicom_io.content.image_side`).
 
     A notice joins the series whose heat maps it withdraws, whatever side ``source``
     states: in a series of its own it would withdraw nothing a viewer shows beside it, and
@@ -1605,6 +1619,7 @@ def stage_withdrawals(
                 why,
                 body_part_examined=notice_body_part(written),
                 series_heat_map=written,
+                laterality=series_side(series),
                 model_name=series.model_name,
                 model_trained=series.trained,
                 series_instance_uid=series.series_instance_uid,
@@ -1719,9 +1734,10 @@ def heat_map_series(
     whose side differs from it, the PACS having corrected the image's side (L sent again
     as R), goes into a series of its own for that side, not into one that would label a
     right hand left. The model's series of the image is the one whose Laterality is
-    ``side``, and where it has none of its heat maps yet, or none of them can be read any
-    more (retention removed their files) and no series was opened for ``side``: its
-    Laterality is then unknown, and the heat map carries its own side. A copy that states
+    ``side`` (:func:`series_side`: where retention removed its heat maps' files, the side
+    its first heat map's result recorded; a side unknown so is not ``side``), and where it
+    has none of its heat maps at a destination and no series was opened for ``side``: the
+    heat map opens it, and carries its own side. A copy that states
     no side contradicts none: its heat map joins the series of the image's latest heat
     map, and carries its Laterality.
     """
@@ -1742,12 +1758,27 @@ def heat_map_series(
         latest = max(standing, key=lambda made: made[0])[1] if standing else None
         return latest, ours[latest]
     default = ours[None]
-    first = first_heat_map_as_written(default) if default is not None else None
-    if first is not None:
-        opened_for = None if series_laterality(first) == side else side
-    else:  # its Laterality unknown: a series opened for this side before is this side's
+    if default is not None:  # its side unknown (None) is not this one: a series of its own
+        opened_for = None if series_side(default) == side else side
+    else:  # none at a destination: a series opened for this side before is this side's
         opened_for = side if ours.get(side) is not None else None
     return opened_for, ours[opened_for]
+
+
+def series_side(series: HeatMapSeries) -> str | None:
+    """The side (Laterality, a General Series attribute) of ``series``: that of its first
+    heat map still as written (:func:`first_heat_map_as_written`); where retention removed
+    their files, the side a series of its own was opened for (its UID says it), else the
+    side the result of the assessment that made its first heat map recorded
+    (:attr:`HeatMap.side`, which that heat map stated). None: it states no side, or its
+    side is unknown (a result recorded before the gate read the side as our objects
+    state it), which a heat map of a side therefore does not join."""
+    written = first_heat_map_as_written(series)
+    if written is not None:
+        return series_laterality(written)
+    if series.side is not None:
+        return series.side
+    return series.heat_maps[0].side if series.heat_maps else None
 
 
 def _earlier_reports(rt: Runtime, claim: _Claim, source: Dataset) -> list[Dataset]:
@@ -1826,6 +1857,7 @@ def _earlier_heat_maps(rt: Runtime, claim: _Claim, source: Dataset) -> list[Heat
                 Delivery.path,
                 Delivery.sha256,
                 Delivery.assessment,
+                Result.laterality,
             )
             .join(Result, Result.model_id == Model.id)
             .join(Delivery, Delivery.result_id == Result.id)
@@ -1837,7 +1869,7 @@ def _earlier_heat_maps(rt: Runtime, claim: _Claim, source: Dataset) -> list[Heat
         ).all()
     uids = image_uids(rt, claim.instance_id)
     found: dict[str, HeatMapSeries] = {}
-    for model_id, architecture, trained, study, series, uid, path, sha256, made_by in rows:
+    for model_id, architecture, trained, study, series, uid, path, sha256, made_by, side in rows:
         # where it went; a row from before revision 0006: the first study's series,
         # derived as it was then (the node's identity went into UIDs long after)
         series = series or sc_series_uid(claim.sop_instance_uid, model_id, uids=LEGACY_UIDS)
@@ -1846,7 +1878,7 @@ def _earlier_heat_maps(rt: Runtime, claim: _Claim, source: Dataset) -> list[Heat
         if known is None:
             # a series opened for a side (:func:`heat_map_series`) is told by its UID
             other_study = study if claim.first_study and study != claim.first_study else None
-            side = next(
+            opened_for = next(
                 (
                     s
                     for s in SIDES
@@ -1858,10 +1890,10 @@ def _earlier_heat_maps(rt: Runtime, claim: _Claim, source: Dataset) -> list[Heat
                 None,
             )
             known = HeatMapSeries(
-                model_id, model_name(architecture), bool(trained), study, series, side=side
+                model_id, model_name(architecture), bool(trained), study, series, side=opened_for
             )
         if all(h.sop_instance_uid != uid for h in known.heat_maps):  # one per destination
-            heat_map = HeatMap(uid, Path(path), sha256 or None, made_by)
+            heat_map = HeatMap(uid, Path(path), sha256 or None, made_by, side=side)
             known = dataclasses.replace(known, heat_maps=(*known.heat_maps, heat_map))
         found[series] = known
     return list(found.values())

@@ -11,17 +11,23 @@ from typing import Any
 
 import pytest
 from pydicom import Dataset, dcmread
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from db.engine import session_scope
-from db.schema import Delivery, Instance, ObjectKind
+from db.schema import Delivery, Instance, ObjectKind, Result
 from dicom_io.ko import read_rejection_note
 from dicom_io.sc import WITHDRAWN
 from tests.conftest import StoreSCP
 from tests.integration import test_received_again as received_again_tests
 from tests.integration.test_pipeline import spool_dataset, spool_instance
-from tests.integration.test_received_again import deliver, heat_map_of, received_again
+from tests.integration.test_received_again import (
+    deliver,
+    heat_map_of,
+    received_again,
+    report_of,
+)
 from tests.support import pacs_rejection_note
+from tests.unit.dicom_io.test_laterality import _finding_site_side
 from worker.pipeline import SC_SERIES_NUMBER, assess_instance, node_uids
 from worker.runtime import Runtime
 
@@ -122,25 +128,147 @@ def _heat_map_path(rt: Runtime, instance_id: int) -> Path:
     return Path(path)
 
 
-def test_a_heat_map_whose_series_retention_removed_states_its_images_side(
+def test_a_heat_map_whose_series_retention_removed_goes_by_the_side_its_result_recorded(
     runtime: Runtime, storescp: StoreSCP
 ) -> None:
-    """The first heat map's file is gone (retention): the series' side is unknown, and the
-    second heat map states the side its own image does, here in its body part alone, as
-    it carries its image's body part (build_heatmap_sc's docstring)."""
-    instance_id, first_heat_map = _first_heat_map(runtime, storescp, ImageLaterality="L")
-    _heat_map_path(runtime, instance_id).unlink()
+    """The first heat map's file is gone (retention): the series' side is the one the
+    result of its first heat map recorded (L). The copy received again states R, in its
+    body part alone: its heat map opens a series of its own R, and the first series gets
+    a notice of its side L. Before, the R heat map joined the L series, and no notice
+    withdrew the L one."""
+    rt = runtime
+    instance_id, first_heat_map = _first_heat_map(rt, storescp, ImageLaterality="L")
+    _heat_map_path(rt, instance_id).unlink()
+    image_uid, model = _image_uid(rt, instance_id), rt.predictor.model_id
 
-    received_again(
-        runtime, instance_id, PatientSex="M", ImageLaterality=None, BodyPartExamined="RT-HAND"
+    second, [notice] = _assessed_again(
+        rt, storescp, instance_id, PatientSex="M", ImageLaterality=None, BodyPartExamined="RT-HAND"
     )
-    second = assess_instance(runtime, instance_id)
-    assert second.state == "assessed" and len(second.delivery_ids) == 2, second
-    second_heat_map = heat_map_of(deliver(runtime, storescp, second.delivery_ids))  # dciodvfy
 
     assert first_heat_map.Laterality == "L"
-    assert second_heat_map.SeriesInstanceUID == first_heat_map.SeriesInstanceUID
-    assert (second_heat_map.Laterality, second_heat_map.BodyPartExamined) == ("R", "HAND")
+    assert second.SeriesInstanceUID == node_uids(rt).derive(
+        image_uid, model, "sc-series", "side", "R"
+    )
+    assert (second.Laterality, second.BodyPartExamined) == ("R", "HAND")
+    assert (notice.SeriesInstanceUID, notice.Laterality) == (first_heat_map.SeriesInstanceUID, "L")
+
+
+def test_a_heat_map_whose_series_retention_removed_joins_it_on_the_recorded_side(
+    runtime: Runtime, storescp: StoreSCP
+) -> None:
+    """The first heat map's file is gone and the copy states its side (L, the sex
+    corrected): the second heat map joins the first series, Laterality L."""
+    rt = runtime
+    instance_id, first_heat_map = _first_heat_map(rt, storescp, ImageLaterality="L")
+    _heat_map_path(rt, instance_id).unlink()
+
+    second, notices = _assessed_again(rt, storescp, instance_id, PatientSex="M")
+
+    assert notices == []
+    assert (second.SeriesInstanceUID, second.Laterality) == (first_heat_map.SeriesInstanceUID, "L")
+
+
+def test_a_heat_map_joins_no_series_whose_side_is_unknown(
+    runtime: Runtime, storescp: StoreSCP
+) -> None:
+    """The first heat map's file is gone and its result recorded no side (as one recorded
+    before the gate read the side our objects state): the series' side is unknown, and a
+    heat map of a side opens a series of its own; the first series gets a notice."""
+    rt = runtime
+    instance_id, first_heat_map = _first_heat_map(rt, storescp, ImageLaterality="L")
+    _heat_map_path(rt, instance_id).unlink()
+    with session_scope(rt.database_url) as session:
+        session.execute(
+            update(Result).where(Result.instance_id == instance_id).values(laterality=None)
+        )
+
+    second, [notice] = _assessed_again(rt, storescp, instance_id, PatientSex="M")
+
+    assert second.Laterality == "L"
+    assert second.SeriesInstanceUID != first_heat_map.SeriesInstanceUID
+    assert notice.SeriesInstanceUID == first_heat_map.SeriesInstanceUID
+
+
+def test_a_side_corrected_in_the_body_part_alone_is_assessed_again(
+    runtime: Runtime, storescp: StoreSCP
+) -> None:
+    """RT-HAND with no laterality, corrected by the PACS to LT-HAND, nothing else changed:
+    the image is assessed again, and its heat map (in a series of its own, L) and its SR
+    state L, as its result records. Before, the digest of its inputs left the body part's
+    side out: the copy counted as unchanged, and the R objects stood on a left hand."""
+    rt = runtime
+    instance_id, first = _first_heat_map(
+        rt, storescp, ImageLaterality=None, BodyPartExamined=b"RT-HAND"
+    )
+    image_uid, model = _image_uid(rt, instance_id), rt.predictor.model_id
+
+    received_again(rt, instance_id, BodyPartExamined="LT-HAND")
+    outcome = assess_instance(rt, instance_id)
+    assert outcome.state == "assessed", outcome
+    sent = deliver(rt, storescp, outcome.delivery_ids)
+    [left], [notice] = _heat_maps_and_notices(sent)
+
+    assert first.Laterality == notice.Laterality == "R"
+    assert notice.SeriesInstanceUID == first.SeriesInstanceUID
+    assert (left.Laterality, left.BodyPartExamined) == ("L", "HAND")
+    assert left.SeriesInstanceUID == node_uids(rt).derive(
+        image_uid, model, "sc-series", "side", "L"
+    )
+    assert _finding_site_side(report_of(sent)) == "L"
+    with session_scope(rt.database_url) as session:
+        recorded = session.scalars(
+            select(Result.laterality).where(
+                Result.instance_id == instance_id, Result.assessment == 2
+            )
+        ).one()
+    assert recorded == "L"
+
+
+def _side_series_files_removed(rt: Runtime, storescp: StoreSCP) -> tuple[int, Dataset, Dataset]:
+    """L, then R in a series of its own, whose heat map's file retention then removed:
+    the instance id, the first heat map and the R one."""
+    instance_id, first = _first_heat_map(rt, storescp, ImageLaterality="L")
+    right, _ = _assessed_again(rt, storescp, instance_id, ImageLaterality="R")
+    with session_scope(rt.database_url) as session:
+        right_path = session.scalars(
+            select(Delivery.path)
+            .where(Delivery.sop_instance_uid == str(right.SOPInstanceUID))
+            .limit(1)
+        ).one()
+    Path(right_path).unlink()
+    return instance_id, first, right
+
+
+def test_a_notice_in_a_side_series_whose_files_are_gone_states_the_series_side(
+    runtime: Runtime, storescp: StoreSCP
+) -> None:
+    """The R series' heat map file is gone and the copy (corrected back to L) is no
+    hand's: the notice withdrawing the R series states R, the side it was opened for.
+    Before, it stated the copy's L."""
+    rt = runtime
+    instance_id, first, right = _side_series_files_removed(rt, storescp)
+
+    received_again(rt, instance_id, BodyPartExamined="CHEST", ImageLaterality="L")
+    third = assess_instance(rt, instance_id)
+    assert third.state == "not_assessed", third
+    _, notices = _heat_maps_and_notices(deliver(rt, storescp, third.delivery_ids))
+
+    assert sorted((n.SeriesInstanceUID, n.Laterality) for n in notices) == sorted(
+        [(first.SeriesInstanceUID, "L"), (right.SeriesInstanceUID, "R")]
+    )
+
+
+def test_a_heat_map_joining_a_side_series_whose_files_are_gone_states_its_side(
+    runtime: Runtime, storescp: StoreSCP
+) -> None:
+    """The R series' heat map file is gone; a copy stating no side (U) joins the series of
+    the latest heat map, R, and states R. Before, its Laterality was empty."""
+    rt = runtime
+    instance_id, _, right = _side_series_files_removed(rt, storescp)
+
+    third, _ = _assessed_again(rt, storescp, instance_id, ImageLaterality="U", PatientSex="M")
+
+    assert (third.SeriesInstanceUID, third.Laterality) == (right.SeriesInstanceUID, "R")
 
 
 def _heat_maps_and_notices(paths: list[Path]) -> tuple[list[Dataset], list[Dataset]]:

@@ -22,6 +22,7 @@ from pydicom.uid import generate_uid
 
 from dicom_io import codes
 from dicom_io.content import BoneAgeFinding, side_in_body_part
+from dicom_io.gate import patient_facts
 from dicom_io.pixels import decode_for_display
 from dicom_io.sc import (
     build_heatmap_sc,
@@ -87,6 +88,9 @@ def _image(image_laterality: str | None, laterality: str | None, body_part: str 
         ("L", None, "RT-HAND", "L"),  # contradicted: the attribute's, never the word's
         (None, "L", "RT-HAND", "L"),
         ("B", None, "RT-HAND", None),  # both hands and a right one: no side taken
+        ("B", "L", "HAND", None),  # Image Laterality decides alone: not the series' L
+        ("X", "R", "HAND", None),
+        ("", "B", "RT-HAND", None),
         ("X", None, "RT-HAND", None),  # a value no standard has: no side taken
         (None, None, "HAND", None),  # no side anywhere
         (None, None, "RT-HAND-LT", None),
@@ -303,3 +307,22 @@ def test_the_sr_and_the_heat_map_of_an_image_state_one_side(
 
     assert _finding_site_side(report) == side
     assert heat_map.Laterality == (side or "")
+
+
+@pytest.mark.parametrize(
+    ("image_laterality", "laterality", "body_part", "expected"),
+    [
+        (None, None, "RT-HAND", "R"),  # before: None, and a LT-HAND copy looked unchanged
+        ("U", "L", "HAND", "L"),  # before: None (U read as the side)
+        ("L", None, "RT-HAND", "L"),
+        ("B", "L", "HAND", None),
+    ],
+)
+def test_the_gate_reads_the_side_our_objects_state(
+    image_laterality: str | None, laterality: str | None, body_part: str, expected: str | None
+) -> None:
+    """The patient's facts, which the digest of an assessment's inputs is made of, hold
+    the side the SR and the heat map state (image_side)."""
+    facts = patient_facts(_image(image_laterality, laterality, body_part))
+
+    assert facts.laterality == expected

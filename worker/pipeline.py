@@ -507,6 +507,11 @@ def _claim(rt: Runtime, instance_id: int, held: datetime | None = None) -> _Clai
     and assessed again from the newest copy.
     """
     with session_scope(rt.database_url) as session:
+        # The row held first: what the claim and, where it is refused, the reads after it
+        # find is one state of it; a holder that committed its result between the refused
+        # claim and a read after it made a stale read give an assessed image up (found in
+        # review).
+        take_instances(session, [instance_id])
         # The database's clock, not this host's: the times it is compared with (a copy
         # received again, a message published, the lease) are stamped by it too, on
         # whichever host, and hosts' clocks may differ by more than the time between
@@ -557,21 +562,24 @@ def _claim(rt: Runtime, instance_id: int, held: datetime | None = None) -> _Clai
                 copy_came=claimed.received_again_at is not None,
                 started_at=current,
             )
-        instance = session.get(Instance, instance_id)
+        instance = session.get(Instance, instance_id, populate_existing=True)
         if instance is None:
             logger.warning("assess: instance %d does not exist", instance_id)
             return AssessOutcome("skipped", reason="no such instance")
-        if instance.state is InstanceState.PROCESSING and (
-            session.scalar(select(Instance.id).where(Instance.id == instance_id, free)) is None
-        ):
+        if instance.state not in FINISHED:
+            if (
+                instance.attempts >= MAX_ATTEMPTS
+                and session.scalar(select(Instance.id).where(Instance.id == instance_id, free))
+                is not None
+            ):
+                _give_up(instance)
+                return AssessOutcome("error", reason=instance.reason)
             # Not claimed beside it: the image was assessed twice at once, the commit kept
             # one result, and the copy read by neither could be forgotten (the later
-            # claim's time on the row).
+            # claim's time on the row). A claim that ended between the refusal and this
+            # read (its worker's heartbeat just gone stale) is the reconciler's to take.
             logger.info("assess: instance %d is being assessed by another attempt", instance_id)
             return AssessOutcome("skipped", reason=BEING_ASSESSED)
-        if instance.state not in FINISHED:
-            _give_up(instance)
-            return AssessOutcome("error", reason=instance.reason)
         finished = instance.state
         received_again = instance.received_again_at is not None
         seen = _Seen(
@@ -862,6 +870,7 @@ def give_up_retries(rt: Runtime, instance_id: int) -> None:
     ``transient_failures``, and the instance would wait for the lease to run out (half
     an hour) in place of ending as the task did (found in review)."""
     with session_scope(rt.database_url) as session:
+        take_instances(session, [instance_id])  # read under the lock, as _finish
         instance = session.get(Instance, instance_id)
         if (
             instance is not None
@@ -874,6 +883,9 @@ def give_up_retries(rt: Runtime, instance_id: int) -> None:
 def _finish(rt: Runtime, claim: _Claim, state: InstanceState, reason: str | None) -> None:
     """Close the claimed instance with no result and nothing to send."""
     with session_scope(rt.database_url) as session:
+        # its row held before it is read: a copy received again meanwhile, whose
+        # message a claim refused, is not erased by a stale read (_compared_if_read)
+        take_instances(session, [claim.instance_id])
         instance = session.get(Instance, claim.instance_id)
         if instance is not None and instance.state not in FINISHED:
             _close(instance, claim, state, reason)
@@ -995,6 +1007,7 @@ def _assessed_by_this_model(rt: Runtime, claim: _Claim) -> AssessOutcome | None:
         )
         if has_result is None:
             return None
+        take_instances(session, [claim.instance_id])  # read under the lock, as _finish
         instance = session.get_one(Instance, claim.instance_id)
         if instance.state not in FINISHED:  # else an attempt beside this one closed it
             instance.state = InstanceState.ASSESSED

@@ -243,11 +243,12 @@ def _given_back(current: datetime, stale: datetime) -> ColumnElement[bool]:
     (worker.messaging.mark_queued). Queued by both, the image had two messages, and two
     attempts, each claiming it (worker.pipeline took any unfinished instance then; now
     the second is refused while the first runs, a message spent), assessed it twice and
-    counted two attempts. A copy received during the attempt was published
-    while the row was `processing`: the task gives such a row back `queued`, not
-    `received` (worker.tasks._give_back_instance), and it is never this branch's; the
-    queued branch queues it again where the copy's message is lost. This condition
-    holds off a copy received after the give-back, which the enqueuer publishes.
+    counted two attempts. This condition holds off a copy received after the give-back,
+    which the enqueuer publishes. A copy received during the attempt was published while
+    the row was `processing`, and its message refused (worker.pipeline.BEING_ASSESSED):
+    the task gives such a row back `received` too (worker.tasks._give_back_instance),
+    and this branch queues it once the copy is as old as a lost one (``stale``), the
+    inference queue empty or not.
     """
     return (
         (Instance.state == InstanceState.RECEIVED)

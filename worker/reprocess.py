@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from sqlalchemy import or_, select, update
 
 from db.engine import session_scope
-from db.queries import UID_CLASH
+from db.queries import UID_CLASH, database_now
 from db.schema import (
     FINISHED,
     REASSESSABLE,
@@ -29,7 +29,6 @@ from db.schema import (
     ObjectKind,
     Result,
 )
-from db.schema import utcnow as now
 from worker.heartbeat import alive
 from worker.runtime import Runtime
 
@@ -79,8 +78,10 @@ def prepare_reprocess(rt: Runtime, instance_ids: Sequence[int], *, send: bool = 
     attempt under way keeps its claim.
     """
     model_id = rt.predictor.model_id
-    stamp = now()
     with session_scope(rt.database_url) as session:
+        # the database's clock, not this host's: the reconciler and the claims compare
+        # queued_at with times the database dated (worker.messaging.mark_queued)
+        stamp = database_now(session)
         done = set(
             session.scalars(
                 select(Result.instance_id).where(

@@ -48,6 +48,7 @@ from worker.messaging import (
 )
 from worker.metrics_files import worker_metrics_port
 from worker.pipeline import (
+    BEING_ASSESSED,
     RETRIED_BY_THE_TASK,
     TRANSIENT_RETRIES,
     Attempt,
@@ -456,11 +457,14 @@ def _give_back_instance(instance_id: int, attempt: Attempt) -> None:
     the reconciler queues it again once the pause the task's retry would have waited is
     over (`worker.reconciler.reconcile`, `worker.reconciler.retry_pause`).
     Where a copy of the image was received during the attempt (``received_again_at``
-    after it began), the listener's enqueuer has published a message for it already,
-    while the row was `processing`: the row is given back `queued` instead, its
-    ``queued_at`` as it is, so that the copy's message takes it, and the reconciler
-    queues it again only where that message is lost (as any `queued` row). Given back
-    `received`, the reconciler queued it too: two messages, two attempts.
+    after it began), the listener's enqueuer published a message for it while the row
+    was `processing`, and that message was refused (worker.pipeline.BEING_ASSESSED) and
+    acknowledged: the row is given back `received` all the same, and the reconciler
+    queues it once the copy has waited as long as a new image would (it cannot tell
+    that copy from one received after the give-back, whose message the enqueuer
+    publishes). Given back `queued`, for the copy's message to take, it waited for an
+    empty inference queue, hours in a backlog (found in review); a second message, were
+    there one, is refused or finds the image finished.
     Where that cannot be written (the database may be what failed), a warning: the
     retry's own failure goes on, and the reconciler takes the instance back once its
     lease runs out.
@@ -484,10 +488,7 @@ def _give_back_instance(instance_id: int, attempt: Attempt) -> None:
                 before = instance.reason or ""
                 if not before.endswith(RETRY_NOT_PUBLISHED):
                     instance.reason = f"{before}{RETRY_NOT_PUBLISHED}".removeprefix("; ")
-                copy, began = instance.received_again_at, attempt.started_at
-                # the copy's message was published meanwhile (the enqueuer's round)
-                published = copy is not None and began is not None and copy > began
-                instance.state = InstanceState.QUEUED if published else InstanceState.RECEIVED
+                instance.state = InstanceState.RECEIVED
                 instance.claimed_by = None
     except Exception as noted:  # the database away: the Reject goes on as it is
         logger.warning(
@@ -566,7 +567,11 @@ def assess(self: Task, instance_id: int, send: bool = True, held_since: str | No
     except Exception:
         metrics.TASKS.labels(ASSESS_TASK, "exception").inc()
         raise
-    metrics.TASKS.labels(ASSESS_TASK, outcome.state).inc()
+    # a message refused because another attempt holds the image: `refused`, told from
+    # `skipped` (already finished, no such instance) in the metric alone; the task's
+    # state stays `skipped`
+    refused = outcome.state == "skipped" and outcome.reason == BEING_ASSESSED
+    metrics.TASKS.labels(ASSESS_TASK, "refused" if refused else outcome.state).inc()
     if outcome.state == "assessed":
         metrics.ASSESS_SECONDS.observe(time.perf_counter() - started)
     if outcome.copy_to_compare:

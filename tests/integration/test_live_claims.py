@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,7 +29,8 @@ from typing import Any
 import pytest
 from celery import states
 from celery.app.trace import build_tracer
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
+from sqlalchemy.orm import Session
 
 from db.engine import session_scope
 from db.queries import database_now
@@ -36,12 +38,15 @@ from db.schema import Heartbeat, Instance, InstanceState
 from db.schema import utcnow as true_now
 from tests.integration.test_pipeline import make_runtime, reconcile_once, spool_instance
 from tests.integration.test_received_again import received_again, results
+from tests.support import wait_for
 from worker import pipeline, tasks
 from worker.celery_app import ASSESS_TASK, INFERENCE_QUEUE, app, configure, prepare_embedded_broker
 from worker.heartbeat import STALE_AFTER, HeartbeatThread, process_name
 from worker.messaging import Enqueuer
+from worker.metrics import WORKER_REGISTRY
 from worker.pipeline import AssessOutcome, Attempt, assess_instance
 from worker.reconciler import PROCESSING_LEASE
+from worker.reprocess import prepare_reprocess
 from worker.runtime import Runtime
 
 pytestmark = pytest.mark.integration
@@ -178,6 +183,149 @@ def test_a_claim_ends_where_the_reconciler_would_take_the_image_back(rt: Runtime
     _claim(rt, instance_id)  # its worker gone: taken
 
 
+def _another_connection_writes(rt: Runtime, instance_id: int, **values: Any) -> Callable[[], None]:
+    """Start writing ``values`` to the instance's row from another connection, and
+    return once that commit is done or waits on the row (PostgreSQL); the function
+    returned waits for it to end."""
+    backend: list[int] = []
+
+    def write() -> None:
+        with session_scope(rt.database_url) as other:
+            backend.append(other.scalar(text("SELECT pg_backend_pid()")))
+            other.execute(update(Instance).where(Instance.id == instance_id).values(**values))
+
+    def waits_on_a_row() -> bool:
+        if not backend:
+            return False
+        with session_scope(rt.database_url) as session:
+            return bool(
+                session.scalar(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity"
+                        " WHERE pid = :pid AND wait_event_type = 'Lock'"
+                    ),
+                    {"pid": backend[0]},
+                )
+            )
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    wait_for(
+        lambda: not writer.is_alive() or waits_on_a_row(),
+        timeout=30,
+        what="the other connection's commit, or its wait on the row",
+    )
+
+    def ended() -> None:
+        writer.join(timeout=30)
+        assert not writer.is_alive()
+
+    return ended
+
+
+def _around_the_next_read(
+    monkeypatch: pytest.MonkeyPatch, meanwhile: Callable[[], None], *, after: bool
+) -> None:
+    """Run ``meanwhile`` once, just before (or ``after``) the next Session.get."""
+    real_get = Session.get
+
+    def get(self: Session, *args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(Session, "get", real_get)
+        if not after:
+            meanwhile()
+        row = real_get(self, *args, **kwargs)
+        if after:
+            meanwhile()
+        return row
+
+    monkeypatch.setattr(Session, "get", get)
+
+
+@pytest.mark.parametrize("rt", ["postgresql"], indirect=True)
+def test_a_refusal_does_not_give_up_an_image_its_holder_finishes_meanwhile(
+    rt: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The holder commits its result just as a claim is refused, once the refusal has read
+    the row. Before, the refusal read it `processing`, then found it free (finished) in a
+    second read, and gave the assessed image up in error ("did not complete in 3
+    attempts", after one). The row is held now from the claim to the refusal's end: the
+    holder's commit waits for it, and the image is assessed. (PostgreSQL: on SQLite the
+    claim's write holds the database, and no commit comes between.)"""
+    instance_id = spool_instance(rt)
+    _claim(rt, instance_id)  # the holder
+    ended: list[Callable[[], None]] = []
+    _around_the_next_read(
+        monkeypatch,
+        lambda: ended.append(
+            _another_connection_writes(
+                rt,
+                instance_id,
+                state=InstanceState.ASSESSED,
+                finished_at=true_now(),
+                reason=None,
+            )
+        ),
+        after=True,
+    )
+    refused = pipeline._claim(rt, instance_id)
+    [holder_ended] = ended
+    holder_ended()
+
+    assert refused == REFUSED
+    row = _row(rt, instance_id)
+    assert (row.state, row.reason, row.attempts) == (InstanceState.ASSESSED, None, 1)
+
+
+@pytest.mark.parametrize("rt", ["postgresql"], indirect=True)
+def test_a_copy_received_as_an_attempt_ends_is_not_erased(
+    rt: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy the attempt read (received before its claim), then another received as the
+    attempt closes the image: the close read the row before the second was recorded, and
+    wrote that no copy waits, erasing it (its message refused while the image was held:
+    the copy was never compared). The row is read under its lock now: the second copy
+    is recorded after the close, and waits to be compared."""
+    instance_id = spool_instance(rt)
+    received_again(rt, instance_id)  # the copy the attempt reads
+    claim = _claim(rt, instance_id)
+    with session_scope(rt.database_url) as session:
+        newer = database_now(session)
+    ended: list[Callable[[], None]] = []
+    _around_the_next_read(
+        monkeypatch,
+        lambda: ended.append(_another_connection_writes(rt, instance_id, received_again_at=newer)),
+        after=True,
+    )
+    pipeline._finish(rt, claim, InstanceState.NOT_ASSESSED, "not a hand")
+    [copy_recorded] = ended
+    copy_recorded()
+
+    row = _row(rt, instance_id)
+    assert row.state is InstanceState.NOT_ASSESSED
+    assert row.received_again_at == newer
+
+
+@pytest.mark.parametrize("rt", ["sqlite", "postgresql"], indirect=True)
+def test_the_database_clock_tells_times_a_millisecond_apart(rt: Runtime) -> None:
+    """A claim and a copy received within one millisecond are dated apart, and the
+    dates keep their order stored: SQLite's clock read to the millisecond dated them
+    alike, and the copy was taken for one the claim had read (forgotten)."""
+    instance_id = spool_instance(rt)
+    with session_scope(rt.database_url) as session:
+        stamps = [database_now(session) for _ in range(20)]
+        assert any(stamp.microsecond % 1000 for stamp in stamps)
+        session.execute(
+            update(Instance).where(Instance.id == instance_id).values(started_at=stamps[-1])
+        )
+    with session_scope(rt.database_url) as session:
+        row = session.get_one(Instance, instance_id)
+        assert row.started_at == stamps[-1]
+        later = stamps[-1] + dt.timedelta(microseconds=1)
+        row_of = Instance.id == instance_id
+        assert session.scalar(select(Instance.started_at < later).where(row_of)) is True
+        assert session.scalar(select(Instance.started_at < stamps[-1]).where(row_of)) is False
+
+
 def test_a_refused_message_is_not_lost_when_the_attempt_holding_the_image_dies(
     rt: Runtime,
 ) -> None:
@@ -216,6 +364,14 @@ def _as_the_worker_runs(
     return states.SUCCESS if traced.info is None else str(traced.info.state)
 
 
+def _counted(outcome: str) -> float:
+    """This process's boneage_worker_tasks_total of `assess` tasks that ended so."""
+    counted = WORKER_REGISTRY.get_sample_value(
+        "boneage_worker_tasks_total", {"task": ASSESS_TASK, "outcome": outcome}
+    )
+    return counted or 0.0
+
+
 def _messages() -> list[tuple[list[Any], dict[str, Any]]]:
     """The (args, kwargs) of each message in the inference queue, oldest first (taken)."""
     found = []
@@ -247,8 +403,11 @@ def test_the_tasks_retry_takes_over_the_claim_its_try_holds(rt: Runtime) -> None
     assert args == [instance_id]
     assert kwargs == {"held_since": row.started_at.isoformat()}
 
+    refusals = _counted("refused")
     assert _as_the_worker_runs(instance_id) == states.SUCCESS  # another message: refused
     assert _row(rt, instance_id).state is InstanceState.PROCESSING
+    # counted apart from a message for an image already finished (`skipped`)
+    assert _counted("refused") == refusals + 1
     spool.rmdir()
     spool.write_bytes(data)  # the trouble passed
     assert _as_the_worker_runs(instance_id, kwargs, retries=1) == states.SUCCESS
@@ -341,3 +500,24 @@ def test_a_worker_whose_clock_is_off_compares_each_copy_once(
     assert assess_instance(rt, instance_id).state == "skipped"
     assert _row(rt, instance_id).received_again_at is None
     assert reconcile_once(rt, inference_queue_empty=True) == []
+
+
+@pytest.mark.parametrize("offset", [-SKEW, SKEW], ids=["behind", "ahead"])
+def test_a_reprocess_on_a_host_whose_clock_is_off_queues_by_the_database_clock(
+    rt: Runtime, offset: dt.timedelta, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`reprocess` dates the images it queues again by the database's clock: the
+    reconciler compares that date with its own round's, and the claims with theirs (its
+    host's clock ahead, the image's copies received since were taken for read)."""
+    # the clock the CLI's host read before it asked the database (gone: raising=False)
+    monkeypatch.setattr("worker.reprocess.now", _clock(offset), raising=False)
+    instance_id = spool_instance(rt)
+    with session_scope(rt.database_url) as session:
+        session.get_one(Instance, instance_id).state = InstanceState.NOT_ASSESSED
+    assert prepare_reprocess(rt, [instance_id]) == [instance_id]
+    row = _row(rt, instance_id)
+    with session_scope(rt.database_url) as session:
+        current = database_now(session)
+    assert row.queued_at is not None
+    assert current - dt.timedelta(seconds=60) < row.queued_at <= current
+    assert row.assessment_received_at == row.queued_at

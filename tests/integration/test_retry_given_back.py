@@ -292,14 +292,16 @@ def test_an_image_given_back_then_received_again_is_queued_once(rt: Runtime) -> 
     assert reconcile_once(rt, inference_queue_empty=False) == [lost]
 
 
-def test_an_image_received_again_during_the_attempt_is_given_back_queued(rt: Runtime) -> None:
+def test_an_image_received_again_during_the_attempt_is_given_back_received(
+    rt: Runtime,
+) -> None:
     """A copy of the image comes while an attempt assesses it: the listener's enqueuer
-    publishes it while the row is `processing` (its ``queued_at`` kept). The attempt
-    fails, its retry is refused, and its task gives the image back `queued`, for the
-    copy's message to take: the reconciler does not queue it too, however long a backlog
-    keeps that message waiting, and queues it again only where the message is lost (the
-    inference queue empty, as for any `queued` image). Given back `received`, the
-    reconciler queued it a second time: two messages, two attempts."""
+    publishes it while the row is `processing` (its ``queued_at`` kept), and that message
+    is refused (another attempt holds the image) and acknowledged. The attempt fails, its
+    retry is refused, and its task gives the image back `received`: the reconciler
+    queues it once the copy is as old as a lost one, however long a backlog keeps the
+    inference queue from emptying. Given back `queued`, for the refused message to take,
+    it waited for an empty inference queue (found in review)."""
     instance_id = spool_instance(rt)
     mark_queued(rt.database_url, [instance_id], _published_at(rt))  # the listener's first
     claim = _claimed(rt, instance_id)  # its attempt took it
@@ -314,15 +316,13 @@ def test_an_image_received_again_during_the_attempt_is_given_back_queued(rt: Run
 
     with session_scope(rt.database_url) as session:
         row = session.get_one(Instance, instance_id)
-        assert (row.state, row.claimed_by) == (InstanceState.QUEUED, None)
+        assert (row.state, row.claimed_by) == (InstanceState.RECEIVED, None)
         assert row.queued_at == queued_at
         assert (row.reason or "").endswith(tasks.RETRY_NOT_PUBLISHED.removeprefix("; "))
-    assert reconcile_once(rt, inference_queue_empty=False) == []
-    # long after: the copy's message still waits behind a backlog
+    assert reconcile_once(rt, inference_queue_empty=False) == []  # the copy is recent
+    # later: a backlog keeps the inference queue busy, and the image is queued again
     _as_if_ago(rt, instance_id, rt.settings.requeue_after_seconds + 1)
-    assert reconcile_once(rt, inference_queue_empty=False) == []
-    # the queue empty, the image still queued: its message was lost
-    assert reconcile_once(rt, inference_queue_empty=True) == [instance_id]
+    assert reconcile_once(rt, inference_queue_empty=False) == [instance_id]
 
 
 @pytest.mark.parametrize("transient_failures", [1, 3, 7, 20])

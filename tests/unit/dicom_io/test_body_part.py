@@ -110,6 +110,7 @@ def _heat_map(
         series_instance_uid=generate_uid(),
         sop_instance_uid=generate_uid(),
         series_number=9902,
+        instance_number=1 if series_heat_map is None else 2,
         series_heat_map=series_heat_map,
     )
 

@@ -15,25 +15,21 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import numpy as np
 import pytest
-from pydicom import Dataset, dcmread
+from pydicom import Dataset
 from pydicom.uid import generate_uid
 
 from dicom_io import codes
 from dicom_io.content import BoneAgeFinding, side_in_body_part
 from dicom_io.gate import patient_facts
-from dicom_io.pixels import decode_for_display
 from dicom_io.sc import (
-    build_heatmap_sc,
     build_withdrawal_sc,
     image_side,
     notice_body_part,
-    render_overlay,
     series_laterality,
 )
 from dicom_io.sr import build_bone_age_sr
-from tests.dicomtools import dciodvfy_errors
+from tests.unit.dicom_io.test_body_part import _checked, _heat_map
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR CS")  # RT-HAND, as sent
 
@@ -103,27 +99,6 @@ def test_the_side_an_image_states(
     assert image_side(_image(image_laterality, laterality, body_part)) == expected
 
 
-def _cam() -> np.ndarray:
-    yy, xx = np.mgrid[0:96, 0:64]
-    return np.exp(-(((yy - 60) / 15.0) ** 2 + ((xx - 32) / 12.0) ** 2))
-
-
-def _heat_map(
-    source: Dataset, finding: BoneAgeFinding, series_heat_map: Dataset | None = None
-) -> Dataset:
-    rgb = render_overlay(decode_for_display(source), _cam(), finding)
-    return build_heatmap_sc(
-        source,
-        rgb,
-        finding,
-        series_instance_uid=generate_uid(),
-        sop_instance_uid=generate_uid(),
-        series_number=9902,
-        instance_number=1 if series_heat_map is None else 2,
-        series_heat_map=series_heat_map,
-    )
-
-
 def _notice(source: Dataset, series_heat_map: Dataset | None) -> Dataset:
     return build_withdrawal_sc(
         source,
@@ -137,14 +112,6 @@ def _notice(source: Dataset, series_heat_map: Dataset | None) -> Dataset:
         body_part_examined=notice_body_part(series_heat_map),
         series_heat_map=series_heat_map,
     )
-
-
-def _checked(tmp_path: Path, ds: Dataset, name: str) -> Dataset:
-    """``ds`` written, dciodvfy reporting no error, read back."""
-    path = tmp_path / f"{name}.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    assert dciodvfy_errors(path) == [], name
-    return dcmread(path)
 
 
 def _stating(source: Dataset, finding: BoneAgeFinding, **attributes: str | None) -> BoneAgeFinding:

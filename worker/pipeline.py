@@ -1372,7 +1372,7 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
     chronological, sds = finding.chronological_age_months, finding.sds
     other_study = claim.other_study(ds)
     uids = image_uids(rt, instance_id)
-    earlier_maps = _earlier_heat_maps(rt, claim, ds)
+    earlier_maps = _earlier_heat_maps(rt, claim, ds, uids)
     # the series this heat map joins, and its heat maps before this one, whose Body Part
     # Examined and Laterality it carries: one of its side (as the SC would state it alone);
     # only a later assessment has earlier ones to compare
@@ -1848,11 +1848,14 @@ def _unsent_on_their_way() -> ColumnElement[bool]:
     ) & Delivery.sending_since.is_not(None)
 
 
-def _earlier_heat_maps(rt: Runtime, claim: _Claim, source: Dataset) -> list[HeatMapSeries]:
+def _earlier_heat_maps(
+    rt: Runtime, claim: _Claim, source: Dataset, uids: UidScheme
+) -> list[HeatMapSeries]:
     """The heat-map series of earlier assessments of the claimed instance whose heat
     maps a destination has or may have (as :func:`_earlier_reports` finds their SRs):
     those whose bone age a later assessment replaces or withdraws. One per model and
-    study."""
+    study. ``uids``: the image's (:func:`image_uids`), which tell a series opened for a
+    side by its UID."""
     if claim.assessment == 1:
         return []
     current = select(Result.model_id).where(
@@ -1880,7 +1883,6 @@ def _earlier_heat_maps(rt: Runtime, claim: _Claim, source: Dataset) -> list[Heat
             .where(Model.id.not_in(current))
             .order_by(Model.id, Delivery.id)
         ).all()
-    uids = image_uids(rt, claim.instance_id)
     found: dict[str, HeatMapSeries] = {}
     for model_id, architecture, trained, study, series, uid, path, sha256, made_by, side in rows:
         # where it went; a row from before revision 0006: the first study's series,
@@ -2051,12 +2053,12 @@ def _not_assessed(
     # an SR could neither join the study nor reference the image; of ours, none is made
     ours_to_make = referable and not ours
     replaces = _earlier_reports(rt, claim, ds) if ours_to_make else []
+    uids = image_uids(rt, claim.instance_id)
     withdrawn = [  # a notice can join the heat maps' series in this study, not another's
         m
-        for m in (_earlier_heat_maps(rt, claim, ds) if ours_to_make else [])
+        for m in (_earlier_heat_maps(rt, claim, ds, uids) if ours_to_make else [])
         if m.study_instance_uid == ds.get("StudyInstanceUID")
     ]
-    uids = image_uids(rt, claim.instance_id)
     sr_uid = uids.derive(claim.sop_instance_uid, *_again(claim.assessment), "not-assessed-sr")
     report = bool(
         ours_to_make

@@ -590,6 +590,7 @@ def _claim(rt: Runtime, instance_id: int, held: datetime | None = None) -> _Clai
             instance.identity_sha256,
             instance.pixels_signature,
             Path(instance.spool_path),
+            instance.reason,
         )
     # A message delivered again, with no copy received since the instance finished: the
     # file is the one its assessment read, and nothing is read or written.
@@ -632,6 +633,7 @@ class _Seen:
     identity: str | None
     pixels: bytes | None
     spool: Path
+    reason: str | None = None  # the row's, as the claim read it
 
 
 def _reopen_if_received_changed(
@@ -655,6 +657,8 @@ def _reopen_if_received_changed(
     A copy in another study or under another patient is the image moved or refiled only
     if its pixels are the image's: other pixels are another image under the same SOP
     Instance UID, which is refused (:func:`_refuse_uid_clash`), and its outcome returned.
+    The image's own copy received after it (inputs and pixels unchanged) takes the
+    refusal back (:func:`_own_copy_came_again`).
 
     Raises
     ------
@@ -695,6 +699,8 @@ def _reopen_if_received_changed(
             return None  # a later copy took its place: its own message compares that one
         # any other OSError: raised, the task retries, and the copy stays to be compared
         if not signatures_differ(pixels, picture):
+            if picture != UNDECODABLE:
+                _own_copy_came_again(rt, instance_id, finished, seen, checked)
             return None
     elif (other_patient or other_study) and pixels is not None and pixels != UNDECODABLE:
         # moved or refiled by the PACS, or another image under this one's UID?
@@ -802,14 +808,15 @@ def _refuse_uid_clash(
     is in another study or under another patient. Nothing is made or sent for it, no
     note withdraws the image's results, which stand, and the instance's reason says so
     to the administrator (`status` lists it among the recent problems); the copy counts
-    as compared."""
+    as compared. The image's own copy received again takes that back
+    (:func:`_own_copy_came_again`)."""
     where = " and ".join(
         ["under another patient"] * other_patient + ["in another study"] * other_study
     )
     clash = (
         f"{UID_CLASH} (other pixels, {where}): its results stand and nothing was made of "
-        "the other, whose copy is now the one in the spool (reprocess leaves it); ask "
-        "whoever sent it to give each image UIDs of its own"
+        "the other, whose copy is now the one in the spool (reprocess leaves it until this "
+        "image is received again); ask whoever sent it to give each image UIDs of its own"
     )
     with session_scope(rt.database_url) as session:
         session.execute(
@@ -835,6 +842,54 @@ def _refuse_uid_clash(
         where,
     )
     return AssessOutcome("skipped", reason=clash)
+
+
+def _own_copy_came_again(
+    rt: Runtime, instance_id: int, finished: InstanceState, seen: _Seen, checked: datetime
+) -> None:
+    """Take back what :func:`_refuse_uid_clash` told of an image whose own copy is
+    received again (the inputs and pixels its finished assessment read): the spool holds
+    the image again, not the other, so `status` no longer lists it and a reprocess may
+    assess it (worker.reprocess.uid_clashes). The rest of its reason stays; the copy
+    counts as compared.
+
+    As the refusal, only for the assessment that read it, and only where no copy came
+    after the one compared (``received_again_at``, stamped by the listener once the file
+    is in place, no later than ``checked``): one that came meanwhile took the file's
+    place, may be the other image again, and its own message compares it. The reason is
+    written only as the claim read it, so that a refusal committed since stands.
+    """
+    if seen.reason is None or UID_CLASH not in seen.reason:
+        return
+    with session_scope(rt.database_url) as session:
+        cleared = session.execute(
+            update(Instance)
+            .where(
+                Instance.id == instance_id,
+                Instance.state == finished,
+                Instance.assessment == seen.assessment,
+                Instance.received_again_at <= checked,
+                Instance.reason == seen.reason,
+            )
+            .values(
+                reason=_without_uid_clash(seen.reason),
+                received_again_at=_received_again_and_compared(checked),
+            )
+            .returning(Instance.id)
+        ).one_or_none()
+    if cleared is not None:
+        logger.info(
+            "instance %d: its own copy was received again after another image under its "
+            "SOP Instance UID: the spool holds it again, and it is no longer said to clash",
+            instance_id,
+        )
+
+
+def _without_uid_clash(reason: str) -> str | None:
+    """``reason`` without what :func:`_refuse_uid_clash` added: its end, as nothing is
+    added to the reason of a finished instance after it (a rejection note, or the next
+    assessment, writes it anew); None where that was all of it."""
+    return reason[: reason.find(UID_CLASH)].removesuffix("; ") or None
 
 
 def _compared_if_read(instance: Instance) -> None:

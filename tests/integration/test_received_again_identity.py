@@ -27,6 +27,7 @@ from tests.conftest import StoreSCP
 from tests.integration import test_received_again as received_again_tests
 from tests.integration.test_pipeline import spool_instance
 from tests.integration.test_received_again import (
+    bytes_received_again,
     deliver,
     received_again,
     replaced,
@@ -336,3 +337,103 @@ def test_reprocess_leaves_an_image_whose_uid_another_image_came_under(
     assert assess_instance(runtime, other_id).state == "assessed"
     assert uid_clashes(new, [other_id]) == []
     assert prepare_reprocess(new, [other_id], send=True) == [other_id]
+
+
+def another_model(rt: Runtime, tmp_path: Path) -> Runtime:
+    """A node that runs another model than ``rt``'s, for a reprocess."""
+    assert rt.settings.model is not None
+    loaded = load_checkpoint(rt.settings.model)
+    new_model = tmp_path / "new.safetensors"
+    save_checkpoint(new_model, loaded.model, dataclasses.replace(loaded.meta, data="v2"))
+    new = Runtime(rt.settings.model_copy(update={"model": new_model}))
+    assert new.predictor.model_id != rt.predictor.model_id
+    return new
+
+
+def test_the_images_own_copy_received_again_takes_the_clash_back(
+    runtime: Runtime, storescp: StoreSCP, tmp_path: Path
+) -> None:
+    """Another image came under the image's SOP Instance UID and was refused; the PACS
+    then sends the image itself again, and its own copy is back in the spool. Its reason
+    no longer says it clashes, `status` no longer lists it, and a reprocess assesses it;
+    nothing is made or withdrawn for the copy. Another image under its UID once more is
+    refused again, and said once."""
+    instance_id = spool_instance(runtime, attributes=PATIENT_B)
+    deliver(runtime, storescp, assess_instance(runtime, instance_id).delivery_ids)
+    before = instance_row(runtime, instance_id)
+    own = Path(before.spool_path).read_bytes()
+    another_hand = np.ascontiguousarray(stored_pixels(runtime, instance_id)[::-1, ::-1])
+    received_again(runtime, instance_id, PixelData=another_hand.tobytes(), **PATIENT_A)
+    assert assess_instance(runtime, instance_id).state == "skipped"  # refused
+    assert queries.UID_CLASH in (instance_row(runtime, instance_id).reason or "")
+    new = another_model(runtime, tmp_path)
+    assert uid_clashes(new, [instance_id]) == [instance_id]
+
+    bytes_received_again(runtime, instance_id, own)
+    assert assess_instance(runtime, instance_id).state == "skipped"
+    after = instance_row(runtime, instance_id)
+    assert (after.state, after.assessment, after.reason, after.received_again_at) == (
+        InstanceState.ASSESSED,
+        1,
+        before.reason,
+        None,
+    )
+    assert Path(after.spool_path).read_bytes() == own
+    assert len(deliveries(runtime, instance_id)) == 2
+    assert results(runtime, instance_id) == [(1, False)]
+    with session_scope(runtime.database_url) as session:
+        assert queries.recent_problems(session) == []
+    assert uid_clashes(new, [instance_id]) == []
+
+    # another image under its UID again, in another study: refused, said once
+    received_again(
+        runtime, instance_id, PixelData=another_hand.tobytes(), StudyInstanceUID=generate_uid()
+    )
+    assert assess_instance(runtime, instance_id).state == "skipped"
+    reason = instance_row(runtime, instance_id).reason or ""
+    assert reason.count(queries.UID_CLASH) == 1
+    assert "in another study" in reason and "under another patient" not in reason
+    sent_once_more = assess_instance(runtime, instance_id)  # the same message again
+    assert sent_once_more.state == "skipped"
+    assert instance_row(runtime, instance_id).reason == reason
+    assert prepare_reprocess(new, [instance_id], send=True) == []
+
+    # the image itself once more: taken back again, and a reprocess assesses it
+    bytes_received_again(runtime, instance_id, own)
+    assert assess_instance(runtime, instance_id).state == "skipped"
+    assert instance_row(runtime, instance_id).reason == before.reason
+    assert prepare_reprocess(new, [instance_id], send=True) == [instance_id]
+    assert instance_row(runtime, instance_id).state is InstanceState.QUEUED
+
+
+def test_taking_the_clash_back_keeps_the_rest_of_the_reason(
+    runtime: Runtime, storescp: StoreSCP
+) -> None:
+    """An image whose reason says to withdraw objects at the PACS by hand (refiled under
+    the corrected patient, our files of what went under the other gone) keeps saying so
+    after another image came under its UID and its own copy came back."""
+    instance_id = spool_instance(runtime, attributes=PATIENT_B)
+    deliver(runtime, storescp, assess_instance(runtime, instance_id).delivery_ids)
+    for delivery in deliveries(runtime, instance_id):
+        Path(delivery.path).unlink()
+    received_again(runtime, instance_id, **PATIENT_A)
+    assert assess_instance(runtime, instance_id).state == "assessed"
+    kept = instance_row(runtime, instance_id).reason
+    assert kept is not None and kept.endswith(WITHDRAW_BY_HAND)
+    own = Path(instance_row(runtime, instance_id).spool_path).read_bytes()
+
+    another_hand = np.ascontiguousarray(stored_pixels(runtime, instance_id)[::-1, ::-1])
+    received_again(
+        runtime, instance_id, PixelData=another_hand.tobytes(), StudyInstanceUID=generate_uid()
+    )
+    assert assess_instance(runtime, instance_id).state == "skipped"  # refused
+    clashed = instance_row(runtime, instance_id).reason or ""
+    assert clashed.startswith(f"{kept}; {queries.UID_CLASH}")
+
+    bytes_received_again(runtime, instance_id, own)
+    assert assess_instance(runtime, instance_id).state == "skipped"
+    after = instance_row(runtime, instance_id)
+    assert (after.state, after.assessment, after.reason) == (InstanceState.ASSESSED, 2, kept)
+    with session_scope(runtime.database_url) as session:
+        problems = queries.recent_problems(session)
+    assert [p["reason"] for p in problems] == [kept]  # withdraw by hand: still listed

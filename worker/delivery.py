@@ -57,7 +57,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 
 from db.engine import session_scope
-from db.queries import take_instances
+from db.queries import database_now, take_instances
 from db.schema import Delivery, DeliveryState, Instance, ObjectKind
 from db.schema import utcnow as now
 from dicom_io.scu import (
@@ -97,6 +97,7 @@ class _Claimed:
     sha256: str | None  # None on rows written before checksums were recorded
     withdraws: str | None  # a note of ours: the UID of our object it withdraws
     created_at: datetime
+    claimed_at: datetime  # by the database's clock, as the claim dated the row
     # its sending_since before this claim: an earlier attempt whose answer never came,
     # or whose sender died (the object may be at the destination); kept by a failure of
     # this attempt that sent nothing (`_record_failure`)
@@ -230,18 +231,21 @@ def _claim(
 ) -> tuple[list[_Claimed], dict[int, DeliveryOutcome]]:
     if not ids:
         return [], {}
-    current = now()
-    until = current + timedelta(seconds=claim_seconds(len(ids)))
-    conditions = [Delivery.id.in_(ids), Delivery.state == DeliveryState.PENDING]
-    if not force:
-        # a second of slack: a retry's message may arrive a little before its due time
-        conditions.append(
-            or_(
-                Delivery.next_attempt_at.is_(None),
-                Delivery.next_attempt_at <= current + timedelta(seconds=1),
-            )
-        )
     with session_scope(rt.database_url) as session:
+        # The database's clock, whichever host this runs on: the rows' times are compared
+        # by other processes (another delivery worker's claim, the reconciler), on other
+        # hosts, whose clocks may differ from this one's by more than a claim lasts.
+        current = database_now(session)
+        until = current + timedelta(seconds=claim_seconds(len(ids)))
+        conditions = [Delivery.id.in_(ids), Delivery.state == DeliveryState.PENDING]
+        if not force:
+            # a second of slack: a retry's message may arrive a little before its due time
+            conditions.append(
+                or_(
+                    Delivery.next_attempt_at.is_(None),
+                    Delivery.next_attempt_at <= current + timedelta(seconds=1),
+                )
+            )
         # The marks the rows have before the claim replaces them, read under the lock
         # the claim's UPDATE then holds until the commit: a row lock (PostgreSQL), or the
         # write lock (SQLite), taken first by a write that changes nothing, since pysqlite
@@ -288,6 +292,7 @@ def _claim(
                 row.sha256,
                 row.withdraws,
                 row.created_at,
+                current,
                 marks.get(row.id),
             )
             for row in rows
@@ -342,8 +347,8 @@ def _notes_whose_objects_arrived(
     notes = [row for row in claimed if row.withdraws]
     if not notes:
         return claimed
-    current = now()
     with session_scope(rt.database_url) as session:
+        current = database_now(session)  # as the object's claim was dated (`_claim`)
         objects = {
             (uid, destination): (state, sending_since, claim_ends)
             for uid, destination, state, sending_since, claim_ends in session.execute(
@@ -428,7 +433,11 @@ def _send_to(
         for row in rows:
             if row.kind is ObjectKind.KO:
                 continue
-            if row.created_at > rt.settings_since and now() - row.created_at < SETTINGS_ROLLOUT:
+            if (
+                row.created_at > rt.settings_since
+                # both by the database's clock: the row was made on another host, maybe
+                and row.claimed_at - row.created_at < SETTINGS_ROLLOUT
+            ):
                 outcomes[row.id] = _record_failure(
                     rt, row.id, NOT_CONFIGURED_HERE, sent_before=row.sent_before
                 )
@@ -524,7 +533,7 @@ def _send_to(
                 .where(Delivery.id.in_(delivered))
                 .values(
                     state=DeliveryState.DELIVERED,
-                    delivered_at=now(),
+                    delivered_at=database_now(session),
                     attempts=Delivery.attempts + 1,
                     last_error=None,
                     next_attempt_at=None,
@@ -689,7 +698,8 @@ def _record_failure(
             wait = backoff_seconds(
                 attempts, settings.delivery_backoff_seconds, settings.delivery_backoff_max_seconds
             )
-            changes = {"next_attempt_at": now() + timedelta(seconds=wait)}  # ends the claim
+            # ends the claim; by the database's clock, as the claims compare it (`_claim`)
+            changes = {"next_attempt_at": database_now(session) + timedelta(seconds=wait)}
             outcome = DeliveryOutcome("retry", retry_in=wait, error=error)
         session.execute(
             update(Delivery)
@@ -805,9 +815,10 @@ PUT_BACK = (
 )
 
 
-def _put_back() -> dict[str, object]:
-    """What a failed delivery that `retry_failed` puts back to pending is given: due now,
-    its attempts counted from nought, and ``created_at`` now, as a delivery it makes.
+def _put_back(current: datetime) -> dict[str, object]:
+    """What a failed delivery that `retry_failed` puts back to pending is given: due
+    ``current`` (now, by the database's clock, as the claims compare it), its attempts
+    counted from nought, and ``created_at`` ``current``, as a delivery it makes.
 
     Put back, it is a delivery queued now by settings that name its destination: a
     delivery worker not restarted yet, whose settings do not, tries it again for
@@ -823,7 +834,6 @@ def _put_back() -> dict[str, object]:
     its instance's removal mark has retention look at the instance again, as a delivery
     made then does (the file it sent then goes in its turn).
     """
-    current = now()
     return {
         "state": DeliveryState.PENDING,
         "attempts": 0,
@@ -917,7 +927,7 @@ def retry_failed(rt: Runtime, delivery_ids: list[int] | None = None) -> Retried:
             session.scalars(
                 update(Delivery)
                 .where(*conditions, sendable)
-                .values(**_put_back())
+                .values(**_put_back(database_now(session)))
                 .returning(Delivery.id)
                 .execution_options(synchronize_session=False)
             )
@@ -995,6 +1005,7 @@ def _redirect_batch(
         # read once the images are taken: nothing changes their deliveries meanwhile, and
         # what this batch queues (pending) never makes another of its rows given up
         given_up = abandoned_at_targets(session, [row.id for row, _ in rows], targets)
+        current = database_now(session)  # once, for every row this batch queues
         for row, files_removed_at in rows:
             gone = _file_gone(row.path, row.created_at, files_removed_at)
             if gone is not None:
@@ -1017,7 +1028,7 @@ def _redirect_batch(
                 continue  # superseded meanwhile: a later assessment, the PACS rejected it
             new: list[int] = []
             for target in targets:
-                queued = _queue_to(session, dialect, row, target)
+                queued = _queue_to(session, dialect, row, target, current)
                 if queued is not None:
                     new.append(queued)
                     went.add(target)
@@ -1123,11 +1134,14 @@ def abandoned_at_targets(
     }
 
 
-def _queue_to(session: Session, dialect: ModuleType, row: Delivery, target: str) -> int | None:
+def _queue_to(
+    session: Session, dialect: ModuleType, row: Delivery, target: str, current: datetime
+) -> int | None:
     """Queue the object of ``row`` (superseded, `REDIRECTED`) to the configured
-    destination ``target``, unless a delivery of it there is delivered or pending
-    (being sent, or to be), or abandoned (the administrator gave it up there: a refusal
-    for good, say): the id of the delivery queued, or None.
+    destination ``target``, due ``current`` (the database's clock, read once per
+    transaction by `_redirect_batch`), unless a delivery of it there is delivered or
+    pending (being sent, or to be), or abandoned (the administrator gave it up there: a
+    refusal for good, say): the id of the delivery queued, or None.
 
     A delivery of it there that failed, or that an earlier redirect superseded (the
     settings named ``target``, then other destinations, now ``target`` again), does not
@@ -1158,7 +1172,7 @@ def _queue_to(session: Session, dialect: ModuleType, row: Delivery, target: str)
         back = session.scalar(
             update(Delivery)
             .where(Delivery.id == delivery_id, sent_away)
-            .values(**_put_back())
+            .values(**_put_back(current))
             .returning(Delivery.id)
             .execution_options(synchronize_session=False)
         )
@@ -1181,8 +1195,8 @@ def _queue_to(session: Session, dialect: ModuleType, row: Delivery, target: str)
             withdraws=row.withdraws,
             state=DeliveryState.PENDING,
             attempts=0,
-            next_attempt_at=now(),
-            created_at=now(),
+            next_attempt_at=current,
+            created_at=current,
         )
         .on_conflict_do_nothing(index_elements=["sop_instance_uid", "destination"])
         .returning(Delivery.id)
@@ -1357,6 +1371,7 @@ def abandon_failed(
     deliveries takes them (`db.queries.take_instances`).
     """
     ids = sorted(set(delivery_ids))
+    # this host's clock: a note for people, to the minute, that no process compares
     note = abandoned_note(by, now(), reason)
     before = literal(" (it had failed: ") + Delivery.last_error + literal(")")
     done: list[int] = []

@@ -2388,8 +2388,9 @@ def _withdraw(
                 uids=uids,
                 fallback=note_ds,
             )
+            current = database_now(session)
             deliveries = [
-                _delivery(instance_id, instance.assessment, output, destination)
+                _delivery(instance_id, instance.assessment, output, destination, current)
                 for output in [*staged, *again]
                 for destination in output.destinations or ()
             ]
@@ -2788,12 +2789,14 @@ def _commit(
                 session.add(result)
                 session.flush()
             configured = [str(destination) for destination in rt.settings.destinations]
+            current = database_now(session)
             deliveries = [
                 _delivery(
                     instance_id,
                     claim.assessment,
                     output,
                     destination,
+                    current,
                     result_id=result.id if result is not None and output.of_result else None,
                 )
                 for destination in (configured if send else [])
@@ -2802,7 +2805,7 @@ def _commit(
             ] + [
                 # a note of ours withdrawing an object goes where that object went, even a
                 # destination configured otherwise since
-                _delivery(instance_id, claim.assessment, output, destination)
+                _delivery(instance_id, claim.assessment, output, destination, current)
                 for output in outputs
                 for destination in (output.destinations or () if send else ())
             ]
@@ -2838,11 +2841,13 @@ def _delivery(
     assessment: int,
     output: Output,
     destination: str,
+    current: datetime,
     *,
     result_id: int | None = None,
 ) -> Delivery:
     """The row that sends ``output``, of the instance's ``assessment``, to
-    ``destination``, due now."""
+    ``destination``, made and due ``current``: now, by the database's clock, which the
+    delivery workers and the reconciler, on any host, compare its times with."""
     return Delivery(
         instance_id=instance_id,
         result_id=result_id,
@@ -2856,7 +2861,8 @@ def _delivery(
         sha256=output.sha256,
         withdraws=output.withdraws,
         state=DeliveryState.PENDING,
-        next_attempt_at=now(),
+        next_attempt_at=current,
+        created_at=current,
     )
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import ColumnElement, case, func, select, update
 from sqlalchemy.orm import Session
 
 from db.schema import (
@@ -16,6 +16,7 @@ from db.schema import (
     Heartbeat,
     Instance,
     InstanceState,
+    Node,
     ObjectKind,
     UTCDateTime,
 )
@@ -46,6 +47,24 @@ def take_instances(session: Session, instance_ids: Iterable[int]) -> None:
             .values(claimed_by=Instance.claimed_by)
             .execution_options(synchronize_session=False)
         )
+
+
+def made_here() -> ColumnElement[bool]:
+    """Deliveries this node made under the identity it has: those after the highest id
+    the database held when `boneage-worker db new-identity` gave it
+    (``Node.copied_deliveries_up_to``), every one on a node never given a new identity.
+
+    The others are the node's the database was copied from (worker.node_identity): their
+    objects are that node's to send, and to withdraw. A note of ours withdrawing one
+    would withdraw, at a destination the copy shares with that node (its PACS), a result
+    that stands there, under the UID of that node's own note (a note's UID is derived
+    from its object's alone, worker.pipeline.withdrawal_uid). Ids are numbered as rows
+    are made and never removed, and the command runs while no process of the node runs:
+    a row up to the mark is one the copy holds from the other node. A scalar subquery,
+    read with the statement it is in.
+    """
+    copied = select(Node.copied_deliveries_up_to).where(Node.id == 1).scalar_subquery()
+    return Delivery.id > func.coalesce(copied, 0)
 
 
 def database_now(session: Session) -> datetime:

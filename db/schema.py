@@ -310,6 +310,10 @@ class Node(Base):
     # the Device Observer UID our SRs name the node by (TID 1004), made at random once
     device_observer_uid: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # the highest delivery id when `db new-identity` gave the node the identity it has
+    # (revision 0020): the deliveries up to it are the node's the database was copied
+    # from, never this one's to send or withdraw; empty on a node never given one
+    copied_deliveries_up_to: Mapped[int | None] = mapped_column(Integer)
 
 
 class Heartbeat(Base):

@@ -117,7 +117,9 @@ def db_new_identity(ctx: click.Context, yes: bool) -> None:
     database (a validation node from production's) would make that node's UIDs. Only
     while no process of the node runs (each keeps the identity it read at its start).
     The objects recorded stay as they are; an image among them assessed again here gets
-    its new objects in new series. Asks first, unless --yes.
+    its new objects in new series. The deliveries recorded become the other node's: the
+    unsent ones are superseded, never sent from here, and no note of ours withdraws the
+    objects of the others. Asks first, unless --yes.
     """
     from worker.delivery import configured
     from worker.node_identity import give_new_identity, identity_in_use
@@ -138,23 +140,43 @@ def db_new_identity(ctx: click.Context, yes: bool) -> None:
     click.echo(f"the node's identity (its Device Observer UID) is {now.identity}")
     if now.images:
         click.echo(
-            f"{now.images} image(s) have objects of ours recorded under it (of the node "
-            "this database was copied from, if it is a copy): they stay as recorded, but an "
+            f"{now.images} image(s) have objects of ours recorded (of the node this "
+            "database was copied from, if it is a copy): they stay as recorded, but an "
             "image among them assessed again here gets its new SR and SC in new series, not "
             "those recorded, and its notes in other series than before; on the node whose "
             "database this is, that would happen to its own images"
         )
+    # what the new identity does to the deliveries recorded (give_new_identity)
+    fates = []
+    if now.pending or now.failed:
+        fates.append(
+            f"{now.pending} pending and {now.failed} failed deliveries are recorded (of the "
+            "node this database was copied from, if it is a copy): they will be superseded, "
+            "never sent from here, nor again by retry-deliveries"
+        )
+    if now.delivered:
+        fates.append(
+            f"no note of ours will withdraw the objects of the {now.delivered} delivered "
+            "ones (their image rejected by the PACS, received again corrected, or moved): "
+            "they are left to the node that sent them"
+        )
+    if fates:
+        click.echo(
+            f"{'; and '.join(fates)}; on the node whose database this is, that would happen "
+            "to its own"
+        )
     if elsewhere := [d for d in now.destinations if not configured(settings, d)]:
         click.echo(
             f"warning: objects of ours are recorded as sent to {', '.join(elsewhere)}, not "
-            "among BONEAGE_DESTINATIONS here: a note of ours withdrawing one (its image "
-            "rejected by the PACS, or received again corrected) goes there all the same; "
-            "a copy keeps the other node's"
+            "among BONEAGE_DESTINATIONS here: with a new identity nothing recorded goes "
+            "there from here, no note withdrawing one of them either; a copy keeps the "
+            "other node's"
         )
     if not yes:
         question = (
             "Give this node a new identity? Only for a database copied from another node: "
-            "the UIDs of what it makes from now on are its own"
+            "the UIDs of what it makes from now on are its own, and the deliveries "
+            "recorded the other node's"
         )
         if not _agreed(question):
             raise click.ClickException(
@@ -166,8 +188,21 @@ def db_new_identity(ctx: click.Context, yes: bool) -> None:
             "identity unchanged: it changed while this command ran (another run of it?); "
             "run it again"
         )
-    logger.warning("node identity changed from %s to %s by %s", now.identity, new, _who())
-    click.echo(f"the node's identity is now {new}: start the node's processes")
+    logger.warning(
+        "node identity changed from %s to %s by %s: deliveries up to id %d are the other "
+        "node's, %d unsent ones of them superseded",
+        now.identity,
+        new.identity,
+        _who(),
+        new.copied_up_to,
+        new.superseded,
+    )
+    if new.superseded:
+        click.echo(
+            f"{new.superseded} pending or failed deliveries superseded: made by the node "
+            "this database was copied from, they are not this node's to send"
+        )
+    click.echo(f"the node's identity is now {new.identity}: start the node's processes")
 
 
 def _private_files(settings: Settings) -> None:

@@ -57,7 +57,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 
 from db.engine import session_scope
-from db.queries import database_now, take_instances
+from db.queries import database_now, made_here, take_instances
 from db.schema import Delivery, DeliveryState, Instance, ObjectKind
 from db.schema import utcnow as now
 from dicom_io.scu import (
@@ -842,6 +842,15 @@ def _put_back(current: datetime) -> dict[str, object]:
     }
 
 
+#: Why a delivery that a database copied from another node holds, not sent, is
+#: superseded when `boneage-worker db new-identity` gives the copy an identity of its
+#: own (worker.node_identity): the other node's to send, never this one's.
+MADE_BEFORE_THE_COPY = (
+    "made by the node this database was copied from, before it was sent: not this "
+    "node's to send (boneage-worker db new-identity)"
+)
+
+
 #: Where a delivery's object is, or is on its way, or where the administrator gave its
 #: delivery up (`abandon_failed`): a redirect sends it there no more.
 _NOT_AGAIN = (DeliveryState.DELIVERED, DeliveryState.PENDING, DeliveryState.ABANDONED)
@@ -1149,7 +1158,9 @@ def _queue_to(
     unique key allows one per object and destination), else a new one is made. One
     superseded otherwise (a later assessment, a withdrawal) is never put back: such a
     supersede takes every unsent row of the object, ``row`` with them, which
-    `retry_failed` then leaves as it is.
+    `retry_failed` then leaves as it is. Nor is one the node this database was copied
+    from made (not `made_here`), even one its own redirect superseded: its object is
+    that node's to send.
     """
     key = _key(target)  # however the settings spelled its host then
     there = [
@@ -1171,7 +1182,7 @@ def _queue_to(
         # conditional: put back only what is still failed or sent away
         back = session.scalar(
             update(Delivery)
-            .where(Delivery.id == delivery_id, sent_away)
+            .where(Delivery.id == delivery_id, sent_away, made_here())
             .values(**_put_back(current))
             .returning(Delivery.id)
             .execution_options(synchronize_session=False)
@@ -1325,20 +1336,22 @@ def not_failed(database_url: str, delivery_ids: Sequence[int]) -> dict[int, str]
     leaves as they are, each with why (no such delivery, or its state: `_NOT_RETRIED`),
     for `retry-deliveries` to say."""
     ids = sorted(set(delivery_ids))
-    states: dict[int, DeliveryState] = {}
+    states: dict[int, tuple[DeliveryState, str | None]] = {}
     with session_scope(database_url) as session:
         for start in range(0, len(ids), _CHUNK):
             rows = session.execute(
-                select(Delivery.id, Delivery.state).where(
+                select(Delivery.id, Delivery.state, Delivery.last_error).where(
                     Delivery.id.in_(ids[start : start + _CHUNK])
                 )
             )
-            states.update((delivery_id, state) for delivery_id, state in rows)
+            states.update((delivery_id, (state, error)) for delivery_id, state, error in rows)
     left: dict[int, str] = {}
     for delivery_id in ids:
-        state = states.get(delivery_id)
+        state, error = states.get(delivery_id, (None, None))
         if state is None:
             left[delivery_id] = "does not exist"
+        elif state is DeliveryState.SUPERSEDED and error == MADE_BEFORE_THE_COPY:
+            left[delivery_id] = f"was superseded: {MADE_BEFORE_THE_COPY}"
         elif state is not DeliveryState.FAILED:
             left[delivery_id] = _NOT_RETRIED[state]
     return left

@@ -60,6 +60,7 @@ from db.queries import (
     UID_CLASH,
     WITHDRAW_BY_HAND,
     database_now,
+    made_here,
     reason_category,
     take_instances,
 )
@@ -169,11 +170,16 @@ def image_uids(rt: Runtime, instance_id: int) -> UidScheme:
     BONEAGE_UID_ROOT as it was then), so that what is derived again of the image (the
     series a later assessment joins, the note withdrawing an object, the SR saying it is
     not assessed, made already) is what the PACS has; for an image with none,
-    :func:`node_uids`."""
+    :func:`node_uids`.
+
+    Only this node's deliveries count (:func:`made_here`): on a database copied from
+    another node, an image that node assessed gets UIDs of this node's own, never the
+    other's derivation, which, under pydicom's root, has no node in it and would give
+    the copy's next assessment the UIDs that node's next assessment makes."""
     with session_scope(rt.database_url) as session:
         first = session.scalar(
             select(Delivery.sop_instance_uid)
-            .where(Delivery.instance_id == instance_id)
+            .where(Delivery.instance_id == instance_id, made_here())
             .order_by(Delivery.id)
             .limit(1)
         )
@@ -1885,12 +1891,15 @@ def _earlier_reports(rt: Runtime, claim: _Claim, source: Dataset) -> list[Datase
 def _sent_before(claim: _Claim, kind: ObjectKind) -> tuple[ColumnElement[bool], ...]:
     """Deliveries of ``kind`` of earlier assessments of the claimed instance whose object
     a destination has, or may have: delivered, or superseded (or abandoned by the
-    administrator) while on their way."""
+    administrator) while on their way. Made by this node (:func:`made_here`): those of
+    the node its database was copied from are that node's to replace and withdraw
+    (:func:`_left_to_the_copied_node`)."""
     return (
         Delivery.instance_id == claim.instance_id,
         Delivery.kind == kind,
         Delivery.assessment < claim.assessment,
         or_(Delivery.state == DeliveryState.DELIVERED, _unsent_on_their_way()),
+        made_here(),
     )
 
 
@@ -2331,7 +2340,9 @@ def _withdraw(
     (its send was under way and failed) refuses only that note, and the same object
     withdrawn again is the same note, which the unique key on (object, destination)
     sends once. A note that cannot be made (:func:`_stage_withdrawal_notes`) leaves the
-    image rejected and its unsent objects superseded, and says so in its reason.
+    image rejected and its unsent objects superseded, and says so in its reason; so does
+    an object the node this database was copied from sent, which no note of ours
+    withdraws (:func:`_left_to_the_copied_node`).
     """
     why = rejected_by_the_pacs(note.code)
     uids = image_uids(rt, instance_id)
@@ -2367,6 +2378,7 @@ def _withdraw(
             objects = _sent_objects(
                 session, instance_id, source_uid, first_study=instance.study_instance_uid
             )
+            left = _left_to_the_copied_node(session, instance_id)
             made = _notes_made(session, instance_id)
             todo, again = [], []
             for uid, sent_object in objects.items():
@@ -2394,11 +2406,11 @@ def _withdraw(
                 for output in [*staged, *again]
                 for destination in output.destinations or ()
             ]
-            if unmade:
+            if said := "; ".join(filter(None, (unmade, left))):
                 session.execute(
                     update(Instance)
                     .where(Instance.id == instance_id)
-                    .values(reason=f"{why}; {unmade}")
+                    .values(reason=f"{why}; {said}")
                     .execution_options(synchronize_session=False)
                 )
             session.add_all(deliveries)
@@ -2440,7 +2452,9 @@ def _sent_objects(
     session: Session, instance_id: int, source_uid: str, *, first_study: str
 ) -> dict[str, _SentObject]:
     """The SRs and SCs of the image ``instance_id`` that a destination has or may have
-    (delivered, or superseded or abandoned while on their way), by SOP Instance UID."""
+    (delivered, or superseded or abandoned while on their way), by SOP Instance UID: this
+    node's (:func:`made_here`), never those of the node its database was copied from
+    (:func:`_left_to_the_copied_node`)."""
     rows = session.execute(
         select(
             Delivery.kind,
@@ -2457,6 +2471,7 @@ def _sent_objects(
             Delivery.instance_id == instance_id,
             Delivery.kind.in_(list(_OUR_CLASSES)),
             or_(Delivery.state == DeliveryState.DELIVERED, _unsent_on_their_way()),
+            made_here(),
         )
         .order_by(Delivery.id)
     ).all()
@@ -2481,6 +2496,50 @@ def _sent_objects(
             numbers[uid],
         )
     return objects
+
+
+#: What an image's reason says where a note of ours would have withdrawn objects of it
+#: that the node its database was copied from sent (:func:`_left_to_the_copied_node`).
+LEFT_TO_THE_COPIED_NODE = (
+    "{count} object(s) of ours that the node this database was copied from sent not "
+    "withdrawn from here: they are that node's (boneage-worker db new-identity)"
+)
+
+
+def _left_to_the_copied_node(
+    session: Session, instance_id: int, *, before_assessment: int | None = None
+) -> str | None:
+    """Where the SRs and SCs of the image ``instance_id`` (of its assessments before
+    ``before_assessment``, where given) are withdrawn (the PACS rejected the image, it was
+    assessed again, or moved), what its reason says of those the node this database was
+    copied from sent (delivered, or on their way; not :func:`made_here`): none of them is
+    withdrawn from here, nor replaced by an SR of ours (:func:`_sent_objects`,
+    :func:`_sent_before`). None where there are none.
+
+    They are that node's: a note of ours would withdraw, at a destination the copy shares
+    with it, a result that stands there, and under the UID of that node's own note for
+    it (:func:`withdrawal_uid`). Logged by the instance's id and a count only.
+    """
+    conditions = [
+        Delivery.instance_id == instance_id,
+        Delivery.kind.in_(list(_OUR_CLASSES)),
+        or_(Delivery.state == DeliveryState.DELIVERED, _unsent_on_their_way()),
+        ~made_here(),
+    ]
+    if before_assessment is not None:
+        conditions.append(Delivery.assessment < before_assessment)
+    count = session.scalar(
+        select(func.count(Delivery.sop_instance_uid.distinct())).where(*conditions)
+    )
+    if not count:
+        return None
+    logger.info(
+        "instance %d: %d object(s) of ours that the node this database was copied from "
+        "sent left to it, not withdrawn from here",
+        instance_id,
+        count,
+    )
+    return LEFT_TO_THE_COPIED_NODE.format(count=count)
 
 
 def _note_numbers(session: Session, instance_id: int, *, first_study: str) -> dict[str, int]:
@@ -2704,7 +2763,9 @@ def stage_moved_withdrawals(
     there. A PACS that applies IOCM hides them; one that does not shows the note in that
     study, under that patient. Objects a note of ours withdrew already are left. Returns
     the notes, each to go where its object went, and what could not be made
-    (:func:`_stage_withdrawal_notes`).
+    (:func:`_stage_withdrawal_notes`), with what is said of the earlier objects that the
+    node this database was copied from sent, which this assessment neither replaces nor
+    withdraws, wherever they are (:func:`_left_to_the_copied_node`).
 
     Only a later assessment has earlier objects: a copy in another study or under another
     patient always opens one (the study is among :data:`IMAGE_INPUTS`, the patient is
@@ -2728,6 +2789,9 @@ def stage_moved_withdrawals(
             first_study=claim.first_study or study_now,
         )
         withdrawn = _notes_made(session, claim.instance_id)
+        left = _left_to_the_copied_node(
+            session, claim.instance_id, before_assessment=claim.assessment
+        )
     left_behind: list[_SentObject] = []
     refiled: list[_SentObject] = []
     for uid, sent in objects.items():
@@ -2750,7 +2814,7 @@ def stage_moved_withdrawals(
     except BaseException:
         discard(moved)
         raise
-    return moved + notes, "; ".join(filter(None, (unmade, also_unmade))) or None
+    return moved + notes, "; ".join(filter(None, (unmade, also_unmade, left))) or None
 
 
 def _commit(

@@ -145,7 +145,7 @@ def test_a_validation_node_from_a_copy_of_productions_database_gets_an_identity_
     assert unanswered.exit_code == 1 and identity(copy) == identity(database_url)
     said = declined.output
     assert f"the node's identity (its Device Observer UID) is {identity(copy)}" in said
-    assert "1 image(s) have objects of ours recorded under it" in said
+    assert "1 image(s) have objects of ours recorded (of the node this" in said
     assert f"warning: objects of ours are recorded as sent to {PRODUCTION_PACS}, not" in said
 
     given = new_identity(copy, answer="y\n")

@@ -143,8 +143,8 @@ def db_new_identity(ctx: click.Context, yes: bool) -> None:
             f"{now.images} image(s) have objects of ours recorded (of the node this "
             "database was copied from, if it is a copy): they stay as recorded, but an "
             "image among them assessed again here gets its new SR and SC in new series, not "
-            "those recorded, and its notes in other series than before; on the node whose "
-            "database this is, that would happen to its own images"
+            "those recorded; on the node whose database this is, that would happen to its "
+            "own images"
         )
     # what the new identity does to the deliveries recorded (give_new_identity)
     fates = []

@@ -815,7 +815,8 @@ def _refuse_uid_clash(
     note withdraws the image's results, which stand, and the instance's reason says so
     to the administrator (`status` lists it among the recent problems); the copy counts
     as compared. The image's own copy received again takes that back
-    (:func:`_own_copy_came_again`)."""
+    (:func:`_own_copy_came_again`); one received while this compared is not refused
+    here: it holds the spool now, and its own message compares it."""
     where = " and ".join(
         ["under another patient"] * other_patient + ["in another study"] * other_study
     )
@@ -831,6 +832,11 @@ def _refuse_uid_clash(
                 Instance.id == instance_id,
                 Instance.state == finished,
                 Instance.assessment == seen.assessment,
+                # the copy compared is still the last received, and not compared since: a
+                # later one (the image's own again, maybe) took its place in the spool and
+                # its message compares it; one compared since has had its say
+                Instance.received_again_at.is_not(None),
+                Instance.received_again_at <= checked,
             )
             .values(
                 reason=case(
@@ -2406,7 +2412,8 @@ def _withdraw(
                 for output in [*staged, *again]
                 for destination in output.destinations or ()
             ]
-            if said := "; ".join(filter(None, (unmade, left))):
+            # what is to be withdrawn by hand last: `status` finds it at the end
+            if said := "; ".join(filter(None, (left, unmade))):
                 session.execute(
                     update(Instance)
                     .where(Instance.id == instance_id)
@@ -2501,7 +2508,7 @@ def _sent_objects(
 #: What an image's reason says where a note of ours would have withdrawn objects of it
 #: that the node its database was copied from sent (:func:`_left_to_the_copied_node`).
 LEFT_TO_THE_COPIED_NODE = (
-    "{count} object(s) of ours that the node this database was copied from sent not "
+    "{count} object(s) of ours sent by the node this database was copied from, not "
     "withdrawn from here: they are that node's (boneage-worker db new-identity)"
 )
 
@@ -2554,13 +2561,20 @@ def _note_numbers(session: Session, instance_id: int, *, first_study: str) -> di
     under another patient (the PACS corrected the study's Patient ID in between).
     Like the note's UIDs, the number is the object's: the same note made again (a retry,
     an attempt beside it) is numbered the same, and the note of an object made later
-    comes after it. Every object of the image counts, sent or not, so that nothing made
-    or sent since changes a number: delivery rows are never removed, and an image's new
-    objects are added under its row's lock (:func:`_commit`), after those before them.
+    comes after it. Every object of the image this node made counts, sent or not, so that
+    nothing made or sent since changes a number: delivery rows are never removed, and an
+    image's new objects are added under its row's lock (:func:`_commit`), after those
+    before them. On a database copied from another node, that node's objects, which no
+    note of ours withdraws, do not count (:func:`made_here`: the mark never moves while
+    the node runs).
     """
     rows = session.execute(
         select(Delivery.sop_instance_uid, func.min(Delivery.study_instance_uid))
-        .where(Delivery.instance_id == instance_id, Delivery.kind.in_(list(_OUR_CLASSES)))
+        .where(
+            Delivery.instance_id == instance_id,
+            Delivery.kind.in_(list(_OUR_CLASSES)),
+            made_here(),  # a copy's notes withdraw its own objects only
+        )
         .group_by(Delivery.sop_instance_uid)
         .order_by(func.min(Delivery.id))
     ).all()
@@ -2814,7 +2828,8 @@ def stage_moved_withdrawals(
     except BaseException:
         discard(moved)
         raise
-    return moved + notes, "; ".join(filter(None, (unmade, also_unmade, left))) or None
+    # what is to be withdrawn by hand last: `status` finds it at the end
+    return moved + notes, "; ".join(filter(None, (left, unmade, also_unmade))) or None
 
 
 def _commit(

@@ -25,6 +25,7 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy import select, update
 
+from db import queries
 from db.engine import session_scope
 from db.schema import Delivery, DeliveryState, Instance, InstanceState, Node, ObjectKind
 from db.schema import utcnow as now
@@ -37,7 +38,7 @@ from tests.support import pacs_rejection_note
 from worker import pipeline
 from worker.cli import main as cli
 from worker.delivery import MADE_BEFORE_THE_COPY, not_failed, retry_failed, send_deliveries
-from worker.pipeline import LEFT_TO_THE_COPIED_NODE, assess_instance
+from worker.pipeline import LEFT_TO_THE_COPIED_NODE, WITHDRAW_BY_HAND, assess_instance
 from worker.reconciler import reconcile
 from worker.runtime import Runtime
 
@@ -299,3 +300,46 @@ def test_a_copy_derives_its_own_uids_for_an_image_production_assessed_under_pydi
         assert str(ds.SOPInstanceUID).startswith(f"{UUID_ROOT}."), ds.Modality
         assert str(ds.SOPInstanceUID) not in legacy
         assert str(ds.SeriesInstanceUID) not in legacy
+
+
+def test_a_copys_own_objects_to_withdraw_by_hand_stay_among_the_problems(
+    database_url: str,  # noqa: F811
+    tmp_path: Path,
+    tiny_checkpoint: Path,
+    copy_of: Callable[[str], str],  # noqa: F811
+    storescp: StoreSCP,
+) -> None:
+    """At the copy, an image production assessed is assessed again (its sex corrected)
+    and the copy's SR and SC delivered; retention removes their files; then the PACS
+    refiles the image under another patient. No note can be made of the copy's own
+    objects (their files said where they were filed), and none is made of production's:
+    the reason says both, ending with what to withdraw by hand, so that `status` lists
+    it among the problems."""
+    production = production_node(tmp_path, tiny_checkpoint, database_url, storescp)
+    validation = validation_node(tmp_path, tiny_checkpoint, production, copy_of, storescp)
+    copy = validation.database_url
+    image_id = production.delivered
+    with session_scope(copy) as session:
+        sex = dcmread(session.get_one(Instance, image_id).spool_path).PatientSex
+        mark = session.get_one(Node, 1).copied_deliveries_up_to
+    received_again(validation, image_id, PatientSex="M" if sex == "F" else "F")
+    again = assess_instance(validation, image_id)
+    assert again.state == "assessed"
+    deliver(validation, storescp, again.delivery_ids)
+    with session_scope(copy) as session:
+        ours = session.scalars(
+            select(Delivery).where(Delivery.instance_id == image_id, Delivery.id > mark)
+        ).all()
+    assert sorted(d.kind for d in ours) == sorted([ObjectKind.SR, ObjectKind.SC])
+    for delivery in ours:  # as retention removes them
+        Path(delivery.path).unlink()
+
+    received_again(validation, image_id, PatientID="P-1-CORRECTED")
+    assert assess_instance(validation, image_id).state == "assessed"
+    with session_scope(copy) as session:
+        reason = session.get_one(Instance, image_id).reason or ""
+        problems = queries.recent_problems(session)
+    assert LEFT_TO_THE_COPIED_NODE.format(count=2) in reason
+    assert "our rejection notes for 2 object(s) of ours could not be made" in reason
+    assert reason.endswith(WITHDRAW_BY_HAND)
+    assert [p["what"] for p in problems] == [f"instance {image_id}"]

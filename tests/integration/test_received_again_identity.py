@@ -36,6 +36,7 @@ from tests.integration.test_received_again import (
     stored_pixels,
     where,
 )
+from worker import pipeline
 from worker.delivery import send_deliveries
 from worker.pipeline import (
     MOVED_TITLE,
@@ -437,3 +438,45 @@ def test_taking_the_clash_back_keeps_the_rest_of_the_reason(
     with session_scope(runtime.database_url) as session:
         problems = queries.recent_problems(session)
     assert [p["reason"] for p in problems] == [kept]  # withdraw by hand: still listed
+
+
+def test_a_clash_compared_after_the_images_own_copy_came_back_is_not_said(
+    runtime: Runtime, storescp: StoreSCP, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another image comes under the image's SOP Instance UID, and while its message
+    reads it, the image's own copy comes back and its message compares it (nothing
+    changed): the first message's refusal, committed last, does not say the image
+    clashes, since the spool holds the image itself (before, it did, and `reprocess`
+    left the image and `status` listed it until the PACS sent it once more)."""
+    instance_id = spool_instance(runtime, attributes=PATIENT_B)
+    deliver(runtime, storescp, assess_instance(runtime, instance_id).delivery_ids)
+    before = instance_row(runtime, instance_id)
+    own = Path(before.spool_path).read_bytes()
+    another_hand = np.ascontiguousarray(stored_pixels(runtime, instance_id)[::-1, ::-1])
+    received_again(runtime, instance_id, PixelData=another_hand.tobytes(), **PATIENT_A)
+
+    read = pipeline.picture_now
+    came_back: list[str] = []
+
+    def own_copy_back_while_the_other_is_read(rt: Runtime, ds: Dataset) -> bytes:
+        picture = read(rt, ds)  # the other image's pixels, read by the first message
+        if not came_back:
+            came_back.append("own")
+            bytes_received_again(runtime, instance_id, own)
+            came_back.append(assess_instance(runtime, instance_id).state)  # its message
+        return picture
+
+    monkeypatch.setattr(pipeline, "picture_now", own_copy_back_while_the_other_is_read)
+    assert assess_instance(runtime, instance_id).state == "skipped"
+    assert came_back == ["own", "skipped"]
+    after = instance_row(runtime, instance_id)
+    assert (after.state, after.assessment, after.reason, after.received_again_at) == (
+        InstanceState.ASSESSED,
+        1,
+        before.reason,
+        None,
+    )
+    assert Path(after.spool_path).read_bytes() == own
+    with session_scope(runtime.database_url) as session:
+        assert queries.recent_problems(session) == []
+    assert len(deliveries(runtime, instance_id)) == 2

@@ -351,6 +351,23 @@ def another_model(rt: Runtime, tmp_path: Path) -> Runtime:
     return new
 
 
+def assert_as_before_the_clash(rt: Runtime, instance_id: int, before: Instance, own: bytes) -> None:
+    """The image assessed once, its reason as ``before``'s, no copy left to compare, its
+    own bytes ``own`` in the spool, its SR and SC the only objects made, and no problem
+    for `status` to list."""
+    after = instance_row(rt, instance_id)
+    assert (after.state, after.assessment, after.reason, after.received_again_at) == (
+        InstanceState.ASSESSED,
+        1,
+        before.reason,
+        None,
+    )
+    assert Path(after.spool_path).read_bytes() == own
+    assert len(deliveries(rt, instance_id)) == 2
+    with session_scope(rt.database_url) as session:
+        assert queries.recent_problems(session) == []
+
+
 def test_the_images_own_copy_received_again_takes_the_clash_back(
     runtime: Runtime, storescp: StoreSCP, tmp_path: Path
 ) -> None:
@@ -372,18 +389,8 @@ def test_the_images_own_copy_received_again_takes_the_clash_back(
 
     bytes_received_again(runtime, instance_id, own)
     assert assess_instance(runtime, instance_id).state == "skipped"
-    after = instance_row(runtime, instance_id)
-    assert (after.state, after.assessment, after.reason, after.received_again_at) == (
-        InstanceState.ASSESSED,
-        1,
-        before.reason,
-        None,
-    )
-    assert Path(after.spool_path).read_bytes() == own
-    assert len(deliveries(runtime, instance_id)) == 2
+    assert_as_before_the_clash(runtime, instance_id, before, own)
     assert results(runtime, instance_id) == [(1, False)]
-    with session_scope(runtime.database_url) as session:
-        assert queries.recent_problems(session) == []
     assert uid_clashes(new, [instance_id]) == []
 
     # another image under its UID again, in another study: refused, said once
@@ -469,14 +476,4 @@ def test_a_clash_compared_after_the_images_own_copy_came_back_is_not_said(
     monkeypatch.setattr(pipeline, "picture_now", own_copy_back_while_the_other_is_read)
     assert assess_instance(runtime, instance_id).state == "skipped"
     assert came_back == ["own", "skipped"]
-    after = instance_row(runtime, instance_id)
-    assert (after.state, after.assessment, after.reason, after.received_again_at) == (
-        InstanceState.ASSESSED,
-        1,
-        before.reason,
-        None,
-    )
-    assert Path(after.spool_path).read_bytes() == own
-    with session_scope(runtime.database_url) as session:
-        assert queries.recent_problems(session) == []
-    assert len(deliveries(runtime, instance_id)) == 2
+    assert_as_before_the_clash(runtime, instance_id, before, own)

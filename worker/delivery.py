@@ -98,6 +98,9 @@ class _Claimed:
     withdraws: str | None  # a note of ours: the UID of our object it withdraws
     created_at: datetime
     claimed_at: datetime  # by the database's clock, as the claim dated the row
+    # when this process took up its settings (Runtime.settings_since, its host's clock),
+    # by the database's clock: moved by the host's offset from it at the claim
+    settings_since: datetime
     # its sending_since before this claim: an earlier attempt whose answer never came,
     # or whose sender died (the object may be at the destination); kept by a failure of
     # this attempt that sent nothing (`_record_failure`)
@@ -236,6 +239,8 @@ def _claim(
         # by other processes (another delivery worker's claim, the reconciler), on other
         # hosts, whose clocks may differ from this one's by more than a claim lasts.
         current = database_now(session)
+        # this process's start, by the same clock, for `_send_to`'s rollout window
+        settings_since = rt.settings_since + (current - now())
         until = current + timedelta(seconds=claim_seconds(len(ids)))
         conditions = [Delivery.id.in_(ids), Delivery.state == DeliveryState.PENDING]
         if not force:
@@ -293,6 +298,7 @@ def _claim(
                 row.withdraws,
                 row.created_at,
                 current,
+                settings_since,
                 marks.get(row.id),
             )
             for row in rows
@@ -434,8 +440,8 @@ def _send_to(
             if row.kind is ObjectKind.KO:
                 continue
             if (
-                row.created_at > rt.settings_since
-                # both by the database's clock: the row was made on another host, maybe
+                # all by the database's clock: the row was made on another host, maybe
+                row.created_at > row.settings_since
                 and row.claimed_at - row.created_at < SETTINGS_ROLLOUT
             ):
                 outcomes[row.id] = _record_failure(

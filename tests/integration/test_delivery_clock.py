@@ -225,3 +225,45 @@ def test_deliveries_made_put_back_and_delivered_are_dated_by_the_database_clock(
     outcomes = send_deliveries(new, redirected)
     assert {o.state for o in outcomes.values()} == {"delivered"}
     assert _dated_between(new, redirected, before, _database_now(new))("delivered_at")
+
+
+def test_the_settings_rollout_window_counts_from_the_workers_start_by_the_databases_clock(
+    tmp_path: Path, tiny_checkpoint: Path, database: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delivery worker whose host is 10 min ahead of the database starts, its settings
+    naming one destination; an inference worker, with newer settings, then makes an SR and
+    an SC for another. The delivery worker tries them again (the rollout window: it may
+    be the one behind), rather than failing them for good as sent to a destination taken
+    out of the settings. Before, its start, by its own clock, came 10 min after the rows'
+    making, by the database's, and it failed them at once. A row made before the worker
+    started is failed for good, as it was."""
+    _host_clock(monkeypatch, SKEW)
+    maker = make_runtime(
+        tmp_path / "inference",
+        tiny_checkpoint,
+        database_url=database,
+        destinations=f"NEW@127.0.0.1:{free_port()}",
+    )
+    sender = make_runtime(
+        tmp_path / "delivery",
+        tiny_checkpoint,
+        database_url=maker.database_url,
+        destinations=f"OLD@127.0.0.1:{free_port()}",
+    )
+    sender.settings_since = true_now() + SKEW  # its start, as its host dated it
+
+    made = assess_instance(maker, spool_instance(maker))
+    assert made.state == "assessed"
+    ids = list(made.delivery_ids)
+    outcomes = send_deliveries(sender, ids)
+    assert {(o.state, o.error) for o in outcomes.values()} == {
+        ("retry", delivery.NOT_CONFIGURED_HERE)
+    }, outcomes
+    assert {_row(maker, i).state for i in ids} == {DeliveryState.PENDING}
+
+    # made five minutes before the delivery worker started: the settings it took up are
+    # newer than the row's, and name no such destination
+    sr = _sr(maker, made.delivery_ids)
+    _time_passes(maker, sr, dt.timedelta(minutes=5))
+    failed = send_deliveries(sender, [sr], force=True)[sr]
+    assert (failed.state, failed.error) == ("failed", delivery.NOT_CONFIGURED)

@@ -53,7 +53,7 @@ from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage
 from sqlalchemy import ColumnElement, String, case, func, literal, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
 from db.engine import session_scope
 from db.queries import (
@@ -77,7 +77,6 @@ from db.schema import (
     Result,
     UTCDateTime,
 )
-from db.schema import utcnow as now
 from dicom_io import gate
 from dicom_io.content import MANUFACTURER, BoneAgeFinding, image_side
 from dicom_io.ko import (
@@ -924,7 +923,7 @@ def _give_up(instance: Instance, *, retried: bool = False) -> None:
         else f"{MAX_ATTEMPTS} attempts"
     )
     instance.reason = f"processing did not complete in {tried}{last}"
-    instance.finished_at = now()
+    instance.finished_at = _database_now_of(instance)
     instance.transient_failures = 0
     _compared_if_read(instance)
     logger.error("assess: instance %d gave up after %s", instance.id, tried)
@@ -947,6 +946,17 @@ def give_up_retries(rt: Runtime, instance_id: int) -> None:
             _give_up(instance, retried=True)
 
 
+def _database_now_of(instance: Instance) -> datetime:
+    """The database's clock (:func:`~db.queries.database_now`), read in the session that
+    holds ``instance``: an instance's end (``finished_at``) is compared with times other
+    hosts stamped (its reception, its SR's delivery, `status`'s window), as its other
+    times are."""
+    session = object_session(instance)
+    if session is None:  # a programming error: the row is read and written in a session
+        raise RuntimeError(f"instance {instance.id} is in no session")
+    return database_now(session)
+
+
 def _finish(rt: Runtime, claim: _Claim, state: InstanceState, reason: str | None) -> None:
     """Close the claimed instance with no result and nothing to send."""
     with session_scope(rt.database_url) as session:
@@ -962,7 +972,7 @@ def _close(instance: Instance, claim: _Claim, state: InstanceState, reason: str 
     """Give ``instance`` the state its claimed attempt ends in, with the inputs it read."""
     instance.state = state
     instance.reason = reason
-    instance.finished_at = now()
+    instance.finished_at = _database_now_of(instance)
     instance.inputs_sha256 = claim.inputs
     instance.identity_sha256 = claim.identity
     if claim.withdrew_patient_before and state is not InstanceState.ERROR:
@@ -1079,7 +1089,7 @@ def _assessed_by_this_model(rt: Runtime, claim: _Claim) -> AssessOutcome | None:
         if instance.state not in FINISHED:  # else an attempt beside this one closed it
             instance.state = InstanceState.ASSESSED
             instance.reason = None
-            instance.finished_at = now()
+            instance.finished_at = database_now(session)
             _compared_if_read(instance)
     logger.warning(
         "instance %d: this worker's model %s assessed it already; a reprocess for another "
@@ -2230,7 +2240,7 @@ def _key_object_selection(rt: Runtime, claim: _Claim, ds: Dataset) -> AssessOutc
     images: list[tuple[int, str]] = []
     with session_scope(rt.database_url) as session:
         dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-        received = now()
+        received = database_now(session)
         for chunk in _chunks(rejected):
             session.execute(
                 dialect.insert(Rejection)
@@ -2371,7 +2381,7 @@ def _withdraw(
                     .values(
                         state=InstanceState.REJECTED,
                         reason=why,
-                        finished_at=now(),
+                        finished_at=database_now(session),
                         received_again_at=None,
                     )
                     .execution_options(synchronize_session=False)

@@ -29,16 +29,22 @@ from typing import Any
 import pytest
 from celery import states
 from celery.app.trace import build_tracer
+from pydicom import dcmread
 from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
 from db.engine import session_scope
 from db.queries import database_now
-from db.schema import Heartbeat, Instance, InstanceState
+from db.schema import Heartbeat, Instance, InstanceState, Rejection
 from db.schema import utcnow as true_now
-from tests.integration.test_pipeline import make_runtime, reconcile_once, spool_instance
+from tests.integration.test_pipeline import (
+    make_runtime,
+    reconcile_once,
+    spool_dataset,
+    spool_instance,
+)
 from tests.integration.test_received_again import received_again, results
-from tests.support import wait_for
+from tests.support import pacs_rejection_note, wait_for
 from worker import pipeline, tasks
 from worker.celery_app import ASSESS_TASK, INFERENCE_QUEUE, app, configure, prepare_embedded_broker
 from worker.heartbeat import STALE_AFTER, HeartbeatThread, process_name
@@ -488,7 +494,7 @@ def test_a_worker_whose_clock_is_off_compares_each_copy_once(
     it was taken for read and forgotten). A copy that changes nothing, compared, is done
     with (a worker's clock behind dated the comparison before it, and the reconciler
     queued it again at each round, for ever)."""
-    monkeypatch.setattr("worker.pipeline.now", _clock(offset))
+    monkeypatch.setattr("worker.pipeline.now", _clock(offset), raising=False)
     instance_id = spool_instance(rt, sex="F")
     _during_the_attempt(monkeypatch, lambda: received_again(rt, instance_id, PatientSex="M"))
     assert assess_instance(rt, instance_id).state == "assessed"
@@ -521,3 +527,35 @@ def test_a_reprocess_on_a_host_whose_clock_is_off_queues_by_the_database_clock(
     assert row.queued_at is not None
     assert current - dt.timedelta(seconds=60) < row.queued_at <= current
     assert row.assessment_received_at == row.queued_at
+
+
+@pytest.mark.parametrize("offset", [-SKEW, SKEW], ids=["behind", "ahead"])
+def test_a_worker_whose_clock_is_off_dates_an_images_end_by_the_database_clock(
+    rt: Runtime, offset: dt.timedelta, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An image's end (``finished_at``: assessed, then rejected by the PACS) and the
+    rejection's receipt are dated by the database's clock on a worker whose host is 10 min
+    off: `status`'s window and the latency from reception to SR compare them with times
+    other hosts stamped by that clock (before, the worker's host dated them, and a skew
+    showed as that much latency, or put an image out of the last hour)."""
+    monkeypatch.setattr("worker.pipeline.now", _clock(offset), raising=False)
+    instance_id = spool_instance(rt)
+
+    def now() -> dt.datetime:
+        with session_scope(rt.database_url) as session:
+            return database_now(session)
+
+    before = now()
+    assert assess_instance(rt, instance_id).state == "assessed"
+    finished = _row(rt, instance_id).finished_at
+    assert finished is not None and before <= finished <= now()
+
+    image = dcmread(_row(rt, instance_id).spool_path)
+    before = now()
+    assess_instance(rt, spool_dataset(rt, pacs_rejection_note(image)))
+    rejected = _row(rt, instance_id)
+    assert rejected.state is InstanceState.REJECTED
+    assert rejected.finished_at is not None and before <= rejected.finished_at <= now()
+    with session_scope(rt.database_url) as session:
+        received = session.scalars(select(Rejection.received_at)).one()
+    assert before <= received <= now()

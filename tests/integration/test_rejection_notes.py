@@ -182,7 +182,9 @@ def test_what_was_not_sent_of_a_rejected_image_is_never_sent(runtime: Runtime) -
     sr_id, _ = assess_instance(runtime, other_id).delivery_ids
     with session_scope(runtime.database_url) as session:
         session.execute(
-            update(Delivery).where(Delivery.id == sr_id).values(sending_since=pipeline.now())
+            update(Delivery)
+            .where(Delivery.id == sr_id)
+            .values(sending_since=queries.database_now(session))
         )
     applied = assess_instance(
         runtime, spool_dataset(runtime, pacs_rejection_note(image_of(runtime, other_id), QUALITY))
@@ -359,7 +361,7 @@ def test_a_note_whose_objects_sender_died_goes(runtime: Runtime, storescp: Store
     known, so the note goes, and the PACS decides."""
     sr_id, _, note_id = _rejected_while_its_sr_is_sent(runtime)
     with session_scope(runtime.database_url) as session:
-        session.get_one(Delivery, sr_id).next_attempt_at = pipeline.now()
+        session.get_one(Delivery, sr_id).next_attempt_at = queries.database_now(session)
     assert send_deliveries(runtime, [note_id])[note_id].state == "delivered"
     [arrived] = storescp.wait_for_objects(1, timeout=30)
     assert dcmread(arrived).Modality == "KO"

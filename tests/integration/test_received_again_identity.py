@@ -323,13 +323,7 @@ def test_reprocess_leaves_an_image_whose_uid_another_image_came_under(
     received_again(runtime, instance_id, PixelData=another_hand.tobytes(), **PATIENT_A)
     assert assess_instance(runtime, instance_id).state == "skipped"  # refused
 
-    assert runtime.settings.model is not None
-    loaded = load_checkpoint(runtime.settings.model)
-    new_model = tmp_path / "new.safetensors"
-    save_checkpoint(new_model, loaded.model, dataclasses.replace(loaded.meta, data="v2"))
-    new = Runtime(runtime.settings.model_copy(update={"model": new_model}))
-    assert new.predictor.model_id != runtime.predictor.model_id
-
+    new = another_model(runtime, tmp_path)
     assert uid_clashes(new, [instance_id]) == [instance_id]
     assert prepare_reprocess(new, [instance_id], send=True) == []
     assert instance_row(runtime, instance_id).state is InstanceState.ASSESSED

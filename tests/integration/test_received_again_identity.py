@@ -345,6 +345,21 @@ def another_model(rt: Runtime, tmp_path: Path) -> Runtime:
     return new
 
 
+def another_image_under_its_uid(
+    rt: Runtime, storescp: StoreSCP
+) -> tuple[int, Instance, bytes, np.ndarray[Any, Any]]:
+    """An image assessed under patient B and its SR and SC delivered, then another image
+    (its pixels flipped) received under its SOP Instance UID and patient A: the image's
+    id, its row and its own bytes as assessed, and the other's pixels."""
+    instance_id = spool_instance(rt, attributes=PATIENT_B)
+    deliver(rt, storescp, assess_instance(rt, instance_id).delivery_ids)
+    before = instance_row(rt, instance_id)
+    own = Path(before.spool_path).read_bytes()
+    another_hand = np.ascontiguousarray(stored_pixels(rt, instance_id)[::-1, ::-1])
+    received_again(rt, instance_id, PixelData=another_hand.tobytes(), **PATIENT_A)
+    return instance_id, before, own, another_hand
+
+
 def assert_as_before_the_clash(rt: Runtime, instance_id: int, before: Instance, own: bytes) -> None:
     """The image assessed once, its reason as ``before``'s, no copy left to compare, its
     own bytes ``own`` in the spool, its SR and SC the only objects made, and no problem
@@ -370,12 +385,7 @@ def test_the_images_own_copy_received_again_takes_the_clash_back(
     no longer says it clashes, `status` no longer lists it, and a reprocess assesses it;
     nothing is made or withdrawn for the copy. Another image under its UID once more is
     refused again, and said once."""
-    instance_id = spool_instance(runtime, attributes=PATIENT_B)
-    deliver(runtime, storescp, assess_instance(runtime, instance_id).delivery_ids)
-    before = instance_row(runtime, instance_id)
-    own = Path(before.spool_path).read_bytes()
-    another_hand = np.ascontiguousarray(stored_pixels(runtime, instance_id)[::-1, ::-1])
-    received_again(runtime, instance_id, PixelData=another_hand.tobytes(), **PATIENT_A)
+    instance_id, before, own, another_hand = another_image_under_its_uid(runtime, storescp)
     assert assess_instance(runtime, instance_id).state == "skipped"  # refused
     assert queries.UID_CLASH in (instance_row(runtime, instance_id).reason or "")
     new = another_model(runtime, tmp_path)
@@ -449,12 +459,7 @@ def test_a_clash_compared_after_the_images_own_copy_came_back_is_not_said(
     changed): the first message's refusal, committed last, does not say the image
     clashes, since the spool holds the image itself (before, it did, and `reprocess`
     left the image and `status` listed it until the PACS sent it once more)."""
-    instance_id = spool_instance(runtime, attributes=PATIENT_B)
-    deliver(runtime, storescp, assess_instance(runtime, instance_id).delivery_ids)
-    before = instance_row(runtime, instance_id)
-    own = Path(before.spool_path).read_bytes()
-    another_hand = np.ascontiguousarray(stored_pixels(runtime, instance_id)[::-1, ::-1])
-    received_again(runtime, instance_id, PixelData=another_hand.tobytes(), **PATIENT_A)
+    instance_id, before, own, _ = another_image_under_its_uid(runtime, storescp)
 
     read = pipeline.picture_now
     came_back: list[str] = []

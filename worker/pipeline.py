@@ -53,7 +53,7 @@ from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage
 from sqlalchemy import ColumnElement, String, case, func, literal, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.orm import Session, object_session
+from sqlalchemy.orm import Session
 
 from db.engine import session_scope
 from db.queries import (
@@ -577,7 +577,7 @@ def _claim(rt: Runtime, instance_id: int, held: datetime | None = None) -> _Clai
                 and session.scalar(select(Instance.id).where(Instance.id == instance_id, free))
                 is not None
             ):
-                _give_up(instance)
+                _give_up(instance, current)
                 return AssessOutcome("error", reason=instance.reason)
             # Not claimed beside it: the image was assessed twice at once, the commit kept
             # one result, and the copy read by neither could be forgotten (the later
@@ -911,9 +911,10 @@ def _compared_if_read(instance: Instance) -> None:
         instance.received_again_at = None
 
 
-def _give_up(instance: Instance, *, retried: bool = False) -> None:
+def _give_up(instance: Instance, at: datetime, *, retried: bool = False) -> None:
     """End ``instance``, whose attempts are spent (``retried``: the task's retries of
-    trouble a retry may cure), in error; its reason keeps the last's."""
+    trouble a retry may cure), in error, ``at`` (the database's clock, as every time other
+    hosts compare); its reason keeps the last's."""
     instance.state = InstanceState.ERROR
     last = f"; the last: {instance.reason}" if instance.reason else ""
     tried = (
@@ -923,7 +924,7 @@ def _give_up(instance: Instance, *, retried: bool = False) -> None:
         else f"{MAX_ATTEMPTS} attempts"
     )
     instance.reason = f"processing did not complete in {tried}{last}"
-    instance.finished_at = _database_now_of(instance)
+    instance.finished_at = at
     instance.transient_failures = 0
     _compared_if_read(instance)
     logger.error("assess: instance %d gave up after %s", instance.id, tried)
@@ -943,18 +944,7 @@ def give_up_retries(rt: Runtime, instance_id: int) -> None:
             and instance.state is InstanceState.PROCESSING
             and instance.claimed_by == process_name("worker")
         ):
-            _give_up(instance, retried=True)
-
-
-def _database_now_of(instance: Instance) -> datetime:
-    """The database's clock (:func:`~db.queries.database_now`), read in the session that
-    holds ``instance``: an instance's end (``finished_at``) is compared with times other
-    hosts stamped (its reception, its SR's delivery, `status`'s window), as its other
-    times are."""
-    session = object_session(instance)
-    if session is None:  # a programming error: the row is read and written in a session
-        raise RuntimeError(f"instance {instance.id} is in no session")
-    return database_now(session)
+            _give_up(instance, database_now(session), retried=True)
 
 
 def _finish(rt: Runtime, claim: _Claim, state: InstanceState, reason: str | None) -> None:
@@ -965,14 +955,17 @@ def _finish(rt: Runtime, claim: _Claim, state: InstanceState, reason: str | None
         take_instances(session, [claim.instance_id])
         instance = session.get(Instance, claim.instance_id)
         if instance is not None and instance.state not in FINISHED:
-            _close(instance, claim, state, reason)
+            _close(instance, claim, state, reason, database_now(session))
 
 
-def _close(instance: Instance, claim: _Claim, state: InstanceState, reason: str | None) -> None:
-    """Give ``instance`` the state its claimed attempt ends in, with the inputs it read."""
+def _close(
+    instance: Instance, claim: _Claim, state: InstanceState, reason: str | None, at: datetime
+) -> None:
+    """Give ``instance`` the state its claimed attempt ends in, ``at`` (the database's
+    clock, as every time other hosts compare), with the inputs it read."""
     instance.state = state
     instance.reason = reason
-    instance.finished_at = _database_now_of(instance)
+    instance.finished_at = at
     instance.inputs_sha256 = claim.inputs
     instance.identity_sha256 = claim.identity
     if claim.withdrew_patient_before and state is not InstanceState.ERROR:
@@ -1370,9 +1363,9 @@ def _note_failed_attempt(
                         f"{TRANSIENT_RETRIES + 1} tries)"
                     )
                     if instance.transient_failures > TRANSIENT_RETRIES:
-                        _give_up(instance, retried=True)
+                        _give_up(instance, database_now(session), retried=True)
                 elif instance.attempts >= MAX_ATTEMPTS:
-                    _give_up(instance)
+                    _give_up(instance, database_now(session))
                 else:
                     instance.claimed_by = None
     except Exception as noted:  # the database may be what failed
@@ -2485,9 +2478,7 @@ def _sent_objects(
         )
         .outerjoin(Result, Delivery.result_id == Result.id)
         .where(
-            Delivery.instance_id == instance_id,
-            Delivery.kind.in_(list(_OUR_CLASSES)),
-            or_(Delivery.state == DeliveryState.DELIVERED, _unsent_on_their_way()),
+            *_at_a_destination(instance_id),
             made_here(),
         )
         .order_by(Delivery.id)
@@ -2515,6 +2506,17 @@ def _sent_objects(
     return objects
 
 
+def _at_a_destination(instance_id: int) -> tuple[ColumnElement[bool], ...]:
+    """Deliveries of the SRs and SCs of the image ``instance_id`` whose object a
+    destination has, or may have: delivered, or superseded or abandoned while on their
+    way (:func:`_unsent_on_their_way`)."""
+    return (
+        Delivery.instance_id == instance_id,
+        Delivery.kind.in_(list(_OUR_CLASSES)),
+        or_(Delivery.state == DeliveryState.DELIVERED, _unsent_on_their_way()),
+    )
+
+
 #: What an image's reason says where a note of ours would have withdrawn objects of it
 #: that the node its database was copied from sent (:func:`_left_to_the_copied_node`).
 LEFT_TO_THE_COPIED_NODE = (
@@ -2537,12 +2539,7 @@ def _left_to_the_copied_node(
     with it, a result that stands there, and under the UID of that node's own note for
     it (:func:`withdrawal_uid`). Logged by the instance's id and a count only.
     """
-    conditions = [
-        Delivery.instance_id == instance_id,
-        Delivery.kind.in_(list(_OUR_CLASSES)),
-        or_(Delivery.state == DeliveryState.DELIVERED, _unsent_on_their_way()),
-        ~made_here(),
-    ]
+    conditions = [*_at_a_destination(instance_id), ~made_here()]
     if before_assessment is not None:
         conditions.append(Delivery.assessment < before_assessment)
     count = session.scalar(
@@ -2864,13 +2861,14 @@ def _commit(
             # its write lock), then its rejection: a rejection note applied beside this
             # attempt either finds what it commits, or is found here.
             take_instances(session, [instance_id])
+            current = database_now(session)  # the instance's end, and its deliveries' birth
             rejected = _rejection_in(session, claim.sop_instance_uid)
             if rejected is not None:
                 instance = session.get_one(Instance, instance_id)
                 # one another attempt finished is left to the note (:func:`_withdraw`),
                 # which withdraws what that attempt made
                 if instance.state not in FINISHED:
-                    _close(instance, claim, InstanceState.REJECTED, rejected)
+                    _close(instance, claim, InstanceState.REJECTED, rejected, current)
                 discard(outputs)
                 logger.info("instance %d: rejected by the PACS while assessed", instance_id)
                 return AssessOutcome("rejected", reason=rejected)
@@ -2878,7 +2876,6 @@ def _commit(
                 session.add(result)
                 session.flush()
             configured = [str(destination) for destination in rt.settings.destinations]
-            current = database_now(session)
             deliveries = [
                 _delivery(
                     instance_id,
@@ -2899,7 +2896,7 @@ def _commit(
                 for destination in (output.destinations or () if send else ())
             ]
             session.add_all(deliveries)
-            _close(session.get_one(Instance, instance_id), claim, state, reason)
+            _close(session.get_one(Instance, instance_id), claim, state, reason, current)
             # Any other attempt at this instance now waits on these rows' unique keys
             # (PostgreSQL) or on the write lock (SQLite) until this transaction ends;
             # one that committed first has made the flush fail.

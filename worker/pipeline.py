@@ -33,6 +33,7 @@ therefore always those whose SHA-256 the committed deliveries recorded.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -245,6 +246,15 @@ class HeatMapSeries:
     def latest(self) -> int:
         """The assessment that made its latest heat map."""
         return max((h.assessment for h in self.heat_maps), default=0)
+
+    @functools.cached_property
+    def first_as_written(self) -> Dataset | None:
+        """See :func:`first_heat_map_as_written`. Read once: an assessment asks for it
+        several times (the series it joins, its side, the SC's and each notice's
+        attributes), and each answer must come from the same read, not from a file that
+        retention may remove in between (its side would then come from the result
+        recorded instead, beside a Body Part Examined from the file)."""
+        return next((h for h in map(_heat_map_as_written, self.heat_maps) if h is not None), None)
 
 
 def write_atomically(ds: Dataset, path: Path, *, sync_directory: bool = True) -> str:
@@ -1729,8 +1739,9 @@ def first_heat_map_as_written(series: HeatMapSeries) -> Dataset | None:
     (:func:`_heat_map_as_written`): the one the series was opened with, unless retention
     removed it. Its Body Part Examined and Laterality are the series' (General Series
     attributes), which a withdrawal notice and a later heat map joining the series carry;
-    None where no heat map of the series can be read any more."""
-    return next((h for h in map(_heat_map_as_written, series.heat_maps) if h is not None), None)
+    None where no heat map of the series can be read any more. Read once for each
+    ``series`` (:attr:`HeatMapSeries.first_as_written`)."""
+    return series.first_as_written
 
 
 def _heat_map_as_written(heat_map: HeatMap) -> Dataset | None:

@@ -21,10 +21,28 @@ records, in the last hour: the listener puts a copy in the spool before it recor
 it, and a run in between would otherwise take a new copy, perhaps corrected, that the
 row is about to say is there and still to be compared.
 
+The rows' times are the database server's clock (``db.queries.database_now``), and so
+is all a run compares with them: the days it counts, the mark it writes (which a
+delivery's ``created_at`` is compared with) and its sweep's window. A file's time is
+the clock of the host that wrote it, taken to be the one retention runs on (the
+listener's, in whose process it runs every hour): the mark and the reception a file is
+compared with are taken onto this host's clock by its offset from the database's,
+measured at the run's start (:func:`_started`).
+
 An object of ours made after the mark (a rejection note for an image the PACS rejected
 once our copy of it was gone) moves the mark: its file goes as the instance's did,
 ``BONEAGE_RETENTION_DAYS`` after the instance finished (its rejection) and once every
-delivery of it succeeded.
+delivery of it succeeded. Until then no run takes it, its sweep neither, whatever its
+file's time says (a worker's clock a second behind dates a note made just after the
+mark before it): an object's file goes only where every delivery naming it was made by
+the mark, by the database's clock, and is delivered, superseded or abandoned.
+
+A row's file is removed only from the node's own spool and outbox (``spool_dir``,
+``outbox_dir``; the folder holding it resolved, ``..`` and symlinks followed): a
+database copied from another node (a validation node set up from production's: ``db
+new-identity``) or a data directory moved has rows naming files elsewhere, another
+node's or where this node's once were, which are kept and counted, once a run at
+WARNING. Given no spool or no outbox, retention removes no row's file of that kind.
 
 ``reprocess`` leaves instances whose files were removed alone and says so: send them
 again from the PACS, or ``backfill`` them.
@@ -32,6 +50,9 @@ again from the PACS, or ``backfill`` them.
 An SR or SC made with nothing to send it to (no destination configured, or a
 ``reprocess`` not asked to send) has no delivery row to find it by: it goes when it is
 ``BONEAGE_RETENTION_DAYS`` old, by its file's time, since nothing will ever send it.
+A row names an outbox file by its name there, whatever folder the row's path gives (the
+outbox mounted elsewhere when it was written): such a file, whose failed delivery waits
+for the outbox to be put back, is not taken for one with nothing to send it to.
 
 A received image in the spool that no instance row names is one whose row the listener
 could not commit (the database was down: the PACS was answered 0xA700, and usually
@@ -66,6 +87,16 @@ process, it would be granted that lock over the C-STOREs' shared one, and closin
 would let theirs go.) Only the listener's own names (``spool/ab/<32 hex>.dcm``) are
 looked at, never ``spool/.incoming``, where each listener's partial files are its own
 to sweep.
+
+The received image of an instance marked removed goes under the same lock, taken once
+a batch, and is looked at again then, with its row (:class:`_RecordedImages`): the
+listener renames a new copy of the instance into the same place, and before, one
+renamed in between retention's look and its unlink by name was unlinked, perhaps a
+corrected image the PACS was told Success for. Where listeners hold the lock past
+:data:`_LOCK_TRIES_SECONDS`, such images are left to the next run's sweep. Where no
+lock is possible at all (no listener has made it yet, NFS), they go without it, as
+before, since kept for ever they would fill the disk: a copy renamed in between the
+look and the unlink is then lost, the window that remains.
 """
 
 from __future__ import annotations
@@ -85,6 +116,7 @@ from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.engine import session_scope
+from db.queries import database_now
 from db.schema import FINISHED, Delivery, DeliveryState, Instance, InstanceState, Rejection
 from db.schema import utcnow as now
 from dicom_io.scp import recording_lock
@@ -102,9 +134,12 @@ _SWEEP_WINDOW = timedelta(days=1)
 #: again), which retention may take.
 _RECORDING = timedelta(hours=1)
 _BATCH = 200
+#: How many times a run reads this host's clock and the database's together, keeping
+#: the reading that took the least time (:func:`_started`).
+_CLOCK_READINGS = 5
 #: How long a run tries for the spool's recording lock, while listeners hold it (they
-#: take it, shared, for each C-STORE), before it leaves the received files no row names
-#: to the next.
+#: take it, shared, for each C-STORE), before it leaves the received files no row names,
+#: or a batch of those of instances marked removed, to the next.
 _LOCK_TRIES_SECONDS = 30.0
 #: The listener's names for received files (dicom_io.scp.spool_path): a folder of two
 #: hexadecimal digits, a file of 32 more.
@@ -148,6 +183,10 @@ class RetentionReport:
     #: date (would not, in a dry run): it is not the spool's owner, or the markers could
     #: not be made. They are kept until a run dates them.
     unrecorded_unmarked: int = 0
+    #: Files there that the rows of the instances this run marked (in a dry run: would
+    #: mark) name outside the node's spool and outbox, kept (:func:`_within`); not in
+    #: ``files``.
+    kept_elsewhere: int = 0
 
     def __add__(self, other: RetentionReport) -> RetentionReport:
         return RetentionReport(
@@ -159,6 +198,7 @@ class RetentionReport:
             self.unrecorded_images + other.unrecorded_images,
             self.unrecorded_first_seen + other.unrecorded_first_seen,
             self.unrecorded_unmarked + other.unrecorded_unmarked,
+            self.kept_elsewhere + other.kept_elsewhere,
         )
 
 
@@ -223,52 +263,199 @@ def _expired(cutoff: datetime) -> list[ColumnElement[bool]]:
 
 
 @dataclass(frozen=True)
+class _Start:
+    """When a run started, by the database's clock and by this host's, read together.
+
+    The rows' times are the database's (``db.queries.database_now``): the cutoff, the
+    removal mark and the sweep's window, which are compared with them, are taken from
+    ``database``. The files' times are a host's: they are compared with ``host``, and a
+    row's time that a file is compared with is taken onto it by :meth:`on_host`.
+    """
+
+    database: datetime
+    host: datetime
+
+    def on_host(self, at: datetime) -> datetime:
+        """``at``, a time of the database's clock, on this host's clock."""
+        return at + (self.host - self.database)
+
+
+def _started(database_url: str) -> _Start:
+    """The clocks at a run's start (:class:`_Start`).
+
+    This host's clock is read just before the database's: the host's reading is the
+    earlier by the query's way to the server, so the offset measured (host - database)
+    is at most the true one, and a row's time taken onto this host's clock falls a
+    little earlier than it should, never later. Only a file written at or before a time
+    so taken is removed: an error keeps a file near it (the copy a row records, written
+    just before its reception: kept, and recoverable), never takes one written just
+    after it (a new copy: lost). The error is kept small all the same, or such copies
+    were kept for ever: the clocks are read :data:`_CLOCK_READINGS` times, in a
+    transaction already begun, and the reading that took the least time is kept (one
+    where this process waited for a processor between the two is not).
+    """
+    with session_scope(database_url) as session:
+        session.connection()  # begun, so that nothing but the query is timed
+        readings: list[tuple[timedelta, _Start]] = []
+        for _ in range(_CLOCK_READINGS):
+            host = now()
+            database = database_now(session)
+            readings.append((now() - host, _Start(database, host)))
+        return min(readings, key=lambda reading: reading[0])[1]
+
+
+@dataclass(frozen=True)
+class _Dirs:
+    """The node's spool and outbox, the only places retention removes a row's file from,
+    resolved once a run; None where not given, or not resolvable: then no file of that
+    kind is removed (:func:`_within`)."""
+
+    spool: Path | None
+    outbox: Path | None
+
+    @classmethod
+    def of(cls, spool_dir: Path | None, outbox_dir: Path | None) -> _Dirs:
+        def resolved(directory: Path | None) -> Path | None:
+            try:
+                return None if directory is None else directory.resolve()
+            except (OSError, RuntimeError):  # RuntimeError: a symlink loop
+                return None
+
+        return cls(resolved(spool_dir), resolved(outbox_dir))
+
+
+def _within(path: Path, directory: Path | None) -> bool:
+    """Whether ``path``, a row's, names an entry of ``directory`` (resolved) or of a
+    folder below it.
+
+    The folder holding it is resolved (``..`` and symlinked folders followed to where
+    they lead), never the entry itself: unlinking a symlink removes the link, which is
+    in the directory, never what it points to. A row's path anywhere else is another
+    node's file (a database copied from it: ``db new-identity``) or one where this
+    node's data directory once was: never this node's to remove.
+    """
+    if directory is None or path.name in ("", ".", ".."):
+        return False
+    try:
+        folder = path.parent.resolve()
+    except (OSError, RuntimeError):
+        return False
+    return folder.is_relative_to(directory)
+
+
+def _there(path: Path) -> bool:
+    """Whether a file is at ``path``: one that retention kept, to be counted so."""
+    return os.path.exists(path)
+
+
+#: The states of a delivery that has done with its object's file: sent, replaced by a
+#: later assessment's (never sent), or given up by the administrator (never sent).
+_OVER = frozenset({DeliveryState.DELIVERED, DeliveryState.SUPERSEDED, DeliveryState.ABANDONED})
+
+
+@dataclass(frozen=True)
 class _Files:
-    """One instance's files: the received image, and the objects made of it."""
+    """One instance's files: the received image, and the objects made of it that may go."""
 
     spool: Path
     #: when the copy its row records was received (the last copy, if one came again)
     received: datetime
+    #: in the outbox, and every delivery of each done with it by the mark (:func:`_files_of`)
     outputs: list[Path]
+    #: whether ``spool`` is in the node's spool (:func:`_within`): kept where it is not
+    spool_ours: bool = True
+    #: files there that the instance's rows name outside the node's spool and outbox: kept
+    elsewhere: int = 0
 
     def paths(self) -> list[Path]:
-        return [self.spool, *self.outputs]
+        return [self.spool, *self.outputs] if self.spool_ours else list(self.outputs)
 
 
-def _files_of(session: Session, ids: list[int]) -> dict[int, _Files]:
-    """Spool file and output files of each instance in ``ids``."""
-    files = {
-        instance_id: _Files(Path(spool), again or first, [])
-        for instance_id, spool, first, again in session.execute(
-            select(
-                Instance.id,
-                Instance.spool_path,
-                Instance.received_at,
-                Instance.last_received_again_at,
-            ).where(Instance.id.in_(ids))
+def _outbox_name(path: str) -> str:
+    """An object's name in the outbox (``<12 hex>-sr.dcm``; worker.pipeline writes no
+    folders there): what names it whichever folder the outbox is mounted at (a row's
+    path is the one its worker saw)."""
+    return Path(path).name
+
+
+def _files_of(session: Session, marks: dict[int, datetime], dirs: _Dirs) -> dict[int, _Files]:
+    """The files of each instance in ``marks`` that may go, the instance marked removed
+    at its time (in a dry run, to be): its received image where the node's spool holds
+    it, and the objects made of it that the node's outbox holds and that no delivery
+    needs.
+
+    An object's file may go only where every delivery row naming it was made at or
+    before the mark and is over with it (:data:`_OVER`). A row made after the mark is
+    an object of ours made since (a rejection note for an image the PACS rejected just
+    after the mark): its file goes once the mark moves past it (:func:`_expired`), and
+    not before, even where its time, a worker's clock, falls before the mark. The rows
+    naming a file are found by its name: an SR sent to two destinations is one file
+    under two rows, and a row written where the outbox was mounted elsewhere spells its
+    path otherwise. They are all the instance's: a name is made of its object's UID.
+    """
+    instances = session.execute(
+        select(
+            Instance.id, Instance.spool_path, Instance.received_at, Instance.last_received_again_at
+        ).where(Instance.id.in_(list(marks)))
+    ).all()
+    rows = session.execute(
+        select(Delivery.instance_id, Delivery.path, Delivery.state, Delivery.created_at).where(
+            Delivery.instance_id.in_(list(marks))
         )
-    }
-    outputs = session.execute(
-        select(Delivery.instance_id, Delivery.path).where(Delivery.instance_id.in_(ids))
-    )
-    for instance_id, path in outputs:
-        if Path(path) not in files[instance_id].outputs:  # SR and SC go to each destination
-            files[instance_id].outputs.append(Path(path))
+    ).all()
+    needed: set[tuple[int, str]] = set()  # (instance, name) of a file a delivery needs
+    named: dict[int, list[Path]] = {}
+    for instance_id, path, state, created_at in rows:
+        if state not in _OVER or created_at > marks[instance_id]:
+            needed.add((instance_id, _outbox_name(path)))
+        paths = named.setdefault(instance_id, [])
+        if Path(path) not in paths:  # SR and SC go to each destination
+            paths.append(Path(path))
+    files: dict[int, _Files] = {}
+    for instance_id, spool, first, again in instances:
+        spool_ours = _within(Path(spool), dirs.spool)
+        elsewhere = 0 if spool_ours else int(_there(Path(spool)))
+        outputs: list[Path] = []
+        for output in named.get(instance_id, []):
+            if not _within(output, dirs.outbox):
+                elsewhere += int(_there(output))
+            elif (instance_id, output.name) not in needed:
+                outputs.append(output)
+        files[instance_id] = _Files(Path(spool), again or first, outputs, spool_ours, elsewhere)
     return files
 
 
-def _remove_files(files: _Files, marked_at: datetime, started: datetime) -> tuple[int, int]:
+def _remove_files(
+    files: _Files, marked_at: datetime, started: _Start, images: _RecordedImages
+) -> tuple[int, int]:
     """Unlink an instance's files marked removed at ``marked_at``; (files, bytes) removed.
 
     None written after the mark: a copy received again since, or an object made of it.
     Nor a received file written after the reception its row records, unless that was
-    more than :data:`_RECORDING` before ``started``: a copy the listener has put in
-    place and may be recording now (it commits the row once the file is there, maybe
+    more than :data:`_RECORDING` before the run ``started``: a copy the listener has put
+    in place and may be recording now (it commits the row once the file is there, maybe
     after this run's mark), whose row will say it is there to be compared.
+
+    The mark and the reception are the database's clock, as is the run's start. The
+    files' times are the clock of the host that wrote them, assumed to be this host's,
+    and the times they are compared with are taken onto it (:meth:`_Start.on_host`):
+    retention runs hourly in the listener's own process, which writes the spool, so
+    the received file's time is this host's clock exactly where a new copy is at
+    stake (compared with the database's times as they are, a copy written on a host
+    minutes behind the database after the reception its row records was dated before
+    it, and removed). The objects are the workers', most often on the listener's host
+    too. A run on another host (``boneage-worker retention``) or a worker elsewhere is
+    off by the difference between the two hosts' clocks, as every run was before: left
+    to NTP.
+
+    Only the objects in ``files.outputs`` go (:func:`_files_of`), and the received
+    image only where it is in the node's spool (``files.spool_ours``).
     """
-    recorded_copy = min(marked_at, max(files.received, started - _RECORDING))
-    count, size = _remove([files.spool], recorded_copy)
-    outputs, outputs_size = _remove(files.outputs, marked_at)
+    if not files.spool_ours:  # another node's file, or one where the spool once was
+        return _remove(files.outputs, started.on_host(marked_at))
+    recorded_copy = min(marked_at, max(files.received, started.database - _RECORDING))
+    count, size = images.remove(files.spool, marked_at, started.on_host(recorded_copy))
+    outputs, outputs_size = _remove(files.outputs, started.on_host(marked_at))
     return count + outputs, size + outputs_size
 
 
@@ -328,10 +515,16 @@ def remove_expired_files(
         Report what would be removed; change nothing.
     outbox_dir : pathlib.Path, optional
         The node's outbox: its SR and SC files that no delivery names go when they are
-        ``older_than`` old (:func:`_unsent_outputs`).
+        ``older_than`` old (:func:`_unsent_outputs`). A delivery's file goes only from
+        here: without it, none goes (the instances are marked all the same).
     spool_dir : pathlib.Path, optional
         The node's spool: its received images that no instance row names go
         ``older_than`` after retention first found them so (:func:`_unrecorded_images`).
+        An instance's received image goes only from here: without it, none goes.
+
+    A row's file elsewhere (a database copied from another node, a data directory
+    moved) is kept, and counted (``RetentionReport.kept_elsewhere``), and said at
+    WARNING once a run.
 
     Returns
     -------
@@ -340,8 +533,11 @@ def remove_expired_files(
     """
     if older_than <= timedelta(0):
         raise ValueError(f"older_than must be positive, got {older_than}")
-    started = now()
-    cutoff = started - older_than
+    started = _started(database_url)
+    # Compared with the rows' times (finished_at, last_received_again_at): the database's
+    # clock, as they are.
+    cutoff = started.database - older_than
+    dirs = _Dirs.of(spool_dir, outbox_dir)
     report = RetentionReport(dry_run=dry_run)
     last_id = 0
     while True:
@@ -378,27 +574,52 @@ def remove_expired_files(
                     session.scalars(
                         update(Instance)
                         .where(Instance.id.in_(free.scalar_subquery()), *_expired(cutoff))
-                        .values(files_removed_at=started)
+                        # the database's clock: compared with a delivery's created_at
+                        # (made_since_removal, worker.delivery._file_gone) and by
+                        # the next runs' sweeps, on whatever host they run
+                        .values(files_removed_at=started.database)
                         .returning(Instance.id),
                         execution_options={"synchronize_session": False},
                     )
                 )
-            files = _files_of(session, ids)
+            files = _files_of(session, dict.fromkeys(ids, started.database), dirs)
         if dry_run:
             count, size = _sizes(path for of in files.values() for path in of.paths())
         else:
             count = size = 0
-            for of in files.values():
-                removed, removed_bytes = _remove_files(of, started, started)
-                count, size = count + removed, size + removed_bytes
-        report = report + RetentionReport(len(ids), count, size, dry_run)
+            # the received images under one take of the spool's recording lock
+            with _RecordedImages(
+                database_url, dirs.spool, (of.spool for of in files.values())
+            ) as images:
+                for of in files.values():
+                    removed, removed_bytes = _remove_files(of, started.database, started, images)
+                    count, size = count + removed, size + removed_bytes
+        elsewhere = sum(of.elsewhere for of in files.values())
+        report = report + RetentionReport(len(ids), count, size, dry_run, kept_elsewhere=elsewhere)
     if not dry_run:
-        report = report + _sweep(database_url, started)
+        report = report + _sweep(database_url, started, dirs)
+    if report.kept_elsewhere:  # one line a run: no path, which may be any node's
+        logger.warning(
+            "retention%s: %d file(s) that the rows of the instances marked name outside "
+            "this node's spool (%s) and outbox (%s) %s: another node's files (a database "
+            "copied from it) or where this node's data directory once was",
+            " (dry run)" if dry_run else "",
+            report.kept_elsewhere,
+            spool_dir if dirs.spool is not None else "none given",
+            outbox_dir if dirs.outbox is not None else "none given",
+            "would be kept" if dry_run else "kept",
+        )
+    # The files no row names are judged by their own times and their markers', never by
+    # a row's: this host's clock throughout. The markers are this host's; the images'
+    # and objects' times, the listener's and the workers', are off it by as much as the
+    # hosts' clocks differ, nothing beside the days they are kept, and a copy being
+    # recorded is kept by the recording lock, not by the recording window alone.
+    host_cutoff = started.host - older_than
     if outbox_dir is not None:
-        report = report + _unsent_outputs(database_url, outbox_dir, cutoff, dry_run=dry_run)
+        report = report + _unsent_outputs(database_url, outbox_dir, host_cutoff, dry_run=dry_run)
     if spool_dir is not None:
         report = report + _unrecorded_images(
-            database_url, spool_dir, cutoff, started - _RECORDING, dry_run=dry_run
+            database_url, spool_dir, host_cutoff, started.host - _RECORDING, dry_run=dry_run
         )
     if report.instances or report.files:
         logger.info(
@@ -415,36 +636,48 @@ def remove_expired_files(
     return report
 
 
-def _sweep(database_url: str, started: datetime) -> RetentionReport:
-    """Files of recently marked instances that a crash left behind (marked before now)."""
+def _sweep(database_url: str, started: _Start, dirs: _Dirs) -> RetentionReport:
+    """Files of recently marked instances that a crash left behind, or received images
+    left while listeners held the recording lock (:class:`_RecordedImages`), marked
+    before this run, by the database's clock, as the marks are: those :func:`_files_of`
+    lets go.
+    The files their rows name elsewhere were counted by the run that marked them."""
     with session_scope(database_url) as session:
         rows = session.execute(
             select(Instance.id, Instance.files_removed_at).where(
                 and_(
                     Instance.files_removed_at.is_not(None),
-                    Instance.files_removed_at >= started - _SWEEP_WINDOW,
-                    Instance.files_removed_at < started,
+                    Instance.files_removed_at >= started.database - _SWEEP_WINDOW,
+                    Instance.files_removed_at < started.database,
                 )
             )
         ).all()
         marks = {instance_id: marked for instance_id, marked in rows if marked is not None}
-        files = _files_of(session, list(marks))
+        files = _files_of(session, marks, dirs)
     count = size = 0
-    for instance_id, of in files.items():
-        removed, removed_bytes = _remove_files(of, marks[instance_id], started)
-        count, size = count + removed, size + removed_bytes
+    # the received images under one take of the spool's recording lock
+    with _RecordedImages(database_url, dirs.spool, (of.spool for of in files.values())) as images:
+        for instance_id, of in files.items():
+            removed, removed_bytes = _remove_files(of, marks[instance_id], started, images)
+            count, size = count + removed, size + removed_bytes
     return RetentionReport(0, count, size)
 
 
 def _unsent_outputs(
     database_url: str, outbox: Path, cutoff: datetime, *, dry_run: bool
 ) -> RetentionReport:
-    """SR and SC files in ``outbox`` written before ``cutoff`` that no delivery names.
+    """SR and SC files in ``outbox`` written before ``cutoff`` (this host's clock, as
+    their times are) that no delivery names.
 
     They were made with nothing to send them to: no destination was configured, or a
     ``reprocess`` was not asked to send. Nothing will ever send them, and without a
     delivery row the instances' removal cannot find them. A file being published now
     is new, and so never one of them (its rows commit just after it is renamed in).
+
+    A delivery names a file by its name in the outbox (:func:`_outbox_name`), as the
+    spool's rows do theirs (:func:`_spool_name`): a row written where the outbox was
+    mounted elsewhere keeps its file, which a failed delivery of it is waiting for
+    (``worker.delivery.PUT_BACK``).
     """
     old: list[Path] = []
     try:
@@ -457,12 +690,19 @@ def _unsent_outputs(
                 old.append(path)
         except OSError:
             continue
-    named: set[str] = set()
-    for start in range(0, len(old), _BATCH):
-        chunk = [str(p) for p in old[start : start + _BATCH]]
-        with session_scope(database_url) as session:
-            named.update(session.scalars(select(Delivery.path).where(Delivery.path.in_(chunk))))
-    unsent = [p for p in old if str(p) not in named]
+    if not old:
+        return RetentionReport(dry_run=dry_run)
+    wanted = {path.name for path in old}
+    with session_scope(database_url) as session:
+        named = {
+            name
+            for name in map(
+                _outbox_name,
+                session.scalars(select(Delivery.path).execution_options(yield_per=5000)),
+            )
+            if name in wanted
+        }
+    unsent = [p for p in old if p.name not in named]
     count, size = _sizes(unsent) if dry_run else _remove(unsent, cutoff)
     return RetentionReport(0, count, size, dry_run, unsent_outputs=count)
 
@@ -785,3 +1025,131 @@ def _remove_unrecorded(
         if time.monotonic() >= deadline:
             return f"listeners held the spool's recording lock for {_LOCK_TRIES_SECONDS:g} s"
         time.sleep(0.05)  # each C-STORE holds it shared for a rename and a commit
+
+
+class _RecordedImages:
+    """The received images of one batch of instances marked removed, unlinked under one
+    take of the spool's recording lock (:func:`dicom_io.scp.recording_lock`), exclusive:
+    :func:`_remove_files` is given it for each of the batch's instances in the ``with``
+    block.
+
+    The listener renames a copy into the spool holding that lock shared, until the
+    copy's row is committed (which clears the removal mark and sets
+    ``received_again_at``). An image looked at, then unlinked by name, without it could
+    be a new copy renamed in between, perhaps a corrected image the PACS was told
+    Success for, lost while its row says it is there to be compared (found in review).
+    Under the lock no C-STORE is between its rename and its commit: each image is
+    looked at again there, and goes only if it was not written after the time it must
+    not be, and its row still has the mark it was removed under and no copy received
+    again (which keeps a new copy whose time misleads: written on a host behind).
+
+    The lock is taken when the first image that may go is met (a sweep of images gone
+    already takes none) and let go when the batch is done: each C-STORE waits for it
+    meanwhile, never for a whole run. While listeners hold it, it is tried for
+    :data:`_LOCK_TRIES_SECONDS`; then the batch's images are left to the next run,
+    counted and said at WARNING, and that run's sweep takes them (:func:`_sweep`: their
+    instances were marked in the last day). Where no lock is possible at all (no
+    listener has made it yet; the spool's file system takes none, NFS; the file is none
+    the listener can use, which then records without it), they are looked at and
+    unlinked without it, as before, since kept for ever they would fill the disk: a copy
+    renamed in between the two is then lost, the window that remains.
+    """
+
+    def __init__(self, database_url: str, spool: Path | None, images: Iterable[Path]) -> None:
+        self._database_url = database_url
+        self._spool = spool
+        self._images = [str(image) for image in images]
+        self._lock = contextlib.ExitStack()
+        #: None until the lock is asked for; then whether the batch's images may go
+        self._may_go: bool | None = None
+        #: The rows naming the batch's images that are there, read under the lock: their
+        #: removal mark and when a copy was received again.
+        self._rows: dict[str, list[tuple[datetime | None, datetime | None]]] = {}
+        self._why_left = ""
+        #: Images that would have gone, left to the next run.
+        self.left = 0
+
+    def __enter__(self) -> _RecordedImages:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._lock.close()  # the lock let go, where it was held
+        if self.left:
+            logger.warning(
+                "retention: %d received image(s) of instances marked removed left to the "
+                "next run: %s",
+                self.left,
+                self._why_left,
+            )
+
+    def remove(self, image: Path, marked_at: datetime, written_by: datetime) -> tuple[int, int]:
+        """Unlink ``image``, the received image of one of the batch's instances, marked
+        removed at ``marked_at``, if it was not written after ``written_by`` (this host's
+        clock); (files, bytes) removed."""
+        if not _may_be_removed(image, written_by):
+            return 0, 0  # gone, or a new copy: kept, no lock needed
+        if not self._take():
+            self.left += 1
+            return 0, 0
+        if any(
+            mark != marked_at or again is not None for mark, again in self._rows.get(str(image), [])
+        ):
+            return 0, 0  # a copy recorded since: the listener cleared the mark
+        return _remove([image], written_by)  # looked at again, under the lock
+
+    def _take(self) -> bool:
+        """Take the lock for the rest of the batch and read the rows under it, once;
+        whether the batch's images may go: False where listeners held the lock past
+        :data:`_LOCK_TRIES_SECONDS`; True, without it, where no lock is possible."""
+        if self._may_go is not None:
+            return self._may_go
+        deadline = time.monotonic() + _LOCK_TRIES_SECONDS
+        while self._spool is not None:
+            refused = self._lock.enter_context(recording_lock(self._spool))
+            if refused is None:
+                break
+            self._lock.close()  # the lock file, where opened
+            if not isinstance(refused, BlockingIOError):
+                logger.debug(
+                    "retention: received images of marked instances go without the spool's "
+                    "recording lock (%s)",
+                    refused.strerror or type(refused).__name__,
+                )
+                break
+            if time.monotonic() >= deadline:
+                self._may_go = False
+                self._why_left = (
+                    f"listeners held the spool's recording lock for {_LOCK_TRIES_SECONDS:g} s"
+                )
+                return False
+            time.sleep(0.05)  # each C-STORE holds it shared for a rename and a commit
+        self._rows = self._read_rows()
+        self._may_go = True
+        return True
+
+    def _read_rows(self) -> dict[str, list[tuple[datetime | None, datetime | None]]]:
+        """The removal mark and the copy received again of the rows naming the batch's
+        images that are there (none other is renamed in while the lock is held)."""
+        there = [image for image in self._images if os.path.exists(image)]
+        rows: dict[str, list[tuple[datetime | None, datetime | None]]] = {}
+        with session_scope(self._database_url) as session:
+            for start in range(0, len(there), _BATCH):
+                for path, mark, again in session.execute(
+                    select(
+                        Instance.spool_path, Instance.files_removed_at, Instance.received_again_at
+                    ).where(Instance.spool_path.in_(there[start : start + _BATCH]))
+                ):
+                    rows.setdefault(path, []).append((mark, again))
+        return rows
+
+
+def _may_be_removed(path: Path, written_by: datetime) -> bool:
+    """Whether a file is at ``path``, not written after ``written_by``: one that
+    :func:`_remove` would unlink now."""
+    try:
+        return path.stat().st_mtime <= written_by.timestamp()
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        logger.warning("retention: cannot inspect a file (%s)", exc.strerror)
+        return False

@@ -505,7 +505,12 @@ def test_retention_removes_the_files_of_abandoned_deliveries(runtime: Runtime) -
             abandon_failed(runtime.database_url, [rows[ObjectKind.SC].id], reason="x", by="me")
     assert all(p.exists() for p in [*kept_files, *removed_files])
 
-    report = remove_expired_files(runtime.database_url, older_than=dt.timedelta(days=30))
+    report = remove_expired_files(
+        runtime.database_url,
+        older_than=dt.timedelta(days=30),
+        spool_dir=runtime.settings.spool_dir,
+        outbox_dir=runtime.settings.outbox_dir,
+    )
 
     assert (report.instances, report.files) == (1, 3)
     assert not any(p.exists() for p in removed_files)

@@ -32,7 +32,7 @@ from worker.delivery import deliver_one
 from worker.listener import record_instance
 from worker.pipeline import assess_instance
 from worker.reprocess import files_removed, prepare_reprocess
-from worker.retention import remove_expired_files
+from worker.retention import RetentionReport, remove_expired_files
 from worker.runtime import Runtime
 from worker.settings import load_settings
 
@@ -101,6 +101,18 @@ def _received_and_finished_days_ago(rt: Runtime, instance_id: int, days: float) 
     os.utime(spool, (then.timestamp(), then.timestamp()))
 
 
+def _retention(rt: Runtime, *, dry_run: bool = False) -> RetentionReport:
+    """A run as the listener's and `boneage-worker retention` are: given the node's spool
+    and outbox, the only places a row's file is removed from."""
+    return remove_expired_files(
+        rt.database_url,
+        older_than=KEEP,
+        dry_run=dry_run,
+        spool_dir=rt.settings.spool_dir,
+        outbox_dir=rt.settings.outbox_dir,
+    )
+
+
 def _removed_at(rt: Runtime, instance_id: int) -> dt.datetime | None:
     with session_scope(rt.database_url) as session:
         return session.get_one(Instance, instance_id).files_removed_at
@@ -114,11 +126,11 @@ def test_files_of_old_fully_delivered_instances_go_rows_and_results_stay(runtime
     assert len(old_files) == 3 and all(p.exists() for p in old_files)  # spool, SR, SC
     size = sum(p.stat().st_size for p in old_files)
 
-    dry = remove_expired_files(runtime.database_url, older_than=KEEP, dry_run=True)
+    dry = _retention(runtime, dry_run=True)
     assert (dry.instances, dry.files, dry.bytes, dry.dry_run) == (1, 3, size, True)
     assert all(p.exists() for p in old_files) and _removed_at(runtime, old) is None
 
-    done = remove_expired_files(runtime.database_url, older_than=KEEP)
+    done = _retention(runtime)
     assert (done.instances, done.files, done.bytes) == (1, 3, size)
     assert not any(p.exists() for p in old_files)
     assert all(p.exists() for p in recent_files)
@@ -127,7 +139,7 @@ def test_files_of_old_fully_delivered_instances_go_rows_and_results_stay(runtime
         assert session.get_one(Instance, old).state is InstanceState.ASSESSED
         assert session.scalar(select(Result.id).where(Result.instance_id == old)) is not None
 
-    again = remove_expired_files(runtime.database_url, older_than=KEEP)
+    again = _retention(runtime)
     assert (again.instances, again.files) == (0, 0)  # nothing twice
 
 
@@ -146,7 +158,7 @@ def test_undelivered_or_unfinished_instances_keep_their_files(runtime: Runtime) 
         _finished_days_ago(runtime, instance_id, 400)
     kept = [p for i in (unsent, failed, queued) for p in _files(runtime, i)]
 
-    report = remove_expired_files(runtime.database_url, older_than=KEEP)
+    report = _retention(runtime)
     assert (report.instances, report.files) == (0, 0)
     assert all(p.exists() for p in kept)
 
@@ -166,7 +178,7 @@ def test_objects_superseded_by_a_later_assessment_hold_nothing_back(runtime: Run
     files = _files(runtime, instance_id)
     assert len(files) == 5 and all(p.exists() for p in files)  # spool, two SRs, two SCs
     _received_and_finished_days_ago(runtime, instance_id, 40)
-    report = remove_expired_files(runtime.database_url, older_than=KEEP)
+    report = _retention(runtime)
     assert (report.instances, report.files) == (1, 5)
     assert not any(p.exists() for p in files)
 
@@ -176,7 +188,7 @@ def test_not_assessed_instance_without_deliveries_is_removed(runtime: Runtime) -
     assert assess_instance(runtime, ct).state == "not_assessed"
     _finished_days_ago(runtime, ct, 31)
     [spool] = _files(runtime, ct)
-    assert remove_expired_files(runtime.database_url, older_than=KEEP).instances == 1
+    assert _retention(runtime).instances == 1
     assert not spool.exists()
 
 
@@ -195,7 +207,7 @@ def test_an_image_the_pacs_expired_goes_at_the_next_run(runtime: Runtime) -> Non
     assert assess_instance(runtime, queued).state == "skipped"
     [queued_spool] = _files(runtime, queued)
 
-    done = remove_expired_files(runtime.database_url, older_than=KEEP)
+    done = _retention(runtime)
     assert done.instances == 2
     assert not any(p.exists() for p in [*expired_files, queued_spool])
     assert all(p.exists() for p in wrong_patient_files)
@@ -211,7 +223,7 @@ def test_reprocess_leaves_removed_instances_alone(
 ) -> None:
     instance_id, _ = _assessed_and_delivered(runtime)
     _finished_days_ago(runtime, instance_id, 40)
-    remove_expired_files(runtime.database_url, older_than=KEEP)
+    _retention(runtime)
     # a new model: it would assess the instance again, but there is nothing to read
     other = load_settings(
         data_dir=runtime.settings.data_dir,
@@ -233,7 +245,7 @@ def test_receiving_again_restarts_retention_and_keeps_the_new_copy(runtime: Runt
     _finished_days_ago(runtime, instance_id, 40)
     spool = files[0]
     content = spool.read_bytes()
-    remove_expired_files(runtime.database_url, older_than=KEEP)
+    _retention(runtime)
     assert not spool.exists()
 
     # The PACS sends it again: a new copy, and the mark is cleared.
@@ -261,7 +273,7 @@ def test_receiving_again_restarts_retention_and_keeps_the_new_copy(runtime: Runt
             .values(files_removed_at=now() - dt.timedelta(hours=1))
         )
     os.utime(spool)  # written now, after the mark
-    remove_expired_files(runtime.database_url, older_than=KEEP)
+    _retention(runtime)
     assert spool.exists()
 
 
@@ -275,7 +287,7 @@ def test_a_copy_received_again_stays_until_the_worker_has_compared_it(runtime: R
     spool = files[0]
     os.utime(spool, (0, (now() - dt.timedelta(days=40)).timestamp()))  # no help from mtime
 
-    report = remove_expired_files(runtime.database_url, older_than=KEEP)
+    report = _retention(runtime)
     assert report.instances == 0
     assert spool.exists()
     assert _removed_at(runtime, instance_id) is None
@@ -335,7 +347,7 @@ def test_a_copy_put_in_place_before_a_run_and_recorded_after_its_mark_stays(
 
         monkeypatch.setattr(Path, "unlink", listener_commits_first)
 
-    report = remove_expired_files(runtime.database_url, older_than=KEEP)
+    report = _retention(runtime)
     monkeypatch.undo()
     if recorded == "after_the_run":
         records.append(record())
@@ -362,14 +374,14 @@ def test_a_copy_sent_again_once_the_files_went_is_kept_the_days_from_its_coming(
     _finished_days_ago(runtime, instance_id, 40)
     spool = files[0]
     content = spool.read_bytes()
-    assert remove_expired_files(runtime.database_url, older_than=KEEP).instances == 1
+    assert _retention(runtime).instances == 1
     assert not spool.exists()
 
     bytes_received_again(runtime, instance_id, content)
     assert assess_instance(runtime, instance_id).state == "skipped"  # compared: unchanged
     with session_scope(runtime.database_url) as session:
         assert session.get_one(Instance, instance_id).received_again_at is None
-    assert remove_expired_files(runtime.database_url, older_than=KEEP).instances == 0
+    assert _retention(runtime).instances == 0
     assert spool.exists()
     assert _removed_at(runtime, instance_id) is None
 
@@ -380,7 +392,7 @@ def test_a_copy_sent_again_once_the_files_went_is_kept_the_days_from_its_coming(
             update(Instance).where(Instance.id == instance_id).values(last_received_again_at=then)
         )
     os.utime(spool, (then.timestamp(), then.timestamp()))
-    report = remove_expired_files(runtime.database_url, older_than=KEEP)
+    report = _retention(runtime)
     assert (report.instances, report.files) == (1, 1)
     assert not spool.exists()
 
@@ -394,7 +406,7 @@ def test_our_rejection_notes_made_once_the_files_went_go_in_their_turn(
     image_id, files = _assessed_and_delivered(runtime)
     image = dcmread(files[0])
     _finished_days_ago(runtime, image_id, 40)
-    assert remove_expired_files(runtime.database_url, older_than=KEEP).instances == 1
+    assert _retention(runtime).instances == 1
 
     note = spool_dataset(runtime, pacs_rejection_note(image, "113038"))
     withdrawn = assess_instance(runtime, note)
@@ -403,14 +415,14 @@ def test_our_rejection_notes_made_once_the_files_went_go_in_their_turn(
         assert deliver_one(runtime, delivery_id).state == "delivered"
     ours = [p for p in _files(runtime, image_id) if p.exists()]
     assert len(ours) == 2  # our notes: the image, its SR and SC went
-    assert remove_expired_files(runtime.database_url, older_than=KEEP).instances == 0
+    assert _retention(runtime).instances == 0
     assert all(p.exists() for p in ours)  # rejected just now
 
     _finished_days_ago(runtime, image_id, 31)
-    report = remove_expired_files(runtime.database_url, older_than=KEEP)
+    report = _retention(runtime)
     assert (report.instances, report.files) == (1, 2)
     assert not any(p.exists() for p in ours)
-    assert remove_expired_files(runtime.database_url, older_than=KEEP).instances == 0
+    assert _retention(runtime).instances == 0
     with session_scope(runtime.database_url) as session:
         assert session.get_one(Instance, image_id).state is InstanceState.REJECTED
 
@@ -517,7 +529,7 @@ def test_files_left_by_a_crash_after_the_mark_are_swept(runtime: Runtime) -> Non
                 files_removed_at=now() - dt.timedelta(hours=1),
             )
         )
-    report = remove_expired_files(runtime.database_url, older_than=KEEP)
+    report = _retention(runtime)
     assert (report.instances, report.files) == (0, 3)
     assert not any(p.exists() for p in files)
 

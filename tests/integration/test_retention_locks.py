@@ -25,6 +25,7 @@ from tests.conftest import sessions_waiting_on_a_lock
 from tests.integration.test_pipeline import make_runtime, spool_instance
 from tests.support import wait_for
 from worker.retention import RetentionReport, remove_expired_files
+from worker.runtime import Runtime
 
 pytestmark = pytest.mark.integration
 
@@ -43,6 +44,16 @@ def _finished_long_ago(database_url: str, instance_ids: list[int]) -> list[Path]
         return [Path(session.get_one(Instance, i).spool_path) for i in instance_ids]
 
 
+def _run(rt: Runtime) -> RetentionReport:
+    """A retention run given the node's spool and outbox, as the listener's is."""
+    return remove_expired_files(
+        rt.database_url,
+        older_than=KEEP,
+        spool_dir=rt.settings.spool_dir,
+        outbox_dir=rt.settings.outbox_dir,
+    )
+
+
 def _removed_at(database_url: str, instance_id: int) -> dt.datetime | None:
     with session_scope(database_url) as session:
         return session.get_one(Instance, instance_id).files_removed_at
@@ -59,9 +70,7 @@ def test_a_row_another_transaction_holds_is_left_for_the_next_run(
     with Session(get_engine(rt.database_url)) as other, other.begin():
         # what a rejection note or a redirect holds while it works on the image
         take_instances(other, [held])
-        retention = threading.Thread(
-            target=lambda: runs.append(remove_expired_files(rt.database_url, older_than=KEEP))
-        )
+        retention = threading.Thread(target=lambda: runs.append(_run(rt)))
         retention.start()
         wait_for(
             lambda: not retention.is_alive() or sessions_waiting_on_a_lock(postgres_url),
@@ -77,6 +86,6 @@ def test_a_row_another_transaction_holds_is_left_for_the_next_run(
     assert _removed_at(rt.database_url, last) is not None
     assert _removed_at(rt.database_url, held) is None  # still has its file
 
-    again = remove_expired_files(rt.database_url, older_than=KEEP)  # free now: its turn
+    again = _run(rt)  # free now: its turn
     assert (again.instances, again.files) == (1, 1)
     assert not held_file.exists() and _removed_at(rt.database_url, held) is not None

@@ -1,0 +1,268 @@
+"""Retention unlinks a recorded instance's received image under the spool's recording lock.
+
+The listener renames a new copy of an instance into the same place in the spool, and
+holds the spool's recording lock shared from before that rename until the copy's row is
+committed (dicom_io.scp; the commit clears the removal mark and sets
+``received_again_at``). Retention looked at an expired instance's image, then unlinked
+it by name, without that lock: a copy renamed in between was unlinked, perhaps a
+corrected image the PACS was told Success for, while its row said it was there to be
+compared. It now takes the lock exclusively once a batch and looks again under it, at
+the file and at its row. Real assessments and deliveries as in test_retention.py; the
+listener's side of the lock (`_RecordingHold`, as a listener holds it) and its record
+(`record_instance`) driven from the test. On SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import errno
+import fcntl
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from sqlalchemy import select
+
+from db.engine import session_scope
+from db.schema import Instance, Result
+from db.schema import utcnow as now
+from dicom_io.scp import ReceivedInstance, _RecordingHold
+from tests.conftest import StoreSCP
+from tests.integration.test_retention import (
+    _assessed_and_delivered,
+    _received_and_finished_days_ago,
+    _removed_at,
+    _retention,
+    _runtime,
+)
+from tests.support import wait_for
+from worker import retention
+from worker.listener import record_instance
+from worker.pipeline import assess_instance
+from worker.runtime import Runtime
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def runtime(
+    request: pytest.FixtureRequest, tmp_path: Path, tiny_checkpoint: Path, storescp: StoreSCP
+) -> Runtime:
+    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
+    return _runtime(tmp_path, tiny_checkpoint, storescp, url)
+
+
+def _listener_started(rt: Runtime) -> _RecordingHold:
+    """The listener's side of the spool's recording lock, as a listener makes it when it
+    starts."""
+    rt.settings.spool_dir.mkdir(parents=True, exist_ok=True)
+    hold = _RecordingHold(rt.settings.spool_dir)
+    hold.open()
+    return hold
+
+
+@pytest.fixture
+def listener_lock(runtime: Runtime) -> Iterator[_RecordingHold]:
+    hold = _listener_started(runtime)
+    yield hold
+    hold.close()
+
+
+def _new_copy(rt: Runtime, instance_id: int, **attributes: object) -> tuple[Path, ReceivedInstance]:
+    """A copy of the instance received again, ``attributes`` set, written where the
+    listener writes a transfer before it renames it into place; what it records of it."""
+    with session_scope(rt.database_url) as session:
+        row = session.get_one(Instance, instance_id)
+        image = Path(row.spool_path)
+        uids = (row.sop_instance_uid, row.sop_class_uid, row.study_instance_uid)
+        series, modality, syntax = row.series_instance_uid, row.modality, row.transfer_syntax_uid
+    ds = dcmread(image)
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    incoming = rt.settings.spool_dir / ".incoming" / "transfer.dcm"
+    incoming.parent.mkdir(exist_ok=True)
+    ds.save_as(incoming, enforce_file_format=True)
+    size = incoming.stat().st_size
+    return incoming, ReceivedInstance(*uids, series, modality, syntax, "PACS", image, size)
+
+
+def _row(rt: Runtime, instance_id: int) -> tuple[dt.datetime | None, dt.datetime | None]:
+    """The instance's removal mark, and when a copy of it was received again."""
+    with session_scope(rt.database_url) as session:
+        row = session.get_one(Instance, instance_id)
+        return row.files_removed_at, row.received_again_at
+
+
+def _assessed_male(rt: Runtime, instance_id: int) -> list[bool]:
+    """Whether each of the instance's assessments read a male hand, first to last."""
+    with session_scope(rt.database_url) as session:
+        return [
+            r.male
+            for r in session.scalars(
+                select(Result).where(Result.instance_id == instance_id).order_by(Result.id)
+            )
+        ]
+
+
+def test_a_copy_renamed_in_between_retentions_look_and_its_unlink_stays(
+    runtime: Runtime, listener_lock: _RecordingHold, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An instance finished 40 days ago is sent again, the sex corrected, just as
+    retention removes its files: the listener's rename comes after retention looked at
+    the old copy and before it unlinks it by name. It waits for retention's lock, and
+    the new copy it then renames in stays, to be compared (before, the new copy was
+    unlinked: the correction lost, and the row saying it was there)."""
+    instance_id, files = _assessed_and_delivered(runtime)
+    _received_and_finished_days_ago(runtime, instance_id, 40)
+    image = files[0]
+    incoming, received = _new_copy(runtime, instance_id, PatientSex="M")
+    waiting, renamed = threading.Event(), threading.Event()
+    recorded: list[int] = []
+
+    def c_store() -> None:
+        """The listener's C-STORE from its rename to its commit (dicom_io.scp)."""
+        with listener_lock.shared():
+            os.replace(incoming, image)
+            renamed.set()
+            recorded.append(record_instance(runtime.database_url, received))
+
+    listener = threading.Thread(target=c_store)
+    real_flock = fcntl.flock
+
+    def flock(descriptor: int, operation: int) -> None:
+        """Says when the C-STORE's lock would wait (for retention), then waits."""
+        if operation == fcntl.LOCK_SH and threading.current_thread() is listener:
+            try:
+                real_flock(descriptor, operation | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                waiting.set()
+        real_flock(descriptor, operation)
+
+    real_unlink = Path.unlink
+
+    def unlink(path: Path, missing_ok: bool = False) -> None:
+        """Retention's unlink of the image, after it looked at it: the C-STORE comes."""
+        if path == image and not listener.is_alive() and not renamed.is_set():
+            listener.start()
+            wait_for(
+                lambda: waiting.is_set() or renamed.is_set(),
+                timeout=30,
+                what="the C-STORE renaming its copy in, or waiting for the lock to",
+            )
+        real_unlink(path, missing_ok)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    report = _retention(runtime)
+    monkeypatch.undo()
+    listener.join(timeout=60)
+
+    assert not listener.is_alive() and recorded == [instance_id]
+    assert image.exists() and dcmread(image).PatientSex == "M"
+    assert waiting.is_set()  # it waited for retention's lock
+    assert (report.instances, report.files) == (1, 3)  # the old copy, its SR and SC
+    removed_at, received_again_at = _row(runtime, instance_id)
+    assert removed_at is None and received_again_at is not None
+    assert assess_instance(runtime, instance_id).state == "assessed"
+    assert _assessed_male(runtime, instance_id) == [False, True]
+
+
+@pytest.mark.parametrize("lock", ["free", "never_made", "none_on_nfs"])
+def test_a_copy_recorded_before_the_lock_is_taken_is_kept_by_its_row_whatever_its_time(
+    runtime: Runtime, lock: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy sent again with the sex corrected is renamed in and recorded as retention
+    starts unlinking, by a listener on a host whose clock is two hours behind: its time
+    says it is older than the copy retention chose. Its row, read again under the lock,
+    keeps it, and an expired image beside it goes all the same: under the lock where a
+    listener has made it ("free"), without it where no lock is possible (no listener has
+    made it; NFS, where the exclusive lock retention asks for fails), as before."""
+    kept, kept_files = _assessed_and_delivered(runtime)
+    goes, goes_files = _assessed_and_delivered(runtime)
+    for instance_id in (kept, goes):
+        _received_and_finished_days_ago(runtime, instance_id, 40)
+    image = kept_files[0]
+    incoming, received = _new_copy(runtime, kept, PatientSex="M")
+    behind = (now() - dt.timedelta(hours=2)).timestamp()
+    os.utime(incoming, (behind, behind))
+    hold = _listener_started(runtime) if lock != "never_made" else None
+    recorded: list[int] = []
+
+    def c_store() -> None:
+        """The listener's C-STORE of the copy, from its rename to its commit."""
+        with hold.shared() if hold is not None else contextlib.nullcontext():
+            os.replace(incoming, image)
+            recorded.append(record_instance(runtime.database_url, received))
+
+    if lock == "none_on_nfs":
+        real_flock = fcntl.flock
+
+        def flock(descriptor: int, operation: int) -> None:
+            if operation & fcntl.LOCK_EX:  # Linux's NFS emulation, where the server has none
+                raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+            real_flock(descriptor, operation)
+
+        monkeypatch.setattr(fcntl, "flock", flock)
+    real_stat = Path.stat
+
+    def stat(path: Path, *, follow_symlinks: bool = True) -> os.stat_result:
+        """Retention's first look at either image: the C-STORE has just been recorded."""
+        if path in (image, goes_files[0]) and not recorded:
+            c_store()
+        return real_stat(path, follow_symlinks=follow_symlinks)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    report = _retention(runtime)
+    monkeypatch.undo()
+    if hold is not None:
+        hold.close()
+
+    assert recorded == [kept]
+    assert image.exists() and dcmread(image).PatientSex == "M"
+    assert _row(runtime, kept)[0] is None
+    assert not any(path.exists() for path in goes_files)
+    # both marked; the expired image, its SR and SC; the kept one's SR and SC
+    assert (report.instances, report.files) == (2, 5)
+    assert assess_instance(runtime, kept).state == "assessed"
+    assert _assessed_male(runtime, kept) == [False, True]
+
+
+def test_an_image_left_while_listeners_hold_the_lock_goes_at_the_next_run(
+    runtime: Runtime,
+    listener_lock: _RecordingHold,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Listeners hold the recording lock all the while retention tries for it: the
+    image of the instance it marks is kept, not counted as removed, and said at
+    WARNING; the next run's sweep removes it (before, it was unlinked without the
+    lock)."""
+    instance_id, files = _assessed_and_delivered(runtime)
+    _received_and_finished_days_ago(runtime, instance_id, 40)
+    image = files[0]
+    size = image.stat().st_size
+    # the run would try for the lock 30 s: a short while says the same here
+    monkeypatch.setattr(retention, "_LOCK_TRIES_SECONDS", 0.2)
+    caplog.set_level(logging.WARNING, logger="worker.retention")
+
+    with listener_lock.shared():  # a C-STORE between its rename and its commit
+        report = _retention(runtime)
+
+    assert (report.instances, report.files) == (1, 2)  # marked; its SR and SC went
+    assert image.exists()
+    assert _row(runtime, instance_id)[0] is not None
+    assert [r.getMessage() for r in caplog.records if r.name == "worker.retention"] == [
+        "retention: 1 received image(s) of instances marked removed left to the next run: "
+        "listeners held the spool's recording lock for 0.2 s"
+    ]
+
+    later = _retention(runtime)
+    assert (later.instances, later.files, later.bytes) == (0, 1, size)
+    assert not image.exists()
+    assert _removed_at(runtime, instance_id) is not None

@@ -1242,6 +1242,19 @@ def retention(ctx: click.Context, dry_run: bool, days: float | None) -> None:
             "spool owner's to make; see the warning): kept until a run as the spool's "
             "owner dates them"
         )
+    if report.kept_elsewhere:
+        console.print(
+            f"[yellow]{report.kept_elsewhere} file(s) that those instances' rows name outside "
+            f"this node's spool and outbox {'would be' if dry_run else 'were'} kept: another "
+            "node's (a database copied from it), or this node's where its data directory "
+            "once was (moved: link the old place to the new, and the next runs remove them)"
+        )
+    if report.left:
+        console.print(
+            f"[yellow]{report.left} received image(s) of those instances were kept this "
+            "time: listeners held the spool's recording lock (images being received); the "
+            "next runs remove them"
+        )
 
 
 @main.command()

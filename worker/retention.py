@@ -93,7 +93,8 @@ a batch, and is looked at again then, with its row (:class:`_RecordedImages`): t
 listener renames a new copy of the instance into the same place, and before, one
 renamed in between retention's look and its unlink by name was unlinked, perhaps a
 corrected image the PACS was told Success for. Where listeners hold the lock past
-:data:`_LOCK_TRIES_SECONDS`, such images are left to the next run's sweep. Where no
+:data:`_LOCK_TRIES_SECONDS`, such images are left to the next run's sweep, and the
+run's later batches leave theirs without waiting again (:class:`_SpoolLock`). Where no
 lock is possible at all (no listener has made it yet, NFS), they go without it, as
 before, since kept for ever they would fill the disk: a copy renamed in between the
 look and the unlink is then lost, the window that remains.
@@ -107,13 +108,13 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import ColumnElement, and_, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from db.engine import session_scope
 from db.queries import database_now
@@ -187,6 +188,10 @@ class RetentionReport:
     #: mark) name outside the node's spool and outbox, kept (:func:`_within`); not in
     #: ``files``.
     kept_elsewhere: int = 0
+    #: Received images of instances marked removed that listeners kept this run from
+    #: (they held the spool's recording lock, :class:`_RecordedImages`): the next runs'
+    #: sweeps take them; not in ``files``.
+    left: int = 0
 
     def __add__(self, other: RetentionReport) -> RetentionReport:
         return RetentionReport(
@@ -199,6 +204,7 @@ class RetentionReport:
             self.unrecorded_first_seen + other.unrecorded_first_seen,
             self.unrecorded_unmarked + other.unrecorded_unmarked,
             self.kept_elsewhere + other.kept_elsewhere,
+            self.left + other.left,
         )
 
 
@@ -324,6 +330,13 @@ class _Dirs:
         return cls(resolved(spool_dir), resolved(outbox_dir))
 
 
+def _named_dir(given: Path | None, resolved: Path | None) -> str:
+    """A directory of the node's as a log line gives it."""
+    if given is None:
+        return "none given"
+    return str(given) if resolved is not None else f"{given}, which cannot be resolved"
+
+
 def _within(path: Path, directory: Path | None) -> bool:
     """Whether ``path``, a row's, names an entry of ``directory`` (resolved) or of a
     folder below it.
@@ -343,9 +356,12 @@ def _within(path: Path, directory: Path | None) -> bool:
     return folder.is_relative_to(directory)
 
 
-def _there(path: Path) -> bool:
-    """Whether a file is at ``path``: one that retention kept, to be counted so."""
-    return os.path.exists(path)
+def _kept(path: Path, directory: Path | None, name: str) -> int:
+    """1 where a file that a row names at ``path``, outside ``directory`` (the node's
+    spool or outbox), is there to be kept, at that path or under ``directory`` by its
+    ``name`` there (the data directory moved, the rows naming its old place); else 0."""
+    here = directory is not None and os.path.exists(directory / name)
+    return int(here or os.path.exists(path))
 
 
 #: The states of a delivery that has done with its object's file: sent, replaced by a
@@ -414,11 +430,11 @@ def _files_of(session: Session, marks: dict[int, datetime], dirs: _Dirs) -> dict
     files: dict[int, _Files] = {}
     for instance_id, spool, first, again in instances:
         spool_ours = _within(Path(spool), dirs.spool)
-        elsewhere = 0 if spool_ours else int(_there(Path(spool)))
+        elsewhere = 0 if spool_ours else _kept(Path(spool), dirs.spool, _spool_name(spool))
         outputs: list[Path] = []
         for output in named.get(instance_id, []):
             if not _within(output, dirs.outbox):
-                elsewhere += int(_there(output))
+                elsewhere += _kept(output, dirs.outbox, output.name)
             elif (instance_id, output.name) not in needed:
                 outputs.append(output)
         files[instance_id] = _Files(Path(spool), again or first, outputs, spool_ours, elsewhere)
@@ -538,6 +554,7 @@ def remove_expired_files(
     # clock, as they are.
     cutoff = started.database - older_than
     dirs = _Dirs.of(spool_dir, outbox_dir)
+    lock = _SpoolLock()  # once listeners held it past the tries, for the rest of the run
     report = RetentionReport(dry_run=dry_run)
     last_id = 0
     while True:
@@ -583,30 +600,33 @@ def remove_expired_files(
                     )
                 )
             files = _files_of(session, dict.fromkeys(ids, started.database), dirs)
+        left = 0
         if dry_run:
             count, size = _sizes(path for of in files.values() for path in of.paths())
         else:
             count = size = 0
             # the received images under one take of the spool's recording lock
-            with _RecordedImages(
-                database_url, dirs.spool, (of.spool for of in files.values())
-            ) as images:
+            with _RecordedImages(database_url, dirs.spool, files, lock) as images:
                 for of in files.values():
                     removed, removed_bytes = _remove_files(of, started.database, started, images)
                     count, size = count + removed, size + removed_bytes
+            left = images.left
         elsewhere = sum(of.elsewhere for of in files.values())
-        report = report + RetentionReport(len(ids), count, size, dry_run, kept_elsewhere=elsewhere)
+        report = report + RetentionReport(
+            len(ids), count, size, dry_run, kept_elsewhere=elsewhere, left=left
+        )
     if not dry_run:
-        report = report + _sweep(database_url, started, dirs)
+        report = report + _sweep(database_url, started, dirs, lock)
     if report.kept_elsewhere:  # one line a run: no path, which may be any node's
         logger.warning(
             "retention%s: %d file(s) that the rows of the instances marked name outside "
             "this node's spool (%s) and outbox (%s) %s: another node's files (a database "
-            "copied from it) or where this node's data directory once was",
+            "copied from it), or this node's where its data directory once was (moved: "
+            "link the old place to the new, and the next runs remove them)",
             " (dry run)" if dry_run else "",
             report.kept_elsewhere,
-            spool_dir if dirs.spool is not None else "none given",
-            outbox_dir if dirs.outbox is not None else "none given",
+            _named_dir(spool_dir, dirs.spool),
+            _named_dir(outbox_dir, dirs.outbox),
             "would be kept" if dry_run else "kept",
         )
     # The files no row names are judged by their own times and their markers', never by
@@ -636,12 +656,17 @@ def remove_expired_files(
     return report
 
 
-def _sweep(database_url: str, started: _Start, dirs: _Dirs) -> RetentionReport:
+def _sweep(database_url: str, started: _Start, dirs: _Dirs, lock: _SpoolLock) -> RetentionReport:
     """Files of recently marked instances that a crash left behind, or received images
     left while listeners held the recording lock (:class:`_RecordedImages`), marked
     before this run, by the database's clock, as the marks are: those :func:`_files_of`
     lets go.
-    The files their rows name elsewhere were counted by the run that marked them."""
+    The files their rows name elsewhere were counted by the run that marked them.
+
+    In batches of :data:`_BATCH`: a first clean-up marks as many instances in a day as
+    the node ever kept, more than PostgreSQL binds in one statement (65,535), and one
+    list of them all failed every run's sweep for a day, and what comes after it.
+    """
     with session_scope(database_url) as session:
         rows = session.execute(
             select(Instance.id, Instance.files_removed_at).where(
@@ -652,15 +677,20 @@ def _sweep(database_url: str, started: _Start, dirs: _Dirs) -> RetentionReport:
                 )
             )
         ).all()
-        marks = {instance_id: marked for instance_id, marked in rows if marked is not None}
-        files = _files_of(session, marks, dirs)
-    count = size = 0
-    # the received images under one take of the spool's recording lock
-    with _RecordedImages(database_url, dirs.spool, (of.spool for of in files.values())) as images:
-        for instance_id, of in files.items():
-            removed, removed_bytes = _remove_files(of, marks[instance_id], started, images)
-            count, size = count + removed, size + removed_bytes
-    return RetentionReport(0, count, size)
+    marked = [(instance_id, mark) for instance_id, mark in rows if mark is not None]
+    report = RetentionReport()
+    for start in range(0, len(marked), _BATCH):
+        marks = dict(marked[start : start + _BATCH])
+        with session_scope(database_url) as session:
+            files = _files_of(session, marks, dirs)
+        count = size = 0
+        # the received images under one take of the spool's recording lock
+        with _RecordedImages(database_url, dirs.spool, files, lock) as images:
+            for instance_id, of in files.items():
+                removed, removed_bytes = _remove_files(of, marks[instance_id], started, images)
+                count, size = count + removed, size + removed_bytes
+        report = report + RetentionReport(0, count, size, left=images.left)
+    return report
 
 
 def _unsent_outputs(
@@ -692,16 +722,7 @@ def _unsent_outputs(
             continue
     if not old:
         return RetentionReport(dry_run=dry_run)
-    wanted = {path.name for path in old}
-    with session_scope(database_url) as session:
-        named = {
-            name
-            for name in map(
-                _outbox_name,
-                session.scalars(select(Delivery.path).execution_options(yield_per=5000)),
-            )
-            if name in wanted
-        }
+    named = _names_rows_give(database_url, Delivery.path, _outbox_name, {p.name for p in old})
     unsent = [p for p in old if p.name not in named]
     count, size = _sizes(unsent) if dry_run else _remove(unsent, cutoff)
     return RetentionReport(0, count, size, dry_run, unsent_outputs=count)
@@ -720,6 +741,20 @@ def _received_files(spool: Path) -> Iterator[Path]:
         except OSError:  # not a folder, or removed meanwhile
             continue
         yield from names
+
+
+def _names_rows_give(
+    database_url: str,
+    column: InstrumentedAttribute[str],
+    name_of: Callable[[str], str],
+    wanted: Collection[str],
+) -> set[str]:
+    """Of the names ``wanted``, those a row's path in ``column`` gives (``name_of``): the
+    files a row names whichever folder it was written under. Every row is read, streamed,
+    in one pass: a row's path cannot be looked up by its name alone."""
+    with session_scope(database_url) as session:
+        paths = session.scalars(select(column).execution_options(yield_per=5000))
+        return {name for name in map(name_of, paths) if name in wanted}
 
 
 def _spool_name(path: str) -> str:
@@ -766,16 +801,9 @@ def _unrecorded_images(
     markers = {_spool_name(str(marker)): marker for marker in _received_files(markers_dir)}
     if not old and not markers:
         return RetentionReport(dry_run=dry_run)
-    wanted = old.keys() | markers.keys()
-    with session_scope(database_url) as session:
-        named = {
-            name
-            for name in map(
-                _spool_name,
-                session.scalars(select(Instance.spool_path).execution_options(yield_per=5000)),
-            )
-            if name in wanted
-        }
+    named = _names_rows_give(
+        database_url, Instance.spool_path, _spool_name, old.keys() | markers.keys()
+    )
     stale = [marker for name, marker in markers.items() if name in named or name not in present]
     first_seen = [name for name in old if name not in named and name not in markers]
     due: list[tuple[Path, Path]] = []
@@ -1027,6 +1055,17 @@ def _remove_unrecorded(
         time.sleep(0.05)  # each C-STORE holds it shared for a rename and a commit
 
 
+@dataclass
+class _SpoolLock:
+    """The spool's recording lock as one run found it: once listeners held it past
+    :data:`_LOCK_TRIES_SECONDS`, the run's later batches do not wait for it again (each
+    would, and the listener's reconcile loop, in whose thread the hourly run is, with
+    them), and leave their images to the next run."""
+
+    #: why listeners kept this run from it, once they did
+    held: str = ""
+
+
 class _RecordedImages:
     """The received images of one batch of instances marked removed, unlinked under one
     take of the spool's recording lock (:func:`dicom_io.scp.recording_lock`), exclusive:
@@ -1055,16 +1094,20 @@ class _RecordedImages:
     renamed in between the two is then lost, the window that remains.
     """
 
-    def __init__(self, database_url: str, spool: Path | None, images: Iterable[Path]) -> None:
+    def __init__(
+        self, database_url: str, spool: Path | None, files: dict[int, _Files], run: _SpoolLock
+    ) -> None:
         self._database_url = database_url
         self._spool = spool
-        self._images = [str(image) for image in images]
+        #: each image's instance, by the image's path as the removal is given it
+        self._instances = {str(of.spool): instance_id for instance_id, of in files.items()}
+        self._run = run
         self._lock = contextlib.ExitStack()
         #: None until the lock is asked for; then whether the batch's images may go
         self._may_go: bool | None = None
-        #: The rows naming the batch's images that are there, read under the lock: their
-        #: removal mark and when a copy was received again.
-        self._rows: dict[str, list[tuple[datetime | None, datetime | None]]] = {}
+        #: The rows of the batch's instances, read under the lock: their removal mark and
+        #: when a copy was received again, by their image's path.
+        self._rows: dict[str, tuple[datetime | None, datetime | None]] = {}
         self._why_left = ""
         #: Images that would have gone, left to the next run.
         self.left = 0
@@ -1091,10 +1134,10 @@ class _RecordedImages:
         if not self._take():
             self.left += 1
             return 0, 0
-        if any(
-            mark != marked_at or again is not None for mark, again in self._rows.get(str(image), [])
-        ):
-            return 0, 0  # a copy recorded since: the listener cleared the mark
+        row = self._rows.get(str(image))
+        if row is None or row != (marked_at, None):
+            # a copy recorded since (the listener cleared the mark), or no row to tell
+            return 0, 0
         return _remove([image], written_by)  # looked at again, under the lock
 
     def _take(self) -> bool:
@@ -1103,6 +1146,9 @@ class _RecordedImages:
         :data:`_LOCK_TRIES_SECONDS`; True, without it, where no lock is possible."""
         if self._may_go is not None:
             return self._may_go
+        if self._run.held:  # an earlier batch of this run waited for it in vain
+            self._may_go, self._why_left = False, self._run.held
+            return False
         deadline = time.monotonic() + _LOCK_TRIES_SECONDS
         while self._spool is not None:
             refused = self._lock.enter_context(recording_lock(self._spool))
@@ -1117,29 +1163,32 @@ class _RecordedImages:
                 )
                 break
             if time.monotonic() >= deadline:
-                self._may_go = False
-                self._why_left = (
+                self._run.held = (
                     f"listeners held the spool's recording lock for {_LOCK_TRIES_SECONDS:g} s"
                 )
+                self._may_go, self._why_left = False, self._run.held
                 return False
             time.sleep(0.05)  # each C-STORE holds it shared for a rename and a commit
         self._rows = self._read_rows()
         self._may_go = True
         return True
 
-    def _read_rows(self) -> dict[str, list[tuple[datetime | None, datetime | None]]]:
-        """The removal mark and the copy received again of the rows naming the batch's
-        images that are there (none other is renamed in while the lock is held)."""
-        there = [image for image in self._images if os.path.exists(image)]
-        rows: dict[str, list[tuple[datetime | None, datetime | None]]] = {}
+    def _read_rows(self) -> dict[str, tuple[datetime | None, datetime | None]]:
+        """The removal mark and the copy received again of the batch's instances, by
+        their image's path as the removal is given it; read by the instances' ids, so
+        that a row is found whatever its path's spelling: an image with no row found is
+        kept (:meth:`remove`)."""
+        paths = {instance_id: path for path, instance_id in self._instances.items()}
+        rows: dict[str, tuple[datetime | None, datetime | None]] = {}
+        ids = list(paths)
         with session_scope(self._database_url) as session:
-            for start in range(0, len(there), _BATCH):
-                for path, mark, again in session.execute(
+            for start in range(0, len(ids), _BATCH):
+                for instance_id, mark, again in session.execute(
                     select(
-                        Instance.spool_path, Instance.files_removed_at, Instance.received_again_at
-                    ).where(Instance.spool_path.in_(there[start : start + _BATCH]))
+                        Instance.id, Instance.files_removed_at, Instance.received_again_at
+                    ).where(Instance.id.in_(ids[start : start + _BATCH]))
                 ):
-                    rows.setdefault(path, []).append((mark, again))
+                    rows[paths[instance_id]] = (mark, again)
         return rows
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from pydicom import dcmread
-from sqlalchemy import bindparam, select, text, update
+from sqlalchemy import bindparam, insert, select, text, update
 
 from db.engine import get_engine, head_revision, session_scope, upgrade
 from db.schema import Delivery, DeliveryState, Instance, InstanceState, Result, UTCDateTime
@@ -528,6 +528,57 @@ def test_files_left_by_a_crash_after_the_mark_are_swept(runtime: Runtime) -> Non
                 finished_at=now() - dt.timedelta(days=40),
                 files_removed_at=now() - dt.timedelta(hours=1),
             )
+        )
+    report = _retention(runtime)
+    assert (report.instances, report.files) == (0, 3)
+    assert not any(p.exists() for p in files)
+
+
+def test_a_sweep_of_more_instances_than_one_statement_binds_removes_what_a_crash_left(
+    runtime: Runtime,
+) -> None:
+    """A first clean-up marks, in one day, as many instances as the node ever kept. The
+    sweep listed them all in one statement, more values than PostgreSQL binds (65,535):
+    every run then failed for a day, at its sweep, before the outbox and the spool's
+    unrecorded images were looked at, and the files a crash left stayed (SQLite, built
+    here to bind more, ran it)."""
+    instance_id, files = _assessed_and_delivered(runtime)
+    for path in files:
+        os.utime(path, (0, (now() - dt.timedelta(days=40)).timestamp()))
+    marked = now() - dt.timedelta(hours=1)
+    with session_scope(runtime.database_url) as session:
+        session.execute(
+            update(Delivery)
+            .where(Delivery.instance_id == instance_id)
+            .values(created_at=now() - dt.timedelta(days=40))
+        )
+        session.execute(
+            update(Instance)
+            .where(Instance.id == instance_id)
+            .values(finished_at=now() - dt.timedelta(days=40), files_removed_at=marked)
+        )
+        template = session.get_one(Instance, instance_id)
+        spool = Path(template.spool_path).parent
+        # the files of the others went with their marks
+        session.execute(
+            insert(Instance),
+            [
+                {
+                    "sop_instance_uid": f"2.25.{n}",
+                    "sop_class_uid": template.sop_class_uid,
+                    "study_instance_uid": template.study_instance_uid,
+                    "series_instance_uid": template.series_instance_uid,
+                    "transfer_syntax_uid": template.transfer_syntax_uid,
+                    "calling_ae_title": template.calling_ae_title,
+                    "spool_path": str(spool / f"{n:032x}.dcm"),
+                    "size_bytes": 1,
+                    "state": InstanceState.ASSESSED,
+                    "received_at": marked,
+                    "finished_at": marked,
+                    "files_removed_at": marked,
+                }
+                for n in range(70_000)
+            ],
         )
     report = _retention(runtime)
     assert (report.instances, report.files) == (0, 3)

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from pydicom import dcmread
 from sqlalchemy import select, update
 
@@ -35,6 +36,7 @@ from tests.integration.test_retention import (
     _runtime,
 )
 from tests.support import pacs_rejection_note
+from worker.cli import main as cli
 from worker.delivery import deliver_one, files_gone
 from worker.pipeline import assess_instance
 from worker.retention import remove_expired_files
@@ -159,6 +161,48 @@ def test_files_rows_name_outside_the_nodes_spool_and_outbox_are_kept(
     assert not any(p.name in said[0] or str(production) in said[0] for p in kept)
     for instance_id in (climbing, other_node, through_link, delivered):
         assert _removed_at(runtime, instance_id) is not None
+
+
+def test_a_moved_data_directorys_files_are_kept_and_said(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The data directory moved, nothing left where it was: the rows name the old place,
+    the files are in the node's spool and outbox under the same names. They are kept (a
+    row names them there: not another node's, nor made with nothing to send them to), and
+    said, by the log and by the command, with what to do. Before, only files still at the
+    old place were counted: none, and nothing said why they stayed."""
+    instance_id, files = _assessed_and_delivered(runtime)
+    old = runtime.settings.data_dir.parent / "moved-from"
+    with session_scope(runtime.database_url) as session:
+        row = session.get_one(Instance, instance_id)
+        row.spool_path = str(old / Path(row.spool_path).relative_to(runtime.settings.data_dir))
+        for delivery in session.scalars(
+            select(Delivery).where(Delivery.instance_id == instance_id)
+        ):
+            delivery.path = str(old / Path(delivery.path).relative_to(runtime.settings.data_dir))
+    _finished_days_ago(runtime, instance_id, 40)
+    for path in files:
+        os.utime(path, (0, (now() - dt.timedelta(days=40)).timestamp()))
+    assert not old.exists() and len(files) == 3
+
+    caplog.set_level(logging.WARNING, logger="worker.retention")
+    dry = _retention(runtime, dry_run=True)
+    assert (dry.instances, dry.files, dry.kept_elsewhere) == (1, 0, 3)
+    said = [r.getMessage() for r in caplog.records if r.name == "worker.retention"]
+    assert len(said) == 1 and said[0].startswith("retention (dry run): 3 file(s) that the rows")
+    assert "link the old place to the new" in said[0]
+    assert str(old) not in said[0] and not any(p.name in said[0] for p in files)
+
+    monkeypatch.setenv("BONEAGE_DATA_DIR", str(runtime.settings.data_dir))
+    monkeypatch.setenv("BONEAGE_DATABASE_URL", runtime.database_url)
+    done = CliRunner().invoke(cli, ["retention", "--days", "30"])
+    assert done.exit_code == 0, done.output
+    assert all(p.exists() for p in files)
+    assert "removed the files of 1 instance(s)" in done.output and ": 0 file(s)" in done.output
+    assert "3 file(s) that those instances' rows name outside this node's spool and outbox" in (
+        " ".join(done.output.split())
+    )
+    assert "where its data directory once was" in done.output
 
 
 def test_without_the_nodes_directories_no_rows_file_is_removed(runtime: Runtime) -> None:

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from pydicom import dcmread
 from sqlalchemy import select
 
@@ -42,6 +43,7 @@ from tests.integration.test_retention import (
 )
 from tests.support import wait_for
 from worker import retention
+from worker.cli import main as cli
 from worker.listener import record_instance
 from worker.pipeline import assess_instance
 from worker.runtime import Runtime
@@ -266,3 +268,42 @@ def test_an_image_left_while_listeners_hold_the_lock_goes_at_the_next_run(
     assert (later.instances, later.files, later.bytes) == (0, 1, size)
     assert not image.exists()
     assert _removed_at(runtime, instance_id) is not None
+
+
+def test_a_run_waits_for_the_lock_once_and_the_command_says_what_it_left(
+    runtime: Runtime,
+    listener_lock: _RecordingHold,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Listeners hold the lock through a run of several batches: the run waits for it
+    once, and its later batches leave their images at once (the hourly run is in the
+    listener's reconcile loop, which each batch's 30 s held up before); the command says
+    how many images it left, and why."""
+    expired = [_assessed_and_delivered(runtime) for _ in range(3)]
+    for instance_id, _ in expired:
+        _received_and_finished_days_ago(runtime, instance_id, 40)
+    monkeypatch.setattr(retention, "_BATCH", 1)
+    monkeypatch.setattr(retention, "_LOCK_TRIES_SECONDS", 0)  # one try a wait
+    tries: list[Path] = []
+    real_lock = retention.recording_lock
+
+    def counted(spool: Path) -> contextlib.AbstractContextManager[OSError | None]:
+        tries.append(spool)
+        return real_lock(spool)
+
+    monkeypatch.setattr(retention, "recording_lock", counted)
+    monkeypatch.setenv("BONEAGE_DATA_DIR", str(runtime.settings.data_dir))
+    monkeypatch.setenv("BONEAGE_DATABASE_URL", runtime.database_url)
+
+    with listener_lock.shared():
+        done = CliRunner().invoke(cli, ["retention", "--days", "30"])
+
+    assert done.exit_code == 0, done.output
+    assert len(tries) == 1
+    assert all(files[0].exists() for _, files in expired)
+    output = " ".join(done.output.split())
+    assert "removed the files of 3 instance(s)" in output and ": 6 file(s)" in output
+    assert (
+        "3 received image(s) of those instances were kept this time: listeners held the "
+        "spool's recording lock (images being received); the next runs remove them"
+    ) in output

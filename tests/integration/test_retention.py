@@ -510,12 +510,13 @@ def test_outputs_made_with_nothing_to_send_them_to_go_when_they_are_old(
     assert all(p.exists() for p in fresh)
 
 
-def test_files_left_by_a_crash_after_the_mark_are_swept(runtime: Runtime) -> None:
-    instance_id, files = _assessed_and_delivered(runtime)
-    for path in files:  # written well before the mark below
+def _left_by_a_crash(rt: Runtime, marked: dt.datetime) -> tuple[int, list[Path]]:
+    """An instance finished 40 days ago, marked removed at ``marked`` by a run that died
+    before unlinking anything; its files, written well before the mark."""
+    instance_id, files = _assessed_and_delivered(rt)
+    for path in files:
         os.utime(path, (0, (now() - dt.timedelta(days=40)).timestamp()))
-    # marked an hour ago, but the process died before unlinking anything
-    with session_scope(runtime.database_url) as session:
+    with session_scope(rt.database_url) as session:
         session.execute(
             update(Delivery)
             .where(Delivery.instance_id == instance_id)
@@ -524,11 +525,13 @@ def test_files_left_by_a_crash_after_the_mark_are_swept(runtime: Runtime) -> Non
         session.execute(
             update(Instance)
             .where(Instance.id == instance_id)
-            .values(
-                finished_at=now() - dt.timedelta(days=40),
-                files_removed_at=now() - dt.timedelta(hours=1),
-            )
+            .values(finished_at=now() - dt.timedelta(days=40), files_removed_at=marked)
         )
+    return instance_id, files
+
+
+def test_files_left_by_a_crash_after_the_mark_are_swept(runtime: Runtime) -> None:
+    _, files = _left_by_a_crash(runtime, now() - dt.timedelta(hours=1))
     report = _retention(runtime)
     assert (report.instances, report.files) == (0, 3)
     assert not any(p.exists() for p in files)
@@ -542,21 +545,9 @@ def test_a_sweep_of_more_instances_than_one_statement_binds_removes_what_a_crash
     every run then failed for a day, at its sweep, before the outbox and the spool's
     unrecorded images were looked at, and the files a crash left stayed (SQLite, built
     here to bind more, ran it)."""
-    instance_id, files = _assessed_and_delivered(runtime)
-    for path in files:
-        os.utime(path, (0, (now() - dt.timedelta(days=40)).timestamp()))
     marked = now() - dt.timedelta(hours=1)
+    instance_id, files = _left_by_a_crash(runtime, marked)
     with session_scope(runtime.database_url) as session:
-        session.execute(
-            update(Delivery)
-            .where(Delivery.instance_id == instance_id)
-            .values(created_at=now() - dt.timedelta(days=40))
-        )
-        session.execute(
-            update(Instance)
-            .where(Instance.id == instance_id)
-            .values(finished_at=now() - dt.timedelta(days=40), files_removed_at=marked)
-        )
         template = session.get_one(Instance, instance_id)
         spool = Path(template.spool_path).parent
         # the files of the others went with their marks

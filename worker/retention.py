@@ -465,7 +465,8 @@ def _remove_files(
     to NTP.
 
     Only the objects in ``files.outputs`` go (:func:`_files_of`), and the received
-    image only where it is in the node's spool (``files.spool_ours``).
+    image only where it is in the node's spool (``files.spool_ours``), under the spool's
+    recording lock that ``images``, the batch the instance is in, takes.
     """
     if not files.spool_ours:  # another node's file, or one where the spool once was
         return _remove(files.outputs, started.on_host(marked_at))

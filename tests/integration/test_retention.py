@@ -302,22 +302,29 @@ def test_a_copy_received_again_stays_until_the_worker_has_compared_it(runtime: R
         assert session.get_one(Instance, instance_id).received_again_at is None
 
 
+def new_copy(rt: Runtime, instance_id: int, **attributes: object) -> tuple[Path, ReceivedInstance]:
+    """A copy of the instance received again, ``attributes`` set, written where the
+    listener writes a transfer before it renames it into place; what it records of it."""
+    with session_scope(rt.database_url) as session:
+        row = session.get_one(Instance, instance_id)
+        image = Path(row.spool_path)
+        uids = (row.sop_instance_uid, row.sop_class_uid, row.study_instance_uid)
+        series, modality, syntax = row.series_instance_uid, row.modality, row.transfer_syntax_uid
+    ds = dcmread(image)
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    incoming = rt.settings.spool_dir / ".incoming" / "transfer.dcm"
+    incoming.parent.mkdir(exist_ok=True)
+    ds.save_as(incoming, enforce_file_format=True)
+    size = incoming.stat().st_size
+    return incoming, ReceivedInstance(*uids, series, modality, syntax, "PACS", image, size)
+
+
 def _put_in_place(rt: Runtime, instance_id: int, **attributes: object) -> Callable[[], int]:
     """A copy of the instance received again, ``attributes`` set, renamed into the spool
     as the listener does (dicom_io.scp); the listener's record of it, still to come."""
-    with session_scope(rt.database_url) as session:
-        row = session.get_one(Instance, instance_id)
-        spool = Path(row.spool_path)
-        uids = (row.sop_instance_uid, row.sop_class_uid, row.study_instance_uid)
-        series, modality, syntax = row.series_instance_uid, row.modality, row.transfer_syntax_uid
-    ds = dcmread(spool)
-    for keyword, value in attributes.items():
-        setattr(ds, keyword, value)
-    incoming = spool.with_suffix(".incoming")
-    ds.save_as(incoming, enforce_file_format=True)
-    size = incoming.stat().st_size
-    incoming.replace(spool)
-    received = ReceivedInstance(*uids, series, modality, syntax, "PACS", spool, size)
+    incoming, received = new_copy(rt, instance_id, **attributes)
+    incoming.replace(received.path)
     return lambda: record_instance(rt.database_url, received)
 
 

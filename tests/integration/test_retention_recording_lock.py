@@ -32,7 +32,7 @@ from sqlalchemy import select
 from db.engine import session_scope
 from db.schema import Instance, Result
 from db.schema import utcnow as now
-from dicom_io.scp import ReceivedInstance, _RecordingHold
+from dicom_io.scp import _RecordingHold
 from tests.conftest import StoreSCP
 from tests.integration.test_retention import (
     _assessed_and_delivered,
@@ -40,6 +40,7 @@ from tests.integration.test_retention import (
     _removed_at,
     _retention,
     _runtime,
+    new_copy,
 )
 from tests.support import wait_for
 from worker import retention
@@ -75,24 +76,6 @@ def listener_lock(runtime: Runtime) -> Iterator[_RecordingHold]:
     hold.close()
 
 
-def _new_copy(rt: Runtime, instance_id: int, **attributes: object) -> tuple[Path, ReceivedInstance]:
-    """A copy of the instance received again, ``attributes`` set, written where the
-    listener writes a transfer before it renames it into place; what it records of it."""
-    with session_scope(rt.database_url) as session:
-        row = session.get_one(Instance, instance_id)
-        image = Path(row.spool_path)
-        uids = (row.sop_instance_uid, row.sop_class_uid, row.study_instance_uid)
-        series, modality, syntax = row.series_instance_uid, row.modality, row.transfer_syntax_uid
-    ds = dcmread(image)
-    for keyword, value in attributes.items():
-        setattr(ds, keyword, value)
-    incoming = rt.settings.spool_dir / ".incoming" / "transfer.dcm"
-    incoming.parent.mkdir(exist_ok=True)
-    ds.save_as(incoming, enforce_file_format=True)
-    size = incoming.stat().st_size
-    return incoming, ReceivedInstance(*uids, series, modality, syntax, "PACS", image, size)
-
-
 def _row(rt: Runtime, instance_id: int) -> tuple[dt.datetime | None, dt.datetime | None]:
     """The instance's removal mark, and when a copy of it was received again."""
     with session_scope(rt.database_url) as session:
@@ -122,7 +105,7 @@ def test_a_copy_renamed_in_between_retentions_look_and_its_unlink_stays(
     instance_id, files = _assessed_and_delivered(runtime)
     _received_and_finished_days_ago(runtime, instance_id, 40)
     image = files[0]
-    incoming, received = _new_copy(runtime, instance_id, PatientSex="M")
+    incoming, received = new_copy(runtime, instance_id, PatientSex="M")
     waiting, renamed = threading.Event(), threading.Event()
     recorded: list[int] = []
 
@@ -190,7 +173,7 @@ def test_a_copy_recorded_before_the_lock_is_taken_is_kept_by_its_row_whatever_it
     for instance_id in (kept, goes):
         _received_and_finished_days_ago(runtime, instance_id, 40)
     image = kept_files[0]
-    incoming, received = _new_copy(runtime, kept, PatientSex="M")
+    incoming, received = new_copy(runtime, kept, PatientSex="M")
     behind = (now() - dt.timedelta(hours=2)).timestamp()
     os.utime(incoming, (behind, behind))
     hold = _listener_started(runtime) if lock != "never_made" else None

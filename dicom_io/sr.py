@@ -41,9 +41,15 @@ from highdicom.sr import (
     TextContentItem,
     TrackingIdentifier,
 )
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
+from pydicom.dataset import FileDataset
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes as pydicom_codes
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian
+from pydicom.valuerep import PersonName
 
 from dicom_io import codes
 from dicom_io.content import (
@@ -57,6 +63,7 @@ from dicom_io.content import (
     check_uid,
     image_side,
 )
+from dicom_io.pixels import FileChangedError
 from dicom_io.uids import derived_from
 
 logger = logging.getLogger(__name__)
@@ -67,6 +74,8 @@ __all__ = [
     "MeasurementReportSR",
     "build_bone_age_sr",
     "build_not_assessed_sr",
+    "received_elements",
+    "referenced_sop_class",
     "series_description",
     "software_version",
 ]
@@ -157,18 +166,198 @@ def copy_patient_and_study(source: Dataset, target: Dataset) -> None:
     (Japanese "\\ISO 2022 IR 87": an empty first value is ISO 2022 IR 6, PS3.3
     C.12.1.1.2). Refused, such a value failed the assessment on every attempt, with no
     SR or SC for the patient.
+
+    Text whose bytes are not valid in the character set the source declares (Latin-1
+    "PID\\xd61234" under "ISO_IR 192", from a misconfigured modality) pydicom decodes with
+    U+FFFD in place of each such byte; written back, that is another Patient ID or
+    name, which the PACS files under another or a new patient. Such text is copied as
+    the bytes the source's file holds (:func:`received_elements`), in elements nested in
+    a copied sequence too; any other value is copied as decoded, which pydicom encodes
+    back to the same bytes.
+
+    Raises
+    ------
+    FileChangedError
+        When such text is to be read again from the file :func:`dicom_io.pixels.read_image`
+        read ``source`` from, and another file has taken its place (the image received
+        again) or it changed: read the image again.
     """
     if "SpecificCharacterSet" in source:
         target.SpecificCharacterSet = source.SpecificCharacterSet
     for keyword in PATIENT_AND_STUDY:
         if keyword in source:
             element = source[keyword]
+            if _lost_text(element):
+                element = _as_received(element, received_elements(source).get(element.tag))
             target.add_new(element.tag, element.VR, element.value)
         else:
             setattr(target, keyword, "")
     for keyword in PATIENT_AND_STUDY_IF_PRESENT:
         if keyword in source:
-            target.add(copy.deepcopy(source[keyword]))
+            element = source[keyword]
+            if _lost_text(element):
+                target.add(_as_received(element, received_elements(source).get(element.tag)))
+            else:
+                target.add(copy.deepcopy(element))
+
+
+#: The tags :func:`copy_patient_and_study` copies.
+_COPIED_TAGS = tuple(
+    Tag(keyword) for keyword in (*PATIENT_AND_STUDY, *PATIENT_AND_STUDY_IF_PRESENT)
+)
+#: The VRs whose text is in the Specific Character Set (PS3.5 6.1.2.3), which pydicom
+#: decodes from it: the others are in the default repertoire.
+_CHARACTER_SET_VRS = frozenset(("LO", "LT", "PN", "SH", "ST", "UC", "UT"))
+#: What pydicom puts in decoded text for each byte invalid in its character set.
+_REPLACEMENT = "\ufffd"
+#: Where a data set keeps its copied elements as read again (:func:`received_elements`).
+_RECEIVED = "_boneage_received_elements"
+
+_Received = dict[BaseTag, DataElement | RawDataElement]
+
+
+def received_elements(source: Dataset) -> _Received:
+    """The elements of ``source`` that :func:`copy_patient_and_study` copies, undecoded
+    (``RawDataElement``: their bytes) as the file or memory that
+    :func:`pydicom.dcmread` read ``source`` from holds them, read again there and kept
+    on ``source`` for its next copy. pydicom replaces an element by its decoded value
+    when it is first read (the gate and the patient identity read the Patient ID), and
+    keeps no bytes. Of a data set read from neither (or where it can no longer be read,
+    or holds another instance now), as ``source`` holds them: decoded, but those not
+    read yet.
+
+    Raises
+    ------
+    FileChangedError
+        When ``source`` was read by :func:`dicom_io.pixels.read_image` and the file at its
+        path is no longer the one read.
+    """
+    kept = getattr(source, _RECEIVED, None)
+    if isinstance(kept, dict):
+        return kept
+    again = _read_again(source)
+    if again is None:
+        return _as_held(source)
+    held = _as_held(again)
+    setattr(source, _RECEIVED, held)
+    return held
+
+
+def _as_held(ds: Dataset) -> _Received:
+    """The copied elements of ``ds`` as it holds them, decoded or not: a copy of a
+    sequence, whose items' elements not read yet stay undecoded in the copy."""
+    held: _Received = {}
+    for tag in _COPIED_TAGS:
+        if tag in ds:
+            element = ds.get_item(tag)
+            held[tag] = element if isinstance(element, RawDataElement) else copy.deepcopy(element)
+    return held
+
+
+def _read_again(source: Dataset) -> Dataset | None:
+    """The copied elements of ``source``, and its SOP Instance UID, read again from where
+    :func:`pydicom.dcmread` read it: the memory it read (``FileDataset.buffer``: our own
+    object's file read back), or its file, which :func:`dicom_io.pixels.read_image`'s
+    opener checks is the one read (else FileChangedError), and of another reader's file,
+    its modification time. None where it was read from neither, that is gone, unread or
+    changed, or holds another instance.
+    """
+    if not isinstance(source, FileDataset):
+        return None
+    try:
+        if source.buffer is not None:
+            buffer = source.buffer
+            position = buffer.tell()
+            try:
+                buffer.seek(0)
+                again = _copied_elements(buffer)
+            finally:
+                buffer.seek(position)
+        elif source.filename and callable(source.fileobj_type):
+            opener = source.fileobj_type
+            if opener is open and os.stat(source.filename).st_mtime != source.timestamp:
+                return None  # another reader's file, changed since
+            with opener(source.filename, "rb") as fh:
+                again = _copied_elements(fh)
+        else:
+            return None
+    except FileChangedError:
+        raise
+    except Exception:  # gone, unreadable, not DICOM: pydicom raises many types
+        return None
+    if again.get("SOPInstanceUID") != source.get("SOPInstanceUID"):
+        return None
+    return again
+
+
+def _copied_elements(fh: Any) -> Dataset:
+    """The copied elements and SOP Instance UID of the data set in ``fh``, undecoded."""
+    # force: a deflated data set read_image inflated is in memory without its file meta
+    return dcmread(
+        fh,
+        force=True,
+        stop_before_pixels=True,
+        specific_tags=[*_COPIED_TAGS, Tag("SOPInstanceUID")],
+    )
+
+
+def _lost_text(element: DataElement) -> bool:
+    """Whether ``element``'s decoded text, or that of any element in its items, lost
+    characters in decoding: holds U+FFFD. (Text whose bytes encode U+FFFD itself is
+    copied as received too: the same bytes.)"""
+    if element.VR == "SQ":
+        return any(
+            _lost_text(item[tag]) for item in element.value or [] for tag in sorted(item.keys())
+        )
+    if element.VR not in _CHARACTER_SET_VRS:
+        return False
+    value = element.value
+    values = value if isinstance(value, (list, MultiValue)) else [value]
+    return any(isinstance(one, str | PersonName) and _REPLACEMENT in str(one) for one in values)
+
+
+def _as_received(
+    element: DataElement, received: DataElement | RawDataElement | None
+) -> DataElement:
+    """``element`` as ``received`` holds it (:func:`received_elements`): text that lost
+    characters in decoding (:func:`_lost_text`) as the bytes received, a sequence item by
+    item; anything else, or where nothing was received, a copy of ``element``."""
+    if element.VR == "SQ":
+        items = _received_items(received, len(element.value or []))
+        copied = DicomSequence()
+        for item, received_item in zip(element.value or [], items, strict=True):
+            copied_item = Dataset()
+            for tag in sorted(item.keys()):
+                inner = (
+                    received_item.get_item(tag)
+                    if received_item is not None and tag in received_item
+                    else None
+                )
+                copied_item.add(_as_received(item[tag], inner))
+            copied.append(copied_item)
+        return DataElement(element.tag, "SQ", copied)
+    if (
+        _lost_text(element)
+        and isinstance(received, RawDataElement)
+        and isinstance(received.value, bytes)
+    ):
+        return DataElement(element.tag, element.VR, received.value)
+    return copy.deepcopy(element)
+
+
+def _received_items(
+    received: DataElement | RawDataElement | None, count: int
+) -> list[Dataset | None]:
+    """The items of the sequence ``received``, undecoded; None for each of ``count``
+    where it is no sequence of that many items."""
+    try:
+        if isinstance(received, RawDataElement):
+            received = convert_raw_data_element(received)
+        if received is not None and received.VR == "SQ" and len(received.value) == count:
+            return list(received.value)
+    except Exception:  # bytes pydicom cannot read as a sequence: copied as decoded
+        pass
+    return [None] * count
 
 
 #: The dates and times that say when a created object was made, as (date, time) pairs.
@@ -260,22 +449,42 @@ def _purpose(item: Dataset) -> tuple[str, str] | None:
 _REFERENCE_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
 
 
+def referenced_sop_class(source: Dataset) -> str | None:
+    """The SOP Class UID an SR references ``source`` by: its own, else its File Meta
+    Information's Media Storage SOP Class UID; None where neither has one.
+
+    The listener takes a data set without SOP Class UID (it refuses only one that has
+    neither SOP Common UID) and spools it under the class of the C-STORE request, which
+    it checked is the one negotiated (pynetdicom writes it into the file meta): the class
+    the PACS sent and holds the instance as. Such an image is not assessed (the gate
+    names no class), and the SR that says so must still reference it.
+    """
+    if own := source.get("SOPClassUID"):
+        return str(own)
+    meta = getattr(source, "file_meta", None)
+    stored = meta.get("MediaStorageSOPClassUID") if meta is not None else None
+    return str(stored) if stored else None
+
+
 def _evidence(source: Dataset) -> Dataset:
     """The attributes of ``source`` that the SR copies or references.
 
     Tolerant of missing Type 2 attributes (written empty); the four UIDs are required
-    because the SR must reference the image and join its study.
+    because the SR must reference the image and join its study: the SOP Class UID, the
+    data set's or its file meta's (:func:`referenced_sop_class`).
     """
     if not isinstance(source, Dataset):
         raise TypeError(
             f'Argument "source" must be a pydicom Dataset, not {type(source).__name__}.'
         )
-    for keyword in _REFERENCE_UIDS:
-        if not source.get(keyword):
+    uids = {keyword: source.get(keyword) for keyword in _REFERENCE_UIDS}
+    uids["SOPClassUID"] = referenced_sop_class(source)
+    for keyword, uid in uids.items():
+        if not uid:
             raise ValueError(f'Argument "source" has no {keyword}; the SR cannot reference it.')
     evidence = Dataset()
-    for keyword in _REFERENCE_UIDS:
-        setattr(evidence, keyword, source[keyword].value)
+    for keyword, uid in uids.items():
+        setattr(evidence, keyword, uid)
     copy_patient_and_study(source, evidence)
     if "TimezoneOffsetFromUTC" in source:
         evidence.TimezoneOffsetFromUTC = source.TimezoneOffsetFromUTC

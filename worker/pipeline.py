@@ -108,7 +108,12 @@ from dicom_io.sc import (
     series_laterality,
 )
 from dicom_io.scp import fsync_directory, local_fault, uid_tag
-from dicom_io.sr import build_bone_age_sr, build_not_assessed_sr, earlier_report
+from dicom_io.sr import (
+    build_bone_age_sr,
+    build_not_assessed_sr,
+    earlier_report,
+    referenced_sop_class,
+)
 from dicom_io.uids import LEGACY_UIDS, UUID_ROOT, UidScheme, derived_from, root_of
 from worker.heartbeat import alive, process_name
 from worker.reconciler import claim_ended
@@ -2133,7 +2138,11 @@ def _not_assessed(
     logger.info("instance %d not assessed (%s)", instance_id, reason_category(reason))
     settings = rt.settings
     ours = str(ds.get("Manufacturer", "") or "").strip() == MANUFACTURER
-    referable = all(ds.get(k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
+    # what an SR references the image by: its SOP class the data set's or the file meta's
+    referable = bool(
+        all(ds.get(k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
+        and referenced_sop_class(ds)
+    )
     # an SR could neither join the study nor reference the image; of ours, none is made
     ours_to_make = referable and not ours
     replaces = _earlier_reports(rt, claim, ds) if ours_to_make else []

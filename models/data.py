@@ -128,15 +128,29 @@ def load_image(source: ImageSource) -> np.ndarray:
     -------
     numpy.ndarray
         2-D float32 image.
+
+    Raises
+    ------
+    ValueError
+        If the file of a path cannot be read as an image (missing, truncated, not an
+        image): the message names the path.
     """
     if isinstance(source, np.ndarray):
         arr = source
     elif isinstance(source, Path):
-        with Image.open(source) as opened:
-            grey = (
-                opened if opened.mode in ("L", "I;16", "I;16B", "I", "F") else opened.convert("L")
-            )
-            arr = np.asarray(grey)
+        try:
+            with Image.open(source) as opened:
+                grey = (
+                    opened
+                    if opened.mode in ("L", "I;16", "I;16B", "I", "F")
+                    else opened.convert("L")
+                )
+                arr = np.asarray(grey)
+        except MemoryError:
+            raise
+        except Exception as exc:  # PIL's errors are of many types (OSError, SyntaxError, ...)
+            # named: a truncated PNG among thousands said only "image file is truncated"
+            raise ValueError(f"cannot read {source}: {exc}") from exc
     else:
         arr = np.asarray(source())
     if arr.ndim == 3 and arr.shape[2] in (3, 4):
@@ -174,6 +188,74 @@ def parse_sex(text: str) -> bool:
     raise ValueError(f"cannot read sex from {text!r}")
 
 
+MAX_AGE_MONTHS = 240.0
+"""The largest bone age a label may give, months (20 years; the atlases end at 18-19)."""
+
+YEARS_SUSPECTED_BELOW = 20.0
+"""Labels all at or under this many months, in a set of more than
+:data:`YEARS_SUSPECTED_MIN_ROWS`, look like ages in years: :func:`warn_if_years`."""
+
+YEARS_SUSPECTED_MIN_ROWS = 5
+
+
+def parse_age_months(text: str) -> float:
+    """Read a bone-age label: a finite number of months in [0, :data:`MAX_AGE_MONTHS`].
+
+    Parameters
+    ----------
+    text : str
+        The cell of the labels file.
+
+    Returns
+    -------
+    float
+        Months.
+
+    Raises
+    ------
+    ValueError
+        If the text is not a number, or is NaN, infinite, negative or over 240 months:
+        such a label would make training diverge (NaN) or teach the model nonsense, and
+        an evaluation's MAE would silently be NaN.
+    """
+    value = text.strip()
+    try:
+        age = float(value)
+    except ValueError:
+        raise ValueError(f"boneage {value!r} is not a number") from None
+    if not math.isfinite(age) or not 0.0 <= age <= MAX_AGE_MONTHS:
+        raise ValueError(f"boneage {value!r} is not a bone age in months (0 to {MAX_AGE_MONTHS:g})")
+    return age
+
+
+def warn_if_years(ages: Sequence[float], source: str | Path) -> bool:
+    """Warn when every label of a set is so small that it looks like years, not months.
+
+    Parameters
+    ----------
+    ages : sequence of float
+        The labels read, months.
+    source : str or pathlib.Path
+        The labels file, for the message.
+
+    Returns
+    -------
+    bool
+        Whether it warned: more than :data:`YEARS_SUSPECTED_MIN_ROWS` labels, none over
+        :data:`YEARS_SUSPECTED_BELOW`.
+    """
+    if len(ages) <= YEARS_SUSPECTED_MIN_ROWS or max(ages) > YEARS_SUSPECTED_BELOW:
+        return False
+    logger.warning(
+        "all %d bone ages in %s are %g or under: they look like years, and the labels are "
+        "months (multiply by 12)",
+        len(ages),
+        source,
+        max(ages),
+    )
+    return True
+
+
 RSNA_COLUMNS: dict[str, tuple[str, ...]] = {
     "id": ("id", "case id", "image id"),
     "boneage": ("boneage", "ground truth bone age (months)", "bone age (months)"),
@@ -207,7 +289,8 @@ def read_rsna(
     Parameters
     ----------
     csv_path : str or pathlib.Path
-        CSV with an id, the bone age (months) and the sex, under the header names of the
+        CSV with an id (each once), the bone age (months, 0 to 240:
+        :func:`parse_age_months`) and the sex, under the header names of the
         RSNA training, validation or test set (:data:`RSNA_COLUMNS`: ``id``, ``boneage``,
         ``male``; ``Image ID``, ``Bone Age (months)``; ``Case ID``,
         ``Ground truth bone age (months)``, ``Sex``), matched case-insensitively. Sex is
@@ -226,11 +309,15 @@ def read_rsna(
     Raises
     ------
     ValueError
-        If a column is missing or a value cannot be read.
+        If a column is missing, a value cannot be read, a bone age is not a number of
+        months from 0 to 240, or an id is listed twice; each names the file and line.
+        All bone ages under 20 (with more than five rows) are only warned of: years?
     """
     folder = Path(image_dir)
     items: list[LabelledImage] = []
     missing = listed = 0
+    lines: dict[str, int] = {}  # id -> the line that listed it
+    ages: list[float] = []
     with open(csv_path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         fields = _rsna_columns(csv_path, reader.fieldnames or [])
@@ -241,11 +328,19 @@ def read_rsna(
             if any(row[name] is None for name in fields.values()):  # a row cut short
                 raise ValueError(f"{csv_path}:{line}: the row has fewer cells than the header")
             key = row[fields["id"]].strip()
+            if key in lines:
+                # one image twice: each row its own group, it could be trained and
+                # validated on, flattering the validation MAE and the intervals
+                raise ValueError(
+                    f"{csv_path}:{line}: id {key!r} is listed again (first on line {lines[key]})"
+                )
+            lines[key] = line
             try:
-                age = float(row[fields["boneage"]])
+                age = parse_age_months(row[fields["boneage"]])
                 male = parse_sex(row[fields["male"]])
             except ValueError as exc:
                 raise ValueError(f"{csv_path}:{line}: {exc}") from exc
+            ages.append(age)
             path = folder / f"{key}.png"
             if not path.is_file():
                 missing += 1
@@ -253,6 +348,7 @@ def read_rsna(
             items.append(LabelledImage(image=path, age_months=age, male=male, key=key))
     if missing:
         logger.warning("%d images listed in %s are missing from %s", missing, csv_path, folder)
+    warn_if_years(ages, csv_path)
     logger.info("read %d labelled images from %s", len(items), csv_path)
     return LabelledSet(items, n_listed=listed, n_missing=missing)
 

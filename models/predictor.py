@@ -166,6 +166,21 @@ def cpu_computes_bfloat16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
+def cuda_computes_bfloat16(device: torch.device) -> bool:
+    """Whether the GPU ``device`` computes bfloat16 itself (compute capability 8.0 on, or
+    ROCm), not by emulation.
+
+    ``torch.cuda.is_bf16_supported()`` counts emulation by default (torch 2.3 on): a T4 or
+    V100 "supports" bfloat16 because it can hold such a tensor, then computes it in
+    float32, slowly, with no bfloat16 convolutions in cuDNN.
+    """
+    with torch.cuda.device(device):
+        try:
+            return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+        except TypeError:  # a torch without the argument, which counted no emulation
+            return bool(torch.cuda.is_bf16_supported())
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     """The dtype the trunk runs in on ``device`` for a ``BONEAGE_PRECISION`` value.
 
@@ -189,7 +204,9 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     ------
     ValueError
         If the value is unknown or the device cannot run it: float16 only on CUDA,
-        bfloat16 on a CPU or a GPU that supports it, float32 everywhere.
+        bfloat16 on a CPU or a GPU that computes it (compute capability 8.0 on: one that
+        would only emulate it is refused, :func:`cuda_computes_bfloat16`), float32
+        everywhere.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} must be one of {', '.join(PRECISIONS)}")
@@ -198,8 +215,11 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     if precision == "float32":
         return torch.float32
     if device.type == "cuda":
-        if precision == "bfloat16" and not torch.cuda.is_bf16_supported():
-            raise ValueError(f"{describe_device(device)} has no bfloat16: use float16 or float32")
+        if precision == "bfloat16" and not cuda_computes_bfloat16(device):
+            raise ValueError(
+                f"{describe_device(device)} does not compute bfloat16 (it needs compute "
+                "capability 8.0 or later; older GPUs emulate it, slowly): use float16 or float32"
+            )
         return getattr(torch, precision)
     if device.type == "cpu" and precision == "bfloat16":
         if not cpu_computes_bfloat16():

@@ -12,9 +12,13 @@ the absolute validation residuals at 80/90/95 % (a level is left out when the va
 split is too small for a finite one: :func:`~models.data.calibration_size_needed`).
 
 Resuming: with ``state_dir`` set, the training state is written after every epoch as
-``train_state.safetensors`` (weights, best weights, optimiser tensors, RNG state) plus
-``train_state.json`` (counters, history, schedule, configuration, the SHA-256 of the
-tensors file and :func:`data_fingerprint` of the data) — no pickle. ``resume=True``
+``train_state-<digest>.safetensors`` (weights, best weights, optimiser tensors, the CPU's
+random state and, on CUDA, the GPU's) plus ``train_state.json`` (counters, history,
+schedule, configuration, the name and SHA-256 of the tensors file and
+:func:`data_fingerprint` of the data) — no pickle. The tensors go under a new name first,
+then the JSON that names them replaces the old one, then the old tensors are removed:
+a run killed at any point leaves a JSON whose tensors file is there (:func:`_save_state`;
+a state of the earlier layout, ``train_state.safetensors``, is still resumed). ``resume=True``
 continues from there, and refuses other data or other training settings (only
 ``patience``, and ``epochs`` with the plateau schedule, may change;
 :data:`RESUME_MAY_CHANGE`): a resumed run's learning rates are those of the same run
@@ -32,6 +36,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -65,13 +70,15 @@ from models.data import (
 )
 from models.evaluate import predict_ages, regression_metrics
 from models.net import BoneAgeNet, build_model
-from models.predictor import resolve_device
+from models.predictor import cuda_computes_bfloat16, resolve_device
 from models.preprocess import PREPROCESS_VERSION, require_clahe
 
 logger = logging.getLogger(__name__)
 
 STATE_TENSORS = "train_state.safetensors"
+"""The tensors file of a state saved before they were named by their digest."""
 STATE_JSON = "train_state.json"
+_TENSORS_NAME = re.compile(r"train_state-[0-9a-f]{16}\.safetensors")
 _STATE_VERSION = 1
 
 
@@ -162,6 +169,9 @@ class TrainConfig:
             raise ValueError(f"schedule must be cosine or plateau, got {self.schedule!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
             raise ValueError("epochs, batch_size and patience must be at least 1")
+        # here, not only in stratified_split: before a folder of images is read
+        if not 0.0 < self.val_fraction <= 0.5:
+            raise ValueError(f"val_fraction must be in (0, 0.5], got {self.val_fraction}")
 
 
 @dataclass
@@ -262,6 +272,7 @@ class _Progress:
 def _save_state(
     folder: Path,
     *,
+    device: torch.device,
     model: BoneAgeNet,
     best: dict[str, Tensor],
     optimizer: torch.optim.Optimizer,
@@ -283,11 +294,19 @@ def _save_state(
             t = value if isinstance(value, Tensor) else torch.tensor(value)
             tensors[f"optim.{index}.{name}"] = t.detach().cpu().contiguous()
     tensors["rng.torch"] = torch.get_rng_state()
+    if device.type == "cuda":  # dropout on the GPU draws from its generator, not the CPU's
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
     data = save_safetensors(tensors)
-    _atomic_write(folder / STATE_TENSORS, data)
+    digest = hashlib.sha256(data).hexdigest()
+    # Under a name of its own, never over the file the JSON names: a run killed between
+    # the two writes leaves the previous epoch's pair whole (it was a tensors file the
+    # JSON did not match, and a resume refused: the run lost).
+    name = f"train_state-{digest[:16]}.safetensors"
+    _atomic_write(folder / name, data)
     state = {
         "version": _STATE_VERSION,
-        "tensors_sha256": hashlib.sha256(data).hexdigest(),
+        "tensors": name,
+        "tensors_sha256": digest,
         "progress": dataclasses.asdict(progress),
         "param_groups": opt_state["param_groups"],
         "plateau": plateau.state_dict() if plateau is not None else None,
@@ -300,15 +319,37 @@ def _save_state(
         "preprocess_version": PREPROCESS_VERSION,
     }
     _atomic_write(folder / STATE_JSON, json.dumps(state, indent=1).encode())
+    # the JSON names the new tensors now: the earlier ones (and the old layout's) can go
+    for stale in _tensor_files(folder):
+        if stale.name != name:
+            stale.unlink(missing_ok=True)
+
+
+def _tensor_files(folder: Path) -> list[Path]:
+    """The tensors files of saved states in ``folder``, of either layout."""
+    if not folder.is_dir():
+        return []
+    return [
+        path
+        for path in folder.iterdir()
+        if path.name == STATE_TENSORS or _TENSORS_NAME.fullmatch(path.name)
+    ]
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all, and durably: the file, then its folder's entry,
+    synced (the state's two files are written in order, and must land in that order)."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 RESUME_MAY_CHANGE = frozenset(
@@ -347,14 +388,25 @@ def _resume_conflicts(saved: dict[str, Any], config: TrainConfig) -> list[str]:
 
 
 def _saved_config(folder: Path) -> dict[str, Any]:
-    """The saved run's state (``train_state.json``), its version checked."""
-    state_path, tensor_path = folder / STATE_JSON, folder / STATE_TENSORS
-    if not state_path.is_file() or not tensor_path.is_file():
+    """The saved run's state (``train_state.json``), its version checked and its tensors
+    file there."""
+    state_path = folder / STATE_JSON
+    if not state_path.is_file():
         raise FileNotFoundError(f"no training state to resume in {folder}")
     state: dict[str, Any] = json.loads(state_path.read_text(encoding="utf-8"))
     if state.get("version") != _STATE_VERSION:
         raise ValueError(f"{state_path}: unsupported training-state version {state.get('version')}")
+    if not _state_tensors(folder, state).is_file():
+        raise FileNotFoundError(f"no training state to resume in {folder}")
     return state
+
+
+def _state_tensors(folder: Path, state: dict[str, Any]) -> Path:
+    """The tensors file a saved state names (one of the earlier layout: its fixed name)."""
+    name = state.get("tensors", STATE_TENSORS)
+    if not isinstance(name, str) or not (name == STATE_TENSORS or _TENSORS_NAME.fullmatch(name)):
+        raise ValueError(f"{folder / STATE_JSON}: names no tensors file of a state ({name!r})")
+    return folder / name
 
 
 def _check_resumable(folder: Path, state: dict[str, Any], config: TrainConfig) -> None:
@@ -450,7 +502,7 @@ def check_destinations(
 
 
 def _holds_a_run(folder: Path) -> bool:
-    return (folder / STATE_JSON).exists() or (folder / STATE_TENSORS).exists()
+    return (folder / STATE_JSON).exists() or bool(_tensor_files(folder))
 
 
 def _saved_epochs(folder: Path) -> str:
@@ -483,7 +535,7 @@ def _load_state(
     folder: Path, config: TrainConfig, fingerprint: str
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     state = _saved_config(folder)
-    state_path, tensor_path = folder / STATE_JSON, folder / STATE_TENSORS
+    state_path, tensor_path = folder / STATE_JSON, _state_tensors(folder, state)
     data = tensor_path.read_bytes()
     if hashlib.sha256(data).hexdigest() != state["tensors_sha256"]:
         raise ValueError(f"{tensor_path} does not match {state_path} (interrupted write?)")
@@ -496,6 +548,38 @@ def _load_state(
             f"than the run in {folder} trained on); start a new run in another state folder"
         )
     return state, load_safetensors(data)
+
+
+def _restore_scaler(scaler: torch.amp.GradScaler, saved: dict[str, Any]) -> None:
+    """Give ``scaler`` the saved run's state; a run saved with its scaler off (on the CPU,
+    in bfloat16, ``amp`` off) saved ``{}``, which an enabled scaler refuses: it starts
+    from its initial scale, as a new run does."""
+    if not saved:
+        if scaler.is_enabled():
+            logger.info("the saved run scaled no float16 gradients: the scaler starts afresh")
+        return
+    scaler.load_state_dict(saved)
+
+
+def _restore_rng(tensors: dict[str, Tensor], device: torch.device) -> None:
+    """Restore the saved random state: the CPU's, and on CUDA the GPU's (dropout there
+    draws from it). A state saved on the CPU, or by a release that kept no GPU state,
+    leaves the GPU's generator as seeded; a GPU's state is ignored on the CPU."""
+    torch.set_rng_state(tensors["rng.torch"])
+    if device.type != "cuda":
+        return
+    saved = tensors.get("rng.cuda")
+    if saved is None:
+        logger.warning(
+            "the saved run kept no random state of a GPU (saved on the CPU, or by an "
+            "earlier release): dropout on %s does not draw what the run uninterrupted would",
+            device,
+        )
+        return
+    try:
+        torch.cuda.set_rng_state(saved, device)
+    except (RuntimeError, ValueError) as exc:  # another kind of generator state
+        logger.warning("cannot restore the GPU's random state on %s (%s)", device, exc)
 
 
 def _restore_optimizer(
@@ -577,7 +661,9 @@ def train(
     device = resolve_device(cfg.device)
     cuda = device.type == "cuda"
     amp = cfg.amp and cuda
-    amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+    # bfloat16 only where the GPU computes it (Ampere on): a T4 or V100 emulates it,
+    # slowly, where float16 with the gradient scaler runs on its tensor cores
+    amp_dtype = torch.bfloat16 if cuda and cuda_computes_bfloat16(device) else torch.float16
 
     fingerprint = data_fingerprint(items)
     # the saved run's state and its checks, before any image is prepared
@@ -692,8 +778,8 @@ def train(
         _restore_optimizer(optimizer, saved["param_groups"], tensors)
         if plateau is not None and saved["plateau"] is not None:
             plateau.load_state_dict(saved["plateau"])
-        scaler.load_state_dict(saved["scaler"])
-        torch.set_rng_state(tensors["rng.torch"])
+        _restore_scaler(scaler, saved["scaler"])
+        _restore_rng(tensors, device)
         state = _Progress(**saved["progress"])
         schedule = saved.get("schedule") or schedule  # a state from before it was saved
         logger.info("resuming after epoch %d (best MAE %.2f)", state.epoch_done, state.best_mae)
@@ -807,6 +893,7 @@ def train(
         if folder is not None:
             _save_state(
                 folder,
+                device=device,
                 model=model,
                 best=best,
                 optimizer=optimizer,

@@ -1534,19 +1534,23 @@ def _items(**kwargs: Any) -> tuple[list[Any], str]:
     default=None,
     help="Start the trunk from torchvision's ImageNet weights (downloaded by torchvision).",
 )
-@click.option("--epochs", type=int, default=30, show_default=True)
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--lr", type=float, default=3e-4, show_default=True)
 @click.option("--loss", type=click.Choice(["l1", "mse", "huber"]), default="l1", show_default=True)
 @click.option(
     "--schedule", type=click.Choice(["cosine", "plateau"]), default="cosine", show_default=True
 )
 @click.option(
-    "--patience", type=int, default=6, show_default=True, help="Early-stopping patience (epochs)."
+    "--patience",
+    type=click.IntRange(min=1),
+    default=6,
+    show_default=True,
+    help="Early-stopping patience (epochs).",
 )
 @click.option(
     "--val-fraction",
-    type=float,
+    type=click.FloatRange(0.0, 0.5, min_open=True),
     default=0.15,
     show_default=True,
     help="Share of the patients held out for validation and the intervals, to the nearest "
@@ -1622,25 +1626,28 @@ def train(
         raise click.BadParameter("--resume needs --state-dir", param_hint="--resume")
     if resume and restart:
         raise click.UsageError("--resume and --restart exclude each other")
-    config = TrainConfig(
-        arch=arch,
-        input_size=input_size,
-        pretrained=cast(Literal["imagenet"] | None, pretrained),
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        loss=cast(Literal["l1", "mse", "huber"], loss),
-        schedule=cast(Literal["cosine", "plateau"], schedule),
-        patience=patience,
-        val_fraction=val_fraction,
-        augment=augment,
-        amp=amp,
-        clahe=clahe,
-        num_workers=num_workers,
-        seed=data["seed"],
-        device=device,
-        version=model_version,
-    )
+    try:  # a setting out of range: said in one line, before any data are read
+        config = TrainConfig(
+            arch=arch,
+            input_size=input_size,
+            pretrained=cast(Literal["imagenet"] | None, pretrained),
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            loss=cast(Literal["l1", "mse", "huber"], loss),
+            schedule=cast(Literal["cosine", "plateau"], schedule),
+            patience=patience,
+            val_fraction=val_fraction,
+            augment=augment,
+            amp=amp,
+            clahe=clahe,
+            num_workers=num_workers,
+            seed=data["seed"],
+            device=device,
+            version=model_version,
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
     # before the data is read (a folder of DICOM files takes a while): where the results
     # go, and a saved run's settings, which the data's description is not part of
     try:
@@ -1657,7 +1664,7 @@ def train(
             items, output, config=config, state_dir=state_dir, resume=resume, restart=restart
         )
     # --clahe without OpenCV (the message says what to install); a refusal, or an image
-    # that cannot be decoded (named, with its labels file and line)
+    # that cannot be decoded or read (named: a DICOM file with its labels file and line)
     except (ImportError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     metrics = ", ".join(f"{k} {v:.3g}" for k, v in result.meta.metrics.items())
@@ -1793,7 +1800,9 @@ def evaluate(
             data=description,
             gate=gate,
         )
-    except (ImportError, ValueError) as exc:  # OpenCV for a CLAHE model; missing images; ...
+    # OpenCV for a CLAHE model; missing images; an image that cannot be read or decoded
+    # (named); an output folder that cannot be written
+    except (ImportError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     overall = report.metrics.get("overall", report.metrics)
     shown = {k: overall[k] for k in ("mae", "rmse", "r2") if k in overall}

@@ -12,13 +12,22 @@ import hashlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from dicom_io.gate import check
 from dicom_io.pixels import decode_as_assessed, decode_for_display, read_image
-from models.data import LabelledImage, LabelledSet, parse_sex, phantom_items, read_rsna
+from models.data import (
+    LabelledImage,
+    LabelledSet,
+    parse_age_months,
+    parse_sex,
+    phantom_items,
+    read_rsna,
+    warn_if_years,
+)
 from worker.settings import SC_MIN_LONG_SIDE
 
 logger = logging.getLogger(__name__)
@@ -66,6 +75,28 @@ def patient_group(patient: str) -> str:
     return hashlib.sha256(b"boneage-split-group\0" + value.encode()).hexdigest()[:32]
 
 
+def instance_group(dicom_header: Any, path: Path) -> str:
+    """The split group of an image with no patient: a hash of its SOP Instance UID, or of
+    its resolved path where it has none, so that one image listed twice, or copied under
+    another name, is one group (it would otherwise be trained and validated on).
+
+    Parameters
+    ----------
+    dicom_header : pydicom.Dataset
+        The file's header.
+    path : pathlib.Path
+        The file.
+
+    Returns
+    -------
+    str
+        32 hex digits, never equal to a :func:`patient_group`.
+    """
+    uid = str(dicom_header.get("SOPInstanceUID", "") or "").strip()
+    value = f"uid\0{uid}" if uid else f"path\0{path.resolve()}"
+    return hashlib.sha256(b"boneage-split-instance\0" + value.encode()).hexdigest()[:32]
+
+
 def read_dicom_folder(
     folder: Path,
     labels_csv: Path,
@@ -85,9 +116,14 @@ def read_dicom_folder(
     hashes of the file names, never patient data.
 
     Images of one patient go to the same side of the training split: each image's group
-    is a hash of the PatientID in its header (an image without one is its own group),
-    or of the optional ``patient`` column where that is filled in (for sets whose
-    PatientIDs were replaced per image, say).
+    is a hash of the PatientID in its header, or of the optional ``patient`` column where
+    that is filled in (for sets whose PatientIDs were replaced per image, say); an image
+    with neither is grouped by its SOP Instance UID (or its path: :func:`instance_group`),
+    so that one listed twice stays on one side.
+
+    ``boneage`` is in months, a finite number from 0 to 240
+    (:func:`~models.data.parse_age_months`); labels all under 20 (more than five) are
+    warned of as years.
 
     With ``input_size`` (a model's input side) each image is decoded as the service
     decodes it for that model (:func:`decode_as_assessed`, with the site's
@@ -108,7 +144,8 @@ def read_dicom_folder(
     Raises
     ------
     ValueError
-        If a column is missing, a row is cut short or holds a value that cannot be read,
+        If a column is missing, a row is cut short or holds a value that cannot be read
+        (a bone age that is not a number of months from 0 to 240: the file is named too),
         a listed file is not DICOM, or no listed file exists; each names the labels file
         and its line. Not when the gate refused every image: the set is then empty.
     """
@@ -140,9 +177,9 @@ def read_dicom_folder(
                 raise ValueError(f"{where}: no file named")
             path = folder / row[fields["file"]]
             try:
-                age = float(row[fields["boneage"]])
+                age = parse_age_months(row[fields["boneage"]])
             except ValueError as exc:
-                raise ValueError(f"{where}: boneage is not a number") from exc
+                raise ValueError(f"{where}: {exc} (the label of {path})") from exc
             if not path.is_file():
                 missing += 1
                 continue
@@ -177,6 +214,8 @@ def read_dicom_folder(
                 male = sex.upper() == "M"
             patient = row[fields["patient"]].strip() if "patient" in fields else ""
             group = patient_group(patient or str(dicom_header.get("PatientID", "") or ""))
+            if not group:  # one image: listed twice (or copied), both stay on one side
+                group = instance_group(dicom_header, path)
             key = hashlib.sha256(row[fields["file"]].encode()).hexdigest()[:16]
             items.append(
                 LabelledImage(
@@ -193,6 +232,7 @@ def read_dicom_folder(
         raise ValueError(f"{labels_csv} lists no images")
     if missing:
         logger.warning("%d files listed in %s are missing from %s", missing, labels_csv, folder)
+    warn_if_years([item.age_months for item in items], labels_csv)
     return LabelledSet(items, n_listed=listed, n_missing=missing, left_out=left_out)
 
 

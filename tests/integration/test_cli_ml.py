@@ -444,3 +444,101 @@ def test_evaluate_leaves_out_what_the_service_s_gate_refuses_and_says_why(
     assert nothing.exit_code == 1, nothing.output
     assert "nothing is left to evaluate (--all-images to score them anyway)" in nothing.output
     assert not (tmp_path / "none").exists()
+
+
+def _rsna_set(folder: Path, n: int = 12, *, size: int = 160) -> tuple[Path, Path]:
+    """An RSNA-layout set of phantoms: ``labels.csv`` and a folder of ``<id>.png``."""
+    from PIL import Image
+
+    images = folder / "images"
+    images.mkdir()
+    rng = np.random.default_rng(5)
+    rows = ["id,boneage,male"]
+    for key in range(n):
+        age = 24.0 + 15 * key
+        phantom = make_phantom(age, male=key % 2 == 0, size=size, rng=rng)
+        Image.fromarray(np.round(phantom.image * 255).astype(np.uint8)).save(images / f"{key}.png")
+        rows.append(f"{key},{age:.1f},{key % 2 == 0}")
+    labels = folder / "labels.csv"
+    labels.write_text("\n".join(rows) + "\n")
+    return labels, images
+
+
+def _failed(args: list[str], exit_code: int) -> str:
+    """The output of a command that failed as a CLI error, not a traceback."""
+    result = CliRunner().invoke(main, args, env={"COLUMNS": "400"})
+    assert result.exit_code == exit_code, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    return " ".join(result.output.split())
+
+
+def test_train_and_evaluate_name_a_png_that_cannot_be_read(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """A truncated PNG stopped train with "Error: image file is truncated" (no file named)
+    and evaluate with a traceback (an OSError it did not catch)."""
+    labels, images = _rsna_set(tmp_path)
+    broken = images / "5.png"
+    broken.write_bytes(broken.read_bytes()[:300])
+    data = ["--rsna-csv", str(labels), "--rsna-images", str(images)]
+
+    said = _failed(
+        [
+            *("evaluate", "--model", str(tiny_checkpoint), *data, "--device", "cpu"),
+            *("--no-plots", "--bootstrap", "0", "-o", str(tmp_path / "report")),
+        ],
+        1,
+    )
+    assert f"cannot read {broken}" in said
+
+    said = _failed(
+        [
+            *("train", *data, "--arch", "resnet18", "--input-size", "32", "--epochs", "1"),
+            *("--batch-size", "4", "--device", "cpu", "-o", str(tmp_path / "m.safetensors")),
+        ],
+        1,
+    )
+    assert f"cannot read {broken}" in said
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_evaluate_refuses_a_bone_age_that_is_not_months(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """A NaN label gave an MAE of null, silently."""
+    labels, images = _rsna_set(tmp_path, 4)
+    rows = labels.read_text().splitlines()
+    rows[2] = "1,nan,False"
+    labels.write_text("\n".join(rows) + "\n")
+    said = _failed(
+        [
+            *("evaluate", "--model", str(tiny_checkpoint), "--rsna-csv", str(labels)),
+            *("--rsna-images", str(images), "--device", "cpu", "-o", str(tmp_path / "report")),
+        ],
+        1,
+    )
+    assert f"{labels}:3: boneage 'nan' is not a bone age in months" in said
+    assert not (tmp_path / "report").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--epochs", "0"), ("--batch-size", "0"), ("--patience", "0"), ("--val-fraction", "0.7")],
+)
+def test_train_refuses_a_setting_out_of_range_before_reading_the_data(
+    tmp_path: Path, option: str, value: str
+) -> None:
+    """Each was a traceback (--epochs/--batch-size/--patience 0), or refused only after
+    every image had been read (--val-fraction): a usage error now, before the labels are
+    read (one of them is not a number: reading them would say so)."""
+    labels, images = _rsna_set(tmp_path, 2, size=16)
+    labels.write_text(labels.read_text().replace("24.0", "nan"))
+    said = _failed(
+        [
+            *("train", "--rsna-csv", str(labels), "--rsna-images", str(images)),
+            *(option, value, "-o", str(tmp_path / "m.safetensors")),
+        ],
+        2,
+    )
+    assert option in said and "nan" not in said

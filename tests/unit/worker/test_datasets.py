@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,7 @@ def test_images_of_one_patient_share_a_group_that_does_not_show_the_id(tmp_path:
     a, b, c, d = (item.group for item in items)
     assert a == b == patient_group("MRN-4711")
     assert c not in ("", a)
-    assert d == ""  # no PatientID: its own group
+    assert d not in ("", a, c)  # no PatientID: its own group, that of its instance
     for item in items:
         assert "4711" not in item.group and "0815" not in item.group
         assert "MRN" not in item.key
@@ -78,6 +79,53 @@ def test_the_patient_column_overrides_the_header(tmp_path: Path) -> None:
 
     assert a.group == b.group == patient_group("child-7")
     assert c.group == patient_group("ANON3")
+
+
+def test_one_image_listed_twice_without_a_patient_is_one_group(tmp_path: Path) -> None:
+    """With no PatientID each row was a group of its own ``""``: one image listed twice,
+    or copied under another name, could be trained on and validated on."""
+    _write_dicom(tmp_path, "a.dcm", patient_id="")
+    _write_dicom(tmp_path, "b.dcm", patient_id="")
+    (tmp_path / "a-copy.dcm").write_bytes((tmp_path / "a.dcm").read_bytes())  # same UID
+    labels = _write_labels(
+        tmp_path / "labels.csv",
+        [
+            {"file": name, "boneage": "100"}
+            for name in ("a.dcm", "b.dcm", "a.dcm", "./a.dcm", "a-copy.dcm")
+        ],
+    )
+
+    a, b, again, dotted, copy = (item.group for item in read_dicom_folder(tmp_path, labels))
+
+    assert a == again == dotted == copy != b
+    assert "" not in (a, b)
+
+
+@pytest.mark.parametrize("age", ["nan", "inf", "-40", "300", "ten"])
+def test_a_bone_age_that_is_not_months_names_the_line_and_the_file(
+    tmp_path: Path, age: str
+) -> None:
+    for name in ("a.dcm", "b.dcm"):
+        _write_dicom(tmp_path, name, patient_id=name)
+    labels = _write_labels(
+        tmp_path / "labels.csv",
+        [{"file": "a.dcm", "boneage": "100"}, {"file": "b.dcm", "boneage": age}],
+    )
+    with pytest.raises(ValueError, match=r"labels\.csv:3: boneage .*b\.dcm"):
+        read_dicom_folder(tmp_path, labels)
+
+
+def test_labels_that_look_like_years_are_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rows = []
+    for index, years in enumerate((3, 7, 12, 15, 9, 17)):
+        _write_dicom(tmp_path, f"{index}.dcm", patient_id=f"P{index}")
+        rows.append({"file": f"{index}.dcm", "boneage": str(years)})
+    labels = _write_labels(tmp_path / "labels.csv", rows)
+    with caplog.at_level(logging.WARNING):
+        assert len(read_dicom_folder(tmp_path, labels, progress=False)) == 6
+    assert "look like years" in caplog.text and "labels.csv" in caplog.text
 
 
 def test_patient_group_is_a_stable_hash() -> None:

@@ -162,6 +162,27 @@ def test_voi_lut_sequence() -> None:
     np.testing.assert_allclose(decode_for_display(ds), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("sequence", ["VOILUTSequence", "ModalityLUTSequence"])
+def test_an_8_bit_lut_of_an_odd_number_of_entries_in_ow(sequence: str) -> None:
+    """4095 one-byte entries are 4096 bytes in OW (padded to even length): they were read
+    as 2048 two-byte entries, and the image came out wrong (found in review)."""
+    stored = np.minimum(_stored(), 4094)
+    ds = _no_voi(_dataset(stored))
+    table = (np.arange(4095) * 255 // 4094).astype(np.uint8)  # 4095 entries, 8 bits
+    item = Dataset()
+    item.LUTDescriptor = [4095, 0, 8]
+    item.add_new(0x00283006, "OW", table.tobytes() + b"\0")  # LUT Data
+    if sequence == "ModalityLUTSequence":
+        del ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType
+        item.ModalityLUTType = "US"
+        ds.WindowCenter, ds.WindowWidth = 128, 256
+        expected = _linear_window(table[stored].astype(float), 128, 256)
+    else:
+        expected = table[stored] / 255.0
+    setattr(ds, sequence, [item])
+    np.testing.assert_allclose(decode_for_display(ds), expected, atol=1e-5)
+
+
 def test_modality_lut_sequence() -> None:
     stored = _stored()
     ds = _dataset(stored)
@@ -219,6 +240,42 @@ def test_pixel_padding_range_monochrome1() -> None:
     out = decode_for_display(ds)
     assert np.all(out[:8] == 0.0)  # padding is background (dark), also after inversion
     assert out[8:].max() == 1.0
+
+
+def _signed(values: np.ndarray, bits: int) -> Dataset:
+    ds = _no_voi(_dataset(np.zeros(values.shape, np.uint16), bits, modality="CT"))
+    ds.PixelRepresentation = 1
+    ds.PixelData = values.astype("<i2").tobytes()
+    return ds
+
+
+@pytest.mark.parametrize(
+    ("bits", "vr", "value", "limit"),
+    [
+        (16, "SS", -2000, None),
+        (16, "US", 63536, None),  # -2000 as a 16-bit word
+        (12, "US", 63536, None),
+        (12, "US", 2096, None),  # -2000 in 12 bits
+        (16, "US", 63536, 63546),  # -2000 to -1990
+        (12, "US", 2106, 2096),  # -1990 to -2000 in 12 bits
+    ],
+)
+def test_pixel_padding_of_signed_pixels_written_unsigned(
+    bits: int, vr: str, value: int, limit: int | None
+) -> None:
+    """Of signed pixels, a Pixel Padding Value (or Range Limit) written with VR US, the
+    bit pattern of a negative value, matched no pixel and the padding was shown through
+    the window (found in review); the standard gives it the pixels' VR, SS."""
+    hu = np.rint(hand_like() * 2000 - 1000).astype(np.int16)
+    hu[:, :8] = -2000 if limit is None else -1995
+    ds = _signed(hu, bits)
+    ds.add_new(0x00280120, vr, value)  # Pixel Padding Value
+    if limit is not None:
+        ds.add_new(0x00280121, vr, limit)  # Pixel Padding Range Limit
+    out = decode_for_display(ds)
+    assert np.all(out[:, :8] == 0.0)
+    unpadded = decode_for_display(_signed(hu[:, 8:].copy(), bits))
+    np.testing.assert_allclose(out[:, 8:], unpadded, atol=1e-6)
 
 
 def test_multiframe_first_frame() -> None:

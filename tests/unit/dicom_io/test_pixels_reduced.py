@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from pathlib import Path
@@ -19,6 +20,7 @@ from dicom_io.pixels import (
     decode_frame,
     decode_reduction,
     jpeg2000_reduction,
+    read_image,
     set_jpeg2000_threads,
 )
 from dicom_io.synthetic import make_radiograph_dataset
@@ -168,6 +170,111 @@ def test_uncompressed_reduced_decode_keeps_padding_out() -> None:
         abs(float(np.percentile(reduced[:, 51:], 50)) - float(np.percentile(full[:, 102:], 50)))
         < 0.02
     )
+
+
+# A hand behind a shutter, of sides that the codec's ceil(side / 2**r) tells from the
+# block average's floor and that Pillow decodes at 1 to 5 levels; the shutter's edges lie
+# inside blocks of 2, 4, 8 ...
+PADDED_ROWS, PADDED_COLUMNS = 607, 447
+SHUTTER_COLUMNS, SHUTTER_ROWS = 101, 75
+#: The padding's reach into its neighbours at 1, 2, 3 levels (dicom_io.pixels
+#: _j2k_padding_reach): what is masked past the padding found.
+SEAM = {1: 2, 2: 3, 3: 4}
+
+
+def _behind_shutter(
+    tmp_path: Path, photometric: str, limit: int | None, *, window: bool, fill: int | None = None
+) -> tuple[Dataset, Dataset]:
+    """The hand with Pixel Padding Value 0 (through ``limit``: Range Limit) in the
+    shutter, uncompressed and JPEG 2000 lossless (read back from a file); with the
+    window centre 2048 and width 4096 in the header, where anatomy shows above 0, or
+    none (a percentile window). ``fill``: the shutter holds that value instead."""
+    native = make_radiograph_dataset(
+        hand_like(PADDED_ROWS, PADDED_COLUMNS),
+        birth_date=BIRTH_DATE,
+        study_date=STUDY_DATE,
+        bits_stored=12,
+        photometric=photometric,
+    )
+    if window:
+        native.WindowCenter, native.WindowWidth = 2048, 4096
+    else:
+        del native.WindowCenter, native.WindowWidth
+    stored = native.pixel_array.copy()
+    assert int(stored[SHUTTER_ROWS:, SHUTTER_COLUMNS:].min()) > (limit or 0)  # not padding
+    stored[:, :SHUTTER_COLUMNS] = 0
+    stored[:SHUTTER_ROWS] = 0
+    if limit is not None:
+        stored[:, :50] = limit
+        native.PixelPaddingRangeLimit = limit
+    if fill is not None:
+        stored[:, :SHUTTER_COLUMNS] = stored[:SHUTTER_ROWS] = fill
+    native.PixelData = stored.tobytes()
+    native.PixelPaddingValue = 0
+    j2k = copy.deepcopy(native)  # (Dataset.copy shares the file meta and pixel data)
+    j2k.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
+    path = tmp_path / f"j2k-{fill}.dcm"
+    j2k.save_as(path, enforce_file_format=True)
+    return native, read_image(path)
+
+
+@pytest.mark.parametrize("reduce", [1, 2, 3])
+@pytest.mark.parametrize("limit", [None, 3], ids=["value", "range"])
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_lossless_jpeg2000_with_padding_masks_the_seam_at_the_reduced_level(
+    tmp_path: Path, photometric: str, limit: int | None, reduce: int
+) -> None:
+    """JPEG 2000's own reduction (its low-pass band) mixed padding into the pixels along
+    a shutter's edge, where no value was padding any more: they were shown, and with no
+    window in the header they moved the percentile window (found in review). The codec
+    still decodes at the reduced level, and every pixel whose value the padding reaches
+    (it changes when the shutter holds another value) is padding; anatomy more than the
+    seam and the filters' reach (under 2 pixels) past the shutter is not."""
+    _, j2k = _behind_shutter(tmp_path, photometric, limit, window=True)
+    _, other = _behind_shutter(tmp_path, photometric, limit, window=True, fill=2048)
+    factor = 1 << reduce
+    image = decode_for_display(j2k, reduce=reduce)
+    # the codec's level: ceil(side / 2**r), where averaging blocks leaves the partial out
+    assert image.shape == (-(-PADDED_ROWS // factor), -(-PADDED_COLUMNS // factor))
+    reached = decode_frame(j2k, reduce=reduce) != decode_frame(other, reduce=reduce)
+    assert reached[:, : SHUTTER_COLUMNS // factor].all()
+    assert np.all(image[reached] == 0.0)
+    masked = image == 0.0  # anatomy shows above 0 through this window, either way up
+    beyond = SEAM[reduce] + 2
+    columns = int(np.ceil(SHUTTER_COLUMNS / factor + beyond))
+    rows = int(np.ceil(SHUTTER_ROWS / factor + beyond))
+    assert not masked[rows:, columns:].any()
+
+
+@pytest.mark.parametrize("reduce", [1, 2, 3])
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_lossless_jpeg2000_with_padding_is_windowed_as_the_uncompressed_image_is(
+    tmp_path: Path, photometric: str, reduce: int
+) -> None:
+    """With no window in the header, the percentile window of the reduced JPEG 2000
+    image is the uncompressed one's: the anatomy shows within 0.025 of it on average
+    (with the seam shown, 0.05 to 0.085 off), within 0.06 at the 99th percentile."""
+    native, j2k = _behind_shutter(tmp_path, photometric, None, window=False)
+    factor = 1 << reduce
+    reduced = decode_for_display(j2k, reduce=reduce)
+    expected = decode_for_display(native, reduce=reduce)  # blocks: the partial ones left out
+    reduced = reduced[: expected.shape[0], : expected.shape[1]]
+    anatomy = np.zeros(expected.shape, dtype=bool)
+    anatomy[SHUTTER_ROWS // factor + 8 :, SHUTTER_COLUMNS // factor + 8 :] = True  # unmasked
+    difference = np.abs(reduced - expected)[anatomy]
+    assert float(difference.mean()) < 0.025
+    assert float(np.percentile(difference, 99)) < 0.06
+
+
+def test_lossless_jpeg2000_with_padding_keeps_the_codecs_reduction(tmp_path: Path) -> None:
+    """Pixel padding declared, JPEG 2000 is still decoded at the codec's reduced level
+    (up to its decomposition levels), not in full and averaged (at most 4 halvings)."""
+    native, j2k = _behind_shutter(tmp_path, "MONOCHROME1", None, window=True)
+    for short in (1, 100, 220):
+        assert decode_reduction(j2k, min_short_side=short) == jpeg2000_reduction(
+            j2k, min_short_side=short
+        )
+    assert decode_reduction(j2k, min_short_side=1) == 5 > decode_reduction(native, min_short_side=1)
 
 
 def test_uncompressed_monochrome1_reduced_is_inverted_like_the_full_decode() -> None:

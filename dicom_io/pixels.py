@@ -1006,14 +1006,46 @@ def _decode_j2k_pillow(codestream: bytes, reduce: int) -> np.ndarray:
     precision, _levels = header
     if precision > 16:
         raise ValueError(f"{precision}-bit samples are beyond Pillow's 16")
+    shape = _j2k_reduced_shape(codestream, reduce)
+    if shape is None:
+        raise ValueError("no JPEG 2000 SIZ marker segment")
+    power, half = 1 << reduce, (1 << reduce) >> 1
     with Image.open(io.BytesIO(codestream), formats=["JPEG2000"]) as image:
+        # Jpeg2KImageFile.load() sizes the image int((side + half) / power), rounding
+        # half up, where OpenJPEG decodes ceil(side / power) (a side of 601 at 2 levels:
+        # 150, not 151) and Pillow refuses the tile as a broken data stream. Given the
+        # side ceil * power - half, it sizes ceil, as a Pillow that rounds up would too
+        # (ceil(ceil - 1/2) = ceil); one that sizes otherwise fails, or fails the shape
+        # check below, and pydicom decodes instead.
+        if isinstance(getattr(image, "_size", None), tuple):  # what Image.size reads
+            image._size = (shape[1] * power - half, shape[0] * power - half)
         # Jpeg2KImageFile takes the level as an attribute that shadows Image.reduce()
         image.reduce = reduce  # type: ignore[method-assign,assignment]
         image.load()
         array = np.asarray(image)
+    if array.shape != shape:
+        raise ValueError(f"Pillow decoded {array.shape} where OpenJPEG's level is {shape}")
     if precision <= 8:
         return array.astype(np.uint8, copy=False)
     return np.right_shift(array.astype(np.uint16, copy=False), 16 - precision)
+
+
+def _j2k_reduced_shape(codestream: bytes, reduce: int) -> tuple[int, int] | None:
+    """``(rows, columns)`` of a JPEG 2000 codestream decoded at ``2**-reduce`` of its size.
+
+    OpenJPEG's image at that level spans ``ceil(Ysiz / 2**r) - ceil(YOsiz / 2**r)``
+    rows by the same of X (T.800 B.5): ``ceil(Rows / 2**r)`` where the origin is 0.
+    """
+    siz = codestream.find(_J2K_SIZ, 0, 4096)
+    if siz < 0 or len(codestream) < siz + 22:
+        return None
+
+    def reduced(at: int) -> int:  # ceil(end / 2**r) - ceil(origin / 2**r)
+        end = int.from_bytes(codestream[siz + at : siz + at + 4], "big")
+        origin = int.from_bytes(codestream[siz + at + 8 : siz + at + 12], "big")
+        return -(-end >> reduce) + (-origin >> reduce)
+
+    return reduced(10), reduced(6)  # Ysiz (YOsiz), Xsiz (XOsiz)
 
 
 def _jpeg_frame_header(codestream: bytes) -> tuple[int, int, int, int] | None:

@@ -318,6 +318,48 @@ def test_full_and_reduced_decodes_are_pydicoms_on_any_thread_count(
     assert "decode failed" not in caplog.text
 
 
+@pytest.mark.parametrize("bits", [8, 12])
+@pytest.mark.parametrize(
+    ("rows", "columns", "reduce"),
+    [(601, 441, 2), (601, 441, 3), (1419, 1040, 3), (599, 439, 4)],
+    ids=["601x441-2", "601x441-3", "1419x1040-3", "599x439-4"],
+)
+def test_jpeg2000_is_decoded_at_the_codecs_level_where_pillow_rounds_half_up(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    rows: int,
+    columns: int,
+    reduce: int,
+    bits: int,
+) -> None:
+    """Pillow (13) sizes a reduced JPEG 2000 image round(side / 2**r), OpenJPEG decodes
+    ceil(side / 2**r): a side whose remainder lies under half of 2**r (601 at 2 levels)
+    was refused as a broken data stream, and the image decoded in full through pydicom
+    on one thread and averaged in blocks (several times slower, the floor's shape). It is
+    decoded at the codec's level, to the values of the same image padded to whole blocks
+    (a size Pillow always decoded) but where the wavelet filters reach the padding."""
+    ds = _j2k(tmp_path, rows=rows, columns=columns, bits=bits)
+    factor = 1 << reduce
+    shape = (-(-rows // factor), -(-columns // factor))
+    with caplog.at_level(logging.INFO, logger="dicom_io.pixels"):
+        reduced = decode_frame(ds, reduce=reduce)
+        image = decode_for_display(ds, reduce=reduce)
+    assert "decode failed" not in caplog.text
+    assert reduced.shape == image.shape == shape
+    stored = ds.pixel_array
+    whole = _cr(rows=shape[0] * factor, columns=shape[1] * factor, bits=bits)
+    padding = ((0, shape[0] * factor - rows), (0, shape[1] * factor - columns))
+    whole.compress(
+        JPEG2000Lossless, np.pad(stored, padding, mode="edge"), encoding_plugin="pylibjpeg"
+    )
+    expected = decode_frame(whole, reduce=reduce)
+    assert expected.shape == shape
+    # the 5/3 low band at level r reaches 2**(r+1) - 2 samples either way
+    inside = (slice(0, (rows >> reduce) - 2), slice(0, (columns >> reduce) - 2))
+    np.testing.assert_array_equal(reduced[inside], expected[inside])
+    assert np.abs(reduced.astype(np.float64) - expected).mean() < 0.01 * (1 << bits)
+
+
 @pytest.mark.parametrize("rows", [65535, ROWS - 8])
 def test_a_codestream_of_another_size_is_left_to_pydicom(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, rows: int

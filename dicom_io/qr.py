@@ -19,6 +19,8 @@ from pynetdicom.association import Association
 from dicom_io.scu import open_association
 
 __all__ = [
+    "AssociationFailed",
+    "MoveFailed",
     "MoveOutcome",
     "QueryError",
     "SeriesMatch",
@@ -32,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 _PENDING = (0xFF00, 0xFF01)
 
+#: The Message ID of our one C-FIND or C-MOVE on each association, which a C-CANCEL names.
+_MESSAGE_ID = 1
+
 # PS3.4 Annex C.6.2 (pynetdicom.sop_class builds these names at run time, unseen by mypy)
 StudyRootQueryRetrieveInformationModelFind = "1.2.840.10008.5.1.4.1.2.2.1"
 StudyRootQueryRetrieveInformationModelMove = "1.2.840.10008.5.1.4.1.2.2.2"
@@ -39,6 +44,11 @@ StudyRootQueryRetrieveInformationModelMove = "1.2.840.10008.5.1.4.1.2.2.2"
 
 class QueryError(RuntimeError):
     """The peer could not be reached, or refused or failed a query or retrieve."""
+
+
+class AssociationFailed(QueryError):
+    """No association with the peer (unreachable, or it rejected us), or the association
+    ended before the peer's final answer: nothing said whether the peer could do it."""
 
 
 @dataclass(frozen=True)
@@ -72,8 +82,23 @@ class MoveOutcome:
 
     @property
     def ok(self) -> bool:
-        # 0xB000: some sub-operations failed; the peer still sent the others.
-        return self.status == 0x0000 and self.failed == 0
+        """Every instance sent. 0xB000 with no failed sub-operation is sent with warnings
+        only (PS3.4 Table C.4-2: one or more failures *or warnings*)."""
+        return self.status in (0x0000, 0xB000) and self.failed == 0
+
+    @property
+    def sent(self) -> int:
+        """Sub-operations the destination took, with or without a warning."""
+        return self.completed + self.warning
+
+
+class MoveFailed(QueryError):
+    """The peer's final C-MOVE status was a failure or a cancel; ``outcome`` holds its
+    counts: the sub-operations it completed before it stopped were sent."""
+
+    def __init__(self, message: str, outcome: MoveOutcome) -> None:
+        super().__init__(message)
+        self.outcome = outcome
 
 
 def _date_range(since: dt.date, until: dt.date | None) -> str:
@@ -101,8 +126,27 @@ def _associate(
         contexts=[(context, None)],
         timeout=timeout,
         ssl_context=ssl_context,
-        error=QueryError,
+        error=AssociationFailed,
     )
+
+
+def _cancel_and_abort(assoc: Association, model: str) -> None:
+    """End an association whose C-FIND or C-MOVE the peer may still be answering.
+
+    A release would wait: a peer answers the A-RELEASE-RQ only once it has sent its
+    final response (pynetdicom's SCP serves one message at a time), so the rest of a
+    move, or the ACSE timeout. The C-CANCEL (PS3.7) asks the peer to stop sending, and
+    the A-ABORT, sent after it on the same connection, ends the association without
+    waiting for any answer.
+    """
+    if not assoc.is_established:
+        return  # pynetdicom aborted it already: no answer in time, or the peer aborted
+    try:
+        assoc.send_c_cancel(_MESSAGE_ID, query_model=model)
+    except (RuntimeError, ValueError) as exc:  # lost meanwhile; the abort ends it anyway
+        logger.debug("C-CANCEL not sent: %s", exc)
+    finally:
+        assoc.abort()
 
 
 def _find(
@@ -124,21 +168,29 @@ def _find(
         timeout=timeout,
         ssl_context=ssl_context,
     )
+    failure: int | None = None
     try:
         for status, answer in assoc.send_c_find(
-            identifier, StudyRootQueryRetrieveInformationModelFind
+            identifier, StudyRootQueryRetrieveInformationModelFind, msg_id=_MESSAGE_ID
         ):
             if not status or "Status" not in status:
-                raise QueryError(f"{ae_title}@{host}:{port} did not answer the C-FIND")
+                raise AssociationFailed(f"{ae_title}@{host}:{port} did not answer the C-FIND")
             code = int(status.Status)
             if code in _PENDING:
                 if answer is not None:
                     yield answer
             elif code != 0x0000:
-                raise QueryError(f"{ae_title}@{host}:{port} failed the C-FIND: 0x{code:04X}")
-    finally:
-        if assoc.is_established:
-            assoc.release()
+                failure = code
+    except BaseException:
+        # interrupted (Ctrl-C, or the caller stopped reading) or lost before the final
+        # response: the peer may still be sending matches
+        _cancel_and_abort(assoc, StudyRootQueryRetrieveInformationModelFind)
+        raise
+    # the final response came: nothing is outstanding, and the peer answers a release now
+    if assoc.is_established:
+        assoc.release()
+    if failure is not None:
+        raise QueryError(f"{ae_title}@{host}:{port} failed the C-FIND: 0x{failure:04X}")
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -266,11 +318,17 @@ def move_series(
 
     Returns when the peer has finished (its final response).
 
+    Interrupted (Ctrl-C) or cut off before the final response, it sends the peer a
+    C-CANCEL and aborts the association, not waiting for the peer to finish.
+
     Raises
     ------
-    QueryError
-        No association, no final response, or the C-MOVE was refused (such as an
-        unknown move destination, 0xA801).
+    AssociationFailed
+        No association, or no final response.
+    MoveFailed
+        The C-MOVE was refused or failed (such as an unknown move destination, 0xA801,
+        or out of resources partway, 0xA702) or was cancelled; its ``outcome`` counts
+        what was sent before.
     """
     assoc = _associate(
         ae_title,
@@ -289,10 +347,13 @@ def move_series(
     final: MoveOutcome | None = None
     try:
         for status, _ in assoc.send_c_move(
-            query, move_destination, StudyRootQueryRetrieveInformationModelMove
+            query,
+            move_destination,
+            StudyRootQueryRetrieveInformationModelMove,
+            msg_id=_MESSAGE_ID,
         ):
             if not status or "Status" not in status:
-                raise QueryError(f"{ae_title}@{host}:{port} did not answer the C-MOVE")
+                raise AssociationFailed(f"{ae_title}@{host}:{port} did not answer the C-MOVE")
             code = int(status.Status)
             if code in _PENDING:
                 continue
@@ -302,16 +363,23 @@ def move_series(
                 failed=int(status.get("NumberOfFailedSuboperations", 0) or 0),
                 warning=int(status.get("NumberOfWarningSuboperations", 0) or 0),
             )
-    finally:
-        if assoc.is_established:
-            assoc.release()
+    except BaseException:
+        # interrupted (Ctrl-C) or lost before the final response: the peer may still be
+        # sending; a release would wait for the rest of the series
+        _cancel_and_abort(assoc, StudyRootQueryRetrieveInformationModelMove)
+        raise
+    # the final response came (failure included): nothing is outstanding, and the peer
+    # answers a release now
+    if assoc.is_established:
+        assoc.release()
     if final is None:
-        raise QueryError(f"{ae_title}@{host}:{port} sent no final C-MOVE response")
+        raise AssociationFailed(f"{ae_title}@{host}:{port} sent no final C-MOVE response")
     # 0xA7xx out of resources, 0xA801 unknown destination, 0xA9xx bad identifier,
     # 0xCxxx unable to process, 0xFE00 cancelled: nothing (more) will be sent.
     if (final.status & 0xF000) in (0xA000, 0xC000) or final.status == 0xFE00:
-        raise QueryError(
+        raise MoveFailed(
             f"{ae_title}@{host}:{port} failed the C-MOVE to {move_destination}: "
-            f"0x{final.status:04X} ({final.completed} sent, {final.failed} failed)"
+            f"0x{final.status:04X} ({final.sent} sent, {final.failed} failed)",
+            final,
         )
     return final

@@ -24,6 +24,7 @@ Interest") is recorded ``not_assessed`` and changes nothing.
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import logging
 import ssl
 from collections.abc import Callable, Sequence
@@ -41,6 +42,12 @@ StepFn = Callable[[str], None]
 #: The Modality of a Key Object Selection Document's series (PS3.3 C.17.6.1), the
 #: series in which a PACS keeps its rejection notes.
 KEY_OBJECT_MODALITY = "KO"
+
+#: Series in a row whose move got no association with the PACS, or lost it before the
+#: PACS's final answer, after which a run stops: the PACS has gone (or turns us away),
+#: and each further series would wait out its own connection timeout. A series the PACS
+#: answered, moved or refused, starts the count again.
+MAX_SERIES_UNREACHED = 3
 
 
 @dataclass(frozen=True)
@@ -66,8 +73,18 @@ class BackfillReport:
     studies_found: int
     series_matched: int
     series_moved: int = 0
-    instances_moved: int = 0
+    instances_moved: int = 0  # with or without a warning, of failed series too
+    instances_with_warnings: int = 0  # of instances_moved, those sent with a warning
+    series_not_tried: int = 0  # left when the run stopped, the PACS unreached
     failures: list[str] = field(default_factory=list)
+
+
+class _Moved(enum.Enum):
+    """How the move of one series went."""
+
+    ALL = "every instance sent"
+    NOT_ALL = "the PACS answered, and did not send them all"
+    UNREACHED = "no association, or it ended before the PACS's final answer"
 
 
 def is_candidate(series: qr.SeriesMatch, modalities: Sequence[str]) -> bool:
@@ -177,9 +194,12 @@ def run_backfill(
 ) -> BackfillReport:
     """C-MOVE every series of ``plan`` to ``move_destination``, in its order.
 
-    One failure stops no other, but for one: a study whose key object selection series
+    One failure stops no other, but for two: a study whose key object selection series
     did not all arrive has its hand series left (each counted a failure), since one of
-    its images may be rejected by a note that is missing; running it again moves them.
+    its images may be rejected by a note that is missing; and after
+    :data:`MAX_SERIES_UNREACHED` series in a row got no answer from the PACS (no
+    association, or it ended before the final response) the run stops, the series left
+    counted in ``series_not_tried`` and named in a failure. Running it again moves them.
     """
     report = BackfillReport(
         studies_found=len(plan.studies),
@@ -187,7 +207,18 @@ def run_backfill(
         failures=list(plan.failures),
     )
     notes_missing: set[str] = set()  # studies with a key object series not (all) moved
-    for series in plan.series:
+    unreached = 0  # series in a row whose move got no answer from the PACS
+    for index, series in enumerate(plan.series):
+        if unreached >= MAX_SERIES_UNREACHED:
+            report.series_not_tried = len(plan.series) - index
+            message = (
+                f"stopped: {unreached} series in a row got no association with {peer} "
+                f"(or lost it before its answer); {report.series_not_tried} series not "
+                "tried: run the backfill again once the PACS answers"
+            )
+            logger.error("backfill: %s", message)
+            report.failures.append(message)
+            break
         tag = uid_tag(series.series_instance_uid)
         notes = is_key_object_series(series)
         if not notes and series.study_instance_uid in notes_missing:
@@ -198,11 +229,11 @@ def run_backfill(
                 f"series {tag}: not moved, as the key object selections (rejection notes) "
                 "of its study were not all moved first"
             )
-        elif (
-            not _move(peer, series, report, calling_ae_title, move_destination, ssl_context)
-            and notes
-        ):
-            notes_missing.add(series.study_instance_uid)
+        else:
+            moved = _move(peer, series, report, calling_ae_title, move_destination, ssl_context)
+            unreached = unreached + 1 if moved is _Moved.UNREACHED else 0
+            if moved is not _Moved.ALL and notes:
+                notes_missing.add(series.study_instance_uid)
         if on_series is not None:
             on_series(tag)
     return report
@@ -215,8 +246,8 @@ def _move(
     calling_ae_title: str,
     move_destination: str,
     ssl_context: ssl.SSLContext | None,
-) -> bool:
-    """C-MOVE one series, counted in ``report``; whether all its instances were sent."""
+) -> _Moved:
+    """C-MOVE one series, counted in ``report``."""
     tag = uid_tag(series.series_instance_uid)
     try:
         outcome = qr.move_series(
@@ -232,20 +263,27 @@ def _move(
     except qr.QueryError as exc:
         logger.warning("backfill: series %s not moved: %s", tag, exc)
         report.failures.append(f"series {tag}: {exc}")
-        return False
-    report.instances_moved += outcome.completed + outcome.warning
+        if isinstance(exc, qr.MoveFailed):  # what it sent before it stopped did come
+            report.instances_moved += exc.outcome.sent
+            report.instances_with_warnings += exc.outcome.warning
+        return _Moved.UNREACHED if isinstance(exc, qr.AssociationFailed) else _Moved.NOT_ALL
+    report.instances_moved += outcome.sent
+    report.instances_with_warnings += outcome.warning
     if outcome.ok:
         report.series_moved += 1
-    else:
+    elif outcome.failed:
         report.failures.append(
             f"series {tag}: {outcome.failed} of its instances not sent "
             f"(status 0x{outcome.status:04X})"
         )
+    else:
+        report.failures.append(f"series {tag}: the PACS ended its move with 0x{outcome.status:04X}")
     logger.info(
-        "backfill: %s series %s moved (%d sent, %d failed)",
+        "backfill: %s series %s moved (%d sent, %d of them with a warning, %d failed)",
         "key object" if is_key_object_series(series) else "image",
         tag,
-        outcome.completed + outcome.warning,
+        outcome.sent,
+        outcome.warning,
         outcome.failed,
     )
-    return outcome.ok
+    return _Moved.ALL if outcome.ok else _Moved.NOT_ALL

@@ -1,0 +1,287 @@
+"""C-MOVE against a real pynetdicom Query/Retrieve SCP over loopback: an interrupted
+move, a PACS that goes away mid-run, and the final statuses that count what was sent.
+
+The PACS is pynetdicom's Move SCP, told per series what to do: send sub-operations to a
+pynetdicom Storage SCP standing for our listener, refuse, stop partway, or hold a move
+until the test lets it go on. Nothing waits on time: each step waits on an event.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import Any
+
+import pytest
+from pydicom import Dataset, FileMetaDataset
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    KeyObjectSelectionDocumentStorage,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
+from pynetdicom import AE, evt
+from pynetdicom.dimse_messages import C_CANCEL_RQ
+
+from dicom_io import qr
+from worker.backfill import MAX_SERIES_UNREACHED, BackfillPlan, run_backfill
+from worker.settings import Destination
+
+pytestmark = pytest.mark.integration
+
+OUR_AE = "BONEAGE"
+SOP_CLASSES = (SecondaryCaptureImageStorage, KeyObjectSelectionDocumentStorage)
+TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+#: The longest any step waits for another (a bound on a failure, never a delay).
+WAIT = 10.0
+
+MoveHandler = Callable[[evt.Event, int], Iterator[Any]]
+
+
+def instance(series_instance_uid: str, sop_class: str = SecondaryCaptureImageStorage) -> Dataset:
+    """A data set with identifiers only (no patient): enough for a C-STORE sub-operation."""
+    ds = Dataset()
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = series_instance_uid
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+class Listener:
+    """A pynetdicom Storage SCP standing for our listener, the move destination: it
+    answers 0xB000 (a warning) to the instances of ``warn_series``, 0x0000 to others."""
+
+    def __init__(self, warn_series: frozenset[str] = frozenset()) -> None:
+        self.warn_series = warn_series
+        ae = AE(ae_title=OUR_AE)
+        for sop_class in SOP_CLASSES:
+            ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+        server = ae.start_server(
+            ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+        )
+        assert server is not None
+        self._server = server
+
+    def _on_store(self, event: evt.Event) -> int:
+        return 0xB000 if event.dataset.SeriesInstanceUID in self.warn_series else 0x0000
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        self._server.shutdown()
+
+
+class MovePACS:
+    """A pynetdicom Query/Retrieve (Move) SCP: ``handlers`` says, by SeriesInstanceUID,
+    what it does with a C-MOVE (a pynetdicom EVT_C_MOVE handler, given the listener's
+    port); it records the series asked for and whether a C-CANCEL came."""
+
+    def __init__(self, listener: Listener, handlers: dict[str, MoveHandler]) -> None:
+        self.asked: list[str] = []
+        self.cancelled = threading.Event()
+        self._listener = listener
+        self._handlers = handlers
+        ae = AE(ae_title="PACS")
+        ae.add_supported_context(qr.StudyRootQueryRetrieveInformationModelMove)
+        for sop_class in SOP_CLASSES:
+            ae.add_requested_context(sop_class, TRANSFER_SYNTAXES)
+        server = ae.start_server(
+            ("127.0.0.1", 0),
+            block=False,
+            evt_handlers=[
+                (evt.EVT_C_MOVE, self._on_move),
+                (evt.EVT_DIMSE_RECV, self._on_message),
+            ],
+        )
+        assert server is not None
+        self._server = server
+        self._stopped = False
+
+    def _on_move(self, event: evt.Event) -> Iterator[Any]:
+        uid = str(event.identifier.SeriesInstanceUID)
+        self.asked.append(uid)
+        if str(event.move_destination).strip() != OUR_AE:
+            yield from refuse(event, self._listener.port)
+            return
+        yield from self._handlers[uid](event, self._listener.port)
+
+    def _on_message(self, event: evt.Event) -> None:
+        if isinstance(event.message, C_CANCEL_RQ):
+            self.cancelled.set()
+
+    @property
+    def destination(self) -> Destination:
+        return Destination.parse(f"PACS@127.0.0.1:{self._server.server_address[1]}")
+
+    def stop(self) -> None:
+        """Stop listening: from now on nothing answers on its port."""
+        if not self._stopped:
+            self._stopped = True
+            self._server.shutdown()
+
+
+def send(count: int, *, then: int | None = None) -> MoveHandler:
+    """Send ``count`` instances of the series asked for, then end with ``then`` (a
+    failure status) or let pynetdicom end it (0x0000, or 0xB000 after a warning)."""
+
+    def handler(event: evt.Event, port: int) -> Iterator[Any]:
+        uid = str(event.identifier.SeriesInstanceUID)
+        yield ("127.0.0.1", port)
+        yield count + (then is not None)
+        for _ in range(count):
+            yield (0xFF00, instance(uid))
+        if then is not None:
+            yield (then, None)
+
+    return handler
+
+
+def refuse(event: evt.Event, port: int) -> Iterator[Any]:
+    """An unknown move destination: pynetdicom answers 0xA801."""
+    yield (None, None)
+
+
+def series(study: str, number: int, modality: str = "DX") -> qr.SeriesMatch:
+    return qr.SeriesMatch(study, f"{study}.{number}", modality, "HAND", 1)
+
+
+@pytest.fixture
+def listener() -> Iterator[Listener]:
+    listener = Listener()
+    yield listener
+    listener.stop()
+
+
+def test_an_interrupted_move_is_cancelled_and_left_at_once(listener: Listener) -> None:
+    """Ctrl-C while the PACS is still sending: the PACS gets a C-CANCEL and move_series
+    returns (raising KeyboardInterrupt) while the PACS still holds the move; a release
+    would have waited for the PACS to finish or for the ACSE timeout."""
+    stalled = threading.Event()  # the PACS sent one instance and holds the rest
+    returned = threading.Event()  # move_series has returned
+    held: list[bool] = []  # whether the PACS still held the move when it returned
+    resumed = threading.Event()
+
+    def slow(event: evt.Event, port: int) -> Iterator[Any]:
+        uid = str(event.identifier.SeriesInstanceUID)
+        yield ("127.0.0.1", port)
+        yield 3
+        yield (0xFF00, instance(uid))
+        stalled.set()
+        held.append(returned.wait(WAIT))
+        resumed.set()
+        if event.is_cancelled:
+            yield (0xFE00, None)
+            return
+        yield (0xFF00, instance(uid))
+        yield (0xFF00, instance(uid))
+
+    pacs = MovePACS(listener, {"1.2.3.1": slow})
+
+    def ctrl_c(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    def press_ctrl_c() -> None:
+        if stalled.wait(WAIT):
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1)
+
+    previous = signal.signal(signal.SIGUSR1, ctrl_c)
+    presser = threading.Thread(target=press_ctrl_c)
+    presser.start()
+    try:
+        peer = pacs.destination
+        with pytest.raises(KeyboardInterrupt):
+            qr.move_series(
+                "1.2.3",
+                "1.2.3.1",
+                ae_title=peer.ae_title,
+                host=peer.host,
+                port=peer.port,
+                calling_ae_title=OUR_AE,
+                move_destination=OUR_AE,
+                timeout=3 * WAIT,
+            )
+        returned.set()
+    finally:
+        presser.join()
+        signal.signal(signal.SIGUSR1, previous)
+        returned.set()
+        pacs.stop()
+    assert resumed.wait(WAIT)
+    assert held == [True], "move_series waited for the PACS to finish the move"
+    assert pacs.cancelled.wait(WAIT), "the PACS got no C-CANCEL"
+
+
+def test_a_run_stops_once_the_pacs_is_gone(listener: Listener) -> None:
+    """The PACS refuses three series (it answered: the run goes on), moves the fourth,
+    then goes away: after MAX_SERIES_UNREACHED series with no association the run stops,
+    the two series left counted not tried."""
+    plan = BackfillPlan(studies=[], series=[series(f"1.2.{n}", 1) for n in range(1, 10)])
+    handlers: dict[str, MoveHandler] = {s.series_instance_uid: refuse for s in plan.series[:3]}
+    handlers[plan.series[3].series_instance_uid] = send(1)
+    pacs = MovePACS(listener, handlers)
+    steps: list[str] = []
+
+    def step(tag: str) -> None:
+        steps.append(tag)
+        if len(steps) == 4:
+            pacs.stop()
+
+    try:
+        report = run_backfill(
+            pacs.destination,
+            plan,
+            calling_ae_title=OUR_AE,
+            move_destination=OUR_AE,
+            on_series=step,
+        )
+    finally:
+        pacs.stop()
+    assert MAX_SERIES_UNREACHED == 3
+    assert len(steps) == 4 + MAX_SERIES_UNREACHED, "series tried after the PACS had gone"
+    assert pacs.asked == [s.series_instance_uid for s in plan.series[:4]]
+    assert (report.series_moved, report.instances_moved, report.series_not_tried) == (1, 1, 2)
+    assert len(report.failures) == 3 + MAX_SERIES_UNREACHED + 1
+    assert all("0xA801" in f for f in report.failures[:3])
+    assert "stopped" in report.failures[-1] and "2 series not tried" in report.failures[-1]
+
+
+def test_warnings_only_is_a_move_and_a_move_failed_partway_counts_what_came() -> None:
+    """A final 0xB000 with no failed sub-operation (warnings only) moved the series: the
+    study's notes came, so its hand series is moved too; a final 0xA702 after two
+    instances were sent counts those two."""
+    notes, hand, other = series("1.2.3", 1, "KO"), series("1.2.3", 2), series("1.2.4", 1)
+    listener = Listener(warn_series=frozenset({notes.series_instance_uid}))
+    pacs = MovePACS(
+        listener,
+        {
+            notes.series_instance_uid: send(1),
+            hand.series_instance_uid: send(1),
+            other.series_instance_uid: send(2, then=0xA702),
+        },
+    )
+    try:
+        report = run_backfill(
+            pacs.destination,
+            BackfillPlan(studies=[], series=[notes, hand, other]),
+            calling_ae_title=OUR_AE,
+            move_destination=OUR_AE,
+        )
+    finally:
+        pacs.stop()
+        listener.stop()
+    assert pacs.asked == [
+        notes.series_instance_uid,
+        hand.series_instance_uid,
+        other.series_instance_uid,
+    ]
+    assert report.series_moved == 2
+    assert report.instances_moved == 1 + 1 + 2
+    assert report.instances_with_warnings == 1
+    assert len(report.failures) == 1 and "0xA702 (2 sent, 1 failed)" in report.failures[0]

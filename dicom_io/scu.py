@@ -99,9 +99,10 @@ def open_association(
         ``(abstract syntax, transfer syntaxes or None for pynetdicom's defaults)`` to
         propose.
     timeout
-        Connection (TCP connect and TLS handshake), ACSE, network and DIMSE timeout in
-        seconds, and the longest a send or read on the connection may make no progress
-        (a peer that stops reading, or stops halfway through a PDU, breaks it).
+        ACSE, network and DIMSE timeout in seconds, and the longest a send or read on the
+        connection may make no progress (a peer that stops reading, or stops halfway
+        through a PDU, breaks it); the connection's (TCP connect and TLS handshake) too,
+        up to :data:`CONNECT_TIMEOUT`.
     error
         The exception raised, with the reason, when no association is made.
     """
@@ -118,6 +119,13 @@ def open_association(
         raise error(f"association with {ae_title}@{host}:{port} failed: {reason}")
     return assoc
 
+
+#: The longest a TCP connect and TLS handshake may take, in seconds, whatever the
+#: association's timeout: a C-MOVE's is 10 minutes (a PACS may take that long to send a
+#: series), and a host gone silently (its packets dropped, not refused) held each of
+#: backfill's series that long, three of them before the run stopped. A peer on a
+#: hospital network connects in well under a second.
+CONNECT_TIMEOUT = 30.0
 
 #: Keep-alive probes a silent connection gets before the kernel gives it up.
 _KEEPALIVE_PROBES = 3
@@ -181,7 +189,8 @@ def _associate(
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout
     # TCP connect and TLS handshake: pynetdicom leaves them unbounded, and a destination
     # that accepts the connection but never answers the handshake held a delivery for ever
-    ae.connection_timeout = timeout
+    connect_timeout = min(timeout, CONNECT_TIMEOUT)
+    ae.connection_timeout = connect_timeout
     for abstract, syntaxes in contexts:
         ae.add_requested_context(abstract, list(syntaxes) if syntaxes is not None else None)
     tls = (ssl_context, host) if ssl_context is not None else None
@@ -197,7 +206,10 @@ def _associate(
         return assoc, None
     if "connected" not in seen:
         handshake = "TCP or TLS handshake" if ssl_context is not None else "TCP connection"
-        return assoc, f"no connection (refused, unreachable, or no {handshake} in {timeout:g} s)"
+        return (
+            assoc,
+            f"no connection (refused, unreachable, or no {handshake} in {connect_timeout:g} s)",
+        )
     if assoc.is_rejected:
         return assoc, "rejected"
     if "accepted" in seen and not assoc.accepted_contexts:

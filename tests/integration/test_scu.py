@@ -22,6 +22,7 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
+from dicom_io import scu
 from dicom_io.scp import VERIFICATION_SOP_CLASS
 from dicom_io.scu import (
     NotAccepted,
@@ -351,3 +352,30 @@ def test_every_object_with_an_accepted_context_is_sent_and_the_refused_one_named
     assert str(raised.value).endswith(
         f"({paths[0].name}: not sent, {paths[1].name}: status 0x0000)"
     )
+
+
+def test_a_host_that_drops_the_connection_attempt_fails_within_the_connect_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A listen backlog already full: the kernel drops the next SYN, as a host gone
+    # silently (or a firewall dropping packets) does. A C-MOVE's association has a
+    # 10-minute timeout, and its connect took all of it (backfill: 3 series of it).
+    monkeypatch.setattr(scu, "CONNECT_TIMEOUT", 1.0)
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        port = full.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):  # the one the backlog holds
+            started = time.monotonic()
+            with pytest.raises(SendError) as raised:
+                open_association(
+                    "PACS",
+                    "127.0.0.1",
+                    port,
+                    calling_ae_title="BONEAGE",
+                    contexts=[(VERIFICATION_SOP_CLASS, None)],
+                    timeout=600,
+                )
+            elapsed = time.monotonic() - started
+    assert "no connection" in str(raised.value) and "TCP connection in 1 s" in str(raised.value)
+    assert elapsed < 30

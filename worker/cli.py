@@ -1069,12 +1069,15 @@ def reprocess(
     """Assess chosen studies again, with the configured (new) model.
 
     Instances this model already assessed are skipped; new results are only sent
-    with --send.
+    with --send, which also sends, assessing them again, those this model's reprocess
+    without --send kept unsent.
     """
     from worker.celery_app import configure
     from worker.messaging import enqueue_assess
     from worker.reprocess import (
         files_removed,
+        kept_unsent,
+        matched_nothing,
         models_of_live_workers,
         not_finished,
         prepare_reprocess,
@@ -1095,6 +1098,16 @@ def reprocess(
         chosen = select_instances(rt, study_uids=study_uids, instance_ids=instance_ids)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
+    # a UID mistyped, an id of another node: said, not taken for nothing left to do
+    no_study, no_instance = matched_nothing(rt, study_uids=study_uids, instance_ids=instance_ids)
+    unknown = "; ".join(
+        [
+            *([f"no image received here is in study {', '.join(no_study)}"] if no_study else []),
+            *([f"no instance has id {', '.join(map(str, no_instance))}"] if no_instance else []),
+        ]
+    )
+    if not chosen:
+        raise click.ClickException(f"nothing to reprocess: {unknown}")
     # The workers assess with the model they run, whatever this command loaded.
     if (problem := workers_problem(rt)) is not None:
         raise click.ClickException(problem)
@@ -1106,6 +1119,7 @@ def reprocess(
     waiting = not_finished(rt, chosen)  # before: what it queues is not finished after
     rejected = rejected_by_the_pacs(rt, chosen)
     clashes = uid_clashes(rt, chosen)
+    unsent = set(kept_unsent(rt, chosen))  # before: a reprocess asked to send removes them
     todo = prepare_reprocess(rt, chosen, send=send)
     unpublished: list[int] = []
     failure: Exception | None = None
@@ -1116,15 +1130,39 @@ def reprocess(
         except Exception as exc:  # broker down or refusing: none is tried after it
             unpublished, failure = todo[index:], exc
             break
-    gone = files_removed(rt, chosen)
-    fate = "results will be sent" if send else "results kept, not sent"
+    gone = files_removed(rt, chosen, send=send)
+    fate = (
+        "results will be sent"
+        if send
+        else "results kept, not sent: reprocess again with --send to send them"
+    )
     # each instance counted once: one retention cleaned up may be a clash or rejected too
     already = set(chosen) - set(todo) - {*gone, *waiting, *rejected, *clashes}
+    if unknown:
+        console.print(f"[yellow]Matched nothing: {unknown}.[/]")
     console.print(
         f"{len(chosen)} instances chosen; {len(todo)} queued for model "
         f"{rt.predictor.model_id[:12]} ({fate}); {len(already)} already assessed by it; "
         f"{len(waiting)} not finished yet (left as they are)"
     )
+    if resent := sorted(unsent & set(todo)):
+        console.print(
+            f"{len(resent)} of those queued were assessed by this model before with their "
+            "results kept, not sent (reprocess without --send): they are assessed again, "
+            f"and sent this time. Instance ids: {', '.join(map(str, resent))}"
+        )
+    if kept := sorted(unsent & already):
+        # with --send, where nothing is configured to send them to
+        how = (
+            "configure BONEAGE_DESTINATIONS, then run reprocess again with --send"
+            if send and not settings.destinations
+            else "run reprocess again with --send to assess them again and send them"
+        )
+        console.print(
+            f"[yellow]{len(kept)} of those already assessed by it have their results kept, "
+            "not sent (a reprocess without --send, or no destination configured then): "
+            f"{how}. Instance ids: {', '.join(map(str, kept))}[/]"
+        )
     if send and (beside := sent_by_other_models(rt, todo)):
         console.print(
             f"[yellow]{len(beside)} instance(s) have a bone age of another model at the "

@@ -1,12 +1,15 @@
 """Re-assessing chosen instances, typically with a new model.
 
-A result is unique per (instance, model), so re-running the model that already
-assessed an instance changes nothing; a new model adds a second result beside the
-first. Its SR and SC are new objects (their UIDs derive from the model id), in series
-of their own: they are sent only when asked, so a model change does not silently flood
-the PACS, and sent, they join the first model's, which stand (the command says so).
-The choice to send is kept on the instance (``send_outputs``), so that a message the
-reconciler queues again sends what the command asked, and no more.
+A result is unique per (instance, model, assessment), so re-running the model that
+already assessed an instance's current assessment changes nothing; a new model adds a
+second result beside the first. Its SR and SC are new objects (their UIDs derive from
+the model id), in series of their own: they are sent only when asked, so a model change
+does not silently flood the PACS, and sent, they join the first model's, which stand
+(the command says so). The choice to send is kept on the instance (``send_outputs``),
+so that a message the reconciler queues again sends what the command asked, and no
+more. A result kept unsent (a reprocess not asked to send) is sent by a reprocess asked
+to: the instance is assessed again, as the first would have been with ``--send``
+(:func:`prepare_reprocess`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import ColumnElement, delete, or_, select, update
+from sqlalchemy.orm import aliased
 
 from db.engine import session_scope
 from db.queries import UID_CLASH, database_now
@@ -60,6 +64,78 @@ def select_instances(
         return list(session.scalars(query.order_by(Instance.id)))
 
 
+def matched_nothing(
+    rt: Runtime, *, study_uids: Sequence[str] = (), instance_ids: Sequence[int] = ()
+) -> tuple[list[str], list[int]]:
+    """The given study UIDs and instance ids that :func:`select_instances` finds no
+    instance by (a UID mistyped, an id of another node): ``(study_uids, instance_ids)``,
+    in the order given."""
+    with session_scope(rt.database_url) as session:
+        studies = set(
+            session.scalars(
+                select(Instance.study_instance_uid).where(
+                    Instance.study_instance_uid.in_(study_uids)
+                )
+            )
+        ) | set(
+            session.scalars(
+                select(Delivery.study_instance_uid).where(
+                    Delivery.study_instance_uid.in_(study_uids)
+                )
+            )
+        )
+        ids = set(session.scalars(select(Instance.id).where(Instance.id.in_(instance_ids))))
+    return (
+        [uid for uid in dict.fromkeys(study_uids) if uid not in studies],
+        [i for i in dict.fromkeys(instance_ids) if i not in ids],
+    )
+
+
+def _of_this_assessment(model_id: str) -> ColumnElement[bool]:
+    """A result of ``model_id`` of its instance's current assessment (``Instance.assessment``):
+    one of an earlier assessment (a copy received again opened another since) is not the
+    assessment the instance stands at, and does not make it assessed by the model."""
+    stands = aliased(Instance)  # its own FROM, whatever query this goes into
+    return (Result.model_id == model_id) & (
+        Result.assessment
+        == select(stands.assessment)
+        .where(stands.id == Result.instance_id)
+        .correlate_except(stands)
+        .scalar_subquery()
+    )
+
+
+def _never_sent() -> ColumnElement[bool]:
+    """A result none of whose objects a delivery was made for: kept unsent by a
+    reprocess not asked to send, or made with no destination configured."""
+    return ~select(Delivery.id).where(Delivery.result_id == Result.id).exists()
+
+
+def _sends(rt: Runtime, send: bool) -> bool:
+    """Whether a reprocess asked to ``send`` sends anything (a destination configured):
+    only then is a result kept unsent worth assessing again to send it."""
+    return send and bool(rt.settings.destinations)
+
+
+def kept_unsent(rt: Runtime, instance_ids: Sequence[int]) -> list[int]:
+    """Ids among ``instance_ids`` whose current assessment the current model assessed
+    with nothing sent (:func:`_never_sent`): a reprocess asked to send assesses them
+    again, sent (:func:`prepare_reprocess`)."""
+    with session_scope(rt.database_url) as session:
+        return list(
+            session.scalars(
+                select(Result.instance_id)
+                .where(
+                    Result.instance_id.in_(instance_ids),
+                    _of_this_assessment(rt.predictor.model_id),
+                    _never_sent(),
+                )
+                .distinct()
+                .order_by(Result.instance_id)
+            )
+        )
+
+
 #: An instance whose last copy was another image under its SOP Instance UID, refused
 #: (worker.pipeline): the spool holds that image now, not the one its results are of.
 _UID_CLASH = Instance.reason.contains(UID_CLASH, autoescape=True)
@@ -71,24 +147,28 @@ def prepare_reprocess(rt: Runtime, instance_ids: Sequence[int], *, send: bool = 
     their outputs to be sent to the destinations or not (``send``, kept on the row:
     the reconciler queues an instance again with no word of it).
 
-    Returns the ids to enqueue. Instances that already have a result from this model
-    are left alone, and so are those whose received file retention removed
-    (:func:`files_removed`): there is nothing left to assess. So are those not finished
-    yet (received, queued, or being assessed now): their message is on its way, and an
-    attempt under way keeps its claim.
+    Returns the ids to enqueue. Instances that already have a result from this model,
+    of the assessment they stand at (a corrected copy received since opens another,
+    which this model has not assessed), are left alone, unless ``send`` asks to send
+    what a reprocess not asked to send kept unsent (:func:`kept_unsent`): that result is
+    removed, never having gone anywhere, and the instance assessed again, sent, as a
+    reprocess asked to send would have assessed it (its objects' UIDs are the same; what
+    they replace and withdraw at the PACS is found as of now). Left alone too are those
+    whose received file retention removed (:func:`files_removed`): there is nothing left
+    to assess. So are those not finished yet (received, queued, or being assessed now):
+    their message is on its way, and an attempt under way keeps its claim.
     """
     model_id = rt.predictor.model_id
     with session_scope(rt.database_url) as session:
         # the database's clock, not this host's: the reconciler and the claims compare
         # queued_at with times the database dated (worker.messaging.mark_queued)
         stamp = database_now(session)
-        done = set(
-            session.scalars(
-                select(Result.instance_id).where(
-                    Result.model_id == model_id, Result.instance_id.in_(instance_ids)
-                )
-            )
+        assessed = select(Result.instance_id).where(
+            Result.instance_id.in_(instance_ids), _of_this_assessment(model_id)
         )
+        done = set(session.scalars(assessed))
+        unsent = set(session.scalars(assessed.where(_never_sent()))) if _sends(rt, send) else set()
+        done -= unsent
         todo = [i for i in instance_ids if i not in done]
         if todo:
             # Conditional on the file still being there: retention marks an instance
@@ -130,10 +210,25 @@ def prepare_reprocess(rt: Runtime, instance_ids: Sequence[int], *, send: bool = 
                 )
             )
             todo = [i for i in todo if i in queued]
+            # A result kept unsent makes way for the one its assessment again sends (one
+            # per instance, model and assessment), in the transaction that queued it: a
+            # worker claims it once this commits. Never one a delivery was made for since.
+            if again := [i for i in todo if i in unsent]:
+                session.execute(
+                    delete(Result)
+                    .where(
+                        Result.instance_id.in_(again),
+                        _of_this_assessment(model_id),
+                        _never_sent(),
+                    )
+                    .execution_options(synchronize_session=False)
+                )
     logger.info(
-        "reprocess with model %s: %d to assess, %d already assessed by it",
+        "reprocess with model %s: %d to assess (%d of them assessed by it, kept unsent, "
+        "to be sent), %d already assessed by it",
         model_id[:12],
         len(todo),
+        len([i for i in todo if i in unsent]),
         len(done),
     )
     return todo
@@ -160,12 +255,18 @@ def sent_by_other_models(rt: Runtime, instance_ids: Sequence[int]) -> list[int]:
         )
 
 
-def files_removed(rt: Runtime, instance_ids: Sequence[int]) -> list[int]:
-    """Ids among ``instance_ids`` the current model has not assessed and never can:
-    retention removed their received images."""
+def files_removed(rt: Runtime, instance_ids: Sequence[int], *, send: bool = False) -> list[int]:
+    """Ids among ``instance_ids`` the current model has not assessed (in the assessment
+    they stand at) and never can: retention removed their received images. With
+    ``send``, those too whose result of this model was kept unsent (:func:`kept_unsent`),
+    which :func:`prepare_reprocess` would assess again to send it."""
     assessed = (
         select(Result.id)
-        .where(Result.instance_id == Instance.id, Result.model_id == rt.predictor.model_id)
+        .where(
+            Result.instance_id == Instance.id,
+            _of_this_assessment(rt.predictor.model_id),
+            *([~_never_sent()] if _sends(rt, send) else []),
+        )
         .exists()
     )
     with session_scope(rt.database_url) as session:

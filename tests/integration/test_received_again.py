@@ -1110,3 +1110,110 @@ def test_a_copy_whose_assessment_failed_is_not_taken_up_again_when_sent_once_mor
     with session_scope(runtime.database_url) as session:
         instance = session.get_one(Instance, instance_id)
         assert (instance.state, instance.assessment) == (InstanceState.ERROR, 2)
+
+
+def _failed_after_a_corrected_copy(
+    runtime: Runtime, model: Runtime, instance_id: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The PACS sends the image again with other pixels, which opens assessment 2, and
+    each of its attempts by ``model`` fails: the instance ends in `error`."""
+    flipped = np.ascontiguousarray(stored_pixels(runtime, instance_id)[:, ::-1]).tobytes()
+    received_again(runtime, instance_id, PixelData=flipped)
+
+    def fault(*_: Any, **__: Any) -> Any:
+        raise RuntimeError("the model failed")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Runtime, "predict", fault)
+        for _ in range(pipeline.MAX_ATTEMPTS):
+            with pytest.raises(RuntimeError):
+                assess_instance(model, instance_id)
+            attempt_began_before(runtime, instance_id, FAULT_PAUSE.total_seconds() + 1)
+    with session_scope(runtime.database_url) as session:
+        instance = session.get_one(Instance, instance_id)
+        assert (instance.state, instance.assessment) == (InstanceState.ERROR, 2)
+        assert instance.received_again_at is None  # compared: nothing waits
+
+
+def _results_by_model(rt: Runtime, instance_id: int) -> list[tuple[int, str]]:
+    """(assessment, model id) of each result of the instance, in order."""
+    with session_scope(rt.database_url) as session:
+        rows = session.scalars(
+            select(Result).where(Result.instance_id == instance_id).order_by(Result.id)
+        )
+        return [(r.assessment, r.model_id) for r in rows]
+
+
+def test_an_assessment_again_that_ended_in_error_is_reprocessed_by_the_model_of_the_first(
+    runtime: Runtime, storescp: StoreSCP, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Assessed and sent; a copy with other pixels opened assessment 2, whose three
+    attempts failed. `reprocess --instance ID --send`, the remedy `status` gives for an
+    image in error, assesses it again and sends a report that replaces the first. It
+    used to take the first assessment's result of the same model for this one's and queue
+    nothing: the PACS kept the report on pixels it no longer holds."""
+    from worker.reprocess import files_removed, kept_unsent, prepare_reprocess
+
+    instance_id = spool_instance(runtime)
+    first = assess_instance(runtime, instance_id)
+    first_sr = report_of(deliver(runtime, storescp, first.delivery_ids))
+    _failed_after_a_corrected_copy(runtime, runtime, instance_id, monkeypatch)
+
+    assert kept_unsent(runtime, [instance_id]) == []  # the first result went
+    assert prepare_reprocess(runtime, [instance_id], send=True) == [instance_id]
+    assert files_removed(runtime, [instance_id], send=True) == []
+    again = assess_instance(runtime, instance_id)
+    assert again.state == "assessed" and len(again.delivery_ids) == 2
+    second_sr = report_of(deliver(runtime, storescp, again.delivery_ids))
+    assert replaced(second_sr) == [where(first_sr)]
+    model = runtime.predictor.model_id
+    assert _results_by_model(runtime, instance_id) == [(1, model), (2, model)]
+    # done now: the same command again queues nothing
+    assert prepare_reprocess(runtime, [instance_id], send=True) == []
+
+
+def test_rolling_back_to_the_first_model_assesses_what_the_next_assessed_again(
+    runtime: Runtime, storescp: StoreSCP, tmp_path: Path
+) -> None:
+    """Model A assessed the image; the workers then ran model B (a reprocess sent its
+    result too), and B assessed a corrected copy. Rolled back to A, `reprocess --send`
+    assesses that copy with A: A's result stands for the image as it was, not as it is.
+    It used to be skipped as already assessed by A."""
+    from worker.reprocess import prepare_reprocess
+
+    instance_id = spool_instance(runtime, sex="F")
+    deliver(runtime, storescp, assess_instance(runtime, instance_id).delivery_ids)
+    model_b = another_model(runtime, tmp_path, 23)
+    assert prepare_reprocess(model_b, [instance_id], send=True) == [instance_id]
+    deliver(model_b, storescp, assess_instance(model_b, instance_id).delivery_ids)
+    received_again(runtime, instance_id, PatientSex="M")
+    corrected = assess_instance(model_b, instance_id)
+    assert corrected.state == "assessed"
+    deliver(model_b, storescp, corrected.delivery_ids)
+
+    assert prepare_reprocess(runtime, [instance_id], send=True) == [instance_id]
+    back = assess_instance(runtime, instance_id)
+    assert back.state == "assessed" and len(back.delivery_ids) == 2
+    sr = report_of(deliver(runtime, storescp, back.delivery_ids))
+    assert sr.PatientSex == "M"
+    a, b = runtime.predictor.model_id, model_b.predictor.model_id
+    assert _results_by_model(runtime, instance_id) == [(1, a), (1, b), (2, b), (2, a)]
+
+
+def test_an_assessment_again_in_error_whose_image_retention_removed_is_said_to_be_so(
+    runtime: Runtime, storescp: StoreSCP, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, and retention then removed the received image: `reprocess` cannot
+    assess it, and names it among those whose images are gone (send it again from the
+    PACS), not among those its model assessed already, which the first result used to
+    make it."""
+    from worker.reprocess import files_removed, prepare_reprocess
+
+    instance_id = spool_instance(runtime)
+    deliver(runtime, storescp, assess_instance(runtime, instance_id).delivery_ids)
+    _failed_after_a_corrected_copy(runtime, runtime, instance_id, monkeypatch)
+    with session_scope(runtime.database_url) as session:
+        session.get_one(Instance, instance_id).files_removed_at = now()
+
+    assert prepare_reprocess(runtime, [instance_id], send=True) == []
+    assert files_removed(runtime, [instance_id]) == [instance_id]

@@ -230,6 +230,19 @@ _READ_ON_FRONTAL = "not frontal; bone age is read on a PA or AP view"
 _READ_ON_THE_HAND = "not a whole hand (bone age is read on the hand and wrist)"
 #: How a refusal for both hands ends.
 _READ_ON_ONE_HAND = "bone age is read on one hand"
+#: A code string (CS) value as PS3.5 6.2 allows it: upper case letters, digits, space
+#: and underscore, 16 at most.
+_CS_VALUE = re.compile(r"[A-Z0-9 _]{0,16}")
+
+
+def _quotable(text: str) -> bool:
+    """Whether a reason may quote ``text``, a code string's values joined by a backslash:
+    a few, each a CS value as PS3.5 allows one. A reason reaches the database, `status`,
+    the log and the not-assessed SR sent to the PACS; other text may be whatever was
+    typed into the field, a patient's name among it, and is said without its value."""
+    return len(text) <= 64 and all(_CS_VALUE.fullmatch(v) for v in text.split("\\"))
+
+
 #: Descriptions of the image or its series, which name its view where a modality writes
 #: no View Position; the study's and the request's name every view of the exam.
 _VIEW_DESCRIPTIONS = ("SeriesDescription", "AcquisitionDeviceProcessingDescription")
@@ -539,7 +552,8 @@ def _not_frontal(ds: Dataset) -> str | None:
     position = _text(ds.get("ViewPosition")).upper()[:16]  # a CS's length, at most
     said = _view_named(position, position=True)
     if said in ("lateral", "oblique"):
-        return f"view is {said} (ViewPosition {position}), {_READ_ON_FRONTAL}"
+        by = f"ViewPosition {position}" if _quotable(position) else "by its ViewPosition"
+        return f"view is {said} ({by}), {_READ_ON_FRONTAL}"
     code = _first_code(ds, "ViewCodeSequence")
     if code is not None:
         scheme, value, meaning = code
@@ -577,8 +591,9 @@ def _both_hands(ds: Dataset, body_part: BodyPart, shown: str) -> str | None:
     if image not in ("L", "R") and series == "B":
         return f"body part is both hands (Laterality B); {_READ_ON_ONE_HAND}"
     if body_part is BodyPart.HANDS and image not in ("L", "R") and series not in ("L", "R"):
+        named = f"is {shown}" if _quotable(shown) else "names both hands"
         return (
-            f"body part examined is {shown}, with no laterality L or R: taken as both "
+            f"body part examined {named}, with no laterality L or R: taken as both "
             f"hands; {_READ_ON_ONE_HAND}"
         )
     return None
@@ -616,8 +631,9 @@ def _not_a_radiograph(ds: Dataset, name: str) -> str | None:
         if modality in SECONDARY_CAPTURE_MODALITIES:
             return None
         named = f" ({MODALITY_NAMES[modality]})" if modality in MODALITY_NAMES else ""
+        shown = f"modality {modality}" if _quotable(modality) else "another modality"
         return (
-            f"SOP class {name}, conversion type {conversion}, modality {modality}{named}, "
+            f"SOP class {name}, conversion type {conversion}, {shown}{named}, "
             "is not a radiograph's capture (its modality would be CR, DX, RG, OT or empty)"
         )
     if conversion in OTHER_CONVERSIONS:
@@ -652,15 +668,20 @@ def _not_one_hand(ds: Dataset) -> str | None:
     """
     body_part, shown = body_part_examined(ds.get("BodyPartExamined"))
     region = _first_code(ds, "AnatomicRegionSequence")
-    unstated = [f"BodyPartExamined is {shown}" if shown.strip("\\") else "no BodyPartExamined"]
+    quoted = _quotable(shown)
+    if not shown.strip("\\"):
+        unstated = ["no BodyPartExamined"]
+    else:
+        unstated = [f"BodyPartExamined is {shown}" if quoted else "BodyPartExamined names no part"]
     if region is not None and region[:2] in GENERIC_REGIONS:
         # the upper limb: the descriptions say whether it is the hand
         unstated.append(f"Anatomic Region Sequence is {region[2]} ({region[0]} {region[1]})")
         region = None
     if body_part is BodyPart.OTHER:
-        return f"body part examined is {shown}, not a hand"
+        return f"body part examined is {shown}, not a hand" if quoted else "body part is not a hand"
     if body_part is BodyPart.FINGER:
-        return f"body part examined is {shown}, {_READ_ON_THE_HAND}"
+        named = shown if quoted else "a finger or thumb"
+        return f"body part examined is {named}, {_READ_ON_THE_HAND}"
     if body_part is BodyPart.NOT_STATED and region is not None:
         # DX must code it (Type 1, PS3.3 C.8.11.5), where Body Part Examined is Type 3;
         # it outranks the free text of the descriptions.
@@ -776,8 +797,9 @@ def check(
         return no(not_square)
 
     if facts.male is None and require_sex:
-        sex = _text(ds.get("PatientSex")) or "empty"
-        return no(f"patient sex is {sex}; the model needs M or F")
+        sex = _text(ds.get("PatientSex"))
+        said = "empty" if not sex else sex if _quotable(sex) else "neither M nor F"
+        return no(f"patient sex is {said}; the model needs M or F")
 
     if facts.birth_date and facts.reference_date and facts.birth_date > facts.reference_date:
         # one of the two dates is wrong, and nothing says which: no age to compare with

@@ -833,7 +833,9 @@ class _WakeableDUL(_StreamingDUL):
 
     def _abort_after(self, exc: BaseException | None) -> None:
         _PYNETDICOM_DUL_LOG.error("Exception in DUL.run(), aborting association")
-        _PYNETDICOM_DUL_LOG.error("%s", exc, exc_info=exc)
+        # its type, not its message (a library's, which may quote a data set's values);
+        # the traceback as every exception's is written (worker.logs)
+        _PYNETDICOM_DUL_LOG.error("%s", type(exc).__name__, exc_info=exc)
         abort = A_ABORT_RQ()
         abort.source = 0x02
         abort.reason_diagnostic = 0x00

@@ -335,7 +335,7 @@ def stored_syntax(path: Path) -> tuple[str, str]:
     """
     try:
         meta = read_file_meta_info(path)
-    except (InvalidDicomError, EOFError, ValueError, KeyError) as exc:
+    except (InvalidDicomError, EOFError, ValueError, KeyError, NotImplementedError) as exc:
         raise NotSendable(f"{path.name} is no DICOM Part 10 file ({exc})") from None
     missing = [name for keyword, name in _NEEDED_META.items() if not meta.get(keyword)]
     if missing:

@@ -69,6 +69,7 @@ from dicom_io.scu import (
     stored,
     stored_syntax,
 )
+from worker.logs import exception_summary
 from worker.runtime import Runtime
 from worker.settings import Destination, Settings
 from worker.tls import client_context
@@ -214,8 +215,10 @@ def send_deliveries(
             # A fault of ours (or of a library) must still cost the claimed rows an
             # attempt: raised, it would leave them pending under the claim, sent again
             # by the reconciler and failing again for ever, never counted nor `failed`.
-            error = f"internal error while sending: {type(exc).__name__}: {exc}"
-            # the row keeps the message for `status`; the log, the type and traceback
+            # The type alone, in the row (which `status` prints) as in the log: the
+            # message may be a library's quoting the data set (pydicom's "Unknown Value
+            # Representation 'JA' in tag (4F44,5E45)" is a patient's name read as a tag).
+            error = f"internal error while sending: {exception_summary(exc)}"
             logger.exception(
                 "deliveries to %s: internal error while sending (%s)",
                 destination_text,
@@ -503,7 +506,7 @@ def _send_to(
     except (SendError, OSError, RuntimeError) as exc:
         answered = exc.answered if isinstance(exc, SendError) else ()
         unanswered = isinstance(exc, SendError) and exc.unanswered
-        broken = str(exc)
+        broken = _why_not_sent(exc, destination)
 
     delivered: list[int] = []
     for index, (row, _) in enumerate(sendable):
@@ -584,13 +587,20 @@ def check_outbox(path: Path, sha256: str | None) -> Dataset | Path:
     try:
         stored_syntax(path)
     except NotSendable as exc:  # written so by us: a fault of ours, but retrying cannot help
-        raise _DamagedObject(str(exc)) from None
+        # our own words, or pydicom's reason the file meta does not parse by its type
+        why = exc.__context__
+        raise _DamagedObject(
+            str(exc) if why is None else f"it is no DICOM Part 10 file ({type(why).__name__})"
+        ) from None
     return path
 
 
-#: What pydicom raises, reading a file, on contents it cannot make sense of.
+#: What pydicom raises, reading a file, on contents it cannot make sense of:
+#: NotImplementedError for an unknown Value Representation (a damaged byte; reading
+#: decodes no pixel data, which raises it for a transfer syntax it cannot decode).
 _UNREADABLE = (
     InvalidDicomError,
+    NotImplementedError,
     BytesLengthException,
     AttributeError,
     ValueError,
@@ -626,8 +636,22 @@ def _read_outbox(path: Path) -> Dataset:
         for _ in ds.iterall():  # parses every element now
             pass
     except _UNREADABLE as exc:
-        raise _DamagedObject(f"{type(exc).__name__}: {exc}") from None
+        # pydicom's message quotes the bytes it read: a damaged file's may be a
+        # patient's name read as a tag and a VR, so the type alone
+        raise _DamagedObject(f"it does not parse ({type(exc).__name__})") from None
     return ds
+
+
+def _why_not_sent(exc: Exception, destination: Destination) -> str:
+    """What a send that failed records and logs: `SendError`'s own words, and the
+    machine's (an `OSError`); where a library's exception is in it (pynetdicom's or
+    pydicom's, encoding the data set: it may quote the values), that by its type."""
+    if isinstance(exc, SendError):
+        cause = exc.__cause__
+        if cause is None:
+            return str(exc)
+        return f"{destination} cannot take the object ({exception_summary(cause)})"
+    return exception_summary(exc)
 
 
 def _record_failure(

@@ -20,7 +20,13 @@ import warnings
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-__all__ = ["JsonFormatter", "TextFormatter", "exception_text", "setup_logging"]
+__all__ = [
+    "JsonFormatter",
+    "TextFormatter",
+    "exception_summary",
+    "exception_text",
+    "setup_logging",
+]
 
 LogFormat = Literal["text", "json"]
 
@@ -56,6 +62,14 @@ def _exception_only(exc: BaseException) -> str:
         else f"{kind.__module__}.{kind.__qualname__}"
     )
     return f"{name}: {exc}" if _keeps_its_message(exc) else f"{name}: {WITHHELD}"
+
+
+def exception_summary(exc: BaseException) -> str:
+    """``exc`` in a few words that may go where an administrator reads them (a log line,
+    a delivery's ``last_error``, which `status` prints): its type, and its message only
+    where :func:`_keeps_its_message`; another's may quote a data set's values."""
+    name = type(exc).__name__
+    return f"{name}: {exc}" if _keeps_its_message(exc) else name
 
 
 def exception_text(exc: BaseException) -> str:
@@ -116,6 +130,42 @@ class _CeleryTaskErrors(logging.Filter):
         if isinstance(data, dict):
             record.data = {**data, "exc": _exception_only(exc), "traceback": exception_text(exc)}
         return True
+
+
+class _ExceptionMessagesWithheld(logging.Filter):
+    """A record whose message is an exception, or that formats one into it: pynetdicom
+    logs what it catches as ``LOGGER.exception(exc)`` (encoding a data set, decoding a
+    C-FIND identifier, a failing event handler), pydicom as ``logger.error(exc)``, each
+    message a library's, which may quote a data set's values (``Invalid value for VR
+    PN: 'DOE^JANE'``). Each such exception is written as :func:`_exception_only` does:
+    its type, its message withheld unless it is about the machine.
+
+    Our own records keep the exceptions they format: each call says what it logs, and
+    ours word theirs (a backfill's refused series, say) for the administrator.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, BaseException):
+            record.msg = _exception_only(record.msg)
+            record.args = ()
+        elif record.name.split(".", 1)[0] in _OUR_PACKAGES:
+            pass
+        elif isinstance(record.args, tuple):
+            record.args = tuple(map(_shown, record.args))
+        elif isinstance(record.args, dict):
+            record.args = {key: _shown(arg) for key, arg in record.args.items()}
+        return True
+
+
+#: The packages whose records format exceptions of their own choosing.
+_OUR_PACKAGES = frozenset({"worker", "dicom_io", "db", "models"})
+
+
+def _shown(arg: object) -> object:
+    """An argument of a log record, an exception among them as :func:`_exception_only`."""
+    if isinstance(arg, BaseException) and not _keeps_its_message(arg):
+        return _exception_only(arg)
+    return arg
 
 
 #: Libraries whose records quote the values of data sets.
@@ -198,6 +248,7 @@ def setup_logging(level: str, fmt: LogFormat | str = "text", *, role: str | None
     else:
         handler.setFormatter(TextFormatter(_TEXT_FORMAT))
     handler.addFilter(_CeleryTaskErrors())
+    handler.addFilter(_ExceptionMessagesWithheld())
     handler.addFilter(_DatasetLibrariesQuiet())
     logging.basicConfig(level=level, handlers=[handler], force=True)
     # Python's warnings would otherwise be bare lines on stderr, breaking JSON lines.

@@ -7,6 +7,7 @@ object at once is a conditional UPDATE … RETURNING on either.
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 from collections.abc import Sequence
 from datetime import timedelta
@@ -25,6 +26,7 @@ from sqlalchemy import select
 
 from db.engine import session_scope, upgrade
 from db.schema import Delivery, DeliveryState, ObjectKind, utcnow
+from dicom_io.scu import SendError
 from tests.conftest import StoreSCP
 from tests.dicomtools import dciodvfy_errors
 from tests.integration.test_pipeline import spool_instance
@@ -34,7 +36,7 @@ from worker.delivery import claim_seconds, send_deliveries
 from worker.pipeline import assess_instance
 from worker.reconciler import reconcile
 from worker.runtime import Runtime
-from worker.settings import load_settings
+from worker.settings import Destination, load_settings
 
 pytestmark = pytest.mark.integration
 
@@ -361,12 +363,83 @@ def test_rows_without_a_checksum_are_read_back_in_full(
     assert dcmread(stored).Modality == "OT"
 
 
+def test_a_damaged_file_without_a_checksum_fails_at_once_quoting_none_of_its_bytes(
+    tmp_path: Path,
+    tiny_checkpoint: Path,
+    database_url: str,
+    storescp: StoreSCP,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A row from before revision 0003 (no SHA-256) whose SR lost the length of the
+    # Patient's Name: pydicom reads the name as the next element, a tag (4F44,5E45) of
+    # VR 'JA', and says so in its NotImplementedError. Found in review: taken for an
+    # internal error it was retried, its message (the patient's name spelled in hex and
+    # in the VR) in the log and in the row `status` prints.
+    rt = make_runtime(tmp_path, tiny_checkpoint, database_url, storescp)
+    outcome = assess_instance(rt, spool_instance(rt, attributes={"PatientName": "DOE^JANE"}))
+    with session_scope(rt.database_url) as session:
+        for d in session.scalars(select(Delivery)):
+            d.sha256 = None
+    sr = rows(rt)[ObjectKind.SR]
+    raw = Path(sr.path).read_bytes()
+    name = raw.index(b"\x10\x00\x10\x00PN\x08\x00DOE^JANE")  # explicit VR little endian
+    Path(sr.path).write_bytes(raw[: name + 6] + b"\x00\x00" + raw[name + 8 :])
+
+    with caplog.at_level(logging.INFO, logger="worker"):
+        sent = send_deliveries(rt, outcome.delivery_ids)
+
+    assert sent[sr.id].state == "failed"
+    assert (
+        sent[sr.id].error == "the outbox file is damaged: it does not parse (NotImplementedError)"
+    )
+    by_kind = rows(rt)
+    assert by_kind[ObjectKind.SR].state is DeliveryState.FAILED
+    assert by_kind[ObjectKind.SR].attempts == 1
+    assert by_kind[ObjectKind.SC].state is DeliveryState.DELIVERED
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    for text in (logged, by_kind[ObjectKind.SR].last_error or ""):
+        assert "4F44" not in text and "JA" not in text and "DOE" not in text, text
+
+
+def test_a_library_message_in_a_send_that_failed_is_named_by_its_type() -> None:
+    # pynetdicom's and pydicom's messages, encoding a data set, may quote its values.
+    destination = Destination.parse("PACS@127.0.0.1:104")
+    try:
+        try:
+            raise ValueError("Invalid value for VR PN: 'DOE^JANE'")
+        except ValueError as exc:
+            raise SendError(f"{destination} cannot take the object: {exc}") from exc
+    except SendError as exc:
+        taken = delivery._why_not_sent(exc, destination)
+    assert taken == "PACS@127.0.0.1:104 cannot take the object (ValueError)"
+    # our own words, and the machine's, are kept
+    unanswered = SendError("PACS@127.0.0.1:104 did not answer a C-STORE", unanswered=True)
+    assert delivery._why_not_sent(unanswered, destination) == str(unanswered)
+    refused = ConnectionRefusedError(111, "Connection refused")
+    assert delivery._why_not_sent(refused, destination) == (
+        "ConnectionRefusedError: [Errno 111] Connection refused"
+    )
+    assert delivery._why_not_sent(RuntimeError("DOE^JANE"), destination) == "RuntimeError"
+
+
+def test_a_file_meta_that_does_not_parse_is_named_without_pydicoms_words(tmp_path: Path) -> None:
+    # Written so (its SHA-256 matches): a fault of ours. pydicom's message, reading a
+    # damaged file meta, may quote the bytes it read: its type alone is recorded.
+    path = tmp_path / "object.dcm"
+    path.write_bytes(b"DOE^JANE")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    with pytest.raises(delivery._DamagedObject) as raised:
+        delivery.check_outbox(path, digest)
+    assert str(raised.value) == "it is no DICOM Part 10 file (InvalidDicomError)"
+
+
 def test_an_unexpected_error_while_sending_costs_an_attempt(
     tmp_path: Path,
     tiny_checkpoint: Path,
     database_url: str,
     storescp: StoreSCP,
     monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # A fault of ours or of a library (injected here: nothing real raises it on demand)
     # must not escape with the rows still claimed: they would be sent again by the
@@ -378,14 +451,19 @@ def test_an_unexpected_error_while_sending_costs_an_attempt(
         raise TypeError("an internal fault")
 
     monkeypatch.setattr(delivery, "send_datasets", broken)
-    sent = send_deliveries(rt, ids)
+    with caplog.at_level(logging.INFO, logger="worker"):
+        sent = send_deliveries(rt, ids)
 
     assert [o.state for o in sent.values()] == ["retry", "retry"]
-    assert all(
-        o.error == "internal error while sending: TypeError: an internal fault"
-        for o in sent.values()
-    )
+    # its type alone, in the log and in the row `status` prints: a library's message
+    # may quote the data set (found in review: a patient's name, from pydicom)
+    assert all(o.error == "internal error while sending: TypeError" for o in sent.values())
+    # (the traceback is written by our formatter without the message: tests/unit/test_logs.py)
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "internal error while sending (TypeError)" in logged
+    assert "an internal fault" not in logged
     assert all(d.attempts == 1 and d.state is DeliveryState.PENDING for d in rows(rt).values())
+    assert all("an internal fault" not in (d.last_error or "") for d in rows(rt).values())
 
     monkeypatch.undo()
     again = send_deliveries(rt, ids, force=True)

@@ -873,3 +873,74 @@ def test_a_secondary_capture_without_a_body_part_is_judged_by_the_studys_descrip
     ds.RequestedProcedureDescription = "XR HAND BONE AGE"
     ds.pop("SeriesDescription", None)
     decided(ds, reason)
+
+
+#: A patient's name, typed into a field that holds a code string.
+TYPED = "DOE^JANE"
+
+
+def _typed_in(keyword: str, value: str) -> Dataset:
+    ds = secondary_capture("DV") if keyword == "Modality" else hand()
+    if keyword == "BodyPartExamined":
+        for side in ("ImageLaterality", "Laterality"):  # HANDS taken as both
+            if side in ds:
+                delattr(ds, side)
+        del ds.AnatomicRegionSequence  # the descriptions decide an unstated part
+        ds.StudyDescription = ds.SeriesDescription = "XR CHEST"
+    setattr(ds, keyword, value)
+    return ds
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR CS")  # wrong on purpose
+@pytest.mark.filterwarnings("ignore:The value length")
+@pytest.mark.parametrize(
+    ("keyword", "value", "reason", "category"),
+    [
+        ("PatientSex", TYPED, "patient sex is neither M nor F; the model needs M or F", "sex"),
+        ("PatientSex", "X" * 17, "patient sex is neither M nor F; the model needs M or F", "sex"),
+        ("PatientSex", "U", "patient sex is U; the model needs M or F", "sex"),
+        ("BodyPartExamined", TYPED, "body part is not a hand", "body_part"),
+        ("BodyPartExamined", "A" * 17, "body part is not a hand", "body_part"),
+        (
+            "BodyPartExamined",
+            "RIGHT^THUMB",
+            f"body part examined is a finger or thumb, {WHOLE_HAND}",
+            "body_part",
+        ),
+        (
+            "BodyPartExamined",
+            "LEFT AND RIGHT HANDS",  # 20 characters
+            "body part examined names both hands, with no laterality L or R: taken as both "
+            "hands; bone age is read on one hand",
+            "body_part",
+        ),
+        (
+            "BodyPartExamined",
+            "UPPER^EXTREMITY",
+            "body part is not stated (BodyPartExamined names no part, no hand in the descriptions)",
+            "body_part",
+        ),
+        (
+            "ViewPosition",
+            "LATERAL^DOE",
+            "view is lateral (by its ViewPosition), not frontal; bone age is read on a PA or "
+            "AP view",
+            "view",
+        ),
+        (
+            "Modality",
+            "US^DOE",
+            f"{SC}, conversion type DV, another modality, is not a radiograph's capture (its "
+            "modality would be CR, DX, RG, OT or empty)",
+            "sop_class",
+        ),
+    ],
+)
+def test_a_reason_quotes_only_a_value_written_as_a_code_string(
+    keyword: str, value: str, reason: str, category: str
+) -> None:
+    """A reason reaches the database, `status` and the not-assessed SR sent to the PACS:
+    it quotes a value only as a code string may be written (16 characters at most of
+    A-Z, 0-9, space and underscore). Found in review: "patient sex is LEAKSEXVAL" quoted
+    whatever the field held, a patient's name as well."""
+    decided(_typed_in(keyword, value), reason, category)

@@ -101,6 +101,49 @@ def test_an_exceptions_message_is_withheld_its_type_and_frames_kept(
 
 
 @pytest.mark.parametrize("fmt", ["text", "json"])
+def test_an_exception_logged_as_the_message_is_withheld(
+    restore_logging: None, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    """pynetdicom logs what it catches as ``LOGGER.exception(exc)`` (encoding a data set,
+    decoding a C-FIND response's identifier), pydicom as ``logger.error(exc)``, and our
+    DUL's abort wrote ``error("%s", exc)``: the message line is the exception's. Found in
+    review: a patient's name, in the text and in the JSON lines."""
+    stream = _logging_to_a_string(monkeypatch, fmt)
+    try:
+        _refuse_the_name()
+    except ValueError as exc:
+        logging.getLogger("pynetdicom.dsutils").exception(exc)
+        logging.getLogger("pydicom").error(exc)
+        logging.getLogger("pynetdicom.dul").error("%s", exc, exc_info=exc)
+        logging.getLogger("pynetdicom.events").warning("not sent (%(why)s)", {"why": exc})
+    logging.getLogger("pynetdicom.dul").error("%s", OSError(28, "No space left on device"))
+    # ours word the exceptions they log (a backfill's refused series)
+    ours = ValueError("C-MOVE refused: 0xA801, move destination unknown")
+    logging.getLogger("worker.backfill").warning("series 1 not moved: %s", ours)
+    written = stream.getvalue()
+    assert "Müller" not in written and "Jürgen" not in written, written
+    withheld = f"ValueError: {WITHHELD}"
+    if fmt == "json":
+        messages = [json.loads(line)["message"] for line in written.splitlines()]
+        assert messages == [
+            withheld,
+            withheld,
+            withheld,
+            f"not sent ({withheld})",
+            "[Errno 28] No space left on device",
+            f"series 1 not moved: {ours}",
+        ]
+    else:
+        for shown in (
+            f": {withheld}\n",
+            f"not sent ({withheld})",
+            "No space left on device",
+            f"series 1 not moved: {ours}",
+        ):
+            assert shown in written, shown
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
 def test_a_message_about_the_machine_is_kept(
     restore_logging: None, monkeypatch: pytest.MonkeyPatch, fmt: str
 ) -> None:

@@ -1386,10 +1386,14 @@ def backfill(
             on_series=lambda _tag: progress.advance(task),
             ssl_context=ssl_context,
         )
+    warned = report.instances_with_warnings
+    warned_said = f", {warned} with a warning" if warned else ""
+    # the series left where the run stopped, the PACS no longer answering
+    not_tried = f"not tried: {report.series_not_tried}, " if report.series_not_tried else ""
     console.print(
         f"studies found: {report.studies_found}, series matched: {report.series_matched}, "
-        f"series moved: {report.series_moved} ({report.instances_moved} instances), "
-        f"failures: {len(report.failures)}"
+        f"series moved: {report.series_moved} ({report.instances_moved} instances"
+        f"{warned_said}), {not_tried}failures: {len(report.failures)}"
     )
     for failure in report.failures:
         console.print(f"  [red]{failure}[/]")

@@ -167,13 +167,16 @@ def where(sr: Dataset) -> tuple[str, str, str]:
     return sr.StudyInstanceUID, sr.SeriesInstanceUID, sr.SOPInstanceUID
 
 
-def results(rt: Runtime, instance_id: int) -> list[tuple[int, bool]]:
-    """(assessment, male) of each result of the instance, in order."""
+def results(rt: Runtime, instance_id: int, of: Any = Result.male) -> list[tuple[int, Any]]:
+    """(assessment, male) of each result of the instance, in order; another column of
+    the result than male where ``of`` names it (``Result.model_id``)."""
     with session_scope(rt.database_url) as session:
-        rows = session.scalars(
-            select(Result).where(Result.instance_id == instance_id).order_by(Result.id)
+        rows = session.execute(
+            select(Result.assessment, of)
+            .where(Result.instance_id == instance_id)
+            .order_by(Result.id)
         )
-        return [(r.assessment, r.male) for r in rows]
+        return [(assessment, value) for assessment, value in rows]
 
 
 def test_a_copy_with_the_sex_corrected_is_assessed_again_and_its_sr_replaces_the_first(
@@ -1135,15 +1138,6 @@ def _failed_after_a_corrected_copy(
         assert instance.received_again_at is None  # compared: nothing waits
 
 
-def _results_by_model(rt: Runtime, instance_id: int) -> list[tuple[int, str]]:
-    """(assessment, model id) of each result of the instance, in order."""
-    with session_scope(rt.database_url) as session:
-        rows = session.scalars(
-            select(Result).where(Result.instance_id == instance_id).order_by(Result.id)
-        )
-        return [(r.assessment, r.model_id) for r in rows]
-
-
 def test_an_assessment_again_that_ended_in_error_is_reprocessed_by_the_model_of_the_first(
     runtime: Runtime, storescp: StoreSCP, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1167,7 +1161,7 @@ def test_an_assessment_again_that_ended_in_error_is_reprocessed_by_the_model_of_
     second_sr = report_of(deliver(runtime, storescp, again.delivery_ids))
     assert replaced(second_sr) == [where(first_sr)]
     model = runtime.predictor.model_id
-    assert _results_by_model(runtime, instance_id) == [(1, model), (2, model)]
+    assert results(runtime, instance_id, Result.model_id) == [(1, model), (2, model)]
     # done now: the same command again queues nothing
     assert prepare_reprocess(runtime, [instance_id], send=True) == []
 
@@ -1197,7 +1191,7 @@ def test_rolling_back_to_the_first_model_assesses_what_the_next_assessed_again(
     sr = report_of(deliver(runtime, storescp, back.delivery_ids))
     assert sr.PatientSex == "M"
     a, b = runtime.predictor.model_id, model_b.predictor.model_id
-    assert _results_by_model(runtime, instance_id) == [(1, a), (1, b), (2, b), (2, a)]
+    assert results(runtime, instance_id, Result.model_id) == [(1, a), (1, b), (2, b), (2, a)]
 
 
 def test_an_assessment_again_in_error_whose_image_retention_removed_is_said_to_be_so(

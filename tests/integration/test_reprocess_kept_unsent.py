@@ -6,7 +6,6 @@ nothing are named, not taken for nothing left to do."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
@@ -19,7 +18,8 @@ from db.schema import Result as BoneAge
 from db.schema import utcnow as now
 from dicom_io.sc import WITHDRAWN
 from tests.conftest import StoreSCP
-from tests.integration.test_pipeline import another_model, make_runtime, spool_instance
+from tests.integration import test_received_again as received_again_tests
+from tests.integration.test_pipeline import another_model, spool_instance
 from tests.integration.test_received_again import deliver, heat_map_of, report_of
 from worker.cli import main as cli
 from worker.pipeline import assess_instance
@@ -28,15 +28,8 @@ from worker.runtime import Runtime
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def runtime(
-    request: pytest.FixtureRequest, tmp_path: Path, tiny_checkpoint: Path, storescp: StoreSCP
-) -> Runtime:
-    """A node sending to the storescp, on SQLite and on a real PostgreSQL."""
-    database: dict[str, Any] = {}
-    if request.param == "postgresql":
-        database["database_url"] = request.getfixturevalue("postgres_url")
-    return make_runtime(tmp_path, tiny_checkpoint, destinations=storescp.destination, **database)
+#: A node sending to the storescp, on SQLite and on a real PostgreSQL.
+runtime = received_again_tests.runtime
 
 
 def reprocess(rt: Runtime, monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[Result, str]:

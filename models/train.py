@@ -31,6 +31,7 @@ refuses what could not be written, or resumed, before any image is read.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -319,10 +320,13 @@ def _save_state(
         "preprocess_version": PREPROCESS_VERSION,
     }
     _atomic_write(folder / STATE_JSON, json.dumps(state, indent=1).encode())
-    # the JSON names the new tensors now: the earlier ones (and the old layout's) can go
+    # the JSON names the new tensors now: the earlier ones (and the old layout's) can go,
+    # and what a run killed while writing tensors left (each the size of the state)
     for stale in _tensor_files(folder):
         if stale.name != name:
             stale.unlink(missing_ok=True)
+    for partial in folder.glob(".train_state-*.safetensors.tmp"):
+        partial.unlink(missing_ok=True)
 
 
 def _tensor_files(folder: Path) -> list[Path]:
@@ -348,8 +352,17 @@ def _atomic_write(path: Path, data: bytes) -> None:
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)
+    except OSError as exc:
+        # a file system that syncs no folder (some network and FUSE ones): the rename
+        # stands, as it did before the folder was synced
+        if exc.errno not in _NO_FOLDER_SYNC:
+            raise
     finally:
         os.close(directory)
+
+
+#: How a file system that cannot sync a folder refuses to.
+_NO_FOLDER_SYNC = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF})
 
 
 RESUME_MAY_CHANGE = frozenset(

@@ -5,8 +5,10 @@ was off, a GPU's random state on the CPU) does not fail."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -138,3 +140,44 @@ def test_a_gpu_s_random_state_is_ignored_on_the_cpu(tmp_path: Path) -> None:
     torch.manual_seed(123)
     models.train._restore_rng(tensors, torch.device("cpu"))
     assert torch.equal(torch.get_rng_state(), expected)
+
+
+def test_a_run_killed_while_writing_tensors_leaves_no_partial_file_behind(
+    tmp_path: Path,
+) -> None:
+    """The tensors' temporary file is named by their digest: one a kill left (the size
+    of the whole state: model, best weights, optimiser) was never written over, and
+    stayed for good. The next save removes it."""
+    items = phantom_items(20, size=48)
+    state = tmp_path / "state"
+    state.mkdir()
+    partial = state / f".train_state-{'0' * 16}.safetensors.tmp"
+    partial.write_bytes(b"cut short")
+    train(items, tmp_path / "a.safetensors", config=CONFIG, state_dir=state, progress=False)
+    assert not partial.exists()
+    assert sorted(p.name for p in state.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_file_system_that_syncs_no_folder_still_saves_the_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some network and FUSE file systems refuse fsync on a folder (EINVAL): the state's
+    folder is synced since it is written in two steps, and that refusal stopped training
+    at its first save, where it had run before."""
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    state = tmp_path / "state"
+    train(
+        phantom_items(20, size=48),
+        tmp_path / "a.safetensors",
+        config=dataclasses.replace(CONFIG, epochs=1),
+        state_dir=state,
+        progress=False,
+    )
+    assert json.loads((state / STATE_JSON).read_text())["progress"]["epoch_done"] == 1

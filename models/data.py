@@ -31,6 +31,11 @@ ImageSource = np.ndarray | Path | Callable[[], np.ndarray]
 """An image, a path to a PNG/JPEG file, or a callable that loads the image."""
 
 
+#: How the group of an image with no patient begins: the image's own, by its SOP
+#: Instance UID, so that one listed twice stays on one side of the split.
+IMAGE_GROUP = "image:"
+
+
 @dataclass(frozen=True)
 class LabelledImage:
     """One training or evaluation example.
@@ -48,7 +53,9 @@ class LabelledImage:
     group : str
         The patient the image belongs to, as an opaque token (a hash, never the Patient
         ID itself): images of one group go to the same side of the train/validation
-        split (:func:`stratified_split`). ``""``: the image is its own group.
+        split (:func:`stratified_split`). ``""``: the image is its own group. One that
+        begins with :data:`IMAGE_GROUP` stands for one image, under whatever names it is
+        listed (``worker.datasets.instance_group``).
     """
 
     image: ImageSource

@@ -61,6 +61,7 @@ from models.checkpoint import (
     save_checkpoint,
 )
 from models.data import (
+    IMAGE_GROUP,
     LabelledImage,
     PreparedDataset,
     calibration_size_needed,
@@ -544,8 +545,25 @@ def data_fingerprint(items: Sequence[LabelledImage]) -> str:
     return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
 
 
+def _fingerprints(items: Sequence[LabelledImage]) -> set[str]:
+    """:func:`data_fingerprint` of ``items``, and the one an earlier release saved for
+    them where that release split them the same: it left an image with no patient its
+    own group (``""``), which this one names by its SOP Instance UID
+    (:data:`~models.data.IMAGE_GROUP`), the same split where no image is listed twice.
+    A run saved before the upgrade then resumes."""
+    fingerprints = {data_fingerprint(items)}
+    own = [item.group for item in items if item.group.startswith(IMAGE_GROUP)]
+    if own and len(set(own)) == len(own):
+        earlier = [
+            dataclasses.replace(item, group="") if item.group.startswith(IMAGE_GROUP) else item
+            for item in items
+        ]
+        fingerprints.add(data_fingerprint(earlier))
+    return fingerprints
+
+
 def _load_state(
-    folder: Path, config: TrainConfig, fingerprint: str
+    folder: Path, config: TrainConfig, fingerprints: set[str]
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     state = _saved_config(folder)
     state_path, tensor_path = folder / STATE_JSON, _state_tensors(folder, state)
@@ -555,7 +573,7 @@ def _load_state(
     _check_resumable(folder, state, config)
     if "data_sha256" not in state:  # written before the fingerprint existed
         logger.warning("%s has no fingerprint of its data: cannot check it is the same", state_path)
-    elif state["data_sha256"] != fingerprint:
+    elif state["data_sha256"] not in fingerprints:
         raise ValueError(
             "cannot resume: the training data changed (other images, labels or patients "
             f"than the run in {folder} trained on); start a new run in another state folder"
@@ -680,7 +698,9 @@ def train(
 
     fingerprint = data_fingerprint(items)
     # the saved run's state and its checks, before any image is prepared
-    resumed = _load_state(folder, cfg, fingerprint) if resume and folder is not None else None
+    resumed = (
+        _load_state(folder, cfg, _fingerprints(items)) if resume and folder is not None else None
+    )
     n_listed, n_missing = source_counts(items)
     if n_missing:
         logger.warning(
@@ -723,7 +743,7 @@ def train(
     # change of the splitting code, or of the order of images that tie, would otherwise
     # train on validation images and flatter its MAE and intervals)
     val_fingerprint = data_fingerprint(val_items)
-    if resumed is not None and resumed[0].get("val_sha256") != val_fingerprint:
+    if resumed is not None and resumed[0].get("val_sha256") not in _fingerprints(val_items):
         raise ValueError(
             f"cannot resume: the run in {folder} validated on other images than this "
             "split holds (other images or labels, or images whose ages tie in another "

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from dicom_io.gate import check
 from dicom_io.pixels import decode_as_assessed, decode_for_display, read_image
 from models.data import (
+    IMAGE_GROUP,
     LabelledImage,
     LabelledSet,
     parse_age_months,
@@ -90,11 +91,13 @@ def instance_group(dicom_header: Any, path: Path) -> str:
     Returns
     -------
     str
-        32 hex digits, never equal to a :func:`patient_group`.
+        :data:`~models.data.IMAGE_GROUP` and 32 hex digits, never equal to a
+        :func:`patient_group`.
     """
     uid = str(dicom_header.get("SOPInstanceUID", "") or "").strip()
     value = f"uid\0{uid}" if uid else f"path\0{path.resolve()}"
-    return hashlib.sha256(b"boneage-split-instance\0" + value.encode()).hexdigest()[:32]
+    digest = hashlib.sha256(b"boneage-split-instance\0" + value.encode()).hexdigest()[:32]
+    return IMAGE_GROUP + digest
 
 
 def read_dicom_folder(

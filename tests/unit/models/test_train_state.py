@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import models.train
-from models.data import phantom_items
+from models.data import IMAGE_GROUP, phantom_items
 from models.train import STATE_JSON, STATE_TENSORS, TrainConfig, train
 
 CONFIG = TrainConfig(
@@ -181,3 +181,33 @@ def test_a_file_system_that_syncs_no_folder_still_saves_the_state(
         progress=False,
     )
     assert json.loads((state / STATE_JSON).read_text())["progress"]["epoch_done"] == 1
+
+
+def test_a_run_saved_before_images_with_no_patient_had_groups_resumes(tmp_path: Path) -> None:
+    """An earlier release left an image with no patient its own group (""); this one names
+    it by its SOP Instance UID (IMAGE_GROUP), which changed the data's fingerprint, and a
+    run saved before the upgrade was refused as "the training data changed", its split
+    the same. It resumes where no image is listed twice, and is refused where one is."""
+    before = phantom_items(20, size=48)
+    state = tmp_path / "state"
+    train(before, tmp_path / "a.safetensors", config=CONFIG, state_dir=state, progress=False)
+    now = [
+        dataclasses.replace(item, group=f"{IMAGE_GROUP}{index:032x}")
+        for index, item in enumerate(before)
+    ]
+    more = dataclasses.replace(CONFIG, epochs=3)
+    resumed = train(
+        now, tmp_path / "b.safetensors", config=more, state_dir=state, resume=True, progress=False
+    )
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+
+    twice = [*now[:-1], dataclasses.replace(now[-1], group=now[0].group)]
+    with pytest.raises(ValueError, match="the training data changed"):
+        train(
+            twice,
+            tmp_path / "c.safetensors",
+            config=dataclasses.replace(CONFIG, epochs=4),
+            state_dir=state,
+            resume=True,
+            progress=False,
+        )

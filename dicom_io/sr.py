@@ -186,19 +186,31 @@ def copy_patient_and_study(source: Dataset, target: Dataset) -> None:
         target.SpecificCharacterSet = source.SpecificCharacterSet
     for keyword in PATIENT_AND_STUDY:
         if keyword in source:
-            element = source[keyword]
-            if _lost_text(element):
-                element = _as_received(element, received_elements(source).get(element.tag))
+            element = _copied(source, keyword)
             target.add_new(element.tag, element.VR, element.value)
         else:
             setattr(target, keyword, "")
     for keyword in PATIENT_AND_STUDY_IF_PRESENT:
         if keyword in source:
-            element = source[keyword]
-            if _lost_text(element):
-                target.add(_as_received(element, received_elements(source).get(element.tag)))
-            else:
-                target.add(copy.deepcopy(element))
+            target.add(_copied(source, keyword))
+
+
+def _copied(source: Dataset, keyword: str) -> DataElement:
+    """``source``'s element ``keyword`` to copy: as received where its text lost
+    characters in decoding, else a copy. Where its bytes cannot be read again (a data set
+    read from neither a file nor memory, the file gone) it goes as decoded, U+FFFD and
+    all, and is said at WARNING (the attribute's name only)."""
+    element = source[keyword]
+    if not _lost_text(element):
+        return copy.deepcopy(element)
+    element = _as_received(element, received_elements(source).get(element.tag))
+    if _lost_text(element):
+        logger.warning(
+            "%s holds text invalid in the image's character set, and its bytes could not "
+            "be read again: copied as decoded, each invalid byte as U+FFFD",
+            keyword,
+        )
+    return element
 
 
 #: The tags :func:`copy_patient_and_study` copies.
@@ -301,13 +313,19 @@ def _copied_elements(fh: Any) -> Dataset:
     )
 
 
-def _lost_text(element: DataElement) -> bool:
+def _lost_text(element: DataElement | RawDataElement) -> bool:
     """Whether ``element``'s decoded text, or that of any element in its items, lost
     characters in decoding: holds U+FFFD. (Text whose bytes encode U+FFFD itself is
-    copied as received too: the same bytes.)"""
+    copied as received too: the same bytes.) An element in an item that nothing has
+    read yet is still its bytes, and lost nothing: it is not decoded here (a damaged
+    one, a length wrong for its VR, would raise, and fail the image's every attempt)."""
+    if isinstance(element, RawDataElement):
+        return False
     if element.VR == "SQ":
         return any(
-            _lost_text(item[tag]) for item in element.value or [] for tag in sorted(item.keys())
+            _lost_text(item.get_item(tag))
+            for item in element.value or []
+            for tag in sorted(item.keys())
         )
     if element.VR not in _CHARACTER_SET_VRS:
         return False
@@ -321,19 +339,24 @@ def _as_received(
 ) -> DataElement:
     """``element`` as ``received`` holds it (:func:`received_elements`): text that lost
     characters in decoding (:func:`_lost_text`) as the bytes received, a sequence item by
-    item; anything else, or where nothing was received, a copy of ``element``."""
+    item; anything else, or where nothing was received, a copy of ``element``. An item is
+    copied whole, its elements not read yet left undecoded (written back as received),
+    and only those that lost text replaced."""
     if element.VR == "SQ":
         items = _received_items(received, len(element.value or []))
         copied = DicomSequence()
         for item, received_item in zip(element.value or [], items, strict=True):
-            copied_item = Dataset()
+            copied_item = copy.deepcopy(item)
             for tag in sorted(item.keys()):
+                held = item.get_item(tag)
+                if isinstance(held, RawDataElement) or not _lost_text(held):
+                    continue
                 inner = (
                     received_item.get_item(tag)
                     if received_item is not None and tag in received_item
                     else None
                 )
-                copied_item.add(_as_received(item[tag], inner))
+                copied_item[tag] = _as_received(held, inner)
             copied.append(copied_item)
         return DataElement(element.tag, "SQ", copied)
     if (

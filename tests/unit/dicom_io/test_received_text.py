@@ -6,6 +6,7 @@ another or a new patient."""
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -239,3 +240,42 @@ def test_an_image_whose_file_another_copy_replaced_is_read_again(
     replacement.replace(path)
     with pytest.raises(FileChangedError):
         _sr(received, finding)
+
+
+def test_an_item_element_nothing_read_is_copied_as_received_however_damaged(
+    tmp_path: Path, source: Dataset, finding: BoneAgeFinding
+) -> None:
+    """A copied sequence's items are copied with their elements undecoded, as received:
+    the check for lost text decoded each one, and an element pydicom cannot convert (an
+    unknown VR here; a length wrong for its VR alike) raised, failing the image's every
+    attempt, where it had been copied as its bytes (found in the second review)."""
+    other = Dataset()
+    other.PatientID = "OTHERID1"
+    other.TypeOfPatientID = "TEXT"
+    other.add_new(0x00091010, "US", 1)
+    source.OtherPatientIDsSequence = [other]
+    path = tmp_path / "image.dcm"
+    source.save_as(path, enforce_file_format=True)
+    data = path.read_bytes()
+    assert data.count(b"\x09\x00\x10\x10US\x02\x00\x01\x00") == 1
+    path.write_bytes(data.replace(b"\x09\x00\x10\x10US", b"\x09\x00\x10\x10JA"))
+    image = read_image(path)
+    gate.check(image, require_sex=False)
+    ours = tmp_path / "ours.dcm"
+    _sr(image, finding).save_as(ours, enforce_file_format=True)
+    assert b"\x09\x00\x10\x10JA\x02\x00\x01\x00" in ours.read_bytes()
+    assert dcmread(ours).OtherPatientIDsSequence[0].PatientID == "OTHERID1"
+
+
+def test_text_whose_bytes_cannot_be_read_again_is_said(
+    received: Dataset, finding: BoneAgeFinding, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A data set read from neither a file nor memory keeps no bytes to copy: its text
+    goes as decoded, U+FFFD and all, and a warning names the attribute, not its value."""
+    plain = Dataset()
+    plain.update(received)
+    with caplog.at_level(logging.WARNING, logger="dicom_io.sr"):
+        _sr(plain, finding)
+    said = [r.getMessage() for r in caplog.records if r.name == "dicom_io.sr"]
+    assert any(m.startswith("PatientID holds text invalid") for m in said), said
+    assert not any("PID" in m.removeprefix("PatientID") for m in said), said

@@ -79,12 +79,17 @@ class MoveOutcome:
     completed: int
     failed: int
     warning: int
+    #: Whether the response gave Number of Failed Sub-operations (0 where it did not).
+    failed_given: bool = True
 
     @property
     def ok(self) -> bool:
         """Every instance sent. 0xB000 with no failed sub-operation is sent with warnings
-        only (PS3.4 Table C.4-2: one or more failures *or warnings*)."""
-        return self.status in (0x0000, 0xB000) and self.failed == 0
+        only (PS3.4 Table C.4-2: one or more failures *or warnings*), where the response
+        says there was none: one that gives no count may have failed them all."""
+        if self.status == 0xB000:
+            return self.failed_given and self.failed == 0
+        return self.status == 0x0000 and self.failed == 0
 
     @property
     def sent(self) -> int:
@@ -362,6 +367,7 @@ def move_series(
                 completed=int(status.get("NumberOfCompletedSuboperations", 0) or 0),
                 failed=int(status.get("NumberOfFailedSuboperations", 0) or 0),
                 warning=int(status.get("NumberOfWarningSuboperations", 0) or 0),
+                failed_given=status.get("NumberOfFailedSuboperations") is not None,
             )
     except BaseException:
         # interrupted (Ctrl-C) or lost before the final response: the peer may still be

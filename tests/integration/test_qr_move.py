@@ -285,3 +285,14 @@ def test_warnings_only_is_a_move_and_a_move_failed_partway_counts_what_came() ->
     assert report.instances_moved == 1 + 1 + 2
     assert report.instances_with_warnings == 1
     assert len(report.failures) == 1 and "0xA702 (2 sent, 1 failed)" in report.failures[0]
+
+
+def test_a_warning_status_that_gives_no_failed_count_is_not_taken_for_all_sent() -> None:
+    """0xB000 is "sub-operations complete, one or more failures or warnings": with no
+    Number of Failed Sub-operations it may have failed them all (a rejection note's
+    series then held back its study's images, as any failure does; found in the second
+    review), where a count of 0 says warnings only."""
+    assert qr.MoveOutcome(0xB000, completed=2, failed=0, warning=1).ok
+    assert not qr.MoveOutcome(0xB000, completed=0, failed=0, warning=0, failed_given=False).ok
+    assert not qr.MoveOutcome(0xB000, completed=1, failed=1, warning=0).ok
+    assert qr.MoveOutcome(0x0000, completed=3, failed=0, warning=0, failed_given=False).ok

@@ -44,14 +44,21 @@ WITHHELD = "(message withheld from the log: it may quote patient data)"
 
 def _keeps_its_message(exc: BaseException) -> bool:
     """Whether ``exc``'s message is about the machine, not about data: the file system
-    and the network (OSError: a path in the spool or outbox is named by a hash), and
-    the database's connection (SQLAlchemy's OperationalError, without its parameters)."""
+    and the network (OSError: a path in the spool or outbox is named by a hash), the
+    database's connection (SQLAlchemy's OperationalError, without its parameters), and
+    the broker's (:data:`_BROKER_CLIENTS`)."""
     if isinstance(exc, (OSError, MemoryError)):
         return True
     return any(
-        kind.__name__ == "OperationalError" and kind.__module__.startswith("sqlalchemy")
+        (kind.__name__ == "OperationalError" and kind.__module__.startswith("sqlalchemy"))
+        or kind.__module__.split(".", 1)[0] in _BROKER_CLIENTS
         for kind in type(exc).__mro__
     )
+
+
+#: The broker's client libraries: their errors are about the connection (refused,
+#: forced closed, authentication), and our messages carry ids only.
+_BROKER_CLIENTS = frozenset({"kombu", "amqp", "redis"})
 
 
 def _exception_only(exc: BaseException) -> str:
@@ -158,7 +165,7 @@ class _ExceptionMessagesWithheld(logging.Filter):
 
 
 #: The packages whose records format exceptions of their own choosing.
-_OUR_PACKAGES = frozenset({"worker", "dicom_io", "db", "models"})
+_OUR_PACKAGES = frozenset({"worker", "dicom_io", "db", "models", "boneage"})
 
 
 def _shown(arg: object) -> object:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from tests.support import free_port, wait_for_port
 from worker.celery_app import app as celery_app
@@ -153,6 +154,21 @@ def test_a_message_about_the_machine_is_kept(
     except OSError:
         logging.getLogger("worker.test").exception("spooling failed")
     assert "No space left on device" in stream.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_the_brokers_connection_errors_keep_their_message(
+    restore_logging: None, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    """Celery's "Cannot connect to ...: %s" formats the client library's exception: why
+    the broker refused (authentication, a closed connection) is the administrator's
+    first clue, and no message of ours carries more than ids."""
+    stream = _logging_to_a_string(monkeypatch, fmt)
+    refused = redis.exceptions.ConnectionError("Error 111 connecting to 127.0.0.1:1.")
+    logging.getLogger("celery.worker.consumer.consumer").error(
+        "consumer: Cannot connect to %s: %s.", "redis://127.0.0.1:1//", refused
+    )
+    assert "Error 111 connecting to 127.0.0.1:1." in stream.getvalue()
 
 
 @pytest.mark.parametrize("fmt", ["text", "json"])

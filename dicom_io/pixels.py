@@ -143,8 +143,9 @@ _SOF_MARKERS = frozenset({*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC}) | {0xF7}
 # Other grey images are reduced by averaging blocks of stored values, at most 16 x 16.
 _MAX_BLOCK_REDUCTION = 4
 # Transfer syntaxes whose stored values may differ from those encoded, where pixel padding
-# is found near its value too (_lossy_padding).
-_LOSSY_SYNTAXES = (JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless, JPEG2000, HTJ2K)
+# is found near its value too (_lossy_padding). JPEG 2000 (.91) and HTJ2K (.203) carry
+# lossless data as well: they count where Lossy Image Compression says "01" (_lossy).
+_LOSSY_SYNTAXES = (JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless)
 #: How far from the padding value (or range) a pixel of a lossy image may lie and still be
 #: padding (_lossy_padding), as a share of the span of the image's stored values (0.1 to
 #: 99.9 percentile: padding and anatomy; not Bits Stored, which 12-bit data in 16 bits
@@ -1337,9 +1338,21 @@ def _padding_mask(stored: np.ndarray, ds: Dataset) -> np.ndarray | None:
     mask = stored == low if low == high else (stored >= low) & (stored <= high)
     if not mask.any():
         return None
-    if _transfer_syntax(ds) in _LOSSY_SYNTAXES:
+    if _lossy(ds):
         mask = _lossy_padding(stored, mask, low, high)
     return mask
+
+
+def _lossy(ds: Dataset) -> bool:
+    """Whether ``ds``'s stored values may differ from those its modality made: a lossy
+    transfer syntax, or Lossy Image Compression (0028,2110) "01" (Type 1C wherever the
+    image was compressed lossily: one decompressed since, or in a syntax that carries
+    both). On lossless data the rule for lossy padding would take bone near the padding
+    value beside the padding, and a medulla enclosed by a rim at the value (found in the
+    second review)."""
+    if str(ds.get("LossyImageCompression", "") or "").strip() == "01":
+        return True
+    return _transfer_syntax(ds) in _LOSSY_SYNTAXES
 
 
 def _lossy_padding(stored: np.ndarray, exact: np.ndarray, low: int, high: int) -> np.ndarray:
@@ -1370,28 +1383,32 @@ def _lossy_padding(stored: np.ndarray, exact: np.ndarray, low: int, high: int) -
     reach = _dilated(exact, _LOSSY_PADDING_REACH)
     mask = exact | (candidates & reach)
     candidates &= ~reach
-    rows, columns = np.nonzero(candidates)
+    del reach
+    # Within the box the candidates left span; boolean images and one of labels only:
+    # an index array per candidate (16 bytes each) took 7 to 9 times the frame's memory
+    # (found in the second review).
+    rows = np.flatnonzero(candidates.any(axis=1))
     if rows.size == 0:
         return mask
+    columns = np.flatnonzero(candidates.any(axis=0))
+    # with a pixel's margin, where one beyond the tolerance may lie beside a candidate
+    box = (
+        slice(max(rows[0] - 1, 0), rows[-1] + 2),
+        slice(max(columns[0] - 1, 0), columns[-1] + 2),
+    )
+    # the candidates a pixel beyond the tolerance lies beside (one off the image is none)
+    beside = candidates[box] & _dilated(~near[box], 1)
+    del near
     from scipy.ndimage import label
 
-    top, left = int(rows.min()), int(columns.min())
-    box = (slice(top, int(rows.max()) + 1), slice(left, int(columns.max()) + 1))
     patches, count = label(candidates[box], structure=np.ones((3, 3), dtype=bool))
-    patch = patches[rows - top, columns - left]
-    # the patches a pixel beyond the tolerance borders (a neighbour off the image is
-    # clipped to one on it, or to the pixel itself)
-    bordered = np.zeros(rows.size, dtype=bool)
-    height, width = stored.shape
-    for dy in (-1, 0, 1):
-        beside_rows = np.clip(rows + dy, 0, height - 1)
-        for dx in (-1, 0, 1):
-            if dy or dx:
-                bordered |= ~near[beside_rows, np.clip(columns + dx, 0, width - 1)]
-    enclosed = np.ones(count + 1, dtype=bool)
-    enclosed[patch[bordered]] = False
-    inside = enclosed[patch]
-    mask[rows[inside], columns[inside]] = True
+    del candidates
+    # the patches such a pixel borders, and the background (0): the rest are enclosed
+    bordered = np.zeros(count + 1, dtype=bool)
+    bordered[0] = True
+    bordered[patches[beside]] = True
+    del beside
+    mask[box] |= ~bordered[patches]
     return mask
 
 

@@ -431,6 +431,11 @@ def send_datasets(
             try:
                 status = assoc.send_c_store(ds)
             except (ValueError, RuntimeError, AttributeError) as exc:
+                if not assoc.is_established:  # pynetdicom's RuntimeError: aborted, released
+                    raise SendError(
+                        f"the association with {destination} ended before a C-STORE was sent",
+                        answered=answers,
+                    ) from None
                 raise SendError(
                     f"{destination} cannot take the object: {exc}", answered=answers
                 ) from exc

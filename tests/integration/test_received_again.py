@@ -1093,20 +1093,7 @@ def test_a_copy_whose_assessment_failed_is_not_taken_up_again_when_sent_once_mor
     sent again opens no third assessment (`reprocess` tries it again)."""
     instance_id = spool_instance(runtime)
     assert assess_instance(runtime, instance_id).state == "assessed"
-    flipped = np.ascontiguousarray(stored_pixels(runtime, instance_id)[:, ::-1]).tobytes()
-    received_again(runtime, instance_id, PixelData=flipped)
-
-    def fault(*_: Any, **__: Any) -> Any:
-        raise RuntimeError("the model failed")
-
-    monkeypatch.setattr(Runtime, "predict", fault)
-    for _ in range(pipeline.MAX_ATTEMPTS):
-        with pytest.raises(RuntimeError):
-            assess_instance(runtime, instance_id)
-        attempt_began_before(runtime, instance_id, FAULT_PAUSE.total_seconds() + 1)
-    with session_scope(runtime.database_url) as session:
-        instance = session.get_one(Instance, instance_id)
-        assert (instance.state, instance.assessment) == (InstanceState.ERROR, 2)
+    flipped = _failed_after_a_corrected_copy(runtime, runtime, instance_id, monkeypatch)
 
     received_again(runtime, instance_id, PixelData=flipped)
     assert assess_instance(runtime, instance_id).state == "skipped"
@@ -1117,9 +1104,10 @@ def test_a_copy_whose_assessment_failed_is_not_taken_up_again_when_sent_once_mor
 
 def _failed_after_a_corrected_copy(
     runtime: Runtime, model: Runtime, instance_id: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
+) -> bytes:
     """The PACS sends the image again with other pixels, which opens assessment 2, and
-    each of its attempts by ``model`` fails: the instance ends in `error`."""
+    each of its attempts by ``model`` fails: the instance ends in `error`. Returns the
+    copy's pixel data."""
     flipped = np.ascontiguousarray(stored_pixels(runtime, instance_id)[:, ::-1]).tobytes()
     received_again(runtime, instance_id, PixelData=flipped)
 
@@ -1136,6 +1124,7 @@ def _failed_after_a_corrected_copy(
         instance = session.get_one(Instance, instance_id)
         assert (instance.state, instance.assessment) == (InstanceState.ERROR, 2)
         assert instance.received_again_at is None  # compared: nothing waits
+    return flipped
 
 
 def test_an_assessment_again_that_ended_in_error_is_reprocessed_by_the_model_of_the_first(

@@ -169,6 +169,12 @@ def _migrate(url: str, step: Callable[[Config, str], None], revision: str) -> No
     table (SQLite cannot alter one), and dropping the old table would cascade to every
     row that references it (the deliveries of the results, the results of the
     instances). The references are checked before the commit instead.
+
+    On SQLite the transaction is opened by ``BEGIN IMMEDIATE``: the driver (pysqlite)
+    opens one only before the first INSERT, UPDATE or DELETE, and DDL run before it
+    was committed at once, so an upgrade that failed part-way (disk full, Ctrl-C, the
+    check above) left the schema half-migrated under the old revision, and every later
+    upgrade failed on it. Immediate: the write lock is taken first, not midway.
     """
     config = _alembic_config(url)
     with get_engine(url).connect() as connection:
@@ -179,6 +185,8 @@ def _migrate(url: str, step: Callable[[Config, str], None], revision: str) -> No
             connection.commit()
         try:
             with connection.begin():
+                if sqlite:
+                    connection.exec_driver_sql("BEGIN IMMEDIATE")
                 config.attributes["connection"] = connection
                 step(config, revision)
                 if sqlite:

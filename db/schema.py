@@ -140,7 +140,9 @@ class Instance(Base):
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     queued_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]
-    finished_at: Mapped[datetime | None]
+    # indexed, as received_again_at, delivered_at and deliveries.result_id: the metrics
+    # and `status` read the last hour's, the reconciler the copies not compared (0021)
+    finished_at: Mapped[datetime | None] = mapped_column(index=True)
     # retention (BONEAGE_RETENTION_DAYS) removed the spool file and the outputs' files
     files_removed_at: Mapped[datetime | None]
     # 1, and one more each time a copy received again changed what the assessment reads
@@ -149,7 +151,7 @@ class Instance(Base):
     # when a copy was received again that has not yet been compared with what the last
     # assessment read (worker.pipeline); the reconciler queues it again if its message
     # was lost
-    received_again_at: Mapped[datetime | None]
+    received_again_at: Mapped[datetime | None] = mapped_column(index=True)
     # when a copy was last received again, kept after the comparison: retention keeps
     # the files from the later of this and finished_at (empty on instances received
     # once, and where the copies came before revision 0011 and were compared then)
@@ -253,7 +255,10 @@ class Delivery(Base):
     instance_id: Mapped[int] = mapped_column(
         ForeignKey("instances.id", ondelete="CASCADE"), index=True
     )
-    result_id: Mapped[int | None] = mapped_column(ForeignKey("results.id", ondelete="CASCADE"))
+    # indexed: deleting a result (a reprocess) cascades to its deliveries (0021)
+    result_id: Mapped[int | None] = mapped_column(
+        ForeignKey("results.id", ondelete="CASCADE"), index=True
+    )
     kind: Mapped[ObjectKind] = mapped_column(_enum(ObjectKind))
     destination: Mapped[str] = mapped_column(String(128))
     sop_instance_uid: Mapped[str] = mapped_column(String(64))
@@ -280,7 +285,7 @@ class Delivery(Base):
     # other rows, and on notes from before revision 0009)
     withdraws: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    delivered_at: Mapped[datetime | None]
+    delivered_at: Mapped[datetime | None] = mapped_column(index=True)
 
     result: Mapped[Result | None] = relationship(back_populates="deliveries")
 

@@ -1041,7 +1041,7 @@ def assess_instance(
             # a copy that came while it waited is sent as one received again after would be
             outcome = _assess(rt, claimed, send=(send and claimed.send) or claimed.copy_came)
     except Exception as exc:
-        _note_failed_attempt(rt, instance_id, exc, claimed.inputs, claimed.identity)
+        _note_failed_attempt(rt, claimed, exc)
         raise
     return _with_copy_to_compare(rt, instance_id, outcome)
 
@@ -1338,16 +1338,13 @@ def _failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}{place}"
 
 
-def _note_failed_attempt(
-    rt: Runtime,
-    instance_id: int,
-    exc: BaseException,
-    inputs: str | None = None,
-    identity: str | None = None,
-) -> None:
-    """Record on the instance, still `processing`, where this attempt failed, and the
-    ``inputs`` and ``identity`` it read, if it got so far (so that a corrected copy
-    received again is assessed again, even after the instance ended in error).
+def _note_failed_attempt(rt: Runtime, claim: _Claim, exc: BaseException) -> None:
+    """Record on the instance, still `processing` under this attempt's claim, where the
+    attempt failed, and the inputs and identity it read, if it got so far (so that a
+    corrected copy received again is assessed again, even after the instance ended in
+    error). An attempt whose claim is no longer on the row (the reconciler took the
+    instance back and another attempt claimed it since) records nothing: its failure
+    cleared the other's claim, and counted in that one's attempts (found in review).
 
     The task retries the trouble in :data:`RETRIED_BY_THE_TASK` itself, with its
     back-off: the claim stays, and its attempt is given back (it spends none of
@@ -1360,22 +1357,34 @@ def _note_failed_attempt(
     try:
         with session_scope(rt.database_url) as session:
             # The row first, locked until the commit (a row lock on PostgreSQL, the write
-            # lock on SQLite), then read: two attempts failing at once (the reconciler's
-            # message beside a slow attempt) each count. Read first, each wrote back what
-            # it read, one less or one more, and the later lost the earlier's count.
+            # lock on SQLite), then read: the claim is checked, and the counts written,
+            # on the row as it is. Read first, a claim taken between the read and the
+            # write was cleared, and a count written back lost another's.
             take_instances(session, [instance_id])
             instance = session.get(Instance, instance_id)
             if instance is not None and instance.state is InstanceState.PROCESSING:
-                instance.reason = f"attempt {instance.attempts} failed: {_failure(exc)}"
-                if inputs is not None:
-                    instance.inputs_sha256 = inputs
-                    instance.identity_sha256 = identity
+                if (instance.claimed_by, instance.started_at) != (
+                    process_name("worker"),
+                    claim.started_at,
+                ):
+                    logger.info(
+                        "instance %d: the failed attempt's claim was taken back; another "
+                        "attempt holds it",
+                        instance_id,
+                    )
+                    return
+                failed = f"attempt {instance.attempts} failed: {_failure(exc)}"
+                instance.reason = _keeping_clash(instance.reason, failed)
+                if claim.inputs is not None:
+                    instance.inputs_sha256 = claim.inputs
+                    instance.identity_sha256 = claim.identity
                 if isinstance(exc, RETRIED_BY_THE_TASK):
                     instance.attempts = max(0, instance.attempts - 1)
                     instance.transient_failures += 1
-                    instance.reason += (
-                        f" (retried: {instance.transient_failures} of "
-                        f"{TRANSIENT_RETRIES + 1} tries)"
+                    instance.reason = _keeping_clash(
+                        instance.reason,
+                        f"{failed} (retried: {instance.transient_failures} of "
+                        f"{TRANSIENT_RETRIES + 1} tries)",
                     )
                     if instance.transient_failures > TRANSIENT_RETRIES:
                         _give_up(instance, database_now(session), retried=True)
@@ -1414,6 +1423,7 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
         _finish(rt, claim, InstanceState.NOT_ASSESSED, reason)
         return AssessOutcome("not_assessed", reason=reason)
 
+    instance_id = claim.instance_id
     decision, claim.inputs = _decide(rt, ds)
     claim.identity = identity_digest(ds, claim.sop_instance_uid)
     if is_key_object_selection(ds):

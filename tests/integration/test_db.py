@@ -5,11 +5,13 @@ from __future__ import annotations
 import datetime as dt
 import re
 import shutil
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import func, inspect, select, text
+from sqlalchemy import Select, event, func, insert, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
 import db.engine
@@ -24,6 +26,7 @@ from db.engine import (
     upgrade,
 )
 from db.schema import (
+    FINISHED,
     Delivery,
     DeliveryState,
     Instance,
@@ -176,6 +179,45 @@ def test_revision_0004_numbers_what_was_there_as_the_first_assessment(database_u
         assert connection.execute(text("SELECT count(*) FROM instances")).scalar_one() == 1
 
 
+def test_revision_0004_downgraded_never_leaves_a_superseded_delivery_to_send(
+    database_url: str,
+) -> None:
+    """Below 0004 no state says "never send": a superseded delivery (an SR a later
+    assessment replaced, an object the PACS rejected) goes, where making it failed had
+    the older release's `retry-deliveries` send it. The others stay as they were."""
+    upgrade(database_url)
+    instance_id = record_instance(database_url, received("1.2.3.4"))
+    states = [
+        DeliveryState.SUPERSEDED,
+        DeliveryState.FAILED,
+        DeliveryState.DELIVERED,
+        DeliveryState.PENDING,
+        DeliveryState.SUPERSEDED,
+    ]
+    with session_scope(database_url) as session:
+        for n, state in enumerate(states):
+            session.add(
+                Delivery(
+                    instance_id=instance_id,
+                    kind=ObjectKind.SR,
+                    destination="PACS@127.0.0.1:104",
+                    sop_instance_uid=f"1.2.3.{9 + n}",
+                    path=f"/nonexistent/{n}.dcm",
+                    state=state,
+                )
+            )
+    assert downgrade(database_url, "0003") == "0003"
+    with get_engine(database_url).connect() as connection:
+        rows = connection.execute(
+            text("SELECT sop_instance_uid, state FROM deliveries ORDER BY id")
+        ).all()
+    assert [tuple(row) for row in rows] == [
+        ("1.2.3.10", "failed"),
+        ("1.2.3.11", "delivered"),
+        ("1.2.3.12", "pending"),
+    ]
+
+
 def test_a_database_error_is_logged_without_the_values_of_its_row(database_url: str) -> None:
     """Logs name an instance by a hash of its UID. SQLAlchemy leaves a statement's
     parameters out of its errors here; PostgreSQL's own message still quotes the key
@@ -244,6 +286,113 @@ def test_migrations_match_the_schema(database_url: str) -> None:
     with get_engine(database_url).connect() as connection:
         differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
     assert differences == []
+
+
+def _plan(database_url: str, statement: Select[Any]) -> str:
+    """The plan the database gives ``statement``. PostgreSQL is told to avoid reading
+    whole tables where it can (the tables are nearly empty here, and a scan is what it
+    would choose): its plan reads the table whole only where no index serves."""
+    with get_engine(database_url).connect() as connection:
+        compiled = statement.compile(connection, compile_kwargs={"literal_binds": True})
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SET enable_seqscan = off"))
+            rows = connection.execute(text(f"EXPLAIN {compiled}")).all()
+            return "\n".join(str(row[0]) for row in rows)
+        rows = connection.execute(text(f"EXPLAIN QUERY PLAN {compiled}")).all()
+        return "\n".join(str(row[-1]) for row in rows)
+
+
+def test_the_reconciler_and_a_result_deleted_find_their_rows_by_index(database_url: str) -> None:
+    """Revision 0021: the reconciler's copies received again and never compared, and the
+    deliveries a deleted result's cascade removes, are found without reading every row."""
+    upgrade(database_url)
+    since = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    # as on a node: nearly every instance finished, a few received again; planned with
+    # the statistics the database keeps of them
+    rows = [
+        {
+            **_instance_row(f"1.2.3.{n}"),
+            "state": InstanceState.ASSESSED,
+            "received_again_at": since - dt.timedelta(days=1) if n % 100 == 0 else None,
+        }
+        for n in range(2000)
+    ]
+    with get_engine(database_url).begin() as connection:
+        connection.execute(insert(Instance), rows)
+    with get_engine(database_url).begin() as connection:
+        connection.execute(text("ANALYZE"))
+    received_again = select(Instance.id).where(
+        Instance.state.in_(FINISHED), Instance.received_again_at < since
+    )
+    plan = _plan(database_url, received_again)
+    assert "ix_instances_received_again_at" in plan, plan
+    # what the cascade of `DELETE FROM results` looks the deliveries up by
+    plan = _plan(database_url, select(Delivery.id).where(Delivery.result_id == 1))
+    assert "ix_deliveries_result_id" in plan, plan
+    for column in (Instance.finished_at, Delivery.delivered_at):
+        plan = _plan(database_url, select(column).where(column >= since))
+        assert f"ix_{column.table.name}_{column.name}" in plan, plan
+
+
+def _schema(database_url: str) -> dict[str, object]:
+    """Each table's columns, indexes and foreign keys, as the database has them."""
+    schema = inspect(get_engine(database_url))
+    return {
+        table: (
+            [(c["name"], str(c["type"]), c["nullable"]) for c in schema.get_columns(table)],
+            sorted((i["name"] or "", tuple(i["column_names"])) for i in schema.get_indexes(table)),
+            sorted(str(sorted(k.items())) for k in schema.get_foreign_keys(table)),
+        )
+        for table in sorted(schema.get_table_names())
+    }
+
+
+def test_an_upgrade_that_fails_part_way_changes_nothing(database_url: str) -> None:
+    """An upgrade across several revisions is one transaction, on SQLite too: one that
+    fails (disk full, Ctrl-C) after some revisions' DDL leaves the revision and the
+    schema as they were, and runs again once the trouble is gone."""
+    assert upgrade(database_url, "0003") == "0003"
+    before = _schema(database_url)
+
+    def disk_full(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        # 0011's data UPDATE, after its ALTER TABLE and the DDL of 0004 to 0010
+        if statement.startswith("UPDATE instances SET last_received_again_at"):
+            raise OSError(28, "No space left on device")
+
+    engine = get_engine(database_url)
+    event.listen(engine, "before_cursor_execute", disk_full)
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            upgrade(database_url)
+    finally:
+        event.remove(engine, "before_cursor_execute", disk_full)
+    assert current_revision(database_url) == "0003"
+    assert _schema(database_url) == before
+    assert upgrade(database_url) == head_revision()
+
+
+def test_an_upgrade_the_foreign_key_check_refuses_changes_nothing(tmp_path: Path) -> None:
+    """SQLite: a row referring to one that is gone (left by the sqlite3 shell, whose
+    foreign keys are off) makes the check after the migration refuse it; nothing was
+    changed, as it says, and once the row is removed the upgrade runs."""
+    url = f"sqlite:///{tmp_path / 'boneage.db'}"
+    assert upgrade(url, "0019") == "0019"
+    with sqlite3.connect(tmp_path / "boneage.db") as shell:
+        shell.execute(
+            "INSERT INTO deliveries (instance_id, kind, destination, sop_instance_uid, path,"
+            " state, attempts, created_at) VALUES (999, 'sr', 'PACS@h:104', '1.2.3', '/x',"
+            " 'delivered', 1, '2026-01-01 00:00:00.000000')"
+        )
+    shell.close()
+    before = _schema(url)
+    with pytest.raises(DatabaseNotReady, match="nothing was changed"):
+        upgrade(url)
+    assert current_revision(url) == "0019"
+    assert _schema(url) == before
+    with sqlite3.connect(tmp_path / "boneage.db") as shell:
+        shell.execute("DELETE FROM deliveries WHERE instance_id = 999")
+    shell.close()
+    assert upgrade(url) == head_revision()
 
 
 def test_the_node_is_one_row_whose_device_uid_is_made_once(database_url: str) -> None:

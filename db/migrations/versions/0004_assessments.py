@@ -47,10 +47,12 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     # Results of later assessments go, and their deliveries with them: one result per
-    # (instance, model) again. A delivery an assessment replaced is failed there.
+    # (instance, model) again. A superseded delivery goes too: the older code knows no
+    # state that is never sent, and one made failed was sent by its `retry-deliveries`
+    # (an SR a later assessment replaced, an object the PACS rejected, another node's).
     op.execute("DELETE FROM deliveries WHERE assessment > 1")
     op.execute("DELETE FROM results WHERE assessment > 1")
-    op.execute("UPDATE deliveries SET state = 'failed' WHERE state = 'superseded'")
+    op.execute("DELETE FROM deliveries WHERE state = 'superseded'")
     with op.batch_alter_table("deliveries", schema=None) as batch_op:
         batch_op.drop_column("assessment")
     with op.batch_alter_table("results", schema=None) as batch_op:

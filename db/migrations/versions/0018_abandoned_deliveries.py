@@ -38,6 +38,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    # as 0004 made a superseded delivery failed: a state the older code knows, which
-    # `retry-deliveries` sends again or `status` shows, the error kept
+    # failed: a state the older code knows, which `retry-deliveries` sends again or
+    # `status` shows, the error kept
     op.execute("UPDATE deliveries SET state = 'failed' WHERE state = 'abandoned'")

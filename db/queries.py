@@ -181,6 +181,17 @@ class Overdue:
     failed attempt by its back-off, so one long overdue is one no worker took.
     """
 
+def abandoned_notes(session: Session) -> int:
+    """How many of the abandoned deliveries are rejection notes of ours: each leaves at
+    the PACS a result it should have withdrawn, to be withdrawn there by hand."""
+    count = session.scalar(
+        select(func.count()).where(
+            Delivery.state == DeliveryState.ABANDONED, Delivery.kind == ObjectKind.KO
+        )
+    )
+    return int(count or 0)
+
+
     count: int
     oldest_due: datetime | None
     last_delivered_at: datetime | None

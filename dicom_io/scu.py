@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import math
+import queue
 import socket
 import ssl
+import struct
+import termios
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +22,7 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from dicom_io.scp import VERIFICATION_SOP_CLASS
 from dicom_io.tcp import LOW_LATENCY_HANDLERS
@@ -59,21 +65,31 @@ class SendError(RuntimeError):
         self.unanswered = unanswered
 
 
-def stored(status: Answer) -> bool:
-    """Whether a C-STORE status means the peer stored the object.
+#: Warning statuses outside 0xBxxx (PS3.7 Annex C): 0x0001 requested optional attributes
+#: not supported, 0x0107 attribute list error, 0x0116 attribute value out of range. The
+#: object was stored, as pynetdicom's ``code_to_category`` has it too.
+OTHER_WARNINGS = frozenset({0x0001, 0x0107, 0x0116})
 
-    Success, or a warning (0xB000, 0xB006, 0xB007: stored, with coercion or elements
-    discarded). An object that was not sent (`NotAccepted`) was not stored.
-    """
+
+def warning(status: Answer) -> bool:
+    """Whether a C-STORE status is a warning: the peer stored the object, with a remark
+    (0xBxxx, such as 0xB000 coercion or 0xB007 elements discarded, or `OTHER_WARNINGS`)."""
     if isinstance(status, NotAccepted):
         return False
-    return status == 0x0000 or (status & 0xF000) == 0xB000
+    return (status & 0xF000) == 0xB000 or status in OTHER_WARNINGS
+
+
+def stored(status: Answer) -> bool:
+    """Whether a C-STORE status means the peer stored the object: Success, or a
+    `warning`. An object that was not sent (`NotAccepted`) was not stored.
+    """
+    return status == 0x0000 or warning(status)
 
 
 @dataclass(frozen=True)
 class SendOutcome:
     path: Path
-    status: int  # DICOM status from the peer; 0x0000 success, 0xB000.. warnings
+    status: int  # DICOM status from the peer; 0x0000 success, 0xBxxx and others warnings
 
     @property
     def ok(self) -> bool:
@@ -174,6 +190,96 @@ def _bound_every_wait(timeout: float) -> Callable[[evt.Event], None]:
     return bound
 
 
+#: How often a wait for an answer looks at whether the request is still going out, in
+#: seconds at most: the answer itself ends the wait as it comes.
+_PROGRESS_POLL = 0.25
+
+
+class _WaitFromLastProgress:
+    """Makes every DIMSE wait for an answer on one association last ``timeout`` seconds
+    from the last progress of what we send, not from the request.
+
+    pynetdicom queues every P-DATA PDU of a request at once and then waits at most its
+    DIMSE timeout, in all, for the answer (``DIMSEServiceProvider.get_msg``): a 12 MB
+    heat map over a link slower than about 3 Mbit/s was aborted on every attempt, as
+    "no answer", while the data flowed. Here the wait goes on while the DUL still has
+    PDUs to send or is sending one (each send that makes no progress for ``timeout``
+    fails: `_bound_every_wait`; the DUL then aborts and the wait ends), and while the
+    peer acknowledges what the kernel still holds of them (Linux's ``TIOCOUTQ``, the
+    bytes sent and not yet acknowledged, going down); ``timeout`` seconds after the
+    last of these, with no answer, it ends as pynetdicom's does: no answer, aborted.
+
+    Installed by an ``EVT_CONN_OPEN`` handler; on a pynetdicom without the public
+    attributes this uses (``dul.to_provider_queue``, ``dimse.msg_queue``, the socket's
+    ``send``) it installs nothing, and the DIMSE timeout bounds the whole request again.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._sending = 0  # sends of the DUL under way (one at most)
+        self._last_progress = time.monotonic()
+
+    def __call__(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        transport = getattr(assoc.dul, "socket", None)
+        outgoing: queue.Queue[Any] | None = getattr(assoc.dul, "to_provider_queue", None)
+        answers: queue.Queue[Any] | None = getattr(assoc.dimse, "msg_queue", None)
+        send = getattr(transport, "send", None)
+        if transport is None or outgoing is None or answers is None or send is None:
+            logger.debug("pynetdicom's DIMSE timeout bounds each whole request")
+            return
+        sock = transport.socket
+
+        def counted_send(data: bytes) -> None:
+            self._sending += 1
+            try:
+                send(data)
+            finally:
+                self._sending -= 1
+                self._last_progress = time.monotonic()
+
+        get = assoc.dimse.get_msg
+
+        def get_msg(block: bool = False) -> Any:
+            if not block:
+                return get(block=False)
+            self._last_progress = time.monotonic()
+            unacknowledged = _unacknowledged(sock)
+            while True:
+                now = time.monotonic()
+                left = self._last_progress + self.timeout - now
+                if left <= 0:
+                    return None, None
+                try:
+                    return answers.get(timeout=min(left, _PROGRESS_POLL))
+                except queue.Empty:
+                    pass
+                before, unacknowledged = unacknowledged, _unacknowledged(sock)
+                busy = assoc.dul.is_alive() and (self._sending or not outgoing.empty())
+                draining = (
+                    before is not None and unacknowledged is not None and unacknowledged < before
+                )
+                if busy or draining:
+                    self._last_progress = time.monotonic()
+
+        # instance attributes in front of the methods: both are looked up on each call
+        setattr(transport, "send", counted_send)  # noqa: B010
+        setattr(assoc.dimse, "get_msg", get_msg)  # noqa: B010
+
+
+def _unacknowledged(sock: socket.socket | None) -> int | None:
+    """Bytes written to ``sock`` that the peer has not acknowledged yet; None where the
+    kernel does not say (not Linux, or the socket closed)."""
+    request = getattr(termios, "TIOCOUTQ", None)
+    if sock is None or request is None:
+        return None
+    try:
+        answer = fcntl.ioctl(sock.fileno(), request, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return None
+    return int(struct.unpack("i", answer)[0])
+
+
 def _associate(
     ae_title: str,
     host: str,
@@ -198,6 +304,7 @@ def _associate(
     handlers: list[Any] = [
         *LOW_LATENCY_HANDLERS,
         (evt.EVT_CONN_OPEN, _bound_every_wait(timeout)),
+        (evt.EVT_CONN_OPEN, _WaitFromLastProgress(timeout)),
         (evt.EVT_CONN_OPEN, lambda _: seen.add("connected")),
         (evt.EVT_ACCEPTED, lambda _: seen.add("accepted")),
     ]
@@ -211,7 +318,7 @@ def _associate(
             f"no connection (refused, unreachable, or no {handshake} in {connect_timeout:g} s)",
         )
     if assoc.is_rejected:
-        return assoc, "rejected"
+        return assoc, _rejection(assoc.acceptor.primitive)
     if "accepted" in seen and not assoc.accepted_contexts:
         # the peer accepted the association and none of its presentation contexts;
         # pynetdicom then aborts it
@@ -222,6 +329,15 @@ def _associate(
     return assoc, "aborted" if assoc.is_aborted else "no answer"
 
 
+def _rejection(answer: A_ASSOCIATE | None) -> str:
+    """Why the peer rejected the association, in the words of its A-ASSOCIATE-RJ
+    (PS3.8 9.3.4): "rejected (permanent): Called AE title not recognised"."""
+    if answer is None or answer.result not in (0x01, 0x02):
+        return "rejected"
+    lasting = "permanent" if answer.result == 0x01 else "transient"
+    return f"rejected ({lasting}): {answer.reason_str}"
+
+
 def echo(
     ae_title: str,
     host: str,
@@ -230,25 +346,33 @@ def echo(
     calling_ae_title: str,
     timeout: float = 10,
     ssl_context: ssl.SSLContext | None = None,
-) -> bool:
-    """C-ECHO a node (over TLS with ``ssl_context``); True when it answered Success."""
-    try:
-        assoc = open_association(
-            ae_title,
-            host,
-            port,
-            calling_ae_title=calling_ae_title,
-            contexts=[(VERIFICATION_SOP_CLASS, None)],
-            timeout=timeout,
-            ssl_context=ssl_context,
-        )
-    except SendError:
-        return False
+) -> int:
+    """C-ECHO a node (over TLS with ``ssl_context``); the status it answered (0x0000
+    Success).
+
+    Raises
+    ------
+    SendError
+        No association, with the reason (no connection, rejected and why, ...), or no
+        answer to the C-ECHO.
+    """
+    assoc = open_association(
+        ae_title,
+        host,
+        port,
+        calling_ae_title=calling_ae_title,
+        contexts=[(VERIFICATION_SOP_CLASS, None)],
+        timeout=timeout,
+        ssl_context=ssl_context,
+    )
     try:
         status = assoc.send_c_echo()
-        return bool(status) and status.Status == 0x0000
     finally:
-        assoc.release()
+        if assoc.is_established:
+            assoc.release()
+    if not status or "Status" not in status:
+        raise SendError(f"{ae_title}@{host}:{port} did not answer the C-ECHO")
+    return int(status.Status)
 
 
 def send_files(
@@ -444,7 +568,12 @@ def send_datasets(
                 raise SendError(
                     f"{destination} did not answer a C-STORE", answered=answers, unanswered=True
                 )
-            answers.append(int(status.Status))
+            answer = int(status.Status)
+            if warning(answer):
+                logger.warning(
+                    "%s stored an object with warning status 0x%04X", destination, answer
+                )
+            answers.append(answer)
     finally:
         if assoc.is_established:
             # A request without its answer is not released (the peer may still answer

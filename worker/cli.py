@@ -946,7 +946,11 @@ ABANDON_LISTED = 20
 @click.option("--yes", is_flag=True, help="Abandon them without asking.")
 @click.pass_context
 def abandon_deliveries(
-    ctx: click.Context, delivery_ids: tuple[int, ...], reason: str, yes: bool
+    ctx: click.Context,
+    delivery_ids: tuple[int, ...],
+    reason: str,
+    yes: bool,
+    including_notes: bool,
 ) -> None:
     """Give up failed deliveries on purpose (the ids given): never sent again.
 
@@ -957,10 +961,12 @@ def abandon_deliveries(
     of ours whose destinations are no longer configured (a node decommissioned: nothing
     can send them; listed with a warning that the PACS there may still show the result
     they withdraw): where an id given is not one (a note to a configured destination,
-    which withdraws a result it may show, is never given up), nothing is abandoned.
+    which withdraws a result it may show, is given up only with --including-notes, for
+    one the destination never takes, with a warning that the result stays at the PACS,
+    to be withdrawn there by hand), nothing is abandoned.
     Asks before it abandons them, unless --yes.
     """
-    from worker.delivery import abandon_failed, abandonable
+    from worker.delivery import abandon_failed, abandonable, configured
 
     reason = " ".join(reason.split())
     if not reason:
@@ -968,12 +974,20 @@ def abandon_deliveries(
     settings = _settings(ctx)
     _require_schema(settings)
     url = settings.effective_database_url
-    failed, refused = abandonable(url, delivery_ids, settings)
+    failed, refused = abandonable(url, delivery_ids, settings, including_notes=including_notes)
     if refused:
         why = "; ".join(f"delivery {i} {text}" for i, text in sorted(refused.items()))
+@click.option(
+    "--including-notes",
+    is_flag=True,
+    help=(
+        "Abandon failed rejection notes of ours to configured destinations too (a "
+        "destination that never takes them): the results they withdraw stay at the PACS, "
+        "to be withdrawn there by hand."
+    ),
+)
         raise click.ClickException(
-            "nothing abandoned: only failed deliveries can be abandoned (a rejection note only "
-            f"where its destination is no longer configured), and {why}"
+            f"nothing abandoned: only failed deliveries can be abandoned{notes_too}, and {why}"
         )
     file = {True: "; its file removed by retention", False: "; its file not found", None: ""}
     for d in failed[:ABANDON_LISTED]:
@@ -983,13 +997,23 @@ def abandon_deliveries(
         )
     if len(failed) > ABANDON_LISTED:
         click.echo(f"and {len(failed) - ABANDON_LISTED} more failed deliveries")
-    # only those to destinations no longer configured: `abandonable` refuses the others
+    # to configured destinations only --including-notes: `abandonable` refuses them
     notes = sum(1 for d in failed if d.kind == "ko")
-    if notes:
+    there = [d.id for d in failed if d.kind == "ko" and configured(settings, d.destination)]
+    if notes > len(there):
         click.echo(
-            f"warning: {notes} of them are rejection notes to destinations no longer "
-            "configured: the PACS there may still show the results they withdraw, and "
-            "nothing withdraws them once abandoned"
+            f"warning: {notes - len(there)} of them are rejection notes to destinations no "
+            "longer configured: the PACS there may still show the results they withdraw, "
+            "and nothing withdraws them once abandoned"
+        )
+    if there:
+        click.echo(
+            f"WARNING: {len(there)} of them are rejection notes of ours to configured "
+            f"destinations (deliveries {' '.join(map(str, there))}): each withdraws an SR or "
+            "SC of ours that the PACS has or may have (its image rejected by the PACS, or "
+            "now under another patient or study). Abandoned, it is never sent: that result "
+            "stays at the PACS, perhaps under the wrong patient, and 'status' no longer "
+            "reports it; withdraw it there by hand"
         )
     if not yes:
         what = "deliveries" if notes else "SR and SC deliveries"
@@ -998,8 +1022,20 @@ def abandon_deliveries(
             "none reaches the destination it failed to"
         )
         if not _agreed(question):
+        notes_too = (
+            ""
+            if including_notes
+            else " (a rejection note only where its destination is no longer configured)"
+        )
             raise click.ClickException("nothing abandoned: answer y to the question, or pass --yes")
-    done = abandon_failed(url, [d.id for d in failed], reason=reason, by=_who(), settings=settings)
+    done = abandon_failed(
+        url,
+        [d.id for d in failed],
+        reason=reason,
+        by=_who(),
+        settings=settings,
+        including_notes=including_notes,
+    )
     click.echo(
         f"{len(done)} failed deliveries abandoned: never sent again, and 'status' counts "
         "them as abandoned"
@@ -1458,16 +1494,21 @@ def echo(ctx: click.Context, destination: str, calling_ae: str | None, tls: bool
         dest = Destination.parse(destination)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="DESTINATION") from exc
-    if c_echo(
-        dest.ae_title,
-        dest.host,
-        dest.port,
-        calling_ae_title=calling_ae or settings.ae_title,
-        ssl_context=_client_tls(settings, tls),
-    ):
+    try:
+        status = c_echo(
+            dest.ae_title,
+            dest.host,
+            dest.port,
+            calling_ae_title=calling_ae or settings.ae_title,
+            ssl_context=_client_tls(settings, tls),
+        )
+    except SendError as exc:  # refused, rejected (and why), TLS failed, not answered
+        console.print(f"[red]{dest}: no C-ECHO answer: {escape(str(exc))}[/]")
+        ctx.exit(1)
+    if status == 0x0000:
         console.print(f"{dest}: C-ECHO succeeded")
     else:
-        console.print(f"[red]{dest}: no C-ECHO answer[/]")
+        console.print(f"[red]{dest}: C-ECHO answered status 0x{status:04X}[/]")
         ctx.exit(1)
 
 
@@ -1491,6 +1532,9 @@ def demo_image(output: Path, age_months: float, sex: str, modality: str, seed: i
     birth = study - dt.timedelta(days=round(age_months * 30.4375))
     pixels = np.round(phantom.image * 4095).astype(np.uint16)
     ds = make_radiograph_dataset(
+    from rich.markup import escape
+
+    from dicom_io.scu import SendError
         pixels, modality=modality, sex=sex, birth_date=birth, study_date=study
     )
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -208,9 +208,12 @@ def send_deliveries(
     by_destination: dict[str, list[_Claimed]] = {}
     for row in claimed:
         by_destination.setdefault(row.destination, []).append(row)
+    # the ids the destination answered stored, or that went unanswered: at the PACS, or
+    # maybe, whatever fails after the answer (recording it, the database away)
+    arrived: set[int] = set()
     for destination_text, rows in by_destination.items():
         try:
-            _send_to(rt, destination_text, rows, outcomes)
+            _send_to(rt, destination_text, rows, outcomes, arrived)
         except Exception as exc:
             # A fault of ours (or of a library) must still cost the claimed rows an
             # attempt: raised, it would leave them pending under the claim, sent again
@@ -226,8 +229,15 @@ def send_deliveries(
             )
             for row in rows:
                 if row.id not in outcomes:
+                    # one stored, its success not recorded, keeps this claim's mark: a
+                    # rejection note of ours withdraws it even if it is superseded before
+                    # it is sent again
                     outcomes[row.id] = _record_failure(
-                        rt, row.id, error, sent_before=row.sent_before
+                        rt,
+                        row.id,
+                        error,
+                        may_have_arrived=row.id in arrived,
+                        sent_before=row.sent_before,
                     )
     return {delivery_id: outcomes[delivery_id] for delivery_id in ids}
 
@@ -420,9 +430,13 @@ def _send_to(
     destination_text: str,
     rows: list[_Claimed],
     outcomes: dict[int, DeliveryOutcome],
+    arrived: set[int] | None = None,
 ) -> None:
     """Send ``rows`` to one destination; each row's outcome goes into ``outcomes``
-    as soon as it is recorded."""
+    as soon as it is recorded, and the id of each the destination may have stored
+    (answered stored, or sent and never answered) into ``arrived`` as soon as its
+    answer comes, before anything is recorded."""
+    arrived = set() if arrived is None else arrived
     settings = rt.settings
     try:
         destination = Destination.parse(destination_text)
@@ -512,11 +526,13 @@ def _send_to(
     for index, (row, _) in enumerate(sendable):
         answer = answered[index] if index < len(answered) else None
         if answer is None:
+            if unanswered and index == len(answered):
+                arrived.add(row.id)
             outcomes[row.id] = _record_failure(
                 rt,
                 row.id,
                 broken or "not sent",
-                may_have_arrived=unanswered and index == len(answered),
+                may_have_arrived=row.id in arrived,
                 sent_before=row.sent_before,
             )
         elif isinstance(answer, NotAccepted):
@@ -526,6 +542,7 @@ def _send_to(
                 rt, row.id, answer.reason, permanent=True, sent_before=row.sent_before
             )
         elif stored(answer):
+            arrived.add(row.id)
             delivered.append(row.id)
         elif refused_for_good(answer):
             error = f"{destination} answered status 0x{answer:04X} (a refusal: not sent again)"
@@ -667,10 +684,10 @@ def _record_failure(
     its attempts are spent; a delivery found delivered meanwhile is left as it is.
 
     ``may_have_arrived``: the object went and its answer never came (the destination
-    may have stored it). Its ``sending_since`` is kept: such an object, once
-    superseded, is taken as one that may be at the destination (named by the SR that
-    replaces it, withdrawn by a rejection note of ours, which then goes), as one whose
-    worker died sending it is.
+    may have stored it), or the destination stored it and recording that failed. Its
+    ``sending_since`` is kept: such an object, once superseded, is taken as one that may
+    be at the destination (named by the SR that replaces it, withdrawn by a rejection
+    note of ours, which then goes), as one whose worker died sending it is.
 
     Otherwise its ``sending_since`` becomes ``sent_before``, what it was before the
     claim of this attempt (`_Claimed.sent_before`): an attempt that failed without the
@@ -1258,17 +1275,24 @@ _NOT_ABANDONABLE = {
     DeliveryState.ABANDONED: "was abandoned already",
 }
 
-#: Why a failed rejection note of ours to a configured destination cannot be abandoned
-#: (`abandonable`): it withdraws an SR or SC the destination has or may have, after the
-#: PACS rejected its image or a correction moved it to another patient; given up, that
-#: result stays there, perhaps under the wrong patient, with `status` healthy. One to a
-#: destination no longer configured (a node decommissioned) can never be sent
+#: Why a failed rejection note of ours to a configured destination is not abandoned
+#: unless asked for by name (`abandonable`, ``including_notes``): it withdraws an SR or
+#: SC the destination has or may have, after the PACS rejected its image or a correction
+#: moved it to another patient; given up, that result stays there, perhaps under the
+#: wrong patient, with `status` healthy. Where the destination never takes it (no
+#: Key Object Selection accepted; a PACS that moved our SR with the study refusing a
+#: note naming it in the study it left), `abandon-deliveries --including-notes` gives it
+#: up, warning that the administrator must withdraw that result at the PACS by hand. One
+#: to a destination no longer configured (a node decommissioned) can never be sent
 #: (`retry_failed` puts it back to that destination, where it fails again): it may be
-#: abandoned, `abandon-deliveries` warning that the PACS there may still show the result.
+#: abandoned without, `abandon-deliveries` warning that the PACS there may still show
+#: the result.
 _A_NOTE = (
     "is a rejection note: it withdraws a result the destination may show (its image "
     "rejected by the PACS, or under another patient now), which would stay there: make "
-    "the destination take it, then run 'boneage-worker retry-deliveries {id}'"
+    "the destination take it, then run 'boneage-worker retry-deliveries {id}'; where it "
+    "never will, --including-notes abandons it, and the result must be withdrawn at the "
+    "PACS by hand"
 )
 
 
@@ -1308,13 +1332,17 @@ class Abandonable:
 
 
 def abandonable(
-    database_url: str, delivery_ids: Sequence[int], settings: Settings
+    database_url: str,
+    delivery_ids: Sequence[int],
+    settings: Settings,
+    *,
+    including_notes: bool = False,
 ) -> tuple[list[Abandonable], dict[int, str]]:
     """Of ``delivery_ids``, the failed SRs and SCs, and the failed rejection notes of ours
-    whose destinations ``settings`` no longer configures, in id order, and, for each of
-    the others, why it cannot be abandoned (no such delivery, not failed:
-    `_NOT_ABANDONABLE`, or a rejection note of ours to a configured destination:
-    `_A_NOTE`)."""
+    whose destinations ``settings`` no longer configures (``including_notes``: every
+    failed note of ours), in id order, and, for each of the others, why it cannot be
+    abandoned (no such delivery, not failed: `_NOT_ABANDONABLE`, or a rejection note of
+    ours to a configured destination: `_A_NOTE`)."""
     ids = sorted(set(delivery_ids))
     failed: list[Abandonable] = []
     refused: dict[int, str] = {}
@@ -1334,7 +1362,11 @@ def abandonable(
                 refused[delivery_id] = "does not exist"
             elif row.state is not DeliveryState.FAILED:
                 refused[delivery_id] = _NOT_ABANDONABLE[row.state]
-            elif row.kind is ObjectKind.KO and configured(settings, row.destination):
+            elif (
+                row.kind is ObjectKind.KO
+                and not including_notes
+                and configured(settings, row.destination)
+            ):
                 refused[delivery_id] = _A_NOTE.format(id=delivery_id)
             else:
                 failed.append(
@@ -1400,6 +1432,7 @@ def abandon_failed(
     reason: str,
     by: str,
     settings: Settings | None = None,
+    including_notes: bool = False,
 ) -> list[int]:
     """Give up the failed deliveries of ``delivery_ids`` on purpose: `abandoned`, never
     sent again, their ``last_error`` saying who (``by``), when and why (`abandoned_note`),
@@ -1409,7 +1442,8 @@ def abandon_failed(
     back by a `retry-deliveries` run meanwhile, or superseded by a later assessment or a
     rejection by the PACS) is left as it is, and is not among the ids returned, as is a
     rejection note of ours, which `abandonable` refuses (`_A_NOTE`), unless ``settings``
-    no longer configure its destination. The
+    no longer configure its destination, or ``including_notes`` (the administrator
+    withdraws its result at the PACS by hand). The
     images' rows are taken first, in id order, as every path that changes an image's
     deliveries takes them (`db.queries.take_instances`).
     """
@@ -1421,12 +1455,10 @@ def abandon_failed(
     for start in range(0, len(ids), _CHUNK):
         chunk = ids[start : start + _CHUNK]
         with session_scope(database_url) as session:
-            notes = _notes_unconfigured(session, settings, chunk)
-            given_up = (
-                Delivery.id.in_(chunk),
-                Delivery.state == DeliveryState.FAILED,
-                or_(Delivery.kind != ObjectKind.KO, Delivery.id.in_(notes)),
-            )
+            given_up = [Delivery.id.in_(chunk), Delivery.state == DeliveryState.FAILED]
+            if not including_notes:
+                notes = _notes_unconfigured(session, settings, chunk)
+                given_up.append(or_(Delivery.kind != ObjectKind.KO, Delivery.id.in_(notes)))
             take_instances(session, session.scalars(select(Delivery.instance_id).where(*given_up)))
             done += session.scalars(
                 update(Delivery)

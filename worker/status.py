@@ -84,6 +84,7 @@ def collect(settings: Settings) -> dict[str, Any]:
         gone = _files_gone(session, failed, settings)
         abandoned_there = _abandoned_there(session, failed, settings, gone)
         abandoned, newest_abandoned = queries.abandoned_deliveries(session, FAILED_SHOWN)
+        abandoned_notes = queries.abandoned_notes(session)
     space = disk_space(settings.data_dir)
     report["storage"] = {
         "free_bytes": space.free_bytes if space else None,
@@ -139,6 +140,8 @@ def collect(settings: Settings) -> dict[str, Any]:
     # given up on purpose: no problem, but never out of sight (their errors say why)
     report["abandoned_deliveries"] = {
         "count": abandoned,
+        # rejection notes of ours: the results they withdraw stay at the PACS
+        "notes": abandoned_notes,
         "newest": [
             {
                 "id": d.id,
@@ -499,12 +502,21 @@ def _failed_rest(rest: list[dict[str, Any]]) -> str:
 
 
 def _abandoned_line(abandoned: dict[str, Any]) -> str:
-    """The deliveries the administrator gave up, in one line: how many, and the newest
-    one's error (who gave it up, when and why)."""
+    """The deliveries the administrator gave up, in one line: how many, the rejection
+    notes of ours among them apart (what they withdraw stays at the PACS), and the
+    newest one's error (who gave it up, when and why)."""
     newest = abandoned["newest"][0]
+    notes = abandoned.get("notes") or 0
+    withdrawn = (
+        f"; {notes} of them are rejection notes of ours: the results they withdraw stay "
+        "at the PACS unless withdrawn there by hand"
+        if notes
+        else ""
+    )
     return (
         f"{abandoned['count']} deliveries abandoned by the administrator, never sent: their "
-        "results are in the database only ('status --json' lists the newest); the newest, "
+        f"results are in the database only ('status --json' lists the newest){withdrawn}; "
+        "the newest, "
         f"delivery {newest['id']} ({newest['kind']} to {newest['destination']}): "
         f"{newest['error'] or 'no reason recorded'}"
     )

@@ -25,17 +25,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage
 from sqlalchemy import insert, select, update
 
 from db.engine import session_scope
 from db.schema import Delivery, DeliveryState, Instance, InstanceState, ObjectKind
 from db.schema import utcnow as now
+from tests.integration.test_delivery import PynetdicomPACS
 from tests.integration.test_pipeline import make_runtime, spool_dataset, spool_instance
 from tests.integration.test_rejection_notes import image_of
 from tests.support import free_port, pacs_rejection_note
 from worker import delivery
 from worker.cli import _broker_shown
-from worker.delivery import abandon_failed, retry_failed
+from worker.delivery import abandon_failed, retry_failed, send_deliveries
 from worker.pipeline import assess_instance
 from worker.retention import remove_expired_files
 from worker.runtime import Runtime
@@ -585,7 +587,8 @@ def test_a_rejection_note_of_ours_cannot_be_abandoned(runtime: Runtime) -> None:
         f"delivery {note} is a rejection note: it withdraws a result the destination may "
         "show (its image rejected by the PACS, or under another patient now), which would "
         "stay there: make the destination take it, then run 'boneage-worker "
-        f"retry-deliveries {note}'"
+        f"retry-deliveries {note}'; where it never will, --including-notes abandons it, and "
+        "the result must be withdrawn at the PACS by hand"
     ]
     assert {state for state, _ in _states(runtime).values()} == {DeliveryState.FAILED}
     # nor by the function the command calls, given one
@@ -665,6 +668,82 @@ def test_retry_deliveries_names_the_ids_given_that_are_not_failed(runtime: Runti
     Before, it said only "0 failed deliveries queued again"."""
     instance_id = _instance(runtime)
     failed = _delivery(runtime, instance_id, "9.9.1", destination=NEW, state=DeliveryState.FAILED)
+def test_a_rejection_note_its_destination_never_takes_is_abandoned_only_by_name(
+    runtime: Runtime, tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """A PACS that takes our SR and SC but no Key Object Selection. It rejects the image:
+    our notes withdrawing them fail at once (no presentation context), and can never
+    go. Before, `abandon-deliveries` refused them, saying to make the destination take
+    them, and `status` stayed unhealthy for ever. Without --including-notes they are
+    still refused, the refusal naming it; with it they are abandoned, after a warning
+    that the results stay at the PACS, to be withdrawn there by hand; `status` then
+    counts them apart, no longer as a problem."""
+    pacs = PynetdicomPACS([ComprehensiveSRStorage, SecondaryCaptureImageStorage])
+    try:
+        rt = _node(runtime, tmp_path, tiny_checkpoint, pacs.destination)
+        image_id = spool_instance(rt)
+        sent = send_deliveries(rt, assess_instance(rt, image_id).delivery_ids)
+        assert {o.state for o in sent.values()} == {"delivered"}
+        rejection = pacs_rejection_note(image_of(rt, image_id))
+        notes = assess_instance(rt, spool_dataset(rt, rejection)).delivery_ids
+        refused = send_deliveries(rt, notes)
+    finally:
+        pacs.stop()
+    assert len(notes) == 2
+    assert [o.state for o in refused.values()] == ["failed", "failed"]
+    assert all(
+        (o.error or "").startswith("no presentation context accepted for Key Object Selection")
+        for o in refused.values()
+    )
+    assert [p for p in collect(rt.settings)["problems"] if "2 deliveries failed" in p]
+    ids = sorted(notes)
+    there = {"BONEAGE_DESTINATIONS": pacs.destination}
+    reason = "the PACS takes no Key Object Selection"
+
+    without = _cli(rt, "abandon-deliveries", "--yes", "--reason", reason, *map(str, ids), **there)
+
+    assert without.returncode == 1
+    assert "--including-notes abandons it" in without.stderr
+    assert {_states(rt)[i][0] for i in ids} == {DeliveryState.FAILED}
+
+    done = _cli(
+        rt,
+        "abandon-deliveries",
+        "--including-notes",
+        "--reason",
+        reason,
+        *map(str, ids),
+        stdin="y\n",
+        **there,
+    )
+
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[2] == (
+        f"WARNING: 2 of them are rejection notes of ours to configured destinations "
+        f"(deliveries {ids[0]} {ids[1]}): each withdraws an SR or SC of ours that the PACS "
+        "has or may have (its image rejected by the PACS, or now under another patient or "
+        "study). Abandoned, it is never sent: that result stays at the PACS, perhaps under "
+        "the wrong patient, and 'status' no longer reports it; withdraw it there by hand"
+    )
+    assert lines[-1].endswith(
+        "[y/N]: 2 failed deliveries abandoned: never sent again, and "
+        "'status' counts them as abandoned"
+    )
+    assert {_states(rt)[i][0] for i in ids} == {DeliveryState.ABANDONED}
+    after = collect(rt.settings)
+    assert not [p for p in after["problems"] if "deliveries" in p]
+    assert (after["abandoned_deliveries"]["count"], after["abandoned_deliveries"]["notes"]) == (
+        2,
+        2,
+    )
+    shown = " ".join(_cli(rt, "status", COLUMNS="400", **there).stdout.split())
+    assert (
+        "2 of them are rejection notes of ours: the results they withdraw stay at the PACS "
+        "unless withdrawn there by hand"
+    ) in shown
+
+
     abandoned = _failed_with_files_removed(runtime, "9.9.2")
     abandon_failed(runtime.database_url, [abandoned], reason="gone", by="me")
     delivered = _delivery(runtime, instance_id, "9.9.3", state=DeliveryState.DELIVERED)

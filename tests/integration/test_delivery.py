@@ -9,9 +9,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import Dataset, dcmread
@@ -22,15 +24,16 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 from pynetdicom import AE, evt
-from sqlalchemy import select
+from sqlalchemy import event, select
+from sqlalchemy import text as sql
 
-from db.engine import session_scope, upgrade
-from db.schema import Delivery, DeliveryState, ObjectKind, utcnow
+from db.engine import get_engine, session_scope, upgrade
+from db.schema import Delivery, DeliveryState, Instance, ObjectKind, utcnow
 from dicom_io.scu import SendError
 from tests.conftest import StoreSCP
 from tests.dicomtools import dciodvfy_errors
-from tests.integration.test_pipeline import spool_instance
-from tests.support import wait_for
+from tests.integration.test_pipeline import spool_dataset, spool_instance
+from tests.support import pacs_rejection_note, wait_for
 from worker import delivery
 from worker.delivery import claim_seconds, send_deliveries
 from worker.pipeline import assess_instance
@@ -513,3 +516,136 @@ def test_a_refusal_of_the_object_itself_is_not_sent_again(
         assert (row.next_attempt_at is not None) is attempts_left
         expected = DeliveryState.PENDING if attempts_left else DeliveryState.FAILED
         assert row.state is expected
+
+
+def test_a_warning_outside_0xbxxx_is_delivered(
+    tmp_path: Path, tiny_checkpoint: Path, database_url: str
+) -> None:
+    # 0x0107 (Attribute List Error) is a warning (PS3.7 Annex C): the object was stored.
+    # It was a failure: sent again on every retry, then failed, never "arrived".
+    pacs = PynetdicomPACS([ComprehensiveSRStorage, SecondaryCaptureImageStorage], 0x0107)
+    try:
+        rt = make_runtime(tmp_path, tiny_checkpoint, database_url, pacs)
+        ids = assess_instance(rt, spool_instance(rt)).delivery_ids
+
+        sent = send_deliveries(rt, ids)
+    finally:
+        pacs.stop()
+    assert len(pacs.received) == 2
+    assert [o.state for o in sent.values()] == ["delivered", "delivered"]
+    for row in rows(rt).values():
+        assert row.state is DeliveryState.DELIVERED and row.attempts == 1
+        assert row.last_error is None and row.next_attempt_at is None
+        assert row.sending_since is None and row.delivered_at is not None
+
+
+@contextmanager
+def _delivered_refused(url: str) -> Iterator[None]:
+    """The database refusing, by a trigger, to record a delivery delivered: what fails
+    after the destination answered Success. Only that UPDATE fails; any other goes."""
+    with session_scope(url) as session:
+        if session.get_bind().dialect.name == "sqlite":
+            session.execute(
+                sql(
+                    "CREATE TRIGGER refuse_delivered BEFORE UPDATE OF state ON deliveries "
+                    "WHEN NEW.state = 'delivered' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+                )
+            )
+        else:
+            session.execute(
+                sql(
+                    "CREATE FUNCTION refuse_delivered() RETURNS trigger LANGUAGE plpgsql "
+                    "AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$"
+                )
+            )
+            session.execute(
+                sql(
+                    "CREATE TRIGGER refuse_delivered BEFORE UPDATE ON deliveries FOR EACH ROW "
+                    "WHEN (NEW.state = 'delivered') EXECUTE FUNCTION refuse_delivered()"
+                )
+            )
+    yield
+
+
+@contextmanager
+def _connection_killed(url: str) -> Iterator[None]:
+    """PostgreSQL: the connection that is about to record a delivery delivered killed by
+    the server (``pg_terminate_backend``, waiting until it is gone) just before it does,
+    as a failover or a restart of the server kills it."""
+    import psycopg
+
+    engine = get_engine(url)
+    killed: list[int] = []
+
+    def kill(
+        conn: Any, _cursor: Any, statement: str, parameters: Any, *_args: Any, **_kwargs: Any
+    ) -> None:
+        if killed or not statement.startswith("UPDATE deliveries SET state="):
+            return
+        if parameters.get("state") != "delivered":
+            return
+        pid = conn.connection.dbapi_connection.info.backend_pid
+        with psycopg.connect(url.replace("+psycopg", ""), autocommit=True) as other:
+            assert other.execute("SELECT pg_terminate_backend(%s, 10000)", [pid]).fetchone()
+        killed.append(pid)
+
+    event.listen(engine, "before_cursor_execute", kill)
+    try:
+        yield
+    finally:
+        event.remove(engine, "before_cursor_execute", kill)
+    assert killed
+
+
+def test_objects_stored_whose_success_was_not_recorded_may_be_at_the_destination(
+    tmp_path: Path, tiny_checkpoint: Path, database_url: str
+) -> None:
+    """The PACS stores the SR and SC, then the database refuses to record them
+    delivered. Their attempt counts as failed, to be retried, and they keep the claim's
+    mark: the PACS has them. Rejected by the PACS before they are sent again, our notes
+    withdraw them there. Before, the mark was erased as for an object never sent: they
+    were taken as never arrived, and nothing withdrew them."""
+    _stored_then_rejected(tmp_path, tiny_checkpoint, database_url, _delivered_refused)
+
+
+def test_objects_stored_as_the_database_connection_dies_may_be_at_the_destination(
+    tmp_path: Path, tiny_checkpoint: Path, postgres_url: str
+) -> None:
+    """The same, the connection recording them delivered killed by PostgreSQL."""
+    _stored_then_rejected(tmp_path, tiny_checkpoint, postgres_url, _connection_killed)
+
+
+def _stored_then_rejected(
+    tmp_path: Path,
+    tiny_checkpoint: Path,
+    database_url: str,
+    fails: Callable[[str], AbstractContextManager[None]],
+) -> None:
+    """An image's SR and SC stored by the PACS while ``fails``, then the image rejected
+    by the PACS: the SR and SC pending, marked as sent, and withdrawn by our notes."""
+    pacs = PynetdicomPACS([ComprehensiveSRStorage, SecondaryCaptureImageStorage])
+    try:
+        rt = make_runtime(tmp_path, tiny_checkpoint, database_url, pacs)
+        image_id = spool_instance(rt)
+        ids = assess_instance(rt, image_id).delivery_ids
+
+        with fails(rt.database_url):
+            sent = send_deliveries(rt, ids)
+    finally:
+        pacs.stop()
+
+    assert pacs.received == [ComprehensiveSRStorage, SecondaryCaptureImageStorage]
+    assert [o.state for o in sent.values()] == ["retry", "retry"]
+    for row in rows(rt).values():
+        assert (row.state, row.attempts) == (DeliveryState.PENDING, 1)
+        assert row.sending_since is not None
+        assert (row.last_error or "").startswith("internal error while sending")
+
+    with session_scope(rt.database_url) as session:
+        rejection = pacs_rejection_note(dcmread(session.get_one(Instance, image_id).spool_path))
+    notes = assess_instance(rt, spool_dataset(rt, rejection)).delivery_ids
+
+    with session_scope(rt.database_url) as session:
+        made = [session.get_one(Delivery, n) for n in notes]
+        assert [(d.kind, d.destination) for d in made] == [(ObjectKind.KO, pacs.destination)] * 2
+        assert {session.get_one(Delivery, i).state for i in ids} == {DeliveryState.SUPERSEDED}

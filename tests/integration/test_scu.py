@@ -8,6 +8,7 @@ import ssl
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -35,6 +36,8 @@ from dicom_io.scu import (
 )
 from dicom_io.synthetic import make_radiograph_dataset
 from tests.conftest import StoreSCP
+from tests.proxy import SlowLink
+from tests.support import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -379,3 +382,167 @@ def test_a_host_that_drops_the_connection_attempt_fails_within_the_connect_bound
             elapsed = time.monotonic() - started
     assert "no connection" in str(raised.value) and "TCP connection in 1 s" in str(raised.value)
     assert elapsed < 30
+
+
+def _radiograph(path: Path, side: int) -> Path:
+    make_radiograph_dataset(
+        np.random.default_rng(side).random((side, side), dtype=np.float32),
+        birth_date=None,
+        study_date=dt.date(2026, 1, 1),
+    ).save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("warning", [0x0001, 0x0107, 0x0116, 0xB000])
+def test_a_warning_outside_0xbxxx_is_stored(
+    tmp_path: Path, warning: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    # PS3.7 Annex C: 0x0001, 0x0107 and 0x0116 are warnings, the object stored; they were
+    # taken for failures, and the object sent again on every retry.
+    from tests.integration.test_delivery import PynetdicomPACS
+
+    path = _radiograph(tmp_path / "one.dcm", 8)
+    pacs = PynetdicomPACS([str(dcmread(path).SOPClassUID)], warning)
+    try:
+        with caplog.at_level("WARNING", logger="dicom_io.scu"):
+            [outcome] = send_files(
+                [path],
+                ae_title=pacs.ae_title,
+                host="127.0.0.1",
+                port=int(pacs.destination.rsplit(":", 1)[1]),
+                calling_ae_title="BONEAGE",
+            )
+    finally:
+        pacs.stop()
+    assert outcome.status == warning and outcome.ok
+    assert scu.stored(warning) and scu.warning(warning)
+    assert f"stored an object with warning status 0x{warning:04X}" in caplog.text
+
+
+def test_failures_and_success_are_no_warnings() -> None:
+    for status in (0x0000, 0xA700, 0xA900, 0xC000, 0x0110, 0x0122):
+        assert not scu.warning(status)
+    assert [scu.stored(s) for s in (0x0000, 0xA700, 0x0110)] == [True, False, False]
+    assert not scu.stored(NotAccepted("no presentation context"))
+
+
+def _rejecting_scp(**requires: Any) -> Any:
+    from pynetdicom import AE
+
+    ae = AE(ae_title="PACS")
+    for name, value in requires.items():
+        setattr(ae, name, value)
+    ae.add_supported_context(VERIFICATION_SOP_CLASS)
+    return ae.start_server(("127.0.0.1", 0), block=False)
+
+
+@pytest.mark.parametrize(
+    ("requires", "called", "reason"),
+    [
+        ({"require_called_aet": True}, "OTHER", "Called AE title not recognised"),
+        ({"require_calling_aet": ["PACSADMIN"]}, "PACS", "Calling AE title not recognised"),
+    ],
+)
+def test_a_rejected_association_says_why(
+    requires: dict[str, Any], called: str, reason: str
+) -> None:
+    server = _rejecting_scp(**requires)
+    try:
+        port = server.server_address[1]
+        with pytest.raises(SendError) as raised:
+            scu.echo(called, "127.0.0.1", port, calling_ae_title="BONEAGE")
+        accepted = scu.echo("PACS", "127.0.0.1", port, calling_ae_title="PACSADMIN")
+    finally:
+        server.shutdown()
+    assert str(raised.value) == (
+        f"association with {called}@127.0.0.1:{port} failed: rejected (permanent): {reason}"
+    )
+    assert accepted == 0x0000
+
+
+def test_the_echo_command_prints_why_it_got_no_answer() -> None:
+    from click.testing import CliRunner
+
+    from worker.cli import main
+
+    server = _rejecting_scp(require_called_aet=True)
+    try:
+        port = server.server_address[1]
+        rejected = CliRunner().invoke(main, ["echo", f"OTHER@127.0.0.1:{port}"])
+        answered = CliRunner().invoke(main, ["echo", f"PACS@127.0.0.1:{port}"])
+    finally:
+        server.shutdown()
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: the connection is refused
+        refused = CliRunner().invoke(main, ["echo", f"PACS@127.0.0.1:{closed.getsockname()[1]}"])
+    assert rejected.exit_code == 1
+    assert "no C-ECHO answer: association with OTHER@127.0.0.1" in rejected.output
+    assert "rejected (permanent): Called AE title not recognised" in rejected.output
+    assert answered.exit_code == 0 and "C-ECHO succeeded" in answered.output
+    assert refused.exit_code == 1 and "failed: no connection (refused" in refused.output
+
+
+def test_a_send_slower_than_the_timeout_that_keeps_going_is_answered(
+    storescp: StoreSCP, tmp_path: Path
+) -> None:
+    # pynetdicom waits its DIMSE timeout from the moment it queued every PDU: a heat map
+    # over a slow link was aborted on every attempt while its data flowed. 2 s timeout,
+    # about 6.5 s on the way.
+    path = _radiograph(tmp_path / "large.dcm", 1400)  # 3.9 MB of pixels
+    link = SlowLink(storescp.port, rate=600_000)
+    try:
+        started = time.monotonic()
+        [outcome] = send_files(
+            [path],
+            ae_title=storescp.ae_title,
+            host="127.0.0.1",
+            port=link.port,
+            calling_ae_title="BONEAGE",
+            timeout=2.0,
+        )
+        elapsed = time.monotonic() - started
+    finally:
+        link.close()
+    assert outcome.ok
+    assert elapsed > 4  # the timeout twice over, and more
+    [received] = storescp.wait_for_objects(1, timeout=30)
+    assert dcmread(received).SOPInstanceUID == dcmread(path).SOPInstanceUID
+
+
+def test_a_destination_that_stops_reading_still_fails_within_the_timeout(
+    storescp: StoreSCP, tmp_path: Path
+) -> None:
+    path = _radiograph(tmp_path / "large.dcm", 1400)
+    link = SlowLink(storescp.port, rate=600_000)
+    outcome: list[BaseException | list[SendOutcome]] = []
+
+    def send() -> None:
+        try:
+            outcome.append(
+                send_files(
+                    [path],
+                    ae_title=storescp.ae_title,
+                    host="127.0.0.1",
+                    port=link.port,
+                    calling_ae_title="BONEAGE",
+                    timeout=2.0,
+                )
+            )
+        except BaseException as exc:
+            outcome.append(exc)
+
+    try:
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        wait_for(lambda: link.forwarded > 500_000, timeout=30, what="half a megabyte carried")
+        link.stop_reading()
+        stopped = time.monotonic()
+        sender.join(30)
+        elapsed = time.monotonic() - stopped
+    finally:
+        link.close()
+    assert not sender.is_alive()
+    [raised] = outcome
+    assert isinstance(raised, SendError)
+    assert "did not answer a C-STORE" in str(raised) and raised.unanswered
+    assert elapsed < 15  # 2 s without progress, then the abort (its send bounded too)

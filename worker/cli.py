@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Literal, cast, get_args
 
 import click
-from pydantic import ValidationError
 from rich.console import Console
 
 from worker.cgroups import memory_limit
@@ -27,6 +26,7 @@ from worker.settings import (
     Precision,
     Settings,
     load_settings,
+    settings_error,
     threads_within_cpu_quota,
     usable_cpus,
 )
@@ -47,8 +47,9 @@ def _settings(ctx: click.Context, **overrides: Any) -> Settings:
     merged = {**obj.get("overrides", {}), **{k: v for k, v in overrides.items() if v is not None}}
     try:
         settings = load_settings(obj.get("config"), **merged)
-    except (ValidationError, ValueError) as exc:
-        raise click.ClickException(f"invalid settings: {exc}") from exc
+    except ValueError as exc:  # a pydantic ValidationError too
+        # its own text quotes the values given: a database URL's password among them
+        raise click.ClickException(f"invalid settings: {settings_error(exc)}") from None
     setup_logging(settings.log_level, settings.log_format)
     return settings
 
@@ -241,6 +242,29 @@ def _client_tls(settings: Settings, tls: bool | None) -> ssl.SSLContext | None:
         raise click.ClickException(f"TLS settings unusable: {exc}") from exc
 
 
+def _check_destinations_tls(settings: Settings) -> None:
+    """Stop at once, in one line, when BONEAGE_DESTINATIONS_TLS is on and the TLS files
+    make no context: a delivery worker would otherwise start, look alive, and fail every
+    delivery as "TLS settings unusable" until its attempts ran out, a day later. Each
+    attempt still builds its own (worker.delivery): a certificate renewed in place is
+    taken up without a restart."""
+    from worker.tls import client_context
+
+    try:
+        client_context(settings)
+    except (OSError, ssl.SSLError) as exc:
+        # ssl's errors do not say which file: the ones in play
+        files = "; ".join(
+            f"BONEAGE_{name.upper()} {path}"
+            for name in ("tls_ca_certificates", "tls_certificate", "tls_private_key")
+            if (path := getattr(settings, name)) is not None
+        )
+        raise click.ClickException(
+            f"TLS settings unusable for BONEAGE_DESTINATIONS_TLS: {exc} "
+            f"({files or 'the system CA store'})"
+        ) from exc
+
+
 @main.command()
 @click.option("--ae-title", help="BONEAGE_AE_TITLE")
 @click.option("--port", type=int, help="BONEAGE_PORT")
@@ -325,6 +349,8 @@ def work(
         )
     if "inference" in names:
         _check_model_file(settings)
+    if "delivery" in names:
+        _check_destinations_tls(settings)
     batch = settings.effective_inference_batch if "inference" in names else 1
     if batch > 1 and pool in ("solo", "prefork"):
         if settings.inference_batch > 1:
@@ -560,6 +586,7 @@ def serve(ctx: click.Context, ae_title: str | None, port: int | None) -> None:
 
     settings = _settings(ctx, ae_title=ae_title, port=port)
     _check_model_file(settings)  # its inference worker loads the model
+    _check_destinations_tls(settings)  # its delivery worker sends with them
     _private_files(settings)
     upgrade(settings.effective_database_url)
     prepare_embedded_broker(configure(settings))
@@ -944,6 +971,15 @@ ABANDON_LISTED = 20
     help="Why they are given up: kept in each delivery's row, with who and when.",
 )
 @click.option("--yes", is_flag=True, help="Abandon them without asking.")
+@click.option(
+    "--including-notes",
+    is_flag=True,
+    help=(
+        "Abandon failed rejection notes of ours to configured destinations too (a "
+        "destination that never takes them): the results they withdraw stay at the PACS, "
+        "to be withdrawn there by hand."
+    ),
+)
 @click.pass_context
 def abandon_deliveries(
     ctx: click.Context,
@@ -977,15 +1013,11 @@ def abandon_deliveries(
     failed, refused = abandonable(url, delivery_ids, settings, including_notes=including_notes)
     if refused:
         why = "; ".join(f"delivery {i} {text}" for i, text in sorted(refused.items()))
-@click.option(
-    "--including-notes",
-    is_flag=True,
-    help=(
-        "Abandon failed rejection notes of ours to configured destinations too (a "
-        "destination that never takes them): the results they withdraw stay at the PACS, "
-        "to be withdrawn there by hand."
-    ),
-)
+        notes_too = (
+            ""
+            if including_notes
+            else " (a rejection note only where its destination is no longer configured)"
+        )
         raise click.ClickException(
             f"nothing abandoned: only failed deliveries can be abandoned{notes_too}, and {why}"
         )
@@ -1022,11 +1054,6 @@ def abandon_deliveries(
             "none reaches the destination it failed to"
         )
         if not _agreed(question):
-        notes_too = (
-            ""
-            if including_notes
-            else " (a rejection note only where its destination is no longer configured)"
-        )
             raise click.ClickException("nothing abandoned: answer y to the question, or pass --yes")
     done = abandon_failed(
         url,
@@ -1238,7 +1265,11 @@ def reprocess(
 @main.command()
 @click.pass_context
 def reconcile(ctx: click.Context) -> None:
-    """Queue again the work whose broker messages were lost."""
+    """Queue again the work whose broker messages were lost.
+
+    Where the broker does not take the messages, what was not queued stays for the
+    reconciler's next round, and the command exits with status 1.
+    """
     from worker import tasks
     from worker.celery_app import configure
 
@@ -1249,6 +1280,16 @@ def reconcile(ctx: click.Context) -> None:
     console.print(
         f"re-queued {len(report.instances)} instances, {len(report.deliveries)} deliveries"
     )
+    if report.failure is not None:
+        raise click.ClickException(
+            _broker_unreachable(
+                settings,
+                report.failure,
+                f"{len(report.instances_not_published)} instances and "
+                f"{len(report.deliveries_not_published)} deliveries were not queued, and "
+                "the reconciler queues them",
+            )
+        )
 
 
 @main.command()
@@ -1486,6 +1527,9 @@ def send(
 @click.pass_context
 def echo(ctx: click.Context, destination: str, calling_ae: str | None, tls: bool | None) -> None:
     """C-ECHO a DICOM node given as AE@host:port (checks a destination or our listener)."""
+    from rich.markup import escape
+
+    from dicom_io.scu import SendError
     from dicom_io.scu import echo as c_echo
     from worker.settings import Destination
 
@@ -1532,9 +1576,6 @@ def demo_image(output: Path, age_months: float, sex: str, modality: str, seed: i
     birth = study - dt.timedelta(days=round(age_months * 30.4375))
     pixels = np.round(phantom.image * 4095).astype(np.uint16)
     ds = make_radiograph_dataset(
-    from rich.markup import escape
-
-    from dicom_io.scu import SendError
         pixels, modality=modality, sex=sex, birth_date=birth, study_date=study
     )
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy import ColumnElement, Select, or_, select, update
@@ -76,8 +76,15 @@ def _retry_pause_over(current: datetime) -> ColumnElement[bool]:
 
 @dataclass(frozen=True)
 class ReconcileReport:
+    """What a round queued, and what it found to queue and could not publish, and why
+    (``failure``: the broker away or refusing; None when it took every message). What
+    was not published stays for the next round."""
+
     instances: list[int]
     deliveries: list[int]
+    instances_not_published: list[int] = field(default_factory=list)
+    deliveries_not_published: list[int] = field(default_factory=list)
+    failure: Exception | None = None
 
 
 def reconcile(
@@ -196,6 +203,7 @@ def reconcile(
         delivery_groups.setdefault(instance_id, []).append(delivery_id)
     instance_ids = sorted(set(requeued) | set(compared))
     queued: list[int] = []
+    failure: Exception | None = None
     for instance_id in instance_ids:
         try:
             enqueue_assess(instance_id)
@@ -205,10 +213,12 @@ def reconcile(
                 failure_name(exc),
             )
             _not_published(rt, sorted(set(instance_ids[len(queued) :]) & set(requeued)), queued_at)
+            failure = exc
             break
         queued.append(instance_id)
     sent: list[int] = []
-    for group in delivery_groups.values():
+    groups = list(delivery_groups.values())
+    for group in groups:
         try:
             enqueue_delivery(group)
         except Exception as exc:
@@ -216,11 +226,18 @@ def reconcile(
                 "reconciler: broker unavailable or refusing messages (%s); will retry",
                 failure_name(exc),
             )
+            failure = failure or exc
             break
         sent.extend(group)
     if queued or sent:
         logger.info("reconciler re-queued %d instances and %d deliveries", len(queued), len(sent))
-    return ReconcileReport(queued, sent)
+    return ReconcileReport(
+        queued,
+        sent,
+        instances_not_published=instance_ids[len(queued) :],
+        deliveries_not_published=[i for group in groups for i in group][len(sent) :],
+        failure=failure,
+    )
 
 
 def _given_back(current: datetime, stale: datetime) -> ColumnElement[bool]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from dicom_io.uids import check_uid_root
@@ -63,6 +63,10 @@ Precision = Literal["auto", "float32", "bfloat16", "float16"]
 #: Long side, in pixels, the heat-map SC keeps at least unless BONEAGE_SC_MIN_LONG_SIDE
 #: says: large images are decoded at reduced resolution only down to it.
 SC_MIN_LONG_SIDE = 1000
+
+#: Characters of a destination's text (``AE@host:port``) a delivery's row holds
+#: (db.schema.Delivery.destination, which a test keeps equal).
+DESTINATION_MAX_LENGTH = 128
 
 
 def _check_ae_title(value: str, what: str) -> str:
@@ -146,6 +150,26 @@ NOT_SETTINGS = frozenset(
 )
 _NOT_SETTINGS_PREFIX = "BONEAGE_TEST_"
 
+#: The names of the variables Kubernetes gives every pod for each Service of its namespace
+#: (service links): a Service `boneage-listener` makes BONEAGE_LISTENER_SERVICE_HOST,
+#: BONEAGE_LISTENER_PORT_11112_TCP_ADDR and more. Not ours: let through, unless a setting.
+_SERVICE_LINK = re.compile(
+    r"[A-Z0-9_]+_(?:SERVICE_HOST|SERVICE_PORT(?:_[A-Z0-9_]+)?"
+    r"|PORT_[0-9]+_(?:TCP|UDP|SCTP)(?:_PROTO|_PORT|_ADDR)?)"
+)
+#: ``<NAME>_PORT`` is a service link only with a value ``tcp://10.0.0.7:11112``: named so
+#: with a number, it is a misspelt setting (BONEAGE_METRIC_PORT).
+_SERVICE_LINK_PORT = re.compile(r"[A-Z0-9_]+_PORT")
+_SERVICE_LINK_ADDRESS = re.compile(r"(?:tcp|udp|sctp)://\S+")
+
+
+def _service_link(name: str, value: str) -> bool:
+    """Whether ``name`` (upper case) and ``value`` have the shape of a Kubernetes service
+    link variable."""
+    if _SERVICE_LINK.fullmatch(name):
+        return True
+    return bool(_SERVICE_LINK_PORT.fullmatch(name) and _SERVICE_LINK_ADDRESS.fullmatch(value))
+
 
 def _closest(name: str, fields: Iterable[str]) -> str | None:
     """The field ``name`` is most likely a misspelling of, if any."""
@@ -155,15 +179,18 @@ def _closest(name: str, fields: Iterable[str]) -> str | None:
 
 def _unknown_environment(settings_cls: type[BaseSettings]) -> None:
     """Refuse a ``BONEAGE_*`` variable that names no setting: misspelt, it would leave
-    the setting at its default without a word."""
+    the setting at its default without a word. Kubernetes' service links for a Service
+    whose name begins with ``boneage-`` are let through (`_service_link`): a setting of
+    the same name is read as a setting all the same."""
     known = {f"BONEAGE_{name.upper()}" for name in settings_cls.model_fields}
-    for variable in sorted(os.environ):
+    for variable, value in sorted(os.environ.items()):
         name = variable.upper()
         if (
             name.startswith("BONEAGE_")
             and name not in known
             and name not in NOT_SETTINGS
             and not name.startswith(_NOT_SETTINGS_PREFIX)
+            and not _service_link(name, value)
         ):
             close = _closest(name.removeprefix("BONEAGE_").lower(), settings_cls.model_fields)
             hint = f" (did you mean 'BONEAGE_{close.upper()}'?)" if close else ""
@@ -308,6 +335,13 @@ class Settings(BaseSettings):
         seen: set[str] = set()
         for destination in parsed:
             key = str(destination)
+            if len(key) > DESTINATION_MAX_LENGTH:
+                # every delivery to it would fail to be recorded (DataError on PostgreSQL)
+                raise ValueError(
+                    f"destination {key} is {len(key)} characters long: the database records "
+                    f"at most {DESTINATION_MAX_LENGTH} (AE@host:port); name the host by a "
+                    "shorter name or by its address"
+                )
             if key in seen:
                 raise ValueError(f"destination {destination} is listed twice")
             seen.add(key)
@@ -599,3 +633,24 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         os.environ["BONEAGE_CONFIG"] = str(config_file)
     given = {k: v for k, v in overrides.items() if v is not None}
     return Settings(**given)
+
+
+def settings_error(exc: ValueError) -> str:
+    """Why `load_settings` refused the settings, in one line for an administrator.
+
+    Built from each error's own message and the setting it is about, never from the
+    values given: pydantic's text quotes them, a model-level error every setting at once
+    (a database or broker URL among them, with its password).
+    """
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    parts = []
+    for error in exc.errors(include_url=False, include_input=False):
+        cause = error.get("ctx", {}).get("error")
+        message = str(cause) if error["type"] == "value_error" and cause else error["msg"]
+        field, *rest = error["loc"] or ("",)
+        if field in Settings.model_fields:
+            field = f"BONEAGE_{str(field).upper()}"
+        where = " ".join(str(part) for part in (field, *rest) if part != "")
+        parts.append(f"{where}: {message}" if where else message)
+    return "; ".join(parts)

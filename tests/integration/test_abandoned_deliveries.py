@@ -243,6 +243,42 @@ def test_reprocess_with_the_broker_away_says_so_in_one_sentence(
         assert session.get_one(Instance, instance_id).state is InstanceState.QUEUED
 
 
+def test_reconcile_with_the_broker_away_says_what_it_could_not_queue(runtime: Runtime) -> None:
+    """An image left `received` long ago (its message lost) and a delivery pending: the
+    broker takes neither message. The command said "re-queued 0 instances, 0 deliveries"
+    and exited 0, as if nothing were owed; now it says which broker, what it did not
+    queue, and that the reconciler queues it once the broker is back; status 1."""
+    rt = runtime
+    stuck = spool_instance(rt)
+    with session_scope(rt.database_url) as session:
+        session.execute(
+            update(Instance)
+            .where(Instance.id == stuck)
+            .values(received_at=now() - dt.timedelta(hours=1))
+        )
+    pending = _delivery(rt, _instance(rt), "9.9.1", destination=NEW, state=DeliveryState.PENDING)
+    port = free_port()
+
+    done = _cli(rt, "reconcile", BONEAGE_BROKER_URL=f"redis://:s3cret@127.0.0.1:{port}/0")
+
+    assert done.returncode == 1
+    assert done.stdout.splitlines() == ["re-queued 0 instances, 0 deliveries"]
+    assert "Traceback" not in done.stderr and "s3cret" not in done.stdout + done.stderr
+    [sentence] = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
+    assert re.fullmatch(
+        re.escape(f"Error: the broker at redis://:**@127.0.0.1:{port}/0 could not be reached (")
+        + r"OperationalError: \w+"
+        + re.escape(
+            "): 1 instances and 1 deliveries were not queued, and the reconciler queues "
+            "them once the broker is back"
+        ),
+        sentence,
+    ), sentence
+    with session_scope(rt.database_url) as session:
+        assert session.get_one(Instance, stuck).state is InstanceState.RECEIVED
+    assert _states(rt) == {pending: (DeliveryState.PENDING, None)}
+
+
 # -- abandon-deliveries ---------------------------------------------------------------
 
 
@@ -632,42 +668,6 @@ def test_a_rejection_note_to_a_destination_no_longer_configured_can_be_abandoned
     assert not [p for p in collect(runtime.settings)["problems"] if "deliveries" in p]
 
 
-def test_who_abandoned_is_the_user_the_system_knows_and_who_ran_sudo(
-    runtime: Runtime,
-) -> None:
-    """$LOGNAME and $USER are anyone's to set: the row records the effective user by the
-    user database, and the user sudo was run by. Before, it recorded "user mallory"."""
-    ids = [_failed_with_files_removed(runtime, f"9.9.{n}") for n in range(2)]
-
-    for delivery_id, sudo in zip(ids, ["alice", ""], strict=True):
-        done = _cli(
-            runtime,
-            "abandon-deliveries",
-            "--yes",
-            "--reason",
-            "gone",
-            str(delivery_id),
-            LOGNAME="mallory",
-            USER="mallory",
-            SUDO_USER=sudo,
-        )
-        assert done.returncode == 0, done.stderr
-
-    rows = _states(runtime)
-    via = {ids[0]: " via sudo from alice", ids[1]: ""}
-    for delivery_id in ids:
-        assert (rows[delivery_id][1] or "").startswith(
-            f"abandoned by the administrator (user {_user()}{via[delivery_id]}) on "
-        ), rows[delivery_id]
-    assert "mallory" not in str(rows) or _user() == "mallory"
-
-
-def test_retry_deliveries_names_the_ids_given_that_are_not_failed(runtime: Runtime) -> None:
-    """An abandoned delivery given by id is not sent again, nor is a delivered or pending
-    one, and one that does not exist: the command names each, with why, in one line.
-    Before, it said only "0 failed deliveries queued again"."""
-    instance_id = _instance(runtime)
-    failed = _delivery(runtime, instance_id, "9.9.1", destination=NEW, state=DeliveryState.FAILED)
 def test_a_rejection_note_its_destination_never_takes_is_abandoned_only_by_name(
     runtime: Runtime, tmp_path: Path, tiny_checkpoint: Path
 ) -> None:
@@ -744,6 +744,42 @@ def test_a_rejection_note_its_destination_never_takes_is_abandoned_only_by_name(
     ) in shown
 
 
+def test_who_abandoned_is_the_user_the_system_knows_and_who_ran_sudo(
+    runtime: Runtime,
+) -> None:
+    """$LOGNAME and $USER are anyone's to set: the row records the effective user by the
+    user database, and the user sudo was run by. Before, it recorded "user mallory"."""
+    ids = [_failed_with_files_removed(runtime, f"9.9.{n}") for n in range(2)]
+
+    for delivery_id, sudo in zip(ids, ["alice", ""], strict=True):
+        done = _cli(
+            runtime,
+            "abandon-deliveries",
+            "--yes",
+            "--reason",
+            "gone",
+            str(delivery_id),
+            LOGNAME="mallory",
+            USER="mallory",
+            SUDO_USER=sudo,
+        )
+        assert done.returncode == 0, done.stderr
+
+    rows = _states(runtime)
+    via = {ids[0]: " via sudo from alice", ids[1]: ""}
+    for delivery_id in ids:
+        assert (rows[delivery_id][1] or "").startswith(
+            f"abandoned by the administrator (user {_user()}{via[delivery_id]}) on "
+        ), rows[delivery_id]
+    assert "mallory" not in str(rows) or _user() == "mallory"
+
+
+def test_retry_deliveries_names_the_ids_given_that_are_not_failed(runtime: Runtime) -> None:
+    """An abandoned delivery given by id is not sent again, nor is a delivered or pending
+    one, and one that does not exist: the command names each, with why, in one line.
+    Before, it said only "0 failed deliveries queued again"."""
+    instance_id = _instance(runtime)
+    failed = _delivery(runtime, instance_id, "9.9.1", destination=NEW, state=DeliveryState.FAILED)
     abandoned = _failed_with_files_removed(runtime, "9.9.2")
     abandon_failed(runtime.database_url, [abandoned], reason="gone", by="me")
     delivered = _delivery(runtime, instance_id, "9.9.3", state=DeliveryState.DELIVERED)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.test_end_to_end import Node, cli
+from tests.integration.test_security import Certificates
 from tests.support import free_port, keep_process_log, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -155,6 +156,78 @@ def test_a_delivery_worker_does_not_need_the_model_file(tmp_path: Path) -> None:
     """The listener and delivery workers may share a BONEAGE_MODEL whose volume only the
     inference workers mount (a Kubernetes ConfigMap): it is not theirs to check."""
     env = _env(tmp_path, tmp_path / "mounted-elsewhere.safetensors")
+    database = _upgraded(env)
+    with _work(env, tmp_path / "delivery.log", queue="delivery") as delivery:
+        wait_for(
+            lambda: any(name.startswith("worker@") for name in _heartbeats(database)),
+            timeout=START_SECONDS,
+            what="the delivery worker's heartbeat",
+            process=delivery,
+        )
+        assert delivery.poll() is None
+
+
+def _destinations_tls(tmp_path: Path, files: str) -> dict[str, str]:
+    """BONEAGE_DESTINATIONS_TLS on, with TLS files that are ``files``: ``usable`` ones,
+    a CA file that is ``missing``, or a key that is ``another's`` than the certificate's."""
+    env = {"BONEAGE_DESTINATIONS_TLS": "true"}
+    if files == "missing":
+        return {**env, "BONEAGE_TLS_CA_CERTIFICATES": str(tmp_path / "missing-ca.pem")}
+    pki = Certificates(tmp_path / "pki")
+    certificate, key = pki.node
+    if files == "another's":
+        _, key = pki.client
+    return {
+        **env,
+        "BONEAGE_TLS_CA_CERTIFICATES": str(pki.ca),
+        "BONEAGE_TLS_CERTIFICATE": str(certificate),
+        "BONEAGE_TLS_PRIVATE_KEY": str(key),
+    }
+
+
+@pytest.mark.parametrize("command", [("work", "-Q", "delivery"), ("serve",)])
+@pytest.mark.parametrize(
+    ("files", "error"),
+    [("missing", "[Errno 2] No such file or directory"), ("another's", "[X509: KEY_VALUES")],
+)
+def test_tls_settings_no_delivery_can_use_are_refused_in_one_line(
+    tmp_path: Path, command: tuple[str, ...], files: str, error: str
+) -> None:
+    """A delivery worker started with them looked alive, and failed every delivery as
+    "TLS settings unusable" for a day before each was `failed`."""
+    tls = _destinations_tls(tmp_path, files)
+    env = {**_env(tmp_path, None), **tls}
+    database = _upgraded(env)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "worker", *command],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=START_SECONDS,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"`{' '.join(command)}` started with TLS settings it cannot use")
+    assert done.returncode == 1
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith(f"Error: TLS settings unusable for BONEAGE_DESTINATIONS_TLS: {error}"), (
+        done.stderr[-4000:]
+    )
+    named = "; ".join(
+        f"{name} {tls[name]}"
+        for name in (
+            "BONEAGE_TLS_CA_CERTIFICATES",
+            "BONEAGE_TLS_CERTIFICATE",
+            "BONEAGE_TLS_PRIVATE_KEY",
+        )
+        if name in tls
+    )
+    assert line.endswith(f" ({named})"), line
+    assert _heartbeats(database) == []
+
+
+def test_a_delivery_worker_with_usable_tls_settings_starts(tmp_path: Path) -> None:
+    env = {**_env(tmp_path, None), **_destinations_tls(tmp_path, "usable")}
     database = _upgraded(env)
     with _work(env, tmp_path / "delivery.log", queue="delivery") as delivery:
         wait_for(

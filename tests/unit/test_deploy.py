@@ -530,6 +530,34 @@ def test_kubernetes_workloads(k8s: dict[tuple[str, str], dict[str, Any]]) -> Non
             assert selector.items() <= labels.items(), name
 
 
+def _service_links(service: dict[str, Any]) -> set[str]:
+    """The variables Kubernetes gives every pod of the namespace for ``service``."""
+    name = service["metadata"]["name"].upper().replace("-", "_")
+    links = {f"{name}_SERVICE_HOST", f"{name}_SERVICE_PORT", f"{name}_PORT"}
+    for port in service["spec"]["ports"]:
+        if "name" in port:
+            links.add(f"{name}_SERVICE_PORT_{port['name'].upper().replace('-', '_')}")
+        tcp = f"{name}_PORT_{port['port']}_{port.get('protocol', 'TCP')}"
+        links |= {tcp, f"{tcp}_PROTO", f"{tcp}_PORT", f"{tcp}_ADDR"}
+    return links
+
+
+def test_kubernetes_pods_get_no_service_links(k8s: dict[tuple[str, str], dict[str, Any]]) -> None:
+    """Service links for the Service boneage-listener are BONEAGE_LISTENER_* variables,
+    which the settings took for misspelt ones: every command stopped at its start. No pod
+    gets them, and none a Service makes would name a setting."""
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in _load_all(path):
+            pod = doc.get("spec", {}).get("template", {}).get("spec")
+            if pod is not None:
+                assert pod.get("enableServiceLinks") is False, f"{path.name}: service links on"
+    assert "BONEAGE_LISTENER_PORT" in _service_links(k8s[("Service", "boneage-listener")])
+    settings = {f"BONEAGE_{name.upper()}" for name in Settings.model_fields}
+    for (kind, name), doc in k8s.items():
+        if kind == "Service":
+            assert not _service_links(doc) & settings, name
+
+
 def test_kubernetes_gpu_worker_one_process_per_gpu(
     k8s: dict[tuple[str, str], dict[str, Any]],
 ) -> None:

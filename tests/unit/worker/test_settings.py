@@ -4,11 +4,16 @@ import re
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from pydantic import ValidationError
+from sqlalchemy import String
 
+from db.schema import Delivery
 from tests.conftest import REDIS_URL
 from tests.support import free_port
+from worker.cli import main
 from worker.settings import (
+    DESTINATION_MAX_LENGTH,
     MAX_RETRY_DELAY_SECONDS,
     AllowedCaller,
     Destination,
@@ -136,6 +141,51 @@ def test_bad_values_are_named(
         load_settings()
 
 
+#: A database password, and a broker's, that a settings error must not show.
+PASSWORD = "Sup3rSecretPw"
+
+
+def _shows_the_password(text: str) -> bool:
+    """Whether ``text`` shows any four characters of `PASSWORD` in a row."""
+    return any(PASSWORD[i : i + 4] in text for i in range(len(PASSWORD) - 3))
+
+
+def test_a_settings_error_between_settings_does_not_show_a_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An error about two settings at once is the whole model's: pydantic's own text
+    quoted every setting given, the database URL's password with them."""
+    monkeypatch.setenv("BONEAGE_DELIVERY_BACKOFF_MAX_SECONDS", "10")
+    done = CliRunner().invoke(
+        main, ["--database-url", f"postgresql+psycopg://boneage:{PASSWORD}@db/boneage", "status"]
+    )
+    assert done.exit_code == 1
+    assert done.output.strip() == (
+        "Error: invalid settings: BONEAGE_DELIVERY_BACKOFF_MAX_SECONDS (10) is below "
+        "BONEAGE_DELIVERY_BACKOFF_SECONDS (30)"
+    )
+    assert not _shows_the_password(done.output)
+
+
+def test_a_settings_error_in_one_setting_does_not_show_a_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Failover brokers written as a list in the settings file, not as one string."""
+    config = tmp_path / "boneage.toml"
+    config.write_text(
+        "[boneage]\n"
+        f'broker_url = ["redis://:{PASSWORD}@redis-a:6379/0", '
+        f'"redis://:{PASSWORD}@redis-b:6379/0"]\n'
+    )
+    monkeypatch.setenv("BONEAGE_CONFIG", str(config))
+    done = CliRunner().invoke(main, ["status"])
+    assert done.exit_code == 1
+    assert done.output.strip() == (
+        "Error: invalid settings: BONEAGE_BROKER_URL: Input should be a valid string"
+    )
+    assert not _shows_the_password(done.output)
+
+
 def test_a_destination_reads_back_from_its_text() -> None:
     # The text is what a delivery row records and what its sender parses again.
     port = free_port()
@@ -149,6 +199,27 @@ def test_a_destination_reads_back_from_its_text() -> None:
         assert str(destination) == text
         assert Destination.parse(str(destination)) == destination
     assert Destination.parse(f"V6@[fd00::2]:{port}").host == "fd00::2"
+
+
+def test_a_destination_longer_than_its_database_column_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its deliveries' rows would not be recorded (a DataError on PostgreSQL, for every
+    image): refused when the settings are read, naming the limit."""
+    port = free_port()
+    fill = DESTINATION_MAX_LENGTH - len(f"PACS@.radiology.example:{port}")
+    longest = f"PACS@{'h' * fill}.radiology.example:{port}"
+    assert len(longest) == DESTINATION_MAX_LENGTH
+    monkeypatch.setenv("BONEAGE_DESTINATIONS", longest)
+    assert [str(d) for d in load_settings().destinations] == [longest]
+    too_long = f"PACS@{'h' * (fill + 1)}.radiology.example:{port}"
+    monkeypatch.setenv("BONEAGE_DESTINATIONS", too_long)
+    message = "is 129 characters long: the database records at most 128"
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        load_settings()
+    # the limit is the column's
+    column = Delivery.__table__.c.destination.type
+    assert isinstance(column, String) and column.length == DESTINATION_MAX_LENGTH
 
 
 @pytest.mark.parametrize(
@@ -182,6 +253,46 @@ def test_variables_that_are_not_settings_but_ours_are_let_through(
     config.write_text("[boneage]\nretention_days = 0\n")
     monkeypatch.setenv("BONEAGE_CONFIG", str(config))
     assert load_settings().retention_days == 0
+
+
+def test_kubernetes_service_links_are_let_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What Kubernetes gives each pod for the Service `boneage-listener`
+    (deploy/kubernetes/listener.yaml) where service links are on: every command stopped
+    at its start on them."""
+    port = str(free_port())
+    for name, value in {
+        "BONEAGE_LISTENER_SERVICE_HOST": "10.96.0.17",
+        "BONEAGE_LISTENER_SERVICE_PORT": port,
+        "BONEAGE_LISTENER_SERVICE_PORT_DICOM": port,
+        "BONEAGE_LISTENER_PORT": f"tcp://10.96.0.17:{port}",
+        f"BONEAGE_LISTENER_PORT_{port}_TCP": f"tcp://10.96.0.17:{port}",
+        f"BONEAGE_LISTENER_PORT_{port}_TCP_PROTO": "tcp",
+        f"BONEAGE_LISTENER_PORT_{port}_TCP_PORT": port,
+        f"BONEAGE_LISTENER_PORT_{port}_TCP_ADDR": "10.96.0.17",
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("BONEAGE_RETENTION_DAYS", "0")
+    assert load_settings().retention_days == 0
+
+
+def test_settings_named_like_service_links_are_still_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The port settings end in _PORT, as a service link does: read, and a misspelling of
+    one, with a port number for its value, is still refused."""
+    listener, metrics, worker_metrics = free_port(), free_port(), free_port()
+    monkeypatch.setenv("BONEAGE_PORT", str(listener))
+    monkeypatch.setenv("BONEAGE_METRICS_PORT", str(metrics))
+    monkeypatch.setenv("BONEAGE_WORKER_METRICS_PORT", str(worker_metrics))
+    settings = load_settings()
+    assert (settings.port, settings.metrics_port, settings.worker_metrics_port) == (
+        listener,
+        metrics,
+        worker_metrics,
+    )
+    monkeypatch.setenv("BONEAGE_METRIC_PORT", str(metrics))
+    with pytest.raises(ValueError, match=re.escape("did you mean 'BONEAGE_METRICS_PORT'")):
+        load_settings()
 
 
 @pytest.mark.parametrize(

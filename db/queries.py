@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, case, func, select, update
+from sqlalchemy import ColumnElement, SQLColumnExpression, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.schema import (
@@ -18,6 +18,7 @@ from db.schema import (
     InstanceState,
     Node,
     ObjectKind,
+    Rejection,
     UTCDateTime,
 )
 
@@ -47,6 +48,39 @@ def take_instances(session: Session, instance_ids: Iterable[int]) -> None:
             .values(claimed_by=Instance.claimed_by)
             .execution_options(synchronize_session=False)
         )
+
+
+def rejects(
+    instance_id: SQLColumnExpression[int] | int,
+    first_study: SQLColumnExpression[str] | str,
+    read: Iterable[str] = (),
+) -> ColumnElement[bool]:
+    """Whether a row of `rejections` naming the instance's SOP Instance UID rejects the
+    instance ``instance_id``: the note names it in a study the image has been in, as this
+    node received it (the one it was first received in, ``first_study``; one an object
+    of ours of it went to, where the PACS moved it; ``read``, the study of the copy an
+    attempt reads now), or the row is from before revision 0022 and names no study.
+
+    A note naming the UID in another study rejects another image under it (a modality
+    that reuses UIDs), at the PACS: not this one (:data:`REJECTED_IN_ANOTHER_STUDY`).
+    """
+    went_there = (
+        select(Delivery.id)
+        .where(
+            Delivery.instance_id == instance_id,
+            Delivery.study_instance_uid == Rejection.study_instance_uid,
+        )
+        # the instance and the rejection of the statements it is in, however deep
+        .correlate_except(Delivery)
+        .exists()
+    )
+    studies = [study for study in read if study]
+    return or_(
+        Rejection.study_instance_uid.is_(None),
+        Rejection.study_instance_uid == first_study,
+        *([Rejection.study_instance_uid.in_(studies)] if studies else []),
+        went_there,
+    )
 
 
 def made_here() -> ColumnElement[bool]:
@@ -147,6 +181,17 @@ def abandoned_deliveries(session: Session, limit: int) -> tuple[int, list[Failed
     return int(count or 0), _deliveries_in(session, DeliveryState.ABANDONED, limit)
 
 
+def abandoned_notes(session: Session) -> int:
+    """How many of the abandoned deliveries are rejection notes of ours: each leaves at
+    the PACS a result it should have withdrawn, to be withdrawn there by hand."""
+    count = session.scalar(
+        select(func.count()).where(
+            Delivery.state == DeliveryState.ABANDONED, Delivery.kind == ObjectKind.KO
+        )
+    )
+    return int(count or 0)
+
+
 def _deliveries_in(
     session: Session, state: DeliveryState, limit: int | None = None
 ) -> list[FailedDelivery]:
@@ -180,17 +225,6 @@ class Overdue:
     A delivery worker that claims one moves it out by the time a send may take, and a
     failed attempt by its back-off, so one long overdue is one no worker took.
     """
-
-def abandoned_notes(session: Session) -> int:
-    """How many of the abandoned deliveries are rejection notes of ours: each leaves at
-    the PACS a result it should have withdrawn, to be withdrawn there by hand."""
-    count = session.scalar(
-        select(func.count()).where(
-            Delivery.state == DeliveryState.ABANDONED, Delivery.kind == ObjectKind.KO
-        )
-    )
-    return int(count or 0)
-
 
     count: int
     oldest_due: datetime | None
@@ -259,6 +293,13 @@ _UNFINISHED = (InstanceState.RECEIVED, InstanceState.QUEUED, InstanceState.PROCE
 #: withdraw (worker.pipeline: its file gone, or refused by the note's builder).
 WITHDRAW_BY_HAND = "withdraw them at the PACS by hand"
 
+#: What the reason of an image says once a rejection note named its SOP Instance UID in
+#: a study it was never received in (worker.pipeline): another image under the UID at the
+#: PACS, which the note rejects; this one's results stand, and no note withdraws them.
+REJECTED_IN_ANOTHER_STUDY = (
+    "a rejection note named this SOP Instance UID in a study this image was not received in"
+)
+
 #: What the reason of an image says once another image came under its SOP Instance UID
 #: and was refused (worker.pipeline): its results stand, and nothing of the other is made.
 UID_CLASH = "another image was received under this SOP Instance UID and refused"
@@ -267,7 +308,8 @@ UID_CLASH = "another image was received under this SOP Instance UID and refused"
 def recent_problems(session: Session, limit: int = 5) -> list[dict[str, Any]]:
     """Latest instances not assessed, in error, waiting to be tried again after an
     attempt failed, with objects of ours at the PACS to withdraw by hand, or whose SOP
-    Instance UID another image came under, newest first. Failed deliveries are not among
+    Instance UID another image came under, or a rejection note named in another study,
+    newest first. Failed deliveries are not among
     them (`failed_deliveries`): a day of chest films forwarded by mistake would push them
     out of the few shown."""
     problems: list[dict[str, Any]] = []
@@ -278,6 +320,7 @@ def recent_problems(session: Session, limit: int = 5) -> list[dict[str, Any]]:
             | (Instance.state.in_(_UNFINISHED) & Instance.reason.is_not(None))
             | Instance.reason.endswith(WITHDRAW_BY_HAND, autoescape=True)
             | Instance.reason.contains(UID_CLASH, autoescape=True)
+            | Instance.reason.contains(REJECTED_IN_ANOTHER_STUDY, autoescape=True)
         )
         .order_by(Instance.finished_at.desc().nulls_first(), Instance.id.desc())
         .limit(limit)

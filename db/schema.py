@@ -293,12 +293,23 @@ class Delivery(Base):
 class Rejection(Base):
     """An instance a PACS rejected with an IOCM rejection note (dicom_io.ko): one of
     ours, an image (which is then never assessed, or has its bone age withdrawn), or an
-    instance not received yet, which is then not assessed when it comes."""
+    instance not received yet, which is then not assessed when it comes. One row per
+    instance and study the note names it in: only an image of ours in that study is
+    rejected (db.queries.rejects), not another image under the same SOP Instance UID."""
 
     __tablename__ = "rejections"
+    __table_args__ = (
+        UniqueConstraint(
+            "sop_instance_uid", "study_instance_uid", name="uq_rejections_instance_study"
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    # the study and series the note names it in (revision 0022); empty on rows recorded
+    # before, which reject whatever image has the SOP Instance UID, as they did then
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    series_instance_uid: Mapped[str | None] = mapped_column(String(64))
     # the note's title, a code of dicom_io.ko.REJECTION_TITLES (113001 ...)
     code: Mapped[str] = mapped_column(String(16))
     note_sop_instance_uid: Mapped[str] = mapped_column(String(64))

@@ -58,11 +58,13 @@ from sqlalchemy.orm import Session
 
 from db.engine import session_scope
 from db.queries import (
+    REJECTED_IN_ANOTHER_STUDY,
     UID_CLASH,
     WITHDRAW_BY_HAND,
     database_now,
     made_here,
     reason_category,
+    rejects,
     take_instances,
 )
 from db.schema import (
@@ -484,6 +486,9 @@ class _Claim:
     withdrew_patient_before: bool = False
     # the study the instance was first received in (where its first outputs went)
     first_study: str = ""
+    # once the attempt has read the file, the study the copy is in: a rejection note
+    # naming the image there rejects it (:func:`_rejection_in`)
+    study: str = ""
     # whether this assessment's outputs go to the destinations (Instance.send_outputs)
     send: bool = True
     # whether a copy was received since the instance was queued (Instance.received_again_at
@@ -1354,6 +1359,7 @@ def _note_failed_attempt(rt: Runtime, claim: _Claim, exc: BaseException) -> None
     instance back, and the reconciler queues it again once its pause is over, where it
     used to wait for the lease of a worker that died (half an hour).
     """
+    instance_id = claim.instance_id
     try:
         with session_scope(rt.database_url) as session:
             # The row first, locked until the commit (a row lock on PostgreSQL, the write
@@ -1426,9 +1432,10 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
     instance_id = claim.instance_id
     decision, claim.inputs = _decide(rt, ds)
     claim.identity = identity_digest(ds, claim.sop_instance_uid)
+    claim.study = _study_of(ds)
     if is_key_object_selection(ds):
         return _key_object_selection(rt, claim, ds)
-    if (rejected := _rejection(rt, claim.sop_instance_uid)) is not None:
+    if (rejected := _rejection(rt, claim)) is not None:
         _finish(rt, claim, InstanceState.REJECTED, rejected)
         logger.info("instance %d not assessed: the PACS rejected it", instance_id)
         return AssessOutcome("rejected", reason=rejected)
@@ -2238,8 +2245,10 @@ def _key_object_selection(rt: Runtime, claim: _Claim, ds: Dataset) -> AssessOutc
     """Apply a rejection note the PACS sent (a Key Object Selection Document with an
     IOCM rejection title): every instance it names is rejected, those received later
     included; an image not assessed yet never is, and one assessed has its bone age
-    withdrawn (:func:`_withdraw`). Any other Key Object Selection is recorded and
-    left.
+    withdrawn (:func:`_withdraw`). Only in the study the note names it in
+    (``db.queries.rejects``): an image of ours that has another study is another image
+    under the same SOP Instance UID (a modality that reuses UIDs), and is left, its
+    reason saying so. Any other Key Object Selection is recorded and left.
 
     The rejections are committed first, then each image is withdrawn in a transaction
     of its own: an attempt at that image that commits after the first finds them
@@ -2260,6 +2269,8 @@ def _key_object_selection(rt: Runtime, claim: _Claim, ds: Dataset) -> AssessOutc
     # in order, so that two notes naming the same instances take their rows in the same
     # order (PostgreSQL); in chunks, under the limit of parameters to one statement
     rejected = sorted({r.sop_instance_uid for r in note.references})
+    # where the note names each (one place an instance: read_rejection_note refuses two)
+    named = {r.sop_instance_uid: r for r in note.references}
     images: list[tuple[int, str]] = []
     with session_scope(rt.database_url) as session:
         dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
@@ -2271,6 +2282,8 @@ def _key_object_selection(rt: Runtime, claim: _Claim, ds: Dataset) -> AssessOutc
                     [
                         {
                             "sop_instance_uid": uid,
+                            "study_instance_uid": named[uid].study_instance_uid,
+                            "series_instance_uid": named[uid].series_instance_uid,
                             "code": note.code,
                             "note_sop_instance_uid": note.sop_instance_uid,
                             "received_at": received,
@@ -2278,7 +2291,7 @@ def _key_object_selection(rt: Runtime, claim: _Claim, ds: Dataset) -> AssessOutc
                         for uid in chunk
                     ]
                 )
-                .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+                .on_conflict_do_nothing(index_elements=["sop_instance_uid", "study_instance_uid"])
             )
         # of our own objects the note rejects, those not sent never will be: their
         # images' rows first, as a withdrawal and a redirect take them
@@ -2299,11 +2312,22 @@ def _key_object_selection(rt: Runtime, claim: _Claim, ds: Dataset) -> AssessOutc
                 )
             ).all()
     delivery_ids: list[int] = []
+    elsewhere = 0
     for instance_id, uid in sorted(images):
-        delivery_ids += _withdraw(rt, instance_id, uid, note, ds)
+        withdrawn = _withdraw(rt, instance_id, uid, named[uid].study_instance_uid, note, ds)
+        if withdrawn is None:
+            elsewhere += 1
+        else:
+            delivery_ids += withdrawn
+    left = (
+        f"{elsewhere} received here in another study, left (another image under the "
+        "same SOP Instance UID); "
+        if elsewhere
+        else ""
+    )
     reason = (
         f"{KEY_OBJECT_REASON}, rejection note {note.meaning!r}: {len(rejected)} "
-        f"instance(s) rejected, {len(images)} of them received here; "
+        f"instance(s) rejected, {len(images) - elsewhere} of them received here; {left}"
         f"{len(delivery_ids)} rejection note(s) of ours to send"
     )
     logger.info("instance %d: %s", claim.instance_id, reason)
@@ -2346,19 +2370,48 @@ def rejected_by_the_pacs(code: str) -> str:
     return f"rejected by the PACS: {REJECTION_TITLES.get(code, code)}"
 
 
-def _rejection(rt: Runtime, sop_instance_uid: str) -> str | None:
-    """Why the instance ``sop_instance_uid`` is rejected, if a rejection note named it."""
+def _rejection(rt: Runtime, claim: _Claim) -> str | None:
+    """Why the claimed instance is rejected, if a rejection note named it
+    (:func:`_rejection_in`)."""
     with session_scope(rt.database_url) as session:
-        return _rejection_in(session, sop_instance_uid)
+        return _rejection_in(session, claim)[0]
 
 
-def _rejection_in(session: Session, sop_instance_uid: str) -> str | None:
-    code = session.scalar(
-        select(Rejection.code).where(Rejection.sop_instance_uid == sop_instance_uid)
+def _rejection_in(session: Session, claim: _Claim) -> tuple[str | None, bool]:
+    """Why the claimed instance is rejected, if a rejection note named it in a study it
+    has been in (``db.queries.rejects``, the copy the attempt read included); and
+    whether one named its SOP Instance UID in another study (another image under it,
+    rejected at the PACS: not this one, :func:`said_rejected_elsewhere`)."""
+    rows = session.execute(
+        select(
+            Rejection.code,
+            rejects(Instance.id, Instance.study_instance_uid, [claim.study]).label("applies"),
+        )
+        .join(Instance, Instance.sop_instance_uid == Rejection.sop_instance_uid)
+        .where(Instance.id == claim.instance_id)
+        .order_by(Rejection.id)
+    ).all()
+    code = next((code for code, applies in rows if applies), None)
+    elsewhere = any(not applies for _, applies in rows)
+    return (None if code is None else rejected_by_the_pacs(code)), elsewhere
+
+
+def said_rejected_elsewhere(reason: str | None) -> str:
+    """``reason`` saying that a rejection note named the image's SOP Instance UID in
+    another study (:data:`~db.queries.REJECTED_IN_ANOTHER_STUDY`, among `status`'s recent
+    problems), once. Before what :func:`_refuse_uid_clash` said, which stays last
+    (:func:`_without_uid_clash` takes it back from there to the end)."""
+    said = (
+        f"{REJECTED_IN_ANOTHER_STUDY}: another image under its UID, which the note "
+        "rejects; this image's results stand and no note of ours withdraws them"
     )
-    if code is None:
-        return None
-    return rejected_by_the_pacs(code)
+    if not reason:
+        return said
+    if REJECTED_IN_ANOTHER_STUDY in reason:
+        return reason
+    if (clash := reason.find(UID_CLASH)) >= 0:
+        return f"{reason[:clash]}{said}; {reason[clash:]}"
+    return f"{reason}; {said}"
 
 
 #: The rejection title a note of ours does not repeat: the PACS removes the whole
@@ -2368,8 +2421,13 @@ _NOT_REPEATED = {"113039"}  # Data Retention Policy Expired
 
 
 def _withdraw(
-    rt: Runtime, instance_id: int, source_uid: str, note: RejectionNote, note_ds: Dataset
-) -> list[int]:
+    rt: Runtime,
+    instance_id: int,
+    source_uid: str,
+    study: str,
+    note: RejectionNote,
+    note_ds: Dataset,
+) -> list[int] | None:
     """Mark the image ``instance_id`` rejected, supersede what of it was not sent, and
     queue a rejection note of ours, with the PACS's title, for each SR and SC of it
     that a destination has or may have (delivered, or on their way), to each of those
@@ -2382,6 +2440,11 @@ def _withdraw(
     image rejected and its unsent objects superseded, and says so in its reason; so does
     an object the node this database was copied from sent, which no note of ours
     withdraws (:func:`_left_to_the_copied_node`).
+
+    None, and nothing done but its reason saying so (:func:`said_rejected_elsewhere`),
+    where the image was never in ``study``, where the note names it: the note rejects
+    another image under its SOP Instance UID. Told under the image's row, as the commit
+    of an attempt at it tells the study it read (:func:`_rejection_in`).
     """
     why = rejected_by_the_pacs(note.code)
     uids = image_uids(rt, instance_id)
@@ -2394,9 +2457,36 @@ def _withdraw(
                 update(Instance)
                 .where(Instance.id == instance_id)
                 .values(claimed_by=Instance.claimed_by)
-                .returning(Instance.state, Instance.assessment, Instance.study_instance_uid)
+                .returning(
+                    Instance.state,
+                    Instance.assessment,
+                    Instance.study_instance_uid,
+                    Instance.reason,
+                )
                 .execution_options(synchronize_session=False)
             ).one()
+            ours = session.scalar(
+                select(Rejection.id).where(
+                    Rejection.sop_instance_uid == source_uid,
+                    Rejection.study_instance_uid == study,
+                    rejects(instance_id, instance.study_instance_uid),
+                )
+            )
+            if ours is None:
+                # one not finished is told by the commit of the attempt at it
+                if instance.state in FINISHED:
+                    session.execute(
+                        update(Instance)
+                        .where(Instance.id == instance_id)
+                        .values(reason=said_rejected_elsewhere(instance.reason))
+                        .execution_options(synchronize_session=False)
+                    )
+                logger.warning(
+                    "instance %d: a rejection note names its SOP Instance UID in a study it "
+                    "was never received in: left, another image under the UID",
+                    instance_id,
+                )
+                return None
             if instance.state is not InstanceState.REJECTED:
                 session.execute(
                     update(Instance)
@@ -2892,7 +2982,7 @@ def _commit(
             # attempt either finds what it commits, or is found here.
             take_instances(session, [instance_id])
             current = database_now(session)  # the instance's end, and its deliveries' birth
-            rejected = _rejection_in(session, claim.sop_instance_uid)
+            rejected, elsewhere = _rejection_in(session, claim)
             if rejected is not None:
                 instance = session.get_one(Instance, instance_id)
                 # one another attempt finished is left to the note (:func:`_withdraw`),
@@ -2902,6 +2992,8 @@ def _commit(
                 discard(outputs)
                 logger.info("instance %d: rejected by the PACS while assessed", instance_id)
                 return AssessOutcome("rejected", reason=rejected)
+            if elsewhere:
+                reason = said_rejected_elsewhere(reason)
             if result is not None:
                 session.add(result)
                 session.flush()

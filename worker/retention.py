@@ -117,7 +117,7 @@ from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from db.engine import session_scope
-from db.queries import database_now
+from db.queries import database_now, rejects
 from db.schema import FINISHED, Delivery, DeliveryState, Instance, InstanceState, Rejection
 from db.schema import utcnow as now
 from dicom_io.scp import recording_lock
@@ -227,6 +227,8 @@ def _expired(cutoff: datetime) -> list[ColumnElement[bool]]:
         .where(
             Rejection.sop_instance_uid == Instance.sop_instance_uid,
             Rejection.code == EXPIRED_AT_THE_PACS,
+            # in a study the image has been in: not another image under its UID
+            rejects(Instance.id, Instance.study_instance_uid),
         )
         .exists()
     )

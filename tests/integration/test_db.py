@@ -452,6 +452,58 @@ def test_revision_0008_downgraded_leaves_what_0007_can_load(database_url: str) -
         assert session.scalars(select(Rejection)).all() == []
 
 
+def test_revision_0022_records_a_rejection_per_study_and_downgrades_to_one_per_uid(
+    database_url: str,
+) -> None:
+    """A row from before 0022 names no study (it rejects whatever image has the UID, as
+    then); after it, one UID may be rejected in several studies, once in each.
+    Downgraded, the first recorded of each UID stays, as 0021's key wants."""
+    upgrade(database_url, "0021")
+    with get_engine(database_url).begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO rejections (sop_instance_uid, code, note_sop_instance_uid, "
+                "received_at) VALUES ('1.2.3.4', '113001', '9', CURRENT_TIMESTAMP)"
+            )
+        )
+    assert upgrade(database_url) == head_revision()
+
+    def rejected(study: str, code: str = "113038") -> None:
+        with session_scope(database_url) as session:
+            session.add(
+                Rejection(
+                    sop_instance_uid="1.2.3.4",
+                    study_instance_uid=study,
+                    series_instance_uid=f"{study}.1",
+                    code=code,
+                    note_sop_instance_uid="10",
+                )
+            )
+
+    rejected("1.2.3")
+    rejected("1.2.4")
+    with pytest.raises(IntegrityError):
+        rejected("1.2.3", "113001")
+    with session_scope(database_url) as session:
+        rows = session.execute(
+            select(Rejection.study_instance_uid, Rejection.code).order_by(Rejection.id)
+        ).all()
+    assert [tuple(r) for r in rows] == [(None, "113001"), ("1.2.3", "113038"), ("1.2.4", "113038")]
+
+    assert downgrade(database_url, "0021") == "0021"
+    with get_engine(database_url).connect() as connection:
+        kept = connection.execute(text("SELECT sop_instance_uid, code FROM rejections")).all()
+    assert [tuple(r) for r in kept] == [("1.2.3.4", "113001")]
+    with pytest.raises(IntegrityError), get_engine(database_url).begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO rejections (sop_instance_uid, code, note_sop_instance_uid, "
+                "received_at) VALUES ('1.2.3.4', '113038', '11', CURRENT_TIMESTAMP)"
+            )
+        )
+    assert upgrade(database_url) == head_revision()
+
+
 def test_revision_0018_downgraded_leaves_what_0017_can_load(database_url: str) -> None:
     """An abandoned delivery, a state 0017's code does not know (it passed its schema
     check and then failed on the row: `status`, the health check and /metrics broke),

@@ -4,6 +4,7 @@ and SC, sent where they went; nothing of it not yet sent is sent."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import threading
 from dataclasses import dataclass
@@ -389,6 +390,90 @@ def test_an_image_rejected_before_it_is_assessed_never_is(runtime: Runtime) -> N
     with session_scope(runtime.database_url) as session:
         assert session.scalars(select(Result)).all() == []
         assert session.scalars(select(Delivery)).all() == []
+
+
+def under_its_uid_elsewhere(image: Dataset) -> Dataset:
+    """Another patient's image under ``image``'s SOP Instance UID, in another study (a
+    modality that reuses UIDs), as the PACS holds it."""
+    other = copy.deepcopy(image)
+    other.PatientID, other.PatientName = "B-999", "OTHER^PATIENT"
+    other.StudyInstanceUID, other.SeriesInstanceUID = generate_uid(), generate_uid()
+    return other
+
+
+def test_a_note_rejecting_another_image_under_the_uid_leaves_this_one(
+    runtime: Runtime, storescp: StoreSCP
+) -> None:
+    """The PACS rejects another patient's image that has our image's SOP Instance UID, in
+    another study: the note is recorded, our image's results stand, no note of ours
+    withdraws them, and the administrator is told (found in review: the image was
+    marked rejected and its SR and SC withdrawn, filed under its patient). The note
+    naming it in its own study still rejects it."""
+    image_id = spool_instance(runtime)
+    deliver(runtime, storescp, assess_instance(runtime, image_id).delivery_ids)
+    image = image_of(runtime, image_id)
+    other = under_its_uid_elsewhere(image)
+
+    applied = assess_instance(runtime, spool_dataset(runtime, pacs_rejection_note(other)))
+
+    assert applied.delivery_ids == ()
+    assert applied.reason is not None
+    assert "1 instance(s) rejected, 0 of them received here; 1 received here in another study" in (
+        applied.reason
+    )
+    state, reason = state_of(runtime, image_id)
+    assert state is InstanceState.ASSESSED
+    assert reason is not None and queries.REJECTED_IN_ANOTHER_STUDY in reason
+    assert [(kind, state) for kind, state, _ in deliveries_of(runtime, image_id)] == [
+        (ObjectKind.SR, DeliveryState.DELIVERED),
+        (ObjectKind.SC, DeliveryState.DELIVERED),
+    ]
+    with session_scope(runtime.database_url) as session:
+        assert f"instance {image_id}" in [p["what"] for p in queries.recent_problems(session)]
+        assert session.scalars(select(Rejection.study_instance_uid)).all() == [
+            other.StudyInstanceUID
+        ]
+
+    applied = assess_instance(runtime, spool_dataset(runtime, pacs_rejection_note(image)))
+    assert len(applied.delivery_ids) == 2  # notes of ours withdrawing the SR and SC
+    assert state_of(runtime, image_id)[0] is InstanceState.REJECTED
+
+
+def test_an_image_received_after_a_note_of_another_study_is_assessed(runtime: Runtime) -> None:
+    """The note first, rejecting another image under the UID in another study; our
+    image, received after it, is assessed, and the administrator told (found in review:
+    it was never assessed). A note naming it in its own study still rejects it."""
+    image_id = spool_instance(runtime)
+    image = another_image(image_of(runtime, image_id))
+    assess_instance(
+        runtime, spool_dataset(runtime, pacs_rejection_note(under_its_uid_elsewhere(image)))
+    )
+
+    later = spool_dataset(runtime, image)
+    outcome = assess_instance(runtime, later)
+
+    assert outcome.state == "assessed"
+    state, reason = state_of(runtime, later)
+    assert state is InstanceState.ASSESSED
+    assert reason is not None and queries.REJECTED_IN_ANOTHER_STUDY in reason
+    with session_scope(runtime.database_url) as session:
+        assert f"instance {later}" in [p["what"] for p in queries.recent_problems(session)]
+
+    assess_instance(runtime, spool_dataset(runtime, pacs_rejection_note(image)))
+    assert state_of(runtime, later)[0] is InstanceState.REJECTED
+
+
+def test_a_note_of_another_study_is_said_once_and_before_a_uid_clash() -> None:
+    """The clash stays last, where taking it back cuts it (``_without_uid_clash``), and
+    what the note said stays; said twice, it is said once."""
+    clash = f"{queries.UID_CLASH} (other pixels, in another study): its results stand"
+    said = pipeline.said_rejected_elsewhere(f"a note; {clash}")
+    assert said.startswith(f"a note; {queries.REJECTED_IN_ANOTHER_STUDY}")
+    assert said.endswith(clash)
+    assert pipeline.said_rejected_elsewhere(said) == said
+    kept = pipeline._without_uid_clash(said)
+    assert kept is not None and queries.REJECTED_IN_ANOTHER_STUDY in kept
+    assert pipeline.said_rejected_elsewhere(None).startswith(queries.REJECTED_IN_ANOTHER_STUDY)
 
 
 def test_a_note_applied_while_the_image_is_assessed_wins(

@@ -7,6 +7,7 @@ the rows.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import os
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from pydicom import dcmread
+from pydicom.uid import generate_uid
 from sqlalchemy import bindparam, insert, select, text, update
 
 from db.engine import get_engine, head_revision, session_scope, upgrade
@@ -216,6 +218,31 @@ def test_an_image_the_pacs_expired_goes_at_the_next_run(runtime: Runtime) -> Non
         for image_id in (expired, queued):
             assert session.get_one(Instance, image_id).state is InstanceState.REJECTED
         assert session.scalar(select(Result.id).where(Result.instance_id == expired)) is not None
+
+
+def test_an_expiry_at_the_pacs_of_another_image_under_the_uid_removes_nothing(
+    runtime: Runtime,
+) -> None:
+    """The image, rejected in its study (113038) and its notes of ours delivered, waits
+    out our retention; a "Data Retention Policy Expired" note naming its SOP Instance UID
+    in another study expires another image under that UID, not this one (found in
+    review: its files went at the next run)."""
+    image_id, files = _assessed_and_delivered(runtime)
+    with session_scope(runtime.database_url) as session:
+        image = dcmread(session.get_one(Instance, image_id).spool_path)
+    ours = assess_instance(runtime, spool_dataset(runtime, pacs_rejection_note(image, "113038")))
+    for delivery_id in ours.delivery_ids:
+        assert deliver_one(runtime, delivery_id).state == "delivered"
+    files = _files(runtime, image_id)
+    other = copy.deepcopy(image)
+    other.StudyInstanceUID, other.SeriesInstanceUID = generate_uid(), generate_uid()
+    assess_instance(runtime, spool_dataset(runtime, pacs_rejection_note(other, "113039")))
+
+    assert _retention(runtime).instances == 0
+    assert all(p.exists() for p in files)
+    assert _removed_at(runtime, image_id) is None
+    with session_scope(runtime.database_url) as session:
+        assert session.get_one(Instance, image_id).state is InstanceState.REJECTED
 
 
 def test_reprocess_leaves_removed_instances_alone(

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from models.predictor import BoneAgePredictor, Prediction
+from models.predictor import BoneAgePredictor, DeviceFailure, Prediction
 from models.preprocess import Prepared
 
 logger = logging.getLogger(__name__)
@@ -163,8 +163,10 @@ class BatchingPredictor:
                 prepared=[r.prepared for r in batch],
             )
         except Exception as exc:
-            if len(batch) == 1:
-                batch[0].result.set_exception(exc)
+            # a failed GPU fails each image again: each is told at once, none blamed
+            if len(batch) == 1 or isinstance(exc, DeviceFailure):
+                for request in batch:
+                    request.result.set_exception(exc)
                 return
             logger.warning(
                 "a batch of %d failed (%s): running its images one by one",

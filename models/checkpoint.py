@@ -430,9 +430,9 @@ def model_from_bytes(data: bytes, *, name: str = "checkpoint", device: str = "cp
     Raises
     ------
     ValueError
-        If the bytes are not a boneage checkpoint, do not fit the architecture, or the
-        model was trained on another preprocessing version than this software's
-        (:data:`~models.preprocess.PREPROCESS_VERSION`).
+        If the bytes are not a boneage checkpoint, do not fit the architecture, hold a
+        NaN or infinite weight, or the model was trained on another preprocessing
+        version than this software's (:data:`~models.preprocess.PREPROCESS_VERSION`).
     """
     raw_meta = _read_header_metadata(data, name)
     if METADATA_KEY not in raw_meta:
@@ -461,6 +461,21 @@ def model_from_bytes(data: bytes, *, name: str = "checkpoint", device: str = "cp
         raise ValueError(
             f"{name} does not match architecture {meta.arch!r}: wrong shapes for {wrong[:5]}"
         )
+    # A NaN or infinite weight loads and predicts NaN for every image: refused here, where
+    # the file can be named, not at the warm-up's first bone age. A sum is finite only if
+    # every term is; a non-finite sum (or an overflow) is settled element by element: 6 ms
+    # for ResNet-50's 25M weights here, where torch.isfinite on each took 35 ms.
+    spoilt = [
+        k
+        for k, v in tensors.items()
+        if v.is_floating_point()
+        and not (bool(torch.isfinite(v.sum())) or bool(torch.isfinite(v).all()))
+    ]
+    if spoilt:
+        raise ValueError(
+            f"{name} holds NaN or infinite values in {len(spoilt)} tensors {spoilt[:5]}: "
+            "the model would predict nothing usable"
+        )
     model.load_state_dict(tensors, strict=True)
     model.to(device).eval()
     return LoadedModel(model=model, meta=meta, model_id=hashlib.sha256(data).hexdigest())
@@ -487,7 +502,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str = "cpu") -> Loa
         If the file does not exist.
     ValueError
         If the file is not a boneage checkpoint, has an unknown architecture or format
-        version, or lacks tensors the architecture needs.
+        version, lacks tensors the architecture needs, or holds a NaN or infinite weight.
     """
     source = Path(path)
     data = source.read_bytes()

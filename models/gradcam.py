@@ -22,10 +22,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from models.net import BoneAgeNet
+from models.net import FEATURE_STRIDE, BoneAgeNet
 
 logger = logging.getLogger(__name__)
 
@@ -169,15 +168,49 @@ def full_autograd_gradcam(
     return y.detach(), _cam_from(a.detach().float(), alpha)
 
 
-def upsample_cam(cam: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """Resize a Grad-CAM map bilinearly.
+def _cell_weights(cells: int, pixels: int, input_size: int, stride: int) -> np.ndarray:
+    """``(pixels, cells)`` bilinear weights along one axis: pixel ``y`` of ``pixels``
+    spanning the network input takes the map at feature coordinate ``u / stride``, where
+    ``u = (y + 0.5) * input_size / pixels - 0.5`` is the input pixel it covers (the
+    half-pixel centres of :func:`~models.preprocess.prepare`'s resize); beyond the first
+    and the last cell's centre the map is replicated."""
+    u = (np.arange(pixels, dtype=np.float64) + 0.5) * (input_size / pixels) - 0.5
+    f = np.clip(u / stride, 0.0, cells - 1)
+    low = np.floor(f).astype(np.intp)
+    high = np.minimum(low + 1, cells - 1)
+    weights = np.zeros((pixels, cells), dtype=np.float64)
+    rows = np.arange(pixels)
+    np.add.at(weights, (rows, low), 1.0 - (f - low))
+    np.add.at(weights, (rows, high), f - low)
+    return weights.astype(np.float32)
+
+
+def upsample_cam(
+    cam: np.ndarray,
+    shape: Sequence[int],
+    *,
+    input_size: int | None = None,
+    stride: int = FEATURE_STRIDE,
+) -> np.ndarray:
+    """Resize a Grad-CAM map bilinearly onto the image the network saw (or a resize of it),
+    each cell drawn at the centre of its receptive field.
+
+    Cell ``j`` of a ``layer4`` map is centred on network-input pixel ``stride * j``
+    (:data:`~models.net.FEATURE_STRIDE`), not on the middle of the ``j``-th of ``h``
+    equal strips, where a plain bilinear resize draws it: half a cell (16 input pixels)
+    lower and further right, 60 pixels on a 2000-pixel crop.
 
     Parameters
     ----------
     cam : numpy.ndarray
         Map of shape ``(h, w)``.
     shape : sequence of int
-        Target ``(H, W)``.
+        Target ``(H, W)``, covering the whole network input.
+    input_size : int, optional
+        Side of the square network input the map was computed on; by default
+        ``stride`` times the map's side.
+    stride : int
+        Network-input pixels between neighbouring cells.
 
     Returns
     -------
@@ -189,8 +222,11 @@ def upsample_cam(cam: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     height, width = int(shape[0]), int(shape[1])
     if height <= 0 or width <= 0:
         raise ValueError(f"target shape must be positive, got {tuple(shape)}")
-    t = torch.from_numpy(np.ascontiguousarray(cam, dtype=np.float32))[None, None]
-    up = F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False)
-    out = up[0, 0].numpy()
+    if input_size is not None and input_size <= 0:
+        raise ValueError(f"input_size must be positive, got {input_size}")
+    rows, cols = cam.shape
+    along_y = _cell_weights(rows, height, input_size or rows * stride, stride)
+    along_x = _cell_weights(cols, width, input_size or cols * stride, stride)
+    out = along_y @ np.asarray(cam, dtype=np.float32) @ along_x.T
     # bilinear weights are convex, so only rounding can leave the input's range
     return np.clip(out, float(cam.min()), float(cam.max()), out=out)

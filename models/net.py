@@ -25,6 +25,14 @@ ARCHITECTURES: tuple[str, ...] = ("resnet18", "resnet34", "resnet50")
 SEX_FEATURES = 32
 """Width of the sex embedding concatenated with the pooled image features."""
 
+FEATURE_STRIDE = 32
+"""Input pixels between neighbouring ``layer4`` cells, for every trunk of :data:`ARCHITECTURES`.
+
+Cell ``j``'s receptive field is centred on input pixel ``32 * j`` (pixel centres counted
+from 0): ``conv1``, the max pool and the first convolution of ``layer2`` … ``layer4`` each
+halve the grid, padded so that output ``i`` is centred on input ``2 * i``.
+"""
+
 
 class BoneAgeNet(nn.Module):
     """ResNet trunk (1-channel input) + sex embedding + MLP head -> z-scored bone age.

@@ -50,6 +50,10 @@ class Prediction:
     raw_bone_age_months : float or None
         The model's estimate before clipping; None where it is not known (then taken as
         ``bone_age_months``). Outside [0, 240] months, the estimate is :attr:`clipped`.
+    input_size : int or None
+        Side of the network input the crop was resized to, which places the map's cells
+        on the crop (:func:`~models.preprocess.cam_to_image`); None: the map's side times
+        :data:`~models.net.FEATURE_STRIDE`.
     """
 
     bone_age_months: float
@@ -58,6 +62,7 @@ class Prediction:
     image_shape: tuple[int, int]
     intervals: dict[float, tuple[float, float]] = field(default_factory=dict)
     raw_bone_age_months: float | None = None
+    input_size: int | None = None
 
     @property
     def clipped(self) -> bool:
@@ -78,7 +83,9 @@ class Prediction:
         Computed on first use: upsampling to a multi-megapixel image costs more than the
         heat-map picture needs (see :meth:`cam_at`).
         """
-        return cam_to_image(self.crop_cam, self.crop_box, self.image_shape)
+        return cam_to_image(
+            self.crop_cam, self.crop_box, self.image_shape, input_size=self.input_size
+        )
 
     def cam_at(self, shape: tuple[int, int]) -> np.ndarray:
         """The heat map on an ``(h, w)`` grid covering the whole image (a resized image).
@@ -101,7 +108,47 @@ class Prediction:
         box = (round(top * sy), round(left * sx), round(bottom * sy), round(right * sx))
         if box[2] <= box[0] or box[3] <= box[1]:
             box = (box[0], box[1], max(box[2], box[0] + 1), max(box[3], box[1] + 1))
-        return cam_to_image(self.crop_cam, box, (int(shape[0]), int(shape[1])))
+        return cam_to_image(
+            self.crop_cam, box, (int(shape[0]), int(shape[1])), input_size=self.input_size
+        )
+
+
+class DeviceFailure(RuntimeError):
+    """The GPU itself failed during a forward pass (:func:`is_device_failure`): this
+    process can assess nothing more, whatever the image, until it is restarted."""
+
+
+#: What torch's messages start a CUDA, cuBLAS or cuDNN failure with (torch.OutOfMemoryError
+#: says "CUDA out of memory", which passes once the memory is free, and is none of them).
+_DEVICE_ERROR_WORDS = ("CUDA error", "CUBLAS_STATUS_", "cuDNN error", "CUDNN_STATUS_")
+
+
+def is_device_failure(exc: BaseException, device: torch.device | str) -> bool:
+    """Whether ``exc``, raised by work on ``device``, says the GPU itself failed.
+
+    A CUDA error is sticky: after an illegal memory access, an uncorrectable ECC error or
+    a GPU fallen off the bus, every later call in the process fails the same way, so an
+    image that meets it is not at fault. On a CPU nothing is (whatever the message).
+
+    Parameters
+    ----------
+    exc : BaseException
+        What the forward pass raised.
+    device : torch.device or str
+        The device it ran on.
+
+    Returns
+    -------
+    bool
+        True for ``torch.AcceleratorError`` (torch 2.8 and later) or a ``RuntimeError``
+        whose message names a CUDA, cuBLAS or cuDNN error, on a CUDA device.
+    """
+    if torch.device(device).type != "cuda" or isinstance(exc, torch.OutOfMemoryError):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    return isinstance(exc, RuntimeError) and any(w in str(exc) for w in _DEVICE_ERROR_WORDS)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -511,6 +558,11 @@ class BoneAgePredictor:
         -------
         list of Prediction
             One per image, in order.
+
+        Raises
+        ------
+        DeviceFailure
+            If the GPU itself failed (:func:`is_device_failure`): no image is at fault.
         """
         if len(images) != len(males):
             raise ValueError(f"got {len(images)} images but {len(males)} sex values")
@@ -519,15 +571,22 @@ class BoneAgePredictor:
         preps = list(prepared) if prepared is not None else [self.prepare(im) for im in images]
         if len(preps) != len(images):
             raise ValueError("prepared must hold one entry per image")
-        x = torch.stack([p.tensor for p in preps]).to(self._device, non_blocking=True)
-        sex = torch.tensor([1.0 if m else 0.0 for m in males], device=self._device)
-        x = x.contiguous(memory_format=torch.channels_last)
-        lower = self._dtype != torch.float32
-        with torch.autocast(self._device.type, dtype=self._dtype, enabled=lower):
-            z, cams = predict_with_cam(self.inference_model(), x, sex)
         meta = self._loaded.meta
-        months = (z.float() * meta.target_sd + meta.target_mean).cpu().numpy()
-        cams_np = cams.float().cpu().numpy()
+        try:
+            x = torch.stack([p.tensor for p in preps]).to(self._device, non_blocking=True)
+            sex = torch.tensor([1.0 if m else 0.0 for m in males], device=self._device)
+            x = x.contiguous(memory_format=torch.channels_last)
+            lower = self._dtype != torch.float32
+            with torch.autocast(self._device.type, dtype=self._dtype, enabled=lower):
+                z, cams = predict_with_cam(self.inference_model(), x, sex)
+            months = (z.float() * meta.target_sd + meta.target_mean).cpu().numpy()
+            cams_np = cams.float().cpu().numpy()
+        except Exception as exc:
+            if is_device_failure(exc, self._device):
+                # its first line: the CUDA error's name, nothing of the image
+                first = (str(exc).splitlines() or [""])[0][:200]
+                raise DeviceFailure(f"{type(exc).__name__}: {first}") from exc
+            raise
         out: list[Prediction] = []
         for image, prep, value, cam in zip(images, preps, months, cams_np, strict=True):
             age = float(np.clip(value, MIN_BONE_AGE_MONTHS, MAX_BONE_AGE_MONTHS))
@@ -539,6 +598,7 @@ class BoneAgePredictor:
                     image_shape=(int(image.shape[0]), int(image.shape[1])),
                     intervals=intervals_for(age, meta),
                     raw_bone_age_months=float(value),
+                    input_size=self.input_size,
                 )
             )
         return out

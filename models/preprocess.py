@@ -370,8 +370,15 @@ def prepare(image: np.ndarray, size: int, *, clahe: bool = False) -> Prepared:
     return Prepared(tensor=t.contiguous(), crop_box=box)
 
 
-def cam_to_image(cam: np.ndarray, crop_box: CropBox, image_shape: tuple[int, int]) -> np.ndarray:
-    """Put a CAM computed on the crop back onto the full image.
+def cam_to_image(
+    cam: np.ndarray,
+    crop_box: CropBox,
+    image_shape: tuple[int, int],
+    *,
+    input_size: int | None = None,
+) -> np.ndarray:
+    """Put a CAM computed on the crop back onto the full image, each cell at the centre
+    of its receptive field (:func:`~models.gradcam.upsample_cam`).
 
     Parameters
     ----------
@@ -381,6 +388,9 @@ def cam_to_image(cam: np.ndarray, crop_box: CropBox, image_shape: tuple[int, int
         ``(top, left, bottom, right)`` from :func:`prepare`.
     image_shape : tuple of int
         ``(H, W)`` of the source image.
+    input_size : int, optional
+        The ``size`` the crop was prepared at; by default the map's side times
+        :data:`~models.net.FEATURE_STRIDE`.
 
     Returns
     -------
@@ -391,7 +401,9 @@ def cam_to_image(cam: np.ndarray, crop_box: CropBox, image_shape: tuple[int, int
     height, width = int(image_shape[0]), int(image_shape[1])
     if bottom <= top or right <= left:
         raise ValueError(f"empty crop box {crop_box}")
-    up = upsample_cam(np.asarray(cam, dtype=np.float32), (bottom - top, right - left))
+    up = upsample_cam(
+        np.asarray(cam, dtype=np.float32), (bottom - top, right - left), input_size=input_size
+    )
     out = np.zeros((height, width), dtype=np.float32)
     sy0, sx0 = max(top, 0), max(left, 0)
     sy1, sx1 = min(bottom, height), min(right, width)

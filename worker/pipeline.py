@@ -1046,9 +1046,51 @@ def assess_instance(
             # a copy that came while it waited is sent as one received again after would be
             outcome = _assess(rt, claimed, send=(send and claimed.send) or claimed.copy_came)
     except Exception as exc:
-        _note_failed_attempt(rt, claimed, exc)
+        from models.predictor import DeviceFailure  # torch: loaded by then
+
+        if isinstance(exc, DeviceFailure):
+            _give_back_from_a_failed_device(rt, claimed, exc)
+        else:
+            _note_failed_attempt(rt, claimed, exc)
         raise
     return _with_copy_to_compare(rt, instance_id, outcome)
+
+
+#: What the reason of an instance given back by a worker whose GPU failed ends with.
+GIVEN_BACK_FROM_A_FAILED_DEVICE = "; the worker's GPU failed: given back to be queued again"
+
+
+def _give_back_from_a_failed_device(rt: Runtime, claim: _Claim, exc: BaseException) -> None:
+    """Put the instance ``claim`` took back to `received`, claimed by none, its attempt
+    not counted, where this process still holds it under that claim: the image is not at
+    fault, and the worker stops (worker.tasks), to be restarted on a GPU that works;
+    the reconciler queues the image again. Where that cannot be written, a warning: the
+    reconciler takes it back once the stopped worker's lease runs out."""
+    try:
+        with session_scope(rt.database_url) as session:
+            take_instances(session, [claim.instance_id])  # its row first, as ever
+            instance = session.get(Instance, claim.instance_id)
+            if (
+                instance is not None
+                and instance.state is InstanceState.PROCESSING
+                and instance.claimed_by == process_name("worker")
+                and instance.assessment == claim.assessment
+                and instance.started_at == claim.started_at
+            ):
+                instance.reason = (
+                    f"attempt {instance.attempts} failed: {_failure(exc)}"
+                    f"{GIVEN_BACK_FROM_A_FAILED_DEVICE}"
+                )
+                instance.attempts = max(0, instance.attempts - 1)
+                instance.state = InstanceState.RECEIVED
+                instance.claimed_by = None
+    except Exception as noted:  # the database may be away too
+        logger.warning(
+            "instance %d: not given back after the GPU failed (%s); the reconciler takes "
+            "it back once this worker's lease runs out",
+            claim.instance_id,
+            type(noted).__name__,
+        )
 
 
 def _with_copy_to_compare(rt: Runtime, instance_id: int, outcome: AssessOutcome) -> AssessOutcome:

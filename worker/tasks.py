@@ -237,6 +237,11 @@ def _start_up_failed(exc: BaseException) -> NoReturn:
         str(exc)[:500] or "no message",
         exc_info=exc,
     )
+    _exit_to_be_restarted()
+
+
+def _exit_to_be_restarted() -> NoReturn:
+    """Exit with status 1, a prefork child stopping its parent too (:func:`_start_up_failed`)."""
     main = _state.get("main_pid")
     if main is not None and main != os.getpid():
         with contextlib.suppress(ProcessLookupError):  # the parent is gone already
@@ -564,8 +569,9 @@ def assess(self: Task, instance_id: int, send: bool = True, held_since: str | No
         if self.request.retries >= self.max_retries:  # no retry comes after this one
             give_up_retries(rt, instance_id)
         raise
-    except Exception:
+    except Exception as exc:
         metrics.TASKS.labels(ASSESS_TASK, "exception").inc()
+        _stop_if_the_device_failed(exc)
         raise
     # a message refused because another attempt holds the image: `refused`, told from
     # `skipped` (already finished, no such instance) in the metric alone; the task's
@@ -579,6 +585,24 @@ def assess(self: Task, instance_id: int, send: bool = True, held_since: str | No
     if outcome.delivery_ids:
         enqueue_delivery(outcome.delivery_ids)  # SR and SC: one association per destination
     return outcome.state
+
+
+def _stop_if_the_device_failed(exc: BaseException) -> None:
+    """End this worker, with exit status 1, where its GPU failed during the assessment
+    (`models.predictor.DeviceFailure`; the pipeline gave the image back, its attempt
+    not counted): every image it took next would fail the same way and end in error
+    after three attempts. `serve`, systemd or the kubelet restart it, on a GPU that
+    works again or with an error that says why not. The message names the CUDA error
+    alone."""
+    from models.predictor import DeviceFailure  # torch: loaded by then
+
+    if isinstance(exc, DeviceFailure):
+        logger.critical(
+            "the GPU failed during an assessment (%s): the image is given back, and the "
+            "worker takes no more work and exits with status 1, to be restarted",
+            exc,
+        )
+        _exit_to_be_restarted()
 
 
 def _queue_copy_to_compare(instance_id: int) -> None:

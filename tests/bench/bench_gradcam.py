@@ -13,7 +13,7 @@ Compares, on the same input and model (ResNet-50 BoneAgeNet, random weights):
   timed (building the ``GradCAM`` object, i.e. registering its hooks, and releasing it are
   not), and that call also min-max scales the map and resizes it to the input size with
   OpenCV, which our cases do not. Its map is checked once, untimed, against ours (Pearson
-  correlation at input resolution).
+  correlation at input resolution, ours resized as OpenCV resizes).
 
 Timings are medians of interleaved repeats, so drift affects all cases alike.
 """
@@ -28,9 +28,10 @@ from importlib.metadata import version
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.gradcam import full_autograd_gradcam, predict_with_cam, upsample_cam
+from models.gradcam import full_autograd_gradcam, predict_with_cam
 from models.net import BoneAgeNet, build_model
 from tests.bench import heap_as_in_workers
 
@@ -105,8 +106,12 @@ def _agreement(library: _LibraryGradCAM, model: BoneAgeNet, x: Tensor, male: Ten
     """Pearson correlation of the library's map and ours upsampled, image 0 (untimed)."""
     lib_map = library.once()[0]
     _, cam = predict_with_cam(model, x, male)
-    ours = upsample_cam(cam[0].cpu().numpy(), lib_map.shape)
-    return float(np.corrcoef(lib_map.ravel(), ours.ravel())[0, 1])
+    # resized as the library resizes (half-pixel centres), not as upsample_cam draws it
+    # for a person (each cell on its receptive field's centre, half a cell up and left):
+    # the maps are compared, not the two ways of resizing them
+    grid = cam[:1, None].float().cpu()
+    ours = F.interpolate(grid, size=lib_map.shape, mode="bilinear", align_corners=False)
+    return float(np.corrcoef(lib_map.ravel(), ours[0, 0].numpy().ravel())[0, 1])
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ import pytest
 from models.batching import BatchingPredictor
 from models.checkpoint import LoadedModel, untrained_model
 from models.phantoms import make_phantom
-from models.predictor import BoneAgePredictor, Prediction
+from models.predictor import BoneAgePredictor, DeviceFailure, Prediction
 from models.preprocess import Prepared
 
 
@@ -138,3 +138,44 @@ def test_rejects_bad_limits(
         BatchingPredictor(
             BoneAgePredictor(loaded, device="cpu"), max_batch=max_batch, max_wait_s=max_wait_s
         )
+
+
+class _FailedGpu(BoneAgePredictor):
+    """Fault injection: a GPU that failed (models.predictor.is_device_failure); the
+    batches it was asked to run, by size."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        super().__init__(loaded, device="cpu")
+        self.batches: list[int] = []
+
+    def predict_batch(
+        self,
+        images: Sequence[np.ndarray],
+        males: Sequence[bool],
+        *,
+        prepared: Sequence[Prepared] | None = None,
+    ) -> list[Prediction]:
+        self.batches.append(len(images))
+        raise DeviceFailure("AcceleratorError: CUDA error: an illegal memory access")
+
+
+def test_a_failed_gpu_fails_every_image_of_the_batch_at_once(loaded: LoadedModel) -> None:
+    predictor = _FailedGpu(loaded)
+    batcher = BatchingPredictor(predictor, max_batch=4, max_wait_s=2)
+    start = threading.Barrier(4)
+    images = _images(4)
+
+    def one(index: int) -> Prediction:
+        start.wait(timeout=30)
+        return batcher.predict(images[index], male=True)
+
+    try:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            futures = [pool.submit(one, n) for n in range(4)]
+            for future in futures:
+                with pytest.raises(DeviceFailure):
+                    future.result()
+    finally:
+        batcher.close()
+    # not run again image by image: each would fail the same way
+    assert sum(predictor.batches) == 4

@@ -271,3 +271,26 @@ def test_a_version_1_file_saying_clahe_is_refused() -> None:
     raw["format_version"] = 1
     with pytest.raises(ValueError, match="format version 1 says clahe"):
         CheckpointMeta.from_json(json.dumps(raw))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_load_refuses_a_weight_that_is_not_finite(
+    tmp_path: Path, tiny_model: BoneAgeNet, value: float
+) -> None:
+    tiny_model.state_dict()["regressor.0.weight"][0, 0] = value  # the parameter's storage
+    path = tmp_path / "spoilt.safetensors"
+    save_checkpoint(path, tiny_model, _meta())
+    with pytest.raises(
+        ValueError, match=r"spoilt\.safetensors holds NaN or infinite .*'regressor\.0\.weight'"
+    ):
+        load_checkpoint(path)
+
+
+def test_load_accepts_finite_weights_whose_sum_overflows(
+    tmp_path: Path, tiny_model: BoneAgeNet
+) -> None:
+    weight = tiny_model.state_dict()["regressor.0.weight"]
+    weight.fill_(3e38)  # finite; their float32 sum is not
+    path = tmp_path / "large.safetensors"
+    save_checkpoint(path, tiny_model, _meta())
+    assert torch.equal(load_checkpoint(path).model.state_dict()["regressor.0.weight"], weight)

@@ -102,8 +102,44 @@ def test_upsample_cam_shape_and_range() -> None:
     assert up.dtype == np.float32
     assert up.min() >= 0.0
     assert up.max() <= 1.0
-    # The top-right quarter is dominated by the 1.0 cell.
-    assert up[:5, -5:].mean() > 0.9
+    # The 1.0 cell's receptive field is centred on input pixel (0, 32) of 64: the top
+    # row, the middle column; the map is replicated beyond the last cell.
+    assert up[:2, 15:].mean() > 0.9
+    assert up[-2:, :15].mean() < 0.6
+
+
+def _receptive_field_centres(
+    model: BoneAgeNet, side: int, cells: list[tuple[int, int]]
+) -> list[np.ndarray]:
+    """Where in a ``side``-pixel input each ``layer4`` cell looks: the centroid of the
+    gradient magnitude of that cell's activations with respect to the input."""
+    weights = [np.zeros((side, side)) for _ in cells]
+    for seed in range(2):
+        x = torch.rand(1, 1, side, side, generator=torch.Generator().manual_seed(seed))
+        x.requires_grad_(True)
+        maps = model.features(x)
+        for weight, (row, col) in zip(weights, cells, strict=True):
+            (grad,) = torch.autograd.grad(maps[0, :, row, col].sum(), x, retain_graph=True)
+            weight += grad[0, 0].abs().numpy()
+    rows, cols = np.indices((side, side))
+    return [np.array([(w * rows).sum(), (w * cols).sum()]) / w.sum() for w in weights]
+
+
+def test_a_cell_is_drawn_at_the_centre_of_its_receptive_field(tiny_model: BoneAgeNet) -> None:
+    # an 18 x 18 grid; these cells' receptive fields (435 pixels wide) lie inside it,
+    # so the image's border does not pull their centroids inwards
+    side = 576
+    cells = [(8, 10), (10, 7), (9, 9)]
+    centres = _receptive_field_centres(tiny_model, side, cells)
+    # drawn on the network input itself, and on crops larger and smaller than it
+    for cell, centre, drawn_on in zip(cells, centres, (576, 2000, 300), strict=True):
+        cam = np.zeros((side // 32, side // 32), dtype=np.float32)
+        cam[cell] = 1.0
+        up = upsample_cam(cam, (drawn_on, drawn_on))  # the input: 32 pixels a cell
+        peak = np.array(np.unravel_index(int(np.argmax(up)), up.shape), dtype=float)
+        # the input pixel the peak stands on (half-pixel centres, as prepare resizes)
+        seen_at = (peak + 0.5) * side / drawn_on - 0.5
+        assert np.abs(seen_at - centre).max() <= 3.0, (cell, drawn_on, seen_at, centre)
 
 
 def test_upsample_cam_rejects_3d() -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import models.predictor
 from dicom_io.content import TRUNK_PRECISIONS
 from models.checkpoint import LoadedModel, untrained_model
 from models.fused import fusion_available, is_fused
@@ -18,9 +19,11 @@ from models.phantoms import make_phantom
 from models.predictor import (
     PRECISIONS,
     BoneAgePredictor,
+    DeviceFailure,
     _warn_bfloat16_emulated,
     cpu_computes_bfloat16,
     intervals_for,
+    is_device_failure,
     precision_name,
     resolve_device,
     resolve_precision,
@@ -293,3 +296,75 @@ def test_a_clahe_checkpoint_without_opencv_fails_when_the_predictor_is_built(
     BoneAgePredictor(loaded, device="cpu")  # no CLAHE: no OpenCV needed
     with pytest.raises(ImportError, match=r"CLAHE needs OpenCV.*boneage-worker\[train\]"):
         BoneAgePredictor(_clahe_model(loaded), device="cpu")
+
+
+def test_the_heat_map_places_a_cell_where_the_network_saw_it(image: np.ndarray) -> None:
+    # 100 pixels: a 4 x 4 grid, cell j centred on input pixel 32 j (not a multiple of 32)
+    predictor = BoneAgePredictor(untrained_model(arch="resnet18", input_size=100), device="cpu")
+    result = predictor.predict(image, male=True)
+    assert result.crop_cam.shape == (4, 4)
+    hot = np.zeros((4, 4), dtype=np.float32)
+    hot[1, 2] = 1.0
+    result = dataclasses.replace(result, crop_cam=hot)
+    top, left, bottom, right = result.crop_box
+    expected = (
+        top + (32 + 0.5) * (bottom - top) / 100 - 0.5,
+        left + (64 + 0.5) * (right - left) / 100 - 0.5,
+    )
+    peak = np.unravel_index(int(np.argmax(result.cam)), result.cam.shape)
+    assert np.abs(np.subtract(peak, expected)).max() <= 1
+    half = result.cam_at((image.shape[0] // 2, image.shape[1] // 2))
+    peak = np.unravel_index(int(np.argmax(half)), half.shape)
+    assert np.abs(np.subtract(peak, np.divide(expected, 2))).max() <= 1.5
+
+
+#: What torch raises when the GPU itself fails (messages as CUDA, cuBLAS and cuDNN word them).
+DEVICE_ERRORS = [
+    torch.AcceleratorError("CUDA error: an illegal memory access was encountered"),
+    RuntimeError("CUDA error: uncorrectable ECC error encountered"),
+    RuntimeError(
+        "CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasSgemm( handle, opa, opb, m, n, k)`"
+    ),
+    RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED"),
+]
+
+
+@pytest.mark.parametrize("exc", DEVICE_ERRORS, ids=lambda e: str(e)[:24])
+def test_a_failed_gpu_is_told_from_an_image_at_fault(exc: Exception) -> None:
+    assert is_device_failure(exc, torch.device("cuda", 0))
+    assert is_device_failure(exc, "cuda")
+    # the same words on a CPU are not the device's: CPU behaviour is unchanged
+    assert not is_device_failure(exc, "cpu")
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("Expected all tensors to be on the same device"),
+        ValueError("CUDA error: in a ValueError's message"),
+        OSError(5, "Input/output error"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_other_errors_on_a_gpu_are_not_a_failed_gpu(exc: Exception) -> None:
+    assert not is_device_failure(exc, "cuda")
+
+
+def test_a_gpu_failing_in_the_forward_pass_is_a_device_failure(
+    loaded: LoadedModel, image: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No GPU here: the device error is raised where the forward pass would raise it,
+    and the predictor told that it runs on CUDA where it asks (is_device_failure)."""
+    predictor = BoneAgePredictor(loaded, device="cpu")
+
+    def forward(*args: object, **kwargs: object) -> object:
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(models.predictor, "predict_with_cam", forward)
+    with pytest.raises(torch.AcceleratorError):  # on a CPU, as it was
+        predictor.predict(image, male=True)
+    real = is_device_failure
+    monkeypatch.setattr(models.predictor, "is_device_failure", lambda e, _: real(e, "cuda"))
+    with pytest.raises(DeviceFailure, match=r"^AcceleratorError: CUDA error: an illegal"):
+        predictor.predict(image, male=True)

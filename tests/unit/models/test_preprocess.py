@@ -144,9 +144,21 @@ def test_cam_follows_the_crop_on_the_full_image(rng: np.random.Generator) -> Non
     full = cam_to_image(cam, prepared.crop_box, phantom.image.shape)
     top, left, bottom, right = prepared.crop_box
     peak = np.unravel_index(int(np.argmax(full)), full.shape)
-    expected = (top + (bottom - top) * 4.5 / 8, left + (right - left) * 4.5 / 8)
+    # cell 4 of 8 is centred on input pixel 4 * 32 of 8 * 32: the middle of the crop
+    expected = (top + (bottom - top) * 4 / 8, left + (right - left) * 4 / 8)
     assert abs(peak[0] - expected[0]) <= (bottom - top) / 8
     assert abs(peak[1] - expected[1]) <= (right - left) / 8
+
+
+@pytest.mark.parametrize("input_size", [512, 500])
+def test_cam_to_image_draws_a_cell_where_the_network_saw_it(input_size: int) -> None:
+    cam = np.zeros((16, 16), dtype=np.float32)
+    cam[8, 3] = 1.0  # centred on input pixel (256, 96), the crop resized to input_size
+    full = cam_to_image(cam, (100, 200, 2100, 2200), (2400, 2400), input_size=input_size)
+    peak = np.unravel_index(int(np.argmax(full)), full.shape)
+    scale = 2000 / input_size
+    assert abs(peak[0] - (100 + (256 + 0.5) * scale - 0.5)) <= 1
+    assert abs(peak[1] - (200 + (96 + 0.5) * scale - 0.5)) <= 1
 
 
 def test_components_are_eight_connected() -> None:

@@ -12,20 +12,21 @@ nothing to assess (blank, or saturated by its window) raises its subclass
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
 import re
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, BinaryIO, cast
 
 import numpy as np
-from pydicom import Dataset, dcmread
+from pydicom import Dataset
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
+from pydicom.filereader import _read_file_meta_info, read_dataset, read_partial, read_preamble
 from pydicom.multival import MultiValue
 from pydicom.uid import (
     HTJ2K,
@@ -43,11 +44,14 @@ from pydicom.uid import (
     JPEGLSNearLossless,
 )
 
+from dicom_io.budget import BudgetedFile, HeaderTooLargeError, over_budget
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "MAX_INFLATED_BYTES",
     "FileChangedError",
+    "HeaderTooLargeError",
     "InflatedTooLargeError",
     "NoContrastError",
     "PixelDataError",
@@ -81,6 +85,17 @@ _STRIP_BYTES = 1 << 22
 #: kilobytes (a deflate bomb) would inflate to gigabytes in memory; the listener refuses
 #: deflated transfers for the same reason (dicom_io.scp.TRANSFER_SYNTAXES).
 MAX_INFLATED_BYTES = 64 << 20
+#: What :func:`read_image` reads of a data set besides its Pixel Data value at most
+#: (:class:`dicom_io.budget.BudgetedFile`): reads of the file (an element or a sequence
+#: item takes one to four) and bytes (values of at most :data:`DEFERRED_BYTES` each).
+#: pydicom holds every element and item it reads, some 700 bytes for an empty item of 8:
+#: past these the file is refused (:class:`HeaderTooLargeError`), before a million items
+#: in 8 MB take gigabytes. A radiograph's header has a few hundred elements and holds
+#: well under a megabyte (its overlays and ICC profile among them); an enhanced image's
+#: functional groups, a few tens of elements a frame, fit for thousands of frames. At
+#: most some 200 MiB.
+MAX_HEADER_READS = 1 << 18
+MAX_HEADER_BYTES = 16 << 20
 # Deflated bytes read from the file at a time, and the most bytes inflated from them at
 # a time: memory stays within the limit plus one piece.
 _DEFLATED_READ_BYTES = 1 << 16
@@ -300,6 +315,9 @@ def read_image(path: str | os.PathLike[str]) -> Dataset:
         When the file cannot be read.
     InflatedTooLargeError
         When its data set is deflated and inflates past :data:`MAX_INFLATED_BYTES`.
+    HeaderTooLargeError
+        When it holds more besides its pixel data than :data:`MAX_HEADER_READS` reads
+        or :data:`MAX_HEADER_BYTES` bytes take: the rest is not read.
     Exception
         Whatever :func:`pydicom.dcmread` raises for a file that is not DICOM
         (:class:`zlib.error` for a deflated data set that is corrupt or cut short).
@@ -308,11 +326,34 @@ def read_image(path: str | os.PathLike[str]) -> Dataset:
         status = os.fstat(fh.fileno())
         if (deflated := _deflated_file_meta(fh)) is not None:
             return _read_deflated(fh, os.fspath(path), *deflated)
-        ds = dcmread(fh, defer_size=DEFERRED_BYTES)
+        budgeted = BudgetedFile(fh, max_reads=MAX_HEADER_READS, max_bytes=MAX_HEADER_BYTES)
+        with _refused_past_budget(os.fspath(path)):
+            ds = read_partial(
+                cast(BinaryIO, budgeted),
+                stop_when=budgeted.beside_pixel_data,
+                defer_size=DEFERRED_BYTES,
+            )
+        # as dcmread leaves a dataset read from a file opened "rb" (dicom_io.sr reads
+        # its buffer where it has one)
+        ds.buffer, ds.fileobj_type = None, open
     syntax = _transfer_syntax(ds)
     if syntax is not None and not syntax.is_deflated:  # (deflated: read from memory)
         ds.fileobj_type = _SourceOpener(os.path.abspath(path), status)
     return ds
+
+
+@contextlib.contextmanager
+def _refused_past_budget(name: str) -> Iterator[None]:
+    """Raises :class:`HeaderTooLargeError`, naming the file ``name``, where what it
+    wraps does (pydicom raises an ``OSError`` for any error in a sequence item)."""
+    try:
+        yield
+    except Exception as exc:
+        if (over := over_budget(exc)) is None:
+            raise
+        raise HeaderTooLargeError(
+            f"{name}: refused: {over}, more than any image's header holds"
+        ) from exc
 
 
 def _deflated_file_meta(fh: BinaryIO) -> tuple[bytes | None, FileMetaDataset] | None:
@@ -342,7 +383,16 @@ def _read_deflated(
     what :func:`pydicom.dcmread` makes of the file."""
     buffer = DicomBytesIO(_inflate(fh, name))
     buffer.name = name
-    dataset = read_dataset(cast(BinaryIO, buffer), is_implicit_VR=False, is_little_endian=True)
+    budgeted = BudgetedFile(
+        cast(BinaryIO, buffer), max_reads=MAX_HEADER_READS, max_bytes=MAX_HEADER_BYTES
+    )
+    with _refused_past_budget(name):
+        dataset = read_dataset(
+            cast(BinaryIO, budgeted),
+            is_implicit_VR=False,
+            is_little_endian=True,
+            stop_when=budgeted.beside_pixel_data,
+        )
     ds = FileDataset(buffer, dataset, preamble, meta, False, True)
     ds.set_original_encoding(False, True, dataset._character_set)
     return ds

@@ -45,10 +45,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, BinaryIO, cast
 
-from pydicom import dcmread
 from pydicom import uid as pyuid
+from pydicom.dataset import FileDataset
+from pydicom.filereader import read_partial
+from pydicom.tag import BaseTag, Tag
 from pynetdicom import AE, _config, evt, sop_class
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
@@ -57,6 +59,7 @@ from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from dicom_io.budget import BudgetedFile, over_budget
 from dicom_io.tcp import LOW_LATENCY_HANDLERS
 
 logger = logging.getLogger(__name__)
@@ -183,12 +186,18 @@ class ReceivedInstance:
 
 
 RecordFn = Callable[[ReceivedInstance], int]
+RefuseFn = Callable[[ReceivedInstance], int | None]
 NotifyFn = Callable[[int], None]
 
 
 def spool_path(spool_dir: Path, sop_instance_uid: str) -> Path:
-    """Final spool location of an instance: a hash, never the raw UID, names the file."""
-    digest = hashlib.sha256(sop_instance_uid.encode("ascii", "replace")).hexdigest()
+    """Final spool location of an instance: a hash, never the raw UID, names the file.
+
+    The hash is of the UID's UTF-8 (a valid UID's ASCII, as it always was): one file for
+    each UID, where UIDs that differ only in characters a UID may not hold (pynetdicom
+    checks a UID's length alone) would share one as ASCII with "?" in their place.
+    """
+    digest = hashlib.sha256(sop_instance_uid.encode("utf-8", "surrogatepass")).hexdigest()
     return spool_dir / digest[:2] / f"{digest[2:34]}.dcm"
 
 
@@ -203,6 +212,17 @@ def fsync_directory(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _make_spool_folder(path: Path) -> None:
+    """Make the spool folder ``path`` where it is not there, its entry in the spool durable
+    before a file is renamed into it: the fsync of the folder after the rename makes the
+    file's entry durable, not the folder's."""
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        return
+    fsync_directory(path.parent)
 
 
 def _fsync_file(path: Path) -> None:
@@ -1145,6 +1165,35 @@ _HEADER_TAGS = (
     "SeriesInstanceUID",
     "Modality",
 )
+_HEADER_TAG_LIST: list[BaseTag | int] = [Tag(keyword) for keyword in _HEADER_TAGS]
+_LAST_HEADER_TAG = max(_HEADER_TAG_LIST)
+
+#: What the listener reads of a data set before the last of `_HEADER_TAGS` at most
+#: (`dicom_io.budget.BudgetedFile`): reads of the file (an element or a sequence item
+#: takes one to four) and bytes. Past either the data set is refused (0xC210). pydicom
+#: builds each item of a sequence of undefined length there, even one it leaves out of the
+#: header: an empty item, 8 bytes sent, took some 700 bytes, and 25 MB of them would have
+#: taken a 2 GiB listener, and the same again when the PACS sent it again. A real header
+#: has a few hundred elements there (the ICC profile, overlays and the functional groups
+#: come after), and a sequence of 5000 references takes 40 000 reads; these hold one
+#: C-STORE's header to some 90 MiB.
+HEADER_READS = 1 << 17
+HEADER_BYTES = 4 << 20
+
+
+def _past_header(tag: BaseTag, _vr: str | None, _length: int) -> bool:
+    """``stop_when`` of the header's read: nothing after the last of `_HEADER_TAGS`."""
+    return tag > _LAST_HEADER_TAG
+
+
+def _read_header(path: Path) -> FileDataset:
+    """`_HEADER_TAGS` of the data set in the file at ``path``, read within `HEADER_READS`
+    and `HEADER_BYTES` (else `dicom_io.budget.HeaderTooLargeError`, perhaps wrapped)."""
+    with open(path, "rb") as fh:
+        budgeted = BudgetedFile(fh, max_reads=HEADER_READS, max_bytes=HEADER_BYTES)
+        return read_partial(
+            cast(BinaryIO, budgeted), stop_when=_past_header, specific_tags=_HEADER_TAG_LIST
+        )
 
 
 def _incoming_name() -> str:
@@ -1443,6 +1492,12 @@ class StorageSCP:
         "not recorded" and the PACS is told to retry (0xA700).
     notify
         Called with the row id after it is committed; must not block.
+    refuse
+        Called before a received file takes its place in the spool: the id of the row
+        of another image under its SOP Instance UID, whose file the copy must not
+        replace, once it has recorded the copy as refused (no SQL here either); None
+        stores it. The refused copy is answered Success and not kept: the PACS has it.
+        Raising is answered 0xA700, as ``record``.
     allowed_callers
         ``(ae_title, host or None)`` pairs allowed to associate; empty allows anyone.
     host, port
@@ -1470,6 +1525,7 @@ class StorageSCP:
         spool_dir: Path,
         record: RecordFn,
         notify: NotifyFn,
+        refuse: RefuseFn | None = None,
         allowed_callers: Sequence[tuple[str, str | None]] = (),
         host: str = "0.0.0.0",
         port: int = 11112,
@@ -1498,6 +1554,7 @@ class StorageSCP:
         self._recording = _RecordingHold(self.spool_dir)
         self._record = record
         self._notify = notify
+        self._refuse = refuse
         self._allowed = [(ae.strip(), host) for ae, host in allowed_callers]
         self._address = (host, port)
         self._ssl_context = ssl_context
@@ -1843,7 +1900,7 @@ class StorageSCP:
             return OUT_OF_RESOURCES
         temp = Path(event.dataset_path)
         try:
-            header = dcmread(temp, stop_before_pixels=True, specific_tags=list(_HEADER_TAGS))
+            header = _read_header(temp)
             if "SOPClassUID" not in header and "SOPInstanceUID" not in header:
                 # Bytes that are no DICOM data set (a text file, a truncated stream, an
                 # empty data set) still "parse" into an empty header: neither Type 1 SOP
@@ -1889,6 +1946,11 @@ class StorageSCP:
                     getattr(exc, "strerror", None) or type(exc).__name__,
                 )
                 return OUT_OF_RESOURCES
+            if (over := over_budget(exc)) is not None:
+                logger.warning(
+                    "C-STORE %s from %s: refused: %s: 0xC210", uid_tag(command_uid), calling, over
+                )
+                return CANNOT_UNDERSTAND
             logger.warning(
                 "C-STORE %s from %s: cannot read the dataset (%s): 0xC210",
                 uid_tag(command_uid),
@@ -1909,9 +1971,30 @@ class StorageSCP:
             path=final,
             size_bytes=size,
         )
+        if self._refuse is not None:
+            try:
+                refused = self._refuse(received)
+            except Exception as exc:  # database trouble: the PACS must retry
+                self._count("failed")
+                logger.error(
+                    "C-STORE %s: cannot tell whether the copy may be kept (%s): 0xA700",
+                    uid_tag(sop_uid),
+                    type(exc).__name__,
+                )
+                return OUT_OF_RESOURCES
+            if refused is not None:  # pynetdicom removes the file, as for any other status
+                self._count("refused")
+                logger.error(
+                    "C-STORE %s from %s: another image under the SOP Instance UID of "
+                    "instance %d, in another study, before it was assessed: not kept",
+                    uid_tag(sop_uid),
+                    calling,
+                    refused,
+                )
+                return SUCCESS
         try:
             _fsync_file(temp)
-            final.parent.mkdir(exist_ok=True, mode=0o700)
+            _make_spool_folder(final.parent)
         except OSError as exc:
             return self._not_durable(sop_uid, exc)
         # From the rename until the row is committed the file is in the spool and no row

@@ -916,6 +916,16 @@ def _own_copy_came_again(
         )
 
 
+def _keeping_clash(said: str | None, reason: str | None) -> str | None:
+    """``reason``, followed by what ``said`` (the reason of an instance not finished)
+    tells of another image the listener refused under its SOP Instance UID while it
+    waited (worker.listener.refuse_clash), which stays said once it is finished."""
+    if said is None or UID_CLASH not in said:
+        return reason
+    clash = said[said.find(UID_CLASH) :]
+    return clash if reason is None else f"{reason}; {clash}"
+
+
 def _without_uid_clash(reason: str) -> str | None:
     """``reason`` without what :func:`_refuse_uid_clash` added: its end, as nothing is
     added to the reason of a finished instance after it (a rejection note, or the next
@@ -984,7 +994,7 @@ def _close(
     """Give ``instance`` the state its claimed attempt ends in, ``at`` (the database's
     clock, as every time other hosts compare), with the inputs it read."""
     instance.state = state
-    instance.reason = reason
+    instance.reason = _keeping_clash(instance.reason, reason)
     instance.finished_at = at
     instance.inputs_sha256 = claim.inputs
     instance.identity_sha256 = claim.identity
@@ -1143,7 +1153,7 @@ def _assessed_by_this_model(rt: Runtime, claim: _Claim) -> AssessOutcome | None:
         instance = session.get_one(Instance, claim.instance_id)
         if instance.state not in FINISHED:  # else an attempt beside this one closed it
             instance.state = InstanceState.ASSESSED
-            instance.reason = None
+            instance.reason = _keeping_clash(instance.reason, None)
             instance.finished_at = database_now(session)
             _compared_if_read(instance)
     logger.warning(
@@ -1448,6 +1458,26 @@ def _note_failed_attempt(rt: Runtime, claim: _Claim, exc: BaseException) -> None
         )
 
 
+#: Why an instance whose spooled file is not its image is not assessed
+#: (:func:`_of_another_image`).
+SPOOLED_ANOTHER_IMAGE = "the spooled file is not this image"
+
+
+def _of_another_image(claim: _Claim, ds: Dataset) -> str | None:
+    """What makes the spooled file ``ds`` another image than the claimed instance's, or
+    None: another SOP Instance UID; or, for a first assessment, another study than the
+    one the instance was received in (the listener keeps a copy in another study out of
+    its place: worker.listener.refuse_clash; a later assessment may read a copy the
+    PACS moved, which the one before compared)."""
+    sop_uid = str(ds.get("SOPInstanceUID", "") or "").strip()
+    if sop_uid and sop_uid != claim.sop_instance_uid:
+        return "of another SOP Instance UID"
+    study = _study_of(ds)
+    if claim.assessment == 1 and claim.first_study and study and study != claim.first_study:
+        return "in another study than the one the image was received in"
+    return None
+
+
 def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
     """:func:`assess_instance` of an instance this attempt has claimed."""
     settings = rt.settings
@@ -1470,8 +1500,13 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
         logger.info("instance %d not assessed (%s)", instance_id, reason_category(reason))
         _finish(rt, claim, InstanceState.NOT_ASSESSED, reason)
         return AssessOutcome("not_assessed", reason=reason)
+    if (other := _of_another_image(claim, ds)) is not None:
+        claim.inputs = UNREAD  # its own copy received again is then assessed
+        logger.error("instance %d not assessed: its spooled file is %s", instance_id, other)
+        reason = f"{SPOOLED_ANOTHER_IMAGE} ({other}): nothing was made of it"
+        _finish(rt, claim, InstanceState.ERROR, reason)
+        return AssessOutcome("error", reason=reason)
 
-    instance_id = claim.instance_id
     decision, claim.inputs = _decide(rt, ds)
     claim.identity = identity_digest(ds, claim.sop_instance_uid)
     claim.study = _study_of(ds)

@@ -498,6 +498,25 @@ def test_zero_length_dataset_cannot_be_understood(
         assert list(session.scalars(select(Instance))) == []
 
 
+def test_a_million_sequence_items_are_stored_and_not_assessed_with_a_reason(
+    listener: StorageSCP, runtime: Runtime, tmp_path: Path
+) -> None:
+    """8 MB, a million empty items in the Request Attributes Sequence, after what the
+    listener reads: stored at once (it took the listener 17 s and 700 MiB), and refused
+    by the worker's read within its budget (it was read whole, and assessed), the image
+    not assessed, saying why."""
+    from tests.unit.dicom_io.test_pixels_header_budget import with_items
+
+    source = write_hand(tmp_path / "hand.dcm")
+    payload = with_items(dcmread(source), 1_000_000)
+    sent, uid = _send_crafted(listener, tmp_path / "wire.dcm", payload, source)
+    assert sent.status == SUCCESS, sent
+    assert sent.seconds < 10, sent
+    state, reason = assess_and_check(runtime, row_for(runtime, uid).id)
+    assert state is InstanceState.NOT_ASSESSED
+    assert reason == "the file cannot be parsed as DICOM (HeaderTooLargeError)"
+
+
 def test_dataset_of_another_sop_class_than_the_command(
     listener: StorageSCP, runtime: Runtime, tmp_path: Path
 ) -> None:

@@ -18,6 +18,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import (
+    UID,
     JPEGLosslessSV1,
     JPEGLSLossless,
     KeyObjectSelectionDocumentStorage,
@@ -266,6 +267,66 @@ def test_same_instance_twice_keeps_one_row(
     assert h.storescu(source).returncode == 0
     [row] = h.rows()
     assert row.times_received == 2
+
+
+def test_uids_that_differ_in_a_character_no_uid_holds_keep_a_file_each(
+    harness_factory: Callable[..., Harness], tmp_path: Path
+) -> None:
+    """Two instances whose SOP Instance UIDs differ in their last character alone, é and
+    ü (pynetdicom checks a UID's length only): both were named by the UID's ASCII, "?"
+    for either, so the second took the first's file, and the first's row was assessed
+    from the second's pixels, another patient's."""
+    h = harness_factory()
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(dcmread(write_hand(tmp_path / "hand.dcm")).SOPClassUID)
+    assoc = ae.associate("127.0.0.1", h.scp.port, ae_title="BONEAGE")
+    assert assoc.is_established
+    try:
+        for last, patient in (("\xe9", "PATIENT-A"), ("\xfc", "PATIENT-B")):
+            ds = dcmread(write_hand(tmp_path / f"{patient}.dcm"))
+            uid = UID(f"1.2.826.0.1.77{last}")
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+            ds.PatientID = patient
+            assert int(assoc.send_c_store(ds).Status) == 0x0000
+    finally:
+        assoc.release()
+    rows = sorted(h.rows(), key=lambda row: row.sop_instance_uid)
+    assert [row.sop_instance_uid for row in rows] == ["1.2.826.0.1.77\xe9", "1.2.826.0.1.77\xfc"]
+    assert [dcmread(row.spool_path).PatientID for row in rows] == ["PATIENT-A", "PATIENT-B"]
+
+
+def test_a_spool_folder_made_for_an_instance_is_made_durable_in_the_spool(
+    harness_factory: Callable[..., Harness], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first instance in a spool folder makes it: the spool is fsynced then, so that
+    a crash cannot take the folder, and the file answered 0x0000 in it, away (only the
+    folder was fsynced). Which directories are fsynced is seen by a spy that fsyncs them;
+    a crash itself cannot be had here."""
+    fsynced: list[Path] = []
+    fsync_directory = scp_module.fsync_directory
+
+    def seen(path: Path) -> None:
+        fsynced.append(Path(path))
+        fsync_directory(path)
+
+    h = harness_factory()
+    monkeypatch.setattr(scp_module, "fsync_directory", seen)
+    source = write_hand(tmp_path / "hand.dcm")
+    folder = spool_path(h.spool, dcmread(source).SOPInstanceUID).parent
+    assert not folder.exists()
+    assert h.storescu(source).returncode == 0
+    assert folder.is_dir()
+    assert fsynced == [h.spool, folder]  # the new folder's entry, then the file's
+    fsynced.clear()
+    assert h.storescu(source).returncode == 0  # the folder is there: the file's alone
+    assert fsynced == [folder]
+
+
+def test_a_valid_uids_spool_name_is_as_it_always_was(tmp_path: Path) -> None:
+    """The spool files of existing installs keep their names."""
+    uid = "1.2.826.0.1.3680043.8.498.12345678901234567890"
+    digest = "0554f69d59921275b07120c699913d026ecd82155d354a146eda4228ba78c149"  # its ASCII's
+    assert spool_path(tmp_path, uid) == tmp_path / digest[:2] / f"{digest[2:34]}.dcm"
 
 
 @pytest.mark.parametrize(

@@ -30,13 +30,14 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     generate_uid,
 )
-from pynetdicom import AE
+from pynetdicom import AE, _config
 from pynetdicom.dimse_messages import C_ECHO_RQ
 from pynetdicom.dimse_primitives import C_ECHO
 from pynetdicom.dsutils import encode
 
 from dicom_io import scp as scp_module
 from dicom_io.scp import (
+    CANNOT_UNDERSTAND,
     COMMAND_SET_LIMIT,
     HELD_DATA_SET_LIMIT,
     INCOMING_ABANDONED_SECONDS,
@@ -208,6 +209,103 @@ def test_a_deflated_bomb_never_inflates_in_the_listener(
     assert spooled.stat().st_size > zeros  # the data set whole, as sent
 
 
+# -- 1b. headers of a million sequence items --------------------------------------
+
+
+def _explicit_little(part: Dataset) -> bytes:
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, part)
+    return buffer.getvalue()
+
+
+def write_sequence_bomb(source: Path, path: Path, items: int, tag: int = 0x00081140) -> Path:
+    """`source` (Explicit VR Little Endian) with a sequence of undefined length of `items`
+    empty items at `tag`, 8 bytes an item: Referenced Image Sequence, before the Study
+    and Series Instance UIDs, which pydicom parsed whole however ``specific_tags`` left
+    it out."""
+    ds = dcmread(source)
+    assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    with path.open("wb") as out:
+        out.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(out, ds.file_meta)  # type: ignore[arg-type]
+        out.write(_explicit_little(ds[:tag]))
+        out.write(struct.pack("<HH2sHL", tag >> 16, tag & 0xFFFF, b"SQ", 0, 0xFFFFFFFF))
+        out.write(struct.pack("<HHL", 0xFFFE, 0xE000, 0) * items)
+        out.write(struct.pack("<HHL", 0xFFFE, 0xE0DD, 0))  # Sequence Delimitation Item
+        out.write(_explicit_little(ds[tag + 1 :]))
+    return path
+
+
+#: Computed Radiography Image Storage.
+CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+
+
+def _store_as_stored(port: int, path: Path, monkeypatch: pytest.MonkeyPatch) -> int:
+    """The status of a C-STORE of `path`'s bytes as they are (pynetdicom would decode
+    and encode half a million items again first)."""
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    ae = AE(ae_title="PACS")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    ae.add_requested_context(CR_IMAGE_STORAGE, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="BONEAGE")
+    assert assoc.is_established
+    try:
+        return int(assoc.send_c_store(path).Status)
+    finally:
+        assoc.release()
+
+
+def test_a_header_of_half_a_million_items_is_refused_within_bounded_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """4 MB on the wire, half a million empty items before the Series Instance UID: read
+    whole, they took the listener some 400 MiB and seconds, and a few times as many
+    took its 2 GiB, answered by a kill, then the same data set again. Refused, 0xC210,
+    within a budget of reads."""
+    source = write_hand(tmp_path / "hand.dcm", modality="CR")
+    bomb = write_sequence_bomb(source, tmp_path / "bomb.dcm", 500_000)
+    listener = ListenerProcess(tmp_path / "spool")
+    try:
+        before = listener.memory_peak()
+        status = _store_as_stored(listener.port, bomb, monkeypatch)
+        grown = listener.memory_peak() - before
+        recorded = listener.recorded()
+    finally:
+        log = listener.stop()
+    assert grown < 64 << 20, f"the listener grew by {grown >> 20} MiB"
+    assert status == CANNOT_UNDERSTAND
+    assert recorded == 0
+    assert "refused: its header holds more elements and sequence items than" in log, log
+    assert "Traceback" not in log, log
+
+
+def test_a_header_with_large_sequences_is_stored(node: Node, tmp_path: Path) -> None:
+    """Well within the budget: 5000 references (items of undefined length) before the
+    Series Instance UID; after it, what the listener does not read: a private sequence of
+    20 000 items, an ICC profile and an overlay of a megabyte each, as sent."""
+    ds = dcmread(write_hand(tmp_path / "hand.dcm", modality="CR"))
+    references = [Dataset() for _ in range(5000)]
+    for item in references:
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = CR_IMAGE_STORAGE, "1.2.3"
+        item.is_undefined_length_sequence_item = True
+    ds.ReferencedImageSequence = references
+    ds["ReferencedImageSequence"].is_undefined_length = True
+    ds.ICCProfile = bytes(1 << 20)
+    ds.add_new(0x60000010, "US", ds.Rows)
+    ds.add_new(0x60000011, "US", ds.Columns)
+    ds.add_new(0x60003000, "OW", bytes(1 << 20))
+    block = ds.private_block(0x0029, "BONEAGE TEST", create=True)
+    block.add_new(0x01, "SQ", [Dataset() for _ in range(20_000)])
+    path = tmp_path / "large-header.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    sent = node.storescu(path)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    [received] = node.recorded
+    assert received.path.read_bytes()[-(1 << 16) :] == path.read_bytes()[-(1 << 16) :]
+    assert received.series_instance_uid == ds.SeriesInstanceUID
+
+
 # -- 2. local faults, other listeners on the spool ----------------------------------
 
 #: A pynetdicom peer whose C-STORE stops after its first ``argv[3]`` P-DATA (the command's
@@ -331,7 +429,7 @@ def test_memory_exhausted_reading_a_data_set_back_is_answered_out_of_resources(
     def exhausted(*_args: Any, **_kwargs: Any) -> Dataset:
         raise MemoryError
 
-    monkeypatch.setattr(scp_module, "dcmread", exhausted)
+    monkeypatch.setattr(scp_module, "_read_header", exhausted)
     ae = AE(ae_title="PACS")
     ds = dcmread(write_hand(tmp_path / "hand.dcm"))
     ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)

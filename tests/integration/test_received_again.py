@@ -5,9 +5,13 @@ not (transcoded, routed, the name or accession number reconciled)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
+import shutil
+import subprocess
 import threading
+from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -34,7 +38,7 @@ from dicom_io import gate
 from dicom_io.content import REPLACED_NOT_ASSESSED_NOTICE, REPLACES_NOTICE
 from dicom_io.ko import read_rejection_note
 from dicom_io.sc import REPLACES_HEAT_MAP, WITHDRAWN
-from dicom_io.scp import ReceivedInstance
+from dicom_io.scp import ReceivedInstance, spool_path
 from dicom_io.uids import LEGACY_ROOT, UidScheme
 from tests.conftest import StoreSCP
 from tests.dicomtools import dciodvfy_errors, dsrdump
@@ -45,9 +49,10 @@ from tests.integration.test_pipeline import (
     reconcile_once,
     spool_instance,
 )
+from tests.support import free_port, storescu_command
 from worker import delivery, pipeline
 from worker.delivery import reset_failed, send_deliveries
-from worker.listener import record_instance
+from worker.listener import Listener, record_instance
 from worker.pipeline import IMAGE_INPUTS, assess_instance, assessment_inputs
 from worker.reconciler import FAULT_PAUSE
 from worker.runtime import Runtime
@@ -916,6 +921,59 @@ def test_a_copy_received_before_the_assessment_began_is_the_one_it_read(
     assert assess_instance(runtime, instance_id).state == "assessed"
     assert results(runtime, instance_id) == [(1, True)]
     assert _received_again_at(runtime, instance_id) is None
+
+
+@contextlib.contextmanager
+def listening(rt: Runtime) -> Iterator[int]:
+    """The listener of ``rt``'s node as `listen` wires it (worker.listener.Listener), its
+    SCP alone started, on a free loopback port; its port."""
+    settings = rt.settings.model_copy(update={"host": "127.0.0.1", "port": free_port()})
+    listener = Listener(settings)
+    listener.scp.start()
+    try:
+        yield listener.scp.port
+    finally:
+        listener.scp.stop()
+
+
+def sent(port: int, *files: Path) -> None:
+    """``files`` sent to the listener on ``port`` by dcmtk's storescu, each answered."""
+    done = subprocess.run(
+        storescu_command(port, *files), capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_copy_received_after_the_data_directory_moved_is_the_one_compared(
+    runtime: Runtime, storescp: StoreSCP, tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """The data directory was moved (BONEAGE_DATA_DIR changed, nothing left at its old
+    place) after the image was assessed; the PACS sends a copy with the sex corrected.
+    The row names the copy where the listener put it, and it is assessed again (the row
+    named the old place: the copy was taken for a file retention removed)."""
+    instance_id = spool_instance(runtime, sex="F")
+    assert assess_instance(runtime, instance_id).state == "assessed"
+    with session_scope(runtime.database_url) as session:
+        corrected = dcmread(session.get_one(Instance, instance_id).spool_path)
+    corrected.PatientSex = "M"
+    corrected.save_as(tmp_path / "corrected.dcm", enforce_file_format=True)
+    (tmp_path / "moved").mkdir()
+    shutil.move(runtime.settings.data_dir, tmp_path / "moved" / "data")
+    database = (
+        {} if runtime.settings.database_url is None else {"database_url": runtime.database_url}
+    )
+    moved = make_runtime(
+        tmp_path / "moved", tiny_checkpoint, destinations=storescp.destination, **database
+    )
+
+    with listening(moved) as port:
+        sent(port, tmp_path / "corrected.dcm")
+    with session_scope(moved.database_url) as session:
+        row = session.get_one(Instance, instance_id)
+        assert row.spool_path == str(spool_path(moved.settings.spool_dir, row.sop_instance_uid))
+    outcome = assess_instance(moved, instance_id)
+    assert outcome.state == "assessed", outcome
+    assert results(moved, instance_id) == [(1, False), (2, True)]
 
 
 # -- other pixels under the same UIDs ----------------------------------------------------

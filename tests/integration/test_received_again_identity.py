@@ -476,3 +476,96 @@ def test_a_clash_compared_after_the_images_own_copy_came_back_is_not_said(
     assert assess_instance(runtime, instance_id).state == "skipped"
     assert came_back == ["own", "skipped"]
     assert_as_before_the_clash(runtime, instance_id, before, own)
+
+
+# -- another image under the UID of an image still to be assessed -----------------------
+
+
+def another_image_of(rt: Runtime, instance_id: int, path: Path, **attributes: Any) -> Path:
+    """Patient B's image, its pixels the spooled image's flipped, in another study, under
+    the instance's SOP Instance UID (a modality that reuses UIDs), written at ``path``;
+    ``attributes`` set last."""
+    ds = dcmread(instance_row(rt, instance_id).spool_path)
+    ds.PixelData = np.ascontiguousarray(stored_pixels(rt, instance_id)[::-1, ::-1]).tobytes()
+    for keyword, value in {**PATIENT_B, "StudyInstanceUID": generate_uid(), **attributes}.items():
+        setattr(ds, keyword, value)
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_another_image_under_the_uid_of_one_still_to_be_assessed_is_not_kept(
+    runtime: Runtime, storescp: StoreSCP, tmp_path: Path
+) -> None:
+    """Patient A's image waits to be assessed; patient B's image, in another study, comes
+    under its SOP Instance UID. The listener answers it Success but keeps A's file: A's
+    pixels are assessed, its SR and SC go to A's study under A, and B's refusal is said,
+    and listed by `status`, before and after. Before, B's copy took A's place in the
+    spool: A was never assessed, nothing said so, and B was assessed on A's row, its SR
+    filed in B's study."""
+    instance_id = spool_instance(runtime, attributes=PATIENT_A)
+    first = instance_row(runtime, instance_id)
+    own = Path(first.spool_path).read_bytes()
+    other = another_image_of(runtime, instance_id, tmp_path / "other.dcm")
+
+    with received_again_tests.listening(runtime) as port:
+        received_again_tests.sent(port, other)
+    waiting = instance_row(runtime, instance_id)
+    assert Path(waiting.spool_path).read_bytes() == own
+    assert (waiting.state, waiting.times_received, waiting.received_again_at) == (
+        InstanceState.RECEIVED,
+        1,
+        None,
+    )
+    assert queries.UID_CLASH in (waiting.reason or "")
+    with session_scope(runtime.database_url) as session:
+        assert [p["what"] for p in queries.recent_problems(session)] == [f"instance {instance_id}"]
+
+    outcome = assess_instance(runtime, instance_id)
+    assert outcome.state == "assessed", outcome
+    after = instance_row(runtime, instance_id)
+    assert after.pixels_signature is not None
+    assert not pipeline.signatures_differ(
+        after.pixels_signature, pipeline.picture_now(runtime, dcmread(first.spool_path))
+    )
+    assert pipeline.signatures_differ(
+        after.pixels_signature, pipeline.picture_now(runtime, dcmread(other))
+    )
+    assert after.reason is not None and queries.UID_CLASH in after.reason
+    with session_scope(runtime.database_url) as session:
+        assert [p["what"] for p in queries.recent_problems(session)] == [f"instance {instance_id}"]
+    made = [dcmread(p) for p in deliver(runtime, storescp, outcome.delivery_ids)]
+    assert {(str(ds.StudyInstanceUID), str(ds.PatientID)) for ds in made} == {
+        (first.study_instance_uid, PATIENT_A["PatientID"])
+    }
+    assert {d.study_instance_uid for d in deliveries(runtime, instance_id)} == {
+        first.study_instance_uid
+    }
+
+
+@pytest.mark.parametrize("other", ["another study", "another SOP Instance UID"])
+def test_a_spooled_file_of_another_image_is_not_assessed(
+    runtime: Runtime, tmp_path: Path, other: str
+) -> None:
+    """Should another image's file stand in the spool for an image still to be assessed
+    (one put there before the listener kept it out, or by hand), nothing is made of it:
+    the image ends in error, saying so; its own copy received again is assessed."""
+    instance_id = spool_instance(runtime, attributes=PATIENT_A)
+    own = Path(instance_row(runtime, instance_id).spool_path).read_bytes()
+    attributes: dict[str, Any] = {}
+    if other == "another SOP Instance UID":
+        study = instance_row(runtime, instance_id).study_instance_uid
+        attributes = {"SOPInstanceUID": generate_uid(), "StudyInstanceUID": study}
+    path = another_image_of(runtime, instance_id, tmp_path / "other.dcm", **attributes)
+    Path(instance_row(runtime, instance_id).spool_path).write_bytes(path.read_bytes())
+
+    outcome = assess_instance(runtime, instance_id)
+    assert outcome.state == "error"
+    assert pipeline.SPOOLED_ANOTHER_IMAGE in (outcome.reason or "")
+    assert instance_row(runtime, instance_id).state is InstanceState.ERROR
+    assert deliveries(runtime, instance_id) == [] and results(runtime, instance_id) == []
+
+    bytes_received_again(runtime, instance_id, own)
+    again = assess_instance(runtime, instance_id)
+    assert again.state == "assessed", again
+    assert results(runtime, instance_id) == [(2, False)]

@@ -321,6 +321,20 @@ class Settings(BaseSettings):
     def _uid_root(cls, value: str | None) -> str | None:
         return None if value is None else check_uid_root(value)
 
+    @field_validator("port", "metrics_port", "worker_metrics_port", mode="before")
+    @classmethod
+    def _not_a_service_link(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str) and _SERVICE_LINK_ADDRESS.fullmatch(value.strip()):
+            # Kubernetes' service link of a Service named after the setting (`boneage`,
+            # `boneage-metrics`): "not a valid integer" would leave one guessing
+            name = f"BONEAGE_{str(info.field_name).upper()}"
+            raise ValueError(
+                f"{value.strip().split('://')[0]}://… is the address Kubernetes gives {name} "
+                f"for a Service named {name.removesuffix('_PORT').lower().replace('_', '-')}: "
+                "set enableServiceLinks: false in the pod, or rename the Service"
+            )
+        return value
+
     @field_validator("allowed_aets", mode="before")
     @classmethod
     def _allowed(cls, value: Any) -> Any:

@@ -19,6 +19,7 @@ from worker.settings import (
     Destination,
     Settings,
     load_settings,
+    settings_error,
 )
 
 ENV_NAMES = (
@@ -293,6 +294,29 @@ def test_settings_named_like_service_links_are_still_settings(
     monkeypatch.setenv("BONEAGE_METRIC_PORT", str(metrics))
     with pytest.raises(ValueError, match=re.escape("did you mean 'BONEAGE_METRICS_PORT'")):
         load_settings()
+
+
+@pytest.mark.parametrize(
+    ("variable", "service"),
+    [
+        ("BONEAGE_PORT", "boneage"),
+        ("BONEAGE_METRICS_PORT", "boneage-metrics"),
+        ("BONEAGE_WORKER_METRICS_PORT", "boneage-worker-metrics"),
+    ],
+)
+def test_a_service_link_in_a_settings_name_says_so(
+    monkeypatch: pytest.MonkeyPatch, variable: str, service: str
+) -> None:
+    """A Service named after a port setting gives it Kubernetes' address of the Service:
+    refused, naming service links, not as "not a valid integer"."""
+    monkeypatch.setenv(variable, f"tcp://10.96.0.17:{free_port()}")
+    with pytest.raises(ValidationError) as refused:
+        load_settings()
+    said = settings_error(refused.value)
+    assert f"{variable}: tcp://… is the address Kubernetes gives {variable}" in said
+    assert f"for a Service named {service}" in said
+    assert "enableServiceLinks: false" in said
+    assert "10.96.0.17" not in said
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
@@ -123,12 +123,21 @@ class DeviceFailure(RuntimeError):
 _DEVICE_ERROR_WORDS = ("CUDA error", "CUBLAS_STATUS_", "cuDNN error", "CUDNN_STATUS_")
 
 
-def is_device_failure(exc: BaseException, device: torch.device | str) -> bool:
+def is_device_failure(
+    exc: BaseException,
+    device: torch.device | str,
+    *,
+    probe: Callable[[torch.device], object] | None = None,
+) -> bool:
     """Whether ``exc``, raised by work on ``device``, says the GPU itself failed.
 
     A CUDA error is sticky: after an illegal memory access, an uncorrectable ECC error or
     a GPU fallen off the bus, every later call in the process fails the same way, so an
-    image that meets it is not at fault. On a CPU nothing is (whatever the message).
+    image that meets it is not at fault. Not every error that names CUDA, cuBLAS or
+    cuDNN is: ``CUBLAS_STATUS_ALLOC_FAILED`` or ``CUDNN_STATUS_NOT_SUPPORTED`` at one
+    batch size pass, and the batch's images are run one by one (models.batching). So the
+    device is asked again (``probe``): only where that fails too is the GPU unusable. On
+    a CPU nothing is (whatever the message), and nothing is asked.
 
     Parameters
     ----------
@@ -136,19 +145,38 @@ def is_device_failure(exc: BaseException, device: torch.device | str) -> bool:
         What the forward pass raised.
     device : torch.device or str
         The device it ran on.
+    probe : callable, optional
+        Given the device, raises where it is unusable; :func:`_probe_device` (a tiny
+        computation on it, synchronised) by default.
 
     Returns
     -------
     bool
         True for ``torch.AcceleratorError`` (torch 2.8 and later) or a ``RuntimeError``
-        whose message names a CUDA, cuBLAS or cuDNN error, on a CUDA device.
+        whose message names a CUDA, cuBLAS or cuDNN error, on a CUDA device that fails
+        the probe after it.
     """
-    if torch.device(device).type != "cuda" or isinstance(exc, torch.OutOfMemoryError):
+    device = torch.device(device)
+    if device.type != "cuda" or isinstance(exc, torch.OutOfMemoryError):
         return False
     accelerator_error = getattr(torch, "AcceleratorError", None)
-    if accelerator_error is not None and isinstance(exc, accelerator_error):
+    named = (accelerator_error is not None and isinstance(exc, accelerator_error)) or (
+        isinstance(exc, RuntimeError) and any(w in str(exc) for w in _DEVICE_ERROR_WORDS)
+    )
+    if not named:
+        return False
+    try:
+        (probe or _probe_device)(device)
+    except Exception:  # whatever it raises: the device cannot run this much
         return True
-    return isinstance(exc, RuntimeError) and any(w in str(exc) for w in _DEVICE_ERROR_WORDS)
+    return False
+
+
+def _probe_device(device: torch.device) -> None:
+    """Run a tiny computation on ``device`` and wait for it: raises where the GPU is
+    unusable (a sticky CUDA error is raised again by every later call)."""
+    torch.ones(1, device=device).add_(1).sum().item()
+    torch.cuda.synchronize(device)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -1103,6 +1103,45 @@ def _give_back_from_a_failed_device(rt: Runtime, claim: _Claim, exc: BaseExcepti
         )
 
 
+def give_back_held_from_a_failed_device(rt: Runtime, exc: BaseException) -> int:
+    """Put every instance this process holds (`processing`, claimed under its
+    :func:`~worker.heartbeat.process_name`) back to `received`, claimed by none, its
+    attempt not counted, in one statement, as :func:`_give_back_from_a_failed_device`
+    does for one; the worker stops next (worker.tasks). A threads pool's other tasks
+    claimed theirs (an attempt counted each) and met the same failed GPU, or were still
+    reading their images: the process ends before they would give theirs back. Returns
+    how many were given back; where that cannot be written, 0 and a warning (the
+    reconciler takes them back once the stopped worker's lease runs out)."""
+    held = (Instance.state == InstanceState.PROCESSING) & (
+        Instance.claimed_by == process_name("worker")
+    )
+    try:
+        with session_scope(rt.database_url) as session:
+            # their rows first, in id order, as every path that changes several does
+            take_instances(session, session.scalars(select(Instance.id).where(held)).all())
+            given_back = session.execute(
+                update(Instance)
+                .where(held)
+                .values(
+                    reason=literal("attempt ", String)
+                    + Instance.attempts.cast(String)
+                    + literal(f" failed: {_failure(exc)}{GIVEN_BACK_FROM_A_FAILED_DEVICE}"),
+                    attempts=case((Instance.attempts > 0, Instance.attempts - 1), else_=0),
+                    state=InstanceState.RECEIVED,
+                    claimed_by=None,
+                )
+                .execution_options(synchronize_session=False)
+            )
+            return int(given_back.rowcount)  # type: ignore[attr-defined]
+    except Exception as noted:  # the database may be away too
+        logger.warning(
+            "the instances this worker holds were not given back after the GPU failed "
+            "(%s); the reconciler takes them back once its lease runs out",
+            type(noted).__name__,
+        )
+        return 0
+
+
 def _with_copy_to_compare(rt: Runtime, instance_id: int, outcome: AssessOutcome) -> AssessOutcome:
     """``outcome``, saying whether the instance, finished, still has a copy received again
     to compare: one that came after this attempt claimed it (:func:`_compared_if_read`

@@ -22,7 +22,7 @@ from db.schema import InstanceState
 from tests.integration import test_received_again as received_again_tests
 from tests.integration.test_pipeline import attempt_began_before, reconcile_once, spool_instance
 from tests.integration.test_received_again_identity import instance_row
-from worker import tasks
+from worker import pipeline, tasks
 from worker.heartbeat import HeartbeatThread
 from worker.pipeline import GIVEN_BACK_FROM_A_FAILED_DEVICE, assess_instance
 from worker.runtime import Runtime
@@ -37,7 +37,8 @@ ILLEGAL_ACCESS = "CUDA error: an illegal memory access was encountered"
 
 def _gpu_fails(monkeypatch: pytest.MonkeyPatch, *, on_cuda: bool = True) -> None:
     """The forward pass raises what a failed GPU raises; ``on_cuda``: the predictor runs
-    on a CUDA device as far as telling a device failure goes."""
+    on a CUDA device as far as telling a device failure goes, and the device, asked
+    again, fails the same way."""
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         raise torch.AcceleratorError(ILLEGAL_ACCESS)
@@ -45,7 +46,9 @@ def _gpu_fails(monkeypatch: pytest.MonkeyPatch, *, on_cuda: bool = True) -> None
     monkeypatch.setattr(models.predictor, "predict_with_cam", forward)
     if on_cuda:
         real = models.predictor.is_device_failure
-        monkeypatch.setattr(models.predictor, "is_device_failure", lambda e, _: real(e, "cuda"))
+        monkeypatch.setattr(
+            models.predictor, "is_device_failure", lambda e, _: real(e, "cuda", probe=forward)
+        )
 
 
 def test_an_image_a_failed_gpu_met_is_given_back_without_spending_an_attempt(
@@ -110,9 +113,38 @@ def test_the_assess_task_stops_the_worker_after_a_failed_gpu(
     stopped = [r for r in caplog.records if r.levelname == "CRITICAL"]
     assert [r.getMessage() for r in stopped] == [
         f"the GPU failed during an assessment (AcceleratorError: {ILLEGAL_ACCESS}): the "
-        "image is given back, and the worker takes no more work and exits with status 1, "
-        "to be restarted"
+        "images this worker holds are given back, and it takes no more work and exits "
+        "with status 1, to be restarted"
     ]
+
+
+def test_every_image_the_process_holds_is_given_back_when_its_gpu_fails(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A threads pool's other tasks claimed theirs (an attempt counted each) and would
+    not live to give them back: the task that stops the worker gives back all."""
+    failed, *others = [spool_instance(runtime) for _ in range(4)]
+    for instance_id in others:  # claimed as the other task threads claim theirs
+        assert isinstance(pipeline._claim(runtime, instance_id), pipeline._Claim)
+    assert {instance_row(runtime, i).attempts for i in others} == {1}
+    monkeypatch.setitem(tasks._state, "runtime", runtime)
+    _gpu_fails(monkeypatch)
+
+    def exit_to_be_restarted() -> None:
+        raise _Exited
+
+    monkeypatch.setattr(tasks, "_exit_to_be_restarted", exit_to_be_restarted)
+    with pytest.raises(_Exited):
+        tasks.assess.apply(args=(failed,))
+    for instance_id in [failed, *others]:
+        instance = instance_row(runtime, instance_id)
+        assert (instance.state, instance.claimed_by, instance.attempts) == (
+            InstanceState.RECEIVED,
+            None,
+            0,
+        )
+        assert (instance.reason or "").startswith("attempt 1 failed: DeviceFailure in models/")
+        assert (instance.reason or "").endswith(GIVEN_BACK_FROM_A_FAILED_DEVICE)
 
 
 def test_a_failed_gpu_ends_the_worker_process_with_status_1() -> None:

@@ -329,12 +329,44 @@ DEVICE_ERRORS = [
 ]
 
 
+def unusable(device: torch.device) -> None:
+    """The probe of a GPU that failed: every call on it raises the sticky error again."""
+    raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+
+def usable(device: torch.device) -> None:
+    """The probe of a GPU that works: the error was the one call's."""
+
+
 @pytest.mark.parametrize("exc", DEVICE_ERRORS, ids=lambda e: str(e)[:24])
 def test_a_failed_gpu_is_told_from_an_image_at_fault(exc: Exception) -> None:
-    assert is_device_failure(exc, torch.device("cuda", 0))
-    assert is_device_failure(exc, "cuda")
+    assert is_device_failure(exc, torch.device("cuda", 0), probe=unusable)
+    assert is_device_failure(exc, "cuda", probe=unusable)
     # the same words on a CPU are not the device's: CPU behaviour is unchanged
-    assert not is_device_failure(exc, "cpu")
+    assert not is_device_failure(exc, "cpu", probe=unusable)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        *DEVICE_ERRORS,
+        RuntimeError("CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+        RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if"),
+    ],
+    ids=lambda e: str(e)[:24],
+)
+def test_an_error_the_gpu_survives_is_not_a_failed_gpu(exc: Exception) -> None:
+    """A cuBLAS or cuDNN error at one batch size passes: the device, asked again, works,
+    and the batch's images are run one by one as before."""
+    asked: list[torch.device] = []
+    assert not is_device_failure(exc, "cuda:1", probe=asked.append)
+    assert asked == [torch.device("cuda", 1)]
+
+
+def test_a_cpu_is_never_probed() -> None:
+    asked: list[torch.device] = []
+    assert not is_device_failure(DEVICE_ERRORS[0], "cpu", probe=asked.append)
+    assert asked == []
 
 
 @pytest.mark.parametrize(
@@ -365,6 +397,13 @@ def test_a_gpu_failing_in_the_forward_pass_is_a_device_failure(
     with pytest.raises(torch.AcceleratorError):  # on a CPU, as it was
         predictor.predict(image, male=True)
     real = is_device_failure
-    monkeypatch.setattr(models.predictor, "is_device_failure", lambda e, _: real(e, "cuda"))
+    monkeypatch.setattr(
+        models.predictor, "is_device_failure", lambda e, _: real(e, "cuda", probe=usable)
+    )
+    with pytest.raises(torch.AcceleratorError):  # a GPU that still works: the image's
+        predictor.predict(image, male=True)
+    monkeypatch.setattr(
+        models.predictor, "is_device_failure", lambda e, _: real(e, "cuda", probe=unusable)
+    )
     with pytest.raises(DeviceFailure, match=r"^AcceleratorError: CUDA error: an illegal"):
         predictor.predict(image, male=True)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, SQLColumnExpression, case, func, or_, select, update
+from sqlalchemy import ColumnElement, SQLColumnExpression, and_, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.schema import (
@@ -53,16 +53,20 @@ def take_instances(session: Session, instance_ids: Iterable[int]) -> None:
 def rejects(
     instance_id: SQLColumnExpression[int] | int,
     first_study: SQLColumnExpression[str] | str,
+    series: SQLColumnExpression[str] | str,
     read: Iterable[str] = (),
 ) -> ColumnElement[bool]:
     """Whether a row of `rejections` naming the instance's SOP Instance UID rejects the
     instance ``instance_id``: the note names it in a study the image has been in, as this
     node received it (the one it was first received in, ``first_study``; one an object
     of ours of it went to, where the PACS moved it; ``read``, the study of the copy an
-    attempt reads now), or the row is from before revision 0022 and names no study.
+    attempt reads now), or in the series it was received in (``series``, the instance's
+    Series Instance UID: a PACS that moves a study keeps its series' UIDs, and need not
+    send the image again), or the row is from before revision 0022 and names no study.
 
-    A note naming the UID in another study rejects another image under it (a modality
-    that reuses UIDs), at the PACS: not this one (:data:`REJECTED_IN_ANOTHER_STUDY`).
+    A note naming the UID in another study and another series rejects another image
+    under it (a modality that reuses UIDs), at the PACS: not this one
+    (:data:`REJECTED_IN_ANOTHER_STUDY`).
     """
     went_there = (
         select(Delivery.id)
@@ -79,6 +83,8 @@ def rejects(
         Rejection.study_instance_uid.is_(None),
         Rejection.study_instance_uid == first_study,
         *([Rejection.study_instance_uid.in_(studies)] if studies else []),
+        # false, not NULL, on a row from before revision 0022, which names no series
+        and_(Rejection.series_instance_uid.is_not(None), Rejection.series_instance_uid == series),
         went_there,
     )
 

@@ -2361,9 +2361,9 @@ def _key_object_selection(rt: Runtime, claim: _Claim, ds: Dataset) -> AssessOutc
     """Apply a rejection note the PACS sent (a Key Object Selection Document with an
     IOCM rejection title): every instance it names is rejected, those received later
     included; an image not assessed yet never is, and one assessed has its bone age
-    withdrawn (:func:`_withdraw`). Only in the study the note names it in
-    (``db.queries.rejects``): an image of ours that has another study is another image
-    under the same SOP Instance UID (a modality that reuses UIDs), and is left, its
+    withdrawn (:func:`_withdraw`). Only in the study or series the note names it in
+    (``db.queries.rejects``): an image of ours that has another study and another series
+    is another image under the same SOP Instance UID (a modality that reuses UIDs), and is left, its
     reason saying so. Any other Key Object Selection is recorded and left.
 
     The rejections are committed first, then each image is withdrawn in a transaction
@@ -2495,13 +2495,19 @@ def _rejection(rt: Runtime, claim: _Claim) -> str | None:
 
 def _rejection_in(session: Session, claim: _Claim) -> tuple[str | None, bool]:
     """Why the claimed instance is rejected, if a rejection note named it in a study it
-    has been in (``db.queries.rejects``, the copy the attempt read included); and
-    whether one named its SOP Instance UID in another study (another image under it,
-    rejected at the PACS: not this one, :func:`said_rejected_elsewhere`)."""
+    has been in or in its series (``db.queries.rejects``, the copy the attempt read
+    included); and whether one named its SOP Instance UID in another study and series
+    (another image under it, rejected at the PACS: not this one,
+    :func:`said_rejected_elsewhere`)."""
     rows = session.execute(
         select(
             Rejection.code,
-            rejects(Instance.id, Instance.study_instance_uid, [claim.study]).label("applies"),
+            rejects(
+                Instance.id,
+                Instance.study_instance_uid,
+                Instance.series_instance_uid,
+                [claim.study],
+            ).label("applies"),
         )
         .join(Instance, Instance.sop_instance_uid == Rejection.sop_instance_uid)
         .where(Instance.id == claim.instance_id)
@@ -2558,9 +2564,10 @@ def _withdraw(
     withdraws (:func:`_left_to_the_copied_node`).
 
     None, and nothing done but its reason saying so (:func:`said_rejected_elsewhere`),
-    where the image was never in ``study``, where the note names it: the note rejects
-    another image under its SOP Instance UID. Told under the image's row, as the commit
-    of an attempt at it tells the study it read (:func:`_rejection_in`).
+    where the image was never in ``study``, where the note names it, nor in the series
+    it names: the note rejects another image under its SOP Instance UID. Told under the
+    image's row, as the commit of an attempt at it tells the study it read
+    (:func:`_rejection_in`).
     """
     why = rejected_by_the_pacs(note.code)
     uids = image_uids(rt, instance_id)
@@ -2577,6 +2584,7 @@ def _withdraw(
                     Instance.state,
                     Instance.assessment,
                     Instance.study_instance_uid,
+                    Instance.series_instance_uid,
                     Instance.reason,
                 )
                 .execution_options(synchronize_session=False)
@@ -2585,7 +2593,7 @@ def _withdraw(
                 select(Rejection.id).where(
                     Rejection.sop_instance_uid == source_uid,
                     Rejection.study_instance_uid == study,
-                    rejects(instance_id, instance.study_instance_uid),
+                    rejects(instance_id, instance.study_instance_uid, instance.series_instance_uid),
                 )
             )
             if ours is None:
@@ -2598,8 +2606,8 @@ def _withdraw(
                         .execution_options(synchronize_session=False)
                     )
                 logger.warning(
-                    "instance %d: a rejection note names its SOP Instance UID in a study it "
-                    "was never received in: left, another image under the UID",
+                    "instance %d: a rejection note names its SOP Instance UID in a study and "
+                    "series it was never in: left, another image under the UID",
                     instance_id,
                 )
                 return None

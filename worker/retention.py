@@ -227,8 +227,8 @@ def _expired(cutoff: datetime) -> list[ColumnElement[bool]]:
         .where(
             Rejection.sop_instance_uid == Instance.sop_instance_uid,
             Rejection.code == EXPIRED_AT_THE_PACS,
-            # in a study the image has been in: not another image under its UID
-            rejects(Instance.id, Instance.study_instance_uid),
+            # in a study the image has been in, or its series: not another image under its UID
+            rejects(Instance.id, Instance.study_instance_uid, Instance.series_instance_uid),
         )
         .exists()
     )

@@ -439,6 +439,68 @@ def test_a_note_rejecting_another_image_under_the_uid_leaves_this_one(
     assert state_of(runtime, image_id)[0] is InstanceState.REJECTED
 
 
+def moved_by_the_pacs(image: Dataset, *, series_instance_uid: str | None = None) -> Dataset:
+    """``image`` in a study of its own, as the PACS holds it once it moved the image there
+    (its series and SOP Instance UIDs kept), without sending it to us again; in
+    ``series_instance_uid`` where given."""
+    moved = copy.deepcopy(image)
+    moved.StudyInstanceUID = generate_uid()
+    if series_instance_uid is not None:
+        moved.SeriesInstanceUID = series_instance_uid
+    return moved
+
+
+def test_a_note_naming_the_image_in_its_series_in_another_study_rejects_it(
+    runtime: Runtime, storescp: StoreSCP
+) -> None:
+    """The PACS moves the study, our SR and SC with it, and a radiologist rejects the
+    image there: the note names its series and SOP Instance UIDs in a study our image was
+    never received in, and none of our objects went to. The image is rejected and notes
+    of ours withdraw its SR and SC (found in review: they stood, the reason saying
+    another image under its UID was rejected)."""
+    image_id = spool_instance(runtime)
+    sent = deliver(runtime, storescp, assess_instance(runtime, image_id).delivery_ids)
+    ours = {str(dcmread(p).SOPInstanceUID) for p in sent}
+    moved = moved_by_the_pacs(image_of(runtime, image_id))
+
+    applied = assess_instance(runtime, spool_dataset(runtime, pacs_rejection_note(moved)))
+
+    assert applied.reason is not None
+    assert "1 instance(s) rejected, 1 of them received here; 2 rejection note(s)" in (
+        applied.reason
+    )
+    assert state_of(runtime, image_id) == (
+        InstanceState.REJECTED,
+        "rejected by the PACS: Incorrect Modality Worklist Entry",
+    )
+    withdrawn = [
+        read_rejection_note(dcmread(p)) for p in deliver(runtime, storescp, applied.delivery_ids)
+    ]
+    assert {r.sop_instance_uid for w in withdrawn if w is not None for r in w.references} == ours
+
+
+def test_a_note_naming_the_uid_in_another_study_and_series_leaves_the_image(
+    runtime: Runtime, storescp: StoreSCP
+) -> None:
+    """The same patient and SOP Instance UID, in another study and another series:
+    another image under the UID (a modality that reuses UIDs); our image's results
+    stand."""
+    image_id = spool_instance(runtime)
+    deliver(runtime, storescp, assess_instance(runtime, image_id).delivery_ids)
+    other = moved_by_the_pacs(image_of(runtime, image_id), series_instance_uid=generate_uid())
+
+    applied = assess_instance(runtime, spool_dataset(runtime, pacs_rejection_note(other)))
+
+    assert applied.delivery_ids == ()
+    state, reason = state_of(runtime, image_id)
+    assert state is InstanceState.ASSESSED
+    assert reason is not None and queries.REJECTED_IN_ANOTHER_STUDY in reason
+    assert [(kind, state) for kind, state, _ in deliveries_of(runtime, image_id)] == [
+        (ObjectKind.SR, DeliveryState.DELIVERED),
+        (ObjectKind.SC, DeliveryState.DELIVERED),
+    ]
+
+
 def test_an_image_received_after_a_note_of_another_study_is_assessed(runtime: Runtime) -> None:
     """The note first, rejecting another image under the UID in another study; our
     image, received after it, is assessed, and the administrator told (found in review:

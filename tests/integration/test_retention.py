@@ -245,6 +245,28 @@ def test_an_expiry_at_the_pacs_of_another_image_under_the_uid_removes_nothing(
         assert session.get_one(Instance, image_id).state is InstanceState.REJECTED
 
 
+def test_an_expiry_at_the_pacs_of_the_image_moved_to_another_study_removes_it(
+    runtime: Runtime,
+) -> None:
+    """As above, but the note names the image's own series in another study: the PACS
+    moved the study (series and SOP Instance UIDs kept) and then expired it there. The
+    image's files go at the next run."""
+    image_id, _ = _assessed_and_delivered(runtime)
+    with session_scope(runtime.database_url) as session:
+        image = dcmread(session.get_one(Instance, image_id).spool_path)
+    ours = assess_instance(runtime, spool_dataset(runtime, pacs_rejection_note(image, "113038")))
+    for delivery_id in ours.delivery_ids:
+        assert deliver_one(runtime, delivery_id).state == "delivered"
+    files = _files(runtime, image_id)
+    moved = copy.deepcopy(image)
+    moved.StudyInstanceUID = generate_uid()
+    assess_instance(runtime, spool_dataset(runtime, pacs_rejection_note(moved, "113039")))
+
+    assert _retention(runtime).instances == 1
+    assert not any(p.exists() for p in files)
+    assert _removed_at(runtime, image_id) is not None
+
+
 def test_reprocess_leaves_removed_instances_alone(
     runtime: Runtime, tiny_checkpoint: Path, storescp: StoreSCP
 ) -> None:

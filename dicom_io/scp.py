@@ -186,7 +186,6 @@ class ReceivedInstance:
 
 
 RecordFn = Callable[[ReceivedInstance], int]
-RefuseFn = Callable[[ReceivedInstance], int | None]
 NotifyFn = Callable[[int], None]
 
 
@@ -1492,12 +1491,6 @@ class StorageSCP:
         "not recorded" and the PACS is told to retry (0xA700).
     notify
         Called with the row id after it is committed; must not block.
-    refuse
-        Called before a received file takes its place in the spool: the id of the row
-        of another image under its SOP Instance UID, whose file the copy must not
-        replace, once it has recorded the copy as refused (no SQL here either); None
-        stores it. The refused copy is answered Success and not kept: the PACS has it.
-        Raising is answered 0xA700, as ``record``.
     allowed_callers
         ``(ae_title, host or None)`` pairs allowed to associate; empty allows anyone.
     host, port
@@ -1525,7 +1518,6 @@ class StorageSCP:
         spool_dir: Path,
         record: RecordFn,
         notify: NotifyFn,
-        refuse: RefuseFn | None = None,
         allowed_callers: Sequence[tuple[str, str | None]] = (),
         host: str = "0.0.0.0",
         port: int = 11112,
@@ -1554,7 +1546,6 @@ class StorageSCP:
         self._recording = _RecordingHold(self.spool_dir)
         self._record = record
         self._notify = notify
-        self._refuse = refuse
         self._allowed = [(ae.strip(), host) for ae, host in allowed_callers]
         self._address = (host, port)
         self._ssl_context = ssl_context
@@ -1971,27 +1962,6 @@ class StorageSCP:
             path=final,
             size_bytes=size,
         )
-        if self._refuse is not None:
-            try:
-                refused = self._refuse(received)
-            except Exception as exc:  # database trouble: the PACS must retry
-                self._count("failed")
-                logger.error(
-                    "C-STORE %s: cannot tell whether the copy may be kept (%s): 0xA700",
-                    uid_tag(sop_uid),
-                    type(exc).__name__,
-                )
-                return OUT_OF_RESOURCES
-            if refused is not None:  # pynetdicom removes the file, as for any other status
-                self._count("refused")
-                logger.error(
-                    "C-STORE %s from %s: another image under the SOP Instance UID of "
-                    "instance %d, in another study, before it was assessed: not kept",
-                    uid_tag(sop_uid),
-                    calling,
-                    refused,
-                )
-                return SUCCESS
         try:
             _fsync_file(temp)
             _make_spool_folder(final.parent)

@@ -15,11 +15,11 @@ import time
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import case, literal, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from db.engine import session_scope
-from db.queries import UID_CLASH, database_now
+from db.queries import database_now
 from db.schema import FINISHED, Instance, InstanceState
 from dicom_io.scp import ReceivedInstance, StorageSCP
 from worker.celery_app import app as celery_app
@@ -95,55 +95,20 @@ def record_instance(database_url: str, received: ReceivedInstance) -> int:
                 last_received_again_at=stamp,
             )
         )
+        if (
+            existing.state not in FINISHED
+            and existing.study_instance_uid
+            and received.study_instance_uid
+            and received.study_instance_uid != existing.study_instance_uid
+        ):
+            # The assessment to come reads this copy: the image moved, or its patient
+            # corrected, at the PACS; another image under its UID is then the one assessed.
+            logger.warning(
+                "instance %d: a copy in another study replaced the one waiting to be "
+                "assessed (moved at the PACS, or another image under its UID)",
+                existing.id,
+            )
         return existing.id
-
-
-#: What the reason of an image still to be assessed says once another image came under
-#: its SOP Instance UID in another study (:func:`refuse_clash`).
-CLASH_BEFORE_ASSESSED = (
-    f"{UID_CLASH} (in another study, while this image waited to be assessed): this image "
-    "is assessed as first received and the other was not kept, nor assessed; if it was "
-    "this image moved to another study, send it again once this one is assessed, "
-    "otherwise ask whoever sent it to give each image UIDs of its own"
-)
-
-
-def refuse_clash(database_url: str, received: ReceivedInstance) -> int | None:
-    """Refuse ``received`` if it is another image under the SOP Instance UID of an image
-    still to be assessed for the first time, in another study than the one the image was
-    received in (a modality that reuses UIDs): the image's reason says so, and its id is
-    returned; the listener keeps the image's file, not the copy. None: the copy is stored.
-
-    Before the image's first assessment no picture of it is kept to tell the image moved
-    by the PACS from another image (worker.pipeline.signatures_differ, which decides for
-    a finished image), and the file the image is assessed from must stay its own.
-
-    Raises on any database trouble: the caller then answers 0xA700.
-    """
-    study = received.study_instance_uid
-    if not study:
-        return None
-    with session_scope(database_url) as session:
-        refused = session.execute(
-            update(Instance)
-            .where(
-                Instance.sop_instance_uid == received.sop_instance_uid,
-                Instance.state.not_in(FINISHED),
-                # a later assessment may read a copy the PACS moved to another study
-                Instance.assessment == 1,
-                Instance.study_instance_uid != "",
-                Instance.study_instance_uid != study,
-            )
-            .values(
-                reason=case(
-                    (Instance.reason.is_(None), literal(CLASH_BEFORE_ASSESSED)),
-                    (Instance.reason.contains(UID_CLASH, autoescape=True), Instance.reason),
-                    else_=Instance.reason + literal(f"; {CLASH_BEFORE_ASSESSED}"),
-                )
-            )
-            .returning(Instance.id)
-        ).one_or_none()
-    return None if refused is None else int(refused.id)
 
 
 class Listener:
@@ -158,7 +123,6 @@ class Listener:
             ae_title=settings.ae_title,
             spool_dir=settings.spool_dir,
             record=lambda received: record_instance(url, received),
-            refuse=lambda received: refuse_clash(url, received),
             notify=self._notify,
             allowed_callers=[(a.ae_title, a.host) for a in settings.allowed_aets],
             host=settings.host,

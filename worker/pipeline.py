@@ -916,16 +916,6 @@ def _own_copy_came_again(
         )
 
 
-def _keeping_clash(said: str | None, reason: str | None) -> str | None:
-    """``reason``, followed by what ``said`` (the reason of an instance not finished)
-    tells of another image the listener refused under its SOP Instance UID while it
-    waited (worker.listener.refuse_clash), which stays said once it is finished."""
-    if said is None or UID_CLASH not in said:
-        return reason
-    clash = said[said.find(UID_CLASH) :]
-    return clash if reason is None else f"{reason}; {clash}"
-
-
 def _without_uid_clash(reason: str) -> str | None:
     """``reason`` without what :func:`_refuse_uid_clash` added: its end, as nothing is
     added to the reason of a finished instance after it (a rejection note, or the next
@@ -994,7 +984,7 @@ def _close(
     """Give ``instance`` the state its claimed attempt ends in, ``at`` (the database's
     clock, as every time other hosts compare), with the inputs it read."""
     instance.state = state
-    instance.reason = _keeping_clash(instance.reason, reason)
+    instance.reason = reason
     instance.finished_at = at
     instance.inputs_sha256 = claim.inputs
     instance.identity_sha256 = claim.identity
@@ -1192,7 +1182,7 @@ def _assessed_by_this_model(rt: Runtime, claim: _Claim) -> AssessOutcome | None:
         instance = session.get_one(Instance, claim.instance_id)
         if instance.state not in FINISHED:  # else an attempt beside this one closed it
             instance.state = InstanceState.ASSESSED
-            instance.reason = _keeping_clash(instance.reason, None)
+            instance.reason = None
             instance.finished_at = database_now(session)
             _compared_if_read(instance)
     logger.warning(
@@ -1471,17 +1461,16 @@ def _note_failed_attempt(rt: Runtime, claim: _Claim, exc: BaseException) -> None
                     )
                     return
                 failed = f"attempt {instance.attempts} failed: {_failure(exc)}"
-                instance.reason = _keeping_clash(instance.reason, failed)
+                instance.reason = failed
                 if claim.inputs is not None:
                     instance.inputs_sha256 = claim.inputs
                     instance.identity_sha256 = claim.identity
                 if isinstance(exc, RETRIED_BY_THE_TASK):
                     instance.attempts = max(0, instance.attempts - 1)
                     instance.transient_failures += 1
-                    instance.reason = _keeping_clash(
-                        instance.reason,
+                    instance.reason = (
                         f"{failed} (retried: {instance.transient_failures} of "
-                        f"{TRANSIENT_RETRIES + 1} tries)",
+                        f"{TRANSIENT_RETRIES + 1} tries)"
                     )
                     if instance.transient_failures > TRANSIENT_RETRIES:
                         _give_up(instance, database_now(session), retried=True)
@@ -1504,16 +1493,12 @@ SPOOLED_ANOTHER_IMAGE = "the spooled file is not this image"
 
 def _of_another_image(claim: _Claim, ds: Dataset) -> str | None:
     """What makes the spooled file ``ds`` another image than the claimed instance's, or
-    None: another SOP Instance UID; or, for a first assessment, another study than the
-    one the instance was received in (the listener keeps a copy in another study out of
-    its place: worker.listener.refuse_clash; a later assessment may read a copy the
-    PACS moved, which the one before compared)."""
+    None: another SOP Instance UID. A copy in another study is not: the PACS may have
+    moved the image, or corrected its patient, and sent it again before its first
+    assessment, which then files its objects where the image is now."""
     sop_uid = str(ds.get("SOPInstanceUID", "") or "").strip()
     if sop_uid and sop_uid != claim.sop_instance_uid:
         return "of another SOP Instance UID"
-    study = _study_of(ds)
-    if claim.assessment == 1 and claim.first_study and study and study != claim.first_study:
-        return "in another study than the one the image was received in"
     return None
 
 

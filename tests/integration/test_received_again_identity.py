@@ -9,6 +9,7 @@ first image's results stand.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -478,7 +479,7 @@ def test_a_clash_compared_after_the_images_own_copy_came_back_is_not_said(
     assert_as_before_the_clash(runtime, instance_id, before, own)
 
 
-# -- another image under the UID of an image still to be assessed -----------------------
+# -- a copy received before the first assessment ---------------------------------------
 
 
 def another_image_of(rt: Runtime, instance_id: int, path: Path, **attributes: Any) -> Path:
@@ -494,68 +495,56 @@ def another_image_of(rt: Runtime, instance_id: int, path: Path, **attributes: An
     return path
 
 
-def test_another_image_under_the_uid_of_one_still_to_be_assessed_is_not_kept(
-    runtime: Runtime, storescp: StoreSCP, tmp_path: Path
+def test_a_copy_moved_and_corrected_before_the_first_assessment_is_the_one_assessed(
+    runtime: Runtime, storescp: StoreSCP, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Patient A's image waits to be assessed; patient B's image, in another study, comes
-    under its SOP Instance UID. The listener answers it Success but keeps A's file: A's
-    pixels are assessed, its SR and SC go to A's study under A, and B's refusal is said,
-    and listed by `status`, before and after. Before, B's copy took A's place in the
-    spool: A was never assessed, nothing said so, and B was assessed on A's row, its SR
-    filed in B's study."""
-    instance_id = spool_instance(runtime, attributes=PATIENT_A)
+    """The image waits to be assessed (a backlog) under patient B; the PACS merges its
+    study into another and corrects the patient to A, and forwards the image again, the
+    same SOP Instance UID and pixels. The copy replaces the waiting one: the first
+    assessment reads it, and its SR and SC go to the new study under A, with nothing said
+    of a UID clash. Before, the listener kept no such copy: the image was assessed as
+    first received, its SR filed in the old study under B, and its reason said a clash."""
+    instance_id = spool_instance(runtime, attributes=PATIENT_B)
     first = instance_row(runtime, instance_id)
-    own = Path(first.spool_path).read_bytes()
-    other = another_image_of(runtime, instance_id, tmp_path / "other.dcm")
+    moved = dcmread(first.spool_path)
+    study = generate_uid()
+    for keyword, value in {**PATIENT_A, "StudyInstanceUID": study}.items():
+        setattr(moved, keyword, value)
+    moved.save_as(tmp_path / "moved.dcm", enforce_file_format=True)
 
-    with received_again_tests.listening(runtime) as port:
-        received_again_tests.sent(port, other)
+    with (
+        caplog.at_level(logging.WARNING, logger="worker.listener"),
+        received_again_tests.listening(runtime) as port,
+    ):
+        received_again_tests.sent(port, tmp_path / "moved.dcm")
+    assert (
+        f"instance {instance_id}: a copy in another study replaced the one waiting to be "
+        "assessed (moved at the PACS, or another image under its UID)"
+    ) in caplog.messages
     waiting = instance_row(runtime, instance_id)
-    assert Path(waiting.spool_path).read_bytes() == own
-    assert (waiting.state, waiting.times_received, waiting.received_again_at) == (
-        InstanceState.RECEIVED,
-        1,
-        None,
-    )
-    assert queries.UID_CLASH in (waiting.reason or "")
-    with session_scope(runtime.database_url) as session:
-        assert [p["what"] for p in queries.recent_problems(session)] == [f"instance {instance_id}"]
+    assert (waiting.state, waiting.times_received) == (InstanceState.RECEIVED, 2)
+    assert str(dcmread(waiting.spool_path).StudyInstanceUID) == study
 
     outcome = assess_instance(runtime, instance_id)
     assert outcome.state == "assessed", outcome
-    after = instance_row(runtime, instance_id)
-    assert after.pixels_signature is not None
-    assert not pipeline.signatures_differ(
-        after.pixels_signature, pipeline.picture_now(runtime, dcmread(first.spool_path))
-    )
-    assert pipeline.signatures_differ(
-        after.pixels_signature, pipeline.picture_now(runtime, dcmread(other))
-    )
-    assert after.reason is not None and queries.UID_CLASH in after.reason
-    with session_scope(runtime.database_url) as session:
-        assert [p["what"] for p in queries.recent_problems(session)] == [f"instance {instance_id}"]
+    assert queries.UID_CLASH not in (instance_row(runtime, instance_id).reason or "")
     made = [dcmread(p) for p in deliver(runtime, storescp, outcome.delivery_ids)]
+    assert sorted(ds.Modality for ds in made) == ["OT", "SR"]
     assert {(str(ds.StudyInstanceUID), str(ds.PatientID)) for ds in made} == {
-        (first.study_instance_uid, PATIENT_A["PatientID"])
+        (study, PATIENT_A["PatientID"])
     }
-    assert {d.study_instance_uid for d in deliveries(runtime, instance_id)} == {
-        first.study_instance_uid
-    }
+    assert {d.study_instance_uid for d in deliveries(runtime, instance_id)} == {study}
+    assert results(runtime, instance_id) == [(1, False)]
 
 
-@pytest.mark.parametrize("other", ["another study", "another SOP Instance UID"])
-def test_a_spooled_file_of_another_image_is_not_assessed(
-    runtime: Runtime, tmp_path: Path, other: str
-) -> None:
-    """Should another image's file stand in the spool for an image still to be assessed
-    (one put there before the listener kept it out, or by hand), nothing is made of it:
-    the image ends in error, saying so; its own copy received again is assessed."""
+def test_a_spooled_file_of_another_image_is_not_assessed(runtime: Runtime, tmp_path: Path) -> None:
+    """Should another image's file, of another SOP Instance UID, stand in the spool for an
+    image still to be assessed (put there by hand), nothing is made of it: the image ends
+    in error, saying so; its own copy received again is assessed."""
     instance_id = spool_instance(runtime, attributes=PATIENT_A)
     own = Path(instance_row(runtime, instance_id).spool_path).read_bytes()
-    attributes: dict[str, Any] = {}
-    if other == "another SOP Instance UID":
-        study = instance_row(runtime, instance_id).study_instance_uid
-        attributes = {"SOPInstanceUID": generate_uid(), "StudyInstanceUID": study}
+    study = instance_row(runtime, instance_id).study_instance_uid
+    attributes = {"SOPInstanceUID": generate_uid(), "StudyInstanceUID": study}
     path = another_image_of(runtime, instance_id, tmp_path / "other.dcm", **attributes)
     Path(instance_row(runtime, instance_id).spool_path).write_bytes(path.read_bytes())
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import re
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from dicom_io.scp import local_fault
 from dicom_io.synthetic import make_radiograph_dataset
 
 from .conftest import BIRTH_DATE, STUDY_DATE, hand_like
+from .test_pixels_deflated import peak_of_reading
 
 #: Request Attributes Sequence: after the header the listener reads, before Pixel Data.
 _REQUEST_ATTRIBUTES = 0x00400275
@@ -82,39 +81,10 @@ def test_a_million_items_are_refused_as_damaged_naming_the_file(bomb: Path) -> N
     assert not local_fault(refused.value)  # the data's fault: not retried as the machine's
 
 
-#: Reads the file argv[1] and prints by how much the process's peak memory grew, in
-#: bytes, and the name of what the read raised ("nothing" for nothing): in a process of
-#: its own, its memory's high-water mark (as test_pixels_deflated measures).
-_PEAK_OF_READING = r"""
-import re, sys
-from dicom_io.pixels import read_image
-
-def peak():
-    with open("/proc/self/status") as status:
-        return int(re.search(r"VmHWM:\s+(\d+) kB", status.read()).group(1)) * 1024
-
-before = peak()
-try:
-    read_image(sys.argv[1])
-    raised = "nothing"
-except Exception as exc:
-    raised = type(exc).__name__
-print(peak() - before, raised)
-"""
-
-
 def test_a_million_items_take_bounded_memory(bomb: Path) -> None:
     """pydicom alone took some 700 MiB for them, and ten times the bomb ten times that."""
-    done = subprocess.run(
-        [sys.executable, "-c", _PEAK_OF_READING, str(bomb)],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=Path(__file__).resolve().parents[3],
-        timeout=300,
-    )
-    grown, raised = done.stdout.split()
-    assert int(grown) < 128 << 20, f"reading the bomb took {int(grown) >> 20} MiB"
+    grown, raised = peak_of_reading(bomb, timeout=300)  # its own process, as there
+    assert grown < 128 << 20, f"reading the bomb took {grown >> 20} MiB"
     assert raised == "HeaderTooLargeError"
 
 

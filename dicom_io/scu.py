@@ -208,14 +208,19 @@ class _WaitFromLastProgress:
     peer acknowledges what the kernel still holds of them (Linux's ``TIOCOUTQ``, the
     bytes sent and not yet acknowledged, going down); ``timeout`` seconds after the
     last of these, with no answer, it ends as pynetdicom's does: no answer, aborted.
+    It ends so at ``deadline`` too (a `time.monotonic` instant), progress or not: the
+    end of the time the sender has (a delivery's claim, after which another worker may
+    send the same objects); what is left of the request unsent is then dropped, so that
+    the abort goes at once.
 
     Installed by an ``EVT_CONN_OPEN`` handler; on a pynetdicom without the public
     attributes this uses (``dul.to_provider_queue``, ``dimse.msg_queue``, the socket's
     ``send``) it installs nothing, and the DIMSE timeout bounds the whole request again.
     """
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, deadline: float | None = None) -> None:
         self.timeout = timeout
+        self.deadline = math.inf if deadline is None else deadline
         self._sending = 0  # sends of the DUL under way (one at most)
         self._last_progress = time.monotonic()
 
@@ -247,8 +252,13 @@ class _WaitFromLastProgress:
             unacknowledged = _unacknowledged(sock)
             while True:
                 now = time.monotonic()
-                left = self._last_progress + self.timeout - now
+                left = min(self._last_progress + self.timeout, self.deadline) - now
                 if left <= 0:
+                    if now >= self.deadline:
+                        # pynetdicom's abort goes behind what is queued, and its wait
+                        # for the DUL to stop with it: the rest of the object, which
+                        # kept going, would go first
+                        _drop_queued(outgoing)
                     return None, None
                 try:
                     return answers.get(timeout=min(left, _PROGRESS_POLL))
@@ -265,6 +275,15 @@ class _WaitFromLastProgress:
         # instance attributes in front of the methods: both are looked up on each call
         setattr(transport, "send", counted_send)  # noqa: B010
         setattr(assoc.dimse, "get_msg", get_msg)  # noqa: B010
+
+
+def _drop_queued(outgoing: queue.Queue[Any]) -> None:
+    """Empty the DUL's queue of PDUs still to send (the rest of a request's)."""
+    while True:
+        try:
+            outgoing.get_nowait()
+        except queue.Empty:
+            return
 
 
 def _unacknowledged(sock: socket.socket | None) -> int | None:
@@ -289,6 +308,7 @@ def _associate(
     contexts: Sequence[tuple[str, Sequence[str] | None]],
     timeout: float,
     ssl_context: ssl.SSLContext | None,
+    deadline: float | None = None,
 ) -> tuple[Association, str | None]:
     """An association, and why it is not established (None when it is)."""
     ae = AE(ae_title=calling_ae_title)
@@ -304,7 +324,7 @@ def _associate(
     handlers: list[Any] = [
         *LOW_LATENCY_HANDLERS,
         (evt.EVT_CONN_OPEN, _bound_every_wait(timeout)),
-        (evt.EVT_CONN_OPEN, _WaitFromLastProgress(timeout)),
+        (evt.EVT_CONN_OPEN, _WaitFromLastProgress(timeout, deadline)),
         (evt.EVT_CONN_OPEN, lambda _: seen.add("connected")),
         (evt.EVT_ACCEPTED, lambda _: seen.add("accepted")),
     ]
@@ -384,6 +404,7 @@ def send_files(
     calling_ae_title: str,
     timeout: float = 30,
     ssl_context: ssl.SSLContext | None = None,
+    deadline: float | None = None,
 ) -> list[SendOutcome]:
     """Send DICOM files over one association, each as it is stored where it can be.
 
@@ -397,6 +418,9 @@ def send_files(
         The destination.
     calling_ae_title
         Our AE title as the destination knows it.
+    deadline
+        A `time.monotonic` instant by which each answer must have come, however the
+        send progresses (see :func:`send_datasets`); None: no such bound.
 
     Returns
     -------
@@ -422,6 +446,7 @@ def send_files(
         calling_ae_title=calling_ae_title,
         timeout=timeout,
         ssl_context=ssl_context,
+        deadline=deadline,
     )
     refused = [answer.reason for answer in answers if isinstance(answer, NotAccepted)]
     if refused:
@@ -495,6 +520,7 @@ def send_datasets(
     calling_ae_title: str,
     timeout: float = 30,
     ssl_context: ssl.SSLContext | None = None,
+    deadline: float | None = None,
 ) -> list[Answer]:
     """C-STORE datasets over one association; returns what became of each, in order.
 
@@ -511,8 +537,9 @@ def send_datasets(
     SendError
         When no association could be made, or it broke before every dataset was
         answered: among others, the destination stopped reading what we send, or
-        stopped halfway through an answer, for ``timeout`` seconds. ``answered`` holds
-        what became of the datasets before that.
+        stopped halfway through an answer, for ``timeout`` seconds, or an answer had
+        not come by ``deadline`` (a `time.monotonic` instant; None: none), however the
+        send progressed. ``answered`` holds what became of the datasets before that.
     """
     needs = [_syntax_of(ds) for ds in datasets]
     contexts: dict[tuple[str, str], None] = {}
@@ -527,6 +554,7 @@ def send_datasets(
         contexts=[(sop_class, [syntax]) for sop_class, syntax in contexts],
         timeout=timeout,
         ssl_context=ssl_context,
+        deadline=deadline,
     )
     destination = f"{ae_title}@{host}:{port}"
     if why is not None and not assoc.accepted_contexts and assoc.rejected_contexts:

@@ -55,16 +55,17 @@ app = Celery("boneage_worker", include=["worker.tasks"])
 def deliver_time_limit() -> float:
     """Seconds after which a ``deliver`` task is killed (Celery's hard time limit).
 
-    Longer than the claim on the most deliveries a message carries, so that no send
-    that may still succeed is cut short; once it passes, the claim has run out and
-    the reconciler sends the rows again. Each send is bounded by its own timeouts
-    (connection, ACSE, DIMSE, network): this catches what they do not. Celery
-    enforces it in the prefork pool only, not in the solo pool.
+    Longer than the longest claim (`worker.delivery.MAX_CLAIM_SECONDS`), whose send
+    ends before the claim does, so that no send that may still succeed is cut short;
+    once it passes, the claim has run out and the reconciler sends the rows again. Each
+    send is bounded by its own timeouts (connection, ACSE, DIMSE, network) and its
+    deadline: this catches what they do not. Celery enforces it in the prefork pool
+    only, not in the solo pool.
     """
-    from worker.delivery import SEND_TIMEOUT, claim_seconds
-    from worker.messaging import DELIVERIES_PER_MESSAGE  # imports this module
+    from worker.delivery import MAX_CLAIM_SECONDS, SEND_TIMEOUT
 
-    return claim_seconds(DELIVERIES_PER_MESSAGE) + 2 * SEND_TIMEOUT
+    # the longest claim: a send ends before it does (its ``deadline``)
+    return MAX_CLAIM_SECONDS + 2 * SEND_TIMEOUT
 
 
 #: Seconds a command to Redis waits for its reply before it fails (redis-py's

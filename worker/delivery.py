@@ -20,6 +20,8 @@ out by the time a send may take (`claim_seconds`). A duplicate message for the s
 rows (the reconciler and a retry both queued one, or two delivery workers hold
 copies) then finds them not due, so an object is not sent twice at once; and if the
 worker dies while sending, the reconciler picks the rows up once the claim runs out.
+The claim gives the objects' bytes time to go at `FLOOR_RATE`, and the send ends
+(unanswered, retried) `SEND_TIMEOUT` before the claim does, however it progresses.
 
 An object goes out as its file is stored, byte for byte (nothing decoded and encoded
 again) where the destination takes its transfer syntax, and re-encoded in Explicit or
@@ -44,6 +46,7 @@ import hashlib
 import logging
 import ssl
 import struct
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -79,6 +82,17 @@ logger = logging.getLogger(__name__)
 #: Seconds our SCU waits on a silent destination (association, network, each answer).
 SEND_TIMEOUT = 30.0
 
+#: The slowest link a send is given time for, in bytes a second (512 kbit/s): a claim
+#: lasts long enough to carry its objects at this rate (`claim_seconds`), a 12 MB heat
+#: map about 3 min. A remote site's VPN or leased line is 1 Mbit/s or more; half of it
+#: leaves room for the traffic that shares it. A slower link fails at the claim's end.
+FLOOR_RATE = 64_000
+
+#: The longest a claim lasts, in seconds, whatever it carries: the deliver task's hard
+#: time limit is this and a little more (`worker.celery_app.deliver_time_limit`). A
+#: message's objects too large to go at `FLOOR_RATE` in it fail at its end.
+MAX_CLAIM_SECONDS = 900.0
+
 
 @dataclass(frozen=True)
 class DeliveryOutcome:
@@ -106,6 +120,9 @@ class _Claimed:
     # or whose sender died (the object may be at the destination); kept by a failure of
     # this attempt that sent nothing (`_record_failure`)
     sent_before: datetime | None = None
+    # the `time.monotonic` instant its send must end by: its claim's end, less
+    # `SEND_TIMEOUT` (on this host's clock, from before the claim was dated)
+    send_by: float | None = None
 
 
 @dataclass
@@ -172,9 +189,13 @@ def _key(destination: str | Destination) -> tuple[str, str, int] | None:
     return destination.ae_title, destination.host.lower(), destination.port
 
 
-def claim_seconds(count: int) -> float:
-    """How long a claim on ``count`` deliveries lasts: the longest a send of them may take."""
-    return SEND_TIMEOUT * (count + 2)  # association, each answer, release
+def claim_seconds(count: int, size: int = 0) -> float:
+    """How long a claim on ``count`` deliveries of ``size`` bytes in all lasts: the longest
+    a send of them may take, at `FLOOR_RATE` (`MAX_CLAIM_SECONDS` at most). Their send
+    ends `SEND_TIMEOUT` before it, answered or not: the share of the release, which
+    leaves time for the abort and for recording what became of each."""
+    # association, each answer, release; and the bytes at the slowest rate we carry them
+    return min(SEND_TIMEOUT * (count + 2) + size / FLOOR_RATE, MAX_CLAIM_SECONDS)
 
 
 def deliver_one(rt: Runtime, delivery_id: int, *, force: bool = False) -> DeliveryOutcome:
@@ -251,10 +272,10 @@ def _claim(
         # The database's clock, whichever host this runs on: the rows' times are compared
         # by other processes (another delivery worker's claim, the reconciler), on other
         # hosts, whose clocks may differ from this one's by more than a claim lasts.
+        started = time.monotonic()  # before the claim is dated: its end comes later
         current = database_now(session)
         # this process's start, by the same clock, for `_send_to`'s rollout window
         settings_since = rt.settings_since + (current - now())
-        until = current + timedelta(seconds=claim_seconds(len(ids)))
         conditions = [Delivery.id.in_(ids), Delivery.state == DeliveryState.PENDING]
         if not force:
             # a second of slack: a retry's message may arrive a little before its due time
@@ -278,14 +299,17 @@ def _claim(
                 .values(sending_since=Delivery.sending_since)
                 .execution_options(synchronize_session=False)
             )
-        marks: dict[int, datetime | None] = {
-            row.id: row.sending_since
-            for row in session.execute(
-                select(Delivery.id, Delivery.sending_since)
-                .where(*conditions)
-                .with_for_update(key_share=True)
-            )
-        }
+        marks: dict[int, datetime | None] = {}
+        size = 0
+        for row in session.execute(
+            select(Delivery.id, Delivery.sending_since, Delivery.path)
+            .where(*conditions)
+            .with_for_update(key_share=True)
+        ):
+            marks[row.id] = row.sending_since
+            size += _size(row.path)
+        seconds = claim_seconds(len(ids), size)
+        until = current + timedelta(seconds=seconds)
         rows = session.execute(
             update(Delivery)
             .where(Delivery.id.in_(list(marks)), *conditions)
@@ -313,6 +337,7 @@ def _claim(
                 current,
                 settings_since,
                 marks.get(row.id),
+                started + seconds - SEND_TIMEOUT,
             )
             for row in rows
         }
@@ -340,6 +365,14 @@ def _claim(
             reason = "not due yet"
         skipped[delivery_id] = DeliveryOutcome("skipped", error=reason)
     return [claimed[i] for i in ids if i in claimed], skipped
+
+
+def _size(path: str) -> int:
+    """Bytes of an outbox file; 0 for one that cannot be read (its send fails at once)."""
+    try:
+        return Path(path).stat().st_size
+    except OSError:
+        return 0
 
 
 #: Seconds past the end of the claim on an object's send that a note of ours naming
@@ -434,8 +467,8 @@ def _send_to(
 ) -> None:
     """Send ``rows`` to one destination; each row's outcome goes into ``outcomes``
     as soon as it is recorded, and the id of each the destination may have stored
-    (answered stored, or sent and never answered) into ``arrived`` as soon as its
-    answer comes, before anything is recorded."""
+    (answered stored, or sent and never answered) into ``arrived`` once the send ends,
+    before anything is recorded."""
     arrived = set() if arrived is None else arrived
     settings = rt.settings
     try:
@@ -516,18 +549,27 @@ def _send_to(
             calling_ae_title=settings.ae_title,
             timeout=SEND_TIMEOUT,
             ssl_context=tls,
+            # the claim's end: past it another worker may send them, or a note of ours
+            # withdrawing one of them go out before it
+            deadline=min((r.send_by for r, _ in sendable if r.send_by is not None), default=None),
         )
     except (SendError, OSError, RuntimeError) as exc:
         answered = exc.answered if isinstance(exc, SendError) else ()
         unanswered = isinstance(exc, SendError) and exc.unanswered
         broken = _why_not_sent(exc, destination)
 
+    # every one the destination has or may have, before any is recorded: a failure to
+    # record one must not lose the mark of another
+    arrived.update(
+        row.id
+        for index, (row, _) in enumerate(sendable)
+        if (index < len(answered) and stored(answered[index]))
+        or (unanswered and index == len(answered))
+    )
     delivered: list[int] = []
     for index, (row, _) in enumerate(sendable):
         answer = answered[index] if index < len(answered) else None
         if answer is None:
-            if unanswered and index == len(answered):
-                arrived.add(row.id)
             outcomes[row.id] = _record_failure(
                 rt,
                 row.id,
@@ -542,7 +584,6 @@ def _send_to(
                 rt, row.id, answer.reason, permanent=True, sent_before=row.sent_before
             )
         elif stored(answer):
-            arrived.add(row.id)
             delivered.append(row.id)
         elif refused_for_good(answer):
             error = f"{destination} answered status 0x{answer:04X} (a refusal: not sent again)"
@@ -1296,6 +1337,47 @@ _A_NOTE = (
 )
 
 
+#: Why a failed rejection note of ours to a configured destination is not abandoned
+#: even with ``including_notes``: it failed without the destination's word on it (the
+#: destination away, rejecting the association, not answering), which sending again
+#: may mend, not because the destination does not take it (`_failed_for_good`).
+_A_NOTE_TO_RETRY = (
+    "is a rejection note that failed without the destination's word on it (away, or "
+    "not answering), which sending it again may mend: run 'boneage-worker "
+    "retry-deliveries {id}'; --including-notes abandons only one the destination "
+    "refused (no presentation context accepted for it, or a failure status)"
+)
+
+#: How ``last_error`` begins, as `_send_to` records it, for a failure that sending
+#: again does not mend: no presentation context accepted for the object's SOP class,
+#: its file gone or damaged.
+_FOR_GOOD = (
+    "no presentation context accepted for ",
+    "the outbox file is missing",
+    "the outbox file is damaged",
+)
+#: What ``last_error`` holds where the destination answered the C-STORE with a failure
+#: status: a refusal for good (`refused_for_good`), or one answered on each attempt
+#: until they were spent (dcm4chee's 0xA772 for a note naming our SR in the study a
+#: merge moved it from): the destination's own word on the object, not its absence.
+_ANSWERED = " answered status 0x"
+
+
+def _failed_for_good(last_error: str | None) -> bool:
+    """Whether a failed delivery's ``last_error`` is the destination's refusal of it
+    (`_FOR_GOOD`, `_ANSWERED`), not a failure to reach it."""
+    error = last_error or ""
+    return error.startswith(_FOR_GOOD) or _ANSWERED in error
+
+
+def _failed_for_good_sql() -> ColumnElement[bool]:
+    """`_failed_for_good`, as a condition on the row."""
+    return or_(
+        *(Delivery.last_error.startswith(start, autoescape=True) for start in _FOR_GOOD),
+        Delivery.last_error.contains(_ANSWERED, autoescape=True),
+    )
+
+
 def _notes_unconfigured(
     session: Session, settings: Settings | None, delivery_ids: Sequence[int]
 ) -> list[int]:
@@ -1339,10 +1421,11 @@ def abandonable(
     including_notes: bool = False,
 ) -> tuple[list[Abandonable], dict[int, str]]:
     """Of ``delivery_ids``, the failed SRs and SCs, and the failed rejection notes of ours
-    whose destinations ``settings`` no longer configures (``including_notes``: every
-    failed note of ours), in id order, and, for each of the others, why it cannot be
-    abandoned (no such delivery, not failed: `_NOT_ABANDONABLE`, or a rejection note of
-    ours to a configured destination: `_A_NOTE`)."""
+    whose destinations ``settings`` no longer configures (``including_notes``: and those
+    that failed for good, `_failed_for_good`), in id order, and, for each of the others,
+    why it cannot be abandoned (no such delivery, not failed: `_NOT_ABANDONABLE`, or a
+    rejection note of ours to a configured destination: `_A_NOTE`, with
+    ``including_notes`` one sending again may mend: `_A_NOTE_TO_RETRY`)."""
     ids = sorted(set(delivery_ids))
     failed: list[Abandonable] = []
     refused: dict[int, str] = {}
@@ -1364,10 +1447,12 @@ def abandonable(
                 refused[delivery_id] = _NOT_ABANDONABLE[row.state]
             elif (
                 row.kind is ObjectKind.KO
-                and not including_notes
                 and configured(settings, row.destination)
+                # with including_notes, one its destination never takes
+                and not (including_notes and _failed_for_good(row.last_error))
             ):
-                refused[delivery_id] = _A_NOTE.format(id=delivery_id)
+                why = _A_NOTE_TO_RETRY if including_notes else _A_NOTE
+                refused[delivery_id] = why.format(id=delivery_id)
             else:
                 failed.append(
                     Abandonable(
@@ -1442,8 +1527,8 @@ def abandon_failed(
     back by a `retry-deliveries` run meanwhile, or superseded by a later assessment or a
     rejection by the PACS) is left as it is, and is not among the ids returned, as is a
     rejection note of ours, which `abandonable` refuses (`_A_NOTE`), unless ``settings``
-    no longer configure its destination, or ``including_notes`` (the administrator
-    withdraws its result at the PACS by hand). The
+    no longer configure its destination, or ``including_notes`` and it failed for good
+    (`_failed_for_good`: the administrator withdraws its result at the PACS by hand). The
     images' rows are taken first, in id order, as every path that changes an image's
     deliveries takes them (`db.queries.take_instances`).
     """
@@ -1456,9 +1541,11 @@ def abandon_failed(
         chunk = ids[start : start + _CHUNK]
         with session_scope(database_url) as session:
             given_up = [Delivery.id.in_(chunk), Delivery.state == DeliveryState.FAILED]
-            if not including_notes:
-                notes = _notes_unconfigured(session, settings, chunk)
-                given_up.append(or_(Delivery.kind != ObjectKind.KO, Delivery.id.in_(notes)))
+            notes = _notes_unconfigured(session, settings, chunk)
+            lasting = [Delivery.kind != ObjectKind.KO, Delivery.id.in_(notes)]
+            if including_notes:  # and those their destinations never take
+                lasting.append(_failed_for_good_sql())
+            given_up.append(or_(*lasting))
             take_instances(session, session.scalars(select(Delivery.instance_id).where(*given_up)))
             done += session.scalars(
                 update(Delivery)

@@ -744,6 +744,50 @@ def test_a_rejection_note_its_destination_never_takes_is_abandoned_only_by_name(
     ) in shown
 
 
+def test_a_rejection_note_that_failed_while_its_destination_was_away_is_not_abandoned(
+    runtime: Runtime, tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """The PACS stores our SR and SC, then is down when it rejects the image: our notes
+    withdrawing them fail (their attempts spent on a refused connection), which sending
+    again once the PACS is back mends. --including-notes refuses them, saying to retry
+    them; they stay failed. Before, it abandoned them as one the PACS never takes, and
+    the results stayed at the PACS."""
+    pacs = PynetdicomPACS([ComprehensiveSRStorage, SecondaryCaptureImageStorage])
+    try:
+        rt = make_runtime(
+            tmp_path / "node",
+            tiny_checkpoint,
+            destinations=pacs.destination,
+            database_url=runtime.database_url,
+            delivery_max_attempts=1,
+        )
+        image_id = spool_instance(rt)
+        sent = send_deliveries(rt, assess_instance(rt, image_id).delivery_ids)
+        assert {o.state for o in sent.values()} == {"delivered"}
+    finally:
+        pacs.stop()
+    rejection = pacs_rejection_note(image_of(rt, image_id))
+    notes = sorted(assess_instance(rt, spool_dataset(rt, rejection)).delivery_ids)
+    failed = send_deliveries(rt, notes)
+    assert [o.state for o in failed.values()] == ["failed", "failed"]
+    assert all("no connection" in (o.error or "") for o in failed.values())
+
+    done = _cli(
+        rt,
+        "abandon-deliveries",
+        "--including-notes",
+        "--yes",
+        "--reason",
+        "the PACS takes no Key Object Selection",
+        *map(str, notes),
+        BONEAGE_DESTINATIONS=pacs.destination,
+    )
+
+    assert done.returncode == 1
+    assert f"run 'boneage-worker retry-deliveries {notes[0]}'" in done.stderr
+    assert {_states(rt)[i][0] for i in notes} == {DeliveryState.FAILED}
+
+
 def test_who_abandoned_is_the_user_the_system_knows_and_who_ran_sudo(
     runtime: Runtime,
 ) -> None:

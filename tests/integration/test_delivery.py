@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from datetime import timedelta
@@ -33,6 +34,7 @@ from dicom_io.scu import SendError
 from tests.conftest import StoreSCP
 from tests.dicomtools import dciodvfy_errors
 from tests.integration.test_pipeline import spool_dataset, spool_instance
+from tests.proxy import SlowLink
 from tests.support import pacs_rejection_note, wait_for
 from worker import delivery
 from worker.delivery import claim_seconds, send_deliveries
@@ -649,3 +651,105 @@ def _stored_then_rejected(
         made = [session.get_one(Delivery, n) for n in notes]
         assert [(d.kind, d.destination) for d in made] == [(ObjectKind.KO, pacs.destination)] * 2
         assert {session.get_one(Delivery, i).state for i in ids} == {DeliveryState.SUPERSEDED}
+
+
+@contextmanager
+def _failed_refused(url: str) -> Iterator[None]:
+    """The database refusing, by a trigger, to record a delivery failed."""
+    with session_scope(url) as session:
+        if session.get_bind().dialect.name == "sqlite":
+            session.execute(
+                sql(
+                    "CREATE TRIGGER refuse_failed BEFORE UPDATE OF state ON deliveries "
+                    "WHEN NEW.state = 'failed' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+                )
+            )
+        else:
+            session.execute(
+                sql(
+                    "CREATE FUNCTION refuse_failed() RETURNS trigger LANGUAGE plpgsql "
+                    "AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$"
+                )
+            )
+            session.execute(
+                sql(
+                    "CREATE TRIGGER refuse_failed BEFORE UPDATE ON deliveries FOR EACH ROW "
+                    "WHEN (NEW.state = 'failed') EXECUTE FUNCTION refuse_failed()"
+                )
+            )
+    yield
+
+
+def test_an_object_stored_keeps_its_mark_when_recording_another_fails(
+    tmp_path: Path, tiny_checkpoint: Path, database_url: str
+) -> None:
+    """The PACS takes no SR and stores the SC; recording the SR failed for good fails.
+    The SC, stored, keeps the claim's mark (a note of ours withdraws it) though nothing
+    recorded it delivered. Before, its mark was set only as the loop reached it."""
+    pacs = PynetdicomPACS([SecondaryCaptureImageStorage])
+    try:
+        rt = make_runtime(tmp_path, tiny_checkpoint, database_url, pacs)
+        ids = assess_instance(rt, spool_instance(rt)).delivery_ids
+
+        with _failed_refused(rt.database_url):
+            sent = send_deliveries(rt, ids)
+    finally:
+        pacs.stop()
+
+    assert pacs.received == [SecondaryCaptureImageStorage]
+    assert [o.state for o in sent.values()] == ["retry", "retry"]
+    made = rows(rt)
+    assert (made[ObjectKind.SC].last_error or "").startswith("internal error while sending")
+    assert made[ObjectKind.SC].sending_since is not None
+    assert made[ObjectKind.SR].sending_since is None
+
+
+def test_a_send_that_would_outlast_its_claim_ends_before_the_claim_does(
+    tmp_path: Path,
+    tiny_checkpoint: Path,
+    database_url: str,
+    storescp: StoreSCP,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A link slower than the floor rate, the send still moving: it ends, unanswered,
+    before its claim runs out, so that no second worker sends the same objects while
+    it goes on, nor a note of ours withdraws one still on its way. The constants scaled
+    down: an 8 s claim, its send's deadline 2 s before its end; the SR and SC, which
+    keep moving, take longer over the link. Before, the send went on past its claim."""
+    monkeypatch.setattr(delivery, "SEND_TIMEOUT", 2.0)
+    monkeypatch.setattr(delivery, "FLOOR_RATE", 10**12)
+    link = SlowLink(storescp.port, rate=600_000)
+    try:
+        rt = make_runtime_to(tmp_path, tiny_checkpoint, database_url, link.port, storescp)
+        ids = assess_instance(rt, spool_instance(rt, size=1400)).delivery_ids
+        assert sum(Path(d.path).stat().st_size for d in rows(rt).values()) > 8 * 600_000
+        started = time.monotonic()
+        sent = send_deliveries(rt, ids)
+        elapsed = time.monotonic() - started
+    finally:
+        link.close()
+
+    assert elapsed < claim_seconds(len(ids))
+    made = {d.id: d for d in rows(rt).values()}
+    unanswered = [i for i in ids if sent[i].state == "retry"]
+    assert unanswered, sent
+    for delivery_id in unanswered:
+        row = made[delivery_id]
+        assert "did not answer a C-STORE" in (row.last_error or "")
+        assert row.sending_since is not None  # may have arrived: a note of ours still goes
+
+
+def make_runtime_to(
+    tmp_path: Path, tiny_checkpoint: Path, database_url: str, port: int, pacs: StoreSCP
+) -> Runtime:
+    """`make_runtime`, sending to ``pacs`` through ``port`` (a link in front of it)."""
+    settings = load_settings(
+        data_dir=tmp_path / "data",
+        database_url=database_url,
+        model=tiny_checkpoint,
+        destinations=f"{pacs.ae_title}@127.0.0.1:{port}",
+        delivery_max_attempts=3,
+        delivery_backoff_seconds=1,
+    )
+    upgrade(settings.effective_database_url)
+    return Runtime(settings)

@@ -134,8 +134,12 @@ def test_a_claim_by_a_worker_whose_clock_is_behind_is_no_other_senders_to_take(
     assert second == []
     assert skipped == {sr: DeliveryOutcome("skipped", error="not due yet")}
     # the claim as it was taken: dated by the database, for the time a send of one takes
+    # (its file at the slowest rate given time for)
     assert claim.sending_since is not None and before <= claim.sending_since <= after
-    assert claim.next_attempt_at == claim.sending_since + dt.timedelta(seconds=claim_seconds(1))
+    size = Path(claim.path).stat().st_size
+    assert claim.next_attempt_at == claim.sending_since + dt.timedelta(
+        seconds=claim_seconds(1, size)
+    )
 
 
 @pytest.mark.parametrize("offset", [-OFF, OFF], ids=["behind", "ahead"])

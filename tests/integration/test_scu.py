@@ -546,3 +546,30 @@ def test_a_destination_that_stops_reading_still_fails_within_the_timeout(
     assert isinstance(raised, SendError)
     assert "did not answer a C-STORE" in str(raised) and raised.unanswered
     assert elapsed < 15  # 2 s without progress, then the abort (its send bounded too)
+
+
+def test_a_send_that_keeps_going_past_its_deadline_fails_at_the_deadline(
+    storescp: StoreSCP, tmp_path: Path
+) -> None:
+    # A delivery's claim ends at the deadline: past it another worker may send the same
+    # objects, so the send ends there, unanswered, however it progresses. About 6.5 s on
+    # the way, a 2 s timeout it never runs into, a deadline 3 s after the start.
+    path = _radiograph(tmp_path / "large.dcm", 1400)
+    link = SlowLink(storescp.port, rate=600_000)
+    try:
+        started = time.monotonic()
+        with pytest.raises(SendError) as raised:
+            send_files(
+                [path],
+                ae_title=storescp.ae_title,
+                host="127.0.0.1",
+                port=link.port,
+                calling_ae_title="BONEAGE",
+                timeout=2.0,
+                deadline=started + 3.0,
+            )
+        elapsed = time.monotonic() - started
+    finally:
+        link.close()
+    assert "did not answer a C-STORE" in str(raised.value) and raised.value.unanswered
+    assert 3.0 <= elapsed < 5.5  # at the deadline, before the object could have arrived

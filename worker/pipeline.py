@@ -1049,7 +1049,7 @@ def assess_instance(
         from models.predictor import DeviceFailure  # torch: loaded by then
 
         if isinstance(exc, DeviceFailure):
-            _give_back_from_a_failed_device(rt, claimed, exc)
+            give_back_held_from_a_failed_device(rt, exc)  # this image among them
         else:
             _note_failed_attempt(rt, claimed, exc)
         raise
@@ -1060,46 +1060,14 @@ def assess_instance(
 GIVEN_BACK_FROM_A_FAILED_DEVICE = "; the worker's GPU failed: given back to be queued again"
 
 
-def _give_back_from_a_failed_device(rt: Runtime, claim: _Claim, exc: BaseException) -> None:
-    """Put the instance ``claim`` took back to `received`, claimed by none, its attempt
-    not counted, where this process still holds it under that claim: the image is not at
-    fault, and the worker stops (worker.tasks), to be restarted on a GPU that works;
-    the reconciler queues the image again. Where that cannot be written, a warning: the
-    reconciler takes it back once the stopped worker's lease runs out."""
-    try:
-        with session_scope(rt.database_url) as session:
-            take_instances(session, [claim.instance_id])  # its row first, as ever
-            instance = session.get(Instance, claim.instance_id)
-            if (
-                instance is not None
-                and instance.state is InstanceState.PROCESSING
-                and instance.claimed_by == process_name("worker")
-                and instance.assessment == claim.assessment
-                and instance.started_at == claim.started_at
-            ):
-                instance.reason = (
-                    f"attempt {instance.attempts} failed: {_failure(exc)}"
-                    f"{GIVEN_BACK_FROM_A_FAILED_DEVICE}"
-                )
-                instance.attempts = max(0, instance.attempts - 1)
-                instance.state = InstanceState.RECEIVED
-                instance.claimed_by = None
-    except Exception as noted:  # the database may be away too
-        logger.warning(
-            "instance %d: not given back after the GPU failed (%s); the reconciler takes "
-            "it back once this worker's lease runs out",
-            claim.instance_id,
-            type(noted).__name__,
-        )
-
-
 def give_back_held_from_a_failed_device(rt: Runtime, exc: BaseException) -> int:
     """Put every instance this process holds (`processing`, claimed under its
     :func:`~worker.heartbeat.process_name`) back to `received`, claimed by none, its
-    attempt not counted, in one statement, as :func:`_give_back_from_a_failed_device`
-    does for one; the worker stops next (worker.tasks). A threads pool's other tasks
-    claimed theirs (an attempt counted each) and met the same failed GPU, or were still
-    reading their images: the process ends before they would give theirs back. Returns
+    attempt not counted, in one statement: the images are not at fault, and the worker
+    stops next (worker.tasks), to be restarted on a GPU that works; the reconciler
+    queues them again. A threads pool's other tasks claimed theirs (an attempt counted
+    each) and met the same failed GPU, or were still reading their images: the process
+    ends before they would give theirs back. Returns
     how many were given back; where that cannot be written, 0 and a warning (the
     reconciler takes them back once the stopped worker's lease runs out)."""
     held = (Instance.state == InstanceState.PROCESSING) & (

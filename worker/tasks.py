@@ -54,7 +54,6 @@ from worker.pipeline import (
     TRANSIENT_RETRIES,
     Attempt,
     assess_instance,
-    give_back_held_from_a_failed_device,
     give_up_retries,
     node_uids,
     sweep_staged,
@@ -591,31 +590,24 @@ def assess(self: Task, instance_id: int, send: bool = True, held_since: str | No
 
 def _stop_if_the_device_failed(exc: BaseException) -> None:
     """End this worker, with exit status 1, where its GPU failed during the assessment
-    (`models.predictor.DeviceFailure`; the pipeline gave the image back, its attempt
-    not counted): every image it took next would fail the same way and end in error
-    after three attempts. Every other image this process holds is given back first, its
-    attempt not counted either (`worker.pipeline.give_back_held_from_a_failed_device`):
-    a threads pool's other tasks would not live to give theirs back. `serve`, systemd or
+    (`models.predictor.DeviceFailure`; the pipeline gave back every image this process
+    holds, their attempts not counted: `worker.pipeline.give_back_held_from_a_failed_device`):
+    every image it took next would fail the same way and end in error after three
+    attempts. `serve`, systemd or
     the kubelet restart it, on a GPU that works again or with an error that says why
     not. The message names the CUDA error alone."""
     from models.predictor import DeviceFailure  # torch: loaded by then
 
     if not isinstance(exc, DeviceFailure):
         return
-    # a threads pool's other tasks meet the same failure: one gives back what the
-    # process holds and ends it, the others wait here until it has
+    # a threads pool's other tasks meet the same failure: one ends the process, the
+    # others wait here until it has
     with _DEVICE_FAILED:
         logger.critical(
             "the GPU failed during an assessment (%s): the images this worker holds are "
             "given back, and it takes no more work and exits with status 1, to be restarted",
             exc,
         )
-        try:
-            rt = runtime()
-        except Exception as noted:  # its settings were read at start-up: not expected
-            logger.warning("no runtime to give the images back with (%s)", type(noted).__name__)
-        else:
-            give_back_held_from_a_failed_device(rt, exc)
         _exit_to_be_restarted()
 
 

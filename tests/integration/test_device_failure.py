@@ -96,10 +96,8 @@ class _Exited(BaseException):
     """What the stand-in for the worker's exit raises, for the test to see."""
 
 
-def test_the_assess_task_stops_the_worker_after_a_failed_gpu(
-    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    instance_id = spool_instance(runtime)
+def _task_raises_instead_of_exiting(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The assess task on ``runtime``, its GPU failing, its exit raising `_Exited`."""
     monkeypatch.setitem(tasks._state, "runtime", runtime)
     _gpu_fails(monkeypatch)
 
@@ -107,6 +105,13 @@ def test_the_assess_task_stops_the_worker_after_a_failed_gpu(
         raise _Exited
 
     monkeypatch.setattr(tasks, "_exit_to_be_restarted", exit_to_be_restarted)
+
+
+def test_the_assess_task_stops_the_worker_after_a_failed_gpu(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    instance_id = spool_instance(runtime)
+    _task_raises_instead_of_exiting(runtime, monkeypatch)
     with pytest.raises(_Exited):
         tasks.assess.apply(args=(instance_id,))
     assert instance_row(runtime, instance_id).state is InstanceState.RECEIVED
@@ -122,18 +127,12 @@ def test_every_image_the_process_holds_is_given_back_when_its_gpu_fails(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A threads pool's other tasks claimed theirs (an attempt counted each) and would
-    not live to give them back: the task that stops the worker gives back all."""
+    not live to give them back: the failed assessment gives back all before the worker stops."""
     failed, *others = [spool_instance(runtime) for _ in range(4)]
     for instance_id in others:  # claimed as the other task threads claim theirs
         assert isinstance(pipeline._claim(runtime, instance_id), pipeline._Claim)
     assert {instance_row(runtime, i).attempts for i in others} == {1}
-    monkeypatch.setitem(tasks._state, "runtime", runtime)
-    _gpu_fails(monkeypatch)
-
-    def exit_to_be_restarted() -> None:
-        raise _Exited
-
-    monkeypatch.setattr(tasks, "_exit_to_be_restarted", exit_to_be_restarted)
+    _task_raises_instead_of_exiting(runtime, monkeypatch)
     with pytest.raises(_Exited):
         tasks.assess.apply(args=(failed,))
     for instance_id in [failed, *others]:

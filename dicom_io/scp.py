@@ -7,7 +7,9 @@ answer Success:
    is fsynced and renamed to its final name (then the directory is fsynced);
 2. ``record`` commits a row for it (supplied by the caller: no SQL here);
 3. only then is 0x0000 returned; any failure in 1 or 2 returns 0xA700 so the
-   PACS keeps the image and retries;
+   PACS keeps the image and retries (as does less free space on the spool's file
+   system than the listener keeps for the results of the images it took, see
+   `SpaceReserve`);
 4. ``notify`` hands the row id on (supplied by the caller: no Celery here). It
    must not block; if it fails, the row stays ``received`` and the reconciler
    finds it.
@@ -273,6 +275,46 @@ COMMAND_SET_LIMIT = 64 * 1024
 HELD_DATA_SET_LIMIT = 1 << 20
 
 
+class SpaceReserve:
+    """Free space a listener keeps on its spool's file system: a C-STORE that comes
+    while less is free is answered 0xA700 (Out of Resources) and nothing of it is kept.
+
+    The images already taken (the PACS forgot them on our Success) still need room for
+    their SR and SC, the database's rows and the broker's messages, which mostly share
+    that file system: filled to the last byte by new images, the node could finish none
+    of them. The PACS keeps what is refused so and sends it again.
+    """
+
+    def __init__(self, directory: Path, reserve_bytes: int) -> None:
+        self.directory = directory
+        self.reserve_bytes = reserve_bytes
+
+    def shortfall(self) -> ReserveReached | None:
+        """Why a data set may not be kept now, or None while enough is free (or the
+        file system cannot be asked: writing then says what is wrong)."""
+        if self.reserve_bytes <= 0:
+            return None
+        try:
+            usage = os.statvfs(self.directory)
+        except OSError:
+            return None
+        free = usage.f_bavail * usage.f_frsize
+        if free >= self.reserve_bytes:
+            return None
+        return ReserveReached(free, self.reserve_bytes)
+
+
+class ReserveReached(OSError):
+    """Less free space on the spool's file system than the listener keeps."""
+
+    def __init__(self, free_bytes: int, reserve_bytes: int) -> None:
+        super().__init__(
+            errno.ENOSPC,
+            f"{free_bytes / 2**20:.0f} MiB free on the spool's file system, less than the "
+            f"{reserve_bytes / 2**20:.0f} MiB kept for the results of the images taken",
+        )
+
+
 class _SpoolFile:
     """The temporary file a C-STORE's data set streams into, whose write errors end the
     writing and not the association.
@@ -329,13 +371,14 @@ class _SpoolFile:
 
     def fail(self, exc: OSError) -> None:
         """Stop writing for ``exc``: the file goes, the rest of the data set is read and
-        discarded, and the C-STORE is answered 0xA700."""
+        discarded, and the C-STORE is answered 0xA700 (and logged then)."""
         self.error = exc
         self.discard()
-        logger.error(
-            "a data set could not be written to the spool (%s): the rest is discarded",
-            exc.strerror or type(exc).__name__,
-        )
+        if not isinstance(exc, ReserveReached):
+            logger.error(
+                "a data set could not be written to the spool (%s): the rest is discarded",
+                exc.strerror or type(exc).__name__,
+            )
 
 
 def _spool_file_of(message: Any) -> _SpoolFile:
@@ -377,6 +420,9 @@ class _WritingBackDIMSE(DIMSEServiceProvider):
     _command_bytes = 0  # of the message coming in, kept in memory by pynetdicom
     _held_bytes = 0  # the same, of a data set that streams to no file
     _refused = False  # the association is being aborted: nothing more is taken
+    #: The listener's, given by :class:`_StreamingRequestHandler`: a data set that comes
+    #: while less is free stops being written at its first fragment.
+    space_reserve: SpaceReserve | None = None
 
     def receive_primitive(self, primitive: Any) -> None:
         items = primitive.presentation_data_value_list
@@ -442,7 +488,14 @@ class _WritingBackDIMSE(DIMSEServiceProvider):
         if message._data_set_file is None:
             self._writeback_from = 0
             return
+        first = not isinstance(message._data_set_file, _SpoolFile)
         spool_file = _spool_file_of(message)
+        if first and self.space_reserve is not None:
+            # (one fragment in: a data set of one fragment is complete here, and
+            # `StorageSCP._on_store` asks the reserve for it)
+            short = self.space_reserve.shortfall()
+            if short is not None:
+                spool_file.fail(short)
         if _start_writeback is None or spool_file.error is not None:
             return
         try:
@@ -1003,6 +1056,9 @@ class _StreamingRequestHandler(RequestHandler):
         assoc.dul.__class__ = _WakeableDUL
         assoc.dimse.__class__ = _WritingBackDIMSE
         assoc.__class__ = _WakeableAssociation
+        cast(_WritingBackDIMSE, assoc.dimse).space_reserve = getattr(
+            self.server, "space_reserve", None
+        )
         cast(_WakeableDUL, assoc.dul).prepare_wakeups()
         cast(_WakeableAssociation, assoc).prepare_wakeups()
         return assoc
@@ -1062,6 +1118,7 @@ class _BoundedAssociationServer(ThreadedAssociationServer):
 
     maximum_connections = MAXIMUM_CONNECTIONS
     maximum_connections_per_peer = MAXIMUM_CONNECTIONS_PER_PEER
+    space_reserve: SpaceReserve | None = None  # the listener's, for its associations
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._bound_lock = threading.Lock()
@@ -1509,6 +1566,9 @@ class StorageSCP:
         (:data:`MAXIMUM_ASSOCIATIONS_PER_PEER`). Twice as many connections at once from
         one address are taken; one more is closed on arrival
         (:data:`MAXIMUM_CONNECTIONS_PER_PEER`).
+    reserve_bytes
+        Free space kept on the spool's file system (:class:`SpaceReserve`): a C-STORE
+        that comes while less is free is answered 0xA700. 0 keeps none.
     """
 
     def __init__(
@@ -1527,6 +1587,7 @@ class StorageSCP:
         dimse_timeout: float = 120,
         maximum_connections: int = MAXIMUM_CONNECTIONS,
         maximum_associations_per_peer: int = MAXIMUM_ASSOCIATIONS_PER_PEER,
+        reserve_bytes: int = 0,
     ) -> None:
         if maximum_associations_per_peer < 1:
             raise ValueError(
@@ -1539,6 +1600,7 @@ class StorageSCP:
         self.maximum_connections_per_peer = 2 * maximum_associations_per_peer
         self.spool_dir = Path(spool_dir)
         self.incoming_root = self.spool_dir / ".incoming"
+        self.space_reserve = SpaceReserve(self.spool_dir, reserve_bytes)
         # this listener's own, named and locked when it starts
         self.incoming_dir = self.incoming_root / _incoming_name()
         self._incoming_lock: int | None = None
@@ -1621,6 +1683,7 @@ class StorageSCP:
         self._server = cast(_BoundedAssociationServer, server)
         self._server.maximum_connections = self.maximum_connections
         self._server.maximum_connections_per_peer = self.maximum_connections_per_peer
+        self._server.space_reserve = self.space_reserve
         threading.Thread(
             target=server.serve_forever, name=f"dicom-acceptor-{self.port}", daemon=True
         ).start()
@@ -1880,13 +1943,17 @@ class StorageSCP:
             )
             return SOP_CLASS_NOT_SUPPORTED
         spool_file = getattr(request, "_dataset_file", None)
-        if isinstance(spool_file, _SpoolFile) and spool_file.error is not None:
+        error = spool_file.error if isinstance(spool_file, _SpoolFile) else None
+        if error is None:
+            error = self.space_reserve.shortfall()
+        if error is not None:
             self._count("failed")
             logger.error(
-                "C-STORE %s from %s: the data set could not be written (%s): 0xA700",
+                "C-STORE %s from %s: the data set %s (%s): 0xA700",
                 uid_tag(command_uid),
                 calling,
-                spool_file.error.strerror or type(spool_file.error).__name__,
+                "is not kept" if isinstance(error, ReserveReached) else "could not be written",
+                error.strerror or type(error).__name__,
             )
             return OUT_OF_RESOURCES
         temp = Path(event.dataset_path)

@@ -129,6 +129,7 @@ class Listener:
             port=settings.port,
             ssl_context=ssl_context,
             maximum_associations_per_peer=settings.max_associations_per_peer,
+            reserve_bytes=settings.min_free_mb << 20,
         )
         self.heartbeat = HeartbeatThread(url, "listener", self._detail)
         self._stop = threading.Event()

@@ -295,6 +295,10 @@ class Settings(BaseSettings):
     # Days a finished instance's received file and its SR/SC files are kept once every
     # delivery of it succeeded (its rows and results stay); 0 = kept for ever.
     retention_days: float = Field(30.0, ge=0, le=36500)
+    # Free space (MiB) the listener keeps on the data directory's file system for the
+    # results of the images it took: while less is free, a C-STORE is answered 0xA700
+    # and the PACS sends it again later (dicom_io.scp.SpaceReserve); 0 keeps none.
+    min_free_mb: int = Field(1024, ge=0, le=1 << 30)
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
 

@@ -201,8 +201,9 @@ def collect(settings: Settings) -> dict[str, Any]:
     if space is not None and space.low:
         problems.append(
             f"the data directory's disk has {space.free_bytes / 2**30:.1f} GiB free of "
-            f"{space.total_bytes / 2**30:.1f}: when it is full the listener refuses images "
-            "(0xA700); add space or lower BONEAGE_RETENTION_DAYS"
+            f"{space.total_bytes / 2**30:.1f}: below {settings.min_free_mb} MiB "
+            "(BONEAGE_MIN_FREE_MB) the listener refuses images (0xA700); add space or "
+            "lower BONEAGE_RETENTION_DAYS"
         )
     report["healthy"] = not problems
     return report

@@ -653,3 +653,118 @@ def test_a_c_echo_with_a_small_data_set_is_still_answered(node: Node) -> None:
         sock.settimeout(10)
         answer = sock.recv(6, socket.MSG_WAITALL)
     assert answer[:1] == b"\x04"  # a P-DATA-TF: the C-ECHO-RSP
+
+
+# -- the free space kept for the results of the images taken ------------------------
+
+
+def _reserve_past_what_is_free(spool: Path) -> int:
+    """A reserve a terabyte more than the spool's file system has free now."""
+    usage = os.statvfs(spool)
+    return usage.f_bavail * usage.f_frsize + (1 << 40)
+
+
+def _store(port: int, path: Path) -> int:
+    """The status pynetdicom's SCU is answered for ``path``."""
+    ae = AE(ae_title="PACS")
+    ds = dcmread(path)
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="BONEAGE")
+    assert assoc.is_established
+    try:
+        return int(assoc.send_c_store(ds).Status)
+    finally:
+        assoc.release()
+
+
+def test_images_are_refused_while_less_than_the_reserve_is_free(
+    tmp_path: Path, dcmtk: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A data set of one fragment (complete before the reserve is asked at a fragment)
+    is answered 0xA700 and nothing of it stays; once enough is free again (here: the
+    reserve lowered, a real file system cannot be filled in a test) the PACS's resend
+    is stored."""
+    (tmp_path / "spool").mkdir()
+    node = Node(
+        tmp_path,
+        acse_timeout=30,
+        network_timeout=30,
+        dimse_timeout=30,
+        reserve_bytes=_reserve_past_what_is_free(tmp_path / "spool"),
+    )
+    node.scp.start()
+    try:
+        hand = write_hand(tmp_path / "hand.dcm")
+        assert hand.stat().st_size < MAXIMUM_PDU_SIZE // 2  # one fragment
+        assert _store(node.scp.port, hand) == OUT_OF_RESOURCES
+        assert node.recorded == []
+        assert node.incoming() == []
+        assert not list(node.spool.glob("*/*.dcm"))
+        assert node.scp.counters["failed"] == 1
+        [line] = [r.getMessage() for r in caplog.records if "is not kept" in r.getMessage()]
+        assert "MiB free on the spool's file system, less than the" in line
+        assert line.endswith(": 0xA700")
+
+        node.scp.space_reserve.reserve_bytes = 1 << 20  # space freed
+        again = node.storescu(hand)
+        assert again.returncode == 0, again.stderr
+        assert len(node.recorded) == 1
+    finally:
+        node.scp.stop()
+
+
+def test_a_large_image_stops_being_written_at_its_first_fragment_under_the_reserve(
+    tmp_path: Path, dcmtk: dict[str, str]
+) -> None:
+    """While the transfer is held after two megabytes of its data set, the listener
+    keeps no file of it (it would hold over a megabyte: see `partial_file`); the rest
+    is read and discarded, the answer 0xA700, and the association carries on."""
+    (tmp_path / "spool").mkdir()
+    node = Node(
+        tmp_path,
+        acse_timeout=30,
+        network_timeout=30,
+        dimse_timeout=30,
+        reserve_bytes=_reserve_past_what_is_free(tmp_path / "spool"),
+    )
+    node.scp.start()
+    large = write_large_hand(tmp_path / "large.dcm")
+    peer = HalfStore(large, node.scp.port)
+    try:
+
+        def refused_at_a_fragment() -> bool:
+            server = node.scp._server
+            assert server is not None
+            for assoc in server.active_associations:
+                message = assoc.dimse.message
+                spool_file = getattr(message, "_data_set_file", None)
+                if isinstance(spool_file, scp_module._SpoolFile):
+                    return isinstance(spool_file.error, scp_module.ReserveReached)
+            return False
+
+        wait_for(refused_at_a_fragment, timeout=30, what="the data set refused at a fragment")
+        assert node.incoming() == []
+        assert peer.rest() == f"0x{OUT_OF_RESOURCES:04X}"
+    finally:
+        log = peer.finish()
+        node.scp.stop()
+    assert node.recorded == [], log
+    assert node.incoming() == []
+
+
+def test_the_reserve_is_a_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from worker.listener import Listener
+    from worker.settings import load_settings
+
+    assert load_settings(data_dir=tmp_path).min_free_mb == 1024
+    monkeypatch.setenv("BONEAGE_MIN_FREE_MB", "5")
+    settings = load_settings(data_dir=tmp_path)
+    reserve = Listener(settings).scp.space_reserve
+    assert (reserve.directory, reserve.reserve_bytes) == (settings.spool_dir, 5 << 20)
+    monkeypatch.setenv("BONEAGE_MIN_FREE_MB", "-1")
+    with pytest.raises(ValidationError, match="min_free_mb"):
+        load_settings(data_dir=tmp_path)
+    readme = (REPOSITORY / "README.md").read_text()
+    assert "| `BONEAGE_MIN_FREE_MB` |" in readme

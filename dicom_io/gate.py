@@ -255,6 +255,12 @@ MIN_SIZE = 128
 #: square crop grew without bound (128 x 16384 pixels: 1.25 GB of float32; found in
 #: review).
 MAX_ASPECT_RATIO = 4.0
+#: The most pixels an image may have: 8192 x 8192. The largest detector, 43 x 43 cm, at
+#: a 100 um pitch gives 4300 x 4300 pixels, and a hand film of 24 x 30 cm digitised at
+#: 600 dpi 5670 x 7090; what is larger is no hand radiograph as a PACS forwards it, and
+#: decoding it took memory without bound (65535 x 65535 pixels: 8 GB of 16-bit values
+#: and 17 GB as float32, from a JPEG 2000 file of a few kilobytes).
+MAX_PIXELS = 8192 * 8192
 #: How far apart a pixel's height and width may be (as a fraction of the smaller) and
 #: the pixel still be taken as square: rounding in a header's decimal strings, not a
 #: reader that samples rows and columns differently.
@@ -725,8 +731,9 @@ def check(
     need, or the pixel data, missing; a Secondary Capture that is not a radiograph's
     capture (:func:`_not_a_radiograph`); a body part that is not one whole hand
     (:func:`_not_one_hand`: another part, fingers alone, both hands); a view that is
-    not frontal (:func:`_not_frontal`); an image too small, too elongated
-    (:data:`MAX_ASPECT_RATIO`), or whose pixels are not square (:func:`_not_square`);
+    not frontal (:func:`_not_frontal`); an image too small, too large
+    (:data:`MAX_PIXELS`), too elongated (:data:`MAX_ASPECT_RATIO`), or whose pixels are
+    not square (:func:`_not_square`);
     no patient sex; an age outside the model's range.
 
     Where a value that decides is absent or not standard, the image is refused where
@@ -787,6 +794,11 @@ def check(
     rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if min(rows, columns) < min_size:
         return no(f"image is {columns}x{rows} pixels, smaller than {min_size}x{min_size}")
+    if rows * columns > MAX_PIXELS:
+        return no(
+            f"image is {columns}x{rows} pixels, more than {MAX_PIXELS / 1e6:.0f} million; "
+            "a hand radiograph is not"
+        )
     if max(rows, columns) > MAX_ASPECT_RATIO * min(rows, columns):
         return no(
             f"image is {columns}x{rows} pixels, longer than {MAX_ASPECT_RATIO:g}:1; "

@@ -135,6 +135,8 @@ _JPEG_FAMILY_SYNTAXES = (
     *_JPEG_LS_SYNTAXES,
 )
 _JPEG_EOI = b"\xff\xd9"
+# Frames whose own header says their size (:func:`_refuse_a_frame_larger_than_its_header`).
+_ENCAPSULATED_SYNTAXES = (*_JPEG_FAMILY_SYNTAXES, *_J2K_SYNTAXES)
 # How CharLS (charls_get_error_message, 2.x) says a JPEG-LS stream is damaged: bits that
 # make no valid code ("general structural problem"), the data ending inside the scan, EOI
 # or a restart marker where the scan or a marker segment must go on, and bytes between
@@ -709,6 +711,44 @@ def _encapsulated_frame(ds: Dataset, index: int, source: BinaryIO | None = None)
         return None
 
 
+def _refuse_a_frame_larger_than_its_header(
+    frame: bytes | None, ds: Dataset, syntax: UID | None
+) -> None:
+    """Refuse a JPEG, JPEG-LS or JPEG 2000 frame whose own header holds more samples than
+    Rows, Columns and Samples per Pixel say.
+
+    Its decoder allocates what the frame says, before anything compares it with the data
+    set: a frame of a few kilobytes that says 60000 x 60000 (a constant image compresses
+    to next to nothing) took gigabytes, and a worker killed for it was given the image
+    again. Such a frame is damaged, or made to do harm; no decoder is asked to try.
+    Where its header cannot be read, the decoder says what is wrong.
+
+    Raises
+    ------
+    PixelDataError
+        When the frame holds more samples than the data set's header says.
+    """
+    if frame is None:
+        return
+    if syntax in _J2K_SYNTAXES:
+        size = _j2k_image_size(frame)
+    else:
+        header = _jpeg_frame_header(frame)
+        size = header[:3] if header is not None else None
+    if size is None:
+        return
+    rows, columns, components = size
+    said = _stored_shape(ds)
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    if rows * columns * components > said[0] * said[1] * samples:
+        name = getattr(syntax, "name", None) or str(syntax)
+        raise PixelDataError(
+            f"the {name} frame holds {rows} x {columns} x {components} samples, more than "
+            f"Rows, Columns and Samples per Pixel say ({said[0]} x {said[1]} x {samples}); "
+            "not decoded"
+        )
+
+
 def _require_end_of_image(codestream: bytes | None, syntax: UID | None) -> None:
     """Refuse a JPEG or JPEG-LS frame whose codestream stops before its EOI marker.
 
@@ -1118,7 +1158,11 @@ def _jpeg_frame_header(codestream: bytes) -> tuple[int, int, int, int] | None:
             continue
         length = int.from_bytes(codestream[at + 2 : at + 4], "big")
         if marker in _SOF_MARKERS:
-            if length < 8 or at + 10 > len(codestream):
+            # a segment of 8 bytes and 3 a component (T.81 B.2.2), all of it in the
+            # stream; another is no frame header, and its decoder says what it is
+            if at + 10 > len(codestream) or length != 8 + 3 * codestream[at + 9]:
+                return None
+            if at + 2 + length > len(codestream):
                 return None
             rows = int.from_bytes(codestream[at + 5 : at + 7], "big")
             columns = int.from_bytes(codestream[at + 7 : at + 9], "big")
@@ -1242,10 +1286,12 @@ def decode_frame(ds: Dataset, index: int = 0, *, reduce: int = 0) -> np.ndarray:
     # GIL, and Pillow skips wavelet levels, which pydicom's decoders do neither of.
     codestream = _grey_codestream(ds, _OWN_DECODER_SYNTAXES) if index == 0 else None
     frame = codestream
-    if syntax in _JPEG_FAMILY_SYNTAXES and "PixelData" in ds:
+    if syntax in _ENCAPSULATED_SYNTAXES and "PixelData" in ds:
         if frame is None:
             frame = _encapsulated_frame(ds, index)
-        _require_end_of_image(frame, syntax)
+        _refuse_a_frame_larger_than_its_header(frame, ds, syntax)
+        if syntax in _JPEG_FAMILY_SYNTAXES:
+            _require_end_of_image(frame, syntax)
     if codestream is not None:
         try:
             if syntax in _J2K_SYNTAXES:

@@ -195,6 +195,29 @@ def test_an_elongated_image_is_refused(rows: int, columns: int, reason: str | No
     decided(ds, reason, "size")
 
 
+@pytest.mark.parametrize(
+    ("rows", "columns", "reason"),
+    [
+        (8192, 8192, None),  # gate.MAX_PIXELS
+        (7090, 5670, None),  # a 24 x 30 cm film digitised at 600 dpi
+        (8193, 8192, "image is 8192x8193 pixels, more than 67 million; a hand radiograph is not"),
+        (
+            65535,
+            65535,
+            "image is 65535x65535 pixels, more than 67 million; a hand radiograph is not",
+        ),
+    ],
+)
+def test_an_image_of_more_pixels_than_any_hand_radiograph_is_refused(
+    rows: int, columns: int, reason: str | None
+) -> None:
+    """Judged from Rows and Columns, before a decoder allocates what they say: a JPEG 2000
+    file of a few kilobytes can say 65535 x 65535, 17 GB as float32."""
+    ds = hand()
+    ds.Rows, ds.Columns = rows, columns
+    decided(ds, reason, "size")
+
+
 def test_no_pixel_data_is_refused() -> None:
     ds = hand()
     del ds.PixelData

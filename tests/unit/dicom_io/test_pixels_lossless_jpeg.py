@@ -322,9 +322,10 @@ def test_a_stream_of_another_size_than_the_dataset_says_is_left_to_pydicom(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The frame header is read before imagecodecs decodes (which allocates what the
-    stream says); a stream of another size is pydicom's to decode, and to report."""
+    stream says); a stream of another size, no larger than the dataset says, is
+    pydicom's to decode, and to report (a larger one: test_pixels_frame_size)."""
     ds = _encoded(tmp_path, _native(), "dcmcjpeg", "+e1")
-    ds.Rows = ROWS - 10
+    ds.Rows = ROWS + 10
     with (
         caplog.at_level(logging.INFO, logger="dicom_io.pixels"),
         pytest.raises(PixelDataError, match="JPEG Lossless"),
@@ -338,16 +339,25 @@ def test_a_stream_that_claims_another_size_is_not_decoded_by_imagecodecs(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, rows: int
 ) -> None:
     """A stream whose frame header claims 65535 rows would have imagecodecs allocate for
-    them; it never gets the stream."""
+    them; it never gets the stream, nor does any decoder (test_pixels_frame_size). One
+    that claims fewer rows is left to pydicom's decoder, which allocates no more than
+    the data set says."""
     ds = _encoded(tmp_path, _native(), "dcmcjpeg", "+e1")
     stream = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
     sof = stream.index(b"\xff\xc3")
     assert int.from_bytes(stream[sof + 5 : sof + 7], "big") == ROWS
     stream[sof + 5 : sof + 7] = rows.to_bytes(2, "big")
     ds.PixelData = encapsulate([bytes(stream)])
-    with caplog.at_level(logging.INFO, logger="dicom_io.pixels"), pytest.raises(PixelDataError):
+    with (
+        caplog.at_level(logging.INFO, logger="dicom_io.pixels"),
+        pytest.raises(PixelDataError) as refused,
+    ):
         decode_frame(ds)
-    assert f"{FALLBACK} (the stream holds {rows} x {COLUMNS} x 1 samples)" in caplog.text
+    if rows > ROWS:
+        assert f"frame holds {rows} x {COLUMNS} x 1 samples" in str(refused.value)
+        assert FALLBACK not in caplog.text
+    else:
+        assert f"{FALLBACK} (the stream holds {rows} x {COLUMNS} x 1 samples)" in caplog.text
 
 
 # -- a frame cut short --------------------------------------------------------------

@@ -366,18 +366,25 @@ def test_a_codestream_of_another_size_is_left_to_pydicom(
 ) -> None:
     """The SIZ marker segment is read before OpenJPEG decodes (and allocates) through
     imagecodecs or Pillow; a codestream of another size than the dataset's is pydicom's
-    to decode, and to report."""
+    to decode, and to report, where it is no larger than the dataset says; a larger one
+    is decoded by none (test_pixels_frame_size)."""
     ds = _j2k(tmp_path)
     stream = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
     siz = stream.index(b"\xff\x51")
     assert int.from_bytes(stream[siz + 10 : siz + 14], "big") == ROWS  # Ysiz, YOsiz 0
     stream[siz + 10 : siz + 14] = rows.to_bytes(4, "big")
     ds.PixelData = encapsulate([bytes(stream)])
-    with caplog.at_level(logging.INFO, logger="dicom_io.pixels"), pytest.raises(PixelDataError):
+    with (
+        caplog.at_level(logging.INFO, logger="dicom_io.pixels"),
+        pytest.raises(PixelDataError) as refused,
+    ):
         decode_frame(ds)
-    assert f"the codestream holds (rows, columns, components) ({rows}, {COLUMNS}, 1)" in (
-        caplog.text
-    )
+    said = f"the codestream holds (rows, columns, components) ({rows}, {COLUMNS}, 1)"
+    if rows > ROWS:
+        assert f"frame holds {rows} x {COLUMNS} x 1 samples" in str(refused.value)
+        assert said not in caplog.text
+    else:
+        assert said in caplog.text
 
 
 def test_jpeg2000_threads_must_be_positive() -> None:

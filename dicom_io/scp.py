@@ -277,21 +277,28 @@ HELD_DATA_SET_LIMIT = 1 << 20
 
 class SpaceReserve:
     """Free space a listener keeps on its spool's file system: a C-STORE that comes
-    while less is free is answered 0xA700 (Out of Resources) and nothing of it is kept.
+    while less is free is answered 0xA700 (Out of Resources) and nothing of it is kept,
+    and one under way stops being written once less would be free without it.
 
     The images already taken (the PACS forgot them on our Success) still need room for
     their SR and SC, the database's rows and the broker's messages, which mostly share
     that file system: filled to the last byte by new images, the node could finish none
-    of them. The PACS keeps what is refused so and sends it again.
+    of them. The PACS keeps what is refused so and sends it again. A margin, not a
+    promise: 1 GiB holds the SR and SC of about a hundred images at the largest SC.
     """
 
     def __init__(self, directory: Path, reserve_bytes: int) -> None:
         self.directory = directory
         self.reserve_bytes = reserve_bytes
 
-    def shortfall(self) -> ReserveReached | None:
-        """Why a data set may not be kept now, or None while enough is free (or the
-        file system cannot be asked: writing then says what is wrong)."""
+    def shortfall(self, own_bytes: int = 0) -> ReserveReached | None:
+        """Why a data set that has written ``own_bytes`` so far may not be kept, or None
+        while enough would be free without them (or the file system cannot be asked:
+        writing then says what is wrong). Its own bytes do not count against it, up to
+        half the reserve: taken while enough was free, it is not refused for its own
+        size, to be sent again and refused again for ever (a radiograph is some tens of
+        megabytes); others written meanwhile do, and a data set of gigabytes takes no
+        more than half the reserve."""
         if self.reserve_bytes <= 0:
             return None
         try:
@@ -299,7 +306,7 @@ class SpaceReserve:
         except OSError:
             return None
         free = usage.f_bavail * usage.f_frsize
-        if free >= self.reserve_bytes:
+        if free + min(own_bytes, self.reserve_bytes // 2) >= self.reserve_bytes:
             return None
         return ReserveReached(free, self.reserve_bytes)
 
@@ -420,9 +427,9 @@ class _WritingBackDIMSE(DIMSEServiceProvider):
     _command_bytes = 0  # of the message coming in, kept in memory by pynetdicom
     _held_bytes = 0  # the same, of a data set that streams to no file
     _refused = False  # the association is being aborted: nothing more is taken
-    #: The listener's, given by :class:`_StreamingRequestHandler`: a data set that comes
-    #: while less is free stops being written at its first fragment.
+    #: The listener's, given by :class:`_StreamingRequestHandler` (`_keep_the_reserve`).
     space_reserve: SpaceReserve | None = None
+    _reserve_asked_at = 0  # bytes of the data set coming in when the reserve was asked
 
     def receive_primitive(self, primitive: Any) -> None:
         items = primitive.presentation_data_value_list
@@ -490,12 +497,8 @@ class _WritingBackDIMSE(DIMSEServiceProvider):
             return
         first = not isinstance(message._data_set_file, _SpoolFile)
         spool_file = _spool_file_of(message)
-        if first and self.space_reserve is not None:
-            # (one fragment in: a data set of one fragment is complete here, and
-            # `StorageSCP._on_store` asks the reserve for it)
-            short = self.space_reserve.shortfall()
-            if short is not None:
-                spool_file.fail(short)
+        if self.space_reserve is not None and spool_file.error is None:
+            self._keep_the_reserve(self.space_reserve, spool_file, first=first)
         if _start_writeback is None or spool_file.error is not None:
             return
         try:
@@ -505,6 +508,26 @@ class _WritingBackDIMSE(DIMSEServiceProvider):
                 self._writeback_from = position
         except (OSError, ValueError) as exc:  # only an optimisation: the fsync decides
             logger.debug("writeback not started (%s)", exc)
+
+    def _keep_the_reserve(
+        self, reserve: SpaceReserve, spool_file: _SpoolFile, *, first: bool
+    ) -> None:
+        """Stop writing the data set coming in (it is read and discarded, and answered
+        0xA700) where less than ``reserve`` is free, its own bytes not counted: asked once
+        its command has come (pynetdicom opens the file then, before a byte of the data
+        set, which therefore takes nothing when refused), and again after each
+        :data:`WRITEBACK_BYTES` it writes, so that transfers under way at once stop within
+        a megabyte each once the space is gone, whatever their size."""
+        try:
+            written = 0 if first else spool_file.tell()
+        except (OSError, ValueError):
+            return  # the write that fails says so
+        if not first and written - self._reserve_asked_at < WRITEBACK_BYTES:
+            return
+        self._reserve_asked_at = written
+        short = reserve.shortfall(own_bytes=written)
+        if short is not None:
+            spool_file.fail(short)
 
     def _refuse(self, what: str, limit: int) -> None:
         """End the association at once, for a message that would keep more than `limit`
@@ -1614,9 +1637,15 @@ class StorageSCP:
         self._timeouts = (network_timeout, acse_timeout, dimse_timeout)
         self._server: _BoundedAssociationServer | None = None
         self._saved_tempdir: str | None = None
-        self.counters = {"stored": 0, "refused": 0, "failed": 0}
+        # refused: associations; deferred: C-STOREs refused for the reserve; failed: others
+        self.counters = {"stored": 0, "refused": 0, "failed": 0, "deferred": 0}
         self._counter_lock = threading.Lock()
         self._peer_refusals = _PeerRefusals()  # of associations, for their peer's bound
+        # C-STOREs refused for the reserve (_log_deferred), under _counter_lock: whether
+        # since the space was last enough, those not logged yet, and when last logged
+        self._deferring = False
+        self._deferred_unlogged = 0
+        self._deferred_logged_at = -REFUSED_LOG_SECONDS
 
     # -- life cycle -------------------------------------------------------
 
@@ -1913,6 +1942,38 @@ class StorageSCP:
         with self._counter_lock:
             self.counters[key] += 1
 
+    def _log_deferred(self, short: ReserveReached) -> None:
+        """Say that C-STOREs are refused for the reserve: the first at once, then at most
+        every :data:`REFUSED_LOG_SECONDS`, with a count (a PACS with thousands of images
+        queued sends them again every few seconds, and the log shares the disk)."""
+        now = time.monotonic()
+        with self._counter_lock:
+            self._deferring = True
+            self._deferred_unlogged += 1
+            if now - self._deferred_logged_at < REFUSED_LOG_SECONDS:
+                return
+            refused, self._deferred_unlogged = self._deferred_unlogged, 0
+            self._deferred_logged_at = now
+        logger.error(
+            "%d C-STORE(s) answered 0xA700, nothing of them kept: %s "
+            "(BONEAGE_MIN_FREE_MB); the PACS sends them again",
+            refused,
+            short.strerror,
+        )
+
+    def _space_again(self) -> None:
+        """Say that C-STOREs are taken again, with the refusals not said before; the
+        next shortage is said at once."""
+        with self._counter_lock:
+            if not self._deferring:
+                return
+            unlogged, self._deferring, self._deferred_unlogged = self._deferred_unlogged, False, 0
+            self._deferred_logged_at = -REFUSED_LOG_SECONDS
+        logger.warning(
+            "enough space again: C-STOREs are taken again%s",
+            f" ({unlogged} more were answered 0xA700 before)" if unlogged else "",
+        )
+
     def _not_durable(self, sop_uid: str, exc: OSError) -> int:
         self._count("failed")
         logger.error(
@@ -1944,15 +2005,16 @@ class StorageSCP:
             return SOP_CLASS_NOT_SUPPORTED
         spool_file = getattr(request, "_dataset_file", None)
         error = spool_file.error if isinstance(spool_file, _SpoolFile) else None
-        if error is None:
-            error = self.space_reserve.shortfall()
+        if isinstance(error, ReserveReached):
+            self._count("deferred")
+            self._log_deferred(error)
+            return OUT_OF_RESOURCES
         if error is not None:
             self._count("failed")
             logger.error(
-                "C-STORE %s from %s: the data set %s (%s): 0xA700",
+                "C-STORE %s from %s: the data set could not be written (%s): 0xA700",
                 uid_tag(command_uid),
                 calling,
-                "is not kept" if isinstance(error, ReserveReached) else "could not be written",
                 error.strerror or type(error).__name__,
             )
             return OUT_OF_RESOURCES
@@ -2055,6 +2117,8 @@ class StorageSCP:
 
         self._count("stored")
         logger.info("stored instance %d from %s (%d bytes)", instance_id, calling, size)
+        if self._deferring and self.space_reserve.shortfall() is None:
+            self._space_again()
         elapsed = time.monotonic() - started
         if elapsed > SLOW_STORE_SECONDS:
             # Past the peer's DIMSE timeout the PACS gives up and retries: worth knowing.

@@ -198,12 +198,26 @@ def collect(settings: Settings) -> dict[str, Any]:
         )
     if not settings.destinations:
         problems.append("no destinations configured (BONEAGE_DESTINATIONS): results are not sent")
-    if space is not None and space.low:
+    spool_space = disk_space(settings.spool_dir)  # where the listener keeps its reserve
+    refusing = spool_space is not None and spool_space.free_bytes < settings.min_free_mb << 20
+    if refusing and spool_space is not None:
+        problems.append(
+            f"the spool's disk has {spool_space.free_bytes >> 20} MiB free, less than the "
+            f"{settings.min_free_mb} MiB the listener keeps (BONEAGE_MIN_FREE_MB): it "
+            "refuses every image now (0xA700), and the PACS keeps them; add space or "
+            "lower BONEAGE_RETENTION_DAYS"
+        )
+    # the same disk as the spool's (as read a moment apart) is said once, above
+    if space is not None and space.low and not (refusing and space == spool_space):
+        below = (
+            f"below {settings.min_free_mb} MiB (BONEAGE_MIN_FREE_MB)"
+            if settings.min_free_mb
+            else "when it is full"
+        )
         problems.append(
             f"the data directory's disk has {space.free_bytes / 2**30:.1f} GiB free of "
-            f"{space.total_bytes / 2**30:.1f}: below {settings.min_free_mb} MiB "
-            "(BONEAGE_MIN_FREE_MB) the listener refuses images (0xA700); add space or "
-            "lower BONEAGE_RETENTION_DAYS"
+            f"{space.total_bytes / 2**30:.1f}: {below} the listener refuses images "
+            "(0xA700); add space or lower BONEAGE_RETENTION_DAYS"
         )
     report["healthy"] = not problems
     return report

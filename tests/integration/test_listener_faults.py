@@ -47,6 +47,7 @@ from dicom_io.scp import (
     SOP_CLASS_NOT_SUPPORTED,
     TRANSFER_SYNTAXES,
     VERIFICATION_SOP_CLASS,
+    WRITEBACK_BYTES,
     local_fault,
 )
 from tests.integration.test_listener import write_hand, write_large_hand
@@ -680,10 +681,11 @@ def _store(port: int, path: Path) -> int:
 def test_images_are_refused_while_less_than_the_reserve_is_free(
     tmp_path: Path, dcmtk: dict[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A data set of one fragment (complete before the reserve is asked at a fragment)
-    is answered 0xA700 and nothing of it stays; once enough is free again (here: the
-    reserve lowered, a real file system cannot be filled in a test) the PACS's resend
-    is stored."""
+    """Asked once the command has come, before a byte of the data set: answered 0xA700
+    and nothing of it stays, counted `deferred`, and said once, not once per C-STORE (a
+    PACS sends its queue again every few seconds). Once enough is free again (here: the
+    reserve lowered, a real file system cannot be filled in a test) the PACS's resend is
+    stored, and the log says so."""
     (tmp_path / "spool").mkdir()
     node = Node(
         tmp_path,
@@ -696,24 +698,26 @@ def test_images_are_refused_while_less_than_the_reserve_is_free(
     try:
         hand = write_hand(tmp_path / "hand.dcm")
         assert hand.stat().st_size < MAXIMUM_PDU_SIZE // 2  # one fragment
-        assert _store(node.scp.port, hand) == OUT_OF_RESOURCES
+        for _ in range(3):
+            assert _store(node.scp.port, hand) == OUT_OF_RESOURCES
         assert node.recorded == []
         assert node.incoming() == []
         assert not list(node.spool.glob("*/*.dcm"))
-        assert node.scp.counters["failed"] == 1
-        [line] = [r.getMessage() for r in caplog.records if "is not kept" in r.getMessage()]
+        assert (node.scp.counters["deferred"], node.scp.counters["failed"]) == (3, 0)
+        [line] = [r.getMessage() for r in caplog.records if "answered 0xA700" in r.getMessage()]
+        assert line.startswith("1 C-STORE(s) answered 0xA700, nothing of them kept: ")
         assert "MiB free on the spool's file system, less than the" in line
-        assert line.endswith(": 0xA700")
 
         node.scp.space_reserve.reserve_bytes = 1 << 20  # space freed
         again = node.storescu(hand)
         assert again.returncode == 0, again.stderr
         assert len(node.recorded) == 1
+        assert "enough space again: C-STOREs are taken again" in caplog.text
     finally:
         node.scp.stop()
 
 
-def test_a_large_image_stops_being_written_at_its_first_fragment_under_the_reserve(
+def test_a_large_image_is_refused_before_a_byte_of_it_is_written(
     tmp_path: Path, dcmtk: dict[str, str]
 ) -> None:
     """While the transfer is held after two megabytes of its data set, the listener
@@ -752,6 +756,72 @@ def test_a_large_image_stops_being_written_at_its_first_fragment_under_the_reser
     assert node.incoming() == []
 
 
+def test_a_transfer_under_way_stops_within_a_megabyte_once_the_space_is_gone(
+    tmp_path: Path, dcmtk: dict[str, str]
+) -> None:
+    """Taken while enough was free, held after two megabytes; the space goes meanwhile
+    (others' writes: here the reserve raised past what is free). The rest stops being
+    written at the next megabyte, and the C-STORE is answered 0xA700 with nothing kept.
+    Before, a transfer under way wrote to its end, however large, whatever was left."""
+    (tmp_path / "spool").mkdir()
+    node = Node(
+        tmp_path,
+        acse_timeout=30,
+        network_timeout=30,
+        dimse_timeout=30,
+        reserve_bytes=1 << 20,
+    )
+    node.scp.start()
+    large = write_large_hand(tmp_path / "large.dcm", rows=2000, columns=2000)  # 8 MB
+    peer = HalfStore(large, node.scp.port)
+    try:
+        partial = partial_file(node)
+        node.scp.space_reserve.reserve_bytes = _reserve_past_what_is_free(tmp_path / "spool")
+        written_before = _bytes_written()
+        assert peer.rest() == f"0x{OUT_OF_RESOURCES:04X}"
+        written = _bytes_written() - written_before
+        assert not partial.exists()
+    finally:
+        log = peer.finish()
+        node.scp.stop()
+    assert node.recorded == [], log
+    assert node.scp.counters["deferred"] == 1
+    assert node.incoming() == []
+    # of the 6 MB left to come: a megabyte at most (and the log's lines), not all of it
+    assert written < 2 * WRITEBACK_BYTES, f"{written} bytes written after the space went"
+
+
+def _bytes_written() -> int:
+    """Bytes this process (the listener's threads among its own) has written so far."""
+    io = Path("/proc/self/io").read_text()
+    [line] = [x for x in io.splitlines() if x.startswith("wchar:")]
+    return int(line.split()[1])
+
+
+def test_a_transfer_is_not_refused_for_its_own_size(tmp_path: Path, dcmtk: dict[str, str]) -> None:
+    """Free space just over the reserve when it comes: what it writes itself does not
+    count against it (refused for its own size, it would be sent and refused for ever)."""
+    (tmp_path / "spool").mkdir()
+    large = write_large_hand(tmp_path / "large.dcm", rows=2000, columns=2000)
+    usage = os.statvfs(tmp_path / "spool")
+    free = usage.f_bavail * usage.f_frsize
+    node = Node(
+        tmp_path,
+        acse_timeout=30,
+        network_timeout=30,
+        dimse_timeout=30,
+        reserve_bytes=free - large.stat().st_size * 3 // 4,  # less than the image is left over
+    )
+    node.scp.start()
+    try:
+        stored = node.storescu(large)
+        assert stored.returncode == 0, stored.stderr
+        assert len(node.recorded) == 1
+        assert node.scp.counters["deferred"] == 0
+    finally:
+        node.scp.stop()
+
+
 def test_the_reserve_is_a_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pydantic import ValidationError
 
@@ -768,3 +838,27 @@ def test_the_reserve_is_a_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         load_settings(data_dir=tmp_path)
     readme = (REPOSITORY / "README.md").read_text()
     assert "| `BONEAGE_MIN_FREE_MB` |" in readme
+
+
+def test_a_data_sets_own_bytes_are_let_through_up_to_half_the_reserve(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The file system's answer fixed (a real one cannot be filled in a test): a data set
+    is not refused for its own bytes, but a data set of gigabytes, alone, takes no more
+    than half the reserve (it took the disk to its last byte)."""
+    mib = 1 << 20
+    free = [0]
+
+    def statvfs(_path: object) -> os.statvfs_result:
+        blocks = free[0] // 4096
+        return os.statvfs_result((4096, 4096, 10 * blocks, blocks, blocks, 0, 0, 0, 0, 255))
+
+    monkeypatch.setattr(scp_module.os, "statvfs", statvfs)
+    reserve = scp_module.SpaceReserve(Path("/spool"), 1000 * mib)
+    free[0] = 900 * mib
+    assert reserve.shortfall() is not None  # a new one: refused
+    assert reserve.shortfall(own_bytes=100 * mib) is None  # its own 100 MiB took it there
+    free[0] = 400 * mib
+    assert reserve.shortfall(own_bytes=600 * mib) is not None  # 500 MiB past half the reserve
+    free[0] = 500 * mib
+    assert reserve.shortfall(own_bytes=600 * mib) is None  # at half: let through

@@ -9,6 +9,7 @@ and the heartbeats of its processes as they write them.
 from __future__ import annotations
 
 import datetime as dt
+import os
 from pathlib import Path
 
 import pytest
@@ -284,3 +285,22 @@ def test_deliveries_that_no_worker_takes_make_the_node_unhealthy(
             .values(next_attempt_at=now() - dt.timedelta(minutes=10))
         )
     assert _undelivered(_problems(runtime)) == []
+
+
+def test_status_says_when_the_listener_refuses_images_for_its_reserve(
+    tmp_path: Path, tiny_checkpoint: Path, storescp: StoreSCP
+) -> None:
+    """Past the reserve (here: a reserve a terabyte more than the disk has free) every
+    image is refused, whatever the share of the disk that is free: said as such."""
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    rt = make_runtime(
+        tmp_path,
+        tiny_checkpoint,
+        destinations=storescp.destination,
+        min_free_mb=(free >> 20) + (1 << 20),
+    )
+    rt.settings.spool_dir.mkdir(parents=True, exist_ok=True)
+    [refusing] = [p for p in _problems(rt) if "BONEAGE_MIN_FREE_MB" in p]
+    assert "MiB the listener keeps (BONEAGE_MIN_FREE_MB): it refuses every image now" in (refusing)
+    rt = make_runtime(tmp_path, tiny_checkpoint, destinations=storescp.destination)
+    assert not [p for p in _problems(rt) if "refuses every image now" in p]

@@ -45,6 +45,7 @@ from pydicom.uid import (
 )
 
 from dicom_io.budget import BudgetedFile, HeaderTooLargeError, over_budget
+from dicom_io.gate import MAX_PIXELS
 
 logger = logging.getLogger(__name__)
 
@@ -715,38 +716,96 @@ def _refuse_a_frame_larger_than_its_header(
     frame: bytes | None, ds: Dataset, syntax: UID | None
 ) -> None:
     """Refuse a JPEG, JPEG-LS or JPEG 2000 frame whose own header holds more samples than
-    Rows, Columns and Samples per Pixel say.
+    Rows, Columns and Samples per Pixel say, or does not say how many it holds.
 
     Its decoder allocates what the frame says, before anything compares it with the data
     set: a frame of a few kilobytes that says 60000 x 60000 (a constant image compresses
     to next to nothing) took gigabytes, and a worker killed for it was given the image
-    again. Such a frame is damaged, or made to do harm; no decoder is asked to try.
-    Where its header cannot be read, the decoder says what is wrong.
+    again. Such a frame is damaged, or made to do harm; no decoder is asked to try. So is
+    one whose size cannot be read where a decoder reads it (a JPEG 2000 frame that is
+    neither a codestream nor a JP2 file holding one; a JPEG frame with no frame header
+    before its scan), or is left for later (0 rows or columns: a DNL marker's, or a
+    JPEG-LS LSE segment's, which no hand radiograph needs). Where the frame itself
+    cannot be had from the encapsulation, pydicom's decoder says why.
 
     Raises
     ------
     PixelDataError
-        When the frame holds more samples than the data set's header says.
+        When the frame holds more samples than the data set's header says, or says
+        none that can be read.
     """
     if frame is None:
         return
+    name = getattr(syntax, "name", None) or str(syntax)
     if syntax in _J2K_SYNTAXES:
-        size = _j2k_image_size(frame)
+        start = _j2k_codestream_start(frame)
+        if start is None:
+            raise PixelDataError(
+                f"the {name} frame is neither a JPEG 2000 codestream (SOC and SIZ at its "
+                "start) nor a JP2 file holding one; not decoded"
+            )
+        size = _j2k_image_size(frame[start : start + 64])
+        if size is None:
+            return  # its SIZ cut short: no decoder can size an image from it
     else:
-        header = _jpeg_frame_header(frame)
-        size = header[:3] if header is not None else None
-    if size is None:
-        return
+        header = _jpeg_frame_header(frame, whole=True)
+        if header is None:
+            raise PixelDataError(
+                f"the {name} frame has no frame header (SOFn) and scan (SOS) that can be "
+                "read; not decoded"
+            )
+        size = header[:3]
     rows, columns, components = size
+    if not rows or not columns:
+        raise PixelDataError(
+            f"the {name} frame's header says {rows} x {columns} samples, its size left to a "
+            "later segment; not decoded"
+        )
     said = _stored_shape(ds)
     samples = int(ds.get("SamplesPerPixel") or 1)
     if rows * columns * components > said[0] * said[1] * samples:
-        name = getattr(syntax, "name", None) or str(syntax)
         raise PixelDataError(
             f"the {name} frame holds {rows} x {columns} x {components} samples, more than "
             f"Rows, Columns and Samples per Pixel say ({said[0]} x {said[1]} x {samples}); "
             "not decoded"
         )
+
+
+#: The signature box a JP2 file starts with (ISO/IEC 15444-1 I.5.1).
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+
+
+def _j2k_codestream_start(frame: bytes) -> int | None:
+    """Where the codestream of a JPEG 2000 frame starts, as its decoder reads it: at once
+    (SOC, its SIZ marker segment right after: T.800 A.4.1, A.5.1), or in a JP2 file's
+    contiguous codestream box (a wrapper some modalities write, which pydicom's decoder
+    takes too); None where it is neither."""
+    start = _jp2_codestream_start(frame) if frame.startswith(_JP2_SIGNATURE) else 0
+    if start is None or frame[start : start + 4] != b"\xff\x4f" + _J2K_SIZ:
+        return None
+    return start
+
+
+def _jp2_codestream_start(frame: bytes) -> int | None:
+    """Where the codestream of a JP2 file's first contiguous codestream box (``jp2c``)
+    starts, walking its boxes (ISO/IEC 15444-1 I.4); None where there is none."""
+    at = 0
+    while at + 8 <= len(frame):
+        length = int.from_bytes(frame[at : at + 4], "big")
+        kind = frame[at + 4 : at + 8]
+        header = 8
+        if length == 1:  # the length in the 8 bytes after the type
+            if at + 16 > len(frame):
+                return None
+            length, header = int.from_bytes(frame[at + 8 : at + 16], "big"), 16
+        elif length == 0:  # the last box, to the end
+            length = len(frame) - at
+        if kind == b"jp2c":
+            return at + header
+        if length < header:
+            return None
+        at += length
+    return None
 
 
 def _require_end_of_image(codestream: bytes | None, syntax: UID | None) -> None:
@@ -1139,36 +1198,72 @@ def _j2k_reduced_shape(codestream: bytes, reduce: int) -> tuple[int, int] | None
     return reduced(10), reduced(6)  # Ysiz (YOsiz), Xsiz (XOsiz)
 
 
-def _jpeg_frame_header(codestream: bytes) -> tuple[int, int, int, int] | None:
+def _jpeg_frame_header(
+    codestream: bytes, *, whole: bool = False
+) -> tuple[int, int, int, int] | None:
     """``(rows, columns, components, precision)`` from a JPEG or JPEG-LS frame header
-    (SOFn).
+    (SOFn; or DHP, which gives a hierarchical image's size in the same layout).
 
     Walks the marker segments after SOI (ITU-T T.81 B.1.1.4; JPEG-LS, T.87, uses the same
-    layout and its SOF55 marker) up to the first frame header.
+    layout and its SOF55 marker) up to the first frame header, in the stream's first
+    64 KiB, or in all of it up to its first scan where ``whole`` (a decoder reads as far:
+    application segments, an ICC profile among them, may take more than 64 KiB), and
+    then only where a scan follows it.
     """
     if codestream[:2] != b"\xff\xd8":
         return None
-    at, end = 2, min(len(codestream), 1 << 16)
-    while at + 4 <= end:
-        if codestream[at] != 0xFF:
+    end = len(codestream) if whole else min(len(codestream), 1 << 16)
+    for marker, at, length in _jpeg_segments(codestream, 2, end):
+        if marker == 0xDA:  # SOS: a scan, and no frame header before it
             return None
-        marker = codestream[at + 1]
-        if marker == 0xFF:  # fill byte before a marker
-            at += 1
-            continue
-        length = int.from_bytes(codestream[at + 2 : at + 4], "big")
-        if marker in _SOF_MARKERS:
+        if marker in _FRAME_SIZE_MARKERS:
             # a segment of 8 bytes and 3 a component (T.81 B.2.2), all of it in the
             # stream; another is no frame header, and its decoder says what it is
             if at + 10 > len(codestream) or length != 8 + 3 * codestream[at + 9]:
                 return None
             if at + 2 + length > len(codestream):
                 return None
+            if whole and not any(
+                marker == 0xDA
+                for marker, _, _ in _jpeg_segments(codestream, at + 2 + length, len(codestream))
+            ):
+                return None  # no image: pylibjpeg-libjpeg made one up
             rows = int.from_bytes(codestream[at + 5 : at + 7], "big")
             columns = int.from_bytes(codestream[at + 7 : at + 9], "big")
             return rows, columns, codestream[at + 9], codestream[at + 4]
-        at += 2 + length
     return None
+
+
+#: Markers of a segment that says an image's size: the frame headers, and DHP.
+_FRAME_SIZE_MARKERS = _SOF_MARKERS | {0xDE}
+
+
+def _jpeg_segments(codestream: bytes, at: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """``(marker, where, length)`` of the marker segments of a JPEG or JPEG-LS stream from
+    ``at`` up to ``end`` or its first scan (SOS, yielded with the length its header
+    says), each where its 0xFF is. Other bytes between segments are passed over up to
+    the next 0xFF, and fill bytes (0xFF) and 0xFF00 with them, as libjpeg reads them
+    (``next_marker``): some encoders leave such bytes, and the decoders take the stream."""
+    while at + 4 <= end:
+        if codestream[at] != 0xFF:
+            at = codestream.find(b"\xff", at, end)
+            if at < 0:
+                return
+            continue
+        marker = codestream[at + 1]
+        if marker in (0xFF, 0x00):
+            at += 1 if marker == 0xFF else 2
+            continue
+        if marker == 0xD9:  # EOI: the stream ends
+            return
+        if 0xD0 <= marker <= 0xD8 or marker == 0x01:  # RSTn, SOI, TEM: no length
+            at += 2
+            continue
+        length = int.from_bytes(codestream[at + 2 : at + 4], "big")
+        yield marker, at, length
+        if marker == 0xDA:
+            return
+        at += 2 + length
 
 
 def _decode_jpeg_imagecodecs(codestream: bytes, ds: Dataset) -> np.ndarray:
@@ -1277,6 +1372,14 @@ def decode_frame(ds: Dataset, index: int = 0, *, reduce: int = 0) -> np.ndarray:
     for keyword in ("Rows", "Columns"):
         if not int(ds.get(keyword) or 0):
             raise PixelDataError(f"The dataset has no usable {keyword}; cannot decode pixels.")
+    rows, columns = _stored_shape(ds)
+    if rows * columns > MAX_PIXELS:
+        # the gate refuses it before the worker decodes; whoever else decodes (a copy
+        # received again compared, training on a folder) is bounded the same
+        raise PixelDataError(
+            f"The image is {columns}x{rows} pixels, more than {MAX_PIXELS / 1e6:.0f} "
+            "million; not decoded."
+        )
     frames = int(_float_or_none(ds.get("NumberOfFrames")) or 1)
     if frames > 1 and (alone := _frame_alone(ds, index)) is not None:
         return decode_frame(alone, 0)  # one frame read from the file, not all of them
@@ -1305,12 +1408,12 @@ def decode_frame(ds: Dataset, index: int = 0, *, reduce: int = 0) -> np.ndarray:
         _require_charls_to_find_no_damage(frame, ds, syntax)
     _read_deferred_pixels(ds)
     try:
-        if frames > 1:
-            from pydicom.pixels import pixel_array
+        from pydicom.pixels import pixel_array
 
-            array = pixel_array(ds, index=index)
-        else:
-            array = ds.pixel_array
+        # that frame alone: Dataset.pixel_array decodes every frame the pixel data holds,
+        # those past Number of Frames too (behind a frame of the header's size, one of
+        # 8000 x 8000 in a few hundred kilobytes), before it compares their length
+        array = pixel_array(ds, index=index)
     except MemoryError:  # the process's trouble, not the image's: tried again, not refused
         raise
     except Exception as exc:  # every decoder failure means the same to the caller
@@ -1360,17 +1463,29 @@ def _luminance(rgb: np.ndarray, ds: Dataset) -> np.ndarray:
     """ITU-R BT.601 luminance of RGB, scaled to [0, 1] by the stored range."""
     bits = int(ds.get("BitsStored") or 8)
     scale = float((1 << bits) - 1) if not np.issubdtype(rgb.dtype, np.floating) else 1.0
-    rgb = rgb[..., :3].astype(np.float32)
-    luma = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
-    return np.clip(luma / scale, 0.0, 1.0)
+    return _scaled_luminance(rgb, scale)
 
 
 def _palette_luminance(rgb: np.ndarray) -> np.ndarray:
     """BT.601 luminance of palette output, scaled by its own 8- or 16-bit range."""
     scale = 255.0 if rgb.max() <= 255 else 65535.0
-    rgb = rgb[..., :3].astype(np.float32)
-    luma = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
-    return np.clip(luma / scale, 0.0, 1.0)
+    return _scaled_luminance(rgb, scale)
+
+
+#: Rows of a colour image whose luminance is computed at once (:func:`_scaled_luminance`).
+_LUMINANCE_ROWS = 256
+
+
+def _scaled_luminance(rgb: np.ndarray, scale: float) -> np.ndarray:
+    """BT.601 luminance of ``rgb`` over ``scale``, clipped to [0, 1], as float32: a strip
+    of rows at a time, so that the float copies it takes are a strip's, not the image's
+    (at 8192 x 8192 pixels, 800 MB and as much again)."""
+    out = np.empty(rgb.shape[:2], np.float32)
+    for top in range(0, rgb.shape[0], _LUMINANCE_ROWS):
+        part = rgb[top : top + _LUMINANCE_ROWS, :, :3].astype(np.float32)
+        luma = part[..., 0] * 0.299 + part[..., 1] * 0.587 + part[..., 2] * 0.114
+        np.clip(luma / scale, 0.0, 1.0, out=out[top : top + _LUMINANCE_ROWS])
+    return out
 
 
 def _padding_range(ds: Dataset) -> tuple[int, int] | None:

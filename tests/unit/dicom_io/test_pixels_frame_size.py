@@ -106,3 +106,114 @@ def test_a_frame_smaller_than_its_header_is_still_left_to_the_decoders(name: str
     with pytest.raises(PixelDataError) as refused:
         decode_frame(ds)
     assert "not decoded" not in str(refused.value)
+
+
+def _decoded_within(limit: int, decode: Callable[[], object]) -> object:
+    """``decode()``'s result or PixelDataError, with numpy's peak under ``limit`` bytes."""
+    tracemalloc.start()
+    try:
+        try:
+            result: object = decode()
+        except PixelDataError as exc:
+            result = exc
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < limit, f"{peak} bytes: a frame was decoded"
+    return result
+
+
+def test_a_frame_past_number_of_frames_is_not_decoded() -> None:
+    """Behind a frame of the header's size, one of 2048 x 2048 the offset table lists:
+    pydicom decoded every frame the pixel data holds before it compared their length."""
+    _, _, small = _frame("JPEG baseline, colour", SAID)
+    _, _, large = _frame("JPEG baseline, colour", SIDE)
+    ds = _dataset(JPEGBaseline8Bit, 3, small, SAID, SAID)
+    ds.PixelData = encapsulate([small, large], has_bot=True)
+    image = _decoded_within(SIDE * SIDE, lambda: decode_frame(ds))
+    assert isinstance(image, np.ndarray) and image.shape == (SAID, SAID, 3)
+
+
+def _jp2(side: int, before_codestream: bytes = b"") -> bytes:
+    """A JP2 file of a constant ``side`` x ``side`` image, ``before_codestream`` boxes
+    put before its codestream box."""
+    jp2 = bytes(
+        imagecodecs.jpeg2k_encode(
+            np.full((side, side), 100, np.uint8), level=0, codecformat="JP2", reversible=True
+        )
+    )
+    at = jp2.index(b"jp2c") - 4
+    return jp2[:at] + before_codestream + jp2[at:]
+
+
+def test_a_jp2_file_is_read_to_its_codestream_box() -> None:
+    """A JP2 wrapper (some modalities write one; pydicom's decoder takes it), a 5 kB box
+    before its codestream: its size is read where the decoder reads it, not missed."""
+    xml = b"<x>" + b" " * 5000 + b"</x>"
+    box = (8 + len(xml)).to_bytes(4, "big") + b"xml " + xml
+    ds = _dataset(JPEG2000Lossless, 1, _jp2(SIDE, box), SAID, SAID)
+    refused = _decoded_within(SIDE * SIDE, lambda: decode_frame(ds))
+    assert isinstance(refused, PixelDataError)
+    assert f"frame holds {SIDE} x {SIDE} x 1 samples" in str(refused)
+    image = decode_for_display(_dataset(JPEG2000Lossless, 1, _jp2(SAID, box), SAID, SAID))
+    assert image.shape == (SAID, SAID)
+
+
+def test_a_jpeg_2000_frame_that_is_no_codestream_is_not_decoded() -> None:
+    _, _, codestream = _frame("JPEG 2000", SAID)
+    ds = _dataset(JPEG2000Lossless, 1, bytes(64) + codestream, SAID, SAID)
+    refused = _decoded_within(SAID * SAID, lambda: decode_frame(ds))
+    assert isinstance(refused, PixelDataError)
+    assert "neither a JPEG 2000 codestream (SOC and SIZ at its start) nor a JP2" in str(refused)
+
+
+def test_a_jpeg_frame_header_past_64_kib_of_segments_is_read() -> None:
+    """Application segments (an ICC profile, say) of 128 kB before the frame header."""
+    _, _, stream = _frame("JPEG baseline, colour", SIDE)
+    app15 = b"\xff\xef" + (65535).to_bytes(2, "big") + bytes(65533)
+    stream = stream[:2] + app15 + app15 + stream[2:]
+    ds = _dataset(JPEGBaseline8Bit, 3, stream, SAID, SAID)
+    refused = _decoded_within(SIDE * SIDE, lambda: decode_frame(ds))
+    assert isinstance(refused, PixelDataError)
+    assert f"frame holds {SIDE} x {SIDE} x 3 samples" in str(refused)
+
+
+def test_a_frame_whose_header_leaves_its_size_for_later_is_not_decoded() -> None:
+    """0 rows in SOFn: the height a DNL marker (JPEG) or an LSE segment (JPEG-LS) gives
+    after, which no check before decoding can read."""
+    _, _, stream = _frame("lossless JPEG", SAID)
+    sof = stream.index(b"\xff\xc3")
+    stream = stream[: sof + 5] + bytes(2) + stream[sof + 7 :]
+    ds = _dataset(JPEGLossless, 1, stream, SAID, SAID)
+    refused = _decoded_within(SAID * SAID, lambda: decode_frame(ds))
+    assert isinstance(refused, PixelDataError)
+    assert f"header says 0 x {SAID} samples, its size left to a later segment" in str(refused)
+
+
+def test_an_image_of_more_pixels_than_the_gate_takes_is_not_decoded() -> None:
+    """Whoever decodes (a copy received again compared, training on a folder): the
+    gate's bound holds in the decoder too."""
+    _, _, codestream = _frame("JPEG 2000", SAID)
+    ds = _dataset(JPEG2000Lossless, 1, codestream, 9000, 9000)
+    refused = _decoded_within(SAID * SAID, lambda: decode_frame(ds))
+    assert isinstance(refused, PixelDataError)
+    assert "The image is 9000x9000 pixels, more than 67 million; not decoded." in str(refused)
+
+
+def test_a_jpeg_frame_with_no_scan_is_not_decoded() -> None:
+    """A frame header of the data set's size and no scan after it: pylibjpeg-libjpeg
+    made an image up for it, and it was assessed."""
+    sof = b"\xff\xc3\x00\x0b\x08" + SAID.to_bytes(2, "big") + SAID.to_bytes(2, "big")
+    sof += b"\x01\x01\x11\x00"
+    ds = _dataset(JPEGLossless, 1, b"\xff\xd8" + sof + b"\xff\xd9", SAID, SAID)
+    with pytest.raises(PixelDataError, match=r"no frame header \(SOFn\) and scan \(SOS\)"):
+        decode_frame(ds)
+
+
+def test_a_stray_byte_between_segments_is_passed_over_as_the_decoders_do() -> None:
+    """An encoder that leaves a byte between two marker segments: libjpeg passes over it
+    (its next_marker), and the frame is decoded, not refused for its header."""
+    _, _, stream = _frame("JPEG baseline, colour", SAID)
+    dqt = stream.index(b"\xff\xdb")
+    ds = _dataset(JPEGBaseline8Bit, 3, stream[:dqt] + b"\x00" + stream[dqt:], SAID, SAID)
+    assert decode_frame(ds).shape == (SAID, SAID, 3)

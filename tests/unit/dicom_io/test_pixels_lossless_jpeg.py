@@ -172,7 +172,12 @@ def test_a_damaged_stream_falls_back_to_pydicom_which_reports_it(
     caplog: pytest.LogCaptureFixture, syntax: UID, name: str
 ) -> None:
     ds = _native()
-    ds.PixelData = encapsulate([b"\xff\xd8\xff\xc3 a damaged stream \xff\xd9"])
+    # a frame header of the dataset's size and a scan's header (without them a frame is
+    # not decoded at all: test_pixels_frame_size), then no scan a decoder can read
+    sof = b"\xff\xc3\x00\x0b\x0c" + ROWS.to_bytes(2, "big") + COLUMNS.to_bytes(2, "big")
+    sof += b"\x01\x01\x11\x00"
+    sos = b"\xff\xda\x00\x08\x01\x01\x00\x01\x00\x00"
+    ds.PixelData = encapsulate([b"\xff\xd8" + sof + sos + b" a damaged stream \xff\xd9"])
     ds["PixelData"].VR = "OB"
     ds.file_meta.TransferSyntaxUID = syntax
     with (

@@ -27,6 +27,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     true,
 )
 from sqlalchemy.engine import Dialect
@@ -188,6 +189,14 @@ class Instance(Base):
     # retries with its back-off (worker.pipeline.RETRIED_BY_THE_TASK): they spend none of
     # `attempts`; 0 once the instance finishes (revision 0014)
     transient_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # whether the process of the claim under way may hold other images beside it (a
+    # batching worker's task threads): where it dies, the reconciler counts none of the
+    # images' attempts, and has each assessed `alone` (revision 0023)
+    claim_shared: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # a process that held it died holding others too: it is assessed with no other image
+    # in its process from then on, so that a death counts against the image that died
+    # (worker.tasks; revision 0023)
+    alone: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     results: Mapped[list[Result]] = relationship(back_populates="instance")
 

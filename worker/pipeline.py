@@ -51,7 +51,18 @@ import numpy as np
 from pydicom import Dataset, dcmread
 from pydicom.multival import MultiValue
 from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage
-from sqlalchemy import ColumnElement, String, case, func, literal, or_, select, update
+from sqlalchemy import (
+    Boolean,
+    ColumnElement,
+    String,
+    case,
+    false,
+    func,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
@@ -118,7 +129,7 @@ from dicom_io.sr import (
 )
 from dicom_io.uids import LEGACY_UIDS, UUID_ROOT, UidScheme, derived_from, root_of
 from worker.heartbeat import alive, process_name
-from worker.reconciler import claim_ended
+from worker.reconciler import DIED, claim_ended
 from worker.runtime import SOFTWARE_NAME, Runtime
 
 if TYPE_CHECKING:
@@ -519,12 +530,18 @@ def _again(assessment: int) -> tuple[str, ...]:
     return () if assessment == 1 else (f"assessment {assessment}",)
 
 
-def _claim(rt: Runtime, instance_id: int, held: datetime | None = None) -> _Claim | AssessOutcome:
+def _claim(
+    rt: Runtime, instance_id: int, held: datetime | None = None, *, shared: bool = False
+) -> _Claim | AssessOutcome:
     """Claim ``instance_id`` for this attempt, or say why not.
 
     An instance another attempt is assessing now (`processing`, its claim not ended:
     worker.reconciler.claim_ended) is refused, unless ``held`` is that claim's time
-    (``Instance.started_at``): the task's retry of the try that took it. A message that
+    (``Instance.started_at``): the task's retry of the try that took it. So is one whose
+    claim ended with a process that may have held other images (``claim_shared``): the
+    reconciler takes it back, counting no attempt, to be assessed alone
+    (worker.reconciler.reconcile). ``shared``: this process may hold other images
+    while it assesses this one (a batching worker's task threads). A message that
     came for a copy received meanwhile is not lost with the refusal: the holder leaves
     the copy to compare (``received_again_at`` after its claim, :func:`_compared_if_read`)
     and its task queues it once the holder ends (:func:`_with_copy_to_compare`); a holder
@@ -542,11 +559,24 @@ def _claim(rt: Runtime, instance_id: int, held: datetime | None = None) -> _Clai
         # whichever host, and hosts' clocks may differ by more than the time between
         # a publish and its claim.
         current = database_now(session)
+        live_workers = select(Heartbeat.name).where(alive(session))
         free = or_(
             Instance.state != InstanceState.PROCESSING,
             Instance.claimed_by.is_(None),  # an attempt that failed for a fault let it go
-            claim_ended(current, select(Heartbeat.name).where(alive(session))),
+            claim_ended(current, live_workers) & ~Instance.claim_shared,
             *([Instance.started_at == held] if held is not None else []),
+        )
+        # taken over from a worker that died holding it: its reason says so, as where the
+        # reconciler takes it back (worker.reconciler.DIED), and the error after the last
+        # attempt quotes it
+        died = (
+            (Instance.state == InstanceState.PROCESSING)
+            & Instance.claimed_by.is_not(None)
+            & Instance.claimed_by.not_in(live_workers)
+        )
+        died_reason = case(
+            (died, literal("attempt ", String()) + Instance.attempts.cast(String) + literal(DIED)),
+            else_=Instance.reason,
         )
         # One conditional statement, not a read and a write: an attempt whose claim
         # waited on another attempt's commit (PostgreSQL waits on the row, then reads it
@@ -564,6 +594,8 @@ def _claim(rt: Runtime, instance_id: int, held: datetime | None = None) -> _Clai
                 claimed_by=process_name("worker"),
                 started_at=current,
                 attempts=Instance.attempts + 1,
+                claim_shared=_claim_shared(shared),
+                reason=died_reason,
             )
             .returning(
                 Instance.spool_path,
@@ -597,6 +629,9 @@ def _claim(rt: Runtime, instance_id: int, held: datetime | None = None) -> _Clai
                 and session.scalar(select(Instance.id).where(Instance.id == instance_id, free))
                 is not None
             ):
+                instance.reason = session.scalar(
+                    select(died_reason).where(Instance.id == instance_id)
+                )
                 _give_up(instance, current)
                 return AssessOutcome("error", reason=instance.reason)
             # Not claimed beside it: the image was assessed twice at once, the commit kept
@@ -623,12 +658,22 @@ def _claim(rt: Runtime, instance_id: int, held: datetime | None = None) -> _Clai
         # the copy in the spool now is at least as new as any before (by the database's
         # clock, which dated them: the file is read after it)
         checked = current
-        reopened = _reopen_if_received_changed(rt, instance_id, finished, seen, checked=checked)
+        reopened = _reopen_if_received_changed(
+            rt, instance_id, finished, seen, checked=checked, shared=shared
+        )
         if reopened is not None:
             return reopened
         _compared_copies_received_before(rt, instance_id, checked)
     logger.info("assess: instance %d already %s", instance_id, finished.value)
     return AssessOutcome("skipped", reason=f"already {finished.value}")
+
+
+def _claim_shared(shared: bool) -> ColumnElement[bool]:
+    """Instance.claim_shared of a claim whose process may hold other images (``shared``):
+    never for an image to be assessed alone, whose death is then its own even where the
+    task took it beside others (it found the image not yet marked, and the reconciler
+    marked it before the claim)."""
+    return case((Instance.alone, false()), else_=literal(shared, Boolean()))
 
 
 def _received_again_and_compared(since: datetime) -> ColumnElement[datetime | None]:
@@ -668,6 +713,7 @@ def _reopen_if_received_changed(
     seen: _Seen,
     *,
     checked: datetime,
+    shared: bool = False,
 ) -> _Claim | AssessOutcome | None:
     """Claim a finished instance for its next assessment if the copy in the spool (the
     one received last) changes what the finished assessment read: from the header (what
@@ -750,6 +796,7 @@ def _reopen_if_received_changed(
                 state=InstanceState.PROCESSING,
                 assessment=assessment + 1,
                 claimed_by=process_name("worker"),
+                claim_shared=_claim_shared(shared),
                 started_at=started,
                 finished_at=None,
                 reason=None,
@@ -1018,6 +1065,7 @@ def assess_instance(
     send: bool = True,
     attempt: Attempt | None = None,
     held: datetime | None = None,
+    shared: bool = False,
 ) -> AssessOutcome:
     """Assess one received instance and queue its outputs for delivery.
 
@@ -1033,9 +1081,10 @@ def assess_instance(
     this attempt may read: the PACS's correction is sent. ``attempt``, where given, is
     filled in with the claim this attempt takes. ``held``: the time of the claim the
     task's try before this retry took (its ``attempt.started_at``), which this attempt
-    takes over although no other may while it runs (:func:`_claim`).
+    takes over although no other may while it runs (:func:`_claim`). ``shared``: this
+    process may hold other images while it assesses this one (:func:`_claim`).
     """
-    claimed = _claim(rt, instance_id, held)
+    claimed = _claim(rt, instance_id, held, shared=shared)
     if isinstance(claimed, AssessOutcome):
         return claimed
     if attempt is not None:

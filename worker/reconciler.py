@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, Select, or_, select, update
+from sqlalchemy import ColumnElement, Select, String, case, literal, or_, select, true, update
 
 from db.engine import session_scope
 from db.queries import database_now
@@ -39,6 +39,17 @@ def claim_ended(current: datetime, live_workers: Select[str]) -> ColumnElement[b
         live_workers
     )
 
+
+#: The reason of an instance taken back from a worker that died while it may have held
+#: other images (:func:`reconcile`), until its next attempt ends.
+DIED_HOLDING_OTHERS = (
+    "its worker died while it may have held other images too: assessed alone from now "
+    "on, that attempt not counted"
+)
+#: What the reason of an instance taken back from a worker that died holding it alone
+#: says after "attempt <n>", until its next attempt ends: the error it ends in after its
+#: last attempt quotes it.
+DIED = " ended with its worker (killed, out of memory, or crashed)"
 
 #: An attempt that failed for a fault gives its instance up (worker.pipeline); it is
 #: queued again at the first round this long after the attempt began, so that a fault
@@ -167,22 +178,68 @@ def reconcile(
         # or a redirect holds several images' rows, taken in id order, and an UPDATE
         # taking rows in the order its plan meets them deadlocked with it. A row held is
         # being claimed, withdrawn or redirected now: nothing to take back.
+        # A claim whose worker died (SIGKILL, the OOM killer, a crash; not a live one's
+        # lease run out, which is the image's own doing) with a process that may have held
+        # other images beside it (a batching worker's task threads): at most one of them
+        # killed it, and they were queued again together, and taken together again,
+        # until each had spent its attempts. None is counted; each is assessed alone from
+        # now on (worker.tasks), where a death is its own and counts. Told apart in the
+        # statement itself, which reads each row as it was (a list of ids would bind a
+        # parameter for each: a backlog of 100 000 passes PostgreSQL's bound).
+        died = (
+            (Instance.state == InstanceState.PROCESSING)
+            & Instance.claimed_by.is_not(None)
+            & Instance.claimed_by.not_in(live_workers)
+        )
+        died_shared = died & Instance.claim_shared
         free = (
             select(Instance.id)
             .where(or_(*conditions))
             .order_by(Instance.id)
             .with_for_update(skip_locked=True)
         )
+        # for the log alone: those the statement below gives back their attempt
+        shared_deaths = set(
+            session.scalars(select(Instance.id).where(or_(*conditions), died_shared))
+        )
         queued_at = database_now(session)
         requeued = list(
             session.scalars(
                 update(Instance)
                 .where(Instance.id.in_(free.scalar_subquery()), or_(*conditions))
-                .values(state=InstanceState.QUEUED, queued_at=queued_at, claimed_by=None)
+                .values(
+                    state=InstanceState.QUEUED,
+                    queued_at=queued_at,
+                    claimed_by=None,
+                    claim_shared=False,
+                    attempts=case(
+                        (died_shared & (Instance.attempts > 0), Instance.attempts - 1),
+                        else_=Instance.attempts,
+                    ),
+                    alone=case((died_shared, true()), else_=Instance.alone),
+                    reason=case(
+                        (died_shared, literal(DIED_HOLDING_OTHERS, String())),
+                        (
+                            died,
+                            literal("attempt ", String())
+                            + Instance.attempts.cast(String)
+                            + literal(DIED, String()),
+                        ),
+                        else_=Instance.reason,
+                    ),
+                )
                 .returning(Instance.id),
                 execution_options={"synchronize_session": False},
             )
         )
+        if taken := sorted(shared_deaths & set(requeued)):
+            logger.warning(
+                "reconciler: %d instance(s) taken back from a worker that died while it "
+                "may have held other images too: queued again, each to be assessed alone, "
+                "that attempt not counted (ids %s)",
+                len(taken),
+                ", ".join(map(str, taken)),
+            )
         pending = list(
             session.execute(
                 select(Delivery.id, Delivery.instance_id)

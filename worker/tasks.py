@@ -25,7 +25,7 @@ from celery.signals import (
     worker_ready,
     worker_shutdown,
 )
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 
 from db.engine import dispose_after_fork, session_scope
@@ -40,6 +40,7 @@ from worker.cores import CoreShare, batching_process_cores, cores_per_task, jpeg
 from worker.delivery import Claim, send_deliveries
 from worker.heap import freeze_start_up_objects, keep_large_blocks, limit_arenas
 from worker.heartbeat import HeartbeatThread, process_name
+from worker.isolation import Isolation
 from worker.messaging import (
     PublishDeadline,
     bounded_publish_options,
@@ -562,17 +563,37 @@ def assess(self: Task, instance_id: int, send: bool = True, held_since: str | No
     attempt = self.request.assess_attempt = Attempt()
     # a retry's: the claim the try before took (_held_by_the_retry)
     held = datetime.fromisoformat(held_since) if held_since else None
+    shared = _shares_its_process()
     try:
-        with rt.cores.task() if rt.cores is not None else contextlib.nullcontext():
-            outcome = assess_instance(rt, instance_id, send=send, attempt=attempt, held=held)
+        with contextlib.ExitStack() as holding:
+            alone = False
+            if shared and _assessed_alone(rt, instance_id):
+                alone = holding.enter_context(_ISOLATION.alone())
+            elif shared:
+                holding.enter_context(_ISOLATION.together())
+            if rt.cores is not None:
+                holding.enter_context(rt.cores.task())
+            try:
+                outcome = assess_instance(
+                    rt,
+                    instance_id,
+                    send=send,
+                    attempt=attempt,
+                    held=held,
+                    shared=shared and not alone,
+                )
+            except Exception as exc:
+                # still holding its place: an image waiting to be alone is not let in,
+                # to be claimed and counted, before the process ends
+                _stop_if_the_device_failed(exc)
+                raise
     except RETRIED_BY_THE_TASK:
         metrics.TASKS.labels(ASSESS_TASK, "exception").inc()
         if self.request.retries >= self.max_retries:  # no retry comes after this one
             give_up_retries(rt, instance_id)
         raise
-    except Exception as exc:
+    except Exception:
         metrics.TASKS.labels(ASSESS_TASK, "exception").inc()
-        _stop_if_the_device_failed(exc)
         raise
     # a message refused because another attempt holds the image: `refused`, told from
     # `skipped` (already finished, no such instance) in the metric alone; the task's
@@ -586,6 +607,23 @@ def assess(self: Task, instance_id: int, send: bool = True, held_since: str | No
     if outcome.delivery_ids:
         enqueue_delivery(outcome.delivery_ids)  # SR and SC: one association per destination
     return outcome.state
+
+
+#: The images this process holds: together, or one alone (worker.isolation).
+_ISOLATION = Isolation()
+
+
+def _shares_its_process() -> bool:
+    """Whether this process's task threads hold several images at once (a batching
+    worker's threads pool): a death of the process cannot then tell which killed it."""
+    return _state.get("pool") == "threads" and int(_state.get("concurrency", 1)) > 1
+
+
+def _assessed_alone(rt: Runtime, instance_id: int) -> bool:
+    """Whether ``instance_id`` is to be assessed with no other image in its process: a
+    process died holding it and others (worker.reconciler.reconcile)."""
+    with session_scope(rt.database_url) as session:
+        return bool(session.scalar(select(Instance.alone).where(Instance.id == instance_id)))
 
 
 def _stop_if_the_device_failed(exc: BaseException) -> None:

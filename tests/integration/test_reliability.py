@@ -18,10 +18,13 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from db.engine import session_scope
-from db.schema import Delivery, DeliveryState, Instance, InstanceState, Result
+from db.queries import database_now
+from db.schema import Delivery, DeliveryState, Heartbeat, Instance, InstanceState, Result
 from tests.conftest import StoreSCP
 from tests.integration.test_end_to_end import Node, base_env, cli, storescu
 from tests.support import free_port, port_open, wait_for, wait_for_port
+from worker.heartbeat import STALE_AFTER
+from worker.reconciler import DIED
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -129,9 +132,9 @@ def being_processed(running: Running) -> list[tuple[int, int]]:
 
 
 def assert_each_assessed_once(
-    running: Running, storescp: StoreSCP, killed: Sequence[int] = ()
+    running: Running, storescp: StoreSCP, killed: Sequence[int] = (), *, attempts: int = 2
 ) -> None:
-    """Every image delivered with one result; those in ``killed`` took a second attempt."""
+    """Every image delivered with one result; those in ``killed`` took ``attempts``."""
     wait_for(
         lambda: everything_delivered(running.database_url, 4),
         timeout=300,
@@ -142,7 +145,7 @@ def assert_each_assessed_once(
         # one result each
         assert sorted(r.instance_id for r in results) == sorted(states(running.database_url))
         for instance_id in killed:
-            assert session.get_one(Instance, instance_id).attempts == 2
+            assert session.get_one(Instance, instance_id).attempts == attempts
     uids = received_sop_uids(storescp)
     assert len(set(uids)) == 8  # one SR and one SC for each of the 4 images
 
@@ -252,8 +255,10 @@ def test_batching_worker_killed_mid_batch_each_image_assessed_once(
 ) -> None:
     # A GPU worker's layout, on the CPU: one process whose task threads share batched
     # forward passes. SIGKILL while its threads hold images: those it had claimed are
-    # taken over once its heartbeat stops, those it had only reserved come back through
-    # the reconciler; each is assessed and delivered once by the next worker.
+    # taken back once its heartbeat stops, their attempts not counted (which of them
+    # killed it cannot be told: each is assessed alone next), those it had only reserved
+    # come back through the reconciler; each is assessed and delivered once by the next
+    # worker.
     running = start_with_four_hands(
         tmp_path,
         storescp,
@@ -271,9 +276,88 @@ def test_batching_worker_killed_mid_batch_each_image_assessed_once(
     running.worker.send_signal(signal.SIGKILL)
     running.worker.wait(30)
     running.node.start("inference-2", "work", "-Q", "inference")
-    assert_each_assessed_once(running, storescp, [instance_id for instance_id, _ in held])
+    killed = [instance_id for instance_id, _ in held]
+    assert_each_assessed_once(running, storescp, killed, attempts=1)
+    with session_scope(running.database_url) as session:
+        assert all(session.get_one(Instance, i).alone for i in killed)
     uids = received_sop_uids(storescp)
     assert len(uids) == len(set(uids))  # and none sent twice
+
+
+def _dies(running: Running, worker: subprocess.Popen[bytes], claimed_by: str) -> None:
+    """SIGKILL ``worker``, and age its heartbeat as 30 s without one would (the test need
+    not wait for them): the reconciler then takes back what it held."""
+    worker.send_signal(signal.SIGKILL)
+    worker.wait(30)
+    with session_scope(running.database_url) as session:
+        beat = session.get_one(Heartbeat, claimed_by)
+        beat.seen_at = database_now(session) - 2 * STALE_AFTER
+
+
+def test_an_image_that_kills_its_batching_worker_each_time_ends_alone_in_error(
+    tmp_path: Path, storescp: StoreSCP, redis_broker: tuple[str, str], nodes: list[Node]
+) -> None:
+    """The first image a batching worker holds kills it, each time (here: the test kills
+    the worker whenever it holds that image, as a decoder's crash would). The first
+    death counts against none of the images it held; each is then assessed alone. The
+    deaths after are that image's own: it ends in error after three, and the three
+    others are assessed and delivered once each. Before, all four were queued again
+    together, taken together again, and all ended in error after three deaths."""
+    running = start_with_four_hands(
+        tmp_path,
+        storescp,
+        redis_broker,
+        nodes,
+        BONEAGE_DEVICE="cpu",
+        BONEAGE_INFERENCE_BATCH="4",
+        BONEAGE_INFERENCE_BATCH_WAIT_MS="1000",
+        BONEAGE_RECONCILE_INTERVAL_SECONDS="1",
+        BONEAGE_REQUEUE_AFTER_SECONDS="5",
+    )
+    held = being_processed(running)
+    poison = min(instance_id for instance_id, _ in held)
+    worker, deaths, alone_then = running.worker, 0, []
+
+    def poison_held_or_ended() -> tuple[InstanceState, str | None, bool] | None:
+        with session_scope(running.database_url) as session:
+            row = session.get_one(Instance, poison)
+            others = session.scalars(
+                select(Instance.id).where(
+                    Instance.id != poison, Instance.state == InstanceState.PROCESSING
+                )
+            ).all()
+            if row.state is InstanceState.ERROR:
+                return row.state, None, False
+            held_by = (row.claimed_by or ":").rsplit(":", 1)[1]  # "<role>@<host>/<token>:<pid>"
+            if row.state is InstanceState.PROCESSING and held_by == str(worker.pid):
+                return row.state, row.claimed_by, not others
+        return None
+
+    while True:
+        state, claimed_by, alone = wait_for(
+            poison_held_or_ended, timeout=180, interval=0.02, what="the image held, or in error"
+        )
+        if state is InstanceState.ERROR:
+            break
+        assert claimed_by is not None
+        alone_then.append(alone)
+        _dies(running, worker, claimed_by)
+        deaths += 1
+        worker = running.node.start(f"inference-{deaths + 1}", "work", "-Q", "inference")
+
+    assert deaths == 4  # one held beside others, not counted; three alone
+    assert alone_then[1:] == [True, True, True]
+    wait_for(lambda: len(storescp.received()) == 6, timeout=300, what="the others' SR and SC")
+    with session_scope(running.database_url) as session:
+        rows = {row.id: row for row in session.scalars(select(Instance))}
+        assert (rows[poison].attempts, rows[poison].reason) == (
+            3,
+            "processing did not complete in 3 attempts; the last: attempt 3" + DIED,
+        )
+        others = [row for instance_id, row in rows.items() if instance_id != poison]
+        assert [(row.state, row.attempts) for row in others] == [(InstanceState.ASSESSED, 1)] * 3
+    uids = received_sop_uids(storescp)
+    assert len(uids) == len(set(uids)) == 6
 
 
 def test_broker_outage_keeps_acknowledging_then_catches_up(

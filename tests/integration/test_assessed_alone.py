@@ -1,0 +1,238 @@
+"""A process that dies holding several images counts none of their attempts, and each is
+assessed alone from then on (worker.reconciler, worker.tasks, worker.isolation).
+
+A batching worker's task threads hold several images at once; where the process died,
+each image's attempt counted, although at most one of them killed it, and an image that
+kills its process each time ended every image held beside it in `error`. The claims here
+are real (worker.pipeline), the deaths the heartbeat of this process going stale, as a
+dead worker's does; on SQLite and PostgreSQL. A real batching worker killed each time it
+holds one image: tests/integration/test_reliability.py.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select, update
+
+from db.engine import session_scope
+from db.queries import database_now
+from db.schema import Heartbeat, Instance, InstanceState
+from tests.integration.test_pipeline import make_runtime, reconcile_once, spool_instance
+from worker import pipeline, tasks
+from worker.heartbeat import STALE_AFTER, HeartbeatThread
+from worker.pipeline import MAX_ATTEMPTS, AssessOutcome, assess_instance
+from worker.reconciler import DIED, DIED_HOLDING_OTHERS, PROCESSING_LEASE
+from worker.runtime import Runtime
+
+pytestmark = pytest.mark.integration
+
+#: What a message for an image another attempt holds comes to (pipeline.BEING_ASSESSED)
+REFUSED = AssessOutcome("skipped", reason="being assessed by another attempt")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def rt(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    tiny_checkpoint: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Runtime:
+    """A node on the tiny model (no destinations), this process a live worker."""
+    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
+    runtime = make_runtime(tmp_path, tiny_checkpoint, database_url=url)
+    monkeypatch.setitem(tasks._state, "runtime", runtime)
+    HeartbeatThread(runtime.database_url, "worker").beat()
+    return runtime
+
+
+def _row(rt: Runtime, instance_id: int) -> Instance:
+    with session_scope(rt.database_url) as session:
+        row = session.get_one(Instance, instance_id)
+        session.expunge(row)
+        return row
+
+
+def _claimed(rt: Runtime, instance_id: int, *, shared: bool) -> None:
+    claim = pipeline._claim(rt, instance_id, shared=shared)
+    assert isinstance(claim, pipeline._Claim), claim
+
+
+def _this_process_dies(rt: Runtime) -> None:
+    """Its heartbeat goes stale, by the database's clock, as a killed process's does."""
+    with session_scope(rt.database_url) as session:
+        beat = session.scalars(select(Heartbeat)).one()
+        beat.seen_at = database_now(session) - 2 * STALE_AFTER
+
+
+def _lives_again(rt: Runtime) -> None:
+    HeartbeatThread(rt.database_url, "worker").beat()
+
+
+def test_a_process_that_dies_holding_others_counts_none_of_their_attempts(rt: Runtime) -> None:
+    together = [spool_instance(rt), spool_instance(rt)]
+    solo = spool_instance(rt)
+    for instance_id in together:
+        _claimed(rt, instance_id, shared=True)  # a batching worker's task threads
+    _claimed(rt, solo, shared=False)  # a process of one image at a time
+    assert [_row(rt, i).claim_shared for i in (*together, solo)] == [True, True, False]
+
+    _this_process_dies(rt)
+    assert sorted(reconcile_once(rt)) == sorted([*together, solo])
+    for instance_id in together:
+        row = _row(rt, instance_id)
+        assert (row.state, row.attempts, row.alone) == (InstanceState.QUEUED, 0, True)
+        assert (row.claim_shared, row.claimed_by) == (False, None)
+        assert row.reason == DIED_HOLDING_OTHERS
+    row = _row(rt, solo)  # its death is its own: counted, as before, and now said
+    assert (row.state, row.attempts, row.alone) == (InstanceState.QUEUED, 1, False)
+    assert row.reason == "attempt 1" + DIED
+
+    _lives_again(rt)
+    for instance_id in (*together, solo):
+        assert assess_instance(rt, instance_id).state == "assessed"
+    assert [_row(rt, i).attempts for i in (*together, solo)] == [1, 1, 2]
+    # the reason said what happened until an attempt ended it
+    assert _row(rt, together[0]).reason == _row(rt, solo).reason != DIED_HOLDING_OTHERS
+
+
+def test_a_message_leaves_a_shared_claim_that_died_to_the_reconciler(rt: Runtime) -> None:
+    """Even with its attempts spent: the image is not given up by a message (it used to end
+    in `error`), and the reconciler gives the attempt back."""
+    instance_id, solo = spool_instance(rt), spool_instance(rt)
+    _claimed(rt, instance_id, shared=True)
+    _claimed(rt, solo, shared=False)
+    with session_scope(rt.database_url) as session:
+        session.execute(
+            update(Instance)
+            .where(Instance.id.in_([instance_id, solo]))
+            .values(attempts=MAX_ATTEMPTS)
+        )
+    _this_process_dies(rt)
+
+    assert assess_instance(rt, instance_id) == REFUSED
+    assert (_row(rt, instance_id).state, _row(rt, instance_id).attempts) == (
+        InstanceState.PROCESSING,
+        MAX_ATTEMPTS,
+    )
+    assert assess_instance(rt, solo).state == "error"  # its own death, its third: as before
+
+    assert reconcile_once(rt) == [instance_id]
+    row = _row(rt, instance_id)
+    assert (row.state, row.attempts, row.alone) == (InstanceState.QUEUED, MAX_ATTEMPTS - 1, True)
+    _lives_again(rt)
+    assert assess_instance(rt, instance_id).state == "assessed"
+
+
+def test_a_shared_claim_whose_lease_ran_out_in_a_live_worker_counts(rt: Runtime) -> None:
+    """Nothing died: the images beside it finished, and the one that hung is at fault."""
+    instance_id = spool_instance(rt)
+    _claimed(rt, instance_id, shared=True)
+    with session_scope(rt.database_url) as session:
+        row = session.get_one(Instance, instance_id)
+        assert row.started_at is not None
+        row.started_at -= PROCESSING_LEASE + dt.timedelta(seconds=1)
+    assert reconcile_once(rt) == [instance_id]
+    row = _row(rt, instance_id)
+    assert (row.state, row.attempts, row.alone, row.reason) == (
+        InstanceState.QUEUED,
+        1,
+        False,
+        None,
+    )
+
+
+def test_an_image_marked_alone_is_never_claimed_shared(rt: Runtime) -> None:
+    """The task read the row before the reconciler marked it, and took it beside others:
+    its claim is not shared all the same, and a death then counts against it."""
+    instance_id = spool_instance(rt)
+    with session_scope(rt.database_url) as session:
+        session.get_one(Instance, instance_id).alone = True
+    _claimed(rt, instance_id, shared=True)
+    assert _row(rt, instance_id).claim_shared is False
+    _this_process_dies(rt)
+    reconcile_once(rt)
+    row = _row(rt, instance_id)
+    assert (row.attempts, row.reason) == (1, "attempt 1" + DIED)
+
+
+def test_a_death_while_assessed_alone_counts(rt: Runtime) -> None:
+    """The image alone in its process: its claim is not shared, and its death is its own."""
+    instance_id = spool_instance(rt)
+    _claimed(rt, instance_id, shared=True)
+    _this_process_dies(rt)
+    reconcile_once(rt)
+    _lives_again(rt)
+    _claimed(rt, instance_id, shared=False)  # as the task claims an image to be alone
+    _this_process_dies(rt)
+    reconcile_once(rt)
+    row = _row(rt, instance_id)
+    assert (row.attempts, row.alone, row.claim_shared) == (1, True, False)
+    assert row.reason == "attempt 1" + DIED  # no longer that the death was not counted
+
+
+@pytest.mark.parametrize("rt", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("alone", [False, True])
+def test_the_task_in_a_batching_worker_holds_an_image_together_or_alone(
+    rt: Runtime, monkeypatch: pytest.MonkeyPatch, alone: bool
+) -> None:
+    """Run as a batching worker's threads pool runs it: an image to be assessed alone is
+    held alone in the process, its claim not shared; any other is held beside others,
+    its claim shared. Seen from inside the attempt, as it writes its outputs."""
+    instance_id = spool_instance(rt)
+    with session_scope(rt.database_url) as session:
+        session.get_one(Instance, instance_id).alone = alone
+    monkeypatch.setitem(tasks._state, "pool", "threads")
+    monkeypatch.setitem(tasks._state, "concurrency", 4)
+    monkeypatch.setattr(tasks, "_ISOLATION", tasks.Isolation())
+    seen: list[tuple[bool, int, bool]] = []
+    real = pipeline.stage_outputs
+
+    def staging(*args: Any, **kwargs: Any) -> Any:
+        isolation = tasks._ISOLATION
+        seen.append((isolation._alone, isolation._together, _row(rt, instance_id).claim_shared))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "stage_outputs", staging)
+    assert tasks.assess.run(instance_id) == "assessed"
+    assert seen == [(True, 0, False)] if alone else [(False, 1, True)]
+    assert tasks._ISOLATION.held == 0
+
+
+@pytest.mark.parametrize("rt", ["sqlite"], indirect=True)
+def test_the_task_of_a_process_of_one_image_takes_no_part(
+    rt: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The solo and prefork pools: a claim never shared, whatever the row says."""
+    instance_id = spool_instance(rt)
+    with session_scope(rt.database_url) as session:
+        session.get_one(Instance, instance_id).alone = True
+    monkeypatch.setitem(tasks._state, "pool", "solo")
+    monkeypatch.setitem(tasks._state, "concurrency", 1)
+    assert tasks.assess.run(instance_id) == "assessed"
+    row = _row(rt, instance_id)
+    assert (row.claim_shared, row.attempts) == (False, 1)
+
+
+def test_a_message_taking_over_from_a_dead_worker_says_so_and_the_error_quotes_it(
+    rt: Runtime,
+) -> None:
+    """A solo worker killed (a deploy's SIGKILL, the OOM killer), its message delivered
+    again (RabbitMQ): the claim that takes over says how the last attempt ended, as the
+    reconciler does, and so does the error after the third."""
+    instance_id = spool_instance(rt)
+    _claimed(rt, instance_id, shared=False)
+    _this_process_dies(rt)
+    _claimed(rt, instance_id, shared=False)  # the message again, in the next worker
+    assert _row(rt, instance_id).reason == "attempt 1" + DIED
+    _this_process_dies(rt)
+    _claimed(rt, instance_id, shared=False)
+    _this_process_dies(rt)
+    outcome = assess_instance(rt, instance_id)
+    assert (outcome.state, outcome.reason) == (
+        "error",
+        "processing did not complete in 3 attempts; the last: attempt 3" + DIED,
+    )

@@ -44,7 +44,11 @@ ENV_NAMES = (
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ENV_NAMES:
-        monkeypatch.delenv(name, raising=False)
+        # set first, so that the variable is restored (or removed) after the test
+        # whatever the test did to it: load_settings(config_file) sets BONEAGE_CONFIG in
+        # os.environ itself, and a later test's settings read that file
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
 
 
 def test_defaults_are_embedded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,60 +12,31 @@ holds one image: tests/integration/test_reliability.py.
 from __future__ import annotations
 
 import datetime as dt
-from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import update
 
 from db.engine import session_scope
-from db.queries import database_now
-from db.schema import Heartbeat, Instance, InstanceState
-from tests.integration.test_pipeline import make_runtime, reconcile_once, spool_instance
+from db.schema import Instance, InstanceState
+from tests.integration import test_live_claims
+from tests.integration.test_live_claims import REFUSED, _heartbeat_stops, _row
+from tests.integration.test_pipeline import reconcile_once, spool_instance
 from worker import pipeline, tasks
-from worker.heartbeat import STALE_AFTER, HeartbeatThread
-from worker.pipeline import MAX_ATTEMPTS, AssessOutcome, assess_instance
+from worker.heartbeat import HeartbeatThread
+from worker.pipeline import MAX_ATTEMPTS, assess_instance
 from worker.reconciler import DIED, DIED_HOLDING_OTHERS, PROCESSING_LEASE
 from worker.runtime import Runtime
 
 pytestmark = pytest.mark.integration
 
-#: What a message for an image another attempt holds comes to (pipeline.BEING_ASSESSED)
-REFUSED = AssessOutcome("skipped", reason="being assessed by another attempt")
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def rt(
-    request: pytest.FixtureRequest,
-    tmp_path: Path,
-    tiny_checkpoint: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> Runtime:
-    """A node on the tiny model (no destinations), this process a live worker."""
-    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
-    runtime = make_runtime(tmp_path, tiny_checkpoint, database_url=url)
-    monkeypatch.setitem(tasks._state, "runtime", runtime)
-    HeartbeatThread(runtime.database_url, "worker").beat()
-    return runtime
-
-
-def _row(rt: Runtime, instance_id: int) -> Instance:
-    with session_scope(rt.database_url) as session:
-        row = session.get_one(Instance, instance_id)
-        session.expunge(row)
-        return row
+#: A node on the tiny model, this process a live worker; on SQLite and PostgreSQL
+rt = test_live_claims.rt
 
 
 def _claimed(rt: Runtime, instance_id: int, *, shared: bool) -> None:
     claim = pipeline._claim(rt, instance_id, shared=shared)
     assert isinstance(claim, pipeline._Claim), claim
-
-
-def _this_process_dies(rt: Runtime) -> None:
-    """Its heartbeat goes stale, by the database's clock, as a killed process's does."""
-    with session_scope(rt.database_url) as session:
-        beat = session.scalars(select(Heartbeat)).one()
-        beat.seen_at = database_now(session) - 2 * STALE_AFTER
 
 
 def _lives_again(rt: Runtime) -> None:
@@ -80,7 +51,7 @@ def test_a_process_that_dies_holding_others_counts_none_of_their_attempts(rt: Ru
     _claimed(rt, solo, shared=False)  # a process of one image at a time
     assert [_row(rt, i).claim_shared for i in (*together, solo)] == [True, True, False]
 
-    _this_process_dies(rt)
+    _heartbeat_stops(rt)
     assert sorted(reconcile_once(rt)) == sorted([*together, solo])
     for instance_id in together:
         row = _row(rt, instance_id)
@@ -111,7 +82,7 @@ def test_a_message_leaves_a_shared_claim_that_died_to_the_reconciler(rt: Runtime
             .where(Instance.id.in_([instance_id, solo]))
             .values(attempts=MAX_ATTEMPTS)
         )
-    _this_process_dies(rt)
+    _heartbeat_stops(rt)
 
     assert assess_instance(rt, instance_id) == REFUSED
     assert (_row(rt, instance_id).state, _row(rt, instance_id).attempts) == (
@@ -153,7 +124,7 @@ def test_an_image_marked_alone_is_never_claimed_shared(rt: Runtime) -> None:
         session.get_one(Instance, instance_id).alone = True
     _claimed(rt, instance_id, shared=True)
     assert _row(rt, instance_id).claim_shared is False
-    _this_process_dies(rt)
+    _heartbeat_stops(rt)
     reconcile_once(rt)
     row = _row(rt, instance_id)
     assert (row.attempts, row.reason) == (1, "attempt 1" + DIED)
@@ -163,11 +134,11 @@ def test_a_death_while_assessed_alone_counts(rt: Runtime) -> None:
     """The image alone in its process: its claim is not shared, and its death is its own."""
     instance_id = spool_instance(rt)
     _claimed(rt, instance_id, shared=True)
-    _this_process_dies(rt)
+    _heartbeat_stops(rt)
     reconcile_once(rt)
     _lives_again(rt)
     _claimed(rt, instance_id, shared=False)  # as the task claims an image to be alone
-    _this_process_dies(rt)
+    _heartbeat_stops(rt)
     reconcile_once(rt)
     row = _row(rt, instance_id)
     assert (row.attempts, row.alone, row.claim_shared) == (1, True, False)
@@ -225,12 +196,12 @@ def test_a_message_taking_over_from_a_dead_worker_says_so_and_the_error_quotes_i
     reconciler does, and so does the error after the third."""
     instance_id = spool_instance(rt)
     _claimed(rt, instance_id, shared=False)
-    _this_process_dies(rt)
+    _heartbeat_stops(rt)
     _claimed(rt, instance_id, shared=False)  # the message again, in the next worker
     assert _row(rt, instance_id).reason == "attempt 1" + DIED
-    _this_process_dies(rt)
+    _heartbeat_stops(rt)
     _claimed(rt, instance_id, shared=False)
-    _this_process_dies(rt)
+    _heartbeat_stops(rt)
     outcome = assess_instance(rt, instance_id)
     assert (outcome.state, outcome.reason) == (
         "error",

@@ -246,9 +246,10 @@ def _store_as_stored(port: int, path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     """The status of a C-STORE of `path`'s bytes as they are (pynetdicom would decode
     and encode half a million items again first)."""
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    meta = dcmread(path, stop_before_pixels=True, specific_tags=[]).file_meta
     ae = AE(ae_title="PACS")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
-    ae.add_requested_context(CR_IMAGE_STORAGE, ExplicitVRLittleEndian)
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
     assoc = ae.associate("127.0.0.1", port, ae_title="BONEAGE")
     assert assoc.is_established
     try:
@@ -665,21 +666,20 @@ def _reserve_past_what_is_free(spool: Path) -> int:
     return usage.f_bavail * usage.f_frsize + (1 << 40)
 
 
-def _store(port: int, path: Path) -> int:
-    """The status pynetdicom's SCU is answered for ``path``."""
-    ae = AE(ae_title="PACS")
-    ds = dcmread(path)
-    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    assoc = ae.associate("127.0.0.1", port, ae_title="BONEAGE")
-    assert assoc.is_established
-    try:
-        return int(assoc.send_c_store(ds).Status)
-    finally:
-        assoc.release()
+def _node_with_reserve(tmp_path: Path, reserve_bytes: int) -> Node:
+    """The listener in this process, keeping ``reserve_bytes`` free, started."""
+    node = Node(
+        tmp_path, acse_timeout=30, network_timeout=30, dimse_timeout=30, reserve_bytes=reserve_bytes
+    )
+    node.scp.start()
+    return node
 
 
 def test_images_are_refused_while_less_than_the_reserve_is_free(
-    tmp_path: Path, dcmtk: dict[str, str], caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    dcmtk: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Asked once the command has come, before a byte of the data set: answered 0xA700
     and nothing of it stays, counted `deferred`, and said once, not once per C-STORE (a
@@ -687,19 +687,12 @@ def test_images_are_refused_while_less_than_the_reserve_is_free(
     reserve lowered, a real file system cannot be filled in a test) the PACS's resend is
     stored, and the log says so."""
     (tmp_path / "spool").mkdir()
-    node = Node(
-        tmp_path,
-        acse_timeout=30,
-        network_timeout=30,
-        dimse_timeout=30,
-        reserve_bytes=_reserve_past_what_is_free(tmp_path / "spool"),
-    )
-    node.scp.start()
+    node = _node_with_reserve(tmp_path, _reserve_past_what_is_free(tmp_path / "spool"))
     try:
         hand = write_hand(tmp_path / "hand.dcm")
         assert hand.stat().st_size < MAXIMUM_PDU_SIZE // 2  # one fragment
         for _ in range(3):
-            assert _store(node.scp.port, hand) == OUT_OF_RESOURCES
+            assert _store_as_stored(node.scp.port, hand, monkeypatch) == OUT_OF_RESOURCES
         assert node.recorded == []
         assert node.incoming() == []
         assert not list(node.spool.glob("*/*.dcm"))
@@ -724,14 +717,7 @@ def test_a_large_image_is_refused_before_a_byte_of_it_is_written(
     keeps no file of it (it would hold over a megabyte: see `partial_file`); the rest
     is read and discarded, the answer 0xA700, and the association carries on."""
     (tmp_path / "spool").mkdir()
-    node = Node(
-        tmp_path,
-        acse_timeout=30,
-        network_timeout=30,
-        dimse_timeout=30,
-        reserve_bytes=_reserve_past_what_is_free(tmp_path / "spool"),
-    )
-    node.scp.start()
+    node = _node_with_reserve(tmp_path, _reserve_past_what_is_free(tmp_path / "spool"))
     large = write_large_hand(tmp_path / "large.dcm")
     peer = HalfStore(large, node.scp.port)
     try:
@@ -764,14 +750,7 @@ def test_a_transfer_under_way_stops_within_a_megabyte_once_the_space_is_gone(
     written at the next megabyte, and the C-STORE is answered 0xA700 with nothing kept.
     Before, a transfer under way wrote to its end, however large, whatever was left."""
     (tmp_path / "spool").mkdir()
-    node = Node(
-        tmp_path,
-        acse_timeout=30,
-        network_timeout=30,
-        dimse_timeout=30,
-        reserve_bytes=1 << 20,
-    )
-    node.scp.start()
+    node = _node_with_reserve(tmp_path, 1 << 20)
     large = write_large_hand(tmp_path / "large.dcm", rows=2000, columns=2000)  # 8 MB
     peer = HalfStore(large, node.scp.port)
     try:
@@ -805,14 +784,8 @@ def test_a_transfer_is_not_refused_for_its_own_size(tmp_path: Path, dcmtk: dict[
     large = write_large_hand(tmp_path / "large.dcm", rows=2000, columns=2000)
     usage = os.statvfs(tmp_path / "spool")
     free = usage.f_bavail * usage.f_frsize
-    node = Node(
-        tmp_path,
-        acse_timeout=30,
-        network_timeout=30,
-        dimse_timeout=30,
-        reserve_bytes=free - large.stat().st_size * 3 // 4,  # less than the image is left over
-    )
-    node.scp.start()
+    # less than the image is left over above the reserve
+    node = _node_with_reserve(tmp_path, free - large.stat().st_size * 3 // 4)
     try:
         stored = node.storescu(large)
         assert stored.returncode == 0, stored.stderr

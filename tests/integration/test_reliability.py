@@ -250,6 +250,17 @@ def test_prefork_main_process_killed_nothing_lost_or_done_twice(
     wait_for(lambda: not orphans_left(), timeout=60, what="the orphaned children to exit")
 
 
+#: A GPU worker's layout, on the CPU: one process whose task threads share batched
+#: forward passes, its images held a second each; the reconciler's rounds a second apart.
+BATCHING_ON_THE_CPU = {
+    "BONEAGE_DEVICE": "cpu",
+    "BONEAGE_INFERENCE_BATCH": "4",
+    "BONEAGE_INFERENCE_BATCH_WAIT_MS": "1000",
+    "BONEAGE_RECONCILE_INTERVAL_SECONDS": "1",
+    "BONEAGE_REQUEUE_AFTER_SECONDS": "5",
+}
+
+
 def test_batching_worker_killed_mid_batch_each_image_assessed_once(
     tmp_path: Path, storescp: StoreSCP, redis_broker: tuple[str, str], nodes: list[Node]
 ) -> None:
@@ -259,17 +270,7 @@ def test_batching_worker_killed_mid_batch_each_image_assessed_once(
     # killed it cannot be told: each is assessed alone next), those it had only reserved
     # come back through the reconciler; each is assessed and delivered once by the next
     # worker.
-    running = start_with_four_hands(
-        tmp_path,
-        storescp,
-        redis_broker,
-        nodes,
-        BONEAGE_DEVICE="cpu",
-        BONEAGE_INFERENCE_BATCH="4",
-        BONEAGE_INFERENCE_BATCH_WAIT_MS="1000",
-        BONEAGE_RECONCILE_INTERVAL_SECONDS="1",
-        BONEAGE_REQUEUE_AFTER_SECONDS="5",
-    )
+    running = start_with_four_hands(tmp_path, storescp, redis_broker, nodes, **BATCHING_ON_THE_CPU)
 
     held = being_processed(running)
     assert {pid for _, pid in held} == {running.worker.pid}  # threads of one process
@@ -303,17 +304,7 @@ def test_an_image_that_kills_its_batching_worker_each_time_ends_alone_in_error(
     deaths after are that image's own: it ends in error after three, and the three
     others are assessed and delivered once each. Before, all four were queued again
     together, taken together again, and all ended in error after three deaths."""
-    running = start_with_four_hands(
-        tmp_path,
-        storescp,
-        redis_broker,
-        nodes,
-        BONEAGE_DEVICE="cpu",
-        BONEAGE_INFERENCE_BATCH="4",
-        BONEAGE_INFERENCE_BATCH_WAIT_MS="1000",
-        BONEAGE_RECONCILE_INTERVAL_SECONDS="1",
-        BONEAGE_REQUEUE_AFTER_SECONDS="5",
-    )
+    running = start_with_four_hands(tmp_path, storescp, redis_broker, nodes, **BATCHING_ON_THE_CPU)
     held = being_processed(running)
     poison = min(instance_id for instance_id, _ in held)
     worker, deaths, alone_then = running.worker, 0, []

@@ -1223,10 +1223,8 @@ def _jpeg_frame_header(
                 return None
             if at + 2 + length > len(codestream):
                 return None
-            if whole and not any(
-                marker == 0xDA
-                for marker, _, _ in _jpeg_segments(codestream, at + 2 + length, len(codestream))
-            ):
+            after = _jpeg_segments(codestream, at + 2 + length, len(codestream))
+            if whole and not any(later == 0xDA for later, _, _ in after):
                 return None  # no image: pylibjpeg-libjpeg made one up
             rows = int.from_bytes(codestream[at + 5 : at + 7], "big")
             columns = int.from_bytes(codestream[at + 7 : at + 9], "big")

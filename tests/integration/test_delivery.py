@@ -6,6 +6,7 @@ object at once is a conditional UPDATE … RETURNING on either.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import threading
@@ -542,31 +543,35 @@ def test_a_warning_outside_0xbxxx_is_delivered(
 
 
 @contextmanager
-def _delivered_refused(url: str) -> Iterator[None]:
-    """The database refusing, by a trigger, to record a delivery delivered: what fails
-    after the destination answered Success. Only that UPDATE fails; any other goes."""
+def _recording_refused(url: str, state: str) -> Iterator[None]:
+    """The database refusing, by a trigger, to record a delivery in ``state``: for
+    `delivered`, what fails after the destination answered Success. Only that UPDATE
+    fails; any other goes."""
     with session_scope(url) as session:
         if session.get_bind().dialect.name == "sqlite":
             session.execute(
                 sql(
-                    "CREATE TRIGGER refuse_delivered BEFORE UPDATE OF state ON deliveries "
-                    "WHEN NEW.state = 'delivered' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+                    f"CREATE TRIGGER refuse_{state} BEFORE UPDATE OF state ON deliveries "
+                    f"WHEN NEW.state = '{state}' BEGIN SELECT RAISE(ABORT, 'refused'); END"
                 )
             )
         else:
             session.execute(
                 sql(
-                    "CREATE FUNCTION refuse_delivered() RETURNS trigger LANGUAGE plpgsql "
+                    f"CREATE FUNCTION refuse_{state}() RETURNS trigger LANGUAGE plpgsql "
                     "AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$"
                 )
             )
             session.execute(
                 sql(
-                    "CREATE TRIGGER refuse_delivered BEFORE UPDATE ON deliveries FOR EACH ROW "
-                    "WHEN (NEW.state = 'delivered') EXECUTE FUNCTION refuse_delivered()"
+                    f"CREATE TRIGGER refuse_{state} BEFORE UPDATE ON deliveries FOR EACH ROW "
+                    f"WHEN (NEW.state = '{state}') EXECUTE FUNCTION refuse_{state}()"
                 )
             )
     yield
+
+
+_delivered_refused = functools.partial(_recording_refused, state="delivered")
 
 
 @contextmanager
@@ -653,33 +658,6 @@ def _stored_then_rejected(
         assert {session.get_one(Delivery, i).state for i in ids} == {DeliveryState.SUPERSEDED}
 
 
-@contextmanager
-def _failed_refused(url: str) -> Iterator[None]:
-    """The database refusing, by a trigger, to record a delivery failed."""
-    with session_scope(url) as session:
-        if session.get_bind().dialect.name == "sqlite":
-            session.execute(
-                sql(
-                    "CREATE TRIGGER refuse_failed BEFORE UPDATE OF state ON deliveries "
-                    "WHEN NEW.state = 'failed' BEGIN SELECT RAISE(ABORT, 'refused'); END"
-                )
-            )
-        else:
-            session.execute(
-                sql(
-                    "CREATE FUNCTION refuse_failed() RETURNS trigger LANGUAGE plpgsql "
-                    "AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$"
-                )
-            )
-            session.execute(
-                sql(
-                    "CREATE TRIGGER refuse_failed BEFORE UPDATE ON deliveries FOR EACH ROW "
-                    "WHEN (NEW.state = 'failed') EXECUTE FUNCTION refuse_failed()"
-                )
-            )
-    yield
-
-
 def test_an_object_stored_keeps_its_mark_when_recording_another_fails(
     tmp_path: Path, tiny_checkpoint: Path, database_url: str
 ) -> None:
@@ -691,7 +669,7 @@ def test_an_object_stored_keeps_its_mark_when_recording_another_fails(
         rt = make_runtime(tmp_path, tiny_checkpoint, database_url, pacs)
         ids = assess_instance(rt, spool_instance(rt)).delivery_ids
 
-        with _failed_refused(rt.database_url):
+        with _recording_refused(rt.database_url, "failed"):
             sent = send_deliveries(rt, ids)
     finally:
         pacs.stop()

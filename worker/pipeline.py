@@ -129,7 +129,7 @@ from dicom_io.sr import (
 )
 from dicom_io.uids import LEGACY_UIDS, UUID_ROOT, UidScheme, derived_from, root_of
 from worker.heartbeat import alive, process_name
-from worker.reconciler import DIED, claim_ended
+from worker.reconciler import claim_ended, died_reason, worker_died
 from worker.runtime import SOFTWARE_NAME, Runtime
 
 if TYPE_CHECKING:
@@ -569,15 +569,7 @@ def _claim(
         # taken over from a worker that died holding it: its reason says so, as where the
         # reconciler takes it back (worker.reconciler.DIED), and the error after the last
         # attempt quotes it
-        died = (
-            (Instance.state == InstanceState.PROCESSING)
-            & Instance.claimed_by.is_not(None)
-            & Instance.claimed_by.not_in(live_workers)
-        )
-        died_reason = case(
-            (died, literal("attempt ", String()) + Instance.attempts.cast(String) + literal(DIED)),
-            else_=Instance.reason,
-        )
+        claim_reason = case((worker_died(live_workers), died_reason()), else_=Instance.reason)
         # One conditional statement, not a read and a write: an attempt whose claim
         # waited on another attempt's commit (PostgreSQL waits on the row, then reads it
         # again) must find the instance finished, not put it back to `processing`.
@@ -595,7 +587,7 @@ def _claim(
                 started_at=current,
                 attempts=Instance.attempts + 1,
                 claim_shared=_claim_shared(shared),
-                reason=died_reason,
+                reason=claim_reason,
             )
             .returning(
                 Instance.spool_path,
@@ -630,7 +622,7 @@ def _claim(
                 is not None
             ):
                 instance.reason = session.scalar(
-                    select(died_reason).where(Instance.id == instance_id)
+                    select(claim_reason).where(Instance.id == instance_id)
                 )
                 _give_up(instance, current)
                 return AssessOutcome("error", reason=instance.reason)

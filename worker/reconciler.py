@@ -51,6 +51,23 @@ DIED_HOLDING_OTHERS = (
 #: last attempt quotes it.
 DIED = " ended with its worker (killed, out of memory, or crashed)"
 
+
+def worker_died(live_workers: Select[str]) -> ColumnElement[bool]:
+    """Whether a `processing` instance's claim is that of a worker no longer among
+    ``live_workers`` (killed, out of memory, crashed): not a live worker's claim whose
+    lease ran out, which is the image's own doing."""
+    return (
+        (Instance.state == InstanceState.PROCESSING)
+        & Instance.claimed_by.is_not(None)
+        & Instance.claimed_by.not_in(live_workers)
+    )
+
+
+def died_reason() -> ColumnElement[str]:
+    """The reason of an instance whose claim's worker died: "attempt <n>" and :data:`DIED`."""
+    return literal("attempt ", String()) + Instance.attempts.cast(String) + literal(DIED, String())
+
+
 #: An attempt that failed for a fault gives its instance up (worker.pipeline); it is
 #: queued again at the first round this long after the attempt began, so that a fault
 #: that passes (a device short of memory for a moment) may pass, and one that does not
@@ -186,11 +203,7 @@ def reconcile(
         # now on (worker.tasks), where a death is its own and counts. Told apart in the
         # statement itself, which reads each row as it was (a list of ids would bind a
         # parameter for each: a backlog of 100 000 passes PostgreSQL's bound).
-        died = (
-            (Instance.state == InstanceState.PROCESSING)
-            & Instance.claimed_by.is_not(None)
-            & Instance.claimed_by.not_in(live_workers)
-        )
+        died = worker_died(live_workers)
         died_shared = died & Instance.claim_shared
         free = (
             select(Instance.id)
@@ -219,12 +232,7 @@ def reconcile(
                     alone=case((died_shared, true()), else_=Instance.alone),
                     reason=case(
                         (died_shared, literal(DIED_HOLDING_OTHERS, String())),
-                        (
-                            died,
-                            literal("attempt ", String())
-                            + Instance.attempts.cast(String)
-                            + literal(DIED, String()),
-                        ),
+                        (died, died_reason()),
                         else_=Instance.reason,
                     ),
                 )

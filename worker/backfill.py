@@ -43,11 +43,12 @@ StepFn = Callable[[str], None]
 #: series in which a PACS keeps its rejection notes.
 KEY_OBJECT_MODALITY = "KO"
 
-#: Series in a row whose move got no association with the PACS, or lost it before the
-#: PACS's final answer, after which a run stops: the PACS has gone (or turns us away),
-#: and each further series would wait out its own connection timeout. A series the PACS
-#: answered, moved or refused, starts the count again.
-MAX_SERIES_UNREACHED = 3
+#: Queries in a row that got no association with the PACS, or lost it before the PACS's
+#: final answer, after which a backfill stops: the PACS has gone (or turns us away), and
+#: each further query would wait out its own connection timeout. Counted over the
+#: studies whose series are listed (C-FIND), and again over the series moved (C-MOVE);
+#: a query the PACS answered, matched, moved or refused, starts the count again.
+MAX_UNREACHED = 3
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class BackfillPlan:
     # series (rejection notes) first, then its hand series
     series: list[qr.SeriesMatch]
     failures: list[str] = field(default_factory=list)  # studies whose series were not listed
+    studies_not_tried: int = 0  # left when the listing stopped, the PACS unreached
 
     @property
     def key_object_series(self) -> list[qr.SeriesMatch]:
@@ -75,8 +77,20 @@ class BackfillReport:
     series_moved: int = 0
     instances_moved: int = 0  # with or without a warning, of failed series too
     instances_with_warnings: int = 0  # of instances_moved, those sent with a warning
-    series_not_tried: int = 0  # left when the run stopped, the PACS unreached
+    series_not_tried: int = 0  # left when the run stopped: the PACS unreached, or Ctrl-C
+    studies_not_tried: int = 0  # whose series were never listed (BackfillPlan's)
     failures: list[str] = field(default_factory=list)
+
+
+class BackfillInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`run_backfill`; ``report`` says what was moved before it.
+
+    A KeyboardInterrupt still, for a caller that knows nothing of backfills.
+    """
+
+    def __init__(self, report: BackfillReport) -> None:
+        super().__init__("backfill interrupted")
+        self.report = report
 
 
 class _Moved(enum.Enum):
@@ -138,6 +152,11 @@ def plan_backfill(
 ) -> BackfillPlan:
     """Find the studies in the range and the series of each that a backfill would move.
 
+    A study whose series query fails is named in ``failures`` and left; after
+    :data:`MAX_UNREACHED` studies in a row got no answer from the PACS the listing stops,
+    and the plan holds the series of the studies listed before, the studies left
+    counted in ``studies_not_tried`` and named in a failure.
+
     Raises
     ------
     dicom_io.qr.QueryError
@@ -156,7 +175,18 @@ def plan_backfill(
     logger.info("backfill: %d studies from %s match", len(studies), peer)
     chosen: list[qr.SeriesMatch] = []
     failures: list[str] = []
-    for study in studies:
+    unreached = 0  # studies in a row whose series query got no answer from the PACS
+    for index, study in enumerate(studies):
+        if unreached >= MAX_UNREACHED:
+            not_tried = len(studies) - index
+            message = (
+                f"stopped: the series of {unreached} studies in a row got no association "
+                f"with {peer} (or lost it before its answer); {not_tried} studies not "
+                "listed: run the backfill again once the PACS answers"
+            )
+            logger.error("backfill: %s", message)
+            failures.append(message)
+            return _planned(studies, chosen, failures, not_tried)
         tag = uid_tag(study.study_instance_uid)
         try:
             series = qr.find_series(
@@ -170,11 +200,22 @@ def plan_backfill(
         except qr.QueryError as exc:
             logger.warning("backfill: series of study %s not listed: %s", tag, exc)
             failures.append(f"study {tag}: {exc}")
+            unreached = unreached + 1 if isinstance(exc, qr.AssociationFailed) else 0
         else:
             chosen.extend(study_series_to_move(series, modalities))
+            unreached = 0
         if on_study is not None:
             on_study(tag)
-    plan = BackfillPlan(studies, chosen, failures)
+    return _planned(studies, chosen, failures, 0)
+
+
+def _planned(
+    studies: list[qr.StudyMatch],
+    series: list[qr.SeriesMatch],
+    failures: list[str],
+    studies_not_tried: int,
+) -> BackfillPlan:
+    plan = BackfillPlan(studies, series, failures, studies_not_tried)
     logger.info(
         "backfill: %d series to move, %d of them key object selections (rejection notes)",
         len(plan.series),
@@ -197,45 +238,67 @@ def run_backfill(
     One failure stops no other, but for two: a study whose key object selection series
     did not all arrive has its hand series left (each counted a failure), since one of
     its images may be rejected by a note that is missing; and after
-    :data:`MAX_SERIES_UNREACHED` series in a row got no answer from the PACS (no
+    :data:`MAX_UNREACHED` series in a row got no answer from the PACS (no
     association, or it ended before the final response) the run stops, the series left
     counted in ``series_not_tried`` and named in a failure. Running it again moves them.
+
+    Raises
+    ------
+    BackfillInterrupted
+        Ctrl-C: the move under way is cancelled (:func:`dicom_io.qr.move_series`), and
+        the report says what was moved before it, that series and those after it
+        counted in ``series_not_tried``.
     """
     report = BackfillReport(
         studies_found=len(plan.studies),
         series_matched=len(plan.series),
+        studies_not_tried=plan.studies_not_tried,
         failures=list(plan.failures),
     )
     notes_missing: set[str] = set()  # studies with a key object series not (all) moved
     unreached = 0  # series in a row whose move got no answer from the PACS
-    for index, series in enumerate(plan.series):
-        if unreached >= MAX_SERIES_UNREACHED:
-            report.series_not_tried = len(plan.series) - index
-            message = (
-                f"stopped: {unreached} series in a row got no association with {peer} "
-                f"(or lost it before its answer); {report.series_not_tried} series not "
-                "tried: run the backfill again once the PACS answers"
-            )
-            logger.error("backfill: %s", message)
-            report.failures.append(message)
-            break
-        tag = uid_tag(series.series_instance_uid)
-        notes = is_key_object_series(series)
-        if not notes and series.study_instance_uid in notes_missing:
-            logger.warning(
-                "backfill: series %s not moved: a key object series of its study was not", tag
-            )
-            report.failures.append(
-                f"series {tag}: not moved, as the key object selections (rejection notes) "
-                "of its study were not all moved first"
-            )
-        else:
-            moved = _move(peer, series, report, calling_ae_title, move_destination, ssl_context)
-            unreached = unreached + 1 if moved is _Moved.UNREACHED else 0
-            if moved is not _Moved.ALL and notes:
-                notes_missing.add(series.study_instance_uid)
-        if on_series is not None:
-            on_series(tag)
+    ended = 0  # series whose move has ended, or that were left
+    try:
+        for series in plan.series:
+            if unreached >= MAX_UNREACHED:
+                report.series_not_tried = len(plan.series) - ended
+                message = (
+                    f"stopped: {unreached} series in a row got no association with {peer} "
+                    f"(or lost it before its answer); {report.series_not_tried} series not "
+                    "tried: run the backfill again once the PACS answers"
+                )
+                logger.error("backfill: %s", message)
+                report.failures.append(message)
+                break
+            tag = uid_tag(series.series_instance_uid)
+            notes = is_key_object_series(series)
+            if not notes and series.study_instance_uid in notes_missing:
+                logger.warning(
+                    "backfill: series %s not moved: a key object series of its study was not",
+                    tag,
+                )
+                report.failures.append(
+                    f"series {tag}: not moved, as the key object selections (rejection "
+                    "notes) of its study were not all moved first"
+                )
+            else:
+                moved = _move(peer, series, report, calling_ae_title, move_destination, ssl_context)
+                unreached = unreached + 1 if moved is _Moved.UNREACHED else 0
+                if moved is not _Moved.ALL and notes:
+                    notes_missing.add(series.study_instance_uid)
+            ended += 1
+            if on_series is not None:
+                on_series(tag)
+    except KeyboardInterrupt as exc:
+        report.series_not_tried = len(plan.series) - ended
+        message = (
+            f"interrupted: {report.series_not_tried} series not moved, the one under way "
+            "among them (what it sent before its move was cancelled is not counted): run "
+            "the backfill again to move them"
+        )
+        logger.warning("backfill: %s", message)
+        report.failures.append(message)
+        raise BackfillInterrupted(report) from exc
     return report
 
 

@@ -1399,7 +1399,7 @@ def backfill(
 
     from dicom_io.qr import QueryError
     from dicom_io.scp import uid_tag
-    from worker.backfill import plan_backfill, run_backfill
+    from worker.backfill import BackfillInterrupted, plan_backfill, run_backfill
     from worker.settings import Destination
 
     settings = _settings(ctx)
@@ -1453,28 +1453,43 @@ def backfill(
             console.print(f"  [red]{failure}[/]")
         ctx.exit(1 if plan.failures else 0)
 
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task(f"moving series to {settings.ae_title}", total=len(plan.series))
-        report = run_backfill(
-            peer,
-            plan,
-            calling_ae_title=settings.ae_title,
-            move_destination=settings.ae_title,
-            on_series=lambda _tag: progress.advance(task),
-            ssl_context=ssl_context,
-        )
+    interrupted = False
+    try:
+        with Progress(*columns, console=console, transient=True) as progress:
+            task = progress.add_task(
+                f"moving series to {settings.ae_title}", total=len(plan.series)
+            )
+            report = run_backfill(
+                peer,
+                plan,
+                calling_ae_title=settings.ae_title,
+                move_destination=settings.ae_title,
+                on_series=lambda _tag: progress.advance(task),
+                ssl_context=ssl_context,
+            )
+    except BackfillInterrupted as exc:  # what was moved is said, then the usual 130
+        report, interrupted = exc.report, True
     warned = report.instances_with_warnings
     warned_said = f", {warned} with a warning" if warned else ""
-    # the series left where the run stopped, the PACS no longer answering
-    not_tried = f"not tried: {report.series_not_tried}, " if report.series_not_tried else ""
+    # what was left where the listing or the run stopped: the PACS no longer answering,
+    # or Ctrl-C
+    left = "".join(
+        f"{label}: {count}, "
+        for label, count in (
+            ("studies not listed", report.studies_not_tried),
+            ("series not tried", report.series_not_tried),
+        )
+        if count
+    )
     console.print(
+        f"{'interrupted: ' if interrupted else ''}"
         f"studies found: {report.studies_found}, series matched: {report.series_matched}, "
         f"series moved: {report.series_moved} ({report.instances_moved} instances"
-        f"{warned_said}), {not_tried}failures: {len(report.failures)}"
+        f"{warned_said}), {left}failures: {len(report.failures)}"
     )
     for failure in report.failures:
         console.print(f"  [red]{failure}[/]")
-    ctx.exit(1 if report.failures else 0)
+    ctx.exit(130 if interrupted else 1 if report.failures else 0)
 
 
 @main.command()

@@ -1,5 +1,6 @@
-"""C-MOVE against a real pynetdicom Query/Retrieve SCP over loopback: an interrupted
-move, a PACS that goes away mid-run, and the final statuses that count what was sent.
+"""C-FIND and C-MOVE against a real pynetdicom Query/Retrieve SCP over loopback: an
+interrupted move and an interrupted backfill, a PACS that goes away mid-listing or
+mid-run, and the final statuses that count what was sent.
 
 The PACS is pynetdicom's Move SCP, told per series what to do: send sub-operations to a
 pynetdicom Storage SCP standing for our listener, refuse, stop partway, or hold a move
@@ -8,9 +9,14 @@ until the test lets it go on. Nothing waits on time: each step waits on an event
 
 from __future__ import annotations
 
+import datetime as dt
+import os
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -27,7 +33,7 @@ from pynetdicom import AE, evt
 from pynetdicom.dimse_messages import C_CANCEL_RQ
 
 from dicom_io import qr
-from worker.backfill import MAX_SERIES_UNREACHED, BackfillPlan, run_backfill
+from worker.backfill import MAX_UNREACHED, BackfillPlan, plan_backfill, run_backfill
 from worker.settings import Destination
 
 pytestmark = pytest.mark.integration
@@ -79,17 +85,31 @@ class Listener:
 
 
 class MovePACS:
-    """A pynetdicom Query/Retrieve (Move) SCP: ``handlers`` says, by SeriesInstanceUID,
-    what it does with a C-MOVE (a pynetdicom EVT_C_MOVE handler, given the listener's
-    port); it records the series asked for and whether a C-CANCEL came."""
+    """A pynetdicom Query/Retrieve (Find and Move) SCP: ``handlers`` says, by
+    SeriesInstanceUID, what it does with a C-MOVE (a pynetdicom EVT_C_MOVE handler, given
+    the listener's port); it records the series asked for and whether a C-CANCEL came.
 
-    def __init__(self, listener: Listener, handlers: dict[str, MoveHandler]) -> None:
+    Its C-FIND answers the studies of ``handlers`` at STUDY level, in their order, and a
+    study's series, each one DX HAND instance, at SERIES level; but it fails with
+    0xC000 the SERIES-level query of a study in ``refuse_series_of``.
+    """
+
+    def __init__(
+        self,
+        listener: Listener,
+        handlers: dict[str, MoveHandler],
+        *,
+        refuse_series_of: frozenset[str] = frozenset(),
+    ) -> None:
         self.asked: list[str] = []
+        self.series_asked: list[str] = []  # the studies whose series were asked for
         self.cancelled = threading.Event()
         self._listener = listener
         self._handlers = handlers
+        self._refuse_series_of = refuse_series_of
         ae = AE(ae_title="PACS")
         ae.add_supported_context(qr.StudyRootQueryRetrieveInformationModelMove)
+        ae.add_supported_context(qr.StudyRootQueryRetrieveInformationModelFind)
         for sop_class in SOP_CLASSES:
             ae.add_requested_context(sop_class, TRANSFER_SYNTAXES)
         server = ae.start_server(
@@ -97,6 +117,7 @@ class MovePACS:
             block=False,
             evt_handlers=[
                 (evt.EVT_C_MOVE, self._on_move),
+                (evt.EVT_C_FIND, self._on_find),
                 (evt.EVT_DIMSE_RECV, self._on_message),
             ],
         )
@@ -111,6 +132,35 @@ class MovePACS:
             yield from refuse(event, self._listener.port)
             return
         yield from self._handlers[uid](event, self._listener.port)
+
+    def _on_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        query = event.identifier
+        studies: dict[str, list[str]] = {}
+        for uid in self._handlers:
+            studies.setdefault(uid.rsplit(".", 1)[0], []).append(uid)
+        if query.QueryRetrieveLevel == "STUDY":
+            for study in studies:
+                match = Dataset()
+                match.QueryRetrieveLevel = "STUDY"
+                match.StudyInstanceUID = study
+                match.StudyDate = "20260110"
+                match.ModalitiesInStudy = "DX"
+                yield (0xFF00, match)
+            return
+        study = str(query.StudyInstanceUID)
+        self.series_asked.append(study)
+        if study in self._refuse_series_of:
+            yield (0xC000, None)
+            return
+        for uid in studies.get(study, []):
+            match = Dataset()
+            match.QueryRetrieveLevel = "SERIES"
+            match.StudyInstanceUID = study
+            match.SeriesInstanceUID = uid
+            match.Modality = "DX"
+            match.BodyPartExamined = "HAND"
+            match.NumberOfSeriesRelatedInstances = "1"
+            yield (0xFF00, match)
 
     def _on_message(self, event: evt.Event) -> None:
         if isinstance(event.message, C_CANCEL_RQ):
@@ -220,7 +270,7 @@ def test_an_interrupted_move_is_cancelled_and_left_at_once(listener: Listener) -
 
 def test_a_run_stops_once_the_pacs_is_gone(listener: Listener) -> None:
     """The PACS refuses three series (it answered: the run goes on), moves the fourth,
-    then goes away: after MAX_SERIES_UNREACHED series with no association the run stops,
+    then goes away: after MAX_UNREACHED series with no association the run stops,
     the two series left counted not tried."""
     plan = BackfillPlan(studies=[], series=[series(f"1.2.{n}", 1) for n in range(1, 10)])
     handlers: dict[str, MoveHandler] = {s.series_instance_uid: refuse for s in plan.series[:3]}
@@ -243,11 +293,11 @@ def test_a_run_stops_once_the_pacs_is_gone(listener: Listener) -> None:
         )
     finally:
         pacs.stop()
-    assert MAX_SERIES_UNREACHED == 3
-    assert len(steps) == 4 + MAX_SERIES_UNREACHED, "series tried after the PACS had gone"
+    assert MAX_UNREACHED == 3
+    assert len(steps) == 4 + MAX_UNREACHED, "series tried after the PACS had gone"
     assert pacs.asked == [s.series_instance_uid for s in plan.series[:4]]
     assert (report.series_moved, report.instances_moved, report.series_not_tried) == (1, 1, 2)
-    assert len(report.failures) == 3 + MAX_SERIES_UNREACHED + 1
+    assert len(report.failures) == 3 + MAX_UNREACHED + 1
     assert all("0xA801" in f for f in report.failures[:3])
     assert "stopped" in report.failures[-1] and "2 series not tried" in report.failures[-1]
 
@@ -296,3 +346,85 @@ def test_a_warning_status_that_gives_no_failed_count_is_not_taken_for_all_sent()
     assert not qr.MoveOutcome(0xB000, completed=0, failed=0, warning=0, failed_given=False).ok
     assert not qr.MoveOutcome(0xB000, completed=1, failed=1, warning=0).ok
     assert qr.MoveOutcome(0x0000, completed=3, failed=0, warning=0, failed_given=False).ok
+
+
+def test_a_listing_stops_once_the_pacs_is_gone(listener: Listener) -> None:
+    """The PACS fails the series queries of three studies (it answered: the listing goes
+    on), lists the fourth's, then goes away: after MAX_UNREACHED studies with no
+    association the listing stops, the three studies left counted not listed, and the
+    plan keeps the series listed before."""
+    studies = [f"1.2.{n}" for n in range(11, 21)]
+    pacs = MovePACS(
+        listener, {f"{s}.1": send(1) for s in studies}, refuse_series_of=frozenset(studies[:3])
+    )
+    steps: list[str] = []
+
+    def step(tag: str) -> None:
+        steps.append(tag)
+        if len(steps) == 4:
+            pacs.stop()
+
+    try:
+        plan = plan_backfill(
+            pacs.destination,
+            calling_ae_title=OUR_AE,
+            since=dt.date(2026, 1, 1),
+            modalities=("DX",),
+            on_study=step,
+        )
+    finally:
+        pacs.stop()
+    assert len(plan.studies) == 10
+    assert len(steps) == 4 + MAX_UNREACHED, "studies listed after the PACS had gone"
+    assert pacs.series_asked == studies[:4]
+    assert [s.series_instance_uid for s in plan.series] == ["1.2.14.1"]
+    assert plan.studies_not_tried == 3
+    assert len(plan.failures) == 3 + MAX_UNREACHED + 1
+    assert all("0xC000" in f for f in plan.failures[:3])
+    assert "stopped" in plan.failures[-1] and "3 studies not listed" in plan.failures[-1]
+
+
+def test_ctrl_c_during_a_backfill_cancels_the_move_and_says_what_was_moved(
+    tmp_path: Path, listener: Listener
+) -> None:
+    """`boneage-worker backfill`, interrupted (SIGINT) while the PACS sends the second
+    of three series: the PACS gets a C-CANCEL, and the command prints what was moved
+    before, the series left, and exits with 130."""
+    stalled = threading.Event()  # the PACS sent one instance of the second series
+
+    def slow(event: evt.Event, port: int) -> Iterator[Any]:
+        uid = str(event.identifier.SeriesInstanceUID)
+        yield ("127.0.0.1", port)
+        yield 3
+        yield (0xFF00, instance(uid))
+        stalled.set()
+        pacs.cancelled.wait(WAIT)
+        yield (0xFE00, None)
+
+    pacs = MovePACS(listener, {"1.2.11.1": send(1), "1.2.12.1": slow, "1.2.13.1": send(1)})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BONEAGE_")}
+    env.update(BONEAGE_DATA_DIR=str(tmp_path / "data"), BONEAGE_AE_TITLE=OUR_AE)
+    peer = pacs.destination
+    command = [sys.executable, "-m", "worker", "backfill", "--since", "2026-01-01"]
+    command += ["--modality", "DX", "--from", f"{peer.ae_title}@{peer.host}:{peer.port}"]
+    backfill = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        assert stalled.wait(3 * WAIT), "the second series was never asked for"
+        backfill.send_signal(signal.SIGINT)
+        output, _ = backfill.communicate(timeout=3 * WAIT)
+    finally:
+        if backfill.poll() is None:
+            backfill.kill()
+            backfill.communicate()
+        pacs.stop()
+    said = " ".join(output.split())
+    assert backfill.returncode == 130, said
+    assert pacs.cancelled.is_set(), "the PACS got no C-CANCEL"
+    assert pacs.asked == ["1.2.11.1", "1.2.12.1"]
+    assert (
+        "interrupted: studies found: 3, series matched: 3, series moved: 1 (1 instances), "
+        "series not tried: 2, failures: 1" in said
+    ), said
+    assert "interrupted: 2 series not moved, the one under way among them" in said

@@ -207,8 +207,10 @@ def collect(settings: Settings) -> dict[str, Any]:
             "refuses every image now (0xA700), and the PACS keeps them; add space or "
             "lower BONEAGE_RETENTION_DAYS"
         )
-    # the same disk as the spool's (as read a moment apart) is said once, above
-    if space is not None and space.low and not (refusing and space == spool_space):
+    # the spool's disk, refusing, is said once, above (its free bytes, read a moment
+    # apart, may differ)
+    same_disk = spool_space is not None and space is not None and space.device == spool_space.device
+    if space is not None and space.low and not (refusing and same_disk):
         below = (
             f"below {settings.min_free_mb} MiB (BONEAGE_MIN_FREE_MB)"
             if settings.min_free_mb

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,9 @@ class DiskSpace:
 
     total_bytes: int
     free_bytes: int
+    #: The file system's device (``st_dev``): two directories on one disk share it,
+    #: where their free bytes, read a moment apart, may differ.
+    device: int | None = None
 
     @property
     def low(self) -> bool:
@@ -37,7 +41,8 @@ def disk_space(directory: Path) -> DiskSpace | None:
     for candidate in (directory, *directory.parents):
         try:
             usage = shutil.disk_usage(candidate)
+            device = os.stat(candidate).st_dev
         except OSError:
             continue
-        return DiskSpace(total_bytes=usage.total, free_bytes=usage.free)
+        return DiskSpace(total_bytes=usage.total, free_bytes=usage.free, device=device)
     return None

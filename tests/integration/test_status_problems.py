@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -21,6 +23,7 @@ from db.schema import Delivery, DeliveryState, Heartbeat, Instance, InstanceStat
 from db.schema import utcnow as now
 from tests.conftest import StoreSCP
 from tests.integration.test_pipeline import make_runtime, spool_instance
+from worker import storage
 from worker.cli import main as cli
 from worker.cli import reprocess
 from worker.delivery import send_deliveries
@@ -304,3 +307,30 @@ def test_status_says_when_the_listener_refuses_images_for_its_reserve(
     assert "MiB the listener keeps (BONEAGE_MIN_FREE_MB): it refuses every image now" in (refusing)
     rt = make_runtime(tmp_path, tiny_checkpoint, destinations=storescp.destination)
     assert not [p for p in _problems(rt) if "refuses every image now" in p]
+
+
+def test_one_disk_past_the_reserve_is_said_once_though_read_apart(
+    tmp_path: Path, tiny_checkpoint: Path, storescp: StoreSCP, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spool and the data directory on one disk, low and past the reserve: one
+    line, though the listener wrote between the two reads of its free bytes (before,
+    two differing readings of one disk were taken for two disks, and said twice)."""
+    real = shutil.disk_usage
+    written = iter(range(0, 1 << 40, 1 << 20))  # a megabyte more before each read
+
+    def disk_usage(path: str | os.PathLike[str]) -> Any:
+        usage = real(path)
+        return usage._replace(free=usage.free - next(written))
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    monkeypatch.setattr(storage, "LOW_FREE_FRACTION", 1.0)  # any disk is low
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    rt = make_runtime(
+        tmp_path,
+        tiny_checkpoint,
+        destinations=storescp.destination,
+        min_free_mb=(free >> 20) + (1 << 20),
+    )
+    rt.settings.spool_dir.mkdir(parents=True, exist_ok=True)
+    disk = [p for p in _problems(rt) if "BONEAGE_MIN_FREE_MB" in p]
+    assert len(disk) == 1 and "it refuses every image now" in disk[0], disk

@@ -2,8 +2,8 @@
 
 The listener (``BONEAGE_METRICS_PORT``) serves :class:`NodeCollector`: everything is
 read from the database and the broker when Prometheus scrapes, with aggregated
-queries and a one-hour window for latencies, so a scrape costs a few small queries
-whatever the size of the database.
+queries and a one-hour window for latencies (gauge histograms), so a scrape costs a few
+small queries whatever the size of the database.
 
 A worker (``BONEAGE_WORKER_METRICS_PORT``; a worker that consumes only the delivery
 queue uses that port + 1, so that ``serve``'s two workers do not collide) serves the
@@ -30,8 +30,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.exposition import start_http_server
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
+    GaugeHistogramMetricFamily,
     GaugeMetricFamily,
-    HistogramMetricFamily,
     Metric,
 )
 from prometheus_client.registry import Collector
@@ -206,17 +206,20 @@ class NodeCollector(Collector):
             )
             gauge.add_metric([], amount)
             yield gauge
+        # A window, not a running total: its buckets go down as the hour moves on. A
+        # gauge histogram says so (OpenMetrics), where a histogram's counters would be
+        # read by rate() as reset at every fall; histogram_quantile() reads its buckets
+        # as they are.
         for name, what, values in (
             ("boneage_received_to_assessed_seconds", "a result", latencies.to_assessed),
             ("boneage_received_to_delivered_seconds", "the last delivery", latencies.to_delivered),
         ):
-            histogram = HistogramMetricFamily(
-                name, f"Seconds from reception to {what}, for instances of the last hour."
+            yield GaugeHistogramMetricFamily(
+                name,
+                f"Seconds from reception to {what}, for the instances of the last hour.",
+                buckets=histogram_buckets(values, LATENCY_BUCKETS),
+                gsum_value=sum(values),
             )
-            histogram.add_metric(
-                [], histogram_buckets(values, LATENCY_BUCKETS), sum_value=sum(values)
-            )
-            yield histogram
 
 
 class MetricsServer:

@@ -8,6 +8,7 @@ endpoints are scraped over HTTP and parsed as Prometheus does.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import socket
 import urllib.error
@@ -16,9 +17,14 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
-from db.engine import upgrade
+from db.engine import session_scope, upgrade
+from db.schema import Instance, InstanceState
+from db.schema import utcnow as now
 from tests.conftest import StoreSCP
 from tests.integration.test_end_to_end import (
     Node,
@@ -29,7 +35,7 @@ from tests.integration.test_end_to_end import (
     storescu,
 )
 from tests.support import free_port, wait_for, wait_for_port
-from worker.metrics import NodeCollector
+from worker.metrics import MetricsServer, NodeCollector, node_registry
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -115,11 +121,11 @@ def test_metrics_of_a_running_node(
         assert value(node_metrics, "boneage_listener_objects_total", outcome="stored") == 2
         assert value(node_metrics, "boneage_listener_objects_total", outcome="refused") == 0
         assert value(node_metrics, "boneage_listener_connections_refused_total") == 0
-        assert value(node_metrics, "boneage_received_to_assessed_seconds_count") >= 1
+        assert value(node_metrics, "boneage_received_to_assessed_seconds_gcount") >= 1
         assert value(
             node_metrics, "boneage_received_to_assessed_seconds_bucket", le="+Inf"
-        ) == value(node_metrics, "boneage_received_to_assessed_seconds_count")
-        assert value(node_metrics, "boneage_received_to_delivered_seconds_count") >= 1
+        ) == value(node_metrics, "boneage_received_to_assessed_seconds_gcount")
+        assert value(node_metrics, "boneage_received_to_delivered_seconds_gcount") >= 1
         assert value(node_metrics, "boneage_spool_images") == 2
         assert value(node_metrics, "boneage_spool_bytes") == spooled_bytes(tmp_path / "data")
         free = value(node_metrics, "boneage_storage_free_bytes")
@@ -203,3 +209,49 @@ def test_connections_the_listener_closed_on_arrival_are_a_counter(tmp_path: Path
     assert scraped() == 0
     refused[0] = 12
     assert scraped() == 12
+
+
+def test_the_last_hours_latencies_are_gauge_histograms(tmp_path: Path) -> None:
+    """Served as Prometheus asks (OpenMetrics), the latencies of the last hour are
+    gauge histograms: a window, whose buckets go down as the hour moves on, which a
+    histogram's counters would have rate() read as resets."""
+    url = f"sqlite:///{tmp_path / 'boneage.db'}"
+    upgrade(url)
+    current = now()
+    with session_scope(url) as session:
+        for n, (seconds, state) in enumerate([(90, "assessed"), (7, "assessed"), (5, "error")]):
+            session.add(
+                Instance(
+                    sop_instance_uid=f"1.2.3.{n}",
+                    sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+                    study_instance_uid="1.2.3",
+                    series_instance_uid="1.2.3.9",
+                    transfer_syntax_uid="1.2.840.10008.1.2.1",
+                    calling_ae_title="PACS",
+                    spool_path=f"/nonexistent/{n}.dcm",
+                    size_bytes=1,
+                    state=InstanceState(state),
+                    received_at=current - dt.timedelta(seconds=seconds),
+                    finished_at=current,
+                )
+            )
+    registry = node_registry(NodeCollector(url, lambda: {}))
+    server = MetricsServer(registry, "127.0.0.1", free_port()).start()
+    try:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{server.port}/metrics",
+            headers={"Accept": "application/openmetrics-text; version=1.0.0; charset=utf-8"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            text = answer.read().decode()
+    finally:
+        server.stop()
+    [family] = [
+        f for f in openmetrics_families(text) if f.name == "boneage_received_to_assessed_seconds"
+    ]
+    assert family.type == "gaugehistogram"
+    samples = {(s.name, s.labels.get("le")): s.value for s in family.samples}
+    assert samples[("boneage_received_to_assessed_seconds_bucket", "10.0")] == 1
+    assert samples[("boneage_received_to_assessed_seconds_bucket", "+Inf")] == 2
+    assert samples[("boneage_received_to_assessed_seconds_gcount", None)] == 2
+    assert 96 <= samples[("boneage_received_to_assessed_seconds_gsum", None)] < 98

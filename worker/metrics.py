@@ -38,7 +38,7 @@ from prometheus_client.registry import Collector
 
 from db import queries
 from db.engine import session_scope
-from db.schema import utcnow as now
+from worker.heartbeat import STALE_AFTER
 from worker.metrics_files import MULTIPROCESS_ENV
 from worker.storage import disk_space
 
@@ -49,6 +49,8 @@ LATENCY_BUCKETS: tuple[float, ...] = (1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 
 #: Wall time of assessing one image on CPU or GPU.
 ASSESS_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
 LATENCY_WINDOW = timedelta(hours=1)
+#: The queues whose live workers are counted (``boneage_workers``), as `status` does.
+WORKER_QUEUES = ("inference", "delivery")
 #: Images per batched forward pass.
 BATCH_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -167,7 +169,10 @@ class NodeCollector(Collector):
                 instances = queries.instance_counts(session)
                 reasons = queries.not_assessed_by_reason(session)
                 deliveries = queries.delivery_counts(session)
-                latencies = queries.latencies_since(session, now() - LATENCY_WINDOW)
+                # by the database's clock, which dated the rows (hosts' clocks may differ)
+                current = queries.database_now(session)
+                latencies = queries.latencies_since(session, current - LATENCY_WINDOW)
+                beats = queries.heartbeats(session)
                 spool_images, spool_bytes = queries.spooled(session)
         except Exception as exc:  # the scrape must answer, saying the database is down
             logger.warning("metrics: database unreachable (%s)", type(exc).__name__)
@@ -197,6 +202,24 @@ class NodeCollector(Collector):
         for state, count in deliveries.items():
             sent.add_metric([state], count)
         yield sent
+        workers = GaugeMetricFamily(
+            "boneage_workers",
+            "Worker processes alive (a heartbeat in the last "
+            f"{STALE_AFTER.total_seconds():.0f} s, by the database's clock), by the queue "
+            "they consume: at 0, images (or results) wait, however quiet the night.",
+            labels=["queue"],
+        )
+        for queue in WORKER_QUEUES:
+            workers.add_metric(
+                [queue],
+                sum(
+                    beat.role == "worker"
+                    and current - beat.seen_at <= STALE_AFTER
+                    and queue in beat.detail.get("queues", ())
+                    for beat in beats
+                ),
+            )
+        yield workers
         for name, what, amount in (
             ("boneage_spool_images", "Received images on disk", spool_images),
             ("boneage_spool_bytes", "Bytes of the received images on disk", spool_bytes),

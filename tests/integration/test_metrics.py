@@ -21,9 +21,11 @@ from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import delete
 
 from db.engine import session_scope, upgrade
-from db.schema import Instance, InstanceState
+from db.queries import database_now
+from db.schema import Heartbeat, Instance, InstanceState
 from db.schema import utcnow as now
 from tests.conftest import StoreSCP
 from tests.integration.test_end_to_end import (
@@ -35,6 +37,7 @@ from tests.integration.test_end_to_end import (
     storescu,
 )
 from tests.support import free_port, wait_for, wait_for_port
+from worker.heartbeat import STALE_AFTER
 from worker.metrics import MetricsServer, NodeCollector, node_registry
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -126,6 +129,9 @@ def test_metrics_of_a_running_node(
             node_metrics, "boneage_received_to_assessed_seconds_bucket", le="+Inf"
         ) == value(node_metrics, "boneage_received_to_assessed_seconds_gcount")
         assert value(node_metrics, "boneage_received_to_delivered_seconds_gcount") >= 1
+        # BONEAGE_INFERENCE_PROCESSES, each with its heartbeat
+        assert value(node_metrics, "boneage_workers", queue="inference") == 2
+        assert value(node_metrics, "boneage_workers", queue="delivery") == 1
         assert value(node_metrics, "boneage_spool_images") == 2
         assert value(node_metrics, "boneage_spool_bytes") == spooled_bytes(tmp_path / "data")
         free = value(node_metrics, "boneage_storage_free_bytes")
@@ -255,3 +261,32 @@ def test_the_last_hours_latencies_are_gauge_histograms(tmp_path: Path) -> None:
     assert samples[("boneage_received_to_assessed_seconds_bucket", "+Inf")] == 2
     assert samples[("boneage_received_to_assessed_seconds_gcount", None)] == 2
     assert 96 <= samples[("boneage_received_to_assessed_seconds_gsum", None)] < 98
+
+
+def test_live_workers_are_counted_by_queue(tmp_path: Path) -> None:
+    """`boneage_workers{queue}` counts the workers whose heartbeat is fresh by the
+    database's clock: a queue no live worker consumes reads 0, an alert's condition,
+    whatever the queue's depth."""
+    url = f"sqlite:///{tmp_path / 'boneage.db'}"
+    upgrade(url)
+    with session_scope(url) as session:
+        current = database_now(session)
+        for name, role, queues, seen in [
+            ("inference-1", "worker", ["inference"], current),
+            ("both", "worker", ["inference", "delivery"], current - dt.timedelta(seconds=10)),
+            ("delivery-gone", "worker", ["delivery"], current - STALE_AFTER * 2),
+            ("listener", "listener", [], current),
+        ]:
+            session.add(Heartbeat(name=name, role=role, detail={"queues": queues}, seen_at=seen))
+    registry = CollectorRegistry()
+    registry.register(NodeCollector(url, lambda: {}))
+
+    def workers() -> dict[str, float]:
+        text = generate_latest(registry).decode()
+        [family] = [f for f in text_string_to_metric_families(text) if f.name == "boneage_workers"]
+        return {sample.labels["queue"]: sample.value for sample in family.samples}
+
+    assert workers() == {"inference": 2, "delivery": 1}
+    with session_scope(url) as session:
+        session.execute(delete(Heartbeat).where(Heartbeat.name == "both"))
+    assert workers() == {"inference": 1, "delivery": 0}

@@ -1476,6 +1476,11 @@ def _note_failed_attempt(rt: Runtime, claim: _Claim, exc: BaseException) -> None
                     instance.identity_sha256 = claim.identity
                 if isinstance(exc, RETRIED_BY_THE_TASK):
                     instance.attempts = max(0, instance.attempts - 1)
+                    # given back here: a death in the back-off, the image held by no
+                    # thread, gives back nothing more (the reconciler gives a shared
+                    # claim's attempt back), and the retry's claim says again whether
+                    # its process holds others
+                    instance.claim_shared = False
                     instance.transient_failures += 1
                     instance.reason = (
                         f"{failed} (retried: {instance.transient_failures} of "

@@ -34,9 +34,10 @@ pytestmark = pytest.mark.integration
 rt = test_live_claims.rt
 
 
-def _claimed(rt: Runtime, instance_id: int, *, shared: bool) -> None:
+def _claimed(rt: Runtime, instance_id: int, *, shared: bool) -> pipeline._Claim:
     claim = pipeline._claim(rt, instance_id, shared=shared)
     assert isinstance(claim, pipeline._Claim), claim
+    return claim
 
 
 def _lives_again(rt: Runtime) -> None:
@@ -96,6 +97,27 @@ def test_a_message_leaves_a_shared_claim_that_died_to_the_reconciler(rt: Runtime
     assert (row.state, row.attempts, row.alone) == (InstanceState.QUEUED, MAX_ATTEMPTS - 1, True)
     _lives_again(rt)
     assert assess_instance(rt, instance_id).state == "assessed"
+
+
+def test_a_death_in_a_retrys_back_off_gives_back_no_attempt_twice(rt: Runtime) -> None:
+    """A shared claim's attempt failed for trouble the task retries (its attempt given
+    back), and the process died in the back-off, before the retry: the reconciler gives
+    back nothing more (before, it gave the attempt back again, forgiving a real one)."""
+    instance_id = spool_instance(rt)
+    claim = _claimed(rt, instance_id, shared=True)
+    with session_scope(rt.database_url) as session:  # and an attempt spent before it
+        session.get_one(Instance, instance_id).attempts = 2
+    try:
+        raise OSError("the spool's mount stalled")
+    except OSError as exc:
+        pipeline._note_failed_attempt(rt, claim, exc)
+    row = _row(rt, instance_id)
+    assert (row.state, row.attempts, row.transient_failures) == (InstanceState.PROCESSING, 1, 1)
+
+    _heartbeat_stops(rt)
+    assert reconcile_once(rt) == [instance_id]
+    row = _row(rt, instance_id)
+    assert (row.state, row.attempts) == (InstanceState.QUEUED, 1)
 
 
 def test_a_shared_claim_whose_lease_ran_out_in_a_live_worker_counts(rt: Runtime) -> None:

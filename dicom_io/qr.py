@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pydicom import Dataset
 from pynetdicom.association import Association
 
-from dicom_io.scu import open_association
+from dicom_io.scu import open_association, release
 
 __all__ = [
     "AssociationFailed",
@@ -106,6 +106,16 @@ class MoveFailed(QueryError):
         self.outcome = outcome
 
 
+class AnsweredThenInterrupted(KeyboardInterrupt):
+    """Ctrl-C once the peer's final C-MOVE response had come, while the association was
+    released (and is now aborted): ``answer`` is what :func:`move_series` would have
+    returned or raised, for a caller that counts what was sent."""
+
+    def __init__(self, answer: MoveOutcome | QueryError) -> None:
+        super().__init__("interrupted once the C-MOVE was answered")
+        self.answer = answer
+
+
 def _date_range(since: dt.date, until: dt.date | None) -> str:
     """DA range matching (PS3.4 C.2.2.2.5): ``YYYYMMDD-`` or ``YYYYMMDD-YYYYMMDD``."""
     if until is not None and until < since:
@@ -164,6 +174,7 @@ def _find(
     timeout: float,
     ssl_context: ssl.SSLContext | None = None,
 ) -> Iterator[Dataset]:
+    failure: int | None = None
     assoc = _associate(
         ae_title,
         host,
@@ -173,7 +184,6 @@ def _find(
         timeout=timeout,
         ssl_context=ssl_context,
     )
-    failure: int | None = None
     try:
         for status, answer in assoc.send_c_find(
             identifier, StudyRootQueryRetrieveInformationModelFind, msg_id=_MESSAGE_ID
@@ -192,8 +202,7 @@ def _find(
         _cancel_and_abort(assoc, StudyRootQueryRetrieveInformationModelFind)
         raise
     # the final response came: nothing is outstanding, and the peer answers a release now
-    if assoc.is_established:
-        assoc.release()
+    release(assoc)
     if failure is not None:
         raise QueryError(f"{ae_title}@{host}:{port} failed the C-FIND: 0x{failure:04X}")
 
@@ -335,6 +344,13 @@ def move_series(
         or out of resources partway, 0xA702) or was cancelled; its ``outcome`` counts
         what was sent before.
     """
+    # Study Root, SERIES level: the unique keys down to the series
+    query = Dataset()
+    query.QueryRetrieveLevel = "SERIES"
+    query.StudyInstanceUID = study_instance_uid
+    query.SeriesInstanceUID = series_instance_uid
+    final: MoveOutcome | None = None
+    # nothing between the association and the try that ends it when interrupted
     assoc = _associate(
         ae_title,
         host,
@@ -344,12 +360,6 @@ def move_series(
         timeout=timeout,
         ssl_context=ssl_context,
     )
-    # Study Root, SERIES level: the unique keys down to the series
-    query = Dataset()
-    query.QueryRetrieveLevel = "SERIES"
-    query.StudyInstanceUID = study_instance_uid
-    query.SeriesInstanceUID = series_instance_uid
-    final: MoveOutcome | None = None
     try:
         for status, _ in assoc.send_c_move(
             query,
@@ -374,18 +384,25 @@ def move_series(
         # sending; a release would wait for the rest of the series
         _cancel_and_abort(assoc, StudyRootQueryRetrieveInformationModelMove)
         raise
-    # the final response came (failure included): nothing is outstanding, and the peer
-    # answers a release now
-    if assoc.is_established:
-        assoc.release()
-    if final is None:
-        raise AssociationFailed(f"{ae_title}@{host}:{port} sent no final C-MOVE response")
+    answer: MoveOutcome | QueryError = final or AssociationFailed(
+        f"{ae_title}@{host}:{port} sent no final C-MOVE response"
+    )
     # 0xA7xx out of resources, 0xA801 unknown destination, 0xA9xx bad identifier,
     # 0xCxxx unable to process, 0xFE00 cancelled: nothing (more) will be sent.
-    if (final.status & 0xF000) in (0xA000, 0xC000) or final.status == 0xFE00:
-        raise MoveFailed(
+    if final is not None and (
+        (final.status & 0xF000) in (0xA000, 0xC000) or final.status == 0xFE00
+    ):
+        answer = MoveFailed(
             f"{ae_title}@{host}:{port} failed the C-MOVE to {move_destination}: "
             f"0x{final.status:04X} ({final.sent} sent, {final.failed} failed)",
             final,
         )
-    return final
+    # the final response came (failure included): nothing is outstanding, and the peer
+    # answers a release now
+    try:
+        release(assoc)
+    except KeyboardInterrupt as exc:
+        raise AnsweredThenInterrupted(answer) from exc
+    if isinstance(answer, QueryError):
+        raise answer
+    return answer

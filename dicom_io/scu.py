@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import math
@@ -10,6 +11,7 @@ import socket
 import ssl
 import struct
 import termios
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from dicom_io.scp import VERIFICATION_SOP_CLASS
@@ -328,7 +331,11 @@ def _associate(
         (evt.EVT_CONN_OPEN, lambda _: seen.add("connected")),
         (evt.EVT_ACCEPTED, lambda _: seen.add("accepted")),
     ]
-    assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls, evt_handlers=handlers)
+    try:
+        assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls, evt_handlers=handlers)
+    except BaseException:
+        _abandon(ae)
+        raise
     if assoc.is_established:
         return assoc, None
     if "connected" not in seen:
@@ -347,6 +354,40 @@ def _associate(
         )
         return assoc, f"no presentation context accepted for {names}"
     return assoc, "aborted" if assoc.is_aborted else "no answer"
+
+
+def _abandon(ae: AE) -> None:
+    """Abort what ``ae.associate`` left when it was interrupted (Ctrl-C) mid-way.
+
+    Its DUL thread is no daemon, and no association was handed back to end it: the
+    process would wait for it, after a command's summary, until the ACSE timeout (a
+    peer that never answers) or the network timeout (one that did). A connection not
+    made yet (a TCP connect or TLS handshake under way, with a host that drops packets)
+    is shut first: the abort waits for the DUL to leave the connect, which it does only
+    at :data:`CONNECT_TIMEOUT`, where a socket shut makes it fail at once.
+    """
+    for thread in threading.enumerate():
+        if not (isinstance(thread, DULServiceProvider) and thread.assoc.ae is ae):
+            continue
+        connection = thread.socket  # pynetdicom's AssociationSocket, once it made one
+        raw = getattr(connection, "socket", None)
+        if raw is not None and not getattr(connection, "_is_connected", True):
+            with contextlib.suppress(OSError):  # no connect begun: nothing to stop
+                raw.shutdown(socket.SHUT_RDWR)
+        thread.assoc.abort()
+
+
+def release(assoc: Association) -> None:
+    """Release an association with nothing outstanding; interrupted (Ctrl-C) while the
+    peer has not answered, abort it: its DUL thread, no daemon, would hold the process
+    until the ACSE timeout."""
+    if not assoc.is_established:
+        return
+    try:
+        assoc.release()
+    except BaseException:
+        assoc.abort()
+        raise
 
 
 def _rejection(answer: A_ASSOCIATE | None) -> str:
@@ -388,8 +429,7 @@ def echo(
     try:
         status = assoc.send_c_echo()
     finally:
-        if assoc.is_established:
-            assoc.release()
+        release(assoc)
     if not status or "Status" not in status:
         raise SendError(f"{ae_title}@{host}:{port} did not answer the C-ECHO")
     return int(status.Status)
@@ -609,7 +649,7 @@ def send_datasets(
             if unanswered:
                 assoc.abort()
             else:
-                assoc.release()
+                release(assoc)
     return answers
 
 

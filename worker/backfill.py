@@ -92,6 +92,17 @@ class BackfillInterrupted(KeyboardInterrupt):
         super().__init__("backfill interrupted")
         self.report = report
 
+    @staticmethod
+    def report_of(exc: BaseException) -> BackfillReport | None:
+        """The report of the BackfillInterrupted that ``exc`` is, or that it came during
+        the handling of (a second Ctrl-C while the first one's was being ended)."""
+        seen: BaseException | None = exc
+        while seen is not None:
+            if isinstance(seen, BackfillInterrupted):
+                return seen.report
+            seen = seen.__context__
+        return None
+
 
 class _Moved(enum.Enum):
     """How the move of one series went."""
@@ -182,7 +193,7 @@ def plan_backfill(
             message = (
                 f"stopped: the series of {unreached} studies in a row got no association "
                 f"with {peer} (or lost it before its answer); {not_tried} studies not "
-                "listed: run the backfill again once the PACS answers"
+                "tried: run the backfill again once the PACS answers"
             )
             logger.error("backfill: %s", message)
             failures.append(message)
@@ -257,7 +268,8 @@ def run_backfill(
     )
     notes_missing: set[str] = set()  # studies with a key object series not (all) moved
     unreached = 0  # series in a row whose move got no answer from the PACS
-    ended = 0  # series whose move has ended, or that were left
+    ended = 0  # series whose move has ended (the PACS's answer came), or that were left
+    moving: qr.SeriesMatch | None = None  # the series whose move is under way
     try:
         for series in plan.series:
             if unreached >= MAX_UNREACHED:
@@ -281,39 +293,50 @@ def run_backfill(
                     f"series {tag}: not moved, as the key object selections (rejection "
                     "notes) of its study were not all moved first"
                 )
+                ended += 1
             else:
-                moved = _move(peer, series, report, calling_ae_title, move_destination, ssl_context)
+                moving = series
+                answer = _ask_to_move(peer, series, calling_ae_title, move_destination, ssl_context)
+                ended, moving = ended + 1, None  # interrupted from here on, it is counted
+                moved = _count(series, answer, report)
                 unreached = unreached + 1 if moved is _Moved.UNREACHED else 0
                 if moved is not _Moved.ALL and notes:
                     notes_missing.add(series.study_instance_uid)
-            ended += 1
             if on_series is not None:
                 on_series(tag)
     except KeyboardInterrupt as exc:
+        if isinstance(exc, qr.AnsweredThenInterrupted) and moving is not None:
+            # the PACS's answer came, and the release was cut short: counted as it came
+            _count(moving, exc.answer, report)
+            ended, moving = ended + 1, None
         report.series_not_tried = len(plan.series) - ended
-        message = (
-            f"interrupted: {report.series_not_tried} series not moved, the one under way "
-            "among them (what it sent before its move was cancelled is not counted): run "
-            "the backfill again to move them"
-        )
-        logger.warning("backfill: %s", message)
-        report.failures.append(message)
+        if report.series_not_tried:
+            under_way = (
+                ", the one under way among them (what it sent before its move was "
+                "cancelled is not counted)"
+                if moving is not None
+                else ""
+            )
+            message = (
+                f"interrupted: {report.series_not_tried} series not moved{under_way}: run "
+                "the backfill again to move them"
+            )
+            report.failures.append(message)
+            logger.warning("backfill: %s", message)
         raise BackfillInterrupted(report) from exc
     return report
 
 
-def _move(
+def _ask_to_move(
     peer: Destination,
     series: qr.SeriesMatch,
-    report: BackfillReport,
     calling_ae_title: str,
     move_destination: str,
     ssl_context: ssl.SSLContext | None,
-) -> _Moved:
-    """C-MOVE one series, counted in ``report``."""
-    tag = uid_tag(series.series_instance_uid)
+) -> qr.MoveOutcome | qr.QueryError:
+    """C-MOVE one series: the PACS's final answer, or why there was none."""
     try:
-        outcome = qr.move_series(
+        return qr.move_series(
             series.study_instance_uid,
             series.series_instance_uid,
             ae_title=peer.ae_title,
@@ -324,12 +347,23 @@ def _move(
             ssl_context=ssl_context,
         )
     except qr.QueryError as exc:
-        logger.warning("backfill: series %s not moved: %s", tag, exc)
-        report.failures.append(f"series {tag}: {exc}")
-        if isinstance(exc, qr.MoveFailed):  # what it sent before it stopped did come
-            report.instances_moved += exc.outcome.sent
-            report.instances_with_warnings += exc.outcome.warning
-        return _Moved.UNREACHED if isinstance(exc, qr.AssociationFailed) else _Moved.NOT_ALL
+        return exc
+
+
+def _count(
+    series: qr.SeriesMatch, answer: qr.MoveOutcome | qr.QueryError, report: BackfillReport
+) -> _Moved:
+    """Count the move of one series in ``report``."""
+    tag = uid_tag(series.series_instance_uid)
+    # the report first, the log after: a Ctrl-C in the log leaves the report whole
+    if isinstance(answer, qr.QueryError):
+        report.failures.append(f"series {tag}: {answer}")
+        if isinstance(answer, qr.MoveFailed):  # what it sent before it stopped did come
+            report.instances_moved += answer.outcome.sent
+            report.instances_with_warnings += answer.outcome.warning
+        logger.warning("backfill: series %s not moved: %s", tag, answer)
+        return _Moved.UNREACHED if isinstance(answer, qr.AssociationFailed) else _Moved.NOT_ALL
+    outcome = answer
     report.instances_moved += outcome.sent
     report.instances_with_warnings += outcome.warning
     if outcome.ok:

@@ -1399,7 +1399,12 @@ def backfill(
 
     from dicom_io.qr import QueryError
     from dicom_io.scp import uid_tag
-    from worker.backfill import BackfillInterrupted, plan_backfill, run_backfill
+    from worker.backfill import (
+        BackfillInterrupted,
+        BackfillReport,
+        plan_backfill,
+        run_backfill,
+    )
     from worker.settings import Destination
 
     settings = _settings(ctx)
@@ -1429,6 +1434,9 @@ def backfill(
             )
     except QueryError as exc:
         raise click.ClickException(str(exc)) from exc
+    except KeyboardInterrupt:
+        console.print("interrupted while the studies' series were listed: nothing moved")
+        ctx.exit(130)
 
     if dry_run:
         table = Table(title=f"series that would be moved from {peer} to {settings.ae_title}")
@@ -1453,6 +1461,7 @@ def backfill(
             console.print(f"  [red]{failure}[/]")
         ctx.exit(1 if plan.failures else 0)
 
+    report: BackfillReport | None = None
     interrupted = False
     try:
         with Progress(*columns, console=console, transient=True) as progress:
@@ -1467,8 +1476,10 @@ def backfill(
                 on_series=lambda _tag: progress.advance(task),
                 ssl_context=ssl_context,
             )
-    except BackfillInterrupted as exc:  # what was moved is said, then the usual 130
-        report, interrupted = exc.report, True
+    except KeyboardInterrupt as exc:  # what was moved is said, then the usual 130
+        report, interrupted = BackfillInterrupted.report_of(exc) or report, True
+        if report is None:
+            raise
     warned = report.instances_with_warnings
     warned_said = f", {warned} with a warning" if warned else ""
     # what was left where the listing or the run stopped: the PACS no longer answering,
@@ -1476,7 +1487,7 @@ def backfill(
     left = "".join(
         f"{label}: {count}, "
         for label, count in (
-            ("studies not listed", report.studies_not_tried),
+            ("studies not tried", report.studies_not_tried),
             ("series not tried", report.series_not_tried),
         )
         if count

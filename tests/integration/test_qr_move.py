@@ -9,12 +9,15 @@ until the test lets it go on. Nothing waits on time: each step waits on an event
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
@@ -31,9 +34,18 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, evt
 from pynetdicom.dimse_messages import C_CANCEL_RQ
+from pynetdicom.pdu_primitives import A_RELEASE
 
 from dicom_io import qr
-from worker.backfill import MAX_UNREACHED, BackfillPlan, plan_backfill, run_backfill
+from tests.integration.test_stalled_destinations import our_association_threads
+from tests.support import wait_for
+from worker.backfill import (
+    MAX_UNREACHED,
+    BackfillInterrupted,
+    BackfillPlan,
+    plan_backfill,
+    run_backfill,
+)
 from worker.settings import Destination
 
 pytestmark = pytest.mark.integration
@@ -43,6 +55,12 @@ SOP_CLASSES = (SecondaryCaptureImageStorage, KeyObjectSelectionDocumentStorage)
 TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 #: The longest any step waits for another (a bound on a failure, never a delay).
 WAIT = 10.0
+#: ``python -c`` running ``boneage-worker`` with the arguments after it, SIGINT raising
+#: KeyboardInterrupt whatever its parent left it (ignored, in a background job).
+TAKING_CTRL_C = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'boneage-worker'; runpy.run_module('worker', run_name='__main__')"
+)
 
 MoveHandler = Callable[[evt.Event, int], Iterator[Any]]
 
@@ -104,6 +122,9 @@ class MovePACS:
         self.asked: list[str] = []
         self.series_asked: list[str] = []  # the studies whose series were asked for
         self.cancelled = threading.Event()
+        self.releasing = threading.Event()  # an A-RELEASE-RQ came
+        self.hold_releases = False  # its answer waits until the test ends
+        self._let_go = threading.Event()
         self._listener = listener
         self._handlers = handlers
         self._refuse_series_of = refuse_series_of
@@ -119,6 +140,7 @@ class MovePACS:
                 (evt.EVT_C_MOVE, self._on_move),
                 (evt.EVT_C_FIND, self._on_find),
                 (evt.EVT_DIMSE_RECV, self._on_message),
+                (evt.EVT_ACSE_RECV, self._on_acse),
             ],
         )
         assert server is not None
@@ -162,6 +184,13 @@ class MovePACS:
             match.NumberOfSeriesRelatedInstances = "1"
             yield (0xFF00, match)
 
+    def _on_acse(self, event: evt.Event) -> None:
+        primitive = event.primitive  # type: ignore[attr-defined]  # EVT_ACSE_RECV's
+        if isinstance(primitive, A_RELEASE) and primitive.result is None:
+            self.releasing.set()
+            if self.hold_releases:
+                self._let_go.wait(WAIT)
+
     def _on_message(self, event: evt.Event) -> None:
         if isinstance(event.message, C_CANCEL_RQ):
             self.cancelled.set()
@@ -172,6 +201,7 @@ class MovePACS:
 
     def stop(self) -> None:
         """Stop listening: from now on nothing answers on its port."""
+        self._let_go.set()
         if not self._stopped:
             self._stopped = True
             self._server.shutdown()
@@ -381,7 +411,7 @@ def test_a_listing_stops_once_the_pacs_is_gone(listener: Listener) -> None:
     assert plan.studies_not_tried == 3
     assert len(plan.failures) == 3 + MAX_UNREACHED + 1
     assert all("0xC000" in f for f in plan.failures[:3])
-    assert "stopped" in plan.failures[-1] and "3 studies not listed" in plan.failures[-1]
+    assert "stopped" in plan.failures[-1] and "3 studies not tried" in plan.failures[-1]
 
 
 def test_ctrl_c_during_a_backfill_cancels_the_move_and_says_what_was_moved(
@@ -405,22 +435,24 @@ def test_ctrl_c_during_a_backfill_cancels_the_move_and_says_what_was_moved(
     env = {k: v for k, v in os.environ.items() if not k.startswith("BONEAGE_")}
     env.update(BONEAGE_DATA_DIR=str(tmp_path / "data"), BONEAGE_AE_TITLE=OUR_AE)
     peer = pacs.destination
-    command = [sys.executable, "-m", "worker", "backfill", "--since", "2026-01-01"]
+    # Ctrl-C as at a terminal, though the tests may run in the background, where a
+    # shell without job control starts its children with SIGINT ignored
+    command = [sys.executable, "-c", TAKING_CTRL_C, "backfill", "--since", "2026-01-01"]
     command += ["--modality", "DX", "--from", f"{peer.ae_title}@{peer.host}:{peer.port}"]
     backfill = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
         assert stalled.wait(3 * WAIT), "the second series was never asked for"
         backfill.send_signal(signal.SIGINT)
-        output, _ = backfill.communicate(timeout=3 * WAIT)
+        output, log = backfill.communicate(timeout=3 * WAIT)
     finally:
         if backfill.poll() is None:
             backfill.kill()
             backfill.communicate()
         pacs.stop()
-    said = " ".join(output.split())
-    assert backfill.returncode == 130, said
+    said = " ".join(output.split())  # what the command printed, the log apart
+    assert backfill.returncode == 130, f"{said}\n{log}"
     assert pacs.cancelled.is_set(), "the PACS got no C-CANCEL"
     assert pacs.asked == ["1.2.11.1", "1.2.12.1"]
     assert (
@@ -428,3 +460,134 @@ def test_ctrl_c_during_a_backfill_cancels_the_move_and_says_what_was_moved(
         "series not tried: 2, failures: 1" in said
     ), said
     assert "interrupted: 2 series not moved, the one under way among them" in said
+
+
+class SilentPACS:
+    """A port where no PACS answers, in one of two ways: it takes the connection and
+    never answers the association (``taken``), or its queue of connections is full, so
+    that a connect waits, its SYNs dropped, as with a host gone quiet (``full``)."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+        self.server = socket.create_server(("127.0.0.1", 0), backlog=0)
+        self.port = int(self.server.getsockname()[1])
+        self._clients: list[socket.socket] = []
+        self._taken: list[socket.socket] = []
+        self.connecting_before = 0
+        if how == "full":  # connect until one waits: the queue is full
+            while self._connecting() == 0:
+                client = socket.socket()
+                client.setblocking(False)
+                client.connect_ex(("127.0.0.1", self.port))
+                self._clients.append(client)
+                wait_for(lambda: self._settled(), timeout=WAIT, what="a connect settled")
+            self.connecting_before = self._connecting()
+        else:
+            threading.Thread(target=self._take, daemon=True).start()
+
+    def _take(self) -> None:
+        with contextlib.suppress(OSError):  # closed at the end of the test
+            connection, _ = self.server.accept()
+            self._taken.append(connection)
+
+    def _states(self) -> list[str]:
+        """The states of the TCP sockets connecting to the port (/proc/net/tcp)."""
+        rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+        return [r.split()[3] for r in rows if r.split()[2].endswith(f":{self.port:04X}")]
+
+    def _connecting(self) -> int:
+        return self._states().count("02")  # SYN_SENT
+
+    def _settled(self) -> bool:
+        return len(self._states()) >= len(self._clients)
+
+    def reached(self) -> bool:
+        """Whether our association's connection has reached the PACS, as far as it can."""
+        if self.how == "full":
+            return self._connecting() > self.connecting_before
+        return bool(self._taken)
+
+    def close(self) -> None:
+        for connection in (*self._clients, *self._taken):
+            connection.close()
+        self.server.close()
+
+
+@pytest.mark.parametrize("how", ["taken", "full"])
+def test_an_association_interrupted_before_the_pacs_answered_is_left_at_once(how: str) -> None:
+    """Ctrl-C while the PACS has not answered the association, its connection taken or
+    still being made: no connection thread of ours is left behind, and the interrupt
+    comes at once. The thread is no daemon: the process would have waited for it, after
+    the command's summary, until the ACSE timeout (10 minutes for a move), and a
+    connect under way held the abort for the connect's 30 s."""
+    pacs = SilentPACS(how)
+    before = set(threading.enumerate())
+    pressed: list[float] = []
+
+    def ctrl_c(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    def press_ctrl_c() -> None:
+        with contextlib.suppress(AssertionError):
+            wait_for(pacs.reached, timeout=WAIT, what="the connection to reach the PACS")
+            pressed.append(time.monotonic())
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1)
+
+    previous = signal.signal(signal.SIGUSR1, ctrl_c)
+    presser = threading.Thread(target=press_ctrl_c, daemon=True)
+    presser.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            qr.move_series(
+                "1.2.3",
+                "1.2.3.1",
+                ae_title="PACS",
+                host="127.0.0.1",
+                port=pacs.port,
+                calling_ae_title=OUR_AE,
+                move_destination=OUR_AE,
+                timeout=600,
+            )
+        took = time.monotonic() - pressed[0]
+        left = our_association_threads(before)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        presser.join(WAIT)
+        pacs.close()
+    assert left == [], "a connection thread was left to wait out its timeout"
+    assert took < WAIT / 2, f"the interrupt came {took:.1f} s after Ctrl-C"
+
+
+def test_a_move_answered_then_interrupted_in_its_release_counts_what_it_sent(
+    listener: Listener,
+) -> None:
+    """Ctrl-C once the PACS had answered the move, while it held its answer to the
+    release: the series is counted moved, with its instances, and the series after it
+    not tried (before, it was counted not moved, its instances left out)."""
+    plan = BackfillPlan(studies=[], series=[series("1.2.3", 1), series("1.2.4", 1)])
+    pacs = MovePACS(listener, {s.series_instance_uid: send(2) for s in plan.series})
+    pacs.hold_releases = True
+
+    def ctrl_c(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    def press_ctrl_c() -> None:
+        if pacs.releasing.wait(WAIT):
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1)
+
+    previous = signal.signal(signal.SIGUSR1, ctrl_c)
+    presser = threading.Thread(target=press_ctrl_c, daemon=True)
+    presser.start()
+    try:
+        with pytest.raises(BackfillInterrupted) as interrupted:
+            run_backfill(pacs.destination, plan, calling_ae_title=OUR_AE, move_destination=OUR_AE)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        presser.join(WAIT)
+        pacs.stop()
+    report = interrupted.value.report
+    assert pacs.asked == ["1.2.3.1"]
+    assert (report.series_moved, report.instances_moved, report.series_not_tried) == (1, 2, 1)
+    assert report.failures == [
+        "interrupted: 1 series not moved: run the backfill again to move them"
+    ]

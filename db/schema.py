@@ -120,6 +120,12 @@ class Instance(Base):
     """One received DICOM instance (no patient identifiers are kept here)."""
 
     __tablename__ = "instances"
+    __table_args__ = (
+        # the last hour's of a state (the metrics, `status`), and a state alone
+        Index("ix_instances_state_finished_at", "state", "finished_at"),
+        # the images still on disk and their bytes, read from the index alone
+        Index("ix_instances_files_removed_at_size", "files_removed_at", "size_bytes"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
@@ -134,7 +140,7 @@ class Instance(Base):
     spool_path: Mapped[str] = mapped_column(Text, index=True)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     times_received: Mapped[int] = mapped_column(Integer, default=1)
-    state: Mapped[InstanceState] = mapped_column(_enum(InstanceState), index=True)
+    state: Mapped[InstanceState] = mapped_column(_enum(InstanceState))
     reason: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     claimed_by: Mapped[str | None] = mapped_column(String(128))  # heartbeat name of the worker

@@ -753,7 +753,7 @@ def status(ctx: click.Context, as_json: bool, quiet: bool) -> None:
     settings = _settings(ctx)
     # nothing made where no node is: the database is checked before the broker is used
     configure(settings, create_broker=False)
-    report = collect(settings)
+    report = collect(settings, details=not quiet)
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
     elif quiet:

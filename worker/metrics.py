@@ -2,8 +2,10 @@
 
 The listener (``BONEAGE_METRICS_PORT``) serves :class:`NodeCollector`: everything is
 read from the database and the broker when Prometheus scrapes, with aggregated
-queries and a one-hour window for latencies (gauge histograms), so a scrape costs a few
-small queries whatever the size of the database.
+queries and a one-hour window for latencies (gauge histograms). Each is served by an
+index (revisions 0021, 0024): the hour's rows and the images still on disk are read
+alone, and the counts by state and by delivery state read their indexes, not the rows;
+the reasons of the images not assessed are read from the rows, once per scrape.
 
 A worker (``BONEAGE_WORKER_METRICS_PORT``; a worker that consumes only the delivery
 queue uses that port + 1, so that ``serve``'s two workers do not collide) serves the
@@ -127,12 +129,22 @@ class NodeCollector(Collector):
     def _listener(self) -> Iterable[Metric]:
         if self.listener_counters is None:
             return
+        counters = dict(self.listener_counters())
+        # associations, not objects: one refused may have carried a whole study
+        associations = CounterMetricFamily(
+            "boneage_listener_associations_refused",
+            "Associations the listener refused since it started: a calling AE title not "
+            "allowed (or not from its pinned address), or more at once from one address "
+            "than it takes.",
+        )
+        associations.add_metric([], counters.pop("refused", 0))
+        yield associations
         received = CounterMetricFamily(
             "boneage_listener_objects",
             "Objects offered to the listener by C-STORE since it started, by outcome.",
             labels=["outcome"],
         )
-        for outcome, count in sorted(self.listener_counters().items()):
+        for outcome, count in sorted(counters.items()):
             received.add_metric([outcome], count)
         yield received
         if self.refused_connections is not None:

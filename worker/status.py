@@ -31,8 +31,12 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat(timespec="seconds") if value else None
 
 
-def collect(settings: Settings) -> dict[str, Any]:
+def collect(settings: Settings, *, details: bool = True) -> dict[str, Any]:
     """Everything `status` shows, as plain data (`--json` prints exactly this).
+
+    ``details=False`` (`--quiet`, each container's health check every minute) leaves out
+    what decides nothing of the health: the recent problems, whose reasons no index
+    can find, so that every row would be read each minute.
 
     Its time is the database server's clock once the database answers (this host's
     until then): the heartbeats are written by that clock (`worker.heartbeat`), and
@@ -75,7 +79,8 @@ def collect(settings: Settings) -> dict[str, Any]:
         retrying, last_error = queries.retrying_deliveries(session)
         report["deliveries_retrying"] = retrying
         report["recent_problems"] = [
-            {**p, "at": _iso(p["at"])} for p in queries.recent_problems(session)
+            {**p, "at": _iso(p["at"])}
+            for p in (queries.recent_problems(session) if details else [])
         ]
         spool_instances, spool_bytes = queries.spooled(session)
         waiting = queries.waiting(session)

@@ -7,12 +7,21 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["LOW_FREE_BYTES", "LOW_FREE_FRACTION", "DiskSpace", "disk_space"]
+__all__ = [
+    "LOW_FREE_BYTES",
+    "LOW_FREE_FRACTION",
+    "LOW_FREE_FRACTION_CAP",
+    "DiskSpace",
+    "disk_space",
+]
 
 #: Below either, `status` calls the node unhealthy: a full disk makes the listener
 #: answer 0xA700 (Out of Resources) to every C-STORE, so the PACS queues and retries.
 LOW_FREE_BYTES = 2 << 30
 LOW_FREE_FRACTION = 0.05
+#: The most the fraction asks for: 5 % of a 10 TiB volume is 512 GiB, months of images
+#: for a node, and a volume with 400 GiB free is not low.
+LOW_FREE_FRACTION_CAP = 50 << 30
 
 
 @dataclass(frozen=True)
@@ -27,10 +36,10 @@ class DiskSpace:
 
     @property
     def low(self) -> bool:
-        """Less than :data:`LOW_FREE_BYTES` or :data:`LOW_FREE_FRACTION` left."""
-        return self.free_bytes < LOW_FREE_BYTES or (
-            self.total_bytes > 0 and self.free_bytes < LOW_FREE_FRACTION * self.total_bytes
-        )
+        """Less than :data:`LOW_FREE_BYTES` left, or than :data:`LOW_FREE_FRACTION` of
+        the disk up to :data:`LOW_FREE_FRACTION_CAP`."""
+        share = min(LOW_FREE_FRACTION * self.total_bytes, LOW_FREE_FRACTION_CAP)
+        return self.free_bytes < max(LOW_FREE_BYTES, share)
 
 
 def disk_space(directory: Path) -> DiskSpace | None:

@@ -65,6 +65,11 @@ def scrape(port: int) -> Samples | None:
             text = answer.read().decode()
     except (urllib.error.URLError, OSError):
         return None
+    return parse(text)
+
+
+def parse(text: str) -> Samples:
+    """Every sample of a scrape's text keyed by (name, sorted labels)."""
     samples: Samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -122,7 +127,8 @@ def test_metrics_of_a_running_node(
         for queue in ("inference", "delivery"):
             assert value(node_metrics, "boneage_queue_depth", queue=queue) >= 0
         assert value(node_metrics, "boneage_listener_objects_total", outcome="stored") == 2
-        assert value(node_metrics, "boneage_listener_objects_total", outcome="refused") == 0
+        assert ("boneage_listener_objects_total", (("outcome", "refused"),)) not in node_metrics
+        assert value(node_metrics, "boneage_listener_associations_refused_total") == 0
         assert value(node_metrics, "boneage_listener_connections_refused_total") == 0
         assert value(node_metrics, "boneage_received_to_assessed_seconds_gcount") >= 1
         assert value(
@@ -290,3 +296,22 @@ def test_live_workers_are_counted_by_queue(tmp_path: Path) -> None:
     with session_scope(url) as session:
         session.execute(delete(Heartbeat).where(Heartbeat.name == "both"))
     assert workers() == {"inference": 1, "delivery": 0}
+
+
+def test_refused_associations_are_counted_apart_from_objects(tmp_path: Path) -> None:
+    """The listener's refusals are of associations (each may have carried a study), not
+    of objects: a counter of their own, never an outcome among the C-STOREs."""
+    url = f"sqlite:///{tmp_path / 'boneage.db'}"
+    upgrade(url)
+    counters = {"stored": 3, "refused": 2, "failed": 1, "deferred": 4}
+    registry = CollectorRegistry()
+    registry.register(NodeCollector(url, lambda: {}, lambda: counters))
+    samples = parse(generate_latest(registry).decode())
+    assert value(samples, "boneage_listener_associations_refused_total") == 2
+    objects = {
+        dict(labels)["outcome"]: count
+        for (name, labels), count in samples.items()
+        if name == "boneage_listener_objects_total"
+    }
+    assert objects == {"stored": 3, "failed": 1, "deferred": 4}
+    assert counters["refused"] == 2  # the listener's own counters are left as they are

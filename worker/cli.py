@@ -1924,7 +1924,8 @@ def evaluate(
         sc_min_long_side=settings.sc_min_long_side,
         # DICOM images: only those the worker would assess (worker.pipeline._decide)
         gate=not all_images,
-        require_sex=settings.missing_sex == "reject",
+        # and given the sex the worker gives the model (its header's, else the site's)
+        missing_sex=settings.missing_sex,
     )
     gate: GateOutcome | None = None  # images that are not DICOM: the gate has no say
     if data["dicom_dir"] is not None:

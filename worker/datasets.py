@@ -12,12 +12,12 @@ import hashlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from dicom_io.gate import check
+from dicom_io.gate import check, patient_facts
 from dicom_io.pixels import decode_as_assessed, decode_for_display, read_image
 from models.data import (
     IMAGE_GROUP,
@@ -30,6 +30,9 @@ from models.data import (
     warn_if_years,
 )
 from worker.settings import SC_MIN_LONG_SIDE
+
+#: The site's ``BONEAGE_MISSING_SEX``: what the service does with an image of no sex.
+MissingSex = Literal["reject", "female", "male"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +112,7 @@ def read_dicom_folder(
     sc_min_long_side: int = SC_MIN_LONG_SIDE,
     progress: bool = True,
     gate: bool = False,
-    require_sex: bool = False,
+    missing_sex: MissingSex | None = None,
 ) -> LabelledSet:
     """A folder of DICOM radiographs with a CSV of labels.
 
@@ -139,10 +142,17 @@ def read_dicom_folder(
     progress bar while the headers are read.
 
     With ``gate``, only the images the service assesses are kept: each header goes through
-    its input gate (:func:`dicom_io.gate.check`, ``require_sex`` as the site's
-    ``BONEAGE_MISSING_SEX`` makes the worker ask), and those it refuses are left out and
-    counted by reason (:attr:`~models.data.LabelledSet.left_out`); ``limit`` counts the
-    images kept.
+    its input gate (:func:`dicom_io.gate.check`, asking for a sex where ``missing_sex``,
+    the site's ``BONEAGE_MISSING_SEX``, is ``reject``), and those it refuses are left out
+    and counted by reason (:attr:`~models.data.LabelledSet.left_out`); ``limit`` counts
+    the images kept.
+
+    With ``missing_sex`` (``evaluate``), the model is given the sex the service gives
+    it: the header's PatientSex where it is M or F, whatever the ``male`` column says,
+    else the site's ``female`` or ``male``; each kind is counted and warned of, as the
+    by-sex figures then follow the service's input, not the labels. Without it
+    (``train``), and where the site refuses images with no sex, the ``male`` column,
+    else the header.
 
     Raises
     ------
@@ -155,6 +165,7 @@ def read_dicom_folder(
     items: list[LabelledImage] = []
     left_out: dict[str, int] = {}
     listed = missing = 0
+    disagree = assumed = 0  # labels whose sex the header contradicts; the site's sex given
     with labels_csv.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         header = reader.fieldnames or []
@@ -198,23 +209,34 @@ def read_dicom_folder(
                     f"{where}: {path} is not a DICOM file pydicom reads: {exc}"
                 ) from exc
             if gate:
-                decision = check(dicom_header, require_sex=require_sex)
+                decision = check(dicom_header, require_sex=missing_sex == "reject")
                 if not decision.accepted:
                     reason = decision.reason or "not assessable"
                     left_out[reason] = left_out.get(reason, 0) + 1
                     continue
+            labelled: bool | None = None
             if "male" in fields and row[fields["male"]].strip():
                 try:
-                    male = parse_sex(row[fields["male"]])
+                    labelled = parse_sex(row[fields["male"]])
                 except ValueError as exc:
                     raise ValueError(f"{where}: male: {exc}") from exc
+            recorded = patient_facts(dicom_header).male  # the header's, as the gate reads it
+            male: bool
+            if missing_sex is not None and recorded is not None:
+                male = recorded  # as the worker gives it (worker.pipeline)
+                disagree += labelled is not None and labelled != recorded
+            elif missing_sex in ("female", "male"):
+                male = missing_sex == "male"
+                assumed += 1
+            elif labelled is not None:
+                male = labelled
+            elif recorded is not None:
+                male = recorded
             else:
-                sex = str(dicom_header.get("PatientSex", ""))
-                if sex.upper() not in {"M", "F"}:
-                    raise ValueError(
-                        f"{where}: no male column and the PatientSex of {path} is {sex or 'empty'}"
-                    )
-                male = sex.upper() == "M"
+                sex = str(dicom_header.get("PatientSex", "") or "").strip()
+                raise ValueError(
+                    f"{where}: no male column and the PatientSex of {path} is {sex or 'empty'}"
+                )
             patient = row[fields["patient"]].strip() if "patient" in fields else ""
             group = patient_group(patient or str(dicom_header.get("PatientID", "") or ""))
             if not group:  # one image: listed twice (or copied), both stay on one side
@@ -235,6 +257,20 @@ def read_dicom_folder(
         raise ValueError(f"{labels_csv} lists no images")
     if missing:
         logger.warning("%d files listed in %s are missing from %s", missing, labels_csv, folder)
+    if disagree:
+        logger.warning(
+            "%d images' sex in %s is not their header's PatientSex: scored, and counted by "
+            "sex, with the header's, as the service assesses them",
+            disagree,
+            labels_csv,
+        )
+    if assumed:
+        logger.warning(
+            "%d images have no PatientSex of M or F: scored, and counted by sex, as %s "
+            "(BONEAGE_MISSING_SEX), as the service assesses them",
+            assumed,
+            missing_sex,
+        )
     warn_if_years([item.age_months for item in items], labels_csv)
     return LabelledSet(items, n_listed=listed, n_missing=missing, left_out=left_out)
 
@@ -259,7 +295,7 @@ def load_items(
     sc_min_long_side: int = SC_MIN_LONG_SIDE,
     progress: bool = True,
     gate: bool = False,
-    require_sex: bool = False,
+    missing_sex: MissingSex | None = None,
 ) -> tuple[list[LabelledImage], str]:
     """The items from exactly one source, and a description for the checkpoint.
 
@@ -297,7 +333,7 @@ def load_items(
             sc_min_long_side=sc_min_long_side,
             progress=progress,
             gate=gate,
-            require_sex=require_sex,
+            missing_sex=missing_sex,
         )
         gaps = f" ({found.n_missing} of {found.n_listed} listed missing)" if found.n_missing else ""
         if found.left_out:

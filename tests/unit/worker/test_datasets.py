@@ -21,7 +21,7 @@ from worker.datasets import (
 
 
 def _write_dicom(
-    folder: Path, name: str, *, patient_id: str, sex: str = "M", side: int = 32
+    folder: Path, name: str, *, patient_id: str, sex: str | None = "M", side: int = 32
 ) -> None:
     pixels = np.random.default_rng(0).integers(0, 4096, size=(side, side), dtype=np.uint16)
     ds = make_radiograph_dataset(
@@ -222,7 +222,7 @@ def test_the_gate_leaves_out_what_the_service_refuses_and_the_limit_counts_what_
     assert (gated.n_listed, gated.n_missing) == (5, 0)
 
     # a site that refuses images without a sex: the worker refuses it whatever the labels say
-    strict = read_dicom_folder(tmp_path, labels, gate=True, require_sex=True)
+    strict = read_dicom_folder(tmp_path, labels, gate=True, missing_sex="reject")
     assert len(strict) == 3 and sum(strict.left_out.values()) == 2
     assert strict.left_out[small] == 1
 
@@ -264,3 +264,39 @@ def test_a_deflate_bomb_in_a_folder_is_refused_not_inflated(tmp_path: Path, gate
 
     with pytest.raises(ValueError, match=r"labels.csv:2: .*bomb.dcm.*inflates past 64 MiB"):
         read_dicom_folder(tmp_path, labels, gate=gate)
+
+
+def test_evaluate_gives_the_model_the_sex_the_service_gives_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The worker gives the model the header's PatientSex, else the site's
+    BONEAGE_MISSING_SEX: so does `evaluate`, whatever the labels say, and it says where
+    the two differ (before, the labels won, and the figures were not the service's; an
+    image with no sex and no label stopped the evaluation the service would assess).
+    `train` keeps the labels first."""
+    for name, sex in (("m.dcm", "M"), ("none.dcm", None), ("f.dcm", "F"), ("o.dcm", "O")):
+        _write_dicom(tmp_path, name, patient_id=name, sex=sex, side=256)
+    rows = [
+        {"file": "m.dcm", "boneage": "100", "male": "0"},  # the header says M
+        {"file": "none.dcm", "boneage": "100", "male": "1"},  # no sex: the site's, female
+        {"file": "f.dcm", "boneage": "100", "male": "0"},
+        {"file": "o.dcm", "boneage": "100", "male": ""},  # neither: the site's too
+    ]
+    labels = _write_labels(tmp_path / "labels.csv", rows)
+    with caplog.at_level(logging.WARNING, logger="worker.datasets"):
+        evaluated = read_dicom_folder(tmp_path, labels, gate=True, missing_sex="female")
+    assert [item.male for item in evaluated] == [True, False, False, False]
+    said = caplog.text
+    assert "1 images' sex in" in said and "with the header's" in said
+    assert "2 images have no PatientSex of M or F: scored, and counted by sex, as female" in said
+    everything = read_dicom_folder(tmp_path, labels, missing_sex="male")  # --all-images
+    assert [item.male for item in everything] == [True, True, False, True]
+
+    refusing = read_dicom_folder(tmp_path, labels, gate=True, missing_sex="reject")
+    assert [item.male for item in refusing] == [True, False]
+    assert sum(refusing.left_out.values()) == 2
+
+    with pytest.raises(ValueError, match=r"no male column and the PatientSex of .*o\.dcm is O"):
+        read_dicom_folder(tmp_path, labels)  # train: the labels, else the header
+    trained = read_dicom_folder(tmp_path, _write_labels(tmp_path / "t.csv", rows[:3]))
+    assert [item.male for item in trained] == [False, True, False]

@@ -166,6 +166,7 @@ def read_dicom_folder(
     left_out: dict[str, int] = {}
     listed = missing = 0
     disagree = assumed = 0  # labels whose sex the header contradicts; the site's sex given
+    unnamed = 0  # images of a blank cell in the patient column
     with labels_csv.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         header = reader.fieldnames or []
@@ -238,6 +239,7 @@ def read_dicom_folder(
                     f"{where}: no male column and the PatientSex of {path} is {sex or 'empty'}"
                 )
             patient = row[fields["patient"]].strip() if "patient" in fields else ""
+            unnamed += "patient" in fields and not patient
             group = patient_group(patient or str(dicom_header.get("PatientID", "") or ""))
             if not group:  # one image: listed twice (or copied), both stay on one side
                 group = instance_group(dicom_header, path)
@@ -257,6 +259,16 @@ def read_dicom_folder(
         raise ValueError(f"{labels_csv} lists no images")
     if missing:
         logger.warning("%d files listed in %s are missing from %s", missing, labels_csv, folder)
+    if unnamed:
+        # the column is there for headers whose PatientIDs were replaced per image: one
+        # left blank puts an image of a child named elsewhere in a group of its own, which
+        # may then be validated on beside the child's trained images
+        logger.warning(
+            "%d images of %s have no patient in its patient column: each is grouped by the "
+            "PatientID in its header instead, which may not be the patient's other images'",
+            unnamed,
+            labels_csv,
+        )
     if disagree:
         logger.warning(
             "%d images' sex in %s is not their header's PatientSex: scored, and counted by "

@@ -62,7 +62,9 @@ def test_images_of_one_patient_share_a_group_that_does_not_show_the_id(tmp_path:
         assert "MRN" not in item.key
 
 
-def test_the_patient_column_overrides_the_header(tmp_path: Path) -> None:
+def test_the_patient_column_overrides_the_header(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     # e.g. a set whose PatientIDs were replaced per image, with the link kept in the CSV
     for name, patient in (("a.dcm", "ANON1"), ("b.dcm", "ANON2"), ("c.dcm", "ANON3")):
         _write_dicom(tmp_path, name, patient_id=patient)
@@ -75,10 +77,13 @@ def test_the_patient_column_overrides_the_header(tmp_path: Path) -> None:
         ],
     )
 
-    a, b, c = read_dicom_folder(tmp_path, labels)
+    with caplog.at_level(logging.WARNING, logger="worker.datasets"):
+        a, b, c = read_dicom_folder(tmp_path, labels)
 
     assert a.group == b.group == patient_group("child-7")
     assert c.group == patient_group("ANON3")
+    # a cell left blank may split a child across training and validation: said
+    assert "1 images of" in caplog.text and "no patient in its patient column" in caplog.text
 
 
 def test_one_image_listed_twice_without_a_patient_is_one_group(tmp_path: Path) -> None:

@@ -121,7 +121,7 @@ class Instance(Base):
 
     __tablename__ = "instances"
     __table_args__ = (
-        # the last hour's of a state (the metrics, `status`), and a state alone
+        # the last hour's of a state (the metrics, `status`)
         Index("ix_instances_state_finished_at", "state", "finished_at"),
         # the images still on disk and their bytes, read from the index alone
         Index("ix_instances_files_removed_at_size", "files_removed_at", "size_bytes"),
@@ -140,7 +140,7 @@ class Instance(Base):
     spool_path: Mapped[str] = mapped_column(Text, index=True)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     times_received: Mapped[int] = mapped_column(Integer, default=1)
-    state: Mapped[InstanceState] = mapped_column(_enum(InstanceState))
+    state: Mapped[InstanceState] = mapped_column(_enum(InstanceState), index=True)
     reason: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     claimed_by: Mapped[str | None] = mapped_column(String(128))  # heartbeat name of the worker

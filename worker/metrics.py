@@ -133,9 +133,9 @@ class NodeCollector(Collector):
         # associations, not objects: one refused may have carried a whole study
         associations = CounterMetricFamily(
             "boneage_listener_associations_refused",
-            "Associations the listener refused since it started: a calling AE title not "
-            "allowed (or not from its pinned address), or more at once from one address "
-            "than it takes.",
+            "Associations the listener refused since it started: a called AE title not "
+            "this node's, a calling AE title not allowed (or not from its pinned address), "
+            "or more at once than it takes (from one address, or past 64 in all).",
         )
         associations.add_metric([], counters.pop("refused", 0))
         yield associations

@@ -328,21 +328,18 @@ def test_one_disk_past_the_reserve_is_said_once_though_read_apart(
     line, though the listener wrote between the two reads of its free bytes (before,
     two differing readings of one disk were taken for two disks, and said twice)."""
     real = shutil.disk_usage
-    written = iter(range(0, 1 << 40, 1 << 20))  # a megabyte more before each read
+    written = iter(range(0, 1 << 30, 1 << 20))  # a megabyte more before each read
 
     def disk_usage(path: str | os.PathLike[str]) -> Any:
-        usage = real(path)
-        return usage._replace(free=usage.free - next(written))
+        usage = real(path)  # 1 GiB free, low, less a megabyte at each read
+        return usage._replace(free=(1 << 30) - next(written))
 
     monkeypatch.setattr(shutil, "disk_usage", disk_usage)
-    monkeypatch.setattr(storage, "LOW_FREE_FRACTION", 1.0)  # any disk is low
-    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
     rt = make_runtime(
-        tmp_path,
-        tiny_checkpoint,
-        destinations=storescp.destination,
-        min_free_mb=(free >> 20) + (1 << 20),
+        tmp_path, tiny_checkpoint, destinations=storescp.destination, min_free_mb=2048
     )
     rt.settings.spool_dir.mkdir(parents=True, exist_ok=True)
+    space, spool = storage.disk_space(rt.settings.data_dir), storage.disk_space(tmp_path)
+    assert space is not None and spool is not None and space.low and space != spool
     disk = [p for p in _problems(rt) if "BONEAGE_MIN_FREE_MB" in p]
     assert len(disk) == 1 and "it refuses every image now" in disk[0], disk

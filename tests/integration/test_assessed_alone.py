@@ -34,8 +34,10 @@ pytestmark = pytest.mark.integration
 rt = test_live_claims.rt
 
 
-def _claimed(rt: Runtime, instance_id: int, *, shared: bool) -> pipeline._Claim:
-    claim = pipeline._claim(rt, instance_id, shared=shared)
+def _claimed(
+    rt: Runtime, instance_id: int, *, shared: bool, held: dt.datetime | None = None
+) -> pipeline._Claim:
+    claim = pipeline._claim(rt, instance_id, held, shared=shared)
     assert isinstance(claim, pipeline._Claim), claim
     return claim
 
@@ -114,10 +116,19 @@ def test_a_death_in_a_retrys_back_off_gives_back_no_attempt_twice(rt: Runtime) -
     row = _row(rt, instance_id)
     assert (row.state, row.attempts, row.transient_failures) == (InstanceState.PROCESSING, 1, 1)
 
+    # the task's retry takes it again, its claim shared as its process holds others
+    retry = _claimed(rt, instance_id, shared=True, held=claim.started_at)
+    assert (_row(rt, instance_id).attempts, _row(rt, instance_id).claim_shared) == (2, True)
+    try:
+        raise OSError("the spool's mount stalled again")
+    except OSError as exc:
+        pipeline._note_failed_attempt(rt, retry, exc)
+    assert _row(rt, instance_id).transient_failures == 2
+
     _heartbeat_stops(rt)
     assert reconcile_once(rt) == [instance_id]
     row = _row(rt, instance_id)
-    assert (row.state, row.attempts) == (InstanceState.QUEUED, 1)
+    assert (row.state, row.attempts, row.alone) == (InstanceState.QUEUED, 1, False)
 
 
 def test_a_shared_claim_whose_lease_ran_out_in_a_live_worker_counts(rt: Runtime) -> None:

@@ -1988,7 +1988,10 @@ def evaluate(
     help="Checkpoint (default BONEAGE_MODEL; none = untrained model).",
 )
 @click.option(
-    "--sex", type=click.Choice(["M", "F"]), help="For PNG/JPEG inputs (DICOM has PatientSex)."
+    "--sex",
+    type=click.Choice(["M", "F"]),
+    help="For PNG/JPEG inputs; for a DICOM file whose PatientSex is not M or F, in place "
+    "of the site's BONEAGE_MISSING_SEX.",
 )
 @click.option(
     "--heatmap-dir",
@@ -2016,7 +2019,7 @@ def predict(
     from dicom_io.pixels import decode_as_assessed, read_image, set_jpeg2000_threads
     from dicom_io.sc import render_overlay
     from models.data import load_image
-    from worker.pipeline import age_notes, assessment_finding
+    from worker.pipeline import age_notes, assessment_finding, site_sex_note
     from worker.runtime import Runtime
 
     settings = _settings(ctx, model=checkpoint)
@@ -2036,6 +2039,7 @@ def predict(
         table.add_column(col, overflow="fold")
     refused = 0
     for path in files:
+        told: list[str] = []  # the service's note of a sex it was not told
         try:
             if path.suffix.lower() in {".png", ".jpg", ".jpeg", ".tif", ".tiff"}:
                 if sex is None:
@@ -2051,11 +2055,16 @@ def predict(
                     )
             else:
                 ds = read_image(path)
-                decision = gate.check(ds, require_sex=sex is None)
+                # a header with no sex: --sex, else as the service (BONEAGE_MISSING_SEX)
+                site_sex = sex is None and settings.missing_sex != "reject"
+                decision = gate.check(ds, require_sex=sex is None and not site_sex)
                 if not decision.accepted:
                     raise ValueError(decision.reason or "not assessable")
                 facts = decision.facts
                 male = facts.male if facts.male is not None else sex == "M"
+                if facts.male is None and site_sex:
+                    male = settings.missing_sex == "male"
+                    told = [site_sex_note(male)]
                 # as the service decodes it, so the bone age is the one its SR would give
                 image = decode_as_assessed(
                     ds,
@@ -2069,7 +2078,7 @@ def predict(
         prediction = predictor.predict(image, male=male)
         # as the service reports it: the same ages, SDS and notes as its SR and SC
         finding = assessment_finding(
-            predictor, prediction, facts, male=male, notes=age_notes(facts, male=male)
+            predictor, prediction, facts, male=male, notes=[*told, *age_notes(facts, male=male)]
         )
         chronological, sds = finding.chronological_age_months, finding.sds
         notes = [] if predictor.meta.trained else ["[yellow]untrained model[/]"]

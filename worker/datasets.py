@@ -148,11 +148,11 @@ def read_dicom_folder(
     the images kept.
 
     With ``missing_sex`` (``evaluate``), the model is given the sex the service gives
-    it: the header's PatientSex where it is M or F, whatever the ``male`` column says,
-    else the site's ``female`` or ``male``; each kind is counted and warned of, as the
-    by-sex figures then follow the service's input, not the labels. Without it
-    (``train``), and where the site refuses images with no sex, the ``male`` column,
-    else the header.
+    it: the header's PatientSex where it is M or F, whatever the ``male`` column says.
+    Where the header has none, the ``male`` column (a de-identified set's headers are
+    emptied, and the service would read the patient's), else the site's ``female`` or
+    ``male``. Each departure from the labels or from the service is counted and warned
+    of. Without it (``train``): the ``male`` column, else the header.
 
     Raises
     ------
@@ -165,7 +165,9 @@ def read_dicom_folder(
     items: list[LabelledImage] = []
     left_out: dict[str, int] = {}
     listed = missing = 0
-    disagree = assumed = 0  # labels whose sex the header contradicts; the site's sex given
+    # labels whose sex the header contradicts; headers with no sex, the labels' given or
+    # the site's
+    disagree = unrecorded = assumed = 0
     unnamed = 0  # images of a blank cell in the patient column
     with labels_csv.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
@@ -226,11 +228,13 @@ def read_dicom_folder(
             if missing_sex is not None and recorded is not None:
                 male = recorded  # as the worker gives it (worker.pipeline)
                 disagree += labelled is not None and labelled != recorded
+            elif labelled is not None:
+                # a de-identified set's header, emptied: the label is the patient's
+                male = labelled
+                unrecorded += missing_sex is not None
             elif missing_sex in ("female", "male"):
                 male = missing_sex == "male"
                 assumed += 1
-            elif labelled is not None:
-                male = labelled
             elif recorded is not None:
                 male = recorded
             else:
@@ -276,10 +280,22 @@ def read_dicom_folder(
             disagree,
             labels_csv,
         )
+    if unrecorded:
+        service = (
+            "refuses them"
+            if missing_sex == "reject"
+            else f"assesses them as {missing_sex} (BONEAGE_MISSING_SEX)"
+        )
+        logger.warning(
+            "%d images have no PatientSex of M or F (a de-identified set?): scored, and "
+            "counted by sex, with the labels' sex; the service %s",
+            unrecorded,
+            service,
+        )
     if assumed:
         logger.warning(
-            "%d images have no PatientSex of M or F: scored, and counted by sex, as %s "
-            "(BONEAGE_MISSING_SEX), as the service assesses them",
+            "%d images have no PatientSex of M or F and no label of it: scored, and "
+            "counted by sex, as %s (BONEAGE_MISSING_SEX), as the service assesses them",
             assumed,
             missing_sex,
         )

@@ -1433,6 +1433,14 @@ def _failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}{place}"
 
 
+def site_sex_note(male: bool) -> str:
+    """The note of an assessment whose image records no sex, given the site's."""
+    return (
+        f"Patient sex not recorded as M or F: assessed as {'male' if male else 'female'} "
+        "(site setting BONEAGE_MISSING_SEX)"
+    )
+
+
 def _note_failed_attempt(rt: Runtime, claim: _Claim, exc: BaseException) -> None:
     """Record on the instance, still `processing` under this attempt's claim, where the
     attempt failed, and the inputs and identity it read, if it got so far (so that a
@@ -1561,10 +1569,7 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
     male = facts.male
     if male is None:
         male = settings.missing_sex == "male"
-        notes.append(
-            f"Patient sex not recorded as M or F: assessed as {'male' if male else 'female'} "
-            "(site setting BONEAGE_MISSING_SEX)"
-        )
+        notes.append(site_sex_note(male))
     notes += age_notes(facts, male=male)
 
     predictor = rt.predictor

@@ -287,6 +287,44 @@ def test_predict_reports_a_dicom_image_as_the_service_would(
         assert note in " ".join(result.output.split())
 
 
+@pytest.mark.parametrize(
+    ("missing_sex", "given", "shown"),
+    [("female", None, "F"), ("male", None, "M"), ("female", "M", "M"), ("reject", None, None)],
+)
+def test_predict_gives_a_dicom_image_with_no_sex_the_sex_the_service_gives_it(
+    tmp_path: Path,
+    tiny_checkpoint: Path,
+    missing_sex: str,
+    given: str | None,
+    shown: str | None,
+) -> None:
+    """PatientSex not recorded: the site's BONEAGE_MISSING_SEX, with the SR's note, as the
+    service assesses it (before, predict refused it whatever the site said), unless
+    --sex says otherwise; refused where the site refuses it."""
+    phantom = make_phantom(100.0, male=False, size=256, rng=np.random.default_rng(0))
+    path = tmp_path / "hand.dcm"
+    make_radiograph_dataset(
+        np.round(phantom.image * 4095).astype(np.uint16),
+        sex=None,
+        birth_date=dt.date(2015, 5, 1),
+        study_date=dt.date(2025, 5, 1),
+    ).save_as(path, enforce_file_format=True)
+    args = ["predict", "--model", str(tiny_checkpoint), str(path)]
+    args += ["--sex", given] if given else []
+    env = {"COLUMNS": "400", "BONEAGE_MISSING_SEX": missing_sex}
+    result = CliRunner().invoke(main, args, env=env)
+    said = " ".join(result.output.split())
+    if shown is None:
+        assert result.exit_code == 1, said
+        assert "patient sex is empty; the model needs M or F" in said
+        return
+    assert result.exit_code == 0, said
+    [row] = [line for line in result.output.splitlines() if "hand.dcm" in line]
+    assert [cell.strip() for cell in row.split("│")][2] == shown
+    note = "Patient sex not recorded as M or F: assessed as"
+    assert (note in said) is (given is None), said
+
+
 def test_evaluate_refuses_missing_rsna_images_unless_allowed(
     tmp_path: Path, tiny_checkpoint: Path
 ) -> None:

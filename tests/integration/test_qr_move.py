@@ -232,6 +232,44 @@ def series(study: str, number: int, modality: str = "DX") -> qr.SeriesMatch:
     return qr.SeriesMatch(study, f"{study}.{number}", modality, "HAND", 1)
 
 
+@contextlib.contextmanager
+def ctrl_c_once(ready: Callable[[], bool]) -> Iterator[list[float]]:
+    """Ctrl-C, a KeyboardInterrupt in the main thread, once ``ready()`` holds (at most
+    :data:`WAIT` seconds on); yields a list the time of the press is put in."""
+    pressed: list[float] = []
+
+    def ctrl_c(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    def press() -> None:
+        with contextlib.suppress(AssertionError):
+            wait_for(ready, timeout=WAIT, what="the moment to press Ctrl-C", interval=0.01)
+            pressed.append(time.monotonic())
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1)
+
+    previous = signal.signal(signal.SIGUSR1, ctrl_c)
+    presser = threading.Thread(target=press, daemon=True)
+    presser.start()
+    try:
+        yield pressed
+    finally:
+        presser.join(WAIT)
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def stopping_after(pacs: MovePACS, steps: int) -> tuple[list[str], Callable[[str], None]]:
+    """A progress step that stops ``pacs`` once it has been called ``steps`` times, and
+    the tags it was called with."""
+    called: list[str] = []
+
+    def step(tag: str) -> None:
+        called.append(tag)
+        if len(called) == steps:
+            pacs.stop()
+
+    return called, step
+
+
 @pytest.fixture
 def listener() -> Iterator[Listener]:
     listener = Listener()
@@ -263,20 +301,9 @@ def test_an_interrupted_move_is_cancelled_and_left_at_once(listener: Listener) -
         yield (0xFF00, instance(uid))
 
     pacs = MovePACS(listener, {"1.2.3.1": slow})
-
-    def ctrl_c(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    def press_ctrl_c() -> None:
-        if stalled.wait(WAIT):
-            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1)
-
-    previous = signal.signal(signal.SIGUSR1, ctrl_c)
-    presser = threading.Thread(target=press_ctrl_c)
-    presser.start()
     try:
         peer = pacs.destination
-        with pytest.raises(KeyboardInterrupt):
+        with ctrl_c_once(stalled.is_set), pytest.raises(KeyboardInterrupt):
             qr.move_series(
                 "1.2.3",
                 "1.2.3.1",
@@ -289,8 +316,6 @@ def test_an_interrupted_move_is_cancelled_and_left_at_once(listener: Listener) -
             )
         returned.set()
     finally:
-        presser.join()
-        signal.signal(signal.SIGUSR1, previous)
         returned.set()
         pacs.stop()
     assert resumed.wait(WAIT)
@@ -306,13 +331,7 @@ def test_a_run_stops_once_the_pacs_is_gone(listener: Listener) -> None:
     handlers: dict[str, MoveHandler] = {s.series_instance_uid: refuse for s in plan.series[:3]}
     handlers[plan.series[3].series_instance_uid] = send(1)
     pacs = MovePACS(listener, handlers)
-    steps: list[str] = []
-
-    def step(tag: str) -> None:
-        steps.append(tag)
-        if len(steps) == 4:
-            pacs.stop()
-
+    steps, step = stopping_after(pacs, 4)
     try:
         report = run_backfill(
             pacs.destination,
@@ -387,13 +406,7 @@ def test_a_listing_stops_once_the_pacs_is_gone(listener: Listener) -> None:
     pacs = MovePACS(
         listener, {f"{s}.1": send(1) for s in studies}, refuse_series_of=frozenset(studies[:3])
     )
-    steps: list[str] = []
-
-    def step(tag: str) -> None:
-        steps.append(tag)
-        if len(steps) == 4:
-            pacs.stop()
-
+    steps, step = stopping_after(pacs, 4)
     try:
         plan = plan_backfill(
             pacs.destination,
@@ -522,22 +535,8 @@ def test_an_association_interrupted_before_the_pacs_answered_is_left_at_once(how
     connect under way held the abort for the connect's 30 s."""
     pacs = SilentPACS(how)
     before = set(threading.enumerate())
-    pressed: list[float] = []
-
-    def ctrl_c(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    def press_ctrl_c() -> None:
-        with contextlib.suppress(AssertionError):
-            wait_for(pacs.reached, timeout=WAIT, what="the connection to reach the PACS")
-            pressed.append(time.monotonic())
-            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1)
-
-    previous = signal.signal(signal.SIGUSR1, ctrl_c)
-    presser = threading.Thread(target=press_ctrl_c, daemon=True)
-    presser.start()
     try:
-        with pytest.raises(KeyboardInterrupt):
+        with ctrl_c_once(pacs.reached) as pressed, pytest.raises(KeyboardInterrupt):
             qr.move_series(
                 "1.2.3",
                 "1.2.3.1",
@@ -551,8 +550,6 @@ def test_an_association_interrupted_before_the_pacs_answered_is_left_at_once(how
         took = time.monotonic() - pressed[0]
         left = our_association_threads(before)
     finally:
-        signal.signal(signal.SIGUSR1, previous)
-        presser.join(WAIT)
         pacs.close()
     assert left == [], "a connection thread was left to wait out its timeout"
     assert took < WAIT / 2, f"the interrupt came {took:.1f} s after Ctrl-C"
@@ -567,23 +564,13 @@ def test_a_move_answered_then_interrupted_in_its_release_counts_what_it_sent(
     plan = BackfillPlan(studies=[], series=[series("1.2.3", 1), series("1.2.4", 1)])
     pacs = MovePACS(listener, {s.series_instance_uid: send(2) for s in plan.series})
     pacs.hold_releases = True
-
-    def ctrl_c(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    def press_ctrl_c() -> None:
-        if pacs.releasing.wait(WAIT):
-            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1)
-
-    previous = signal.signal(signal.SIGUSR1, ctrl_c)
-    presser = threading.Thread(target=press_ctrl_c, daemon=True)
-    presser.start()
     try:
-        with pytest.raises(BackfillInterrupted) as interrupted:
+        with (
+            ctrl_c_once(pacs.releasing.is_set),
+            pytest.raises(BackfillInterrupted) as interrupted,
+        ):
             run_backfill(pacs.destination, plan, calling_ae_title=OUR_AE, move_destination=OUR_AE)
     finally:
-        signal.signal(signal.SIGUSR1, previous)
-        presser.join(WAIT)
         pacs.stop()
     report = interrupted.value.report
     assert pacs.asked == ["1.2.3.1"]

@@ -22,9 +22,14 @@ if ((${#missing[@]})); then
 fi
 
 python=${PYTHON:-python3}
-if [[ ! -x .venv/bin/python ]]; then
+if [[ ! -x .venv/bin/python || ! -x .venv/bin/pip ]]; then  # none, or half made
   echo "==> creating .venv with $($python --version)"
-  "$python" -m venv .venv
+  rm -rf .venv
+  if ! "$python" -m venv .venv; then
+    rm -rf .venv
+    echo "$python cannot make a virtual environment: on Debian, apt-get install python3-venv" >&2
+    exit 1
+  fi
 fi
 stamp=".venv/.installed${extras}"
 installed() { [[ -f "$1" && ! pyproject.toml -nt "$1" ]]; }  # installed STAMP

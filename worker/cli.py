@@ -1299,8 +1299,14 @@ def reconcile(ctx: click.Context) -> None:
     type=click.FloatRange(min=0, min_open=True),
     help="Keep files this many days instead of BONEAGE_RETENTION_DAYS.",
 )
+@click.option(
+    "--all-marked",
+    is_flag=True,
+    help="Look again at the files of every instance retention marked before, not only "
+    "the last day's: after linking a moved data directory's old place to the new.",
+)
 @click.pass_context
-def retention(ctx: click.Context, dry_run: bool, days: float | None) -> None:
+def retention(ctx: click.Context, dry_run: bool, days: float | None, all_marked: bool) -> None:
     """Remove received images and SR/SC files that retention lets go, now.
 
     Files of an instance go BONEAGE_RETENTION_DAYS after it finished, once every
@@ -1324,6 +1330,7 @@ def retention(ctx: click.Context, dry_run: bool, days: float | None) -> None:
         dry_run=dry_run,
         outbox_dir=settings.outbox_dir,
         spool_dir=settings.spool_dir,
+        all_marked=all_marked,
     )
     verb = "would remove" if dry_run else "removed"
     unsent = (
@@ -1362,13 +1369,14 @@ def retention(ctx: click.Context, dry_run: bool, days: float | None) -> None:
             f"[yellow]{report.kept_elsewhere} file(s) that those instances' rows name outside "
             f"this node's spool and outbox {'would be' if dry_run else 'were'} kept: another "
             "node's (a database copied from it), or this node's where its data directory "
-            "once was (moved: link the old place to the new, and the next runs remove them)"
+            "once was (moved: link the old place to the new, and run `boneage-worker "
+            "retention --all-marked`)"
         )
     if report.left:
         console.print(
             f"[yellow]{report.left} received image(s) of those instances were kept this "
-            "time: listeners held the spool's recording lock (images being received); the "
-            "next runs remove them"
+            "time, with their SR and SC files: listeners held the spool's recording lock "
+            "(images being received); the next runs remove them"
         )
 
 

@@ -474,6 +474,12 @@ def _remove_files(
         return _remove(files.outputs, started.on_host(marked_at))
     recorded_copy = min(marked_at, max(files.received, started.database - _RECORDING))
     count, size = images.remove(files.spool, marked_at, started.on_host(recorded_copy))
+    # The objects too only while the row keeps the mark, read under the lock: a copy
+    # recorded since is compared with the assessment they hold, and its withdrawals are
+    # made from them (the patient and study they were filed under), which would
+    # otherwise be left to be made by hand
+    if not files.outputs or not images.still_marked(files.spool, marked_at):
+        return count, size
     outputs, outputs_size = _remove(files.outputs, started.on_host(marked_at))
     return count + outputs, size + outputs_size
 
@@ -520,6 +526,7 @@ def remove_expired_files(
     dry_run: bool = False,
     outbox_dir: Path | None = None,
     spool_dir: Path | None = None,
+    all_marked: bool = False,
 ) -> RetentionReport:
     """Remove the files of instances finished more than ``older_than`` ago, all sent.
 
@@ -540,6 +547,10 @@ def remove_expired_files(
         The node's spool: its received images that no instance row names go
         ``older_than`` after retention first found them so (:func:`_unrecorded_images`).
         An instance's received image goes only from here: without it, none goes.
+    all_marked : bool
+        Look again at the files of every instance marked removed before, not only of
+        those marked in the last day (:func:`_sweep`): once a moved data directory's old
+        place is linked to the new, the files its rows name there go.
 
     A row's file elsewhere (a database copied from another node, a data directory
     moved) is kept, and counted (``RetentionReport.kept_elsewhere``), and said at
@@ -619,13 +630,15 @@ def remove_expired_files(
             len(ids), count, size, dry_run, kept_elsewhere=elsewhere, left=left
         )
     if not dry_run:
-        report = report + _sweep(database_url, started, dirs, lock)
+        window = None if all_marked else _SWEEP_WINDOW
+        report = report + _sweep(database_url, started, dirs, lock, window)
     if report.kept_elsewhere:  # one line a run: no path, which may be any node's
         logger.warning(
             "retention%s: %d file(s) that the rows of the instances marked name outside "
             "this node's spool (%s) and outbox (%s) %s: another node's files (a database "
             "copied from it), or this node's where its data directory once was (moved: "
-            "link the old place to the new, and the next runs remove them)",
+            "link the old place to the new, and run `boneage-worker retention "
+            "--all-marked`)",
             " (dry run)" if dry_run else "",
             report.kept_elsewhere,
             _named_dir(spool_dir, dirs.spool),
@@ -659,11 +672,17 @@ def remove_expired_files(
     return report
 
 
-def _sweep(database_url: str, started: _Start, dirs: _Dirs, lock: _SpoolLock) -> RetentionReport:
+def _sweep(
+    database_url: str,
+    started: _Start,
+    dirs: _Dirs,
+    lock: _SpoolLock,
+    window: timedelta | None = _SWEEP_WINDOW,
+) -> RetentionReport:
     """Files of recently marked instances that a crash left behind, or received images
     left while listeners held the recording lock (:class:`_RecordedImages`), marked
-    before this run, by the database's clock, as the marks are: those :func:`_files_of`
-    lets go.
+    before this run and at most ``window`` before it (None: ever), by the database's
+    clock, as the marks are: those :func:`_files_of` lets go.
     The files their rows name elsewhere were counted by the run that marked them.
 
     In batches of :data:`_BATCH`: a first clean-up marks as many instances in a day as
@@ -671,11 +690,12 @@ def _sweep(database_url: str, started: _Start, dirs: _Dirs, lock: _SpoolLock) ->
     list of them all failed every run's sweep for a day, and what comes after it.
     """
     with session_scope(database_url) as session:
+        since = [] if window is None else [Instance.files_removed_at >= started.database - window]
         rows = session.execute(
             select(Instance.id, Instance.files_removed_at).where(
                 and_(
                     Instance.files_removed_at.is_not(None),
-                    Instance.files_removed_at >= started.database - _SWEEP_WINDOW,
+                    *since,
                     Instance.files_removed_at < started.database,
                 )
             )
@@ -1123,7 +1143,7 @@ class _RecordedImages:
         if self.left:
             logger.warning(
                 "retention: %d received image(s) of instances marked removed left to the "
-                "next run: %s",
+                "next run, with their SR and SC files: %s",
                 self.left,
                 self._why_left,
             )
@@ -1137,11 +1157,19 @@ class _RecordedImages:
         if not self._take():
             self.left += 1
             return 0, 0
-        row = self._rows.get(str(image))
-        if row is None or row != (marked_at, None):
+        if not self.still_marked(image, marked_at):
             # a copy recorded since (the listener cleared the mark), or no row to tell
             return 0, 0
         return _remove([image], written_by)  # looked at again, under the lock
+
+    def still_marked(self, image: Path, marked_at: datetime) -> bool:
+        """Whether the row of the instance whose received image is ``image`` still has
+        the mark ``marked_at`` and no copy received again, read under the lock (taken
+        here where no image of the batch has taken it yet); False where the lock was
+        held past its tries (left to the next run) or no row tells."""
+        if not self._take():
+            return False
+        return self._rows.get(str(image)) == (marked_at, None)
 
     def _take(self) -> bool:
         """Take the lock for the rest of the batch and read the rows under it, once;

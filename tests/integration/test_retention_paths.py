@@ -203,6 +203,26 @@ def test_a_moved_data_directorys_files_are_kept_and_said(
         " ".join(done.output.split())
     )
     assert "where its data directory once was" in done.output
+    assert "run `boneage-worker retention --all-marked`" in " ".join(done.output.split())
+
+    # linked days later, past the hourly runs' look again at the last day's marks: the
+    # command told to look at every mark removes them (before, nothing ever did)
+    with session_scope(runtime.database_url) as session:
+        row = session.get_one(Instance, instance_id)
+        assert row.files_removed_at is not None
+        row.files_removed_at -= dt.timedelta(days=3)
+        for delivery in session.scalars(
+            select(Delivery).where(Delivery.instance_id == instance_id)
+        ):  # made before the mark, as ever
+            delivery.created_at -= dt.timedelta(days=3)
+    old.symlink_to(runtime.settings.data_dir, target_is_directory=True)
+    hourly = CliRunner().invoke(cli, ["retention", "--days", "30"])
+    assert hourly.exit_code == 0, hourly.output
+    assert all(p.exists() for p in files)
+    swept = CliRunner().invoke(cli, ["retention", "--days", "30", "--all-marked"])
+    assert swept.exit_code == 0, swept.output
+    assert not any(p.exists() for p in files)
+    assert ": 3 file(s)" in swept.output
 
 
 def test_without_the_nodes_directories_no_rows_file_is_removed(runtime: Runtime) -> None:

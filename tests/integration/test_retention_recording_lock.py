@@ -212,8 +212,12 @@ def test_a_copy_recorded_before_the_lock_is_taken_is_kept_by_its_row_whatever_it
     assert image.exists() and dcmread(image).PatientSex == "M"
     assert _row(runtime, kept)[0] is None
     assert not any(path.exists() for path in goes_files)
-    # both marked; the expired image, its SR and SC; the kept one's SR and SC
-    assert (report.instances, report.files) == (2, 5)
+    # the kept one's SR and SC too: the copy is compared with what they hold, and its
+    # withdrawals are made from them (before, they went, and a withdrawal was left to be
+    # made by hand)
+    assert all(path.exists() for path in kept_files)
+    # both marked; the expired image, its SR and SC
+    assert (report.instances, report.files) == (2, 3)
     assert assess_instance(runtime, kept).state == "assessed"
     assert _assessed_male(runtime, kept) == [False, True]
 
@@ -230,8 +234,7 @@ def test_an_image_left_while_listeners_hold_the_lock_goes_at_the_next_run(
     lock)."""
     instance_id, files = _assessed_and_delivered(runtime)
     _received_and_finished_days_ago(runtime, instance_id, 40)
-    image = files[0]
-    size = image.stat().st_size
+    sizes = [path.stat().st_size for path in files]
     # the run would try for the lock 30 s: a short while says the same here
     monkeypatch.setattr(retention, "_LOCK_TRIES_SECONDS", 0.2)
     caplog.set_level(logging.WARNING, logger="worker.retention")
@@ -239,17 +242,19 @@ def test_an_image_left_while_listeners_hold_the_lock_goes_at_the_next_run(
     with listener_lock.shared():  # a C-STORE between its rename and its commit
         report = _retention(runtime)
 
-    assert (report.instances, report.files) == (1, 2)  # marked; its SR and SC went
-    assert image.exists()
+    # marked; its SR and SC kept with it, their row not read under the lock
+    assert (report.instances, report.files) == (1, 0)
+    assert all(path.exists() for path in files)
     assert _row(runtime, instance_id)[0] is not None
     assert [r.getMessage() for r in caplog.records if r.name == "worker.retention"] == [
-        "retention: 1 received image(s) of instances marked removed left to the next run: "
-        "listeners held the spool's recording lock for 0.2 s"
+        "retention: 1 received image(s) of instances marked removed left to the next run, "
+        "with their SR and SC files: listeners held the spool's recording lock for 0.2 s"
     ]
 
     later = _retention(runtime)
-    assert (later.instances, later.files, later.bytes) == (0, 1, size)
-    assert not image.exists()
+    assert (later.instances, later.files) == (0, 3)
+    assert later.bytes == sum(sizes)
+    assert not any(path.exists() for path in files)
     assert _removed_at(runtime, instance_id) is not None
 
 
@@ -283,10 +288,11 @@ def test_a_run_waits_for_the_lock_once_and_the_command_says_what_it_left(
 
     assert done.exit_code == 0, done.output
     assert len(tries) == 1
-    assert all(files[0].exists() for _, files in expired)
+    assert all(path.exists() for _, files in expired for path in files)
     output = " ".join(done.output.split())
-    assert "removed the files of 3 instance(s)" in output and ": 6 file(s)" in output
+    assert "removed the files of 3 instance(s)" in output and ": 0 file(s)" in output
     assert (
-        "3 received image(s) of those instances were kept this time: listeners held the "
-        "spool's recording lock (images being received); the next runs remove them"
+        "3 received image(s) of those instances were kept this time, with their SR and SC "
+        "files: listeners held the spool's recording lock (images being received); the "
+        "next runs remove them"
     ) in output

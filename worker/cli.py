@@ -1324,6 +1324,8 @@ def retention(ctx: click.Context, dry_run: bool, days: float | None, all_marked:
         raise click.UsageError(
             "BONEAGE_RETENTION_DAYS is 0 (files kept for ever); pass --days to remove some"
         )
+    if all_marked and dry_run:  # the instances marked before are looked at by removing
+        raise click.UsageError("--all-marked removes; it has no dry run")
     report = remove_expired_files(
         settings.effective_database_url,
         older_than=timedelta(days=keep),
@@ -1344,10 +1346,11 @@ def retention(ctx: click.Context, dry_run: bool, days: float | None, all_marked:
             f"recorded for {keep:g} day(s) since retention found them (a row not committed, "
             "or lost to a database restore)"
         )
+    marked_before = " (and of the instances marked before)" if all_marked else ""
     console.print(
-        f"{verb} the files of {report.instances} instance(s) finished and last received more "
-        f"than {keep:g} day(s) ago and fully delivered: {report.files} file(s), "
-        f"{report.bytes / 1e6:.1f} MB"
+        f"{verb} the files of {report.instances} instance(s){marked_before} finished and last "
+        f"received more than {keep:g} day(s) ago and fully delivered: {report.files} "
+        f"file(s), {report.bytes / 1e6:.1f} MB"
         f"{unsent}"
     )
     if report.unrecorded_first_seen:
@@ -1373,10 +1376,14 @@ def retention(ctx: click.Context, dry_run: bool, days: float | None, all_marked:
             "retention --all-marked`)"
         )
     if report.left:
+        later = (
+            "run `boneage-worker retention --all-marked` again"
+            if all_marked
+            else "the next runs remove them"
+        )
         console.print(
-            f"[yellow]{report.left} received image(s) of those instances were kept this "
-            "time, with their SR and SC files: listeners held the spool's recording lock "
-            "(images being received); the next runs remove them"
+            f"[yellow]the files of {report.left} of those instances were kept this time: "
+            f"listeners held the spool's recording lock (images being received); {later}"
         )
 
 

@@ -188,9 +188,9 @@ class RetentionReport:
     #: mark) name outside the node's spool and outbox, kept (:func:`_within`); not in
     #: ``files``.
     kept_elsewhere: int = 0
-    #: Received images of instances marked removed that listeners kept this run from
-    #: (they held the spool's recording lock, :class:`_RecordedImages`): the next runs'
-    #: sweeps take them; not in ``files``.
+    #: Instances marked removed whose received image or objects listeners kept this run
+    #: from (they held the spool's recording lock, :class:`_RecordedImages`): the next
+    #: runs' sweeps take them, within a day of the mark; not in ``files``.
     left: int = 0
 
     def __add__(self, other: RetentionReport) -> RetentionReport:
@@ -478,9 +478,11 @@ def _remove_files(
     # recorded since is compared with the assessment they hold, and its withdrawals are
     # made from them (the patient and study they were filed under), which would
     # otherwise be left to be made by hand
-    if not files.outputs or not images.still_marked(files.spool, marked_at):
-        return count, size
-    outputs, outputs_size = _remove(files.outputs, started.on_host(marked_at))
+    written_by = started.on_host(marked_at)
+    due = [path for path in files.outputs if _may_be_removed(path, written_by)]
+    if not due or not images.still_marked(files.spool, marked_at):
+        return count, size  # none there (a sweep of files gone already takes no lock)
+    outputs, outputs_size = _remove(due, written_by)
     return count + outputs, size + outputs_size
 
 
@@ -685,26 +687,31 @@ def _sweep(
     clock, as the marks are: those :func:`_files_of` lets go.
     The files their rows name elsewhere were counted by the run that marked them.
 
-    In batches of :data:`_BATCH`: a first clean-up marks as many instances in a day as
-    the node ever kept, more than PostgreSQL binds in one statement (65,535), and one
-    list of them all failed every run's sweep for a day, and what comes after it.
+    In batches of :data:`_BATCH`, read a batch at a time by id: a first clean-up marks
+    as many instances in a day as the node ever kept, more than PostgreSQL binds in one
+    statement (65,535), and one list of them all failed every run's sweep for a day,
+    and what comes after it; every mark ever (``window`` None) is millions of rows.
     """
-    with session_scope(database_url) as session:
-        since = [] if window is None else [Instance.files_removed_at >= started.database - window]
-        rows = session.execute(
-            select(Instance.id, Instance.files_removed_at).where(
-                and_(
+    since = [] if window is None else [Instance.files_removed_at >= started.database - window]
+    report = RetentionReport()
+    last_id = 0
+    while True:
+        with session_scope(database_url) as session:
+            rows = session.execute(
+                select(Instance.id, Instance.files_removed_at)
+                .where(
+                    Instance.id > last_id,
                     Instance.files_removed_at.is_not(None),
                     *since,
                     Instance.files_removed_at < started.database,
                 )
-            )
-        ).all()
-    marked = [(instance_id, mark) for instance_id, mark in rows if mark is not None]
-    report = RetentionReport()
-    for start in range(0, len(marked), _BATCH):
-        marks = dict(marked[start : start + _BATCH])
-        with session_scope(database_url) as session:
+                .order_by(Instance.id)
+                .limit(_BATCH)
+            ).all()
+            if not rows:
+                break
+            last_id = rows[-1][0]
+            marks = {instance_id: mark for instance_id, mark in rows if mark is not None}
             files = _files_of(session, marks, dirs)
         count = size = 0
         # the received images under one take of the spool's recording lock
@@ -1105,10 +1112,11 @@ class _RecordedImages:
     not be, and its row still has the mark it was removed under and no copy received
     again (which keeps a new copy whose time misleads: written on a host behind).
 
-    The lock is taken when the first image that may go is met (a sweep of images gone
-    already takes none) and let go when the batch is done: each C-STORE waits for it
-    meanwhile, never for a whole run. While listeners hold it, it is tried for
-    :data:`_LOCK_TRIES_SECONDS`; then the batch's images are left to the next run,
+    The lock is taken when the first image, or SR or SC (:meth:`still_marked`), that may
+    go is met (a sweep of files gone already takes none) and let go when the batch is
+    done: each C-STORE waits for it meanwhile, never for a whole run. While listeners
+    hold it, it is tried for :data:`_LOCK_TRIES_SECONDS`; then the batch's files are
+    left to the next run,
     counted and said at WARNING, and that run's sweep takes them (:func:`_sweep`: their
     instances were marked in the last day). Where no lock is possible at all (no
     listener has made it yet; the spool's file system takes none, NFS; the file is none
@@ -1132,8 +1140,9 @@ class _RecordedImages:
         #: when a copy was received again, by their image's path.
         self._rows: dict[str, tuple[datetime | None, datetime | None]] = {}
         self._why_left = ""
-        #: Images that would have gone, left to the next run.
-        self.left = 0
+        #: The instances whose files would have gone, left to the next run, by their
+        #: image's path.
+        self._left: set[str] = set()
 
     def __enter__(self) -> _RecordedImages:
         return self
@@ -1142,11 +1151,16 @@ class _RecordedImages:
         self._lock.close()  # the lock let go, where it was held
         if self.left:
             logger.warning(
-                "retention: %d received image(s) of instances marked removed left to the "
-                "next run, with their SR and SC files: %s",
+                "retention: the files of %d instance(s) marked removed left to a later run: %s",
                 self.left,
                 self._why_left,
             )
+
+    @property
+    def left(self) -> int:
+        """Instances whose received image or objects would have gone, left to a later
+        run."""
+        return len(self._left)
 
     def remove(self, image: Path, marked_at: datetime, written_by: datetime) -> tuple[int, int]:
         """Unlink ``image``, the received image of one of the batch's instances, marked
@@ -1155,7 +1169,7 @@ class _RecordedImages:
         if not _may_be_removed(image, written_by):
             return 0, 0  # gone, or a new copy: kept, no lock needed
         if not self._take():
-            self.left += 1
+            self._left.add(str(image))
             return 0, 0
         if not self.still_marked(image, marked_at):
             # a copy recorded since (the listener cleared the mark), or no row to tell
@@ -1168,6 +1182,7 @@ class _RecordedImages:
         here where no image of the batch has taken it yet); False where the lock was
         held past its tries (left to the next run) or no row tells."""
         if not self._take():
+            self._left.add(str(image))
             return False
         return self._rows.get(str(image)) == (marked_at, None)
 

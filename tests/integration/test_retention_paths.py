@@ -219,10 +219,13 @@ def test_a_moved_data_directorys_files_are_kept_and_said(
     hourly = CliRunner().invoke(cli, ["retention", "--days", "30"])
     assert hourly.exit_code == 0, hourly.output
     assert all(p.exists() for p in files)
+    previewed = CliRunner().invoke(cli, ["retention", "--all-marked", "--dry-run"])
+    assert previewed.exit_code == 2 and "has no dry run" in previewed.output
     swept = CliRunner().invoke(cli, ["retention", "--days", "30", "--all-marked"])
     assert swept.exit_code == 0, swept.output
     assert not any(p.exists() for p in files)
-    assert ": 3 file(s)" in swept.output
+    assert "(and of the instances marked before)" in swept.output
+    assert ": 3 file(s)" in " ".join(swept.output.split())
 
 
 def test_without_the_nodes_directories_no_rows_file_is_removed(runtime: Runtime) -> None:

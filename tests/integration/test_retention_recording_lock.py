@@ -247,8 +247,8 @@ def test_an_image_left_while_listeners_hold_the_lock_goes_at_the_next_run(
     assert all(path.exists() for path in files)
     assert _row(runtime, instance_id)[0] is not None
     assert [r.getMessage() for r in caplog.records if r.name == "worker.retention"] == [
-        "retention: 1 received image(s) of instances marked removed left to the next run, "
-        "with their SR and SC files: listeners held the spool's recording lock for 0.2 s"
+        "retention: the files of 1 instance(s) marked removed left to a later run: "
+        "listeners held the spool's recording lock for 0.2 s"
     ]
 
     later = _retention(runtime)
@@ -292,7 +292,38 @@ def test_a_run_waits_for_the_lock_once_and_the_command_says_what_it_left(
     output = " ".join(done.output.split())
     assert "removed the files of 3 instance(s)" in output and ": 0 file(s)" in output
     assert (
-        "3 received image(s) of those instances were kept this time, with their SR and SC "
-        "files: listeners held the spool's recording lock (images being received); the "
-        "next runs remove them"
+        "the files of 3 of those instances were kept this time: listeners held the spool's "
+        "recording lock (images being received); the next runs remove them"
     ) in output
+
+
+def test_a_sweep_of_files_gone_already_takes_no_lock(
+    runtime: Runtime,
+    listener_lock: _RecordingHold,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The next run sweeps the instance marked an hour ago, its image, SR and SC gone:
+    it asks for no lock (the SR and SC are looked at under it only where they are
+    there to go), and leaves nothing while listeners hold it."""
+    instance_id, files = _assessed_and_delivered(runtime)
+    _received_and_finished_days_ago(runtime, instance_id, 40)
+    first = _retention(runtime)
+    assert (first.instances, first.files) == (1, 3)
+    assert not any(path.exists() for path in files)
+    tries: list[Path] = []
+    real_lock = retention.recording_lock
+
+    def counted(spool: Path) -> contextlib.AbstractContextManager[OSError | None]:
+        tries.append(spool)
+        return real_lock(spool)
+
+    monkeypatch.setattr(retention, "recording_lock", counted)
+    monkeypatch.setattr(retention, "_LOCK_TRIES_SECONDS", 0)
+    caplog.set_level(logging.WARNING, logger="worker.retention")
+    caplog.clear()
+    with listener_lock.shared():
+        swept = _retention(runtime)
+    assert (swept.instances, swept.files, swept.left) == (0, 0, 0)
+    assert tries == []
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

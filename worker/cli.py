@@ -1379,11 +1379,13 @@ def retention(ctx: click.Context, dry_run: bool, days: float | None, all_marked:
         later = (
             "run `boneage-worker retention --all-marked` again"
             if all_marked
-            else "the next runs remove them"
+            else "the next runs remove them, within a day of their mark (after it, "
+            "`boneage-worker retention --all-marked`)"
         )
         console.print(
-            f"[yellow]the files of {report.left} of those instances were kept this time: "
-            f"listeners held the spool's recording lock (images being received); {later}"
+            f"[yellow]the files of {report.left} instance(s) marked removed (by this run, or "
+            "before) were kept this time: listeners held the spool's recording lock "
+            f"(images being received); {later}"
         )
 
 

@@ -444,7 +444,11 @@ def _files_of(session: Session, marks: dict[int, datetime], dirs: _Dirs) -> dict
 
 
 def _remove_files(
-    files: _Files, marked_at: datetime, started: _Start, images: _RecordedImages
+    instance_id: int,
+    files: _Files,
+    marked_at: datetime,
+    started: _Start,
+    images: _RecordedImages,
 ) -> tuple[int, int]:
     """Unlink an instance's files marked removed at ``marked_at``; (files, bytes) removed.
 
@@ -470,17 +474,19 @@ def _remove_files(
     image only where it is in the node's spool (``files.spool_ours``), under the spool's
     recording lock that ``images``, the batch the instance is in, takes.
     """
-    if not files.spool_ours:  # another node's file, or one where the spool once was
-        return _remove(files.outputs, started.on_host(marked_at))
-    recorded_copy = min(marked_at, max(files.received, started.database - _RECORDING))
-    count, size = images.remove(files.spool, marked_at, started.on_host(recorded_copy))
+    count = size = 0
+    if files.spool_ours:  # not another node's file, nor one where the spool once was
+        recorded_copy = min(marked_at, max(files.received, started.database - _RECORDING))
+        count, size = images.remove(
+            instance_id, files.spool, marked_at, started.on_host(recorded_copy)
+        )
     # The objects too only while the row keeps the mark, read under the lock: a copy
     # recorded since is compared with the assessment they hold, and its withdrawals are
     # made from them (the patient and study they were filed under), which would
     # otherwise be left to be made by hand
     written_by = started.on_host(marked_at)
     due = [path for path in files.outputs if _may_be_removed(path, written_by)]
-    if not due or not images.still_marked(files.spool, marked_at):
+    if not due or not images.still_marked(instance_id, marked_at):
         return count, size  # none there (a sweep of files gone already takes no lock)
     outputs, outputs_size = _remove(due, written_by)
     return count + outputs, size + outputs_size
@@ -623,8 +629,10 @@ def remove_expired_files(
             count = size = 0
             # the received images under one take of the spool's recording lock
             with _RecordedImages(database_url, dirs.spool, files, lock) as images:
-                for of in files.values():
-                    removed, removed_bytes = _remove_files(of, started.database, started, images)
+                for instance_id, of in files.items():
+                    removed, removed_bytes = _remove_files(
+                        instance_id, of, started.database, started, images
+                    )
                     count, size = count + removed, size + removed_bytes
             left = images.left
         elsewhere = sum(of.elsewhere for of in files.values())
@@ -717,9 +725,17 @@ def _sweep(
         # the received images under one take of the spool's recording lock
         with _RecordedImages(database_url, dirs.spool, files, lock) as images:
             for instance_id, of in files.items():
-                removed, removed_bytes = _remove_files(of, marks[instance_id], started, images)
+                removed, removed_bytes = _remove_files(
+                    instance_id, of, marks[instance_id], started, images
+                )
                 count, size = count + removed, size + removed_bytes
-        report = report + RetentionReport(0, count, size, left=images.left)
+        # the files kept elsewhere were counted by the run that marked them; looking at
+        # every mark (after a link was made for a moved data directory), they say
+        # whether the link took
+        elsewhere = sum(of.elsewhere for of in files.values()) if window is None else 0
+        report = report + RetentionReport(
+            0, count, size, left=images.left, kept_elsewhere=elsewhere
+        )
     return report
 
 
@@ -1130,19 +1146,18 @@ class _RecordedImages:
     ) -> None:
         self._database_url = database_url
         self._spool = spool
-        #: each image's instance, by the image's path as the removal is given it
-        self._instances = {str(of.spool): instance_id for instance_id, of in files.items()}
+        #: the batch's instances, by id: two rows naming one path stay two
+        self._ids = list(files)
         self._run = run
         self._lock = contextlib.ExitStack()
         #: None until the lock is asked for; then whether the batch's images may go
         self._may_go: bool | None = None
         #: The rows of the batch's instances, read under the lock: their removal mark and
-        #: when a copy was received again, by their image's path.
-        self._rows: dict[str, tuple[datetime | None, datetime | None]] = {}
+        #: when a copy was received again, by id.
+        self._rows: dict[int, tuple[datetime | None, datetime | None]] = {}
         self._why_left = ""
-        #: The instances whose files would have gone, left to the next run, by their
-        #: image's path.
-        self._left: set[str] = set()
+        #: The instances whose files would have gone, left to a later run.
+        self._left: set[int] = set()
 
     def __enter__(self) -> _RecordedImages:
         return self
@@ -1151,7 +1166,9 @@ class _RecordedImages:
         self._lock.close()  # the lock let go, where it was held
         if self.left:
             logger.warning(
-                "retention: the files of %d instance(s) marked removed left to a later run: %s",
+                "retention: the files of %d instance(s) marked removed left to a later run "
+                "(the next runs', within a day of the mark; after it, `boneage-worker "
+                "retention --all-marked`): %s",
                 self.left,
                 self._why_left,
             )
@@ -1162,29 +1179,31 @@ class _RecordedImages:
         run."""
         return len(self._left)
 
-    def remove(self, image: Path, marked_at: datetime, written_by: datetime) -> tuple[int, int]:
-        """Unlink ``image``, the received image of one of the batch's instances, marked
-        removed at ``marked_at``, if it was not written after ``written_by`` (this host's
-        clock); (files, bytes) removed."""
+    def remove(
+        self, instance_id: int, image: Path, marked_at: datetime, written_by: datetime
+    ) -> tuple[int, int]:
+        """Unlink ``image``, the received image of ``instance_id``, one of the batch's
+        instances, marked removed at ``marked_at``, if it was not written after
+        ``written_by`` (this host's clock); (files, bytes) removed."""
         if not _may_be_removed(image, written_by):
             return 0, 0  # gone, or a new copy: kept, no lock needed
         if not self._take():
-            self._left.add(str(image))
+            self._left.add(instance_id)
             return 0, 0
-        if not self.still_marked(image, marked_at):
+        if not self.still_marked(instance_id, marked_at):
             # a copy recorded since (the listener cleared the mark), or no row to tell
             return 0, 0
         return _remove([image], written_by)  # looked at again, under the lock
 
-    def still_marked(self, image: Path, marked_at: datetime) -> bool:
-        """Whether the row of the instance whose received image is ``image`` still has
-        the mark ``marked_at`` and no copy received again, read under the lock (taken
-        here where no image of the batch has taken it yet); False where the lock was
-        held past its tries (left to the next run) or no row tells."""
+    def still_marked(self, instance_id: int, marked_at: datetime) -> bool:
+        """Whether the row of ``instance_id`` still has the mark ``marked_at`` and no
+        copy received again, read under the lock (taken here where no file of the batch
+        has taken it yet); False where the lock was held past its tries (left to a later
+        run) or no row tells."""
         if not self._take():
-            self._left.add(str(image))
+            self._left.add(instance_id)
             return False
-        return self._rows.get(str(image)) == (marked_at, None)
+        return self._rows.get(instance_id) == (marked_at, None)
 
     def _take(self) -> bool:
         """Take the lock for the rest of the batch and read the rows under it, once;
@@ -1219,14 +1238,11 @@ class _RecordedImages:
         self._may_go = True
         return True
 
-    def _read_rows(self) -> dict[str, tuple[datetime | None, datetime | None]]:
-        """The removal mark and the copy received again of the batch's instances, by
-        their image's path as the removal is given it; read by the instances' ids, so
-        that a row is found whatever its path's spelling: an image with no row found is
-        kept (:meth:`remove`)."""
-        paths = {instance_id: path for path, instance_id in self._instances.items()}
-        rows: dict[str, tuple[datetime | None, datetime | None]] = {}
-        ids = list(paths)
+    def _read_rows(self) -> dict[int, tuple[datetime | None, datetime | None]]:
+        """The removal mark and the copy received again of the batch's instances, by id:
+        an instance with no row found keeps its files (:meth:`still_marked`)."""
+        rows: dict[int, tuple[datetime | None, datetime | None]] = {}
+        ids = self._ids
         with session_scope(self._database_url) as session:
             for start in range(0, len(ids), _BATCH):
                 for instance_id, mark, again in session.execute(
@@ -1234,7 +1250,7 @@ class _RecordedImages:
                         Instance.id, Instance.files_removed_at, Instance.received_again_at
                     ).where(Instance.id.in_(ids[start : start + _BATCH]))
                 ):
-                    rows[paths[instance_id]] = (mark, again)
+                    rows[instance_id] = (mark, again)
         return rows
 
 

@@ -215,6 +215,12 @@ def test_a_moved_data_directorys_files_are_kept_and_said(
             select(Delivery).where(Delivery.instance_id == instance_id)
         ):  # made before the mark, as ever
             delivery.created_at -= dt.timedelta(days=3)
+    unlinked = CliRunner().invoke(cli, ["retention", "--days", "30", "--all-marked"])
+    assert unlinked.exit_code == 0, unlinked.output  # not linked yet: said again
+    assert "3 file(s) that those instances' rows name outside" in (
+        " ".join(unlinked.output.split())
+    )
+    assert all(p.exists() for p in files)
     old.symlink_to(runtime.settings.data_dir, target_is_directory=True)
     hourly = CliRunner().invoke(cli, ["retention", "--days", "30"])
     assert hourly.exit_code == 0, hourly.output

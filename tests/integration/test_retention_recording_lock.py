@@ -247,8 +247,9 @@ def test_an_image_left_while_listeners_hold_the_lock_goes_at_the_next_run(
     assert all(path.exists() for path in files)
     assert _row(runtime, instance_id)[0] is not None
     assert [r.getMessage() for r in caplog.records if r.name == "worker.retention"] == [
-        "retention: the files of 1 instance(s) marked removed left to a later run: "
-        "listeners held the spool's recording lock for 0.2 s"
+        "retention: the files of 1 instance(s) marked removed left to a later run (the "
+        "next runs', within a day of the mark; after it, `boneage-worker retention "
+        "--all-marked`): listeners held the spool's recording lock for 0.2 s"
     ]
 
     later = _retention(runtime)
@@ -292,8 +293,9 @@ def test_a_run_waits_for_the_lock_once_and_the_command_says_what_it_left(
     output = " ".join(done.output.split())
     assert "removed the files of 3 instance(s)" in output and ": 0 file(s)" in output
     assert (
-        "the files of 3 of those instances were kept this time: listeners held the spool's "
-        "recording lock (images being received); the next runs remove them"
+        "the files of 3 instance(s) marked removed (by this run, or before) were kept this "
+        "time: listeners held the spool's recording lock (images being received); the next "
+        "runs remove them, within a day of their mark"
     ) in output
 
 

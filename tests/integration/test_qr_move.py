@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -223,6 +223,19 @@ def send(count: int, *, then: int | None = None) -> MoveHandler:
     return handler
 
 
+def one_of_three_sent(
+    event: evt.Event, port: int, stalled: threading.Event
+) -> Generator[Any, None, str]:
+    """The start of a move handler: one of the series' three instances sent, then
+    ``stalled`` set; the series' UID returned, for the handler to go on."""
+    uid = str(event.identifier.SeriesInstanceUID)
+    yield ("127.0.0.1", port)
+    yield 3
+    yield (0xFF00, instance(uid))
+    stalled.set()
+    return uid
+
+
 def refuse(event: evt.Event, port: int) -> Iterator[Any]:
     """An unknown move destination: pynetdicom answers 0xA801."""
     yield (None, None)
@@ -287,11 +300,7 @@ def test_an_interrupted_move_is_cancelled_and_left_at_once(listener: Listener) -
     resumed = threading.Event()
 
     def slow(event: evt.Event, port: int) -> Iterator[Any]:
-        uid = str(event.identifier.SeriesInstanceUID)
-        yield ("127.0.0.1", port)
-        yield 3
-        yield (0xFF00, instance(uid))
-        stalled.set()
+        uid = yield from one_of_three_sent(event, port, stalled)
         held.append(returned.wait(WAIT))
         resumed.set()
         if event.is_cancelled:
@@ -436,11 +445,7 @@ def test_ctrl_c_during_a_backfill_cancels_the_move_and_says_what_was_moved(
     stalled = threading.Event()  # the PACS sent one instance of the second series
 
     def slow(event: evt.Event, port: int) -> Iterator[Any]:
-        uid = str(event.identifier.SeriesInstanceUID)
-        yield ("127.0.0.1", port)
-        yield 3
-        yield (0xFF00, instance(uid))
-        stalled.set()
+        yield from one_of_three_sent(event, port, stalled)
         pacs.cancelled.wait(WAIT)
         yield (0xFE00, None)
 

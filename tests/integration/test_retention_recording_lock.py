@@ -83,6 +83,19 @@ def _row(rt: Runtime, instance_id: int) -> tuple[dt.datetime | None, dt.datetime
         return row.files_removed_at, row.received_again_at
 
 
+def _lock_tries(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The spools retention asks the recording lock of, from now on, in order."""
+    tries: list[Path] = []
+    real_lock = retention.recording_lock
+
+    def counted(spool: Path) -> contextlib.AbstractContextManager[OSError | None]:
+        tries.append(spool)
+        return real_lock(spool)
+
+    monkeypatch.setattr(retention, "recording_lock", counted)
+    return tries
+
+
 def _assessed_male(rt: Runtime, instance_id: int) -> list[bool]:
     """Whether each of the instance's assessments read a male hand, first to last."""
     with session_scope(rt.database_url) as session:
@@ -273,14 +286,7 @@ def test_a_run_waits_for_the_lock_once_and_the_command_says_what_it_left(
         _received_and_finished_days_ago(runtime, instance_id, 40)
     monkeypatch.setattr(retention, "_BATCH", 1)
     monkeypatch.setattr(retention, "_LOCK_TRIES_SECONDS", 0)  # one try a wait
-    tries: list[Path] = []
-    real_lock = retention.recording_lock
-
-    def counted(spool: Path) -> contextlib.AbstractContextManager[OSError | None]:
-        tries.append(spool)
-        return real_lock(spool)
-
-    monkeypatch.setattr(retention, "recording_lock", counted)
+    tries = _lock_tries(monkeypatch)
     monkeypatch.setenv("BONEAGE_DATA_DIR", str(runtime.settings.data_dir))
     monkeypatch.setenv("BONEAGE_DATABASE_URL", runtime.database_url)
 
@@ -313,14 +319,7 @@ def test_a_sweep_of_files_gone_already_takes_no_lock(
     first = _retention(runtime)
     assert (first.instances, first.files) == (1, 3)
     assert not any(path.exists() for path in files)
-    tries: list[Path] = []
-    real_lock = retention.recording_lock
-
-    def counted(spool: Path) -> contextlib.AbstractContextManager[OSError | None]:
-        tries.append(spool)
-        return real_lock(spool)
-
-    monkeypatch.setattr(retention, "recording_lock", counted)
+    tries = _lock_tries(monkeypatch)
     monkeypatch.setattr(retention, "_LOCK_TRIES_SECONDS", 0)
     caplog.set_level(logging.WARNING, logger="worker.retention")
     caplog.clear()

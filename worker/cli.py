@@ -1941,7 +1941,8 @@ def evaluate(
         sc_min_long_side=settings.sc_min_long_side,
         # DICOM images: only those the worker would assess (worker.pipeline._decide)
         gate=not all_images,
-        # and given the sex the worker gives the model (its header's, else the site's)
+        # and given the sex the worker gives the model (its header's; else the label's,
+        # or the site's: worker.datasets.read_dicom_folder)
         missing_sex=settings.missing_sex,
     )
     gate: GateOutcome | None = None  # images that are not DICOM: the gate has no say

@@ -2,28 +2,31 @@
 # Make sure the PostgreSQL, Redis and RabbitMQ the integration tests use are running
 # on 127.0.0.1 (they usually are on the development machines; CI starts them here).
 set -euo pipefail
+PATH="$PATH:/usr/sbin:/sbin"  # Debian's rabbitmq-server, off a user's PATH
 
-# a server that is down and not installed: say which Debian package brings it
-need() {
+# a command not installed: say which Debian package brings it
+need() {  # COMMAND WHAT PACKAGE
   command -v "$1" >/dev/null 2>&1 && return
-  echo "$2 is not running on 127.0.0.1 and not installed: apt-get install $3" >&2
+  echo "$1 ($2) not found: apt-get install $3" >&2
   exit 1
 }
+need pg_isready "PostgreSQL's client" postgresql-client
+need redis-cli "Redis's client" redis-tools
 
 if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
-  need pg_ctlcluster PostgreSQL postgresql
+  need pg_ctlcluster "PostgreSQL, down on 127.0.0.1" postgresql
   echo "==> starting PostgreSQL"
   pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start
 fi
 if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
-  need redis-server Redis redis-server
+  need redis-server "Redis, down on 127.0.0.1" redis-server
   echo "==> starting Redis"
   mkdir -p /var/lib/redis /var/log/redis
   redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
     --dir /var/lib/redis --logfile /var/log/redis/ci.log
 fi
 if ! (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; then
-  need rabbitmq-server RabbitMQ rabbitmq-server
+  need rabbitmq-server "RabbitMQ, down on 127.0.0.1" rabbitmq-server
   echo "==> starting RabbitMQ"
   rabbitmq-server -detached
   # (await_startup fails at once while the node is not yet known to epmd)

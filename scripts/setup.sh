@@ -22,9 +22,19 @@ if ((${#missing[@]})); then
 fi
 
 python=${PYTHON:-python3}
-if [[ ! -x .venv/bin/python || ! -x .venv/bin/pip ]]; then  # none, or half made
-  echo "==> creating .venv with $($python --version)"
-  rm -rf .venv
+if [[ -x .venv/bin/python ]] && ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+  # made without pip (uv, --without-pip): given one; half made (venv failed): made again
+  if ! .venv/bin/python -m ensurepip --upgrade >/dev/null 2>&1; then
+    echo "==> .venv has no pip and cannot make one: making it again"
+    rm -rf .venv
+  fi
+fi
+if [[ ! -x .venv/bin/python ]]; then
+  if ! command -v "$python" >/dev/null 2>&1; then
+    echo "$python not found: install Python 3.11 or newer, or set PYTHON to one" >&2
+    exit 1
+  fi
+  echo "==> creating .venv with $("$python" --version)"
   if ! "$python" -m venv .venv; then
     rm -rf .venv
     echo "$python cannot make a virtual environment: on Debian, apt-get install python3-venv" >&2
@@ -37,8 +47,8 @@ installed() { [[ -f "$1" && ! pyproject.toml -nt "$1" ]]; }  # installed STAMP
 if ! installed "$stamp" && ! { [[ -z $extras ]] && installed ".venv/.installed[test]"; }; then
   echo "==> installing boneage-worker${extras} into .venv (PyTorch is large: a few minutes the first time)"
   log=$(mktemp)
-  if ! { .venv/bin/pip install --disable-pip-version-check --upgrade pip &&
-         .venv/bin/pip install --disable-pip-version-check -e ".${extras}"; } >"$log" 2>&1; then
+  if ! { .venv/bin/python -m pip install --disable-pip-version-check --upgrade pip &&
+         .venv/bin/python -m pip install --disable-pip-version-check -e ".${extras}"; } >"$log" 2>&1; then
     tail -n 40 "$log" >&2
     echo "pip install failed; full log: $log" >&2
     exit 1

@@ -2077,7 +2077,10 @@ def predict(
                 site_sex = sex is None and settings.missing_sex != "reject"
                 decision = gate.check(ds, require_sex=sex is None and not site_sex)
                 if not decision.accepted:
-                    raise ValueError(decision.reason or "not assessable")
+                    reason = decision.reason or "not assessable"
+                    if reason.startswith("patient sex is"):  # the site refuses it so
+                        reason += " (--sex gives it one)"
+                    raise ValueError(reason)
                 facts = decision.facts
                 male = facts.male if facts.male is not None else sex == "M"
                 if facts.male is None and site_sex:

@@ -693,7 +693,8 @@ def _sweep(
     left while listeners held the recording lock (:class:`_RecordedImages`), marked
     before this run and at most ``window`` before it (None: ever), by the database's
     clock, as the marks are: those :func:`_files_of` lets go.
-    The files their rows name elsewhere were counted by the run that marked them.
+    The files their rows name elsewhere were counted by the run that marked them; with
+    ``window`` None (every mark, after a link was made) they are counted again.
 
     In batches of :data:`_BATCH`, read a batch at a time by id: a first clean-up marks
     as many instances in a day as the node ever kept, more than PostgreSQL binds in one

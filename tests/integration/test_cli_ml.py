@@ -316,7 +316,7 @@ def test_predict_gives_a_dicom_image_with_no_sex_the_sex_the_service_gives_it(
     said = " ".join(result.output.split())
     if shown is None:
         assert result.exit_code == 1, said
-        assert "patient sex is empty; the model needs M or F" in said
+        assert "patient sex is empty; the model needs M or F (--sex gives it one)" in said
         return
     assert result.exit_code == 0, said
     [row] = [line for line in result.output.splitlines() if "hand.dcm" in line]

@@ -328,3 +328,38 @@ def test_a_sweep_of_files_gone_already_takes_no_lock(
     assert (swept.instances, swept.files, swept.left) == (0, 0, 0)
     assert tries == []
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_the_objects_of_an_image_outside_the_spool_go_under_the_row_check_too(
+    runtime: Runtime, listener_lock: _RecordingHold, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row naming its image outside the node's spool (where the data directory once
+    was) and its SR and SC in the outbox: a copy recorded as retention comes to them
+    (the mark cleared) keeps them, as for an image in the spool; before, they went
+    without the row being read again."""
+    instance_id, [image, *objects] = _assessed_and_delivered(runtime)
+    _received_and_finished_days_ago(runtime, instance_id, 40)
+    elsewhere = tmp_path / "moved-from" / image.name
+    elsewhere.parent.mkdir()
+    image.rename(elsewhere)
+    with session_scope(runtime.database_url) as session:
+        session.get_one(Instance, instance_id).spool_path = str(elsewhere)
+    real_stat = Path.stat
+    recorded: list[bool] = []
+
+    def stat(path: Path, *, follow_symlinks: bool = True) -> os.stat_result:
+        """Retention's first look at the objects: a copy has just been recorded."""
+        if path in objects and not recorded:
+            recorded.append(True)
+            with session_scope(runtime.database_url) as session:
+                row = session.get_one(Instance, instance_id)
+                row.files_removed_at, row.received_again_at = None, now()
+        return real_stat(path, follow_symlinks=follow_symlinks)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    report = _retention(runtime)
+    monkeypatch.undo()
+
+    assert recorded == [True]
+    assert all(path.exists() for path in (elsewhere, *objects))
+    assert (report.instances, report.files, report.kept_elsewhere) == (1, 0, 1)

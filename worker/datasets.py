@@ -12,7 +12,7 @@ import hashlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -29,10 +29,7 @@ from models.data import (
     read_rsna,
     warn_if_years,
 )
-from worker.settings import SC_MIN_LONG_SIDE
-
-#: The site's ``BONEAGE_MISSING_SEX``: what the service does with an image of no sex.
-MissingSex = Literal["reject", "female", "male"]
+from worker.settings import SC_MIN_LONG_SIDE, MissingSex
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -32,7 +32,7 @@ from sqlalchemy import ColumnElement, delete
 from sqlalchemy.orm import Session
 
 from db.engine import session_scope
-from db.queries import database_now
+from db.queries import ProcessBeat, database_now
 from db.schema import Heartbeat
 
 logger = logging.getLogger(__name__)
@@ -46,6 +46,18 @@ def alive(session: Session) -> ColumnElement[bool]:
     """The condition on `Heartbeat` rows of processes alive now: seen within
     `STALE_AFTER` by the database's clock, which dated them (hosts' clocks may differ)."""
     return Heartbeat.seen_at >= database_now(session) - STALE_AFTER
+
+
+#: The queues workers consume, whose live workers `status` and the metrics count.
+WORKER_QUEUES = ("inference", "delivery")
+
+
+def live_workers_by_queue(beats: Iterable[ProcessBeat], current: datetime) -> dict[str, int]:
+    """Of ``beats`` (:func:`db.queries.heartbeats`), the worker processes alive at
+    ``current`` (the database's clock, which dated them) consuming each of
+    :data:`WORKER_QUEUES`."""
+    live = [b for b in beats if b.role == "worker" and current - b.seen_at <= STALE_AFTER]
+    return {q: sum(q in b.detail.get("queues", ()) for b in live) for q in WORKER_QUEUES}
 
 
 #: A task still running this long after it began is hung. An image takes seconds. The

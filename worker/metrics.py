@@ -40,7 +40,7 @@ from prometheus_client.registry import Collector
 
 from db import queries
 from db.engine import session_scope
-from worker.heartbeat import STALE_AFTER
+from worker.heartbeat import STALE_AFTER, live_workers_by_queue
 from worker.metrics_files import MULTIPROCESS_ENV
 from worker.storage import disk_space
 
@@ -51,8 +51,6 @@ LATENCY_BUCKETS: tuple[float, ...] = (1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 
 #: Wall time of assessing one image on CPU or GPU.
 ASSESS_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
 LATENCY_WINDOW = timedelta(hours=1)
-#: The queues whose live workers are counted (``boneage_workers``), as `status` does.
-WORKER_QUEUES = ("inference", "delivery")
 #: Images per batched forward pass.
 BATCH_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -221,16 +219,8 @@ class NodeCollector(Collector):
             "they consume: at 0, images (or results) wait, however quiet the night.",
             labels=["queue"],
         )
-        for queue in WORKER_QUEUES:
-            workers.add_metric(
-                [queue],
-                sum(
-                    beat.role == "worker"
-                    and current - beat.seen_at <= STALE_AFTER
-                    and queue in beat.detail.get("queues", ())
-                    for beat in beats
-                ),
-            )
+        for queue, count in live_workers_by_queue(beats, current).items():
+            workers.add_metric([queue], count)
         yield workers
         for name, what, amount in (
             ("boneage_spool_images", "Received images on disk", spool_images),

@@ -1188,11 +1188,9 @@ class _RecordedImages:
         ``written_by`` (this host's clock); (files, bytes) removed."""
         if not _may_be_removed(image, written_by):
             return 0, 0  # gone, or a new copy: kept, no lock needed
-        if not self._take():
-            self._left.add(instance_id)
-            return 0, 0
         if not self.still_marked(instance_id, marked_at):
-            # a copy recorded since (the listener cleared the mark), or no row to tell
+            # the lock held past its tries (left), a copy recorded since (the listener
+            # cleared the mark), or no row to tell
             return 0, 0
         return _remove([image], written_by)  # looked at again, under the lock
 

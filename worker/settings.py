@@ -231,6 +231,10 @@ class _TomlFileSource(PydanticBaseSettingsSource):
         return {k: v for k, v in self._data.items() if k in self.settings_cls.model_fields}
 
 
+#: ``BONEAGE_MISSING_SEX``: what the service does with an image of no recorded sex.
+MissingSex = Literal["reject", "female", "male"]
+
+
 class Settings(BaseSettings):
     """Everything an administrator can set. Environment names: ``BONEAGE_<FIELD>``."""
 
@@ -284,7 +288,7 @@ class Settings(BaseSettings):
 
     # Behaviour
     send_not_assessed: bool = False
-    missing_sex: Literal["reject", "female", "male"] = "reject"
+    missing_sex: MissingSex = "reject"
     # A destination is tried for about a day before its delivery is `failed` (30 s,
     # doubling, then hourly: a PACS down for a night's maintenance gets everything).
     delivery_max_attempts: int = Field(31, ge=1, le=1000)

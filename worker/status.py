@@ -16,7 +16,7 @@ from db.engine import DatabaseNotReady, check_schema, session_scope
 from db.schema import utcnow as now
 from worker.celery_app import app as celery_app
 from worker.celery_app import queue_depths
-from worker.heartbeat import STALE_AFTER
+from worker.heartbeat import STALE_AFTER, live_workers_by_queue
 from worker.settings import Settings
 from worker.storage import disk_space
 
@@ -130,8 +130,8 @@ def collect(settings: Settings, *, details: bool = True) -> dict[str, Any]:
     live = [p for p in processes if p["alive"]]
     if not any(p["role"] == "listener" for p in live):
         problems.append("no listener is running")
-    for queue in ("inference", "delivery"):
-        if not any(p["role"] == "worker" and queue in p.get("queues", []) for p in live):
+    for queue, count in live_workers_by_queue(beats, current).items():
+        if not count:
             problems.append(f"no worker consumes the {queue} queue")
     problems.extend(_model_problems([p for p in live if "inference" in p.get("queues", [])]))
     problems.extend(_uid_root_problems([p for p in live if "inference" in p.get("queues", [])]))

@@ -51,7 +51,7 @@ from typing import Any, BinaryIO, cast
 
 from pydicom import uid as pyuid
 from pydicom.dataset import FileDataset
-from pydicom.filereader import read_partial
+from pydicom.filereader import _read_file_meta_info, read_partial, read_preamble
 from pydicom.tag import BaseTag, Tag
 from pynetdicom import AE, _config, evt, sop_class
 from pynetdicom.association import Association
@@ -1265,14 +1265,41 @@ def _past_header(tag: BaseTag, _vr: str | None, _length: int) -> bool:
     return tag > _LAST_HEADER_TAG
 
 
-def _read_header(path: Path) -> FileDataset:
+class ForeignFileMeta(ValueError):
+    """A data set that begins with File Meta Information (group 0002) of its own naming
+    another transfer syntax than the one its presentation context negotiated."""
+
+
+def _read_header(path: Path, negotiated: str) -> FileDataset:
     """`_HEADER_TAGS` of the data set in the file at ``path``, read within `HEADER_READS`
-    and `HEADER_BYTES` (else `dicom_io.budget.HeaderTooLargeError`, perhaps wrapped)."""
+    and `HEADER_BYTES` (else `dicom_io.budget.HeaderTooLargeError`, perhaps wrapped).
+
+    pynetdicom writes the File Meta Information, with the ``negotiated`` transfer
+    syntax, and the data set after it as sent. A data set may carry no group 0002 (PS3.7
+    7.5.1), but some senders leave their own there: pydicom reads it on as the file's,
+    the last value of an element winning, and would take the data set for another
+    transfer syntax than it came in. Deflated, it would inflate the whole of it in
+    memory before its first element (a few hundred kilobytes sent made 300 MB here),
+    and a transcoded one would be recorded, and decoded, as what it was before. Such a
+    data set is refused (`ForeignFileMeta`, 0xC210) unless it names the negotiated one.
+    """
     with open(path, "rb") as fh:
-        budgeted = BudgetedFile(fh, max_reads=HEADER_READS, max_bytes=HEADER_BYTES)
-        return read_partial(
-            cast(BinaryIO, budgeted), stop_when=_past_header, specific_tags=_HEADER_TAG_LIST
+        budgeted = cast(
+            BinaryIO, BudgetedFile(fh, max_reads=HEADER_READS, max_bytes=HEADER_BYTES)
         )
+        read_preamble(budgeted, False)
+        stated = _read_file_meta_info(budgeted).get("TransferSyntaxUID")
+        if str(stated) != negotiated:
+            raise ForeignFileMeta(
+                "the data set begins with File Meta Information (group 0002) naming "
+                f"transfer syntax {str(stated)[:64]!r}, not {negotiated} negotiated "
+                "for its presentation context"
+            )
+        fh.seek(0)
+        budgeted = cast(
+            BinaryIO, BudgetedFile(fh, max_reads=HEADER_READS, max_bytes=HEADER_BYTES)
+        )
+        return read_partial(budgeted, stop_when=_past_header, specific_tags=_HEADER_TAG_LIST)
 
 
 def _incoming_name() -> str:
@@ -2020,7 +2047,7 @@ class StorageSCP:
             return OUT_OF_RESOURCES
         temp = Path(event.dataset_path)
         try:
-            header = _read_header(temp)
+            header = _read_header(temp, str(event.context.transfer_syntax))
             if "SOPClassUID" not in header and "SOPInstanceUID" not in header:
                 # Bytes that are no DICOM data set (a text file, a truncated stream, an
                 # empty data set) still "parse" into an empty header: neither Type 1 SOP
@@ -2069,6 +2096,11 @@ class StorageSCP:
             if (over := over_budget(exc)) is not None:
                 logger.warning(
                     "C-STORE %s from %s: refused: %s: 0xC210", uid_tag(command_uid), calling, over
+                )
+                return CANNOT_UNDERSTAND
+            if isinstance(exc, ForeignFileMeta):
+                logger.warning(
+                    "C-STORE %s from %s: refused: %s: 0xC210", uid_tag(command_uid), calling, exc
                 )
                 return CANNOT_UNDERSTAND
             logger.warning(

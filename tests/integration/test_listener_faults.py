@@ -31,6 +31,7 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import AE, _config
+from pynetdicom import association as pynetdicom_association
 from pynetdicom.dimse_messages import C_ECHO_RQ
 from pynetdicom.dimse_primitives import C_ECHO
 from pynetdicom.dsutils import encode
@@ -208,6 +209,92 @@ def test_a_deflated_bomb_never_inflates_in_the_listener(
     header = dcmread(spooled, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
     assert header.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     assert spooled.stat().st_size > zeros  # the data set whole, as sent
+
+
+def _send_with_its_own_file_meta(
+    port: int, path: Path, embedded: bytes, monkeypatch: pytest.MonkeyPatch
+) -> int:
+    """C-STORE of `path`'s data set, on an Explicit VR Little Endian context, with the
+    group 0002 elements `embedded` sent before it, inside the data set, as some senders
+    do. pynetdicom would take them for the file's own and send from after them: it is
+    told where the file's File Meta Information ends."""
+    data = path.read_bytes()
+    (group_length,) = struct.unpack_from("<L", data, 132 + 8)
+    end = 132 + 12 + group_length
+    wire = path.with_suffix(".wire.dcm")
+    wire.write_bytes(data[:end] + embedded + data[end:])
+    meta = dcmread(path, stop_before_pixels=True, specific_tags=[]).file_meta
+    assert meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    monkeypatch.setattr(pynetdicom_association, "split_dataset", lambda _path: (meta, end))
+    ae = AE(ae_title="PACS")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="BONEAGE")
+    assert assoc.is_established
+    try:
+        return int(assoc.send_c_store(wire).Status)
+    finally:
+        assoc.release()
+
+
+def _transfer_syntax_element(syntax: str) -> bytes:
+    value = syntax.encode() + b"\0" * (len(syntax) % 2)
+    return struct.pack("<HH2sH", 0x0002, 0x0010, b"UI", len(value)) + value
+
+
+def test_a_data_set_naming_deflated_in_its_own_file_meta_is_refused_uninflated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deflated was refused in negotiation, but a (0002,0010) inside a data set sent on
+    an Explicit VR context was read as the file's: 260 KB sent inflated to 256 MiB in
+    the listener (a few times as much would kill it, and the PACS would send it again),
+    and the syntax recorded was Deflated. Refused, 0xC210, before anything is inflated."""
+    bomb = write_deflated_bomb(write_hand(tmp_path / "hand.dcm"), tmp_path / "bomb.dcm", 256 << 20)
+    data = bomb.read_bytes()
+    (group_length,) = struct.unpack_from("<L", data, 132 + 8)
+    deflated = data[132 + 12 + group_length :]
+    carrier = write_hand(tmp_path / "carrier.dcm", modality="CR")
+    # the carrier's file meta, then the bomb's own meta and deflated stream as its data set
+    raw = carrier.read_bytes()
+    (carrier_length,) = struct.unpack_from("<L", raw, 132 + 8)
+    carrier.write_bytes(raw[: 132 + 12 + carrier_length] + deflated)
+    listener = ListenerProcess(tmp_path / "spool")
+    try:
+        before = listener.memory_peak()
+        status = _send_with_its_own_file_meta(
+            listener.port,
+            carrier,
+            _transfer_syntax_element(DeflatedExplicitVRLittleEndian),
+            monkeypatch,
+        )
+        grown = listener.memory_peak() - before
+        recorded = listener.recorded()
+    finally:
+        log = listener.stop()
+    assert grown < 64 << 20, f"the listener grew by {grown >> 20} MiB"
+    assert status == CANNOT_UNDERSTAND
+    assert recorded == 0
+    assert (
+        "begins with File Meta Information (group 0002) naming transfer syntax "
+        f"'{DeflatedExplicitVRLittleEndian}', not {ExplicitVRLittleEndian} negotiated" in log
+    ), log
+    assert "Traceback" not in log, log
+
+
+def test_a_data_set_naming_the_negotiated_syntax_in_its_own_file_meta_is_stored(
+    node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Group 0002 in the data set is not allowed (PS3.7 7.5.1), but where it names the
+    syntax negotiated it says nothing false: the image is taken, as before."""
+    hand = write_hand(tmp_path / "hand.dcm", modality="CR")
+    status = _send_with_its_own_file_meta(
+        node.scp.port, hand, _transfer_syntax_element(ExplicitVRLittleEndian), monkeypatch
+    )
+    assert status == 0x0000
+    [received] = node.recorded
+    assert received.transfer_syntax_uid == ExplicitVRLittleEndian
+    assert dcmread(received.path).SOPInstanceUID == dcmread(hand).SOPInstanceUID
 
 
 # -- 1b. headers of a million sequence items --------------------------------------

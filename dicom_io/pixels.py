@@ -1733,12 +1733,20 @@ def _lut(item: Dataset, sequence: str) -> tuple[np.ndarray, int] | None:
             f"The {sequence}'s LUT Descriptor has {len(values)} value(s), not the 3 it needs."
         ) from None
     if isinstance(data, bytes):
+        # OW, as stored: words in the byte order of the transfer syntax it came in
+        # (pydicom leaves OW's bytes as they were; a Big Endian file's table read as
+        # little-endian words is noise, and the image was still assessed)
+        big_endian = getattr(item, "original_encoding", (None, None))[1] is False
         entries = 65536 if entries == 0 else entries
         if bits <= 8 and len(data) in (entries, entries + 1):
-            # one byte an entry; an odd number of them is padded to even length (OW)
-            table = np.frombuffer(data, dtype="<u1")[:entries]
+            # one byte an entry, two to a word; an odd number of them is padded to even
+            # length (OW)
+            table = np.frombuffer(data, dtype="u1")
+            if big_endian:
+                table = table[: table.size // 2 * 2].reshape(-1, 2)[:, ::-1].ravel()
+            table = table[:entries]
         else:
-            table = np.frombuffer(data[: len(data) // 2 * 2], dtype="<u2")
+            table = np.frombuffer(data[: len(data) // 2 * 2], dtype=">u2" if big_endian else "<u2")
     else:
         table = np.asarray(data if isinstance(data, (list, MultiValue)) else [data])
     return (table.astype(np.float32), first) if table.size else None

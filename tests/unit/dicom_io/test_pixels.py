@@ -15,6 +15,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.tag import Tag
 from pydicom.uid import (
+    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLSLossless,
@@ -24,7 +25,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from dicom_io.pixels import PixelDataError, decode_for_display, drop_pixel_data
+from dicom_io.pixels import PixelDataError, decode_for_display, drop_pixel_data, read_image
 from dicom_io.synthetic import make_radiograph_dataset
 from tests.dicomtools import run_tool
 
@@ -181,6 +182,45 @@ def test_an_8_bit_lut_of_an_odd_number_of_entries_in_ow(sequence: str) -> None:
         expected = table[stored] / 255.0
     setattr(ds, sequence, [item])
     np.testing.assert_allclose(decode_for_display(ds), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("sequence", ["VOILUTSequence", "ModalityLUTSequence"])
+@pytest.mark.parametrize("bits", [16, 8])
+def test_a_lut_in_ow_of_a_big_endian_file_is_read_in_its_byte_order(
+    tmp_path: Path, sequence: str, bits: int
+) -> None:
+    """The listener takes Explicit VR Big Endian, whose OW words are big-endian on disk,
+    and pydicom leaves them so: the table was read as little-endian words, the image
+    came out as noise (correlation 0.003 with the same image sent little-endian), and
+    its bone age was still estimated. One-byte entries are two to a word, swapped too."""
+    stored = np.minimum(_stored(), 4094)
+    entries = 4095
+    if bits == 16:
+        table = (np.arange(entries) * 16).astype(np.uint16)
+        on_disk = table.astype(">u2").tobytes() + b"\0\0"
+        table_bits, top = 16, 65535.0
+    else:
+        table = (np.arange(entries) * 255 // (entries - 1)).astype(np.uint8)
+        padded = np.append(table, np.uint8(0))
+        on_disk = padded.reshape(-1, 2)[:, ::-1].tobytes()  # each word big-endian
+        table_bits, top = 8, 255.0
+    ds = _no_voi(_dataset(stored))
+    item = Dataset()
+    item.LUTDescriptor = [entries, 0, table_bits]
+    item.add_new(0x00283006, "OW", on_disk)  # LUT Data
+    if sequence == "ModalityLUTSequence":
+        del ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType
+        item.ModalityLUTType = "US"
+        ds.WindowCenter, ds.WindowWidth = top / 2, top + 1
+        expected = _linear_window(table[stored].astype(float), top / 2, top + 1)
+    else:  # the VOI LUT's range is the window's
+        expected = table[stored] / float(table.max())
+    setattr(ds, sequence, [item])
+    ds.PixelData = stored.astype(">u2").tobytes()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+    path = tmp_path / "big-endian.dcm"
+    ds.save_as(path, implicit_vr=False, little_endian=False, enforce_file_format=True)
+    np.testing.assert_allclose(decode_for_display(read_image(path)), expected, atol=1e-5)
 
 
 def test_modality_lut_sequence() -> None:

@@ -1145,8 +1145,8 @@ def _decode_j2k_pillow(codestream: bytes, reduce: int) -> np.ndarray:
     Pillow's OpenJPEG binding decodes at a reduced resolution (``Image.reduce``), which
     pylibjpeg-openjpeg (pydicom's decoder) cannot, and on several threads
     (:func:`set_jpeg2000_threads`), which pylibjpeg-openjpeg ignores; at ``reduce=0`` its
-    decode is bit for bit pydicom's. Pillow scales samples to 16 bits, so they are
-    shifted back to the codestream's precision.
+    decode is bit for bit pydicom's. Pillow scales samples to 16 bits (or to 8, where
+    they have fewer), so they are shifted back to the codestream's precision.
     """
     from PIL import Image
 
@@ -1175,8 +1175,8 @@ def _decode_j2k_pillow(codestream: bytes, reduce: int) -> np.ndarray:
         array = np.asarray(image)
     if array.shape != shape:
         raise ValueError(f"Pillow decoded {array.shape} where OpenJPEG's level is {shape}")
-    if precision <= 8:
-        return array.astype(np.uint8, copy=False)
+    if precision <= 8:  # Pillow's 8-bit mode holds fewer bits shifted to its top
+        return np.right_shift(array.astype(np.uint8, copy=False), 8 - precision)
     return np.right_shift(array.astype(np.uint16, copy=False), 16 - precision)
 
 

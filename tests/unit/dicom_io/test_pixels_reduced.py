@@ -318,6 +318,31 @@ def test_full_and_reduced_decodes_are_pydicoms_on_any_thread_count(
     assert "decode failed" not in caplog.text
 
 
+@pytest.mark.parametrize("bits", [6, 7])
+def test_samples_of_fewer_than_8_bits_keep_their_scale_at_a_reduced_level(
+    tmp_path: Path, bits: int
+) -> None:
+    """Pillow shifts 6- and 7-bit samples to the top of its 8-bit mode: reduced, they
+    came out 4 and 2 times too large, past Bits Stored, and the header's window,
+    rescale and padding value were applied to values they do not describe."""
+    ds = _cr(bits=8)  # (the synthetic radiographs have 8 bits or more)
+    ds.PixelData = np.right_shift(ds.pixel_array, 8 - bits).astype(np.uint8).tobytes()
+    ds.BitsStored, ds.HighBit = bits, bits - 1
+    for keyword in ("WindowCenter", "WindowWidth"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
+    ds.save_as(tmp_path / "j2k.dcm", enforce_file_format=True)
+    ds = dcmread(tmp_path / "j2k.dcm")
+    full = decode_frame(ds)
+    assert int(full.max()) >= 1 << (bits - 1)
+    reduced = decode_frame(ds, reduce=1)
+    assert int(reduced.max()) < 1 << bits
+    expected = _box_downscale(full.astype(np.float64), 2)
+    got = reduced[: expected.shape[0], : expected.shape[1]].astype(np.float64)
+    assert float(np.abs(got - expected).mean()) < 0.05 * (1 << bits)  # wavelet, not box
+
+
 @pytest.mark.parametrize("bits", [8, 12])
 @pytest.mark.parametrize(
     ("rows", "columns", "reduce"),

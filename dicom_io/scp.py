@@ -1284,9 +1284,7 @@ def _read_header(path: Path, negotiated: str) -> FileDataset:
     data set is refused (`ForeignFileMeta`, 0xC210) unless it names the negotiated one.
     """
     with open(path, "rb") as fh:
-        budgeted = cast(
-            BinaryIO, BudgetedFile(fh, max_reads=HEADER_READS, max_bytes=HEADER_BYTES)
-        )
+        budgeted = cast(BinaryIO, BudgetedFile(fh, max_reads=HEADER_READS, max_bytes=HEADER_BYTES))
         read_preamble(budgeted, False)
         stated = _read_file_meta_info(budgeted).get("TransferSyntaxUID")
         if str(stated) != negotiated:
@@ -1296,9 +1294,7 @@ def _read_header(path: Path, negotiated: str) -> FileDataset:
                 "for its presentation context"
             )
         fh.seek(0)
-        budgeted = cast(
-            BinaryIO, BudgetedFile(fh, max_reads=HEADER_READS, max_bytes=HEADER_BYTES)
-        )
+        budgeted = cast(BinaryIO, BudgetedFile(fh, max_reads=HEADER_READS, max_bytes=HEADER_BYTES))
         return read_partial(budgeted, stop_when=_past_header, specific_tags=_HEADER_TAG_LIST)
 
 

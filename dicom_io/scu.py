@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from pydicom import Dataset, dcmread
+from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -28,6 +28,7 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from dicom_io.scp import VERIFICATION_SOP_CLASS
+from dicom_io.stored_text import read_keeping_text
 from dicom_io.tcp import LOW_LATENCY_HANDLERS
 
 logger = logging.getLogger(__name__)
@@ -618,8 +619,10 @@ def send_datasets(
                 continue
             if chosen != syntax and isinstance(ds, Path):
                 # pynetdicom sends a file only in its own syntax; a data set it encodes
-                # in the accepted one (the first it finds of those we offered after it)
-                ds = dcmread(ds)
+                # in the accepted one (the first it finds of those we offered after it),
+                # its text kept as stored where decoding it lost characters (a Patient ID
+                # copied as received would otherwise reach the PACS as another)
+                ds = read_keeping_text(ds)
             try:
                 status = assoc.send_c_store(ds)
             except (ValueError, RuntimeError, AttributeError) as exc:

@@ -44,12 +44,10 @@ from highdicom.sr import (
 from pydicom import Dataset, dcmread
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import FileDataset
-from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes as pydicom_codes
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian
-from pydicom.valuerep import PersonName
 
 from dicom_io import codes
 from dicom_io.content import (
@@ -64,6 +62,7 @@ from dicom_io.content import (
     image_side,
 )
 from dicom_io.pixels import FileChangedError
+from dicom_io.stored_text import lost_text
 from dicom_io.uids import derived_from
 
 logger = logging.getLogger(__name__)
@@ -201,10 +200,10 @@ def _copied(source: Dataset, keyword: str) -> DataElement:
     read from neither a file nor memory, the file gone) it goes as decoded, U+FFFD and
     all, and is said at WARNING (the attribute's name only)."""
     element = source[keyword]
-    if not _lost_text(element):
+    if not lost_text(element):
         return copy.deepcopy(element)
     element = _as_received(element, received_elements(source).get(element.tag))
-    if _lost_text(element):
+    if lost_text(element):
         logger.warning(
             "%s holds text invalid in the image's character set, and its bytes could not "
             "be read again: copied as decoded, each invalid byte as U+FFFD",
@@ -217,11 +216,6 @@ def _copied(source: Dataset, keyword: str) -> DataElement:
 _COPIED_TAGS = tuple(
     Tag(keyword) for keyword in (*PATIENT_AND_STUDY, *PATIENT_AND_STUDY_IF_PRESENT)
 )
-#: The VRs whose text is in the Specific Character Set (PS3.5 6.1.2.3), which pydicom
-#: decodes from it: the others are in the default repertoire.
-_CHARACTER_SET_VRS = frozenset(("LO", "LT", "PN", "SH", "ST", "UC", "UT"))
-#: What pydicom puts in decoded text for each byte invalid in its character set.
-_REPLACEMENT = "\ufffd"
 #: Where a data set keeps its copied elements as read again (:func:`received_elements`).
 _RECEIVED = "_boneage_received_elements"
 
@@ -313,35 +307,14 @@ def _copied_elements(fh: Any) -> Dataset:
     )
 
 
-def _lost_text(element: DataElement | RawDataElement) -> bool:
-    """Whether ``element``'s decoded text, or that of any element in its items, lost
-    characters in decoding: holds U+FFFD. (Text whose bytes encode U+FFFD itself is
-    copied as received too: the same bytes.) An element in an item that nothing has
-    read yet is still its bytes, and lost nothing: it is not decoded here (a damaged
-    one, a length wrong for its VR, would raise, and fail the image's every attempt)."""
-    if isinstance(element, RawDataElement):
-        return False
-    if element.VR == "SQ":
-        return any(
-            _lost_text(item.get_item(tag))
-            for item in element.value or []
-            for tag in sorted(item.keys())
-        )
-    if element.VR not in _CHARACTER_SET_VRS:
-        return False
-    value = element.value
-    values = value if isinstance(value, (list, MultiValue)) else [value]
-    return any(isinstance(one, str | PersonName) and _REPLACEMENT in str(one) for one in values)
-
-
 def _as_received(
     element: DataElement, received: DataElement | RawDataElement | None
 ) -> DataElement:
     """``element`` as ``received`` holds it (:func:`received_elements`): text that lost
-    characters in decoding (:func:`_lost_text`) as the bytes received, a sequence item by
-    item; anything else, or where nothing was received, a copy of ``element``. An item is
-    copied whole, its elements not read yet left undecoded (written back as received),
-    and only those that lost text replaced."""
+    characters in decoding (:func:`dicom_io.stored_text.lost_text`) as the bytes
+    received, a sequence item by item; anything else, or where nothing was received, a
+    copy of ``element``. An item is copied whole, its elements not read yet left
+    undecoded (written back as received), and only those that lost text replaced."""
     if element.VR == "SQ":
         items = _received_items(received, len(element.value or []))
         copied = DicomSequence()
@@ -349,7 +322,7 @@ def _as_received(
             copied_item = copy.deepcopy(item)
             for tag in sorted(item.keys()):
                 held = item.get_item(tag)
-                if isinstance(held, RawDataElement) or not _lost_text(held):
+                if isinstance(held, RawDataElement) or not lost_text(held):
                     continue
                 inner = (
                     received_item.get_item(tag)
@@ -360,7 +333,7 @@ def _as_received(
             copied.append(copied_item)
         return DataElement(element.tag, "SQ", copied)
     if (
-        _lost_text(element)
+        lost_text(element)
         and isinstance(received, RawDataElement)
         and isinstance(received.value, bytes)
     ):

@@ -53,7 +53,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
 
-from pydicom import Dataset, dcmread
+from pydicom import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from sqlalchemy import ColumnElement, func, literal, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -72,6 +72,7 @@ from dicom_io.scu import (
     stored,
     stored_syntax,
 )
+from dicom_io.stored_text import read_keeping_text
 from worker.logs import exception_summary
 from worker.runtime import Runtime
 from worker.settings import Destination, Settings
@@ -685,14 +686,14 @@ def _read_outbox(path: Path) -> Dataset:
         It is no DICOM file, or lacks what a C-STORE needs, or does not parse.
     """
     try:
-        ds = dcmread(path)
+        # parses every element now, and keeps as stored the text that lost characters in
+        # decoding (a Patient ID copied as received), which pynetdicom encodes again
+        ds = read_keeping_text(path)
         for keyword in ("SOPClassUID", "SOPInstanceUID"):
             if keyword not in ds:
                 raise _DamagedObject(f"it has no {keyword}")
         if "TransferSyntaxUID" not in ds.file_meta:
             raise _DamagedObject("its file meta has no TransferSyntaxUID")
-        for _ in ds.iterall():  # parses every element now
-            pass
     except _UNREADABLE as exc:
         # pydicom's message quotes the bytes it read: a damaged file's may be a
         # patient's name read as a tag and a VR, so the type alone

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from sqlalchemy import select
 
 from db.engine import session_scope
-from db.schema import Instance, InstanceState
+from db.schema import Delivery, Instance, InstanceState
 from dicom_io.synthetic import make_radiograph_dataset
 from tests.conftest import StoreSCP
 from tests.integration import test_received_again as received_again_tests
@@ -63,6 +64,45 @@ def test_our_objects_carry_the_patient_text_as_received_in_a_wrong_character_set
     assert len(applied.delivery_ids) == 2, applied
     for path in deliver(runtime, storescp, applied.delivery_ids):
         assert dcmread(path).Modality == "KO"
+        assert_copied_as_received(path)
+
+
+@pytest.mark.parametrize("how", ["implicit VR only", "a row with no checksum"])
+def test_objects_read_again_to_be_sent_carry_the_patient_text_as_received(
+    tmp_path: Path, tiny_checkpoint: Path, dcmtk: dict[str, str], how: str
+) -> None:
+    """Our objects are sent as their files are, byte for byte, but read and encoded
+    again for a destination that takes only Implicit VR Little Endian, and for a row
+    whose checksum was not recorded (an older node's). The text that lost characters in
+    decoding went as U+FFFD in UTF-8: the PACS filed the SR and SC under another
+    Patient ID. It goes as the bytes received."""
+    pacs = StoreSCP(tmp_path / "pacs", options=("+xi",) if how == "implicit VR only" else ())
+    pacs.start()
+    try:
+        rt = received_again_tests.make_runtime(
+            tmp_path, tiny_checkpoint, destinations=pacs.destination
+        )
+        image = make_radiograph_dataset(
+            (hand_like(256, 200) * 4095).astype("uint16"),
+            birth_date=BIRTH_DATE,
+            study_date=STUDY_DATE,
+            sex="F",
+            laterality="L",
+        )
+        image = dcmread(write_with_latin1_text(image, tmp_path / "image.dcm"))
+        assessed = assess_instance(rt, spool_dataset(rt, image))
+        assert assessed.state == "assessed", assessed.reason
+        if how == "a row with no checksum":
+            with session_scope(rt.database_url) as session:
+                for delivery_id in assessed.delivery_ids:
+                    session.get_one(Delivery, delivery_id).sha256 = None
+        ours = deliver(rt, pacs, assessed.delivery_ids)
+    finally:
+        pacs.stop()
+    assert sorted(dcmread(path).Modality for path in ours) == ["OT", "SR"]
+    syntax = ImplicitVRLittleEndian if how == "implicit VR only" else ExplicitVRLittleEndian
+    for path in ours:
+        assert dcmread(path).file_meta.TransferSyntaxUID == syntax
         assert_copied_as_received(path)
 
 

@@ -135,7 +135,7 @@ def open_association(
         timeout=timeout,
         ssl_context=ssl_context,
     )
-    if reason is not None:
+    if assoc is None or reason is not None:
         raise error(f"association with {ae_title}@{host}:{port} failed: {reason}")
     return assoc
 
@@ -313,8 +313,9 @@ def _associate(
     timeout: float,
     ssl_context: ssl.SSLContext | None,
     deadline: float | None = None,
-) -> tuple[Association, str | None]:
-    """An association, and why it is not established (None when it is)."""
+) -> tuple[Association | None, str | None]:
+    """An association, and why it is not established (None when it is); no association
+    where ``host`` is a name that does not resolve."""
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout
     # TCP connect and TLS handshake: pynetdicom leaves them unbounded, and a destination
@@ -334,6 +335,9 @@ def _associate(
     ]
     try:
         assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls, evt_handlers=handlers)
+    except socket.gaierror as exc:  # raised here, in the caller's thread, by pynetdicom
+        _abandon(ae)
+        return None, f"host name {host!r} not resolved ({exc.strerror})"
     except BaseException:
         _abandon(ae)
         raise
@@ -598,11 +602,16 @@ def send_datasets(
         deadline=deadline,
     )
     destination = f"{ae_title}@{host}:{port}"
-    if why is not None and not assoc.accepted_contexts and assoc.rejected_contexts:
+    if (
+        assoc is not None
+        and why is not None
+        and not assoc.accepted_contexts
+        and assoc.rejected_contexts
+    ):
         return [
             NotAccepted(_not_accepted(sop_class, ae_title, host, port)) for sop_class, _ in needs
         ]
-    if why is not None:
+    if assoc is None or why is not None:
         raise SendError(f"association with {destination} failed: {why}")
     answers: list[Answer] = []
     unanswered = False

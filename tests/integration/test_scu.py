@@ -482,6 +482,32 @@ def test_the_echo_command_prints_why_it_got_no_answer() -> None:
     assert refused.exit_code == 1 and "failed: no connection (refused" in refused.output
 
 
+def test_a_host_name_that_does_not_resolve_is_said(tmp_path: Path) -> None:
+    """pynetdicom raises the resolver's error in the caller's thread: `echo` ended in a
+    traceback, `send` said "cannot read None", a delivery recorded "gaierror". The
+    name and the resolver's words, as any other association that failed. (.invalid
+    never resolves, RFC 6761.)"""
+    from click.testing import CliRunner
+
+    from worker.cli import main
+
+    host = "pacs.boneage-test.invalid"
+    echoed = CliRunner().invoke(main, ["echo", f"PACS@{host}:104"])
+    assert echoed.exit_code == 1, echoed.output
+    assert echoed.exception is None or isinstance(echoed.exception, SystemExit)
+    assert f"association with PACS@{host}:104 failed: host name '{host}' not resolved (" in (
+        " ".join(echoed.output.split())
+    )
+    with pytest.raises(SendError, match=f"failed: host name '{host}' not resolved"):
+        send_files(
+            [_radiograph(tmp_path / "hand.dcm", 64)],
+            ae_title="PACS",
+            host=host,
+            port=104,
+            calling_ae_title="BONEAGE",
+        )
+
+
 def test_a_send_slower_than_the_timeout_that_keeps_going_is_answered(
     storescp: StoreSCP, tmp_path: Path
 ) -> None:

@@ -1190,10 +1190,11 @@ def _assessed_by_this_model(rt: Runtime, claim: _Claim) -> AssessOutcome | None:
         take_instances(session, [claim.instance_id])  # read under the lock, as _finish
         instance = session.get_one(Instance, claim.instance_id)
         if instance.state not in FINISHED:  # else an attempt beside this one closed it
+            # No file was read: a copy received meanwhile (a correction, while a reprocess
+            # waited) is left to be compared (_with_copy_to_compare), not taken as read.
             instance.state = InstanceState.ASSESSED
             instance.reason = None
             instance.finished_at = database_now(session)
-            _compared_if_read(instance)
     logger.warning(
         "instance %d: this worker's model %s assessed it already; a reprocess for another "
         "model needs workers that run that model",

@@ -1212,6 +1212,42 @@ def test_a_reprocess_message_taken_by_a_worker_of_the_old_model_leaves_the_insta
         assert len(session.scalars(select(Result)).all()) == 2
 
 
+def test_a_copy_received_while_a_reprocess_waits_is_compared_after_the_old_models_worker(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    """The PACS sends a corrected copy (the sex) while `reprocess --model NEW` waits, and
+    a worker of the old model takes the message. It reads no file, but it marked the copy
+    compared: the correction was lost, the result read with the wrong sex stood. The
+    copy is left to be compared, and the comparison assesses it again."""
+    from models.checkpoint import save_checkpoint, untrained_model
+    from tests.integration.test_received_again import received_again
+    from worker.reprocess import prepare_reprocess
+
+    instance_id = spool_instance(runtime)
+    assert assess_instance(runtime, instance_id, send=False).state == "assessed"
+    loaded = untrained_model(arch="resnet18", input_size=128, seed=5)
+    path = tmp_path / "new.safetensors"
+    save_checkpoint(path, loaded.model, loaded.meta)
+    new = Runtime(runtime.settings.model_copy(update={"model": path}))
+    assert prepare_reprocess(new, [instance_id]) == [instance_id]
+    with session_scope(runtime.database_url) as session:
+        spooled = dcmread(session.get_one(Instance, instance_id).spool_path)
+    received_again(runtime, instance_id, PatientSex="F" if spooled.PatientSex == "M" else "M")
+
+    outcome = assess_instance(runtime, instance_id, send=False)  # the old model's worker
+    assert outcome.reason == "already assessed by this worker's model"
+    assert outcome.copy_to_compare
+    with session_scope(runtime.database_url) as session:
+        assert session.get_one(Instance, instance_id).received_again_at is not None
+
+    compared = assess_instance(runtime, instance_id, send=False)  # the copy's message
+    assert compared.state == "assessed", compared
+    with session_scope(runtime.database_url) as session:
+        instance = session.get_one(Instance, instance_id)
+        assert instance.assessment == 2 and instance.received_again_at is None
+        assert [r.assessment for r in session.scalars(select(Result))] == [1, 2]
+
+
 def test_the_reprocess_command_refuses_while_workers_run_another_model(
     runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -357,3 +357,7 @@ class Heartbeat(Base):
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # since when its writes have gone on without a break (worker.heartbeat.claim_holders):
+    # its first, or the first after one failed or came more than STALE_AFTER after the
+    # one before; None where an older release wrote the row
+    writing_since: Mapped[datetime | None] = mapped_column()

@@ -144,6 +144,29 @@ def instance_state(database_url: str, instance_id: int) -> InstanceState | None:
         return session.scalar(select(Instance.state).where(Instance.id == instance_id))
 
 
+def a_listener_writing_for_a_while(database_url: str) -> None:
+    """A listener's heartbeat, fresh, written without a break for twice `STALE_AFTER`:
+    the witness by which another process's stale heartbeat is its death
+    (worker.heartbeat.claim_holders), as the listener that runs the reconciler is."""
+    from db.engine import session_scope
+    from db.queries import database_now
+    from db.schema import Heartbeat
+    from worker.heartbeat import STALE_AFTER
+
+    with session_scope(database_url) as session:
+        current = database_now(session)
+        session.merge(
+            Heartbeat(
+                name="listener@witness/test:1",
+                role="listener",
+                detail={},
+                started_at=current - 2 * STALE_AFTER,
+                seen_at=current,
+                writing_since=current - 2 * STALE_AFTER,
+            )
+        )
+
+
 def timed_call(call: Callable[[], None], limit: float) -> tuple[float, BaseException | None]:
     """Seconds ``call`` took on a thread of its own, and what it raised; fails if it has
     not returned within ``limit`` (it is left to end on its own)."""

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from celery.signals import task_postrun, task_prerun
-from sqlalchemy import ColumnElement, delete
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, Select, delete, exists, or_, select
+from sqlalchemy.orm import Session, aliased
 
 from db.engine import session_scope
 from db.queries import ProcessBeat, database_now
@@ -46,6 +46,30 @@ def alive(session: Session) -> ColumnElement[bool]:
     """The condition on `Heartbeat` rows of processes alive now: seen within
     `STALE_AFTER` by the database's clock, which dated them (hosts' clocks may differ)."""
     return Heartbeat.seen_at >= database_now(session) - STALE_AFTER
+
+
+def claim_holders(session: Session) -> Select[str]:
+    """The names of the processes whose claims stand (worker.reconciler.claim_ended):
+    those alive (:func:`alive`); but, while no live process has written its heartbeat
+    without a break (``Heartbeat.writing_since``) for `STALE_AFTER`, every process with
+    a heartbeat row.
+
+    A heartbeat goes stale when its process dies, and also when the database is away
+    for longer than `STALE_AFTER` (a failover): then every heartbeat is stale, the
+    living's too, until each writes again, within `INTERVAL_SECONDS` of its return. A
+    round of the reconciler in between took every image in hand from the living and
+    said their workers had died. A process that has written for `STALE_AFTER` since
+    the database came back vouches that the others had their turns to write: a
+    heartbeat stale then is a death. A process that stopped removes its row; one
+    killed while nobody vouches keeps its claims until somebody does.
+    """
+    current = database_now(session)
+    witness = aliased(Heartbeat)
+    vouched = exists().where(
+        witness.seen_at >= current - STALE_AFTER,
+        witness.writing_since <= current - STALE_AFTER,
+    )
+    return select(Heartbeat.name).where(or_(Heartbeat.seen_at >= current - STALE_AFTER, ~vouched))
 
 
 #: The queues workers consume, whose live workers `status` and the metrics count.
@@ -242,6 +266,10 @@ class HeartbeatThread:
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{role}", daemon=True)
         # when the database first heard of it, by the database's clock
         self._started: datetime | None = None
+        # the first of its writes since which none failed or came late (claim_holders),
+        # and the last
+        self._writing_since: datetime | None = None
+        self._written: datetime | None = None
         self.tasks: TasksInHand | None = None
 
     def start(self) -> None:
@@ -262,6 +290,9 @@ class HeartbeatThread:
         try:
             with session_scope(self._url) as session:
                 seen = database_now(session)
+                since = self._writing_since
+                if since is None or self._written is None or seen - self._written > STALE_AFTER:
+                    since = seen  # the first, or the first after a break
                 session.merge(
                     Heartbeat(
                         name=self.name,
@@ -269,10 +300,13 @@ class HeartbeatThread:
                         detail=self._detail(),
                         started_at=self._started or seen,
                         seen_at=seen,
+                        writing_since=since,
                     )
                 )
             self._started = self._started or seen
+            self._writing_since, self._written = since, seen
         except Exception as exc:  # the db may be down; status will show us as stale
+            self._writing_since = None
             logger.warning("heartbeat not written (%s)", type(exc).__name__)
 
     def _run(self) -> None:

@@ -82,7 +82,6 @@ from db.schema import (
     FINISHED,
     Delivery,
     DeliveryState,
-    Heartbeat,
     Instance,
     InstanceState,
     Model,
@@ -128,7 +127,7 @@ from dicom_io.sr import (
     referenced_sop_class,
 )
 from dicom_io.uids import LEGACY_UIDS, UUID_ROOT, UidScheme, derived_from, root_of
-from worker.heartbeat import alive, process_name
+from worker.heartbeat import claim_holders, process_name
 from worker.reconciler import claim_ended, died_reason, worker_died
 from worker.runtime import SOFTWARE_NAME, Runtime
 
@@ -559,7 +558,7 @@ def _claim(
         # whichever host, and hosts' clocks may differ by more than the time between
         # a publish and its claim.
         current = database_now(session)
-        live_workers = select(Heartbeat.name).where(alive(session))
+        live_workers = claim_holders(session)
         free = or_(
             Instance.state != InstanceState.PROCESSING,
             Instance.claimed_by.is_(None),  # an attempt that failed for a fault let it go

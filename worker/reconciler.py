@@ -18,7 +18,7 @@ from sqlalchemy import ColumnElement, Select, String, case, literal, or_, select
 from db.engine import session_scope
 from db.queries import database_now
 from db.schema import FINISHED, Delivery, DeliveryState, Heartbeat, Instance, InstanceState
-from worker.heartbeat import alive
+from worker.heartbeat import alive, claim_holders
 from worker.messaging import failure_name
 from worker.runtime import Runtime
 
@@ -142,8 +142,11 @@ def reconcile(
         current = database_now(session)
         stale = current - timedelta(seconds=settings.requeue_after_seconds)
         # by the database's clock, or a host whose clock runs ahead takes every worker
-        # for dead
-        live_workers = select(Heartbeat.name).where(alive(session))
+        # for dead; and not while the database was away a moment ago (claim_holders). At
+        # start-up of the whole node nothing can be in flight.
+        live_workers = (
+            select(Heartbeat.name).where(alive(session)) if startup else claim_holders(session)
+        )
         received = Instance.state == InstanceState.RECEIVED
         begun = Instance.started_at.is_not(None)
         conditions: list[ColumnElement[bool]] = [

@@ -15,15 +15,19 @@ import datetime as dt
 from typing import Any
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
 
 from db.engine import session_scope
-from db.schema import Instance, InstanceState
+from db.queries import database_now
+from db.schema import Heartbeat, Instance, InstanceState
 from tests.integration import test_live_claims
 from tests.integration.test_live_claims import REFUSED, _heartbeat_stops, _row
 from tests.integration.test_pipeline import reconcile_once, spool_instance
+from tests.support import a_listener_writing_for_a_while
+from worker import heartbeat as heartbeat_module
 from worker import pipeline, tasks
-from worker.heartbeat import HeartbeatThread
+from worker.heartbeat import STALE_AFTER, HeartbeatThread, process_name
 from worker.pipeline import MAX_ATTEMPTS, assess_instance
 from worker.reconciler import DIED, DIED_HOLDING_OTHERS, PROCESSING_LEASE
 from worker.runtime import Runtime
@@ -129,6 +133,72 @@ def test_a_death_in_a_retrys_back_off_gives_back_no_attempt_twice(rt: Runtime) -
     assert reconcile_once(rt) == [instance_id]
     row = _row(rt, instance_id)
     assert (row.state, row.attempts, row.alone) == (InstanceState.QUEUED, 1, False)
+
+
+def test_a_database_away_longer_than_a_heartbeat_is_no_workers_death(rt: Runtime) -> None:
+    """A failover of a minute: every heartbeat stale, the living's too, and the listener's
+    written again first. Its round took back every image in hand, said each worker had
+    died, and marked a batching worker's images alone for good; a message for one of
+    them took it over from its live worker. Nobody has written for a heartbeat's
+    span since the database came back: nothing is taken until somebody has."""
+    together, solo = spool_instance(rt), spool_instance(rt)
+    _claimed(rt, together, shared=True)
+    _claimed(rt, solo, shared=False)
+    before = [(_row(rt, i).started_at, _row(rt, i).attempts) for i in (together, solo)]
+    with session_scope(rt.database_url) as session:  # the database away for a minute
+        current = database_now(session)
+        for beat in session.scalars(select(Heartbeat)):
+            beat.seen_at = current - 2 * STALE_AFTER
+    listener = HeartbeatThread(rt.database_url, "listener")
+    listener.beat()  # back: the listener writes again first
+
+    assert reconcile_once(rt) == []
+    assert assess_instance(rt, together) == REFUSED
+    for instance_id, (started_at, attempts) in zip((together, solo), before, strict=True):
+        row = _row(rt, instance_id)
+        assert (row.state, row.claimed_by, row.reason) == (
+            InstanceState.PROCESSING,
+            process_name("worker"),
+            None,
+        )
+        assert (row.started_at, row.attempts, row.alone) == (started_at, attempts, False)
+
+    # the worker writes again; once a process has written for a heartbeat's span, a
+    # worker silent all that time is dead: this one is not
+    _lives_again(rt)
+    a_listener_writing_for_a_while(rt.database_url)
+    assert reconcile_once(rt) == []
+    _heartbeat_stops(rt)  # and now it dies
+    assert sorted(reconcile_once(rt)) == sorted([together, solo])
+    assert _row(rt, together).reason == DIED_HOLDING_OTHERS
+
+
+def test_a_heartbeat_says_since_when_its_writes_have_gone_on(
+    rt: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run of writes a heartbeat vouches with starts again after a write that failed."""
+    beat = HeartbeatThread(rt.database_url, "listener")
+
+    def since() -> tuple[dt.datetime | None, dt.datetime]:
+        with session_scope(rt.database_url) as session:
+            row = session.get_one(Heartbeat, beat.name)
+            return row.writing_since, row.seen_at
+
+    beat.beat()
+    first, seen = since()
+    assert first == seen
+    beat.beat()
+    assert since()[0] == first and since()[1] > first
+
+    def away(_url: str) -> Any:
+        raise OperationalError("SELECT 1", {}, Exception("the database is away"))
+
+    with monkeypatch.context() as patched:
+        patched.setattr(heartbeat_module, "session_scope", away)
+        beat.beat()  # not written
+    beat.beat()
+    again, seen = since()
+    assert again == seen and again is not None and first is not None and again > first
 
 
 def test_a_shared_claim_whose_lease_ran_out_in_a_live_worker_counts(rt: Runtime) -> None:

@@ -18,7 +18,7 @@ from db.engine import session_scope, upgrade
 from db.queries import database_now
 from db.schema import Heartbeat, Instance, InstanceState
 from db.schema import utcnow as true_now
-from tests.support import received
+from tests.support import a_listener_writing_for_a_while, received
 from worker.heartbeat import STALE_AFTER, HeartbeatThread, process_name
 from worker.listener import record_instance
 from worker.reconciler import reconcile
@@ -118,8 +118,10 @@ def test_the_reconciler_on_a_host_whose_clock_is_off_leaves_a_live_workers_image
         return queued
 
     assert reconcile_once() == []
-    # the worker goes silent: by the database's clock, its heartbeat is stale
+    # the worker goes silent: by the database's clock, its heartbeat is stale, while the
+    # listener's goes on
     with session_scope(url) as session:
         beat = session.scalars(select(Heartbeat)).one()
         beat.seen_at = database_now(session) - 2 * STALE_AFTER
+    a_listener_writing_for_a_while(url)
     assert reconcile_once() == [instance_id]

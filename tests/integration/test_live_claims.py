@@ -44,7 +44,7 @@ from tests.integration.test_pipeline import (
     spool_instance,
 )
 from tests.integration.test_received_again import received_again, results
-from tests.support import pacs_rejection_note, wait_for
+from tests.support import a_listener_writing_for_a_while, pacs_rejection_note, wait_for
 from worker import pipeline, tasks
 from worker.celery_app import ASSESS_TASK, INFERENCE_QUEUE, app, configure, prepare_embedded_broker
 from worker.heartbeat import STALE_AFTER, HeartbeatThread, process_name
@@ -121,10 +121,12 @@ def _during_the_attempt(monkeypatch: pytest.MonkeyPatch, meanwhile: Callable[[],
 
 
 def _heartbeat_stops(rt: Runtime) -> None:
-    """This process's heartbeat goes stale, by the database's clock: it died."""
+    """This process's heartbeat goes stale, by the database's clock, while the listener's
+    goes on: it died."""
     with session_scope(rt.database_url) as session:
-        beat = session.scalars(select(Heartbeat)).one()
+        beat = session.get_one(Heartbeat, process_name("worker"))
         beat.seen_at = database_now(session) - 2 * STALE_AFTER
+    a_listener_writing_for_a_while(rt.database_url)
 
 
 # -- a claim refuses an image being assessed ----------------------------------------------

@@ -1265,6 +1265,11 @@ def _past_header(tag: BaseTag, _vr: str | None, _length: int) -> bool:
     return tag > _LAST_HEADER_TAG
 
 
+#: The transfer syntaxes whose data sets pydicom reads in either, finding the VR's
+#: presence from the elements themselves.
+_NATIVE_LITTLE_ENDIAN = frozenset((pyuid.ImplicitVRLittleEndian, pyuid.ExplicitVRLittleEndian))
+
+
 class ForeignFileMeta(ValueError):
     """A data set that begins with File Meta Information (group 0002) of its own naming
     another transfer syntax than the one its presentation context negotiated."""
@@ -1281,13 +1286,15 @@ def _read_header(path: Path, negotiated: str) -> FileDataset:
     transfer syntax than it came in. Deflated, it would inflate the whole of it in
     memory before its first element (a few hundred kilobytes sent made 300 MB here),
     and a transcoded one would be recorded, and decoded, as what it was before. Such a
-    data set is refused (`ForeignFileMeta`, 0xC210) unless it names the negotiated one.
+    data set is refused (`ForeignFileMeta`, 0xC210) unless it names the negotiated one,
+    or the other of Implicit and Explicit VR Little Endian: pydicom finds which of
+    those the elements are in as it reads them, whatever the file meta says.
     """
     with open(path, "rb") as fh:
         budgeted = cast(BinaryIO, BudgetedFile(fh, max_reads=HEADER_READS, max_bytes=HEADER_BYTES))
         read_preamble(budgeted, False)
         stated = _read_file_meta_info(budgeted).get("TransferSyntaxUID")
-        if str(stated) != negotiated:
+        if str(stated) != negotiated and not {str(stated), negotiated} <= _NATIVE_LITTLE_ENDIAN:
             raise ForeignFileMeta(
                 "the data set begins with File Meta Information (group 0002) naming "
                 f"transfer syntax {str(stated)[:64]!r}, not {negotiated} negotiated "

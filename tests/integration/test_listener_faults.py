@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from pydicom import Dataset, dcmread
 from pydicom.filebase import DicomBytesIO
@@ -28,6 +29,7 @@ from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     EncapsulatedPDFStorage,
     ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
     generate_uid,
 )
 from pynetdicom import AE, _config
@@ -37,6 +39,7 @@ from pynetdicom.dimse_primitives import C_ECHO
 from pynetdicom.dsutils import encode
 
 from dicom_io import scp as scp_module
+from dicom_io.pixels import read_image
 from dicom_io.scp import (
     CANNOT_UNDERSTAND,
     COMMAND_SET_LIMIT,
@@ -282,19 +285,24 @@ def test_a_data_set_naming_deflated_in_its_own_file_meta_is_refused_uninflated(
     assert "Traceback" not in log, log
 
 
+@pytest.mark.parametrize("embedded", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
 def test_a_data_set_naming_the_negotiated_syntax_in_its_own_file_meta_is_stored(
-    node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, embedded: str
 ) -> None:
     """Group 0002 in the data set is not allowed (PS3.7 7.5.1), but where it names the
-    syntax negotiated it says nothing false: the image is taken, as before."""
+    syntax negotiated it says nothing false, and where it names the other of Implicit
+    and Explicit VR Little Endian pydicom reads the elements as they are: the image is
+    taken, as before, and read back whole."""
     hand = write_hand(tmp_path / "hand.dcm", modality="CR")
     status = _send_with_its_own_file_meta(
-        node.scp.port, hand, _transfer_syntax_element(ExplicitVRLittleEndian), monkeypatch
+        node.scp.port, hand, _transfer_syntax_element(embedded), monkeypatch
     )
     assert status == 0x0000
     [received] = node.recorded
-    assert received.transfer_syntax_uid == ExplicitVRLittleEndian
-    assert dcmread(received.path).SOPInstanceUID == dcmread(hand).SOPInstanceUID
+    assert received.transfer_syntax_uid == embedded  # what the file says, as the worker reads
+    image = read_image(received.path)
+    assert image.SOPInstanceUID == dcmread(hand).SOPInstanceUID
+    np.testing.assert_array_equal(image.pixel_array, dcmread(hand).pixel_array)
 
 
 # -- 1b. headers of a million sequence items --------------------------------------

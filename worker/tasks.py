@@ -698,11 +698,23 @@ def deliver(self: Task, delivery_ids: list[int] | int) -> str:
         if outcome.retry_in is not None:
             retries.setdefault(outcome.retry_in, []).append(delivery_id)
     for wait, retry_ids in retries.items():
-        # The due time is in the db too: if this message is lost, the reconciler re-sends.
-        enqueue_delivery(retry_ids, countdown=wait)
+        # The due time is in the db too: if this message is lost, the reconciler re-sends,
+        # and it alone sends a retry due later than a message may be held
+        if wait <= MAX_COUNTDOWN_SECONDS:
+            enqueue_delivery(retry_ids, countdown=wait)
     state = _worst(outcome.state for outcome in outcomes.values())
     metrics.TASKS.labels(DELIVER_TASK, state).inc()
     return state
+
+
+#: The longest a `deliver` retry's message waits to be due. Celery holds a message with
+#: a countdown unacknowledged until it is due, and RabbitMQ closes the channel of a
+#: consumer that holds one longer than its ``consumer_timeout`` (30 min by default): the
+#: worker stopped ("Unrecoverable error"), with the sends it had under way, every half
+#: hour of a destination's outage once the back-off passed 30 min. A retry due later is
+#: published by the reconciler once due (it sends every pending delivery 30 s overdue),
+#: on every broker alike.
+MAX_COUNTDOWN_SECONDS = 15 * 60
 
 
 #: A deliver task's outcome is its least successful delivery's.

@@ -20,10 +20,12 @@ guest/guest), made and deleted with ``rabbitmqctl``: its queues and policies go 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import threading
 import uuid
@@ -33,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from amqp.exceptions import MessageNacked
+from amqp.exceptions import MessageNacked, NotFound
 from celery import states
 from celery.app.trace import build_tracer
 from kombu import Connection
@@ -561,6 +563,50 @@ def _deliver_timed(
             lambda: outcomes.append(_as_the_worker_runs(DELIVER_TASK, [ids])), BUDGET + MARGIN
         )
     return error, outcomes
+
+
+@pytest.mark.parametrize(("backoff", "messages"), [(60.0, 1), (1200.0, 0)])
+def test_a_deliver_retry_due_after_rabbitmqs_hold_is_published_by_the_reconciler(
+    tmp_path: Path,
+    rabbitmq: str,
+    tiny_checkpoint: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    backoff: float,
+    messages: int,
+) -> None:
+    """A destination down: the retry due in a minute gets its message (a countdown), one
+    due in 20 minutes none, since RabbitMQ closes the channel of a consumer that holds a
+    message past its ``consumer_timeout`` (30 min), and Celery holds a countdown's
+    unacknowledged until it is due: the worker stopped every half hour of the outage.
+    The reconciler publishes the retry once it is due."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: the connection is refused
+        rt = make_runtime(
+            tmp_path,
+            tiny_checkpoint,
+            broker_url=_url(rabbitmq),
+            destinations=f"PACS@127.0.0.1:{closed.getsockname()[1]}",
+            delivery_backoff_seconds=backoff,
+            delivery_backoff_max_seconds=backoff,
+        )
+        configure(rt.settings)
+        monkeypatch.setitem(tasks._state, "runtime", rt)
+        ids = sorted(assess_instance(rt, spool_instance(rt)).delivery_ids)
+        assert tasks.deliver.run(ids) == "retry"  # as a worker runs it
+    try:
+        published = _delivery_messages(rabbitmq)
+    except NotFound:  # no message ever went to the delivery queue: it was never declared
+        published = []
+    assert len(published) == messages
+    with session_scope(rt.database_url) as session:
+        rows = session.scalars(select(Delivery).where(Delivery.id.in_(ids))).all()
+        assert {(row.state, row.attempts) for row in rows} == {(DeliveryState.PENDING, 1)}
+        assert reconcile_via_broker(rt).deliveries == []  # not due: nothing published
+        for row in rows:  # its back-off over
+            assert row.next_attempt_at is not None
+            row.next_attempt_at -= dt.timedelta(seconds=backoff + 31)
+    assert sorted(reconcile_via_broker(rt).deliveries) == ids
+    assert _delivery_messages(rabbitmq) == [ids]
 
 
 def test_a_deliver_retry_not_published_gives_its_deliveries_back(

@@ -69,6 +69,12 @@ SC_MIN_LONG_SIDE = 1000
 DESTINATION_MAX_LENGTH = 128
 
 
+#: A host name or an IPv4 address: what a destination's host may be outside brackets.
+#: Letters, digits, dots, hyphens and underscores (RFC 1123 names have none, but Docker's
+#: and many a hosts file's do); no space or slash, which never resolves.
+_HOST = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_.])?")
+
+
 def _check_ae_title(value: str, what: str) -> str:
     value = value.strip()
     if not value or not _AE_TITLE.match(value):
@@ -96,8 +102,15 @@ class AllowedCaller:
         ae, sep, host = text.strip().partition("@")
         title = _check_ae_title(ae, "allowed calling AE title")
         host = host.strip()
-        if not sep or not host:
+        if not sep:
             return cls(title)
+        if not host:
+            # a template's address left empty (``PACS@${PACS_IP}``, the variable unset)
+            # would let the title in from anywhere
+            raise ValueError(
+                f"allowed caller {text.strip()!r}: no address after '@' (write the title "
+                "alone to let it call from any address)"
+            )
         try:
             address = ipaddress.ip_address(host.strip("[]"))
         except ValueError:
@@ -128,7 +141,18 @@ class Destination:
         port_number = int(port)
         if not 0 < port_number < 65536:
             raise ValueError(f"destination {text!r} has port {port_number} outside 1-65535")
-        return cls(_check_ae_title(ae, "destination AE title"), host.strip("[]"), port_number)
+        if host.startswith("["):  # only an IPv6 address is bracketed
+            host = host[1:-1]  # as written: deliveries record it so
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                raise ValueError(
+                    f"destination {text!r}: only an IPv6 address goes in brackets"
+                ) from None
+        elif not _HOST.fullmatch(host):
+            # a space or a slash never resolves: every delivery would fail for a day
+            raise ValueError(f"destination {text!r}: {host!r} is no host name or address")
+        return cls(_check_ae_title(ae, "destination AE title"), host, port_number)
 
     def __str__(self) -> str:
         # An IPv6 address keeps its brackets, or the text would not parse back (it is
@@ -423,6 +447,18 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _absolute_data_dir(self) -> Settings:
         object.__setattr__(self, "data_dir", self.data_dir.expanduser().resolve())
+        return self
+
+    @model_validator(mode="after")
+    def _prefix_on_redis(self) -> Settings:
+        scheme = self.effective_broker_url.partition("://")[0].lower()
+        if self.broker_prefix and scheme not in ("redis", "rediss", "sentinel"):
+            # kombu prefixes Redis keys alone: two nodes told apart by it on one RabbitMQ
+            # virtual host would take each other's messages
+            raise ValueError(
+                "BONEAGE_BROKER_PREFIX keeps nodes apart on a shared Redis only; give a "
+                "node on RabbitMQ a virtual host of its own, and leave the prefix empty"
+            )
         return self
 
     @model_validator(mode="after")

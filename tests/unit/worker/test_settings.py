@@ -206,6 +206,42 @@ def test_a_destination_reads_back_from_its_text() -> None:
     assert Destination.parse(f"V6@[fd00::2]:{port}").host == "fd00::2"
 
 
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("PACS@ 10.0.0.2:104", "' 10.0.0.2' is no host name or address"),
+        ("PACS@10.0.0.2 :104", "'10.0.0.2 ' is no host name or address"),
+        ("PACS@pacs/archive:104", "'pacs/archive' is no host name or address"),
+        ("PACS@[pacs.example]:104", "only an IPv6 address goes in brackets"),
+    ],
+)
+def test_a_destination_whose_host_can_never_resolve_is_refused(text: str, said: str) -> None:
+    """Taken, it failed every delivery ("host name not resolved") for a day before they
+    counted as failed; a bracketed name lost its brackets without a word."""
+    with pytest.raises(ValueError, match=re.escape(said)):
+        Destination.parse(text)
+    assert Destination.parse("PACS@orthanc_pacs:4242").host == "orthanc_pacs"  # Docker's
+
+
+def test_an_allowed_caller_with_nothing_after_its_at_sign_is_refused() -> None:
+    """``PACS@${PACS_IP}`` with the variable unset: the title was let in from anywhere."""
+    with pytest.raises(ValueError, match="no address after '@'"):
+        AllowedCaller.parse("MODALITY1@")
+
+
+def test_a_broker_prefix_is_refused_where_the_broker_is_not_redis(tmp_path: Path) -> None:
+    """kombu prefixes Redis keys alone: two nodes told apart by the prefix on one
+    RabbitMQ virtual host took each other's messages."""
+    with pytest.raises(ValidationError, match="keeps nodes apart on a shared Redis only"):
+        load_settings(data_dir=tmp_path, broker_url="amqp://u:p@rabbit:5672/v", broker_prefix="a")
+    with pytest.raises(ValidationError, match="keeps nodes apart on a shared Redis only"):
+        load_settings(data_dir=tmp_path, broker_prefix="a")  # the embedded broker
+    settings = load_settings(
+        data_dir=tmp_path, broker_url="redis://127.0.0.1:6379/0", broker_prefix="a"
+    )
+    assert settings.broker_prefix == "a"
+
+
 def test_a_destination_longer_than_its_database_column_is_refused(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 import socket
 import sqlite3
+import ssl
 import time
 from contextlib import closing
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from celery import Celery
 from kombu import Queue
@@ -125,6 +127,25 @@ def publish_try_seconds() -> float:
 def is_amqp(broker_url: str) -> bool:
     """Whether ``broker_url`` is RabbitMQ's (kombu's py-amqp transport)."""
     return broker_url.partition("://")[0].lower() in {"amqp", "amqps", "pyamqp"}
+
+
+def broker_tls(broker_url: str) -> dict[str, Any] | None:
+    """The TLS options of a connection to ``broker_url`` (Celery's ``broker_use_ssl``):
+    the broker's certificate checked, chain and name, against the system's trusted
+    authorities; None where kombu's own are to be taken (no TLS, or a ``rediss`` URL
+    that says how in its query: ``?ssl_cert_reqs=required&ssl_ca_certs=/path/ca.pem``).
+
+    kombu connects to a ``rediss`` URL that says nothing with no check at all (one
+    warning in the log): anyone on the path could pose as Redis and take its password and
+    every message. py-amqp, given ``amqps``, checks the chain but not the name.
+    """
+    parts = urlsplit(broker_url)
+    scheme = parts.scheme.lower()
+    if scheme == "rediss" and "ssl_cert_reqs" not in parse_qs(parts.query):
+        return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    if scheme == "amqps":
+        return {"cert_reqs": ssl.CERT_REQUIRED, "server_hostname": parts.hostname}
+    return None
 
 
 #: TCP keepalive on broker connections, and how long data may stay unacknowledged
@@ -240,6 +261,7 @@ def configure(settings: Settings, *, create_broker: bool = True) -> Celery:
         broker_connection_retry_on_startup=True,
         # RabbitMQ's (Redis takes socket_connect_timeout from the transport options)
         broker_connection_timeout=BROKER_CONNECT_TIMEOUT,
+        broker_use_ssl=broker_tls(settings.effective_broker_url),
         task_queues=(Queue(INFERENCE_QUEUE), Queue(DELIVERY_QUEUE)),
         task_default_queue=DELIVERY_QUEUE,
         task_routes={

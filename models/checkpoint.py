@@ -75,6 +75,11 @@ def _finite_or_null(value: Any) -> Any:
     return value
 
 
+#: The largest network input a checkpoint may name: BONEAGE_INPUT_SIZE's bound
+#: (worker.settings, which a test keeps equal). A warm-up at 30 000 px needs tens of GB.
+MAX_INPUT_SIZE = 2048
+
+
 @dataclass
 class CheckpointMeta:
     """What a checkpoint says about its model.
@@ -146,24 +151,60 @@ class CheckpointMeta:
         for name in ("trained", "clahe"):  # "false" in the JSON would read as true
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        # A checkpoint's metadata is read from a file: each value of the type it is used
+        # as, or a worker fails at its warm-up, or at every image, with no word of why.
+        for name in ("arch", "data", "software_version", "created"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be text, got {getattr(self, name)!r}")
+        for name in ("metrics", "quantiles", "extra"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name} must be an object, got {getattr(self, name)!r}")
+        for name, low, high in (("input_size", 32, MAX_INPUT_SIZE), ("head_hidden", 1, 4096)):
+            value = getattr(self, name)
+            # bounded: the network (its head built before the weights' shapes are
+            # compared) and the warm-up's image are made at these sizes
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(
+                    f"{name} must be a whole number from {low} to {high}, got {value!r}"
+                )
+        for name in ("target_mean", "target_sd"):
+            if isinstance(getattr(self, name), bool) or not isinstance(
+                getattr(self, name), int | float
+            ):
+                raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}")
         version = self.preprocess_version
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
             raise ValueError(f"preprocess_version must be a whole number from 1, got {version!r}")
         self.format_version = 3 if version != 1 else 2 if self.clahe else 1
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {self.arch!r}; expected one of {ARCHITECTURES}")
-        if self.input_size < 32:
-            raise ValueError(f"input_size must be at least 32, got {self.input_size}")
         if not math.isfinite(self.target_mean):
             raise ValueError(f"target_mean must be a finite number, got {self.target_mean}")
         if not 0 < self.target_sd < math.inf:
             raise ValueError(f"target_sd must be positive and finite, got {self.target_sd}")
         for name, value in self.metrics.items():
-            if not math.isfinite(value):  # left out where undefined (R² of one image)
+            # left out where undefined (R² of one image)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+            ):
                 raise ValueError(f"metric {name!r} must be a finite number, got {value!r}")
+        bounds: dict[float, float] = {}
         for level, q in self.quantiles.items():
-            if not 0.0 < float(level) < 1.0 or not 0 <= q < math.inf:
+            number = _level(level)
+            if (
+                number is None
+                or number in bounds  # "0.9" and "0.90": one would silently win
+                or isinstance(q, bool)
+                or not isinstance(q, int | float)
+                or not 0 <= q < math.inf
+            ):
                 raise ValueError(f"bad conformal quantile {level!r}: {q!r}")
+            bounds[number] = q
+        ordered = [bounds[level] for level in sorted(bounds)]
+        if ordered != sorted(ordered):  # a wider interval at a lower level would not nest
+            raise ValueError(f"conformal quantiles do not grow with their level: {self.quantiles}")
 
     def intervals_available(self) -> bool:
         """Return whether the checkpoint carries conformal quantiles."""
@@ -193,7 +234,7 @@ class CheckpointMeta:
         """
         try:
             raw = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, TypeError) as exc:  # TypeError: no text at all
             raise ValueError(f"checkpoint metadata is not valid JSON: {exc}") from exc
         if not isinstance(raw, dict):
             raise ValueError("checkpoint metadata is not a JSON object")
@@ -219,6 +260,12 @@ class CheckpointMeta:
         if unknown:
             logger.warning("ignoring unknown checkpoint metadata fields %s", unknown)
         arguments = {f.name for f in fields if f.init}
+        # Every writer has written each of them (clahe from format 2, preprocess_version
+        # from 3): one left out would take its default here, a target mean of 127 months
+        # for a model trained on others, and every bone age would be wrong.
+        absent = sorted(arguments - set(raw) - {"clahe", "preprocess_version"})
+        if absent:
+            raise ValueError(f"checkpoint metadata lacks {', '.join(absent)}")
         metrics = raw.get("metrics")
         if isinstance(metrics, dict):  # earlier checkpoints wrote R² of one image as NaN
             raw["metrics"] = {
@@ -228,6 +275,15 @@ class CheckpointMeta:
             return cls(**{k: v for k, v in raw.items() if k in arguments})
         except TypeError as exc:
             raise ValueError(f"checkpoint metadata is incomplete or malformed: {exc}") from exc
+
+
+def _level(text: Any) -> float | None:
+    """The coverage level a conformal quantile's key names, between 0 and 1; else None."""
+    try:
+        number = float(text)
+    except (TypeError, ValueError):
+        return None
+    return number if 0.0 < number < 1.0 else None
 
 
 @dataclass

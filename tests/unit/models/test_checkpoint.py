@@ -179,6 +179,77 @@ def test_meta_rejects_an_infinite_quantile() -> None:
         _meta(quantiles={"0.9": 16.0, "0.95": float("inf")})
 
 
+@pytest.mark.parametrize(
+    "absent", ["arch", "input_size", "target_mean", "target_sd", "trained", "head_hidden"]
+)
+def test_metadata_that_leaves_a_field_out_is_refused(absent: str) -> None:
+    """Every writer has written them all: one left out took its default (a target mean of
+    127 months, an input of 512 px for a model trained on others), and every bone age
+    was wrong without a word."""
+    raw = json.loads(_meta().to_json())
+    del raw[absent]
+    with pytest.raises(ValueError, match=f"checkpoint metadata lacks {absent}"):
+        CheckpointMeta.from_json(json.dumps(raw))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "said"),
+    [
+        ("input_size", 512.5, "input_size must be a whole number from 32 to 2048"),
+        ("input_size", 30_000, "input_size must be a whole number from 32 to 2048"),
+        ("input_size", True, "input_size must be a whole number from 32 to 2048"),
+        ("head_hidden", 10_000_000, "head_hidden must be a whole number from 1 to 4096"),
+        ("head_hidden", "256", "head_hidden must be a whole number from 1 to 4096"),
+        ("head_hidden", -5, "head_hidden must be a whole number from 1 to 4096"),
+        ("target_mean", "127", "target_mean must be a number"),
+        ("extra", "x", "extra must be an object"),
+        ("quantiles", [12.0], "quantiles must be an object"),
+        ("metrics", {"mae": "9.5"}, "metric 'mae' must be a finite number"),
+        ("arch", 50, "arch must be text"),
+        ("created", None, "created must be text"),
+    ],
+)
+def test_metadata_of_the_wrong_type_is_refused_when_read(
+    field: str, value: object, said: str
+) -> None:
+    """Taken, they failed each worker at its warm-up or at every image, or built a head of
+    ten million units (83 GB) before the weights' shapes were compared."""
+    raw = json.loads(_meta().to_json())
+    raw[field] = value
+    with pytest.raises(ValueError, match=said):
+        CheckpointMeta.from_json(json.dumps(raw))
+
+
+@pytest.mark.parametrize(
+    "quantiles",
+    [
+        {"0.9": 16.0, "0.90": 17.0},  # one level twice: one silently won
+        {"0.9": 16.0, "0.95": True},  # true read as 1.0
+        {"0.9": 20.0, "0.95": 16.0},  # the 95 % interval inside the 90 %
+        {"1.5": 20.0},
+        {"x": 20.0},
+    ],
+)
+def test_conformal_quantiles_that_cannot_be_intervals_are_refused(
+    quantiles: dict[str, object],
+) -> None:
+    with pytest.raises(ValueError, match="quantile"):
+        _meta(quantiles=quantiles)
+
+
+def test_metadata_that_is_no_text_is_refused() -> None:
+    with pytest.raises(ValueError, match="checkpoint metadata is not valid JSON"):
+        CheckpointMeta.from_json({"arch": "resnet18"})  # type: ignore[arg-type]
+
+
+def test_the_largest_input_size_is_the_settings() -> None:
+    from models.checkpoint import MAX_INPUT_SIZE
+    from worker.settings import Settings
+
+    [bound] = [m.le for m in Settings.model_fields["input_size"].metadata if hasattr(m, "le")]
+    assert bound == MAX_INPUT_SIZE
+
+
 def test_untrained_model_is_marked_and_has_no_quantiles() -> None:
     loaded = untrained_model(arch="resnet18", input_size=64)
     assert loaded.meta.trained is False

@@ -49,7 +49,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from pydicom import Dataset, dcmread
+from pydicom.filereader import read_partial
 from pydicom.multival import MultiValue
+from pydicom.tag import Tag
 from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage
 from sqlalchemy import (
     Boolean,
@@ -1005,15 +1007,62 @@ def give_up_retries(rt: Runtime, instance_id: int) -> None:
             _give_up(instance, database_now(session), retried=True)
 
 
+#: The outcome of an attempt whose claim ended before it could commit (:func:`_held_by`).
+CLAIM_ENDED = "its claim ended while it was assessed; another attempt has the image"
+
+
+def _claim_ended(instance_id: int, finished: bool) -> AssessOutcome:
+    """The outcome of an attempt whose claim ended before it could close the instance:
+    a duplicate where another attempt finished it, else :data:`CLAIM_ENDED`."""
+    logger.warning(
+        "instance %d: its claim ended while it was assessed (its lease ran out, or its "
+        "worker was taken for dead): %s",
+        instance_id,
+        "another attempt finished it" if finished else "it is left to the attempt after it",
+    )
+    return AssessOutcome("duplicate") if finished else AssessOutcome("skipped", reason=CLAIM_ENDED)
+
+
+class _ClaimEnded(Exception):
+    """The attempt's claim ended before it could close the instance, and another attempt
+    holds it, or will (:func:`_held_by`): :func:`assess_instance` says so
+    (:func:`_claim_ended`)."""
+
+
 def _finish(rt: Runtime, claim: _Claim, state: InstanceState, reason: str | None) -> None:
-    """Close the claimed instance with no result and nothing to send."""
+    """Close the claimed instance with no result and nothing to send.
+
+    Raises
+    ------
+    _ClaimEnded
+        This attempt's claim no longer holds it (:func:`_held_by`), and it is not
+        finished; nothing is changed. One finished (by another attempt, or a rejection
+        note) is left as it is, as before the claim was checked.
+    """
     with session_scope(rt.database_url) as session:
         # its row held before it is read: a copy received again meanwhile, whose
         # message a claim refused, is not erased by a stale read (_compared_if_read)
         take_instances(session, [claim.instance_id])
         instance = session.get(Instance, claim.instance_id)
-        if instance is not None and instance.state not in FINISHED:
-            _close(instance, claim, state, reason, database_now(session))
+        if instance is None or instance.state in FINISHED:
+            return  # another attempt, or a rejection note, closed it: it stands
+        if not _held_by(instance, claim):
+            raise _ClaimEnded
+        _close(instance, claim, state, reason, database_now(session))
+
+
+def _held_by(instance: Instance, claim: _Claim) -> bool:
+    """Whether ``instance`` (its row read under its lock) is still held by ``claim``'s
+    attempt: `processing`, claimed by this process at that claim's time. A claim ends
+    when its lease runs out or its worker is taken for dead (worker.reconciler), and
+    another attempt may hold the image, or have finished it, by the time this one ends:
+    closing it then put that attempt's assessment in `error`, or made the image's end
+    this attempt's, and a result of another model went beside that one's."""
+    return (
+        instance.state is InstanceState.PROCESSING
+        and instance.claimed_by == process_name("worker")
+        and instance.started_at == claim.started_at
+    )
 
 
 def _close(
@@ -1085,6 +1134,8 @@ def assess_instance(
         if outcome is None:
             # a copy that came while it waited is sent as one received again after would be
             outcome = _assess(rt, claimed, send=(send and claimed.send) or claimed.copy_came)
+    except _ClaimEnded:
+        outcome = _claim_ended(instance_id, finished=False)
     except Exception as exc:
         from models.predictor import DeviceFailure  # torch: loaded by then
 
@@ -2590,14 +2641,26 @@ def _withdraw(
                     Instance.study_instance_uid,
                     Instance.series_instance_uid,
                     Instance.reason,
+                    Instance.spool_path,
                 )
                 .execution_options(synchronize_session=False)
             ).one()
+            # the study of the copy in the spool counts too: one the PACS moved there and
+            # sent again, waiting to be assessed (or being assessed), which the note
+            # rejects before anything of ours went there. Left out, the note was taken
+            # for another image's, and the attempt at the copy, finding it, withdrew
+            # nothing of what went where the image was before.
+            copy_study = _spooled_study(Path(instance.spool_path))
             ours = session.scalar(
                 select(Rejection.id).where(
                     Rejection.sop_instance_uid == source_uid,
                     Rejection.study_instance_uid == study,
-                    rejects(instance_id, instance.study_instance_uid, instance.series_instance_uid),
+                    rejects(
+                        instance_id,
+                        instance.study_instance_uid,
+                        instance.series_instance_uid,
+                        [copy_study] if copy_study else [],
+                    ),
                 )
             )
             if ours is None:
@@ -2685,6 +2748,20 @@ def _withdraw(
             len(ids),
         )
     return ids
+
+
+def _spooled_study(path: Path) -> str | None:
+    """The Study Instance UID of the copy of an image in the spool; None where it cannot
+    be read (removed by retention, damaged)."""
+    try:
+        with path.open("rb") as fh:
+            ds = read_partial(fh, stop_when=lambda tag, _vr, _length: tag > _STUDY_INSTANCE_UID)
+    except Exception:  # pydicom raises many types; the note is judged without it
+        return None
+    return str(ds.get("StudyInstanceUID") or "") or None
+
+
+_STUDY_INSTANCE_UID = Tag("StudyInstanceUID")
 
 
 def withdrawal_uid(sop_instance_uid: str) -> str:
@@ -3110,16 +3187,20 @@ def _commit(
             # attempt either finds what it commits, or is found here.
             take_instances(session, [instance_id])
             current = database_now(session)  # the instance's end, and its deliveries' birth
+            instance = session.get_one(Instance, instance_id)
             rejected, elsewhere = _rejection_in(session, claim)
             if rejected is not None:
-                instance = session.get_one(Instance, instance_id)
                 # one another attempt finished is left to the note (:func:`_withdraw`),
-                # which withdraws what that attempt made
-                if instance.state not in FINISHED:
+                # which withdraws what that attempt made; one another attempt holds now
+                # is that one's to close
+                if _held_by(instance, claim):
                     _close(instance, claim, InstanceState.REJECTED, rejected, current)
                 discard(outputs)
                 logger.info("instance %d: rejected by the PACS while assessed", instance_id)
                 return AssessOutcome("rejected", reason=rejected)
+            if not _held_by(instance, claim):
+                discard(outputs)
+                return _claim_ended(instance_id, instance.state in FINISHED)
             if elsewhere:
                 reason = said_rejected_elsewhere(reason)
             if result is not None:
@@ -3146,7 +3227,7 @@ def _commit(
                 for destination in (output.destinations or () if send else ())
             ]
             session.add_all(deliveries)
-            _close(session.get_one(Instance, instance_id), claim, state, reason, current)
+            _close(instance, claim, state, reason, current)
             # Any other attempt at this instance now waits on these rows' unique keys
             # (PostgreSQL) or on the write lock (SQLite) until this transaction ends;
             # one that committed first has made the flush fail.

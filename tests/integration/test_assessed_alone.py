@@ -12,6 +12,7 @@ holds one image: tests/integration/test_reliability.py.
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,15 +21,16 @@ from sqlalchemy.exc import OperationalError
 
 from db.engine import session_scope
 from db.queries import database_now
-from db.schema import Heartbeat, Instance, InstanceState
+from db.schema import Heartbeat, Instance, InstanceState, Result
+from dicom_io.pixels import PixelDataError
 from tests.integration import test_live_claims
 from tests.integration.test_live_claims import REFUSED, _heartbeat_stops, _row
-from tests.integration.test_pipeline import reconcile_once, spool_instance
+from tests.integration.test_pipeline import another_model, reconcile_once, spool_instance
 from tests.support import a_listener_writing_for_a_while
 from worker import heartbeat as heartbeat_module
 from worker import pipeline, tasks
 from worker.heartbeat import STALE_AFTER, HeartbeatThread, process_name
-from worker.pipeline import MAX_ATTEMPTS, assess_instance
+from worker.pipeline import CLAIM_ENDED, MAX_ATTEMPTS, assess_instance
 from worker.reconciler import DIED, DIED_HOLDING_OTHERS, PROCESSING_LEASE
 from worker.runtime import Runtime
 
@@ -199,6 +201,72 @@ def test_a_heartbeat_says_since_when_its_writes_have_gone_on(
     beat.beat()
     again, seen = since()
     assert again == seen and again is not None and first is not None and again > first
+
+
+@pytest.mark.parametrize("after", ["finished", "holding"])
+@pytest.mark.parametrize("ends", ["assessed", "not assessed"])
+def test_an_attempt_whose_claim_ended_leaves_the_image_to_the_attempt_after_it(
+    rt: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ends: str, after: str
+) -> None:
+    """An attempt held past its lease (a stalled mount): the reconciler takes the image
+    back, and a worker of another model (a rollout) assesses it, or is assessing it.
+    The first then ended: its result went beside the other model's, and both SRs would
+    have gone to the PACS, two bone ages for one image; or its "not assessed" closed the
+    image over the other's. It leaves the image as the attempt after it left it, or
+    holds it, and stages nothing."""
+    instance_id = spool_instance(rt)
+    other = another_model(rt, tmp_path, 14)
+    meanwhile: list[str] = []
+    stalls = [True]  # the first attempt's alone
+    started: list[dt.datetime | None] = []
+
+    def stalled(*args: Any, **kwargs: Any) -> Any:
+        if stalls and stalls.pop():
+            with session_scope(rt.database_url) as session:
+                row = session.get_one(Instance, instance_id)
+                assert row.started_at is not None
+                row.started_at -= PROCESSING_LEASE + dt.timedelta(seconds=1)
+            assert reconcile_once(rt) == [instance_id]
+            if after == "finished":
+                with monkeypatch.context() as unpatched:  # the other model's worker, as it is
+                    unpatched.setattr(pipeline, "_decode", real_decode)
+                    meanwhile.append(assess_instance(other, instance_id, send=False).state)
+            else:
+                meanwhile.append(type(pipeline._claim(other, instance_id)).__name__)
+            started.append(_row(rt, instance_id).started_at)
+        return real(*args, **kwargs)
+
+    real_decode = pipeline._decode
+
+    if ends == "assessed":
+        real = pipeline.stage_outputs
+        monkeypatch.setattr(pipeline, "stage_outputs", stalled)
+    else:  # the first finds the image not assessable: a gate it did not pass
+        real = pipeline._finish
+        monkeypatch.setattr(pipeline, "_finish", stalled)
+        monkeypatch.setattr(
+            pipeline, "_decode", lambda *_: (_ for _ in ()).throw(PixelDataError("stalled"))
+        )
+    outcome = assess_instance(rt, instance_id, send=False)
+    monkeypatch.undo()
+
+    row = _row(rt, instance_id)  # as the other model's worker left it, or holds it
+    assert row.started_at == started[-1]
+    with session_scope(rt.database_url) as session:
+        models = [r.model_id for r in session.scalars(select(Result))]
+    if after == "finished":
+        assert meanwhile == ["assessed"]
+        # (what the first found, as before: the row is the other's)
+        assert outcome.state == ("duplicate" if ends == "assessed" else "not_assessed"), outcome
+        assert row.state is InstanceState.ASSESSED
+        assert models == [other.predictor.model_id]
+    else:
+        assert meanwhile == ["_Claim"]
+        assert (outcome.state, outcome.reason) == ("skipped", CLAIM_ENDED)
+        assert (row.state, row.reason) == (InstanceState.PROCESSING, None)
+        assert models == []
+    staged = [p for p in rt.settings.outbox_dir.rglob("*") if p.is_file()]
+    assert all(".staged" not in p.name for p in staged), staged
 
 
 def test_a_shared_claim_whose_lease_ran_out_in_a_live_worker_counts(rt: Runtime) -> None:

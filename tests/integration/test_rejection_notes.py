@@ -681,6 +681,49 @@ def test_an_image_moved_to_another_patient_then_rejected_is_withdrawn_in_both(
         assert (note.PatientID, note.AccessionNumber) == ("OTHER-9", "A2")
 
 
+def test_a_moved_image_rejected_before_its_copy_is_assessed_is_withdrawn_where_it_was(
+    runtime: Runtime, storescp: StoreSCP
+) -> None:
+    """Moved at the PACS to another study and series, under another patient, and sent
+    again; rejected there before its copy's assessment: the note was taken for another
+    image's (nothing of ours had gone to that study, and the series was new), and the
+    attempt at the copy, finding it, ended the image rejected and withdrew nothing: the
+    bone age stayed in the first study. Notes of ours withdraw it there, filed as the
+    SR and SC were; the copy's message then makes nothing."""
+    image_id = spool_instance(runtime)
+    first = [
+        dcmread(p)
+        for p in deliver(runtime, storescp, assess_instance(runtime, image_id).delivery_ids)
+    ]
+    received_again(
+        runtime,
+        image_id,
+        StudyInstanceUID=generate_uid(),
+        SeriesInstanceUID=generate_uid(),
+        PatientID="OTHER-9",
+        PatientName="OTHER^PATIENT",
+    )
+    applied = assess_instance(
+        runtime, spool_dataset(runtime, pacs_rejection_note(image_of(runtime, image_id)))
+    )
+    assert state_of(runtime, image_id)[0] is InstanceState.REJECTED
+    notes = [dcmread(p) for p in deliver(runtime, storescp, applied.delivery_ids)]
+    assert sorted(n.Modality for n in notes) == ["KO", "KO"]  # the first SR and SC
+    withdrawn = {
+        item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for note in notes
+        for item in note.ContentSequence
+        if "ReferencedSOPSequence" in item
+    }
+    assert withdrawn == {str(ds.SOPInstanceUID) for ds in first}
+    for note in notes:
+        for keyword in FILED_BY:
+            assert note.get(keyword) == first[0].get(keyword), keyword
+    again = assess_instance(runtime, image_id)  # the copy's message
+    assert again.delivery_ids == (), again
+    assert state_of(runtime, image_id)[0] is InstanceState.REJECTED
+
+
 def test_an_image_moved_and_no_longer_assessable_is_withdrawn_where_it_was(
     runtime: Runtime, storescp: StoreSCP
 ) -> None:

@@ -344,6 +344,12 @@ def _associate(
     if assoc.is_established:
         return assoc, None
     if "connected" not in seen:
+        # pynetdicom logs a TLS handshake's failure and goes on as if nothing connected: an
+        # expired or mistrusted certificate read as a network outage, retried for a day
+        if ssl_context is not None and (
+            refused := _tls_refusal(host, port, ssl_context, min(connect_timeout, 5.0))
+        ):
+            return assoc, refused
         handshake = "TCP or TLS handshake" if ssl_context is not None else "TCP connection"
         return (
             assoc,
@@ -359,6 +365,24 @@ def _associate(
         )
         return assoc, f"no presentation context accepted for {names}"
     return assoc, "aborted" if assoc.is_aborted else "no answer"
+
+
+def _tls_refusal(host: str, port: int, ssl_context: ssl.SSLContext, timeout: float) -> str | None:
+    """Why a TLS handshake with ``host:port`` fails, where TLS itself refuses it (the
+    destination's certificate, or ours, or the protocol); None where it fails otherwise
+    (no connection, no answer in ``timeout`` seconds) or succeeds now."""
+    try:
+        with (
+            socket.create_connection((host, port), timeout=timeout) as sock,
+            ssl_context.wrap_socket(sock, server_hostname=host),
+        ):
+            return None
+    except ssl.SSLCertVerificationError as exc:
+        return f"TLS: the destination's certificate is refused ({exc.verify_message})"
+    except ssl.SSLError as exc:
+        return f"TLS handshake refused ({exc.reason or exc})"
+    except OSError:
+        return None
 
 
 def _abandon(ae: AE) -> None:

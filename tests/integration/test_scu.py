@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import socket
 import ssl
@@ -240,6 +241,57 @@ def test_a_destination_that_never_answers_the_tls_handshake_fails_in_bounded_tim
     assert isinstance(raised, SendError)
     assert "no connection" in str(raised) and "TLS handshake in 2 s" in str(raised)
     assert elapsed < 15
+
+
+@pytest.mark.parametrize("trusting", ["our CA", "the system's"])
+def test_a_destination_whose_certificate_is_refused_says_why(tmp_path: Path, trusting: str) -> None:
+    """pynetdicom logs a failed TLS handshake and goes on as if nothing connected: a
+    certificate of another name, or of an authority not trusted, was recorded as "no
+    connection", a network outage, and retried for a day. What TLS refused is said."""
+    from tests.integration.test_security import Certificates
+
+    certificates = Certificates(tmp_path / "pki")
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(*certificates.client)  # names pacs.invalid, not 127.0.0.1
+    stop = threading.Event()
+
+    def serve(listening: socket.socket) -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = listening.accept()
+            except OSError:
+                return
+            with connection, contextlib.suppress(OSError):
+                server.wrap_socket(connection, server_side=True).close()
+
+    client = (
+        certificates.client_context(with_certificate=False)
+        if trusting == "our CA"
+        else ssl.create_default_context()
+    )
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(5)
+        thread = threading.Thread(target=serve, args=(listening,), daemon=True)
+        thread.start()
+        try:
+            with pytest.raises(SendError) as raised:
+                send_files(
+                    [_radiograph(tmp_path / "hand.dcm", 64)],
+                    ae_title="PACS",
+                    host="127.0.0.1",
+                    port=listening.getsockname()[1],
+                    calling_ae_title="BONEAGE",
+                    timeout=5,
+                    ssl_context=client,
+                )
+        finally:
+            stop.set()
+    said = str(raised.value)
+    assert "TLS: the destination's certificate is refused (" in said, said
+    assert ("IP address mismatch" if trusting == "our CA" else "unable to get local issuer") in (
+        said
+    )
 
 
 def test_a_destination_taking_only_implicit_vr_gets_the_object_re_encoded_whole(

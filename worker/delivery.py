@@ -154,6 +154,11 @@ def refused_for_good(status: int) -> bool:
     return (status & 0xFF00) == 0xA900 or (status & 0xF000) == 0xC000
 
 
+#: Why a delivery whose outbox folder this host cannot see is tried again (not failed).
+OUTBOX_FOLDER_MISSING = (
+    "the outbox folder is missing on this host (the data folder not mounted?): tried again"
+)
+
 #: Why an SR or SC to a destination taken out of the settings is not sent.
 NOT_CONFIGURED = "destination no longer configured"
 #: How long a delivery made after this process read its settings, to a destination they
@@ -520,6 +525,13 @@ def _send_to(
         try:
             ds = check_outbox(row.path, row.sha256)
         except FileNotFoundError:
+            if not Path(row.path).parent.is_dir():
+                # the folder itself: a shared data folder not mounted yet on this host,
+                # which would fail every delivery for good; tried again, as the network
+                outcomes[row.id] = _record_failure(
+                    rt, row.id, OUTBOX_FOLDER_MISSING, sent_before=row.sent_before
+                )
+                continue
             error = "the outbox file is missing"
             outcomes[row.id] = _record_failure(
                 rt, row.id, error, permanent=True, sent_before=row.sent_before

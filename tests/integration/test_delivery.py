@@ -343,6 +343,31 @@ def test_damaged_outbox_file_fails_alone_and_at_once(
     assert dcmread(stored).Modality == "SR"
 
 
+def test_an_outbox_folder_this_host_cannot_see_is_tried_again(
+    tmp_path: Path, tiny_checkpoint: Path, database_url: str, storescp: StoreSCP
+) -> None:
+    """The shared data folder not mounted yet on the delivery worker's host: each object
+    failed for good ("the outbox file is missing") and waited for `retry-deliveries`.
+    Tried again, and sent once the folder is back; a file missing from a folder that is
+    there still fails at once."""
+    rt = make_runtime(tmp_path, tiny_checkpoint, database_url, storescp)
+    outcome = assess_instance(rt, spool_instance(rt))
+    outbox = rt.settings.outbox_dir
+    away = outbox.with_name("outbox-not-mounted")
+    outbox.rename(away)
+    try:
+        sent = send_deliveries(rt, outcome.delivery_ids)
+    finally:
+        away.rename(outbox)
+    assert {o.state for o in sent.values()} == {"retry"}
+    assert {o.error for o in sent.values()} == {delivery.OUTBOX_FOLDER_MISSING}
+    assert storescp.received() == []
+
+    again = send_deliveries(rt, outcome.delivery_ids, force=True)
+    assert {o.state for o in again.values()} == {"delivered"}
+    assert len(storescp.wait_for_objects(2, timeout=30)) == 2
+
+
 def test_rows_without_a_checksum_are_read_back_in_full(
     tmp_path: Path, tiny_checkpoint: Path, database_url: str, storescp: StoreSCP
 ) -> None:

@@ -40,7 +40,7 @@ from tests.support import pacs_rejection_note, wait_for
 from worker import delivery
 from worker.delivery import claim_seconds, send_deliveries
 from worker.pipeline import assess_instance
-from worker.reconciler import reconcile
+from worker.reconciler import DELIVERY_LOST_AFTER, reconcile
 from worker.runtime import Runtime
 from worker.settings import Destination, load_settings
 
@@ -289,6 +289,40 @@ def test_reconciler_leaves_a_claim_alone_until_it_runs_out(
         "delivered",
     ]
     wait_for(lambda: len(storescp.received()) == 2, timeout=30, what="both objects")
+
+
+def test_a_busy_delivery_queue_is_not_given_the_same_deliveries_each_round(
+    tmp_path: Path, tiny_checkpoint: Path, database_url: str, storescp: StoreSCP
+) -> None:
+    """While the delivery queue holds messages (a backlog after `retry-deliveries`), a
+    delivery due a minute ago may have its message waiting there: each round published
+    every one of them again. Only one due longer than a message waits is taken for
+    lost; with the queue empty, one due 30 s ago, as before."""
+    rt = make_runtime(tmp_path, tiny_checkpoint, database_url, storescp)
+    ids = sorted(assess_instance(rt, spool_instance(rt)).delivery_ids)
+    queued: list[list[int]] = []
+
+    def due(ago: timedelta) -> None:
+        with session_scope(rt.database_url) as session:
+            for d in session.scalars(select(Delivery)):
+                d.next_attempt_at = utcnow() - ago
+
+    def one_round(*, empty: bool) -> list[int]:
+        queued.clear()
+        report = reconcile(
+            rt,
+            lambda _: None,
+            lambda group: queued.append(sorted(group)),
+            inference_queue_empty=True,
+            delivery_queue_empty=empty,
+        )
+        return sorted(report.deliveries)
+
+    due(timedelta(minutes=1))
+    assert one_round(empty=False) == [] and queued == []
+    assert one_round(empty=True) == ids and queued == [ids]
+    due(DELIVERY_LOST_AFTER + timedelta(seconds=1))
+    assert one_round(empty=False) == ids and queued == [ids]
 
 
 def test_objects_go_out_as_written_and_their_checksums_are_recorded(

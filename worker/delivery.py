@@ -71,6 +71,7 @@ from dicom_io.scu import (
     send_datasets,
     stored,
     stored_syntax,
+    warning,
 )
 from dicom_io.stored_text import read_keeping_text
 from worker.logs import exception_summary
@@ -580,6 +581,7 @@ def _send_to(
         or (unanswered and index == len(answered))
     )
     delivered: list[int] = []
+    warned: dict[int, str] = {}  # of those, stored with a warning status: its remark
     for index, (row, _) in enumerate(sendable):
         answer = answered[index] if index < len(answered) else None
         if answer is None:
@@ -598,6 +600,13 @@ def _send_to(
             )
         elif stored(answer):
             delivered.append(row.id)
+            if warning(answer):
+                # stored, with a remark (0xB007: elements discarded, an SR perhaps shown
+                # without its bone age): kept on the row, and said with the row's id
+                warned[row.id] = f"stored with warning status 0x{answer:04X}"
+                logger.warning(
+                    "delivery %d to %s: %s", row.id, destination.ae_title, warned[row.id]
+                )
         elif refused_for_good(answer):
             error = f"{destination} answered status 0x{answer:04X} (a refusal: not sent again)"
             outcomes[row.id] = _record_failure(
@@ -621,6 +630,13 @@ def _send_to(
                 )
                 .execution_options(synchronize_session=False)
             )
+            for delivery_id, remark in warned.items():
+                session.execute(
+                    update(Delivery)
+                    .where(Delivery.id == delivery_id)
+                    .values(last_error=remark)
+                    .execution_options(synchronize_session=False)
+                )
         logger.info(
             "deliveries %s sent to %s", ", ".join(map(str, delivered)), destination.ae_title
         )

@@ -580,12 +580,20 @@ def test_a_refusal_of_the_object_itself_is_not_sent_again(
         assert row.state is expected
 
 
-def test_a_warning_outside_0xbxxx_is_delivered(
-    tmp_path: Path, tiny_checkpoint: Path, database_url: str
+@pytest.mark.parametrize("status", [0x0107, 0xB007])
+def test_a_warning_is_delivered_and_kept_on_its_row(
+    tmp_path: Path,
+    tiny_checkpoint: Path,
+    database_url: str,
+    status: int,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # 0x0107 (Attribute List Error) is a warning (PS3.7 Annex C): the object was stored.
-    # It was a failure: sent again on every retry, then failed, never "arrived".
-    pacs = PynetdicomPACS([ComprehensiveSRStorage, SecondaryCaptureImageStorage], 0x0107)
+    # It was a failure: sent again on every retry, then failed, never "arrived". A
+    # warning is kept on its row and logged with its id (0xB007, elements discarded: an
+    # SR perhaps shown without its bone age); it was logged with no id, and the row
+    # said nothing.
+    pacs = PynetdicomPACS([ComprehensiveSRStorage, SecondaryCaptureImageStorage], status)
     try:
         rt = make_runtime(tmp_path, tiny_checkpoint, database_url, pacs)
         ids = assess_instance(rt, spool_instance(rt)).delivery_ids
@@ -595,10 +603,12 @@ def test_a_warning_outside_0xbxxx_is_delivered(
         pacs.stop()
     assert len(pacs.received) == 2
     assert [o.state for o in sent.values()] == ["delivered", "delivered"]
+    remark = f"stored with warning status 0x{status:04X}"
     for row in rows(rt).values():
         assert row.state is DeliveryState.DELIVERED and row.attempts == 1
-        assert row.last_error is None and row.next_attempt_at is None
+        assert row.last_error == remark and row.next_attempt_at is None
         assert row.sending_since is None and row.delivered_at is not None
+        assert f"delivery {row.id} to PACS: {remark}" in caplog.text
 
 
 @contextmanager

@@ -135,6 +135,7 @@ def collect(settings: Settings, *, details: bool = True) -> dict[str, Any]:
             problems.append(f"no worker consumes the {queue} queue")
     problems.extend(_model_problems([p for p in live if "inference" in p.get("queues", [])]))
     problems.extend(_uid_root_problems([p for p in live if "inference" in p.get("queues", [])]))
+    problems.extend(_destination_problems([p for p in live if p["role"] == "worker"]))
     if retrying:
         problems.append(f"{retrying} deliveries are being retried; latest error: {last_error}")
     report["failed_deliveries"] = _failed(failed, settings)
@@ -274,6 +275,24 @@ def _uid_root_problems(inference: list[dict[str, Any]]) -> list[str]:
             f"inference workers make UIDs under different roots ({', '.join(roots)}): the "
             "root of an image's objects depends on which worker assesses it first; give "
             "every process the same BONEAGE_UID_ROOT and restart them"
+        ]
+    return []
+
+
+def _destination_problems(workers: list[dict[str, Any]]) -> list[str]:
+    """Whether the live workers (their heartbeats' details) have different
+    BONEAGE_DESTINATIONS: a settings change some processes did not take (a ConfigMap
+    applied, no pod restarted). An inference worker makes an image's deliveries for its
+    own, and a delivery worker of other settings fails each to a destination it does not
+    name ("destination no longer configured"), again after every `retry-deliveries`. A
+    worker of a release before says none, and is left out."""
+    seen = sorted({", ".join(p["destinations"]) or "none" for p in workers if "destinations" in p})
+    if len(seen) > 1:
+        return [
+            "workers have different BONEAGE_DESTINATIONS ("
+            + "; ".join(seen)
+            + "): an image's results go, or fail, by the workers that take them; give every "
+            "process the same and restart them"
         ]
     return []
 

@@ -256,7 +256,12 @@ def _start_process() -> None:
     """Set this worker process up: the model loaded and warmed up, the heartbeat on."""
     dispose_after_fork()
     rt = runtime()
-    detail: dict[str, Any] = {"queues": list(_state["queues"])}
+    detail: dict[str, Any] = {
+        "queues": list(_state["queues"]),
+        # where an inference worker's results go, and where a delivery worker sends:
+        # every process must have the same, which `status` checks
+        "destinations": sorted(str(d) for d in rt.settings.destinations),
+    }
     if "inference" in _state["queues"]:
         # the cores its processes and threads are sized to, and a container's CPU
         # quota and memory limit, which may lower them (worker.cgroups)

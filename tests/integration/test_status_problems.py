@@ -256,6 +256,36 @@ def _roots(problems: list[str]) -> list[str]:
     return [p for p in problems if "BONEAGE_UID_ROOT" in p]
 
 
+def test_workers_with_different_destinations_make_the_node_unhealthy(
+    runtime: Runtime,
+) -> None:
+    """A ConfigMap applied and no pod restarted: a worker started since sends to the new
+    destination, one started before does not, and each delivery to it failed as
+    "destination no longer configured", again after each `retry-deliveries`, while
+    `status` said to fix the destination. A worker of a release before says none."""
+    _beat(runtime, "worker@infer-1:11", queues=["inference"], destinations=["PACS@10.0.0.3:104"])
+    _beat(runtime, "worker@send-1:12", queues=["delivery"], destinations=["PACS@10.0.0.3:104"])
+    _beat(runtime, "worker@old-1:13", queues=["delivery"])
+    assert _destinations(_problems(runtime)) == []
+    _beat(runtime, "worker@send-2:14", queues=["delivery"], destinations=["PACS@10.0.0.2:104"])
+    assert _destinations(_problems(runtime)) == [
+        "workers have different BONEAGE_DESTINATIONS (PACS@10.0.0.2:104; PACS@10.0.0.3:104): "
+        "an image's results go, or fail, by the workers that take them; give every process "
+        "the same and restart them"
+    ]
+    with session_scope(runtime.database_url) as session:  # restarted with the others'
+        session.execute(
+            update(Heartbeat)
+            .where(Heartbeat.name == "worker@send-2:14")
+            .values(seen_at=now() - dt.timedelta(minutes=5))
+        )
+    assert _destinations(_problems(runtime)) == []
+
+
+def _destinations(problems: list[str]) -> list[str]:
+    return [p for p in problems if "BONEAGE_DESTINATIONS" in p]
+
+
 def test_deliveries_that_no_worker_takes_make_the_node_unhealthy(
     runtime: Runtime, storescp: StoreSCP
 ) -> None:

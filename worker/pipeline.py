@@ -57,6 +57,7 @@ from sqlalchemy import (
     Boolean,
     ColumnElement,
     String,
+    and_,
     case,
     false,
     func,
@@ -508,6 +509,8 @@ class _Claim:
     copy_came: bool = False
     # when the attempt claimed the instance (Instance.started_at, as its claim wrote it)
     started_at: datetime | None = None
+    # the count of attempts its claim left on the row (Instance.attempts)
+    attempts: int | None = None
 
     def other_study(self, source: Dataset) -> str | None:
         """The study ``source`` (the copy read) is in, where it is not the one the
@@ -532,7 +535,12 @@ def _again(assessment: int) -> tuple[str, ...]:
 
 
 def _claim(
-    rt: Runtime, instance_id: int, held: datetime | None = None, *, shared: bool = False
+    rt: Runtime,
+    instance_id: int,
+    held: datetime | None = None,
+    *,
+    shared: bool = False,
+    held_attempts: int | None = None,
 ) -> _Claim | AssessOutcome:
     """Claim ``instance_id`` for this attempt, or say why not.
 
@@ -548,6 +556,12 @@ def _claim(
     and its task queues it once the holder ends (:func:`_with_copy_to_compare`); a holder
     that dies is taken back by the reconciler (its heartbeat stops, or its lease ends)
     and assessed again from the newest copy.
+
+    ``held_attempts``: the count of attempts the claim ``held`` left on the row. The
+    retry goes on with that attempt, whether or not the try before could give it back
+    (the database away when it failed): counted again, a blip of the database spent one
+    of the image's :data:`MAX_ATTEMPTS`, and on its third ended it in error. None (a
+    message of an earlier release): counted as a new attempt.
     """
     with session_scope(rt.database_url) as session:
         # The row held first: what the claim and, where it is refused, the reads after it
@@ -574,23 +588,31 @@ def _claim(
         # One conditional statement, not a read and a write: an attempt whose claim
         # waited on another attempt's commit (PostgreSQL waits on the row, then reads it
         # again) must find the instance finished, not put it back to `processing`.
+        continued = (
+            Instance.started_at == held if held is not None and held_attempts is not None else None
+        )
         claimed = session.execute(
             update(Instance)
             .where(
                 Instance.id == instance_id,
                 Instance.state.not_in(FINISHED),
-                Instance.attempts < MAX_ATTEMPTS,
+                Instance.attempts < MAX_ATTEMPTS
+                if continued is None
+                else or_(Instance.attempts < MAX_ATTEMPTS, continued),
                 free,
             )
             .values(
                 state=InstanceState.PROCESSING,
                 claimed_by=process_name("worker"),
                 started_at=current,
-                attempts=Instance.attempts + 1,
+                attempts=Instance.attempts + 1
+                if continued is None
+                else case((continued, held_attempts), else_=Instance.attempts + 1),
                 claim_shared=_claim_shared(shared),
                 reason=claim_reason,
             )
             .returning(
+                Instance.attempts,
                 Instance.spool_path,
                 Instance.sop_instance_uid,
                 Instance.assessment,
@@ -611,6 +633,7 @@ def _claim(
                 send=claimed.send_outputs,
                 copy_came=claimed.received_again_at is not None,
                 started_at=current,
+                attempts=claimed.attempts,
             )
         instance = session.get(Instance, instance_id, populate_existing=True)
         if instance is None:
@@ -1096,6 +1119,7 @@ class Attempt:
 
     assessment: int | None = None
     started_at: datetime | None = None
+    attempts: int | None = None  # the count of attempts the claim left on the row
 
 
 def assess_instance(
@@ -1106,6 +1130,7 @@ def assess_instance(
     attempt: Attempt | None = None,
     held: datetime | None = None,
     shared: bool = False,
+    held_attempts: int | None = None,
 ) -> AssessOutcome:
     """Assess one received instance and queue its outputs for delivery.
 
@@ -1123,12 +1148,15 @@ def assess_instance(
     task's try before this retry took (its ``attempt.started_at``), which this attempt
     takes over although no other may while it runs (:func:`_claim`). ``shared``: this
     process may hold other images while it assesses this one (:func:`_claim`).
+    ``held_attempts``: the count of attempts that claim left (``attempt.attempts``),
+    which the retry keeps (:func:`_claim`).
     """
-    claimed = _claim(rt, instance_id, held, shared=shared)
+    claimed = _claim(rt, instance_id, held, shared=shared, held_attempts=held_attempts)
     if isinstance(claimed, AssessOutcome):
         return claimed
     if attempt is not None:
         attempt.assessment, attempt.started_at = claimed.assessment, claimed.started_at
+        attempt.attempts = claimed.attempts
     try:
         outcome = _assessed_by_this_model(rt, claimed)
         if outcome is None:
@@ -2073,9 +2101,18 @@ def _earlier_reports(rt: Runtime, claim: _Claim, source: Dataset) -> list[Datase
     may have: the reports a later assessment's SR replaces. Those not sent were
     superseded when the instance was claimed for this assessment; of those, the ones then
     on their way may arrive all the same, and are named too (a send that failed since
-    is not)."""
-    if claim.assessment == 1:
-        return []
+    is not). And the SR of this assessment that said the image was not assessed, which a
+    `reprocess` that now assesses it replaces (a site that since gives a sex where none
+    is, a decoder mended): left unnamed, it stood at the PACS beside the bone age. Not
+    this assessment's reports of other models: those stand beside this one's."""
+    not_assessed_before = and_(
+        Delivery.instance_id == claim.instance_id,
+        Delivery.kind == ObjectKind.SR,
+        Delivery.assessment == claim.assessment,
+        Delivery.result_id.is_(None),
+        or_(Delivery.state == DeliveryState.DELIVERED, _unsent_on_their_way()),
+        made_here(),
+    )
     with session_scope(rt.database_url) as session:
         rows = session.execute(
             select(
@@ -2085,7 +2122,7 @@ def _earlier_reports(rt: Runtime, claim: _Claim, source: Dataset) -> list[Datase
                 Delivery.series_instance_uid,
             )
             .outerjoin(Result, Delivery.result_id == Result.id)
-            .where(*_sent_before(claim, ObjectKind.SR))
+            .where(or_(and_(*_sent_before(claim, ObjectKind.SR)), not_assessed_before))
             .order_by(Delivery.id)
         ).all()
     reports: dict[str, Dataset] = {}

@@ -446,13 +446,18 @@ class RetriedWithinBudget(Task):
 def _held_by_the_retry(request: Any) -> dict[str, Any] | None:
     """The keyword arguments of an `assess` retry: the message's own, and the time of the
     claim this try took (``held_since``), which the retry takes over where this try still
-    holds it, although no other message may while it stands (worker.pipeline._claim).
-    None, the message's as they came, where this try took none: a ``held_since`` they
-    carry is the claim of the try before, still standing."""
+    holds it, although no other message may while it stands (worker.pipeline._claim),
+    and the count of attempts it left (``held_attempts``), which the retry keeps, the
+    give-back recorded or not. None, the message's as they came, where this try took
+    none: a ``held_since`` they carry is the claim of the try before, still standing."""
     attempt = getattr(request, "assess_attempt", None)
     if not isinstance(attempt, Attempt) or attempt.started_at is None:
         return None
-    return {**(request.kwargs or {}), "held_since": attempt.started_at.isoformat()}
+    return {
+        **(request.kwargs or {}),
+        "held_since": attempt.started_at.isoformat(),
+        "held_attempts": attempt.attempts,
+    }
 
 
 #: What the reason of an instance whose `assess` retry was not published ends with: no
@@ -561,7 +566,13 @@ def _give_back_deliveries(delivery_ids: list[int], claim: Claim) -> None:
     retry_backoff_max=RETRY_BACKOFF_MAX_SECONDS,
     max_retries=TRANSIENT_RETRIES,  # the pipeline ends the instance in error after them
 )
-def assess(self: Task, instance_id: int, send: bool = True, held_since: str | None = None) -> str:
+def assess(
+    self: Task,
+    instance_id: int,
+    send: bool = True,
+    held_since: str | None = None,
+    held_attempts: int | None = None,
+) -> str:
     started = time.perf_counter()
     rt = runtime()
     # the claim this attempt takes, which a retry not published gives back
@@ -586,6 +597,7 @@ def assess(self: Task, instance_id: int, send: bool = True, held_since: str | No
                     attempt=attempt,
                     held=held,
                     shared=shared and not alone,
+                    held_attempts=held_attempts if held is not None else None,
                 )
             except Exception as exc:
                 # still holding its place: an image waiting to be alone is not let in,

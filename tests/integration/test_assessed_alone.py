@@ -269,6 +269,34 @@ def test_an_attempt_whose_claim_ended_leaves_the_image_to_the_attempt_after_it(
     assert all(".staged" not in p.name for p in staged), staged
 
 
+def test_a_retry_after_a_failure_the_database_kept_unrecorded_counts_no_new_attempt(
+    rt: Runtime,
+) -> None:
+    """An attempt fails for trouble the task retries, and the database is away as it
+    would give its attempt back: the retry counted a new attempt all the same, and on
+    the image's third ended it in error, "did not complete in 3 attempts", for a blip.
+    The retry goes on with the attempt the try before counted, recorded or not."""
+    instance_id = spool_instance(rt)
+    with session_scope(rt.database_url) as session:  # two attempts spent before
+        session.get_one(Instance, instance_id).attempts = MAX_ATTEMPTS - 1
+    claim = _claimed(rt, instance_id, shared=False)
+    assert claim.attempts == MAX_ATTEMPTS == _row(rt, instance_id).attempts
+    # it fails; the give-back is not recorded (the database away)
+    retry = pipeline._claim(rt, instance_id, claim.started_at, held_attempts=claim.attempts)
+    assert isinstance(retry, pipeline._Claim), retry  # before: given up, in error
+    row = _row(rt, instance_id)
+    assert (row.state, row.attempts) == (InstanceState.PROCESSING, MAX_ATTEMPTS)
+    # it fails again, the give-back recorded this time: the next retry counts the same
+    try:
+        raise OSError("the spool's mount stalled")
+    except OSError as exc:
+        pipeline._note_failed_attempt(rt, retry, exc)
+    assert _row(rt, instance_id).attempts == MAX_ATTEMPTS - 1
+    outcome = assess_instance(rt, instance_id, held=retry.started_at, held_attempts=retry.attempts)
+    assert outcome.state == "assessed", outcome
+    assert _row(rt, instance_id).attempts == MAX_ATTEMPTS
+
+
 def test_a_shared_claim_whose_lease_ran_out_in_a_live_worker_counts(rt: Runtime) -> None:
     """Nothing died: the images beside it finished, and the one that hung is at fault."""
     instance_id = spool_instance(rt)

@@ -409,7 +409,8 @@ def test_the_tasks_retry_takes_over_the_claim_its_try_holds(rt: Runtime) -> None
     row = _row(rt, instance_id)
     assert row.state is InstanceState.PROCESSING and row.started_at is not None
     assert args == [instance_id]
-    assert kwargs == {"held_since": row.started_at.isoformat()}
+    # and the count it left, which the retry keeps (its give-back recorded or not)
+    assert kwargs == {"held_since": row.started_at.isoformat(), "held_attempts": 1}
 
     refusals = _counted("refused")
     assert _as_the_worker_runs(instance_id) == states.SUCCESS  # another message: refused

@@ -1103,6 +1103,34 @@ def test_reprocess_with_a_new_model_of_an_image_not_assessed_makes_its_sr_once(
         assert [d.id for d in session.scalars(select(Delivery))] == list(first.delivery_ids)
 
 
+def test_a_reprocess_that_assesses_an_image_not_assessed_replaces_the_sr_that_said_so(
+    runtime: Runtime, storescp: StoreSCP
+) -> None:
+    """Refused for its missing sex, the SR saying so sent (BONEAGE_SEND_NOT_ASSESSED); the
+    site then gives a sex where none is, and `reprocess --send` assesses it. The new SR,
+    of the same assessment, named no predecessor: the PACS showed "not assessed" beside
+    the bone age. It names the SR it replaces."""
+    from tests.integration.test_received_again import deliver, report_of
+    from worker.reprocess import prepare_reprocess
+
+    loud = Runtime(runtime.settings.model_copy(update={"send_not_assessed": True}))
+    instance_id = spool_instance(loud, attributes={"PatientSex": None})
+    first = assess_instance(loud, instance_id)
+    assert first.state == "not_assessed"
+    refused = report_of(deliver(loud, storescp, first.delivery_ids))
+
+    site = Runtime(loud.settings.model_copy(update={"missing_sex": "female"}))
+    assert prepare_reprocess(site, [instance_id]) == [instance_id]
+    again = assess_instance(site, instance_id, send=True)
+    assert again.state == "assessed", again
+    report = report_of(deliver(site, storescp, again.delivery_ids))
+    [study] = report.PredecessorDocumentsSequence
+    [series] = study.ReferencedSeriesSequence
+    [named] = series.ReferencedSOPSequence
+    assert named.ReferencedSOPInstanceUID == refused.SOPInstanceUID
+    assert series.SeriesInstanceUID == refused.SeriesInstanceUID
+
+
 def test_a_reprocess_not_asked_to_send_sends_nothing_when_the_reconciler_queues_it_again(
     runtime: Runtime, tmp_path: Path, storescp: StoreSCP
 ) -> None:

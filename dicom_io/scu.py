@@ -379,6 +379,8 @@ def _tls_refusal(host: str, port: int, ssl_context: ssl.SSLContext, timeout: flo
             return None
     except ssl.SSLCertVerificationError as exc:
         return f"TLS: the destination's certificate is refused ({exc.verify_message})"
+    except ssl.SSLEOFError:  # closed on us (a proxy with no backend): no TLS refusal
+        return None
     except ssl.SSLError as exc:
         return f"TLS handshake refused ({exc.reason or exc})"
     except OSError:

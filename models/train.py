@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 from models.checkpoint import (
     INTERVAL_LEVELS,
     LEGACY_PREPROCESS_VERSION,
+    MAX_INPUT_SIZE,
     CheckpointMeta,
     check_checkpoint_path,
     save_checkpoint,
@@ -171,6 +172,11 @@ class TrainConfig:
             raise ValueError(f"schedule must be cosine or plateau, got {self.schedule!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
             raise ValueError("epochs, batch_size and patience must be at least 1")
+        # here, not when the checkpoint is written after the last epoch (which refuses it)
+        if not 32 <= self.input_size <= MAX_INPUT_SIZE:
+            raise ValueError(
+                f"input_size must be from 32 to {MAX_INPUT_SIZE}, got {self.input_size}"
+            )
         # here, not only in stratified_split: before a folder of images is read
         if not 0.0 < self.val_fraction <= 0.5:
             raise ValueError(f"val_fraction must be in (0, 0.5], got {self.val_fraction}")

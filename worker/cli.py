@@ -1697,7 +1697,9 @@ def _items(**kwargs: Any) -> tuple[list[Any], str]:
     default="resnet50",
     show_default=True,
 )
-@click.option("--input-size", type=int, default=512, show_default=True)
+@click.option(
+    "--input-size", type=click.IntRange(32, 2048), default=512, show_default=True
+)  # as a checkpoint may name (models.checkpoint.MAX_INPUT_SIZE)
 @click.option(
     "--pretrained",
     type=click.Choice(["imagenet"]),

@@ -69,10 +69,10 @@ SC_MIN_LONG_SIDE = 1000
 DESTINATION_MAX_LENGTH = 128
 
 
-#: A host name or an IPv4 address: what a destination's host may be outside brackets.
-#: Letters, digits, dots, hyphens and underscores (RFC 1123 names have none, but Docker's
-#: and many a hosts file's do); no space or slash, which never resolves.
-_HOST = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_.])?")
+#: What a destination's host may be outside brackets: a name or an IPv4 address, with no
+#: space, slash, at sign or bracket, which none resolves (a name in Unicode is taken, as
+#: the resolver takes it).
+_HOST = re.compile(r"[^\s/@\[\]]+")
 
 
 def _check_ae_title(value: str, what: str) -> str:
@@ -451,7 +451,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _prefix_on_redis(self) -> Settings:
-        scheme = self.effective_broker_url.partition("://")[0].lower()
+        # kombu's transport: the scheme before any "+" (redis+socket:// is Redis's)
+        scheme = self.effective_broker_url.partition("://")[0].lower().partition("+")[0]
         if self.broker_prefix and scheme not in ("redis", "rediss", "sentinel"):
             # kombu prefixes Redis keys alone: two nodes told apart by it on one RabbitMQ
             # virtual host would take each other's messages

@@ -17,7 +17,7 @@ from db.schema import utcnow as now
 from worker.celery_app import app as celery_app
 from worker.celery_app import queue_depths
 from worker.heartbeat import STALE_AFTER, live_workers_by_queue
-from worker.settings import Settings
+from worker.settings import Destination, Settings
 from worker.storage import disk_space
 
 #: Dead processes are listed for this long, then no longer shown.
@@ -286,7 +286,12 @@ def _destination_problems(workers: list[dict[str, Any]]) -> list[str]:
     own, and a delivery worker of other settings fails each to a destination it does not
     name ("destination no longer configured"), again after every `retry-deliveries`. A
     worker of a release before says none, and is left out."""
-    seen = sorted({", ".join(p["destinations"]) or "none" for p in workers if "destinations" in p})
+    lists = {
+        frozenset(map(_destination_key, p["destinations"])): ", ".join(p["destinations"]) or "none"
+        for p in workers
+        if "destinations" in p
+    }
+    seen = sorted(lists.values())
     if len(seen) > 1:
         return [
             "workers have different BONEAGE_DESTINATIONS ("
@@ -295,6 +300,16 @@ def _destination_problems(workers: list[dict[str, Any]]) -> list[str]:
             "process the same and restart them"
         ]
     return []
+
+
+def _destination_key(text: str) -> tuple[str, str, int] | str:
+    """A destination as deliveries tell it apart (worker.delivery.configured): its AE
+    title, its host in any case, its port; text that is none, as it is."""
+    try:
+        destination = Destination.parse(text)
+    except ValueError:
+        return text
+    return destination.ae_title, destination.host.lower(), destination.port
 
 
 def _stranded(

@@ -96,5 +96,10 @@ def test_the_tls_options_of_each_broker() -> None:
         "cert_reqs": ssl.CERT_REQUIRED,
         "server_hostname": "rabbit.example",
     }
+    # a list to fail over to: kombu gives each broker the one dict, and a name pinned
+    # there would check the second's certificate against the first's name
+    assert broker_tls("amqps://u:p@a.example:5671/v;amqps://u:p@b.example:5671/v") == {
+        "cert_reqs": ssl.CERT_REQUIRED
+    }
     assert broker_tls("redis://127.0.0.1:6379/0") is None
     assert broker_tls("amqp://guest:guest@127.0.0.1:5672/boneage") is None

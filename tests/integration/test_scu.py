@@ -294,6 +294,35 @@ def test_a_destination_whose_certificate_is_refused_says_why(tmp_path: Path, tru
     )
 
 
+def test_a_tls_destination_that_closes_at_once_is_no_certificate_matter(tmp_path: Path) -> None:
+    """A TLS proxy with no backend takes the connection and closes it: an outage, not a
+    refusal of certificates, which would send the administrator to the wrong place."""
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(5)
+
+        def close_each() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    listening.accept()[0].close()
+
+        threading.Thread(target=close_each, daemon=True).start()
+        with pytest.raises(SendError) as raised:
+            send_files(
+                [_radiograph(tmp_path / "hand.dcm", 64)],
+                ae_title="PACS",
+                host="127.0.0.1",
+                port=listening.getsockname()[1],
+                calling_ae_title="BONEAGE",
+                timeout=5,
+                ssl_context=ssl.create_default_context(),
+            )
+    assert (
+        "no connection" in str(raised.value)
+        and "TLS" not in str(raised.value).split("no connection")[0]
+    )
+
+
 def test_a_destination_taking_only_implicit_vr_gets_the_object_re_encoded_whole(
     tmp_path: Path, dcmtk: dict[str, str]
 ) -> None:

@@ -266,6 +266,16 @@ def test_workers_with_different_destinations_make_the_node_unhealthy(
     _beat(runtime, "worker@infer-1:11", queues=["inference"], destinations=["PACS@10.0.0.3:104"])
     _beat(runtime, "worker@send-1:12", queues=["delivery"], destinations=["PACS@10.0.0.3:104"])
     _beat(runtime, "worker@old-1:13", queues=["delivery"])
+    # the host in another case is the same destination, as deliveries take it
+    _beat(runtime, "worker@send-3:15", queues=["delivery"], destinations=["PACS@10.0.0.3:104"])
+    _beat(runtime, "worker@send-4:16", queues=["delivery"], destinations=["PACS@Pacs.Local:104"])
+    _beat(runtime, "worker@send-5:17", queues=["delivery"], destinations=["PACS@pacs.local:104"])
+    with session_scope(runtime.database_url) as session:
+        session.execute(
+            update(Heartbeat)
+            .where(Heartbeat.name.in_(["worker@send-4:16", "worker@send-5:17"]))
+            .values(seen_at=now() - dt.timedelta(minutes=5))
+        )
     assert _destinations(_problems(runtime)) == []
     _beat(runtime, "worker@send-2:14", queues=["delivery"], destinations=["PACS@10.0.0.2:104"])
     assert _destinations(_problems(runtime)) == [

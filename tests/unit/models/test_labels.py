@@ -99,3 +99,11 @@ def test_a_val_fraction_out_of_range_is_refused_by_the_configuration(fraction: f
     """Refused when the settings are made, not after a folder of images was read."""
     with pytest.raises(ValueError, match=r"val_fraction must be in \(0, 0\.5\]"):
         TrainConfig(val_fraction=fraction)
+
+
+@pytest.mark.parametrize("size", [16, 4096])
+def test_an_input_size_no_checkpoint_may_name_is_refused_before_training(size: int) -> None:
+    """Refused when the settings are made: taken, the whole run went by, and the
+    checkpoint it ended with was refused (input_size at most 2048)."""
+    with pytest.raises(ValueError, match=f"input_size must be from 32 to 2048, got {size}"):
+        TrainConfig(input_size=size)

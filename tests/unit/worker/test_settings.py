@@ -221,6 +221,9 @@ def test_a_destination_whose_host_can_never_resolve_is_refused(text: str, said: 
     with pytest.raises(ValueError, match=re.escape(said)):
         Destination.parse(text)
     assert Destination.parse("PACS@orthanc_pacs:4242").host == "orthanc_pacs"  # Docker's
+    # a name in Unicode, which the resolver takes (IDNA), and an IPv6 zone
+    assert Destination.parse("PACS@pacs.klinik-müller.de:104").host == "pacs.klinik-müller.de"
+    assert Destination.parse("PACS@[fe80::1%eth0]:104").host == "fe80::1%eth0"
 
 
 def test_an_allowed_caller_with_nothing_after_its_at_sign_is_refused() -> None:
@@ -236,10 +239,9 @@ def test_a_broker_prefix_is_refused_where_the_broker_is_not_redis(tmp_path: Path
         load_settings(data_dir=tmp_path, broker_url="amqp://u:p@rabbit:5672/v", broker_prefix="a")
     with pytest.raises(ValidationError, match="keeps nodes apart on a shared Redis only"):
         load_settings(data_dir=tmp_path, broker_prefix="a")  # the embedded broker
-    settings = load_settings(
-        data_dir=tmp_path, broker_url="redis://127.0.0.1:6379/0", broker_prefix="a"
-    )
-    assert settings.broker_prefix == "a"
+    for url in ("redis://127.0.0.1:6379/0", "redis+socket:///run/redis/redis.sock"):
+        settings = load_settings(data_dir=tmp_path, broker_url=url, broker_prefix="a")
+        assert settings.broker_prefix == "a"
 
 
 def test_a_destination_longer_than_its_database_column_is_refused(

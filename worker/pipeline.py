@@ -49,9 +49,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from pydicom import Dataset, dcmread
-from pydicom.filereader import read_partial
 from pydicom.multival import MultiValue
-from pydicom.tag import Tag
 from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage
 from sqlalchemy import (
     Boolean,
@@ -98,7 +96,6 @@ from dicom_io.content import MANUFACTURER, BoneAgeFinding, image_side
 from dicom_io.ko import (
     REJECTION_TITLES,
     Reference,
-    RejectionNote,
     build_rejection_note,
     is_key_object_selection,
     read_rejection_note,
@@ -1637,10 +1634,12 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
     claim.study = _study_of(ds)
     if is_key_object_selection(ds):
         return _key_object_selection(rt, claim, ds)
-    if (rejected := _rejection(rt, claim)) is not None:
+    if (rejection := _rejection(rt, claim)) is not None:
+        rejected, code = rejection
+        withdrawals = _withdrawn_with_the_copy(rt, claim, code, ds)
         _finish(rt, claim, InstanceState.REJECTED, rejected)
         logger.info("instance %d not assessed: the PACS rejected it", instance_id)
-        return AssessOutcome("rejected", reason=rejected)
+        return AssessOutcome("rejected", delivery_ids=tuple(withdrawals), reason=rejected)
     if not decision.accepted:
         return _not_assessed(rt, claim, ds, decision.reason or "", send=send)
     facts = decision.facts
@@ -1763,6 +1762,7 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
         outputs,
         send=send,
     )
+    outcome = _rejected_at_the_commit(rt, claim, outcome, ds)
     if outcome.state == "assessed":
         logger.info(
             "instance %d assessed in %.2fs on %s (%d deliveries)",
@@ -2110,7 +2110,13 @@ def _earlier_reports(rt: Runtime, claim: _Claim, source: Dataset) -> list[Datase
         Delivery.kind == ObjectKind.SR,
         Delivery.assessment == claim.assessment,
         Delivery.result_id.is_(None),
-        or_(Delivery.state == DeliveryState.DELIVERED, _unsent_on_their_way()),
+        or_(
+            Delivery.state == DeliveryState.DELIVERED,
+            _unsent_on_their_way(),
+            # being sent now: the commit supersedes it (_supersede_not_assessed), and it
+            # may arrive all the same; one not sent yet is superseded and never goes
+            (Delivery.state == DeliveryState.PENDING) & Delivery.sending_since.is_not(None),
+        ),
         made_here(),
     )
     with session_scope(rt.database_url) as session:
@@ -2426,6 +2432,7 @@ def _not_assessed(
     outcome = _commit(
         rt, claim, InstanceState.NOT_ASSESSED, recorded, None, outputs + moved, send=send
     )
+    outcome = _rejected_at_the_commit(rt, claim, outcome, ds)
     if outcome.state != "not_assessed":  # rejected, a duplicate attempt, or a clash: said so
         return outcome
     return AssessOutcome("not_assessed", delivery_ids=outcome.delivery_ids, reason=reason)
@@ -2522,7 +2529,7 @@ def _key_object_selection(rt: Runtime, claim: _Claim, ds: Dataset) -> AssessOutc
     delivery_ids: list[int] = []
     elsewhere = 0
     for instance_id, uid in sorted(images):
-        withdrawn = _withdraw(rt, instance_id, uid, named[uid].study_instance_uid, note, ds)
+        withdrawn = _withdraw(rt, instance_id, uid, named[uid].study_instance_uid, note.code, ds)
         if withdrawn is None:
             elsewhere += 1
         else:
@@ -2578,19 +2585,49 @@ def rejected_by_the_pacs(code: str) -> str:
     return f"rejected by the PACS: {REJECTION_TITLES.get(code, code)}"
 
 
-def _rejection(rt: Runtime, claim: _Claim) -> str | None:
-    """Why the claimed instance is rejected, if a rejection note named it
-    (:func:`_rejection_in`)."""
+def _rejection(rt: Runtime, claim: _Claim) -> tuple[str, str] | None:
+    """Why the claimed instance is rejected, and the rejection's code, if a rejection note
+    named it (:func:`_rejection_in`)."""
     with session_scope(rt.database_url) as session:
-        return _rejection_in(session, claim)[0]
+        why, _elsewhere, code = _rejection_in(session, claim)
+    return None if why is None or code is None else (why, code)
 
 
-def _rejection_in(session: Session, claim: _Claim) -> tuple[str | None, bool]:
+def _rejected_at_the_commit(
+    rt: Runtime, claim: _Claim, outcome: AssessOutcome, ds: Dataset
+) -> AssessOutcome:
+    """``outcome``, of :func:`_commit`; where it found the image rejected meanwhile, with
+    the deliveries of the notes of ours that withdraw what earlier assessments made
+    (:func:`_withdrawn_with_the_copy`)."""
+    if outcome.state != "rejected" or (rejection := _rejection(rt, claim)) is None:
+        return outcome
+    withdrawals = _withdrawn_with_the_copy(rt, claim, rejection[1], ds)
+    return dataclasses.replace(outcome, delivery_ids=(*outcome.delivery_ids, *withdrawals))
+
+
+def _withdrawn_with_the_copy(rt: Runtime, claim: _Claim, code: str, ds: Dataset) -> list[int]:
+    """The deliveries of the notes of ours that withdraw what earlier assessments of the
+    claimed instance made, where the attempt at a later one finds it rejected: a copy
+    moved by the PACS to another study, and sent again, rejected there before it was
+    assessed (the note named a study where nothing of ours was, and was taken for
+    another image's). Left, the bone age stayed where the image was before.
+    :func:`_withdraw` marks the instance rejected."""
+    if claim.assessment == 1:
+        return []
+    return (
+        _withdraw(
+            rt, claim.instance_id, claim.sop_instance_uid, claim.study, code, ds, [claim.study]
+        )
+        or []
+    )
+
+
+def _rejection_in(session: Session, claim: _Claim) -> tuple[str | None, bool, str | None]:
     """Why the claimed instance is rejected, if a rejection note named it in a study it
     has been in or in its series (``db.queries.rejects``, the copy the attempt read
-    included); and whether one named its SOP Instance UID in another study and series
+    included); whether one named its SOP Instance UID in another study and series
     (another image under it, rejected at the PACS: not this one,
-    :func:`said_rejected_elsewhere`)."""
+    :func:`said_rejected_elsewhere`); and the rejection's code."""
     rows = session.execute(
         select(
             Rejection.code,
@@ -2607,7 +2644,7 @@ def _rejection_in(session: Session, claim: _Claim) -> tuple[str | None, bool]:
     ).all()
     code = next((code for code, applies in rows if applies), None)
     elsewhere = any(not applies for _, applies in rows)
-    return (None if code is None else rejected_by_the_pacs(code)), elsewhere
+    return (None if code is None else rejected_by_the_pacs(code)), elsewhere, code
 
 
 def said_rejected_elsewhere(reason: str | None) -> str:
@@ -2639,8 +2676,9 @@ def _withdraw(
     instance_id: int,
     source_uid: str,
     study: str,
-    note: RejectionNote,
+    code: str,
     note_ds: Dataset,
+    read: Sequence[str] = (),
 ) -> list[int] | None:
     """Mark the image ``instance_id`` rejected, supersede what of it was not sent, and
     queue a rejection note of ours, with the PACS's title, for each SR and SC of it
@@ -2659,9 +2697,12 @@ def _withdraw(
     where the image was never in ``study``, where the note names it, nor in the series
     it names: the note rejects another image under its SOP Instance UID. Told under the
     image's row, as the commit of an attempt at it tells the study it read
-    (:func:`_rejection_in`).
+    (:func:`_rejection_in`). ``read``: the study of the copy an attempt at the image
+    read, where the note named it (:func:`_withdrawn_with_the_copy`). ``code``: the
+    note's title's code; ``note_ds``: what a note of ours copies the patient and study
+    from where our object's file is gone.
     """
-    why = rejected_by_the_pacs(note.code)
+    why = rejected_by_the_pacs(code)
     uids = image_uids(rt, instance_id)
     staged: list[Output] = []
     try:
@@ -2678,16 +2719,9 @@ def _withdraw(
                     Instance.study_instance_uid,
                     Instance.series_instance_uid,
                     Instance.reason,
-                    Instance.spool_path,
                 )
                 .execution_options(synchronize_session=False)
             ).one()
-            # the study of the copy in the spool counts too: one the PACS moved there and
-            # sent again, waiting to be assessed (or being assessed), which the note
-            # rejects before anything of ours went there. Left out, the note was taken
-            # for another image's, and the attempt at the copy, finding it, withdrew
-            # nothing of what went where the image was before.
-            copy_study = _spooled_study(Path(instance.spool_path))
             ours = session.scalar(
                 select(Rejection.id).where(
                     Rejection.sop_instance_uid == source_uid,
@@ -2696,7 +2730,7 @@ def _withdraw(
                         instance_id,
                         instance.study_instance_uid,
                         instance.series_instance_uid,
-                        [copy_study] if copy_study else [],
+                        read,
                     ),
                 )
             )
@@ -2730,7 +2764,7 @@ def _withdraw(
             _supersede_unsent(
                 session, instance_id, instance.assessment + 1, f"{why}, before it was sent"
             )
-            if note.code in _NOT_REPEATED:
+            if code in _NOT_REPEATED:
                 return []
             objects = _sent_objects(
                 session, instance_id, source_uid, first_study=instance.study_instance_uid
@@ -2751,7 +2785,7 @@ def _withdraw(
             staged, unmade = _stage_withdrawal_notes(
                 rt,
                 todo,
-                note.code,
+                code,
                 f"Bone age withdrawn: its source image was {why}; this AI result no longer stands.",
                 source_uid=source_uid,
                 uids=uids,
@@ -2785,20 +2819,6 @@ def _withdraw(
             len(ids),
         )
     return ids
-
-
-def _spooled_study(path: Path) -> str | None:
-    """The Study Instance UID of the copy of an image in the spool; None where it cannot
-    be read (removed by retention, damaged)."""
-    try:
-        with path.open("rb") as fh:
-            ds = read_partial(fh, stop_when=lambda tag, _vr, _length: tag > _STUDY_INSTANCE_UID)
-    except Exception:  # pydicom raises many types; the note is judged without it
-        return None
-    return str(ds.get("StudyInstanceUID") or "") or None
-
-
-_STUDY_INSTANCE_UID = Tag("StudyInstanceUID")
 
 
 def withdrawal_uid(sop_instance_uid: str) -> str:
@@ -3225,7 +3245,7 @@ def _commit(
             take_instances(session, [instance_id])
             current = database_now(session)  # the instance's end, and its deliveries' birth
             instance = session.get_one(Instance, instance_id)
-            rejected, elsewhere = _rejection_in(session, claim)
+            rejected, elsewhere, _code = _rejection_in(session, claim)
             if rejected is not None:
                 # one another attempt finished is left to the note (:func:`_withdraw`),
                 # which withdraws what that attempt made; one another attempt holds now
@@ -3243,6 +3263,7 @@ def _commit(
             if result is not None:
                 session.add(result)
                 session.flush()
+                _supersede_not_assessed(session, claim)
             configured = [str(destination) for destination in rt.settings.destinations]
             deliveries = [
                 _delivery(
@@ -3335,6 +3356,30 @@ def _clash(exc: IntegrityError) -> str:
     if "results" in text:
         return "a result of the same model"
     return "a row already recorded"
+
+
+def _supersede_not_assessed(session: Session, claim: _Claim) -> None:
+    """Mark the SR of the claimed assessment that said the image was not assessed, where
+    it has not been sent (pending, or failed, which `retry-deliveries` would send),
+    superseded by the result committed now (a `reprocess` that assesses the image: sent
+    after, it stood at the PACS beside the bone age). One being sent at this moment is
+    marked too, and the new SR names it (:func:`_earlier_reports`)."""
+    session.execute(
+        update(Delivery)
+        .where(
+            Delivery.instance_id == claim.instance_id,
+            Delivery.assessment == claim.assessment,
+            Delivery.kind == ObjectKind.SR,
+            Delivery.result_id.is_(None),
+            Delivery.state.in_([DeliveryState.PENDING, DeliveryState.FAILED]),
+            made_here(),
+        )
+        .values(
+            state=DeliveryState.SUPERSEDED,
+            last_error="replaced by the image's bone age before it was sent",
+        )
+        .execution_options(synchronize_session=False)
+    )
 
 
 def _supersede_unsent(

@@ -1103,13 +1103,15 @@ def test_reprocess_with_a_new_model_of_an_image_not_assessed_makes_its_sr_once(
         assert [d.id for d in session.scalars(select(Delivery))] == list(first.delivery_ids)
 
 
+@pytest.mark.parametrize("first_sr", ["delivered", "not sent yet"])
 def test_a_reprocess_that_assesses_an_image_not_assessed_replaces_the_sr_that_said_so(
-    runtime: Runtime, storescp: StoreSCP
+    runtime: Runtime, storescp: StoreSCP, first_sr: str
 ) -> None:
-    """Refused for its missing sex, the SR saying so sent (BONEAGE_SEND_NOT_ASSESSED); the
+    """Refused for its missing sex, the SR saying so made (BONEAGE_SEND_NOT_ASSESSED); the
     site then gives a sex where none is, and `reprocess --send` assesses it. The new SR,
-    of the same assessment, named no predecessor: the PACS showed "not assessed" beside
-    the bone age. It names the SR it replaces."""
+    of the same assessment, named no predecessor, and one not sent yet went after it:
+    the PACS showed "not assessed" beside the bone age. The new SR names the one that
+    went, and one not sent yet never goes."""
     from tests.integration.test_received_again import deliver, report_of
     from worker.reprocess import prepare_reprocess
 
@@ -1117,13 +1119,25 @@ def test_a_reprocess_that_assesses_an_image_not_assessed_replaces_the_sr_that_sa
     instance_id = spool_instance(loud, attributes={"PatientSex": None})
     first = assess_instance(loud, instance_id)
     assert first.state == "not_assessed"
-    refused = report_of(deliver(loud, storescp, first.delivery_ids))
+    [refused_id] = first.delivery_ids
+    refused = (
+        report_of(deliver(loud, storescp, first.delivery_ids)) if first_sr == "delivered" else None
+    )
 
     site = Runtime(loud.settings.model_copy(update={"missing_sex": "female"}))
     assert prepare_reprocess(site, [instance_id]) == [instance_id]
     again = assess_instance(site, instance_id, send=True)
     assert again.state == "assessed", again
+    with session_scope(runtime.database_url) as session:
+        left = session.get_one(Delivery, refused_id)
+        assert left.state is (
+            DeliveryState.DELIVERED if refused is not None else DeliveryState.SUPERSEDED
+        )
     report = report_of(deliver(site, storescp, again.delivery_ids))
+    if refused is None:
+        assert "PredecessorDocumentsSequence" not in report  # it never went
+        assert send_deliveries(site, [refused_id])[refused_id].state == "skipped"
+        return
     [study] = report.PredecessorDocumentsSequence
     [series] = study.ReferencedSeriesSequence
     [named] = series.ReferencedSOPSequence

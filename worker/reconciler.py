@@ -9,6 +9,9 @@ doorbell. Re-queueing is safe because tasks are idempotent.
 from __future__ import annotations
 
 import logging
+import math
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -71,6 +74,34 @@ def died_reason() -> ColumnElement[str]:
 #: How long past its due time a pending delivery waits for its message while the
 #: delivery queue holds others (:func:`reconcile`): then it is taken for lost.
 DELIVERY_LOST_AFTER = timedelta(minutes=15)
+
+#: When this process last published each pending delivery (time.monotonic), for
+#: :func:`_not_published_lately`.
+_published_lately: dict[tuple[str, int], float] = {}
+_published_lock = threading.Lock()  # rounds of a listener's thread and of a task
+
+
+def _not_published_lately(
+    database_url: str, groups: list[list[int]], queue_empty: bool
+) -> list[list[int]]:
+    """Of the groups of pending deliveries due long enough ago, those to publish: every
+    one where the delivery queue is empty; else those this process has not published
+    in the last :data:`DELIVERY_LOST_AFTER` (their message may still wait in the
+    queue: a backlog longer than that had every one of them published again at each
+    round). Forgets the deliveries no longer pending."""
+    pending = {(database_url, i) for group in groups for i in group}
+    recent = time.monotonic() - DELIVERY_LOST_AFTER.total_seconds()
+    with _published_lock:
+        for key in {k for k in _published_lately if k[0] == database_url} - pending:
+            del _published_lately[key]
+        if queue_empty:
+            return groups
+        return [
+            group
+            for group in groups
+            if not all(_published_lately.get((database_url, i), -math.inf) > recent for i in group)
+        ]
+
 
 #: An attempt that failed for a fault gives its instance up (worker.pipeline); it is
 #: queued again at the first round this long after the attempt began, so that a fault
@@ -303,7 +334,9 @@ def reconcile(
             break
         queued.append(instance_id)
     sent: list[int] = []
-    groups = list(delivery_groups.values())
+    groups = _not_published_lately(
+        rt.database_url, list(delivery_groups.values()), delivery_queue_empty
+    )
     for group in groups:
         try:
             enqueue_delivery(group)
@@ -315,6 +348,10 @@ def reconcile(
             failure = failure or exc
             break
         sent.extend(group)
+        with _published_lock:
+            _published_lately.update(
+                dict.fromkeys(((rt.database_url, i) for i in group), time.monotonic())
+            )
     if queued or sent:
         logger.info("reconciler re-queued %d instances and %d deliveries", len(queued), len(sent))
     return ReconcileReport(

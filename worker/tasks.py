@@ -572,6 +572,7 @@ def assess(
     send: bool = True,
     held_since: str | None = None,
     held_attempts: int | None = None,
+    **_later: Any,  # a later release's arguments, taken by this one during an upgrade
 ) -> str:
     started = time.perf_counter()
     rt = runtime()

@@ -12,6 +12,7 @@ holds one image: tests/integration/test_reliability.py.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +238,7 @@ def test_an_attempt_whose_claim_ended_leaves_the_image_to_the_attempt_after_it(
         return real(*args, **kwargs)
 
     real_decode = pipeline._decode
+    real: Callable[..., Any]
 
     if ends == "assessed":
         real = pipeline.stage_outputs

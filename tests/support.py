@@ -167,6 +167,34 @@ def a_listener_writing_for_a_while(database_url: str) -> None:
         )
 
 
+@contextlib.contextmanager
+def own_redis_server(
+    port: int, options: Sequence[str], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
+    """A redis-server of the test's own, listening on ``port`` (its TLS port, where
+    ``options`` say so), with the app's connection pools, made for an earlier test's
+    broker, made again; stopped after."""
+    from worker.celery_app import app
+
+    server = shutil.which("redis-server")
+    assert server is not None, "redis-server is not installed"
+    proc = subprocess.Popen(
+        [server, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *options],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    monkeypatch.setattr(app, "_pool", None)
+    monkeypatch.setattr(app.amqp, "_producer_pool", None)
+    try:
+        wait_for_port(port, timeout=30, process=proc)
+        yield
+    finally:
+        if app._pool is not None:
+            app._pool.force_close_all()
+        proc.terminate()
+        proc.wait(10)
+
+
 def timed_call(call: Callable[[], None], limit: float) -> tuple[float, BaseException | None]:
     """Seconds ``call`` took on a thread of its own, and what it raised; fails if it has
     not returned within ``limit`` (it is left to end on its own)."""

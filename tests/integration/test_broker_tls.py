@@ -8,16 +8,14 @@ private CA (``openssl``, as in test_security.py).
 
 from __future__ import annotations
 
-import shutil
 import ssl
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.integration.test_security import Certificates
-from tests.support import free_port, wait_for_port
+from tests.support import free_port, own_redis_server
 from worker.celery_app import app, broker_tls, configure
 from worker.settings import load_settings
 
@@ -27,30 +25,16 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def tls_redis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[int, Path]]:
     """The TLS port of a redis-server of this test's own, and its CA's certificate."""
-    server = shutil.which("redis-server")
-    assert server is not None, "redis-server is not installed"
     certificates = Certificates(tmp_path / "pki")
     certificate, key = certificates.node  # localhost, 127.0.0.1
     port = free_port()
-    proc = subprocess.Popen(
-        [server, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
-         "--tls-cert-file", str(certificate), "--tls-key-file", str(key),
-         "--tls-ca-cert-file", str(certificates.ca), "--tls-auth-clients", "no",
-         "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    # the app's connection pools, made for an earlier test's broker, are made again
-    monkeypatch.setattr(app, "_pool", None)
-    monkeypatch.setattr(app.amqp, "_producer_pool", None)
-    try:
-        wait_for_port(port, timeout=30, process=proc)
+    options = [
+        "--port", "0", "--tls-port", str(port), "--dir", str(tmp_path),
+        "--tls-cert-file", str(certificate), "--tls-key-file", str(key),
+        "--tls-ca-cert-file", str(certificates.ca), "--tls-auth-clients", "no",
+    ]  # fmt: skip
+    with own_redis_server(port, options, monkeypatch):
         yield port, certificates.ca
-    finally:
-        if app._pool is not None:
-            app._pool.force_close_all()
-        proc.terminate()
-        proc.wait(10)
 
 
 def _connects(tmp_path: Path, broker_url: str) -> BaseException | None:

@@ -15,9 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import shutil
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -33,18 +31,17 @@ from tests.proxy import TcpProxy
 from tests.support import (
     free_port,
     instance_state,
+    own_redis_server,
     received,
     redis_queue_ids,
     timed_call,
     wait_for,
-    wait_for_port,
 )
 from worker import messaging
 from worker.celery_app import (
     BROKER_SOCKET_TIMEOUT,
     INFERENCE_QUEUE,
     PUBLISH_BUDGET_SECONDS,
-    app,
     configure,
 )
 from worker.listener import record_instance
@@ -153,26 +150,10 @@ STALL_SECONDS = 5
 def stallable_redis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
     """The port of a redis-server of this test's own that takes ``DEBUG SLEEP`` (a stall
     of the shared one would stall every test using it)."""
-    server = shutil.which("redis-server")
-    assert server is not None, "redis-server is not installed"
     port = free_port()
-    proc = subprocess.Popen(
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(tmp_path), "--enable-debug-command", "yes"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    # the app's connection pools, made for an earlier test's broker, are made again
-    monkeypatch.setattr(app, "_pool", None)
-    monkeypatch.setattr(app.amqp, "_producer_pool", None)
-    try:
-        wait_for_port(port, timeout=30, process=proc)
+    options = ["--port", str(port), "--dir", str(tmp_path), "--enable-debug-command", "yes"]
+    with own_redis_server(port, options, monkeypatch):
         yield port
-    finally:
-        if app._pool is not None:
-            app._pool.force_close_all()
-        proc.terminate()
-        proc.wait(10)
 
 
 def _stalled(port: int) -> bool:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from sqlalchemy import select
 
@@ -36,12 +36,8 @@ pytestmark = [
 runtime = received_again_tests.runtime
 
 
-def test_our_objects_carry_the_patient_text_as_received_in_a_wrong_character_set(
-    runtime: Runtime, storescp: StoreSCP, tmp_path: Path
-) -> None:
-    """A modality writes Latin-1 under "ISO_IR 192": the SR, the heat map and, once the
-    PACS rejects the image, our rejection notes (copied from our objects' files) keep
-    its Patient ID, name and issuers as its bytes, not U+FFFD (another patient)."""
+def _latin1_under_utf8(tmp_path: Path) -> Dataset:
+    """A hand whose patient text is Latin-1 under "ISO_IR 192", read back from its file."""
     image = make_radiograph_dataset(
         (hand_like(256, 200) * 4095).astype("uint16"),
         birth_date=BIRTH_DATE,
@@ -49,7 +45,16 @@ def test_our_objects_carry_the_patient_text_as_received_in_a_wrong_character_set
         sex="F",
         laterality="L",
     )
-    image = dcmread(write_with_latin1_text(image, tmp_path / "image.dcm"))
+    return dcmread(write_with_latin1_text(image, tmp_path / "image.dcm"))
+
+
+def test_our_objects_carry_the_patient_text_as_received_in_a_wrong_character_set(
+    runtime: Runtime, storescp: StoreSCP, tmp_path: Path
+) -> None:
+    """A modality writes Latin-1 under "ISO_IR 192": the SR, the heat map and, once the
+    PACS rejects the image, our rejection notes (copied from our objects' files) keep
+    its Patient ID, name and issuers as its bytes, not U+FFFD (another patient)."""
+    image = _latin1_under_utf8(tmp_path)
     image_id = spool_dataset(runtime, image)
     assessed = assess_instance(runtime, image_id)
     assert assessed.state == "assessed", assessed.reason
@@ -82,14 +87,7 @@ def test_objects_read_again_to_be_sent_carry_the_patient_text_as_received(
         rt = received_again_tests.make_runtime(
             tmp_path, tiny_checkpoint, destinations=pacs.destination
         )
-        image = make_radiograph_dataset(
-            (hand_like(256, 200) * 4095).astype("uint16"),
-            birth_date=BIRTH_DATE,
-            study_date=STUDY_DATE,
-            sex="F",
-            laterality="L",
-        )
-        image = dcmread(write_with_latin1_text(image, tmp_path / "image.dcm"))
+        image = _latin1_under_utf8(tmp_path)
         assessed = assess_instance(rt, spool_dataset(rt, image))
         assert assessed.state == "assessed", assessed.reason
         if how == "a row with no checksum":

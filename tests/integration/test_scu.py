@@ -275,19 +275,9 @@ def test_a_destination_whose_certificate_is_refused_says_why(tmp_path: Path, tru
         thread = threading.Thread(target=serve, args=(listening,), daemon=True)
         thread.start()
         try:
-            with pytest.raises(SendError) as raised:
-                send_files(
-                    [_radiograph(tmp_path / "hand.dcm", 64)],
-                    ae_title="PACS",
-                    host="127.0.0.1",
-                    port=listening.getsockname()[1],
-                    calling_ae_title="BONEAGE",
-                    timeout=5,
-                    ssl_context=client,
-                )
+            said = _refused_over_tls(tmp_path, listening.getsockname()[1], client)
         finally:
             stop.set()
-    said = str(raised.value)
     assert "TLS: the destination's certificate is refused (" in said, said
     assert ("IP address mismatch" if trusting == "our CA" else "unable to get local issuer") in (
         said
@@ -307,17 +297,23 @@ def test_a_tls_destination_that_closes_at_once_is_no_certificate_matter(tmp_path
                     listening.accept()[0].close()
 
         threading.Thread(target=close_each, daemon=True).start()
-        with pytest.raises(SendError) as raised:
-            send_files(
-                [_radiograph(tmp_path / "hand.dcm", 64)],
-                ae_title="PACS",
-                host="127.0.0.1",
-                port=listening.getsockname()[1],
-                calling_ae_title="BONEAGE",
-                timeout=5,
-                ssl_context=ssl.create_default_context(),
-            )
-    assert "failed: no connection (" in str(raised.value), str(raised.value)
+        said = _refused_over_tls(tmp_path, listening.getsockname()[1], ssl.create_default_context())
+    assert "failed: no connection (" in said, said
+
+
+def _refused_over_tls(tmp_path: Path, port: int, client: ssl.SSLContext) -> str:
+    """Why a send of a small image over TLS to the loopback ``port`` failed."""
+    with pytest.raises(SendError) as raised:
+        send_files(
+            [_radiograph(tmp_path / "hand.dcm", 64)],
+            ae_title="PACS",
+            host="127.0.0.1",
+            port=port,
+            calling_ae_title="BONEAGE",
+            timeout=5,
+            ssl_context=client,
+        )
+    return str(raised.value)
 
 
 def test_a_destination_taking_only_implicit_vr_gets_the_object_re_encoded_whole(

@@ -214,6 +214,23 @@ def test_a_deflated_bomb_never_inflates_in_the_listener(
     assert spooled.stat().st_size > zeros  # the data set whole, as sent
 
 
+def _refused_in_bounded_memory(tmp_path: Path, send: Callable[[int], int]) -> str:
+    """``send`` (given the port) to a listener process of its own: refused, 0xC210,
+    nothing recorded, the listener grown by less than 64 MiB; its log."""
+    listener = ListenerProcess(tmp_path / "spool")
+    try:
+        before = listener.memory_peak()
+        status = send(listener.port)
+        grown = listener.memory_peak() - before
+        recorded = listener.recorded()
+    finally:
+        log = listener.stop()
+    assert grown < 64 << 20, f"the listener grew by {grown >> 20} MiB"
+    assert status == CANNOT_UNDERSTAND
+    assert recorded == 0
+    return log
+
+
 def _send_with_its_own_file_meta(
     port: int, path: Path, embedded: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> int:
@@ -262,22 +279,10 @@ def test_a_data_set_naming_deflated_in_its_own_file_meta_is_refused_uninflated(
     raw = carrier.read_bytes()
     (carrier_length,) = struct.unpack_from("<L", raw, 132 + 8)
     carrier.write_bytes(raw[: 132 + 12 + carrier_length] + deflated)
-    listener = ListenerProcess(tmp_path / "spool")
-    try:
-        before = listener.memory_peak()
-        status = _send_with_its_own_file_meta(
-            listener.port,
-            carrier,
-            _transfer_syntax_element(DeflatedExplicitVRLittleEndian),
-            monkeypatch,
-        )
-        grown = listener.memory_peak() - before
-        recorded = listener.recorded()
-    finally:
-        log = listener.stop()
-    assert grown < 64 << 20, f"the listener grew by {grown >> 20} MiB"
-    assert status == CANNOT_UNDERSTAND
-    assert recorded == 0
+    element = _transfer_syntax_element(DeflatedExplicitVRLittleEndian)
+    log = _refused_in_bounded_memory(
+        tmp_path, lambda port: _send_with_its_own_file_meta(port, carrier, element, monkeypatch)
+    )
     assert (
         "begins with File Meta Information (group 0002) naming transfer syntax "
         f"'{DeflatedExplicitVRLittleEndian}', not {ExplicitVRLittleEndian} negotiated" in log
@@ -362,17 +367,9 @@ def test_a_header_of_half_a_million_items_is_refused_within_bounded_memory(
     within a budget of reads."""
     source = write_hand(tmp_path / "hand.dcm", modality="CR")
     bomb = write_sequence_bomb(source, tmp_path / "bomb.dcm", 500_000)
-    listener = ListenerProcess(tmp_path / "spool")
-    try:
-        before = listener.memory_peak()
-        status = _store_as_stored(listener.port, bomb, monkeypatch)
-        grown = listener.memory_peak() - before
-        recorded = listener.recorded()
-    finally:
-        log = listener.stop()
-    assert grown < 64 << 20, f"the listener grew by {grown >> 20} MiB"
-    assert status == CANNOT_UNDERSTAND
-    assert recorded == 0
+    log = _refused_in_bounded_memory(
+        tmp_path, lambda port: _store_as_stored(port, bomb, monkeypatch)
+    )
     assert "refused: its header holds more elements and sequence items than" in log, log
     assert "Traceback" not in log, log
 

@@ -642,6 +642,14 @@ def test_a_rejection_note_that_cannot_be_read_changes_nothing(runtime: Runtime) 
     assert state_of(runtime, image_id)[0] is InstanceState.ASSESSED
 
 
+def _assessed_and_delivered(runtime: Runtime, storescp: StoreSCP) -> tuple[int, list[Dataset]]:
+    """A hand assessed, its SR and SC delivered to the storescp: its id, and what the
+    storescp received."""
+    image_id = spool_instance(runtime)
+    delivered = deliver(runtime, storescp, assess_instance(runtime, image_id).delivery_ids)
+    return image_id, [dcmread(p) for p in delivered]
+
+
 def test_an_image_moved_to_another_patient_then_rejected_is_withdrawn_in_both(
     runtime: Runtime, storescp: StoreSCP
 ) -> None:
@@ -651,11 +659,7 @@ def test_an_image_moved_to_another_patient_then_rejected_is_withdrawn_in_both(
     (found in review: they carried the new patient's ID into the old study); rejected
     after that, it has its objects in the second study withdrawn, with that study's
     values (each note delivered passes dciodvfy)."""
-    image_id = spool_instance(runtime)
-    first = [
-        dcmread(p)
-        for p in deliver(runtime, storescp, assess_instance(runtime, image_id).delivery_ids)
-    ]
+    image_id, first = _assessed_and_delivered(runtime, storescp)
     received_again(
         runtime,
         image_id,
@@ -691,11 +695,7 @@ def test_a_moved_image_rejected_before_its_copy_is_assessed_is_withdrawn_where_i
     study, and finds it rejected: it ended the image rejected and withdrew nothing, and
     the bone age stayed in the first study. Notes of ours withdraw it there, filed as
     the SR and SC were."""
-    image_id = spool_instance(runtime)
-    first = [
-        dcmread(p)
-        for p in deliver(runtime, storescp, assess_instance(runtime, image_id).delivery_ids)
-    ]
+    image_id, first = _assessed_and_delivered(runtime, storescp)
     received_again(
         runtime,
         image_id,

@@ -335,9 +335,10 @@ def _associate(
     ]
     try:
         assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls, evt_handlers=handlers)
-    except socket.gaierror as exc:  # raised here, in the caller's thread, by pynetdicom
+    except (socket.gaierror, UnicodeError) as exc:  # raised here, in the caller's thread
         _abandon(ae)
-        return None, f"host name {host!r} not resolved ({exc.strerror})"
+        why = exc.strerror if isinstance(exc, socket.gaierror) else exc
+        return None, f"host name {host!r} not resolved ({why or exc})"
     except BaseException:
         _abandon(ae)
         raise

@@ -45,7 +45,7 @@ import traceback
 from collections.abc import Sequence
 from datetime import date, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from pydicom import Dataset, dcmread
@@ -1635,11 +1635,10 @@ def _assess(rt: Runtime, claim: _Claim, *, send: bool) -> AssessOutcome:
     if is_key_object_selection(ds):
         return _key_object_selection(rt, claim, ds)
     if (rejection := _rejection(rt, claim)) is not None:
-        rejected, code = rejection
-        withdrawals = _withdrawn_with_the_copy(rt, claim, code, ds)
-        _finish(rt, claim, InstanceState.REJECTED, rejected)
+        withdrawals = _withdrawn_with_the_copy(rt, claim, rejection, ds)
+        _finish(rt, claim, InstanceState.REJECTED, rejection.why)
         logger.info("instance %d not assessed: the PACS rejected it", instance_id)
-        return AssessOutcome("rejected", delivery_ids=tuple(withdrawals), reason=rejected)
+        return AssessOutcome("rejected", delivery_ids=tuple(withdrawals), reason=rejection.why)
     if not decision.accepted:
         return _not_assessed(rt, claim, ds, decision.reason or "", send=send)
     facts = decision.facts
@@ -2113,9 +2112,11 @@ def _earlier_reports(rt: Runtime, claim: _Claim, source: Dataset) -> list[Datase
         or_(
             Delivery.state == DeliveryState.DELIVERED,
             _unsent_on_their_way(),
-            # being sent now: the commit supersedes it (_supersede_not_assessed), and it
-            # may arrive all the same; one not sent yet is superseded and never goes
-            (Delivery.state == DeliveryState.PENDING) & Delivery.sending_since.is_not(None),
+            # being sent now, or failed without an answer to its last send: the commit
+            # supersedes it (_supersede_not_assessed), and it may be at the destination
+            # all the same; one not sent yet is superseded and never goes
+            Delivery.state.in_([DeliveryState.PENDING, DeliveryState.FAILED])
+            & Delivery.sending_since.is_not(None),
         ),
         made_here(),
     )
@@ -2585,12 +2586,20 @@ def rejected_by_the_pacs(code: str) -> str:
     return f"rejected by the PACS: {REJECTION_TITLES.get(code, code)}"
 
 
-def _rejection(rt: Runtime, claim: _Claim) -> tuple[str, str] | None:
-    """Why the claimed instance is rejected, and the rejection's code, if a rejection note
-    named it (:func:`_rejection_in`)."""
+class _Rejection(NamedTuple):
+    """A rejection note's row that rejects the claimed instance (:func:`_rejection_in`):
+    why, as its reason says it; the note's title's code; the study it names it in."""
+
+    why: str
+    code: str
+    study: str | None
+
+
+def _rejection(rt: Runtime, claim: _Claim) -> _Rejection | None:
+    """The rejection of the claimed instance, if a rejection note named it
+    (:func:`_rejection_in`)."""
     with session_scope(rt.database_url) as session:
-        why, _elsewhere, code = _rejection_in(session, claim)
-    return None if why is None or code is None else (why, code)
+        return _rejection_in(session, claim)[0]
 
 
 def _rejected_at_the_commit(
@@ -2601,36 +2610,43 @@ def _rejected_at_the_commit(
     (:func:`_withdrawn_with_the_copy`)."""
     if outcome.state != "rejected" or (rejection := _rejection(rt, claim)) is None:
         return outcome
-    withdrawals = _withdrawn_with_the_copy(rt, claim, rejection[1], ds)
+    withdrawals = _withdrawn_with_the_copy(rt, claim, rejection, ds)
     return dataclasses.replace(outcome, delivery_ids=(*outcome.delivery_ids, *withdrawals))
 
 
-def _withdrawn_with_the_copy(rt: Runtime, claim: _Claim, code: str, ds: Dataset) -> list[int]:
+def _withdrawn_with_the_copy(
+    rt: Runtime, claim: _Claim, rejection: _Rejection, ds: Dataset
+) -> list[int]:
     """The deliveries of the notes of ours that withdraw what earlier assessments of the
     claimed instance made, where the attempt at a later one finds it rejected: a copy
     moved by the PACS to another study, and sent again, rejected there before it was
     assessed (the note named a study where nothing of ours was, and was taken for
     another image's). Left, the bone age stayed where the image was before.
     :func:`_withdraw` marks the instance rejected."""
-    if claim.assessment == 1:
+    if claim.assessment == 1 or rejection.study is None:  # (a row before revision 0022)
         return []
-    return (
-        _withdraw(
-            rt, claim.instance_id, claim.sop_instance_uid, claim.study, code, ds, [claim.study]
-        )
-        or []
+    withdrawn = _withdraw(
+        rt,
+        claim.instance_id,
+        claim.sop_instance_uid,
+        rejection.study,  # the one the note names it in, which the copy's may not be
+        rejection.code,
+        ds,
+        [claim.study],
     )
+    return withdrawn or []
 
 
-def _rejection_in(session: Session, claim: _Claim) -> tuple[str | None, bool, str | None]:
-    """Why the claimed instance is rejected, if a rejection note named it in a study it
+def _rejection_in(session: Session, claim: _Claim) -> tuple[_Rejection | None, bool]:
+    """The rejection of the claimed instance, if a rejection note named it in a study it
     has been in or in its series (``db.queries.rejects``, the copy the attempt read
-    included); whether one named its SOP Instance UID in another study and series
+    included); and whether one named its SOP Instance UID in another study and series
     (another image under it, rejected at the PACS: not this one,
-    :func:`said_rejected_elsewhere`); and the rejection's code."""
+    :func:`said_rejected_elsewhere`)."""
     rows = session.execute(
         select(
             Rejection.code,
+            Rejection.study_instance_uid,
             rejects(
                 Instance.id,
                 Instance.study_instance_uid,
@@ -2642,9 +2658,12 @@ def _rejection_in(session: Session, claim: _Claim) -> tuple[str | None, bool, st
         .where(Instance.id == claim.instance_id)
         .order_by(Rejection.id)
     ).all()
-    code = next((code for code, applies in rows if applies), None)
-    elsewhere = any(not applies for _, applies in rows)
-    return (None if code is None else rejected_by_the_pacs(code)), elsewhere, code
+    found = next(((code, study) for code, study, applies in rows if applies), None)
+    elsewhere = any(not applies for _, _, applies in rows)
+    if found is None:
+        return None, elsewhere
+    code, study = found
+    return _Rejection(rejected_by_the_pacs(code), code, study), elsewhere
 
 
 def said_rejected_elsewhere(reason: str | None) -> str:
@@ -3245,8 +3264,9 @@ def _commit(
             take_instances(session, [instance_id])
             current = database_now(session)  # the instance's end, and its deliveries' birth
             instance = session.get_one(Instance, instance_id)
-            rejected, elsewhere, _code = _rejection_in(session, claim)
-            if rejected is not None:
+            rejection, elsewhere = _rejection_in(session, claim)
+            if rejection is not None:
+                rejected = rejection.why
                 # one another attempt finished is left to the note (:func:`_withdraw`),
                 # which withdraws what that attempt made; one another attempt holds now
                 # is that one's to close

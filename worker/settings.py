@@ -152,6 +152,13 @@ class Destination:
         elif not _HOST.fullmatch(host):
             # a space or a slash never resolves: every delivery would fail for a day
             raise ValueError(f"destination {text!r}: {host!r} is no host name or address")
+        else:
+            try:  # as the resolver takes a name (an empty label, an invisible character)
+                host.encode("idna")
+            except UnicodeError as exc:
+                raise ValueError(
+                    f"destination {text!r}: {host!r} is no host name ({exc.__cause__ or exc})"
+                ) from None
         return cls(_check_ae_title(ae, "destination AE title"), host, port_number)
 
     def __str__(self) -> str:

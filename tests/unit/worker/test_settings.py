@@ -213,6 +213,8 @@ def test_a_destination_reads_back_from_its_text() -> None:
         ("PACS@10.0.0.2 :104", "'10.0.0.2 ' is no host name or address"),
         ("PACS@pacs/archive:104", "'pacs/archive' is no host name or address"),
         ("PACS@[pacs.example]:104", "only an IPv6 address goes in brackets"),
+        ("PACS@pacs..local:104", "'pacs..local' is no host name (label empty or too long)"),
+        ("PACS@pacs\u200e.local:104", r"is no host name (Invalid character '\u200e')"),
     ],
 )
 def test_a_destination_whose_host_can_never_resolve_is_refused(text: str, said: str) -> None:
@@ -251,11 +253,12 @@ def test_a_destination_longer_than_its_database_column_is_refused(
     image): refused when the settings are read, naming the limit."""
     port = free_port()
     fill = DESTINATION_MAX_LENGTH - len(f"PACS@.radiology.example:{port}")
-    longest = f"PACS@{'h' * fill}.radiology.example:{port}"
+    # labels of at most 63 characters, as a name that resolves has
+    longest = f"PACS@{'h' * (fill - 41)}.{'h' * 40}.radiology.example:{port}"
     assert len(longest) == DESTINATION_MAX_LENGTH
     monkeypatch.setenv("BONEAGE_DESTINATIONS", longest)
     assert [str(d) for d in load_settings().destinations] == [longest]
-    too_long = f"PACS@{'h' * (fill + 1)}.radiology.example:{port}"
+    too_long = f"PACS@{'h' * (fill - 40)}.{'h' * 40}.radiology.example:{port}"
     monkeypatch.setenv("BONEAGE_DESTINATIONS", too_long)
     message = "is 129 characters long: the database records at most 128"
     with pytest.raises(ValidationError, match=re.escape(message)):

@@ -47,7 +47,7 @@ def test_a_claim_on_sqlite_reads_the_marks_under_its_write_lock(
                 kind=ObjectKind.SR,
                 destination="PACS@127.0.0.1:104",
                 sop_instance_uid="9.9.90",
-                path=str(tmp_path / "outbox" / "9.9.90.dcm"),  # no such file
+                path=str(tmp_path / "9.9.90.dcm"),  # no such file, in a folder that is
                 state=DeliveryState.PENDING,
                 attempts=0,
                 next_attempt_at=now(),

@@ -306,7 +306,8 @@ def test_a_failed_delivery_is_dated_by_its_last_attempt_not_an_earlier_unanswere
     put_back = _delivery(
         runtime,
         _instance(runtime, InstanceState.ASSESSED, current - dt.timedelta(days=3)),
-        "9.9.70",  # its path names no file
+        "9.9.70",
+        path=str(runtime.settings.data_dir / "9.9.70.dcm"),  # no file, in a folder that is
         state=DeliveryState.FAILED,
         attempts=31,
         last_error="no answer to the C-STORE within 30 s",

@@ -245,17 +245,8 @@ def _send_with_its_own_file_meta(
     wire.write_bytes(data[:end] + embedded + data[end:])
     meta = dcmread(path, stop_before_pixels=True, specific_tags=[]).file_meta
     assert meta.TransferSyntaxUID == ExplicitVRLittleEndian
-    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
     monkeypatch.setattr(pynetdicom_association, "split_dataset", lambda _path: (meta, end))
-    ae = AE(ae_title="PACS")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
-    ae.add_requested_context(meta.MediaStorageSOPClassUID, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", port, ae_title="BONEAGE")
-    assert assoc.is_established
-    try:
-        return int(assoc.send_c_store(wire).Status)
-    finally:
-        assoc.release()
+    return _store_as_stored(port, wire, monkeypatch, meta=meta)
 
 
 def _transfer_syntax_element(syntax: str) -> bytes:
@@ -342,11 +333,14 @@ def write_sequence_bomb(source: Path, path: Path, items: int, tag: int = 0x00081
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 
 
-def _store_as_stored(port: int, path: Path, monkeypatch: pytest.MonkeyPatch) -> int:
+def _store_as_stored(
+    port: int, path: Path, monkeypatch: pytest.MonkeyPatch, *, meta: Dataset | None = None
+) -> int:
     """The status of a C-STORE of `path`'s bytes as they are (pynetdicom would decode
     and encode half a million items again first)."""
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
-    meta = dcmread(path, stop_before_pixels=True, specific_tags=[]).file_meta
+    if meta is None:  # (``meta``: the file's, where its data set carries group 0002 too)
+        meta = dcmread(path, stop_before_pixels=True, specific_tags=[]).file_meta
     ae = AE(ae_title="PACS")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
     ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
